@@ -1,0 +1,9 @@
+//! The in-sandbox agent.
+//!
+//! The backend starts it as the sandbox's PID 1 with a connected stream socket on fd 3 (see
+//! [`moat_proto::agent_config`]). It reaps orphans, and serves HTTP/2 (h2c, prior knowledge) on that
+//! socket: the envd-compatible `process.Process` and `filesystem.Filesystem` Connect services and the
+//! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`.
+
+pub mod rpc;
+pub mod users;

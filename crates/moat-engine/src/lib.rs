@@ -1,0 +1,1 @@
+//! moat's domain: sandboxes made by isolation backends, and the client of the agent inside each.

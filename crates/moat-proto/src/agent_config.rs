@@ -1,0 +1,83 @@
+//! The start-up configuration the host hands to the in-sandbox agent.
+//!
+//! The backend serialises an [`AgentConfig`] as JSON into the agent's environment variable
+//! [`AGENT_CONFIG_ENV`]; the agent reads it once and removes it, so user processes never see it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable that carries the JSON [`AgentConfig`] into the agent.
+pub const AGENT_CONFIG_ENV: &str = "MOAT_AGENT_CONFIG";
+
+/// The file descriptor on which the agent finds its channel to the host (a connected stream socket).
+pub const AGENT_CHANNEL_FD: i32 = 3;
+
+/// What the agent needs to know to serve a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// User that runs commands and owns files when a request names none (`user`, uid 1000).
+    pub default_user: String,
+    /// Working directory for commands that name none; `None` means the user's home.
+    #[serde(default)]
+    pub default_workdir: Option<String>,
+    /// Environment variables every process in the sandbox starts with (below the request's own).
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    /// If set, every request except `/health` and signed `/files` must carry it as `X-Access-Token`.
+    #[serde(default)]
+    pub access_token: Option<String>,
+    /// Resource limits applied to every user process (rlimits; the cgroup limits are the host's).
+    #[serde(default)]
+    pub limits: UserLimits,
+}
+
+/// Per-process limits (setrlimit) for user code inside the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserLimits {
+    /// `RLIMIT_NOFILE`: open files per process.
+    pub nofile: u64,
+    /// `RLIMIT_FSIZE`: largest file a process may write, bytes.
+    pub fsize: u64,
+    /// `RLIMIT_NPROC`: processes of one uid (the cgroup pids limit is the hard bound).
+    pub nproc: u64,
+}
+
+impl Default for UserLimits {
+    fn default() -> Self {
+        UserLimits {
+            nofile: 4096,
+            fsize: 4 << 30,
+            nproc: 4096,
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            default_user: "user".to_string(),
+            default_workdir: None,
+            env_vars: BTreeMap::new(),
+            access_token: None,
+            limits: UserLimits::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_unknown_fields() {
+        let cfg = AgentConfig::default();
+        let text = serde_json::to_string(&cfg).expect("serialise");
+        let back: AgentConfig = serde_json::from_str(&text).expect("parse");
+        assert_eq!(cfg, back);
+        let bad = r#"{"default_user":"user","surprise":1}"#;
+        assert!(serde_json::from_str::<AgentConfig>(bad).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! The `moat` binary: command-line tool, server and (hidden `agent` subcommand) in-sandbox agent.
+
+fn main() {
+    println!("moat");
+}
