@@ -44,12 +44,11 @@ pub fn lookup_in(name: &str, passwd: &str, group: &str) -> Option<User> {
         if gf.len() < 4 {
             continue;
         }
-        if gf[3].split(',').any(|m| m == name) {
-            if let Ok(id) = gf[2].parse::<u32>() {
-                if !groups.contains(&id) {
-                    groups.push(id);
-                }
-            }
+        if gf[3].split(',').any(|m| m == name)
+            && let Ok(id) = gf[2].parse::<u32>()
+            && !groups.contains(&id)
+        {
+            groups.push(id);
         }
     }
     Some(User {
