@@ -5,5 +5,11 @@
 //! socket: the envd-compatible `process.Process` and `filesystem.Filesystem` Connect services and the
 //! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`.
 
+pub mod files;
+pub mod filesystem;
 pub mod rpc;
+pub mod state;
 pub mod users;
+
+/// The body type of every response the agent sends.
+pub type ResponseBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;

@@ -1,0 +1,38 @@
+//! State shared by every service of the agent.
+
+use moat_proto::agent_config::AgentConfig;
+
+use crate::rpc::{Code, RpcError};
+use crate::users::{self, User};
+
+/// What every request handler can see.
+#[derive(Debug)]
+pub struct AgentState {
+    /// The configuration the host started the agent with.
+    pub config: AgentConfig,
+}
+
+impl AgentState {
+    /// State for `config`.
+    pub fn new(config: AgentConfig) -> Self {
+        AgentState { config }
+    }
+
+    /// The user a request runs as: `name` when given, else the sandbox's default user.
+    /// An unknown user is `unauthenticated` (the `/files` routes answer 401 for it).
+    pub fn resolve_user(&self, name: Option<&str>) -> Result<User, RpcError> {
+        let name = name
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.config.default_user);
+        users::lookup(name)
+            .ok_or_else(|| RpcError::new(Code::Unauthenticated, format!("user '{name}' not found")))
+    }
+
+    /// The directory relative paths and commands without a `cwd` start from, for `user`.
+    pub fn workdir_for(&self, user: &User) -> String {
+        self.config
+            .default_workdir
+            .clone()
+            .unwrap_or_else(|| user.home.clone())
+    }
+}
