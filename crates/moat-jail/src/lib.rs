@@ -1,14 +1,27 @@
 //! The only crate in moat that makes namespaces, mounts, seccomp filters, landlock rulesets and
 //! cgroups. Everything here is small and audited; every `unsafe` block says why it is sound.
 //!
+//! - [`spawn`]: starting a sandbox's first process in fresh namespaces, on its own root.
+//! - [`rootfs`]: what that root looks like (host template, directory templates, `/proc`, `/dev`).
+//! - [`cgroup`]: memory, pids and cpu limits, freeze, kill-all, on cgroup v1 and v2.
+//! - [`idmap`]: a host uid/gid range per sandbox.
+//! - [`memfd`]: the agent binary as a sealed in-memory copy.
+//! - [`runtime`]: the host runtime directory.
 //! - [`confine`]: what a user process goes through between `fork` and `exec` inside a sandbox.
-//! - [`seccomp`]: the syscall allow-list for user code and the deny-list for the agent.
-//! - [`landlock`]: the filesystem ruleset for user code.
+//! - [`seccomp`], [`landlock`], [`caps`]: the pieces of that confinement.
+//! - [`probe`]: what this host supports, for `moat check`.
 
 pub mod caps;
+pub mod cgroup;
 pub mod confine;
+pub mod idmap;
 pub mod landlock;
+pub mod memfd;
+pub mod probe;
+pub mod rootfs;
+pub mod runtime;
 pub mod seccomp;
+pub mod spawn;
 pub mod sys;
 
 /// Errors of the jail, each naming the step that failed.

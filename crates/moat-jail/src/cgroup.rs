@@ -1,0 +1,495 @@
+//! cgroups for sandboxes, on cgroup v2, v1, or the hybrid of both (v1 controllers plus a v2 mount
+//! without controllers, which still has `cgroup.kill` and `cgroup.freeze`). The layout is detected
+//! from `/proc/self/mountinfo` and `/proc/self/cgroup`, never assumed. Sandbox cgroups are created
+//! below the cgroup this process is in (`<own>/moat/<name>`), because that one may itself be
+//! limited by whoever started us.
+
+use std::fs;
+use std::io::{self, ErrorKind};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::{JailError, Result};
+
+/// Which cgroup version carries the resource controllers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// Unified hierarchy with controllers.
+    V2,
+    /// Per-controller v1 hierarchies (possibly with a controller-less v2 mount beside them).
+    V1,
+}
+
+/// The cgroup hierarchies of this host, as seen from this process.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Which version has the controllers.
+    pub version: Version,
+    /// For v2: the directory our sandboxes go under. For v1: per controller.
+    memory: Option<PathBuf>,
+    pids: Option<PathBuf>,
+    cpu: Option<PathBuf>,
+    freezer: Option<PathBuf>,
+    /// A v2 directory (with or without controllers) for `cgroup.kill` and `cgroup.freeze`.
+    unified: Option<PathBuf>,
+}
+
+/// Limits applied to a sandbox cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory limit in bytes (swap is disabled).
+    pub memory_bytes: u64,
+    /// CPU limit in thousandths of a CPU (1000 = one CPU).
+    pub cpu_millis: u64,
+    /// Maximum number of tasks.
+    pub pids: u64,
+}
+
+struct Mount {
+    root: String,
+    point: PathBuf,
+    fstype: String,
+    options: String,
+}
+
+fn mounts() -> io::Result<Vec<Mount>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 5 || r.len() < 3 {
+            continue;
+        }
+        out.push(Mount {
+            root: unescape(l[3]),
+            point: PathBuf::from(unescape(l[4])),
+            fstype: r[0].to_string(),
+            options: r[2].to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `(controllers, path)` pairs of `/proc/self/cgroup`; v2 has an empty controller list.
+fn own_cgroups() -> io::Result<Vec<(Vec<String>, String)>> {
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let ctrls = parts.next()?;
+            let path = parts.next()?;
+            let ctrls = if ctrls.is_empty() {
+                Vec::new()
+            } else {
+                ctrls.split(',').map(str::to_string).collect()
+            };
+            Some((ctrls, path.to_string()))
+        })
+        .collect())
+}
+
+/// The directory of our own cgroup in a hierarchy mounted at `m`, given our path in it.
+fn own_dir(m: &Mount, path: &str) -> PathBuf {
+    // A mount whose root is not "/" shows only part of the hierarchy.
+    let rel = path
+        .strip_prefix(m.root.trim_end_matches('/'))
+        .unwrap_or(path);
+    m.point.join(rel.trim_start_matches('/'))
+}
+
+impl Layout {
+    /// Detects the hierarchies and our place in them.
+    pub fn detect() -> Result<Layout> {
+        let mounts = mounts().map_err(|e| JailError::os("read /proc/self/mountinfo", e))?;
+        let own = own_cgroups().map_err(|e| JailError::os("read /proc/self/cgroup", e))?;
+        let v2_path = own
+            .iter()
+            .find(|(c, _)| c.is_empty())
+            .map(|(_, p)| p.clone());
+        let v2_mount = mounts.iter().find(|m| m.fstype == "cgroup2");
+        let unified = match (v2_mount, &v2_path) {
+            (Some(m), Some(p)) => Some(own_dir(m, p)),
+            _ => None,
+        };
+        let v2_controllers = unified
+            .as_ref()
+            .and_then(|d| fs::read_to_string(d.join("cgroup.controllers")).ok())
+            .unwrap_or_default();
+        let v1_dir = |ctrl: &str| -> Option<PathBuf> {
+            let m = mounts
+                .iter()
+                .find(|m| m.fstype == "cgroup" && m.options.split(',').any(|o| o == ctrl))?;
+            let (_, p) = own.iter().find(|(c, _)| c.iter().any(|x| x == ctrl))?;
+            Some(own_dir(m, p))
+        };
+        let v1_memory = v1_dir("memory");
+        if v1_memory.is_none() && v2_controllers.split_whitespace().any(|c| c == "memory") {
+            let dir = unified.clone();
+            return Ok(Layout {
+                version: Version::V2,
+                memory: dir.clone(),
+                pids: dir.clone(),
+                cpu: dir.clone(),
+                freezer: None,
+                unified: dir,
+            });
+        }
+        if v1_memory.is_none() {
+            return Err(JailError::Invalid(
+                "no memory cgroup controller found (neither cgroup v2 nor v1)".into(),
+            ));
+        }
+        Ok(Layout {
+            version: Version::V1,
+            memory: v1_memory,
+            pids: v1_dir("pids"),
+            cpu: v1_dir("cpu"),
+            freezer: v1_dir("freezer"),
+            unified,
+        })
+    }
+
+    /// Human-readable description for `moat check`.
+    pub fn describe(&self) -> String {
+        let show = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        match self.version {
+            Version::V2 => format!("v2 at {}", show(&self.unified)),
+            Version::V1 => format!(
+                "v1 (memory {}, pids {}, cpu {}, freezer {}; v2 for kill/freeze: {})",
+                show(&self.memory),
+                show(&self.pids),
+                show(&self.cpu),
+                show(&self.freezer),
+                show(&self.unified)
+            ),
+        }
+    }
+
+    /// Every base directory (`<own>/moat`) sandbox cgroups live under.
+    pub fn bases(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = [
+            &self.memory,
+            &self.pids,
+            &self.cpu,
+            &self.freezer,
+            &self.unified,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| p.join("moat"))
+        .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Removes sandbox cgroups named by `is_stale(name)` that have no process left. Returns how
+    /// many directories were removed. Used at start-up to reap what a killed process left.
+    pub fn sweep(&self, is_stale: impl Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
+        for base in self.bases() {
+            let Ok(entries) = fs::read_dir(&base) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !e.path().is_dir() || !is_stale(&name) {
+                    continue;
+                }
+                let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                if procs.trim().is_empty() && fs::remove_dir(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// The cgroup directories of one sandbox.
+#[derive(Debug)]
+pub struct SandboxCgroup {
+    version: Version,
+    dirs: Vec<PathBuf>,
+    memory: PathBuf,
+    freezer: Option<PathBuf>,
+    unified: Option<PathBuf>,
+}
+
+fn write(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value)
+        .map_err(|e| JailError::os(format!("write {value:?} to {}", path.display()), e))
+}
+
+fn make_base(dir: &Path, version: Version) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(JailError::os(format!("mkdir {}", dir.display()), e)),
+    }
+    if version == Version::V2 {
+        enable_v2_controllers(dir)?;
+    }
+    Ok(())
+}
+
+/// Enables memory, pids and cpu for the children of `base` (and of its parent). A v2 cgroup with
+/// processes in it cannot delegate controllers, so if our own cgroup holds processes (us), we
+/// move ourselves into a leaf first.
+fn enable_v2_controllers(base: &Path) -> Result<()> {
+    let Some(parent) = base.parent() else {
+        return Ok(());
+    };
+    let want = "+memory +pids +cpu";
+    if fs::write(parent.join("cgroup.subtree_control"), want).is_err() {
+        let leaf = parent.join("moat-host");
+        let _ = fs::create_dir(&leaf);
+        let procs = fs::read_to_string(parent.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let _ = fs::write(leaf.join("cgroup.procs"), pid);
+        }
+        write(&parent.join("cgroup.subtree_control"), want)?;
+    }
+    write(&base.join("cgroup.subtree_control"), want)
+}
+
+impl SandboxCgroup {
+    /// Creates the cgroups of sandbox `name` (validated by the caller) with `limits`.
+    pub fn create(layout: &Layout, name: &str, limits: &Limits) -> Result<SandboxCgroup> {
+        let mut dirs = Vec::new();
+        let mut made = |base: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+            let Some(base) = base else { return Ok(None) };
+            let base = base.join("moat");
+            make_base(&base, layout.version)?;
+            let dir = base.join(name);
+            if !dirs.contains(&dir) {
+                fs::create_dir(&dir)
+                    .map_err(|e| JailError::os(format!("mkdir {}", dir.display()), e))?;
+                dirs.push(dir.clone());
+            }
+            Ok(Some(dir))
+        };
+        let result = (|| {
+            let memory = made(&layout.memory)?
+                .ok_or_else(|| JailError::Invalid("no memory cgroup".into()))?;
+            let pids = made(&layout.pids)?;
+            let cpu = made(&layout.cpu)?;
+            let freezer = made(&layout.freezer)?;
+            let unified = made(&layout.unified)?;
+            Ok((memory, pids, cpu, freezer, unified))
+        })();
+        let (memory, pids, cpu, freezer, unified) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                for d in dirs.iter().rev() {
+                    let _ = fs::remove_dir(d);
+                }
+                return Err(e);
+            }
+        };
+        let cg = SandboxCgroup {
+            version: layout.version,
+            dirs,
+            memory,
+            freezer,
+            unified,
+        };
+        if let Err(e) = cg.apply_limits(limits, pids.as_deref(), cpu.as_deref()) {
+            let _ = cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn apply_limits(&self, l: &Limits, pids: Option<&Path>, cpu: Option<&Path>) -> Result<()> {
+        let mem = l.memory_bytes.to_string();
+        let period = 100_000u64;
+        let quota = (l.cpu_millis * period / 1000).max(1000);
+        match self.version {
+            Version::V2 => {
+                write(&self.memory.join("memory.max"), &mem)?;
+                let swap = self.memory.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+                if let Some(p) = pids {
+                    write(&p.join("pids.max"), &l.pids.to_string())?;
+                }
+                if let Some(c) = cpu {
+                    write(&c.join("cpu.max"), &format!("{quota} {period}"))?;
+                }
+            }
+            Version::V1 => {
+                write(&self.memory.join("memory.limit_in_bytes"), &mem)?;
+                let memsw = self.memory.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &mem)?;
+                } else {
+                    // No swap accounting: keep the kernel from swapping this cgroup at all.
+                    let _ = fs::write(self.memory.join("memory.swappiness"), "0");
+                }
+                if let Some(p) = pids {
+                    write(&p.join("pids.max"), &l.pids.to_string())?;
+                }
+                if let Some(c) = cpu {
+                    write(&c.join("cpu.cfs_period_us"), &period.to_string())?;
+                    write(&c.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a new sandbox process must be written into.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Moves `pid` into every cgroup of the sandbox.
+    pub fn attach(&self, pid: i32) -> Result<()> {
+        for f in self.procs_files() {
+            write(&f, &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// How many times the kernel's OOM killer killed a process of this sandbox.
+    pub fn oom_kills(&self) -> u64 {
+        let file = match self.version {
+            Version::V2 => "memory.events",
+            Version::V1 => "memory.oom_control",
+        };
+        let text = fs::read_to_string(self.memory.join(file)).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Current memory use in bytes.
+    pub fn memory_current(&self) -> u64 {
+        let file = match self.version {
+            Version::V2 => "memory.current",
+            Version::V1 => "memory.usage_in_bytes",
+        };
+        fs::read_to_string(self.memory.join(file))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Freezes (`true`) or thaws (`false`) every process of the sandbox.
+    pub fn set_frozen(&self, frozen: bool) -> Result<()> {
+        if let Some(u) = self
+            .unified
+            .as_ref()
+            .filter(|u| u.join("cgroup.freeze").exists())
+        {
+            return write(&u.join("cgroup.freeze"), if frozen { "1" } else { "0" });
+        }
+        if let Some(f) = &self.freezer {
+            return write(
+                &f.join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+            );
+        }
+        Err(JailError::Invalid("this host has no cgroup freezer".into()))
+    }
+
+    /// The pids currently in the sandbox (host pid namespace).
+    pub fn pids(&self) -> Vec<i32> {
+        let dir = self.unified.as_ref().unwrap_or(&self.memory);
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Kills every process of the sandbox: `cgroup.kill` where the kernel has it, otherwise
+    /// freeze, SIGKILL each, thaw (so nothing forks in between).
+    pub fn kill_all(&self) {
+        if let Some(u) = self
+            .unified
+            .as_ref()
+            .filter(|u| u.join("cgroup.kill").exists())
+            && fs::write(u.join("cgroup.kill"), "1").is_ok()
+        {
+            return;
+        }
+        let frozen = self.set_frozen(true).is_ok();
+        for pid in self.pids() {
+            // SAFETY: kill with integer arguments; the pid came from this sandbox's cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if frozen {
+            let _ = self.set_frozen(false);
+        }
+    }
+
+    /// Removes the cgroup directories, waiting (up to 2 s) for exiting processes to leave.
+    pub fn remove(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for d in self.dirs.iter().rev() {
+            loop {
+                match fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == ErrorKind::NotFound => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => return Err(JailError::os(format!("rmdir {}", d.display()), e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The directories, for a cleanup process that outlives us.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,511 @@
+//! The root filesystem of a sandbox, as a list of steps computed on the host (where allocation is
+//! fine) and executed by the sandbox's first process between `clone` and `exec` (where it is not).
+//!
+//! Layout:
+//! - the writable layer is a tmpfs of the sandbox's disk size, mounted at the runtime `mnt` point
+//!   inside the sandbox's own mount namespace;
+//! - the `host` template binds the host's `/usr /bin /sbin /lib*` and `/etc` read-only, masks the
+//!   secrets in `/etc`, and adds a generated `/etc/passwd`, `/etc/group` and `/etc/hosts`;
+//! - a directory template is an overlay: the directory read-only below, the tmpfs above;
+//! - both get a fresh `/proc` with masked and read-only paths, a minimal `/dev` with a private
+//!   devpts and a size-capped `/dev/shm`, and fresh `/tmp` and `/home/user`.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use crate::runtime::RuntimeDir;
+use crate::{JailError, Result};
+
+/// Where a sandbox's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    /// The built-in `host` template: host system directories, read-only.
+    Host,
+    /// A directory holding a complete root filesystem, used as the read-only lower layer.
+    Dir(PathBuf),
+}
+
+/// Sizes of the writable filesystems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsLimits {
+    /// Size of the writable layer (`/`, `/tmp`, `/home`), bytes.
+    pub disk_bytes: u64,
+    /// Inodes of the writable layer.
+    pub inodes: u64,
+    /// Size of `/dev/shm`, bytes.
+    pub shm_bytes: u64,
+}
+
+/// mount_setattr attribute bits.
+pub(crate) const ATTR_RDONLY: u64 = 0x1;
+pub(crate) const ATTR_NOSUID: u64 = 0x2;
+pub(crate) const ATTR_NODEV: u64 = 0x4;
+pub(crate) const ATTR_NOEXEC: u64 = 0x8;
+
+/// One step of building the root, executed with raw system calls.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Mount {
+        src: Option<CString>,
+        dst: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+        /// A missing target is not an error (kernel-dependent `/proc` entries).
+        optional: bool,
+    },
+    Attr {
+        path: CString,
+        set: u64,
+        recursive: bool,
+    },
+    Mkdir {
+        path: CString,
+        mode: u32,
+    },
+    Symlink {
+        target: CString,
+        path: CString,
+    },
+    File {
+        path: CString,
+        contents: Vec<u8>,
+        mode: u32,
+    },
+    Chown {
+        path: CString,
+        uid: u32,
+        gid: u32,
+    },
+}
+
+/// The steps and, for error messages, what each does.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub steps: Vec<Step>,
+    pub what: Vec<String>,
+    pub new_root: Option<CString>,
+}
+
+fn c(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| JailError::Invalid(format!("path contains NUL: {}", p.display())))
+}
+
+fn cs(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| JailError::Invalid(format!("string contains NUL: {s:?}")))
+}
+
+impl Plan {
+    fn push(&mut self, what: String, step: Step) {
+        self.what.push(what);
+        self.steps.push(step);
+    }
+
+    fn mount(
+        &mut self,
+        src: Option<&Path>,
+        dst: &Path,
+        fstype: Option<&str>,
+        flags: libc::c_ulong,
+        data: Option<&str>,
+        optional: bool,
+    ) -> Result<()> {
+        let what = format!(
+            "mount {} on {} ({})",
+            src.map(|s| s.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+            dst.display(),
+            fstype.unwrap_or("bind")
+        );
+        let step = Step::Mount {
+            src: src.map(c).transpose()?,
+            dst: c(dst)?,
+            fstype: fstype.map(cs).transpose()?,
+            flags,
+            data: data.map(cs).transpose()?,
+            optional,
+        };
+        self.push(what, step);
+        Ok(())
+    }
+
+    fn bind(&mut self, src: &Path, dst: &Path, attrs: u64, optional: bool) -> Result<()> {
+        self.mount(
+            Some(src),
+            dst,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+            optional,
+        )?;
+        if attrs != 0 {
+            self.attr(dst, attrs, true)?;
+        }
+        Ok(())
+    }
+
+    fn attr(&mut self, path: &Path, set: u64, recursive: bool) -> Result<()> {
+        self.push(
+            format!("set mount attributes {set:#x} on {}", path.display()),
+            Step::Attr {
+                path: c(path)?,
+                set,
+                recursive,
+            },
+        );
+        Ok(())
+    }
+
+    fn mkdir(&mut self, path: &Path, mode: u32) -> Result<()> {
+        self.push(
+            format!("mkdir {}", path.display()),
+            Step::Mkdir {
+                path: c(path)?,
+                mode,
+            },
+        );
+        Ok(())
+    }
+
+    fn symlink(&mut self, target: &Path, path: &Path) -> Result<()> {
+        self.push(
+            format!("symlink {} -> {}", path.display(), target.display()),
+            Step::Symlink {
+                target: c(target)?,
+                path: c(path)?,
+            },
+        );
+        Ok(())
+    }
+
+    fn file(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+        self.push(
+            format!("write {}", path.display()),
+            Step::File {
+                path: c(path)?,
+                contents: contents.to_vec(),
+                mode,
+            },
+        );
+        Ok(())
+    }
+
+    fn chown(&mut self, path: &Path, uid: u32, gid: u32) -> Result<()> {
+        self.push(
+            format!("chown {}", path.display()),
+            Step::Chown {
+                path: c(path)?,
+                uid,
+                gid,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// Host paths of the `host` template bound read-only (symlinks, as on merged-/usr systems, are
+/// recreated as symlinks).
+const HOST_DIRS: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
+];
+
+/// Secrets in the host's `/etc` that the `host` template hides.
+const SECRET_FILES: &[&str] = &[
+    "etc/shadow",
+    "etc/shadow-",
+    "etc/gshadow",
+    "etc/gshadow-",
+    "etc/security/opasswd",
+    "etc/sudoers",
+    "etc/machine-id",
+];
+const SECRET_DIRS: &[&str] = &["etc/ssl/private", "etc/sudoers.d", "etc/moat"];
+
+/// `/proc` files that leak host state or are kernel attack surface (Docker's masked paths).
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "timer_stats",
+    "sysrq-trigger",
+    "kallsyms",
+    "kmsg",
+];
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "firmware"];
+/// `/proc` entries left visible but read-only.
+const PROC_READONLY: &[&str] = &["bus", "fs", "irq", "sys"];
+
+/// The uid and gid of the sandbox's default user.
+pub const USER_ID: u32 = 1000;
+
+const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
+user:x:1000:1000:user:/home/user:/bin/bash\n\
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+const GROUP: &str = "root:x:0:\ntty:x:5:\nusers:x:100:user\nuser:x:1000:\nnogroup:x:65534:\n";
+
+/// Builds the plan for `rootfs`.
+pub(crate) fn plan(
+    rt: &RuntimeDir,
+    rootfs: &Rootfs,
+    limits: &FsLimits,
+    hostname: &str,
+) -> Result<Plan> {
+    let mut p = Plan::default();
+    let m = rt.mnt();
+    let tmpfs_opts = format!(
+        "size={},nr_inodes={},mode=0755",
+        limits.disk_bytes, limits.inodes
+    );
+    p.mount(
+        None,
+        &m,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&tmpfs_opts),
+        false,
+    )?;
+    let root = match rootfs {
+        Rootfs::Host => {
+            build_host_tree(&mut p, rt, &m, hostname)?;
+            m.clone()
+        }
+        Rootfs::Dir(dir) => {
+            let dir = dir
+                .canonicalize()
+                .map_err(|e| JailError::os(format!("template rootfs {}", dir.display()), e))?;
+            if !dir.is_dir() {
+                return Err(JailError::Invalid(format!(
+                    "template rootfs {} is not a directory",
+                    dir.display()
+                )));
+            }
+            let text = dir.to_string_lossy();
+            if text.contains([',', ':', '\\']) {
+                return Err(JailError::Invalid(format!(
+                    "template rootfs path may not contain ',', ':' or '\\': {text}"
+                )));
+            }
+            for d in ["upper", "work", "root"] {
+                p.mkdir(&m.join(d), 0o755)?;
+            }
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                text,
+                m.join("upper").display(),
+                m.join("work").display()
+            );
+            let merged = m.join("root");
+            p.mount(
+                None,
+                &merged,
+                Some("overlay"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some(&data),
+                false,
+            )?;
+            for (d, mode) in [
+                ("tmp", 0o1777),
+                ("home", 0o755),
+                ("proc", 0o555),
+                ("dev", 0o755),
+            ] {
+                p.mkdir(&merged.join(d), mode)?;
+            }
+            p.mkdir(&merged.join("home/user"), 0o750)?;
+            p.chown(&merged.join("home/user"), USER_ID, USER_ID)?;
+            merged
+        }
+    };
+    build_proc(&mut p, &root)?;
+    build_dev(&mut p, &root, limits)?;
+    p.new_root = Some(c(&root)?);
+    Ok(p)
+}
+
+fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> Result<()> {
+    let ro = ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV;
+    for name in HOST_DIRS {
+        let host = Path::new("/").join(name);
+        let Ok(md) = std::fs::symlink_metadata(&host) else {
+            continue;
+        };
+        let dst = m.join(name);
+        if md.file_type().is_symlink() {
+            let target = std::fs::read_link(&host)
+                .map_err(|e| JailError::os(format!("readlink {}", host.display()), e))?;
+            p.symlink(&target, &dst)?;
+        } else if md.is_dir() {
+            p.mkdir(&dst, 0o755)?;
+            p.bind(&host, &dst, ro, false)?;
+        }
+    }
+    for secret in SECRET_FILES {
+        let host = Path::new("/").join(secret);
+        if std::fs::symlink_metadata(&host).is_ok_and(|md| md.is_file()) {
+            p.bind(&rt.mask_file(), &m.join(secret), ro, false)?;
+        }
+    }
+    for secret in SECRET_DIRS {
+        let host = Path::new("/").join(secret);
+        if std::fs::symlink_metadata(&host).is_ok_and(|md| md.is_dir()) {
+            p.bind(&rt.mask_dir(), &m.join(secret), ro, false)?;
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/etc/ssh") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("ssh_host_") && !name.ends_with(".pub") {
+                p.bind(&rt.mask_file(), &m.join("etc/ssh").join(&name), ro, false)?;
+            }
+        }
+    }
+    // Generated identity files, staged on a small tmpfs that disappears from view with the old
+    // root; the bind mounts keep it alive.
+    let stage = rt.stage();
+    p.mount(
+        None,
+        &stage,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("size=64k,mode=0755"),
+        false,
+    )?;
+    let hosts = format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n");
+    let files: [(&str, Vec<u8>); 5] = [
+        ("passwd", PASSWD.into()),
+        ("group", GROUP.into()),
+        ("hosts", hosts.into_bytes()),
+        ("hostname", format!("{hostname}\n").into_bytes()),
+        ("resolv.conf", b"# no network\n".to_vec()),
+    ];
+    for (name, contents) in files {
+        let staged = stage.join(name);
+        p.file(&staged, &contents, 0o644)?;
+        let target = Path::new("/etc").join(name);
+        if target.exists() {
+            p.bind(&staged, &m.join("etc").join(name), ro, false)?;
+        }
+    }
+    for (d, mode) in [
+        ("tmp", 0o1777),
+        ("home", 0o755),
+        ("root", 0o700),
+        ("var", 0o755),
+        ("var/tmp", 0o1777),
+        ("run", 0o755),
+        ("proc", 0o555),
+        ("dev", 0o755),
+    ] {
+        p.mkdir(&m.join(d), mode)?;
+    }
+    p.mkdir(&m.join("home/user"), 0o750)?;
+    p.chown(&m.join("home/user"), USER_ID, USER_ID)?;
+    Ok(())
+}
+
+fn build_proc(p: &mut Plan, root: &Path) -> Result<()> {
+    let proc_ = root.join("proc");
+    p.mount(
+        None,
+        &proc_,
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+        false,
+    )?;
+    for f in PROC_MASKED_FILES {
+        p.mount(
+            Some(Path::new("/dev/null")),
+            &proc_.join(f),
+            None,
+            libc::MS_BIND,
+            None,
+            true,
+        )?;
+    }
+    for d in PROC_MASKED_DIRS {
+        p.mount(
+            None,
+            &proc_.join(d),
+            Some("tmpfs"),
+            libc::MS_RDONLY,
+            Some("size=0"),
+            true,
+        )?;
+    }
+    for d in PROC_READONLY {
+        let path = proc_.join(d);
+        p.mount(
+            Some(&path),
+            &path,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+            true,
+        )?;
+        p.attr(
+            &path,
+            ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+fn build_dev(p: &mut Plan, root: &Path, limits: &FsLimits) -> Result<()> {
+    let dev = root.join("dev");
+    p.mount(
+        None,
+        &dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+        false,
+    )?;
+    for d in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let dst = dev.join(d);
+        p.file(&dst, b"", 0o666)?;
+        p.bind(
+            &Path::new("/dev").join(d),
+            &dst,
+            ATTR_NOSUID | ATTR_NOEXEC,
+            false,
+        )?;
+    }
+    let pts = dev.join("pts");
+    p.mkdir(&pts, 0o755)?;
+    p.mount(
+        None,
+        &pts,
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        false,
+    )?;
+    p.symlink(Path::new("pts/ptmx"), &dev.join("ptmx"))?;
+    let shm = dev.join("shm");
+    p.mkdir(&shm, 0o1777)?;
+    let shm_opts = format!("size={},mode=1777", limits.shm_bytes);
+    p.mount(
+        None,
+        &shm,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&shm_opts),
+        false,
+    )?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        p.symlink(Path::new(target), &dev.join(name))?;
+    }
+    // Nothing may add device nodes or files to /dev itself (pts and shm stay writable).
+    p.attr(&dev, ATTR_RDONLY | ATTR_NOSUID | ATTR_NOEXEC, false)?;
+    Ok(())
+}

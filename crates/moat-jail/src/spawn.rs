@@ -1,0 +1,637 @@
+//! Starting a sandbox: `clone` into new user, pid, mount, network, ipc and uts namespaces; map the
+//! sandbox's ids onto its own host range; place it in its cgroups; build its root; `pivot_root`;
+//! and execute the agent from its sealed memfd as PID 1 with the channel socket on fd 3.
+//!
+//! The child runs in a copy of a possibly multi-threaded parent, so between `clone` and `exec` it
+//! makes raw system calls only: every path, string and buffer it needs was prepared beforehand.
+//! A failure is reported to the parent as `(step, errno)` over a close-on-exec pipe, which a
+//! successful `exec` closes.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::cgroup::SandboxCgroup;
+use crate::idmap::{IdRange, RANGE};
+use crate::memfd::SealedBinary;
+use crate::rootfs::{self, FsLimits, Plan, Rootfs, Step};
+use crate::runtime::RuntimeDir;
+use crate::sys::cvt_int;
+use crate::{JailError, Result};
+
+/// Everything needed to start one sandbox.
+#[derive(Debug)]
+pub struct SpawnConfig<'a> {
+    /// Sandbox id, `[a-z0-9]{1,64}` (it names cgroups; see [`validate_id`]).
+    pub id: &'a str,
+    /// The host runtime directory.
+    pub runtime: &'a RuntimeDir,
+    /// The root filesystem.
+    pub rootfs: &'a Rootfs,
+    /// Sizes of the writable filesystems.
+    pub fs_limits: FsLimits,
+    /// The sandbox's cgroups (already created, limits applied).
+    pub cgroup: &'a SandboxCgroup,
+    /// The host id range the sandbox's ids map to.
+    pub ids: &'a IdRange,
+    /// The agent binary.
+    pub agent: &'a SealedBinary,
+    /// The agent's arguments, `argv[0]` first (the `moat` binary: `["moat", "agent"]`).
+    pub agent_args: Vec<String>,
+    /// The agent's environment, `KEY=VALUE`.
+    pub agent_env: Vec<String>,
+    /// Host name inside the sandbox.
+    pub hostname: &'a str,
+}
+
+/// A running sandbox's first process (the agent) as seen from the host.
+#[derive(Debug)]
+pub struct SandboxProcess {
+    pid: i32,
+    pidfd: OwnedFd,
+    channel: Option<OwnedFd>,
+    reaped: bool,
+}
+
+/// Checks that `id` is a safe sandbox id: 1 to 64 characters of `[a-z0-9]`.
+pub fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(JailError::Invalid(format!(
+            "invalid sandbox id {id:?}: 1 to 64 characters of [a-z0-9]"
+        )));
+    }
+    Ok(())
+}
+
+/// What the child needs, all prepared before `clone`.
+struct ChildPlan {
+    plan: Plan,
+    go_read: RawFd,
+    go_write: RawFd,
+    err_write: RawFd,
+    channel: RawFd,
+    memfd: RawFd,
+    hostname: CString,
+    lo: libc::ifreq,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    cvt_int(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })
+        .map_err(|e| JailError::os("pipe2", e))?;
+    // SAFETY: pipe2 returned two fresh fds that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    cvt_int(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })
+    .map_err(|e| JailError::os("socketpair", e))?;
+    // SAFETY: socketpair returned two fresh fds that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn write_file(path: &str, data: &str) -> Result<()> {
+    std::fs::write(path, data).map_err(|e| JailError::os(format!("write {path}"), e))
+}
+
+impl SandboxProcess {
+    /// Starts a sandbox. Blocks until its agent has been executed (or setup failed).
+    pub fn spawn(cfg: &SpawnConfig<'_>) -> Result<SandboxProcess> {
+        validate_id(cfg.id)?;
+        let plan = rootfs::plan(cfg.runtime, cfg.rootfs, &cfg.fs_limits, cfg.hostname)?;
+        let (host_end, agent_end) = socketpair()?;
+        let (go_read, go_write) = pipe()?;
+        let (err_read, err_write) = pipe()?;
+        // SAFETY: ifreq is a plain C struct; all-zero is valid.
+        let mut lo: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (i, b) in b"lo".iter().enumerate() {
+            lo.ifr_name[i] = *b as libc::c_char;
+        }
+        let argv = cfg
+            .agent_args
+            .iter()
+            .map(|s| cstr(s))
+            .collect::<Result<Vec<_>>>()?;
+        let envp = cfg
+            .agent_env
+            .iter()
+            .map(|s| cstr(s))
+            .collect::<Result<Vec<_>>>()?;
+        let mut child = ChildPlan {
+            plan,
+            go_read: go_read.as_raw_fd(),
+            go_write: go_write.as_raw_fd(),
+            err_write: err_write.as_raw_fd(),
+            channel: agent_end.as_raw_fd(),
+            memfd: cfg.agent.raw_fd(),
+            hostname: cstr(cfg.hostname)?,
+            lo,
+            argv_ptrs: Vec::new(),
+            envp_ptrs: Vec::new(),
+            argv,
+            envp,
+        };
+        child.argv_ptrs = child
+            .argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        child.envp_ptrs = child
+            .envp
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+
+        let flags = libc::CLONE_NEWUSER
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS;
+        // SAFETY: a fork-like clone (no CLONE_VM, NULL stack): the child gets a copy of our
+        // memory and runs `child_main`, which never returns and makes raw system calls only.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+        if pid == 0 {
+            child_main(&child);
+        }
+        if pid < 0 {
+            return Err(JailError::last_os("clone sandbox namespaces"));
+        }
+        let pid = pid as i32;
+        drop(agent_end);
+        drop(go_read);
+        drop(err_write);
+
+        // From here on, a failure must not leave the child behind.
+        let setup = (|| -> Result<()> {
+            let base = cfg.ids.host_base();
+            write_file(
+                &format!("/proc/{pid}/uid_map"),
+                &format!("0 {base} {RANGE}\n"),
+            )?;
+            write_file(
+                &format!("/proc/{pid}/gid_map"),
+                &format!("0 {base} {RANGE}\n"),
+            )?;
+            cfg.cgroup.attach(pid)?;
+            // The agent should never be the OOM killer's choice; user processes raise their own
+            // score. Lowering it needs CAP_SYS_RESOURCE, which a container host may not grant.
+            let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
+            Ok(())
+        })();
+        let go = setup.and_then(|()| {
+            // SAFETY: writing one byte from a valid buffer to an fd we own.
+            let n = unsafe { libc::write(go_write.as_raw_fd(), b"g".as_ptr().cast(), 1) };
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(JailError::last_os("signal sandbox to start"))
+            }
+        });
+        drop(go_write);
+        let failure = match go {
+            Err(e) => Some(e),
+            Ok(()) => read_child_error(&err_read, &child.plan),
+        };
+        if let Some(err) = failure {
+            // SAFETY: kill and waitpid on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(err);
+        }
+        // SAFETY: pidfd_open on our own, not yet reaped child.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if pidfd < 0 {
+            let e = JailError::last_os("pidfd_open");
+            // SAFETY: kill and waitpid on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(e);
+        }
+        // SAFETY: pidfd_open returned a fresh fd (close-on-exec by default).
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        Ok(SandboxProcess {
+            pid,
+            pidfd,
+            channel: Some(host_end),
+            reaped: false,
+        })
+    }
+
+    /// The agent's pid in the host's pid namespace.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A pidfd of the agent: readable once it has exited.
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
+    /// Takes the host end of the agent channel (once).
+    pub fn take_channel(&mut self) -> Option<OwnedFd> {
+        self.channel.take()
+    }
+
+    /// SIGKILLs the agent. As PID 1 of the sandbox's pid namespace, its death makes the kernel
+    /// kill every other process of the sandbox.
+    pub fn kill(&self) {
+        if !self.reaped {
+            // SAFETY: pidfd_send_signal on our pidfd cannot hit a recycled pid.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+
+    /// Waits for the agent to exit and reaps it. Returns the raw wait status.
+    pub fn wait(&mut self) -> io::Result<i32> {
+        if self.reaped {
+            return Ok(0);
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid on our own child with a valid status pointer.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::__WALL) };
+            if r == self.pid {
+                self.reaped = true;
+                return Ok(status);
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
+        }
+    }
+
+    /// Whether the agent has exited (without blocking; reaps it if so).
+    pub fn try_wait(&mut self) -> io::Result<Option<i32>> {
+        if self.reaped {
+            return Ok(Some(0));
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        match r {
+            0 => Ok(None),
+            r if r == self.pid => {
+                self.reaped = true;
+                Ok(Some(status))
+            }
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+impl Drop for SandboxProcess {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+            let _ = self.wait();
+        }
+    }
+}
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| JailError::Invalid(format!("string contains NUL: {s:?}")))
+}
+
+/// Step numbers the child reports for its own actions (plan steps are 0..n).
+const STEP_GO: u32 = 10_000;
+const STEP_IDS: u32 = 10_001;
+const STEP_CGROUPNS: u32 = 10_002;
+const STEP_PRIVATE: u32 = 10_003;
+const STEP_PIVOT: u32 = 10_004;
+const STEP_HOSTNAME: u32 = 10_005;
+const STEP_LOOPBACK: u32 = 10_006;
+const STEP_FDS: u32 = 10_007;
+const STEP_EXEC: u32 = 10_008;
+
+fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailError> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        // SAFETY: reading into the unfilled tail of a valid buffer from an fd we own.
+        let n = unsafe {
+            libc::read(
+                err_read.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                8 - got,
+            )
+        };
+        if n == 0 {
+            break;
+        }
+        if n < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Some(JailError::last_os("read sandbox setup status"));
+        }
+        got += n as usize;
+    }
+    if got == 0 {
+        return None; // exec succeeded and closed the pipe
+    }
+    if got < 8 {
+        return Some(JailError::Invalid(
+            "sandbox setup died without a report".into(),
+        ));
+    }
+    let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let what = match step {
+        STEP_GO => "wait for the host".to_string(),
+        STEP_IDS => "become root of the user namespace".to_string(),
+        STEP_CGROUPNS => "unshare the cgroup namespace".to_string(),
+        STEP_PRIVATE => "make mounts private".to_string(),
+        STEP_PIVOT => "pivot_root into the sandbox root".to_string(),
+        STEP_HOSTNAME => "set the host name".to_string(),
+        STEP_LOOPBACK => "bring up the loopback interface".to_string(),
+        STEP_FDS => "set up the agent's file descriptors".to_string(),
+        STEP_EXEC => "execute the agent".to_string(),
+        n => plan
+            .what
+            .get(n as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("step {n}")),
+    };
+    Some(JailError::os(
+        format!("sandbox setup: {what}"),
+        io::Error::from_raw_os_error(errno),
+    ))
+}
+
+/// Reports `(step, errno)` to the parent and exits. Async-signal-safe.
+fn fail(plan: &ChildPlan, step: u32) -> ! {
+    // SAFETY: __errno_location always returns a valid pointer for the calling thread.
+    let errno = unsafe { *libc::__errno_location() };
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_ne_bytes());
+    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: writing a valid stack buffer, then exiting without running any destructor.
+    unsafe {
+        libc::write(plan.err_write, buf.as_ptr().cast(), 8);
+        libc::_exit(127);
+    }
+}
+
+fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
+    c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
+}
+
+#[repr(C)]
+struct MountAttr {
+    set: u64,
+    clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const SYS_MOUNT_SETATTR: libc::c_long = 442;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+/// Runs one plan step. Returns the raw result (-1 with errno on failure).
+fn run_step(step: &Step) -> libc::c_long {
+    // SAFETY: for every call below, all pointers come from CStrings and buffers prepared before
+    // clone, which stay alive in this process's copy of memory until exec or exit.
+    unsafe {
+        match step {
+            Step::Mount {
+                src,
+                dst,
+                fstype,
+                flags,
+                data,
+                optional,
+            } => {
+                let r = libc::mount(
+                    opt_ptr(src),
+                    dst.as_ptr(),
+                    opt_ptr(fstype),
+                    *flags,
+                    opt_ptr(data).cast(),
+                );
+                if r != 0 && *optional && *libc::__errno_location() == libc::ENOENT {
+                    return 0;
+                }
+                r as libc::c_long
+            }
+            Step::Attr {
+                path,
+                set,
+                recursive,
+            } => {
+                let attr = MountAttr {
+                    set: *set,
+                    clr: 0,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                let flags = if *recursive { AT_RECURSIVE } else { 0 };
+                let r = libc::syscall(
+                    SYS_MOUNT_SETATTR,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    flags,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                );
+                // Optional /proc entries may be missing.
+                if r != 0 && *libc::__errno_location() == libc::ENOENT {
+                    return 0;
+                }
+                r
+            }
+            Step::Mkdir { path, mode } => {
+                let r = libc::mkdir(path.as_ptr(), *mode);
+                if r != 0 && *libc::__errno_location() == libc::EEXIST {
+                    return libc::chmod(path.as_ptr(), *mode) as libc::c_long;
+                }
+                if r == 0 {
+                    // mkdir's mode is masked by sticky/umask rules; set it exactly.
+                    return libc::chmod(path.as_ptr(), *mode) as libc::c_long;
+                }
+                r as libc::c_long
+            }
+            Step::Symlink { target, path } => {
+                libc::symlink(target.as_ptr(), path.as_ptr()) as libc::c_long
+            }
+            Step::File {
+                path,
+                contents,
+                mode,
+            } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY
+                        | libc::O_CREAT
+                        | libc::O_TRUNC
+                        | libc::O_CLOEXEC
+                        | libc::O_NOFOLLOW,
+                    *mode,
+                );
+                if fd < 0 {
+                    return -1;
+                }
+                let mut off = 0;
+                while off < contents.len() {
+                    let n = libc::write(fd, contents[off..].as_ptr().cast(), contents.len() - off);
+                    if n <= 0 {
+                        libc::close(fd);
+                        return -1;
+                    }
+                    off += n as usize;
+                }
+                libc::close(fd);
+                0
+            }
+            Step::Chown { path, uid, gid } => {
+                libc::lchown(path.as_ptr(), *uid, *gid) as libc::c_long
+            }
+        }
+    }
+}
+
+/// The sandbox's first process, from `clone` to `exec`. Never returns.
+fn child_main(c: &ChildPlan) -> ! {
+    // SAFETY: for every call below, raw system calls on fds and buffers prepared before clone;
+    // no allocation, no locks, no destructors.
+    unsafe {
+        // Our copy of the write end must go, so the parent's death reads as EOF below.
+        libc::close(c.go_write);
+        let mut b = 0u8;
+        if libc::read(c.go_read, (&mut b as *mut u8).cast(), 1) != 1 {
+            libc::_exit(1);
+        }
+        // Leave the caller's session, so terminal signals do not reach the sandbox.
+        libc::setsid();
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+        {
+            fail(c, STEP_IDS);
+        }
+        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+            fail(c, STEP_CGROUPNS);
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(c, STEP_PRIVATE);
+        }
+        libc::umask(0);
+        for (i, step) in c.plan.steps.iter().enumerate() {
+            if run_step(step) != 0 {
+                fail(c, i as u32);
+            }
+        }
+        let Some(root) = &c.plan.new_root else {
+            fail(c, STEP_PIVOT)
+        };
+        if libc::chdir(root.as_ptr()) != 0
+            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0
+            || libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0
+            || libc::chdir(c"/".as_ptr()) != 0
+        {
+            fail(c, STEP_PIVOT);
+        }
+        libc::umask(0o022);
+        if libc::sethostname(c.hostname.as_ptr(), c.hostname.as_bytes().len()) != 0 {
+            fail(c, STEP_HOSTNAME);
+        }
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        let mut ifr = c.lo;
+        if sock < 0 || libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            fail(c, STEP_LOOPBACK);
+        }
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr) != 0 {
+            fail(c, STEP_LOOPBACK);
+        }
+        libc::close(sock);
+
+        // Move what we keep above the standard numbers, then lay out 0-2 (/dev/null) and 3 (the
+        // channel). Everything else is close-on-exec.
+        let memfd = libc::fcntl(c.memfd, libc::F_DUPFD_CLOEXEC, 10);
+        let chan = libc::fcntl(c.channel, libc::F_DUPFD_CLOEXEC, 10);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if memfd < 0 || chan < 0 || null < 0 {
+            fail(c, STEP_FDS);
+        }
+        if libc::dup2(null, 0) < 0
+            || libc::dup2(null, 1) < 0
+            || libc::dup2(null, 2) < 0
+            || libc::dup2(chan, CHANNEL_FD) < 0
+        {
+            fail(c, STEP_FDS);
+        }
+        if libc::syscall(
+            libc::SYS_close_range,
+            4u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            fail(c, STEP_FDS);
+        }
+        // err_write is close-on-exec: a successful exec closes it, which the parent reads as EOF.
+        libc::syscall(
+            libc::SYS_execveat,
+            memfd,
+            c"".as_ptr(),
+            c.argv_ptrs.as_ptr(),
+            c.envp_ptrs.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        fail(c, STEP_EXEC);
+    }
+}
+
+/// The fd number the agent finds its channel on (`moat_proto::agent_config::AGENT_CHANNEL_FD`).
+const CHANNEL_FD: RawFd = 3;
