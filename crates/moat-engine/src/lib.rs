@@ -1,1 +1,13 @@
 //! moat's domain: sandboxes made by isolation backends, and the client of the agent inside each.
+//!
+//! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements.
+//! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
+//! - [`resources`]: limits, their bounds, and parsing.
+//! - [`error`]: the engine's errors.
+
+pub mod backend;
+pub mod error;
+pub mod native;
+pub mod resources;
+
+pub use error::{EngineError, Result};

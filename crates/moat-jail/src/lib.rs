@@ -14,6 +14,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod confine;
+pub mod guardian;
 pub mod idmap;
 pub mod landlock;
 pub mod memfd;

@@ -18,7 +18,11 @@ fn is_root() -> bool {
 }
 
 fn runtime() -> RuntimeDir {
-    let dir = PathBuf::from(format!("/run/moat-test-jail-{}-{}", std::process::id(), rand_suffix()));
+    let dir = PathBuf::from(format!(
+        "/run/moat-test-jail-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     RuntimeDir::open(&dir).expect("runtime dir")
 }
 

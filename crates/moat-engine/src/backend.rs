@@ -1,0 +1,82 @@
+//! The isolation backends behind one trait: each makes a sandbox, hands over a byte stream to its
+//! agent, and can pause, resume and destroy it. Native (namespaces) today; gVisor and microVMs fit
+//! the same shape.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use moat_proto::agent_config::AgentConfig;
+use tokio::net::UnixStream;
+
+use crate::error::Result;
+use crate::resources::Resources;
+
+/// Where a sandbox's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootfsSource {
+    /// The built-in `host` template: host system directories, read-only.
+    Host,
+    /// A directory holding a root filesystem, used read-only below a writable layer.
+    Dir(PathBuf),
+}
+
+/// Everything a backend needs to make one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Sandbox id, `[a-z0-9]{1,64}`.
+    pub id: String,
+    /// The root filesystem.
+    pub rootfs: RootfsSource,
+    /// Limits.
+    pub resources: Resources,
+    /// What the agent is told at start.
+    pub agent: AgentConfig,
+}
+
+/// What a backend can do beyond the basics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// Freeze and thaw all processes.
+    pub pause: bool,
+    /// Save and restore memory.
+    pub memory_checkpoint: bool,
+}
+
+/// Counters of a running sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InstanceStats {
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Processes killed by the kernel's OOM killer so far.
+    pub oom_kills: u64,
+}
+
+/// An isolation backend.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The backend's name (`native`, `gvisor`, …).
+    fn name(&self) -> &'static str;
+    /// What it can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Makes a sandbox and starts its agent.
+    async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>>;
+}
+
+/// One sandbox as its backend sees it.
+#[async_trait]
+pub trait Instance: Send + Sync {
+    /// The sandbox id.
+    fn id(&self) -> &str;
+    /// Takes the byte stream to the agent (once).
+    fn take_channel(&mut self) -> Option<UnixStream>;
+    /// Counters.
+    fn stats(&self) -> InstanceStats;
+    /// Freezes every process.
+    async fn pause(&self) -> Result<()>;
+    /// Thaws every process.
+    async fn resume(&self) -> Result<()>;
+    /// Resolves when the sandbox's first process (the agent) has exited.
+    async fn exited(&self);
+    /// Kills everything and releases every host resource. Idempotent.
+    async fn destroy(&mut self) -> Result<()>;
+}

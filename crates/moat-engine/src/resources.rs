@@ -1,0 +1,233 @@
+//! Resource limits of a sandbox, their defaults, their bounds, and parsing of the human forms
+//! (`512M`, `1.5`, `30s`) the CLI and API accept.
+
+use std::time::Duration;
+
+use crate::error::{EngineError, Result};
+
+/// The limits one sandbox runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Memory (RAM; swap is disabled), bytes.
+    pub memory_bytes: u64,
+    /// CPU, in thousandths of a CPU.
+    pub cpu_millis: u64,
+    /// Maximum number of processes and threads.
+    pub pids: u64,
+    /// Size of the writable layer (`/`, `/tmp`, `/home`), bytes. It lives in memory (tmpfs) and
+    /// counts against `memory_bytes` as it fills.
+    pub disk_bytes: u64,
+}
+
+/// Bounds every request is checked against.
+pub mod bounds {
+    /// Smallest memory limit: the agent needs a few MiB.
+    pub const MIN_MEMORY: u64 = 16 << 20;
+    /// Largest memory limit.
+    pub const MAX_MEMORY: u64 = 64 << 30;
+    /// Smallest CPU share (0.01 CPU).
+    pub const MIN_CPU_MILLIS: u64 = 10;
+    /// Largest CPU share (64 CPUs).
+    pub const MAX_CPU_MILLIS: u64 = 64_000;
+    /// Fewest processes (the agent plus a shell and a command).
+    pub const MIN_PIDS: u64 = 8;
+    /// Most processes.
+    pub const MAX_PIDS: u64 = 65_536;
+    /// Smallest writable layer.
+    pub const MIN_DISK: u64 = 1 << 20;
+    /// Largest writable layer.
+    pub const MAX_DISK: u64 = 256 << 30;
+    /// Longest run time.
+    pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            memory_bytes: 512 << 20,
+            cpu_millis: 1000,
+            pids: 256,
+            disk_bytes: 1 << 30,
+        }
+    }
+}
+
+impl Resources {
+    /// Checks every limit against [`bounds`].
+    pub fn validate(&self) -> Result<()> {
+        use bounds::*;
+        check(
+            "memory",
+            self.memory_bytes,
+            MIN_MEMORY,
+            MAX_MEMORY,
+            fmt_bytes,
+        )?;
+        check(
+            "cpus",
+            self.cpu_millis,
+            MIN_CPU_MILLIS,
+            MAX_CPU_MILLIS,
+            |m| format!("{}", m as f64 / 1000.0),
+        )?;
+        check("pids", self.pids, MIN_PIDS, MAX_PIDS, |v| v.to_string())?;
+        check("disk", self.disk_bytes, MIN_DISK, MAX_DISK, fmt_bytes)?;
+        Ok(())
+    }
+}
+
+fn check(name: &str, v: u64, min: u64, max: u64, show: impl Fn(u64) -> String) -> Result<()> {
+    if v < min || v > max {
+        return Err(EngineError::Invalid(format!(
+            "{name} {} is out of range ({} to {})",
+            show(v),
+            show(min),
+            show(max)
+        )));
+    }
+    Ok(())
+}
+
+/// Formats bytes with a binary unit.
+pub fn fmt_bytes(b: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
+    for (u, n) in UNITS {
+        if b >= n && b % n == 0 {
+            return format!("{}{u}", b / n);
+        }
+    }
+    format!("{b}")
+}
+
+/// Parses a size: a number with an optional binary unit (`K`, `M`, `G`, `T`, optionally followed
+/// by `i`/`iB`/`B`), for example `512M`, `1G`, `1.5G`, `65536`.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let bad = || EngineError::Invalid(format!("invalid size {text:?}: use e.g. 512M, 1G or 65536"));
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let mult: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches('B')
+        .trim_end_matches('I')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses a CPU count such as `1`, `0.5` or `2.25` into thousandths.
+pub fn parse_cpus(text: &str) -> Result<u64> {
+    let v: f64 = text.trim().parse().map_err(|_| {
+        EngineError::Invalid(format!("invalid CPU count {text:?}: use e.g. 1 or 0.5"))
+    })?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(EngineError::Invalid(format!(
+            "invalid CPU count {text:?}: must be positive"
+        )));
+    }
+    Ok((v * 1000.0).round() as u64)
+}
+
+/// Parses a duration: a number with a unit `ms`, `s`, `m` or `h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let t = text.trim();
+    let bad = || {
+        EngineError::Invalid(format!(
+            "invalid duration {text:?}: use e.g. 500ms, 30s, 5m"
+        ))
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "" | "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(EngineError::Invalid(format!(
+            "invalid duration {text:?}: must be positive"
+        )));
+    }
+    if secs > bounds::MAX_TIMEOUT_SECS as f64 {
+        return Err(EngineError::Invalid(format!(
+            "duration {text:?} is longer than the maximum of {}h",
+            bounds::MAX_TIMEOUT_SECS / 3600
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").ok(), Some(512 << 20));
+        assert_eq!(parse_size("1G").ok(), Some(1 << 30));
+        assert_eq!(parse_size("1.5Gi").ok(), Some(3 << 29));
+        assert_eq!(parse_size("64MiB").ok(), Some(64 << 20));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        for bad in ["", "M", "12X", "-1M", "1..2G", "nan"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cpus_and_durations() {
+        assert_eq!(parse_cpus("0.5").ok(), Some(500));
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("abc").is_err());
+        assert_eq!(parse_duration("30s").ok(), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_duration("500ms").ok(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration("2").ok(), Some(Duration::from_secs(2)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("1000h").is_err());
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        assert!(Resources::default().validate().is_ok());
+        let small = Resources {
+            memory_bytes: 1 << 20,
+            ..Resources::default()
+        };
+        assert!(small.validate().is_err());
+        let many = Resources {
+            pids: 1 << 30,
+            ..Resources::default()
+        };
+        assert!(many.validate().is_err());
+    }
+}
