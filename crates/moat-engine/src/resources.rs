@@ -97,7 +97,7 @@ pub fn fmt_bytes(b: u64) -> String {
         ("K", 1 << 10),
     ];
     for (u, n) in UNITS {
-        if b >= n && b % n == 0 {
+        if b >= n && b.is_multiple_of(n) {
             return format!("{}{u}", b / n);
         }
     }
