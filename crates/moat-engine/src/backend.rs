@@ -71,6 +71,8 @@ pub trait Instance: Send + Sync {
     fn take_channel(&mut self) -> Option<UnixStream>;
     /// Counters.
     fn stats(&self) -> InstanceStats;
+    /// The host pid of the sandbox's first process, where the backend has one (for audits).
+    fn host_pid(&self) -> Option<i32>;
     /// Freezes every process.
     async fn pause(&self) -> Result<()>;
     /// Thaws every process.

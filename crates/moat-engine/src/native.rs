@@ -28,6 +28,8 @@ pub struct NativeOptions {
     /// Start a guardian process per sandbox that destroys it if this process dies, even by
     /// SIGKILL (what `moat run` wants; a server reaps at restart instead).
     pub guardian: bool,
+    /// The `moat` binary to run as the agent; `None` means the running executable.
+    pub agent_binary: Option<std::path::PathBuf>,
 }
 
 impl Default for NativeOptions {
@@ -60,7 +62,10 @@ impl NativeBackend {
         }
         let runtime = RuntimeDir::open(&opts.runtime_dir)?;
         let layout = Layout::detect()?;
-        let agent = SealedBinary::current_exe()?;
+        let agent = match &opts.agent_binary {
+            Some(path) => SealedBinary::copy_of(path)?,
+            None => SealedBinary::current_exe()?,
+        };
         Ok(NativeBackend {
             runtime,
             layout,
@@ -259,6 +264,11 @@ impl Instance for NativeInstance {
             },
             None => InstanceStats::default(),
         }
+    }
+
+    fn host_pid(&self) -> Option<i32> {
+        let guard = self.inner.lock().ok()?;
+        guard.as_ref().map(|l| l.process.pid())
     }
 
     async fn pause(&self) -> Result<()> {

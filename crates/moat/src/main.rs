@@ -1,5 +1,39 @@
-//! The `moat` binary: command-line tool, server and (hidden `agent` subcommand) in-sandbox agent.
+//! The `moat` binary: command-line tool, and (hidden `agent` subcommand) the in-sandbox agent.
 
-fn main() {
-    println!("moat");
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Run untrusted code in isolated, disposable sandboxes, fast.
+#[derive(Debug, Parser)]
+#[command(name = "moat", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command in a new sandbox, attached to this terminal, then destroy the sandbox.
+    Run(cli::run::RunArgs),
+    /// Show what this host supports and what moat will use.
+    Check,
+    /// The in-sandbox agent (started by moat itself as a sandbox's first process).
+    #[command(hide = true)]
+    Agent,
+}
+
+fn main() -> ExitCode {
+    // The agent path comes first and touches nothing else: it runs as PID 1 inside a sandbox.
+    if std::env::args().nth(1).as_deref() == Some("agent") {
+        cli::agent::main();
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => cli::run::main(args),
+        Command::Check => cli::check::main(),
+        Command::Agent => cli::agent::main(),
+    }
 }

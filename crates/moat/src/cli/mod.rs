@@ -1,0 +1,6 @@
+//! The subcommands of `moat`.
+
+pub mod agent;
+pub mod check;
+pub mod run;
+pub mod terminal;

@@ -1,0 +1,431 @@
+//! `moat run`: start a sandbox, run one command in it attached to this terminal, exit with the
+//! command's exit code, destroy the sandbox.
+//!
+//! Exit codes: the command's own; 128+N when a signal N killed it; 124 after `--timeout`; 137 with
+//! a reason after an OOM kill; 127 when the command does not exist; 125 when moat itself failed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use moat_engine::agent_client::{AgentClient, AgentError, CallOptions};
+use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
+use moat_engine::native::{NativeBackend, NativeOptions};
+use moat_engine::resources::{Resources, fmt_bytes, parse_cpus, parse_duration, parse_size};
+use moat_proto::agent_config::AgentConfig;
+use moat_proto::connect::Code;
+use moat_proto::process::{
+    ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, Pty, StartRequest, process_event,
+    process_input, process_selector, pty,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::terminal::{self, RawMode};
+
+/// Exit code when moat itself fails (as `docker run` and `podman run` use).
+const EXIT_MOAT_FAILED: u8 = 125;
+/// Exit code after `--timeout`, as `timeout(1)` uses.
+const EXIT_TIMEOUT: u8 = 124;
+/// Exit code when the command is not found.
+const EXIT_NOT_FOUND: u8 = 127;
+
+/// Arguments of `moat run`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Exit status: the command's; 128+N after signal N; 124 after --timeout; \
+137 after an OOM kill; 127 if the command is not found; 125 if moat failed.")]
+pub struct RunArgs {
+    /// Memory limit (RAM, no swap), e.g. 512M, 2G.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// CPU limit, e.g. 1, 0.5, 2.
+    #[arg(long, default_value = "1")]
+    cpus: String,
+    /// Maximum number of processes and threads.
+    #[arg(long, default_value_t = 256)]
+    pids: u64,
+    /// Size of the writable layer (/, /tmp, /home); it is held in memory.
+    #[arg(long, default_value = "1G")]
+    disk: String,
+    /// Kill the command after this long, e.g. 30s, 500ms, 5m (exit status 124).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Set an environment variable in the sandbox (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox (default: the user's home).
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<String>,
+    /// Copy a local file into the sandbox before running (repeatable).
+    #[arg(long = "copy", value_name = "LOCAL:REMOTE")]
+    copy: Vec<String>,
+    /// Run as root inside the sandbox (still an unprivileged user on the host).
+    #[arg(long)]
+    root: bool,
+    /// Start an interactive shell.
+    #[arg(long, conflicts_with = "command")]
+    shell: bool,
+    /// Use this directory as the root filesystem (read-only, with a writable layer on top)
+    /// instead of the host's system directories.
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// Sandbox id (default: random); for tests that must find the sandbox's host resources.
+    #[arg(long, hide = true)]
+    id: Option<String>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// What the user asked for, validated.
+struct Plan {
+    id: String,
+    resources: Resources,
+    timeout: Option<Duration>,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    copies: Vec<(PathBuf, String)>,
+    user: &'static str,
+    cmd: String,
+    args: Vec<String>,
+    rootfs: RootfsSource,
+    tty: bool,
+}
+
+fn plan(a: RunArgs) -> Result<Plan> {
+    let resources = Resources {
+        memory_bytes: parse_size(&a.memory).context("--memory")?,
+        cpu_millis: parse_cpus(&a.cpus).context("--cpus")?,
+        pids: a.pids,
+        disk_bytes: parse_size(&a.disk).context("--disk")?,
+    };
+    resources.validate()?;
+    let timeout = a.timeout.as_deref().map(parse_duration).transpose().context("--timeout")?;
+    let mut env = Vec::new();
+    for kv in &a.env {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
+        if k.is_empty() || k.contains('\0') || v.contains('\0') {
+            bail!("--env {kv:?}: the name must be non-empty and neither part may contain NUL");
+        }
+        env.push((k.to_string(), v.to_string()));
+    }
+    if let Some(w) = &a.workdir
+        && (!w.starts_with('/') || w.contains('\0'))
+    {
+        bail!("--workdir {w:?}: must be an absolute path inside the sandbox");
+    }
+    let mut copies = Vec::new();
+    for c in &a.copy {
+        let (local, remote) = c.split_once(':').ok_or_else(|| anyhow!("--copy {c:?}: expected LOCAL:REMOTE"))?;
+        let local = PathBuf::from(local);
+        if !local.is_file() {
+            bail!("--copy {c:?}: {} is not a readable file", local.display());
+        }
+        if remote.is_empty() || remote.contains('\0') {
+            bail!("--copy {c:?}: the remote path is empty");
+        }
+        copies.push((local, remote.to_string()));
+    }
+    let (cmd, args) = if a.shell {
+        ("/bin/bash".to_string(), vec!["-l".to_string()])
+    } else {
+        let mut it = a.command.into_iter();
+        let cmd = it.next().ok_or_else(|| anyhow!("no command given: moat run [OPTIONS] -- CMD [ARGS...]"))?;
+        (cmd, it.collect())
+    };
+    let rootfs = match a.rootfs {
+        Some(d) if !d.is_dir() => bail!("--rootfs {}: not a directory", d.display()),
+        Some(d) => RootfsSource::Dir(d),
+        None => RootfsSource::Host,
+    };
+    let tty = terminal::is_tty(0) && terminal::is_tty(1);
+    if a.shell && !tty {
+        bail!("--shell needs a terminal on stdin and stdout");
+    }
+    let id = a.id.unwrap_or_else(random_id);
+    moat_jail::spawn::validate_id(&id)?;
+    Ok(Plan {
+        id,
+        resources,
+        timeout,
+        env,
+        workdir: a.workdir,
+        copies,
+        user: if a.root { "root" } else { "user" },
+        cmd,
+        args,
+        rootfs,
+        tty,
+    })
+}
+
+/// Runs `moat run`.
+pub fn main(args: RunArgs) -> ExitCode {
+    let plan = match plan(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("moat: {e:#}");
+            return ExitCode::from(EXIT_MOAT_FAILED);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moat: starting the runtime: {e}");
+            return ExitCode::from(EXIT_MOAT_FAILED);
+        }
+    };
+    match rt.block_on(run(plan)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("moat: {e:#}");
+            ExitCode::from(EXIT_MOAT_FAILED)
+        }
+    }
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: bytes is a valid writable buffer of 16 bytes.
+    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    bytes.iter().map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char).collect()
+}
+
+async fn run(plan: Plan) -> Result<u8> {
+    let backend = NativeBackend::new(&NativeOptions { guardian: true, ..NativeOptions::default() })?;
+    let spec = SandboxSpec {
+        id: plan.id.clone(),
+        rootfs: plan.rootfs.clone(),
+        resources: plan.resources,
+        agent: AgentConfig {
+            default_workdir: plan.workdir.clone(),
+            ..AgentConfig::default()
+        },
+    };
+    let mut instance = backend.create(&spec).await?;
+    let result = async {
+        let channel = instance.take_channel().ok_or_else(|| anyhow!("sandbox has no agent channel"))?;
+        let client = AgentClient::handshake(channel).await.context("connecting to the sandbox agent")?;
+        attach(&client, &plan, &*instance).await
+    }
+    .await;
+    let destroyed = instance.destroy().await;
+    let code = result?;
+    destroyed.context("destroying the sandbox")?;
+    Ok(code)
+}
+
+/// Copies files in, runs the command attached to this terminal, and returns the exit code.
+async fn attach(client: &AgentClient, plan: &Plan, instance: &dyn moat_engine::backend::Instance) -> Result<u8> {
+    let opts = CallOptions { user: Some(plan.user.to_string()), timeout: None };
+    for (local, remote) in &plan.copies {
+        let data = tokio::fs::read(local).await.with_context(|| format!("reading {}", local.display()))?;
+        client
+            .write_file(remote, data, Some(plan.user))
+            .await
+            .with_context(|| format!("copying {} to {remote}", local.display()))?;
+    }
+    let pty = if plan.tty {
+        let (cols, rows) = terminal::size(1).unwrap_or((80, 24));
+        Some(Pty { size: Some(pty::Size { cols: u32::from(cols), rows: u32::from(rows) }) })
+    } else {
+        None
+    };
+    let mut envs: std::collections::HashMap<String, String> = plan.env.iter().cloned().collect();
+    if plan.tty {
+        envs.entry("TERM".into()).or_insert_with(|| std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()));
+    }
+    let req = StartRequest {
+        process: Some(ProcessConfig {
+            cmd: plan.cmd.clone(),
+            args: plan.args.clone(),
+            envs,
+            cwd: plan.workdir.clone(),
+        }),
+        pty,
+        tag: None,
+        stdin: Some(true),
+    };
+    let start_opts = CallOptions { timeout: plan.timeout, ..opts.clone() };
+    let mut stream = match client.start(req, start_opts).await {
+        Ok(s) => s,
+        Err(e) => return Ok(start_failure(&plan.cmd, &e)),
+    };
+    let pid = match stream.next().await {
+        Some(Ok(ProcessEvent { event: Some(process_event::Event::Start(s)) })) => s.pid,
+        Some(Ok(other)) => bail!("the agent sent {other:?} before the start event"),
+        Some(Err(e)) => return Ok(start_failure(&plan.cmd, &e)),
+        None => bail!("the agent closed the stream before the process started"),
+    };
+    let selector = ProcessSelector { selector: Some(process_selector::Selector::Pid(pid)) };
+    let _raw = if plan.tty { RawMode::enter() } else { None };
+
+    // Input: stdin bytes go to the process (PTY input in TTY mode) until EOF closes its stdin.
+    let input_client = client.clone();
+    let input_sel = selector.clone();
+    let tty = plan.tty;
+    let input = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let data = buf[..n].to_vec();
+            let input = if tty { process_input::Input::Pty(data) } else { process_input::Input::Stdin(data) };
+            if input_client.send_input(input_sel.clone(), ProcessInput { input: Some(input) }).await.is_err() {
+                return;
+            }
+        }
+        if !tty {
+            let _ = input_client.close_stdin(input_sel).await;
+        }
+    });
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigwinch = signal(SignalKind::window_change())?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    // The agent enforces the timeout; this is the host's backstop should the agent not answer.
+    let backstop = plan.timeout.map(|t| t + Duration::from_secs(5)).unwrap_or(Duration::MAX);
+    let backstop = tokio::time::sleep(backstop.min(Duration::from_secs(u64::from(u32::MAX))));
+    tokio::pin!(backstop);
+
+    let outcome = loop {
+        tokio::select! {
+            ev = stream.next() => match ev {
+                Some(Ok(ProcessEvent { event: Some(process_event::Event::Data(d)) })) => {
+                    use process_event::data_event::Output;
+                    match d.output {
+                        Some(Output::Stdout(b)) | Some(Output::Pty(b)) => {
+                            stdout.write_all(&b).await?;
+                            stdout.flush().await?;
+                        }
+                        Some(Output::Stderr(b)) => {
+                            stderr.write_all(&b).await?;
+                            stderr.flush().await?;
+                        }
+                        None => {}
+                    }
+                }
+                Some(Ok(ProcessEvent { event: Some(process_event::Event::End(end)) })) => break Outcome::Ended(end),
+                Some(Ok(_)) => {}
+                Some(Err(e)) if e.code() == Some(Code::DeadlineExceeded) => break Outcome::TimedOut,
+                Some(Err(e)) => break Outcome::Failed(anyhow!("process stream: {e}")),
+                None => break Outcome::Failed(anyhow!("the agent ended the stream without an end event")),
+            },
+            _ = sigint.recv() => break Outcome::Signalled(libc::SIGINT),
+            _ = sigterm.recv() => break Outcome::Signalled(libc::SIGTERM),
+            _ = sighup.recv() => break Outcome::Signalled(libc::SIGHUP),
+            _ = sigwinch.recv() => {
+                if let Some((cols, rows)) = terminal::size(1) {
+                    let _ = client.update_pty(selector.clone(), u32::from(cols), u32::from(rows)).await;
+                }
+            }
+            _ = instance.exited() => break Outcome::Failed(anyhow!("the sandbox's agent exited unexpectedly")),
+            _ = &mut backstop => break Outcome::TimedOut,
+        }
+    };
+    input.abort();
+    drop(_raw);
+    let stats = instance.stats();
+    Ok(match outcome {
+        Outcome::Ended(end) => {
+            let code = exit_code(&end);
+            if code == 137 && stats.oom_kills > 0 {
+                eprintln!(
+                    "moat: killed: out of memory (the sandbox's limit is {})",
+                    fmt_bytes(plan.resources.memory_bytes)
+                );
+            }
+            code
+        }
+        Outcome::TimedOut => {
+            eprintln!(
+                "moat: timed out after {}; the command and all its processes were killed",
+                plan.timeout.map(|t| format!("{t:?}")).unwrap_or_default()
+            );
+            EXIT_TIMEOUT
+        }
+        Outcome::Signalled(sig) => {
+            eprintln!("moat: interrupted; the sandbox was destroyed");
+            128 + sig as u8
+        }
+        Outcome::Failed(e) => return Err(e),
+    })
+}
+
+enum Outcome {
+    Ended(process_event::EndEvent),
+    TimedOut,
+    Signalled(i32),
+    Failed(anyhow::Error),
+}
+
+/// The exit code for a start failure: 127 when the command does not exist.
+fn start_failure(cmd: &str, e: &AgentError) -> u8 {
+    if e.code() == Some(Code::NotFound) || e.to_string().contains("No such file") {
+        eprintln!("moat: {cmd}: command not found");
+        EXIT_NOT_FOUND
+    } else if e.code() == Some(Code::PermissionDenied) {
+        eprintln!("moat: {cmd}: permission denied");
+        126
+    } else {
+        eprintln!("moat: starting {cmd}: {e}");
+        EXIT_MOAT_FAILED
+    }
+}
+
+/// Maps an end event to a shell-style exit code (128+N for signal N).
+fn exit_code(end: &process_event::EndEvent) -> u8 {
+    if end.exited {
+        return (end.exit_code & 0xff) as u8;
+    }
+    let sig = signal_number(&end.status).unwrap_or(libc::SIGKILL);
+    (128 + sig) as u8
+}
+
+/// The signal named in a Go-style status (`signal: killed`).
+fn signal_number(status: &str) -> Option<i32> {
+    let name = status.strip_prefix("signal: ")?;
+    let name = name.trim_end_matches(" (core dumped)");
+    Some(match name {
+        "hangup" => libc::SIGHUP,
+        "interrupt" => libc::SIGINT,
+        "quit" => libc::SIGQUIT,
+        "illegal instruction" => libc::SIGILL,
+        "trace/breakpoint trap" => libc::SIGTRAP,
+        "aborted" => libc::SIGABRT,
+        "bus error" => libc::SIGBUS,
+        "floating point exception" => libc::SIGFPE,
+        "killed" => libc::SIGKILL,
+        "user defined signal 1" => libc::SIGUSR1,
+        "segmentation fault" => libc::SIGSEGV,
+        "user defined signal 2" => libc::SIGUSR2,
+        "broken pipe" => libc::SIGPIPE,
+        "alarm clock" => libc::SIGALRM,
+        "terminated" => libc::SIGTERM,
+        "CPU time limit exceeded" => libc::SIGXCPU,
+        "file size limit exceeded" => libc::SIGXFSZ,
+        "bad system call" => libc::SIGSYS,
+        other => other.strip_prefix("signal ").and_then(|n| n.parse().ok())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_map_back_to_numbers() {
+        assert_eq!(signal_number("signal: killed"), Some(9));
+        assert_eq!(signal_number("signal: segmentation fault (core dumped)"), Some(11));
+        assert_eq!(signal_number("signal: signal 40"), Some(40));
+        assert_eq!(signal_number("exit status 1"), None);
+    }
+}

@@ -1,0 +1,5 @@
+# Attack: fork bomb. The pids cgroup limit must stop it inside the sandbox while the host stays
+# responsive; the timeout then kills it all.
+bomb() { bomb | bomb & }
+bomb
+sleep 30
