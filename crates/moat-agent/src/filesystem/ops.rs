@@ -13,6 +13,9 @@ use super::paths;
 use super::sys;
 use crate::rpc::{Code, RpcError};
 
+/// The superblock magic of procfs.
+const PROC_SUPER_MAGIC: u32 = 0x9fa0;
+
 /// Most entries one `ListDir` returns; a bigger tree is `resource_exhausted` (the answer must
 /// fit in one message, and a bind-mount loop would otherwise never end).
 pub const MAX_LIST_ENTRIES: usize = 100_000;
@@ -83,11 +86,17 @@ pub(crate) fn stat(path: &str) -> Result<EntryInfo, RpcError> {
         .map_err(|e| lookup_error(&e, path))?;
     if sys::file_type(st.st_mode) == libc::S_IFLNK
         && let Err(e) = sys::openat2(Some(dir.as_fd()), &name, libc::O_PATH, 0, sys::RESOLVE)
-        && e.raw_os_error() == Some(libc::ELOOP)
-        && let err = lookup_error(&e, path)
-        && err.code == Code::PermissionDenied
     {
-        return Err(err);
+        // A /proc link that cannot be followed is a magic link (the kernel checks access to the
+        // process before it even gets to RESOLVE_NO_MAGICLINKS, so the error may be EACCES).
+        let on_proc = sys::fs_magic(dir.as_fd()).is_ok_and(|m| m == PROC_SUPER_MAGIC);
+        let err = lookup_error(&e, path);
+        if on_proc || err.code == Code::PermissionDenied {
+            return Err(RpcError::new(
+                Code::PermissionDenied,
+                format!("{path}: a /proc magic link; refused"),
+            ));
+        }
     }
     entry::entry_at(dir.as_fd(), &name, path, &mut Names::default())
         .map_err(|e| lookup_error(&e, path))
@@ -233,7 +242,6 @@ pub(crate) fn list_dir(path: &str, depth: u32) -> Result<Vec<EntryInfo>, RpcErro
             continue;
         };
         let rel = paths::join(&top.rel, &entry::name_text(&name));
-        let rel = rel.trim_start_matches('/').to_string();
         let full = paths::join(&base, &rel);
         let Ok(info) = entry::entry_at(top.fd.as_fd(), &name, &full, &mut owners) else {
             continue;

@@ -78,10 +78,13 @@ pub(crate) fn split(path: &str) -> (&str, &str) {
     }
 }
 
-/// `base` joined with the relative `name`.
+/// `base` joined with the relative `name` (either may be empty: relative paths are built with
+/// this too).
 pub(crate) fn join(base: &str, name: &str) -> String {
     if name.is_empty() {
         base.to_string()
+    } else if base.is_empty() {
+        name.to_string()
     } else if base.ends_with('/') {
         format!("{base}{name}")
     } else {
@@ -136,5 +139,6 @@ mod tests {
         assert_eq!(base_name("/a/b"), "b");
         assert_eq!(join("/", "x"), "/x");
         assert_eq!(join("/a", "x/y"), "/a/x/y");
+        assert_eq!(join("", "x"), "x");
     }
 }
