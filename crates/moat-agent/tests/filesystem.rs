@@ -446,6 +446,30 @@ async fn operations_run_with_the_callers_permissions() {
         .expect("stat link as user");
     assert!(e.is_symlink);
     assert_eq!(e.symlink_target.as_deref(), Some("/etc/shadow"));
+    // Chains of relative links resolve fully, for the user as for root.
+    let home = dir.path().join("home");
+    std::fs::create_dir(home.join("real")).expect("mkdir");
+    std::fs::write(home.join("real/in.txt"), "").expect("write");
+    symlink("real", home.join("hop2")).expect("symlink");
+    symlink("./x/../hop2", home.join("hop1")).expect("symlink");
+    std::fs::create_dir(home.join("x")).expect("mkdir");
+    let real = format!("{}/real", home.display());
+    for who in [&user, &root] {
+        let e = stat(&fs, who, &format!("{}/hop1", home.display()))
+            .await
+            .expect("stat chain");
+        assert_eq!(
+            e.symlink_target.as_deref(),
+            Some(real.as_str()),
+            "{}",
+            who.name
+        );
+        let entries = list(&fs, who, &format!("{}/hop1", home.display()), 1)
+            .await
+            .expect("list chain");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].path, format!("{real}/in.txt"), "{}", who.name);
+    }
 }
 
 async fn next_event(

@@ -200,7 +200,7 @@ pub(crate) fn entry_at(
             let target = sys::fstat(fd.as_fd())?;
             info.r#type = wire_type(target.st_mode) as i32;
             info.mode = target.st_mode & 0o777;
-            info.symlink_target = Some(sys::fd_path(fd.as_fd()).unwrap_or(lexical));
+            info.symlink_target = Some(real_path(path).unwrap_or(lexical));
             info.metadata = metadata_of(dir, name, &target, true);
         }
         Err(_) => {
@@ -212,6 +212,53 @@ pub(crate) fn entry_at(
         }
     }
     Ok(info)
+}
+
+/// Most symlinks one resolution follows, as the kernel's limit.
+const MAX_LINKS: usize = 40;
+
+/// `path` (absolute and clean) with every symlink resolved, found by reading the links as text
+/// with the caller's permissions. It only names the object; the file operations themselves open
+/// paths with `openat2`, so a link changed meanwhile cannot redirect them. (The kernel's own
+/// answer, `/proc/self/fd/N`, is not readable by a user other than the agent's.)
+pub(crate) fn real_path(path: &str) -> io::Result<String> {
+    let mut pending: Vec<String> = path.split('/').rev().map(str::to_string).collect();
+    let mut resolved: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(comp) = pending.pop() {
+        match comp.as_str() {
+            "" | "." => continue,
+            ".." => {
+                // The resolved prefix holds no symlinks, so `..` is its parent.
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let mut candidate = String::new();
+        for c in resolved.iter().chain(std::iter::once(&comp)) {
+            candidate.push('/');
+            candidate.push_str(c);
+        }
+        let md = std::fs::symlink_metadata(&candidate)?;
+        if !md.file_type().is_symlink() {
+            resolved.push(comp);
+            continue;
+        }
+        links += 1;
+        if links > MAX_LINKS {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        let target = std::fs::read_link(&candidate)?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "link is not UTF-8"))?;
+        if target.starts_with('/') {
+            resolved.clear();
+        }
+        pending.extend(target.split('/').rev().map(str::to_string));
+    }
+    Ok(paths::clean(&resolved.join("/")))
 }
 
 /// `name` (a C string) as text, for building paths; names that are not UTF-8 are rendered

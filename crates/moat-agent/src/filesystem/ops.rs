@@ -226,7 +226,7 @@ pub(crate) fn list_dir(path: &str, depth: u32) -> Result<Vec<EntryInfo>, RpcErro
         ));
     }
     // Entries are reported under the resolved directory (upstream reports real paths).
-    let base = sys::fd_path(root.as_fd()).unwrap_or_else(|| path.to_string());
+    let base = entry::real_path(path).unwrap_or_else(|_| path.to_string());
     let names = sys::read_dir_names(root.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
     let mut stack = vec![Frame {
         fd: root,

@@ -316,15 +316,6 @@ pub(crate) fn remove_xattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) }).map(drop)
 }
 
-/// The path the kernel has for `fd` (from `/proc/self/fd`), when `/proc` is mounted and the file
-/// is still linked.
-pub(crate) fn fd_path(fd: BorrowedFd<'_>) -> Option<String> {
-    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let target = std::fs::read_link(link).ok()?;
-    let text = target.to_str()?.to_string();
-    (text.starts_with('/') && !text.ends_with(" (deleted)")).then_some(text)
-}
-
 /// 16 random bytes as 32 lowercase hex digits.
 pub(crate) fn random_id() -> io::Result<String> {
     let mut buf = [0u8; 16];
