@@ -218,6 +218,53 @@ async fn move_renames_and_creates_destination_parents() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_copies_files_across_filesystems() {
+    require_root!();
+    let dir = common::tempdir();
+    let other = dir.path().join("other-fs");
+    std::fs::create_dir(&other).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&other)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let fs = service();
+    let root = common::root_user(dir.path());
+    std::fs::write(dir.path().join("f.txt"), "across").expect("write");
+    std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+    let moved = fs
+        .move_entry(
+            &root,
+            MoveRequest {
+                source: p(&dir, "f.txt"),
+                destination: p(&dir, "other-fs/sub/f.txt"),
+            },
+        )
+        .await
+        .map_err(|e| e.code);
+    let dir_move = fs
+        .move_entry(
+            &root,
+            MoveRequest {
+                source: p(&dir, "d"),
+                destination: p(&dir, "other-fs/d"),
+            },
+        )
+        .await
+        .map_err(|e| e.code);
+    let content = std::fs::read_to_string(other.join("sub/f.txt"));
+    let _ = std::process::Command::new("umount").arg(&other).status();
+    assert_eq!(moved.expect("moved").entry.expect("entry").size, 6);
+    assert_eq!(content.expect("copied"), "across");
+    assert!(!dir.path().join("f.txt").exists(), "source removed");
+    assert_eq!(dir_move.err(), Some(Code::FailedPrecondition));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_dir_walks_to_depth_and_follows_a_symlinked_dir() {
     require_root!();
     let dir = common::tempdir();
@@ -572,6 +619,15 @@ async fn recursive_watch_follows_new_subdirectories() {
     wait_for(&mut stream, "new/deeper/b", EventType::Create).await;
     std::fs::remove_dir_all(dir.path().join("w/new")).expect("rm");
     wait_for(&mut stream, "new", EventType::Remove).await;
+    // The watched directory going away ends the stream.
+    std::fs::remove_dir_all(dir.path().join("w")).expect("rm");
+    let end = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = stream.next().await {
+            ev.expect("event");
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stream ends");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,35 +171,82 @@ pub(crate) fn move_entry(
     gid: u32,
 ) -> Result<EntryInfo, RpcError> {
     let (src_dir, src_name) = open_parent(source)?;
-    sys::fstatat(src_dir.as_fd(), &src_name, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            RpcError::new(Code::NotFound, format!("source not found: {source}"))
-        } else {
-            lookup_error(&e, source)
-        }
-    })?;
+    let src_st =
+        sys::fstatat(src_dir.as_fd(), &src_name, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                RpcError::new(Code::NotFound, format!("source not found: {source}"))
+            } else {
+                lookup_error(&e, source)
+            }
+        })?;
     let (dst_parent, dst_name) = paths::split(destination);
     let dst_dir = ensure_dirs(dst_parent, uid, gid)?;
     let dst_c = sys::cstring(dst_name).map_err(|e| RpcError::from_io(&e, destination))?;
-    sys::renameat(src_dir.as_fd(), &src_name, dst_dir.as_fd(), &dst_c).map_err(|e| {
-        let what = format!("moving {source} to {destination}");
-        match e.raw_os_error() {
-            Some(libc::EXDEV) => RpcError::new(
-                Code::FailedPrecondition,
-                format!("{what}: source and destination are on different filesystems"),
-            ),
-            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => RpcError::new(
-                Code::AlreadyExists,
-                format!("{what}: destination is a non-empty directory"),
-            ),
-            Some(libc::EBUSY) | Some(libc::EINVAL) => {
-                RpcError::new(Code::InvalidArgument, format!("{what}: {e}"))
-            }
-            _ => RpcError::from_io(&e, &what),
+    let what = format!("moving {source} to {destination}");
+    match sys::renameat(src_dir.as_fd(), &src_name, dst_dir.as_fd(), &dst_c) {
+        Ok(()) => {}
+        // Separate mounts (the sandbox's /tmp and home may be): a regular file is copied and
+        // the source removed, as `mv` does; anything else cannot move.
+        Err(e)
+            if e.raw_os_error() == Some(libc::EXDEV)
+                && sys::file_type(src_st.st_mode) == libc::S_IFREG =>
+        {
+            copy_across(&src_dir, &src_name, &src_st, &dst_dir, &dst_c)
+                .map_err(|e| RpcError::from_io(&e, &what))?;
         }
-    })?;
+        Err(e) => {
+            return Err(match e.raw_os_error() {
+                Some(libc::EXDEV) => RpcError::new(
+                    Code::FailedPrecondition,
+                    format!("{what}: only files can move between filesystems"),
+                ),
+                Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => RpcError::new(
+                    Code::AlreadyExists,
+                    format!("{what}: destination is a non-empty directory"),
+                ),
+                Some(libc::EBUSY) | Some(libc::EINVAL) => {
+                    RpcError::new(Code::InvalidArgument, format!("{what}: {e}"))
+                }
+                _ => RpcError::from_io(&e, &what),
+            });
+        }
+    }
     entry::entry_at(dst_dir.as_fd(), &dst_c, destination, &mut Names::default())
         .map_err(|e| lookup_error(&e, destination))
+}
+
+/// Moves regular file `name` of `src_dir` (whose stat is `st`) to `dst_name` in `dst_dir` on
+/// another filesystem: copies it to a hidden temporary name next to the destination, renames
+/// that over the destination (so a reader never sees half a file), then removes the source.
+fn copy_across(
+    src_dir: &OwnedFd,
+    name: &CStr,
+    st: &libc::stat,
+    dst_dir: &OwnedFd,
+    dst_name: &CStr,
+) -> io::Result<()> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let src = sys::openat2(Some(src_dir.as_fd()), name, flags, 0, sys::RESOLVE)?;
+    let now = sys::fstat(src.as_fd())?;
+    if !entry::same_file(st, &now) || sys::file_type(now.st_mode) != libc::S_IFREG {
+        return Err(io::Error::other("the source changed while being moved"));
+    }
+    let tmp = sys::cstring(&format!(".moat-move-{}", sys::random_id()?))?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+    let dst = sys::openat2(
+        Some(dst_dir.as_fd()),
+        &tmp,
+        flags,
+        st.st_mode & 0o777,
+        sys::RESOLVE,
+    )?;
+    let copied = std::io::copy(&mut std::fs::File::from(src), &mut std::fs::File::from(dst))
+        .and_then(|_| sys::renameat(dst_dir.as_fd(), &tmp, dst_dir.as_fd(), dst_name));
+    if let Err(e) = copied {
+        let _ = sys::unlinkat(dst_dir.as_fd(), &tmp, 0);
+        return Err(e);
+    }
+    sys::unlinkat(src_dir.as_fd(), name, 0)
 }
 
 /// A directory being walked: its descriptor, its path relative to the walk's root, its depth

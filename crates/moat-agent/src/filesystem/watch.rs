@@ -431,3 +431,22 @@ impl Raw {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watcher_slots_are_bounded_and_given_back() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut slots: Vec<Slot> = (0..MAX_WATCHERS)
+            .map(|_| Slot::take(&count).expect("slot"))
+            .collect();
+        let over = Slot::take(&count).map(drop).map_err(|e| e.code);
+        assert_eq!(over, Err(Code::ResourceExhausted));
+        slots.pop();
+        assert!(Slot::take(&count).is_ok());
+        drop(slots);
+        assert_eq!(count.load(Ordering::Acquire), 0);
+    }
+}
