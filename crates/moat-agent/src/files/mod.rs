@@ -8,7 +8,7 @@
 //! filesystem (no space or quota answers 507).
 
 mod auth;
-pub mod multipart;
+mod multipart;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write};

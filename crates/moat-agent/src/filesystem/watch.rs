@@ -6,6 +6,9 @@
 //! moved-to → CREATE, modify → WRITE, delete → REMOVE, moved-from → RENAME, attrib → CHMOD.
 //! Events about a watched directory itself (`*_SELF`) are not reported: its parent reports them,
 //! and the watched root going away ends the watcher.
+//!
+//! A new subdirectory is watched when its CREATE event is read; anything created inside it before
+//! that moment produces no event of its own (inotify has no way to watch a tree atomically).
 
 use std::collections::HashMap;
 use std::io;
