@@ -159,7 +159,7 @@ impl Call {
         } else {
             header::CONTENT_ENCODING.as_str()
         };
-        if let Some(enc) = headers.get(encoding_header) {
+        for enc in headers.get_all(encoding_header) {
             let enc = enc.to_str().unwrap_or("?");
             if !enc.eq_ignore_ascii_case("identity") {
                 return Err(fail(RpcError::new(
