@@ -24,6 +24,9 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Keepalive interval when the request sets none (upstream envd's default).
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 
+/// Longest keepalive interval honoured; larger (or invalid) values get [`DEFAULT_KEEPALIVE`].
+pub const MAX_KEEPALIVE_SECS: u64 = 24 * 3600;
+
 /// Deadline of unary calls that send no `Connect-Timeout-Ms`, so that no call runs forever.
 pub const DEFAULT_UNARY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -183,7 +186,7 @@ impl Call {
             .get(connect::HEADER_KEEPALIVE_INTERVAL)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|s| *s > 0)
+            .filter(|s| (1..=MAX_KEEPALIVE_SECS).contains(s))
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_KEEPALIVE);
         Ok(Call {

@@ -47,8 +47,13 @@ impl Agent {
         tokio::spawn(async move {
             let _ = serve(server, state, ServeOptions::default()).await;
         });
+        Agent::over(client).await
+    }
+
+    /// Connects to an agent already serving the other end of `stream`.
+    pub async fn over(stream: tokio::net::UnixStream) -> Agent {
         let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                 .await
                 .unwrap();
         tokio::spawn(conn);
