@@ -17,7 +17,10 @@ use crate::stats::{Samples, ms};
 
 async fn run_true(client: &AgentClient) -> Result<()> {
     let req = StartRequest {
-        process: Some(ProcessConfig { cmd: "/bin/true".into(), ..Default::default() }),
+        process: Some(ProcessConfig {
+            cmd: "/bin/true".into(),
+            ..Default::default()
+        }),
         stdin: Some(false),
         ..Default::default()
     };
@@ -35,12 +38,17 @@ async fn run_true(client: &AgentClient) -> Result<()> {
 
 fn pss_kib(pid: i32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("Pss:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Prints the exec round-trip and idle-memory rows.
 pub async fn exec_and_idle(moat: &Path, n: usize) -> Result<()> {
-    let backend = NativeBackend::new(&NativeOptions { agent_binary: Some(moat.to_path_buf()), ..NativeOptions::default() })?;
+    let backend = NativeBackend::new(&NativeOptions {
+        agent_binary: Some(moat.to_path_buf()),
+        ..NativeOptions::default()
+    })?;
     let spec = SandboxSpec {
         id: format!("bench{}", std::process::id()),
         rootfs: RootfsSource::Host,
@@ -68,7 +76,11 @@ pub async fn exec_and_idle(moat: &Path, n: usize) -> Result<()> {
     println!();
     println!("| exec round trip on a running sandbox | median | p99 | over bare |");
     println!("| --- | --- | --- | --- |");
-    println!("| bare fork+exec+wait `/bin/true` | {} | {} | |", ms(bare.median()), ms(bare.percentile(99.0)));
+    println!(
+        "| bare fork+exec+wait `/bin/true` | {} | {} | |",
+        ms(bare.median()),
+        ms(bare.percentile(99.0))
+    );
     println!(
         "| `/bin/true` through the agent | {} | {} | +{} |",
         ms(through_agent.median()),
@@ -82,9 +94,15 @@ pub async fn exec_and_idle(moat: &Path, n: usize) -> Result<()> {
     println!();
     println!("| idle sandbox memory | value |");
     println!("| --- | --- |");
-    println!("| cgroup memory (agent, page tables, tmpfs, kernel objects) | {:.2} MiB |", stats.memory_bytes as f64 / (1 << 20) as f64);
+    println!(
+        "| cgroup memory (agent, page tables, tmpfs, kernel objects) | {:.2} MiB |",
+        stats.memory_bytes as f64 / (1 << 20) as f64
+    );
     match pss {
-        Some(k) => println!("| agent proportional set size (Pss) | {:.2} MiB |", k as f64 / 1024.0),
+        Some(k) => println!(
+            "| agent proportional set size (Pss) | {:.2} MiB |",
+            k as f64 / 1024.0
+        ),
         None => println!("| agent proportional set size (Pss) | unavailable |"),
     }
     inst.destroy().await?;

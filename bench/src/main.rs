@@ -30,7 +30,10 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other}; usage: moat-bench --moat PATH [--runs N]"),
         }
     }
-    Ok(Args { moat: moat.context("--moat PATH is required")?, runs })
+    Ok(Args {
+        moat: moat.context("--moat PATH is required")?,
+        runs,
+    })
 }
 
 /// Times `argv` `runs` times (after 3 warm-up runs); fails if any run fails.
@@ -79,19 +82,29 @@ fn bwrap_argv(bwrap: &str, cmd: &[&str]) -> Vec<String> {
     for d in ["bin", "sbin", "lib", "lib64"] {
         let p = Path::new("/").join(d);
         if let Ok(t) = std::fs::read_link(&p) {
-            v.extend(strings(&["--symlink", &t.display().to_string(), &format!("/{d}")]));
+            v.extend(strings(&[
+                "--symlink",
+                &t.display().to_string(),
+                &format!("/{d}"),
+            ]));
         } else if p.is_dir() {
             v.extend(strings(&["--ro-bind", &format!("/{d}"), &format!("/{d}")]));
         }
     }
-    v.extend(strings(&["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]));
+    v.extend(strings(&[
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+    ]));
     v.extend(strings(cmd));
     v
 }
 
 /// An OCI bundle whose root is the host's `/`, read-only, running `cmd`.
 fn runsc_bundle(cmd: &[&str]) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("moat-bench-runsc-{}-{}", std::process::id(), cmd.join("_").len()));
+    let dir = std::env::temp_dir().join(format!(
+        "moat-bench-runsc-{}-{}",
+        std::process::id(),
+        cmd.join("_").len()
+    ));
     std::fs::create_dir_all(&dir)?;
     let args: Vec<String> = cmd.iter().map(|a| format!("{a:?}")).collect();
     let config = format!(
@@ -119,10 +132,16 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     let moat = args.moat.display().to_string();
     let n = args.runs;
-    println!("# moat benchmarks ({} runs each, after 3 warm-up runs)\n", n);
+    println!(
+        "# moat benchmarks ({} runs each, after 3 warm-up runs)\n",
+        n
+    );
     println!("| what | median | p99 | vs bare | vs bwrap |");
     println!("| --- | --- | --- | --- | --- |");
-    for (label, cmd) in [("/bin/true", vec!["/bin/true"]), ("python3 -c pass", vec!["python3", "-c", "pass"])] {
+    for (label, cmd) in [
+        ("/bin/true", vec!["/bin/true"]),
+        ("python3 -c pass", vec!["python3", "-c", "pass"]),
+    ] {
         let bare = time_command(&strings(&cmd), n)?;
         let mut moat_argv = strings(&[&moat, "run", "--"]);
         moat_argv.extend(strings(&cmd));
@@ -134,7 +153,8 @@ fn main() -> Result<()> {
         let runsc_s = match which("runsc") {
             Some(r) => {
                 let bundle = runsc_bundle(&cmd)?;
-                let root = std::env::temp_dir().join(format!("moat-bench-runsc-root-{}", std::process::id()));
+                let root = std::env::temp_dir()
+                    .join(format!("moat-bench-runsc-root-{}", std::process::id()));
                 let s = time_command(&runsc_argv(&r, &bundle, &root), (n / 10).max(10)).ok();
                 let _ = std::fs::remove_dir_all(&bundle);
                 let _ = std::fs::remove_dir_all(&root);
@@ -149,11 +169,17 @@ fn main() -> Result<()> {
             None => println!("| `bwrap {label}` | skipped: bwrap not installed | | | |"),
         }
         match &runsc_s {
-            Some(r) => r.row(&format!("`runsc --platform=ptrace run {label}`"), &bare, bwrap_s.as_ref()),
+            Some(r) => r.row(
+                &format!("`runsc --platform=ptrace run {label}`"),
+                &bare,
+                bwrap_s.as_ref(),
+            ),
             None => println!("| `runsc {label}` | skipped: runsc not installed or failed | | | |"),
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(agent::exec_and_idle(&args.moat, n))?;
     Ok(())
 }

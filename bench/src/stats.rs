@@ -32,7 +32,11 @@ impl Samples {
     pub fn row(&self, label: &str, bare: &Samples, bwrap: Option<&Samples>) {
         let ratio = |other: &Samples| {
             let o = other.median().as_secs_f64();
-            if o > 0.0 { format!("{:.2}×", self.median().as_secs_f64() / o) } else { "-".into() }
+            if o > 0.0 {
+                format!("{:.2}×", self.median().as_secs_f64() / o)
+            } else {
+                "-".into()
+            }
         };
         println!(
             "| {label} | {} | {} | {} | {} |",

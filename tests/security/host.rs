@@ -24,17 +24,27 @@ pub fn unique_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("sec{}x{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos)
+    format!(
+        "sec{}x{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
 }
 
 /// Host pids whose cgroup names this sandbox.
 pub fn pids_in_sandbox(id: &str) -> Vec<i32> {
     let needle = format!("/moat/{id}");
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&needle)) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&needle))
+        {
             out.push(pid);
         }
     }
@@ -43,8 +53,15 @@ pub fn pids_in_sandbox(id: &str) -> Vec<i32> {
 
 /// Cgroup directories of this sandbox that exist.
 pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
-    let Ok(layout) = moat_jail::cgroup::Layout::detect() else { return Vec::new() };
-    layout.bases().into_iter().map(|b| b.join(id)).filter(|d| d.exists()).collect()
+    let Ok(layout) = moat_jail::cgroup::Layout::detect() else {
+        return Vec::new();
+    };
+    layout
+        .bases()
+        .into_iter()
+        .map(|b| b.join(id))
+        .filter(|d| d.exists())
+        .collect()
 }
 
 fn host_mounts_under_runtime() -> Vec<String> {
@@ -73,7 +90,10 @@ pub struct HostProbe {
 impl HostProbe {
     /// Records the host state before sandbox `id` starts.
     pub fn before(id: &str) -> HostProbe {
-        HostProbe { id: id.to_string(), mounts: host_mounts_under_runtime() }
+        HostProbe {
+            id: id.to_string(),
+            mounts: host_mounts_under_runtime(),
+        }
     }
 
     /// Asserts that sandbox `id` left nothing: no process, no cgroup, no host mount, no file in
@@ -84,14 +104,26 @@ impl HostProbe {
             let pids = pids_in_sandbox(&self.id);
             let dirs = cgroup_dirs(&self.id);
             if (pids.is_empty() && dirs.is_empty()) || Instant::now() > deadline {
-                assert!(pids.is_empty(), "sandbox {} left processes {pids:?}", self.id);
+                assert!(
+                    pids.is_empty(),
+                    "sandbox {} left processes {pids:?}",
+                    self.id
+                );
                 assert!(dirs.is_empty(), "sandbox {} left cgroups {dirs:?}", self.id);
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(host_mounts_under_runtime(), self.mounts, "host mount table changed");
-        assert!(runtime_litter().is_empty(), "files left in the runtime mount points: {:?}", runtime_litter());
+        assert_eq!(
+            host_mounts_under_runtime(),
+            self.mounts,
+            "host mount table changed"
+        );
+        assert!(
+            runtime_litter().is_empty(),
+            "files left in the runtime mount points: {:?}",
+            runtime_litter()
+        );
     }
 }
 

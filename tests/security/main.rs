@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use host::{HostProbe, moat, unique_id};
 
 fn corpus(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/security/corpus").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/security/corpus")
+        .join(name);
     p.canonicalize().expect("corpus file").display().to_string()
 }
 
@@ -25,7 +27,13 @@ fn run_corpus(opts: &[&str], program: &str, interp: &str) -> (i32, String, Strin
     let probe = HostProbe::before(&id);
     let remote = format!("/tmp/{program}");
     let out = moat()
-        .args(["run", "--id", &id, "--copy", &format!("{}:{remote}", corpus(program))])
+        .args([
+            "run",
+            "--id",
+            &id,
+            "--copy",
+            &format!("{}:{remote}", corpus(program)),
+        ])
         .args(opts)
         .args(["--", interp, &remote])
         .stdin(Stdio::null())
@@ -56,12 +64,22 @@ fn a1_no_host_fds_inside() {
     need_root!();
     let (code, out, err) = run_corpus(&[], "a1_fd_hygiene.py", "python3");
     assert_eq!(code, 0, "{out}{err}");
-    let selfs: Vec<&str> = out.lines().filter(|l| l.starts_with("self ")).collect();
+    // The directory fd the listing itself used is closed by the time it is read back.
+    let selfs: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("self ") && !l.contains("unreadable"))
+        .collect();
     assert!(selfs.len() <= 4, "unexpected fds: {out}");
     for l in &selfs {
-        assert!(l.contains("pipe:") || l.contains("/proc/") || l.contains("/dev/null"), "fd to a path: {l}");
+        assert!(
+            l.contains("pipe:") || l.contains("/proc/") || l.contains("/dev/null"),
+            "fd to a path: {l}"
+        );
     }
-    assert!(out.contains("pid1 fds denied"), "the agent's fds must not be visible: {out}");
+    assert!(
+        out.contains("pid1 fds denied"),
+        "the agent's fds must not be visible: {out}"
+    );
 }
 
 /// A2: cwd set to `/proc/self/fd/N` to reach a leaked host directory (runc CVE-2024-21626).
@@ -72,12 +90,24 @@ fn a2_proc_fd_workdir_refused() {
         let id = unique_id();
         let probe = HostProbe::before(&id);
         let out = moat()
-            .args(["run", "--id", &id, "--workdir", &format!("/proc/self/fd/{n}"), "--", "pwd"])
+            .args([
+                "run",
+                "--id",
+                &id,
+                "--workdir",
+                &format!("/proc/self/fd/{n}"),
+                "--",
+                "pwd",
+            ])
             .stdin(Stdio::null())
             .output()
             .expect("run moat");
         probe.assert_clean_after();
-        assert_ne!(out.status.code(), Some(0), "cwd /proc/self/fd/{n} was accepted");
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "cwd /proc/self/fd/{n} was accepted"
+        );
     }
 }
 
@@ -113,7 +143,16 @@ fn a4_host_side_audit_of_live_sandbox() {
     let id = unique_id();
     let probe = HostProbe::before(&id);
     let mut child = moat()
-        .args(["run", "--id", &id, "--root", "--", "sh", "-c", "echo ready; sleep 30"])
+        .args([
+            "run",
+            "--id",
+            &id,
+            "--root",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 30",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -122,13 +161,19 @@ fn a4_host_side_audit_of_live_sandbox() {
     let mut buf = [0u8; 6];
     std::io::Read::read_exact(&mut stdout, &mut buf).expect("ready");
     let pids = host::pids_in_sandbox(&id);
-    assert!(pids.len() >= 2, "expected agent and user processes, got {pids:?}");
+    assert!(
+        pids.len() >= 2,
+        "expected agent and user processes, got {pids:?}"
+    );
     let host_ns = std::fs::read_link("/proc/self/ns/user").expect("ns");
     let mut saw_user_code = false;
     for pid in &pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let field = |name: &str| {
-            status.lines().find(|l| l.starts_with(name)).map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
         };
         let uid: u64 = field("Uid:").and_then(|v| v.parse().ok()).unwrap_or(0);
         assert!(uid >= 1_000_000_000, "pid {pid} runs as host uid {uid}");
@@ -137,14 +182,33 @@ fn a4_host_side_audit_of_live_sandbox() {
             let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
             assert_ne!(theirs, ours, "pid {pid} shares the host {ns} namespace");
         }
-        assert_ne!(std::fs::read_link(format!("/proc/{pid}/ns/user")).ok(), Some(host_ns.clone()));
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/user")).ok(),
+            Some(host_ns.clone())
+        );
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if comm.trim() == "sleep" {
             saw_user_code = true;
-            assert_eq!(field("NoNewPrivs:").as_deref(), Some("1"), "sleep without no_new_privs");
-            assert_eq!(field("Seccomp:").as_deref(), Some("2"), "sleep without seccomp");
-            assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "sleep has capabilities");
-            assert_eq!(field("CapBnd:").as_deref(), Some("0000000000000000"), "sleep has a bounding set");
+            assert_eq!(
+                field("NoNewPrivs:").as_deref(),
+                Some("1"),
+                "sleep without no_new_privs"
+            );
+            assert_eq!(
+                field("Seccomp:").as_deref(),
+                Some("2"),
+                "sleep without seccomp"
+            );
+            assert_eq!(
+                field("CapEff:").as_deref(),
+                Some("0000000000000000"),
+                "sleep has capabilities"
+            );
+            assert_eq!(
+                field("CapBnd:").as_deref(),
+                Some("0000000000000000"),
+                "sleep has a bounding set"
+            );
         }
     }
     assert!(saw_user_code, "no user process found among {pids:?}");
@@ -160,10 +224,16 @@ fn a4_host_side_audit_of_live_sandbox() {
 fn a6_hostile_ids_refused() {
     need_root!();
     for id in ["../x", "a/b", "UPPER", "", &"a".repeat(65)] {
-        let out = moat().args(["run", "--id", id, "--", "true"]).output().expect("run moat");
+        let out = moat()
+            .args(["run", "--id", id, "--", "true"])
+            .output()
+            .expect("run moat");
         assert_eq!(out.status.code(), Some(125), "id {id:?} accepted");
     }
-    let out = moat().args(["run", "--rootfs", "/etc/passwd", "--", "true"]).output().expect("run moat");
+    let out = moat()
+        .args(["run", "--rootfs", "/etc/passwd", "--", "true"])
+        .output()
+        .expect("run moat");
     assert_eq!(out.status.code(), Some(125));
 }
 
@@ -181,16 +251,22 @@ fn a8_no_path_to_host_sockets() {
          try:\n  s.connect('\\0moat-test-abstract'); print('abstract: CONNECTED')\n\
          except OSError: print('abstract: refused')\n"
     );
-    let abs = std::os::unix::net::UnixListener::bind_addr(
-        &std::os::linux::net::SocketAddrExt::from_abstract_name(b"moat-test-abstract").expect("addr"),
-    )
-    .expect("abstract listener");
+    use std::os::linux::net::SocketAddrExt;
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(b"moat-test-abstract").expect("addr");
+    let abs = std::os::unix::net::UnixListener::bind_addr(&addr).expect("abstract listener");
     let id = unique_id();
     let probe = HostProbe::before(&id);
-    let out = moat().args(["run", "--id", &id, "--", "python3", "-c", &script]).output().expect("run");
+    let out = moat()
+        .args(["run", "--id", &id, "--", "python3", "-c", &script])
+        .output()
+        .expect("run");
     probe.assert_clean_after();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("tcp: refused") && text.contains("abstract: refused"), "{text}");
+    assert!(
+        text.contains("tcp: refused") && text.contains("abstract: refused"),
+        "{text}"
+    );
     drop(abs);
 }
 
@@ -199,12 +275,19 @@ fn a8_no_path_to_host_sockets() {
 #[test]
 fn b2_host_knobs_not_writable() {
     need_root!();
-    let core_before = std::fs::read_to_string("/proc/sys/kernel/core_pattern").expect("core_pattern");
+    let core_before =
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern").expect("core_pattern");
     let (code, out, err) = run_corpus(&["--root"], "b2_host_knobs.sh", "sh");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(!out.contains("WRITTEN") && !out.contains("MOUNTED"), "{out}");
+    assert!(
+        !out.contains("WRITTEN") && !out.contains("MOUNTED"),
+        "{out}"
+    );
     assert!(out.contains("sys: absent"), "{out}");
-    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/core_pattern").expect("core_pattern"), core_before);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern").expect("core_pattern"),
+        core_before
+    );
 }
 
 /// B3: user code (as root) kills or stops the agent, reads its memory: the agent survives.
@@ -213,13 +296,26 @@ fn b3_agent_survives_user_code() {
     need_root!();
     let (code, out, err) = run_corpus(&["--root"], "b3_kill_agent.py", "python3");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("still here") && out.contains("agent memory: denied"), "{out}");
-    // kill -9 -1 takes the command itself down; the run still ends cleanly with 137.
+    assert!(
+        out.contains("still here") && out.contains("agent memory: denied"),
+        "{out}"
+    );
+    // kill -9 -1 as root kills every other process of the sandbox, but not the agent.
     let id = unique_id();
     let probe = HostProbe::before(&id);
-    let out = moat().args(["run", "--id", &id, "--root", "--", "sh", "-c", "kill -9 -1; sleep 5"]).output().expect("run");
+    let script = "sleep 100 & kill -9 -1; wait; echo survived";
+    let out = moat()
+        .args(["run", "--id", &id, "--root", "--", "sh", "-c", script])
+        .output()
+        .expect("run");
     probe.assert_clean_after();
-    assert_eq!(out.status.code(), Some(137), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "survived");
 }
 
 /// D1: fork bomb: contained by the pids limit; the host keeps spawning processes meanwhile.
@@ -229,7 +325,16 @@ fn d1_fork_bomb_contained() {
     let id = unique_id();
     let probe = HostProbe::before(&id);
     let mut child = moat()
-        .args(["run", "--id", &id, "--pids", "64", "--timeout", "3s", "--copy"])
+        .args([
+            "run",
+            "--id",
+            &id,
+            "--pids",
+            "64",
+            "--timeout",
+            "3s",
+            "--copy",
+        ])
         .arg(format!("{}:/tmp/bomb.sh", corpus("d1_fork_bomb.sh")))
         .args(["--", "sh", "/tmp/bomb.sh"])
         .stdin(Stdio::null())
@@ -240,7 +345,12 @@ fn d1_fork_bomb_contained() {
     std::thread::sleep(Duration::from_millis(500));
     let pids = host::pids_in_sandbox(&id);
     assert!(pids.len() <= 64, "pids limit exceeded: {}", pids.len());
-    assert!(Command::new("true").status().expect("host can still spawn").success());
+    assert!(
+        Command::new("true")
+            .status()
+            .expect("host can still spawn")
+            .success()
+    );
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(124));
     probe.assert_clean_after();
@@ -253,7 +363,17 @@ fn d2_oom_reported() {
     let id = unique_id();
     let probe = HostProbe::before(&id);
     let out = moat()
-        .args(["run", "--id", &id, "--memory", "64M", "--", "python3", "-c", "b=bytearray(10**9)"])
+        .args([
+            "run",
+            "--id",
+            &id,
+            "--memory",
+            "64M",
+            "--",
+            "python3",
+            "-c",
+            "b=bytearray(10**9)",
+        ])
         .output()
         .expect("run");
     probe.assert_clean_after();
@@ -265,9 +385,16 @@ fn d2_oom_reported() {
 #[test]
 fn d3_disk_quota() {
     need_root!();
-    let (code, out, err) = run_corpus(&["--disk", "16M", "--memory", "256M", "--timeout", "60s"], "d3_fill_disk.sh", "sh");
+    let (code, out, err) = run_corpus(
+        &["--disk", "16M", "--memory", "256M", "--timeout", "60s"],
+        "d3_fill_disk.sh",
+        "sh",
+    );
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("No space left") || out.contains("space"), "{out}");
+    assert!(
+        out.contains("No space left") || out.contains("space"),
+        "{out}"
+    );
     let files: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("files created: "))
@@ -283,7 +410,15 @@ fn d4_output_flood_bounded() {
     let id = unique_id();
     let probe = HostProbe::before(&id);
     let mut child = moat()
-        .args(["run", "--id", &id, "--", "sh", "-c", "yes | head -c 200000000"])
+        .args([
+            "run",
+            "--id",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "yes | head -c 200000000",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -301,7 +436,10 @@ fn d4_output_flood_bounded() {
     let (status, maxrss_kib) = host::wait_with_rusage(&mut child);
     assert_eq!(status, 0);
     assert_eq!(total, 200_000_000);
-    assert!(maxrss_kib < 200 * 1024, "moat run used {maxrss_kib} KiB for a 200 MB flood");
+    assert!(
+        maxrss_kib < 200 * 1024,
+        "moat run used {maxrss_kib} KiB for a 200 MB flood"
+    );
     probe.assert_clean_after();
 }
 
@@ -334,7 +472,15 @@ fn killing_moat_run_leaves_nothing() {
         let id = unique_id();
         let probe = HostProbe::before(&id);
         let mut child = moat()
-            .args(["run", "--id", &id, "--", "sh", "-c", "echo ready; sleep 100"])
+            .args([
+                "run",
+                "--id",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "echo ready; sleep 100",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

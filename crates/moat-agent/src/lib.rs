@@ -5,11 +5,21 @@
 //! socket: the envd-compatible `process.Process` and `filesystem.Filesystem` Connect services and the
 //! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`.
 
+pub mod auth;
+pub mod entry;
 pub mod files;
 pub mod filesystem;
+pub mod process;
+pub mod reaper;
+pub mod router;
 pub mod rpc;
+pub mod server;
 pub mod state;
+pub mod transport;
 pub mod users;
+
+pub use entry::agent_main;
+pub use server::{ServeOptions, serve};
 
 /// The body type of every response the agent sends.
 pub type ResponseBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;

@@ -2,9 +2,11 @@
 //!
 //! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements.
 //! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
+//! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
 //! - [`resources`]: limits, their bounds, and parsing.
 //! - [`error`]: the engine's errors.
 
+pub mod agent_client;
 pub mod backend;
 pub mod error;
 pub mod native;

@@ -37,6 +37,7 @@ impl Default for NativeOptions {
         NativeOptions {
             runtime_dir: RuntimeDir::DEFAULT.into(),
             guardian: false,
+            agent_binary: None,
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Every wire type moat speaks, with no I/O.
 //!
 //! - [`agent_config`]: what the host hands the in-sandbox agent when it starts it.
+//! - [`connect`]: the Connect protocol's framing (envelopes, end-stream, errors, deadlines).
 //! - [`envd`]: messages of the envd-compatible `process` and `filesystem` services.
 
 pub mod agent_config;
+pub mod connect;
 pub mod envd;
 
 pub use envd::{filesystem, process};

@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a command in a new sandbox, attached to this terminal, then destroy the sandbox.
-    Run(cli::run::RunArgs),
+    Run(Box<cli::run::RunArgs>),
     /// Show what this host supports and what moat will use.
     Check,
     /// The in-sandbox agent (started by moat itself as a sandbox's first process).
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => cli::run::main(args),
+        Command::Run(args) => cli::run::main(*args),
         Command::Check => cli::check::main(),
         Command::Agent => cli::agent::main(),
     }

@@ -19,10 +19,16 @@ fn count_dir(path: &str) -> usize {
 
 /// Processes running as a sandbox host uid (every range starts at 1,000,000,000).
 fn sandbox_uid_processes() -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     entries
         .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        })
         .filter(|e| {
             std::fs::read_to_string(e.path().join("status"))
                 .ok()
@@ -53,10 +59,13 @@ fn counts(bases: &[PathBuf]) -> HostCounts {
     let me = std::process::id();
     HostCounts {
         fds: count_dir("/proc/self/fd"),
-        mounts: std::fs::read_to_string("/proc/self/mountinfo").map(|s| s.lines().count()).unwrap_or(0),
+        mounts: std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|s| s.lines().count())
+            .unwrap_or(0),
         cgroups,
         runtime_files: count_dir("/run/moat/mnt") + count_dir("/run/moat/stage"),
-        children: std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default(),
+        children: std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+            .unwrap_or_default(),
     }
 }
 
@@ -86,11 +95,17 @@ async fn thousand_cycles_leave_nothing() {
         let channel = inst.take_channel().expect("channel");
         let client = AgentClient::handshake(channel).await.expect("handshake");
         let req = StartRequest {
-            process: Some(ProcessConfig { cmd: "/bin/true".into(), ..Default::default() }),
+            process: Some(ProcessConfig {
+                cmd: "/bin/true".into(),
+                ..Default::default()
+            }),
             stdin: Some(false),
             ..Default::default()
         };
-        let mut stream = client.start(req, CallOptions::default()).await.expect("start");
+        let mut stream = client
+            .start(req, CallOptions::default())
+            .await
+            .expect("start");
         let mut ended = false;
         while let Some(ev) = stream.next().await {
             if let Some(process_event::Event::End(end)) = ev.expect("event").event {
@@ -105,5 +120,8 @@ async fn thousand_cycles_leave_nothing() {
     }
     let after = counts(&bases);
     assert_eq!(before, after, "host state changed over {CYCLES} cycles");
-    assert!(sandbox_uid_processes() <= sandbox_procs_before, "sandbox processes left behind");
+    assert!(
+        sandbox_uid_processes() <= sandbox_procs_before,
+        "sandbox processes left behind"
+    );
 }

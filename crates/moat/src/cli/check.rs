@@ -16,20 +16,47 @@ pub fn main() -> ExitCode {
     println!();
     let native = ok("root") && ok("user namespaces") && ok("cgroups") && ok("seccomp");
     if native {
-        let extras: Vec<&str> =
-            ["landlock", "overlayfs"].into_iter().filter(|n| ok(n)).collect();
+        let extras: Vec<&str> = ["landlock", "overlayfs"]
+            .into_iter()
+            .filter(|n| ok(n))
+            .collect();
         println!(
             "moat will use: native backend (namespaces, seccomp{}{}, cgroups)",
-            if extras.contains(&"landlock") { ", landlock" } else { "" },
-            if extras.contains(&"overlayfs") { ", overlayfs templates" } else { "" }
+            if extras.contains(&"landlock") {
+                ", landlock"
+            } else {
+                ""
+            },
+            if extras.contains(&"overlayfs") {
+                ", overlayfs templates"
+            } else {
+                ""
+            }
         );
     } else {
-        println!("moat cannot run sandboxes here: the native backend needs root, user namespaces, cgroups and seccomp");
+        println!(
+            "moat cannot run sandboxes here: the native backend needs root, user namespaces, cgroups and seccomp"
+        );
     }
     println!(
         "gVisor backend: {}",
-        if ok("runsc") { "available (not yet used by moat)" } else { "unavailable" }
+        if ok("runsc") {
+            "available (not yet used by moat)"
+        } else {
+            "unavailable"
+        }
     );
-    println!("microVM backend: {}", if ok("kvm") { "possible (not yet built)" } else { "unavailable on this host" });
-    if native { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    println!(
+        "microVM backend: {}",
+        if ok("kvm") {
+            "possible (not yet built)"
+        } else {
+            "unavailable on this host"
+        }
+    );
+    if native {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -15,10 +15,8 @@ use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::{Resources, fmt_bytes, parse_cpus, parse_duration, parse_size};
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::connect::Code;
-use moat_proto::process::{
-    ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, Pty, StartRequest, process_event,
-    process_input, process_selector, pty,
-};
+use moat_proto::process::process_selector::Selector;
+use moat_proto::process::{ProcessConfig, ProcessEvent, Pty, StartRequest, process_event, pty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -33,8 +31,10 @@ const EXIT_NOT_FOUND: u8 = 127;
 
 /// Arguments of `moat run`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Exit status: the command's; 128+N after signal N; 124 after --timeout; \
-137 after an OOM kill; 127 if the command is not found; 125 if moat failed.")]
+#[command(
+    after_help = "Exit status: the command's; 128+N after signal N; 124 after --timeout; \
+137 after an OOM kill; 127 if the command is not found; 125 if moat failed."
+)]
 pub struct RunArgs {
     /// Memory limit (RAM, no swap), e.g. 512M, 2G.
     #[arg(long, default_value = "512M")]
@@ -74,7 +74,11 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     id: Option<String>,
     /// The command and its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     command: Vec<String>,
 }
 
@@ -101,10 +105,17 @@ fn plan(a: RunArgs) -> Result<Plan> {
         disk_bytes: parse_size(&a.disk).context("--disk")?,
     };
     resources.validate()?;
-    let timeout = a.timeout.as_deref().map(parse_duration).transpose().context("--timeout")?;
+    let timeout = a
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .context("--timeout")?;
     let mut env = Vec::new();
     for kv in &a.env {
-        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
         if k.is_empty() || k.contains('\0') || v.contains('\0') {
             bail!("--env {kv:?}: the name must be non-empty and neither part may contain NUL");
         }
@@ -117,7 +128,9 @@ fn plan(a: RunArgs) -> Result<Plan> {
     }
     let mut copies = Vec::new();
     for c in &a.copy {
-        let (local, remote) = c.split_once(':').ok_or_else(|| anyhow!("--copy {c:?}: expected LOCAL:REMOTE"))?;
+        let (local, remote) = c
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--copy {c:?}: expected LOCAL:REMOTE"))?;
         let local = PathBuf::from(local);
         if !local.is_file() {
             bail!("--copy {c:?}: {} is not a readable file", local.display());
@@ -131,7 +144,9 @@ fn plan(a: RunArgs) -> Result<Plan> {
         ("/bin/bash".to_string(), vec!["-l".to_string()])
     } else {
         let mut it = a.command.into_iter();
-        let cmd = it.next().ok_or_else(|| anyhow!("no command given: moat run [OPTIONS] -- CMD [ARGS...]"))?;
+        let cmd = it
+            .next()
+            .ok_or_else(|| anyhow!("no command given: moat run [OPTIONS] -- CMD [ARGS...]"))?;
         (cmd, it.collect())
     };
     let rootfs = match a.rootfs {
@@ -169,7 +184,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_MOAT_FAILED);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("moat: starting the runtime: {e}");
@@ -190,11 +208,17 @@ fn random_id() -> String {
     // SAFETY: bytes is a valid writable buffer of 16 bytes.
     unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    bytes.iter().map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char).collect()
+    bytes
+        .iter()
+        .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
+        .collect()
 }
 
 async fn run(plan: Plan) -> Result<u8> {
-    let backend = NativeBackend::new(&NativeOptions { guardian: true, ..NativeOptions::default() })?;
+    let backend = NativeBackend::new(&NativeOptions {
+        guardian: true,
+        ..NativeOptions::default()
+    })?;
     let spec = SandboxSpec {
         id: plan.id.clone(),
         rootfs: plan.rootfs.clone(),
@@ -206,8 +230,12 @@ async fn run(plan: Plan) -> Result<u8> {
     };
     let mut instance = backend.create(&spec).await?;
     let result = async {
-        let channel = instance.take_channel().ok_or_else(|| anyhow!("sandbox has no agent channel"))?;
-        let client = AgentClient::handshake(channel).await.context("connecting to the sandbox agent")?;
+        let channel = instance
+            .take_channel()
+            .ok_or_else(|| anyhow!("sandbox has no agent channel"))?;
+        let client = AgentClient::handshake(channel)
+            .await
+            .context("connecting to the sandbox agent")?;
         attach(&client, &plan, &*instance).await
     }
     .await;
@@ -218,24 +246,39 @@ async fn run(plan: Plan) -> Result<u8> {
 }
 
 /// Copies files in, runs the command attached to this terminal, and returns the exit code.
-async fn attach(client: &AgentClient, plan: &Plan, instance: &dyn moat_engine::backend::Instance) -> Result<u8> {
-    let opts = CallOptions { user: Some(plan.user.to_string()), timeout: None };
+async fn attach(
+    client: &AgentClient,
+    plan: &Plan,
+    instance: &dyn moat_engine::backend::Instance,
+) -> Result<u8> {
+    let opts = CallOptions {
+        user: Some(plan.user.to_string()),
+        timeout: None,
+    };
     for (local, remote) in &plan.copies {
-        let data = tokio::fs::read(local).await.with_context(|| format!("reading {}", local.display()))?;
+        let data = tokio::fs::read(local)
+            .await
+            .with_context(|| format!("reading {}", local.display()))?;
         client
-            .write_file(remote, data, Some(plan.user))
+            .write_file(remote, bytes::Bytes::from(data), Some(plan.user))
             .await
             .with_context(|| format!("copying {} to {remote}", local.display()))?;
     }
     let pty = if plan.tty {
         let (cols, rows) = terminal::size(1).unwrap_or((80, 24));
-        Some(Pty { size: Some(pty::Size { cols: u32::from(cols), rows: u32::from(rows) }) })
+        Some(Pty {
+            size: Some(pty::Size {
+                cols: u32::from(cols),
+                rows: u32::from(rows),
+            }),
+        })
     } else {
         None
     };
     let mut envs: std::collections::HashMap<String, String> = plan.env.iter().cloned().collect();
     if plan.tty {
-        envs.entry("TERM".into()).or_insert_with(|| std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()));
+        envs.entry("TERM".into())
+            .or_insert_with(|| std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()));
     }
     let req = StartRequest {
         process: Some(ProcessConfig {
@@ -248,18 +291,15 @@ async fn attach(client: &AgentClient, plan: &Plan, instance: &dyn moat_engine::b
         tag: None,
         stdin: Some(true),
     };
-    let start_opts = CallOptions { timeout: plan.timeout, ..opts.clone() };
+    let start_opts = CallOptions {
+        timeout: plan.timeout,
+        ..opts.clone()
+    };
     let mut stream = match client.start(req, start_opts).await {
         Ok(s) => s,
         Err(e) => return Ok(start_failure(&plan.cmd, &e)),
     };
-    let pid = match stream.next().await {
-        Some(Ok(ProcessEvent { event: Some(process_event::Event::Start(s)) })) => s.pid,
-        Some(Ok(other)) => bail!("the agent sent {other:?} before the start event"),
-        Some(Err(e)) => return Ok(start_failure(&plan.cmd, &e)),
-        None => bail!("the agent closed the stream before the process started"),
-    };
-    let selector = ProcessSelector { selector: Some(process_selector::Selector::Pid(pid)) };
+    let selector = Selector::Pid(stream.pid());
     let _raw = if plan.tty { RawMode::enter() } else { None };
 
     // Input: stdin bytes go to the process (PTY input in TTY mode) until EOF closes its stdin.
@@ -274,9 +314,12 @@ async fn attach(client: &AgentClient, plan: &Plan, instance: &dyn moat_engine::b
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let data = buf[..n].to_vec();
-            let input = if tty { process_input::Input::Pty(data) } else { process_input::Input::Stdin(data) };
-            if input_client.send_input(input_sel.clone(), ProcessInput { input: Some(input) }).await.is_err() {
+            let data = bytes::Bytes::copy_from_slice(&buf[..n]);
+            if input_client
+                .send_input(input_sel.clone(), data, tty)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -292,7 +335,10 @@ async fn attach(client: &AgentClient, plan: &Plan, instance: &dyn moat_engine::b
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     // The agent enforces the timeout; this is the host's backstop should the agent not answer.
-    let backstop = plan.timeout.map(|t| t + Duration::from_secs(5)).unwrap_or(Duration::MAX);
+    let backstop = plan
+        .timeout
+        .map(|t| t + Duration::from_secs(5))
+        .unwrap_or(Duration::MAX);
     let backstop = tokio::time::sleep(backstop.min(Duration::from_secs(u64::from(u32::MAX))));
     tokio::pin!(backstop);
 
@@ -315,7 +361,7 @@ async fn attach(client: &AgentClient, plan: &Plan, instance: &dyn moat_engine::b
                 }
                 Some(Ok(ProcessEvent { event: Some(process_event::Event::End(end)) })) => break Outcome::Ended(end),
                 Some(Ok(_)) => {}
-                Some(Err(e)) if e.code() == Some(Code::DeadlineExceeded) => break Outcome::TimedOut,
+                Some(Err(e)) if e.code() == Code::DeadlineExceeded => break Outcome::TimedOut,
                 Some(Err(e)) => break Outcome::Failed(anyhow!("process stream: {e}")),
                 None => break Outcome::Failed(anyhow!("the agent ended the stream without an end event")),
             },
@@ -369,10 +415,10 @@ enum Outcome {
 
 /// The exit code for a start failure: 127 when the command does not exist.
 fn start_failure(cmd: &str, e: &AgentError) -> u8 {
-    if e.code() == Some(Code::NotFound) || e.to_string().contains("No such file") {
+    if e.code() == Code::NotFound || e.to_string().contains("No such file") {
         eprintln!("moat: {cmd}: command not found");
         EXIT_NOT_FOUND
-    } else if e.code() == Some(Code::PermissionDenied) {
+    } else if e.code() == Code::PermissionDenied {
         eprintln!("moat: {cmd}: permission denied");
         126
     } else {
@@ -424,7 +470,10 @@ mod tests {
     #[test]
     fn signal_names_map_back_to_numbers() {
         assert_eq!(signal_number("signal: killed"), Some(9));
-        assert_eq!(signal_number("signal: segmentation fault (core dumped)"), Some(11));
+        assert_eq!(
+            signal_number("signal: segmentation fault (core dumped)"),
+            Some(11)
+        );
         assert_eq!(signal_number("signal: signal 40"), Some(40));
         assert_eq!(signal_number("exit status 1"), None);
     }

@@ -1,0 +1,102 @@
+//! The agent's process entry point, as the sandbox's PID 1.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_proto::agent_config::{AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AgentConfig};
+
+use crate::server::{ServeOptions, serve};
+use crate::state::AgentState;
+
+/// Most threads of the blocking pool (filesystem work); they exit when idle.
+const MAX_BLOCKING_THREADS: usize = 4;
+
+/// Runs the agent: reads its configuration, hardens itself, serves the host on fd 3 and exits
+/// when the host closes the channel. Never returns.
+pub fn agent_main() -> ! {
+    match run() {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("moat agent: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    // Everything before the runtime starts runs single-threaded, which `remove_var` and a
+    // thread-local seccomp install rely on.
+    let text =
+        std::env::var(AGENT_CONFIG_ENV).map_err(|_| format!("{AGENT_CONFIG_ENV} is not set"))?;
+    // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+    unsafe { std::env::remove_var(AGENT_CONFIG_ENV) };
+    let config: AgentConfig =
+        serde_json::from_str(&text).map_err(|e| format!("invalid {AGENT_CONFIG_ENV}: {e}"))?;
+
+    // Not dumpable: user code (even as root inside) cannot ptrace the agent or read its memory.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_DUMPABLE): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+
+    // The channel must never leak into user processes.
+    // SAFETY: fcntl with integer arguments; fails cleanly if fd 3 is not open.
+    if unsafe { libc::fcntl(AGENT_CHANNEL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(format!(
+            "channel fd {AGENT_CHANNEL_FD}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+
+    install_seccomp()?;
+
+    let pid1 = std::process::id() == 1;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_keep_alive(Duration::from_secs(5))
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        // SAFETY: fd 3 is the channel the backend handed over (checked open above); the agent
+        // owns it from here on and nothing else uses that number.
+        let fd = unsafe { OwnedFd::from_raw_fd(AGENT_CHANNEL_FD) };
+        let std_stream = std::os::unix::net::UnixStream::from(fd);
+        std_stream
+            .set_nonblocking(true)
+            .map_err(|e| format!("channel: {e}"))?;
+        let stream =
+            tokio::net::UnixStream::from_std(std_stream).map_err(|e| format!("channel: {e}"))?;
+        let opts = if pid1 {
+            ServeOptions::pid1()
+        } else {
+            ServeOptions::default()
+        };
+        serve(stream, Arc::new(AgentState::new(config)), opts)
+            .await
+            .map_err(|e| format!("serving the channel: {e}"))
+    })
+}
+
+/// Installs the agent's own seccomp filter. Without `CAP_SYS_ADMIN` the kernel wants
+/// `no_new_privs` first; user processes get it from their confinement anyway.
+fn install_seccomp() -> Result<(), String> {
+    let filter =
+        moat_jail::seccomp::agent_filter().map_err(|e| format!("agent seccomp filter: {e}"))?;
+    if moat_jail::seccomp::install(&filter).is_ok() {
+        return Ok(());
+    }
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_NO_NEW_PRIVS): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    moat_jail::seccomp::install(&filter)
+        .map_err(|e| format!("installing agent seccomp filter: {e}"))
+}
