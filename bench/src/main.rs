@@ -140,7 +140,7 @@ fn main() -> Result<()> {
     println!("| --- | --- | --- | --- | --- |");
     for (label, cmd) in [
         ("/bin/true", vec!["/bin/true"]),
-        ("python3 -c pass", vec!["python3", "-c", "pass"]),
+        ("python3 -c pass", vec!["/usr/bin/python3", "-c", "pass"]),
     ] {
         let bare = time_command(&strings(&cmd), n)?;
         let mut moat_argv = strings(&[&moat, "run", "--"]);

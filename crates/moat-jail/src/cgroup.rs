@@ -32,6 +32,8 @@ pub struct Layout {
     freezer: Option<PathBuf>,
     /// A v2 directory (with or without controllers) for `cgroup.kill` and `cgroup.freeze`.
     unified: Option<PathBuf>,
+    /// The v2 mount point and its superblock options, for [`Layout::favor_dynamic_changes`].
+    v2_mount: Option<(PathBuf, String)>,
 }
 
 /// Limits applied to a sandbox cgroup.
@@ -49,6 +51,7 @@ struct Mount {
     root: String,
     point: PathBuf,
     fstype: String,
+    /// Superblock options (where v1 names its controllers).
     options: String,
 }
 
@@ -133,6 +136,7 @@ impl Layout {
             .find(|(c, _)| c.is_empty())
             .map(|(_, p)| p.clone());
         let v2_mount = mounts.iter().find(|m| m.fstype == "cgroup2");
+        let v2_mount_info = v2_mount.map(|m| (m.point.clone(), m.options.clone()));
         let unified = match (v2_mount, &v2_path) {
             (Some(m), Some(p)) => Some(own_dir(m, p)),
             _ => None,
@@ -158,6 +162,7 @@ impl Layout {
                 cpu: dir.clone(),
                 freezer: None,
                 unified: dir,
+                v2_mount: v2_mount_info,
             });
         }
         if v1_memory.is_none() {
@@ -172,7 +177,63 @@ impl Layout {
             cpu: v1_dir("cpu"),
             freezer: v1_dir("freezer"),
             unified,
+            v2_mount: v2_mount_info,
         })
+    }
+
+    /// Whether the v2 hierarchy favours dynamic changes (`favordynmods`).
+    pub fn favors_dynamic_changes(&self) -> bool {
+        self.v2_mount
+            .as_ref()
+            .is_some_and(|(_, o)| o.split(',').any(|x| x == "favordynmods"))
+    }
+
+    /// Remounts the v2 hierarchy with `favordynmods` (Linux 6.0+), keeping its other options.
+    ///
+    /// Moving a task into a cgroup takes a global lock whose writer waits for an RCU grace period
+    /// unless this flag is set: 5 to 15 ms per sandbox start here, against 0.5 ms with it. The
+    /// price is a slightly slower fork and exit for every process of the host, which is what a
+    /// sandbox host wants. Returns whether the flag is now set.
+    pub fn favor_dynamic_changes(&mut self) -> Result<bool> {
+        if self.favors_dynamic_changes() {
+            return Ok(true);
+        }
+        let Some((point, options)) = &self.v2_mount else {
+            return Ok(false);
+        };
+        let mut opts: Vec<&str> = options
+            .split(',')
+            .filter(|o| !o.is_empty() && *o != "rw" && *o != "ro")
+            .collect();
+        opts.push("favordynmods");
+        let data = opts.join(",");
+        let target =
+            std::ffi::CString::new(point.as_os_str().as_encoded_bytes()).map_err(|_| {
+                JailError::Invalid(format!("mount point with NUL: {}", point.display()))
+            })?;
+        let cdata = std::ffi::CString::new(data.clone())
+            .map_err(|_| JailError::Invalid("mount options with NUL".into()))?;
+        // SAFETY: valid C strings; a remount of an existing cgroup2 superblock with its own options
+        // plus one flag.
+        let r = unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT,
+                cdata.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            return Err(JailError::last_os(format!(
+                "remount {} with {data}",
+                point.display()
+            )));
+        }
+        if let Some((_, o)) = &mut self.v2_mount {
+            o.push_str(",favordynmods");
+        }
+        Ok(true)
     }
 
     /// Human-readable description for `moat check`.

@@ -43,7 +43,19 @@ pub fn probe_all() -> Vec<Finding> {
     ));
     out.push(user_namespaces());
     out.push(match Layout::detect() {
-        Ok(l) => finding("cgroups", true, l.describe()),
+        Ok(l) => finding(
+            "cgroups",
+            true,
+            format!(
+                "{}{}",
+                l.describe(),
+                if l.favors_dynamic_changes() {
+                    "; favordynmods on"
+                } else {
+                    "; favordynmods off (moat turns it on to join cgroups fast)"
+                }
+            ),
+        ),
         Err(e) => finding("cgroups", false, e.to_string()),
     });
     let seccomp = fs::read_to_string("/proc/self/status")

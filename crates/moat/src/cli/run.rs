@@ -214,11 +214,31 @@ fn random_id() -> String {
         .collect()
 }
 
+/// Prints the time since start of each stage to stderr when `MOAT_TIMING` is set.
+struct Timing(Option<std::time::Instant>);
+
+impl Timing {
+    fn new() -> Timing {
+        Timing(std::env::var_os("MOAT_TIMING").map(|_| std::time::Instant::now()))
+    }
+
+    fn mark(&self, what: &str) {
+        if let Some(t) = self.0 {
+            eprintln!(
+                "moat: {:8.3} ms  {what}",
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+}
+
 async fn run(plan: Plan) -> Result<u8> {
+    let timing = Timing::new();
     let backend = NativeBackend::new(&NativeOptions {
         guardian: true,
         ..NativeOptions::default()
     })?;
+    timing.mark("backend ready");
     let spec = SandboxSpec {
         id: plan.id.clone(),
         rootfs: plan.rootfs.clone(),
@@ -229,6 +249,7 @@ async fn run(plan: Plan) -> Result<u8> {
         },
     };
     let mut instance = backend.create(&spec).await?;
+    timing.mark("sandbox created");
     let result = async {
         let channel = instance
             .take_channel()
@@ -236,10 +257,14 @@ async fn run(plan: Plan) -> Result<u8> {
         let client = AgentClient::handshake(channel)
             .await
             .context("connecting to the sandbox agent")?;
-        attach(&client, &plan, &*instance).await
+        timing.mark("agent connected");
+        let code = attach(&client, &plan, &*instance).await;
+        timing.mark("command finished");
+        code
     }
     .await;
     let destroyed = instance.destroy().await;
+    timing.mark("sandbox destroyed");
     let code = result?;
     destroyed.context("destroying the sandbox")?;
     Ok(code)
