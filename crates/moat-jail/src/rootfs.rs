@@ -276,6 +276,14 @@ pub(crate) fn plan(
             let dir = dir
                 .canonicalize()
                 .map_err(|e| JailError::os(format!("template rootfs {}", dir.display()), e))?;
+            if rt.root().starts_with(&dir) {
+                return Err(JailError::Invalid(format!(
+                    "template rootfs {} contains moat's runtime directory {}; overlayfs cannot \
+                     stack a layer on its own ancestor",
+                    dir.display(),
+                    rt.root().display()
+                )));
+            }
             if !dir.is_dir() {
                 return Err(JailError::Invalid(format!(
                     "template rootfs {} is not a directory",

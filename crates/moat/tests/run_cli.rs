@@ -1,0 +1,168 @@
+//! `moat run` as a user sees it: output, exit codes, options, stdin, and refusals before anything
+//! starts. Needs root; skips with a printed reason otherwise.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn moat() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_moat"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIP: the native backend needs root");
+            return;
+        }
+    };
+}
+
+fn run(args: &[&str]) -> Output {
+    moat().arg("run").args(args).stdin(Stdio::null()).output().expect("run moat")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn prints_and_exits_with_the_commands_code() {
+    need_root!();
+    let o = run(&["--", "python3", "-c", "print(1)"]);
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(0), "1\n"), "{}", stderr(&o));
+    let o = run(&["--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(stdout(&o), "out\n");
+    assert_eq!(stderr(&o), "err\n");
+    let o = run(&["--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(o.status.code(), Some(128 + 15));
+}
+
+#[test]
+fn missing_command_is_127() {
+    need_root!();
+    let o = run(&["--", "no-such-command-anywhere"]);
+    assert_eq!(o.status.code(), Some(127));
+    assert!(stderr(&o).contains("command not found"), "{}", stderr(&o));
+}
+
+#[test]
+fn invalid_options_are_refused_before_anything_starts() {
+    need_root!();
+    for args in [
+        &["--memory", "1K", "--", "true"][..],
+        &["--memory", "lots", "--", "true"],
+        &["--cpus", "0", "--", "true"],
+        &["--pids", "1", "--", "true"],
+        &["--disk", "-5G", "--", "true"],
+        &["--timeout", "forever", "--", "true"],
+        &["--env", "NOEQUALS", "--", "true"],
+        &["--workdir", "relative", "--", "true"],
+        &["--copy", "/no/such/file:/tmp/x", "--", "true"],
+        &["--rootfs", "/no/such/dir", "--", "true"],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(125), "{args:?} was accepted: {}", stderr(&o));
+        assert!(stderr(&o).starts_with("moat: "), "{args:?}: {}", stderr(&o));
+    }
+    let o = moat().arg("run").output().expect("run moat");
+    assert_ne!(o.status.code(), Some(0), "a run without a command was accepted");
+}
+
+#[test]
+fn env_workdir_root_and_copy() {
+    need_root!();
+    let o = run(&["-e", "GREETING=hello", "--", "sh", "-c", "echo $GREETING $HOME $(whoami)"]);
+    assert_eq!(stdout(&o), "hello /home/user user\n", "{}", stderr(&o));
+    let o = run(&["--workdir", "/tmp", "--", "pwd"]);
+    assert_eq!(stdout(&o), "/tmp\n", "{}", stderr(&o));
+    let o = run(&["--root", "--", "id", "-u"]);
+    assert_eq!(stdout(&o), "0\n");
+    let dir = std::env::temp_dir().join(format!("moat-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let local = dir.join("job.py");
+    std::fs::write(&local, "print(sum(range(10)))\n").expect("write");
+    let copy = format!("{}:/home/user/job.py", local.display());
+    let o = run(&["--copy", &copy, "--", "python3", "job.py"]);
+    assert_eq!(stdout(&o), "45\n", "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn stdin_is_forwarded_and_closed() {
+    need_root!();
+    let mut child = moat()
+        .args(["run", "--", "sh", "-c", "wc -c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&vec![b'x'; 100_000]).expect("write");
+    drop(stdin);
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(stdout(&o).trim(), "100000");
+}
+
+#[test]
+fn timeout_kills_the_whole_tree() {
+    need_root!();
+    let start = std::time::Instant::now();
+    let o = run(&["--timeout", "1s", "--", "sh", "-c", "sleep 100 & sleep 100"]);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
+    // A generous bound only, to catch a timeout that never fires (speed lives in bench/).
+    assert!(start.elapsed().as_secs() < 30);
+}
+
+/// A minimal root filesystem: `dash` as `/bin/sh` with its libraries, and the `user` account.
+fn tiny_rootfs() -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(format!("moat-cli-rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+    std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+    std::fs::copy("/usr/bin/dash", root.join("bin/sh")).expect("copy dash");
+    let ldd = Command::new("ldd").arg("/usr/bin/dash").output().expect("ldd");
+    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        if word.starts_with('/') {
+            let dst = root.join(word.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
+            std::fs::copy(word, &dst).expect("copy lib");
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
+    root
+}
+
+#[test]
+fn directory_rootfs_is_read_only_below_a_writable_layer() {
+    need_root!();
+    let lower = tiny_rootfs();
+    let rootfs = lower.display().to_string();
+    let script = "echo layer > /tmp/new && read l < /tmp/new && echo $l && echo x > /bin/sh2; echo $?";
+    let o = run(&["--rootfs", &rootfs, "--", "/bin/sh", "-c", script]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("layer\n"), "{out}");
+    assert!(!lower.join("tmp/new").exists(), "a write reached the template");
+    assert!(!lower.join("bin/sh2").exists(), "a write reached the template");
+    // The host's own root contains moat's runtime directory: refused with a reason.
+    let o = run(&["--rootfs", "/", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("runtime directory"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&lower).expect("cleanup");
+}
