@@ -77,6 +77,13 @@ pub(crate) enum Step {
         uid: u32,
         gid: u32,
     },
+    /// Receives the template's id-mapped mount from the host over the channel socket and attaches
+    /// it at `target`; if the host sent none (no id-mapped mounts here), binds `fallback_src`
+    /// read-only instead.
+    AttachLower {
+        target: CString,
+        fallback_src: CString,
+    },
 }
 
 /// The steps and, for error messages, what each does.
@@ -85,6 +92,15 @@ pub(crate) struct Plan {
     pub steps: Vec<Step>,
     pub what: Vec<String>,
     pub new_root: Option<CString>,
+}
+
+impl Plan {
+    /// Whether the child expects an id-mapped template mount from the host.
+    pub fn wants_lower(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s, Step::AttachLower { .. }))
+    }
 }
 
 fn c(p: &Path) -> Result<CString> {
@@ -97,7 +113,7 @@ fn cs(s: &str) -> Result<CString> {
 }
 
 impl Plan {
-    fn push(&mut self, what: String, step: Step) {
+    pub(crate) fn push(&mut self, what: String, step: Step) {
         self.what.push(what);
         self.steps.push(step);
     }
@@ -296,12 +312,25 @@ pub(crate) fn plan(
                     "template rootfs path may not contain ',', ':' or '\\': {text}"
                 )));
             }
-            for d in ["upper", "work", "root"] {
+            for d in ["lower", "upper", "work", "root"] {
                 p.mkdir(&m.join(d), 0o755)?;
             }
+            // The template, seen through an id-mapped mount made by the host (ids 0..65535 of
+            // the template become the sandbox's own), so overlayfs can copy its files up.
+            p.push(
+                format!(
+                    "attach template {} at {}",
+                    dir.display(),
+                    m.join("lower").display()
+                ),
+                Step::AttachLower {
+                    target: c(&m.join("lower"))?,
+                    fallback_src: c(&dir)?,
+                },
+            );
             let data = format!(
                 "lowerdir={},upperdir={},workdir={}",
-                text,
+                m.join("lower").display(),
                 m.join("upper").display(),
                 m.join("work").display()
             );

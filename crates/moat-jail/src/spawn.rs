@@ -203,6 +203,9 @@ impl SandboxProcess {
                 &format!("/proc/{pid}/gid_map"),
                 &format!("0 {base} {RANGE}\n"),
             )?;
+            if child.plan.wants_lower() {
+                send_lower(pid, cfg.rootfs, &host_end)?;
+            }
             cfg.cgroup.attach(pid)?;
             // The agent should never be the OOM killer's choice; user processes raise their own
             // score. Lowering it needs CAP_SYS_RESOURCE, which a container host may not grant.
@@ -432,7 +435,7 @@ const SYS_MOUNT_SETATTR: libc::c_long = 442;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 /// Runs one plan step. Returns the raw result (-1 with errno on failure).
-fn run_step(step: &Step) -> libc::c_long {
+fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
     // SAFETY: for every call below, all pointers come from CStrings and buffers prepared before
     // clone, which stay alive in this process's copy of memory until exec or exit.
     unsafe {
@@ -529,7 +532,175 @@ fn run_step(step: &Step) -> libc::c_long {
             Step::Chown { path, uid, gid } => {
                 libc::lchown(path.as_ptr(), *uid, *gid) as libc::c_long
             }
+            Step::AttachLower {
+                target,
+                fallback_src,
+            } => attach_lower(channel, target, fallback_src),
         }
+    }
+}
+
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// Makes an id-mapped, read-only clone of the template directory with the sandbox's user
+/// namespace (template ids 0..65535 become the sandbox's) and sends it to the child over the
+/// channel socket; sends a bare byte instead where the kernel or filesystem cannot id-map it.
+fn send_lower(pid: i32, rootfs: &Rootfs, host_end: &OwnedFd) -> Result<()> {
+    let Rootfs::Dir(dir) = rootfs else {
+        return Ok(());
+    };
+    let tree = idmapped_tree(pid, dir).ok();
+    let byte = [if tree.is_some() { b'L' } else { b'N' }];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is a plain C struct; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = &tree {
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points at a buffer of at least `space` bytes, so the first header
+        // and its data fit.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
+        }
+    }
+    // SAFETY: msg and everything it points to are valid for the call.
+    if unsafe { libc::sendmsg(host_end.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } != 1 {
+        return Err(JailError::last_os("send the template mount to the sandbox"));
+    }
+    Ok(())
+}
+
+fn idmapped_tree(pid: i32, dir: &std::path::Path) -> Result<OwnedFd> {
+    let userns = std::fs::File::open(format!("/proc/{pid}/ns/user"))
+        .map_err(|e| JailError::os("open the sandbox's user namespace", e))?;
+    let path = CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| JailError::Invalid("template path with NUL".into()))?;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: a valid path; open_tree returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(JailError::last_os("open_tree of the template"));
+    }
+    // SAFETY: open_tree returned a fresh fd nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let attr = MountAttr {
+        set: MOUNT_ATTR_IDMAP
+            | crate::rootfs::ATTR_RDONLY
+            | crate::rootfs::ATTR_NOSUID
+            | crate::rootfs::ATTR_NODEV,
+        clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: tree is a detached mount; attr is a valid mount_attr of the given size.
+    let r = unsafe {
+        libc::syscall(
+            SYS_MOUNT_SETATTR,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(JailError::last_os("id-map the template mount"));
+    }
+    Ok(tree)
+}
+
+/// Child side of [`send_lower`]. Async-signal-safe.
+fn attach_lower(channel: RawFd, target: &CString, fallback_src: &CString) -> libc::c_long {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is a plain C struct; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: msg points at valid stack buffers for the duration of the call.
+    if unsafe { libc::recvmsg(channel, &mut msg, libc::MSG_CMSG_CLOEXEC) } != 1 {
+        return -1;
+    }
+    // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR checks the control length.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    if byte[0] == b'L' && !cmsg.is_null() {
+        // SAFETY: cmsg is a valid header within cbuf, carrying one fd (SCM_RIGHTS).
+        let fd = unsafe {
+            if (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+                return -1;
+            }
+            std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>())
+        };
+        // SAFETY: fd is the detached mount we were sent; target is a valid path.
+        let r = unsafe {
+            let r = libc::syscall(
+                libc::SYS_move_mount,
+                fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            );
+            libc::close(fd);
+            r
+        };
+        return r;
+    }
+    // No id-mapped mount: bind the template read-only (files owned by unmapped ids stay read-only).
+    // SAFETY: valid C strings; raw mount and mount_setattr calls.
+    unsafe {
+        if libc::mount(
+            fallback_src.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return -1;
+        }
+        let attr = MountAttr {
+            set: crate::rootfs::ATTR_RDONLY
+                | crate::rootfs::ATTR_NOSUID
+                | crate::rootfs::ATTR_NODEV,
+            clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        libc::syscall(
+            SYS_MOUNT_SETATTR,
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
     }
 }
 
@@ -567,7 +738,7 @@ fn child_main(c: &ChildPlan) -> ! {
         }
         libc::umask(0);
         for (i, step) in c.plan.steps.iter().enumerate() {
-            if run_step(step) != 0 {
+            if run_step(step, c.channel) != 0 {
                 fail(c, i as u32);
             }
         }

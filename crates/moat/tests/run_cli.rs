@@ -23,7 +23,12 @@ macro_rules! need_root {
 }
 
 fn run(args: &[&str]) -> Output {
-    moat().arg("run").args(args).stdin(Stdio::null()).output().expect("run moat")
+    moat()
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moat")
 }
 
 fn stdout(o: &Output) -> String {
@@ -38,7 +43,12 @@ fn stderr(o: &Output) -> String {
 fn prints_and_exits_with_the_commands_code() {
     need_root!();
     let o = run(&["--", "python3", "-c", "print(1)"]);
-    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(0), "1\n"), "{}", stderr(&o));
+    assert_eq!(
+        (o.status.code(), stdout(&o).as_str()),
+        (Some(0), "1\n"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&["--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!(o.status.code(), Some(3));
     assert_eq!(stdout(&o), "out\n");
@@ -71,17 +81,33 @@ fn invalid_options_are_refused_before_anything_starts() {
         &["--rootfs", "/no/such/dir", "--", "true"],
     ] {
         let o = run(args);
-        assert_eq!(o.status.code(), Some(125), "{args:?} was accepted: {}", stderr(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(125),
+            "{args:?} was accepted: {}",
+            stderr(&o)
+        );
         assert!(stderr(&o).starts_with("moat: "), "{args:?}: {}", stderr(&o));
     }
     let o = moat().arg("run").output().expect("run moat");
-    assert_ne!(o.status.code(), Some(0), "a run without a command was accepted");
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "a run without a command was accepted"
+    );
 }
 
 #[test]
 fn env_workdir_root_and_copy() {
     need_root!();
-    let o = run(&["-e", "GREETING=hello", "--", "sh", "-c", "echo $GREETING $HOME $(whoami)"]);
+    let o = run(&[
+        "-e",
+        "GREETING=hello",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $HOME $(whoami)",
+    ]);
     assert_eq!(stdout(&o), "hello /home/user user\n", "{}", stderr(&o));
     let o = run(&["--workdir", "/tmp", "--", "pwd"]);
     assert_eq!(stdout(&o), "/tmp\n", "{}", stderr(&o));
@@ -131,7 +157,10 @@ fn tiny_rootfs() -> std::path::PathBuf {
     std::fs::create_dir_all(root.join("bin")).expect("mkdir");
     std::fs::create_dir_all(root.join("etc")).expect("mkdir");
     std::fs::copy("/usr/bin/dash", root.join("bin/sh")).expect("copy dash");
-    let ldd = Command::new("ldd").arg("/usr/bin/dash").output().expect("ldd");
+    let ldd = Command::new("ldd")
+        .arg("/usr/bin/dash")
+        .output()
+        .expect("ldd");
     for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
         if word.starts_with('/') {
             let dst = root.join(word.trim_start_matches('/'));
@@ -153,13 +182,28 @@ fn directory_rootfs_is_read_only_below_a_writable_layer() {
     need_root!();
     let lower = tiny_rootfs();
     let rootfs = lower.display().to_string();
-    let script = "echo layer > /tmp/new && read l < /tmp/new && echo $l && echo x > /bin/sh2; echo $?";
+    let script =
+        "echo layer > /tmp/new && read l < /tmp/new && echo $l && echo x > /bin/sh2; echo $?";
     let o = run(&["--rootfs", &rootfs, "--", "/bin/sh", "-c", script]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.starts_with("layer\n"), "{out}");
-    assert!(!lower.join("tmp/new").exists(), "a write reached the template");
-    assert!(!lower.join("bin/sh2").exists(), "a write reached the template");
+    assert!(
+        out.ends_with("2\n"),
+        "the user may not write the template's /bin: {out}"
+    );
+    // Root inside owns the template's root-owned files (an id-mapped lower layer), so it can
+    // change them; the changes land in the writable layer only.
+    let o = run(&["--root", "--rootfs", &rootfs, "--", "/bin/sh", "-c", script]);
+    assert_eq!(stdout(&o), "layer\n0\n", "{}", stderr(&o));
+    assert!(
+        !lower.join("tmp/new").exists(),
+        "a write reached the template"
+    );
+    assert!(
+        !lower.join("bin/sh2").exists(),
+        "a write reached the template"
+    );
     // The host's own root contains moat's runtime directory: refused with a reason.
     let o = run(&["--rootfs", "/", "--", "true"]);
     assert_eq!(o.status.code(), Some(125));

@@ -148,6 +148,9 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<Spawned> {
 /// would hand the process a directory the agent holds open (CVE-2024-21626).
 pub fn open_cwd(user: &User, workdir: &str, requested: Option<&str>) -> Result<OwnedFd, RpcError> {
     let path = match requested {
+        // A default working directory that does not exist (a template without the user's home)
+        // is not the caller's mistake: start in `/` instead.
+        None | Some("") if !Path::new(workdir).is_dir() => PathBuf::from("/"),
         None | Some("") => PathBuf::from(workdir),
         Some("~") => PathBuf::from(&user.home),
         Some(p) => {

@@ -440,7 +440,7 @@ enum Outcome {
 
 /// The exit code for a start failure: 127 when the command does not exist.
 fn start_failure(cmd: &str, e: &AgentError) -> u8 {
-    if e.code() == Code::NotFound || e.to_string().contains("No such file") {
+    if e.code() == Code::NotFound {
         eprintln!("moat: {cmd}: command not found");
         EXIT_NOT_FOUND
     } else if e.code() == Code::PermissionDenied {
