@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo nextest run --locked --workspace --no-fail-fast
+cargo nextest run --locked --workspace --profile ci
