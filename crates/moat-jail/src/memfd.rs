@@ -12,7 +12,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use crate::sys::cvt_int;
+use crate::sys::{self, cvt_int};
 use crate::{JailError, Result};
 
 const MFD_EXEC: libc::c_uint = 0x10;
@@ -45,52 +45,16 @@ impl SealedBinary {
     pub fn read_only_mount_of(path: &Path) -> Result<SealedBinary> {
         let c = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| JailError::Invalid(format!("path with NUL: {}", path.display())))?;
-        const OPEN_TREE_CLONE: libc::c_uint = 1;
-        const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
-        // SAFETY: c is a valid path; open_tree returns a new fd or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(JailError::last_os(format!("open_tree {}", path.display())));
-        }
-        // SAFETY: open_tree returned a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        #[repr(C)]
-        struct MountAttr {
-            set: u64,
-            clr: u64,
-            propagation: u64,
-            userns_fd: u64,
-        }
-        let attr = MountAttr {
-            set: 0x1 | 0x2 | 0x4,
-            clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        // SAFETY: fd is a detached mount; attr is a valid mount_attr of the given size.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if r != 0 {
-            return Err(JailError::last_os(format!(
-                "make the mount of {} read-only",
-                path.display()
-            )));
-        }
+        let fd = sys::open_tree_clone(&c, 0)
+            .map_err(|e| JailError::os(format!("open_tree {}", path.display()), e))?;
+        sys::mount_setattr(
+            fd.as_raw_fd(),
+            c"",
+            libc::AT_EMPTY_PATH,
+            sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+            None,
+        )
+        .map_err(|e| JailError::os(format!("make the mount of {} read-only", path.display()), e))?;
         Ok(SealedBinary { fd })
     }
 

@@ -36,11 +36,10 @@ pub struct FsLimits {
     pub shm_bytes: u64,
 }
 
-/// mount_setattr attribute bits.
-pub(crate) const ATTR_RDONLY: u64 = 0x1;
-pub(crate) const ATTR_NOSUID: u64 = 0x2;
-pub(crate) const ATTR_NODEV: u64 = 0x4;
-pub(crate) const ATTR_NOEXEC: u64 = 0x8;
+use crate::sys::{
+    MOUNT_ATTR_NODEV as ATTR_NODEV, MOUNT_ATTR_NOEXEC as ATTR_NOEXEC,
+    MOUNT_ATTR_NOSUID as ATTR_NOSUID, MOUNT_ATTR_RDONLY as ATTR_RDONLY,
+};
 
 /// One step of building the root, executed with raw system calls.
 #[derive(Debug)]

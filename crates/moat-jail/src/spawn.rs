@@ -16,7 +16,7 @@ use crate::idmap::{IdRange, RANGE};
 use crate::memfd::SealedBinary;
 use crate::rootfs::{self, FsLimits, Plan, Rootfs, Step};
 use crate::runtime::RuntimeDir;
-use crate::sys::cvt_int;
+use crate::sys::{self, cvt_int};
 use crate::{JailError, Result};
 
 /// Everything needed to start one sandbox.
@@ -423,17 +423,6 @@ fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
     c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
 }
 
-#[repr(C)]
-struct MountAttr {
-    set: u64,
-    clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-const SYS_MOUNT_SETATTR: libc::c_long = 442;
-const AT_RECURSIVE: libc::c_uint = 0x8000;
-
 /// Runs one plan step. Returns the raw result (-1 with errno on failure).
 fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
     // SAFETY: for every call below, all pointers come from CStrings and buffers prepared before
@@ -465,26 +454,13 @@ fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
                 set,
                 recursive,
             } => {
-                let attr = MountAttr {
-                    set: *set,
-                    clr: 0,
-                    propagation: 0,
-                    userns_fd: 0,
-                };
-                let flags = if *recursive { AT_RECURSIVE } else { 0 };
-                let r = libc::syscall(
-                    SYS_MOUNT_SETATTR,
-                    libc::AT_FDCWD,
-                    path.as_ptr(),
-                    flags,
-                    &attr as *const MountAttr,
-                    std::mem::size_of::<MountAttr>(),
-                );
-                // Optional /proc entries may be missing.
-                if r != 0 && *libc::__errno_location() == libc::ENOENT {
-                    return 0;
+                let flags = if *recursive { libc::AT_RECURSIVE } else { 0 };
+                match sys::mount_setattr(libc::AT_FDCWD, path, flags, *set, None) {
+                    Ok(()) => 0,
+                    // Optional /proc entries may be missing.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => 0,
+                    Err(_) => -1,
                 }
-                r
             }
             Step::Mkdir { path, mode } => {
                 let r = libc::mkdir(path.as_ptr(), *mode);
@@ -540,7 +516,6 @@ fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
     }
 }
 
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// Makes an id-mapped, read-only clone of the template directory with the sandbox's user
@@ -588,44 +563,19 @@ fn idmapped_tree(pid: i32, dir: &std::path::Path) -> Result<OwnedFd> {
         .map_err(|e| JailError::os("open the sandbox's user namespace", e))?;
     let path = CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| JailError::Invalid("template path with NUL".into()))?;
-    const OPEN_TREE_CLONE: libc::c_uint = 1;
-    // SAFETY: a valid path; open_tree returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(JailError::last_os("open_tree of the template"));
-    }
-    // SAFETY: open_tree returned a fresh fd nothing else owns.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let attr = MountAttr {
-        set: MOUNT_ATTR_IDMAP
-            | crate::rootfs::ATTR_RDONLY
-            | crate::rootfs::ATTR_NOSUID
-            | crate::rootfs::ATTR_NODEV,
-        clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
-    // SAFETY: tree is a detached mount; attr is a valid mount_attr of the given size.
-    let r = unsafe {
-        libc::syscall(
-            SYS_MOUNT_SETATTR,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r != 0 {
-        return Err(JailError::last_os("id-map the template mount"));
-    }
+    let tree = sys::open_tree_clone(&path, libc::AT_RECURSIVE as libc::c_uint)
+        .map_err(|e| JailError::os("open_tree of the template", e))?;
+    sys::mount_setattr(
+        tree.as_raw_fd(),
+        c"",
+        libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+        sys::MOUNT_ATTR_IDMAP
+            | sys::MOUNT_ATTR_RDONLY
+            | sys::MOUNT_ATTR_NOSUID
+            | sys::MOUNT_ATTR_NODEV,
+        Some(userns.as_raw_fd()),
+    )
+    .map_err(|e| JailError::os("id-map the template mount", e))?;
     Ok(tree)
 }
 
@@ -685,22 +635,11 @@ fn attach_lower(channel: RawFd, target: &CString, fallback_src: &CString) -> lib
         {
             return -1;
         }
-        let attr = MountAttr {
-            set: crate::rootfs::ATTR_RDONLY
-                | crate::rootfs::ATTR_NOSUID
-                | crate::rootfs::ATTR_NODEV,
-            clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        libc::syscall(
-            SYS_MOUNT_SETATTR,
-            libc::AT_FDCWD,
-            target.as_ptr(),
-            AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
+        let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+        match sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE, ro, None) {
+            Ok(()) => 0,
+            Err(_) => -1,
+        }
     }
 }
 

@@ -22,7 +22,10 @@ async fn sh(client: &AgentClient, script: &str) -> String {
         stdin: Some(false),
         ..Default::default()
     };
-    let mut stream = client.start(req, CallOptions::default()).await.expect("start");
+    let mut stream = client
+        .start(req, CallOptions::default())
+        .await
+        .expect("start");
     let mut out = Vec::new();
     while let Some(ev) = stream.next().await {
         match ev.expect("event").event {
@@ -57,7 +60,9 @@ async fn pause_freezes_and_resume_thaws() {
         agent: AgentConfig::default(),
     };
     let mut inst = backend.create(&spec).await.expect("create");
-    let client = AgentClient::handshake(inst.take_channel().expect("channel")).await.expect("handshake");
+    let client = AgentClient::handshake(inst.take_channel().expect("channel"))
+        .await
+        .expect("handshake");
     // A counter that ticks in the background, and a file that must survive the pause.
     sh(&client, "echo kept > /tmp/state; (i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done) >/dev/null 2>&1 &").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -65,17 +70,34 @@ async fn pause_freezes_and_resume_thaws() {
 
     inst.pause().await.expect("pause");
     let frozen = tokio::time::timeout(Duration::from_millis(500), client.health()).await;
-    assert!(frozen.is_err(), "the agent answered while the sandbox was paused");
+    assert!(
+        frozen.is_err(),
+        "the agent answered while the sandbox was paused"
+    );
     inst.resume().await.expect("resume");
     client.health().await.expect("health after resume");
 
-    let first: u64 = sh(&client, "cat /tmp/n").await.trim().parse().expect("counter");
+    let first: u64 = sh(&client, "cat /tmp/n")
+        .await
+        .trim()
+        .parse()
+        .expect("counter");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let second: u64 = sh(&client, "cat /tmp/n").await.trim().parse().expect("counter");
-    assert!(second > first, "the background process did not run on after resume");
+    let second: u64 = sh(&client, "cat /tmp/n")
+        .await
+        .trim()
+        .parse()
+        .expect("counter");
+    assert!(
+        second > first,
+        "the background process did not run on after resume"
+    );
     assert_eq!(sh(&client, "cat /tmp/state").await, "kept\n");
 
     inst.destroy().await.expect("destroy");
     inst.destroy().await.expect("destroy is idempotent");
-    assert!(client.health().await.is_err(), "the agent answered after destroy");
+    assert!(
+        client.health().await.is_err(),
+        "the agent answered after destroy"
+    );
 }
