@@ -235,6 +235,20 @@ impl std::fmt::Debug for NativeInstance {
     }
 }
 
+impl NativeInstance {
+    fn set_frozen(&self, frozen: bool) -> Result<()> {
+        let guard = self
+            .inner
+            .lock()
+            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
+        let live = guard
+            .as_ref()
+            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
+        live.cgroup.set_frozen(frozen)?;
+        Ok(())
+    }
+}
+
 fn teardown(mut live: Live) -> Result<()> {
     live.process.kill();
     live.cgroup.kill_all();
@@ -282,27 +296,11 @@ impl Instance for NativeInstance {
     }
 
     async fn pause(&self) -> Result<()> {
-        let guard = self
-            .inner
-            .lock()
-            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-        let live = guard
-            .as_ref()
-            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
-        live.cgroup.set_frozen(true)?;
-        Ok(())
+        self.set_frozen(true)
     }
 
     async fn resume(&self) -> Result<()> {
-        let guard = self
-            .inner
-            .lock()
-            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-        let live = guard
-            .as_ref()
-            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
-        live.cgroup.set_frozen(false)?;
-        Ok(())
+        self.set_frozen(false)
     }
 
     async fn exited(&self) {
