@@ -160,7 +160,16 @@ fn a4_host_side_audit_of_live_sandbox() {
     let mut stdout = child.stdout.take().expect("stdout");
     let mut buf = [0u8; 6];
     std::io::Read::read_exact(&mut stdout, &mut buf).expect("ready");
-    let pids = host::pids_in_sandbox(&id);
+    // "ready" comes before the shell has forked and exec'd `sleep`: wait for it to exist.
+    let is_sleep = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut pids = host::pids_in_sandbox(&id);
+    while !pids.iter().any(is_sleep) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        pids = host::pids_in_sandbox(&id);
+    }
     assert!(
         pids.len() >= 2,
         "expected agent and user processes, got {pids:?}"

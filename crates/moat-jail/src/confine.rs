@@ -39,7 +39,7 @@ pub struct ConfinePlan {
     identity: Identity,
     groups: Vec<libc::gid_t>,
     rlimits: Rlimits,
-    filters: Vec<seccompiler::BpfProgram>,
+    filter: seccomp::Program,
     landlock: Option<Ruleset>,
     last_cap: u32,
 }
@@ -60,7 +60,7 @@ impl ConfinePlan {
             groups: identity.groups.clone(),
             identity,
             rlimits,
-            filters: seccomp::user_filters()?,
+            filter: seccomp::user_filter()?,
             landlock,
             last_cap: caps::last_cap(),
         })
@@ -113,10 +113,7 @@ impl ConfinePlan {
         if let Some(ruleset) = &self.landlock {
             ruleset.restrict_self()?;
         }
-        for filter in &self.filters {
-            seccomp::install(filter)?;
-        }
-        Ok(())
+        seccomp::install(&self.filter)
     }
 }
 

@@ -8,9 +8,11 @@
 //! - [`memfd`]: the agent binary as a sealed in-memory copy.
 //! - [`runtime`]: the host runtime directory.
 //! - [`confine`]: what a user process goes through between `fork` and `exec` inside a sandbox.
-//! - [`seccomp`], [`landlock`], [`caps`]: the pieces of that confinement.
+//! - [`seccomp`], [`landlock`], [`caps`]: the pieces of that confinement; [`bpf`] generates the
+//!   seccomp filters.
 //! - [`probe`]: what this host supports, for `moat check`.
 
+pub mod bpf;
 pub mod caps;
 pub mod cgroup;
 pub mod confine;

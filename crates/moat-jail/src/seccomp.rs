@@ -1,5 +1,6 @@
 //! seccomp-bpf filters: an allow-list for user code (Docker's default profile is the model) and a
-//! deny-list for the agent. Compiled with `seccompiler` before `fork`; installed with one `prctl`.
+//! deny-list for the agent. This module is the policy; [`crate::bpf`] generates the code. Each is
+//! one program, compiled before `fork` and installed with one `prctl`.
 //!
 //! Every syscall user code can make is host-kernel attack surface under the native backend, so the
 //! user filter admits only what ordinary programs need and refuses, among others: new namespaces,
@@ -9,14 +10,13 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
-};
-
+pub use crate::bpf::Program;
+use crate::bpf::{Block, Field, Test, dispatch};
 use crate::{JailError, Result};
 
-/// Namespace flags a `clone` may not carry.
+/// Namespace flags a `clone` may not carry. All in the low 32 bits, the only ones the kernel reads:
+/// legacy `clone` takes `lower_32_bits(clone_flags)` (kernel/fork.c), so the high half cannot
+/// carry a flag and the filter need not look at it.
 const NS_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWIPC
@@ -26,8 +26,19 @@ const NS_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWCGROUP
     | 0x80) as u64; // CLONE_NEWTIME
 
-const TIOCSTI: u64 = 0x5412;
-const TIOCLINUX: u64 = 0x541C;
+const _: () = assert!(NS_FLAGS >> 32 == 0);
+
+const TIOCSTI: u32 = 0x5412;
+const TIOCLINUX: u32 = 0x541C;
+
+/// `AUDIT_ARCH_X86_64`: `EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`.
+const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+/// `__X32_SYSCALL_BIT`: x32 syscalls arrive with `AUDIT_ARCH_X86_64` and this bit in the number,
+/// so without a check they would slip past a table keyed by x86_64 numbers.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+const RET_ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+const RET_KILL_PROCESS: u32 = libc::SECCOMP_RET_KILL_PROCESS;
 
 // Syscall numbers newer than some libc releases name (x86_64).
 const SYS_IO_PGETEVENTS: i64 = 333;
@@ -41,7 +52,8 @@ const SYS_FCHMODAT2: i64 = 452;
 const SYS_MAP_SHADOW_STACK: i64 = 453;
 const SYS_MSEAL: i64 = 462;
 
-/// Syscalls user code may make without conditions.
+/// Syscalls user code may make without conditions. `clone`, `clone3`, `ioctl`, `personality` and
+/// `socket` have their own rules in [`user_filter`].
 #[rustfmt::skip]
 const USER_ALLOWED: &[i64] = &[
     libc::SYS_accept, libc::SYS_accept4, libc::SYS_access, libc::SYS_alarm,
@@ -115,8 +127,6 @@ const USER_ALLOWED: &[i64] = &[
     libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_utime, libc::SYS_utimensat,
     libc::SYS_utimes, libc::SYS_vfork, libc::SYS_vmsplice, libc::SYS_wait4, libc::SYS_waitid,
     libc::SYS_write, libc::SYS_writev, SYS_CACHESTAT, SYS_MAP_SHADOW_STACK, SYS_MSEAL,
-    // clone3 is listed so the second filter can answer ENOSYS for it (see `user_filters`).
-    libc::SYS_clone3,
 ];
 
 /// Syscalls the agent never needs and that widen the host kernel's attack surface.
@@ -132,108 +142,135 @@ const AGENT_DENIED: &[i64] = &[
     libc::SYS_swapoff, libc::SYS_reboot, libc::SYS_syslog, libc::SYS_acct,
 ];
 
-fn cond(arg: u8, len: Len, op: Op, value: u64) -> Result<SeccompCondition> {
-    SeccompCondition::new(arg, len, op, value).map_err(|e| JailError::Seccomp(e.to_string()))
+fn errno(code: i32) -> Block {
+    Block::ret(libc::SECCOMP_RET_ERRNO | (code as u32 & libc::SECCOMP_RET_DATA))
 }
 
-fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule> {
-    SeccompRule::new(conds).map_err(|e| JailError::Seccomp(e.to_string()))
-}
-
-fn compile(
-    rules: BTreeMap<i64, Vec<SeccompRule>>,
-    mismatch: SeccompAction,
-    matched: SeccompAction,
-) -> Result<BpfProgram> {
-    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
-        .map_err(|e| JailError::Seccomp(e.to_string()))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| JailError::Seccomp(e.to_string()))
-}
-
-/// The user-code filters, to be installed in order.
-///
-/// The first is the allow-list (anything else fails with `EPERM`). The second answers `ENOSYS` for
-/// `clone3`, whose flags live in memory a filter cannot read, so the C library falls back to `clone`,
-/// whose flags the first filter does check.
-pub fn user_filters() -> Result<Vec<BpfProgram>> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        USER_ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    // clone without namespace flags.
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![cond(0, Len::Qword, Op::MaskedEq(NS_FLAGS), 0)?])?],
-    );
-    // ioctl except terminal injection.
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![rule(vec![
-            cond(1, Len::Dword, Op::Ne, TIOCSTI)?,
-            cond(1, Len::Dword, Op::Ne, TIOCLINUX)?,
-        ])?],
-    );
-    // personality: only the harmless values Docker admits (no READ_IMPLIES_EXEC).
-    rules.insert(
-        libc::SYS_personality,
-        [0u64, 0x8, 0x20000, 0x20008, 0xffff_ffff]
-            .iter()
-            .map(|&v| rule(vec![cond(0, Len::Dword, Op::Eq, v)?]))
-            .collect::<Result<_>>()?,
-    );
-    // socket: unix, inet, inet6, and route netlink only (no netfilter netlink, packet or vsock).
-    let mut socket_rules = Vec::new();
-    for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
-        socket_rules.push(rule(vec![cond(0, Len::Dword, Op::Eq, family as u64)?])?);
+/// Adds `nr → block` to `table`, refusing a number that already has a rule (a syscall listed
+/// twice would otherwise get whichever rule came last).
+fn add(table: &mut BTreeMap<u32, Block>, nr: i64, block: Block) -> Result<()> {
+    let key = u32::try_from(nr).map_err(|_| JailError::Seccomp(format!("syscall {nr}")))?;
+    if table.insert(key, block).is_some() {
+        return Err(JailError::Seccomp(format!("syscall {nr} has two rules")));
     }
-    socket_rules.push(rule(vec![
-        cond(0, Len::Dword, Op::Eq, libc::AF_NETLINK as u64)?,
-        cond(2, Len::Dword, Op::Eq, libc::NETLINK_ROUTE as u64)?,
-    ])?);
-    rules.insert(libc::SYS_socket, socket_rules);
-
-    let allow = compile(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-    )?;
-    let clone3 = compile(
-        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-    )?;
-    Ok(vec![allow, clone3])
+    Ok(())
 }
 
-/// The agent's filter: everything except [`AGENT_DENIED`], and `clone` with a new user namespace.
-pub fn agent_filter() -> Result<BpfProgram> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        AGENT_DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![cond(
-            0,
-            Len::Qword,
-            Op::MaskedEq(libc::CLONE_NEWUSER as u64),
-            libc::CLONE_NEWUSER as u64,
-        )?])?],
+/// The whole program: a foreign architecture is killed (its numbers mean other calls), the x32
+/// ABI gets `x32`, and x86_64 numbers go through `table`, with `default` for the rest.
+fn program(table: BTreeMap<u32, Block>, default: Block, x32: Block) -> Result<Program> {
+    let table: Vec<(u32, Block)> = table.into_iter().collect();
+    let native = Block::load(
+        Field::Nr,
+        Block::branch(
+            Test::AnySet(X32_SYSCALL_BIT),
+            x32,
+            dispatch(&table, &default),
+        ),
     );
-    compile(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-    )
+    Program::new(Block::load(
+        Field::Arch,
+        Block::branch(
+            Test::Eq(AUDIT_ARCH_X86_64),
+            native,
+            Block::ret(RET_KILL_PROCESS),
+        ),
+    ))
+}
+
+/// The user-code filter: `USER_ALLOWED` and the argument rules below; anything else fails with
+/// `EPERM`.
+///
+/// `clone3` fails with `ENOSYS`: its flags live in memory a filter cannot read, so the C library
+/// falls back to `clone`, whose flags the filter does check.
+///
+/// The argument rules compare only the low 32 bits where the kernel's parameter is 32 bits wide
+/// (`ioctl`'s `unsigned int cmd`, `personality`'s `unsigned int`, `socket`'s `int`s): the syscall
+/// entry truncates those arguments, so the high half cannot change what the kernel does.
+pub fn user_filter() -> Result<Program> {
+    let allow = Block::ret(RET_ALLOW);
+    let eperm = errno(libc::EPERM);
+    let mut table = BTreeMap::new();
+    for &nr in USER_ALLOWED {
+        add(&mut table, nr, allow.clone())?;
+    }
+    add(&mut table, libc::SYS_clone3, errno(libc::ENOSYS))?;
+    // clone without namespace flags.
+    add(
+        &mut table,
+        libc::SYS_clone,
+        Block::arg_any_set(0, NS_FLAGS, eperm.clone(), allow.clone()),
+    )?;
+    // ioctl except terminal injection.
+    add(
+        &mut table,
+        libc::SYS_ioctl,
+        Block::load(
+            Field::ArgLow(1),
+            Block::one_of(&[TIOCSTI, TIOCLINUX], eperm.clone(), allow.clone()),
+        ),
+    )?;
+    // personality: only the harmless values Docker admits (no READ_IMPLIES_EXEC); 0xffffffff
+    // only queries.
+    add(
+        &mut table,
+        libc::SYS_personality,
+        Block::load(
+            Field::ArgLow(0),
+            Block::one_of(
+                &[0, 0x8, 0x20000, 0x20008, 0xffff_ffff],
+                allow.clone(),
+                eperm.clone(),
+            ),
+        ),
+    )?;
+    // socket: unix, inet, inet6, and route netlink only (no netfilter netlink, packet or vsock).
+    let route_netlink = Block::load(
+        Field::ArgLow(2),
+        Block::one_of(&[libc::NETLINK_ROUTE as u32], allow.clone(), eperm.clone()),
+    );
+    add(
+        &mut table,
+        libc::SYS_socket,
+        Block::load(
+            Field::ArgLow(0),
+            Block::one_of(
+                &[
+                    libc::AF_UNIX as u32,
+                    libc::AF_INET as u32,
+                    libc::AF_INET6 as u32,
+                ],
+                allow,
+                Block::one_of(&[libc::AF_NETLINK as u32], route_netlink, eperm.clone()),
+            ),
+        ),
+    )?;
+    program(table, eperm.clone(), eperm)
+}
+
+/// The agent's filter: everything except `AGENT_DENIED` and `clone` with a new user namespace,
+/// which fail with `EPERM` (as do x32 calls, which would otherwise bypass the list).
+pub fn agent_filter() -> Result<Program> {
+    let allow = Block::ret(RET_ALLOW);
+    let eperm = errno(libc::EPERM);
+    let mut table = BTreeMap::new();
+    for &nr in AGENT_DENIED {
+        add(&mut table, nr, eperm.clone())?;
+    }
+    add(
+        &mut table,
+        libc::SYS_clone,
+        Block::arg_any_set(0, libc::CLONE_NEWUSER as u64, eperm.clone(), allow.clone()),
+    )?;
+    program(table, allow, eperm)
 }
 
 /// Installs `prog` on the calling thread. Needs `no_new_privs` (or `CAP_SYS_ADMIN`).
 /// Async-signal-safe: no allocation.
-pub fn install(prog: &BpfProgram) -> io::Result<()> {
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        // seccompiler's sock_filter has the kernel's layout (u16, u8, u8, u32).
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: fprog points at `prog`, which outlives the call; the kernel copies the program.
+pub fn install(prog: &Program) -> io::Result<()> {
+    let fprog = fprog(prog);
+    // SAFETY: fprog points at `prog`'s instructions, which outlive the call; the kernel copies
+    // the program.
     let r = unsafe {
         libc::prctl(
             libc::PR_SET_SECCOMP,
@@ -251,12 +288,10 @@ pub fn install(prog: &BpfProgram) -> io::Result<()> {
 }
 
 /// Installs `prog` on every thread of the calling process (`SECCOMP_FILTER_FLAG_TSYNC`).
-pub fn install_all_threads(prog: &BpfProgram) -> io::Result<()> {
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: fprog points at `prog`, which outlives the call; the kernel copies the program.
+pub fn install_all_threads(prog: &Program) -> io::Result<()> {
+    let fprog = fprog(prog);
+    // SAFETY: fprog points at `prog`'s instructions, which outlive the call; the kernel copies
+    // the program.
     let r = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
@@ -272,16 +307,286 @@ pub fn install_all_threads(prog: &BpfProgram) -> io::Result<()> {
     }
 }
 
+fn fprog(prog: &Program) -> libc::sock_fprog {
+    let insns = prog.instructions();
+    libc::sock_fprog {
+        // Program::new caps the length at BPF_MAXINSNS, which fits.
+        len: insns.len() as u16,
+        // The kernel only reads through this pointer.
+        filter: insns.as_ptr().cast_mut(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bpf::interp::{Data, run};
+
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    const HIGH: u64 = 0xffff_ffff_0000_0000;
+
+    /// Every namespace flag, one at a time.
+    const NS_EACH: &[u64] = &[
+        libc::CLONE_NEWNS as u64,
+        libc::CLONE_NEWUTS as u64,
+        libc::CLONE_NEWIPC as u64,
+        libc::CLONE_NEWUSER as u64,
+        libc::CLONE_NEWPID as u64,
+        libc::CLONE_NEWNET as u64,
+        libc::CLONE_NEWCGROUP as u64,
+        0x80,
+    ];
+
+    /// What the user policy says, written from its description rather than from the generator.
+    fn user_policy(d: &Data) -> u32 {
+        if d.arch != AUDIT_ARCH_X86_64 {
+            return RET_KILL_PROCESS;
+        }
+        let nr = i64::from(d.nr);
+        let low = |i: usize| d.args[i] as u32;
+        let allowed = if d.nr & X32_SYSCALL_BIT != 0 {
+            false
+        } else if nr == libc::SYS_clone3 {
+            return ENOSYS;
+        } else if nr == libc::SYS_clone {
+            d.args[0] & NS_FLAGS == 0
+        } else if nr == libc::SYS_ioctl {
+            low(1) != TIOCSTI && low(1) != TIOCLINUX
+        } else if nr == libc::SYS_personality {
+            [0, 0x8, 0x20000, 0x20008, 0xffff_ffff].contains(&low(0))
+        } else if nr == libc::SYS_socket {
+            let family = low(0) as i32;
+            [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].contains(&family)
+                || (family == libc::AF_NETLINK && low(2) == libc::NETLINK_ROUTE as u32)
+        } else {
+            USER_ALLOWED.contains(&nr)
+        };
+        if allowed { RET_ALLOW } else { EPERM }
+    }
+
+    fn agent_policy(d: &Data) -> u32 {
+        if d.arch != AUDIT_ARCH_X86_64 {
+            return RET_KILL_PROCESS;
+        }
+        let nr = i64::from(d.nr);
+        let denied = d.nr & X32_SYSCALL_BIT != 0
+            || AGENT_DENIED.contains(&nr)
+            || (nr == libc::SYS_clone && d.args[0] & libc::CLONE_NEWUSER as u64 != 0);
+        if denied { EPERM } else { RET_ALLOW }
+    }
+
+    /// Argument vectors with the edge values of every rule.
+    fn arg_cases() -> Vec<[u64; 6]> {
+        let mut arg0: Vec<u64> = vec![0, 1, u64::MAX, HIGH, 17, 0x3d0f00, 0x0040_0000];
+        for &flag in NS_EACH {
+            arg0.extend([flag, flag | 17, flag | HIGH, flag << 32]);
+        }
+        // personality values and near misses.
+        arg0.extend([
+            0x8,
+            0x20000,
+            0x20008,
+            0xffff_ffff,
+            0xffff_fffe,
+            0x20009,
+            1 << 32 | 0x8,
+        ]);
+        // socket families: unix, inet, inet6, netlink, packet, vsock, and high bits.
+        arg0.extend([2, 10, 16, 17, 40, 9, HIGH | 1, HIGH | 16]);
+        let arg1 = [
+            0,
+            u64::from(TIOCSTI),
+            u64::from(TIOCLINUX),
+            HIGH | u64::from(TIOCSTI),
+            HIGH | u64::from(TIOCLINUX),
+            u64::from(TIOCSTI) << 32,
+            u64::from(TIOCSTI) + 1,
+            0x5401,
+        ];
+        // netlink protocols: route, netfilter, and route with high bits.
+        let arg2 = [0, 12, 9, HIGH, u64::MAX];
+        let mut cases = Vec::new();
+        for &a0 in &arg0 {
+            for &a1 in &arg1 {
+                for &a2 in &arg2 {
+                    cases.push([a0, a1, a2, 0, 0, 0]);
+                }
+            }
+        }
+        cases
+    }
+
+    fn numbers() -> impl Iterator<Item = u32> {
+        let x32 = [0, 1, 39, 56, 250, 321, 512, 547].map(|n| X32_SYSCALL_BIT | n);
+        (0..=500)
+            .chain(x32)
+            .chain([0x3fff_ffff, 0x8000_0000, u32::MAX])
+    }
+
+    /// Checks `prog` against `policy` for every number, each edge value alone, and every
+    /// combination of edge values for the calls with argument rules.
+    fn check_against(prog: &Program, policy: fn(&Data) -> u32) {
+        let full = arg_cases();
+        let mut single: Vec<[u64; 6]> = Vec::new();
+        for args in &full {
+            for i in 0..3 {
+                let mut one = [0; 6];
+                one[i] = args[i];
+                if !single.contains(&one) {
+                    single.push(one);
+                }
+            }
+        }
+        let ruled = [
+            libc::SYS_clone,
+            libc::SYS_ioctl,
+            libc::SYS_personality,
+            libc::SYS_socket,
+        ];
+        for nr in numbers() {
+            let cases = if ruled.contains(&i64::from(nr)) {
+                &full
+            } else {
+                &single
+            };
+            for arch in [
+                AUDIT_ARCH_X86_64,
+                0x4000_0003, /* i386 */
+                0xC000_00B7, /* aarch64 */
+            ] {
+                for args in cases {
+                    let d = Data {
+                        nr,
+                        arch,
+                        args: *args,
+                    };
+                    assert_eq!(run(prog.instructions(), &d).0, policy(&d), "{d:x?}");
+                }
+            }
+        }
+    }
 
     #[test]
-    fn filters_compile() {
-        let user = user_filters().expect("user filters");
-        assert_eq!(user.len(), 2);
-        assert!(!user[0].is_empty());
-        assert!(!agent_filter().expect("agent filter").is_empty());
+    fn user_filter_is_the_policy() {
+        check_against(&user_filter().expect("user filter"), user_policy);
+    }
+
+    #[test]
+    fn agent_filter_is_the_policy() {
+        check_against(&agent_filter().expect("agent filter"), agent_policy);
+    }
+
+    #[test]
+    fn named_calls_get_the_documented_answer() {
+        let prog = user_filter().expect("user filter");
+        let answer = |nr: i64, args: [u64; 6]| {
+            let d = Data {
+                nr: nr as u32,
+                arch: AUDIT_ARCH_X86_64,
+                args,
+            };
+            run(prog.instructions(), &d).0
+        };
+        for nr in [
+            libc::SYS_getpid,
+            libc::SYS_read,
+            libc::SYS_execve,
+            libc::SYS_mmap,
+        ] {
+            assert_eq!(answer(nr, [0; 6]), RET_ALLOW, "{nr}");
+        }
+        for nr in [
+            libc::SYS_keyctl,
+            libc::SYS_bpf,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_mount,
+            libc::SYS_ptrace,
+            libc::SYS_io_uring_setup,
+            libc::SYS_userfaultfd,
+            libc::SYS_perf_event_open,
+            libc::SYS_open_by_handle_at,
+        ] {
+            assert_eq!(answer(nr, [0; 6]), EPERM, "{nr}");
+        }
+        assert_eq!(answer(libc::SYS_clone3, [0; 6]), ENOSYS);
+        let newuser = libc::CLONE_NEWUSER as u64;
+        assert_eq!(answer(libc::SYS_clone, [17, 0, 0, 0, 0, 0]), RET_ALLOW);
+        assert_eq!(
+            answer(libc::SYS_clone, [newuser | HIGH, 0, 0, 0, 0, 0]),
+            EPERM
+        );
+        let tiocsti = [0, HIGH | u64::from(TIOCSTI), 0, 0, 0, 0];
+        assert_eq!(answer(libc::SYS_ioctl, tiocsti), EPERM);
+        assert_eq!(
+            answer(libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(
+            answer(libc::SYS_personality, [0x0040_0000, 0, 0, 0, 0, 0]),
+            EPERM
+        );
+        let netfilter = [libc::AF_NETLINK as u64, 3, 12, 0, 0, 0];
+        assert_eq!(answer(libc::SYS_socket, netfilter), EPERM);
+        assert_eq!(
+            answer(libc::SYS_socket, [libc::AF_PACKET as u64, 3, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(answer(libc::SYS_socket, [40, 1, 0, 0, 0, 0]), EPERM); // AF_VSOCK
+    }
+
+    /// Most instructions a run of `prog` executes for syscall numbers 0..=500 with plain
+    /// arguments, and for the calls with argument rules under any of the edge cases.
+    fn longest_paths(prog: &Program) -> (usize, usize) {
+        let steps = |nr: i64, args| {
+            let d = Data {
+                nr: nr as u32,
+                arch: AUDIT_ARCH_X86_64,
+                args,
+            };
+            run(prog.instructions(), &d).1
+        };
+        let plain = (0..=500).map(|nr| steps(nr, [0; 6])).max().unwrap_or(0);
+        let cases = arg_cases();
+        let ruled = [
+            libc::SYS_clone,
+            libc::SYS_ioctl,
+            libc::SYS_personality,
+            libc::SYS_socket,
+        ];
+        let any = ruled
+            .iter()
+            .flat_map(|&nr| cases.iter().map(move |a| (nr, *a)))
+            .map(|(nr, a)| steps(nr, a))
+            .fold(plain, usize::max);
+        (plain, any)
+    }
+
+    #[test]
+    fn filters_are_small_and_shallow() {
+        let user = user_filter().expect("user filter");
+        let agent = agent_filter().expect("agent filter");
+        let (user_plain, user_any) = longest_paths(&user);
+        let (agent_plain, agent_any) = longest_paths(&agent);
+        println!(
+            "user filter: {} instructions, longest path {user_plain} ({user_any} with argument \
+             checks); agent filter: {} instructions, longest path {agent_plain} ({agent_any})",
+            user.len(),
+            agent.len()
+        );
+        assert!(user.len() < 4 * USER_ALLOWED.len(), "{}", user.len());
+        assert!(
+            agent.len() < 4 * (AGENT_DENIED.len() + 1) + 16,
+            "{}",
+            agent.len()
+        );
+        for prog in [&user, &agent] {
+            assert!(prog.len() < libc::BPF_MAXINSNS as usize);
+        }
+        assert!(user_plain <= 20, "{user_plain}");
+        assert!(agent_plain <= 20, "{agent_plain}");
+        assert!(user_any <= 32, "{user_any}");
     }
 
     #[test]
@@ -294,5 +599,128 @@ mod tests {
                 "syscall {nr} is both allowed and denied"
             );
         }
+    }
+
+    #[test]
+    fn a_syscall_with_two_rules_is_refused() {
+        let mut table = BTreeMap::new();
+        add(&mut table, 1, Block::ret(RET_ALLOW)).expect("first rule");
+        assert!(add(&mut table, 1, Block::ret(RET_ALLOW)).is_err());
+        assert!(add(&mut table, -1, Block::ret(RET_ALLOW)).is_err());
+    }
+
+    /// Installs `prog` in a forked child, runs `probe` there and returns its exit status: 0 if
+    /// every check passed, else the number of the first that failed.
+    fn in_child(prog: &Program, probe: fn() -> i32) -> i32 {
+        // SAFETY: the child makes raw syscalls only (no allocation, no locks) and leaves with
+        // _exit, so forking from a multi-threaded test process is sound.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: prctl with integer arguments.
+            let nnp = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            let code = if nnp != 0 {
+                100
+            } else if install(prog).is_err() {
+                101
+            } else {
+                probe()
+            };
+            // SAFETY: ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(r, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    /// A raw syscall with three integer arguments: its result, or the errno it failed with.
+    fn sys(nr: libc::c_long, a: libc::c_long, b: libc::c_long, c: libc::c_long) -> SysResult {
+        // SAFETY: integer arguments only; pointer arguments are null, which the kernel checks.
+        let r = unsafe { libc::syscall(nr, a, b, c, 0, 0) };
+        if r == -1 {
+            // SAFETY: reads this thread's errno.
+            Err(unsafe { *libc::__errno_location() })
+        } else {
+            Ok(r)
+        }
+    }
+
+    type SysResult = std::result::Result<libc::c_long, i32>;
+
+    fn is_root() -> bool {
+        // SAFETY: no arguments.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            println!("skipped: installing filters and the calls they refuse need root");
+        }
+        root
+    }
+
+    #[test]
+    fn user_filter_works_in_the_kernel() {
+        if !is_root() {
+            return;
+        }
+        let prog = user_filter().expect("user filter");
+        let code = in_child(&prog, || {
+            use libc::*;
+            if !matches!(sys(SYS_getpid, 0, 0, 0), Ok(pid) if pid > 0) {
+                return 1;
+            }
+            if sys(SYS_unshare, CLONE_NEWUSER.into(), 0, 0) != Err(EPERM) {
+                return 2;
+            }
+            // A null clone_args would be EFAULT had the filter let clone3 through.
+            if sys(SYS_clone3, 0, 64, 0) != Err(ENOSYS) {
+                return 3;
+            }
+            if sys(SYS_keyctl, 0, 0, 0) != Err(EPERM) {
+                return 4;
+            }
+            match sys(SYS_clone, (CLONE_NEWUSER | SIGCHLD).into(), 0, 0) {
+                Err(EPERM) => {}
+                // SAFETY: ends the grandchild the filter should not have let through.
+                Ok(0) => unsafe { _exit(0) },
+                _ => return 5,
+            }
+            if sys(SYS_socket, AF_PACKET.into(), SOCK_RAW.into(), 0) != Err(EPERM) {
+                return 6;
+            }
+            if sys(SYS_socket, AF_UNIX.into(), SOCK_STREAM.into(), 0).is_err() {
+                return 7;
+            }
+            0
+        });
+        assert_eq!(code, 0, "check {code} failed in the child");
+    }
+
+    #[test]
+    fn agent_filter_works_in_the_kernel() {
+        if !is_root() {
+            return;
+        }
+        let prog = agent_filter().expect("agent filter");
+        let code = in_child(&prog, || {
+            use libc::*;
+            if !matches!(sys(SYS_getpid, 0, 0, 0), Ok(pid) if pid > 0) {
+                return 1;
+            }
+            if sys(SYS_unshare, CLONE_NEWUSER.into(), 0, 0) != Err(EPERM) {
+                return 2;
+            }
+            if sys(SYS_keyctl, 0, 0, 0) != Err(EPERM) {
+                return 3;
+            }
+            // The agent may use clone3; the kernel itself refuses a null clone_args.
+            if sys(SYS_clone3, 0, 64, 0) != Err(EFAULT) {
+                return 4;
+            }
+            0
+        });
+        assert_eq!(code, 0, "check {code} failed in the child");
     }
 }

@@ -17,7 +17,8 @@ fn count_dir(path: &str) -> usize {
     std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
 }
 
-/// Processes running as a sandbox host uid (every range starts at 1,000,000,000).
+/// Processes running as a sandbox host uid (every range starts at 1,000,000,000), except those
+/// already in the cgroup of another test's sandbox: tests run in parallel, and theirs come and go.
 fn sandbox_uid_processes() -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
@@ -37,6 +38,10 @@ fn sandbox_uid_processes() -> usize {
                     line.split_whitespace().nth(1)?.parse::<u64>().ok()
                 })
                 .is_some_and(|uid| uid >= 1_000_000_000)
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("cgroup"))
+                .map_or(true, |c| !c.contains("/moat/") || c.contains("/moat/cycle"))
         })
         .count()
 }
