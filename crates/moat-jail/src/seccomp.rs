@@ -249,7 +249,9 @@ pub fn user_filter() -> Result<Program> {
 }
 
 /// The agent's filter: everything except `AGENT_DENIED` and `clone` with a new user namespace,
-/// which fail with `EPERM` (as do x32 calls, which would otherwise bypass the list).
+/// which fail with `EPERM` (as do x32 calls, which would otherwise bypass the list). `clone3`
+/// fails with `ENOSYS`, as for user code, so that no user namespace can be made through it
+/// either; the C library then creates threads with `clone`.
 pub fn agent_filter() -> Result<Program> {
     let allow = Block::ret(RET_ALLOW);
     let eperm = errno(libc::EPERM);
@@ -257,6 +259,7 @@ pub fn agent_filter() -> Result<Program> {
     for &nr in AGENT_DENIED {
         add(&mut table, nr, eperm.clone())?;
     }
+    add(&mut table, libc::SYS_clone3, errno(libc::ENOSYS))?;
     add(
         &mut table,
         libc::SYS_clone,
@@ -373,7 +376,13 @@ mod tests {
         let denied = d.nr & X32_SYSCALL_BIT != 0
             || AGENT_DENIED.contains(&nr)
             || (nr == libc::SYS_clone && d.args[0] & libc::CLONE_NEWUSER as u64 != 0);
-        if denied { EPERM } else { RET_ALLOW }
+        if denied {
+            EPERM
+        } else if nr == libc::SYS_clone3 {
+            ENOSYS
+        } else {
+            RET_ALLOW
+        }
     }
 
     /// Argument vectors with the edge values of every rule.
@@ -715,8 +724,8 @@ mod tests {
             if sys(SYS_keyctl, 0, 0, 0) != Err(EPERM) {
                 return 3;
             }
-            // The agent may use clone3; the kernel itself refuses a null clone_args.
-            if sys(SYS_clone3, 0, 64, 0) != Err(EFAULT) {
+            // clone3 is refused with ENOSYS, so no user namespace can be made through it.
+            if sys(SYS_clone3, 0, 64, 0) != Err(ENOSYS) {
                 return 4;
             }
             0
