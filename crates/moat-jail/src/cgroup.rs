@@ -365,8 +365,17 @@ impl SandboxCgroup {
                 .ok_or_else(|| JailError::Invalid("no memory cgroup".into()))?;
             let pids = made(&layout.pids)?;
             let cpu = made(&layout.cpu)?;
-            let freezer = made(&layout.freezer)?;
             let unified = made(&layout.unified)?;
+            // A v2 cgroup that can freeze makes the v1 freezer redundant: one cgroup fewer to
+            // make, join and remove per sandbox.
+            let v2_freezes = unified
+                .as_ref()
+                .is_some_and(|u| u.join("cgroup.freeze").exists());
+            let freezer = if v2_freezes {
+                None
+            } else {
+                made(&layout.freezer)?
+            };
             Ok((memory, pids, cpu, freezer, unified))
         })();
         let (memory, pids, cpu, freezer, unified) = match result {
