@@ -210,3 +210,22 @@ fn directory_rootfs_is_read_only_below_a_writable_layer() {
     assert!(stderr(&o).contains("runtime directory"), "{}", stderr(&o));
     std::fs::remove_dir_all(&lower).expect("cleanup");
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_run_like_a_pipeline() {
+    need_root!();
+    let mut child = moat()
+        .args(["run", "--", "yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 4];
+    std::io::Read::read_exact(&mut out, &mut buf).expect("first bytes");
+    drop(out);
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(o.status.code(), Some(141), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+}

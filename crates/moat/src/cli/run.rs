@@ -372,16 +372,17 @@ async fn attach(
             ev = stream.next() => match ev {
                 Some(Ok(ProcessEvent { event: Some(process_event::Event::Data(d)) })) => {
                     use process_event::data_event::Output;
-                    match d.output {
-                        Some(Output::Stdout(b)) | Some(Output::Pty(b)) => {
-                            stdout.write_all(&b).await?;
-                            stdout.flush().await?;
-                        }
-                        Some(Output::Stderr(b)) => {
-                            stderr.write_all(&b).await?;
-                            stderr.flush().await?;
-                        }
-                        None => {}
+                    let written = match d.output {
+                        Some(Output::Stdout(b)) | Some(Output::Pty(b)) => write_out(&mut stdout, &b).await,
+                        Some(Output::Stderr(b)) => write_out(&mut stderr, &b).await,
+                        None => Ok(()),
+                    };
+                    match written {
+                        Ok(()) => {}
+                        // Whoever read our output is gone (`moat run ... | head`): stop, as a
+                        // pipeline would.
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Outcome::OutputClosed,
+                        Err(e) => break Outcome::Failed(anyhow!("writing the command's output: {e}")),
                     }
                 }
                 Some(Ok(ProcessEvent { event: Some(process_event::Event::End(end)) })) => break Outcome::Ended(end),
@@ -427,12 +428,23 @@ async fn attach(
             eprintln!("moat: interrupted; the sandbox was destroyed");
             128 + sig as u8
         }
+        // 128 + SIGPIPE, what a shell reports for a writer whose reader went away.
+        Outcome::OutputClosed => 128 + libc::SIGPIPE as u8,
         Outcome::Failed(e) => return Err(e),
     })
 }
 
+async fn write_out(
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    data: &[u8],
+) -> std::io::Result<()> {
+    out.write_all(data).await?;
+    out.flush().await
+}
+
 enum Outcome {
     Ended(process_event::EndEvent),
+    OutputClosed,
     TimedOut,
     Signalled(i32),
     Failed(anyhow::Error),
