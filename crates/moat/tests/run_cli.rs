@@ -229,3 +229,15 @@ fn a_reader_that_goes_away_ends_the_run_like_a_pipeline() {
     assert_eq!(o.status.code(), Some(141), "{}", stderr(&o));
     assert!(stderr(&o).is_empty(), "{}", stderr(&o));
 }
+
+#[test]
+fn check_reports_the_host_and_the_choice() {
+    need_root!();
+    let o = moat().arg("check").output().expect("run moat check");
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    for line in ["user namespaces", "cgroups", "seccomp", "landlock", "overlayfs", "runsc", "kvm"] {
+        assert!(text.lines().any(|l| l.starts_with(line)), "no {line} line: {text}");
+    }
+    assert!(text.contains("moat will use: native backend"), "{text}");
+}
