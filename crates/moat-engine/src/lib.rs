@@ -4,6 +4,7 @@
 //! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
 //! - [`resources`]: limits, their bounds, and parsing.
+//! - [`store`]: the durable state of `moat serve` (tenants, keys, templates, sandboxes) in SQLite.
 //! - [`error`]: the engine's errors.
 
 pub mod agent_client;
@@ -11,5 +12,6 @@ pub mod backend;
 pub mod error;
 pub mod native;
 pub mod resources;
+pub mod store;
 
 pub use error::{EngineError, Result};

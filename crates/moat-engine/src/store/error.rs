@@ -1,0 +1,176 @@
+//! Errors of the store.
+
+use std::path::PathBuf;
+
+/// What went wrong in the store, typed so the server can pick the HTTP status without parsing text.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An id, name or value given by the caller is malformed.
+    #[error("invalid {what} {value:?}: {reason}")]
+    Invalid {
+        /// Which kind of value (`tenant id`, `template name`, …).
+        what: &'static str,
+        /// The offending value, as given.
+        value: String,
+        /// What a valid one looks like.
+        reason: String,
+    },
+    /// A JSON value does not have the required shape.
+    #[error("bad JSON for {what}: {reason}")]
+    BadJson {
+        /// Which value (`template spec`, `sandbox resources`, …).
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The record does not exist, or belongs to another tenant (which must look the same).
+    #[error("{kind} {id:?} not found")]
+    NotFound {
+        /// Which kind of record (`tenant`, `key`, `template`, `sandbox`).
+        kind: &'static str,
+        /// The id or name that was looked up.
+        id: String,
+    },
+    /// A record with this id or name already exists.
+    #[error("{kind} {id:?} already exists")]
+    Conflict {
+        /// Which kind of record.
+        kind: &'static str,
+        /// The id or name that is taken.
+        id: String,
+    },
+    /// The template is used by sandboxes that have not ended, and deletion was not forced.
+    #[error(
+        "template {name:?} is used by {sandboxes} active sandbox(es); delete them first or force"
+    )]
+    TemplateInUse {
+        /// The template's name.
+        name: String,
+        /// How many starting, running or paused sandboxes use it.
+        sandboxes: u64,
+    },
+    /// A tenant tried to delete a built-in template.
+    #[error("template {name:?} is built in and cannot be deleted by a tenant")]
+    BuiltIn {
+        /// The template's name.
+        name: String,
+    },
+    /// Recording the sandbox would take its key or tenant over a quota.
+    #[error("quota exceeded: {what} limit is {limit}, {used} in use, {requested} more requested")]
+    QuotaExceeded {
+        /// Which quota (`concurrent sandboxes`, `memory bytes`).
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// What is in use now.
+        used: u64,
+        /// What the new sandbox would add.
+        requested: u64,
+    },
+    /// The sandbox's state machine does not allow this change.
+    #[error("sandbox {id:?} cannot go from {from} to {to}")]
+    InvalidTransition {
+        /// The sandbox.
+        id: String,
+        /// Its current state.
+        from: super::SandboxState,
+        /// The state that was asked for.
+        to: super::SandboxState,
+    },
+    /// The sandbox has ended (killed or failed), so it cannot be changed any more.
+    #[error("sandbox {id:?} has ended ({state})")]
+    Ended {
+        /// The sandbox.
+        id: String,
+        /// Its final state.
+        state: super::SandboxState,
+    },
+    /// The database was written by a newer moat, whose schema this build does not know.
+    #[error(
+        "database {path:?} has schema version {found}, newer than the {supported} this moat knows; \
+         upgrade moat or use another data dir"
+    )]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The version found in the file.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// The file is an SQLite database of some other program.
+    #[error("{path:?} is not a moat database (its SQLite application id is {application_id:#x})")]
+    NotMoat {
+        /// The database file.
+        path: PathBuf,
+        /// The application id found in the file.
+        application_id: i64,
+    },
+    /// SQLite would not put the database in WAL mode, which concurrent reads rely on.
+    #[error(
+        "database {path:?} stays in journal mode {mode:?}, not WAL (no shared memory on this filesystem?)"
+    )]
+    NoWal {
+        /// The database file.
+        path: PathBuf,
+        /// The journal mode SQLite kept.
+        mode: String,
+    },
+    /// A row holds a value this build cannot read (hand-edited or corrupted database).
+    #[error("corrupt database: {0}")]
+    Corrupt(String),
+    /// The operating system's random number generator failed.
+    #[error("cannot get random bytes from the OS: {0}")]
+    Random(getrandom::Error),
+    /// A filesystem operation on the database file failed.
+    #[error("{what} {path:?}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite failed (I/O error, disk full, locked beyond the busy timeout, …).
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+impl StoreError {
+    pub(crate) fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        // Bound the echoed value: it may be a megabyte of garbage from a request body.
+        let value = if value.len() > 80 {
+            let mut end = 80;
+            while !value.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…", &value[..end])
+        } else {
+            value.to_owned()
+        };
+        StoreError::Invalid {
+            what,
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn not_found(kind: &'static str, id: &str) -> Self {
+        StoreError::NotFound {
+            kind,
+            id: id.to_owned(),
+        }
+    }
+
+    pub(crate) fn conflict(kind: &'static str, id: &str) -> Self {
+        StoreError::Conflict {
+            kind,
+            id: id.to_owned(),
+        }
+    }
+}
+
+/// Result of store operations.
+pub type StoreResult<T> = std::result::Result<T, StoreError>;

@@ -1,0 +1,157 @@
+//! The schema and its versioned migrations.
+//!
+//! `PRAGMA user_version` holds how many migrations a database has had. Each migration runs in
+//! its own immediate transaction together with the version bump, so a crash leaves the database
+//! at one version or the next, never between; two processes opening one file at once serialise
+//! on the write lock and the second finds the work done. Migrations are append-only: a shipped
+//! one is never edited, a change is a new one.
+
+use std::path::Path;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::error::{StoreError, StoreResult};
+
+/// SQLite `application_id` of moat databases ("moat" in ASCII), so a foreign SQLite file is
+/// refused instead of being migrated.
+pub(crate) const APPLICATION_ID: i64 = 0x6d6f_6174;
+
+/// The states in which a sandbox still holds resources, as SQL. Kept identical in the partial
+/// indexes and the queries so SQLite can use those indexes.
+macro_rules! active_states_sql {
+    () => {
+        "('starting', 'running', 'paused')"
+    };
+}
+pub(crate) use active_states_sql;
+
+/// Version 1: tenants, API keys, templates, sandboxes.
+const V1: &str = concat!(
+    r#"
+CREATE TABLE tenants (
+    id         TEXT PRIMARY KEY NOT NULL,
+    name       TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE api_keys (
+    id                  TEXT PRIMARY KEY NOT NULL,
+    tenant_id           TEXT NOT NULL REFERENCES tenants (id),
+    name                TEXT NOT NULL,
+    secret_sha256       BLOB NOT NULL UNIQUE CHECK (length(secret_sha256) = 32),
+    role                TEXT NOT NULL CHECK (role IN ('admin', 'user')),
+    created_at          INTEGER NOT NULL,
+    revoked_at          INTEGER,
+    max_sandboxes       INTEGER CHECK (max_sandboxes >= 0),
+    max_memory_bytes    INTEGER CHECK (max_memory_bytes >= 0),
+    requests_per_minute INTEGER CHECK (requests_per_minute >= 0)
+) STRICT;
+CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at, id);
+
+-- tenant_id NULL: a built-in template, visible to every tenant. Names are unique per tenant
+-- (NULL counted as one tenant, which a plain UNIQUE would not do).
+CREATE TABLE templates (
+    tenant_id  TEXT REFERENCES tenants (id),
+    name       TEXT NOT NULL,
+    spec       TEXT NOT NULL CHECK (json_valid(spec)),
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX templates_by_tenant_name ON templates (ifnull(tenant_id, ''), name);
+CREATE INDEX templates_by_name ON templates (name);
+
+-- template_tenant: the owner of the template the sandbox was made from (NULL: built-in), so
+-- "is this template in use" is exact. No foreign key: a forced template delete keeps the
+-- sandbox's record of where it came from.
+-- memory_bytes: the memory limit, a column of its own because quotas sum it.
+CREATE TABLE sandboxes (
+    id              TEXT PRIMARY KEY NOT NULL,
+    tenant_id       TEXT NOT NULL REFERENCES tenants (id),
+    key_id          TEXT REFERENCES api_keys (id),
+    template        TEXT NOT NULL,
+    template_tenant TEXT,
+    state           TEXT NOT NULL
+                    CHECK (state IN ('starting', 'running', 'paused', 'killed', 'failed')),
+    metadata        TEXT NOT NULL CHECK (json_valid(metadata)),
+    resources       TEXT NOT NULL CHECK (json_valid(resources)),
+    memory_bytes    INTEGER NOT NULL CHECK (memory_bytes >= 0),
+    created_at      INTEGER NOT NULL,
+    expires_at      INTEGER,
+    ended_at        INTEGER,
+    end_reason      TEXT
+) STRICT;
+CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at, id);
+CREATE INDEX sandboxes_active ON sandboxes (expires_at) WHERE state IN "#,
+    active_states_sql!(),
+    r#";
+CREATE INDEX sandboxes_active_by_template ON sandboxes (template, template_tenant)
+    WHERE state IN "#,
+    active_states_sql!(),
+    r#";
+CREATE INDEX sandboxes_active_by_key ON sandboxes (key_id) WHERE state IN "#,
+    active_states_sql!(),
+    r#";
+CREATE INDEX sandboxes_active_by_tenant ON sandboxes (tenant_id) WHERE state IN "#,
+    active_states_sql!(),
+    ";\n"
+);
+
+/// Every migration, in order; the database's `user_version` is how many of them it has had.
+const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database at `path` up to [`SCHEMA_VERSION`], refusing newer and foreign files.
+pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> StoreResult<()> {
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let application_id: i64 =
+            tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
+        // A fresh file has both at 0; anything else must carry our id.
+        if application_id != APPLICATION_ID && (application_id != 0 || version != 0) {
+            return Err(StoreError::NotMoat {
+                path: path.to_owned(),
+                application_id,
+            });
+        }
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let Some(migration) = usize::try_from(version)
+            .ok()
+            .and_then(|v| MIGRATIONS.get(v))
+        else {
+            // Up to date (or a negative version, which only a hand edit makes).
+            if version < 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "schema version {version} is negative"
+                )));
+            }
+            return Ok(());
+        };
+        if version == 0 {
+            // A fresh file that already has tables is someone else's database.
+            let tables: i64 = tx.query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table'",
+                [],
+                |row| row.get(0),
+            )?;
+            if tables > 0 {
+                return Err(StoreError::NotMoat {
+                    path: path.to_owned(),
+                    application_id,
+                });
+            }
+            tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        }
+        tx.execute_batch(migration)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+        tracing::info!(path = %path.display(), version = version + 1, "migrated the database");
+    }
+}

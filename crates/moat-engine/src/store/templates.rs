@@ -1,0 +1,186 @@
+//! Templates: how sandboxes start. The server defines the spec; the store keeps it as JSON.
+//!
+//! Built-in templates (no tenant) are visible to every tenant. A tenant's names and the
+//! built-in names form one namespace: a tenant cannot shadow a built-in, so a name always means
+//! one template to that tenant.
+
+use rusqlite::{Connection, Row, params};
+use serde::{Deserialize, Serialize};
+
+use super::error::{StoreError, StoreResult};
+use super::ids::check_template_name;
+use super::schema::active_states_sql;
+use super::tenants::require_tenant;
+use super::{Store, first_row, now_ms};
+
+/// A template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// `[a-z0-9][a-z0-9._-]{0,62}`.
+    pub name: String,
+    /// Its owner; `None` for a built-in template.
+    pub tenant: Option<String>,
+    /// The server's template spec, a JSON object.
+    pub spec: serde_json::Value,
+    /// When it was created, Unix milliseconds.
+    pub created_at: i64,
+}
+
+impl TemplateRecord {
+    fn from_row(row: &Row<'_>) -> StoreResult<Self> {
+        let spec: String = row.get("spec")?;
+        Ok(TemplateRecord {
+            name: row.get("name")?,
+            tenant: row.get("tenant_id")?,
+            spec: serde_json::from_str(&spec)
+                .map_err(|e| StoreError::Corrupt(format!("template spec: {e}")))?,
+            created_at: row.get("created_at")?,
+        })
+    }
+}
+
+/// The template `name` as `tenant` sees it: its own, or else a built-in.
+pub(crate) fn visible_template(
+    conn: &Connection,
+    tenant: &str,
+    name: &str,
+) -> StoreResult<Option<TemplateRecord>> {
+    first_row(
+        &mut *conn.prepare_cached(
+            "SELECT * FROM templates WHERE name = ?1 AND (tenant_id = ?2 OR tenant_id IS NULL)
+             ORDER BY tenant_id IS NULL LIMIT 1",
+        )?,
+        params![name, tenant],
+        TemplateRecord::from_row,
+    )
+}
+
+impl Store {
+    /// Creates a template for `tenant`, or a built-in one for `None`.
+    ///
+    /// [`StoreError::Conflict`] if the name is taken where it would be seen: by the tenant's own
+    /// template or a built-in, or, for a new built-in, by any tenant's template.
+    pub fn create_template(
+        &self,
+        tenant: Option<&str>,
+        name: &str,
+        spec: &serde_json::Value,
+    ) -> StoreResult<TemplateRecord> {
+        check_template_name(name)?;
+        if !spec.is_object() {
+            return Err(StoreError::BadJson {
+                what: "template spec",
+                reason: "must be a JSON object".into(),
+            });
+        }
+        let record = TemplateRecord {
+            name: name.to_owned(),
+            tenant: tenant.map(str::to_owned),
+            spec: spec.clone(),
+            created_at: now_ms(),
+        };
+        self.write(|tx| {
+            if let Some(tenant) = tenant {
+                require_tenant(tx, tenant)?;
+            }
+            // Own or built-in for a tenant's template; any for a built-in.
+            let taken = tx
+                .prepare_cached(
+                    "SELECT 1 FROM templates WHERE name = ?1
+                     AND (?2 IS NULL OR tenant_id IS NULL OR tenant_id = ?2)",
+                )?
+                .exists(params![name, tenant])?;
+            if taken {
+                return Err(StoreError::conflict("template", name));
+            }
+            tx.execute(
+                "INSERT INTO templates (tenant_id, name, spec, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![tenant, name, spec.to_string(), record.created_at],
+            )?;
+            Ok(())
+        })?;
+        Ok(record)
+    }
+
+    /// The template `name` as `tenant` sees it: its own or a built-in.
+    pub fn get_template(&self, tenant: &str, name: &str) -> StoreResult<TemplateRecord> {
+        check_template_name(name)?;
+        self.read(|tx| {
+            require_tenant(tx, tenant)?;
+            visible_template(tx, tenant, name)?
+                .ok_or_else(|| StoreError::not_found("template", name))
+        })
+    }
+
+    /// The templates `tenant` sees (its own and the built-ins), by name; `None` lists only the
+    /// built-ins.
+    pub fn list_templates(&self, tenant: Option<&str>) -> StoreResult<Vec<TemplateRecord>> {
+        self.read(|tx| {
+            if let Some(tenant) = tenant {
+                require_tenant(tx, tenant)?;
+            }
+            let mut stmt = tx.prepare_cached(
+                "SELECT * FROM templates WHERE tenant_id IS NULL OR tenant_id = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_and_then([tenant], TemplateRecord::from_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Deletes `tenant`'s template `name`, or the built-in `name` for `None`.
+    ///
+    /// Refused with [`StoreError::TemplateInUse`] while starting, running or paused sandboxes
+    /// were made from it, unless `force`; the sandboxes keep its name either way. A tenant
+    /// naming a built-in gets [`StoreError::BuiltIn`].
+    pub fn delete_template(
+        &self,
+        tenant: Option<&str>,
+        name: &str,
+        force: bool,
+    ) -> StoreResult<()> {
+        check_template_name(name)?;
+        self.write(|tx| {
+            if let Some(tenant) = tenant {
+                require_tenant(tx, tenant)?;
+            }
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM templates WHERE name = ?1 AND tenant_id IS ?2")?
+                .exists(params![name, tenant])?;
+            if !exists {
+                let built_in = tenant.is_some()
+                    && tx
+                        .prepare_cached(
+                            "SELECT 1 FROM templates WHERE name = ?1 AND tenant_id IS NULL",
+                        )?
+                        .exists([name])?;
+                return Err(if built_in {
+                    StoreError::BuiltIn {
+                        name: name.to_owned(),
+                    }
+                } else {
+                    StoreError::not_found("template", name)
+                });
+            }
+            if !force {
+                let in_use: i64 = tx
+                    .prepare_cached(concat!(
+                        "SELECT count(*) FROM sandboxes
+                         WHERE template = ?1 AND template_tenant IS ?2 AND state IN ",
+                        active_states_sql!()
+                    ))?
+                    .query_row(params![name, tenant], |row| row.get(0))?;
+                if in_use > 0 {
+                    return Err(StoreError::TemplateInUse {
+                        name: name.to_owned(),
+                        sandboxes: u64::try_from(in_use).unwrap_or_default(),
+                    });
+                }
+            }
+            tx.execute(
+                "DELETE FROM templates WHERE name = ?1 AND tenant_id IS ?2",
+                params![name, tenant],
+            )?;
+            Ok(())
+        })
+    }
+}
