@@ -623,7 +623,7 @@ async fn trickling_agent() {
 #[tokio::test(start_paused = true)]
 async fn process_stream_without_end() {
     count_panics();
-    // Path → behaviour, chosen by the `tag` the test puts in the command name.
+    // The command name of the start request picks the misbehaviour.
     let (c, _hang_up) = h2_agent(|req, mut respond| async move {
         let (_parts, mut body) = req.into_parts();
         let mut request = Vec::new();
@@ -895,7 +895,7 @@ async fn responses_bigger_than_the_caps() {
     );
     assert!(
         peak.saturating_sub(rss_before) < 64 << 20,
-        "500 MB of hostile answers grew the peak RSS by {} MiB",
+        "100 MB answers grew the peak RSS by {} MiB",
         (peak - rss_before) >> 20
     );
     assert_no_panics();
