@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use moat_proto::connect::{self, Code, EndStream, EnvelopeDecoder};
+use moat_proto::connect::{self, Code, EndStream, EnvelopeDecoder, EnvelopeError};
 use moat_proto::process::process_event::Event;
 use moat_proto::process::process_selector::Selector;
 use moat_proto::process::{
@@ -43,6 +43,9 @@ pub const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
 pub const STREAM_IDLE_LIMIT: Duration = Duration::from_secs(90);
 /// Slack past a call's own deadline for the agent's answer to arrive.
 const GRACE: Duration = Duration::from_secs(2);
+/// How long the end of a process stream may lag behind its `end` event (the agent sends both
+/// back to back); keepalives do not extend it.
+const END_GRACE: Duration = Duration::from_secs(5);
 
 /// What went wrong talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +159,8 @@ impl AgentClient {
         }
     }
 
-    /// `Process.Start`. Waits for the `start` event, so the returned stream knows the pid.
+    /// `Process.Start`. Waits (at most [`DEFAULT_UNARY_TIMEOUT`]) for the `start` event, so the
+    /// returned stream knows the pid.
     pub async fn start(
         &self,
         req: StartRequest,
@@ -419,39 +423,45 @@ impl AgentClient {
             connect::HEADER_KEEPALIVE_INTERVAL,
             HeaderValue::from(STREAM_KEEPALIVE.as_secs()),
         );
-        let resp = within(DEFAULT_UNARY_TIMEOUT, self.send(req)).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(http_error(resp).await);
-        }
-        let ct = content_type(&resp);
-        if ct != connect::CONTENT_TYPE_CONNECT_PROTO {
-            return Err(AgentError::Protocol(format!(
-                "{path} answered content type {ct:?}"
-            )));
-        }
-        let mut stream = ProcessStream {
-            body: resp.into_body(),
-            dec: EnvelopeDecoder::new(MAX_RESPONSE_MESSAGE),
-            deadline: opts.timeout.map(|t| Instant::now() + t + GRACE),
-            pid: 0,
-            saw_end: false,
-            done: false,
-        };
-        match stream.next().await {
-            Some(Ok(ProcessEvent {
-                event: Some(Event::Start(start)),
-            })) => {
-                stream.pid = start.pid;
-                Ok(stream)
+        // One deadline up to the start event: keepalives reset only the stream's idle limit, so
+        // without it an agent sending nothing but keepalives would hold the call forever.
+        within(DEFAULT_UNARY_TIMEOUT, async {
+            let resp = self.send(req).await?;
+            if resp.status() != StatusCode::OK {
+                return Err(http_error(resp).await);
             }
-            Some(Err(e)) => Err(e),
-            Some(Ok(other)) => Err(AgentError::Protocol(format!(
-                "{path}: expected the start event first, got {other:?}"
-            ))),
-            None => Err(AgentError::Protocol(format!(
-                "{path}: stream ended before the start event"
-            ))),
-        }
+            let ct = content_type(&resp);
+            if ct != connect::CONTENT_TYPE_CONNECT_PROTO {
+                return Err(AgentError::Protocol(format!(
+                    "{path} answered content type {ct:?}"
+                )));
+            }
+            let mut stream = ProcessStream {
+                body: resp.into_body(),
+                dec: EnvelopeDecoder::new(MAX_RESPONSE_MESSAGE),
+                timeout: opts.timeout,
+                deadline: opts.timeout.map(|t| Instant::now() + t + GRACE),
+                end_by: None,
+                pid: 0,
+                done: false,
+            };
+            match stream.next().await {
+                Some(Ok(ProcessEvent {
+                    event: Some(Event::Start(start)),
+                })) => {
+                    stream.pid = start.pid;
+                    Ok(stream)
+                }
+                Some(Err(e)) => Err(e),
+                Some(Ok(other)) => Err(AgentError::Protocol(format!(
+                    "{path}: expected the start event first, got {other:?}"
+                ))),
+                None => Err(AgentError::Protocol(format!(
+                    "{path}: stream ended before the start event"
+                ))),
+            }
+        })
+        .await
     }
 }
 
@@ -461,10 +471,21 @@ impl AgentClient {
 pub struct ProcessStream {
     body: Incoming,
     dec: EnvelopeDecoder,
+    /// The call's own timeout, and when it passes (with [`GRACE`]).
+    timeout: Option<Duration>,
     deadline: Option<Instant>,
+    /// Set by the `end` event: the stream must be over by then.
+    end_by: Option<Instant>,
     pid: u32,
-    saw_end: bool,
     done: bool,
+}
+
+/// What a process stream waits for at most.
+#[derive(Clone, Copy, PartialEq)]
+enum Wait {
+    Idle,
+    Deadline,
+    AfterEnd,
 }
 
 impl ProcessStream {
@@ -489,6 +510,9 @@ impl ProcessStream {
     async fn next_inner(&mut self) -> Option<Result<ProcessEvent, AgentError>> {
         loop {
             match self.dec.next_envelope() {
+                Err(EnvelopeError::TooLarge { max, .. }) => {
+                    return Some(Err(AgentError::TooLarge { limit: max }));
+                }
                 Err(e) => return Some(Err(AgentError::Protocol(e.to_string()))),
                 Ok(Some(env)) if env.is_end_stream() => return self.end_stream(&env.payload),
                 Ok(Some(env)) => {
@@ -502,7 +526,7 @@ impl ProcessStream {
                         }) => continue,
                         Some(ev @ ProcessEvent { event: Some(_) }) => {
                             if matches!(ev.event, Some(Event::End(_))) {
-                                self.saw_end = true;
+                                self.end_by = Some(Instant::now() + END_GRACE);
                             }
                             return Some(Ok(ev));
                         }
@@ -515,19 +539,29 @@ impl ProcessStream {
                 }
                 Ok(None) => {}
             }
-            let idle = Instant::now() + STREAM_IDLE_LIMIT;
-            let until = self.deadline.map_or(idle, |d| d.min(idle));
+            let (mut until, mut wait) = (Instant::now() + STREAM_IDLE_LIMIT, Wait::Idle);
+            for (at, w) in [
+                (self.deadline, Wait::Deadline),
+                (self.end_by, Wait::AfterEnd),
+            ] {
+                if let Some(at) = at
+                    && at < until
+                {
+                    (until, wait) = (at, w);
+                }
+            }
             let frame = match tokio::time::timeout_at(until, self.body.frame()).await {
                 Ok(f) => f,
                 Err(_) => {
-                    let waited = if Some(until) == self.deadline {
-                        "the call's deadline"
-                    } else {
-                        "the stream's idle limit"
-                    };
-                    return Some(Err(AgentError::Transport(format!(
-                        "process stream silent past {waited}"
-                    ))));
+                    return Some(Err(match (wait, self.timeout) {
+                        (Wait::Deadline, Some(t)) => AgentError::Timeout(t),
+                        (Wait::AfterEnd, _) => AgentError::Protocol(
+                            "process stream did not end after its end event".into(),
+                        ),
+                        _ => AgentError::Transport(
+                            "process stream silent past the stream's idle limit".into(),
+                        ),
+                    }));
                 }
             };
             match frame {
@@ -561,7 +595,7 @@ impl ProcessStream {
                 message: truncate(err.message),
             }));
         }
-        if !self.saw_end {
+        if self.end_by.is_none() {
             return Some(Err(AgentError::Protocol(
                 "process stream ended without an end event".into(),
             )));

@@ -2,4 +2,4 @@
 # responsive; the timeout then kills it all.
 bomb() { bomb | bomb & }
 bomb
-sleep 30
+exec sleep 30

@@ -393,6 +393,9 @@ fn spawn_error(cmd: &str, e: &std::io::Error) -> RpcError {
     let code = match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ENOTDIR) => Code::NotFound,
         Some(libc::EACCES) | Some(libc::EPERM) => Code::PermissionDenied,
+        // argv and environment past ARG_MAX (or one string past MAX_ARG_STRLEN): the caller's
+        // request is too big, not an agent failure.
+        Some(libc::E2BIG) => Code::InvalidArgument,
         Some(libc::EAGAIN) | Some(libc::ENOMEM) | Some(libc::EMFILE) | Some(libc::ENFILE) => {
             Code::ResourceExhausted
         }
