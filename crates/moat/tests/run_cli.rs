@@ -236,8 +236,19 @@ fn check_reports_the_host_and_the_choice() {
     let o = moat().arg("check").output().expect("run moat check");
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     let text = stdout(&o);
-    for line in ["user namespaces", "cgroups", "seccomp", "landlock", "overlayfs", "runsc", "kvm"] {
-        assert!(text.lines().any(|l| l.starts_with(line)), "no {line} line: {text}");
+    for line in [
+        "user namespaces",
+        "cgroups",
+        "seccomp",
+        "landlock",
+        "overlayfs",
+        "runsc",
+        "kvm",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "no {line} line: {text}"
+        );
     }
     assert!(text.contains("moat will use: native backend"), "{text}");
 }
