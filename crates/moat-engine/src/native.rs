@@ -20,6 +20,9 @@ use tokio::net::UnixStream;
 use crate::backend::{Backend, Capabilities, Instance, InstanceStats, RootfsSource, SandboxSpec};
 use crate::error::{EngineError, Result};
 
+/// Age after which an empty sandbox cgroup with no owner is removed at start-up.
+const STALE_CGROUP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Options of the native backend.
 #[derive(Debug, Clone)]
 pub struct NativeOptions {
@@ -67,6 +70,12 @@ impl NativeBackend {
         }
         let runtime = RuntimeDir::open(&opts.runtime_dir)?;
         let mut layout = Layout::detect()?;
+        // Whatever a killed predecessor could not clean up (its processes died with their pid
+        // namespace; empty cgroups may remain).
+        let swept = layout.sweep(STALE_CGROUP_AGE, |_| true);
+        if swept > 0 {
+            tracing::info!("removed {swept} stale sandbox cgroups");
+        }
         if opts.tune_cgroups
             && let Err(e) = layout.favor_dynamic_changes()
         {

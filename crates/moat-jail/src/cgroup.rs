@@ -274,21 +274,30 @@ impl Layout {
         v
     }
 
-    /// Removes sandbox cgroups named by `is_stale(name)` that have no process left. Returns how
-    /// many directories were removed. Used at start-up to reap what a killed process left.
-    pub fn sweep(&self, is_stale: impl Fn(&str) -> bool) -> usize {
+    /// Removes empty sandbox cgroups older than `min_age` whose name `select` accepts: what a
+    /// process killed before it could
+    /// clean up left behind (a guardian killed with it, or a server restart). The age spares a
+    /// sandbox that is being created right now, whose cgroups are empty for a moment. Returns how
+    /// many directories were removed.
+    pub fn sweep(&self, min_age: Duration, select: impl Fn(&str) -> bool) -> usize {
         let mut removed = 0;
         for base in self.bases() {
             let Ok(entries) = fs::read_dir(&base) else {
                 continue;
             };
             for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !e.path().is_dir() || !is_stale(&name) {
+                let path = e.path();
+                let old_enough = fs::symlink_metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= min_age);
+                let selected = e.file_name().to_str().is_some_and(&select);
+                if !path.is_dir() || !old_enough || !selected {
                     continue;
                 }
-                let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
-                if procs.trim().is_empty() && fs::remove_dir(e.path()).is_ok() {
+                let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+                if procs.trim().is_empty() && fs::remove_dir(&path).is_ok() {
                     removed += 1;
                 }
             }

@@ -152,3 +152,29 @@ fn directory_template_uses_overlay() {
     );
     std::fs::remove_dir_all(&lower).expect("cleanup");
 }
+
+#[test]
+fn sweep_removes_only_empty_selected_cgroups() {
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    let layout = Layout::detect().expect("cgroups");
+    let id = format!("sweeptest{}x{}", std::process::id(), rand_suffix());
+    let limits = Limits {
+        memory_bytes: 64 << 20,
+        cpu_millis: 1000,
+        pids: 16,
+    };
+    let cg = SandboxCgroup::create(&layout, &id, &limits).expect("cgroup");
+    // Too young: kept.
+    assert_eq!(
+        layout.sweep(std::time::Duration::from_secs(3600), |n| n == id),
+        0
+    );
+    assert!(cg.dirs().iter().all(|d| d.exists()));
+    // Old enough (any age) and selected: removed everywhere.
+    let removed = layout.sweep(std::time::Duration::ZERO, |n| n == id);
+    assert_eq!(removed, cg.dirs().len());
+    assert!(cg.dirs().iter().all(|d| !d.exists()));
+}
