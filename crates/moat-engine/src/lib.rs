@@ -3,6 +3,7 @@
 //! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements.
 //! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
+//! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
 //! - [`resources`]: limits, their bounds, and parsing.
 //! - [`store`]: the durable state of `moat serve` (tenants, keys, templates, sandboxes) in SQLite.
 //! - [`error`]: the engine's errors.
@@ -10,6 +11,7 @@
 pub mod agent_client;
 pub mod backend;
 pub mod error;
+pub mod manager;
 pub mod native;
 pub mod resources;
 pub mod store;

@@ -3,9 +3,11 @@
 //! - [`agent_config`]: what the host hands the in-sandbox agent when it starts it.
 //! - [`connect`]: the Connect protocol's framing (envelopes, end-stream, errors, deadlines).
 //! - [`envd`]: messages of the envd-compatible `process` and `filesystem` services.
+//! - [`v1`]: the `/v1` REST API's request and response bodies.
 
 pub mod agent_config;
 pub mod connect;
 pub mod envd;
+pub mod v1;
 
 pub use envd::{filesystem, process};

@@ -1,0 +1,1004 @@
+//! The sandbox manager: the domain layer `moat serve` calls. It owns the live sandboxes (each a
+//! backend instance and a client of its agent) and keeps the store true to them.
+//!
+//! Every change is recorded before it is acknowledged: a sandbox is recorded as `starting`
+//! (quotas checked in the same transaction) before the backend makes it, `running` once its
+//! agent answers, and `failed` (with the reason) if anything in between fails, after whatever
+//! was made is destroyed. Work that must not be left half-done (create, delete) runs in its own
+//! task, so a caller that goes away (an HTTP client hanging up) cannot cancel it midway.
+//!
+//! The store is blocking; its calls run on tokio's blocking pool.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moat_proto::agent_config::AgentConfig;
+use moat_proto::connect::Code;
+use moat_proto::process::{ProcessConfig, StartRequest, process_event, process_selector};
+use moat_proto::v1;
+
+use crate::agent_client::{AgentClient, AgentError, CallOptions};
+use crate::backend::{Backend, Instance, RootfsSource, SandboxSpec};
+use crate::resources::{Resources, bounds, parse_size};
+use crate::store::{
+    Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, SandboxFilter, SandboxRecord, SandboxState,
+    Store, StoreError, check_template_name, generate_sandbox_id,
+};
+
+/// Output kept per stream (stdout, stderr) of a buffered exec; the rest is dropped and the
+/// result marked `truncated`.
+pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
+/// Timeout of an exec that names none.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest timeout an exec may ask for: a buffered call holds its HTTP request open.
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Most environment variables in one request.
+pub const MAX_ENV_VARS: usize = 256;
+/// Chunk size for writing an exec's stdin to the agent (below its message limit).
+const STDIN_CHUNK: usize = 256 << 10;
+
+/// What the manager can fail with, one variant per answer the API gives.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// The request is malformed or asks for something not allowed (HTTP 400).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// No such sandbox for this tenant (HTTP 404).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The sandbox is not in a state that allows this (HTTP 409).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A quota of the key or tenant would be exceeded (HTTP 429).
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The sandbox or its agent cannot be reached, or the backend could not make it (HTTP 503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A fault of the server itself, such as its database (HTTP 500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ManagerError {
+    /// The machine-readable code of the error, as the API reports it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ManagerError::Invalid(_) => "invalid",
+            ManagerError::NotFound(_) => "not_found",
+            ManagerError::Conflict(_) => "conflict",
+            ManagerError::QuotaExceeded(_) => "quota_exceeded",
+            ManagerError::Unavailable(_) => "unavailable",
+            ManagerError::Internal(_) => "internal",
+        }
+    }
+
+    /// The HTTP status the API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ManagerError::Invalid(_) => 400,
+            ManagerError::NotFound(_) => 404,
+            ManagerError::Conflict(_) => 409,
+            ManagerError::QuotaExceeded(_) => 429,
+            ManagerError::Unavailable(_) => 503,
+            ManagerError::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<StoreError> for ManagerError {
+    fn from(e: StoreError) -> Self {
+        let text = e.to_string();
+        match e {
+            StoreError::Invalid { .. } | StoreError::BadJson { .. } => ManagerError::Invalid(text),
+            StoreError::NotFound { .. } => ManagerError::NotFound(text),
+            StoreError::Conflict { .. }
+            | StoreError::TemplateInUse { .. }
+            | StoreError::BuiltIn { .. }
+            | StoreError::InvalidTransition { .. }
+            | StoreError::Ended { .. } => ManagerError::Conflict(text),
+            StoreError::QuotaExceeded { .. } => ManagerError::QuotaExceeded(text),
+            _ => ManagerError::Internal(text),
+        }
+    }
+}
+
+impl From<crate::EngineError> for ManagerError {
+    fn from(e: crate::EngineError) -> Self {
+        match e {
+            crate::EngineError::Invalid(m) => ManagerError::Invalid(m),
+            crate::EngineError::NotFound(m) => ManagerError::NotFound(m),
+            other => ManagerError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Result of manager operations.
+pub type ManagerResult<T> = std::result::Result<T, ManagerError>;
+
+/// Settings of a [`SandboxManager`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManagerOptions {
+    /// Time to live of a sandbox whose request names none.
+    pub default_ttl: Duration,
+    /// Longest time to live a request may ask for (at create or later).
+    pub max_ttl: Duration,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions {
+            default_ttl: Duration::from_secs(5 * 60),
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// One sandbox the manager runs.
+struct Live {
+    tenant: String,
+    client: AgentClient,
+    /// Behind an async mutex: `destroy` needs `&mut`, and may wait.
+    instance: tokio::sync::Mutex<Box<dyn Instance>>,
+}
+
+struct Inner {
+    store: Arc<Store>,
+    backend: Arc<dyn Backend>,
+    opts: ManagerOptions,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+}
+
+/// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
+/// true. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct SandboxManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SandboxManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxManager")
+            .field("backend", &self.inner.backend.name())
+            .field("opts", &self.inner.opts)
+            .finish()
+    }
+}
+
+/// The built-in `host` template's spec: the host's system directories, engine default limits.
+pub fn host_template_spec() -> v1::TemplateSpec {
+    let d = Resources::default();
+    v1::TemplateSpec {
+        rootfs: v1::Rootfs::Host,
+        resources: Some(v1::ResourceRequest {
+            memory: Some(d.memory_bytes.to_string()),
+            cpus: Some(d.cpu_millis as f64 / 1000.0),
+            pids: Some(d.pids),
+            disk: Some(d.disk_bytes.to_string()),
+        }),
+        max_resources: None,
+        env: BTreeMap::new(),
+        user: None,
+        workdir: None,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl SandboxManager {
+    /// A manager over `store` and `backend`. Makes sure the built-in `host` template exists in
+    /// the store (a blocking write; call it at start-up, before serving).
+    pub fn new(
+        store: Arc<Store>,
+        backend: Arc<dyn Backend>,
+        opts: ManagerOptions,
+    ) -> ManagerResult<SandboxManager> {
+        if opts.default_ttl.is_zero() || opts.default_ttl > opts.max_ttl {
+            return Err(ManagerError::Invalid(format!(
+                "default TTL {:?} must be positive and at most the maximum {:?}",
+                opts.default_ttl, opts.max_ttl
+            )));
+        }
+        let spec = serde_json::to_value(host_template_spec())
+            .map_err(|e| ManagerError::Internal(format!("host template spec: {e}")))?;
+        match store.create_template(None, v1::DEFAULT_TEMPLATE, &spec) {
+            // Already there from an earlier start: keep it (an operator may have tuned it).
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(SandboxManager {
+            inner: Arc::new(Inner {
+                store,
+                backend,
+                opts,
+                live: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The store this manager keeps.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// How many sandboxes this manager runs now.
+    pub fn live_count(&self) -> usize {
+        lock(&self.inner.live).len()
+    }
+
+    /// Makes a sandbox for `tenant` (charged to `key_id`'s quotas when given) and waits until
+    /// its agent answers. On failure nothing is left running and the record, if one was made,
+    /// is `failed` with the reason.
+    pub async fn create(
+        &self,
+        tenant: &str,
+        key_id: Option<&str>,
+        req: v1::CreateSandbox,
+    ) -> ManagerResult<v1::Sandbox> {
+        let inner = self.inner.clone();
+        let tenant = tenant.to_owned();
+        let key_id = key_id.map(str::to_owned);
+        tokio::spawn(async move { inner.create(tenant, key_id, req).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("create task: {e}")))?
+    }
+
+    /// The sandbox `id` of `tenant`.
+    pub async fn get(&self, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let rec = self.inner.db(move |s| s.get_sandbox(&tenant, &id)).await?;
+        Ok(to_v1(&rec))
+    }
+
+    /// One page of `tenant`'s sandboxes matching `query`.
+    pub async fn list(
+        &self,
+        tenant: &str,
+        query: v1::ListSandboxes,
+    ) -> ManagerResult<v1::SandboxList> {
+        let filter = SandboxFilter {
+            states: query.states.iter().map(|s| from_v1_state(*s)).collect(),
+            metadata: query.metadata.into_iter().collect(),
+            after: query
+                .after
+                .as_deref()
+                .map(Cursor::decode)
+                .transpose()
+                .map_err(ManagerError::from)?,
+            limit: query.limit.unwrap_or(100).min(MAX_PAGE),
+        };
+        let tenant = tenant.to_owned();
+        let page = self
+            .inner
+            .db(move |s| s.list_sandboxes(&tenant, &filter))
+            .await?;
+        Ok(v1::SandboxList {
+            sandboxes: page.items.iter().map(to_v1).collect(),
+            next: page.next.map(|c| c.encode()),
+        })
+    }
+
+    /// Destroys the sandbox and records it `killed` (reason `deleted`). Deleting an ended
+    /// sandbox changes nothing and returns it as it is.
+    pub async fn delete(&self, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
+        let inner = self.inner.clone();
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        tokio::spawn(async move { inner.end(&tenant, &id, EndReason::Deleted).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("delete task: {e}")))?
+    }
+
+    /// Sets the sandbox to expire `timeout_secs` from now (at most the configured maximum).
+    pub async fn set_timeout(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: v1::SetTimeout,
+    ) -> ManagerResult<v1::Sandbox> {
+        let ttl = self.inner.ttl(Some(req.timeout_secs))?;
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let at = now_ms().saturating_add(ms(ttl));
+        let rec = self
+            .inner
+            .db(move |s| s.set_sandbox_expiry(&tenant, &id, Some(at)))
+            .await?;
+        Ok(to_v1(&rec))
+    }
+
+    /// Runs one command in the sandbox and returns its buffered result.
+    pub async fn exec(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: v1::ExecRequest,
+    ) -> ManagerResult<v1::ExecResult> {
+        let (start, stdin, timeout, user) = exec_plan(req)?;
+        let live = self.inner.live_for(tenant, id).await?;
+        let oom_before = live.instance.lock().await.stats().oom_kills;
+        let began = Instant::now();
+        let opts = CallOptions {
+            user,
+            timeout: Some(timeout),
+        };
+        let mut stream = match live.client.start(start, opts).await {
+            Ok(s) => s,
+            Err(e) => return start_failure(e),
+        };
+        let selector = process_selector::Selector::Pid(stream.pid());
+        if let Some(data) = stdin {
+            // Fed beside the output loop: a command may fill its output pipe before it has
+            // read all its input.
+            let client = live.client.clone();
+            let sel = selector.clone();
+            tokio::spawn(async move {
+                for chunk in data.chunks(STDIN_CHUNK) {
+                    let bytes = Bytes::copy_from_slice(chunk);
+                    if client.send_input(sel.clone(), bytes, false).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = client.close_stdin(sel).await;
+            });
+        }
+        let mut out = Capped::default();
+        let mut err = Capped::default();
+        let mut result = v1::ExecResult {
+            stdout: String::new(),
+            stderr: String::new(),
+            exit_code: None,
+            signal: None,
+            duration_ms: 0,
+            timed_out: false,
+            truncated: false,
+            oom_killed: false,
+        };
+        loop {
+            match stream.next().await {
+                Some(Ok(ev)) => match ev.event {
+                    Some(process_event::Event::Data(d)) => {
+                        use process_event::data_event::Output;
+                        match d.output {
+                            Some(Output::Stdout(b)) | Some(Output::Pty(b)) => out.push(&b),
+                            Some(Output::Stderr(b)) => err.push(&b),
+                            None => {}
+                        }
+                    }
+                    Some(process_event::Event::End(end)) => {
+                        if end.exited {
+                            result.exit_code = Some(end.exit_code);
+                        } else {
+                            result.signal = Some(end.status);
+                        }
+                    }
+                    _ => {}
+                },
+                None => break,
+                Some(Err(e)) if e.code() == Code::DeadlineExceeded => {
+                    result.timed_out = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    return Err(ManagerError::Unavailable(format!(
+                        "sandbox {id}: process stream: {e}"
+                    )));
+                }
+            }
+        }
+        result.duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        result.oom_killed = live.instance.lock().await.stats().oom_kills > oom_before;
+        result.truncated = out.truncated || err.truncated;
+        result.stdout = String::from_utf8_lossy(&out.data).into_owned();
+        result.stderr = String::from_utf8_lossy(&err.data).into_owned();
+        Ok(result)
+    }
+
+    /// Destroys every sandbox whose TTL has passed at `now` (Unix ms) and records it `killed`
+    /// with reason `ttl`. Returns their ids.
+    pub async fn reap_expired(&self, now: i64) -> ManagerResult<Vec<String>> {
+        let expired = self.inner.db(move |s| s.expired(now)).await?;
+        let mut reaped = Vec::with_capacity(expired.len());
+        for rec in expired {
+            let inner = self.inner.clone();
+            let done = tokio::spawn(async move {
+                inner.end(&rec.tenant, &rec.id, EndReason::Ttl).await?;
+                Ok::<_, ManagerError>(rec.id)
+            })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("reap task: {e}")))?;
+            match done {
+                Ok(id) => reaped.push(id),
+                // Deleted meanwhile: nothing left to reap.
+                Err(ManagerError::NotFound(_)) => {}
+                Err(e) => tracing::warn!("reaping an expired sandbox: {e}"),
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Destroys every sandbox this manager runs and records each `killed` (reason
+    /// `shutdown`). Returns how many it destroyed.
+    pub async fn shutdown(&self) -> usize {
+        let all: Vec<(String, Arc<Live>)> = lock(&self.inner.live).drain().collect();
+        let n = all.len();
+        for (id, live) in all {
+            if let Err(e) = live.instance.lock().await.destroy().await {
+                tracing::warn!(sandbox = %id, "destroy at shutdown: {e}");
+            }
+            let tenant = live.tenant.clone();
+            let marked = self
+                .inner
+                .db(move |s| {
+                    s.update_sandbox_state(
+                        &tenant,
+                        &id,
+                        SandboxState::Killed,
+                        Some(EndReason::Other("shutdown".into())),
+                    )
+                })
+                .await;
+            if let Err(e) = marked
+                && !matches!(e, ManagerError::Conflict(_))
+            {
+                tracing::warn!("recording a sandbox ended at shutdown: {e}");
+            }
+        }
+        n
+    }
+}
+
+impl Inner {
+    /// Runs a store call on the blocking pool.
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> ManagerResult<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| ManagerError::Internal(format!("store task: {e}")))?
+            .map_err(ManagerError::from)
+    }
+
+    fn ttl(&self, secs: Option<u64>) -> ManagerResult<Duration> {
+        let Some(secs) = secs else {
+            return Ok(self.opts.default_ttl);
+        };
+        let ttl = Duration::from_secs(secs);
+        if secs == 0 || ttl > self.opts.max_ttl {
+            return Err(ManagerError::Invalid(format!(
+                "timeout_secs {secs} must be 1 to {}",
+                self.opts.max_ttl.as_secs()
+            )));
+        }
+        Ok(ttl)
+    }
+
+    async fn create(
+        self: Arc<Self>,
+        tenant: String,
+        key_id: Option<String>,
+        req: v1::CreateSandbox,
+    ) -> ManagerResult<v1::Sandbox> {
+        // Everything the client can get wrong is checked before anything is recorded.
+        check_template_name(&req.template).map_err(ManagerError::from)?;
+        let ttl = self.ttl(req.timeout_secs)?;
+        check_env("env", &req.env)?;
+        let (t, name) = (tenant.clone(), req.template.clone());
+        let template = match self.db(move |s| s.get_template(&t, &name)).await {
+            Ok(t) => t,
+            Err(ManagerError::NotFound(_)) => {
+                return Err(ManagerError::Invalid(format!(
+                    "unknown template {:?}",
+                    req.template
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let spec: v1::TemplateSpec = serde_json::from_value(template.spec).map_err(|e| {
+            ManagerError::Internal(format!("template {:?} has a bad spec: {e}", req.template))
+        })?;
+        let resources = resolve_resources(&spec, req.resources.as_ref())?;
+        let rootfs = match &spec.rootfs {
+            v1::Rootfs::Host => RootfsSource::Host,
+            v1::Rootfs::Dir(dir) => RootfsSource::Dir(PathBuf::from(dir)),
+        };
+        let limits = match &key_id {
+            Some(key) => {
+                let (t, k) = (tenant.clone(), key.clone());
+                let q = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
+                Limits {
+                    max_sandboxes: q.max_sandboxes.map(u64::from),
+                    max_memory_bytes: q.max_memory_bytes,
+                }
+            }
+            None => Limits::default(),
+        };
+        let id = generate_sandbox_id().map_err(ManagerError::from)?;
+        let new = NewSandbox {
+            id: id.clone(),
+            tenant: tenant.clone(),
+            key_id,
+            template: req.template.clone(),
+            state: SandboxState::Starting,
+            metadata: req.metadata,
+            resources: serde_json::to_value(limits_v1(&resources))
+                .map_err(|e| ManagerError::Internal(e.to_string()))?,
+            memory_bytes: resources.memory_bytes,
+            expires_at: Some(now_ms().saturating_add(ms(ttl))),
+        };
+        self.db(move |s| s.insert_sandbox_within(&new, limits))
+            .await?;
+
+        let mut env = spec.env.clone();
+        env.extend(req.env);
+        let agent = AgentConfig {
+            default_user: spec.user.clone().unwrap_or_else(|| "user".into()),
+            default_workdir: spec.workdir.clone(),
+            env_vars: env,
+            ..AgentConfig::default()
+        };
+        let bspec = SandboxSpec {
+            id: id.clone(),
+            rootfs,
+            resources,
+            agent,
+        };
+        match self.start(&tenant, bspec).await {
+            Ok(()) => {}
+            Err(e) => {
+                let reason = EndReason::Failed(e.to_string());
+                let (t, i) = (tenant.clone(), id.clone());
+                // Ended by a concurrent delete is fine: it is not running either way.
+                if let Err(store_err) = self
+                    .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Failed, Some(reason)))
+                    .await
+                    && !matches!(store_err, ManagerError::Conflict(_))
+                {
+                    tracing::warn!(sandbox = %id, "recording a failed create: {store_err}");
+                }
+                return Err(e);
+            }
+        }
+        let (t, i) = (tenant.clone(), id.clone());
+        match self
+            .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Running, None))
+            .await
+        {
+            Ok(rec) => Ok(to_v1(&rec)),
+            Err(e) => {
+                // Deleted while starting (or the store failed): nothing may stay running.
+                self.remove_and_destroy(&id).await;
+                if matches!(e, ManagerError::Conflict(_)) {
+                    return Err(ManagerError::Conflict(format!(
+                        "sandbox {id} was ended while it started"
+                    )));
+                }
+                let (t, i) = (tenant.clone(), id.clone());
+                let reason = EndReason::Failed(e.to_string());
+                let _ = self
+                    .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Failed, Some(reason)))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the sandbox with the backend, connects to its agent and registers it as live;
+    /// on failure, destroys whatever was made.
+    async fn start(&self, tenant: &str, spec: SandboxSpec) -> ManagerResult<()> {
+        let mut instance = self
+            .backend
+            .create(&spec)
+            .await
+            .map_err(|e| ManagerError::Unavailable(format!("backend could not create: {e}")))?;
+        let connected = async {
+            let channel = instance
+                .take_channel()
+                .ok_or_else(|| ManagerError::Internal("backend gave no agent channel".into()))?;
+            let client = AgentClient::handshake(channel)
+                .await
+                .map_err(|e| ManagerError::Unavailable(format!("agent handshake: {e}")))?;
+            client
+                .health()
+                .await
+                .map_err(|e| ManagerError::Unavailable(format!("agent health: {e}")))?;
+            Ok::<_, ManagerError>(client)
+        }
+        .await;
+        let client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if let Err(d) = instance.destroy().await {
+                    tracing::warn!(sandbox = %spec.id, "destroying a failed sandbox: {d}");
+                }
+                return Err(e);
+            }
+        };
+        // Registered before it is recorded running, so a delete that sees it running finds it.
+        lock(&self.live).insert(
+            spec.id.clone(),
+            Arc::new(Live {
+                tenant: tenant.to_owned(),
+                client,
+                instance: tokio::sync::Mutex::new(instance),
+            }),
+        );
+        Ok(())
+    }
+
+    async fn remove_and_destroy(&self, id: &str) {
+        let live = lock(&self.live).remove(id);
+        if let Some(live) = live
+            && let Err(e) = live.instance.lock().await.destroy().await
+        {
+            tracing::warn!(sandbox = %id, "destroy: {e}");
+        }
+    }
+
+    /// Destroys the sandbox if it runs and records it killed for `reason`; an ended one is
+    /// returned as it is.
+    async fn end(&self, tenant: &str, id: &str, reason: EndReason) -> ManagerResult<v1::Sandbox> {
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        // The store said it is the tenant's, so the live entry (same id) is too.
+        self.remove_and_destroy(id).await;
+        if rec.state.is_ended() {
+            return Ok(to_v1(&rec));
+        }
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        match self
+            .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Killed, Some(reason)))
+            .await
+        {
+            Ok(rec) => Ok(to_v1(&rec)),
+            // Ended meanwhile by another path (a failed create, a concurrent delete).
+            Err(ManagerError::Conflict(_)) => {
+                let (t, i) = (tenant.to_owned(), id.to_owned());
+                Ok(to_v1(&self.db(move |s| s.get_sandbox(&t, &i)).await?))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The live sandbox `id` of `tenant`, or why there is none.
+    async fn live_for(&self, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
+        let live = lock(&self.live).get(id).cloned();
+        if let Some(live) = live
+            && live.tenant == tenant
+        {
+            return Ok(live);
+        }
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        Err(ManagerError::Conflict(format!(
+            "sandbox {id} is {}, not running",
+            rec.state
+        )))
+    }
+}
+
+/// The agent's request, stdin, timeout and user for an exec, or why it is invalid.
+#[allow(clippy::type_complexity)]
+fn exec_plan(
+    req: v1::ExecRequest,
+) -> ManagerResult<(StartRequest, Option<Vec<u8>>, Duration, Option<String>)> {
+    let (cmd, args) = match (req.cmd, req.shell) {
+        (Some(argv), None) => {
+            let mut it = argv.into_iter();
+            let cmd = it
+                .next()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| ManagerError::Invalid("cmd must name a program".into()))?;
+            (cmd, it.collect::<Vec<_>>())
+        }
+        (None, Some(script)) => ("/bin/sh".to_owned(), vec!["-c".to_owned(), script]),
+        _ => {
+            return Err(ManagerError::Invalid(
+                "give exactly one of cmd and shell".into(),
+            ));
+        }
+    };
+    if cmd.contains('\0') || args.iter().any(|a| a.contains('\0')) {
+        return Err(ManagerError::Invalid(
+            "command contains a NUL character".into(),
+        ));
+    }
+    check_env("env", &req.env)?;
+    let timeout = match req.timeout_secs {
+        None => DEFAULT_EXEC_TIMEOUT,
+        Some(s) if s >= 1 && s <= MAX_EXEC_TIMEOUT.as_secs() => Duration::from_secs(s),
+        Some(s) => {
+            return Err(ManagerError::Invalid(format!(
+                "timeout_secs {s} must be 1 to {}",
+                MAX_EXEC_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    let stdin = req.stdin.map(String::into_bytes);
+    let start = StartRequest {
+        process: Some(ProcessConfig {
+            cmd,
+            args,
+            envs: req.env.into_iter().collect(),
+            cwd: req.cwd,
+        }),
+        pty: None,
+        tag: None,
+        stdin: Some(stdin.is_some()),
+    };
+    Ok((start, stdin, timeout, req.user))
+}
+
+/// A command the agent could not start: a missing or unexecutable program is a result (127,
+/// 126, as a shell reports it); a bad user or directory is the request's fault.
+fn start_failure(e: AgentError) -> ManagerResult<v1::ExecResult> {
+    let failed = |code: i32, msg: String| v1::ExecResult {
+        stdout: String::new(),
+        stderr: msg,
+        exit_code: Some(code),
+        signal: None,
+        duration_ms: 0,
+        timed_out: false,
+        truncated: false,
+        oom_killed: false,
+    };
+    match e.code() {
+        Code::NotFound => Ok(failed(127, format!("{e}\n"))),
+        Code::PermissionDenied => Ok(failed(126, format!("{e}\n"))),
+        Code::InvalidArgument | Code::Unauthenticated => Err(ManagerError::Invalid(format!(
+            "cannot start the command: {e}"
+        ))),
+        _ => Err(ManagerError::Unavailable(format!(
+            "cannot start the command: {e}"
+        ))),
+    }
+}
+
+/// Output kept up to [`EXEC_OUTPUT_LIMIT`].
+#[derive(Default)]
+struct Capped {
+    data: Vec<u8>,
+    truncated: bool,
+}
+
+impl Capped {
+    fn push(&mut self, b: &[u8]) {
+        let room = EXEC_OUTPUT_LIMIT - self.data.len();
+        if b.len() > room {
+            self.truncated = true;
+        }
+        self.data.extend_from_slice(&b[..b.len().min(room)]);
+    }
+}
+
+fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(ManagerError::Invalid(format!(
+            "{what}: at most {MAX_ENV_VARS} variables"
+        )));
+    }
+    for (k, v) in env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(ManagerError::Invalid(format!(
+                "{what}: invalid variable {:?} (names are non-empty, without '=' or NUL)",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Applies a resource request over `base`.
+fn apply(base: Resources, req: &v1::ResourceRequest) -> ManagerResult<Resources> {
+    let mut r = base;
+    if let Some(m) = &req.memory {
+        r.memory_bytes = parse_size(m)?;
+    }
+    if let Some(d) = &req.disk {
+        r.disk_bytes = parse_size(d)?;
+    }
+    if let Some(c) = req.cpus {
+        if !c.is_finite() || c <= 0.0 || c > bounds::MAX_CPU_MILLIS as f64 / 1000.0 {
+            return Err(ManagerError::Invalid(format!(
+                "cpus {c} must be positive and at most {}",
+                bounds::MAX_CPU_MILLIS / 1000
+            )));
+        }
+        r.cpu_millis = (c * 1000.0).round() as u64;
+    }
+    if let Some(p) = req.pids {
+        r.pids = p;
+    }
+    Ok(r)
+}
+
+/// The sandbox's limits: the template's defaults, then the request, checked against the
+/// template's maximum and the engine's bounds.
+fn resolve_resources(
+    spec: &v1::TemplateSpec,
+    req: Option<&v1::ResourceRequest>,
+) -> ManagerResult<Resources> {
+    let defaults = match &spec.resources {
+        Some(r) => apply(Resources::default(), r)?,
+        None => Resources::default(),
+    };
+    let resolved = match req {
+        Some(r) => apply(defaults, r)?,
+        None => defaults,
+    };
+    resolved.validate()?;
+    if let Some(max) = &spec.max_resources {
+        let top = Resources {
+            memory_bytes: bounds::MAX_MEMORY,
+            cpu_millis: bounds::MAX_CPU_MILLIS,
+            pids: bounds::MAX_PIDS,
+            disk_bytes: bounds::MAX_DISK,
+        };
+        let max = apply(top, max)?;
+        for (what, v, m) in [
+            ("memory", resolved.memory_bytes, max.memory_bytes),
+            ("cpus (millis)", resolved.cpu_millis, max.cpu_millis),
+            ("pids", resolved.pids, max.pids),
+            ("disk", resolved.disk_bytes, max.disk_bytes),
+        ] {
+            if v > m {
+                return Err(ManagerError::Invalid(format!(
+                    "{what} {v} is over the template's limit of {m}"
+                )));
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+fn limits_v1(r: &Resources) -> v1::ResourceLimits {
+    v1::ResourceLimits {
+        memory_bytes: r.memory_bytes,
+        cpu_millis: r.cpu_millis,
+        pids: r.pids,
+        disk_bytes: r.disk_bytes,
+    }
+}
+
+fn to_v1_state(s: SandboxState) -> v1::SandboxState {
+    match s {
+        SandboxState::Starting => v1::SandboxState::Starting,
+        SandboxState::Running => v1::SandboxState::Running,
+        SandboxState::Paused => v1::SandboxState::Paused,
+        SandboxState::Killed => v1::SandboxState::Killed,
+        SandboxState::Failed => v1::SandboxState::Failed,
+    }
+}
+
+fn from_v1_state(s: v1::SandboxState) -> SandboxState {
+    match s {
+        v1::SandboxState::Starting => SandboxState::Starting,
+        v1::SandboxState::Running => SandboxState::Running,
+        v1::SandboxState::Paused => SandboxState::Paused,
+        v1::SandboxState::Killed => SandboxState::Killed,
+        v1::SandboxState::Failed => SandboxState::Failed,
+    }
+}
+
+fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
+    v1::Sandbox {
+        id: rec.id.clone(),
+        template: rec.template.clone(),
+        state: to_v1_state(rec.state),
+        metadata: rec.metadata.clone(),
+        // Written by this manager; an unreadable value shows as zeros rather than failing.
+        resources: serde_json::from_value(rec.resources.clone()).unwrap_or_default(),
+        created_at: rec.created_at,
+        expires_at: rec.expires_at,
+        ended_at: rec.ended_at,
+        end_reason: rec.end_reason.as_ref().map(ToString::to_string),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_resolve_within_the_template() {
+        let mut spec = host_template_spec();
+        let r = resolve_resources(&spec, None).unwrap();
+        assert_eq!(r, Resources::default());
+        let req = v1::ResourceRequest {
+            memory: Some("256M".into()),
+            cpus: Some(0.5),
+            ..Default::default()
+        };
+        let r = resolve_resources(&spec, Some(&req)).unwrap();
+        assert_eq!((r.memory_bytes, r.cpu_millis), (256 << 20, 500));
+        spec.max_resources = Some(v1::ResourceRequest {
+            memory: Some("128M".into()),
+            ..Default::default()
+        });
+        assert!(matches!(
+            resolve_resources(&spec, Some(&req)),
+            Err(ManagerError::Invalid(_))
+        ));
+        for bad in [
+            v1::ResourceRequest {
+                memory: Some("lots".into()),
+                ..Default::default()
+            },
+            v1::ResourceRequest {
+                cpus: Some(-1.0),
+                ..Default::default()
+            },
+            v1::ResourceRequest {
+                pids: Some(1),
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(
+                resolve_resources(&host_template_spec(), Some(&bad)),
+                Err(ManagerError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn exec_requests_are_checked() {
+        let ok = v1::ExecRequest {
+            shell: Some("echo hi".into()),
+            ..Default::default()
+        };
+        let (start, stdin, timeout, _) = exec_plan(ok).unwrap();
+        assert_eq!(start.process.unwrap().args, ["-c", "echo hi"]);
+        assert!(stdin.is_none());
+        assert_eq!(timeout, DEFAULT_EXEC_TIMEOUT);
+        for bad in [
+            v1::ExecRequest::default(),
+            v1::ExecRequest {
+                cmd: Some(vec![]),
+                ..Default::default()
+            },
+            v1::ExecRequest {
+                cmd: Some(vec!["ls".into()]),
+                shell: Some("ls".into()),
+                ..Default::default()
+            },
+            v1::ExecRequest {
+                shell: Some("ls".into()),
+                timeout_secs: Some(0),
+                ..Default::default()
+            },
+            v1::ExecRequest {
+                shell: Some("ls".into()),
+                env: [("A=B".to_owned(), "c".to_owned())].into(),
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(exec_plan(bad), Err(ManagerError::Invalid(_))));
+        }
+    }
+
+    #[test]
+    fn output_is_capped() {
+        let mut c = Capped::default();
+        c.push(&vec![b'a'; EXEC_OUTPUT_LIMIT - 1]);
+        assert!(!c.truncated);
+        c.push(b"bc");
+        assert!(c.truncated);
+        assert_eq!(c.data.len(), EXEC_OUTPUT_LIMIT);
+    }
+}

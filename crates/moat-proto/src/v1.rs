@@ -1,0 +1,311 @@
+//! The `/v1` REST API's request and response bodies (JSON).
+//!
+//! Requests refuse unknown fields (`deny_unknown_fields`), so a misspelt option is an error
+//! rather than silently ignored. Responses may gain fields; clients should ignore those they do
+//! not know.
+//!
+//! # Resources
+//!
+//! A [`ResourceRequest`] uses the command line's forms: sizes (`memory`, `disk`) are strings
+//! with an optional binary unit (`"512M"`, `"1G"`, `"65536"`), counts (`cpus`, `pids`) are JSON
+//! numbers (`0.5`, `256`). Responses give the resolved limits as plain numbers
+//! ([`ResourceLimits`]).
+//!
+//! # Times
+//!
+//! Timestamps are Unix milliseconds; durations given by clients are whole seconds.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The template a sandbox uses when the request names none.
+pub const DEFAULT_TEMPLATE: &str = "host";
+
+/// `POST /v1/sandboxes`: make a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Template name; [`DEFAULT_TEMPLATE`] when absent.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Limits; each one absent takes the template's default. Each must be within the
+    /// template's maximum.
+    #[serde(default)]
+    pub resources: Option<ResourceRequest>,
+    /// Environment variables of every process in the sandbox (over the template's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The client's labels, filterable in listings.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Time to live in seconds; the server's default (5 minutes) when absent, at most its
+    /// configured maximum.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+impl Default for CreateSandbox {
+    /// The same as the empty JSON object: the `host` template with every default.
+    fn default() -> Self {
+        CreateSandbox {
+            template: default_template(),
+            resources: None,
+            env: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            timeout_secs: None,
+        }
+    }
+}
+
+fn default_template() -> String {
+    DEFAULT_TEMPLATE.to_owned()
+}
+
+/// Limits as a client asks for them; absent ones take a default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRequest {
+    /// Memory (RAM, no swap) as a size string: `"512M"`, `"1G"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPUs as a number: `0.5`, `2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Most processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// Size of the writable layer as a size string; it lives in memory and counts against
+    /// `memory` as it fills.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
+
+/// Resolved limits, as numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// CPU, thousandths of a CPU.
+    pub cpu_millis: u64,
+    /// Most processes and threads.
+    pub pids: u64,
+    /// Writable layer, bytes.
+    pub disk_bytes: u64,
+}
+
+/// Where a template's root filesystem comes from: `"host"` or `{"dir": "/path"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rootfs {
+    /// The host's system directories, read-only.
+    Host,
+    /// A directory on the host holding a root filesystem, read-only below a writable layer.
+    Dir(String),
+}
+
+/// A template's definition, as stored and as clients give it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSpec {
+    /// The root filesystem.
+    pub rootfs: Rootfs,
+    /// Default limits of its sandboxes; the engine's defaults where absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequest>,
+    /// Largest limits a sandbox may ask for; the engine's bounds where absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_resources: Option<ResourceRequest>,
+    /// Environment variables of every process.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The user commands run as by default (`user` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The working directory of commands by default (the user's home when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+}
+
+/// A sandbox's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Being made.
+    Starting,
+    /// Ready for commands.
+    Running,
+    /// Frozen.
+    Paused,
+    /// Ended by deletion, TTL expiry or the server.
+    Killed,
+    /// Could not be made, or broke.
+    Failed,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// Its id.
+    pub id: String,
+    /// The template it was made from.
+    pub template: String,
+    /// Its state.
+    pub state: SandboxState,
+    /// The client's labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Its limits.
+    pub resources: ResourceLimits,
+    /// When it was created.
+    pub created_at: i64,
+    /// When it expires, if it does.
+    pub expires_at: Option<i64>,
+    /// When it ended, if it has.
+    pub ended_at: Option<i64>,
+    /// Why it ended (`ttl`, `deleted`, `failed: …`), if it has.
+    pub end_reason: Option<String>,
+}
+
+/// `GET /v1/sandboxes`: which sandboxes to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListSandboxes {
+    /// Only these states; all when empty.
+    #[serde(default)]
+    pub states: Vec<SandboxState>,
+    /// Only sandboxes whose metadata has all of these pairs.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Continue after this cursor (a previous page's `next`).
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Page size (server default and maximum apply).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// One page of sandboxes, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxList {
+    /// The sandboxes.
+    pub sandboxes: Vec<Sandbox>,
+    /// The cursor of the next page; absent on the last.
+    pub next: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/timeout`: a new time to live, counted from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetTimeout {
+    /// Seconds from now until the sandbox expires.
+    pub timeout_secs: u64,
+}
+
+/// `POST /v1/sandboxes/{id}/exec`: run one command and wait for it.
+///
+/// Exactly one of `cmd` and `shell` is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// A script for `/bin/sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Text written to the command's standard input (UTF-8), which is then closed. Without it
+    /// the command's standard input is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Environment variables of this command (over the sandbox's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the sandbox's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// `user` (uid 1000) or `root`; the sandbox's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Seconds after which the command and every process of its group are killed; the
+    /// server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// What a buffered command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Standard output, decoded as UTF-8 (invalid bytes replaced), cut at the server's cap.
+    pub stdout: String,
+    /// Standard error, likewise.
+    pub stderr: String,
+    /// The exit code; `null` when the command was killed by a signal or timed out.
+    pub exit_code: Option<i32>,
+    /// How it ended when not by exiting (`signal: killed`), else `null`.
+    pub signal: Option<String>,
+    /// Wall time from start to end, milliseconds.
+    pub duration_ms: u64,
+    /// The timeout passed and the command's process group was killed.
+    pub timed_out: bool,
+    /// Some output was dropped because a stream exceeded the server's cap.
+    pub truncated: bool,
+    /// The kernel's OOM killer killed a process of the sandbox while the command ran.
+    pub oom_killed: bool,
+}
+
+/// The body of every error response: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// One error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Machine-readable code (`invalid`, `not_found`, `conflict`, `quota_exceeded`, …).
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_defaults_and_strictness() {
+        let req: CreateSandbox = serde_json::from_str("{}").unwrap();
+        assert_eq!(req.template, "host");
+        assert_eq!(req, CreateSandbox::default());
+        let req: CreateSandbox = serde_json::from_str(
+            r#"{"template":"py","resources":{"memory":"256M","cpus":0.5,"pids":64},"timeout_secs":60}"#,
+        )
+        .unwrap();
+        let res = req.resources.unwrap();
+        assert_eq!(res.memory.as_deref(), Some("256M"));
+        assert_eq!(res.cpus, Some(0.5));
+        for bad in [
+            r#"{"tempalte":"host"}"#,
+            r#"{"resources":{"memroy":"1G"}}"#,
+            r#"{"timeout_secs":-1}"#,
+        ] {
+            assert!(serde_json::from_str::<CreateSandbox>(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<ExecRequest>(r#"{"command":"ls"}"#).is_err());
+    }
+
+    #[test]
+    fn rootfs_forms() {
+        let spec: TemplateSpec = serde_json::from_str(r#"{"rootfs":"host"}"#).unwrap();
+        assert_eq!(spec.rootfs, Rootfs::Host);
+        let spec: TemplateSpec = serde_json::from_str(r#"{"rootfs":{"dir":"/srv/r"}}"#).unwrap();
+        assert_eq!(spec.rootfs, Rootfs::Dir("/srv/r".into()));
+        assert_eq!(
+            serde_json::to_value(&spec).unwrap(),
+            serde_json::json!({"rootfs": {"dir": "/srv/r"}})
+        );
+        assert!(serde_json::from_str::<TemplateSpec>(r#"{"rootfs":"nope"}"#).is_err());
+    }
+}
