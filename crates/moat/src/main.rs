@@ -1,4 +1,4 @@
-//! The `moat` binary: command-line tool, and (hidden `agent` subcommand) the in-sandbox agent.
+//! The `moat` binary: command-line tool, server (`serve`), and (hidden `agent` subcommand) the in-sandbox agent.
 
 mod cli;
 
@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run a command in a new sandbox, attached to this terminal, then destroy the sandbox.
     Run(Box<cli::run::RunArgs>),
+    /// Serve the HTTP API (`/v1`, `/healthz`, `/readyz`); listens on 127.0.0.1:7070 by default.
+    Serve(cli::serve::ServeArgs),
     /// Show what this host supports and what moat will use.
     Check,
     /// The in-sandbox agent (started by moat itself as a sandbox's first process).
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => cli::run::main(*args),
+        Command::Serve(args) => cli::serve::main(args),
         Command::Check => cli::check::main(),
         Command::Agent => cli::agent::main(),
     }

@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod check;
 pub mod run;
+pub mod serve;
 pub mod terminal;

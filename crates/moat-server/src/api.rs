@@ -1,0 +1,322 @@
+//! Routes, authentication and the `/v1` handlers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use moat_engine::manager::SandboxManager;
+use moat_proto::v1;
+use serde::de::DeserializeOwned;
+
+use crate::{ApiError, AppState, MAX_BODY_BYTES};
+
+type Shared = Arc<AppState>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Who is calling, from their API key.
+#[derive(Debug, Clone)]
+struct Caller {
+    tenant: String,
+    key_id: String,
+}
+
+/// The whole HTTP surface over `manager`: health endpoints and `/v1`. [`crate::serve`] adds
+/// the reaper and graceful shutdown; this alone suits serving in-process.
+pub fn router(manager: SandboxManager) -> Router {
+    router_with(Arc::new(AppState {
+        manager,
+        draining: AtomicBool::new(false),
+    }))
+}
+
+pub(crate) fn router_with(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/v1/sandboxes/{id}/exec", post(exec))
+        // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let began = Instant::now();
+    let response = next.run(req).await;
+    tracing::info!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        ms = began.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+async fn authenticate(
+    State(state): State<Shared>,
+    mut req: Request,
+    next: Next,
+) -> ApiResult<Response> {
+    let secret = bearer(&req)?;
+    let store = state.manager.store().clone();
+    let key = tokio::task::spawn_blocking(move || store.authenticate(&secret))
+        .await
+        .map_err(|e| ApiError::internal(format!("authentication task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("authentication: {e}")))?
+        .ok_or_else(|| ApiError::unauthenticated("unknown or revoked API key"))?;
+    req.extensions_mut().insert(Caller {
+        tenant: key.tenant,
+        key_id: key.id,
+    });
+    Ok(next.run(req).await)
+}
+
+/// The secret of `Authorization: Bearer <secret>`.
+fn bearer(req: &Request) -> ApiResult<String> {
+    let missing =
+        || ApiError::unauthenticated("missing API key: send `Authorization: Bearer <key>`");
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(missing)?
+        .to_str()
+        .map_err(|_| ApiError::unauthenticated("malformed Authorization header"))?;
+    let (scheme, secret) = value
+        .split_once(' ')
+        .ok_or_else(|| ApiError::unauthenticated("malformed Authorization header"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::unauthenticated(
+            "unsupported Authorization scheme: use `Bearer <key>`",
+        ));
+    }
+    Ok(secret.trim().to_owned())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when the store answers and no shutdown has begun; the backend was ready before the
+/// listener opened.
+async fn readyz(State(state): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
+    let unavailable = |m: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m);
+    if state.draining.load(Ordering::SeqCst) {
+        return Err(unavailable("shutting down".into()));
+    }
+    let store = state.manager.store().clone();
+    tokio::task::spawn_blocking(move || store.count_by_state())
+        .await
+        .map_err(|e| unavailable(format!("store check: {e}")))?
+        .map_err(|e| unavailable(format!("store: {e}")))?;
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// Parses a JSON body strictly; `empty` is what an empty body means, if it may be empty.
+fn json_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    empty: Option<T>,
+) -> ApiResult<T> {
+    let body = body?;
+    if body.iter().all(u8::is_ascii_whitespace)
+        && let Some(value) = empty
+    {
+        return Ok(value);
+    }
+    serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+async fn create_sandbox(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<v1::Sandbox>)> {
+    let req = json_body(body, Some(v1::CreateSandbox::default()))?;
+    let sandbox = state
+        .manager
+        .create(&caller.tenant, Some(&caller.key_id), req)
+        .await?;
+    Ok((StatusCode::CREATED, Json(sandbox)))
+}
+
+async fn list_sandboxes(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<v1::SandboxList>> {
+    let query = parse_list_query(query.as_deref().unwrap_or(""))?;
+    Ok(Json(state.manager.list(&caller.tenant, query).await?))
+}
+
+async fn get_sandbox(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<v1::Sandbox>> {
+    let Path(id) = id?;
+    Ok(Json(state.manager.get(&caller.tenant, &id).await?))
+}
+
+async fn delete_sandbox(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let Path(id) = id?;
+    state.manager.delete(&caller.tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_timeout(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<v1::Sandbox>> {
+    let Path(id) = id?;
+    let req: v1::SetTimeout = json_body(body, None)?;
+    Ok(Json(
+        state.manager.set_timeout(&caller.tenant, &id, req).await?,
+    ))
+}
+
+async fn exec(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<v1::ExecResult>> {
+    let Path(id) = id?;
+    let req: v1::ExecRequest = json_body(body, None)?;
+    Ok(Json(state.manager.exec(&caller.tenant, &id, req).await?))
+}
+
+/// `state=running&state=paused&metadata=k=v&after=…&limit=…`, strictly: an unknown parameter
+/// is an error, as an unknown JSON field is.
+fn parse_list_query(query: &str) -> ApiResult<v1::ListSandboxes> {
+    let mut out = v1::ListSandboxes::default();
+    let mut metadata = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (name, value) = (decode(name)?, decode(value)?);
+        match name.as_str() {
+            "state" => {
+                let state = serde_json::from_value(serde_json::Value::String(value.clone()))
+                    .map_err(|_| {
+                        ApiError::invalid(format!(
+                            "unknown state {value:?}: expected starting, running, paused, killed or failed"
+                        ))
+                    })?;
+                out.states.push(state);
+            }
+            "metadata" => {
+                let (k, v) = value.split_once('=').ok_or_else(|| {
+                    ApiError::invalid(format!("metadata filter {value:?} is not key=value"))
+                })?;
+                metadata.insert(k.to_owned(), v.to_owned());
+            }
+            "after" => out.after = Some(value),
+            "limit" => {
+                out.limit = Some(value.parse().map_err(|_| {
+                    ApiError::invalid(format!("limit {value:?} is not a non-negative number"))
+                })?)
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {other:?} (known: state, metadata, after, limit)"
+                )));
+            }
+        }
+    }
+    out.metadata = metadata;
+    Ok(out)
+}
+
+/// Form decoding of one query component: `+` is a space, then percent-escapes.
+fn decode(text: &str) -> ApiResult<String> {
+    let spaced = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| ApiError::invalid(format!("query component {text:?} is not UTF-8")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_query_forms() {
+        let q = parse_list_query(
+            "state=running&state=killed&metadata=job%3Done&metadata=a=b+c&limit=5&after=xyz",
+        )
+        .unwrap();
+        assert_eq!(
+            q.states,
+            vec![v1::SandboxState::Running, v1::SandboxState::Killed]
+        );
+        assert_eq!(q.metadata.get("job").map(String::as_str), Some("one"));
+        assert_eq!(q.metadata.get("a").map(String::as_str), Some("b c"));
+        assert_eq!(q.limit, Some(5));
+        assert_eq!(q.after.as_deref(), Some("xyz"));
+        assert_eq!(parse_list_query("").unwrap(), v1::ListSandboxes::default());
+        for bad in [
+            "state=sleeping",
+            "metadata=novalue",
+            "limit=-1",
+            "colour=red",
+            "after=%ff",
+        ] {
+            let e = parse_list_query(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_strict() {
+        let ok: v1::CreateSandbox =
+            json_body(Ok(Bytes::new()), Some(v1::CreateSandbox::default())).unwrap();
+        assert_eq!(ok, v1::CreateSandbox::default());
+        let e = json_body::<v1::ExecRequest>(Ok(Bytes::from_static(b"")), None).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = json_body::<v1::ExecRequest>(Ok(Bytes::from_static(br#"{"command":"ls"}"#)), None)
+            .unwrap_err();
+        assert!(e.message.contains("unknown field"), "{}", e.message);
+        let e = json_body::<v1::SetTimeout>(Ok(Bytes::from_static(b"{")), None).unwrap_err();
+        assert_eq!(e.code, "invalid");
+    }
+}

@@ -1,0 +1,116 @@
+//! moat's HTTP surfaces over the engine: the `/v1` REST API and the health endpoints, on one
+//! listener.
+//!
+//! Every answer other than a success is a JSON [`v1::ErrorBody`], including the ones the HTTP
+//! layer itself produces (bad JSON, oversized bodies, unknown routes, wrong methods), so clients
+//! parse one error format. Only `/healthz` and `/readyz` are open; `/v1` needs an API key.
+
+mod api;
+mod error;
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use moat_engine::manager::SandboxManager;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use api::router;
+pub use error::ApiError;
+
+/// Where `moat serve` listens unless told otherwise: loopback only, so a fresh install is not
+/// reachable from the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// Largest request body accepted; bigger ones get 413. Every `/v1` body today is a small JSON
+/// document (an exec's stdin is the largest part).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How long a shutdown waits for requests in flight before it destroys the sandboxes anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often expired sandboxes are reaped.
+pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the handlers share.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) manager: SandboxManager,
+    /// Set once shutdown began: `/readyz` then answers 503 so balancers stop sending work.
+    pub(crate) draining: AtomicBool,
+}
+
+/// Serves the API on `listener` until `shutdown` completes, reaping expired sandboxes every
+/// [`REAP_INTERVAL`] meanwhile. Then it stops accepting connections, waits up to
+/// [`DRAIN_TIMEOUT`] for requests in flight, and destroys every sandbox the manager runs.
+pub async fn serve(
+    listener: TcpListener,
+    manager: SandboxManager,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = Arc::new(AppState {
+        manager: manager.clone(),
+        draining: AtomicBool::new(false),
+    });
+    let app = api::router_with(state.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reaper = tokio::spawn(reap_loop(manager.clone(), stop_rx.clone()));
+
+    let signal = {
+        let state = state.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections, draining requests in flight");
+            state.draining.store(true, Ordering::SeqCst);
+            let _ = stop_tx.send(true);
+        }
+    };
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(signal)
+        .into_future();
+    let mut stopped = stop_rx;
+    let drain_deadline = async move {
+        // Only counts from the start of the shutdown; a dropped sender means the server ended.
+        if stopped.wait_for(|s| *s).await.is_ok() {
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = server => r,
+        () = drain_deadline => {
+            tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; ending them");
+            Ok(())
+        }
+    };
+    let _ = reaper.await;
+    let ended = manager.shutdown().await;
+    tracing::info!(sandboxes = ended, "destroyed the sandboxes still running");
+    result
+}
+
+async fn reap_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        // Outside the select: a reap is never cut off halfway by the shutdown.
+        match manager.reap_expired(now_ms()).await {
+            Ok(ids) if !ids.is_empty() => tracing::info!(?ids, "reaped expired sandboxes"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("reaping expired sandboxes: {e}"),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

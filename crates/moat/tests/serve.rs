@@ -1,0 +1,442 @@
+//! `moat serve` as a real process on a free port, driven over HTTP/1.1: health, auth, the
+//! sandbox routes, tenancy, JSON errors for bad input, and a SIGTERM that leaves nothing behind.
+//! Needs root (the native backend); skips with a printed reason otherwise.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use moat_engine::store::{Quotas, Role, Store};
+use serde_json::{Value, json};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A running `moat serve`; SIGTERMed and reaped on drop so a failing test leaves no server.
+struct Server {
+    child: Child,
+    port: u16,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("moat-serve-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        // A port the kernel just handed out is very likely still free a moment later.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .args(["--log-format", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn moat serve");
+        let mut server = Server {
+            child,
+            port,
+            data,
+            _dir: dir,
+        };
+        // A generous deadline for start-up on a loaded machine; not a speed check.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("moat serve exited during start-up: {status}");
+            }
+            if let Ok(r) = server.try_request("GET", "/healthz", None, None)
+                && r.status == 200
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "moat serve never became healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn admin_key(&self) -> String {
+        let path = self.data.join("admin.key");
+        let text = std::fs::read_to_string(&path).expect("admin.key");
+        text.trim().to_owned()
+    }
+
+    fn request(&self, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>) -> Reply {
+        self.try_request(method, path, key, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// One request on its own connection (`Connection: close`), read to the end.
+    fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Reply> {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if let Some(key) = key {
+            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
+        if let Some(body) = body {
+            head.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        head.push_str("\r\n");
+        conn.write_all(head.as_bytes())?;
+        if let Some(body) = body {
+            // A server refusing an oversized body may stop reading it; its answer still counts.
+            if let Err(e) = conn.write_all(body) {
+                eprintln!("writing the body of {method} {path}: {e}");
+            }
+        }
+        let mut raw = Vec::new();
+        match conn.read_to_end(&mut raw) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        Reply::parse(&raw)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            sigterm(&self.child);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn sigterm(child: &Child) {
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn parse(raw: &[u8]) -> std::io::Result<Reply> {
+        let bad = |m: &str| std::io::Error::new(ErrorKind::InvalidData, m.to_owned());
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| bad("no end of headers"))?;
+        let headers = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let status = headers
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no status"))?;
+        // Every answer of this server has a Content-Length; a chunked one would need decoding.
+        if headers.contains("transfer-encoding: chunked") {
+            return Err(bad("unexpected chunked response"));
+        }
+        Ok(Reply {
+            status,
+            headers,
+            body: raw[split + 4..].to_vec(),
+        })
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts a JSON error with this status and code.
+    fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert!(
+            self.headers.contains("content-type: application/json"),
+            "{}",
+            self.headers
+        );
+        let body = self.json();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+}
+
+/// Host pids whose cgroup names this sandbox.
+fn pids_in_sandbox(id: &str) -> Vec<i32> {
+    let needle = format!("/moat/{id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(&needle))
+        })
+        .collect()
+}
+
+/// Cgroup directories of this sandbox that exist.
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let Ok(layout) = moat_jail::cgroup::Layout::detect() else {
+        return Vec::new();
+    };
+    layout
+        .bases()
+        .into_iter()
+        .map(|b| b.join(id))
+        .filter(|d| d.exists())
+        .collect()
+}
+
+fn wait_exit(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "moat serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn body(v: Value) -> Vec<u8> {
+    serde_json::to_vec(&v).expect("json")
+}
+
+#[test]
+fn serve_end_to_end() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let mut server = Server::start();
+    let key = server.admin_key();
+    assert!(key.starts_with("moat_"), "{key}");
+    let key = Some(key.as_str());
+
+    // Open endpoints.
+    let r = server.request("GET", "/healthz", None, None);
+    assert_eq!(r.status, 200);
+    let r = server.request("GET", "/readyz", None, None);
+    assert_eq!(r.status, 200);
+
+    // Auth: no key, a wrong key, a wrong scheme.
+    server
+        .request("GET", "/v1/sandboxes", None, None)
+        .assert_error(401, "unauthenticated");
+    server
+        .request(
+            "GET",
+            "/v1/sandboxes",
+            Some("moat_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+            None,
+        )
+        .assert_error(401, "unauthenticated");
+    server
+        .request("GET", "/v1/sandboxes", Some("nonsense"), None)
+        .assert_error(401, "unauthenticated");
+
+    // Create, exec, list, get.
+    let r = server.request(
+        "POST",
+        "/v1/sandboxes",
+        key,
+        Some(&body(json!({"metadata": {"suite": "serve"}}))),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let sandbox = r.json();
+    assert_eq!(sandbox["state"], "running");
+    let id = sandbox["id"].as_str().expect("id").to_owned();
+
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        key,
+        Some(&body(json!({"cmd": ["echo", "hi"]}))),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let result = r.json();
+    assert_eq!(result["stdout"], "hi\n");
+    assert_eq!(result["exit_code"], 0);
+
+    let r = server.request(
+        "GET",
+        "/v1/sandboxes?state=running&metadata=suite%3Dserve",
+        key,
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let list = r.json();
+    let ids: Vec<&str> = list["sandboxes"]
+        .as_array()
+        .expect("sandboxes")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids, [id.as_str()]);
+    let r = server.request("GET", "/v1/sandboxes?metadata=suite%3Dother", key, None);
+    assert_eq!(r.json()["sandboxes"], json!([]));
+    server
+        .request("GET", "/v1/sandboxes?state=asleep", key, None)
+        .assert_error(400, "invalid");
+
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), key, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["id"], id.as_str());
+
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/timeout"),
+        key,
+        Some(&body(json!({"timeout_secs": 600}))),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // Another tenant, made beside the running server (SQLite WAL allows a second writer).
+    {
+        let store = Store::open(server.data.join("moat.db")).expect("store");
+        store.create_tenant("other", "Other").expect("tenant");
+        let (_, secret) = store
+            .create_key("other", "t", Role::User, Quotas::default())
+            .expect("key");
+        let other = Some(secret.expose());
+        server
+            .request("GET", &format!("/v1/sandboxes/{id}"), other, None)
+            .assert_error(404, "not_found");
+        server
+            .request(
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                other,
+                Some(&body(json!({"cmd": ["true"]}))),
+            )
+            .assert_error(404, "not_found");
+        server
+            .request("DELETE", &format!("/v1/sandboxes/{id}"), other, None)
+            .assert_error(404, "not_found");
+        let r = server.request("GET", "/v1/sandboxes", other, None);
+        assert_eq!(r.json()["sandboxes"], json!([]));
+        // A revoked key is refused like an unknown one.
+        let (revoked, secret) = store
+            .create_key("other", "gone", Role::User, Quotas::default())
+            .expect("key");
+        store.revoke_key("other", &revoked.id).expect("revoke");
+        server
+            .request("GET", "/v1/sandboxes", Some(secret.expose()), None)
+            .assert_error(401, "unauthenticated");
+    }
+
+    // Bad input: JSON errors, never a half-made sandbox.
+    let exec_path = format!("/v1/sandboxes/{id}/exec");
+    server
+        .request("POST", &exec_path, key, Some(b"{\"cmd\": [\"echo\""))
+        .assert_error(400, "invalid");
+    server
+        .request(
+            "POST",
+            &exec_path,
+            key,
+            Some(&body(json!({"command": "ls"}))),
+        )
+        .assert_error(400, "invalid");
+    server
+        .request(
+            "POST",
+            "/v1/sandboxes",
+            key,
+            Some(&body(json!({"tempalte": "host"}))),
+        )
+        .assert_error(400, "invalid");
+    let oversized = vec![b' '; moat_server::MAX_BODY_BYTES + 1024];
+    server
+        .request("POST", &exec_path, key, Some(&oversized))
+        .assert_error(413, "payload_too_large");
+    server
+        .request("GET", "/v1/nothing-here", key, None)
+        .assert_error(404, "not_found");
+    server
+        .request("PUT", "/v1/sandboxes", key, None)
+        .assert_error(405, "method_not_allowed");
+    server
+        .request("GET", "/v1/sandboxes/nosuchsandbox0000", key, None)
+        .assert_error(404, "not_found");
+
+    // Delete, then the record says killed.
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), key, None);
+    assert_eq!(r.status, 204);
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), key, None);
+    assert_eq!(r.json()["state"], "killed");
+    assert!(pids_in_sandbox(&id).is_empty());
+
+    // One left running for the shutdown to end.
+    let r = server.request("POST", "/v1/sandboxes", key, Some(b""));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let last = r.json()["id"].as_str().expect("id").to_owned();
+    assert!(
+        !pids_in_sandbox(&last).is_empty(),
+        "no process in the running sandbox"
+    );
+
+    sigterm(&server.child);
+    let status = wait_exit(&mut server.child);
+    assert_eq!(status.code(), Some(0), "{status}");
+    for sandbox in [&id, &last] {
+        assert_eq!(pids_in_sandbox(sandbox), Vec::<i32>::new(), "{sandbox}");
+        assert_eq!(cgroup_dirs(sandbox), Vec::<PathBuf>::new(), "{sandbox}");
+    }
+    let store = Store::open(server.data.join("moat.db")).expect("store");
+    let rec = store.get_sandbox("default", &last).expect("record");
+    assert_eq!(rec.state.as_str(), "killed");
+    assert_admin_key_private(&server.data);
+}
+
+fn assert_admin_key_private(data: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: PathBuf| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(data.join("admin.key")), 0o600);
+    assert_eq!(mode(data.to_path_buf()), 0o700);
+}
