@@ -440,3 +440,38 @@ fn assert_admin_key_private(data: &Path) {
     assert_eq!(mode(data.join("admin.key")), 0o600);
     assert_eq!(mode(data.to_path_buf()), 0o700);
 }
+
+#[test]
+fn expired_sandbox_is_reaped() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let key = Some(key.as_str());
+    let r = server.request(
+        "POST",
+        "/v1/sandboxes",
+        key,
+        Some(&body(json!({"timeout_secs": 1}))),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    // Polled up to a generous deadline: this checks that the reaper runs, not how fast.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sandbox = loop {
+        let s = server
+            .request("GET", &format!("/v1/sandboxes/{id}"), key, None)
+            .json();
+        if s["state"] != "running" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "sandbox {id} never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(sandbox["state"], "killed", "{sandbox}");
+    assert_eq!(sandbox["end_reason"], "ttl", "{sandbox}");
+    assert!(pids_in_sandbox(&id).is_empty());
+    assert!(cgroup_dirs(&id).is_empty());
+}
