@@ -60,6 +60,9 @@ pub trait Backend: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     /// Makes a sandbox and starts its agent.
     async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>>;
+    /// Kills and removes whatever sandbox `id` left on the host when the process that owned it
+    /// died (a server killed without a chance to clean up). Returns whether anything was left.
+    async fn reap_orphan(&self, id: &str) -> Result<bool>;
 }
 
 /// One sandbox as its backend sees it.

@@ -184,6 +184,32 @@ impl Backend for NativeBackend {
         }
     }
 
+    async fn reap_orphan(&self, id: &str) -> Result<bool> {
+        validate_id(id)?;
+        let Some(cgroup) = SandboxCgroup::existing(&self.layout, id) else {
+            return Ok(false);
+        };
+        tokio::task::spawn_blocking(move || {
+            // Killing the agent, PID 1 of the sandbox's pid namespace, takes everything with it;
+            // its mounts and namespaces go with the last process.
+            cgroup.kill_all();
+            if !cgroup.wait_empty(std::time::Duration::from_secs(5)) {
+                return Err(EngineError::Agent(format!(
+                    "processes of orphaned sandbox {} survived SIGKILL",
+                    cgroup
+                        .dirs()
+                        .first()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default()
+                )));
+            }
+            cgroup.remove()?;
+            Ok(true)
+        })
+        .await
+        .map_err(|e| EngineError::Agent(format!("reap task: {e}")))?
+    }
+
     async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
         // Spawning blocks for a few milliseconds (clone, mounts, exec). On a multi-threaded
         // runtime, tell the scheduler so other tasks move off this worker meanwhile.

@@ -505,6 +505,53 @@ impl SandboxCgroup {
         Err(JailError::Invalid("this host has no cgroup freezer".into()))
     }
 
+    /// The cgroups a sandbox named `name` left on this host, if any (after its owner died).
+    pub fn existing(layout: &Layout, name: &str) -> Option<SandboxCgroup> {
+        let dir_of = |base: &Option<PathBuf>| {
+            base.as_ref()
+                .map(|b| b.join("moat").join(name))
+                .filter(|d| d.is_dir())
+        };
+        let memory = dir_of(&layout.memory);
+        let unified = dir_of(&layout.unified);
+        let freezer = dir_of(&layout.freezer);
+        let mut dirs: Vec<PathBuf> = [
+            memory.clone(),
+            dir_of(&layout.pids),
+            dir_of(&layout.cpu),
+            unified.clone(),
+            freezer.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        dirs.dedup();
+        let memory = memory.or_else(|| dirs.first().cloned())?;
+        Some(SandboxCgroup {
+            version: layout.version,
+            dirs,
+            memory,
+            freezer,
+            unified,
+        })
+    }
+
+    /// Waits (up to `limit`) until no process is left in the sandbox; true if none is.
+    pub fn wait_empty(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.dirs.iter().all(|d| {
+                fs::read_to_string(d.join("cgroup.procs")).map_or(true, |p| p.trim().is_empty())
+            }) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The pids currently in the sandbox (host pid namespace).
     pub fn pids(&self) -> Vec<i32> {
         let dir = self.unified.as_ref().unwrap_or(&self.memory);

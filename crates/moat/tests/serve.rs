@@ -31,6 +31,11 @@ impl Server {
             .tempdir_in("/tmp")
             .expect("tempdir");
         let data = dir.path().join("data");
+        Server::start_in(dir, data)
+    }
+
+    /// Starts a server on the data dir `data` (inside `dir`, which it keeps alive).
+    fn start_in(dir: tempfile::TempDir, data: PathBuf) -> Server {
         // A port the kernel just handed out is very likely still free a moment later.
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -118,6 +123,21 @@ impl Server {
             Err(e) => return Err(e),
         }
         Reply::parse(&raw)
+    }
+}
+
+impl Server {
+    /// SIGKILLs the server, as a crash would, and hands back its data dir.
+    fn kill9(mut self) -> (tempfile::TempDir, PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::Builder::new()
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let data = self.data.clone();
+        // Keep the real directory: swap a throwaway one in for the Drop of `self`.
+        let real = std::mem::replace(&mut self._dir, dir);
+        (real, data)
     }
 }
 
@@ -474,4 +494,67 @@ fn expired_sandbox_is_reaped() {
     assert_eq!(sandbox["end_reason"], "ttl", "{sandbox}");
     assert!(pids_in_sandbox(&id).is_empty());
     assert!(cgroup_dirs(&id).is_empty());
+}
+
+#[test]
+fn a_restart_after_sigkill_reaps_what_the_old_server_left() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(json!({}))));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(&key),
+        Some(&body(
+            json!({"shell": "sleep 1000 >/dev/null 2>&1 & echo started"}),
+        )),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        !pids_in_sandbox(&id).is_empty(),
+        "the sandbox has no process"
+    );
+
+    // A crash: the server has no chance to clean up, and its sandbox outlives it.
+    let (dir, data) = server.kill9();
+    assert!(
+        !pids_in_sandbox(&id).is_empty(),
+        "the sandbox died with the server"
+    );
+
+    let server = Server::start_in(dir, data);
+    // The killed processes were reparented to the host's init when the server died; give it a
+    // moment to reap them (zombies still show their old cgroup).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids_in_sandbox(&id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        pids_in_sandbox(&id).is_empty(),
+        "the restart left processes of {id}"
+    );
+    assert!(
+        cgroup_dirs(&id).is_empty(),
+        "the restart left cgroups of {id}"
+    );
+    // Keys survive, and the API says what happened.
+    let key = server.admin_key();
+    let s = server
+        .request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None)
+        .json();
+    assert_eq!(s["state"], "killed", "{s}");
+    assert_eq!(s["end_reason"], "server_restart", "{s}");
+    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(json!({}))));
+    assert_eq!(
+        r.status,
+        201,
+        "the restarted server cannot create: {}",
+        String::from_utf8_lossy(&r.body)
+    );
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use moat_engine::backend::Backend;
 use moat_engine::manager::{ManagerOptions, SandboxManager};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
@@ -78,7 +79,8 @@ fn run(args: ServeArgs) -> Result<()> {
     let db = args.data_dir.join("moat.db");
     let store =
         Arc::new(Store::open(&db).with_context(|| format!("opening the store {}", db.display()))?);
-    // Sandboxes a previous server left running died with it (or are swept below): record so.
+    // Sandboxes a previous server left behind (it was killed without a chance to clean up):
+    // record them killed now, and kill what is left of them below, before serving.
     let orphaned = store
         .mark_orphaned(now_ms())
         .context("marking sandboxes of a previous run")?;
@@ -90,13 +92,23 @@ fn run(args: ServeArgs) -> Result<()> {
     }
     first_admin_key(&store, &args.data_dir)?;
     let backend = NativeBackend::new(&NativeOptions::default()).context("native backend")?;
-    let manager = SandboxManager::new(store, Arc::new(backend), ManagerOptions::default())
-        .context("sandbox manager")?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
+    runtime.block_on(async {
+        for id in &orphaned {
+            match backend.reap_orphan(id).await {
+                Ok(true) => tracing::info!(sandbox = %id, "killed a sandbox of a previous run"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, "could not reap a sandbox of a previous run: {e}")
+                }
+            }
+        }
+    });
+    let manager = SandboxManager::new(store, Arc::new(backend), ManagerOptions::default())
+        .context("sandbox manager")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
