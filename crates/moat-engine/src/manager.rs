@@ -272,7 +272,7 @@ impl SandboxManager {
         query: v1::ListSandboxes,
     ) -> ManagerResult<v1::SandboxList> {
         let filter = SandboxFilter {
-            states: query.states.iter().map(|s| from_v1_state(*s)).collect(),
+            states: query.states.clone(),
             metadata: query.metadata.into_iter().collect(),
             after: query
                 .after
@@ -875,31 +875,11 @@ fn limits_v1(r: &Resources) -> v1::ResourceLimits {
     }
 }
 
-fn to_v1_state(s: SandboxState) -> v1::SandboxState {
-    match s {
-        SandboxState::Starting => v1::SandboxState::Starting,
-        SandboxState::Running => v1::SandboxState::Running,
-        SandboxState::Paused => v1::SandboxState::Paused,
-        SandboxState::Killed => v1::SandboxState::Killed,
-        SandboxState::Failed => v1::SandboxState::Failed,
-    }
-}
-
-fn from_v1_state(s: v1::SandboxState) -> SandboxState {
-    match s {
-        v1::SandboxState::Starting => SandboxState::Starting,
-        v1::SandboxState::Running => SandboxState::Running,
-        v1::SandboxState::Paused => SandboxState::Paused,
-        v1::SandboxState::Killed => SandboxState::Killed,
-        v1::SandboxState::Failed => SandboxState::Failed,
-    }
-}
-
 fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
     v1::Sandbox {
         id: rec.id.clone(),
         template: rec.template.clone(),
-        state: to_v1_state(rec.state),
+        state: rec.state,
         metadata: rec.metadata.clone(),
         // Written by this manager; an unreadable value shows as zeros rather than failing.
         resources: serde_json::from_value(rec.resources.clone()).unwrap_or_default(),

@@ -127,20 +127,79 @@ pub struct TemplateSpec {
     pub workdir: Option<String>,
 }
 
-/// A sandbox's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a sandbox is in its life.
+///
+/// `starting → running ⇄ paused`; `starting`, `running` and `paused` may end in `killed` or
+/// `failed`, which are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
-    /// Being made.
+    /// Being made; not yet usable.
     Starting,
     /// Ready for commands.
     Running,
-    /// Frozen.
+    /// Frozen; resumes to running.
     Paused,
-    /// Ended by deletion, TTL expiry or the server.
+    /// Ended on purpose: deleted, expired, or ended by the server.
     Killed,
     /// Could not be made, or broke.
     Failed,
+}
+
+impl SandboxState {
+    /// Every state.
+    pub const ALL: [SandboxState; 5] = [
+        SandboxState::Starting,
+        SandboxState::Running,
+        SandboxState::Paused,
+        SandboxState::Killed,
+        SandboxState::Failed,
+    ];
+
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Killed => "killed",
+            SandboxState::Failed => "failed",
+        }
+    }
+
+    /// The state named `s`, if any.
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        SandboxState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+    }
+
+    /// Whether the sandbox still holds resources (starting, running or paused).
+    pub fn is_active(self) -> bool {
+        !self.is_ended()
+    }
+
+    /// Whether this state is final (killed or failed).
+    pub fn is_ended(self) -> bool {
+        matches!(self, SandboxState::Killed | SandboxState::Failed)
+    }
+
+    /// Whether the state machine allows going from `self` to `to`.
+    pub fn can_become(self, to: SandboxState) -> bool {
+        use SandboxState::*;
+        matches!(
+            (self, to),
+            (Starting, Running | Failed | Killed)
+                | (Running, Paused | Killed | Failed)
+                | (Paused, Running | Killed | Failed)
+        )
+    }
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A sandbox as the API shows it.

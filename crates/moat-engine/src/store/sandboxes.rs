@@ -24,93 +24,7 @@ const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY: usize = 256;
 const MAX_METADATA_VALUE: usize = 4096;
 
-/// Where a sandbox is in its life.
-///
-/// `starting → running ⇄ paused`; `starting`, `running` and `paused` may end in `killed` or
-/// `failed`, which are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SandboxState {
-    /// Being made; not yet usable.
-    Starting,
-    /// Usable.
-    Running,
-    /// Frozen; resumes to running.
-    Paused,
-    /// Destroyed on purpose (deleted, expired, orphaned by a restart).
-    Killed,
-    /// Ended by an error.
-    Failed,
-}
-
-impl SandboxState {
-    /// Every state.
-    pub const ALL: [SandboxState; 5] = [
-        SandboxState::Starting,
-        SandboxState::Running,
-        SandboxState::Paused,
-        SandboxState::Killed,
-        SandboxState::Failed,
-    ];
-
-    /// The name stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Starting => "starting",
-            SandboxState::Running => "running",
-            SandboxState::Paused => "paused",
-            SandboxState::Killed => "killed",
-            SandboxState::Failed => "failed",
-        }
-    }
-
-    /// Whether the sandbox still holds resources (starting, running or paused).
-    pub fn is_active(self) -> bool {
-        !self.is_ended()
-    }
-
-    /// Whether this state is final (killed or failed).
-    pub fn is_ended(self) -> bool {
-        matches!(self, SandboxState::Killed | SandboxState::Failed)
-    }
-
-    /// Whether the state machine allows going from `self` to `to`.
-    pub fn can_become(self, to: SandboxState) -> bool {
-        use SandboxState::*;
-        matches!(
-            (self, to),
-            (Starting, Running | Failed | Killed)
-                | (Running, Paused | Killed | Failed)
-                | (Paused, Running | Killed | Failed)
-        )
-    }
-
-    fn parse(s: &str) -> Option<SandboxState> {
-        SandboxState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for SandboxState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for SandboxState {
-    type Err = StoreError;
-
-    fn from_str(s: &str) -> StoreResult<SandboxState> {
-        SandboxState::parse(s).ok_or_else(|| {
-            StoreError::invalid(
-                "sandbox state",
-                s,
-                "one of starting, running, paused, killed, failed",
-            )
-        })
-    }
-}
+pub use moat_proto::v1::SandboxState;
 
 /// Why a sandbox ended. Stored and serialised as text: `ttl`, `deleted`, `server_restart`,
 /// `failed: <message>`, or any other text as given.
@@ -803,8 +717,8 @@ mod tests {
     #[test]
     fn states_parse() {
         for state in SandboxState::ALL {
-            assert_eq!(state.as_str().parse::<SandboxState>().unwrap(), state);
+            assert_eq!(SandboxState::parse(state.as_str()), Some(state));
         }
-        assert!("dead".parse::<SandboxState>().is_err());
+        assert!(SandboxState::parse("dead").is_none());
     }
 }
