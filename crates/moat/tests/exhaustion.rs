@@ -4,101 +4,19 @@
 //! reaped. Needs root; skips with a printed reason otherwise.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use moat_engine::agent_client::{AgentClient, AgentError, CallOptions, ProcessStream};
-use moat_engine::backend::{Backend, Instance, RootfsSource, SandboxSpec};
-use moat_engine::native::{NativeBackend, NativeOptions};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::agent_client::AgentClient;
 use moat_proto::connect::Code;
-use moat_proto::process::process_event::{EndEvent, Event, data_event};
+use moat_proto::process::process_event::{Event, data_event};
 use moat_proto::process::process_selector::Selector;
-use moat_proto::process::{ProcessConfig, StartRequest};
+
+mod support;
+use support::{Sandbox, as_user, drain, request, sandbox, sh};
 
 /// Backstop against hangs; nothing here should come near it.
 const HANG: Duration = Duration::from_secs(120);
-
-struct Sandbox {
-    inst: Box<dyn Instance>,
-    client: AgentClient,
-}
-
-async fn sandbox(tag: &str) -> Option<Sandbox> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: the native backend needs root");
-        return None;
-    }
-    let backend = NativeBackend::new(&NativeOptions {
-        agent_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
-        ..NativeOptions::default()
-    })
-    .expect("backend");
-    let spec = SandboxSpec {
-        id: format!("d8{tag}{}", std::process::id()),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig::default(),
-    };
-    let mut inst = backend.create(&spec).await.expect("create");
-    let client = AgentClient::handshake(inst.take_channel().expect("channel"))
-        .await
-        .expect("handshake");
-    Some(Sandbox { inst, client })
-}
-
-fn request(cmd: &str, args: Vec<String>) -> StartRequest {
-    StartRequest {
-        process: Some(ProcessConfig {
-            cmd: cmd.into(),
-            args,
-            ..Default::default()
-        }),
-        stdin: Some(false),
-        ..Default::default()
-    }
-}
-
-fn as_user(user: &str) -> CallOptions {
-    CallOptions {
-        user: Some(user.into()),
-        timeout: Some(Duration::from_secs(60)),
-    }
-}
-
-/// Reads `stream` to its end: (stdout, end event).
-async fn drain(mut stream: ProcessStream) -> Result<(String, EndEvent), AgentError> {
-    let (mut out, mut end) = (Vec::new(), None);
-    while let Some(ev) = stream.next().await {
-        match ev?.event {
-            Some(Event::Data(d)) => {
-                if let Some(data_event::Output::Stdout(b)) = d.output {
-                    out.extend(b);
-                }
-            }
-            Some(Event::End(e)) => end = Some(e),
-            _ => {}
-        }
-    }
-    let end = end.ok_or_else(|| AgentError::Protocol("no end event".into()))?;
-    Ok((String::from_utf8_lossy(&out).into_owned(), end))
-}
-
-/// Runs `sh -c script` and returns its stdout and exit code.
-async fn sh(client: &AgentClient, user: &str, script: &str) -> (String, i32) {
-    let stream = client
-        .start(
-            request("/bin/sh", vec!["-c".into(), script.into()]),
-            as_user(user),
-        )
-        .await
-        .expect("start");
-    let (out, end) = drain(stream).await.expect("stream");
-    (out, end.exit_code)
-}
 
 /// The agent answers and can still run a process.
 async fn assert_agent_works(client: &AgentClient, after: &str) {
@@ -171,7 +89,7 @@ async fn assert_all_reaped(sb: &Sandbox) {
 /// its own, goes on serving processes and files while the hog holds every descriptor it got.
 #[tokio::test(flavor = "current_thread")]
 async fn d8_fd_exhaustion() {
-    let Some(mut sb) = sandbox("fd").await else {
+    let Some(mut sb) = sandbox("d8fd").await else {
         return;
     };
     let c = sb.client.clone();
@@ -258,7 +176,7 @@ time.sleep(600)
 /// cap: each a clean error, and the agent carries on.
 #[tokio::test(flavor = "current_thread")]
 async fn d8_argv_at_arg_max() {
-    let Some(mut sb) = sandbox("argv").await else {
+    let Some(mut sb) = sandbox("d8argv").await else {
         return;
     };
     let c = sb.client.clone();
@@ -329,7 +247,7 @@ async fn d8_argv_at_arg_max() {
 /// reaped.
 #[tokio::test(flavor = "current_thread")]
 async fn d8_concurrent_start_storm() {
-    let Some(mut sb) = sandbox("storm").await else {
+    let Some(mut sb) = sandbox("d8storm").await else {
         return;
     };
     let mut calls = tokio::task::JoinSet::new();

@@ -3,75 +3,18 @@
 //! files are never read or written, whatever the sandbox's symlinks say. Needs root; skips with a
 //! printed reason otherwise.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use moat_engine::agent_client::{AgentClient, CallOptions};
-use moat_engine::backend::{Backend, Instance, RootfsSource, SandboxSpec};
-use moat_engine::native::{NativeBackend, NativeOptions};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
-use moat_proto::process::{ProcessConfig, StartRequest, process_event};
 
-struct Sandbox {
-    inst: Box<dyn Instance>,
-    client: AgentClient,
-}
-
-async fn sandbox(tag: &str) -> Option<Sandbox> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: the native backend needs root");
-        return None;
-    }
-    let backend = NativeBackend::new(&NativeOptions {
-        agent_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
-        ..NativeOptions::default()
-    })
-    .expect("backend");
-    let spec = SandboxSpec {
-        id: format!("files{tag}{}", std::process::id()),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig::default(),
-    };
-    let mut inst = backend.create(&spec).await.expect("create");
-    let client = AgentClient::handshake(inst.take_channel().expect("channel"))
-        .await
-        .expect("handshake");
-    Some(Sandbox { inst, client })
-}
-
-async fn sh(client: &AgentClient, user: &str, script: &str) -> i32 {
-    let req = StartRequest {
-        process: Some(ProcessConfig {
-            cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            ..Default::default()
-        }),
-        stdin: Some(false),
-        ..Default::default()
-    };
-    let opts = CallOptions {
-        user: Some(user.into()),
-        timeout: None,
-    };
-    let mut stream = client.start(req, opts).await.expect("start");
-    let mut code = -1;
-    while let Some(ev) = stream.next().await {
-        if let Some(process_event::Event::End(end)) = ev.expect("event").event {
-            code = end.exit_code;
-        }
-    }
-    code
-}
+mod support;
+use support::{sandbox, sh};
 
 /// C1/C2: traversal and symlinks to host secrets resolve inside the sandbox (to its masked
 /// `/etc/shadow`), never on the host; absolute paths are the sandbox's.
 #[tokio::test(flavor = "current_thread")]
 async fn c1_c2_paths_and_symlinks_stay_inside() {
-    let Some(mut sb) = sandbox("c2").await else {
+    let Some(mut sb) = sandbox("filesc2").await else {
         return;
     };
     let c = &sb.client;
@@ -81,7 +24,8 @@ async fn c1_c2_paths_and_symlinks_stay_inside() {
             "user",
             "ln -s /etc/shadow /home/user/out && ln -s / /home/user/root"
         )
-        .await,
+        .await
+        .1,
         0
     );
     for user in ["user", "root"] {
@@ -109,7 +53,9 @@ async fn c1_c2_paths_and_symlinks_stay_inside() {
     );
     // Writing through a symlink to a host path lands in the sandbox, never on the host.
     assert_eq!(
-        sh(c, "user", &format!("ln -s {marker} /home/user/link")).await,
+        sh(c, "user", &format!("ln -s {marker} /home/user/link"))
+            .await
+            .1,
         0
     );
     let w = c
@@ -131,7 +77,7 @@ async fn c1_c2_paths_and_symlinks_stay_inside() {
 /// C4: magic links (`/proc/self/root`, `/proc/1/cwd`) in API paths are refused.
 #[tokio::test(flavor = "current_thread")]
 async fn c4_magic_links_refused() {
-    let Some(mut sb) = sandbox("c4").await else {
+    let Some(mut sb) = sandbox("filesc4").await else {
         return;
     };
     for path in [
@@ -148,11 +94,11 @@ async fn c4_magic_links_refused() {
 /// C5: special files (a FIFO, `/dev/zero`) neither hang the agent nor flood the host; size caps hold.
 #[tokio::test(flavor = "current_thread")]
 async fn c5_special_files_do_not_hang() {
-    let Some(mut sb) = sandbox("c5").await else {
+    let Some(mut sb) = sandbox("filesc5").await else {
         return;
     };
     let c = &sb.client;
-    assert_eq!(sh(c, "user", "mkfifo /tmp/fifo").await, 0);
+    assert_eq!(sh(c, "user", "mkfifo /tmp/fifo").await.1, 0);
     for path in ["/tmp/fifo", "/dev/zero"] {
         let r = tokio::time::timeout(
             Duration::from_secs(10),
@@ -168,7 +114,9 @@ async fn c5_special_files_do_not_hang() {
     }
     // A file larger than the caller's cap is refused, not buffered.
     assert_eq!(
-        sh(c, "user", "head -c 3000000 /dev/zero > /tmp/big").await,
+        sh(c, "user", "head -c 3000000 /dev/zero > /tmp/big")
+            .await
+            .1,
         0
     );
     assert!(

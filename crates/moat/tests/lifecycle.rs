@@ -5,40 +5,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use moat_engine::agent_client::{AgentClient, CallOptions};
+use moat_engine::agent_client::AgentClient;
 use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
-use moat_proto::process::{ProcessConfig, StartRequest, process_event};
 
+mod support;
+
+/// Runs `sh -c script` as the default user; its stdout, after checking it exited 0.
 async fn sh(client: &AgentClient, script: &str) -> String {
-    let req = StartRequest {
-        process: Some(ProcessConfig {
-            cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            ..Default::default()
-        }),
-        stdin: Some(false),
-        ..Default::default()
-    };
-    let mut stream = client
-        .start(req, CallOptions::default())
-        .await
-        .expect("start");
-    let mut out = Vec::new();
-    while let Some(ev) = stream.next().await {
-        match ev.expect("event").event {
-            Some(process_event::Event::Data(d)) => {
-                if let Some(process_event::data_event::Output::Stdout(b)) = d.output {
-                    out.extend_from_slice(&b);
-                }
-            }
-            Some(process_event::Event::End(end)) => assert_eq!(end.exit_code, 0, "{script}"),
-            _ => {}
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let (out, code) = support::sh(client, "user", script).await;
+    assert_eq!(code, 0, "{script}");
+    out
 }
 
 #[tokio::test(flavor = "current_thread")]

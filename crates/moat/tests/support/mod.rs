@@ -1,0 +1,111 @@
+//! Helpers shared by the `moat` package's tests that drive real sandboxes through the engine:
+//! the `moat` binary under test is the agent. Each test file includes this with `mod support;`
+//! and uses what it needs.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use moat_engine::agent_client::{AgentClient, AgentError, CallOptions, ProcessStream};
+use moat_engine::backend::{Backend, Instance, RootfsSource, SandboxSpec};
+use moat_engine::native::{NativeBackend, NativeOptions};
+use moat_engine::resources::Resources;
+use moat_proto::agent_config::AgentConfig;
+use moat_proto::process::process_event::{EndEvent, Event, data_event};
+use moat_proto::process::{ProcessConfig, StartRequest};
+
+/// Whether we run as root (the native backend needs it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The native backend with the `moat` binary under test as the agent.
+pub fn backend() -> NativeBackend {
+    NativeBackend::new(&NativeOptions {
+        agent_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
+        ..NativeOptions::default()
+    })
+    .expect("backend")
+}
+
+/// A live sandbox and the client of its agent.
+pub struct Sandbox {
+    /// The backend's handle.
+    pub inst: Box<dyn Instance>,
+    /// The agent's client.
+    pub client: AgentClient,
+}
+
+/// A sandbox of the `host` template with default limits, its id made from `tag` and our pid;
+/// `None` (with a printed reason) when not running as root.
+pub async fn sandbox(tag: &str) -> Option<Sandbox> {
+    if !is_root() {
+        eprintln!("SKIP: the native backend needs root");
+        return None;
+    }
+    let spec = SandboxSpec {
+        id: format!("{tag}{}", std::process::id()),
+        rootfs: RootfsSource::Host,
+        resources: Resources::default(),
+        agent: AgentConfig::default(),
+    };
+    let mut inst = backend().create(&spec).await.expect("create");
+    let client = AgentClient::handshake(inst.take_channel().expect("channel"))
+        .await
+        .expect("handshake");
+    Some(Sandbox { inst, client })
+}
+
+/// A start request for `cmd args` without stdin.
+pub fn request(cmd: &str, args: Vec<String>) -> StartRequest {
+    StartRequest {
+        process: Some(ProcessConfig {
+            cmd: cmd.into(),
+            args,
+            ..Default::default()
+        }),
+        stdin: Some(false),
+        ..Default::default()
+    }
+}
+
+/// Call options for `user` with a generous deadline.
+pub fn as_user(user: &str) -> CallOptions {
+    CallOptions {
+        user: Some(user.into()),
+        timeout: Some(Duration::from_secs(60)),
+    }
+}
+
+/// Reads `stream` to its end: (stdout, end event).
+pub async fn drain(mut stream: ProcessStream) -> Result<(String, EndEvent), AgentError> {
+    let (mut out, mut end) = (Vec::new(), None);
+    while let Some(ev) = stream.next().await {
+        match ev?.event {
+            Some(Event::Data(d)) => {
+                if let Some(data_event::Output::Stdout(b)) = d.output {
+                    out.extend(b);
+                }
+            }
+            Some(Event::End(e)) => end = Some(e),
+            _ => {}
+        }
+    }
+    let end = end.ok_or_else(|| AgentError::Protocol("no end event".into()))?;
+    Ok((String::from_utf8_lossy(&out).into_owned(), end))
+}
+
+/// Runs `sh -c script` as `user` and returns its stdout and exit code.
+pub async fn sh(client: &AgentClient, user: &str, script: &str) -> (String, i32) {
+    let stream = client
+        .start(
+            request("/bin/sh", vec!["-c".into(), script.into()]),
+            as_user(user),
+        )
+        .await
+        .expect("start");
+    let (out, end) = drain(stream).await.expect("stream");
+    (out, end.exit_code)
+}
