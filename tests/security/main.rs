@@ -20,26 +20,30 @@ fn corpus(name: &str) -> String {
     p.canonicalize().expect("corpus file").display().to_string()
 }
 
-/// Runs `moat run` with `opts`, copying the corpus program in and running it with `interp`.
-/// Returns (exit code, stdout, stderr) after checking the host is clean.
-fn run_corpus(opts: &[&str], program: &str, interp: &str) -> (i32, String, String) {
+/// Runs `moat run --id <fresh id> ARGS` with no stdin and returns its output, after checking
+/// that the sandbox left nothing on the host.
+fn run_clean(args: &[&str]) -> std::process::Output {
     let id = unique_id();
     let probe = HostProbe::before(&id);
-    let remote = format!("/tmp/{program}");
     let out = moat()
-        .args([
-            "run",
-            "--id",
-            &id,
-            "--copy",
-            &format!("{}:{remote}", corpus(program)),
-        ])
-        .args(opts)
-        .args(["--", interp, &remote])
+        .args(["run", "--id", &id])
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("run moat");
     probe.assert_clean_after();
+    out
+}
+
+/// Runs `moat run` with `opts`, copying the corpus program in and running it with `interp`.
+/// Returns (exit code, stdout, stderr) after checking the host is clean.
+fn run_corpus(opts: &[&str], program: &str, interp: &str) -> (i32, String, String) {
+    let remote = format!("/tmp/{program}");
+    let copy = format!("{}:{remote}", corpus(program));
+    let mut args = vec!["--copy", &copy];
+    args.extend_from_slice(opts);
+    args.extend(["--", interp, &remote]);
+    let out = run_clean(&args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -87,22 +91,8 @@ fn a1_no_host_fds_inside() {
 fn a2_proc_fd_workdir_refused() {
     need_root!();
     for n in [3, 4, 7] {
-        let id = unique_id();
-        let probe = HostProbe::before(&id);
-        let out = moat()
-            .args([
-                "run",
-                "--id",
-                &id,
-                "--workdir",
-                &format!("/proc/self/fd/{n}"),
-                "--",
-                "pwd",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run moat");
-        probe.assert_clean_after();
+        let workdir = format!("/proc/self/fd/{n}");
+        let out = run_clean(&["--workdir", &workdir, "--", "pwd"]);
         assert_ne!(
             out.status.code(),
             Some(0),
@@ -264,13 +254,7 @@ fn a8_no_path_to_host_sockets() {
     let addr =
         std::os::unix::net::SocketAddr::from_abstract_name(b"moat-test-abstract").expect("addr");
     let abs = std::os::unix::net::UnixListener::bind_addr(&addr).expect("abstract listener");
-    let id = unique_id();
-    let probe = HostProbe::before(&id);
-    let out = moat()
-        .args(["run", "--id", &id, "--", "python3", "-c", &script])
-        .output()
-        .expect("run");
-    probe.assert_clean_after();
+    let out = run_clean(&["--", "python3", "-c", &script]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("tcp: refused") && text.contains("abstract: refused"),
@@ -310,14 +294,8 @@ fn b3_agent_survives_user_code() {
         "{out}"
     );
     // kill -9 -1 as root kills every other process of the sandbox, but not the agent.
-    let id = unique_id();
-    let probe = HostProbe::before(&id);
     let script = "sleep 100 & kill -9 -1; wait; echo survived";
-    let out = moat()
-        .args(["run", "--id", &id, "--root", "--", "sh", "-c", script])
-        .output()
-        .expect("run");
-    probe.assert_clean_after();
+    let out = run_clean(&["--root", "--", "sh", "-c", script]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -369,23 +347,14 @@ fn d1_fork_bomb_contained() {
 #[test]
 fn d2_oom_reported() {
     need_root!();
-    let id = unique_id();
-    let probe = HostProbe::before(&id);
-    let out = moat()
-        .args([
-            "run",
-            "--id",
-            &id,
-            "--memory",
-            "64M",
-            "--",
-            "python3",
-            "-c",
-            "b=bytearray(10**9)",
-        ])
-        .output()
-        .expect("run");
-    probe.assert_clean_after();
+    let out = run_clean(&[
+        "--memory",
+        "64M",
+        "--",
+        "python3",
+        "-c",
+        "b=bytearray(10**9)",
+    ]);
     assert_eq!(out.status.code(), Some(137));
     assert!(String::from_utf8_lossy(&out.stderr).contains("out of memory"));
 }
