@@ -125,6 +125,81 @@ pub struct TemplateSpec {
     /// The working directory of commands by default (the user's home when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// A script for `/bin/sh -c` started in the background when a sandbox starts (a server,
+    /// a kernel); it runs as `user` in `workdir` for the sandbox's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    /// A script for `/bin/sh -c` run until it exits 0 before a sandbox counts as ready (for
+    /// example, that the `start` server answers). A sandbox not ready within
+    /// `ready_timeout_secs` fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// How long `ready` may take to succeed, seconds; [`DEFAULT_READY_TIMEOUT_SECS`] when
+    /// absent, at most [`MAX_READY_TIMEOUT_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_secs: Option<u64>,
+    /// Time to live of its sandboxes when a create names none, seconds; the server's default
+    /// when absent, at most its maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Sandboxes kept started and ready for claims (the warm pool); 0 for none. The server's
+    /// pool memory budget may keep fewer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pool_size: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Readiness timeout of a template that names none, seconds.
+pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 30;
+/// Longest readiness timeout a template may name, seconds.
+pub const MAX_READY_TIMEOUT_SECS: u64 = 600;
+/// Largest warm pool one template may ask for.
+pub const MAX_POOL_SIZE: u32 = 1000;
+
+/// `POST /v1/templates`: define a template for the caller's tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    /// Its name, `[a-z0-9][a-z0-9._-]{0,62}`, unique among the tenant's and the built-in
+    /// templates.
+    pub name: String,
+    /// Its definition.
+    pub spec: TemplateSpec,
+}
+
+/// A template as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Template {
+    /// Its name.
+    pub name: String,
+    /// Built in (visible to every tenant, not deletable by them).
+    pub builtin: bool,
+    /// Its definition.
+    pub spec: TemplateSpec,
+    /// When it was created, Unix milliseconds.
+    pub created_at: i64,
+    /// Its warm pool now.
+    pub pool: PoolStatus,
+}
+
+/// A template's warm pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Sandboxes the pool keeps (the template's `pool_size`, less what the memory budget
+    /// does not allow).
+    pub target: u32,
+    /// Sandboxes started, ready and not yet claimed.
+    pub ready: u32,
+}
+
+/// `GET /v1/templates`: the templates the caller sees, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateList {
+    /// The templates.
+    pub templates: Vec<Template>,
 }
 
 /// Where a sandbox is in its life.

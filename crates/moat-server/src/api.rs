@@ -14,19 +14,21 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use moat_engine::manager::SandboxManager;
+use moat_engine::store::Role;
 use moat_proto::v1;
 use serde::de::DeserializeOwned;
 
 use crate::{ApiError, AppState, MAX_BODY_BYTES};
 
-type Shared = Arc<AppState>;
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type Shared = Arc<AppState>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Who is calling, from their API key.
 #[derive(Debug, Clone)]
-struct Caller {
-    tenant: String,
-    key_id: String,
+pub(crate) struct Caller {
+    pub(crate) tenant: String,
+    pub(crate) key_id: String,
+    pub(crate) role: Role,
 }
 
 /// The whole HTTP surface over `manager`: health endpoints and `/v1`. [`crate::serve`] adds
@@ -47,6 +49,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         )
         .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .merge(crate::templates::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -89,6 +92,7 @@ async fn authenticate(
     req.extensions_mut().insert(Caller {
         tenant: key.tenant,
         key_id: key.id,
+        role: key.role,
     });
     Ok(next.run(req).await)
 }
@@ -146,7 +150,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Parses a JSON body strictly; `empty` is what an empty body means, if it may be empty.
-fn json_body<T: DeserializeOwned>(
+pub(crate) fn json_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     empty: Option<T>,
 ) -> ApiResult<T> {
@@ -266,7 +270,7 @@ fn parse_list_query(query: &str) -> ApiResult<v1::ListSandboxes> {
 }
 
 /// Form decoding of one query component: `+` is a space, then percent-escapes.
-fn decode(text: &str) -> ApiResult<String> {
+pub(crate) fn decode(text: &str) -> ApiResult<String> {
     let spaced = text.replace('+', " ");
     percent_encoding::percent_decode_str(&spaced)
         .decode_utf8()

@@ -7,6 +7,7 @@
 
 mod api;
 mod error;
+mod templates;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;

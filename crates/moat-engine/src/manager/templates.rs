@@ -1,0 +1,140 @@
+//! Templates as the API sees them: checked on the way in, shown with their warm pool.
+
+use moat_proto::v1;
+
+use super::{ManagerError, ManagerResult, SandboxManager, check_env, resolve_resources};
+use crate::store::TemplateRecord;
+
+impl SandboxManager {
+    /// Defines a template for `tenant`. `host_paths` allows a `{"dir": …}` root filesystem,
+    /// which reads a directory of the host: only administrators may name one.
+    pub async fn create_template(
+        &self,
+        tenant: &str,
+        req: v1::CreateTemplate,
+        host_paths: bool,
+    ) -> ManagerResult<v1::Template> {
+        self.check_template_spec(&req.spec, host_paths)?;
+        let spec = serde_json::to_value(&req.spec)
+            .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
+        let tenant = tenant.to_owned();
+        let rec = self
+            .inner
+            .db(move |s| s.create_template(Some(&tenant), &req.name, &spec))
+            .await?;
+        let template = self.to_template(&rec)?;
+        self.templates_changed();
+        Ok(template)
+    }
+
+    /// The template `name` as `tenant` sees it (its own or a built-in).
+    pub async fn get_template(&self, tenant: &str, name: &str) -> ManagerResult<v1::Template> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        let rec = self
+            .inner
+            .db(move |s| s.get_template(&tenant, &name))
+            .await?;
+        self.to_template(&rec)
+    }
+
+    /// Every template `tenant` sees, by name.
+    pub async fn list_templates(&self, tenant: &str) -> ManagerResult<v1::TemplateList> {
+        let tenant = tenant.to_owned();
+        let recs = self
+            .inner
+            .db(move |s| s.list_templates(Some(&tenant)))
+            .await?;
+        let templates = recs
+            .iter()
+            .map(|r| self.to_template(r))
+            .collect::<ManagerResult<_>>()?;
+        Ok(v1::TemplateList { templates })
+    }
+
+    /// Deletes `tenant`'s template `name`. Refused (409) while its sandboxes run unless
+    /// `force`; they keep running either way. Its warm pool is emptied.
+    pub async fn delete_template(
+        &self,
+        tenant: &str,
+        name: &str,
+        force: bool,
+    ) -> ManagerResult<()> {
+        let (t, n) = (tenant.to_owned(), name.to_owned());
+        self.inner
+            .db(move |s| s.delete_template(Some(&t), &n, force))
+            .await?;
+        self.templates_changed();
+        Ok(())
+    }
+
+    /// Checks everything about a spec that can be checked before a sandbox is made from it.
+    fn check_template_spec(&self, spec: &v1::TemplateSpec, host_paths: bool) -> ManagerResult<()> {
+        let invalid = |m: String| Err(ManagerError::Invalid(m));
+        if let v1::Rootfs::Dir(dir) = &spec.rootfs {
+            if !host_paths {
+                return Err(ManagerError::Forbidden(
+                    "a template's rootfs directory is a host path: only an admin key may name one"
+                        .into(),
+                ));
+            }
+            let path = std::path::Path::new(dir);
+            if !path.is_absolute() {
+                return invalid(format!("rootfs dir {dir:?} is not an absolute path"));
+            }
+            if !path.is_dir() {
+                return invalid(format!("rootfs dir {dir:?} is not a directory on the host"));
+            }
+        }
+        resolve_resources(spec, None)?;
+        check_env("env", &spec.env)?;
+        if let Some(user) = &spec.user
+            && !matches!(user.as_str(), "user" | "root")
+        {
+            return invalid(format!("user {user:?} must be \"user\" or \"root\""));
+        }
+        if let Some(dir) = &spec.workdir
+            && (!dir.starts_with('/') || dir.contains('\0'))
+        {
+            return invalid(format!("workdir {dir:?} is not an absolute path"));
+        }
+        for (what, script) in [("start", &spec.start), ("ready", &spec.ready)] {
+            if let Some(s) = script
+                && (s.trim().is_empty() || s.contains('\0'))
+            {
+                return invalid(format!("{what} must be a non-empty script without NUL"));
+            }
+        }
+        if let Some(t) = spec.ready_timeout_secs
+            && (t == 0 || t > v1::MAX_READY_TIMEOUT_SECS)
+        {
+            return invalid(format!(
+                "ready_timeout_secs {t} must be 1 to {}",
+                v1::MAX_READY_TIMEOUT_SECS
+            ));
+        }
+        if spec.timeout_secs.is_some() {
+            self.inner.ttl(spec.timeout_secs)?;
+        }
+        if spec.pool_size > v1::MAX_POOL_SIZE {
+            return invalid(format!(
+                "pool_size {} is over the maximum of {}",
+                spec.pool_size,
+                v1::MAX_POOL_SIZE
+            ));
+        }
+        Ok(())
+    }
+
+    fn to_template(&self, rec: &TemplateRecord) -> ManagerResult<v1::Template> {
+        let spec: v1::TemplateSpec = serde_json::from_value(rec.spec.clone()).map_err(|e| {
+            ManagerError::Internal(format!("template {:?} has a bad spec: {e}", rec.name))
+        })?;
+        Ok(v1::Template {
+            pool: self.pool_status(rec.tenant.as_deref(), &rec.name),
+            name: rec.name.clone(),
+            builtin: rec.tenant.is_none(),
+            spec,
+            created_at: rec.created_at,
+        })
+    }
+}
