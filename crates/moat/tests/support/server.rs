@@ -1,0 +1,306 @@
+//! A real `moat serve` on a free port and a tiny HTTP/1.1 client for it, for the tests that
+//! drive the server over HTTP.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running `moat serve`; SIGTERMed and reaped on drop so a failing test leaves no server.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("moat-serve-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        Server::start_in(dir, data)
+    }
+
+    /// Starts a server on the data dir `data` (inside `dir`, which it keeps alive).
+    pub fn start_in(dir: tempfile::TempDir, data: PathBuf) -> Server {
+        // A port the kernel just handed out is very likely still free a moment later.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .args(["--log-format", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn moat serve");
+        let mut server = Server {
+            child,
+            port,
+            data,
+            _dir: dir,
+        };
+        // A generous deadline for start-up on a loaded machine; not a speed check.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("moat serve exited during start-up: {status}");
+            }
+            if let Ok(r) = server.try_request("GET", "/healthz", None, None)
+                && r.status == 200
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "moat serve never became healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn admin_key(&self) -> String {
+        let path = self.data.join("admin.key");
+        let text = std::fs::read_to_string(&path).expect("admin.key");
+        text.trim().to_owned()
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Reply {
+        self.try_request(method, path, key, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// One request on its own connection (`Connection: close`), read to the end.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Reply> {
+        let json = [("Content-Type", "application/json")];
+        let headers: &[(&str, &str)] = if body.is_some() { &json } else { &[] };
+        self.send(method, path, key, headers, body)
+    }
+
+    /// One request with extra headers (a body gets its Content-Length), read to the end;
+    /// a chunked answer is decoded.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Reply> {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if let Some(key) = key {
+            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if let Some(body) = body {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        conn.write_all(head.as_bytes())?;
+        if let Some(body) = body {
+            // A server refusing an oversized body may stop reading it; its answer still counts.
+            if let Err(e) = conn.write_all(body) {
+                eprintln!("writing the body of {method} {path}: {e}");
+            }
+        }
+        let mut raw = Vec::new();
+        match conn.read_to_end(&mut raw) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        Reply::parse(&raw)
+    }
+}
+
+impl Server {
+    /// SIGKILLs the server, as a crash would, and hands back its data dir.
+    pub fn kill9(mut self) -> (tempfile::TempDir, PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::Builder::new()
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let data = self.data.clone();
+        // Keep the real directory: swap a throwaway one in for the Drop of `self`.
+        let real = std::mem::replace(&mut self._dir, dir);
+        (real, data)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            sigterm(&self.child);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn sigterm(child: &Child) {
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn parse(raw: &[u8]) -> std::io::Result<Reply> {
+        let bad = |m: &str| std::io::Error::new(ErrorKind::InvalidData, m.to_owned());
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| bad("no end of headers"))?;
+        let headers = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let status = headers
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no status"))?;
+        let mut body = raw[split + 4..].to_vec();
+        if headers.contains("transfer-encoding: chunked") {
+            body = dechunk(&body).ok_or_else(|| bad("malformed chunked body"))?;
+        }
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// The value of header `name` (lower case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            (n.trim() == name).then(|| v.trim())
+        })
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts a JSON error with this status and code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert!(
+            self.headers.contains("content-type: application/json"),
+            "{}",
+            self.headers
+        );
+        let body = self.json();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+}
+
+/// Host pids whose cgroup names this sandbox.
+pub fn pids_in_sandbox(id: &str) -> Vec<i32> {
+    let needle = format!("/moat/{id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(&needle))
+        })
+        .collect()
+}
+
+/// Cgroup directories of this sandbox that exist.
+pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let Ok(layout) = moat_jail::cgroup::Layout::detect() else {
+        return Vec::new();
+    };
+    layout
+        .bases()
+        .into_iter()
+        .map(|b| b.join(id))
+        .filter(|d| d.exists())
+        .collect()
+}
+
+pub fn wait_exit(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "moat serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn body(v: Value) -> Vec<u8> {
+    serde_json::to_vec(&v).expect("json")
+}
+
+/// The payload of a complete chunked body.
+fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(raw.get(..size)?);
+        raw = raw.get(size + 2..)?;
+    }
+}
