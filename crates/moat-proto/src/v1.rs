@@ -387,6 +387,114 @@ pub struct ExecResult {
     pub oom_killed: bool,
 }
 
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyRole {
+    /// Uses the templates and sandboxes of its tenant.
+    #[default]
+    User,
+    /// Also manages keys and tenants, and may name host directories in templates.
+    Admin,
+}
+
+impl KeyRole {
+    /// The name shown: `user` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRole::User => "user",
+            KeyRole::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/keys`: make an API key (admin keys only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// A label for people: 1 to 200 characters, no control characters.
+    pub name: String,
+    /// What the key may do; `user` when absent.
+    #[serde(default)]
+    pub role: KeyRole,
+    /// The tenant it acts for (`[a-z0-9]{1,64}`); the caller's when absent. A tenant that
+    /// does not exist yet is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Its limits; each one absent is unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<QuotaRequest>,
+}
+
+/// A key's limits as a client gives them (sizes as strings, like [`ResourceRequest`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaRequest {
+    /// Sandboxes the key may have starting, running or paused at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sandboxes: Option<u32>,
+    /// Sum of the memory limits of those sandboxes, as a size string (`"4G"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<String>,
+    /// API requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+}
+
+/// A key's limits as the API shows them; `null` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyQuotas {
+    /// Sandboxes the key may have starting, running or paused at once.
+    pub max_sandboxes: Option<u32>,
+    /// Sum of the memory limits of those sandboxes, bytes.
+    pub max_memory_bytes: Option<u64>,
+    /// API requests per minute.
+    pub requests_per_minute: Option<u32>,
+}
+
+/// An API key as the API shows it; its secret is never shown again after creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// Its public id, `key_` and 16 characters; safe to log.
+    pub id: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// Its label.
+    pub name: String,
+    /// What it may do.
+    pub role: KeyRole,
+    /// When it was created, Unix milliseconds.
+    pub created_at: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<i64>,
+    /// Its limits.
+    pub quotas: KeyQuotas,
+}
+
+/// The answer to `POST /v1/keys`: the key and, this once, its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedKey {
+    /// The key.
+    #[serde(flatten)]
+    pub key: ApiKey,
+    /// The secret to send as `Authorization: Bearer <secret>` (`moat_` and 40 characters).
+    /// The server keeps only its hash: it cannot be shown again.
+    pub secret: String,
+}
+
+/// `GET /v1/keys`: a tenant's keys, revoked ones included, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyList {
+    /// The keys.
+    pub keys: Vec<ApiKey>,
+}
+
 /// The body of every error response: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -428,6 +536,45 @@ mod tests {
             assert!(serde_json::from_str::<CreateSandbox>(bad).is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<ExecRequest>(r#"{"command":"ls"}"#).is_err());
+    }
+
+    #[test]
+    fn key_bodies() {
+        let req: CreateKey = serde_json::from_str(r#"{"name":"ci"}"#).unwrap();
+        assert_eq!(req.role, KeyRole::User);
+        assert_eq!(req.tenant, None);
+        let req: CreateKey = serde_json::from_str(
+            r#"{"name":"ops","role":"admin","tenant":"acme","quotas":{"max_memory":"4G"}}"#,
+        )
+        .unwrap();
+        assert_eq!(req.role, KeyRole::Admin);
+        assert_eq!(req.quotas.unwrap().max_memory.as_deref(), Some("4G"));
+        for bad in [
+            r#"{"name":"x","role":"root"}"#,
+            r#"{"name":"x","quota":{}}"#,
+            r#"{"name":"x","quotas":{"max_memory_bytes":1}}"#,
+            r#"{"role":"user"}"#,
+        ] {
+            assert!(serde_json::from_str::<CreateKey>(bad).is_err(), "{bad}");
+        }
+        let created = CreatedKey {
+            key: ApiKey {
+                id: "key_a".into(),
+                tenant: "t".into(),
+                name: "n".into(),
+                role: KeyRole::User,
+                created_at: 1,
+                revoked_at: None,
+                quotas: KeyQuotas::default(),
+            },
+            secret: "moat_s".into(),
+        };
+        let json = serde_json::to_value(&created).unwrap();
+        assert_eq!(json["id"], "key_a");
+        assert_eq!(json["secret"], "moat_s");
+        assert_eq!(json["quotas"]["max_sandboxes"], serde_json::Value::Null);
+        let back: CreatedKey = serde_json::from_value(json).unwrap();
+        assert_eq!(back, created);
     }
 
     #[test]

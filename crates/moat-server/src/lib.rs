@@ -7,6 +7,7 @@
 
 mod api;
 mod error;
+mod keys;
 mod templates;
 
 use std::future::{Future, IntoFuture};

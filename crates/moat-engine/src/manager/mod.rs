@@ -10,6 +10,7 @@
 //! The store is blocking; its calls run on tokio's blocking pool.
 
 mod exec;
+mod keys;
 mod templates;
 
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};

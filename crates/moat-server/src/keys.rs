@@ -1,0 +1,116 @@
+//! `/v1/keys`: make, list and revoke API keys. Every route needs an admin key; an admin
+//! manages the keys of any tenant (`tenant` in the body or query; its own by default).
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, post};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use moat_engine::store::Role;
+use moat_proto::v1;
+
+use crate::ApiError;
+use crate::api::{ApiResult, Caller, Shared, decode, json_body};
+
+/// The key routes (authentication is added by the caller).
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v1/keys", post(create).get(list))
+        .route("/v1/keys/{id}", delete(revoke))
+}
+
+/// 403 unless the caller's key is an admin key.
+fn require_admin(caller: &Caller) -> ApiResult<()> {
+    if caller.role == Role::Admin {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "managing API keys needs an admin key",
+        ))
+    }
+}
+
+async fn create(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<v1::CreatedKey>)> {
+    require_admin(&caller)?;
+    let req: v1::CreateKey = json_body(body, None)?;
+    let key = state.manager.create_key(&caller.tenant, req).await?;
+    tracing::info!(key = %key.key.id, tenant = %key.key.tenant, role = %key.key.role, by = %caller.key_id, "API key created");
+    Ok((StatusCode::CREATED, Json(key)))
+}
+
+async fn list(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<v1::KeyList>> {
+    require_admin(&caller)?;
+    let tenant = tenant_query(query.as_deref().unwrap_or(""))?.unwrap_or(caller.tenant);
+    Ok(Json(state.manager.list_keys(&tenant).await?))
+}
+
+async fn revoke(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<v1::ApiKey>> {
+    require_admin(&caller)?;
+    let Path(id) = id?;
+    let tenant = tenant_query(query.as_deref().unwrap_or(""))?.unwrap_or(caller.tenant);
+    let key = state.manager.revoke_key(&tenant, &id).await?;
+    tracing::info!(key = %key.id, tenant = %key.tenant, by = %caller.key_id, "API key revoked");
+    Ok(Json(key))
+}
+
+/// `tenant=T`, the only query parameter of the key routes.
+fn tenant_query(query: &str) -> ApiResult<Option<String>> {
+    let mut tenant = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match decode(name)?.as_str() {
+            "tenant" => tenant = Some(decode(value)?),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {other:?} (known: tenant)"
+                )));
+            }
+        }
+    }
+    Ok(tenant)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_query_forms() {
+        assert_eq!(tenant_query("").unwrap(), None);
+        assert_eq!(
+            tenant_query("tenant=acme").unwrap().as_deref(),
+            Some("acme")
+        );
+        assert!(tenant_query("tenants=acme").is_err());
+        assert!(tenant_query("tenant=%ff").is_err());
+    }
+
+    #[test]
+    fn only_admins() {
+        let caller = |role| Caller {
+            tenant: "t".into(),
+            key_id: "key_x".into(),
+            role,
+        };
+        assert!(require_admin(&caller(Role::Admin)).is_ok());
+        let e = require_admin(&caller(Role::User)).unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::FORBIDDEN, "forbidden"));
+    }
+}
