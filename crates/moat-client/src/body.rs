@@ -109,6 +109,7 @@ impl ByteStream {
     }
 
     /// A stream with nothing in it.
+    #[cfg(test)]
     pub(crate) fn empty(url: &str) -> ByteStream {
         ByteStream {
             body: None,

@@ -9,7 +9,7 @@ use http::header::CONTENT_TYPE;
 
 use crate::body::{Body, ByteStream};
 use crate::path::seg;
-use crate::types::{ExecEnd, ExecLine, ExecRequest, ExecResult, OutputEncoding};
+use crate::types::{ExecEnd, ExecEvent, ExecRequest, OutputEncoding};
 use crate::{Client, Error, Result};
 
 /// Longest event line accepted; a longer one fails the stream rather than filling memory.
@@ -18,7 +18,7 @@ pub const MAX_LINE_BYTES: usize = 8 << 20;
 
 /// What a streamed command did, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecEvent {
+pub enum StreamEvent {
     /// It started, with this process id inside the sandbox.
     Started {
         /// The process id.
@@ -49,17 +49,15 @@ pub struct ExecStream {
     body: ByteStream,
     buf: Vec<u8>,
     base64: bool,
-    queued: VecDeque<ExecEvent>,
+    queued: VecDeque<StreamEvent>,
     done: bool,
 }
 
 impl Client {
     /// Runs one command and streams its events as they happen (`Accept:
-    /// application/x-ndjson`). With `encoding: Some(OutputEncoding::Base64)` output bytes come
+    /// application/x-ndjson`). With `encoding: OutputEncoding::Base64` output bytes come
     /// through exactly; otherwise as UTF-8 text.
     ///
-    /// A server that answers with a buffered result instead is understood too: its output
-    /// then comes as one event per stream, at the end.
     pub async fn exec_stream(&self, id: &str, req: &ExecRequest) -> Result<ExecStream> {
         let body = serde_json::to_vec(req)
             .map_err(|e| Error::Config(format!("encoding the request: {e}")))?;
@@ -77,50 +75,30 @@ impl Client {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/x-ndjson"));
-        let mut queued = VecDeque::new();
-        let stream = if ndjson {
-            self.stream(resp)
-        } else {
-            let result: ExecResult = self.read_json(resp).await?;
-            queued.extend(buffered_events(result));
-            ByteStream::empty(self.url())
-        };
+        if !ndjson {
+            return Err(Error::Protocol(
+                "the server answered the exec without an event stream (a server without \
+                 streaming exec?)"
+                    .into(),
+            ));
+        }
         Ok(ExecStream {
-            body: stream,
+            body: self.stream(resp),
             buf: Vec::new(),
-            base64: req.encoding == Some(OutputEncoding::Base64),
-            queued,
+            base64: req.encoding == OutputEncoding::Base64,
+            queued: VecDeque::new(),
             done: false,
         })
     }
 }
 
-/// The events a buffered result stands for.
-fn buffered_events(r: ExecResult) -> Vec<ExecEvent> {
-    let mut events = Vec::with_capacity(3);
-    if !r.stdout.is_empty() {
-        events.push(ExecEvent::Stdout(Bytes::from(r.stdout)));
-    }
-    if !r.stderr.is_empty() {
-        events.push(ExecEvent::Stderr(Bytes::from(r.stderr)));
-    }
-    events.push(ExecEvent::Ended(ExecEnd {
-        exit_code: r.exit_code,
-        signal: r.signal,
-        duration_ms: r.duration_ms,
-        timed_out: r.timed_out,
-        oom_killed: r.oom_killed,
-    }));
-    events
-}
-
 impl ExecStream {
-    /// The next event; `None` after [`ExecEvent::Ended`] or an error. A stream that ends
+    /// The next event; `None` after [`StreamEvent::Ended`] or an error. A stream that ends
     /// with an `error` line yields [`Error::Stream`].
-    pub async fn next(&mut self) -> Option<Result<ExecEvent>> {
+    pub async fn next(&mut self) -> Option<Result<StreamEvent>> {
         loop {
             if let Some(event) = self.queued.pop_front() {
-                if matches!(event, ExecEvent::Ended(_)) {
+                if matches!(event, StreamEvent::Ended(_)) {
                     self.done = true;
                 }
                 return Some(Ok(event));
@@ -163,10 +141,10 @@ impl ExecStream {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         while let Some(event) = self.next().await {
             match event? {
-                ExecEvent::Started { .. } => {}
-                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
-                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
-                ExecEvent::Ended(end) => {
+                StreamEvent::Started { .. } => {}
+                StreamEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                StreamEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                StreamEvent::Ended(end) => {
                     return Ok(ExecOutput {
                         stdout,
                         stderr,
@@ -187,7 +165,7 @@ impl ExecStream {
 
     /// The event of one line; `None` for a blank line or an event type this client does not
     /// know (newer servers may add some).
-    fn parse(&self, line: &[u8]) -> Result<Option<ExecEvent>> {
+    fn parse(&self, line: &[u8]) -> Result<Option<StreamEvent>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
@@ -204,14 +182,19 @@ impl ExecStream {
         ) {
             return Ok(None);
         }
-        let parsed: ExecLine = serde_json::from_value(value)
+        let parsed: ExecEvent = serde_json::from_value(value)
             .map_err(|e| Error::Protocol(format!("a {kind:?} event is malformed: {e}")))?;
         Ok(Some(match parsed {
-            ExecLine::Start { pid } => ExecEvent::Started { pid },
-            ExecLine::Stdout { data } => ExecEvent::Stdout(self.data(data)?),
-            ExecLine::Stderr { data } => ExecEvent::Stderr(self.data(data)?),
-            ExecLine::End(end) => ExecEvent::Ended(end),
-            ExecLine::Error { code, message } => return Err(Error::Stream { code, message }),
+            ExecEvent::Start { pid } => StreamEvent::Started { pid },
+            ExecEvent::Stdout { data } => StreamEvent::Stdout(self.data(data)?),
+            ExecEvent::Stderr { data } => StreamEvent::Stderr(self.data(data)?),
+            ExecEvent::End(end) => StreamEvent::Ended(end),
+            ExecEvent::Error(e) => {
+                return Err(Error::Stream {
+                    code: e.code,
+                    message: e.message,
+                });
+            }
         }))
     }
 
@@ -247,19 +230,19 @@ mod tests {
         let s = stream(false);
         assert_eq!(
             s.parse(br#"{"type":"start","pid":7}"#).unwrap(),
-            Some(ExecEvent::Started { pid: 7 })
+            Some(StreamEvent::Started { pid: 7 })
         );
         assert_eq!(
             s.parse(b"{\"type\":\"stdout\",\"data\":\"hi\\n\"}\n")
                 .unwrap(),
-            Some(ExecEvent::Stdout(Bytes::from_static(b"hi\n")))
+            Some(StreamEvent::Stdout(Bytes::from_static(b"hi\n")))
         );
         let end = s
             .parse(br#"{"type":"end","exit_code":3,"signal":null,"duration_ms":5,"timed_out":false,"oom_killed":false}"#)
             .unwrap();
         assert!(matches!(
             end,
-            Some(ExecEvent::Ended(ExecEnd {
+            Some(StreamEvent::Ended(ExecEnd {
                 exit_code: Some(3),
                 ..
             }))
@@ -282,27 +265,8 @@ mod tests {
         let s = stream(true);
         assert_eq!(
             s.parse(br#"{"type":"stderr","data":"AP8="}"#).unwrap(),
-            Some(ExecEvent::Stderr(Bytes::from_static(&[0, 255])))
+            Some(StreamEvent::Stderr(Bytes::from_static(&[0, 255])))
         );
         assert!(s.parse(br#"{"type":"stdout","data":"!!"}"#).is_err());
-    }
-
-    #[tokio::test]
-    async fn buffered_results_are_replayed() {
-        let mut s = stream(false);
-        s.queued.extend(buffered_events(ExecResult {
-            stdout: "out".into(),
-            stderr: String::new(),
-            exit_code: None,
-            signal: Some("signal: killed".into()),
-            duration_ms: 1,
-            timed_out: true,
-            truncated: false,
-            oom_killed: false,
-        }));
-        let out = s.finish().await.unwrap();
-        assert_eq!(out.stdout, b"out");
-        assert!(out.stderr.is_empty());
-        assert!(out.end.timed_out);
     }
 }

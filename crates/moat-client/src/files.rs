@@ -7,7 +7,7 @@ use http::Method;
 
 use crate::body::{Body, ByteStream};
 use crate::path::{Query, seg};
-use crate::types::{FileEntry, FileList, MakeDir, MovePath};
+use crate::types::{FileEntry, FileList, MakeDir, MoveFile};
 use crate::{Client, Result};
 
 /// Content type of tar archives in both directions.
@@ -59,8 +59,8 @@ impl Client {
     }
 
     /// Extracts the tar archive `tar` into the directory `dir` in the sandbox (made if
-    /// missing), streaming it.
-    pub async fn upload_tar(&self, id: &str, dir: &str, tar: impl Into<Body>) -> Result<()> {
+    /// missing), streaming it; returns the directory.
+    pub async fn upload_tar(&self, id: &str, dir: &str, tar: impl Into<Body>) -> Result<FileEntry> {
         let url = Client::files_path(
             id,
             "",
@@ -69,9 +69,7 @@ impl Client {
         let resp = self
             .send(Method::PUT, &url, tar.into(), Some(TAR), "application/json")
             .await?;
-        // The answer describes the directory; reading it lets the connection be reused.
-        let _: serde_json::Value = self.read_json(resp).await.unwrap_or_default();
-        Ok(())
+        self.read_json(resp).await
     }
 
     /// The directory `dir` (or the file) as a tar archive, streamed; entry names are relative
@@ -121,12 +119,13 @@ impl Client {
         .await
     }
 
-    /// Makes the directory `path` with its missing parents.
-    pub async fn mkdir(&self, id: &str, path: &str) -> Result<()> {
+    /// Makes the directory `path` with its missing parents (an existing directory is fine)
+    /// and returns it.
+    pub async fn mkdir(&self, id: &str, path: &str) -> Result<FileEntry> {
         let body = MakeDir {
             path: path.to_owned(),
         };
-        self.call(
+        self.json(
             Method::POST,
             &Client::files_path(id, "/mkdir", Query::default()),
             Some(&body),
@@ -141,13 +140,14 @@ impl Client {
             .await
     }
 
-    /// Moves (renames) `from` to `to`.
-    pub async fn move_path(&self, id: &str, from: &str, to: &str) -> Result<()> {
-        let body = MovePath {
+    /// Moves (renames) `from` to `to`, making `to`'s missing parents, and returns what is now
+    /// at `to`.
+    pub async fn move_path(&self, id: &str, from: &str, to: &str) -> Result<FileEntry> {
+        let body = MoveFile {
             from: from.to_owned(),
             to: to.to_owned(),
         };
-        self.call(
+        self.json(
             Method::POST,
             &Client::files_path(id, "/move", Query::default()),
             Some(&body),

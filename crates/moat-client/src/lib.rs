@@ -7,7 +7,7 @@
 //! ([`ApiError`]).
 //!
 //! ```no_run
-//! use moat_client::{Client, ExecEvent};
+//! use moat_client::{Client, StreamEvent};
 //! use moat_client::types::{CreateSandbox, ExecRequest, OutputEncoding};
 //!
 //! # async fn demo() -> moat_client::Result<()> {
@@ -33,14 +33,14 @@
 //! let mut events = client
 //!     .exec_stream(&sandbox.id, &ExecRequest {
 //!         shell: Some("for i in 1 2 3; do echo $i; sleep 1; done".into()),
-//!         encoding: Some(OutputEncoding::Base64),
+//!         encoding: OutputEncoding::Base64,
 //!         ..Default::default()
 //!     })
 //!     .await?;
 //! while let Some(event) = events.next().await {
 //!     match event? {
-//!         ExecEvent::Stdout(bytes) => print!("{}", String::from_utf8_lossy(&bytes)),
-//!         ExecEvent::Ended(end) => println!("exit code {:?}", end.exit_code),
+//!         StreamEvent::Stdout(bytes) => print!("{}", String::from_utf8_lossy(&bytes)),
+//!         StreamEvent::Ended(end) => println!("exit code {:?}", end.exit_code),
 //!         _ => {}
 //!     }
 //! }
@@ -64,13 +64,13 @@ mod templates;
 pub use body::{Body, ByteStream};
 pub use client::{API_KEY_ENV, CONNECT_TIMEOUT, Client, MAX_ERROR_BYTES, MAX_JSON_BYTES, URL_ENV};
 pub use error::{ApiError, Error, MAX_ERROR_TEXT, Result};
-pub use exec::{ExecEvent, ExecOutput, ExecStream, MAX_LINE_BYTES};
+pub use exec::{ExecOutput, ExecStream, MAX_LINE_BYTES, StreamEvent};
 
 /// The request and response bodies of the API (from `moat_proto::v1`, plus the files and
 /// streaming-exec types).
 pub mod types {
     pub use crate::pending::{
-        ExecEnd, ExecLine, ExecRequest, FileEntry, FileList, FileType, MakeDir, MovePath,
+        ExecEnd, ExecEvent, ExecRequest, FileEntry, FileList, FileType, MakeDir, MoveFile,
         OutputEncoding,
     };
     pub use moat_proto::v1::{

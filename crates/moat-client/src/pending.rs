@@ -16,20 +16,7 @@ pub enum FileType {
     /// A symbolic link.
     Symlink,
     /// Anything else (a device, a socket, a pipe).
-    #[serde(other)]
     Other,
-}
-
-impl FileType {
-    /// The name the API uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FileType::File => "file",
-            FileType::Dir => "dir",
-            FileType::Symlink => "symlink",
-            FileType::Other => "other",
-        }
-    }
 }
 
 /// One file in a sandbox, as listed or stated.
@@ -41,7 +28,7 @@ pub struct FileEntry {
     pub path: String,
     /// Its kind.
     #[serde(rename = "type")]
-    pub file_type: FileType,
+    pub kind: FileType,
     /// Its size, bytes.
     pub size: u64,
     /// Its permission bits (`0o644` is 420).
@@ -53,7 +40,6 @@ pub struct FileEntry {
     /// When it was last modified, Unix milliseconds.
     pub modified_at: i64,
     /// Where it points, for a symbolic link.
-    #[serde(default)]
     pub symlink_target: Option<String>,
 }
 
@@ -75,7 +61,7 @@ pub struct MakeDir {
 /// `POST /v1/sandboxes/{id}/files/move`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MovePath {
+pub struct MoveFile {
     /// What to move.
     pub from: String,
     /// Where to.
@@ -83,10 +69,11 @@ pub struct MovePath {
 }
 
 /// How a streamed command's output is carried in its events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputEncoding {
     /// As UTF-8 text, invalid bytes replaced (the server's default).
+    #[default]
     Utf8,
     /// As base64 of the exact bytes.
     Base64,
@@ -122,9 +109,13 @@ pub struct ExecRequest {
     /// Seconds after which the command and its process group are killed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
-    /// How a stream carries output; text when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encoding: Option<OutputEncoding>,
+    /// How output is carried (in a result's `stdout`/`stderr` and in a stream's events).
+    #[serde(default, skip_serializing_if = "is_utf8")]
+    pub encoding: OutputEncoding,
+}
+
+fn is_utf8(e: &OutputEncoding) -> bool {
+    *e == OutputEncoding::Utf8
 }
 
 /// How a streamed command ended: the last event of its stream.
@@ -145,7 +136,7 @@ pub struct ExecEnd {
 /// One line of a streamed exec (`Accept: application/x-ndjson`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-pub enum ExecLine {
+pub enum ExecEvent {
     /// The command started.
     Start {
         /// Its process id inside the sandbox.
@@ -164,10 +155,5 @@ pub enum ExecLine {
     /// It ended; the last line.
     End(ExecEnd),
     /// The stream failed; the last line.
-    Error {
-        /// Machine-readable code.
-        code: String,
-        /// For people.
-        message: String,
-    },
+    Error(moat_proto::v1::ErrorDetail),
 }

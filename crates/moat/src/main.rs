@@ -22,6 +22,12 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Show what this host supports and what moat will use.
     Check,
+    /// Sandboxes on a moat server ($MOAT_URL): create, ls, get, exec, cp, rm, timeout.
+    Sandbox(cli::sandbox::SandboxArgs),
+    /// Templates on a moat server: create, ls, get, rm.
+    Template(cli::template::TemplateArgs),
+    /// API keys on a moat server (needs an admin key): create, ls, revoke.
+    Keys(cli::keys::KeysArgs),
     /// The in-sandbox agent (started by moat itself as a sandbox's first process).
     #[command(hide = true)]
     Agent,
@@ -37,6 +43,9 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run::main(*args),
         Command::Serve(args) => cli::serve::main(args),
         Command::Check => cli::check::main(),
+        Command::Sandbox(args) => cli::sandbox::main(args),
+        Command::Template(args) => cli::template::main(args),
+        Command::Keys(args) => cli::keys::main(args),
         Command::Agent => cli::agent::main(),
     }
 }

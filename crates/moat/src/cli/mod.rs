@@ -2,6 +2,13 @@
 
 pub mod agent;
 pub mod check;
+pub mod cp;
+pub mod keys;
+pub mod remote;
 pub mod run;
+pub mod run_remote;
+pub mod sandbox;
 pub mod serve;
+pub mod table;
+pub mod template;
 pub mod terminal;

@@ -38,48 +38,48 @@ const EXIT_NOT_FOUND: u8 = 127;
 pub struct RunArgs {
     /// Memory limit (RAM, no swap), e.g. 512M, 2G.
     #[arg(long, default_value = "512M")]
-    memory: String,
+    pub(crate) memory: String,
     /// CPU limit, e.g. 1, 0.5, 2.
     #[arg(long, default_value = "1")]
-    cpus: String,
+    pub(crate) cpus: String,
     /// Maximum number of processes and threads.
     #[arg(long, default_value_t = 256)]
-    pids: u64,
+    pub(crate) pids: u64,
     /// Size of the writable layer (/, /tmp, /home); it is held in memory.
     #[arg(long, default_value = "1G")]
-    disk: String,
+    pub(crate) disk: String,
     /// Kill the command after this long, e.g. 30s, 500ms, 5m (exit status 124).
     #[arg(long)]
-    timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
     /// Set an environment variable in the sandbox (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V")]
-    env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// Working directory inside the sandbox (default: the user's home).
     #[arg(long, short = 'w', value_name = "DIR")]
-    workdir: Option<String>,
+    pub(crate) workdir: Option<String>,
     /// Copy a local file into the sandbox before running (repeatable).
     #[arg(long = "copy", value_name = "LOCAL:REMOTE")]
-    copy: Vec<String>,
+    pub(crate) copy: Vec<String>,
     /// Run as root inside the sandbox (still an unprivileged user on the host).
     #[arg(long)]
-    root: bool,
+    pub(crate) root: bool,
     /// Start an interactive shell.
     #[arg(long, conflicts_with = "command")]
-    shell: bool,
+    pub(crate) shell: bool,
     /// Use this directory as the root filesystem (read-only, with a writable layer on top)
     /// instead of the host's system directories.
     #[arg(long, value_name = "DIR")]
-    rootfs: Option<PathBuf>,
+    pub(crate) rootfs: Option<PathBuf>,
     /// Sandbox id (default: random); for tests that must find the sandbox's host resources.
     #[arg(long, hide = true)]
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// The command and its arguments.
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "CMD"
     )]
-    command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// What the user asked for, validated.
@@ -175,8 +175,11 @@ fn plan(a: RunArgs) -> Result<Plan> {
     })
 }
 
-/// Runs `moat run`.
+/// Runs `moat run`: through the server at `MOAT_URL` when it is set, else here.
 pub fn main(args: RunArgs) -> ExitCode {
+    if super::run_remote::wanted() {
+        return super::run_remote::main(args);
+    }
     let plan = match plan(args) {
         Ok(p) => p,
         Err(e) => {
@@ -474,7 +477,7 @@ fn exit_code(end: &process_event::EndEvent) -> u8 {
 }
 
 /// The signal named in a Go-style status (`signal: killed`).
-fn signal_number(status: &str) -> Option<i32> {
+pub(crate) fn signal_number(status: &str) -> Option<i32> {
     let name = status.strip_prefix("signal: ")?;
     let name = name.trim_end_matches(" (core dumped)");
     Some(match name {

@@ -1,0 +1,206 @@
+//! `moat run` through a server (when `MOAT_URL` is set): make a sandbox with the run's limits,
+//! copy files in, stream the command's output, exit with its status, delete the sandbox
+//! whatever happens (Ctrl-C, SIGTERM and SIGHUP included).
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine;
+use moat_client::Client;
+use moat_client::types::{CreateSandbox, ExecRequest, OutputEncoding, ResourceRequest, Sandbox};
+use moat_engine::manager::MAX_EXEC_TIMEOUT;
+use moat_engine::resources::{parse_cpus, parse_duration, parse_size};
+use tokio::io::AsyncReadExt;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::remote::{self, EXIT_MOAT_FAILED, Finished, Remote, key_values, whole_secs};
+use super::run::RunArgs;
+use super::sandbox::MAX_STDIN_BYTES;
+
+/// How much longer than the command the sandbox may live, so its time to live never ends
+/// the command first.
+const TTL_MARGIN_SECS: u64 = 60;
+
+/// Whether `moat run` goes through a server: `MOAT_URL` is set and not empty.
+pub fn wanted() -> bool {
+    std::env::var_os(moat_client::URL_ENV).is_some_and(|v| !v.is_empty())
+}
+
+/// What to do, checked before anything is sent.
+struct Plan {
+    create: CreateSandbox,
+    exec: ExecRequest,
+    copies: Vec<(std::path::PathBuf, String)>,
+}
+
+fn plan(a: &RunArgs) -> Result<Plan> {
+    if a.shell {
+        bail!("--shell needs a terminal attached to the sandbox: unset MOAT_URL to run locally");
+    }
+    if a.rootfs.is_some() {
+        bail!(
+            "--rootfs names a directory of this host: through a server, use a template \
+             (moat template create NAME --rootfs DIR) or unset MOAT_URL"
+        );
+    }
+    if a.id.is_some() {
+        bail!("--id is not supported through a server (the server picks sandbox ids)");
+    }
+    // Checked here as the local run does, so a typo fails before anything is made.
+    parse_size(&a.memory).context("--memory")?;
+    parse_size(&a.disk).context("--disk")?;
+    let cpus = parse_cpus(&a.cpus).context("--cpus")? as f64 / 1000.0;
+    let timeout = a
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .context("--timeout")?
+        .map(whole_secs)
+        .unwrap_or(MAX_EXEC_TIMEOUT.as_secs());
+    if timeout > MAX_EXEC_TIMEOUT.as_secs() {
+        bail!(
+            "--timeout: through a server a command may run at most {} s",
+            MAX_EXEC_TIMEOUT.as_secs()
+        );
+    }
+    let env: BTreeMap<String, String> = key_values("--env", &a.env)?.into_iter().collect();
+    if let Some(w) = &a.workdir
+        && !w.starts_with('/')
+    {
+        bail!("--workdir {w:?}: must be an absolute path inside the sandbox");
+    }
+    let mut copies = Vec::new();
+    for c in &a.copy {
+        let (local, remote) = c
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--copy {c:?}: expected LOCAL:REMOTE"))?;
+        let local = std::path::PathBuf::from(local);
+        if !local.is_file() {
+            bail!("--copy {c:?}: {} is not a readable file", local.display());
+        }
+        copies.push((local, remote.to_owned()));
+    }
+    let cmd = a.command.clone();
+    if cmd.is_empty() {
+        bail!("no command given: moat run [OPTIONS] -- CMD [ARGS...]");
+    }
+    Ok(Plan {
+        create: CreateSandbox {
+            resources: Some(ResourceRequest {
+                memory: Some(a.memory.clone()),
+                cpus: Some(cpus),
+                pids: Some(a.pids),
+                disk: Some(a.disk.clone()),
+            }),
+            metadata: [("created_by".to_owned(), "moat run".to_owned())].into(),
+            timeout_secs: Some(timeout + TTL_MARGIN_SECS),
+            ..CreateSandbox::default()
+        },
+        exec: ExecRequest {
+            cmd: Some(cmd),
+            env,
+            cwd: a.workdir.clone(),
+            user: a.root.then(|| "root".to_owned()),
+            timeout_secs: Some(timeout),
+            encoding: OutputEncoding::Base64,
+            ..ExecRequest::default()
+        },
+        copies,
+    })
+}
+
+/// Runs `moat run` through the server; the exit status is the command's (see `moat run`).
+pub fn main(args: RunArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moat: starting the runtime: {e}");
+            return ExitCode::from(EXIT_MOAT_FAILED);
+        }
+    };
+    match rt.block_on(run(&args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            remote::report(&e);
+            ExitCode::from(EXIT_MOAT_FAILED)
+        }
+    }
+}
+
+async fn run(args: &RunArgs) -> Result<u8> {
+    let mut plan = plan(args)?;
+    let client = Remote {
+        url: None,
+        api_key: None,
+        output: remote::Format::Table,
+    }
+    .client()?;
+    if !std::io::stdin().is_terminal() {
+        let data = read_stdin().await?;
+        if !data.is_empty() {
+            plan.exec.stdin_b64 = Some(base64::engine::general_purpose::STANDARD.encode(data));
+        }
+    }
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let creating = client.create_sandbox(&plan.create);
+    tokio::pin!(creating);
+    // A signal during the create still waits for it, so the sandbox can be deleted.
+    let (created, interrupted) = tokio::select! {
+        c = &mut creating => (c, None),
+        _ = sigint.recv() => ((&mut creating).await, Some(libc::SIGINT)),
+        _ = sigterm.recv() => ((&mut creating).await, Some(libc::SIGTERM)),
+        _ = sighup.recv() => ((&mut creating).await, Some(libc::SIGHUP)),
+    };
+    let sandbox = created.context("creating the sandbox")?;
+    let outcome = match interrupted {
+        Some(sig) => Ok(Finished::Signalled(sig)),
+        None => attach(&client, &sandbox, &plan).await,
+    };
+    let deleted = client.delete_sandbox(&sandbox.id).await;
+    let code = match outcome? {
+        Finished::Ended(end) => remote::exit_status(&end, Some(sandbox.resources.memory_bytes)),
+        Finished::OutputClosed => 128 + libc::SIGPIPE as u8,
+        Finished::Signalled(sig) => {
+            eprintln!("moat: interrupted; the sandbox was destroyed");
+            128 + sig as u8
+        }
+    };
+    deleted.with_context(|| format!("deleting sandbox {}", sandbox.id))?;
+    Ok(code)
+}
+
+/// Copies the files in, then runs the command.
+async fn attach(client: &Client, sandbox: &Sandbox, plan: &Plan) -> Result<Finished> {
+    for (local, remote) in &plan.copies {
+        client
+            .upload_file(&sandbox.id, remote, local)
+            .await
+            .with_context(|| format!("copying {} to {remote}", local.display()))?;
+    }
+    remote::stream_exec(client, &sandbox.id, &plan.exec).await
+}
+
+/// Our standard input to its end, at most [`MAX_STDIN_BYTES`].
+async fn read_stdin() -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    tokio::io::stdin()
+        .take(MAX_STDIN_BYTES as u64 + 1)
+        .read_to_end(&mut data)
+        .await
+        .context("reading standard input")?;
+    if data.len() > MAX_STDIN_BYTES {
+        bail!(
+            "standard input is larger than {} KiB: through a server, copy it in with --copy",
+            MAX_STDIN_BYTES >> 10
+        );
+    }
+    Ok(data)
+}
