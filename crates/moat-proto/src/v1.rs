@@ -387,6 +387,89 @@ pub struct ExecResult {
     pub oom_killed: bool,
 }
 
+/// `POST /v1/run`: the one-shot mode. A sandbox is taken (from the template's warm pool when
+/// it has one ready), the files written, the code or command run, the output files read, and
+/// the sandbox destroyed, all in one call.
+///
+/// Exactly one of `code`, `cmd` and `shell` is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Template name; [`DEFAULT_TEMPLATE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Source code, run by the interpreter of `language`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The language of `code`: `python` (the default), `bash`, `sh` or `javascript` (node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Program and arguments instead of code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// A script for `/bin/sh -c` instead of code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Files written before the run (relative paths are under the working directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<InputFile>,
+    /// Text for standard input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Environment variables of the run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the template's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Seconds the run may take; the exec default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Limits of the sandbox (a request with limits cannot use the warm pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequest>,
+    /// Files read back after the run, returned in [`RunResult::files`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_files: Vec<String>,
+}
+
+/// A file of a [`RunRequest`]: exactly one of `content` (UTF-8 text) and `content_b64`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputFile {
+    /// Where it goes in the sandbox.
+    pub path: String,
+    /// Its contents as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Its contents as base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_b64: Option<String>,
+}
+
+/// What a `POST /v1/run` did: the command's result and the output files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// The run's result, as a buffered exec reports it.
+    #[serde(flatten)]
+    pub exec: ExecResult,
+    /// The requested output files, in the order asked.
+    pub files: Vec<OutputFile>,
+    /// The sandbox the run used (destroyed by now).
+    pub sandbox_id: String,
+}
+
+/// One requested output file: its contents, or why they could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// The path as asked.
+    pub path: String,
+    /// The contents as base64, when read.
+    pub content_b64: Option<String>,
+    /// Why it could not be read (missing, too large, a directory), when not.
+    pub error: Option<String>,
+}
+
 /// The body of every error response: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

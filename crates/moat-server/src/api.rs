@@ -49,6 +49,10 @@ pub(crate) fn router_with(state: Shared) -> Router {
         )
         .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route(
+            "/v1/run",
+            post(run).layer(DefaultBodyLimit::max(crate::MAX_RUN_BODY_BYTES)),
+        )
         .merge(crate::templates::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -226,6 +230,23 @@ async fn exec(
     let Path(id) = id?;
     let req: v1::ExecRequest = json_body(body, None)?;
     Ok(Json(state.manager.exec(&caller.tenant, &id, req).await?))
+}
+
+/// The one-shot mode: a sandbox (from the warm pool when one is ready), files, a run, files
+/// back, the sandbox destroyed.
+async fn run(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<v1::RunResult>> {
+    let body = body.map_err(|r| ApiError::body(r, crate::MAX_RUN_BODY_BYTES));
+    let req: v1::RunRequest = json_body(Ok(body?), None)?;
+    Ok(Json(
+        state
+            .manager
+            .run(&caller.tenant, Some(&caller.key_id), req)
+            .await?,
+    ))
 }
 
 /// `state=running&state=paused&metadata=k=v&after=…&limit=…`, strictly: an unknown parameter
