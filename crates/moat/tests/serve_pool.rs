@@ -103,6 +103,10 @@ fn templates_crud_and_checks() {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let sb = r.json();
     assert_eq!(sb["resources"]["memory_bytes"], 128 << 20);
+    // The template's time to live: 60 s.
+    let ttl =
+        sb["expires_at"].as_i64().expect("expires") - sb["created_at"].as_i64().expect("created");
+    assert!((55_000..=61_000).contains(&ttl), "{sb}");
     let id = sb["id"].as_str().expect("id").to_owned();
     let out = exec(&server, &admin, &id, "echo $GREETING; pwd");
     assert_eq!(out["stdout"], "hi\n/tmp\n", "{out}");
@@ -510,7 +514,12 @@ fn a_sandbox_whose_agent_dies_is_failed_and_released() {
     }
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request("POST", "/v1/sandboxes", Some(&admin), Some(&body(json!({}))));
+    let r = server.request(
+        "POST",
+        "/v1/sandboxes",
+        Some(&admin),
+        Some(&body(json!({}))),
+    );
     assert_eq!(r.status, 201);
     let id = r.json()["id"].as_str().expect("id").to_owned();
     for pid in pids_in_sandbox(&id) {
@@ -529,7 +538,9 @@ fn a_sandbox_whose_agent_dies_is_failed_and_released() {
     };
     assert_eq!(s["state"], "failed", "{s}");
     assert!(
-        s["end_reason"].as_str().is_some_and(|r| r.contains("agent")),
+        s["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("agent")),
         "{s}"
     );
     assert!(cgroup_dirs(&id).is_empty(), "its cgroups are left");

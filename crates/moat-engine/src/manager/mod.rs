@@ -436,7 +436,9 @@ impl Inner {
     ) -> ManagerResult<v1::Sandbox> {
         // Everything the client can get wrong is checked before anything is recorded.
         check_template_name(&req.template).map_err(ManagerError::from)?;
-        let ttl = self.ttl(req.timeout_secs)?;
+        if let Some(secs) = req.timeout_secs {
+            self.ttl(Some(secs))?;
+        }
         check_env("env", &req.env)?;
         let (t, name) = (tenant.clone(), req.template.clone());
         let template = match self.db(move |s| s.get_template(&t, &name)).await {
@@ -463,6 +465,8 @@ impl Inner {
             }
             None => Limits::default(),
         };
+        // The request's time to live, else the template's, else the server's default.
+        let ttl = self.ttl(req.timeout_secs.or(spec.timeout_secs))?;
         let expires_at = Some(now_ms().saturating_add(ms(ttl)));
         // A request that asks for nothing a started member lacks can take one.
         if req.resources.is_none() && req.env.is_empty() {
