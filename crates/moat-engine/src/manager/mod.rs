@@ -10,9 +10,13 @@
 //! The store is blocking; its calls run on tokio's blocking pool.
 
 mod exec;
+mod exec_encoding;
+mod exec_stream;
+mod execution;
 mod templates;
 
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
+pub use exec_stream::ExecStream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
