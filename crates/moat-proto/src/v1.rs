@@ -335,9 +335,11 @@ pub struct SetTimeout {
     pub timeout_secs: u64,
 }
 
-/// `POST /v1/sandboxes/{id}/exec`: run one command and wait for it.
+/// `POST /v1/sandboxes/{id}/exec`: run one command, and either wait for its [`ExecResult`] or
+/// follow it as a stream of [`ExecEvent`]s.
 ///
-/// Exactly one of `cmd` and `shell` is given.
+/// Exactly one of `cmd` and `shell` is given, and at most one of `stdin` and `stdin_b64`. The
+/// standard input is bounded by the server's request body limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
@@ -351,6 +353,10 @@ pub struct ExecRequest {
     /// the command's standard input is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
+    /// Bytes written to the command's standard input, base64 (standard alphabet, padded), for
+    /// input that is not text. Not together with `stdin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_b64: Option<String>,
     /// Environment variables of this command (over the sandbox's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -364,12 +370,81 @@ pub struct ExecRequest {
     /// server's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// How output is carried: in the result's `stdout` and `stderr`, and in the `data` of a
+    /// stream's output events.
+    #[serde(default, skip_serializing_if = "OutputEncoding::is_default")]
+    pub encoding: OutputEncoding,
+}
+
+/// How an exec's output bytes are carried in JSON strings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputEncoding {
+    /// Text: the bytes decoded as UTF-8, invalid bytes replaced by U+FFFD.
+    #[default]
+    Utf8,
+    /// Base64 (standard alphabet, padded) of the raw bytes.
+    Base64,
+}
+
+impl OutputEncoding {
+    fn is_default(&self) -> bool {
+        *self == OutputEncoding::default()
+    }
+}
+
+/// How a command ended: the last event of an exec stream, and the end fields of an
+/// [`ExecResult`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEnd {
+    /// The exit code; `null` when the command was killed by a signal or timed out.
+    pub exit_code: Option<i32>,
+    /// How it ended when not by exiting (`signal: killed`), else `null`.
+    pub signal: Option<String>,
+    /// Wall time from start to end, milliseconds.
+    pub duration_ms: u64,
+    /// The timeout passed and the command's process group was killed.
+    pub timed_out: bool,
+    /// The kernel's OOM killer killed a process of the sandbox while the command ran.
+    pub oom_killed: bool,
+}
+
+/// One line of an exec stream (`Accept: application/x-ndjson`): `start`, then output events
+/// as the output arrives, then exactly one `end` or `error`.
+///
+/// Output `data` follows the request's [`OutputEncoding`]: with `utf8` a multi-byte character
+/// split between reads is held back and sent whole in the next event of the same stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    /// The command started. A program that could not be started at all (missing: exit 127,
+    /// not executable: 126) has no `start`: its stream is the reason on `stderr`, then `end`.
+    Start {
+        /// Its pid inside the sandbox.
+        pid: u32,
+    },
+    /// Output on standard output.
+    Stdout {
+        /// The bytes, per the request's encoding.
+        data: String,
+    },
+    /// Output on standard error.
+    Stderr {
+        /// The bytes, per the request's encoding.
+        data: String,
+    },
+    /// The command ended.
+    End(ExecEnd),
+    /// Following the command failed after it started (the sandbox's agent went away); how it
+    /// ended is unknown.
+    Error(ErrorDetail),
 }
 
 /// What a buffered command did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecResult {
-    /// Standard output, decoded as UTF-8 (invalid bytes replaced), cut at the server's cap.
+    /// Standard output, cut at the server's cap, per the request's encoding (by default
+    /// decoded as UTF-8, invalid bytes replaced).
     pub stdout: String,
     /// Standard error, likewise.
     pub stderr: String,
@@ -511,6 +586,46 @@ mod tests {
             assert!(serde_json::from_str::<CreateSandbox>(bad).is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<ExecRequest>(r#"{"command":"ls"}"#).is_err());
+    }
+
+    #[test]
+    fn exec_encodings_and_events() {
+        let req: ExecRequest =
+            serde_json::from_str(r#"{"shell":"cat","stdin_b64":"AAE=","encoding":"base64"}"#)
+                .unwrap();
+        assert_eq!(req.encoding, OutputEncoding::Base64);
+        assert_eq!(req.stdin_b64.as_deref(), Some("AAE="));
+        let req: ExecRequest = serde_json::from_str(r#"{"shell":"ls"}"#).unwrap();
+        assert_eq!(req.encoding, OutputEncoding::Utf8);
+        assert!(serde_json::from_str::<ExecRequest>(r#"{"shell":"ls","encoding":"hex"}"#).is_err());
+        let lines = [
+            (ExecEvent::Start { pid: 7 }, r#"{"type":"start","pid":7}"#),
+            (
+                ExecEvent::Stdout { data: "é".into() },
+                r#"{"type":"stdout","data":"é"}"#,
+            ),
+            (
+                ExecEvent::End(ExecEnd {
+                    exit_code: Some(3),
+                    signal: None,
+                    duration_ms: 5,
+                    timed_out: false,
+                    oom_killed: false,
+                }),
+                r#"{"type":"end","exit_code":3,"signal":null,"duration_ms":5,"timed_out":false,"oom_killed":false}"#,
+            ),
+            (
+                ExecEvent::Error(ErrorDetail {
+                    code: "unavailable".into(),
+                    message: "gone".into(),
+                }),
+                r#"{"type":"error","code":"unavailable","message":"gone"}"#,
+            ),
+        ];
+        for (event, line) in lines {
+            assert_eq!(serde_json::to_string(&event).unwrap(), line);
+            assert_eq!(serde_json::from_str::<ExecEvent>(line).unwrap(), event);
+        }
     }
 
     #[test]

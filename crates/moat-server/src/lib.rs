@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use moat_engine::manager::SandboxManager;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -75,6 +76,12 @@ pub async fn serve(
             let _ = stop_tx.send(true);
         }
     };
+    // Event streams send small lines that must leave at once, not wait for an acknowledgement.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("setting TCP_NODELAY: {e}");
+        }
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(signal)
         .into_future();

@@ -10,12 +10,16 @@
 //! The store is blocking; its calls run on tokio's blocking pool.
 
 mod exec;
+mod exec_encoding;
+mod exec_stream;
+mod execution;
 mod pool;
 mod readiness;
 mod run;
 mod templates;
 
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
+pub use exec_stream::ExecStream;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
 

@@ -81,6 +81,7 @@ impl SandboxManager {
             cwd: req.cwd.clone(),
             user: None,
             timeout_secs: req.timeout_secs,
+            ..Default::default()
         };
         let run_for = req
             .timeout_secs
