@@ -17,13 +17,14 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The template a sandbox uses when the request names none.
 pub const DEFAULT_TEMPLATE: &str = "host";
 
 /// `POST /v1/sandboxes`: make a sandbox.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// Template name; [`DEFAULT_TEMPLATE`] when absent.
@@ -63,7 +64,7 @@ fn default_template() -> String {
 }
 
 /// Limits as a client asks for them; absent ones take a default.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceRequest {
     /// Memory (RAM, no swap) as a size string: `"512M"`, `"1G"`.
@@ -82,7 +83,7 @@ pub struct ResourceRequest {
 }
 
 /// Resolved limits, as numbers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ResourceLimits {
     /// Memory, bytes.
     pub memory_bytes: u64,
@@ -95,7 +96,7 @@ pub struct ResourceLimits {
 }
 
 /// Where a template's root filesystem comes from: `"host"` or `{"dir": "/path"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Rootfs {
     /// The host's system directories, read-only.
@@ -105,7 +106,7 @@ pub enum Rootfs {
 }
 
 /// A template's definition, as stored and as clients give it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     /// The root filesystem.
@@ -160,7 +161,7 @@ pub const MAX_READY_TIMEOUT_SECS: u64 = 600;
 pub const MAX_POOL_SIZE: u32 = 1000;
 
 /// `POST /v1/templates`: define a template for the caller's tenant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
     /// Its name, `[a-z0-9][a-z0-9._-]{0,62}`, unique among the tenant's and the built-in
@@ -171,7 +172,7 @@ pub struct CreateTemplate {
 }
 
 /// A template as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Template {
     /// Its name.
     pub name: String,
@@ -186,7 +187,7 @@ pub struct Template {
 }
 
 /// A template's warm pool.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PoolStatus {
     /// Sandboxes the pool keeps (the template's `pool_size`, less what the memory budget
     /// does not allow).
@@ -196,7 +197,7 @@ pub struct PoolStatus {
 }
 
 /// `GET /v1/templates`: the templates the caller sees, by name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TemplateList {
     /// The templates.
     pub templates: Vec<Template>,
@@ -206,7 +207,7 @@ pub struct TemplateList {
 ///
 /// `starting → running ⇄ paused`; `starting`, `running` and `paused` may end in `killed` or
 /// `failed`, which are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
     /// Being made; not yet usable.
@@ -278,7 +279,7 @@ impl std::fmt::Display for SandboxState {
 }
 
 /// A sandbox as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Sandbox {
     /// Its id.
     pub id: String,
@@ -301,7 +302,7 @@ pub struct Sandbox {
 }
 
 /// `GET /v1/sandboxes`: which sandboxes to list.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListSandboxes {
     /// Only these states; all when empty.
@@ -319,7 +320,7 @@ pub struct ListSandboxes {
 }
 
 /// One page of sandboxes, oldest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SandboxList {
     /// The sandboxes.
     pub sandboxes: Vec<Sandbox>,
@@ -328,7 +329,7 @@ pub struct SandboxList {
 }
 
 /// `POST /v1/sandboxes/{id}/timeout`: a new time to live, counted from now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetTimeout {
     /// Seconds from now until the sandbox expires.
@@ -340,7 +341,7 @@ pub struct SetTimeout {
 ///
 /// Exactly one of `cmd` and `shell` is given, and at most one of `stdin` and `stdin_b64`. The
 /// standard input is bounded by the server's request body limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in `PATH`.
@@ -377,7 +378,7 @@ pub struct ExecRequest {
 }
 
 /// How an exec's output bytes are carried in JSON strings.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputEncoding {
     /// Text: the bytes decoded as UTF-8, invalid bytes replaced by U+FFFD.
@@ -395,7 +396,7 @@ impl OutputEncoding {
 
 /// How a command ended: the last event of an exec stream, and the end fields of an
 /// [`ExecResult`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ExecEnd {
     /// The exit code; `null` when the command was killed by a signal or timed out.
     pub exit_code: Option<i32>,
@@ -414,7 +415,7 @@ pub struct ExecEnd {
 ///
 /// Output `data` follows the request's [`OutputEncoding`]: with `utf8` a multi-byte character
 /// split between reads is held back and sent whole in the next event of the same stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ExecEvent {
     /// The command started. A program that could not be started at all (missing: exit 127,
@@ -441,7 +442,7 @@ pub enum ExecEvent {
 }
 
 /// What a buffered command did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ExecResult {
     /// Standard output, cut at the server's cap, per the request's encoding (by default
     /// decoded as UTF-8, invalid bytes replaced).
@@ -467,7 +468,7 @@ pub struct ExecResult {
 /// the sandbox destroyed, all in one call.
 ///
 /// Exactly one of `code`, `cmd` and `shell` is given.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
     /// Template name; [`DEFAULT_TEMPLATE`] when absent.
@@ -509,7 +510,7 @@ pub struct RunRequest {
 }
 
 /// A file of a [`RunRequest`]: exactly one of `content` (UTF-8 text) and `content_b64`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InputFile {
     /// Where it goes in the sandbox.
@@ -523,7 +524,7 @@ pub struct InputFile {
 }
 
 /// What a `POST /v1/run` did: the command's result and the output files.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RunResult {
     /// The run's result, as a buffered exec reports it.
     #[serde(flatten)]
@@ -535,7 +536,7 @@ pub struct RunResult {
 }
 
 /// One requested output file: its contents, or why they could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OutputFile {
     /// The path as asked.
     pub path: String,
@@ -546,14 +547,14 @@ pub struct OutputFile {
 }
 
 /// The body of every error response: `{"error": {"code": "...", "message": "..."}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// One error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorDetail {
     /// Machine-readable code (`invalid`, `not_found`, `conflict`, `quota_exceeded`, …).
     pub code: String,
