@@ -5,6 +5,7 @@
 //! installs the peers). Peers that are not installed are reported as skipped.
 
 mod agent;
+mod server;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -17,22 +18,34 @@ use stats::Samples;
 struct Args {
     moat: PathBuf,
     runs: usize,
+    /// Idle sandboxes the server benchmark holds at once.
+    idle: usize,
+    /// Only the `moat serve` benchmarks.
+    server_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut moat = None;
     let mut runs = 200;
+    let mut idle = 1000;
+    let mut server_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--moat" => moat = it.next().map(PathBuf::from),
             "--runs" => runs = it.next().context("--runs N")?.parse().context("--runs N")?,
-            other => bail!("unknown argument {other}; usage: moat-bench --moat PATH [--runs N]"),
+            "--idle" => idle = it.next().context("--idle N")?.parse().context("--idle N")?,
+            "--server-only" => server_only = true,
+            other => bail!(
+                "unknown argument {other}; usage: moat-bench --moat PATH [--runs N] [--idle N] [--server-only]"
+            ),
         }
     }
     Ok(Args {
         moat: moat.context("--moat PATH is required")?,
         runs,
+        idle,
+        server_only,
     })
 }
 
@@ -132,6 +145,9 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     let moat = args.moat.display().to_string();
     let n = args.runs;
+    if args.server_only {
+        return server::run(&args.moat, n, args.idle);
+    }
     println!(
         "# moat benchmarks ({} runs each, after 3 warm-up runs)\n",
         n
@@ -181,5 +197,5 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(agent::exec_and_idle(&args.moat, n))?;
-    Ok(())
+    server::run(&args.moat, n, args.idle)
 }

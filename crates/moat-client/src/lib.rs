@@ -66,17 +66,13 @@ pub use client::{API_KEY_ENV, CONNECT_TIMEOUT, Client, MAX_ERROR_BYTES, MAX_JSON
 pub use error::{ApiError, Error, MAX_ERROR_TEXT, Result};
 pub use exec::{ExecOutput, ExecStream, MAX_LINE_BYTES, StreamEvent};
 
-/// The request and response bodies of the API (from `moat_proto::v1`, plus the files and
-/// streaming-exec types).
+/// The request and response bodies of the API (from `moat_proto::v1`, plus the files types).
 pub mod types {
-    pub use crate::pending::{
-        ExecEnd, ExecEvent, ExecRequest, FileEntry, FileList, FileType, MakeDir, MoveFile,
-        OutputEncoding,
-    };
+    pub use crate::pending::{FileEntry, FileList, FileType, MakeDir, MoveFile};
     pub use moat_proto::v1::{
         ApiKey, CreateKey, CreateSandbox, CreateTemplate, CreatedKey, ErrorBody, ErrorDetail,
-        ExecResult, KeyList, KeyQuotas, KeyRole, ListSandboxes, PoolStatus, QuotaRequest,
-        ResourceLimits, ResourceRequest, Rootfs, Sandbox, SandboxList, SandboxState, SetTimeout,
-        Template, TemplateList, TemplateSpec,
+        ExecEnd, ExecEvent, ExecRequest, ExecResult, KeyList, KeyQuotas, KeyRole, ListSandboxes,
+        OutputEncoding, PoolStatus, QuotaRequest, ResourceLimits, ResourceRequest, Rootfs, Sandbox,
+        SandboxList, SandboxState, SetTimeout, Template, TemplateList, TemplateSpec,
     };
 }

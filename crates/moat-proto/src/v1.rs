@@ -17,13 +17,14 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The template a sandbox uses when the request names none.
 pub const DEFAULT_TEMPLATE: &str = "host";
 
 /// `POST /v1/sandboxes`: make a sandbox.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// Template name; [`DEFAULT_TEMPLATE`] when absent.
@@ -63,7 +64,7 @@ fn default_template() -> String {
 }
 
 /// Limits as a client asks for them; absent ones take a default.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceRequest {
     /// Memory (RAM, no swap) as a size string: `"512M"`, `"1G"`.
@@ -82,7 +83,7 @@ pub struct ResourceRequest {
 }
 
 /// Resolved limits, as numbers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ResourceLimits {
     /// Memory, bytes.
     pub memory_bytes: u64,
@@ -95,7 +96,7 @@ pub struct ResourceLimits {
 }
 
 /// Where a template's root filesystem comes from: `"host"` or `{"dir": "/path"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Rootfs {
     /// The host's system directories, read-only.
@@ -105,7 +106,7 @@ pub enum Rootfs {
 }
 
 /// A template's definition, as stored and as clients give it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     /// The root filesystem.
@@ -160,7 +161,7 @@ pub const MAX_READY_TIMEOUT_SECS: u64 = 600;
 pub const MAX_POOL_SIZE: u32 = 1000;
 
 /// `POST /v1/templates`: define a template for the caller's tenant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
     /// Its name, `[a-z0-9][a-z0-9._-]{0,62}`, unique among the tenant's and the built-in
@@ -171,7 +172,7 @@ pub struct CreateTemplate {
 }
 
 /// A template as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Template {
     /// Its name.
     pub name: String,
@@ -186,7 +187,7 @@ pub struct Template {
 }
 
 /// A template's warm pool.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PoolStatus {
     /// Sandboxes the pool keeps (the template's `pool_size`, less what the memory budget
     /// does not allow).
@@ -196,7 +197,7 @@ pub struct PoolStatus {
 }
 
 /// `GET /v1/templates`: the templates the caller sees, by name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TemplateList {
     /// The templates.
     pub templates: Vec<Template>,
@@ -206,7 +207,9 @@ pub struct TemplateList {
 ///
 /// `starting → running ⇄ paused`; `starting`, `running` and `paused` may end in `killed` or
 /// `failed`, which are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
     /// Being made; not yet usable.
@@ -278,7 +281,7 @@ impl std::fmt::Display for SandboxState {
 }
 
 /// A sandbox as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Sandbox {
     /// Its id.
     pub id: String,
@@ -301,7 +304,7 @@ pub struct Sandbox {
 }
 
 /// `GET /v1/sandboxes`: which sandboxes to list.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListSandboxes {
     /// Only these states; all when empty.
@@ -319,7 +322,7 @@ pub struct ListSandboxes {
 }
 
 /// One page of sandboxes, oldest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SandboxList {
     /// The sandboxes.
     pub sandboxes: Vec<Sandbox>,
@@ -328,17 +331,19 @@ pub struct SandboxList {
 }
 
 /// `POST /v1/sandboxes/{id}/timeout`: a new time to live, counted from now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetTimeout {
     /// Seconds from now until the sandbox expires.
     pub timeout_secs: u64,
 }
 
-/// `POST /v1/sandboxes/{id}/exec`: run one command and wait for it.
+/// `POST /v1/sandboxes/{id}/exec`: run one command, and either wait for its [`ExecResult`] or
+/// follow it as a stream of [`ExecEvent`]s.
 ///
-/// Exactly one of `cmd` and `shell` is given.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Exactly one of `cmd` and `shell` is given, and at most one of `stdin` and `stdin_b64`. The
+/// standard input is bounded by the server's request body limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in `PATH`.
@@ -351,6 +356,10 @@ pub struct ExecRequest {
     /// the command's standard input is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
+    /// Bytes written to the command's standard input, base64 (standard alphabet, padded), for
+    /// input that is not text. Not together with `stdin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_b64: Option<String>,
     /// Environment variables of this command (over the sandbox's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -364,12 +373,81 @@ pub struct ExecRequest {
     /// server's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// How output is carried: in the result's `stdout` and `stderr`, and in the `data` of a
+    /// stream's output events.
+    #[serde(default, skip_serializing_if = "OutputEncoding::is_default")]
+    pub encoding: OutputEncoding,
+}
+
+/// How an exec's output bytes are carried in JSON strings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputEncoding {
+    /// Text: the bytes decoded as UTF-8, invalid bytes replaced by U+FFFD.
+    #[default]
+    Utf8,
+    /// Base64 (standard alphabet, padded) of the raw bytes.
+    Base64,
+}
+
+impl OutputEncoding {
+    fn is_default(&self) -> bool {
+        *self == OutputEncoding::default()
+    }
+}
+
+/// How a command ended: the last event of an exec stream, and the end fields of an
+/// [`ExecResult`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExecEnd {
+    /// The exit code; `null` when the command was killed by a signal or timed out.
+    pub exit_code: Option<i32>,
+    /// How it ended when not by exiting (`signal: killed`), else `null`.
+    pub signal: Option<String>,
+    /// Wall time from start to end, milliseconds.
+    pub duration_ms: u64,
+    /// The timeout passed and the command's process group was killed.
+    pub timed_out: bool,
+    /// The kernel's OOM killer killed a process of the sandbox while the command ran.
+    pub oom_killed: bool,
+}
+
+/// One line of an exec stream (`Accept: application/x-ndjson`): `start`, then output events
+/// as the output arrives, then exactly one `end` or `error`.
+///
+/// Output `data` follows the request's [`OutputEncoding`]: with `utf8` a multi-byte character
+/// split between reads is held back and sent whole in the next event of the same stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    /// The command started. A program that could not be started at all (missing: exit 127,
+    /// not executable: 126) has no `start`: its stream is the reason on `stderr`, then `end`.
+    Start {
+        /// Its pid inside the sandbox.
+        pid: u32,
+    },
+    /// Output on standard output.
+    Stdout {
+        /// The bytes, per the request's encoding.
+        data: String,
+    },
+    /// Output on standard error.
+    Stderr {
+        /// The bytes, per the request's encoding.
+        data: String,
+    },
+    /// The command ended.
+    End(ExecEnd),
+    /// Following the command failed after it started (the sandbox's agent went away); how it
+    /// ended is unknown.
+    Error(ErrorDetail),
 }
 
 /// What a buffered command did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ExecResult {
-    /// Standard output, decoded as UTF-8 (invalid bytes replaced), cut at the server's cap.
+    /// Standard output, cut at the server's cap, per the request's encoding (by default
+    /// decoded as UTF-8, invalid bytes replaced).
     pub stdout: String,
     /// Standard error, likewise.
     pub stderr: String,
@@ -388,7 +466,7 @@ pub struct ExecResult {
 }
 
 /// What an API key may do.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyRole {
     /// Uses the templates and sandboxes of its tenant.
@@ -415,7 +493,7 @@ impl std::fmt::Display for KeyRole {
 }
 
 /// `POST /v1/keys`: make an API key (admin keys only).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// A label for people: 1 to 200 characters, no control characters.
@@ -433,7 +511,7 @@ pub struct CreateKey {
 }
 
 /// A key's limits as a client gives them (sizes as strings, like [`ResourceRequest`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaRequest {
     /// Sandboxes the key may have starting, running or paused at once.
@@ -448,7 +526,7 @@ pub struct QuotaRequest {
 }
 
 /// A key's limits as the API shows them; `null` is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct KeyQuotas {
     /// Sandboxes the key may have starting, running or paused at once.
     pub max_sandboxes: Option<u32>,
@@ -459,7 +537,7 @@ pub struct KeyQuotas {
 }
 
 /// An API key as the API shows it; its secret is never shown again after creation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiKey {
     /// Its public id, `key_` and 16 characters; safe to log.
     pub id: String,
@@ -478,7 +556,7 @@ pub struct ApiKey {
 }
 
 /// The answer to `POST /v1/keys`: the key and, this once, its secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CreatedKey {
     /// The key.
     #[serde(flatten)]
@@ -489,21 +567,104 @@ pub struct CreatedKey {
 }
 
 /// `GET /v1/keys`: a tenant's keys, revoked ones included, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct KeyList {
     /// The keys.
     pub keys: Vec<ApiKey>,
 }
 
+/// `POST /v1/run`: the one-shot mode. A sandbox is taken (from the template's warm pool when
+/// it has one ready), the files written, the code or command run, the output files read, and
+/// the sandbox destroyed, all in one call.
+///
+/// Exactly one of `code`, `cmd` and `shell` is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Template name; [`DEFAULT_TEMPLATE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Source code, run by the interpreter of `language`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The language of `code`: `python` (the default), `bash`, `sh` or `javascript` (node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Program and arguments instead of code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// A script for `/bin/sh -c` instead of code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Files written before the run (relative paths are under the working directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<InputFile>,
+    /// Text for standard input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Environment variables of the run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the template's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Seconds the run may take; the exec default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Limits of the sandbox (a request with limits cannot use the warm pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequest>,
+    /// Files read back after the run, returned in [`RunResult::files`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_files: Vec<String>,
+}
+
+/// A file of a [`RunRequest`]: exactly one of `content` (UTF-8 text) and `content_b64`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputFile {
+    /// Where it goes in the sandbox.
+    pub path: String,
+    /// Its contents as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Its contents as base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_b64: Option<String>,
+}
+
+/// What a `POST /v1/run` did: the command's result and the output files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RunResult {
+    /// The run's result, as a buffered exec reports it.
+    #[serde(flatten)]
+    pub exec: ExecResult,
+    /// The requested output files, in the order asked.
+    pub files: Vec<OutputFile>,
+    /// The sandbox the run used (destroyed by now).
+    pub sandbox_id: String,
+}
+
+/// One requested output file: its contents, or why they could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct OutputFile {
+    /// The path as asked.
+    pub path: String,
+    /// The contents as base64, when read.
+    pub content_b64: Option<String>,
+    /// Why it could not be read (missing, too large, a directory), when not.
+    pub error: Option<String>,
+}
+
 /// The body of every error response: `{"error": {"code": "...", "message": "..."}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// One error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorDetail {
     /// Machine-readable code (`invalid`, `not_found`, `conflict`, `quota_exceeded`, …).
     pub code: String,
@@ -575,6 +736,46 @@ mod tests {
         assert_eq!(json["quotas"]["max_sandboxes"], serde_json::Value::Null);
         let back: CreatedKey = serde_json::from_value(json).unwrap();
         assert_eq!(back, created);
+    }
+
+    #[test]
+    fn exec_encodings_and_events() {
+        let req: ExecRequest =
+            serde_json::from_str(r#"{"shell":"cat","stdin_b64":"AAE=","encoding":"base64"}"#)
+                .unwrap();
+        assert_eq!(req.encoding, OutputEncoding::Base64);
+        assert_eq!(req.stdin_b64.as_deref(), Some("AAE="));
+        let req: ExecRequest = serde_json::from_str(r#"{"shell":"ls"}"#).unwrap();
+        assert_eq!(req.encoding, OutputEncoding::Utf8);
+        assert!(serde_json::from_str::<ExecRequest>(r#"{"shell":"ls","encoding":"hex"}"#).is_err());
+        let lines = [
+            (ExecEvent::Start { pid: 7 }, r#"{"type":"start","pid":7}"#),
+            (
+                ExecEvent::Stdout { data: "é".into() },
+                r#"{"type":"stdout","data":"é"}"#,
+            ),
+            (
+                ExecEvent::End(ExecEnd {
+                    exit_code: Some(3),
+                    signal: None,
+                    duration_ms: 5,
+                    timed_out: false,
+                    oom_killed: false,
+                }),
+                r#"{"type":"end","exit_code":3,"signal":null,"duration_ms":5,"timed_out":false,"oom_killed":false}"#,
+            ),
+            (
+                ExecEvent::Error(ErrorDetail {
+                    code: "unavailable".into(),
+                    message: "gone".into(),
+                }),
+                r#"{"type":"error","code":"unavailable","message":"gone"}"#,
+            ),
+        ];
+        for (event, line) in lines {
+            assert_eq!(serde_json::to_string(&event).unwrap(), line);
+            assert_eq!(serde_json::from_str::<ExecEvent>(line).unwrap(), event);
+        }
     }
 
     #[test]

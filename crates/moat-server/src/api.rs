@@ -5,14 +5,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use moat_engine::manager::SandboxManager;
 use moat_engine::store::Role;
 use moat_proto::v1;
@@ -49,6 +51,10 @@ pub(crate) fn router_with(state: Shared) -> Router {
         )
         .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route(
+            "/v1/run",
+            post(run).layer(DefaultBodyLimit::max(crate::MAX_RUN_BODY_BYTES)),
+        )
         .merge(crate::templates::routes())
         .merge(crate::keys::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
@@ -218,15 +224,66 @@ async fn set_timeout(
     ))
 }
 
+/// `POST /v1/sandboxes/{id}/exec`: the buffered result, or with `Accept: application/x-ndjson`
+/// the command's events as they happen. Either way, a client that goes away before the end
+/// drops the manager's execution, which kills the command.
 async fn exec(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
     id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<v1::ExecResult>> {
+) -> ApiResult<Response> {
     let Path(id) = id?;
     let req: v1::ExecRequest = json_body(body, None)?;
-    Ok(Json(state.manager.exec(&caller.tenant, &id, req).await?))
+    if accepts(&headers, NDJSON) {
+        let events = state.manager.exec_stream(&caller.tenant, &id, req).await?;
+        Ok(ndjson(events.into_events()))
+    } else {
+        Ok(Json(state.manager.exec(&caller.tenant, &id, req).await?).into_response())
+    }
+}
+
+/// The media type of event streams: one JSON document a line.
+const NDJSON: &str = "application/x-ndjson";
+
+/// Whether the `Accept` headers name `media_type` (parameters and quality ignored).
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|item| item.split(';').next())
+        .any(|t| t.trim().eq_ignore_ascii_case(media_type))
+}
+
+/// A `200` answer sending each item as one JSON line, as soon as it is there. The body is
+/// pulled by the connection as it writes, so a slow client holds the items back.
+fn ndjson<T: serde::Serialize>(items: impl Stream<Item = T> + Send + 'static) -> Response {
+    let lines = items.map(|item| {
+        let mut line = serde_json::to_vec(&item)?;
+        line.push(b'\n');
+        Ok::<_, serde_json::Error>(Bytes::from(line))
+    });
+    ([(header::CONTENT_TYPE, NDJSON)], Body::from_stream(lines)).into_response()
+}
+
+/// The one-shot mode: a sandbox (from the warm pool when one is ready), files, a run, files
+/// back, the sandbox destroyed.
+async fn run(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<v1::RunResult>> {
+    let body = body.map_err(|r| ApiError::body(r, crate::MAX_RUN_BODY_BYTES));
+    let req: v1::RunRequest = json_body(Ok(body?), None)?;
+    Ok(Json(
+        state
+            .manager
+            .run(&caller.tenant, Some(&caller.key_id), req)
+            .await?,
+    ))
 }
 
 /// `state=running&state=paused&metadata=k=v&after=…&limit=…`, strictly: an unknown parameter

@@ -64,17 +64,25 @@ impl From<ManagerError> for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> Self {
+impl ApiError {
+    /// A body that could not be read, on a route whose body limit is `limit` bytes.
+    pub fn body(r: BytesRejection, limit: usize) -> Self {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
-                format!("request body larger than {} bytes", crate::MAX_BODY_BYTES),
+                format!("request body larger than {limit} bytes"),
             )
         } else {
             ApiError::invalid(format!("reading the request body: {}", r.body_text()))
         }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    /// A body rejected under the router's default limit, [`crate::MAX_BODY_BYTES`].
+    fn from(r: BytesRejection) -> Self {
+        ApiError::body(r, crate::MAX_BODY_BYTES)
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use moat_engine::manager::SandboxManager;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,6 +30,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Largest request body accepted; bigger ones get 413. Every `/v1` body today is a small JSON
 /// document (an exec's stdin is the largest part).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Largest body of `POST /v1/run`, whose input files travel inline (base64 or text).
+pub const MAX_RUN_BODY_BYTES: usize = 16 << 20;
 
 /// How long a shutdown waits for requests in flight before it destroys the sandboxes anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +49,7 @@ pub(crate) struct AppState {
 }
 
 /// Serves the API on `listener` until `shutdown` completes, reaping expired sandboxes every
-/// [`REAP_INTERVAL`] meanwhile. Then it stops accepting connections, waits up to
+/// [`REAP_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops accepting connections, waits up to
 /// [`DRAIN_TIMEOUT`] for requests in flight, and destroys every sandbox the manager runs.
 pub async fn serve(
     listener: TcpListener,
@@ -59,6 +63,10 @@ pub async fn serve(
     let app = api::router_with(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap_loop(manager.clone(), stop_rx.clone()));
+    let pools = {
+        let (manager, stop) = (manager.clone(), stop_rx.clone());
+        tokio::spawn(async move { manager.run_pools(stop).await })
+    };
 
     let signal = {
         let state = state.clone();
@@ -69,6 +77,12 @@ pub async fn serve(
             let _ = stop_tx.send(true);
         }
     };
+    // Event streams send small lines that must leave at once, not wait for an acknowledgement.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("setting TCP_NODELAY: {e}");
+        }
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(signal)
         .into_future();
@@ -89,6 +103,7 @@ pub async fn serve(
         }
     };
     let _ = reaper.await;
+    let _ = pools.await;
     let ended = manager.shutdown().await;
     tracing::info!(sandboxes = ended, "destroyed the sandboxes still running");
     result

@@ -48,6 +48,7 @@ fn setup(quotas: Quotas) -> Option<Setup> {
     let opts = ManagerOptions {
         default_ttl: Duration::from_secs(300),
         max_ttl: Duration::from_secs(3600),
+        ..ManagerOptions::default()
     };
     let mgr = SandboxManager::new(store.clone(), Arc::new(backend), opts).expect("manager");
     Some(Setup {

@@ -1,25 +1,26 @@
-//! Commands run in a sandbox: the request checked and turned into the agent's, and the
-//! buffered result.
+//! Commands run in a sandbox: the request checked and turned into the agent's, the buffered
+//! result and the event stream (both over one [`Execution`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use moat_proto::connect::Code;
-use moat_proto::process::{ProcessConfig, StartRequest, process_event, process_selector};
+use base64::Engine as _;
+use moat_proto::process::{ProcessConfig, StartRequest};
 use moat_proto::v1;
 
+use super::exec_encoding::OutputEncoder;
+use super::exec_stream::ExecStream;
+use super::execution::{Execution, Output};
 use super::{ManagerError, ManagerResult, SandboxManager, check_env};
-use crate::agent_client::{AgentError, CallOptions};
 
 /// Output kept per stream (stdout, stderr) of a buffered exec; the rest is dropped and the
-/// result marked `truncated`.
+/// result marked `truncated`. Exec streams have no cap.
 pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 /// Timeout of an exec that names none.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest timeout an exec may ask for: a buffered call holds its HTTP request open.
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Chunk size for writing an exec's stdin to the agent (below its message limit).
-const STDIN_CHUNK: usize = 256 << 10;
+pub(super) const STDIN_CHUNK: usize = 256 << 10;
 
 impl SandboxManager {
     /// Runs one command in the sandbox and returns its buffered result.
@@ -29,92 +30,74 @@ impl SandboxManager {
         id: &str,
         req: v1::ExecRequest,
     ) -> ManagerResult<v1::ExecResult> {
-        let (start, stdin, timeout, user) = exec_plan(req)?;
-        let live = self.inner.live_for(tenant, id).await?;
-        let oom_before = live.instance.lock().await.stats().oom_kills;
-        let began = Instant::now();
-        let opts = CallOptions {
-            user,
-            timeout: Some(timeout),
-        };
-        let mut stream = match live.client.start(start, opts).await {
-            Ok(s) => s,
-            Err(e) => return start_failure(e),
-        };
-        let selector = process_selector::Selector::Pid(stream.pid());
-        if let Some(data) = stdin {
-            // Fed beside the output loop: a command may fill its output pipe before it has
-            // read all its input.
-            let client = live.client.clone();
-            let sel = selector.clone();
-            tokio::spawn(async move {
-                for chunk in data.chunks(STDIN_CHUNK) {
-                    let bytes = Bytes::copy_from_slice(chunk);
-                    if client.send_input(sel.clone(), bytes, false).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = client.close_stdin(sel).await;
-            });
-        }
+        let encoding = req.encoding;
+        let mut execution = self.start_execution(tenant, id, req).await?;
         let mut out = Capped::default();
         let mut err = Capped::default();
-        let mut result = v1::ExecResult {
-            stdout: String::new(),
-            stderr: String::new(),
-            exit_code: None,
-            signal: None,
-            duration_ms: 0,
-            timed_out: false,
-            truncated: false,
-            oom_killed: false,
-        };
-        loop {
-            match stream.next().await {
-                Some(Ok(ev)) => match ev.event {
-                    Some(process_event::Event::Data(d)) => {
-                        use process_event::data_event::Output;
-                        match d.output {
-                            Some(Output::Stdout(b)) | Some(Output::Pty(b)) => out.push(&b),
-                            Some(Output::Stderr(b)) => err.push(&b),
-                            None => {}
-                        }
-                    }
-                    Some(process_event::Event::End(end)) => {
-                        if end.exited {
-                            result.exit_code = Some(end.exit_code);
-                        } else {
-                            result.signal = Some(end.status);
-                        }
-                    }
-                    _ => {}
-                },
-                None => break,
-                Some(Err(e)) if e.code() == Code::DeadlineExceeded => {
-                    result.timed_out = true;
-                    break;
-                }
-                Some(Err(e)) => {
-                    return Err(ManagerError::Unavailable(format!(
-                        "sandbox {id}: process stream: {e}"
+        let end = loop {
+            match execution.next_output().await {
+                Some(Output::Stdout(b)) => out.push(&b),
+                Some(Output::Stderr(b)) => err.push(&b),
+                Some(Output::Ended(end)) => break end?,
+                None => {
+                    return Err(ManagerError::Internal(format!(
+                        "sandbox {id}: the command's events ended without its end"
                     )));
                 }
             }
-        }
-        result.duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
-        result.oom_killed = live.instance.lock().await.stats().oom_kills > oom_before;
-        result.truncated = out.truncated || err.truncated;
-        result.stdout = String::from_utf8_lossy(&out.data).into_owned();
-        result.stderr = String::from_utf8_lossy(&err.data).into_owned();
-        Ok(result)
+        };
+        Ok(v1::ExecResult {
+            truncated: out.truncated || err.truncated,
+            stdout: out.encode(encoding),
+            stderr: err.encode(encoding),
+            exit_code: end.exit_code,
+            signal: end.signal,
+            duration_ms: end.duration_ms,
+            timed_out: end.timed_out,
+            oom_killed: end.oom_killed,
+        })
+    }
+
+    /// Starts one command in the sandbox and returns its events. Whatever is wrong with the
+    /// request or the sandbox is an error here, before any event.
+    pub async fn exec_stream(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: v1::ExecRequest,
+    ) -> ManagerResult<ExecStream> {
+        let encoding = req.encoding;
+        let execution = self.start_execution(tenant, id, req).await?;
+        Ok(ExecStream::new(execution, encoding))
+    }
+
+    async fn start_execution(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: v1::ExecRequest,
+    ) -> ManagerResult<Execution> {
+        let plan = exec_plan(req)?;
+        let live = self.inner.live_for(tenant, id).await?;
+        Execution::start(id, live, plan).await
     }
 }
 
-/// The agent's request, stdin, timeout and user for an exec, or why it is invalid.
-#[allow(clippy::type_complexity)]
-fn exec_plan(
-    req: v1::ExecRequest,
-) -> ManagerResult<(StartRequest, Option<Vec<u8>>, Duration, Option<String>)> {
+/// An exec request checked and turned into what the agent is asked.
+#[derive(Debug)]
+pub(super) struct ExecPlan {
+    /// The agent's request.
+    pub(super) start: StartRequest,
+    /// Bytes for the command's stdin, when it has any.
+    pub(super) stdin: Option<Vec<u8>>,
+    /// When the agent kills the command's process group.
+    pub(super) timeout: Duration,
+    /// The user it runs as; the sandbox's default when `None`.
+    pub(super) user: Option<String>,
+}
+
+/// The plan of an exec, or why it is invalid.
+fn exec_plan(req: v1::ExecRequest) -> ManagerResult<ExecPlan> {
     let (cmd, args) = match (req.cmd, req.shell) {
         (Some(argv), None) => {
             let mut it = argv.into_iter();
@@ -147,7 +130,20 @@ fn exec_plan(
             )));
         }
     };
-    let stdin = req.stdin.map(String::into_bytes);
+    let stdin = match (req.stdin, req.stdin_b64) {
+        (None, None) => None,
+        (Some(text), None) => Some(text.into_bytes()),
+        (None, Some(b64)) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| ManagerError::Invalid(format!("stdin_b64 is not base64: {e}")))?,
+        ),
+        (Some(_), Some(_)) => {
+            return Err(ManagerError::Invalid(
+                "give at most one of stdin and stdin_b64".into(),
+            ));
+        }
+    };
     let start = StartRequest {
         process: Some(ProcessConfig {
             cmd,
@@ -159,32 +155,12 @@ fn exec_plan(
         tag: None,
         stdin: Some(stdin.is_some()),
     };
-    Ok((start, stdin, timeout, req.user))
-}
-
-/// A command the agent could not start: a missing or unexecutable program is a result (127,
-/// 126, as a shell reports it); a bad user or directory is the request's fault.
-fn start_failure(e: AgentError) -> ManagerResult<v1::ExecResult> {
-    let failed = |code: i32, msg: String| v1::ExecResult {
-        stdout: String::new(),
-        stderr: msg,
-        exit_code: Some(code),
-        signal: None,
-        duration_ms: 0,
-        timed_out: false,
-        truncated: false,
-        oom_killed: false,
-    };
-    match e.code() {
-        Code::NotFound => Ok(failed(127, format!("{e}\n"))),
-        Code::PermissionDenied => Ok(failed(126, format!("{e}\n"))),
-        Code::InvalidArgument | Code::Unauthenticated => Err(ManagerError::Invalid(format!(
-            "cannot start the command: {e}"
-        ))),
-        _ => Err(ManagerError::Unavailable(format!(
-            "cannot start the command: {e}"
-        ))),
-    }
+    Ok(ExecPlan {
+        start,
+        stdin,
+        timeout,
+        user: req.user,
+    })
 }
 
 /// Output kept up to [`EXEC_OUTPUT_LIMIT`].
@@ -202,6 +178,14 @@ impl Capped {
         }
         self.data.extend_from_slice(&b[..b.len().min(room)]);
     }
+
+    /// The kept output as the result carries it.
+    fn encode(&self, encoding: v1::OutputEncoding) -> String {
+        let mut encoder = OutputEncoder::new(encoding);
+        let mut text = encoder.push(&self.data);
+        text.push_str(&encoder.finish());
+        text
+    }
 }
 
 #[cfg(test)]
@@ -215,10 +199,16 @@ mod tests {
             shell: Some("echo hi".into()),
             ..Default::default()
         };
-        let (start, stdin, timeout, _) = exec_plan(ok).unwrap();
-        assert_eq!(start.process.unwrap().args, ["-c", "echo hi"]);
-        assert!(stdin.is_none());
-        assert_eq!(timeout, DEFAULT_EXEC_TIMEOUT);
+        let plan = exec_plan(ok).unwrap();
+        assert_eq!(plan.start.process.unwrap().args, ["-c", "echo hi"]);
+        assert!(plan.stdin.is_none());
+        assert_eq!(plan.timeout, DEFAULT_EXEC_TIMEOUT);
+        let binary = v1::ExecRequest {
+            shell: Some("cat".into()),
+            stdin_b64: Some("AP8=".into()),
+            ..Default::default()
+        };
+        assert_eq!(exec_plan(binary).unwrap().stdin.unwrap(), [0, 255]);
         for bad in [
             v1::ExecRequest::default(),
             v1::ExecRequest {
@@ -238,6 +228,17 @@ mod tests {
             v1::ExecRequest {
                 shell: Some("ls".into()),
                 env: [("A=B".to_owned(), "c".to_owned())].into(),
+                ..Default::default()
+            },
+            v1::ExecRequest {
+                shell: Some("cat".into()),
+                stdin: Some("a".into()),
+                stdin_b64: Some("YQ==".into()),
+                ..Default::default()
+            },
+            v1::ExecRequest {
+                shell: Some("cat".into()),
+                stdin_b64: Some("not base64!".into()),
                 ..Default::default()
             },
         ] {

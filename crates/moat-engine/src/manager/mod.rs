@@ -10,10 +10,19 @@
 //! The store is blocking; its calls run on tokio's blocking pool.
 
 mod exec;
+mod exec_encoding;
+mod exec_stream;
+mod execution;
 mod keys;
+mod pool;
+mod readiness;
+mod run;
 mod templates;
 
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
+pub use exec_stream::ExecStream;
+pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
+pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -125,13 +134,20 @@ pub struct ManagerOptions {
     pub default_ttl: Duration,
     /// Longest time to live a request may ask for (at create or later).
     pub max_ttl: Duration,
+    /// Memory all warm-pool members together may use, bytes (see [`pool`]'s notes on how it
+    /// is counted).
+    pub pool_memory_budget: u64,
 }
+
+/// Warm-pool memory budget unless configured: 1 GiB.
+pub const DEFAULT_POOL_MEMORY_BUDGET: u64 = 1 << 30;
 
 impl Default for ManagerOptions {
     fn default() -> Self {
         ManagerOptions {
             default_ttl: Duration::from_secs(5 * 60),
             max_ttl: Duration::from_secs(24 * 3600),
+            pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
         }
     }
 }
@@ -149,6 +165,7 @@ struct Inner {
     backend: Arc<dyn Backend>,
     opts: ManagerOptions,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    pools: pool::Pools,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -231,6 +248,7 @@ impl SandboxManager {
                 backend,
                 opts,
                 live: Mutex::new(HashMap::new()),
+                pools: pool::Pools::new(opts.pool_memory_budget),
             }),
         })
     }
@@ -245,20 +263,6 @@ impl SandboxManager {
     pub async fn agent(&self, tenant: &str, id: &str) -> ManagerResult<AgentClient> {
         Ok(self.inner.live_for(tenant, id).await?.client.clone())
     }
-
-    /// The warm pool of the template `name` (of `tenant`, or built-in for `None`).
-    pub fn pool_status(&self, tenant: Option<&str>, name: &str) -> v1::PoolStatus {
-        let _ = (tenant, name);
-        v1::PoolStatus::default()
-    }
-
-    /// Every warm pool, as (template owner, template name, status).
-    pub fn pools(&self) -> Vec<(Option<String>, String, v1::PoolStatus)> {
-        Vec::new()
-    }
-
-    /// Called after a template was created or deleted, so warm pools follow.
-    fn templates_changed(&self) {}
 
     /// How many sandboxes this manager runs now.
     pub fn live_count(&self) -> usize {
@@ -370,6 +374,10 @@ impl SandboxManager {
     /// Destroys every sandbox this manager runs and records each `killed` (reason
     /// `shutdown`). Returns how many it destroyed.
     pub async fn shutdown(&self) -> usize {
+        let members = self.drain_pools().await;
+        if members > 0 {
+            tracing::info!(members, "destroyed the warm pools");
+        }
         let all: Vec<(String, Arc<Live>)> = lock(&self.inner.live).drain().collect();
         let n = all.len();
         for (id, live) in all {
@@ -433,7 +441,9 @@ impl Inner {
     ) -> ManagerResult<v1::Sandbox> {
         // Everything the client can get wrong is checked before anything is recorded.
         check_template_name(&req.template).map_err(ManagerError::from)?;
-        let ttl = self.ttl(req.timeout_secs)?;
+        if let Some(secs) = req.timeout_secs {
+            self.ttl(Some(secs))?;
+        }
         check_env("env", &req.env)?;
         let (t, name) = (tenant.clone(), req.template.clone());
         let template = match self.db(move |s| s.get_template(&t, &name)).await {
@@ -449,11 +459,6 @@ impl Inner {
         let spec: v1::TemplateSpec = serde_json::from_value(template.spec).map_err(|e| {
             ManagerError::Internal(format!("template {:?} has a bad spec: {e}", req.template))
         })?;
-        let resources = resolve_resources(&spec, req.resources.as_ref())?;
-        let rootfs = match &spec.rootfs {
-            v1::Rootfs::Host => RootfsSource::Host,
-            v1::Rootfs::Dir(dir) => RootfsSource::Dir(PathBuf::from(dir)),
-        };
         let limits = match &key_id {
             Some(key) => {
                 let (t, k) = (tenant.clone(), key.clone());
@@ -465,7 +470,34 @@ impl Inner {
             }
             None => Limits::default(),
         };
+        // The request's time to live, else the template's, else the server's default.
+        let ttl = self.ttl(req.timeout_secs.or(spec.timeout_secs))?;
+        let expires_at = Some(now_ms().saturating_add(ms(ttl)));
+        // A request that asks for nothing a started member lacks can take one.
+        if req.resources.is_none() && req.env.is_empty() {
+            let key = pool::PoolKey {
+                tenant: template.tenant.clone(),
+                name: req.template.clone(),
+            };
+            if let Some(member) = self.pools.take(&key) {
+                let resources = resolve_resources(&spec, None)?;
+                let new = NewSandbox {
+                    id: member.id.clone(),
+                    tenant: tenant.clone(),
+                    key_id,
+                    template: req.template.clone(),
+                    state: SandboxState::Running,
+                    metadata: req.metadata,
+                    resources: serde_json::to_value(limits_v1(&resources))
+                        .map_err(|e| ManagerError::Internal(e.to_string()))?,
+                    memory_bytes: resources.memory_bytes,
+                    expires_at,
+                };
+                return self.claim(&key, member, new, limits).await;
+            }
+        }
         let id = generate_sandbox_id().map_err(ManagerError::from)?;
+        let sandbox = plan_sandbox(id.clone(), &spec, req.resources.as_ref(), req.env)?;
         let new = NewSandbox {
             id: id.clone(),
             tenant: tenant.clone(),
@@ -473,29 +505,15 @@ impl Inner {
             template: req.template.clone(),
             state: SandboxState::Starting,
             metadata: req.metadata,
-            resources: serde_json::to_value(limits_v1(&resources))
+            resources: serde_json::to_value(limits_v1(&sandbox.resources))
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
-            memory_bytes: resources.memory_bytes,
-            expires_at: Some(now_ms().saturating_add(ms(ttl))),
+            memory_bytes: sandbox.resources.memory_bytes,
+            expires_at,
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
 
-        let mut env = spec.env.clone();
-        env.extend(req.env);
-        let agent = AgentConfig {
-            default_user: spec.user.clone().unwrap_or_else(|| "user".into()),
-            default_workdir: spec.workdir.clone(),
-            env_vars: env,
-            ..AgentConfig::default()
-        };
-        let bspec = SandboxSpec {
-            id: id.clone(),
-            rootfs,
-            resources,
-            agent,
-        };
-        match self.start(&tenant, bspec).await {
+        match self.start(&tenant, &sandbox, &spec).await {
             Ok(()) => {}
             Err(e) => {
                 let reason = EndReason::Failed(e.to_string());
@@ -535,12 +553,68 @@ impl Inner {
         }
     }
 
-    /// Makes the sandbox with the backend, connects to its agent and registers it as live;
-    /// on failure, destroys whatever was made.
-    async fn start(&self, tenant: &str, spec: SandboxSpec) -> ManagerResult<()> {
+    /// Hands a warm-pool member to the tenant of `new`: recorded (quotas checked) in the same
+    /// transaction that ends its membership, then live. A member a quota refused goes back.
+    async fn claim(
+        &self,
+        key: &pool::PoolKey,
+        member: pool::Member,
+        new: NewSandbox,
+        limits: Limits,
+    ) -> ManagerResult<v1::Sandbox> {
+        let tenant = new.tenant.clone();
+        match self.db(move |s| s.claim_pool_member(&new, limits)).await {
+            Ok(rec) => {
+                self.adopt(&tenant, member);
+                self.pools.claimed();
+                Ok(to_v1(&rec))
+            }
+            Err(e @ ManagerError::QuotaExceeded(_)) => {
+                if let Some(member) = self.pools.put_back(key, member) {
+                    self.discard(member).await;
+                }
+                Err(e)
+            }
+            Err(e) => {
+                self.discard(member).await;
+                self.pools.claimed();
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the sandbox, connects to its agent and registers it as live; on failure,
+    /// destroys whatever was made.
+    async fn start(
+        &self,
+        tenant: &str,
+        sandbox: &SandboxSpec,
+        template: &v1::TemplateSpec,
+    ) -> ManagerResult<()> {
+        let (instance, client) = self.boot(sandbox, template).await?;
+        // Registered before it is recorded running, so a delete that sees it running finds it.
+        lock(&self.live).insert(
+            sandbox.id.clone(),
+            Arc::new(Live {
+                tenant: tenant.to_owned(),
+                client,
+                instance: tokio::sync::Mutex::new(instance),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Makes the sandbox with the backend, connects to its agent, starts the template's
+    /// `start` script and waits for its `ready` script to pass. On failure, destroys whatever
+    /// was made.
+    async fn boot(
+        &self,
+        sandbox: &SandboxSpec,
+        template: &v1::TemplateSpec,
+    ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
         let mut instance = self
             .backend
-            .create(&spec)
+            .create(sandbox)
             .await
             .map_err(|e| ManagerError::Unavailable(format!("backend could not create: {e}")))?;
         let connected = async {
@@ -554,28 +628,19 @@ impl Inner {
                 .health()
                 .await
                 .map_err(|e| ManagerError::Unavailable(format!("agent health: {e}")))?;
+            readiness::start_and_wait(&client, template).await?;
             Ok::<_, ManagerError>(client)
         }
         .await;
-        let client = match connected {
-            Ok(c) => c,
+        match connected {
+            Ok(client) => Ok((instance, client)),
             Err(e) => {
                 if let Err(d) = instance.destroy().await {
-                    tracing::warn!(sandbox = %spec.id, "destroying a failed sandbox: {d}");
+                    tracing::warn!(sandbox = %sandbox.id, "destroying a failed sandbox: {d}");
                 }
-                return Err(e);
+                Err(e)
             }
-        };
-        // Registered before it is recorded running, so a delete that sees it running finds it.
-        lock(&self.live).insert(
-            spec.id.clone(),
-            Arc::new(Live {
-                tenant: tenant.to_owned(),
-                client,
-                instance: tokio::sync::Mutex::new(instance),
-            }),
-        );
-        Ok(())
+        }
     }
 
     async fn remove_and_destroy(&self, id: &str) {
@@ -590,6 +655,17 @@ impl Inner {
     /// Destroys the sandbox if it runs and records it killed for `reason`; an ended one is
     /// returned as it is.
     async fn end(&self, tenant: &str, id: &str, reason: EndReason) -> ManagerResult<v1::Sandbox> {
+        self.end_as(tenant, id, SandboxState::Killed, reason).await
+    }
+
+    /// [`Inner::end`] with the final state (`killed` or `failed`).
+    async fn end_as(
+        &self,
+        tenant: &str,
+        id: &str,
+        state: SandboxState,
+        reason: EndReason,
+    ) -> ManagerResult<v1::Sandbox> {
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
         // The store said it is the tenant's, so the live entry (same id) is too.
@@ -599,7 +675,7 @@ impl Inner {
         }
         let (t, i) = (tenant.to_owned(), id.to_owned());
         match self
-            .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Killed, Some(reason)))
+            .db(move |s| s.update_sandbox_state(&t, &i, state, Some(reason)))
             .await
         {
             Ok(rec) => Ok(to_v1(&rec)),
@@ -644,6 +720,35 @@ fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
         }
     }
     Ok(())
+}
+
+/// What the backend makes for a sandbox of `template`: its limits (the request over the
+/// template's defaults) and its agent's settings (the request's env over the template's).
+fn plan_sandbox(
+    id: String,
+    template: &v1::TemplateSpec,
+    resources: Option<&v1::ResourceRequest>,
+    env: BTreeMap<String, String>,
+) -> ManagerResult<SandboxSpec> {
+    let resources = resolve_resources(template, resources)?;
+    let rootfs = match &template.rootfs {
+        v1::Rootfs::Host => RootfsSource::Host,
+        v1::Rootfs::Dir(dir) => RootfsSource::Dir(PathBuf::from(dir)),
+    };
+    let mut env_vars = template.env.clone();
+    env_vars.extend(env);
+    let agent = AgentConfig {
+        default_user: template.user.clone().unwrap_or_else(|| "user".into()),
+        default_workdir: template.workdir.clone(),
+        env_vars,
+        ..AgentConfig::default()
+    };
+    Ok(SandboxSpec {
+        id,
+        rootfs,
+        resources,
+        agent,
+    })
 }
 
 /// Applies a resource request over `base`.

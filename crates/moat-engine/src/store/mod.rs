@@ -27,6 +27,7 @@
 mod error;
 mod ids;
 mod keys;
+mod pool;
 mod sandboxes;
 mod schema;
 mod templates;

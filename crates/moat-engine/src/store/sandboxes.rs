@@ -290,6 +290,127 @@ fn usage(conn: &Connection, column: &'static str, value: &str) -> StoreResult<Us
     })
 }
 
+impl NewSandbox {
+    /// The record this sandbox has once inserted at `created_at`.
+    pub(super) fn record(&self, created_at: i64) -> SandboxRecord {
+        SandboxRecord {
+            id: self.id.clone(),
+            tenant: self.tenant.clone(),
+            key_id: self.key_id.clone(),
+            template: self.template.clone(),
+            state: self.state,
+            metadata: self.metadata.clone(),
+            resources: self.resources.clone(),
+            memory_bytes: self.memory_bytes,
+            created_at,
+            expires_at: self.expires_at,
+            ended_at: None,
+            end_reason: None,
+        }
+    }
+}
+
+/// Checks a new sandbox's fields; returns its metadata as JSON and its memory as a column value.
+pub(super) fn check_new(new: &NewSandbox) -> StoreResult<(String, i64)> {
+    check_sandbox_id(&new.id)?;
+    check_tenant_id(&new.tenant)?;
+    check_template_name(&new.template)?;
+    if let Some(key) = &new.key_id {
+        check_key_id(key)?;
+    }
+    if !matches!(new.state, SandboxState::Starting | SandboxState::Running) {
+        return Err(StoreError::invalid(
+            "initial sandbox state",
+            new.state.as_str(),
+            "starting or running",
+        ));
+    }
+    check_metadata(&new.metadata)?;
+    if !new.resources.is_object() {
+        return Err(StoreError::BadJson {
+            what: "sandbox resources",
+            reason: "must be a JSON object".into(),
+        });
+    }
+    let memory = to_i64("memory bytes", new.memory_bytes)?;
+    let metadata = serde_json::to_string(&new.metadata).map_err(|e| StoreError::BadJson {
+        what: "sandbox metadata",
+        reason: e.to_string(),
+    })?;
+    Ok((metadata, memory))
+}
+
+/// The insert of [`Store::insert_sandbox_within`] (its input already checked), inside `tx`.
+pub(super) fn insert_in(
+    tx: &Connection,
+    new: &NewSandbox,
+    limits: Limits,
+    metadata: &str,
+    memory: i64,
+    created_at: i64,
+) -> StoreResult<()> {
+    require_tenant(tx, &new.tenant)?;
+    if let Some(key) = &new.key_id {
+        let owned = tx
+            .prepare_cached("SELECT 1 FROM api_keys WHERE id = ?1 AND tenant_id = ?2")?
+            .exists(params![key, new.tenant])?;
+        if !owned {
+            return Err(StoreError::not_found("key", key));
+        }
+    }
+    let template = visible_template(tx, &new.tenant, &new.template)?
+        .ok_or_else(|| StoreError::not_found("template", &new.template))?;
+    if limits != Limits::default() {
+        let used = match &new.key_id {
+            Some(key) => usage(tx, "key_id", key)?,
+            None => usage(tx, "tenant_id", &new.tenant)?,
+        };
+        if let Some(limit) = limits.max_sandboxes
+            && used.sandboxes.saturating_add(1) > limit
+        {
+            return Err(StoreError::QuotaExceeded {
+                what: "concurrent sandboxes",
+                limit,
+                used: used.sandboxes,
+                requested: 1,
+            });
+        }
+        if let Some(limit) = limits.max_memory_bytes
+            && used.memory_bytes.saturating_add(new.memory_bytes) > limit
+        {
+            return Err(StoreError::QuotaExceeded {
+                what: "memory bytes",
+                limit,
+                used: used.memory_bytes,
+                requested: new.memory_bytes,
+            });
+        }
+    }
+    let inserted = tx.execute(
+        "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
+             metadata, resources, memory_bytes, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT (id) DO NOTHING",
+        params![
+            new.id,
+            new.tenant,
+            new.key_id,
+            new.template,
+            template.tenant,
+            new.state.as_str(),
+            metadata,
+            new.resources.to_string(),
+            memory,
+            created_at,
+            new.expires_at,
+        ],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::conflict("sandbox", &new.id));
+    }
+    Ok(())
+}
+
 fn to_i64(what: &'static str, value: u64) -> StoreResult<i64> {
     i64::try_from(value)
         .map_err(|_| StoreError::invalid(what, &value.to_string(), "at most 2^63-1"))
@@ -310,108 +431,10 @@ impl Store {
         new: &NewSandbox,
         limits: Limits,
     ) -> StoreResult<SandboxRecord> {
-        check_sandbox_id(&new.id)?;
-        check_tenant_id(&new.tenant)?;
-        check_template_name(&new.template)?;
-        if let Some(key) = &new.key_id {
-            check_key_id(key)?;
-        }
-        if !matches!(new.state, SandboxState::Starting | SandboxState::Running) {
-            return Err(StoreError::invalid(
-                "initial sandbox state",
-                new.state.as_str(),
-                "starting or running",
-            ));
-        }
-        check_metadata(&new.metadata)?;
-        if !new.resources.is_object() {
-            return Err(StoreError::BadJson {
-                what: "sandbox resources",
-                reason: "must be a JSON object".into(),
-            });
-        }
-        let memory = to_i64("memory bytes", new.memory_bytes)?;
-        let metadata = serde_json::to_string(&new.metadata).map_err(|e| StoreError::BadJson {
-            what: "sandbox metadata",
-            reason: e.to_string(),
-        })?;
+        let (metadata, memory) = check_new(new)?;
         let created_at = now_ms();
-        self.write(|tx| {
-            require_tenant(tx, &new.tenant)?;
-            if let Some(key) = &new.key_id {
-                let owned = tx
-                    .prepare_cached("SELECT 1 FROM api_keys WHERE id = ?1 AND tenant_id = ?2")?
-                    .exists(params![key, new.tenant])?;
-                if !owned {
-                    return Err(StoreError::not_found("key", key));
-                }
-            }
-            let template = visible_template(tx, &new.tenant, &new.template)?
-                .ok_or_else(|| StoreError::not_found("template", &new.template))?;
-            if limits != Limits::default() {
-                let used = match &new.key_id {
-                    Some(key) => usage(tx, "key_id", key)?,
-                    None => usage(tx, "tenant_id", &new.tenant)?,
-                };
-                if let Some(limit) = limits.max_sandboxes
-                    && used.sandboxes.saturating_add(1) > limit
-                {
-                    return Err(StoreError::QuotaExceeded {
-                        what: "concurrent sandboxes",
-                        limit,
-                        used: used.sandboxes,
-                        requested: 1,
-                    });
-                }
-                if let Some(limit) = limits.max_memory_bytes
-                    && used.memory_bytes.saturating_add(new.memory_bytes) > limit
-                {
-                    return Err(StoreError::QuotaExceeded {
-                        what: "memory bytes",
-                        limit,
-                        used: used.memory_bytes,
-                        requested: new.memory_bytes,
-                    });
-                }
-            }
-            let inserted = tx.execute(
-                "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
-                     metadata, resources, memory_bytes, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                 ON CONFLICT (id) DO NOTHING",
-                params![
-                    new.id,
-                    new.tenant,
-                    new.key_id,
-                    new.template,
-                    template.tenant,
-                    new.state.as_str(),
-                    metadata,
-                    new.resources.to_string(),
-                    memory,
-                    created_at,
-                    new.expires_at,
-                ],
-            )?;
-            if inserted == 0 {
-                return Err(StoreError::conflict("sandbox", &new.id));
-            }
-            Ok(())
-        })?;
-        Ok(SandboxRecord {
-            id: new.id.clone(),
-            tenant: new.tenant.clone(),
-            key_id: new.key_id.clone(),
-            template: new.template.clone(),
-            state: new.state,
-            metadata: new.metadata.clone(),
-            resources: new.resources.clone(),
-            memory_bytes: new.memory_bytes,
-            created_at,
-            expires_at: new.expires_at,
-            ended_at: None,
-            end_reason: None,
-        })
+        self.write(|tx| insert_in(tx, new, limits, &metadata, memory, created_at))?;
+        Ok(new.record(created_at))
     }
 
     /// The sandbox `id` of `tenant`; another tenant's sandbox is [`StoreError::NotFound`].

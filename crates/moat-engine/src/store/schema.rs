@@ -96,7 +96,19 @@ CREATE INDEX sandboxes_active_by_tenant ON sandboxes (tenant_id) WHERE state IN 
 );
 
 /// Every migration, in order; the database's `user_version` is how many of them it has had.
-const MIGRATIONS: &[&str] = &[V1];
+/// Warm-pool members: sandboxes started ahead of a claim, owned by no tenant yet. Recorded
+/// before the backend makes them so a restart after a crash can reap them; a claim moves one
+/// into `sandboxes` in the same transaction that deletes it here.
+const V2: &str = r#"
+CREATE TABLE pool_members (
+    id              TEXT PRIMARY KEY NOT NULL,
+    template        TEXT NOT NULL,
+    template_tenant TEXT,
+    created_at      INTEGER NOT NULL
+) STRICT;
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -127,6 +127,15 @@ impl Store {
         })
     }
 
+    /// Every template of every tenant and the built-ins: what the warm pools follow.
+    pub fn all_templates(&self) -> StoreResult<Vec<TemplateRecord>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached("SELECT * FROM templates ORDER BY tenant_id, name")?;
+            let rows = stmt.query_and_then([], TemplateRecord::from_row)?;
+            rows.collect()
+        })
+    }
+
     /// Deletes `tenant`'s template `name`, or the built-in `name` for `None`.
     ///
     /// Refused with [`StoreError::TemplateInUse`] while starting, running or paused sandboxes

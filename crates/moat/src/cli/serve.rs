@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// Where the database and the first admin key live (created 0700).
     #[arg(long, default_value = "/var/lib/moat")]
     data_dir: PathBuf,
+    /// Memory all warm-pool members together may use (what they hold, not their limits):
+    /// `512M`, `2G`.
+    #[arg(long, default_value = "1G", value_parser = parse_pool_memory)]
+    pool_memory: u64,
     /// Log lines as text for people or JSON for collectors (on stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -84,10 +88,15 @@ fn run(args: ServeArgs) -> Result<()> {
     let orphaned = store
         .mark_orphaned(now_ms())
         .context("marking sandboxes of a previous run")?;
+    // Warm-pool members of a previous run: forgotten here, killed below.
+    let orphaned_members = store
+        .take_pool_members()
+        .context("forgetting warm-pool members of a previous run")?;
+    let orphaned: Vec<String> = orphaned.into_iter().chain(orphaned_members).collect();
     if !orphaned.is_empty() {
         tracing::info!(
             count = orphaned.len(),
-            "marked sandboxes of a previous run killed"
+            "sandboxes and warm-pool members of a previous run to reap"
         );
     }
     first_admin_key(&store, &args.data_dir)?;
@@ -107,8 +116,11 @@ fn run(args: ServeArgs) -> Result<()> {
             }
         }
     });
-    let manager = SandboxManager::new(store, Arc::new(backend), ManagerOptions::default())
-        .context("sandbox manager")?;
+    let opts = ManagerOptions {
+        pool_memory_budget: args.pool_memory,
+        ..ManagerOptions::default()
+    };
+    let manager = SandboxManager::new(store, Arc::new(backend), opts).context("sandbox manager")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -178,4 +190,8 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn parse_pool_memory(text: &str) -> Result<u64, String> {
+    moat_engine::resources::parse_size(text).map_err(|e| e.to_string())
 }

@@ -1,0 +1,447 @@
+//! Warm pools: sandboxes started ahead of demand for templates with a `pool_size`, so a create
+//! is a claim (a store transaction) rather than a cold start.
+//!
+//! A member belongs to no tenant until claimed. It is recorded in the store (`pool_members`)
+//! before the backend makes it, so a restart after a crash reaps it; a claim moves it to the
+//! tenant in one transaction that also deletes the member row, so no member is handed out
+//! twice even if two claims race (the in-memory queue already hands each to one claimer).
+//!
+//! A maintenance pass (every [`POOL_TICK`], and at once after a claim or a template change)
+//! follows the templates, replaces members whose agent went away, fails running sandboxes
+//! whose agent went away, and refills each pool up to its size within the memory budget.
+//!
+//! The budget counts what members use, not their limits: each ready member is charged the
+//! memory its cgroup held once it was ready, and a member still starting is charged the last
+//! such measurement of its template ([`FIRST_MEMBER_ESTIMATE`] before there is one). An idle
+//! sandbox holds about a megabyte or two, so even a small budget keeps many ready.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use moat_proto::v1;
+use tokio::sync::{Notify, watch};
+
+use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
+use crate::agent_client::AgentClient;
+use crate::backend::Instance;
+use crate::store::{EndReason, SandboxState, TemplateRecord};
+
+/// How often the pools are checked and refilled when nothing wakes them sooner.
+pub const POOL_TICK: Duration = Duration::from_secs(1);
+/// Members being started at once, over all pools: starts compete for the same CPUs as the
+/// sandboxes in use.
+pub const MAX_CONCURRENT_STARTS: u32 = 4;
+/// What a member of a template is assumed to use before one has been measured.
+pub const FIRST_MEMBER_ESTIMATE: u64 = 8 << 20;
+/// Longest wait before retrying a template whose members keep failing to start.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Which template a pool serves: the owner (`None` for a built-in) and the name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct PoolKey {
+    pub(crate) tenant: Option<String>,
+    pub(crate) name: String,
+}
+
+/// A started, ready, unclaimed sandbox.
+pub(crate) struct Member {
+    pub(crate) id: String,
+    pub(crate) client: AgentClient,
+    pub(crate) instance: Box<dyn Instance>,
+    /// What its cgroup held once it was ready.
+    memory: u64,
+}
+
+struct Pool {
+    spec: v1::TemplateSpec,
+    ready: VecDeque<Member>,
+    starting: u32,
+    /// What the last measured member used (the charge of one still starting).
+    estimate: u64,
+    /// The size the budget allows, from the last maintenance pass.
+    target: u32,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Pool {
+    fn new(spec: v1::TemplateSpec) -> Pool {
+        Pool {
+            spec,
+            ready: VecDeque::new(),
+            starting: 0,
+            estimate: FIRST_MEMBER_ESTIMATE,
+            target: 0,
+            failures: 0,
+            retry_at: None,
+        }
+    }
+
+    fn charge(&self) -> u64 {
+        let ready: u64 = self.ready.iter().map(|m| m.memory).sum();
+        ready.saturating_add(u64::from(self.starting).saturating_mul(self.estimate))
+    }
+}
+
+/// Every warm pool of a manager.
+pub(crate) struct Pools {
+    pools: std::sync::Mutex<HashMap<PoolKey, Pool>>,
+    wake: Notify,
+    /// Templates changed since the pools last followed them.
+    stale: AtomicBool,
+    budget: u64,
+}
+
+impl Pools {
+    pub(crate) fn new(budget: u64) -> Pools {
+        Pools {
+            pools: std::sync::Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            stale: AtomicBool::new(true),
+            budget,
+        }
+    }
+
+    /// A ready member of the pool `key`, if it has one. Never waits. The pool refills once
+    /// the claim is settled ([`Pools::claimed`]), so a claim that gives the member back does
+    /// not leave the pool one over.
+    pub(crate) fn take(&self, key: &PoolKey) -> Option<Member> {
+        lock(&self.pools)
+            .get_mut(key)
+            .and_then(|p| p.ready.pop_front())
+    }
+
+    /// A member was claimed: refill now.
+    pub(crate) fn claimed(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Returns a member a claim could not use (a quota refused it) to the front of its pool.
+    pub(crate) fn put_back(&self, key: &PoolKey, member: Member) -> Option<Member> {
+        match lock(&self.pools).get_mut(key) {
+            Some(pool) => {
+                pool.ready.push_front(member);
+                None
+            }
+            None => Some(member),
+        }
+    }
+
+    pub(crate) fn status(&self, key: &PoolKey) -> v1::PoolStatus {
+        lock(&self.pools)
+            .get(key)
+            .map_or_else(v1::PoolStatus::default, |p| v1::PoolStatus {
+                target: p.target,
+                ready: u32::try_from(p.ready.len()).unwrap_or(u32::MAX),
+            })
+    }
+
+    pub(crate) fn all(&self) -> Vec<(PoolKey, v1::PoolStatus)> {
+        let pools = lock(&self.pools);
+        let mut all: Vec<_> = pools
+            .iter()
+            .map(|(k, p)| {
+                let status = v1::PoolStatus {
+                    target: p.target,
+                    ready: u32::try_from(p.ready.len()).unwrap_or(u32::MAX),
+                };
+                (k.clone(), status)
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Templates changed: follow them at the next pass, which starts now.
+    pub(crate) fn templates_changed(&self) {
+        self.stale.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Every member, out of the pools (at shutdown).
+    fn drain_all(&self) -> Vec<Member> {
+        lock(&self.pools)
+            .drain()
+            .flat_map(|(_, p)| p.ready)
+            .collect()
+    }
+}
+
+impl SandboxManager {
+    /// Keeps the warm pools filled and the sandboxes' agents watched until `stop` turns true.
+    /// `moat serve` runs this beside the API; without it no pool fills and claims fall back to
+    /// cold starts.
+    pub async fn run_pools(&self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(POOL_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.inner.pools.wake.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.inner.clone().maintain().await;
+        }
+    }
+
+    /// The warm pool of the template `name` (of `tenant`, or built-in for `None`).
+    pub fn pool_status(&self, tenant: Option<&str>, name: &str) -> v1::PoolStatus {
+        self.inner.pools.status(&PoolKey {
+            tenant: tenant.map(str::to_owned),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Every warm pool, as (template owner, template name, status), ordered.
+    pub fn pools(&self) -> Vec<(Option<String>, String, v1::PoolStatus)> {
+        self.inner
+            .pools
+            .all()
+            .into_iter()
+            .map(|(k, s)| (k.tenant, k.name, s))
+            .collect()
+    }
+
+    /// Called after a template was created or deleted, so warm pools follow.
+    pub(super) fn templates_changed(&self) {
+        self.inner.pools.templates_changed();
+    }
+
+    /// Destroys every pool member (at shutdown). Returns how many.
+    pub(super) async fn drain_pools(&self) -> usize {
+        let members = self.inner.pools.drain_all();
+        let n = members.len();
+        for member in members {
+            self.inner.discard(member).await;
+        }
+        n
+    }
+}
+
+impl Inner {
+    /// One maintenance pass: follow the templates, drop dead members, fail sandboxes whose
+    /// agent is gone, refill.
+    async fn maintain(self: Arc<Self>) {
+        if self.pools.stale.swap(false, Ordering::SeqCst)
+            && let Err(e) = self.follow_templates().await
+        {
+            self.pools.stale.store(true, Ordering::SeqCst);
+            tracing::warn!("warm pools could not read the templates: {e}");
+        }
+        self.replace_dead_members().await;
+        self.fail_dead_sandboxes();
+        self.refill();
+    }
+
+    /// Makes the set of pools match the templates with a `pool_size`; a pool whose template
+    /// went away or changed is emptied.
+    async fn follow_templates(&self) -> ManagerResult<()> {
+        let records: Vec<TemplateRecord> = self.db(|s| s.all_templates()).await?;
+        let mut wanted = HashMap::new();
+        for rec in records {
+            match serde_json::from_value::<v1::TemplateSpec>(rec.spec) {
+                Ok(spec) if spec.pool_size > 0 => {
+                    let key = PoolKey {
+                        tenant: rec.tenant,
+                        name: rec.name,
+                    };
+                    wanted.insert(key, spec);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(template = %rec.name, "bad template spec: {e}"),
+            }
+        }
+        let mut gone = Vec::new();
+        {
+            let mut pools = lock(&self.pools.pools);
+            pools.retain(|key, pool| {
+                let keep = wanted.get(key) == Some(&pool.spec);
+                if !keep {
+                    gone.extend(pool.ready.drain(..));
+                }
+                keep
+            });
+            for (key, spec) in wanted {
+                pools.entry(key).or_insert_with(|| Pool::new(spec));
+            }
+        }
+        for member in gone {
+            self.discard(member).await;
+        }
+        Ok(())
+    }
+
+    /// Drops members whose agent went away, and members over the pool's size (a refill that
+    /// raced a claim which then gave its member back).
+    async fn replace_dead_members(&self) {
+        let mut dead = Vec::new();
+        let mut surplus = Vec::new();
+        {
+            let mut pools = lock(&self.pools.pools);
+            for pool in pools.values_mut() {
+                let (alive, gone): (VecDeque<Member>, VecDeque<Member>) =
+                    pool.ready.drain(..).partition(|m| !m.client.is_closed());
+                pool.ready = alive;
+                dead.extend(gone);
+                while pool.ready.len() > pool.spec.pool_size as usize {
+                    surplus.extend(pool.ready.pop_back());
+                }
+            }
+        }
+        for member in dead {
+            tracing::warn!(member = %member.id, "a warm pool member's agent went away; replacing it");
+            self.discard(member).await;
+        }
+        for member in surplus {
+            self.discard(member).await;
+        }
+    }
+
+    /// Running sandboxes whose agent connection closed (the agent died, or everything in the
+    /// sandbox was killed) are destroyed and recorded failed.
+    fn fail_dead_sandboxes(self: &Arc<Self>) {
+        let dead: Vec<(String, String)> = lock(&self.live)
+            .iter()
+            .filter(|(_, live)| live.client.is_closed())
+            .map(|(id, live)| (id.clone(), live.tenant.clone()))
+            .collect();
+        for (id, tenant) in dead {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                tracing::warn!(sandbox = %id, "the sandbox's agent went away; ending it");
+                let reason = EndReason::Failed("the sandbox's agent exited".into());
+                if let Err(e) = inner
+                    .end_as(&tenant, &id, SandboxState::Failed, reason)
+                    .await
+                {
+                    tracing::warn!(sandbox = %id, "ending a sandbox whose agent went away: {e}");
+                }
+            });
+        }
+    }
+
+    /// Starts members where pools are short, within the budget and the start concurrency.
+    fn refill(self: &Arc<Self>) {
+        let mut pools = lock(&self.pools.pools);
+        let mut used: u64 = pools.values().map(Pool::charge).sum();
+        let mut starting: u32 = pools.values().map(|p| p.starting).sum();
+        let now = Instant::now();
+        let mut keys: Vec<PoolKey> = pools.keys().cloned().collect();
+        keys.sort();
+        for key in keys {
+            let Some(pool) = pools.get_mut(&key) else {
+                continue;
+            };
+            let have = u32::try_from(pool.ready.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(pool.starting);
+            let room = self.pools.budget.saturating_sub(used) / pool.estimate.max(1);
+            let room = u32::try_from(room).unwrap_or(u32::MAX);
+            pool.target = pool.spec.pool_size.min(have.saturating_add(room));
+            if pool.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            while pool.ready.len() + (pool.starting as usize) < pool.target as usize
+                && starting < MAX_CONCURRENT_STARTS
+            {
+                pool.starting += 1;
+                starting += 1;
+                used = used.saturating_add(pool.estimate);
+                let inner = self.clone();
+                let (key, spec) = (key.clone(), pool.spec.clone());
+                tokio::spawn(async move { inner.start_member(key, spec).await });
+            }
+        }
+    }
+
+    async fn start_member(self: Arc<Self>, key: PoolKey, spec: v1::TemplateSpec) {
+        let made = self.make_member(&key, &spec).await;
+        let mut leftover = None;
+        {
+            let mut pools = lock(&self.pools.pools);
+            match pools.get_mut(&key) {
+                Some(pool) => {
+                    pool.starting = pool.starting.saturating_sub(1);
+                    match made {
+                        Ok(member) if pool.spec == spec => {
+                            pool.estimate = member.memory.max(1);
+                            pool.failures = 0;
+                            pool.retry_at = None;
+                            pool.ready.push_back(member);
+                        }
+                        // The template changed while it started.
+                        Ok(member) => leftover = Some(member),
+                        Err(e) => {
+                            pool.failures = pool.failures.saturating_add(1);
+                            let backoff = Duration::from_millis(100)
+                                .saturating_mul(1 << pool.failures.min(12))
+                                .min(MAX_BACKOFF);
+                            pool.retry_at = Some(Instant::now() + backoff);
+                            tracing::warn!(
+                                template = %key.name,
+                                retry_in = ?backoff,
+                                "a warm pool member could not start: {e}"
+                            );
+                        }
+                    }
+                }
+                None => leftover = made.ok(),
+            }
+        }
+        if let Some(member) = leftover {
+            self.discard(member).await;
+        }
+        self.pools.wake.notify_one();
+    }
+
+    async fn make_member(&self, key: &PoolKey, spec: &v1::TemplateSpec) -> ManagerResult<Member> {
+        let id = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
+        let (i, name, owner) = (id.clone(), key.name.clone(), key.tenant.clone());
+        self.db(move |s| s.add_pool_member(&i, &name, owner.as_deref()))
+            .await?;
+        let sandbox = super::plan_sandbox(id.clone(), spec, None, Default::default())?;
+        match self.boot(&sandbox, spec).await {
+            Ok((instance, client)) => {
+                let memory = instance.stats().memory_bytes;
+                Ok(Member {
+                    id,
+                    client,
+                    instance,
+                    memory,
+                })
+            }
+            Err(e) => {
+                let i = id.clone();
+                if let Err(store_err) = self.db(move |s| s.remove_pool_member(&i)).await {
+                    tracing::warn!(member = %id, "forgetting a failed pool member: {store_err}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Destroys a member and forgets it.
+    pub(super) async fn discard(&self, mut member: Member) {
+        if let Err(e) = member.instance.destroy().await {
+            tracing::warn!(member = %member.id, "destroying a pool member: {e}");
+        }
+        let id = member.id.clone();
+        if let Err(e) = self.db(move |s| s.remove_pool_member(&id)).await {
+            tracing::warn!(member = %member.id, "forgetting a pool member: {e}");
+        }
+    }
+
+    /// A member turned into `tenant`'s live sandbox.
+    pub(super) fn adopt(&self, tenant: &str, member: Member) {
+        lock(&self.live).insert(
+            member.id.clone(),
+            Arc::new(Live {
+                tenant: tenant.to_owned(),
+                client: member.client,
+                instance: tokio::sync::Mutex::new(member.instance),
+            }),
+        );
+    }
+}

@@ -1,0 +1,109 @@
+//! A template's `start` script (left running) and `ready` script (retried until it passes),
+//! run when one of its sandboxes boots, before anyone can use it.
+
+use std::time::{Duration, Instant};
+
+use moat_proto::process::{ProcessConfig, StartRequest, process_event};
+use moat_proto::v1;
+
+use super::{ManagerError, ManagerResult};
+use crate::agent_client::{AgentClient, CallOptions};
+
+/// Pause between two tries of a `ready` script that did not pass.
+const READY_RETRY: Duration = Duration::from_millis(50);
+/// Tag of the `start` process, so it can be found with `Process.List`.
+pub const START_TAG: &str = "moat-start";
+
+fn shell(script: &str, tag: Option<&str>) -> StartRequest {
+    StartRequest {
+        process: Some(ProcessConfig {
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            envs: Default::default(),
+            cwd: None,
+        }),
+        pty: None,
+        tag: tag.map(str::to_owned),
+        stdin: Some(false),
+    }
+}
+
+/// Starts `template.start` in the background and runs `template.ready` until it exits 0,
+/// within the template's readiness timeout. A sandbox whose `ready` never passes fails with
+/// the script's last output.
+pub(super) async fn start_and_wait(
+    client: &AgentClient,
+    template: &v1::TemplateSpec,
+) -> ManagerResult<()> {
+    if let Some(script) = &template.start {
+        // The stream is dropped: the process keeps running, its output unread.
+        client
+            .start(shell(script, Some(START_TAG)), CallOptions::default())
+            .await
+            .map_err(|e| ManagerError::Unavailable(format!("template start script: {e}")))?;
+    }
+    let Some(script) = &template.ready else {
+        return Ok(());
+    };
+    let limit = Duration::from_secs(
+        template
+            .ready_timeout_secs
+            .unwrap_or(v1::DEFAULT_READY_TIMEOUT_SECS),
+    );
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (code, output) = run_once(client, script, left).await?;
+        if code == Some(0) {
+            return Ok(());
+        }
+        if Instant::now() + READY_RETRY >= deadline {
+            return Err(ManagerError::Unavailable(format!(
+                "the template's ready script did not pass within {}s (last exit {}, output {:?})",
+                limit.as_secs(),
+                code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
+                String::from_utf8_lossy(&output)
+                    .chars()
+                    .take(512)
+                    .collect::<String>()
+            )));
+        }
+        tokio::time::sleep(READY_RETRY).await;
+    }
+}
+
+/// One run of the `ready` script: its exit code (`None` if killed) and its first output.
+async fn run_once(
+    client: &AgentClient,
+    script: &str,
+    left: Duration,
+) -> ManagerResult<(Option<i32>, Vec<u8>)> {
+    let opts = CallOptions {
+        user: None,
+        timeout: Some(left.max(Duration::from_millis(1))),
+    };
+    let mut stream = client
+        .start(shell(script, None), opts)
+        .await
+        .map_err(|e| ManagerError::Unavailable(format!("template ready script: {e}")))?;
+    let mut output = Vec::new();
+    let mut code = None;
+    while let Some(event) = stream.next().await {
+        let Ok(event) = event else {
+            break;
+        };
+        match event.event {
+            Some(process_event::Event::Data(d)) => {
+                use process_event::data_event::Output;
+                if let Some(Output::Stdout(b) | Output::Stderr(b) | Output::Pty(b)) = d.output
+                    && output.len() < 4096
+                {
+                    output.extend_from_slice(&b);
+                }
+            }
+            Some(process_event::Event::End(end)) if end.exited => code = Some(end.exit_code),
+            _ => {}
+        }
+    }
+    Ok((code, output))
+}

@@ -1,0 +1,247 @@
+//! The one-shot mode (`POST /v1/run`): take a sandbox, write files, run, read files back,
+//! destroy the sandbox, in one call.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use moat_proto::v1;
+
+use super::{DEFAULT_EXEC_TIMEOUT, ManagerError, ManagerResult, SandboxManager};
+use crate::agent_client::AgentError;
+
+/// Most input or output files of one run.
+pub const MAX_RUN_FILES: usize = 64;
+/// Largest output file returned; a bigger one is reported with an error instead.
+pub const MAX_RUN_OUTPUT_FILE: usize = 8 << 20;
+/// Where the code of a run is written, in the sandbox.
+const CODE_DIR: &str = "/tmp/moat-run";
+/// Time the sandbox of a run lives beyond the run's own timeout, for files in and out.
+const RUN_TTL_MARGIN: Duration = Duration::from_secs(60);
+
+/// How `code` of a language is run: the file it is written to and the program for it.
+fn interpreter(language: &str) -> ManagerResult<(&'static str, &'static str)> {
+    Ok(match language {
+        "python" | "python3" | "py" => ("main.py", "python3"),
+        "bash" => ("main.sh", "bash"),
+        "sh" => ("main.sh", "sh"),
+        "javascript" | "js" | "node" => ("main.js", "node"),
+        other => {
+            return Err(ManagerError::Invalid(format!(
+                "unknown language {other:?} (known: python, bash, sh, javascript)"
+            )));
+        }
+    })
+}
+
+impl SandboxManager {
+    /// Runs `req` in a fresh sandbox of `tenant` (charged to `key_id`) and destroys it,
+    /// whatever happened. Input is checked before a sandbox is taken.
+    pub async fn run(
+        &self,
+        tenant: &str,
+        key_id: Option<&str>,
+        req: v1::RunRequest,
+    ) -> ManagerResult<v1::RunResult> {
+        let files = decode_files(&req.files)?;
+        if req.output_files.len() > MAX_RUN_FILES {
+            return Err(ManagerError::Invalid(format!(
+                "at most {MAX_RUN_FILES} output files"
+            )));
+        }
+        let code = match (&req.code, &req.cmd, &req.shell) {
+            (Some(code), None, None) => {
+                let (file, program) = interpreter(req.language.as_deref().unwrap_or("python"))?;
+                let path = format!("{CODE_DIR}/{file}");
+                Some((path, program, code.clone()))
+            }
+            (None, Some(_), None) | (None, None, Some(_)) => {
+                if req.language.is_some() {
+                    return Err(ManagerError::Invalid(
+                        "language goes with code, not with cmd or shell".into(),
+                    ));
+                }
+                None
+            }
+            _ => {
+                return Err(ManagerError::Invalid(
+                    "give exactly one of code, cmd and shell".into(),
+                ));
+            }
+        };
+        let exec = v1::ExecRequest {
+            cmd: match &code {
+                Some((path, program, _)) => Some(vec![(*program).to_owned(), path.clone()]),
+                None => req.cmd.clone(),
+            },
+            shell: req.shell.clone(),
+            stdin: req.stdin.clone(),
+            env: req.env.clone(),
+            cwd: req.cwd.clone(),
+            user: None,
+            timeout_secs: req.timeout_secs,
+            ..Default::default()
+        };
+        let run_for = req
+            .timeout_secs
+            .map_or(DEFAULT_EXEC_TIMEOUT, Duration::from_secs);
+        let create = v1::CreateSandbox {
+            template: req
+                .template
+                .clone()
+                .unwrap_or_else(|| v1::DEFAULT_TEMPLATE.to_owned()),
+            resources: req.resources.clone(),
+            env: Default::default(),
+            metadata: [("moat.run".to_owned(), "true".to_owned())].into(),
+            timeout_secs: Some(run_for.saturating_add(RUN_TTL_MARGIN).as_secs()),
+        };
+        let sandbox = self.create(tenant, key_id, create).await?;
+        let outcome = self
+            .run_in(tenant, &sandbox.id, files, code, exec, &req.output_files)
+            .await;
+        if let Err(e) = self.delete(tenant, &sandbox.id).await {
+            tracing::warn!(sandbox = %sandbox.id, "destroying the sandbox of a run: {e}");
+        }
+        let (exec, files) = outcome?;
+        Ok(v1::RunResult {
+            exec,
+            files,
+            sandbox_id: sandbox.id,
+        })
+    }
+
+    async fn run_in(
+        &self,
+        tenant: &str,
+        id: &str,
+        files: Vec<(String, Bytes)>,
+        code: Option<(String, &'static str, String)>,
+        exec: v1::ExecRequest,
+        outputs: &[String],
+    ) -> ManagerResult<(v1::ExecResult, Vec<v1::OutputFile>)> {
+        let client = self.agent(tenant, id).await?;
+        let code_file = code.map(|(path, _, source)| (path, Bytes::from(source)));
+        for (path, data) in files.into_iter().chain(code_file) {
+            client
+                .write_file(&path, data, None)
+                .await
+                .map_err(|e| file_error("writing", &path, e))?;
+        }
+        let result = self.exec(tenant, id, exec).await?;
+        let mut read = Vec::with_capacity(outputs.len());
+        for path in outputs {
+            let file = match client.read_file(path, None, MAX_RUN_OUTPUT_FILE).await {
+                Ok(data) => v1::OutputFile {
+                    path: path.clone(),
+                    content_b64: Some(B64.encode(&data)),
+                    error: None,
+                },
+                Err(e) => v1::OutputFile {
+                    path: path.clone(),
+                    content_b64: None,
+                    error: Some(match e {
+                        AgentError::TooLarge { .. } => {
+                            format!("larger than the limit of {MAX_RUN_OUTPUT_FILE} bytes")
+                        }
+                        other => other.to_string(),
+                    }),
+                },
+            };
+            read.push(file);
+        }
+        Ok((result, read))
+    }
+}
+
+/// The input files, decoded, or why one is invalid.
+fn decode_files(files: &[v1::InputFile]) -> ManagerResult<Vec<(String, Bytes)>> {
+    if files.len() > MAX_RUN_FILES {
+        return Err(ManagerError::Invalid(format!(
+            "at most {MAX_RUN_FILES} input files"
+        )));
+    }
+    files
+        .iter()
+        .map(|f| {
+            if f.path.is_empty() || f.path.contains('\0') {
+                return Err(ManagerError::Invalid(format!(
+                    "file path {:?} is empty or has a NUL",
+                    f.path
+                )));
+            }
+            let data = match (&f.content, &f.content_b64) {
+                (Some(text), None) => Bytes::from(text.clone().into_bytes()),
+                (None, Some(b64)) => Bytes::from(B64.decode(b64).map_err(|e| {
+                    ManagerError::Invalid(format!("file {:?}: content_b64: {e}", f.path))
+                })?),
+                _ => {
+                    return Err(ManagerError::Invalid(format!(
+                        "file {:?}: give exactly one of content and content_b64",
+                        f.path
+                    )));
+                }
+            };
+            Ok((f.path.clone(), data))
+        })
+        .collect()
+}
+
+/// A file the agent would not write: the caller's fault where the agent says so.
+fn file_error(what: &str, path: &str, e: AgentError) -> ManagerError {
+    use moat_proto::connect::Code;
+    let text = format!("{what} {path:?}: {e}");
+    match e.code() {
+        // The sandbox's disk being full is the run's input being too big for it.
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::PermissionDenied
+        | Code::AlreadyExists
+        | Code::ResourceExhausted => ManagerError::Invalid(text),
+        _ => ManagerError::Unavailable(text),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_and_languages_are_checked() {
+        let ok = [
+            v1::InputFile {
+                path: "a.txt".into(),
+                content: Some("hi".into()),
+                content_b64: None,
+            },
+            v1::InputFile {
+                path: "/tmp/b".into(),
+                content: None,
+                content_b64: Some("AAE=".into()),
+            },
+        ];
+        let files = decode_files(&ok).unwrap();
+        assert_eq!(files[1].1.as_ref(), [0u8, 1]);
+        for bad in [
+            v1::InputFile {
+                path: "x".into(),
+                ..Default::default()
+            },
+            v1::InputFile {
+                path: "".into(),
+                content: Some("x".into()),
+                content_b64: None,
+            },
+            v1::InputFile {
+                path: "x".into(),
+                content: None,
+                content_b64: Some("not base64!".into()),
+            },
+        ] {
+            assert!(decode_files(&[bad]).is_err());
+        }
+        assert_eq!(interpreter("python").unwrap().1, "python3");
+        assert!(interpreter("cobol").is_err());
+    }
+}
