@@ -50,6 +50,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .merge(crate::templates::routes())
+        .merge(crate::files::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
