@@ -56,6 +56,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
             post(run).layer(DefaultBodyLimit::max(crate::MAX_RUN_BODY_BYTES)),
         )
         .merge(crate::templates::routes())
+        .merge(crate::files::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
