@@ -8,6 +8,7 @@
 mod api;
 mod error;
 mod files;
+pub mod openapi;
 mod templates;
 
 use std::future::{Future, IntoFuture};
