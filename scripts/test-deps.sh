@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian 12 machine (idempotent). Run as root.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 need=()
 command -v python3 >/dev/null || need+=(python3)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
@@ -10,3 +11,16 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+
+# A virtual environment for the Python tools and clients the tests drive (kept in target/, so
+# `cargo clean` removes it). Debian's python3 needs python3-venv for `-m venv`.
+venv=target/test-venv
+if [ ! -x "$venv/bin/python" ]; then
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    rm -rf "$venv"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    python3 -m venv "$venv"
+  fi
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+# The Python the tests use for real clients and validators (see scripts/test-deps.sh).
+export MOAT_TEST_PYTHON="$PWD/target/test-venv/bin/python"
 cargo nextest run --locked --workspace --profile ci

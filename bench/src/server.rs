@@ -29,7 +29,12 @@ impl Server {
         let dir = std::env::temp_dir().join(format!("moat-bench-serve-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let child = Command::new(moat)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
             .arg(&dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -221,7 +226,11 @@ pub fn run(moat: &Path, runs: usize, idle: usize) -> Result<()> {
         }
         c.delete(&id)?;
     }
-    row("warm-pool claim (`POST /v1/sandboxes`)", &claims, "≤ 5 ms p50");
+    row(
+        "warm-pool claim (`POST /v1/sandboxes`)",
+        &claims,
+        "≤ 5 ms p50",
+    );
 
     // Cold create: the built-in `host` template has no pool.
     let mut cold = Samples::default();
@@ -303,7 +312,9 @@ pub fn run(moat: &Path, runs: usize, idle: usize) -> Result<()> {
                     let mut c = server.client()?;
                     for _ in (k * per)..((k + 1) * per).min(idle) {
                         let id = c.create(r#"{"timeout_secs":3600}"#)?;
-                        ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(id);
+                        ids.lock()
+                            .map_err(|_| anyhow::anyhow!("poisoned"))?
+                            .push(id);
                     }
                     Ok(())
                 })

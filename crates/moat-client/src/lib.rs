@@ -57,7 +57,6 @@ mod exec;
 mod files;
 mod keys;
 mod path;
-mod pending;
 mod sandboxes;
 mod templates;
 
@@ -66,13 +65,7 @@ pub use client::{API_KEY_ENV, CONNECT_TIMEOUT, Client, MAX_ERROR_BYTES, MAX_JSON
 pub use error::{ApiError, Error, MAX_ERROR_TEXT, Result};
 pub use exec::{ExecOutput, ExecStream, MAX_LINE_BYTES, StreamEvent};
 
-/// The request and response bodies of the API (from `moat_proto::v1`, plus the files types).
+/// The request and response bodies of the API: `moat_proto::v1`.
 pub mod types {
-    pub use crate::pending::{FileEntry, FileList, FileType, MakeDir, MoveFile};
-    pub use moat_proto::v1::{
-        ApiKey, CreateKey, CreateSandbox, CreateTemplate, CreatedKey, ErrorBody, ErrorDetail,
-        ExecEnd, ExecEvent, ExecRequest, ExecResult, KeyList, KeyQuotas, KeyRole, ListSandboxes,
-        OutputEncoding, PoolStatus, QuotaRequest, ResourceLimits, ResourceRequest, Rootfs, Sandbox,
-        SandboxList, SandboxState, SetTimeout, Template, TemplateList, TemplateSpec,
-    };
+    pub use moat_proto::v1::*;
 }

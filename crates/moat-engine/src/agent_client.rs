@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -26,6 +27,16 @@ use moat_proto::process::{
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
+
+mod files;
+
+pub use files::FileDownload;
+
+/// The error type request bodies to the agent may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a request to the agent: a whole message, or a stream (file uploads).
+type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest response message accepted from the agent (its data chunks are at most 32 KiB).
 pub const MAX_RESPONSE_MESSAGE: usize = 4 << 20;
@@ -105,7 +116,7 @@ pub struct CallOptions {
 /// A client of one agent. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<RequestBody>,
     access_token: Option<String>,
 }
 
@@ -272,20 +283,7 @@ impl AgentClient {
             HeaderValue::from_static("application/octet-stream"),
         );
         let resp = within(DEFAULT_UNARY_TIMEOUT, self.send(req)).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(http_error(resp).await);
-        }
-        let body = within(
-            DEFAULT_UNARY_TIMEOUT,
-            read_limited(resp.into_body(), MAX_ERROR_BODY),
-        )
-        .await?;
-        match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(serde_json::Value::Array(entries)) if !entries.is_empty() => Ok(()),
-            _ => Err(AgentError::Protocol(
-                "POST /files answered without the written entry".into(),
-            )),
-        }
+        files::check_written(resp).await
     }
 
     /// `GET /files`: the contents of `path` inside the sandbox, read as `user`; more than
@@ -327,7 +325,7 @@ impl AgentClient {
         user: Option<&str>,
         timeout: Option<Duration>,
         body: Bytes,
-    ) -> Result<Request<Full<Bytes>>, AgentError> {
+    ) -> Result<Request<RequestBody>, AgentError> {
         let mut b = Request::builder()
             .method(method)
             .uri(format!("http://agent{path_and_query}"));
@@ -341,11 +339,15 @@ impl AgentClient {
         if let Some(t) = timeout {
             b = b.header(connect::HEADER_TIMEOUT_MS, connect::format_timeout_ms(t));
         }
-        b.body(Full::new(body))
-            .map_err(|e| AgentError::Protocol(format!("building the request: {e}")))
+        b.body(
+            Full::new(body)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .map_err(|e| AgentError::Protocol(format!("building the request: {e}")))
     }
 
-    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, AgentError> {
+    async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, AgentError> {
         let mut sender = self.sender.clone();
         sender.ready().await.map_err(AgentError::transport)?;
         sender

@@ -243,3 +243,58 @@ async fn files_round_trip() {
     assert_eq!(err.code(), Code::NotFound);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn filesystem_calls_and_streamed_files() {
+    let c = client().await;
+    let dir = std::env::temp_dir().join(format!("moat-client-fs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let at = |rel: &str| dir.join(rel).to_str().unwrap().to_owned();
+
+    // A body in many chunks goes up as it is produced and comes back the same.
+    let chunks: Vec<Result<Bytes, std::io::Error>> = (0..64u8)
+        .map(|i| Ok(Bytes::from(vec![i; 40_000])))
+        .collect();
+    let expected: Vec<u8> = (0..64u8).flat_map(|i| vec![i; 40_000]).collect();
+    c.write_file_stream(&at("a/big"), None, futures_util::stream::iter(chunks))
+        .await
+        .unwrap();
+    let mut down = c.read_file_stream(&at("a/big"), None).await.unwrap();
+    assert_eq!(down.size(), expected.len() as u64);
+    let mut got = Vec::new();
+    while let Some(chunk) = down.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(got == expected, "the streamed file came back different");
+    // A failing body aborts the upload.
+    let failing: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"part")),
+        Err(std::io::Error::other("client went away")),
+    ];
+    assert!(
+        c.write_file_stream(&at("a/cut"), None, futures_util::stream::iter(failing))
+            .await
+            .is_err()
+    );
+
+    let made = c.make_dir(&at("b/c"), None).await.unwrap();
+    assert_eq!(made.path, at("b/c"));
+    let err = c.make_dir(&at("b/c"), None).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let st = c.stat(&at("a/big"), None).await.unwrap();
+    assert_eq!(st.size, expected.len() as i64);
+    let moved = c
+        .move_entry(&at("a/big"), &at("b/c/big"), None)
+        .await
+        .unwrap();
+    assert_eq!(moved.path, at("b/c/big"));
+    let listed = c.list_dir(&at("b"), 2, None).await.unwrap();
+    let paths: Vec<&str> = listed.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, [at("b/c"), at("b/c/big")]);
+    c.remove(&at("b"), None).await.unwrap();
+    let err = c.stat(&at("b"), None).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c.read_file_stream(&at("b/c/big"), None).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -900,3 +900,96 @@ async fn responses_bigger_than_the_caps() {
     );
     assert_no_panics();
 }
+
+/// Streamed file transfers against an agent that lies about a download's length, stalls
+/// midway, or never reads an upload: each ends with a typed error within the idle limit.
+#[tokio::test(start_paused = true)]
+async fn streamed_files_that_stall_or_lie() {
+    count_panics();
+    let (c, _hang_up) = h2_agent(|req, mut respond| async move {
+        let query = req.uri().query().unwrap_or("").to_string();
+        if req.method() == http::Method::POST {
+            // Never read the upload, never answer.
+            let _keep = (req, respond);
+            std::future::pending::<()>().await;
+            return;
+        }
+        let (declared, sent) = match query.as_str() {
+            q if q.contains("short") => ("10", Bytes::from_static(b"12345")),
+            q if q.contains("long") => ("2", Bytes::from_static(b"12345")),
+            _ => ("10", Bytes::from_static(b"12345")),
+        };
+        let resp = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/octet-stream")
+            .header("content-length", declared)
+            .body(())
+            .expect("response");
+        let Ok(mut body) = respond.send_response(resp, false) else {
+            return;
+        };
+        if !send_all(&mut body, sent).await {
+            return;
+        }
+        if query.contains("short") {
+            let _ = body.send_data(Bytes::new(), true);
+            return;
+        }
+        // Stall with the stream open.
+        std::future::pending::<()>().await;
+    })
+    .await;
+
+    let drain = |mut d: moat_engine::agent_client::FileDownload| async move {
+        let mut got = 0;
+        loop {
+            match d.next().await {
+                Some(Ok(b)) => got += b.len(),
+                Some(Err(e)) => return (got, Some(e)),
+                None => return (got, None),
+            }
+        }
+    };
+    let d = bounded("stall", c.read_file_stream("/stall", None))
+        .await
+        .expect("the download starts");
+    assert_eq!(d.size(), 10);
+    let (got, err) = bounded("stall body", drain(d)).await;
+    assert_eq!(got, 5);
+    assert!(matches!(err, Some(AgentError::Transport(_))), "{err:?}");
+
+    let d = bounded("short", c.read_file_stream("/short", None))
+        .await
+        .expect("the download starts");
+    // HTTP/2 itself or the client's own count catches the lie, whichever sees it first.
+    let (_, err) = bounded("short body", drain(d)).await;
+    assert!(
+        matches!(
+            err,
+            Some(AgentError::Protocol(_) | AgentError::Transport(_))
+        ),
+        "{err:?}"
+    );
+
+    let d = bounded("long", c.read_file_stream("/long", None))
+        .await
+        .expect("the download starts");
+    let (_, err) = bounded("long body", drain(d)).await;
+    assert!(
+        matches!(
+            err,
+            Some(AgentError::Protocol(_) | AgentError::Transport(_))
+        ),
+        "{err:?}"
+    );
+
+    // An upload the agent never takes: the body stops moving, the idle limit ends the call.
+    let endless = futures_util::stream::repeat_with(|| {
+        Ok::<_, std::io::Error>(Bytes::from_static(&[0u8; 16 << 10]))
+    });
+    let began = tokio::time::Instant::now();
+    let r = bounded("upload", c.write_file_stream("/up", None, endless)).await;
+    assert!(matches!(r, Err(AgentError::Timeout(_))), "{r:?}");
+    assert!(began.elapsed() >= STREAM_IDLE_LIMIT);
+    assert_no_panics();
+}

@@ -656,6 +656,70 @@ pub struct OutputFile {
     pub error: Option<String>,
 }
 
+/// What kind of entry a [`FileEntry`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FileType {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (see [`FileEntry::symlink_target`]).
+    Symlink,
+    /// Anything else: a FIFO, socket or device.
+    Other,
+}
+
+/// A file, directory or other entry in a sandbox's filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FileEntry {
+    /// The last component of `path` (`/` for the root).
+    pub name: String,
+    /// The absolute path inside the sandbox.
+    pub path: String,
+    /// Its kind; a symbolic link is `symlink` whatever it points to.
+    #[serde(rename = "type")]
+    pub kind: FileType,
+    /// Size in bytes (of the link itself for a symbolic link).
+    pub size: u64,
+    /// Permission bits as a number (`420` is `0o644`); for a symbolic link, its target's
+    /// (`0` when the target cannot be resolved).
+    pub mode: u32,
+    /// The owner's user name (or uid when it has none).
+    pub owner: String,
+    /// The group's name (or gid when it has none).
+    pub group: String,
+    /// Last modification, Unix milliseconds.
+    pub modified_at: i64,
+    /// Where a symbolic link points (resolved when it can be); `null` for anything else.
+    pub symlink_target: Option<String>,
+}
+
+/// `GET /v1/sandboxes/{id}/files/list`: the entries under a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FileList {
+    /// Depth-first; each directory's entries in byte order of their names.
+    pub entries: Vec<FileEntry>,
+}
+
+/// `POST /v1/sandboxes/{id}/files/mkdir`: make a directory and its missing parents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MakeDir {
+    /// Absolute, or relative to the user's home.
+    pub path: String,
+}
+
+/// `POST /v1/sandboxes/{id}/files/move`: rename an entry (creating the destination's parents).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveFile {
+    /// The entry to move.
+    pub from: String,
+    /// Its new path.
+    pub to: String,
+}
+
 /// The body of every error response: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
@@ -789,5 +853,26 @@ mod tests {
             serde_json::json!({"rootfs": {"dir": "/srv/r"}})
         );
         assert!(serde_json::from_str::<TemplateSpec>(r#"{"rootfs":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn file_entry_shape() {
+        let e = FileEntry {
+            name: "a".into(),
+            path: "/home/user/a".into(),
+            kind: FileType::Dir,
+            size: 4096,
+            mode: 0o755,
+            owner: "user".into(),
+            group: "user".into(),
+            modified_at: 1,
+            symlink_target: None,
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "dir");
+        assert_eq!(v["mode"], 493);
+        assert!(v["symlink_target"].is_null());
+        assert!(serde_json::from_str::<MoveFile>(r#"{"from":"a","to":"b","x":1}"#).is_err());
+        assert!(serde_json::from_str::<MakeDir>(r#"{}"#).is_err());
     }
 }

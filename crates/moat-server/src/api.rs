@@ -55,7 +55,9 @@ pub(crate) fn router_with(state: Shared) -> Router {
             "/v1/run",
             post(run).layer(DefaultBodyLimit::max(crate::MAX_RUN_BODY_BYTES)),
         )
+        .route("/v1/openapi.json", get(crate::openapi::serve))
         .merge(crate::templates::routes())
+        .merge(crate::files::routes())
         .merge(crate::keys::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

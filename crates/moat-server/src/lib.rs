@@ -7,7 +7,9 @@
 
 mod api;
 mod error;
+mod files;
 mod keys;
+pub mod openapi;
 mod templates;
 
 use std::future::{Future, IntoFuture};
@@ -22,13 +24,15 @@ use tokio::sync::watch;
 
 pub use api::router;
 pub use error::ApiError;
+pub use files::{MAX_LIST_DEPTH, MAX_UPLOAD_BYTES, TAR_TIMEOUT};
 
 /// Where `moat serve` listens unless told otherwise: loopback only, so a fresh install is not
 /// reachable from the network.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 
-/// Largest request body accepted; bigger ones get 413. Every `/v1` body today is a small JSON
-/// document (an exec's stdin is the largest part).
+/// Largest request body accepted; bigger ones get 413. Every `/v1` body but a file upload is a
+/// small JSON document (an exec's stdin is the largest part); uploads stream under
+/// [`MAX_UPLOAD_BYTES`] instead.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// Largest body of `POST /v1/run`, whose input files travel inline (base64 or text).

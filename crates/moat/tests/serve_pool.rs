@@ -191,7 +191,7 @@ fn start_and_ready_scripts_gate_a_sandbox() {
         Some(&body(json!({"name": "web", "spec": {
             "rootfs": "host",
             "start": "sleep 0.3; echo up > /tmp/started; exec sleep 1000",
-            "ready": "test -f /tmp/started",
+            "ready": "test -f /tmp/started && pgrep -x sleep",
         }}))),
     );
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
@@ -204,7 +204,7 @@ fn start_and_ready_scripts_gate_a_sandbox() {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let id = r.json()["id"].as_str().expect("id").to_owned();
     // Ready means the start script got that far, and it is still running.
-    let out = exec(&server, &admin, &id, "cat /tmp/started; pgrep -c sleep");
+    let out = exec(&server, &admin, &id, "cat /tmp/started; pgrep -c -x sleep");
     assert_eq!(out["stdout"], "up\n1\n", "{out}");
 
     // A ready script that never passes fails the create, and leaves a failed record.

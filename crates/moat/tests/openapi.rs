@@ -1,0 +1,157 @@
+//! The OpenAPI document: it validates as OpenAPI 3.1 (with the `openapi-spec-validator` the
+//! test scripts install), it lists exactly the routes the server's sources register, and every
+//! operation it lists is routed on a live `moat serve`.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use support::is_root;
+use support::server::*;
+
+/// The Python with the test tools: `MOAT_TEST_PYTHON` (set by scripts/test.sh), else the
+/// venv scripts/test-deps.sh makes.
+fn test_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MOAT_TEST_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-venv/bin/python");
+    p.exists().then_some(p)
+}
+
+/// (METHOD, path) of every `.route("path", get(..).post(..))` in the server's sources.
+fn routes_in_sources() -> BTreeSet<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../moat-server/src");
+    let mut files = vec![dir];
+    let mut routes = BTreeSet::new();
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            for e in std::fs::read_dir(&path).expect("read_dir").flatten() {
+                files.push(e.path());
+            }
+            continue;
+        }
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("source");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(".route(") {
+            rest = &rest[at + ".route(".len()..];
+            let Some(open) = rest.find('"') else { break };
+            let Some(len) = rest[open + 1..].find('"') else {
+                break;
+            };
+            let route = rest[open + 1..open + 1 + len].to_owned();
+            // The method routers up to the call's closing parenthesis.
+            let mut depth = 1;
+            let mut end = 0;
+            for (i, c) in rest.char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = i;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let call = &rest[..end];
+            for method in ["get", "post", "put", "delete", "patch"] {
+                for prefix in [
+                    format!(" {method}("),
+                    format!("({method}("),
+                    format!(".{method}("),
+                ] {
+                    if call.contains(&prefix) {
+                        routes.insert((method.to_uppercase(), route.clone()));
+                    }
+                }
+            }
+        }
+    }
+    routes
+}
+
+fn routes_in_document(doc: &Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("path item").keys() {
+            out.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_document_validates_and_matches_the_routes() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    server
+        .request("GET", "/v1/openapi.json", None, None)
+        .assert_error(401, "unauthenticated");
+    let r = server.request("GET", "/v1/openapi.json", Some(&key), None);
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+
+    // Exactly the routes the sources register.
+    let documented = routes_in_document(&doc);
+    let registered = routes_in_sources();
+    assert!(
+        registered.len() > 10,
+        "found too few routes: {registered:?}"
+    );
+    assert_eq!(
+        documented.difference(&registered).collect::<Vec<_>>(),
+        Vec::<&(String, String)>::new(),
+        "documented but not registered"
+    );
+    assert_eq!(
+        registered.difference(&documented).collect::<Vec<_>>(),
+        Vec::<&(String, String)>::new(),
+        "registered but not documented"
+    );
+
+    // Each is routed: never the router's own 404 or 405.
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{id}", "zzzzzzzzzzzzzzzz")
+            .replace("{name}", "no-such-template");
+        let r = server.request(method, &concrete, Some(&key), None);
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(
+            !(r.status == 404 && body.contains("no such route")) && r.status != 405,
+            "{method} {path} is not routed: {} {body}",
+            r.status
+        );
+    }
+
+    // A valid OpenAPI 3.1 document.
+    let Some(python) = test_python() else {
+        panic!("no test Python: run scripts/test-deps.sh (or set MOAT_TEST_PYTHON)");
+    };
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), serde_json::to_vec(&doc).expect("json")).expect("write");
+    let out = Command::new(&python)
+        .args(["-m", "openapi_spec_validator"])
+        .arg(file.path())
+        .output()
+        .expect("run openapi-spec-validator");
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
