@@ -141,27 +141,52 @@ pub enum Finished {
     Signalled(i32),
 }
 
+/// Ctrl-C, SIGTERM and SIGHUP, caught from when this is made until it is dropped (so none is
+/// lost between two steps that wait for them).
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts catching the signals.
+    pub fn catch() -> Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The number of the next signal caught.
+    pub async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
 /// Runs `req` in sandbox `id`, copying its output to our stdout and stderr as it comes,
-/// until it ends or a signal arrives.
-pub async fn stream_exec(client: &Client, id: &str, req: &ExecRequest) -> Result<Finished> {
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let started = tokio::select! {
+/// until it ends or one of `signals` arrives.
+pub async fn stream_exec(
+    client: &Client,
+    id: &str,
+    req: &ExecRequest,
+    signals: &mut Signals,
+) -> Result<Finished> {
+    let mut events = tokio::select! {
         s = client.exec_stream(id, req) => s?,
-        _ = sigint.recv() => return Ok(Finished::Signalled(libc::SIGINT)),
-        _ = sigterm.recv() => return Ok(Finished::Signalled(libc::SIGTERM)),
-        _ = sighup.recv() => return Ok(Finished::Signalled(libc::SIGHUP)),
+        sig = signals.recv() => return Ok(Finished::Signalled(sig)),
     };
-    let mut events = started;
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     loop {
         let event = tokio::select! {
             e = events.next() => e,
-            _ = sigint.recv() => return Ok(Finished::Signalled(libc::SIGINT)),
-            _ = sigterm.recv() => return Ok(Finished::Signalled(libc::SIGTERM)),
-            _ = sighup.recv() => return Ok(Finished::Signalled(libc::SIGHUP)),
+            sig = signals.recv() => return Ok(Finished::Signalled(sig)),
         };
         let written = match event {
             None => return Err(anyhow!("the command's stream ended without an end event")),

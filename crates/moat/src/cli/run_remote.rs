@@ -13,9 +13,8 @@ use moat_client::types::{CreateSandbox, ExecRequest, OutputEncoding, ResourceReq
 use moat_engine::manager::MAX_EXEC_TIMEOUT;
 use moat_engine::resources::{parse_cpus, parse_duration, parse_size};
 use tokio::io::AsyncReadExt;
-use tokio::signal::unix::{SignalKind, signal};
 
-use super::remote::{self, EXIT_MOAT_FAILED, Finished, Remote, key_values, whole_secs};
+use super::remote::{self, EXIT_MOAT_FAILED, Finished, Remote, Signals, key_values, whole_secs};
 use super::run::RunArgs;
 use super::sandbox::MAX_STDIN_BYTES;
 
@@ -147,22 +146,18 @@ async fn run(args: &RunArgs) -> Result<u8> {
             plan.exec.stdin_b64 = Some(base64::engine::general_purpose::STANDARD.encode(data));
         }
     }
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let mut signals = Signals::catch()?;
     let creating = client.create_sandbox(&plan.create);
     tokio::pin!(creating);
     // A signal during the create still waits for it, so the sandbox can be deleted.
     let (created, interrupted) = tokio::select! {
         c = &mut creating => (c, None),
-        _ = sigint.recv() => ((&mut creating).await, Some(libc::SIGINT)),
-        _ = sigterm.recv() => ((&mut creating).await, Some(libc::SIGTERM)),
-        _ = sighup.recv() => ((&mut creating).await, Some(libc::SIGHUP)),
+        sig = signals.recv() => ((&mut creating).await, Some(sig)),
     };
     let sandbox = created.context("creating the sandbox")?;
     let outcome = match interrupted {
         Some(sig) => Ok(Finished::Signalled(sig)),
-        None => attach(&client, &sandbox, &plan).await,
+        None => attach(&client, &sandbox, &plan, &mut signals).await,
     };
     let deleted = client.delete_sandbox(&sandbox.id).await;
     let code = match outcome? {
@@ -178,14 +173,22 @@ async fn run(args: &RunArgs) -> Result<u8> {
 }
 
 /// Copies the files in, then runs the command.
-async fn attach(client: &Client, sandbox: &Sandbox, plan: &Plan) -> Result<Finished> {
+async fn attach(
+    client: &Client,
+    sandbox: &Sandbox,
+    plan: &Plan,
+    signals: &mut Signals,
+) -> Result<Finished> {
     for (local, remote) in &plan.copies {
-        client
-            .upload_file(&sandbox.id, remote, local)
-            .await
-            .with_context(|| format!("copying {} to {remote}", local.display()))?;
+        let upload = client.upload_file(&sandbox.id, remote, local);
+        tokio::select! {
+            done = upload => {
+                done.with_context(|| format!("copying {} to {remote}", local.display()))?;
+            }
+            sig = signals.recv() => return Ok(Finished::Signalled(sig)),
+        }
     }
-    remote::stream_exec(client, &sandbox.id, &plan.exec).await
+    remote::stream_exec(client, &sandbox.id, &plan.exec, signals).await
 }
 
 /// Our standard input to its end, at most [`MAX_STDIN_BYTES`].

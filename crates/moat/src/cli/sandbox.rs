@@ -391,13 +391,12 @@ async fn exec(client: &Client, format: Format, a: ExecArgs) -> Result<ExitCode> 
         });
     }
     Ok(ExitCode::from(
-        match remote::stream_exec(client, &a.id, &req).await {
+        match remote::stream_exec(client, &a.id, &req, &mut remote::Signals::catch()?).await {
             Ok(Finished::Ended(end)) => remote::exit_status(&end, None),
             Ok(Finished::OutputClosed) => 128 + libc::SIGPIPE as u8,
             Ok(Finished::Signalled(sig)) => {
-                eprintln!(
-                    "moat: interrupted; the command may run on in the sandbox until its timeout"
-                );
+                // Our exit closes the stream, and the server kills a command whose stream closed.
+                eprintln!("moat: interrupted; the command is stopped");
                 128 + sig as u8
             }
             Err(e) => {
