@@ -29,6 +29,7 @@ impl SandboxManager {
         id: &str,
         req: v1::ExecRequest,
     ) -> ManagerResult<v1::ExecResult> {
+        let requested = Instant::now();
         let (start, stdin, timeout, user) = exec_plan(req)?;
         let live = self.inner.live_for(tenant, id).await?;
         let oom_before = live.instance.lock().await.stats().oom_kills;
@@ -106,6 +107,8 @@ impl SandboxManager {
         result.truncated = out.truncated || err.truncated;
         result.stdout = String::from_utf8_lossy(&out.data).into_owned();
         result.stderr = String::from_utf8_lossy(&err.data).into_owned();
+        // Commands that ran, whatever their exit: the time a caller waited for the answer.
+        self.inner.metrics.observe_exec(requested.elapsed());
         Ok(result)
     }
 }

@@ -17,13 +17,14 @@ pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::v1;
 
 use crate::agent_client::AgentClient;
 use crate::backend::{Backend, Instance, RootfsSource, SandboxSpec};
+use crate::metrics::Metrics;
 use crate::resources::{Resources, bounds, parse_size};
 use crate::store::{
     Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, SandboxFilter, SandboxRecord, SandboxState,
@@ -148,6 +149,7 @@ struct Inner {
     backend: Arc<dyn Backend>,
     opts: ManagerOptions,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -230,6 +232,7 @@ impl SandboxManager {
                 backend,
                 opts,
                 live: Mutex::new(HashMap::new()),
+                metrics: Arc::new(Metrics::new()),
             }),
         })
     }
@@ -237,6 +240,11 @@ impl SandboxManager {
     /// The store this manager keeps.
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
+    }
+
+    /// The latency histograms and counters of this manager and the server over it.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// A client of the agent of `tenant`'s running sandbox `id`: 404 when there is no such
@@ -276,9 +284,13 @@ impl SandboxManager {
         let inner = self.inner.clone();
         let tenant = tenant.to_owned();
         let key_id = key_id.map(str::to_owned);
-        tokio::spawn(async move { inner.create(tenant, key_id, req).await })
+        let began = Instant::now();
+        let created = tokio::spawn(async move { inner.create(tenant, key_id, req).await })
             .await
-            .map_err(|e| ManagerError::Internal(format!("create task: {e}")))?
+            .map_err(|e| ManagerError::Internal(format!("create task: {e}")))??;
+        // Successes only: a refused request would pull the latency towards zero.
+        self.inner.metrics.observe_create(began.elapsed());
+        Ok(created)
     }
 
     /// The sandbox `id` of `tenant`.
