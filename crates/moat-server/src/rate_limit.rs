@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// Requests per minute per key when neither the key nor `moat serve --rate-limit` says
 /// otherwise: high, because evaluation pipelines and benchmarks drive one key hard.
-pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 6000;
+pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 60_000;
 
 /// A bucket holds this many seconds of its key's rate, so short bursts pass untouched.
 pub const BURST_SECONDS: u32 = 5;
