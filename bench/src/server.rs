@@ -33,6 +33,9 @@ impl Server {
                 "serve",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
+                // One key drives the benchmark far harder than the default rate limit allows.
+                "--rate-limit",
+                "100000000",
                 "--data-dir",
             ])
             .arg(&dir)

@@ -4,6 +4,7 @@
 //! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
+//! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
 //! - [`resources`]: limits, their bounds, and parsing.
 //! - [`store`]: the durable state of `moat serve` (tenants, keys, templates, sandboxes) in SQLite.
 //! - [`error`]: the engine's errors.
@@ -12,6 +13,7 @@ pub mod agent_client;
 pub mod backend;
 pub mod error;
 pub mod manager;
+pub mod metrics;
 pub mod native;
 pub mod resources;
 pub mod store;

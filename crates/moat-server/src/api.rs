@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +20,8 @@ use moat_engine::store::Role;
 use moat_proto::v1;
 use serde::de::DeserializeOwned;
 
-use crate::{ApiError, AppState, MAX_BODY_BYTES};
+use crate::error::ErrorCode;
+use crate::{ApiError, AppState, MAX_BODY_BYTES, ServerOptions};
 
 pub(crate) type Shared = Arc<AppState>;
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
@@ -33,13 +34,11 @@ pub(crate) struct Caller {
     pub(crate) role: Role,
 }
 
-/// The whole HTTP surface over `manager`: health endpoints and `/v1`. [`crate::serve`] adds
-/// the reaper and graceful shutdown; this alone suits serving in-process.
+/// The whole HTTP surface over `manager`: health endpoints, `/v1` and `/metrics`, with the
+/// default [`ServerOptions`]. [`crate::serve`] adds the reaper and graceful shutdown; this
+/// alone suits serving in-process.
 pub fn router(manager: SandboxManager) -> Router {
-    router_with(Arc::new(AppState {
-        manager,
-        draining: AtomicBool::new(false),
-    }))
+    router_with(Arc::new(AppState::new(manager, ServerOptions::default())))
 }
 
 pub(crate) fn router_with(state: Shared) -> Router {
@@ -59,6 +58,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .merge(crate::templates::routes())
         .merge(crate::files::routes())
         .merge(crate::keys::routes())
+        .merge(crate::metrics::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -68,14 +68,20 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
 
-async fn log_request(req: Request, next: Next) -> Response {
+/// Logs and counts every answer: its status, and its error code when it is a JSON error.
+async fn log_request(State(state): State<Shared>, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let began = Instant::now();
     let response = next.run(req).await;
+    let metrics = state.manager.metrics();
+    metrics.count_http(response.status().as_u16());
+    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        metrics.count_error(code);
+    }
     tracing::info!(
         %method,
         path,
@@ -98,6 +104,25 @@ async fn authenticate(
         .map_err(|e| ApiError::internal(format!("authentication task: {e}")))?
         .map_err(|e| ApiError::internal(format!("authentication: {e}")))?
         .ok_or_else(|| ApiError::unauthenticated("unknown or revoked API key"))?;
+    let limited = state
+        .rate_limiter
+        .check(&key.id, key.quotas.requests_per_minute, Instant::now());
+    if let Err(limit) = limited {
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "key {} is over its rate limit of {} requests per minute; retry in {} s",
+                key.id, limit.requests_per_minute, limit.retry_after_secs
+            ),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(limit.retry_after_secs),
+        );
+        return Ok(response);
+    }
     req.extensions_mut().insert(Caller {
         tenant: key.tenant,
         key_id: key.id,

@@ -44,6 +44,11 @@ impl ApiError {
     }
 }
 
+/// Marks a response as a JSON error with this code, so the request middleware can count it
+/// (`moat_errors_total`) without reading the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ErrorCode(pub(crate) &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = v1::ErrorBody {
@@ -52,7 +57,9 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code));
+        response
     }
 }
 

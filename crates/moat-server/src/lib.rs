@@ -3,13 +3,16 @@
 //!
 //! Every answer other than a success is a JSON [`v1::ErrorBody`], including the ones the HTTP
 //! layer itself produces (bad JSON, oversized bodies, unknown routes, wrong methods), so clients
-//! parse one error format. Only `/healthz` and `/readyz` are open; `/v1` needs an API key.
+//! parse one error format. Only `/healthz` and `/readyz` are open; `/v1` needs an API key and
+//! `/metrics` an admin key. Every authenticated request is rate-limited per key.
 
 mod api;
 mod error;
 mod files;
 mod keys;
+mod metrics;
 pub mod openapi;
+mod rate_limit;
 mod templates;
 
 use std::future::{Future, IntoFuture};
@@ -25,6 +28,7 @@ use tokio::sync::watch;
 pub use api::router;
 pub use error::ApiError;
 pub use files::{MAX_LIST_DEPTH, MAX_UPLOAD_BYTES, TAR_TIMEOUT};
+pub use rate_limit::{BURST_SECONDS, DEFAULT_REQUESTS_PER_MINUTE};
 
 /// Where `moat serve` listens unless told otherwise: loopback only, so a fresh install is not
 /// reachable from the network.
@@ -44,26 +48,52 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired sandboxes are reaped.
 pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Requests per minute of a key without a `requests_per_minute` quota of its own.
+    pub requests_per_minute: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            requests_per_minute: DEFAULT_REQUESTS_PER_MINUTE,
+        }
+    }
+}
+
 /// What the handlers share.
 #[derive(Debug)]
 pub(crate) struct AppState {
     pub(crate) manager: SandboxManager,
     /// Set once shutdown began: `/readyz` then answers 503 so balancers stop sending work.
     pub(crate) draining: AtomicBool,
+    /// The token buckets of the keys.
+    pub(crate) rate_limiter: rate_limit::RateLimiter,
 }
 
-/// Serves the API on `listener` until `shutdown` completes, reaping expired sandboxes every
-/// [`REAP_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops accepting connections, waits up to
-/// [`DRAIN_TIMEOUT`] for requests in flight, and destroys every sandbox the manager runs.
+impl AppState {
+    pub(crate) fn new(manager: SandboxManager, opts: ServerOptions) -> AppState {
+        AppState {
+            manager,
+            draining: AtomicBool::new(false),
+            rate_limiter: rate_limit::RateLimiter::new(opts.requests_per_minute),
+        }
+    }
+}
+
+/// Serves the API on `listener` with `opts` until `shutdown` completes, reaping expired
+/// sandboxes every [`REAP_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
+/// accepting connections, waits up to [`DRAIN_TIMEOUT`] for requests in flight, and destroys
+/// every sandbox the manager runs.
 pub async fn serve(
     listener: TcpListener,
     manager: SandboxManager,
+    opts: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = Arc::new(AppState {
-        manager: manager.clone(),
-        draining: AtomicBool::new(false),
-    });
+    let state = Arc::new(AppState::new(manager.clone(), opts));
     let app = api::router_with(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap_loop(manager.clone(), stop_rx.clone()));

@@ -140,6 +140,16 @@ fn operations() -> Vec<Op> {
             )
         },
         Op {
+            answer: Bytes("text/plain; version=0.0.4"),
+            ..op(
+                "get",
+                "/metrics",
+                "metrics",
+                "meta",
+                "Prometheus metrics (an admin key).",
+            )
+        },
+        Op {
             body: Json(of::<v1::CreateSandbox>),
             status: 201,
             answer: Json(of::<v1::Sandbox>),

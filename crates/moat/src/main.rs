@@ -18,7 +18,7 @@ struct Cli {
 enum Command {
     /// Run a command in a new sandbox, attached to this terminal, then destroy the sandbox.
     Run(Box<cli::run::RunArgs>),
-    /// Serve the HTTP API (`/v1`, `/healthz`, `/readyz`); listens on 127.0.0.1:7070 by default.
+    /// Serve the HTTP API (`/v1`, `/metrics`, `/healthz`, `/readyz`); listens on 127.0.0.1:7070 by default.
     Serve(cli::serve::ServeArgs),
     /// Show what this host supports and what moat will use.
     Check,

@@ -289,6 +289,16 @@ fn fifty_clients_claim_from_one_pool_and_none_twice() {
     });
     let distinct: HashSet<&String> = ids.iter().collect();
     assert_eq!(distinct.len(), CLIENTS, "a sandbox was handed out twice");
+    // Every one was a claim: none waited for a cold start.
+    let metrics = server.request("GET", "/metrics", Some(&admin), None);
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert_eq!(count("moat_claim_seconds_count "), CLIENTS as u64, "{text}");
+    assert_eq!(count("moat_create_seconds_count "), 0, "{text}");
     // Each is its own, running sandbox, owned by the claimer with its metadata.
     for id in &ids {
         let marker = exec(

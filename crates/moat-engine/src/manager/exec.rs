@@ -1,7 +1,7 @@
 //! Commands run in a sandbox: the request checked and turned into the agent's, the buffered
 //! result and the event stream (both over one [`Execution`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use moat_proto::process::{ProcessConfig, StartRequest};
@@ -30,6 +30,7 @@ impl SandboxManager {
         id: &str,
         req: v1::ExecRequest,
     ) -> ManagerResult<v1::ExecResult> {
+        let requested = Instant::now();
         let encoding = req.encoding;
         let mut execution = self.start_execution(tenant, id, req).await?;
         let mut out = Capped::default();
@@ -46,6 +47,8 @@ impl SandboxManager {
                 }
             }
         };
+        // Commands that ran, whatever their exit: the time a caller waited for the answer.
+        self.inner.metrics.observe_exec(requested.elapsed());
         Ok(v1::ExecResult {
             truncated: out.truncated || err.truncated,
             stdout: out.encode(encoding),

@@ -27,13 +27,14 @@ pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::v1;
 
 use crate::agent_client::AgentClient;
 use crate::backend::{Backend, Instance, RootfsSource, SandboxSpec};
+use crate::metrics::Metrics;
 use crate::resources::{Resources, bounds, parse_size};
 use crate::store::{
     Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, SandboxFilter, SandboxRecord, SandboxState,
@@ -166,6 +167,7 @@ struct Inner {
     opts: ManagerOptions,
     live: Mutex<HashMap<String, Arc<Live>>>,
     pools: pool::Pools,
+    metrics: Arc<Metrics>,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -249,6 +251,7 @@ impl SandboxManager {
                 opts,
                 live: Mutex::new(HashMap::new()),
                 pools: pool::Pools::new(opts.pool_memory_budget),
+                metrics: Arc::new(Metrics::new()),
             }),
         })
     }
@@ -256,6 +259,11 @@ impl SandboxManager {
     /// The store this manager keeps.
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
+    }
+
+    /// The latency histograms and counters of this manager and the server over it.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// A client of the agent of `tenant`'s running sandbox `id`: 404 when there is no such
@@ -281,7 +289,8 @@ impl SandboxManager {
         let inner = self.inner.clone();
         let tenant = tenant.to_owned();
         let key_id = key_id.map(str::to_owned);
-        tokio::spawn(async move { inner.create(tenant, key_id, req).await })
+        let began = Instant::now();
+        tokio::spawn(async move { inner.create(tenant, key_id, req, began).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("create task: {e}")))?
     }
@@ -438,6 +447,7 @@ impl Inner {
         tenant: String,
         key_id: Option<String>,
         req: v1::CreateSandbox,
+        began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
         // Everything the client can get wrong is checked before anything is recorded.
         check_template_name(&req.template).map_err(ManagerError::from)?;
@@ -493,7 +503,10 @@ impl Inner {
                     memory_bytes: resources.memory_bytes,
                     expires_at,
                 };
-                return self.claim(&key, member, new, limits).await;
+                let claimed = self.claim(&key, member, new, limits).await?;
+                // Successes only: a refused request would pull the latency towards zero.
+                self.metrics.observe_claim(began.elapsed());
+                return Ok(claimed);
             }
         }
         let id = generate_sandbox_id().map_err(ManagerError::from)?;
@@ -534,7 +547,10 @@ impl Inner {
             .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Running, None))
             .await
         {
-            Ok(rec) => Ok(to_v1(&rec)),
+            Ok(rec) => {
+                self.metrics.observe_create(began.elapsed());
+                Ok(to_v1(&rec))
+            }
             Err(e) => {
                 // Deleted while starting (or the store failed): nothing may stay running.
                 self.remove_and_destroy(&id).await;

@@ -55,7 +55,7 @@ struct CreateArgs {
     /// Most memory its sandboxes may have together, e.g. 4G.
     #[arg(long)]
     max_memory: Option<String>,
-    /// Most API requests per minute (recorded; not enforced yet).
+    /// Most API requests per minute [default: the server's --rate-limit].
     #[arg(long)]
     requests_per_minute: Option<u32>,
     /// Print only the secret.

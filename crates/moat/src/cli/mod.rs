@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod check;
 pub mod cp;
+pub mod data_dir_lock;
 pub mod keys;
 pub mod remote;
 pub mod run;

@@ -7,13 +7,17 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use moat_engine::backend::Backend;
 use moat_engine::manager::{ManagerOptions, SandboxManager};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
+use moat_server::ServerOptions;
+
+use super::data_dir_lock;
 
 /// Options of `moat serve`.
 #[derive(Debug, Args)]
@@ -31,6 +35,38 @@ pub struct ServeArgs {
     /// Log lines as text for people or JSON for collectors (on stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Requests per minute per API key, for keys without a quota of their own (bursts of
+    /// 5 seconds' worth pass).
+    #[arg(long, value_name = "N", default_value_t = moat_server::DEFAULT_REQUESTS_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit: u32,
+    /// Time to live, in seconds, of a sandbox whose request names none.
+    #[arg(long, value_name = "SECS", default_value_t = ManagerOptions::default().default_ttl.as_secs())]
+    default_ttl: u64,
+    /// Longest time to live, in seconds, a request may ask for.
+    #[arg(long, value_name = "SECS", default_value_t = ManagerOptions::default().max_ttl.as_secs())]
+    max_ttl: u64,
+}
+
+impl ServeArgs {
+    /// The manager's settings from the TTL flags, or why they do not fit together.
+    fn manager_options(&self) -> Result<ManagerOptions> {
+        if self.default_ttl == 0 || self.max_ttl == 0 {
+            bail!("--default-ttl and --max-ttl must be at least 1 second");
+        }
+        if self.default_ttl > self.max_ttl {
+            bail!(
+                "--default-ttl {} is longer than --max-ttl {}: the default must be within the maximum",
+                self.default_ttl,
+                self.max_ttl
+            );
+        }
+        Ok(ManagerOptions {
+            default_ttl: Duration::from_secs(self.default_ttl),
+            max_ttl: Duration::from_secs(self.max_ttl),
+            pool_memory_budget: self.pool_memory,
+        })
+    }
 }
 
 /// How logs are written.
@@ -75,11 +111,18 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(args: ServeArgs) -> Result<()> {
+    // Flags first: a bad combination is refused before anything is touched.
+    let manager_opts = args.manager_options()?;
+    let server_opts = ServerOptions {
+        requests_per_minute: args.rate_limit,
+    };
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&args.data_dir)
         .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
+    // Held until the process exits; before the store, so a second server changes nothing.
+    let _lock = data_dir_lock::lock(&args.data_dir)?;
     let db = args.data_dir.join("moat.db");
     let store =
         Arc::new(Store::open(&db).with_context(|| format!("opening the store {}", db.display()))?);
@@ -116,11 +159,8 @@ fn run(args: ServeArgs) -> Result<()> {
             }
         }
     });
-    let opts = ManagerOptions {
-        pool_memory_budget: args.pool_memory,
-        ..ManagerOptions::default()
-    };
-    let manager = SandboxManager::new(store, Arc::new(backend), opts).context("sandbox manager")?;
+    let manager =
+        SandboxManager::new(store, Arc::new(backend), manager_opts).context("sandbox manager")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -131,7 +171,7 @@ fn run(args: ServeArgs) -> Result<()> {
             "moat serve listening"
         );
         let shutdown = shutdown_signal()?;
-        moat_server::serve(listener, manager, shutdown)
+        moat_server::serve(listener, manager, server_opts, shutdown)
             .await
             .context("serving")
     })

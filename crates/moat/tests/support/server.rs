@@ -27,8 +27,23 @@ impl Server {
         Server::start_in(dir, data)
     }
 
+    /// Starts a server on a fresh data dir with extra `moat serve` options.
+    pub fn start_with(extra: &[&str]) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("moat-serve-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        Server::start_in_with(dir, data, extra)
+    }
+
     /// Starts a server on the data dir `data` (inside `dir`, which it keeps alive).
     pub fn start_in(dir: tempfile::TempDir, data: PathBuf) -> Server {
+        Server::start_in_with(dir, data, &[])
+    }
+
+    /// Starts a server on the data dir `data` (inside `dir`) with extra `moat serve` options.
+    pub fn start_in_with(dir: tempfile::TempDir, data: PathBuf, extra: &[&str]) -> Server {
         // A port the kernel just handed out is very likely still free a moment later.
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -43,6 +58,7 @@ impl Server {
             ])
             .arg(&data)
             .args(["--log-format", "json"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,48 @@
+//! `GET /metrics`: the server's series in the Prometheus text format, for admin keys only.
+//!
+//! Not open like the health endpoints: the series reveal activity across every tenant (how many
+//! sandboxes, which templates have pools, error rates), so only an admin key may read them.
+//! Prometheus sends the key as a bearer token (`authorization` in its scrape config).
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
+use moat_engine::metrics::CONTENT_TYPE;
+use moat_engine::store::Role;
+
+use crate::ApiError;
+use crate::api::{ApiResult, Caller, Shared};
+
+/// The metrics route (authentication is added by the caller).
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+async fn metrics(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    if caller.role != Role::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "/metrics needs an admin key",
+        ));
+    }
+    let store = state.manager.store().clone();
+    let states = tokio::task::spawn_blocking(move || store.count_by_state())
+        .await
+        .map_err(|e| ApiError::internal(format!("store task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("counting sandboxes: {e}")))?;
+    let text = state
+        .manager
+        .metrics()
+        .render(&states, &state.manager.pools());
+    let mut response = text.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    Ok(response)
+}
