@@ -13,3 +13,17 @@ pub mod serve;
 pub mod table;
 pub mod template;
 pub mod terminal;
+
+/// A single-threaded runtime for one command, or, when it cannot be made, the message printed
+/// and `failure` as the exit status.
+pub fn runtime(
+    failure: std::process::ExitCode,
+) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("moat: starting the runtime: {e}");
+            failure
+        })
+}

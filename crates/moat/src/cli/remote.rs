@@ -67,15 +67,9 @@ fn pick(flag: Option<&str>, env: &str) -> Option<String> {
 /// Runs `work` on a fresh single-threaded runtime; an error is printed as `moat: …` and
 /// becomes exit status 1.
 pub fn block_on(work: impl Future<Output = Result<ExitCode>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime(ExitCode::FAILURE) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("moat: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(work) {
         Ok(code) => code,

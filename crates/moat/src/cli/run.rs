@@ -187,15 +187,9 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_MOAT_FAILED);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime(ExitCode::from(EXIT_MOAT_FAILED)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("moat: starting the runtime: {e}");
-            return ExitCode::from(EXIT_MOAT_FAILED);
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(plan)) {
         Ok(code) => ExitCode::from(code),

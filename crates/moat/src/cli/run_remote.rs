@@ -113,15 +113,9 @@ fn plan(a: &RunArgs) -> Result<Plan> {
 
 /// Runs `moat run` through the server; the exit status is the command's (see `moat run`).
 pub fn main(args: RunArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime(ExitCode::from(EXIT_MOAT_FAILED)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("moat: starting the runtime: {e}");
-            return ExitCode::from(EXIT_MOAT_FAILED);
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(&args)) {
         Ok(code) => ExitCode::from(code),
