@@ -51,21 +51,30 @@ pub(super) async fn start_and_wait(
             .unwrap_or(v1::DEFAULT_READY_TIMEOUT_SECS),
     );
     let deadline = Instant::now() + limit;
+    // What the last run that finished said: a run cut off by the deadline says nothing useful.
+    let mut last: Option<(i32, Vec<u8>)> = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let (code, output) = run_once(client, script, left).await?;
-        if code == Some(0) {
-            return Ok(());
+        match code {
+            Some(0) => return Ok(()),
+            Some(c) => last = Some((c, output)),
+            None => {}
         }
         if Instant::now() + READY_RETRY >= deadline {
+            let said = match &last {
+                Some((c, out)) => format!(
+                    "last exit {c}, output {:?}",
+                    String::from_utf8_lossy(out)
+                        .chars()
+                        .take(512)
+                        .collect::<String>()
+                ),
+                None => "no run finished".to_owned(),
+            };
             return Err(ManagerError::Unavailable(format!(
-                "the template's ready script did not pass within {}s (last exit {}, output {:?})",
-                limit.as_secs(),
-                code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
-                String::from_utf8_lossy(&output)
-                    .chars()
-                    .take(512)
-                    .collect::<String>()
+                "the template's ready script did not pass within {}s ({said})",
+                limit.as_secs()
             )));
         }
         tokio::time::sleep(READY_RETRY).await;
