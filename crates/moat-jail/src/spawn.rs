@@ -197,6 +197,8 @@ impl SandboxProcess {
 
         // From here on, a failure must not leave the child behind.
         let setup = (|| -> Result<()> {
+            // Into its cgroups first: the child never runs as a sandbox uid outside them.
+            cfg.cgroup.attach(pid)?;
             let base = cfg.ids.host_base();
             write_file(
                 &format!("/proc/{pid}/uid_map"),
@@ -209,7 +211,6 @@ impl SandboxProcess {
             if child.plan.wants_lower() {
                 send_lower(pid, cfg.rootfs, &host_end)?;
             }
-            cfg.cgroup.attach(pid)?;
             // The agent should never be the OOM killer's choice; user processes raise their own
             // score. Lowering it needs CAP_SYS_RESOURCE, which a container host may not grant.
             let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");

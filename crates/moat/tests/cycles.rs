@@ -125,8 +125,9 @@ async fn thousand_cycles_leave_nothing() {
     }
     let after = counts(&bases);
     assert_eq!(before, after, "host state changed over {CYCLES} cycles");
+    let sandbox_procs_after = sandbox_uid_processes();
     assert!(
-        sandbox_uid_processes() <= sandbox_procs_before,
-        "sandbox processes left behind"
+        sandbox_procs_after <= sandbox_procs_before,
+        "sandbox processes left behind: {sandbox_procs_before} before, {sandbox_procs_after} after"
     );
 }
