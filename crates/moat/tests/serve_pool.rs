@@ -555,3 +555,51 @@ fn a_sandbox_whose_agent_dies_is_failed_and_released() {
     );
     assert!(cgroup_dirs(&id).is_empty(), "its cgroups are left");
 }
+
+#[test]
+fn a_pool_member_whose_agent_hangs_is_replaced() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let admin = server.admin_key();
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(&admin),
+        Some(&body(
+            json!({"name": "one", "spec": {"rootfs": "host", "pool_size": 1}}),
+        )),
+    );
+    assert_eq!(r.status, 201);
+    wait_ready(&server, &admin, "one", 1);
+    let members = sandboxes_under(server.child.id());
+    assert_eq!(members.len(), 1, "{members:?}");
+    let hung = members.into_iter().next().expect("member");
+    // Freeze it: its agent's connection stays open, but nothing answers.
+    let frozen = cgroup_dirs(&hung).into_iter().any(|dir| {
+        let v1 = dir.join("freezer.state");
+        let v2 = dir.join("cgroup.freeze");
+        (v1.exists() && std::fs::write(&v1, "FROZEN").is_ok())
+            || (v2.exists() && std::fs::write(&v2, "1").is_ok())
+    });
+    assert!(frozen, "could not freeze {hung}");
+    // A generous deadline for a loaded machine (probes run every few seconds); not a speed check.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = sandboxes_under(server.child.id());
+        if !now.contains(&hung) && now.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hung member was not replaced: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        cgroup_dirs(&hung).is_empty(),
+        "the hung member's cgroups are left"
+    );
+    wait_ready(&server, &admin, "one", 1);
+}

@@ -37,6 +37,9 @@ pub const MAX_CONCURRENT_STARTS: u32 = 4;
 pub const FIRST_MEMBER_ESTIMATE: u64 = 8 << 20;
 /// Longest wait before retrying a template whose members keep failing to start.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often every ready member's agent is asked for its health: a member whose agent hangs
+/// (its connection open, nothing answering) is replaced rather than handed out.
+pub const MEMBER_PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// Which template a pool serves: the owner (`None` for a built-in) and the name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,6 +95,10 @@ pub(crate) struct Pools {
     /// Templates changed since the pools last followed them.
     stale: AtomicBool,
     budget: u64,
+    /// When the members' health was last probed.
+    probed: std::sync::Mutex<Instant>,
+    /// A probe is under way (probes never overlap).
+    probing: Arc<AtomicBool>,
 }
 
 impl Pools {
@@ -101,6 +108,8 @@ impl Pools {
             wake: Notify::new(),
             stale: AtomicBool::new(true),
             budget,
+            probed: std::sync::Mutex::new(Instant::now()),
+            probing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -231,8 +240,54 @@ impl Inner {
             tracing::warn!("warm pools could not read the templates: {e}");
         }
         self.replace_dead_members().await;
+        self.probe_members();
         self.fail_dead_sandboxes();
         self.refill();
+    }
+
+    /// Every [`MEMBER_PROBE_EVERY`], asks each ready member's agent for its health (in the
+    /// background, all at once); a member that fails is taken out of its pool and destroyed.
+    fn probe_members(self: &Arc<Self>) {
+        {
+            let mut probed = lock(&self.pools.probed);
+            if probed.elapsed() < MEMBER_PROBE_EVERY
+                || self.pools.probing.swap(true, Ordering::SeqCst)
+            {
+                return;
+            }
+            *probed = Instant::now();
+        }
+        let members: Vec<(PoolKey, String, AgentClient)> = lock(&self.pools.pools)
+            .iter()
+            .flat_map(|(key, pool)| {
+                pool.ready
+                    .iter()
+                    .map(move |m| (key.clone(), m.id.clone(), m.client.clone()))
+            })
+            .collect();
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let checks = members.into_iter().map(|(key, id, client)| async move {
+                let healthy = client.health().await.is_ok();
+                (key, id, healthy)
+            });
+            let results = futures_util::future::join_all(checks).await;
+            for (key, id, healthy) in results {
+                if healthy {
+                    continue;
+                }
+                let member = lock(&inner.pools.pools).get_mut(&key).and_then(|pool| {
+                    let at = pool.ready.iter().position(|m| m.id == id)?;
+                    pool.ready.remove(at)
+                });
+                if let Some(member) = member {
+                    tracing::warn!(member = %id, "a warm pool member's agent does not answer; replacing it");
+                    inner.discard(member).await;
+                }
+            }
+            inner.pools.probing.store(false, Ordering::SeqCst);
+            inner.pools.wake.notify_one();
+        });
     }
 
     /// Makes the set of pools match the templates with a `pool_size`; a pool whose template
