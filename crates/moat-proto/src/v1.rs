@@ -149,6 +149,25 @@ pub struct TemplateSpec {
     pub pool_size: u32,
 }
 
+impl TemplateSpec {
+    /// A spec with this root filesystem and every other field at its default.
+    pub fn new(rootfs: Rootfs) -> TemplateSpec {
+        TemplateSpec {
+            rootfs,
+            resources: None,
+            max_resources: None,
+            env: BTreeMap::new(),
+            user: None,
+            workdir: None,
+            start: None,
+            ready: None,
+            ready_timeout_secs: None,
+            timeout_secs: None,
+            pool_size: 0,
+        }
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

@@ -15,6 +15,7 @@ pub mod openapi;
 mod rate_limit;
 mod templates;
 
+use moat_engine::store::now_ms;
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -158,10 +159,4 @@ async fn reap_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {
             Err(e) => tracing::warn!("reaping expired sandboxes: {e}"),
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

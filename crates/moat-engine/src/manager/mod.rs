@@ -24,6 +24,7 @@ pub use exec_stream::ExecStream;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
 
+use crate::store::now_ms;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -190,33 +191,18 @@ impl std::fmt::Debug for SandboxManager {
 pub fn host_template_spec() -> v1::TemplateSpec {
     let d = Resources::default();
     v1::TemplateSpec {
-        rootfs: v1::Rootfs::Host,
         resources: Some(v1::ResourceRequest {
             memory: Some(d.memory_bytes.to_string()),
             cpus: Some(d.cpu_millis as f64 / 1000.0),
             pids: Some(d.pids),
             disk: Some(d.disk_bytes.to_string()),
         }),
-        max_resources: None,
-        env: BTreeMap::new(),
-        user: None,
-        workdir: None,
-        start: None,
-        ready: None,
-        ready_timeout_secs: None,
-        timeout_secs: None,
-        pool_size: 0,
+        ..v1::TemplateSpec::new(v1::Rootfs::Host)
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn ms(d: Duration) -> i64 {

@@ -200,7 +200,8 @@ pub async fn stream_exec(
     }
 }
 
-async fn write_out(
+/// Writes `data` to `out` and flushes it, so output reaches the reader as it is made.
+pub(crate) async fn write_out(
     out: &mut (impl tokio::io::AsyncWrite + Unpin),
     data: &[u8],
 ) -> std::io::Result<()> {

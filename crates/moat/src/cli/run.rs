@@ -17,7 +17,9 @@ use moat_proto::agent_config::AgentConfig;
 use moat_proto::connect::Code;
 use moat_proto::process::process_selector::Selector;
 use moat_proto::process::{ProcessConfig, ProcessEvent, Pty, StartRequest, process_event, pty};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+
+use super::remote::write_out;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::terminal::{self, RawMode};
@@ -121,25 +123,8 @@ fn plan(a: RunArgs) -> Result<Plan> {
         }
         env.push((k.to_string(), v.to_string()));
     }
-    if let Some(w) = &a.workdir
-        && (!w.starts_with('/') || w.contains('\0'))
-    {
-        bail!("--workdir {w:?}: must be an absolute path inside the sandbox");
-    }
-    let mut copies = Vec::new();
-    for c in &a.copy {
-        let (local, remote) = c
-            .split_once(':')
-            .ok_or_else(|| anyhow!("--copy {c:?}: expected LOCAL:REMOTE"))?;
-        let local = PathBuf::from(local);
-        if !local.is_file() {
-            bail!("--copy {c:?}: {} is not a readable file", local.display());
-        }
-        if remote.is_empty() || remote.contains('\0') {
-            bail!("--copy {c:?}: the remote path is empty");
-        }
-        copies.push((local, remote.to_string()));
-    }
+    check_workdir(a.workdir.as_deref())?;
+    let copies = parse_copies(&a.copy)?;
     let (cmd, args) = if a.shell {
         ("/bin/bash".to_string(), vec!["-l".to_string()])
     } else {
@@ -431,14 +416,6 @@ async fn attach(
     })
 }
 
-async fn write_out(
-    out: &mut (impl tokio::io::AsyncWrite + Unpin),
-    data: &[u8],
-) -> std::io::Result<()> {
-    out.write_all(data).await?;
-    out.flush().await
-}
-
 enum Outcome {
     Ended(process_event::EndEvent),
     OutputClosed,
@@ -495,6 +472,36 @@ pub(crate) fn signal_number(status: &str) -> Option<i32> {
         "bad system call" => libc::SIGSYS,
         other => other.strip_prefix("signal ").and_then(|n| n.parse().ok())?,
     })
+}
+
+/// `--copy LOCAL:REMOTE` values: each local path a readable file, each remote path non-empty.
+pub(crate) fn parse_copies(values: &[String]) -> Result<Vec<(PathBuf, String)>> {
+    values
+        .iter()
+        .map(|c| {
+            let (local, remote) = c
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--copy {c:?}: expected LOCAL:REMOTE"))?;
+            let local = PathBuf::from(local);
+            if !local.is_file() {
+                bail!("--copy {c:?}: {} is not a readable file", local.display());
+            }
+            if remote.is_empty() || remote.contains('\0') {
+                bail!("--copy {c:?}: the remote path is empty");
+            }
+            Ok((local, remote.to_string()))
+        })
+        .collect()
+}
+
+/// `--workdir`: an absolute path inside the sandbox.
+pub(crate) fn check_workdir(workdir: Option<&str>) -> Result<()> {
+    if let Some(w) = workdir
+        && (!w.starts_with('/') || w.contains('\0'))
+    {
+        bail!("--workdir {w:?}: must be an absolute path inside the sandbox");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use base64::Engine;
 use moat_client::Client;
 use moat_client::types::{CreateSandbox, ExecRequest, OutputEncoding, ResourceRequest, Sandbox};
@@ -66,22 +66,8 @@ fn plan(a: &RunArgs) -> Result<Plan> {
         );
     }
     let env: BTreeMap<String, String> = key_values("--env", &a.env)?.into_iter().collect();
-    if let Some(w) = &a.workdir
-        && !w.starts_with('/')
-    {
-        bail!("--workdir {w:?}: must be an absolute path inside the sandbox");
-    }
-    let mut copies = Vec::new();
-    for c in &a.copy {
-        let (local, remote) = c
-            .split_once(':')
-            .ok_or_else(|| anyhow!("--copy {c:?}: expected LOCAL:REMOTE"))?;
-        let local = std::path::PathBuf::from(local);
-        if !local.is_file() {
-            bail!("--copy {c:?}: {} is not a readable file", local.display());
-        }
-        copies.push((local, remote.to_owned()));
-    }
+    super::run::check_workdir(a.workdir.as_deref())?;
+    let copies = super::run::parse_copies(&a.copy)?;
     let cmd = a.command.clone();
     if cmd.is_empty() {
         bail!("no command given: moat run [OPTIONS] -- CMD [ARGS...]");

@@ -1,5 +1,6 @@
 //! `moat serve`: the HTTP API over the native backend, with its state in the data dir.
 
+use moat_engine::store::now_ms;
 use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -224,12 +225,6 @@ fn first_admin_key(store: &Store, data_dir: &Path) -> Result<()> {
     );
     println!("{}", secret.expose());
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn parse_pool_memory(text: &str) -> Result<u64, String> {

@@ -132,19 +132,7 @@ fn spec(a: &CreateArgs) -> Result<TemplateSpec> {
             let text = read_spec(path)?;
             serde_json::from_str(&text).with_context(|| format!("{path}: not a template spec"))?
         }
-        None => TemplateSpec {
-            rootfs: Rootfs::Host,
-            resources: None,
-            max_resources: None,
-            env: Default::default(),
-            user: None,
-            workdir: None,
-            start: None,
-            ready: None,
-            ready_timeout_secs: None,
-            timeout_secs: None,
-            pool_size: 0,
-        },
+        None => TemplateSpec::new(Rootfs::Host),
     };
     if let Some(r) = &a.rootfs {
         spec.rootfs = match r.as_str() {
