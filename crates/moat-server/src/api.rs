@@ -35,10 +35,14 @@ pub(crate) struct Caller {
 }
 
 /// The whole HTTP surface over `manager`: health endpoints, `/v1` and `/metrics`, with the
-/// default [`ServerOptions`]. [`crate::serve`] adds the reaper and graceful shutdown; this
+/// default [`ServerOptions`] (sandbox addresses on the domain of [`crate::DEFAULT_LISTEN`]'s port). [`crate::serve`] adds the reaper and graceful shutdown; this
 /// alone suits serving in-process.
 pub fn router(manager: SandboxManager) -> Router {
-    router_with(Arc::new(AppState::new(manager, ServerOptions::default())))
+    router_with(Arc::new(AppState::new(
+        manager,
+        &ServerOptions::default(),
+        crate::DEFAULT_PORT,
+    )))
 }
 
 pub(crate) fn router_with(state: Shared) -> Router {

@@ -35,6 +35,9 @@ pub use rate_limit::{BURST_SECONDS, DEFAULT_REQUESTS_PER_MINUTE};
 /// reachable from the network.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 
+/// The port of [`DEFAULT_LISTEN`].
+pub const DEFAULT_PORT: u16 = 7070;
+
 /// Largest request body accepted; bigger ones get 413. Every `/v1` body but a file upload is a
 /// small JSON document (an exec's stdin is the largest part); uploads stream under
 /// [`MAX_UPLOAD_BYTES`] instead.
@@ -50,18 +53,27 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of the HTTP layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOptions {
     /// Requests per minute of a key without a `requests_per_minute` quota of its own.
     pub requests_per_minute: u32,
+    /// The domain sandbox addresses are built on (`<port>-<sandbox>.<domain>`, the E2B SDKs'
+    /// `domain`); `None` means `localhost:<listening port>`.
+    pub domain: Option<String>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             requests_per_minute: DEFAULT_REQUESTS_PER_MINUTE,
+            domain: None,
         }
     }
+}
+
+/// The domain of a server listening on `port` that was given none.
+pub fn default_domain(port: u16) -> String {
+    format!("localhost:{port}")
 }
 
 /// What the handlers share.
@@ -72,14 +84,18 @@ pub(crate) struct AppState {
     pub(crate) draining: AtomicBool,
     /// The token buckets of the keys.
     pub(crate) rate_limiter: rate_limit::RateLimiter,
+    /// The domain sandbox addresses are built on (see [`ServerOptions::domain`]).
+    #[allow(dead_code)]
+    pub(crate) domain: String,
 }
 
 impl AppState {
-    pub(crate) fn new(manager: SandboxManager, opts: ServerOptions) -> AppState {
+    pub(crate) fn new(manager: SandboxManager, opts: &ServerOptions, port: u16) -> AppState {
         AppState {
             manager,
             draining: AtomicBool::new(false),
             rate_limiter: rate_limit::RateLimiter::new(opts.requests_per_minute),
+            domain: opts.domain.clone().unwrap_or_else(|| default_domain(port)),
         }
     }
 }
@@ -94,7 +110,8 @@ pub async fn serve(
     opts: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = Arc::new(AppState::new(manager.clone(), opts));
+    let port = listener.local_addr()?.port();
+    let state = Arc::new(AppState::new(manager.clone(), &opts, port));
     let app = api::router_with(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap_loop(manager.clone(), stop_rx.clone()));

@@ -9,6 +9,7 @@
 //!
 //! The store is blocking; its calls run on tokio's blocking pool.
 
+mod access;
 mod exec;
 mod exec_encoding;
 mod exec_stream;
@@ -19,6 +20,7 @@ mod readiness;
 mod run;
 mod templates;
 
+pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
@@ -169,6 +171,8 @@ struct Inner {
     live: Mutex<HashMap<String, Arc<Live>>>,
     pools: pool::Pools,
     metrics: Arc<Metrics>,
+    /// The key sandbox access tokens are derived from (see [`access`]).
+    access_key: [u8; crate::store::SECRET_BYTES],
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -230,6 +234,7 @@ impl SandboxManager {
             Ok(_) | Err(StoreError::Conflict { .. }) => {}
             Err(e) => return Err(e.into()),
         }
+        let access_key = store.secret(access::ACCESS_TOKEN_SECRET)?;
         Ok(SandboxManager {
             inner: Arc::new(Inner {
                 store,
@@ -238,6 +243,7 @@ impl SandboxManager {
                 live: Mutex::new(HashMap::new()),
                 pools: pool::Pools::new(opts.pool_memory_budget),
                 metrics: Arc::new(Metrics::new()),
+                access_key,
             }),
         })
     }

@@ -30,6 +30,7 @@ mod keys;
 mod pool;
 mod sandboxes;
 mod schema;
+mod secrets;
 mod templates;
 mod tenants;
 
@@ -48,6 +49,7 @@ pub use sandboxes::{
     SandboxState, Usage,
 };
 pub use schema::SCHEMA_VERSION;
+pub use secrets::SECRET_BYTES;
 pub use templates::TemplateRecord;
 pub use tenants::TenantRecord;
 

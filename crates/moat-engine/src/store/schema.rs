@@ -108,7 +108,24 @@ CREATE TABLE pool_members (
 ) STRICT;
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2];
+/// Version 3: server secrets (the key sandbox access tokens are derived from) and the
+/// idempotency keys of sandbox creates (the E2B API's `Idempotency-Key`).
+const V3: &str = r#"
+CREATE TABLE secrets (
+    name       TEXT PRIMARY KEY NOT NULL,
+    value      BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE idempotency_keys (
+    tenant_id  TEXT NOT NULL REFERENCES tenants (id),
+    key        TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, key)
+) STRICT;
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

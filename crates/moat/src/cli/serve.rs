@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Longest time to live, in seconds, a request may ask for.
     #[arg(long, value_name = "SECS", default_value_t = ManagerOptions::default().max_ttl.as_secs())]
     max_ttl: u64,
+    /// Domain of sandbox addresses (`<port>-<sandbox>.<domain>`, what E2B clients are told);
+    /// default `localhost:<port of --listen>`.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    domain: Option<String>,
 }
 
 impl ServeArgs {
@@ -116,6 +120,7 @@ fn run(args: ServeArgs) -> Result<()> {
     let manager_opts = args.manager_options()?;
     let server_opts = ServerOptions {
         requests_per_minute: args.rate_limit,
+        domain: args.domain.clone(),
     };
     DirBuilder::new()
         .recursive(true)

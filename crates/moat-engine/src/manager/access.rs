@@ -1,0 +1,80 @@
+//! Per-sandbox access tokens and finding a sandbox by id alone, for traffic that names a sandbox
+//! but carries no API key (the E2B SDKs' sandbox traffic).
+//!
+//! A token is derived from the server's `access-tokens` secret and the sandbox id (HMAC-SHA256),
+//! so nothing per sandbox is stored: it is the same across restarts, never reused by another
+//! sandbox, and cannot be guessed from the id without the secret.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::{Live, ManagerError, ManagerResult, SandboxManager, lock};
+use crate::agent_client::AgentClient;
+
+/// Name of the store secret the tokens are derived from.
+pub(super) const ACCESS_TOKEN_SECRET: &str = "access-tokens";
+
+/// The access token of sandbox `id` under `key`: 43 URL-safe base64 characters.
+pub(super) fn derive(key: &[u8], id: &str) -> String {
+    // HMAC takes keys of any length; this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
+    mac.update(b"moat sandbox access token\0");
+    mac.update(id.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}
+
+/// A running sandbox found by id: who owns it and a client of its agent.
+#[derive(Debug, Clone)]
+pub struct SandboxRoute {
+    /// The owning tenant.
+    pub tenant: String,
+    /// A client of its agent.
+    pub client: AgentClient,
+}
+
+impl SandboxManager {
+    /// The access token of sandbox `id` (whether or not it exists): what sandbox traffic must
+    /// present to reach it without an API key.
+    pub fn access_token(&self, id: &str) -> String {
+        derive(&self.inner.access_key, id)
+    }
+
+    /// The running sandbox `id`, whatever its tenant. [`ManagerError::NotFound`] when this
+    /// server runs no sandbox of that id (never made, ended, or paused). Callers must check
+    /// [`SandboxManager::access_token`] (or the tenant) before they act for the caller.
+    pub fn route(&self, id: &str) -> ManagerResult<SandboxRoute> {
+        let live: Option<Arc<Live>> = lock(&self.inner.live).get(id).cloned();
+        match live {
+            Some(live) => Ok(SandboxRoute {
+                tenant: live.tenant.clone(),
+                client: live.client.clone(),
+            }),
+            None => Err(ManagerError::NotFound(format!(
+                "sandbox {id} is not running"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_differ_per_sandbox_and_key() {
+        let a = derive(b"k1", "abc");
+        assert_eq!(a, derive(b"k1", "abc"));
+        assert_ne!(a, derive(b"k1", "abd"));
+        assert_ne!(a, derive(b"k2", "abc"));
+        assert_eq!(a.len(), 43);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+    }
+}
