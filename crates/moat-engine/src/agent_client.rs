@@ -36,7 +36,8 @@ pub use files::FileDownload;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of a request to the agent: a whole message, or a stream (file uploads).
-type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The body type of requests to the agent (any streaming body).
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest response message accepted from the agent (its data chunks are at most 32 KiB).
 pub const MAX_RESPONSE_MESSAGE: usize = 4 << 20;
@@ -345,6 +346,26 @@ impl AgentClient {
                 .boxed_unsync(),
         )
         .map_err(|e| AgentError::Protocol(format!("building the request: {e}")))
+    }
+
+    /// Sends `req` to the agent as it is, bodies streaming both ways (for proxies: the E2B
+    /// sandbox traffic). Only the path and query of its URI are kept; the caller is
+    /// responsible for what the request may do (the agent sees it as the host's).
+    pub async fn forward(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, AgentError> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = format!("http://agent{path}")
+            .parse()
+            .map_err(|e| AgentError::Protocol(format!("request path {path:?}: {e}")))?;
+        // HTTP/2 carries the authority in the URI; a Host header would be a second one.
+        req.headers_mut().remove(header::HOST);
+        self.send(req).await
     }
 
     async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, AgentError> {
