@@ -4,9 +4,11 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use moat_proto::agent_config::{AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AgentConfig};
+use moat_proto::agent_config::{
+    AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AGENT_LISTENER_FD, AgentConfig,
+};
 
-use crate::server::{ServeOptions, serve};
+use crate::server::{ServeOptions, serve, serve_with_listener};
 use crate::state::AgentState;
 
 /// Most threads of the blocking pool (filesystem work); they exit when idle.
@@ -52,6 +54,16 @@ fn run() -> Result<(), String> {
         ));
     }
 
+    if config.listener {
+        // SAFETY: fcntl with integer arguments; fails cleanly if fd 4 is not open.
+        if unsafe { libc::fcntl(AGENT_LISTENER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(format!(
+                "listener fd {AGENT_LISTENER_FD}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+
     install_seccomp()?;
 
     let pid1 = std::process::id() == 1;
@@ -76,6 +88,21 @@ fn run() -> Result<(), String> {
         } else {
             ServeOptions::default()
         };
+        if config.listener {
+            // SAFETY: fd 4 is the listener the backend handed over (made close-on-exec above);
+            // the agent owns it from here on.
+            let fd = unsafe { OwnedFd::from_raw_fd(AGENT_LISTENER_FD) };
+            let std_listener = std::os::unix::net::UnixListener::from(fd);
+            std_listener
+                .set_nonblocking(true)
+                .map_err(|e| format!("listener: {e}"))?;
+            let listener = tokio::net::UnixListener::from_std(std_listener)
+                .map_err(|e| format!("listener: {e}"))?;
+            let state = Arc::new(AgentState::new(config));
+            return serve_with_listener(stream, listener, state, opts)
+                .await
+                .map_err(|e| format!("serving: {e}"));
+        }
         // The connection ends when the host closes the channel, gracefully or by going away
         // (it destroys the sandbox either way); neither is the agent's failure.
         let _ = serve(stream, Arc::new(AgentState::new(config)), opts).await;

@@ -56,6 +56,9 @@ impl ServeOptions {
     }
 }
 
+/// How long the accept loop waits after a failed `accept` (out of fds, say) before it retries.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Serves the agent's API on `io` until the peer closes it.
 pub async fn serve<IO>(io: IO, state: Arc<AgentState>, opts: ServeOptions) -> std::io::Result<()>
 where
@@ -63,6 +66,45 @@ where
 {
     let reaper = Reaper::start(opts.reap)?;
     let router = Arc::new(Router::new(state, reaper, opts.landlock_root));
+    serve_connection(io, router).await
+}
+
+/// Serves `first`, then every connection `listener` accepts, all on one router (one set of
+/// processes and watchers), until the process is killed: the host may go away and come back.
+pub async fn serve_with_listener<IO>(
+    first: IO,
+    listener: tokio::net::UnixListener,
+    state: Arc<AgentState>,
+    opts: ServeOptions,
+) -> std::io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let reaper = Reaper::start(opts.reap)?;
+    let router = Arc::new(Router::new(state, reaper, opts.landlock_root));
+    {
+        let router = router.clone();
+        tokio::spawn(async move {
+            let _ = serve_connection(first, router).await;
+        });
+    }
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let _ = serve_connection(stream, router).await;
+                });
+            }
+            Err(_) => tokio::time::sleep(ACCEPT_RETRY).await,
+        }
+    }
+}
+
+async fn serve_connection<IO>(io: IO, router: Arc<Router>) -> std::io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let router = router.clone();
         async move { Ok::<_, Infallible>(router.handle(req).await) }

@@ -63,6 +63,17 @@ pub trait Backend: Send + Sync {
     /// Kills and removes whatever sandbox `id` left on the host when the process that owned it
     /// died (a server killed without a chance to clean up). Returns whether anything was left.
     async fn reap_orphan(&self, id: &str) -> Result<bool>;
+    /// Takes over sandbox `id`, left running by an earlier process that kept it (see
+    /// [`Instance::keep`]), with a fresh channel to its agent. `None` when there is no such
+    /// sandbox alive to take over (the caller reaps what is left of it).
+    async fn adopt(&self, id: &str) -> Result<Option<Box<dyn Instance>>> {
+        let _ = id;
+        Ok(None)
+    }
+    /// Ids of the sandboxes earlier processes kept on this host (adoptable or not).
+    fn kept(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One sandbox as its backend sees it.
@@ -82,6 +93,15 @@ pub trait Instance: Send + Sync {
     async fn resume(&self) -> Result<()>;
     /// Resolves when the sandbox's first process (the agent) has exited.
     async fn exited(&self);
+    /// Lets the sandbox run on after this process exits, for a later one to
+    /// [`Backend::adopt`]; afterwards this handle owns nothing. Fails for sandboxes the backend
+    /// did not make keepable.
+    fn keep(&mut self) -> Result<()> {
+        Err(crate::error::EngineError::Unsupported(format!(
+            "sandbox {} cannot outlive this process",
+            self.id()
+        )))
+    }
     /// Kills everything and releases every host resource. Idempotent.
     async fn destroy(&mut self) -> Result<()>;
 }

@@ -1,13 +1,14 @@
 //! The native backend: Linux namespaces, an overlay or host-bind root, seccomp, landlock and
 //! cgroups, all made by `moat-jail`.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use moat_jail::cgroup::{Layout, Limits, SandboxCgroup};
 use moat_jail::guardian::Guardian;
 use moat_jail::idmap::IdRange;
+use moat_jail::kept::{self, KeptMarker};
 use moat_jail::memfd::SealedBinary;
 use moat_jail::rootfs::{FsLimits, Rootfs};
 use moat_jail::runtime::RuntimeDir;
@@ -36,6 +37,10 @@ pub struct NativeOptions {
     /// Remount the cgroup v2 hierarchy with `favordynmods` where it lacks it, which makes moving
     /// a sandbox into its cgroups 10–20 times faster (see `Layout::favor_dynamic_changes`).
     pub tune_cgroups: bool,
+    /// Make sandboxes that can outlive this process: each agent gets a listener in the runtime
+    /// directory's `agents/` and its uid-range slot a marker (`moat_jail::kept`), so that
+    /// [`Instance::keep`] can leave it running and a later process can [`Backend::adopt`] it.
+    pub keepable: bool,
 }
 
 impl Default for NativeOptions {
@@ -45,6 +50,7 @@ impl Default for NativeOptions {
             guardian: false,
             agent_binary: None,
             tune_cgroups: true,
+            keepable: false,
         }
     }
 }
@@ -56,6 +62,7 @@ pub struct NativeBackend {
     layout: Layout,
     agent: SealedBinary,
     guardian: bool,
+    keepable: bool,
 }
 
 impl NativeBackend {
@@ -90,6 +97,7 @@ impl NativeBackend {
             layout,
             agent,
             guardian: opts.guardian,
+            keepable: opts.keepable,
         })
     }
 
@@ -130,7 +138,20 @@ impl NativeBackend {
             RootfsSource::Host => Rootfs::Host,
             RootfsSource::Dir(d) => Rootfs::Dir(d.clone()),
         };
-        let config = serde_json::to_string(&spec.agent)
+        let listener = if self.keepable {
+            match bind_agent_listener(&self.runtime, &spec.id) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let _ = cgroup.remove();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let mut agent_config = spec.agent.clone();
+        agent_config.listener = listener.is_some();
+        let config = serde_json::to_string(&agent_config)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
         let fs_limits = FsLimits {
             disk_bytes: r.disk_bytes,
@@ -148,27 +169,124 @@ impl NativeBackend {
             agent_args: vec!["moat".into(), "agent".into()],
             agent_env: vec![format!("{AGENT_CONFIG_ENV}={config}")],
             hostname: "moat",
+            listener: listener.as_ref().map(|l| l.as_raw_fd()),
         };
-        let process = match SandboxProcess::spawn(&cfg) {
+        let spawned = SandboxProcess::spawn(&cfg).map_err(EngineError::from);
+        // The agent holds the listener now; our copy goes (its socket file stays).
+        drop(listener);
+        let marked = spawned.and_then(|process| {
+            if self.keepable {
+                let marker = KeptMarker {
+                    slot: ids.slot(),
+                    id: spec.id.clone(),
+                    pid: process.pid(),
+                };
+                kept::write(&self.runtime.slots(), &marker)?;
+            }
+            Ok(process)
+        });
+        let process = match marked {
             Ok(p) => p,
             Err(e) => {
+                // Dropping a spawned process kills it.
                 cgroup.kill_all();
                 let _ = cgroup.remove();
                 drop(guardian);
-                return Err(e.into());
+                if self.keepable {
+                    let _ = kept::remove(&self.runtime.slots(), ids.slot());
+                    let _ = std::fs::remove_file(agent_socket(&self.runtime, &spec.id));
+                }
+                return Err(e);
             }
         };
-        Ok(NativeInstance {
-            id: spec.id.clone(),
-            inner: Arc::new(Mutex::new(Some(Live {
+        let keep = self.keepable.then(|| KeepFiles {
+            slots: self.runtime.slots(),
+            socket: agent_socket(&self.runtime, &spec.id),
+        });
+        Ok(NativeInstance::new(
+            spec.id.clone(),
+            Live {
                 process,
                 cgroup,
-                _ids: ids,
+                ids,
                 guardian,
-            }))),
-            pidfd: None,
-        })
+                keep,
+            },
+        ))
     }
+
+    /// Takes over the kept sandbox `id` (see [`NativeOptions::keepable`]): relocks its slot,
+    /// checks that the marker's pid is still its agent, and opens a new channel to it.
+    fn adopt_blocking(&self, id: &str) -> Result<Option<NativeInstance>> {
+        validate_id(id)?;
+        let slots = self.runtime.slots();
+        let Some(marker) = kept::scan(&slots).into_iter().find(|m| m.id == id) else {
+            return Ok(None);
+        };
+        let ids = IdRange::reclaim(&slots, marker.slot)?;
+        let Some(cgroup) = SandboxCgroup::existing(&self.layout, id) else {
+            return Ok(None);
+        };
+        let mut process = match SandboxProcess::adopt(marker.pid) {
+            Ok(p) => p,
+            // Gone: the caller reaps what is left.
+            Err(_) => return Ok(None),
+        };
+        // The pidfd pins the process; if it is in the sandbox's cgroup now, it is the agent
+        // (the only process the sandbox's pid 1 can be is the one that was spawned there).
+        if !cgroup.pids().contains(&marker.pid) {
+            process.release();
+            return Ok(None);
+        }
+        let socket = agent_socket(&self.runtime, id);
+        let stream = std::os::unix::net::UnixStream::connect(&socket)
+            .map_err(|e| EngineError::io(format!("connect to {}", socket.display()), e))?;
+        process.set_channel(OwnedFd::from(stream));
+        Ok(Some(NativeInstance::new(
+            id.to_owned(),
+            Live {
+                process,
+                cgroup,
+                ids,
+                guardian: None,
+                keep: Some(KeepFiles { slots, socket }),
+            },
+        )))
+    }
+
+    /// Removes the marker and socket of a kept sandbox `id` that is gone (or being reaped).
+    fn forget_kept(&self, id: &str) {
+        let slots = self.runtime.slots();
+        for m in kept::scan(&slots).into_iter().filter(|m| m.id == id) {
+            match IdRange::reclaim(&slots, m.slot) {
+                Ok(_lock) => {
+                    let _ = kept::remove(&slots, m.slot);
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, "keeping the marker of slot {}: {e}", m.slot)
+                }
+            }
+        }
+        let _ = std::fs::remove_file(agent_socket(&self.runtime, id));
+    }
+}
+
+/// Where the listener of sandbox `id`'s agent lives.
+fn agent_socket(runtime: &RuntimeDir, id: &str) -> std::path::PathBuf {
+    runtime.agents().join(format!("{id}.sock"))
+}
+
+/// A fresh listening socket for the agent of sandbox `id` (any stale file replaced).
+fn bind_agent_listener(runtime: &RuntimeDir, id: &str) -> Result<std::os::unix::net::UnixListener> {
+    let path = agent_socket(runtime, id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(EngineError::io(format!("remove {}", path.display()), e)),
+    }
+    // Created in the 0700 `agents/` directory, so only root on the host can connect.
+    std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| EngineError::io(format!("listen on {}", path.display()), e))
 }
 
 #[async_trait]
@@ -187,6 +305,7 @@ impl Backend for NativeBackend {
     async fn reap_orphan(&self, id: &str) -> Result<bool> {
         validate_id(id)?;
         let Some(cgroup) = SandboxCgroup::existing(&self.layout, id) else {
+            self.forget_kept(id);
             return Ok(false);
         };
         tokio::task::spawn_blocking(move || {
@@ -207,7 +326,9 @@ impl Backend for NativeBackend {
             Ok(true)
         })
         .await
-        .map_err(|e| EngineError::Agent(format!("reap task: {e}")))?
+        .map_err(|e| EngineError::Agent(format!("reap task: {e}")))??;
+        self.forget_kept(id);
+        Ok(true)
     }
 
     async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
@@ -220,38 +341,42 @@ impl Backend for NativeBackend {
         } else {
             self.create_blocking(spec)?
         };
-        let fd = {
-            let guard = inst
-                .inner
-                .lock()
-                .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-            guard.as_ref().map(|l| l.process.pidfd())
-        };
-        if let Some(fd) = fd {
-            // SAFETY: dup of an open pidfd; the copy is ours to own.
-            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-            if dup < 0 {
-                return Err(EngineError::io(
-                    "dup sandbox pidfd",
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            // SAFETY: fcntl returned a fresh fd nothing else owns.
-            let owned = unsafe { OwnedFd::from_raw_fd(dup) };
-            // SAFETY: the OwnedFd stays open for as long as the AsyncFd owns it.
-            let watched = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
-                .map_err(|e| EngineError::io("watch sandbox pidfd", e.into()))?;
-            inst.pidfd = Some(watched);
-        }
+        inst.watch_exit()?;
         Ok(Box::new(inst))
     }
+
+    fn kept(&self) -> Vec<String> {
+        kept::scan(&self.runtime.slots())
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    }
+
+    async fn adopt(&self, id: &str) -> Result<Option<Box<dyn Instance>>> {
+        match self.adopt_blocking(id) {
+            Ok(Some(mut inst)) => {
+                inst.watch_exit()?;
+                Ok(Some(Box::new(inst)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Files that mark a sandbox as keepable, removed when it is destroyed.
+#[derive(Debug)]
+struct KeepFiles {
+    slots: std::path::PathBuf,
+    socket: std::path::PathBuf,
 }
 
 struct Live {
     process: SandboxProcess,
     cgroup: SandboxCgroup,
-    _ids: IdRange,
+    ids: IdRange,
     guardian: Option<Guardian>,
+    keep: Option<KeepFiles>,
 }
 
 /// A native sandbox.
@@ -271,6 +396,43 @@ impl std::fmt::Debug for NativeInstance {
 }
 
 impl NativeInstance {
+    fn new(id: String, live: Live) -> NativeInstance {
+        NativeInstance {
+            id,
+            inner: Arc::new(Mutex::new(Some(live))),
+            pidfd: None,
+        }
+    }
+
+    /// Watches the agent's pidfd, so [`Instance::exited`] resolves when it exits.
+    fn watch_exit(&mut self) -> Result<()> {
+        let fd = {
+            let guard = self
+                .inner
+                .lock()
+                .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
+            guard.as_ref().map(|l| l.process.pidfd())
+        };
+        let Some(fd) = fd else {
+            return Ok(());
+        };
+        // SAFETY: dup of an open pidfd; the copy is ours to own.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if dup < 0 {
+            return Err(EngineError::io(
+                "dup sandbox pidfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fcntl returned a fresh fd nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        // SAFETY: the OwnedFd stays open for as long as the AsyncFd owns it.
+        let watched = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+            .map_err(|e| EngineError::io("watch sandbox pidfd", e.into()))?;
+        self.pidfd = Some(watched);
+        Ok(())
+    }
+
     fn set_frozen(&self, frozen: bool) -> Result<()> {
         let guard = self
             .inner
@@ -294,6 +456,12 @@ fn teardown(mut live: Live) -> Result<()> {
     if let Some(g) = live.guardian.take() {
         g.finish();
     }
+    if let Some(k) = &live.keep {
+        // Still holding the slot's lock: nobody can claim the slot between these and the drop.
+        let _ = kept::remove(&k.slots, live.ids.slot());
+        let _ = std::fs::remove_file(&k.socket);
+    }
+    drop(live);
     removed?;
     Ok(())
 }
@@ -347,6 +515,30 @@ impl Instance for NativeInstance {
             }
             None => std::future::pending().await,
         }
+    }
+
+    fn keep(&mut self) -> Result<()> {
+        let mut guard = self
+            .inner
+            .lock()
+            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
+        match guard.as_ref() {
+            Some(live) if live.keep.is_none() => {
+                return Err(EngineError::Unsupported(format!(
+                    "sandbox {} was not made keepable",
+                    self.id
+                )));
+            }
+            None => return Err(EngineError::NotFound(self.id.clone())),
+            Some(_) => {}
+        }
+        if let Some(live) = guard.take() {
+            // The marker keeps the slot out of use after our lock goes; cgroups and the
+            // listener's socket stay for the next process.
+            live.process.release();
+        }
+        self.pidfd.take();
+        Ok(())
     }
 
     async fn destroy(&mut self) -> Result<()> {

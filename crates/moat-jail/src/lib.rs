@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod confine;
 pub mod guardian;
 pub mod idmap;
+pub mod kept;
 pub mod landlock;
 pub mod memfd;
 pub mod probe;

@@ -1,6 +1,7 @@
 //! The host runtime directory (`/run/moat` by default): the mount point every sandbox builds its
 //! root on (inside its own mount namespace, so the host never sees those mounts), the mask files
-//! secrets are hidden behind, and the lock files of the uid ranges.
+//! secrets are hidden behind, the lock files of the uid ranges, and the sockets on which a
+//! restarted server reaches the agents of sandboxes kept across the restart.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -42,6 +43,7 @@ impl RuntimeDir {
             ("mnt", 0o700),
             ("stage", 0o700),
             ("slots", 0o700),
+            ("agents", 0o700),
             ("maskdir", 0o000),
         ] {
             let p = root.join(sub);
@@ -87,6 +89,11 @@ impl RuntimeDir {
     /// An empty, mode-000 directory that secret directories are bind-mounted over with.
     pub fn mask_dir(&self) -> PathBuf {
         self.root.join("maskdir")
+    }
+
+    /// Directory of the listening sockets of kept sandboxes' agents (`<id>.sock`).
+    pub fn agents(&self) -> PathBuf {
+        self.root.join("agents")
     }
 
     /// Directory of the uid-range lock files.

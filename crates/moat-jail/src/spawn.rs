@@ -48,6 +48,9 @@ pub struct SpawnConfig<'a> {
     pub agent_env: Vec<String>,
     /// Host name inside the sandbox.
     pub hostname: &'a str,
+    /// A listening socket the agent gets as fd 4, on which a host process can open new
+    /// channels (a sandbox kept across server restarts); `None` leaves fd 4 closed.
+    pub listener: Option<RawFd>,
 }
 
 /// A running sandbox's first process (the agent) as seen from the host.
@@ -57,6 +60,8 @@ pub struct SandboxProcess {
     pidfd: OwnedFd,
     channel: Option<OwnedFd>,
     reaped: bool,
+    /// Whether it is our child (spawned here) rather than adopted from an earlier process.
+    child: bool,
 }
 
 /// Checks that `id` is a safe sandbox id: 1 to 64 characters of `[a-z0-9]`.
@@ -81,6 +86,8 @@ struct ChildPlan {
     go_write: RawFd,
     err_write: RawFd,
     channel: RawFd,
+    /// The listener to hand over as fd 4, or -1.
+    listener: RawFd,
     memfd: RawFd,
     hostname: CString,
     lo: libc::ifreq,
@@ -148,6 +155,7 @@ impl SandboxProcess {
             go_write: go_write.as_raw_fd(),
             err_write: err_write.as_raw_fd(),
             channel: agent_end.as_raw_fd(),
+            listener: cfg.listener.unwrap_or(-1),
             memfd: cfg.agent.raw_fd(),
             hostname: cstr(cfg.hostname)?,
             lo,
@@ -256,7 +264,40 @@ impl SandboxProcess {
             pidfd,
             channel: Some(host_end),
             reaped: false,
+            child: true,
         })
+    }
+
+    /// Takes over the agent of a sandbox an earlier process spawned and left running (see
+    /// [`SandboxProcess::release`]): `pid` must be the agent's pid in our pid namespace. The
+    /// caller checks that the pid is still that agent (its cgroup) after this returns, since
+    /// only the pidfd pins the process.
+    pub fn adopt(pid: i32) -> Result<SandboxProcess> {
+        // SAFETY: pidfd_open with integer arguments.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(JailError::last_os(format!("pidfd_open({pid})")));
+        }
+        // SAFETY: pidfd_open returned a fresh fd (close-on-exec by default).
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        Ok(SandboxProcess {
+            pid,
+            pidfd,
+            channel: None,
+            reaped: false,
+            child: false,
+        })
+    }
+
+    /// Sets the channel of an adopted agent (a new connection to its listener).
+    pub fn set_channel(&mut self, channel: OwnedFd) {
+        self.channel = Some(channel);
+    }
+
+    /// Lets the agent run on without us: nothing is killed when this is dropped. The kernel
+    /// reparents it when this process exits.
+    pub fn release(mut self) {
+        self.reaped = true;
     }
 
     /// The agent's pid in the host's pid namespace.
@@ -291,10 +332,14 @@ impl SandboxProcess {
         }
     }
 
-    /// Waits for the agent to exit and reaps it. Returns the raw wait status.
+    /// Waits for the agent to exit and reaps it. Returns the raw wait status (0 for an adopted
+    /// agent, which its own parent reaps).
     pub fn wait(&mut self) -> io::Result<i32> {
         if self.reaped {
             return Ok(0);
+        }
+        if !self.child {
+            return self.wait_exit().map(|()| 0);
         }
         let mut status = 0;
         loop {
@@ -311,10 +356,48 @@ impl SandboxProcess {
         }
     }
 
+    /// Waits on the pidfd until the (adopted) agent has exited.
+    fn wait_exit(&mut self) -> io::Result<()> {
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: poll on one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if r > 0 {
+                self.reaped = true;
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if r < 0 && err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
+        }
+    }
+
     /// Whether the agent has exited (without blocking; reaps it if so).
     pub fn try_wait(&mut self) -> io::Result<Option<i32>> {
         if self.reaped {
             return Ok(Some(0));
+        }
+        if !self.child {
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one valid pollfd, without waiting.
+            let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+            return match r {
+                0 => Ok(None),
+                r if r > 0 => {
+                    self.reaped = true;
+                    Ok(Some(0))
+                }
+                _ => Err(io::Error::last_os_error()),
+            };
         }
         let mut status = 0;
         // SAFETY: waitpid on our own child with a valid status pointer.
@@ -767,24 +850,31 @@ fn child_main(c: &ChildPlan) -> ! {
         }
         libc::close(sock);
 
-        // Move what we keep above the standard numbers, then lay out 0-2 (/dev/null) and 3 (the
-        // channel). Everything else is close-on-exec.
+        // Move what we keep above the standard numbers, then lay out 0-2 (/dev/null), 3 (the
+        // channel) and 4 (the listener, if any). Everything else is close-on-exec.
         let memfd = libc::fcntl(c.memfd, libc::F_DUPFD_CLOEXEC, 10);
         let chan = libc::fcntl(c.channel, libc::F_DUPFD_CLOEXEC, 10);
+        let listener = if c.listener >= 0 {
+            libc::fcntl(c.listener, libc::F_DUPFD_CLOEXEC, 10)
+        } else {
+            -1
+        };
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        if memfd < 0 || chan < 0 || null < 0 {
+        if memfd < 0 || chan < 0 || null < 0 || (c.listener >= 0 && listener < 0) {
             fail(c, STEP_FDS);
         }
         if libc::dup2(null, 0) < 0
             || libc::dup2(null, 1) < 0
             || libc::dup2(null, 2) < 0
             || libc::dup2(chan, CHANNEL_FD) < 0
+            || (listener >= 0 && libc::dup2(listener, LISTENER_FD) < 0)
         {
             fail(c, STEP_FDS);
         }
+        let first_closed = if listener >= 0 { 5u32 } else { 4u32 };
         if libc::syscall(
             libc::SYS_close_range,
-            4u32,
+            first_closed,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) != 0
@@ -806,3 +896,5 @@ fn child_main(c: &ChildPlan) -> ! {
 
 /// The fd number the agent finds its channel on (`moat_proto::agent_config::AGENT_CHANNEL_FD`).
 const CHANNEL_FD: RawFd = 3;
+/// The fd number the agent finds its listener on (`moat_proto::agent_config::AGENT_LISTENER_FD`).
+const LISTENER_FD: RawFd = 4;

@@ -55,6 +55,7 @@ fn run_script(rootfs: &Rootfs, script: &str) -> (String, i32) {
         agent_args: vec!["sh".into(), "-c".into(), script.into()],
         agent_env: vec!["PATH=/usr/bin:/bin:/usr/sbin:/sbin".into()],
         hostname: "moat",
+        listener: None,
     };
     let mut proc_ = SandboxProcess::spawn(&cfg).expect("spawn");
     let chan = proc_.take_channel().expect("channel");

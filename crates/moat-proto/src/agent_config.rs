@@ -13,6 +13,10 @@ pub const AGENT_CONFIG_ENV: &str = "MOAT_AGENT_CONFIG";
 /// The file descriptor on which the agent finds its channel to the host (a connected stream socket).
 pub const AGENT_CHANNEL_FD: i32 = 3;
 
+/// The file descriptor on which the agent finds its listener when [`AgentConfig::listener`] is
+/// set (a listening stream socket the host can open new channels on).
+pub const AGENT_LISTENER_FD: i32 = 4;
+
 /// What the agent needs to know to serve a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +35,11 @@ pub struct AgentConfig {
     /// Resource limits applied to every user process (rlimits; the cgroup limits are the host's).
     #[serde(default)]
     pub limits: UserLimits,
+    /// The agent has a listener on [`AGENT_LISTENER_FD`]: it serves every channel opened there
+    /// besides the first one, and outlives them all (the sandbox is kept across host restarts).
+    /// Without one it exits when its first channel closes.
+    #[serde(default)]
+    pub listener: bool,
 }
 
 /// Per-process limits (setrlimit) for user code inside the sandbox.
@@ -63,6 +72,7 @@ impl Default for AgentConfig {
             env_vars: BTreeMap::new(),
             access_token: None,
             limits: UserLimits::default(),
+            listener: false,
         }
     }
 }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::serve::ListenerExt as _;
-use moat_engine::manager::SandboxManager;
+use moat_engine::manager::{SandboxManager, ShutdownMode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -60,6 +60,8 @@ pub struct ServerOptions {
     /// The domain sandbox addresses are built on (`<port>-<sandbox>.<domain>`, the E2B SDKs'
     /// `domain`); `None` means `localhost:<listening port>`.
     pub domain: Option<String>,
+    /// What happens to running sandboxes when the server stops.
+    pub on_shutdown: ShutdownMode,
 }
 
 impl Default for ServerOptions {
@@ -67,6 +69,7 @@ impl Default for ServerOptions {
         ServerOptions {
             requests_per_minute: DEFAULT_REQUESTS_PER_MINUTE,
             domain: None,
+            on_shutdown: ShutdownMode::Destroy,
         }
     }
 }
@@ -103,7 +106,7 @@ impl AppState {
 /// Serves the API on `listener` with `opts` until `shutdown` completes, reaping expired
 /// sandboxes every [`REAP_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
 /// accepting connections, waits up to [`DRAIN_TIMEOUT`] for requests in flight, and destroys
-/// every sandbox the manager runs.
+/// (or keeps, per [`ServerOptions::on_shutdown`]) every sandbox the manager runs.
 pub async fn serve(
     listener: TcpListener,
     manager: SandboxManager,
@@ -156,8 +159,8 @@ pub async fn serve(
     };
     let _ = reaper.await;
     let _ = pools.await;
-    let ended = manager.shutdown().await;
-    tracing::info!(sandboxes = ended, "destroyed the sandboxes still running");
+    let (destroyed, kept) = manager.shutdown(opts.on_shutdown).await;
+    tracing::info!(destroyed, kept, "ended or kept the sandboxes still running");
     result
 }
 

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moat_engine::manager::{EXEC_OUTPUT_LIMIT, ManagerError, ManagerOptions, SandboxManager};
+use moat_engine::manager::{
+    EXEC_OUTPUT_LIMIT, ManagerError, ManagerOptions, SandboxManager, ShutdownMode,
+};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, SandboxFilter, SandboxState, Store};
 use moat_proto::v1;
@@ -289,7 +291,7 @@ async fn another_tenant_sees_nothing() {
         .await
         .expect("a's sandbox still runs");
     assert_eq!(r.stdout, "still here\n");
-    assert_eq!(s.mgr.shutdown().await, 1);
+    assert_eq!(s.mgr.shutdown(ShutdownMode::Destroy).await, (1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,7 +514,7 @@ async fn ttl_expiry_and_shutdown() {
         .create("a", Some(&s.key), v1::CreateSandbox::default())
         .await
         .expect("create third");
-    assert_eq!(s.mgr.shutdown().await, 2);
+    assert_eq!(s.mgr.shutdown(ShutdownMode::Destroy).await, (2, 0));
     assert_eq!(s.mgr.live_count(), 0);
     for id in [&long.id, &third.id] {
         let got = s.mgr.get("a", id).await.expect("get");

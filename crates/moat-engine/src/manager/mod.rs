@@ -17,6 +17,7 @@ mod execution;
 mod keys;
 mod pool;
 mod readiness;
+mod restart;
 mod run;
 mod templates;
 
@@ -24,6 +25,7 @@ pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
+pub use restart::{Recovered, ShutdownMode};
 pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
 
 use crate::store::now_ms;
@@ -370,40 +372,6 @@ impl SandboxManager {
             }
         }
         Ok(reaped)
-    }
-
-    /// Destroys every sandbox this manager runs and records each `killed` (reason
-    /// `shutdown`). Returns how many it destroyed.
-    pub async fn shutdown(&self) -> usize {
-        let members = self.drain_pools().await;
-        if members > 0 {
-            tracing::info!(members, "destroyed the warm pools");
-        }
-        let all: Vec<(String, Arc<Live>)> = lock(&self.inner.live).drain().collect();
-        let n = all.len();
-        for (id, live) in all {
-            if let Err(e) = live.instance.lock().await.destroy().await {
-                tracing::warn!(sandbox = %id, "destroy at shutdown: {e}");
-            }
-            let tenant = live.tenant.clone();
-            let marked = self
-                .inner
-                .db(move |s| {
-                    s.update_sandbox_state(
-                        &tenant,
-                        &id,
-                        SandboxState::Killed,
-                        Some(EndReason::Other("shutdown".into())),
-                    )
-                })
-                .await;
-            if let Err(e) = marked
-                && !matches!(e, ManagerError::Conflict(_))
-            {
-                tracing::warn!("recording a sandbox ended at shutdown: {e}");
-            }
-        }
-        n
     }
 }
 

@@ -599,6 +599,20 @@ impl Store {
         })
     }
 
+    /// Every sandbox of every tenant that has not ended, oldest first: what a starting server
+    /// finds of the previous one's.
+    pub fn active_sandboxes(&self) -> StoreResult<Vec<SandboxRecord>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(concat!(
+                "SELECT * FROM sandboxes WHERE state IN ",
+                active_states_sql!(),
+                " ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_and_then([], SandboxRecord::from_row)?;
+            rows.collect()
+        })
+    }
+
     /// Marks every sandbox that has not ended as killed at `now` with reason `server_restart`,
     /// and returns their ids (sorted). A starting server calls this once, after reaping what the
     /// previous process left, since none of those sandboxes survived it.

@@ -1,6 +1,5 @@
 //! `moat serve`: the HTTP API over the native backend, with its state in the data dir.
 
-use moat_engine::store::now_ms;
 use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -12,8 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use moat_engine::backend::Backend;
-use moat_engine::manager::{ManagerOptions, SandboxManager};
+use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
 use moat_server::ServerOptions;
@@ -51,6 +49,20 @@ pub struct ServeArgs {
     /// default `localhost:<port of --listen>`.
     #[arg(long, value_name = "HOST[:PORT]")]
     domain: Option<String>,
+    /// What a stop (SIGTERM, SIGINT) does with running sandboxes: destroy them, or keep them
+    /// running for the next `moat serve` on this data dir to take over (warm-pool members are
+    /// always destroyed).
+    #[arg(long, value_enum, default_value_t = OnShutdown::Destroy)]
+    on_shutdown: OnShutdown,
+}
+
+/// Values of `--on-shutdown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnShutdown {
+    /// Destroy every sandbox and record it killed.
+    Destroy,
+    /// Leave sandboxes running for the next server to adopt.
+    Keep,
 }
 
 impl ServeArgs {
@@ -121,6 +133,10 @@ fn run(args: ServeArgs) -> Result<()> {
     let server_opts = ServerOptions {
         requests_per_minute: args.rate_limit,
         domain: args.domain.clone(),
+        on_shutdown: match args.on_shutdown {
+            OnShutdown::Destroy => ShutdownMode::Destroy,
+            OnShutdown::Keep => ShutdownMode::Keep,
+        },
     };
     DirBuilder::new()
         .recursive(true)
@@ -132,41 +148,31 @@ fn run(args: ServeArgs) -> Result<()> {
     let db = args.data_dir.join("moat.db");
     let store =
         Arc::new(Store::open(&db).with_context(|| format!("opening the store {}", db.display()))?);
-    // Sandboxes a previous server left behind (it was killed without a chance to clean up):
-    // record them killed now, and kill what is left of them below, before serving.
-    let orphaned = store
-        .mark_orphaned(now_ms())
-        .context("marking sandboxes of a previous run")?;
-    // Warm-pool members of a previous run: forgotten here, killed below.
-    let orphaned_members = store
-        .take_pool_members()
-        .context("forgetting warm-pool members of a previous run")?;
-    let orphaned: Vec<String> = orphaned.into_iter().chain(orphaned_members).collect();
-    if !orphaned.is_empty() {
-        tracing::info!(
-            count = orphaned.len(),
-            "sandboxes and warm-pool members of a previous run to reap"
-        );
-    }
     first_admin_key(&store, &args.data_dir)?;
-    let backend = NativeBackend::new(&NativeOptions::default()).context("native backend")?;
+    let backend = NativeBackend::new(&NativeOptions {
+        // Only a server that may keep its sandboxes gives their agents a way back in.
+        keepable: args.on_shutdown == OnShutdown::Keep,
+        ..NativeOptions::default()
+    })
+    .context("native backend")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(async {
-        for id in &orphaned {
-            match backend.reap_orphan(id).await {
-                Ok(true) => tracing::info!(sandbox = %id, "killed a sandbox of a previous run"),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(sandbox = %id, "could not reap a sandbox of a previous run: {e}")
-                }
-            }
-        }
-    });
     let manager =
         SandboxManager::new(store, Arc::new(backend), manager_opts).context("sandbox manager")?;
+    // What a previous server left: sandboxes it kept are taken over; anything else it left
+    // (killed without a chance to clean up) is killed and recorded, before serving.
+    let recovered = runtime
+        .block_on(manager.recover())
+        .context("taking over from the previous server")?;
+    if !recovered.adopted.is_empty() || !recovered.reaped.is_empty() {
+        tracing::info!(
+            adopted = recovered.adopted.len(),
+            reaped = recovered.reaped.len(),
+            "sandboxes of the previous server"
+        );
+    }
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

@@ -161,6 +161,19 @@ impl Server {
     pub fn kill9(mut self) -> (tempfile::TempDir, PathBuf) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.hand_back()
+    }
+
+    /// Stops the server with SIGTERM (a graceful shutdown), waits for it to exit 0, and hands
+    /// back its data dir.
+    pub fn stop(mut self) -> (tempfile::TempDir, PathBuf) {
+        sigterm(&self.child);
+        let status = wait_exit(&mut self.child);
+        assert!(status.success(), "moat serve exited with {status}");
+        self.hand_back()
+    }
+
+    fn hand_back(&mut self) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::Builder::new()
             .tempdir_in("/tmp")
             .expect("tempdir");

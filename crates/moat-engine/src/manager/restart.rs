@@ -1,0 +1,201 @@
+//! What happens to sandboxes across a server restart: kept at shutdown (when configured) and
+//! adopted at start, or destroyed and reaped.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::agent_client::AgentClient;
+use crate::backend::Instance;
+use crate::store::{EndReason, SandboxRecord, SandboxState};
+
+use super::{Inner, Live, ManagerError, SandboxManager, lock};
+
+/// What a stopping server does with the sandboxes it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShutdownMode {
+    /// Destroy them and record them killed (reason `shutdown`).
+    #[default]
+    Destroy,
+    /// Leave them running, recorded as they are, for the next server on the same data dir to
+    /// adopt (the backend must have made them keepable). Warm-pool members are destroyed.
+    Keep,
+}
+
+/// What [`SandboxManager::recover`] found of the previous server's sandboxes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Taken over, running (or paused) as before.
+    pub adopted: Vec<String>,
+    /// Gone or not adoptable: killed, reaped and recorded killed (reason `server_restart`).
+    pub reaped: Vec<String>,
+}
+
+impl SandboxManager {
+    /// Run once at start, before serving: takes over the sandboxes a previous server on this
+    /// data dir kept, and kills and records whatever else it left (sandboxes, warm-pool
+    /// members), so the store matches what runs.
+    pub async fn recover(&self) -> Result<Recovered, ManagerError> {
+        let inner = &self.inner;
+        let mut out = Recovered::default();
+        let members = inner.db(|s| s.take_pool_members()).await?;
+        for id in members {
+            inner.reap(&id).await;
+        }
+        let active = inner.db(|s| s.active_sandboxes()).await?;
+        let mut known = HashSet::new();
+        for rec in active {
+            known.insert(rec.id.clone());
+            match inner.adopt_kept(&rec).await {
+                Ok(true) => out.adopted.push(rec.id),
+                Ok(false) => {
+                    inner.reap(&rec.id).await;
+                    inner.record_lost(&rec).await;
+                    out.reaped.push(rec.id);
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %rec.id, "could not take over a kept sandbox: {e}");
+                    inner.reap(&rec.id).await;
+                    inner.record_lost(&rec).await;
+                    out.reaped.push(rec.id);
+                }
+            }
+        }
+        // Kept sandboxes the store no longer counts as active (ended by a crash in between).
+        for id in inner.backend.kept() {
+            if !known.contains(&id) {
+                inner.reap(&id).await;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends this manager's work at shutdown: destroys the warm pools, then destroys or keeps
+    /// (see [`ShutdownMode`]) every sandbox it runs. Returns how many it destroyed and how many
+    /// it kept.
+    pub async fn shutdown(&self, mode: ShutdownMode) -> (usize, usize) {
+        let members = self.drain_pools().await;
+        if members > 0 {
+            tracing::info!(members, "destroyed the warm pools");
+        }
+        let all: Vec<(String, Arc<Live>)> = lock(&self.inner.live).drain().collect();
+        let (mut destroyed, mut kept) = (0, 0);
+        for (id, live) in all {
+            let mut instance = live.instance.lock().await;
+            if mode == ShutdownMode::Keep {
+                match instance.keep() {
+                    Ok(()) => {
+                        kept += 1;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(sandbox = %id, "cannot keep it, destroying: {e}"),
+                }
+            }
+            if let Err(e) = instance.destroy().await {
+                tracing::warn!(sandbox = %id, "destroy at shutdown: {e}");
+            }
+            drop(instance);
+            destroyed += 1;
+            let tenant = live.tenant.clone();
+            let marked = self
+                .inner
+                .db(move |s| {
+                    s.update_sandbox_state(
+                        &tenant,
+                        &id,
+                        SandboxState::Killed,
+                        Some(EndReason::Other("shutdown".into())),
+                    )
+                })
+                .await;
+            if let Err(e) = marked
+                && !matches!(e, ManagerError::Conflict(_))
+            {
+                tracing::warn!("recording a sandbox ended at shutdown: {e}");
+            }
+        }
+        (destroyed, kept)
+    }
+}
+
+impl Inner {
+    /// Takes over `rec`'s sandbox if the backend kept it; false if there is none to take.
+    async fn adopt_kept(&self, rec: &SandboxRecord) -> Result<bool, ManagerError> {
+        // A sandbox still starting when its server went away never became usable.
+        if rec.state == SandboxState::Starting {
+            return Ok(false);
+        }
+        let Some(mut instance) = self.backend.adopt(&rec.id).await? else {
+            return Ok(false);
+        };
+        match connect(instance.as_mut(), rec.state == SandboxState::Paused).await {
+            Ok(client) => {
+                lock(&self.live).insert(
+                    rec.id.clone(),
+                    Arc::new(Live {
+                        tenant: rec.tenant.clone(),
+                        client,
+                        instance: tokio::sync::Mutex::new(instance),
+                    }),
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                if let Err(d) = instance.destroy().await {
+                    tracing::warn!(sandbox = %rec.id, "destroying an unreachable kept sandbox: {d}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Kills whatever is left of sandbox `id` on the host.
+    async fn reap(&self, id: &str) {
+        match self.backend.reap_orphan(id).await {
+            Ok(true) => tracing::info!(sandbox = %id, "killed a sandbox of a previous run"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "could not reap a sandbox of a previous run: {e}")
+            }
+        }
+    }
+
+    /// Records `rec` killed by the restart.
+    async fn record_lost(&self, rec: &SandboxRecord) {
+        let (t, i) = (rec.tenant.clone(), rec.id.clone());
+        if let Err(e) = self
+            .db(move |s| {
+                s.update_sandbox_state(&t, &i, SandboxState::Killed, Some(EndReason::ServerRestart))
+            })
+            .await
+            && !matches!(e, ManagerError::Conflict(_))
+        {
+            tracing::warn!(sandbox = %rec.id, "recording a sandbox lost at restart: {e}");
+        }
+    }
+}
+
+/// A client of an adopted sandbox's agent, over the channel the backend opened. A paused
+/// sandbox is thawed for the handshake and frozen again.
+async fn connect(instance: &mut dyn Instance, paused: bool) -> Result<AgentClient, ManagerError> {
+    let channel = instance
+        .take_channel()
+        .ok_or_else(|| ManagerError::Internal("backend gave no agent channel".into()))?;
+    if paused {
+        instance.resume().await?;
+    }
+    let connected = async {
+        let client = AgentClient::handshake(channel)
+            .await
+            .map_err(|e| ManagerError::Unavailable(format!("agent handshake: {e}")))?;
+        client
+            .health()
+            .await
+            .map_err(|e| ManagerError::Unavailable(format!("agent health: {e}")))?;
+        Ok::<_, ManagerError>(client)
+    }
+    .await;
+    if paused {
+        instance.pause().await?;
+    }
+    connected
+}

@@ -1,0 +1,169 @@
+//! `moat serve --on-shutdown keep`: sandboxes outlive a stop (or a crash) of the server and the
+//! next server on the same data dir takes them over, with their files and processes; their uid
+//! ranges stay out of use meanwhile. Needs root (the native backend); skips otherwise.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::is_root;
+use support::server::*;
+
+fn create(server: &Server, key: &str) -> String {
+    let r = server.request("POST", "/v1/sandboxes", Some(key), Some(&body(json!({}))));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+fn shell(server: &Server, key: &str, id: &str, script: &str) -> Value {
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(key),
+        Some(&body(json!({ "shell": script }))),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// The uid-range slot markers naming `id`.
+fn markers_of(id: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/run/moat/slots") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".kept"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|t| t.split_whitespace().next() == Some(id))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn wait_gone(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids_in_sandbox(id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kept_sandboxes_survive_a_stop_and_are_taken_over() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start_with(&["--on-shutdown", "keep"]);
+    let key = server.admin_key();
+    let id = create(&server, &key);
+    let out = shell(
+        &server,
+        &key,
+        &id,
+        "echo remembered > /tmp/state; sleep 1000 >/dev/null 2>&1 & echo $!",
+    );
+    let sleeper = out["stdout"].as_str().expect("stdout").trim().to_owned();
+    assert!(!sleeper.is_empty(), "{out}");
+    assert_eq!(
+        markers_of(&id).len(),
+        1,
+        "a keepable sandbox has one slot marker"
+    );
+
+    // A graceful stop keeps it running and recorded as running.
+    let (dir, data) = server.stop();
+    let pids = pids_in_sandbox(&id);
+    assert!(!pids.is_empty(), "the kept sandbox died with the server");
+    assert_eq!(
+        markers_of(&id).len(),
+        1,
+        "its slot stays marked while no server runs"
+    );
+
+    // The next server takes it over: same state, same processes.
+    let server = Server::start_in_with(dir, data, &["--on-shutdown", "keep"]);
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "running", "{}", r.json());
+    let out = shell(&server, &key, &id, "cat /tmp/state");
+    assert_eq!(out["stdout"], "remembered\n", "{out}");
+    let out = shell(
+        &server,
+        &key,
+        &id,
+        &format!("kill -0 {sleeper} && echo alive"),
+    );
+    assert_eq!(
+        out["stdout"], "alive\n",
+        "the background process was lost: {out}"
+    );
+
+    // A crash keeps it too.
+    let (dir, data) = server.kill9();
+    assert!(
+        !pids_in_sandbox(&id).is_empty(),
+        "the kept sandbox died in the crash"
+    );
+    let server = Server::start_in(dir, data);
+    let out = shell(&server, &key, &id, "cat /tmp/state");
+    assert_eq!(out["stdout"], "remembered\n", "{out}");
+
+    // Deleting it releases everything, the marker included.
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    wait_gone(&id);
+    assert!(pids_in_sandbox(&id).is_empty());
+    assert!(cgroup_dirs(&id).is_empty());
+    assert!(
+        markers_of(&id).is_empty(),
+        "the slot marker outlived the sandbox"
+    );
+}
+
+#[test]
+fn without_keep_a_stop_destroys_and_a_later_keep_server_adopts_nothing() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = create(&server, &key);
+    assert!(
+        markers_of(&id).is_empty(),
+        "only keepable sandboxes are marked"
+    );
+    let (dir, data) = server.stop();
+    wait_gone(&id);
+    assert!(pids_in_sandbox(&id).is_empty());
+    let server = Server::start_in_with(dir, data, &["--on-shutdown", "keep"]);
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.json()["state"], "killed", "{}", r.json());
+}
+
+#[test]
+fn a_kept_sandbox_that_died_meanwhile_is_recorded_and_cleaned() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start_with(&["--on-shutdown", "keep"]);
+    let key = server.admin_key();
+    let id = create(&server, &key);
+    let (dir, data) = server.stop();
+    // Something kills it while no server runs.
+    for pid in pids_in_sandbox(&id) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    wait_gone(&id);
+    let server = Server::start_in(dir, data);
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    let sandbox = r.json();
+    assert_eq!(sandbox["state"], "killed", "{sandbox}");
+    assert_eq!(sandbox["end_reason"], "server_restart", "{sandbox}");
+    assert!(cgroup_dirs(&id).is_empty());
+    assert!(markers_of(&id).is_empty());
+}
