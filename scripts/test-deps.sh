@@ -24,3 +24,14 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+# The e2b JavaScript SDK for the Node smoke test (tests/e2b/js, versions pinned by its lock file).
+if ! command -v npm >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
+fi
+stamp=tests/e2b/js/node_modules/.installed-from-lock
+if ! cmp -s tests/e2b/js/package-lock.json "$stamp" 2>/dev/null; then
+  (cd tests/e2b/js && npm ci --silent --no-audit --no-fund)
+  cp tests/e2b/js/package-lock.json "$stamp"
+fi
