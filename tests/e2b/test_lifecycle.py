@@ -1,0 +1,94 @@
+"""Sandbox lifecycle through the unmodified `e2b` SDK: running checks, connect, pause and
+resume, snapshots, and the errors for sandboxes that do not exist."""
+
+import pytest
+from e2b import Sandbox, SandboxException, SandboxNotFoundException
+
+
+def test_is_running_connect_and_kill():
+    sbx = Sandbox.create()
+    assert sbx.is_running() is True
+    same = Sandbox.connect(sbx.sandbox_id)
+    assert same.commands.run("echo again").stdout == "again\n"
+    assert sbx.kill() is True
+    assert sbx.is_running() is False
+    assert Sandbox.kill(sbx.sandbox_id) is False
+
+
+def test_missing_sandboxes_raise_the_sdk_classes():
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect("doesnotexist0000")
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info("doesnotexist0000")
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.set_timeout("doesnotexist0000", 30)
+
+
+def test_pause_and_resume_keep_processes_and_files():
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/kept.txt", "still here")
+        sleeper = sbx.commands.run("sleep 600", background=True)
+        assert sbx.pause() is True
+        assert sbx.pause() is False
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+        listed = Sandbox.list(query={"state": ["paused"]}).next_items()
+        assert sbx.sandbox_id in [s.sandbox_id for s in listed]
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "running"
+        assert resumed.files.read("/home/user/kept.txt") == "still here"
+        assert sleeper.pid in [p.pid for p in resumed.commands.list()]
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_filesystem_snapshots():
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/state.txt", "prepared")
+        snap = sbx.create_snapshot(mode="filesystem")
+        assert snap.snapshot_id
+        ids = [s.snapshot_id for s in Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items()]
+        assert snap.snapshot_id in ids
+        child = Sandbox.create(snap.snapshot_id)
+        try:
+            assert child.files.read("/home/user/state.txt") == "prepared"
+            child.files.write("/home/user/state.txt", "changed")
+            assert sbx.files.read("/home/user/state.txt") == "prepared"
+        finally:
+            child.kill()
+        assert Sandbox.delete_snapshot(snap.snapshot_id) is True
+        assert Sandbox.delete_snapshot(snap.snapshot_id) is False
+    finally:
+        sbx.kill()
+
+
+def test_memory_snapshots_are_refused_clearly():
+    sbx = Sandbox.create()
+    try:
+        with pytest.raises(SandboxException) as info:
+            sbx.create_snapshot()
+        assert "filesystem" in str(info.value)
+    finally:
+        sbx.kill()
+
+
+def test_fork_copies_the_filesystem():
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/seed.txt", "shared start")
+        forks = sbx.fork(count=2)
+        assert len(forks) == 2
+        try:
+            for f in forks:
+                assert isinstance(f, Sandbox), f
+                assert f.sandbox_id != sbx.sandbox_id
+                assert f.files.read("/home/user/seed.txt") == "shared start"
+            forks[0].files.write("/home/user/seed.txt", "diverged")
+            assert forks[1].files.read("/home/user/seed.txt") == "shared start"
+        finally:
+            for f in forks:
+                if isinstance(f, Sandbox):
+                    f.kill()
+    finally:
+        sbx.kill()
