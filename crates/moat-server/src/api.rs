@@ -211,7 +211,10 @@ async fn create_sandbox(
         .manager
         .create(&caller.tenant, Some(&caller.key_id), req)
         .await?;
-    Ok((StatusCode::CREATED, Json(sandbox)))
+    Ok((
+        StatusCode::CREATED,
+        Json(with_access_token(&state, sandbox)),
+    ))
 }
 
 async fn list_sandboxes(
@@ -229,7 +232,14 @@ async fn get_sandbox(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<v1::Sandbox>> {
     let Path(id) = id?;
-    Ok(Json(state.manager.get(&caller.tenant, &id).await?))
+    let sandbox = state.manager.get(&caller.tenant, &id).await?;
+    Ok(Json(with_access_token(&state, sandbox)))
+}
+
+/// `sandbox` with its access token, for its owner to use the sandbox-traffic routes.
+fn with_access_token(state: &AppState, mut sandbox: v1::Sandbox) -> v1::Sandbox {
+    sandbox.access_token = Some(state.manager.access_token(&sandbox.id));
+    sandbox
 }
 
 async fn delete_sandbox(
