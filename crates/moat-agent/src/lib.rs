@@ -3,7 +3,8 @@
 //! The backend starts it as the sandbox's PID 1 with a connected stream socket on fd 3 (see
 //! [`moat_proto::agent_config`]). It reaps orphans, and serves HTTP/2 (h2c, prior knowledge) on that
 //! socket: the envd-compatible `process.Process` and `filesystem.Filesystem` Connect services and the
-//! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`.
+//! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`, and
+//! the TCP relay to services inside the sandbox ([`relay`]).
 
 pub mod auth;
 pub mod entry;
@@ -11,6 +12,7 @@ pub mod files;
 pub mod filesystem;
 pub mod process;
 pub mod reaper;
+pub mod relay;
 pub mod router;
 pub mod rpc;
 pub mod server;

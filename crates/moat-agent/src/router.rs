@@ -1,5 +1,6 @@
 //! Routing of every request the agent serves: the Connect RPCs of `process.Process` and
-//! `filesystem.Filesystem`, and the plain `/files`, `/health` and `/envs` routes.
+//! `filesystem.Filesystem`, the plain `/files`, `/health` and `/envs` routes, and the TCP relay
+//! (`/relay/tcp`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::files;
 use crate::filesystem::FsService;
 use crate::process::ProcessService;
 use crate::reaper::Reaper;
+use crate::relay;
 use crate::rpc::{Code, RpcError};
 use crate::state::AgentState;
 use crate::transport::{self, Call, Codec, Kind, Message};
@@ -80,6 +82,9 @@ impl Router {
             && !auth::token_matches(req.headers(), token)
         {
             return transport::plain(StatusCode::UNAUTHORIZED, "invalid or missing access token");
+        }
+        if path == relay::PATH {
+            return relay::handle(req).await;
         }
         if path == "/envs" {
             return match *req.method() {

@@ -320,6 +320,11 @@ pub struct Sandbox {
     pub ended_at: Option<i64>,
     /// Why it ended (`ttl`, `deleted`, `failed: …`), if it has.
     pub end_reason: Option<String>,
+    /// Its access token: what its sandbox traffic (the E2B routes: `X-Access-Token`, signed
+    /// file URLs) must present to reach it without an API key. Only in the answers of create
+    /// and get.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
 }
 
 /// `GET /v1/sandboxes`: which sandboxes to list.

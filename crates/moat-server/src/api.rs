@@ -34,7 +34,8 @@ pub(crate) struct Caller {
     pub(crate) role: Role,
 }
 
-/// The whole HTTP surface over `manager`: health endpoints, `/v1` and `/metrics`, with the
+/// The whole HTTP surface over `manager`: health endpoints, `/v1`, `/metrics` and sandbox
+/// traffic, with the
 /// default [`ServerOptions`] (sandbox addresses on the domain of [`crate::DEFAULT_LISTEN`]'s port). [`crate::serve`] adds the reaper and graceful shutdown; this
 /// alone suits serving in-process.
 pub fn router(manager: SandboxManager) -> Router {
@@ -65,13 +66,21 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .merge(crate::metrics::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state.clone());
+    // Sandbox traffic is recognised before any routing, so no API route can shadow it.
+    Router::new()
+        .fallback_service(api)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::sandbox_proxy::dispatch,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
@@ -211,7 +220,10 @@ async fn create_sandbox(
         .manager
         .create(&caller.tenant, Some(&caller.key_id), req)
         .await?;
-    Ok((StatusCode::CREATED, Json(sandbox)))
+    Ok((
+        StatusCode::CREATED,
+        Json(with_access_token(&state, sandbox)),
+    ))
 }
 
 async fn list_sandboxes(
@@ -229,7 +241,14 @@ async fn get_sandbox(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<v1::Sandbox>> {
     let Path(id) = id?;
-    Ok(Json(state.manager.get(&caller.tenant, &id).await?))
+    let sandbox = state.manager.get(&caller.tenant, &id).await?;
+    Ok(Json(with_access_token(&state, sandbox)))
+}
+
+/// `sandbox` with its access token, for its owner to use the sandbox-traffic routes.
+fn with_access_token(state: &AppState, mut sandbox: v1::Sandbox) -> v1::Sandbox {
+    sandbox.access_token = Some(state.manager.access_token(&sandbox.id));
+    sandbox
 }
 
 async fn delete_sandbox(

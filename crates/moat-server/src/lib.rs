@@ -1,5 +1,5 @@
-//! moat's HTTP surfaces over the engine: the `/v1` REST API and the health endpoints, on one
-//! listener.
+//! moat's HTTP surfaces over the engine: the `/v1` REST API, the health endpoints and the
+//! sandbox traffic of E2B's SDKs (see `sandbox_proxy`), on one listener.
 //!
 //! Every answer other than a success is a JSON [`v1::ErrorBody`], including the ones the HTTP
 //! layer itself produces (bad JSON, oversized bodies, unknown routes, wrong methods), so clients
@@ -13,6 +13,7 @@ mod keys;
 mod metrics;
 pub mod openapi;
 mod rate_limit;
+mod sandbox_proxy;
 mod templates;
 
 use moat_engine::store::now_ms;
@@ -30,6 +31,7 @@ pub use api::router;
 pub use error::ApiError;
 pub use files::{MAX_LIST_DEPTH, MAX_UPLOAD_BYTES, TAR_TIMEOUT};
 pub use rate_limit::{BURST_SECONDS, DEFAULT_REQUESTS_PER_MINUTE};
+pub use sandbox_proxy::{ENVD_PORT, INTERPRETER_PORT, INTERPRETER_PREFIX, validate_domain};
 
 /// Where `moat serve` listens unless told otherwise: loopback only, so a fresh install is not
 /// reachable from the network.
@@ -88,7 +90,6 @@ pub(crate) struct AppState {
     /// The token buckets of the keys.
     pub(crate) rate_limiter: rate_limit::RateLimiter,
     /// The domain sandbox addresses are built on (see [`ServerOptions::domain`]).
-    #[allow(dead_code)]
     pub(crate) domain: String,
 }
 

@@ -58,6 +58,13 @@ impl SandboxManager {
             ))),
         }
     }
+
+    /// The ids of the running sandboxes [`SandboxManager::route`] finds, whatever their tenants
+    /// (unclaimed warm-pool members are not among them), in no particular order: what a signed
+    /// file URL that names no sandbox is matched against.
+    pub fn running_ids(&self) -> Vec<String> {
+        lock(&self.inner.live).keys().cloned().collect()
+    }
 }
 
 #[cfg(test)]

@@ -811,6 +811,7 @@ fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
         expires_at: rec.expires_at,
         ended_at: rec.ended_at,
         end_reason: rec.end_reason.as_ref().map(ToString::to_string),
+        access_token: None,
     }
 }
 

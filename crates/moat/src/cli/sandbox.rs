@@ -447,6 +447,7 @@ mod tests {
             expires_at: Some(60_000),
             ended_at: None,
             end_reason: None,
+            access_token: None,
         }
     }
 

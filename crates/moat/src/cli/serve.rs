@@ -47,7 +47,7 @@ pub struct ServeArgs {
     max_ttl: u64,
     /// Domain of sandbox addresses (`<port>-<sandbox>.<domain>`, what E2B clients are told);
     /// default `localhost:<port of --listen>`.
-    #[arg(long, value_name = "HOST[:PORT]")]
+    #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_domain)]
     domain: Option<String>,
     /// What a stop (SIGTERM, SIGINT) does with running sandboxes: destroy them, or keep them
     /// running for the next `moat serve` on this data dir to take over (warm-pool members are
@@ -84,6 +84,12 @@ impl ServeArgs {
             pool_memory_budget: self.pool_memory,
         })
     }
+}
+
+/// A `--domain` value, checked by [`moat_server::validate_domain`].
+fn parse_domain(text: &str) -> Result<String, String> {
+    moat_server::validate_domain(text)?;
+    Ok(text.to_owned())
 }
 
 /// How logs are written.

@@ -157,6 +157,21 @@ impl Server {
 }
 
 impl Server {
+    /// Sends `request` (a whole HTTP/1.1 request, head and body, as written) on its own
+    /// connection and reads the answer to the end; a chunked answer is decoded. The request
+    /// should say `Connection: close`.
+    pub fn raw(&self, request: &[u8]) -> std::io::Result<Reply> {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
+        conn.write_all(request)?;
+        let mut raw = Vec::new();
+        match conn.read_to_end(&mut raw) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        Reply::parse(&raw)
+    }
+
     /// SIGKILLs the server, as a crash would, and hands back its data dir.
     pub fn kill9(mut self) -> (tempfile::TempDir, PathBuf) {
         let _ = self.child.kill();

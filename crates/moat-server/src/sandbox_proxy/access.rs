@@ -1,0 +1,380 @@
+//! Who may reach a sandbox: its access token ([`SandboxManager::access_token`]), presented as a
+//! header or, for `/files`, as a `v1_` signature made with it (`e2b-wire.md` §4.6, §7.4).
+//!
+//! The sandbox's agent runs without a token of its own, so these checks are the only ones:
+//!
+//! | port | needs the token (`X-Access-Token`) |
+//! | --- | --- |
+//! | 49983 (envd) | everything but `GET /health` and `/files` (header or signature); internal paths are refused |
+//! | 49999 (code interpreter) | everything but `/health` and `/contexts…` (so `POST /execute`) |
+//! | any other | everything; `X-Access-Token` or `E2B-Traffic-Access-Token` |
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, Method, StatusCode};
+use base64::Engine as _;
+use moat_engine::manager::SandboxManager;
+use sha2::{Digest, Sha256};
+
+use super::answers::Refusal;
+use super::{ENVD_PORT, INTERPRETER_PORT};
+
+/// Header carrying a sandbox's access token.
+pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
+/// E2B's traffic-token header, accepted for user services as [`ACCESS_TOKEN_HEADER`] is.
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+
+/// envd paths only the host may use (upstream's proxy refuses them from outside too), and the
+/// agent's own routes that are reached through other ports: refused on port 49983. A path is
+/// refused when it is one of these or lies below one.
+pub const INTERNAL_PATHS: &[&str] = &[
+    "/init",
+    "/freeze",
+    "/unfreeze",
+    "/fsfreeze",
+    "/fsthaw",
+    "/collapse",
+    "/upgrade",
+    "/relay",
+    "/interpreter",
+];
+
+/// Compares without an early exit, so timing does not tell how much of a guess was right.
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether header `name` is present and carries `token`.
+fn header_is(headers: &HeaderMap, name: &str, token: &str) -> bool {
+    headers
+        .get(name)
+        .is_some_and(|v| same(v.as_bytes(), token.as_bytes()))
+}
+
+/// Allows a request for `port` of the sandbox whose token is `token`, or answers why not.
+pub(crate) fn check(token: &str, port: u16, req: &Request) -> Result<(), Refusal> {
+    let path = req.uri().path();
+    let headers = req.headers();
+    let need_token = |ok: bool| {
+        if ok {
+            Ok(())
+        } else if headers.contains_key(ACCESS_TOKEN_HEADER) {
+            Err(Refusal::unauthorized("invalid access token"))
+        } else {
+            Err(Refusal::unauthorized(
+                "missing access token: send the sandbox's access token as X-Access-Token",
+            ))
+        }
+    };
+    match port {
+        ENVD_PORT => {
+            if is_internal(path) {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!("{path} is internal to the sandbox and cannot be reached from outside"),
+                ));
+            }
+            if path == "/health" && matches!(*req.method(), Method::GET | Method::HEAD) {
+                return Ok(());
+            }
+            if path == "/files" {
+                return check_files(token, req);
+            }
+            need_token(header_is(headers, ACCESS_TOKEN_HEADER, token))
+        }
+        INTERPRETER_PORT => {
+            // Only plain paths are open: no dot segments, doubled or escaped slashes that a
+            // router might read as another route.
+            let plain = !path.contains("..") && !path.contains("//") && !path.contains('%');
+            let open = path == "/health" || path == "/contexts" || path.starts_with("/contexts/");
+            need_token((plain && open) || header_is(headers, ACCESS_TOKEN_HEADER, token))
+        }
+        _ => need_token(
+            header_is(headers, ACCESS_TOKEN_HEADER, token)
+                || header_is(headers, TRAFFIC_TOKEN_HEADER, token),
+        ),
+    }
+}
+
+/// Whether `path` is, or lies below, one of [`INTERNAL_PATHS`].
+fn is_internal(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    INTERNAL_PATHS.iter().any(|p| {
+        path == *p
+            || path
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
+/// `/files`: a matching `X-Access-Token` when the header is sent, else a valid signature.
+fn check_files(token: &str, req: &Request) -> Result<(), Refusal> {
+    if let Some(given) = req.headers().get(ACCESS_TOKEN_HEADER) {
+        return if same(given.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Refusal::unauthorized("invalid access token"))
+        };
+    }
+    let query = FilesQuery::parse(req.uri().query().unwrap_or(""))?;
+    let Some(signature) = query.signature.as_deref() else {
+        return Err(Refusal::unauthorized(
+            "missing access token or signature: send X-Access-Token or use a signed URL",
+        ));
+    };
+    let operation = Operation::of(req.method())?;
+    if !same(
+        signature.as_bytes(),
+        query.sign(operation, token).as_bytes(),
+    ) {
+        return Err(Refusal::unauthorized("invalid signature"));
+    }
+    query.check_expiration()
+}
+
+/// The sandbox a signed `/files` URL without routing headers is for: the running sandbox whose
+/// token the signature was made with (one hash per running sandbox). The signature is checked
+/// on the way, expiration included.
+pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<String, Refusal> {
+    let query = FilesQuery::parse(req.uri().query().unwrap_or(""))?;
+    let operation = Operation::of(req.method())?;
+    let signature = query.signature.as_deref().unwrap_or("");
+    let id = manager
+        .running_ids()
+        .into_iter()
+        .find(|id| {
+            let expected = query.sign(operation, &manager.access_token(id));
+            same(signature.as_bytes(), expected.as_bytes())
+        })
+        .ok_or_else(|| {
+            Refusal::unauthorized(
+                "invalid signature: it was made for no running sandbox (send E2b-Sandbox-Id to name one)",
+            )
+        })?;
+    query.check_expiration()?;
+    Ok(id)
+}
+
+/// What a file signature grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Read,
+    Write,
+}
+
+impl Operation {
+    /// The operation of a `/files` request's method: `GET` (and `HEAD`) read, `POST` writes.
+    fn of(method: &Method) -> Result<Operation, Refusal> {
+        match *method {
+            Method::GET | Method::HEAD => Ok(Operation::Read),
+            Method::POST => Ok(Operation::Write),
+            _ => Err(Refusal::unauthorized(format!(
+                "a signature covers GET and POST only; {method} needs X-Access-Token"
+            ))),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Read => "read",
+            Operation::Write => "write",
+        }
+    }
+}
+
+/// The query parameters of a `/files` request the signature covers, decoded as the agent
+/// decodes them (`+` is a space, then percent-escapes).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FilesQuery {
+    path: Option<String>,
+    username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<String>,
+}
+
+impl FilesQuery {
+    /// Parses `query`. One of the four parameters given twice is refused: the signature must
+    /// cover exactly what the agent acts on.
+    fn parse(query: &str) -> Result<FilesQuery, Refusal> {
+        let mut q = FilesQuery::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match name {
+                "path" => &mut q.path,
+                "username" => &mut q.username,
+                "signature" => &mut q.signature,
+                "signature_expiration" => &mut q.signature_expiration,
+                _ => continue,
+            };
+            if slot.is_some() {
+                return Err(Refusal::bad_request(format!(
+                    "the query parameter '{name}' is given twice"
+                )));
+            }
+            let spaced = value.replace('+', " ");
+            let decoded = percent_encoding::percent_decode_str(&spaced)
+                .decode_utf8()
+                .map_err(|_| {
+                    Refusal::bad_request(format!("the query parameter '{name}' is not UTF-8"))
+                })?;
+            *slot = Some(decoded.into_owned());
+        }
+        Ok(q)
+    }
+
+    /// The `v1_` signature of this request under `token`.
+    fn sign(&self, operation: Operation, token: &str) -> String {
+        sign(
+            self.path.as_deref().unwrap_or(""),
+            operation,
+            self.username.as_deref().unwrap_or(""),
+            token,
+            self.signature_expiration.as_deref(),
+        )
+    }
+
+    /// A given `signature_expiration` must lie in the future.
+    fn check_expiration(&self) -> Result<(), Refusal> {
+        let Some(text) = self.signature_expiration.as_deref() else {
+            return Ok(());
+        };
+        let at: i64 = text
+            .parse()
+            .map_err(|_| Refusal::unauthorized("invalid signature expiration"))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if at <= now {
+            return Err(Refusal::unauthorized("signature has expired"));
+        }
+        Ok(())
+    }
+}
+
+/// `v1_` and the unpadded standard base64 of SHA-256(`path:operation:user:token[:expiration]`).
+fn sign(
+    path: &str,
+    operation: Operation,
+    user: &str,
+    token: &str,
+    expiration: Option<&str>,
+) -> String {
+    let mut input = format!("{path}:{}:{user}:{token}", operation.as_str());
+    if let Some(exp) = expiration {
+        input.push(':');
+        input.push_str(exp);
+    }
+    let digest = Sha256::digest(input.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request {
+        let mut b = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    fn status(r: Result<(), Refusal>) -> u16 {
+        r.map_or_else(|r| r.status.as_u16(), |()| 200)
+    }
+
+    #[test]
+    fn signs_like_the_sdk() {
+        // Vectors computed independently with Python's hashlib and base64.
+        assert_eq!(
+            sign("/home/user/a.txt", Operation::Read, "", "secret", None),
+            "v1_HEW7fDvq8wDd0bCgcYpP4vKMGjo6waU8ir2ibcmhKGY"
+        );
+        assert_eq!(
+            sign(
+                "/home/user/a.txt",
+                Operation::Write,
+                "user",
+                "secret",
+                Some("1700000000")
+            ),
+            "v1_NuOL6MxlaYQ+owIRhnNeiDwJq5PQda3sqDKPDCZmEek"
+        );
+    }
+
+    #[test]
+    fn envd_rules() {
+        let t = "tok";
+        let ok = [("x-access-token", "tok")];
+        let bad = [("x-access-token", "nope")];
+        assert_eq!(status(check(t, 49983, &req("GET", "/health", &[]))), 200);
+        assert_eq!(status(check(t, 49983, &req("POST", "/health", &[]))), 401);
+        assert_eq!(status(check(t, 49983, &req("POST", "/x.Y/Z", &[]))), 401);
+        assert_eq!(status(check(t, 49983, &req("POST", "/x.Y/Z", &bad))), 401);
+        assert_eq!(status(check(t, 49983, &req("POST", "/x.Y/Z", &ok))), 200);
+        for internal in [
+            "/init",
+            "/init/",
+            "/freeze",
+            "/relay/tcp?port=1",
+            "/interpreter/execute",
+        ] {
+            assert_eq!(status(check(t, 49983, &req("POST", internal, &ok))), 403);
+        }
+        assert_eq!(status(check(t, 49983, &req("GET", "/initial", &ok))), 200);
+        // Files: the header, else a signature.
+        assert_eq!(
+            status(check(t, 49983, &req("GET", "/files?path=/a", &ok))),
+            200
+        );
+        assert_eq!(
+            status(check(t, 49983, &req("GET", "/files?path=/a", &bad))),
+            401
+        );
+        assert_eq!(
+            status(check(t, 49983, &req("GET", "/files?path=/a", &[]))),
+            401
+        );
+        let sig = sign("/a b", Operation::Read, "", t, None);
+        let uri = format!("/files?path=/a%20b&signature={}", sig.replace('+', "%2B"));
+        assert_eq!(status(check(t, 49983, &req("GET", &uri, &[]))), 200);
+        assert_eq!(status(check(t, 49983, &req("POST", &uri, &[]))), 401);
+        let twice = format!("{uri}&path=/etc/shadow");
+        assert_eq!(status(check(t, 49983, &req("GET", &twice, &[]))), 400);
+        let sig = sign("/a", Operation::Write, "root", t, Some("1"));
+        let uri = format!(
+            "/files?path=/a&username=root&signature={}&signature_expiration=1",
+            sig.replace('+', "%2B")
+        );
+        assert_eq!(status(check(t, 49983, &req("POST", &uri, &[]))), 401);
+    }
+
+    #[test]
+    fn interpreter_and_user_port_rules() {
+        let t = "tok";
+        let ok = [("x-access-token", "tok")];
+        assert_eq!(status(check(t, 49999, &req("POST", "/contexts", &[]))), 200);
+        assert_eq!(
+            status(check(t, 49999, &req("DELETE", "/contexts/a", &[]))),
+            200
+        );
+        assert_eq!(status(check(t, 49999, &req("GET", "/health", &[]))), 200);
+        assert_eq!(status(check(t, 49999, &req("POST", "/execute", &[]))), 401);
+        assert_eq!(
+            status(check(t, 49999, &req("POST", "/contexts/../execute", &[]))),
+            401
+        );
+        assert_eq!(status(check(t, 49999, &req("POST", "/execute", &ok))), 200);
+        assert_eq!(status(check(t, 8000, &req("GET", "/", &[]))), 401);
+        assert_eq!(status(check(t, 8000, &req("GET", "/", &ok))), 200);
+        let traffic = [("e2b-traffic-access-token", "tok")];
+        assert_eq!(status(check(t, 8000, &req("GET", "/", &traffic))), 200);
+    }
+}

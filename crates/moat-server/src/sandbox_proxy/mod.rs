@@ -1,0 +1,71 @@
+//! Sandbox traffic on the server's listener: requests for a port inside a sandbox, as E2B's
+//! SDKs send them (`e2b-wire.md` §2.3), go to that sandbox; everything else goes on to the
+//! API's router unchanged.
+//!
+//! - [`target`]: which sandbox and port a request is for (`Host: <port>-<id>.<domain>`, the
+//!   `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers, or a signed `/files` URL).
+//! - [`access`]: the sandbox's access token, and `/files` signatures made with it.
+//! - [`forward`]: port 49983 (envd) and 49999 (the code interpreter) to the sandbox's agent.
+//! - [`relay`]: other ports through the agent's TCP relay to the service listening there.
+//! - [`answers`]: the proxy's own answers (`401`, and the `502`s E2B clients classify).
+//!
+//! Sandbox traffic carries no API key and is not rate-limited: the per-sandbox access token is
+//! what lets it in. Answers are never redirects.
+
+mod access;
+mod answers;
+mod forward;
+mod relay;
+mod target;
+
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::api::Shared;
+use target::Traffic;
+
+pub use target::validate_domain;
+
+/// The port of envd, the agent's own API, inside every sandbox.
+pub const ENVD_PORT: u16 = 49983;
+/// The port of the code interpreter inside every sandbox.
+pub const INTERPRETER_PORT: u16 = 49999;
+/// Where the agent serves the code interpreter: a port-49999 request for `P` goes to the
+/// agent's `/interpreter` + `P`.
+pub const INTERPRETER_PREFIX: &str = "/interpreter";
+
+/// The middleware in front of the router: sandbox traffic is answered here, the rest passes.
+pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let (id, port) = match target::classify(&req, &state.domain) {
+        Err(refusal) => return refusal.into_response(),
+        Ok(Traffic::Control) => return next.run(req).await,
+        Ok(Traffic::Sandbox { id, port }) => {
+            if let Err(refusal) = access::check(&state.manager.access_token(&id), port, &req) {
+                return refusal.into_response();
+            }
+            (id, port)
+        }
+        Ok(Traffic::SignedFiles) => match access::find_signed(&state.manager, &req) {
+            Ok(id) => (id, ENVD_PORT),
+            Err(refusal) => return refusal.into_response(),
+        },
+    };
+    if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+        return answers::plain(
+            StatusCode::NOT_IMPLEMENTED,
+            "protocol upgrades (WebSocket) to sandboxes are not supported yet",
+        );
+    }
+    let Ok(route) = state.manager.route(&id) else {
+        return answers::sandbox_not_found(&id);
+    };
+    match port {
+        ENVD_PORT => forward::to_agent(&route.client, &id, port, "", req).await,
+        INTERPRETER_PORT => {
+            forward::to_agent(&route.client, &id, port, INTERPRETER_PREFIX, req).await
+        }
+        _ => relay::to_service(&route.client, &id, port, req).await,
+    }
+}
