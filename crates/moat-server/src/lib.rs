@@ -1,12 +1,15 @@
-//! moat's HTTP surfaces over the engine: the `/v1` REST API and the health endpoints, on one
-//! listener.
+//! moat's HTTP surfaces over the engine: the `/v1` REST API, the E2B-compatible control plane
+//! and the health endpoints, on one listener.
 //!
 //! Every answer other than a success is a JSON [`v1::ErrorBody`], including the ones the HTTP
 //! layer itself produces (bad JSON, oversized bodies, unknown routes, wrong methods), so clients
-//! parse one error format. Only `/healthz` and `/readyz` are open; `/v1` needs an API key and
-//! `/metrics` an admin key. Every authenticated request is rate-limited per key.
+//! parse one error format; under E2B's paths it is E2B's `{"code", "message"}` instead. Only
+//! `/healthz` and `/readyz` are open; `/v1` needs an API key (`Authorization: Bearer`), the E2B
+//! routes the same keys as `X-API-KEY`, and `/metrics` an admin key. Every authenticated request
+//! is rate-limited per key.
 
 mod api;
+mod e2b;
 mod error;
 mod files;
 mod keys;
@@ -85,7 +88,6 @@ pub(crate) struct AppState {
     /// The token buckets of the keys.
     pub(crate) rate_limiter: rate_limit::RateLimiter,
     /// The domain sandbox addresses are built on (see [`ServerOptions::domain`]).
-    #[allow(dead_code)]
     pub(crate) domain: String,
 }
 
@@ -101,7 +103,8 @@ impl AppState {
 }
 
 /// Serves the API on `listener` with `opts` until `shutdown` completes, reaping expired
-/// sandboxes every [`REAP_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
+/// sandboxes every [`REAP_INTERVAL`], sampling their resource use every
+/// [`moat_engine::manager::USAGE_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
 /// accepting connections, waits up to [`DRAIN_TIMEOUT`] for requests in flight, and destroys
 /// every sandbox the manager runs.
 pub async fn serve(
@@ -118,6 +121,10 @@ pub async fn serve(
     let pools = {
         let (manager, stop) = (manager.clone(), stop_rx.clone());
         tokio::spawn(async move { manager.run_pools(stop).await })
+    };
+    let usage = {
+        let (manager, stop) = (manager.clone(), stop_rx.clone());
+        tokio::spawn(async move { manager.run_usage_sampler(stop).await })
     };
 
     let signal = {
@@ -156,6 +163,7 @@ pub async fn serve(
     };
     let _ = reaper.await;
     let _ = pools.await;
+    let _ = usage.await;
     let ended = manager.shutdown().await;
     tracing::info!(sandboxes = ended, "destroyed the sandboxes still running");
     result
