@@ -7,6 +7,7 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use moat_engine::store::{Quotas, Role, Store};
 use serde_json::{Value, json};
@@ -653,6 +654,61 @@ fn e2b_control_plane() {
     );
     assert_create_refused(&r, 429);
     assert!(r.header("retry-after").is_some(), "{}", r.headers);
+
+    // The warm pool: an E2B create of a pooled template claims a ready member, as /v1's does.
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(key),
+        Some(&body(
+            json!({"name": "pooled", "spec": {"rootfs": "host", "pool_size": 1}}),
+        )),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // A generous deadline for a loaded machine; not a speed check.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let t = server
+            .request("GET", "/v1/templates/pooled", Some(key), None)
+            .json();
+        if t["pool"]["ready"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pool never filled: {t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let claims = || -> u64 {
+        let r = server.request("GET", "/metrics", Some(key), None);
+        String::from_utf8_lossy(&r.body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("moat_claim_seconds_count ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .expect("moat_claim_seconds_count")
+    };
+    let before = claims();
+    let pooled = create(
+        &server,
+        key,
+        json!({"templateID": "pooled", "metadata": {}, "envVars": {}}),
+    );
+    assert_eq!(pooled["templateID"], "pooled");
+    assert_eq!(claims(), before + 1, "the create was not a claim");
+    assert_eq!(
+        e2b(
+            &server,
+            "DELETE",
+            &format!("/sandboxes/{}", id_of(&pooled)),
+            Some(key),
+            &[],
+            None
+        )
+        .status,
+        204
+    );
 
     // Unknown routes and methods under E2B's paths still answer E2B's JSON.
     assert_e2b_error(
