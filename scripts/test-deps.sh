@@ -23,7 +23,7 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
   fi
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
 # The e2b JavaScript SDK for the Node smoke test (tests/e2b/js, versions pinned by its lock file).
 if ! command -v npm >/dev/null; then

@@ -49,6 +49,14 @@ pub struct InstanceStats {
     pub memory_bytes: u64,
     /// Processes killed by the kernel's OOM killer so far.
     pub oom_kills: u64,
+    /// Of `memory_bytes`, the page cache (file pages, the writable layer's included), bytes.
+    pub memory_cache_bytes: u64,
+    /// CPU time used so far by all its processes, microseconds.
+    pub cpu_usage_usec: u64,
+    /// Bytes in use on its writable layer.
+    pub disk_used_bytes: u64,
+    /// Size of its writable layer, bytes.
+    pub disk_total_bytes: u64,
 }
 
 /// An isolation backend.
@@ -85,6 +93,11 @@ pub trait Instance: Send + Sync {
     fn take_channel(&mut self) -> Option<UnixStream>;
     /// Counters.
     fn stats(&self) -> InstanceStats;
+    /// [`InstanceStats::oom_kills`] alone, for callers on a hot path (every exec) that need
+    /// nothing else; backends whose full [`Instance::stats`] is costly override it.
+    fn oom_kills(&self) -> u64 {
+        self.stats().oom_kills
+    }
     /// The host pid of the sandbox's first process, where the backend has one (for audits).
     fn host_pid(&self) -> Option<i32>;
     /// Freezes every process.

@@ -485,12 +485,27 @@ impl Instance for NativeInstance {
             return InstanceStats::default();
         };
         match guard.as_ref() {
-            Some(l) => InstanceStats {
-                memory_bytes: l.cgroup.memory_current(),
-                oom_kills: l.cgroup.oom_kills(),
-            },
+            Some(l) => {
+                let (disk_used_bytes, disk_total_bytes) =
+                    moat_jail::rootfs::writable_layer_usage(l.process.pid()).unwrap_or((0, 0));
+                InstanceStats {
+                    memory_bytes: l.cgroup.memory_current(),
+                    oom_kills: l.cgroup.oom_kills(),
+                    memory_cache_bytes: l.cgroup.memory_cache(),
+                    cpu_usage_usec: l.cgroup.cpu_usage_usec(),
+                    disk_used_bytes,
+                    disk_total_bytes,
+                }
+            }
             None => InstanceStats::default(),
         }
+    }
+
+    fn oom_kills(&self) -> u64 {
+        let Ok(guard) = self.inner.lock() else {
+            return 0;
+        };
+        guard.as_ref().map_or(0, |l| l.cgroup.oom_kills())
     }
 
     fn host_pid(&self) -> Option<i32> {

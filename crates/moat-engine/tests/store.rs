@@ -800,6 +800,15 @@ fn listing_filters_and_pages_without_duplicates_or_gaps() {
         for s in &seen {
             assert_eq!(*s, all[&s.id].1);
         }
+        // Newest first: the same sandboxes in the opposite order.
+        let newest = walk(SandboxFilter {
+            limit,
+            newest_first: true,
+            ..Default::default()
+        });
+        let mut reversed: Vec<&String> = newest.iter().map(|s| &s.id).collect();
+        reversed.reverse();
+        assert_eq!(reversed, ids, "newest first at limit {limit}");
     }
 
     let matching = |pred: &dyn Fn(usize, &SandboxRecord) -> bool| -> BTreeSet<String> {
@@ -841,6 +850,38 @@ fn listing_filters_and_pages_without_duplicates_or_gaps() {
         ..Default::default()
     });
     assert_eq!(ids(even_starting), matching(&|i, _| i % 4 == 0));
+
+    // By template, and by creation time.
+    assert_eq!(
+        walk(SandboxFilter {
+            template: Some("host".into()),
+            limit: 50,
+            ..Default::default()
+        })
+        .len(),
+        all.len()
+    );
+    assert!(
+        walk(SandboxFilter {
+            template: Some("other".into()),
+            ..Default::default()
+        })
+        .is_empty()
+    );
+    let median = {
+        let mut times: Vec<i64> = all.values().map(|(_, s)| s.created_at).collect();
+        times.sort_unstable();
+        times[times.len() / 2]
+    };
+    assert_eq!(
+        ids(walk(SandboxFilter {
+            created_since: Some(median),
+            limit: 9,
+            newest_first: true,
+            ..Default::default()
+        })),
+        matching(&|_, s| s.created_at >= median)
+    );
 
     let none = store
         .list_sandboxes(
@@ -905,6 +946,26 @@ fn expiry_and_orphans() {
         ]
     );
     assert!(store.expired(0).unwrap().is_empty());
+
+    // Extending only moves an expiry later; a sandbox that never expires stays so.
+    let extend = |id: &str, at: i64| store.extend_sandbox_expiry("acme", id, at).unwrap();
+    assert_eq!(extend(&running_future.id, 500).expires_at, Some(1001));
+    assert_eq!(extend(&running_future.id, 1001).expires_at, Some(1001));
+    assert_eq!(extend(&running_never.id, 5).expires_at, None);
+    let later = extend(&running_future.id, 1002);
+    assert_eq!(later.expires_at, Some(1002));
+    assert_eq!(
+        store.get_sandbox("acme", &running_future.id).unwrap(),
+        later
+    );
+    assert!(matches!(
+        store.extend_sandbox_expiry("acme", &killed.id, 9),
+        Err(StoreError::Ended { .. })
+    ));
+    assert!(matches!(
+        store.extend_sandbox_expiry("umbrella", &running_future.id, 9),
+        Err(StoreError::NotFound { .. })
+    ));
 
     // The reaper kills one; it is no longer expired.
     store

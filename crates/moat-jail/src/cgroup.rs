@@ -312,6 +312,8 @@ pub struct SandboxCgroup {
     version: Version,
     dirs: Vec<PathBuf>,
     memory: PathBuf,
+    /// The v1 cpu directory (for `cpuacct.usage` where cpuacct is mounted with cpu).
+    cpu: Option<PathBuf>,
     freezer: Option<PathBuf>,
     unified: Option<PathBuf>,
 }
@@ -400,6 +402,7 @@ impl SandboxCgroup {
             version: layout.version,
             dirs,
             memory,
+            cpu: cpu.clone(),
             freezer,
             unified,
         };
@@ -487,6 +490,39 @@ impl SandboxCgroup {
             .unwrap_or(0)
     }
 
+    /// Memory of the page cache (file pages, including the writable layer's tmpfs), bytes:
+    /// `file` of v2's `memory.stat`, `cache` of v1's.
+    pub fn memory_cache(&self) -> u64 {
+        let key = match self.version {
+            Version::V2 => "file",
+            Version::V1 => "cache",
+        };
+        let text = fs::read_to_string(self.memory.join("memory.stat")).unwrap_or_default();
+        stat_value(&text, key).unwrap_or(0)
+    }
+
+    /// CPU time the sandbox's processes used so far, microseconds: `usage_usec` of a v2
+    /// `cpu.stat` (which every v2 cgroup has, with or without the cpu controller, so a hybrid
+    /// host's controller-less v2 directory counts too), else v1's `cpuacct.usage` where
+    /// cpuacct is mounted with cpu; 0 where neither is readable.
+    pub fn cpu_usage_usec(&self) -> u64 {
+        let v2 = match self.version {
+            Version::V2 => Some(&self.memory),
+            Version::V1 => self.unified.as_ref(),
+        };
+        if let Some(usec) = v2
+            .and_then(|d| fs::read_to_string(d.join("cpu.stat")).ok())
+            .and_then(|text| stat_value(&text, "usage_usec"))
+        {
+            return usec;
+        }
+        self.cpu
+            .as_ref()
+            .and_then(|d| fs::read_to_string(d.join("cpuacct.usage")).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map_or(0, |ns| ns / 1000)
+    }
+
     /// Freezes (`true`) or thaws (`false`) every process of the sandbox.
     pub fn set_frozen(&self, frozen: bool) -> Result<()> {
         if let Some(u) = self
@@ -531,6 +567,7 @@ impl SandboxCgroup {
             version: layout.version,
             dirs,
             memory,
+            cpu: dir_of(&layout.cpu),
             freezer,
             unified,
         })
@@ -609,9 +646,29 @@ impl SandboxCgroup {
     }
 }
 
+/// The value of `key` in a flat-keyed cgroup file (`key value` lines).
+fn stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        if k == key {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_flat_keyed_files() {
+        let text = "usage_usec 1234\nuser_usec 1000\nfile 77\n";
+        assert_eq!(stat_value(text, "usage_usec"), Some(1234));
+        assert_eq!(stat_value(text, "file"), Some(77));
+        assert_eq!(stat_value(text, "usage"), None);
+    }
 
     #[test]
     fn unescapes_mountinfo() {

@@ -253,6 +253,26 @@ const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "firmware"];
 /// `/proc` entries left visible but read-only.
 const PROC_READONLY: &[&str] = &["bus", "fs", "irq", "sys"];
 
+/// Bytes used and total of the writable layer of the sandbox whose first process is host pid
+/// `pid`, or `None` when it cannot be read (the sandbox is gone).
+///
+/// Read through `/proc/<pid>/root`, the sandbox's `/`: with the `host` template that is the
+/// writable tmpfs itself, with a directory template an overlay, whose `statfs` reports its upper
+/// layer, the same tmpfs. Nothing is resolved inside the sandbox beyond its root directory.
+pub fn writable_layer_usage(pid: i32) -> Option<(u64, u64)> {
+    let path = CString::new(format!("/proc/{pid}/root")).ok()?;
+    // SAFETY: all-zero is a valid `statvfs`; the kernel fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let unit = st.f_frsize as u64;
+    let total = (st.f_blocks as u64).saturating_mul(unit);
+    let free = (st.f_bfree as u64).saturating_mul(unit);
+    Some((total.saturating_sub(free), total))
+}
+
 /// The uid and gid of the sandbox's default user.
 pub const USER_ID: u32 = 1000;
 

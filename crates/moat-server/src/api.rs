@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -70,6 +70,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(v1)
+        .merge(crate::e2b::routes(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -111,6 +112,47 @@ async fn authenticate(
     next: Next,
 ) -> ApiResult<Response> {
     let secret = bearer(&req)?;
+    match check_key(&state, secret).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            Ok(next.run(req).await)
+        }
+        Err(refusal) => Ok(refusal.into_response()),
+    }
+}
+
+/// Why a key was refused: the error, and for a rate limit the seconds until a retry can pass.
+#[derive(Debug)]
+pub(crate) struct KeyRefusal {
+    pub(crate) error: ApiError,
+    pub(crate) retry_after_secs: Option<u64>,
+}
+
+impl From<ApiError> for KeyRefusal {
+    fn from(error: ApiError) -> Self {
+        KeyRefusal {
+            error,
+            retry_after_secs: None,
+        }
+    }
+}
+
+impl IntoResponse for KeyRefusal {
+    fn into_response(self) -> Response {
+        let mut response = self.error.into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// The caller an API key secret stands for, once the key is known, not revoked, and within its
+/// rate limit: what every authenticated surface (`/v1`'s Bearer keys, the E2B API's
+/// `X-API-KEY`) checks.
+pub(crate) async fn check_key(state: &Shared, secret: String) -> Result<Caller, KeyRefusal> {
     let store = state.manager.store().clone();
     let key = tokio::task::spawn_blocking(move || store.authenticate(&secret))
         .await
@@ -121,27 +163,23 @@ async fn authenticate(
         .rate_limiter
         .check(&key.id, key.quotas.requests_per_minute, Instant::now());
     if let Err(limit) = limited {
-        let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "key {} is over its rate limit of {} requests per minute; retry in {} s",
-                key.id, limit.requests_per_minute, limit.retry_after_secs
+        return Err(KeyRefusal {
+            error: ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "key {} is over its rate limit of {} requests per minute; retry in {} s",
+                    key.id, limit.requests_per_minute, limit.retry_after_secs
+                ),
             ),
-        )
-        .into_response();
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(limit.retry_after_secs),
-        );
-        return Ok(response);
+            retry_after_secs: Some(limit.retry_after_secs),
+        });
     }
-    req.extensions_mut().insert(Caller {
+    Ok(Caller {
         tenant: key.tenant,
         key_id: key.id,
         role: key.role,
-    });
-    Ok(next.run(req).await)
+    })
 }
 
 /// The secret of `Authorization: Bearer <secret>`.
@@ -184,15 +222,30 @@ async fn readyz(State(state): State<Shared>) -> ApiResult<Json<serde_json::Value
     Ok(Json(serde_json::json!({"status": "ready"})))
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+/// The error of `err` in the format of the surface `uri` belongs to (E2B's or `/v1`'s).
+fn surface_error(uri: &Uri, err: ApiError) -> Response {
+    if crate::e2b::owns_path(uri.path()) {
+        crate::e2b::no_route(err)
+    } else {
+        err.into_response()
+    }
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed on this route",
+async fn not_found(uri: Uri) -> Response {
+    surface_error(
+        &uri,
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    )
+}
+
+async fn method_not_allowed(uri: Uri) -> Response {
+    surface_error(
+        &uri,
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        ),
     )
 }
 

@@ -1,12 +1,16 @@
-//! moat's HTTP surfaces over the engine: the `/v1` REST API, the health endpoints and the
-//! sandbox traffic of E2B's SDKs (see `sandbox_proxy`), on one listener.
+//! moat's HTTP surfaces over the engine: the `/v1` REST API, the E2B-compatible control plane
+//! (see `e2b`), the sandbox traffic of E2B's SDKs (see `sandbox_proxy`) and the health
+//! endpoints, on one listener.
 //!
 //! Every answer other than a success is a JSON [`v1::ErrorBody`], including the ones the HTTP
 //! layer itself produces (bad JSON, oversized bodies, unknown routes, wrong methods), so clients
-//! parse one error format. Only `/healthz` and `/readyz` are open; `/v1` needs an API key and
-//! `/metrics` an admin key. Every authenticated request is rate-limited per key.
+//! parse one error format; under E2B's paths it is E2B's `{"code", "message"}` instead. Only
+//! `/healthz` and `/readyz` are open; `/v1` needs an API key (`Authorization: Bearer`), the E2B
+//! routes the same keys as `X-API-KEY`, and `/metrics` an admin key. Every authenticated request
+//! is rate-limited per key.
 
 mod api;
+mod e2b;
 mod error;
 mod files;
 mod keys;
@@ -105,7 +109,8 @@ impl AppState {
 }
 
 /// Serves the API on `listener` with `opts` until `shutdown` completes, reaping expired
-/// sandboxes every [`REAP_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
+/// sandboxes every [`REAP_INTERVAL`], sampling their resource use every
+/// [`moat_engine::manager::USAGE_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
 /// accepting connections, waits up to [`DRAIN_TIMEOUT`] for requests in flight, and destroys
 /// (or keeps, per [`ServerOptions::on_shutdown`]) every sandbox the manager runs.
 pub async fn serve(
@@ -122,6 +127,10 @@ pub async fn serve(
     let pools = {
         let (manager, stop) = (manager.clone(), stop_rx.clone());
         tokio::spawn(async move { manager.run_pools(stop).await })
+    };
+    let usage = {
+        let (manager, stop) = (manager.clone(), stop_rx.clone());
+        tokio::spawn(async move { manager.run_usage_sampler(stop).await })
     };
 
     let signal = {
@@ -160,6 +169,7 @@ pub async fn serve(
     };
     let _ = reaper.await;
     let _ = pools.await;
+    let _ = usage.await;
     let (destroyed, kept) = manager.shutdown(opts.on_shutdown).await;
     tracing::info!(destroyed, kept, "ended or kept the sandboxes still running");
     result

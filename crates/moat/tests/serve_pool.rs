@@ -111,7 +111,7 @@ fn templates_crud_and_checks() {
     let out = exec(&server, &admin, &id, "echo $GREETING; pwd");
     assert_eq!(out["stdout"], "hi\n/tmp\n", "{out}");
 
-    // Listed beside the built-in; another tenant sees only the built-in.
+    // Listed beside the built-ins; another tenant sees only the built-ins.
     let names = |key: &str| -> Vec<String> {
         server
             .request("GET", "/v1/templates", Some(key), None)
@@ -122,9 +122,12 @@ fn templates_crud_and_checks() {
             .map(|t| t["name"].as_str().expect("name").to_owned())
             .collect()
     };
-    assert_eq!(names(&admin), ["host", "small"]);
+    assert_eq!(
+        names(&admin),
+        ["base", "code-interpreter-v1", "host", "small"]
+    );
     let other = user_key(&server, "other", Quotas::default());
-    assert_eq!(names(&other), ["host"]);
+    assert_eq!(names(&other), ["base", "code-interpreter-v1", "host"]);
     server
         .request("GET", "/v1/templates/small", Some(&other), None)
         .assert_error(404, "not_found");

@@ -70,7 +70,7 @@ enum Step {
 impl Execution {
     /// Starts `plan` on the sandbox `live`, feeding its stdin beside the output.
     pub(super) async fn start(id: &str, live: Arc<Live>, plan: ExecPlan) -> ManagerResult<Self> {
-        let oom_before = live.instance.lock().await.stats().oom_kills;
+        let oom_before = live.instance.lock().await.oom_kills();
         let began = Instant::now();
         let opts = CallOptions {
             user: plan.user,
@@ -144,7 +144,7 @@ impl Execution {
     }
 
     async fn end(&self, timed_out: bool) -> v1::ExecEnd {
-        let oom_kills = self.live.instance.lock().await.stats().oom_kills;
+        let oom_kills = self.live.instance.lock().await.oom_kills();
         v1::ExecEnd {
             exit_code: self.exit_code,
             signal: self.signal.clone(),

@@ -14,19 +14,23 @@ mod exec;
 mod exec_encoding;
 mod exec_stream;
 mod execution;
+mod idempotency;
 mod keys;
 mod pool;
 mod readiness;
 mod restart;
 mod run;
 mod templates;
+mod usage;
 
 pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
+pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
 pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
+pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
 use std::collections::{BTreeMap, HashMap};
@@ -164,6 +168,8 @@ struct Live {
     client: AgentClient,
     /// Behind an async mutex: `destroy` needs `&mut`, and may wait.
     instance: tokio::sync::Mutex<Box<dyn Instance>>,
+    /// Its recent resource use, sampled every [`USAGE_INTERVAL`].
+    usage: Mutex<usage::History>,
 }
 
 struct Inner {
@@ -175,6 +181,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The key sandbox access tokens are derived from (see [`access`]).
     access_key: [u8; crate::store::SECRET_BYTES],
+    /// Creates in flight per (tenant, idempotency key), so that two at once make one sandbox.
+    idempotent_creates: idempotency::InFlight,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -207,6 +215,20 @@ pub fn host_template_spec() -> v1::TemplateSpec {
     }
 }
 
+/// The built-in templates named as the E2B SDKs expect: `base` (the `e2b` SDK's default) and
+/// `code-interpreter-v1` (the `e2b-code-interpreter` SDK's).
+pub const E2B_TEMPLATES: [&str; 2] = ["base", "code-interpreter-v1"];
+
+/// The spec of the [`E2B_TEMPLATES`]: the `host` template's, with E2B's user `user`. No fixed
+/// working directory: commands start in their user's home (`/home/user`, or `/root` for
+/// root, who holds no capabilities and so cannot enter `/home/user`), as in E2B's templates.
+pub fn e2b_template_spec() -> v1::TemplateSpec {
+    v1::TemplateSpec {
+        user: Some("user".into()),
+        ..host_template_spec()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -229,12 +251,16 @@ impl SandboxManager {
                 opts.default_ttl, opts.max_ttl
             )));
         }
-        let spec = serde_json::to_value(host_template_spec())
-            .map_err(|e| ManagerError::Internal(format!("host template spec: {e}")))?;
-        match store.create_template(None, v1::DEFAULT_TEMPLATE, &spec) {
-            // Already there from an earlier start: keep it (an operator may have tuned it).
-            Ok(_) | Err(StoreError::Conflict { .. }) => {}
-            Err(e) => return Err(e.into()),
+        let builtins = std::iter::once((v1::DEFAULT_TEMPLATE, host_template_spec()))
+            .chain(E2B_TEMPLATES.map(|name| (name, e2b_template_spec())));
+        for (name, spec) in builtins {
+            let spec = serde_json::to_value(spec)
+                .map_err(|e| ManagerError::Internal(format!("{name} template spec: {e}")))?;
+            match store.create_template(None, name, &spec) {
+                // Already there from an earlier start: keep it (an operator may have tuned it).
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let access_key = store.secret(access::ACCESS_TOKEN_SECRET)?;
         Ok(SandboxManager {
@@ -246,8 +272,14 @@ impl SandboxManager {
                 pools: pool::Pools::new(opts.pool_memory_budget),
                 metrics: Arc::new(Metrics::new()),
                 access_key,
+                idempotent_creates: idempotency::InFlight::default(),
             }),
         })
+    }
+
+    /// The settings this manager runs with.
+    pub fn options(&self) -> ManagerOptions {
+        self.inner.opts
     }
 
     /// The store this manager keeps.
@@ -312,7 +344,18 @@ impl SandboxManager {
                 .transpose()
                 .map_err(ManagerError::from)?,
             limit: query.limit.unwrap_or(100).min(MAX_PAGE),
+            ..SandboxFilter::default()
         };
+        self.list_where(tenant, filter).await
+    }
+
+    /// One page of `tenant`'s sandboxes that `filter` selects (the store's filter, for
+    /// surfaces whose queries `/v1`'s [`v1::ListSandboxes`] cannot say).
+    pub async fn list_where(
+        &self,
+        tenant: &str,
+        filter: SandboxFilter,
+    ) -> ManagerResult<v1::SandboxList> {
         let tenant = tenant.to_owned();
         let page = self
             .inner
@@ -347,6 +390,25 @@ impl SandboxManager {
         let rec = self
             .inner
             .db(move |s| s.set_sandbox_expiry(&tenant, &id, Some(at)))
+            .await?;
+        Ok(to_v1(&rec))
+    }
+
+    /// Makes the sandbox expire `timeout_secs` from now unless it already expires later:
+    /// the time to live only grows (E2B's connect). The same bounds as
+    /// [`SandboxManager::set_timeout`] apply.
+    pub async fn extend_timeout(
+        &self,
+        tenant: &str,
+        id: &str,
+        timeout_secs: u64,
+    ) -> ManagerResult<v1::Sandbox> {
+        let ttl = self.inner.ttl(Some(timeout_secs))?;
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let at = now_ms().saturating_add(ms(ttl));
+        let rec = self
+            .inner
+            .db(move |s| s.extend_sandbox_expiry(&tenant, &id, at))
             .await?;
         Ok(to_v1(&rec))
     }
@@ -568,6 +630,7 @@ impl Inner {
         template: &v1::TemplateSpec,
     ) -> ManagerResult<()> {
         let (instance, client) = self.boot(sandbox, template).await?;
+        let usage = usage::History::new(&*instance);
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             sandbox.id.clone(),
@@ -575,6 +638,7 @@ impl Inner {
                 tenant: tenant.to_owned(),
                 client,
                 instance: tokio::sync::Mutex::new(instance),
+                usage: Mutex::new(usage),
             }),
         );
         Ok(())

@@ -490,12 +490,14 @@ impl Inner {
 
     /// A member turned into `tenant`'s live sandbox.
     pub(super) fn adopt(&self, tenant: &str, member: Member) {
+        let usage = super::usage::History::new(&*member.instance);
         lock(&self.live).insert(
             member.id.clone(),
             Arc::new(Live {
                 tenant: tenant.to_owned(),
                 client: member.client,
                 instance: tokio::sync::Mutex::new(member.instance),
+                usage: std::sync::Mutex::new(usage),
             }),
         );
     }

@@ -129,12 +129,14 @@ impl Inner {
         };
         match connect(instance.as_mut(), rec.state == SandboxState::Paused).await {
             Ok(client) => {
+                let usage = super::usage::History::new(&*instance);
                 lock(&self.live).insert(
                     rec.id.clone(),
                     Arc::new(Live {
                         tenant: rec.tenant.clone(),
                         client,
                         instance: tokio::sync::Mutex::new(instance),
+                        usage: std::sync::Mutex::new(usage),
                     }),
                 );
                 Ok(true)

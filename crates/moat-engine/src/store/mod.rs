@@ -25,6 +25,7 @@
 //! `revoked_at` from the system clock; calls that compare with "now" take it as an argument.
 
 mod error;
+mod idempotency;
 mod ids;
 mod keys;
 mod pool;
@@ -42,6 +43,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub use error::{StoreError, StoreResult};
+pub use idempotency::{MAX_IDEMPOTENCY_KEY, check_idempotency_key};
 pub use ids::{check_sandbox_id, check_template_name, check_tenant_id, generate_sandbox_id};
 pub use keys::{KeyRecord, Quotas, Role, Secret};
 pub use sandboxes::{
@@ -265,6 +267,8 @@ mod tests {
         for sql in [
             "SELECT * FROM sandboxes WHERE tenant_id = 'a' AND (created_at, id) > (1, 'b')
              ORDER BY created_at, id LIMIT 10",
+            "SELECT * FROM sandboxes WHERE tenant_id = 'a' AND (created_at, id) < (1, 'b')
+             ORDER BY created_at DESC, id DESC LIMIT 10",
             concat!(
                 "SELECT * FROM sandboxes WHERE expires_at <= 5 AND state IN ",
                 active_states_sql!()

@@ -194,7 +194,14 @@ pub struct SandboxFilter {
     pub states: Vec<SandboxState>,
     /// Only sandboxes whose metadata has every one of these key/value pairs.
     pub metadata: Vec<(String, String)>,
-    /// Start after this cursor (from the previous page's [`Page::next`]).
+    /// Only sandboxes made from the template of this name.
+    pub template: Option<String>,
+    /// Only sandboxes created at or after this time (Unix milliseconds).
+    pub created_since: Option<i64>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
+    /// Start after this cursor (from the previous page's [`Page::next`], listed in the same
+    /// order).
     pub after: Option<Cursor>,
     /// Page size, 1 to [`MAX_PAGE`].
     pub limit: u32,
@@ -205,13 +212,17 @@ impl Default for SandboxFilter {
         SandboxFilter {
             states: Vec::new(),
             metadata: Vec::new(),
+            template: None,
+            created_since: None,
+            newest_first: false,
             after: None,
             limit: 100,
         }
     }
 }
 
-/// One page of sandboxes, oldest first (by `created_at`, then id).
+/// One page of sandboxes, oldest first (by `created_at`, then id) unless the filter asked for
+/// newest first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
     /// The sandboxes.
@@ -444,7 +455,8 @@ impl Store {
         self.read(|tx| get_sandbox(tx, tenant, id))
     }
 
-    /// One page of `tenant`'s sandboxes that match `filter`, oldest first.
+    /// One page of `tenant`'s sandboxes that match `filter`, oldest first (newest first if
+    /// the filter says so).
     ///
     /// Paging is by keyset (`created_at`, id), so sandboxes created or ended between pages
     /// never make a page repeat or skip another sandbox.
@@ -485,13 +497,27 @@ impl Store {
             args.push(SqlValue::Text(key.clone()));
             args.push(SqlValue::Text(value.clone()));
         }
+        if let Some(template) = &filter.template {
+            sql.push_str(" AND template = ?");
+            args.push(SqlValue::Text(template.clone()));
+        }
+        if let Some(since) = filter.created_since {
+            sql.push_str(" AND created_at >= ?");
+            args.push(SqlValue::Integer(since));
+        }
+        let (after_op, order) = if filter.newest_first {
+            ("<", " ORDER BY created_at DESC, id DESC")
+        } else {
+            (">", " ORDER BY created_at, id")
+        };
         if let Some(after) = &filter.after {
-            sql.push_str(" AND (created_at, id) > (?, ?)");
+            sql.push_str(&format!(" AND (created_at, id) {after_op} (?, ?)"));
             args.push(SqlValue::Integer(after.created_at));
             args.push(SqlValue::Text(after.id.clone()));
         }
         // One more than the page, to know whether another page follows.
-        sql.push_str(" ORDER BY created_at, id LIMIT ?");
+        sql.push_str(order);
+        sql.push_str(" LIMIT ?");
         args.push(SqlValue::Integer(i64::from(filter.limit) + 1));
         let mut items = self.read(|tx| {
             let mut stmt = tx.prepare_cached(&sql)?;
@@ -580,6 +606,39 @@ impl Store {
             )?;
             Ok(SandboxRecord {
                 expires_at,
+                ..current
+            })
+        })
+    }
+
+    /// Moves the expiry of a sandbox of `tenant` to `at` unless it is already later (or never):
+    /// extends only, in one transaction. An ended sandbox is [`StoreError::Ended`].
+    pub fn extend_sandbox_expiry(
+        &self,
+        tenant: &str,
+        id: &str,
+        at: i64,
+    ) -> StoreResult<SandboxRecord> {
+        check_tenant_id(tenant)?;
+        check_sandbox_id(id)?;
+        self.write(|tx| {
+            let current = get_sandbox(tx, tenant, id)?;
+            if current.state.is_ended() {
+                return Err(StoreError::Ended {
+                    id: id.to_owned(),
+                    state: current.state,
+                });
+            }
+            // Never expiring, or expiring later already: nothing to extend.
+            if current.expires_at.is_none_or(|old| old >= at) {
+                return Ok(current);
+            }
+            tx.execute(
+                "UPDATE sandboxes SET expires_at = ?1 WHERE id = ?2",
+                params![at, id],
+            )?;
+            Ok(SandboxRecord {
+                expires_at: Some(at),
                 ..current
             })
         })

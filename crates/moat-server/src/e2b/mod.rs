@@ -1,0 +1,105 @@
+//! The E2B-compatible control plane, on moat's one listener: what the unmodified `e2b` and
+//! `e2b-code-interpreter` SDKs call to create, find, extend and kill sandboxes.
+//!
+//! - Auth: `X-API-KEY` carries a moat API key (the same keys and tenants as `/v1`'s Bearer
+//!   keys; see [`auth`]).
+//! - Errors: E2B's JSON `{"code": <status>, "message": "..."}` on every failure, including
+//!   unknown routes under E2B's paths ([`owns_path`]); see [`error`].
+//! - Bodies: E2B's field names ([`shapes`]); the listing's query in [`list_query`].
+//! - Handlers: [`sandboxes`], each over the same manager calls as `/v1`'s.
+//!
+//! E2B's own API description is the contract for these routes, so moat's OpenAPI document
+//! (`/v1/openapi.json`) does not list them.
+
+mod auth;
+mod error;
+mod list_query;
+mod sandboxes;
+mod shapes;
+
+use axum::Router;
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::ApiError;
+use crate::api::Shared;
+
+/// The `envdVersion` moat reports: what the SDKs gate envd features on.
+pub(crate) const ENVD_VERSION: &str = "0.6.13";
+
+/// The `clientID` moat reports (a field E2B keeps for old clients, always this value).
+pub(crate) const CLIENT_ID: &str = "6532622b";
+
+/// Where sandboxes are created (and listed, with `/v2/sandboxes`'s GET).
+pub(crate) const CREATE_PATH: &str = "/v2/sandboxes";
+
+/// Path prefixes of E2B's control plane. Requests under them that match no route still get an
+/// E2B error body, which the SDKs can parse.
+const E2B_PREFIXES: [&str; 8] = [
+    "/sandboxes",
+    "/v2",
+    "/v3",
+    "/templates",
+    "/snapshots",
+    "/volumes",
+    "/teams",
+    "/secrets",
+];
+
+/// The E2B routes, authenticated by `X-API-KEY`.
+pub(crate) fn routes(state: Shared) -> Router<Shared> {
+    Router::new()
+        .route(CREATE_PATH, post(sandboxes::create).get(sandboxes::list))
+        .route("/v2/sandboxes/{id}/connect", post(sandboxes::connect))
+        .route(
+            "/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::kill),
+        )
+        .route("/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
+        .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
+        // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
+        .route_layer(middleware::from_fn_with_state(state, auth::authenticate))
+        .layer(middleware::from_fn(error::no_retry_on_failed_create))
+}
+
+/// Whether `path` is under E2B's control-plane paths.
+pub(crate) fn owns_path(path: &str) -> bool {
+    E2B_PREFIXES.iter().any(|prefix| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// The answer to a request under E2B's paths that no route matches.
+pub(crate) fn no_route(err: ApiError) -> Response {
+    error::E2bError::from(err).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_paths() {
+        for p in [
+            "/sandboxes",
+            "/sandboxes/x/pause",
+            "/v2/sandboxes",
+            "/v3/templates",
+            "/templates/a",
+        ] {
+            assert!(owns_path(p), "{p}");
+        }
+        for p in [
+            "/v1/sandboxes",
+            "/sandboxesx",
+            "/healthz",
+            "/v20",
+            "/files",
+            "/health",
+        ] {
+            assert!(!owns_path(p), "{p}");
+        }
+    }
+}

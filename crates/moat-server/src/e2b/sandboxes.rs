@@ -1,0 +1,384 @@
+//! The E2B sandbox routes, over the same [`SandboxManager`] calls as `/v1`'s.
+//!
+//! E2B clients see only running and paused sandboxes: one starting, ended, unknown or another
+//! tenant's is 404, which the SDKs turn into their not-found answers.
+//!
+//! [`SandboxManager`]: moat_engine::manager::SandboxManager
+
+use std::time::Duration;
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use moat_engine::manager::ManagerError;
+use moat_proto::v1;
+
+use super::error::{E2bError, E2bResult};
+use super::list_query;
+use super::shapes::{
+    ConnectSandboxV2, ListedSandbox, NewSandboxV2, Sandbox, SandboxDetail, SandboxMetric,
+    SandboxTimeoutRequest, e2b_state,
+};
+use crate::api::{Caller, Shared, decode, json_body};
+
+/// The header a create's idempotency key comes in.
+const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// The header naming the next page of a listing.
+const NEXT_TOKEN_HEADER: &str = "x-next-token";
+
+/// `POST /v2/sandboxes`: a sandbox from a template, through the warm pool as `/v1`'s create.
+pub(crate) async fn create(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> E2bResult<(StatusCode, Json<Sandbox>)> {
+    let req: NewSandboxV2 = json_body(body, None)?;
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| E2bError::invalid("Idempotency-Key is not text"))?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let create = to_create(req, state.manager.options().max_ttl)?;
+    // An unknown template is "not found", as E2B answers it (the manager calls it invalid).
+    match state
+        .manager
+        .get_template(&caller.tenant, &create.template)
+        .await
+    {
+        Ok(_) => {}
+        Err(ManagerError::NotFound(_)) => {
+            return Err(E2bError::not_found(format!(
+                "template {:?} not found",
+                create.template
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let sandbox = match idempotency_key {
+        Some(key) => {
+            state
+                .manager
+                .create_idempotent(&caller.tenant, Some(&caller.key_id), &key, create)
+                .await?
+                .0
+        }
+        None => {
+            state
+                .manager
+                .create(&caller.tenant, Some(&caller.key_id), create)
+                .await?
+        }
+    };
+    Ok((StatusCode::CREATED, Json(answer(&state, &sandbox))))
+}
+
+/// `/v1`'s create request for an E2B one, refusing what moat does not enforce rather than
+/// accepting and ignoring it.
+fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbox> {
+    let unsupported = |what: &str| {
+        Err(E2bError::invalid(format!(
+            "{what} is not supported by this server"
+        )))
+    };
+    if req.allow_internet_access == Some(true) {
+        return unsupported(
+            "allow_internet_access: true (sandboxes have no network access; \
+             leave it out or send false)",
+        );
+    }
+    if given(&req.network) {
+        return unsupported("network (sandboxes have no network access to configure)");
+    }
+    if req.auto_pause == Some(true) || req.auto_pause_memory.is_some() {
+        return unsupported("autoPause (a sandbox is killed when its timeout ends)");
+    }
+    if req.auto_resume.is_some_and(|r| r.enabled) {
+        return unsupported("autoResume");
+    }
+    if given(&req.mcp) {
+        return unsupported("mcp");
+    }
+    if given(&req.volume_mounts) {
+        return unsupported("volumeMounts");
+    }
+    if given(&req.iam) {
+        return unsupported("iam");
+    }
+    let timeout_secs = req.timeout.map(|t| check_timeout(t, max_ttl)).transpose()?;
+    Ok(v1::CreateSandbox {
+        template: req.template_id.unwrap_or_else(|| "base".to_owned()),
+        resources: None,
+        env: req.env_vars.unwrap_or_default(),
+        metadata: req.metadata.unwrap_or_default(),
+        timeout_secs,
+    })
+}
+
+/// Whether an optional object field asks for something: present, and neither `null` nor
+/// empty.
+fn given(value: &Option<serde_json::Value>) -> bool {
+    match value {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Object(m)) => !m.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    }
+}
+
+/// A timeout in seconds, 1 to `max`.
+fn check_timeout(secs: i64, max: Duration) -> E2bResult<u64> {
+    let max_secs = max.as_secs();
+    match u64::try_from(secs) {
+        Ok(s) if s > 0 && s <= max_secs => Ok(s),
+        Ok(s) if s > max_secs => Err(E2bError::invalid(format!(
+            "Timeout cannot be greater than {}",
+            if max_secs.is_multiple_of(3600) {
+                format!("{} hours", max_secs / 3600)
+            } else {
+                format!("{max_secs} seconds")
+            }
+        ))),
+        _ => Err(E2bError::invalid(format!(
+            "Timeout must be a positive number of seconds, not {secs}"
+        ))),
+    }
+}
+
+/// The create/connect answer for `sandbox`.
+fn answer(state: &Shared, sandbox: &v1::Sandbox) -> Sandbox {
+    Sandbox::new(
+        sandbox,
+        state.manager.access_token(&sandbox.id),
+        &state.domain,
+    )
+}
+
+/// `tenant`'s sandbox `id` if an E2B client may see it (running or paused).
+async fn visible(state: &Shared, tenant: &str, id: &str) -> E2bResult<v1::Sandbox> {
+    match state.manager.get(tenant, id).await {
+        Ok(sandbox) if e2b_state(sandbox.state).is_some() => Ok(sandbox),
+        // A malformed id names no sandbox either.
+        Ok(_) | Err(ManagerError::NotFound(_) | ManagerError::Invalid(_)) => {
+            Err(E2bError::no_sandbox(id))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A manager answer about a sandbox that was visible a moment ago: ended meanwhile is 404.
+fn gone_is_404(id: &str, e: ManagerError) -> E2bError {
+    match e {
+        ManagerError::NotFound(_) | ManagerError::Conflict(_) => E2bError::no_sandbox(id),
+        other => other.into(),
+    }
+}
+
+/// `POST /v2/sandboxes/{id}/connect`: a running sandbox, its time to live only extended.
+pub(crate) async fn connect(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> E2bResult<Response> {
+    let Path(id) = id?;
+    let req: ConnectSandboxV2 = json_body(body, Some(ConnectSandboxV2::default()))?;
+    let opts = state.manager.options();
+    let timeout = match req.timeout {
+        Some(t) => check_timeout(t, opts.max_ttl)?,
+        None => opts.default_ttl.as_secs(),
+    };
+    let sandbox = visible(&state, &caller.tenant, &id).await?;
+    match sandbox.state {
+        v1::SandboxState::Paused => resume_paused(&id).await,
+        _ => {
+            let sandbox = state
+                .manager
+                .extend_timeout(&caller.tenant, &id, timeout)
+                .await
+                .map_err(|e| gone_is_404(&id, e))?;
+            Ok((StatusCode::OK, Json(answer(&state, &sandbox))).into_response())
+        }
+    }
+}
+
+/// Where connect resumes a paused sandbox and answers 201 with it. moat cannot resume paused
+/// sandboxes through this API yet, so until it can, a paused sandbox is not found.
+async fn resume_paused(id: &str) -> E2bResult<Response> {
+    Err(E2bError::not_found(format!(
+        "sandbox {id} not found: it is paused, and this server cannot resume paused sandboxes yet"
+    )))
+}
+
+/// `DELETE /sandboxes/{id}`: 204, or 404 when there is no such sandbox (any more).
+pub(crate) async fn kill(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+) -> E2bResult<StatusCode> {
+    let Path(id) = id?;
+    visible(&state, &caller.tenant, &id).await?;
+    state
+        .manager
+        .delete(&caller.tenant, &id)
+        .await
+        .map_err(|e| gone_is_404(&id, e))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /sandboxes/{id}/timeout`: the sandbox now expires `timeout` seconds from now (which
+/// may be sooner than before).
+pub(crate) async fn set_timeout(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> E2bResult<StatusCode> {
+    let Path(id) = id?;
+    let req: SandboxTimeoutRequest = json_body(body, None)?;
+    let timeout_secs = check_timeout(req.timeout, state.manager.options().max_ttl)?;
+    visible(&state, &caller.tenant, &id).await?;
+    state
+        .manager
+        .set_timeout(&caller.tenant, &id, v1::SetTimeout { timeout_secs })
+        .await
+        .map_err(|e| gone_is_404(&id, e))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /sandboxes/{id}`.
+pub(crate) async fn get(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+) -> E2bResult<Json<SandboxDetail>> {
+    let Path(id) = id?;
+    let sandbox = visible(&state, &caller.tenant, &id).await?;
+    Ok(Json(SandboxDetail::new(
+        &sandbox,
+        state.manager.access_token(&id),
+        &state.domain,
+    )))
+}
+
+/// `GET /v2/sandboxes`: one page, newest first unless `order=asc`; `x-next-token` names the
+/// next page.
+pub(crate) async fn list(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> E2bResult<Response> {
+    let filter = list_query::parse(query.as_deref().unwrap_or(""))?;
+    let page = state.manager.list_where(&caller.tenant, filter).await?;
+    let items: Vec<ListedSandbox> = page.sandboxes.iter().map(ListedSandbox::new).collect();
+    let mut response = Json(items).into_response();
+    if let Some(next) = page.next {
+        let value = HeaderValue::from_str(&next)
+            .map_err(|e| E2bError::from(crate::ApiError::internal(format!("page token: {e}"))))?;
+        response.headers_mut().insert(NEXT_TOKEN_HEADER, value);
+    }
+    Ok(response)
+}
+
+/// `GET /sandboxes/{id}/metrics?start=<unix s>&end=<unix s>`: the samples taken in that
+/// window (the last hour at most), and one taken now unless `end` is past. A paused sandbox
+/// has none.
+pub(crate) async fn metrics(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> E2bResult<Json<Vec<SandboxMetric>>> {
+    let Path(id) = id?;
+    let (mut start, mut end) = (None, None);
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match decode(name)?.as_str() {
+            "start" => &mut start,
+            "end" => &mut end,
+            _ => continue,
+        };
+        let value = decode(value)?;
+        let secs: i64 = value.parse().map_err(|_| {
+            E2bError::invalid(format!("{name} {value:?} is not a Unix time in seconds"))
+        })?;
+        *slot = Some(secs);
+    }
+    let sandbox = visible(&state, &caller.tenant, &id).await?;
+    if sandbox.state != v1::SandboxState::Running {
+        return Ok(Json(Vec::new()));
+    }
+    // Whole seconds: `end` takes in the whole of its second.
+    let from_ms = start.map(|s| s.saturating_mul(1000));
+    let to_ms = end.map(|s| s.saturating_mul(1000).saturating_add(999));
+    let samples = state
+        .manager
+        .usage(&caller.tenant, &id, from_ms, to_ms)
+        .await
+        .map_err(|e| gone_is_404(&id, e))?;
+    Ok(Json(samples.iter().map(SandboxMetric::from).collect()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(check_timeout(1, DAY).unwrap(), 1);
+        assert_eq!(check_timeout(86_400, DAY).unwrap(), 86_400);
+        let e = check_timeout(86_401, DAY).unwrap_err();
+        assert_eq!(e.message, "Timeout cannot be greater than 24 hours");
+        let e = check_timeout(11, Duration::from_secs(10)).unwrap_err();
+        assert_eq!(e.message, "Timeout cannot be greater than 10 seconds");
+        for bad in [0, -5] {
+            assert_eq!(check_timeout(bad, DAY).unwrap_err().status, 400);
+        }
+    }
+
+    #[test]
+    fn unenforced_options_are_refused() {
+        let ok = |json: &str| to_create(serde_json::from_str(json).unwrap(), DAY);
+        let c = ok(
+            r#"{"templateID":"code-interpreter-v1","timeout":60,"metadata":{"a":"b"},
+                       "envVars":{"X":"1"},"allow_internet_access":false,"autoPause":false,
+                       "autoResume":{"enabled":false},"network":null,"volumeMounts":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.template, "code-interpreter-v1");
+        assert_eq!(c.timeout_secs, Some(60));
+        assert_eq!(c.env["X"], "1");
+        assert_eq!(c.metadata["a"], "b");
+        assert_eq!(ok("{}").unwrap().template, "base");
+        for bad in [
+            r#"{"allow_internet_access":true}"#,
+            r#"{"network":{"denyOut":["0.0.0.0/0"]}}"#,
+            r#"{"autoPause":true}"#,
+            r#"{"autoPause":false,"autoPauseMemory":false}"#,
+            r#"{"autoResume":{"enabled":true}}"#,
+            r#"{"mcp":{"x":{}}}"#,
+            r#"{"volumeMounts":[{"name":"v","path":"/v"}]}"#,
+            r#"{"iam":{"tokens":{}}}"#,
+            r#"{"iam":{"tokens":{"a":{}}}}"#,
+            r#"{"timeout":0}"#,
+        ] {
+            let e = ok(bad).unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The E2B SDK suite (`tests/e2b/`): the unmodified `e2b` and `e2b-code-interpreter` Python SDKs
+//! against a real `moat serve`. Each test starts a server, makes an API key for a tenant of its
+//! own through `/v1/keys`, and runs one pytest file with `E2B_API_URL`, `E2B_SANDBOX_URL` (the
+//! same listener) and `E2B_API_KEY` set, failing with pytest's output.
+//!
+//! The Python is `MOAT_TEST_PYTHON` (set by scripts/test.sh), else the venv
+//! scripts/test-deps.sh makes, which has the SDKs from tests/python/requirements.txt. Needs root
+//! (the native backend); skips with a printed reason otherwise.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::json;
+use support::is_root;
+use support::server::*;
+
+/// The repository's root, where `tests/e2b/` is.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The Python with the SDKs and pytest.
+fn test_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MOAT_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo_root().join("target/test-venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no test Python: run scripts/test-deps.sh (or set MOAT_TEST_PYTHON)"
+    );
+    venv
+}
+
+/// Runs `tests/e2b/<file>` against a fresh `moat serve`.
+fn run_pytest(file: &str) {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start();
+    let admin = server.admin_key();
+    let r = server.request(
+        "POST",
+        "/v1/keys",
+        Some(&admin),
+        Some(&body(json!({"name": "e2b sdk suite", "tenant": "e2bsdk"}))),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let key = r.json()["secret"].as_str().expect("secret").to_owned();
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let out = Command::new(test_python())
+        .current_dir(repo_root())
+        // No cache directory in the source tree.
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(format!("tests/e2b/{file}"))
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("E2B_API_KEY", &key)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // Settings that would point the SDKs elsewhere.
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_ACCESS_TOKEN")
+        .output()
+        .expect("run pytest");
+    // Shown with --no-capture: what ran.
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "pytest tests/e2b/{file} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn control_plane() {
+    run_pytest("test_control.py");
+}
+
+#[test]
+fn commands_and_ptys() {
+    run_pytest("test_commands.py");
+}
+
+#[test]
+fn files() {
+    run_pytest("test_files.py");
+}
+
+#[test]
+fn code_interpreter() {
+    run_pytest("test_code_interpreter.py");
+}
+
+#[test]
+fn lifecycle() {
+    run_pytest("test_lifecycle.py");
+}
