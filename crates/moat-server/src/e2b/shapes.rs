@@ -287,6 +287,7 @@ mod tests {
             expires_at: None,
             ended_at: None,
             end_reason: None,
+            access_token: None,
         };
         let l = serde_json::to_value(ListedSandbox::new(&sandbox)).unwrap();
         assert_eq!(l["cpuCount"], 2);
