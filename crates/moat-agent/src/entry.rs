@@ -4,7 +4,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use moat_proto::agent_config::{AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AgentConfig};
+use moat_proto::agent_config::{AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AGENT_LAYER_FD, AgentConfig};
 
 use crate::server::{ServeOptions, serve};
 use crate::state::AgentState;
@@ -52,6 +52,15 @@ fn run() -> Result<(), String> {
         ));
     }
 
+    // The writable layer, if the backend handed one over (fd 4), likewise never for users.
+    let layer = config
+        .writable_layer
+        .map(|kind| {
+            crate::layer::Layer::take(kind)
+                .map_err(|e| format!("writable layer fd {AGENT_LAYER_FD}: {e}"))
+        })
+        .transpose()?;
+
     install_seccomp()?;
 
     let pid1 = std::process::id() == 1;
@@ -78,7 +87,11 @@ fn run() -> Result<(), String> {
         };
         // The connection ends when the host closes the channel, gracefully or by going away
         // (it destroys the sandbox either way); neither is the agent's failure.
-        let _ = serve(stream, Arc::new(AgentState::new(config)), opts).await;
+        let mut state = AgentState::new(config);
+        if let Some(layer) = layer {
+            state = state.with_layer(layer);
+        }
+        let _ = serve(stream, Arc::new(state), opts).await;
         Ok(())
     })
 }

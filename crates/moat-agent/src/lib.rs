@@ -9,6 +9,7 @@ pub mod auth;
 pub mod entry;
 pub mod files;
 pub mod filesystem;
+pub mod layer;
 pub mod process;
 pub mod reaper;
 pub mod router;

@@ -1,5 +1,6 @@
 //! Routing of every request the agent serves: the Connect RPCs of `process.Process` and
-//! `filesystem.Filesystem`, and the plain `/files`, `/health` and `/envs` routes.
+//! `filesystem.Filesystem`, the plain `/files`, `/health` and `/envs` routes, and the host's own
+//! `/moat/layer`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use moat_proto::agent_config::LAYER_PATH;
 use moat_proto::{filesystem as fs, process as pr};
 
 use crate::ResponseBody;
@@ -80,6 +82,9 @@ impl Router {
             && !auth::token_matches(req.headers(), token)
         {
             return transport::plain(StatusCode::UNAUTHORIZED, "invalid or missing access token");
+        }
+        if path == LAYER_PATH {
+            return crate::layer::handle(self.state.clone(), req).await;
         }
         if path == "/envs" {
             return match *req.method() {

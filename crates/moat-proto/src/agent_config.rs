@@ -13,6 +13,31 @@ pub const AGENT_CONFIG_ENV: &str = "MOAT_AGENT_CONFIG";
 /// The file descriptor on which the agent finds its channel to the host (a connected stream socket).
 pub const AGENT_CHANNEL_FD: i32 = 3;
 
+/// The file descriptor on which the agent finds its writable layer, when its configuration
+/// names one ([`AgentConfig::writable_layer`]): an `O_PATH` directory opened before the sandbox's
+/// root was pivoted to.
+pub const AGENT_LAYER_FD: i32 = 4;
+
+/// Paths of the agent that only the host may call: the server's proxies refuse to forward
+/// anything under this prefix (see `AgentClient::forward`).
+pub const HOST_ONLY_PREFIX: &str = "/moat/";
+
+/// The host-only route of the writable layer: `GET` streams it as a tar archive, `PUT`
+/// unpacks such an archive over the sandbox's root (see the agent's `layer` module).
+pub const LAYER_PATH: &str = "/moat/layer";
+
+/// What the directory on [`AGENT_LAYER_FD`] holds: exactly what the sandbox wrote.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WritableLayer {
+    /// The root filesystem itself (the `host` template's tmpfs); other filesystems mounted on
+    /// it (the host's read-only directories, `/proc`, `/dev`) are not part of the layer.
+    Root,
+    /// The upper directory of an overlay root (a directory template): new and changed files,
+    /// and a whiteout (a character device 0/0) for each file of the template that was removed.
+    OverlayUpper,
+}
+
 /// What the agent needs to know to serve a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +56,9 @@ pub struct AgentConfig {
     /// Resource limits applied to every user process (rlimits; the cgroup limits are the host's).
     #[serde(default)]
     pub limits: UserLimits,
+    /// The writable layer handed over on [`AGENT_LAYER_FD`], if the backend hands one over.
+    #[serde(default)]
+    pub writable_layer: Option<WritableLayer>,
 }
 
 /// Per-process limits (setrlimit) for user code inside the sandbox.
@@ -63,6 +91,7 @@ impl Default for AgentConfig {
             env_vars: BTreeMap::new(),
             access_token: None,
             limits: UserLimits::default(),
+            writable_layer: None,
         }
     }
 }
