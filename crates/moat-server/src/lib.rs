@@ -13,6 +13,7 @@ mod keys;
 mod metrics;
 pub mod openapi;
 mod rate_limit;
+mod snapshots;
 mod templates;
 
 use moat_engine::store::now_ms;
