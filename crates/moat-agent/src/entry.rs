@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_proto::agent_config::{
-    AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AGENT_LISTENER_FD, AgentConfig,
+    AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AGENT_LAYER_FD, AGENT_LISTENER_FD, AgentConfig,
 };
 
 use crate::server::{ServeOptions, serve, serve_with_listener};
@@ -55,7 +55,7 @@ fn run() -> Result<(), String> {
     }
 
     if config.listener {
-        // SAFETY: fcntl with integer arguments; fails cleanly if fd 4 is not open.
+        // SAFETY: fcntl with integer arguments; fails cleanly if the fd is not open.
         if unsafe { libc::fcntl(AGENT_LISTENER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
             return Err(format!(
                 "listener fd {AGENT_LISTENER_FD}: {}",
@@ -63,6 +63,15 @@ fn run() -> Result<(), String> {
             ));
         }
     }
+
+    // The writable layer, if the backend handed one over (fd 4), likewise never for users.
+    let layer = config
+        .writable_layer
+        .map(|kind| {
+            crate::layer::Layer::take(kind)
+                .map_err(|e| format!("writable layer fd {AGENT_LAYER_FD}: {e}"))
+        })
+        .transpose()?;
 
     install_seccomp()?;
 
@@ -89,7 +98,7 @@ fn run() -> Result<(), String> {
             ServeOptions::default()
         };
         if config.listener {
-            // SAFETY: fd 4 is the listener the backend handed over (made close-on-exec above);
+            // SAFETY: AGENT_LISTENER_FD is the listener the backend handed over (made close-on-exec above);
             // the agent owns it from here on.
             let fd = unsafe { OwnedFd::from_raw_fd(AGENT_LISTENER_FD) };
             let std_listener = std::os::unix::net::UnixListener::from(fd);
@@ -105,7 +114,11 @@ fn run() -> Result<(), String> {
         }
         // The connection ends when the host closes the channel, gracefully or by going away
         // (it destroys the sandbox either way); neither is the agent's failure.
-        let _ = serve(stream, Arc::new(AgentState::new(config)), opts).await;
+        let mut state = AgentState::new(config);
+        if let Some(layer) = layer {
+            state = state.with_layer(layer);
+        }
+        let _ = serve(stream, Arc::new(state), opts).await;
         Ok(())
     })
 }

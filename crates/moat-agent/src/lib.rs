@@ -10,6 +10,7 @@ pub mod auth;
 pub mod entry;
 pub mod files;
 pub mod filesystem;
+pub mod layer;
 pub mod process;
 pub mod reaper;
 pub mod relay;

@@ -1,6 +1,6 @@
 //! Routing of every request the agent serves: the Connect RPCs of `process.Process` and
-//! `filesystem.Filesystem`, the plain `/files`, `/health` and `/envs` routes, and the TCP relay
-//! (`/relay/tcp`).
+//! `filesystem.Filesystem`, the plain `/files`, `/health` and `/envs` routes, the TCP relay
+//! (`/relay/tcp`) and the host's own `/moat/layer`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use moat_proto::agent_config::LAYER_PATH;
 use moat_proto::{filesystem as fs, process as pr};
 
 use crate::ResponseBody;
@@ -85,6 +86,9 @@ impl Router {
         }
         if path == relay::PATH {
             return relay::handle(req).await;
+        }
+        if path == LAYER_PATH {
+            return crate::layer::handle(self.state.clone(), req).await;
         }
         if path == "/envs" {
             return match *req.method() {

@@ -2,6 +2,7 @@
 
 use moat_proto::agent_config::AgentConfig;
 
+use crate::layer::Layer;
 use crate::rpc::{Code, RpcError};
 use crate::users::{self, User};
 
@@ -10,12 +11,23 @@ use crate::users::{self, User};
 pub struct AgentState {
     /// The configuration the host started the agent with.
     pub config: AgentConfig,
+    /// The sandbox's writable layer, when the backend handed one over.
+    pub layer: Option<Layer>,
 }
 
 impl AgentState {
-    /// State for `config`.
+    /// State for `config`, without a writable layer.
     pub fn new(config: AgentConfig) -> Self {
-        AgentState { config }
+        AgentState {
+            config,
+            layer: None,
+        }
+    }
+
+    /// The same state with the sandbox's writable layer.
+    pub fn with_layer(mut self, layer: Layer) -> Self {
+        self.layer = Some(layer);
+        self
     }
 
     /// The user a request runs as: `name` when given, else the sandbox's default user.

@@ -1,5 +1,5 @@
 //! A Rust client of moat's `/v1` HTTP API: sandboxes, commands (buffered or streamed),
-//! files, templates and API keys.
+//! files, snapshots, templates and API keys.
 //!
 //! One [`Client`] talks to one server with one API key over plain HTTP/1.1 (connections are
 //! pooled; clones share them). Every call is async (tokio). A failure is an [`Error`]; an
@@ -58,6 +58,7 @@ mod files;
 mod keys;
 mod path;
 mod sandboxes;
+mod snapshots;
 mod templates;
 
 pub use body::{Body, ByteStream};

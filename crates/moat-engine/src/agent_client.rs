@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use moat_proto::agent_config::HOST_ONLY_PREFIX;
 use moat_proto::connect::{self, Code, EndStream, EnvelopeDecoder, EnvelopeError};
 use moat_proto::process::process_event::Event;
 use moat_proto::process::process_selector::Selector;
@@ -29,8 +30,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 mod files;
+mod layer;
 
 pub use files::FileDownload;
+pub use layer::LayerStream;
 
 /// The error type request bodies to the agent may fail with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -350,7 +353,8 @@ impl AgentClient {
 
     /// Sends `req` to the agent as it is, bodies streaming both ways (for proxies: the E2B
     /// sandbox traffic). Only the path and query of its URI are kept; the caller is
-    /// responsible for what the request may do (the agent sees it as the host's).
+    /// responsible for what the request may do (the agent sees it as the host's), except that
+    /// paths under [`HOST_ONLY_PREFIX`] are refused as `not_found`.
     pub async fn forward(
         &self,
         mut req: Request<RequestBody>,
@@ -360,6 +364,14 @@ impl AgentClient {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
+        // The agent matches paths exactly, so a prefix check keeps the host's own routes
+        // (the writable layer) out of reach of whatever the proxied client sends.
+        if path.starts_with(HOST_ONLY_PREFIX) {
+            return Err(AgentError::Rpc {
+                code: Code::NotFound,
+                message: format!("no route for {}", req.uri().path()),
+            });
+        }
         *req.uri_mut() = format!("http://agent{path}")
             .parse()
             .map_err(|e| AgentError::Protocol(format!("request path {path:?}: {e}")))?;

@@ -13,7 +13,7 @@ use moat_jail::memfd::SealedBinary;
 use moat_jail::rootfs::{FsLimits, Rootfs};
 use moat_jail::runtime::RuntimeDir;
 use moat_jail::spawn::{SandboxProcess, SpawnConfig, validate_id};
-use moat_proto::agent_config::AGENT_CONFIG_ENV;
+use moat_proto::agent_config::{AGENT_CONFIG_ENV, WritableLayer};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -23,6 +23,10 @@ use crate::error::{EngineError, Result};
 
 /// Age after which an empty sandbox cgroup with no owner is removed at start-up.
 const STALE_CGROUP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Longest a pause waits for the kernel to report every process frozen (a process in an
+/// uninterruptible sleep, such as a slow disk read, holds a freeze back until it wakes).
+pub const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Options of the native backend.
 #[derive(Debug, Clone)]
@@ -149,9 +153,14 @@ impl NativeBackend {
         } else {
             None
         };
-        let mut agent_config = spec.agent.clone();
-        agent_config.listener = listener.is_some();
-        let config = serde_json::to_string(&agent_config)
+        // The agent finds the sandbox's writable layer on its fd 4 (see moat-jail's rootfs).
+        let mut agent = spec.agent.clone();
+        agent.writable_layer = Some(match &spec.rootfs {
+            RootfsSource::Host => WritableLayer::Root,
+            RootfsSource::Dir(_) => WritableLayer::OverlayUpper,
+        });
+        agent.listener = listener.is_some();
+        let config = serde_json::to_string(&agent)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
         let fs_limits = FsLimits {
             disk_bytes: r.disk_bytes,
@@ -444,6 +453,17 @@ impl NativeInstance {
         live.cgroup.set_frozen(frozen)?;
         Ok(())
     }
+
+    fn is_frozen(&self) -> Result<bool> {
+        let guard = self
+            .inner
+            .lock()
+            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
+        let live = guard
+            .as_ref()
+            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
+        Ok(live.cgroup.is_frozen())
+    }
 }
 
 fn teardown(mut live: Live) -> Result<()> {
@@ -514,7 +534,22 @@ impl Instance for NativeInstance {
     }
 
     async fn pause(&self) -> Result<()> {
-        self.set_frozen(true)
+        self.set_frozen(true)?;
+        // The write starts the freeze; it is done once the kernel says so.
+        let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
+        let mut wait = std::time::Duration::from_millis(1);
+        while !self.is_frozen()? {
+            if tokio::time::Instant::now() >= deadline {
+                let _ = self.set_frozen(false);
+                return Err(EngineError::Agent(format!(
+                    "the processes of sandbox {} did not freeze within {FREEZE_TIMEOUT:?}",
+                    self.id
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     async fn resume(&self) -> Result<()> {

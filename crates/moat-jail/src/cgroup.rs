@@ -541,6 +541,23 @@ impl SandboxCgroup {
         Err(JailError::Invalid("this host has no cgroup freezer".into()))
     }
 
+    /// Whether every process of the sandbox is frozen: a freeze is asynchronous, and done only
+    /// once the kernel reports it (`frozen 1` in v2's `cgroup.events`, `FROZEN` in v1's
+    /// `freezer.state`, which reads `FREEZING` meanwhile).
+    pub fn is_frozen(&self) -> bool {
+        if let Some(u) = self
+            .unified
+            .as_ref()
+            .filter(|u| u.join("cgroup.freeze").exists())
+        {
+            return fs::read_to_string(u.join("cgroup.events"))
+                .is_ok_and(|events| events.lines().any(|l| l.trim() == "frozen 1"));
+        }
+        self.freezer.as_ref().is_some_and(|f| {
+            fs::read_to_string(f.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
+        })
+    }
+
     /// The cgroups a sandbox named `name` left on this host, if any (after its owner died).
     pub fn existing(layout: &Layout, name: &str) -> Option<SandboxCgroup> {
         let dir_of = |base: &Option<PathBuf>| {

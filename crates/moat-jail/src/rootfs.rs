@@ -91,7 +91,17 @@ pub(crate) struct Plan {
     pub steps: Vec<Step>,
     pub what: Vec<String>,
     pub new_root: Option<CString>,
+    /// The sandbox's writable layer, as a path before `pivot_root`: the root tmpfs of the
+    /// `host` template (the other filesystems mounted on it are not part of it), or the upper
+    /// directory of a directory template's overlay (whiteouts included). The child opens it
+    /// and hands it to the agent on [`LAYER_FD`], so it stays reachable after the pivot, where
+    /// an overlay's upper directory has no path any more.
+    pub layer: Option<CString>,
 }
+
+/// The descriptor number the agent finds its writable layer on: an `O_PATH` directory
+/// (`moat_proto::agent_config::AGENT_LAYER_FD`).
+pub const LAYER_FD: i32 = 4;
 
 impl Plan {
     /// Whether the child expects an id-mapped template mount from the host.
@@ -305,6 +315,7 @@ pub(crate) fn plan(
     let root = match rootfs {
         Rootfs::Host => {
             build_host_tree(&mut p, rt, &m, hostname)?;
+            p.layer = Some(c(&m)?);
             m.clone()
         }
         Rootfs::Dir(dir) => {
@@ -372,6 +383,7 @@ pub(crate) fn plan(
             }
             p.mkdir(&merged.join("home/user"), 0o750)?;
             p.chown(&merged.join("home/user"), USER_ID, USER_ID)?;
+            p.layer = Some(c(&m.join("upper"))?);
             merged
         }
     };

@@ -1,6 +1,7 @@
 //! Starting a sandbox: `clone` into new user, pid, mount, network, ipc and uts namespaces; map the
 //! sandbox's ids onto its own host range; place it in its cgroups; build its root; `pivot_root`;
-//! and execute the agent from its sealed memfd as PID 1 with the channel socket on fd 3.
+//! and execute the agent from its sealed memfd as PID 1 with the channel socket on fd 3 and its
+//! writable layer on fd 4.
 //!
 //! The child shares the parent's memory (`CLONE_VM`, on a stack of its own) until it executes
 //! the agent: cloning without it would copy the page tables of a large, multi-threaded server
@@ -48,8 +49,8 @@ pub struct SpawnConfig<'a> {
     pub agent_env: Vec<String>,
     /// Host name inside the sandbox.
     pub hostname: &'a str,
-    /// A listening socket the agent gets as fd 4, on which a host process can open new
-    /// channels (a sandbox kept across server restarts); `None` leaves fd 4 closed.
+    /// A listening socket the agent gets as fd 5, on which a host process can open new
+    /// channels (a sandbox kept across server restarts); `None` leaves fd 5 closed.
     pub listener: Option<RawFd>,
 }
 
@@ -86,7 +87,7 @@ struct ChildPlan {
     go_write: RawFd,
     err_write: RawFd,
     channel: RawFd,
-    /// The listener to hand over as fd 4, or -1.
+    /// The listener to hand over as fd 5, or -1.
     listener: RawFd,
     memfd: RawFd,
     hostname: CString,
@@ -436,6 +437,7 @@ const STEP_HOSTNAME: u32 = 10_005;
 const STEP_LOOPBACK: u32 = 10_006;
 const STEP_FDS: u32 = 10_007;
 const STEP_EXEC: u32 = 10_008;
+const STEP_LAYER: u32 = 10_009;
 
 fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailError> {
     let mut buf = [0u8; 8];
@@ -480,6 +482,7 @@ fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailError> {
         STEP_LOOPBACK => "bring up the loopback interface".to_string(),
         STEP_FDS => "set up the agent's file descriptors".to_string(),
         STEP_EXEC => "execute the agent".to_string(),
+        STEP_LAYER => "open the writable layer".to_string(),
         n => plan
             .what
             .get(n as usize)
@@ -825,6 +828,21 @@ fn child_main(c: &ChildPlan) -> ! {
                 fail(c, i as u32);
             }
         }
+        // The writable layer, opened while it still has a path (an overlay's upper directory
+        // has none after the pivot). Close-on-exec until it is moved to its number below.
+        let layer = match &c.plan.layer {
+            Some(path) => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                );
+                if fd < 0 {
+                    fail(c, STEP_LAYER);
+                }
+                fd
+            }
+            None => -1,
+        };
         let Some(root) = &c.plan.new_root else {
             fail(c, STEP_PIVOT)
         };
@@ -851,7 +869,8 @@ fn child_main(c: &ChildPlan) -> ! {
         libc::close(sock);
 
         // Move what we keep above the standard numbers, then lay out 0-2 (/dev/null), 3 (the
-        // channel) and 4 (the listener, if any). Everything else is close-on-exec.
+        // channel), 4 (the writable layer, when there is one) and 5 (the listener of a keepable
+        // sandbox's agent). Everything else is close-on-exec.
         let memfd = libc::fcntl(c.memfd, libc::F_DUPFD_CLOEXEC, 10);
         let chan = libc::fcntl(c.channel, libc::F_DUPFD_CLOEXEC, 10);
         let listener = if c.listener >= 0 {
@@ -859,25 +878,36 @@ fn child_main(c: &ChildPlan) -> ! {
         } else {
             -1
         };
+        let layer = if layer >= 0 {
+            libc::fcntl(layer, libc::F_DUPFD_CLOEXEC, 10)
+        } else {
+            -1
+        };
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        if memfd < 0 || chan < 0 || null < 0 || (c.listener >= 0 && listener < 0) {
+        if memfd < 0
+            || chan < 0
+            || null < 0
+            || (c.plan.layer.is_some() && layer < 0)
+            || (c.listener >= 0 && listener < 0)
+        {
             fail(c, STEP_FDS);
         }
         if libc::dup2(null, 0) < 0
             || libc::dup2(null, 1) < 0
             || libc::dup2(null, 2) < 0
             || libc::dup2(chan, CHANNEL_FD) < 0
-            || (listener >= 0 && libc::dup2(listener, LISTENER_FD) < 0)
         {
             fail(c, STEP_FDS);
         }
-        let first_closed = if listener >= 0 { 5u32 } else { 4u32 };
+        // Everything from 4 up close-on-exec first; the dup2s below make 4 and 5 inheritable.
         if libc::syscall(
             libc::SYS_close_range,
-            first_closed,
+            (CHANNEL_FD + 1) as u32,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) != 0
+            || (layer >= 0 && libc::dup2(layer, rootfs::LAYER_FD) < 0)
+            || (listener >= 0 && libc::dup2(listener, LISTENER_FD) < 0)
         {
             fail(c, STEP_FDS);
         }
@@ -897,4 +927,4 @@ fn child_main(c: &ChildPlan) -> ! {
 /// The fd number the agent finds its channel on (`moat_proto::agent_config::AGENT_CHANNEL_FD`).
 const CHANNEL_FD: RawFd = 3;
 /// The fd number the agent finds its listener on (`moat_proto::agent_config::AGENT_LISTENER_FD`).
-const LISTENER_FD: RawFd = 4;
+const LISTENER_FD: RawFd = 5;

@@ -13,9 +13,34 @@ pub const AGENT_CONFIG_ENV: &str = "MOAT_AGENT_CONFIG";
 /// The file descriptor on which the agent finds its channel to the host (a connected stream socket).
 pub const AGENT_CHANNEL_FD: i32 = 3;
 
+/// The file descriptor on which the agent finds its writable layer, when its configuration
+/// names one ([`AgentConfig::writable_layer`]): an `O_PATH` directory opened before the sandbox's
+/// root was pivoted to.
+pub const AGENT_LAYER_FD: i32 = 4;
+
+/// Paths of the agent that only the host may call: the server's proxies refuse to forward
+/// anything under this prefix (see `AgentClient::forward`).
+pub const HOST_ONLY_PREFIX: &str = "/moat/";
+
+/// The host-only route of the writable layer: `GET` streams it as a tar archive, `PUT`
+/// unpacks such an archive over the sandbox's root (see the agent's `layer` module).
+pub const LAYER_PATH: &str = "/moat/layer";
+
+/// What the directory on [`AGENT_LAYER_FD`] holds: exactly what the sandbox wrote.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WritableLayer {
+    /// The root filesystem itself (the `host` template's tmpfs); other filesystems mounted on
+    /// it (the host's read-only directories, `/proc`, `/dev`) are not part of the layer.
+    Root,
+    /// The upper directory of an overlay root (a directory template): new and changed files,
+    /// and a whiteout (a character device 0/0) for each file of the template that was removed.
+    OverlayUpper,
+}
+
 /// The file descriptor on which the agent finds its listener when [`AgentConfig::listener`] is
 /// set (a listening stream socket the host can open new channels on).
-pub const AGENT_LISTENER_FD: i32 = 4;
+pub const AGENT_LISTENER_FD: i32 = 5;
 
 /// What the agent needs to know to serve a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -40,6 +65,9 @@ pub struct AgentConfig {
     /// Without one it exits when its first channel closes.
     #[serde(default)]
     pub listener: bool,
+    /// The writable layer handed over on [`AGENT_LAYER_FD`], if the backend hands one over.
+    #[serde(default)]
+    pub writable_layer: Option<WritableLayer>,
 }
 
 /// Per-process limits (setrlimit) for user code inside the sandbox.
@@ -73,6 +101,7 @@ impl Default for AgentConfig {
             access_token: None,
             limits: UserLimits::default(),
             listener: false,
+            writable_layer: None,
         }
     }
 }

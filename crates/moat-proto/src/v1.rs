@@ -23,27 +23,81 @@ use serde::{Deserialize, Serialize};
 /// The template a sandbox uses when the request names none.
 pub const DEFAULT_TEMPLATE: &str = "host";
 
-/// `POST /v1/sandboxes`: make a sandbox.
+/// `POST /v1/sandboxes`: make a sandbox, from a template or from a snapshot.
+///
+/// The JSON body names at most one of `template` and `snapshot` (neither means the default
+/// template); both is an error. A client that sets `snapshot` here leaves `template` at its
+/// default, which is then not sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "CreateSandboxBody")]
 pub struct CreateSandbox {
-    /// Template name; [`DEFAULT_TEMPLATE`] when absent.
-    #[serde(default = "default_template")]
+    /// Template name; [`DEFAULT_TEMPLATE`] when absent. Ignored with `snapshot`.
+    #[serde(skip_serializing_if = "is_default_template")]
     pub template: String,
+    /// A snapshot id (see [`Snapshot`]): the sandbox gets the snapshot's template, resources
+    /// and environment, and its files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     /// Limits; each one absent takes the template's default. Each must be within the
-    /// template's maximum.
-    #[serde(default)]
+    /// template's maximum. Not with `snapshot` (its sandbox has the snapshot's).
     pub resources: Option<ResourceRequest>,
-    /// Environment variables of every process in the sandbox (over the template's).
-    #[serde(default)]
+    /// Environment variables of every process in the sandbox (over the template's, or the
+    /// snapshot's).
     pub env: BTreeMap<String, String>,
     /// The client's labels, filterable in listings.
-    #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     /// Time to live in seconds; the server's default (5 minutes) when absent, at most its
     /// configured maximum.
-    #[serde(default)]
     pub timeout_secs: Option<u64>,
+}
+
+// The JSON form of `CreateSandbox`, where an absent `template` can be told from the default.
+/// `POST /v1/sandboxes`: make a sandbox from a template, or from a snapshot (at most one of
+/// `template` and `snapshot`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "CreateSandbox")]
+struct CreateSandboxBody {
+    /// Template name; [`DEFAULT_TEMPLATE`] when absent (and no `snapshot` is given).
+    #[serde(default)]
+    template: Option<String>,
+    /// A snapshot id instead of a template: the sandbox gets the snapshot's template,
+    /// resources and environment, and its files.
+    #[serde(default)]
+    snapshot: Option<String>,
+    /// Limits; each one absent takes the template's default. Each must be within the
+    /// template's maximum. Not with `snapshot`.
+    #[serde(default)]
+    resources: Option<ResourceRequest>,
+    /// Environment variables of every process in the sandbox (over the template's, or the
+    /// snapshot's).
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// The client's labels, filterable in listings.
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    /// Time to live in seconds; the server's default (5 minutes) when absent, at most its
+    /// configured maximum.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+impl TryFrom<CreateSandboxBody> for CreateSandbox {
+    type Error = String;
+
+    fn try_from(b: CreateSandboxBody) -> Result<Self, String> {
+        if b.template.is_some() && b.snapshot.is_some() {
+            return Err("give one of `template` and `snapshot`, not both".into());
+        }
+        Ok(CreateSandbox {
+            template: b.template.unwrap_or_else(default_template),
+            snapshot: b.snapshot,
+            resources: b.resources,
+            env: b.env,
+            metadata: b.metadata,
+            timeout_secs: b.timeout_secs,
+        })
+    }
 }
 
 impl Default for CreateSandbox {
@@ -51,12 +105,17 @@ impl Default for CreateSandbox {
     fn default() -> Self {
         CreateSandbox {
             template: default_template(),
+            snapshot: None,
             resources: None,
             env: BTreeMap::new(),
             metadata: BTreeMap::new(),
             timeout_secs: None,
         }
     }
+}
+
+fn is_default_template(t: &str) -> bool {
+    t == DEFAULT_TEMPLATE
 }
 
 fn default_template() -> String {
@@ -360,6 +419,125 @@ pub struct SandboxList {
 pub struct SetTimeout {
     /// Seconds from now until the sandbox expires.
     pub timeout_secs: u64,
+}
+
+/// `POST /v1/sandboxes/{id}/resume`: thaw a paused sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeSandbox {
+    /// A new time to live in seconds, counted from now; the expiry is left as it was when
+    /// absent (it kept counting while the sandbox was paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshots`: take a snapshot of a running or paused sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// A name for people (1 to 128 characters, no control characters); names need not be
+    /// unique, and listings filter on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A snapshot: a frozen copy of a sandbox's writable layer (its files; never its memory or
+/// processes on the native backend), from which new sandboxes start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Snapshot {
+    /// Its id (`[a-z0-9]+`); `snapshot` in a create names it.
+    pub id: String,
+    /// Its name, if it was given one.
+    pub name: Option<String>,
+    /// The sandbox it was taken of.
+    pub sandbox_id: String,
+    /// That sandbox's template, which sandboxes made from it use.
+    pub template: String,
+    /// That sandbox's limits, which sandboxes made from it get.
+    pub resources: ResourceLimits,
+    /// Size of the stored copy, bytes.
+    pub size_bytes: u64,
+    /// Whether memory (running processes) was saved too; always `false` on the native
+    /// backend, whose snapshots hold files only.
+    pub memory: bool,
+    /// When it was taken, Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// `GET /v1/snapshots`: which snapshots to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListSnapshots {
+    /// Only those taken of this sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    /// Only those with this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Continue after this cursor (a previous page's `next`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Page size (server default and maximum apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// One page of snapshots, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotList {
+    /// The snapshots.
+    pub snapshots: Vec<Snapshot>,
+    /// The cursor of the next page; absent on the last.
+    pub next: Option<String>,
+}
+
+/// Largest `count` of one fork.
+pub const MAX_FORK_COUNT: u32 = 20;
+
+/// `POST /v1/sandboxes/{id}/fork`: copies of a running or paused sandbox. Its files are
+/// snapshotted once and `count` sandboxes made from that snapshot, which is then deleted.
+/// Running processes are not carried over.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    /// How many copies, 1 to [`MAX_FORK_COUNT`]; 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Time to live of each copy in seconds; the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Labels of each copy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a fork made: one result per copy asked for, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ForkResult {
+    /// Each copy: a sandbox, or why it could not be made.
+    pub results: Vec<ForkItem>,
+}
+
+/// One copy of a fork: exactly one of `sandbox` and `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ForkItem {
+    /// The new sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    /// Why this copy failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ForkError>,
+}
+
+/// Why one copy of a fork failed: what a create would have answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ForkError {
+    /// The HTTP status a create failing this way answers with.
+    pub status: u16,
+    /// Machine-readable code (`quota_exceeded`, `unavailable`, …).
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`: run one command, and either wait for its [`ExecResult`] or
@@ -785,6 +963,31 @@ mod tests {
             assert!(serde_json::from_str::<CreateSandbox>(bad).is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<ExecRequest>(r#"{"command":"ls"}"#).is_err());
+    }
+
+    #[test]
+    fn create_takes_a_template_or_a_snapshot() {
+        let req: CreateSandbox = serde_json::from_str(r#"{"snapshot":"abc"}"#).unwrap();
+        assert_eq!(req.snapshot.as_deref(), Some("abc"));
+        assert_eq!(req.template, DEFAULT_TEMPLATE);
+        assert!(
+            serde_json::from_str::<CreateSandbox>(r#"{"template":"host","snapshot":"abc"}"#)
+                .is_err()
+        );
+        let out = serde_json::to_value(&req).unwrap();
+        assert_eq!(out["snapshot"], "abc");
+        assert!(out.get("template").is_none(), "{out}");
+        let back: CreateSandbox = serde_json::from_value(out).unwrap();
+        assert_eq!(back, req);
+        let plain = serde_json::to_value(CreateSandbox {
+            template: "py".into(),
+            ..CreateSandbox::default()
+        })
+        .unwrap();
+        assert_eq!(plain["template"], "py");
+        let fork: ForkSandbox = serde_json::from_str("{}").unwrap();
+        assert_eq!(fork.count, None);
+        assert!(serde_json::from_str::<ForkSandbox>(r#"{"cnt":2}"#).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod metrics;
 pub mod openapi;
 mod rate_limit;
 mod sandbox_proxy;
+mod snapshots;
 mod templates;
 
 use moat_engine::store::now_ms;

@@ -74,6 +74,8 @@ struct Op {
     summary: &'static str,
     query: Vec<Param>,
     body: Content,
+    /// The body may be left out (an empty body means its defaults).
+    body_optional: bool,
     status: u16,
     answer: Content,
     /// Extra successful answers: (status, media type, description).
@@ -96,6 +98,7 @@ fn op(
         summary,
         query: Vec::new(),
         body: Content::Empty,
+        body_optional: false,
         status: 200,
         answer: Content::Empty,
         alternatives: &[],
@@ -151,6 +154,7 @@ fn operations() -> Vec<Op> {
         },
         Op {
             body: Json(of::<v1::CreateSandbox>),
+            body_optional: true,
             status: 201,
             answer: Json(of::<v1::Sandbox>),
             ..op(
@@ -158,7 +162,7 @@ fn operations() -> Vec<Op> {
                 "/v1/sandboxes",
                 "createSandbox",
                 "sandboxes",
-                "Create a sandbox (a warm-pool claim when the template has a ready member).",
+                "Create a sandbox from a template or a snapshot (a warm-pool claim when one serves).",
             )
         },
         Op {
@@ -220,6 +224,94 @@ fn operations() -> Vec<Op> {
                 "setTimeout",
                 "sandboxes",
                 "Set a sandbox's time to live, from now.",
+            )
+        },
+        Op {
+            answer: Json(of::<v1::Sandbox>),
+            ..op(
+                "post",
+                "/v1/sandboxes/{id}/pause",
+                "pauseSandbox",
+                "sandboxes",
+                "Freeze every process of a sandbox (409 when already paused).",
+            )
+        },
+        Op {
+            body: Json(of::<v1::ResumeSandbox>),
+            body_optional: true,
+            answer: Json(of::<v1::Sandbox>),
+            ..op(
+                "post",
+                "/v1/sandboxes/{id}/resume",
+                "resumeSandbox",
+                "sandboxes",
+                "Thaw a paused sandbox, optionally with a new time to live.",
+            )
+        },
+        Op {
+            body: Json(of::<v1::CreateSnapshot>),
+            body_optional: true,
+            status: 201,
+            answer: Json(of::<v1::Snapshot>),
+            ..op(
+                "post",
+                "/v1/sandboxes/{id}/snapshots",
+                "createSnapshot",
+                "snapshots",
+                "Snapshot a sandbox's files.",
+            )
+        },
+        Op {
+            body: Json(of::<v1::ForkSandbox>),
+            body_optional: true,
+            status: 201,
+            answer: Json(of::<v1::ForkResult>),
+            ..op(
+                "post",
+                "/v1/sandboxes/{id}/fork",
+                "forkSandbox",
+                "snapshots",
+                "Copy a sandbox's files into 1 to 20 new sandboxes.",
+            )
+        },
+        Op {
+            query: vec![
+                q("sandbox_id", "string", "Only snapshots of this sandbox."),
+                q("name", "string", "Only snapshots with this name."),
+                q(
+                    "after",
+                    "string",
+                    "Cursor: the `next` of the previous page.",
+                ),
+                q("limit", "integer", "Page size (default 100, at most 1000)."),
+            ],
+            answer: Json(of::<v1::SnapshotList>),
+            ..op(
+                "get",
+                "/v1/snapshots",
+                "listSnapshots",
+                "snapshots",
+                "List snapshots, oldest first.",
+            )
+        },
+        Op {
+            answer: Json(of::<v1::Snapshot>),
+            ..op(
+                "get",
+                "/v1/snapshots/{id}",
+                "getSnapshot",
+                "snapshots",
+                "Get a snapshot.",
+            )
+        },
+        Op {
+            status: 204,
+            ..op(
+                "delete",
+                "/v1/snapshots/{id}",
+                "deleteSnapshot",
+                "snapshots",
+                "Delete a snapshot (its stored copy too).",
             )
         },
         Op {
@@ -521,7 +613,7 @@ fn build() -> Value {
             "responses": responses,
         });
         if let Some(c) = content(op.body, &mut g) {
-            operation["requestBody"] = json!({"required": true, "content": c});
+            operation["requestBody"] = json!({"required": !op.body_optional, "content": c});
         }
         if op.open {
             operation["security"] = json!([]);
@@ -575,6 +667,12 @@ mod tests {
             assert!(schemas.contains_key(name), "dangling {target}");
         }
         assert!(schemas.contains_key("CreateSandbox"));
+        assert!(
+            schemas["CreateSandbox"]["properties"]
+                .get("snapshot")
+                .is_some()
+        );
+        assert!(schemas.contains_key("ForkResult"));
         assert_eq!(doc["paths"]["/healthz"]["get"]["security"], json!([]));
     }
 }

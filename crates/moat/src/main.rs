@@ -22,8 +22,11 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Show what this host supports and what moat will use.
     Check,
-    /// Sandboxes on a moat server ($MOAT_URL): create, ls, get, exec, cp, rm, timeout.
+    /// Sandboxes on a moat server ($MOAT_URL): create, ls, get, exec, cp, rm, timeout, pause,
+    /// resume, fork.
     Sandbox(cli::sandbox::SandboxArgs),
+    /// Snapshots on a moat server: create, ls, get, rm.
+    Snapshot(cli::snapshot::SnapshotArgs),
     /// Templates on a moat server: create, ls, get, rm.
     Template(cli::template::TemplateArgs),
     /// API keys on a moat server (needs an admin key): create, ls, revoke.
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => cli::serve::main(args),
         Command::Check => cli::check::main(),
         Command::Sandbox(args) => cli::sandbox::main(args),
+        Command::Snapshot(args) => cli::snapshot::main(args),
         Command::Template(args) => cli::template::main(args),
         Command::Keys(args) => cli::keys::main(args),
         Command::Agent => cli::agent::main(),

@@ -326,7 +326,7 @@ pub(crate) fn list_dir(path: &str, depth: u32) -> Result<Vec<EntryInfo>, RpcErro
 /// Removes the directory tree `name` in `dir` without following any symlink: every step is an
 /// `*at` call on an open directory, and the walk keeps an explicit stack (a tree deeper than any
 /// path can name would overflow a recursive walk).
-fn remove_tree(dir: &OwnedFd, name: &CStr, path: &str) -> Result<(), RpcError> {
+pub(crate) fn remove_tree(dir: &OwnedFd, name: &CStr, path: &str) -> Result<(), RpcError> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
     let open = |parent: &OwnedFd, n: &CStr| -> io::Result<(OwnedFd, Vec<CString>)> {
         let fd = sys::openat2(Some(parent.as_fd()), n, flags, 0, sys::RESOLVE)?;

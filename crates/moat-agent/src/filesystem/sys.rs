@@ -88,6 +88,37 @@ pub(crate) fn fstatat(
     Ok(st)
 }
 
+/// The id of the mount `name` in `dir` is on (not following a symlink); an empty `name` means
+/// `dir` itself. Unlike `st_dev`, which an overlay varies per layer for files, this tells
+/// whether two entries are on the same mount.
+pub(crate) fn mount_id(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<u64> {
+    // SAFETY: all-zero is a valid `statx`; the kernel fills it.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: valid descriptor, NUL-terminated name and a writable statx buffer.
+    cvt(unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::STATX_MNT_ID,
+            &mut st,
+        )
+    })?;
+    if st.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the kernel reports no mount ids",
+        ));
+    }
+    Ok(st.stx_mnt_id)
+}
+
 /// `fstat(fd)`.
 pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     // SAFETY: all-zero is a valid `stat`; the kernel fills it.
@@ -145,6 +176,81 @@ pub(crate) fn lchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> 
         )
     })
     .map(drop)
+}
+
+/// `fchmod(fd, mode)`.
+pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: valid descriptor.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
+/// `fchmodat(dir, name, mode, 0)`: follows a symlink `name`, so only for entries just made.
+pub(crate) fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid descriptor and NUL-terminated name.
+    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+}
+
+/// Sets the access and modification times of `name` in `dir` (not following a symlink) to
+/// `secs` since the epoch.
+pub(crate) fn set_times_at(dir: BorrowedFd<'_>, name: &CStr, secs: i64) -> io::Result<()> {
+    let t = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    let times = [t, t];
+    // SAFETY: valid descriptor, NUL-terminated name and two timespecs.
+    cvt(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// Sets the access and modification times of `fd` to `secs` since the epoch.
+pub(crate) fn set_times(fd: BorrowedFd<'_>, secs: i64) -> io::Result<()> {
+    let t = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    let times = [t, t];
+    // SAFETY: valid descriptor and two timespecs.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
+}
+
+/// `symlinkat(target, dir, name)`.
+pub(crate) fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: NUL-terminated strings and a valid descriptor.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+/// `linkat(from_dir, from, to_dir, to, 0)`: a hard link, never following a symlink `from`.
+pub(crate) fn linkat(
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
+    to_dir: BorrowedFd<'_>,
+    to: &CStr,
+) -> io::Result<()> {
+    // SAFETY: valid descriptors and NUL-terminated names.
+    cvt(unsafe {
+        libc::linkat(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `mknodat(dir, name, S_IFIFO | mode, 0)`: a FIFO.
+pub(crate) fn mkfifoat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid descriptor and NUL-terminated name.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), libc::S_IFIFO | mode, 0) }).map(drop)
 }
 
 /// `fchown(fd, uid, gid)`.

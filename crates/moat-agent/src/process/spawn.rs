@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use moat_jail::confine::ConfinePlan;
 
+use crate::filesystem::sys;
 use crate::rpc::{Code, RpcError};
 use crate::users::User;
 
@@ -162,37 +163,31 @@ pub fn open_cwd(user: &User, workdir: &str, requested: Option<&str>) -> Result<O
         }
     };
     let shown = path.display().to_string();
-    let canonical = std::fs::canonicalize(&path).map_err(|e| {
-        RpcError::new(
-            Code::InvalidArgument,
-            format!("working directory '{shown}': {e}"),
-        )
-    })?;
-    if canonical.starts_with("/proc") {
-        return Err(proc_refused(&shown));
-    }
-    let c = CString::new(canonical.as_os_str().as_encoded_bytes()).map_err(|_| {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
         RpcError::new(
             Code::InvalidArgument,
             format!("working directory '{shown}' contains a NUL byte"),
         )
     })?;
-    // SAFETY: c is a valid NUL-terminated path; flags are constants.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(RpcError::new(
-            Code::InvalidArgument,
-            format!("working directory '{shown}': {e}"),
-        ));
-    }
-    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // No magic links: `/proc/self/fd/N` (or a symlink to it) would resolve to a descriptor of
+    // the agent's own (its channel, its writable layer), whatever path that shows.
+    let fd = sys::openat2(
+        None,
+        &c,
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+        libc::RESOLVE_NO_MAGICLINKS,
+    )
+    .map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) && shown.starts_with("/proc") {
+            proc_refused(&shown)
+        } else {
+            RpcError::new(
+                Code::InvalidArgument,
+                format!("working directory '{shown}': {e}"),
+            )
+        }
+    })?;
     // The path could have changed between canonicalize and open; the filesystem type of what was
     // actually opened is what counts.
     // SAFETY: statfs is plain data, valid when zeroed.

@@ -218,10 +218,10 @@ pub(super) async fn check_written(resp: http::Response<Incoming>) -> Result<(), 
 }
 
 /// When an upload last moved data, and whether its body is complete.
-struct Progress(Mutex<(Instant, bool)>);
+pub(super) struct Progress(Mutex<(Instant, bool)>);
 
 impl Progress {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Progress(Mutex::new((Instant::now(), false)))
     }
 
@@ -230,17 +230,17 @@ impl Progress {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn moved(&self) {
+    pub(super) fn moved(&self) {
         self.state().0 = Instant::now();
     }
 
-    fn finished(&self) {
+    pub(super) fn finished(&self) {
         *self.state() = (Instant::now(), true);
     }
 
     /// When the upload has failed if nothing happens before, and the limit that sets it: the
     /// idle limit while the body moves, a unary call's deadline for the answer after it.
-    fn deadline(&self) -> (Instant, std::time::Duration) {
+    pub(super) fn deadline(&self) -> (Instant, std::time::Duration) {
         let (at, done) = *self.state();
         let limit = if done {
             DEFAULT_UNARY_TIMEOUT

@@ -49,6 +49,10 @@ impl SandboxManager {
     pub fn route(&self, id: &str) -> ManagerResult<SandboxRoute> {
         let live: Option<Arc<Live>> = lock(&self.inner.live).get(id).cloned();
         match live {
+            // Its agent is frozen: to a proxy, as gone as an ended one.
+            Some(live) if live.is_paused() => {
+                Err(ManagerError::NotFound(format!("sandbox {id} is paused")))
+            }
             Some(live) => Ok(SandboxRoute {
                 tenant: live.tenant.clone(),
                 client: live.client.clone(),

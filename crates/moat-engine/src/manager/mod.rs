@@ -16,10 +16,12 @@ mod exec_stream;
 mod execution;
 mod idempotency;
 mod keys;
+mod pause;
 mod pool;
 mod readiness;
 mod restart;
 mod run;
+mod snapshots;
 mod templates;
 mod usage;
 
@@ -30,11 +32,15 @@ pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
 pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
+pub use snapshots::{
+    FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT,
+};
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +55,7 @@ use crate::store::{
     Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, SandboxFilter, SandboxRecord, SandboxState,
     Store, StoreError, check_template_name, generate_sandbox_id,
 };
+use snapshots::restore_layer;
 
 /// Most environment variables in one request.
 pub const MAX_ENV_VARS: usize = 256;
@@ -74,6 +81,12 @@ pub enum ManagerError {
     /// The sandbox or its agent cannot be reached, or the backend could not make it (HTTP 503).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// What the request would make is larger than a limit allows (HTTP 413).
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The work did not finish within its time limit (HTTP 504).
+    #[error("timeout: {0}")]
+    Timeout(String),
     /// A fault of the server itself, such as its database (HTTP 500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -89,6 +102,8 @@ impl ManagerError {
             ManagerError::Forbidden(_) => "forbidden",
             ManagerError::QuotaExceeded(_) => "quota_exceeded",
             ManagerError::Unavailable(_) => "unavailable",
+            ManagerError::TooLarge(_) => "too_large",
+            ManagerError::Timeout(_) => "timeout",
             ManagerError::Internal(_) => "internal",
         }
     }
@@ -102,6 +117,8 @@ impl ManagerError {
             ManagerError::Forbidden(_) => 403,
             ManagerError::QuotaExceeded(_) => 429,
             ManagerError::Unavailable(_) => 503,
+            ManagerError::TooLarge(_) => 413,
+            ManagerError::Timeout(_) => 504,
             ManagerError::Internal(_) => 500,
         }
     }
@@ -138,7 +155,7 @@ impl From<crate::EngineError> for ManagerError {
 pub type ManagerResult<T> = std::result::Result<T, ManagerError>;
 
 /// Settings of a [`SandboxManager`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagerOptions {
     /// Time to live of a sandbox whose request names none.
     pub default_ttl: Duration,
@@ -147,6 +164,9 @@ pub struct ManagerOptions {
     /// Memory all warm-pool members together may use, bytes (see [`pool`]'s notes on how it
     /// is counted).
     pub pool_memory_budget: u64,
+    /// Where snapshot archives are kept (`moat serve`: `<data-dir>/snapshots`); `None` keeps
+    /// none, and snapshots and forks are unavailable.
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// Warm-pool memory budget unless configured: 1 GiB.
@@ -158,6 +178,7 @@ impl Default for ManagerOptions {
             default_ttl: Duration::from_secs(5 * 60),
             max_ttl: Duration::from_secs(24 * 3600),
             pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
+            snapshot_dir: None,
         }
     }
 }
@@ -168,8 +189,41 @@ struct Live {
     client: AgentClient,
     /// Behind an async mutex: `destroy` needs `&mut`, and may wait.
     instance: tokio::sync::Mutex<Box<dyn Instance>>,
+    /// Frozen (or being frozen): commands and file calls are refused rather than left
+    /// waiting on an agent that cannot answer.
+    paused: AtomicBool,
+    /// Held by pause, resume and snapshot, which must not interleave; never by `destroy`, so
+    /// a delete is never held up by a snapshot.
+    ops: tokio::sync::Mutex<()>,
+    /// The environment the sandbox was created with (over its template's), which a snapshot
+    /// of it keeps.
+    env: BTreeMap<String, String>,
     /// Its recent resource use, sampled every [`USAGE_INTERVAL`].
     usage: Mutex<usage::History>,
+}
+
+impl Live {
+    fn new(
+        tenant: &str,
+        client: AgentClient,
+        instance: Box<dyn Instance>,
+        env: BTreeMap<String, String>,
+    ) -> Live {
+        let usage = Mutex::new(usage::History::new(&*instance));
+        Live {
+            tenant: tenant.to_owned(),
+            client,
+            instance: tokio::sync::Mutex::new(instance),
+            usage,
+            paused: AtomicBool::new(false),
+            ops: tokio::sync::Mutex::new(()),
+            env,
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
 }
 
 struct Inner {
@@ -263,13 +317,17 @@ impl SandboxManager {
             }
         }
         let access_key = store.secret(access::ACCESS_TOKEN_SECRET)?;
+        if let Some(dir) = &opts.snapshot_dir {
+            snapshots::prepare_dir(&store, dir)?;
+        }
+        let pools = pool::Pools::new(opts.pool_memory_budget);
         Ok(SandboxManager {
             inner: Arc::new(Inner {
                 store,
                 backend,
                 opts,
                 live: Mutex::new(HashMap::new()),
-                pools: pool::Pools::new(opts.pool_memory_budget),
+                pools,
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
@@ -278,8 +336,8 @@ impl SandboxManager {
     }
 
     /// The settings this manager runs with.
-    pub fn options(&self) -> ManagerOptions {
-        self.inner.opts
+    pub fn options(&self) -> &ManagerOptions {
+        &self.inner.opts
     }
 
     /// The store this manager keeps.
@@ -471,26 +529,73 @@ impl Inner {
         req: v1::CreateSandbox,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
-        // Everything the client can get wrong is checked before anything is recorded.
+        let plan = match req.snapshot.clone() {
+            Some(snapshot) => self.plan_from_snapshot(&tenant, &snapshot, req).await?,
+            None => self.plan_from_template(&tenant, req).await?,
+        };
+        self.create_planned(tenant, key_id, plan, began).await
+    }
+
+    /// What a create from a template makes; whatever the client can get wrong is checked
+    /// here, before anything is recorded.
+    async fn plan_from_template(
+        &self,
+        tenant: &str,
+        req: v1::CreateSandbox,
+    ) -> ManagerResult<CreatePlan> {
         check_template_name(&req.template).map_err(ManagerError::from)?;
-        if let Some(secs) = req.timeout_secs {
+        let (owner, spec) = self
+            .template(tenant, &req.template)
+            .await
+            .map_err(|e| match e {
+                ManagerError::NotFound(_) => {
+                    ManagerError::Invalid(format!("unknown template {:?}", req.template))
+                }
+                e => e,
+            })?;
+        // A request that asks for nothing a started member lacks can take one.
+        let poolable = req.resources.is_none() && req.env.is_empty();
+        Ok(CreatePlan {
+            template: req.template,
+            owner,
+            spec,
+            resources: req.resources,
+            env: req.env,
+            metadata: req.metadata,
+            timeout_secs: req.timeout_secs,
+            layer: None,
+            poolable,
+        })
+    }
+
+    /// The template `name` as `tenant` sees it: its owner (`None` for a built-in) and spec.
+    async fn template(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> ManagerResult<(Option<String>, v1::TemplateSpec)> {
+        let (t, n) = (tenant.to_owned(), name.to_owned());
+        let template = self.db(move |s| s.get_template(&t, &n)).await?;
+        let spec: v1::TemplateSpec = serde_json::from_value(template.spec).map_err(|e| {
+            ManagerError::Internal(format!("template {name:?} has a bad spec: {e}"))
+        })?;
+        Ok((template.tenant, spec))
+    }
+
+    /// Records the planned sandbox and makes it (or claims a warm-pool member for it), with
+    /// the plan's layer restored before it counts as running.
+    async fn create_planned(
+        self: Arc<Self>,
+        tenant: String,
+        key_id: Option<String>,
+        plan: CreatePlan,
+        began: Instant,
+    ) -> ManagerResult<v1::Sandbox> {
+        if let Some(secs) = plan.timeout_secs {
             self.ttl(Some(secs))?;
         }
-        check_env("env", &req.env)?;
-        let (t, name) = (tenant.clone(), req.template.clone());
-        let template = match self.db(move |s| s.get_template(&t, &name)).await {
-            Ok(t) => t,
-            Err(ManagerError::NotFound(_)) => {
-                return Err(ManagerError::Invalid(format!(
-                    "unknown template {:?}",
-                    req.template
-                )));
-            }
-            Err(e) => return Err(e),
-        };
-        let spec: v1::TemplateSpec = serde_json::from_value(template.spec).map_err(|e| {
-            ManagerError::Internal(format!("template {:?} has a bad spec: {e}", req.template))
-        })?;
+        check_env("env", &plan.env)?;
+        let spec = &plan.spec;
         let limits = match &key_id {
             Some(key) => {
                 let (t, k) = (tenant.clone(), key.clone());
@@ -503,43 +608,50 @@ impl Inner {
             None => Limits::default(),
         };
         // The request's time to live, else the template's, else the server's default.
-        let ttl = self.ttl(req.timeout_secs.or(spec.timeout_secs))?;
+        let ttl = self.ttl(plan.timeout_secs.or(spec.timeout_secs))?;
         let expires_at = Some(now_ms().saturating_add(ms(ttl)));
-        // A request that asks for nothing a started member lacks can take one.
-        if req.resources.is_none() && req.env.is_empty() {
+        if plan.poolable {
             let key = pool::PoolKey {
-                tenant: template.tenant.clone(),
-                name: req.template.clone(),
+                tenant: plan.owner.clone(),
+                name: plan.template.clone(),
             };
             if let Some(member) = self.pools.take(&key) {
-                let resources = resolve_resources(&spec, None)?;
+                let resources = resolve_resources(spec, None)?;
                 let new = NewSandbox {
                     id: member.id.clone(),
                     tenant: tenant.clone(),
                     key_id,
-                    template: req.template.clone(),
+                    template: plan.template.clone(),
                     state: SandboxState::Running,
-                    metadata: req.metadata,
+                    metadata: plan.metadata,
                     resources: serde_json::to_value(limits_v1(&resources))
                         .map_err(|e| ManagerError::Internal(e.to_string()))?,
                     memory_bytes: resources.memory_bytes,
                     expires_at,
                 };
-                let claimed = self.claim(&key, member, new, limits).await?;
+                if let Some(layer) = &plan.layer
+                    && let Err(e) = restore_layer(&member.client, layer).await
+                {
+                    self.discard(member).await;
+                    self.pools.claimed();
+                    return Err(e);
+                }
+                let restored = plan.layer.is_some();
+                let claimed = self.claim(&key, member, new, limits, restored).await?;
                 // Successes only: a refused request would pull the latency towards zero.
                 self.metrics.observe_claim(began.elapsed());
                 return Ok(claimed);
             }
         }
         let id = generate_sandbox_id().map_err(ManagerError::from)?;
-        let sandbox = plan_sandbox(id.clone(), &spec, req.resources.as_ref(), req.env)?;
+        let sandbox = plan_sandbox(id.clone(), spec, plan.resources.as_ref(), plan.env.clone())?;
         let new = NewSandbox {
             id: id.clone(),
             tenant: tenant.clone(),
             key_id,
-            template: req.template.clone(),
+            template: plan.template.clone(),
             state: SandboxState::Starting,
-            metadata: req.metadata,
+            metadata: plan.metadata,
             resources: serde_json::to_value(limits_v1(&sandbox.resources))
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             memory_bytes: sandbox.resources.memory_bytes,
@@ -548,7 +660,10 @@ impl Inner {
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
 
-        match self.start(&tenant, &sandbox, &spec).await {
+        match self
+            .start(&tenant, &sandbox, spec, plan.layer.as_deref(), plan.env)
+            .await
+        {
             Ok(()) => {}
             Err(e) => {
                 let reason = EndReason::Failed(e.to_string());
@@ -592,13 +707,15 @@ impl Inner {
     }
 
     /// Hands a warm-pool member to the tenant of `new`: recorded (quotas checked) in the same
-    /// transaction that ends its membership, then live. A member a quota refused goes back.
+    /// transaction that ends its membership, then live. A member a quota refused goes back,
+    /// unless a layer was `restored` into it (it is then no longer like the others).
     async fn claim(
         &self,
         key: &pool::PoolKey,
         member: pool::Member,
         new: NewSandbox,
         limits: Limits,
+        restored: bool,
     ) -> ManagerResult<v1::Sandbox> {
         let tenant = new.tenant.clone();
         match self.db(move |s| s.claim_pool_member(&new, limits)).await {
@@ -607,7 +724,7 @@ impl Inner {
                 self.pools.claimed();
                 Ok(to_v1(&rec))
             }
-            Err(e @ ManagerError::QuotaExceeded(_)) => {
+            Err(e @ ManagerError::QuotaExceeded(_)) if !restored => {
                 if let Some(member) = self.pools.put_back(key, member) {
                     self.discard(member).await;
                 }
@@ -621,36 +738,34 @@ impl Inner {
         }
     }
 
-    /// Makes the sandbox, connects to its agent and registers it as live; on failure,
-    /// destroys whatever was made.
+    /// Makes the sandbox (restoring `layer` into it, if given), connects to its agent and
+    /// registers it as live; on failure, destroys whatever was made.
     async fn start(
         &self,
         tenant: &str,
         sandbox: &SandboxSpec,
         template: &v1::TemplateSpec,
+        layer: Option<&Path>,
+        env: BTreeMap<String, String>,
     ) -> ManagerResult<()> {
-        let (instance, client) = self.boot(sandbox, template).await?;
-        let usage = usage::History::new(&*instance);
+        let (instance, client) = self.boot(sandbox, template, layer).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             sandbox.id.clone(),
-            Arc::new(Live {
-                tenant: tenant.to_owned(),
-                client,
-                instance: tokio::sync::Mutex::new(instance),
-                usage: Mutex::new(usage),
-            }),
+            Arc::new(Live::new(tenant, client, instance, env)),
         );
         Ok(())
     }
 
-    /// Makes the sandbox with the backend, connects to its agent, starts the template's
+    /// Makes the sandbox with the backend, connects to its agent, restores `layer` into it
+    /// (a snapshot's files, before anything of the template runs), starts the template's
     /// `start` script and waits for its `ready` script to pass. On failure, destroys whatever
     /// was made.
     async fn boot(
         &self,
         sandbox: &SandboxSpec,
         template: &v1::TemplateSpec,
+        layer: Option<&Path>,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
         let mut instance = self
             .backend
@@ -668,6 +783,9 @@ impl Inner {
                 .health()
                 .await
                 .map_err(|e| ManagerError::Unavailable(format!("agent health: {e}")))?;
+            if let Some(layer) = layer {
+                restore_layer(&client, layer).await?;
+            }
             readiness::start_and_wait(&client, template).await?;
             Ok::<_, ManagerError>(client)
         }
@@ -728,8 +846,20 @@ impl Inner {
         }
     }
 
-    /// The live sandbox `id` of `tenant`, or why there is none.
+    /// The live, running sandbox `id` of `tenant`, or why there is none: 404 when there is no
+    /// such sandbox, 409 when it is paused or not running.
     async fn live_for(&self, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
+        let live = self.live_any(tenant, id).await?;
+        if live.is_paused() {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id} is paused; resume it first"
+            )));
+        }
+        Ok(live)
+    }
+
+    /// The live sandbox `id` of `tenant`, paused or not, or why there is none.
+    async fn live_any(&self, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
         let live = lock(&self.live).get(id).cloned();
         if let Some(live) = live
             && live.tenant == tenant
@@ -743,6 +873,24 @@ impl Inner {
             rec.state
         )))
     }
+}
+
+/// Everything a create makes, resolved from the request (and the snapshot it names).
+#[derive(Clone)]
+struct CreatePlan {
+    /// The template's name.
+    template: String,
+    /// The template's owner (`None` for a built-in): which warm pool serves it.
+    owner: Option<String>,
+    spec: v1::TemplateSpec,
+    resources: Option<v1::ResourceRequest>,
+    env: BTreeMap<String, String>,
+    metadata: BTreeMap<String, String>,
+    timeout_secs: Option<u64>,
+    /// A snapshot archive to restore before the sandbox counts as running.
+    layer: Option<PathBuf>,
+    /// Whether a warm-pool member of the template is what the plan asks for.
+    poolable: bool,
 }
 
 fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {

@@ -355,11 +355,13 @@ impl Inner {
     }
 
     /// Running sandboxes whose agent connection closed (the agent died, or everything in the
-    /// sandbox was killed) are destroyed and recorded failed.
+    /// sandbox was killed) are destroyed and recorded failed. Paused ones are not looked at.
     fn fail_dead_sandboxes(self: &Arc<Self>) {
+        // A paused sandbox is left alone: its agent is frozen on purpose (its connection stays
+        // open anyway); a resume that finds it gone leaves it to the next pass.
         let dead: Vec<(String, String)> = lock(&self.live)
             .iter()
-            .filter(|(_, live)| live.client.is_closed())
+            .filter(|(_, live)| !live.is_paused() && live.client.is_closed())
             .map(|(id, live)| (id.clone(), live.tenant.clone()))
             .collect();
         for (id, tenant) in dead {
@@ -457,7 +459,7 @@ impl Inner {
         self.db(move |s| s.add_pool_member(&i, &name, owner.as_deref()))
             .await?;
         let sandbox = super::plan_sandbox(id.clone(), spec, None, Default::default())?;
-        match self.boot(&sandbox, spec).await {
+        match self.boot(&sandbox, spec, None).await {
             Ok((instance, client)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {
@@ -490,15 +492,14 @@ impl Inner {
 
     /// A member turned into `tenant`'s live sandbox.
     pub(super) fn adopt(&self, tenant: &str, member: Member) {
-        let usage = super::usage::History::new(&*member.instance);
         lock(&self.live).insert(
             member.id.clone(),
-            Arc::new(Live {
-                tenant: tenant.to_owned(),
-                client: member.client,
-                instance: tokio::sync::Mutex::new(member.instance),
-                usage: std::sync::Mutex::new(usage),
-            }),
+            Arc::new(Live::new(
+                tenant,
+                member.client,
+                member.instance,
+                Default::default(),
+            )),
         );
     }
 }

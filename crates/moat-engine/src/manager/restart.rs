@@ -129,16 +129,13 @@ impl Inner {
         };
         match connect(instance.as_mut(), rec.state == SandboxState::Paused).await {
             Ok(client) => {
-                let usage = super::usage::History::new(&*instance);
-                lock(&self.live).insert(
-                    rec.id.clone(),
-                    Arc::new(Live {
-                        tenant: rec.tenant.clone(),
-                        client,
-                        instance: tokio::sync::Mutex::new(instance),
-                        usage: std::sync::Mutex::new(usage),
-                    }),
-                );
+                // The create's own environment is not recorded; a snapshot of an adopted
+                // sandbox keeps its template's.
+                let live = Live::new(&rec.tenant, client, instance, Default::default());
+                if rec.state == SandboxState::Paused {
+                    live.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                lock(&self.live).insert(rec.id.clone(), Arc::new(live));
                 Ok(true)
             }
             Err(e) => {

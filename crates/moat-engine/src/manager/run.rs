@@ -95,6 +95,7 @@ impl SandboxManager {
             env: Default::default(),
             metadata: [("moat.run".to_owned(), "true".to_owned())].into(),
             timeout_secs: Some(run_for.saturating_add(RUN_TTL_MARGIN).as_secs()),
+            ..v1::CreateSandbox::default()
         };
         let sandbox = self.create(tenant, key_id, create).await?;
         let outcome = self

@@ -1,5 +1,5 @@
-//! The durable state of `moat serve`: tenants, API keys, templates and sandboxes in embedded
-//! SQLite.
+//! The durable state of `moat serve`: tenants, API keys, templates, sandboxes and snapshots in
+//! embedded SQLite.
 //!
 //! One file, `moat.db` in the data dir, in WAL mode with `synchronous = FULL`: when a write
 //! returns, it is on disk, so whatever the API acknowledged survives a crash or power loss. The
@@ -32,6 +32,7 @@ mod pool;
 mod sandboxes;
 mod schema;
 mod secrets;
+mod snapshots;
 mod templates;
 mod tenants;
 
@@ -52,6 +53,10 @@ pub use sandboxes::{
 };
 pub use schema::SCHEMA_VERSION;
 pub use secrets::SECRET_BYTES;
+pub use snapshots::{
+    MAX_SNAPSHOT_NAME, NewSnapshot, SnapshotFilter, SnapshotPage, SnapshotRecord,
+    check_snapshot_id, check_snapshot_name, generate_snapshot_id,
+};
 pub use templates::TemplateRecord;
 pub use tenants::TenantRecord;
 

@@ -125,7 +125,25 @@ CREATE TABLE idempotency_keys (
 ) STRICT;
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3];
+/// Version 4: snapshots, each a tar archive of a sandbox's writable layer in the snapshot
+/// directory. `sandbox_id` has no foreign key: ended sandboxes' records are purged, their
+/// snapshots stay. `resources` and `env` are what a sandbox made from it gets.
+const V4: &str = r#"
+CREATE TABLE snapshots (
+    id          TEXT PRIMARY KEY NOT NULL,
+    tenant_id   TEXT NOT NULL REFERENCES tenants (id),
+    name        TEXT,
+    sandbox_id  TEXT NOT NULL,
+    template    TEXT NOT NULL,
+    resources   TEXT NOT NULL CHECK (json_valid(resources)),
+    env         TEXT NOT NULL CHECK (json_valid(env)),
+    size_bytes  INTEGER NOT NULL CHECK (size_bytes >= 0),
+    created_at  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -115,6 +115,7 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
     let timeout_secs = req.timeout.map(|t| check_timeout(t, max_ttl)).transpose()?;
     Ok(v1::CreateSandbox {
         template: req.template_id.unwrap_or_else(|| "base".to_owned()),
+        snapshot: None,
         resources: None,
         env: req.env_vars.unwrap_or_default(),
         metadata: req.metadata.unwrap_or_default(),

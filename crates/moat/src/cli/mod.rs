@@ -10,6 +10,7 @@ pub mod run;
 pub mod run_remote;
 pub mod sandbox;
 pub mod serve;
+pub mod snapshot;
 pub mod table;
 pub mod template;
 pub mod terminal;

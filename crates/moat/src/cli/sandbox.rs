@@ -7,8 +7,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use moat_client::Client;
 use moat_client::types::{
-    CreateSandbox, ExecRequest, ListSandboxes, OutputEncoding, ResourceRequest, Sandbox,
-    SandboxState,
+    CreateSandbox, ExecRequest, ForkSandbox, ListSandboxes, OutputEncoding, ResourceRequest,
+    Sandbox, SandboxState,
 };
 use moat_engine::resources::{fmt_bytes, parse_cpus, parse_duration};
 use tokio::io::AsyncReadExt;
@@ -60,6 +60,37 @@ enum SandboxCommand {
         /// How long from now, e.g. 30s, 10m, 2h.
         duration: String,
     },
+    /// Freeze every process of a sandbox (its time to live keeps counting).
+    Pause {
+        /// The sandbox's id.
+        id: String,
+    },
+    /// Thaw a paused sandbox.
+    Resume {
+        /// The sandbox's id.
+        id: String,
+        /// A new time to live from now, e.g. 10m [default: the expiry stays as it was].
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Copy a sandbox's files into new sandboxes and print their ids (running processes are
+    /// not copied).
+    Fork(ForkArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ForkArgs {
+    /// The sandbox's id.
+    id: String,
+    /// How many copies, 1 to 20.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    count: u32,
+    /// Time to live of each copy, e.g. 10m [default: the server's, 5m].
+    #[arg(long)]
+    timeout: Option<String>,
+    /// A label of each copy (repeatable).
+    #[arg(long = "metadata", short = 'm', value_name = "K=V")]
+    metadata: Vec<String>,
 }
 
 /// Resource flags shared by `sandbox create` and `moat run` through a server.
@@ -103,6 +134,10 @@ struct CreateArgs {
     /// The template [default: host].
     #[arg(long, short = 't')]
     template: Option<String>,
+    /// Make it from this snapshot (its template, limits, environment and files) instead of a
+    /// template.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["template", "memory", "cpus", "pids", "disk"])]
+    snapshot: Option<String>,
     #[command(flatten)]
     resources: ResourceFlags,
     /// Time to live, e.g. 10m, 2h [default: the server's, 5m].
@@ -187,6 +222,23 @@ pub fn main(args: SandboxArgs) -> ExitCode {
             SandboxCommand::Exec(a) => exec(&client, format, a).await,
             SandboxCommand::Cp(a) => super::cp::copy(&client, a).await,
             SandboxCommand::Rm { ids } => rm(&client, &ids).await,
+            SandboxCommand::Pause { id } => {
+                let sandbox = client.pause_sandbox(&id).await?;
+                print_state(format, &sandbox)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            SandboxCommand::Resume { id, timeout } => {
+                let secs = timeout
+                    .as_deref()
+                    .map(parse_duration)
+                    .transpose()
+                    .context("--timeout")?
+                    .map(whole_secs);
+                let sandbox = client.resume_sandbox(&id, secs).await?;
+                print_state(format, &sandbox)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            SandboxCommand::Fork(a) => fork(&client, format, a).await,
             SandboxCommand::Timeout { id, duration } => {
                 let secs = whole_secs(parse_duration(&duration).context("duration")?);
                 let sandbox = client.set_timeout(&id, secs).await?;
@@ -217,6 +269,7 @@ async fn create(client: &Client, format: Format, a: CreateArgs) -> Result<ExitCo
         env: key_values("--env", &a.env)?.into_iter().collect(),
         metadata: key_values("--metadata", &a.metadata)?.into_iter().collect(),
         timeout_secs,
+        snapshot: a.snapshot,
         ..CreateSandbox::default()
     };
     if let Some(t) = a.template {
@@ -228,6 +281,51 @@ async fn create(client: &Client, format: Format, a: CreateArgs) -> Result<ExitCo
         Format::Table => println!("{}", sandbox.id),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A sandbox after a change of state: JSON, or `ID STATE`.
+fn print_state(format: Format, sandbox: &Sandbox) -> Result<()> {
+    match format {
+        Format::Json => remote::print_json(sandbox)?,
+        Format::Table => println!("{} {}", sandbox.id, sandbox.state),
+    }
+    Ok(())
+}
+
+/// Prints the copies' ids, one a line (JSON: every result); a copy that failed is reported
+/// and makes the exit status a failure.
+async fn fork(client: &Client, format: Format, a: ForkArgs) -> Result<ExitCode> {
+    let timeout_secs = a
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .context("--timeout")?
+        .map(whole_secs);
+    let req = ForkSandbox {
+        count: Some(a.count),
+        timeout_secs,
+        metadata: key_values("--metadata", &a.metadata)?.into_iter().collect(),
+    };
+    let result = client.fork_sandbox(&a.id, &req).await?;
+    let failed = result.results.iter().any(|r| r.error.is_some());
+    match format {
+        Format::Json => remote::print_json(&result.results)?,
+        Format::Table => {
+            for item in &result.results {
+                match (&item.sandbox, &item.error) {
+                    (Some(s), _) => println!("{}", s.id),
+                    (None, Some(e)) => eprintln!("moat: a copy failed: {} ({})", e.message, e.code),
+                    (None, None) => eprintln!("moat: a copy came back empty"),
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn ls(client: &Client, format: Format, a: LsArgs) -> Result<ExitCode> {

@@ -82,6 +82,7 @@ impl ServeArgs {
             default_ttl: Duration::from_secs(self.default_ttl),
             max_ttl: Duration::from_secs(self.max_ttl),
             pool_memory_budget: self.pool_memory,
+            snapshot_dir: Some(self.data_dir.join(SNAPSHOT_DIR)),
         })
     }
 }
@@ -105,6 +106,8 @@ pub enum LogFormat {
 const DEFAULT_TENANT: &str = "default";
 /// The file the first admin key is written to, in the data dir.
 const ADMIN_KEY_FILE: &str = "admin.key";
+/// The directory snapshot archives are kept in, in the data dir.
+const SNAPSHOT_DIR: &str = "snapshots";
 
 /// Runs the server until SIGINT or SIGTERM. Exits 0 after a clean shutdown.
 pub fn main(args: ServeArgs) -> ExitCode {

@@ -1,0 +1,141 @@
+//! Pause and resume: every process of a sandbox frozen (the backend's `Instance::pause`, the
+//! cgroup freezer on the native backend) and thawed, recorded as `paused` and `running`.
+//!
+//! While a sandbox is paused:
+//! - commands, file calls and runs are refused with 409 (its agent is frozen too and could
+//!   not answer); calls already under way stall until it resumes, and a command stream open
+//!   across a pause longer than the stream's idle limit fails;
+//! - its time to live keeps counting, and expiry ends it as it would a running one; a resume
+//!   may set a new one;
+//! - its memory and its disk stay allocated (it counts against quotas as a running one does);
+//! - the watcher of dead agents leaves it alone (warm-pool members, whose health is probed,
+//!   are never paused);
+//! - a server restart reaps it like a running one (recorded `killed`, reason
+//!   `server_restart`).
+//!
+//! Pausing keeps memory, so a resumed sandbox carries on where it stopped; it is not a
+//! checkpoint and does not survive a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use moat_proto::v1;
+
+use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms, to_v1};
+use crate::store::{SandboxState, now_ms};
+
+impl SandboxManager {
+    /// Freezes every process of `tenant`'s sandbox `id` and records it `paused`. A sandbox
+    /// already paused is a conflict (409), as is one that is not running.
+    pub async fn pause(&self, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
+        let inner = self.inner.clone();
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        tokio::spawn(async move { inner.pause(&tenant, &id).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("pause task: {e}")))?
+    }
+
+    /// Thaws `tenant`'s paused sandbox `id` and records it `running`; with `timeout_secs`, it
+    /// then expires that long from now. One that is not paused is a conflict (409).
+    pub async fn resume(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: v1::ResumeSandbox,
+    ) -> ManagerResult<v1::Sandbox> {
+        let ttl = req
+            .timeout_secs
+            .map(|t| self.inner.ttl(Some(t)))
+            .transpose()?;
+        let inner = self.inner.clone();
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        tokio::spawn(async move { inner.resume(&tenant, &id, ttl).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("resume task: {e}")))?
+    }
+}
+
+impl Inner {
+    async fn pause(self: Arc<Self>, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
+        if !self.backend.capabilities().pause {
+            return Err(ManagerError::Conflict(format!(
+                "the {} backend cannot pause sandboxes",
+                self.backend.name()
+            )));
+        }
+        let live = self.live_any(tenant, id).await?;
+        let _op = live.ops.lock().await;
+        if live.is_paused() {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id} is already paused"
+            )));
+        }
+        if !lock(&self.live).contains_key(id) {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id} ended while it was being paused"
+            )));
+        }
+        // Refuse new calls first: from here on they would only wait on a frozen agent.
+        live.paused.store(true, Ordering::SeqCst);
+        let frozen = live.instance.lock().await.pause().await;
+        if let Err(e) = frozen {
+            live.paused.store(false, Ordering::SeqCst);
+            return Err(ManagerError::Unavailable(format!(
+                "could not pause sandbox {id}: {e}"
+            )));
+        }
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        match self
+            .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Paused, None))
+            .await
+        {
+            Ok(rec) => Ok(to_v1(&rec)),
+            Err(e) => {
+                // Not recorded (ended meanwhile, or the store failed): leave it as it was.
+                let _ = live.instance.lock().await.resume().await;
+                live.paused.store(false, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    async fn resume(
+        self: Arc<Self>,
+        tenant: &str,
+        id: &str,
+        ttl: Option<std::time::Duration>,
+    ) -> ManagerResult<v1::Sandbox> {
+        let live = self.live_any(tenant, id).await?;
+        let _op = live.ops.lock().await;
+        if !live.is_paused() {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id} is not paused"
+            )));
+        }
+        live.instance.lock().await.resume().await.map_err(|e| {
+            ManagerError::Unavailable(format!("could not resume sandbox {id}: {e}"))
+        })?;
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = match self
+            .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Running, None))
+            .await
+        {
+            Ok(rec) => rec,
+            Err(e) => {
+                // Not recorded: keep it as the record has it.
+                let _ = live.instance.lock().await.pause().await;
+                return Err(e);
+            }
+        };
+        live.paused.store(false, Ordering::SeqCst);
+        let Some(ttl) = ttl else {
+            return Ok(to_v1(&rec));
+        };
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let at = now_ms().saturating_add(ms(ttl));
+        let rec = self
+            .db(move |s| s.set_sandbox_expiry(&t, &i, Some(at)))
+            .await?;
+        Ok(to_v1(&rec))
+    }
+}

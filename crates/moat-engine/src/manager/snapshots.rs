@@ -1,0 +1,547 @@
+//! Snapshots and forks.
+//!
+//! A snapshot is the sandbox's writable layer (see `moat_proto::agent_config::WritableLayer`)
+//! as a tar archive, made inside the sandbox by its agent and kept as a file in the snapshot
+//! directory, `<id>.tar`. Files only: the native backend cannot checkpoint memory, so running
+//! processes are not in it (`Capabilities::memory_checkpoint`). The archive is written under a
+//! temporary name, synced and renamed, and only then recorded; deleting removes the record
+//! first. At start-up the directory is swept of temporary files and of archives nobody
+//! recorded (a crash between the two steps).
+//!
+//! The host never parses an archive: it counts the bytes (at most the sandbox's disk size) and
+//! hands them back to the agent of a new sandbox of the same tenant, which unpacks them as
+//! root before the sandbox counts as running.
+//!
+//! A snapshot of a paused sandbox thaws it for the capture (its processes run meanwhile, as
+//! its agent must) and freezes it again; the sandbox stays `paused` throughout. A capture of a
+//! running sandbox is not atomic: files written while it runs may be caught half-written.
+//!
+//! A fork snapshots the sandbox once, to an unrecorded file that counts against no limit, makes
+//! `count` sandboxes from it ([`FORK_PARALLELISM`] at a time) and deletes the file.
+
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use moat_proto::v1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{CreatePlan, Inner, ManagerError, ManagerResult, SandboxManager, resolve_resources};
+use crate::agent_client::{AgentClient, AgentError};
+use crate::store::{
+    Cursor, MAX_PAGE, NewSnapshot, SnapshotFilter, SnapshotRecord, Store, check_sandbox_id,
+    check_snapshot_id, check_snapshot_name, generate_snapshot_id,
+};
+
+/// Snapshots one tenant may keep.
+pub const MAX_SNAPSHOTS_PER_TENANT: u64 = 100;
+/// Longest a capture may take (the archive then fails).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest unpacking a snapshot into a new sandbox may take (the create then fails).
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Sandboxes a fork makes at once.
+pub const FORK_PARALLELISM: usize = 4;
+/// Pieces an archive is read from disk in.
+const FILE_CHUNK: usize = 64 << 10;
+/// Prefix of files being written: not yet snapshots, swept at start-up.
+const TEMP_PREFIX: &str = ".tmp-";
+/// Suffix of snapshot archives.
+const SUFFIX: &str = ".tar";
+
+/// Makes the snapshot directory (mode 0700: archives hold tenants' files) and sweeps it of
+/// temporary files and archives without a record.
+pub(super) fn prepare_dir(store: &Store, dir: &Path) -> ManagerResult<()> {
+    let io = |what: &str, e: std::io::Error| {
+        ManagerError::Internal(format!("snapshot directory {}: {what}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io("create", e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("chmod", e))?;
+    let known: std::collections::HashSet<String> = store.all_snapshot_ids()?.into_iter().collect();
+    let mut swept = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| io("read", e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let orphan = match name.strip_suffix(SUFFIX) {
+            _ if name.starts_with(TEMP_PREFIX) => true,
+            Some(id) => !known.contains(id),
+            None => false,
+        };
+        if orphan && std::fs::remove_file(entry.path()).is_ok() {
+            swept += 1;
+        }
+    }
+    if swept > 0 {
+        tracing::info!(swept, dir = %dir.display(), "removed unrecorded snapshot files");
+    }
+    Ok(())
+}
+
+/// Streams the archive `file` to the agent of `client`, which unpacks it over the sandbox's
+/// root, within [`RESTORE_TIMEOUT`].
+pub(super) async fn restore_layer(client: &AgentClient, file: &Path) -> ManagerResult<()> {
+    let f = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| ManagerError::Internal(format!("opening snapshot {}: {e}", file.display())))?;
+    let chunks = futures_util::stream::unfold(f, |mut f| async move {
+        let mut buf = vec![0u8; FILE_CHUNK];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    match tokio::time::timeout(RESTORE_TIMEOUT, client.restore_layer(chunks)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(restore_error(e)),
+        Err(_) => Err(ManagerError::Timeout(format!(
+            "restoring the snapshot did not finish within {} s",
+            RESTORE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+fn restore_error(e: AgentError) -> ManagerError {
+    use moat_proto::connect::Code;
+    let text = format!("restoring the snapshot: {e}");
+    match e.code() {
+        Code::ResourceExhausted => ManagerError::TooLarge(text),
+        Code::InvalidArgument => ManagerError::Internal(format!("{text} (a damaged archive)")),
+        _ => ManagerError::Unavailable(text),
+    }
+}
+
+/// A sandbox's layer captured to a file not yet a snapshot, with what a sandbox made from it
+/// needs.
+struct Captured {
+    file: PathBuf,
+    size: u64,
+    sandbox_id: String,
+    template: String,
+    resources: v1::ResourceLimits,
+    env: BTreeMap<String, String>,
+}
+
+/// Removes the file it names when dropped, unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn snapshot_v1(rec: &SnapshotRecord) -> v1::Snapshot {
+    v1::Snapshot {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        sandbox_id: rec.sandbox_id.clone(),
+        template: rec.template.clone(),
+        // Written by this manager; an unreadable value shows as zeros rather than failing.
+        resources: serde_json::from_value(rec.resources.clone()).unwrap_or_default(),
+        size_bytes: rec.size_bytes,
+        memory: false,
+        created_at: rec.created_at,
+    }
+}
+
+/// Limits as a request for exactly them (checked again against the template's maximum).
+fn limits_request(l: &v1::ResourceLimits) -> v1::ResourceRequest {
+    v1::ResourceRequest {
+        memory: Some(l.memory_bytes.to_string()),
+        cpus: Some(l.cpu_millis as f64 / 1000.0),
+        pids: Some(l.pids),
+        disk: Some(l.disk_bytes.to_string()),
+    }
+}
+
+impl SandboxManager {
+    /// Snapshots the files of `tenant`'s running or paused sandbox `id`. The archive is on
+    /// disk before the snapshot is recorded and returned.
+    pub async fn snapshot(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: v1::CreateSnapshot,
+    ) -> ManagerResult<v1::Snapshot> {
+        if let Some(name) = &req.name {
+            check_snapshot_name(name).map_err(ManagerError::from)?;
+        }
+        let inner = self.inner.clone();
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        tokio::spawn(async move { inner.snapshot(&tenant, &id, req.name).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("snapshot task: {e}")))?
+    }
+
+    /// The snapshot `id` of `tenant`.
+    pub async fn get_snapshot(&self, tenant: &str, id: &str) -> ManagerResult<v1::Snapshot> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let rec = self.inner.db(move |s| s.get_snapshot(&tenant, &id)).await?;
+        Ok(snapshot_v1(&rec))
+    }
+
+    /// One page of `tenant`'s snapshots matching `query`, oldest first.
+    pub async fn list_snapshots(
+        &self,
+        tenant: &str,
+        query: v1::ListSnapshots,
+    ) -> ManagerResult<v1::SnapshotList> {
+        let filter = SnapshotFilter {
+            sandbox_id: query.sandbox_id,
+            name: query.name,
+            after: query
+                .after
+                .as_deref()
+                .map(Cursor::decode)
+                .transpose()
+                .map_err(ManagerError::from)?,
+            limit: query.limit.unwrap_or(100).min(MAX_PAGE),
+        };
+        let tenant = tenant.to_owned();
+        let page = self
+            .inner
+            .db(move |s| s.list_snapshots(&tenant, &filter))
+            .await?;
+        Ok(v1::SnapshotList {
+            snapshots: page.items.iter().map(snapshot_v1).collect(),
+            next: page.next.map(|c| c.encode()),
+        })
+    }
+
+    /// Deletes `tenant`'s snapshot `id`: its record, then its file. Sandboxes made from it
+    /// are not affected.
+    pub async fn delete_snapshot(&self, tenant: &str, id: &str) -> ManagerResult<v1::Snapshot> {
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.inner.db(move |s| s.delete_snapshot(&t, &i)).await?;
+        if let Some(dir) = &self.inner.opts.snapshot_dir {
+            let path = dir.join(format!("{}{SUFFIX}", rec.id));
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                // The record is gone, so the file is an orphan the next start-up sweeps.
+                Err(e) => tracing::warn!(snapshot = %rec.id, "removing {}: {e}", path.display()),
+            }
+        }
+        Ok(snapshot_v1(&rec))
+    }
+
+    /// Copies of `tenant`'s running or paused sandbox `id`: its files snapshotted once, then
+    /// `count` sandboxes (1 to [`v1::MAX_FORK_COUNT`]) made from that, charged to `key_id`.
+    /// One result per copy, in order: a sandbox or why it failed. Running processes are not
+    /// carried over.
+    pub async fn fork(
+        &self,
+        tenant: &str,
+        key_id: Option<&str>,
+        id: &str,
+        req: v1::ForkSandbox,
+    ) -> ManagerResult<v1::ForkResult> {
+        let count = req.count.unwrap_or(1);
+        if !(1..=v1::MAX_FORK_COUNT).contains(&count) {
+            return Err(ManagerError::Invalid(format!(
+                "count {count} must be 1 to {}",
+                v1::MAX_FORK_COUNT
+            )));
+        }
+        if let Some(secs) = req.timeout_secs {
+            self.inner.ttl(Some(secs))?;
+        }
+        let inner = self.inner.clone();
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let key_id = key_id.map(str::to_owned);
+        tokio::spawn(async move { inner.fork(tenant, key_id, &id, count, req).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("fork task: {e}")))?
+    }
+}
+
+impl Inner {
+    fn snapshot_dir(&self) -> ManagerResult<&Path> {
+        self.opts.snapshot_dir.as_deref().ok_or_else(|| {
+            ManagerError::Unavailable(
+                "this server keeps no snapshots (no snapshot directory)".into(),
+            )
+        })
+    }
+
+    /// Captures the writable layer of `tenant`'s sandbox `id` into a new temporary file.
+    async fn capture(&self, tenant: &str, id: &str) -> ManagerResult<Captured> {
+        let dir = self.snapshot_dir()?.to_owned();
+        let live = self.live_any(tenant, id).await?;
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
+            .map_err(|e| ManagerError::Internal(format!("sandbox {id} resources: {e}")))?;
+        let limit = resources.disk_bytes;
+        let file = dir.join(format!("{TEMP_PREFIX}{}{SUFFIX}", generate_snapshot_id()?));
+        let mut cleanup = RemoveOnDrop(Some(file.clone()));
+
+        let _op = live.ops.lock().await;
+        let paused = live.is_paused();
+        if paused {
+            live.instance.lock().await.resume().await.map_err(|e| {
+                ManagerError::Unavailable(format!(
+                    "could not thaw sandbox {id} to snapshot it: {e}"
+                ))
+            })?;
+        }
+        let written = tokio::time::timeout(
+            SNAPSHOT_TIMEOUT,
+            write_layer(&live.client, &file, limit, id),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ManagerError::Timeout(format!(
+                "the snapshot of sandbox {id} did not finish within {} s",
+                SNAPSHOT_TIMEOUT.as_secs()
+            )))
+        });
+        if paused && let Err(e) = live.instance.lock().await.pause().await {
+            // Recorded paused and refusing calls, but running: say so rather than hide it.
+            tracing::warn!(sandbox = %id, "freezing again after a snapshot: {e}");
+        }
+        let size = written?;
+        cleanup.disarm();
+        Ok(Captured {
+            file,
+            size,
+            sandbox_id: id.to_owned(),
+            template: rec.template,
+            resources,
+            env: live.env.clone(),
+        })
+    }
+
+    async fn snapshot(
+        self: Arc<Self>,
+        tenant: &str,
+        id: &str,
+        name: Option<String>,
+    ) -> ManagerResult<v1::Snapshot> {
+        check_sandbox_id(id).map_err(ManagerError::from)?;
+        let t = tenant.to_owned();
+        let held = self.db(move |s| s.count_snapshots(&t)).await?;
+        if held >= MAX_SNAPSHOTS_PER_TENANT {
+            return Err(ManagerError::QuotaExceeded(format!(
+                "tenant {tenant} has {held} snapshots, the most it may keep; delete some first"
+            )));
+        }
+        let captured = self.capture(tenant, id).await?;
+        let mut cleanup = RemoveOnDrop(Some(captured.file.clone()));
+        let snapshot_id = generate_snapshot_id()?;
+        let dir = self.snapshot_dir()?.to_owned();
+        let path = dir.join(format!("{snapshot_id}{SUFFIX}"));
+        let (from, to) = (captured.file.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::rename(&from, &to)?;
+            // The rename is durable once the directory is.
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("snapshot file task: {e}")))?
+        .map_err(|e| ManagerError::Internal(format!("storing snapshot {}: {e}", path.display())))?;
+        cleanup.0 = Some(path);
+        let new = NewSnapshot {
+            id: snapshot_id,
+            tenant: tenant.to_owned(),
+            name,
+            sandbox_id: captured.sandbox_id,
+            template: captured.template,
+            resources: serde_json::to_value(captured.resources)
+                .map_err(|e| ManagerError::Internal(e.to_string()))?,
+            env: captured.env,
+            size_bytes: captured.size,
+        };
+        let rec = self
+            .db(move |s| s.insert_snapshot(&new, MAX_SNAPSHOTS_PER_TENANT))
+            .await?;
+        cleanup.disarm();
+        Ok(snapshot_v1(&rec))
+    }
+
+    /// What a create from `tenant`'s snapshot `snapshot` makes.
+    pub(super) async fn plan_from_snapshot(
+        &self,
+        tenant: &str,
+        snapshot: &str,
+        req: v1::CreateSandbox,
+    ) -> ManagerResult<CreatePlan> {
+        check_snapshot_id(snapshot).map_err(ManagerError::from)?;
+        if req.resources.is_some() {
+            return Err(ManagerError::Invalid(
+                "a sandbox made from a snapshot has the snapshot's resources; give no `resources`"
+                    .into(),
+            ));
+        }
+        let (t, i) = (tenant.to_owned(), snapshot.to_owned());
+        let rec = self.db(move |s| s.get_snapshot(&t, &i)).await?;
+        let file = self.snapshot_dir()?.join(format!("{}{SUFFIX}", rec.id));
+        let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
+            .map_err(|e| ManagerError::Internal(format!("snapshot {snapshot} resources: {e}")))?;
+        let mut env = rec.env.clone();
+        let asks_nothing = req.env.is_empty();
+        env.extend(req.env);
+        self.plan_restored(
+            tenant,
+            &rec.template,
+            &resources,
+            env,
+            asks_nothing && rec.env.is_empty(),
+            req.metadata,
+            req.timeout_secs,
+            file,
+        )
+        .await
+    }
+
+    /// A plan for a sandbox of `template` with exactly `resources` and `env`, its files from
+    /// the archive `layer`. A warm-pool member serves when nothing else is asked (`plain`),
+    /// its resources are the template's defaults, and the template starts nothing (a `start`
+    /// script would have run before the files were restored).
+    #[allow(clippy::too_many_arguments)]
+    async fn plan_restored(
+        &self,
+        tenant: &str,
+        template: &str,
+        resources: &v1::ResourceLimits,
+        env: BTreeMap<String, String>,
+        plain: bool,
+        metadata: BTreeMap<String, String>,
+        timeout_secs: Option<u64>,
+        layer: PathBuf,
+    ) -> ManagerResult<CreatePlan> {
+        let (owner, spec) = self.template(tenant, template).await.map_err(|e| match e {
+            ManagerError::NotFound(_) => ManagerError::Conflict(format!(
+                "the snapshot's template {template:?} no longer exists"
+            )),
+            e => e,
+        })?;
+        let request = limits_request(resources);
+        let defaults = resolve_resources(&spec, None)?;
+        let poolable =
+            plain && spec.start.is_none() && resolve_resources(&spec, Some(&request))? == defaults;
+        Ok(CreatePlan {
+            template: template.to_owned(),
+            owner,
+            spec,
+            resources: Some(request),
+            env,
+            metadata,
+            timeout_secs,
+            layer: Some(layer),
+            poolable,
+        })
+    }
+
+    async fn fork(
+        self: Arc<Self>,
+        tenant: String,
+        key_id: Option<String>,
+        id: &str,
+        count: u32,
+        req: v1::ForkSandbox,
+    ) -> ManagerResult<v1::ForkResult> {
+        check_sandbox_id(id).map_err(ManagerError::from)?;
+        let captured = self.capture(&tenant, id).await?;
+        let _cleanup = RemoveOnDrop(Some(captured.file.clone()));
+        let plain = captured.env.is_empty();
+        let plan = self
+            .plan_restored(
+                &tenant,
+                &captured.template,
+                &captured.resources,
+                captured.env.clone(),
+                plain,
+                req.metadata,
+                req.timeout_secs,
+                captured.file.clone(),
+            )
+            .await?;
+        let creates = (0..count).map(|_| {
+            let (inner, tenant, key_id, plan) =
+                (self.clone(), tenant.clone(), key_id.clone(), plan.clone());
+            async move {
+                inner
+                    .create_planned(tenant, key_id, plan, Instant::now())
+                    .await
+            }
+        });
+        let results: Vec<ManagerResult<v1::Sandbox>> = futures_util::stream::iter(creates)
+            .buffered(FORK_PARALLELISM)
+            .collect()
+            .await;
+        Ok(v1::ForkResult {
+            results: results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(sandbox) => v1::ForkItem {
+                        sandbox: Some(sandbox),
+                        error: None,
+                    },
+                    Err(e) => v1::ForkItem {
+                        sandbox: None,
+                        error: Some(v1::ForkError {
+                            status: e.http_status(),
+                            code: e.code().to_owned(),
+                            message: e.to_string(),
+                        }),
+                    },
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Streams `client`'s writable layer into the new file `path` (mode 0600), at most `limit`
+/// bytes, and syncs it. Returns its size.
+async fn write_layer(
+    client: &AgentClient,
+    path: &Path,
+    limit: u64,
+    id: &str,
+) -> ManagerResult<u64> {
+    let io = |e: std::io::Error| {
+        ManagerError::Internal(format!("writing snapshot file {}: {e}", path.display()))
+    };
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .map_err(io)?;
+    let mut stream = client
+        .capture_layer()
+        .await
+        .map_err(|e| ManagerError::Unavailable(format!("snapshot of sandbox {id}: {e}")))?;
+    let mut size: u64 = 0;
+    while let Some(piece) = stream.next().await {
+        let piece = piece
+            .map_err(|e| ManagerError::Unavailable(format!("snapshot of sandbox {id}: {e}")))?;
+        size = size.saturating_add(piece.len() as u64);
+        if size > limit {
+            return Err(ManagerError::TooLarge(format!(
+                "the snapshot of sandbox {id} is larger than its disk size of {limit} bytes"
+            )));
+        }
+        file.write_all(&piece).await.map_err(io)?;
+    }
+    file.sync_all().await.map_err(io)?;
+    Ok(size)
+}

@@ -1,0 +1,777 @@
+//! Pause and resume, snapshots and forks on a real `moat serve`, over HTTP: a paused sandbox
+//! runs nothing (its busy process makes no progress, commands get 409) until resumed; a
+//! snapshot keeps files with their owners, modes and symlinks (host template and directory
+//! template alike) and survives a restart; forks are independent copies; tenants stay apart.
+//! Needs root (the native backend); skips with a printed reason otherwise.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::is_root;
+use support::server::*;
+
+fn skip() -> bool {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return true;
+    }
+    false
+}
+
+fn post(server: &Server, key: &str, path: &str, v: Value) -> Reply {
+    server.request("POST", path, Some(key), Some(&body(v)))
+}
+
+fn text(r: &Reply) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// A new sandbox made with `req`; its id.
+fn create(server: &Server, key: &str, req: Value) -> String {
+    let r = post(server, key, "/v1/sandboxes", req);
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let s = r.json();
+    assert_eq!(s["state"], "running", "{s}");
+    s["id"].as_str().expect("id").to_owned()
+}
+
+/// Runs `shell` as `user` and returns its standard output, after checking it exited 0.
+fn sh(server: &Server, key: &str, id: &str, user: &str, shell: &str) -> String {
+    let r = post(
+        server,
+        key,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"shell": shell, "user": user}),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let out = r.json();
+    assert_eq!(out["exit_code"], 0, "{shell}: {out}");
+    out["stdout"].as_str().expect("stdout").to_owned()
+}
+
+/// A snapshot of `id`; its JSON.
+fn snapshot(server: &Server, key: &str, id: &str, req: Value) -> Value {
+    let r = post(server, key, &format!("/v1/sandboxes/{id}/snapshots"), req);
+    assert_eq!(r.status, 201, "{}", text(&r));
+    r.json()
+}
+
+/// A user key of a new tenant `tenant`, made over the API with the admin key.
+fn tenant_key(server: &Server, admin: &str, tenant: &str) -> String {
+    let r = post(
+        server,
+        admin,
+        "/v1/keys",
+        json!({"name": tenant, "tenant": tenant}),
+    );
+    assert_eq!(r.status, 201, "{}", text(&r));
+    r.json()["secret"].as_str().expect("secret").to_owned()
+}
+
+/// What the counter file of the busy process holds, read from the host through the
+/// sandbox's root (its agent is frozen while paused, so the API cannot read it).
+fn counter_from_host(id: &str) -> String {
+    let pid = *pids_in_sandbox(id)
+        .first()
+        .expect("a process of the sandbox");
+    std::fs::read_to_string(format!("/proc/{pid}/root/tmp/counter")).expect("counter file")
+}
+
+fn counter_value(text: &str) -> u64 {
+    text.trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn pause_freezes_every_process_and_resume_thaws_them() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = create(&server, &key, json!({}));
+    // A process that burns CPU counting as fast as it can.
+    sh(
+        &server,
+        &key,
+        &id,
+        "user",
+        "(i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; done) >/dev/null 2>&1 &",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter_value(&sh(&server, &key, &id, "user", "cat /tmp/counter || true")) < 10 {
+        assert!(Instant::now() < deadline, "the counter never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/pause"),
+        json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.json()["state"], "paused");
+    post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/pause"),
+        json!({}),
+    )
+    .assert_error(409, "conflict");
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.json()["state"], "paused");
+
+    // Nothing runs: no command, no file call, and the busy process stands still.
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"shell": "echo hi"}),
+    );
+    r.assert_error(409, "conflict");
+    assert!(text(&r).contains("paused"), "{}", text(&r));
+    let r = server.request(
+        "GET",
+        &format!("/v1/sandboxes/{id}/files?path=/tmp/counter"),
+        Some(&key),
+        None,
+    );
+    r.assert_error(409, "conflict");
+    let before = counter_from_host(&id);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = counter_from_host(&id);
+    assert_eq!(
+        before, after,
+        "the counter moved while the sandbox was paused"
+    );
+
+    // Resume (with a new time to live): it runs again, and so does the counter.
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/resume"),
+        json!({"timeout_secs": 600}),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let s = r.json();
+    assert_eq!(s["state"], "running");
+    assert!(
+        s["expires_at"].as_i64().expect("expiry")
+            > s["created_at"].as_i64().expect("created") + 500_000
+    );
+    post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/resume"),
+        json!({}),
+    )
+    .assert_error(409, "conflict");
+    assert_eq!(sh(&server, &key, &id, "user", "echo hi"), "hi\n");
+    let frozen_at = counter_value(&after);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter_value(&sh(&server, &key, &id, "user", "cat /tmp/counter || true")) <= frozen_at {
+        assert!(
+            Instant::now() < deadline,
+            "the counter did not run on after resume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A paused sandbox can be deleted; nothing of it is left.
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/pause"),
+        json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.status, 204, "{}", text(&r));
+    assert!(
+        pids_in_sandbox(&id).is_empty(),
+        "processes of {id} are left"
+    );
+    post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/pause"),
+        json!({}),
+    )
+    .assert_error(409, "conflict");
+    post(
+        &server,
+        &key,
+        "/v1/sandboxes/zzzzzzzzzzzzzzzz/pause",
+        json!({}),
+    )
+    .assert_error(404, "not_found");
+}
+
+/// Files with different owners, modes and a symlink, in `/home/user` and `/tmp`.
+const MAKE_FILES_AS_USER: &str = "set -e
+mkdir -p /home/user/proj/sub
+echo hello > /home/user/proj/a
+chmod 640 /home/user/proj/a
+chmod 700 /home/user/proj/sub
+ln -s a /home/user/proj/link
+ln -s /tmp/userfile /home/user/proj/abs
+echo u > /tmp/userfile
+chmod 604 /tmp/userfile
+mkdir /tmp/d
+chmod 711 /tmp/d";
+const MAKE_FILES_AS_ROOT: &str = "set -e
+echo r > /tmp/rootfile
+chmod 600 /tmp/rootfile";
+/// How those files look: owner, group, mode, type and link target of each.
+const DESCRIBE_FILES: &str = "stat -c '%n %u:%g %a %F %N' /home/user/proj /home/user/proj/a \
+/home/user/proj/sub /home/user/proj/link /home/user/proj/abs /tmp/userfile /tmp/d \
+/tmp/rootfile; cat /home/user/proj/link";
+
+#[test]
+fn snapshots_keep_files_and_forks_are_independent() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = create(&server, &key, json!({"env": {"FROM": "source"}}));
+    sh(&server, &key, &id, "user", MAKE_FILES_AS_USER);
+    sh(&server, &key, &id, "root", MAKE_FILES_AS_ROOT);
+    let original = sh(&server, &key, &id, "user", DESCRIBE_FILES);
+    assert!(original.contains("/tmp/rootfile 0:0 600"), "{original}");
+    assert!(
+        original.contains("/home/user/proj/a 1000:1000 640"),
+        "{original}"
+    );
+
+    // Snapshot: a file in the data dir, shown, listed, filterable.
+    let snap = snapshot(&server, &key, &id, json!({"name": "with-files"}));
+    let sid = snap["id"].as_str().expect("id").to_owned();
+    assert!(
+        sid.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "{sid}"
+    );
+    assert_eq!(snap["sandbox_id"], id.as_str());
+    assert_eq!(snap["template"], "host");
+    assert_eq!(snap["memory"], false);
+    assert_eq!(snap["name"], "with-files");
+    let file = server.data.join("snapshots").join(format!("{sid}.tar"));
+    let size = std::fs::metadata(&file).expect("snapshot file").len();
+    assert_eq!(snap["size_bytes"].as_u64(), Some(size));
+    let r = server.request("GET", &format!("/v1/snapshots/{sid}"), Some(&key), None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), snap);
+    let listed = server
+        .request(
+            "GET",
+            &format!("/v1/snapshots?sandbox_id={id}"),
+            Some(&key),
+            None,
+        )
+        .json();
+    assert_eq!(listed["snapshots"], json!([snap.clone()]));
+    let none = server
+        .request("GET", "/v1/snapshots?name=other", Some(&key), None)
+        .json();
+    assert_eq!(none["snapshots"], json!([]));
+
+    // A sandbox from it: the same files, owners, modes and links, and the same environment.
+    let copy = create(&server, &key, json!({"snapshot": sid}));
+    assert_eq!(sh(&server, &key, &copy, "user", DESCRIBE_FILES), original);
+    assert_eq!(sh(&server, &key, &copy, "user", "echo $FROM"), "source\n");
+
+    // Fork: three independent copies of the source.
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/fork"),
+        json!({"count": 3}),
+    );
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let results = r.json()["results"].as_array().expect("results").clone();
+    assert_eq!(results.len(), 3, "{results:?}");
+    let forks: Vec<String> = results
+        .iter()
+        .map(|item| {
+            assert!(item.get("error").is_none(), "{item}");
+            item["sandbox"]["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    for f in &forks {
+        assert_eq!(sh(&server, &key, f, "user", DESCRIBE_FILES), original);
+    }
+    sh(
+        &server,
+        &key,
+        &forks[0],
+        "user",
+        "echo changed > /home/user/proj/a; touch /tmp/only-here",
+    );
+    assert_eq!(
+        sh(&server, &key, &forks[1], "user", "cat /home/user/proj/a"),
+        "hello\n"
+    );
+    assert_eq!(
+        sh(
+            &server,
+            &key,
+            &forks[2],
+            "user",
+            "test -e /tmp/only-here && echo yes || echo no"
+        ),
+        "no\n"
+    );
+    assert_eq!(
+        sh(&server, &key, &id, "user", "cat /home/user/proj/a"),
+        "hello\n"
+    );
+    // The fork's own snapshot is gone; the named one stays.
+    let left: Vec<_> = std::fs::read_dir(server.data.join("snapshots"))
+        .expect("snapshot dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec![format!("{sid}.tar")]);
+
+    // Bad requests.
+    for count in [0, 21] {
+        post(
+            &server,
+            &key,
+            &format!("/v1/sandboxes/{id}/fork"),
+            json!({"count": count}),
+        )
+        .assert_error(400, "invalid");
+    }
+    post(
+        &server,
+        &key,
+        "/v1/sandboxes",
+        json!({"template": "host", "snapshot": sid}),
+    )
+    .assert_error(400, "invalid");
+    post(
+        &server,
+        &key,
+        "/v1/sandboxes",
+        json!({"snapshot": sid, "resources": {"memory": "128M"}}),
+    )
+    .assert_error(400, "invalid");
+    post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        json!({"name": ""}),
+    )
+    .assert_error(400, "invalid");
+
+    // Another tenant sees none of it.
+    let other = tenant_key(&server, &key, "other");
+    for (method, path) in [
+        ("GET", format!("/v1/snapshots/{sid}")),
+        ("DELETE", format!("/v1/snapshots/{sid}")),
+        ("POST", format!("/v1/sandboxes/{id}/snapshots")),
+        ("POST", format!("/v1/sandboxes/{id}/fork")),
+        ("POST", format!("/v1/sandboxes/{id}/pause")),
+    ] {
+        server
+            .request(method, &path, Some(&other), None)
+            .assert_error(404, "not_found");
+    }
+    post(&server, &other, "/v1/sandboxes", json!({"snapshot": sid})).assert_error(404, "not_found");
+    let theirs = server
+        .request("GET", "/v1/snapshots", Some(&other), None)
+        .json();
+    assert_eq!(theirs["snapshots"], json!([]));
+
+    // Delete: the record and the file go; sandboxes made from it stay.
+    let r = server.request("DELETE", &format!("/v1/snapshots/{sid}"), Some(&key), None);
+    assert_eq!(r.status, 204, "{}", text(&r));
+    assert!(!file.exists(), "{} is left", file.display());
+    server
+        .request("GET", &format!("/v1/snapshots/{sid}"), Some(&key), None)
+        .assert_error(404, "not_found");
+    post(&server, &key, "/v1/sandboxes", json!({"snapshot": sid})).assert_error(404, "not_found");
+    assert_eq!(
+        sh(&server, &key, &copy, "user", "cat /home/user/proj/link"),
+        "hello\n"
+    );
+}
+
+#[test]
+fn a_snapshot_larger_than_the_disk_is_refused() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = create(&server, &key, json!({"resources": {"disk": "1M"}}));
+    // Thousands of empty files fit the disk, but their archive headers alone do not.
+    sh(
+        &server,
+        &key,
+        &id,
+        "user",
+        "mkdir /tmp/many && cd /tmp/many && seq 3000 | xargs touch",
+    );
+    post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        json!({}),
+    )
+    .assert_error(413, "too_large");
+    let left = std::fs::read_dir(server.data.join("snapshots"))
+        .expect("snapshot dir")
+        .count();
+    assert_eq!(left, 0, "the refused snapshot left a file");
+    let r = server.request("GET", "/v1/snapshots", Some(&key), None);
+    assert_eq!(r.json()["snapshots"], json!([]));
+}
+
+#[test]
+fn a_paused_sandbox_can_be_snapshotted_and_stays_paused() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = create(&server, &key, json!({}));
+    sh(&server, &key, &id, "user", "echo kept > /home/user/kept");
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/pause"),
+        json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let snap = snapshot(&server, &key, &id, json!({}));
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.json()["state"], "paused");
+    post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"shell": "true"}),
+    )
+    .assert_error(409, "conflict");
+    // A fork of a paused sandbox works the same way.
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/fork"),
+        json!({}),
+    );
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let fork = r.json()["results"][0]["sandbox"]["id"]
+        .as_str()
+        .expect("fork")
+        .to_owned();
+    assert_eq!(
+        sh(&server, &key, &fork, "user", "cat /home/user/kept"),
+        "kept\n"
+    );
+    let copy = create(&server, &key, json!({"snapshot": snap["id"]}));
+    assert_eq!(
+        sh(&server, &key, &copy, "user", "cat /home/user/kept"),
+        "kept\n"
+    );
+}
+
+#[test]
+fn snapshots_survive_a_restart_and_paused_sandboxes_do_not() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = create(&server, &key, json!({}));
+    sh(&server, &key, &id, "user", "echo durable > /home/user/f");
+    let sid = snapshot(&server, &key, &id, json!({"name": "keep"}))["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/pause"),
+        json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+
+    let (dir, data) = server.kill9();
+    // A file without a record, as a crash between writing and recording would leave.
+    let stray = data.join("snapshots").join(".tmp-stray.tar");
+    std::fs::write(&stray, b"partial").expect("stray file");
+    let server = Server::start_in(dir, data);
+
+    // The paused sandbox was reaped like a running one.
+    let s = server
+        .request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None)
+        .json();
+    assert_eq!(s["state"], "killed", "{s}");
+    assert_eq!(s["end_reason"], "server_restart", "{s}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids_in_sandbox(&id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the paused sandbox's processes are left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!stray.exists(), "the unrecorded file was not swept");
+
+    // The snapshot is still there, and sandboxes start from it.
+    let r = server.request("GET", &format!("/v1/snapshots/{sid}"), Some(&key), None);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let copy = create(&server, &key, json!({"snapshot": sid}));
+    assert_eq!(
+        sh(&server, &key, &copy, "user", "cat /home/user/f"),
+        "durable\n"
+    );
+}
+
+/// A minimal root filesystem: `dash` as `/bin/sh`, `cat` and `rm`, the libraries they link,
+/// and the identity files.
+fn tiny_rootfs(root: &Path) {
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+    std::fs::create_dir_all(root.join("etc/sub")).expect("mkdir");
+    let mut libs = Vec::new();
+    for (src, dst) in [
+        ("/usr/bin/dash", "sh"),
+        ("/usr/bin/cat", "cat"),
+        ("/usr/bin/rm", "rm"),
+    ] {
+        std::fs::copy(src, root.join("bin").join(dst)).expect("copy binary");
+        let ldd = std::process::Command::new("ldd")
+            .arg(src)
+            .output()
+            .expect("ldd");
+        libs.extend(
+            String::from_utf8_lossy(&ldd.stdout)
+                .split_whitespace()
+                .filter(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+                .collect::<Vec<_>>(),
+        );
+    }
+    for lib in libs {
+        let dst = root.join(lib.strip_prefix("/").expect("absolute"));
+        std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
+        std::fs::copy(&lib, &dst).expect("copy lib");
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
+    std::fs::write(root.join("etc/sub/gone"), "from the template\n").expect("file");
+    std::fs::write(root.join("etc/sub/kept"), "from the template\n").expect("file");
+}
+
+#[test]
+fn a_directory_template_snapshot_keeps_removals() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let rootfs = tempfile::Builder::new()
+        .prefix("moat-snap-rootfs-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    tiny_rootfs(rootfs.path());
+    let r = post(
+        &server,
+        &key,
+        "/v1/templates",
+        json!({"name": "tiny", "spec": {"rootfs": {"dir": rootfs.path()}}}),
+    );
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let id = create(&server, &key, json!({"template": "tiny"}));
+    // Remove a file of the template, change another, add one.
+    sh(
+        &server,
+        &key,
+        &id,
+        "root",
+        "rm /etc/sub/gone && echo changed > /etc/sub/kept && echo new > /etc/new",
+    );
+    let sid = snapshot(&server, &key, &id, json!({}))["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let copy = create(&server, &key, json!({"snapshot": sid}));
+    let look = "cat /etc/sub/kept /etc/new; test -e /etc/sub/gone && echo present || echo absent";
+    assert_eq!(
+        sh(&server, &key, &copy, "root", look),
+        "changed\nnew\nabsent\n"
+    );
+    // The template itself is untouched.
+    assert!(rootfs.path().join("etc/sub/gone").exists());
+    assert!(!rootfs.path().join("etc/new").exists());
+}
+
+/// How many warm-pool claims the server has counted.
+fn claims(server: &Server, key: &str) -> u64 {
+    let r = server.request("GET", "/metrics", Some(key), None);
+    assert_eq!(r.status, 200);
+    text(&r)
+        .lines()
+        .find_map(|l| l.strip_prefix("moat_claim_seconds_count "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn wait_ready(server: &Server, key: &str, template: &str) {
+    // A generous deadline for a loaded machine; not a speed check.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = server
+            .request("GET", &format!("/v1/templates/{template}"), Some(key), None)
+            .json();
+        if t["pool"]["ready"].as_u64() == Some(1) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the pool never filled: {t}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_create_from_a_snapshot_may_claim_a_warm_member() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let r = post(
+        &server,
+        &key,
+        "/v1/templates",
+        json!({"name": "warm", "spec": {"rootfs": "host", "pool_size": 1}}),
+    );
+    assert_eq!(r.status, 201, "{}", text(&r));
+    wait_ready(&server, &key, "warm");
+    let id = create(&server, &key, json!({"template": "warm"}));
+    sh(&server, &key, &id, "user", "echo warm > /home/user/w");
+    let sid = snapshot(&server, &key, &id, json!({}))["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    wait_ready(&server, &key, "warm");
+    let before = claims(&server, &key);
+    let copy = create(&server, &key, json!({"snapshot": sid}));
+    assert_eq!(claims(&server, &key), before + 1, "not a claim");
+    assert_eq!(
+        sh(&server, &key, &copy, "user", "cat /home/user/w"),
+        "warm\n"
+    );
+    // Asking for more (an environment) starts a sandbox of its own.
+    wait_ready(&server, &key, "warm");
+    let own = create(&server, &key, json!({"snapshot": sid, "env": {"X": "1"}}));
+    assert_eq!(claims(&server, &key), before + 1, "a claim despite the env");
+    assert_eq!(
+        sh(&server, &key, &own, "user", "cat /home/user/w; echo $X"),
+        "warm\n1\n"
+    );
+}
+
+/// `moat ARGS` against `server` with `key`; asserts it exited 0 and returns its stdout.
+fn moat_ok(server: &Server, key: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(args)
+        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("MOAT_API_KEY", key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run moat");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "moat {args:?}: {:?}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_cli_pauses_snapshots_and_forks() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = moat_ok(&server, &key, &["sandbox", "create"])
+        .trim()
+        .to_owned();
+    moat_ok(
+        &server,
+        &key,
+        &["sandbox", "exec", &id, "--", "sh", "-c", "echo cli > ~/c"],
+    );
+    assert_eq!(
+        moat_ok(&server, &key, &["sandbox", "pause", &id]),
+        format!("{id} paused\n")
+    );
+    assert_eq!(
+        moat_ok(
+            &server,
+            &key,
+            &["sandbox", "resume", &id, "--timeout", "10m"]
+        ),
+        format!("{id} running\n")
+    );
+    let sid = moat_ok(&server, &key, &["snapshot", "create", &id, "--name", "cli"])
+        .trim()
+        .to_owned();
+    let listed = moat_ok(&server, &key, &["snapshot", "ls", "--name", "cli"]);
+    assert!(
+        listed.lines().nth(1).is_some_and(|l| l.starts_with(&sid)),
+        "{listed}"
+    );
+    let shown: Value = serde_json::from_str(&moat_ok(
+        &server,
+        &key,
+        &["snapshot", "get", "-o", "json", &sid],
+    ))
+    .expect("json");
+    assert_eq!(shown["sandbox_id"], id.as_str());
+    let copy = moat_ok(&server, &key, &["sandbox", "create", "--snapshot", &sid])
+        .trim()
+        .to_owned();
+    assert_eq!(
+        moat_ok(
+            &server,
+            &key,
+            &["sandbox", "exec", &copy, "--", "cat", "/home/user/c"]
+        ),
+        "cli\n"
+    );
+    let forks = moat_ok(&server, &key, &["sandbox", "fork", &id, "-n", "2"]);
+    assert_eq!(forks.lines().count(), 2, "{forks}");
+    for f in forks.lines() {
+        assert_eq!(
+            moat_ok(
+                &server,
+                &key,
+                &["sandbox", "exec", f, "--", "cat", "/home/user/c"]
+            ),
+            "cli\n"
+        );
+    }
+    assert_eq!(
+        moat_ok(&server, &key, &["snapshot", "rm", &sid]),
+        format!("{sid}\n")
+    );
+    assert_eq!(
+        moat_ok(&server, &key, &["snapshot", "ls"]).lines().count(),
+        1
+    );
+}
