@@ -2,7 +2,13 @@
 resume, snapshots, and the errors for sandboxes that do not exist."""
 
 import pytest
-from e2b import Sandbox, SandboxException, SandboxNotFoundException
+from e2b import (
+    Sandbox,
+    SandboxException,
+    SandboxNotFoundException,
+    SandboxQuery,
+    SandboxState,
+)
 
 
 def test_is_running_connect_and_kill():
@@ -32,7 +38,7 @@ def test_pause_and_resume_keep_processes_and_files():
         assert sbx.pause() is True
         assert sbx.pause() is False
         assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
-        listed = Sandbox.list(query={"state": ["paused"]}).next_items()
+        listed = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
         assert sbx.sandbox_id in [s.sandbox_id for s in listed]
         resumed = Sandbox.connect(sbx.sandbox_id)
         assert Sandbox.get_info(sbx.sandbox_id).state.value == "running"

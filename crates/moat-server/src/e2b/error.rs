@@ -111,12 +111,17 @@ impl IntoResponse for E2bError {
     }
 }
 
-/// Marks every failed `POST /v2/sandboxes` `Should-Retry: false`. The SDKs retry a 429 or 503
-/// without that header, and a create is not idempotent without an `Idempotency-Key`: the
-/// first attempt may have made a sandbox the answer never reached. Layered outside the
-/// authentication so its refusals are marked too.
+/// Marks every failed create, fork and snapshot (`POST /v2/sandboxes`,
+/// `POST /sandboxes/{id}/fork`, `POST /sandboxes/{id}/snapshots`) `Should-Retry: false`. The
+/// SDKs retry a 429 or 503 without that header, and none of these is idempotent (a create only
+/// with an `Idempotency-Key`): the first attempt may have made what the answer never reached.
+/// Layered outside the authentication so its refusals are marked too.
 pub(crate) async fn no_retry_on_failed_create(req: Request, next: Next) -> Response {
-    let create = req.method() == Method::POST && req.uri().path() == super::CREATE_PATH;
+    let path = req.uri().path();
+    let create = req.method() == Method::POST
+        && (path == super::CREATE_PATH
+            || (path.starts_with("/sandboxes/")
+                && (path.ends_with("/fork") || path.ends_with("/snapshots"))));
     let mut response = next.run(req).await;
     if create && (response.status().is_client_error() || response.status().is_server_error()) {
         response.headers_mut().insert(

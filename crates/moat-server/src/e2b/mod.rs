@@ -6,13 +6,15 @@
 //! - Errors: E2B's JSON `{"code": <status>, "message": "..."}` on every failure, including
 //!   unknown routes under E2B's paths ([`owns_path`]); see [`error`].
 //! - Bodies: E2B's field names ([`shapes`]); the listing's query in [`list_query`].
-//! - Handlers: [`sandboxes`], each over the same manager calls as `/v1`'s.
+//! - Handlers: [`sandboxes`] and [`lifecycle`] (pause, snapshots, fork), each over the same
+//!   manager calls as `/v1`'s.
 //!
 //! E2B's own API description is the contract for these routes, so moat's OpenAPI document
 //! (`/v1/openapi.json`) does not list them.
 
 mod auth;
 mod error;
+mod lifecycle;
 mod list_query;
 mod sandboxes;
 mod shapes;
@@ -20,7 +22,7 @@ mod shapes;
 use axum::Router;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
 use crate::ApiError;
 use crate::api::Shared;
@@ -58,6 +60,14 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
         )
         .route("/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
+        .route("/sandboxes/{id}/pause", post(lifecycle::pause))
+        .route(
+            "/sandboxes/{id}/snapshots",
+            post(lifecycle::create_snapshot),
+        )
+        .route("/sandboxes/{id}/fork", post(lifecycle::fork))
+        .route("/snapshots", get(lifecycle::list_snapshots))
+        .route("/templates/{id}", delete(lifecycle::delete_snapshot))
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state, auth::authenticate))
         .layer(middleware::from_fn(error::no_retry_on_failed_create))

@@ -46,21 +46,32 @@ pub(crate) async fn create(
         ),
         None => None,
     };
-    let create = to_create(req, state.manager.options().max_ttl)?;
-    // An unknown template is "not found", as E2B answers it (the manager calls it invalid).
-    match state
-        .manager
-        .get_template(&caller.tenant, &create.template)
-        .await
-    {
-        Ok(_) => {}
-        Err(ManagerError::NotFound(_)) => {
-            return Err(E2bError::not_found(format!(
-                "template {:?} not found",
-                create.template
-            )));
+    let mut create = to_create(req, state.manager.options().max_ttl)?;
+    // `templateID` names a snapshot (what `create_snapshot` answered) or a template.
+    let is_snapshot = moat_engine::store::check_snapshot_id(&create.template).is_ok()
+        && state
+            .manager
+            .get_snapshot(&caller.tenant, &create.template)
+            .await
+            .is_ok();
+    if is_snapshot {
+        create.snapshot = Some(std::mem::take(&mut create.template));
+    } else {
+        // An unknown template is "not found", as E2B answers it (the manager calls it invalid).
+        match state
+            .manager
+            .get_template(&caller.tenant, &create.template)
+            .await
+        {
+            Ok(_) => {}
+            Err(ManagerError::NotFound(_)) => {
+                return Err(E2bError::not_found(format!(
+                    "template {:?} not found",
+                    create.template
+                )));
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
     }
     let sandbox = match idempotency_key {
         Some(key) => {
@@ -135,7 +146,7 @@ fn given(value: &Option<serde_json::Value>) -> bool {
 }
 
 /// A timeout in seconds, 1 to `max`.
-fn check_timeout(secs: i64, max: Duration) -> E2bResult<u64> {
+pub(super) fn check_timeout(secs: i64, max: Duration) -> E2bResult<u64> {
     let max_secs = max.as_secs();
     match u64::try_from(secs) {
         Ok(s) if s > 0 && s <= max_secs => Ok(s),
@@ -154,7 +165,7 @@ fn check_timeout(secs: i64, max: Duration) -> E2bResult<u64> {
 }
 
 /// The create/connect answer for `sandbox`.
-fn answer(state: &Shared, sandbox: &v1::Sandbox) -> Sandbox {
+pub(super) fn answer(state: &Shared, sandbox: &v1::Sandbox) -> Sandbox {
     Sandbox::new(
         sandbox,
         state.manager.access_token(&sandbox.id),
@@ -163,7 +174,7 @@ fn answer(state: &Shared, sandbox: &v1::Sandbox) -> Sandbox {
 }
 
 /// `tenant`'s sandbox `id` if an E2B client may see it (running or paused).
-async fn visible(state: &Shared, tenant: &str, id: &str) -> E2bResult<v1::Sandbox> {
+pub(super) async fn visible(state: &Shared, tenant: &str, id: &str) -> E2bResult<v1::Sandbox> {
     match state.manager.get(tenant, id).await {
         Ok(sandbox) if e2b_state(sandbox.state).is_some() => Ok(sandbox),
         // A malformed id names no sandbox either.
@@ -182,7 +193,8 @@ fn gone_is_404(id: &str, e: ManagerError) -> E2bError {
     }
 }
 
-/// `POST /v2/sandboxes/{id}/connect`: a running sandbox, its time to live only extended.
+/// `POST /v2/sandboxes/{id}/connect`: a running sandbox, its time to live only extended (200);
+/// a paused one is resumed with that time to live (201).
 pub(crate) async fn connect(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -198,7 +210,9 @@ pub(crate) async fn connect(
     };
     let sandbox = visible(&state, &caller.tenant, &id).await?;
     match sandbox.state {
-        v1::SandboxState::Paused => resume_paused(&id).await,
+        v1::SandboxState::Paused => {
+            super::lifecycle::resume(&state, &caller.tenant, &id, timeout).await
+        }
         _ => {
             let sandbox = state
                 .manager
@@ -208,14 +222,6 @@ pub(crate) async fn connect(
             Ok((StatusCode::OK, Json(answer(&state, &sandbox))).into_response())
         }
     }
-}
-
-/// Where connect resumes a paused sandbox and answers 201 with it. moat cannot resume paused
-/// sandboxes through this API yet, so until it can, a paused sandbox is not found.
-async fn resume_paused(id: &str) -> E2bResult<Response> {
-    Err(E2bError::not_found(format!(
-        "sandbox {id} not found: it is paused, and this server cannot resume paused sandboxes yet"
-    )))
 }
 
 /// `DELETE /sandboxes/{id}`: 204, or 404 when there is no such sandbox (any more).
