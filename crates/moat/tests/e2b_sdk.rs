@@ -1,5 +1,5 @@
-//! The E2B SDK suite (`tests/e2b/`): the unmodified `e2b` and `e2b-code-interpreter` Python SDKs
-//! against a real `moat serve`. Each test starts a server, makes an API key for a tenant of its
+//! The E2B SDK suite (`tests/e2b/`): the unmodified `e2b` and `e2b-code-interpreter` Python SDKs,
+//! and the `e2b` JavaScript SDK under Node, against a real `moat serve`. Each test starts a server, makes an API key for a tenant of its
 //! own through `/v1/keys`, and runs one pytest file with `E2B_API_URL`, `E2B_SANDBOX_URL` (the
 //! same listener) and `E2B_API_KEY` set, failing with pytest's output.
 //!
@@ -34,8 +34,19 @@ fn test_python() -> PathBuf {
     venv
 }
 
-/// Runs `tests/e2b/<file>` against a fresh `moat serve`.
+/// Runs `tests/e2b/<file>` with pytest against a fresh `moat serve`.
 fn run_pytest(file: &str) {
+    let mut cmd = Command::new(test_python());
+    // No cache directory in the source tree.
+    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(format!("tests/e2b/{file}"))
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    run_client(cmd, &format!("pytest tests/e2b/{file}"));
+}
+
+/// Runs `cmd` (an SDK client) in the repository's root against a fresh `moat serve`, with the
+/// E2B environment pointing at it; fails with its output unless it exits 0.
+fn run_client(mut cmd: Command, what: &str) {
     if !is_root() {
         eprintln!("SKIP: moat serve's native backend needs root");
         return;
@@ -51,26 +62,22 @@ fn run_pytest(file: &str) {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let key = r.json()["secret"].as_str().expect("secret").to_owned();
     let url = format!("http://127.0.0.1:{}", server.port);
-    let out = Command::new(test_python())
+    let out = cmd
         .current_dir(repo_root())
-        // No cache directory in the source tree.
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(format!("tests/e2b/{file}"))
         .env("E2B_API_URL", &url)
         .env("E2B_SANDBOX_URL", &url)
         .env("E2B_API_KEY", &key)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
         // Settings that would point the SDKs elsewhere.
         .env_remove("E2B_DOMAIN")
         .env_remove("E2B_DEBUG")
         .env_remove("E2B_ACCESS_TOKEN")
         .output()
-        .expect("run pytest");
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
     // Shown with --no-capture: what ran.
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(
         out.status.success(),
-        "pytest tests/e2b/{file} failed ({}):\n{}{}",
+        "{what} failed ({}):\n{}{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -100,4 +107,12 @@ fn code_interpreter() {
 #[test]
 fn lifecycle() {
     run_pytest("test_lifecycle.py");
+}
+
+/// The e2b JavaScript SDK (tests/e2b/js, installed by scripts/test-deps.sh) under Node.
+#[test]
+fn javascript_sdk_smoke() {
+    let mut cmd = Command::new("node");
+    cmd.arg("tests/e2b/js/smoke.mjs");
+    run_client(cmd, "node tests/e2b/js/smoke.mjs");
 }
