@@ -3,12 +3,14 @@
 //! The backend starts it as the sandbox's PID 1 with a connected stream socket on fd 3 (see
 //! [`moat_proto::agent_config`]). It reaps orphans, and serves HTTP/2 (h2c, prior knowledge) on that
 //! socket: the envd-compatible `process.Process` and `filesystem.Filesystem` Connect services and the
-//! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`.
+//! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`, and
+//! the code interpreter under `/interpreter` (§9 there).
 
 pub mod auth;
 pub mod entry;
 pub mod files;
 pub mod filesystem;
+pub mod interpreter;
 pub mod process;
 pub mod reaper;
 pub mod router;

@@ -1,5 +1,6 @@
 //! Routing of every request the agent serves: the Connect RPCs of `process.Process` and
-//! `filesystem.Filesystem`, and the plain `/files`, `/health` and `/envs` routes.
+//! `filesystem.Filesystem`, the plain `/files`, `/health` and `/envs` routes, and the code
+//! interpreter under `/interpreter`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use crate::ResponseBody;
 use crate::auth;
 use crate::files;
 use crate::filesystem::FsService;
+use crate::interpreter::InterpreterService;
 use crate::process::ProcessService;
 use crate::reaper::Reaper;
 use crate::rpc::{Code, RpcError};
@@ -44,8 +46,9 @@ fn rpc_kind(service: &str, method: &str) -> Option<Kind> {
 #[derive(Debug)]
 pub struct Router {
     state: Arc<AgentState>,
-    process: ProcessService,
+    process: Arc<ProcessService>,
     fs: FsService,
+    interpreter: InterpreterService,
 }
 
 impl Router {
@@ -55,8 +58,10 @@ impl Router {
         reaper: Arc<Reaper>,
         landlock_root: Option<std::path::PathBuf>,
     ) -> Self {
+        let process = Arc::new(ProcessService::new(state.clone(), reaper, landlock_root));
         Router {
-            process: ProcessService::new(state.clone(), reaper, landlock_root),
+            interpreter: InterpreterService::new(state.clone(), process.clone()),
+            process,
             fs: FsService::new(state.clone()),
             state,
         }
@@ -77,9 +82,13 @@ impl Router {
             _ => {}
         }
         if let Some(token) = &self.state.config.access_token
+            && auth::requires_token(path)
             && !auth::token_matches(req.headers(), token)
         {
             return transport::plain(StatusCode::UNAUTHORIZED, "invalid or missing access token");
+        }
+        if path == "/interpreter" || path.starts_with("/interpreter/") {
+            return self.interpreter.handle(req).await;
         }
         if path == "/envs" {
             return match *req.method() {
