@@ -394,16 +394,64 @@ async fn python_executions() {
         ex.lines
     );
 
-    // The interpreter runs as the sandbox's default user, in its home.
+    // The interpreter runs as the sandbox's default user, in its home, with the sandbox's env.
     let ex = run(
         &client,
         None,
         None,
-        "import os\n(os.getuid(), os.getcwd())",
+        "import os\n(os.getuid(), os.getcwd(), os.environ['MOAT_SANDBOX_VAR'])",
         None,
     )
     .await;
-    assert_eq!(ex.main_text(), Some("(1000, '/home/user')"));
+    assert_eq!(ex.main_text(), Some("(1000, '/home/user', 'from-sandbox')"));
+
+    // Child processes do not inherit the driver's private pipes: only stdio (and the directory
+    // `ls` itself opens).
+    let ex = run(
+        &client,
+        None,
+        None,
+        "import os\nos.system('ls /proc/self/fd')",
+        None,
+    )
+    .await;
+    assert_eq!(ex.stdout, "0\n1\n2\n3\n", "{ex:?}");
+
+    // A second execution on a busy context waits for the first.
+    run(&client, None, None, "order = []", None).await;
+    let body =
+        |code: &str| json!({"code": code, "context_id": null, "language": null, "env_vars": null});
+    let mut first = start(
+        &client,
+        &body("import os, time\nprint('started', flush=True)\nwhile not os.path.exists('/tmp/go2'):\n    time.sleep(0.05)\norder.append(1)"),
+    )
+    .await;
+    while first.next_event().await.expect("a line")["type"] != "stdout" {}
+    let second = start(&client, &body("order.append(2)\norder")).await;
+    let (_, code) = support::sh(&client, "user", "touch /tmp/go2").await;
+    assert_eq!(code, 0);
+    assert!(finish(first).await.error.is_none());
+    assert_eq!(finish(second).await.main_text(), Some("[1, 2]"));
+
+    // Open matplotlib figures come as PNG results, where matplotlib is installed.
+    let ex = run(&client, None, None, "import matplotlib", None).await;
+    if ex.error.is_some() {
+        eprintln!("NOTE: matplotlib is not installed here; figures were not checked");
+    } else {
+        let ex = run(
+            &client,
+            None,
+            None,
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nNone",
+            None,
+        )
+        .await;
+        let figure = ex.results.iter().find(|r| r["png"].is_string());
+        assert!(
+            figure.is_some_and(|f| f["is_main_result"] == false),
+            "{ex:?}"
+        );
+    }
 
     inst.destroy().await.expect("destroy");
 }
@@ -595,6 +643,10 @@ async fn bash_contexts_keep_shell_state() {
     let ex = run(&client, Some(&id), None, "echo \"[$MOAT_B]\"", None).await;
     assert_eq!(ex.stdout, "[]\n");
 
+    // The code's child processes do not inherit the driver's private pipes.
+    let ex = run(&client, Some(&id), None, "ls /proc/self/fd", None).await;
+    assert_eq!(ex.stdout, "0\n1\n2\n3\n", "{ex:?}");
+
     // A failing command reports its status; stderr streams apart.
     let ex = run(&client, Some(&id), None, "echo oops >&2; false", None).await;
     assert_eq!(ex.stderr, "oops\n");
@@ -668,6 +720,17 @@ async fn javascript_contexts() {
     )
     .await;
     assert_eq!(ex.main_text(), Some("'env'"));
+
+    // Child processes do not inherit the driver's private pipes.
+    let ex = run(
+        &client,
+        None,
+        Some("js"),
+        "require('child_process').execSync('ls /proc/self/fd').toString()",
+        None,
+    )
+    .await;
+    assert_eq!(ex.main_text(), Some("'0\\n1\\n2\\n3\\n'"), "{ex:?}");
 
     // A busy loop is interrupted when the client goes away; the context lives on.
     let js = create_context(&client, &json!({"language": "javascript"})).await;

@@ -4,8 +4,8 @@
 # Each command is one line of bash that the agent generates from quoted literals only:
 #   __moat_code=$'...'; __moat_env=($'NAME' $'VALUE' ...)
 # The code runs in this shell, so `cd`, variables and functions persist between executions; the
-# private pipes are closed around it (bash keeps close-on-exec copies to restore them), so neither
-# the code nor its children can reach them. A failing status becomes an "error" frame; a "done"
+# private pipes are closed around it (bash keeps close-on-exec copies to restore them), so the
+# code's child processes do not inherit them. A failing status becomes an "error" frame; a "done"
 # frame follows each run.
 __moat_in=$1
 __moat_out=$2
