@@ -9,6 +9,18 @@ use crate::rpc::{Code, RpcError};
 /// Header carrying the sandbox's access token.
 pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 
+/// Whether a request for `path` must carry the access token, when the sandbox has one. Every
+/// route does except `/health`, `/files` (which also accepts signed URLs and checks for itself)
+/// and the code interpreter's `/interpreter/health` and `/interpreter/contexts…`: the E2B SDK
+/// sends the token to the code interpreter only on `/execute` (`shared/reference/e2b-wire.md`
+/// §2.4).
+pub fn requires_token(path: &str) -> bool {
+    if matches!(path, "/health" | "/files" | "/interpreter/health") {
+        return false;
+    }
+    !(path == "/interpreter/contexts" || path.starts_with("/interpreter/contexts/"))
+}
+
 /// Whether `headers` carry the access token `expected` (compared in constant time).
 pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
     let Some(given) = headers.get(ACCESS_TOKEN_HEADER) else {
@@ -75,6 +87,27 @@ mod tests {
         );
         let h = headers(&[("authorization", "Basic !!!")]);
         assert!(basic_user(&h).is_err());
+    }
+
+    #[test]
+    fn token_free_routes() {
+        for path in [
+            "/health",
+            "/files",
+            "/interpreter/health",
+            "/interpreter/contexts",
+            "/interpreter/contexts/abc/restart",
+        ] {
+            assert!(!requires_token(path), "{path}");
+        }
+        for path in [
+            "/envs",
+            "/interpreter/execute",
+            "/interpreter/contextsx",
+            "/process.Process/Start",
+        ] {
+            assert!(requires_token(path), "{path}");
+        }
     }
 
     #[test]

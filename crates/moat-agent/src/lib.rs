@@ -4,13 +4,15 @@
 //! [`moat_proto::agent_config`]). It reaps orphans, and serves HTTP/2 (h2c, prior knowledge) on that
 //! socket: the envd-compatible `process.Process` and `filesystem.Filesystem` Connect services and the
 //! plain `/files`, `/health` and `/envs` routes described in `shared/reference/e2b-wire.md`, and
-//! the TCP relay to services inside the sandbox ([`relay`]).
+//! the TCP relay to services inside the sandbox ([`relay`]), and the code interpreter under
+//! `/interpreter` (§9 there).
 
 pub mod auth;
 pub mod entry;
 pub mod files;
 pub mod filesystem;
 pub mod layer;
+pub mod interpreter;
 pub mod process;
 pub mod reaper;
 pub mod relay;

@@ -1,6 +1,6 @@
 //! Routing of every request the agent serves: the Connect RPCs of `process.Process` and
 //! `filesystem.Filesystem`, the plain `/files`, `/health` and `/envs` routes, the TCP relay
-//! (`/relay/tcp`) and the host's own `/moat/layer`.
+//! (`/relay/tcp`), the code interpreter under `/interpreter` and the host's own `/moat/layer`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use crate::ResponseBody;
 use crate::auth;
 use crate::files;
 use crate::filesystem::FsService;
+use crate::interpreter::InterpreterService;
 use crate::process::ProcessService;
 use crate::reaper::Reaper;
 use crate::relay;
@@ -47,8 +48,9 @@ fn rpc_kind(service: &str, method: &str) -> Option<Kind> {
 #[derive(Debug)]
 pub struct Router {
     state: Arc<AgentState>,
-    process: ProcessService,
+    process: Arc<ProcessService>,
     fs: FsService,
+    interpreter: InterpreterService,
 }
 
 impl Router {
@@ -58,8 +60,10 @@ impl Router {
         reaper: Arc<Reaper>,
         landlock_root: Option<std::path::PathBuf>,
     ) -> Self {
+        let process = Arc::new(ProcessService::new(state.clone(), reaper, landlock_root));
         Router {
-            process: ProcessService::new(state.clone(), reaper, landlock_root),
+            interpreter: InterpreterService::new(state.clone(), process.clone()),
+            process,
             fs: FsService::new(state.clone()),
             state,
         }
@@ -80,6 +84,7 @@ impl Router {
             _ => {}
         }
         if let Some(token) = &self.state.config.access_token
+            && auth::requires_token(path)
             && !auth::token_matches(req.headers(), token)
         {
             return transport::plain(StatusCode::UNAUTHORIZED, "invalid or missing access token");
@@ -89,6 +94,9 @@ impl Router {
         }
         if path == LAYER_PATH {
             return crate::layer::handle(self.state.clone(), req).await;
+        }
+        if path == "/interpreter" || path.starts_with("/interpreter/") {
+            return self.interpreter.handle(req).await;
         }
         if path == "/envs" {
             return match *req.method() {

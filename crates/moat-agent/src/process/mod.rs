@@ -2,13 +2,14 @@
 //! or a PTY, stream their output to any number of readers, feed their input, signal and resize
 //! them.
 
-mod fdio;
+pub(crate) mod fdio;
 pub mod output;
 pub mod pty;
 pub mod registry;
 pub mod spawn;
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +36,29 @@ pub type EventStream = BoxStream<'static, Result<ProcessEvent, RpcError>>;
 const MAX_SIGNAL: i32 = 64;
 
 type PlanKey = (u32, u32, Vec<u32>);
+
+/// What [`ProcessService::spawn_confined`] starts.
+struct Launch<'a> {
+    cmd: &'a str,
+    args: &'a [String],
+    cwd: Option<&'a str>,
+    envs: &'a HashMap<String, String>,
+    stdio: Stdio3,
+    inherit: Vec<OwnedFd>,
+}
+
+/// A process started with [`ProcessService::spawn_service`].
+#[derive(Debug)]
+pub struct ServiceProcess {
+    /// Process id (also its process group and session id).
+    pub pid: u32,
+    /// Read end of its stdout pipe.
+    pub stdout: OwnedFd,
+    /// Read end of its stderr pipe.
+    pub stderr: OwnedFd,
+    /// Receives its wait status once the reaper collected it.
+    pub exit: tokio::sync::oneshot::Receiver<i32>,
+}
 
 /// The process service.
 #[derive(Debug)]
@@ -112,43 +136,31 @@ impl ProcessService {
                 "process.cmd must not be empty",
             ));
         }
-        let workdir = self.state.workdir_for(user);
-        let cwd = spawn::open_cwd(user, &workdir, config.cwd.as_deref())?;
-        let env = spawn::build_env(user, &self.state.config.env_vars, &config.envs)?;
-        let plan = self.plan_for(user)?;
-        let internal =
-            |what: &str, e: std::io::Error| RpcError::new(Code::Internal, format!("{what}: {e}"));
-
-        let mut pty_master = None;
-        let stdio = match &req.pty {
+        let (pty_master, stdio) = match &req.pty {
             Some(p) => {
                 let size = p.size.unwrap_or_default();
-                let pair =
-                    pty::open(size.cols, size.rows).map_err(|e| internal("opening a PTY", e))?;
-                pty_master = Some(pair.master);
-                Stdio3::Pty(pair.slave)
+                let pair = pty::open(size.cols, size.rows)
+                    .map_err(|e| RpcError::new(Code::Internal, format!("opening a PTY: {e}")))?;
+                (Some(pair.master), Stdio3::Pty(pair.slave))
             }
-            None => Stdio3::Pipes {
-                stdin: req.stdin.unwrap_or(true),
-            },
+            None => (
+                None,
+                Stdio3::Pipes {
+                    stdin: req.stdin.unwrap_or(true),
+                },
+            ),
         };
-
-        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
-        let spawned = {
-            let mut waiters = self.reaper.lock();
-            let spawned = spawn::spawn(SpawnSpec {
-                cmd: &config.cmd,
-                args: &config.args,
-                env,
-                cwd: &cwd,
-                plan,
-                stdio,
-            })
-            .map_err(|e| spawn_error(&config.cmd, &e))?;
-            waiters.insert(spawned.pid as i32, exit_tx);
-            spawned
+        let launch = Launch {
+            cmd: &config.cmd,
+            args: &config.args,
+            cwd: config.cwd.as_deref(),
+            envs: &config.envs,
+            stdio,
+            inherit: Vec::new(),
         };
-        drop(cwd);
+        let (spawned, exit_rx) = self.spawn_confined(user, launch)?;
+        let internal =
+            |what: &str, e: std::io::Error| RpcError::new(Code::Internal, format!("{what}: {e}"));
 
         let pid = spawned.pid;
         let wrap = |fd, interest| FdIo::new(fd, interest).map(Arc::new);
@@ -204,6 +216,73 @@ impl ProcessService {
             });
         }
         Ok(events(pid, Subscription::Live(rx)))
+    }
+
+    /// Forks and executes a user process as `user`: working directory, environment and
+    /// confinement (identity, rlimits, landlock, seccomp) are those of every command. The exit
+    /// status arrives on the returned receiver.
+    fn spawn_confined(
+        &self,
+        user: &User,
+        launch: Launch<'_>,
+    ) -> Result<(spawn::Spawned, tokio::sync::oneshot::Receiver<i32>), RpcError> {
+        let workdir = self.state.workdir_for(user);
+        let cwd = spawn::open_cwd(user, &workdir, launch.cwd)?;
+        let env = spawn::build_env(user, &self.state.config.env_vars, launch.envs)?;
+        let plan = self.plan_for(user)?;
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+        let mut waiters = self.reaper.lock();
+        let spawned = spawn::spawn(SpawnSpec {
+            cmd: launch.cmd,
+            args: launch.args,
+            env,
+            cwd: &cwd,
+            plan,
+            stdio: launch.stdio,
+            inherit: &launch.inherit,
+        })
+        .map_err(|e| spawn_error(launch.cmd, &e))?;
+        waiters.insert(spawned.pid as i32, exit_tx);
+        Ok((spawned, exit_rx))
+    }
+
+    /// Starts a process for one of the agent's own services (the code interpreter's language
+    /// drivers): confined exactly like a command of `user`, with stdin on `/dev/null`, its
+    /// stdout and stderr pipes handed to the caller rather than to the registry (it is not listed
+    /// by `List`), and `inherit` kept open in it under their own numbers (all at least 3).
+    pub fn spawn_service(
+        &self,
+        user: &User,
+        cmd: &str,
+        args: &[String],
+        cwd: Option<&str>,
+        inherit: Vec<OwnedFd>,
+    ) -> Result<ServiceProcess, RpcError> {
+        let launch = Launch {
+            cmd,
+            args,
+            cwd,
+            envs: &HashMap::new(),
+            stdio: Stdio3::Pipes { stdin: false },
+            inherit,
+        };
+        let (spawned, exit) = self.spawn_confined(user, launch)?;
+        let pid = spawned.pid;
+        match (spawned.stdout, spawned.stderr) {
+            (Some(stdout), Some(stderr)) => Ok(ServiceProcess {
+                pid,
+                stdout,
+                stderr,
+                exit,
+            }),
+            _ => {
+                kill_group(pid, libc::SIGKILL);
+                Err(RpcError::new(
+                    Code::Internal,
+                    format!("starting '{cmd}': its output pipes are missing"),
+                ))
+            }
+        }
     }
 
     /// `Connect`: events of a running process from now on, or `start` and `end` of one that
@@ -380,7 +459,7 @@ async fn write_input(proc: &Proc, input: Option<ProcessInput>) -> Result<(), Rpc
 }
 
 /// Sends `sig` to the process group `pid` leads, or to the process alone if the group is gone.
-fn kill_group(pid: u32, sig: i32) {
+pub(crate) fn kill_group(pid: u32, sig: i32) {
     let Ok(pid) = i32::try_from(pid) else { return };
     // SAFETY: kill with integer arguments; a negative pid addresses the process group.
     if unsafe { libc::kill(-pid, sig) } != 0 {

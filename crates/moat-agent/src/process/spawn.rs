@@ -52,6 +52,9 @@ pub struct SpawnSpec<'a> {
     pub plan: Arc<ConfinePlan>,
     /// Stdio.
     pub stdio: Stdio3,
+    /// Descriptors the process keeps open under their own numbers (each at least 3, so stdio
+    /// set-up cannot replace them); they are close-on-exec in the agent.
+    pub inherit: &'a [OwnedFd],
 }
 
 /// A started process: its pid and the agent's ends of its pipes.
@@ -91,13 +94,21 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<Spawned> {
             true
         }
     };
+    if spec.inherit.iter().any(|fd| fd.as_raw_fd() < 3) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "inherited descriptors must not be stdio numbers",
+        ));
+    }
+    let inherit: Vec<i32> = spec.inherit.iter().map(AsRawFd::as_raw_fd).collect();
     let plan = spec.plan;
     let cwd_fd = spec.cwd.as_raw_fd();
     // SAFETY: the closure runs in the forked child of a possibly multi-threaded parent, so it only
     // makes async-signal-safe system calls and allocates nothing: setsid, ioctl, open/write/close
-    // of a constant path, ConfinePlan::apply (documented async-signal-safe) and fchdir. `cwd_fd` is
-    // open in the child because the parent keeps `spec.cwd` alive until spawn returns (it is
-    // close-on-exec, so the program never sees it).
+    // of a constant path, fcntl, ConfinePlan::apply (documented async-signal-safe) and fchdir.
+    // `cwd_fd` and the `inherit` descriptors are open in the child because the parent keeps
+    // `spec` alive until spawn returns (`cwd_fd` stays close-on-exec, so the program never sees
+    // it; the `inherit` ones lose that flag in the child only).
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() == -1 {
@@ -105,6 +116,11 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<Spawned> {
             }
             if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
                 return Err(io::Error::last_os_error());
+            }
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             // The host gives the agent -1000 so the OOM killer spares it; user code goes back to
             // the default. Failure is harmless (no procfs, or not permitted), so it is ignored.
