@@ -116,3 +116,8 @@ fn javascript_sdk_smoke() {
     cmd.arg("tests/e2b/js/smoke.mjs");
     run_client(cmd, "node tests/e2b/js/smoke.mjs");
 }
+
+#[test]
+fn documentation_quickstarts() {
+    run_pytest("test_quickstart.py");
+}
