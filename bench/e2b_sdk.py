@@ -4,12 +4,14 @@ Measures, through the unmodified `e2b` and `e2b-code-interpreter` packages:
   - Sandbox.create() + commands.run("echo hi") + kill(), one after another;
   - run_code("1+1") on a warm context (the interpreter already started).
 
-Needs E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY in the environment (bench/run.sh sets them).
+Needs E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY in the environment (bench/run.sh sets them);
+BENCH_POOLED_TEMPLATE names a template with a warm pool to measure as well.
 Prints one Markdown table row per measurement: name, runs, p50, p99 in milliseconds.
 
     python bench/e2b_sdk.py [RUNS]
 """
 
+import os
 import statistics
 import sys
 import time
@@ -31,11 +33,11 @@ def row(name, samples):
     )
 
 
-def create_run_kill(runs):
+def create_run_kill(runs, template=None):
     samples = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        sbx = Sandbox.create()
+        sbx = Sandbox.create(template) if template else Sandbox.create()
         result = sbx.commands.run("echo hi")
         sbx.kill()
         samples.append((time.perf_counter() - t0) * 1000)
@@ -64,7 +66,17 @@ def main():
     create_run_kill(3)
     print("| E2B Python SDK | runs | p50 ms | p99 ms |")
     print("| --- | --- | --- | --- |")
-    row("`Sandbox.create()` + `commands.run(\"echo hi\")` + `kill()`", create_run_kill(runs))
+    row(
+        "`Sandbox.create()` + `commands.run(\"echo hi\")` + `kill()` (`base`, cold start)",
+        create_run_kill(runs),
+    )
+    pooled = os.environ.get("BENCH_POOLED_TEMPLATE")
+    if pooled:
+        create_run_kill(3, pooled)
+        row(
+            f"the same with `Sandbox.create(\"{pooled}\")` (a template with a warm pool)",
+            create_run_kill(runs, pooled),
+        )
     row("`run_code(\"1+1\")`, warm context", run_code_warm(runs))
 
 

@@ -17,3 +17,21 @@ bin=target/x86_64-unknown-linux-gnu/release
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)"
 echo
 "$bin/moat-bench" --moat "$PWD/$bin/moat" --runs "$runs"
+
+# The E2B SDKs against a release `moat serve` (the SDKs come from scripts/test-deps.sh's venv).
+bash scripts/test-deps.sh >/dev/null
+data=$(mktemp -d /tmp/moat-bench-e2b.XXXXXX)
+port=$((20000 + RANDOM % 20000))
+"$bin/moat" serve --listen "127.0.0.1:$port" --data-dir "$data" --rate-limit 1000000 >/dev/null 2>"$data/log" &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 100); do [ -s "$data/admin.key" ] && curl -fs "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+key=$(cat "$data/admin.key")
+curl -sS --fail-with-body -X POST "http://127.0.0.1:$port/v1/templates" -H "Authorization: Bearer $key" \
+  -H 'Content-Type: application/json' -d '{"name":"pooled","spec":{"rootfs":"host","user":"user","pool_size":8}}' >/dev/null
+sleep 2  # the pool fills in the background
+echo
+echo "## E2B SDKs against moat serve ($runs runs each)"
+echo
+E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_API_KEY="$key" \
+  BENCH_POOLED_TEMPLATE=pooled target/test-venv/bin/python bench/e2b_sdk.py "$runs"
