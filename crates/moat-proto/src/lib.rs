@@ -8,6 +8,7 @@
 pub mod agent_config;
 pub mod connect;
 pub mod envd;
+pub mod file_signature;
 pub mod v1;
 
 pub use envd::{filesystem, process};

@@ -13,9 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method, StatusCode};
-use base64::Engine as _;
 use moat_engine::manager::SandboxManager;
-use sha2::{Digest, Sha256};
+use moat_proto::file_signature::{Operation, sign};
 
 use super::answers::Refusal;
 use super::{ENVD_PORT, INTERPRETER_PORT};
@@ -123,7 +122,7 @@ fn check_files(token: &str, req: &Request) -> Result<(), Refusal> {
             "missing access token or signature: send X-Access-Token or use a signed URL",
         ));
     };
-    let operation = Operation::of(req.method())?;
+    let operation = operation_of(req.method())?;
     if !same(
         signature.as_bytes(),
         query.sign(operation, token).as_bytes(),
@@ -138,7 +137,7 @@ fn check_files(token: &str, req: &Request) -> Result<(), Refusal> {
 /// on the way, expiration included.
 pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<String, Refusal> {
     let query = FilesQuery::parse(req.uri().query().unwrap_or(""))?;
-    let operation = Operation::of(req.method())?;
+    let operation = operation_of(req.method())?;
     let signature = query.signature.as_deref().unwrap_or("");
     let id = manager
         .running_ids()
@@ -156,30 +155,14 @@ pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<Str
     Ok(id)
 }
 
-/// What a file signature grants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operation {
-    Read,
-    Write,
-}
-
-impl Operation {
-    /// The operation of a `/files` request's method: `GET` (and `HEAD`) read, `POST` writes.
-    fn of(method: &Method) -> Result<Operation, Refusal> {
-        match *method {
-            Method::GET | Method::HEAD => Ok(Operation::Read),
-            Method::POST => Ok(Operation::Write),
-            _ => Err(Refusal::unauthorized(format!(
-                "a signature covers GET and POST only; {method} needs X-Access-Token"
-            ))),
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Operation::Read => "read",
-            Operation::Write => "write",
-        }
+/// The operation of a `/files` request's method: `GET` (and `HEAD`) read, `POST` writes.
+fn operation_of(method: &Method) -> Result<Operation, Refusal> {
+    match *method {
+        Method::GET | Method::HEAD => Ok(Operation::Read),
+        Method::POST => Ok(Operation::Write),
+        _ => Err(Refusal::unauthorized(format!(
+            "a signature covers GET and POST only; {method} needs X-Access-Token"
+        ))),
     }
 }
 
@@ -252,26 +235,6 @@ impl FilesQuery {
     }
 }
 
-/// `v1_` and the unpadded standard base64 of SHA-256(`path:operation:user:token[:expiration]`).
-fn sign(
-    path: &str,
-    operation: Operation,
-    user: &str,
-    token: &str,
-    expiration: Option<&str>,
-) -> String {
-    let mut input = format!("{path}:{}:{user}:{token}", operation.as_str());
-    if let Some(exp) = expiration {
-        input.push(':');
-        input.push_str(exp);
-    }
-    let digest = Sha256::digest(input.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -288,25 +251,6 @@ mod tests {
 
     fn status(r: Result<(), Refusal>) -> u16 {
         r.map_or_else(|r| r.status.as_u16(), |()| 200)
-    }
-
-    #[test]
-    fn signs_like_the_sdk() {
-        // Vectors computed independently with Python's hashlib and base64.
-        assert_eq!(
-            sign("/home/user/a.txt", Operation::Read, "", "secret", None),
-            "v1_HEW7fDvq8wDd0bCgcYpP4vKMGjo6waU8ir2ibcmhKGY"
-        );
-        assert_eq!(
-            sign(
-                "/home/user/a.txt",
-                Operation::Write,
-                "user",
-                "secret",
-                Some("1700000000")
-            ),
-            "v1_NuOL6MxlaYQ+owIRhnNeiDwJq5PQda3sqDKPDCZmEek"
-        );
     }
 
     #[test]
