@@ -157,6 +157,23 @@ impl SandboxRecord {
     }
 }
 
+/// Cuts `items` (fetched with one more than `limit`, to know whether another page follows) to
+/// the page, and returns the cursor of the next page, made from the page's last item, if
+/// there is one.
+pub(crate) fn cut_page<T>(
+    items: &mut Vec<T>,
+    limit: u32,
+    cursor: impl Fn(&T) -> Cursor,
+) -> Option<Cursor> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(cursor)
+    } else {
+        None
+    }
+}
+
 /// Where a page of [`Store::list_sandboxes`] ends; the next page starts after it.
 ///
 /// Its text form ([`Cursor::encode`]) is what the API hands to clients.
@@ -524,16 +541,10 @@ impl Store {
             let rows = stmt.query_and_then(params_from_iter(args), SandboxRecord::from_row)?;
             rows.collect::<StoreResult<Vec<_>>>()
         })?;
-        let limit = usize::try_from(filter.limit).unwrap_or(usize::MAX);
-        let next = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|last| Cursor {
-                created_at: last.created_at,
-                id: last.id.clone(),
-            })
-        } else {
-            None
-        };
+        let next = cut_page(&mut items, filter.limit, |last| Cursor {
+            created_at: last.created_at,
+            id: last.id.clone(),
+        });
         Ok(Page { items, next })
     }
 

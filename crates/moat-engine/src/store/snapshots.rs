@@ -293,16 +293,10 @@ impl Store {
             let rows = stmt.query_and_then(params_from_iter(args), SnapshotRecord::from_row)?;
             rows.collect::<StoreResult<Vec<_>>>()
         })?;
-        let limit = usize::try_from(filter.limit).unwrap_or(usize::MAX);
-        let next = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|last| Cursor {
-                created_at: last.created_at,
-                id: last.id.clone(),
-            })
-        } else {
-            None
-        };
+        let next = super::sandboxes::cut_page(&mut items, filter.limit, |last| Cursor {
+            created_at: last.created_at,
+            id: last.id.clone(),
+        });
         Ok(SnapshotPage { items, next })
     }
 
