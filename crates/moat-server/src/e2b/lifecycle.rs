@@ -10,7 +10,7 @@
 
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
@@ -19,7 +19,7 @@ use moat_proto::v1;
 use serde::{Deserialize, Serialize};
 
 use super::error::{E2bError, E2bResult};
-use super::sandboxes::{answer, check_timeout, visible};
+use super::sandboxes::{answer, check_timeout, paged, visible};
 use super::shapes::Sandbox;
 use crate::api::{Caller, Shared, decode, json_body};
 
@@ -193,13 +193,7 @@ pub(crate) async fn list_snapshots(
     }
     let page = state.manager.list_snapshots(&caller.tenant, q).await?;
     let items: Vec<SnapshotInfo> = page.snapshots.iter().map(SnapshotInfo::from).collect();
-    let mut response = Json(items).into_response();
-    if let Some(next) = page.next {
-        let value = HeaderValue::from_str(&next)
-            .map_err(|e| E2bError::from(crate::ApiError::internal(format!("page token: {e}"))))?;
-        response.headers_mut().insert("x-next-token", value);
-    }
-    Ok(response)
+    paged(items, page.next)
 }
 
 /// `DELETE /templates/{snapshotID}`: 204, or 404 (the SDK's `False`).

@@ -285,8 +285,16 @@ pub(crate) async fn list(
     let filter = list_query::parse(query.as_deref().unwrap_or(""))?;
     let page = state.manager.list_where(&caller.tenant, filter).await?;
     let items: Vec<ListedSandbox> = page.sandboxes.iter().map(ListedSandbox::new).collect();
+    paged(items, page.next)
+}
+
+/// A page of a listing: `items` as JSON, and `x-next-token` naming the next page if any.
+pub(super) fn paged<T: serde::Serialize>(
+    items: Vec<T>,
+    next: Option<String>,
+) -> E2bResult<Response> {
     let mut response = Json(items).into_response();
-    if let Some(next) = page.next {
+    if let Some(next) = next {
         let value = HeaderValue::from_str(&next)
             .map_err(|e| E2bError::from(crate::ApiError::internal(format!("page token: {e}"))))?;
         response.headers_mut().insert(NEXT_TOKEN_HEADER, value);
