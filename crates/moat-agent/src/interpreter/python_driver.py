@@ -23,11 +23,14 @@ import json
 import linecache
 import os
 import signal
+import time
 import traceback
 import types
 import _thread
 
 _DRIVER_FILE = sys._getframe().f_code.co_filename
+# Seconds a partial line of output may wait before it is sent.
+FLUSH_EVERY = 0.05
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 
 # MIME type -> result key on the wire; anything else goes into "extra".
@@ -269,6 +272,24 @@ def _main():
                     os.environ[k] = old
             flush_figures()
             send({"type": "done"})
+
+    # Whole lines, as Jupyter sends them: `print` writes its text and its newline separately,
+    # which unbuffered streams would pass on as two pieces. A partial line goes out within
+    # FLUSH_EVERY seconds, and everything before any frame (see `send`).
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        raw = io.FileIO(fd, "w", closefd=False)
+        stream = io.TextIOWrapper(
+            io.BufferedWriter(raw), encoding="utf-8", errors="backslashreplace", line_buffering=True
+        )
+        setattr(sys, name, stream)
+        setattr(sys, "__" + name + "__", stream)
+
+    def flush_periodically():
+        while True:
+            time.sleep(FLUSH_EVERY)
+            flush_std()
+
+    _thread.start_new_thread(flush_periodically, ())
 
     pending = []
     send({"type": "ready"})
