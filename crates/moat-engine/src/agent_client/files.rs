@@ -158,22 +158,7 @@ impl AgentClient {
         E: Into<BoxError>,
     {
         let progress = Arc::new(Progress::new());
-        let tracker = progress.clone();
-        let tracked = futures_util::stream::unfold(Box::pin(body), move |mut body| {
-            let tracker = tracker.clone();
-            async move {
-                match body.next().await {
-                    Some(item) => {
-                        tracker.moved();
-                        Some((item.map(Frame::data).map_err(Into::into), body))
-                    }
-                    None => {
-                        tracker.finished();
-                        None
-                    }
-                }
-            }
-        });
+        let tracked = tracked_frames(body, progress.clone());
         let uri = files_uri(path, user);
         let mut req = self.request(Method::POST, &uri, None, None, Bytes::new())?;
         *req.body_mut() = StreamBody::new(tracked).boxed_unsync();
@@ -215,6 +200,33 @@ pub(super) async fn check_written(resp: http::Response<Incoming>) -> Result<(), 
             "POST /files answered without the written entry".into(),
         )),
     }
+}
+
+/// `body` as HTTP body frames, noting each chunk (and the end) in `progress`, so the upload's
+/// caller can tell a transfer that moves from one that stalls.
+pub(super) fn tracked_frames<S, E>(
+    body: S,
+    progress: Arc<Progress>,
+) -> impl Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    futures_util::stream::unfold(Box::pin(body), move |mut body| {
+        let tracker = progress.clone();
+        async move {
+            match body.next().await {
+                Some(item) => {
+                    tracker.moved();
+                    Some((item.map(Frame::data).map_err(Into::into), body))
+                }
+                None => {
+                    tracker.finished();
+                    None
+                }
+            }
+        }
+    })
 }
 
 /// When an upload last moved data, and whether its body is complete.

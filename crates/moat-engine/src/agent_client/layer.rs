@@ -6,14 +6,14 @@ use std::pin::pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use moat_proto::agent_config::LAYER_PATH;
 use tokio::time::Instant;
 
-use super::files::Progress;
+use super::files::{Progress, tracked_frames};
 use super::{AgentClient, AgentError, BoxError, DEFAULT_UNARY_TIMEOUT, STREAM_IDLE_LIMIT};
 use super::{http_error, within};
 
@@ -42,22 +42,7 @@ impl AgentClient {
         E: Into<BoxError>,
     {
         let progress = Arc::new(Progress::new());
-        let tracker = progress.clone();
-        let tracked = futures_util::stream::unfold(Box::pin(body), move |mut body| {
-            let tracker = tracker.clone();
-            async move {
-                match body.next().await {
-                    Some(item) => {
-                        tracker.moved();
-                        Some((item.map(Frame::data).map_err(Into::into), body))
-                    }
-                    None => {
-                        tracker.finished();
-                        None
-                    }
-                }
-            }
-        });
+        let tracked = tracked_frames(body, progress.clone());
         let mut req = self.request(Method::PUT, LAYER_PATH, None, None, Bytes::new())?;
         *req.body_mut() = StreamBody::new(tracked).boxed_unsync();
         req.headers_mut().insert(
