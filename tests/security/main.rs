@@ -7,6 +7,7 @@
 
 mod host;
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -476,4 +477,181 @@ fn killing_moat_run_leaves_nothing() {
         }
         probe.assert_clean_after();
     }
+}
+
+/// The number after `prefix` on a line of `out`.
+fn number_after(out: &str, prefix: &str) -> i64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
+}
+
+/// I1: loopback TCP pairs whose receivers never read. The kernel's socket memory (`tcp_mem`) is
+/// one pool for the whole host; a sandbox's share must be bounded by its own limits (cgroup v1:
+/// a quarter of its memory limit, v2: within the limit itself), not by the host's.
+#[test]
+fn i1_socket_buffers_bounded() {
+    need_root!();
+    let (code, out, err) = run_corpus(
+        &["--memory", "64M", "--timeout", "120s"],
+        "i1_socket_buffers.py",
+        "python3",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let queued = number_after(&out, "queued MiB ");
+    assert!(
+        queued <= 64,
+        "a 64M sandbox queued {queued} MiB in socket buffers: {out}"
+    );
+}
+
+/// I2: one sandbox may not ask for the host's pids, and all sandboxes together stay below the
+/// host's task limit with room for the host and the server.
+#[test]
+fn i2_host_pids_capped() {
+    need_root!();
+    let out = run_clean(&["--pids", "65536", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pids 65536 is out of range"), "{err}");
+    // The cap is set by the backend, which this run started.
+    let out = run_clean(&["--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max number");
+    let layout = moat_jail::cgroup::Layout::detect().expect("cgroup layout");
+    let caps: Vec<String> = layout
+        .bases()
+        .iter()
+        .filter_map(|b| std::fs::read_to_string(b.join("pids.max")).ok())
+        .collect();
+    assert!(!caps.is_empty(), "no pids.max above the sandboxes");
+    for cap in caps {
+        let cap: u64 = cap
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("sandboxes' total pids are not capped: {cap:?}"));
+        assert!(
+            cap + 4096 <= pid_max,
+            "cap {cap} leaves the host too little of {pid_max}"
+        );
+    }
+}
+
+/// I3: pseudo-terminals come from one host-wide pool; a sandbox gets a bounded share.
+#[test]
+fn i3_ptys_bounded() {
+    need_root!();
+    let (code, out, err) = run_corpus(&[], "i3_ptys.py", "python3");
+    assert_eq!(code, 0, "{out}{err}");
+    let ptys = number_after(&out, "ptys ");
+    assert!(ptys <= 64, "one sandbox opened {ptys} terminals: {out}");
+    assert!(!out.contains("refused None"), "{out}");
+    // Another sandbox still gets one.
+    let out = run_clean(&[
+        "--",
+        "python3",
+        "-c",
+        "import os; os.openpty(); print('ok')",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// I3: kernel AIO contexts come from one host-wide pool (`fs.aio-max-nr`); user code gets
+/// `ENOSYS`, so nothing is taken from it.
+#[test]
+fn i3_aio_denied() {
+    need_root!();
+    for user in [&[][..], &["--root"][..]] {
+        let (code, out, err) = run_corpus(user, "i3_aio.py", "python3");
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("io_setup -1 ENOSYS"), "{out}");
+        assert!(out.contains("aio-nr grew 0"), "{out}");
+    }
+}
+
+/// I4: filling the writable layer (a tmpfs, so memory) past the memory limit is an OOM kill of
+/// the writer, reported as such, and the agent survives to report it; past the disk limit it is
+/// `ENOSPC`.
+#[test]
+fn i4_full_layer_is_reported_and_the_agent_survives() {
+    need_root!();
+    let out = run_clean(&[
+        "--memory",
+        "64M",
+        "--",
+        "sh",
+        "-c",
+        "head -c 100M /dev/zero > /tmp/f",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(137), "{err}");
+    assert!(err.contains("out of memory"), "{err}");
+    let out = run_clean(&[
+        "--memory",
+        "256M",
+        "--disk",
+        "16M",
+        "--",
+        "sh",
+        "-c",
+        "head -c 32M /dev/zero > /tmp/f",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+}
+
+/// I3: shared read-only host files. A sandbox's exclusive `flock` on `/usr/bin/env` must not
+/// block the host (or another sandbox), and its inotify watch on `/usr/bin` must not see the
+/// host opening and reading files there.
+#[test]
+fn i3_shared_files_isolated() {
+    use std::io::{BufRead, BufReader};
+    need_root!();
+    let id = unique_id();
+    let probe = HostProbe::before(&id);
+    let copy = format!("{}:/tmp/p.py", corpus("i3_shared_files.py"));
+    let mut child = moat()
+        .args([
+            "run",
+            "--id",
+            &id,
+            "--copy",
+            &copy,
+            "--",
+            "python3",
+            "/tmp/p.py",
+            "3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run moat");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    assert_eq!(first, "ready");
+    // The sandbox holds its lock now: the host takes the same lock at once.
+    let env = std::fs::File::open("/usr/bin/env").expect("open /usr/bin/env");
+    // SAFETY: flock on a descriptor we own.
+    let locked = unsafe { libc::flock(env.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(locked, 0, "the sandbox's lock blocks the host");
+    // Host activity in the watched directory.
+    for _ in 0..20 {
+        let _ = std::fs::read("/usr/bin/env");
+    }
+    drop(env);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l == "event bytes 0"),
+        "the sandbox saw the host's activity: {rest:?}"
+    );
+    probe.assert_clean_after();
 }

@@ -87,6 +87,8 @@ impl NativeBackend {
         if swept > 0 {
             tracing::info!("removed {swept} stale sandbox cgroups");
         }
+        // All sandboxes together stay below the host's task limit.
+        layout.cap_total_pids(moat_jail::cgroup::sandbox_pids_budget()?)?;
         if opts.tune_cgroups
             && let Err(e) = layout.favor_dynamic_changes()
         {
@@ -160,6 +162,8 @@ impl NativeBackend {
             RootfsSource::Dir(_) => WritableLayer::OverlayUpper,
         });
         agent.listener = listener.is_some();
+        // The jail hands the agent its user processes' cgroup on fd 6.
+        agent.user_cgroup = true;
         let config = serde_json::to_string(&agent)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
         let fs_limits = FsLimits {

@@ -4,8 +4,9 @@
 //! Layout:
 //! - the writable layer is a tmpfs of the sandbox's disk size, mounted at the runtime `mnt` point
 //!   inside the sandbox's own mount namespace;
-//! - the `host` template binds the host's `/usr /bin /sbin /lib*` and `/etc` read-only, masks the
-//!   secrets in `/etc`, and adds a generated `/etc/passwd`, `/etc/group` and `/etc/hosts`;
+//! - the `host` template mounts the host's `/usr /bin /sbin /lib*` and `/etc` as read-only
+//!   overlays (inodes of its own: no lock or inotify watch crosses sandboxes), masks the secrets
+//!   in `/etc`, and adds a generated `/etc/passwd`, `/etc/group` and `/etc/hosts`;
 //! - a directory template is an overlay: the directory read-only below, the tmpfs above;
 //! - both get a fresh `/proc` with masked and read-only paths, a minimal `/dev` with a private
 //!   devpts and a size-capped `/dev/shm`, and fresh `/tmp` and `/home/user`.
@@ -247,6 +248,11 @@ const SECRET_FILES: &[&str] = &[
 ];
 const SECRET_DIRS: &[&str] = &["etc/ssl/private", "etc/sudoers.d", "etc/moat"];
 
+/// Pseudo-terminals one sandbox may have open at once (`max=` of its devpts instance). Every
+/// devpts instance but the host's draws from one pool (`kernel.pty.max` less
+/// `kernel.pty.reserve`), so without a cap one sandbox could take them all.
+pub const MAX_PTYS: u32 = 64;
+
 /// `/proc` files that leak host state or are kernel attack surface (Docker's masked paths).
 const PROC_MASKED_FILES: &[&str] = &[
     "kcore",
@@ -395,6 +401,13 @@ pub(crate) fn plan(
 
 fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> Result<()> {
     let ro = ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV;
+    let empty = rt.empty_dir();
+    if empty.to_string_lossy().contains([',', ':', '\\']) {
+        return Err(JailError::Invalid(format!(
+            "runtime directory path may not contain ',', ':' or '\\': {}",
+            rt.root().display()
+        )));
+    }
     for name in HOST_DIRS {
         let host = Path::new("/").join(name);
         let Ok(md) = std::fs::symlink_metadata(&host) else {
@@ -406,8 +419,20 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
                 .map_err(|e| JailError::os(format!("readlink {}", host.display()), e))?;
             p.symlink(&target, &dst)?;
         } else if md.is_dir() {
+            // A read-only overlay rather than a bind: its inodes are the sandbox's own, so a
+            // lock on a shared file (`flock /usr/bin/env`) blocks no one outside it, and inotify
+            // watches see only what happens through it, not the host's or other sandboxes'
+            // activity. Pages stay shared with the host's page cache.
             p.mkdir(&dst, 0o755)?;
-            p.bind(&host, &dst, ro, false)?;
+            let data = format!("lowerdir={}:{}", host.display(), empty.display());
+            p.mount(
+                None,
+                &dst,
+                Some("overlay"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                Some(&data),
+                false,
+            )?;
         }
     }
     for secret in SECRET_FILES {
@@ -550,7 +575,9 @@ fn build_dev(p: &mut Plan, root: &Path, limits: &FsLimits) -> Result<()> {
         &pts,
         Some("devpts"),
         libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        Some(&format!(
+            "newinstance,ptmxmode=0666,mode=0620,gid=5,max={MAX_PTYS}"
+        )),
         false,
     )?;
     p.symlink(Path::new("pts/ptmx"), &dev.join("ptmx"))?;

@@ -17,6 +17,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::cgroup::SandboxCgroup;
 use crate::idmap::{IdRange, RANGE};
@@ -89,6 +90,8 @@ struct ChildPlan {
     channel: RawFd,
     /// The listener to hand over as fd 5, or -1.
     listener: RawFd,
+    /// The user processes' `cgroup.procs`, open for writing, to hand over as fd 6.
+    user_cgroup: RawFd,
     memfd: RawFd,
     hostname: CString,
     lo: libc::ifreq,
@@ -133,6 +136,19 @@ impl SandboxProcess {
         validate_id(cfg.id)?;
         let plan = rootfs::plan(cfg.runtime, cfg.rootfs, &cfg.fs_limits, cfg.hostname)?;
         let (host_end, agent_end) = socketpair()?;
+        // Opened here, by host root: the kernel checks a write to `cgroup.procs` against the
+        // credentials it was opened with, so the agent can move its user processes with it.
+        let user_cgroup: OwnedFd = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(cfg.cgroup.user_procs_file())
+            .map_err(|e| {
+                JailError::os(
+                    format!("open {}", cfg.cgroup.user_procs_file().display()),
+                    e,
+                )
+            })?
+            .into();
         let (go_read, go_write) = pipe()?;
         let (err_read, err_write) = pipe()?;
         // SAFETY: ifreq is a plain C struct; all-zero is valid.
@@ -157,6 +173,7 @@ impl SandboxProcess {
             err_write: err_write.as_raw_fd(),
             channel: agent_end.as_raw_fd(),
             listener: cfg.listener.unwrap_or(-1),
+            user_cgroup: user_cgroup.as_raw_fd(),
             memfd: cfg.agent.raw_fd(),
             hostname: cstr(cfg.hostname)?,
             lo,
@@ -869,8 +886,8 @@ fn child_main(c: &ChildPlan) -> ! {
         libc::close(sock);
 
         // Move what we keep above the standard numbers, then lay out 0-2 (/dev/null), 3 (the
-        // channel), 4 (the writable layer, when there is one) and 5 (the listener of a keepable
-        // sandbox's agent). Everything else is close-on-exec.
+        // channel), 4 (the writable layer, when there is one), 5 (the listener of a keepable
+        // sandbox's agent) and 6 (the user processes' cgroup). Everything else is close-on-exec.
         let memfd = libc::fcntl(c.memfd, libc::F_DUPFD_CLOEXEC, 10);
         let chan = libc::fcntl(c.channel, libc::F_DUPFD_CLOEXEC, 10);
         let listener = if c.listener >= 0 {
@@ -883,10 +900,12 @@ fn child_main(c: &ChildPlan) -> ! {
         } else {
             -1
         };
+        let user_cgroup = libc::fcntl(c.user_cgroup, libc::F_DUPFD_CLOEXEC, 10);
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         if memfd < 0
             || chan < 0
             || null < 0
+            || user_cgroup < 0
             || (c.plan.layer.is_some() && layer < 0)
             || (c.listener >= 0 && listener < 0)
         {
@@ -899,7 +918,7 @@ fn child_main(c: &ChildPlan) -> ! {
         {
             fail(c, STEP_FDS);
         }
-        // Everything from 4 up close-on-exec first; the dup2s below make 4 and 5 inheritable.
+        // Everything from 4 up close-on-exec first; the dup2s below make 4 to 6 inheritable.
         if libc::syscall(
             libc::SYS_close_range,
             (CHANNEL_FD + 1) as u32,
@@ -908,6 +927,7 @@ fn child_main(c: &ChildPlan) -> ! {
         ) != 0
             || (layer >= 0 && libc::dup2(layer, rootfs::LAYER_FD) < 0)
             || (listener >= 0 && libc::dup2(listener, LISTENER_FD) < 0)
+            || libc::dup2(user_cgroup, USER_CGROUP_FD) < 0
         {
             fail(c, STEP_FDS);
         }
@@ -928,3 +948,6 @@ fn child_main(c: &ChildPlan) -> ! {
 const CHANNEL_FD: RawFd = 3;
 /// The fd number the agent finds its listener on (`moat_proto::agent_config::AGENT_LISTENER_FD`).
 const LISTENER_FD: RawFd = 5;
+/// The fd number the agent finds the user processes' `cgroup.procs` on
+/// (`moat_proto::agent_config::AGENT_USER_CGROUP_FD`).
+const USER_CGROUP_FD: RawFd = 6;

@@ -42,6 +42,12 @@ pub enum WritableLayer {
 /// set (a listening stream socket the host can open new channels on).
 pub const AGENT_LISTENER_FD: i32 = 5;
 
+/// The file descriptor on which the agent finds the `cgroup.procs` file of its sandbox's user
+/// processes, open for writing, when [`AgentConfig::user_cgroup`] is set. Each user process
+/// writes `0` to it before `exec`, which moves it into the cgroup whose memory limit is the
+/// sandbox's: an out-of-memory kill then takes a user process, never the agent.
+pub const AGENT_USER_CGROUP_FD: i32 = 6;
+
 /// What the agent needs to know to serve a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +74,9 @@ pub struct AgentConfig {
     /// The writable layer handed over on [`AGENT_LAYER_FD`], if the backend hands one over.
     #[serde(default)]
     pub writable_layer: Option<WritableLayer>,
+    /// The user processes' cgroup is handed over on [`AGENT_USER_CGROUP_FD`].
+    #[serde(default)]
+    pub user_cgroup: bool,
 }
 
 /// Per-process limits (setrlimit) for user code inside the sandbox.
@@ -102,6 +111,7 @@ impl Default for AgentConfig {
             limits: UserLimits::default(),
             listener: false,
             writable_layer: None,
+            user_cgroup: false,
         }
     }
 }
