@@ -77,6 +77,13 @@ pub(crate) enum Step {
         uid: u32,
         gid: u32,
     },
+    /// Mounts `data`'s read-only overlay at `dst`; where overlayfs cannot be mounted, binds
+    /// `src` read-only, nosuid and nodev there instead (see `build_host_tree`).
+    SharedReadOnly {
+        src: CString,
+        dst: CString,
+        data: CString,
+    },
     /// Receives the template's id-mapped mount from the host over the channel socket and attaches
     /// it at `target`; if the host sent none (no id-mapped mounts here), binds `fallback_src`
     /// read-only instead.
@@ -423,16 +430,18 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
             // lock on a shared file (`flock /usr/bin/env`) blocks no one outside it, and inotify
             // watches see only what happens through it, not the host's or other sandboxes'
             // activity. Pages stay shared with the host's page cache.
+            // Where overlayfs is missing, a read-only bind does instead (`moat check` says
+            // whether it is there).
             p.mkdir(&dst, 0o755)?;
             let data = format!("lowerdir={}:{}", host.display(), empty.display());
-            p.mount(
-                None,
-                &dst,
-                Some("overlay"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                Some(&data),
-                false,
-            )?;
+            p.push(
+                format!("mount {} read-only on {}", host.display(), dst.display()),
+                Step::SharedReadOnly {
+                    src: c(&host)?,
+                    dst: c(&dst)?,
+                    data: cs(&data)?,
+                },
+            );
         }
     }
     for secret in SECRET_FILES {

@@ -615,6 +615,34 @@ fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
             Step::Chown { path, uid, gid } => {
                 libc::lchown(path.as_ptr(), *uid, *gid) as libc::c_long
             }
+            Step::SharedReadOnly { src, dst, data } => {
+                let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+                if libc::mount(
+                    c"overlay".as_ptr(),
+                    dst.as_ptr(),
+                    c"overlay".as_ptr(),
+                    flags,
+                    data.as_ptr().cast(),
+                ) == 0
+                {
+                    return 0;
+                }
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return -1;
+                }
+                let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+                match sys::mount_setattr(libc::AT_FDCWD, dst, libc::AT_RECURSIVE, ro, None) {
+                    Ok(()) => 0,
+                    Err(_) => -1,
+                }
+            }
             Step::AttachLower {
                 target,
                 fallback_src,
