@@ -39,6 +39,11 @@ use multipart::{Multipart, MultipartError};
 /// Size of the pieces a download is read and sent in.
 pub const CHUNK: usize = 64 * 1024;
 
+/// Most bytes a download sends of a file whose size is reported as 0 (procfs and sysfs files are
+/// generated as they are read): such a file is read to its end, and one longer than this ends the
+/// body with an error.
+pub const MAX_UNSIZED_DOWNLOAD: u64 = 16 << 20;
+
 /// Prefix of the request headers that carry file metadata.
 const METADATA_HEADER: &str = "x-metadata-";
 
@@ -312,9 +317,11 @@ async fn download(
         Encoding::Gzip => {
             h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        Encoding::Identity => {
+        // A file of reported size 0 may have more to read: its length is known only at the end.
+        Encoding::Identity if size > 0 => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         }
+        Encoding::Identity => {}
     }
     Ok(resp)
 }
@@ -323,13 +330,16 @@ async fn download(
 struct ReadState {
     file: tokio::fs::File,
     remaining: u64,
+    /// The file reported size 0: it is read to its end, at most [`MAX_UNSIZED_DOWNLOAD`] bytes.
+    to_end: bool,
     gzip: Option<GzEncoder<Vec<u8>>>,
     done: bool,
 }
 
 /// The first `size` bytes of `file` (its size when opened: a download is a snapshot of that
 /// length, and a file that shrinks meanwhile ends the body with an error), gzip-compressed on the
-/// fly when asked.
+/// fly when asked. A `size` of 0 means unknown: the file is read to its end, within
+/// [`MAX_UNSIZED_DOWNLOAD`].
 fn read_stream(
     file: tokio::fs::File,
     size: u64,
@@ -337,7 +347,13 @@ fn read_stream(
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static {
     let state = ReadState {
         file,
-        remaining: size,
+        // One byte past the bound, so reaching it is the sign of a longer file.
+        remaining: if size == 0 {
+            MAX_UNSIZED_DOWNLOAD + 1
+        } else {
+            size
+        },
+        to_end: size == 0,
         gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
         done: false,
     };
@@ -346,6 +362,13 @@ fn read_stream(
             return None;
         }
         loop {
+            if st.remaining == 0 && st.to_end {
+                st.done = true;
+                let e = io::Error::other(format!(
+                    "the file reports no size and is longer than {MAX_UNSIZED_DOWNLOAD} bytes"
+                ));
+                return Some((Err(e), st));
+            }
             if st.remaining == 0 {
                 st.done = true;
                 let tail = match st.gzip.take() {
@@ -357,6 +380,12 @@ fn read_stream(
             let want = st.remaining.min(CHUNK as u64) as usize;
             let mut buf = vec![0u8; want];
             let n = match st.file.read(&mut buf).await {
+                Ok(0) if st.to_end => {
+                    // The end of a file read to its end: finish as a sized one does.
+                    st.to_end = false;
+                    st.remaining = 0;
+                    continue;
+                }
                 Ok(0) => {
                     st.done = true;
                     let e = io::Error::new(
@@ -533,8 +562,18 @@ fn write_error(err: &io::Error, path: &str) -> RpcError {
     }
 }
 
-fn written(path: &str) -> serde_json::Value {
-    serde_json::json!({"path": path, "name": paths::base_name(path), "type": "file"})
+/// The upload's answer for one file: its path, name and type, and the metadata it now carries
+/// (only when there is some, as upstream).
+fn written(path: &str, metadata: &[(String, String)]) -> serde_json::Value {
+    let mut v = serde_json::json!({"path": path, "name": paths::base_name(path), "type": "file"});
+    if !metadata.is_empty() {
+        let map: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, val)| (k.clone(), serde_json::Value::from(val.as_str())))
+            .collect();
+        v["metadata"] = serde_json::Value::Object(map);
+    }
+    v
 }
 
 fn body_stream(req: Request<Incoming>) -> BoxStream<'static, Result<Bytes, MultipartError>> {
@@ -581,13 +620,13 @@ async fn upload(
         "application/octet-stream" => {
             let path = request_path(state, &user, q.path.as_deref())?;
             let mut body = body_stream(req);
-            let mut sink = FileSink::open(&user, path.clone(), gzip, metadata);
+            let mut sink = FileSink::open(&user, path.clone(), gzip, metadata.clone());
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| HttpError::bad_request(e.0))?;
                 sink.send(chunk).await?;
             }
             sink.finish().await?;
-            vec![written(&path)]
+            vec![written(&path, &metadata)]
         }
         "multipart/form-data" => {
             if gzip {
@@ -633,7 +672,7 @@ async fn upload(
                     sink.send(chunk).await?;
                 }
                 sink.finish().await?;
-                results.push(written(&path));
+                results.push(written(&path, &metadata));
             }
             if results.is_empty() {
                 return Err(HttpError::bad_request("the form has no 'file' part"));
@@ -708,6 +747,44 @@ mod tests {
             HeaderValue::from_bytes(b"caf\xc3\xa9").expect("value"),
         );
         assert!(parse_metadata(&h).is_err());
+    }
+
+    /// What `read_stream` yields for `file` read as size `size`: the bytes, then the error if any.
+    fn drain(file: std::fs::File, size: u64) -> (usize, Option<io::Error>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let stream = read_stream(tokio::fs::File::from_std(file), size, false);
+            futures_util::pin_mut!(stream);
+            let mut n = 0;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(b) => n += b.len(),
+                    Err(e) => return (n, Some(e)),
+                }
+            }
+            (n, None)
+        })
+    }
+
+    #[test]
+    fn unsized_files_are_read_to_their_end_within_the_bound() {
+        let f = tempfile::NamedTempFile::new().expect("tempfile");
+        let open = || std::fs::File::open(f.path()).expect("open");
+        f.as_file().set_len(1000).expect("set_len");
+        let (n, err) = drain(open(), 0);
+        assert_eq!((n, err.is_none()), (1000, true));
+        // Exactly the bound is fine; one byte more is an error.
+        f.as_file().set_len(MAX_UNSIZED_DOWNLOAD).expect("set_len");
+        let (n, err) = drain(open(), 0);
+        assert_eq!((n as u64, err.is_none()), (MAX_UNSIZED_DOWNLOAD, true));
+        f.as_file()
+            .set_len(MAX_UNSIZED_DOWNLOAD + 10)
+            .expect("set_len");
+        let (_, err) = drain(open(), 0);
+        let err = err.expect("an error past the bound");
+        assert!(err.to_string().contains("longer than"), "{err}");
     }
 
     #[test]

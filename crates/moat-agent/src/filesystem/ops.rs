@@ -477,7 +477,12 @@ pub(crate) fn open_write(path: &str, uid: u32, gid: u32) -> Result<std::fs::File
         ));
     }
     sys::set_blocking(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
-    sys::truncate(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
+    // Truncating is a change watchers see (a WRITE event), so an empty file, new ones included,
+    // is left as it is: the events of a write are then upstream's (which truncates in `open`,
+    // a no-op on a file it creates).
+    if st.st_size != 0 {
+        sys::truncate(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
+    }
     // Upstream hands the file to the user. The thread runs as the user, so this succeeds for
     // files the user owns (fixing the group) and for root; the agent never gives a user a file
     // they could not chown themselves.
