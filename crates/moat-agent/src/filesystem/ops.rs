@@ -293,8 +293,9 @@ pub(crate) fn list_dir(path: &str, depth: u32) -> Result<Vec<EntryInfo>, RpcErro
         let Ok(info) = entry::entry_at(top.fd.as_fd(), &name, &full, &mut owners) else {
             continue;
         };
-        let descend =
-            !info.is_symlink && info.r#type == FileType::Directory as i32 && top.level < depth;
+        let descend = info.symlink_target.is_none()
+            && info.r#type == FileType::Directory as i32
+            && top.level < depth;
         out.push(info);
         if out.len() > MAX_LIST_ENTRIES {
             return Err(RpcError::new(
