@@ -39,10 +39,10 @@ use multipart::{Multipart, MultipartError};
 /// Size of the pieces a download is read and sent in.
 pub const CHUNK: usize = 64 * 1024;
 
-/// Most bytes a download sends of a file whose size is reported as 0 (procfs and sysfs files are
-/// generated as they are read): such a file is read to its end, and one longer than this ends the
-/// body with an error.
-pub const MAX_UNSIZED_DOWNLOAD: u64 = 16 << 20;
+/// Largest download of a file whose size is reported as 0 (procfs and sysfs files are generated
+/// as they are read): such a file is read whole first, to send its real length, and one longer
+/// than this is refused (400).
+pub const MAX_UNSIZED_DOWNLOAD: u64 = 1 << 20;
 
 /// Prefix of the request headers that carry file metadata.
 const METADATA_HEADER: &str = "x-metadata-";
@@ -296,11 +296,17 @@ async fn download(
     })?;
     let open_path = path.clone();
     let (file, size) = blocking_as(&user, move || ops::open_read(&open_path)).await?;
-    let stream = read_stream(
-        tokio::fs::File::from_std(file),
-        size,
-        encoding == Encoding::Gzip,
-    );
+    let file = tokio::fs::File::from_std(file);
+    // A size of 0 may be a file generated as it is read (`/proc`, `/sys`): its length is known
+    // only once it has been read.
+    let (reader, size): (Reader, u64) = if size == 0 {
+        let data = read_unsized(file, &path).await?;
+        let len = data.get_ref().len() as u64;
+        (Box::new(data), len)
+    } else {
+        (Box::new(file), size)
+    };
+    let stream = read_stream(reader, size, encoding == Encoding::Gzip);
     let body = BodyExt::boxed(StreamBody::new(stream.map(|r| r.map(Frame::data))));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
@@ -317,43 +323,55 @@ async fn download(
         Encoding::Gzip => {
             h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        // A file of reported size 0 may have more to read: its length is known only at the end.
-        Encoding::Identity if size > 0 => {
+        Encoding::Identity => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         }
-        Encoding::Identity => {}
     }
     Ok(resp)
 }
 
+/// What a download reads from: the open file, or a size-0 file's contents read beforehand.
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send + Sync>;
+
+/// The contents of `file`, whose size is reported as 0, read to its end: at most
+/// [`MAX_UNSIZED_DOWNLOAD`] bytes (a truly empty file reads nothing).
+async fn read_unsized(
+    file: tokio::fs::File,
+    path: &str,
+) -> Result<std::io::Cursor<Vec<u8>>, HttpError> {
+    let mut data = Vec::new();
+    file.take(MAX_UNSIZED_DOWNLOAD + 1)
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| HttpError::from(RpcError::from_io(&e, &format!("reading {path}"))))?;
+    if data.len() as u64 > MAX_UNSIZED_DOWNLOAD {
+        return Err(HttpError::bad_request(format!(
+            "{path} reports no size (it is generated as it is read) and is longer than \
+             {MAX_UNSIZED_DOWNLOAD} bytes; copy it to a regular file and download that"
+        )));
+    }
+    Ok(std::io::Cursor::new(data))
+}
+
 /// What a download stream carries between chunks.
 struct ReadState {
-    file: tokio::fs::File,
+    file: Reader,
     remaining: u64,
-    /// The file reported size 0: it is read to its end, at most [`MAX_UNSIZED_DOWNLOAD`] bytes.
-    to_end: bool,
     gzip: Option<GzEncoder<Vec<u8>>>,
     done: bool,
 }
 
 /// The first `size` bytes of `file` (its size when opened: a download is a snapshot of that
 /// length, and a file that shrinks meanwhile ends the body with an error), gzip-compressed on the
-/// fly when asked. A `size` of 0 means unknown: the file is read to its end, within
-/// [`MAX_UNSIZED_DOWNLOAD`].
+/// fly when asked.
 fn read_stream(
-    file: tokio::fs::File,
+    file: Reader,
     size: u64,
     gzip: bool,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static {
     let state = ReadState {
         file,
-        // One byte past the bound, so reaching it is the sign of a longer file.
-        remaining: if size == 0 {
-            MAX_UNSIZED_DOWNLOAD + 1
-        } else {
-            size
-        },
-        to_end: size == 0,
+        remaining: size,
         gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
         done: false,
     };
@@ -362,13 +380,6 @@ fn read_stream(
             return None;
         }
         loop {
-            if st.remaining == 0 && st.to_end {
-                st.done = true;
-                let e = io::Error::other(format!(
-                    "the file reports no size and is longer than {MAX_UNSIZED_DOWNLOAD} bytes"
-                ));
-                return Some((Err(e), st));
-            }
             if st.remaining == 0 {
                 st.done = true;
                 let tail = match st.gzip.take() {
@@ -380,12 +391,6 @@ fn read_stream(
             let want = st.remaining.min(CHUNK as u64) as usize;
             let mut buf = vec![0u8; want];
             let n = match st.file.read(&mut buf).await {
-                Ok(0) if st.to_end => {
-                    // The end of a file read to its end: finish as a sized one does.
-                    st.to_end = false;
-                    st.remaining = 0;
-                    continue;
-                }
                 Ok(0) => {
                     st.done = true;
                     let e = io::Error::new(
@@ -749,42 +754,24 @@ mod tests {
         assert!(parse_metadata(&h).is_err());
     }
 
-    /// What `read_stream` yields for `file` read as size `size`: the bytes, then the error if any.
-    fn drain(file: std::fs::File, size: u64) -> (usize, Option<io::Error>) {
+    #[test]
+    fn unsized_files_are_read_whole_within_the_bound() {
+        let f = tempfile::NamedTempFile::new().expect("tempfile");
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        rt.block_on(async {
-            let stream = read_stream(tokio::fs::File::from_std(file), size, false);
-            futures_util::pin_mut!(stream);
-            let mut n = 0;
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(b) => n += b.len(),
-                    Err(e) => return (n, Some(e)),
-                }
-            }
-            (n, None)
-        })
-    }
-
-    #[test]
-    fn unsized_files_are_read_to_their_end_within_the_bound() {
-        let f = tempfile::NamedTempFile::new().expect("tempfile");
-        let open = || std::fs::File::open(f.path()).expect("open");
-        f.as_file().set_len(1000).expect("set_len");
-        let (n, err) = drain(open(), 0);
-        assert_eq!((n, err.is_none()), (1000, true));
-        // Exactly the bound is fine; one byte more is an error.
-        f.as_file().set_len(MAX_UNSIZED_DOWNLOAD).expect("set_len");
-        let (n, err) = drain(open(), 0);
-        assert_eq!((n as u64, err.is_none()), (MAX_UNSIZED_DOWNLOAD, true));
-        f.as_file()
-            .set_len(MAX_UNSIZED_DOWNLOAD + 10)
-            .expect("set_len");
-        let (_, err) = drain(open(), 0);
-        let err = err.expect("an error past the bound");
-        assert!(err.to_string().contains("longer than"), "{err}");
+        let read = |len: u64| {
+            f.as_file().set_len(len).expect("set_len");
+            let file = tokio::fs::File::from_std(std::fs::File::open(f.path()).expect("open"));
+            rt.block_on(read_unsized(file, "f"))
+        };
+        assert_eq!(read(0).expect("empty").get_ref().len(), 0);
+        assert_eq!(read(1000).expect("small").get_ref().len(), 1000);
+        let at = read(MAX_UNSIZED_DOWNLOAD).expect("at the bound");
+        assert_eq!(at.get_ref().len() as u64, MAX_UNSIZED_DOWNLOAD);
+        let err = read(MAX_UNSIZED_DOWNLOAD + 1).expect_err("past the bound");
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("longer than"), "{}", err.message);
     }
 
     #[test]
