@@ -5,7 +5,7 @@ results and contexts."""
 import time
 
 import pytest
-from e2b import FileType, FilesystemEventType, Sandbox
+from e2b import CommandExitException, FileType, FilesystemEventType, Sandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
 
@@ -83,6 +83,23 @@ def test_files_of_unknown_size_are_read_to_the_end(sbx):
     expected = sbx.commands.run(f"cat {path}").stdout
     assert len(expected) == 37
     assert sbx.files.read(path) == expected
+
+
+def test_base_has_python_and_sudo(sbx):
+    assert sbx.commands.run("python -c 'print(6 * 7)'").stdout == "42\n"
+    assert sbx.commands.run("command -v python sudo").stdout == (
+        "/usr/local/bin/python\n/usr/local/bin/sudo\n"
+    )
+    # Root runs the command as it is, options and environment kept.
+    assert sbx.commands.run("sudo id -u", user="root").stdout == "0\n"
+    out = sbx.commands.run("sudo -E -u root sh -c 'echo $MARK'", user="root", envs={"MARK": "m"})
+    assert out.stdout == "m\n"
+    # Another user cannot become root from inside: a clear refusal, not "command not found".
+    with pytest.raises(CommandExitException) as err:
+        sbx.commands.run("sudo id -u")
+    assert err.value.exit_code == 1
+    assert "cannot become root inside a moat sandbox" in err.value.stderr
+    assert 'user="root"' in err.value.stderr
 
 
 def test_string_results_lose_one_pair_of_quotes(code):
