@@ -6,7 +6,8 @@
 //!   inside the sandbox's own mount namespace;
 //! - the `host` template mounts the host's `/usr /bin /sbin /lib*` and `/etc` as read-only
 //!   overlays (inodes of its own: no lock or inotify watch crosses sandboxes), masks the secrets
-//!   in `/etc`, and adds a generated `/etc/passwd`, `/etc/group` and `/etc/hosts`;
+//!   in `/etc`, and adds a generated `/etc/passwd`, `/etc/group` and `/etc/hosts`, and `python`
+//!   and `sudo` in `/usr/local/bin`;
 //! - a directory template is an overlay: the directory read-only below, the tmpfs above;
 //! - both get a fresh `/proc` with masked and read-only paths, a minimal `/dev` with a private
 //!   devpts and a size-capped `/dev/shm`, and fresh `/tmp` and `/home/user`.
@@ -491,6 +492,7 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
             p.bind(&staged, &m.join("etc").join(name), ro, false)?;
         }
     }
+    add_e2b_commands(p, m, &stage)?;
     for (d, mode) in [
         ("tmp", 0o1777),
         ("home", 0o755),
@@ -506,6 +508,41 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
     p.mkdir(&m.join("home/user"), 0o750)?;
     p.chown(&m.join("home/user"), USER_ID, USER_ID)?;
     Ok(())
+}
+
+/// The `sudo` the `host` template provides (see the script for what it does).
+const SUDO: &[u8] = include_bytes!("sudo.sh");
+
+/// `python` (for `python3`) and `sudo`, which E2B's base image has and a host may lack, in the
+/// host's `/usr/local/bin` (first on a login shell's `PATH` too): a read-only overlay of that
+/// directory over two staged entries, the host's own files taking precedence. Skipped where the
+/// host has no `/usr/local/bin`.
+fn add_e2b_commands(p: &mut Plan, m: &Path, stage: &Path) -> Result<()> {
+    let local = Path::new("/usr/local/bin");
+    if !local.is_dir() {
+        return Ok(());
+    }
+    let extra = stage.join("bin");
+    p.mkdir(&extra, 0o755)?;
+    let has = |name: &str| {
+        ["/usr/local/bin", "/usr/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(name).exists())
+    };
+    if !has("python") && Path::new("/usr/bin/python3").exists() {
+        p.symlink(Path::new("/usr/bin/python3"), &extra.join("python"))?;
+    }
+    p.file(&extra.join("sudo"), SUDO, 0o755)?;
+    let target = m.join("usr/local/bin");
+    let data = format!("lowerdir={}:{}", target.display(), extra.display());
+    p.mount(
+        None,
+        &target,
+        Some("overlay"),
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&data),
+        false,
+    )
 }
 
 fn build_proc(p: &mut Plan, root: &Path) -> Result<()> {
