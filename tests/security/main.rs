@@ -94,11 +94,19 @@ fn a2_proc_fd_workdir_refused() {
     for n in [3, 4, 7] {
         let workdir = format!("/proc/self/fd/{n}");
         let out = run_clean(&["--workdir", &workdir, "--", "pwd"]);
-        assert_ne!(
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
             out.status.code(),
-            Some(0),
-            "cwd /proc/self/fd/{n} was accepted"
+            Some(125),
+            "cwd {workdir} was accepted: {err}"
         );
+        assert!(
+            err.contains(&format!(
+                "working directory '{workdir}' is inside /proc, which is not allowed"
+            )),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "pwd ran");
     }
 }
 
@@ -110,7 +118,88 @@ fn a3_agent_binary_not_writable() {
         let (code, out, err) = run_corpus(user, "a3_overwrite_agent.py", "python3");
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("summary: contained"), "{out}");
+        // The first layer: the agent is not dumpable, so its exe link is closed to user code.
+        assert!(out.contains("/proc/1/exe: EACCES"), "{out}");
     }
+}
+
+/// A3, the second layer: even with the agent's `/proc/<pid>/exe` in hand (here the host's, which
+/// no non-dumpable flag stops), the binary it names cannot be opened for writing, neither while
+/// the agent runs nor after it exited (the CVE-2019-5736 sequence: hold the link, wait for the
+/// exit, reopen it for writing), and the host's `moat` binary is unchanged.
+#[test]
+fn a3_sealed_agent_binary_resists_a_held_exe_link() {
+    use std::io::Read as _;
+    need_root!();
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_moat")).expect("read moat");
+    let id = unique_id();
+    let probe = HostProbe::before(&id);
+    let mut child = moat()
+        .args(["run", "--id", &id, "--", "sh", "-c", "echo ready; sleep 2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn moat");
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut ready)
+        .expect("ready");
+    // The agent: the sandbox's process whose pid in its own namespace is 1.
+    let agent = host::pids_in_sandbox(&id)
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("NSpid:"))
+                    .is_some_and(|l| l.split_whitespace().last() == Some("1"))
+            })
+        })
+        .expect("the agent's pid");
+    let exe = format!("/proc/{agent}/exe");
+    let write_err = |path: &str| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"pwned"))
+            .expect_err("the agent's binary was writable")
+    };
+    let running = write_err(&exe);
+    let held = std::fs::File::open(&exe).expect("open the agent's exe for reading");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let after = write_err(&format!("/proc/self/fd/{}", held.as_raw_fd()));
+    for e in [&running, &after] {
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EROFS | libc::EPERM | libc::ETXTBSY)
+            ),
+            "unexpected error: {e}"
+        );
+    }
+    // `ETXTBSY` lasts only while some process executes the file (other sandboxes' agents may):
+    // what stands for good is the read-only mount the link names or, where the kernel lacks
+    // `open_tree`, the memfd's write seal.
+    // SAFETY: all-zero is a valid statvfs; fstatvfs fills it from a descriptor we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `held` is open and `st` is writable.
+    assert_eq!(unsafe { libc::fstatvfs(held.as_raw_fd(), &mut st) }, 0);
+    // SAFETY: fcntl with integer arguments on a descriptor we own.
+    let seals = unsafe { libc::fcntl(held.as_raw_fd(), libc::F_GET_SEALS) };
+    assert!(
+        st.f_flag & libc::ST_RDONLY != 0 || (seals > 0 && seals & libc::F_SEAL_WRITE != 0),
+        "the agent's binary is on a writable mount and not sealed"
+    );
+    drop(held);
+    assert_eq!(
+        std::fs::read(env!("CARGO_BIN_EXE_moat")).expect("read moat"),
+        binary,
+        "the host's moat binary changed"
+    );
+    probe.assert_clean_after();
 }
 
 /// A5/B1: host-kernel attack surface from inside (fsconfig CVE-2022-0185, nf_tables
@@ -228,13 +317,27 @@ fn a6_hostile_ids_refused() {
             .args(["run", "--id", id, "--", "true"])
             .output()
             .expect("run moat");
-        assert_eq!(out.status.code(), Some(125), "id {id:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "id {id:?} accepted: {err}");
+        assert!(err.contains(&format!("invalid sandbox id {id:?}")), "{err}");
+        // Refused before any work: no cgroup of that name anywhere.
+        if !id.contains(['/', '.']) && !id.is_empty() {
+            assert!(host::cgroup_dirs(id).is_empty(), "cgroups made for {id:?}");
+        }
     }
+    let id = unique_id();
+    let probe = HostProbe::before(&id);
     let out = moat()
-        .args(["run", "--rootfs", "/etc/passwd", "--", "true"])
+        .args(["run", "--id", &id, "--rootfs", "/etc/passwd", "--", "true"])
         .output()
         .expect("run moat");
-    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("--rootfs /etc/passwd: not a directory"),
+        "{err}"
+    );
+    probe.assert_clean_after();
 }
 
 /// A8: host daemons through abstract unix sockets and host loopback ports.
@@ -330,9 +433,31 @@ fn d1_fork_bomb_contained() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    std::thread::sleep(Duration::from_millis(500));
+    // The bomb meets its limit: the kernel counts the forks it refused (`max` in the pids
+    // cgroup's `pids.events`, of the sandbox or its user processes' child).
+    let refused = || -> u64 {
+        host::cgroup_dirs(&id)
+            .iter()
+            .flat_map(|d| [d.join("pids.events"), d.join("user/pids.events")])
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .filter_map(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("max "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while refused() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the bomb never met the pids limit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 64 for the user processes, and the agent beside them (in its own reserve).
     let pids = host::pids_in_sandbox(&id);
-    assert!(pids.len() <= 64, "pids limit exceeded: {}", pids.len());
+    assert!(pids.len() <= 64 + 1, "pids limit exceeded: {}", pids.len());
     assert!(
         Command::new("true")
             .status()
@@ -370,16 +495,28 @@ fn d3_disk_quota() {
         "sh",
     );
     assert_eq!(code, 0, "{out}{err}");
+    // The writable layer and /dev/shm each stop at their size with ENOSPC.
     assert!(
-        out.contains("No space left") || out.contains("space"),
+        out.contains("tmp fill: exit 1 No space left on device"),
         "{out}"
     );
-    let files: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("files created: "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("file count");
-    assert!(files < 200_000, "inode cap not hit: {files}");
+    assert!(number_after(&out, "tmp filled MiB: ") <= 16, "{out}");
+    assert!(
+        out.contains("shm fill: exit 1 No space left on device"),
+        "{out}"
+    );
+    // Empty files take no space: the inode cap (16M / 4 KiB = 4,096) stops them.
+    let files = number_after(&out, "files created: ");
+    assert!(
+        (3_500..=4_096).contains(&files),
+        "inode cap not what it should be: {out}"
+    );
+    assert!(
+        out.contains("one more file: No space left on device"),
+        "{out}"
+    );
+    // A petabyte sparse file is over RLIMIT_FSIZE (4 GiB).
+    assert!(out.contains("sparse: refused"), "{out}");
 }
 
 /// D4: output flood: moat's own memory stays bounded while a command writes 200 MB.

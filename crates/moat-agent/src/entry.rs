@@ -74,21 +74,22 @@ fn run() -> Result<(), String> {
         })
         .transpose()?;
 
-    // The user processes' cgroup (fd 6), likewise close-on-exec: a user process writes to it
-    // once, between fork and exec.
-    if config.user_cgroup {
+    // The user processes' cgroups (fds 6 and up), likewise close-on-exec: a user process writes
+    // to each once, between fork and exec.
+    let mut user_cgroups = Vec::new();
+    for i in 0..config.user_cgroups.min(8) as i32 {
+        let fd = AGENT_USER_CGROUP_FD + i;
         // SAFETY: fcntl with integer arguments; fails cleanly if the fd is not open.
-        if unsafe { libc::fcntl(AGENT_USER_CGROUP_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
             return Err(format!(
-                "user cgroup fd {AGENT_USER_CGROUP_FD}: {}",
+                "user cgroup fd {fd}: {}",
                 std::io::Error::last_os_error()
             ));
         }
         // SAFETY: the fd was checked open above and nothing else in the agent uses its number.
-        crate::process::spawn::set_user_cgroup(unsafe {
-            OwnedFd::from_raw_fd(AGENT_USER_CGROUP_FD)
-        });
+        user_cgroups.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
+    crate::process::spawn::set_user_cgroups(user_cgroups);
 
     install_seccomp()?;
 

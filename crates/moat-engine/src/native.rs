@@ -162,8 +162,8 @@ impl NativeBackend {
             RootfsSource::Dir(_) => WritableLayer::OverlayUpper,
         });
         agent.listener = listener.is_some();
-        // The jail hands the agent its user processes' cgroup on fd 6.
-        agent.user_cgroup = true;
+        // The jail hands the agent its user processes' cgroups from fd 6 on.
+        agent.user_cgroups = cgroup.user_procs_files().len() as u32;
         let config = serde_json::to_string(&agent)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
         let fs_limits = FsLimits {

@@ -50,6 +50,10 @@ pub const AGENT_CGROUP: &str = "agent";
 /// sandbox that exhausts its memory thus leaves the agent this much to report it with.
 pub const AGENT_MEMORY_RESERVE: u64 = 32 << 20;
 
+/// Tasks the agent may have beyond the sandbox's pids limit, which its user processes have to
+/// themselves: a fork bomb cannot keep the agent from starting a thread.
+pub const AGENT_PIDS_RESERVE: u64 = 32;
+
 /// On cgroup v1, where socket buffers are not part of a cgroup's memory, the share of the
 /// memory limit they may take in addition (TCP and UDP buffers; `memory.kmem.tcp.limit_in_bytes`).
 /// cgroup v2 charges them to the memory limit itself.
@@ -386,6 +390,8 @@ pub struct SandboxCgroup {
     memory: PathBuf,
     /// The memory cgroup of the user processes (`memory/…/<id>/user`).
     user: PathBuf,
+    /// The pids cgroup of the user processes where it is not `user` (v1: `pids/…/<id>/user`).
+    user_pids: Option<PathBuf>,
     /// The directories whose `cgroup.procs` the agent is written into.
     agent: Vec<PathBuf>,
     /// The v1 cpu directory (for `cpuacct.usage` where cpuacct is mounted with cpu).
@@ -469,11 +475,16 @@ impl SandboxCgroup {
             } else {
                 made(&layout.freezer)?
             };
-            let (user, agent) = match layout.version {
+            let (user, user_pids, agent) = match layout.version {
                 Version::V2 => {
-                    write(&memory.join("cgroup.subtree_control"), "+memory")?;
+                    let control = if pids.is_some() {
+                        "+memory +pids"
+                    } else {
+                        "+memory"
+                    };
+                    write(&memory.join("cgroup.subtree_control"), control)?;
                     let agent = mkdir(memory.join(AGENT_CGROUP))?;
-                    (mkdir(memory.join(USER_CGROUP))?, vec![agent])
+                    (mkdir(memory.join(USER_CGROUP))?, None, vec![agent])
                 }
                 Version::V1 => {
                     let agent = [Some(&memory), pids.as_ref(), cpu.as_ref(), unified.as_ref()]
@@ -487,12 +498,16 @@ impl SandboxCgroup {
                             }
                             v
                         });
-                    (mkdir(memory.join(USER_CGROUP))?, agent)
+                    let user_pids = pids
+                        .as_ref()
+                        .map(|p| mkdir(p.join(USER_CGROUP)))
+                        .transpose()?;
+                    (mkdir(memory.join(USER_CGROUP))?, user_pids, agent)
                 }
             };
-            Ok((memory, user, agent, pids, cpu, freezer, unified))
+            Ok((memory, user, user_pids, agent, pids, cpu, freezer, unified))
         })();
-        let (memory, user, agent, pids, cpu, freezer, unified) = match result {
+        let (memory, user, user_pids, agent, pids, cpu, freezer, unified) = match result {
             Ok(v) => v,
             Err(e) => {
                 for d in dirs.iter().rev() {
@@ -506,6 +521,7 @@ impl SandboxCgroup {
             dirs,
             memory,
             user,
+            user_pids,
             agent,
             cpu: cpu.clone(),
             freezer,
@@ -520,6 +536,8 @@ impl SandboxCgroup {
 
     fn apply_limits(&self, l: &Limits, pids: Option<&Path>, cpu: Option<&Path>) -> Result<()> {
         let user_mem = l.memory_bytes.to_string();
+        let user_pids = l.pids.to_string();
+        let total_pids = l.pids.saturating_add(AGENT_PIDS_RESERVE).to_string();
         let total_mem = l
             .memory_bytes
             .saturating_add(AGENT_MEMORY_RESERVE)
@@ -536,7 +554,8 @@ impl SandboxCgroup {
                     }
                 }
                 if let Some(p) = pids {
-                    write(&p.join("pids.max"), &l.pids.to_string())?;
+                    write(&p.join("pids.max"), &total_pids)?;
+                    write(&self.user.join("pids.max"), &user_pids)?;
                 }
                 if let Some(c) = cpu {
                     write(&c.join("cpu.max"), &format!("{quota} {period}"))?;
@@ -562,7 +581,10 @@ impl SandboxCgroup {
                     }
                 }
                 if let Some(p) = pids {
-                    write(&p.join("pids.max"), &l.pids.to_string())?;
+                    write(&p.join("pids.max"), &total_pids)?;
+                }
+                if let Some(u) = &self.user_pids {
+                    write(&u.join("pids.max"), &user_pids)?;
                 }
                 if let Some(c) = cpu {
                     write(&c.join("cpu.cfs_period_us"), &period.to_string())?;
@@ -578,11 +600,16 @@ impl SandboxCgroup {
         self.agent.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    /// The `cgroup.procs` file of the user processes' memory cgroup. The agent gets it open for
-    /// writing (opened by the host, whose credentials the kernel checks on each write) and
-    /// writes `0` to it in each user process before `exec`, moving that process there.
-    pub fn user_procs_file(&self) -> PathBuf {
-        self.user.join("cgroup.procs")
+    /// The `cgroup.procs` files of the user processes' cgroups (memory, and pids where that is
+    /// another hierarchy). The agent gets them open for writing (opened by the host, whose
+    /// credentials the kernel checks on each write) and writes `0` to each in every user
+    /// process before `exec`, moving that process there.
+    pub fn user_procs_files(&self) -> Vec<PathBuf> {
+        [Some(&self.user), self.user_pids.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// Moves `pid` (the agent) into every cgroup of the sandbox.
@@ -715,13 +742,21 @@ impl SandboxCgroup {
         dirs.dedup();
         let memory = memory.or_else(|| dirs.first().cloned())?;
         let user = memory.join(USER_CGROUP);
-        let agent = match layout.version {
-            Version::V2 => vec![memory.join(AGENT_CGROUP)],
-            Version::V1 => dirs.clone(),
+        let (agent, user_pids) = match layout.version {
+            Version::V2 => (vec![memory.join(AGENT_CGROUP)], None),
+            Version::V1 => (
+                dirs.clone(),
+                dir_of(&layout.pids).map(|p| p.join(USER_CGROUP)),
+            ),
         };
         // Children after their parents, so removal (in reverse) takes them first.
-        for child in [memory.join(AGENT_CGROUP), user.clone()] {
-            if child.is_dir() {
+        let children = [
+            Some(memory.join(AGENT_CGROUP)),
+            Some(user.clone()),
+            user_pids.clone(),
+        ];
+        for child in children.into_iter().flatten() {
+            if child.is_dir() && !dirs.contains(&child) {
                 dirs.push(child);
             }
         }
@@ -730,6 +765,7 @@ impl SandboxCgroup {
             dirs,
             memory,
             user,
+            user_pids,
             agent,
             cpu: dir_of(&layout.cpu),
             freezer,

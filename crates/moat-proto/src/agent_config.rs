@@ -42,10 +42,11 @@ pub enum WritableLayer {
 /// set (a listening stream socket the host can open new channels on).
 pub const AGENT_LISTENER_FD: i32 = 5;
 
-/// The file descriptor on which the agent finds the `cgroup.procs` file of its sandbox's user
-/// processes, open for writing, when [`AgentConfig::user_cgroup`] is set. Each user process
-/// writes `0` to it before `exec`, which moves it into the cgroup whose memory limit is the
-/// sandbox's: an out-of-memory kill then takes a user process, never the agent.
+/// The first file descriptor on which the agent finds the `cgroup.procs` files of its sandbox's
+/// user processes, open for writing ([`AgentConfig::user_cgroups`] of them, in a row). Each
+/// user process writes `0` to each before `exec`, which moves it into the cgroups whose memory
+/// and pids limits are the sandbox's: an out-of-memory kill or a fork bomb then takes a user
+/// process, never the agent, which has room of its own beyond those limits.
 pub const AGENT_USER_CGROUP_FD: i32 = 6;
 
 /// What the agent needs to know to serve a sandbox.
@@ -74,9 +75,10 @@ pub struct AgentConfig {
     /// The writable layer handed over on [`AGENT_LAYER_FD`], if the backend hands one over.
     #[serde(default)]
     pub writable_layer: Option<WritableLayer>,
-    /// The user processes' cgroup is handed over on [`AGENT_USER_CGROUP_FD`].
+    /// How many user processes' `cgroup.procs` files are handed over, from
+    /// [`AGENT_USER_CGROUP_FD`] up.
     #[serde(default)]
-    pub user_cgroup: bool,
+    pub user_cgroups: u32,
 }
 
 /// Per-process limits (setrlimit) for user code inside the sandbox.
@@ -111,7 +113,7 @@ impl Default for AgentConfig {
             limits: UserLimits::default(),
             listener: false,
             writable_layer: None,
-            user_cgroup: false,
+            user_cgroups: 0,
         }
     }
 }
