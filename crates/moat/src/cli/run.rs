@@ -410,8 +410,7 @@ async fn attach(
             eprintln!("moat: interrupted; the sandbox was destroyed");
             128 + sig as u8
         }
-        // 128 + SIGPIPE, what a shell reports for a writer whose reader went away.
-        Outcome::OutputClosed => 128 + libc::SIGPIPE as u8,
+        Outcome::OutputClosed => super::output::EXIT_OUTPUT_CLOSED,
         Outcome::Failed(e) => return Err(e),
     })
 }

@@ -243,8 +243,11 @@ fn first_admin_key(store: &Store, data_dir: &Path) -> Result<()> {
         key.id,
         path.display()
     );
-    println!("{}", secret.expose());
-    Ok(())
+    // The secret is also in the file: a closed standard output does not stop the server.
+    match super::output::println(secret.expose()) {
+        Err(e) if !super::output::is_closed(&e) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn parse_pool_memory(text: &str) -> Result<u64, String> {
