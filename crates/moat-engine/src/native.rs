@@ -70,15 +70,22 @@ pub struct NativeBackend {
 }
 
 impl NativeBackend {
-    /// Prepares the backend: runtime directory, cgroup layout, and a sealed copy of this binary
-    /// as the agent. Needs root.
-    pub fn new(opts: &NativeOptions) -> Result<NativeBackend> {
+    /// Whether this process could run the native backend, checked without touching anything,
+    /// so a caller can refuse before it creates state of its own: the backend needs root.
+    pub fn preflight() -> Result<()> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(EngineError::Unsupported(
                 "the native backend needs root (it maps uid ranges and makes cgroups); run moat as root".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Prepares the backend: runtime directory, cgroup layout, and a sealed copy of this binary
+    /// as the agent. Needs root.
+    pub fn new(opts: &NativeOptions) -> Result<NativeBackend> {
+        NativeBackend::preflight()?;
         let runtime = RuntimeDir::open(&opts.runtime_dir)?;
         let mut layout = Layout::detect()?;
         // Whatever a killed predecessor could not clean up (its processes died with their pid

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use moat_engine::error::EngineError;
 use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
@@ -147,6 +148,13 @@ fn run(args: ServeArgs) -> Result<()> {
             OnShutdown::Keep => ShutdownMode::Keep,
         },
     };
+    // The host next: a server that cannot run sandboxes must not make a data dir, a store or
+    // an admin key first.
+    match NativeBackend::preflight() {
+        Ok(()) => {}
+        Err(EngineError::Unsupported(why)) => bail!("{why}; nothing was created"),
+        Err(e) => return Err(e).context("checking the host; nothing was created"),
+    }
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
