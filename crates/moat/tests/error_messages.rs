@@ -138,3 +138,98 @@ fn quotas_speak_in_sizes() {
          (429 quota_exceeded)\n"
     );
 }
+
+/// A root filesystem directory with `dash` as `/bin/sh` and its libraries, and this
+/// `etc/passwd`.
+fn rootfs_with(passwd: &str) -> tempfile::TempDir {
+    let root = tempfile::Builder::new()
+        .prefix("moat-rootfs-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let r = root.path();
+    std::fs::create_dir_all(r.join("bin")).expect("mkdir");
+    std::fs::create_dir_all(r.join("etc")).expect("mkdir");
+    std::fs::copy("/usr/bin/dash", r.join("bin/sh")).expect("copy dash");
+    let ldd = Command::new("ldd")
+        .arg("/usr/bin/dash")
+        .output()
+        .expect("ldd");
+    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        if word.starts_with('/') {
+            let dst = r.join(word.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
+            std::fs::copy(word, &dst).expect("copy lib");
+        }
+    }
+    std::fs::write(r.join("etc/passwd"), passwd).expect("passwd");
+    std::fs::write(r.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
+    root
+}
+
+#[test]
+fn a_rootfs_without_the_user_is_refused_with_what_to_add() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let bare = rootfs_with("root:x:0:0::/root:/bin/sh\n");
+    let full = rootfs_with("root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n");
+    let server = Server::start();
+    let admin = server.admin_key();
+    let template = |name: &str, spec: serde_json::Value| {
+        server.request(
+            "POST",
+            "/v1/templates",
+            Some(&admin),
+            Some(&body(json!({"name": name, "spec": spec}))),
+        )
+    };
+    let m = message(
+        &template("bare", json!({"rootfs": {"dir": bare.path()}})),
+        400,
+        "invalid",
+    );
+    assert!(
+        m.contains("no account \"user\" in etc/passwd")
+            && m.contains("user:x:1000:1000::/home/user:/bin/sh"),
+        "{m}"
+    );
+    // Root is there: a template whose commands run as root is fine.
+    let r = template(
+        "bare-root",
+        json!({"rootfs": {"dir": bare.path()}, "user": "root"}),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = template("full", json!({"rootfs": {"dir": full.path()}}));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = server.request(
+        "POST",
+        "/v1/sandboxes",
+        Some(&admin),
+        Some(&body(json!({"template": "full"}))),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(&admin),
+        Some(&body(json!({"shell": "id -u"}))),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // `moat run --rootfs` checks the same, before it makes anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["run", "--rootfs"])
+        .arg(bare.path())
+        .args(["--", "/bin/sh", "-c", "true"])
+        .env_remove("MOAT_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("moat run");
+    let line = cli_error(&out, 125);
+    assert!(
+        line.starts_with("moat: --rootfs: ") && line.contains("no account \"user\""),
+        "{line}"
+    );
+}

@@ -205,7 +205,7 @@ fn directory_rootfs_is_read_only_below_a_writable_layer() {
         "a write reached the template"
     );
     // The host's own root contains moat's runtime directory: refused with a reason.
-    let o = run(&["--rootfs", "/", "--", "true"]);
+    let o = run(&["--root", "--rootfs", "/", "--", "true"]);
     assert_eq!(o.status.code(), Some(125));
     assert!(stderr(&o).contains("runtime directory"), "{}", stderr(&o));
     std::fs::remove_dir_all(&lower).expect("cleanup");

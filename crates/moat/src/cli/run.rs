@@ -139,6 +139,14 @@ fn plan(a: RunArgs) -> Result<Plan> {
         Some(d) => RootfsSource::Dir(d),
         None => RootfsSource::Host,
     };
+    let user = if a.root { "root" } else { "user" };
+    if let RootfsSource::Dir(d) = &rootfs {
+        match moat_engine::rootfs_users::check_account(d, user) {
+            Ok(()) => {}
+            Err(moat_engine::EngineError::Invalid(why)) => bail!("--rootfs: {why}"),
+            Err(e) => bail!("--rootfs: {e}"),
+        }
+    }
     let tty = terminal::is_tty(0) && terminal::is_tty(1);
     if a.shell && !tty {
         bail!("--shell needs a terminal on stdin and stdout");
@@ -152,7 +160,7 @@ fn plan(a: RunArgs) -> Result<Plan> {
         env,
         workdir: a.workdir,
         copies,
-        user: if a.root { "root" } else { "user" },
+        user,
         cmd,
         args,
         rootfs,
