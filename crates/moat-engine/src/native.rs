@@ -21,7 +21,8 @@ use tokio::net::UnixStream;
 use crate::backend::{Backend, Capabilities, Instance, InstanceStats, RootfsSource, SandboxSpec};
 use crate::error::{EngineError, Result};
 
-/// Age after which an empty sandbox cgroup with no owner is removed at start-up.
+/// Age after which an empty sandbox cgroup with no owner is removed (at start-up and by
+/// [`Backend::sweep_stale`]): a sandbox being made right now is younger.
 const STALE_CGROUP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Longest a pause waits for the kernel to report every process frozen (a process in an
@@ -309,6 +310,12 @@ fn bind_agent_listener(runtime: &RuntimeDir, id: &str) -> Result<std::os::unix::
 impl Backend for NativeBackend {
     fn name(&self) -> &'static str {
         "native"
+    }
+
+    fn sweep_stale(&self) -> usize {
+        // Empty and old: no sandbox lives in it (a paused or kept one still has processes),
+        // whichever process made it.
+        self.layout.sweep(STALE_CGROUP_AGE, |_| true)
     }
 
     fn capabilities(&self) -> Capabilities {

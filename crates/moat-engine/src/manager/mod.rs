@@ -14,6 +14,7 @@ mod exec;
 mod exec_encoding;
 mod exec_stream;
 mod execution;
+mod housekeeping;
 mod idempotency;
 mod keys;
 mod pause;
@@ -28,6 +29,7 @@ mod usage;
 pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
+pub use housekeeping::{DEFAULT_RETENTION, Housekeeping, MAX_HOUSEKEEPING_INTERVAL};
 pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
@@ -171,6 +173,9 @@ pub struct ManagerOptions {
     /// Where snapshot archives are kept (`moat serve`: `<data-dir>/snapshots`); `None` keeps
     /// none, and snapshots and forks are unavailable.
     pub snapshot_dir: Option<PathBuf>,
+    /// How long the record of an ended sandbox is kept before [`SandboxManager::housekeep`]
+    /// deletes it.
+    pub retention: Duration,
 }
 
 /// Warm-pool memory budget unless configured: 1 GiB.
@@ -183,6 +188,7 @@ impl Default for ManagerOptions {
             max_ttl: Duration::from_secs(24 * 3600),
             pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
             snapshot_dir: None,
+            retention: housekeeping::DEFAULT_RETENTION,
         }
     }
 }

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// always destroyed).
     #[arg(long, value_enum, default_value_t = OnShutdown::Destroy)]
     on_shutdown: OnShutdown,
+    /// How long the record of an ended sandbox is kept (its state, reason and metadata, for
+    /// `GET` and listings) before it is deleted: `24h`, `30m`, `10s`.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_retention)]
+    retention: Duration,
 }
 
 /// Values of `--on-shutdown`.
@@ -84,6 +88,7 @@ impl ServeArgs {
             max_ttl: Duration::from_secs(self.max_ttl),
             pool_memory_budget: self.pool_memory,
             snapshot_dir: Some(self.data_dir.join(SNAPSHOT_DIR)),
+            retention: self.retention,
         })
     }
 }
@@ -256,6 +261,15 @@ fn first_admin_key(store: &Store, data_dir: &Path) -> Result<()> {
         Err(e) if !super::output::is_closed(&e) => Err(e),
         _ => Ok(()),
     }
+}
+
+/// A `--retention` value: a duration of at least one second.
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let d = moat_engine::resources::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn parse_pool_memory(text: &str) -> Result<u64, String> {
