@@ -109,6 +109,11 @@ fn lifecycle() {
     run_pytest("test_lifecycle.py");
 }
 
+#[test]
+fn tokens_signatures_and_templates() {
+    run_pytest("test_hardening_proxy.py");
+}
+
 /// The e2b JavaScript SDK (tests/e2b/js, installed by scripts/test-deps.sh) under Node.
 #[test]
 fn javascript_sdk_smoke() {

@@ -167,6 +167,9 @@ pub struct ManagerOptions {
     /// Where snapshot archives are kept (`moat serve`: `<data-dir>/snapshots`); `None` keeps
     /// none, and snapshots and forks are unavailable.
     pub snapshot_dir: Option<PathBuf>,
+    /// Whether a sandbox's own services are reachable without its traffic access token when
+    /// its create does not say (`public_traffic`).
+    pub public_traffic: bool,
 }
 
 /// Warm-pool memory budget unless configured: 1 GiB.
@@ -179,6 +182,7 @@ impl Default for ManagerOptions {
             max_ttl: Duration::from_secs(24 * 3600),
             pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
             snapshot_dir: None,
+            public_traffic: true,
         }
     }
 }
@@ -198,6 +202,8 @@ struct Live {
     /// The environment the sandbox was created with (over its template's), which a snapshot
     /// of it keeps.
     env: BTreeMap<String, String>,
+    /// Whether its own services are reachable without its traffic access token.
+    public_traffic: bool,
     /// Its recent resource use, sampled every [`USAGE_INTERVAL`].
     usage: Mutex<usage::History>,
 }
@@ -208,6 +214,7 @@ impl Live {
         client: AgentClient,
         instance: Box<dyn Instance>,
         env: BTreeMap<String, String>,
+        public_traffic: bool,
     ) -> Live {
         let usage = Mutex::new(usage::History::new(&*instance));
         Live {
@@ -218,6 +225,7 @@ impl Live {
             paused: AtomicBool::new(false),
             ops: tokio::sync::Mutex::new(()),
             env,
+            public_traffic,
         }
     }
 
@@ -529,10 +537,12 @@ impl Inner {
         req: v1::CreateSandbox,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
-        let plan = match req.snapshot.clone() {
+        let public_traffic = req.public_traffic;
+        let mut plan = match req.snapshot.clone() {
             Some(snapshot) => self.plan_from_snapshot(&tenant, &snapshot, req).await?,
             None => self.plan_from_template(&tenant, req).await?,
         };
+        plan.public_traffic = public_traffic;
         self.create_planned(tenant, key_id, plan, began).await
     }
 
@@ -565,6 +575,7 @@ impl Inner {
             timeout_secs: req.timeout_secs,
             layer: None,
             poolable,
+            public_traffic: None,
         })
     }
 
@@ -610,6 +621,7 @@ impl Inner {
         // The request's time to live, else the template's, else the server's default.
         let ttl = self.ttl(plan.timeout_secs.or(spec.timeout_secs))?;
         let expires_at = Some(now_ms().saturating_add(ms(ttl)));
+        let public_traffic = plan.public_traffic.unwrap_or(self.opts.public_traffic);
         if plan.poolable {
             let key = pool::PoolKey {
                 tenant: plan.owner.clone(),
@@ -628,6 +640,7 @@ impl Inner {
                         .map_err(|e| ManagerError::Internal(e.to_string()))?,
                     memory_bytes: resources.memory_bytes,
                     expires_at,
+                    public_traffic,
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -656,12 +669,20 @@ impl Inner {
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             memory_bytes: sandbox.resources.memory_bytes,
             expires_at,
+            public_traffic,
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
 
         match self
-            .start(&tenant, &sandbox, spec, plan.layer.as_deref(), plan.env)
+            .start(
+                &tenant,
+                &sandbox,
+                spec,
+                plan.layer.as_deref(),
+                plan.env,
+                public_traffic,
+            )
             .await
         {
             Ok(()) => {}
@@ -718,9 +739,10 @@ impl Inner {
         restored: bool,
     ) -> ManagerResult<v1::Sandbox> {
         let tenant = new.tenant.clone();
+        let public_traffic = new.public_traffic;
         match self.db(move |s| s.claim_pool_member(&new, limits)).await {
             Ok(rec) => {
-                self.adopt(&tenant, member);
+                self.adopt(&tenant, member, public_traffic);
                 self.pools.claimed();
                 Ok(to_v1(&rec))
             }
@@ -747,12 +769,13 @@ impl Inner {
         template: &v1::TemplateSpec,
         layer: Option<&Path>,
         env: BTreeMap<String, String>,
+        public_traffic: bool,
     ) -> ManagerResult<()> {
         let (instance, client) = self.boot(sandbox, template, layer).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             sandbox.id.clone(),
-            Arc::new(Live::new(tenant, client, instance, env)),
+            Arc::new(Live::new(tenant, client, instance, env, public_traffic)),
         );
         Ok(())
     }
@@ -891,6 +914,8 @@ struct CreatePlan {
     layer: Option<PathBuf>,
     /// Whether a warm-pool member of the template is what the plan asks for.
     poolable: bool,
+    /// Whether its services are public; the server's default when `None`.
+    public_traffic: Option<bool>,
 }
 
 fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
@@ -1024,6 +1049,8 @@ fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
         ended_at: rec.ended_at,
         end_reason: rec.end_reason.as_ref().map(ToString::to_string),
         access_token: None,
+        public_traffic: rec.public_traffic,
+        traffic_access_token: None,
     }
 }
 

@@ -105,9 +105,7 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
              leave it out or send false)",
         );
     }
-    if given(&req.network) {
-        return unsupported("network (sandboxes have no network access to configure)");
-    }
+    let public_traffic = public_traffic(req.network.as_ref())?;
     if req.auto_pause == Some(true) || req.auto_pause_memory.is_some() {
         return unsupported("autoPause (a sandbox is killed when its timeout ends)");
     }
@@ -131,7 +129,39 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
         env: req.env_vars.unwrap_or_default(),
         metadata: req.metadata.unwrap_or_default(),
         timeout_secs,
+        public_traffic,
     })
+}
+
+/// `allowPublicTraffic` of a create's `network`, the one part of it moat enforces; the rest
+/// (egress rules) is refused, as sandboxes have no network access to configure.
+fn public_traffic(network: Option<&serde_json::Value>) -> E2bResult<Option<bool>> {
+    let Some(serde_json::Value::Object(fields)) = network else {
+        return match network {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(_) => Err(E2bError::invalid("network must be an object")),
+        };
+    };
+    let mut public = None;
+    for (name, value) in fields {
+        match (name.as_str(), value) {
+            ("allowPublicTraffic", serde_json::Value::Bool(b)) => public = Some(*b),
+            (_, serde_json::Value::Null) => {}
+            ("allowPublicTraffic", _) => {
+                return Err(E2bError::invalid(
+                    "network.allowPublicTraffic must be a boolean",
+                ));
+            }
+            (_, v) if !given(&Some(v.clone())) => {}
+            (other, _) => {
+                return Err(E2bError::invalid(format!(
+                    "network.{other} is not supported by this server (sandboxes have no \
+                     network access to configure)"
+                )));
+            }
+        }
+    }
+    Ok(public)
 }
 
 /// Whether an optional object field asks for something: present, and neither `null` nor
@@ -169,6 +199,7 @@ pub(super) fn answer(state: &Shared, sandbox: &v1::Sandbox) -> Sandbox {
     Sandbox::new(
         sandbox,
         state.manager.access_token(&sandbox.id),
+        state.manager.traffic_token(&sandbox.id),
         &state.domain,
     )
 }
@@ -380,9 +411,14 @@ mod tests {
         assert_eq!(c.env["X"], "1");
         assert_eq!(c.metadata["a"], "b");
         assert_eq!(ok("{}").unwrap().template, "base");
+        assert_eq!(ok("{}").unwrap().public_traffic, None);
+        let private = ok(r#"{"network":{"allowPublicTraffic":false,"allowOut":[]}}"#).unwrap();
+        assert_eq!(private.public_traffic, Some(false));
         for bad in [
             r#"{"allow_internet_access":true}"#,
             r#"{"network":{"denyOut":["0.0.0.0/0"]}}"#,
+            r#"{"network":{"allowPublicTraffic":"no"}}"#,
+            r#"{"network":true}"#,
             r#"{"autoPause":true}"#,
             r#"{"autoPause":false,"autoPauseMemory":false}"#,
             r#"{"autoResume":{"enabled":true}}"#,

@@ -42,7 +42,17 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
         Err(refusal) => return refusal.into_response(),
         Ok(Traffic::Control) => return next.run(req).await,
         Ok(Traffic::Sandbox { id, port }) => {
-            if let Err(refusal) = access::check(&state.manager.access_token(&id), port, &req) {
+            let tokens = access::Tokens {
+                access: state.manager.access_token(&id),
+                traffic: state.manager.traffic_token(&id),
+                // A sandbox not running here is private: the request then gets a 401 rather
+                // than telling a caller without a token whether the sandbox exists.
+                public_traffic: state
+                    .manager
+                    .route(&id)
+                    .is_ok_and(|route| route.public_traffic),
+            };
+            if let Err(refusal) = access::check(&tokens, port, &req) {
                 return refusal.into_response();
             }
             (id, port)

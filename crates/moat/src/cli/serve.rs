@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// always destroyed).
     #[arg(long, value_enum, default_value_t = OnShutdown::Destroy)]
     on_shutdown: OnShutdown,
+    /// Make a sandbox's own services (ports other than 49983 and 49999) need its traffic
+    /// access token unless its create asks for public traffic; by default they are reachable
+    /// by anyone who knows the sandbox's address.
+    #[arg(long)]
+    private_traffic: bool,
 }
 
 /// Values of `--on-shutdown`.
@@ -83,6 +88,7 @@ impl ServeArgs {
             max_ttl: Duration::from_secs(self.max_ttl),
             pool_memory_budget: self.pool_memory,
             snapshot_dir: Some(self.data_dir.join(SNAPSHOT_DIR)),
+            public_traffic: !self.private_traffic,
         })
     }
 }

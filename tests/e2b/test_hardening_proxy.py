@@ -1,0 +1,86 @@
+"""Tokens on sandbox traffic, through the unmodified SDKs."""
+
+import os
+import time
+
+import httpx
+import pytest
+from e2b import Sandbox
+from e2b_code_interpreter import Sandbox as CodeSandbox
+
+SANDBOX_URL = os.environ.get("E2B_SANDBOX_URL", "")
+
+
+def to_port(sbx, port, method, path, headers=None, **kwargs):
+    """A request to `port` of `sbx`, routed by E2B's headers, with `headers` only."""
+    routing = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": str(port)}
+    routing.update(headers or {})
+    return httpx.request(method, SANDBOX_URL + path, headers=routing, **kwargs)
+
+
+def test_code_interpreter_contexts_need_the_traffic_token():
+    sbx = CodeSandbox.create()
+    try:
+        assert sbx.traffic_access_token
+        # The SDK's context calls send only the traffic access token: they work.
+        context = sbx.create_code_context(language="python")
+        assert any(c.id == context.id for c in sbx.list_code_contexts())
+        assert sbx.run_code("21 * 2", context=context).text == "42"
+        sbx.restart_code_context(context)
+        sbx.remove_code_context(context)
+        # Knowing the sandbox id is not enough.
+        for method, path in [
+            ("POST", "/contexts"),
+            ("GET", "/contexts"),
+            ("DELETE", f"/contexts/{context.id}"),
+            ("POST", f"/contexts/{context.id}/restart"),
+            ("POST", "/execute"),
+        ]:
+            r = to_port(sbx, 49999, method, path, json={"language": "python"})
+            assert r.status_code == 401, (method, path, r.text)
+    finally:
+        sbx.kill()
+
+
+def test_connect_hands_out_the_traffic_token():
+    sbx = CodeSandbox.create()
+    try:
+        again = CodeSandbox.connect(sbx.sandbox_id)
+        assert again.traffic_access_token == sbx.traffic_access_token
+        assert [c.id for c in again.list_code_contexts()] is not None
+    finally:
+        sbx.kill()
+
+
+def serve_port_8000(sbx):
+    sbx.commands.run(
+        "python3 -m http.server 8000 --bind 127.0.0.1 --directory /tmp",
+        background=True,
+    )
+    # A bound on the wait, not a speed check.
+    deadline = time.monotonic() + 60
+    headers = {"E2B-Traffic-Access-Token": sbx.traffic_access_token}
+    while True:
+        r = to_port(sbx, 8000, "GET", "/", headers)
+        if r.status_code != 502:
+            assert r.status_code == 200, r.text
+            return
+        assert time.monotonic() < deadline, "port 8000 never opened"
+        time.sleep(0.1)
+
+
+def test_private_traffic_needs_the_traffic_token():
+    private = Sandbox.create(network={"allow_public_traffic": False})
+    public = Sandbox.create()
+    try:
+        for sbx in (private, public):
+            serve_port_8000(sbx)
+        assert to_port(public, 8000, "GET", "/").status_code == 200
+        assert to_port(private, 8000, "GET", "/").status_code == 401
+        wrong = {"E2B-Traffic-Access-Token": public.traffic_access_token}
+        assert to_port(private, 8000, "GET", "/", wrong).status_code == 401
+        right = {"E2B-Traffic-Access-Token": private.traffic_access_token}
+        assert to_port(private, 8000, "GET", "/", right).status_code == 200
+    finally:
+        private.kill()
+        public.kill()
