@@ -1,4 +1,4 @@
-"""Tokens on sandbox traffic, through the unmodified SDKs."""
+"""Tokens on sandbox traffic, signed URL errors and templates, through the unmodified SDKs."""
 
 import os
 import time
@@ -84,3 +84,15 @@ def test_private_traffic_needs_the_traffic_token():
     finally:
         private.kill()
         public.kill()
+
+
+def test_expired_signed_url_says_so_as_envd_does():
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/old.txt", "old")
+        url = sbx.download_url("/home/user/old.txt", use_signature_expiration=-10)
+        r = httpx.get(url)
+        assert r.status_code == 401, r.text
+        assert r.json() == {"code": 401, "message": "signature is already expired"}
+    finally:
+        sbx.kill()

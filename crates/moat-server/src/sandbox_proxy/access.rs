@@ -255,7 +255,7 @@ impl FilesQuery {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         if at <= now {
-            return Err(Refusal::unauthorized("signature has expired"));
+            return Err(Refusal::unauthorized("signature is already expired"));
         }
         Ok(())
     }
