@@ -9,6 +9,15 @@
 //! - Handlers: [`sandboxes`] and [`lifecycle`] (pause, snapshots, fork), each over the same
 //!   manager calls as `/v1`'s.
 //!
+//! Both generations of the SDKs are served: e2b 2.51 and later create with `POST /v2/sandboxes`
+//! and connect with `POST /v2/sandboxes/{id}/connect`; earlier 2.x releases (from 2.7, the
+//! first that can be pointed at another server) create with `POST /sandboxes` and connect with
+//! `POST /sandboxes/{id}/connect`. E2B's first listing, `GET /sandboxes` (running sandboxes
+//! only, in one answer), is served too. Each older route is the newer one's handler (their
+//! bodies differ only in fields moat reads the same way), but for `allow_internet_access:
+//! true`, which the older SDKs send unless told otherwise, so `POST /sandboxes` takes it as
+//! asking for nothing.
+//!
 //! E2B's own API description is the contract for these routes, so moat's OpenAPI document
 //! (`/v1/openapi.json`) does not list them.
 
@@ -36,6 +45,9 @@ pub(crate) const CLIENT_ID: &str = "6532622b";
 /// Where sandboxes are created (and listed, with `/v2/sandboxes`'s GET).
 pub(crate) const CREATE_PATH: &str = "/v2/sandboxes";
 
+/// Where the SDKs before e2b 2.51 create sandboxes.
+pub(crate) const LEGACY_CREATE_PATH: &str = "/sandboxes";
+
 /// Path prefixes of E2B's control plane. Requests under them that match no route still get an
 /// E2B error body, which the SDKs can parse.
 const E2B_PREFIXES: [&str; 8] = [
@@ -54,6 +66,12 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
     Router::new()
         .route(CREATE_PATH, post(sandboxes::create).get(sandboxes::list))
         .route("/v2/sandboxes/{id}/connect", post(sandboxes::connect))
+        // The SDKs before e2b 2.51.
+        .route(
+            LEGACY_CREATE_PATH,
+            post(sandboxes::create_legacy).get(sandboxes::list_running),
+        )
+        .route("/sandboxes/{id}/connect", post(sandboxes::connect))
         .route(
             "/sandboxes/{id}",
             get(sandboxes::get).delete(sandboxes::kill),

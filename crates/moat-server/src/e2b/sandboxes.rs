@@ -37,7 +37,42 @@ pub(crate) async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult<(StatusCode, Json<Sandbox>)> {
-    let req: NewSandboxV2 = json_body(body, None)?;
+    create_from(&state, &caller, &headers, body, Generation::V2).await
+}
+
+/// `POST /sandboxes`, where the SDKs before e2b 2.51 create: as [`create`], but for
+/// `allow_internet_access`, which those SDKs send `true` unless told otherwise (so it asks for
+/// nothing, and a sandbox without network is what it gets).
+pub(crate) async fn create_legacy(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> E2bResult<(StatusCode, Json<Sandbox>)> {
+    create_from(&state, &caller, &headers, body, Generation::Legacy).await
+}
+
+/// Which create route a request came by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Generation {
+    /// `POST /v2/sandboxes`.
+    V2,
+    /// `POST /sandboxes`.
+    Legacy,
+}
+
+/// The create of either route.
+async fn create_from(
+    state: &Shared,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    generation: Generation,
+) -> E2bResult<(StatusCode, Json<Sandbox>)> {
+    let mut req: NewSandboxV2 = json_body(body, None)?;
+    if generation == Generation::Legacy && req.allow_internet_access == Some(true) {
+        req.allow_internet_access = None;
+    }
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
         Some(v) => Some(
             v.to_str()
@@ -88,7 +123,7 @@ pub(crate) async fn create(
                 .await?
         }
     };
-    Ok((StatusCode::CREATED, Json(answer(&state, &sandbox))))
+    Ok((StatusCode::CREATED, Json(answer(state, &sandbox))))
 }
 
 /// `/v1`'s create request for an E2B one, refusing what moat does not enforce rather than
@@ -317,6 +352,41 @@ pub(crate) async fn list(
     let page = state.manager.list_where(&caller.tenant, filter).await?;
     let items: Vec<ListedSandbox> = page.sandboxes.iter().map(ListedSandbox::new).collect();
     paged(items, page.next)
+}
+
+/// `GET /sandboxes` (the SDKs before e2b 2.51, and E2B's first listing): every running
+/// sandbox, newest first, in one answer; `metadata` filters as `GET /v2/sandboxes`'s does.
+/// Paging and states are not this route's: its other parameters are ignored, as E2B does.
+pub(crate) async fn list_running(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> E2bResult<Json<Vec<ListedSandbox>>> {
+    let parsed = list_query::parse(query.as_deref().unwrap_or(""))?;
+    let mut filter = moat_engine::store::SandboxFilter {
+        metadata: parsed.metadata,
+        states: vec![v1::SandboxState::Running],
+        limit: list_query::MAX_LIST_LIMIT,
+        newest_first: true,
+        ..Default::default()
+    };
+    let mut items = Vec::new();
+    // The tenant's running sandboxes, which its quotas and the host bound, page by page.
+    loop {
+        let page = state
+            .manager
+            .list_where(&caller.tenant, filter.clone())
+            .await?;
+        items.extend(page.sandboxes.iter().map(ListedSandbox::new));
+        match page.next {
+            Some(next) => {
+                filter.after = Some(moat_engine::store::Cursor::decode(&next).map_err(|e| {
+                    E2bError::from(crate::ApiError::internal(format!("page token: {e}")))
+                })?);
+            }
+            None => return Ok(Json(items)),
+        }
+    }
 }
 
 /// A page of a listing: `items` as JSON, and `x-next-token` naming the next page if any.

@@ -181,6 +181,25 @@ pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<Str
     Ok(id)
 }
 
+/// The running sandbox whose access token `req` carries (one HMAC per running sandbox), for an
+/// envd request that names no sandbox.
+pub(crate) fn find_by_token(manager: &SandboxManager, req: &Request) -> Result<String, Refusal> {
+    let given = req
+        .headers()
+        .get(ACCESS_TOKEN_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    manager
+        .running_ids()
+        .into_iter()
+        .find(|id| same(given, manager.access_token(id).as_bytes()))
+        .ok_or_else(|| {
+            Refusal::unauthorized(
+                "invalid access token: it is no running sandbox's (send E2b-Sandbox-Id to name one)",
+            )
+        })
+}
+
 /// The operation of a `/files` request's method: `GET` (and `HEAD`) read, `POST` writes.
 fn operation_of(method: &Method) -> Result<Operation, Refusal> {
     match *method {
