@@ -5,7 +5,7 @@ import time
 
 import httpx
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, Template
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
 SANDBOX_URL = os.environ.get("E2B_SANDBOX_URL", "")
@@ -96,3 +96,33 @@ def test_expired_signed_url_says_so_as_envd_does():
         assert r.json() == {"code": 401, "message": "signature is already expired"}
     finally:
         sbx.kill()
+
+
+def test_template_exists(moat, tag):
+    # The built-in templates, which every tenant sees.
+    assert Template.exists("base") is True
+    assert Template.exists("code-interpreter-v1") is True
+    assert Template.exists(f"missing-{tag}") is False
+    # A template of the caller's own.
+    name = f"own-{tag}"
+    auth = {"Authorization": f"Bearer {moat.api_key}"}
+    r = httpx.post(
+        moat.api_url + "/v1/templates",
+        headers=auth,
+        json={"name": name, "spec": {"rootfs": "host"}},
+    )
+    assert r.status_code == 201, r.text
+    try:
+        assert Template.exists(name) is True
+        r = httpx.get(
+            moat.api_url + f"/templates/aliases/{name}",
+            headers={"X-API-KEY": moat.api_key},
+        )
+        assert r.json() == {"templateID": name, "public": False}
+        r = httpx.get(
+            moat.api_url + "/templates/aliases/base",
+            headers={"X-API-KEY": moat.api_key},
+        )
+        assert r.json() == {"templateID": "base", "public": True}
+    finally:
+        httpx.delete(moat.api_url + f"/v1/templates/{name}", headers=auth)
