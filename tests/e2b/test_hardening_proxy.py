@@ -1,4 +1,5 @@
-"""Tokens on sandbox traffic, signed URL errors and templates, through the unmodified SDKs."""
+"""Tokens on sandbox traffic, signed URL errors, templates and file writes, through the
+unmodified SDKs."""
 
 import os
 import time
@@ -126,3 +127,15 @@ def test_template_exists(moat, tag):
         assert r.json() == {"templateID": "base", "public": True}
     finally:
         httpx.delete(moat.api_url + f"/v1/templates/{name}", headers=auth)
+
+
+def test_write_makes_missing_parents_for_the_user():
+    sbx = Sandbox.create()
+    try:
+        info = sbx.files.write("/0/a/b.txt", "made")
+        assert info.path == "/0/a/b.txt"
+        assert sbx.files.read("/0/a/b.txt") == "made"
+        owners = sbx.commands.run("stat -c %U /0 /0/a /0/a/b.txt").stdout
+        assert owners == "user\nuser\nuser\n"
+    finally:
+        sbx.kill()

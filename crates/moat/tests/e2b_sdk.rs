@@ -157,6 +157,15 @@ fn javascript_sdk_smoke() {
     run_client(cmd, "node tests/e2b/js/smoke.mjs");
 }
 
+/// File writes the agent refuses mid-upload, and parents it makes for the user, through the
+/// JavaScript SDK (whose fetch fails outright when an answer comes before the upload is read).
+#[test]
+fn javascript_file_errors() {
+    let mut cmd = Command::new("node");
+    cmd.arg("tests/e2b/js/file_errors.mjs");
+    run_client(cmd, "node tests/e2b/js/file_errors.mjs");
+}
+
 #[test]
 fn documentation_quickstarts() {
     run_pytest("test_quickstart.py");
