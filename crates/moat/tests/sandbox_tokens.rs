@@ -304,3 +304,33 @@ fn exec_as(server: &Server, key: &str, sbx: &E2bSandbox, shell: &str) {
         String::from_utf8_lossy(&r.body)
     );
 }
+
+#[test]
+fn privacy_survives_a_restart() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start_with(&["--on-shutdown", "keep"]);
+    let key = tenant_key(&server, "acme");
+    let private = create(
+        &server,
+        &key,
+        json!({"templateID": "base", "network": {"allowPublicTraffic": false}}),
+    );
+    exec_as(&server, &key, &private, SERVE_8000);
+    wait_listening(&server, &private);
+    // A server that takes the kept sandbox over keeps it private.
+    let (dir, data) = server.stop();
+    let server = Server::start_in_with(dir, data, &["--on-shutdown", "keep"]);
+    wait_listening(&server, &private);
+    let r = to_port(&server, &private.id, 8000, "GET", "/", &[], None);
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    let r = server.request(
+        "DELETE",
+        &format!("/v1/sandboxes/{}", private.id),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 204);
+}
