@@ -4,15 +4,15 @@
 //! 1. `Host: <port>-<id>.<domain>`, with E2B's rule: the left-most label split at its first
 //!    `-` (port before, sandbox id after);
 //! 2. the headers `E2b-Sandbox-Id` and `E2b-Sandbox-Port`, unless the request carries an API
-//!    key (`X-API-KEY`) and its path is under E2B's control plane: e2b 2.7 to 2.50 send those
-//!    headers on their connect call too (E2B's control plane, on a host of its own, ignores
+//!    key (`X-API-KEY`) and its path is under E2B's control plane: some e2b releases before 2.51
+//!    (2.7 among them) send those headers on their connect call too (E2B's control plane, on a host of its own, ignores
 //!    them), and sandbox traffic never carries an API key;
 //! 3. `/files` with a `signature` query parameter and neither of the above: a signed file URL,
 //!    whose sandbox is found by its signature (see [`super::access::find_signed`]);
 //! 4. one of envd's public paths ([`ENVD_PATHS`]) with an `X-Access-Token` and none of the
 //!    above: envd of the sandbox whose access token it is (see [`super::access::find_by_token`]).
-//!    e2b 2.7 to 2.x send a connected (not created) sandbox's envd calls so, to
-//!    `E2B_SANDBOX_URL` without routing headers.
+//!    Some e2b releases before 2.51 (2.7 among them) send a connected (not created) sandbox's
+//!    envd calls so, to `E2B_SANDBOX_URL` without routing headers.
 //!
 //! Everything else is for the API's router.
 
@@ -306,7 +306,7 @@ mod tests {
         );
         assert_eq!(c(&[], "/files?path=/a"), Ok(Traffic::Control));
         assert_eq!(c(&[], "/v1/sandboxes"), Ok(Traffic::Control));
-        // e2b 2.7 to 2.50 send the routing headers on their connect call as well.
+        // Some older e2b releases send the routing headers on their connect call as well.
         let keyed = [both.as_slice(), &[("X-API-KEY", "moat_x")]].concat();
         assert_eq!(c(&keyed, "/sandboxes/abc/connect"), Ok(Traffic::Control));
         assert_eq!(c(&keyed, "/v2/sandboxes"), Ok(Traffic::Control));
