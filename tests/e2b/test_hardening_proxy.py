@@ -46,9 +46,11 @@ def test_code_interpreter_contexts_need_the_traffic_token():
 def test_connect_hands_out_the_traffic_token():
     sbx = CodeSandbox.create()
     try:
+        context = sbx.create_code_context(language="python")
         again = CodeSandbox.connect(sbx.sandbox_id)
         assert again.traffic_access_token == sbx.traffic_access_token
-        assert [c.id for c in again.list_code_contexts()] is not None
+        # The connected SDK reaches the contexts with the token the connect handed out.
+        assert context.id in [c.id for c in again.list_code_contexts()]
     finally:
         sbx.kill()
 
