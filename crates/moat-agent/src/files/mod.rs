@@ -2,10 +2,18 @@
 //! signed-URL check of `shared/reference/e2b-wire.md` §7.
 //!
 //! Like the RPCs, all file work runs as the request's user (`username` query parameter, else the
-//! default user) through the same checked path resolution (see [`crate::filesystem`]). Bodies
-//! stream in both directions: a download is read in [`CHUNK`]-sized pieces, an upload is written
-//! as it arrives, so neither size is limited by memory; uploads are limited only by the
-//! filesystem (no space or quota answers 507).
+//! default user) through the same checked path resolution (see [`crate::filesystem`]), with one
+//! exception that envd makes too: an upload's missing parent directories are made by the agent
+//! itself and given to the user, so a write to `/0/a/b.txt` works where the user could not make
+//! `/0` (the file is still opened as the user). Bodies stream in both directions: a download is
+//! read in [`CHUNK`]-sized pieces, an upload is written as it arrives, so neither size is
+//! limited by memory; uploads are limited only by the filesystem (no space or quota answers
+//! 507).
+//!
+//! An upload refused part-way (a bad destination in a multipart form, a failed write) is
+//! answered only once the rest of its body has been read and dropped, up to
+//! [`MAX_DRAIN_BYTES`] and [`DRAIN_TIMEOUT`]: a client that is still sending when the answer
+//! comes would otherwise see its connection break instead of the error.
 
 mod auth;
 mod multipart;
@@ -13,6 +21,7 @@ mod multipart;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use flate2::Compression;
@@ -24,7 +33,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Mutex, mpsc};
 
 pub use auth::{Operation, sign};
 
@@ -43,6 +52,13 @@ pub const CHUNK: usize = 64 * 1024;
 /// as they are read): such a file is read whole first, to send its real length, and one longer
 /// than this is refused (400).
 pub const MAX_UNSIZED_DOWNLOAD: u64 = 1 << 20;
+
+/// Most of a refused upload's remaining body read (and dropped) before the answer goes out; a
+/// longer body is cut off, and its client may see the connection close instead of the answer.
+pub const MAX_DRAIN_BYTES: u64 = 64 << 20;
+
+/// Longest a refused upload's remaining body is read before the answer goes out anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Prefix of the request headers that carry file metadata.
 const METADATA_HEADER: &str = "x-metadata-";
@@ -488,6 +504,7 @@ impl FileSink {
         let user = user.clone();
         let task = tokio::spawn(async move {
             let (uid, gid) = (user.uid, user.gid);
+            make_parents(&path, uid, gid).await?;
             blocking_as(&user, move || {
                 let file = ops::open_write(&path, uid, gid)?;
                 let mut gz = gzip.then(|| MultiGzDecoder::new(&file));
@@ -555,6 +572,23 @@ impl FileSink {
     }
 }
 
+/// Makes the missing parent directories of `path` with the agent's own credentials, each given
+/// to `uid:gid`, as envd does: the user could not always make them (`/0/a` below a `/` only root
+/// may write). Existing directories are left as they are, so the file itself is still opened
+/// with the user's rights.
+async fn make_parents(path: &str, uid: u32, gid: u32) -> Result<(), HttpError> {
+    let parent = paths::split(path).0.to_owned();
+    tokio::task::spawn_blocking(move || ops::ensure_dirs(&parent, uid, gid).map(drop))
+        .await
+        .map_err(|e| {
+            HttpError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("making parent directories failed: {e}"),
+            )
+        })?
+        .map_err(HttpError::from)
+}
+
 /// A write failure: OS errors keep their meaning (no space is 507); anything else came from the
 /// gzip decoder, so the body was bad.
 fn write_error(err: &io::Error, path: &str) -> RpcError {
@@ -581,22 +615,78 @@ fn written(path: &str, metadata: &[(String, String)]) -> serde_json::Value {
     v
 }
 
-fn body_stream(req: Request<Incoming>) -> BoxStream<'static, Result<Bytes, MultipartError>> {
-    req.into_body()
-        .into_data_stream()
-        .map(|r| r.map_err(|e| MultipartError(format!("reading the request body: {e}"))))
+/// A request body that an upload reads as a stream and, if it is refused, drains what is left
+/// of afterwards.
+#[derive(Clone)]
+struct SharedBody(Arc<Mutex<Incoming>>);
+
+impl SharedBody {
+    /// The body's data, frame by frame (trailers skipped).
+    fn stream(&self) -> BoxStream<'static, Result<Bytes, MultipartError>> {
+        futures_util::stream::unfold(self.0.clone(), |body| async move {
+            loop {
+                let frame = body.lock().await.frame().await?;
+                match frame {
+                    Ok(frame) => match frame.into_data() {
+                        Ok(data) => return Some((Ok(data), body)),
+                        Err(_) => continue,
+                    },
+                    Err(e) => {
+                        let e = MultipartError(format!("reading the request body: {e}"));
+                        return Some((Err(e), body));
+                    }
+                }
+            }
+        })
         .boxed()
+    }
+
+    /// Reads and drops the rest of the body, up to [`MAX_DRAIN_BYTES`] and [`DRAIN_TIMEOUT`].
+    async fn drain(&self) {
+        let mut body = self.0.lock().await;
+        let read_all = async {
+            let mut read: u64 = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    read = read.saturating_add(data.len() as u64);
+                    if read > MAX_DRAIN_BYTES {
+                        tracing::debug!("a refused upload's body is longer than the drain bound");
+                        return;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, read_all).await.is_err() {
+            tracing::debug!("a refused upload's body took longer than the drain bound");
+        }
+    }
 }
 
+/// `POST /files`; a refusal goes out only after the rest of the body was drained (see the
+/// module's notes).
 async fn upload(
     state: &AgentState,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, HttpError> {
-    let q = parse_query(req.uri().query())?;
-    let user = authorize(state, req.headers(), &q, Operation::Write)?;
-    let metadata = Arc::new(parse_metadata(req.headers())?);
+    let (parts, body) = req.into_parts();
+    let body = SharedBody(Arc::new(Mutex::new(body)));
+    let result = upload_from(state, &parts, body.stream()).await;
+    if result.is_err() {
+        body.drain().await;
+    }
+    result
+}
+
+async fn upload_from(
+    state: &AgentState,
+    req: &http::request::Parts,
+    body: BoxStream<'static, Result<Bytes, MultipartError>>,
+) -> Result<Response<ResponseBody>, HttpError> {
+    let q = parse_query(req.uri.query())?;
+    let user = authorize(state, &req.headers, &q, Operation::Write)?;
+    let metadata = Arc::new(parse_metadata(&req.headers)?);
     let content_type = req
-        .headers()
+        .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
@@ -608,7 +698,7 @@ async fn upload(
         .trim()
         .to_ascii_lowercase();
     let encoding = req
-        .headers()
+        .headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
         .unwrap_or_default();
@@ -624,7 +714,7 @@ async fn upload(
     let results = match essence.as_str() {
         "application/octet-stream" => {
             let path = request_path(state, &user, q.path.as_deref())?;
-            let mut body = body_stream(req);
+            let mut body = body;
             let mut sink = FileSink::open(&user, path.clone(), gzip, metadata.clone());
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| HttpError::bad_request(e.0))?;
@@ -645,7 +735,7 @@ async fn upload(
                 .as_deref()
                 .map(|p| request_path(state, &user, Some(p)))
                 .transpose()?;
-            let mut form = Multipart::new(body_stream(req), &boundary);
+            let mut form = Multipart::new(body, &boundary);
             let mut seen = HashSet::new();
             let mut results = Vec::new();
             while let Some(part) = form.next_part().await? {

@@ -176,6 +176,9 @@ pub struct ManagerOptions {
     /// How long the record of an ended sandbox is kept before [`SandboxManager::housekeep`]
     /// deletes it.
     pub retention: Duration,
+    /// Whether a sandbox's own services are reachable without its traffic access token when
+    /// its create does not say (`public_traffic`).
+    pub public_traffic: bool,
 }
 
 /// Warm-pool memory budget unless configured: 1 GiB.
@@ -189,6 +192,7 @@ impl Default for ManagerOptions {
             pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
             snapshot_dir: None,
             retention: housekeeping::DEFAULT_RETENTION,
+            public_traffic: true,
         }
     }
 }
@@ -208,6 +212,8 @@ struct Live {
     /// The environment the sandbox was created with (over its template's), which a snapshot
     /// of it keeps.
     env: BTreeMap<String, String>,
+    /// Whether its own services are reachable without its traffic access token.
+    public_traffic: bool,
     /// Its recent resource use, sampled every [`USAGE_INTERVAL`].
     usage: Mutex<usage::History>,
 }
@@ -218,6 +224,7 @@ impl Live {
         client: AgentClient,
         instance: Box<dyn Instance>,
         env: BTreeMap<String, String>,
+        public_traffic: bool,
     ) -> Live {
         let usage = Mutex::new(usage::History::new(&*instance));
         Live {
@@ -228,6 +235,7 @@ impl Live {
             paused: AtomicBool::new(false),
             ops: tokio::sync::Mutex::new(()),
             env,
+            public_traffic,
         }
     }
 
@@ -539,10 +547,12 @@ impl Inner {
         req: v1::CreateSandbox,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
-        let plan = match req.snapshot.clone() {
+        let public_traffic = req.public_traffic;
+        let mut plan = match req.snapshot.clone() {
             Some(snapshot) => self.plan_from_snapshot(&tenant, &snapshot, req).await?,
             None => self.plan_from_template(&tenant, req).await?,
         };
+        plan.public_traffic = public_traffic;
         self.create_planned(tenant, key_id, plan, began).await
     }
 
@@ -575,6 +585,7 @@ impl Inner {
             timeout_secs: req.timeout_secs,
             layer: None,
             poolable,
+            public_traffic: None,
         })
     }
 
@@ -620,6 +631,7 @@ impl Inner {
         // The request's time to live, else the template's, else the server's default.
         let ttl = self.ttl(plan.timeout_secs.or(spec.timeout_secs))?;
         let expires_at = Some(now_ms().saturating_add(ms(ttl)));
+        let public_traffic = plan.public_traffic.unwrap_or(self.opts.public_traffic);
         if plan.poolable {
             let key = pool::PoolKey {
                 tenant: plan.owner.clone(),
@@ -638,6 +650,7 @@ impl Inner {
                         .map_err(|e| ManagerError::Internal(e.to_string()))?,
                     memory_bytes: resources.memory_bytes,
                     expires_at,
+                    public_traffic,
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -666,12 +679,20 @@ impl Inner {
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             memory_bytes: sandbox.resources.memory_bytes,
             expires_at,
+            public_traffic,
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
 
         match self
-            .start(&tenant, &sandbox, spec, plan.layer.as_deref(), plan.env)
+            .start(
+                &tenant,
+                &sandbox,
+                spec,
+                plan.layer.as_deref(),
+                plan.env,
+                public_traffic,
+            )
             .await
         {
             Ok(()) => {}
@@ -728,9 +749,10 @@ impl Inner {
         restored: bool,
     ) -> ManagerResult<v1::Sandbox> {
         let tenant = new.tenant.clone();
+        let public_traffic = new.public_traffic;
         match self.db(move |s| s.claim_pool_member(&new, limits)).await {
             Ok(rec) => {
-                self.adopt(&tenant, member);
+                self.adopt(&tenant, member, public_traffic);
                 self.pools.claimed();
                 Ok(to_v1(&rec))
             }
@@ -757,12 +779,13 @@ impl Inner {
         template: &v1::TemplateSpec,
         layer: Option<&Path>,
         env: BTreeMap<String, String>,
+        public_traffic: bool,
     ) -> ManagerResult<()> {
         let (instance, client) = self.boot(sandbox, template, layer).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             sandbox.id.clone(),
-            Arc::new(Live::new(tenant, client, instance, env)),
+            Arc::new(Live::new(tenant, client, instance, env, public_traffic)),
         );
         Ok(())
     }
@@ -926,6 +949,8 @@ struct CreatePlan {
     layer: Option<PathBuf>,
     /// Whether a warm-pool member of the template is what the plan asks for.
     poolable: bool,
+    /// Whether its services are public; the server's default when `None`.
+    public_traffic: Option<bool>,
 }
 
 fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
@@ -1059,6 +1084,8 @@ fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
         ended_at: rec.ended_at,
         end_reason: rec.end_reason.as_ref().map(ToString::to_string),
         access_token: None,
+        public_traffic: rec.public_traffic,
+        traffic_access_token: None,
     }
 }
 

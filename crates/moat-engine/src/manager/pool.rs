@@ -491,7 +491,7 @@ impl Inner {
     }
 
     /// A member turned into `tenant`'s live sandbox.
-    pub(super) fn adopt(&self, tenant: &str, member: Member) {
+    pub(super) fn adopt(&self, tenant: &str, member: Member, public_traffic: bool) {
         lock(&self.live).insert(
             member.id.clone(),
             Arc::new(Live::new(
@@ -499,6 +499,7 @@ impl Inner {
                 member.client,
                 member.instance,
                 Default::default(),
+                public_traffic,
             )),
         );
     }

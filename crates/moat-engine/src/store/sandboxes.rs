@@ -99,6 +99,8 @@ pub struct NewSandbox {
     pub memory_bytes: u64,
     /// When it expires (Unix milliseconds), if ever.
     pub expires_at: Option<i64>,
+    /// Whether its own services are reachable without its traffic access token.
+    pub public_traffic: bool,
 }
 
 /// A recorded sandbox.
@@ -128,6 +130,8 @@ pub struct SandboxRecord {
     pub ended_at: Option<i64>,
     /// Why it ended.
     pub end_reason: Option<EndReason>,
+    /// Whether its own services are reachable without its traffic access token.
+    pub public_traffic: bool,
 }
 
 impl SandboxRecord {
@@ -155,6 +159,7 @@ impl SandboxRecord {
             end_reason: row
                 .get::<_, Option<String>>("end_reason")?
                 .map(EndReason::from),
+            public_traffic: row.get("public_traffic")?,
         })
     }
 }
@@ -344,6 +349,7 @@ impl NewSandbox {
             expires_at: self.expires_at,
             ended_at: None,
             end_reason: None,
+            public_traffic: self.public_traffic,
         }
     }
 }
@@ -426,8 +432,8 @@ pub(super) fn insert_in(
     }
     let inserted = tx.execute(
         "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
-             metadata, resources, memory_bytes, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             metadata, resources, memory_bytes, created_at, expires_at, public_traffic)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          ON CONFLICT (id) DO NOTHING",
         params![
             new.id,
@@ -441,6 +447,7 @@ pub(super) fn insert_in(
             memory,
             created_at,
             new.expires_at,
+            new.public_traffic,
         ],
     )?;
     if inserted == 0 {

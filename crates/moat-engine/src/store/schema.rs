@@ -143,7 +143,15 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+/// Version 5: whether a sandbox's own services (ports other than envd's and the code
+/// interpreter's) are reachable without its traffic access token. Sandboxes recorded before
+/// were reachable only with a token, so they stay private.
+const V5: &str = r#"
+ALTER TABLE sandboxes ADD COLUMN public_traffic INTEGER NOT NULL DEFAULT 0
+    CHECK (public_traffic IN (0, 1));
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

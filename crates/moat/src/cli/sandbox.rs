@@ -548,6 +548,8 @@ mod tests {
             ended_at: None,
             end_reason: None,
             access_token: None,
+            public_traffic: true,
+            traffic_access_token: None,
         }
     }
 

@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// `GET` and listings) before it is deleted: `24h`, `30m`, `10s`.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_retention)]
     retention: Duration,
+    /// Make a sandbox's own services (ports other than 49983 and 49999) need its traffic
+    /// access token unless its create asks for public traffic; by default they are reachable
+    /// by anyone who knows the sandbox's address.
+    #[arg(long)]
+    private_traffic: bool,
 }
 
 /// Values of `--on-shutdown`.
@@ -89,6 +94,7 @@ impl ServeArgs {
             pool_memory_budget: self.pool_memory,
             snapshot_dir: Some(self.data_dir.join(SNAPSHOT_DIR)),
             retention: self.retention,
+            public_traffic: !self.private_traffic,
         })
     }
 }
