@@ -158,9 +158,13 @@ fn run(args: ServeArgs) -> Result<()> {
     let store =
         Arc::new(Store::open(&db).with_context(|| format!("opening the store {}", db.display()))?);
     first_admin_key(&store, &args.data_dir)?;
+    // What the sandboxes this server keeps are marked with, so that servers on other data
+    // dirs of this host leave them alone (and this one leaves theirs alone).
+    let owner = store.data_dir_id().context("reading the data dir's id")?;
     let backend = NativeBackend::new(&NativeOptions {
         // Only a server that may keep its sandboxes gives their agents a way back in.
         keepable: args.on_shutdown == OnShutdown::Keep,
+        owner: Some(owner),
         ..NativeOptions::default()
     })
     .context("native backend")?;
