@@ -14,6 +14,7 @@ mod exec;
 mod exec_encoding;
 mod exec_stream;
 mod execution;
+mod health;
 mod idempotency;
 mod keys;
 mod pause;
@@ -28,6 +29,7 @@ mod usage;
 pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
+pub use health::{HEALTH_PROBE_INTERVAL, UNHEALTHY_PROBES};
 pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
@@ -200,6 +202,8 @@ struct Live {
     env: BTreeMap<String, String>,
     /// Its recent resource use, sampled every [`USAGE_INTERVAL`].
     usage: Mutex<usage::History>,
+    /// What the health checks found (see [`health`]).
+    health: health::Health,
 }
 
 impl Live {
@@ -218,6 +222,7 @@ impl Live {
             paused: AtomicBool::new(false),
             ops: tokio::sync::Mutex::new(()),
             env,
+            health: health::Health::default(),
         }
     }
 
@@ -237,6 +242,8 @@ struct Inner {
     access_key: [u8; crate::store::SECRET_BYTES],
     /// Creates in flight per (tenant, idempotency key), so that two at once make one sandbox.
     idempotent_creates: idempotency::InFlight,
+    /// The rounds of health checks of the running sandboxes.
+    health_probes: health::Probes,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -331,6 +338,7 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
+                health_probes: health::Probes::default(),
             }),
         })
     }
@@ -847,13 +855,17 @@ impl Inner {
     }
 
     /// The live, running sandbox `id` of `tenant`, or why there is none: 404 when there is no
-    /// such sandbox, 409 when it is paused or not running.
+    /// such sandbox, 409 when it is paused or not running, 503 when its agent does not answer
+    /// its health checks.
     async fn live_for(&self, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
         let live = self.live_any(tenant, id).await?;
         if live.is_paused() {
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} is paused; resume it first"
             )));
+        }
+        if let Some(refused) = live.health.refusal(id) {
+            return Err(refused);
         }
         Ok(live)
     }
