@@ -19,6 +19,7 @@ pub mod openapi;
 mod rate_limit;
 mod sandbox_proxy;
 mod snapshots;
+mod storage_guard;
 mod templates;
 
 use moat_engine::store::now_ms;

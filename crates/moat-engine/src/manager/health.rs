@@ -108,7 +108,8 @@ impl Inner {
         if failures == 1 {
             tracing::warn!(sandbox = %id, "the sandbox's agent does not answer; refusing its calls");
         }
-        if failures != UNHEALTHY_PROBES {
+        // Past the limit too: an end whose record could not be written is tried again.
+        if failures < UNHEALTHY_PROBES {
             return;
         }
         // Still the same sandbox (not ended and replaced meanwhile)?

@@ -23,6 +23,7 @@ mod readiness;
 mod restart;
 mod run;
 mod snapshots;
+mod storage;
 mod templates;
 mod usage;
 
@@ -37,6 +38,7 @@ pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
 pub use snapshots::{
     FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT,
 };
+pub use storage::DATA_DIR_RESERVE;
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
@@ -92,6 +94,9 @@ pub enum ManagerError {
     /// A fault of the server itself, such as its database (HTTP 500).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The data dir has no room for what the request would record (HTTP 507).
+    #[error("{0}")]
+    InsufficientStorage(String),
 }
 
 impl ManagerError {
@@ -107,6 +112,7 @@ impl ManagerError {
             ManagerError::TooLarge(_) => "too_large",
             ManagerError::Timeout(_) => "timeout",
             ManagerError::Internal(_) => "internal",
+            ManagerError::InsufficientStorage(_) => "insufficient_storage",
         }
     }
 
@@ -122,12 +128,18 @@ impl ManagerError {
             ManagerError::TooLarge(_) => 413,
             ManagerError::Timeout(_) => 504,
             ManagerError::Internal(_) => 500,
+            ManagerError::InsufficientStorage(_) => 507,
         }
     }
 }
 
 impl From<StoreError> for ManagerError {
     fn from(e: StoreError) -> Self {
+        if storage::is_disk_full(&e) {
+            return ManagerError::InsufficientStorage(format!(
+                "the data dir is full; nothing was changed ({e})"
+            ));
+        }
         let text = e.to_string();
         match e {
             StoreError::Invalid { .. } | StoreError::BadJson { .. } => ManagerError::Invalid(text),
@@ -834,19 +846,26 @@ impl Inner {
     ) -> ManagerResult<v1::Sandbox> {
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
-        // The store said it is the tenant's, so the live entry (same id) is too.
-        self.remove_and_destroy(id).await;
         if rec.state.is_ended() {
+            // The store said it is the tenant's, so the live entry (same id) is too.
+            self.remove_and_destroy(id).await;
             return Ok(to_v1(&rec));
         }
+        // Recorded before it is destroyed: when the record cannot be written (a full data
+        // dir), the sandbox runs on as recorded and the caller may try again; once it is
+        // written, the destroy follows whatever happens to it.
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        match self
+        let recorded = self
             .db(move |s| s.update_sandbox_state(&t, &i, state, Some(reason)))
-            .await
-        {
-            Ok(rec) => Ok(to_v1(&rec)),
+            .await;
+        match recorded {
+            Ok(rec) => {
+                self.remove_and_destroy(id).await;
+                Ok(to_v1(&rec))
+            }
             // Ended meanwhile by another path (a failed create, a concurrent delete).
             Err(ManagerError::Conflict(_)) => {
+                self.remove_and_destroy(id).await;
                 let (t, i) = (tenant.to_owned(), id.to_owned());
                 Ok(to_v1(&self.db(move |s| s.get_sandbox(&t, &i)).await?))
             }
