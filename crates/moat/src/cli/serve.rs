@@ -147,6 +147,10 @@ fn run(args: ServeArgs) -> Result<()> {
             OnShutdown::Keep => ShutdownMode::Keep,
         },
     };
+    // Before anything is made: with too low a hard limit no sandbox could run a command, and
+    // the soft one bounds how many sandboxes and connections the server can hold.
+    let nofile = moat_engine::host_limits::raise_nofile().map_err(anyhow::Error::msg)?;
+    tracing::debug!(soft = nofile.soft, hard = nofile.hard, "open-file limit");
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
