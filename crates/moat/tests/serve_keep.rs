@@ -200,6 +200,11 @@ fn servers_on_other_data_dirs_leave_each_others_sandboxes_alone() {
     let key_c = c.admin_key();
     let c1 = create(&c, &key_c);
     assert_alive(&a1, "another server started while its own was stopped");
+    assert!(
+        !pids_in_sandbox(&b1).is_empty(),
+        "a keep-mode server's start killed a destroy-mode server's sandbox"
+    );
+    assert_eq!(shell(&b, &key_b, &b1, "echo ok")["stdout"], "ok\n");
 
     // B stops (destroying its own sandboxes) and C crashes: only their own are affected.
     let _b_data = b.stop();
