@@ -83,6 +83,11 @@ pub trait Backend: Send + Sync {
     fn kept(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Removes what processes killed before they could clean up left on the host and nothing
+    /// uses any more (empty sandbox cgroups); returns how many were removed. Blocking.
+    fn sweep_stale(&self) -> usize {
+        0
+    }
 }
 
 /// One sandbox as its backend sees it.

@@ -6,6 +6,7 @@
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
 //! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
 //! - [`resources`]: limits, their bounds, and parsing.
+//! - [`rootfs_users`]: whether a directory root filesystem has the accounts commands run as.
 //! - [`store`]: the durable state of `moat serve` (tenants, keys, templates, sandboxes) in SQLite.
 //! - [`error`]: the engine's errors.
 
@@ -17,6 +18,7 @@ pub mod manager;
 pub mod metrics;
 pub mod native;
 pub mod resources;
+pub mod rootfs_users;
 pub mod store;
 
 pub use error::{EngineError, Result};

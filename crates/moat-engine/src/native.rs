@@ -21,7 +21,8 @@ use tokio::net::UnixStream;
 use crate::backend::{Backend, Capabilities, Instance, InstanceStats, RootfsSource, SandboxSpec};
 use crate::error::{EngineError, Result};
 
-/// Age after which an empty sandbox cgroup with no owner is removed at start-up.
+/// Age after which an empty sandbox cgroup with no owner is removed (at start-up and by
+/// [`Backend::sweep_stale`]): a sandbox being made right now is younger.
 const STALE_CGROUP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Longest a pause waits for the kernel to report every process frozen (a process in an
@@ -77,15 +78,22 @@ pub struct NativeBackend {
 }
 
 impl NativeBackend {
-    /// Prepares the backend: runtime directory, cgroup layout, and a sealed copy of this binary
-    /// as the agent. Needs root.
-    pub fn new(opts: &NativeOptions) -> Result<NativeBackend> {
+    /// Whether this process could run the native backend, checked without touching anything,
+    /// so a caller can refuse before it creates state of its own: the backend needs root.
+    pub fn preflight() -> Result<()> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(EngineError::Unsupported(
                 "the native backend needs root (it maps uid ranges and makes cgroups); run moat as root".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Prepares the backend: runtime directory, cgroup layout, and a sealed copy of this binary
+    /// as the agent. Needs root.
+    pub fn new(opts: &NativeOptions) -> Result<NativeBackend> {
+        NativeBackend::preflight()?;
         if let Some(owner) = &opts.owner {
             validate_id(owner)?;
         }
@@ -97,6 +105,8 @@ impl NativeBackend {
         if swept > 0 {
             tracing::info!("removed {swept} stale sandbox cgroups");
         }
+        // All sandboxes together stay below the host's task limit.
+        layout.cap_total_pids(moat_jail::cgroup::sandbox_pids_budget()?)?;
         if opts.tune_cgroups
             && let Err(e) = layout.favor_dynamic_changes()
         {
@@ -171,6 +181,8 @@ impl NativeBackend {
             RootfsSource::Dir(_) => WritableLayer::OverlayUpper,
         });
         agent.listener = listener.is_some();
+        // The jail hands the agent its user processes' cgroups from fd 6 on.
+        agent.user_cgroups = cgroup.user_procs_files().len() as u32;
         let config = serde_json::to_string(&agent)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
         let fs_limits = FsLimits {
@@ -338,6 +350,12 @@ fn bind_agent_listener(runtime: &RuntimeDir, id: &str) -> Result<std::os::unix::
 impl Backend for NativeBackend {
     fn name(&self) -> &'static str {
         "native"
+    }
+
+    fn sweep_stale(&self) -> usize {
+        // Empty and old: no sandbox lives in it (a paused or kept one still has processes),
+        // whichever process made it.
+        self.layout.sweep(STALE_CGROUP_AGE, |_| true)
     }
 
     fn capabilities(&self) -> Capabilities {

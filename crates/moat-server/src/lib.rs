@@ -113,7 +113,8 @@ impl AppState {
 
 /// Serves the API on `listener` with `opts` until `shutdown` completes, reaping expired
 /// sandboxes every [`REAP_INTERVAL`], sampling their resource use every
-/// [`moat_engine::manager::USAGE_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
+/// [`moat_engine::manager::USAGE_INTERVAL`], deleting old records of ended sandboxes and stale
+/// cgroups (see [`SandboxManager::housekeep`]) and keeping the warm pools filled meanwhile. Then it stops
 /// accepting connections, waits up to [`DRAIN_TIMEOUT`] for requests in flight, and destroys
 /// (or keeps, per [`ServerOptions::on_shutdown`]) every sandbox the manager runs.
 pub async fn serve(
@@ -127,6 +128,7 @@ pub async fn serve(
     let app = api::router_with(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap_loop(manager.clone(), stop_rx.clone()));
+    let housekeeper = tokio::spawn(housekeeping_loop(manager.clone(), stop_rx.clone()));
     let pools = {
         let (manager, stop) = (manager.clone(), stop_rx.clone());
         tokio::spawn(async move { manager.run_pools(stop).await })
@@ -164,11 +166,34 @@ pub async fn serve(
         }
     };
     let _ = reaper.await;
+    let _ = housekeeper.await;
     let _ = pools.await;
     let _ = usage.await;
     let (destroyed, kept) = manager.shutdown(opts.on_shutdown).await;
     tracing::info!(destroyed, kept, "ended or kept the sandboxes still running");
     result
+}
+
+/// Runs [`SandboxManager::housekeep`] every [`SandboxManager::housekeeping_interval`]: ended
+/// records past the retention are deleted, stale cgroups swept.
+async fn housekeeping_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(manager.housekeeping_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match manager.housekeep(now_ms()).await {
+            Ok(done) if done.purged > 0 || done.swept > 0 => tracing::info!(
+                purged = done.purged,
+                swept = done.swept,
+                "deleted old records of ended sandboxes and stale cgroups"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("housekeeping: {e}"),
+        }
+    }
 }
 
 async fn reap_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {

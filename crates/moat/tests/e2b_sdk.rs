@@ -121,3 +121,8 @@ fn javascript_sdk_smoke() {
 fn documentation_quickstarts() {
     run_pytest("test_quickstart.py");
 }
+
+#[test]
+fn fidelity() {
+    run_pytest("test_fidelity.py");
+}

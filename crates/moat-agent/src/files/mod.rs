@@ -39,6 +39,11 @@ use multipart::{Multipart, MultipartError};
 /// Size of the pieces a download is read and sent in.
 pub const CHUNK: usize = 64 * 1024;
 
+/// Largest download of a file whose size is reported as 0 (procfs and sysfs files are generated
+/// as they are read): such a file is read whole first, to send its real length, and one longer
+/// than this is refused (400).
+pub const MAX_UNSIZED_DOWNLOAD: u64 = 1 << 20;
+
 /// Prefix of the request headers that carry file metadata.
 const METADATA_HEADER: &str = "x-metadata-";
 
@@ -291,11 +296,17 @@ async fn download(
     })?;
     let open_path = path.clone();
     let (file, size) = blocking_as(&user, move || ops::open_read(&open_path)).await?;
-    let stream = read_stream(
-        tokio::fs::File::from_std(file),
-        size,
-        encoding == Encoding::Gzip,
-    );
+    let file = tokio::fs::File::from_std(file);
+    // A size of 0 may be a file generated as it is read (`/proc`, `/sys`): its length is known
+    // only once it has been read.
+    let (reader, size): (Reader, u64) = if size == 0 {
+        let data = read_unsized(file, &path).await?;
+        let len = data.get_ref().len() as u64;
+        (Box::new(data), len)
+    } else {
+        (Box::new(file), size)
+    };
+    let stream = read_stream(reader, size, encoding == Encoding::Gzip);
     let body = BodyExt::boxed(StreamBody::new(stream.map(|r| r.map(Frame::data))));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
@@ -319,9 +330,32 @@ async fn download(
     Ok(resp)
 }
 
+/// What a download reads from: the open file, or a size-0 file's contents read beforehand.
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send + Sync>;
+
+/// The contents of `file`, whose size is reported as 0, read to its end: at most
+/// [`MAX_UNSIZED_DOWNLOAD`] bytes (a truly empty file reads nothing).
+async fn read_unsized(
+    file: tokio::fs::File,
+    path: &str,
+) -> Result<std::io::Cursor<Vec<u8>>, HttpError> {
+    let mut data = Vec::new();
+    file.take(MAX_UNSIZED_DOWNLOAD + 1)
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| HttpError::from(RpcError::from_io(&e, &format!("reading {path}"))))?;
+    if data.len() as u64 > MAX_UNSIZED_DOWNLOAD {
+        return Err(HttpError::bad_request(format!(
+            "{path} reports no size (it is generated as it is read) and is longer than \
+             {MAX_UNSIZED_DOWNLOAD} bytes; copy it to a regular file and download that"
+        )));
+    }
+    Ok(std::io::Cursor::new(data))
+}
+
 /// What a download stream carries between chunks.
 struct ReadState {
-    file: tokio::fs::File,
+    file: Reader,
     remaining: u64,
     gzip: Option<GzEncoder<Vec<u8>>>,
     done: bool,
@@ -331,7 +365,7 @@ struct ReadState {
 /// length, and a file that shrinks meanwhile ends the body with an error), gzip-compressed on the
 /// fly when asked.
 fn read_stream(
-    file: tokio::fs::File,
+    file: Reader,
     size: u64,
     gzip: bool,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static {
@@ -533,8 +567,18 @@ fn write_error(err: &io::Error, path: &str) -> RpcError {
     }
 }
 
-fn written(path: &str) -> serde_json::Value {
-    serde_json::json!({"path": path, "name": paths::base_name(path), "type": "file"})
+/// The upload's answer for one file: its path, name and type, and the metadata it now carries
+/// (only when there is some, as upstream).
+fn written(path: &str, metadata: &[(String, String)]) -> serde_json::Value {
+    let mut v = serde_json::json!({"path": path, "name": paths::base_name(path), "type": "file"});
+    if !metadata.is_empty() {
+        let map: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, val)| (k.clone(), serde_json::Value::from(val.as_str())))
+            .collect();
+        v["metadata"] = serde_json::Value::Object(map);
+    }
+    v
 }
 
 fn body_stream(req: Request<Incoming>) -> BoxStream<'static, Result<Bytes, MultipartError>> {
@@ -581,13 +625,13 @@ async fn upload(
         "application/octet-stream" => {
             let path = request_path(state, &user, q.path.as_deref())?;
             let mut body = body_stream(req);
-            let mut sink = FileSink::open(&user, path.clone(), gzip, metadata);
+            let mut sink = FileSink::open(&user, path.clone(), gzip, metadata.clone());
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| HttpError::bad_request(e.0))?;
                 sink.send(chunk).await?;
             }
             sink.finish().await?;
-            vec![written(&path)]
+            vec![written(&path, &metadata)]
         }
         "multipart/form-data" => {
             if gzip {
@@ -633,7 +677,7 @@ async fn upload(
                     sink.send(chunk).await?;
                 }
                 sink.finish().await?;
-                results.push(written(&path));
+                results.push(written(&path, &metadata));
             }
             if results.is_empty() {
                 return Err(HttpError::bad_request("the form has no 'file' part"));
@@ -708,6 +752,26 @@ mod tests {
             HeaderValue::from_bytes(b"caf\xc3\xa9").expect("value"),
         );
         assert!(parse_metadata(&h).is_err());
+    }
+
+    #[test]
+    fn unsized_files_are_read_whole_within_the_bound() {
+        let f = tempfile::NamedTempFile::new().expect("tempfile");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let read = |len: u64| {
+            f.as_file().set_len(len).expect("set_len");
+            let file = tokio::fs::File::from_std(std::fs::File::open(f.path()).expect("open"));
+            rt.block_on(read_unsized(file, "f"))
+        };
+        assert_eq!(read(0).expect("empty").get_ref().len(), 0);
+        assert_eq!(read(1000).expect("small").get_ref().len(), 1000);
+        let at = read(MAX_UNSIZED_DOWNLOAD).expect("at the bound");
+        assert_eq!(at.get_ref().len() as u64, MAX_UNSIZED_DOWNLOAD);
+        let err = read(MAX_UNSIZED_DOWNLOAD + 1).expect_err("past the bound");
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("longer than"), "{}", err.message);
     }
 
     #[test]

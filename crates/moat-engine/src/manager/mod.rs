@@ -15,6 +15,7 @@ mod exec_encoding;
 mod exec_stream;
 mod execution;
 mod health;
+mod housekeeping;
 mod idempotency;
 mod keys;
 mod pause;
@@ -31,6 +32,7 @@ pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
 pub use health::{HEALTH_PROBE_INTERVAL, UNHEALTHY_PROBES};
+pub use housekeeping::{DEFAULT_RETENTION, Housekeeping, MAX_HOUSEKEEPING_INTERVAL};
 pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
@@ -66,33 +68,37 @@ pub const MAX_ENV_VARS: usize = 256;
 
 /// What the manager can fail with, one variant per answer the API gives.
 #[derive(Debug, thiserror::Error)]
+///
+/// Each variant holds one sentence for people; its [`ManagerError::code`] and
+/// [`ManagerError::http_status`] are separate, so the text never repeats the code (the API
+/// answers both, and the CLI prints both).
 pub enum ManagerError {
     /// The request is malformed or asks for something not allowed (HTTP 400).
-    #[error("invalid request: {0}")]
+    #[error("{0}")]
     Invalid(String),
     /// No such sandbox for this tenant (HTTP 404).
-    #[error("not found: {0}")]
+    #[error("{0}")]
     NotFound(String),
     /// The sandbox is not in a state that allows this (HTTP 409).
-    #[error("conflict: {0}")]
+    #[error("{0}")]
     Conflict(String),
     /// A quota of the key or tenant would be exceeded (HTTP 429).
     #[error("{0}")]
     QuotaExceeded(String),
     /// The caller's key may not do this (HTTP 403).
-    #[error("forbidden: {0}")]
+    #[error("{0}")]
     Forbidden(String),
     /// The sandbox or its agent cannot be reached, or the backend could not make it (HTTP 503).
-    #[error("unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
     /// What the request would make is larger than a limit allows (HTTP 413).
-    #[error("too large: {0}")]
+    #[error("{0}")]
     TooLarge(String),
     /// The work did not finish within its time limit (HTTP 504).
-    #[error("timeout: {0}")]
+    #[error("{0}")]
     Timeout(String),
     /// A fault of the server itself, such as its database (HTTP 500).
-    #[error("internal error: {0}")]
+    #[error("{0}")]
     Internal(String),
     /// The data dir has no room for what the request would record (HTTP 507).
     #[error("{0}")]
@@ -181,6 +187,9 @@ pub struct ManagerOptions {
     /// Where snapshot archives are kept (`moat serve`: `<data-dir>/snapshots`); `None` keeps
     /// none, and snapshots and forks are unavailable.
     pub snapshot_dir: Option<PathBuf>,
+    /// How long the record of an ended sandbox is kept before [`SandboxManager::housekeep`]
+    /// deletes it.
+    pub retention: Duration,
 }
 
 /// Warm-pool memory budget unless configured: 1 GiB.
@@ -193,6 +202,7 @@ impl Default for ManagerOptions {
             max_ttl: Duration::from_secs(24 * 3600),
             pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
             snapshot_dir: None,
+            retention: housekeeping::DEFAULT_RETENTION,
         }
     }
 }
@@ -787,11 +797,9 @@ impl Inner {
         template: &v1::TemplateSpec,
         layer: Option<&Path>,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
-        let mut instance = self
-            .backend
-            .create(sandbox)
-            .await
-            .map_err(|e| ManagerError::Unavailable(format!("backend could not create: {e}")))?;
+        let mut instance = self.backend.create(sandbox).await.map_err(|e| {
+            ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
+        })?;
         let connected = async {
             let channel = instance
                 .take_channel()
@@ -899,11 +907,38 @@ impl Inner {
         }
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
-        Err(ManagerError::Conflict(format!(
-            "sandbox {id} is {}, not running",
-            rec.state
-        )))
+        Err(not_running(&rec))
     }
+}
+
+/// Why the sandbox of record `rec`, which this server does not run, takes no calls: one
+/// sentence for a 409, with the reason it ended when it has one.
+fn not_running(rec: &SandboxRecord) -> ManagerError {
+    let id = &rec.id;
+    ManagerError::Conflict(match (rec.state, &rec.end_reason) {
+        (SandboxState::Failed, Some(EndReason::Failed(why))) => {
+            format!("sandbox {id} has failed ({why}); it is not running")
+        }
+        (SandboxState::Failed, _) => format!("sandbox {id} has failed; it is not running"),
+        (SandboxState::Killed, Some(EndReason::Ttl)) => {
+            format!("sandbox {id} has ended (its time to live ran out); it is not running")
+        }
+        (SandboxState::Killed, Some(EndReason::Deleted)) => {
+            format!("sandbox {id} has ended (it was deleted); it is not running")
+        }
+        (SandboxState::Killed, Some(EndReason::ServerRestart)) => {
+            format!("sandbox {id} has ended (its server stopped); it is not running")
+        }
+        (SandboxState::Killed, Some(EndReason::Other(why) | EndReason::Failed(why))) => {
+            format!("sandbox {id} has ended ({why}); it is not running")
+        }
+        (SandboxState::Killed, None) => format!("sandbox {id} has ended; it is not running"),
+        (SandboxState::Starting, _) => format!("sandbox {id} is still starting; try again shortly"),
+        // The record says it is live but this server holds no sandbox for it.
+        (state, _) => {
+            format!("sandbox {id} is recorded {state} but this server does not run it; delete it")
+        }
+    })
 }
 
 /// Everything a create makes, resolved from the request (and the snapshot it names).

@@ -23,6 +23,8 @@ pub const MAX_PAGE: u32 = 1000;
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY: usize = 256;
 const MAX_METADATA_VALUE: usize = 4096;
+/// All keys and values of one sandbox's metadata together, bytes.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 pub use moat_proto::v1::SandboxState;
 
@@ -272,6 +274,14 @@ fn check_metadata(metadata: &BTreeMap<String, String>) -> StoreResult<()> {
             "metadata",
             &format!("{} entries", metadata.len()),
             format!("at most {MAX_METADATA_ENTRIES} entries"),
+        ));
+    }
+    let total: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_METADATA_BYTES {
+        return Err(StoreError::invalid(
+            "metadata",
+            &format!("{total} bytes"),
+            format!("at most {MAX_METADATA_BYTES} bytes of keys and values together"),
         ));
     }
     for (key, value) in metadata {

@@ -1,5 +1,6 @@
 //! `moat check`: what this host supports, and what moat will use.
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use moat_jail::probe::{Finding, probe_all};
@@ -8,13 +9,15 @@ use moat_jail::probe::{Finding, probe_all};
 pub fn main() -> ExitCode {
     let mut findings = probe_all();
     findings.push(nofile_finding());
+    // Writing to a String cannot fail; the text goes out in one piece at the end.
+    let mut text = String::new();
     let width = findings.iter().map(|f| f.name.len()).max().unwrap_or(10);
     for f in &findings {
         let mark = if f.ok { "yes" } else { "no " };
-        println!("{:width$}  {mark}  {}", f.name, f.detail);
+        let _ = writeln!(text, "{:width$}  {mark}  {}", f.name, f.detail);
     }
     let ok = |name: &str| findings.iter().any(|f: &Finding| f.name == name && f.ok);
-    println!();
+    text.push('\n');
     let native =
         ok("root") && ok("user namespaces") && ok("cgroups") && ok("seccomp") && ok(NOFILE);
     if native {
@@ -22,7 +25,8 @@ pub fn main() -> ExitCode {
             .into_iter()
             .filter(|n| ok(n))
             .collect();
-        println!(
+        let _ = writeln!(
+            text,
             "moat will use: native backend (namespaces, seccomp{}{}, cgroups)",
             if extras.contains(&"landlock") {
                 ", landlock"
@@ -36,12 +40,14 @@ pub fn main() -> ExitCode {
             }
         );
     } else {
-        println!(
+        let _ = writeln!(
+            text,
             "moat cannot run sandboxes here: the native backend needs root, user namespaces, cgroups, seccomp and a hard open-file limit of at least {}",
             moat_engine::host_limits::sandbox_nofile()
         );
     }
-    println!(
+    let _ = writeln!(
+        text,
         "gVisor backend: {}",
         if ok("runsc") {
             "available (not yet used by moat)"
@@ -49,7 +55,8 @@ pub fn main() -> ExitCode {
             "unavailable"
         }
     );
-    println!(
+    let _ = writeln!(
+        text,
         "microVM backend: {}",
         if ok("kvm") {
             "possible (not yet built)"
@@ -57,6 +64,13 @@ pub fn main() -> ExitCode {
             "unavailable on this host"
         }
     );
+    if let Err(e) = super::output::print(&text) {
+        if super::output::is_closed(&e) {
+            return ExitCode::from(super::output::EXIT_OUTPUT_CLOSED);
+        }
+        eprintln!("moat: {e:#}");
+        return ExitCode::FAILURE;
+    }
     if native {
         ExitCode::SUCCESS
     } else {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use moat_engine::error::EngineError;
 use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
@@ -54,6 +55,10 @@ pub struct ServeArgs {
     /// always destroyed).
     #[arg(long, value_enum, default_value_t = OnShutdown::Destroy)]
     on_shutdown: OnShutdown,
+    /// How long the record of an ended sandbox is kept (its state, reason and metadata, for
+    /// `GET` and listings) before it is deleted: `24h`, `30m`, `10s`.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_retention)]
+    retention: Duration,
 }
 
 /// Values of `--on-shutdown`.
@@ -83,6 +88,7 @@ impl ServeArgs {
             max_ttl: Duration::from_secs(self.max_ttl),
             pool_memory_budget: self.pool_memory,
             snapshot_dir: Some(self.data_dir.join(SNAPSHOT_DIR)),
+            retention: self.retention,
         })
     }
 }
@@ -147,9 +153,17 @@ fn run(args: ServeArgs) -> Result<()> {
             OnShutdown::Keep => ShutdownMode::Keep,
         },
     };
-    // Before anything is made: with too low a hard limit no sandbox could run a command, and
-    // the soft one bounds how many sandboxes and connections the server can hold.
-    let nofile = moat_engine::host_limits::raise_nofile().map_err(anyhow::Error::msg)?;
+    // The host next: a server that cannot run sandboxes must not make a data dir, a store or
+    // an admin key first.
+    match NativeBackend::preflight() {
+        Ok(()) => {}
+        Err(EngineError::Unsupported(why)) => bail!("{why}; nothing was created"),
+        Err(e) => return Err(e).context("checking the host; nothing was created"),
+    }
+    // Likewise: with too low a hard open-file limit no sandbox could run a command, and the
+    // soft one bounds how many sandboxes and connections the server can hold.
+    let nofile = moat_engine::host_limits::raise_nofile()
+        .map_err(|why| anyhow::anyhow!("{why}; nothing was created"))?;
     tracing::debug!(soft = nofile.soft, hard = nofile.hard, "open-file limit");
     DirBuilder::new()
         .recursive(true)
@@ -251,8 +265,20 @@ fn first_admin_key(store: &Store, data_dir: &Path) -> Result<()> {
         key.id,
         path.display()
     );
-    println!("{}", secret.expose());
-    Ok(())
+    // The secret is also in the file: a closed standard output does not stop the server.
+    match super::output::println(secret.expose()) {
+        Err(e) if !super::output::is_closed(&e) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A `--retention` value: a duration of at least one second.
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let d = moat_engine::resources::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn parse_pool_memory(text: &str) -> Result<u64, String> {
