@@ -78,7 +78,8 @@ pub trait Backend: Send + Sync {
         let _ = id;
         Ok(None)
     }
-    /// Ids of the sandboxes earlier processes kept on this host (adoptable or not).
+    /// Ids of the sandboxes earlier processes with this backend's owner (a server on the same
+    /// data dir) kept on this host, adoptable or not; never another owner's.
     fn kept(&self) -> Vec<String> {
         Vec::new()
     }

@@ -13,6 +13,7 @@
 pub mod agent_client;
 pub mod backend;
 pub mod error;
+pub mod host_limits;
 pub mod manager;
 pub mod metrics;
 pub mod native;

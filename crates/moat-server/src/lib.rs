@@ -10,6 +10,7 @@
 //! is rate-limited per key.
 
 mod api;
+mod conn_limits;
 mod e2b;
 mod error;
 mod files;
@@ -19,20 +20,21 @@ pub mod openapi;
 mod rate_limit;
 mod sandbox_proxy;
 mod snapshots;
+mod storage_guard;
 mod templates;
 
 use moat_engine::store::now_ms;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::serve::ListenerExt as _;
 use moat_engine::manager::{SandboxManager, ShutdownMode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use api::router;
+pub use conn_limits::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, connection_cap};
 pub use error::ApiError;
 pub use files::{MAX_LIST_DEPTH, MAX_UPLOAD_BYTES, TAR_TIMEOUT};
 pub use rate_limit::{BURST_SECONDS, DEFAULT_REQUESTS_PER_MINUTE};
@@ -145,15 +147,8 @@ pub async fn serve(
             let _ = stop_tx.send(true);
         }
     };
-    // Event streams send small lines that must leave at once, not wait for an acknowledgement.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("setting TCP_NODELAY: {e}");
-        }
-    });
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .into_future();
+    // Header-read timeout and connection cap: see `conn_limits`.
+    let server = conn_limits::serve(listener, app, signal);
     let mut stopped = stop_rx;
     let drain_deadline = async move {
         // Only counts from the start of the shutdown; a dropped sender means the server ended.

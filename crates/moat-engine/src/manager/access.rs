@@ -66,8 +66,10 @@ impl SandboxManager {
     }
 
     /// The running sandbox `id`, whatever its tenant. [`ManagerError::NotFound`] when this
-    /// server runs no sandbox of that id (never made, ended, or paused). Callers must check
-    /// [`SandboxManager::access_token`] (or the tenant) before they act for the caller.
+    /// server runs no sandbox of that id (never made, ended, or paused);
+    /// [`ManagerError::Unavailable`] when its agent does not answer its health checks. Callers
+    /// must check [`SandboxManager::access_token`] (or the tenant) before they act for the
+    /// caller.
     pub fn route(&self, id: &str) -> ManagerResult<SandboxRoute> {
         let live: Option<Arc<Live>> = lock(&self.inner.live).get(id).cloned();
         match live {
@@ -75,6 +77,7 @@ impl SandboxManager {
             Some(live) if live.is_paused() => {
                 Err(ManagerError::NotFound(format!("sandbox {id} is paused")))
             }
+            Some(live) if let Some(refused) = live.health.refusal(id) => Err(refused),
             Some(live) => Ok(SandboxRoute {
                 tenant: live.tenant.clone(),
                 client: live.client.clone(),

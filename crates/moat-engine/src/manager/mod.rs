@@ -14,6 +14,7 @@ mod exec;
 mod exec_encoding;
 mod exec_stream;
 mod execution;
+mod health;
 mod housekeeping;
 mod idempotency;
 mod keys;
@@ -23,12 +24,14 @@ mod readiness;
 mod restart;
 mod run;
 mod snapshots;
+mod storage;
 mod templates;
 mod usage;
 
 pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
+pub use health::{HEALTH_PROBE_INTERVAL, UNHEALTHY_PROBES};
 pub use housekeeping::{DEFAULT_RETENTION, Housekeeping, MAX_HOUSEKEEPING_INTERVAL};
 pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
@@ -37,6 +40,7 @@ pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
 pub use snapshots::{
     FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT,
 };
+pub use storage::DATA_DIR_RESERVE;
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
@@ -96,6 +100,9 @@ pub enum ManagerError {
     /// A fault of the server itself, such as its database (HTTP 500).
     #[error("{0}")]
     Internal(String),
+    /// The data dir has no room for what the request would record (HTTP 507).
+    #[error("{0}")]
+    InsufficientStorage(String),
 }
 
 impl ManagerError {
@@ -111,6 +118,7 @@ impl ManagerError {
             ManagerError::TooLarge(_) => "too_large",
             ManagerError::Timeout(_) => "timeout",
             ManagerError::Internal(_) => "internal",
+            ManagerError::InsufficientStorage(_) => "insufficient_storage",
         }
     }
 
@@ -126,12 +134,18 @@ impl ManagerError {
             ManagerError::TooLarge(_) => 413,
             ManagerError::Timeout(_) => 504,
             ManagerError::Internal(_) => 500,
+            ManagerError::InsufficientStorage(_) => 507,
         }
     }
 }
 
 impl From<StoreError> for ManagerError {
     fn from(e: StoreError) -> Self {
+        if storage::is_disk_full(&e) {
+            return ManagerError::InsufficientStorage(format!(
+                "the data dir is full; nothing was changed ({e})"
+            ));
+        }
         let text = e.to_string();
         match e {
             StoreError::Invalid { .. } | StoreError::BadJson { .. } => ManagerError::Invalid(text),
@@ -216,6 +230,8 @@ struct Live {
     public_traffic: bool,
     /// Its recent resource use, sampled every [`USAGE_INTERVAL`].
     usage: Mutex<usage::History>,
+    /// What the health checks found (see [`health`]).
+    health: health::Health,
 }
 
 impl Live {
@@ -236,6 +252,7 @@ impl Live {
             ops: tokio::sync::Mutex::new(()),
             env,
             public_traffic,
+            health: health::Health::default(),
         }
     }
 
@@ -255,6 +272,8 @@ struct Inner {
     access_key: [u8; crate::store::SECRET_BYTES],
     /// Creates in flight per (tenant, idempotency key), so that two at once make one sandbox.
     idempotent_creates: idempotency::InFlight,
+    /// The rounds of health checks of the running sandboxes.
+    health_probes: health::Probes,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -349,6 +368,7 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
+                health_probes: health::Probes::default(),
             }),
         })
     }
@@ -857,19 +877,26 @@ impl Inner {
     ) -> ManagerResult<v1::Sandbox> {
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
-        // The store said it is the tenant's, so the live entry (same id) is too.
-        self.remove_and_destroy(id).await;
         if rec.state.is_ended() {
+            // The store said it is the tenant's, so the live entry (same id) is too.
+            self.remove_and_destroy(id).await;
             return Ok(to_v1(&rec));
         }
+        // Recorded before it is destroyed: when the record cannot be written (a full data
+        // dir), the sandbox runs on as recorded and the caller may try again; once it is
+        // written, the destroy follows whatever happens to it.
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        match self
+        let recorded = self
             .db(move |s| s.update_sandbox_state(&t, &i, state, Some(reason)))
-            .await
-        {
-            Ok(rec) => Ok(to_v1(&rec)),
+            .await;
+        match recorded {
+            Ok(rec) => {
+                self.remove_and_destroy(id).await;
+                Ok(to_v1(&rec))
+            }
             // Ended meanwhile by another path (a failed create, a concurrent delete).
             Err(ManagerError::Conflict(_)) => {
+                self.remove_and_destroy(id).await;
                 let (t, i) = (tenant.to_owned(), id.to_owned());
                 Ok(to_v1(&self.db(move |s| s.get_sandbox(&t, &i)).await?))
             }
@@ -878,13 +905,17 @@ impl Inner {
     }
 
     /// The live, running sandbox `id` of `tenant`, or why there is none: 404 when there is no
-    /// such sandbox, 409 when it is paused or not running.
+    /// such sandbox, 409 when it is paused or not running, 503 when its agent does not answer
+    /// its health checks.
     async fn live_for(&self, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
         let live = self.live_any(tenant, id).await?;
         if live.is_paused() {
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} is paused; resume it first"
             )));
+        }
+        if let Some(refused) = live.health.refusal(id) {
+            return Err(refused);
         }
         Ok(live)
     }

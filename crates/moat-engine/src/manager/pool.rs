@@ -230,8 +230,8 @@ impl SandboxManager {
 }
 
 impl Inner {
-    /// One maintenance pass: follow the templates, drop dead members, fail sandboxes whose
-    /// agent is gone, refill.
+    /// One maintenance pass: follow the templates, drop dead members, probe the sandboxes'
+    /// agents, fail sandboxes whose agent is gone, refill.
     async fn maintain(self: Arc<Self>) {
         if self.pools.stale.swap(false, Ordering::SeqCst)
             && let Err(e) = self.follow_templates().await
@@ -241,6 +241,7 @@ impl Inner {
         }
         self.replace_dead_members().await;
         self.probe_members();
+        self.probe_sandboxes();
         self.fail_dead_sandboxes();
         self.refill();
     }

@@ -7,7 +7,8 @@ use moat_jail::probe::{Finding, probe_all};
 
 /// Prints the findings and the backend choice. Exits 0 when the native backend can run.
 pub fn main() -> ExitCode {
-    let findings = probe_all();
+    let mut findings = probe_all();
+    findings.push(nofile_finding());
     // Writing to a String cannot fail; the text goes out in one piece at the end.
     let mut text = String::new();
     let width = findings.iter().map(|f| f.name.len()).max().unwrap_or(10);
@@ -17,7 +18,8 @@ pub fn main() -> ExitCode {
     }
     let ok = |name: &str| findings.iter().any(|f: &Finding| f.name == name && f.ok);
     text.push('\n');
-    let native = ok("root") && ok("user namespaces") && ok("cgroups") && ok("seccomp");
+    let native =
+        ok("root") && ok("user namespaces") && ok("cgroups") && ok("seccomp") && ok(NOFILE);
     if native {
         let extras: Vec<&str> = ["landlock", "overlayfs"]
             .into_iter()
@@ -40,7 +42,8 @@ pub fn main() -> ExitCode {
     } else {
         let _ = writeln!(
             text,
-            "moat cannot run sandboxes here: the native backend needs root, user namespaces, cgroups and seccomp"
+            "moat cannot run sandboxes here: the native backend needs root, user namespaces, cgroups, seccomp and a hard open-file limit of at least {}",
+            moat_engine::host_limits::sandbox_nofile()
         );
     }
     let _ = writeln!(
@@ -72,5 +75,36 @@ pub fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// The name of the open-file limit's finding.
+const NOFILE: &str = "open files";
+
+/// Whether the hard `RLIMIT_NOFILE` lets every sandbox process have its own limit, and what to
+/// set if not.
+fn nofile_finding() -> Finding {
+    use moat_engine::host_limits::{check_nofile, nofile};
+    match nofile() {
+        Ok(limit) => match check_nofile(limit) {
+            Ok(()) => Finding {
+                name: NOFILE,
+                ok: true,
+                detail: format!(
+                    "soft {}, hard {} (moat serve raises the soft limit to the hard one)",
+                    limit.soft, limit.hard
+                ),
+            },
+            Err(why) => Finding {
+                name: NOFILE,
+                ok: false,
+                detail: why,
+            },
+        },
+        Err(e) => Finding {
+            name: NOFILE,
+            ok: false,
+            detail: format!("reading RLIMIT_NOFILE: {e}"),
+        },
     }
 }

@@ -166,6 +166,11 @@ fn run(args: ServeArgs) -> Result<()> {
         Err(EngineError::Unsupported(why)) => bail!("{why}; nothing was created"),
         Err(e) => return Err(e).context("checking the host; nothing was created"),
     }
+    // Likewise: with too low a hard open-file limit no sandbox could run a command, and the
+    // soft one bounds how many sandboxes and connections the server can hold.
+    let nofile = moat_engine::host_limits::raise_nofile()
+        .map_err(|why| anyhow::anyhow!("{why}; nothing was created"))?;
+    tracing::debug!(soft = nofile.soft, hard = nofile.hard, "open-file limit");
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -177,9 +182,13 @@ fn run(args: ServeArgs) -> Result<()> {
     let store =
         Arc::new(Store::open(&db).with_context(|| format!("opening the store {}", db.display()))?);
     first_admin_key(&store, &args.data_dir)?;
+    // What the sandboxes this server keeps are marked with, so that servers on other data
+    // dirs of this host leave them alone (and this one leaves theirs alone).
+    let owner = store.data_dir_id().context("reading the data dir's id")?;
     let backend = NativeBackend::new(&NativeOptions {
         // Only a server that may keep its sandboxes gives their agents a way back in.
         keepable: args.on_shutdown == OnShutdown::Keep,
+        owner: Some(owner),
         ..NativeOptions::default()
     })
     .context("native backend")?;
