@@ -222,16 +222,9 @@ async fn files_round_trip() {
     let dir = std::env::temp_dir().join(format!("moat-client-files-{}", std::process::id()));
     let path = dir.join("sub/hello.txt");
     let path = path.to_str().unwrap();
-    match c.write_file(path, Bytes::from_static(b"hello"), None).await {
-        Err(AgentError::Rpc {
-            code: Code::Unimplemented,
-            ..
-        }) => {
-            eprintln!("skipping: the agent does not serve /files yet");
-            return;
-        }
-        other => other.unwrap(),
-    }
+    c.write_file(path, Bytes::from_static(b"hello"), None)
+        .await
+        .unwrap();
     assert_eq!(&c.read_file(path, None, 1024).await.unwrap()[..], b"hello");
     let err = c.read_file(path, None, 2).await.unwrap_err();
     assert!(matches!(err, AgentError::TooLarge { limit: 2 }), "{err}");
