@@ -6,6 +6,8 @@ need=()
 command -v python3 >/dev/null || need+=(python3)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 [ -x /usr/bin/python3 ] || need+=(python3)
+command -v ps >/dev/null || need+=(procps)
+/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -433,25 +433,26 @@ async fn python_executions() {
     assert!(finish(first).await.error.is_none());
     assert_eq!(finish(second).await.main_text(), Some("[1, 2]"));
 
-    // Open matplotlib figures come as PNG results, where matplotlib is installed.
+    // Open matplotlib figures come as PNG results (scripts/test-deps.sh installs Debian's
+    // python3-matplotlib for the host's python3, which the sandbox runs).
     let ex = run(&client, None, None, "import matplotlib", None).await;
-    if ex.error.is_some() {
-        eprintln!("NOTE: matplotlib is not installed here; figures were not checked");
-    } else {
-        let ex = run(
-            &client,
-            None,
-            None,
-            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nNone",
-            None,
-        )
-        .await;
-        let figure = ex.results.iter().find(|r| r["png"].is_string());
-        assert!(
-            figure.is_some_and(|f| f["is_main_result"] == false),
-            "{ex:?}"
-        );
-    }
+    assert!(
+        ex.error.is_none(),
+        "matplotlib is not importable in the sandbox (run scripts/test-deps.sh): {ex:?}"
+    );
+    let ex = run(
+        &client,
+        None,
+        None,
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nNone",
+        None,
+    )
+    .await;
+    let figure = ex.results.iter().find(|r| r["png"].is_string());
+    assert!(
+        figure.is_some_and(|f| f["is_main_result"] == false),
+        "{ex:?}"
+    );
 
     inst.destroy().await.expect("destroy");
 }

@@ -83,6 +83,12 @@ impl Fixture {
         loop {
             let ps = self.exec(json!({"cmd": ["ps", "-eo", "args"]}));
             let listing = ps["stdout"].as_str().expect("ps output");
+            // An empty listing must not pass for "gone": `ps` ran and saw itself.
+            assert_eq!(ps["exit_code"], 0, "ps failed (is procps installed?): {ps}");
+            assert!(
+                listing.lines().any(|l| l.starts_with("ps -eo args")),
+                "ps did not list itself:\n{listing}"
+            );
             if !listing.lines().any(|l| l.contains(needle)) {
                 return;
             }
