@@ -6,6 +6,7 @@
 //! while the test reads and writes `/home/user/x` through the agent 2,000 times. The agent
 //! resolves every path inside the sandbox's mount namespace, so whatever wins the race, the host
 //! canaries are never opened: inotify sees no event on them, and their content and mtime hold.
+//! Every failed operation must be a refusal the race explains, and plenty must succeed.
 //! Needs root; skips with a printed reason otherwise.
 
 use std::ffi::CString;
@@ -21,6 +22,7 @@ use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
+use moat_proto::connect::Code;
 use moat_proto::process::process_selector::Selector;
 use moat_proto::process::{ProcessConfig, StartRequest, process_event};
 
@@ -265,7 +267,7 @@ async fn c3_symlink_race_never_reaches_the_host() {
         let client = client.clone();
         let token = token.clone();
         workers.spawn(async move {
-            let (mut reads, mut writes, mut errors) = (0, 0, 0);
+            let (mut reads, mut writes, mut errors) = (0, 0, Vec::new());
             for i in 0..OPS / WORKERS {
                 let user = if (i / 2) % 2 == 0 { "user" } else { "root" };
                 if i % 2 == 0 {
@@ -278,23 +280,24 @@ async fn c3_symlink_race_never_reaches_the_host() {
                                 "a read through the agent returned the host canary"
                             );
                         }
-                        Err(_) => errors += 1,
+                        Err(e) => errors.push(("read", user, e)),
                     }
                 } else {
                     let data = Bytes::from(format!("written-by-test-{w}-{i}"));
                     match client.write_file("/home/user/x", data, Some(user)).await {
                         Ok(()) => writes += 1,
-                        Err(_) => errors += 1,
+                        Err(e) => errors.push(("write", user, e)),
                     }
                 }
             }
             (reads, writes, errors)
         });
     }
-    let (mut reads, mut writes, mut errors) = (0, 0, 0);
+    let (mut reads, mut writes, mut errors) = (0, 0, Vec::new());
     while let Some(r) = workers.join_next().await {
         let (r, w, e) = r.expect("worker");
-        (reads, writes, errors) = (reads + r, writes + w, errors + e);
+        (reads, writes) = (reads + r, writes + w);
+        errors.extend(e);
     }
     let flips: u64 = client
         .read_file("/home/user/flips", Some("user"), 64)
@@ -302,8 +305,44 @@ async fn c3_symlink_race_never_reaches_the_host() {
         .ok()
         .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
         .unwrap_or(0);
-    eprintln!("{reads} reads, {writes} writes, {errors} errors, {flips} flips");
-    assert_eq!(reads + writes + errors, OPS);
+    eprintln!(
+        "{reads} reads, {writes} writes, {} errors, {flips} flips",
+        errors.len()
+    );
+    assert_eq!(reads + writes + errors.len(), OPS);
+    // Every refusal is one the race explains; anything else (a timeout, an internal error, a
+    // path not found) fails the test.
+    let mut truncated = 0;
+    for (op, user, e) in &errors {
+        let msg = e.to_string();
+        let explained = match e.code() {
+            // `x` was a symlink to `/` or to a directory.
+            Code::InvalidArgument => msg.ends_with("/home/user/x is a directory"),
+            // `x` went through /proc/self/root or /proc/1/root.
+            Code::PermissionDenied if msg.contains("goes through a /proc magic link") => true,
+            // The kernel's own refusal of a file the caller may not write.
+            Code::PermissionDenied => *op == "write" && msg.contains("(os error 13)"),
+            // `x` was swapped between the agent's resolution and its open.
+            Code::AlreadyExists => msg.ends_with("changed while being opened"),
+            // Another worker truncated `x` while this read streamed it: the body ends before
+            // the Content-Length the agent sent.
+            Code::Unavailable if *op == "read" => {
+                truncated += 1;
+                true
+            }
+            _ => false,
+        };
+        assert!(explained, "unexpected {op} error as {user}: {e}");
+    }
+    assert!(
+        truncated <= OPS / 50,
+        "{truncated} reads lost their connection"
+    );
+    // Plenty of operations got through: the agent did not just refuse everything.
+    assert!(
+        reads >= OPS / 10 && writes >= OPS / 10,
+        "{reads} reads and {writes} writes succeeded"
+    );
     assert!(flips >= 100, "the flipper barely ran ({flips} flips)");
     client
         .send_signal(Selector::Pid(flipper_pid), 9)
