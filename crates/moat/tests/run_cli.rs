@@ -68,32 +68,81 @@ fn missing_command_is_127() {
 #[test]
 fn invalid_options_are_refused_before_anything_starts() {
     need_root!();
-    for args in [
-        &["--memory", "1K", "--", "true"][..],
-        &["--memory", "lots", "--", "true"],
-        &["--cpus", "0", "--", "true"],
-        &["--pids", "1", "--", "true"],
-        &["--disk", "-5G", "--", "true"],
-        &["--timeout", "forever", "--", "true"],
-        &["--env", "NOEQUALS", "--", "true"],
-        &["--workdir", "relative", "--", "true"],
-        &["--copy", "/no/such/file:/tmp/x", "--", "true"],
-        &["--rootfs", "/no/such/dir", "--", "true"],
+    // With MOAT_TIMING set, `moat run` reports each stage on stderr ("backend ready", "sandbox
+    // created", ...): a refusal before anything starts is the one line that says why.
+    let timed = |args: &[&str]| {
+        moat()
+            .arg("run")
+            .args(args)
+            .env("MOAT_TIMING", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run moat")
+    };
+    // The probe works: a valid run reports its stages.
+    let o = timed(&["--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("backend ready"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("sandbox created"), "{}", stderr(&o));
+
+    for (args, reason) in [
+        (
+            &["--memory", "1K", "--", "true"][..],
+            "memory 1K is out of range (16M to 64G)",
+        ),
+        (
+            &["--memory", "lots", "--", "true"],
+            "--memory: invalid request: invalid size \"lots\"",
+        ),
+        (
+            &["--cpus", "0", "--", "true"],
+            "--cpus: invalid request: invalid CPU count \"0\": must be positive",
+        ),
+        (
+            &["--pids", "1", "--", "true"],
+            "pids 1 is out of range (8 to 4096)",
+        ),
+        (
+            &["--disk", "-5G", "--", "true"],
+            "--disk: invalid request: invalid size \"-5G\"",
+        ),
+        (
+            &["--timeout", "forever", "--", "true"],
+            "--timeout: invalid request: invalid duration \"forever\"",
+        ),
+        (
+            &["--env", "NOEQUALS", "--", "true"],
+            "--env \"NOEQUALS\": expected KEY=VALUE",
+        ),
+        (
+            &["--workdir", "relative", "--", "true"],
+            "--workdir \"relative\": must be an absolute path",
+        ),
+        (
+            &["--copy", "/no/such/file:/tmp/x", "--", "true"],
+            "/no/such/file is not a readable file",
+        ),
+        (
+            &["--rootfs", "/no/such/dir", "--", "true"],
+            "--rootfs /no/such/dir: not a directory",
+        ),
     ] {
-        let o = run(args);
-        assert_eq!(
-            o.status.code(),
-            Some(125),
-            "{args:?} was accepted: {}",
-            stderr(&o)
+        let o = timed(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(125), "{args:?} was accepted: {err}");
+        // One line, the reason, and no stage: no backend, no sandbox, no command.
+        assert_eq!(err.lines().count(), 1, "{args:?} started something: {err}");
+        assert!(
+            err.starts_with("moat: ") && err.contains(reason),
+            "{args:?}: expected {reason:?}, got {err}"
         );
-        assert!(stderr(&o).starts_with("moat: "), "{args:?}: {}", stderr(&o));
     }
-    let o = moat().arg("run").output().expect("run moat");
-    assert_ne!(
-        o.status.code(),
-        Some(0),
-        "a run without a command was accepted"
+    let o = timed(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "a run without a command: {err}");
+    assert_eq!(
+        err,
+        "moat: no command given: moat run [OPTIONS] -- CMD [ARGS...]\n"
     );
 }
 
@@ -139,15 +188,33 @@ fn stdin_is_forwarded_and_closed() {
     assert_eq!(stdout(&o).trim(), "100000");
 }
 
+/// The host processes whose command line is exactly `argv`.
+fn host_processes(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
 #[test]
 fn timeout_kills_the_whole_tree() {
     need_root!();
-    let start = std::time::Instant::now();
-    let o = run(&["--timeout", "1s", "--", "sh", "-c", "sleep 100 & sleep 100"]);
+    // A duration no other test uses, so the host's process list shows only this tree.
+    let marker = format!("{}", 100_000 + std::process::id());
+    let script = format!("sleep {marker} & sleep {marker} & echo started; wait");
+    let o = run(&["--timeout", "1s", "--", "sh", "-c", &script]);
     assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
     assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
-    // A generous bound only, to catch a timeout that never fires (speed lives in bench/).
-    assert!(start.elapsed().as_secs() < 30);
+    assert_eq!(stdout(&o), "started\n", "the tree never started");
+    // `moat run` has exited: the whole tree, background children included, is gone from the
+    // host.
+    let left = host_processes(&["sleep", &marker]);
+    assert!(left.is_empty(), "still running on the host: {left:?}");
 }
 
 /// A minimal root filesystem: `dash` as `/bin/sh` with its libraries, and the `user` account.
