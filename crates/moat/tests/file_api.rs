@@ -6,9 +6,23 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use moat_engine::agent_client::AgentError;
+use moat_proto::connect::Code;
 
 mod support;
 use support::{sandbox, sh};
+
+/// Asserts that `r` failed with `code` and a message containing `text`.
+fn assert_refused(r: Result<Bytes, AgentError>, code: Code, text: &str, what: &str) {
+    match r {
+        Err(e) => assert!(
+            e.code() == code && e.to_string().contains(text),
+            "{what}: expected {code:?} ({text:?}), got {:?}: {e}",
+            e.code()
+        ),
+        Ok(b) => panic!("{what} was read: {} bytes", b.len()),
+    }
+}
 
 /// C1/C2: traversal and symlinks to host secrets resolve inside the sandbox (to its masked
 /// `/etc/shadow`), never on the host; absolute paths are the sandbox's.
@@ -22,34 +36,50 @@ async fn c1_c2_paths_and_symlinks_stay_inside() {
         sh(
             c,
             "user",
-            "ln -s /etc/shadow /home/user/out && ln -s / /home/user/root"
+            "ln -s /etc/shadow /home/user/out && ln -s / /home/user/root \
+             && echo sandbox-file > /home/user/ok && ln -s /home/user/ok /home/user/oklink"
         )
         .await
         .1,
         0
     );
     for user in ["user", "root"] {
-        let r = c.read_file("/home/user/out", Some(user), 1 << 20).await;
+        // What is legitimate works: a symlink inside the sandbox, and a relative path that
+        // climbs to the sandbox's root and finds the sandbox's own files.
+        let ok = c.read_file("/home/user/oklink", Some(user), 1 << 20).await;
+        assert_eq!(&ok.expect("a symlink inside")[..], b"sandbox-file\n");
+        let passwd = c
+            .read_file("../../../../etc/passwd", Some(user), 1 << 20)
+            .await
+            .expect("the sandbox's /etc/passwd by a relative path");
         assert!(
-            r.is_err(),
-            "{user} read the masked shadow through a symlink: {r:?}"
+            String::from_utf8_lossy(&passwd).contains("user:x:1000:1000"),
+            "{}",
+            String::from_utf8_lossy(&passwd)
         );
+        // The sandbox's /etc/shadow is masked (mode 0, owned by nobody): through a symlink or
+        // by traversal, the kernel refuses it, root included.
+        let r = c.read_file("/home/user/out", Some(user), 1 << 20).await;
+        let what = format!("{user} reading shadow through a symlink");
+        assert_refused(r, Code::PermissionDenied, "(os error 13)", &what);
         let r = c
             .read_file("../../../../etc/shadow", Some(user), 1 << 20)
             .await;
-        assert!(r.is_err(), "{user} read shadow by traversal: {r:?}");
+        let what = format!("{user} reading shadow by traversal");
+        assert_refused(r, Code::PermissionDenied, "(os error 13)", &what);
     }
     // The host's own files are not there at all.
     let marker = format!("/tmp/moat-host-marker-{}", std::process::id());
     std::fs::write(&marker, "host secret").expect("marker");
-    assert!(
-        c.read_file(&marker, Some("root"), 1 << 20).await.is_err(),
-        "a host /tmp file was visible"
-    );
-    assert!(
-        c.read_file(&format!("/home/user/root{marker}"), Some("root"), 1 << 20)
-            .await
-            .is_err()
+    let r = c.read_file(&marker, Some("root"), 1 << 20).await;
+    assert_refused(r, Code::NotFound, "no such file", "a host /tmp file");
+    let through_root = format!("/home/user/root{marker}");
+    let r = c.read_file(&through_root, Some("root"), 1 << 20).await;
+    assert_refused(
+        r,
+        Code::NotFound,
+        "no such file",
+        "a host file via a / link",
     );
     // Writing through a symlink to a host path lands in the sandbox, never on the host.
     assert_eq!(
@@ -58,14 +88,18 @@ async fn c1_c2_paths_and_symlinks_stay_inside() {
             .1,
         0
     );
-    let w = c
-        .write_file(
-            "/home/user/link",
-            Bytes::from_static(b"pwned"),
-            Some("user"),
-        )
-        .await;
-    assert!(w.is_err() || std::fs::read_to_string(&marker).expect("marker") == "host secret");
+    c.write_file(
+        "/home/user/link",
+        Bytes::from_static(b"pwned"),
+        Some("user"),
+    )
+    .await
+    .expect("a write through a symlink inside the sandbox");
+    assert_eq!(
+        sh(c, "user", &format!("cat {marker}")).await,
+        ("pwned".to_owned(), 0),
+        "the write did not land at the sandbox's path"
+    );
     assert_eq!(
         std::fs::read_to_string(&marker).expect("marker"),
         "host secret"
@@ -80,13 +114,23 @@ async fn c4_magic_links_refused() {
     let Some(mut sb) = sandbox("filesc4").await else {
         return;
     };
+    // The same files by their plain paths are readable: only the magic link is refused.
+    for path in ["/etc/passwd", "/etc/hostname"] {
+        let r = sb.client.read_file(path, Some("root"), 1 << 20).await;
+        assert!(!r.expect(path).is_empty(), "{path} is empty");
+    }
     for path in [
         "/proc/self/root/etc/passwd",
         "/proc/1/cwd/etc/passwd",
         "/proc/1/root/etc/hostname",
     ] {
         let r = sb.client.read_file(path, Some("root"), 1 << 20).await;
-        assert!(r.is_err(), "{path} was followed: {r:?}");
+        assert_refused(
+            r,
+            Code::PermissionDenied,
+            "goes through a /proc magic link; refused",
+            path,
+        );
     }
     sb.inst.destroy().await.expect("destroy");
 }
