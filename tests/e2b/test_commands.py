@@ -1,5 +1,7 @@
 """Commands and PTYs through the unmodified `e2b` SDK (sync and async) against moat serve."""
 
+import time
+
 import pytest
 from e2b import AsyncSandbox, CommandExitException, Sandbox, TimeoutException
 from e2b.sandbox.commands.command_handle import PtySize
@@ -29,9 +31,27 @@ def test_streaming_callbacks(sbx):
     assert "".join(seen) == "1\n2\n3\n"
 
 
+def running(sbx, args):
+    """Whether a process with exactly these arguments runs in the sandbox (by `ps`)."""
+    ps = sbx.commands.run("ps -eo args")
+    lines = ps.stdout.splitlines()
+    assert "ps -eo args" in lines, ps.stdout  # ps ran and saw itself
+    return args in lines
+
+
 def test_timeout_kills_the_command(sbx):
+    seen = []
     with pytest.raises(TimeoutException):
-        sbx.commands.run("sleep 30", timeout=1)
+        sbx.commands.run(
+            "echo started; exec sleep 3171", timeout=1, on_stdout=seen.append
+        )
+    assert "".join(seen) == "started\n"
+    # The command is killed, not left running behind the client's timeout. The kill follows
+    # the client's hang-up, so it is awaited (a command that is never killed fails here).
+    deadline = time.monotonic() + 30
+    while running(sbx, "sleep 3171"):
+        assert time.monotonic() < deadline, "the timed-out command still runs"
+        time.sleep(0.1)
     # The sandbox carries on.
     assert sbx.commands.run("echo still here").stdout == "still here\n"
 
