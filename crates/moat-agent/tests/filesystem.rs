@@ -589,9 +589,22 @@ async fn watch_dir_streams_events() {
     std::fs::remove_file(home.join("g")).expect("remove");
     let removed = wait_for(&mut stream, "g", EventType::Remove).await;
     assert!(removed.entry.is_none(), "no entry for REMOVE");
-    // Not recursive: a file in a new subdirectory is not reported, the directory is.
+    // Not recursive: a file in a new subdirectory is not reported, the directory is. Events
+    // come in order, so every event before the later `after` is seen: none is the file's.
     std::fs::create_dir(home.join("sub")).expect("mkdir");
     wait_for(&mut stream, "sub", EventType::Create).await;
+    std::fs::write(home.join("sub/inner"), "x").expect("write in sub");
+    std::fs::write(home.join("after"), "x").expect("write after");
+    loop {
+        let ev = next_event(&mut stream).await;
+        assert!(
+            !ev.name.contains("inner"),
+            "a non-recursive watch reported {ev:?}"
+        );
+        if ev.name == "after" && ev.r#type == EventType::Create as i32 {
+            break;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
