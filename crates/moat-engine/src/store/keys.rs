@@ -15,6 +15,9 @@ use super::ids::{
 use super::tenants::require_tenant;
 use super::{Store, first_row, now_ms};
 
+/// The key a secret authenticates, by the hash of the secret (the store's tests check its plan).
+pub(super) const KEY_BY_SECRET_SQL: &str = "SELECT * FROM api_keys WHERE secret_sha256 = ?1";
+
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,7 +203,7 @@ impl Store {
         let hash = hash_secret(secret);
         self.read(|tx| {
             let found = first_row(
-                &mut *tx.prepare_cached("SELECT * FROM api_keys WHERE secret_sha256 = ?1")?,
+                &mut *tx.prepare_cached(KEY_BY_SECRET_SQL)?,
                 [hash.as_slice()],
                 |row| {
                     let stored: Vec<u8> = row.get("secret_sha256")?;

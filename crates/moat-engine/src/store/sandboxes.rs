@@ -17,6 +17,13 @@ use super::templates::visible_template;
 use super::tenants::require_tenant;
 use super::{Store, first_row, now_ms};
 
+/// The query of [`Store::expired`] (the store's tests check its plan).
+pub(super) const EXPIRED_SQL: &str = concat!(
+    "SELECT * FROM sandboxes WHERE expires_at <= ?1 AND state IN ",
+    active_states_sql!(),
+    " ORDER BY expires_at, id"
+);
+
 /// Largest page [`Store::list_sandboxes`] returns.
 pub const MAX_PAGE: u32 = 1000;
 /// Bounds on metadata, so one sandbox's row stays small.
@@ -317,20 +324,73 @@ fn get_sandbox(conn: &Connection, tenant: &str, id: &str) -> StoreResult<Sandbox
     .ok_or_else(|| StoreError::not_found("sandbox", id))
 }
 
-/// Usage of active sandboxes matching `column = value`. `column` is one of ours, never input.
-fn usage(conn: &Connection, column: &'static str, value: &str) -> StoreResult<Usage> {
-    let sql = format!(
+/// The query of [`usage`] (the store's tests check its plan).
+pub(super) fn usage_sql(column: &'static str) -> String {
+    format!(
         "SELECT count(*), coalesce(sum(memory_bytes), 0) FROM sandboxes
          WHERE {column} = ?1 AND state IN {}",
         active_states_sql!()
-    );
+    )
+}
+
+/// Usage of active sandboxes matching `column = value`. `column` is one of ours, never input.
+fn usage(conn: &Connection, column: &'static str, value: &str) -> StoreResult<Usage> {
     let (count, memory): (i64, i64) = conn
-        .prepare_cached(&sql)?
+        .prepare_cached(&usage_sql(column))?
         .query_row([value], |row| Ok((row.get(0)?, row.get(1)?)))?;
     Ok(Usage {
         sandboxes: u64::try_from(count).unwrap_or_default(),
         memory_bytes: u64::try_from(memory).unwrap_or_default(),
     })
+}
+
+/// The query of [`Store::list_sandboxes`] and its arguments, for a checked `filter` (the
+/// store's tests check its plan).
+pub(super) fn list_query(tenant: &str, filter: &SandboxFilter) -> (String, Vec<SqlValue>) {
+    let mut sql = String::from("SELECT * FROM sandboxes WHERE tenant_id = ?");
+    let mut args = vec![SqlValue::Text(tenant.to_owned())];
+    if !filter.states.is_empty() {
+        let mut states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+        states.sort_unstable();
+        states.dedup();
+        sql.push_str(" AND state IN (");
+        sql.push_str(&vec!["?"; states.len()].join(", "));
+        sql.push(')');
+        args.extend(states.into_iter().map(|s| SqlValue::Text(s.to_owned())));
+    }
+    for (key, value) in &filter.metadata {
+        // json_each rather than json_extract: a key may hold any character, including the
+        // `.` and `"` that a JSON path would interpret.
+        sql.push_str(
+            " AND EXISTS (SELECT 1 FROM json_each(sandboxes.metadata) AS m
+              WHERE m.key = ? AND m.type = 'text' AND m.value = ?)",
+        );
+        args.push(SqlValue::Text(key.clone()));
+        args.push(SqlValue::Text(value.clone()));
+    }
+    if let Some(template) = &filter.template {
+        sql.push_str(" AND template = ?");
+        args.push(SqlValue::Text(template.clone()));
+    }
+    if let Some(since) = filter.created_since {
+        sql.push_str(" AND created_at >= ?");
+        args.push(SqlValue::Integer(since));
+    }
+    let (after_op, order) = if filter.newest_first {
+        ("<", " ORDER BY created_at DESC, id DESC")
+    } else {
+        (">", " ORDER BY created_at, id")
+    };
+    if let Some(after) = &filter.after {
+        sql.push_str(&format!(" AND (created_at, id) {after_op} (?, ?)"));
+        args.push(SqlValue::Integer(after.created_at));
+        args.push(SqlValue::Text(after.id.clone()));
+    }
+    // One more than the page, to know whether another page follows.
+    sql.push_str(order);
+    sql.push_str(" LIMIT ?");
+    args.push(SqlValue::Integer(i64::from(filter.limit) + 1));
+    (sql, args)
 }
 
 impl NewSandbox {
@@ -510,49 +570,7 @@ impl Store {
                 format!("at most {MAX_METADATA_ENTRIES} pairs"),
             ));
         }
-        let mut sql = String::from("SELECT * FROM sandboxes WHERE tenant_id = ?");
-        let mut args = vec![SqlValue::Text(tenant.to_owned())];
-        if !filter.states.is_empty() {
-            let mut states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
-            states.sort_unstable();
-            states.dedup();
-            sql.push_str(" AND state IN (");
-            sql.push_str(&vec!["?"; states.len()].join(", "));
-            sql.push(')');
-            args.extend(states.into_iter().map(|s| SqlValue::Text(s.to_owned())));
-        }
-        for (key, value) in &filter.metadata {
-            // json_each rather than json_extract: a key may hold any character, including the
-            // `.` and `"` that a JSON path would interpret.
-            sql.push_str(
-                " AND EXISTS (SELECT 1 FROM json_each(sandboxes.metadata) AS m
-                  WHERE m.key = ? AND m.type = 'text' AND m.value = ?)",
-            );
-            args.push(SqlValue::Text(key.clone()));
-            args.push(SqlValue::Text(value.clone()));
-        }
-        if let Some(template) = &filter.template {
-            sql.push_str(" AND template = ?");
-            args.push(SqlValue::Text(template.clone()));
-        }
-        if let Some(since) = filter.created_since {
-            sql.push_str(" AND created_at >= ?");
-            args.push(SqlValue::Integer(since));
-        }
-        let (after_op, order) = if filter.newest_first {
-            ("<", " ORDER BY created_at DESC, id DESC")
-        } else {
-            (">", " ORDER BY created_at, id")
-        };
-        if let Some(after) = &filter.after {
-            sql.push_str(&format!(" AND (created_at, id) {after_op} (?, ?)"));
-            args.push(SqlValue::Integer(after.created_at));
-            args.push(SqlValue::Text(after.id.clone()));
-        }
-        // One more than the page, to know whether another page follows.
-        sql.push_str(order);
-        sql.push_str(" LIMIT ?");
-        args.push(SqlValue::Integer(i64::from(filter.limit) + 1));
+        let (sql, args) = list_query(tenant, filter);
         let mut items = self.read(|tx| {
             let mut stmt = tx.prepare_cached(&sql)?;
             let rows = stmt.query_and_then(params_from_iter(args), SandboxRecord::from_row)?;
@@ -676,11 +694,7 @@ impl Store {
     /// `now`, soonest first: what the reaper kills.
     pub fn expired(&self, now: i64) -> StoreResult<Vec<SandboxRecord>> {
         self.read(|tx| {
-            let mut stmt = tx.prepare_cached(concat!(
-                "SELECT * FROM sandboxes WHERE expires_at <= ?1 AND state IN ",
-                active_states_sql!(),
-                " ORDER BY expires_at, id"
-            ))?;
+            let mut stmt = tx.prepare_cached(EXPIRED_SQL)?;
             let rows = stmt.query_and_then([now], SandboxRecord::from_row)?;
             rows.collect()
         })

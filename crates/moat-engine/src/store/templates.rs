@@ -13,6 +13,20 @@ use super::schema::active_states_sql;
 use super::tenants::require_tenant;
 use super::{Store, first_row, now_ms};
 
+/// The query of [`visible_template`]: the tenant's own template of a name first, else the
+/// global one (the store's tests check its plan).
+pub(super) const VISIBLE_TEMPLATE_SQL: &str =
+    "SELECT * FROM templates WHERE name = ?1 AND (tenant_id = ?2 OR tenant_id IS NULL)
+     ORDER BY tenant_id IS NULL LIMIT 1";
+
+/// How many active sandboxes use a template, which guards its deletion (the store's tests
+/// check its plan).
+pub(super) const TEMPLATE_IN_USE_SQL: &str = concat!(
+    "SELECT count(*) FROM sandboxes
+     WHERE template = ?1 AND template_tenant IS ?2 AND state IN ",
+    active_states_sql!()
+);
+
 /// A template.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TemplateRecord {
@@ -46,10 +60,7 @@ pub(crate) fn visible_template(
     name: &str,
 ) -> StoreResult<Option<TemplateRecord>> {
     first_row(
-        &mut *conn.prepare_cached(
-            "SELECT * FROM templates WHERE name = ?1 AND (tenant_id = ?2 OR tenant_id IS NULL)
-             ORDER BY tenant_id IS NULL LIMIT 1",
-        )?,
+        &mut *conn.prepare_cached(VISIBLE_TEMPLATE_SQL)?,
         params![name, tenant],
         TemplateRecord::from_row,
     )
@@ -172,11 +183,7 @@ impl Store {
             }
             if !force {
                 let in_use: i64 = tx
-                    .prepare_cached(concat!(
-                        "SELECT count(*) FROM sandboxes
-                         WHERE template = ?1 AND template_tenant IS ?2 AND state IN ",
-                        active_states_sql!()
-                    ))?
+                    .prepare_cached(TEMPLATE_IN_USE_SQL)?
                     .query_row(params![name, tenant], |row| row.get(0))?;
                 if in_use > 0 {
                     return Err(StoreError::TemplateInUse {
