@@ -745,6 +745,26 @@ async fn javascript_contexts() {
     assert!(list.contains("\"typescript\""), "{list}");
     let ex = run(&client, Some(&ctx), None, "[1, 2].map(x => x * 2)", None).await;
     assert_eq!(ex.main_text(), Some("[ 2, 4 ]"));
+    // Type annotations: stripped where the sandbox's node can (22.13 and later), else the code
+    // runs as JavaScript and the annotation is a syntax error, as docs/API.md says. Which node
+    // this is decides which of the two is asserted.
+    let probe = "node -e \"process.exit(typeof require('module').stripTypeScriptTypes === 'function' ? 0 : 3)\"";
+    let (_, strips) = support::sh(&client, "user", probe).await;
+    assert!(strips == 0 || strips == 3, "node probe exited {strips}");
+    let typed = "interface P { x: number }\nconst p: P = { x: 21 };\nfunction twice(n: number): number { return n * 2 }\ntwice(p.x)";
+    let ex = run(&client, Some(&ctx), None, typed, None).await;
+    if strips == 0 {
+        assert!(ex.error.is_none(), "{ex:?}");
+        assert_eq!(ex.main_text(), Some("42"), "{ex:?}");
+    } else {
+        eprintln!(
+            "NOTE: this node cannot strip types; checked that annotations fail as JavaScript"
+        );
+        let err = ex
+            .error
+            .expect("annotations are a syntax error in JavaScript");
+        assert_eq!(err["name"], "SyntaxError", "{err}");
+    }
 
     inst.destroy().await.expect("destroy");
 }
