@@ -20,6 +20,48 @@ async fn sh(client: &AgentClient, script: &str) -> String {
     out
 }
 
+/// Where a frozen task waits: the cgroup v2 freezer's trap (`do_freezer_trap`, which the
+/// kernel inlines into `get_signal`) and the v1 freezer.
+const FROZEN_WCHANS: [&str; 2] = ["get_signal", "__refrigerator"];
+
+/// Polls `cond` until it holds. Generous: only a condition that never holds should reach the end.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The host pids in the cgroup v2 directory of `pid` (its `cgroup.freeze` one) and below.
+fn sandbox_processes(pid: i32) -> Vec<i32> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mount = mountinfo
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .and_then(|l| l.split(' ').nth(4))
+        .expect("a cgroup2 mount");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a v2 cgroup");
+    let mut dirs = vec![PathBuf::from(format!("{mount}{path}"))];
+    let mut pids = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("cgroup.procs");
+        pids.extend(procs.lines().map(|l| l.parse::<i32>().expect("pid")));
+        for e in std::fs::read_dir(&dir).expect("cgroup dir").flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            }
+        }
+    }
+    pids
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn pause_freezes_and_resume_thaws() {
     // SAFETY: geteuid has no preconditions.
@@ -42,35 +84,38 @@ async fn pause_freezes_and_resume_thaws() {
     let client = AgentClient::handshake(inst.take_channel().expect("channel"))
         .await
         .expect("handshake");
-    // A counter that ticks in the background, and a file that must survive the pause.
-    sh(&client, "echo kept > /tmp/state; (i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done) >/dev/null 2>&1 &").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A counter that ticks in the background, and a file that must survive the pause. The host
+    // reads the counter through the sandbox's root, without the agent, which is frozen too.
+    sh(&client, "echo kept > /tmp/state; (i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done) >/dev/null 2>&1 &").await;
+    let pid = inst.host_pid().expect("host pid");
+    let counter = || -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/root/tmp/n")).unwrap_or_default();
+        text.trim().parse().unwrap_or(0)
+    };
+    // It runs: seen to move (a counter that never moves fails here).
+    let start = counter();
+    wait_until("the counter to move", || counter() > start).await;
     assert!(inst.stats().memory_bytes > 0, "memory counter is empty");
 
     inst.pause().await.expect("pause");
-    let frozen = tokio::time::timeout(Duration::from_millis(500), client.health()).await;
-    assert!(
-        frozen.is_err(),
-        "the agent answered while the sandbox was paused"
-    );
+    // Every process of the sandbox, the agent included, is frozen as the kernel reports it.
+    let procs = sandbox_processes(pid);
+    assert!(procs.len() >= 2, "the agent and the counter: {procs:?}");
+    for p in &procs {
+        let wchan = std::fs::read_to_string(format!("/proc/{p}/wchan")).unwrap_or_default();
+        assert!(
+            FROZEN_WCHANS.contains(&wchan.as_str()),
+            "process {p} is not frozen (waits in {wchan:?})"
+        );
+    }
+    // And the counter does not move while paused: a running one ticks every 50 ms.
+    let paused_at = counter();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counter(), paused_at, "the counter moved while paused");
+
     inst.resume().await.expect("resume");
     client.health().await.expect("health after resume");
-
-    let first: u64 = sh(&client, "cat /tmp/n")
-        .await
-        .trim()
-        .parse()
-        .expect("counter");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second: u64 = sh(&client, "cat /tmp/n")
-        .await
-        .trim()
-        .parse()
-        .expect("counter");
-    assert!(
-        second > first,
-        "the background process did not run on after resume"
-    );
+    wait_until("the counter to move after resume", || counter() > paused_at).await;
     assert_eq!(sh(&client, "cat /tmp/state").await, "kept\n");
 
     inst.destroy().await.expect("destroy");
