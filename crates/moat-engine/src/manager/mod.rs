@@ -31,7 +31,10 @@ pub use exec_stream::ExecStream;
 pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
-pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
+pub use run::{
+    MAX_CONCURRENT_RUNS, MAX_CONCURRENT_RUNS_PER_TENANT, MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE,
+    MAX_RUN_OUTPUT_TOTAL,
+};
 pub use snapshots::{
     FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT,
 };
@@ -237,6 +240,8 @@ struct Inner {
     access_key: [u8; crate::store::SECRET_BYTES],
     /// Creates in flight per (tenant, idempotency key), so that two at once make one sandbox.
     idempotent_creates: idempotency::InFlight,
+    /// One-shot runs under way.
+    runs: run::RunSlots,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -331,6 +336,7 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
+                runs: run::RunSlots::default(),
             }),
         })
     }
