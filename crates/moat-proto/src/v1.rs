@@ -722,6 +722,9 @@ pub struct QuotaRequest {
     /// Sum of the memory limits of those sandboxes, as a size string (`"4G"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<String>,
+    /// Sum of the pids limits (processes and threads) of those sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pids: Option<u64>,
     /// API requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
@@ -734,6 +737,9 @@ pub struct KeyQuotas {
     pub max_sandboxes: Option<u32>,
     /// Sum of the memory limits of those sandboxes, bytes.
     pub max_memory_bytes: Option<u64>,
+    /// Sum of the pids limits of those sandboxes.
+    #[serde(default)]
+    pub max_pids: Option<u64>,
     /// API requests per minute.
     pub requests_per_minute: Option<u32>,
 }

@@ -609,6 +609,7 @@ impl Inner {
                 Limits {
                     max_sandboxes: q.max_sandboxes.map(u64::from),
                     max_memory_bytes: q.max_memory_bytes,
+                    max_pids: q.max_pids,
                 }
             }
             None => Limits::default(),

@@ -58,7 +58,7 @@ pub enum StoreError {
     /// Recording the sandbox would take its key or tenant over a quota.
     #[error("quota exceeded: {what} limit is {limit}, {used} in use, {requested} more requested")]
     QuotaExceeded {
-        /// Which quota (`concurrent sandboxes`, `memory bytes`).
+        /// Which quota (`concurrent sandboxes`, `memory bytes`, `pids`).
         what: &'static str,
         /// The limit.
         limit: u64,

@@ -127,6 +127,7 @@ mod tests {
         let one = Limits {
             max_sandboxes: Some(1),
             max_memory_bytes: None,
+            ..Default::default()
         };
         assert!(matches!(
             store.claim_pool_member(&member_claim(b, "acme"), one),

@@ -255,6 +255,8 @@ pub struct Usage {
     pub sandboxes: u64,
     /// The sum of their memory limits, bytes.
     pub memory_bytes: u64,
+    /// The sum of their pids limits.
+    pub pids: u64,
 }
 
 /// Quota limits checked by [`Store::insert_sandbox_within`]; `None` is unlimited.
@@ -264,6 +266,8 @@ pub struct Limits {
     pub max_sandboxes: Option<u64>,
     /// Sum of their memory limits, bytes.
     pub max_memory_bytes: Option<u64>,
+    /// Sum of their pids limits (the `pids` of their resources).
+    pub max_pids: Option<u64>,
 }
 
 fn check_metadata(metadata: &BTreeMap<String, String>) -> StoreResult<()> {
@@ -305,16 +309,18 @@ fn get_sandbox(conn: &Connection, tenant: &str, id: &str) -> StoreResult<Sandbox
 /// Usage of active sandboxes matching `column = value`. `column` is one of ours, never input.
 fn usage(conn: &Connection, column: &'static str, value: &str) -> StoreResult<Usage> {
     let sql = format!(
-        "SELECT count(*), coalesce(sum(memory_bytes), 0) FROM sandboxes
-         WHERE {column} = ?1 AND state IN {}",
+        "SELECT count(*), coalesce(sum(memory_bytes), 0),
+                coalesce(sum(ifnull(json_extract(resources, '$.pids'), 0)), 0)
+         FROM sandboxes WHERE {column} = ?1 AND state IN {}",
         active_states_sql!()
     );
-    let (count, memory): (i64, i64) = conn
+    let (count, memory, pids): (i64, i64, i64) = conn
         .prepare_cached(&sql)?
-        .query_row([value], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        .query_row([value], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     Ok(Usage {
         sandboxes: u64::try_from(count).unwrap_or_default(),
         memory_bytes: u64::try_from(memory).unwrap_or_default(),
+        pids: u64::try_from(pids).unwrap_or_default(),
     })
 }
 
@@ -412,6 +418,17 @@ pub(super) fn insert_in(
                 used: used.memory_bytes,
                 requested: new.memory_bytes,
             });
+        }
+        if let Some(limit) = limits.max_pids {
+            let requested = new.resources["pids"].as_u64().unwrap_or(0);
+            if used.pids.saturating_add(requested) > limit {
+                return Err(StoreError::QuotaExceeded {
+                    what: "pids",
+                    limit,
+                    used: used.pids,
+                    requested,
+                });
+            }
         }
     }
     let inserted = tx.execute(

@@ -143,7 +143,13 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+/// Version 5: more key quotas. `max_pids`: the sum of the pids limits of the key's active
+/// sandboxes (each sandbox's limit is in its `resources`).
+const V5: &str = r#"
+ALTER TABLE api_keys ADD COLUMN max_pids INTEGER CHECK (max_pids >= 0);
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -55,6 +55,10 @@ struct CreateArgs {
     /// Most memory its sandboxes may have together, e.g. 4G.
     #[arg(long)]
     max_memory: Option<String>,
+    /// Most processes and threads its sandboxes may have together (the sum of their pids
+    /// limits).
+    #[arg(long)]
+    max_pids: Option<u64>,
     /// Most API requests per minute [default: the server's --rate-limit].
     #[arg(long)]
     requests_per_minute: Option<u32>,
@@ -86,6 +90,7 @@ pub fn main(args: KeysArgs) -> ExitCode {
                 let quotas = QuotaRequest {
                     max_sandboxes: a.max_sandboxes,
                     max_memory: a.max_memory.clone(),
+                    max_pids: a.max_pids,
                     requests_per_minute: a.requests_per_minute,
                 };
                 let req = CreateKey {
@@ -159,7 +164,7 @@ pub fn main(args: KeysArgs) -> ExitCode {
     })
 }
 
-/// Quotas as `sandboxes=N,memory=SIZE,rpm=N` (`-` when none).
+/// Quotas as `sandboxes=N,memory=SIZE,pids=N,rpm=N` (`-` when none).
 fn quotas_text(q: &KeyQuotas) -> String {
     let mut parts = Vec::new();
     if let Some(n) = q.max_sandboxes {
@@ -167,6 +172,9 @@ fn quotas_text(q: &KeyQuotas) -> String {
     }
     if let Some(m) = q.max_memory_bytes {
         parts.push(format!("memory={}", fmt_bytes(m)));
+    }
+    if let Some(p) = q.max_pids {
+        parts.push(format!("pids={p}"));
     }
     if let Some(r) = q.requests_per_minute {
         parts.push(format!("rpm={r}"));
@@ -220,6 +228,7 @@ mod tests {
                 KeyQuotas {
                     max_sandboxes: Some(2),
                     max_memory_bytes: Some(4 << 30),
+                    max_pids: Some(1024),
                     requests_per_minute: None,
                 },
             ),
@@ -228,7 +237,7 @@ mod tests {
             text,
             "ID     NAME       TENANT   ROLE  CREATED              REVOKED              QUOTAS\n\
              key_a  ci runner  default  user  1970-01-01 00:00:00  -                    -\n\
-             key_b  ci runner  default  user  1970-01-01 00:00:00  1970-01-01 00:00:01  sandboxes=2,memory=4G\n"
+             key_b  ci runner  default  user  1970-01-01 00:00:00  1970-01-01 00:00:01  sandboxes=2,memory=4G,pids=1024\n"
         );
     }
 }
