@@ -272,6 +272,10 @@ pub struct PoolStatus {
     pub target: u32,
     /// Sandboxes started, ready and not yet claimed.
     pub ready: u32,
+    /// Members destroyed since the server started because the pools held more memory than
+    /// their budget (each pass destroys the largest until the rest fit).
+    #[serde(default)]
+    pub evicted: u64,
 }
 
 /// `GET /v1/templates`: the templates the caller sees, by name.

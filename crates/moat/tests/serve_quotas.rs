@@ -1,11 +1,13 @@
-//! Key quotas of a real `moat serve` beyond the sandbox count and memory: the pids of a key's
-//! sandboxes. Needs root (the native backend); skips with a printed reason otherwise.
+//! Key quotas of a real `moat serve` beyond the sandbox count and memory (the pids of a key's
+//! sandboxes), and warm pools held to their maker's quotas and to the pool memory budget.
+//! Needs root (the native backend); skips with a printed reason otherwise.
 
 mod support;
 
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use support::is_root;
 use support::server::*;
 
@@ -91,4 +93,113 @@ fn pids_are_a_key_quota() {
     let id = first.json()["id"].as_str().expect("id").to_owned();
     server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(create(256).status, 201);
+}
+
+/// Polls the template `name` until `done` holds for it (a generous deadline for a loaded
+/// machine; not a speed check), and returns it.
+fn wait_template(
+    server: &Server,
+    key: &str,
+    name: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let t = server
+            .request("GET", &format!("/v1/templates/{name}"), Some(key), None)
+            .json();
+        if done(&t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{what} never happened: {t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn warm_pools_count_against_their_maker_s_quotas() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let admin = server.admin_key();
+    let key = cli_key(
+        &server,
+        &admin,
+        "small",
+        &["--max-sandboxes", "1", "--max-memory", "64M"],
+    );
+    let template = |name: &str, pool_size: u32| {
+        server.request(
+            "POST",
+            "/v1/templates",
+            Some(&key),
+            Some(&body(json!({"name": name, "spec": {
+                "rootfs": "host", "pool_size": pool_size, "resources": {"memory": "64M"},
+            }}))),
+        )
+    };
+    // Four members of 64M are four sandboxes and 256M: over the key's quota, refused.
+    let r = template("four", 4);
+    r.assert_error(429, "quota_exceeded");
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(message.contains("warm pool"), "{message}");
+    // One fits, and once started it holds the key's one sandbox.
+    assert_eq!(template("one", 1).status, 201);
+    wait_template(&server, &key, "one", "a ready member", |t| {
+        t["pool"]["ready"] == 1
+    });
+    let create = |template: &str| {
+        server.request(
+            "POST",
+            "/v1/sandboxes",
+            Some(&key),
+            Some(&body(json!({"template": template}))),
+        )
+    };
+    create("host").assert_error(429, "quota_exceeded");
+    // Claiming the member turns what it held into the sandbox: still within the quota.
+    let claimed = create("one");
+    assert_eq!(
+        claimed.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&claimed.body)
+    );
+    // The pool does not refill past the quota: the key holds its one sandbox.
+    create("host").assert_error(429, "quota_exceeded");
+    let t = server
+        .request("GET", "/v1/templates/one", Some(&key), None)
+        .json();
+    assert_eq!(t["pool"]["ready"], 0, "{t}");
+}
+
+#[test]
+fn warm_pools_are_held_to_their_budget_after_readiness() {
+    if skip() {
+        return;
+    }
+    let server = Server::start_with(&["--pool-memory", "32M"]);
+    let admin = server.admin_key();
+    // Members are ready at once, then each fills 48M of its writable layer (memory): over
+    // the whole budget.
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(&admin),
+        Some(&body(json!({"name": "grow", "spec": {
+            "rootfs": "host", "pool_size": 4, "resources": {"memory": "128M"},
+            "start": "sleep 1; head -c 48M /dev/zero > /tmp/fill; exec sleep 100000",
+        }}))),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let t = wait_template(&server, &admin, "grow", "an eviction", |t| {
+        t["pool"]["evicted"].as_u64().is_some_and(|n| n >= 1)
+    });
+    // Never more ready than the budget holds of members that grew.
+    assert!(t["pool"]["ready"].as_u64().is_some_and(|n| n <= 1), "{t}");
 }

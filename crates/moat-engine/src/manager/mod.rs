@@ -574,6 +574,17 @@ impl Inner {
         })
     }
 
+    /// The quotas of `tenant`'s key `key` as the store checks them.
+    async fn key_limits(&self, tenant: &str, key: &str) -> ManagerResult<Limits> {
+        let (t, k) = (tenant.to_owned(), key.to_owned());
+        let q = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
+        Ok(Limits {
+            max_sandboxes: q.max_sandboxes.map(u64::from),
+            max_memory_bytes: q.max_memory_bytes,
+            max_pids: q.max_pids,
+        })
+    }
+
     /// The template `name` as `tenant` sees it: its owner (`None` for a built-in) and spec.
     async fn template(
         &self,
@@ -603,15 +614,7 @@ impl Inner {
         check_env("env", &plan.env)?;
         let spec = &plan.spec;
         let limits = match &key_id {
-            Some(key) => {
-                let (t, k) = (tenant.clone(), key.clone());
-                let q = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
-                Limits {
-                    max_sandboxes: q.max_sandboxes.map(u64::from),
-                    max_memory_bytes: q.max_memory_bytes,
-                    max_pids: q.max_pids,
-                }
-            }
+            Some(key) => self.key_limits(&tenant, key).await?,
             None => Limits::default(),
         };
         // The request's time to live, else the template's, else the server's default.

@@ -143,10 +143,20 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
 "#;
 
-/// Version 5: more key quotas. `max_pids`: the sum of the pids limits of the key's active
-/// sandboxes (each sandbox's limit is in its `resources`).
+/// Version 5: more key quotas, and warm-pool members charged to them.
+/// `api_keys.max_pids`: the sum of the pids limits of the key's active sandboxes (each
+/// sandbox's limit is in its `resources`). `templates.key_id`: the key that made the template,
+/// whose quotas its warm pool's members count against (no foreign key, like
+/// `sandboxes.template_tenant`: a record of who, kept as it was). `pool_members` keep the
+/// limits they are charged.
 const V5: &str = r#"
 ALTER TABLE api_keys ADD COLUMN max_pids INTEGER CHECK (max_pids >= 0);
+ALTER TABLE templates ADD COLUMN key_id TEXT;
+ALTER TABLE pool_members ADD COLUMN key_id TEXT;
+ALTER TABLE pool_members ADD COLUMN memory_bytes INTEGER NOT NULL DEFAULT 0
+    CHECK (memory_bytes >= 0);
+ALTER TABLE pool_members ADD COLUMN pids INTEGER NOT NULL DEFAULT 0 CHECK (pids >= 0);
+CREATE INDEX pool_members_by_key ON pool_members (key_id);
 "#;
 
 const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
