@@ -729,6 +729,10 @@ pub struct QuotaRequest {
     /// Sum of the pids limits (processes and threads) of those sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pids: Option<u64>,
+    /// Bytes of snapshot archives the key's tenant may keep when this key makes one, as a
+    /// size string (`"10G"`); the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_snapshot_size: Option<String>,
     /// API requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
@@ -744,6 +748,10 @@ pub struct KeyQuotas {
     /// Sum of the pids limits of those sandboxes.
     #[serde(default)]
     pub max_pids: Option<u64>,
+    /// Bytes of snapshot archives the key's tenant may keep when this key makes one; `null`
+    /// is the server's default.
+    #[serde(default)]
+    pub max_snapshot_bytes: Option<u64>,
     /// API requests per minute.
     pub requests_per_minute: Option<u32>,
 }

@@ -203,3 +203,153 @@ fn warm_pools_are_held_to_their_budget_after_readiness() {
     // Never more ready than the budget holds of members that grew.
     assert!(t["pool"]["ready"].as_u64().is_some_and(|n| n <= 1), "{t}");
 }
+
+/// A new sandbox of `key` made with `req`; its id.
+fn create_sandbox(server: &Server, key: &str, req: Value) -> String {
+    let r = server.request("POST", "/v1/sandboxes", Some(key), Some(&body(req)));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+/// Runs `shell` as root in `id` and returns its standard output, after checking it exited 0.
+fn root_sh(server: &Server, key: &str, id: &str, shell: &str) -> String {
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(key),
+        Some(&body(json!({"shell": shell, "user": "root"}))),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let out = r.json();
+    assert_eq!(out["exit_code"], 0, "{shell}: {out}");
+    out["stdout"].as_str().expect("stdout").to_owned()
+}
+
+fn snapshot(server: &Server, key: &str, id: &str) -> Reply {
+    server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(key),
+        Some(&body(json!({}))),
+    )
+}
+
+#[test]
+fn sparse_files_stay_sparse_in_snapshots() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let admin = server.admin_key();
+    let id = create_sandbox(
+        &server,
+        &admin,
+        json!({"resources": {"memory": "64M", "disk": "4G"}}),
+    );
+    root_sh(
+        &server,
+        &admin,
+        &id,
+        "truncate -s 3G /tmp/big && echo middle | dd of=/tmp/big bs=1 seek=1073741824 conv=notrunc 2>/dev/null",
+    );
+    let r = snapshot(&server, &admin, &id);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let snap = r.json();
+    let size = snap["size_bytes"].as_u64().expect("size");
+    assert!(
+        size < 1 << 20,
+        "a 3 GiB sparse file made a {size}-byte snapshot"
+    );
+    let sid = snap["id"].as_str().expect("id");
+    // What the host's disk holds for it.
+    let on_disk = std::fs::metadata(server.data.join("snapshots").join(format!("{sid}.tar")))
+        .expect("the snapshot's file");
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        on_disk.blocks() * 512 < 1 << 20,
+        "{} blocks",
+        on_disk.blocks()
+    );
+    // Restored with its size, its data, and still sparse.
+    let copy = create_sandbox(&server, &admin, json!({"snapshot": sid}));
+    let out = root_sh(
+        &server,
+        &admin,
+        &copy,
+        "stat -c '%s %b %B' /tmp/big; dd if=/tmp/big bs=1 skip=1073741824 count=6 2>/dev/null",
+    );
+    let mut words = out.split_whitespace();
+    let bytes: u64 = words.next().and_then(|w| w.parse().ok()).expect("size");
+    let blocks: u64 = words.next().and_then(|w| w.parse().ok()).expect("blocks");
+    let unit: u64 = words.next().and_then(|w| w.parse().ok()).expect("unit");
+    assert_eq!(bytes, 3 << 30, "{out}");
+    assert!(
+        blocks * unit < 1 << 20,
+        "restored with {blocks} blocks: {out}"
+    );
+    assert_eq!(words.next(), Some("middle"), "{out}");
+}
+
+#[test]
+fn snapshot_bytes_are_a_quota_and_fork_copies_count() {
+    if skip() {
+        return;
+    }
+    let server = Server::start();
+    let admin = server.admin_key();
+    let key = cli_key(&server, &admin, "snaps", &["--max-snapshot-size", "3M"]);
+    let id = create_sandbox(&server, &key, json!({}));
+    // 2 MiB that do not compress or hole: one snapshot fits, a second would make 4 MiB.
+    root_sh(&server, &key, &id, "head -c 2M /dev/urandom > /tmp/data");
+    let first = snapshot(&server, &key, &id);
+    assert_eq!(
+        first.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let r = snapshot(&server, &key, &id);
+    r.assert_error(429, "quota_exceeded");
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(message.contains("quota"), "{message}");
+    // A fork's copy counts while it exists: refused the same way.
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(&key),
+        Some(&body(json!({}))),
+    );
+    r.assert_error(429, "quota_exceeded");
+    // Nothing was left behind by the refused ones.
+    let files = std::fs::read_dir(server.data.join("snapshots"))
+        .expect("snapshots dir")
+        .count();
+    assert_eq!(files, 1);
+    // Deleting the snapshot gives its bytes back.
+    let sid = first.json()["id"].as_str().expect("id").to_owned();
+    server.request("DELETE", &format!("/v1/snapshots/{sid}"), Some(&key), None);
+    assert_eq!(snapshot(&server, &key, &id).status, 201);
+}
+
+#[test]
+fn snapshots_keep_the_data_dir_s_free_space_reserve() {
+    if skip() {
+        return;
+    }
+    // A reserve larger than any disk: every snapshot would go below it.
+    let server = Server::start_with(&["--min-free-disk", "1000T"]);
+    let admin = server.admin_key();
+    let id = create_sandbox(&server, &admin, json!({}));
+    let r = snapshot(&server, &admin, &id);
+    r.assert_error(507, "insufficient_storage");
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(&admin),
+        Some(&body(json!({}))),
+    );
+    r.assert_error(507, "insufficient_storage");
+}

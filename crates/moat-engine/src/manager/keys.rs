@@ -79,6 +79,12 @@ fn quotas(req: v1::QuotaRequest) -> ManagerResult<Quotas> {
     positive("max_sandboxes", req.max_sandboxes.map(u64::from))?;
     positive("max_memory", max_memory_bytes)?;
     positive("max_pids", req.max_pids)?;
+    let max_snapshot_bytes = req
+        .max_snapshot_size
+        .as_deref()
+        .map(parse_size)
+        .transpose()?;
+    positive("max_snapshot_size", max_snapshot_bytes)?;
     positive(
         "requests_per_minute",
         req.requests_per_minute.map(u64::from),
@@ -87,6 +93,7 @@ fn quotas(req: v1::QuotaRequest) -> ManagerResult<Quotas> {
         max_sandboxes: req.max_sandboxes,
         max_memory_bytes,
         max_pids: req.max_pids,
+        max_snapshot_bytes,
         requests_per_minute: req.requests_per_minute,
     })
 }
@@ -106,6 +113,7 @@ fn to_v1(record: &KeyRecord) -> v1::ApiKey {
             max_sandboxes: record.quotas.max_sandboxes,
             max_memory_bytes: record.quotas.max_memory_bytes,
             max_pids: record.quotas.max_pids,
+            max_snapshot_bytes: record.quotas.max_snapshot_bytes,
             requests_per_minute: record.quotas.requests_per_minute,
         },
     }
@@ -122,12 +130,14 @@ mod tests {
             max_sandboxes: Some(3),
             max_memory: Some("4G".into()),
             max_pids: Some(512),
+            max_snapshot_size: Some("1G".into()),
             requests_per_minute: None,
         })
         .unwrap();
         assert_eq!(q.max_sandboxes, Some(3));
         assert_eq!(q.max_memory_bytes, Some(4 << 30));
         assert_eq!(q.max_pids, Some(512));
+        assert_eq!(q.max_snapshot_bytes, Some(1 << 30));
         assert_eq!(q.requests_per_minute, None);
         assert_eq!(
             quotas(v1::QuotaRequest::default()).unwrap(),

@@ -36,7 +36,7 @@ pub use run::{
     MAX_RUN_OUTPUT_TOTAL,
 };
 pub use snapshots::{
-    FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT,
+    FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT, free_disk,
 };
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
@@ -90,6 +90,9 @@ pub enum ManagerError {
     /// The work did not finish within its time limit (HTTP 504).
     #[error("timeout: {0}")]
     Timeout(String),
+    /// The server's data directory would drop below its free-space reserve (HTTP 507).
+    #[error("insufficient storage: {0}")]
+    InsufficientStorage(String),
     /// A fault of the server itself, such as its database (HTTP 500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -107,6 +110,7 @@ impl ManagerError {
             ManagerError::Unavailable(_) => "unavailable",
             ManagerError::TooLarge(_) => "too_large",
             ManagerError::Timeout(_) => "timeout",
+            ManagerError::InsufficientStorage(_) => "insufficient_storage",
             ManagerError::Internal(_) => "internal",
         }
     }
@@ -122,6 +126,7 @@ impl ManagerError {
             ManagerError::Unavailable(_) => 503,
             ManagerError::TooLarge(_) => 413,
             ManagerError::Timeout(_) => 504,
+            ManagerError::InsufficientStorage(_) => 507,
             ManagerError::Internal(_) => 500,
         }
     }
@@ -170,7 +175,18 @@ pub struct ManagerOptions {
     /// Where snapshot archives are kept (`moat serve`: `<data-dir>/snapshots`); `None` keeps
     /// none, and snapshots and forks are unavailable.
     pub snapshot_dir: Option<PathBuf>,
+    /// Free space the snapshot directory's filesystem keeps, bytes: a snapshot or fork that
+    /// would leave less is refused (507).
+    pub min_free_disk: u64,
+    /// Bytes of snapshot archives a tenant may keep (fork copies included while they exist),
+    /// unless the key that makes one has a `max_snapshot_bytes` quota.
+    pub snapshot_bytes_per_tenant: u64,
 }
+
+/// Free-space reserve of the data directory unless configured: 1 GiB.
+pub const DEFAULT_MIN_FREE_DISK: u64 = 1 << 30;
+/// Snapshot bytes per tenant unless a key's quota says otherwise: 10 GiB.
+pub const DEFAULT_SNAPSHOT_BYTES_PER_TENANT: u64 = 10 << 30;
 
 /// Warm-pool memory budget unless configured: 1 GiB.
 pub const DEFAULT_POOL_MEMORY_BUDGET: u64 = 1 << 30;
@@ -182,6 +198,8 @@ impl Default for ManagerOptions {
             max_ttl: Duration::from_secs(24 * 3600),
             pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
             snapshot_dir: None,
+            min_free_disk: DEFAULT_MIN_FREE_DISK,
+            snapshot_bytes_per_tenant: DEFAULT_SNAPSHOT_BYTES_PER_TENANT,
         }
     }
 }
@@ -242,6 +260,8 @@ struct Inner {
     idempotent_creates: idempotency::InFlight,
     /// One-shot runs under way.
     runs: run::RunSlots,
+    /// Bytes of snapshot archives being written or kept for a fork, per tenant.
+    snapshot_bytes: snapshots::InFlight,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -337,6 +357,7 @@ impl SandboxManager {
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
                 runs: run::RunSlots::default(),
+                snapshot_bytes: snapshots::InFlight::default(),
             }),
         })
     }

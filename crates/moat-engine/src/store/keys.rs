@@ -58,6 +58,9 @@ pub struct Quotas {
     pub max_memory_bytes: Option<u64>,
     /// Sum of the pids limits (processes and threads) of those sandboxes.
     pub max_pids: Option<u64>,
+    /// Bytes of snapshot archives the key's tenant may keep when this key makes one (the
+    /// server's default otherwise).
+    pub max_snapshot_bytes: Option<u64>,
     /// API requests per minute.
     pub requests_per_minute: Option<u32>,
 }
@@ -113,6 +116,7 @@ impl KeyRecord {
                 max_sandboxes: small("max_sandboxes")?,
                 max_memory_bytes: big("max_memory_bytes")?,
                 max_pids: big("max_pids")?,
+                max_snapshot_bytes: big("max_snapshot_bytes")?,
                 requests_per_minute: small("requests_per_minute")?,
             },
         })
@@ -165,6 +169,7 @@ impl Store {
         };
         let max_memory = fits("memory quota", quotas.max_memory_bytes)?;
         let max_pids = fits("pids quota", quotas.max_pids)?;
+        let max_snapshot = fits("snapshot quota", quotas.max_snapshot_bytes)?;
         let secret = generate_secret()?;
         let record = KeyRecord {
             id: generate_key_id()?,
@@ -179,8 +184,9 @@ impl Store {
             require_tenant(tx, tenant)?;
             tx.execute(
                 "INSERT INTO api_keys (id, tenant_id, name, secret_sha256, role, created_at,
-                     max_sandboxes, max_memory_bytes, requests_per_minute, max_pids)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     max_sandboxes, max_memory_bytes, requests_per_minute, max_pids,
+                     max_snapshot_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     record.id,
                     record.tenant,
@@ -192,6 +198,7 @@ impl Store {
                     max_memory,
                     quotas.requests_per_minute,
                     max_pids,
+                    max_snapshot,
                 ],
             )?;
             Ok(())

@@ -145,12 +145,14 @@ CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
 
 /// Version 5: more key quotas, and warm-pool members charged to them.
 /// `api_keys.max_pids`: the sum of the pids limits of the key's active sandboxes (each
-/// sandbox's limit is in its `resources`). `templates.key_id`: the key that made the template,
+/// sandbox's limit is in its `resources`). `api_keys.max_snapshot_bytes`: the bytes of
+/// snapshot archives the key's tenant may keep when the key makes one. `templates.key_id`: the key that made the template,
 /// whose quotas its warm pool's members count against (no foreign key, like
 /// `sandboxes.template_tenant`: a record of who, kept as it was). `pool_members` keep the
 /// limits they are charged.
 const V5: &str = r#"
 ALTER TABLE api_keys ADD COLUMN max_pids INTEGER CHECK (max_pids >= 0);
+ALTER TABLE api_keys ADD COLUMN max_snapshot_bytes INTEGER CHECK (max_snapshot_bytes >= 0);
 ALTER TABLE templates ADD COLUMN key_id TEXT;
 ALTER TABLE pool_members ADD COLUMN key_id TEXT;
 ALTER TABLE pool_members ADD COLUMN memory_bytes INTEGER NOT NULL DEFAULT 0
