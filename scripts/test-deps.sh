@@ -25,6 +25,14 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
+# Older generations of the e2b SDK, one venv each, for tests/e2b/test_sdk_generations.py.
+for version in 2.7 2.50; do
+  old="target/test-venv-e2b-$version"
+  [ -x "$old/bin/python" ] || python3 -m venv "$old"
+  "$old/bin/python" -m pip install -q --disable-pip-version-check \
+    -r "tests/python/requirements-e2b-$version.txt"
+done
+
 # The e2b JavaScript SDK for the Node smoke test (tests/e2b/js, versions pinned by its lock file).
 if ! command -v npm >/dev/null; then
   apt-get update -qq

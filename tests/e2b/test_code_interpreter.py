@@ -55,8 +55,8 @@ def test_rich_results(sbx):
 
 def test_envs_apply_to_one_execution(sbx):
     code = "import os\nos.environ.get('ONLY_ONCE', 'unset')"
-    assert sbx.run_code(code, envs={"ONLY_ONCE": "set"}).text == "'set'"
-    assert sbx.run_code(code).text == "'unset'"
+    assert sbx.run_code(code, envs={"ONLY_ONCE": "set"}).text == "set"
+    assert sbx.run_code(code).text == "unset"
 
 
 def test_contexts(sbx):
@@ -77,7 +77,7 @@ def test_timeout_interrupts_the_execution_not_the_context(sbx):
     sbx.run_code("kept = 'yes'")
     with pytest.raises(TimeoutException):
         sbx.run_code("import time\nwhile True: time.sleep(0.1)", timeout=2)
-    assert sbx.run_code("kept").text == "'yes'"
+    assert sbx.run_code("kept").text == "yes"
 
 
 def test_bash_context_keeps_shell_state(sbx):

@@ -7,6 +7,7 @@
 
 mod host;
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,11 +94,19 @@ fn a2_proc_fd_workdir_refused() {
     for n in [3, 4, 7] {
         let workdir = format!("/proc/self/fd/{n}");
         let out = run_clean(&["--workdir", &workdir, "--", "pwd"]);
-        assert_ne!(
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
             out.status.code(),
-            Some(0),
-            "cwd /proc/self/fd/{n} was accepted"
+            Some(125),
+            "cwd {workdir} was accepted: {err}"
         );
+        assert!(
+            err.contains(&format!(
+                "working directory '{workdir}' is inside /proc, which is not allowed"
+            )),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "pwd ran");
     }
 }
 
@@ -109,7 +118,88 @@ fn a3_agent_binary_not_writable() {
         let (code, out, err) = run_corpus(user, "a3_overwrite_agent.py", "python3");
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("summary: contained"), "{out}");
+        // The first layer: the agent is not dumpable, so its exe link is closed to user code.
+        assert!(out.contains("/proc/1/exe: EACCES"), "{out}");
     }
+}
+
+/// A3, the second layer: even with the agent's `/proc/<pid>/exe` in hand (here the host's, which
+/// no non-dumpable flag stops), the binary it names cannot be opened for writing, neither while
+/// the agent runs nor after it exited (the CVE-2019-5736 sequence: hold the link, wait for the
+/// exit, reopen it for writing), and the host's `moat` binary is unchanged.
+#[test]
+fn a3_sealed_agent_binary_resists_a_held_exe_link() {
+    use std::io::Read as _;
+    need_root!();
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_moat")).expect("read moat");
+    let id = unique_id();
+    let probe = HostProbe::before(&id);
+    let mut child = moat()
+        .args(["run", "--id", &id, "--", "sh", "-c", "echo ready; sleep 2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn moat");
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut ready)
+        .expect("ready");
+    // The agent: the sandbox's process whose pid in its own namespace is 1.
+    let agent = host::pids_in_sandbox(&id)
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("NSpid:"))
+                    .is_some_and(|l| l.split_whitespace().last() == Some("1"))
+            })
+        })
+        .expect("the agent's pid");
+    let exe = format!("/proc/{agent}/exe");
+    let write_err = |path: &str| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"pwned"))
+            .expect_err("the agent's binary was writable")
+    };
+    let running = write_err(&exe);
+    let held = std::fs::File::open(&exe).expect("open the agent's exe for reading");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let after = write_err(&format!("/proc/self/fd/{}", held.as_raw_fd()));
+    for e in [&running, &after] {
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EROFS | libc::EPERM | libc::ETXTBSY)
+            ),
+            "unexpected error: {e}"
+        );
+    }
+    // `ETXTBSY` lasts only while some process executes the file (other sandboxes' agents may):
+    // what stands for good is the read-only mount the link names or, where the kernel lacks
+    // `open_tree`, the memfd's write seal.
+    // SAFETY: all-zero is a valid statvfs; fstatvfs fills it from a descriptor we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `held` is open and `st` is writable.
+    assert_eq!(unsafe { libc::fstatvfs(held.as_raw_fd(), &mut st) }, 0);
+    // SAFETY: fcntl with integer arguments on a descriptor we own.
+    let seals = unsafe { libc::fcntl(held.as_raw_fd(), libc::F_GET_SEALS) };
+    assert!(
+        st.f_flag & libc::ST_RDONLY != 0 || (seals > 0 && seals & libc::F_SEAL_WRITE != 0),
+        "the agent's binary is on a writable mount and not sealed"
+    );
+    drop(held);
+    assert_eq!(
+        std::fs::read(env!("CARGO_BIN_EXE_moat")).expect("read moat"),
+        binary,
+        "the host's moat binary changed"
+    );
+    probe.assert_clean_after();
 }
 
 /// A5/B1: host-kernel attack surface from inside (fsconfig CVE-2022-0185, nf_tables
@@ -227,13 +317,27 @@ fn a6_hostile_ids_refused() {
             .args(["run", "--id", id, "--", "true"])
             .output()
             .expect("run moat");
-        assert_eq!(out.status.code(), Some(125), "id {id:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "id {id:?} accepted: {err}");
+        assert!(err.contains(&format!("invalid sandbox id {id:?}")), "{err}");
+        // Refused before any work: no cgroup of that name anywhere.
+        if !id.contains(['/', '.']) && !id.is_empty() {
+            assert!(host::cgroup_dirs(id).is_empty(), "cgroups made for {id:?}");
+        }
     }
+    let id = unique_id();
+    let probe = HostProbe::before(&id);
     let out = moat()
-        .args(["run", "--rootfs", "/etc/passwd", "--", "true"])
+        .args(["run", "--id", &id, "--rootfs", "/etc/passwd", "--", "true"])
         .output()
         .expect("run moat");
-    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("--rootfs /etc/passwd: not a directory"),
+        "{err}"
+    );
+    probe.assert_clean_after();
 }
 
 /// A8: host daemons through abstract unix sockets and host loopback ports.
@@ -329,9 +433,31 @@ fn d1_fork_bomb_contained() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    std::thread::sleep(Duration::from_millis(500));
+    // The bomb meets its limit: the kernel counts the forks it refused (`max` in the pids
+    // cgroup's `pids.events`, of the sandbox or its user processes' child).
+    let refused = || -> u64 {
+        host::cgroup_dirs(&id)
+            .iter()
+            .flat_map(|d| [d.join("pids.events"), d.join("user/pids.events")])
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .filter_map(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("max "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while refused() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the bomb never met the pids limit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 64 for the user processes, and the agent beside them (in its own reserve).
     let pids = host::pids_in_sandbox(&id);
-    assert!(pids.len() <= 64, "pids limit exceeded: {}", pids.len());
+    assert!(pids.len() <= 64 + 1, "pids limit exceeded: {}", pids.len());
     assert!(
         Command::new("true")
             .status()
@@ -369,16 +495,28 @@ fn d3_disk_quota() {
         "sh",
     );
     assert_eq!(code, 0, "{out}{err}");
+    // The writable layer and /dev/shm each stop at their size with ENOSPC.
     assert!(
-        out.contains("No space left") || out.contains("space"),
+        out.contains("tmp fill: exit 1 No space left on device"),
         "{out}"
     );
-    let files: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("files created: "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("file count");
-    assert!(files < 200_000, "inode cap not hit: {files}");
+    assert!(number_after(&out, "tmp filled MiB: ") <= 16, "{out}");
+    assert!(
+        out.contains("shm fill: exit 1 No space left on device"),
+        "{out}"
+    );
+    // Empty files take no space: the inode cap (16M / 4 KiB = 4,096) stops them.
+    let files = number_after(&out, "files created: ");
+    assert!(
+        (3_500..=4_096).contains(&files),
+        "inode cap not what it should be: {out}"
+    );
+    assert!(
+        out.contains("one more file: No space left on device"),
+        "{out}"
+    );
+    // A petabyte sparse file is over RLIMIT_FSIZE (4 GiB).
+    assert!(out.contains("sparse: refused"), "{out}");
 }
 
 /// D4: output flood: moat's own memory stays bounded while a command writes 200 MB.
@@ -476,4 +614,181 @@ fn killing_moat_run_leaves_nothing() {
         }
         probe.assert_clean_after();
     }
+}
+
+/// The number after `prefix` on a line of `out`.
+fn number_after(out: &str, prefix: &str) -> i64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
+}
+
+/// I1: loopback TCP pairs whose receivers never read. The kernel's socket memory (`tcp_mem`) is
+/// one pool for the whole host; a sandbox's share must be bounded by its own limits (cgroup v1:
+/// a quarter of its memory limit, v2: within the limit itself), not by the host's.
+#[test]
+fn i1_socket_buffers_bounded() {
+    need_root!();
+    let (code, out, err) = run_corpus(
+        &["--memory", "64M", "--timeout", "120s"],
+        "i1_socket_buffers.py",
+        "python3",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let queued = number_after(&out, "queued MiB ");
+    assert!(
+        queued <= 64,
+        "a 64M sandbox queued {queued} MiB in socket buffers: {out}"
+    );
+}
+
+/// I2: one sandbox may not ask for the host's pids, and all sandboxes together stay below the
+/// host's task limit with room for the host and the server.
+#[test]
+fn i2_host_pids_capped() {
+    need_root!();
+    let out = run_clean(&["--pids", "65536", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pids 65536 is out of range"), "{err}");
+    // The cap is set by the backend, which this run started.
+    let out = run_clean(&["--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max number");
+    let layout = moat_jail::cgroup::Layout::detect().expect("cgroup layout");
+    let caps: Vec<String> = layout
+        .bases()
+        .iter()
+        .filter_map(|b| std::fs::read_to_string(b.join("pids.max")).ok())
+        .collect();
+    assert!(!caps.is_empty(), "no pids.max above the sandboxes");
+    for cap in caps {
+        let cap: u64 = cap
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("sandboxes' total pids are not capped: {cap:?}"));
+        assert!(
+            cap + 4096 <= pid_max,
+            "cap {cap} leaves the host too little of {pid_max}"
+        );
+    }
+}
+
+/// I3: pseudo-terminals come from one host-wide pool; a sandbox gets a bounded share.
+#[test]
+fn i3_ptys_bounded() {
+    need_root!();
+    let (code, out, err) = run_corpus(&[], "i3_ptys.py", "python3");
+    assert_eq!(code, 0, "{out}{err}");
+    let ptys = number_after(&out, "ptys ");
+    assert!(ptys <= 64, "one sandbox opened {ptys} terminals: {out}");
+    assert!(!out.contains("refused None"), "{out}");
+    // Another sandbox still gets one.
+    let out = run_clean(&[
+        "--",
+        "python3",
+        "-c",
+        "import os; os.openpty(); print('ok')",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// I3: kernel AIO contexts come from one host-wide pool (`fs.aio-max-nr`); user code gets
+/// `ENOSYS`, so nothing is taken from it.
+#[test]
+fn i3_aio_denied() {
+    need_root!();
+    for user in [&[][..], &["--root"][..]] {
+        let (code, out, err) = run_corpus(user, "i3_aio.py", "python3");
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("io_setup -1 ENOSYS"), "{out}");
+        assert!(out.contains("aio-nr grew 0"), "{out}");
+    }
+}
+
+/// I4: filling the writable layer (a tmpfs, so memory) past the memory limit is an OOM kill of
+/// the writer, reported as such, and the agent survives to report it; past the disk limit it is
+/// `ENOSPC`.
+#[test]
+fn i4_full_layer_is_reported_and_the_agent_survives() {
+    need_root!();
+    let out = run_clean(&[
+        "--memory",
+        "64M",
+        "--",
+        "sh",
+        "-c",
+        "head -c 100M /dev/zero > /tmp/f",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(137), "{err}");
+    assert!(err.contains("out of memory"), "{err}");
+    let out = run_clean(&[
+        "--memory",
+        "256M",
+        "--disk",
+        "16M",
+        "--",
+        "sh",
+        "-c",
+        "head -c 32M /dev/zero > /tmp/f",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+}
+
+/// I3: shared read-only host files. A sandbox's exclusive `flock` on `/usr/bin/env` must not
+/// block the host (or another sandbox), and its inotify watch on `/usr/bin` must not see the
+/// host opening and reading files there.
+#[test]
+fn i3_shared_files_isolated() {
+    use std::io::{BufRead, BufReader};
+    need_root!();
+    let id = unique_id();
+    let probe = HostProbe::before(&id);
+    let copy = format!("{}:/tmp/p.py", corpus("i3_shared_files.py"));
+    let mut child = moat()
+        .args([
+            "run",
+            "--id",
+            &id,
+            "--copy",
+            &copy,
+            "--",
+            "python3",
+            "/tmp/p.py",
+            "3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run moat");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    assert_eq!(first, "ready");
+    // The sandbox holds its lock now: the host takes the same lock at once.
+    let env = std::fs::File::open("/usr/bin/env").expect("open /usr/bin/env");
+    // SAFETY: flock on a descriptor we own.
+    let locked = unsafe { libc::flock(env.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(locked, 0, "the sandbox's lock blocks the host");
+    // Host activity in the watched directory.
+    for _ in 0..20 {
+        let _ = std::fs::read("/usr/bin/env");
+    }
+    drop(env);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l == "event bytes 0"),
+        "the sandbox saw the host's activity: {rest:?}"
+    );
+    probe.assert_clean_after();
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_proto::agent_config::{
-    AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AGENT_LAYER_FD, AGENT_LISTENER_FD, AgentConfig,
+    AGENT_CHANNEL_FD, AGENT_CONFIG_ENV, AGENT_LAYER_FD, AGENT_LISTENER_FD, AGENT_USER_CGROUP_FD,
+    AgentConfig,
 };
 
 use crate::server::{ServeOptions, serve, serve_with_listener};
@@ -73,6 +74,23 @@ fn run() -> Result<(), String> {
         })
         .transpose()?;
 
+    // The user processes' cgroups (fds 6 and up), likewise close-on-exec: a user process writes
+    // to each once, between fork and exec.
+    let mut user_cgroups = Vec::new();
+    for i in 0..config.user_cgroups.min(8) as i32 {
+        let fd = AGENT_USER_CGROUP_FD + i;
+        // SAFETY: fcntl with integer arguments; fails cleanly if the fd is not open.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(format!(
+                "user cgroup fd {fd}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: the fd was checked open above and nothing else in the agent uses its number.
+        user_cgroups.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    crate::process::spawn::set_user_cgroups(user_cgroups);
+
     install_seccomp()?;
 
     let pid1 = std::process::id() == 1;
@@ -107,8 +125,11 @@ fn run() -> Result<(), String> {
                 .map_err(|e| format!("listener: {e}"))?;
             let listener = tokio::net::UnixListener::from_std(std_listener)
                 .map_err(|e| format!("listener: {e}"))?;
-            let state = Arc::new(AgentState::new(config));
-            return serve_with_listener(stream, listener, state, opts)
+            let mut state = AgentState::new(config);
+            if let Some(layer) = layer {
+                state = state.with_layer(layer);
+            }
+            return serve_with_listener(stream, listener, Arc::new(state), opts)
                 .await
                 .map_err(|e| format!("serving: {e}"));
         }

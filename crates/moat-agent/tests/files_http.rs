@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -717,4 +718,297 @@ async fn no_space_is_507() {
     let status = status_of(resp).await;
     let _ = std::process::Command::new("umount").arg(&small).status();
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_make_missing_parents_for_the_user() {
+    require_root!();
+    let Some(nobody) = moat_agent::users::lookup("nobody") else {
+        eprintln!("skipped: the host has no 'nobody' user");
+        return;
+    };
+    // `dir` is root's (0755): nobody could not make `0` in it.
+    let dir = common::tempdir();
+    let state = common::state("root", None);
+    let dest = path_of(&dir, "0/a/b.txt");
+    let resp = send(
+        &state,
+        post(
+            &format!("path={}&username=nobody", q(&dest)),
+            "application/octet-stream",
+        )
+        .body(body("made"))
+        .expect("req"),
+    )
+    .await;
+    assert_eq!(status_of(resp).await, StatusCode::OK);
+    assert_eq!(std::fs::read_to_string(&dest).expect("read"), "made");
+    for p in [path_of(&dir, "0"), path_of(&dir, "0/a"), dest] {
+        let md = std::fs::metadata(&p).expect("exists");
+        assert_eq!((md.uid(), md.gid()), (nobody.uid, nobody.gid), "{p}");
+    }
+    // An existing directory is not taken over: the file is still opened as the user.
+    let resp = send(
+        &state,
+        post(
+            &format!("path={}&username=nobody", q(&path_of(&dir, "x.txt"))),
+            "application/octet-stream",
+        )
+        .body(body("no"))
+        .expect("req"),
+    )
+    .await;
+    assert_eq!(status_of(resp).await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        std::fs::metadata(dir.path()).expect("dir").uid(),
+        0,
+        "the existing directory stays root's"
+    );
+}
+
+/// A multipart body sent as it is pulled: `head`, then `rest` bytes of a second part in 64 KiB
+/// pieces, then the closing boundary. Counts the bytes the server pulled.
+fn counted_upload(
+    boundary: &str,
+    head: Vec<u8>,
+    rest: usize,
+    pulled: Arc<std::sync::atomic::AtomicUsize>,
+) -> Body {
+    let mut pieces = vec![Bytes::from(head)];
+    pieces.push(Bytes::from(format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/tmp/never\"\r\n\r\n"
+    )));
+    let piece = Bytes::from(vec![b'z'; 64 * 1024]);
+    for _ in 0..rest.div_ceil(piece.len()) {
+        pieces.push(piece.clone());
+    }
+    pieces.push(Bytes::from(format!("\r\n--{boundary}--\r\n")));
+    let stream = futures_util::StreamExt::map(futures_util::stream::iter(pieces), move |b| {
+        pulled.fetch_add(b.len(), std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(Frame::data(b))
+    });
+    StreamBody::new(stream).boxed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_is_read_before_the_answer() {
+    require_root!();
+    let dir = common::tempdir();
+    let state = common::state("root", None);
+    let boundary = "XyZ";
+    // The first part's destination is a directory: refused before the rest has arrived.
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\n\r\nx\r\n",
+        dir.path().display()
+    )
+    .into_bytes();
+    let rest = 8 << 20;
+    let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upload = counted_upload(boundary, head.clone(), rest, pulled.clone());
+    let total = head.len() + rest;
+    let resp = send(
+        &state,
+        post("", &format!("multipart/form-data; boundary={boundary}"))
+            .body(upload)
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v = json(resp).await;
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is a directory")),
+        "{v}"
+    );
+    // The whole body was read before the answer came.
+    assert!(
+        pulled.load(std::sync::atomic::Ordering::SeqCst) >= total,
+        "{} of {total} bytes read",
+        pulled.load(std::sync::atomic::Ordering::SeqCst)
+    );
+
+    // Past the bound the agent stops reading and answers.
+    let bound = usize::try_from(files::MAX_DRAIN_BYTES).expect("fits");
+    let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upload = counted_upload(boundary, head.clone(), 2 * bound, pulled.clone());
+    let (client_io, server_io) = tokio::io::duplex(1 << 16);
+    let st = state.clone();
+    let server = tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(files::handle(st, req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(server_io), svc)
+            .await;
+    });
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = post("", &format!("multipart/form-data; boundary={boundary}"))
+        .body(upload)
+        .expect("req");
+    let answered = tokio::spawn(async move { sender.send_request(req).await });
+    // The server's side ends (answer written, connection closed) without reading everything.
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("the agent stops reading at the bound")
+        .expect("server task");
+    let read = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(read < head.len() + 2 * bound, "read {read} bytes");
+    assert!(read > bound, "read only {read} bytes");
+    answered.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_answers_carry_the_metadata() {
+    require_root!();
+    let dir = common::tempdir();
+    let state = common::state("root", None);
+    let dest = path_of(&dir, "answer.txt");
+    let resp = send(
+        &state,
+        post(&format!("path={}", q(&dest)), "application/octet-stream")
+            .header("x-metadata-Owner", "alice")
+            .body(body("a"))
+            .expect("req"),
+    )
+    .await;
+    let status = resp.status();
+    let v = json(resp).await;
+    if status == StatusCode::BAD_REQUEST
+        && v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not support"))
+    {
+        eprintln!("skipped: the test directory has no user xattrs: {v}");
+        return;
+    }
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        serde_json::json!([{"path": dest, "name": "answer.txt", "type": "file",
+            "metadata": {"owner": "alice"}}])
+    );
+    // Every part of a multipart upload gets (and reports) the same metadata.
+    let form = multipart(
+        "b0",
+        &[
+            ("file", Some(&path_of(&dir, "p1.txt")), b"1"),
+            ("file", Some(&path_of(&dir, "p2.txt")), b"2"),
+        ],
+    );
+    let resp = send(
+        &state,
+        post("", "multipart/form-data; boundary=b0")
+            .header("x-metadata-k", "v")
+            .body(body(form))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v = json(resp).await;
+    let all = v.as_array().expect("array");
+    assert_eq!(all.len(), 2, "{v}");
+    for item in all {
+        assert_eq!(item["metadata"], serde_json::json!({"k": "v"}), "{v}");
+    }
+    // Without metadata the answer has none.
+    let resp = send(
+        &state,
+        post(&format!("path={}", q(&dest)), "application/octet-stream")
+            .body(body("b"))
+            .expect("req"),
+    )
+    .await;
+    let v = json(resp).await;
+    assert!(v[0].get("metadata").is_none(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_report_no_size_are_read_to_their_end() {
+    require_root!();
+    let state = common::state("root", None);
+    let path = "/proc/sys/kernel/random/boot_id";
+    let expected = std::fs::read(path).expect("read boot_id");
+    assert_eq!(std::fs::metadata(path).expect("stat").len(), 0);
+    for gzip in [false, true] {
+        let mut req = get(&format!("path={}", q(path)));
+        if gzip {
+            req = req.header("accept-encoding", "gzip");
+        }
+        let resp = send(&state, req.body(body("")).expect("req")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        if !gzip {
+            // The real length, known once the file was read.
+            let len = expected.len().to_string();
+            assert_eq!(resp.headers()["content-length"], len.as_str());
+        }
+        let mut got = read_body(resp).await;
+        if gzip {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&got[..])
+                .read_to_end(&mut plain)
+                .expect("gunzip");
+            got = plain;
+        }
+        assert_eq!(got, expected, "gzip {gzip}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_upload_of_a_new_file_is_create_chmod_write() {
+    use futures_util::StreamExt;
+    use moat_proto::filesystem::{EventType, WatchDirRequest};
+    require_root!();
+    let dir = common::tempdir();
+    let state = common::state("root", None);
+    let fs = FsService::new(state.clone());
+    let root = common::root_user(dir.path());
+    let mut events = fs
+        .watch_dir(
+            &root,
+            WatchDirRequest {
+                path: dir.path().display().to_string(),
+                recursive: false,
+                include_entry: false,
+                allow_network_mounts: false,
+            },
+        )
+        .await
+        .expect("watch");
+    for name in ["new.txt", "marker"] {
+        let resp = send(
+            &state,
+            post(
+                &format!("path={}", q(&path_of(&dir, name))),
+                "application/octet-stream",
+            )
+            .body(body("hello"))
+            .expect("req"),
+        )
+        .await;
+        assert_eq!(status_of(resp).await, StatusCode::OK);
+    }
+    // Events arrive in order: once the marker's CREATE is in, all of new.txt's are.
+    let mut kinds = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("event");
+        if ev.name == "marker" {
+            break;
+        }
+        assert_eq!(ev.name, "new.txt");
+        kinds.push(EventType::try_from(ev.r#type).expect("event type"));
+    }
+    assert_eq!(
+        kinds,
+        [EventType::Create, EventType::Chmod, EventType::Write],
+        "what upstream's envd reports for one write of a new file"
+    );
 }

@@ -79,7 +79,8 @@ async fn stat_reports_entries_like_upstream() {
         FileType::File as i32,
         "a link reports its target's type"
     );
-    assert!(l.is_symlink);
+    // The link is marked by its target alone, as upstream's envd does.
+    assert!(!l.is_symlink);
     assert_eq!(l.symlink_target.as_deref(), Some(p(&dir, "a.txt").as_str()));
     assert_eq!(l.mode, 0o640);
     assert!(l.permissions.starts_with('L'));
@@ -88,7 +89,11 @@ async fn stat_reports_entries_like_upstream() {
         .await
         .expect("stat dangling");
     assert_eq!(g.r#type, FileType::Unspecified as i32);
-    assert!(g.is_symlink);
+    assert!(!g.is_symlink);
+    assert_eq!(
+        g.symlink_target.as_deref(),
+        Some(p(&dir, "missing").as_str())
+    );
 
     // Paths: relative to the home, `~`, empty = workdir (the home here), cleaned.
     let rel = stat(&fs, &root, "a.txt").await.expect("relative");
@@ -293,7 +298,8 @@ async fn list_dir_walks_to_depth_and_follows_a_symlinked_dir() {
     let one = list(&fs, &root, &p(&dir, "tree"), 0).await.expect("list");
     assert_eq!(names(&one), ["a", "f.txt", "to-root"]);
     let to_root = one.iter().find(|e| e.name == "to-root").expect("link");
-    assert!(to_root.is_symlink);
+    assert!(!to_root.is_symlink);
+    assert_eq!(to_root.symlink_target.as_deref(), Some("/"));
     assert_eq!(to_root.r#type, FileType::Directory as i32);
 
     let two = list(&fs, &root, &p(&dir, "tree"), 2).await.expect("list");
@@ -491,7 +497,7 @@ async fn operations_run_with_the_callers_permissions() {
     let e = stat(&fs, &user, "shadow-link")
         .await
         .expect("stat link as user");
-    assert!(e.is_symlink);
+    assert!(!e.is_symlink);
     assert_eq!(e.symlink_target.as_deref(), Some("/etc/shadow"));
     // Chains of relative links resolve fully, for the user as for root.
     let home = dir.path().join("home");

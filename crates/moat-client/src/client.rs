@@ -29,8 +29,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_JSON_BYTES: usize = 16 << 20;
 /// Largest error body read; the rest is ignored.
 pub const MAX_ERROR_BYTES: usize = 64 << 10;
-/// How long an idle connection stays in the pool for reuse.
-const POOL_IDLE: Duration = Duration::from_secs(30);
+/// How long an idle connection stays in the pool for reuse: below the server's header-read
+/// timeout (10 s), which closes idle connections, so a reuse does not race that close.
+const POOL_IDLE: Duration = Duration::from_secs(5);
 
 /// A client of one moat server's `/v1` API, acting with one API key.
 ///

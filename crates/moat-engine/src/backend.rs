@@ -78,9 +78,15 @@ pub trait Backend: Send + Sync {
         let _ = id;
         Ok(None)
     }
-    /// Ids of the sandboxes earlier processes kept on this host (adoptable or not).
+    /// Ids of the sandboxes earlier processes with this backend's owner (a server on the same
+    /// data dir) kept on this host, adoptable or not; never another owner's.
     fn kept(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Removes what processes killed before they could clean up left on the host and nothing
+    /// uses any more (empty sandbox cgroups); returns how many were removed. Blocking.
+    fn sweep_stale(&self) -> usize {
+        0
     }
 }
 

@@ -6,16 +6,19 @@
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
 //! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
 //! - [`resources`]: limits, their bounds, and parsing.
+//! - [`rootfs_users`]: whether a directory root filesystem has the accounts commands run as.
 //! - [`store`]: the durable state of `moat serve` (tenants, keys, templates, sandboxes) in SQLite.
 //! - [`error`]: the engine's errors.
 
 pub mod agent_client;
 pub mod backend;
 pub mod error;
+pub mod host_limits;
 pub mod manager;
 pub mod metrics;
 pub mod native;
 pub mod resources;
+pub mod rootfs_users;
 pub mod store;
 
 pub use error::{EngineError, Result};

@@ -21,7 +21,8 @@ use tokio::net::UnixStream;
 use crate::backend::{Backend, Capabilities, Instance, InstanceStats, RootfsSource, SandboxSpec};
 use crate::error::{EngineError, Result};
 
-/// Age after which an empty sandbox cgroup with no owner is removed at start-up.
+/// Age after which an empty sandbox cgroup with no owner is removed (at start-up and by
+/// [`Backend::sweep_stale`]): a sandbox being made right now is younger.
 const STALE_CGROUP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Longest a pause waits for the kernel to report every process frozen (a process in an
@@ -45,6 +46,11 @@ pub struct NativeOptions {
     /// directory's `agents/` and its uid-range slot a marker (`moat_jail::kept`), so that
     /// [`Instance::keep`] can leave it running and a later process can [`Backend::adopt`] it.
     pub keepable: bool,
+    /// Who owns the keepable sandboxes this backend makes (`[a-z0-9]{1,64}`; `moat serve`: an
+    /// id of its data dir), written in their slot markers. [`Backend::kept`] lists only the
+    /// markers of this owner, so a server never takes over or reaps the sandboxes another
+    /// server on the same host kept.
+    pub owner: Option<String>,
 }
 
 impl Default for NativeOptions {
@@ -55,6 +61,7 @@ impl Default for NativeOptions {
             agent_binary: None,
             tune_cgroups: true,
             keepable: false,
+            owner: None,
         }
     }
 }
@@ -67,17 +74,28 @@ pub struct NativeBackend {
     agent: SealedBinary,
     guardian: bool,
     keepable: bool,
+    owner: Option<String>,
 }
 
 impl NativeBackend {
-    /// Prepares the backend: runtime directory, cgroup layout, and a sealed copy of this binary
-    /// as the agent. Needs root.
-    pub fn new(opts: &NativeOptions) -> Result<NativeBackend> {
+    /// Whether this process could run the native backend, checked without touching anything,
+    /// so a caller can refuse before it creates state of its own: the backend needs root.
+    pub fn preflight() -> Result<()> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(EngineError::Unsupported(
                 "the native backend needs root (it maps uid ranges and makes cgroups); run moat as root".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Prepares the backend: runtime directory, cgroup layout, and a sealed copy of this binary
+    /// as the agent. Needs root.
+    pub fn new(opts: &NativeOptions) -> Result<NativeBackend> {
+        NativeBackend::preflight()?;
+        if let Some(owner) = &opts.owner {
+            validate_id(owner)?;
         }
         let runtime = RuntimeDir::open(&opts.runtime_dir)?;
         let mut layout = Layout::detect()?;
@@ -87,6 +105,8 @@ impl NativeBackend {
         if swept > 0 {
             tracing::info!("removed {swept} stale sandbox cgroups");
         }
+        // All sandboxes together stay below the host's task limit.
+        layout.cap_total_pids(moat_jail::cgroup::sandbox_pids_budget()?)?;
         if opts.tune_cgroups
             && let Err(e) = layout.favor_dynamic_changes()
         {
@@ -102,6 +122,7 @@ impl NativeBackend {
             agent,
             guardian: opts.guardian,
             keepable: opts.keepable,
+            owner: opts.owner.clone(),
         })
     }
 
@@ -160,6 +181,8 @@ impl NativeBackend {
             RootfsSource::Dir(_) => WritableLayer::OverlayUpper,
         });
         agent.listener = listener.is_some();
+        // The jail hands the agent its user processes' cgroups from fd 6 on.
+        agent.user_cgroups = cgroup.user_procs_files().len() as u32;
         let config = serde_json::to_string(&agent)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
         let fs_limits = FsLimits {
@@ -189,6 +212,7 @@ impl NativeBackend {
                     slot: ids.slot(),
                     id: spec.id.clone(),
                     pid: process.pid(),
+                    owner: self.owner.clone(),
                 };
                 kept::write(&self.runtime.slots(), &marker)?;
             }
@@ -224,15 +248,43 @@ impl NativeBackend {
         ))
     }
 
+    /// Whether marker `m` is of a sandbox this backend may take over or reap: its owner's, or
+    /// one written before markers named owners (whose id the caller found in its own records).
+    fn may_touch(&self, m: &KeptMarker) -> bool {
+        m.owner.is_none() || m.owner == self.owner
+    }
+
+    /// The markers of sandbox `id`, each with its slot locked, so that nothing else can claim
+    /// or reap the slot meanwhile. Fails, touching nothing, when a marker is another owner's
+    /// or its slot is locked by a live process (a server running that sandbox).
+    fn lock_markers(&self, id: &str) -> Result<Vec<(KeptMarker, IdRange)>> {
+        let slots = self.runtime.slots();
+        let markers: Vec<KeptMarker> = kept::scan(&slots)
+            .into_iter()
+            .filter(|m| m.id == id)
+            .collect();
+        if let Some(m) = markers.iter().find(|m| !self.may_touch(m)) {
+            return Err(EngineError::Unsupported(format!(
+                "sandbox {id} was kept by another server (owner {})",
+                m.owner.as_deref().unwrap_or("-")
+            )));
+        }
+        let mut out = Vec::with_capacity(markers.len());
+        for m in markers {
+            let ids = IdRange::reclaim(&slots, m.slot)?;
+            out.push((m, ids));
+        }
+        Ok(out)
+    }
+
     /// Takes over the kept sandbox `id` (see [`NativeOptions::keepable`]): relocks its slot,
     /// checks that the marker's pid is still its agent, and opens a new channel to it.
     fn adopt_blocking(&self, id: &str) -> Result<Option<NativeInstance>> {
         validate_id(id)?;
         let slots = self.runtime.slots();
-        let Some(marker) = kept::scan(&slots).into_iter().find(|m| m.id == id) else {
+        let Some((marker, ids)) = self.lock_markers(id)?.into_iter().next() else {
             return Ok(None);
         };
-        let ids = IdRange::reclaim(&slots, marker.slot)?;
         let Some(cgroup) = SandboxCgroup::existing(&self.layout, id) else {
             return Ok(None);
         };
@@ -263,17 +315,13 @@ impl NativeBackend {
         )))
     }
 
-    /// Removes the marker and socket of a kept sandbox `id` that is gone (or being reaped).
-    fn forget_kept(&self, id: &str) {
+    /// Removes the markers (whose slots the caller locked) and the socket of a kept sandbox
+    /// `id` that is gone.
+    fn forget_kept(&self, id: &str, locked: Vec<(KeptMarker, IdRange)>) {
         let slots = self.runtime.slots();
-        for m in kept::scan(&slots).into_iter().filter(|m| m.id == id) {
-            match IdRange::reclaim(&slots, m.slot) {
-                Ok(_lock) => {
-                    let _ = kept::remove(&slots, m.slot);
-                }
-                Err(e) => {
-                    tracing::warn!(sandbox = %id, "keeping the marker of slot {}: {e}", m.slot)
-                }
+        for (m, _lock) in locked {
+            if let Err(e) = kept::remove(&slots, m.slot) {
+                tracing::warn!(sandbox = %id, "keeping the marker of slot {}: {e}", m.slot);
             }
         }
         let _ = std::fs::remove_file(agent_socket(&self.runtime, id));
@@ -304,6 +352,12 @@ impl Backend for NativeBackend {
         "native"
     }
 
+    fn sweep_stale(&self) -> usize {
+        // Empty and old: no sandbox lives in it (a paused or kept one still has processes),
+        // whichever process made it.
+        self.layout.sweep(STALE_CGROUP_AGE, |_| true)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             pause: true,
@@ -313,8 +367,11 @@ impl Backend for NativeBackend {
 
     async fn reap_orphan(&self, id: &str) -> Result<bool> {
         validate_id(id)?;
+        // A kept sandbox's slot stays locked from here to the end: one whose lock a live
+        // process holds, or that another server kept, is left alone.
+        let locked = self.lock_markers(id)?;
         let Some(cgroup) = SandboxCgroup::existing(&self.layout, id) else {
-            self.forget_kept(id);
+            self.forget_kept(id, locked);
             return Ok(false);
         };
         tokio::task::spawn_blocking(move || {
@@ -336,7 +393,7 @@ impl Backend for NativeBackend {
         })
         .await
         .map_err(|e| EngineError::Agent(format!("reap task: {e}")))??;
-        self.forget_kept(id);
+        self.forget_kept(id, locked);
         Ok(true)
     }
 
@@ -355,8 +412,11 @@ impl Backend for NativeBackend {
     }
 
     fn kept(&self) -> Vec<String> {
+        // Only this owner's: markers of other servers (and unowned ones, which may be
+        // anybody's) are theirs to take over or clean up.
         kept::scan(&self.runtime.slots())
             .into_iter()
+            .filter(|m| m.owner == self.owner)
             .map(|m| m.id)
             .collect()
     }

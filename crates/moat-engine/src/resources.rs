@@ -31,8 +31,10 @@ pub mod bounds {
     pub const MAX_CPU_MILLIS: u64 = 64_000;
     /// Fewest processes (the agent plus a shell and a command).
     pub const MIN_PIDS: u64 = 8;
-    /// Most processes.
-    pub const MAX_PIDS: u64 = 65_536;
+    /// Most processes and threads of one sandbox: well below any host's task limit (all
+    /// sandboxes together are capped too, see `moat_jail::cgroup::sandbox_pids_budget`), and as
+    /// many as `RLIMIT_NPROC` lets one user have anyway.
+    pub const MAX_PIDS: u64 = 4096;
     /// Smallest writable layer.
     pub const MIN_DISK: u64 = 1 << 20;
     /// Largest writable layer.

@@ -50,6 +50,7 @@ fn new_sandbox(tenant: &str, key: Option<&KeyRecord>, template: &str) -> NewSand
         resources: json!({"memory": "256M"}),
         memory_bytes: 256 << 20,
         expires_at: None,
+        public_traffic: true,
     }
 }
 

@@ -36,10 +36,34 @@ pub struct Layout {
     v2_mount: Option<(PathBuf, String)>,
 }
 
+/// The child cgroup (of the memory controller) that holds a sandbox's user processes, so that
+/// their memory limit is not the agent's: a sandbox that runs out of memory loses a user process,
+/// never its agent (see [`SandboxCgroup::user_procs_file`]).
+pub const USER_CGROUP: &str = "user";
+
+/// On cgroup v2, where a cgroup with controllers for its children may hold no process, the leaf
+/// the agent lives in beside [`USER_CGROUP`].
+pub const AGENT_CGROUP: &str = "agent";
+
+/// Memory the agent may use beyond the sandbox's own limit: the sandbox's cgroup allows its limit
+/// plus this, its user processes (and what they write to the sandbox's tmpfs) the limit alone. A
+/// sandbox that exhausts its memory thus leaves the agent this much to report it with.
+pub const AGENT_MEMORY_RESERVE: u64 = 32 << 20;
+
+/// Tasks the agent may have beyond the sandbox's pids limit, which its user processes have to
+/// themselves: a fork bomb cannot keep the agent from starting a thread.
+pub const AGENT_PIDS_RESERVE: u64 = 32;
+
+/// On cgroup v1, where socket buffers are not part of a cgroup's memory, the share of the
+/// memory limit they may take in addition (TCP and UDP buffers; `memory.kmem.tcp.limit_in_bytes`).
+/// cgroup v2 charges them to the memory limit itself.
+pub const V1_SOCKET_MEMORY_DIVISOR: u64 = 4;
+
 /// Limits applied to a sandbox cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Memory limit in bytes (swap is disabled).
+    /// Memory limit of the sandbox's user processes in bytes (swap is disabled); the agent has
+    /// [`AGENT_MEMORY_RESERVE`] beyond it.
     pub memory_bytes: u64,
     /// CPU limit in thousandths of a CPU (1000 = one CPU).
     pub cpu_millis: u64,
@@ -274,6 +298,19 @@ impl Layout {
         v
     }
 
+    /// Caps the tasks of all sandboxes together at `max` (`pids.max` of the `moat` cgroup every
+    /// sandbox's pids cgroup is made under), so that sandboxes at their own limits cannot take
+    /// every pid of the host (see [`sandbox_pids_budget`]). A host without a pids controller
+    /// is left as it is.
+    pub fn cap_total_pids(&self, max: u64) -> Result<()> {
+        let Some(pids) = &self.pids else {
+            return Ok(());
+        };
+        let base = pids.join("moat");
+        make_base(&base, self.version)?;
+        write(&base.join("pids.max"), &max.to_string())
+    }
+
     /// Removes empty sandbox cgroups older than `min_age` whose name `select` accepts: what a
     /// process killed before it could
     /// clean up left behind (a guardian killed with it, or a server restart). The age spares a
@@ -296,8 +333,21 @@ impl Layout {
                 if !path.is_dir() || !old_enough || !selected {
                     continue;
                 }
-                let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-                if procs.trim().is_empty() && fs::remove_dir(&path).is_ok() {
+                // Only a sandbox with no process left anywhere: on v2 a live one's own
+                // directory is empty too, its agent and user processes being in the children.
+                let children = [path.join(USER_CGROUP), path.join(AGENT_CGROUP)];
+                let empty = [&path, &children[0], &children[1]].iter().all(|d| {
+                    fs::read_to_string(d.join("cgroup.procs")).map_or(true, |p| p.trim().is_empty())
+                });
+                if !empty {
+                    continue;
+                }
+                for child in &children {
+                    if fs::remove_dir(child).is_ok() {
+                        removed += 1;
+                    }
+                }
+                if fs::remove_dir(&path).is_ok() {
                     removed += 1;
                 }
             }
@@ -306,12 +356,44 @@ impl Layout {
     }
 }
 
+/// Tasks (processes and threads) the host keeps for itself beyond every sandbox's: at least this
+/// many, or an eighth of its task limit where that is more.
+pub const HOST_PIDS_RESERVE: u64 = 4096;
+
+/// How many tasks all sandboxes together may have: the host's task limit (the smaller of
+/// `kernel.pid_max` and `kernel.threads-max`) less [`HOST_PIDS_RESERVE`] (or an eighth of the
+/// limit, where that is more), so the host and the server can always fork.
+pub fn sandbox_pids_budget() -> Result<u64> {
+    let read = |path: &str| -> Result<u64> {
+        let text =
+            fs::read_to_string(path).map_err(|e| JailError::os(format!("read {path}"), e))?;
+        text.trim()
+            .parse()
+            .map_err(|_| JailError::Invalid(format!("{path}: not a number: {text:?}")))
+    };
+    let limit = read("/proc/sys/kernel/pid_max")?.min(read("/proc/sys/kernel/threads-max")?);
+    Ok(pids_budget(limit))
+}
+
+fn pids_budget(host_limit: u64) -> u64 {
+    let reserve = HOST_PIDS_RESERVE.max(host_limit / 8);
+    host_limit.saturating_sub(reserve).max(1)
+}
+
 /// The cgroup directories of one sandbox.
 #[derive(Debug)]
 pub struct SandboxCgroup {
     version: Version,
+    /// Every directory, parents before their children (removal goes in reverse).
     dirs: Vec<PathBuf>,
+    /// The sandbox's memory cgroup (its limit covers the agent and the user processes).
     memory: PathBuf,
+    /// The memory cgroup of the user processes (`memory/…/<id>/user`).
+    user: PathBuf,
+    /// The pids cgroup of the user processes where it is not `user` (v1: `pids/…/<id>/user`).
+    user_pids: Option<PathBuf>,
+    /// The directories whose `cgroup.procs` the agent is written into.
+    agent: Vec<PathBuf>,
     /// The v1 cpu directory (for `cpuacct.usage` where cpuacct is mounted with cpu).
     cpu: Option<PathBuf>,
     freezer: Option<PathBuf>,
@@ -357,21 +439,27 @@ fn enable_v2_controllers(base: &Path) -> Result<()> {
 
 impl SandboxCgroup {
     /// Creates the cgroups of sandbox `name` (validated by the caller) with `limits`.
+    ///
+    /// In every hierarchy the sandbox gets `<base>/moat/<name>`; the memory controller's also
+    /// gets a [`USER_CGROUP`] child for user processes (and, on v2, an [`AGENT_CGROUP`] leaf for
+    /// the agent, since a v2 cgroup that limits its children holds no process itself).
     pub fn create(layout: &Layout, name: &str, limits: &Limits) -> Result<SandboxCgroup> {
-        let mut dirs = Vec::new();
-        let mut made = |base: &Option<PathBuf>| -> Result<Option<PathBuf>> {
-            let Some(base) = base else { return Ok(None) };
-            let base = base.join("moat");
-            make_base(&base, layout.version)?;
-            let dir = base.join(name);
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut mkdir = |dir: PathBuf| -> Result<PathBuf> {
             if !dirs.contains(&dir) {
                 fs::create_dir(&dir)
                     .map_err(|e| JailError::os(format!("mkdir {}", dir.display()), e))?;
                 dirs.push(dir.clone());
             }
-            Ok(Some(dir))
+            Ok(dir)
         };
         let result = (|| {
+            let mut made = |base: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+                let Some(base) = base else { return Ok(None) };
+                let base = base.join("moat");
+                make_base(&base, layout.version)?;
+                mkdir(base.join(name)).map(Some)
+            };
             let memory = made(&layout.memory)?
                 .ok_or_else(|| JailError::Invalid("no memory cgroup".into()))?;
             let pids = made(&layout.pids)?;
@@ -387,9 +475,39 @@ impl SandboxCgroup {
             } else {
                 made(&layout.freezer)?
             };
-            Ok((memory, pids, cpu, freezer, unified))
+            let (user, user_pids, agent) = match layout.version {
+                Version::V2 => {
+                    let control = if pids.is_some() {
+                        "+memory +pids"
+                    } else {
+                        "+memory"
+                    };
+                    write(&memory.join("cgroup.subtree_control"), control)?;
+                    let agent = mkdir(memory.join(AGENT_CGROUP))?;
+                    (mkdir(memory.join(USER_CGROUP))?, None, vec![agent])
+                }
+                Version::V1 => {
+                    let agent = [Some(&memory), pids.as_ref(), cpu.as_ref(), unified.as_ref()]
+                        .into_iter()
+                        .chain([freezer.as_ref()])
+                        .flatten()
+                        .cloned()
+                        .fold(Vec::new(), |mut v, d| {
+                            if !v.contains(&d) {
+                                v.push(d);
+                            }
+                            v
+                        });
+                    let user_pids = pids
+                        .as_ref()
+                        .map(|p| mkdir(p.join(USER_CGROUP)))
+                        .transpose()?;
+                    (mkdir(memory.join(USER_CGROUP))?, user_pids, agent)
+                }
+            };
+            Ok((memory, user, user_pids, agent, pids, cpu, freezer, unified))
         })();
-        let (memory, pids, cpu, freezer, unified) = match result {
+        let (memory, user, user_pids, agent, pids, cpu, freezer, unified) = match result {
             Ok(v) => v,
             Err(e) => {
                 for d in dirs.iter().rev() {
@@ -402,6 +520,9 @@ impl SandboxCgroup {
             version: layout.version,
             dirs,
             memory,
+            user,
+            user_pids,
+            agent,
             cpu: cpu.clone(),
             freezer,
             unified,
@@ -414,34 +535,56 @@ impl SandboxCgroup {
     }
 
     fn apply_limits(&self, l: &Limits, pids: Option<&Path>, cpu: Option<&Path>) -> Result<()> {
-        let mem = l.memory_bytes.to_string();
+        let user_mem = l.memory_bytes.to_string();
+        let user_pids = l.pids.to_string();
+        let total_pids = l.pids.saturating_add(AGENT_PIDS_RESERVE).to_string();
+        let total_mem = l
+            .memory_bytes
+            .saturating_add(AGENT_MEMORY_RESERVE)
+            .to_string();
         let period = 100_000u64;
         let quota = (l.cpu_millis * period / 1000).max(1000);
         match self.version {
             Version::V2 => {
-                write(&self.memory.join("memory.max"), &mem)?;
-                let swap = self.memory.join("memory.swap.max");
-                if swap.exists() {
-                    write(&swap, "0")?;
+                for (dir, mem) in [(&self.memory, &total_mem), (&self.user, &user_mem)] {
+                    write(&dir.join("memory.max"), mem)?;
+                    let swap = dir.join("memory.swap.max");
+                    if swap.exists() {
+                        write(&swap, "0")?;
+                    }
                 }
                 if let Some(p) = pids {
-                    write(&p.join("pids.max"), &l.pids.to_string())?;
+                    write(&p.join("pids.max"), &total_pids)?;
+                    write(&self.user.join("pids.max"), &user_pids)?;
                 }
                 if let Some(c) = cpu {
                     write(&c.join("cpu.max"), &format!("{quota} {period}"))?;
                 }
             }
             Version::V1 => {
-                write(&self.memory.join("memory.limit_in_bytes"), &mem)?;
-                let memsw = self.memory.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write(&memsw, &mem)?;
-                } else {
-                    // No swap accounting: keep the kernel from swapping this cgroup at all.
-                    let _ = fs::write(self.memory.join("memory.swappiness"), "0");
+                // Socket buffers live outside v1's memory counter: give them a limit of their
+                // own, or one sandbox's unread sockets take the host's whole `tcp_mem`. Set on
+                // the user cgroup too, since accounting is on only where a limit was written.
+                let sockets = (l.memory_bytes / V1_SOCKET_MEMORY_DIVISOR).to_string();
+                for (dir, mem) in [(&self.memory, &total_mem), (&self.user, &user_mem)] {
+                    write(&dir.join("memory.limit_in_bytes"), mem)?;
+                    let memsw = dir.join("memory.memsw.limit_in_bytes");
+                    if memsw.exists() {
+                        write(&memsw, mem)?;
+                    } else {
+                        // No swap accounting: keep the kernel from swapping this cgroup at all.
+                        let _ = fs::write(dir.join("memory.swappiness"), "0");
+                    }
+                    let tcp = dir.join("memory.kmem.tcp.limit_in_bytes");
+                    if tcp.exists() {
+                        write(&tcp, &sockets)?;
+                    }
                 }
                 if let Some(p) = pids {
-                    write(&p.join("pids.max"), &l.pids.to_string())?;
+                    write(&p.join("pids.max"), &total_pids)?;
+                }
+                if let Some(u) = &self.user_pids {
+                    write(&u.join("pids.max"), &user_pids)?;
                 }
                 if let Some(c) = cpu {
                     write(&c.join("cpu.cfs_period_us"), &period.to_string())?;
@@ -452,12 +595,24 @@ impl SandboxCgroup {
         Ok(())
     }
 
-    /// The `cgroup.procs` files a new sandbox process must be written into.
+    /// The `cgroup.procs` files a new sandbox's agent must be written into.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+        self.agent.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    /// Moves `pid` into every cgroup of the sandbox.
+    /// The `cgroup.procs` files of the user processes' cgroups (memory, and pids where that is
+    /// another hierarchy). The agent gets them open for writing (opened by the host, whose
+    /// credentials the kernel checks on each write) and writes `0` to each in every user
+    /// process before `exec`, moving that process there.
+    pub fn user_procs_files(&self) -> Vec<PathBuf> {
+        [Some(&self.user), self.user_pids.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// Moves `pid` (the agent) into every cgroup of the sandbox.
     pub fn attach(&self, pid: i32) -> Result<()> {
         for f in self.procs_files() {
             write(&f, &pid.to_string())?;
@@ -467,15 +622,21 @@ impl SandboxCgroup {
 
     /// How many times the kernel's OOM killer killed a process of this sandbox.
     pub fn oom_kills(&self) -> u64 {
-        let file = match self.version {
-            Version::V2 => "memory.events",
-            Version::V1 => "memory.oom_control",
+        let read = |dir: &Path, file: &str| {
+            let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+            text.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
         };
-        let text = fs::read_to_string(self.memory.join(file)).unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        match self.version {
+            // v2 counts the events of the whole subtree.
+            Version::V2 => read(&self.memory, "memory.events"),
+            // v1 counts each cgroup's own.
+            Version::V1 => {
+                read(&self.memory, "memory.oom_control") + read(&self.user, "memory.oom_control")
+            }
+        }
     }
 
     /// Current memory use in bytes.
@@ -580,10 +741,32 @@ impl SandboxCgroup {
         .collect();
         dirs.dedup();
         let memory = memory.or_else(|| dirs.first().cloned())?;
+        let user = memory.join(USER_CGROUP);
+        let (agent, user_pids) = match layout.version {
+            Version::V2 => (vec![memory.join(AGENT_CGROUP)], None),
+            Version::V1 => (
+                dirs.clone(),
+                dir_of(&layout.pids).map(|p| p.join(USER_CGROUP)),
+            ),
+        };
+        // Children after their parents, so removal (in reverse) takes them first.
+        let children = [
+            Some(memory.join(AGENT_CGROUP)),
+            Some(user.clone()),
+            user_pids.clone(),
+        ];
+        for child in children.into_iter().flatten() {
+            if child.is_dir() && !dirs.contains(&child) {
+                dirs.push(child);
+            }
+        }
         Some(SandboxCgroup {
             version: layout.version,
             dirs,
             memory,
+            user,
+            user_pids,
+            agent,
             cpu: dir_of(&layout.cpu),
             freezer,
             unified,
@@ -606,14 +789,23 @@ impl SandboxCgroup {
         }
     }
 
-    /// The pids currently in the sandbox (host pid namespace).
+    /// The pids currently in the sandbox (host pid namespace): every process is in one cgroup
+    /// of each hierarchy, the agent's or the user processes'.
     pub fn pids(&self) -> Vec<i32> {
-        let dir = self.unified.as_ref().unwrap_or(&self.memory);
-        fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
+        let mut pids: Vec<i32> = self
+            .dirs
+            .iter()
+            .flat_map(|d| {
+                fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// Kills every process of the sandbox: `cgroup.kill` where the kernel has it, otherwise
@@ -685,6 +877,13 @@ mod tests {
         assert_eq!(stat_value(text, "usage_usec"), Some(1234));
         assert_eq!(stat_value(text, "file"), Some(77));
         assert_eq!(stat_value(text, "usage"), None);
+    }
+
+    #[test]
+    fn pids_budget_leaves_the_host_room() {
+        assert_eq!(pids_budget(32_768), 32_768 - 4096);
+        assert_eq!(pids_budget(4_194_304), 4_194_304 - 524_288);
+        assert_eq!(pids_budget(1000), 1);
     }
 
     #[test]

@@ -120,6 +120,7 @@ mod tests {
                 slot,
                 id: format!("s{slot}"),
                 pid: 1,
+                owner: None,
             };
             kept::write(dir.path(), &m).unwrap();
         }

@@ -6,6 +6,10 @@
 //! sandbox. So such a sandbox also has a marker, `<slots>/<slot>.kept`, written while the slot is
 //! locked and removed only when the sandbox is destroyed: [`crate::idmap::IdRange::claim`] skips
 //! marked slots, and a starting server finds its sandboxes (id and agent pid) in the markers.
+//!
+//! Several servers (each with its own data dir) can share one host and so one slots directory.
+//! A marker names its owner, an id of the server's data dir, so that a starting server takes
+//! over or cleans up only the markers of its own data dir and leaves the others' alone.
 
 use std::fs;
 use std::io::{ErrorKind, Write};
@@ -26,6 +30,9 @@ pub struct KeptMarker {
     pub id: String,
     /// The agent's pid in the host's pid namespace.
     pub pid: i32,
+    /// Who made the sandbox (an id of the server's data dir, `[a-z0-9]{1,64}`); `None` for
+    /// markers written without one.
+    pub owner: Option<String>,
 }
 
 /// The marker path of `slot`.
@@ -50,7 +57,14 @@ pub fn write(slots_dir: &Path, m: &KeptMarker) -> Result<()> {
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| JailError::os(format!("create {}", tmp.display()), e))?;
-    f.write_all(format!("{} {}\n", m.id, m.pid).as_bytes())
+    let line = match &m.owner {
+        Some(owner) => {
+            crate::spawn::validate_id(owner)?;
+            format!("{} {} {owner}\n", m.id, m.pid)
+        }
+        None => format!("{} {}\n", m.id, m.pid),
+    };
+    f.write_all(line.as_bytes())
         .map_err(|e| JailError::os(format!("write {}", tmp.display()), e))?;
     fs::rename(&tmp, &p).map_err(|e| JailError::os(format!("rename to {}", p.display()), e))
 }
@@ -85,16 +99,19 @@ pub fn scan(slots_dir: &Path) -> Vec<KeptMarker> {
             continue;
         };
         let mut parts = text.split_whitespace();
-        if let (Some(id), Some(Ok(pid)), None) = (
+        if let (Some(id), Some(Ok(pid)), owner, None) = (
             parts.next(),
             parts.next().map(str::parse::<i32>),
             parts.next(),
+            parts.next(),
         ) && crate::spawn::validate_id(id).is_ok()
+            && owner.is_none_or(|o| crate::spawn::validate_id(o).is_ok())
         {
             out.push(KeptMarker {
                 slot,
                 id: id.to_owned(),
                 pid,
+                owner: owner.map(str::to_owned),
             });
         }
     }
@@ -114,13 +131,27 @@ mod tests {
             slot: 7,
             id: "abc123".into(),
             pid: 4242,
+            owner: Some("d1a2".into()),
+        };
+        let legacy = KeptMarker {
+            slot: 8,
+            id: "def".into(),
+            pid: 7,
+            owner: None,
         };
         assert!(!is_marked(dir.path(), 7));
         write(dir.path(), &m).unwrap();
+        write(dir.path(), &legacy).unwrap();
         assert!(is_marked(dir.path(), 7));
         fs::write(dir.path().join("9.kept"), "bad id! 1").unwrap();
+        fs::write(dir.path().join("10.kept"), "abc 1 Bad/owner").unwrap();
         fs::write(dir.path().join("7"), "").unwrap();
-        assert_eq!(scan(dir.path()), vec![m]);
+        assert_eq!(scan(dir.path()), vec![m, legacy.clone()]);
+        let bad = KeptMarker {
+            owner: Some("../x".into()),
+            ..legacy.clone()
+        };
+        assert!(write(dir.path(), &bad).is_err());
         remove(dir.path(), 7).unwrap();
         remove(dir.path(), 7).unwrap();
         assert!(!is_marked(dir.path(), 7));

@@ -88,16 +88,43 @@ pub fn probe_all() -> Vec<Finding> {
         "overlayfs",
         overlay,
         if overlay {
-            "available"
+            "available (directory templates; per-sandbox overlays of the host's system directories)"
         } else {
-            "missing: directory templates will not work"
+            "missing: directory templates will not work, and the host template binds the host's \
+             system directories, so locks and inotify watches on them cross sandboxes"
         },
     ));
+    out.push(oom_score());
     out.push(runsc());
     out.push(kvm());
     out.push(tool("bwrap", &["--version"]));
     out.push(criu());
     out
+}
+
+/// Whether this process may lower an OOM score (`CAP_SYS_RESOURCE`, which some container and
+/// VM hosts withhold from root). moat does not depend on it: the agent is kept out of its
+/// sandbox's user memory cgroup instead.
+fn oom_score() -> Finding {
+    let path = "/proc/self/oom_score_adj";
+    let before = fs::read_to_string(path).unwrap_or_default();
+    let lowered = before
+        .trim()
+        .parse::<i32>()
+        .is_ok_and(|v| v > -1000 && fs::write(path, (v - 1).to_string()).is_ok());
+    if lowered {
+        let _ = fs::write(path, before.trim());
+    }
+    finding(
+        "oom_score_adj",
+        true,
+        if lowered {
+            "can be lowered: agents also get -1000"
+        } else {
+            "cannot be lowered (no CAP_SYS_RESOURCE): agents are protected by their own memory \
+             cgroup only, which is enough"
+        },
+    )
 }
 
 fn user_namespaces() -> Finding {

@@ -4,8 +4,10 @@
 //! Layout:
 //! - the writable layer is a tmpfs of the sandbox's disk size, mounted at the runtime `mnt` point
 //!   inside the sandbox's own mount namespace;
-//! - the `host` template binds the host's `/usr /bin /sbin /lib*` and `/etc` read-only, masks the
-//!   secrets in `/etc`, and adds a generated `/etc/passwd`, `/etc/group` and `/etc/hosts`;
+//! - the `host` template mounts the host's `/usr /bin /sbin /lib*` and `/etc` as read-only
+//!   overlays (inodes of its own: no lock or inotify watch crosses sandboxes), masks the secrets
+//!   in `/etc`, and adds a generated `/etc/passwd`, `/etc/group` and `/etc/hosts`, and `python`
+//!   and `sudo` in `/usr/local/bin`;
 //! - a directory template is an overlay: the directory read-only below, the tmpfs above;
 //! - both get a fresh `/proc` with masked and read-only paths, a minimal `/dev` with a private
 //!   devpts and a size-capped `/dev/shm`, and fresh `/tmp` and `/home/user`.
@@ -75,6 +77,13 @@ pub(crate) enum Step {
         path: CString,
         uid: u32,
         gid: u32,
+    },
+    /// Mounts `data`'s read-only overlay at `dst`; where overlayfs cannot be mounted, binds
+    /// `src` read-only, nosuid and nodev there instead (see `build_host_tree`).
+    SharedReadOnly {
+        src: CString,
+        dst: CString,
+        data: CString,
     },
     /// Receives the template's id-mapped mount from the host over the channel socket and attaches
     /// it at `target`; if the host sent none (no id-mapped mounts here), binds `fallback_src`
@@ -247,6 +256,11 @@ const SECRET_FILES: &[&str] = &[
 ];
 const SECRET_DIRS: &[&str] = &["etc/ssl/private", "etc/sudoers.d", "etc/moat"];
 
+/// Pseudo-terminals one sandbox may have open at once (`max=` of its devpts instance). Every
+/// devpts instance but the host's draws from one pool (`kernel.pty.max` less
+/// `kernel.pty.reserve`), so without a cap one sandbox could take them all.
+pub const MAX_PTYS: u32 = 64;
+
 /// `/proc` files that leak host state or are kernel attack surface (Docker's masked paths).
 const PROC_MASKED_FILES: &[&str] = &[
     "kcore",
@@ -395,6 +409,13 @@ pub(crate) fn plan(
 
 fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> Result<()> {
     let ro = ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV;
+    let empty = rt.empty_dir();
+    if empty.to_string_lossy().contains([',', ':', '\\']) {
+        return Err(JailError::Invalid(format!(
+            "runtime directory path may not contain ',', ':' or '\\': {}",
+            rt.root().display()
+        )));
+    }
     for name in HOST_DIRS {
         let host = Path::new("/").join(name);
         let Ok(md) = std::fs::symlink_metadata(&host) else {
@@ -406,8 +427,22 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
                 .map_err(|e| JailError::os(format!("readlink {}", host.display()), e))?;
             p.symlink(&target, &dst)?;
         } else if md.is_dir() {
+            // A read-only overlay rather than a bind: its inodes are the sandbox's own, so a
+            // lock on a shared file (`flock /usr/bin/env`) blocks no one outside it, and inotify
+            // watches see only what happens through it, not the host's or other sandboxes'
+            // activity. Pages stay shared with the host's page cache.
+            // Where overlayfs is missing, a read-only bind does instead (`moat check` says
+            // whether it is there).
             p.mkdir(&dst, 0o755)?;
-            p.bind(&host, &dst, ro, false)?;
+            let data = format!("lowerdir={}:{}", host.display(), empty.display());
+            p.push(
+                format!("mount {} read-only on {}", host.display(), dst.display()),
+                Step::SharedReadOnly {
+                    src: c(&host)?,
+                    dst: c(&dst)?,
+                    data: cs(&data)?,
+                },
+            );
         }
     }
     for secret in SECRET_FILES {
@@ -457,6 +492,7 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
             p.bind(&staged, &m.join("etc").join(name), ro, false)?;
         }
     }
+    add_e2b_commands(p, m, &stage)?;
     for (d, mode) in [
         ("tmp", 0o1777),
         ("home", 0o755),
@@ -472,6 +508,41 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
     p.mkdir(&m.join("home/user"), 0o750)?;
     p.chown(&m.join("home/user"), USER_ID, USER_ID)?;
     Ok(())
+}
+
+/// The `sudo` the `host` template provides (see the script for what it does).
+const SUDO: &[u8] = include_bytes!("sudo.sh");
+
+/// `python` (for `python3`) and `sudo`, which E2B's base image has and a host may lack, in the
+/// host's `/usr/local/bin` (first on a login shell's `PATH` too): a read-only overlay of that
+/// directory over two staged entries, the host's own files taking precedence. Skipped where the
+/// host has no `/usr/local/bin`.
+fn add_e2b_commands(p: &mut Plan, m: &Path, stage: &Path) -> Result<()> {
+    let local = Path::new("/usr/local/bin");
+    if !local.is_dir() {
+        return Ok(());
+    }
+    let extra = stage.join("bin");
+    p.mkdir(&extra, 0o755)?;
+    let has = |name: &str| {
+        ["/usr/local/bin", "/usr/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(name).exists())
+    };
+    if !has("python") && Path::new("/usr/bin/python3").exists() {
+        p.symlink(Path::new("/usr/bin/python3"), &extra.join("python"))?;
+    }
+    p.file(&extra.join("sudo"), SUDO, 0o755)?;
+    let target = m.join("usr/local/bin");
+    let data = format!("lowerdir={}:{}", target.display(), extra.display());
+    p.mount(
+        None,
+        &target,
+        Some("overlay"),
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&data),
+        false,
+    )
 }
 
 fn build_proc(p: &mut Plan, root: &Path) -> Result<()> {
@@ -550,7 +621,9 @@ fn build_dev(p: &mut Plan, root: &Path, limits: &FsLimits) -> Result<()> {
         &pts,
         Some("devpts"),
         libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        Some(&format!(
+            "newinstance,ptmxmode=0666,mode=0620,gid=5,max={MAX_PTYS}"
+        )),
         false,
     )?;
     p.symlink(Path::new("pts/ptmx"), &dev.join("ptmx"))?;

@@ -45,6 +45,7 @@ impl RuntimeDir {
             ("slots", 0o700),
             ("agents", 0o700),
             ("maskdir", 0o000),
+            ("empty", 0o555),
         ] {
             let p = root.join(sub);
             match fs::create_dir(&p) {
@@ -89,6 +90,13 @@ impl RuntimeDir {
     /// An empty, mode-000 directory that secret directories are bind-mounted over with.
     pub fn mask_dir(&self) -> PathBuf {
         self.root.join("maskdir")
+    }
+
+    /// An empty, read-only directory: the second, empty lower layer of the read-only overlays
+    /// the `host` template's system directories are mounted as (overlayfs wants two lower
+    /// layers when it has no upper one).
+    pub fn empty_dir(&self) -> PathBuf {
+        self.root.join("empty")
     }
 
     /// Directory of the listening sockets of kept sandboxes' agents (`<id>.sock`).

@@ -4,8 +4,9 @@
 //!
 //! Every syscall user code can make is host-kernel attack surface under the native backend, so the
 //! user filter admits only what ordinary programs need and refuses, among others: new namespaces,
-//! mounts, `keyctl`, `bpf`, `perf_event_open`, `userfaultfd`, io_uring, module loading, `kexec`,
-//! `ptrace`, `process_vm_*`, `open_by_handle_at`, `TIOCSTI`, netfilter netlink and vsock.
+//! mounts, `keyctl`, `bpf`, `perf_event_open`, `userfaultfd`, io_uring and kernel AIO, module
+//! loading, `kexec`, `ptrace`, `process_vm_*`, `open_by_handle_at`, `TIOCSTI`, netfilter netlink
+//! and vsock.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -79,8 +80,7 @@ const USER_ALLOWED: &[i64] = &[
     libc::SYS_getsockopt, libc::SYS_get_thread_area, libc::SYS_gettid, libc::SYS_gettimeofday,
     libc::SYS_getuid, libc::SYS_getxattr, libc::SYS_get_mempolicy, libc::SYS_inotify_add_watch,
     libc::SYS_inotify_init, libc::SYS_inotify_init1, libc::SYS_inotify_rm_watch,
-    libc::SYS_io_cancel, libc::SYS_io_destroy, libc::SYS_io_getevents, SYS_IO_PGETEVENTS,
-    libc::SYS_io_setup, libc::SYS_io_submit, libc::SYS_ioprio_get, libc::SYS_ioprio_set,
+    libc::SYS_ioprio_get, libc::SYS_ioprio_set,
     libc::SYS_kill, libc::SYS_landlock_add_rule, libc::SYS_landlock_create_ruleset,
     libc::SYS_landlock_restrict_self, libc::SYS_lchown, libc::SYS_lgetxattr, libc::SYS_link,
     libc::SYS_linkat, libc::SYS_listen, libc::SYS_listxattr, libc::SYS_llistxattr,
@@ -127,6 +127,16 @@ const USER_ALLOWED: &[i64] = &[
     libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_utime, libc::SYS_utimensat,
     libc::SYS_utimes, libc::SYS_vfork, libc::SYS_vmsplice, libc::SYS_wait4, libc::SYS_waitid,
     libc::SYS_write, libc::SYS_writev, SYS_CACHESTAT, SYS_MAP_SHADOW_STACK, SYS_MSEAL,
+];
+
+/// Kernel AIO, which user code gets `ENOSYS` for (see [`user_filter`]).
+const AIO_SYSCALLS: [i64; 6] = [
+    libc::SYS_io_setup,
+    libc::SYS_io_destroy,
+    libc::SYS_io_submit,
+    libc::SYS_io_cancel,
+    libc::SYS_io_getevents,
+    SYS_IO_PGETEVENTS,
 ];
 
 /// Syscalls the agent never needs and that widen the host kernel's attack surface.
@@ -195,6 +205,12 @@ pub fn user_filter() -> Result<Program> {
         add(&mut table, nr, allow.clone())?;
     }
     add(&mut table, libc::SYS_clone3, errno(libc::ENOSYS))?;
+    // Kernel AIO contexts come from one host-wide pool (`fs.aio-max-nr`) that a single
+    // `io_setup` can drain, with no per-cgroup limit; as on a kernel built without AIO, programs
+    // fall back to threads.
+    for nr in AIO_SYSCALLS {
+        add(&mut table, nr, errno(libc::ENOSYS))?;
+    }
     // clone without namespace flags.
     add(
         &mut table,
@@ -260,6 +276,10 @@ pub fn agent_filter() -> Result<Program> {
         add(&mut table, nr, eperm.clone())?;
     }
     add(&mut table, libc::SYS_clone3, errno(libc::ENOSYS))?;
+    // The agent needs no kernel AIO either (see `user_filter`).
+    for nr in AIO_SYSCALLS {
+        add(&mut table, nr, errno(libc::ENOSYS))?;
+    }
     add(
         &mut table,
         libc::SYS_clone,
@@ -350,7 +370,7 @@ mod tests {
         let low = |i: usize| d.args[i] as u32;
         let allowed = if d.nr & X32_SYSCALL_BIT != 0 {
             false
-        } else if nr == libc::SYS_clone3 {
+        } else if nr == libc::SYS_clone3 || AIO_SYSCALLS.contains(&nr) {
             return ENOSYS;
         } else if nr == libc::SYS_clone {
             d.args[0] & NS_FLAGS == 0
@@ -378,7 +398,7 @@ mod tests {
             || (nr == libc::SYS_clone && d.args[0] & libc::CLONE_NEWUSER as u64 != 0);
         if denied {
             EPERM
-        } else if nr == libc::SYS_clone3 {
+        } else if nr == libc::SYS_clone3 || AIO_SYSCALLS.contains(&nr) {
             ENOSYS
         } else {
             RET_ALLOW
@@ -520,6 +540,7 @@ mod tests {
             assert_eq!(answer(nr, [0; 6]), EPERM, "{nr}");
         }
         assert_eq!(answer(libc::SYS_clone3, [0; 6]), ENOSYS);
+        assert_eq!(answer(libc::SYS_io_setup, [65536, 0, 0, 0, 0, 0]), ENOSYS);
         let newuser = libc::CLONE_NEWUSER as u64;
         assert_eq!(answer(libc::SYS_clone, [17, 0, 0, 0, 0, 0]), RET_ALLOW);
         assert_eq!(

@@ -17,6 +17,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::cgroup::SandboxCgroup;
 use crate::idmap::{IdRange, RANGE};
@@ -89,6 +90,9 @@ struct ChildPlan {
     channel: RawFd,
     /// The listener to hand over as fd 5, or -1.
     listener: RawFd,
+    /// The user processes' `cgroup.procs` files, open for writing, to hand over as fds 6 and 7
+    /// (-1 where there is none).
+    user_cgroups: [RawFd; MAX_USER_CGROUPS],
     memfd: RawFd,
     hostname: CString,
     lo: libc::ifreq,
@@ -133,6 +137,30 @@ impl SandboxProcess {
         validate_id(cfg.id)?;
         let plan = rootfs::plan(cfg.runtime, cfg.rootfs, &cfg.fs_limits, cfg.hostname)?;
         let (host_end, agent_end) = socketpair()?;
+        // Opened here, by host root: the kernel checks a write to `cgroup.procs` against the
+        // credentials it was opened with, so the agent can move its user processes with them.
+        let user_files = cfg.cgroup.user_procs_files();
+        if user_files.len() > MAX_USER_CGROUPS {
+            return Err(JailError::Invalid(format!(
+                "{} user cgroups; at most {MAX_USER_CGROUPS}",
+                user_files.len()
+            )));
+        }
+        let user_cgroups = user_files
+            .iter()
+            .map(|f| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(f)
+                    .map(OwnedFd::from)
+                    .map_err(|e| JailError::os(format!("open {}", f.display()), e))
+            })
+            .collect::<Result<Vec<OwnedFd>>>()?;
+        let mut user_raw = [-1; MAX_USER_CGROUPS];
+        for (slot, fd) in user_raw.iter_mut().zip(&user_cgroups) {
+            *slot = fd.as_raw_fd();
+        }
         let (go_read, go_write) = pipe()?;
         let (err_read, err_write) = pipe()?;
         // SAFETY: ifreq is a plain C struct; all-zero is valid.
@@ -157,6 +185,7 @@ impl SandboxProcess {
             err_write: err_write.as_raw_fd(),
             channel: agent_end.as_raw_fd(),
             listener: cfg.listener.unwrap_or(-1),
+            user_cgroups: user_raw,
             memfd: cfg.agent.raw_fd(),
             hostname: cstr(cfg.hostname)?,
             lo,
@@ -598,6 +627,34 @@ fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
             Step::Chown { path, uid, gid } => {
                 libc::lchown(path.as_ptr(), *uid, *gid) as libc::c_long
             }
+            Step::SharedReadOnly { src, dst, data } => {
+                let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+                if libc::mount(
+                    c"overlay".as_ptr(),
+                    dst.as_ptr(),
+                    c"overlay".as_ptr(),
+                    flags,
+                    data.as_ptr().cast(),
+                ) == 0
+                {
+                    return 0;
+                }
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return -1;
+                }
+                let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+                match sys::mount_setattr(libc::AT_FDCWD, dst, libc::AT_RECURSIVE, ro, None) {
+                    Ok(()) => 0,
+                    Err(_) => -1,
+                }
+            }
             Step::AttachLower {
                 target,
                 fallback_src,
@@ -869,8 +926,9 @@ fn child_main(c: &ChildPlan) -> ! {
         libc::close(sock);
 
         // Move what we keep above the standard numbers, then lay out 0-2 (/dev/null), 3 (the
-        // channel), 4 (the writable layer, when there is one) and 5 (the listener of a keepable
-        // sandbox's agent). Everything else is close-on-exec.
+        // channel), 4 (the writable layer, when there is one), 5 (the listener of a keepable
+        // sandbox's agent) and 6, 7 (the user processes' cgroups). Everything else is
+        // close-on-exec.
         let memfd = libc::fcntl(c.memfd, libc::F_DUPFD_CLOEXEC, 10);
         let chan = libc::fcntl(c.channel, libc::F_DUPFD_CLOEXEC, 10);
         let listener = if c.listener >= 0 {
@@ -883,6 +941,15 @@ fn child_main(c: &ChildPlan) -> ! {
         } else {
             -1
         };
+        let mut user_cgroups = [-1; MAX_USER_CGROUPS];
+        for (i, &fd) in c.user_cgroups.iter().enumerate() {
+            if fd >= 0 {
+                user_cgroups[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if user_cgroups[i] < 0 {
+                    fail(c, STEP_FDS);
+                }
+            }
+        }
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         if memfd < 0
             || chan < 0
@@ -899,7 +966,7 @@ fn child_main(c: &ChildPlan) -> ! {
         {
             fail(c, STEP_FDS);
         }
-        // Everything from 4 up close-on-exec first; the dup2s below make 4 and 5 inheritable.
+        // Everything from 4 up close-on-exec first; the dup2s below make 4 to 7 inheritable.
         if libc::syscall(
             libc::SYS_close_range,
             (CHANNEL_FD + 1) as u32,
@@ -910,6 +977,11 @@ fn child_main(c: &ChildPlan) -> ! {
             || (listener >= 0 && libc::dup2(listener, LISTENER_FD) < 0)
         {
             fail(c, STEP_FDS);
+        }
+        for (i, &fd) in user_cgroups.iter().enumerate() {
+            if fd >= 0 && libc::dup2(fd, USER_CGROUP_FD + i as RawFd) < 0 {
+                fail(c, STEP_FDS);
+            }
         }
         // err_write is close-on-exec: a successful exec closes it, which the parent reads as EOF.
         libc::syscall(
@@ -928,3 +1000,8 @@ fn child_main(c: &ChildPlan) -> ! {
 const CHANNEL_FD: RawFd = 3;
 /// The fd number the agent finds its listener on (`moat_proto::agent_config::AGENT_LISTENER_FD`).
 const LISTENER_FD: RawFd = 5;
+/// The first fd number the agent finds the user processes' `cgroup.procs` files on
+/// (`moat_proto::agent_config::AGENT_USER_CGROUP_FD`).
+const USER_CGROUP_FD: RawFd = 6;
+/// How many user cgroup files a sandbox hands its agent at most (memory and pids on v1).
+pub const MAX_USER_CGROUPS: usize = 2;

@@ -42,6 +42,13 @@ pub enum WritableLayer {
 /// set (a listening stream socket the host can open new channels on).
 pub const AGENT_LISTENER_FD: i32 = 5;
 
+/// The first file descriptor on which the agent finds the `cgroup.procs` files of its sandbox's
+/// user processes, open for writing ([`AgentConfig::user_cgroups`] of them, in a row). Each
+/// user process writes `0` to each before `exec`, which moves it into the cgroups whose memory
+/// and pids limits are the sandbox's: an out-of-memory kill or a fork bomb then takes a user
+/// process, never the agent, which has room of its own beyond those limits.
+pub const AGENT_USER_CGROUP_FD: i32 = 6;
+
 /// What the agent needs to know to serve a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +75,10 @@ pub struct AgentConfig {
     /// The writable layer handed over on [`AGENT_LAYER_FD`], if the backend hands one over.
     #[serde(default)]
     pub writable_layer: Option<WritableLayer>,
+    /// How many user processes' `cgroup.procs` files are handed over, from
+    /// [`AGENT_USER_CGROUP_FD`] up.
+    #[serde(default)]
+    pub user_cgroups: u32,
 }
 
 /// Per-process limits (setrlimit) for user code inside the sandbox.
@@ -102,6 +113,7 @@ impl Default for AgentConfig {
             limits: UserLimits::default(),
             listener: false,
             writable_layer: None,
+            user_cgroups: 0,
         }
     }
 }

@@ -49,6 +49,11 @@ pub struct CreateSandbox {
     /// Time to live in seconds; the server's default (5 minutes) when absent, at most its
     /// configured maximum.
     pub timeout_secs: Option<u64>,
+    /// Whether the sandbox's own services (ports other than 49983 and 49999) are reachable
+    /// without its traffic access token; the server's default (`moat serve
+    /// --private-traffic`) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_traffic: Option<bool>,
 }
 
 // The JSON form of `CreateSandbox`, where an absent `template` can be told from the default.
@@ -80,6 +85,10 @@ struct CreateSandboxBody {
     /// configured maximum.
     #[serde(default)]
     timeout_secs: Option<u64>,
+    /// Whether the sandbox's own services (ports other than 49983 and 49999) are reachable
+    /// without its traffic access token; the server's default when absent.
+    #[serde(default)]
+    public_traffic: Option<bool>,
 }
 
 impl TryFrom<CreateSandboxBody> for CreateSandbox {
@@ -96,6 +105,7 @@ impl TryFrom<CreateSandboxBody> for CreateSandbox {
             env: b.env,
             metadata: b.metadata,
             timeout_secs: b.timeout_secs,
+            public_traffic: b.public_traffic,
         })
     }
 }
@@ -110,6 +120,7 @@ impl Default for CreateSandbox {
             env: BTreeMap::new(),
             metadata: BTreeMap::new(),
             timeout_secs: None,
+            public_traffic: None,
         }
     }
 }
@@ -388,6 +399,15 @@ pub struct Sandbox {
     /// and get.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// Whether its own services (ports other than 49983 and 49999) are reachable without its
+    /// traffic access token.
+    #[serde(default)]
+    pub public_traffic: bool,
+    /// Its traffic access token: what reaches its services when they are not public
+    /// (`E2B-Traffic-Access-Token`), and its code interpreter. Only in the answers of create and
+    /// get.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
 }
 
 /// `GET /v1/sandboxes`: which sandboxes to list.

@@ -72,6 +72,10 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .route("/readyz", get(readyz))
         .merge(v1)
         .merge(crate::e2b::routes(state.clone()))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::storage_guard::refuse_when_full,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -208,12 +212,20 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready when the store answers and no shutdown has begun; the backend was ready before the
-/// listener opened.
+/// Ready when the store answers, its data dir has room and no shutdown has begun; the backend
+/// was ready before the listener opened.
 async fn readyz(State(state): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
     let unavailable = |m: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m);
     if state.draining.load(Ordering::SeqCst) {
         return Err(unavailable("shutting down".into()));
+    }
+    // Not ready for work that changes anything: say why, under the same code as the refusals.
+    if let Err(e) = state.manager.check_storage() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.code(),
+            e.to_string(),
+        ));
     }
     let store = state.manager.store().clone();
     tokio::task::spawn_blocking(move || store.count_by_state())
@@ -299,9 +311,10 @@ async fn get_sandbox(
     Ok(Json(with_access_token(&state, sandbox)))
 }
 
-/// `sandbox` with its access token, for its owner to use the sandbox-traffic routes.
+/// `sandbox` with its access and traffic tokens, for its owner to use the sandbox-traffic routes.
 fn with_access_token(state: &AppState, mut sandbox: v1::Sandbox) -> v1::Sandbox {
     sandbox.access_token = Some(state.manager.access_token(&sandbox.id));
+    sandbox.traffic_access_token = Some(state.manager.traffic_token(&sandbox.id));
     sandbox
 }
 

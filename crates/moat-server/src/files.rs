@@ -178,7 +178,9 @@ pub(crate) fn agent_message(e: &AgentError) -> String {
 
 /// The API's form of an agent's entry.
 fn file_entry(e: EntryInfo) -> v1::FileEntry {
-    let kind = if e.is_symlink {
+    // The agent marks a link by its target, as envd does (`is_symlink` from newer agents too).
+    let link = e.is_symlink || e.symlink_target.is_some();
+    let kind = if link {
         v1::FileType::Symlink
     } else {
         match WireType::try_from(e.r#type) {
@@ -201,7 +203,7 @@ fn file_entry(e: EntryInfo) -> v1::FileEntry {
         owner: e.owner,
         group: e.group,
         modified_at,
-        symlink_target: if e.is_symlink { e.symlink_target } else { None },
+        symlink_target: if link { e.symlink_target } else { None },
     }
 }
 
@@ -521,7 +523,8 @@ mod tests {
             r#type: WireType::Directory as i32,
             size: 4,
             mode: 0o755,
-            is_symlink: true,
+            // Marked by its target only, as the agent (and envd) sends a link.
+            is_symlink: false,
             symlink_target: Some("/tmp/d".into()),
             modified_time: Some(pbjson_types::Timestamp {
                 seconds: 2,
@@ -535,7 +538,6 @@ mod tests {
         assert_eq!(e.modified_at, 2500);
         let fifo = EntryInfo {
             r#type: WireType::Unspecified as i32,
-            symlink_target: Some("ignored".into()),
             ..Default::default()
         };
         let e = file_entry(fifo);

@@ -10,6 +10,7 @@
 //! is rate-limited per key.
 
 mod api;
+mod conn_limits;
 mod e2b;
 mod error;
 mod files;
@@ -19,20 +20,21 @@ pub mod openapi;
 mod rate_limit;
 mod sandbox_proxy;
 mod snapshots;
+mod storage_guard;
 mod templates;
 
 use moat_engine::store::now_ms;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::serve::ListenerExt as _;
 use moat_engine::manager::{SandboxManager, ShutdownMode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use api::router;
+pub use conn_limits::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, connection_cap};
 pub use error::ApiError;
 pub use files::{MAX_LIST_DEPTH, MAX_UPLOAD_BYTES, TAR_TIMEOUT};
 pub use rate_limit::{BURST_SECONDS, DEFAULT_REQUESTS_PER_MINUTE};
@@ -111,7 +113,8 @@ impl AppState {
 
 /// Serves the API on `listener` with `opts` until `shutdown` completes, reaping expired
 /// sandboxes every [`REAP_INTERVAL`], sampling their resource use every
-/// [`moat_engine::manager::USAGE_INTERVAL`] and keeping the warm pools filled meanwhile. Then it stops
+/// [`moat_engine::manager::USAGE_INTERVAL`], deleting old records of ended sandboxes and stale
+/// cgroups (see [`SandboxManager::housekeep`]) and keeping the warm pools filled meanwhile. Then it stops
 /// accepting connections, waits up to [`DRAIN_TIMEOUT`] for requests in flight, and destroys
 /// (or keeps, per [`ServerOptions::on_shutdown`]) every sandbox the manager runs.
 pub async fn serve(
@@ -125,6 +128,7 @@ pub async fn serve(
     let app = api::router_with(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap_loop(manager.clone(), stop_rx.clone()));
+    let housekeeper = tokio::spawn(housekeeping_loop(manager.clone(), stop_rx.clone()));
     let pools = {
         let (manager, stop) = (manager.clone(), stop_rx.clone());
         tokio::spawn(async move { manager.run_pools(stop).await })
@@ -143,15 +147,8 @@ pub async fn serve(
             let _ = stop_tx.send(true);
         }
     };
-    // Event streams send small lines that must leave at once, not wait for an acknowledgement.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("setting TCP_NODELAY: {e}");
-        }
-    });
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .into_future();
+    // Header-read timeout and connection cap: see `conn_limits`.
+    let server = conn_limits::serve(listener, app, signal);
     let mut stopped = stop_rx;
     let drain_deadline = async move {
         // Only counts from the start of the shutdown; a dropped sender means the server ended.
@@ -169,11 +166,34 @@ pub async fn serve(
         }
     };
     let _ = reaper.await;
+    let _ = housekeeper.await;
     let _ = pools.await;
     let _ = usage.await;
     let (destroyed, kept) = manager.shutdown(opts.on_shutdown).await;
     tracing::info!(destroyed, kept, "ended or kept the sandboxes still running");
     result
+}
+
+/// Runs [`SandboxManager::housekeep`] every [`SandboxManager::housekeeping_interval`]: ended
+/// records past the retention are deleted, stale cgroups swept.
+async fn housekeeping_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(manager.housekeeping_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match manager.housekeep(now_ms()).await {
+            Ok(done) if done.purged > 0 || done.swept > 0 => tracing::info!(
+                purged = done.purged,
+                swept = done.swept,
+                "deleted old records of ended sandboxes and stale cgroups"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("housekeeping: {e}"),
+        }
+    }
 }
 
 async fn reap_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {

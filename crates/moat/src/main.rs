@@ -1,5 +1,8 @@
 //! The `moat` binary: command-line tool, server (`serve`), and (hidden `agent` subcommand) the in-sandbox agent.
 
+// Standard output goes through `cli::output`, which reports a closed pipe instead of panicking.
+#![deny(clippy::print_stdout)]
+
 mod cli;
 
 use std::process::ExitCode;

@@ -784,3 +784,61 @@ fn run_through_the_server() {
         assert_eq!(s["end_reason"], "deleted", "{s}");
     }
 }
+
+/// `cmd` with its standard output a pipe whose reader is already gone.
+fn with_closed_stdout(mut cmd: Command) -> Output {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints for pipe(2) to fill.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: both descriptors were just made by pipe(2) and are owned only here.
+    let (read, write) = unsafe {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    drop(read);
+    let child = cmd
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn moat");
+    child.wait_with_output().expect("wait for moat")
+}
+
+#[test]
+fn closed_stdout_exits_quietly() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start();
+    let admin = server.admin_key();
+    let id = ok(moat(&server, &admin, &["sandbox", "create"]));
+    let id = id.trim();
+    for args in [
+        &["template", "ls"][..],
+        &["template", "ls", "-o", "json"],
+        &["template", "get", "base"],
+        &["sandbox", "ls"],
+        &["sandbox", "ls", "-o", "json"],
+        &["sandbox", "get", id],
+        &["keys", "ls"],
+        &["keys", "ls", "-o", "json"],
+        &["snapshot", "ls", "-o", "json"],
+        &["sandbox", "exec", "-o", "json", id, "--", "echo", "hi"],
+    ] {
+        let out = with_closed_stdout(command(&server, &admin, args));
+        assert_eq!(
+            out.status.code(),
+            Some(141),
+            "moat {args:?}: {:?}, stderr: {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), "", "moat {args:?} is quiet");
+    }
+    let mut check = Command::new(env!("CARGO_BIN_EXE_moat"));
+    check.arg("check");
+    let out = with_closed_stdout(check);
+    assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
+    ok(moat(&server, &admin, &["sandbox", "rm", id]));
+}

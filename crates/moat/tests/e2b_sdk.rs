@@ -36,7 +36,23 @@ fn test_python() -> PathBuf {
 
 /// Runs `tests/e2b/<file>` with pytest against a fresh `moat serve`.
 fn run_pytest(file: &str) {
-    let mut cmd = Command::new(test_python());
+    run_pytest_with(&test_python(), file);
+}
+
+/// The Python of the venv with e2b `version` (an older SDK generation), which
+/// scripts/test-deps.sh makes from tests/python/requirements-e2b-<version>.txt.
+fn older_sdk_python(version: &str) -> PathBuf {
+    let python = repo_root().join(format!("target/test-venv-e2b-{version}/bin/python"));
+    assert!(
+        python.exists(),
+        "no venv with e2b {version}: run scripts/test-deps.sh"
+    );
+    python
+}
+
+/// Runs `tests/e2b/<file>` with pytest under `python` against a fresh `moat serve`.
+fn run_pytest_with(python: &Path, file: &str) {
+    let mut cmd = Command::new(python);
     // No cache directory in the source tree.
     cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(format!("tests/e2b/{file}"))
@@ -109,6 +125,30 @@ fn lifecycle() {
     run_pytest("test_lifecycle.py");
 }
 
+/// The calls every 2.x SDK shares, with the newest SDK.
+#[test]
+fn sdk_generations_newest() {
+    run_pytest("test_sdk_generations.py");
+}
+
+/// The same with e2b 2.7.0, the oldest 2.x that can be pointed at another server
+/// (`E2B_SANDBOX_URL`): `POST /sandboxes`, `POST /sandboxes/{id}/connect`.
+#[test]
+fn sdk_generations_e2b_2_7() {
+    run_pytest_with(&older_sdk_python("2.7"), "test_sdk_generations.py");
+}
+
+/// The same with e2b 2.50.0, the last before `/v2/sandboxes`.
+#[test]
+fn sdk_generations_e2b_2_50() {
+    run_pytest_with(&older_sdk_python("2.50"), "test_sdk_generations.py");
+}
+
+#[test]
+fn tokens_signatures_and_templates() {
+    run_pytest("test_hardening_proxy.py");
+}
+
 /// The e2b JavaScript SDK (tests/e2b/js, installed by scripts/test-deps.sh) under Node.
 #[test]
 fn javascript_sdk_smoke() {
@@ -117,7 +157,21 @@ fn javascript_sdk_smoke() {
     run_client(cmd, "node tests/e2b/js/smoke.mjs");
 }
 
+/// File writes the agent refuses mid-upload, and parents it makes for the user, through the
+/// JavaScript SDK (whose fetch fails outright when an answer comes before the upload is read).
+#[test]
+fn javascript_file_errors() {
+    let mut cmd = Command::new("node");
+    cmd.arg("tests/e2b/js/file_errors.mjs");
+    run_client(cmd, "node tests/e2b/js/file_errors.mjs");
+}
+
 #[test]
 fn documentation_quickstarts() {
     run_pytest("test_quickstart.py");
+}
+
+#[test]
+fn fidelity() {
+    run_pytest("test_fidelity.py");
 }

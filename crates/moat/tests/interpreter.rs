@@ -268,7 +268,7 @@ async fn python_executions() {
     .await;
     assert_eq!(ex.stdout, "one\ntwo\nthree\n", "{ex:?}");
     assert_eq!(ex.stderr, "err\n");
-    assert_eq!(ex.main_text(), Some("'value'"));
+    assert_eq!(ex.main_text(), Some("value"));
     let stamps: Vec<&str> = ex
         .lines
         .iter()
@@ -355,7 +355,7 @@ async fn python_executions() {
     )
     .await;
     assert_eq!(ex.stdout, "applied\n");
-    assert_eq!(ex.main_text(), Some("'applied'"));
+    assert_eq!(ex.main_text(), Some("applied"));
     let ex = run(
         &client,
         None,
@@ -378,7 +378,7 @@ async fn python_executions() {
     assert!(ex.stdout.contains("{\"type\": \"done\"}"), "{ex:?}");
     assert!(ex.stdout.ends_with("no newline"));
     assert_eq!(ex.results.len(), 1, "{ex:?}");
-    assert_eq!(ex.main_text(), Some("'real'"));
+    assert_eq!(ex.main_text(), Some("real"));
 
     // Long output is split into several lines.
     let ex = run(&client, None, None, "print('y' * 100000)", None).await;
@@ -492,7 +492,7 @@ async fn contexts_and_errors() {
 
     let tmp = create_context(&client, &json!({"language": "Python", "cwd": "/tmp"})).await;
     let ex = run(&client, Some(&tmp), None, "import os\nos.getcwd()", None).await;
-    assert_eq!(ex.main_text(), Some("'/tmp'"));
+    assert_eq!(ex.main_text(), Some("/tmp"));
 
     // Contexts are separate; restart loses the state.
     run(&client, Some(&id), None, "y = 5", None).await;
@@ -608,7 +608,7 @@ async fn disconnect_interrupts_the_execution_not_the_context() {
 
     // The next execution waits for the interrupted one, and the state is still there.
     let ex = run(&client, Some(&id), None, "kept", None).await;
-    assert_eq!(ex.main_text(), Some("'state'"), "{ex:?}");
+    assert_eq!(ex.main_text(), Some("state"), "{ex:?}");
 
     // The same in bash, with the loop waiting on a child process.
     let sh = create_context(&client, &json!({"language": "bash"})).await;
@@ -719,7 +719,7 @@ async fn javascript_contexts() {
         Some(json!({"MOAT_J": "env"})),
     )
     .await;
-    assert_eq!(ex.main_text(), Some("'env'"));
+    assert_eq!(ex.main_text(), Some("env"));
 
     // Child processes do not inherit the driver's private pipes.
     let ex = run(
@@ -730,14 +730,14 @@ async fn javascript_contexts() {
         None,
     )
     .await;
-    assert_eq!(ex.main_text(), Some("'0\\n1\\n2\\n3\\n'"), "{ex:?}");
+    assert_eq!(ex.main_text(), Some("0\\n1\\n2\\n3\\n"), "{ex:?}");
 
     // A busy loop is interrupted when the client goes away; the context lives on.
     let js = create_context(&client, &json!({"language": "javascript"})).await;
     run(&client, Some(&js), None, "var kept = 'js state'", None).await;
     interrupt_after_first_output(&client, &js, "console.log('spinning'); while (true) {}").await;
     let ex = run(&client, Some(&js), None, "kept", None).await;
-    assert_eq!(ex.main_text(), Some("'js state'"), "{ex:?}");
+    assert_eq!(ex.main_text(), Some("js state"), "{ex:?}");
 
     let ctx = create_context(&client, &json!({"language": "ts"})).await;
     let (_, list) = call(&client, Method::GET, "/interpreter/contexts", None, false).await;

@@ -205,7 +205,7 @@ fn directory_rootfs_is_read_only_below_a_writable_layer() {
         "a write reached the template"
     );
     // The host's own root contains moat's runtime directory: refused with a reason.
-    let o = run(&["--rootfs", "/", "--", "true"]);
+    let o = run(&["--root", "--rootfs", "/", "--", "true"]);
     assert_eq!(o.status.code(), Some(125));
     assert!(stderr(&o).contains("runtime directory"), "{}", stderr(&o));
     std::fs::remove_dir_all(&lower).expect("cleanup");
@@ -251,4 +251,95 @@ fn check_reports_the_host_and_the_choice() {
         );
     }
     assert!(text.contains("moat will use: native backend"), "{text}");
+}
+
+/// Whether process `pid` catches signal `sig` (its `SigCgt` mask in `/proc`).
+fn catches(pid: u32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+#[test]
+fn ctrl_c_at_any_moment_exits_130_and_leaves_no_cgroup() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    need_root!();
+    const RUNS: u32 = 200;
+    let layout = moat_jail::cgroup::Layout::detect().expect("cgroup layout");
+    // A small generator is enough to spread the delays; the seed is printed to replay a run.
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .subsec_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}");
+    let mut leaked = Vec::new();
+    let mut caught = 0;
+    for i in 0..RUNS {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = std::time::Duration::from_micros(seed % 8_000);
+        let id = format!("intr{}x{i}", std::process::id());
+        let cgroups = || -> Vec<std::path::PathBuf> {
+            layout
+                .bases()
+                .into_iter()
+                .map(|b| b.join(&id))
+                .filter(|d| d.exists())
+                .collect()
+        };
+        let mut cmd = moat();
+        // As from a terminal: Ctrl-C's default action, whatever this test inherited.
+        // SAFETY: signal(2) is async-signal-safe, as a pre_exec hook requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args(["run", "--id", &id, "--", "sleep", "30"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn moat run");
+        std::thread::sleep(delay);
+        // Whatever moat run has made, it made with Ctrl-C already caught.
+        let made = !cgroups().is_empty();
+        let catching = catches(child.id(), libc::SIGINT);
+        assert!(
+            catching || !made,
+            "run {i} after {delay:?}: cgroups exist while Ctrl-C would kill moat run outright"
+        );
+        // SAFETY: kill has no memory preconditions; the child is ours and not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().expect("wait");
+        if catching {
+            caught += 1;
+        }
+        // Only a process that had not yet started to catch it (and so had made nothing) may
+        // die of the signal itself.
+        let died_early = !catching && out.status.signal() == Some(libc::SIGINT);
+        assert!(
+            out.status.code() == Some(130) || died_early,
+            "run {i} after {delay:?}: {:?}: {}",
+            out.status,
+            stderr(&out)
+        );
+        let left = cgroups();
+        if !left.is_empty() {
+            leaked.push((i, delay, left));
+        }
+    }
+    assert!(leaked.is_empty(), "cgroups left behind: {leaked:?}");
+    // Most delays fall after start-up: the 130 path is what is being tested.
+    assert!(
+        caught > RUNS / 4,
+        "only {caught} of {RUNS} runs had started"
+    );
 }

@@ -304,3 +304,44 @@ fn a_restart_after_sigkill_reaps_what_the_old_server_left() {
         String::from_utf8_lossy(&r.body)
     );
 }
+
+#[test]
+fn a_server_without_root_creates_nothing_and_says_why() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!("SKIP: switching to an unprivileged user needs root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::Builder::new()
+        .prefix("moat-serve-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    // The unprivileged user could make the data dir: only the missing root stops it.
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .uid(NOBODY)
+        .gid(NOBODY) // with uid set, std also drops supplementary groups
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run moat serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("nothing was created"),
+        "stderr: {stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no admin key printed: {:?}",
+        out.stdout
+    );
+    assert!(!data.exists(), "the data dir was created");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read tempdir")
+        .collect();
+    assert!(left.is_empty(), "nothing is created: {left:?}");
+}

@@ -167,3 +167,67 @@ fn a_kept_sandbox_that_died_meanwhile_is_recorded_and_cleaned() {
     assert!(cgroup_dirs(&id).is_empty());
     assert!(markers_of(&id).is_empty());
 }
+
+fn assert_alive(id: &str, why: &str) {
+    assert!(!pids_in_sandbox(id).is_empty(), "sandbox {id} died: {why}");
+    assert_eq!(
+        markers_of(id).len(),
+        1,
+        "sandbox {id} lost its marker: {why}"
+    );
+}
+
+#[test]
+fn servers_on_other_data_dirs_leave_each_others_sandboxes_alone() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let a = Server::start_with(&["--on-shutdown", "keep"]);
+    let key_a = a.admin_key();
+    let a1 = create(&a, &key_a);
+
+    // A server on another data dir starts while A runs, and makes one of its own.
+    let b = Server::start();
+    let key_b = b.admin_key();
+    let b1 = create(&b, &key_b);
+    assert_alive(&a1, "a second server started beside its server");
+    assert_eq!(shell(&a, &key_a, &a1, "echo ok")["stdout"], "ok\n");
+
+    // A stops and keeps a1; a third server (keep) starts while nobody runs a1.
+    let (dir_a, data_a) = a.stop();
+    let c = Server::start_with(&["--on-shutdown", "keep"]);
+    let key_c = c.admin_key();
+    let c1 = create(&c, &key_c);
+    assert_alive(&a1, "another server started while its own was stopped");
+    assert!(
+        !pids_in_sandbox(&b1).is_empty(),
+        "a keep-mode server's start killed a destroy-mode server's sandbox"
+    );
+    assert_eq!(shell(&b, &key_b, &b1, "echo ok")["stdout"], "ok\n");
+
+    // B stops (destroying its own sandboxes) and C crashes: only their own are affected.
+    let _b_data = b.stop();
+    wait_gone(&b1);
+    assert!(pids_in_sandbox(&b1).is_empty(), "B's sandbox outlived B");
+    let (dir_c, data_c) = c.kill9();
+    assert_alive(&a1, "other servers stopped");
+    assert_alive(&c1, "its server crashed");
+
+    // A comes back and takes over a1 only; C comes back and takes over c1.
+    let a = Server::start_in_with(dir_a, data_a, &["--on-shutdown", "keep"]);
+    assert_alive(&c1, "A restarted beside it");
+    let r = a.request("GET", &format!("/v1/sandboxes/{a1}"), Some(&key_a), None);
+    assert_eq!(r.json()["state"], "running", "{}", r.json());
+    assert_eq!(shell(&a, &key_a, &a1, "echo ok")["stdout"], "ok\n");
+    let c = Server::start_in_with(dir_c, data_c, &["--on-shutdown", "keep"]);
+    assert_alive(&a1, "C restarted beside it");
+    assert_eq!(shell(&c, &key_c, &c1, "echo ok")["stdout"], "ok\n");
+
+    for (server, key, id) in [(&a, &key_a, &a1), (&c, &key_c, &c1)] {
+        let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(key), None);
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        wait_gone(id);
+        assert!(markers_of(id).is_empty(), "the slot marker outlived {id}");
+    }
+}

@@ -55,7 +55,7 @@ pub(crate) fn check(
             .parse()
             .map_err(|_| "invalid signature expiration".to_string())?;
         if exp <= now {
-            return Err("signature has expired".into());
+            return Err("signature is already expired".into());
         }
     }
     Ok(())

@@ -2,10 +2,18 @@
 //! signed-URL check of `shared/reference/e2b-wire.md` §7.
 //!
 //! Like the RPCs, all file work runs as the request's user (`username` query parameter, else the
-//! default user) through the same checked path resolution (see [`crate::filesystem`]). Bodies
-//! stream in both directions: a download is read in [`CHUNK`]-sized pieces, an upload is written
-//! as it arrives, so neither size is limited by memory; uploads are limited only by the
-//! filesystem (no space or quota answers 507).
+//! default user) through the same checked path resolution (see [`crate::filesystem`]), with one
+//! exception that envd makes too: an upload's missing parent directories are made by the agent
+//! itself and given to the user, so a write to `/0/a/b.txt` works where the user could not make
+//! `/0` (the file is still opened as the user). Bodies stream in both directions: a download is
+//! read in [`CHUNK`]-sized pieces, an upload is written as it arrives, so neither size is
+//! limited by memory; uploads are limited only by the filesystem (no space or quota answers
+//! 507).
+//!
+//! An upload refused part-way (a bad destination in a multipart form, a failed write) is
+//! answered only once the rest of its body has been read and dropped, up to
+//! [`MAX_DRAIN_BYTES`] and [`DRAIN_TIMEOUT`]: a client that is still sending when the answer
+//! comes would otherwise see its connection break instead of the error.
 
 mod auth;
 mod multipart;
@@ -13,6 +21,7 @@ mod multipart;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use flate2::Compression;
@@ -24,7 +33,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Mutex, mpsc};
 
 pub use auth::{Operation, sign};
 
@@ -38,6 +47,18 @@ use multipart::{Multipart, MultipartError};
 
 /// Size of the pieces a download is read and sent in.
 pub const CHUNK: usize = 64 * 1024;
+
+/// Largest download of a file whose size is reported as 0 (procfs and sysfs files are generated
+/// as they are read): such a file is read whole first, to send its real length, and one longer
+/// than this is refused (400).
+pub const MAX_UNSIZED_DOWNLOAD: u64 = 1 << 20;
+
+/// Most of a refused upload's remaining body read (and dropped) before the answer goes out; a
+/// longer body is cut off, and its client may see the connection close instead of the answer.
+pub const MAX_DRAIN_BYTES: u64 = 64 << 20;
+
+/// Longest a refused upload's remaining body is read before the answer goes out anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Prefix of the request headers that carry file metadata.
 const METADATA_HEADER: &str = "x-metadata-";
@@ -291,11 +312,17 @@ async fn download(
     })?;
     let open_path = path.clone();
     let (file, size) = blocking_as(&user, move || ops::open_read(&open_path)).await?;
-    let stream = read_stream(
-        tokio::fs::File::from_std(file),
-        size,
-        encoding == Encoding::Gzip,
-    );
+    let file = tokio::fs::File::from_std(file);
+    // A size of 0 may be a file generated as it is read (`/proc`, `/sys`): its length is known
+    // only once it has been read.
+    let (reader, size): (Reader, u64) = if size == 0 {
+        let data = read_unsized(file, &path).await?;
+        let len = data.get_ref().len() as u64;
+        (Box::new(data), len)
+    } else {
+        (Box::new(file), size)
+    };
+    let stream = read_stream(reader, size, encoding == Encoding::Gzip);
     let body = BodyExt::boxed(StreamBody::new(stream.map(|r| r.map(Frame::data))));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
@@ -319,9 +346,32 @@ async fn download(
     Ok(resp)
 }
 
+/// What a download reads from: the open file, or a size-0 file's contents read beforehand.
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send + Sync>;
+
+/// The contents of `file`, whose size is reported as 0, read to its end: at most
+/// [`MAX_UNSIZED_DOWNLOAD`] bytes (a truly empty file reads nothing).
+async fn read_unsized(
+    file: tokio::fs::File,
+    path: &str,
+) -> Result<std::io::Cursor<Vec<u8>>, HttpError> {
+    let mut data = Vec::new();
+    file.take(MAX_UNSIZED_DOWNLOAD + 1)
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| HttpError::from(RpcError::from_io(&e, &format!("reading {path}"))))?;
+    if data.len() as u64 > MAX_UNSIZED_DOWNLOAD {
+        return Err(HttpError::bad_request(format!(
+            "{path} reports no size (it is generated as it is read) and is longer than \
+             {MAX_UNSIZED_DOWNLOAD} bytes; copy it to a regular file and download that"
+        )));
+    }
+    Ok(std::io::Cursor::new(data))
+}
+
 /// What a download stream carries between chunks.
 struct ReadState {
-    file: tokio::fs::File,
+    file: Reader,
     remaining: u64,
     gzip: Option<GzEncoder<Vec<u8>>>,
     done: bool,
@@ -331,7 +381,7 @@ struct ReadState {
 /// length, and a file that shrinks meanwhile ends the body with an error), gzip-compressed on the
 /// fly when asked.
 fn read_stream(
-    file: tokio::fs::File,
+    file: Reader,
     size: u64,
     gzip: bool,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static {
@@ -454,6 +504,7 @@ impl FileSink {
         let user = user.clone();
         let task = tokio::spawn(async move {
             let (uid, gid) = (user.uid, user.gid);
+            make_parents(&path, uid, gid).await?;
             blocking_as(&user, move || {
                 let file = ops::open_write(&path, uid, gid)?;
                 let mut gz = gzip.then(|| MultiGzDecoder::new(&file));
@@ -521,6 +572,23 @@ impl FileSink {
     }
 }
 
+/// Makes the missing parent directories of `path` with the agent's own credentials, each given
+/// to `uid:gid`, as envd does: the user could not always make them (`/0/a` below a `/` only root
+/// may write). Existing directories are left as they are, so the file itself is still opened
+/// with the user's rights.
+async fn make_parents(path: &str, uid: u32, gid: u32) -> Result<(), HttpError> {
+    let parent = paths::split(path).0.to_owned();
+    tokio::task::spawn_blocking(move || ops::ensure_dirs(&parent, uid, gid).map(drop))
+        .await
+        .map_err(|e| {
+            HttpError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("making parent directories failed: {e}"),
+            )
+        })?
+        .map_err(HttpError::from)
+}
+
 /// A write failure: OS errors keep their meaning (no space is 507); anything else came from the
 /// gzip decoder, so the body was bad.
 fn write_error(err: &io::Error, path: &str) -> RpcError {
@@ -533,26 +601,92 @@ fn write_error(err: &io::Error, path: &str) -> RpcError {
     }
 }
 
-fn written(path: &str) -> serde_json::Value {
-    serde_json::json!({"path": path, "name": paths::base_name(path), "type": "file"})
+/// The upload's answer for one file: its path, name and type, and the metadata it now carries
+/// (only when there is some, as upstream).
+fn written(path: &str, metadata: &[(String, String)]) -> serde_json::Value {
+    let mut v = serde_json::json!({"path": path, "name": paths::base_name(path), "type": "file"});
+    if !metadata.is_empty() {
+        let map: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, val)| (k.clone(), serde_json::Value::from(val.as_str())))
+            .collect();
+        v["metadata"] = serde_json::Value::Object(map);
+    }
+    v
 }
 
-fn body_stream(req: Request<Incoming>) -> BoxStream<'static, Result<Bytes, MultipartError>> {
-    req.into_body()
-        .into_data_stream()
-        .map(|r| r.map_err(|e| MultipartError(format!("reading the request body: {e}"))))
+/// A request body that an upload reads as a stream and, if it is refused, drains what is left
+/// of afterwards.
+#[derive(Clone)]
+struct SharedBody(Arc<Mutex<Incoming>>);
+
+impl SharedBody {
+    /// The body's data, frame by frame (trailers skipped).
+    fn stream(&self) -> BoxStream<'static, Result<Bytes, MultipartError>> {
+        futures_util::stream::unfold(self.0.clone(), |body| async move {
+            loop {
+                let frame = body.lock().await.frame().await?;
+                match frame {
+                    Ok(frame) => match frame.into_data() {
+                        Ok(data) => return Some((Ok(data), body)),
+                        Err(_) => continue,
+                    },
+                    Err(e) => {
+                        let e = MultipartError(format!("reading the request body: {e}"));
+                        return Some((Err(e), body));
+                    }
+                }
+            }
+        })
         .boxed()
+    }
+
+    /// Reads and drops the rest of the body, up to [`MAX_DRAIN_BYTES`] and [`DRAIN_TIMEOUT`].
+    async fn drain(&self) {
+        let mut body = self.0.lock().await;
+        let read_all = async {
+            let mut read: u64 = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    read = read.saturating_add(data.len() as u64);
+                    if read > MAX_DRAIN_BYTES {
+                        tracing::debug!("a refused upload's body is longer than the drain bound");
+                        return;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, read_all).await.is_err() {
+            tracing::debug!("a refused upload's body took longer than the drain bound");
+        }
+    }
 }
 
+/// `POST /files`; a refusal goes out only after the rest of the body was drained (see the
+/// module's notes).
 async fn upload(
     state: &AgentState,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, HttpError> {
-    let q = parse_query(req.uri().query())?;
-    let user = authorize(state, req.headers(), &q, Operation::Write)?;
-    let metadata = Arc::new(parse_metadata(req.headers())?);
+    let (parts, body) = req.into_parts();
+    let body = SharedBody(Arc::new(Mutex::new(body)));
+    let result = upload_from(state, &parts, body.stream()).await;
+    if result.is_err() {
+        body.drain().await;
+    }
+    result
+}
+
+async fn upload_from(
+    state: &AgentState,
+    req: &http::request::Parts,
+    body: BoxStream<'static, Result<Bytes, MultipartError>>,
+) -> Result<Response<ResponseBody>, HttpError> {
+    let q = parse_query(req.uri.query())?;
+    let user = authorize(state, &req.headers, &q, Operation::Write)?;
+    let metadata = Arc::new(parse_metadata(&req.headers)?);
     let content_type = req
-        .headers()
+        .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
@@ -564,7 +698,7 @@ async fn upload(
         .trim()
         .to_ascii_lowercase();
     let encoding = req
-        .headers()
+        .headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
         .unwrap_or_default();
@@ -580,14 +714,14 @@ async fn upload(
     let results = match essence.as_str() {
         "application/octet-stream" => {
             let path = request_path(state, &user, q.path.as_deref())?;
-            let mut body = body_stream(req);
-            let mut sink = FileSink::open(&user, path.clone(), gzip, metadata);
+            let mut body = body;
+            let mut sink = FileSink::open(&user, path.clone(), gzip, metadata.clone());
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| HttpError::bad_request(e.0))?;
                 sink.send(chunk).await?;
             }
             sink.finish().await?;
-            vec![written(&path)]
+            vec![written(&path, &metadata)]
         }
         "multipart/form-data" => {
             if gzip {
@@ -601,7 +735,7 @@ async fn upload(
                 .as_deref()
                 .map(|p| request_path(state, &user, Some(p)))
                 .transpose()?;
-            let mut form = Multipart::new(body_stream(req), &boundary);
+            let mut form = Multipart::new(body, &boundary);
             let mut seen = HashSet::new();
             let mut results = Vec::new();
             while let Some(part) = form.next_part().await? {
@@ -633,7 +767,7 @@ async fn upload(
                     sink.send(chunk).await?;
                 }
                 sink.finish().await?;
-                results.push(written(&path));
+                results.push(written(&path, &metadata));
             }
             if results.is_empty() {
                 return Err(HttpError::bad_request("the form has no 'file' part"));
@@ -708,6 +842,26 @@ mod tests {
             HeaderValue::from_bytes(b"caf\xc3\xa9").expect("value"),
         );
         assert!(parse_metadata(&h).is_err());
+    }
+
+    #[test]
+    fn unsized_files_are_read_whole_within_the_bound() {
+        let f = tempfile::NamedTempFile::new().expect("tempfile");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let read = |len: u64| {
+            f.as_file().set_len(len).expect("set_len");
+            let file = tokio::fs::File::from_std(std::fs::File::open(f.path()).expect("open"));
+            rt.block_on(read_unsized(file, "f"))
+        };
+        assert_eq!(read(0).expect("empty").get_ref().len(), 0);
+        assert_eq!(read(1000).expect("small").get_ref().len(), 1000);
+        let at = read(MAX_UNSIZED_DOWNLOAD).expect("at the bound");
+        assert_eq!(at.get_ref().len() as u64, MAX_UNSIZED_DOWNLOAD);
+        let err = read(MAX_UNSIZED_DOWNLOAD + 1).expect_err("past the bound");
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("longer than"), "{}", err.message);
     }
 
     #[test]

@@ -158,8 +158,10 @@ fn metadata_of(
 }
 
 /// The entry `name` in directory `dir`, reported at `path` (absolute). A symlink reports its
-/// target's type and permission bits with `is_symlink` and the resolved `symlink_target`; its
-/// own size, owner, `permissions` and time, as upstream does.
+/// target's type and permission bits and the resolved `symlink_target` (which marks it as a
+/// link); its own size, owner, `permissions` and time, as upstream does. `is_symlink` stays
+/// false: the envd version the agent reports has no such field, and an SDK that knows it would
+/// show every link as a symlink instead of its target's type.
 pub(crate) fn entry_at(
     dir: BorrowedFd<'_>,
     name: &CStr,
@@ -185,7 +187,6 @@ pub(crate) fn entry_at(
         info.metadata = metadata_of(dir, name, &st, false);
         return Ok(info);
     }
-    info.is_symlink = true;
     // Where the link text points, lexically: the answer when the target cannot be resolved.
     let text = sys::readlinkat(dir, name).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);

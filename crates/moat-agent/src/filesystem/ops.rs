@@ -293,8 +293,9 @@ pub(crate) fn list_dir(path: &str, depth: u32) -> Result<Vec<EntryInfo>, RpcErro
         let Ok(info) = entry::entry_at(top.fd.as_fd(), &name, &full, &mut owners) else {
             continue;
         };
-        let descend =
-            !info.is_symlink && info.r#type == FileType::Directory as i32 && top.level < depth;
+        let descend = info.symlink_target.is_none()
+            && info.r#type == FileType::Directory as i32
+            && top.level < depth;
         out.push(info);
         if out.len() > MAX_LIST_ENTRIES {
             return Err(RpcError::new(
@@ -477,7 +478,12 @@ pub(crate) fn open_write(path: &str, uid: u32, gid: u32) -> Result<std::fs::File
         ));
     }
     sys::set_blocking(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
-    sys::truncate(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
+    // Truncating is a change watchers see (a WRITE event), so an empty file, new ones included,
+    // is left as it is: the events of a write are then upstream's (which truncates in `open`,
+    // a no-op on a file it creates).
+    if st.st_size != 0 {
+        sys::truncate(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
+    }
     // Upstream hands the file to the user. The thread runs as the user, so this succeeds for
     // files the user owns (fixing the group) and for root; the agent never gives a user a file
     // they could not chown themselves.

@@ -84,7 +84,8 @@ fn result(frame: &Map<String, Value>) -> Value {
         if let Some(Value::String(s)) = frame.get(key)
             && s.len() <= MAX_RESULT_ENTRY_BYTES
         {
-            out.insert(key.into(), Value::from(s.as_str()));
+            let s = if key == "text" { unquote(s) } else { s };
+            out.insert(key.into(), Value::from(s));
         }
     }
     for &key in JSON_KEYS {
@@ -96,6 +97,21 @@ fn result(frame: &Map<String, Value>) -> Value {
         }
     }
     Value::Object(out)
+}
+
+/// `text` without one pair of surrounding quotes, as upstream's server reports a result's
+/// `text/plain` (so the repr `'abc'` of a string result reads `abc`): both ends `'`, or both `"`.
+fn unquote(text: &str) -> &str {
+    for q in ['\'', '"'] {
+        if let Some(inner) = text.strip_prefix(q).and_then(|t| t.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    // A lone quote is both the first and the last character: upstream strips it to nothing.
+    if text == "'" || text == "\"" {
+        return "";
+    }
+    text
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.
@@ -196,6 +212,27 @@ mod tests {
             panic!("not an error");
         };
         assert_eq!((name.as_str(), value.as_str()), ("E", "v"));
+    }
+
+    #[test]
+    fn result_text_loses_one_pair_of_quotes() {
+        let text = |t: &str| {
+            let line = serde_json::json!({"type": "result", "text": t, "html": "'h'"}).to_string();
+            match parse(line.as_bytes()) {
+                Some(Frame::Result(v)) => {
+                    assert_eq!(v["html"], "'h'", "only text is unquoted");
+                    v["text"].as_str().expect("text").to_string()
+                }
+                other => panic!("not a result: {other:?}"),
+            }
+        };
+        assert_eq!(text("'abc'"), "abc");
+        assert_eq!(text("\"it's\""), "it's");
+        assert_eq!(text("''"), "");
+        assert_eq!(text("'"), "");
+        assert_eq!(text("''x''"), "'x'");
+        assert_eq!(text("'a\""), "'a\"");
+        assert_eq!(text("42"), "42");
     }
 
     #[test]

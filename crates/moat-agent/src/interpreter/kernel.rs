@@ -146,12 +146,23 @@ impl Kernel {
                 Some(cwd),
                 vec![cmd_read, event_write],
             )
-            .map_err(|e| StartError {
-                status: match e.code {
-                    Code::InvalidArgument | Code::NotFound => StatusCode::BAD_REQUEST,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+            .map_err(|e| match e.code {
+                Code::InvalidArgument | Code::NotFound => StartError {
+                    status: StatusCode::BAD_REQUEST,
+                    message: e.message,
                 },
-                message: e.message,
+                // The program was found on PATH, so what the user may not enter is the working
+                // directory: the caller's choice, not a server failure.
+                Code::PermissionDenied => StartError {
+                    status: StatusCode::BAD_REQUEST,
+                    message: format!(
+                        "cannot start the {} context in {cwd}: permission denied (contexts run as \
+                         user '{}', who needs search permission on the directory)",
+                        language.name(),
+                        user.name
+                    ),
+                },
+                _ => StartError::internal(e.message),
             })?;
         let (exit_tx, exit_rx) = watch::channel(None);
         let exit = proc.exit;

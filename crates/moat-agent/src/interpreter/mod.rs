@@ -240,8 +240,15 @@ impl InterpreterService {
         json(&info)
     }
 
-    /// `GET /interpreter/contexts`.
+    /// `GET /interpreter/contexts`. Upstream lists the default Python and JavaScript contexts
+    /// from the start; here they exist (not started) once listed, for each language installed.
     fn list(&self) -> Response<ResponseBody> {
+        let path = self.path();
+        for language in [Language::Python, Language::JavaScript] {
+            if language.check_installed(&path).is_ok() {
+                self.registry.default_for(language, &self.default_cwd());
+            }
+        }
         let all: Vec<Value> = self.registry.list().iter().map(|c| c.info()).collect();
         json(&Value::Array(all))
     }

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use moat_jail::confine::ConfinePlan;
 
@@ -24,6 +24,16 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 /// `statfs` magic of procfs.
 const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+/// The `cgroup.procs` files of the sandbox's user processes that the backend handed over
+/// (`moat_proto::agent_config::AGENT_USER_CGROUP_FD`): each user process moves itself there
+/// before `exec`, so its memory and pids limits are not the agent's.
+static USER_CGROUPS: OnceLock<Vec<OwnedFd>> = OnceLock::new();
+
+/// Sets the user processes' cgroups (once, at start-up).
+pub fn set_user_cgroups(procs: Vec<OwnedFd>) {
+    let _ = USER_CGROUPS.set(procs);
+}
 
 /// How the process's stdio is wired.
 #[derive(Debug)]
@@ -103,9 +113,14 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<Spawned> {
     let inherit: Vec<i32> = spec.inherit.iter().map(AsRawFd::as_raw_fd).collect();
     let plan = spec.plan;
     let cwd_fd = spec.cwd.as_raw_fd();
+    let user_cgroups: Vec<i32> = USER_CGROUPS
+        .get()
+        .map(|fds| fds.iter().map(AsRawFd::as_raw_fd).collect())
+        .unwrap_or_default();
     // SAFETY: the closure runs in the forked child of a possibly multi-threaded parent, so it only
-    // makes async-signal-safe system calls and allocates nothing: setsid, ioctl, open/write/close
-    // of a constant path, fcntl, ConfinePlan::apply (documented async-signal-safe) and fchdir.
+    // makes async-signal-safe system calls and allocates nothing: setsid, ioctl, write to the
+    // cgroup file, open/write/close of a constant path, fcntl, ConfinePlan::apply (documented
+    // async-signal-safe) and fchdir. The cgroup files are the static's, open for the agent's life.
     // `cwd_fd` and the `inherit` descriptors are open in the child because the parent keeps
     // `spec` alive until spawn returns (`cwd_fd` stays close-on-exec, so the program never sees
     // it; the `inherit` ones lose that flag in the child only).
@@ -122,14 +137,22 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<Spawned> {
                     return Err(io::Error::last_os_error());
                 }
             }
-            // The host gives the agent -1000 so the OOM killer spares it; user code goes back to
-            // the default. Failure is harmless (no procfs, or not permitted), so it is ignored.
+            // Out of the agent's cgroup before anything runs: "0" moves the writer itself. A
+            // process that could not move would share the agent's memory, so it does not run.
+            for &fd in &user_cgroups {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Should the whole sandbox (agent included) run out of memory, user code goes
+            // first: the OOM killer prefers the highest score. Raising one's own score needs
+            // no privilege; failure (no procfs) is harmless, so it is ignored.
             let fd = libc::open(
                 c"/proc/self/oom_score_adj".as_ptr(),
                 libc::O_WRONLY | libc::O_CLOEXEC,
             );
             if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::write(fd, b"1000".as_ptr().cast(), 4);
                 libc::close(fd);
             }
             plan.apply()?;

@@ -1,9 +1,13 @@
 //! Per-sandbox access tokens and finding a sandbox by id alone, for traffic that names a sandbox
 //! but carries no API key (the E2B SDKs' sandbox traffic).
 //!
-//! A token is derived from the server's `access-tokens` secret and the sandbox id (HMAC-SHA256),
-//! so nothing per sandbox is stored: it is the same across restarts, never reused by another
-//! sandbox, and cannot be guessed from the id without the secret.
+//! Each sandbox has two tokens: its access token (envd's `X-Access-Token`: commands, files, the
+//! code interpreter) and its traffic access token (E2B's `E2B-Traffic-Access-Token`: its code
+//! interpreter, and its own services when they are not public), so a token handed out for a
+//! preview does not also give commands. Both are derived from the server's `access-tokens`
+//! secret and the sandbox id (HMAC-SHA256, each with its own label), so nothing per sandbox is
+//! stored: they are the same across restarts, never reused by another sandbox, and cannot be
+//! guessed from the id without the secret.
 
 use std::sync::Arc;
 
@@ -17,12 +21,22 @@ use crate::agent_client::AgentClient;
 /// Name of the store secret the tokens are derived from.
 pub(super) const ACCESS_TOKEN_SECRET: &str = "access-tokens";
 
+/// Label of access tokens in the HMAC input.
+const ACCESS_LABEL: &[u8] = b"moat sandbox access token\0";
+/// Label of traffic access tokens in the HMAC input.
+const TRAFFIC_LABEL: &[u8] = b"moat sandbox traffic access token\0";
+
 /// The access token of sandbox `id` under `key`: 43 URL-safe base64 characters.
 pub(super) fn derive(key: &[u8], id: &str) -> String {
+    derive_labelled(key, ACCESS_LABEL, id)
+}
+
+/// The token of sandbox `id` under `key` for `label`: 43 URL-safe base64 characters.
+fn derive_labelled(key: &[u8], label: &[u8], id: &str) -> String {
     // HMAC takes keys of any length; this cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
-    mac.update(b"moat sandbox access token\0");
+    mac.update(label);
     mac.update(id.as_bytes());
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
 }
@@ -34,6 +48,8 @@ pub struct SandboxRoute {
     pub tenant: String,
     /// A client of its agent.
     pub client: AgentClient,
+    /// Whether its own services are reachable without its traffic access token.
+    pub public_traffic: bool,
 }
 
 impl SandboxManager {
@@ -43,9 +59,17 @@ impl SandboxManager {
         derive(&self.inner.access_key, id)
     }
 
+    /// The traffic access token of sandbox `id` (whether or not it exists): what reaches its
+    /// code interpreter, and its services when they are not public, without an API key.
+    pub fn traffic_token(&self, id: &str) -> String {
+        derive_labelled(&self.inner.access_key, TRAFFIC_LABEL, id)
+    }
+
     /// The running sandbox `id`, whatever its tenant. [`ManagerError::NotFound`] when this
-    /// server runs no sandbox of that id (never made, ended, or paused). Callers must check
-    /// [`SandboxManager::access_token`] (or the tenant) before they act for the caller.
+    /// server runs no sandbox of that id (never made, ended, or paused);
+    /// [`ManagerError::Unavailable`] when its agent does not answer its health checks. Callers
+    /// must check [`SandboxManager::access_token`] (or the tenant) before they act for the
+    /// caller.
     pub fn route(&self, id: &str) -> ManagerResult<SandboxRoute> {
         let live: Option<Arc<Live>> = lock(&self.inner.live).get(id).cloned();
         match live {
@@ -53,9 +77,11 @@ impl SandboxManager {
             Some(live) if live.is_paused() => {
                 Err(ManagerError::NotFound(format!("sandbox {id} is paused")))
             }
+            Some(live) if let Some(refused) = live.health.refusal(id) => Err(refused),
             Some(live) => Ok(SandboxRoute {
                 tenant: live.tenant.clone(),
                 client: live.client.clone(),
+                public_traffic: live.public_traffic,
             }),
             None => Err(ManagerError::NotFound(format!(
                 "sandbox {id} is not running"
@@ -82,6 +108,7 @@ mod tests {
         assert_eq!(a, derive(b"k1", "abc"));
         assert_ne!(a, derive(b"k1", "abd"));
         assert_ne!(a, derive(b"k2", "abc"));
+        assert_ne!(a, derive_labelled(b"k1", TRAFFIC_LABEL, "abc"));
         assert_eq!(a.len(), 43);
         assert!(
             a.bytes()

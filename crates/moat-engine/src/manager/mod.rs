@@ -14,6 +14,8 @@ mod exec;
 mod exec_encoding;
 mod exec_stream;
 mod execution;
+mod health;
+mod housekeeping;
 mod idempotency;
 mod keys;
 mod pause;
@@ -22,12 +24,15 @@ mod readiness;
 mod restart;
 mod run;
 mod snapshots;
+mod storage;
 mod templates;
 mod usage;
 
 pub use access::SandboxRoute;
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
+pub use health::{HEALTH_PROBE_INTERVAL, UNHEALTHY_PROBES};
+pub use housekeeping::{DEFAULT_RETENTION, Housekeeping, MAX_HOUSEKEEPING_INTERVAL};
 pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
@@ -38,6 +43,7 @@ pub use run::{
 pub use snapshots::{
     FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT, free_disk,
 };
+pub use storage::DATA_DIR_RESERVE;
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
@@ -65,37 +71,42 @@ pub const MAX_ENV_VARS: usize = 256;
 
 /// What the manager can fail with, one variant per answer the API gives.
 #[derive(Debug, thiserror::Error)]
+///
+/// Each variant holds one sentence for people; its [`ManagerError::code`] and
+/// [`ManagerError::http_status`] are separate, so the text never repeats the code (the API
+/// answers both, and the CLI prints both).
 pub enum ManagerError {
     /// The request is malformed or asks for something not allowed (HTTP 400).
-    #[error("invalid request: {0}")]
+    #[error("{0}")]
     Invalid(String),
     /// No such sandbox for this tenant (HTTP 404).
-    #[error("not found: {0}")]
+    #[error("{0}")]
     NotFound(String),
     /// The sandbox is not in a state that allows this (HTTP 409).
-    #[error("conflict: {0}")]
+    #[error("{0}")]
     Conflict(String),
     /// A quota of the key or tenant would be exceeded (HTTP 429).
     #[error("{0}")]
     QuotaExceeded(String),
     /// The caller's key may not do this (HTTP 403).
-    #[error("forbidden: {0}")]
+    #[error("{0}")]
     Forbidden(String),
     /// The sandbox or its agent cannot be reached, or the backend could not make it (HTTP 503).
-    #[error("unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
     /// What the request would make is larger than a limit allows (HTTP 413).
-    #[error("too large: {0}")]
+    #[error("{0}")]
     TooLarge(String),
     /// The work did not finish within its time limit (HTTP 504).
-    #[error("timeout: {0}")]
+    #[error("{0}")]
     Timeout(String),
-    /// The server's data directory would drop below its free-space reserve (HTTP 507).
-    #[error("insufficient storage: {0}")]
-    InsufficientStorage(String),
     /// A fault of the server itself, such as its database (HTTP 500).
-    #[error("internal error: {0}")]
+    #[error("{0}")]
     Internal(String),
+    /// The data dir has no room for what the request would record, or a snapshot would take
+    /// it below its free-space reserve (HTTP 507).
+    #[error("{0}")]
+    InsufficientStorage(String),
 }
 
 impl ManagerError {
@@ -110,8 +121,8 @@ impl ManagerError {
             ManagerError::Unavailable(_) => "unavailable",
             ManagerError::TooLarge(_) => "too_large",
             ManagerError::Timeout(_) => "timeout",
-            ManagerError::InsufficientStorage(_) => "insufficient_storage",
             ManagerError::Internal(_) => "internal",
+            ManagerError::InsufficientStorage(_) => "insufficient_storage",
         }
     }
 
@@ -126,14 +137,19 @@ impl ManagerError {
             ManagerError::Unavailable(_) => 503,
             ManagerError::TooLarge(_) => 413,
             ManagerError::Timeout(_) => 504,
-            ManagerError::InsufficientStorage(_) => 507,
             ManagerError::Internal(_) => 500,
+            ManagerError::InsufficientStorage(_) => 507,
         }
     }
 }
 
 impl From<StoreError> for ManagerError {
     fn from(e: StoreError) -> Self {
+        if storage::is_disk_full(&e) {
+            return ManagerError::InsufficientStorage(format!(
+                "the data dir is full; nothing was changed ({e})"
+            ));
+        }
         let text = e.to_string();
         match e {
             StoreError::Invalid { .. } | StoreError::BadJson { .. } => ManagerError::Invalid(text),
@@ -181,6 +197,12 @@ pub struct ManagerOptions {
     /// Bytes of snapshot archives a tenant may keep (fork copies included while they exist),
     /// unless the key that makes one has a `max_snapshot_bytes` quota.
     pub snapshot_bytes_per_tenant: u64,
+    /// How long the record of an ended sandbox is kept before [`SandboxManager::housekeep`]
+    /// deletes it.
+    pub retention: Duration,
+    /// Whether a sandbox's own services are reachable without its traffic access token when
+    /// its create does not say (`public_traffic`).
+    pub public_traffic: bool,
 }
 
 /// Free-space reserve of the data directory unless configured: 1 GiB.
@@ -200,6 +222,8 @@ impl Default for ManagerOptions {
             snapshot_dir: None,
             min_free_disk: DEFAULT_MIN_FREE_DISK,
             snapshot_bytes_per_tenant: DEFAULT_SNAPSHOT_BYTES_PER_TENANT,
+            retention: housekeeping::DEFAULT_RETENTION,
+            public_traffic: true,
         }
     }
 }
@@ -219,8 +243,12 @@ struct Live {
     /// The environment the sandbox was created with (over its template's), which a snapshot
     /// of it keeps.
     env: BTreeMap<String, String>,
+    /// Whether its own services are reachable without its traffic access token.
+    public_traffic: bool,
     /// Its recent resource use, sampled every [`USAGE_INTERVAL`].
     usage: Mutex<usage::History>,
+    /// What the health checks found (see [`health`]).
+    health: health::Health,
 }
 
 impl Live {
@@ -229,6 +257,7 @@ impl Live {
         client: AgentClient,
         instance: Box<dyn Instance>,
         env: BTreeMap<String, String>,
+        public_traffic: bool,
     ) -> Live {
         let usage = Mutex::new(usage::History::new(&*instance));
         Live {
@@ -239,6 +268,8 @@ impl Live {
             paused: AtomicBool::new(false),
             ops: tokio::sync::Mutex::new(()),
             env,
+            public_traffic,
+            health: health::Health::default(),
         }
     }
 
@@ -262,6 +293,8 @@ struct Inner {
     runs: run::RunSlots,
     /// Bytes of snapshot archives being written or kept for a fork, per tenant.
     snapshot_bytes: snapshots::InFlight,
+    /// The rounds of health checks of the running sandboxes.
+    health_probes: health::Probes,
 }
 
 /// The sandboxes of `moat serve`: creates, runs commands in, and ends them, keeping the store
@@ -358,6 +391,7 @@ impl SandboxManager {
                 idempotent_creates: idempotency::InFlight::default(),
                 runs: run::RunSlots::default(),
                 snapshot_bytes: snapshots::InFlight::default(),
+                health_probes: health::Probes::default(),
             }),
         })
     }
@@ -556,10 +590,12 @@ impl Inner {
         req: v1::CreateSandbox,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
-        let plan = match req.snapshot.clone() {
+        let public_traffic = req.public_traffic;
+        let mut plan = match req.snapshot.clone() {
             Some(snapshot) => self.plan_from_snapshot(&tenant, &snapshot, req).await?,
             None => self.plan_from_template(&tenant, req).await?,
         };
+        plan.public_traffic = public_traffic;
         self.create_planned(tenant, key_id, plan, began).await
     }
 
@@ -592,6 +628,7 @@ impl Inner {
             timeout_secs: req.timeout_secs,
             layer: None,
             poolable,
+            public_traffic: None,
         })
     }
 
@@ -641,6 +678,7 @@ impl Inner {
         // The request's time to live, else the template's, else the server's default.
         let ttl = self.ttl(plan.timeout_secs.or(spec.timeout_secs))?;
         let expires_at = Some(now_ms().saturating_add(ms(ttl)));
+        let public_traffic = plan.public_traffic.unwrap_or(self.opts.public_traffic);
         if plan.poolable {
             let key = pool::PoolKey {
                 tenant: plan.owner.clone(),
@@ -659,6 +697,7 @@ impl Inner {
                         .map_err(|e| ManagerError::Internal(e.to_string()))?,
                     memory_bytes: resources.memory_bytes,
                     expires_at,
+                    public_traffic,
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -687,12 +726,20 @@ impl Inner {
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             memory_bytes: sandbox.resources.memory_bytes,
             expires_at,
+            public_traffic,
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
 
         match self
-            .start(&tenant, &sandbox, spec, plan.layer.as_deref(), plan.env)
+            .start(
+                &tenant,
+                &sandbox,
+                spec,
+                plan.layer.as_deref(),
+                plan.env,
+                public_traffic,
+            )
             .await
         {
             Ok(()) => {}
@@ -749,9 +796,10 @@ impl Inner {
         restored: bool,
     ) -> ManagerResult<v1::Sandbox> {
         let tenant = new.tenant.clone();
+        let public_traffic = new.public_traffic;
         match self.db(move |s| s.claim_pool_member(&new, limits)).await {
             Ok(rec) => {
-                self.adopt(&tenant, member);
+                self.adopt(&tenant, member, public_traffic);
                 self.pools.claimed();
                 Ok(to_v1(&rec))
             }
@@ -778,12 +826,13 @@ impl Inner {
         template: &v1::TemplateSpec,
         layer: Option<&Path>,
         env: BTreeMap<String, String>,
+        public_traffic: bool,
     ) -> ManagerResult<()> {
         let (instance, client) = self.boot(sandbox, template, layer).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             sandbox.id.clone(),
-            Arc::new(Live::new(tenant, client, instance, env)),
+            Arc::new(Live::new(tenant, client, instance, env, public_traffic)),
         );
         Ok(())
     }
@@ -798,11 +847,9 @@ impl Inner {
         template: &v1::TemplateSpec,
         layer: Option<&Path>,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
-        let mut instance = self
-            .backend
-            .create(sandbox)
-            .await
-            .map_err(|e| ManagerError::Unavailable(format!("backend could not create: {e}")))?;
+        let mut instance = self.backend.create(sandbox).await.map_err(|e| {
+            ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
+        })?;
         let connected = async {
             let channel = instance
                 .take_channel()
@@ -857,19 +904,26 @@ impl Inner {
     ) -> ManagerResult<v1::Sandbox> {
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
-        // The store said it is the tenant's, so the live entry (same id) is too.
-        self.remove_and_destroy(id).await;
         if rec.state.is_ended() {
+            // The store said it is the tenant's, so the live entry (same id) is too.
+            self.remove_and_destroy(id).await;
             return Ok(to_v1(&rec));
         }
+        // Recorded before it is destroyed: when the record cannot be written (a full data
+        // dir), the sandbox runs on as recorded and the caller may try again; once it is
+        // written, the destroy follows whatever happens to it.
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        match self
+        let recorded = self
             .db(move |s| s.update_sandbox_state(&t, &i, state, Some(reason)))
-            .await
-        {
-            Ok(rec) => Ok(to_v1(&rec)),
+            .await;
+        match recorded {
+            Ok(rec) => {
+                self.remove_and_destroy(id).await;
+                Ok(to_v1(&rec))
+            }
             // Ended meanwhile by another path (a failed create, a concurrent delete).
             Err(ManagerError::Conflict(_)) => {
+                self.remove_and_destroy(id).await;
                 let (t, i) = (tenant.to_owned(), id.to_owned());
                 Ok(to_v1(&self.db(move |s| s.get_sandbox(&t, &i)).await?))
             }
@@ -878,13 +932,17 @@ impl Inner {
     }
 
     /// The live, running sandbox `id` of `tenant`, or why there is none: 404 when there is no
-    /// such sandbox, 409 when it is paused or not running.
+    /// such sandbox, 409 when it is paused or not running, 503 when its agent does not answer
+    /// its health checks.
     async fn live_for(&self, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
         let live = self.live_any(tenant, id).await?;
         if live.is_paused() {
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} is paused; resume it first"
             )));
+        }
+        if let Some(refused) = live.health.refusal(id) {
+            return Err(refused);
         }
         Ok(live)
     }
@@ -899,11 +957,38 @@ impl Inner {
         }
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
-        Err(ManagerError::Conflict(format!(
-            "sandbox {id} is {}, not running",
-            rec.state
-        )))
+        Err(not_running(&rec))
     }
+}
+
+/// Why the sandbox of record `rec`, which this server does not run, takes no calls: one
+/// sentence for a 409, with the reason it ended when it has one.
+fn not_running(rec: &SandboxRecord) -> ManagerError {
+    let id = &rec.id;
+    ManagerError::Conflict(match (rec.state, &rec.end_reason) {
+        (SandboxState::Failed, Some(EndReason::Failed(why))) => {
+            format!("sandbox {id} has failed ({why}); it is not running")
+        }
+        (SandboxState::Failed, _) => format!("sandbox {id} has failed; it is not running"),
+        (SandboxState::Killed, Some(EndReason::Ttl)) => {
+            format!("sandbox {id} has ended (its time to live ran out); it is not running")
+        }
+        (SandboxState::Killed, Some(EndReason::Deleted)) => {
+            format!("sandbox {id} has ended (it was deleted); it is not running")
+        }
+        (SandboxState::Killed, Some(EndReason::ServerRestart)) => {
+            format!("sandbox {id} has ended (its server stopped); it is not running")
+        }
+        (SandboxState::Killed, Some(EndReason::Other(why) | EndReason::Failed(why))) => {
+            format!("sandbox {id} has ended ({why}); it is not running")
+        }
+        (SandboxState::Killed, None) => format!("sandbox {id} has ended; it is not running"),
+        (SandboxState::Starting, _) => format!("sandbox {id} is still starting; try again shortly"),
+        // The record says it is live but this server holds no sandbox for it.
+        (state, _) => {
+            format!("sandbox {id} is recorded {state} but this server does not run it; delete it")
+        }
+    })
 }
 
 /// Everything a create makes, resolved from the request (and the snapshot it names).
@@ -922,6 +1007,8 @@ struct CreatePlan {
     layer: Option<PathBuf>,
     /// Whether a warm-pool member of the template is what the plan asks for.
     poolable: bool,
+    /// Whether its services are public; the server's default when `None`.
+    public_traffic: Option<bool>,
 }
 
 fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
@@ -1055,6 +1142,8 @@ fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
         ended_at: rec.ended_at,
         end_reason: rec.end_reason.as_ref().map(ToString::to_string),
         access_token: None,
+        public_traffic: rec.public_traffic,
+        traffic_access_token: None,
     }
 }
 

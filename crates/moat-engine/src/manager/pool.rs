@@ -249,8 +249,8 @@ impl SandboxManager {
 }
 
 impl Inner {
-    /// One maintenance pass: follow the templates, drop dead members, fail sandboxes whose
-    /// agent is gone, refill.
+    /// One maintenance pass: follow the templates, drop dead members, probe the sandboxes'
+    /// agents, fail sandboxes whose agent is gone, refill.
     async fn maintain(self: Arc<Self>) {
         if self.pools.stale.swap(false, Ordering::SeqCst)
             && let Err(e) = self.follow_templates().await
@@ -261,6 +261,7 @@ impl Inner {
         self.replace_dead_members().await;
         self.enforce_budget().await;
         self.probe_members();
+        self.probe_sandboxes();
         self.fail_dead_sandboxes();
         self.refill();
     }
@@ -596,7 +597,7 @@ impl Inner {
     }
 
     /// A member turned into `tenant`'s live sandbox.
-    pub(super) fn adopt(&self, tenant: &str, member: Member) {
+    pub(super) fn adopt(&self, tenant: &str, member: Member, public_traffic: bool) {
         lock(&self.live).insert(
             member.id.clone(),
             Arc::new(Live::new(
@@ -604,6 +605,7 @@ impl Inner {
                 member.client,
                 member.instance,
                 Default::default(),
+                public_traffic,
             )),
         );
     }

@@ -131,7 +131,13 @@ impl Inner {
             Ok(client) => {
                 // The create's own environment is not recorded; a snapshot of an adopted
                 // sandbox keeps its template's.
-                let live = Live::new(&rec.tenant, client, instance, Default::default());
+                let live = Live::new(
+                    &rec.tenant,
+                    client,
+                    instance,
+                    Default::default(),
+                    rec.public_traffic,
+                );
                 if rec.state == SandboxState::Paused {
                     live.paused.store(true, std::sync::atomic::Ordering::SeqCst);
                 }

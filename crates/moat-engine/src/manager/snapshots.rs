@@ -39,7 +39,9 @@ use futures_util::StreamExt;
 use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{CreatePlan, Inner, ManagerError, ManagerResult, SandboxManager, resolve_resources};
+use super::{
+    CreatePlan, Inner, ManagerError, ManagerResult, SandboxManager, lock, resolve_resources,
+};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::store::{
     Cursor, MAX_PAGE, NewSnapshot, SnapshotFilter, SnapshotRecord, Store, check_sandbox_id,
@@ -607,6 +609,7 @@ impl Inner {
             timeout_secs,
             layer: Some(layer),
             poolable,
+            public_traffic: None,
         })
     }
 
@@ -625,7 +628,9 @@ impl Inner {
         let captured = self.capture(&tenant, id, quota, &mut held).await?;
         let _cleanup = RemoveOnDrop(Some(captured.file.clone()));
         let plain = captured.env.is_empty();
-        let plan = self
+        // The copies' services are as public as the source's.
+        let public_traffic = lock(&self.live).get(id).map(|live| live.public_traffic);
+        let mut plan = self
             .plan_restored(
                 &tenant,
                 &captured.template,
@@ -637,6 +642,7 @@ impl Inner {
                 captured.file.clone(),
             )
             .await?;
+        plan.public_traffic = public_traffic;
         let creates = (0..count).map(|_| {
             let (inner, tenant, key_id, plan) =
                 (self.clone(), tenant.clone(), key_id.clone(), plan.clone());

@@ -134,6 +134,12 @@ impl SandboxManager {
         {
             return invalid(format!("user {user:?} must be \"user\" or \"root\""));
         }
+        // A directory brings its own accounts: without the one commands run as, every exec
+        // would fail, so the template is refused now with what to add.
+        if let v1::Rootfs::Dir(dir) = &spec.rootfs {
+            let user = spec.user.as_deref().unwrap_or("user");
+            crate::rootfs_users::check_account(std::path::Path::new(dir), user)?;
+        }
         if let Some(dir) = &spec.workdir
             && (!dir.starts_with('/') || dir.contains('\0'))
         {

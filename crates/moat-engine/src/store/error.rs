@@ -56,9 +56,10 @@ pub enum StoreError {
         name: String,
     },
     /// Recording the sandbox would take its key or tenant over a quota.
-    #[error("quota exceeded: {what} limit is {limit}, {used} in use, {requested} more requested")]
+    #[error("{}", quota_text(.what, *.limit, *.used, *.requested))]
     QuotaExceeded {
-        /// Which quota (`concurrent sandboxes`, `memory bytes`, `pids`).
+        /// Which quota (`concurrent sandboxes`, `memory bytes`, `pids`, `snapshot bytes`); a
+        /// name ending in ` bytes` has its amounts written as sizes (`1G`, `512M`).
         what: &'static str,
         /// The limit.
         limit: u64,
@@ -174,3 +175,69 @@ impl StoreError {
 
 /// Result of store operations.
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
+
+/// A quota error as one sentence, amounts of bytes in the units requests use (`1G`, `512M`).
+fn quota_text(what: &str, limit: u64, used: u64, requested: u64) -> String {
+    let (name, amount): (&str, fn(u64) -> String) = match what.strip_suffix(" bytes") {
+        Some(name) => (name, size_text),
+        None => (what, |n| n.to_string()),
+    };
+    format!(
+        "quota exceeded: the {name} limit is {}, {} is in use and {} more was requested",
+        amount(limit),
+        amount(used),
+        amount(requested)
+    )
+}
+
+/// A byte count as a size: exact (`2G`, `512M`, `100`) when it is a whole number of a unit,
+/// else to one decimal (`1.5G`).
+fn size_text(bytes: u64) -> String {
+    let exact = crate::resources::fmt_bytes(bytes);
+    if bytes < 1024 || exact != bytes.to_string() {
+        return exact;
+    }
+    let (unit, size) = [
+        ("T", 1u64 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ]
+    .into_iter()
+    .find(|(_, size)| bytes >= *size)
+    .unwrap_or(("K", 1 << 10));
+    format!("{:.1}{unit}", bytes as f64 / size as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_errors_use_sizes_for_bytes() {
+        let e = StoreError::QuotaExceeded {
+            what: "memory bytes",
+            limit: 1 << 30,
+            used: 512 << 20,
+            requested: 2 << 30,
+        };
+        assert_eq!(
+            e.to_string(),
+            "quota exceeded: the memory limit is 1G, 512M is in use and 2G more was requested"
+        );
+        let e = StoreError::QuotaExceeded {
+            what: "concurrent sandboxes",
+            limit: 1,
+            used: 1,
+            requested: 1,
+        };
+        assert_eq!(
+            e.to_string(),
+            "quota exceeded: the concurrent sandboxes limit is 1, 1 is in use and 1 more was requested"
+        );
+        assert_eq!(size_text(1536 << 20), "1536M");
+        assert_eq!(size_text(1_500_000_000), "1.4G");
+        assert_eq!(size_text(100), "100");
+        assert_eq!(size_text(0), "0");
+    }
+}

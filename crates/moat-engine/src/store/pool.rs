@@ -153,6 +153,7 @@ mod tests {
             resources: serde_json::json!({}),
             memory_bytes: 1 << 20,
             expires_at: None,
+            public_traffic: true,
         }
     }
 

@@ -23,6 +23,8 @@ pub const MAX_PAGE: u32 = 1000;
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY: usize = 256;
 const MAX_METADATA_VALUE: usize = 4096;
+/// All keys and values of one sandbox's metadata together, bytes.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 pub use moat_proto::v1::SandboxState;
 
@@ -97,6 +99,8 @@ pub struct NewSandbox {
     pub memory_bytes: u64,
     /// When it expires (Unix milliseconds), if ever.
     pub expires_at: Option<i64>,
+    /// Whether its own services are reachable without its traffic access token.
+    pub public_traffic: bool,
 }
 
 /// A recorded sandbox.
@@ -126,6 +130,8 @@ pub struct SandboxRecord {
     pub ended_at: Option<i64>,
     /// Why it ended.
     pub end_reason: Option<EndReason>,
+    /// Whether its own services are reachable without its traffic access token.
+    pub public_traffic: bool,
 }
 
 impl SandboxRecord {
@@ -153,6 +159,7 @@ impl SandboxRecord {
             end_reason: row
                 .get::<_, Option<String>>("end_reason")?
                 .map(EndReason::from),
+            public_traffic: row.get("public_traffic")?,
         })
     }
 }
@@ -276,6 +283,14 @@ fn check_metadata(metadata: &BTreeMap<String, String>) -> StoreResult<()> {
             "metadata",
             &format!("{} entries", metadata.len()),
             format!("at most {MAX_METADATA_ENTRIES} entries"),
+        ));
+    }
+    let total: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_METADATA_BYTES {
+        return Err(StoreError::invalid(
+            "metadata",
+            &format!("{total} bytes"),
+            format!("at most {MAX_METADATA_BYTES} bytes of keys and values together"),
         ));
     }
     for (key, value) in metadata {
@@ -409,6 +424,7 @@ impl NewSandbox {
             expires_at: self.expires_at,
             ended_at: None,
             end_reason: None,
+            public_traffic: self.public_traffic,
         }
     }
 }
@@ -473,8 +489,8 @@ pub(super) fn insert_in(
     }
     let inserted = tx.execute(
         "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
-             metadata, resources, memory_bytes, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             metadata, resources, memory_bytes, created_at, expires_at, public_traffic)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          ON CONFLICT (id) DO NOTHING",
         params![
             new.id,
@@ -488,6 +504,7 @@ pub(super) fn insert_in(
             memory,
             created_at,
             new.expires_at,
+            new.public_traffic,
         ],
     )?;
     if inserted == 0 {

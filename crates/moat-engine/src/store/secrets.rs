@@ -30,4 +30,15 @@ impl Store {
             Ok(value)
         })
     }
+
+    /// A stable id of this store, and so of its data dir: 16 lowercase hex digits, made once.
+    /// It names the owner of the sandboxes a server on this data dir keeps across restarts, so
+    /// servers on other data dirs leave them alone.
+    pub fn data_dir_id(&self) -> StoreResult<String> {
+        let secret = self.secret(DATA_DIR_ID_SECRET)?;
+        Ok(secret[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
+
+/// The secret [`Store::data_dir_id`] is taken from (its own: it appears in files on the host).
+const DATA_DIR_ID_SECRET: &str = "data-dir-id";

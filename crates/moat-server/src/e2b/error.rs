@@ -111,7 +111,7 @@ impl IntoResponse for E2bError {
     }
 }
 
-/// Marks every failed create, fork and snapshot (`POST /v2/sandboxes`,
+/// Marks every failed create, fork and snapshot (`POST /v2/sandboxes`, `POST /sandboxes`,
 /// `POST /sandboxes/{id}/fork`, `POST /sandboxes/{id}/snapshots`) `Should-Retry: false`. The
 /// SDKs retry a 429 or 503 without that header, and none of these is idempotent (a create only
 /// with an `Idempotency-Key`): the first attempt may have made what the answer never reached.
@@ -120,6 +120,7 @@ pub(crate) async fn no_retry_on_failed_create(req: Request, next: Next) -> Respo
     let path = req.uri().path();
     let create = req.method() == Method::POST
         && (path == super::CREATE_PATH
+            || path == super::LEGACY_CREATE_PATH
             || (path.starts_with("/sandboxes/")
                 && (path.ends_with("/fork") || path.ends_with("/snapshots"))));
     let mut response = next.run(req).await;

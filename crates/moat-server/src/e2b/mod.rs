@@ -6,8 +6,17 @@
 //! - Errors: E2B's JSON `{"code": <status>, "message": "..."}` on every failure, including
 //!   unknown routes under E2B's paths ([`owns_path`]); see [`error`].
 //! - Bodies: E2B's field names ([`shapes`]); the listing's query in [`list_query`].
-//! - Handlers: [`sandboxes`] and [`lifecycle`] (pause, snapshots, fork), each over the same
-//!   manager calls as `/v1`'s.
+//! - Handlers: [`sandboxes`], [`lifecycle`] (pause, snapshots, fork) and [`templates`]
+//!   (template lookups), each over the same manager calls as `/v1`'s.
+//!
+//! Both generations of the SDKs are served: e2b 2.51 and later create with `POST /v2/sandboxes`
+//! and connect with `POST /v2/sandboxes/{id}/connect`; earlier 2.x releases (from 2.7, the
+//! first that can be pointed at another server) create with `POST /sandboxes` and connect with
+//! `POST /sandboxes/{id}/connect`. E2B's first listing, `GET /sandboxes` (running sandboxes
+//! only, in one answer), is served too. Each older route is the newer one's handler (their
+//! bodies differ only in fields moat reads the same way), but for `allow_internet_access:
+//! true`, which the older SDKs send unless told otherwise, so `POST /sandboxes` takes it as
+//! asking for nothing.
 //!
 //! E2B's own API description is the contract for these routes, so moat's OpenAPI document
 //! (`/v1/openapi.json`) does not list them.
@@ -18,6 +27,7 @@ mod lifecycle;
 mod list_query;
 mod sandboxes;
 mod shapes;
+mod templates;
 
 use axum::Router;
 use axum::middleware;
@@ -35,6 +45,9 @@ pub(crate) const CLIENT_ID: &str = "6532622b";
 
 /// Where sandboxes are created (and listed, with `/v2/sandboxes`'s GET).
 pub(crate) const CREATE_PATH: &str = "/v2/sandboxes";
+
+/// Where the SDKs before e2b 2.51 create sandboxes.
+pub(crate) const LEGACY_CREATE_PATH: &str = "/sandboxes";
 
 /// Path prefixes of E2B's control plane. Requests under them that match no route still get an
 /// E2B error body, which the SDKs can parse.
@@ -54,6 +67,12 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
     Router::new()
         .route(CREATE_PATH, post(sandboxes::create).get(sandboxes::list))
         .route("/v2/sandboxes/{id}/connect", post(sandboxes::connect))
+        // The SDKs before e2b 2.51.
+        .route(
+            LEGACY_CREATE_PATH,
+            post(sandboxes::create_legacy).get(sandboxes::list_running),
+        )
+        .route("/sandboxes/{id}/connect", post(sandboxes::connect))
         .route(
             "/sandboxes/{id}",
             get(sandboxes::get).delete(sandboxes::kill),
@@ -68,6 +87,7 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
         .route("/sandboxes/{id}/fork", post(lifecycle::fork))
         .route("/snapshots", get(lifecycle::list_snapshots))
         .route("/templates/{id}", delete(lifecycle::delete_snapshot))
+        .route("/templates/aliases/{alias}", get(templates::alias))
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state, auth::authenticate))
         .layer(middleware::from_fn(error::no_retry_on_failed_create))

@@ -37,7 +37,42 @@ pub(crate) async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult<(StatusCode, Json<Sandbox>)> {
-    let req: NewSandboxV2 = json_body(body, None)?;
+    create_from(&state, &caller, &headers, body, Generation::V2).await
+}
+
+/// `POST /sandboxes`, where the SDKs before e2b 2.51 create: as [`create`], but for
+/// `allow_internet_access`, which those SDKs send `true` unless told otherwise (so it asks for
+/// nothing, and a sandbox without network is what it gets).
+pub(crate) async fn create_legacy(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> E2bResult<(StatusCode, Json<Sandbox>)> {
+    create_from(&state, &caller, &headers, body, Generation::Legacy).await
+}
+
+/// Which create route a request came by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Generation {
+    /// `POST /v2/sandboxes`.
+    V2,
+    /// `POST /sandboxes`.
+    Legacy,
+}
+
+/// The create of either route.
+async fn create_from(
+    state: &Shared,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    generation: Generation,
+) -> E2bResult<(StatusCode, Json<Sandbox>)> {
+    let mut req: NewSandboxV2 = json_body(body, None)?;
+    if generation == Generation::Legacy && req.allow_internet_access == Some(true) {
+        req.allow_internet_access = None;
+    }
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
         Some(v) => Some(
             v.to_str()
@@ -88,7 +123,7 @@ pub(crate) async fn create(
                 .await?
         }
     };
-    Ok((StatusCode::CREATED, Json(answer(&state, &sandbox))))
+    Ok((StatusCode::CREATED, Json(answer(state, &sandbox))))
 }
 
 /// `/v1`'s create request for an E2B one, refusing what moat does not enforce rather than
@@ -105,9 +140,7 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
              leave it out or send false)",
         );
     }
-    if given(&req.network) {
-        return unsupported("network (sandboxes have no network access to configure)");
-    }
+    let public_traffic = public_traffic(req.network.as_ref())?;
     if req.auto_pause == Some(true) || req.auto_pause_memory.is_some() {
         return unsupported("autoPause (a sandbox is killed when its timeout ends)");
     }
@@ -131,7 +164,39 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
         env: req.env_vars.unwrap_or_default(),
         metadata: req.metadata.unwrap_or_default(),
         timeout_secs,
+        public_traffic,
     })
+}
+
+/// `allowPublicTraffic` of a create's `network`, the one part of it moat enforces; the rest
+/// (egress rules) is refused, as sandboxes have no network access to configure.
+fn public_traffic(network: Option<&serde_json::Value>) -> E2bResult<Option<bool>> {
+    let Some(serde_json::Value::Object(fields)) = network else {
+        return match network {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(_) => Err(E2bError::invalid("network must be an object")),
+        };
+    };
+    let mut public = None;
+    for (name, value) in fields {
+        match (name.as_str(), value) {
+            ("allowPublicTraffic", serde_json::Value::Bool(b)) => public = Some(*b),
+            (_, serde_json::Value::Null) => {}
+            ("allowPublicTraffic", _) => {
+                return Err(E2bError::invalid(
+                    "network.allowPublicTraffic must be a boolean",
+                ));
+            }
+            (_, v) if !given(&Some(v.clone())) => {}
+            (other, _) => {
+                return Err(E2bError::invalid(format!(
+                    "network.{other} is not supported by this server (sandboxes have no \
+                     network access to configure)"
+                )));
+            }
+        }
+    }
+    Ok(public)
 }
 
 /// Whether an optional object field asks for something: present, and neither `null` nor
@@ -169,6 +234,7 @@ pub(super) fn answer(state: &Shared, sandbox: &v1::Sandbox) -> Sandbox {
     Sandbox::new(
         sandbox,
         state.manager.access_token(&sandbox.id),
+        state.manager.traffic_token(&sandbox.id),
         &state.domain,
     )
 }
@@ -288,6 +354,41 @@ pub(crate) async fn list(
     paged(items, page.next)
 }
 
+/// `GET /sandboxes` (the SDKs before e2b 2.51, and E2B's first listing): every running
+/// sandbox, newest first, in one answer; `metadata` filters as `GET /v2/sandboxes`'s does.
+/// Paging and states are not this route's: its other parameters are ignored, as E2B does.
+pub(crate) async fn list_running(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> E2bResult<Json<Vec<ListedSandbox>>> {
+    let parsed = list_query::parse(query.as_deref().unwrap_or(""))?;
+    let mut filter = moat_engine::store::SandboxFilter {
+        metadata: parsed.metadata,
+        states: vec![v1::SandboxState::Running],
+        limit: list_query::MAX_LIST_LIMIT,
+        newest_first: true,
+        ..Default::default()
+    };
+    let mut items = Vec::new();
+    // The tenant's running sandboxes, which its quotas and the host bound, page by page.
+    loop {
+        let page = state
+            .manager
+            .list_where(&caller.tenant, filter.clone())
+            .await?;
+        items.extend(page.sandboxes.iter().map(ListedSandbox::new));
+        match page.next {
+            Some(next) => {
+                filter.after = Some(moat_engine::store::Cursor::decode(&next).map_err(|e| {
+                    E2bError::from(crate::ApiError::internal(format!("page token: {e}")))
+                })?);
+            }
+            None => return Ok(Json(items)),
+        }
+    }
+}
+
 /// A page of a listing: `items` as JSON, and `x-next-token` naming the next page if any.
 pub(super) fn paged<T: serde::Serialize>(
     items: Vec<T>,
@@ -380,9 +481,14 @@ mod tests {
         assert_eq!(c.env["X"], "1");
         assert_eq!(c.metadata["a"], "b");
         assert_eq!(ok("{}").unwrap().template, "base");
+        assert_eq!(ok("{}").unwrap().public_traffic, None);
+        let private = ok(r#"{"network":{"allowPublicTraffic":false,"allowOut":[]}}"#).unwrap();
+        assert_eq!(private.public_traffic, Some(false));
         for bad in [
             r#"{"allow_internet_access":true}"#,
             r#"{"network":{"denyOut":["0.0.0.0/0"]}}"#,
+            r#"{"network":{"allowPublicTraffic":"no"}}"#,
+            r#"{"network":true}"#,
             r#"{"autoPause":true}"#,
             r#"{"autoPause":false,"autoPauseMemory":false}"#,
             r#"{"autoResume":{"enabled":true}}"#,

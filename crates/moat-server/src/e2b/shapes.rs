@@ -73,12 +73,21 @@ pub(crate) struct Sandbox {
     pub(crate) alias: String,
     pub(crate) envd_version: &'static str,
     pub(crate) envd_access_token: String,
+    /// Always given (E2B gives it only for sandboxes whose services are private): the code
+    /// interpreter SDK sends it, and only it, on its context routes.
+    pub(crate) traffic_access_token: String,
     pub(crate) domain: String,
 }
 
 impl Sandbox {
-    /// The answer for `sandbox`, whose access token is `token`, on `domain`.
-    pub(crate) fn new(sandbox: &v1::Sandbox, token: String, domain: &str) -> Sandbox {
+    /// The answer for `sandbox`, whose access token is `token` and traffic access token
+    /// `traffic`, on `domain`.
+    pub(crate) fn new(
+        sandbox: &v1::Sandbox,
+        token: String,
+        traffic: String,
+        domain: &str,
+    ) -> Sandbox {
         Sandbox {
             template_id: sandbox.template.clone(),
             sandbox_id: sandbox.id.clone(),
@@ -86,6 +95,7 @@ impl Sandbox {
             alias: sandbox.template.clone(),
             envd_version: ENVD_VERSION,
             envd_access_token: token,
+            traffic_access_token: traffic,
             domain: domain.to_owned(),
         }
     }
@@ -288,6 +298,8 @@ mod tests {
             ended_at: None,
             end_reason: None,
             access_token: None,
+            public_traffic: true,
+            traffic_access_token: None,
         };
         let l = serde_json::to_value(ListedSandbox::new(&sandbox)).unwrap();
         assert_eq!(l["cpuCount"], 2);

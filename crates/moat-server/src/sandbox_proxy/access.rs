@@ -1,13 +1,19 @@
-//! Who may reach a sandbox: its access token ([`SandboxManager::access_token`]), presented as a
-//! header or, for `/files`, as a `v1_` signature made with it (`e2b-wire.md` §4.6, §7.4).
+//! Who may reach a sandbox: its access token ([`SandboxManager::access_token`], sent as
+//! `X-Access-Token`, or for `/files` as a `v1_` signature made with it; `e2b-wire.md` §4.6,
+//! §7.4) and its traffic access token ([`SandboxManager::traffic_token`], sent as
+//! `E2B-Traffic-Access-Token`).
 //!
 //! The sandbox's agent runs without a token of its own, so these checks are the only ones:
 //!
-//! | port | needs the token (`X-Access-Token`) |
+//! | port | what a request needs |
 //! | --- | --- |
-//! | 49983 (envd) | everything but `GET /health` and `/files` (header or signature); internal paths are refused |
-//! | 49999 (code interpreter) | everything but `/health` and `/contexts…` (so `POST /execute`) |
-//! | any other | everything; `X-Access-Token` or `E2B-Traffic-Access-Token` |
+//! | 49983 (envd) | the access token, but `GET /health` needs none and `/files` takes a signature instead; internal paths are refused |
+//! | 49999 (code interpreter) | the access token or the traffic access token, on every route |
+//! | any other, public sandbox | nothing (a preview URL opens in a browser) |
+//! | any other, private sandbox | the traffic access token (or the access token) |
+//!
+//! The code interpreter SDK sends `X-Access-Token` only on `/execute`, and only
+//! `E2B-Traffic-Access-Token` on its context routes, which is why port 49999 takes either.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,7 +27,7 @@ use super::{ENVD_PORT, INTERPRETER_PORT};
 
 /// Header carrying a sandbox's access token.
 pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
-/// E2B's traffic-token header, accepted for user services as [`ACCESS_TOKEN_HEADER`] is.
+/// Header carrying a sandbox's traffic access token.
 pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 
 /// envd paths only the host may use (upstream's proxy refuses them from outside too), and the
@@ -51,10 +57,24 @@ fn header_is(headers: &HeaderMap, name: &str, token: &str) -> bool {
         .is_some_and(|v| same(v.as_bytes(), token.as_bytes()))
 }
 
-/// Allows a request for `port` of the sandbox whose token is `token`, or answers why not.
-pub(crate) fn check(token: &str, port: u16, req: &Request) -> Result<(), Refusal> {
+/// What a sandbox's traffic is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tokens {
+    /// Its access token (`X-Access-Token`).
+    pub(crate) access: String,
+    /// Its traffic access token (`E2B-Traffic-Access-Token`).
+    pub(crate) traffic: String,
+    /// Whether its own services are reachable without a token.
+    pub(crate) public_traffic: bool,
+}
+
+/// Allows a request for `port` of the sandbox whose tokens are `tokens`, or answers why not.
+pub(crate) fn check(tokens: &Tokens, port: u16, req: &Request) -> Result<(), Refusal> {
     let path = req.uri().path();
     let headers = req.headers();
+    let token = tokens.access.as_str();
+    let has_access = || header_is(headers, ACCESS_TOKEN_HEADER, token);
+    let has_traffic = || header_is(headers, TRAFFIC_TOKEN_HEADER, &tokens.traffic);
     let need_token = |ok: bool| {
         if ok {
             Ok(())
@@ -63,6 +83,20 @@ pub(crate) fn check(token: &str, port: u16, req: &Request) -> Result<(), Refusal
         } else {
             Err(Refusal::unauthorized(
                 "missing access token: send the sandbox's access token as X-Access-Token",
+            ))
+        }
+    };
+    let need_either = |ok: bool| {
+        if ok {
+            Ok(())
+        } else if headers.contains_key(ACCESS_TOKEN_HEADER)
+            || headers.contains_key(TRAFFIC_TOKEN_HEADER)
+        {
+            Err(Refusal::unauthorized("invalid access token"))
+        } else {
+            Err(Refusal::unauthorized(
+                "missing access token: send the sandbox's traffic access token as \
+                 E2B-Traffic-Access-Token (or its access token as X-Access-Token)",
             ))
         }
     };
@@ -80,19 +114,11 @@ pub(crate) fn check(token: &str, port: u16, req: &Request) -> Result<(), Refusal
             if path == "/files" {
                 return check_files(token, req);
             }
-            need_token(header_is(headers, ACCESS_TOKEN_HEADER, token))
+            need_token(has_access())
         }
-        INTERPRETER_PORT => {
-            // Only plain paths are open: no dot segments, doubled or escaped slashes that a
-            // router might read as another route.
-            let plain = !path.contains("..") && !path.contains("//") && !path.contains('%');
-            let open = path == "/health" || path == "/contexts" || path.starts_with("/contexts/");
-            need_token((plain && open) || header_is(headers, ACCESS_TOKEN_HEADER, token))
-        }
-        _ => need_token(
-            header_is(headers, ACCESS_TOKEN_HEADER, token)
-                || header_is(headers, TRAFFIC_TOKEN_HEADER, token),
-        ),
+        INTERPRETER_PORT => need_either(has_access() || has_traffic()),
+        _ if tokens.public_traffic => Ok(()),
+        _ => need_either(has_traffic() || has_access()),
     }
 }
 
@@ -153,6 +179,25 @@ pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<Str
         })?;
     query.check_expiration()?;
     Ok(id)
+}
+
+/// The running sandbox whose access token `req` carries (one HMAC per running sandbox), for an
+/// envd request that names no sandbox.
+pub(crate) fn find_by_token(manager: &SandboxManager, req: &Request) -> Result<String, Refusal> {
+    let given = req
+        .headers()
+        .get(ACCESS_TOKEN_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    manager
+        .running_ids()
+        .into_iter()
+        .find(|id| same(given, manager.access_token(id).as_bytes()))
+        .ok_or_else(|| {
+            Refusal::unauthorized(
+                "invalid access token: it is no running sandbox's (send E2b-Sandbox-Id to name one)",
+            )
+        })
 }
 
 /// The operation of a `/files` request's method: `GET` (and `HEAD`) read, `POST` writes.
@@ -229,7 +274,7 @@ impl FilesQuery {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         if at <= now {
-            return Err(Refusal::unauthorized("signature has expired"));
+            return Err(Refusal::unauthorized("signature is already expired"));
         }
         Ok(())
     }
@@ -253,9 +298,17 @@ mod tests {
         r.map_or_else(|r| r.status.as_u16(), |()| 200)
     }
 
+    fn tokens(public_traffic: bool) -> Tokens {
+        Tokens {
+            access: "tok".into(),
+            traffic: "traffic".into(),
+            public_traffic,
+        }
+    }
+
     #[test]
     fn envd_rules() {
-        let t = "tok";
+        let t = &tokens(true);
         let ok = [("x-access-token", "tok")];
         let bad = [("x-access-token", "nope")];
         assert_eq!(status(check(t, 49983, &req("GET", "/health", &[]))), 200);
@@ -286,13 +339,19 @@ mod tests {
             status(check(t, 49983, &req("GET", "/files?path=/a", &[]))),
             401
         );
-        let sig = sign("/a b", Operation::Read, "", t, None);
+        let traffic = [("e2b-traffic-access-token", "traffic")];
+        assert_eq!(
+            status(check(t, 49983, &req("POST", "/x.Y/Z", &traffic))),
+            401
+        );
+        let t = &tokens(false);
+        let sig = sign("/a b", Operation::Read, "", "tok", None);
         let uri = format!("/files?path=/a%20b&signature={}", sig.replace('+', "%2B"));
         assert_eq!(status(check(t, 49983, &req("GET", &uri, &[]))), 200);
         assert_eq!(status(check(t, 49983, &req("POST", &uri, &[]))), 401);
         let twice = format!("{uri}&path=/etc/shadow");
         assert_eq!(status(check(t, 49983, &req("GET", &twice, &[]))), 400);
-        let sig = sign("/a", Operation::Write, "root", t, Some("1"));
+        let sig = sign("/a", Operation::Write, "root", "tok", Some("1"));
         let uri = format!(
             "/files?path=/a&username=root&signature={}&signature_expiration=1",
             sig.replace('+', "%2B")
@@ -302,23 +361,39 @@ mod tests {
 
     #[test]
     fn interpreter_and_user_port_rules() {
-        let t = "tok";
+        let public = &tokens(true);
         let ok = [("x-access-token", "tok")];
-        assert_eq!(status(check(t, 49999, &req("POST", "/contexts", &[]))), 200);
+        let traffic = [("e2b-traffic-access-token", "traffic")];
+        // The access token in the traffic header is not the traffic token.
+        let swapped = [("e2b-traffic-access-token", "tok")];
+        for (method, path) in [
+            ("POST", "/contexts"),
+            ("GET", "/contexts"),
+            ("DELETE", "/contexts/a"),
+            ("POST", "/contexts/a/restart"),
+            ("GET", "/health"),
+            ("POST", "/execute"),
+            ("POST", "/contexts/../execute"),
+        ] {
+            for t in [public, &tokens(false)] {
+                assert_eq!(status(check(t, 49999, &req(method, path, &[]))), 401);
+                assert_eq!(status(check(t, 49999, &req(method, path, &swapped))), 401);
+                assert_eq!(status(check(t, 49999, &req(method, path, &ok))), 200);
+                assert_eq!(status(check(t, 49999, &req(method, path, &traffic))), 200);
+            }
+        }
+        // User services: open when public; else the traffic token (or the access token).
+        assert_eq!(status(check(public, 8000, &req("GET", "/", &[]))), 200);
+        let private = &tokens(false);
+        assert_eq!(status(check(private, 8000, &req("GET", "/", &[]))), 401);
         assert_eq!(
-            status(check(t, 49999, &req("DELETE", "/contexts/a", &[]))),
-            200
-        );
-        assert_eq!(status(check(t, 49999, &req("GET", "/health", &[]))), 200);
-        assert_eq!(status(check(t, 49999, &req("POST", "/execute", &[]))), 401);
-        assert_eq!(
-            status(check(t, 49999, &req("POST", "/contexts/../execute", &[]))),
+            status(check(private, 8000, &req("GET", "/", &swapped))),
             401
         );
-        assert_eq!(status(check(t, 49999, &req("POST", "/execute", &ok))), 200);
-        assert_eq!(status(check(t, 8000, &req("GET", "/", &[]))), 401);
-        assert_eq!(status(check(t, 8000, &req("GET", "/", &ok))), 200);
-        let traffic = [("e2b-traffic-access-token", "tok")];
-        assert_eq!(status(check(t, 8000, &req("GET", "/", &traffic))), 200);
+        assert_eq!(status(check(private, 8000, &req("GET", "/", &ok))), 200);
+        assert_eq!(
+            status(check(private, 8000, &req("GET", "/", &traffic))),
+            200
+        );
     }
 }

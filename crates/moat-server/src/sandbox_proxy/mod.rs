@@ -3,7 +3,8 @@
 //! API's router unchanged.
 //!
 //! - [`target`]: which sandbox and port a request is for (`Host: <port>-<id>.<domain>`, the
-//!   `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers, or a signed `/files` URL).
+//!   `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers, a signed `/files` URL, or an envd request's
+//!   access token).
 //! - [`access`]: the sandbox's access token, and `/files` signatures made with it.
 //! - [`forward`]: port 49983 (envd) and 49999 (the code interpreter) to the sandbox's agent.
 //! - [`relay`]: other ports through the agent's TCP relay to the service listening there.
@@ -42,12 +43,27 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
         Err(refusal) => return refusal.into_response(),
         Ok(Traffic::Control) => return next.run(req).await,
         Ok(Traffic::Sandbox { id, port }) => {
-            if let Err(refusal) = access::check(&state.manager.access_token(&id), port, &req) {
+            let tokens = access::Tokens {
+                access: state.manager.access_token(&id),
+                traffic: state.manager.traffic_token(&id),
+                // A sandbox not running here is private: the request then gets a 401 rather
+                // than telling a caller without a token whether the sandbox exists.
+                public_traffic: state
+                    .manager
+                    .route(&id)
+                    .is_ok_and(|route| route.public_traffic),
+            };
+            if let Err(refusal) = access::check(&tokens, port, &req) {
                 return refusal.into_response();
             }
             (id, port)
         }
         Ok(Traffic::SignedFiles) => match access::find_signed(&state.manager, &req) {
+            Ok(id) => (id, ENVD_PORT),
+            Err(refusal) => return refusal.into_response(),
+        },
+        // Found by the token it carries, so the token is checked already.
+        Ok(Traffic::EnvdByToken) => match access::find_by_token(&state.manager, &req) {
             Ok(id) => (id, ENVD_PORT),
             Err(refusal) => return refusal.into_response(),
         },

@@ -3,9 +3,16 @@
 //! In this order (`e2b-wire.md` §2.3):
 //! 1. `Host: <port>-<id>.<domain>`, with E2B's rule: the left-most label split at its first
 //!    `-` (port before, sandbox id after);
-//! 2. the headers `E2b-Sandbox-Id` and `E2b-Sandbox-Port`;
+//! 2. the headers `E2b-Sandbox-Id` and `E2b-Sandbox-Port`, unless the request carries an API
+//!    key (`X-API-KEY`) and its path is under E2B's control plane: some e2b releases before 2.51
+//!    (2.7 among them) send those headers on their connect call too (E2B's control plane, on a host of its own, ignores
+//!    them), and sandbox traffic never carries an API key;
 //! 3. `/files` with a `signature` query parameter and neither of the above: a signed file URL,
-//!    whose sandbox is found by its signature (see [`super::access::find_signed`]).
+//!    whose sandbox is found by its signature (see [`super::access::find_signed`]);
+//! 4. one of envd's public paths ([`ENVD_PATHS`]) with an `X-Access-Token` and none of the
+//!    above: envd of the sandbox whose access token it is (see [`super::access::find_by_token`]).
+//!    Some e2b releases before 2.51 (2.7 among them) send a connected (not created) sandbox's
+//!    envd calls so, to `E2B_SANDBOX_URL` without routing headers.
 //!
 //! Everything else is for the API's router.
 
@@ -18,6 +25,8 @@ use super::answers::Refusal;
 pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 /// Header naming the port inside the sandbox a request is for.
 pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+/// Header carrying an E2B client's API key: control-plane traffic.
+const API_KEY_HEADER: &str = "x-api-key";
 /// Longest sandbox id accepted in an address (moat's ids have 20 characters).
 pub const MAX_ID_LEN: usize = 64;
 
@@ -42,7 +51,20 @@ pub(crate) enum Traffic {
     Sandbox { id: String, port: u16 },
     /// A signed file URL that names no sandbox.
     SignedFiles,
+    /// An envd request that names no sandbox but carries an access token.
+    EnvdByToken,
 }
+
+/// envd's routes a client reaches (`e2b-wire.md` §7): what a request that names no sandbox but
+/// carries an access token may be for. A path is one of them when it is one of these or lies
+/// below one ending in `/`.
+pub const ENVD_PATHS: &[&str] = &[
+    "/files",
+    "/health",
+    "/envs",
+    "/process.Process/",
+    "/filesystem.Filesystem/",
+];
 
 /// Classifies `req` for a server whose sandbox addresses are on `domain`; a request that names
 /// a sandbox badly is answered `400` here.
@@ -51,6 +73,9 @@ pub(crate) fn classify(req: &Request, domain: &str) -> Result<Traffic, Refusal> 
         return Ok(traffic);
     }
     let headers = req.headers();
+    if headers.contains_key(API_KEY_HEADER) && crate::e2b::owns_path(req.uri().path()) {
+        return Ok(Traffic::Control);
+    }
     if let Some(id) = headers.get(SANDBOX_ID_HEADER) {
         let id = id
             .to_str()
@@ -83,7 +108,22 @@ pub(crate) fn classify(req: &Request, domain: &str) -> Result<Traffic, Refusal> 
     {
         return Ok(Traffic::SignedFiles);
     }
+    if headers.contains_key(super::access::ACCESS_TOKEN_HEADER) && is_envd_path(req.uri().path()) {
+        return Ok(Traffic::EnvdByToken);
+    }
     Ok(Traffic::Control)
+}
+
+/// Whether `path` is one of [`ENVD_PATHS`].
+fn is_envd_path(path: &str) -> bool {
+    ENVD_PATHS.iter().any(|p| {
+        if p.ends_with('/') {
+            path.strip_prefix(p)
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/') && !rest.contains(".."))
+        } else {
+            path == *p
+        }
+    })
 }
 
 /// The sandbox of a `<port>-<id>.<domain>` address, if the request's host is one.
@@ -266,6 +306,34 @@ mod tests {
         );
         assert_eq!(c(&[], "/files?path=/a"), Ok(Traffic::Control));
         assert_eq!(c(&[], "/v1/sandboxes"), Ok(Traffic::Control));
+        // Some older e2b releases send the routing headers on their connect call as well.
+        let keyed = [both.as_slice(), &[("X-API-KEY", "moat_x")]].concat();
+        assert_eq!(c(&keyed, "/sandboxes/abc/connect"), Ok(Traffic::Control));
+        assert_eq!(c(&keyed, "/v2/sandboxes"), Ok(Traffic::Control));
+        assert_eq!(c(&keyed, "/files"), Ok(sandbox("abc", 49983)));
+        assert_eq!(
+            c(&both, "/sandboxes/abc/connect"),
+            Ok(sandbox("abc", 49983))
+        );
+        // envd's paths with an access token and nothing else naming a sandbox.
+        let token = [("X-Access-Token", "t")];
+        for path in [
+            "/files?path=/a",
+            "/health",
+            "/envs",
+            "/process.Process/Start",
+        ] {
+            assert_eq!(c(&token, path), Ok(Traffic::EnvdByToken), "{path}");
+        }
+        for path in [
+            "/v1/sandboxes",
+            "/init",
+            "/process.Process/",
+            "/process.Process/a/b",
+        ] {
+            assert_eq!(c(&token, path), Ok(Traffic::Control), "{path}");
+        }
+        assert_eq!(c(&[], "/health"), Ok(Traffic::Control));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use super::output;
+
 use moat_client::types::{ApiKey, CreateKey, KeyQuotas, KeyRole, QuotaRequest};
 use moat_engine::resources::{fmt_bytes, parse_size};
 
@@ -113,20 +115,17 @@ pub fn main(args: KeysArgs) -> ExitCode {
                 let created = client.create_key(&req).await?;
                 match format {
                     Format::Json => remote::print_json(&created)?,
-                    Format::Table if a.quiet => println!("{}", created.secret),
+                    Format::Table if a.quiet => output::println(created.secret)?,
                     Format::Table => {
                         let k = &created.key;
-                        print!(
-                            "{}",
-                            table::fields(&[
-                                ("id", k.id.clone()),
-                                ("tenant", k.tenant.clone()),
-                                ("name", k.name.clone()),
-                                ("role", k.role.to_string()),
-                                ("quotas", quotas_text(&k.quotas)),
-                                ("secret", created.secret.clone()),
-                            ])
-                        );
+                        output::print(table::fields(&[
+                            ("id", k.id.clone()),
+                            ("tenant", k.tenant.clone()),
+                            ("name", k.name.clone()),
+                            ("role", k.role.to_string()),
+                            ("quotas", quotas_text(&k.quotas)),
+                            ("secret", created.secret.clone()),
+                        ]))?;
                         eprintln!("moat: keep the secret now: the server cannot show it again");
                     }
                 }
@@ -136,7 +135,7 @@ pub fn main(args: KeysArgs) -> ExitCode {
                 let keys = client.list_keys(tenant.as_deref()).await?;
                 match format {
                     Format::Json => remote::print_json(&keys)?,
-                    Format::Table => print!("{}", key_table(&keys)),
+                    Format::Table => output::print(key_table(&keys))?,
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -158,7 +157,7 @@ pub fn main(args: KeysArgs) -> ExitCode {
                     Format::Json => remote::print_json(&revoked)?,
                     Format::Table => {
                         for k in &revoked {
-                            println!("{}", k.id);
+                            output::println(&k.id)?;
                         }
                     }
                 }

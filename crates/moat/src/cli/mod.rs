@@ -5,6 +5,7 @@ pub mod check;
 pub mod cp;
 pub mod data_dir_lock;
 pub mod keys;
+pub mod output;
 pub mod remote;
 pub mod run;
 pub mod run_remote;

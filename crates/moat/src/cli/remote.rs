@@ -10,6 +10,8 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::output;
+
 /// Exit code when moat itself fails while running a command (as `moat run` uses).
 pub const EXIT_MOAT_FAILED: u8 = 125;
 /// Exit code after a command's timeout, as `timeout(1)` uses.
@@ -65,7 +67,7 @@ fn pick(flag: Option<&str>, env: &str) -> Option<String> {
 }
 
 /// Runs `work` on a fresh single-threaded runtime; an error is printed as `moat: …` and
-/// becomes exit status 1.
+/// becomes exit status 1, except a closed standard output, which ends it quietly with 141.
 pub fn block_on(work: impl Future<Output = Result<ExitCode>>) -> ExitCode {
     let rt = match super::runtime(ExitCode::FAILURE) {
         Ok(rt) => rt,
@@ -73,6 +75,7 @@ pub fn block_on(work: impl Future<Output = Result<ExitCode>>) -> ExitCode {
     };
     match rt.block_on(work) {
         Ok(code) => code,
+        Err(e) if output::is_closed(&e) => ExitCode::from(output::EXIT_OUTPUT_CLOSED),
         Err(e) => {
             report(&e);
             ExitCode::FAILURE
@@ -105,8 +108,7 @@ pub fn report(e: &anyhow::Error) {
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    output::println(serde_json::to_string_pretty(value)?)
 }
 
 /// `K=V` strings as pairs; `what` names the flag in errors.

@@ -19,7 +19,7 @@ use moat_proto::process::process_selector::Selector;
 use moat_proto::process::{ProcessConfig, ProcessEvent, Pty, StartRequest, process_event, pty};
 use tokio::io::AsyncReadExt;
 
-use super::remote::write_out;
+use super::remote::{Signals, write_out};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::terminal::{self, RawMode};
@@ -139,6 +139,14 @@ fn plan(a: RunArgs) -> Result<Plan> {
         Some(d) => RootfsSource::Dir(d),
         None => RootfsSource::Host,
     };
+    let user = if a.root { "root" } else { "user" };
+    if let RootfsSource::Dir(d) = &rootfs {
+        match moat_engine::rootfs_users::check_account(d, user) {
+            Ok(()) => {}
+            Err(moat_engine::EngineError::Invalid(why)) => bail!("--rootfs: {why}"),
+            Err(e) => bail!("--rootfs: {e}"),
+        }
+    }
     let tty = terminal::is_tty(0) && terminal::is_tty(1);
     if a.shell && !tty {
         bail!("--shell needs a terminal on stdin and stdout");
@@ -152,7 +160,7 @@ fn plan(a: RunArgs) -> Result<Plan> {
         env,
         workdir: a.workdir,
         copies,
-        user: if a.root { "root" } else { "user" },
+        user,
         cmd,
         args,
         rootfs,
@@ -215,6 +223,10 @@ impl Timing {
 }
 
 async fn run(plan: Plan) -> Result<u8> {
+    // Ctrl-C, SIGTERM and SIGHUP are caught before anything is made: from here on they end
+    // the run through the path that destroys the sandbox (exit 128+N), never by the default
+    // action, which would leave what was made so far behind.
+    let mut signals = Signals::catch()?;
     let timing = Timing::new();
     let backend = NativeBackend::new(&NativeOptions {
         guardian: true,
@@ -230,17 +242,35 @@ async fn run(plan: Plan) -> Result<u8> {
             ..AgentConfig::default()
         },
     };
-    let mut instance = backend.create(&spec).await?;
+    // A signal during the create is kept for when it is done: a create cut off halfway could
+    // not be undone.
+    let create = backend.create(&spec);
+    tokio::pin!(create);
+    let mut caught = None;
+    let created = loop {
+        tokio::select! {
+            r = &mut create => break r,
+            sig = signals.recv(), if caught.is_none() => caught = Some(sig),
+        }
+    };
+    if let Some(sig) = caught {
+        if let Ok(mut instance) = created {
+            instance.destroy().await.context("destroying the sandbox")?;
+        }
+        return Ok(interrupted(sig));
+    }
+    let mut instance = created?;
     timing.mark("sandbox created");
     let result = async {
         let channel = instance
             .take_channel()
             .ok_or_else(|| anyhow!("sandbox has no agent channel"))?;
-        let client = AgentClient::handshake(channel)
-            .await
-            .context("connecting to the sandbox agent")?;
+        let client = tokio::select! {
+            c = AgentClient::handshake(channel) => c.context("connecting to the sandbox agent")?,
+            sig = signals.recv() => return Ok(interrupted(sig)),
+        };
         timing.mark("agent connected");
-        let code = attach(&client, &plan, &*instance).await;
+        let code = attach(&client, &plan, &*instance, &mut signals).await;
         timing.mark("command finished");
         code
     }
@@ -252,24 +282,39 @@ async fn run(plan: Plan) -> Result<u8> {
     Ok(code)
 }
 
+/// The exit status after signal `sig` (128+N), with its note on stderr; the caller destroys
+/// the sandbox.
+fn interrupted(sig: i32) -> u8 {
+    eprintln!("moat: interrupted; the sandbox was destroyed");
+    128 + sig as u8
+}
+
 /// Copies files in, runs the command attached to this terminal, and returns the exit code.
 async fn attach(
     client: &AgentClient,
     plan: &Plan,
     instance: &dyn moat_engine::backend::Instance,
+    signals: &mut Signals,
 ) -> Result<u8> {
     let opts = CallOptions {
         user: Some(plan.user.to_string()),
         timeout: None,
     };
-    for (local, remote) in &plan.copies {
-        let data = tokio::fs::read(local)
-            .await
-            .with_context(|| format!("reading {}", local.display()))?;
-        client
-            .write_file(remote, bytes::Bytes::from(data), Some(plan.user))
-            .await
-            .with_context(|| format!("copying {} to {remote}", local.display()))?;
+    let copies = async {
+        for (local, remote) in &plan.copies {
+            let data = tokio::fs::read(local)
+                .await
+                .with_context(|| format!("reading {}", local.display()))?;
+            client
+                .write_file(remote, bytes::Bytes::from(data), Some(plan.user))
+                .await
+                .with_context(|| format!("copying {} to {remote}", local.display()))?;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::select! {
+        r = copies => r?,
+        sig = signals.recv() => return Ok(interrupted(sig)),
     }
     let pty = if plan.tty {
         let (cols, rows) = terminal::size(1).unwrap_or((80, 24));
@@ -302,7 +347,11 @@ async fn attach(
         timeout: plan.timeout,
         ..opts.clone()
     };
-    let mut stream = match client.start(req, start_opts).await {
+    let started = tokio::select! {
+        s = client.start(req, start_opts) => s,
+        sig = signals.recv() => return Ok(interrupted(sig)),
+    };
+    let mut stream = match started {
         Ok(s) => s,
         Err(e) => return Ok(start_failure(&plan.cmd, &e)),
     };
@@ -335,9 +384,6 @@ async fn attach(
         }
     });
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut sigwinch = signal(SignalKind::window_change())?;
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
@@ -373,9 +419,7 @@ async fn attach(
                 Some(Err(e)) => break Outcome::Failed(anyhow!("process stream: {e}")),
                 None => break Outcome::Failed(anyhow!("the agent ended the stream without an end event")),
             },
-            _ = sigint.recv() => break Outcome::Signalled(libc::SIGINT),
-            _ = sigterm.recv() => break Outcome::Signalled(libc::SIGTERM),
-            _ = sighup.recv() => break Outcome::Signalled(libc::SIGHUP),
+            sig = signals.recv() => break Outcome::Signalled(sig),
             _ = sigwinch.recv() => {
                 if let Some((cols, rows)) = terminal::size(1) {
                     let _ = client.update_pty(selector.clone(), u32::from(cols), u32::from(rows)).await;
@@ -406,12 +450,8 @@ async fn attach(
             );
             EXIT_TIMEOUT
         }
-        Outcome::Signalled(sig) => {
-            eprintln!("moat: interrupted; the sandbox was destroyed");
-            128 + sig as u8
-        }
-        // 128 + SIGPIPE, what a shell reports for a writer whose reader went away.
-        Outcome::OutputClosed => 128 + libc::SIGPIPE as u8,
+        Outcome::Signalled(sig) => interrupted(sig),
+        Outcome::OutputClosed => super::output::EXIT_OUTPUT_CLOSED,
         Outcome::Failed(e) => return Err(e),
     })
 }

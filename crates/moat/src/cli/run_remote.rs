@@ -142,7 +142,7 @@ async fn run(args: &RunArgs) -> Result<u8> {
     let deleted = client.delete_sandbox(&sandbox.id).await;
     let code = match outcome? {
         Finished::Ended(end) => remote::exit_status(&end, Some(sandbox.resources.memory_bytes)),
-        Finished::OutputClosed => 128 + libc::SIGPIPE as u8,
+        Finished::OutputClosed => super::output::EXIT_OUTPUT_CLOSED,
         Finished::Signalled(sig) => {
             eprintln!("moat: interrupted; the sandbox was destroyed");
             128 + sig as u8

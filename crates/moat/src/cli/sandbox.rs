@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
+use super::output;
+
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use moat_client::Client;
@@ -215,7 +217,7 @@ pub fn main(args: SandboxArgs) -> ExitCode {
                 let sandbox = client.get_sandbox(&id).await?;
                 match format {
                     Format::Json => remote::print_json(&sandbox)?,
-                    Format::Table => print!("{}", describe(&sandbox)),
+                    Format::Table => output::print(describe(&sandbox))?,
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -244,11 +246,11 @@ pub fn main(args: SandboxArgs) -> ExitCode {
                 let sandbox = client.set_timeout(&id, secs).await?;
                 match format {
                     Format::Json => remote::print_json(&sandbox)?,
-                    Format::Table => println!(
+                    Format::Table => output::println(format!(
                         "{} expires at {} (UTC)",
                         sandbox.id,
                         table::opt_time(sandbox.expires_at)
-                    ),
+                    ))?,
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -278,7 +280,7 @@ async fn create(client: &Client, format: Format, a: CreateArgs) -> Result<ExitCo
     let sandbox = client.create_sandbox(&req).await?;
     match format {
         Format::Json => remote::print_json(&sandbox)?,
-        Format::Table => println!("{}", sandbox.id),
+        Format::Table => output::println(sandbox.id)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -287,7 +289,7 @@ async fn create(client: &Client, format: Format, a: CreateArgs) -> Result<ExitCo
 fn print_state(format: Format, sandbox: &Sandbox) -> Result<()> {
     match format {
         Format::Json => remote::print_json(sandbox)?,
-        Format::Table => println!("{} {}", sandbox.id, sandbox.state),
+        Format::Table => output::println(format!("{} {}", sandbox.id, sandbox.state))?,
     }
     Ok(())
 }
@@ -314,7 +316,7 @@ async fn fork(client: &Client, format: Format, a: ForkArgs) -> Result<ExitCode> 
         Format::Table => {
             for item in &result.results {
                 match (&item.sandbox, &item.error) {
-                    (Some(s), _) => println!("{}", s.id),
+                    (Some(s), _) => output::println(&s.id)?,
                     (None, Some(e)) => eprintln!("moat: a copy failed: {} ({})", e.message, e.code),
                     (None, None) => eprintln!("moat: a copy came back empty"),
                 }
@@ -359,7 +361,7 @@ async fn ls(client: &Client, format: Format, a: LsArgs) -> Result<ExitCode> {
     }
     match format {
         Format::Json => remote::print_json(&sandboxes)?,
-        Format::Table => print!("{}", sandbox_table(&sandboxes)),
+        Format::Table => output::print(sandbox_table(&sandboxes))?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -414,7 +416,7 @@ async fn rm(client: &Client, ids: &[String]) -> Result<ExitCode> {
     let mut failed = false;
     for id in ids {
         match client.delete_sandbox(id).await {
-            Ok(()) => println!("{id}"),
+            Ok(()) => output::println(id)?,
             Err(e) => {
                 failed = true;
                 remote::report(&anyhow::Error::new(e).context(format!("deleting {id}")));
@@ -491,7 +493,7 @@ async fn exec(client: &Client, format: Format, a: ExecArgs) -> Result<ExitCode> 
     Ok(ExitCode::from(
         match remote::stream_exec(client, &a.id, &req, &mut remote::Signals::catch()?).await {
             Ok(Finished::Ended(end)) => remote::exit_status(&end, None),
-            Ok(Finished::OutputClosed) => 128 + libc::SIGPIPE as u8,
+            Ok(Finished::OutputClosed) => super::output::EXIT_OUTPUT_CLOSED,
             Ok(Finished::Signalled(sig)) => {
                 // Our exit closes the stream, and the server kills a command whose stream closed.
                 eprintln!("moat: interrupted; the command is stopped");
@@ -546,6 +548,8 @@ mod tests {
             ended_at: None,
             end_reason: None,
             access_token: None,
+            public_traffic: true,
+            traffic_access_token: None,
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use moat_engine::error::EngineError;
 use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
@@ -62,6 +63,15 @@ pub struct ServeArgs {
     /// always destroyed).
     #[arg(long, value_enum, default_value_t = OnShutdown::Destroy)]
     on_shutdown: OnShutdown,
+    /// How long the record of an ended sandbox is kept (its state, reason and metadata, for
+    /// `GET` and listings) before it is deleted: `24h`, `30m`, `10s`.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_retention)]
+    retention: Duration,
+    /// Make a sandbox's own services (ports other than 49983 and 49999) need its traffic
+    /// access token unless its create asks for public traffic; by default they are reachable
+    /// by anyone who knows the sandbox's address.
+    #[arg(long)]
+    private_traffic: bool,
 }
 
 /// Values of `--on-shutdown`.
@@ -93,6 +103,8 @@ impl ServeArgs {
             snapshot_dir: Some(self.data_dir.join(SNAPSHOT_DIR)),
             min_free_disk: self.min_free_disk,
             snapshot_bytes_per_tenant: self.snapshot_quota,
+            retention: self.retention,
+            public_traffic: !self.private_traffic,
         })
     }
 }
@@ -157,6 +169,18 @@ fn run(args: ServeArgs) -> Result<()> {
             OnShutdown::Keep => ShutdownMode::Keep,
         },
     };
+    // The host next: a server that cannot run sandboxes must not make a data dir, a store or
+    // an admin key first.
+    match NativeBackend::preflight() {
+        Ok(()) => {}
+        Err(EngineError::Unsupported(why)) => bail!("{why}; nothing was created"),
+        Err(e) => return Err(e).context("checking the host; nothing was created"),
+    }
+    // Likewise: with too low a hard open-file limit no sandbox could run a command, and the
+    // soft one bounds how many sandboxes and connections the server can hold.
+    let nofile = moat_engine::host_limits::raise_nofile()
+        .map_err(|why| anyhow::anyhow!("{why}; nothing was created"))?;
+    tracing::debug!(soft = nofile.soft, hard = nofile.hard, "open-file limit");
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -168,9 +192,13 @@ fn run(args: ServeArgs) -> Result<()> {
     let store =
         Arc::new(Store::open(&db).with_context(|| format!("opening the store {}", db.display()))?);
     first_admin_key(&store, &args.data_dir)?;
+    // What the sandboxes this server keeps are marked with, so that servers on other data
+    // dirs of this host leave them alone (and this one leaves theirs alone).
+    let owner = store.data_dir_id().context("reading the data dir's id")?;
     let backend = NativeBackend::new(&NativeOptions {
         // Only a server that may keep its sandboxes gives their agents a way back in.
         keepable: args.on_shutdown == OnShutdown::Keep,
+        owner: Some(owner),
         ..NativeOptions::default()
     })
     .context("native backend")?;
@@ -253,8 +281,20 @@ fn first_admin_key(store: &Store, data_dir: &Path) -> Result<()> {
         key.id,
         path.display()
     );
-    println!("{}", secret.expose());
-    Ok(())
+    // The secret is also in the file: a closed standard output does not stop the server.
+    match super::output::println(secret.expose()) {
+        Err(e) if !super::output::is_closed(&e) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A `--retention` value: a duration of at least one second.
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let d = moat_engine::resources::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {

@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use super::output;
+
 use anyhow::Result;
 use moat_client::Client;
 use moat_client::types::{CreateSnapshot, ListSnapshots, Snapshot};
@@ -71,7 +73,7 @@ pub fn main(args: SnapshotArgs) -> ExitCode {
                     .await?;
                 match format {
                     Format::Json => remote::print_json(&snapshot)?,
-                    Format::Table => println!("{}", snapshot.id),
+                    Format::Table => output::println(snapshot.id)?,
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -95,7 +97,7 @@ pub fn main(args: SnapshotArgs) -> ExitCode {
                 }
                 match format {
                     Format::Json => remote::print_json(&snapshots)?,
-                    Format::Table => print!("{}", snapshot_table(&snapshots)),
+                    Format::Table => output::print(snapshot_table(&snapshots))?,
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -103,7 +105,7 @@ pub fn main(args: SnapshotArgs) -> ExitCode {
                 let snapshot = client.get_snapshot(&id).await?;
                 match format {
                     Format::Json => remote::print_json(&snapshot)?,
-                    Format::Table => print!("{}", describe(&snapshot)),
+                    Format::Table => output::print(describe(&snapshot))?,
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -116,7 +118,7 @@ async fn rm(client: &Client, ids: &[String]) -> Result<ExitCode> {
     let mut failed = false;
     for id in ids {
         match client.delete_snapshot(id).await {
-            Ok(()) => println!("{id}"),
+            Ok(()) => output::println(id)?,
             Err(e) => {
                 failed = true;
                 remote::report(&anyhow::Error::new(e).context(format!("deleting {id}")));

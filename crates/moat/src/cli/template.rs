@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use super::output;
+
 use anyhow::{Context, Result, bail};
 use moat_client::Client;
 use moat_client::types::{CreateTemplate, Rootfs, Template, TemplateSpec};
@@ -102,21 +104,21 @@ pub fn main(args: TemplateArgs) -> ExitCode {
                 let template = client.create_template(&req).await?;
                 match format {
                     Format::Json => remote::print_json(&template)?,
-                    Format::Table => println!("{}", template.name),
+                    Format::Table => output::println(template.name)?,
                 }
             }
             TemplateCommand::Ls => {
                 let templates = client.list_templates().await?;
                 match format {
                     Format::Json => remote::print_json(&templates)?,
-                    Format::Table => print!("{}", template_table(&templates)),
+                    Format::Table => output::print(template_table(&templates))?,
                 }
             }
             TemplateCommand::Get { name } => {
                 let template = client.get_template(&name).await?;
                 match format {
                     Format::Json => remote::print_json(&template)?,
-                    Format::Table => print!("{}", describe(&template)?),
+                    Format::Table => output::print(describe(&template)?)?,
                 }
             }
             TemplateCommand::Rm { names, force } => return rm(&client, &names, force).await,
@@ -265,7 +267,7 @@ async fn rm(client: &Client, names: &[String], force: bool) -> Result<ExitCode> 
     let mut failed = false;
     for name in names {
         match client.delete_template(name, force).await {
-            Ok(()) => println!("{name}"),
+            Ok(()) => output::println(name)?,
             Err(e) => {
                 failed = true;
                 remote::report(&anyhow::Error::new(e).context(format!("deleting {name}")));

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod server;
+pub mod tmpfs;
 
 use std::path::PathBuf;
 use std::time::Duration;

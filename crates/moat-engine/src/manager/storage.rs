@@ -1,0 +1,93 @@
+//! Space in the data dir. The store (and with it every record of what runs) lives there; when it
+//! fills up, writes fail and a record could no longer follow what the backend does. So the
+//! server refuses work that changes state while the data dir's free space is under
+//! [`DATA_DIR_RESERVE`] (`507 insufficient_storage`, and `/readyz` says so), and a write that
+//! fails for lack of space all the same answers the same way.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::{ManagerError, ManagerResult, SandboxManager};
+
+/// Free space the data dir must keep for the store: below it, state-changing requests are
+/// refused.
+pub const DATA_DIR_RESERVE: u64 = 32 << 20;
+
+impl SandboxManager {
+    /// Whether the data dir (the store's directory) has at least [`DATA_DIR_RESERVE`] free:
+    /// [`ManagerError::InsufficientStorage`] with the figures when it has not. A store in
+    /// memory always has room; a data dir whose free space cannot be read is given the benefit
+    /// of the doubt (its writes still fail cleanly).
+    pub fn check_storage(&self) -> ManagerResult<()> {
+        let Some(dir) = self.inner.store.path().and_then(Path::parent) else {
+            return Ok(());
+        };
+        let Some(free) = free_bytes(dir) else {
+            return Ok(());
+        };
+        if free >= DATA_DIR_RESERVE {
+            return Ok(());
+        }
+        Err(ManagerError::InsufficientStorage(format!(
+            "the server's data dir is full: {} free, below the {} MiB it keeps for its records; \
+             nothing was changed",
+            human(free),
+            DATA_DIR_RESERVE >> 20
+        )))
+    }
+}
+
+/// Bytes an unprivileged writer may still use in the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let path = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: all-zero is a valid `statvfs`; the kernel fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// `bytes` in the largest binary unit that keeps it at least 1.
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// Whether `e` failed for lack of space (SQLite's "database or disk is full").
+pub(super) fn is_disk_full(e: &crate::store::StoreError) -> bool {
+    matches!(e, crate::store::StoreError::Sqlite(s)
+        if s.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_in_their_unit() {
+        assert_eq!(human(512), "512 bytes");
+        assert_eq!(human(3 << 20), "3.0 MiB");
+        assert_eq!(human(5 << 30), "5.0 GiB");
+    }
+
+    #[test]
+    fn a_disk_full_error_is_recognised() {
+        let full = crate::store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ));
+        assert!(is_disk_full(&full));
+        let busy = crate::store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        assert!(!is_disk_full(&busy));
+    }
+}

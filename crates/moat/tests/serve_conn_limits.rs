@@ -1,0 +1,285 @@
+//! The listener's defences without a key: half-sent requests (slowloris) are closed after the
+//! header-read timeout, a flood of them past the connection cap does not keep `/healthz` out,
+//! and the server raises its open-file limit at start. `moat serve` and `moat check` refuse a
+//! hard open-file limit too low for sandboxes, saying what to set. Needs root (the native
+//! backend); skips otherwise.
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::is_root;
+use support::server::{Reply, sigterm, wait_exit};
+
+/// Sets this process's open-file limit.
+fn set_nofile(soft: u64, hard: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid rlimit; setrlimit touches nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `moat` with `args`, started with an open-file limit of `soft`/`hard`.
+fn moat_with_nofile(args: &[&str], soft: u64, hard: u64) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(move || set_nofile(soft, hard));
+    }
+    cmd
+}
+
+/// The soft and hard `Max open files` of process `pid`.
+fn nofile_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let mut nums = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u64>().ok());
+    (nums.next().expect("soft"), nums.next().expect("hard"))
+}
+
+/// A `GET /healthz` on a new connection, giving up on the answer after `wait`.
+fn healthz(port: u16, wait: Duration) -> std::io::Result<Reply> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+    conn.set_read_timeout(Some(wait))?;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    Reply::parse(&raw)
+}
+
+struct Served {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            sigterm(&self.child);
+            let _ = wait_exit(&mut self.child);
+        }
+    }
+}
+
+/// `moat serve` on a fresh data dir and a free port, started with the given open-file limit.
+fn serve_with_nofile(soft: u64, hard: u64) -> Served {
+    let dir = tempfile::Builder::new()
+        .prefix("moat-serve-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let child = moat_with_nofile(
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().expect("path"),
+            "--log-format",
+            "json",
+        ],
+        soft,
+        hard,
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn moat serve");
+    let mut served = Served {
+        child,
+        port,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = served.child.try_wait() {
+            panic!("moat serve exited during start-up: {status}");
+        }
+        if healthz(port, Duration::from_secs(5)).is_ok_and(|r| r.status == 200) {
+            return served;
+        }
+        assert!(Instant::now() < deadline, "moat serve never became healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the server closed `conn` (end of file or reset) within `wait`.
+fn closed_within(conn: &mut TcpStream, wait: Duration) -> bool {
+    conn.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            // An answer (a timeout's error page) before the close is fine.
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn half_sent_requests_neither_stop_healthz_nor_stay_open() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    // A soft limit of 256 as a login shell might give; the hard one just allows sandboxes.
+    let server = serve_with_nofile(256, 4096);
+    assert_eq!(
+        nofile_of(server.child.id()),
+        (4096, 4096),
+        "the server did not raise its soft open-file limit to the hard one"
+    );
+    let cap = 4096 / 4;
+
+    // More half-sent requests than the server may hold connections, from one client without
+    // a key. (This process needs a descriptor for each.)
+    let (_, hard) = {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid, writable rlimit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        (lim.rlim_cur, lim.rlim_max)
+    };
+    set_nofile(hard, hard).expect("raise this test's open-file limit");
+    let flood = cap + 100;
+    assert!(
+        hard as usize > flood + 64,
+        "this test needs {flood} descriptors"
+    );
+    let mut half_sent = Vec::with_capacity(flood);
+    for _ in 0..flood {
+        let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: loc")
+            .expect("half a request");
+        half_sent.push(conn);
+    }
+
+    // The server still answers.
+    let r = healthz(server.port, Duration::from_secs(60))
+        .expect("/healthz did not answer beside the half-sent requests");
+    assert_eq!(r.status, 200);
+
+    // Every half-sent request is closed: the oldest at once to make room, the others after
+    // the header-read timeout.
+    let open = half_sent
+        .iter_mut()
+        .map(|c| closed_within(c, Duration::from_secs(120)))
+        .filter(|closed| !closed)
+        .count();
+    assert_eq!(open, 0, "{open} half-sent requests were left open");
+
+    // A keep-alive connection that stays idle is closed the same way; a whole request is served.
+    let mut idle = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).expect("an answer");
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(120)),
+        "an idle keep-alive connection was left open"
+    );
+    let r = healthz(server.port, Duration::from_secs(60)).expect("/healthz");
+    assert_eq!(r.status, 200);
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run moat")
+}
+
+#[test]
+fn a_hard_open_file_limit_too_low_for_sandboxes_is_refused_with_what_to_set() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("moat-serve-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = moat_with_nofile(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("path"),
+        ],
+        1024,
+        1024,
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn moat serve");
+    // A server that does not refuse runs until stopped: stop it and say so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() >= deadline {
+            sigterm(&child);
+            let _ = wait_exit(&mut child);
+            panic!("moat serve started with a hard open-file limit of 1024");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("RLIMIT_NOFILE") && stderr.contains("LimitNOFILE="),
+        "{stderr}"
+    );
+    assert!(
+        !Path::new(&data).exists(),
+        "the refused server made its data dir"
+    );
+
+    let out = run(&mut moat_with_nofile(&["check"], 1024, 1024));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("open files"))
+        .unwrap_or_else(|| panic!("no open-file line: {stdout}"));
+    assert!(
+        line.contains(" no ") && line.contains("ulimit -Hn"),
+        "{line}"
+    );
+
+    let out = run(&mut moat_with_nofile(&["check"], 1024, 4096));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("open files") && l.contains(" yes ")),
+        "{stdout}"
+    );
+}

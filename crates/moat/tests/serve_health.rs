@@ -1,0 +1,115 @@
+//! `moat serve` watches every running sandbox's agent: one that stops answering (here stopped
+//! with SIGSTOP from the host) gets its calls refused at once, then is destroyed and recorded
+//! `failed` with the reason. Needs root (the native backend); skips otherwise.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::is_root;
+use support::server::*;
+
+/// The host pid of sandbox `id`'s agent: its process that is pid 1 in the sandbox.
+fn agent_pid(id: &str) -> i32 {
+    pids_in_sandbox(id)
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("NSpid:"))
+                    .and_then(|l| l.split_whitespace().last())
+                    == Some("1")
+            })
+        })
+        .expect("the sandbox's agent")
+}
+
+/// `POST /v1/sandboxes/{id}/exec`, giving up on the answer after `wait`: `None` when none came.
+fn exec_within(server: &Server, key: &str, id: &str, wait: Duration) -> Option<Reply> {
+    let body = body(json!({ "shell": "true" }));
+    let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    conn.set_read_timeout(Some(wait)).expect("timeout");
+    let head = format!(
+        "POST /v1/sandboxes/{id}/exec HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Authorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("write");
+    conn.write_all(&body).expect("write");
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).ok()?;
+    Reply::parse(&raw).ok()
+}
+
+#[test]
+fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
+    if !is_root() {
+        eprintln!("SKIP: moat serve's native backend needs root");
+        return;
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(json!({}))));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let healthy = exec_within(&server, &key, &id, Duration::from_secs(60)).expect("an answer");
+    assert_eq!(
+        healthy.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&healthy.body)
+    );
+
+    let pid = agent_pid(&id);
+    // SAFETY: kill has no memory preconditions; the pid is the sandbox's agent.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+
+    // Calls are refused at once while the server waits to be sure, then the sandbox ends. A
+    // call that reached the agent before the first missed check waits for it and is dropped
+    // here; the loop keeps asking until the sandbox is ended.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut refused = None;
+    let sandbox = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the sandbox with a stopped agent is still running"
+        );
+        if let Some(r) = exec_within(&server, &key, &id, Duration::from_secs(5))
+            && r.status == 503
+            && refused.is_none()
+        {
+            refused = Some(r);
+        }
+        let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+        if r.json()["state"] != "running" {
+            break r.json();
+        }
+    };
+    let refused = refused.expect("no call was refused while the agent did not answer");
+    refused.assert_error(503, "unavailable");
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("does not answer"), "{message}");
+
+    assert_eq!(sandbox["state"], "failed", "{sandbox}");
+    let reason = sandbox["end_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("stopped answering"), "{sandbox}");
+
+    // Ended: calls get a clear answer without waiting on anything, and nothing is left.
+    let r = exec_within(&server, &key, &id, Duration::from_secs(60)).expect("an answer");
+    r.assert_error(409, "conflict");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids_in_sandbox(&id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        pids_in_sandbox(&id).is_empty(),
+        "the failed sandbox was not destroyed"
+    );
+    assert!(cgroup_dirs(&id).is_empty());
+}
