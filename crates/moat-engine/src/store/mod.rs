@@ -47,6 +47,7 @@ pub use error::{StoreError, StoreResult};
 pub use idempotency::{MAX_IDEMPOTENCY_KEY, check_idempotency_key};
 pub use ids::{check_sandbox_id, check_template_name, check_tenant_id, generate_sandbox_id};
 pub use keys::{KeyRecord, Quotas, Role, Secret};
+pub use pool::NewPoolMember;
 pub use sandboxes::{
     Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, Page, SandboxFilter, SandboxRecord,
     SandboxState, Usage,
