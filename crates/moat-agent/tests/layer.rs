@@ -194,3 +194,56 @@ fn archives_cannot_reach_outside_the_root() {
         assert!(!root.join("hl").exists(), "a hard link escaped the root");
     }
 }
+
+#[test]
+fn sparse_files_stay_sparse() {
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::Builder::new()
+        .prefix("moat-layer-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    fs::create_dir(&src).expect("src");
+    fs::create_dir(&dst).expect("dst");
+    // `truncate -s 3G`, then a little data in the middle and at an odd offset near the end.
+    let size: u64 = 3 << 30;
+    let f = fs::File::create(src.join("big")).expect("big");
+    f.set_len(size).expect("truncate");
+    f.write_all_at(b"middle", 1 << 30).expect("write");
+    f.write_all_at(b"tail", size - 1000).expect("write");
+    drop(f);
+    // Only holes.
+    fs::File::create(src.join("empty"))
+        .and_then(|f| f.set_len(size))
+        .expect("empty");
+
+    let mut archive = Vec::new();
+    capture(dir_fd(&src).as_fd(), WritableLayer::Root, &mut archive).expect("capture");
+    assert!(
+        archive.len() < 1 << 20,
+        "a 3 GiB sparse file made a {}-byte archive",
+        archive.len()
+    );
+    restore(dir_fd(&dst).as_fd(), &archive[..]).expect("restore");
+    for name in ["big", "empty"] {
+        let m = fs::metadata(dst.join(name)).expect("restored");
+        assert_eq!(m.len(), size, "{name}");
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "{name} restored with {} blocks",
+            m.blocks()
+        );
+    }
+    let f = fs::File::open(dst.join("big")).expect("big");
+    let mut buf = [0u8; 6];
+    f.read_exact_at(&mut buf, 1 << 30).expect("read");
+    assert_eq!(&buf, b"middle");
+    f.read_exact_at(&mut buf[..4], size - 1000).expect("read");
+    assert_eq!(&buf[..4], b"tail");
+    f.read_exact_at(&mut buf, 12345).expect("read");
+    assert_eq!(buf, [0; 6]);
+}

@@ -351,6 +351,7 @@ mod tests {
                 PoolStatus {
                     target: 4,
                     ready: 2,
+                    evicted: 0,
                 },
             ),
             (
@@ -359,6 +360,7 @@ mod tests {
                 PoolStatus {
                     target: 1,
                     ready: 0,
+                    evicted: 0,
                 },
             ),
         ];

@@ -226,6 +226,7 @@ fn keys_authenticate_by_hash_and_revoke() {
         max_sandboxes: Some(10),
         max_memory_bytes: Some(8 << 30),
         requests_per_minute: None,
+        ..Quotas::default()
     };
     let (key, secret) = store.create_key("acme", "ci", Role::User, quotas).unwrap();
     assert!(secret.expose().starts_with("moat_"));
@@ -1136,6 +1137,7 @@ fn quota_usage_sums_and_limits() {
     let over_count = Limits {
         max_sandboxes: Some(3),
         max_memory_bytes: None,
+        ..Default::default()
     };
     match store.insert_sandbox_within(&new_sandbox("acme", Some(&acme_key), "host"), over_count) {
         Err(StoreError::QuotaExceeded {
@@ -1149,6 +1151,7 @@ fn quota_usage_sums_and_limits() {
     let over_memory = Limits {
         max_sandboxes: None,
         max_memory_bytes: Some(900 << 20),
+        ..Default::default()
     };
     assert!(matches!(
         store.insert_sandbox_within(&new_sandbox("acme", Some(&acme_key), "host"), over_memory),
@@ -1158,6 +1161,7 @@ fn quota_usage_sums_and_limits() {
     let fits = Limits {
         max_sandboxes: Some(4),
         max_memory_bytes: Some(956 << 20),
+        ..Default::default()
     };
     store
         .insert_sandbox_within(&new_sandbox("acme", Some(&acme_key), "host"), fits)
@@ -1166,6 +1170,7 @@ fn quota_usage_sums_and_limits() {
     let tenant_limit = Limits {
         max_sandboxes: Some(5),
         max_memory_bytes: None,
+        ..Default::default()
     };
     assert!(matches!(
         store.insert_sandbox_within(&new_sandbox("acme", None, "host"), tenant_limit),
@@ -1181,6 +1186,7 @@ fn quota_usage_sums_and_limits() {
     let limit = Limits {
         max_sandboxes: Some(5),
         max_memory_bytes: None,
+        ..Default::default()
     };
     let threads: Vec<_> = (0..8)
         .map(|_| {

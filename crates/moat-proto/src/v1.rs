@@ -283,6 +283,10 @@ pub struct PoolStatus {
     pub target: u32,
     /// Sandboxes started, ready and not yet claimed.
     pub ready: u32,
+    /// Members destroyed since the server started because the pools held more memory than
+    /// their budget (each pass destroys the largest until the rest fit).
+    #[serde(default)]
+    pub evicted: u64,
 }
 
 /// `GET /v1/templates`: the templates the caller sees, by name.
@@ -742,6 +746,13 @@ pub struct QuotaRequest {
     /// Sum of the memory limits of those sandboxes, as a size string (`"4G"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<String>,
+    /// Sum of the pids limits (processes and threads) of those sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pids: Option<u64>,
+    /// Bytes of snapshot archives the key's tenant may keep when this key makes one, as a
+    /// size string (`"10G"`); the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_snapshot_size: Option<String>,
     /// API requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
@@ -754,6 +765,13 @@ pub struct KeyQuotas {
     pub max_sandboxes: Option<u32>,
     /// Sum of the memory limits of those sandboxes, bytes.
     pub max_memory_bytes: Option<u64>,
+    /// Sum of the pids limits of those sandboxes.
+    #[serde(default)]
+    pub max_pids: Option<u64>,
+    /// Bytes of snapshot archives the key's tenant may keep when this key makes one; `null`
+    /// is the server's default.
+    #[serde(default)]
+    pub max_snapshot_bytes: Option<u64>,
     /// API requests per minute.
     pub requests_per_minute: Option<u32>,
 }

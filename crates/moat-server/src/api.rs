@@ -387,21 +387,42 @@ fn ndjson<T: serde::Serialize>(items: impl Stream<Item = T> + Send + 'static) ->
 }
 
 /// The one-shot mode: a sandbox (from the warm pool when one is ready), files, a run, files
-/// back, the sandbox destroyed.
+/// back, the sandbox destroyed. A run refused because too many are under way (`429`, `503`)
+/// says when to retry.
 async fn run(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<v1::RunResult>> {
-    let body = body.map_err(|r| ApiError::body(r, crate::MAX_RUN_BODY_BYTES));
-    let req: v1::RunRequest = json_body(Ok(body?), None)?;
-    Ok(Json(
-        state
-            .manager
-            .run(&caller.tenant, Some(&caller.key_id), req)
-            .await?,
-    ))
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(r) => return ApiError::body(r, crate::MAX_RUN_BODY_BYTES).into_response(),
+    };
+    let req: v1::RunRequest = match json_body(Ok(body), None) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    match state
+        .manager
+        .run(&caller.tenant, Some(&caller.key_id), req)
+        .await
+    {
+        Ok(result) => Json(result).into_response(),
+        Err(e) => {
+            let busy = matches!(e.http_status(), 429 | 503);
+            let mut response = ApiError::from(e).into_response();
+            if busy {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(RUN_RETRY_AFTER_SECS));
+            }
+            response
+        }
+    }
 }
+
+/// `Retry-After` of a run refused for the runs (or sandboxes) already under way, seconds.
+const RUN_RETRY_AFTER_SECS: u64 = 1;
 
 /// `state=running&state=paused&metadata=k=v&after=…&limit=…`, strictly: an unknown parameter
 /// is an error, as an unknown JSON field is.

@@ -59,7 +59,10 @@ async fn create(
 ) -> ApiResult<(StatusCode, Json<v1::Snapshot>)> {
     let Path(id) = id?;
     let req: v1::CreateSnapshot = json_body(body, Some(v1::CreateSnapshot::default()))?;
-    let snapshot = state.manager.snapshot(&caller.tenant, &id, req).await?;
+    let snapshot = state
+        .manager
+        .snapshot(&caller.tenant, Some(&caller.key_id), &id, req)
+        .await?;
     Ok((StatusCode::CREATED, Json(snapshot)))
 }
 

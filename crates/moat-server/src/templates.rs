@@ -28,7 +28,7 @@ async fn create(
     let admin = caller.role == Role::Admin;
     let template = state
         .manager
-        .create_template(&caller.tenant, req, admin)
+        .create_template(&caller.tenant, Some(&caller.key_id), req, admin)
         .await?;
     Ok((StatusCode::CREATED, Json(template)))
 }

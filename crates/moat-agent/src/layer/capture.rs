@@ -13,6 +13,11 @@
 //! upper directory a whiteout (a character device 0/0) is written as an empty `.wh.<name>`,
 //! and a directory marked opaque gets a `.wh..wh..opq` entry right after its own, the layer
 //! conventions of OCI images. Extended attributes are not kept.
+//!
+//! A file with holes (fewer blocks allocated than its size needs) is written as a GNU sparse
+//! entry: the map of its data extents (`SEEK_DATA`/`SEEK_HOLE`) and only their bytes, so a
+//! 3 GiB file made by `truncate` takes a few blocks of the archive, not 3 GiB. Extents are
+//! widened to 512-byte boundaries, as the format needs.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -233,10 +238,149 @@ impl<W: Write> Walker<W> {
             self.links.insert(key, path.to_owned());
         }
         let size = u64::try_from(st.st_size).unwrap_or(0);
+        let file = std::fs::File::from(fd);
+        let allocated = u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512);
+        if allocated < size {
+            let extents = data_extents(&file, size).map_err(|e| context(e, path))?;
+            return self.append_sparse(&st, path, file, size, extents);
+        }
         let mut h = header(EntryType::Regular, &st);
         h.set_size(size);
-        let file = std::fs::File::from(fd);
         self.append(h, path, Exact::new(file, size))
+    }
+
+    /// Writes `file` (of `size` bytes, its data in `extents`) as a GNU sparse entry: the first
+    /// extents in the header, the rest in extension blocks that precede the data.
+    fn append_sparse(
+        &mut self,
+        st: &libc::stat,
+        path: &Path,
+        file: std::fs::File,
+        size: u64,
+        mut extents: Vec<(u64, u64)>,
+    ) -> io::Result<()> {
+        // A map that ends before the file does gets an empty extent at its end, so a reader
+        // knows the size (GNU tar does the same).
+        if extents.last().is_none_or(|&(at, len)| at + len < size) {
+            extents.push((size, 0));
+        }
+        let stored: u64 = extents.iter().map(|&(_, len)| len).sum();
+        let mut h = header(EntryType::GNUSparse, st);
+        h.set_size(stored);
+        let (first, rest) = extents.split_at(extents.len().min(4));
+        {
+            let gnu = h
+                .as_gnu_mut()
+                .ok_or_else(|| io::Error::other("a GNU header is not GNU"))?;
+            for (slot, &(at, len)) in gnu.sparse.iter_mut().zip(first) {
+                slot.set_offset(at);
+                slot.set_length(len);
+            }
+            gnu.set_real_size(size);
+            gnu.set_is_extended(!rest.is_empty());
+        }
+        let mut blocks = Vec::new();
+        let chunks: Vec<&[(u64, u64)]> = rest.chunks(21).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut ext = tar::GnuExtSparseHeader::new();
+            for (slot, &(at, len)) in ext.sparse_mut().iter_mut().zip(chunk.iter()) {
+                slot.set_offset(at);
+                slot.set_length(len);
+            }
+            ext.set_is_extended(i + 1 < chunks.len());
+            blocks.extend_from_slice(ext.as_bytes());
+        }
+        // The extension blocks go right after the header, before the data; they are whole
+        // 512-byte blocks, so the entry's padding is the data's.
+        let data = Extents {
+            file,
+            extents,
+            at: 0,
+            done: 0,
+        };
+        self.append(h, path, io::Cursor::new(blocks).chain(data))
+    }
+}
+
+/// The data extents of `file` (`size` bytes) as (offset, length), widened to 512-byte
+/// boundaries and merged, from `SEEK_DATA`/`SEEK_HOLE`.
+fn data_extents(file: &std::fs::File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let seek = |at: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let at = i64::try_from(at).map_err(|_| io::Error::other("offset out of range"))?;
+        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+        let r = unsafe { libc::lseek(fd, at, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // No data at or after `at`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(u64::try_from(r).unwrap_or(0)))
+    };
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= size {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let start = data & !511;
+        let end = hole.div_ceil(512).saturating_mul(512).min(size);
+        match extents.last_mut() {
+            Some((s, len)) if *s + *len >= start => *len = end.max(*s + *len) - *s,
+            _ => extents.push((start, end - start)),
+        }
+        at = hole.max(data + 1);
+    }
+    Ok(extents)
+}
+
+/// The bytes of a file's `extents`, one after another; an extent the file no longer fills
+/// (it shrank meanwhile) reads as zeros, so the archive always matches its map.
+struct Extents {
+    file: std::fs::File,
+    extents: Vec<(u64, u64)>,
+    /// The extent being read.
+    at: usize,
+    /// Bytes of it already read.
+    done: u64,
+}
+
+impl Read for Extents {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            let Some(&(offset, len)) = self.extents.get(self.at) else {
+                return Ok(0);
+            };
+            if self.done >= len || buf.is_empty() {
+                if buf.is_empty() {
+                    return Ok(0);
+                }
+                self.at += 1;
+                self.done = 0;
+                continue;
+            }
+            let want = usize::try_from(len - self.done)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let n = match self.file.read_at(&mut buf[..want], offset + self.done)? {
+                0 => {
+                    buf[..want].fill(0);
+                    want
+                }
+                n => n,
+            };
+            self.done += n as u64;
+            return Ok(n);
+        }
     }
 }
 

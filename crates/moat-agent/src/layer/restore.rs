@@ -181,7 +181,7 @@ impl Restorer {
                 sys::fchmod(fd.as_fd(), mode)?;
                 self.dirs.push((path.to_owned(), mtime));
             }
-            EntryType::Regular | EntryType::Continuous => {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.remove(dir, &name)?;
                 let fd = sys::openat2(
                     Some(dir),
@@ -191,7 +191,11 @@ impl Restorer {
                     BENEATH,
                 )?;
                 let mut file = std::fs::File::from(fd);
-                self.done.bytes += io::copy(entry, &mut file)?;
+                self.done.bytes += if kind == EntryType::GNUSparse {
+                    copy_sparse(entry, &file)?
+                } else {
+                    io::copy(entry, &mut file)?
+                };
                 // Owner first: a change of owner clears the set-id bits the mode may hold.
                 sys::fchown(file.as_fd(), uid, gid)?;
                 sys::fchmod(file.as_fd(), mode)?;
@@ -272,6 +276,34 @@ impl Restorer {
         }
         Ok(())
     }
+}
+
+/// Copies a sparse entry into `file` leaving its holes as holes: the reader yields the holes
+/// as zeros, and a block of zeros is skipped rather than written. Returns the bytes copied
+/// (the file's size).
+fn copy_sparse(mut from: impl Read, file: &std::fs::File) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 64 << 10;
+    let zeros = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        // A slice comparison is a `memcmp`: fast over gigabytes of holes.
+        if chunk != &zeros[..n] {
+            file.write_all_at(chunk, at)?;
+        }
+        at += n as u64;
+    }
+    // The size, holes at the end included.
+    file.set_len(at)?;
+    Ok(at)
 }
 
 fn bad(what: &str) -> io::Error {

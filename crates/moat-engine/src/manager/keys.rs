@@ -78,6 +78,13 @@ fn quotas(req: v1::QuotaRequest) -> ManagerResult<Quotas> {
     let max_memory_bytes = req.max_memory.as_deref().map(parse_size).transpose()?;
     positive("max_sandboxes", req.max_sandboxes.map(u64::from))?;
     positive("max_memory", max_memory_bytes)?;
+    positive("max_pids", req.max_pids)?;
+    let max_snapshot_bytes = req
+        .max_snapshot_size
+        .as_deref()
+        .map(parse_size)
+        .transpose()?;
+    positive("max_snapshot_size", max_snapshot_bytes)?;
     positive(
         "requests_per_minute",
         req.requests_per_minute.map(u64::from),
@@ -85,6 +92,8 @@ fn quotas(req: v1::QuotaRequest) -> ManagerResult<Quotas> {
     Ok(Quotas {
         max_sandboxes: req.max_sandboxes,
         max_memory_bytes,
+        max_pids: req.max_pids,
+        max_snapshot_bytes,
         requests_per_minute: req.requests_per_minute,
     })
 }
@@ -103,6 +112,8 @@ fn to_v1(record: &KeyRecord) -> v1::ApiKey {
         quotas: v1::KeyQuotas {
             max_sandboxes: record.quotas.max_sandboxes,
             max_memory_bytes: record.quotas.max_memory_bytes,
+            max_pids: record.quotas.max_pids,
+            max_snapshot_bytes: record.quotas.max_snapshot_bytes,
             requests_per_minute: record.quotas.requests_per_minute,
         },
     }
@@ -118,11 +129,15 @@ mod tests {
         let q = quotas(v1::QuotaRequest {
             max_sandboxes: Some(3),
             max_memory: Some("4G".into()),
+            max_pids: Some(512),
+            max_snapshot_size: Some("1G".into()),
             requests_per_minute: None,
         })
         .unwrap();
         assert_eq!(q.max_sandboxes, Some(3));
         assert_eq!(q.max_memory_bytes, Some(4 << 30));
+        assert_eq!(q.max_pids, Some(512));
+        assert_eq!(q.max_snapshot_bytes, Some(1 << 30));
         assert_eq!(q.requests_per_minute, None);
         assert_eq!(
             quotas(v1::QuotaRequest::default()).unwrap(),
@@ -139,6 +154,10 @@ mod tests {
             },
             v1::QuotaRequest {
                 max_memory: Some("0".into()),
+                ..Default::default()
+            },
+            v1::QuotaRequest {
+                max_pids: Some(0),
                 ..Default::default()
             },
         ] {

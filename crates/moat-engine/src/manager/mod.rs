@@ -36,9 +36,12 @@ pub use housekeeping::{DEFAULT_RETENTION, Housekeeping, MAX_HOUSEKEEPING_INTERVA
 pub use idempotency::IDEMPOTENCY_KEY_RETENTION;
 pub use pool::{FIRST_MEMBER_ESTIMATE, MAX_CONCURRENT_STARTS, POOL_TICK};
 pub use restart::{Recovered, ShutdownMode};
-pub use run::{MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE};
+pub use run::{
+    MAX_CONCURRENT_RUNS, MAX_CONCURRENT_RUNS_PER_TENANT, MAX_RUN_FILES, MAX_RUN_OUTPUT_FILE,
+    MAX_RUN_OUTPUT_TOTAL,
+};
 pub use snapshots::{
-    FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT,
+    FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT, free_disk,
 };
 pub use storage::DATA_DIR_RESERVE;
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
@@ -100,7 +103,8 @@ pub enum ManagerError {
     /// A fault of the server itself, such as its database (HTTP 500).
     #[error("{0}")]
     Internal(String),
-    /// The data dir has no room for what the request would record (HTTP 507).
+    /// The data dir has no room for what the request would record, or a snapshot would take
+    /// it below its free-space reserve (HTTP 507).
     #[error("{0}")]
     InsufficientStorage(String),
 }
@@ -187,6 +191,12 @@ pub struct ManagerOptions {
     /// Where snapshot archives are kept (`moat serve`: `<data-dir>/snapshots`); `None` keeps
     /// none, and snapshots and forks are unavailable.
     pub snapshot_dir: Option<PathBuf>,
+    /// Free space the snapshot directory's filesystem keeps, bytes: a snapshot or fork that
+    /// would leave less is refused (507).
+    pub min_free_disk: u64,
+    /// Bytes of snapshot archives a tenant may keep (fork copies included while they exist),
+    /// unless the key that makes one has a `max_snapshot_bytes` quota.
+    pub snapshot_bytes_per_tenant: u64,
     /// How long the record of an ended sandbox is kept before [`SandboxManager::housekeep`]
     /// deletes it.
     pub retention: Duration,
@@ -194,6 +204,11 @@ pub struct ManagerOptions {
     /// its create does not say (`public_traffic`).
     pub public_traffic: bool,
 }
+
+/// Free-space reserve of the data directory unless configured: 1 GiB.
+pub const DEFAULT_MIN_FREE_DISK: u64 = 1 << 30;
+/// Snapshot bytes per tenant unless a key's quota says otherwise: 10 GiB.
+pub const DEFAULT_SNAPSHOT_BYTES_PER_TENANT: u64 = 10 << 30;
 
 /// Warm-pool memory budget unless configured: 1 GiB.
 pub const DEFAULT_POOL_MEMORY_BUDGET: u64 = 1 << 30;
@@ -205,6 +220,8 @@ impl Default for ManagerOptions {
             max_ttl: Duration::from_secs(24 * 3600),
             pool_memory_budget: DEFAULT_POOL_MEMORY_BUDGET,
             snapshot_dir: None,
+            min_free_disk: DEFAULT_MIN_FREE_DISK,
+            snapshot_bytes_per_tenant: DEFAULT_SNAPSHOT_BYTES_PER_TENANT,
             retention: housekeeping::DEFAULT_RETENTION,
             public_traffic: true,
         }
@@ -272,6 +289,10 @@ struct Inner {
     access_key: [u8; crate::store::SECRET_BYTES],
     /// Creates in flight per (tenant, idempotency key), so that two at once make one sandbox.
     idempotent_creates: idempotency::InFlight,
+    /// One-shot runs under way.
+    runs: run::RunSlots,
+    /// Bytes of snapshot archives being written or kept for a fork, per tenant.
+    snapshot_bytes: snapshots::InFlight,
     /// The rounds of health checks of the running sandboxes.
     health_probes: health::Probes,
 }
@@ -368,6 +389,8 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
+                runs: run::RunSlots::default(),
+                snapshot_bytes: snapshots::InFlight::default(),
                 health_probes: health::Probes::default(),
             }),
         })
@@ -609,6 +632,17 @@ impl Inner {
         })
     }
 
+    /// The quotas of `tenant`'s key `key` as the store checks them.
+    async fn key_limits(&self, tenant: &str, key: &str) -> ManagerResult<Limits> {
+        let (t, k) = (tenant.to_owned(), key.to_owned());
+        let q = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
+        Ok(Limits {
+            max_sandboxes: q.max_sandboxes.map(u64::from),
+            max_memory_bytes: q.max_memory_bytes,
+            max_pids: q.max_pids,
+        })
+    }
+
     /// The template `name` as `tenant` sees it: its owner (`None` for a built-in) and spec.
     async fn template(
         &self,
@@ -638,14 +672,7 @@ impl Inner {
         check_env("env", &plan.env)?;
         let spec = &plan.spec;
         let limits = match &key_id {
-            Some(key) => {
-                let (t, k) = (tenant.clone(), key.clone());
-                let q = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
-                Limits {
-                    max_sandboxes: q.max_sandboxes.map(u64::from),
-                    max_memory_bytes: q.max_memory_bytes,
-                }
-            }
+            Some(key) => self.key_limits(&tenant, key).await?,
             None => Limits::default(),
         };
         // The request's time to live, else the template's, else the server's default.

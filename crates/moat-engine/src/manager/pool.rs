@@ -11,9 +11,18 @@
 //! whose agent went away, and refills each pool up to its size within the memory budget.
 //!
 //! The budget counts what members use, not their limits: each ready member is charged the
-//! memory its cgroup held once it was ready, and a member still starting is charged the last
-//! such measurement of its template ([`FIRST_MEMBER_ESTIMATE`] before there is one). An idle
-//! sandbox holds about a megabyte or two, so even a small budget keeps many ready.
+//! memory its cgroup holds, measured once it is ready and again at every pass (a `start`
+//! script keeps running after readiness and may grow), and a member still starting is charged
+//! the largest such measurement of its template ([`FIRST_MEMBER_ESTIMATE`] before there is
+//! one). An idle sandbox holds about a megabyte or two, so even a small budget keeps many
+//! ready. When the members together hold more than the budget, the largest are destroyed
+//! until the rest fit, and their template backs off before it refills; a member never holds
+//! more than its template's memory limit.
+//!
+//! Members also count against quotas: a member of a template made with a key is recorded
+//! against that key's quotas (its count, memory and pids limits), so a pool cannot hold more
+//! than its maker could hold as sandboxes. A template whose pool alone is over the key's
+//! quota is refused at create; a pool the quota does not leave room for stays short.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,7 +35,7 @@ use tokio::sync::{Notify, watch};
 use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::agent_client::AgentClient;
 use crate::backend::Instance;
-use crate::store::{EndReason, SandboxState, TemplateRecord};
+use crate::store::{EndReason, Limits, NewPoolMember, SandboxState, TemplateRecord};
 
 /// How often the pools are checked and refilled when nothing wakes them sooner.
 pub const POOL_TICK: Duration = Duration::from_secs(1);
@@ -37,6 +46,8 @@ pub const MAX_CONCURRENT_STARTS: u32 = 4;
 pub const FIRST_MEMBER_ESTIMATE: u64 = 8 << 20;
 /// Longest wait before retrying a template whose members keep failing to start.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Wait before trying again to add a member its owner's quota had no room for.
+const QUOTA_RETRY: Duration = Duration::from_secs(5);
 /// How often every ready member's agent is asked for its health: a member whose agent hangs
 /// (its connection open, nothing answering) is replaced rather than handed out.
 pub const MEMBER_PROBE_EVERY: Duration = Duration::from_secs(5);
@@ -59,6 +70,10 @@ pub(crate) struct Member {
 
 struct Pool {
     spec: v1::TemplateSpec,
+    /// The key whose quotas the members count against (the template's maker).
+    owner_key: Option<String>,
+    /// Members destroyed for the budget.
+    evicted: u64,
     ready: VecDeque<Member>,
     starting: u32,
     /// What the last measured member used (the charge of one still starting).
@@ -70,9 +85,11 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(spec: v1::TemplateSpec) -> Pool {
+    fn new(spec: v1::TemplateSpec, owner_key: Option<String>) -> Pool {
         Pool {
             spec,
+            owner_key,
+            evicted: 0,
             ready: VecDeque::new(),
             starting: 0,
             estimate: FIRST_MEMBER_ESTIMATE,
@@ -144,6 +161,7 @@ impl Pools {
             .map_or_else(v1::PoolStatus::default, |p| v1::PoolStatus {
                 target: p.target,
                 ready: u32::try_from(p.ready.len()).unwrap_or(u32::MAX),
+                evicted: p.evicted,
             })
     }
 
@@ -155,6 +173,7 @@ impl Pools {
                 let status = v1::PoolStatus {
                     target: p.target,
                     ready: u32::try_from(p.ready.len()).unwrap_or(u32::MAX),
+                    evicted: p.evicted,
                 };
                 (k.clone(), status)
             })
@@ -240,6 +259,7 @@ impl Inner {
             tracing::warn!("warm pools could not read the templates: {e}");
         }
         self.replace_dead_members().await;
+        self.enforce_budget().await;
         self.probe_members();
         self.probe_sandboxes();
         self.fail_dead_sandboxes();
@@ -303,7 +323,7 @@ impl Inner {
                         tenant: rec.tenant,
                         name: rec.name,
                     };
-                    wanted.insert(key, spec);
+                    wanted.insert(key, (spec, rec.key_id));
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(template = %rec.name, "bad template spec: {e}"),
@@ -313,14 +333,16 @@ impl Inner {
         {
             let mut pools = lock(&self.pools.pools);
             pools.retain(|key, pool| {
-                let keep = wanted.get(key) == Some(&pool.spec);
+                let keep = wanted
+                    .get(key)
+                    .is_some_and(|(spec, owner)| *spec == pool.spec && *owner == pool.owner_key);
                 if !keep {
                     gone.extend(pool.ready.drain(..));
                 }
                 keep
             });
-            for (key, spec) in wanted {
-                pools.entry(key).or_insert_with(|| Pool::new(spec));
+            for (key, (spec, owner)) in wanted {
+                pools.entry(key).or_insert_with(|| Pool::new(spec, owner));
             }
         }
         for member in gone {
@@ -408,14 +430,19 @@ impl Inner {
                 starting += 1;
                 used = used.saturating_add(pool.estimate);
                 let inner = self.clone();
-                let (key, spec) = (key.clone(), pool.spec.clone());
-                tokio::spawn(async move { inner.start_member(key, spec).await });
+                let (key, spec, owner) = (key.clone(), pool.spec.clone(), pool.owner_key.clone());
+                tokio::spawn(async move { inner.start_member(key, spec, owner).await });
             }
         }
     }
 
-    async fn start_member(self: Arc<Self>, key: PoolKey, spec: v1::TemplateSpec) {
-        let made = self.make_member(&key, &spec).await;
+    async fn start_member(
+        self: Arc<Self>,
+        key: PoolKey,
+        spec: v1::TemplateSpec,
+        owner: Option<String>,
+    ) {
+        let made = self.make_member(&key, &spec, owner).await;
         let mut leftover = None;
         {
             let mut pools = lock(&self.pools.pools);
@@ -424,13 +451,18 @@ impl Inner {
                     pool.starting = pool.starting.saturating_sub(1);
                     match made {
                         Ok(member) if pool.spec == spec => {
-                            pool.estimate = member.memory.max(1);
+                            pool.estimate = pool.estimate.max(member.memory).max(1);
                             pool.failures = 0;
                             pool.retry_at = None;
                             pool.ready.push_back(member);
                         }
                         // The template changed while it started.
                         Ok(member) => leftover = Some(member),
+                        // The owner's quota has no room now: try again later, quietly.
+                        Err(ManagerError::QuotaExceeded(e)) => {
+                            pool.retry_at = Some(Instant::now() + QUOTA_RETRY);
+                            tracing::debug!(template = %key.name, "a warm pool waits for its owner's quota: {e}");
+                        }
                         Err(e) => {
                             pool.failures = pool.failures.saturating_add(1);
                             let backoff = Duration::from_millis(100)
@@ -454,12 +486,29 @@ impl Inner {
         self.pools.wake.notify_one();
     }
 
-    async fn make_member(&self, key: &PoolKey, spec: &v1::TemplateSpec) -> ManagerResult<Member> {
+    /// Records a member (charged to `owner_key`'s quotas, if any) and starts it.
+    async fn make_member(
+        &self,
+        key: &PoolKey,
+        spec: &v1::TemplateSpec,
+        owner_key: Option<String>,
+    ) -> ManagerResult<Member> {
         let id = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
-        let (i, name, owner) = (id.clone(), key.name.clone(), key.tenant.clone());
-        self.db(move |s| s.add_pool_member(&i, &name, owner.as_deref()))
-            .await?;
         let sandbox = super::plan_sandbox(id.clone(), spec, None, Default::default())?;
+        let limits = match (&key.tenant, &owner_key) {
+            (Some(tenant), Some(owner)) => self.key_limits(tenant, owner).await?,
+            _ => Limits::default(),
+        };
+        let new = NewPoolMember {
+            id: id.clone(),
+            template: key.name.clone(),
+            template_tenant: key.tenant.clone(),
+            key_id: owner_key,
+            memory_bytes: sandbox.resources.memory_bytes,
+            pids: sandbox.resources.pids,
+        };
+        self.db(move |s| s.add_pool_member_within(&new, limits))
+            .await?;
         match self.boot(&sandbox, spec, None).await {
             Ok((instance, client)) => {
                 let memory = instance.stats().memory_bytes;
@@ -477,6 +526,62 @@ impl Inner {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Measures every ready member again; while the members together hold more than the
+    /// budget, destroys the largest (its template backs off before refilling, as after a
+    /// failed start).
+    async fn enforce_budget(&self) {
+        let mut evicted = Vec::new();
+        {
+            let mut pools = lock(&self.pools.pools);
+            for pool in pools.values_mut() {
+                for member in &mut pool.ready {
+                    member.memory = member.instance.stats().memory_bytes;
+                    pool.estimate = pool.estimate.max(member.memory);
+                }
+            }
+            let mut used: u64 = pools.values().map(Pool::charge).sum();
+            while used > self.pools.budget {
+                let largest = pools
+                    .iter()
+                    .flat_map(|(key, pool)| {
+                        pool.ready
+                            .iter()
+                            .enumerate()
+                            .map(move |(at, m)| (m.memory, key.clone(), at))
+                    })
+                    .max_by_key(|(memory, _, _)| *memory);
+                let Some((_, key, at)) = largest else {
+                    // Only starting members are charged: nothing to destroy yet.
+                    break;
+                };
+                let Some(pool) = pools.get_mut(&key) else {
+                    break;
+                };
+                let Some(member) = pool.ready.remove(at) else {
+                    break;
+                };
+                used = used.saturating_sub(member.memory);
+                pool.evicted += 1;
+                pool.failures = pool.failures.saturating_add(1);
+                let backoff = Duration::from_millis(100)
+                    .saturating_mul(1 << pool.failures.min(12))
+                    .min(MAX_BACKOFF);
+                pool.retry_at = Some(Instant::now() + backoff);
+                tracing::warn!(
+                    template = %key.name,
+                    member = %member.id,
+                    memory = member.memory,
+                    budget = self.pools.budget,
+                    "warm pools over their memory budget: destroying the largest member"
+                );
+                evicted.push(member);
+            }
+        }
+        for member in evicted {
+            self.discard(member).await;
         }
     }
 

@@ -1,6 +1,14 @@
 //! The one-shot mode (`POST /v1/run`): take a sandbox, write files, run, read files back,
 //! destroy the sandbox, in one call.
+//!
+//! The output files come back inside the JSON answer, so they are held in the server's
+//! memory: each file is bounded ([`MAX_RUN_OUTPUT_FILE`]), all of a run's together are
+//! bounded ([`MAX_RUN_OUTPUT_TOTAL`]; a file's size is known from the agent before any of it
+//! is read, so a file over what is left is reported and never read), and so are the runs at
+//! once ([`MAX_CONCURRENT_RUNS`] on the server, [`MAX_CONCURRENT_RUNS_PER_TENANT`] per
+//! tenant). The memory runs can hold at once is therefore bounded too.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -14,7 +22,14 @@ use crate::agent_client::AgentError;
 /// Most input or output files of one run.
 pub const MAX_RUN_FILES: usize = 64;
 /// Largest output file returned; a bigger one is reported with an error instead.
-pub const MAX_RUN_OUTPUT_FILE: usize = 8 << 20;
+pub const MAX_RUN_OUTPUT_FILE: u64 = 8 << 20;
+/// Most bytes of output files one run returns, all files together; a file that would take
+/// the run over is reported with an error instead.
+pub const MAX_RUN_OUTPUT_TOTAL: u64 = 16 << 20;
+/// Runs under way at once on the server; one more is refused (503, retry later).
+pub const MAX_CONCURRENT_RUNS: usize = 8;
+/// Runs under way at once for one tenant; one more is refused (429, retry later).
+pub const MAX_CONCURRENT_RUNS_PER_TENANT: usize = 4;
 /// Where the code of a run is written, in the sandbox.
 const CODE_DIR: &str = "/tmp/moat-run";
 /// Time the sandbox of a run lives beyond the run's own timeout, for files in and out.
@@ -50,6 +65,7 @@ impl SandboxManager {
                 "at most {MAX_RUN_FILES} output files"
             )));
         }
+        check_unique("output", req.output_files.iter().map(String::as_str))?;
         let code = match (&req.code, &req.cmd, &req.shell) {
             (Some(code), None, None) => {
                 let (file, program) = interpreter(req.language.as_deref().unwrap_or("python"))?;
@@ -97,6 +113,7 @@ impl SandboxManager {
             timeout_secs: Some(run_for.saturating_add(RUN_TTL_MARGIN).as_secs()),
             ..v1::CreateSandbox::default()
         };
+        let _slot = self.inner.runs.enter(tenant)?;
         let sandbox = self.create(tenant, key_id, create).await?;
         let outcome = self
             .run_in(tenant, &sandbox.id, files, code, exec, &req.output_files)
@@ -130,28 +147,132 @@ impl SandboxManager {
                 .map_err(|e| file_error("writing", &path, e))?;
         }
         let result = self.exec(tenant, id, exec).await?;
+        let mut left = MAX_RUN_OUTPUT_TOTAL;
         let mut read = Vec::with_capacity(outputs.len());
         for path in outputs {
-            let file = match client.read_file(path, None, MAX_RUN_OUTPUT_FILE).await {
+            let file = match read_output(&client, path, &mut left).await {
                 Ok(data) => v1::OutputFile {
                     path: path.clone(),
                     content_b64: Some(B64.encode(&data)),
                     error: None,
                 },
-                Err(e) => v1::OutputFile {
+                Err(error) => v1::OutputFile {
                     path: path.clone(),
                     content_b64: None,
-                    error: Some(match e {
-                        AgentError::TooLarge { .. } => {
-                            format!("larger than the limit of {MAX_RUN_OUTPUT_FILE} bytes")
-                        }
-                        other => other.to_string(),
-                    }),
+                    error: Some(error),
                 },
             };
             read.push(file);
         }
         Ok((result, read))
+    }
+}
+
+/// Reads the output file `path` if it fits both the per-file limit and the `left` bytes of
+/// the run's total, which it takes from `left`; otherwise why not. The size comes first, so a
+/// file that does not fit is never read.
+async fn read_output(
+    client: &crate::agent_client::AgentClient,
+    path: &str,
+    left: &mut u64,
+) -> Result<Vec<u8>, String> {
+    let mut download = client
+        .read_file_stream(path, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let size = download.size();
+    if size > MAX_RUN_OUTPUT_FILE {
+        return Err(format!(
+            "{} is larger than the limit of {} per output file",
+            show(size),
+            show(MAX_RUN_OUTPUT_FILE)
+        ));
+    }
+    if size > *left {
+        return Err(format!(
+            "{} would take the run's output files over their total limit of {} ({} left)",
+            show(size),
+            show(MAX_RUN_OUTPUT_TOTAL),
+            show(*left)
+        ));
+    }
+    // The download yields exactly `size` bytes or fails, so this never grows past `left`.
+    let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    while let Some(chunk) = download.next().await {
+        data.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+    }
+    *left -= data.len() as u64;
+    Ok(data)
+}
+
+/// `bytes` for people: `8MiB`, or `12345 bytes` when no binary unit divides it.
+fn show(bytes: u64) -> String {
+    let s = crate::resources::fmt_bytes(bytes);
+    if s.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("{s} bytes")
+    } else {
+        format!("{s}iB")
+    }
+}
+
+/// Refuses a list of `what` paths that names one path twice.
+fn check_unique<'a>(what: &str, paths: impl Iterator<Item = &'a str>) -> ManagerResult<()> {
+    let mut seen = HashSet::new();
+    for path in paths {
+        if !seen.insert(path) {
+            return Err(ManagerError::Invalid(format!(
+                "{what} file {path:?} is named twice"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The runs under way, on the server and per tenant, within [`MAX_CONCURRENT_RUNS`] and
+/// [`MAX_CONCURRENT_RUNS_PER_TENANT`].
+#[derive(Debug, Default)]
+pub(super) struct RunSlots {
+    per_tenant: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// One run under way; its slot is given back on drop.
+pub(super) struct RunSlot<'a> {
+    slots: &'a RunSlots,
+    tenant: String,
+}
+
+impl RunSlots {
+    /// A slot for a run of `tenant`, or why there is none now (the caller may retry).
+    pub(super) fn enter(&self, tenant: &str) -> ManagerResult<RunSlot<'_>> {
+        let mut runs = super::lock(&self.per_tenant);
+        let total: usize = runs.values().sum();
+        if runs.get(tenant).copied().unwrap_or(0) >= MAX_CONCURRENT_RUNS_PER_TENANT {
+            return Err(ManagerError::QuotaExceeded(format!(
+                "at most {MAX_CONCURRENT_RUNS_PER_TENANT} one-shot runs of a tenant at once; retry later"
+            )));
+        }
+        if total >= MAX_CONCURRENT_RUNS {
+            return Err(ManagerError::Unavailable(format!(
+                "the server already runs {MAX_CONCURRENT_RUNS} one-shot runs at once; retry later"
+            )));
+        }
+        *runs.entry(tenant.to_owned()).or_default() += 1;
+        Ok(RunSlot {
+            slots: self,
+            tenant: tenant.to_owned(),
+        })
+    }
+}
+
+impl Drop for RunSlot<'_> {
+    fn drop(&mut self) {
+        let mut runs = super::lock(&self.slots.per_tenant);
+        if let Some(n) = runs.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                runs.remove(&self.tenant);
+            }
+        }
     }
 }
 
@@ -162,6 +283,7 @@ fn decode_files(files: &[v1::InputFile]) -> ManagerResult<Vec<(String, Bytes)>> 
             "at most {MAX_RUN_FILES} input files"
         )));
     }
+    check_unique("input", files.iter().map(|f| f.path.as_str()))?;
     files
         .iter()
         .map(|f| {

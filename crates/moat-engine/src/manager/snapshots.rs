@@ -16,10 +16,18 @@
 //! its agent must) and freezes it again; the sandbox stays `paused` throughout. A capture of a
 //! running sandbox is not atomic: files written while it runs may be caught half-written.
 //!
-//! A fork snapshots the sandbox once, to an unrecorded file that counts against no limit, makes
-//! `count` sandboxes from it ([`FORK_PARALLELISM`] at a time) and deletes the file.
+//! A fork snapshots the sandbox once, to an unrecorded file, makes `count` sandboxes from it
+//! ([`FORK_PARALLELISM`] at a time) and deletes the file.
+//!
+//! Disk is bounded three ways. A tenant's archives together (its snapshots, and the files
+//! being written or kept for a fork while they exist) stay within its snapshot bytes (the
+//! key's `max_snapshot_bytes`, else `ManagerOptions::snapshot_bytes_per_tenant`; `429`); an
+//! archive is at most its sandbox's disk size (`413`); and no archive may take the snapshot
+//! directory's filesystem below `ManagerOptions::min_free_disk` of free space (`507`). All
+//! three are checked as the archive streams in, so a capture that goes over stops there and
+//! leaves nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -54,6 +62,115 @@ const FILE_CHUNK: usize = 64 << 10;
 const TEMP_PREFIX: &str = ".tmp-";
 /// Suffix of snapshot archives.
 const SUFFIX: &str = ".tar";
+
+/// Free space for an unprivileged writer on the filesystem of `path`, bytes.
+pub fn free_disk(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path contains NUL"))?;
+    // SAFETY: statvfs only writes the struct it is given; zeroes are a valid starting value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Bytes of archives being written, or kept for a fork, per tenant: they count against the
+/// tenant's snapshot bytes beside its recorded snapshots.
+#[derive(Debug, Default)]
+pub(super) struct InFlight(std::sync::Mutex<HashMap<String, u64>>);
+
+impl InFlight {
+    fn of(&self, tenant: &str) -> u64 {
+        super::lock(&self.0).get(tenant).copied().unwrap_or(0)
+    }
+
+    fn hold(&self, tenant: &str) -> Held<'_> {
+        Held {
+            flight: self,
+            tenant: tenant.to_owned(),
+            bytes: 0,
+        }
+    }
+}
+
+/// One archive's bytes in [`InFlight`], given back on drop.
+pub(super) struct Held<'a> {
+    flight: &'a InFlight,
+    tenant: String,
+    bytes: u64,
+}
+
+impl Held<'_> {
+    fn add(&mut self, n: u64) {
+        self.bytes = self.bytes.saturating_add(n);
+        *super::lock(&self.flight.0)
+            .entry(self.tenant.clone())
+            .or_default() += n;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut all = super::lock(&self.flight.0);
+        if let Some(n) = all.get_mut(&self.tenant) {
+            *n = n.saturating_sub(self.bytes);
+            if *n == 0 {
+                all.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// How far an archive may grow, each bound with the answer going over it gives.
+struct Bounds {
+    /// The sandbox's disk size (413).
+    disk: u64,
+    /// What the tenant's snapshot bytes leave (429), and the quota itself.
+    quota_left: u64,
+    quota: u64,
+    /// Free space above the reserve (507), and the reserve itself.
+    free_left: u64,
+    reserve: u64,
+}
+
+impl Bounds {
+    /// Why an archive of `size` bytes is too large, if it is.
+    fn check(&self, size: u64, id: &str) -> ManagerResult<()> {
+        if size > self.free_left {
+            return Err(ManagerError::InsufficientStorage(format!(
+                "the snapshot of sandbox {id} would leave less than the server's reserve of {} free on its data disk",
+                fmt_bytes(self.reserve)
+            )));
+        }
+        if size > self.quota_left {
+            return Err(ManagerError::QuotaExceeded(format!(
+                "the snapshot of sandbox {id} would take the tenant's snapshots over their quota of {} ({} left)",
+                fmt_bytes(self.quota),
+                fmt_bytes(self.quota_left)
+            )));
+        }
+        if size > self.disk {
+            return Err(ManagerError::TooLarge(format!(
+                "the snapshot of sandbox {id} is larger than its disk size of {}",
+                fmt_bytes(self.disk)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `bytes` for people: `8MiB`, or `12345 bytes` when no binary unit divides it.
+fn fmt_bytes(bytes: u64) -> String {
+    let s = crate::resources::fmt_bytes(bytes);
+    if s.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("{s} bytes")
+    } else {
+        format!("{s}iB")
+    }
+}
 
 /// Makes the snapshot directory (mode 0700: archives hold tenants' files) and sweeps it of
 /// temporary files and archives without a record.
@@ -178,6 +295,7 @@ impl SandboxManager {
     pub async fn snapshot(
         &self,
         tenant: &str,
+        key_id: Option<&str>,
         id: &str,
         req: v1::CreateSnapshot,
     ) -> ManagerResult<v1::Snapshot> {
@@ -186,9 +304,14 @@ impl SandboxManager {
         }
         let inner = self.inner.clone();
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        tokio::spawn(async move { inner.snapshot(&tenant, &id, req.name).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("snapshot task: {e}")))?
+        let key_id = key_id.map(str::to_owned);
+        tokio::spawn(async move {
+            inner
+                .snapshot(&tenant, key_id.as_deref(), &id, req.name)
+                .await
+        })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("snapshot task: {e}")))?
     }
 
     /// The snapshot `id` of `tenant`.
@@ -282,15 +405,48 @@ impl Inner {
         })
     }
 
-    /// Captures the writable layer of `tenant`'s sandbox `id` into a new temporary file.
-    async fn capture(&self, tenant: &str, id: &str) -> ManagerResult<Captured> {
+    /// The tenant's snapshot bytes: `key`'s quota, else the server's default.
+    async fn snapshot_quota(&self, tenant: &str, key: Option<&str>) -> ManagerResult<u64> {
+        let Some(key) = key else {
+            return Ok(self.opts.snapshot_bytes_per_tenant);
+        };
+        let (t, k) = (tenant.to_owned(), key.to_owned());
+        let quotas = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
+        Ok(quotas
+            .max_snapshot_bytes
+            .unwrap_or(self.opts.snapshot_bytes_per_tenant))
+    }
+
+    /// Captures the writable layer of `tenant`'s sandbox `id` into a new temporary file,
+    /// within the tenant's snapshot `quota` (its bytes held in `held` while they exist).
+    async fn capture(
+        &self,
+        tenant: &str,
+        id: &str,
+        quota: u64,
+        held: &mut Held<'_>,
+    ) -> ManagerResult<Captured> {
         let dir = self.snapshot_dir()?.to_owned();
         let live = self.live_any(tenant, id).await?;
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
         let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
             .map_err(|e| ManagerError::Internal(format!("sandbox {id} resources: {e}")))?;
-        let limit = resources.disk_bytes;
+        let t = tenant.to_owned();
+        let stored = self.db(move |s| s.snapshot_bytes(&t)).await?;
+        let used = stored.saturating_add(self.snapshot_bytes.of(tenant));
+        let free = free_disk(&dir)
+            .map_err(|e| ManagerError::Internal(format!("free space of {}: {e}", dir.display())))?;
+        let bounds = Bounds {
+            disk: resources.disk_bytes,
+            quota_left: quota.saturating_sub(used),
+            quota,
+            free_left: free.saturating_sub(self.opts.min_free_disk),
+            reserve: self.opts.min_free_disk,
+        };
+        // Refused before anything is written when nothing at all would fit (an archive has
+        // at least its end-of-archive blocks).
+        bounds.check(1, id)?;
         let file = dir.join(format!("{TEMP_PREFIX}{}{SUFFIX}", generate_snapshot_id()?));
         let mut cleanup = RemoveOnDrop(Some(file.clone()));
 
@@ -305,7 +461,7 @@ impl Inner {
         }
         let written = tokio::time::timeout(
             SNAPSHOT_TIMEOUT,
-            write_layer(&live.client, &file, limit, id),
+            write_layer(&live.client, &file, &bounds, held, id),
         )
         .await
         .unwrap_or_else(|_| {
@@ -333,6 +489,7 @@ impl Inner {
     async fn snapshot(
         self: Arc<Self>,
         tenant: &str,
+        key_id: Option<&str>,
         id: &str,
         name: Option<String>,
     ) -> ManagerResult<v1::Snapshot> {
@@ -344,7 +501,9 @@ impl Inner {
                 "tenant {tenant} has {held} snapshots, the most it may keep; delete some first"
             )));
         }
-        let captured = self.capture(tenant, id).await?;
+        let quota = self.snapshot_quota(tenant, key_id).await?;
+        let mut held = self.snapshot_bytes.hold(tenant);
+        let captured = self.capture(tenant, id, quota, &mut held).await?;
         let mut cleanup = RemoveOnDrop(Some(captured.file.clone()));
         let snapshot_id = generate_snapshot_id()?;
         let dir = self.snapshot_dir()?.to_owned();
@@ -371,9 +530,11 @@ impl Inner {
             size_bytes: captured.size,
         };
         let rec = self
-            .db(move |s| s.insert_snapshot(&new, MAX_SNAPSHOTS_PER_TENANT))
+            .db(move |s| s.insert_snapshot_within(&new, MAX_SNAPSHOTS_PER_TENANT, quota))
             .await?;
         cleanup.disarm();
+        // Recorded: counted from the store now.
+        drop(held);
         Ok(snapshot_v1(&rec))
     }
 
@@ -461,7 +622,10 @@ impl Inner {
         req: v1::ForkSandbox,
     ) -> ManagerResult<v1::ForkResult> {
         check_sandbox_id(id).map_err(ManagerError::from)?;
-        let captured = self.capture(&tenant, id).await?;
+        let quota = self.snapshot_quota(&tenant, key_id.as_deref()).await?;
+        // The copy counts against the tenant's snapshot bytes until the fork is done with it.
+        let mut held = self.snapshot_bytes.hold(&tenant);
+        let captured = self.capture(&tenant, id, quota, &mut held).await?;
         let _cleanup = RemoveOnDrop(Some(captured.file.clone()));
         let plain = captured.env.is_empty();
         // The copies' services are as public as the source's.
@@ -514,12 +678,13 @@ impl Inner {
     }
 }
 
-/// Streams `client`'s writable layer into the new file `path` (mode 0600), at most `limit`
-/// bytes, and syncs it. Returns its size.
+/// Streams `client`'s writable layer into the new file `path` (mode 0600) within `bounds`,
+/// counting its bytes in `held`, and syncs it. Returns its size.
 async fn write_layer(
     client: &AgentClient,
     path: &Path,
-    limit: u64,
+    bounds: &Bounds,
+    held: &mut Held<'_>,
     id: &str,
 ) -> ManagerResult<u64> {
     let io = |e: std::io::Error| {
@@ -541,11 +706,8 @@ async fn write_layer(
         let piece = piece
             .map_err(|e| ManagerError::Unavailable(format!("snapshot of sandbox {id}: {e}")))?;
         size = size.saturating_add(piece.len() as u64);
-        if size > limit {
-            return Err(ManagerError::TooLarge(format!(
-                "the snapshot of sandbox {id} is larger than its disk size of {limit} bytes"
-            )));
-        }
+        bounds.check(size, id)?;
+        held.add(piece.len() as u64);
         file.write_all(&piece).await.map_err(io)?;
     }
     file.sync_all().await.map_err(io)?;

@@ -3,24 +3,66 @@
 use moat_proto::v1;
 
 use super::{ManagerError, ManagerResult, SandboxManager, check_env, resolve_resources};
-use crate::store::TemplateRecord;
+use crate::resources::fmt_bytes;
+use crate::store::{Limits, TemplateRecord};
+
+/// Refuses a warm pool that alone would take its maker's key over `limits`: `pool_size`
+/// members of the template's default limits, each counted like a sandbox.
+fn check_pool_quota(spec: &v1::TemplateSpec, limits: Limits) -> ManagerResult<()> {
+    let size = u64::from(spec.pool_size);
+    let each = resolve_resources(spec, None)?;
+    let over = |what: &str, total: String, limit: String| {
+        Err(ManagerError::QuotaExceeded(format!(
+            "a warm pool of {size} would hold {total} {what}, over the key's quota of {limit}; \
+             lower pool_size or the template's limits"
+        )))
+    };
+    if let Some(max) = limits.max_sandboxes
+        && size > max
+    {
+        return over("sandboxes", size.to_string(), max.to_string());
+    }
+    let memory = each.memory_bytes.saturating_mul(size);
+    if let Some(max) = limits.max_memory_bytes
+        && memory > max
+    {
+        return over("of memory", fmt_bytes(memory), fmt_bytes(max));
+    }
+    let pids = each.pids.saturating_mul(size);
+    if let Some(max) = limits.max_pids
+        && pids > max
+    {
+        return over("pids", pids.to_string(), max.to_string());
+    }
+    Ok(())
+}
 
 impl SandboxManager {
-    /// Defines a template for `tenant`. `host_paths` allows a `{"dir": …}` root filesystem,
-    /// which reads a directory of the host: only administrators may name one.
+    /// Defines a template for `tenant`, made with `key_id`: its warm pool's members count
+    /// against that key's quotas, and a pool that alone would be over them is refused (429).
+    /// `host_paths` allows a `{"dir": …}` root filesystem, which reads a directory of the host:
+    /// only administrators may name one.
     pub async fn create_template(
         &self,
         tenant: &str,
+        key_id: Option<&str>,
         req: v1::CreateTemplate,
         host_paths: bool,
     ) -> ManagerResult<v1::Template> {
         self.check_template_spec(&req.spec, host_paths)?;
+        if let Some(key) = key_id
+            && req.spec.pool_size > 0
+        {
+            let limits = self.inner.key_limits(tenant, key).await?;
+            check_pool_quota(&req.spec, limits)?;
+        }
         let spec = serde_json::to_value(&req.spec)
             .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
         let tenant = tenant.to_owned();
+        let key = key_id.map(str::to_owned);
         let rec = self
             .inner
-            .db(move |s| s.create_template(Some(&tenant), &req.name, &spec))
+            .db(move |s| s.create_template_by(Some(&tenant), key.as_deref(), &req.name, &spec))
             .await?;
         let template = self.to_template(&rec)?;
         self.templates_changed();

@@ -58,8 +58,8 @@ pub enum StoreError {
     /// Recording the sandbox would take its key or tenant over a quota.
     #[error("{}", quota_text(.what, *.limit, *.used, *.requested))]
     QuotaExceeded {
-        /// Which quota (`concurrent sandboxes`, `memory bytes`); a name ending in ` bytes`
-        /// has its amounts written as sizes (`1G`, `512M`).
+        /// Which quota (`concurrent sandboxes`, `memory bytes`, `pids`, `snapshot bytes`); a
+        /// name ending in ` bytes` has its amounts written as sizes (`1G`, `512M`).
         what: &'static str,
         /// The limit.
         limit: u64,

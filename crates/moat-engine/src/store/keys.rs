@@ -59,6 +59,11 @@ pub struct Quotas {
     pub max_sandboxes: Option<u32>,
     /// Sum of the memory limits of those sandboxes, bytes.
     pub max_memory_bytes: Option<u64>,
+    /// Sum of the pids limits (processes and threads) of those sandboxes.
+    pub max_pids: Option<u64>,
+    /// Bytes of snapshot archives the key's tenant may keep when this key makes one (the
+    /// server's default otherwise).
+    pub max_snapshot_bytes: Option<u64>,
     /// API requests per minute.
     pub requests_per_minute: Option<u32>,
 }
@@ -84,12 +89,15 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     fn from_row(row: &Row<'_>) -> StoreResult<Self> {
-        let max_memory: Option<i64> = row.get("max_memory_bytes")?;
-        let max_memory_bytes = max_memory
-            .map(|m| {
-                u64::try_from(m).map_err(|_| StoreError::Corrupt(format!("negative quota {m}")))
-            })
-            .transpose()?;
+        let big = |column: &str| -> StoreResult<Option<u64>> {
+            let value: Option<i64> = row.get(column)?;
+            value
+                .map(|m| {
+                    u64::try_from(m)
+                        .map_err(|_| StoreError::Corrupt(format!("negative quota {column} = {m}")))
+                })
+                .transpose()
+        };
         let small = |column: &str| -> StoreResult<Option<u32>> {
             let value: Option<i64> = row.get(column)?;
             value
@@ -109,7 +117,9 @@ impl KeyRecord {
             revoked_at: row.get("revoked_at")?,
             quotas: Quotas {
                 max_sandboxes: small("max_sandboxes")?,
-                max_memory_bytes,
+                max_memory_bytes: big("max_memory_bytes")?,
+                max_pids: big("max_pids")?,
+                max_snapshot_bytes: big("max_snapshot_bytes")?,
                 requests_per_minute: small("requests_per_minute")?,
             },
         })
@@ -153,14 +163,16 @@ impl Store {
         quotas: Quotas,
     ) -> StoreResult<(KeyRecord, Secret)> {
         check_label("key name", name)?;
-        let max_memory = quotas
-            .max_memory_bytes
-            .map(|m| {
-                i64::try_from(m).map_err(|_| {
-                    StoreError::invalid("memory quota", &m.to_string(), "at most 2^63-1 bytes")
-                })
+        let fits = |what: &'static str, n: Option<u64>| {
+            n.map(|m| {
+                i64::try_from(m)
+                    .map_err(|_| StoreError::invalid(what, &m.to_string(), "at most 2^63-1"))
             })
-            .transpose()?;
+            .transpose()
+        };
+        let max_memory = fits("memory quota", quotas.max_memory_bytes)?;
+        let max_pids = fits("pids quota", quotas.max_pids)?;
+        let max_snapshot = fits("snapshot quota", quotas.max_snapshot_bytes)?;
         let secret = generate_secret()?;
         let record = KeyRecord {
             id: generate_key_id()?,
@@ -175,8 +187,9 @@ impl Store {
             require_tenant(tx, tenant)?;
             tx.execute(
                 "INSERT INTO api_keys (id, tenant_id, name, secret_sha256, role, created_at,
-                     max_sandboxes, max_memory_bytes, requests_per_minute)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     max_sandboxes, max_memory_bytes, requests_per_minute, max_pids,
+                     max_snapshot_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     record.id,
                     record.tenant,
@@ -187,6 +200,8 @@ impl Store {
                     quotas.max_sandboxes,
                     max_memory,
                     quotas.requests_per_minute,
+                    max_pids,
+                    max_snapshot,
                 ],
             )?;
             Ok(())

@@ -47,6 +47,7 @@ pub use error::{StoreError, StoreResult};
 pub use idempotency::{MAX_IDEMPOTENCY_KEY, check_idempotency_key};
 pub use ids::{check_sandbox_id, check_template_name, check_tenant_id, generate_sandbox_id};
 pub use keys::{KeyRecord, Quotas, Role, Secret};
+pub use pool::NewPoolMember;
 pub use sandboxes::{
     Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, Page, SandboxFilter, SandboxRecord,
     SandboxState, Usage,
@@ -304,8 +305,9 @@ mod tests {
         }
         queries.push((sandboxes::EXPIRED_SQL.to_owned(), vec![V::Integer(5)]));
         for column in ["key_id", "tenant_id"] {
-            queries.push((sandboxes::usage_sql(column), vec![text("k")]));
+            queries.push((sandboxes::sandbox_usage_sql(column), vec![text("k")]));
         }
+        queries.push((sandboxes::member_usage_sql("key_id"), vec![text("k")]));
         queries.push((
             templates::VISIBLE_TEMPLATE_SQL.to_owned(),
             vec![text("x"), text("a")],
@@ -317,6 +319,14 @@ mod tests {
             ));
         }
         queries.push((keys::KEY_BY_SECRET_SQL.to_owned(), vec![V::Blob(vec![0])]));
+        // The one scan: a tenant's warm-pool members by `template_tenant` have no index, and
+        // need none while pool_members holds only the warm pools (each at most MAX_POOL_SIZE
+        // members), not the sandboxes made.
+        let members = plan(
+            &sandboxes::member_usage_sql("template_tenant"),
+            vec![text("k")],
+        );
+        assert_eq!(members, "SCAN pool_members");
         for (sql, args) in queries {
             let plan = plan(&sql, args);
             // A metadata filter scans json_each of the one row it tests (at most

@@ -1,14 +1,80 @@
 //! Warm-pool members: sandboxes started for a template before anyone asked, owned by no tenant
-//! until a claim hands one over.
+//! until a claim hands one over. A member of a template made with a key counts against that
+//! key's quotas (and its tenant's) until it is claimed or destroyed.
 
 use rusqlite::params;
 
 use super::error::{StoreError, StoreResult};
 use super::ids::{check_sandbox_id, check_template_name};
-use super::sandboxes::{Limits, NewSandbox, SandboxRecord, check_new, insert_in};
+use super::sandboxes::{
+    Limits, NewSandbox, SandboxRecord, check_limits, check_new, insert_in, usage,
+};
 use super::{Store, now_ms};
 
+/// A warm-pool member to record, and what it is charged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewPoolMember {
+    /// Its sandbox id.
+    pub id: String,
+    /// Its template.
+    pub template: String,
+    /// The template's owner; `None` for a built-in.
+    pub template_tenant: Option<String>,
+    /// The key whose quotas it counts against (the template's maker), if any.
+    pub key_id: Option<String>,
+    /// Its memory limit, bytes.
+    pub memory_bytes: u64,
+    /// Its pids limit.
+    pub pids: u64,
+}
+
 impl Store {
+    /// Records the pool member `new` before it is made, unless that would take its key over
+    /// `limits` (checked in the same transaction: [`StoreError::QuotaExceeded`]).
+    pub fn add_pool_member_within(&self, new: &NewPoolMember, limits: Limits) -> StoreResult<()> {
+        check_sandbox_id(&new.id)?;
+        check_template_name(&new.template)?;
+        let memory = i64::try_from(new.memory_bytes).map_err(|_| {
+            StoreError::invalid(
+                "memory bytes",
+                &new.memory_bytes.to_string(),
+                "at most 2^63-1",
+            )
+        })?;
+        let pids = i64::try_from(new.pids)
+            .map_err(|_| StoreError::invalid("pids", &new.pids.to_string(), "at most 2^63-1"))?;
+        self.write(|tx| {
+            if let Some(key) = &new.key_id
+                && limits != Limits::default()
+            {
+                check_limits(
+                    &usage(tx, "key_id", key)?,
+                    limits,
+                    new.memory_bytes,
+                    new.pids,
+                )?;
+            }
+            let inserted = tx.execute(
+                "INSERT INTO pool_members
+                     (id, template, template_tenant, created_at, key_id, memory_bytes, pids)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                params![
+                    new.id,
+                    new.template,
+                    new.template_tenant,
+                    now_ms(),
+                    new.key_id,
+                    memory,
+                    pids
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::conflict("pool member", &new.id));
+            }
+            Ok(())
+        })
+    }
+
     /// Records a pool member of the template `template` (of `template_tenant`; `None` for a
     /// built-in) before it is made, so a crash cannot leave it unknown.
     pub fn add_pool_member(
@@ -17,19 +83,13 @@ impl Store {
         template: &str,
         template_tenant: Option<&str>,
     ) -> StoreResult<()> {
-        check_sandbox_id(id)?;
-        check_template_name(template)?;
-        self.write(|tx| {
-            let inserted = tx.execute(
-                "INSERT INTO pool_members (id, template, template_tenant, created_at)
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
-                params![id, template, template_tenant, now_ms()],
-            )?;
-            if inserted == 0 {
-                return Err(StoreError::conflict("pool member", id));
-            }
-            Ok(())
-        })
+        let new = NewPoolMember {
+            id: id.to_owned(),
+            template: template.to_owned(),
+            template_tenant: template_tenant.map(str::to_owned),
+            ..NewPoolMember::default()
+        };
+        self.add_pool_member_within(&new, Limits::default())
     }
 
     /// Forgets a pool member that was destroyed. Forgetting one that is not there is fine.
@@ -128,6 +188,7 @@ mod tests {
         let one = Limits {
             max_sandboxes: Some(1),
             max_memory_bytes: None,
+            ..Default::default()
         };
         assert!(matches!(
             store.claim_pool_member(&member_claim(b, "acme"), one),

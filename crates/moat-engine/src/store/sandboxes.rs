@@ -269,6 +269,8 @@ pub struct Usage {
     pub sandboxes: u64,
     /// The sum of their memory limits, bytes.
     pub memory_bytes: u64,
+    /// The sum of their pids limits.
+    pub pids: u64,
 }
 
 /// Quota limits checked by [`Store::insert_sandbox_within`]; `None` is unlimited.
@@ -278,6 +280,8 @@ pub struct Limits {
     pub max_sandboxes: Option<u64>,
     /// Sum of their memory limits, bytes.
     pub max_memory_bytes: Option<u64>,
+    /// Sum of their pids limits (the `pids` of their resources).
+    pub max_pids: Option<u64>,
 }
 
 fn check_metadata(metadata: &BTreeMap<String, String>) -> StoreResult<()> {
@@ -324,23 +328,98 @@ fn get_sandbox(conn: &Connection, tenant: &str, id: &str) -> StoreResult<Sandbox
     .ok_or_else(|| StoreError::not_found("sandbox", id))
 }
 
-/// The query of [`usage`] (the store's tests check its plan).
-pub(super) fn usage_sql(column: &'static str) -> String {
+/// Usage of active sandboxes matching `column = value`, and of the warm-pool members charged
+/// to the same key (`key_id`) or tenant (`tenant_id`: members of its templates). `column` is
+/// one of ours, never input.
+pub(super) fn usage(conn: &Connection, column: &'static str, value: &str) -> StoreResult<Usage> {
+    let sandboxes = sandbox_usage(conn, column, value)?;
+    let member_column = match column {
+        "key_id" => "key_id",
+        _ => "template_tenant",
+    };
+    let (count, memory, pids): (i64, i64, i64) = conn
+        .prepare_cached(&member_usage_sql(member_column))?
+        .query_row([value], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    Ok(Usage {
+        sandboxes: sandboxes
+            .sandboxes
+            .saturating_add(u64::try_from(count).unwrap_or_default()),
+        memory_bytes: sandboxes
+            .memory_bytes
+            .saturating_add(u64::try_from(memory).unwrap_or_default()),
+        pids: sandboxes
+            .pids
+            .saturating_add(u64::try_from(pids).unwrap_or_default()),
+    })
+}
+
+/// Whether `memory` and `pids` more (one sandbox or member) fit `limits` beside `used`.
+pub(super) fn check_limits(
+    used: &Usage,
+    limits: Limits,
+    memory: u64,
+    pids: u64,
+) -> StoreResult<()> {
+    if let Some(limit) = limits.max_sandboxes
+        && used.sandboxes.saturating_add(1) > limit
+    {
+        return Err(StoreError::QuotaExceeded {
+            what: "concurrent sandboxes",
+            limit,
+            used: used.sandboxes,
+            requested: 1,
+        });
+    }
+    if let Some(limit) = limits.max_memory_bytes
+        && used.memory_bytes.saturating_add(memory) > limit
+    {
+        return Err(StoreError::QuotaExceeded {
+            what: "memory bytes",
+            limit,
+            used: used.memory_bytes,
+            requested: memory,
+        });
+    }
+    if let Some(limit) = limits.max_pids
+        && used.pids.saturating_add(pids) > limit
+    {
+        return Err(StoreError::QuotaExceeded {
+            what: "pids",
+            limit,
+            used: used.pids,
+            requested: pids,
+        });
+    }
+    Ok(())
+}
+
+/// The query of [`usage`] for warm-pool members (the store's tests check its plan).
+pub(super) fn member_usage_sql(column: &'static str) -> String {
     format!(
-        "SELECT count(*), coalesce(sum(memory_bytes), 0) FROM sandboxes
-         WHERE {column} = ?1 AND state IN {}",
+        "SELECT count(*), coalesce(sum(memory_bytes), 0), coalesce(sum(pids), 0)
+         FROM pool_members WHERE {column} = ?1"
+    )
+}
+
+/// The query of [`sandbox_usage`] (the store's tests check its plan).
+pub(super) fn sandbox_usage_sql(column: &'static str) -> String {
+    format!(
+        "SELECT count(*), coalesce(sum(memory_bytes), 0),
+                coalesce(sum(ifnull(json_extract(resources, '$.pids'), 0)), 0)
+         FROM sandboxes WHERE {column} = ?1 AND state IN {}",
         active_states_sql!()
     )
 }
 
-/// Usage of active sandboxes matching `column = value`. `column` is one of ours, never input.
-fn usage(conn: &Connection, column: &'static str, value: &str) -> StoreResult<Usage> {
-    let (count, memory): (i64, i64) = conn
-        .prepare_cached(&usage_sql(column))?
-        .query_row([value], |row| Ok((row.get(0)?, row.get(1)?)))?;
+/// Usage of active sandboxes alone matching `column = value`.
+fn sandbox_usage(conn: &Connection, column: &'static str, value: &str) -> StoreResult<Usage> {
+    let (count, memory, pids): (i64, i64, i64) =
+        conn.prepare_cached(&sandbox_usage_sql(column))?
+            .query_row([value], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     Ok(Usage {
         sandboxes: u64::try_from(count).unwrap_or_default(),
         memory_bytes: u64::try_from(memory).unwrap_or_default(),
+        pids: u64::try_from(pids).unwrap_or_default(),
     })
 }
 
@@ -469,26 +548,8 @@ pub(super) fn insert_in(
             Some(key) => usage(tx, "key_id", key)?,
             None => usage(tx, "tenant_id", &new.tenant)?,
         };
-        if let Some(limit) = limits.max_sandboxes
-            && used.sandboxes.saturating_add(1) > limit
-        {
-            return Err(StoreError::QuotaExceeded {
-                what: "concurrent sandboxes",
-                limit,
-                used: used.sandboxes,
-                requested: 1,
-            });
-        }
-        if let Some(limit) = limits.max_memory_bytes
-            && used.memory_bytes.saturating_add(new.memory_bytes) > limit
-        {
-            return Err(StoreError::QuotaExceeded {
-                what: "memory bytes",
-                limit,
-                used: used.memory_bytes,
-                requested: new.memory_bytes,
-            });
-        }
+        let pids = new.resources["pids"].as_u64().unwrap_or(0);
+        check_limits(&used, limits, new.memory_bytes, pids)?;
     }
     let inserted = tx.execute(
         "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
@@ -735,8 +796,9 @@ impl Store {
         })
     }
 
-    /// What the key holds: its starting, running and paused sandboxes and their memory. (Paused
-    /// and starting sandboxes count: they hold memory too.)
+    /// What the key holds: its starting, running and paused sandboxes and their memory and
+    /// pids limits, and the warm-pool members charged to it. (Paused and starting sandboxes
+    /// count: they hold memory too.)
     pub fn usage_for_key(&self, key_id: &str) -> StoreResult<Usage> {
         check_key_id(key_id)?;
         self.read(|tx| usage(tx, "key_id", key_id))

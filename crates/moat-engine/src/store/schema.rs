@@ -151,7 +151,25 @@ ALTER TABLE sandboxes ADD COLUMN public_traffic INTEGER NOT NULL DEFAULT 0
     CHECK (public_traffic IN (0, 1));
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+/// Version 6: more key quotas, and warm-pool members charged to them.
+/// `api_keys.max_pids`: the sum of the pids limits of the key's active sandboxes (each
+/// sandbox's limit is in its `resources`). `api_keys.max_snapshot_bytes`: the bytes of
+/// snapshot archives the key's tenant may keep when the key makes one. `templates.key_id`: the
+/// key that made the template, whose quotas its warm pool's members count against (no foreign key, like
+/// `sandboxes.template_tenant`: a record of who, kept as it was). `pool_members` keep the
+/// limits they are charged.
+const V6: &str = r#"
+ALTER TABLE api_keys ADD COLUMN max_pids INTEGER CHECK (max_pids >= 0);
+ALTER TABLE api_keys ADD COLUMN max_snapshot_bytes INTEGER CHECK (max_snapshot_bytes >= 0);
+ALTER TABLE templates ADD COLUMN key_id TEXT;
+ALTER TABLE pool_members ADD COLUMN key_id TEXT;
+ALTER TABLE pool_members ADD COLUMN memory_bytes INTEGER NOT NULL DEFAULT 0
+    CHECK (memory_bytes >= 0);
+ALTER TABLE pool_members ADD COLUMN pids INTEGER NOT NULL DEFAULT 0 CHECK (pids >= 0);
+CREATE INDEX pool_members_by_key ON pool_members (key_id);
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -163,6 +163,14 @@ fn count(conn: &Connection, tenant: &str) -> StoreResult<u64> {
     Ok(u64::try_from(n).unwrap_or_default())
 }
 
+/// Bytes of the archives of `tenant`'s snapshots.
+fn bytes(conn: &Connection, tenant: &str) -> StoreResult<u64> {
+    let n: i64 = conn
+        .prepare_cached("SELECT coalesce(sum(size_bytes), 0) FROM snapshots WHERE tenant_id = ?1")?
+        .query_row([tenant], |row| row.get(0))?;
+    Ok(u64::try_from(n).unwrap_or_default())
+}
+
 impl Store {
     /// Records a snapshot unless its tenant already has `max_per_tenant` (checked and inserted
     /// in one transaction, so concurrent snapshots cannot overshoot; over it is
@@ -171,6 +179,17 @@ impl Store {
         &self,
         new: &NewSnapshot,
         max_per_tenant: u64,
+    ) -> StoreResult<SnapshotRecord> {
+        self.insert_snapshot_within(new, max_per_tenant, u64::MAX)
+    }
+
+    /// [`Store::insert_snapshot`] that also keeps the tenant's snapshots within `max_bytes`
+    /// of archives, this one included.
+    pub fn insert_snapshot_within(
+        &self,
+        new: &NewSnapshot,
+        max_per_tenant: u64,
+        max_bytes: u64,
     ) -> StoreResult<SnapshotRecord> {
         check_snapshot_id(&new.id)?;
         check_tenant_id(&new.tenant)?;
@@ -206,6 +225,15 @@ impl Store {
                     limit: max_per_tenant,
                     used,
                     requested: 1,
+                });
+            }
+            let held = bytes(tx, &new.tenant)?;
+            if held.saturating_add(new.size_bytes) > max_bytes {
+                return Err(StoreError::QuotaExceeded {
+                    what: "snapshot bytes",
+                    limit: max_bytes,
+                    used: held,
+                    requested: new.size_bytes,
                 });
             }
             let inserted = tx.execute(
@@ -254,6 +282,12 @@ impl Store {
     pub fn count_snapshots(&self, tenant: &str) -> StoreResult<u64> {
         check_tenant_id(tenant)?;
         self.read(|tx| count(tx, tenant))
+    }
+
+    /// Bytes of the archives of `tenant`'s snapshots.
+    pub fn snapshot_bytes(&self, tenant: &str) -> StoreResult<u64> {
+        check_tenant_id(tenant)?;
+        self.read(|tx| bytes(tx, tenant))
     }
 
     /// One page of `tenant`'s snapshots that match `filter`, oldest first, paged by keyset

@@ -38,6 +38,9 @@ pub struct TemplateRecord {
     pub spec: serde_json::Value,
     /// When it was created, Unix milliseconds.
     pub created_at: i64,
+    /// The key that made it, whose quotas its warm pool's members count against; `None` for
+    /// a built-in (its pool is bounded by the pool memory budget alone).
+    pub key_id: Option<String>,
 }
 
 impl TemplateRecord {
@@ -49,6 +52,7 @@ impl TemplateRecord {
             spec: serde_json::from_str(&spec)
                 .map_err(|e| StoreError::Corrupt(format!("template spec: {e}")))?,
             created_at: row.get("created_at")?,
+            key_id: row.get("key_id")?,
         })
     }
 }
@@ -77,6 +81,18 @@ impl Store {
         name: &str,
         spec: &serde_json::Value,
     ) -> StoreResult<TemplateRecord> {
+        self.create_template_by(tenant, None, name, spec)
+    }
+
+    /// [`Store::create_template`] made with the key `key_id` (of `tenant`), whose quotas the
+    /// template's warm-pool members count against.
+    pub fn create_template_by(
+        &self,
+        tenant: Option<&str>,
+        key_id: Option<&str>,
+        name: &str,
+        spec: &serde_json::Value,
+    ) -> StoreResult<TemplateRecord> {
         check_template_name(name)?;
         if !spec.is_object() {
             return Err(StoreError::BadJson {
@@ -89,6 +105,7 @@ impl Store {
             tenant: tenant.map(str::to_owned),
             spec: spec.clone(),
             created_at: now_ms(),
+            key_id: key_id.map(str::to_owned),
         };
         self.write(|tx| {
             if let Some(tenant) = tenant {
@@ -105,8 +122,9 @@ impl Store {
                 return Err(StoreError::conflict("template", name));
             }
             tx.execute(
-                "INSERT INTO templates (tenant_id, name, spec, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![tenant, name, spec.to_string(), record.created_at],
+                "INSERT INTO templates (tenant_id, name, spec, created_at, key_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![tenant, name, spec.to_string(), record.created_at, key_id],
             )?;
             Ok(())
         })?;

@@ -141,7 +141,12 @@ pub(crate) async fn create_snapshot(
     }
     let snapshot = state
         .manager
-        .snapshot(&caller.tenant, &id, v1::CreateSnapshot { name: req.name })
+        .snapshot(
+            &caller.tenant,
+            Some(&caller.key_id),
+            &id,
+            v1::CreateSnapshot { name: req.name },
+        )
         .await
         .map_err(|e| match e {
             ManagerError::NotFound(_) => E2bError::no_sandbox(&id),

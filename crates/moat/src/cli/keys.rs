@@ -57,6 +57,14 @@ struct CreateArgs {
     /// Most memory its sandboxes may have together, e.g. 4G.
     #[arg(long)]
     max_memory: Option<String>,
+    /// Most processes and threads its sandboxes may have together (the sum of their pids
+    /// limits).
+    #[arg(long)]
+    max_pids: Option<u64>,
+    /// Most bytes of snapshots its tenant may keep when it makes one, e.g. 10G [default: the
+    /// server's].
+    #[arg(long)]
+    max_snapshot_size: Option<String>,
     /// Most API requests per minute [default: the server's --rate-limit].
     #[arg(long)]
     requests_per_minute: Option<u32>,
@@ -85,9 +93,14 @@ pub fn main(args: KeysArgs) -> ExitCode {
                 if let Some(m) = &a.max_memory {
                     parse_size(m).map_err(|e| anyhow::anyhow!("--max-memory: {e}"))?;
                 }
+                if let Some(m) = &a.max_snapshot_size {
+                    parse_size(m).map_err(|e| anyhow::anyhow!("--max-snapshot-size: {e}"))?;
+                }
                 let quotas = QuotaRequest {
                     max_sandboxes: a.max_sandboxes,
                     max_memory: a.max_memory.clone(),
+                    max_pids: a.max_pids,
+                    max_snapshot_size: a.max_snapshot_size.clone(),
                     requests_per_minute: a.requests_per_minute,
                 };
                 let req = CreateKey {
@@ -158,7 +171,7 @@ pub fn main(args: KeysArgs) -> ExitCode {
     })
 }
 
-/// Quotas as `sandboxes=N,memory=SIZE,rpm=N` (`-` when none).
+/// Quotas as `sandboxes=N,memory=SIZE,pids=N,snapshots=SIZE,rpm=N` (`-` when none).
 fn quotas_text(q: &KeyQuotas) -> String {
     let mut parts = Vec::new();
     if let Some(n) = q.max_sandboxes {
@@ -166,6 +179,12 @@ fn quotas_text(q: &KeyQuotas) -> String {
     }
     if let Some(m) = q.max_memory_bytes {
         parts.push(format!("memory={}", fmt_bytes(m)));
+    }
+    if let Some(p) = q.max_pids {
+        parts.push(format!("pids={p}"));
+    }
+    if let Some(s) = q.max_snapshot_bytes {
+        parts.push(format!("snapshots={}", fmt_bytes(s)));
     }
     if let Some(r) = q.requests_per_minute {
         parts.push(format!("rpm={r}"));
@@ -219,6 +238,8 @@ mod tests {
                 KeyQuotas {
                     max_sandboxes: Some(2),
                     max_memory_bytes: Some(4 << 30),
+                    max_pids: Some(1024),
+                    max_snapshot_bytes: None,
                     requests_per_minute: None,
                 },
             ),
@@ -227,7 +248,7 @@ mod tests {
             text,
             "ID     NAME       TENANT   ROLE  CREATED              REVOKED              QUOTAS\n\
              key_a  ci runner  default  user  1970-01-01 00:00:00  -                    -\n\
-             key_b  ci runner  default  user  1970-01-01 00:00:00  1970-01-01 00:00:01  sandboxes=2,memory=4G\n"
+             key_b  ci runner  default  user  1970-01-01 00:00:00  1970-01-01 00:00:01  sandboxes=2,memory=4G,pids=1024\n"
         );
     }
 }

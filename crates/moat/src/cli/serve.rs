@@ -30,8 +30,16 @@ pub struct ServeArgs {
     data_dir: PathBuf,
     /// Memory all warm-pool members together may use (what they hold, not their limits):
     /// `512M`, `2G`.
-    #[arg(long, default_value = "1G", value_parser = parse_pool_memory)]
+    #[arg(long, default_value = "1G", value_parser = parse_size_arg)]
     pool_memory: u64,
+    /// Free space kept on the data directory's filesystem: a snapshot or fork that would leave
+    /// less is refused (507).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size_arg)]
+    min_free_disk: u64,
+    /// Bytes of snapshots each tenant may keep, unless the key that makes one has a
+    /// `max_snapshot_bytes` quota.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size_arg)]
+    snapshot_quota: u64,
     /// Log lines as text for people or JSON for collectors (on stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -93,6 +101,8 @@ impl ServeArgs {
             max_ttl: Duration::from_secs(self.max_ttl),
             pool_memory_budget: self.pool_memory,
             snapshot_dir: Some(self.data_dir.join(SNAPSHOT_DIR)),
+            min_free_disk: self.min_free_disk,
+            snapshot_bytes_per_tenant: self.snapshot_quota,
             retention: self.retention,
             public_traffic: !self.private_traffic,
         })
@@ -287,6 +297,6 @@ fn parse_retention(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_pool_memory(text: &str) -> Result<u64, String> {
+fn parse_size_arg(text: &str) -> Result<u64, String> {
     moat_engine::resources::parse_size(text).map_err(|e| e.to_string())
 }

@@ -312,6 +312,7 @@ mod tests {
             pool: PoolStatus {
                 target: 2,
                 ready: 1,
+                evicted: 0,
             },
         };
         assert_eq!(
