@@ -157,7 +157,7 @@ ALTER TABLE sandboxes ADD COLUMN public_traffic INTEGER NOT NULL DEFAULT 0
 /// snapshot archives the key's tenant may keep when the key makes one. `templates.key_id`: the
 /// key that made the template, whose quotas its warm pool's members count against (no foreign key, like
 /// `sandboxes.template_tenant`: a record of who, kept as it was). `pool_members` keep the
-/// limits they are charged.
+/// limits they are charged, and are found by their template's tenant for its quotas.
 const V6: &str = r#"
 ALTER TABLE api_keys ADD COLUMN max_pids INTEGER CHECK (max_pids >= 0);
 ALTER TABLE api_keys ADD COLUMN max_snapshot_bytes INTEGER CHECK (max_snapshot_bytes >= 0);
@@ -167,6 +167,7 @@ ALTER TABLE pool_members ADD COLUMN memory_bytes INTEGER NOT NULL DEFAULT 0
     CHECK (memory_bytes >= 0);
 ALTER TABLE pool_members ADD COLUMN pids INTEGER NOT NULL DEFAULT 0 CHECK (pids >= 0);
 CREATE INDEX pool_members_by_key ON pool_members (key_id);
+CREATE INDEX pool_members_by_template_tenant ON pool_members (template_tenant);
 "#;
 
 const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
