@@ -83,6 +83,7 @@ struct Client {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     key: String,
+    port: u16,
 }
 
 impl Client {
@@ -93,10 +94,13 @@ impl Client {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
             key: key.to_owned(),
+            port,
         })
     }
 
-    /// Sends a request and reads the whole answer: (status, body).
+    /// Sends a request and reads the whole answer: (status, body). A kept-alive connection the
+    /// server closed while it was idle (it closes those after a while) is replaced once, as
+    /// HTTP clients do.
     fn call(&mut self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
@@ -104,9 +108,14 @@ impl Client {
             self.key,
             body.len()
         );
-        self.writer.write_all(req.as_bytes())?;
         let mut line = String::new();
-        self.reader.read_line(&mut line)?;
+        let sent = self.writer.write_all(req.as_bytes());
+        if sent.is_err() || self.reader.read_line(&mut line).unwrap_or(0) == 0 {
+            *self = Client::connect(self.port, &self.key)?;
+            self.writer.write_all(req.as_bytes())?;
+            line.clear();
+            self.reader.read_line(&mut line)?;
+        }
         let status: u16 = line
             .split(' ')
             .nth(1)

@@ -100,8 +100,14 @@ impl Inner {
             }
             return;
         }
-        // Paused while the probe waited: frozen on purpose, not unhealthy.
-        if live.is_paused() {
+        // Paused while the probe waited: frozen on purpose, not unhealthy. Ended meanwhile (a
+        // delete racing the probe): nothing to judge.
+        let current = || {
+            lock(&self.live)
+                .get(&id)
+                .is_some_and(|l| Arc::ptr_eq(l, &live))
+        };
+        if live.is_paused() || !current() {
             return;
         }
         let failures = live.health.failures.fetch_add(1, Ordering::SeqCst) + 1;
@@ -110,13 +116,6 @@ impl Inner {
         }
         // Past the limit too: an end whose record could not be written is tried again.
         if failures < UNHEALTHY_PROBES {
-            return;
-        }
-        // Still the same sandbox (not ended and replaced meanwhile)?
-        let current = lock(&self.live)
-            .get(&id)
-            .is_some_and(|l| Arc::ptr_eq(l, &live));
-        if !current {
             return;
         }
         let inner = self.clone();
