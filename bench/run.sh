@@ -29,7 +29,19 @@ for _ in $(seq 100); do [ -s "$data/admin.key" ] && curl -fs "http://127.0.0.1:$
 key=$(cat "$data/admin.key")
 curl -sS --fail-with-body -X POST "http://127.0.0.1:$port/v1/templates" -H "Authorization: Bearer $key" \
   -H 'Content-Type: application/json' -d '{"name":"pooled","spec":{"rootfs":"host","user":"user","pool_size":8}}' >/dev/null
-sleep 2  # the pool fills in the background
+# The pool fills in the background: wait (at most 60 s) until all 8 members are ready, so the
+# pooled rows time claims rather than cold starts.
+ready=0
+for _ in $(seq 600); do
+  ready=$(curl -fsS "http://127.0.0.1:$port/v1/templates/pooled" -H "Authorization: Bearer $key" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["pool"]["ready"])')
+  [ "$ready" -ge 8 ] && break
+  sleep 0.1
+done
+if [ "$ready" -lt 8 ]; then
+  echo "error: the warm pool of template 'pooled' has $ready of 8 members ready after 60 s" >&2
+  exit 1
+fi
 echo
 echo "## E2B SDKs against moat serve ($runs runs each)"
 echo

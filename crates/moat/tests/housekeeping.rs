@@ -30,22 +30,28 @@ fn ended(server: &Server, key: &str) -> usize {
     list["sandboxes"].as_array().expect("sandboxes").len()
 }
 
-/// Creates and deletes `n` sandboxes with as much metadata as a record may hold, then waits
-/// until their records are gone.
+/// Creates `n` sandboxes with as much metadata as a record may hold, deletes them, then waits
+/// until their records are gone. All `n` run at once before any is deleted, so every call holds
+/// exactly `n` records at its peak: the file's size (its high-water mark) then does not depend on
+/// how many records the once-a-second purge happened to delete between a create and the next.
 fn cycles(server: &Server, key: &str, n: usize) {
     // 4 values of 4000 bytes: just under the 16 KiB of metadata one record may hold.
     let metadata: serde_json::Map<String, serde_json::Value> = (0..4)
         .map(|i| (format!("k{i}"), json!("x".repeat(4000))))
         .collect();
-    for _ in 0..n {
-        let r = server.request(
-            "POST",
-            "/v1/sandboxes",
-            Some(key),
-            Some(&body(json!({"metadata": metadata}))),
-        );
-        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-        let id = r.json()["id"].as_str().expect("id").to_owned();
+    let ids: Vec<String> = (0..n)
+        .map(|_| {
+            let r = server.request(
+                "POST",
+                "/v1/sandboxes",
+                Some(key),
+                Some(&body(json!({"metadata": metadata}))),
+            );
+            assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+            r.json()["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    for id in ids {
         let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(key), None);
         assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
     }
