@@ -639,21 +639,7 @@ fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
                 {
                     return 0;
                 }
-                if libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return -1;
-                }
-                let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
-                match sys::mount_setattr(libc::AT_FDCWD, dst, libc::AT_RECURSIVE, ro, None) {
-                    Ok(()) => 0,
-                    Err(_) => -1,
-                }
+                bind_read_only(src, dst)
             }
             Step::AttachLower {
                 target,
@@ -770,11 +756,17 @@ fn attach_lower(channel: RawFd, target: &CString, fallback_src: &CString) -> lib
         return r;
     }
     // No id-mapped mount: bind the template read-only (files owned by unmapped ids stay read-only).
+    bind_read_only(fallback_src, target)
+}
+
+/// Binds `src` (recursively) at `dst`, read-only, nosuid and nodev; 0 or -1. Raw system calls
+/// only, for the child between `clone` and `exec`.
+fn bind_read_only(src: &CString, dst: &CString) -> libc::c_long {
     // SAFETY: valid C strings; raw mount and mount_setattr calls.
     unsafe {
         if libc::mount(
-            fallback_src.as_ptr(),
-            target.as_ptr(),
+            src.as_ptr(),
+            dst.as_ptr(),
             std::ptr::null(),
             libc::MS_BIND | libc::MS_REC,
             std::ptr::null(),
@@ -782,11 +774,11 @@ fn attach_lower(channel: RawFd, target: &CString, fallback_src: &CString) -> lib
         {
             return -1;
         }
-        let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
-        match sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE, ro, None) {
-            Ok(()) => 0,
-            Err(_) => -1,
-        }
+    }
+    let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    match sys::mount_setattr(libc::AT_FDCWD, dst, libc::AT_RECURSIVE, ro, None) {
+        Ok(()) => 0,
+        Err(_) => -1,
     }
 }
 

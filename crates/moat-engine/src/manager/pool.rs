@@ -85,6 +85,17 @@ struct Pool {
 }
 
 impl Pool {
+    /// Counts one more failure in a row and holds refills back for longer each time (100 ms,
+    /// doubling, at most [`MAX_BACKOFF`]); returns the wait.
+    fn back_off(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let backoff = Duration::from_millis(100)
+            .saturating_mul(1 << self.failures.min(12))
+            .min(MAX_BACKOFF);
+        self.retry_at = Some(Instant::now() + backoff);
+        backoff
+    }
+
     fn new(spec: v1::TemplateSpec, owner_key: Option<String>) -> Pool {
         Pool {
             spec,
@@ -464,11 +475,7 @@ impl Inner {
                             tracing::debug!(template = %key.name, "a warm pool waits for its owner's quota: {e}");
                         }
                         Err(e) => {
-                            pool.failures = pool.failures.saturating_add(1);
-                            let backoff = Duration::from_millis(100)
-                                .saturating_mul(1 << pool.failures.min(12))
-                                .min(MAX_BACKOFF);
-                            pool.retry_at = Some(Instant::now() + backoff);
+                            let backoff = pool.back_off();
                             tracing::warn!(
                                 template = %key.name,
                                 retry_in = ?backoff,
@@ -565,11 +572,7 @@ impl Inner {
                 };
                 used = used.saturating_sub(member.memory);
                 pool.evicted += 1;
-                pool.failures = pool.failures.saturating_add(1);
-                let backoff = Duration::from_millis(100)
-                    .saturating_mul(1 << pool.failures.min(12))
-                    .min(MAX_BACKOFF);
-                pool.retry_at = Some(Instant::now() + backoff);
+                pool.back_off();
                 tracing::warn!(
                     template = %key.name,
                     member = %member.id,
