@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
 use support::is_root;
 use support::server::*;
 
@@ -21,39 +20,12 @@ const CYCLES: usize = 12;
 const NEIGHBOUR_ROUNDS: usize = 3;
 const NEIGHBOUR_SANDBOXES: usize = 2;
 
-fn create(server: &Server, key: &str) -> String {
-    let r = server.request("POST", "/v1/sandboxes", Some(key), Some(&body(json!({}))));
-    assert_eq!(
-        r.status,
-        201,
-        "create: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    r.json()["id"].as_str().expect("id").to_owned()
-}
-
-fn shell(server: &Server, key: &str, id: &str, script: &str) -> Value {
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{id}/exec"),
-        Some(key),
-        Some(&body(json!({ "shell": script }))),
-    );
-    assert_eq!(
-        r.status,
-        200,
-        "exec in {id}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    r.json()
-}
-
 /// One client's life: create, exec, write and read back a file, delete; every answer checked.
 fn client(server: &Server, key: &str, n: usize, ids: &Mutex<Vec<String>>) {
     for cycle in 0..CYCLES {
-        let id = create(server, key);
+        let id = server.create_sandbox(key);
         ids.lock().expect("ids").push(id.clone());
-        let out = shell(server, key, &id, &format!("echo {n}-{cycle}"));
+        let out = server.shell(key, &id, &format!("echo {n}-{cycle}"));
         assert_eq!(out["stdout"], format!("{n}-{cycle}\n"), "{out}");
         let content = format!("client {n} cycle {cycle}");
         let path = format!("/v1/sandboxes/{id}/files?path=/tmp/f");
@@ -88,14 +60,14 @@ fn neighbour() -> Vec<String> {
     let mut ids: Vec<String> = Vec::new();
     for round in 0..NEIGHBOUR_ROUNDS {
         for _ in 0..NEIGHBOUR_SANDBOXES {
-            let id = create(&server, &key);
-            shell(&server, &key, &id, &format!("echo {round} > /tmp/round"));
+            let id = server.create_sandbox(&key);
+            server.shell(&key, &id, &format!("echo {round} > /tmp/round"));
             ids.push(id);
         }
         let (dir, data) = server.stop();
         server = Server::start_in_with(dir, data, &keep);
         for id in &ids {
-            let out = shell(&server, &key, id, "cat /tmp/round");
+            let out = server.shell(&key, id, "cat /tmp/round");
             assert_eq!(
                 out["exit_code"], 0,
                 "neighbour's {id} after a restart: {out}"
@@ -140,8 +112,8 @@ fn eight_clients_beside_a_restarting_keep_mode_neighbour_lose_and_leak_nothing()
     let key = server.admin_key();
     let ids = Mutex::new(Vec::new());
     // A sandbox that lives through the whole run on the main server.
-    let resident = create(&server, &key);
-    shell(&server, &key, &resident, "echo resident > /tmp/mark");
+    let resident = server.create_sandbox(&key);
+    server.shell(&key, &resident, "echo resident > /tmp/mark");
     let neighbour_ids = std::thread::scope(|s| {
         let neighbour = s.spawn(neighbour);
         let clients: Vec<_> = (0..CLIENTS)
@@ -155,7 +127,7 @@ fn eight_clients_beside_a_restarting_keep_mode_neighbour_lose_and_leak_nothing()
         }
         neighbour.join().expect("the neighbour failed")
     });
-    let out = shell(&server, &key, &resident, "cat /tmp/mark");
+    let out = server.shell(&key, &resident, "cat /tmp/mark");
     assert_eq!(out["stdout"], "resident\n", "{out}");
     let r = server.request("GET", "/v1/sandboxes?state=running", Some(&key), None);
     let listing = r.json();

@@ -6,26 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
 use support::is_root;
 use support::server::*;
-
-fn create(server: &Server, key: &str) -> String {
-    let r = server.request("POST", "/v1/sandboxes", Some(key), Some(&body(json!({}))));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["id"].as_str().expect("id").to_owned()
-}
-
-fn shell(server: &Server, key: &str, id: &str, script: &str) -> Value {
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{id}/exec"),
-        Some(key),
-        Some(&body(json!({ "shell": script }))),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
 
 /// The uid-range slot markers naming `id`.
 fn markers_of(id: &str) -> Vec<String> {
@@ -57,9 +39,8 @@ fn kept_sandboxes_survive_a_stop_and_are_taken_over() {
     }
     let server = Server::start_with(&["--on-shutdown", "keep"]);
     let key = server.admin_key();
-    let id = create(&server, &key);
-    let out = shell(
-        &server,
+    let id = server.create_sandbox(&key);
+    let out = server.shell(
         &key,
         &id,
         "echo remembered > /tmp/state; sleep 1000 >/dev/null 2>&1 & echo $!",
@@ -87,14 +68,9 @@ fn kept_sandboxes_survive_a_stop_and_are_taken_over() {
     let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["state"], "running", "{}", r.json());
-    let out = shell(&server, &key, &id, "cat /tmp/state");
+    let out = server.shell(&key, &id, "cat /tmp/state");
     assert_eq!(out["stdout"], "remembered\n", "{out}");
-    let out = shell(
-        &server,
-        &key,
-        &id,
-        &format!("kill -0 {sleeper} && echo alive"),
-    );
+    let out = server.shell(&key, &id, &format!("kill -0 {sleeper} && echo alive"));
     assert_eq!(
         out["stdout"], "alive\n",
         "the background process was lost: {out}"
@@ -107,7 +83,7 @@ fn kept_sandboxes_survive_a_stop_and_are_taken_over() {
         "the kept sandbox died in the crash"
     );
     let server = Server::start_in(dir, data);
-    let out = shell(&server, &key, &id, "cat /tmp/state");
+    let out = server.shell(&key, &id, "cat /tmp/state");
     assert_eq!(out["stdout"], "remembered\n", "{out}");
 
     // Deleting it releases everything, the marker included.
@@ -130,7 +106,7 @@ fn without_keep_a_stop_destroys_and_a_later_keep_server_adopts_nothing() {
     }
     let server = Server::start();
     let key = server.admin_key();
-    let id = create(&server, &key);
+    let id = server.create_sandbox(&key);
     assert!(
         markers_of(&id).is_empty(),
         "only keepable sandboxes are marked"
@@ -151,7 +127,7 @@ fn a_kept_sandbox_that_died_meanwhile_is_recorded_and_cleaned() {
     }
     let server = Server::start_with(&["--on-shutdown", "keep"]);
     let key = server.admin_key();
-    let id = create(&server, &key);
+    let id = server.create_sandbox(&key);
     let (dir, data) = server.stop();
     // Something kills it while no server runs.
     for pid in pids_in_sandbox(&id) {
@@ -185,26 +161,26 @@ fn servers_on_other_data_dirs_leave_each_others_sandboxes_alone() {
     }
     let a = Server::start_with(&["--on-shutdown", "keep"]);
     let key_a = a.admin_key();
-    let a1 = create(&a, &key_a);
+    let a1 = a.create_sandbox(&key_a);
 
     // A server on another data dir starts while A runs, and makes one of its own.
     let b = Server::start();
     let key_b = b.admin_key();
-    let b1 = create(&b, &key_b);
+    let b1 = b.create_sandbox(&key_b);
     assert_alive(&a1, "a second server started beside its server");
-    assert_eq!(shell(&a, &key_a, &a1, "echo ok")["stdout"], "ok\n");
+    assert_eq!(a.shell(&key_a, &a1, "echo ok")["stdout"], "ok\n");
 
     // A stops and keeps a1; a third server (keep) starts while nobody runs a1.
     let (dir_a, data_a) = a.stop();
     let c = Server::start_with(&["--on-shutdown", "keep"]);
     let key_c = c.admin_key();
-    let c1 = create(&c, &key_c);
+    let c1 = c.create_sandbox(&key_c);
     assert_alive(&a1, "another server started while its own was stopped");
     assert!(
         !pids_in_sandbox(&b1).is_empty(),
         "a keep-mode server's start killed a destroy-mode server's sandbox"
     );
-    assert_eq!(shell(&b, &key_b, &b1, "echo ok")["stdout"], "ok\n");
+    assert_eq!(b.shell(&key_b, &b1, "echo ok")["stdout"], "ok\n");
 
     // B stops (destroying its own sandboxes) and C crashes: only their own are affected.
     let _b_data = b.stop();
@@ -219,10 +195,10 @@ fn servers_on_other_data_dirs_leave_each_others_sandboxes_alone() {
     assert_alive(&c1, "A restarted beside it");
     let r = a.request("GET", &format!("/v1/sandboxes/{a1}"), Some(&key_a), None);
     assert_eq!(r.json()["state"], "running", "{}", r.json());
-    assert_eq!(shell(&a, &key_a, &a1, "echo ok")["stdout"], "ok\n");
+    assert_eq!(a.shell(&key_a, &a1, "echo ok")["stdout"], "ok\n");
     let c = Server::start_in_with(dir_c, data_c, &["--on-shutdown", "keep"]);
     assert_alive(&a1, "C restarted beside it");
-    assert_eq!(shell(&c, &key_c, &c1, "echo ok")["stdout"], "ok\n");
+    assert_eq!(c.shell(&key_c, &c1, "echo ok")["stdout"], "ok\n");
 
     for (server, key, id) in [(&a, &key_a, &a1), (&c, &key_c, &c1)] {
         let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(key), None);

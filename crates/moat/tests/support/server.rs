@@ -86,6 +86,37 @@ impl Server {
         server
     }
 
+    /// Creates a sandbox of the default template with `key` (`POST /v1/sandboxes {}`), which
+    /// must succeed, and returns its id.
+    pub fn create_sandbox(&self, key: &str) -> String {
+        let r = self.request("POST", "/v1/sandboxes", Some(key), Some(b"{}"));
+        assert_eq!(
+            r.status,
+            201,
+            "create: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Runs `script` with the sandbox's shell (a buffered exec), which must be answered 200,
+    /// and returns the answer.
+    pub fn shell(&self, key: &str, id: &str, script: &str) -> Value {
+        let r = self.request(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(key),
+            Some(&body(serde_json::json!({ "shell": script }))),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "exec in {id}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()
+    }
+
     pub fn admin_key(&self) -> String {
         let path = self.data.join("admin.key");
         let text = std::fs::read_to_string(&path).expect("admin.key");
