@@ -63,20 +63,6 @@ const TEMP_PREFIX: &str = ".tmp-";
 /// Suffix of snapshot archives.
 const SUFFIX: &str = ".tar";
 
-/// Free space for an unprivileged writer on the filesystem of `path`, bytes.
-pub fn free_disk(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("path contains NUL"))?;
-    // SAFETY: statvfs only writes the struct it is given; zeroes are a valid starting value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid NUL-terminated path and a valid out pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
 /// Bytes of archives being written, or kept for a fork, per tenant: they count against the
 /// tenant's snapshot bytes beside its recorded snapshots.
 #[derive(Debug, Default)]
@@ -435,7 +421,7 @@ impl Inner {
         let t = tenant.to_owned();
         let stored = self.db(move |s| s.snapshot_bytes(&t)).await?;
         let used = stored.saturating_add(self.snapshot_bytes.of(tenant));
-        let free = free_disk(&dir)
+        let free = super::storage::free_disk(&dir)
             .map_err(|e| ManagerError::Internal(format!("free space of {}: {e}", dir.display())))?;
         let bounds = Bounds {
             disk: resources.disk_bytes,

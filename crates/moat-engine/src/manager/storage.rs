@@ -23,7 +23,7 @@ impl SandboxManager {
         let Some(dir) = self.inner.store.path().and_then(Path::parent) else {
             return Ok(());
         };
-        let Some(free) = free_bytes(dir) else {
+        let Ok(free) = free_disk(dir) else {
             return Ok(());
         };
         if free >= DATA_DIR_RESERVE {
@@ -39,15 +39,16 @@ impl SandboxManager {
 }
 
 /// Bytes an unprivileged writer may still use in the filesystem of `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let path = CString::new(dir.as_os_str().as_bytes()).ok()?;
+pub(super) fn free_disk(dir: &Path) -> std::io::Result<u64> {
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path contains NUL"))?;
     // SAFETY: all-zero is a valid `statvfs`; the kernel fills it.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is a NUL-terminated string and `st` a valid, writable statvfs.
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
+        return Err(std::io::Error::last_os_error());
     }
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// `bytes` in the largest binary unit that keeps it at least 1.
