@@ -32,6 +32,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
+use moat_proto::file_signature::FilesQuery;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Mutex, mpsc};
 
@@ -155,35 +156,14 @@ pub async fn handle(state: Arc<AgentState>, req: Request<Incoming>) -> Response<
     })
 }
 
-/// The query parameters `/files` reads, percent-decoded (`+` is a space, as Go's parser has it).
-/// The first occurrence of a parameter wins.
-#[derive(Debug, Default)]
-struct Query {
-    path: Option<String>,
-    username: Option<String>,
-    signature: Option<String>,
-    signature_expiration: Option<String>,
-}
-
-fn parse_query(query: Option<&str>) -> Result<Query, HttpError> {
-    let mut q = Query::default();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let slot = match k {
-            "path" => &mut q.path,
-            "username" => &mut q.username,
-            "signature" => &mut q.signature,
-            "signature_expiration" => &mut q.signature_expiration,
-            _ => continue,
-        };
-        if slot.is_some() {
-            continue;
-        }
-        let plus = v.replace('+', " ");
-        let decoded = percent_encoding::percent_decode_str(&plus)
-            .decode_utf8()
-            .map_err(|_| HttpError::bad_request(format!("query parameter '{k}' is not UTF-8")))?;
-        *slot = Some(decoded.into_owned());
+/// The query parameters `/files` reads, by the one parser the server's proxy uses too (so a
+/// signature it checked covers what is acted on here). A query carrying a signature must not
+/// repeat a parameter, by the same rule the proxy applies.
+fn parse_query(query: Option<&str>) -> Result<FilesQuery, HttpError> {
+    let q = FilesQuery::parse(query.unwrap_or("")).map_err(|e| HttpError::bad_request(e.0))?;
+    if q.signature.is_some() {
+        q.check_signable()
+            .map_err(|e| HttpError::bad_request(e.0))?;
     }
     Ok(q)
 }
@@ -198,7 +178,7 @@ fn unix_now() -> i64 {
 fn authorize(
     state: &AgentState,
     headers: &HeaderMap,
-    q: &Query,
+    q: &FilesQuery,
     operation: Operation,
 ) -> Result<User, HttpError> {
     let creds = auth::Credentials {

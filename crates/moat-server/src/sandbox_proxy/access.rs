@@ -20,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method, StatusCode};
 use moat_engine::manager::SandboxManager;
-use moat_proto::file_signature::{Operation, sign};
+use moat_proto::file_signature::{FilesQuery, Operation};
 
 use super::answers::Refusal;
 use super::{ENVD_PORT, INTERPRETER_PORT};
@@ -142,7 +142,7 @@ fn check_files(token: &str, req: &Request) -> Result<(), Refusal> {
             Err(Refusal::unauthorized("invalid access token"))
         };
     }
-    let query = FilesQuery::parse(req.uri().query().unwrap_or(""))?;
+    let query = files_query(req)?;
     let Some(signature) = query.signature.as_deref() else {
         return Err(Refusal::unauthorized(
             "missing access token or signature: send X-Access-Token or use a signed URL",
@@ -155,14 +155,14 @@ fn check_files(token: &str, req: &Request) -> Result<(), Refusal> {
     ) {
         return Err(Refusal::unauthorized("invalid signature"));
     }
-    query.check_expiration()
+    check_expiration(&query)
 }
 
 /// The sandbox a signed `/files` URL without routing headers is for: the running sandbox whose
 /// token the signature was made with (one hash per running sandbox). The signature is checked
 /// on the way, expiration included.
 pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<String, Refusal> {
-    let query = FilesQuery::parse(req.uri().query().unwrap_or(""))?;
+    let query = files_query(req)?;
     let operation = operation_of(req.method())?;
     let signature = query.signature.as_deref().unwrap_or("");
     let id = manager
@@ -177,7 +177,7 @@ pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<Str
                 "invalid signature: it was made for no running sandbox (send E2b-Sandbox-Id to name one)",
             )
         })?;
-    query.check_expiration()?;
+    check_expiration(&query)?;
     Ok(id)
 }
 
@@ -211,73 +211,25 @@ fn operation_of(method: &Method) -> Result<Operation, Refusal> {
     }
 }
 
-/// The query parameters of a `/files` request the signature covers, decoded as the agent
-/// decodes them (`+` is a space, then percent-escapes).
-#[derive(Debug, Default, PartialEq, Eq)]
-struct FilesQuery {
-    path: Option<String>,
-    username: Option<String>,
-    signature: Option<String>,
-    signature_expiration: Option<String>,
+/// The `/files` query of `req`, as the agent reads it (one parser for both: see
+/// [`FilesQuery`]), to be checked against a signature: a repeated parameter is refused.
+fn files_query(req: &Request) -> Result<FilesQuery, Refusal> {
+    let query = FilesQuery::parse(req.uri().query().unwrap_or(""))
+        .map_err(|e| Refusal::bad_request(e.0))?;
+    query
+        .check_signable()
+        .map_err(|e| Refusal::bad_request(e.0))?;
+    Ok(query)
 }
 
-impl FilesQuery {
-    /// Parses `query`. One of the four parameters given twice is refused: the signature must
-    /// cover exactly what the agent acts on.
-    fn parse(query: &str) -> Result<FilesQuery, Refusal> {
-        let mut q = FilesQuery::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let slot = match name {
-                "path" => &mut q.path,
-                "username" => &mut q.username,
-                "signature" => &mut q.signature,
-                "signature_expiration" => &mut q.signature_expiration,
-                _ => continue,
-            };
-            if slot.is_some() {
-                return Err(Refusal::bad_request(format!(
-                    "the query parameter '{name}' is given twice"
-                )));
-            }
-            let spaced = value.replace('+', " ");
-            let decoded = percent_encoding::percent_decode_str(&spaced)
-                .decode_utf8()
-                .map_err(|_| {
-                    Refusal::bad_request(format!("the query parameter '{name}' is not UTF-8"))
-                })?;
-            *slot = Some(decoded.into_owned());
-        }
-        Ok(q)
-    }
-
-    /// The `v1_` signature of this request under `token`.
-    fn sign(&self, operation: Operation, token: &str) -> String {
-        sign(
-            self.path.as_deref().unwrap_or(""),
-            operation,
-            self.username.as_deref().unwrap_or(""),
-            token,
-            self.signature_expiration.as_deref(),
-        )
-    }
-
-    /// A given `signature_expiration` must lie in the future.
-    fn check_expiration(&self) -> Result<(), Refusal> {
-        let Some(text) = self.signature_expiration.as_deref() else {
-            return Ok(());
-        };
-        let at: i64 = text
-            .parse()
-            .map_err(|_| Refusal::unauthorized("invalid signature expiration"))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        if at <= now {
-            return Err(Refusal::unauthorized("signature is already expired"));
-        }
-        Ok(())
-    }
+/// A given `signature_expiration` must lie in the future.
+fn check_expiration(query: &FilesQuery) -> Result<(), Refusal> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    query
+        .check_expiration(now)
+        .map_err(|e| Refusal::unauthorized(e.to_string()))
 }
 
 #[cfg(test)]
@@ -285,6 +237,7 @@ impl FilesQuery {
 mod tests {
     use super::*;
     use axum::body::Body;
+    use moat_proto::file_signature::sign;
 
     fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request {
         let mut b = Request::builder().method(method).uri(uri);
