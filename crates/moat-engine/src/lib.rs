@@ -3,6 +3,9 @@
 //! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements.
 //! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
+//! - [`auth`]: who calls: an API key turned into a [`auth::Caller`].
+//! - [`files`]: a sandbox's files and directories (tar archives) through its agent.
+//! - [`ids`], [`listing`], [`clock`]: id shapes, listing queries and timestamps for front ends.
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
 //! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
 //! - [`resources`]: limits, their bounds, and parsing.
@@ -11,9 +14,14 @@
 //! - [`error`]: the engine's errors.
 
 pub mod agent_client;
+pub mod auth;
 pub mod backend;
+pub mod clock;
 pub mod error;
+pub mod files;
 pub mod host_limits;
+pub mod ids;
+pub mod listing;
 pub mod manager;
 pub mod metrics;
 pub mod native;

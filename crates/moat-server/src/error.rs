@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use moat_engine::files::FileError;
 use moat_engine::manager::ManagerError;
 use moat_proto::v1;
 
@@ -63,11 +64,51 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status every surface (`/v1`, the E2B API) answers an engine error with: the one
+/// place a domain error becomes a status.
+pub fn status_of(e: &ManagerError) -> StatusCode {
+    match e {
+        ManagerError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
+        ManagerError::Conflict(_) => StatusCode::CONFLICT,
+        ManagerError::Forbidden(_) => StatusCode::FORBIDDEN,
+        ManagerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        ManagerError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+        ManagerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ManagerError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        ManagerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        ManagerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ManagerError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+    }
+}
+
+/// The HTTP status of a file service error (see [`status_of`] for the sandbox's own errors).
+pub fn file_status_of(e: &FileError) -> StatusCode {
+    match e {
+        FileError::Sandbox(e) => status_of(e),
+        FileError::NotFound(_) => StatusCode::NOT_FOUND,
+        FileError::Forbidden(_) => StatusCode::FORBIDDEN,
+        FileError::Conflict(_) | FileError::IsADirectory(_) | FileError::NotADirectory(_) => {
+            StatusCode::CONFLICT
+        }
+        FileError::Invalid(_) | FileError::TarFailed(_) => StatusCode::BAD_REQUEST,
+        FileError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+        FileError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+        FileError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        FileError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        FileError::UploadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+    }
+}
+
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError::new(status, e.code(), e.to_string())
+        ApiError::new(status_of(&e), e.code(), e.to_string())
+    }
+}
+
+impl From<FileError> for ApiError {
+    fn from(e: FileError) -> Self {
+        ApiError::new(file_status_of(&e), e.code(), e.to_string())
     }
 }
 
@@ -112,5 +153,39 @@ mod tests {
         let e = ApiError::from(ManagerError::QuotaExceeded("too many".into()));
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(e.message, "too many");
+        let e = ApiError::from(ManagerError::Unauthenticated("who".into()));
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(e.code, "unauthenticated");
+    }
+
+    #[test]
+    fn file_errors_keep_status_and_code() {
+        for (e, status, code) in [
+            (FileError::NotFound("m".into()), 404, "not_found"),
+            (FileError::Forbidden("m".into()), 403, "forbidden"),
+            (FileError::Conflict("m".into()), 409, "conflict"),
+            (FileError::IsADirectory("m".into()), 409, "is_a_directory"),
+            (FileError::NotADirectory("m".into()), 409, "not_a_directory"),
+            (FileError::Invalid("m".into()), 400, "invalid"),
+            (FileError::TarFailed("m".into()), 400, "tar_failed"),
+            (
+                FileError::InsufficientStorage("m".into()),
+                507,
+                "insufficient_storage",
+            ),
+            (FileError::Unsupported("m".into()), 501, "unsupported"),
+            (FileError::Unavailable("m".into()), 503, "unavailable"),
+            (FileError::Timeout("m".into()), 504, "timeout"),
+            (
+                FileError::UploadTooLarge("m".into()),
+                413,
+                "payload_too_large",
+            ),
+            (ManagerError::Conflict("m".into()).into(), 409, "conflict"),
+        ] {
+            let e = ApiError::from(e);
+            assert_eq!((e.status.as_u16(), e.code), (status, code));
+            assert_eq!(e.message, "m");
+        }
     }
 }

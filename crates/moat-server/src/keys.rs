@@ -7,11 +7,13 @@ use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
-use moat_engine::store::Role;
+use moat_engine::auth::Role;
 use moat_proto::v1;
 
 use crate::ApiError;
-use crate::api::{ApiResult, Caller, Shared, decode, json_body};
+use moat_engine::auth::Caller;
+
+use crate::extract::{ApiResult, Shared, decode, json_body};
 
 /// The key routes (authentication is added by the caller).
 pub(crate) fn routes() -> Router<Shared> {
@@ -108,6 +110,7 @@ mod tests {
             tenant: "t".into(),
             key_id: "key_x".into(),
             role,
+            requests_per_minute: None,
         };
         assert!(require_admin(&caller(Role::Admin)).is_ok());
         let e = require_admin(&caller(Role::User)).unwrap_err();

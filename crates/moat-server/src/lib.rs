@@ -9,21 +9,24 @@
 //! routes the same keys as `X-API-KEY`, and `/metrics` an admin key. Every authenticated request
 //! is rate-limited per key.
 
-mod api;
+mod auth;
 mod conn_limits;
 mod e2b;
 mod error;
+mod extract;
 mod files;
 mod keys;
 mod metrics;
 pub mod openapi;
 mod rate_limit;
+mod router;
 mod sandbox_proxy;
+mod sandboxes;
 mod snapshots;
 mod storage_guard;
 mod templates;
 
-use moat_engine::store::now_ms;
+use moat_engine::clock::now_ms;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,11 +36,11 @@ use moat_engine::manager::{SandboxManager, ShutdownMode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use api::router;
 pub use conn_limits::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, connection_cap};
-pub use error::ApiError;
-pub use files::{MAX_LIST_DEPTH, MAX_UPLOAD_BYTES, TAR_TIMEOUT};
+pub use error::{ApiError, file_status_of, status_of};
+pub use moat_engine::files::{MAX_LIST_DEPTH, MAX_UPLOAD_BYTES, TAR_TIMEOUT};
 pub use rate_limit::{BURST_SECONDS, DEFAULT_REQUESTS_PER_MINUTE};
+pub use router::router;
 pub use sandbox_proxy::{ENVD_PORT, INTERPRETER_PORT, INTERPRETER_PREFIX, validate_domain};
 
 /// Where `moat serve` listens unless told otherwise: loopback only, so a fresh install is not
@@ -125,7 +128,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let port = listener.local_addr()?.port();
     let state = Arc::new(AppState::new(manager.clone(), &opts, port));
-    let app = api::router_with(state.clone());
+    let app = router::router_with(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap_loop(manager.clone(), stop_rx.clone()));
     let housekeeper = tokio::spawn(housekeeping_loop(manager.clone(), stop_rx.clone()));

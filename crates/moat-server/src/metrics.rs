@@ -9,11 +9,13 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
+use moat_engine::auth::Role;
 use moat_engine::metrics::CONTENT_TYPE;
-use moat_engine::store::Role;
 
 use crate::ApiError;
-use crate::api::{ApiResult, Caller, Shared};
+use moat_engine::auth::Caller;
+
+use crate::extract::{ApiResult, Shared};
 
 /// The metrics route (authentication is added by the caller).
 pub(crate) fn routes() -> Router<Shared> {

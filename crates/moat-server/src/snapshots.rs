@@ -11,7 +11,10 @@ use moat_proto::v1;
 use serde::Deserialize;
 
 use crate::ApiError;
-use crate::api::{ApiResult, Caller, Shared, decode, json_body};
+use moat_engine::auth::Caller;
+
+use crate::error::status_of;
+use crate::extract::{ApiResult, Shared, decode, json_body};
 
 /// The routes (authentication is added by the caller).
 pub(crate) fn routes() -> Router<Shared> {
@@ -74,11 +77,28 @@ async fn fork(
 ) -> ApiResult<(StatusCode, Json<v1::ForkResult>)> {
     let Path(id) = id?;
     let req: v1::ForkSandbox = json_body(body, Some(v1::ForkSandbox::default()))?;
-    let result = state
+    let forked = state
         .manager
         .fork(&caller.tenant, Some(&caller.key_id), &id, req)
         .await?;
-    Ok((StatusCode::CREATED, Json(result)))
+    let results = forked
+        .into_iter()
+        .map(|r| match r {
+            Ok(sandbox) => v1::ForkItem {
+                sandbox: Some(sandbox),
+                error: None,
+            },
+            Err(e) => v1::ForkItem {
+                sandbox: None,
+                error: Some(v1::ForkError {
+                    status: status_of(&e).as_u16(),
+                    code: e.code().to_owned(),
+                    message: e.to_string(),
+                }),
+            },
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(v1::ForkResult { results })))
 }
 
 async fn list(

@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::ApiError;
-use crate::api::Shared;
+use crate::extract::Shared;
 
 /// The middleware: see the module's notes.
 pub(crate) async fn refuse_when_full(

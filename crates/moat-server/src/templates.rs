@@ -6,11 +6,13 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
-use moat_engine::store::Role;
+use moat_engine::auth::Role;
 use moat_proto::v1;
 
 use crate::ApiError;
-use crate::api::{ApiResult, Caller, Shared, decode, json_body};
+use moat_engine::auth::Caller;
+
+use crate::extract::{ApiResult, Shared, decode, json_body};
 
 /// The template routes (authentication is added by the caller).
 pub(crate) fn routes() -> Router<Shared> {

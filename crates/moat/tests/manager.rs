@@ -313,7 +313,7 @@ async fn quota_refuses_without_leaving_anything() {
         .await
         .expect_err("second create is over the quota");
     assert!(matches!(e, ManagerError::QuotaExceeded(_)), "{e}");
-    assert_eq!(e.http_status(), 429);
+    assert_eq!(moat_server::status_of(&e).as_u16(), 429);
     assert_eq!(
         s.mgr.live_count(),
         1,
@@ -383,7 +383,7 @@ async fn invalid_requests_are_typed_errors() {
             .await
             .expect_err("invalid create");
         assert!(matches!(e, ManagerError::Invalid(_)), "{req:?}: {e}");
-        assert_eq!(e.http_status(), 400);
+        assert_eq!(moat_server::status_of(&e).as_u16(), 400);
     }
     // Within the small template's limit it works.
     let sb = s

@@ -65,7 +65,7 @@ async fn an_end_that_cannot_be_recorded_leaves_the_sandbox_running_as_recorded()
         matches!(err, ManagerError::InsufficientStorage(_)),
         "{err:?}"
     );
-    assert_eq!(err.http_status(), 507);
+    assert_eq!(moat_server::status_of(&err).as_u16(), 507);
     assert_eq!(
         mgr.get("a", &sb.id).await.expect("get").state,
         SandboxState::Running

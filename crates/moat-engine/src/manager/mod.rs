@@ -44,6 +44,7 @@ pub use snapshots::{
     FORK_PARALLELISM, MAX_SNAPSHOTS_PER_TENANT, RESTORE_TIMEOUT, SNAPSHOT_TIMEOUT,
 };
 pub use storage::DATA_DIR_RESERVE;
+pub use templates::StartFrom;
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
@@ -70,11 +71,12 @@ use snapshots::restore_layer;
 pub const MAX_ENV_VARS: usize = 256;
 
 /// What the manager can fail with, one variant per answer the API gives.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 ///
-/// Each variant holds one sentence for people; its [`ManagerError::code`] and
-/// [`ManagerError::http_status`] are separate, so the text never repeats the code (the API
-/// answers both, and the CLI prints both).
+/// Each variant holds one sentence for people; its [`ManagerError::code`] is separate, so the
+/// text never repeats the code (the API answers both, and the CLI prints both). How a front end
+/// answers each (an HTTP status, say) is the front end's: the notes below say what the HTTP
+/// surfaces answer.
 pub enum ManagerError {
     /// The request is malformed or asks for something not allowed (HTTP 400).
     #[error("{0}")]
@@ -91,6 +93,9 @@ pub enum ManagerError {
     /// The caller's key may not do this (HTTP 403).
     #[error("{0}")]
     Forbidden(String),
+    /// No valid API key was given (HTTP 401).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The sandbox or its agent cannot be reached, or the backend could not make it (HTTP 503).
     #[error("{0}")]
     Unavailable(String),
@@ -110,35 +115,21 @@ pub enum ManagerError {
 }
 
 impl ManagerError {
-    /// The machine-readable code of the error, as the API reports it.
+    /// The machine-readable code of the error, as the API reports it (a domain code: the
+    /// same on every front end).
     pub fn code(&self) -> &'static str {
         match self {
             ManagerError::Invalid(_) => "invalid",
             ManagerError::NotFound(_) => "not_found",
             ManagerError::Conflict(_) => "conflict",
             ManagerError::Forbidden(_) => "forbidden",
+            ManagerError::Unauthenticated(_) => "unauthenticated",
             ManagerError::QuotaExceeded(_) => "quota_exceeded",
             ManagerError::Unavailable(_) => "unavailable",
             ManagerError::TooLarge(_) => "too_large",
             ManagerError::Timeout(_) => "timeout",
             ManagerError::Internal(_) => "internal",
             ManagerError::InsufficientStorage(_) => "insufficient_storage",
-        }
-    }
-
-    /// The HTTP status the API answers with.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            ManagerError::Invalid(_) => 400,
-            ManagerError::NotFound(_) => 404,
-            ManagerError::Conflict(_) => 409,
-            ManagerError::Forbidden(_) => 403,
-            ManagerError::QuotaExceeded(_) => 429,
-            ManagerError::Unavailable(_) => 503,
-            ManagerError::TooLarge(_) => 413,
-            ManagerError::Timeout(_) => 504,
-            ManagerError::Internal(_) => 500,
-            ManagerError::InsufficientStorage(_) => 507,
         }
     }
 }
@@ -465,12 +456,11 @@ impl SandboxManager {
             limit: query.limit.unwrap_or(100).min(MAX_PAGE),
             ..SandboxFilter::default()
         };
-        self.list_where(tenant, filter).await
+        self.list_filtered(tenant, filter).await
     }
 
-    /// One page of `tenant`'s sandboxes that `filter` selects (the store's filter, for
-    /// surfaces whose queries `/v1`'s [`v1::ListSandboxes`] cannot say).
-    pub async fn list_where(
+    /// One page of `tenant`'s sandboxes that `filter` selects.
+    pub(crate) async fn list_filtered(
         &self,
         tenant: &str,
         filter: SandboxFilter,

@@ -362,7 +362,7 @@ impl SandboxManager {
         key_id: Option<&str>,
         id: &str,
         req: v1::ForkSandbox,
-    ) -> ManagerResult<v1::ForkResult> {
+    ) -> ManagerResult<Vec<ManagerResult<v1::Sandbox>>> {
         let count = req.count.unwrap_or(1);
         if !(1..=v1::MAX_FORK_COUNT).contains(&count) {
             return Err(ManagerError::Invalid(format!(
@@ -606,7 +606,7 @@ impl Inner {
         id: &str,
         count: u32,
         req: v1::ForkSandbox,
-    ) -> ManagerResult<v1::ForkResult> {
+    ) -> ManagerResult<Vec<ManagerResult<v1::Sandbox>>> {
         check_sandbox_id(id).map_err(ManagerError::from)?;
         let quota = self.snapshot_quota(&tenant, key_id.as_deref()).await?;
         // The copy counts against the tenant's snapshot bytes until the fork is done with it.
@@ -638,29 +638,10 @@ impl Inner {
                     .await
             }
         });
-        let results: Vec<ManagerResult<v1::Sandbox>> = futures_util::stream::iter(creates)
+        Ok(futures_util::stream::iter(creates)
             .buffered(FORK_PARALLELISM)
             .collect()
-            .await;
-        Ok(v1::ForkResult {
-            results: results
-                .into_iter()
-                .map(|r| match r {
-                    Ok(sandbox) => v1::ForkItem {
-                        sandbox: Some(sandbox),
-                        error: None,
-                    },
-                    Err(e) => v1::ForkItem {
-                        sandbox: None,
-                        error: Some(v1::ForkError {
-                            status: e.http_status(),
-                            code: e.code().to_owned(),
-                            message: e.to_string(),
-                        }),
-                    },
-                })
-                .collect(),
-        })
+            .await)
     }
 }
 

@@ -4,7 +4,7 @@ use moat_proto::v1;
 
 use super::{ManagerError, ManagerResult, SandboxManager, check_env, resolve_resources};
 use crate::resources::fmt_bytes;
-use crate::store::{Limits, TemplateRecord};
+use crate::store::{Limits, StoreError, TemplateRecord};
 
 /// Refuses a warm pool that alone would take its maker's key over `limits`: `pool_size`
 /// members of the template's default limits, each counted like a sandbox.
@@ -184,5 +184,38 @@ impl SandboxManager {
             spec,
             created_at: rec.created_at,
         })
+    }
+}
+
+/// What a name a sandbox is asked to start from stands for (the E2B API's `templateID` names
+/// either).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartFrom {
+    /// A snapshot of the tenant's, by id.
+    Snapshot(String),
+    /// A template the tenant sees, by name.
+    Template(String),
+}
+
+impl SandboxManager {
+    /// Resolves `name` for `tenant` in one look-up: a snapshot when it has a snapshot id's
+    /// shape and the tenant has one by that id, else a template, which must exist
+    /// ([`ManagerError::NotFound`] when it does not).
+    pub async fn resolve_start(&self, tenant: &str, name: &str) -> ManagerResult<StartFrom> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.inner
+            .db(move |s| {
+                if crate::ids::is_snapshot_id(&name) && s.get_snapshot(&tenant, &name).is_ok() {
+                    return Ok(Ok(StartFrom::Snapshot(name)));
+                }
+                match s.get_template(&tenant, &name) {
+                    Ok(_) => Ok(Ok(StartFrom::Template(name))),
+                    Err(StoreError::NotFound { .. }) => Ok(Err(ManagerError::NotFound(format!(
+                        "template {name:?} not found"
+                    )))),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?
     }
 }

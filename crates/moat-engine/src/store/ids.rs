@@ -83,7 +83,7 @@ pub fn check_tenant_id(id: &str) -> StoreResult<()> {
 
 /// Checks a sandbox id: `[a-z0-9]{16,64}`.
 pub fn check_sandbox_id(id: &str) -> StoreResult<()> {
-    if (16..=64).contains(&id.len()) && id.bytes().all(is_lower_alnum) {
+    if crate::ids::is_sandbox_id(id) {
         Ok(())
     } else {
         Err(StoreError::invalid(

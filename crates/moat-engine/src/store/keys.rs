@@ -18,38 +18,11 @@ use super::{Store, first_row, now_ms};
 /// The key a secret authenticates, by the hash of the secret (the store's tests check its plan).
 pub(super) const KEY_BY_SECRET_SQL: &str = "SELECT * FROM api_keys WHERE secret_sha256 = ?1";
 
-/// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Manages keys and tenants as well as using sandboxes.
-    Admin,
-    /// Uses templates and sandboxes of its tenant.
-    User,
-}
+pub use crate::auth::Role;
 
-impl Role {
-    /// The name stored and shown: `admin` or `user`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::User => "user",
-        }
-    }
-
-    fn parse(s: &str) -> StoreResult<Role> {
-        match s {
-            "admin" => Ok(Role::Admin),
-            "user" => Ok(Role::User),
-            other => Err(StoreError::Corrupt(format!("unknown key role {other:?}"))),
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// The role of a stored name; another name means the database was not written by moat.
+fn parse_role(name: &str) -> StoreResult<Role> {
+    Role::from_name(name).ok_or_else(|| StoreError::Corrupt(format!("unknown key role {name:?}")))
 }
 
 /// Limits of one key; `None` means the server's default.
@@ -112,7 +85,7 @@ impl KeyRecord {
             id: row.get("id")?,
             tenant: row.get("tenant_id")?,
             name: row.get("name")?,
-            role: Role::parse(&row.get::<_, String>("role")?)?,
+            role: parse_role(&row.get::<_, String>("role")?)?,
             created_at: row.get("created_at")?,
             revoked_at: row.get("revoked_at")?,
             quotas: Quotas {

@@ -43,6 +43,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
+pub use crate::clock::now_ms;
 pub use error::{StoreError, StoreResult};
 pub use idempotency::{MAX_IDEMPOTENCY_KEY, check_idempotency_key};
 pub use ids::{check_sandbox_id, check_template_name, check_tenant_id, generate_sandbox_id};
@@ -88,13 +89,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Store {

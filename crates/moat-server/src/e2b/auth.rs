@@ -7,7 +7,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::E2bError;
 use crate::ApiError;
-use crate::api::{Shared, check_key};
+use crate::auth::check_key;
+use crate::extract::Shared;
 
 /// The header the E2B SDKs send their API key in, raw.
 const API_KEY_HEADER: &str = "x-api-key";

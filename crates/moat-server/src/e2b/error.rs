@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use moat_engine::manager::ManagerError;
 
 use crate::ApiError;
-use crate::api::KeyRefusal;
+use crate::auth::KeyRefusal;
 use crate::error::ErrorCode;
 
 /// `Retry-After` of a 429 or 503 that has no better estimate (a quota, a busy backend), seconds.

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use super::error::{E2bError, E2bResult};
 use super::sandboxes::{answer, check_timeout, paged, visible};
 use super::shapes::Sandbox;
-use crate::api::{Caller, Shared, decode, json_body};
+use moat_engine::auth::Caller;
+
+use crate::extract::{Shared, decode, json_body};
 
 /// `SandboxPauseRequest`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -192,7 +194,7 @@ pub(crate) async fn list_snapshots(
     // A malformed sandbox id names no snapshot: an empty page, not an error.
     if q.sandbox_id
         .as_deref()
-        .is_some_and(|s| moat_engine::store::check_sandbox_id(s).is_err())
+        .is_some_and(|s| !moat_engine::ids::is_sandbox_id(s))
     {
         return Ok(Json(Vec::<SnapshotInfo>::new()).into_response());
     }
@@ -259,25 +261,17 @@ pub(crate) async fn fork(
             other => other.into(),
         })?;
     let results = forked
-        .results
         .iter()
-        .map(|item| match (&item.sandbox, &item.error) {
-            (Some(sandbox), _) => ForkResult {
+        .map(|item| match item {
+            Ok(sandbox) => ForkResult {
                 sandbox: Some(answer(&state, sandbox)),
                 error: None,
             },
-            (None, Some(err)) => ForkResult {
+            Err(err) => ForkResult {
                 sandbox: None,
                 error: Some(ForkError {
-                    code: err.status,
-                    message: err.message.clone(),
-                }),
-            },
-            (None, None) => ForkResult {
-                sandbox: None,
-                error: Some(ForkError {
-                    code: 500,
-                    message: "the copy was neither made nor refused".into(),
+                    code: crate::error::status_of(err).as_u16(),
+                    message: err.to_string(),
                 }),
             },
         })

@@ -1,4 +1,5 @@
-//! The query of `GET /v2/sandboxes`, as the E2B SDKs send it, turned into the store's filter.
+//! The query of `GET /v2/sandboxes`, as the E2B SDKs send it, turned into the engine's
+//! listing query.
 //!
 //! - `metadata`: `k=v&k2=v2` with each key and value percent-encoded, sent as one query value
 //!   (so encoded twice on the wire); every pair must match.
@@ -9,21 +10,22 @@
 //!
 //! Parameters it does not know are ignored, as the E2B API's are.
 
-use moat_engine::store::{Cursor, SandboxFilter, SandboxState};
+use moat_engine::listing::{SandboxQuery, is_page_token};
+use moat_proto::v1::SandboxState;
 
 use super::error::{E2bError, E2bResult};
 use super::shapes::parse_rfc3339;
-use crate::api::decode;
+use crate::extract::decode;
 
 /// Largest page of `GET /v2/sandboxes`, and its size when the query names none.
 pub(crate) const MAX_LIST_LIMIT: u32 = 100;
 
 /// Parses the raw query string of `GET /v2/sandboxes`.
-pub(crate) fn parse(query: &str) -> E2bResult<SandboxFilter> {
-    let mut filter = SandboxFilter {
+pub(crate) fn parse(query: &str) -> E2bResult<SandboxQuery> {
+    let mut filter = SandboxQuery {
         limit: MAX_LIST_LIMIT,
         newest_first: true,
-        ..SandboxFilter::default()
+        ..SandboxQuery::default()
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -75,11 +77,12 @@ pub(crate) fn parse(query: &str) -> E2bResult<SandboxFilter> {
                     })?;
             }
             "nextToken" => {
-                filter.after = Some(Cursor::decode(&value).map_err(|_| {
-                    E2bError::invalid(format!(
+                if !is_page_token(&value) {
+                    return Err(E2bError::invalid(format!(
                         "nextToken {value:?} is not a token this server handed out"
-                    ))
-                })?);
+                    )));
+                }
+                filter.after = Some(value);
             }
             _ => {}
         }
@@ -150,7 +153,8 @@ mod tests {
         assert!(!f.newest_first);
         assert_eq!(f.template.as_deref(), Some("base"));
         assert_eq!(f.created_since, Some(1_735_689_600_000));
-        assert_eq!(f.after.unwrap().created_at, 5);
+        // Carried as the engine decodes it: the page after (5, abcdefghijklmnop).
+        assert_eq!(f.after.as_deref(), Some("5.abcdefghijklmnop"));
     }
 
     #[test]

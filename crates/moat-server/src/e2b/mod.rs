@@ -35,7 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 
 use crate::ApiError;
-use crate::api::Shared;
+use crate::extract::Shared;
 
 /// The `envdVersion` moat reports: what the SDKs gate envd features on.
 pub(crate) const ENVD_VERSION: &str = "0.6.13";

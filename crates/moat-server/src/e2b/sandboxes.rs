@@ -13,7 +13,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use moat_engine::manager::ManagerError;
+use moat_engine::listing::SandboxQuery;
+use moat_engine::manager::{ManagerError, StartFrom};
 use moat_proto::v1;
 
 use super::error::{E2bError, E2bResult};
@@ -22,7 +23,9 @@ use super::shapes::{
     ConnectSandboxV2, ListedSandbox, NewSandboxV2, Sandbox, SandboxDetail, SandboxMetric,
     SandboxTimeoutRequest, e2b_state,
 };
-use crate::api::{Caller, Shared, decode, json_body};
+use moat_engine::auth::Caller;
+
+use crate::extract::{Shared, decode, json_body};
 
 /// The header a create's idempotency key comes in.
 const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -82,31 +85,15 @@ async fn create_from(
         None => None,
     };
     let mut create = to_create(req, state.manager.options().max_ttl)?;
-    // `templateID` names a snapshot (what `create_snapshot` answered) or a template.
-    let is_snapshot = moat_engine::store::check_snapshot_id(&create.template).is_ok()
-        && state
-            .manager
-            .get_snapshot(&caller.tenant, &create.template)
-            .await
-            .is_ok();
-    if is_snapshot {
-        create.snapshot = Some(std::mem::take(&mut create.template));
-    } else {
-        // An unknown template is "not found", as E2B answers it (the manager calls it invalid).
-        match state
-            .manager
-            .get_template(&caller.tenant, &create.template)
-            .await
-        {
-            Ok(_) => {}
-            Err(ManagerError::NotFound(_)) => {
-                return Err(E2bError::not_found(format!(
-                    "template {:?} not found",
-                    create.template
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        }
+    // `templateID` names a snapshot (what `create_snapshot` answered) or a template; an
+    // unknown template is "not found", as E2B answers it.
+    if let StartFrom::Snapshot(id) = state
+        .manager
+        .resolve_start(&caller.tenant, &create.template)
+        .await?
+    {
+        create.template.clear();
+        create.snapshot = Some(id);
     }
     let sandbox = match idempotency_key {
         Some(key) => {
@@ -363,7 +350,7 @@ pub(crate) async fn list_running(
     RawQuery(query): RawQuery,
 ) -> E2bResult<Json<Vec<ListedSandbox>>> {
     let parsed = list_query::parse(query.as_deref().unwrap_or(""))?;
-    let mut filter = moat_engine::store::SandboxFilter {
+    let mut filter = SandboxQuery {
         metadata: parsed.metadata,
         states: vec![v1::SandboxState::Running],
         limit: list_query::MAX_LIST_LIMIT,
@@ -379,11 +366,7 @@ pub(crate) async fn list_running(
             .await?;
         items.extend(page.sandboxes.iter().map(ListedSandbox::new));
         match page.next {
-            Some(next) => {
-                filter.after = Some(moat_engine::store::Cursor::decode(&next).map_err(|e| {
-                    E2bError::from(crate::ApiError::internal(format!("page token: {e}")))
-                })?);
-            }
+            Some(next) => filter.after = Some(next),
             None => return Ok(Json(items)),
         }
     }

@@ -13,7 +13,9 @@ use moat_engine::manager::ManagerError;
 use serde::Serialize;
 
 use super::error::{E2bError, E2bResult};
-use crate::api::{Caller, Shared};
+use moat_engine::auth::Caller;
+
+use crate::extract::Shared;
 
 /// `TemplateAliasResponse`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

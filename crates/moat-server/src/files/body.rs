@@ -1,24 +1,19 @@
 //! Upload bodies: the request body as a stream of chunks, cut off past the upload limit, with
-//! the reason it failed kept for the handler (the stream's consumer, the agent client, only
-//! sees that it failed).
+//! the reason it failed kept in an [`UploadFailure`] for the file service (the stream's
+//! consumer, the agent client, only sees that it failed).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::Notify;
+use moat_engine::files::{BodyFailed, FileError, UploadFailure};
 
-use crate::ApiError;
-use crate::api::ApiResult;
+use crate::extract::ApiResult;
 
-fn too_large(limit: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-        format!("upload larger than {limit} bytes"),
-    )
+fn too_large(limit: u64) -> FileError {
+    FileError::UploadTooLarge(format!("upload larger than {limit} bytes"))
 }
 
 /// Refuses a body whose declared `Content-Length` is over `limit` before reading any of it.
@@ -28,60 +23,21 @@ pub(crate) fn check_declared_length(headers: &HeaderMap, limit: u64) -> ApiResul
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     match declared {
-        Some(n) if n > limit => Err(too_large(limit)),
+        Some(n) if n > limit => Err(too_large(limit).into()),
         _ => Ok(()),
     }
 }
 
-/// Why an upload body failed, once it has; the handler waits on it beside the transfer.
-#[derive(Debug, Default)]
-pub(crate) struct Failure {
-    error: Mutex<Option<ApiError>>,
-    notify: Notify,
-}
-
-impl Failure {
-    fn set(&self, e: ApiError) {
-        *self.lock() = Some(e);
-        // A permit is stored when nobody waits yet, so a later `wait` still wakes.
-        self.notify.notify_one();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ApiError>> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The failure, if the body failed.
-    pub(crate) fn take(&self) -> Option<ApiError> {
-        self.lock().clone()
-    }
-
-    /// Waits until the body fails (forever if it never does).
-    pub(crate) async fn wait(&self) -> ApiError {
-        loop {
-            if let Some(e) = self.take() {
-                return e;
-            }
-            self.notify.notified().await;
-        }
-    }
-}
-
-/// The error an upload body stream ends with; the details are in its [`Failure`].
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct BodyFailed(String);
-
 /// `body` as a stream of chunks that fails once more than `limit` bytes came (413) or reading
-/// the body fails (400), recording why in the returned [`Failure`].
+/// the body fails (400), recording why in the returned [`UploadFailure`].
 pub(crate) fn limited(
     body: Body,
     limit: u64,
 ) -> (
     impl Stream<Item = Result<Bytes, BodyFailed>> + Send + 'static,
-    Arc<Failure>,
+    Arc<UploadFailure>,
 ) {
-    let failure = Arc::new(Failure::default());
+    let failure = Arc::new(UploadFailure::default());
     let state = (body.into_data_stream(), 0u64, failure.clone(), false);
     let stream =
         futures_util::stream::unfold(state, move |(mut data, seen, failure, done)| async move {
@@ -97,9 +53,9 @@ pub(crate) fn limited(
                     }
                     too_large(limit)
                 }
-                Some(Err(e)) => ApiError::invalid(format!("reading the request body: {e}")),
+                Some(Err(e)) => FileError::Invalid(format!("reading the request body: {e}")),
             };
-            let out = BodyFailed(error.message.clone());
+            let out = BodyFailed(error.to_string());
             failure.set(error);
             Some((Err(out), (data, seen, failure, true)))
         });
@@ -110,6 +66,7 @@ pub(crate) fn limited(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[tokio::test]
     async fn cuts_off_past_the_limit() {
@@ -123,7 +80,7 @@ mod tests {
         assert_eq!(items.len(), 2);
         assert!(items[0].is_ok());
         assert!(items[1].is_err());
-        assert_eq!(failure.wait().await.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(matches!(failure.wait().await, FileError::UploadTooLarge(_)));
 
         let body = Body::from(Bytes::from_static(b"123456"));
         let (stream, failure) = limited(body, 6);

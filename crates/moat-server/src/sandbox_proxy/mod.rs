@@ -24,7 +24,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::api::Shared;
+use crate::extract::Shared;
 use target::Traffic;
 
 pub use target::validate_domain;
