@@ -10,6 +10,7 @@
 //! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
 //! - [`resources`]: limits, their bounds, and parsing.
 //! - [`rootfs_users`]: whether a directory root filesystem has the accounts commands run as.
+//! - [`status`]: what a server reports about itself (sandbox counts, the metrics text).
 //! - [`store`]: the durable state of `moat serve` (tenants, keys, templates, sandboxes) in SQLite.
 //! - [`error`]: the engine's errors.
 
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod native;
 pub mod resources;
 pub mod rootfs_users;
+pub mod status;
 pub mod store;
 
 pub use error::{EngineError, Result};

@@ -9,12 +9,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
-use moat_engine::auth::Role;
+use moat_engine::auth::{Caller, Role};
 use moat_engine::metrics::CONTENT_TYPE;
 
 use crate::ApiError;
-use moat_engine::auth::Caller;
-
 use crate::extract::{ApiResult, Shared};
 
 /// The metrics route (authentication is added by the caller).
@@ -33,15 +31,7 @@ async fn metrics(
             "/metrics needs an admin key",
         ));
     }
-    let store = state.manager.store().clone();
-    let states = tokio::task::spawn_blocking(move || store.count_by_state())
-        .await
-        .map_err(|e| ApiError::internal(format!("store task: {e}")))?
-        .map_err(|e| ApiError::internal(format!("counting sandboxes: {e}")))?;
-    let text = state
-        .manager
-        .metrics()
-        .render(&states, &state.manager.pools());
+    let text = state.manager.render_metrics().await?;
     let mut response = text.into_response();
     response
         .headers_mut()

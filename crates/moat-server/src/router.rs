@@ -107,10 +107,10 @@ async fn readyz(State(state): State<Shared>) -> ApiResult<Json<serde_json::Value
             e.to_string(),
         ));
     }
-    let store = state.manager.store().clone();
-    tokio::task::spawn_blocking(move || store.count_by_state())
+    state
+        .manager
+        .sandbox_counts()
         .await
-        .map_err(|e| unavailable(format!("store check: {e}")))?
         .map_err(|e| unavailable(format!("store: {e}")))?;
     Ok(Json(serde_json::json!({"status": "ready"})))
 }

@@ -7,12 +7,11 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
+use moat_engine::auth::Caller;
 use moat_proto::v1;
 use serde::Deserialize;
 
 use crate::ApiError;
-use moat_engine::auth::Caller;
-
 use crate::error::status_of;
 use crate::extract::{ApiResult, Shared, decode, json_body};
 

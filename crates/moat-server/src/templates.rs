@@ -6,12 +6,10 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
-use moat_engine::auth::Role;
+use moat_engine::auth::{Caller, Role};
 use moat_proto::v1;
 
 use crate::ApiError;
-use moat_engine::auth::Caller;
-
 use crate::extract::{ApiResult, Shared, decode, json_body};
 
 /// The template routes (authentication is added by the caller).

@@ -4,7 +4,7 @@
 //! File contents stream in both directions: a download is the agent's body passed on chunk by
 //! chunk, an upload is the caller's stream passed on to the agent the same way, so the host
 //! holds neither in memory. Directories travel as tar archives made and unpacked by `tar`
-//! inside the sandbox (see [`tar`]).
+//! inside the sandbox (see `files/tar.rs`).
 //!
 //! Every call takes the [`Caller`] (whose tenant must own the sandbox) and answers with a
 //! [`FileError`], a domain error each front end maps to its own answer.

@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
+use moat_engine::auth::Caller;
 use moat_engine::manager::ManagerError;
 use moat_proto::v1;
 use serde::{Deserialize, Serialize};
@@ -21,8 +22,6 @@ use serde::{Deserialize, Serialize};
 use super::error::{E2bError, E2bResult};
 use super::sandboxes::{answer, check_timeout, paged, visible};
 use super::shapes::Sandbox;
-use moat_engine::auth::Caller;
-
 use crate::extract::{Shared, decode, json_body};
 
 /// `SandboxPauseRequest`.

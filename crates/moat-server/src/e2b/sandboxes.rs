@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
+use moat_engine::auth::Caller;
 use moat_engine::listing::SandboxQuery;
 use moat_engine::manager::{ManagerError, StartFrom};
 use moat_proto::v1;
@@ -23,8 +24,6 @@ use super::shapes::{
     ConnectSandboxV2, ListedSandbox, NewSandboxV2, Sandbox, SandboxDetail, SandboxMetric,
     SandboxTimeoutRequest, e2b_state,
 };
-use moat_engine::auth::Caller;
-
 use crate::extract::{Shared, decode, json_body};
 
 /// The header a create's idempotency key comes in.

@@ -9,12 +9,11 @@
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
+use moat_engine::auth::Caller;
 use moat_engine::manager::ManagerError;
 use serde::Serialize;
 
 use super::error::{E2bError, E2bResult};
-use moat_engine::auth::Caller;
-
 use crate::extract::Shared;
 
 /// `TemplateAliasResponse`.
