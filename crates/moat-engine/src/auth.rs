@@ -59,6 +59,18 @@ impl Caller {
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
+
+    /// [`ManagerError::Forbidden`] ("`what` needs an admin key") unless the caller holds an
+    /// admin key: the one check of the admin-only calls (key management, metrics).
+    pub fn require_admin(&self, what: &str) -> ManagerResult<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ManagerError::Forbidden(format!(
+                "{what} needs an admin key"
+            )))
+        }
+    }
 }
 
 impl SandboxManager {
@@ -77,5 +89,31 @@ impl SandboxManager {
             role: key.role,
             requests_per_minute: key.quotas.requests_per_minute,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_and_admin_checks() {
+        for role in [Role::Admin, Role::User] {
+            assert_eq!(Role::from_name(role.as_str()), Some(role));
+        }
+        assert_eq!(Role::from_name("root"), None);
+        let caller = |role| Caller {
+            tenant: "t".into(),
+            key_id: "key_x".into(),
+            role,
+            requests_per_minute: None,
+        };
+        assert!(caller(Role::Admin).require_admin("this").is_ok());
+        let e = caller(Role::User)
+            .require_admin("managing API keys")
+            .unwrap_err();
+        assert_eq!(e.code(), "forbidden");
+        assert_eq!(e.to_string(), "managing API keys needs an admin key");
     }
 }

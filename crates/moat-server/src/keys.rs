@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
-use moat_engine::auth::{Caller, Role};
+use moat_engine::auth::Caller;
 use moat_proto::v1;
 
 use crate::ApiError;
@@ -22,15 +22,7 @@ pub(crate) fn routes() -> Router<Shared> {
 
 /// 403 unless the caller's key is an admin key.
 fn require_admin(caller: &Caller) -> ApiResult<()> {
-    if caller.role == Role::Admin {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "managing API keys needs an admin key",
-        ))
-    }
+    Ok(caller.require_admin("managing API keys")?)
 }
 
 async fn create(
@@ -90,6 +82,7 @@ fn tenant_query(query: &str) -> ApiResult<Option<String>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use moat_engine::auth::Role;
 
     #[test]
     fn tenant_query_forms() {

@@ -5,14 +5,13 @@
 //! Prometheus sends the key as a bearer token (`authorization` in its scrape config).
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
-use moat_engine::auth::{Caller, Role};
+use moat_engine::auth::Caller;
 use moat_engine::metrics::CONTENT_TYPE;
 
-use crate::ApiError;
 use crate::extract::{ApiResult, Shared};
 
 /// The metrics route (authentication is added by the caller).
@@ -24,13 +23,7 @@ async fn metrics(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Response> {
-    if caller.role != Role::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "/metrics needs an admin key",
-        ));
-    }
+    caller.require_admin("/metrics")?;
     let text = state.manager.render_metrics().await?;
     let mut response = text.into_response();
     response

@@ -536,3 +536,115 @@ async fn ttl_expiry_and_shutdown() {
         .expect("list");
     assert!(active.items.is_empty(), "{:?}", active.items);
 }
+
+/// The engine's front-end services: a key secret becomes its caller (a revoked or unknown one
+/// is unauthenticated), a start name resolves to a template or is not found, and the file
+/// service works on the caller's sandbox only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_services() {
+    use moat_engine::auth::Caller;
+    use moat_engine::files::{Download, FileError, Format};
+    use moat_engine::manager::StartFrom;
+
+    let Some(s) = setup(Quotas::default()) else {
+        return;
+    };
+    let (key, secret) = s
+        .store
+        .create_key(
+            "a",
+            "svc",
+            Role::Admin,
+            Quotas {
+                requests_per_minute: Some(7),
+                ..Quotas::default()
+            },
+        )
+        .expect("key");
+    let caller = s
+        .mgr
+        .authenticate(secret.expose().to_owned())
+        .await
+        .expect("a valid key authenticates");
+    assert_eq!(
+        caller,
+        Caller {
+            tenant: "a".into(),
+            key_id: key.id.clone(),
+            role: Role::Admin,
+            requests_per_minute: Some(7),
+        }
+    );
+    let e = s
+        .mgr
+        .authenticate("moat_nosuchkey".into())
+        .await
+        .expect_err("an unknown secret");
+    assert!(matches!(e, ManagerError::Unauthenticated(_)), "{e}");
+    s.store.revoke_key("a", &key.id).expect("revoke");
+    let e = s
+        .mgr
+        .authenticate(secret.expose().to_owned())
+        .await
+        .expect_err("a revoked key");
+    assert!(matches!(e, ManagerError::Unauthenticated(_)), "{e}");
+
+    assert_eq!(
+        s.mgr.resolve_start("a", "base").await.expect("base"),
+        StartFrom::Template("base".into())
+    );
+    let e = s
+        .mgr
+        .resolve_start("a", "no-such-template")
+        .await
+        .expect_err("unknown");
+    assert!(matches!(e, ManagerError::NotFound(_)), "{e}");
+    assert_eq!(e.to_string(), "template \"no-such-template\" not found");
+
+    let sb = s
+        .mgr
+        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .await
+        .expect("create");
+    let files = s.mgr.files();
+    let (made, dir) = files
+        .make_dir(&caller, &sb.id, "/tmp/d", None)
+        .await
+        .expect("mkdir");
+    assert!(made);
+    assert_eq!(dir.kind, v1::FileType::Dir);
+    let (made, _) = files
+        .make_dir(&caller, &sb.id, "/tmp/d", None)
+        .await
+        .expect("mkdir again");
+    assert!(!made, "an existing directory is not made again");
+    let e = files
+        .download(&caller, &sb.id, "/tmp/d", Format::Raw, None)
+        .await
+        .expect_err("a directory is no file");
+    assert!(matches!(e, FileError::IsADirectory(_)), "{e}");
+    assert!(matches!(
+        files
+            .download(&caller, &sb.id, "/tmp/d", Format::Tar, None)
+            .await,
+        Ok(Download::Archive { .. })
+    ));
+    let e = files
+        .stat(&caller, &sb.id, "/tmp/none", None)
+        .await
+        .expect_err("missing");
+    assert_eq!(e.code(), "not_found");
+    let other = Caller {
+        tenant: "b".into(),
+        ..caller.clone()
+    };
+    let e = files
+        .stat(&other, &sb.id, "/tmp/d", None)
+        .await
+        .expect_err("b must not see a's files");
+    assert!(
+        matches!(e, FileError::Sandbox(ManagerError::NotFound(_))),
+        "{e}"
+    );
+    assert_eq!(s.mgr.shutdown(ShutdownMode::Destroy).await, (1, 0));
+}
