@@ -1,13 +1,14 @@
-//! moat's HTTP surfaces over the engine: the `/v1` REST API, the E2B-compatible control plane
-//! (see `e2b`), the sandbox traffic of E2B's SDKs (see `sandbox_proxy`) and the health
-//! endpoints, on one listener.
+//! moat's HTTP surfaces over the engine, translators only: the `/v1` REST API, the
+//! E2B-compatible control plane (see `e2b`), the sandbox traffic of E2B's SDKs (see
+//! `sandbox_proxy`) and the health endpoints, on one listener. Each maps its wire types to
+//! engine calls and the engine's domain errors to its own answers (`error.rs`).
 //!
-//! Every answer other than a success is a JSON [`v1::ErrorBody`], including the ones the HTTP
-//! layer itself produces (bad JSON, oversized bodies, unknown routes, wrong methods), so clients
-//! parse one error format; under E2B's paths it is E2B's `{"code", "message"}` instead. Only
-//! `/healthz` and `/readyz` are open; `/v1` needs an API key (`Authorization: Bearer`), the E2B
-//! routes the same keys as `X-API-KEY`, and `/metrics` an admin key. Every authenticated request
-//! is rate-limited per key.
+//! Every answer other than a success is a JSON [`moat_proto::v1::ErrorBody`], including the
+//! ones the HTTP layer itself produces (bad JSON, oversized bodies, unknown routes, wrong
+//! methods), so clients parse one error format; under E2B's paths it is E2B's
+//! `{"code", "message"}` instead. Only `/healthz` and `/readyz` are open; `/v1` needs an API
+//! key (`Authorization: Bearer`), the E2B routes the same keys as `X-API-KEY`, and `/metrics`
+//! an admin key. Every authenticated request is rate-limited per key.
 
 mod auth;
 mod conn_limits;
