@@ -68,4 +68,23 @@ impl SandboxManager {
         };
         self.list_filtered(tenant, filter).await
     }
+
+    /// Every one of `tenant`'s sandboxes that `query` selects, page by page from
+    /// `query.after` (`query.limit` a page): for listings that answer in one piece. The
+    /// tenant's quotas and the host bound how many there are.
+    pub async fn list_all(
+        &self,
+        tenant: &str,
+        mut query: SandboxQuery,
+    ) -> ManagerResult<Vec<v1::Sandbox>> {
+        let mut all = Vec::new();
+        loop {
+            let page = self.list_where(tenant, query.clone()).await?;
+            all.extend(page.sandboxes);
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
 }

@@ -349,26 +349,15 @@ pub(crate) async fn list_running(
     RawQuery(query): RawQuery,
 ) -> E2bResult<Json<Vec<ListedSandbox>>> {
     let parsed = list_query::parse(query.as_deref().unwrap_or(""))?;
-    let mut filter = SandboxQuery {
+    let query = SandboxQuery {
         metadata: parsed.metadata,
         states: vec![v1::SandboxState::Running],
         limit: list_query::MAX_LIST_LIMIT,
         newest_first: true,
         ..Default::default()
     };
-    let mut items = Vec::new();
-    // The tenant's running sandboxes, which its quotas and the host bound, page by page.
-    loop {
-        let page = state
-            .manager
-            .list_where(&caller.tenant, filter.clone())
-            .await?;
-        items.extend(page.sandboxes.iter().map(ListedSandbox::new));
-        match page.next {
-            Some(next) => filter.after = Some(next),
-            None => return Ok(Json(items)),
-        }
-    }
+    let sandboxes = state.manager.list_all(&caller.tenant, query).await?;
+    Ok(Json(sandboxes.iter().map(ListedSandbox::new).collect()))
 }
 
 /// A page of a listing: `items` as JSON, and `x-next-token` naming the next page if any.
