@@ -18,7 +18,7 @@ pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 /// Timeout of an exec that names none.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest timeout an exec may ask for: a buffered call holds its HTTP request open.
-pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(moat_proto::v1::MAX_EXEC_TIMEOUT_SECS);
 /// Chunk size for writing an exec's stdin to the agent (below its message limit).
 pub(super) const STDIN_CHUNK: usize = 256 << 10;
 

@@ -192,22 +192,7 @@ fn quota_text(what: &str, limit: u64, used: u64, requested: u64) -> String {
 
 /// A byte count as a size: exact (`2G`, `512M`, `100`) when it is a whole number of a unit,
 /// else to one decimal (`1.5G`).
-fn size_text(bytes: u64) -> String {
-    let exact = crate::resources::fmt_bytes(bytes);
-    if bytes < 1024 || exact != bytes.to_string() {
-        return exact;
-    }
-    let (unit, size) = [
-        ("T", 1u64 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ]
-    .into_iter()
-    .find(|(_, size)| bytes >= *size)
-    .unwrap_or(("K", 1 << 10));
-    format!("{:.1}{unit}", bytes as f64 / size as f64)
-}
+use moat_proto::units::format_size_approx as size_text;
 
 #[cfg(test)]
 mod tests {

@@ -234,7 +234,7 @@ pub fn exit_status(end: &ExecEnd, memory: Option<u64>) -> u8 {
         match memory {
             Some(m) => eprintln!(
                 "moat: killed: out of memory (the sandbox's limit is {})",
-                moat_engine::resources::fmt_bytes(m)
+                moat_proto::units::format_size(m)
             ),
             None => eprintln!("moat: killed: out of memory (the sandbox's memory limit)"),
         }
