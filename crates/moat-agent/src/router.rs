@@ -79,15 +79,8 @@ impl Router {
                     _ => method_not_allowed("GET"),
                 };
             }
-            // `/files` checks the token itself: it also accepts signed URLs.
             "/files" => return files::handle(self.state.clone(), req).await,
             _ => {}
-        }
-        if let Some(token) = &self.state.config.access_token
-            && auth::requires_token(path)
-            && !auth::token_matches(req.headers(), token)
-        {
-            return transport::plain(StatusCode::UNAUTHORIZED, "invalid or missing access token");
         }
         if path == relay::PATH {
             return relay::handle(req).await;
