@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use moat_proto::agent_config::LAYER_PATH;
 use moat_proto::{filesystem as fs, process as pr};
 
-use crate::ResponseBody;
 use crate::auth;
 use crate::files;
 use crate::filesystem::FsService;
@@ -21,6 +20,7 @@ use crate::reaper::Reaper;
 use crate::relay;
 use crate::rpc::{Code, RpcError};
 use crate::state::AgentState;
+use crate::transport::ResponseBody;
 use crate::transport::{self, Call, Codec, Kind, Message};
 use crate::users::User;
 
@@ -86,7 +86,7 @@ impl Router {
             return relay::handle(req).await;
         }
         if path == LAYER_PATH {
-            return crate::layer::handle(self.state.clone(), req).await;
+            return crate::layer::handle(self.state.layer.clone(), req).await;
         }
         if path == "/interpreter" || path.starts_with("/interpreter/") {
             return self.interpreter.handle(req).await;

@@ -138,6 +138,21 @@ fn reason_phrase(status: u16) -> &'static str {
 /// Result of client calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An error and its sources, `: `-separated (hyper's own messages say little alone).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -4,6 +4,7 @@
 //! - [`spawn`]: starting a sandbox's first process in fresh namespaces, on its own root.
 //! - [`rootfs`]: what that root looks like (host template, directory templates, `/proc`, `/dev`).
 //! - [`cgroup`]: memory, pids and cpu limits, freeze, kill-all, on cgroup v1 and v2.
+//! - [`id`]: sandbox ids, checked before they name a path.
 //! - [`idmap`]: a host uid/gid range per sandbox.
 //! - [`memfd`]: the agent binary as a sealed in-memory copy.
 //! - [`runtime`]: the host runtime directory.
@@ -17,6 +18,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod confine;
 pub mod guardian;
+pub mod id;
 pub mod idmap;
 pub mod kept;
 pub mod landlock;

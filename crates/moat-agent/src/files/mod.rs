@@ -35,11 +35,11 @@ use hyper::body::{Frame, Incoming};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::ResponseBody;
 use crate::filesystem::creds::blocking_as;
 use crate::filesystem::{ops, paths};
 use crate::rpc::{Code, RpcError};
 use crate::state::AgentState;
+use crate::transport::ResponseBody;
 use crate::users::User;
 use multipart::{Multipart, MultipartError};
 

@@ -1,0 +1,19 @@
+//! Sandbox ids. An id names the sandbox's cgroups, runtime directory and kept marker, so it is
+//! checked before it reaches a path.
+
+use crate::{JailError, Result};
+
+/// Checks that `id` is a safe sandbox id: 1 to 64 characters of `[a-z0-9]`.
+pub fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(JailError::Invalid(format!(
+            "invalid sandbox id {id:?}: 1 to 64 characters of [a-z0-9]"
+        )));
+    }
+    Ok(())
+}
