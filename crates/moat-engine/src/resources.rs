@@ -71,7 +71,7 @@ impl Resources {
             self.cpu_millis,
             MIN_CPU_MILLIS,
             MAX_CPU_MILLIS,
-            |m| format!("{}", m as f64 / 1000.0),
+            moat_proto::units::format_cpus,
         )?;
         check("pids", self.pids, MIN_PIDS, MAX_PIDS, |v| v.to_string())?;
         check("disk", self.disk_bytes, MIN_DISK, MAX_DISK, fmt_bytes)?;

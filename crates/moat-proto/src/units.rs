@@ -108,6 +108,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// CPU thousandths as a count of CPUs, as [`parse_cpus`] reads it: `1`, `0.5`, `0.25`.
+pub fn format_cpus(millis: u64) -> String {
+    let text = format!("{}.{:03}", millis / 1000, millis % 1000);
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 /// `bytes` exactly, in the largest binary unit that divides it (`512M`, `1G`), else as a plain
 /// number: the form [`parse_size`] reads back.
 pub fn format_size(bytes: u64) -> String {
@@ -173,6 +179,10 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("1000h").is_err());
+        for m in [1u64, 10, 500, 1000, 2250, 64_000] {
+            assert_eq!(parse_cpus(&format_cpus(m)).ok(), Some(m));
+        }
+        assert_eq!(format_cpus(2250), "2.25");
     }
 
     #[test]
