@@ -17,3 +17,18 @@ pub fn validate_id(id: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_short_lowercase_alphanumerics() {
+        for ok in ["a", "sbx0", &"z".repeat(64)] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "A", "a-b", "../x", "a/b", "a b", &"z".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+    }
+}
