@@ -25,6 +25,4 @@ pub mod users;
 
 pub use entry::agent_main;
 pub use server::{ServeOptions, serve};
-
-/// The body type of every response the agent sends.
-pub type ResponseBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+pub use transport::ResponseBody;

@@ -28,8 +28,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::ResponseBody;
 use crate::transport;
+use crate::transport::ResponseBody;
 
 /// The route's path.
 pub const PATH: &str = "/relay/tcp";

@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use moat_proto::agent_config::LAYER_PATH;
 use moat_proto::{filesystem as fs, process as pr};
 
-use crate::ResponseBody;
 use crate::auth;
 use crate::files;
 use crate::filesystem::FsService;
@@ -21,6 +20,7 @@ use crate::reaper::Reaper;
 use crate::relay;
 use crate::rpc::{Code, RpcError};
 use crate::state::AgentState;
+use crate::transport::ResponseBody;
 use crate::transport::{self, Call, Codec, Kind, Message};
 use crate::users::User;
 
@@ -79,21 +79,14 @@ impl Router {
                     _ => method_not_allowed("GET"),
                 };
             }
-            // `/files` checks the token itself: it also accepts signed URLs.
             "/files" => return files::handle(self.state.clone(), req).await,
             _ => {}
-        }
-        if let Some(token) = &self.state.config.access_token
-            && auth::requires_token(path)
-            && !auth::token_matches(req.headers(), token)
-        {
-            return transport::plain(StatusCode::UNAUTHORIZED, "invalid or missing access token");
         }
         if path == relay::PATH {
             return relay::handle(req).await;
         }
         if path == LAYER_PATH {
-            return crate::layer::handle(self.state.clone(), req).await;
+            return crate::layer::handle(self.state.layer.clone(), req).await;
         }
         if path == "/interpreter" || path.starts_with("/interpreter/") {
             return self.interpreter.handle(req).await;

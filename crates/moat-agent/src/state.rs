@@ -1,5 +1,7 @@
 //! State shared by every service of the agent.
 
+use std::sync::Arc;
+
 use moat_proto::agent_config::AgentConfig;
 
 use crate::layer::Layer;
@@ -12,7 +14,7 @@ pub struct AgentState {
     /// The configuration the host started the agent with.
     pub config: AgentConfig,
     /// The sandbox's writable layer, when the backend handed one over.
-    pub layer: Option<Layer>,
+    pub layer: Option<Arc<Layer>>,
 }
 
 impl AgentState {
@@ -26,7 +28,7 @@ impl AgentState {
 
     /// The same state with the sandbox's writable layer.
     pub fn with_layer(mut self, layer: Layer) -> Self {
-        self.layer = Some(layer);
+        self.layer = Some(Arc::new(layer));
         self
     }
 

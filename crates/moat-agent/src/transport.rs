@@ -14,8 +14,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::ResponseBody;
 use crate::rpc::RpcError;
+
+/// The body type of every response the agent sends.
+pub type ResponseBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
 
 /// Largest request message the agent accepts (a unary body, or one envelope's payload), 16 MiB.
 /// Bigger messages are answered with `resource_exhausted` before they are buffered.

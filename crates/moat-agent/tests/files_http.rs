@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use moat_agent::files::{self, Operation};
+use moat_agent::files;
 use moat_agent::filesystem::FsService;
 use moat_agent::state::AgentState;
 use moat_proto::filesystem::StatRequest;
@@ -95,7 +95,7 @@ fn path_of(dir: &tempfile::TempDir, rel: &str) -> String {
 async fn downloads_stream_identity_or_gzip() {
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     // Bigger than several chunks, not a multiple of one.
     let data: Vec<u8> = (0..3 * files::CHUNK + 1234)
         .map(|i| (i * 7 % 251) as u8)
@@ -150,7 +150,7 @@ async fn downloads_stream_identity_or_gzip() {
 async fn download_errors() {
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     std::fs::create_dir(dir.path().join("d")).expect("mkdir");
     common::mkfifo(&dir.path().join("fifo"));
     let cases = [
@@ -208,7 +208,7 @@ async fn downloads_run_as_the_user() {
         return;
     }
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     std::fs::write(dir.path().join("private"), "secret").expect("write");
     std::fs::set_permissions(
         dir.path().join("private"),
@@ -271,7 +271,7 @@ fn post(query: &str, content_type: &str) -> http::request::Builder {
 async fn multipart_uploads_use_full_filenames() {
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let a = path_of(&dir, "new/dirs/a.txt");
     let b = path_of(&dir, "other/b \\\"q\\\".txt");
     let form = multipart(
@@ -366,7 +366,7 @@ async fn multipart_uploads_use_full_filenames() {
 async fn octet_stream_uploads_plain_and_gzip() {
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let dest = path_of(&dir, "deep/er/o.bin");
     // A streamed body of many chunks.
     let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..200)
@@ -472,7 +472,7 @@ async fn uploads_run_as_the_user_and_belong_to_them() {
         return;
     };
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let own = dir.path().join("nobodys");
     std::fs::create_dir(&own).expect("mkdir");
     std::os::unix::fs::chown(&own, Some(nobody.uid), Some(nobody.gid)).expect("chown");
@@ -524,7 +524,7 @@ async fn metadata_of(
 async fn metadata_headers_become_xattrs() {
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let fs = FsService::new(state.clone());
     let root = common::root_user(dir.path());
     let dest = path_of(&dir, "m.txt");
@@ -593,105 +593,6 @@ async fn metadata_headers_become_xattrs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_token_and_signed_urls() {
-    require_root!();
-    let dir = common::tempdir();
-    let token = "s3cret";
-    let state = common::state("root", Some(token));
-    let path = path_of(&dir, "signed.txt");
-    std::fs::write(&path, "signed content").expect("write");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    let future = (now + 3600).to_string();
-    let past = (now - 10).to_string();
-    let read = files::sign(&path, Operation::Read, "", token, None);
-    let read_root = files::sign(&path, Operation::Read, "root", token, Some(&future));
-    let other_path = files::sign(&path_of(&dir, "other"), Operation::Read, "", token, None);
-    let expired = files::sign(&path, Operation::Read, "", token, Some(&past));
-    let write = files::sign(&path, Operation::Write, "", token, None);
-    let p = q(&path);
-    let cases: Vec<(String, Option<&str>, StatusCode)> = vec![
-        (format!("path={p}"), None, StatusCode::UNAUTHORIZED),
-        (format!("path={p}"), Some(token), StatusCode::OK),
-        (format!("path={p}"), Some("wrong"), StatusCode::UNAUTHORIZED),
-        (
-            format!("path={p}&signature={}", q(&read)),
-            None,
-            StatusCode::OK,
-        ),
-        (
-            format!(
-                "path={p}&username=root&signature={}&signature_expiration={future}",
-                q(&read_root)
-            ),
-            None,
-            StatusCode::OK,
-        ),
-        // The same signature without the user it was made for.
-        (
-            format!(
-                "path={p}&signature={}&signature_expiration={future}",
-                q(&read_root)
-            ),
-            None,
-            StatusCode::UNAUTHORIZED,
-        ),
-        (
-            format!("path={p}&signature={}", q(&other_path)),
-            None,
-            StatusCode::UNAUTHORIZED,
-        ),
-        (
-            format!(
-                "path={p}&signature={}&signature_expiration={past}",
-                q(&expired)
-            ),
-            None,
-            StatusCode::UNAUTHORIZED,
-        ),
-        (
-            format!("path={p}&signature={}", q(&write)),
-            None,
-            StatusCode::UNAUTHORIZED,
-        ),
-        // A wrong header is not rescued by a good signature.
-        (
-            format!("path={p}&signature={}", q(&read)),
-            Some("wrong"),
-            StatusCode::UNAUTHORIZED,
-        ),
-    ];
-    for (query, header, want) in cases {
-        let mut req = get(&query);
-        if let Some(h) = header {
-            req = req.header("x-access-token", h);
-        }
-        let resp = send(&state, req.body(body("")).expect("req")).await;
-        assert_eq!(status_of(resp).await, want, "{query} {header:?}");
-    }
-    // Uploads need a write signature.
-    let up = |sig: &str| {
-        post(
-            &format!("path={p}&signature={}", q(sig)),
-            "application/octet-stream",
-        )
-        .body(body("new"))
-        .expect("req")
-    };
-    assert_eq!(
-        status_of(send(&state, up(&read)).await).await,
-        StatusCode::UNAUTHORIZED
-    );
-    assert_eq!(
-        status_of(send(&state, up(&write)).await).await,
-        StatusCode::OK
-    );
-    assert_eq!(std::fs::read(&path).expect("read"), b"new");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_space_is_507() {
     require_root!();
     let dir = common::tempdir();
@@ -706,7 +607,7 @@ async fn no_space_is_507() {
         eprintln!("skipped: cannot mount a small tmpfs here");
         return;
     }
-    let state = common::state("root", None);
+    let state = common::state("root");
     let dest = format!("{}/big.bin", small.display());
     let resp = send(
         &state,
@@ -729,7 +630,7 @@ async fn uploads_make_missing_parents_for_the_user() {
     };
     // `dir` is root's (0755): nobody could not make `0` in it.
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let dest = path_of(&dir, "0/a/b.txt");
     let resp = send(
         &state,
@@ -794,7 +695,7 @@ fn counted_upload(
 async fn a_refused_upload_is_read_before_the_answer() {
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let boundary = "XyZ";
     // The first part's destination is a directory: refused before the rest has arrived.
     let head = format!(
@@ -866,7 +767,7 @@ async fn a_refused_upload_is_read_before_the_answer() {
 async fn upload_answers_carry_the_metadata() {
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let dest = path_of(&dir, "answer.txt");
     let resp = send(
         &state,
@@ -930,7 +831,7 @@ async fn upload_answers_carry_the_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_that_report_no_size_are_read_to_their_end() {
     require_root!();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let path = "/proc/sys/kernel/random/boot_id";
     let expected = std::fs::read(path).expect("read boot_id");
     assert_eq!(std::fs::metadata(path).expect("stat").len(), 0);
@@ -964,7 +865,7 @@ async fn one_upload_of_a_new_file_is_create_chmod_write() {
     use moat_proto::filesystem::{EventType, WatchDirRequest};
     require_root!();
     let dir = common::tempdir();
-    let state = common::state("root", None);
+    let state = common::state("root");
     let fs = FsService::new(state.clone());
     let root = common::root_user(dir.path());
     let mut events = fs

@@ -15,7 +15,7 @@ use moat_proto::filesystem::*;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn service() -> FsService {
-    FsService::new(common::state("root", None))
+    FsService::new(common::state("root"))
 }
 
 async fn stat(fs: &FsService, u: &User, path: &str) -> Result<EntryInfo, Code> {

@@ -188,51 +188,6 @@ async fn health_and_envs() {
 }
 
 #[tokio::test]
-async fn access_token() {
-    let mut cfg = config();
-    cfg.access_token = Some("s3cret".into());
-    let agent = Agent::start(cfg).await;
-    // /health is open.
-    let resp = agent
-        .send(
-            http::Request::get("http://localhost/health")
-                .body(full(""))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(resp.status(), 204);
-    // Everything else needs the token: a plain 401 JSON.
-    let (status, body) = agent.unary("/process.Process/List", json!({}), &[]).await;
-    assert_eq!(status, 401);
-    assert_eq!(body["code"], 401);
-    assert!(body["message"].is_string());
-    let (status, _) = agent
-        .unary(
-            "/process.Process/List",
-            json!({}),
-            &[("x-access-token", "wrong")],
-        )
-        .await;
-    assert_eq!(status, 401);
-    let (status, _) = agent
-        .unary(
-            "/process.Process/List",
-            json!({}),
-            &[("x-access-token", "s3cret")],
-        )
-        .await;
-    assert_eq!(status, 200);
-    let resp = agent
-        .send(
-            http::Request::get("http://localhost/envs")
-                .body(full(""))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(resp.status(), 401);
-}
-
-#[tokio::test]
 async fn unary_deadline() {
     let agent = Agent::start(config()).await;
     // SendInput to a process that never reads blocks once the pipe is full; the call's deadline

@@ -157,7 +157,7 @@ impl ByteStream {
                 Some(Err(e)) => {
                     return Poll::Ready(Err(Error::Transport {
                         url: self.url.clone(),
-                        reason: format!("reading the answer: {}", crate::client::chain(&e)),
+                        reason: format!("reading the answer: {}", crate::error::chain(&e)),
                     }));
                 }
                 // Trailers carry nothing the API uses: skip them.

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::body::{Body, ByteStream, RawBody};
-use crate::error::{ApiError, Error, Result};
+use crate::error::{ApiError, Error, Result, chain};
 
 /// Environment variable with the server's URL, read by [`Client::from_env`].
 pub const URL_ENV: &str = "MOAT_URL";
@@ -253,21 +253,6 @@ async fn read_limited(body: Incoming, max: usize) -> std::result::Result<Bytes, 
                 format!("reading the answer: {}", chain(e.as_ref()))
             }
         })
-}
-
-/// An error and its sources, `: `-separated (hyper's own messages say little alone).
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// The first I/O error among `e`'s sources that did not come from the network (an upload

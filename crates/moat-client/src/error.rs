@@ -6,6 +6,9 @@ use moat_proto::v1;
 pub const MAX_ERROR_TEXT: usize = 512;
 
 /// What a call of the client can fail with.
+///
+/// A wrapped I/O error is the message and not an error source, so a chain printed with `{:#}`
+/// shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The server answered with an error status.
@@ -35,7 +38,15 @@ pub enum Error {
     Protocol(String),
     /// Reading or writing local data failed (an upload's source, a download's target).
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+// By hand rather than `#[from]`, which would make the I/O error a source as well as the
+// message: printed with `{:#}`, the chain would show it twice.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
 }
 
 /// An error answer of the server: its status and the `{"error": {"code", "message"}}` body.
@@ -126,6 +137,21 @@ fn reason_phrase(status: u16) -> &'static str {
 
 /// Result of client calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its sources, `: `-separated (hyper's own messages say little alone).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

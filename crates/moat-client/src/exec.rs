@@ -8,9 +8,10 @@ use http::Method;
 use http::header::CONTENT_TYPE;
 
 use crate::body::{Body, ByteStream};
+use crate::client::Client;
+use crate::error::{Error, Result};
 use crate::path::seg;
 use crate::types::{ExecEnd, ExecEvent, ExecRequest, OutputEncoding};
-use crate::{Client, Error, Result};
 
 /// Longest event line accepted; a longer one fails the stream rather than filling memory.
 /// The server sends output in chunks far smaller than this.

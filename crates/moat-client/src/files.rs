@@ -6,9 +6,10 @@ use std::path::Path;
 use http::Method;
 
 use crate::body::{Body, ByteStream};
+use crate::client::Client;
+use crate::error::Result;
 use crate::path::{Query, seg};
 use crate::types::{FileEntry, FileList, MakeDir, MoveFile};
-use crate::{Client, Result};
 
 /// Content type of tar archives in both directions.
 const TAR: &str = "application/x-tar";

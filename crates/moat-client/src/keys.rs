@@ -2,9 +2,10 @@
 
 use http::Method;
 
+use crate::client::Client;
+use crate::error::Result;
 use crate::path::{Query, seg};
 use crate::types::{ApiKey, CreateKey, CreatedKey, KeyList};
-use crate::{Client, Result};
 
 impl Client {
     /// Makes an API key; the answer holds its secret, which cannot be had again.

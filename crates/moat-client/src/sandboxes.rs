@@ -2,11 +2,12 @@
 
 use http::Method;
 
+use crate::client::Client;
+use crate::error::Result;
 use crate::path::{Query, seg};
 use crate::types::{
     CreateSandbox, ExecRequest, ExecResult, ListSandboxes, Sandbox, SandboxList, SetTimeout,
 };
-use crate::{Client, Result};
 
 impl Client {
     /// Makes a sandbox and waits until it runs (`POST /v1/sandboxes`).

@@ -2,12 +2,13 @@
 
 use http::Method;
 
+use crate::client::Client;
+use crate::error::Result;
 use crate::path::{Query, seg};
 use crate::types::{
     CreateSnapshot, ForkResult, ForkSandbox, ListSnapshots, ResumeSandbox, Sandbox, Snapshot,
     SnapshotList,
 };
-use crate::{Client, Result};
 
 impl Client {
     /// Freezes every process of the sandbox; commands and file calls answer 409 until it is

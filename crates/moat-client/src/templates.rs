@@ -2,9 +2,10 @@
 
 use http::Method;
 
+use crate::client::Client;
+use crate::error::Result;
 use crate::path::{Query, seg};
 use crate::types::{CreateTemplate, Template, TemplateList};
-use crate::{Client, Result};
 
 impl Client {
     /// Defines a template for the key's tenant.

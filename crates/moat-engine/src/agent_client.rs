@@ -121,7 +121,6 @@ pub struct CallOptions {
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     sender: SendRequest<RequestBody>,
-    access_token: Option<String>,
 }
 
 impl AgentClient {
@@ -146,16 +145,7 @@ impl AgentClient {
             // The connection ends when the sandbox goes away; callers see it as transport errors.
             let _ = conn.await;
         });
-        Ok(AgentClient {
-            sender,
-            access_token: None,
-        })
-    }
-
-    /// Sends `token` as `X-Access-Token` on every call (for agents configured with one).
-    pub fn with_access_token(mut self, token: impl Into<String>) -> Self {
-        self.access_token = Some(token.into());
-        self
+        Ok(AgentClient { sender })
     }
 
     /// Whether the connection has closed.
@@ -336,9 +326,6 @@ impl AgentClient {
         if let Some(user) = user {
             let creds = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
             b = b.header(header::AUTHORIZATION, format!("Basic {creds}"));
-        }
-        if let Some(token) = &self.access_token {
-            b = b.header("x-access-token", token.as_str());
         }
         if let Some(t) = timeout {
             b = b.header(connect::HEADER_TIMEOUT_MS, connect::format_timeout_ms(t));

@@ -1,6 +1,9 @@
 //! Errors of the engine.
 
 /// What went wrong, in a form every surface (CLI, API) can turn into a clear message and status.
+///
+/// A wrapped OS error is part of the message and not an error source, so a chain printed with
+/// `{:#}` shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The request is invalid (bad limit, bad id, unknown template, …).
@@ -19,22 +22,21 @@ pub enum EngineError {
     #[error("agent: {0}")]
     Agent(String),
     /// An I/O error on the host.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being done.
         what: String,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 impl EngineError {
     /// An I/O error while doing `what`.
-    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(what: impl Into<String>, error: std::io::Error) -> Self {
         EngineError::Io {
             what: what.into(),
-            source,
+            error,
         }
     }
 }

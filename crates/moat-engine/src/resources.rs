@@ -1,5 +1,6 @@
-//! Resource limits of a sandbox, their defaults, their bounds, and parsing of the human forms
-//! (`512M`, `1.5`, `30s`) the CLI and API accept.
+//! Resource limits of a sandbox, their defaults and their bounds. The human forms (`512M`,
+//! `1.5`, `30s`) are parsed by [`moat_proto::units`]; the functions here refuse bad ones as
+//! invalid requests.
 
 use std::time::Duration;
 
@@ -40,7 +41,7 @@ pub mod bounds {
     /// Largest writable layer.
     pub const MAX_DISK: u64 = 256 << 30;
     /// Longest run time.
-    pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+    pub const MAX_TIMEOUT_SECS: u64 = moat_proto::units::MAX_DURATION_SECS;
 }
 
 impl Default for Resources {
@@ -70,7 +71,7 @@ impl Resources {
             self.cpu_millis,
             MIN_CPU_MILLIS,
             MAX_CPU_MILLIS,
-            |m| format!("{}", m as f64 / 1000.0),
+            moat_proto::units::format_cpus,
         )?;
         check("pids", self.pids, MIN_PIDS, MAX_PIDS, |v| v.to_string())?;
         check("disk", self.disk_bytes, MIN_DISK, MAX_DISK, fmt_bytes)?;
@@ -90,100 +91,28 @@ fn check(name: &str, v: u64, min: u64, max: u64, show: impl Fn(u64) -> String) -
     Ok(())
 }
 
-/// Formats bytes with a binary unit.
-pub fn fmt_bytes(b: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("T", 1 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ];
-    for (u, n) in UNITS {
-        if b >= n && b.is_multiple_of(n) {
-            return format!("{}{u}", b / n);
-        }
-    }
-    format!("{b}")
-}
+/// Formats bytes exactly in the largest binary unit that divides them (`512M`): the form
+/// [`parse_size`] reads back.
+pub use moat_proto::units::format_size as fmt_bytes;
 
-/// Parses a size: a number with an optional binary unit (`K`, `M`, `G`, `T`, optionally followed
-/// by `i`/`iB`/`B`), for example `512M`, `1G`, `1.5G`, `65536`.
+/// [`moat_proto::units::parse_size`], refused as an invalid request.
 pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let bad = || EngineError::Invalid(format!("invalid size {text:?}: use e.g. 512M, 1G or 65536"));
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return Err(bad());
-    }
-    let mult: u64 = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches('B')
-        .trim_end_matches('I')
-    {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => return Err(bad()),
-    };
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let bytes = value * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
+    moat_proto::units::parse_size(text).map_err(invalid)
 }
 
-/// Parses a CPU count such as `1`, `0.5` or `2.25` into thousandths.
+/// [`moat_proto::units::parse_cpus`], refused as an invalid request.
 pub fn parse_cpus(text: &str) -> Result<u64> {
-    let v: f64 = text.trim().parse().map_err(|_| {
-        EngineError::Invalid(format!("invalid CPU count {text:?}: use e.g. 1 or 0.5"))
-    })?;
-    if !v.is_finite() || v <= 0.0 {
-        return Err(EngineError::Invalid(format!(
-            "invalid CPU count {text:?}: must be positive"
-        )));
-    }
-    Ok((v * 1000.0).round() as u64)
+    moat_proto::units::parse_cpus(text).map_err(invalid)
 }
 
-/// Parses a duration: a number with a unit `ms`, `s`, `m` or `h` (a bare number is seconds).
+/// [`moat_proto::units::parse_duration`] (at most [`bounds::MAX_TIMEOUT_SECS`]), refused as an
+/// invalid request.
 pub fn parse_duration(text: &str) -> Result<Duration> {
-    let t = text.trim();
-    let bad = || {
-        EngineError::Invalid(format!(
-            "invalid duration {text:?}: use e.g. 500ms, 30s, 5m"
-        ))
-    };
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "" | "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(EngineError::Invalid(format!(
-            "invalid duration {text:?}: must be positive"
-        )));
-    }
-    if secs > bounds::MAX_TIMEOUT_SECS as f64 {
-        return Err(EngineError::Invalid(format!(
-            "duration {text:?} is longer than the maximum of {}h",
-            bounds::MAX_TIMEOUT_SECS / 3600
-        )));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    moat_proto::units::parse_duration(text).map_err(invalid)
+}
+
+fn invalid(e: moat_proto::units::UnitError) -> EngineError {
+    EngineError::Invalid(e.to_string())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::{EngineError, Result};
+use crate::error::{EngineError, Result};
 
 /// Largest `etc/passwd` read for the check; a real one is a few KiB.
 const MAX_PASSWD_BYTES: u64 = 1 << 20;

@@ -203,20 +203,6 @@ async fn process_deadline() {
 }
 
 #[tokio::test]
-async fn access_token() {
-    let c = client_with(AgentConfig {
-        default_user: "root".into(),
-        access_token: Some("tok".into()),
-        ..AgentConfig::default()
-    })
-    .await;
-    let err = c.list().await.unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
-    let c = c.with_access_token("tok");
-    c.list().await.unwrap();
-}
-
-#[tokio::test]
 async fn files_round_trip() {
     let c = client().await;
     let dir = std::env::temp_dir().join(format!("moat-client-files-{}", std::process::id()));

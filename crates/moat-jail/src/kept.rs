@@ -59,7 +59,7 @@ pub fn write(slots_dir: &Path, m: &KeptMarker) -> Result<()> {
         .map_err(|e| JailError::os(format!("create {}", tmp.display()), e))?;
     let line = match &m.owner {
         Some(owner) => {
-            crate::spawn::validate_id(owner)?;
+            crate::id::validate_id(owner)?;
             format!("{} {} {owner}\n", m.id, m.pid)
         }
         None => format!("{} {}\n", m.id, m.pid),
@@ -104,8 +104,8 @@ pub fn scan(slots_dir: &Path) -> Vec<KeptMarker> {
             parts.next().map(str::parse::<i32>),
             parts.next(),
             parts.next(),
-        ) && crate::spawn::validate_id(id).is_ok()
-            && owner.is_none_or(|o| crate::spawn::validate_id(o).is_ok())
+        ) && crate::id::validate_id(id).is_ok()
+            && owner.is_none_or(|o| crate::id::validate_id(o).is_ok())
         {
             out.push(KeptMarker {
                 slot,

@@ -4,6 +4,7 @@
 //! - [`spawn`]: starting a sandbox's first process in fresh namespaces, on its own root.
 //! - [`rootfs`]: what that root looks like (host template, directory templates, `/proc`, `/dev`).
 //! - [`cgroup`]: memory, pids and cpu limits, freeze, kill-all, on cgroup v1 and v2.
+//! - [`id`]: sandbox ids, checked before they name a path.
 //! - [`idmap`]: a host uid/gid range per sandbox.
 //! - [`memfd`]: the agent binary as a sealed in-memory copy.
 //! - [`runtime`]: the host runtime directory.
@@ -17,6 +18,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod confine;
 pub mod guardian;
+pub mod id;
 pub mod idmap;
 pub mod kept;
 pub mod landlock;
@@ -29,16 +31,18 @@ pub mod spawn;
 pub mod sys;
 
 /// Errors of the jail, each naming the step that failed.
+///
+/// A wrapped OS error is part of the message and not an error source, so a chain printed with
+/// `{:#}` shows it once (the convention of every moat error type).
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
     /// A system call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Os {
         /// The step, with its argument.
         what: String,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A request or configuration the jail refuses.
     #[error("{0}")]
@@ -53,15 +57,15 @@ impl JailError {
     pub fn last_os(what: impl Into<String>) -> Self {
         JailError::Os {
             what: what.into(),
-            source: std::io::Error::last_os_error(),
+            error: std::io::Error::last_os_error(),
         }
     }
 
     /// An OS error from `what`.
-    pub fn os(what: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn os(what: impl Into<String>, error: std::io::Error) -> Self {
         JailError::Os {
             what: what.into(),
-            source,
+            error,
         }
     }
 }

@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use crate::cgroup::SandboxCgroup;
+pub use crate::id::validate_id;
 use crate::idmap::{IdRange, RANGE};
 use crate::memfd::SealedBinary;
 use crate::rootfs::{self, FsLimits, Plan, Rootfs, Step};
@@ -64,21 +65,6 @@ pub struct SandboxProcess {
     reaped: bool,
     /// Whether it is our child (spawned here) rather than adopted from an earlier process.
     child: bool,
-}
-
-/// Checks that `id` is a safe sandbox id: 1 to 64 characters of `[a-z0-9]`.
-pub fn validate_id(id: &str) -> Result<()> {
-    if id.is_empty()
-        || id.len() > 64
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        return Err(JailError::Invalid(format!(
-            "invalid sandbox id {id:?}: 1 to 64 characters of [a-z0-9]"
-        )));
-    }
-    Ok(())
 }
 
 /// What the child needs, all prepared before `clone`.

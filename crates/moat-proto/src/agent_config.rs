@@ -61,9 +61,6 @@ pub struct AgentConfig {
     /// Environment variables every process in the sandbox starts with (below the request's own).
     #[serde(default)]
     pub env_vars: BTreeMap<String, String>,
-    /// If set, every request except `/health` and signed `/files` must carry it as `X-Access-Token`.
-    #[serde(default)]
-    pub access_token: Option<String>,
     /// Resource limits applied to every user process (rlimits; the cgroup limits are the host's).
     #[serde(default)]
     pub limits: UserLimits,
@@ -109,7 +106,6 @@ impl Default for AgentConfig {
             default_user: "user".to_string(),
             default_workdir: None,
             env_vars: BTreeMap::new(),
-            access_token: None,
             limits: UserLimits::default(),
             listener: false,
             writable_layer: None,

@@ -564,6 +564,10 @@ pub struct ForkError {
     pub message: String,
 }
 
+/// Longest `timeout_secs` an [`ExecRequest`] may ask for: a buffered call holds its HTTP
+/// request open.
+pub const MAX_EXEC_TIMEOUT_SECS: u64 = 3600;
+
 /// `POST /v1/sandboxes/{id}/exec`: run one command, and either wait for its [`ExecResult`] or
 /// follow it as a stream of [`ExecEvent`]s.
 ///

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) if cli::run_remote::wanted() => cli::run_remote::main(*args),
         Command::Run(args) => cli::run::main(*args),
         Command::Serve(args) => cli::serve::main(args),
         Command::Check => cli::check::main(),

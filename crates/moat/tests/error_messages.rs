@@ -233,3 +233,51 @@ fn a_rootfs_without_the_user_is_refused_with_what_to_add() {
         "{line}"
     );
 }
+
+/// An OS error (or SQLite's) wrapped by moat's error types and printed as the CLI prints a
+/// chain (`{:#}`) appears once: each type puts it in its message and not also in its source.
+#[test]
+fn an_error_chain_prints_the_os_error_once() {
+    use moat_engine::error::EngineError;
+    use moat_engine::store::{Store, StoreError};
+    use moat_jail::JailError;
+
+    let denied = || std::io::Error::from_raw_os_error(libc::EACCES);
+    let os_text = denied().to_string();
+    let missing = Store::open("/tmp/moat-no-such-dir/deeper/moat.db").expect_err("no parent dir");
+    let missing_text = match &missing {
+        StoreError::Io { error, .. } => error.to_string(),
+        other => panic!("not an I/O error: {other}"),
+    };
+    let sqlite = rusqlite::Connection::open_in_memory()
+        .expect("sqlite")
+        .execute("not sql", [])
+        .expect_err("bad SQL");
+    let sqlite_text = sqlite.to_string();
+    let chains: Vec<(anyhow::Error, &str)> = vec![
+        (
+            anyhow::Error::new(JailError::os("mount /proc", denied())).context("creating sandbox"),
+            &os_text,
+        ),
+        (
+            anyhow::Error::new(EngineError::io("reading the rootfs", denied())).context("create"),
+            &os_text,
+        ),
+        (
+            anyhow::Error::new(missing).context("opening the store"),
+            &missing_text,
+        ),
+        (
+            anyhow::Error::new(StoreError::from(sqlite)).context("listing"),
+            &sqlite_text,
+        ),
+        (
+            anyhow::Error::new(moat_client::Error::from(denied())).context("--upload a.txt"),
+            &os_text,
+        ),
+    ];
+    for (e, inner) in chains {
+        let text = format!("{e:#}");
+        assert_eq!(text.matches(inner).count(), 1, "{inner:?} twice in: {text}");
+    }
+}

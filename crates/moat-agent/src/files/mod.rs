@@ -1,5 +1,6 @@
-//! The plain HTTP `/files` routes: download (`GET`) and upload (`POST`), with the access-token or
-//! signed-URL check of `shared/reference/e2b-wire.md` §7.
+//! The plain HTTP `/files` routes: download (`GET`) and upload (`POST`) of
+//! `shared/reference/e2b-wire.md` §7. The access token and signed-URL check is the server's
+//! sandbox proxy's: only the host reaches the agent.
 //!
 //! Like the RPCs, all file work runs as the request's user (`username` query parameter, else the
 //! default user) through the same checked path resolution (see [`crate::filesystem`]), with one
@@ -15,7 +16,6 @@
 //! [`MAX_DRAIN_BYTES`] and [`DRAIN_TIMEOUT`]: a client that is still sending when the answer
 //! comes would otherwise see its connection break instead of the error.
 
-mod auth;
 mod multipart;
 
 use std::collections::{BTreeMap, HashSet};
@@ -36,13 +36,11 @@ use moat_proto::file_signature::FilesQuery;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Mutex, mpsc};
 
-pub use auth::{Operation, sign};
-
-use crate::ResponseBody;
 use crate::filesystem::creds::blocking_as;
 use crate::filesystem::{ops, paths};
 use crate::rpc::{Code, RpcError};
 use crate::state::AgentState;
+use crate::transport::ResponseBody;
 use crate::users::User;
 use multipart::{Multipart, MultipartError};
 
@@ -162,39 +160,10 @@ fn parse_query(query: Option<&str>) -> Result<FilesQuery, HttpError> {
     FilesQuery::parse(query.unwrap_or("")).map_err(|e| HttpError::bad_request(e.0))
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// The access check, then the user: both failures are 401.
-fn authorize(
-    state: &AgentState,
-    headers: &HeaderMap,
-    q: &FilesQuery,
-    operation: Operation,
-) -> Result<User, HttpError> {
-    // Checked against a signature (a token set, no token header), the query may repeat no
-    // parameter: the rule the proxy applies to the same query.
-    if state.config.access_token.is_some() && !headers.contains_key("x-access-token") {
-        q.check_signable()
-            .map_err(|e| HttpError::bad_request(e.0))?;
-    }
-    let creds = auth::Credentials {
-        path: q.path.as_deref().unwrap_or(""),
-        username: q.username.as_deref(),
-        signature: q.signature.as_deref(),
-        signature_expiration: q.signature_expiration.as_deref(),
-    };
-    auth::check(
-        state.config.access_token.as_deref(),
-        headers,
-        &creds,
-        operation,
-        unix_now(),
-    )
-    .map_err(|m| HttpError::new(StatusCode::UNAUTHORIZED, m))?;
+/// The user the request names (`username`), the default one when it names none; 401 when no
+/// such user exists. Who may reach `/files` at all is checked before the request gets here (the
+/// server's sandbox proxy, or the host's own calls).
+fn request_user(state: &AgentState, q: &FilesQuery) -> Result<User, HttpError> {
     state
         .resolve_user(q.username.as_deref())
         .map_err(|e| HttpError::new(StatusCode::UNAUTHORIZED, e.message))
@@ -282,7 +251,7 @@ async fn download(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, HttpError> {
     let q = parse_query(req.uri().query())?;
-    let user = authorize(state, req.headers(), &q, Operation::Read)?;
+    let user = request_user(state, &q)?;
     let path = request_path(state, &user, q.path.as_deref())?;
     let encoding = negotiate(req.headers()).ok_or_else(|| {
         HttpError::new(
@@ -663,7 +632,7 @@ async fn upload_from(
     body: BoxStream<'static, Result<Bytes, MultipartError>>,
 ) -> Result<Response<ResponseBody>, HttpError> {
     let q = parse_query(req.uri.query())?;
-    let user = authorize(state, &req.headers, &q, Operation::Write)?;
+    let user = request_user(state, &q)?;
     let metadata = Arc::new(parse_metadata(&req.headers)?);
     let content_type = req
         .headers

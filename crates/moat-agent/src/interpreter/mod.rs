@@ -33,11 +33,11 @@ use self::contexts::{Context, Registry};
 use self::kernel::Launcher;
 use self::language::Language;
 use self::stream::Emitter;
-use crate::ResponseBody;
 use crate::process::ProcessService;
 use crate::process::spawn::DEFAULT_PATH;
 use crate::state::AgentState;
 use crate::transport;
+use crate::transport::ResponseBody;
 
 /// Contexts `POST /interpreter/contexts` may create per sandbox; the default context of each
 /// language (at most one each) comes on top.

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::MAX_OUTPUT_TEXT_BYTES;
-use crate::ResponseBody;
+use crate::transport::ResponseBody;
 
 /// Lines the stream may queue before the execution waits for the client: a slow reader slows
 /// the code down (its output pipe fills) instead of growing the agent's memory.

@@ -22,10 +22,8 @@ use hyper::body::{Frame, Incoming};
 use moat_proto::agent_config::{AGENT_LAYER_FD, WritableLayer};
 use tokio::sync::mpsc;
 
-use crate::ResponseBody;
 use crate::filesystem::sys;
-use crate::state::AgentState;
-use crate::transport;
+use crate::transport::{self, ResponseBody};
 
 /// Prefix of the name of a whiteout entry: `.wh.<name>` records that `<name>` was removed.
 pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
@@ -71,16 +69,17 @@ impl Layer {
     }
 }
 
-/// Answers a request whose path is `/moat/layer`.
-pub async fn handle(state: Arc<AgentState>, req: Request<Incoming>) -> Response<ResponseBody> {
-    if state.layer.is_none() {
+/// Answers a request whose path is `/moat/layer`, for the sandbox's writable `layer` (`None`:
+/// the backend handed over none).
+pub async fn handle(layer: Option<Arc<Layer>>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let Some(layer) = layer else {
         return transport::plain(
             StatusCode::NOT_IMPLEMENTED,
             "this agent was given no writable layer",
         );
-    }
+    };
     match *req.method() {
-        Method::GET => capture_response(state),
+        Method::GET => capture_response(layer),
         Method::PUT => restore_response(req.into_body()).await,
         _ => {
             let mut resp = transport::plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -93,12 +92,9 @@ pub async fn handle(state: Arc<AgentState>, req: Request<Incoming>) -> Response<
 
 /// Streams the layer as it is walked. A failure after the first byte ends the body with an
 /// error, so the host sees an incomplete transfer, never a short archive that looks whole.
-fn capture_response(state: Arc<AgentState>) -> Response<ResponseBody> {
+fn capture_response(layer: Arc<Layer>) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
     tokio::task::spawn_blocking(move || {
-        let Some(layer) = &state.layer else {
-            return;
-        };
         let mut out = ChunkWriter {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK),

@@ -65,11 +65,10 @@ pub fn plain_user(home: &Path) -> User {
     }
 }
 
-/// Agent state whose default user is `default_user`, with an optional access token.
-pub fn state(default_user: &str, token: Option<&str>) -> Arc<AgentState> {
+/// Agent state whose default user is `default_user`.
+pub fn state(default_user: &str) -> Arc<AgentState> {
     Arc::new(AgentState::new(AgentConfig {
         default_user: default_user.into(),
-        access_token: token.map(str::to_string),
         ..AgentConfig::default()
     }))
 }

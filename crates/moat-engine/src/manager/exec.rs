@@ -9,7 +9,7 @@ use moat_proto::v1;
 
 use super::exec_encoding::OutputEncoder;
 use super::exec_stream::ExecStream;
-use super::execution::{Execution, Output};
+use super::execution::{ExecPlan, Execution, Output};
 use super::{ManagerError, ManagerResult, SandboxManager, check_env};
 
 /// Output kept per stream (stdout, stderr) of a buffered exec; the rest is dropped and the
@@ -18,9 +18,7 @@ pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 /// Timeout of an exec that names none.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest timeout an exec may ask for: a buffered call holds its HTTP request open.
-pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Chunk size for writing an exec's stdin to the agent (below its message limit).
-pub(super) const STDIN_CHUNK: usize = 256 << 10;
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(moat_proto::v1::MAX_EXEC_TIMEOUT_SECS);
 
 impl SandboxManager {
     /// Runs one command in the sandbox and returns its buffered result.
@@ -84,19 +82,6 @@ impl SandboxManager {
         let live = self.inner.live_for(tenant, id).await?;
         Execution::start(id, live, plan).await
     }
-}
-
-/// An exec request checked and turned into what the agent is asked.
-#[derive(Debug)]
-pub(super) struct ExecPlan {
-    /// The agent's request.
-    pub(super) start: StartRequest,
-    /// Bytes for the command's stdin, when it has any.
-    pub(super) stdin: Option<Vec<u8>>,
-    /// When the agent kills the command's process group.
-    pub(super) timeout: Duration,
-    /// The user it runs as; the sandbox's default when `None`.
-    pub(super) user: Option<String>,
 }
 
 /// The plan of an exec, or why it is invalid.

@@ -10,16 +10,31 @@
 //! command's process group, so nothing keeps running unobserved.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moat_proto::connect::Code;
-use moat_proto::process::{process_event, process_selector};
+use moat_proto::process::{StartRequest, process_event, process_selector};
 use moat_proto::v1;
 
-use super::exec::{ExecPlan, STDIN_CHUNK};
 use super::{Live, ManagerError, ManagerResult};
 use crate::agent_client::{AgentClient, AgentError, CallOptions, ProcessStream};
+
+/// Chunk size for writing an exec's stdin to the agent (below its message limit).
+const STDIN_CHUNK: usize = 256 << 10;
+
+/// An exec request checked and turned into what the agent is asked.
+#[derive(Debug)]
+pub(super) struct ExecPlan {
+    /// The agent's request.
+    pub(super) start: StartRequest,
+    /// Bytes for the command's stdin, when it has any.
+    pub(super) stdin: Option<Vec<u8>>,
+    /// When the agent kills the command's process group.
+    pub(super) timeout: Duration,
+    /// The user it runs as; the sandbox's default when `None`.
+    pub(super) user: Option<String>,
+}
 
 /// A piece of what a command did.
 #[derive(Debug)]

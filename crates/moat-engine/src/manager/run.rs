@@ -14,6 +14,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
+use moat_proto::units::describe_size;
 use moat_proto::v1;
 
 use super::{DEFAULT_EXEC_TIMEOUT, ManagerError, ManagerResult, SandboxManager};
@@ -184,16 +185,16 @@ async fn read_output(
     if size > MAX_RUN_OUTPUT_FILE {
         return Err(format!(
             "{} is larger than the limit of {} per output file",
-            show(size),
-            show(MAX_RUN_OUTPUT_FILE)
+            describe_size(size),
+            describe_size(MAX_RUN_OUTPUT_FILE)
         ));
     }
     if size > *left {
         return Err(format!(
             "{} would take the run's output files over their total limit of {} ({} left)",
-            show(size),
-            show(MAX_RUN_OUTPUT_TOTAL),
-            show(*left)
+            describe_size(size),
+            describe_size(MAX_RUN_OUTPUT_TOTAL),
+            describe_size(*left)
         ));
     }
     // The download yields exactly `size` bytes or fails, so this never grows past `left`.
@@ -203,16 +204,6 @@ async fn read_output(
     }
     *left -= data.len() as u64;
     Ok(data)
-}
-
-/// `bytes` for people: `8MiB`, or `12345 bytes` when no binary unit divides it.
-fn show(bytes: u64) -> String {
-    let s = crate::resources::fmt_bytes(bytes);
-    if s.ends_with(|c: char| c.is_ascii_digit()) {
-        format!("{s} bytes")
-    } else {
-        format!("{s}iB")
-    }
 }
 
 /// Refuses a list of `what` paths that names one path twice.

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use moat_proto::units::describe_size;
 use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -128,33 +129,23 @@ impl Bounds {
         if size > self.free_left {
             return Err(ManagerError::InsufficientStorage(format!(
                 "the snapshot of sandbox {id} would leave less than the server's reserve of {} free on its data disk",
-                fmt_bytes(self.reserve)
+                describe_size(self.reserve)
             )));
         }
         if size > self.quota_left {
             return Err(ManagerError::QuotaExceeded(format!(
                 "the snapshot of sandbox {id} would take the tenant's snapshots over their quota of {} ({} left)",
-                fmt_bytes(self.quota),
-                fmt_bytes(self.quota_left)
+                describe_size(self.quota),
+                describe_size(self.quota_left)
             )));
         }
         if size > self.disk {
             return Err(ManagerError::TooLarge(format!(
                 "the snapshot of sandbox {id} is larger than its disk size of {}",
-                fmt_bytes(self.disk)
+                describe_size(self.disk)
             )));
         }
         Ok(())
-    }
-}
-
-/// `bytes` for people: `8MiB`, or `12345 bytes` when no binary unit divides it.
-fn fmt_bytes(bytes: u64) -> String {
-    let s = crate::resources::fmt_bytes(bytes);
-    if s.ends_with(|c: char| c.is_ascii_digit()) {
-        format!("{s} bytes")
-    } else {
-        format!("{s}iB")
     }
 }
 

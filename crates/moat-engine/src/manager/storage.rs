@@ -8,6 +8,8 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use moat_proto::units::describe_size;
+
 use super::{ManagerError, ManagerResult, SandboxManager};
 
 /// Free space the data dir must keep for the store: below it, state-changing requests are
@@ -30,10 +32,10 @@ impl SandboxManager {
             return Ok(());
         }
         Err(ManagerError::InsufficientStorage(format!(
-            "the server's data dir is full: {} free, below the {} MiB it keeps for its records; \
+            "the server's data dir is full: {} free, below the {} it keeps for its records; \
              nothing was changed",
-            human(free),
-            DATA_DIR_RESERVE >> 20
+            describe_size(free),
+            describe_size(DATA_DIR_RESERVE)
         )))
     }
 }
@@ -51,16 +53,6 @@ pub(super) fn free_disk(dir: &Path) -> std::io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-/// `bytes` in the largest binary unit that keeps it at least 1.
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} bytes"),
-    }
-}
-
 /// Whether `e` failed for lack of space (SQLite's "database or disk is full").
 pub(super) fn is_disk_full(e: &crate::store::StoreError) -> bool {
     matches!(e, crate::store::StoreError::Sqlite(s)
@@ -70,13 +62,6 @@ pub(super) fn is_disk_full(e: &crate::store::StoreError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_read_in_their_unit() {
-        assert_eq!(human(512), "512 bytes");
-        assert_eq!(human(3 << 20), "3.0 MiB");
-        assert_eq!(human(5 << 30), "5.0 GiB");
-    }
 
     #[test]
     fn a_disk_full_error_is_recognised() {

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 /// What went wrong in the store, typed so the server can pick the HTTP status without parsing text.
+///
+/// A wrapped error (OS, SQLite) is part of the message and not an error source, so a chain
+/// printed with `{:#}` shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An id, name or value given by the caller is malformed.
@@ -124,19 +127,26 @@ pub enum StoreError {
     #[error("cannot get random bytes from the OS: {0}")]
     Random(getrandom::Error),
     /// A filesystem operation on the database file failed.
-    #[error("{what} {path:?}: {source}")]
+    #[error("{what} {path:?}: {error}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// SQLite failed (I/O error, disk full, locked beyond the busy timeout, …).
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+}
+
+// By hand rather than `#[from]`, which would make the SQLite error a source as well as part of
+// the message: printed with `{:#}`, the chain would show it twice.
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
 }
 
 impl StoreError {
@@ -192,22 +202,7 @@ fn quota_text(what: &str, limit: u64, used: u64, requested: u64) -> String {
 
 /// A byte count as a size: exact (`2G`, `512M`, `100`) when it is a whole number of a unit,
 /// else to one decimal (`1.5G`).
-fn size_text(bytes: u64) -> String {
-    let exact = crate::resources::fmt_bytes(bytes);
-    if bytes < 1024 || exact != bytes.to_string() {
-        return exact;
-    }
-    let (unit, size) = [
-        ("T", 1u64 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ]
-    .into_iter()
-    .find(|(_, size)| bytes >= *size)
-    .unwrap_or(("K", 1 << 10));
-    format!("{:.1}{unit}", bytes as f64 / size as f64)
-}
+use moat_proto::units::format_size_approx as size_text;
 
 #[cfg(test)]
 mod tests {

@@ -55,14 +55,7 @@ pub(crate) fn hash_secret(secret: &str) -> [u8; 32] {
 }
 
 /// Equality whose time does not depend on where the inputs differ.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    // Keep the optimiser from turning the fold into an early-exit comparison.
-    std::hint::black_box(diff) == 0
-}
+pub(crate) use moat_proto::secret::constant_time_eq;
 
 fn is_lower_alnum(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit()

@@ -108,10 +108,10 @@ impl Store {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| StoreError::Io {
+            .map_err(|error| StoreError::Io {
                 what: "cannot open database file",
                 path: path.clone(),
-                source,
+                error,
             })?;
         let mut writer = open_connection(&path)?;
         // Migrate first: a file this build must refuse (newer, foreign) is then left as found.

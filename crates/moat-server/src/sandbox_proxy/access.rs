@@ -46,9 +46,7 @@ pub const INTERNAL_PATHS: &[&str] = &[
 ];
 
 /// Compares without an early exit, so timing does not tell how much of a guess was right.
-pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub(crate) use moat_proto::secret::constant_time_eq as same;
 
 /// Whether header `name` is present and carries `token`.
 fn header_is(headers: &HeaderMap, name: &str, token: &str) -> bool {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use super::output;
 
 use moat_client::types::{ApiKey, CreateKey, KeyQuotas, KeyRole, QuotaRequest};
-use moat_engine::resources::{fmt_bytes, parse_size};
+use moat_proto::units::{format_size as fmt_bytes, parse_size};
 
 use super::remote::{self, Format, Remote};
 use super::table::{self, Table};

@@ -11,6 +11,7 @@ pub mod run;
 pub mod run_remote;
 pub mod sandbox;
 pub mod serve;
+pub mod signal;
 pub mod snapshot;
 pub mod table;
 pub mod template;

@@ -222,7 +222,7 @@ pub fn exit_status(end: &ExecEnd, memory: Option<u64>) -> u8 {
     let code = match (end.exit_code, &end.signal) {
         (Some(code), _) => (code & 0xff) as u8,
         (None, Some(signal)) => {
-            let n = super::run::signal_number(signal).unwrap_or(libc::SIGKILL);
+            let n = super::signal::signal_number(signal).unwrap_or(libc::SIGKILL);
             (128 + n.clamp(1, 127)) as u8
         }
         (None, None) => {
@@ -234,7 +234,7 @@ pub fn exit_status(end: &ExecEnd, memory: Option<u64>) -> u8 {
         match memory {
             Some(m) => eprintln!(
                 "moat: killed: out of memory (the sandbox's limit is {})",
-                moat_engine::resources::fmt_bytes(m)
+                moat_proto::units::format_size(m)
             ),
             None => eprintln!("moat: killed: out of memory (the sandbox's memory limit)"),
         }

@@ -22,6 +22,7 @@ use tokio::io::AsyncReadExt;
 use super::remote::{Signals, write_out};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::signal::signal_number;
 use super::terminal::{self, RawMode};
 
 /// Exit code when moat itself fails (as `docker run` and `podman run` use).
@@ -168,11 +169,8 @@ fn plan(a: RunArgs) -> Result<Plan> {
     })
 }
 
-/// Runs `moat run`: through the server at `MOAT_URL` when it is set, else here.
+/// Runs `moat run` here (without `MOAT_URL`; with it, [`super::run_remote::main`] runs it).
 pub fn main(args: RunArgs) -> ExitCode {
-    if super::run_remote::wanted() {
-        return super::run_remote::main(args);
-    }
     let plan = match plan(args) {
         Ok(p) => p,
         Err(e) => {
@@ -487,33 +485,6 @@ fn exit_code(end: &process_event::EndEvent) -> u8 {
     (128 + sig) as u8
 }
 
-/// The signal named in a Go-style status (`signal: killed`).
-pub(crate) fn signal_number(status: &str) -> Option<i32> {
-    let name = status.strip_prefix("signal: ")?;
-    let name = name.trim_end_matches(" (core dumped)");
-    Some(match name {
-        "hangup" => libc::SIGHUP,
-        "interrupt" => libc::SIGINT,
-        "quit" => libc::SIGQUIT,
-        "illegal instruction" => libc::SIGILL,
-        "trace/breakpoint trap" => libc::SIGTRAP,
-        "aborted" => libc::SIGABRT,
-        "bus error" => libc::SIGBUS,
-        "floating point exception" => libc::SIGFPE,
-        "killed" => libc::SIGKILL,
-        "user defined signal 1" => libc::SIGUSR1,
-        "segmentation fault" => libc::SIGSEGV,
-        "user defined signal 2" => libc::SIGUSR2,
-        "broken pipe" => libc::SIGPIPE,
-        "alarm clock" => libc::SIGALRM,
-        "terminated" => libc::SIGTERM,
-        "CPU time limit exceeded" => libc::SIGXCPU,
-        "file size limit exceeded" => libc::SIGXFSZ,
-        "bad system call" => libc::SIGSYS,
-        other => other.strip_prefix("signal ").and_then(|n| n.parse().ok())?,
-    })
-}
-
 /// `--copy LOCAL:REMOTE` values: each local path a readable file, each remote path non-empty.
 pub(crate) fn parse_copies(values: &[String]) -> Result<Vec<(PathBuf, String)>> {
     values
@@ -542,20 +513,4 @@ pub(crate) fn check_workdir(workdir: Option<&str>) -> Result<()> {
         bail!("--workdir {w:?}: must be an absolute path inside the sandbox");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signal_names_map_back_to_numbers() {
-        assert_eq!(signal_number("signal: killed"), Some(9));
-        assert_eq!(
-            signal_number("signal: segmentation fault (core dumped)"),
-            Some(11)
-        );
-        assert_eq!(signal_number("signal: signal 40"), Some(40));
-        assert_eq!(signal_number("exit status 1"), None);
-    }
 }

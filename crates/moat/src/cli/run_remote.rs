@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use moat_client::Client;
 use moat_client::types::{CreateSandbox, ExecRequest, OutputEncoding, ResourceRequest, Sandbox};
-use moat_engine::manager::MAX_EXEC_TIMEOUT;
-use moat_engine::resources::{parse_cpus, parse_duration, parse_size};
+use moat_proto::units::{parse_cpus, parse_duration, parse_size};
+use moat_proto::v1;
 use tokio::io::AsyncReadExt;
 
 use super::remote::{self, EXIT_MOAT_FAILED, Finished, Remote, Signals, key_values, whole_secs};
@@ -58,11 +58,11 @@ fn plan(a: &RunArgs) -> Result<Plan> {
         .transpose()
         .context("--timeout")?
         .map(whole_secs)
-        .unwrap_or(MAX_EXEC_TIMEOUT.as_secs());
-    if timeout > MAX_EXEC_TIMEOUT.as_secs() {
+        .unwrap_or(v1::MAX_EXEC_TIMEOUT_SECS);
+    if timeout > v1::MAX_EXEC_TIMEOUT_SECS {
         bail!(
             "--timeout: through a server a command may run at most {} s",
-            MAX_EXEC_TIMEOUT.as_secs()
+            v1::MAX_EXEC_TIMEOUT_SECS
         );
     }
     let env: BTreeMap<String, String> = key_values("--env", &a.env)?.into_iter().collect();

@@ -12,7 +12,7 @@ use moat_client::types::{
     CreateSandbox, ExecRequest, ForkSandbox, ListSandboxes, OutputEncoding, ResourceRequest,
     Sandbox, SandboxState,
 };
-use moat_engine::resources::{fmt_bytes, parse_cpus, parse_duration};
+use moat_proto::units::{format_size as fmt_bytes, parse_cpus, parse_duration};
 use tokio::io::AsyncReadExt;
 
 use super::remote::{self, EXIT_MOAT_FAILED, Finished, Format, Remote, key_values, whole_secs};

@@ -7,7 +7,7 @@ use super::output;
 use anyhow::Result;
 use moat_client::Client;
 use moat_client::types::{CreateSnapshot, ListSnapshots, Snapshot};
-use moat_engine::resources::fmt_bytes;
+use moat_proto::units::format_size as fmt_bytes;
 
 use super::remote::{self, Format, Remote};
 use super::table::{self, Table};

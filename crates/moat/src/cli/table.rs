@@ -103,10 +103,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// CPU thousandths as a count of CPUs: `1`, `0.5`, `0.25`.
-pub fn cpus(millis: u64) -> String {
-    let text = format!("{}.{:03}", millis / 1000, millis % 1000);
-    text.trim_end_matches('0').trim_end_matches('.').to_owned()
-}
+pub use moat_proto::units::format_cpus as cpus;
 
 /// A string map as `k=v,k=v` (`-` when empty).
 pub fn pairs<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {

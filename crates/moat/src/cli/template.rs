@@ -7,7 +7,7 @@ use super::output;
 use anyhow::{Context, Result, bail};
 use moat_client::Client;
 use moat_client::types::{CreateTemplate, Rootfs, Template, TemplateSpec};
-use moat_engine::resources::{fmt_bytes, parse_cpus, parse_duration, parse_size};
+use moat_proto::units::{format_size as fmt_bytes, parse_cpus, parse_duration, parse_size};
 
 use super::remote::{self, Format, Remote, key_values, whole_secs};
 use super::sandbox::ResourceFlags;
