@@ -5,7 +5,7 @@
 //! The cases follow `shared/reference/threat-checklist.md` (IDs in each test's name) for the
 //! native backend. Tests need root; without it they print a reason and skip.
 
-mod host;
+use moat_test_support::host;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;

@@ -16,7 +16,7 @@ use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
 use serde_json::{Value, json};
 
-mod support;
+use moat_test_support as support;
 
 /// The sandbox's access token in these tests.
 const TOKEN: &str = "interpreter-test-token";

@@ -2,7 +2,7 @@
 //! sandbox routes, tenancy, JSON errors for bad input, and a SIGTERM that leaves nothing behind.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! hard open-file limit too low for sandboxes, saying what to set. Needs root (the native
 //! backend); skips otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -3,7 +3,7 @@
 //! client hanging up killing its command, and JSON errors for what fails before the start.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

@@ -3,7 +3,7 @@
 //! directories as tar archives both ways, and the JSON errors. Needs root (the native backend);
 //! skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //! with SIGSTOP from the host) gets its calls refused at once, then is destroyed and recorded
 //! `failed` with the reason. Needs root (the native backend); skips otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

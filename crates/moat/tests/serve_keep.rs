@@ -2,7 +2,7 @@
 //! next server on the same data dir takes them over, with their files and processes; their uid
 //! ranges stay out of use meanwhile. Needs root (the native backend); skips otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! files loses the writing process, reported as an out-of-memory kill, and goes on serving.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use serde_json::json;
 use support::is_root;

@@ -3,7 +3,7 @@
 //! The tests that run sandboxes need root (the native backend); they skip with a printed
 //! reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! Templates, warm pools and the one-shot `POST /v1/run` of a real `moat serve`, over HTTP.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! sandboxes), and warm pools held to their maker's quotas and to the pool memory budget.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

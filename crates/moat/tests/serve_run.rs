@@ -2,7 +2,7 @@
 //! would hold, duplicate paths, runs at once. Needs root (the native backend); skips with a
 //! printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::time::{Duration, Instant};
 

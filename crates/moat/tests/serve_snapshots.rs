@@ -4,7 +4,7 @@
 //! template alike) and survives a restart; forks are independent copies; tenants stay apart.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! sandbox whose delete was refused runs on as recorded, and everything works again once there
 //! is room. Needs root (the native backend, and to mount the tmpfs); skips otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::path::PathBuf;
 
