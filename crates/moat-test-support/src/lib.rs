@@ -27,6 +27,21 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Returns from the calling test, printing why it skips, unless we run as root (the native
+/// backend needs it). Takes the reason as a literal where it is another one.
+#[macro_export]
+macro_rules! need_root {
+    () => {
+        $crate::need_root!("the native backend needs root")
+    };
+    ($why:literal) => {
+        if !$crate::is_root() {
+            eprintln!(concat!("SKIP: ", $why));
+            return;
+        }
+    };
+}
+
 /// The `moat` binary under test: what Cargo (and nextest) name in `CARGO_BIN_EXE_moat` when
 /// they run a test of the `moat` package, else the `moat` beside the test's own `deps/`
 /// directory (another package's tests, which Cargo builds with the same target directory).

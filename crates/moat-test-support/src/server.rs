@@ -96,13 +96,14 @@ impl Server {
     /// Creates a sandbox of the default template with `key` (`POST /v1/sandboxes {}`), which
     /// must succeed, and returns its id.
     pub fn create_sandbox(&self, key: &str) -> String {
-        let r = self.request("POST", "/v1/sandboxes", Some(key), Some(b"{}"));
-        assert_eq!(
-            r.status,
-            201,
-            "create: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        self.create_sandbox_with(key, serde_json::json!({}))
+    }
+
+    /// Creates a sandbox as `req` asks (`POST /v1/sandboxes`) with `key`, which must succeed,
+    /// and returns its id.
+    pub fn create_sandbox_with(&self, key: &str, req: Value) -> String {
+        let r = self.request("POST", "/v1/sandboxes", Some(key), Some(&body(req)));
+        assert_eq!(r.status, 201, "create: {}", r.text());
         r.json()["id"].as_str().expect("id").to_owned()
     }
 
@@ -115,12 +116,7 @@ impl Server {
             Some(key),
             Some(&body(serde_json::json!({ "shell": script }))),
         );
-        assert_eq!(
-            r.status,
-            200,
-            "exec in {id}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        assert_eq!(r.status, 200, "exec in {id}: {}", r.text());
         r.json()
     }
 
@@ -299,25 +295,25 @@ impl Reply {
         })
     }
 
+    /// The body as text (invalid UTF-8 replaced), for messages and text answers.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     /// The body as JSON; panics (showing it) when it is not.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
                 "status {} body is not JSON ({e}): {}",
                 self.status,
-                String::from_utf8_lossy(&self.body)
+                self.text()
             )
         })
     }
 
     /// Asserts a JSON error with this status and code.
     pub fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(
-            self.status,
-            status,
-            "body: {}",
-            String::from_utf8_lossy(&self.body)
-        );
+        assert_eq!(self.status, status, "body: {}", self.text());
         assert!(
             self.headers.contains("content-type: application/json"),
             "{}",
