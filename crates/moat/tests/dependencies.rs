@@ -1,6 +1,8 @@
 //! The workspace's layering, checked against `cargo metadata`: which moat crate may depend on
-//! which (docs DESIGN.md's "may depend on" table, as an allow-list), and that `moat-proto`, the
-//! wire types every client shares, pulls in nothing that does I/O.
+//! which (DESIGN.md's "may depend on" table, as an allow-list), and that `moat-proto`, the
+//! wire types every client shares, pulls in nothing that does I/O. The one rule below the crate
+//! level, that `moat-server` uses neither the store nor the agent client (the sandbox proxy
+//! aside), is checked on its sources.
 //!
 //! Normal and build dependencies count; dev-dependencies do not (tests may use anything,
 //! `moat-test-support` included), but `moat-test-support` itself may never be more than a
@@ -291,6 +293,84 @@ fn workspace_crates_depend_only_on_what_the_design_allows() {
     );
 }
 
+/// Where a server source file reaches the engine's store or the agent client, which DESIGN.md
+/// keeps out of `moat-server` (the engine's services stand between), except in the sandbox
+/// proxy, whose byte forwarding is the agent's own protocol. One `file:line: text` each.
+fn server_reaches_past_the_engine(src: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![src.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "sandbox_proxy") {
+                    todo.push(path);
+                }
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            let rel = path
+                .strip_prefix(src)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            out.extend(
+                forbidden_lines(&text)
+                    .into_iter()
+                    .map(|(n, line)| format!("{rel}:{n}: {line}")),
+            );
+        }
+    }
+    out
+}
+
+/// The lines (1-based, trimmed) of Rust source `text` that name the engine's store module (a
+/// path through `store`, or `store` in a `use`; not `object_store` or a variable called
+/// `store`) or the agent client; comments do not count.
+fn forbidden_lines(text: &str) -> Vec<(usize, &str)> {
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.starts_with("//"))
+        .filter(|(_, l)| {
+            let names = |word: &str| {
+                l.match_indices(word)
+                    .map(|(i, w)| (&l[..i], &l[i + w.len()..]))
+                    .filter(|(before, after)| {
+                        !before.ends_with(is_ident) && !after.starts_with(is_ident)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let store = names("store").into_iter().any(|(before, after)| {
+                before.ends_with("::") || after.starts_with("::") || l.starts_with("use ")
+            });
+            store || !names("agent_client").is_empty()
+        })
+        .collect()
+}
+
+#[test]
+fn the_server_reaches_neither_the_store_nor_the_agent_client() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../moat-server/src");
+    let found = server_reaches_past_the_engine(&src);
+    assert!(
+        found.is_empty(),
+        "moat-server uses the store or the agent client, which DESIGN.md leaves to the engine \
+         (the sandbox proxy's byte forwarding aside):\n  {}",
+        found.join("\n  ")
+    );
+}
+
 /// The checker itself, on small made-up metadata documents.
 mod checker {
     use serde_json::{Value, json};
@@ -441,6 +521,26 @@ mod checker {
             [
                 "moat-gadget: a workspace crate without a rule; give it one in DESIGN.md's \"may depend on\" table and in this test",
                 "moat-server depends on moat-test-support: test support may only be a dev-dependency",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_source_check_sees_the_store_and_the_agent_client_but_not_comments() {
+        let text = "use moat_engine::store::Store;\n\
+                    // store:: in a comment\n\
+                    let s = object_store::local();\n\
+                    use moat_engine::agent_client::AgentClient;\n\
+                    let k = keystore::open(store.path());\n\
+                    use moat_engine::{manager, store};\n\
+                    let f = moat_engine::store::SandboxFilter {\n";
+        assert_eq!(
+            super::forbidden_lines(text),
+            [
+                (1, "use moat_engine::store::Store;"),
+                (4, "use moat_engine::agent_client::AgentClient;"),
+                (6, "use moat_engine::{manager, store};"),
+                (7, "let f = moat_engine::store::SandboxFilter {"),
             ]
         );
     }
