@@ -5,7 +5,7 @@
 //! The cases follow `shared/reference/threat-checklist.md` (IDs in each test's name) for the
 //! native backend. Tests need root; without it they print a reason and skip.
 
-mod host;
+use moat_test_support::{host, need_root};
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -50,15 +50,6 @@ fn run_corpus(opts: &[&str], program: &str, interp: &str) -> (i32, String, Strin
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-macro_rules! need_root {
-    () => {
-        if !host::is_root() {
-            eprintln!("SKIP: the native backend needs root");
-            return;
-        }
-    };
 }
 
 /// A1: host fds leaked into the sandbox (runc CVE-2024-21626, BuildKit CVE-2024-23651).

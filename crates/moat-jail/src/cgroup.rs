@@ -5,7 +5,7 @@
 //! limited by whoever started us.
 
 use std::fs;
-use std::io::{self, ErrorKind};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -79,8 +79,8 @@ struct Mount {
     options: String,
 }
 
-fn mounts() -> io::Result<Vec<Mount>> {
-    let text = fs::read_to_string("/proc/self/mountinfo")?;
+/// The mounts listed in `text`, a `/proc/<pid>/mountinfo`.
+fn mounts(text: &str) -> Vec<Mount> {
     let mut out = Vec::new();
     for line in text.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
@@ -98,7 +98,7 @@ fn mounts() -> io::Result<Vec<Mount>> {
             options: r[2].to_string(),
         });
     }
-    Ok(out)
+    out
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -121,11 +121,10 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `(controllers, path)` pairs of `/proc/self/cgroup`; v2 has an empty controller list.
-fn own_cgroups() -> io::Result<Vec<(Vec<String>, String)>> {
-    let text = fs::read_to_string("/proc/self/cgroup")?;
-    Ok(text
-        .lines()
+/// `(controllers, path)` pairs of `text`, a `/proc/<pid>/cgroup`; v2 has an empty controller
+/// list.
+fn own_cgroups(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
         .filter_map(|l| {
             let mut parts = l.splitn(3, ':');
             let _id = parts.next()?;
@@ -138,7 +137,7 @@ fn own_cgroups() -> io::Result<Vec<(Vec<String>, String)>> {
             };
             Some((ctrls, path.to_string()))
         })
-        .collect())
+        .collect()
 }
 
 /// The directory of our own cgroup in a hierarchy mounted at `m`, given our path in it.
@@ -153,8 +152,19 @@ fn own_dir(m: &Mount, path: &str) -> PathBuf {
 impl Layout {
     /// Detects the hierarchies and our place in them.
     pub fn detect() -> Result<Layout> {
-        let mounts = mounts().map_err(|e| JailError::os("read /proc/self/mountinfo", e))?;
-        let own = own_cgroups().map_err(|e| JailError::os("read /proc/self/cgroup", e))?;
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| JailError::os("read /proc/self/mountinfo", e))?;
+        let cgroup = fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| JailError::os("read /proc/self/cgroup", e))?;
+        Layout::from_tables(&mountinfo, &cgroup)
+    }
+
+    /// The layout a process with this `mountinfo` and `cgroup` (the texts of its
+    /// `/proc/<pid>/` files) sees; the hierarchies' own files are read where they are mounted
+    /// (tests point them at a made-up tree).
+    fn from_tables(mountinfo: &str, cgroup: &str) -> Result<Layout> {
+        let mounts = mounts(mountinfo);
+        let own = own_cgroups(cgroup);
         let v2_path = own
             .iter()
             .find(|(c, _)| c.is_empty())
@@ -890,5 +900,348 @@ mod tests {
     fn unescapes_mountinfo() {
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
+    }
+
+    // cgroup trees made of ordinary directories and files, as youki's libcgroups tests do:
+    // the layout is detected from made-up `mountinfo` and `cgroup` tables that point into a
+    // temporary directory, and what the sandbox's cgroups get is read back as files. The
+    // kernel's side (interface files appearing in a new cgroup, `rmdir` taking them along) is
+    // played by the tests where it matters.
+
+    const LIMITS: Limits = Limits {
+        memory_bytes: 256 << 20,
+        cpu_millis: 1500,
+        pids: 100,
+    };
+
+    fn read(path: &Path) -> String {
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    fn touch(path: &Path) {
+        fs::write(path, "").unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    }
+
+    /// Deletes the ordinary files below `dir`, as the kernel's `rmdir` of a cgroup drops its
+    /// interface files (a tree of ordinary directories refuses to remove a non-empty one).
+    fn drop_interface_files(dir: &Path) {
+        for e in fs::read_dir(dir).expect("read_dir").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                drop_interface_files(&path);
+            } else {
+                fs::remove_file(&path).expect("rm");
+            }
+        }
+    }
+
+    /// A v2 host: the unified hierarchy at `<tmp>/cg2`, this process in
+    /// `/system.slice/moat.service`, which has the memory, pids and cpu controllers.
+    fn fake_v2(tmp: &Path) -> (Layout, PathBuf) {
+        let point = tmp.join("cg2");
+        let own = point.join("system.slice/moat.service");
+        fs::create_dir_all(&own).expect("mkdir");
+        fs::write(
+            own.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .expect("write");
+        let mountinfo = format!(
+            "25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+             35 25 0:30 / {} rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 \
+             rw,nsdelegate,memory_recursiveprot\n",
+            point.display()
+        );
+        let layout = Layout::from_tables(&mountinfo, "0::/system.slice/moat.service\n")
+            .expect("a v2 layout");
+        (layout, own)
+    }
+
+    #[test]
+    fn detects_v2_and_our_place_in_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (layout, own) = fake_v2(tmp.path());
+        assert_eq!(layout.version, Version::V2);
+        assert_eq!(layout.bases(), [own.join("moat")]);
+        assert!(!layout.favors_dynamic_changes());
+        assert_eq!(layout.describe(), format!("v2 at {}", own.display()));
+    }
+
+    #[test]
+    fn a_v2_sandbox_gets_its_limits_and_its_user_and_agent_children() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (layout, own) = fake_v2(tmp.path());
+        let cg = SandboxCgroup::create(&layout, "sbx1", &LIMITS).expect("create");
+        let base = own.join("moat");
+        let sbx = base.join("sbx1");
+        // Controllers delegated down to the sandboxes, and on to the user processes' child.
+        assert_eq!(
+            read(&own.join("cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(
+            read(&base.join("cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(read(&sbx.join("cgroup.subtree_control")), "+memory +pids");
+        assert_eq!(
+            cg.dirs(),
+            [sbx.clone(), sbx.join(AGENT_CGROUP), sbx.join(USER_CGROUP)]
+        );
+        // The sandbox: its limit plus the agent's reserve; its user processes: the limit.
+        let user = sbx.join(USER_CGROUP);
+        assert_eq!(
+            read(&sbx.join("memory.max")),
+            ((256 + 32) << 20).to_string()
+        );
+        assert_eq!(read(&user.join("memory.max")), (256 << 20).to_string());
+        assert_eq!(read(&sbx.join("pids.max")), "132");
+        assert_eq!(read(&user.join("pids.max")), "100");
+        assert_eq!(read(&sbx.join("cpu.max")), "150000 100000");
+        // Swap is limited only where the kernel offers it.
+        assert!(!sbx.join("memory.swap.max").exists());
+        touch(&sbx.join("memory.swap.max"));
+        touch(&user.join("memory.swap.max"));
+        cg.apply_limits(&LIMITS, Some(&sbx), Some(&sbx))
+            .expect("apply");
+        assert_eq!(read(&sbx.join("memory.swap.max")), "0");
+        assert_eq!(read(&user.join("memory.swap.max")), "0");
+        // The agent goes in its leaf, user processes in theirs.
+        assert_eq!(
+            cg.procs_files(),
+            [sbx.join(AGENT_CGROUP).join("cgroup.procs")]
+        );
+        assert_eq!(cg.user_procs_files(), [user.join("cgroup.procs")]);
+        cg.attach(4242).expect("attach");
+        assert_eq!(read(&sbx.join(AGENT_CGROUP).join("cgroup.procs")), "4242");
+        // A tiny CPU share still gets the kernel's smallest useful quota.
+        let slow = Limits {
+            cpu_millis: 1,
+            ..LIMITS
+        };
+        cg.apply_limits(&slow, Some(&sbx), Some(&sbx))
+            .expect("apply");
+        assert_eq!(read(&sbx.join("cpu.max")), "1000 100000");
+    }
+
+    #[test]
+    fn a_v2_sandbox_reads_its_counters_and_freezes_through_cgroup_freeze() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (layout, own) = fake_v2(tmp.path());
+        let cg = SandboxCgroup::create(&layout, "sbx2", &LIMITS).expect("create");
+        let sbx = own.join("moat/sbx2");
+        fs::write(
+            sbx.join("memory.events"),
+            "low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n",
+        )
+        .expect("write");
+        fs::write(sbx.join("memory.current"), "12345\n").expect("write");
+        fs::write(sbx.join("memory.stat"), "anon 100\nfile 77\n").expect("write");
+        fs::write(sbx.join("cpu.stat"), "usage_usec 5000\nuser_usec 4000\n").expect("write");
+        assert_eq!(cg.oom_kills(), 2);
+        assert_eq!(cg.memory_current(), 12345);
+        assert_eq!(cg.memory_cache(), 77);
+        assert_eq!(cg.cpu_usage_usec(), 5000);
+        // No freezer at all is an error, not a silent no-op.
+        assert!(cg.set_frozen(true).is_err());
+        touch(&sbx.join("cgroup.freeze"));
+        cg.set_frozen(true).expect("freeze");
+        assert_eq!(read(&sbx.join("cgroup.freeze")), "1");
+        assert!(!cg.is_frozen(), "frozen before the kernel says so");
+        fs::write(sbx.join("cgroup.events"), "populated 1\nfrozen 1\n").expect("write");
+        assert!(cg.is_frozen());
+        cg.set_frozen(false).expect("thaw");
+        assert_eq!(read(&sbx.join("cgroup.freeze")), "0");
+    }
+
+    #[test]
+    fn a_v2_sandbox_is_found_again_and_removed_children_first() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (layout, own) = fake_v2(tmp.path());
+        let cg = SandboxCgroup::create(&layout, "sbx3", &LIMITS).expect("create");
+        let found = SandboxCgroup::existing(&layout, "sbx3").expect("existing");
+        assert_eq!(found.dirs(), cg.dirs());
+        assert_eq!(found.procs_files(), cg.procs_files());
+        assert_eq!(found.user_procs_files(), cg.user_procs_files());
+        assert!(SandboxCgroup::existing(&layout, "other").is_none());
+        let sbx = own.join("moat/sbx3");
+        drop_interface_files(&sbx);
+        found.remove().expect("remove");
+        assert!(!sbx.exists());
+        assert!(own.join("moat").is_dir(), "the base outlives its sandboxes");
+        // Removing what is gone already is no error.
+        cg.remove().expect("remove again");
+        layout.cap_total_pids(5000).expect("cap");
+        assert_eq!(read(&own.join("moat/pids.max")), "5000");
+    }
+
+    #[test]
+    fn a_failed_create_leaves_no_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (layout, cg_root) = fake_v1(tmp.path());
+        // The memory cgroup is made first; the pids one cannot be (its name is taken by a
+        // file): what was made is removed again.
+        let pids_base = cg_root.join("pids/user.slice/moat");
+        fs::create_dir_all(&pids_base).expect("mkdir");
+        touch(&pids_base.join("taken"));
+        assert!(SandboxCgroup::create(&layout, "taken", &LIMITS).is_err());
+        assert!(cg_root.join("memory/moat").is_dir());
+        assert!(!cg_root.join("memory/moat/taken").exists());
+        assert!(pids_base.join("taken").is_file());
+    }
+
+    /// A v1 host as systemd's hybrid mode has it: memory (seen from inside a container, its
+    /// mount rooted at the container's cgroup), pids, cpu with cpuacct and freezer as v1
+    /// hierarchies, and a v2 mount without controllers.
+    fn fake_v1(tmp: &Path) -> (Layout, PathBuf) {
+        let cg = tmp.join("cg1");
+        for d in [
+            "memory",
+            "pids/user.slice",
+            "cpu,cpuacct/user.slice",
+            "freezer",
+            "unified/user.slice",
+        ] {
+            fs::create_dir_all(cg.join(d)).expect("mkdir");
+        }
+        touch(&cg.join("unified/user.slice/cgroup.controllers"));
+        let c = cg.display();
+        let mountinfo = format!(
+            "25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+             40 30 0:40 /docker/abc {c}/memory rw,nosuid shared:20 - cgroup cgroup rw,memory\n\
+             41 30 0:41 / {c}/pids rw,nosuid shared:21 - cgroup cgroup rw,pids\n\
+             42 30 0:42 / {c}/cpu,cpuacct rw,nosuid shared:22 - cgroup cgroup rw,cpu,cpuacct\n\
+             43 30 0:43 / {c}/freezer rw,nosuid shared:23 - cgroup cgroup rw,freezer\n\
+             44 30 0:44 / {c}/unified rw,nosuid shared:24 - cgroup2 cgroup2 rw,nsdelegate\n"
+        );
+        let cgroup = "12:memory:/docker/abc\n6:pids:/user.slice\n3:cpu,cpuacct:/user.slice\n\
+                      7:freezer:/\n0::/user.slice\n";
+        let layout = Layout::from_tables(&mountinfo, cgroup).expect("a v1 layout");
+        (layout, cg)
+    }
+
+    #[test]
+    fn detects_v1_with_a_controllerless_v2_beside_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (layout, cg) = fake_v1(tmp.path());
+        assert_eq!(layout.version, Version::V1);
+        let mut expected = vec![
+            cg.join("memory/moat"),
+            cg.join("pids/user.slice/moat"),
+            cg.join("cpu,cpuacct/user.slice/moat"),
+            cg.join("freezer/moat"),
+            cg.join("unified/user.slice/moat"),
+        ];
+        expected.sort();
+        assert_eq!(layout.bases(), expected);
+    }
+
+    #[test]
+    fn a_v1_sandbox_gets_its_limits_in_each_hierarchy() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (layout, cg_root) = fake_v1(tmp.path());
+        let cg = SandboxCgroup::create(&layout, "sbx1", &LIMITS).expect("create");
+        let memory = cg_root.join("memory/moat/sbx1");
+        let pids = cg_root.join("pids/user.slice/moat/sbx1");
+        let cpu = cg_root.join("cpu,cpuacct/user.slice/moat/sbx1");
+        let freezer = cg_root.join("freezer/moat/sbx1");
+        let unified = cg_root.join("unified/user.slice/moat/sbx1");
+        let user = memory.join(USER_CGROUP);
+        let user_pids = pids.join(USER_CGROUP);
+        assert_eq!(
+            read(&memory.join("memory.limit_in_bytes")),
+            ((256 + 32) << 20).to_string()
+        );
+        assert_eq!(
+            read(&user.join("memory.limit_in_bytes")),
+            (256 << 20).to_string()
+        );
+        // Without swap accounting, no swapping at all.
+        assert_eq!(read(&memory.join("memory.swappiness")), "0");
+        assert_eq!(read(&user.join("memory.swappiness")), "0");
+        assert!(!memory.join("memory.memsw.limit_in_bytes").exists());
+        assert_eq!(read(&pids.join("pids.max")), "132");
+        assert_eq!(read(&user_pids.join("pids.max")), "100");
+        assert_eq!(read(&cpu.join("cpu.cfs_period_us")), "100000");
+        assert_eq!(read(&cpu.join("cpu.cfs_quota_us")), "150000");
+        // v1 has no v2 controllers to delegate.
+        assert!(
+            !cg_root
+                .join("unified/user.slice/moat/cgroup.subtree_control")
+                .exists()
+        );
+        // Where the kernel has them: swap accounting, and socket buffers limited to a quarter
+        // of the memory limit in both the sandbox's and the user processes' cgroup.
+        for dir in [&memory, &user] {
+            touch(&dir.join("memory.memsw.limit_in_bytes"));
+            touch(&dir.join("memory.kmem.tcp.limit_in_bytes"));
+        }
+        cg.apply_limits(&LIMITS, Some(&pids), Some(&cpu))
+            .expect("apply");
+        assert_eq!(
+            read(&memory.join("memory.memsw.limit_in_bytes")),
+            ((256 + 32) << 20).to_string()
+        );
+        assert_eq!(
+            read(&user.join("memory.memsw.limit_in_bytes")),
+            (256 << 20).to_string()
+        );
+        for dir in [&memory, &user] {
+            assert_eq!(
+                read(&dir.join("memory.kmem.tcp.limit_in_bytes")),
+                (64 << 20).to_string()
+            );
+        }
+        // The agent joins every hierarchy; user processes move to the memory and pids children.
+        let procs: Vec<PathBuf> = [&memory, &pids, &cpu, &unified, &freezer]
+            .iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect();
+        assert_eq!(cg.procs_files(), procs);
+        assert_eq!(
+            cg.user_procs_files(),
+            [user.join("cgroup.procs"), user_pids.join("cgroup.procs")]
+        );
+        // No `cgroup.freeze` in the v2 directory: the v1 freezer pauses.
+        cg.set_frozen(true).expect("freeze");
+        assert_eq!(read(&freezer.join("freezer.state")), "FROZEN");
+        assert!(cg.is_frozen());
+        fs::write(
+            memory.join("memory.oom_control"),
+            "under_oom 0\noom_kill 2\n",
+        )
+        .expect("write");
+        fs::write(user.join("memory.oom_control"), "under_oom 0\noom_kill 1\n").expect("write");
+        assert_eq!(cg.oom_kills(), 3);
+        fs::write(cpu.join("cpuacct.usage"), "7000000\n").expect("write");
+        assert_eq!(cg.cpu_usage_usec(), 7000);
+        fs::write(unified.join("cpu.stat"), "usage_usec 6000\n").expect("write");
+        assert_eq!(cg.cpu_usage_usec(), 6000, "a v2 cpu.stat counts first");
+        // Found again after a restart, and removed from every hierarchy.
+        let found = SandboxCgroup::existing(&layout, "sbx1").expect("existing");
+        assert_eq!(found.user_procs_files(), cg.user_procs_files());
+        drop_interface_files(&cg_root);
+        found.remove().expect("remove");
+        for dir in [&memory, &pids, &cpu, &freezer, &unified] {
+            assert!(!dir.exists(), "{} is left", dir.display());
+            assert!(dir.parent().is_some_and(Path::is_dir));
+        }
+    }
+
+    #[test]
+    fn a_host_without_a_memory_controller_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let point = tmp.path().join("cg2");
+        fs::create_dir_all(&point).expect("mkdir");
+        fs::write(point.join("cgroup.controllers"), "cpu pids\n").expect("write");
+        let mountinfo = format!("35 25 0:30 / {} rw - cgroup2 cgroup2 rw\n", point.display());
+        assert!(matches!(
+            Layout::from_tables(&mountinfo, "0::/\n"),
+            Err(JailError::Invalid(_))
+        ));
+        assert!(matches!(
+            Layout::from_tables("", ""),
+            Err(JailError::Invalid(_))
+        ));
     }
 }

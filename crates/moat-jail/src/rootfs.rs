@@ -312,6 +312,18 @@ pub(crate) fn plan(
     limits: &FsLimits,
     hostname: &str,
 ) -> Result<Plan> {
+    plan_on(rt, rootfs, limits, hostname, Path::new("/"))
+}
+
+/// [`plan`] with the host's files read below `host` instead of `/`: what the `host` template
+/// shows and masks depends on what the host has, and tests give it a host of their own.
+fn plan_on(
+    rt: &RuntimeDir,
+    rootfs: &Rootfs,
+    limits: &FsLimits,
+    hostname: &str,
+    host: &Path,
+) -> Result<Plan> {
     let mut p = Plan::default();
     let m = rt.mnt();
     let tmpfs_opts = format!(
@@ -328,7 +340,7 @@ pub(crate) fn plan(
     )?;
     let root = match rootfs {
         Rootfs::Host => {
-            build_host_tree(&mut p, rt, &m, hostname)?;
+            build_host_tree(&mut p, rt, host, &m, hostname)?;
             p.layer = Some(c(&m)?);
             m.clone()
         }
@@ -407,7 +419,13 @@ pub(crate) fn plan(
     Ok(p)
 }
 
-fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> Result<()> {
+fn build_host_tree(
+    p: &mut Plan,
+    rt: &RuntimeDir,
+    host_root: &Path,
+    m: &Path,
+    hostname: &str,
+) -> Result<()> {
     let ro = ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV;
     let empty = rt.empty_dir();
     if empty.to_string_lossy().contains([',', ':', '\\']) {
@@ -417,7 +435,7 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
         )));
     }
     for name in HOST_DIRS {
-        let host = Path::new("/").join(name);
+        let host = host_root.join(name);
         let Ok(md) = std::fs::symlink_metadata(&host) else {
             continue;
         };
@@ -446,18 +464,18 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
         }
     }
     for secret in SECRET_FILES {
-        let host = Path::new("/").join(secret);
+        let host = host_root.join(secret);
         if std::fs::symlink_metadata(&host).is_ok_and(|md| md.is_file()) {
             p.bind(&rt.mask_file(), &m.join(secret), ro, false)?;
         }
     }
     for secret in SECRET_DIRS {
-        let host = Path::new("/").join(secret);
+        let host = host_root.join(secret);
         if std::fs::symlink_metadata(&host).is_ok_and(|md| md.is_dir()) {
             p.bind(&rt.mask_dir(), &m.join(secret), ro, false)?;
         }
     }
-    if let Ok(entries) = std::fs::read_dir("/etc/ssh") {
+    if let Ok(entries) = std::fs::read_dir(host_root.join("etc/ssh")) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("ssh_host_") && !name.ends_with(".pub") {
@@ -487,12 +505,11 @@ fn build_host_tree(p: &mut Plan, rt: &RuntimeDir, m: &Path, hostname: &str) -> R
     for (name, contents) in files {
         let staged = stage.join(name);
         p.file(&staged, &contents, 0o644)?;
-        let target = Path::new("/etc").join(name);
-        if target.exists() {
+        if host_root.join("etc").join(name).exists() {
             p.bind(&staged, &m.join("etc").join(name), ro, false)?;
         }
     }
-    add_e2b_commands(p, m, &stage)?;
+    add_e2b_commands(p, host_root, m, &stage)?;
     for (d, mode) in [
         ("tmp", 0o1777),
         ("home", 0o755),
@@ -517,19 +534,18 @@ const SUDO: &[u8] = include_bytes!("sudo.sh");
 /// host's `/usr/local/bin` (first on a login shell's `PATH` too): a read-only overlay of that
 /// directory over two staged entries, the host's own files taking precedence. Skipped where the
 /// host has no `/usr/local/bin`.
-fn add_e2b_commands(p: &mut Plan, m: &Path, stage: &Path) -> Result<()> {
-    let local = Path::new("/usr/local/bin");
-    if !local.is_dir() {
+fn add_e2b_commands(p: &mut Plan, host_root: &Path, m: &Path, stage: &Path) -> Result<()> {
+    if !host_root.join("usr/local/bin").is_dir() {
         return Ok(());
     }
     let extra = stage.join("bin");
     p.mkdir(&extra, 0o755)?;
     let has = |name: &str| {
-        ["/usr/local/bin", "/usr/bin"]
+        ["usr/local/bin", "usr/bin"]
             .iter()
-            .any(|d| Path::new(d).join(name).exists())
+            .any(|d| host_root.join(d).join(name).exists())
     };
-    if !has("python") && Path::new("/usr/bin/python3").exists() {
+    if !has("python") && host_root.join("usr/bin/python3").exists() {
         p.symlink(Path::new("/usr/bin/python3"), &extra.join("python"))?;
     }
     p.file(&extra.join("sudo"), SUDO, 0o755)?;
@@ -649,4 +665,549 @@ fn build_dev(p: &mut Plan, root: &Path, limits: &FsLimits) -> Result<()> {
     // Nothing may add device nodes or files to /dev itself (pts and shm stay writable).
     p.attr(&dev, ATTR_RDONLY | ATTR_NOSUID | ATTR_NOEXEC, false)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The root filesystem plan, read without running it: what each template shows of the host,
+    //! what it hides, and what is read-only. The `host` template is planned over a made-up host
+    //! root, so the assertions do not depend on the machine's own files.
+
+    use std::collections::BTreeSet;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    const LIMITS: FsLimits = FsLimits {
+        disk_bytes: 1 << 30,
+        inodes: 65_536,
+        shm_bytes: 64 << 20,
+    };
+
+    /// Every read-only bind of host content gets these.
+    const RO: u64 = ATTR_RDONLY | ATTR_NOSUID | ATTR_NODEV;
+
+    /// A runtime directory and a made-up host root in a temporary directory.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        rt: RuntimeDir,
+        host: PathBuf,
+    }
+
+    /// A host with the usual system directories (`bin` and `lib` as merged-/usr symlinks), every
+    /// kind of secret, ssh host keys beside public ones, and the directories no sandbox may see
+    /// (`/sys`, `/run`, `/var`, `/root`, `/home`), each with something in it.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = RuntimeDir::open(&dir.path().join("rt")).expect("runtime dir");
+        let host = dir.path().join("host");
+        for d in [
+            "usr/bin",
+            "usr/lib",
+            "usr/local/bin",
+            "sbin",
+            "lib64",
+            "etc/ssh",
+            "etc/ssl/private",
+            "etc/sudoers.d",
+            "etc/moat",
+            "etc/security",
+            "sys/kernel",
+            "run/user/0",
+            "var/lib",
+            "root/.ssh",
+            "home/alice",
+        ] {
+            fs::create_dir_all(host.join(d)).expect("mkdir");
+        }
+        for f in [
+            "etc/shadow",
+            "etc/shadow-",
+            "etc/gshadow",
+            "etc/gshadow-",
+            "etc/security/opasswd",
+            "etc/sudoers",
+            "etc/machine-id",
+            "etc/passwd",
+            "etc/group",
+            "etc/hosts",
+            "etc/hostname",
+            "etc/resolv.conf",
+            "etc/ssh/ssh_host_ed25519_key",
+            "etc/ssh/ssh_host_ed25519_key.pub",
+            "etc/ssh/ssh_host_rsa_key",
+            "etc/ssh/ssh_host_rsa_key.pub",
+            "etc/ssh/ssh_config",
+            "usr/bin/python3",
+            "sys/kernel/notes",
+            "run/user/0/bus",
+            "var/lib/secret",
+            "root/.ssh/id_ed25519",
+            "home/alice/notes",
+        ] {
+            fs::write(host.join(f), b"").expect("write");
+        }
+        symlink("usr/bin", host.join("bin")).expect("symlink");
+        symlink("usr/lib", host.join("lib")).expect("symlink");
+        Fixture { tmp: dir, rt, host }
+    }
+
+    fn text(c: &CString) -> String {
+        c.to_string_lossy().into_owned()
+    }
+
+    fn path(p: &Path) -> String {
+        p.display().to_string()
+    }
+
+    /// `(source, target)` of every bind mount.
+    fn binds(p: &Plan) -> Vec<(String, String)> {
+        p.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Mount {
+                    src: Some(src),
+                    dst,
+                    flags,
+                    ..
+                } if flags & libc::MS_BIND != 0 => Some((text(src), text(dst))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The attributes set on `target` (the union of every `Attr` step on it).
+    fn attrs(p: &Plan, target: &str) -> u64 {
+        p.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Attr { path, set, .. } if text(path) == target => Some(*set),
+                _ => None,
+            })
+            .fold(0, |a, b| a | b)
+    }
+
+    /// Every path something is mounted on, of any kind.
+    fn mount_targets(p: &Plan) -> Vec<String> {
+        p.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Mount { dst, .. } | Step::SharedReadOnly { dst, .. } => Some(text(dst)),
+                Step::AttachLower { target, .. } => Some(text(target)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every host path the plan takes content from: bind and overlay sources and overlay lower
+    /// directories.
+    fn sources(p: &Plan) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &p.steps {
+            match s {
+                Step::Mount {
+                    src: Some(src),
+                    flags,
+                    ..
+                } if flags & libc::MS_BIND != 0 => out.push(text(src)),
+                Step::Mount {
+                    data: Some(data),
+                    fstype: Some(fs),
+                    ..
+                } if fs.as_bytes() == b"overlay" => out.extend(lower_dirs(&text(data))),
+                Step::SharedReadOnly { src, data, .. } => {
+                    out.push(text(src));
+                    out.extend(lower_dirs(&text(data)));
+                }
+                Step::AttachLower { fallback_src, .. } => out.push(text(fallback_src)),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn lower_dirs(data: &str) -> Vec<String> {
+        data.split(',')
+            .filter_map(|o| o.strip_prefix("lowerdir="))
+            .flat_map(|l| l.split(':'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// What no sandbox root may contain from the host, and its own fresh `/proc` and `/dev`
+    /// aside, never has mounted: the host's `/sys`, `/run`, `/var`, `/root`, `/home`.
+    fn assert_no_host_private_dirs(p: &Plan, host: &Path, root: &Path) {
+        for d in ["sys", "run", "var", "root", "home"] {
+            let from = path(&host.join(d));
+            let from_real = format!("/{d}");
+            for src in sources(p) {
+                assert!(
+                    !(src == from || src.starts_with(&format!("{from}/"))),
+                    "the host's /{d} is mounted: {src}"
+                );
+                assert!(
+                    !(src == from_real || src.starts_with(&format!("{from_real}/"))),
+                    "the host's /{d} is mounted: {src}"
+                );
+            }
+            let at = path(&root.join(d));
+            for dst in mount_targets(p) {
+                assert!(
+                    !(dst == at || dst.starts_with(&format!("{at}/"))),
+                    "something is mounted on the sandbox's /{d}: {dst}"
+                );
+            }
+        }
+        let sys = path(&root.join("sys"));
+        assert!(
+            !p.steps.iter().any(|s| match s {
+                Step::Mkdir { path, .. } | Step::Symlink { path, .. } => text(path) == sys,
+                _ => false,
+            }),
+            "the sandbox has a /sys"
+        );
+    }
+
+    #[test]
+    fn the_host_template_masks_every_secret_and_nothing_else() {
+        let f = fixture();
+        let p = plan_on(&f.rt, &Rootfs::Host, &LIMITS, "sbx", &f.host).expect("plan");
+        let m = f.rt.mnt();
+        let masked: BTreeSet<String> = binds(&p)
+            .into_iter()
+            .filter(|(src, _)| *src == path(&f.rt.mask_file()) || *src == path(&f.rt.mask_dir()))
+            .map(|(_, dst)| dst)
+            .collect();
+        let expected: BTreeSet<String> = [
+            "etc/shadow",
+            "etc/shadow-",
+            "etc/gshadow",
+            "etc/gshadow-",
+            "etc/security/opasswd",
+            "etc/sudoers",
+            "etc/machine-id",
+            "etc/ssl/private",
+            "etc/sudoers.d",
+            "etc/moat",
+            "etc/ssh/ssh_host_ed25519_key",
+            "etc/ssh/ssh_host_rsa_key",
+        ]
+        .iter()
+        .map(|s| path(&m.join(s)))
+        .collect();
+        assert_eq!(masked, expected);
+        // Files behind the empty file, directories behind the empty directory.
+        for (src, dst) in binds(&p) {
+            if dst.ends_with("/etc/ssl/private")
+                || dst.ends_with("/etc/sudoers.d")
+                || dst.ends_with("/etc/moat")
+            {
+                assert_eq!(src, path(&f.rt.mask_dir()), "{dst}");
+            } else if expected.contains(&dst) {
+                assert_eq!(src, path(&f.rt.mask_file()), "{dst}");
+            }
+        }
+        for dst in &masked {
+            assert_eq!(attrs(&p, dst) & RO, RO, "mask on {dst} is not read-only");
+        }
+    }
+
+    #[test]
+    fn a_secret_the_host_lacks_is_not_masked() {
+        let f = fixture();
+        fs::remove_file(f.host.join("etc/shadow")).expect("rm");
+        fs::remove_dir(f.host.join("etc/moat")).expect("rmdir");
+        let p = plan_on(&f.rt, &Rootfs::Host, &LIMITS, "sbx", &f.host).expect("plan");
+        let m = f.rt.mnt();
+        let targets = mount_targets(&p);
+        assert!(!targets.contains(&path(&m.join("etc/shadow"))));
+        assert!(!targets.contains(&path(&m.join("etc/moat"))));
+        assert!(targets.contains(&path(&m.join("etc/gshadow"))));
+    }
+
+    #[test]
+    fn the_host_template_shows_system_directories_read_only() {
+        let f = fixture();
+        let p = plan_on(&f.rt, &Rootfs::Host, &LIMITS, "sbx", &f.host).expect("plan");
+        let m = f.rt.mnt();
+        // Directories as read-only overlays (a read-only bind where overlayfs is missing), with
+        // the empty directory as the second lower layer; symlinks stay symlinks.
+        let shared: Vec<(String, String, String)> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::SharedReadOnly { src, dst, data } => Some((text(src), text(dst), text(data))),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<(String, String, String)> = ["usr", "sbin", "lib64", "etc"]
+            .iter()
+            .map(|d| {
+                let src = path(&f.host.join(d));
+                let data = format!("lowerdir={src}:{}", path(&f.rt.empty_dir()));
+                (src, path(&m.join(d)), data)
+            })
+            .collect();
+        assert_eq!(shared, expected);
+        let links: Vec<(String, String)> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Symlink { target, path } if text(path).starts_with(&path_of(&m)) => {
+                    Some((text(path), text(target)))
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(links.contains(&(path(&m.join("bin")), "usr/bin".into())));
+        assert!(links.contains(&(path(&m.join("lib")), "usr/lib".into())));
+        // Every bind of host content (masks, generated identity files) is read-only, nosuid
+        // and nodev, and so is the overlay that adds `python` and `sudo`.
+        let dev = path(&m.join("dev"));
+        let proc_ = path(&m.join("proc"));
+        for (src, dst) in binds(&p) {
+            if dst.starts_with(&dev) || dst.starts_with(&proc_) {
+                continue;
+            }
+            assert_eq!(attrs(&p, &dst) & RO, RO, "bind of {src} on {dst}");
+        }
+        for name in ["passwd", "group", "hosts", "hostname", "resolv.conf"] {
+            let dst = path(&m.join("etc").join(name));
+            assert!(
+                binds(&p).contains(&(path(&f.rt.stage().join(name)), dst.clone())),
+                "{name} is not generated"
+            );
+        }
+        let local_bin = p.steps.iter().find_map(|s| match s {
+            Step::Mount {
+                dst, flags, fstype, ..
+            } if text(dst) == path(&m.join("usr/local/bin")) => Some((*flags, fstype.clone())),
+            _ => None,
+        });
+        let (flags, fstype) = local_bin.expect("an overlay on /usr/local/bin");
+        assert_eq!(fstype.as_deref(), Some(c"overlay"));
+        assert_ne!(flags & libc::MS_RDONLY, 0);
+        // The root itself is a fresh, size-capped tmpfs: the sandbox's writable layer.
+        let Some(Step::Mount {
+            dst,
+            fstype,
+            data,
+            src: None,
+            ..
+        }) = p.steps.first()
+        else {
+            panic!("the plan does not start with the root tmpfs");
+        };
+        assert_eq!(text(dst), path(&m));
+        assert_eq!(fstype.as_deref(), Some(c"tmpfs"));
+        assert_eq!(
+            data.as_ref().map(text).as_deref(),
+            Some("size=1073741824,nr_inodes=65536,mode=0755")
+        );
+        assert_eq!(p.new_root.as_ref().map(text), Some(path(&m)));
+        assert_eq!(p.layer.as_ref().map(text), Some(path(&m)));
+        assert!(!p.wants_lower());
+    }
+
+    fn path_of(p: &Path) -> String {
+        format!("{}/", p.display())
+    }
+
+    #[test]
+    fn the_host_template_takes_nothing_else_from_the_host() {
+        let f = fixture();
+        let p = plan_on(&f.rt, &Rootfs::Host, &LIMITS, "sbx", &f.host).expect("plan");
+        let m = f.rt.mnt();
+        assert_no_host_private_dirs(&p, &f.host, &m);
+        // The allow-list of sources: the system directories, the runtime directory's masks,
+        // empty directory and staged files, the six device nodes, `/proc` over itself.
+        let host_dirs: Vec<String> = ["usr", "sbin", "lib64", "etc"]
+            .iter()
+            .map(|d| path(&f.host.join(d)))
+            .collect();
+        let devices: Vec<String> = ["null", "zero", "full", "random", "urandom", "tty"]
+            .iter()
+            .map(|d| format!("/dev/{d}"))
+            .collect();
+        for src in sources(&p) {
+            let ok = host_dirs.contains(&src)
+                || src.starts_with(&path_of(f.rt.root()))
+                || devices.contains(&src)
+                || src.starts_with(&path_of(&m.join("proc")))
+                || src == path(&m.join("usr/local/bin"));
+            assert!(ok, "the plan mounts {src} from the host");
+        }
+        // Fresh, empty directories stand where the host's private ones would be.
+        for d in ["tmp", "home", "home/user", "root", "var", "var/tmp", "run"] {
+            let at = path(&m.join(d));
+            assert!(
+                p.steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Mkdir { path, .. } if text(path) == at)),
+                "no fresh {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn proc_and_dev_are_fresh_with_masked_and_read_only_paths() {
+        let f = fixture();
+        let p = plan_on(&f.rt, &Rootfs::Host, &LIMITS, "sbx", &f.host).expect("plan");
+        let root = f.rt.mnt();
+        let proc_ = root.join("proc");
+        let fresh = |fs_type: &std::ffi::CStr, at: &Path| {
+            p.steps.iter().find_map(|s| match s {
+                Step::Mount {
+                    src: None,
+                    dst,
+                    fstype: Some(t),
+                    flags,
+                    data,
+                    ..
+                } if t.as_c_str() == fs_type && text(dst) == path(at) => {
+                    Some((*flags, data.as_ref().map(text)))
+                }
+                _ => None,
+            })
+        };
+        let (flags, _) = fresh(c"proc", &proc_).expect("a fresh /proc");
+        let want = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        assert_eq!(flags & want, want);
+        for name in [
+            "kcore",
+            "keys",
+            "sysrq-trigger",
+            "kallsyms",
+            "kmsg",
+            "timer_list",
+        ] {
+            let dst = path(&proc_.join(name));
+            assert!(
+                binds(&p).contains(&("/dev/null".into(), dst.clone())),
+                "{dst} is not masked"
+            );
+        }
+        for name in ["acpi", "scsi", "firmware"] {
+            let (flags, _) = fresh(c"tmpfs", &proc_.join(name)).expect("masked directory");
+            assert_ne!(flags & libc::MS_RDONLY, 0, "{name}");
+        }
+        for name in ["sys", "fs", "irq", "bus"] {
+            let dst = path(&proc_.join(name));
+            assert!(binds(&p).contains(&(dst.clone(), dst.clone())), "{dst}");
+            assert_eq!(attrs(&p, &dst) & RO, RO, "{dst} is writable");
+        }
+        let dev = root.join("dev");
+        let (_, data) = fresh(c"tmpfs", &dev).expect("a fresh /dev");
+        assert_eq!(data.as_deref(), Some("size=64k,mode=0755"));
+        let dev_binds: Vec<String> = binds(&p)
+            .into_iter()
+            .filter(|(_, dst)| dst.starts_with(&path_of(&dev)))
+            .map(|(src, _)| src)
+            .collect();
+        assert_eq!(
+            dev_binds,
+            [
+                "/dev/null",
+                "/dev/zero",
+                "/dev/full",
+                "/dev/random",
+                "/dev/urandom",
+                "/dev/tty"
+            ]
+        );
+        let (_, pts) = fresh(c"devpts", &dev.join("pts")).expect("a private devpts");
+        assert_eq!(
+            pts.as_deref(),
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5,max=64")
+        );
+        let (_, shm) = fresh(c"tmpfs", &dev.join("shm")).expect("a /dev/shm");
+        assert_eq!(shm.as_deref(), Some("size=67108864,mode=1777"));
+        assert_ne!(attrs(&p, &path(&dev)) & ATTR_RDONLY, 0, "/dev is writable");
+    }
+
+    #[test]
+    fn a_directory_template_is_an_overlay_with_nothing_of_the_host() {
+        let f = fixture();
+        let tpl = f.tmp.path().join("template");
+        fs::create_dir_all(tpl.join("etc")).expect("mkdir");
+        fs::write(tpl.join("etc/shadow"), b"").expect("write");
+        let p = plan_on(&f.rt, &Rootfs::Dir(tpl.clone()), &LIMITS, "sbx", &f.host).expect("plan");
+        let m = f.rt.mnt();
+        let root = m.join("root");
+        assert!(p.wants_lower());
+        let overlay = p.steps.iter().find_map(|s| match s {
+            Step::Mount {
+                dst,
+                fstype: Some(t),
+                data: Some(d),
+                ..
+            } if t.as_bytes() == b"overlay" => Some((text(dst), text(d))),
+            _ => None,
+        });
+        assert_eq!(
+            overlay,
+            Some((
+                path(&root),
+                format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    path(&m.join("lower")),
+                    path(&m.join("upper")),
+                    path(&m.join("work"))
+                )
+            ))
+        );
+        assert_eq!(p.new_root.as_ref().map(text), Some(path(&root)));
+        assert_eq!(p.layer.as_ref().map(text), Some(path(&m.join("upper"))));
+        assert!(
+            !p.steps
+                .iter()
+                .any(|s| matches!(s, Step::SharedReadOnly { .. })),
+            "host directories in a directory template"
+        );
+        assert_no_host_private_dirs(&p, &f.host, &root);
+        let devices: Vec<String> = ["null", "zero", "full", "random", "urandom", "tty"]
+            .iter()
+            .map(|d| format!("/dev/{d}"))
+            .collect();
+        for src in sources(&p) {
+            let ok = src == path(&tpl.canonicalize().expect("canonical"))
+                || src == path(&m.join("lower"))
+                || devices.contains(&src)
+                || src.starts_with(&path_of(&root.join("proc")));
+            assert!(ok, "a directory template mounts {src} from the host");
+        }
+    }
+
+    #[test]
+    fn unusable_template_directories_are_refused() {
+        let f = fixture();
+        let plan_dir = |dir: PathBuf| plan_on(&f.rt, &Rootfs::Dir(dir), &LIMITS, "sbx", &f.host);
+        let file = f.tmp.path().join("a-file");
+        fs::write(&file, b"").expect("write");
+        assert!(matches!(plan_dir(file), Err(JailError::Invalid(_))));
+        let comma = f.tmp.path().join("a,b");
+        fs::create_dir(&comma).expect("mkdir");
+        assert!(matches!(plan_dir(comma), Err(JailError::Invalid(_))));
+        // An ancestor of the runtime directory cannot be a lower layer under it.
+        assert!(matches!(
+            plan_dir(f.tmp.path().to_path_buf()),
+            Err(JailError::Invalid(_))
+        ));
+        assert!(matches!(
+            plan_dir(f.tmp.path().join("missing")),
+            Err(JailError::Os { .. })
+        ));
+    }
+
+    #[test]
+    fn the_real_plan_reads_this_host() {
+        let f = fixture();
+        let p = plan(&f.rt, &Rootfs::Host, &LIMITS, "sbx").expect("plan");
+        let m = f.rt.mnt();
+        if Path::new("/etc/shadow").is_file() {
+            assert!(mount_targets(&p).contains(&path(&m.join("etc/shadow"))));
+        }
+        assert_no_host_private_dirs(&p, Path::new("/"), &m);
+    }
 }

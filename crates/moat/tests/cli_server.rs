@@ -2,7 +2,7 @@
 //! `MOAT_URL`) as subprocesses against a real `moat serve`, plus the keys API over HTTP.
 //! Needs root (the server's native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::io::Write;
 use std::path::Path;

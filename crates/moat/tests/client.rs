@@ -1,7 +1,7 @@
 //! `moat-client` against a real `moat serve`: every call family once, the typed errors, and a
 //! streamed command's events. Needs root (the server's native backend); skips otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use moat_client::types::{
     CreateKey, CreateSandbox, CreateTemplate, ExecRequest, FileType, KeyRole, ListSandboxes,

@@ -4,7 +4,7 @@
 //! with `Should-Retry: false` on failed creates, and tenancy. Needs root (the native backend);
 //! skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

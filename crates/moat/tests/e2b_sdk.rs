@@ -7,7 +7,7 @@
 //! scripts/test-deps.sh makes, which has the SDKs from tests/python/requirements.txt. Needs root
 //! (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! the units requests use. Needs root (the server's native backend); skips with a printed
 //! reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::process::{Command, Output, Stdio};
 

@@ -12,7 +12,7 @@ use moat_proto::connect::Code;
 use moat_proto::process::process_event::{Event, data_event};
 use moat_proto::process::process_selector::Selector;
 
-mod support;
+use moat_test_support as support;
 use support::{Sandbox, as_user, drain, request, sandbox, sh};
 
 /// Backstop against hangs; nothing here should come near it.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use moat_engine::agent_client::AgentError;
 use moat_proto::connect::Code;
 
-mod support;
+use moat_test_support as support;
 use support::{sandbox, sh};
 
 /// Asserts that `r` failed with `code` and a message containing `text`.

@@ -3,7 +3,7 @@
 //! killed processes left are swept while it runs. Needs root (the server's native backend);
 //! skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::time::{Duration, Instant};
 

@@ -16,7 +16,7 @@ use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
 use serde_json::{Value, json};
 
-mod support;
+use moat_test_support as support;
 
 /// An access token as the SDK sends it; the agent ignores it (the server's proxy checks tokens).
 const TOKEN: &str = "interpreter-test-token";

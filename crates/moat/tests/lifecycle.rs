@@ -11,7 +11,7 @@ use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
 
-mod support;
+use moat_test_support as support;
 
 /// Runs `sh -c script` as the default user; its stdout, after checking it exited 0.
 async fn sh(client: &AgentClient, script: &str) -> String {

@@ -6,7 +6,7 @@
 //! Bounded in count: 8 × 12 cycles on the first server, 3 rounds on the second.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::path::Path;
 use std::sync::Mutex;

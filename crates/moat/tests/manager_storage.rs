@@ -3,7 +3,7 @@
 //! sandbox running as recorded, rather than destroying it behind a `running` record. Needs root
 //! (the native backend, and to mount the tmpfs); skips otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! E2B-compatible ones, whose contract is E2B's own API), and every operation it lists is routed
 //! on a live `moat serve`.
 
-mod support;
+use moat_test_support as support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! through the agent's TCP relay; and the 502 answers for ended sandboxes and closed ports.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

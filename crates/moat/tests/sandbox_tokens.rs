@@ -4,7 +4,7 @@
 //! server, `--private-traffic`) made them private, then only with the traffic access token.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::time::{Duration, Instant};
 

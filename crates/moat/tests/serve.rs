@@ -2,12 +2,12 @@
 //! sandbox routes, tenancy, JSON errors for bad input, and a SIGTERM that leaves nothing behind.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::is_root;
 use support::server::*;
 
 use moat_engine::store::{Quotas, Role, Store};
@@ -15,10 +15,7 @@ use serde_json::json;
 
 #[test]
 fn serve_end_to_end() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let mut server = Server::start();
     let key = server.admin_key();
     assert!(key.starts_with("moat_"), "{key}");
@@ -53,7 +50,7 @@ fn serve_end_to_end() {
         key,
         Some(&body(json!({"metadata": {"suite": "serve"}}))),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let sandbox = r.json();
     assert_eq!(sandbox["state"], "running");
     let id = sandbox["id"].as_str().expect("id").to_owned();
@@ -64,7 +61,7 @@ fn serve_end_to_end() {
         key,
         Some(&body(json!({"cmd": ["echo", "hi"]}))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let result = r.json();
     assert_eq!(result["stdout"], "hi\n");
     assert_eq!(result["exit_code"], 0);
@@ -100,7 +97,7 @@ fn serve_end_to_end() {
         key,
         Some(&body(json!({"timeout_secs": 600}))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
 
     // Another tenant, made beside the running server (SQLite WAL allows a second writer).
     {
@@ -180,7 +177,7 @@ fn serve_end_to_end() {
 
     // One left running for the shutdown to end.
     let r = server.request("POST", "/v1/sandboxes", key, Some(b""));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let last = r.json()["id"].as_str().expect("id").to_owned();
     assert!(
         !pids_in_sandbox(&last).is_empty(),
@@ -209,10 +206,7 @@ fn assert_admin_key_private(data: &Path) {
 
 #[test]
 fn expired_sandbox_is_reaped() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let key = Some(key.as_str());
@@ -222,7 +216,7 @@ fn expired_sandbox_is_reaped() {
         key,
         Some(&body(json!({"timeout_secs": 1}))),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
     // Polled up to a generous deadline: this checks that the reaper runs, not how fast.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -253,15 +247,10 @@ fn expired_sandbox_is_reaped() {
 
 #[test]
 fn a_restart_after_sigkill_reaps_what_the_old_server_left() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(json!({}))));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let id = server.create_sandbox(&key);
     let r = server.request(
         "POST",
         &format!("/v1/sandboxes/{id}/exec"),
@@ -270,7 +259,7 @@ fn a_restart_after_sigkill_reaps_what_the_old_server_left() {
             json!({"shell": "sleep 1000 >/dev/null 2>&1 & echo started"}),
         )),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert!(
         !pids_in_sandbox(&id).is_empty(),
         "the sandbox has no process"
@@ -310,17 +299,14 @@ fn a_restart_after_sigkill_reaps_what_the_old_server_left() {
         r.status,
         201,
         "the restarted server cannot create: {}",
-        String::from_utf8_lossy(&r.body)
+        r.text()
     );
 }
 
 #[test]
 fn a_server_without_root_creates_nothing_and_says_why() {
     use std::os::unix::process::CommandExt;
-    if !is_root() {
-        eprintln!("SKIP: switching to an unprivileged user needs root");
-        return;
-    }
+    need_root!("switching to an unprivileged user needs root");
     const NOBODY: u32 = 65534;
     let dir = tempfile::Builder::new()
         .prefix("moat-serve-")

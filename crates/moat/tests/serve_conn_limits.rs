@@ -4,7 +4,8 @@
 //! hard open-file limit too low for sandboxes, saying what to set. Needs root (the native
 //! backend); skips otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,7 +14,6 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::is_root;
 use support::server::{Reply, sigterm, wait_exit};
 
 /// Sets this process's open-file limit.
@@ -142,10 +142,7 @@ fn closed_within(conn: &mut TcpStream, wait: Duration) -> bool {
 
 #[test]
 fn half_sent_requests_neither_stop_healthz_nor_stay_open() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     // A soft limit of 256 as a login shell might give; the hard one just allows sandboxes.
     let server = serve_with_nofile(256, 4096);
     assert_eq!(
@@ -215,10 +212,7 @@ fn run(cmd: &mut Command) -> Output {
 
 #[test]
 fn a_hard_open_file_limit_too_low_for_sandboxes_is_refused_with_what_to_set() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let dir = tempfile::Builder::new()
         .prefix("moat-serve-")
         .tempdir_in("/tmp")

@@ -3,7 +3,7 @@
 //! client hanging up killing its command, and JSON errors for what fails before the start.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -31,9 +31,7 @@ impl Fixture {
         }
         let server = Server::start();
         let key = server.admin_key();
-        let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(b"{}"));
-        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-        let id = r.json()["id"].as_str().expect("id").to_owned();
+        let id = server.create_sandbox(&key);
         Some(Fixture { server, key, id })
     }
 
@@ -46,7 +44,7 @@ impl Fixture {
         let r = self
             .server
             .request("POST", &self.exec_path(), Some(&self.key), Some(&body(req)));
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.status, 200, "{}", r.text());
         r.json()
     }
 
@@ -62,7 +60,7 @@ impl Fixture {
                 Some(&body(req)),
             )
             .expect("streamed exec");
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
         let text = String::from_utf8(r.body).expect("UTF-8 stream");
         assert!(text.ends_with('\n'), "{text}");

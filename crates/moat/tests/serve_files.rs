@@ -3,26 +3,18 @@
 //! directories as tar archives both ways, and the JSON errors. Needs root (the native backend);
 //! skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 
-use support::is_root;
 use support::server::*;
 
 use moat_engine::store::{Quotas, Role, Store};
 use serde_json::{Value, json};
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return true;
-    }
-    false
-}
 
 /// Percent-encodes a query value.
 fn enc(s: &str) -> String {
@@ -37,16 +29,12 @@ fn enc(s: &str) -> String {
     out
 }
 
-fn text(r: &Reply) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
 /// A server, its admin key and a running sandbox.
 fn setup() -> (Server, String, String) {
     let server = Server::start();
     let key = server.admin_key();
     let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(b""));
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
     (server, key, id)
 }
@@ -113,16 +101,14 @@ impl Files<'_> {
             Some(self.key),
             Some(&support::server::body(json!({"cmd": cmd, "user": user}))),
         );
-        assert_eq!(r.status, 200, "{}", text(&r));
-        assert_eq!(r.json()["exit_code"], 0, "{cmd:?}: {}", text(&r));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["exit_code"], 0, "{cmd:?}: {}", r.text());
     }
 }
 
 #[test]
 fn files_round_trip() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let (server, key, id) = setup();
     let f = Files {
         server: &server,
@@ -132,7 +118,7 @@ fn files_round_trip() {
 
     // A text file, by a path relative to the user's home, with a space in its name.
     let r = f.put("path=notes/hello%20there.txt", b"hello, sandbox\n");
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     let entry = r.json();
     assert_eq!(entry["path"], "/home/user/notes/hello there.txt");
     assert_eq!(entry["name"], "hello there.txt");
@@ -154,7 +140,7 @@ fn files_round_trip() {
     // A multi-MiB binary file comes back byte for byte; an empty one too.
     let blob = noise(5 << 20);
     let r = f.put("path=/tmp/bin/blob.bin", &blob);
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["size"], blob.len());
     let r = f.get("", "path=/tmp/bin/blob.bin");
     assert_eq!(r.status, 200);
@@ -179,17 +165,17 @@ fn files_round_trip() {
 
     // mkdir: 201 when made, 200 when it already was a directory.
     let r = f.post("/mkdir", "", json!({"path": "work/a/b"}));
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["path"], "/home/user/work/a/b");
     assert_eq!(r.json()["type"], "dir");
     let r = f.post("/mkdir", "", json!({"path": "/home/user/work/a/b"}));
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     f.put("path=work/a/one.txt", b"1");
     f.put("path=work/a/b/two.txt", b"22");
 
     // list: depth 1 by default, deeper when asked; entries carry full paths.
     let r = f.get("/list", "path=work/a");
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     let names = |v: &Value| -> Vec<String> {
         v["entries"]
             .as_array()
@@ -219,7 +205,7 @@ fn files_round_trip() {
         "",
         json!({"from": "work/a/one.txt", "to": "/tmp/moved/uno.txt"}),
     );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/tmp/moved/uno.txt");
     assert_eq!(r.json()["size"], 1);
     f.get("/stat", "path=work/a/one.txt")
@@ -235,11 +221,11 @@ fn files_round_trip() {
 
     // As root: a file in a directory only root may enter, which the user may not read.
     let r = f.post("/mkdir", "user=root", json!({"path": "/tmp/private"}));
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["owner"], "root");
     f.exec(&["chmod", "700", "/tmp/private"], "root");
     let r = f.put("path=/tmp/private/secret&user=root", b"root only");
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["owner"], "root");
     assert_eq!(
         f.get("", "path=/tmp/private/secret&user=root").body,
@@ -259,9 +245,7 @@ fn host_tar(args: &[&str]) {
 
 #[test]
 fn files_tar() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let (server, key, id) = setup();
     let f = Files {
         server: &server,
@@ -288,7 +272,7 @@ fn files_tar() {
 
     // Upload: unpacked into a directory that did not exist, answered with its entry.
     let r = f.put("path=proj&format=tar", &archive);
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/home/user/proj");
     assert_eq!(r.json()["type"], "dir");
     let r = f.get("/stat", "path=proj/sub/b.bin");
@@ -300,7 +284,7 @@ fn files_tar() {
     // Into an existing directory, beside what is there.
     f.put("path=/tmp/target/keep.txt", b"kept");
     let r = f.put("path=/tmp/target&format=tar", &archive);
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(f.get("", "path=/tmp/target/keep.txt").body, b"kept");
     assert_eq!(
         f.get("", "path=/tmp/target/sub/deeper/c.txt").body,
@@ -309,7 +293,7 @@ fn files_tar() {
 
     // Download: a tar stream that unpacks into the same tree.
     let r = f.get("", "path=/home/user/proj&format=tar");
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("content-type"), Some("application/x-tar"));
     let down = tmp.path().join("down.tar");
     std::fs::write(&down, &r.body).expect("write");
@@ -353,7 +337,7 @@ fn files_tar() {
     let evil_arg = evil.to_str().expect("utf-8");
     host_tar(&["-P", "-cf", evil_arg, &canary_name]);
     let r = f.put("path=evil&format=tar", &std::fs::read(&evil).expect("evil"));
-    assert!(r.status == 200 || r.status == 400, "{}", text(&r));
+    assert!(r.status == 200 || r.status == 400, "{}", r.text());
     f.get("/stat", &format!("path={}", enc(&canary_name)))
         .assert_error(404, "not_found");
     host_tar(&[
@@ -367,7 +351,7 @@ fn files_tar() {
         "a.txt",
     ]);
     let r = f.put("path=evil&format=tar", &std::fs::read(&evil).expect("evil"));
-    assert!(r.status == 200 || r.status == 400, "{}", text(&r));
+    assert!(r.status == 200 || r.status == 400, "{}", r.text());
     f.get("/stat", "path=/a.txt").assert_error(404, "not_found");
     assert_eq!(
         std::fs::read_to_string(&canary).expect("canary"),
@@ -377,7 +361,7 @@ fn files_tar() {
 
     // A directory the user cannot read fails before any output: a JSON error.
     let r = f.post("/mkdir", "user=root", json!({"path": "/tmp/locked/inner"}));
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     f.exec(&["chmod", "700", "/tmp/locked"], "root");
     f.get("", "path=/tmp/locked&format=tar")
         .assert_error(403, "forbidden");
@@ -385,7 +369,7 @@ fn files_tar() {
         .assert_error(403, "forbidden");
     // As root it works.
     let r = f.get("", "path=/tmp/locked&format=tar&user=root");
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
 
     // A tar that fails after its output began: the body is cut off, never a complete-looking
     // (truncated) archive. An unreadable file in the middle makes tar exit 2 at its end.
@@ -412,14 +396,12 @@ fn files_tar() {
 
 #[test]
 fn files_limits_of_the_sandbox() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let create = |spec: Value| {
         let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(spec)));
-        assert_eq!(r.status, 201, "{}", text(&r));
+        assert_eq!(r.status, 201, "{}", r.text());
         r.json()["id"].as_str().expect("id").to_owned()
     };
 
@@ -447,7 +429,7 @@ fn files_limits_of_the_sandbox() {
     let archive = std::fs::read(&archive).expect("archive");
     let r = f.put("path=/tmp/unpacked&format=tar", &archive);
     r.assert_error(507, "insufficient_storage");
-    assert!(text(&r).contains("tar: big"), "{}", text(&r));
+    assert!(r.text().contains("tar: big"), "{}", r.text());
     // Space freed, the same upload fits.
     assert_eq!(f.delete("path=/tmp/unpacked").status, 204);
     assert_eq!(f.put("path=/tmp/fits", &noise(4 << 20)).status, 200);
@@ -513,9 +495,7 @@ fn declare_only(server: &Server, path: &str, key: &str, length: u64) -> Reply {
 
 #[test]
 fn files_errors() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let (server, key, id) = setup();
     let f = Files {
         server: &server,

@@ -2,14 +2,14 @@
 //! with SIGSTOP from the host) gets its calls refused at once, then is destroyed and recorded
 //! `failed` with the reason. Needs root (the native backend); skips otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::is_root;
 use support::server::*;
 
 /// The host pid of sandbox `id`'s agent: its process that is pid 1 in the sandbox.
@@ -46,22 +46,12 @@ fn exec_within(server: &Server, key: &str, id: &str, wait: Duration) -> Option<R
 
 #[test]
 fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(json!({}))));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let id = server.create_sandbox(&key);
     let healthy = exec_within(&server, &key, &id, Duration::from_secs(60)).expect("an answer");
-    assert_eq!(
-        healthy.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&healthy.body)
-    );
+    assert_eq!(healthy.status, 200, "{}", healthy.text());
 
     let pid = agent_pid(&id);
     // SAFETY: kill has no memory preconditions; the pid is the sandbox's agent.

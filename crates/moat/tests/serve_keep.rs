@@ -2,11 +2,11 @@
 //! next server on the same data dir takes them over, with their files and processes; their uid
 //! ranges stay out of use meanwhile. Needs root (the native backend); skips otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::time::{Duration, Instant};
 
-use support::is_root;
 use support::server::*;
 
 /// The uid-range slot markers naming `id`.
@@ -33,10 +33,7 @@ fn wait_gone(id: &str) {
 
 #[test]
 fn kept_sandboxes_survive_a_stop_and_are_taken_over() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start_with(&["--on-shutdown", "keep"]);
     let key = server.admin_key();
     let id = server.create_sandbox(&key);
@@ -88,7 +85,7 @@ fn kept_sandboxes_survive_a_stop_and_are_taken_over() {
 
     // Deleting it releases everything, the marker included.
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 204, "{}", r.text());
     wait_gone(&id);
     assert!(pids_in_sandbox(&id).is_empty());
     assert!(cgroup_dirs(&id).is_empty());
@@ -100,10 +97,7 @@ fn kept_sandboxes_survive_a_stop_and_are_taken_over() {
 
 #[test]
 fn without_keep_a_stop_destroys_and_a_later_keep_server_adopts_nothing() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let id = server.create_sandbox(&key);
@@ -121,10 +115,7 @@ fn without_keep_a_stop_destroys_and_a_later_keep_server_adopts_nothing() {
 
 #[test]
 fn a_kept_sandbox_that_died_meanwhile_is_recorded_and_cleaned() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start_with(&["--on-shutdown", "keep"]);
     let key = server.admin_key();
     let id = server.create_sandbox(&key);
@@ -155,10 +146,7 @@ fn assert_alive(id: &str, why: &str) {
 
 #[test]
 fn servers_on_other_data_dirs_leave_each_others_sandboxes_alone() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let a = Server::start_with(&["--on-shutdown", "keep"]);
     let key_a = a.admin_key();
     let a1 = a.create_sandbox(&key_a);
@@ -202,7 +190,7 @@ fn servers_on_other_data_dirs_leave_each_others_sandboxes_alone() {
 
     for (server, key, id) in [(&a, &key_a, &a1), (&c, &key_c, &c1)] {
         let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(key), None);
-        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.status, 204, "{}", r.text());
         wait_gone(id);
         assert!(markers_of(id).is_empty(), "the slot marker outlived {id}");
     }

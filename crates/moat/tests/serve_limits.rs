@@ -2,23 +2,20 @@
 //! files loses the writing process, reported as an out-of-memory kill, and goes on serving.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use serde_json::json;
-use support::is_root;
 use support::server::*;
 
 #[test]
 fn filling_memory_with_files_kills_the_writer_and_the_sandbox_lives_on() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let create = json!({"resources": {"memory": "64M", "disk": "1G"}});
     let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(create)));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
     let exec = |shell: &str| {
         let path = format!("/v1/sandboxes/{id}/exec");
@@ -28,7 +25,7 @@ fn filling_memory_with_files_kills_the_writer_and_the_sandbox_lives_on() {
             Some(&key),
             Some(&body(json!({ "shell": shell }))),
         );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.status, 200, "{}", r.text());
         r.json()
     };
     let filled = exec("head -c 100M /dev/zero > /tmp/f");
@@ -42,7 +39,7 @@ fn filling_memory_with_files_kills_the_writer_and_the_sandbox_lives_on() {
         Some(&key),
         None,
     );
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 204, "{}", r.text());
     let after = exec("echo alive");
     assert_eq!(after["stdout"], "alive\n", "{after}");
     assert_eq!(after["exit_code"], 0, "{after}");
@@ -52,15 +49,12 @@ fn filling_memory_with_files_kills_the_writer_and_the_sandbox_lives_on() {
 
 #[test]
 fn a_fork_bomb_leaves_the_agent_room_to_serve() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let create = json!({"resources": {"pids": 32}});
     let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(create)));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
     let path = format!("/v1/sandboxes/{id}/exec");
     // Threads until the pids limit refuses one, all held: unlike a shell fork bomb, whose
@@ -127,7 +121,7 @@ fn a_fork_bomb_leaves_the_agent_room_to_serve() {
     });
     assert!(statuses.iter().all(|s| *s == Some(200)), "{statuses:?}");
     let r = server.request("GET", &files, Some(&key), None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(r.json()["state"], "running", "{}", r.json());
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);

@@ -3,13 +3,13 @@
 //! The tests that run sandboxes need root (the native backend); they skip with a printed
 //! reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::is_root;
 use support::server::*;
 
 use moat_engine::store::{Quotas, Role, Store};
@@ -214,16 +214,13 @@ fn histogram_count(samples: &[Sample], name: &str) -> f64 {
 
 #[test]
 fn metrics_show_states_latencies_and_errors() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let admin = Some(admin.as_str());
 
     let r = server.request("POST", "/v1/sandboxes", admin, Some(b"{}"));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
     let r = server.request(
         "POST",
@@ -231,7 +228,7 @@ fn metrics_show_states_latencies_and_errors() {
         admin,
         Some(&body(json!({"cmd": ["true"]}))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     server
         .request("GET", "/v1/sandboxes/nosuchsandbox0000", admin, None)
         .assert_error(404, "not_found");
@@ -249,7 +246,7 @@ fn metrics_show_states_latencies_and_errors() {
         .assert_error(403, "forbidden");
 
     let r = server.request("GET", "/metrics", admin, None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
@@ -295,16 +292,13 @@ fn metrics_show_states_latencies_and_errors() {
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), admin, None);
     assert_eq!(r.status, 204);
     let r = server.request("GET", "/metrics", admin, None);
-    let samples = parse_exposition(&String::from_utf8_lossy(&r.body));
+    let samples = parse_exposition(&r.text());
     assert!(value(&samples, "moat_sandboxes", &[("state", "killed")]) >= Some(1.0));
 }
 
 #[test]
 fn a_key_over_its_rate_gets_429_and_others_are_unaffected() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let store = Store::open(server.data.join("moat.db")).expect("store");
@@ -317,7 +311,7 @@ fn a_key_over_its_rate_gets_429_and_others_are_unaffected() {
         .create_key("default", "slow", Role::User, quotas)
         .expect("key");
     let r = server.request("GET", "/v1/sandboxes", Some(secret.expose()), None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let limited = server.request("GET", "/v1/sandboxes", Some(secret.expose()), None);
     limited.assert_error(429, "rate_limited");
     let message = limited.json()["error"]["message"]
@@ -338,20 +332,17 @@ fn a_key_over_its_rate_gets_429_and_others_are_unaffected() {
     // Another key of the same tenant goes on as before.
     for _ in 0..20 {
         let r = server.request("GET", "/v1/sandboxes", Some(&admin), None);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.status, 200, "{}", r.text());
     }
     let r = server.request("GET", "/metrics", Some(&admin), None);
-    let samples = parse_exposition(&String::from_utf8_lossy(&r.body));
+    let samples = parse_exposition(&r.text());
     assert!(value(&samples, "moat_errors_total", &[("code", "rate_limited")]) >= Some(1.0));
     assert!(value(&samples, "moat_http_requests_total", &[("status", "429")]) >= Some(1.0));
 }
 
 #[test]
 fn the_rate_limit_flag_sets_the_default_of_keys_without_a_quota() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start_with(&["--rate-limit", "1"]);
     let admin = server.admin_key();
     let r = server.request("GET", "/v1/sandboxes", Some(&admin), None);
@@ -365,10 +356,7 @@ fn the_rate_limit_flag_sets_the_default_of_keys_without_a_quota() {
 
 #[test]
 fn a_second_server_on_the_same_data_dir_fails_fast() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -403,10 +391,7 @@ fn a_second_server_on_the_same_data_dir_fails_fast() {
 
 #[test]
 fn the_lock_is_released_when_the_server_dies() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let (dir, data) = server.kill9();
     let again = Server::start_in(dir, data);
@@ -454,10 +439,7 @@ fn ttl_flags_are_validated() {
 
 #[test]
 fn ttl_flags_reach_the_sandboxes() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!();
     let server = Server::start_with(&["--default-ttl", "7", "--max-ttl", "60"]);
     let admin = server.admin_key();
     let admin = Some(admin.as_str());
@@ -470,7 +452,7 @@ fn ttl_flags_reach_the_sandboxes() {
         )
         .assert_error(400, "invalid");
     let r = server.request("POST", "/v1/sandboxes", admin, Some(b"{}"));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let sandbox = r.json();
     let ttl_ms = sandbox["expires_at"].as_i64().expect("expires_at")
         - sandbox["created_at"].as_i64().expect("created_at");
@@ -483,7 +465,7 @@ fn ttl_flags_reach_the_sandboxes() {
         admin,
         Some(&body(json!({"timeout_secs": 60}))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), admin, None);
     assert_eq!(r.status, 204);
 }

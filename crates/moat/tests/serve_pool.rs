@@ -1,23 +1,15 @@
 //! Templates, warm pools and the one-shot `POST /v1/run` of a real `moat serve`, over HTTP.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use moat_engine::store::{Quotas, Role, Store};
 use serde_json::{Value, json};
-use support::is_root;
 use support::server::*;
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return true;
-    }
-    false
-}
 
 /// Polls the template until its pool has `ready` members (a generous deadline for a loaded
 /// machine; not a speed check).
@@ -46,22 +38,9 @@ fn user_key(server: &Server, tenant: &str, quotas: Quotas) -> String {
     secret.expose().to_owned()
 }
 
-fn exec(server: &Server, key: &str, id: &str, shell: &str) -> Value {
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{id}/exec"),
-        Some(key),
-        Some(&body(json!({ "shell": shell }))),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
-
 #[test]
 fn templates_crud_and_checks() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let create =
@@ -71,7 +50,7 @@ fn templates_crud_and_checks() {
         json!({"name": "small", "spec": {"rootfs": "host", "resources": {"memory": "128M"},
                "env": {"GREETING": "hi"}, "workdir": "/tmp", "timeout_secs": 60}}),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let t = r.json();
     assert_eq!(t["name"], "small");
     assert_eq!(t["builtin"], false);
@@ -100,7 +79,7 @@ fn templates_crud_and_checks() {
         Some(&admin),
         Some(&body(json!({"template": "small"}))),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let sb = r.json();
     assert_eq!(sb["resources"]["memory_bytes"], 128 << 20);
     // The template's time to live: 60 s.
@@ -108,7 +87,7 @@ fn templates_crud_and_checks() {
         sb["expires_at"].as_i64().expect("expires") - sb["created_at"].as_i64().expect("created");
     assert!((55_000..=61_000).contains(&ttl), "{sb}");
     let id = sb["id"].as_str().expect("id").to_owned();
-    let out = exec(&server, &admin, &id, "echo $GREETING; pwd");
+    let out = server.shell(&admin, &id, "echo $GREETING; pwd");
     assert_eq!(out["stdout"], "hi\n/tmp\n", "{out}");
 
     // Listed beside the built-ins; another tenant sees only the built-ins.
@@ -162,11 +141,8 @@ fn templates_crud_and_checks() {
         Some(&admin),
         None,
     );
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(
-        exec(&server, &admin, &id, "echo still")["stdout"],
-        "still\n"
-    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(server.shell(&admin, &id, "echo still")["stdout"], "still\n");
     server
         .request("GET", "/v1/templates/small", Some(&admin), None)
         .assert_error(404, "not_found");
@@ -182,9 +158,7 @@ fn templates_crud_and_checks() {
 
 #[test]
 fn start_and_ready_scripts_gate_a_sandbox() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let r = server.request(
@@ -197,17 +171,17 @@ fn start_and_ready_scripts_gate_a_sandbox() {
             "ready": "test -f /tmp/started && pgrep -x sleep",
         }}))),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let r = server.request(
         "POST",
         "/v1/sandboxes",
         Some(&admin),
         Some(&body(json!({"template": "web"}))),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
     // Ready means the start script got that far, and it is still running.
-    let out = exec(&server, &admin, &id, "cat /tmp/started; pgrep -c -x sleep");
+    let out = server.shell(&admin, &id, "cat /tmp/started; pgrep -c -x sleep");
     assert_eq!(out["stdout"], "up\n1\n", "{out}");
 
     // A ready script that never passes fails the create, and leaves a failed record.
@@ -244,9 +218,7 @@ fn start_and_ready_scripts_gate_a_sandbox() {
 
 #[test]
 fn fifty_clients_claim_from_one_pool_and_none_twice() {
-    if skip() {
-        return;
-    }
+    need_root!();
     const CLIENTS: usize = 50;
     let server = Server::start();
     let admin = server.admin_key();
@@ -258,7 +230,7 @@ fn fifty_clients_claim_from_one_pool_and_none_twice() {
             json!({"name": "warm", "spec": {"rootfs": "host", "pool_size": CLIENTS}}),
         )),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let t = wait_ready(&server, &admin, "warm", CLIENTS as u64);
     assert_eq!(t["pool"]["target"], CLIENTS, "{t}");
     // Pool members belong to no one until claimed.
@@ -280,7 +252,7 @@ fn fifty_clients_claim_from_one_pool_and_none_twice() {
                             json!({"template": "warm", "metadata": {"client": i.to_string()}}),
                         )),
                     );
-                    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+                    assert_eq!(r.status, 201, "{}", r.text());
                     r.json()["id"].as_str().expect("id").to_owned()
                 })
             })
@@ -294,7 +266,7 @@ fn fifty_clients_claim_from_one_pool_and_none_twice() {
     assert_eq!(distinct.len(), CLIENTS, "a sandbox was handed out twice");
     // Every one was a claim: none waited for a cold start.
     let metrics = server.request("GET", "/metrics", Some(&admin), None);
-    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let text = metrics.text();
     let count = |name: &str| -> u64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
@@ -304,8 +276,7 @@ fn fifty_clients_claim_from_one_pool_and_none_twice() {
     assert_eq!(count("moat_create_seconds_count "), 0, "{text}");
     // Each is its own, running sandbox, owned by the claimer with its metadata.
     for id in &ids {
-        let marker = exec(
-            &server,
+        let marker = server.shell(
             &admin,
             id,
             &format!("echo {id} > /tmp/owner; cat /tmp/owner"),
@@ -323,9 +294,7 @@ fn fifty_clients_claim_from_one_pool_and_none_twice() {
 
 #[test]
 fn a_quota_refused_claim_leaves_the_member_in_the_pool() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     // A built-in's pool serves every tenant: give `host`'s sibling a pool as the admin.
@@ -360,9 +329,7 @@ fn a_quota_refused_claim_leaves_the_member_in_the_pool() {
 
 #[test]
 fn run_is_one_shot() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let r = server.request(
@@ -375,7 +342,7 @@ fn run_is_one_shot() {
             "output_files": ["out.txt", "missing.txt", "/tmp/b.bin"],
         }))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let out = r.json();
     assert_eq!(out["stdout"], "read 5\n", "{out}");
     assert_eq!(out["exit_code"], 4, "{out}");
@@ -480,9 +447,7 @@ fn sandboxes_under(ancestor: u32) -> HashSet<String> {
 
 #[test]
 fn a_restart_after_sigkill_reaps_pool_members() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let r = server.request(
@@ -522,9 +487,7 @@ fn a_restart_after_sigkill_reaps_pool_members() {
 
 #[test]
 fn a_sandbox_whose_agent_dies_is_failed_and_released() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let r = server.request(
@@ -561,9 +524,7 @@ fn a_sandbox_whose_agent_dies_is_failed_and_released() {
 
 #[test]
 fn a_pool_member_whose_agent_hangs_is_replaced() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let r = server.request(

@@ -2,22 +2,14 @@
 //! sandboxes), and warm pools held to their maker's quotas and to the pool memory budget.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::is_root;
 use support::server::*;
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return true;
-    }
-    false
-}
 
 /// A key made with `moat keys create NAME ARGS -q` as `admin`: its secret.
 fn cli_key(server: &Server, admin: &str, name: &str, args: &[&str]) -> String {
@@ -39,9 +31,7 @@ fn cli_key(server: &Server, admin: &str, name: &str, args: &[&str]) -> String {
 
 #[test]
 fn pids_are_a_key_quota() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     server
@@ -72,12 +62,7 @@ fn pids_are_a_key_quota() {
         )
     };
     let first = create(256);
-    assert_eq!(
-        first.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    assert_eq!(first.status, 201, "{}", first.text());
     assert_eq!(create(256).status, 201);
     // 512 held: 256 more would make 768.
     let refused = create(256);
@@ -119,9 +104,7 @@ fn wait_template(
 
 #[test]
 fn warm_pools_count_against_their_maker_s_quotas() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let key = cli_key(
@@ -164,12 +147,7 @@ fn warm_pools_count_against_their_maker_s_quotas() {
     create("host").assert_error(429, "quota_exceeded");
     // Claiming the member turns what it held into the sandbox: still within the quota.
     let claimed = create("one");
-    assert_eq!(
-        claimed.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&claimed.body)
-    );
+    assert_eq!(claimed.status, 201, "{}", claimed.text());
     // The pool does not refill past the quota: the key holds its one sandbox.
     create("host").assert_error(429, "quota_exceeded");
     let t = server
@@ -180,9 +158,7 @@ fn warm_pools_count_against_their_maker_s_quotas() {
 
 #[test]
 fn warm_pools_are_held_to_their_budget_after_readiness() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start_with(&["--pool-memory", "32M"]);
     let admin = server.admin_key();
     // Members are ready at once, then each fills 48M of its writable layer (memory): over
@@ -196,7 +172,7 @@ fn warm_pools_are_held_to_their_budget_after_readiness() {
             "start": "sleep 1; head -c 48M /dev/zero > /tmp/fill; exec sleep 100000",
         }}))),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     // Each member outgrows the whole budget once its script has run, so each is destroyed,
     // and no new one starts: one is now known to need more than the budget holds.
     wait_template(
@@ -213,12 +189,6 @@ fn warm_pools_are_held_to_their_budget_after_readiness() {
 }
 
 /// A new sandbox of `key` made with `req`; its id.
-fn create_sandbox(server: &Server, key: &str, req: Value) -> String {
-    let r = server.request("POST", "/v1/sandboxes", Some(key), Some(&body(req)));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["id"].as_str().expect("id").to_owned()
-}
-
 /// Runs `shell` as root in `id` and returns its standard output, after checking it exited 0.
 fn root_sh(server: &Server, key: &str, id: &str, shell: &str) -> String {
     let r = server.request(
@@ -227,7 +197,7 @@ fn root_sh(server: &Server, key: &str, id: &str, shell: &str) -> String {
         Some(key),
         Some(&body(json!({"shell": shell, "user": "root"}))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let out = r.json();
     assert_eq!(out["exit_code"], 0, "{shell}: {out}");
     out["stdout"].as_str().expect("stdout").to_owned()
@@ -244,13 +214,10 @@ fn snapshot(server: &Server, key: &str, id: &str) -> Reply {
 
 #[test]
 fn sparse_files_stay_sparse_in_snapshots() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
-    let id = create_sandbox(
-        &server,
+    let id = server.create_sandbox_with(
         &admin,
         json!({"resources": {"memory": "64M", "disk": "4G"}}),
     );
@@ -261,7 +228,7 @@ fn sparse_files_stay_sparse_in_snapshots() {
         "truncate -s 3G /tmp/big && echo middle | dd of=/tmp/big bs=1 seek=1073741824 conv=notrunc 2>/dev/null",
     );
     let r = snapshot(&server, &admin, &id);
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{}", r.text());
     let snap = r.json();
     let size = snap["size_bytes"].as_u64().expect("size");
     assert!(
@@ -279,7 +246,7 @@ fn sparse_files_stay_sparse_in_snapshots() {
         on_disk.blocks()
     );
     // Restored with its size, its data, and still sparse.
-    let copy = create_sandbox(&server, &admin, json!({"snapshot": sid}));
+    let copy = server.create_sandbox_with(&admin, json!({"snapshot": sid}));
     let out = root_sh(
         &server,
         &admin,
@@ -300,22 +267,15 @@ fn sparse_files_stay_sparse_in_snapshots() {
 
 #[test]
 fn snapshot_bytes_are_a_quota_and_fork_copies_count() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let key = cli_key(&server, &admin, "snaps", &["--max-snapshot-size", "3M"]);
-    let id = create_sandbox(&server, &key, json!({}));
+    let id = server.create_sandbox(&key);
     // 2 MiB that do not compress or hole: one snapshot fits, a second would make 4 MiB.
     root_sh(&server, &key, &id, "head -c 2M /dev/urandom > /tmp/data");
     let first = snapshot(&server, &key, &id);
-    assert_eq!(
-        first.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    assert_eq!(first.status, 201, "{}", first.text());
     let r = snapshot(&server, &key, &id);
     r.assert_error(429, "quota_exceeded");
     let message = r.json()["error"]["message"]
@@ -344,13 +304,11 @@ fn snapshot_bytes_are_a_quota_and_fork_copies_count() {
 
 #[test]
 fn snapshots_keep_the_data_dir_s_free_space_reserve() {
-    if skip() {
-        return;
-    }
+    need_root!();
     // A reserve larger than any disk: every snapshot would go below it.
     let server = Server::start_with(&["--min-free-disk", "1000T"]);
     let admin = server.admin_key();
-    let id = create_sandbox(&server, &admin, json!({}));
+    let id = server.create_sandbox(&admin);
     let r = snapshot(&server, &admin, &id);
     r.assert_error(507, "insufficient_storage");
     let r = server.request(

@@ -2,13 +2,13 @@
 //! would hold, duplicate paths, runs at once. Needs root (the native backend); skips with a
 //! printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::time::{Duration, Instant};
 
 use moat_engine::store::{Quotas, Role, Store};
 use serde_json::{Value, json};
-use support::is_root;
 use support::server::*;
 
 // The documented limits (docs/SPEC.md), written out so that the test also builds against a
@@ -21,14 +21,6 @@ const MAX_RUN_OUTPUT_TOTAL: u64 = 16 << 20;
 const MAX_CONCURRENT_RUNS: usize = 8;
 /// Runs at once of one tenant.
 const MAX_CONCURRENT_RUNS_PER_TENANT: usize = 4;
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return true;
-    }
-    false
-}
 
 /// A user key of `tenant`, made in the store beside the running server.
 fn user_key(server: &Server, tenant: &str) -> String {
@@ -59,9 +51,7 @@ fn peak_rss(server: &Server) -> u64 {
 
 #[test]
 fn duplicate_paths_are_refused() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     for bad in [
@@ -82,9 +72,7 @@ fn duplicate_paths_are_refused() {
 
 #[test]
 fn output_files_are_bounded_in_total() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let admin = server.admin_key();
     let before = peak_rss(&server);
@@ -100,7 +88,7 @@ fn output_files_are_bounded_in_total() {
             "output_files": outputs.iter().cloned().chain(["/tmp/big".to_owned()]).skip(1).collect::<Vec<_>>(),
         }))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let out = r.json();
     assert_eq!(out["exit_code"], 0, "{out}");
     let files = out["files"].as_array().expect("files");
@@ -161,9 +149,7 @@ fn wait_runs(server: &Server, key: &str, n: usize) {
 
 #[test]
 fn runs_at_once_are_bounded() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let sleeper = || body(json!({"shell": "sleep 600", "timeout_secs": 600}));
     let keys: Vec<String> = (0..MAX_CONCURRENT_RUNS / MAX_CONCURRENT_RUNS_PER_TENANT)
@@ -210,7 +196,7 @@ fn runs_at_once_are_bounded() {
         Some(&keys[0]),
         Some(&body(json!({"shell": "echo ok"}))),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let out: Value = r.json();
     assert_eq!(out["stdout"], "ok\n", "{out}");
 }

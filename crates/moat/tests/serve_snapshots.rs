@@ -4,35 +4,23 @@
 //! template alike) and survives a restart; forks are independent copies; tenants stay apart.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::is_root;
 use support::server::*;
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return true;
-    }
-    false
-}
 
 fn post(server: &Server, key: &str, path: &str, v: Value) -> Reply {
     server.request("POST", path, Some(key), Some(&body(v)))
 }
 
-fn text(r: &Reply) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
 /// A new sandbox made with `req`; its id.
 fn create(server: &Server, key: &str, req: Value) -> String {
     let r = post(server, key, "/v1/sandboxes", req);
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     let s = r.json();
     assert_eq!(s["state"], "running", "{s}");
     s["id"].as_str().expect("id").to_owned()
@@ -46,7 +34,7 @@ fn sh(server: &Server, key: &str, id: &str, user: &str, shell: &str) -> String {
         &format!("/v1/sandboxes/{id}/exec"),
         json!({"shell": shell, "user": user}),
     );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     let out = r.json();
     assert_eq!(out["exit_code"], 0, "{shell}: {out}");
     out["stdout"].as_str().expect("stdout").to_owned()
@@ -55,7 +43,7 @@ fn sh(server: &Server, key: &str, id: &str, user: &str, shell: &str) -> String {
 /// A snapshot of `id`; its JSON.
 fn snapshot(server: &Server, key: &str, id: &str, req: Value) -> Value {
     let r = post(server, key, &format!("/v1/sandboxes/{id}/snapshots"), req);
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     r.json()
 }
 
@@ -67,7 +55,7 @@ fn tenant_key(server: &Server, admin: &str, tenant: &str) -> String {
         "/v1/keys",
         json!({"name": tenant, "tenant": tenant}),
     );
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     r.json()["secret"].as_str().expect("secret").to_owned()
 }
 
@@ -86,9 +74,7 @@ fn counter_value(text: &str) -> u64 {
 
 #[test]
 fn pause_freezes_every_process_and_resume_thaws_them() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let id = create(&server, &key, json!({}));
@@ -112,7 +98,7 @@ fn pause_freezes_every_process_and_resume_thaws_them() {
         &format!("/v1/sandboxes/{id}/pause"),
         json!({}),
     );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["state"], "paused");
     post(
         &server,
@@ -132,7 +118,7 @@ fn pause_freezes_every_process_and_resume_thaws_them() {
         json!({"shell": "echo hi"}),
     );
     r.assert_error(409, "conflict");
-    assert!(text(&r).contains("paused"), "{}", text(&r));
+    assert!(r.text().contains("paused"), "{}", r.text());
     let r = server.request(
         "GET",
         &format!("/v1/sandboxes/{id}/files?path=/tmp/counter"),
@@ -155,7 +141,7 @@ fn pause_freezes_every_process_and_resume_thaws_them() {
         &format!("/v1/sandboxes/{id}/resume"),
         json!({"timeout_secs": 600}),
     );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     let s = r.json();
     assert_eq!(s["state"], "running");
     assert!(
@@ -187,9 +173,9 @@ fn pause_freezes_every_process_and_resume_thaws_them() {
         &format!("/v1/sandboxes/{id}/pause"),
         json!({}),
     );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
-    assert_eq!(r.status, 204, "{}", text(&r));
+    assert_eq!(r.status, 204, "{}", r.text());
     assert!(
         pids_in_sandbox(&id).is_empty(),
         "processes of {id} are left"
@@ -232,9 +218,7 @@ const DESCRIBE_FILES: &str = "stat -c '%n %u:%g %a %F %N' /home/user/proj /home/
 
 #[test]
 fn snapshots_keep_files_and_forks_are_independent() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let id = create(&server, &key, json!({"env": {"FROM": "source"}}));
@@ -291,7 +275,7 @@ fn snapshots_keep_files_and_forks_are_independent() {
         &format!("/v1/sandboxes/{id}/fork"),
         json!({"count": 3}),
     );
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     let results = r.json()["results"].as_array().expect("results").clone();
     assert_eq!(results.len(), 3, "{results:?}");
     let forks: Vec<String> = results
@@ -390,7 +374,7 @@ fn snapshots_keep_files_and_forks_are_independent() {
 
     // Delete: the record and the file go; sandboxes made from it stay.
     let r = server.request("DELETE", &format!("/v1/snapshots/{sid}"), Some(&key), None);
-    assert_eq!(r.status, 204, "{}", text(&r));
+    assert_eq!(r.status, 204, "{}", r.text());
     assert!(!file.exists(), "{} is left", file.display());
     server
         .request("GET", &format!("/v1/snapshots/{sid}"), Some(&key), None)
@@ -404,9 +388,7 @@ fn snapshots_keep_files_and_forks_are_independent() {
 
 #[test]
 fn a_snapshot_larger_than_the_disk_is_refused() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let id = create(&server, &key, json!({"resources": {"disk": "1M"}}));
@@ -435,9 +417,7 @@ fn a_snapshot_larger_than_the_disk_is_refused() {
 
 #[test]
 fn a_paused_sandbox_can_be_snapshotted_and_stays_paused() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let id = create(&server, &key, json!({}));
@@ -448,7 +428,7 @@ fn a_paused_sandbox_can_be_snapshotted_and_stays_paused() {
         &format!("/v1/sandboxes/{id}/pause"),
         json!({}),
     );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     let snap = snapshot(&server, &key, &id, json!({}));
     let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(r.json()["state"], "paused");
@@ -466,7 +446,7 @@ fn a_paused_sandbox_can_be_snapshotted_and_stays_paused() {
         &format!("/v1/sandboxes/{id}/fork"),
         json!({}),
     );
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     let fork = r.json()["results"][0]["sandbox"]["id"]
         .as_str()
         .expect("fork")
@@ -484,9 +464,7 @@ fn a_paused_sandbox_can_be_snapshotted_and_stays_paused() {
 
 #[test]
 fn snapshots_survive_a_restart_and_paused_sandboxes_do_not() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let id = create(&server, &key, json!({}));
@@ -501,7 +479,7 @@ fn snapshots_survive_a_restart_and_paused_sandboxes_do_not() {
         &format!("/v1/sandboxes/{id}/pause"),
         json!({}),
     );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
 
     let (dir, data) = server.kill9();
     // A file without a record, as a crash between writing and recording would leave.
@@ -527,7 +505,7 @@ fn snapshots_survive_a_restart_and_paused_sandboxes_do_not() {
 
     // The snapshot is still there, and sandboxes start from it.
     let r = server.request("GET", &format!("/v1/snapshots/{sid}"), Some(&key), None);
-    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.status, 200, "{}", r.text());
     let copy = create(&server, &key, json!({"snapshot": sid}));
     assert_eq!(
         sh(&server, &key, &copy, "user", "cat /home/user/f"),
@@ -576,9 +554,7 @@ fn tiny_rootfs(root: &Path) {
 
 #[test]
 fn a_directory_template_snapshot_keeps_removals() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let rootfs = tempfile::Builder::new()
@@ -592,7 +568,7 @@ fn a_directory_template_snapshot_keeps_removals() {
         "/v1/templates",
         json!({"name": "tiny", "spec": {"rootfs": {"dir": rootfs.path()}}}),
     );
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     let id = create(&server, &key, json!({"template": "tiny"}));
     // Remove a file of the template, change another, add one.
     sh(
@@ -621,7 +597,7 @@ fn a_directory_template_snapshot_keeps_removals() {
 fn claims(server: &Server, key: &str) -> u64 {
     let r = server.request("GET", "/metrics", Some(key), None);
     assert_eq!(r.status, 200);
-    text(&r)
+    r.text()
         .lines()
         .find_map(|l| l.strip_prefix("moat_claim_seconds_count "))
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -645,9 +621,7 @@ fn wait_ready(server: &Server, key: &str, template: &str) {
 
 #[test]
 fn a_create_from_a_snapshot_may_claim_a_warm_member() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let r = post(
@@ -656,7 +630,7 @@ fn a_create_from_a_snapshot_may_claim_a_warm_member() {
         "/v1/templates",
         json!({"name": "warm", "spec": {"rootfs": "host", "pool_size": 1}}),
     );
-    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.status, 201, "{}", r.text());
     wait_ready(&server, &key, "warm");
     let id = create(&server, &key, json!({"template": "warm"}));
     sh(&server, &key, &id, "user", "echo warm > /home/user/w");
@@ -703,9 +677,7 @@ fn moat_ok(server: &Server, key: &str, args: &[&str]) -> String {
 
 #[test]
 fn the_cli_pauses_snapshots_and_forks() {
-    if skip() {
-        return;
-    }
+    need_root!();
     let server = Server::start();
     let key = server.admin_key();
     let id = moat_ok(&server, &key, &["sandbox", "create"])

@@ -3,12 +3,12 @@
 //! sandbox whose delete was refused runs on as recorded, and everything works again once there
 //! is room. Needs root (the native backend, and to mount the tmpfs); skips otherwise.
 
-mod support;
+use moat_test_support as support;
+use support::need_root;
 
 use std::path::PathBuf;
 
 use serde_json::json;
-use support::is_root;
 use support::server::*;
 use support::tmpfs::{Tmpfs, fill};
 
@@ -23,10 +23,7 @@ fn exec(server: &Server, key: &str, id: &str) -> Reply {
 
 #[test]
 fn a_full_data_dir_refuses_changes_cleanly_and_keeps_records_true() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend and the tmpfs need root");
-        return;
-    }
+    need_root!("moat serve's native backend and the tmpfs need root");
     let tmpfs = Tmpfs::mount("48m");
     let data: PathBuf = tmpfs.path().join("data");
     let home = tempfile::Builder::new()
@@ -35,9 +32,7 @@ fn a_full_data_dir_refuses_changes_cleanly_and_keeps_records_true() {
         .expect("tempdir");
     let server = Server::start_in(home, data);
     let key = server.admin_key();
-    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(json!({}))));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let id = server.create_sandbox(&key);
     assert_eq!(server.request("GET", "/readyz", None, None).status, 200);
 
     let filler = tmpfs.path().join("filler");
@@ -68,25 +63,24 @@ fn a_full_data_dir_refuses_changes_cleanly_and_keeps_records_true() {
             Some(&body(json!({ "templateID": "base" }))),
         )
         .expect("E2B create");
-    assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 507, "{}", r.text());
     assert_eq!(r.json()["code"], 507, "{}", r.json());
 
     // The sandbox whose delete was refused is what its record says: running, and it answers.
     let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(r.json()["state"], "running", "{}", r.json());
     let r = exec(&server, &key, &id);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["stdout"], "alive\n");
 
     // Room again: everything works.
     std::fs::remove_file(&filler).expect("remove the filler");
     assert_eq!(server.request("GET", "/readyz", None, None).status, 200);
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 204, "{}", r.text());
     let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(r.json()["state"], "killed", "{}", r.json());
     exec(&server, &key, &id).assert_error(409, "conflict");
-    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(&body(json!({}))));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    server.create_sandbox(&key);
     drop(server);
 }

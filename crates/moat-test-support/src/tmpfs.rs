@@ -11,6 +11,7 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it) on a fresh directory.
     pub fn mount(size: &str) -> Tmpfs {
         let dir = tempfile::Builder::new()
             .prefix("moat-full-")
@@ -32,6 +33,7 @@ impl Tmpfs {
         Tmpfs { dir }
     }
 
+    /// Where it is mounted.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -1,20 +1,16 @@
-//! Host-side observations for the security corpus: the sandbox's processes and cgroups as the
-//! host sees them, and the invariants that must hold after a sandbox is gone.
+//! Host-side observations, for the security corpus and the server tests: a sandbox's processes
+//! and cgroups as the host sees them, and the invariants that must hold after it is gone.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use crate::is_root;
+
 /// The `moat` binary under test.
 pub fn moat() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moat"))
-}
-
-/// Whether we run as root.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    Command::new(crate::moat_binary())
 }
 
 /// A sandbox id no other test uses.
@@ -35,20 +31,17 @@ pub fn unique_id() -> String {
 /// Host pids whose cgroup names this sandbox.
 pub fn pids_in_sandbox(id: &str) -> Vec<i32> {
     let needle = format!("/moat/{id}");
-    let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
+        return Vec::new();
     };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&needle))
-        {
-            out.push(pid);
-        }
-    }
-    out
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(&needle))
+        })
+        .collect()
 }
 
 /// Cgroup directories of this sandbox that exist.

@@ -9,15 +9,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+// Tests that drive a server look at its sandboxes from the host too.
+pub use crate::host::{cgroup_dirs, pids_in_sandbox};
+
 /// A running `moat serve`; SIGTERMed and reaped on drop so a failing test leaves no server.
 pub struct Server {
+    /// The `moat serve` process.
     pub child: Child,
+    /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// Its data directory.
     pub data: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Server {
+    /// Starts a server on a fresh data dir.
     pub fn start() -> Server {
         let dir = tempfile::Builder::new()
             .prefix("moat-serve-")
@@ -49,7 +56,7 @@ impl Server {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_moat"))
+        let child = Command::new(crate::moat_binary())
             .args([
                 "serve",
                 "--listen",
@@ -89,13 +96,14 @@ impl Server {
     /// Creates a sandbox of the default template with `key` (`POST /v1/sandboxes {}`), which
     /// must succeed, and returns its id.
     pub fn create_sandbox(&self, key: &str) -> String {
-        let r = self.request("POST", "/v1/sandboxes", Some(key), Some(b"{}"));
-        assert_eq!(
-            r.status,
-            201,
-            "create: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        self.create_sandbox_with(key, serde_json::json!({}))
+    }
+
+    /// Creates a sandbox as `req` asks (`POST /v1/sandboxes`) with `key`, which must succeed,
+    /// and returns its id.
+    pub fn create_sandbox_with(&self, key: &str, req: Value) -> String {
+        let r = self.request("POST", "/v1/sandboxes", Some(key), Some(&body(req)));
+        assert_eq!(r.status, 201, "create: {}", r.text());
         r.json()["id"].as_str().expect("id").to_owned()
     }
 
@@ -108,21 +116,19 @@ impl Server {
             Some(key),
             Some(&body(serde_json::json!({ "shell": script }))),
         );
-        assert_eq!(
-            r.status,
-            200,
-            "exec in {id}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        assert_eq!(r.status, 200, "exec in {id}: {}", r.text());
         r.json()
     }
 
+    /// The admin API key the server wrote to its data dir on first start.
     pub fn admin_key(&self) -> String {
         let path = self.data.join("admin.key");
         let text = std::fs::read_to_string(&path).expect("admin.key");
         text.trim().to_owned()
     }
 
+    /// One request with `key` as bearer token (a body goes as JSON), read to the end; panics
+    /// when the connection fails.
     pub fn request(
         &self,
         method: &str,
@@ -239,19 +245,25 @@ impl Drop for Server {
     }
 }
 
+/// Sends SIGTERM to `child`.
 pub fn sigterm(child: &Child) {
     let pid = i32::try_from(child.id()).expect("pid");
     // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }
 
+/// An HTTP answer, read to the end.
 pub struct Reply {
+    /// The status code.
     pub status: u16,
+    /// The status line and headers, lower-cased.
     pub headers: String,
+    /// The body, de-chunked.
     pub body: Vec<u8>,
 }
 
 impl Reply {
+    /// Parses a whole HTTP/1.1 answer, head and body.
     pub fn parse(raw: &[u8]) -> std::io::Result<Reply> {
         let bad = |m: &str| std::io::Error::new(ErrorKind::InvalidData, m.to_owned());
         let split = raw
@@ -283,24 +295,25 @@ impl Reply {
         })
     }
 
+    /// The body as text (invalid UTF-8 replaced), for messages and text answers.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; panics (showing it) when it is not.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
                 "status {} body is not JSON ({e}): {}",
                 self.status,
-                String::from_utf8_lossy(&self.body)
+                self.text()
             )
         })
     }
 
     /// Asserts a JSON error with this status and code.
     pub fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(
-            self.status,
-            status,
-            "body: {}",
-            String::from_utf8_lossy(&self.body)
-        );
+        assert_eq!(self.status, status, "body: {}", self.text());
         assert!(
             self.headers.contains("content-type: application/json"),
             "{}",
@@ -317,35 +330,7 @@ impl Reply {
     }
 }
 
-/// Host pids whose cgroup names this sandbox.
-pub fn pids_in_sandbox(id: &str) -> Vec<i32> {
-    let needle = format!("/moat/{id}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                .is_ok_and(|c| c.contains(&needle))
-        })
-        .collect()
-}
-
-/// Cgroup directories of this sandbox that exist.
-pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
-    let Ok(layout) = moat_jail::cgroup::Layout::detect() else {
-        return Vec::new();
-    };
-    layout
-        .bases()
-        .into_iter()
-        .map(|b| b.join(id))
-        .filter(|d| d.exists())
-        .collect()
-}
-
+/// Waits (up to a minute) for `child`, which was asked to stop, to exit.
 pub fn wait_exit(child: &mut Child) -> ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -360,6 +345,7 @@ pub fn wait_exit(child: &mut Child) -> ExitStatus {
     }
 }
 
+/// `v` as a JSON request body.
 pub fn body(v: Value) -> Vec<u8> {
     serde_json::to_vec(&v).expect("json")
 }

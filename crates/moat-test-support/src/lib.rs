@@ -1,9 +1,12 @@
-//! Helpers shared by the `moat` package's tests that drive real sandboxes through the engine:
-//! the `moat` binary under test is the agent. Each test file includes this with `mod support;`
-//! and uses what it needs.
+//! Helpers shared by moat's tests that drive real sandboxes and servers: the `moat` binary
+//! under test is the agent and the server. Used only as a dev-dependency.
+//!
+//! - this module: sandboxes made straight through the native backend, and their agent;
+//! - [`server`]: a real `moat serve` on a free port and a small HTTP/1.1 client for it;
+//! - [`host`]: what the host sees of a sandbox, and that it left nothing behind;
+//! - [`tmpfs`]: a small filesystem to fill up.
 
-#![allow(dead_code)]
-
+pub mod host;
 pub mod server;
 pub mod tmpfs;
 
@@ -24,10 +27,41 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Returns from the calling test, printing why it skips, unless we run as root (the native
+/// backend needs it). Takes the reason as a literal where it is another one.
+#[macro_export]
+macro_rules! need_root {
+    () => {
+        $crate::need_root!("the native backend needs root")
+    };
+    ($why:literal) => {
+        if !$crate::is_root() {
+            eprintln!(concat!("SKIP: ", $why));
+            return;
+        }
+    };
+}
+
+/// The `moat` binary under test: what Cargo (and nextest) name in `CARGO_BIN_EXE_moat` when
+/// they run a test of the `moat` package, else the `moat` beside the test's own `deps/`
+/// directory (another package's tests, which Cargo builds with the same target directory).
+pub fn moat_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CARGO_BIN_EXE_moat") {
+        return PathBuf::from(path);
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("moat")))
+        .filter(|p| p.is_file());
+    beside.unwrap_or_else(|| {
+        panic!("no moat binary: run the tests through cargo (CARGO_BIN_EXE_moat is not set)")
+    })
+}
+
 /// The native backend with the `moat` binary under test as the agent.
 pub fn backend() -> NativeBackend {
     NativeBackend::new(&NativeOptions {
-        agent_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
+        agent_binary: Some(moat_binary()),
         ..NativeOptions::default()
     })
     .expect("backend")
