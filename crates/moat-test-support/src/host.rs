@@ -20,8 +20,9 @@ pub fn unique_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
+    // A sandbox id: 16 to 64 of a-z and 0-9.
     format!(
-        "sec{}x{}x{}",
+        "sec{}x{}x{:09}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed),
         nanos

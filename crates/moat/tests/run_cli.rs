@@ -350,7 +350,8 @@ fn ctrl_c_at_any_moment_exits_130_and_leaves_no_cgroup() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         let delay = std::time::Duration::from_micros(seed % 8_000);
-        let id = format!("intr{}x{i}", std::process::id());
+        // A sandbox id: 16 to 64 of a-z and 0-9.
+        let id = format!("intr{:010}x{i:05}", std::process::id());
         let cgroups = || -> Vec<std::path::PathBuf> {
             layout
                 .bases()

@@ -63,7 +63,7 @@ use crate::metrics::Metrics;
 use crate::resources::{Resources, bounds, parse_size};
 use crate::store::{
     Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, SandboxFilter, SandboxRecord, SandboxState,
-    Store, StoreError, check_template_name, generate_sandbox_id,
+    Store, StoreError, check_sandbox_id, check_template_name, generate_sandbox_id,
 };
 use snapshots::restore_layer;
 
@@ -408,6 +408,13 @@ impl SandboxManager {
         Ok(self.inner.live_for(tenant, id).await?.client.clone())
     }
 
+    /// How many processes of `tenant`'s sandbox `id` the kernel's OOM killer has killed so far.
+    pub async fn oom_kills(&self, tenant: &str, id: &str) -> ManagerResult<u64> {
+        let live = self.inner.live_any(tenant, id).await?;
+        let kills = live.instance.lock().await.oom_kills();
+        Ok(kills)
+    }
+
     /// How many sandboxes this manager runs now.
     pub fn live_count(&self) -> usize {
         lock(&self.inner.live).len()
@@ -422,11 +429,27 @@ impl SandboxManager {
         key_id: Option<&str>,
         req: v1::CreateSandbox,
     ) -> ManagerResult<v1::Sandbox> {
+        self.create_with_id(tenant, key_id, req, None).await
+    }
+
+    /// [`SandboxManager::create`] of a sandbox with the given `id` (a sandbox id's shape, see
+    /// [`crate::ids::is_sandbox_id`]) instead of a fresh one, as `moat run --id` asks; such a
+    /// create never takes a warm-pool member.
+    pub async fn create_with_id(
+        &self,
+        tenant: &str,
+        key_id: Option<&str>,
+        req: v1::CreateSandbox,
+        id: Option<String>,
+    ) -> ManagerResult<v1::Sandbox> {
+        if let Some(id) = &id {
+            check_sandbox_id(id)?;
+        }
         let inner = self.inner.clone();
         let tenant = tenant.to_owned();
         let key_id = key_id.map(str::to_owned);
         let began = Instant::now();
-        tokio::spawn(async move { inner.create(tenant, key_id, req, began).await })
+        tokio::spawn(async move { inner.create(tenant, key_id, req, id, began).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("create task: {e}")))?
     }
@@ -578,6 +601,7 @@ impl Inner {
         tenant: String,
         key_id: Option<String>,
         req: v1::CreateSandbox,
+        id: Option<String>,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
         let public_traffic = req.public_traffic;
@@ -586,6 +610,10 @@ impl Inner {
             None => self.plan_from_template(&tenant, req).await?,
         };
         plan.public_traffic = public_traffic;
+        if id.is_some() {
+            plan.id = id;
+            plan.poolable = false;
+        }
         self.create_planned(tenant, key_id, plan, began).await
     }
 
@@ -619,6 +647,7 @@ impl Inner {
             layer: None,
             poolable,
             public_traffic: None,
+            id: None,
         })
     }
 
@@ -703,7 +732,10 @@ impl Inner {
                 return Ok(claimed);
             }
         }
-        let id = generate_sandbox_id().map_err(ManagerError::from)?;
+        let id = match plan.id.clone() {
+            Some(id) => id,
+            None => generate_sandbox_id().map_err(ManagerError::from)?,
+        };
         let sandbox = plan_sandbox(id.clone(), spec, plan.resources.as_ref(), plan.env.clone())?;
         let new = NewSandbox {
             id: id.clone(),
@@ -999,6 +1031,8 @@ struct CreatePlan {
     poolable: bool,
     /// Whether its services are public; the server's default when `None`.
     public_traffic: Option<bool>,
+    /// The sandbox's id when the caller chose it; a fresh one when `None`.
+    id: Option<String>,
 }
 
 fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {

@@ -587,6 +587,7 @@ impl Inner {
             layer: Some(layer),
             poolable,
             public_traffic: None,
+            id: None,
         })
     }
 

@@ -6,17 +6,20 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use moat_engine::agent_client::{AgentClient, AgentError, CallOptions};
-use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
+use moat_engine::manager::{ManagerOptions, SandboxManager};
 use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::{Resources, fmt_bytes, parse_cpus, parse_duration, parse_size};
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::store::{Store, check_sandbox_id};
 use moat_proto::connect::Code;
 use moat_proto::process::process_selector::Selector;
 use moat_proto::process::{ProcessConfig, ProcessEvent, Pty, StartRequest, process_event, pty};
+use moat_proto::units::format_size;
+use moat_proto::v1;
 use tokio::io::AsyncReadExt;
 
 use super::remote::{Signals, write_out};
@@ -87,7 +90,8 @@ pub struct RunArgs {
 
 /// What the user asked for, validated.
 struct Plan {
-    id: String,
+    /// The sandbox id `--id` asks for; the engine picks one otherwise.
+    id: Option<String>,
     resources: Resources,
     timeout: Option<Duration>,
     env: Vec<(String, String)>,
@@ -96,7 +100,7 @@ struct Plan {
     user: &'static str,
     cmd: String,
     args: Vec<String>,
-    rootfs: RootfsSource,
+    rootfs: v1::Rootfs,
     tty: bool,
 }
 
@@ -137,23 +141,24 @@ fn plan(a: RunArgs) -> Result<Plan> {
     };
     let rootfs = match a.rootfs {
         Some(d) if !d.is_dir() => bail!("--rootfs {}: not a directory", d.display()),
-        Some(d) => RootfsSource::Dir(d),
-        None => RootfsSource::Host,
+        // The template's rootfs is an absolute path (the engine refuses a relative one).
+        Some(d) => v1::Rootfs::Dir(
+            std::path::absolute(&d)
+                .with_context(|| format!("--rootfs {}", d.display()))?
+                .display()
+                .to_string(),
+        ),
+        None => v1::Rootfs::Host,
     };
     let user = if a.root { "root" } else { "user" };
-    if let RootfsSource::Dir(d) = &rootfs {
-        match moat_engine::rootfs_users::check_account(d, user) {
-            Ok(()) => {}
-            Err(moat_engine::EngineError::Invalid(why)) => bail!("--rootfs: {why}"),
-            Err(e) => bail!("--rootfs: {e}"),
-        }
-    }
     let tty = terminal::is_tty(0) && terminal::is_tty(1);
     if a.shell && !tty {
         bail!("--shell needs a terminal on stdin and stdout");
     }
-    let id = a.id.unwrap_or_else(random_id);
-    moat_jail::spawn::validate_id(&id)?;
+    if let Some(id) = &a.id {
+        check_sandbox_id(id)?;
+    }
+    let id = a.id;
     Ok(Plan {
         id,
         resources,
@@ -191,17 +196,6 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
 }
 
-fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    // SAFETY: bytes is a valid writable buffer of 16 bytes.
-    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    bytes
-        .iter()
-        .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
-        .collect()
-}
-
 /// Prints the time since start of each stage to stderr when `MOAT_TIMING` is set.
 struct Timing(Option<std::time::Instant>);
 
@@ -220,29 +214,87 @@ impl Timing {
     }
 }
 
+/// The tenant of the in-memory store `moat run` keeps its one sandbox in.
+const LOCAL_TENANT: &str = "local";
+/// The template `moat run` defines for its sandbox: the root filesystem, user and working
+/// directory its options ask for.
+const RUN_TEMPLATE: &str = "run";
+/// Time to live of a `moat run` sandbox: the command's own `--timeout` bounds the run, and no
+/// reaper runs here, so the engine's expiry is only a record.
+const RUN_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The engine `moat run` goes through, as `moat serve` does: the native backend (with a
+/// guardian that destroys the sandbox should this process die) and a store in memory holding
+/// one tenant and the run's template.
+async fn local_engine(plan: &Plan) -> Result<SandboxManager> {
+    let backend = NativeBackend::new(&NativeOptions {
+        guardian: true,
+        ..NativeOptions::default()
+    })?;
+    let store = Arc::new(Store::open_in_memory().context("the in-memory store")?);
+    store
+        .create_tenant(LOCAL_TENANT, LOCAL_TENANT)
+        .context("the in-memory store")?;
+    let opts = ManagerOptions {
+        default_ttl: RUN_TTL,
+        max_ttl: RUN_TTL,
+        ..ManagerOptions::default()
+    };
+    let manager =
+        SandboxManager::new(store, Arc::new(backend), opts).map_err(|e| anyhow!("{e}"))?;
+    let spec = v1::TemplateSpec {
+        user: Some(plan.user.to_owned()),
+        workdir: plan.workdir.clone(),
+        ..v1::TemplateSpec::new(plan.rootfs.clone())
+    };
+    let template = v1::CreateTemplate {
+        name: RUN_TEMPLATE.to_owned(),
+        spec,
+    };
+    manager
+        .create_template(LOCAL_TENANT, None, template, true)
+        .await
+        .map_err(|e| match plan.rootfs {
+            v1::Rootfs::Dir(_) => anyhow!("--rootfs: {e}"),
+            v1::Rootfs::Host => anyhow!("{e}"),
+        })?;
+    Ok(manager)
+}
+
+/// The create request of the run's sandbox: its template and the limits the options ask for.
+fn create_request(r: &Resources) -> v1::CreateSandbox {
+    v1::CreateSandbox {
+        template: RUN_TEMPLATE.to_owned(),
+        snapshot: None,
+        resources: Some(v1::ResourceRequest {
+            memory: Some(format_size(r.memory_bytes)),
+            cpus: Some(r.cpu_millis as f64 / 1000.0),
+            pids: Some(r.pids),
+            disk: Some(format_size(r.disk_bytes)),
+        }),
+        env: Default::default(),
+        metadata: Default::default(),
+        timeout_secs: None,
+        public_traffic: None,
+    }
+}
+
 async fn run(plan: Plan) -> Result<u8> {
     // Ctrl-C, SIGTERM and SIGHUP are caught before anything is made: from here on they end
     // the run through the path that destroys the sandbox (exit 128+N), never by the default
     // action, which would leave what was made so far behind.
     let mut signals = Signals::catch()?;
     let timing = Timing::new();
-    let backend = NativeBackend::new(&NativeOptions {
-        guardian: true,
-        ..NativeOptions::default()
-    })?;
+    let manager = local_engine(&plan).await?;
     timing.mark("backend ready");
-    let spec = SandboxSpec {
-        id: plan.id.clone(),
-        rootfs: plan.rootfs.clone(),
-        resources: plan.resources,
-        agent: AgentConfig {
-            default_workdir: plan.workdir.clone(),
-            ..AgentConfig::default()
-        },
-    };
     // A signal during the create is kept for when it is done: a create cut off halfway could
     // not be undone.
-    let create = backend.create(&spec);
+    let create = manager.create_with_id(
+        LOCAL_TENANT,
+        None,
+        create_request(&plan.resources),
+        plan.id.clone(),
+    );
     tokio::pin!(create);
     let mut caught = None;
     let created = loop {
@@ -252,31 +304,31 @@ async fn run(plan: Plan) -> Result<u8> {
         }
     };
     if let Some(sig) = caught {
-        if let Ok(mut instance) = created {
-            instance.destroy().await.context("destroying the sandbox")?;
+        if let Ok(sandbox) = created {
+            manager
+                .delete(LOCAL_TENANT, &sandbox.id)
+                .await
+                .map_err(|e| anyhow!("destroying the sandbox: {e}"))?;
         }
         return Ok(interrupted(sig));
     }
-    let mut instance = created?;
+    let id = created.map_err(|e| anyhow!("{e}"))?.id;
     timing.mark("sandbox created");
     let result = async {
-        let channel = instance
-            .take_channel()
-            .ok_or_else(|| anyhow!("sandbox has no agent channel"))?;
-        let client = tokio::select! {
-            c = AgentClient::handshake(channel) => c.context("connecting to the sandbox agent")?,
-            sig = signals.recv() => return Ok(interrupted(sig)),
-        };
+        let client = manager
+            .agent(LOCAL_TENANT, &id)
+            .await
+            .map_err(|e| anyhow!("connecting to the sandbox agent: {e}"))?;
         timing.mark("agent connected");
-        let code = attach(&client, &plan, &*instance, &mut signals).await;
+        let code = attach(&client, &plan, &manager, &id, &mut signals).await;
         timing.mark("command finished");
         code
     }
     .await;
-    let destroyed = instance.destroy().await;
+    let destroyed = manager.delete(LOCAL_TENANT, &id).await;
     timing.mark("sandbox destroyed");
     let code = result?;
-    destroyed.context("destroying the sandbox")?;
+    destroyed.map_err(|e| anyhow!("destroying the sandbox: {e}"))?;
     Ok(code)
 }
 
@@ -291,7 +343,8 @@ fn interrupted(sig: i32) -> u8 {
 async fn attach(
     client: &AgentClient,
     plan: &Plan,
-    instance: &dyn moat_engine::backend::Instance,
+    manager: &SandboxManager,
+    id: &str,
     signals: &mut Signals,
 ) -> Result<u8> {
     let opts = CallOptions {
@@ -414,6 +467,8 @@ async fn attach(
                 Some(Ok(ProcessEvent { event: Some(process_event::Event::End(end)) })) => break Outcome::Ended(end),
                 Some(Ok(_)) => {}
                 Some(Err(e)) if e.code() == Code::DeadlineExceeded => break Outcome::TimedOut,
+                // The agent's connection closes when it exits: the sandbox is gone.
+                Some(Err(_)) | None if client.is_closed() => break Outcome::Failed(anyhow!("the sandbox's agent exited unexpectedly")),
                 Some(Err(e)) => break Outcome::Failed(anyhow!("process stream: {e}")),
                 None => break Outcome::Failed(anyhow!("the agent ended the stream without an end event")),
             },
@@ -423,17 +478,15 @@ async fn attach(
                     let _ = client.update_pty(selector.clone(), u32::from(cols), u32::from(rows)).await;
                 }
             }
-            _ = instance.exited() => break Outcome::Failed(anyhow!("the sandbox's agent exited unexpectedly")),
             _ = &mut backstop => break Outcome::TimedOut,
         }
     };
     input.abort();
     drop(_raw);
-    let stats = instance.stats();
     Ok(match outcome {
         Outcome::Ended(end) => {
             let code = exit_code(&end);
-            if code == 137 && stats.oom_kills > 0 {
+            if code == 137 && manager.oom_kills(LOCAL_TENANT, id).await.unwrap_or(0) > 0 {
                 eprintln!(
                     "moat: killed: out of memory (the sandbox's limit is {})",
                     fmt_bytes(plan.resources.memory_bytes)
