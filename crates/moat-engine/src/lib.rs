@@ -1,7 +1,7 @@
 //! moat's domain: sandboxes made by isolation backends, and the client of the agent inside each.
 //!
-//! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements.
-//! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
+//! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements (each
+//!   backend lives in a crate of its own, `moat-backend-*`).
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
 //! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
@@ -16,7 +16,6 @@ pub mod error;
 pub mod host_limits;
 pub mod manager;
 pub mod metrics;
-pub mod native;
 pub mod resources;
 pub mod rootfs_users;
 pub mod store;

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, AgentError, CallOptions};
 use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::{Resources, fmt_bytes, parse_cpus, parse_duration, parse_size};
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::connect::Code;

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::error::EngineError;
 use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
 use moat_server::ServerOptions;
 
