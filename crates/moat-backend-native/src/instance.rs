@@ -5,7 +5,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use moat_engine::backend::{Instance, InstanceStats};
+use moat_engine::backend::{AgentChannel, Instance, InstanceStats};
 use moat_engine::error::{EngineError, Result};
 use moat_jail::cgroup::SandboxCgroup;
 use moat_jail::guardian::Guardian;
@@ -138,12 +138,12 @@ impl Instance for NativeInstance {
         &self.id
     }
 
-    fn take_channel(&mut self) -> Option<UnixStream> {
+    fn take_channel(&mut self) -> Option<AgentChannel> {
         let mut guard = self.inner.lock().ok()?;
         let fd = guard.as_mut()?.process.take_channel()?;
         let std = std::os::unix::net::UnixStream::from(fd);
         std.set_nonblocking(true).ok()?;
-        UnixStream::from_std(std).ok()
+        UnixStream::from_std(std).ok().map(AgentChannel::Unix)
     }
 
     fn stats(&self) -> InstanceStats {

@@ -375,6 +375,7 @@ impl Backend for NativeBackend {
         Capabilities {
             pause: true,
             memory_checkpoint: false,
+            keep: true,
         }
     }
 

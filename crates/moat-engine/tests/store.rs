@@ -51,6 +51,7 @@ fn new_sandbox(tenant: &str, key: Option<&KeyRecord>, template: &str) -> NewSand
         memory_bytes: 256 << 20,
         expires_at: None,
         public_traffic: true,
+        backend: "native".into(),
     }
 }
 

@@ -57,7 +57,7 @@ use moat_proto::agent_config::AgentConfig;
 use moat_proto::v1;
 
 use crate::agent_client::AgentClient;
-use crate::backend::{Backend, Instance, RootfsSource, SandboxSpec};
+use crate::backend::{Backend, Backends, Instance, RootfsSource, SandboxSpec};
 use crate::metrics::Metrics;
 use crate::resources::{Resources, bounds, parse_size};
 use crate::store::{
@@ -232,6 +232,8 @@ impl Default for ManagerOptions {
 struct Live {
     tenant: String,
     client: AgentClient,
+    /// The backend that made it, asked what it can do (pause, …).
+    backend: Arc<dyn Backend>,
     /// Behind an async mutex: `destroy` needs `&mut`, and may wait.
     instance: tokio::sync::Mutex<Box<dyn Instance>>,
     /// Frozen (or being frozen): commands and file calls are refused rather than left
@@ -255,6 +257,7 @@ impl Live {
     fn new(
         tenant: &str,
         client: AgentClient,
+        backend: Arc<dyn Backend>,
         instance: Box<dyn Instance>,
         env: BTreeMap<String, String>,
         public_traffic: bool,
@@ -263,6 +266,7 @@ impl Live {
         Live {
             tenant: tenant.to_owned(),
             client,
+            backend,
             instance: tokio::sync::Mutex::new(instance),
             usage,
             paused: AtomicBool::new(false),
@@ -280,7 +284,8 @@ impl Live {
 
 struct Inner {
     store: Arc<Store>,
-    backend: Arc<dyn Backend>,
+    /// The backends sandboxes are made with, by kind; a template names one or gets the default.
+    backends: Backends,
     opts: ManagerOptions,
     live: Mutex<HashMap<String, Arc<Live>>>,
     pools: pool::Pools,
@@ -307,7 +312,7 @@ pub struct SandboxManager {
 impl std::fmt::Debug for SandboxManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SandboxManager")
-            .field("backend", &self.inner.backend.name())
+            .field("backends", &self.inner.backends)
             .field("opts", &self.inner.opts)
             .finish()
     }
@@ -350,11 +355,21 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl SandboxManager {
-    /// A manager over `store` and `backend`. Makes sure the built-in `host` template exists in
-    /// the store (a blocking write; call it at start-up, before serving).
+    /// A manager over `store` and one `backend`, the default. Makes sure the built-in `host`
+    /// template exists in the store (a blocking write; call it at start-up, before serving).
     pub fn new(
         store: Arc<Store>,
         backend: Arc<dyn Backend>,
+        opts: ManagerOptions,
+    ) -> ManagerResult<SandboxManager> {
+        SandboxManager::with_backends(store, Backends::new(backend), opts)
+    }
+
+    /// A manager over `store` and the registry `backends`: a template's `backend` names one of
+    /// them, the registry's default serves the others. Otherwise as [`SandboxManager::new`].
+    pub fn with_backends(
+        store: Arc<Store>,
+        backends: Backends,
         opts: ManagerOptions,
     ) -> ManagerResult<SandboxManager> {
         if opts.default_ttl.is_zero() || opts.default_ttl > opts.max_ttl {
@@ -382,7 +397,7 @@ impl SandboxManager {
         Ok(SandboxManager {
             inner: Arc::new(Inner {
                 store,
-                backend,
+                backends,
                 opts,
                 live: Mutex::new(HashMap::new()),
                 pools,
@@ -399,6 +414,11 @@ impl SandboxManager {
     /// The settings this manager runs with.
     pub fn options(&self) -> &ManagerOptions {
         &self.inner.opts
+    }
+
+    /// The backends this manager makes sandboxes with.
+    pub fn backends(&self) -> &Backends {
+        &self.inner.backends
     }
 
     /// The store this manager keeps.
@@ -671,6 +691,9 @@ impl Inner {
         }
         check_env("env", &plan.env)?;
         let spec = &plan.spec;
+        // A template naming a backend this server does not run (any more) is refused here,
+        // before anything is recorded.
+        let backend = self.backends.resolve(spec.backend.as_deref())?.clone();
         let limits = match &key_id {
             Some(key) => self.key_limits(&tenant, key).await?,
             None => Limits::default(),
@@ -698,6 +721,7 @@ impl Inner {
                     memory_bytes: resources.memory_bytes,
                     expires_at,
                     public_traffic,
+                    backend: member.backend.name().to_owned(),
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -727,6 +751,7 @@ impl Inner {
             memory_bytes: sandbox.resources.memory_bytes,
             expires_at,
             public_traffic,
+            backend: backend.name().to_owned(),
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
@@ -734,6 +759,7 @@ impl Inner {
         match self
             .start(
                 &tenant,
+                &backend,
                 &sandbox,
                 spec,
                 plan.layer.as_deref(),
@@ -819,35 +845,45 @@ impl Inner {
 
     /// Makes the sandbox (restoring `layer` into it, if given), connects to its agent and
     /// registers it as live; on failure, destroys whatever was made.
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
         tenant: &str,
+        backend: &Arc<dyn Backend>,
         sandbox: &SandboxSpec,
         template: &v1::TemplateSpec,
         layer: Option<&Path>,
         env: BTreeMap<String, String>,
         public_traffic: bool,
     ) -> ManagerResult<()> {
-        let (instance, client) = self.boot(sandbox, template, layer).await?;
+        let (instance, client) = self.boot(backend, sandbox, template, layer).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             sandbox.id.clone(),
-            Arc::new(Live::new(tenant, client, instance, env, public_traffic)),
+            Arc::new(Live::new(
+                tenant,
+                client,
+                backend.clone(),
+                instance,
+                env,
+                public_traffic,
+            )),
         );
         Ok(())
     }
 
-    /// Makes the sandbox with the backend, connects to its agent, restores `layer` into it
+    /// Makes the sandbox with `backend`, connects to its agent, restores `layer` into it
     /// (a snapshot's files, before anything of the template runs), starts the template's
     /// `start` script and waits for its `ready` script to pass. On failure, destroys whatever
     /// was made.
     async fn boot(
         &self,
+        backend: &Arc<dyn Backend>,
         sandbox: &SandboxSpec,
         template: &v1::TemplateSpec,
         layer: Option<&Path>,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
-        let mut instance = self.backend.create(sandbox).await.map_err(|e| {
+        let mut instance = backend.create(sandbox).await.map_err(|e| {
             ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
         })?;
         let connected = async {

@@ -34,7 +34,7 @@ use tokio::sync::{Notify, watch};
 
 use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::agent_client::AgentClient;
-use crate::backend::Instance;
+use crate::backend::{Backend, Instance};
 use crate::store::{EndReason, Limits, NewPoolMember, SandboxState, TemplateRecord};
 
 /// How often the pools are checked and refilled when nothing wakes them sooner.
@@ -63,6 +63,8 @@ pub(crate) struct PoolKey {
 pub(crate) struct Member {
     pub(crate) id: String,
     pub(crate) client: AgentClient,
+    /// The backend that made it.
+    pub(crate) backend: Arc<dyn Backend>,
     pub(crate) instance: Box<dyn Instance>,
     /// What its cgroup held once it was ready.
     memory: u64,
@@ -500,6 +502,7 @@ impl Inner {
         spec: &v1::TemplateSpec,
         owner_key: Option<String>,
     ) -> ManagerResult<Member> {
+        let backend = self.backends.resolve(spec.backend.as_deref())?.clone();
         let id = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
         let sandbox = super::plan_sandbox(id.clone(), spec, None, Default::default())?;
         let limits = match (&key.tenant, &owner_key) {
@@ -516,12 +519,13 @@ impl Inner {
         };
         self.db(move |s| s.add_pool_member_within(&new, limits))
             .await?;
-        match self.boot(&sandbox, spec, None).await {
+        match self.boot(&backend, &sandbox, spec, None).await {
             Ok((instance, client)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {
                     id,
                     client,
+                    backend,
                     instance,
                     memory,
                 })
@@ -606,6 +610,7 @@ impl Inner {
             Arc::new(Live::new(
                 tenant,
                 member.client,
+                member.backend,
                 member.instance,
                 Default::default(),
                 public_traffic,

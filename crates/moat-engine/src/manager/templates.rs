@@ -127,6 +127,9 @@ impl SandboxManager {
                 return invalid(format!("rootfs dir {dir:?} is not a directory on the host"));
             }
         }
+        if let Some(kind) = &spec.backend {
+            self.inner.backends.get(kind)?;
+        }
         resolve_resources(spec, None)?;
         check_env("env", &spec.env)?;
         if let Some(user) = &spec.user

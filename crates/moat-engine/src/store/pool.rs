@@ -154,6 +154,7 @@ mod tests {
             memory_bytes: 1 << 20,
             expires_at: None,
             public_traffic: true,
+            backend: "native".into(),
         }
     }
 

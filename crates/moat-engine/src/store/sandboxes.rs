@@ -108,6 +108,8 @@ pub struct NewSandbox {
     pub expires_at: Option<i64>,
     /// Whether its own services are reachable without its traffic access token.
     pub public_traffic: bool,
+    /// The kind of backend that makes it (`native`, …).
+    pub backend: String,
 }
 
 /// A recorded sandbox.
@@ -139,6 +141,14 @@ pub struct SandboxRecord {
     pub end_reason: Option<EndReason>,
     /// Whether its own services are reachable without its traffic access token.
     pub public_traffic: bool,
+    /// The kind of backend that made it (`native`, …).
+    #[serde(default = "native_kind")]
+    pub backend: String,
+}
+
+/// The backend of records that name none: the only one there was before backends were named.
+fn native_kind() -> String {
+    "native".into()
 }
 
 impl SandboxRecord {
@@ -167,6 +177,7 @@ impl SandboxRecord {
                 .get::<_, Option<String>>("end_reason")?
                 .map(EndReason::from),
             public_traffic: row.get("public_traffic")?,
+            backend: row.get("backend")?,
         })
     }
 }
@@ -489,6 +500,7 @@ impl NewSandbox {
             ended_at: None,
             end_reason: None,
             public_traffic: self.public_traffic,
+            backend: self.backend.clone(),
         }
     }
 }
@@ -509,6 +521,13 @@ pub(super) fn check_new(new: &NewSandbox) -> StoreResult<(String, i64)> {
         ));
     }
     check_metadata(&new.metadata)?;
+    if !crate::backend::is_valid_kind(&new.backend) {
+        return Err(StoreError::invalid(
+            "backend kind",
+            &new.backend,
+            "[a-z0-9-], 1 to 32 characters",
+        ));
+    }
     if !new.resources.is_object() {
         return Err(StoreError::BadJson {
             what: "sandbox resources",
@@ -553,8 +572,8 @@ pub(super) fn insert_in(
     }
     let inserted = tx.execute(
         "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
-             metadata, resources, memory_bytes, created_at, expires_at, public_traffic)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             metadata, resources, memory_bytes, created_at, expires_at, public_traffic, backend)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (id) DO NOTHING",
         params![
             new.id,
@@ -569,6 +588,7 @@ pub(super) fn insert_in(
             created_at,
             new.expires_at,
             new.public_traffic,
+            new.backend,
         ],
     )?;
     if inserted == 0 {

@@ -170,7 +170,14 @@ CREATE INDEX pool_members_by_key ON pool_members (key_id);
 CREATE INDEX pool_members_by_template_tenant ON pool_members (template_tenant);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+/// Version 7: the kind of isolation backend that made each sandbox (a template may name one;
+/// the server has a default), so a restarted server reaps or adopts it with that backend.
+/// Sandboxes recorded before were all made by the only backend there was.
+const V7: &str = r#"
+ALTER TABLE sandboxes ADD COLUMN backend TEXT NOT NULL DEFAULT 'native';
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
