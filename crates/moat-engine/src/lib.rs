@@ -5,6 +5,7 @@
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
 //! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
+//! - [`plan`]: a create resolved once, with its template, into one checked `SandboxPlan`.
 //! - [`resources`]: limits, their bounds, and parsing.
 //! - [`rootfs_users`]: whether a directory root filesystem has the accounts commands run as.
 //! - [`store`]: the durable state of `moat serve` (tenants, keys, templates, sandboxes) in SQLite.
@@ -16,6 +17,7 @@ pub mod error;
 pub mod host_limits;
 pub mod manager;
 pub mod metrics;
+pub mod plan;
 pub mod resources;
 pub mod rootfs_users;
 pub mod store;

@@ -502,9 +502,11 @@ impl Inner {
         spec: &v1::TemplateSpec,
         owner_key: Option<String>,
     ) -> ManagerResult<Member> {
-        let backend = self.backends.resolve(spec.backend.as_deref())?.clone();
+        let plan = self.plan_of_template(&key.name, key.tenant.clone(), spec)?;
+        crate::plan::within_template(spec, plan.resources)?;
+        let backend = self.backends.get(&plan.backend)?.clone();
         let id = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
-        let sandbox = super::plan_sandbox(id.clone(), spec, None, Default::default())?;
+        let sandbox = plan.spec(id.clone());
         let limits = match (&key.tenant, &owner_key) {
             (Some(tenant), Some(owner)) => self.key_limits(tenant, owner).await?,
             _ => Limits::default(),
@@ -519,7 +521,7 @@ impl Inner {
         };
         self.db(move |s| s.add_pool_member_within(&new, limits))
             .await?;
-        match self.boot(&backend, &sandbox, spec, None).await {
+        match self.boot(&backend, &sandbox, &plan.readiness, None).await {
             Ok((instance, client)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {
