@@ -61,8 +61,8 @@ use crate::metrics::Metrics;
 use crate::plan::{self, Readiness, SandboxPlan, limits_v1};
 use crate::resources::Resources;
 use crate::store::{
-    Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, SandboxFilter, SandboxRecord, SandboxState,
-    Store, StoreError, check_template_name, generate_sandbox_id,
+    Cursor, EndReason, MAX_PAGE, NewSandbox, SandboxFilter, SandboxQuotas, SandboxRecord,
+    SandboxState, Store, StoreError, check_template_name, generate_sandbox_id,
 };
 use snapshots::restore_layer;
 
@@ -669,10 +669,10 @@ impl Inner {
     }
 
     /// The quotas of `tenant`'s key `key` as the store checks them.
-    async fn key_limits(&self, tenant: &str, key: &str) -> ManagerResult<Limits> {
+    async fn key_limits(&self, tenant: &str, key: &str) -> ManagerResult<SandboxQuotas> {
         let (t, k) = (tenant.to_owned(), key.to_owned());
         let q = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
-        Ok(Limits {
+        Ok(SandboxQuotas {
             max_sandboxes: q.max_sandboxes.map(u64::from),
             max_memory_bytes: q.max_memory_bytes,
             max_pids: q.max_pids,
@@ -707,7 +707,7 @@ impl Inner {
         let backend = self.backends.get(&plan.backend)?.clone();
         let limits = match &key_id {
             Some(key) => self.key_limits(&tenant, key).await?,
-            None => Limits::default(),
+            None => SandboxQuotas::default(),
         };
         // The request's time to live, else the template's, else the server's default.
         let ttl = self.ttl(plan.timeout_secs)?;
@@ -830,7 +830,7 @@ impl Inner {
         key: &pool::PoolKey,
         member: pool::Member,
         new: NewSandbox,
-        limits: Limits,
+        limits: SandboxQuotas,
         restored: bool,
     ) -> ManagerResult<v1::Sandbox> {
         let tenant = new.tenant.clone();

@@ -35,7 +35,7 @@ use tokio::sync::{Notify, watch};
 use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::agent_client::AgentClient;
 use crate::backend::{Backend, Instance};
-use crate::store::{EndReason, Limits, NewPoolMember, SandboxState, TemplateRecord};
+use crate::store::{EndReason, NewPoolMember, SandboxQuotas, SandboxState, TemplateRecord};
 
 /// How often the pools are checked and refilled when nothing wakes them sooner.
 pub const POOL_TICK: Duration = Duration::from_secs(1);
@@ -509,7 +509,7 @@ impl Inner {
         let sandbox = plan.spec(id.clone());
         let limits = match (&key.tenant, &owner_key) {
             (Some(tenant), Some(owner)) => self.key_limits(tenant, owner).await?,
-            _ => Limits::default(),
+            _ => SandboxQuotas::default(),
         };
         let new = NewPoolMember {
             id: id.clone(),

@@ -284,9 +284,12 @@ pub struct Usage {
     pub pids: u64,
 }
 
-/// Quota limits checked by [`Store::insert_sandbox_within`]; `None` is unlimited.
+/// The quotas on active (starting, running, paused) sandboxes checked by
+/// [`Store::insert_sandbox_within`]: the part of a key's [`super::Quotas`] the store enforces
+/// when it records a sandbox (the resource limits of one sandbox are `resources::Resources`).
+/// `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
+pub struct SandboxQuotas {
     /// Starting, running and paused sandboxes at once.
     pub max_sandboxes: Option<u64>,
     /// Sum of their memory limits, bytes.
@@ -367,7 +370,7 @@ pub(super) fn usage(conn: &Connection, column: &'static str, value: &str) -> Sto
 /// Whether `memory` and `pids` more (one sandbox or member) fit `limits` beside `used`.
 pub(super) fn check_limits(
     used: &Usage,
-    limits: Limits,
+    limits: SandboxQuotas,
     memory: u64,
     pids: u64,
 ) -> StoreResult<()> {
@@ -546,7 +549,7 @@ pub(super) fn check_new(new: &NewSandbox) -> StoreResult<(String, i64)> {
 pub(super) fn insert_in(
     tx: &Connection,
     new: &NewSandbox,
-    limits: Limits,
+    limits: SandboxQuotas,
     metadata: &str,
     memory: i64,
     created_at: i64,
@@ -562,7 +565,7 @@ pub(super) fn insert_in(
     }
     let template = visible_template(tx, &new.tenant, &new.template)?
         .ok_or_else(|| StoreError::not_found("template", &new.template))?;
-    if limits != Limits::default() {
+    if limits != SandboxQuotas::default() {
         let used = match &new.key_id {
             Some(key) => usage(tx, "key_id", key)?,
             None => usage(tx, "tenant_id", &new.tenant)?,
@@ -606,7 +609,7 @@ impl Store {
     /// Records a new sandbox. [`StoreError::Conflict`] if the id exists (in any tenant),
     /// [`StoreError::NotFound`] for an unknown tenant, key or template.
     pub fn insert_sandbox(&self, new: &NewSandbox) -> StoreResult<SandboxRecord> {
-        self.insert_sandbox_within(new, Limits::default())
+        self.insert_sandbox_within(new, SandboxQuotas::default())
     }
 
     /// Records a new sandbox unless that would take its key (or, without a key, its tenant)
@@ -615,7 +618,7 @@ impl Store {
     pub fn insert_sandbox_within(
         &self,
         new: &NewSandbox,
-        limits: Limits,
+        limits: SandboxQuotas,
     ) -> StoreResult<SandboxRecord> {
         let (metadata, memory) = check_new(new)?;
         let created_at = now_ms();
