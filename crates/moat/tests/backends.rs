@@ -1,8 +1,9 @@
-//! The backend registry: a server with two backends, native (the default) and one that refuses
-//! every create, over HTTP. A template naming the refusing backend gets that backend's error; a
-//! template naming none gets the default; a template naming a backend the server lacks is
-//! refused when it is defined. Needs root (the native backend); skips with a printed reason
-//! otherwise.
+//! The backend registry: a server with three backends, native (the default), one that refuses
+//! every create, and native sandboxes from a backend that says it cannot pause, over HTTP. A
+//! template naming the refusing backend gets that backend's error; a template naming none gets
+//! the default; a template naming a backend the server lacks is refused when it is defined; a
+//! pause is refused by what the sandbox's own backend can do. Needs root (the native backend);
+//! skips with a printed reason otherwise.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +41,31 @@ impl Backend for Refusing {
 
     async fn reap_orphan(&self, _id: &str) -> Result<bool> {
         Ok(false)
+    }
+}
+
+/// The native backend under another kind, saying it cannot pause.
+struct NoPause(Arc<NativeBackend>);
+
+#[async_trait]
+impl Backend for NoPause {
+    fn name(&self) -> &'static str {
+        "no-pause"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: false,
+            ..self.0.capabilities()
+        }
+    }
+
+    async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
+        self.0.create(spec).await
+    }
+
+    async fn reap_orphan(&self, id: &str) -> Result<bool> {
+        self.0.reap_orphan(id).await
     }
 }
 
@@ -85,7 +111,10 @@ async fn templates_choose_their_backend() {
         ..NativeOptions::default()
     })
     .expect("native backend");
-    let backends = Backends::new(Arc::new(native)).with(Arc::new(Refusing));
+    let native = Arc::new(native);
+    let backends = Backends::new(native.clone())
+        .with(Arc::new(Refusing))
+        .with(Arc::new(NoPause(native)));
     assert_eq!(backends.default_kind(), "native");
     let manager = SandboxManager::with_backends(store.clone(), backends, ManagerOptions::default())
         .expect("manager");
@@ -115,7 +144,10 @@ async fn templates_choose_their_backend() {
         err.to_string().contains("unknown backend \"nope\""),
         "{err}"
     );
-    assert!(err.to_string().contains("native, refusing"), "{err}");
+    assert!(
+        err.to_string().contains("native, no-pause, refusing"),
+        "{err}"
+    );
 
     // A template naming the refusing backend: its create fails with that backend's error.
     let t = client
@@ -169,6 +201,38 @@ async fn templates_choose_their_backend() {
     assert_eq!(by_template("refused").state, SandboxState::Failed);
 
     client.delete_sandbox(&sandbox.id).await.expect("delete");
+
+    // What a sandbox's backend cannot do is refused before anything changes, while the
+    // default backend's sandboxes can.
+    client
+        .create_template(&template("frozen-never", Some("no-pause")))
+        .await
+        .expect("template naming the no-pause backend");
+    let unpausable = client
+        .create_sandbox(&create_from("frozen-never"))
+        .await
+        .expect("sandbox of the no-pause backend");
+    let err = client
+        .pause_sandbox(&unpausable.id)
+        .await
+        .expect_err("no pause on the no-pause backend");
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the no-pause backend cannot pause sandboxes"),
+        "{err}"
+    );
+    let still = client.get_sandbox(&unpausable.id).await.expect("get");
+    assert_eq!(still.state, SandboxState::Running);
+    let pausable = client
+        .create_sandbox(&create_from("plain"))
+        .await
+        .expect("sandbox on the default backend");
+    let paused = client.pause_sandbox(&pausable.id).await.expect("pause");
+    assert_eq!(paused.state, SandboxState::Paused);
+    for id in [&unpausable.id, &pausable.id] {
+        client.delete_sandbox(id).await.expect("delete");
+    }
     let _ = stop.send(());
     server.await.expect("server task").expect("server");
 }
