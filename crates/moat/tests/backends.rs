@@ -265,3 +265,21 @@ fn serve_refuses_an_unknown_default_backend() {
     // Refused before anything was made.
     assert!(!data.exists(), "--backend nope created the data dir");
 }
+
+#[test]
+fn the_template_backend_is_additive_on_the_wire() {
+    // Omitted when absent, so specs stored or sent before look as they did.
+    let plain = serde_json::to_value(v1::TemplateSpec::new(v1::Rootfs::Host)).expect("json");
+    assert_eq!(plain, serde_json::json!({"rootfs": "host"}));
+    let named: v1::TemplateSpec =
+        serde_json::from_value(serde_json::json!({"rootfs": "host", "backend": "native"}))
+            .expect("a spec naming a backend");
+    assert_eq!(named.backend.as_deref(), Some("native"));
+    // And shown in the OpenAPI document.
+    let doc = moat_server::openapi::document();
+    let spec = &doc["components"]["schemas"]["TemplateSpec"]["properties"]["backend"];
+    assert!(
+        spec.is_object(),
+        "TemplateSpec.backend in the document: {spec}"
+    );
+}
