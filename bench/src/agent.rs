@@ -6,9 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, CallOptions};
 use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::process::{ProcessConfig, StartRequest, process_event};

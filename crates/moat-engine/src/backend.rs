@@ -1,15 +1,110 @@
 //! The isolation backends behind one trait: each makes a sandbox, hands over a byte stream to its
-//! agent, and can pause, resume and destroy it. Native (namespaces) today; gVisor and microVMs fit
-//! the same shape.
+//! agent, and can pause, resume and destroy it. Native (namespaces, `moat-backend-native`) today;
+//! gVisor and microVMs fit the same shape: their channel need not be a Unix socket, and what they
+//! can do beyond the basics (pause, memory checkpoints) they say in [`Capabilities`].
 
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use moat_proto::agent_config::AgentConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::resources::Resources;
+
+/// Any byte stream a backend can give as an agent channel (a vsock, a pipe pair, a test double).
+pub trait ChannelStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ChannelStream for T {}
+
+/// The bidirectional byte stream to a sandbox's agent, which the host speaks HTTP/2 on.
+///
+/// A Unix socket (the native backend's socketpair) is a variant of its own so the hot path of
+/// every call stays a direct, vectored write on the socket with no boxing; other transports
+/// (vsock, stdio of a runtime) come boxed.
+pub enum AgentChannel {
+    /// A Unix stream socket.
+    Unix(UnixStream),
+    /// Any other transport.
+    Other(Box<dyn ChannelStream>),
+}
+
+impl std::fmt::Debug for AgentChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentChannel::Unix(s) => f.debug_tuple("Unix").field(s).finish(),
+            AgentChannel::Other(_) => f.write_str("Other(..)"),
+        }
+    }
+}
+
+impl From<UnixStream> for AgentChannel {
+    fn from(s: UnixStream) -> Self {
+        AgentChannel::Unix(s)
+    }
+}
+
+impl AsyncRead for AgentChannel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AgentChannel::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            AgentChannel::Other(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for AgentChannel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AgentChannel::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            AgentChannel::Other(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AgentChannel::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            AgentChannel::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            AgentChannel::Unix(s) => s.is_write_vectored(),
+            AgentChannel::Other(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AgentChannel::Unix(s) => Pin::new(s).poll_flush(cx),
+            AgentChannel::Other(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AgentChannel::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            AgentChannel::Other(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Where a sandbox's root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +128,32 @@ pub struct SandboxSpec {
     pub agent: AgentConfig,
 }
 
-/// What a backend can do beyond the basics.
+/// What a backend can do beyond the basics (create, channel, destroy). The manager refuses a
+/// request that needs something its sandbox's backend lacks, with a clear message, before it
+/// asks the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capabilities {
-    /// Freeze and thaw all processes.
+    /// Freeze and thaw all processes ([`Instance::pause`], [`Instance::resume`]).
     pub pause: bool,
-    /// Save and restore memory.
+    /// Save and restore memory ([`Instance::checkpoint`], [`Backend::restore`]).
     pub memory_checkpoint: bool,
+    /// Leave sandboxes running past this process for a later one to adopt
+    /// ([`Instance::keep`], [`Backend::adopt`]).
+    pub keep: bool,
+}
+
+impl Capabilities {
+    /// Refuses, as [`EngineError::Unsupported`] naming `backend`, what needs a capability
+    /// `has` says is missing; `what` is the action ("pause sandboxes").
+    pub fn require(has: bool, backend: &str, what: &str) -> Result<()> {
+        if has {
+            Ok(())
+        } else {
+            Err(EngineError::Unsupported(format!(
+                "the {backend} backend cannot {what}"
+            )))
+        }
+    }
 }
 
 /// Counters of a running sandbox.
@@ -68,6 +182,16 @@ pub trait Backend: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     /// Makes a sandbox and starts its agent.
     async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>>;
+    /// Makes sandbox `spec.id` from the memory checkpoint an [`Instance::checkpoint`] wrote to
+    /// `dir`, running from where it was frozen. Backends without
+    /// [`Capabilities::memory_checkpoint`] refuse.
+    async fn restore(&self, spec: &SandboxSpec, dir: &Path) -> Result<Box<dyn Instance>> {
+        let _ = (spec, dir);
+        Err(EngineError::Unsupported(format!(
+            "the {} backend cannot restore sandboxes from memory checkpoints",
+            self.name()
+        )))
+    }
     /// Kills and removes whatever sandbox `id` left on the host when the process that owned it
     /// died (a server killed without a chance to clean up). Returns whether anything was left.
     async fn reap_orphan(&self, id: &str) -> Result<bool>;
@@ -96,7 +220,7 @@ pub trait Instance: Send + Sync {
     /// The sandbox id.
     fn id(&self) -> &str;
     /// Takes the byte stream to the agent (once).
-    fn take_channel(&mut self) -> Option<UnixStream>;
+    fn take_channel(&mut self) -> Option<AgentChannel>;
     /// Counters.
     fn stats(&self) -> InstanceStats;
     /// [`InstanceStats::oom_kills`] alone, for callers on a hot path (every exec) that need
@@ -110,17 +234,179 @@ pub trait Instance: Send + Sync {
     async fn pause(&self) -> Result<()>;
     /// Thaws every process.
     async fn resume(&self) -> Result<()>;
+    /// Writes the sandbox's memory and process state into the directory `dir` (which exists and
+    /// is empty), for [`Backend::restore`]; the sandbox is paused meanwhile and left paused.
+    /// Backends without [`Capabilities::memory_checkpoint`] refuse.
+    async fn checkpoint(&self, dir: &Path) -> Result<()> {
+        let _ = dir;
+        Err(EngineError::Unsupported(format!(
+            "sandbox {} cannot be checkpointed: its backend cannot save memory",
+            self.id()
+        )))
+    }
     /// Resolves when the sandbox's first process (the agent) has exited.
     async fn exited(&self);
     /// Lets the sandbox run on after this process exits, for a later one to
     /// [`Backend::adopt`]; afterwards this handle owns nothing. Fails for sandboxes the backend
     /// did not make keepable.
     fn keep(&mut self) -> Result<()> {
-        Err(crate::error::EngineError::Unsupported(format!(
+        Err(EngineError::Unsupported(format!(
             "sandbox {} cannot outlive this process",
             self.id()
         )))
     }
     /// Kills everything and releases every host resource. Idempotent.
     async fn destroy(&mut self) -> Result<()>;
+}
+
+/// Whether `kind` can name a backend: `[a-z0-9-]`, 1 to 32 characters.
+pub fn is_valid_kind(kind: &str) -> bool {
+    (1..=32).contains(&kind.len())
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The backends a server runs, keyed by kind ([`Backend::name`]), and the one a template that
+/// names none gets.
+#[derive(Clone)]
+pub struct Backends {
+    by_kind: std::collections::BTreeMap<String, std::sync::Arc<dyn Backend>>,
+    default: String,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("kinds", &self.by_kind.keys().collect::<Vec<_>>())
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+impl Backends {
+    /// A registry holding `default` alone, as the default.
+    pub fn new(default: std::sync::Arc<dyn Backend>) -> Backends {
+        let kind = default.name().to_owned();
+        Backends {
+            by_kind: std::iter::once((kind.clone(), default)).collect(),
+            default: kind,
+        }
+    }
+
+    /// Adds `backend` under its kind, replacing one of the same kind.
+    pub fn with(mut self, backend: std::sync::Arc<dyn Backend>) -> Backends {
+        self.by_kind.insert(backend.name().to_owned(), backend);
+        self
+    }
+
+    /// Makes `kind`, which must be registered, the default.
+    pub fn set_default(&mut self, kind: &str) -> Result<()> {
+        self.get(kind)?;
+        kind.clone_into(&mut self.default);
+        Ok(())
+    }
+
+    /// The kind templates that name none get.
+    pub fn default_kind(&self) -> &str {
+        &self.default
+    }
+
+    /// The backend of kind `kind`, or [`EngineError::Invalid`] saying which kinds there are.
+    pub fn get(&self, kind: &str) -> Result<&std::sync::Arc<dyn Backend>> {
+        self.by_kind.get(kind).ok_or_else(|| {
+            let shown: String = kind.chars().take(64).collect();
+            EngineError::Invalid(format!(
+                "unknown backend {shown:?}; this server has {}",
+                self.kinds().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    /// The backend a template naming `kind` (or none, for the default) gets.
+    pub fn resolve(&self, kind: Option<&str>) -> Result<&std::sync::Arc<dyn Backend>> {
+        self.get(kind.unwrap_or(&self.default))
+    }
+
+    /// The registered kinds, in order.
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.by_kind.keys().map(String::as_str)
+    }
+
+    /// Every registered backend, in the order of their kinds.
+    pub fn iter(&self) -> impl Iterator<Item = &std::sync::Arc<dyn Backend>> {
+        self.by_kind.values()
+    }
+}
+
+impl From<std::sync::Arc<dyn Backend>> for Backends {
+    fn from(backend: std::sync::Arc<dyn Backend>) -> Backends {
+        Backends::new(backend)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A backend that only has a name.
+    struct Named(&'static str);
+
+    #[async_trait]
+    impl Backend for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn create(&self, _spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
+            Err(EngineError::Unsupported("nothing".into()))
+        }
+        async fn reap_orphan(&self, _id: &str) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn the_registry_resolves_kinds_and_its_default() {
+        let mut b = Backends::new(Arc::new(Named("native"))).with(Arc::new(Named("other")));
+        assert_eq!(b.default_kind(), "native");
+        assert_eq!(b.resolve(None).unwrap().name(), "native");
+        assert_eq!(b.resolve(Some("other")).unwrap().name(), "other");
+        assert_eq!(b.kinds().collect::<Vec<_>>(), ["native", "other"]);
+        let err = b.resolve(Some("gvisor")).err().unwrap();
+        assert!(matches!(&err, EngineError::Invalid(_)));
+        assert_eq!(
+            err.to_string(),
+            "invalid request: unknown backend \"gvisor\"; this server has native, other"
+        );
+        b.set_default("other").unwrap();
+        assert_eq!(b.resolve(None).unwrap().name(), "other");
+        assert!(b.set_default("gvisor").is_err());
+        assert_eq!(b.default_kind(), "other");
+    }
+
+    #[test]
+    fn kinds_are_short_lowercase_names() {
+        for good in ["native", "gvisor", "micro-vm", "a1"] {
+            assert!(is_valid_kind(good), "{good}");
+        }
+        for bad in ["", "Native", "a b", "a/b", &"x".repeat(33)] {
+            assert!(!is_valid_kind(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unsupported_capabilities_are_refused_by_name() {
+        assert!(Capabilities::require(true, "native", "pause sandboxes").is_ok());
+        let err = Capabilities::require(false, "refusing", "pause sandboxes").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "not supported: the refusing backend cannot pause sandboxes"
+        );
+    }
 }

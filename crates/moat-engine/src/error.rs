@@ -15,9 +15,10 @@ pub enum EngineError {
     /// The backend cannot do this.
     #[error("not supported: {0}")]
     Unsupported(String),
-    /// The isolation layer failed.
-    #[error(transparent)]
-    Jail(#[from] moat_jail::JailError),
+    /// The isolation backend failed (what its own error said, as text: the engine knows no
+    /// backend's error types).
+    #[error("{0}")]
+    Backend(String),
     /// The agent inside the sandbox failed or misbehaved.
     #[error("agent: {0}")]
     Agent(String),

@@ -1,13 +1,14 @@
 //! moat's domain: sandboxes made by isolation backends, and the client of the agent inside each.
 //!
-//! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements.
-//! - [`native`]: the native backend (namespaces, cgroups, seccomp, landlock) over `moat-jail`.
+//! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements (each
+//!   backend lives in a crate of its own, `moat-backend-*`).
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
 //! - [`auth`]: who calls: an API key turned into a [`auth::Caller`].
 //! - [`files`]: a sandbox's files and directories (tar archives) through its agent.
 //! - [`ids`], [`listing`], [`clock`]: id shapes, listing queries and timestamps for front ends.
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.
 //! - [`metrics`]: latency histograms and counters of `moat serve`, in the Prometheus text format.
+//! - [`plan`]: a create resolved once, with its template, into one checked `SandboxPlan`.
 //! - [`resources`]: limits, their bounds, and parsing.
 //! - [`rootfs_users`]: whether a directory root filesystem has the accounts commands run as.
 //! - [`status`]: what a server reports about itself (sandbox counts, the metrics text).
@@ -25,7 +26,7 @@ pub mod ids;
 pub mod listing;
 pub mod manager;
 pub mod metrics;
-pub mod native;
+pub mod plan;
 pub mod resources;
 pub mod rootfs_users;
 pub mod status;

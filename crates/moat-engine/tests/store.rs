@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use moat_engine::store::{
-    Cursor, EndReason, KeyRecord, Limits, NewSandbox, Quotas, Role, SCHEMA_VERSION, SandboxFilter,
-    SandboxRecord, SandboxState, Store, StoreError, generate_sandbox_id,
+    Cursor, EndReason, KeyRecord, NewSandbox, Quotas, Role, SCHEMA_VERSION, SandboxFilter,
+    SandboxQuotas, SandboxRecord, SandboxState, Store, StoreError, generate_sandbox_id,
 };
 use serde_json::json;
 
@@ -51,6 +51,7 @@ fn new_sandbox(tenant: &str, key: Option<&KeyRecord>, template: &str) -> NewSand
         memory_bytes: 256 << 20,
         expires_at: None,
         public_traffic: true,
+        backend: "native".into(),
     }
 }
 
@@ -1134,7 +1135,7 @@ fn quota_usage_sums_and_limits() {
     assert_eq!((tenant.sandboxes, tenant.memory_bytes), (4, 750 << 20));
 
     // Limits are checked in the same transaction as the insert.
-    let over_count = Limits {
+    let over_count = SandboxQuotas {
         max_sandboxes: Some(3),
         max_memory_bytes: None,
         ..Default::default()
@@ -1148,7 +1149,7 @@ fn quota_usage_sums_and_limits() {
         }) => {}
         other => panic!("expected QuotaExceeded, got {other:?}"),
     }
-    let over_memory = Limits {
+    let over_memory = SandboxQuotas {
         max_sandboxes: None,
         max_memory_bytes: Some(900 << 20),
         ..Default::default()
@@ -1158,7 +1159,7 @@ fn quota_usage_sums_and_limits() {
         Err(StoreError::QuotaExceeded { .. })
     ));
     assert_eq!(store.usage_for_key(&acme_key.id).unwrap(), key_usage);
-    let fits = Limits {
+    let fits = SandboxQuotas {
         max_sandboxes: Some(4),
         max_memory_bytes: Some(956 << 20),
         ..Default::default()
@@ -1167,7 +1168,7 @@ fn quota_usage_sums_and_limits() {
         .insert_sandbox_within(&new_sandbox("acme", Some(&acme_key), "host"), fits)
         .unwrap();
     // Without a key, the tenant's usage counts.
-    let tenant_limit = Limits {
+    let tenant_limit = SandboxQuotas {
         max_sandboxes: Some(5),
         max_memory_bytes: None,
         ..Default::default()
@@ -1183,7 +1184,7 @@ fn quota_usage_sums_and_limits() {
         .create_key("umbrella", "racer", Role::User, Quotas::default())
         .unwrap();
     let racer = Arc::new(racer);
-    let limit = Limits {
+    let limit = SandboxQuotas {
         max_sandboxes: Some(5),
         max_memory_bytes: None,
         ..Default::default()

@@ -217,6 +217,10 @@ pub struct TemplateSpec {
     /// pool memory budget may keep fewer.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pool_size: u32,
+    /// The isolation backend its sandboxes are made with (`native`, …), one the server runs;
+    /// the server's default (`moat serve --backend`) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 impl TemplateSpec {
@@ -234,6 +238,7 @@ impl TemplateSpec {
             ready_timeout_secs: None,
             timeout_secs: None,
             pool_size: 0,
+            backend: None,
         }
     }
 }

@@ -13,9 +13,9 @@ pub mod tmpfs;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, AgentError, CallOptions, ProcessStream};
 use moat_engine::backend::{Backend, Instance, RootfsSource, SandboxSpec};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::process::process_event::{EndEvent, Event, data_event};

@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::AgentClient;
 use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
 

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::manager::{
     EXEC_OUTPUT_LIMIT, ManagerError, ManagerOptions, SandboxManager, ShutdownMode,
 };
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, SandboxFilter, SandboxState, Store};
 use moat_proto::v1;
 

@@ -8,8 +8,8 @@ use moat_test_support as support;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::manager::{ManagerError, ManagerOptions, SandboxManager};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, SandboxState, Store};
 use moat_proto::v1;
 use support::is_root;

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, CallOptions};
 use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::Resources;
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::connect::Code;

@@ -35,14 +35,15 @@ impl SandboxManager {
     }
 
     /// Deletes the records of sandboxes that ended before `now` (Unix ms) minus the retention,
-    /// and sweeps stale host resources the backend finds.
+    /// and sweeps stale host resources every backend finds.
     pub async fn housekeep(&self, now: i64) -> ManagerResult<Housekeeping> {
         let before = now.saturating_sub(ms(self.inner.opts.retention));
         let purged = self.inner.db(move |s| s.purge_ended(before)).await?;
-        let backend = self.inner.backend.clone();
-        let swept = tokio::task::spawn_blocking(move || backend.sweep_stale())
-            .await
-            .map_err(|e| ManagerError::Internal(format!("sweep task: {e}")))?;
+        let backends = self.inner.backends.clone();
+        let swept =
+            tokio::task::spawn_blocking(move || backends.iter().map(|b| b.sweep_stale()).sum())
+                .await
+                .map_err(|e| ManagerError::Internal(format!("sweep task: {e}")))?;
         Ok(Housekeeping { purged, swept })
     }
 }

@@ -54,16 +54,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moat_proto::agent_config::AgentConfig;
 use moat_proto::v1;
 
 use crate::agent_client::AgentClient;
-use crate::backend::{Backend, Instance, RootfsSource, SandboxSpec};
+use crate::backend::{Backend, Backends, Instance, SandboxSpec};
 use crate::metrics::Metrics;
-use crate::resources::{Resources, bounds, parse_size};
+use crate::plan::{self, Readiness, SandboxPlan, limits_v1};
+use crate::resources::Resources;
 use crate::store::{
-    Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, SandboxFilter, SandboxRecord, SandboxState,
-    Store, StoreError, check_sandbox_id, check_template_name, generate_sandbox_id,
+    Cursor, EndReason, MAX_PAGE, NewSandbox, SandboxFilter, SandboxQuotas, SandboxRecord,
+    SandboxState, Store, StoreError, check_sandbox_id, check_template_name, generate_sandbox_id,
 };
 use snapshots::restore_layer;
 
@@ -223,6 +223,8 @@ impl Default for ManagerOptions {
 struct Live {
     tenant: String,
     client: AgentClient,
+    /// The backend that made it, asked what it can do (pause, …).
+    backend: Arc<dyn Backend>,
     /// Behind an async mutex: `destroy` needs `&mut`, and may wait.
     instance: tokio::sync::Mutex<Box<dyn Instance>>,
     /// Frozen (or being frozen): commands and file calls are refused rather than left
@@ -246,6 +248,7 @@ impl Live {
     fn new(
         tenant: &str,
         client: AgentClient,
+        backend: Arc<dyn Backend>,
         instance: Box<dyn Instance>,
         env: BTreeMap<String, String>,
         public_traffic: bool,
@@ -254,6 +257,7 @@ impl Live {
         Live {
             tenant: tenant.to_owned(),
             client,
+            backend,
             instance: tokio::sync::Mutex::new(instance),
             usage,
             paused: AtomicBool::new(false),
@@ -271,7 +275,8 @@ impl Live {
 
 struct Inner {
     store: Arc<Store>,
-    backend: Arc<dyn Backend>,
+    /// The backends sandboxes are made with, by kind; a template names one or gets the default.
+    backends: Backends,
     opts: ManagerOptions,
     live: Mutex<HashMap<String, Arc<Live>>>,
     pools: pool::Pools,
@@ -298,7 +303,7 @@ pub struct SandboxManager {
 impl std::fmt::Debug for SandboxManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SandboxManager")
-            .field("backend", &self.inner.backend.name())
+            .field("backends", &self.inner.backends)
             .field("opts", &self.inner.opts)
             .finish()
     }
@@ -341,11 +346,21 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl SandboxManager {
-    /// A manager over `store` and `backend`. Makes sure the built-in `host` template exists in
-    /// the store (a blocking write; call it at start-up, before serving).
+    /// A manager over `store` and one `backend`, the default. Makes sure the built-in `host`
+    /// template exists in the store (a blocking write; call it at start-up, before serving).
     pub fn new(
         store: Arc<Store>,
         backend: Arc<dyn Backend>,
+        opts: ManagerOptions,
+    ) -> ManagerResult<SandboxManager> {
+        SandboxManager::with_backends(store, Backends::new(backend), opts)
+    }
+
+    /// A manager over `store` and the registry `backends`: a template's `backend` names one of
+    /// them, the registry's default serves the others. Otherwise as [`SandboxManager::new`].
+    pub fn with_backends(
+        store: Arc<Store>,
+        backends: Backends,
         opts: ManagerOptions,
     ) -> ManagerResult<SandboxManager> {
         if opts.default_ttl.is_zero() || opts.default_ttl > opts.max_ttl {
@@ -373,7 +388,7 @@ impl SandboxManager {
         Ok(SandboxManager {
             inner: Arc::new(Inner {
                 store,
-                backend,
+                backends,
                 opts,
                 live: Mutex::new(HashMap::new()),
                 pools,
@@ -390,6 +405,11 @@ impl SandboxManager {
     /// The settings this manager runs with.
     pub fn options(&self) -> &ManagerOptions {
         &self.inner.opts
+    }
+
+    /// The backends this manager makes sandboxes with.
+    pub fn backends(&self) -> &Backends {
+        &self.inner.backends
     }
 
     /// The store this manager keeps.
@@ -623,7 +643,7 @@ impl Inner {
         &self,
         tenant: &str,
         req: v1::CreateSandbox,
-    ) -> ManagerResult<CreatePlan> {
+    ) -> ManagerResult<SandboxPlan> {
         check_template_name(&req.template).map_err(ManagerError::from)?;
         let (owner, spec) = self
             .template(tenant, &req.template)
@@ -634,28 +654,43 @@ impl Inner {
                 }
                 e => e,
             })?;
+        // The template is read once: everything of it the sandbox needs is in the plan.
+        let mut plan = self.plan_of_template(&req.template, owner, &spec)?;
+        if let Some(secs) = req.timeout_secs {
+            self.ttl(Some(secs))?;
+            plan.timeout_secs = Some(secs);
+        }
+        check_env("env", &req.env)?;
+        plan.resources = resolve_resources(&spec, req.resources.as_ref())?;
         // A request that asks for nothing a started member lacks can take one.
-        let poolable = req.resources.is_none() && req.env.is_empty();
-        Ok(CreatePlan {
-            template: req.template,
+        plan.poolable = req.resources.is_none() && req.env.is_empty();
+        plan.env = req.env;
+        plan.metadata = req.metadata;
+        Ok(plan)
+    }
+
+    /// The plan of a sandbox of `template` (named `name`, owned by `owner`) with the template's
+    /// defaults, made by the backend the template names or the default one.
+    fn plan_of_template(
+        &self,
+        name: &str,
+        owner: Option<String>,
+        template: &v1::TemplateSpec,
+    ) -> ManagerResult<SandboxPlan> {
+        let backend = self.backends.resolve(template.backend.as_deref())?;
+        Ok(SandboxPlan::of_template(
+            name,
             owner,
-            spec,
-            resources: req.resources,
-            env: req.env,
-            metadata: req.metadata,
-            timeout_secs: req.timeout_secs,
-            layer: None,
-            poolable,
-            public_traffic: None,
-            id: None,
-        })
+            template,
+            backend.name(),
+        )?)
     }
 
     /// The quotas of `tenant`'s key `key` as the store checks them.
-    async fn key_limits(&self, tenant: &str, key: &str) -> ManagerResult<Limits> {
+    async fn key_limits(&self, tenant: &str, key: &str) -> ManagerResult<SandboxQuotas> {
         let (t, k) = (tenant.to_owned(), key.to_owned());
         let q = self.db(move |s| s.get_key(&t, &k)).await?.quotas;
-        Ok(Limits {
+        Ok(SandboxQuotas {
             max_sandboxes: q.max_sandboxes.map(u64::from),
             max_memory_bytes: q.max_memory_bytes,
             max_pids: q.max_pids,
@@ -682,29 +717,28 @@ impl Inner {
         self: Arc<Self>,
         tenant: String,
         key_id: Option<String>,
-        plan: CreatePlan,
+        plan: SandboxPlan,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
-        if let Some(secs) = plan.timeout_secs {
-            self.ttl(Some(secs))?;
-        }
-        check_env("env", &plan.env)?;
-        let spec = &plan.spec;
+        // Resolved when the plan was made; a backend unregistered since is refused here,
+        // before anything is recorded.
+        let backend = self.backends.get(&plan.backend)?.clone();
         let limits = match &key_id {
             Some(key) => self.key_limits(&tenant, key).await?,
-            None => Limits::default(),
+            None => SandboxQuotas::default(),
         };
         // The request's time to live, else the template's, else the server's default.
-        let ttl = self.ttl(plan.timeout_secs.or(spec.timeout_secs))?;
+        let ttl = self.ttl(plan.timeout_secs)?;
         let expires_at = Some(now_ms().saturating_add(ms(ttl)));
         let public_traffic = plan.public_traffic.unwrap_or(self.opts.public_traffic);
         if plan.poolable {
             let key = pool::PoolKey {
-                tenant: plan.owner.clone(),
+                tenant: plan.template_owner.clone(),
                 name: plan.template.clone(),
             };
             if let Some(member) = self.pools.take(&key) {
-                let resources = resolve_resources(spec, None)?;
+                // A poolable plan asks for the template's defaults, which the member has.
+                let resources = plan.resources;
                 let new = NewSandbox {
                     id: member.id.clone(),
                     tenant: tenant.clone(),
@@ -717,6 +751,7 @@ impl Inner {
                     memory_bytes: resources.memory_bytes,
                     expires_at,
                     public_traffic,
+                    backend: member.backend.name().to_owned(),
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -736,7 +771,7 @@ impl Inner {
             Some(id) => id,
             None => generate_sandbox_id().map_err(ManagerError::from)?,
         };
-        let sandbox = plan_sandbox(id.clone(), spec, plan.resources.as_ref(), plan.env.clone())?;
+        let sandbox = plan.spec(id.clone());
         let new = NewSandbox {
             id: id.clone(),
             tenant: tenant.clone(),
@@ -749,6 +784,7 @@ impl Inner {
             memory_bytes: sandbox.resources.memory_bytes,
             expires_at,
             public_traffic,
+            backend: backend.name().to_owned(),
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
@@ -756,8 +792,9 @@ impl Inner {
         match self
             .start(
                 &tenant,
+                &backend,
                 &sandbox,
-                spec,
+                &plan.readiness,
                 plan.layer.as_deref(),
                 plan.env,
                 public_traffic,
@@ -814,7 +851,7 @@ impl Inner {
         key: &pool::PoolKey,
         member: pool::Member,
         new: NewSandbox,
-        limits: Limits,
+        limits: SandboxQuotas,
         restored: bool,
     ) -> ManagerResult<v1::Sandbox> {
         let tenant = new.tenant.clone();
@@ -841,35 +878,45 @@ impl Inner {
 
     /// Makes the sandbox (restoring `layer` into it, if given), connects to its agent and
     /// registers it as live; on failure, destroys whatever was made.
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
         tenant: &str,
+        backend: &Arc<dyn Backend>,
         sandbox: &SandboxSpec,
-        template: &v1::TemplateSpec,
+        readiness: &Readiness,
         layer: Option<&Path>,
         env: BTreeMap<String, String>,
         public_traffic: bool,
     ) -> ManagerResult<()> {
-        let (instance, client) = self.boot(sandbox, template, layer).await?;
+        let (instance, client) = self.boot(backend, sandbox, readiness, layer).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             sandbox.id.clone(),
-            Arc::new(Live::new(tenant, client, instance, env, public_traffic)),
+            Arc::new(Live::new(
+                tenant,
+                client,
+                backend.clone(),
+                instance,
+                env,
+                public_traffic,
+            )),
         );
         Ok(())
     }
 
-    /// Makes the sandbox with the backend, connects to its agent, restores `layer` into it
+    /// Makes the sandbox with `backend`, connects to its agent, restores `layer` into it
     /// (a snapshot's files, before anything of the template runs), starts the template's
     /// `start` script and waits for its `ready` script to pass. On failure, destroys whatever
     /// was made.
     async fn boot(
         &self,
+        backend: &Arc<dyn Backend>,
         sandbox: &SandboxSpec,
-        template: &v1::TemplateSpec,
+        readiness: &Readiness,
         layer: Option<&Path>,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
-        let mut instance = self.backend.create(sandbox).await.map_err(|e| {
+        let mut instance = backend.create(sandbox).await.map_err(|e| {
             ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
         })?;
         let connected = async {
@@ -886,7 +933,7 @@ impl Inner {
             if let Some(layer) = layer {
                 restore_layer(&client, layer).await?;
             }
-            readiness::start_and_wait(&client, template).await?;
+            readiness::start_and_wait(&client, readiness).await?;
             Ok::<_, ManagerError>(client)
         }
         .await;
@@ -1013,28 +1060,6 @@ fn not_running(rec: &SandboxRecord) -> ManagerError {
     })
 }
 
-/// Everything a create makes, resolved from the request (and the snapshot it names).
-#[derive(Clone)]
-struct CreatePlan {
-    /// The template's name.
-    template: String,
-    /// The template's owner (`None` for a built-in): which warm pool serves it.
-    owner: Option<String>,
-    spec: v1::TemplateSpec,
-    resources: Option<v1::ResourceRequest>,
-    env: BTreeMap<String, String>,
-    metadata: BTreeMap<String, String>,
-    timeout_secs: Option<u64>,
-    /// A snapshot archive to restore before the sandbox counts as running.
-    layer: Option<PathBuf>,
-    /// Whether a warm-pool member of the template is what the plan asks for.
-    poolable: bool,
-    /// Whether its services are public; the server's default when `None`.
-    public_traffic: Option<bool>,
-    /// The sandbox's id when the caller chose it; a fresh one when `None`.
-    id: Option<String>,
-}
-
 fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
     if env.len() > MAX_ENV_VARS {
         return Err(ManagerError::Invalid(format!(
@@ -1052,105 +1077,13 @@ fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
     Ok(())
 }
 
-/// What the backend makes for a sandbox of `template`: its limits (the request over the
-/// template's defaults) and its agent's settings (the request's env over the template's).
-fn plan_sandbox(
-    id: String,
-    template: &v1::TemplateSpec,
-    resources: Option<&v1::ResourceRequest>,
-    env: BTreeMap<String, String>,
-) -> ManagerResult<SandboxSpec> {
-    let resources = resolve_resources(template, resources)?;
-    let rootfs = match &template.rootfs {
-        v1::Rootfs::Host => RootfsSource::Host,
-        v1::Rootfs::Dir(dir) => RootfsSource::Dir(PathBuf::from(dir)),
-    };
-    let mut env_vars = template.env.clone();
-    env_vars.extend(env);
-    let agent = AgentConfig {
-        default_user: template.user.clone().unwrap_or_else(|| "user".into()),
-        default_workdir: template.workdir.clone(),
-        env_vars,
-        ..AgentConfig::default()
-    };
-    Ok(SandboxSpec {
-        id,
-        rootfs,
-        resources,
-        agent,
-    })
-}
-
-/// Applies a resource request over `base`.
-fn apply(base: Resources, req: &v1::ResourceRequest) -> ManagerResult<Resources> {
-    let mut r = base;
-    if let Some(m) = &req.memory {
-        r.memory_bytes = parse_size(m)?;
-    }
-    if let Some(d) = &req.disk {
-        r.disk_bytes = parse_size(d)?;
-    }
-    if let Some(c) = req.cpus {
-        if !c.is_finite() || c <= 0.0 || c > bounds::MAX_CPU_MILLIS as f64 / 1000.0 {
-            return Err(ManagerError::Invalid(format!(
-                "cpus {c} must be positive and at most {}",
-                bounds::MAX_CPU_MILLIS / 1000
-            )));
-        }
-        r.cpu_millis = (c * 1000.0).round() as u64;
-    }
-    if let Some(p) = req.pids {
-        r.pids = p;
-    }
-    Ok(r)
-}
-
 /// The sandbox's limits: the template's defaults, then the request, checked against the
 /// template's maximum and the engine's bounds.
 fn resolve_resources(
     spec: &v1::TemplateSpec,
     req: Option<&v1::ResourceRequest>,
 ) -> ManagerResult<Resources> {
-    let defaults = match &spec.resources {
-        Some(r) => apply(Resources::default(), r)?,
-        None => Resources::default(),
-    };
-    let resolved = match req {
-        Some(r) => apply(defaults, r)?,
-        None => defaults,
-    };
-    resolved.validate()?;
-    if let Some(max) = &spec.max_resources {
-        let top = Resources {
-            memory_bytes: bounds::MAX_MEMORY,
-            cpu_millis: bounds::MAX_CPU_MILLIS,
-            pids: bounds::MAX_PIDS,
-            disk_bytes: bounds::MAX_DISK,
-        };
-        let max = apply(top, max)?;
-        for (what, v, m) in [
-            ("memory", resolved.memory_bytes, max.memory_bytes),
-            ("cpus (millis)", resolved.cpu_millis, max.cpu_millis),
-            ("pids", resolved.pids, max.pids),
-            ("disk", resolved.disk_bytes, max.disk_bytes),
-        ] {
-            if v > m {
-                return Err(ManagerError::Invalid(format!(
-                    "{what} {v} is over the template's limit of {m}"
-                )));
-            }
-        }
-    }
-    Ok(resolved)
-}
-
-fn limits_v1(r: &Resources) -> v1::ResourceLimits {
-    v1::ResourceLimits {
-        memory_bytes: r.memory_bytes,
-        cpu_millis: r.cpu_millis,
-        pids: r.pids,
-        disk_bytes: r.disk_bytes,
-    }
+    Ok(plan::template_resources(spec, req)?)
 }
 
 fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {

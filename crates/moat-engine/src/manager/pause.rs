@@ -21,6 +21,8 @@ use std::sync::atomic::Ordering;
 
 use moat_proto::v1;
 
+use crate::backend::Capabilities;
+
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms, to_v1};
 use crate::store::{SandboxState, now_ms};
 
@@ -57,13 +59,14 @@ impl SandboxManager {
 
 impl Inner {
     async fn pause(self: Arc<Self>, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
-        if !self.backend.capabilities().pause {
-            return Err(ManagerError::Conflict(format!(
-                "the {} backend cannot pause sandboxes",
-                self.backend.name()
-            )));
-        }
         let live = self.live_any(tenant, id).await?;
+        // Refused before anything changes, by what the sandbox's own backend can do.
+        Capabilities::require(
+            live.backend.capabilities().pause,
+            live.backend.name(),
+            "pause sandboxes",
+        )
+        .map_err(|e| ManagerError::Conflict(e.to_string()))?;
         let _op = live.ops.lock().await;
         if live.is_paused() {
             return Err(ManagerError::Conflict(format!(

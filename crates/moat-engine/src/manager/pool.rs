@@ -34,8 +34,8 @@ use tokio::sync::{Notify, watch};
 
 use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::agent_client::AgentClient;
-use crate::backend::Instance;
-use crate::store::{EndReason, Limits, NewPoolMember, SandboxState, TemplateRecord};
+use crate::backend::{Backend, Instance};
+use crate::store::{EndReason, NewPoolMember, SandboxQuotas, SandboxState, TemplateRecord};
 
 /// How often the pools are checked and refilled when nothing wakes them sooner.
 pub const POOL_TICK: Duration = Duration::from_secs(1);
@@ -63,6 +63,8 @@ pub(crate) struct PoolKey {
 pub(crate) struct Member {
     pub(crate) id: String,
     pub(crate) client: AgentClient,
+    /// The backend that made it.
+    pub(crate) backend: Arc<dyn Backend>,
     pub(crate) instance: Box<dyn Instance>,
     /// What its cgroup held once it was ready.
     memory: u64,
@@ -500,11 +502,14 @@ impl Inner {
         spec: &v1::TemplateSpec,
         owner_key: Option<String>,
     ) -> ManagerResult<Member> {
+        let plan = self.plan_of_template(&key.name, key.tenant.clone(), spec)?;
+        crate::plan::within_template(spec, plan.resources)?;
+        let backend = self.backends.get(&plan.backend)?.clone();
         let id = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
-        let sandbox = super::plan_sandbox(id.clone(), spec, None, Default::default())?;
+        let sandbox = plan.spec(id.clone());
         let limits = match (&key.tenant, &owner_key) {
             (Some(tenant), Some(owner)) => self.key_limits(tenant, owner).await?,
-            _ => Limits::default(),
+            _ => SandboxQuotas::default(),
         };
         let new = NewPoolMember {
             id: id.clone(),
@@ -516,12 +521,13 @@ impl Inner {
         };
         self.db(move |s| s.add_pool_member_within(&new, limits))
             .await?;
-        match self.boot(&sandbox, spec, None).await {
+        match self.boot(&backend, &sandbox, &plan.readiness, None).await {
             Ok((instance, client)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {
                     id,
                     client,
+                    backend,
                     instance,
                     memory,
                 })
@@ -606,6 +612,7 @@ impl Inner {
             Arc::new(Live::new(
                 tenant,
                 member.client,
+                member.backend,
                 member.instance,
                 Default::default(),
                 public_traffic,

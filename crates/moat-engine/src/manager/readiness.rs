@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::plan::Readiness;
 use moat_proto::process::{ProcessConfig, StartRequest, process_event};
-use moat_proto::v1;
 
 use super::{ManagerError, ManagerResult};
 use crate::agent_client::{AgentClient, CallOptions};
@@ -28,28 +28,24 @@ fn shell(script: &str, tag: Option<&str>) -> StartRequest {
     }
 }
 
-/// Starts `template.start` in the background and runs `template.ready` until it exits 0,
-/// within the template's readiness timeout. A sandbox whose `ready` never passes fails with
-/// the script's last output.
+/// Starts the plan's `start` script in the background and runs its `ready` script until it
+/// exits 0, within its readiness timeout. A sandbox whose `ready` never passes fails with the
+/// script's last output.
 pub(super) async fn start_and_wait(
     client: &AgentClient,
-    template: &v1::TemplateSpec,
+    readiness: &Readiness,
 ) -> ManagerResult<()> {
-    if let Some(script) = &template.start {
+    if let Some(script) = &readiness.start {
         // The stream is dropped: the process keeps running, its output unread.
         client
             .start(shell(script, Some(START_TAG)), CallOptions::default())
             .await
             .map_err(|e| ManagerError::Unavailable(format!("template start script: {e}")))?;
     }
-    let Some(script) = &template.ready else {
+    let Some(script) = &readiness.ready else {
         return Ok(());
     };
-    let limit = Duration::from_secs(
-        template
-            .ready_timeout_secs
-            .unwrap_or(v1::DEFAULT_READY_TIMEOUT_SECS),
-    );
+    let limit = readiness.ready_timeout;
     let deadline = Instant::now() + limit;
     // What the last run that finished said: a run cut off by the deadline says nothing useful.
     let mut last: Option<(i32, Vec<u8>)> = None;

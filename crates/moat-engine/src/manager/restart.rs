@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::agent_client::AgentClient;
-use crate::backend::Instance;
+use crate::backend::{Backend, Instance};
 use crate::store::{EndReason, SandboxRecord, SandboxState};
 
 use super::{Inner, Live, ManagerError, SandboxManager, lock};
@@ -37,9 +37,10 @@ impl SandboxManager {
     pub async fn recover(&self) -> Result<Recovered, ManagerError> {
         let inner = &self.inner;
         let mut out = Recovered::default();
+        // Members are recorded without their backend: every backend reaps what it has of them.
         let members = inner.db(|s| s.take_pool_members()).await?;
         for id in members {
-            inner.reap(&id).await;
+            inner.reap(&id, None).await;
         }
         let active = inner.db(|s| s.active_sandboxes()).await?;
         let mut known = HashSet::new();
@@ -48,22 +49,25 @@ impl SandboxManager {
             match inner.adopt_kept(&rec).await {
                 Ok(true) => out.adopted.push(rec.id),
                 Ok(false) => {
-                    inner.reap(&rec.id).await;
+                    inner.reap(&rec.id, Some(&rec.backend)).await;
                     inner.record_lost(&rec).await;
                     out.reaped.push(rec.id);
                 }
                 Err(e) => {
                     tracing::warn!(sandbox = %rec.id, "could not take over a kept sandbox: {e}");
-                    inner.reap(&rec.id).await;
+                    inner.reap(&rec.id, Some(&rec.backend)).await;
                     inner.record_lost(&rec).await;
                     out.reaped.push(rec.id);
                 }
             }
         }
-        // Kept sandboxes the store no longer counts as active (ended by a crash in between).
-        for id in inner.backend.kept() {
-            if !known.contains(&id) {
-                inner.reap(&id).await;
+        // Kept sandboxes the store no longer counts as active (ended by a crash in between),
+        // of every backend.
+        for backend in inner.backends.iter() {
+            for id in backend.kept() {
+                if !known.contains(&id) {
+                    reap_with(backend.as_ref(), &id).await;
+                }
             }
         }
         Ok(out)
@@ -124,7 +128,8 @@ impl Inner {
         if rec.state == SandboxState::Starting {
             return Ok(false);
         }
-        let Some(mut instance) = self.backend.adopt(&rec.id).await? else {
+        let backend = self.backends.get(&rec.backend)?.clone();
+        let Some(mut instance) = backend.adopt(&rec.id).await? else {
             return Ok(false);
         };
         match connect(instance.as_mut(), rec.state == SandboxState::Paused).await {
@@ -134,6 +139,7 @@ impl Inner {
                 let live = Live::new(
                     &rec.tenant,
                     client,
+                    backend,
                     instance,
                     Default::default(),
                     rec.public_traffic,
@@ -153,14 +159,15 @@ impl Inner {
         }
     }
 
-    /// Kills whatever is left of sandbox `id` on the host.
-    async fn reap(&self, id: &str) {
-        match self.backend.reap_orphan(id).await {
-            Ok(true) => tracing::info!(sandbox = %id, "killed a sandbox of a previous run"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(sandbox = %id, "could not reap a sandbox of a previous run: {e}")
-            }
+    /// Kills whatever is left of sandbox `id` on the host, with the backend of kind `kind`
+    /// that made it; with every backend when the kind is unknown or not registered here.
+    async fn reap(&self, id: &str, kind: Option<&str>) {
+        if let Some(backend) = kind.and_then(|k| self.backends.get(k).ok()) {
+            reap_with(backend.as_ref(), id).await;
+            return;
+        }
+        for backend in self.backends.iter() {
+            reap_with(backend.as_ref(), id).await;
         }
     }
 
@@ -175,6 +182,17 @@ impl Inner {
             && !matches!(e, ManagerError::Conflict(_))
         {
             tracing::warn!(sandbox = %rec.id, "recording a sandbox lost at restart: {e}");
+        }
+    }
+}
+
+/// Kills whatever `backend` has left of sandbox `id` on the host.
+async fn reap_with(backend: &dyn Backend, id: &str) {
+    match backend.reap_orphan(id).await {
+        Ok(true) => tracing::info!(sandbox = %id, "killed a sandbox of a previous run"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(sandbox = %id, "could not reap a sandbox of a previous run: {e}")
         }
     }
 }

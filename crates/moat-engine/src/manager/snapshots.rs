@@ -40,10 +40,9 @@ use moat_proto::units::describe_size;
 use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{
-    CreatePlan, Inner, ManagerError, ManagerResult, SandboxManager, lock, resolve_resources,
-};
+use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
+use crate::plan::{SandboxPlan, resources_of, within_template};
 use crate::store::{
     Cursor, MAX_PAGE, NewSnapshot, SnapshotFilter, SnapshotRecord, Store, check_sandbox_id,
     check_snapshot_id, check_snapshot_name, generate_snapshot_id,
@@ -253,16 +252,6 @@ fn snapshot_v1(rec: &SnapshotRecord) -> v1::Snapshot {
         size_bytes: rec.size_bytes,
         memory: false,
         created_at: rec.created_at,
-    }
-}
-
-/// Limits as a request for exactly them (checked again against the template's maximum).
-fn limits_request(l: &v1::ResourceLimits) -> v1::ResourceRequest {
-    v1::ResourceRequest {
-        memory: Some(l.memory_bytes.to_string()),
-        cpus: Some(l.cpu_millis as f64 / 1000.0),
-        pids: Some(l.pids),
-        disk: Some(l.disk_bytes.to_string()),
     }
 }
 
@@ -521,7 +510,7 @@ impl Inner {
         tenant: &str,
         snapshot: &str,
         req: v1::CreateSandbox,
-    ) -> ManagerResult<CreatePlan> {
+    ) -> ManagerResult<SandboxPlan> {
         check_snapshot_id(snapshot).map_err(ManagerError::from)?;
         if req.resources.is_some() {
             return Err(ManagerError::Invalid(
@@ -565,30 +554,29 @@ impl Inner {
         metadata: BTreeMap<String, String>,
         timeout_secs: Option<u64>,
         layer: PathBuf,
-    ) -> ManagerResult<CreatePlan> {
+    ) -> ManagerResult<SandboxPlan> {
         let (owner, spec) = self.template(tenant, template).await.map_err(|e| match e {
             ManagerError::NotFound(_) => ManagerError::Conflict(format!(
                 "the snapshot's template {template:?} no longer exists"
             )),
             e => e,
         })?;
-        let request = limits_request(resources);
-        let defaults = resolve_resources(&spec, None)?;
-        let poolable =
-            plain && spec.start.is_none() && resolve_resources(&spec, Some(&request))? == defaults;
-        Ok(CreatePlan {
-            template: template.to_owned(),
-            owner,
-            spec,
-            resources: Some(request),
-            env,
-            metadata,
-            timeout_secs,
-            layer: Some(layer),
-            poolable,
-            public_traffic: None,
-            id: None,
-        })
+        let mut plan = self.plan_of_template(template, owner, &spec)?;
+        within_template(&spec, plan.resources)?;
+        // Exactly the snapshot's limits, still within what the template allows now.
+        let limits = resources_of(resources);
+        within_template(&spec, limits)?;
+        plan.poolable = plain && spec.start.is_none() && limits == plan.resources;
+        plan.resources = limits;
+        if let Some(secs) = timeout_secs {
+            self.ttl(Some(secs))?;
+            plan.timeout_secs = Some(secs);
+        }
+        check_env("env", &env)?;
+        plan.env = env;
+        plan.metadata = metadata;
+        plan.layer = Some(layer);
+        Ok(plan)
     }
 
     async fn fork(

@@ -4,11 +4,11 @@ use moat_proto::v1;
 
 use super::{ManagerError, ManagerResult, SandboxManager, check_env, resolve_resources};
 use crate::resources::fmt_bytes;
-use crate::store::{Limits, StoreError, TemplateRecord};
+use crate::store::{SandboxQuotas, StoreError, TemplateRecord};
 
 /// Refuses a warm pool that alone would take its maker's key over `limits`: `pool_size`
 /// members of the template's default limits, each counted like a sandbox.
-fn check_pool_quota(spec: &v1::TemplateSpec, limits: Limits) -> ManagerResult<()> {
+fn check_pool_quota(spec: &v1::TemplateSpec, limits: SandboxQuotas) -> ManagerResult<()> {
     let size = u64::from(spec.pool_size);
     let each = resolve_resources(spec, None)?;
     let over = |what: &str, total: String, limit: String| {
@@ -126,6 +126,9 @@ impl SandboxManager {
             if !path.is_dir() {
                 return invalid(format!("rootfs dir {dir:?} is not a directory on the host"));
             }
+        }
+        if let Some(kind) = &spec.backend {
+            self.inner.backends.get(kind)?;
         }
         resolve_resources(spec, None)?;
         check_env("env", &spec.env)?;

@@ -50,7 +50,7 @@ pub use ids::{check_sandbox_id, check_template_name, check_tenant_id, generate_s
 pub use keys::{KeyRecord, Quotas, Role, Secret};
 pub use pool::NewPoolMember;
 pub use sandboxes::{
-    Cursor, EndReason, Limits, MAX_PAGE, NewSandbox, Page, SandboxFilter, SandboxRecord,
+    Cursor, EndReason, MAX_PAGE, NewSandbox, Page, SandboxFilter, SandboxQuotas, SandboxRecord,
     SandboxState, Usage,
 };
 pub use schema::SCHEMA_VERSION;

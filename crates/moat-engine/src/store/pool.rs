@@ -7,7 +7,7 @@ use rusqlite::params;
 use super::error::{StoreError, StoreResult};
 use super::ids::{check_sandbox_id, check_template_name};
 use super::sandboxes::{
-    Limits, NewSandbox, SandboxRecord, check_limits, check_new, insert_in, usage,
+    NewSandbox, SandboxQuotas, SandboxRecord, check_limits, check_new, insert_in, usage,
 };
 use super::{Store, now_ms};
 
@@ -31,7 +31,11 @@ pub struct NewPoolMember {
 impl Store {
     /// Records the pool member `new` before it is made, unless that would take its key over
     /// `limits` (checked in the same transaction: [`StoreError::QuotaExceeded`]).
-    pub fn add_pool_member_within(&self, new: &NewPoolMember, limits: Limits) -> StoreResult<()> {
+    pub fn add_pool_member_within(
+        &self,
+        new: &NewPoolMember,
+        limits: SandboxQuotas,
+    ) -> StoreResult<()> {
         check_sandbox_id(&new.id)?;
         check_template_name(&new.template)?;
         let memory = i64::try_from(new.memory_bytes).map_err(|_| {
@@ -45,7 +49,7 @@ impl Store {
             .map_err(|_| StoreError::invalid("pids", &new.pids.to_string(), "at most 2^63-1"))?;
         self.write(|tx| {
             if let Some(key) = &new.key_id
-                && limits != Limits::default()
+                && limits != SandboxQuotas::default()
             {
                 check_limits(
                     &usage(tx, "key_id", key)?,
@@ -89,7 +93,7 @@ impl Store {
             template_tenant: template_tenant.map(str::to_owned),
             ..NewPoolMember::default()
         };
-        self.add_pool_member_within(&new, Limits::default())
+        self.add_pool_member_within(&new, SandboxQuotas::default())
     }
 
     /// Forgets a pool member that was destroyed. Forgetting one that is not there is fine.
@@ -119,7 +123,7 @@ impl Store {
     pub fn claim_pool_member(
         &self,
         new: &NewSandbox,
-        limits: Limits,
+        limits: SandboxQuotas,
     ) -> StoreResult<SandboxRecord> {
         let (metadata, memory) = check_new(new)?;
         let created_at = now_ms();
@@ -154,6 +158,7 @@ mod tests {
             memory_bytes: 1 << 20,
             expires_at: None,
             public_traffic: true,
+            backend: "native".into(),
         }
     }
 
@@ -172,7 +177,7 @@ mod tests {
             Err(StoreError::Conflict { .. })
         ));
         let rec = store
-            .claim_pool_member(&member_claim(a, "acme"), Limits::default())
+            .claim_pool_member(&member_claim(a, "acme"), SandboxQuotas::default())
             .unwrap();
         assert_eq!(
             (rec.tenant.as_str(), rec.state),
@@ -181,11 +186,11 @@ mod tests {
         assert_eq!(store.get_sandbox("acme", a).unwrap().id, a);
         // Twice: refused, and nothing changes.
         assert!(matches!(
-            store.claim_pool_member(&member_claim(a, "acme"), Limits::default()),
+            store.claim_pool_member(&member_claim(a, "acme"), SandboxQuotas::default()),
             Err(StoreError::NotFound { .. })
         ));
         // Over a quota: refused, and `b` stays a member.
-        let one = Limits {
+        let one = SandboxQuotas {
             max_sandboxes: Some(1),
             max_memory_bytes: None,
             ..Default::default()

@@ -108,6 +108,8 @@ pub struct NewSandbox {
     pub expires_at: Option<i64>,
     /// Whether its own services are reachable without its traffic access token.
     pub public_traffic: bool,
+    /// The kind of backend that makes it (`native`, …).
+    pub backend: String,
 }
 
 /// A recorded sandbox.
@@ -139,6 +141,14 @@ pub struct SandboxRecord {
     pub end_reason: Option<EndReason>,
     /// Whether its own services are reachable without its traffic access token.
     pub public_traffic: bool,
+    /// The kind of backend that made it (`native`, …).
+    #[serde(default = "native_kind")]
+    pub backend: String,
+}
+
+/// The backend of records that name none: the only one there was before backends were named.
+fn native_kind() -> String {
+    "native".into()
 }
 
 impl SandboxRecord {
@@ -167,6 +177,7 @@ impl SandboxRecord {
                 .get::<_, Option<String>>("end_reason")?
                 .map(EndReason::from),
             public_traffic: row.get("public_traffic")?,
+            backend: row.get("backend")?,
         })
     }
 }
@@ -273,9 +284,12 @@ pub struct Usage {
     pub pids: u64,
 }
 
-/// Quota limits checked by [`Store::insert_sandbox_within`]; `None` is unlimited.
+/// The quotas on active (starting, running, paused) sandboxes checked by
+/// [`Store::insert_sandbox_within`]: the part of a key's [`super::Quotas`] the store enforces
+/// when it records a sandbox (the resource limits of one sandbox are `resources::Resources`).
+/// `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
+pub struct SandboxQuotas {
     /// Starting, running and paused sandboxes at once.
     pub max_sandboxes: Option<u64>,
     /// Sum of their memory limits, bytes.
@@ -356,7 +370,7 @@ pub(super) fn usage(conn: &Connection, column: &'static str, value: &str) -> Sto
 /// Whether `memory` and `pids` more (one sandbox or member) fit `limits` beside `used`.
 pub(super) fn check_limits(
     used: &Usage,
-    limits: Limits,
+    limits: SandboxQuotas,
     memory: u64,
     pids: u64,
 ) -> StoreResult<()> {
@@ -489,6 +503,7 @@ impl NewSandbox {
             ended_at: None,
             end_reason: None,
             public_traffic: self.public_traffic,
+            backend: self.backend.clone(),
         }
     }
 }
@@ -509,6 +524,13 @@ pub(super) fn check_new(new: &NewSandbox) -> StoreResult<(String, i64)> {
         ));
     }
     check_metadata(&new.metadata)?;
+    if !crate::backend::is_valid_kind(&new.backend) {
+        return Err(StoreError::invalid(
+            "backend kind",
+            &new.backend,
+            "[a-z0-9-], 1 to 32 characters",
+        ));
+    }
     if !new.resources.is_object() {
         return Err(StoreError::BadJson {
             what: "sandbox resources",
@@ -527,7 +549,7 @@ pub(super) fn check_new(new: &NewSandbox) -> StoreResult<(String, i64)> {
 pub(super) fn insert_in(
     tx: &Connection,
     new: &NewSandbox,
-    limits: Limits,
+    limits: SandboxQuotas,
     metadata: &str,
     memory: i64,
     created_at: i64,
@@ -543,7 +565,7 @@ pub(super) fn insert_in(
     }
     let template = visible_template(tx, &new.tenant, &new.template)?
         .ok_or_else(|| StoreError::not_found("template", &new.template))?;
-    if limits != Limits::default() {
+    if limits != SandboxQuotas::default() {
         let used = match &new.key_id {
             Some(key) => usage(tx, "key_id", key)?,
             None => usage(tx, "tenant_id", &new.tenant)?,
@@ -553,8 +575,8 @@ pub(super) fn insert_in(
     }
     let inserted = tx.execute(
         "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
-             metadata, resources, memory_bytes, created_at, expires_at, public_traffic)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             metadata, resources, memory_bytes, created_at, expires_at, public_traffic, backend)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (id) DO NOTHING",
         params![
             new.id,
@@ -569,6 +591,7 @@ pub(super) fn insert_in(
             created_at,
             new.expires_at,
             new.public_traffic,
+            new.backend,
         ],
     )?;
     if inserted == 0 {
@@ -586,7 +609,7 @@ impl Store {
     /// Records a new sandbox. [`StoreError::Conflict`] if the id exists (in any tenant),
     /// [`StoreError::NotFound`] for an unknown tenant, key or template.
     pub fn insert_sandbox(&self, new: &NewSandbox) -> StoreResult<SandboxRecord> {
-        self.insert_sandbox_within(new, Limits::default())
+        self.insert_sandbox_within(new, SandboxQuotas::default())
     }
 
     /// Records a new sandbox unless that would take its key (or, without a key, its tenant)
@@ -595,7 +618,7 @@ impl Store {
     pub fn insert_sandbox_within(
         &self,
         new: &NewSandbox,
-        limits: Limits,
+        limits: SandboxQuotas,
     ) -> StoreResult<SandboxRecord> {
         let (metadata, memory) = check_new(new)?;
         let created_at = now_ms();

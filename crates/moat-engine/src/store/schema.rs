@@ -170,7 +170,14 @@ CREATE INDEX pool_members_by_key ON pool_members (key_id);
 CREATE INDEX pool_members_by_template_tenant ON pool_members (template_tenant);
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+/// Version 7: the kind of isolation backend that made each sandbox (a template may name one;
+/// the server has a default), so a restarted server reaps or adopts it with that backend.
+/// Sandboxes recorded before were all made by the only backend there was.
+const V7: &str = r#"
+ALTER TABLE sandboxes ADD COLUMN backend TEXT NOT NULL DEFAULT 'native';
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -227,5 +234,43 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> StoreResult<()> {
         tx.pragma_update(None, "user_version", version + 1)?;
         tx.commit()?;
         tracing::info!(path = %path.display(), version = version + 1, "migrated the database");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandboxes_recorded_before_version_7_were_made_by_the_native_backend() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        // A database as version 6 left it, with one sandbox.
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        for m in &MIGRATIONS[..6] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 6).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tenants VALUES ('a', 'A', 0);
+             INSERT INTO templates (tenant_id, name, spec, created_at)
+                 VALUES (NULL, 'host', '{\"rootfs\":\"host\"}', 0);
+             INSERT INTO sandboxes (id, tenant_id, template, state, metadata, resources,
+                 memory_bytes, created_at)
+                 VALUES ('sbx', 'a', 'host', 'running', '{}', '{}', 0, 0);",
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let backend: String = conn
+            .query_row("SELECT backend FROM sandboxes WHERE id = 'sbx'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(backend, "native");
     }
 }

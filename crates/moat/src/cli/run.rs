@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, AgentError, CallOptions};
 use moat_engine::manager::{ManagerOptions, SandboxManager};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::resources::{Resources, fmt_bytes, parse_cpus, parse_duration, parse_size};
 use moat_engine::store::{Store, check_sandbox_id};
 use moat_proto::connect::Code;

@@ -1,4 +1,5 @@
-//! `moat serve`: the HTTP API over the native backend, with its state in the data dir.
+//! `moat serve`: the HTTP API over the isolation backends this build has (native), with its
+//! state in the data dir.
 
 use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::io::{IsTerminal, Write};
@@ -11,9 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use moat_backend_native::{NativeBackend, NativeOptions};
+use moat_engine::backend::Backends;
 use moat_engine::error::EngineError;
 use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
-use moat_engine::native::{NativeBackend, NativeOptions};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
 use moat_server::ServerOptions;
 
@@ -72,7 +74,13 @@ pub struct ServeArgs {
     /// by anyone who knows the sandbox's address.
     #[arg(long)]
     private_traffic: bool,
+    /// The isolation backend of templates that name none (one of: native).
+    #[arg(long, value_name = "KIND", default_value = "native")]
+    backend: String,
 }
+
+/// The isolation backends this build of `moat serve` runs.
+const BACKENDS: &[&str] = &["native"];
 
 /// Values of `--on-shutdown`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,6 +169,13 @@ fn init_logging(format: LogFormat) {
 fn run(args: ServeArgs) -> Result<()> {
     // Flags first: a bad combination is refused before anything is touched.
     let manager_opts = args.manager_options()?;
+    if !BACKENDS.contains(&args.backend.as_str()) {
+        bail!(
+            "--backend {:?} is not a backend this build has (it has: {}); nothing was created",
+            args.backend,
+            BACKENDS.join(", ")
+        );
+    }
     let server_opts = ServerOptions {
         requests_per_minute: args.rate_limit,
         domain: args.domain.clone(),
@@ -206,8 +221,11 @@ fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
+    // Every backend this build has, keyed by kind; templates name one or get `--backend`.
+    let mut backends = Backends::new(Arc::new(backend));
+    backends.set_default(&args.backend).context("--backend")?;
     let manager =
-        SandboxManager::new(store, Arc::new(backend), manager_opts).context("sandbox manager")?;
+        SandboxManager::with_backends(store, backends, manager_opts).context("sandbox manager")?;
     // What a previous server left: sandboxes it kept are taken over; anything else it left
     // (killed without a chance to clean up) is killed and recorded, before serving.
     let recovered = runtime

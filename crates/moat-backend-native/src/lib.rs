@@ -1,8 +1,7 @@
 //! The native backend: Linux namespaces, an overlay or host-bind root, seccomp, landlock and
-//! cgroups, all made by `moat-jail`.
+//! cgroups, all made by `moat-jail`. The engine knows it only through its `Backend` trait.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use async_trait::async_trait;
 use moat_jail::cgroup::{Layout, Limits, SandboxCgroup};
@@ -12,14 +11,26 @@ use moat_jail::kept::{self, KeptMarker};
 use moat_jail::memfd::SealedBinary;
 use moat_jail::rootfs::{FsLimits, Rootfs};
 use moat_jail::runtime::RuntimeDir;
-use moat_jail::spawn::{SandboxProcess, SpawnConfig, validate_id};
+use moat_jail::spawn::{SandboxProcess, SpawnConfig};
 use moat_proto::agent_config::{AGENT_CONFIG_ENV, WritableLayer};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
-use tokio::net::UnixStream;
 
-use crate::backend::{Backend, Capabilities, Instance, InstanceStats, RootfsSource, SandboxSpec};
-use crate::error::{EngineError, Result};
+use moat_engine::backend::{Backend, Capabilities, Instance, RootfsSource, SandboxSpec};
+use moat_engine::error::{EngineError, Result};
+
+mod instance;
+
+pub use instance::NativeInstance;
+use instance::{KeepFiles, Live};
+
+/// The engine's form of a jail error: its message (the engine knows no backend's error types).
+fn jail(e: moat_jail::JailError) -> EngineError {
+    EngineError::Backend(e.to_string())
+}
+
+/// Checks a sandbox or owner id (`[a-z0-9]{1,64}`) as the jail does.
+fn validate_id(id: &str) -> Result<()> {
+    moat_jail::spawn::validate_id(id).map_err(jail)
+}
 
 /// Age after which an empty sandbox cgroup with no owner is removed (at start-up and by
 /// [`Backend::sweep_stale`]): a sandbox being made right now is younger.
@@ -97,8 +108,8 @@ impl NativeBackend {
         if let Some(owner) = &opts.owner {
             validate_id(owner)?;
         }
-        let runtime = RuntimeDir::open(&opts.runtime_dir)?;
-        let mut layout = Layout::detect()?;
+        let runtime = RuntimeDir::open(&opts.runtime_dir).map_err(jail)?;
+        let mut layout = Layout::detect().map_err(jail)?;
         // Whatever a killed predecessor could not clean up (its processes died with their pid
         // namespace; empty cgroups may remain).
         let swept = layout.sweep(STALE_CGROUP_AGE, |_| true);
@@ -106,15 +117,17 @@ impl NativeBackend {
             tracing::info!("removed {swept} stale sandbox cgroups");
         }
         // All sandboxes together stay below the host's task limit.
-        layout.cap_total_pids(moat_jail::cgroup::sandbox_pids_budget()?)?;
+        layout
+            .cap_total_pids(moat_jail::cgroup::sandbox_pids_budget().map_err(jail)?)
+            .map_err(jail)?;
         if opts.tune_cgroups
             && let Err(e) = layout.favor_dynamic_changes()
         {
             tracing::warn!("cgroups stay slow to join: {e}");
         }
         let agent = match &opts.agent_binary {
-            Some(path) => SealedBinary::of(path)?,
-            None => SealedBinary::current_exe()?,
+            Some(path) => SealedBinary::of(path).map_err(jail)?,
+            None => SealedBinary::current_exe().map_err(jail)?,
         };
         Ok(NativeBackend {
             runtime,
@@ -140,12 +153,12 @@ impl NativeBackend {
             cpu_millis: r.cpu_millis,
             pids: r.pids,
         };
-        let cgroup = SandboxCgroup::create(&self.layout, &spec.id, &limits)?;
+        let cgroup = SandboxCgroup::create(&self.layout, &spec.id, &limits).map_err(jail)?;
         let ids = match IdRange::claim(&self.runtime.slots()) {
             Ok(ids) => ids,
             Err(e) => {
                 let _ = cgroup.remove();
-                return Err(e.into());
+                return Err(jail(e));
             }
         };
         let guardian = if self.guardian {
@@ -153,7 +166,7 @@ impl NativeBackend {
                 Ok(g) => Some(g),
                 Err(e) => {
                     let _ = cgroup.remove();
-                    return Err(e.into());
+                    return Err(jail(e));
                 }
             }
         } else {
@@ -203,7 +216,7 @@ impl NativeBackend {
             hostname: "moat",
             listener: listener.as_ref().map(|l| l.as_raw_fd()),
         };
-        let spawned = SandboxProcess::spawn(&cfg).map_err(EngineError::from);
+        let spawned = SandboxProcess::spawn(&cfg).map_err(jail);
         // The agent holds the listener now; our copy goes (its socket file stays).
         drop(listener);
         let marked = spawned.and_then(|process| {
@@ -214,7 +227,7 @@ impl NativeBackend {
                     pid: process.pid(),
                     owner: self.owner.clone(),
                 };
-                kept::write(&self.runtime.slots(), &marker)?;
+                kept::write(&self.runtime.slots(), &marker).map_err(jail)?;
             }
             Ok(process)
         });
@@ -271,7 +284,7 @@ impl NativeBackend {
         }
         let mut out = Vec::with_capacity(markers.len());
         for m in markers {
-            let ids = IdRange::reclaim(&slots, m.slot)?;
+            let ids = IdRange::reclaim(&slots, m.slot).map_err(jail)?;
             out.push((m, ids));
         }
         Ok(out)
@@ -362,6 +375,7 @@ impl Backend for NativeBackend {
         Capabilities {
             pause: true,
             memory_checkpoint: false,
+            keep: true,
         }
     }
 
@@ -388,7 +402,7 @@ impl Backend for NativeBackend {
                         .unwrap_or_default()
                 )));
             }
-            cgroup.remove()?;
+            cgroup.remove().map_err(jail)?;
             Ok(true)
         })
         .await
@@ -429,251 +443,6 @@ impl Backend for NativeBackend {
             }
             Ok(None) => Ok(None),
             Err(e) => Err(e),
-        }
-    }
-}
-
-/// Files that mark a sandbox as keepable, removed when it is destroyed.
-#[derive(Debug)]
-struct KeepFiles {
-    slots: std::path::PathBuf,
-    socket: std::path::PathBuf,
-}
-
-struct Live {
-    process: SandboxProcess,
-    cgroup: SandboxCgroup,
-    ids: IdRange,
-    guardian: Option<Guardian>,
-    keep: Option<KeepFiles>,
-}
-
-/// A native sandbox.
-pub struct NativeInstance {
-    id: String,
-    inner: Arc<Mutex<Option<Live>>>,
-    /// A duplicate of the agent's pidfd, readable once the agent has exited.
-    pidfd: Option<AsyncFd<OwnedFd>>,
-}
-
-impl std::fmt::Debug for NativeInstance {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NativeInstance")
-            .field("id", &self.id)
-            .finish()
-    }
-}
-
-impl NativeInstance {
-    fn new(id: String, live: Live) -> NativeInstance {
-        NativeInstance {
-            id,
-            inner: Arc::new(Mutex::new(Some(live))),
-            pidfd: None,
-        }
-    }
-
-    /// Watches the agent's pidfd, so [`Instance::exited`] resolves when it exits.
-    fn watch_exit(&mut self) -> Result<()> {
-        let fd = {
-            let guard = self
-                .inner
-                .lock()
-                .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-            guard.as_ref().map(|l| l.process.pidfd())
-        };
-        let Some(fd) = fd else {
-            return Ok(());
-        };
-        // SAFETY: dup of an open pidfd; the copy is ours to own.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-        if dup < 0 {
-            return Err(EngineError::io(
-                "dup sandbox pidfd",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: fcntl returned a fresh fd nothing else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
-        // SAFETY: the OwnedFd stays open for as long as the AsyncFd owns it.
-        let watched = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
-            .map_err(|e| EngineError::io("watch sandbox pidfd", e.into()))?;
-        self.pidfd = Some(watched);
-        Ok(())
-    }
-
-    fn set_frozen(&self, frozen: bool) -> Result<()> {
-        let guard = self
-            .inner
-            .lock()
-            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-        let live = guard
-            .as_ref()
-            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
-        live.cgroup.set_frozen(frozen)?;
-        Ok(())
-    }
-
-    fn is_frozen(&self) -> Result<bool> {
-        let guard = self
-            .inner
-            .lock()
-            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-        let live = guard
-            .as_ref()
-            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
-        Ok(live.cgroup.is_frozen())
-    }
-}
-
-fn teardown(mut live: Live) -> Result<()> {
-    live.process.kill();
-    live.cgroup.kill_all();
-    live.process
-        .wait()
-        .map_err(|e| EngineError::io("wait for sandbox init", e))?;
-    let removed = live.cgroup.remove();
-    if let Some(g) = live.guardian.take() {
-        g.finish();
-    }
-    if let Some(k) = &live.keep {
-        // Still holding the slot's lock: nobody can claim the slot between these and the drop.
-        let _ = kept::remove(&k.slots, live.ids.slot());
-        let _ = std::fs::remove_file(&k.socket);
-    }
-    drop(live);
-    removed?;
-    Ok(())
-}
-
-#[async_trait]
-impl Instance for NativeInstance {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn take_channel(&mut self) -> Option<UnixStream> {
-        let mut guard = self.inner.lock().ok()?;
-        let fd = guard.as_mut()?.process.take_channel()?;
-        let std = std::os::unix::net::UnixStream::from(fd);
-        std.set_nonblocking(true).ok()?;
-        UnixStream::from_std(std).ok()
-    }
-
-    fn stats(&self) -> InstanceStats {
-        let Ok(guard) = self.inner.lock() else {
-            return InstanceStats::default();
-        };
-        match guard.as_ref() {
-            Some(l) => {
-                let (disk_used_bytes, disk_total_bytes) =
-                    moat_jail::rootfs::writable_layer_usage(l.process.pid()).unwrap_or((0, 0));
-                InstanceStats {
-                    memory_bytes: l.cgroup.memory_current(),
-                    oom_kills: l.cgroup.oom_kills(),
-                    memory_cache_bytes: l.cgroup.memory_cache(),
-                    cpu_usage_usec: l.cgroup.cpu_usage_usec(),
-                    disk_used_bytes,
-                    disk_total_bytes,
-                }
-            }
-            None => InstanceStats::default(),
-        }
-    }
-
-    fn oom_kills(&self) -> u64 {
-        let Ok(guard) = self.inner.lock() else {
-            return 0;
-        };
-        guard.as_ref().map_or(0, |l| l.cgroup.oom_kills())
-    }
-
-    fn host_pid(&self) -> Option<i32> {
-        let guard = self.inner.lock().ok()?;
-        guard.as_ref().map(|l| l.process.pid())
-    }
-
-    async fn pause(&self) -> Result<()> {
-        self.set_frozen(true)?;
-        // The write starts the freeze; it is done once the kernel says so.
-        let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
-        let mut wait = std::time::Duration::from_millis(1);
-        while !self.is_frozen()? {
-            if tokio::time::Instant::now() >= deadline {
-                let _ = self.set_frozen(false);
-                return Err(EngineError::Agent(format!(
-                    "the processes of sandbox {} did not freeze within {FREEZE_TIMEOUT:?}",
-                    self.id
-                )));
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(std::time::Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
-    async fn resume(&self) -> Result<()> {
-        self.set_frozen(false)
-    }
-
-    async fn exited(&self) {
-        match &self.pidfd {
-            Some(fd) => {
-                if let Ok(mut g) = fd.readable().await {
-                    g.retain_ready();
-                }
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    fn keep(&mut self) -> Result<()> {
-        let mut guard = self
-            .inner
-            .lock()
-            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-        match guard.as_ref() {
-            Some(live) if live.keep.is_none() => {
-                return Err(EngineError::Unsupported(format!(
-                    "sandbox {} was not made keepable",
-                    self.id
-                )));
-            }
-            None => return Err(EngineError::NotFound(self.id.clone())),
-            Some(_) => {}
-        }
-        if let Some(live) = guard.take() {
-            // The marker keeps the slot out of use after our lock goes; cgroups and the
-            // listener's socket stay for the next process.
-            live.process.release();
-        }
-        self.pidfd.take();
-        Ok(())
-    }
-
-    async fn destroy(&mut self) -> Result<()> {
-        self.pidfd.take();
-        let live = self
-            .inner
-            .lock()
-            .map_err(|_| EngineError::Agent("lock poisoned".into()))?
-            .take();
-        match live {
-            Some(live) => tokio::task::spawn_blocking(move || teardown(live))
-                .await
-                .map_err(|e| EngineError::Agent(format!("teardown task: {e}")))?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for NativeInstance {
-    fn drop(&mut self) {
-        self.pidfd.take();
-        if let Ok(mut guard) = self.inner.lock()
-            && let Some(live) = guard.take()
-        {
-            let _ = teardown(live);
         }
     }
 }
