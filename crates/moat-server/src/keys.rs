@@ -34,7 +34,7 @@ async fn create(
     require_admin(&caller)?;
     let req: v1::CreateKey = json_body(body, None)?;
     let key = state.manager.create_key(&caller, req).await?;
-    tracing::info!(key = %key.key.id, tenant = %key.key.tenant, role = %key.key.role, by = caller.key_id().unwrap_or_default(), "API key created");
+    tracing::info!(key = %key.key.id, tenant = %key.key.tenant, role = %key.key.role, by = %caller.key_id().unwrap_or_default(), "API key created");
     Ok((StatusCode::CREATED, Json(key)))
 }
 
@@ -63,7 +63,7 @@ async fn revoke(
         .manager
         .revoke_key(&caller, tenant.as_deref(), &id)
         .await?;
-    tracing::info!(key = %key.id, tenant = %key.tenant, by = caller.key_id().unwrap_or_default(), "API key revoked");
+    tracing::info!(key = %key.id, tenant = %key.tenant, by = %caller.key_id().unwrap_or_default(), "API key revoked");
     Ok(Json(key))
 }
 
