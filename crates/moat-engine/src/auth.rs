@@ -1,10 +1,12 @@
-//! Who calls the engine: an API key's secret turned into a [`Caller`] (its tenant, key and
-//! role), the one check every front end (the `/v1` API, the E2B API, later MCP) makes before
-//! any other call. Rate limits per key are the front end's: the caller carries the key's.
+//! Who calls the engine: a [`Caller`] (its tenant, key and role), made from an API key's
+//! secret by `SandboxManager::authenticate` (the one check every front end, the `/v1` API, the
+//! E2B API, later MCP, makes before any other call) or keyless by [`Caller::local`] (`moat
+//! run`'s). Every service of the engine takes the caller and decides from it what the call may
+//! see and do (`Caller::require_admin` and the key services live with the manager). Rate
+//! limits per key are the front end's: the caller carries the key's. This module is a leaf:
+//! the store and the manager import it, it imports neither.
 
 use serde::{Deserialize, Serialize};
-
-use crate::manager::{ManagerError, ManagerResult, SandboxManager};
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,54 +43,41 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// Who is calling, from their API key: what every service call is made on behalf of.
+/// Who is calling: what every service call is made on behalf of. Made from an API key by
+/// `SandboxManager::authenticate`, or keyless by [`Caller::local`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// The tenant whose records the calls see and change.
     pub tenant: String,
-    /// The key's id (quotas are counted per key).
-    pub key_id: String,
-    /// What the key may do.
+    /// The key's id, if the caller holds a key: sandboxes, pools and snapshots count against
+    /// that key's quotas. A keyless caller is held to none.
+    pub key_id: Option<String>,
+    /// What the caller may do.
     pub role: Role,
     /// The key's own requests-per-minute quota, if it has one; front ends rate-limit by it.
     pub requests_per_minute: Option<u32>,
 }
 
 impl Caller {
+    /// A caller on this host without an API key, acting for `tenant` as its administrator and
+    /// held to no key's quotas: what `moat run` uses its in-process engine as.
+    pub fn local(tenant: impl Into<String>) -> Caller {
+        Caller {
+            tenant: tenant.into(),
+            key_id: None,
+            role: Role::Admin,
+            requests_per_minute: None,
+        }
+    }
+
+    /// The id of the caller's key, if it holds one.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
+    }
+
     /// Whether the caller holds an admin key.
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
-    }
-
-    /// [`ManagerError::Forbidden`] ("`what` needs an admin key") unless the caller holds an
-    /// admin key: the one check of the admin-only calls (key management, metrics).
-    pub fn require_admin(&self, what: &str) -> ManagerResult<()> {
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(ManagerError::Forbidden(format!(
-                "{what} needs an admin key"
-            )))
-        }
-    }
-}
-
-impl SandboxManager {
-    /// The caller an API key `secret` stands for: [`ManagerError::Unauthenticated`] when no
-    /// key has it or the key is revoked.
-    pub async fn authenticate(&self, secret: String) -> ManagerResult<Caller> {
-        let store = self.store().clone();
-        let key = tokio::task::spawn_blocking(move || store.authenticate(&secret))
-            .await
-            .map_err(|e| ManagerError::Internal(format!("authentication task: {e}")))?
-            .map_err(|e| ManagerError::Internal(format!("authentication: {e}")))?
-            .ok_or_else(|| ManagerError::Unauthenticated("unknown or revoked API key".into()))?;
-        Ok(Caller {
-            tenant: key.tenant,
-            key_id: key.id,
-            role: key.role,
-            requests_per_minute: key.quotas.requests_per_minute,
-        })
     }
 }
 
@@ -98,22 +87,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn roles_and_admin_checks() {
+    fn role_names() {
         for role in [Role::Admin, Role::User] {
             assert_eq!(Role::from_name(role.as_str()), Some(role));
         }
         assert_eq!(Role::from_name("root"), None);
-        let caller = |role| Caller {
-            tenant: "t".into(),
-            key_id: "key_x".into(),
-            role,
-            requests_per_minute: None,
-        };
-        assert!(caller(Role::Admin).require_admin("this").is_ok());
-        let e = caller(Role::User)
-            .require_admin("managing API keys")
-            .unwrap_err();
-        assert_eq!(e.code(), "forbidden");
-        assert_eq!(e.to_string(), "managing API keys needs an admin key");
+    }
+
+    #[test]
+    fn a_local_caller_is_a_keyless_admin() {
+        let local = Caller::local("local");
+        assert_eq!(local.tenant, "local");
+        assert_eq!(local.key_id(), None);
+        assert!(local.is_admin());
+        assert_eq!(local.requests_per_minute, None);
     }
 }

@@ -3,7 +3,7 @@
 //! - [`backend`]: the `Backend` and `Instance` traits every isolation backend implements (each
 //!   backend lives in a crate of its own, `moat-backend-*`).
 //! - [`agent_client`]: the host's HTTP/2 client of the agent inside a sandbox.
-//! - [`auth`]: who calls: an API key turned into a [`auth::Caller`].
+//! - [`auth`]: who calls: the [`auth::Caller`] every service takes (from an API key, or local).
 //! - [`files`]: a sandbox's files and directories (tar archives) through its agent.
 //! - [`ids`], [`listing`], [`clock`]: id shapes, listing queries and timestamps for front ends.
 //! - [`manager`]: the sandboxes of `moat serve`: create, exec, delete, TTL, kept true in the store.

@@ -3,6 +3,7 @@
 
 use moat_proto::v1;
 
+use crate::auth::Caller;
 use crate::manager::{ManagerError, ManagerResult, SandboxManager};
 use crate::store::{Cursor, SandboxFilter};
 
@@ -45,10 +46,10 @@ pub fn is_page_token(token: &str) -> bool {
 }
 
 impl SandboxManager {
-    /// One page of `tenant`'s sandboxes that `query` selects.
+    /// One page of the caller's sandboxes that `query` selects.
     pub async fn list_where(
         &self,
-        tenant: &str,
+        caller: &Caller,
         query: SandboxQuery,
     ) -> ManagerResult<v1::SandboxList> {
         let after = query
@@ -66,20 +67,20 @@ impl SandboxManager {
             after,
             limit: query.limit,
         };
-        self.list_filtered(tenant, filter).await
+        self.list_filtered(&caller.tenant, filter).await
     }
 
-    /// Every one of `tenant`'s sandboxes that `query` selects, page by page from
+    /// Every one of the caller's sandboxes that `query` selects, page by page from
     /// `query.after` (`query.limit` a page): for listings that answer in one piece. The
     /// tenant's quotas and the host bound how many there are.
     pub async fn list_all(
         &self,
-        tenant: &str,
+        caller: &Caller,
         mut query: SandboxQuery,
     ) -> ManagerResult<Vec<v1::Sandbox>> {
         let mut all = Vec::new();
         loop {
-            let page = self.list_where(tenant, query.clone()).await?;
+            let page = self.list_where(caller, query.clone()).await?;
             all.extend(page.sandboxes);
             match page.next {
                 Some(next) => query.after = Some(next),

@@ -62,18 +62,21 @@ impl IntoResponse for KeyRefusal {
 /// API's `X-API-KEY`) checks.
 pub(crate) async fn check_key(state: &Shared, secret: String) -> Result<Caller, KeyRefusal> {
     let caller = state.manager.authenticate(secret).await?;
-    let limited =
-        state
-            .rate_limiter
-            .check(&caller.key_id, caller.requests_per_minute, Instant::now());
+    // A caller made from a key always names it; one without a key has no key's rate to keep.
+    let Some(key_id) = caller.key_id() else {
+        return Ok(caller);
+    };
+    let limited = state
+        .rate_limiter
+        .check(key_id, caller.requests_per_minute, Instant::now());
     if let Err(limit) = limited {
         return Err(KeyRefusal {
             error: ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
-                    "key {} is over its rate limit of {} requests per minute; retry in {} s",
-                    caller.key_id, limit.requests_per_minute, limit.retry_after_secs
+                    "key {key_id} is over its rate limit of {} requests per minute; retry in {} s",
+                    limit.requests_per_minute, limit.retry_after_secs
                 ),
             ),
             retry_after_secs: Some(limit.retry_after_secs),

@@ -41,10 +41,7 @@ async fn create_sandbox(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<v1::Sandbox>)> {
     let req = json_body(body, Some(v1::CreateSandbox::default()))?;
-    let sandbox = state
-        .manager
-        .create(&caller.tenant, Some(&caller.key_id), req)
-        .await?;
+    let sandbox = state.manager.create(&caller, req).await?;
     Ok((
         StatusCode::CREATED,
         Json(with_access_token(&state, sandbox)),
@@ -57,7 +54,7 @@ async fn list_sandboxes(
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<v1::SandboxList>> {
     let query = parse_list_query(query.as_deref().unwrap_or(""))?;
-    Ok(Json(state.manager.list(&caller.tenant, query).await?))
+    Ok(Json(state.manager.list(&caller, query).await?))
 }
 
 async fn get_sandbox(
@@ -66,7 +63,7 @@ async fn get_sandbox(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<v1::Sandbox>> {
     let Path(id) = id?;
-    let sandbox = state.manager.get(&caller.tenant, &id).await?;
+    let sandbox = state.manager.get(&caller, &id).await?;
     Ok(Json(with_access_token(&state, sandbox)))
 }
 
@@ -83,7 +80,7 @@ async fn delete_sandbox(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
     let Path(id) = id?;
-    state.manager.delete(&caller.tenant, &id).await?;
+    state.manager.delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -95,9 +92,7 @@ async fn set_timeout(
 ) -> ApiResult<Json<v1::Sandbox>> {
     let Path(id) = id?;
     let req: v1::SetTimeout = json_body(body, None)?;
-    Ok(Json(
-        state.manager.set_timeout(&caller.tenant, &id, req).await?,
-    ))
+    Ok(Json(state.manager.set_timeout(&caller, &id, req).await?))
 }
 
 /// `POST /v1/sandboxes/{id}/exec`: the buffered result, or with `Accept: application/x-ndjson`
@@ -113,10 +108,10 @@ async fn exec(
     let Path(id) = id?;
     let req: v1::ExecRequest = json_body(body, None)?;
     if accepts(&headers, NDJSON) {
-        let events = state.manager.exec_stream(&caller.tenant, &id, req).await?;
+        let events = state.manager.exec_stream(&caller, &id, req).await?;
         Ok(ndjson(events.into_events()))
     } else {
-        Ok(Json(state.manager.exec(&caller.tenant, &id, req).await?).into_response())
+        Ok(Json(state.manager.exec(&caller, &id, req).await?).into_response())
     }
 }
 
@@ -161,11 +156,7 @@ async fn run(
         Ok(req) => req,
         Err(e) => return e.into_response(),
     };
-    match state
-        .manager
-        .run(&caller.tenant, Some(&caller.key_id), req)
-        .await
-    {
+    match state.manager.run(&caller, req).await {
         Ok(result) => Json(result).into_response(),
         Err(e) => {
             let busy = matches!(

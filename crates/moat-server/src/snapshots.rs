@@ -39,7 +39,7 @@ async fn pause(
 ) -> ApiResult<Json<v1::Sandbox>> {
     let Path(id) = id?;
     let NoFields {} = json_body(body, Some(NoFields::default()))?;
-    Ok(Json(state.manager.pause(&caller.tenant, &id).await?))
+    Ok(Json(state.manager.pause(&caller, &id).await?))
 }
 
 async fn resume(
@@ -50,7 +50,7 @@ async fn resume(
 ) -> ApiResult<Json<v1::Sandbox>> {
     let Path(id) = id?;
     let req: v1::ResumeSandbox = json_body(body, Some(v1::ResumeSandbox::default()))?;
-    Ok(Json(state.manager.resume(&caller.tenant, &id, req).await?))
+    Ok(Json(state.manager.resume(&caller, &id, req).await?))
 }
 
 async fn create(
@@ -61,10 +61,7 @@ async fn create(
 ) -> ApiResult<(StatusCode, Json<v1::Snapshot>)> {
     let Path(id) = id?;
     let req: v1::CreateSnapshot = json_body(body, Some(v1::CreateSnapshot::default()))?;
-    let snapshot = state
-        .manager
-        .snapshot(&caller.tenant, Some(&caller.key_id), &id, req)
-        .await?;
+    let snapshot = state.manager.snapshot(&caller, &id, req).await?;
     Ok((StatusCode::CREATED, Json(snapshot)))
 }
 
@@ -76,10 +73,7 @@ async fn fork(
 ) -> ApiResult<(StatusCode, Json<v1::ForkResult>)> {
     let Path(id) = id?;
     let req: v1::ForkSandbox = json_body(body, Some(v1::ForkSandbox::default()))?;
-    let forked = state
-        .manager
-        .fork(&caller.tenant, Some(&caller.key_id), &id, req)
-        .await?;
+    let forked = state.manager.fork(&caller, &id, req).await?;
     let results = forked
         .into_iter()
         .map(|r| match r {
@@ -106,9 +100,7 @@ async fn list(
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<v1::SnapshotList>> {
     let query = parse_list_query(query.as_deref().unwrap_or(""))?;
-    Ok(Json(
-        state.manager.list_snapshots(&caller.tenant, query).await?,
-    ))
+    Ok(Json(state.manager.list_snapshots(&caller, query).await?))
 }
 
 async fn show(
@@ -117,7 +109,7 @@ async fn show(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<v1::Snapshot>> {
     let Path(id) = id?;
-    Ok(Json(state.manager.get_snapshot(&caller.tenant, &id).await?))
+    Ok(Json(state.manager.get_snapshot(&caller, &id).await?))
 }
 
 async fn delete(
@@ -126,7 +118,7 @@ async fn delete(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
     let Path(id) = id?;
-    state.manager.delete_snapshot(&caller.tenant, &id).await?;
+    state.manager.delete_snapshot(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
-use moat_engine::auth::{Caller, Role};
+use moat_engine::auth::Caller;
 use moat_proto::v1;
 
 use crate::ApiError;
@@ -25,11 +25,7 @@ async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<v1::Template>)> {
     let req: v1::CreateTemplate = json_body(body, None)?;
-    let admin = caller.role == Role::Admin;
-    let template = state
-        .manager
-        .create_template(&caller.tenant, Some(&caller.key_id), req, admin)
-        .await?;
+    let template = state.manager.create_template(&caller, req).await?;
     Ok((StatusCode::CREATED, Json(template)))
 }
 
@@ -37,7 +33,7 @@ async fn list(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<v1::TemplateList>> {
-    Ok(Json(state.manager.list_templates(&caller.tenant).await?))
+    Ok(Json(state.manager.list_templates(&caller).await?))
 }
 
 async fn show(
@@ -46,9 +42,7 @@ async fn show(
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<v1::Template>> {
     let Path(name) = name?;
-    Ok(Json(
-        state.manager.get_template(&caller.tenant, &name).await?,
-    ))
+    Ok(Json(state.manager.get_template(&caller, &name).await?))
 }
 
 async fn delete(
@@ -59,10 +53,7 @@ async fn delete(
 ) -> ApiResult<StatusCode> {
     let Path(name) = name?;
     let force = parse_force(query.as_deref().unwrap_or(""))?;
-    state
-        .manager
-        .delete_template(&caller.tenant, &name, force)
-        .await?;
+    state.manager.delete_template(&caller, &name, force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_backend_native::{NativeBackend, NativeOptions};
+use moat_engine::auth::Caller;
 use moat_engine::manager::{
     EXEC_OUTPUT_LIMIT, ManagerError, ManagerOptions, SandboxManager, ShutdownMode,
 };
@@ -18,7 +19,10 @@ struct Setup {
     _dir: tempfile::TempDir,
     mgr: SandboxManager,
     store: Arc<Store>,
-    key: String,
+    /// Tenant `a`, calling with its key.
+    a: Caller,
+    /// Tenant `b`, calling without a key.
+    b: Caller,
 }
 
 fn is_root() -> bool {
@@ -26,7 +30,7 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A manager over a fresh store with tenants `a` and `b`; `key` is `a`'s, with `quotas`.
+/// A manager over a fresh store with tenants `a` and `b`; `a` calls with a key of `quotas`.
 fn setup(quotas: Quotas) -> Option<Setup> {
     if !is_root() {
         eprintln!("SKIP: the native backend needs root");
@@ -57,7 +61,18 @@ fn setup(quotas: Quotas) -> Option<Setup> {
         _dir: dir,
         mgr,
         store,
-        key: key.id,
+        a: Caller {
+            tenant: "a".into(),
+            key_id: Some(key.id),
+            role: Role::User,
+            requests_per_minute: None,
+        },
+        b: Caller {
+            tenant: "b".into(),
+            key_id: None,
+            role: Role::User,
+            requests_per_minute: None,
+        },
     })
 }
 
@@ -88,20 +103,20 @@ async fn create_exec_delete() {
         }),
         ..Default::default()
     };
-    let sb = s.mgr.create("a", Some(&s.key), req).await.expect("create");
+    let sb = s.mgr.create(&s.a, req).await.expect("create");
     assert_eq!(sb.state, v1::SandboxState::Running);
     assert_eq!(sb.template, "host");
     assert_eq!(sb.resources.memory_bytes, 64 << 20);
     assert!(sb.expires_at.is_some());
     let id = sb.id.clone();
 
-    let r = s.mgr.exec("a", &id, shell("echo hi")).await.expect("exec");
+    let r = s.mgr.exec(&s.a, &id, shell("echo hi")).await.expect("exec");
     assert_eq!((r.stdout.as_str(), r.exit_code), ("hi\n", Some(0)));
     assert!(!r.timed_out && !r.truncated && !r.oom_killed);
 
     let r = s
         .mgr
-        .exec("a", &id, shell("echo out; echo err >&2; exit 3"))
+        .exec(&s.a, &id, shell("echo out; echo err >&2; exit 3"))
         .await
         .expect("exec");
     assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("out\n", "err\n"));
@@ -110,7 +125,7 @@ async fn create_exec_delete() {
     let r = s
         .mgr
         .exec(
-            "a",
+            &s.a,
             &id,
             v1::ExecRequest {
                 cmd: Some(vec!["cat".into()]),
@@ -125,7 +140,7 @@ async fn create_exec_delete() {
     let r = s
         .mgr
         .exec(
-            "a",
+            &s.a,
             &id,
             v1::ExecRequest {
                 shell: Some("echo $FOO $FROM_CREATE; pwd; id -u".into()),
@@ -138,13 +153,13 @@ async fn create_exec_delete() {
         .await
         .expect("exec with env, cwd, user");
     assert_eq!(r.stdout, "bar yes\n/tmp\n0\n");
-    let r = s.mgr.exec("a", &id, shell("id -u")).await.expect("exec");
+    let r = s.mgr.exec(&s.a, &id, shell("id -u")).await.expect("exec");
     assert_eq!(r.stdout, "1000\n", "the default user");
 
     let r = s
         .mgr
         .exec(
-            "a",
+            &s.a,
             &id,
             v1::ExecRequest {
                 cmd: Some(vec!["no-such-program".into()]),
@@ -159,7 +174,7 @@ async fn create_exec_delete() {
     let r = s
         .mgr
         .exec(
-            "a",
+            &s.a,
             &id,
             v1::ExecRequest {
                 shell: Some("sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/bg; sleep 1000".into()),
@@ -174,7 +189,7 @@ async fn create_exec_delete() {
     let r = s
         .mgr
         .exec(
-            "a",
+            &s.a,
             &id,
             shell(
                 "p=$(cat /tmp/bg); for i in $(seq 100); do \
@@ -192,7 +207,7 @@ async fn create_exec_delete() {
 
     let r = s
         .mgr
-        .exec("a", &id, shell("head -c 3000000 /dev/zero; echo tail >&2"))
+        .exec(&s.a, &id, shell("head -c 3000000 /dev/zero; echo tail >&2"))
         .await
         .expect("exec with big output");
     assert!(r.truncated);
@@ -203,7 +218,7 @@ async fn create_exec_delete() {
     let r = s
         .mgr
         .exec(
-            "a",
+            &s.a,
             &id,
             shell("exec /usr/bin/python3 -c \"b = b'x' * (512 << 20)\""),
         )
@@ -215,7 +230,7 @@ async fn create_exec_delete() {
     // The sandbox survives its command's OOM.
     let r = s
         .mgr
-        .exec("a", &id, shell("echo alive"))
+        .exec(&s.a, &id, shell("echo alive"))
         .await
         .expect("exec");
     assert_eq!(r.stdout, "alive\n");
@@ -224,7 +239,7 @@ async fn create_exec_delete() {
     let list = s
         .mgr
         .list(
-            "a",
+            &s.a,
             v1::ListSandboxes {
                 metadata: [("job".to_owned(), "one".to_owned())].into(),
                 ..Default::default()
@@ -235,15 +250,15 @@ async fn create_exec_delete() {
     assert_eq!(list.sandboxes.len(), 1);
     assert_eq!(list.sandboxes[0].id, id);
 
-    let gone = s.mgr.delete("a", &id).await.expect("delete");
+    let gone = s.mgr.delete(&s.a, &id).await.expect("delete");
     assert_eq!(gone.state, v1::SandboxState::Killed);
     assert_eq!(gone.end_reason.as_deref(), Some("deleted"));
-    let again = s.mgr.delete("a", &id).await.expect("delete is idempotent");
+    let again = s.mgr.delete(&s.a, &id).await.expect("delete is idempotent");
     assert_eq!(again.state, v1::SandboxState::Killed);
-    let got = s.mgr.get("a", &id).await.expect("get");
+    let got = s.mgr.get(&s.a, &id).await.expect("get");
     assert_eq!(got.state, v1::SandboxState::Killed);
     assert!(matches!(
-        s.mgr.exec("a", &id, shell("true")).await,
+        s.mgr.exec(&s.a, &id, shell("true")).await,
         Err(ManagerError::Conflict(_))
     ));
     assert_eq!(s.mgr.live_count(), 0);
@@ -256,38 +271,42 @@ async fn another_tenant_sees_nothing() {
     };
     let sb = s
         .mgr
-        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .create(&s.a, v1::CreateSandbox::default())
         .await
         .expect("create");
-    let e = s.mgr.get("b", &sb.id).await.expect_err("b must not see it");
+    let e = s
+        .mgr
+        .get(&s.b, &sb.id)
+        .await
+        .expect_err("b must not see it");
     assert!(matches!(e, ManagerError::NotFound(_)), "{e}");
     let e = s
         .mgr
-        .exec("b", &sb.id, shell("true"))
+        .exec(&s.b, &sb.id, shell("true"))
         .await
         .expect_err("b must not run in it");
     assert!(matches!(e, ManagerError::NotFound(_)), "{e}");
     let e = s
         .mgr
-        .delete("b", &sb.id)
+        .delete(&s.b, &sb.id)
         .await
         .expect_err("b must not delete it");
     assert!(matches!(e, ManagerError::NotFound(_)), "{e}");
     let e = s
         .mgr
-        .set_timeout("b", &sb.id, v1::SetTimeout { timeout_secs: 10 })
+        .set_timeout(&s.b, &sb.id, v1::SetTimeout { timeout_secs: 10 })
         .await
         .expect_err("b must not extend it");
     assert!(matches!(e, ManagerError::NotFound(_)), "{e}");
     let list = s
         .mgr
-        .list("b", v1::ListSandboxes::default())
+        .list(&s.b, v1::ListSandboxes::default())
         .await
         .expect("list");
     assert!(list.sandboxes.is_empty());
     let r = s
         .mgr
-        .exec("a", &sb.id, shell("echo still here"))
+        .exec(&s.a, &sb.id, shell("echo still here"))
         .await
         .expect("a's sandbox still runs");
     assert_eq!(r.stdout, "still here\n");
@@ -304,12 +323,12 @@ async fn quota_refuses_without_leaving_anything() {
     };
     let first = s
         .mgr
-        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .create(&s.a, v1::CreateSandbox::default())
         .await
         .expect("first create");
     let e = s
         .mgr
-        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .create(&s.a, v1::CreateSandbox::default())
         .await
         .expect_err("second create is over the quota");
     assert!(matches!(e, ManagerError::QuotaExceeded(_)), "{e}");
@@ -326,13 +345,13 @@ async fn quota_refuses_without_leaving_anything() {
     assert_eq!(page.items.len(), 1, "the refused sandbox left a record");
     assert_eq!(page.items[0].id, first.id);
     // Once the first ends, the quota has room again.
-    s.mgr.delete("a", &first.id).await.expect("delete");
+    s.mgr.delete(&s.a, &first.id).await.expect("delete");
     let second = s
         .mgr
-        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .create(&s.a, v1::CreateSandbox::default())
         .await
         .expect("create after delete");
-    s.mgr.delete("a", &second.id).await.expect("delete");
+    s.mgr.delete(&s.a, &second.id).await.expect("delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,7 +398,7 @@ async fn invalid_requests_are_typed_errors() {
     for req in cases {
         let e = s
             .mgr
-            .create("a", Some(&s.key), req.clone())
+            .create(&s.a, req.clone())
             .await
             .expect_err("invalid create");
         assert!(matches!(e, ManagerError::Invalid(_)), "{req:?}: {e}");
@@ -389,8 +408,7 @@ async fn invalid_requests_are_typed_errors() {
     let sb = s
         .mgr
         .create(
-            "a",
-            Some(&s.key),
+            &s.a,
             v1::CreateSandbox {
                 template: "small".into(),
                 resources: Some(v1::ResourceRequest {
@@ -406,8 +424,7 @@ async fn invalid_requests_are_typed_errors() {
     let e = s
         .mgr
         .create(
-            "b",
-            None,
+            &s.b,
             v1::CreateSandbox {
                 template: "small".into(),
                 ..Default::default()
@@ -418,20 +435,20 @@ async fn invalid_requests_are_typed_errors() {
     assert!(matches!(e, ManagerError::Invalid(_)), "{e}");
     let e = s
         .mgr
-        .set_timeout("a", &sb.id, v1::SetTimeout { timeout_secs: 7200 })
+        .set_timeout(&s.a, &sb.id, v1::SetTimeout { timeout_secs: 7200 })
         .await
         .expect_err("over the maximum TTL");
     assert!(matches!(e, ManagerError::Invalid(_)), "{e}");
     let e = s
         .mgr
-        .exec("a", &sb.id, v1::ExecRequest::default())
+        .exec(&s.a, &sb.id, v1::ExecRequest::default())
         .await
         .expect_err("neither cmd nor shell");
     assert!(matches!(e, ManagerError::Invalid(_)), "{e}");
     let e = s
         .mgr
         .exec(
-            "a",
+            &s.a,
             &sb.id,
             v1::ExecRequest {
                 shell: Some("true".into()),
@@ -451,9 +468,9 @@ async fn invalid_requests_are_typed_errors() {
         .list_sandboxes("a", &SandboxFilter::default())
         .expect("list");
     assert_eq!(page.items.len(), 1);
-    let e = s.mgr.get("a", "nosuchsandbox0000").await.expect_err("get");
+    let e = s.mgr.get(&s.a, "nosuchsandbox0000").await.expect_err("get");
     assert!(matches!(e, ManagerError::NotFound(_)), "{e}");
-    s.mgr.delete("a", &sb.id).await.expect("delete");
+    s.mgr.delete(&s.a, &sb.id).await.expect("delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,8 +481,7 @@ async fn ttl_expiry_and_shutdown() {
     let short = s
         .mgr
         .create(
-            "a",
-            Some(&s.key),
+            &s.a,
             v1::CreateSandbox {
                 timeout_secs: Some(1),
                 ..Default::default()
@@ -475,12 +491,12 @@ async fn ttl_expiry_and_shutdown() {
         .expect("create short");
     let long = s
         .mgr
-        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .create(&s.a, v1::CreateSandbox::default())
         .await
         .expect("create long");
     let extended = s
         .mgr
-        .set_timeout("a", &long.id, v1::SetTimeout { timeout_secs: 600 })
+        .set_timeout(&s.a, &long.id, v1::SetTimeout { timeout_secs: 600 })
         .await
         .expect("set timeout");
     assert!(extended.expires_at > long.expires_at);
@@ -495,29 +511,29 @@ async fn ttl_expiry_and_shutdown() {
     );
     let reaped = s.mgr.reap_expired(now_ms() + 1_500).await.expect("reap");
     assert_eq!(reaped, vec![short.id.clone()]);
-    let got = s.mgr.get("a", &short.id).await.expect("get");
+    let got = s.mgr.get(&s.a, &short.id).await.expect("get");
     assert_eq!(got.state, v1::SandboxState::Killed);
     assert_eq!(got.end_reason.as_deref(), Some("ttl"));
     assert!(matches!(
-        s.mgr.exec("a", &short.id, shell("true")).await,
+        s.mgr.exec(&s.a, &short.id, shell("true")).await,
         Err(ManagerError::Conflict(_))
     ));
     let r = s
         .mgr
-        .exec("a", &long.id, shell("echo up"))
+        .exec(&s.a, &long.id, shell("echo up"))
         .await
         .expect("exec");
     assert_eq!(r.stdout, "up\n");
 
     let third = s
         .mgr
-        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .create(&s.a, v1::CreateSandbox::default())
         .await
         .expect("create third");
     assert_eq!(s.mgr.shutdown(ShutdownMode::Destroy).await, (2, 0));
     assert_eq!(s.mgr.live_count(), 0);
     for id in [&long.id, &third.id] {
-        let got = s.mgr.get("a", id).await.expect("get");
+        let got = s.mgr.get(&s.a, id).await.expect("get");
         assert_eq!(got.state, v1::SandboxState::Killed, "{id}");
     }
     let active = s
@@ -542,7 +558,6 @@ async fn ttl_expiry_and_shutdown() {
 /// service works on the caller's sandbox only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_services() {
-    use moat_engine::auth::Caller;
     use moat_engine::files::{Download, FileError, Format};
     use moat_engine::manager::StartFrom;
 
@@ -570,7 +585,7 @@ async fn caller_services() {
         caller,
         Caller {
             tenant: "a".into(),
-            key_id: key.id.clone(),
+            key_id: Some(key.id.clone()),
             role: Role::Admin,
             requests_per_minute: Some(7),
         }
@@ -590,12 +605,12 @@ async fn caller_services() {
     assert!(matches!(e, ManagerError::Unauthenticated(_)), "{e}");
 
     assert_eq!(
-        s.mgr.resolve_start("a", "base").await.expect("base"),
+        s.mgr.resolve_start(&s.a, "base").await.expect("base"),
         StartFrom::Template("base".into())
     );
     let e = s
         .mgr
-        .resolve_start("a", "no-such-template")
+        .resolve_start(&s.a, "no-such-template")
         .await
         .expect_err("unknown");
     assert!(matches!(e, ManagerError::NotFound(_)), "{e}");
@@ -603,7 +618,7 @@ async fn caller_services() {
 
     let sb = s
         .mgr
-        .create("a", Some(&s.key), v1::CreateSandbox::default())
+        .create(&s.a, v1::CreateSandbox::default())
         .await
         .expect("create");
     let files = s.mgr.files();

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use moat_backend_native::{NativeBackend, NativeOptions};
+use moat_engine::auth::Caller;
 use moat_engine::manager::{ManagerError, ManagerOptions, SandboxManager};
 use moat_engine::store::{Quotas, Role, SandboxState, Store};
 use moat_proto::v1;
@@ -34,6 +35,12 @@ async fn an_end_that_cannot_be_recorded_leaves_the_sandbox_running_as_recorded()
     let (key, _secret) = store
         .create_key("a", "test", Role::User, Quotas::default())
         .expect("key");
+    let caller = Caller {
+        tenant: "a".into(),
+        key_id: Some(key.id),
+        role: Role::User,
+        requests_per_minute: None,
+    };
     let backend = NativeBackend::new(&NativeOptions {
         agent_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
         ..NativeOptions::default()
@@ -42,7 +49,7 @@ async fn an_end_that_cannot_be_recorded_leaves_the_sandbox_running_as_recorded()
     let mgr =
         SandboxManager::new(store, Arc::new(backend), ManagerOptions::default()).expect("manager");
     let sb = mgr
-        .create("a", Some(&key.id), v1::CreateSandbox::default())
+        .create(&caller, v1::CreateSandbox::default())
         .await
         .expect("create");
 
@@ -58,7 +65,7 @@ async fn an_end_that_cannot_be_recorded_leaves_the_sandbox_running_as_recorded()
 
     // The delete cannot be recorded: it says so, and nothing is destroyed.
     let err = mgr
-        .delete("a", &sb.id)
+        .delete(&caller, &sb.id)
         .await
         .expect_err("a delete on a full disk");
     assert!(
@@ -67,21 +74,21 @@ async fn an_end_that_cannot_be_recorded_leaves_the_sandbox_running_as_recorded()
     );
     assert_eq!(moat_server::status_of(&err).as_u16(), 507);
     assert_eq!(
-        mgr.get("a", &sb.id).await.expect("get").state,
+        mgr.get(&caller, &sb.id).await.expect("get").state,
         SandboxState::Running
     );
     let r = mgr
-        .exec("a", &sb.id, shell("echo alive"))
+        .exec(&caller, &sb.id, shell("echo alive"))
         .await
         .expect("the sandbox whose delete failed no longer runs");
     assert_eq!(r.stdout, "alive\n");
 
     // Room again: the delete goes through, and record and sandbox agree.
     std::fs::remove_file(&filler).expect("remove the filler");
-    let ended = mgr.delete("a", &sb.id).await.expect("delete");
+    let ended = mgr.delete(&caller, &sb.id).await.expect("delete");
     assert_eq!(ended.state, SandboxState::Killed);
     assert!(matches!(
-        mgr.exec("a", &sb.id, shell("true")).await,
+        mgr.exec(&caller, &sb.id, shell("true")).await,
         Err(ManagerError::Conflict(_))
     ));
     assert_eq!(mgr.live_count(), 0);

@@ -106,7 +106,7 @@ impl SandboxManager {
 impl FileService {
     /// The agent of the caller's sandbox `id` (not found for none, conflict when not running).
     async fn agent(&self, caller: &Caller, id: &str) -> FileResult<AgentClient> {
-        Ok(self.manager.agent(&caller.tenant, id).await?)
+        Ok(self.manager.agent(caller, id).await?)
     }
 
     /// The entry at `path` as `user`.

@@ -11,6 +11,7 @@ use super::exec_encoding::OutputEncoder;
 use super::exec_stream::ExecStream;
 use super::execution::{ExecPlan, Execution, Output};
 use super::{ManagerError, ManagerResult, SandboxManager, check_env};
+use crate::auth::Caller;
 
 /// Output kept per stream (stdout, stderr) of a buffered exec; the rest is dropped and the
 /// result marked `truncated`. Exec streams have no cap.
@@ -21,16 +22,16 @@ pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(moat_proto::v1::MAX_EXEC_TIMEOUT_SECS);
 
 impl SandboxManager {
-    /// Runs one command in the sandbox and returns its buffered result.
+    /// Runs one command in the caller's sandbox `id` and returns its buffered result.
     pub async fn exec(
         &self,
-        tenant: &str,
+        caller: &Caller,
         id: &str,
         req: v1::ExecRequest,
     ) -> ManagerResult<v1::ExecResult> {
         let requested = Instant::now();
         let encoding = req.encoding;
-        let mut execution = self.start_execution(tenant, id, req).await?;
+        let mut execution = self.start_execution(&caller.tenant, id, req).await?;
         let mut out = Capped::default();
         let mut err = Capped::default();
         let end = loop {
@@ -59,16 +60,16 @@ impl SandboxManager {
         })
     }
 
-    /// Starts one command in the sandbox and returns its events. Whatever is wrong with the
-    /// request or the sandbox is an error here, before any event.
+    /// Starts one command in the caller's sandbox `id` and returns its events. Whatever is
+    /// wrong with the request or the sandbox is an error here, before any event.
     pub async fn exec_stream(
         &self,
-        tenant: &str,
+        caller: &Caller,
         id: &str,
         req: v1::ExecRequest,
     ) -> ManagerResult<ExecStream> {
         let encoding = req.encoding;
-        let execution = self.start_execution(tenant, id, req).await?;
+        let execution = self.start_execution(&caller.tenant, id, req).await?;
         Ok(ExecStream::new(execution, encoding))
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use moat_proto::v1;
 
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms};
+use crate::auth::Caller;
 use crate::store::{check_idempotency_key, now_ms};
 
 /// How long an idempotency key is remembered after the create that used it.
@@ -66,29 +67,26 @@ impl InFlight {
 }
 
 impl SandboxManager {
-    /// [`SandboxManager::create`], once per `tenant` and idempotency `key` (1 to 255 characters
+    /// [`SandboxManager::create`], once per tenant and idempotency `key` (1 to 255 characters
     /// of `[a-z0-9-]`) within [`IDEMPOTENCY_KEY_RETENTION`]: a repeat returns the sandbox the
     /// first create made, as it is now, and `true`.
     pub async fn create_idempotent(
         &self,
-        tenant: &str,
-        key_id: Option<&str>,
+        caller: &Caller,
         key: &str,
         req: v1::CreateSandbox,
     ) -> ManagerResult<(v1::Sandbox, bool)> {
         check_idempotency_key(key).map_err(ManagerError::from)?;
         let this = self.clone();
-        let (tenant, key) = (tenant.to_owned(), key.to_owned());
-        let key_id = key_id.map(str::to_owned);
+        let (caller, key) = (caller.clone(), key.to_owned());
         // In a task of its own: a caller that goes away must not cut it off between making
         // the sandbox and recording the key, which would let its retry make a second one.
         tokio::spawn(async move {
-            let gate = this.inner.idempotent_creates.gate(&tenant, &key);
+            let tenant = &caller.tenant;
+            let gate = this.inner.idempotent_creates.gate(tenant, &key);
             let held = gate.lock().await;
-            let made = this
-                .create_once(&tenant, key_id.as_deref(), &key, req)
-                .await;
-            this.inner.idempotent_creates.release(&tenant, &key, &gate);
+            let made = this.create_once(&caller, &key, req).await;
+            this.inner.idempotent_creates.release(tenant, &key, &gate);
             drop(held);
             this.inner.prune_idempotency_keys();
             made
@@ -100,27 +98,26 @@ impl SandboxManager {
     /// The body of [`SandboxManager::create_idempotent`], under the key's lock.
     async fn create_once(
         &self,
-        tenant: &str,
-        key_id: Option<&str>,
+        caller: &Caller,
         key: &str,
         req: v1::CreateSandbox,
     ) -> ManagerResult<(v1::Sandbox, bool)> {
         let since = now_ms().saturating_sub(ms(IDEMPOTENCY_KEY_RETENTION));
-        let (t, k) = (tenant.to_owned(), key.to_owned());
+        let (t, k) = (caller.tenant.clone(), key.to_owned());
         let earlier = self
             .inner
             .db(move |s| s.idempotent_sandbox(&t, &k, since))
             .await?;
         if let Some(id) = earlier {
-            match self.get(tenant, &id).await {
+            match self.get(caller, &id).await {
                 Ok(sandbox) => return Ok((sandbox, true)),
                 // Its record was purged meanwhile: the key no longer names a sandbox.
                 Err(ManagerError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        let sandbox = self.create(tenant, key_id, req).await?;
-        let (t, k, id) = (tenant.to_owned(), key.to_owned(), sandbox.id.clone());
+        let sandbox = self.create(caller, req).await?;
+        let (t, k, id) = (caller.tenant.clone(), key.to_owned(), sandbox.id.clone());
         if let Err(e) = self
             .inner
             .db(move |s| s.remember_idempotency_key(&t, &k, &id))

@@ -1,23 +1,63 @@
-//! API keys as the API sees them: made (with their tenant, if new), listed and revoked.
-//!
-//! Who may call these is the server's decision (admin keys only); the manager checks the
-//! request itself.
+//! API keys as the API sees them: made (with their tenant, if new), listed and revoked, by
+//! admin callers only ([`Caller::require_key_admin`]), for any tenant; and a key's secret
+//! turned into the [`Caller`] it stands for.
 
 use moat_proto::v1;
 
 use super::{ManagerError, ManagerResult, SandboxManager};
+use crate::auth::Caller;
 use crate::resources::parse_size;
 use crate::store::{KeyRecord, Quotas, Role, StoreError, check_tenant_id};
 
+impl Caller {
+    /// [`ManagerError::Forbidden`] ("`what` needs an admin key") unless the caller is an
+    /// administrator: the one check of the admin-only calls (key management, metrics).
+    pub fn require_admin(&self, what: &str) -> ManagerResult<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ManagerError::Forbidden(format!(
+                "{what} needs an admin key"
+            )))
+        }
+    }
+
+    /// [`ManagerError::Forbidden`] unless the caller may manage API keys (of any tenant): an
+    /// admin's right. The key services check it; a front end may ask it first, before it
+    /// reads the request, so a refused caller learns nothing about its request's form.
+    pub fn require_key_admin(&self) -> ManagerResult<()> {
+        self.require_admin("managing API keys")
+    }
+}
+
 impl SandboxManager {
-    /// Makes a key for `req.tenant` (else `caller_tenant`), creating that tenant if it does
-    /// not exist, and returns it with its secret, which cannot be shown again.
+    /// The caller an API key `secret` stands for: [`ManagerError::Unauthenticated`] when no
+    /// key has it or the key is revoked.
+    pub async fn authenticate(&self, secret: String) -> ManagerResult<Caller> {
+        let store = self.store().clone();
+        let key = tokio::task::spawn_blocking(move || store.authenticate(&secret))
+            .await
+            .map_err(|e| ManagerError::Internal(format!("authentication task: {e}")))?
+            .map_err(|e| ManagerError::Internal(format!("authentication: {e}")))?
+            .ok_or_else(|| ManagerError::Unauthenticated("unknown or revoked API key".into()))?;
+        Ok(Caller {
+            tenant: key.tenant,
+            key_id: Some(key.id),
+            role: key.role,
+            requests_per_minute: key.quotas.requests_per_minute,
+        })
+    }
+
+    /// Makes a key for `req.tenant` (else the caller's tenant), creating that tenant if it
+    /// does not exist, and returns it with its secret, which cannot be shown again. Admin
+    /// callers only.
     pub async fn create_key(
         &self,
-        caller_tenant: &str,
+        caller: &Caller,
         req: v1::CreateKey,
     ) -> ManagerResult<v1::CreatedKey> {
-        let tenant = req.tenant.unwrap_or_else(|| caller_tenant.to_owned());
+        caller.require_key_admin()?;
+        let tenant = req.tenant.unwrap_or_else(|| caller.tenant.clone());
         check_tenant_id(&tenant)?;
         let quotas = quotas(req.quotas.unwrap_or_default())?;
         let role = match req.role {
@@ -48,19 +88,32 @@ impl SandboxManager {
         })
     }
 
-    /// Every key of `tenant`, revoked ones included, oldest first (never their secrets).
-    pub async fn list_keys(&self, tenant: &str) -> ManagerResult<v1::KeyList> {
-        let tenant = tenant.to_owned();
+    /// Every key of `tenant` (else the caller's tenant), revoked ones included, oldest first
+    /// (never their secrets). Admin callers only.
+    pub async fn list_keys(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+    ) -> ManagerResult<v1::KeyList> {
+        caller.require_key_admin()?;
+        let tenant = tenant.unwrap_or(&caller.tenant).to_owned();
         let records = self.inner.db(move |s| s.list_keys(&tenant)).await?;
         Ok(v1::KeyList {
             keys: records.iter().map(to_v1).collect(),
         })
     }
 
-    /// Revokes `tenant`'s key `id`: from now on it authenticates nothing. Revoking a revoked
-    /// key changes nothing.
-    pub async fn revoke_key(&self, tenant: &str, id: &str) -> ManagerResult<v1::ApiKey> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+    /// Revokes the key `id` of `tenant` (else the caller's tenant): from now on it
+    /// authenticates nothing. Revoking a revoked key changes nothing. Admin callers only.
+    pub async fn revoke_key(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> ManagerResult<v1::ApiKey> {
+        caller.require_key_admin()?;
+        let tenant = tenant.unwrap_or(&caller.tenant).to_owned();
+        let id = id.to_owned();
         let record = self.inner.db(move |s| s.revoke_key(&tenant, &id)).await?;
         Ok(to_v1(&record))
     }
@@ -123,6 +176,27 @@ fn to_v1(record: &KeyRecord) -> v1::ApiKey {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_checks() {
+        let caller = |role| Caller {
+            tenant: "t".into(),
+            key_id: Some("key_x".into()),
+            role,
+            requests_per_minute: None,
+        };
+        assert!(caller(Role::Admin).require_admin("this").is_ok());
+        assert!(caller(Role::Admin).require_key_admin().is_ok());
+        assert!(Caller::local("t").require_key_admin().is_ok());
+        let e = caller(Role::User)
+            .require_admin("managing API keys")
+            .unwrap_err();
+        assert_eq!(e.code(), "forbidden");
+        assert_eq!(e.to_string(), "managing API keys needs an admin key");
+        let e = caller(Role::User).require_key_admin().unwrap_err();
+        assert_eq!(e.code(), "forbidden");
+        assert_eq!(e.to_string(), "managing API keys needs an admin key");
+    }
 
     #[test]
     fn quota_forms() {

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 use moat_proto::v1;
 
 use crate::agent_client::AgentClient;
+use crate::auth::Caller;
 use crate::backend::{Backend, Backends, Instance, SandboxSpec};
 use crate::metrics::Metrics;
 use crate::plan::{self, Readiness, SandboxPlan, limits_v1};
@@ -422,15 +423,21 @@ impl SandboxManager {
         &self.inner.metrics
     }
 
-    /// A client of the agent of `tenant`'s running sandbox `id`: 404 when there is no such
+    /// A client of the agent of the caller's running sandbox `id`: 404 when there is no such
     /// sandbox, 409 when it is not running.
-    pub async fn agent(&self, tenant: &str, id: &str) -> ManagerResult<AgentClient> {
-        Ok(self.inner.live_for(tenant, id).await?.client.clone())
+    pub async fn agent(&self, caller: &Caller, id: &str) -> ManagerResult<AgentClient> {
+        Ok(self
+            .inner
+            .live_for(&caller.tenant, id)
+            .await?
+            .client
+            .clone())
     }
 
-    /// How many processes of `tenant`'s sandbox `id` the kernel's OOM killer has killed so far.
-    pub async fn oom_kills(&self, tenant: &str, id: &str) -> ManagerResult<u64> {
-        let live = self.inner.live_any(tenant, id).await?;
+    /// How many processes of the caller's sandbox `id` the kernel's OOM killer has killed so
+    /// far.
+    pub async fn oom_kills(&self, caller: &Caller, id: &str) -> ManagerResult<u64> {
+        let live = self.inner.live_any(&caller.tenant, id).await?;
         let kills = live.instance.lock().await.oom_kills();
         Ok(kills)
     }
@@ -440,16 +447,15 @@ impl SandboxManager {
         lock(&self.inner.live).len()
     }
 
-    /// Makes a sandbox for `tenant` (charged to `key_id`'s quotas when given) and waits until
-    /// its agent answers. On failure nothing is left running and the record, if one was made,
-    /// is `failed` with the reason.
+    /// Makes a sandbox for the caller's tenant (charged to the caller's key's quotas, if it
+    /// holds a key) and waits until its agent answers. On failure nothing is left running and
+    /// the record, if one was made, is `failed` with the reason.
     pub async fn create(
         &self,
-        tenant: &str,
-        key_id: Option<&str>,
+        caller: &Caller,
         req: v1::CreateSandbox,
     ) -> ManagerResult<v1::Sandbox> {
-        self.create_with_id(tenant, key_id, req, None).await
+        self.create_with_id(caller, req, None).await
     }
 
     /// [`SandboxManager::create`] of a sandbox with the given `id` (a sandbox id's shape, see
@@ -457,8 +463,7 @@ impl SandboxManager {
     /// create never takes a warm-pool member.
     pub async fn create_with_id(
         &self,
-        tenant: &str,
-        key_id: Option<&str>,
+        caller: &Caller,
         req: v1::CreateSandbox,
         id: Option<String>,
     ) -> ManagerResult<v1::Sandbox> {
@@ -466,25 +471,25 @@ impl SandboxManager {
             check_sandbox_id(id)?;
         }
         let inner = self.inner.clone();
-        let tenant = tenant.to_owned();
-        let key_id = key_id.map(str::to_owned);
+        let tenant = caller.tenant.clone();
+        let key_id = caller.key_id.clone();
         let began = Instant::now();
         tokio::spawn(async move { inner.create(tenant, key_id, req, id, began).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("create task: {e}")))?
     }
 
-    /// The sandbox `id` of `tenant`.
-    pub async fn get(&self, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+    /// The caller's sandbox `id`.
+    pub async fn get(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Sandbox> {
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.get_sandbox(&tenant, &id)).await?;
         Ok(to_v1(&rec))
     }
 
-    /// One page of `tenant`'s sandboxes matching `query`.
+    /// One page of the caller's sandboxes matching `query`.
     pub async fn list(
         &self,
-        tenant: &str,
+        caller: &Caller,
         query: v1::ListSandboxes,
     ) -> ManagerResult<v1::SandboxList> {
         let filter = SandboxFilter {
@@ -499,7 +504,7 @@ impl SandboxManager {
             limit: query.limit.unwrap_or(100).min(MAX_PAGE),
             ..SandboxFilter::default()
         };
-        self.list_filtered(tenant, filter).await
+        self.list_filtered(&caller.tenant, filter).await
     }
 
     /// One page of `tenant`'s sandboxes that `filter` selects.
@@ -521,9 +526,9 @@ impl SandboxManager {
 
     /// Destroys the sandbox and records it `killed` (reason `deleted`). Deleting an ended
     /// sandbox changes nothing and returns it as it is.
-    pub async fn delete(&self, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
+    pub async fn delete(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Sandbox> {
         let inner = self.inner.clone();
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         tokio::spawn(async move { inner.end(&tenant, &id, EndReason::Deleted).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("delete task: {e}")))?
@@ -532,12 +537,12 @@ impl SandboxManager {
     /// Sets the sandbox to expire `timeout_secs` from now (at most the configured maximum).
     pub async fn set_timeout(
         &self,
-        tenant: &str,
+        caller: &Caller,
         id: &str,
         req: v1::SetTimeout,
     ) -> ManagerResult<v1::Sandbox> {
         let ttl = self.inner.ttl(Some(req.timeout_secs))?;
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let at = now_ms().saturating_add(ms(ttl));
         let rec = self
             .inner
@@ -551,12 +556,12 @@ impl SandboxManager {
     /// [`SandboxManager::set_timeout`] apply.
     pub async fn extend_timeout(
         &self,
-        tenant: &str,
+        caller: &Caller,
         id: &str,
         timeout_secs: u64,
     ) -> ManagerResult<v1::Sandbox> {
         let ttl = self.inner.ttl(Some(timeout_secs))?;
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let at = now_ms().saturating_add(ms(ttl));
         let rec = self
             .inner

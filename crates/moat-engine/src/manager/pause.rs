@@ -23,25 +23,27 @@ use moat_proto::v1;
 
 use crate::backend::Capabilities;
 
+use crate::auth::Caller;
+
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms, to_v1};
 use crate::store::{SandboxState, now_ms};
 
 impl SandboxManager {
-    /// Freezes every process of `tenant`'s sandbox `id` and records it `paused`. A sandbox
+    /// Freezes every process of the caller's sandbox `id` and records it `paused`. A sandbox
     /// already paused is a conflict (409), as is one that is not running.
-    pub async fn pause(&self, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
+    pub async fn pause(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Sandbox> {
         let inner = self.inner.clone();
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         tokio::spawn(async move { inner.pause(&tenant, &id).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("pause task: {e}")))?
     }
 
-    /// Thaws `tenant`'s paused sandbox `id` and records it `running`; with `timeout_secs`, it
-    /// then expires that long from now. One that is not paused is a conflict (409).
+    /// Thaws the caller's paused sandbox `id` and records it `running`; with `timeout_secs`,
+    /// it then expires that long from now. One that is not paused is a conflict (409).
     pub async fn resume(
         &self,
-        tenant: &str,
+        caller: &Caller,
         id: &str,
         req: v1::ResumeSandbox,
     ) -> ManagerResult<v1::Sandbox> {
@@ -50,7 +52,7 @@ impl SandboxManager {
             .map(|t| self.inner.ttl(Some(t)))
             .transpose()?;
         let inner = self.inner.clone();
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         tokio::spawn(async move { inner.resume(&tenant, &id, ttl).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("resume task: {e}")))?

@@ -227,8 +227,9 @@ impl SandboxManager {
         }
     }
 
-    /// The warm pool of the template `name` (of `tenant`, or built-in for `None`).
-    pub fn pool_status(&self, tenant: Option<&str>, name: &str) -> v1::PoolStatus {
+    /// The warm pool of the template `name` (of `tenant`, or built-in for `None`): the
+    /// template's owner, not a caller; callers see it on their templates.
+    pub(crate) fn pool_status(&self, tenant: Option<&str>, name: &str) -> v1::PoolStatus {
         self.inner.pools.status(&PoolKey {
             tenant: tenant.map(str::to_owned),
             name: name.to_owned(),

@@ -19,6 +19,7 @@ use moat_proto::v1;
 
 use super::{DEFAULT_EXEC_TIMEOUT, ManagerError, ManagerResult, SandboxManager};
 use crate::agent_client::AgentError;
+use crate::auth::Caller;
 
 /// Most input or output files of one run.
 pub const MAX_RUN_FILES: usize = 64;
@@ -52,14 +53,9 @@ fn interpreter(language: &str) -> ManagerResult<(&'static str, &'static str)> {
 }
 
 impl SandboxManager {
-    /// Runs `req` in a fresh sandbox of `tenant` (charged to `key_id`) and destroys it,
-    /// whatever happened. Input is checked before a sandbox is taken.
-    pub async fn run(
-        &self,
-        tenant: &str,
-        key_id: Option<&str>,
-        req: v1::RunRequest,
-    ) -> ManagerResult<v1::RunResult> {
+    /// Runs `req` in a fresh sandbox of the caller's (charged to its key, if it holds one) and
+    /// destroys it, whatever happened. Input is checked before a sandbox is taken.
+    pub async fn run(&self, caller: &Caller, req: v1::RunRequest) -> ManagerResult<v1::RunResult> {
         let files = decode_files(&req.files)?;
         if req.output_files.len() > MAX_RUN_FILES {
             return Err(ManagerError::Invalid(format!(
@@ -114,12 +110,12 @@ impl SandboxManager {
             timeout_secs: Some(run_for.saturating_add(RUN_TTL_MARGIN).as_secs()),
             ..v1::CreateSandbox::default()
         };
-        let _slot = self.inner.runs.enter(tenant)?;
-        let sandbox = self.create(tenant, key_id, create).await?;
+        let _slot = self.inner.runs.enter(&caller.tenant)?;
+        let sandbox = self.create(caller, create).await?;
         let outcome = self
-            .run_in(tenant, &sandbox.id, files, code, exec, &req.output_files)
+            .run_in(caller, &sandbox.id, files, code, exec, &req.output_files)
             .await;
-        if let Err(e) = self.delete(tenant, &sandbox.id).await {
+        if let Err(e) = self.delete(caller, &sandbox.id).await {
             tracing::warn!(sandbox = %sandbox.id, "destroying the sandbox of a run: {e}");
         }
         let (exec, files) = outcome?;
@@ -132,14 +128,14 @@ impl SandboxManager {
 
     async fn run_in(
         &self,
-        tenant: &str,
+        caller: &Caller,
         id: &str,
         files: Vec<(String, Bytes)>,
         code: Option<(String, &'static str, String)>,
         exec: v1::ExecRequest,
         outputs: &[String],
     ) -> ManagerResult<(v1::ExecResult, Vec<v1::OutputFile>)> {
-        let client = self.agent(tenant, id).await?;
+        let client = self.agent(caller, id).await?;
         let code_file = code.map(|(path, _, source)| (path, Bytes::from(source)));
         for (path, data) in files.into_iter().chain(code_file) {
             client
@@ -147,7 +143,7 @@ impl SandboxManager {
                 .await
                 .map_err(|e| file_error("writing", &path, e))?;
         }
-        let result = self.exec(tenant, id, exec).await?;
+        let result = self.exec(caller, id, exec).await?;
         let mut left = MAX_RUN_OUTPUT_TOTAL;
         let mut read = Vec::with_capacity(outputs.len());
         for path in outputs {

@@ -42,6 +42,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
+use crate::auth::Caller;
 use crate::plan::{SandboxPlan, resources_of, within_template};
 use crate::store::{
     Cursor, MAX_PAGE, NewSnapshot, SnapshotFilter, SnapshotRecord, Store, check_sandbox_id,
@@ -256,12 +257,12 @@ fn snapshot_v1(rec: &SnapshotRecord) -> v1::Snapshot {
 }
 
 impl SandboxManager {
-    /// Snapshots the files of `tenant`'s running or paused sandbox `id`. The archive is on
-    /// disk before the snapshot is recorded and returned.
+    /// Snapshots the files of the caller's running or paused sandbox `id` (within its key's
+    /// snapshot quota, if it holds a key). The archive is on disk before the snapshot is
+    /// recorded and returned.
     pub async fn snapshot(
         &self,
-        tenant: &str,
-        key_id: Option<&str>,
+        caller: &Caller,
         id: &str,
         req: v1::CreateSnapshot,
     ) -> ManagerResult<v1::Snapshot> {
@@ -269,8 +270,8 @@ impl SandboxManager {
             check_snapshot_name(name).map_err(ManagerError::from)?;
         }
         let inner = self.inner.clone();
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        let key_id = key_id.map(str::to_owned);
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
+        let key_id = caller.key_id.clone();
         tokio::spawn(async move {
             inner
                 .snapshot(&tenant, key_id.as_deref(), &id, req.name)
@@ -280,17 +281,17 @@ impl SandboxManager {
         .map_err(|e| ManagerError::Internal(format!("snapshot task: {e}")))?
     }
 
-    /// The snapshot `id` of `tenant`.
-    pub async fn get_snapshot(&self, tenant: &str, id: &str) -> ManagerResult<v1::Snapshot> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+    /// The caller's snapshot `id`.
+    pub async fn get_snapshot(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Snapshot> {
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.get_snapshot(&tenant, &id)).await?;
         Ok(snapshot_v1(&rec))
     }
 
-    /// One page of `tenant`'s snapshots matching `query`, oldest first.
+    /// One page of the caller's snapshots matching `query`, oldest first.
     pub async fn list_snapshots(
         &self,
-        tenant: &str,
+        caller: &Caller,
         query: v1::ListSnapshots,
     ) -> ManagerResult<v1::SnapshotList> {
         let filter = SnapshotFilter {
@@ -304,7 +305,7 @@ impl SandboxManager {
                 .map_err(ManagerError::from)?,
             limit: query.limit.unwrap_or(100).min(MAX_PAGE),
         };
-        let tenant = tenant.to_owned();
+        let tenant = caller.tenant.clone();
         let page = self
             .inner
             .db(move |s| s.list_snapshots(&tenant, &filter))
@@ -315,10 +316,10 @@ impl SandboxManager {
         })
     }
 
-    /// Deletes `tenant`'s snapshot `id`: its record, then its file. Sandboxes made from it
+    /// Deletes the caller's snapshot `id`: its record, then its file. Sandboxes made from it
     /// are not affected.
-    pub async fn delete_snapshot(&self, tenant: &str, id: &str) -> ManagerResult<v1::Snapshot> {
-        let (t, i) = (tenant.to_owned(), id.to_owned());
+    pub async fn delete_snapshot(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Snapshot> {
+        let (t, i) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.delete_snapshot(&t, &i)).await?;
         if let Some(dir) = &self.inner.opts.snapshot_dir {
             let path = dir.join(format!("{}{SUFFIX}", rec.id));
@@ -332,14 +333,13 @@ impl SandboxManager {
         Ok(snapshot_v1(&rec))
     }
 
-    /// Copies of `tenant`'s running or paused sandbox `id`: its files snapshotted once, then
-    /// `count` sandboxes (1 to [`v1::MAX_FORK_COUNT`]) made from that, charged to `key_id`.
+    /// Copies of the caller's running or paused sandbox `id`: its files snapshotted once, then
+    /// `count` sandboxes (1 to [`v1::MAX_FORK_COUNT`]) made from that, charged to its key.
     /// One result per copy, in order: a sandbox or why it failed. Running processes are not
     /// carried over.
     pub async fn fork(
         &self,
-        tenant: &str,
-        key_id: Option<&str>,
+        caller: &Caller,
         id: &str,
         req: v1::ForkSandbox,
     ) -> ManagerResult<Vec<ManagerResult<v1::Sandbox>>> {
@@ -354,8 +354,8 @@ impl SandboxManager {
             self.inner.ttl(Some(secs))?;
         }
         let inner = self.inner.clone();
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        let key_id = key_id.map(str::to_owned);
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
+        let key_id = caller.key_id.clone();
         tokio::spawn(async move { inner.fork(tenant, key_id, &id, count, req).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("fork task: {e}")))?

@@ -3,6 +3,7 @@
 use moat_proto::v1;
 
 use super::{ManagerError, ManagerResult, SandboxManager, check_env, resolve_resources};
+use crate::auth::Caller;
 use crate::resources::fmt_bytes;
 use crate::store::{SandboxQuotas, StoreError, TemplateRecord};
 
@@ -38,28 +39,26 @@ fn check_pool_quota(spec: &v1::TemplateSpec, limits: SandboxQuotas) -> ManagerRe
 }
 
 impl SandboxManager {
-    /// Defines a template for `tenant`, made with `key_id`: its warm pool's members count
-    /// against that key's quotas, and a pool that alone would be over them is refused (429).
-    /// `host_paths` allows a `{"dir": …}` root filesystem, which reads a directory of the host:
-    /// only administrators may name one.
+    /// Defines a template for the caller's tenant, made with the caller's key (if it holds
+    /// one): its warm pool's members count against that key's quotas, and a pool that alone
+    /// would be over them is refused (429). A `{"dir": …}` root filesystem reads a directory
+    /// of the host: only an admin caller may name one.
     pub async fn create_template(
         &self,
-        tenant: &str,
-        key_id: Option<&str>,
+        caller: &Caller,
         req: v1::CreateTemplate,
-        host_paths: bool,
     ) -> ManagerResult<v1::Template> {
-        self.check_template_spec(&req.spec, host_paths)?;
-        if let Some(key) = key_id
+        self.check_template_spec(&req.spec, caller.is_admin())?;
+        if let Some(key) = caller.key_id()
             && req.spec.pool_size > 0
         {
-            let limits = self.inner.key_limits(tenant, key).await?;
+            let limits = self.inner.key_limits(&caller.tenant, key).await?;
             check_pool_quota(&req.spec, limits)?;
         }
         let spec = serde_json::to_value(&req.spec)
             .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
-        let tenant = tenant.to_owned();
-        let key = key_id.map(str::to_owned);
+        let tenant = caller.tenant.clone();
+        let key = caller.key_id.clone();
         let rec = self
             .inner
             .db(move |s| s.create_template_by(Some(&tenant), key.as_deref(), &req.name, &spec))
@@ -69,9 +68,9 @@ impl SandboxManager {
         Ok(template)
     }
 
-    /// The template `name` as `tenant` sees it (its own or a built-in).
-    pub async fn get_template(&self, tenant: &str, name: &str) -> ManagerResult<v1::Template> {
-        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+    /// The template `name` as the caller sees it (its tenant's own or a built-in).
+    pub async fn get_template(&self, caller: &Caller, name: &str) -> ManagerResult<v1::Template> {
+        let (tenant, name) = (caller.tenant.clone(), name.to_owned());
         let rec = self
             .inner
             .db(move |s| s.get_template(&tenant, &name))
@@ -79,9 +78,9 @@ impl SandboxManager {
         self.to_template(&rec)
     }
 
-    /// Every template `tenant` sees, by name.
-    pub async fn list_templates(&self, tenant: &str) -> ManagerResult<v1::TemplateList> {
-        let tenant = tenant.to_owned();
+    /// Every template the caller sees, by name.
+    pub async fn list_templates(&self, caller: &Caller) -> ManagerResult<v1::TemplateList> {
+        let tenant = caller.tenant.clone();
         let recs = self
             .inner
             .db(move |s| s.list_templates(Some(&tenant)))
@@ -93,15 +92,15 @@ impl SandboxManager {
         Ok(v1::TemplateList { templates })
     }
 
-    /// Deletes `tenant`'s template `name`. Refused (409) while its sandboxes run unless
+    /// Deletes the caller's template `name`. Refused (409) while its sandboxes run unless
     /// `force`; they keep running either way. Its warm pool is emptied.
     pub async fn delete_template(
         &self,
-        tenant: &str,
+        caller: &Caller,
         name: &str,
         force: bool,
     ) -> ManagerResult<()> {
-        let (t, n) = (tenant.to_owned(), name.to_owned());
+        let (t, n) = (caller.tenant.clone(), name.to_owned());
         self.inner
             .db(move |s| s.delete_template(Some(&t), &n, force))
             .await?;
@@ -201,11 +200,11 @@ pub enum StartFrom {
 }
 
 impl SandboxManager {
-    /// Resolves `name` for `tenant` in one look-up: a snapshot when it has a snapshot id's
-    /// shape and the tenant has one by that id, else a template, which must exist
+    /// Resolves `name` for the caller in one look-up: a snapshot when it has a snapshot id's
+    /// shape and the caller's tenant has one by that id, else a template, which must exist
     /// ([`ManagerError::NotFound`] when it does not).
-    pub async fn resolve_start(&self, tenant: &str, name: &str) -> ManagerResult<StartFrom> {
-        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+    pub async fn resolve_start(&self, caller: &Caller, name: &str) -> ManagerResult<StartFrom> {
+        let (tenant, name) = (caller.tenant.clone(), name.to_owned());
         self.inner
             .db(move |s| {
                 if crate::ids::is_snapshot_id(&name) && s.get_snapshot(&tenant, &name).is_ok() {

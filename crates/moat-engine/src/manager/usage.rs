@@ -13,6 +13,7 @@ use moat_proto::v1;
 use tokio::sync::watch;
 
 use super::{Live, ManagerResult, SandboxManager, lock};
+use crate::auth::Caller;
 use crate::backend::{Instance, InstanceStats};
 use crate::store::now_ms;
 
@@ -137,18 +138,18 @@ impl SandboxManager {
         }
     }
 
-    /// The usage samples of `tenant`'s running sandbox `id` taken from `from_ms` to `to_ms`
+    /// The usage samples of the caller's running sandbox `id` taken from `from_ms` to `to_ms`
     /// (Unix milliseconds, both included, each optional), oldest first, ending with one taken
     /// now unless `to_ms` is in the past. 404 for no such sandbox, 409 when it is not running.
     pub async fn usage(
         &self,
-        tenant: &str,
+        caller: &Caller,
         id: &str,
         from_ms: Option<i64>,
         to_ms: Option<i64>,
     ) -> ManagerResult<Vec<UsageSample>> {
-        let live = self.inner.live_for(tenant, id).await?;
-        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let live = self.inner.live_for(&caller.tenant, id).await?;
+        let (t, i) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.get_sandbox(&t, &i)).await?;
         // Written by this manager; an unreadable value shows as zeros rather than failing.
         let limits: v1::ResourceLimits = serde_json::from_value(rec.resources).unwrap_or_default();

@@ -97,11 +97,11 @@ pub(crate) async fn pause(
 ) -> E2bResult<StatusCode> {
     let Path(id) = id?;
     let _req: PauseRequest = json_body(body, Some(PauseRequest::default()))?;
-    let sandbox = visible(&state, &caller.tenant, &id).await?;
+    let sandbox = visible(&state, &caller, &id).await?;
     if sandbox.state == v1::SandboxState::Paused {
         return Err(conflict(format!("sandbox {id} is already paused")));
     }
-    match state.manager.pause(&caller.tenant, &id).await {
+    match state.manager.pause(&caller, &id).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(ManagerError::Conflict(m)) => Err(conflict(m)),
         Err(ManagerError::NotFound(_)) => Err(E2bError::no_sandbox(&id)),
@@ -109,18 +109,18 @@ pub(crate) async fn pause(
     }
 }
 
-/// Resumes `tenant`'s paused sandbox `id` for `timeout` seconds: what a connect to a paused
+/// Resumes the caller's paused sandbox `id` for `timeout` seconds: what a connect to a paused
 /// sandbox does (answered 201).
 pub(crate) async fn resume(
     state: &Shared,
-    tenant: &str,
+    caller: &Caller,
     id: &str,
     timeout_secs: u64,
 ) -> E2bResult<Response> {
     let req = v1::ResumeSandbox {
         timeout_secs: Some(timeout_secs),
     };
-    match state.manager.resume(tenant, id, req).await {
+    match state.manager.resume(caller, id, req).await {
         Ok(sandbox) => Ok((StatusCode::CREATED, Json(answer(state, &sandbox))).into_response()),
         Err(ManagerError::NotFound(_)) => Err(E2bError::no_sandbox(id)),
         Err(e) => Err(e.into()),
@@ -136,18 +136,13 @@ pub(crate) async fn create_snapshot(
 ) -> E2bResult<(StatusCode, Json<SnapshotInfo>)> {
     let Path(id) = id?;
     let req: SnapshotRequest = json_body(body, Some(SnapshotRequest::default()))?;
-    visible(&state, &caller.tenant, &id).await?;
+    visible(&state, &caller, &id).await?;
     if req.memory != Some(false) {
         return Err(E2bError::invalid(FILES_ONLY));
     }
     let snapshot = state
         .manager
-        .snapshot(
-            &caller.tenant,
-            Some(&caller.key_id),
-            &id,
-            v1::CreateSnapshot { name: req.name },
-        )
+        .snapshot(&caller, &id, v1::CreateSnapshot { name: req.name })
         .await
         .map_err(|e| match e {
             ManagerError::NotFound(_) => E2bError::no_sandbox(&id),
@@ -197,7 +192,7 @@ pub(crate) async fn list_snapshots(
     {
         return Ok(Json(Vec::<SnapshotInfo>::new()).into_response());
     }
-    let page = state.manager.list_snapshots(&caller.tenant, q).await?;
+    let page = state.manager.list_snapshots(&caller, q).await?;
     let items: Vec<SnapshotInfo> = page.snapshots.iter().map(SnapshotInfo::from).collect();
     paged(items, page.next)
 }
@@ -209,7 +204,7 @@ pub(crate) async fn delete_snapshot(
     id: Result<Path<String>, PathRejection>,
 ) -> E2bResult<StatusCode> {
     let Path(id) = id?;
-    match state.manager.delete_snapshot(&caller.tenant, &id).await {
+    match state.manager.delete_snapshot(&caller, &id).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         // Not a snapshot id at all (a template name, say): no such snapshot either.
         Err(ManagerError::NotFound(_) | ManagerError::Invalid(_)) => {
@@ -241,12 +236,11 @@ pub(crate) async fn fork(
                 })?,
         ),
     };
-    visible(&state, &caller.tenant, &id).await?;
+    visible(&state, &caller, &id).await?;
     let forked = state
         .manager
         .fork(
-            &caller.tenant,
-            Some(&caller.key_id),
+            &caller,
             &id,
             v1::ForkSandbox {
                 count,

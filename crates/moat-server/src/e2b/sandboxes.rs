@@ -88,7 +88,7 @@ async fn create_from(
     // unknown template is "not found", as E2B answers it.
     if let StartFrom::Snapshot(id) = state
         .manager
-        .resolve_start(&caller.tenant, &create.template)
+        .resolve_start(caller, &create.template)
         .await?
     {
         create.template.clear();
@@ -98,16 +98,11 @@ async fn create_from(
         Some(key) => {
             state
                 .manager
-                .create_idempotent(&caller.tenant, Some(&caller.key_id), &key, create)
+                .create_idempotent(caller, &key, create)
                 .await?
                 .0
         }
-        None => {
-            state
-                .manager
-                .create(&caller.tenant, Some(&caller.key_id), create)
-                .await?
-        }
+        None => state.manager.create(caller, create).await?,
     };
     Ok((StatusCode::CREATED, Json(answer(state, &sandbox))))
 }
@@ -226,8 +221,8 @@ pub(super) fn answer(state: &Shared, sandbox: &v1::Sandbox) -> Sandbox {
 }
 
 /// `tenant`'s sandbox `id` if an E2B client may see it (running or paused).
-pub(super) async fn visible(state: &Shared, tenant: &str, id: &str) -> E2bResult<v1::Sandbox> {
-    match state.manager.get(tenant, id).await {
+pub(super) async fn visible(state: &Shared, caller: &Caller, id: &str) -> E2bResult<v1::Sandbox> {
+    match state.manager.get(caller, id).await {
         Ok(sandbox) if e2b_state(sandbox.state).is_some() => Ok(sandbox),
         // A malformed id names no sandbox either.
         Ok(_) | Err(ManagerError::NotFound(_) | ManagerError::Invalid(_)) => {
@@ -260,15 +255,13 @@ pub(crate) async fn connect(
         Some(t) => check_timeout(t, opts.max_ttl)?,
         None => opts.default_ttl.as_secs(),
     };
-    let sandbox = visible(&state, &caller.tenant, &id).await?;
+    let sandbox = visible(&state, &caller, &id).await?;
     match sandbox.state {
-        v1::SandboxState::Paused => {
-            super::lifecycle::resume(&state, &caller.tenant, &id, timeout).await
-        }
+        v1::SandboxState::Paused => super::lifecycle::resume(&state, &caller, &id, timeout).await,
         _ => {
             let sandbox = state
                 .manager
-                .extend_timeout(&caller.tenant, &id, timeout)
+                .extend_timeout(&caller, &id, timeout)
                 .await
                 .map_err(|e| gone_is_404(&id, e))?;
             Ok((StatusCode::OK, Json(answer(&state, &sandbox))).into_response())
@@ -283,10 +276,10 @@ pub(crate) async fn kill(
     id: Result<Path<String>, PathRejection>,
 ) -> E2bResult<StatusCode> {
     let Path(id) = id?;
-    visible(&state, &caller.tenant, &id).await?;
+    visible(&state, &caller, &id).await?;
     state
         .manager
-        .delete(&caller.tenant, &id)
+        .delete(&caller, &id)
         .await
         .map_err(|e| gone_is_404(&id, e))?;
     Ok(StatusCode::NO_CONTENT)
@@ -303,10 +296,10 @@ pub(crate) async fn set_timeout(
     let Path(id) = id?;
     let req: SandboxTimeoutRequest = json_body(body, None)?;
     let timeout_secs = check_timeout(req.timeout, state.manager.options().max_ttl)?;
-    visible(&state, &caller.tenant, &id).await?;
+    visible(&state, &caller, &id).await?;
     state
         .manager
-        .set_timeout(&caller.tenant, &id, v1::SetTimeout { timeout_secs })
+        .set_timeout(&caller, &id, v1::SetTimeout { timeout_secs })
         .await
         .map_err(|e| gone_is_404(&id, e))?;
     Ok(StatusCode::NO_CONTENT)
@@ -319,7 +312,7 @@ pub(crate) async fn get(
     id: Result<Path<String>, PathRejection>,
 ) -> E2bResult<Json<SandboxDetail>> {
     let Path(id) = id?;
-    let sandbox = visible(&state, &caller.tenant, &id).await?;
+    let sandbox = visible(&state, &caller, &id).await?;
     Ok(Json(SandboxDetail::new(
         &sandbox,
         state.manager.access_token(&id),
@@ -335,7 +328,7 @@ pub(crate) async fn list(
     RawQuery(query): RawQuery,
 ) -> E2bResult<Response> {
     let filter = list_query::parse(query.as_deref().unwrap_or(""))?;
-    let page = state.manager.list_where(&caller.tenant, filter).await?;
+    let page = state.manager.list_where(&caller, filter).await?;
     let items: Vec<ListedSandbox> = page.sandboxes.iter().map(ListedSandbox::new).collect();
     paged(items, page.next)
 }
@@ -356,7 +349,7 @@ pub(crate) async fn list_running(
         newest_first: true,
         ..Default::default()
     };
-    let sandboxes = state.manager.list_all(&caller.tenant, query).await?;
+    let sandboxes = state.manager.list_all(&caller, query).await?;
     Ok(Json(sandboxes.iter().map(ListedSandbox::new).collect()))
 }
 
@@ -403,7 +396,7 @@ pub(crate) async fn metrics(
         })?;
         *slot = Some(secs);
     }
-    let sandbox = visible(&state, &caller.tenant, &id).await?;
+    let sandbox = visible(&state, &caller, &id).await?;
     if sandbox.state != v1::SandboxState::Running {
         return Ok(Json(Vec::new()));
     }
@@ -412,7 +405,7 @@ pub(crate) async fn metrics(
     let to_ms = end.map(|s| s.saturating_mul(1000).saturating_add(999));
     let samples = state
         .manager
-        .usage(&caller.tenant, &id, from_ms, to_ms)
+        .usage(&caller, &id, from_ms, to_ms)
         .await
         .map_err(|e| gone_is_404(&id, e))?;
     Ok(Json(samples.iter().map(SandboxMetric::from).collect()))

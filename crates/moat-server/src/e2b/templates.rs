@@ -34,7 +34,7 @@ pub(crate) async fn alias(
     alias: Result<Path<String>, PathRejection>,
 ) -> E2bResult<Json<TemplateAlias>> {
     let Path(alias) = alias?;
-    match state.manager.get_template(&caller.tenant, &alias).await {
+    match state.manager.get_template(&caller, &alias).await {
         Ok(template) => Ok(Json(TemplateAlias {
             template_id: template.name,
             public: template.builtin,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, AgentError, CallOptions};
+use moat_engine::auth::Caller;
 use moat_engine::manager::{ManagerOptions, SandboxManager};
 use moat_engine::resources::{Resources, fmt_bytes, parse_cpus, parse_duration, parse_size};
 use moat_engine::store::{Store, check_sandbox_id};
@@ -225,8 +226,8 @@ const RUN_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The engine `moat run` goes through, as `moat serve` does: the native backend (with a
 /// guardian that destroys the sandbox should this process die) and a store in memory holding
-/// one tenant and the run's template.
-async fn local_engine(plan: &Plan) -> Result<SandboxManager> {
+/// one tenant and the run's template, defined by `caller`.
+async fn local_engine(plan: &Plan, caller: &Caller) -> Result<SandboxManager> {
     let backend = NativeBackend::new(&NativeOptions {
         guardian: true,
         ..NativeOptions::default()
@@ -252,7 +253,7 @@ async fn local_engine(plan: &Plan) -> Result<SandboxManager> {
         spec,
     };
     manager
-        .create_template(LOCAL_TENANT, None, template, true)
+        .create_template(caller, template)
         .await
         .map_err(|e| match plan.rootfs {
             v1::Rootfs::Dir(_) => anyhow!("--rootfs: {e}"),
@@ -285,16 +286,14 @@ async fn run(plan: Plan) -> Result<u8> {
     // action, which would leave what was made so far behind.
     let mut signals = Signals::catch()?;
     let timing = Timing::new();
-    let manager = local_engine(&plan).await?;
+    // This host's user, with no API key: an admin of the one local tenant (so the template
+    // may name a host directory) held to no key's quotas.
+    let caller = Caller::local(LOCAL_TENANT);
+    let manager = local_engine(&plan, &caller).await?;
     timing.mark("backend ready");
     // A signal during the create is kept for when it is done: a create cut off halfway could
     // not be undone.
-    let create = manager.create_with_id(
-        LOCAL_TENANT,
-        None,
-        create_request(&plan.resources),
-        plan.id.clone(),
-    );
+    let create = manager.create_with_id(&caller, create_request(&plan.resources), plan.id.clone());
     tokio::pin!(create);
     let mut caught = None;
     let created = loop {
@@ -306,7 +305,7 @@ async fn run(plan: Plan) -> Result<u8> {
     if let Some(sig) = caught {
         if let Ok(sandbox) = created {
             manager
-                .delete(LOCAL_TENANT, &sandbox.id)
+                .delete(&caller, &sandbox.id)
                 .await
                 .map_err(|e| anyhow!("destroying the sandbox: {e}"))?;
         }
@@ -316,16 +315,16 @@ async fn run(plan: Plan) -> Result<u8> {
     timing.mark("sandbox created");
     let result = async {
         let client = manager
-            .agent(LOCAL_TENANT, &id)
+            .agent(&caller, &id)
             .await
             .map_err(|e| anyhow!("connecting to the sandbox agent: {e}"))?;
         timing.mark("agent connected");
-        let code = attach(&client, &plan, &manager, &id, &mut signals).await;
+        let code = attach(&client, &plan, &manager, &caller, &id, &mut signals).await;
         timing.mark("command finished");
         code
     }
     .await;
-    let destroyed = manager.delete(LOCAL_TENANT, &id).await;
+    let destroyed = manager.delete(&caller, &id).await;
     timing.mark("sandbox destroyed");
     let code = result?;
     destroyed.map_err(|e| anyhow!("destroying the sandbox: {e}"))?;
@@ -344,6 +343,7 @@ async fn attach(
     client: &AgentClient,
     plan: &Plan,
     manager: &SandboxManager,
+    caller: &Caller,
     id: &str,
     signals: &mut Signals,
 ) -> Result<u8> {
@@ -486,7 +486,7 @@ async fn attach(
     Ok(match outcome {
         Outcome::Ended(end) => {
             let code = exit_code(&end);
-            if code == 137 && manager.oom_kills(LOCAL_TENANT, id).await.unwrap_or(0) > 0 {
+            if code == 137 && manager.oom_kills(caller, id).await.unwrap_or(0) > 0 {
                 eprintln!(
                     "moat: killed: out of memory (the sandbox's limit is {})",
                     fmt_bytes(plan.resources.memory_bytes)
