@@ -4,8 +4,8 @@
 //! the start and readiness scripts, the network policy and whether its services are public.
 //!
 //! Everything a client can get wrong is checked while the plan is made, before anything is
-//! recorded; afterwards nothing is parsed again. The backend gets [`SandboxPlan::spec`], which
-//! is the plan's part that concerns it.
+//! recorded; afterwards nothing is parsed again. The backend gets the plan as it is, with the
+//! sandbox's id, and makes what it needs of it (cgroup limits, root filesystem, agent config).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,7 +14,6 @@ use std::time::Duration;
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::v1;
 
-use crate::backend::{RootfsSource, SandboxSpec};
 use crate::error::{EngineError, Result};
 use crate::resources::{Resources, bounds, parse_size};
 
@@ -62,8 +61,8 @@ pub struct SandboxPlan {
     pub template_owner: Option<String>,
     /// The kind of backend that makes it (a key of the manager's registry).
     pub backend: String,
-    /// Its root filesystem.
-    pub rootfs: RootfsSource,
+    /// Its root filesystem (the template's, as the API names it).
+    pub rootfs: v1::Rootfs,
     /// Its limits: the template's defaults, then the request, within the template's maximum
     /// and the engine's bounds (checked by whoever sets them over the defaults).
     pub resources: Resources,
@@ -108,7 +107,7 @@ impl SandboxPlan {
             template: name.to_owned(),
             template_owner: owner,
             backend: backend.to_owned(),
-            rootfs: rootfs_source(&template.rootfs),
+            rootfs: template.rootfs.clone(),
             resources: template_defaults(template)?,
             template_env: template.env.clone(),
             env: BTreeMap::new(),
@@ -137,22 +136,32 @@ impl SandboxPlan {
         }
     }
 
-    /// What the backend makes for this plan as sandbox `id`.
-    pub fn spec(&self, id: String) -> SandboxSpec {
-        SandboxSpec {
-            id,
-            rootfs: self.rootfs.clone(),
-            resources: self.resources,
-            agent: self.agent_config(),
+    /// The plan of a sandbox of the built-in `host` template made by the backend of kind
+    /// `backend`: the host's system directories, the engine's default limits, user `user`.
+    /// What tests and benchmarks hand a backend directly.
+    pub fn host(backend: &str) -> SandboxPlan {
+        SandboxPlan {
+            template: v1::DEFAULT_TEMPLATE.to_owned(),
+            template_owner: None,
+            backend: backend.to_owned(),
+            rootfs: v1::Rootfs::Host,
+            resources: Resources::default(),
+            template_env: BTreeMap::new(),
+            env: BTreeMap::new(),
+            user: "user".into(),
+            workdir: None,
+            timeout_secs: None,
+            readiness: Readiness {
+                ready_timeout: Duration::from_secs(v1::DEFAULT_READY_TIMEOUT_SECS),
+                ..Readiness::default()
+            },
+            network: NetworkPolicy::None,
+            public_traffic: None,
+            metadata: BTreeMap::new(),
+            layer: None,
+            poolable: false,
+            id: None,
         }
-    }
-}
-
-/// The engine's form of a template's root filesystem.
-pub fn rootfs_source(rootfs: &v1::Rootfs) -> RootfsSource {
-    match rootfs {
-        v1::Rootfs::Host => RootfsSource::Host,
-        v1::Rootfs::Dir(dir) => RootfsSource::Dir(PathBuf::from(dir)),
     }
 }
 
@@ -281,7 +290,7 @@ mod tests {
         let plan =
             SandboxPlan::of_template("py", Some("acme".into()), &template(), "native").unwrap();
         assert_eq!(plan.backend, "native");
-        assert_eq!(plan.rootfs, RootfsSource::Dir("/images/py".into()));
+        assert_eq!(plan.rootfs, v1::Rootfs::Dir("/images/py".into()));
         assert_eq!(plan.resources.memory_bytes, 256 << 20);
         assert_eq!(plan.resources.pids, Resources::default().pids);
         assert_eq!(plan.timeout_secs, Some(60));
@@ -302,7 +311,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(host.user, "user");
-        assert_eq!(host.rootfs, RootfsSource::Host);
+        assert_eq!(host.rootfs, v1::Rootfs::Host);
         assert_eq!(host.resources, Resources::default());
     }
 
@@ -314,13 +323,11 @@ mod tests {
             ("B".to_string(), "request".to_string()),
         ]
         .into();
-        let spec = plan.spec("sbx1".into());
-        assert_eq!(spec.id, "sbx1");
-        assert_eq!(spec.resources, plan.resources);
-        assert_eq!(spec.agent.default_user, "root");
-        assert_eq!(spec.agent.default_workdir.as_deref(), Some("/srv"));
-        assert_eq!(spec.agent.env_vars["A"], "request");
-        assert_eq!(spec.agent.env_vars["B"], "request");
+        let agent = plan.agent_config();
+        assert_eq!(agent.default_user, "root");
+        assert_eq!(agent.default_workdir.as_deref(), Some("/srv"));
+        assert_eq!(agent.env_vars["A"], "request");
+        assert_eq!(agent.env_vars["B"], "request");
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,9 +57,9 @@ use std::time::{Duration, Instant};
 use moat_proto::v1;
 
 use crate::agent_client::AgentClient;
-use crate::backend::{Backend, Backends, Instance, SandboxSpec};
+use crate::backend::{Backend, Backends, Instance};
 use crate::metrics::Metrics;
-use crate::plan::{self, Readiness, SandboxPlan, limits_v1};
+use crate::plan::{self, SandboxPlan, limits_v1};
 use crate::resources::Resources;
 use crate::store::{
     Cursor, EndReason, MAX_PAGE, NewSandbox, SandboxFilter, SandboxQuotas, SandboxRecord,
@@ -771,17 +771,16 @@ impl Inner {
             Some(id) => id,
             None => generate_sandbox_id().map_err(ManagerError::from)?,
         };
-        let sandbox = plan.spec(id.clone());
         let new = NewSandbox {
             id: id.clone(),
             tenant: tenant.clone(),
             key_id,
             template: plan.template.clone(),
             state: SandboxState::Starting,
-            metadata: plan.metadata,
-            resources: serde_json::to_value(limits_v1(&sandbox.resources))
+            metadata: plan.metadata.clone(),
+            resources: serde_json::to_value(limits_v1(&plan.resources))
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
-            memory_bytes: sandbox.resources.memory_bytes,
+            memory_bytes: plan.resources.memory_bytes,
             expires_at,
             public_traffic,
             backend: backend.name().to_owned(),
@@ -790,15 +789,7 @@ impl Inner {
             .await?;
 
         match self
-            .start(
-                &tenant,
-                &backend,
-                &sandbox,
-                &plan.readiness,
-                plan.layer.as_deref(),
-                plan.env,
-                public_traffic,
-            )
+            .start(&tenant, &backend, &id, &plan, public_traffic)
             .await
         {
             Ok(()) => {}
@@ -876,47 +867,43 @@ impl Inner {
         }
     }
 
-    /// Makes the sandbox (restoring `layer` into it, if given), connects to its agent and
-    /// registers it as live; on failure, destroys whatever was made.
-    #[allow(clippy::too_many_arguments)]
+    /// Makes sandbox `id` of `plan` (restoring the plan's layer into it, if any), connects to
+    /// its agent and registers it as live; on failure, destroys whatever was made.
     async fn start(
         &self,
         tenant: &str,
         backend: &Arc<dyn Backend>,
-        sandbox: &SandboxSpec,
-        readiness: &Readiness,
-        layer: Option<&Path>,
-        env: BTreeMap<String, String>,
+        id: &str,
+        plan: &SandboxPlan,
         public_traffic: bool,
     ) -> ManagerResult<()> {
-        let (instance, client) = self.boot(backend, sandbox, readiness, layer).await?;
+        let (instance, client) = self.boot(backend, id, plan).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
-            sandbox.id.clone(),
+            id.to_owned(),
             Arc::new(Live::new(
                 tenant,
                 client,
                 backend.clone(),
                 instance,
-                env,
+                plan.env.clone(),
                 public_traffic,
             )),
         );
         Ok(())
     }
 
-    /// Makes the sandbox with `backend`, connects to its agent, restores `layer` into it
-    /// (a snapshot's files, before anything of the template runs), starts the template's
-    /// `start` script and waits for its `ready` script to pass. On failure, destroys whatever
-    /// was made.
+    /// Makes sandbox `id` of `plan` with `backend`, connects to its agent, restores the plan's
+    /// layer into it (a snapshot's files, before anything of the template runs), starts the
+    /// template's `start` script and waits for its `ready` script to pass. On failure,
+    /// destroys whatever was made.
     async fn boot(
         &self,
         backend: &Arc<dyn Backend>,
-        sandbox: &SandboxSpec,
-        readiness: &Readiness,
-        layer: Option<&Path>,
+        id: &str,
+        plan: &SandboxPlan,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
-        let mut instance = backend.create(sandbox).await.map_err(|e| {
+        let mut instance = backend.create(id, plan).await.map_err(|e| {
             ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
         })?;
         let connected = async {
@@ -930,10 +917,10 @@ impl Inner {
                 .health()
                 .await
                 .map_err(|e| ManagerError::Unavailable(format!("agent health: {e}")))?;
-            if let Some(layer) = layer {
+            if let Some(layer) = &plan.layer {
                 restore_layer(&client, layer).await?;
             }
-            readiness::start_and_wait(&client, readiness).await?;
+            readiness::start_and_wait(&client, &plan.readiness).await?;
             Ok::<_, ManagerError>(client)
         }
         .await;
@@ -941,7 +928,7 @@ impl Inner {
             Ok(client) => Ok((instance, client)),
             Err(e) => {
                 if let Err(d) = instance.destroy().await {
-                    tracing::warn!(sandbox = %sandbox.id, "destroying a failed sandbox: {d}");
+                    tracing::warn!(sandbox = %id, "destroying a failed sandbox: {d}");
                 }
                 Err(e)
             }

@@ -506,7 +506,6 @@ impl Inner {
         crate::plan::within_template(spec, plan.resources)?;
         let backend = self.backends.get(&plan.backend)?.clone();
         let id = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
-        let sandbox = plan.spec(id.clone());
         let limits = match (&key.tenant, &owner_key) {
             (Some(tenant), Some(owner)) => self.key_limits(tenant, owner).await?,
             _ => SandboxQuotas::default(),
@@ -516,12 +515,12 @@ impl Inner {
             template: key.name.clone(),
             template_tenant: key.tenant.clone(),
             key_id: owner_key,
-            memory_bytes: sandbox.resources.memory_bytes,
-            pids: sandbox.resources.pids,
+            memory_bytes: plan.resources.memory_bytes,
+            pids: plan.resources.pids,
         };
         self.db(move |s| s.add_pool_member_within(&new, limits))
             .await?;
-        match self.boot(&backend, &sandbox, &plan.readiness, None).await {
+        match self.boot(&backend, &id, &plan).await {
             Ok((instance, client)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {
