@@ -13,13 +13,15 @@ use std::time::Duration;
 
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::v1;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::resources::{Resources, bounds, parse_size};
 
 /// How a sandbox reaches the network. Only "none" exists today: loopback alone, the agent
 /// reached over its channel; egress policies come here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NetworkPolicy {
     /// No interface but loopback.
     #[default]
@@ -27,7 +29,7 @@ pub enum NetworkPolicy {
 }
 
 /// What runs when a sandbox boots, before it counts as started.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Readiness {
     /// A `/bin/sh -c` script started in the background and left running.
     pub start: Option<String>,
@@ -52,8 +54,9 @@ impl Readiness {
     }
 }
 
-/// One sandbox to make, resolved and checked.
-#[derive(Debug, Clone, PartialEq)]
+/// One sandbox to make, resolved and checked. The store keeps it with the sandbox's record
+/// ([`SandboxPlan::to_json`]), as the engine's own JSON: not a wire format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxPlan {
     /// The template's name.
     pub template: String,
@@ -122,6 +125,16 @@ impl SandboxPlan {
             poolable: true,
             id: None,
         })
+    }
+
+    /// The plan as the store keeps it with the sandbox's record.
+    pub fn to_json(&self) -> std::result::Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
+
+    /// A plan the store kept ([`SandboxPlan::to_json`]).
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<SandboxPlan, serde_json::Error> {
+        SandboxPlan::deserialize(v)
     }
 
     /// What the agent is told at start: the template's environment with the create's over it.
@@ -328,6 +341,16 @@ mod tests {
         assert_eq!(agent.default_workdir.as_deref(), Some("/srv"));
         assert_eq!(agent.env_vars["A"], "request");
         assert_eq!(agent.env_vars["B"], "request");
+    }
+
+    #[test]
+    fn a_plan_reads_back_as_the_store_keeps_it() {
+        let mut plan = SandboxPlan::of_template("py", None, &template(), "native").unwrap();
+        plan.env = [("B".to_string(), "request".to_string())].into();
+        plan.layer = Some("/data/snapshots/x.tar".into());
+        let json = plan.to_json().unwrap();
+        assert_eq!(json["resources"]["memory_bytes"], 256u64 << 20);
+        assert_eq!(SandboxPlan::from_json(&json).unwrap(), plan);
     }
 
     #[test]

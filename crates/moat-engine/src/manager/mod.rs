@@ -309,6 +309,37 @@ impl std::fmt::Debug for SandboxManager {
     }
 }
 
+/// `plan` as the store keeps it with sandbox `id`'s record: the id it was made with filled in.
+fn recorded_plan(plan: &SandboxPlan, id: &str) -> ManagerResult<serde_json::Value> {
+    let mut json = plan
+        .to_json()
+        .map_err(|e| ManagerError::Internal(format!("sandbox {id} plan: {e}")))?;
+    json["id"] = id.into();
+    Ok(json)
+}
+
+/// The plan `rec` was made with; `None` for a sandbox recorded before plans were kept.
+fn stored_plan(rec: &SandboxRecord) -> ManagerResult<Option<SandboxPlan>> {
+    rec.plan
+        .as_ref()
+        .map(|p| {
+            SandboxPlan::from_json(p)
+                .map_err(|e| ManagerError::Internal(format!("sandbox {} plan: {e}", rec.id)))
+        })
+        .transpose()
+}
+
+/// The limits `rec` was made with: its plan's, or for a record older than plans, its
+/// `resources` column (the same numbers as the API shows them).
+fn recorded_resources(rec: &SandboxRecord) -> ManagerResult<crate::resources::Resources> {
+    if let Some(plan) = stored_plan(rec)? {
+        return Ok(plan.resources);
+    }
+    let limits: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
+        .map_err(|e| ManagerError::Internal(format!("sandbox {} resources: {e}", rec.id)))?;
+    Ok(plan::resources_of(&limits))
+}
+
 /// The built-in `host` template's spec: the host's system directories, engine default limits.
 pub fn host_template_spec() -> v1::TemplateSpec {
     let d = Resources::default();
@@ -739,6 +770,7 @@ impl Inner {
             if let Some(member) = self.pools.take(&key) {
                 // A poolable plan asks for the template's defaults, which the member has.
                 let resources = plan.resources;
+                let recorded = recorded_plan(&plan, &member.id)?;
                 let new = NewSandbox {
                     id: member.id.clone(),
                     tenant: tenant.clone(),
@@ -752,6 +784,7 @@ impl Inner {
                     expires_at,
                     public_traffic,
                     backend: member.backend.name().to_owned(),
+                    plan: Some(recorded),
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -771,6 +804,7 @@ impl Inner {
             Some(id) => id,
             None => generate_sandbox_id().map_err(ManagerError::from)?,
         };
+        let recorded = recorded_plan(&plan, &id)?;
         let new = NewSandbox {
             id: id.clone(),
             tenant: tenant.clone(),
@@ -784,6 +818,7 @@ impl Inner {
             expires_at,
             public_traffic,
             backend: backend.name().to_owned(),
+            plan: Some(recorded),
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;

@@ -42,7 +42,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
-use crate::plan::{SandboxPlan, resources_of, within_template};
+use crate::plan::{SandboxPlan, limits_v1, resources_of, within_template};
+use crate::resources::Resources;
 use crate::store::{
     Cursor, MAX_PAGE, NewSnapshot, SnapshotFilter, SnapshotRecord, Store, check_sandbox_id,
     check_snapshot_id, check_snapshot_name, generate_snapshot_id,
@@ -220,7 +221,7 @@ struct Captured {
     size: u64,
     sandbox_id: String,
     template: String,
-    resources: v1::ResourceLimits,
+    resources: Resources,
     env: BTreeMap<String, String>,
 }
 
@@ -396,8 +397,7 @@ impl Inner {
         let live = self.live_any(tenant, id).await?;
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
-        let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
-            .map_err(|e| ManagerError::Internal(format!("sandbox {id} resources: {e}")))?;
+        let resources = super::recorded_resources(&rec)?;
         let t = tenant.to_owned();
         let stored = self.db(move |s| s.snapshot_bytes(&t)).await?;
         let used = stored.saturating_add(self.snapshot_bytes.of(tenant));
@@ -490,7 +490,7 @@ impl Inner {
             name,
             sandbox_id: captured.sandbox_id,
             template: captured.template,
-            resources: serde_json::to_value(captured.resources)
+            resources: serde_json::to_value(limits_v1(&captured.resources))
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             env: captured.env,
             size_bytes: captured.size,
@@ -523,13 +523,14 @@ impl Inner {
         let file = self.snapshot_dir()?.join(format!("{}{SUFFIX}", rec.id));
         let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
             .map_err(|e| ManagerError::Internal(format!("snapshot {snapshot} resources: {e}")))?;
+        let resources = resources_of(&resources);
         let mut env = rec.env.clone();
         let asks_nothing = req.env.is_empty();
         env.extend(req.env);
         self.plan_restored(
             tenant,
             &rec.template,
-            &resources,
+            resources,
             env,
             asks_nothing && rec.env.is_empty(),
             req.metadata,
@@ -548,7 +549,7 @@ impl Inner {
         &self,
         tenant: &str,
         template: &str,
-        resources: &v1::ResourceLimits,
+        resources: Resources,
         env: BTreeMap<String, String>,
         plain: bool,
         metadata: BTreeMap<String, String>,
@@ -562,9 +563,8 @@ impl Inner {
             e => e,
         })?;
         let mut plan = self.plan_of_template(template, owner, &spec)?;
-        within_template(&spec, plan.resources)?;
         // Exactly the snapshot's limits, still within what the template allows now.
-        let limits = resources_of(resources);
+        let limits = resources;
         within_template(&spec, limits)?;
         plan.poolable = plain && spec.start.is_none() && limits == plan.resources;
         plan.resources = limits;
@@ -600,7 +600,7 @@ impl Inner {
             .plan_restored(
                 &tenant,
                 &captured.template,
-                &captured.resources,
+                captured.resources,
                 captured.env.clone(),
                 plain,
                 req.metadata,
