@@ -97,21 +97,23 @@ pub struct SandboxPlan {
 }
 
 impl SandboxPlan {
-    /// The plan of a sandbox of `template` (named `name`, owned by `owner`) made by the backend
-    /// of kind `backend`, with the template's defaults and nothing of a request yet. The
-    /// defaults' own forms are checked, not yet their bounds: a request may set them over.
+    /// The plan of a sandbox of `template` (named `name`, owned by `owner`, its limits
+    /// `limits`) made by the backend of kind `backend`, with the template's defaults and
+    /// nothing of a request yet. The defaults' bounds are not checked: a request may set them
+    /// over.
     pub fn of_template(
         name: &str,
         owner: Option<String>,
         template: &v1::TemplateSpec,
+        limits: &TemplateLimits,
         backend: &str,
-    ) -> Result<SandboxPlan> {
-        Ok(SandboxPlan {
+    ) -> SandboxPlan {
+        SandboxPlan {
             template: name.to_owned(),
             template_owner: owner,
             backend: backend.to_owned(),
             rootfs: template.rootfs.clone(),
-            resources: template_defaults(template)?,
+            resources: limits.defaults,
             template_env: template.env.clone(),
             env: BTreeMap::new(),
             user: template.user.clone().unwrap_or_else(|| "user".into()),
@@ -124,7 +126,7 @@ impl SandboxPlan {
             layer: None,
             poolable: true,
             id: None,
-        })
+        }
     }
 
     /// The plan as the store keeps it with the sandbox's record.
@@ -202,55 +204,73 @@ pub fn apply(base: Resources, req: &v1::ResourceRequest) -> Result<Resources> {
     Ok(r)
 }
 
-/// The template's default limits (the engine's, with the template's `resources` over them),
-/// not checked against any bound.
-pub fn template_defaults(template: &v1::TemplateSpec) -> Result<Resources> {
-    match &template.resources {
-        Some(r) => apply(Resources::default(), r),
-        None => Ok(Resources::default()),
-    }
+/// A template's limits in their typed form: parsed from its spec's strings once, when the
+/// template is written (or, for one stored before, when the server starts), and read as they
+/// are by every create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateLimits {
+    /// What a sandbox gets where its request asks nothing: the engine's defaults with the
+    /// template's `resources` over them, not checked against any bound (a request may set
+    /// them over).
+    pub defaults: Resources,
+    /// The most a request may ask for: the engine's bounds with the template's
+    /// `max_resources` over them; `None` where the template sets no maximum.
+    pub max: Option<Resources>,
 }
 
-/// A sandbox's limits: the template's defaults, then `req`, checked against the template's
-/// maximum and the engine's bounds.
-pub fn template_resources(
-    template: &v1::TemplateSpec,
-    req: Option<&v1::ResourceRequest>,
-) -> Result<Resources> {
-    let defaults = template_defaults(template)?;
-    let resolved = match req {
-        Some(r) => apply(defaults, r)?,
-        None => defaults,
-    };
-    within_template(template, resolved)?;
-    Ok(resolved)
-}
-
-/// Checks `r` against the engine's bounds and `template`'s maximum.
-pub fn within_template(template: &v1::TemplateSpec, r: Resources) -> Result<()> {
-    r.validate()?;
-    if let Some(max) = &template.max_resources {
-        let top = Resources {
-            memory_bytes: bounds::MAX_MEMORY,
-            cpu_millis: bounds::MAX_CPU_MILLIS,
-            pids: bounds::MAX_PIDS,
-            disk_bytes: bounds::MAX_DISK,
+impl TemplateLimits {
+    /// Parses `template`'s `resources` and `max_resources`.
+    pub fn of(template: &v1::TemplateSpec) -> Result<TemplateLimits> {
+        let defaults = match &template.resources {
+            Some(r) => apply(Resources::default(), r)?,
+            None => Resources::default(),
         };
-        let max = apply(top, max)?;
-        for (what, v, m) in [
-            ("memory", r.memory_bytes, max.memory_bytes),
-            ("cpus (millis)", r.cpu_millis, max.cpu_millis),
-            ("pids", r.pids, max.pids),
-            ("disk", r.disk_bytes, max.disk_bytes),
-        ] {
-            if v > m {
-                return Err(EngineError::Invalid(format!(
-                    "{what} {v} is over the template's limit of {m}"
-                )));
+        let max = match &template.max_resources {
+            Some(m) => {
+                let top = Resources {
+                    memory_bytes: bounds::MAX_MEMORY,
+                    cpu_millis: bounds::MAX_CPU_MILLIS,
+                    pids: bounds::MAX_PIDS,
+                    disk_bytes: bounds::MAX_DISK,
+                };
+                Some(apply(top, m)?)
+            }
+            None => None,
+        };
+        Ok(TemplateLimits { defaults, max })
+    }
+
+    /// A sandbox's limits: the defaults, then `req`, checked against the maximum and the
+    /// engine's bounds.
+    pub fn resolve(&self, req: Option<&v1::ResourceRequest>) -> Result<Resources> {
+        let resolved = match req {
+            Some(r) => apply(self.defaults, r)?,
+            None => self.defaults,
+        };
+        self.check(resolved)?;
+        Ok(resolved)
+    }
+
+    /// Checks `r` against the engine's bounds and the template's maximum: the one check of a
+    /// sandbox's limits.
+    pub fn check(&self, r: Resources) -> Result<()> {
+        r.validate()?;
+        if let Some(max) = &self.max {
+            for (what, v, m) in [
+                ("memory", r.memory_bytes, max.memory_bytes),
+                ("cpus (millis)", r.cpu_millis, max.cpu_millis),
+                ("pids", r.pids, max.pids),
+                ("disk", r.disk_bytes, max.disk_bytes),
+            ] {
+                if v > m {
+                    return Err(EngineError::Invalid(format!(
+                        "{what} {v} is over the template's limit of {m}"
+                    )));
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The limits as the API and the store show them.
@@ -298,10 +318,14 @@ mod tests {
         }
     }
 
+    fn of_template(name: &str, owner: Option<String>, t: &v1::TemplateSpec) -> SandboxPlan {
+        let limits = TemplateLimits::of(t).unwrap();
+        SandboxPlan::of_template(name, owner, t, &limits, "native")
+    }
+
     #[test]
     fn a_template_resolves_once_into_a_plan() {
-        let plan =
-            SandboxPlan::of_template("py", Some("acme".into()), &template(), "native").unwrap();
+        let plan = of_template("py", Some("acme".into()), &template());
         assert_eq!(plan.backend, "native");
         assert_eq!(plan.rootfs, v1::Rootfs::Dir("/images/py".into()));
         assert_eq!(plan.resources.memory_bytes, 256 << 20);
@@ -316,13 +340,7 @@ mod tests {
                 ready_timeout: Duration::from_secs(v1::DEFAULT_READY_TIMEOUT_SECS),
             }
         );
-        let host = SandboxPlan::of_template(
-            "host",
-            None,
-            &v1::TemplateSpec::new(v1::Rootfs::Host),
-            "native",
-        )
-        .unwrap();
+        let host = of_template("host", None, &v1::TemplateSpec::new(v1::Rootfs::Host));
         assert_eq!(host.user, "user");
         assert_eq!(host.rootfs, v1::Rootfs::Host);
         assert_eq!(host.resources, Resources::default());
@@ -330,7 +348,7 @@ mod tests {
 
     #[test]
     fn the_agent_gets_the_request_env_over_the_template_env() {
-        let mut plan = SandboxPlan::of_template("py", None, &template(), "native").unwrap();
+        let mut plan = of_template("py", None, &template());
         plan.env = [
             ("A".to_string(), "request".to_string()),
             ("B".to_string(), "request".to_string()),
@@ -345,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_plan_reads_back_as_the_store_keeps_it() {
-        let mut plan = SandboxPlan::of_template("py", None, &template(), "native").unwrap();
+        let mut plan = of_template("py", None, &template());
         plan.env = [("B".to_string(), "request".to_string())].into();
         plan.layer = Some("/data/snapshots/x.tar".into());
         let json = plan.to_json().unwrap();
@@ -355,12 +373,19 @@ mod tests {
 
     #[test]
     fn limits_stay_within_the_template_and_the_bounds() {
-        let t = template();
+        let t = TemplateLimits::of(&template()).unwrap();
+        assert_eq!(
+            TemplateLimits::of(&template())
+                .unwrap()
+                .defaults
+                .memory_bytes,
+            256 << 20
+        );
         let over = Resources {
             memory_bytes: 2 << 30,
             ..Resources::default()
         };
-        let err = within_template(&t, over).unwrap_err();
+        let err = t.check(over).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -373,10 +398,9 @@ mod tests {
             pids: 1,
             ..Resources::default()
         };
-        assert!(matches!(
-            within_template(&t, tiny),
-            Err(EngineError::Invalid(_))
-        ));
+        assert!(matches!(t.check(tiny), Err(EngineError::Invalid(_))));
+        let json = serde_json::to_value(t).unwrap();
+        assert_eq!(serde_json::from_value::<TemplateLimits>(json).unwrap(), t);
         let l = limits_v1(&Resources::default());
         assert_eq!(resources_of(&l), Resources::default());
     }

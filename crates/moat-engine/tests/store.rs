@@ -1234,3 +1234,48 @@ fn a_sandbox_keeps_its_plan() {
         .unwrap();
     assert_eq!(store.get_sandbox("acme", &without.id).unwrap().plan, None);
 }
+
+#[test]
+fn template_limits_are_kept_beside_the_spec_and_filled_in_once() {
+    let store = Store::open_in_memory().unwrap();
+    store.create_tenant("acme", "Acme").unwrap();
+    let limits = json!({"defaults": {"memory_bytes": 1}, "max": null});
+    let with = store
+        .create_template_with(
+            Some("acme"),
+            None,
+            "typed",
+            &json!({"rootfs": "host"}),
+            Some(&limits),
+        )
+        .unwrap();
+    assert_eq!(with.limits.as_ref(), Some(&limits));
+    assert_eq!(
+        store.get_template("acme", "typed").unwrap().limits,
+        Some(limits.clone())
+    );
+    // A template stored without them (as before schema 8) gets them once.
+    store
+        .create_template(Some("acme"), "old", &json!({"rootfs": "host"}))
+        .unwrap();
+    assert_eq!(store.get_template("acme", "old").unwrap().limits, None);
+    assert!(
+        store
+            .fill_template_limits(Some("acme"), "old", &limits)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .fill_template_limits(Some("acme"), "old", &json!({}))
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_template("acme", "old").unwrap().limits,
+        Some(limits)
+    );
+    assert!(
+        store
+            .create_template_with(None, None, "bad", &json!({}), Some(&json!(1)))
+            .is_err()
+    );
+}

@@ -42,7 +42,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
-use crate::plan::{SandboxPlan, limits_v1, resources_of, within_template};
+use crate::plan::{SandboxPlan, limits_v1, resources_of};
 use crate::resources::Resources;
 use crate::store::{
     Cursor, MAX_PAGE, NewSnapshot, SnapshotFilter, SnapshotRecord, Store, check_sandbox_id,
@@ -556,16 +556,17 @@ impl Inner {
         timeout_secs: Option<u64>,
         layer: PathBuf,
     ) -> ManagerResult<SandboxPlan> {
-        let (owner, spec) = self.template(tenant, template).await.map_err(|e| match e {
-            ManagerError::NotFound(_) => ManagerError::Conflict(format!(
-                "the snapshot's template {template:?} no longer exists"
-            )),
-            e => e,
-        })?;
-        let mut plan = self.plan_of_template(template, owner, &spec)?;
+        let (owner, spec, template_limits) =
+            self.template(tenant, template).await.map_err(|e| match e {
+                ManagerError::NotFound(_) => ManagerError::Conflict(format!(
+                    "the snapshot's template {template:?} no longer exists"
+                )),
+                e => e,
+            })?;
+        let mut plan = self.plan_of_template(template, owner, &spec, &template_limits)?;
         // Exactly the snapshot's limits, still within what the template allows now.
         let limits = resources;
-        within_template(&spec, limits)?;
+        template_limits.check(limits)?;
         plan.poolable = plain && spec.start.is_none() && limits == plan.resources;
         plan.resources = limits;
         if let Some(secs) = timeout_secs {
