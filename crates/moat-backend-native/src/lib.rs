@@ -452,3 +452,38 @@ impl Backend for NativeBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use moat_engine::resources::Resources;
+
+    use super::*;
+
+    #[test]
+    fn the_plan_becomes_the_jails_types_once() {
+        let plan = SandboxPlan {
+            rootfs: v1::Rootfs::Dir("/images/py".into()),
+            resources: Resources {
+                memory_bytes: 256 << 20,
+                cpu_millis: 500,
+                pids: 64,
+                disk_bytes: 64 << 20,
+            },
+            ..SandboxPlan::host("native")
+        };
+        let (limits, fs, rootfs, layer) = jail_plan(&plan);
+        assert_eq!(
+            (limits.memory_bytes, limits.cpu_millis, limits.pids),
+            (256 << 20, 500, 64)
+        );
+        assert_eq!(fs.disk_bytes, 64 << 20);
+        assert_eq!(fs.inodes, (64 << 20) / 4096);
+        // Shared memory is half the memory, within the writable layer's size.
+        assert_eq!(fs.shm_bytes, 64 << 20);
+        assert_eq!(rootfs, Rootfs::Dir("/images/py".into()));
+        assert_eq!(layer, WritableLayer::OverlayUpper);
+        let (_, _, rootfs, layer) = jail_plan(&SandboxPlan::host("native"));
+        assert_eq!(rootfs, Rootfs::Host);
+        assert_eq!(layer, WritableLayer::Root);
+    }
+}
