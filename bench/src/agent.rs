@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, CallOptions};
-use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::backend::Backend;
+use moat_engine::plan::SandboxPlan;
 use moat_proto::process::{ProcessConfig, StartRequest, process_event};
 
 use crate::stats::{Samples, ms};
@@ -49,13 +48,9 @@ pub async fn exec_and_idle(moat: &Path, n: usize) -> Result<()> {
         agent_binary: Some(moat.to_path_buf()),
         ..NativeOptions::default()
     })?;
-    let spec = SandboxSpec {
-        id: format!("bench{}", std::process::id()),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig::default(),
-    };
-    let mut inst = backend.create(&spec).await?;
+    let id = format!("bench{}", std::process::id());
+    let plan = SandboxPlan::host("native");
+    let mut inst = backend.create(&id, &plan).await?;
     let channel = inst.take_channel().context("agent channel")?;
     let client = AgentClient::handshake(channel).await?;
 

@@ -14,8 +14,10 @@ use moat_jail::runtime::RuntimeDir;
 use moat_jail::spawn::{SandboxProcess, SpawnConfig};
 use moat_proto::agent_config::{AGENT_CONFIG_ENV, WritableLayer};
 
-use moat_engine::backend::{Backend, Capabilities, Instance, RootfsSource, SandboxSpec};
+use moat_engine::backend::{Backend, Capabilities, Instance};
 use moat_engine::error::{EngineError, Result};
+use moat_engine::plan::SandboxPlan;
+use moat_proto::v1;
 
 mod instance;
 
@@ -25,6 +27,28 @@ use instance::{KeepFiles, Live};
 /// The engine's form of a jail error: its message (the engine knows no backend's error types).
 fn jail(e: moat_jail::JailError) -> EngineError {
     EngineError::Backend(e.to_string())
+}
+
+/// What the jail makes for `plan`: the cgroup's limits, the writable filesystems' sizes, the
+/// root filesystem, and where the agent finds its writable layer. The one place a plan turns
+/// into the jail's types; the plan's limits were checked when it was made.
+fn jail_plan(plan: &SandboxPlan) -> (Limits, FsLimits, Rootfs, WritableLayer) {
+    let r = &plan.resources;
+    let limits = Limits {
+        memory_bytes: r.memory_bytes,
+        cpu_millis: r.cpu_millis,
+        pids: r.pids,
+    };
+    let fs_limits = FsLimits {
+        disk_bytes: r.disk_bytes,
+        inodes: (r.disk_bytes / 4096).clamp(4096, 4 << 20),
+        shm_bytes: (r.memory_bytes / 2).min(r.disk_bytes),
+    };
+    let (rootfs, layer) = match &plan.rootfs {
+        v1::Rootfs::Host => (Rootfs::Host, WritableLayer::Root),
+        v1::Rootfs::Dir(d) => (Rootfs::Dir(d.into()), WritableLayer::OverlayUpper),
+    };
+    (limits, fs_limits, rootfs, layer)
 }
 
 /// Checks a sandbox or owner id (`[a-z0-9]{1,64}`) as the jail does.
@@ -144,16 +168,10 @@ impl NativeBackend {
         &self.layout
     }
 
-    fn create_blocking(&self, spec: &SandboxSpec) -> Result<NativeInstance> {
-        validate_id(&spec.id)?;
-        spec.resources.validate()?;
-        let r = &spec.resources;
-        let limits = Limits {
-            memory_bytes: r.memory_bytes,
-            cpu_millis: r.cpu_millis,
-            pids: r.pids,
-        };
-        let cgroup = SandboxCgroup::create(&self.layout, &spec.id, &limits).map_err(jail)?;
+    fn create_blocking(&self, id: &str, plan: &SandboxPlan) -> Result<NativeInstance> {
+        validate_id(id)?;
+        let (limits, fs_limits, rootfs, writable_layer) = jail_plan(plan);
+        let cgroup = SandboxCgroup::create(&self.layout, id, &limits).map_err(jail)?;
         let ids = match IdRange::claim(&self.runtime.slots()) {
             Ok(ids) => ids,
             Err(e) => {
@@ -172,12 +190,8 @@ impl NativeBackend {
         } else {
             None
         };
-        let rootfs = match &spec.rootfs {
-            RootfsSource::Host => Rootfs::Host,
-            RootfsSource::Dir(d) => Rootfs::Dir(d.clone()),
-        };
         let listener = if self.keepable {
-            match bind_agent_listener(&self.runtime, &spec.id) {
+            match bind_agent_listener(&self.runtime, id) {
                 Ok(l) => Some(l),
                 Err(e) => {
                     let _ = cgroup.remove();
@@ -188,23 +202,15 @@ impl NativeBackend {
             None
         };
         // The agent finds the sandbox's writable layer on its fd 4 (see moat-jail's rootfs).
-        let mut agent = spec.agent.clone();
-        agent.writable_layer = Some(match &spec.rootfs {
-            RootfsSource::Host => WritableLayer::Root,
-            RootfsSource::Dir(_) => WritableLayer::OverlayUpper,
-        });
+        let mut agent = plan.agent_config();
+        agent.writable_layer = Some(writable_layer);
         agent.listener = listener.is_some();
         // The jail hands the agent its user processes' cgroups from fd 6 on.
         agent.user_cgroups = cgroup.user_procs_files().len() as u32;
         let config = serde_json::to_string(&agent)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
-        let fs_limits = FsLimits {
-            disk_bytes: r.disk_bytes,
-            inodes: (r.disk_bytes / 4096).clamp(4096, 4 << 20),
-            shm_bytes: (r.memory_bytes / 2).min(r.disk_bytes),
-        };
         let cfg = SpawnConfig {
-            id: &spec.id,
+            id,
             runtime: &self.runtime,
             rootfs: &rootfs,
             fs_limits,
@@ -223,7 +229,7 @@ impl NativeBackend {
             if self.keepable {
                 let marker = KeptMarker {
                     slot: ids.slot(),
-                    id: spec.id.clone(),
+                    id: id.to_owned(),
                     pid: process.pid(),
                     owner: self.owner.clone(),
                 };
@@ -240,17 +246,17 @@ impl NativeBackend {
                 drop(guardian);
                 if self.keepable {
                     let _ = kept::remove(&self.runtime.slots(), ids.slot());
-                    let _ = std::fs::remove_file(agent_socket(&self.runtime, &spec.id));
+                    let _ = std::fs::remove_file(agent_socket(&self.runtime, id));
                 }
                 return Err(e);
             }
         };
         let keep = self.keepable.then(|| KeepFiles {
             slots: self.runtime.slots(),
-            socket: agent_socket(&self.runtime, &spec.id),
+            socket: agent_socket(&self.runtime, id),
         });
         Ok(NativeInstance::new(
-            spec.id.clone(),
+            id.to_owned(),
             Live {
                 process,
                 cgroup,
@@ -411,15 +417,15 @@ impl Backend for NativeBackend {
         Ok(true)
     }
 
-    async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
+    async fn create(&self, id: &str, plan: &SandboxPlan) -> Result<Box<dyn Instance>> {
         // Spawning blocks for a few milliseconds (clone, mounts, exec). On a multi-threaded
         // runtime, tell the scheduler so other tasks move off this worker meanwhile.
         let multi = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let mut inst = if multi {
-            tokio::task::block_in_place(|| self.create_blocking(spec))?
+            tokio::task::block_in_place(|| self.create_blocking(id, plan))?
         } else {
-            self.create_blocking(spec)?
+            self.create_blocking(id, plan)?
         };
         inst.watch_exit()?;
         Ok(Box::new(inst))
@@ -444,5 +450,40 @@ impl Backend for NativeBackend {
             Ok(None) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use moat_engine::resources::Resources;
+
+    use super::*;
+
+    #[test]
+    fn the_plan_becomes_the_jails_types_once() {
+        let plan = SandboxPlan {
+            rootfs: v1::Rootfs::Dir("/images/py".into()),
+            resources: Resources {
+                memory_bytes: 256 << 20,
+                cpu_millis: 500,
+                pids: 64,
+                disk_bytes: 64 << 20,
+            },
+            ..SandboxPlan::host("native")
+        };
+        let (limits, fs, rootfs, layer) = jail_plan(&plan);
+        assert_eq!(
+            (limits.memory_bytes, limits.cpu_millis, limits.pids),
+            (256 << 20, 500, 64)
+        );
+        assert_eq!(fs.disk_bytes, 64 << 20);
+        assert_eq!(fs.inodes, (64 << 20) / 4096);
+        // Shared memory is half the memory, within the writable layer's size.
+        assert_eq!(fs.shm_bytes, 64 << 20);
+        assert_eq!(rootfs, Rootfs::Dir("/images/py".into()));
+        assert_eq!(layer, WritableLayer::OverlayUpper);
+        let (_, _, rootfs, layer) = jail_plan(&SandboxPlan::host("native"));
+        assert_eq!(rootfs, Rootfs::Host);
+        assert_eq!(layer, WritableLayer::Root);
     }
 }

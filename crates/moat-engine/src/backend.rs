@@ -4,17 +4,16 @@
 //! can do beyond the basics (pause, memory checkpoints) they say in [`Capabilities`].
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use moat_proto::agent_config::AgentConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
 use crate::error::{EngineError, Result};
-use crate::resources::Resources;
+use crate::plan::SandboxPlan;
 
 /// Any byte stream a backend can give as an agent channel (a vsock, a pipe pair, a test double).
 pub trait ChannelStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -106,28 +105,6 @@ impl AsyncWrite for AgentChannel {
     }
 }
 
-/// Where a sandbox's root filesystem comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootfsSource {
-    /// The built-in `host` template: host system directories, read-only.
-    Host,
-    /// A directory holding a root filesystem, used read-only below a writable layer.
-    Dir(PathBuf),
-}
-
-/// Everything a backend needs to make one sandbox.
-#[derive(Debug, Clone)]
-pub struct SandboxSpec {
-    /// Sandbox id, `[a-z0-9]{1,64}`.
-    pub id: String,
-    /// The root filesystem.
-    pub rootfs: RootfsSource,
-    /// Limits.
-    pub resources: Resources,
-    /// What the agent is told at start.
-    pub agent: AgentConfig,
-}
-
 /// What a backend can do beyond the basics (create, channel, destroy). The manager refuses a
 /// request that needs something its sandbox's backend lacks, with a clear message, before it
 /// asks the backend.
@@ -180,13 +157,15 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// What it can do.
     fn capabilities(&self) -> Capabilities;
-    /// Makes a sandbox and starts its agent.
-    async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>>;
-    /// Makes sandbox `spec.id` from the memory checkpoint an [`Instance::checkpoint`] wrote to
-    /// `dir`, running from where it was frozen. Backends without
+    /// Makes sandbox `id` (`[a-z0-9]{1,64}`) as `plan` says and starts its agent. The plan
+    /// was checked when it was made; the backend turns it into what it makes (limits, root
+    /// filesystem, the agent's config) and parses nothing again.
+    async fn create(&self, id: &str, plan: &SandboxPlan) -> Result<Box<dyn Instance>>;
+    /// Makes sandbox `id` of `plan` from the memory checkpoint an [`Instance::checkpoint`]
+    /// wrote to `dir`, running from where it was frozen. Backends without
     /// [`Capabilities::memory_checkpoint`] refuse.
-    async fn restore(&self, spec: &SandboxSpec, dir: &Path) -> Result<Box<dyn Instance>> {
-        let _ = (spec, dir);
+    async fn restore(&self, id: &str, plan: &SandboxPlan, dir: &Path) -> Result<Box<dyn Instance>> {
+        let _ = (id, plan, dir);
         Err(EngineError::Unsupported(format!(
             "the {} backend cannot restore sandboxes from memory checkpoints",
             self.name()
@@ -363,7 +342,7 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             Capabilities::default()
         }
-        async fn create(&self, _spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
+        async fn create(&self, _id: &str, _plan: &SandboxPlan) -> Result<Box<dyn Instance>> {
             Err(EngineError::Unsupported("nothing".into()))
         }
         async fn reap_orphan(&self, _id: &str) -> Result<bool> {

@@ -4,8 +4,8 @@
 //! the start and readiness scripts, the network policy and whether its services are public.
 //!
 //! Everything a client can get wrong is checked while the plan is made, before anything is
-//! recorded; afterwards nothing is parsed again. The backend gets [`SandboxPlan::spec`], which
-//! is the plan's part that concerns it.
+//! recorded; afterwards nothing is parsed again. The backend gets the plan as it is, with the
+//! sandbox's id, and makes what it needs of it (cgroup limits, root filesystem, agent config).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,14 +13,15 @@ use std::time::Duration;
 
 use moat_proto::agent_config::AgentConfig;
 use moat_proto::v1;
+use serde::{Deserialize, Serialize};
 
-use crate::backend::{RootfsSource, SandboxSpec};
 use crate::error::{EngineError, Result};
 use crate::resources::{Resources, bounds, parse_size};
 
 /// How a sandbox reaches the network. Only "none" exists today: loopback alone, the agent
 /// reached over its channel; egress policies come here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NetworkPolicy {
     /// No interface but loopback.
     #[default]
@@ -28,7 +29,7 @@ pub enum NetworkPolicy {
 }
 
 /// What runs when a sandbox boots, before it counts as started.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Readiness {
     /// A `/bin/sh -c` script started in the background and left running.
     pub start: Option<String>,
@@ -53,8 +54,9 @@ impl Readiness {
     }
 }
 
-/// One sandbox to make, resolved and checked.
-#[derive(Debug, Clone, PartialEq)]
+/// One sandbox to make, resolved and checked. The store keeps it with the sandbox's record
+/// ([`SandboxPlan::to_json`]), as the engine's own JSON: not a wire format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxPlan {
     /// The template's name.
     pub template: String,
@@ -62,8 +64,8 @@ pub struct SandboxPlan {
     pub template_owner: Option<String>,
     /// The kind of backend that makes it (a key of the manager's registry).
     pub backend: String,
-    /// Its root filesystem.
-    pub rootfs: RootfsSource,
+    /// Its root filesystem (the template's, as the API names it).
+    pub rootfs: v1::Rootfs,
     /// Its limits: the template's defaults, then the request, within the template's maximum
     /// and the engine's bounds (checked by whoever sets them over the defaults).
     pub resources: Resources,
@@ -95,21 +97,23 @@ pub struct SandboxPlan {
 }
 
 impl SandboxPlan {
-    /// The plan of a sandbox of `template` (named `name`, owned by `owner`) made by the backend
-    /// of kind `backend`, with the template's defaults and nothing of a request yet. The
-    /// defaults' own forms are checked, not yet their bounds: a request may set them over.
+    /// The plan of a sandbox of `template` (named `name`, owned by `owner`, its limits
+    /// `limits`) made by the backend of kind `backend`, with the template's defaults and
+    /// nothing of a request yet. The defaults' bounds are not checked: a request may set them
+    /// over.
     pub fn of_template(
         name: &str,
         owner: Option<String>,
         template: &v1::TemplateSpec,
+        limits: &TemplateLimits,
         backend: &str,
-    ) -> Result<SandboxPlan> {
-        Ok(SandboxPlan {
+    ) -> SandboxPlan {
+        SandboxPlan {
             template: name.to_owned(),
             template_owner: owner,
             backend: backend.to_owned(),
-            rootfs: rootfs_source(&template.rootfs),
-            resources: template_defaults(template)?,
+            rootfs: template.rootfs.clone(),
+            resources: limits.defaults,
             template_env: template.env.clone(),
             env: BTreeMap::new(),
             user: template.user.clone().unwrap_or_else(|| "user".into()),
@@ -122,7 +126,17 @@ impl SandboxPlan {
             layer: None,
             poolable: true,
             id: None,
-        })
+        }
+    }
+
+    /// The plan as the store keeps it with the sandbox's record.
+    pub fn to_json(&self) -> std::result::Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
+
+    /// A plan the store kept ([`SandboxPlan::to_json`]).
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<SandboxPlan, serde_json::Error> {
+        SandboxPlan::deserialize(v)
     }
 
     /// What the agent is told at start: the template's environment with the create's over it.
@@ -137,22 +151,32 @@ impl SandboxPlan {
         }
     }
 
-    /// What the backend makes for this plan as sandbox `id`.
-    pub fn spec(&self, id: String) -> SandboxSpec {
-        SandboxSpec {
-            id,
-            rootfs: self.rootfs.clone(),
-            resources: self.resources,
-            agent: self.agent_config(),
+    /// The plan of a sandbox of the built-in `host` template made by the backend of kind
+    /// `backend`: the host's system directories, the engine's default limits, user `user`.
+    /// What tests and benchmarks hand a backend directly.
+    pub fn host(backend: &str) -> SandboxPlan {
+        SandboxPlan {
+            template: v1::DEFAULT_TEMPLATE.to_owned(),
+            template_owner: None,
+            backend: backend.to_owned(),
+            rootfs: v1::Rootfs::Host,
+            resources: Resources::default(),
+            template_env: BTreeMap::new(),
+            env: BTreeMap::new(),
+            user: "user".into(),
+            workdir: None,
+            timeout_secs: None,
+            readiness: Readiness {
+                ready_timeout: Duration::from_secs(v1::DEFAULT_READY_TIMEOUT_SECS),
+                ..Readiness::default()
+            },
+            network: NetworkPolicy::None,
+            public_traffic: None,
+            metadata: BTreeMap::new(),
+            layer: None,
+            poolable: false,
+            id: None,
         }
-    }
-}
-
-/// The engine's form of a template's root filesystem.
-pub fn rootfs_source(rootfs: &v1::Rootfs) -> RootfsSource {
-    match rootfs {
-        v1::Rootfs::Host => RootfsSource::Host,
-        v1::Rootfs::Dir(dir) => RootfsSource::Dir(PathBuf::from(dir)),
     }
 }
 
@@ -180,55 +204,73 @@ pub fn apply(base: Resources, req: &v1::ResourceRequest) -> Result<Resources> {
     Ok(r)
 }
 
-/// The template's default limits (the engine's, with the template's `resources` over them),
-/// not checked against any bound.
-pub fn template_defaults(template: &v1::TemplateSpec) -> Result<Resources> {
-    match &template.resources {
-        Some(r) => apply(Resources::default(), r),
-        None => Ok(Resources::default()),
-    }
+/// A template's limits in their typed form: parsed from its spec's strings once, when the
+/// template is written (or, for one stored before, when the server starts), and read as they
+/// are by every create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateLimits {
+    /// What a sandbox gets where its request asks nothing: the engine's defaults with the
+    /// template's `resources` over them, not checked against any bound (a request may set
+    /// them over).
+    pub defaults: Resources,
+    /// The most a request may ask for: the engine's bounds with the template's
+    /// `max_resources` over them; `None` where the template sets no maximum.
+    pub max: Option<Resources>,
 }
 
-/// A sandbox's limits: the template's defaults, then `req`, checked against the template's
-/// maximum and the engine's bounds.
-pub fn template_resources(
-    template: &v1::TemplateSpec,
-    req: Option<&v1::ResourceRequest>,
-) -> Result<Resources> {
-    let defaults = template_defaults(template)?;
-    let resolved = match req {
-        Some(r) => apply(defaults, r)?,
-        None => defaults,
-    };
-    within_template(template, resolved)?;
-    Ok(resolved)
-}
-
-/// Checks `r` against the engine's bounds and `template`'s maximum.
-pub fn within_template(template: &v1::TemplateSpec, r: Resources) -> Result<()> {
-    r.validate()?;
-    if let Some(max) = &template.max_resources {
-        let top = Resources {
-            memory_bytes: bounds::MAX_MEMORY,
-            cpu_millis: bounds::MAX_CPU_MILLIS,
-            pids: bounds::MAX_PIDS,
-            disk_bytes: bounds::MAX_DISK,
+impl TemplateLimits {
+    /// Parses `template`'s `resources` and `max_resources`.
+    pub fn of(template: &v1::TemplateSpec) -> Result<TemplateLimits> {
+        let defaults = match &template.resources {
+            Some(r) => apply(Resources::default(), r)?,
+            None => Resources::default(),
         };
-        let max = apply(top, max)?;
-        for (what, v, m) in [
-            ("memory", r.memory_bytes, max.memory_bytes),
-            ("cpus (millis)", r.cpu_millis, max.cpu_millis),
-            ("pids", r.pids, max.pids),
-            ("disk", r.disk_bytes, max.disk_bytes),
-        ] {
-            if v > m {
-                return Err(EngineError::Invalid(format!(
-                    "{what} {v} is over the template's limit of {m}"
-                )));
+        let max = match &template.max_resources {
+            Some(m) => {
+                let top = Resources {
+                    memory_bytes: bounds::MAX_MEMORY,
+                    cpu_millis: bounds::MAX_CPU_MILLIS,
+                    pids: bounds::MAX_PIDS,
+                    disk_bytes: bounds::MAX_DISK,
+                };
+                Some(apply(top, m)?)
+            }
+            None => None,
+        };
+        Ok(TemplateLimits { defaults, max })
+    }
+
+    /// A sandbox's limits: the defaults, then `req`, checked against the maximum and the
+    /// engine's bounds.
+    pub fn resolve(&self, req: Option<&v1::ResourceRequest>) -> Result<Resources> {
+        let resolved = match req {
+            Some(r) => apply(self.defaults, r)?,
+            None => self.defaults,
+        };
+        self.check(resolved)?;
+        Ok(resolved)
+    }
+
+    /// Checks `r` against the engine's bounds and the template's maximum: the one check of a
+    /// sandbox's limits.
+    pub fn check(&self, r: Resources) -> Result<()> {
+        r.validate()?;
+        if let Some(max) = &self.max {
+            for (what, v, m) in [
+                ("memory", r.memory_bytes, max.memory_bytes),
+                ("cpus (millis)", r.cpu_millis, max.cpu_millis),
+                ("pids", r.pids, max.pids),
+                ("disk", r.disk_bytes, max.disk_bytes),
+            ] {
+                if v > m {
+                    return Err(EngineError::Invalid(format!(
+                        "{what} {v} is over the template's limit of {m}"
+                    )));
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The limits as the API and the store show them.
@@ -276,12 +318,16 @@ mod tests {
         }
     }
 
+    fn of_template(name: &str, owner: Option<String>, t: &v1::TemplateSpec) -> SandboxPlan {
+        let limits = TemplateLimits::of(t).unwrap();
+        SandboxPlan::of_template(name, owner, t, &limits, "native")
+    }
+
     #[test]
     fn a_template_resolves_once_into_a_plan() {
-        let plan =
-            SandboxPlan::of_template("py", Some("acme".into()), &template(), "native").unwrap();
+        let plan = of_template("py", Some("acme".into()), &template());
         assert_eq!(plan.backend, "native");
-        assert_eq!(plan.rootfs, RootfsSource::Dir("/images/py".into()));
+        assert_eq!(plan.rootfs, v1::Rootfs::Dir("/images/py".into()));
         assert_eq!(plan.resources.memory_bytes, 256 << 20);
         assert_eq!(plan.resources.pids, Resources::default().pids);
         assert_eq!(plan.timeout_secs, Some(60));
@@ -294,43 +340,52 @@ mod tests {
                 ready_timeout: Duration::from_secs(v1::DEFAULT_READY_TIMEOUT_SECS),
             }
         );
-        let host = SandboxPlan::of_template(
-            "host",
-            None,
-            &v1::TemplateSpec::new(v1::Rootfs::Host),
-            "native",
-        )
-        .unwrap();
+        let host = of_template("host", None, &v1::TemplateSpec::new(v1::Rootfs::Host));
         assert_eq!(host.user, "user");
-        assert_eq!(host.rootfs, RootfsSource::Host);
+        assert_eq!(host.rootfs, v1::Rootfs::Host);
         assert_eq!(host.resources, Resources::default());
     }
 
     #[test]
     fn the_agent_gets_the_request_env_over_the_template_env() {
-        let mut plan = SandboxPlan::of_template("py", None, &template(), "native").unwrap();
+        let mut plan = of_template("py", None, &template());
         plan.env = [
             ("A".to_string(), "request".to_string()),
             ("B".to_string(), "request".to_string()),
         ]
         .into();
-        let spec = plan.spec("sbx1".into());
-        assert_eq!(spec.id, "sbx1");
-        assert_eq!(spec.resources, plan.resources);
-        assert_eq!(spec.agent.default_user, "root");
-        assert_eq!(spec.agent.default_workdir.as_deref(), Some("/srv"));
-        assert_eq!(spec.agent.env_vars["A"], "request");
-        assert_eq!(spec.agent.env_vars["B"], "request");
+        let agent = plan.agent_config();
+        assert_eq!(agent.default_user, "root");
+        assert_eq!(agent.default_workdir.as_deref(), Some("/srv"));
+        assert_eq!(agent.env_vars["A"], "request");
+        assert_eq!(agent.env_vars["B"], "request");
+    }
+
+    #[test]
+    fn a_plan_reads_back_as_the_store_keeps_it() {
+        let mut plan = of_template("py", None, &template());
+        plan.env = [("B".to_string(), "request".to_string())].into();
+        plan.layer = Some("/data/snapshots/x.tar".into());
+        let json = plan.to_json().unwrap();
+        assert_eq!(json["resources"]["memory_bytes"], 256u64 << 20);
+        assert_eq!(SandboxPlan::from_json(&json).unwrap(), plan);
     }
 
     #[test]
     fn limits_stay_within_the_template_and_the_bounds() {
-        let t = template();
+        let t = TemplateLimits::of(&template()).unwrap();
+        assert_eq!(
+            TemplateLimits::of(&template())
+                .unwrap()
+                .defaults
+                .memory_bytes,
+            256 << 20
+        );
         let over = Resources {
             memory_bytes: 2 << 30,
             ..Resources::default()
         };
-        let err = within_template(&t, over).unwrap_err();
+        let err = t.check(over).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -343,10 +398,9 @@ mod tests {
             pids: 1,
             ..Resources::default()
         };
-        assert!(matches!(
-            within_template(&t, tiny),
-            Err(EngineError::Invalid(_))
-        ));
+        assert!(matches!(t.check(tiny), Err(EngineError::Invalid(_))));
+        let json = serde_json::to_value(t).unwrap();
+        assert_eq!(serde_json::from_value::<TemplateLimits>(json).unwrap(), t);
         let l = limits_v1(&Resources::default());
         assert_eq!(resources_of(&l), Resources::default());
     }

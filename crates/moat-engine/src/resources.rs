@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::error::{EngineError, Result};
 
 /// The limits one sandbox runs under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Resources {
     /// Memory (RAM; swap is disabled), bytes.
     pub memory_bytes: u64,

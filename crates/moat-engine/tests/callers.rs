@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use moat_engine::auth::{Caller, Role};
-use moat_engine::backend::{Backend, Capabilities, Instance, SandboxSpec};
+use moat_engine::backend::{Backend, Capabilities, Instance};
 use moat_engine::error::{EngineError, Result};
 use moat_engine::manager::{ManagerError, ManagerOptions, SandboxManager};
+use moat_engine::plan::SandboxPlan;
 use moat_engine::store::{Quotas, Store};
 use moat_proto::v1;
 
@@ -26,7 +27,7 @@ impl Backend for Refusing {
         Capabilities::default()
     }
 
-    async fn create(&self, _spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
+    async fn create(&self, _id: &str, _plan: &SandboxPlan) -> Result<Box<dyn Instance>> {
         Err(EngineError::Unsupported(
             "this backend makes no sandboxes".into(),
         ))

@@ -52,6 +52,7 @@ fn new_sandbox(tenant: &str, key: Option<&KeyRecord>, template: &str) -> NewSand
         expires_at: None,
         public_traffic: true,
         backend: "native".into(),
+        plan: None,
     }
 }
 
@@ -1209,4 +1210,72 @@ fn quota_usage_sums_and_limits() {
     let created: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(created, 5);
     assert_eq!(store.usage_for_key(&racer.id).unwrap().sandboxes, 5);
+}
+
+#[test]
+fn a_sandbox_keeps_its_plan() {
+    let store = Store::open_in_memory().unwrap();
+    store.create_tenant("acme", "Acme").unwrap();
+    store.create_template(None, "host", &json!({})).unwrap();
+    let plan = json!({"template": "host", "resources": {"memory_bytes": 1}});
+    let with = store
+        .insert_sandbox(&NewSandbox {
+            plan: Some(plan.clone()),
+            ..new_sandbox("acme", None, "host")
+        })
+        .unwrap();
+    assert_eq!(with.plan.as_ref(), Some(&plan));
+    assert_eq!(
+        store.get_sandbox("acme", &with.id).unwrap().plan,
+        Some(plan)
+    );
+    let without = store
+        .insert_sandbox(&new_sandbox("acme", None, "host"))
+        .unwrap();
+    assert_eq!(store.get_sandbox("acme", &without.id).unwrap().plan, None);
+}
+
+#[test]
+fn template_limits_are_kept_beside_the_spec_and_filled_in_once() {
+    let store = Store::open_in_memory().unwrap();
+    store.create_tenant("acme", "Acme").unwrap();
+    let limits = json!({"defaults": {"memory_bytes": 1}, "max": null});
+    let with = store
+        .create_template_with(
+            Some("acme"),
+            None,
+            "typed",
+            &json!({"rootfs": "host"}),
+            Some(&limits),
+        )
+        .unwrap();
+    assert_eq!(with.limits.as_ref(), Some(&limits));
+    assert_eq!(
+        store.get_template("acme", "typed").unwrap().limits,
+        Some(limits.clone())
+    );
+    // A template stored without them (as before schema 8) gets them once.
+    store
+        .create_template(Some("acme"), "old", &json!({"rootfs": "host"}))
+        .unwrap();
+    assert_eq!(store.get_template("acme", "old").unwrap().limits, None);
+    assert!(
+        store
+            .fill_template_limits(Some("acme"), "old", &limits)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .fill_template_limits(Some("acme"), "old", &json!({}))
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_template("acme", "old").unwrap().limits,
+        Some(limits)
+    );
+    assert!(
+        store
+            .create_template_with(None, None, "bad", &json!({}), Some(&json!(1)))
+            .is_err()
+    );
 }

@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, AgentError, CallOptions, ProcessStream};
-use moat_engine::backend::{Backend, Instance, RootfsSource, SandboxSpec};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::backend::{Backend, Instance};
+use moat_engine::plan::SandboxPlan;
 use moat_proto::process::process_event::{EndEvent, Event, data_event};
 use moat_proto::process::{ProcessConfig, StartRequest};
 
@@ -82,13 +81,9 @@ pub async fn sandbox(tag: &str) -> Option<Sandbox> {
         eprintln!("SKIP: the native backend needs root");
         return None;
     }
-    let spec = SandboxSpec {
-        id: format!("{tag}{}", std::process::id()),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig::default(),
-    };
-    let mut inst = backend().create(&spec).await.expect("create");
+    let id = format!("{tag}{}", std::process::id());
+    let plan = SandboxPlan::host("native");
+    let mut inst = backend().create(&id, &plan).await.expect("create");
     let client = AgentClient::handshake(inst.take_channel().expect("channel"))
         .await
         .expect("handshake");

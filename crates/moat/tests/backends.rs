@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use moat_backend_native::{NativeBackend, NativeOptions};
-use moat_engine::backend::{Backend, Backends, Capabilities, Instance, SandboxSpec};
+use moat_engine::backend::{Backend, Backends, Capabilities, Instance};
 use moat_engine::error::{EngineError, Result};
 use moat_engine::manager::{ManagerOptions, SandboxManager};
+use moat_engine::plan::SandboxPlan;
 use moat_engine::store::{Quotas, Role, SandboxState, Store};
 use moat_proto::v1;
 
@@ -32,10 +33,9 @@ impl Backend for Refusing {
         Capabilities::default()
     }
 
-    async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
+    async fn create(&self, id: &str, _plan: &SandboxPlan) -> Result<Box<dyn Instance>> {
         Err(EngineError::Unsupported(format!(
-            "{REFUSAL} (asked for {})",
-            spec.id
+            "{REFUSAL} (asked for {id})"
         )))
     }
 
@@ -60,8 +60,8 @@ impl Backend for NoPause {
         }
     }
 
-    async fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Instance>> {
-        self.0.create(spec).await
+    async fn create(&self, id: &str, plan: &SandboxPlan) -> Result<Box<dyn Instance>> {
+        self.0.create(id, plan).await
     }
 
     async fn reap_orphan(&self, id: &str) -> Result<bool> {

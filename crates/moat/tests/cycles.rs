@@ -6,9 +6,8 @@ use std::path::PathBuf;
 
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, CallOptions};
-use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::backend::Backend;
+use moat_engine::plan::SandboxPlan;
 use moat_proto::process::{ProcessConfig, StartRequest, process_event};
 
 const CYCLES: usize = 1000;
@@ -90,13 +89,9 @@ async fn thousand_cycles_leave_nothing() {
     let sandbox_procs_before = sandbox_uid_processes();
     let before = counts(&bases);
     for i in 0..CYCLES {
-        let spec = SandboxSpec {
-            id: format!("cycle{}x{i}", std::process::id()),
-            rootfs: RootfsSource::Host,
-            resources: Resources::default(),
-            agent: AgentConfig::default(),
-        };
-        let mut inst = backend.create(&spec).await.expect("create");
+        let id = format!("cycle{}x{i}", std::process::id());
+        let plan = SandboxPlan::host("native");
+        let mut inst = backend.create(&id, &plan).await.expect("create");
         let channel = inst.take_channel().expect("channel");
         let client = AgentClient::handshake(channel).await.expect("handshake");
         let req = StartRequest {

@@ -11,9 +11,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use moat_engine::agent_client::{AgentClient, RequestBody};
-use moat_engine::backend::{Backend, Instance, RootfsSource, SandboxSpec};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::backend::{Backend, Instance};
+use moat_engine::plan::SandboxPlan;
 use serde_json::{Value, json};
 
 use moat_test_support as support;
@@ -30,16 +29,12 @@ async fn sandbox(tag: &str) -> Option<(Box<dyn Instance>, AgentClient)> {
         eprintln!("SKIP: the native backend needs root");
         return None;
     }
-    let spec = SandboxSpec {
-        id: format!("{tag}{}", std::process::id()),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig {
-            env_vars: [("MOAT_SANDBOX_VAR".to_string(), "from-sandbox".to_string())].into(),
-            ..AgentConfig::default()
-        },
+    let id = format!("{tag}{}", std::process::id());
+    let plan = SandboxPlan {
+        env: [("MOAT_SANDBOX_VAR".to_string(), "from-sandbox".to_string())].into(),
+        ..SandboxPlan::host("native")
     };
-    let mut inst = support::backend().create(&spec).await.expect("create");
+    let mut inst = support::backend().create(&id, &plan).await.expect("create");
     let client = AgentClient::handshake(inst.take_channel().expect("channel"))
         .await
         .expect("handshake");

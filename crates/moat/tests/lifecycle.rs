@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::AgentClient;
-use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::backend::Backend;
+use moat_engine::plan::SandboxPlan;
 
 use moat_test_support as support;
 
@@ -74,13 +73,9 @@ async fn pause_freezes_and_resume_thaws() {
         ..NativeOptions::default()
     })
     .expect("backend");
-    let spec = SandboxSpec {
-        id: format!("life{}", std::process::id()),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig::default(),
-    };
-    let mut inst = backend.create(&spec).await.expect("create");
+    let id = format!("life{}", std::process::id());
+    let plan = SandboxPlan::host("native");
+    let mut inst = backend.create(&id, &plan).await.expect("create");
     let client = AgentClient::handshake(inst.take_channel().expect("channel"))
         .await
         .expect("handshake");

@@ -147,6 +147,33 @@ fn invalid_options_are_refused_before_anything_starts() {
 }
 
 #[test]
+fn a_rootfs_path_that_is_not_utf8_is_refused_by_name() {
+    use std::os::unix::ffi::OsStrExt;
+    need_root!();
+    // A lossy copy of the name would be another directory: the run must say why it refuses.
+    let parent = std::env::temp_dir().join(format!("moat-rootfs-{}", std::process::id()));
+    let dir = parent.join(std::ffi::OsStr::from_bytes(b"root\xff"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let o = moat()
+        .arg("run")
+        .arg("--rootfs")
+        .arg(&dir)
+        .args(["--", "true"])
+        .env("MOAT_TIMING", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moat");
+    let _ = std::fs::remove_dir_all(&parent);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "accepted: {err}");
+    assert_eq!(err.lines().count(), 1, "started something: {err}");
+    assert!(
+        err.starts_with("moat: --rootfs ") && err.contains(": the path is not valid UTF-8"),
+        "{err}"
+    );
+}
+
+#[test]
 fn env_workdir_root_and_copy() {
     need_root!();
     let o = run(&[

@@ -19,9 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, CallOptions};
-use moat_engine::backend::{Backend, RootfsSource, SandboxSpec};
-use moat_engine::resources::Resources;
-use moat_proto::agent_config::AgentConfig;
+use moat_engine::backend::Backend;
+use moat_engine::plan::SandboxPlan;
 use moat_proto::connect::Code;
 use moat_proto::process::process_selector::Selector;
 use moat_proto::process::{ProcessConfig, StartRequest, process_event};
@@ -188,13 +187,9 @@ async fn c3_symlink_race_never_reaches_the_host() {
         ..NativeOptions::default()
     })
     .expect("backend");
-    let spec = SandboxSpec {
-        id: format!("race{pid}"),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig::default(),
-    };
-    let mut inst = backend.create(&spec).await.expect("create");
+    let id = format!("race{pid}");
+    let plan = SandboxPlan::host("native");
+    let mut inst = backend.create(&id, &plan).await.expect("create");
     let client = AgentClient::handshake(inst.take_channel().expect("channel"))
         .await
         .expect("handshake");

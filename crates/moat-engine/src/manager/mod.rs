@@ -49,7 +49,7 @@ pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 use crate::store::now_ms;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,9 +58,9 @@ use moat_proto::v1;
 
 use crate::agent_client::AgentClient;
 use crate::auth::Caller;
-use crate::backend::{Backend, Backends, Instance, SandboxSpec};
+use crate::backend::{Backend, Backends, Instance};
 use crate::metrics::Metrics;
-use crate::plan::{self, Readiness, SandboxPlan, limits_v1};
+use crate::plan::{self, SandboxPlan, TemplateLimits, limits_v1};
 use crate::resources::Resources;
 use crate::store::{
     Cursor, EndReason, MAX_PAGE, NewSandbox, SandboxFilter, SandboxQuotas, SandboxRecord,
@@ -310,6 +310,37 @@ impl std::fmt::Debug for SandboxManager {
     }
 }
 
+/// `plan` as the store keeps it with sandbox `id`'s record: the id it was made with filled in.
+fn recorded_plan(plan: &SandboxPlan, id: &str) -> ManagerResult<serde_json::Value> {
+    let mut json = plan
+        .to_json()
+        .map_err(|e| ManagerError::Internal(format!("sandbox {id} plan: {e}")))?;
+    json["id"] = id.into();
+    Ok(json)
+}
+
+/// The plan `rec` was made with; `None` for a sandbox recorded before plans were kept.
+fn stored_plan(rec: &SandboxRecord) -> ManagerResult<Option<SandboxPlan>> {
+    rec.plan
+        .as_ref()
+        .map(|p| {
+            SandboxPlan::from_json(p)
+                .map_err(|e| ManagerError::Internal(format!("sandbox {} plan: {e}", rec.id)))
+        })
+        .transpose()
+}
+
+/// The limits `rec` was made with: its plan's, or for a record older than plans, its
+/// `resources` column (the same numbers as the API shows them).
+fn recorded_resources(rec: &SandboxRecord) -> ManagerResult<crate::resources::Resources> {
+    if let Some(plan) = stored_plan(rec)? {
+        return Ok(plan.resources);
+    }
+    let limits: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
+        .map_err(|e| ManagerError::Internal(format!("sandbox {} resources: {e}", rec.id)))?;
+    Ok(plan::resources_of(&limits))
+}
+
 /// The built-in `host` template's spec: the host's system directories, engine default limits.
 pub fn host_template_spec() -> v1::TemplateSpec {
     let d = Resources::default();
@@ -373,14 +404,16 @@ impl SandboxManager {
         let builtins = std::iter::once((v1::DEFAULT_TEMPLATE, host_template_spec()))
             .chain(E2B_TEMPLATES.map(|name| (name, e2b_template_spec())));
         for (name, spec) in builtins {
+            let limits = limits_json(&spec)?;
             let spec = serde_json::to_value(spec)
                 .map_err(|e| ManagerError::Internal(format!("{name} template spec: {e}")))?;
-            match store.create_template(None, name, &spec) {
+            match store.create_template_with(None, None, name, &spec, Some(&limits)) {
                 // Already there from an earlier start: keep it (an operator may have tuned it).
                 Ok(_) | Err(StoreError::Conflict { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
+        fill_template_limits(&store)?;
         let access_key = store.secret(access::ACCESS_TOKEN_SECRET)?;
         if let Some(dir) = &opts.snapshot_dir {
             snapshots::prepare_dir(&store, dir)?;
@@ -650,23 +683,23 @@ impl Inner {
         req: v1::CreateSandbox,
     ) -> ManagerResult<SandboxPlan> {
         check_template_name(&req.template).map_err(ManagerError::from)?;
-        let (owner, spec) = self
-            .template(tenant, &req.template)
-            .await
-            .map_err(|e| match e {
-                ManagerError::NotFound(_) => {
-                    ManagerError::Invalid(format!("unknown template {:?}", req.template))
-                }
-                e => e,
-            })?;
+        let (owner, spec, limits) =
+            self.template(tenant, &req.template)
+                .await
+                .map_err(|e| match e {
+                    ManagerError::NotFound(_) => {
+                        ManagerError::Invalid(format!("unknown template {:?}", req.template))
+                    }
+                    e => e,
+                })?;
         // The template is read once: everything of it the sandbox needs is in the plan.
-        let mut plan = self.plan_of_template(&req.template, owner, &spec)?;
+        let mut plan = self.plan_of_template(&req.template, owner, &spec, &limits)?;
         if let Some(secs) = req.timeout_secs {
             self.ttl(Some(secs))?;
             plan.timeout_secs = Some(secs);
         }
         check_env("env", &req.env)?;
-        plan.resources = resolve_resources(&spec, req.resources.as_ref())?;
+        plan.resources = limits.resolve(req.resources.as_ref())?;
         // A request that asks for nothing a started member lacks can take one.
         plan.poolable = req.resources.is_none() && req.env.is_empty();
         plan.env = req.env;
@@ -674,21 +707,24 @@ impl Inner {
         Ok(plan)
     }
 
-    /// The plan of a sandbox of `template` (named `name`, owned by `owner`) with the template's
-    /// defaults, made by the backend the template names or the default one.
+    /// The plan of a sandbox of `template` (named `name`, owned by `owner`, its limits
+    /// `limits`) with the template's defaults, made by the backend the template names or the
+    /// default one.
     fn plan_of_template(
         &self,
         name: &str,
         owner: Option<String>,
         template: &v1::TemplateSpec,
+        limits: &TemplateLimits,
     ) -> ManagerResult<SandboxPlan> {
         let backend = self.backends.resolve(template.backend.as_deref())?;
         Ok(SandboxPlan::of_template(
             name,
             owner,
             template,
+            limits,
             backend.name(),
-        )?)
+        ))
     }
 
     /// The quotas of `tenant`'s key `key` as the store checks them.
@@ -702,18 +738,17 @@ impl Inner {
         })
     }
 
-    /// The template `name` as `tenant` sees it: its owner (`None` for a built-in) and spec.
+    /// The template `name` as `tenant` sees it: its owner (`None` for a built-in), spec and
+    /// typed limits.
     async fn template(
         &self,
         tenant: &str,
         name: &str,
-    ) -> ManagerResult<(Option<String>, v1::TemplateSpec)> {
+    ) -> ManagerResult<(Option<String>, v1::TemplateSpec, TemplateLimits)> {
         let (t, n) = (tenant.to_owned(), name.to_owned());
         let template = self.db(move |s| s.get_template(&t, &n)).await?;
-        let spec: v1::TemplateSpec = serde_json::from_value(template.spec).map_err(|e| {
-            ManagerError::Internal(format!("template {name:?} has a bad spec: {e}"))
-        })?;
-        Ok((template.tenant, spec))
+        let (spec, limits) = read_template(&template)?;
+        Ok((template.tenant, spec, limits))
     }
 
     /// Records the planned sandbox and makes it (or claims a warm-pool member for it), with
@@ -744,6 +779,7 @@ impl Inner {
             if let Some(member) = self.pools.take(&key) {
                 // A poolable plan asks for the template's defaults, which the member has.
                 let resources = plan.resources;
+                let recorded = recorded_plan(&plan, &member.id)?;
                 let new = NewSandbox {
                     id: member.id.clone(),
                     tenant: tenant.clone(),
@@ -757,6 +793,7 @@ impl Inner {
                     expires_at,
                     public_traffic,
                     backend: member.backend.name().to_owned(),
+                    plan: Some(recorded),
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -776,34 +813,27 @@ impl Inner {
             Some(id) => id,
             None => generate_sandbox_id().map_err(ManagerError::from)?,
         };
-        let sandbox = plan.spec(id.clone());
+        let recorded = recorded_plan(&plan, &id)?;
         let new = NewSandbox {
             id: id.clone(),
             tenant: tenant.clone(),
             key_id,
             template: plan.template.clone(),
             state: SandboxState::Starting,
-            metadata: plan.metadata,
-            resources: serde_json::to_value(limits_v1(&sandbox.resources))
+            metadata: plan.metadata.clone(),
+            resources: serde_json::to_value(limits_v1(&plan.resources))
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
-            memory_bytes: sandbox.resources.memory_bytes,
+            memory_bytes: plan.resources.memory_bytes,
             expires_at,
             public_traffic,
             backend: backend.name().to_owned(),
+            plan: Some(recorded),
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;
 
         match self
-            .start(
-                &tenant,
-                &backend,
-                &sandbox,
-                &plan.readiness,
-                plan.layer.as_deref(),
-                plan.env,
-                public_traffic,
-            )
+            .start(&tenant, &backend, &id, &plan, public_traffic)
             .await
         {
             Ok(()) => {}
@@ -881,47 +911,43 @@ impl Inner {
         }
     }
 
-    /// Makes the sandbox (restoring `layer` into it, if given), connects to its agent and
-    /// registers it as live; on failure, destroys whatever was made.
-    #[allow(clippy::too_many_arguments)]
+    /// Makes sandbox `id` of `plan` (restoring the plan's layer into it, if any), connects to
+    /// its agent and registers it as live; on failure, destroys whatever was made.
     async fn start(
         &self,
         tenant: &str,
         backend: &Arc<dyn Backend>,
-        sandbox: &SandboxSpec,
-        readiness: &Readiness,
-        layer: Option<&Path>,
-        env: BTreeMap<String, String>,
+        id: &str,
+        plan: &SandboxPlan,
         public_traffic: bool,
     ) -> ManagerResult<()> {
-        let (instance, client) = self.boot(backend, sandbox, readiness, layer).await?;
+        let (instance, client) = self.boot(backend, id, plan).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
-            sandbox.id.clone(),
+            id.to_owned(),
             Arc::new(Live::new(
                 tenant,
                 client,
                 backend.clone(),
                 instance,
-                env,
+                plan.env.clone(),
                 public_traffic,
             )),
         );
         Ok(())
     }
 
-    /// Makes the sandbox with `backend`, connects to its agent, restores `layer` into it
-    /// (a snapshot's files, before anything of the template runs), starts the template's
-    /// `start` script and waits for its `ready` script to pass. On failure, destroys whatever
-    /// was made.
+    /// Makes sandbox `id` of `plan` with `backend`, connects to its agent, restores the plan's
+    /// layer into it (a snapshot's files, before anything of the template runs), starts the
+    /// template's `start` script and waits for its `ready` script to pass. On failure,
+    /// destroys whatever was made.
     async fn boot(
         &self,
         backend: &Arc<dyn Backend>,
-        sandbox: &SandboxSpec,
-        readiness: &Readiness,
-        layer: Option<&Path>,
+        id: &str,
+        plan: &SandboxPlan,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
-        let mut instance = backend.create(sandbox).await.map_err(|e| {
+        let mut instance = backend.create(id, plan).await.map_err(|e| {
             ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
         })?;
         let connected = async {
@@ -935,10 +961,10 @@ impl Inner {
                 .health()
                 .await
                 .map_err(|e| ManagerError::Unavailable(format!("agent health: {e}")))?;
-            if let Some(layer) = layer {
+            if let Some(layer) = &plan.layer {
                 restore_layer(&client, layer).await?;
             }
-            readiness::start_and_wait(&client, readiness).await?;
+            readiness::start_and_wait(&client, &plan.readiness).await?;
             Ok::<_, ManagerError>(client)
         }
         .await;
@@ -946,7 +972,7 @@ impl Inner {
             Ok(client) => Ok((instance, client)),
             Err(e) => {
                 if let Err(d) = instance.destroy().await {
-                    tracing::warn!(sandbox = %sandbox.id, "destroying a failed sandbox: {d}");
+                    tracing::warn!(sandbox = %id, "destroying a failed sandbox: {d}");
                 }
                 Err(e)
             }
@@ -1083,12 +1109,58 @@ fn check_env(what: &str, env: &BTreeMap<String, String>) -> ManagerResult<()> {
 }
 
 /// The sandbox's limits: the template's defaults, then the request, checked against the
-/// template's maximum and the engine's bounds.
+/// template's maximum and the engine's bounds. Parses the spec's limits: for a template being
+/// written (a create reads the stored typed ones).
 fn resolve_resources(
     spec: &v1::TemplateSpec,
     req: Option<&v1::ResourceRequest>,
 ) -> ManagerResult<Resources> {
-    Ok(plan::template_resources(spec, req)?)
+    Ok(TemplateLimits::of(spec)?.resolve(req)?)
+}
+
+/// A stored template's spec and typed limits: the limits as they were stored with it, or,
+/// for a template stored before they were (the server fills them in at start), parsed from
+/// its spec.
+pub(crate) fn read_template(
+    rec: &crate::store::TemplateRecord,
+) -> ManagerResult<(v1::TemplateSpec, TemplateLimits)> {
+    let name = &rec.name;
+    let spec: v1::TemplateSpec = serde_json::from_value(rec.spec.clone())
+        .map_err(|e| ManagerError::Internal(format!("template {name:?} has a bad spec: {e}")))?;
+    let limits = match &rec.limits {
+        Some(l) => serde_json::from_value(l.clone()).map_err(|e| {
+            ManagerError::Internal(format!("template {name:?} has bad limits: {e}"))
+        })?,
+        None => TemplateLimits::of(&spec)?,
+    };
+    Ok((spec, limits))
+}
+
+/// `spec`'s typed limits as the store keeps them beside it.
+pub(crate) fn limits_json(spec: &v1::TemplateSpec) -> ManagerResult<serde_json::Value> {
+    let limits = TemplateLimits::of(spec)?;
+    serde_json::to_value(limits)
+        .map_err(|e| ManagerError::Internal(format!("template limits: {e}")))
+}
+
+/// Fills in the typed limits of templates stored before they were kept (once, at start); a
+/// template whose spec no longer parses is left to fail where it is used.
+fn fill_template_limits(store: &Store) -> ManagerResult<()> {
+    for rec in store.all_templates()? {
+        if rec.limits.is_some() {
+            continue;
+        }
+        let limits = serde_json::from_value::<v1::TemplateSpec>(rec.spec.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|spec| limits_json(&spec).map_err(|e| e.to_string()));
+        match limits {
+            Ok(l) => {
+                store.fill_template_limits(rec.tenant.as_deref(), &rec.name, &l)?;
+            }
+            Err(e) => tracing::warn!(template = %rec.name, "template limits: {e}"),
+        }
+    }
+    Ok(())
 }
 
 fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
@@ -1113,6 +1185,27 @@ fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_stored_without_limits_get_them_at_start() {
+        let store = Store::open_in_memory().unwrap();
+        store.create_tenant("acme", "Acme").unwrap();
+        let spec = v1::TemplateSpec {
+            resources: Some(v1::ResourceRequest {
+                memory: Some("256M".into()),
+                ..Default::default()
+            }),
+            ..v1::TemplateSpec::new(v1::Rootfs::Host)
+        };
+        let json = serde_json::to_value(&spec).unwrap();
+        store.create_template(Some("acme"), "old", &json).unwrap();
+        fill_template_limits(&store).unwrap();
+        let rec = store.get_template("acme", "old").unwrap();
+        assert_eq!(rec.spec, json, "the spec is kept as written");
+        let stored: TemplateLimits = serde_json::from_value(rec.limits.clone().unwrap()).unwrap();
+        assert_eq!(stored.defaults.memory_bytes, 256 << 20);
+        assert_eq!(read_template(&rec).unwrap(), (spec, stored));
+    }
 
     #[test]
     fn resources_resolve_within_the_template() {

@@ -35,6 +35,7 @@ use tokio::sync::{Notify, watch};
 use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::agent_client::AgentClient;
 use crate::backend::{Backend, Instance};
+use crate::plan::TemplateLimits;
 use crate::store::{EndReason, NewPoolMember, SandboxQuotas, SandboxState, TemplateRecord};
 
 /// How often the pools are checked and refilled when nothing wakes them sooner.
@@ -72,6 +73,8 @@ pub(crate) struct Member {
 
 struct Pool {
     spec: v1::TemplateSpec,
+    /// The template's limits, typed (as stored with it).
+    limits: TemplateLimits,
     /// The key whose quotas the members count against (the template's maker).
     owner_key: Option<String>,
     /// Members destroyed for the budget.
@@ -98,9 +101,10 @@ impl Pool {
         backoff
     }
 
-    fn new(spec: v1::TemplateSpec, owner_key: Option<String>) -> Pool {
+    fn new(spec: v1::TemplateSpec, limits: TemplateLimits, owner_key: Option<String>) -> Pool {
         Pool {
             spec,
+            limits,
             owner_key,
             evicted: 0,
             ready: VecDeque::new(),
@@ -331,16 +335,16 @@ impl Inner {
         let records: Vec<TemplateRecord> = self.db(|s| s.all_templates()).await?;
         let mut wanted = HashMap::new();
         for rec in records {
-            match serde_json::from_value::<v1::TemplateSpec>(rec.spec) {
-                Ok(spec) if spec.pool_size > 0 => {
+            match super::read_template(&rec) {
+                Ok((spec, limits)) if spec.pool_size > 0 => {
                     let key = PoolKey {
                         tenant: rec.tenant,
                         name: rec.name,
                     };
-                    wanted.insert(key, (spec, rec.key_id));
+                    wanted.insert(key, (spec, limits, rec.key_id));
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(template = %rec.name, "bad template spec: {e}"),
+                Err(e) => tracing::warn!(template = %rec.name, "{e}"),
             }
         }
         let mut gone = Vec::new();
@@ -349,14 +353,16 @@ impl Inner {
             pools.retain(|key, pool| {
                 let keep = wanted
                     .get(key)
-                    .is_some_and(|(spec, owner)| *spec == pool.spec && *owner == pool.owner_key);
+                    .is_some_and(|(spec, _, owner)| *spec == pool.spec && *owner == pool.owner_key);
                 if !keep {
                     gone.extend(pool.ready.drain(..));
                 }
                 keep
             });
-            for (key, (spec, owner)) in wanted {
-                pools.entry(key).or_insert_with(|| Pool::new(spec, owner));
+            for (key, (spec, limits, owner)) in wanted {
+                pools
+                    .entry(key)
+                    .or_insert_with(|| Pool::new(spec, limits, owner));
             }
         }
         for member in gone {
@@ -445,7 +451,8 @@ impl Inner {
                 used = used.saturating_add(pool.estimate);
                 let inner = self.clone();
                 let (key, spec, owner) = (key.clone(), pool.spec.clone(), pool.owner_key.clone());
-                tokio::spawn(async move { inner.start_member(key, spec, owner).await });
+                let limits = pool.limits;
+                tokio::spawn(async move { inner.start_member(key, spec, limits, owner).await });
             }
         }
     }
@@ -454,9 +461,10 @@ impl Inner {
         self: Arc<Self>,
         key: PoolKey,
         spec: v1::TemplateSpec,
+        limits: TemplateLimits,
         owner: Option<String>,
     ) {
-        let made = self.make_member(&key, &spec, owner).await;
+        let made = self.make_member(&key, &spec, &limits, owner).await;
         let mut leftover = None;
         {
             let mut pools = lock(&self.pools.pools);
@@ -501,13 +509,13 @@ impl Inner {
         &self,
         key: &PoolKey,
         spec: &v1::TemplateSpec,
+        limits: &TemplateLimits,
         owner_key: Option<String>,
     ) -> ManagerResult<Member> {
-        let plan = self.plan_of_template(&key.name, key.tenant.clone(), spec)?;
-        crate::plan::within_template(spec, plan.resources)?;
+        let plan = self.plan_of_template(&key.name, key.tenant.clone(), spec, limits)?;
+        limits.check(plan.resources)?;
         let backend = self.backends.get(&plan.backend)?.clone();
         let id = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
-        let sandbox = plan.spec(id.clone());
         let limits = match (&key.tenant, &owner_key) {
             (Some(tenant), Some(owner)) => self.key_limits(tenant, owner).await?,
             _ => SandboxQuotas::default(),
@@ -517,12 +525,12 @@ impl Inner {
             template: key.name.clone(),
             template_tenant: key.tenant.clone(),
             key_id: owner_key,
-            memory_bytes: sandbox.resources.memory_bytes,
-            pids: sandbox.resources.pids,
+            memory_bytes: plan.resources.memory_bytes,
+            pids: plan.resources.pids,
         };
         self.db(move |s| s.add_pool_member_within(&new, limits))
             .await?;
-        match self.boot(&backend, &sandbox, &plan.readiness, None).await {
+        match self.boot(&backend, &id, &plan).await {
             Ok((instance, client)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {

@@ -129,19 +129,20 @@ impl Inner {
             return Ok(false);
         }
         let backend = self.backends.get(&rec.backend)?.clone();
+        // The create's own environment comes from its recorded plan, so a snapshot of an
+        // adopted sandbox keeps it; records older than plans had none kept.
+        let env = super::stored_plan(rec)?.map(|p| p.env).unwrap_or_default();
         let Some(mut instance) = backend.adopt(&rec.id).await? else {
             return Ok(false);
         };
         match connect(instance.as_mut(), rec.state == SandboxState::Paused).await {
             Ok(client) => {
-                // The create's own environment is not recorded; a snapshot of an adopted
-                // sandbox keeps its template's.
                 let live = Live::new(
                     &rec.tenant,
                     client,
                     backend,
                     instance,
-                    Default::default(),
+                    env,
                     rec.public_traffic,
                 );
                 if rec.state == SandboxState::Paused {

@@ -43,7 +43,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::auth::Caller;
-use crate::plan::{SandboxPlan, resources_of, within_template};
+use crate::plan::{SandboxPlan, limits_v1, resources_of};
+use crate::resources::Resources;
 use crate::store::{
     Cursor, MAX_PAGE, NewSnapshot, SnapshotFilter, SnapshotRecord, Store, check_sandbox_id,
     check_snapshot_id, check_snapshot_name, generate_snapshot_id,
@@ -221,7 +222,7 @@ struct Captured {
     size: u64,
     sandbox_id: String,
     template: String,
-    resources: v1::ResourceLimits,
+    resources: Resources,
     env: BTreeMap<String, String>,
 }
 
@@ -396,8 +397,7 @@ impl Inner {
         let live = self.live_any(tenant, id).await?;
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
-        let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
-            .map_err(|e| ManagerError::Internal(format!("sandbox {id} resources: {e}")))?;
+        let resources = super::recorded_resources(&rec)?;
         let t = tenant.to_owned();
         let stored = self.db(move |s| s.snapshot_bytes(&t)).await?;
         let used = stored.saturating_add(self.snapshot_bytes.of(tenant));
@@ -490,7 +490,7 @@ impl Inner {
             name,
             sandbox_id: captured.sandbox_id,
             template: captured.template,
-            resources: serde_json::to_value(captured.resources)
+            resources: serde_json::to_value(limits_v1(&captured.resources))
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             env: captured.env,
             size_bytes: captured.size,
@@ -523,13 +523,14 @@ impl Inner {
         let file = self.snapshot_dir()?.join(format!("{}{SUFFIX}", rec.id));
         let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
             .map_err(|e| ManagerError::Internal(format!("snapshot {snapshot} resources: {e}")))?;
+        let resources = resources_of(&resources);
         let mut env = rec.env.clone();
         let asks_nothing = req.env.is_empty();
         env.extend(req.env);
         self.plan_restored(
             tenant,
             &rec.template,
-            &resources,
+            resources,
             env,
             asks_nothing && rec.env.is_empty(),
             req.metadata,
@@ -548,24 +549,24 @@ impl Inner {
         &self,
         tenant: &str,
         template: &str,
-        resources: &v1::ResourceLimits,
+        resources: Resources,
         env: BTreeMap<String, String>,
         plain: bool,
         metadata: BTreeMap<String, String>,
         timeout_secs: Option<u64>,
         layer: PathBuf,
     ) -> ManagerResult<SandboxPlan> {
-        let (owner, spec) = self.template(tenant, template).await.map_err(|e| match e {
-            ManagerError::NotFound(_) => ManagerError::Conflict(format!(
-                "the snapshot's template {template:?} no longer exists"
-            )),
-            e => e,
-        })?;
-        let mut plan = self.plan_of_template(template, owner, &spec)?;
-        within_template(&spec, plan.resources)?;
+        let (owner, spec, template_limits) =
+            self.template(tenant, template).await.map_err(|e| match e {
+                ManagerError::NotFound(_) => ManagerError::Conflict(format!(
+                    "the snapshot's template {template:?} no longer exists"
+                )),
+                e => e,
+            })?;
+        let mut plan = self.plan_of_template(template, owner, &spec, &template_limits)?;
         // Exactly the snapshot's limits, still within what the template allows now.
-        let limits = resources_of(resources);
-        within_template(&spec, limits)?;
+        let limits = resources;
+        template_limits.check(limits)?;
         plan.poolable = plain && spec.start.is_none() && limits == plan.resources;
         plan.resources = limits;
         if let Some(secs) = timeout_secs {
@@ -600,7 +601,7 @@ impl Inner {
             .plan_restored(
                 &tenant,
                 &captured.template,
-                &captured.resources,
+                captured.resources,
                 captured.env.clone(),
                 plain,
                 req.metadata,

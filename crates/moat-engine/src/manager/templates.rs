@@ -55,13 +55,23 @@ impl SandboxManager {
             let limits = self.inner.key_limits(&caller.tenant, key).await?;
             check_pool_quota(&req.spec, limits)?;
         }
+        // Parsed once here; creates read the typed form stored beside the spec.
+        let limits = super::limits_json(&req.spec)?;
         let spec = serde_json::to_value(&req.spec)
             .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
         let tenant = caller.tenant.clone();
         let key = caller.key_id.clone();
         let rec = self
             .inner
-            .db(move |s| s.create_template_by(Some(&tenant), key.as_deref(), &req.name, &spec))
+            .db(move |s| {
+                s.create_template_with(
+                    Some(&tenant),
+                    key.as_deref(),
+                    &req.name,
+                    &spec,
+                    Some(&limits),
+                )
+            })
             .await?;
         let template = self.to_template(&rec)?;
         self.templates_changed();

@@ -159,6 +159,7 @@ mod tests {
             expires_at: None,
             public_traffic: true,
             backend: "native".into(),
+            plan: None,
         }
     }
 

@@ -110,6 +110,8 @@ pub struct NewSandbox {
     pub public_traffic: bool,
     /// The kind of backend that makes it (`native`, …).
     pub backend: String,
+    /// The engine's resolved plan of it, a JSON object (`None` where the caller has none).
+    pub plan: Option<serde_json::Value>,
 }
 
 /// A recorded sandbox.
@@ -144,6 +146,10 @@ pub struct SandboxRecord {
     /// The kind of backend that made it (`native`, …).
     #[serde(default = "native_kind")]
     pub backend: String,
+    /// The engine's resolved plan of it, a JSON object; `None` for sandboxes recorded before
+    /// schema version 8.
+    #[serde(default)]
+    pub plan: Option<serde_json::Value>,
 }
 
 /// The backend of records that name none: the only one there was before backends were named.
@@ -178,6 +184,11 @@ impl SandboxRecord {
                 .map(EndReason::from),
             public_traffic: row.get("public_traffic")?,
             backend: row.get("backend")?,
+            plan: row
+                .get::<_, Option<String>>("plan")?
+                .map(|p| serde_json::from_str(&p))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("sandbox plan: {e}")))?,
         })
     }
 }
@@ -504,6 +515,7 @@ impl NewSandbox {
             end_reason: None,
             public_traffic: self.public_traffic,
             backend: self.backend.clone(),
+            plan: self.plan.clone(),
         }
     }
 }
@@ -575,8 +587,9 @@ pub(super) fn insert_in(
     }
     let inserted = tx.execute(
         "INSERT INTO sandboxes (id, tenant_id, key_id, template, template_tenant, state,
-             metadata, resources, memory_bytes, created_at, expires_at, public_traffic, backend)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             metadata, resources, memory_bytes, created_at, expires_at, public_traffic, backend,
+             plan)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          ON CONFLICT (id) DO NOTHING",
         params![
             new.id,
@@ -592,6 +605,7 @@ pub(super) fn insert_in(
             new.expires_at,
             new.public_traffic,
             new.backend,
+            new.plan.as_ref().map(ToString::to_string),
         ],
     )?;
     if inserted == 0 {

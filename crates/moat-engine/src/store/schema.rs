@@ -177,7 +177,16 @@ const V7: &str = r#"
 ALTER TABLE sandboxes ADD COLUMN backend TEXT NOT NULL DEFAULT 'native';
 "#;
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+/// Version 8: each sandbox's resolved plan (the engine's JSON of everything it was made with),
+/// which what later needs its settings reads instead of deriving them again, and each
+/// template's limits in their typed form, parsed once when it was written. Rows written before
+/// have neither (NULL): the engine falls back to the `resources` column and the spec's strings.
+const V8: &str = r#"
+ALTER TABLE sandboxes ADD COLUMN plan TEXT CHECK (plan IS NULL OR json_valid(plan));
+ALTER TABLE templates ADD COLUMN limits TEXT CHECK (limits IS NULL OR json_valid(limits));
+"#;
+
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -272,5 +281,12 @@ mod tests {
             })
             .unwrap();
         assert_eq!(backend, "native");
+        // Nor did they have a plan: the column is there, empty.
+        let plan: Option<String> = conn
+            .query_row("SELECT plan FROM sandboxes WHERE id = 'sbx'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(plan, None);
     }
 }

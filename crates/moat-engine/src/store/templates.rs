@@ -41,6 +41,9 @@ pub struct TemplateRecord {
     /// The key that made it, whose quotas its warm pool's members count against; `None` for
     /// a built-in (its pool is bounded by the pool memory budget alone).
     pub key_id: Option<String>,
+    /// The server's typed form of the spec's limits, a JSON object, written with the spec;
+    /// `None` for a template stored before schema version 8 (until the server fills it in).
+    pub limits: Option<serde_json::Value>,
 }
 
 impl TemplateRecord {
@@ -53,6 +56,11 @@ impl TemplateRecord {
                 .map_err(|e| StoreError::Corrupt(format!("template spec: {e}")))?,
             created_at: row.get("created_at")?,
             key_id: row.get("key_id")?,
+            limits: row
+                .get::<_, Option<String>>("limits")?
+                .map(|l| serde_json::from_str(&l))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("template limits: {e}")))?,
         })
     }
 }
@@ -93,10 +101,29 @@ impl Store {
         name: &str,
         spec: &serde_json::Value,
     ) -> StoreResult<TemplateRecord> {
+        self.create_template_with(tenant, key_id, name, spec, None)
+    }
+
+    /// [`Store::create_template_by`] with the server's typed form of the spec's `limits` (a
+    /// JSON object), kept beside the spec so nothing parses the spec's strings again.
+    pub fn create_template_with(
+        &self,
+        tenant: Option<&str>,
+        key_id: Option<&str>,
+        name: &str,
+        spec: &serde_json::Value,
+        limits: Option<&serde_json::Value>,
+    ) -> StoreResult<TemplateRecord> {
         check_template_name(name)?;
         if !spec.is_object() {
             return Err(StoreError::BadJson {
                 what: "template spec",
+                reason: "must be a JSON object".into(),
+            });
+        }
+        if limits.is_some_and(|l| !l.is_object()) {
+            return Err(StoreError::BadJson {
+                what: "template limits",
                 reason: "must be a JSON object".into(),
             });
         }
@@ -106,6 +133,7 @@ impl Store {
             spec: spec.clone(),
             created_at: now_ms(),
             key_id: key_id.map(str::to_owned),
+            limits: limits.cloned(),
         };
         self.write(|tx| {
             if let Some(tenant) = tenant {
@@ -122,13 +150,45 @@ impl Store {
                 return Err(StoreError::conflict("template", name));
             }
             tx.execute(
-                "INSERT INTO templates (tenant_id, name, spec, created_at, key_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![tenant, name, spec.to_string(), record.created_at, key_id],
+                "INSERT INTO templates (tenant_id, name, spec, created_at, key_id, limits)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    tenant,
+                    name,
+                    spec.to_string(),
+                    record.created_at,
+                    key_id,
+                    limits.map(ToString::to_string)
+                ],
             )?;
             Ok(())
         })?;
         Ok(record)
+    }
+
+    /// Writes the typed `limits` (a JSON object) of `tenant`'s template `name` (a built-in for
+    /// `None`) where it has none yet: what a server fills in at start for templates stored
+    /// before schema version 8. Returns whether it wrote them.
+    pub fn fill_template_limits(
+        &self,
+        tenant: Option<&str>,
+        name: &str,
+        limits: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        if !limits.is_object() {
+            return Err(StoreError::BadJson {
+                what: "template limits",
+                reason: "must be a JSON object".into(),
+            });
+        }
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE templates SET limits = ?1
+                 WHERE name = ?2 AND tenant_id IS ?3 AND limits IS NULL",
+                params![limits.to_string(), name, tenant],
+            )?;
+            Ok(n > 0)
+        })
     }
 
     /// The template `name` as `tenant` sees it: its own or a built-in.

@@ -143,11 +143,19 @@ fn plan(a: RunArgs) -> Result<Plan> {
     let rootfs = match a.rootfs {
         Some(d) if !d.is_dir() => bail!("--rootfs {}: not a directory", d.display()),
         // The template's rootfs is an absolute path (the engine refuses a relative one).
+        // A template names its directory as UTF-8 text: a path that is not cannot be given to
+        // the engine unchanged, and a lossy copy would name another directory.
         Some(d) => v1::Rootfs::Dir(
             std::path::absolute(&d)
                 .with_context(|| format!("--rootfs {}", d.display()))?
-                .display()
-                .to_string(),
+                .into_os_string()
+                .into_string()
+                .map_err(|p| {
+                    anyhow!(
+                        "--rootfs {}: the path is not valid UTF-8",
+                        std::path::Path::new(&p).display()
+                    )
+                })?,
         ),
         None => v1::Rootfs::Host,
     };
