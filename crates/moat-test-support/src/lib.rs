@@ -78,6 +78,11 @@ pub struct Sandbox {
 /// A sandbox of the `host` template with default limits, its id made from `tag` and our pid;
 /// `None` (with a printed reason) when not running as root.
 pub async fn sandbox(tag: &str) -> Option<Sandbox> {
+    sandbox_with(tag, AgentConfig::default()).await
+}
+
+/// As [`sandbox`], its agent configured by `agent` (default env vars, user, workdir).
+pub async fn sandbox_with(tag: &str, agent: AgentConfig) -> Option<Sandbox> {
     if !is_root() {
         eprintln!("SKIP: the native backend needs root");
         return None;
@@ -86,7 +91,7 @@ pub async fn sandbox(tag: &str) -> Option<Sandbox> {
         id: format!("{tag}{}", std::process::id()),
         rootfs: RootfsSource::Host,
         resources: Resources::default(),
-        agent: AgentConfig::default(),
+        agent,
     };
     let mut inst = backend().create(&spec).await.expect("create");
     let client = AgentClient::handshake(inst.take_channel().expect("channel"))

@@ -183,14 +183,20 @@ impl Server {
                 eprintln!("writing the body of {method} {path}: {e}");
             }
         }
-        let mut raw = Vec::new();
-        match conn.read_to_end(&mut raw) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
-            Err(e) => return Err(e),
-        }
-        Reply::parse(&raw)
+        read_reply(&mut conn)
     }
+}
+
+/// Reads an answer to the end of the connection. A reset after some bytes still counts: a server
+/// refusing an oversized body may close before reading it.
+fn read_reply(conn: &mut TcpStream) -> std::io::Result<Reply> {
+    let mut raw = Vec::new();
+    match conn.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    Reply::parse(&raw)
 }
 
 impl Server {
@@ -200,13 +206,7 @@ impl Server {
     pub fn raw(&self, request: &[u8]) -> std::io::Result<Reply> {
         let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
         conn.write_all(request)?;
-        let mut raw = Vec::new();
-        match conn.read_to_end(&mut raw) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
-            Err(e) => return Err(e),
-        }
-        Reply::parse(&raw)
+        read_reply(&mut conn)
     }
 
     /// SIGKILLs the server, as a crash would, and hands back its data dir.

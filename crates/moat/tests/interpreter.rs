@@ -11,8 +11,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use moat_engine::agent_client::{AgentClient, RequestBody};
-use moat_engine::backend::{Backend, Instance, RootfsSource, SandboxSpec};
-use moat_engine::resources::Resources;
+use moat_engine::backend::Instance;
 use moat_proto::agent_config::AgentConfig;
 use serde_json::{Value, json};
 
@@ -26,24 +25,12 @@ const LINE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A sandbox and a client of its agent; `None` (with a printed reason) without root.
 async fn sandbox(tag: &str) -> Option<(Box<dyn Instance>, AgentClient)> {
-    if !support::is_root() {
-        eprintln!("SKIP: the native backend needs root");
-        return None;
-    }
-    let spec = SandboxSpec {
-        id: format!("{tag}{}", std::process::id()),
-        rootfs: RootfsSource::Host,
-        resources: Resources::default(),
-        agent: AgentConfig {
-            env_vars: [("MOAT_SANDBOX_VAR".to_string(), "from-sandbox".to_string())].into(),
-            ..AgentConfig::default()
-        },
+    let agent = AgentConfig {
+        env_vars: [("MOAT_SANDBOX_VAR".to_string(), "from-sandbox".to_string())].into(),
+        ..AgentConfig::default()
     };
-    let mut inst = support::backend().create(&spec).await.expect("create");
-    let client = AgentClient::handshake(inst.take_channel().expect("channel"))
-        .await
-        .expect("handshake");
-    Some((inst, client))
+    let s = support::sandbox_with(tag, agent).await?;
+    Some((s.inst, s.client))
 }
 
 /// A request as the SDK sends it: JSON body, the token only where asked for.
