@@ -10,7 +10,7 @@ pub mod host;
 pub mod server;
 pub mod tmpfs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use moat_backend_native::{NativeBackend, NativeOptions};
@@ -56,6 +56,27 @@ pub fn moat_binary() -> PathBuf {
     beside.unwrap_or_else(|| {
         panic!("no moat binary: run the tests through cargo (CARGO_BIN_EXE_moat is not set)")
     })
+}
+
+/// Copies each host program `(source, name)` to `root/bin/name`, with every library `ldd` names
+/// for it at the same path under `root`: enough of a root filesystem to run those programs.
+pub fn install_programs(root: &Path, programs: &[(&str, &str)]) {
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
+    for (src, name) in programs {
+        std::fs::copy(src, root.join("bin").join(name)).expect("copy program");
+        let ldd = std::process::Command::new("ldd")
+            .arg(src)
+            .output()
+            .expect("ldd");
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let dst = root.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
+            std::fs::copy(lib, &dst).expect("copy lib");
+        }
+    }
 }
 
 /// The native backend with the `moat` binary under test as the agent.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use moat_engine::store::{Quotas, Role, Store};
 use serde_json::{Value, json};
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// One E2B request: the key as `X-API-KEY`, extra headers, a JSON body.
@@ -173,10 +173,7 @@ fn ids(items: &[Value]) -> Vec<String> {
 
 #[test]
 fn e2b_control_plane() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
     let key = key.as_str();

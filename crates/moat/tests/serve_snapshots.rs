@@ -7,7 +7,7 @@
 use moat_test_support as support;
 use support::need_root;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -516,32 +516,15 @@ fn snapshots_survive_a_restart_and_paused_sandboxes_do_not() {
 /// A minimal root filesystem: `dash` as `/bin/sh`, `cat` and `rm`, the libraries they link,
 /// and the identity files.
 fn tiny_rootfs(root: &Path) {
-    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
     std::fs::create_dir_all(root.join("etc/sub")).expect("mkdir");
-    let mut libs = Vec::new();
-    for (src, dst) in [
-        ("/usr/bin/dash", "sh"),
-        ("/usr/bin/cat", "cat"),
-        ("/usr/bin/rm", "rm"),
-    ] {
-        std::fs::copy(src, root.join("bin").join(dst)).expect("copy binary");
-        let ldd = std::process::Command::new("ldd")
-            .arg(src)
-            .output()
-            .expect("ldd");
-        libs.extend(
-            String::from_utf8_lossy(&ldd.stdout)
-                .split_whitespace()
-                .filter(|w| w.starts_with('/'))
-                .map(PathBuf::from)
-                .collect::<Vec<_>>(),
-        );
-    }
-    for lib in libs {
-        let dst = root.join(lib.strip_prefix("/").expect("absolute"));
-        std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
-        std::fs::copy(&lib, &dst).expect("copy lib");
-    }
+    support::install_programs(
+        root,
+        &[
+            ("/usr/bin/dash", "sh"),
+            ("/usr/bin/cat", "cat"),
+            ("/usr/bin/rm", "rm"),
+        ],
+    );
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
