@@ -107,6 +107,13 @@ impl Server {
         r.json()["id"].as_str().expect("id").to_owned()
     }
 
+    /// Creates template `name` of `spec` (`POST /v1/templates`) with `key`, which must succeed.
+    pub fn create_template(&self, key: &str, name: &str, spec: Value) {
+        let req = serde_json::json!({ "name": name, "spec": spec });
+        let r = self.request("POST", "/v1/templates", Some(key), Some(&body(req)));
+        assert_eq!(r.status, 201, "template {name}: {}", r.text());
+    }
+
     /// Runs `script` with the sandbox's shell (a buffered exec), which must be answered 200,
     /// and returns the answer.
     pub fn shell(&self, key: &str, id: &str, script: &str) -> Value {
