@@ -107,6 +107,14 @@ impl Server {
         r.json()["id"].as_str().expect("id").to_owned()
     }
 
+    /// Creates an API key as `req` asks (`POST /v1/keys`) with the admin key `admin`, which
+    /// must succeed, and returns its secret.
+    pub fn create_key(&self, admin: &str, req: Value) -> String {
+        let r = self.request("POST", "/v1/keys", Some(admin), Some(&body(req)));
+        assert_eq!(r.status, 201, "key: {}", r.text());
+        r.json()["secret"].as_str().expect("secret").to_owned()
+    }
+
     /// Creates template `name` of `spec` (`POST /v1/templates`) with `key`, which must succeed.
     pub fn create_template(&self, key: &str, name: &str, spec: Value) {
         let req = serde_json::json!({ "name": name, "spec": spec });

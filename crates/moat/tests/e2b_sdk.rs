@@ -66,14 +66,7 @@ fn run_client(mut cmd: Command, what: &str) {
     need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/keys",
-        Some(&admin),
-        Some(&body(json!({"name": "e2b sdk suite", "tenant": "e2bsdk"}))),
-    );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let key = r.json()["secret"].as_str().expect("secret").to_owned();
+    let key = server.create_key(&admin, json!({"name": "e2b sdk suite", "tenant": "e2bsdk"}));
     let url = format!("http://127.0.0.1:{}", server.port);
     let out = cmd
         .current_dir(repo_root())

@@ -102,16 +102,10 @@ fn quotas_speak_in_sizes() {
     need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/keys",
-        Some(&admin),
-        Some(&body(
-            json!({"name": "small", "quotas": {"max_memory": "1G"}}),
-        )),
+    let key = server.create_key(
+        &admin,
+        json!({"name": "small", "quotas": {"max_memory": "1G"}}),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let key = r.json()["secret"].as_str().expect("secret").to_owned();
     let r = server.request(
         "POST",
         "/v1/sandboxes",

@@ -21,14 +21,10 @@ struct E2bSandbox {
 
 /// A key of a tenant of its own.
 fn tenant_key(server: &Server, tenant: &str) -> String {
-    let r = server.request(
-        "POST",
-        "/v1/keys",
-        Some(&server.admin_key()),
-        Some(&body(json!({"name": tenant, "tenant": tenant}))),
-    );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["secret"].as_str().expect("secret").to_owned()
+    server.create_key(
+        &server.admin_key(),
+        json!({"name": tenant, "tenant": tenant}),
+    )
 }
 
 /// `POST /v2/sandboxes` with `request` as `key`.

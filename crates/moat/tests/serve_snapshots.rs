@@ -49,14 +49,7 @@ fn snapshot(server: &Server, key: &str, id: &str, req: Value) -> Value {
 
 /// A user key of a new tenant `tenant`, made over the API with the admin key.
 fn tenant_key(server: &Server, admin: &str, tenant: &str) -> String {
-    let r = post(
-        server,
-        admin,
-        "/v1/keys",
-        json!({"name": tenant, "tenant": tenant}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    r.json()["secret"].as_str().expect("secret").to_owned()
+    server.create_key(admin, json!({"name": tenant, "tenant": tenant}))
 }
 
 /// What the counter file of the busy process holds, read from the host through the
@@ -545,13 +538,7 @@ fn a_directory_template_snapshot_keeps_removals() {
         .tempdir_in("/tmp")
         .expect("tempdir");
     tiny_rootfs(rootfs.path());
-    let r = post(
-        &server,
-        &key,
-        "/v1/templates",
-        json!({"name": "tiny", "spec": {"rootfs": {"dir": rootfs.path()}}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    server.create_template(&key, "tiny", json!({"rootfs": {"dir": rootfs.path()}}));
     let id = create(&server, &key, json!({"template": "tiny"}));
     // Remove a file of the template, change another, add one.
     sh(
@@ -607,13 +594,7 @@ fn a_create_from_a_snapshot_may_claim_a_warm_member() {
     need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let r = post(
-        &server,
-        &key,
-        "/v1/templates",
-        json!({"name": "warm", "spec": {"rootfs": "host", "pool_size": 1}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    server.create_template(&key, "warm", json!({"rootfs": "host", "pool_size": 1}));
     wait_ready(&server, &key, "warm");
     let id = create(&server, &key, json!({"template": "warm"}));
     sh(&server, &key, &id, "user", "echo warm > /home/user/w");
