@@ -267,6 +267,20 @@ fn post(query: &str, content_type: &str) -> http::request::Builder {
     Request::post(format!("/files?{query}")).header("content-type", content_type)
 }
 
+/// A `POST /files?{query}` request with an octet-stream body.
+fn octet(query: &str) -> http::request::Builder {
+    post(query, "application/octet-stream")
+}
+
+/// `POST /files?{query}` of `data` as one octet-stream body.
+async fn upload(
+    state: &Arc<AgentState>,
+    query: &str,
+    data: impl Into<Bytes>,
+) -> Response<Incoming> {
+    send(state, octet(query).body(body(data)).expect("req")).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_uploads_use_full_filenames() {
     require_root!();
@@ -375,7 +389,7 @@ async fn octet_stream_uploads_plain_and_gzip() {
     let streamed = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks)));
     let resp = send(
         &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&dest)))
             .body(streamed)
             .expect("req"),
     )
@@ -401,7 +415,7 @@ async fn octet_stream_uploads_plain_and_gzip() {
     // A truncated stream is a bad body, not a short file.
     let resp = send(
         &state,
-        post(&format!("path={}", q(&gz_dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&gz_dest)))
             .header("content-encoding", "gzip")
             .body(body(gz[..gz.len() - 6].to_vec()))
             .expect("req"),
@@ -410,7 +424,7 @@ async fn octet_stream_uploads_plain_and_gzip() {
     assert_eq!(status_of(resp).await, StatusCode::BAD_REQUEST);
     let resp = send(
         &state,
-        post(&format!("path={}", q(&gz_dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&gz_dest)))
             .header("content-encoding", "gzip")
             .body(body(gz))
             .expect("req"),
@@ -424,24 +438,18 @@ async fn octet_stream_uploads_plain_and_gzip() {
 
     let resp = send(
         &state,
-        post(&format!("path={}", q(&gz_dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&gz_dest)))
             .header("content-encoding", "gzip")
             .body(body("this is not gzip"))
             .expect("req"),
     )
     .await;
     assert_eq!(status_of(resp).await, StatusCode::BAD_REQUEST);
-    let resp = send(
-        &state,
-        post("", "application/octet-stream")
-            .body(body("no path"))
-            .expect("req"),
-    )
-    .await;
+    let resp = upload(&state, "", "no path").await;
     assert_eq!(status_of(resp).await, StatusCode::BAD_REQUEST);
     let resp = send(
         &state,
-        post(&format!("path={}", q(&gz_dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&gz_dest)))
             .header("content-encoding", "br")
             .body(body("x"))
             .expect("req"),
@@ -451,16 +459,7 @@ async fn octet_stream_uploads_plain_and_gzip() {
 
     // Onto a FIFO: refused, and no hang.
     common::mkfifo(&dir.path().join("fifo"));
-    let resp = send(
-        &state,
-        post(
-            &format!("path={}", q(&path_of(&dir, "fifo"))),
-            "application/octet-stream",
-        )
-        .body(body("x"))
-        .expect("req"),
-    )
-    .await;
+    let resp = upload(&state, &format!("path={}", q(&path_of(&dir, "fifo"))), "x").await;
     assert_eq!(status_of(resp).await, StatusCode::BAD_REQUEST);
 }
 
@@ -477,14 +476,10 @@ async fn uploads_run_as_the_user_and_belong_to_them() {
     std::fs::create_dir(&own).expect("mkdir");
     std::os::unix::fs::chown(&own, Some(nobody.uid), Some(nobody.gid)).expect("chown");
     let dest = format!("{}/sub/file.txt", own.display());
-    let resp = send(
+    let resp = upload(
         &state,
-        post(
-            &format!("path={}&username=nobody", q(&dest)),
-            "application/octet-stream",
-        )
-        .body(body("mine"))
-        .expect("req"),
+        &format!("path={}&username=nobody", q(&dest)),
+        "mine",
     )
     .await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -493,14 +488,10 @@ async fn uploads_run_as_the_user_and_belong_to_them() {
         assert_eq!((md.uid(), md.gid()), (nobody.uid, nobody.gid), "{p}");
     }
     // Not into root's directory.
-    let resp = send(
+    let resp = upload(
         &state,
-        post(
-            &format!("path={}&username=nobody", q(&path_of(&dir, "x.txt"))),
-            "application/octet-stream",
-        )
-        .body(body("no"))
-        .expect("req"),
+        &format!("path={}&username=nobody", q(&path_of(&dir, "x.txt"))),
+        "no",
     )
     .await;
     assert_eq!(status_of(resp).await, StatusCode::FORBIDDEN);
@@ -530,7 +521,7 @@ async fn metadata_headers_become_xattrs() {
     let dest = path_of(&dir, "m.txt");
     let resp = send(
         &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&dest)))
             .header("x-metadata-Owner", "alice")
             .header("x-metadata-purpose", "test run")
             .body(body("m"))
@@ -558,7 +549,7 @@ async fn metadata_headers_become_xattrs() {
     // The next upload replaces the set; none clears it.
     let resp = send(
         &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&dest)))
             .header("x-metadata-k", "v")
             .body(body("m"))
             .expect("req"),
@@ -570,20 +561,14 @@ async fn metadata_headers_become_xattrs() {
         md.into_iter().collect::<Vec<_>>(),
         [("k".into(), "v".into())]
     );
-    let resp = send(
-        &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
-            .body(body("m"))
-            .expect("req"),
-    )
-    .await;
+    let resp = upload(&state, &format!("path={}", q(&dest)), "m").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(metadata_of(&fs, &root, &dest).await.is_empty());
 
     let too_big = "v".repeat(files::MAX_METADATA_TOTAL);
     let resp = send(
         &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&dest)))
             .header("x-metadata-big", too_big.as_str())
             .body(body("m"))
             .expect("req"),
@@ -609,13 +594,7 @@ async fn no_space_is_507() {
     }
     let state = common::state("root");
     let dest = format!("{}/big.bin", small.display());
-    let resp = send(
-        &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
-            .body(body(vec![7u8; 1 << 20]))
-            .expect("req"),
-    )
-    .await;
+    let resp = upload(&state, &format!("path={}", q(&dest)), vec![7u8; 1 << 20]).await;
     let status = status_of(resp).await;
     let _ = std::process::Command::new("umount").arg(&small).status();
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
@@ -632,14 +611,10 @@ async fn uploads_make_missing_parents_for_the_user() {
     let dir = common::tempdir();
     let state = common::state("root");
     let dest = path_of(&dir, "0/a/b.txt");
-    let resp = send(
+    let resp = upload(
         &state,
-        post(
-            &format!("path={}&username=nobody", q(&dest)),
-            "application/octet-stream",
-        )
-        .body(body("made"))
-        .expect("req"),
+        &format!("path={}&username=nobody", q(&dest)),
+        "made",
     )
     .await;
     assert_eq!(status_of(resp).await, StatusCode::OK);
@@ -649,14 +624,10 @@ async fn uploads_make_missing_parents_for_the_user() {
         assert_eq!((md.uid(), md.gid()), (nobody.uid, nobody.gid), "{p}");
     }
     // An existing directory is not taken over: the file is still opened as the user.
-    let resp = send(
+    let resp = upload(
         &state,
-        post(
-            &format!("path={}&username=nobody", q(&path_of(&dir, "x.txt"))),
-            "application/octet-stream",
-        )
-        .body(body("no"))
-        .expect("req"),
+        &format!("path={}&username=nobody", q(&path_of(&dir, "x.txt"))),
+        "no",
     )
     .await;
     assert_eq!(status_of(resp).await, StatusCode::FORBIDDEN);
@@ -771,7 +742,7 @@ async fn upload_answers_carry_the_metadata() {
     let dest = path_of(&dir, "answer.txt");
     let resp = send(
         &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
+        octet(&format!("path={}", q(&dest)))
             .header("x-metadata-Owner", "alice")
             .body(body("a"))
             .expect("req"),
@@ -817,13 +788,7 @@ async fn upload_answers_carry_the_metadata() {
         assert_eq!(item["metadata"], serde_json::json!({"k": "v"}), "{v}");
     }
     // Without metadata the answer has none.
-    let resp = send(
-        &state,
-        post(&format!("path={}", q(&dest)), "application/octet-stream")
-            .body(body("b"))
-            .expect("req"),
-    )
-    .await;
+    let resp = upload(&state, &format!("path={}", q(&dest)), "b").await;
     let v = json(resp).await;
     assert!(v[0].get("metadata").is_none(), "{v}");
 }
@@ -881,14 +846,10 @@ async fn one_upload_of_a_new_file_is_create_chmod_write() {
         .await
         .expect("watch");
     for name in ["new.txt", "marker"] {
-        let resp = send(
+        let resp = upload(
             &state,
-            post(
-                &format!("path={}", q(&path_of(&dir, name))),
-                "application/octet-stream",
-            )
-            .body(body("hello"))
-            .expect("req"),
+            &format!("path={}", q(&path_of(&dir, name))),
+            "hello",
         )
         .await;
         assert_eq!(status_of(resp).await, StatusCode::OK);

@@ -1,9 +1,10 @@
 //! The `v1_` signatures of envd's file URLs (`/files?path=…&signature=…`): what lets a URL that
-//! carries no access token read or write one path (e2b-wire.md §7.4). The agent checks them;
-//! the server's proxy checks them to find the sandbox a headerless URL is for.
+//! carries no access token read or write one path (e2b-wire.md §7.4). The server's sandbox
+//! proxy checks them (and finds by them the sandbox a headerless URL is for); the agent, which
+//! only the host reaches, does not check them again.
 //!
-//! Both read the URL's query with one parser, [`FilesQuery::parse`], so the signature the proxy
-//! checks always covers exactly what the agent acts on.
+//! The proxy and the agent read the URL's query with one parser, [`FilesQuery::parse`], so the
+//! signature the proxy checks always covers exactly what the agent acts on.
 
 use base64::Engine as _;
 use sha2::{Digest, Sha256};

@@ -1,5 +1,5 @@
 //! What every handler shares: the state, the result type, strict JSON bodies and query
-//! component decoding.
+//! decoding.
 
 use std::sync::Arc;
 
@@ -35,6 +35,27 @@ pub(crate) fn decode(text: &str) -> ApiResult<String> {
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| ApiError::invalid(format!("query component {text:?} is not UTF-8")))
+}
+
+/// The `name=value` pairs of a raw query string, each side decoded by [`decode`]; empty pairs
+/// are skipped and a pair without `=` has an empty value.
+pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = ApiResult<(String, String)>> + '_ {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        Ok((decode(name)?, decode(value)?))
+    })
+}
+
+/// The `limit` of a `/v1` listing's query.
+pub(crate) fn query_limit(value: &str) -> ApiResult<u32> {
+    value
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("limit {value:?} is not a non-negative number")))
+}
+
+/// The refusal of a query parameter a `/v1` route does not take; `known` lists those it does.
+pub(crate) fn unknown_parameter(name: &str, known: &str) -> ApiError {
+    ApiError::invalid(format!("unknown query parameter {name:?} (known: {known})"))
 }
 
 #[cfg(test)]

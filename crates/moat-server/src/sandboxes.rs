@@ -16,7 +16,7 @@ use moat_engine::auth::Caller;
 use moat_proto::v1;
 
 use crate::error::status_of;
-use crate::extract::{ApiResult, Shared, decode, json_body};
+use crate::extract::{ApiResult, Shared, json_body, query_limit, query_pairs, unknown_parameter};
 use crate::{ApiError, AppState};
 
 /// The sandbox routes (authentication is added by the caller).
@@ -182,9 +182,8 @@ const RUN_RETRY_AFTER_SECS: u64 = 1;
 fn parse_list_query(query: &str) -> ApiResult<v1::ListSandboxes> {
     let mut out = v1::ListSandboxes::default();
     let mut metadata = BTreeMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (name, value) = (decode(name)?, decode(value)?);
+    for pair in query_pairs(query) {
+        let (name, value) = pair?;
         match name.as_str() {
             "state" => {
                 let state = serde_json::from_value(serde_json::Value::String(value.clone()))
@@ -202,16 +201,8 @@ fn parse_list_query(query: &str) -> ApiResult<v1::ListSandboxes> {
                 metadata.insert(k.to_owned(), v.to_owned());
             }
             "after" => out.after = Some(value),
-            "limit" => {
-                out.limit = Some(value.parse().map_err(|_| {
-                    ApiError::invalid(format!("limit {value:?} is not a non-negative number"))
-                })?)
-            }
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "unknown query parameter {other:?} (known: state, metadata, after, limit)"
-                )));
-            }
+            "limit" => out.limit = Some(query_limit(&value)?),
+            other => return Err(unknown_parameter(other, "state, metadata, after, limit")),
         }
     }
     out.metadata = metadata;

@@ -11,9 +11,8 @@ use moat_engine::auth::Caller;
 use moat_proto::v1;
 use serde::Deserialize;
 
-use crate::ApiError;
 use crate::error::status_of;
-use crate::extract::{ApiResult, Shared, decode, json_body};
+use crate::extract::{ApiResult, Shared, json_body, query_limit, query_pairs, unknown_parameter};
 
 /// The routes (authentication is added by the caller).
 pub(crate) fn routes() -> Router<Shared> {
@@ -125,23 +124,14 @@ async fn delete(
 /// `sandbox_id=…&name=…&after=…&limit=…`, strictly: an unknown parameter is an error.
 fn parse_list_query(query: &str) -> ApiResult<v1::ListSnapshots> {
     let mut out = v1::ListSnapshots::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (name, value) = (decode(name)?, decode(value)?);
+    for pair in query_pairs(query) {
+        let (name, value) = pair?;
         match name.as_str() {
             "sandbox_id" => out.sandbox_id = Some(value),
             "name" => out.name = Some(value),
             "after" => out.after = Some(value),
-            "limit" => {
-                out.limit = Some(value.parse().map_err(|_| {
-                    ApiError::invalid(format!("limit {value:?} is not a non-negative number"))
-                })?)
-            }
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "unknown query parameter {other:?} (known: sandbox_id, name, after, limit)"
-                )));
-            }
+            "limit" => out.limit = Some(query_limit(&value)?),
+            other => return Err(unknown_parameter(other, "sandbox_id, name, after, limit")),
         }
     }
     Ok(out)

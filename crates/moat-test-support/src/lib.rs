@@ -10,7 +10,7 @@ pub mod host;
 pub mod server;
 pub mod tmpfs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use moat_backend_native::{NativeBackend, NativeOptions};
@@ -57,6 +57,27 @@ pub fn moat_binary() -> PathBuf {
     })
 }
 
+/// Copies each host program `(source, name)` to `root/bin/name`, with every library `ldd` names
+/// for it at the same path under `root`: enough of a root filesystem to run those programs.
+pub fn install_programs(root: &Path, programs: &[(&str, &str)]) {
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
+    for (src, name) in programs {
+        std::fs::copy(src, root.join("bin").join(name)).expect("copy program");
+        let ldd = std::process::Command::new("ldd")
+            .arg(src)
+            .output()
+            .expect("ldd");
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let dst = root.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
+            std::fs::copy(lib, &dst).expect("copy lib");
+        }
+    }
+}
+
 /// The native backend with the `moat` binary under test as the agent.
 pub fn backend() -> NativeBackend {
     NativeBackend::new(&NativeOptions {
@@ -77,12 +98,16 @@ pub struct Sandbox {
 /// A sandbox of the `host` template with default limits, its id made from `tag` and our pid;
 /// `None` (with a printed reason) when not running as root.
 pub async fn sandbox(tag: &str) -> Option<Sandbox> {
+    sandbox_with(tag, SandboxPlan::host("native")).await
+}
+
+/// As [`sandbox`], made to `plan` (its env vars, user, workdir, limits).
+pub async fn sandbox_with(tag: &str, plan: SandboxPlan) -> Option<Sandbox> {
     if !is_root() {
         eprintln!("SKIP: the native backend needs root");
         return None;
     }
     let id = format!("{tag}{}", std::process::id());
-    let plan = SandboxPlan::host("native");
     let mut inst = backend().create(&id, &plan).await.expect("create");
     let client = AgentClient::handshake(inst.take_channel().expect("channel"))
         .await

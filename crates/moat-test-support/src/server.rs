@@ -107,6 +107,21 @@ impl Server {
         r.json()["id"].as_str().expect("id").to_owned()
     }
 
+    /// Creates an API key as `req` asks (`POST /v1/keys`) with the admin key `admin`, which
+    /// must succeed, and returns its secret.
+    pub fn create_key(&self, admin: &str, req: Value) -> String {
+        let r = self.request("POST", "/v1/keys", Some(admin), Some(&body(req)));
+        assert_eq!(r.status, 201, "key: {}", r.text());
+        r.json()["secret"].as_str().expect("secret").to_owned()
+    }
+
+    /// Creates template `name` of `spec` (`POST /v1/templates`) with `key`, which must succeed.
+    pub fn create_template(&self, key: &str, name: &str, spec: Value) {
+        let req = serde_json::json!({ "name": name, "spec": spec });
+        let r = self.request("POST", "/v1/templates", Some(key), Some(&body(req)));
+        assert_eq!(r.status, 201, "template {name}: {}", r.text());
+    }
+
     /// Runs `script` with the sandbox's shell (a buffered exec), which must be answered 200,
     /// and returns the answer.
     pub fn shell(&self, key: &str, id: &str, script: &str) -> Value {
@@ -183,14 +198,20 @@ impl Server {
                 eprintln!("writing the body of {method} {path}: {e}");
             }
         }
-        let mut raw = Vec::new();
-        match conn.read_to_end(&mut raw) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
-            Err(e) => return Err(e),
-        }
-        Reply::parse(&raw)
+        read_reply(&mut conn)
     }
+}
+
+/// Reads an answer to the end of the connection. A reset after some bytes still counts: a server
+/// refusing an oversized body may close before reading it.
+fn read_reply(conn: &mut TcpStream) -> std::io::Result<Reply> {
+    let mut raw = Vec::new();
+    match conn.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    Reply::parse(&raw)
 }
 
 impl Server {
@@ -200,13 +221,7 @@ impl Server {
     pub fn raw(&self, request: &[u8]) -> std::io::Result<Reply> {
         let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
         conn.write_all(request)?;
-        let mut raw = Vec::new();
-        match conn.read_to_end(&mut raw) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => {}
-            Err(e) => return Err(e),
-        }
-        Reply::parse(&raw)
+        read_reply(&mut conn)
     }
 
     /// SIGKILLs the server, as a crash would, and hands back its data dir.

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// `moat ARGS` with `MOAT_URL` and `MOAT_API_KEY` for `server` and `key`, stdin empty.
@@ -62,10 +62,7 @@ fn json_out(out: Output) -> Value {
 
 #[test]
 fn keys_api_and_commands() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let admin = server.admin_key();
 
@@ -213,10 +210,7 @@ fn keys_api_and_commands() {
 
 #[test]
 fn sandbox_and_template_commands() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
 
@@ -502,10 +496,7 @@ fn sandbox_and_template_commands() {
 
 #[test]
 fn cp_both_ways() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
     let id = ok(moat(&server, &key, &["sandbox", "create"]));
@@ -677,10 +668,7 @@ fn cp_both_ways() {
 
 #[test]
 fn run_through_the_server() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -806,10 +794,7 @@ fn with_closed_stdout(mut cmd: Command) -> Output {
 
 #[test]
 fn closed_stdout_exits_quietly() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let admin = server.admin_key();
     let id = ok(moat(&server, &admin, &["sandbox", "create"]));

@@ -8,15 +8,12 @@ use moat_client::types::{
     OutputEncoding, SandboxState, TemplateSpec,
 };
 use moat_client::{Body, Client, Error, StreamEvent};
-use support::is_root;
+use support::need_root;
 use support::server::Server;
 
 #[tokio::test]
 async fn client_against_a_server() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let url = format!("http://127.0.0.1:{}", server.port);
     let client = Client::new(&url, &server.admin_key()).expect("client");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use moat_engine::store::{Quotas, Role, Store};
 use serde_json::{Value, json};
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// One E2B request: the key as `X-API-KEY`, extra headers, a JSON body.
@@ -173,10 +173,7 @@ fn ids(items: &[Value]) -> Vec<String> {
 
 #[test]
 fn e2b_control_plane() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
     let key = key.as_str();
@@ -656,15 +653,7 @@ fn e2b_control_plane() {
     assert!(r.header("retry-after").is_some(), "{}", r.headers);
 
     // The warm pool: an E2B create of a pooled template claims a ready member, as /v1's does.
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(key),
-        Some(&body(
-            json!({"name": "pooled", "spec": {"rootfs": "host", "pool_size": 1}}),
-        )),
-    );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    server.create_template(key, "pooled", json!({"rootfs": "host", "pool_size": 1}));
     // A generous deadline for a loaded machine; not a speed check.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// The repository's root, where `tests/e2b/` is.
@@ -63,20 +63,10 @@ fn run_pytest_with(python: &Path, file: &str) {
 /// Runs `cmd` (an SDK client) in the repository's root against a fresh `moat serve`, with the
 /// E2B environment pointing at it; fails with its output unless it exits 0.
 fn run_client(mut cmd: Command, what: &str) {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/keys",
-        Some(&admin),
-        Some(&body(json!({"name": "e2b sdk suite", "tenant": "e2bsdk"}))),
-    );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let key = r.json()["secret"].as_str().expect("secret").to_owned();
+    let key = server.create_key(&admin, json!({"name": "e2b sdk suite", "tenant": "e2bsdk"}));
     let url = format!("http://127.0.0.1:{}", server.port);
     let out = cmd
         .current_dir(repo_root())

@@ -8,7 +8,7 @@ use moat_test_support as support;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::json;
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 fn moat(server: &Server, key: &str, args: &[&str]) -> Output {
@@ -50,10 +50,7 @@ fn cli_error(out: &Output, status: i32) -> String {
 
 #[test]
 fn a_failed_sandbox_says_so_once() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let admin = server.admin_key();
     let r = server.request(
@@ -102,22 +99,13 @@ fn a_failed_sandbox_says_so_once() {
 
 #[test]
 fn quotas_speak_in_sizes() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/keys",
-        Some(&admin),
-        Some(&body(
-            json!({"name": "small", "quotas": {"max_memory": "1G"}}),
-        )),
+    let key = server.create_key(
+        &admin,
+        json!({"name": "small", "quotas": {"max_memory": "1G"}}),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let key = r.json()["secret"].as_str().expect("secret").to_owned();
     let r = server.request(
         "POST",
         "/v1/sandboxes",
@@ -147,20 +135,8 @@ fn rootfs_with(passwd: &str) -> tempfile::TempDir {
         .tempdir_in("/tmp")
         .expect("tempdir");
     let r = root.path();
-    std::fs::create_dir_all(r.join("bin")).expect("mkdir");
     std::fs::create_dir_all(r.join("etc")).expect("mkdir");
-    std::fs::copy("/usr/bin/dash", r.join("bin/sh")).expect("copy dash");
-    let ldd = Command::new("ldd")
-        .arg("/usr/bin/dash")
-        .output()
-        .expect("ldd");
-    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
-        if word.starts_with('/') {
-            let dst = r.join(word.trim_start_matches('/'));
-            std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
-            std::fs::copy(word, &dst).expect("copy lib");
-        }
-    }
+    support::install_programs(r, &[("/usr/bin/dash", "sh")]);
     std::fs::write(r.join("etc/passwd"), passwd).expect("passwd");
     std::fs::write(r.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
     root
@@ -168,10 +144,7 @@ fn rootfs_with(passwd: &str) -> tempfile::TempDir {
 
 #[test]
 fn a_rootfs_without_the_user_is_refused_with_what_to_add() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let bare = rootfs_with("root:x:0:0::/root:/bin/sh\n");
     let full = rootfs_with("root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n");
     let server = Server::start();

@@ -8,7 +8,7 @@ use moat_test_support as support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// Pages of the server's database, read beside it (WAL lets a reader in).
@@ -69,10 +69,7 @@ fn cycles(server: &Server, key: &str, n: usize) {
 
 #[test]
 fn ended_records_go_after_the_retention_and_the_database_stays_flat() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start_with(&["--retention", "1s"]);
     let key = server.admin_key();
     cycles(&server, &key, 20);
@@ -100,10 +97,7 @@ fn ended_records_go_after_the_retention_and_the_database_stays_flat() {
 
 #[test]
 fn a_running_server_sweeps_empty_cgroups_left_behind() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start_with(&["--retention", "1s"]);
     // What a `moat run` killed between making its cgroups and arming its guardian leaves:
     // empty sandbox cgroups, older than any create in progress.

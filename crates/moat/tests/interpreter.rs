@@ -11,7 +11,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use moat_engine::agent_client::{AgentClient, RequestBody};
-use moat_engine::backend::{Backend, Instance};
+use moat_engine::backend::Instance;
 use moat_engine::plan::SandboxPlan;
 use serde_json::{Value, json};
 
@@ -25,20 +25,12 @@ const LINE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A sandbox and a client of its agent; `None` (with a printed reason) without root.
 async fn sandbox(tag: &str) -> Option<(Box<dyn Instance>, AgentClient)> {
-    if !support::is_root() {
-        eprintln!("SKIP: the native backend needs root");
-        return None;
-    }
-    let id = format!("{tag}{}", std::process::id());
     let plan = SandboxPlan {
         env: [("MOAT_SANDBOX_VAR".to_string(), "from-sandbox".to_string())].into(),
         ..SandboxPlan::host("native")
     };
-    let mut inst = support::backend().create(&id, &plan).await.expect("create");
-    let client = AgentClient::handshake(inst.take_channel().expect("channel"))
-        .await
-        .expect("handshake");
-    Some((inst, client))
+    let s = support::sandbox_with(tag, plan).await?;
+    Some((s.inst, s.client))
 }
 
 /// A request as the SDK sends it: JSON body, the token only where asked for.

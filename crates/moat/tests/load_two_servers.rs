@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 const CLIENTS: usize = 8;
@@ -104,10 +104,7 @@ fn assert_gone(id: &str) {
 
 #[test]
 fn eight_clients_beside_a_restarting_keep_mode_neighbour_lose_and_leak_nothing() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start_with(&["--on-shutdown", "keep"]);
     let key = server.admin_key();
     let ids = Mutex::new(Vec::new());

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// The Python with the test tools: `MOAT_TEST_PYTHON` (set by scripts/test.sh), else the
@@ -105,10 +105,7 @@ fn routes_in_document(doc: &Value) -> BTreeSet<(String, String)> {
 
 #[test]
 fn the_document_validates_and_matches_the_routes() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
     server

@@ -4,22 +4,11 @@
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+use moat_test_support as support;
+use support::need_root;
+
 fn moat() -> Command {
     Command::new(env!("CARGO_BIN_EXE_moat"))
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! need_root {
-    () => {
-        if !is_root() {
-            eprintln!("SKIP: the native backend needs root");
-            return;
-        }
-    };
 }
 
 fn run(args: &[&str]) -> Output {
@@ -248,20 +237,8 @@ fn timeout_kills_the_whole_tree() {
 fn tiny_rootfs() -> std::path::PathBuf {
     let root = std::env::temp_dir().join(format!("moat-cli-rootfs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
     std::fs::create_dir_all(root.join("etc")).expect("mkdir");
-    std::fs::copy("/usr/bin/dash", root.join("bin/sh")).expect("copy dash");
-    let ldd = Command::new("ldd")
-        .arg("/usr/bin/dash")
-        .output()
-        .expect("ldd");
-    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
-        if word.starts_with('/') {
-            let dst = root.join(word.trim_start_matches('/'));
-            std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
-            std::fs::copy(word, &dst).expect("copy lib");
-        }
-    }
+    support::install_programs(&root, &[("/usr/bin/dash", "sh")]);
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",

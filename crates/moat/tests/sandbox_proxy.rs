@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// A sandbox made over `/v1`, reached as sandbox traffic.
@@ -266,10 +266,7 @@ fn assert_plain_error(r: &Reply, status: u16) {
 
 #[test]
 fn envd_traffic() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
     let sbx = Sandbox::create(&server, &key);
@@ -606,10 +603,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
 
 #[test]
 fn user_services() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = server.admin_key();
     let sbx = Sandbox::create(&server, &key);

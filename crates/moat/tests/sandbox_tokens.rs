@@ -9,7 +9,7 @@ use moat_test_support as support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::is_root;
+use support::need_root;
 use support::server::*;
 
 /// A sandbox made through the E2B API, with the tokens its create answered.
@@ -21,14 +21,10 @@ struct E2bSandbox {
 
 /// A key of a tenant of its own.
 fn tenant_key(server: &Server, tenant: &str) -> String {
-    let r = server.request(
-        "POST",
-        "/v1/keys",
-        Some(&server.admin_key()),
-        Some(&body(json!({"name": tenant, "tenant": tenant}))),
-    );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["secret"].as_str().expect("secret").to_owned()
+    server.create_key(
+        &server.admin_key(),
+        json!({"name": tenant, "tenant": tenant}),
+    )
 }
 
 /// `POST /v2/sandboxes` with `request` as `key`.
@@ -106,10 +102,7 @@ const SERVE_8000: &str = "setsid /usr/bin/python3 -m http.server 8000 --bind 127
 
 #[test]
 fn interpreter_needs_a_token_on_every_route() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let owner = tenant_key(&server, "owner");
     let other = tenant_key(&server, "other");
@@ -211,10 +204,7 @@ fn interpreter_needs_a_token_on_every_route() {
 
 #[test]
 fn user_services_are_public_unless_made_private() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start();
     let key = tenant_key(&server, "acme");
     let public = create(&server, &key, json!({"templateID": "base"}));
@@ -267,10 +257,7 @@ fn user_services_are_public_unless_made_private() {
 
 #[test]
 fn private_traffic_server_default() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start_with(&["--private-traffic"]);
     let key = tenant_key(&server, "acme");
     let default = create(&server, &key, json!({"templateID": "base"}));
@@ -307,10 +294,7 @@ fn exec_as(server: &Server, key: &str, sbx: &E2bSandbox, shell: &str) {
 
 #[test]
 fn privacy_survives_a_restart() {
-    if !is_root() {
-        eprintln!("SKIP: moat serve's native backend needs root");
-        return;
-    }
+    need_root!("moat serve's native backend needs root");
     let server = Server::start_with(&["--on-shutdown", "keep"]);
     let key = tenant_key(&server, "acme");
     let private = create(

@@ -161,17 +161,15 @@ fn start_and_ready_scripts_gate_a_sandbox() {
     need_root!();
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(&admin),
-        Some(&body(json!({"name": "web", "spec": {
+    server.create_template(
+        &admin,
+        "web",
+        json!({
             "rootfs": "host",
             "start": "sleep 0.3; echo up > /tmp/started; exec sleep 1000",
             "ready": "test -f /tmp/started && pgrep -x sleep",
-        }}))),
+        }),
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     let r = server.request(
         "POST",
         "/v1/sandboxes",
@@ -185,15 +183,13 @@ fn start_and_ready_scripts_gate_a_sandbox() {
     assert_eq!(out["stdout"], "up\n1\n", "{out}");
 
     // A ready script that never passes fails the create, and leaves a failed record.
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(&admin),
-        Some(&body(json!({"name": "never", "spec": {
+    server.create_template(
+        &admin,
+        "never",
+        json!({
             "rootfs": "host", "ready": "echo not yet; exit 1", "ready_timeout_secs": 1,
-        }}))),
+        }),
     );
-    assert_eq!(r.status, 201);
     let r = server.request(
         "POST",
         "/v1/sandboxes",
@@ -222,15 +218,11 @@ fn fifty_clients_claim_from_one_pool_and_none_twice() {
     const CLIENTS: usize = 50;
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(&admin),
-        Some(&body(
-            json!({"name": "warm", "spec": {"rootfs": "host", "pool_size": CLIENTS}}),
-        )),
+    server.create_template(
+        &admin,
+        "warm",
+        json!({"rootfs": "host", "pool_size": CLIENTS}),
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     let t = wait_ready(&server, &admin, "warm", CLIENTS as u64);
     assert_eq!(t["pool"]["target"], CLIENTS, "{t}");
     // Pool members belong to no one until claimed.
@@ -298,15 +290,7 @@ fn a_quota_refused_claim_leaves_the_member_in_the_pool() {
     let server = Server::start();
     let admin = server.admin_key();
     // A built-in's pool serves every tenant: give `host`'s sibling a pool as the admin.
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(&admin),
-        Some(&body(
-            json!({"name": "two", "spec": {"rootfs": "host", "pool_size": 2}}),
-        )),
-    );
-    assert_eq!(r.status, 201);
+    server.create_template(&admin, "two", json!({"rootfs": "host", "pool_size": 2}));
     wait_ready(&server, &admin, "two", 2);
     let quotas = Quotas {
         max_sandboxes: Some(1),
@@ -450,15 +434,7 @@ fn a_restart_after_sigkill_reaps_pool_members() {
     need_root!();
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(&admin),
-        Some(&body(
-            json!({"name": "warm", "spec": {"rootfs": "host", "pool_size": 3}}),
-        )),
-    );
-    assert_eq!(r.status, 201);
+    server.create_template(&admin, "warm", json!({"rootfs": "host", "pool_size": 3}));
     wait_ready(&server, &admin, "warm", 3);
     let members = sandboxes_under(server.child.id());
     assert_eq!(members.len(), 3, "{members:?}");
@@ -527,15 +503,7 @@ fn a_pool_member_whose_agent_hangs_is_replaced() {
     need_root!();
     let server = Server::start();
     let admin = server.admin_key();
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(&admin),
-        Some(&body(
-            json!({"name": "one", "spec": {"rootfs": "host", "pool_size": 1}}),
-        )),
-    );
-    assert_eq!(r.status, 201);
+    server.create_template(&admin, "one", json!({"rootfs": "host", "pool_size": 1}));
     wait_ready(&server, &admin, "one", 1);
     let members = sandboxes_under(server.child.id());
     assert_eq!(members.len(), 1, "{members:?}");

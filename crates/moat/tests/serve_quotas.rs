@@ -163,16 +163,14 @@ fn warm_pools_are_held_to_their_budget_after_readiness() {
     let admin = server.admin_key();
     // Members are ready at once, then each fills 48M of its writable layer (memory): over
     // the whole budget.
-    let r = server.request(
-        "POST",
-        "/v1/templates",
-        Some(&admin),
-        Some(&body(json!({"name": "grow", "spec": {
+    server.create_template(
+        &admin,
+        "grow",
+        json!({
             "rootfs": "host", "pool_size": 4, "resources": {"memory": "128M"},
             "start": "sleep 1; head -c 48M /dev/zero > /tmp/fill; exec sleep 100000",
-        }}))),
+        }),
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     // Each member outgrows the whole budget once its script has run, so each is destroyed,
     // and no new one starts: one is now known to need more than the budget holds.
     wait_template(

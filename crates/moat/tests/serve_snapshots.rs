@@ -7,7 +7,7 @@
 use moat_test_support as support;
 use support::need_root;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -49,14 +49,7 @@ fn snapshot(server: &Server, key: &str, id: &str, req: Value) -> Value {
 
 /// A user key of a new tenant `tenant`, made over the API with the admin key.
 fn tenant_key(server: &Server, admin: &str, tenant: &str) -> String {
-    let r = post(
-        server,
-        admin,
-        "/v1/keys",
-        json!({"name": tenant, "tenant": tenant}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    r.json()["secret"].as_str().expect("secret").to_owned()
+    server.create_key(admin, json!({"name": tenant, "tenant": tenant}))
 }
 
 /// What the counter file of the busy process holds, read from the host through the
@@ -516,32 +509,15 @@ fn snapshots_survive_a_restart_and_paused_sandboxes_do_not() {
 /// A minimal root filesystem: `dash` as `/bin/sh`, `cat` and `rm`, the libraries they link,
 /// and the identity files.
 fn tiny_rootfs(root: &Path) {
-    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
     std::fs::create_dir_all(root.join("etc/sub")).expect("mkdir");
-    let mut libs = Vec::new();
-    for (src, dst) in [
-        ("/usr/bin/dash", "sh"),
-        ("/usr/bin/cat", "cat"),
-        ("/usr/bin/rm", "rm"),
-    ] {
-        std::fs::copy(src, root.join("bin").join(dst)).expect("copy binary");
-        let ldd = std::process::Command::new("ldd")
-            .arg(src)
-            .output()
-            .expect("ldd");
-        libs.extend(
-            String::from_utf8_lossy(&ldd.stdout)
-                .split_whitespace()
-                .filter(|w| w.starts_with('/'))
-                .map(PathBuf::from)
-                .collect::<Vec<_>>(),
-        );
-    }
-    for lib in libs {
-        let dst = root.join(lib.strip_prefix("/").expect("absolute"));
-        std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir lib");
-        std::fs::copy(&lib, &dst).expect("copy lib");
-    }
+    support::install_programs(
+        root,
+        &[
+            ("/usr/bin/dash", "sh"),
+            ("/usr/bin/cat", "cat"),
+            ("/usr/bin/rm", "rm"),
+        ],
+    );
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
@@ -562,13 +538,7 @@ fn a_directory_template_snapshot_keeps_removals() {
         .tempdir_in("/tmp")
         .expect("tempdir");
     tiny_rootfs(rootfs.path());
-    let r = post(
-        &server,
-        &key,
-        "/v1/templates",
-        json!({"name": "tiny", "spec": {"rootfs": {"dir": rootfs.path()}}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    server.create_template(&key, "tiny", json!({"rootfs": {"dir": rootfs.path()}}));
     let id = create(&server, &key, json!({"template": "tiny"}));
     // Remove a file of the template, change another, add one.
     sh(
@@ -624,13 +594,7 @@ fn a_create_from_a_snapshot_may_claim_a_warm_member() {
     need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let r = post(
-        &server,
-        &key,
-        "/v1/templates",
-        json!({"name": "warm", "spec": {"rootfs": "host", "pool_size": 1}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    server.create_template(&key, "warm", json!({"rootfs": "host", "pool_size": 1}));
     wait_ready(&server, &key, "warm");
     let id = create(&server, &key, json!({"template": "warm"}));
     sh(&server, &key, &id, "user", "echo warm > /home/user/w");

@@ -11,10 +11,9 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 use tokio::time::sleep_until;
 
-use super::KEEPALIVE_INTERVAL;
-use super::MAX_CONTEXTS;
 use super::kernel::{Handle, Kernel, Launcher, Outcome, StartError};
 use super::language::Language;
+use super::limits::{KEEPALIVE_INTERVAL, MAX_CONTEXTS};
 use super::stream::{Emitter, Output};
 
 /// Why a context's driver is being ended from outside an execution.

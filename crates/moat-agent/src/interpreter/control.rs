@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use serde_json::{Map, Value};
 
-use super::{MAX_FRAME_BYTES, MAX_RESULT_ENTRY_BYTES};
+use super::limits::{MAX_FRAME_BYTES, MAX_RESULT_ENTRY_BYTES};
 
 /// Result keys whose values are text (base64 for the binary formats).
 const TEXT_KEYS: &[&str] = &[

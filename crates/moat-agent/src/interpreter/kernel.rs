@@ -16,10 +16,10 @@ use tokio::time::{Instant, sleep_until};
 
 use super::control::{self, Frame, LineSplitter};
 use super::language::Language;
-use super::stream::{Emitter, Output, Utf8Chunks};
-use super::{
+use super::limits::{
     INTERRUPT_GRACE, INTERRUPT_REPEAT, KEEPALIVE_INTERVAL, MAX_EXECUTION_TIME, STARTUP_TIMEOUT,
 };
+use super::stream::{Emitter, Output, Utf8Chunks};
 use crate::process::fdio::FdIo;
 use crate::process::{ProcessService, kill_group};
 use crate::reaper::describe_status;

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use super::{MAX_RESULT_ENTRY_BYTES, bash, javascript, python};
+use super::limits::MAX_RESULT_ENTRY_BYTES;
+use super::{bash, javascript, python};
 
 /// A language of a context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

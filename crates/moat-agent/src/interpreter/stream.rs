@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::MAX_OUTPUT_TEXT_BYTES;
+use super::limits::MAX_OUTPUT_TEXT_BYTES;
 use crate::transport::ResponseBody;
 
 /// Lines the stream may queue before the execution waits for the client: a slow reader slows

@@ -109,24 +109,6 @@ pub(crate) async fn pause(
     }
 }
 
-/// Resumes the caller's paused sandbox `id` for `timeout` seconds: what a connect to a paused
-/// sandbox does (answered 201).
-pub(crate) async fn resume(
-    state: &Shared,
-    caller: &Caller,
-    id: &str,
-    timeout_secs: u64,
-) -> E2bResult<Response> {
-    let req = v1::ResumeSandbox {
-        timeout_secs: Some(timeout_secs),
-    };
-    match state.manager.resume(caller, id, req).await {
-        Ok(sandbox) => Ok((StatusCode::CREATED, Json(answer(state, &sandbox))).into_response()),
-        Err(ManagerError::NotFound(_)) => Err(E2bError::no_sandbox(id)),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// `POST /sandboxes/{id}/snapshots`: 201 `SnapshotInfo` for a files-only snapshot.
 pub(crate) async fn create_snapshot(
     State(state): State<Shared>,

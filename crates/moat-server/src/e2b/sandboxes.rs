@@ -257,7 +257,7 @@ pub(crate) async fn connect(
     };
     let sandbox = visible(&state, &caller, &id).await?;
     match sandbox.state {
-        v1::SandboxState::Paused => super::lifecycle::resume(&state, &caller, &id, timeout).await,
+        v1::SandboxState::Paused => resume(&state, &caller, &id, timeout).await,
         _ => {
             let sandbox = state
                 .manager
@@ -266,6 +266,24 @@ pub(crate) async fn connect(
                 .map_err(|e| gone_is_404(&id, e))?;
             Ok((StatusCode::OK, Json(answer(&state, &sandbox))).into_response())
         }
+    }
+}
+
+/// Resumes `tenant`'s paused sandbox `id` for `timeout` seconds: what a connect to a paused
+/// sandbox does (answered 201).
+async fn resume(
+    state: &Shared,
+    caller: &Caller,
+    id: &str,
+    timeout_secs: u64,
+) -> E2bResult<Response> {
+    let req = v1::ResumeSandbox {
+        timeout_secs: Some(timeout_secs),
+    };
+    match state.manager.resume(caller, id, req).await {
+        Ok(sandbox) => Ok((StatusCode::CREATED, Json(answer(state, &sandbox))).into_response()),
+        Err(ManagerError::NotFound(_)) => Err(E2bError::no_sandbox(id)),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use moat_jail::probe::{Finding, probe_all};
 
-/// Prints the findings and the backend choice. Exits 0 when the native backend can run.
+/// Prints the findings, the backend choice and the backends `moat serve` registers. Exits 0 when the native backend can run.
 pub fn main() -> ExitCode {
     let mut findings = probe_all();
     findings.push(nofile_finding());
@@ -46,6 +46,13 @@ pub fn main() -> ExitCode {
             moat_engine::host_limits::sandbox_nofile()
         );
     }
+    let _ = writeln!(
+        text,
+        "moat serve registers: {} (default {}; a template may name its backend, `moat serve \
+         --backend` sets the default)",
+        super::serve::BACKENDS.join(", "),
+        super::serve::DEFAULT_BACKEND
+    );
     let _ = writeln!(
         text,
         "gVisor backend: {}",

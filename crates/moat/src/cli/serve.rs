@@ -75,12 +75,15 @@ pub struct ServeArgs {
     #[arg(long)]
     private_traffic: bool,
     /// The isolation backend of templates that name none (one of: native).
-    #[arg(long, value_name = "KIND", default_value = "native")]
+    #[arg(long, value_name = "KIND", default_value = DEFAULT_BACKEND)]
     backend: String,
 }
 
-/// The isolation backends this build of `moat serve` runs.
-const BACKENDS: &[&str] = &["native"];
+/// The isolation backends this build of `moat serve` registers (what `moat check` reports too).
+pub(crate) const BACKENDS: &[&str] = &["native"];
+
+/// The backend of templates that name none when `--backend` is not given.
+pub(crate) const DEFAULT_BACKEND: &str = "native";
 
 /// Values of `--on-shutdown`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
