@@ -628,11 +628,16 @@ impl SandboxManager {
 }
 
 impl Inner {
-    /// Runs a store call on the blocking pool.
+    /// Runs a store call on the blocking pool, or here for a store in memory (`moat run`'s),
+    /// whose calls take microseconds and never wait for a disk: a hop to another thread and
+    /// back would cost more than the call.
     async fn db<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> ManagerResult<T> {
+        if self.store.path().is_none() {
+            return f(&self.store).map_err(ManagerError::from);
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(&store))
             .await

@@ -235,15 +235,25 @@ const RUN_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// The engine `moat run` goes through, as `moat serve` does: the native backend (with a
 /// guardian that destroys the sandbox should this process die) and a store in memory holding
 /// one tenant and the run's template, defined by `caller`.
-async fn local_engine(plan: &Plan, caller: &Caller) -> Result<SandboxManager> {
+async fn local_engine(plan: &Plan, caller: &Caller, timing: &Timing) -> Result<SandboxManager> {
+    // The store is made on another thread while this one prepares the backend.
+    let store = tokio::task::spawn_blocking(|| -> Result<Store> {
+        let store = Store::open_in_memory()?;
+        store.create_tenant(LOCAL_TENANT, LOCAL_TENANT)?;
+        Ok(store)
+    });
     let backend = NativeBackend::new(&NativeOptions {
         guardian: true,
         ..NativeOptions::default()
     })?;
-    let store = Arc::new(Store::open_in_memory().context("the in-memory store")?);
-    store
-        .create_tenant(LOCAL_TENANT, LOCAL_TENANT)
-        .context("the in-memory store")?;
+    timing.mark("backend ready");
+    let store = Arc::new(
+        store
+            .await
+            .context("the in-memory store")?
+            .context("the in-memory store")?,
+    );
+    timing.mark("store ready");
     let opts = ManagerOptions {
         default_ttl: RUN_TTL,
         max_ttl: RUN_TTL,
@@ -297,8 +307,8 @@ async fn run(plan: Plan) -> Result<u8> {
     // This host's user, with no API key: an admin of the one local tenant (so the template
     // may name a host directory) held to no key's quotas.
     let caller = Caller::local(LOCAL_TENANT);
-    let manager = local_engine(&plan, &caller).await?;
-    timing.mark("backend ready");
+    let manager = local_engine(&plan, &caller, &timing).await?;
+    timing.mark("engine ready");
     // A signal during the create is kept for when it is done: a create cut off halfway could
     // not be undone.
     let create = manager.create_with_id(&caller, create_request(&plan.resources), plan.id.clone());
