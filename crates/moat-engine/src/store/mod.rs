@@ -214,6 +214,10 @@ fn configure(conn: &Connection) -> StoreResult<()> {
     // acknowledged writes on power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Statement journals and other temporary data in memory: an update of a sandbox's state
+    // (which moves it between the partial indexes of active sandboxes) would otherwise create,
+    // write and delete a temporary file each time, several hundred microseconds.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
 
