@@ -88,7 +88,8 @@ impl NativeInstance {
         Ok(())
     }
 
-    fn set_frozen(&self, frozen: bool) -> Result<()> {
+    /// `f` of the sandbox while it is alive; `NotFound` once it is destroyed.
+    fn with_live<T>(&self, f: impl FnOnce(&Live) -> Result<T>) -> Result<T> {
         let guard = self
             .inner
             .lock()
@@ -96,19 +97,15 @@ impl NativeInstance {
         let live = guard
             .as_ref()
             .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
-        live.cgroup.set_frozen(frozen).map_err(jail)?;
-        Ok(())
+        f(live)
+    }
+
+    fn set_frozen(&self, frozen: bool) -> Result<()> {
+        self.with_live(|live| live.cgroup.set_frozen(frozen).map_err(jail))
     }
 
     fn is_frozen(&self) -> Result<bool> {
-        let guard = self
-            .inner
-            .lock()
-            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
-        let live = guard
-            .as_ref()
-            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
-        Ok(live.cgroup.is_frozen())
+        self.with_live(|live| Ok(live.cgroup.is_frozen()))
     }
 }
 
