@@ -28,6 +28,7 @@ pub mod rootfs;
 pub mod runtime;
 pub mod seccomp;
 pub mod spawn;
+mod stack;
 pub mod sys;
 
 /// Errors of the jail, each naming the step that failed.

@@ -25,6 +25,7 @@ use crate::idmap::{IdRange, RANGE};
 use crate::memfd::SealedBinary;
 use crate::rootfs::{self, FsLimits, Plan, Rootfs, Step};
 use crate::runtime::RuntimeDir;
+use crate::stack::ChildStack;
 use crate::sys::{self, cvt_int};
 use crate::{JailError, Result};
 
@@ -199,7 +200,7 @@ impl SandboxProcess {
             | libc::CLONE_NEWNET
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWUTS;
-        let stack = ChildStack::new()?;
+        let stack = ChildStack::new(CHILD_STACK, "the sandbox's start stack")?;
         // SAFETY: the child runs `child_entry` on `stack`, in our memory (CLONE_VM): it reads
         // `child`, which outlives it here (this frame waits until it has executed the agent or
         // been reaped), makes raw system calls only and never returns. `stack` is dropped only
@@ -771,52 +772,6 @@ fn bind_read_only(src: &CString, dst: &CString) -> libc::c_long {
 /// Room for the child's calls between `clone` and `exec` (the plan's steps, the fd passing of
 /// the template's lower layer), with a guard page below.
 const CHILD_STACK: usize = 256 << 10;
-const PAGE: usize = 4096;
-
-/// The child's stack: an anonymous mapping with an inaccessible guard page at its low end.
-struct ChildStack {
-    base: *mut libc::c_void,
-    len: usize,
-}
-
-impl ChildStack {
-    fn new() -> Result<ChildStack> {
-        let len = CHILD_STACK + PAGE;
-        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(JailError::last_os("map the sandbox's start stack"));
-        }
-        let stack = ChildStack { base, len };
-        // SAFETY: the lowest page of the mapping we just made.
-        if unsafe { libc::mprotect(base, PAGE, libc::PROT_NONE) } != 0 {
-            return Err(JailError::last_os("guard the sandbox's start stack"));
-        }
-        Ok(stack)
-    }
-
-    /// The initial stack pointer: the mapping's end (page-aligned, so 16-byte aligned).
-    fn top(&self) -> *mut libc::c_void {
-        // SAFETY: one past the end of our own mapping.
-        unsafe { self.base.cast::<u8>().add(self.len).cast() }
-    }
-}
-
-impl Drop for ChildStack {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, no longer used: the child has executed the agent or exited.
-        unsafe { libc::munmap(self.base, self.len) };
-    }
-}
 
 /// `clone`'s entry point for the child.
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
