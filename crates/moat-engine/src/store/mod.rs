@@ -128,9 +128,9 @@ impl Store {
         })
     }
 
-    /// A database in memory, gone when the store is dropped; for tests.
+    /// A database in memory, gone when the store is dropped: `moat run`'s and tests'.
     pub fn open_in_memory() -> StoreResult<Store> {
-        let mut conn = Connection::open_in_memory()?;
+        let mut conn = schema::open_empty_in_memory()?;
         configure(&conn)?;
         schema::migrate(&mut conn, Path::new(":memory:"))?;
         Ok(Store {
