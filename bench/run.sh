@@ -16,7 +16,8 @@ cargo build --release --locked -p moat -p moat-bench
 bin=target/x86_64-unknown-linux-gnu/release
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)"
 echo
-"$bin/moat-bench" --moat "$PWD/$bin/moat" --runs "$runs"
+# MOAT_BENCH_BASELINE=PATH adds another moat binary, timed in turn with this one (before/after).
+"$bin/moat-bench" --moat "$PWD/$bin/moat" ${MOAT_BENCH_BASELINE:+--baseline "$MOAT_BENCH_BASELINE"} --runs "$runs"
 
 # The E2B SDKs against a release `moat serve` (the SDKs come from scripts/test-deps.sh's venv).
 bash scripts/test-deps.sh >/dev/null

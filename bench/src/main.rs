@@ -22,54 +22,81 @@ struct Args {
     idle: usize,
     /// Only the `moat serve` benchmarks.
     server_only: bool,
+    /// Only the one-shot (`moat run`) benchmarks.
+    run_only: bool,
+    /// Another moat binary, timed in turn with `moat` run by run (so a machine whose speed
+    /// drifts affects both alike): a before/after comparison.
+    baseline: Option<PathBuf>,
 }
+
+const USAGE: &str = "usage: moat-bench --moat PATH [--baseline PATH] [--runs N] [--idle N] [--server-only | --run-only]";
 
 fn parse_args() -> Result<Args> {
     let mut moat = None;
     let mut runs = 200;
     let mut idle = 1000;
     let mut server_only = false;
+    let mut run_only = false;
+    let mut baseline = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--moat" => moat = it.next().map(PathBuf::from),
+            "--baseline" => baseline = Some(PathBuf::from(it.next().context("--baseline PATH")?)),
+            "--run-only" => run_only = true,
             "--runs" => runs = it.next().context("--runs N")?.parse().context("--runs N")?,
             "--idle" => idle = it.next().context("--idle N")?.parse().context("--idle N")?,
             "--server-only" => server_only = true,
-            other => bail!(
-                "unknown argument {other}; usage: moat-bench --moat PATH [--runs N] [--idle N] [--server-only]"
-            ),
+            other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
+    if server_only && run_only {
+        bail!("--server-only and --run-only exclude each other; {USAGE}");
+    }
     Ok(Args {
-        moat: moat.context("--moat PATH is required")?,
+        moat: moat.with_context(|| format!("--moat PATH is required; {USAGE}"))?,
         runs,
         idle,
         server_only,
+        run_only,
+        baseline,
     })
 }
 
 /// Times `argv` `runs` times (after 3 warm-up runs); fails if any run fails.
 fn time_command(argv: &[String], runs: usize) -> Result<Samples> {
-    let mut s = Samples::default();
+    let mut all = time_in_turn(std::slice::from_ref(&argv.to_vec()), runs)?;
+    Ok(all.remove(0))
+}
+
+/// Times each of `argvs` `runs` times (after 3 warm-up runs), one run of each in turn; fails if
+/// any run fails.
+fn time_in_turn(argvs: &[Vec<String>], runs: usize) -> Result<Vec<Samples>> {
+    let mut all: Vec<Samples> = argvs.iter().map(|_| Samples::default()).collect();
     for i in 0..runs + 3 {
-        let start = Instant::now();
-        let st = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .with_context(|| format!("running {argv:?}"))?;
-        let took = start.elapsed();
-        if !st.success() {
-            bail!("{argv:?} failed: {st}");
-        }
-        if i >= 3 {
-            s.push(took);
+        for (argv, s) in argvs.iter().zip(&mut all) {
+            let start = Instant::now();
+            let st = Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .with_context(|| format!("running {argv:?}"))?;
+            let took = start.elapsed();
+            if !st.success() {
+                bail!("{argv:?} failed: {st}");
+            }
+            if i >= 3 {
+                s.push(took);
+            }
         }
     }
-    Ok(s)
+    Ok(all)
 }
 
 fn which(bin: &str) -> Option<String> {
@@ -159,9 +186,18 @@ fn main() -> Result<()> {
         ("python3 -c pass", vec!["/usr/bin/python3", "-c", "pass"]),
     ] {
         let bare = time_command(&strings(&cmd), n)?;
-        let mut moat_argv = strings(&[&moat, "run", "--"]);
-        moat_argv.extend(strings(&cmd));
-        let moat_s = time_command(&moat_argv, n)?;
+        let run_argv = |bin: &str| {
+            let mut v = strings(&[bin, "run", "--"]);
+            v.extend(strings(&cmd));
+            v
+        };
+        let mut argvs = vec![run_argv(&moat)];
+        if let Some(b) = &args.baseline {
+            argvs.push(run_argv(&b.display().to_string()));
+        }
+        let mut timed = time_in_turn(&argvs, n)?;
+        let baseline_s = (timed.len() > 1).then(|| timed.remove(1));
+        let moat_s = timed.remove(0);
         let bwrap_s = match which("bwrap") {
             Some(b) => Some(time_command(&bwrap_argv(&b, &cmd), n)?),
             None => None,
@@ -180,6 +216,16 @@ fn main() -> Result<()> {
         };
         bare.row(&format!("bare `{label}`"), &bare, bwrap_s.as_ref());
         moat_s.row(&format!("`moat run -- {label}`"), &bare, bwrap_s.as_ref());
+        if let (Some(b), Some(path)) = (&baseline_s, &args.baseline) {
+            b.row(
+                &format!(
+                    "baseline `{} run -- {label}` (in turn with the row above)",
+                    path.display()
+                ),
+                &bare,
+                bwrap_s.as_ref(),
+            );
+        }
         match &bwrap_s {
             Some(b) => b.row(&format!("`bwrap --unshare-all {label}`"), &bare, Some(b)),
             None => println!("| `bwrap {label}` | skipped: bwrap not installed | | | |"),
@@ -192,6 +238,9 @@ fn main() -> Result<()> {
             ),
             None => println!("| `runsc {label}` | skipped: runsc not installed or failed | | | |"),
         }
+    }
+    if args.run_only {
+        return Ok(());
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
