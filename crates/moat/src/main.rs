@@ -41,7 +41,7 @@ enum Command {
 
 fn main() -> ExitCode {
     // The agent path comes first and touches nothing else: it runs as PID 1 inside a sandbox.
-    if std::env::args().nth(1).as_deref() == Some("agent") {
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("agent")) {
         cli::agent::main();
     }
     let cli = Cli::parse();

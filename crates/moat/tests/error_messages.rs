@@ -254,3 +254,17 @@ fn an_error_chain_prints_the_os_error_once() {
         assert_eq!(text.matches(inner).count(), 1, "{inner:?} twice in: {text}");
     }
 }
+
+/// An argument that is not UTF-8 gets the command line's usage error, never a panic.
+#[test]
+fn an_argument_that_is_not_utf8_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg(std::ffi::OsStr::from_bytes(b"\xff"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moat");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
