@@ -15,6 +15,8 @@ command -v ps >/dev/null || need+=(procps)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 # The sandboxes' Python is the host's: the interpreter tests draw figures with its matplotlib.
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
+# gVisor's runsc, for the gvisor backend's tests.
+command -v runsc >/dev/null || need+=(runsc)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -46,6 +46,10 @@ fn run() -> Result<(), String> {
         ));
     }
 
+    if config.channel_on_stdin {
+        move_channel_from_stdin()?;
+    }
+
     // The channel must never leak into user processes.
     // SAFETY: fcntl with integer arguments; fails cleanly if fd 3 is not open.
     if unsafe { libc::fcntl(AGENT_CHANNEL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
@@ -161,4 +165,25 @@ fn install_seccomp() -> Result<(), String> {
     }
     moat_jail::seccomp::install(&filter)
         .map_err(|e| format!("installing agent seccomp filter: {e}"))
+}
+
+/// Moves the channel from standard input to [`AGENT_CHANNEL_FD`], and puts `/dev/null` on
+/// standard input, so the agent's streams are what they are under every backend.
+fn move_channel_from_stdin() -> Result<(), String> {
+    // SAFETY: dup2 with integer arguments; fd 0 is the channel the runtime handed over.
+    if unsafe { libc::dup2(0, AGENT_CHANNEL_FD) } < 0 {
+        return Err(format!(
+            "channel on standard input: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    // SAFETY: dup2 with integer arguments; `null` stays open for the call.
+    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) } < 0 {
+        return Err(format!(
+            "standard input to /dev/null: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }

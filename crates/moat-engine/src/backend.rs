@@ -251,6 +251,8 @@ pub fn is_valid_kind(kind: &str) -> bool {
 #[derive(Clone)]
 pub struct Backends {
     by_kind: std::collections::BTreeMap<String, std::sync::Arc<dyn Backend>>,
+    /// Kinds this build has that cannot run on this host, with why and how to fix it.
+    unavailable: std::collections::BTreeMap<String, String>,
     default: String,
 }
 
@@ -269,8 +271,16 @@ impl Backends {
         let kind = default.name().to_owned();
         Backends {
             by_kind: std::iter::once((kind.clone(), default)).collect(),
+            unavailable: std::collections::BTreeMap::new(),
             default: kind,
         }
+    }
+
+    /// Records that the backend of kind `kind` cannot run on this host and `why` (what is
+    /// missing and how to get it): a template or run naming it is refused with that.
+    pub fn unavailable(mut self, kind: &str, why: impl Into<String>) -> Backends {
+        self.unavailable.insert(kind.to_owned(), why.into());
+        self
     }
 
     /// Adds `backend` under its kind, replacing one of the same kind.
@@ -291,8 +301,14 @@ impl Backends {
         &self.default
     }
 
-    /// The backend of kind `kind`, or [`EngineError::Invalid`] saying which kinds there are.
+    /// The backend of kind `kind`; [`EngineError::Unsupported`] with the reason for a kind
+    /// this host cannot run, [`EngineError::Invalid`] saying which kinds there are for others.
     pub fn get(&self, kind: &str) -> Result<&std::sync::Arc<dyn Backend>> {
+        if let Some(why) = self.unavailable.get(kind) {
+            return Err(EngineError::Unsupported(format!(
+                "the {kind} backend is unavailable on this host: {why}"
+            )));
+        }
         self.by_kind.get(kind).ok_or_else(|| {
             let shown: String = kind.chars().take(64).collect();
             EngineError::Invalid(format!(

@@ -34,7 +34,7 @@ pub fn drop_bounding(last_cap: u32) -> io::Result<()> {
 /// Clears the ambient set and turns keep-caps off.
 pub fn clear_ambient() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
-    cvt_int(unsafe {
+    let r = unsafe {
         libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -42,7 +42,14 @@ pub fn clear_ambient() -> io::Result<()> {
             0,
             0,
         )
-    })?;
+    };
+    if r == -1 {
+        let err = io::Error::last_os_error();
+        // EINVAL: a kernel without ambient capabilities (gVisor's sentry), so there are none.
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+    }
     // SAFETY: prctl with integer arguments only.
     cvt_int(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) })?;
     Ok(())

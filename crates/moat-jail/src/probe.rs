@@ -217,19 +217,28 @@ fn runs_within(cmd: &mut Command, limit: Duration) -> bool {
     }
 }
 
-fn runsc() -> Finding {
-    let Some(path) = which("runsc") else {
-        return finding(
-            "runsc",
-            false,
-            "not installed (apt-get install runsc for the gVisor backend)",
-        );
-    };
+/// Where `runsc` is on `PATH`, if it is.
+pub fn runsc_path() -> Option<String> {
+    which("runsc")
+}
+
+/// The gVisor platforms, best first, that run a container with `runsc` at `path` here: each
+/// is tried with `runsc do /bin/true` and a time limit (kvm hangs on hosts whose KVM cannot run
+/// it), kvm only where `/dev/kvm` has hardware virtualisation.
+pub fn runsc_platforms(path: &str) -> Vec<&'static str> {
+    let mut candidates = vec!["systrap"];
+    if kvm().ok {
+        candidates.push("kvm");
+    }
+    candidates.push("ptrace");
     let mut working = Vec::new();
-    for platform in ["systrap", "ptrace", "kvm"] {
-        let root = std::env::temp_dir().join(format!("moat-probe-runsc-{}", std::process::id()));
+    for platform in candidates {
+        let root = std::env::temp_dir().join(format!(
+            "moat-probe-runsc-{}-{platform}",
+            std::process::id()
+        ));
         let ok = runs_within(
-            Command::new(&path)
+            Command::new(path)
                 .arg(format!("--root={}", root.display()))
                 .args([
                     "--rootless",
@@ -245,11 +254,23 @@ fn runsc() -> Finding {
             working.push(platform);
         }
     }
+    working
+}
+
+fn runsc() -> Finding {
+    let Some(path) = runsc_path() else {
+        return finding(
+            "runsc",
+            false,
+            "not installed (apt-get install runsc for the gVisor backend)",
+        );
+    };
+    let working = runsc_platforms(&path);
     let detail = if working.is_empty() {
         format!("{path}: no platform works here")
     } else {
         format!(
-            "{path}: working platforms: {} (moat would use {})",
+            "{path}: working platforms: {} (the gvisor backend uses {})",
             working.join(", "),
             working[0]
         )

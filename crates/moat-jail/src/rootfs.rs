@@ -240,12 +240,12 @@ impl Plan {
 
 /// Host paths of the `host` template bound read-only (symlinks, as on merged-/usr systems, are
 /// recreated as symlinks).
-const HOST_DIRS: &[&str] = &[
+pub const HOST_DIRS: &[&str] = &[
     "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
 ];
 
 /// Secrets in the host's `/etc` that the `host` template hides.
-const SECRET_FILES: &[&str] = &[
+pub const SECRET_FILES: &[&str] = &[
     "etc/shadow",
     "etc/shadow-",
     "etc/gshadow",
@@ -254,7 +254,8 @@ const SECRET_FILES: &[&str] = &[
     "etc/sudoers",
     "etc/machine-id",
 ];
-const SECRET_DIRS: &[&str] = &["etc/ssl/private", "etc/sudoers.d", "etc/moat"];
+/// Directories of secrets in the host's `/etc` that the `host` template hides.
+pub const SECRET_DIRS: &[&str] = &["etc/ssl/private", "etc/sudoers.d", "etc/moat"];
 
 /// Pseudo-terminals one sandbox may have open at once (`max=` of its devpts instance). Every
 /// devpts instance but the host's draws from one pool (`kernel.pty.max` less
@@ -494,15 +495,7 @@ fn build_host_tree(
         Some("size=64k,mode=0755"),
         false,
     )?;
-    let hosts = format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n");
-    let files: [(&str, Vec<u8>); 5] = [
-        ("passwd", PASSWD.into()),
-        ("group", GROUP.into()),
-        ("hosts", hosts.into_bytes()),
-        ("hostname", format!("{hostname}\n").into_bytes()),
-        ("resolv.conf", b"# no network\n".to_vec()),
-    ];
-    for (name, contents) in files {
+    for (name, contents) in identity_files(hostname) {
         let staged = stage.join(name);
         p.file(&staged, &contents, 0o644)?;
         if host_root.join("etc").join(name).exists() {
@@ -527,8 +520,21 @@ fn build_host_tree(
     Ok(())
 }
 
+/// The generated files of the `host` template's `/etc` (each replaces the host's where it has
+/// one): the accounts, the host name and no resolver.
+pub fn identity_files(hostname: &str) -> [(&'static str, Vec<u8>); 5] {
+    let hosts = format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n");
+    [
+        ("passwd", PASSWD.into()),
+        ("group", GROUP.into()),
+        ("hosts", hosts.into_bytes()),
+        ("hostname", format!("{hostname}\n").into_bytes()),
+        ("resolv.conf", b"# no network\n".to_vec()),
+    ]
+}
+
 /// The `sudo` the `host` template provides (see the script for what it does).
-const SUDO: &[u8] = include_bytes!("sudo.sh");
+pub const SUDO: &[u8] = include_bytes!("sudo.sh");
 
 /// `python` (for `python3`) and `sudo`, which E2B's base image has and a host may lack, in the
 /// host's `/usr/local/bin` (first on a login shell's `PATH` too): a read-only overlay of that

@@ -76,6 +76,10 @@ pub struct AgentConfig {
     /// [`AGENT_USER_CGROUP_FD`] up.
     #[serde(default)]
     pub user_cgroups: u32,
+    /// The channel is the agent's standard input instead of [`AGENT_CHANNEL_FD`]: a runtime
+    /// that hands a container only its standard streams (gVisor's `runsc`) passes it there.
+    #[serde(default)]
+    pub channel_on_stdin: bool,
 }
 
 /// Per-process limits (setrlimit) for user code inside the sandbox.
@@ -110,6 +114,7 @@ impl Default for AgentConfig {
             listener: false,
             writable_layer: None,
             user_cgroups: 0,
+            channel_on_stdin: false,
         }
     }
 }

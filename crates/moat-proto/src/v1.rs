@@ -413,6 +413,9 @@ pub struct Sandbox {
     /// get.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_access_token: Option<String>,
+    /// The isolation backend that made it (`native`, `gvisor`).
+    #[serde(default)]
+    pub backend: String,
 }
 
 /// `GET /v1/sandboxes`: which sandboxes to list.

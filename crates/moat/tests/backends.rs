@@ -249,21 +249,26 @@ fn serve_refuses_an_unknown_default_backend() {
             "serve",
             "--listen",
             "127.0.0.1:0",
-            "--backend",
+            "--default-backend",
             "nope",
             "--data-dir",
         ])
         .arg(&data)
         .output()
         .expect("run moat serve");
-    assert!(!out.status.success(), "--backend nope was accepted");
+    assert!(!out.status.success(), "--default-backend nope was accepted");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--backend \"nope\" is not a backend this build has (it has: native)"),
+        stderr.contains(
+            "--default-backend \"nope\" is not a backend this build has (it has: native, gvisor)"
+        ),
         "{stderr}"
     );
     // Refused before anything was made.
-    assert!(!data.exists(), "--backend nope created the data dir");
+    assert!(
+        !data.exists(),
+        "--default-backend nope created the data dir"
+    );
 }
 
 #[test]

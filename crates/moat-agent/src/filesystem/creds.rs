@@ -15,24 +15,80 @@ use crate::users::User;
 /// Supplementary groups we pass to the kernel at most (its own limit is 65536).
 const MAX_GROUPS: usize = 1024;
 
-fn set_fsuid(uid: u32) -> u32 {
-    // SAFETY: setfsuid takes one integer and cannot fail in a way that corrupts memory; it
-    // returns the previous fsuid.
-    unsafe { libc::syscall(libc::SYS_setfsuid, uid as libc::c_long) as u32 }
+/// Whether the kernel has `setfsuid`. gVisor's sentry (the gvisor backend) does not: there the
+/// thread's *effective* ids are switched instead (real and saved stay 0, so it can switch back),
+/// which the kernel uses for file access the same way, and which also changes the thread alone.
+static HAS_FSUID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn has_fsuid() -> bool {
+    use std::sync::atomic::Ordering;
+    if !HAS_FSUID.load(Ordering::Relaxed) {
+        return false;
+    }
+    // SAFETY: setfsuid with an invalid id changes nothing; it only reports the current one.
+    let r = unsafe { libc::syscall(libc::SYS_setfsuid, -1 as libc::c_long) };
+    if r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        HAS_FSUID.store(false, Ordering::Relaxed);
+        return false;
+    }
+    true
 }
 
-fn set_fsgid(gid: u32) -> u32 {
-    // SAFETY: as for setfsuid.
-    unsafe { libc::syscall(libc::SYS_setfsgid, gid as libc::c_long) as u32 }
+/// Sets this thread's filesystem uid (its effective one where there is no `setfsuid`).
+fn set_fsuid(uid: u32) {
+    if has_fsuid() {
+        // SAFETY: setfsuid takes one integer and cannot fail in a way that corrupts memory.
+        unsafe { libc::syscall(libc::SYS_setfsuid, uid as libc::c_long) };
+    } else {
+        // SAFETY: raw setresuid with integers changes only the calling thread; -1 keeps one.
+        unsafe {
+            libc::syscall(
+                libc::SYS_setresuid,
+                -1 as libc::c_long,
+                uid as libc::c_long,
+                -1 as libc::c_long,
+            )
+        };
+    }
 }
 
-/// The current fsuid: an invalid id (-1) changes nothing and returns the current value.
+/// Sets this thread's filesystem gid (its effective one where there is no `setfsgid`).
+fn set_fsgid(gid: u32) {
+    if has_fsuid() {
+        // SAFETY: as for setfsuid.
+        unsafe { libc::syscall(libc::SYS_setfsgid, gid as libc::c_long) };
+    } else {
+        // SAFETY: as for setresuid.
+        unsafe {
+            libc::syscall(
+                libc::SYS_setresgid,
+                -1 as libc::c_long,
+                gid as libc::c_long,
+                -1 as libc::c_long,
+            )
+        };
+    }
+}
+
+/// The current fsuid (or effective uid, see [`set_fsuid`]).
 fn current_fsuid() -> u32 {
-    set_fsuid(u32::MAX)
+    if has_fsuid() {
+        // SAFETY: an invalid id (-1) changes nothing and returns the current value.
+        unsafe { libc::syscall(libc::SYS_setfsuid, -1 as libc::c_long) as u32 }
+    } else {
+        // SAFETY: geteuid has no preconditions; the raw call reads this thread's.
+        unsafe { libc::syscall(libc::SYS_geteuid) as u32 }
+    }
 }
 
 fn current_fsgid() -> u32 {
-    set_fsgid(u32::MAX)
+    if has_fsuid() {
+        // SAFETY: as for current_fsuid.
+        unsafe { libc::syscall(libc::SYS_setfsgid, -1 as libc::c_long) as u32 }
+    } else {
+        // SAFETY: getegid has no preconditions; the raw call reads this thread's.
+        unsafe { libc::syscall(libc::SYS_getegid) as u32 }
+    }
 }
 
 fn set_groups(groups: &[libc::gid_t]) -> io::Result<()> {
@@ -89,7 +145,8 @@ struct Restore {
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        // fsuid first: back at 0 the kernel gives the thread its filesystem capabilities again.
+        // uid first: back at 0 the kernel gives the thread its capabilities again, which the
+        // gid and groups need.
         set_fsuid(self.fsuid);
         set_fsgid(self.fsgid);
         let groups_ok = set_groups(&self.groups).is_ok();

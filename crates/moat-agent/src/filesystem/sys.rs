@@ -49,6 +49,9 @@ pub(crate) fn openat2(
         0
     };
     how.resolve = resolve;
+    if !HAS_OPENAT2.load(std::sync::atomic::Ordering::Relaxed) {
+        return openat_without_resolve(dirfd, path, how.flags as libc::c_int, how.mode as u32);
+    }
     // A concurrent rename anywhere on the system can make a RESOLVE_* lookup fail with EAGAIN;
     // retrying a few times is what the man page asks for.
     for _ in 0..16 {
@@ -68,11 +71,33 @@ pub(crate) fn openat2(
             return Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) });
         }
         let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOSYS) {
+            HAS_OPENAT2.store(false, std::sync::atomic::Ordering::Relaxed);
+            return openat_without_resolve(dirfd, path, how.flags as libc::c_int, how.mode as u32);
+        }
         if err.raw_os_error() != Some(libc::EAGAIN) {
             return Err(err);
         }
     }
     Err(io::Error::from_raw_os_error(libc::EAGAIN))
+}
+
+/// Whether the kernel has `openat2`. gVisor's sentry (the gvisor backend) does not: there the
+/// lookups are plain `openat`s, and a magic link in a path resolves, but only to objects of the
+/// sentry's own, inside the sandbox (the agent holds no host file there but its channel).
+static HAS_OPENAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// `openat` with `flags` (close-on-exec included) and `mode`, for kernels without `openat2`.
+fn openat_without_resolve(
+    dirfd: RawFd,
+    path: &CStr,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is a valid NUL-terminated string; the kernel only reads it.
+    let fd = cvt(unsafe { libc::openat(dirfd, path.as_ptr(), flags, mode) })?;
+    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `fstatat(dir, name, flags)`.

@@ -1183,6 +1183,7 @@ fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
         access_token: None,
         public_traffic: rec.public_traffic,
         traffic_access_token: None,
+        backend: rec.backend.clone(),
     }
 }
 

@@ -300,6 +300,7 @@ mod tests {
             access_token: None,
             public_traffic: true,
             traffic_access_token: None,
+            backend: "native".into(),
         };
         let l = serde_json::to_value(ListedSandbox::new(&sandbox)).unwrap();
         assert_eq!(l["cpuCount"], 2);

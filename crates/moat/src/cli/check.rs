@@ -53,13 +53,17 @@ pub fn main() -> ExitCode {
         super::serve::BACKENDS.join(", "),
         super::serve::DEFAULT_BACKEND
     );
+    let runsc = findings.iter().find(|f| f.name == "runsc");
     let _ = writeln!(
         text,
-        "gVisor backend: {}",
-        if ok("runsc") {
-            "available (not yet used by moat)"
-        } else {
-            "unavailable"
+        "gvisor backend: {}",
+        match runsc {
+            Some(f) if f.ok => format!(
+                "available ({}; `moat run --backend gvisor`, templates with `\"backend\": \"gvisor\"`)",
+                f.detail
+            ),
+            Some(f) => format!("unavailable: {}", f.detail),
+            None => "unavailable".into(),
         }
     );
     let _ = writeln!(

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use moat_backend_gvisor::{GvisorBackend, GvisorOptions};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::agent_client::{AgentClient, AgentError, CallOptions};
 use moat_engine::auth::Caller;
+use moat_engine::backend::Backend;
 use moat_engine::manager::{ManagerOptions, SandboxManager};
 use moat_engine::resources::{Resources, fmt_bytes, parse_cpus, parse_duration, parse_size};
 use moat_engine::store::{Store, check_sandbox_id};
@@ -77,6 +79,10 @@ pub struct RunArgs {
     /// instead of the host's system directories.
     #[arg(long, value_name = "DIR")]
     pub(crate) rootfs: Option<PathBuf>,
+    /// The isolation backend: native (namespaces on the host kernel) or gvisor (gVisor's
+    /// sentry between the command and the host kernel).
+    #[arg(long, default_value = "native", value_parser = ["native", "gvisor"])]
+    pub(crate) backend: String,
     /// Sandbox id (default: random); for tests that must find the sandbox's host resources.
     #[arg(long, hide = true)]
     pub(crate) id: Option<String>,
@@ -103,6 +109,7 @@ struct Plan {
     args: Vec<String>,
     rootfs: v1::Rootfs,
     tty: bool,
+    backend: String,
 }
 
 fn plan(a: RunArgs) -> Result<Plan> {
@@ -180,6 +187,7 @@ fn plan(a: RunArgs) -> Result<Plan> {
         args,
         rootfs,
         tty,
+        backend: a.backend,
     })
 }
 
@@ -242,10 +250,13 @@ async fn local_engine(plan: &Plan, caller: &Caller, timing: &Timing) -> Result<S
         store.create_tenant(LOCAL_TENANT, LOCAL_TENANT)?;
         Ok(store)
     });
-    let backend = NativeBackend::new(&NativeOptions {
-        guardian: true,
-        ..NativeOptions::default()
-    })?;
+    let backend: Arc<dyn Backend> = match plan.backend.as_str() {
+        "gvisor" => Arc::new(GvisorBackend::new(&GvisorOptions::default())?),
+        _ => Arc::new(NativeBackend::new(&NativeOptions {
+            guardian: true,
+            ..NativeOptions::default()
+        })?),
+    };
     timing.mark("backend ready");
     let store = Arc::new(
         store
@@ -259,9 +270,9 @@ async fn local_engine(plan: &Plan, caller: &Caller, timing: &Timing) -> Result<S
         max_ttl: RUN_TTL,
         ..ManagerOptions::default()
     };
-    let manager =
-        SandboxManager::new(store, Arc::new(backend), opts).map_err(|e| anyhow!("{e}"))?;
+    let manager = SandboxManager::new(store, backend, opts).map_err(|e| anyhow!("{e}"))?;
     let spec = v1::TemplateSpec {
+        backend: Some(plan.backend.clone()),
         user: Some(plan.user.to_owned()),
         workdir: plan.workdir.clone(),
         ..v1::TemplateSpec::new(plan.rootfs.clone())

@@ -47,6 +47,13 @@ fn plan(a: &RunArgs) -> Result<Plan> {
     if a.id.is_some() {
         bail!("--id is not supported through a server (the server picks sandbox ids)");
     }
+    if a.backend != "native" {
+        bail!(
+            "--backend chooses a backend of this host: through a server, use a template that \
+             names its backend (moat template create NAME --backend {}) or unset MOAT_URL",
+            a.backend
+        );
+    }
     // Checked here as the local run does, so a typo fails before anything is made.
     parse_size(&a.memory).context("--memory")?;
     parse_size(&a.disk).context("--disk")?;

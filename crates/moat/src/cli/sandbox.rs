@@ -550,6 +550,7 @@ mod tests {
             access_token: None,
             public_traffic: true,
             traffic_access_token: None,
+            backend: "native".into(),
         }
     }
 

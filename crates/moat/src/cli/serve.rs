@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use moat_backend_gvisor::{GvisorBackend, GvisorOptions};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::backend::Backends;
 use moat_engine::error::EngineError;
@@ -74,13 +75,23 @@ pub struct ServeArgs {
     /// by anyone who knows the sandbox's address.
     #[arg(long)]
     private_traffic: bool,
-    /// The isolation backend of templates that name none (one of: native).
-    #[arg(long, value_name = "KIND", default_value = DEFAULT_BACKEND)]
+    /// The isolation backend of templates that name none (one of: native, gvisor).
+    #[arg(
+        long = "default-backend",
+        alias = "backend",
+        value_name = "KIND",
+        default_value = DEFAULT_BACKEND
+    )]
     backend: String,
+    /// The gVisor platform of the gvisor backend (systrap, kvm or ptrace); by default the best
+    /// that works here.
+    #[arg(long, value_name = "PLATFORM")]
+    gvisor_platform: Option<String>,
 }
 
-/// The isolation backends this build of `moat serve` registers (what `moat check` reports too).
-pub(crate) const BACKENDS: &[&str] = &["native"];
+/// The isolation backends this build of `moat serve` registers (what `moat check` reports too):
+/// gvisor where the host can run it.
+pub(crate) const BACKENDS: &[&str] = &["native", "gvisor"];
 
 /// The backend of templates that name none when `--backend` is not given.
 pub(crate) const DEFAULT_BACKEND: &str = "native";
@@ -174,9 +185,17 @@ fn run(args: ServeArgs) -> Result<()> {
     let manager_opts = args.manager_options()?;
     if !BACKENDS.contains(&args.backend.as_str()) {
         bail!(
-            "--backend {:?} is not a backend this build has (it has: {}); nothing was created",
+            "--default-backend {:?} is not a backend this build has (it has: {}); nothing was created",
             args.backend,
             BACKENDS.join(", ")
+        );
+    }
+    if let Some(p) = &args.gvisor_platform
+        && !moat_backend_gvisor::runsc::PLATFORMS.contains(&p.as_str())
+    {
+        bail!(
+            "--gvisor-platform {p:?} is not one of {}; nothing was created",
+            moat_backend_gvisor::runsc::PLATFORMS.join(", ")
         );
     }
     let server_opts = ServerOptions {
@@ -224,9 +243,33 @@ fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    // Every backend this build has, keyed by kind; templates name one or get `--backend`.
+    // Every backend this build has, keyed by kind; templates name one or get
+    // `--default-backend`. One the host cannot run is recorded with why, for its refusals.
     let mut backends = Backends::new(Arc::new(backend));
-    backends.set_default(&args.backend).context("--backend")?;
+    match GvisorBackend::new(&GvisorOptions {
+        platform: args.gvisor_platform.clone(),
+        ..GvisorOptions::default()
+    }) {
+        Ok(gvisor) => {
+            tracing::info!(
+                runsc = %gvisor.runsc().path.display(),
+                platform = %gvisor.runsc().platform,
+                "gvisor backend ready"
+            );
+            backends = backends.with(Arc::new(gvisor));
+        }
+        Err(e) => {
+            let why = match e {
+                EngineError::Unsupported(why) => why,
+                e => e.to_string(),
+            };
+            tracing::info!("gvisor backend unavailable: {why}");
+            backends = backends.unavailable("gvisor", why);
+        }
+    }
+    backends
+        .set_default(&args.backend)
+        .context("--default-backend")?;
     let manager =
         SandboxManager::with_backends(store, backends, manager_opts).context("sandbox manager")?;
     // What a previous server left: sandboxes it kept are taken over; anything else it left

@@ -87,6 +87,9 @@ struct CreateArgs {
     /// Sandboxes kept started and ready for claims.
     #[arg(long)]
     pool_size: Option<u32>,
+    /// The isolation backend of its sandboxes (native, gvisor); the server's default otherwise.
+    #[arg(long, value_name = "KIND")]
+    backend: Option<String>,
 }
 
 /// Runs `moat template …`.
@@ -184,6 +187,9 @@ fn spec(a: &CreateArgs) -> Result<TemplateSpec> {
     if let Some(p) = a.pool_size {
         spec.pool_size = p;
     }
+    if let Some(b) = &a.backend {
+        spec.backend = Some(b.clone());
+    }
     Ok(spec)
 }
 
@@ -252,6 +258,13 @@ fn describe(t: &Template) -> Result<String> {
         ("name", t.name.clone()),
         ("builtin", if t.builtin { "yes" } else { "no" }.into()),
         ("rootfs", rootfs(&t.spec.rootfs)),
+        (
+            "backend",
+            t.spec
+                .backend
+                .clone()
+                .unwrap_or_else(|| "(server default)".into()),
+        ),
         ("memory", memory),
         ("cpus", cpus),
         ("pool", format!("{}/{} ready", t.pool.ready, t.pool.target)),

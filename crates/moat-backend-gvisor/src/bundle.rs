@@ -1,0 +1,411 @@
+//! The OCI bundle of a gVisor sandbox: `config.json`, made from the sandbox plan, and the few
+//! files it names (the root directory's skeleton, the generated `/etc` files, the masks).
+//!
+//! The root filesystem is the `host` template's or a template directory, as on the native
+//! backend: the host's system directories (or the template) read-only, the same secrets of
+//! `/etc` hidden, the same generated accounts and host name, and everything else written to a
+//! layer in the sandbox's memory (runsc's `--overlay2=root:memory`). gVisor's own `/proc`,
+//! `/sys` and `/dev` are the sentry's emulations, so none of the host's shows through.
+
+use std::path::{Path, PathBuf};
+
+use moat_engine::error::{EngineError, Result};
+use moat_engine::plan::SandboxPlan;
+use moat_jail::rootfs::{HOST_DIRS, SECRET_DIRS, SECRET_FILES, SUDO, USER_ID, identity_files};
+use moat_proto::v1;
+use serde_json::{Value, json};
+
+/// Where the agent (the moat binary) appears inside the sandbox.
+pub(crate) const AGENT_PATH: &str = "/.moat/moat";
+
+/// Capabilities of the agent inside the sentry: what it needs to run commands as any user,
+/// own and move their files and signal them. User processes drop them all.
+const AGENT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_RESOURCE",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The bundle directory of one sandbox and what is in it.
+#[derive(Debug)]
+pub(crate) struct Bundle {
+    dir: PathBuf,
+}
+
+impl Bundle {
+    /// The bundle's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes the bundle of a sandbox of `plan` into `dir` (which must not exist), with the
+    /// agent binary `agent` and the agent's environment `agent_env`. `host` is where the
+    /// host's files are read (`/`; tests give a made-up one).
+    pub(crate) fn write(
+        dir: &Path,
+        plan: &SandboxPlan,
+        agent: &Path,
+        agent_env: &[String],
+        host: &Path,
+    ) -> Result<Bundle> {
+        let io = |what: &str, p: &Path, e: std::io::Error| {
+            EngineError::io(format!("{what} {}", p.display()), e)
+        };
+        std::fs::create_dir(dir).map_err(|e| io("create", dir, e))?;
+        let bundle = Bundle {
+            dir: dir.to_owned(),
+        };
+        let rootfs = dir.join("rootfs");
+        let stage = dir.join("stage");
+        for d in [&rootfs, &stage] {
+            std::fs::create_dir(d).map_err(|e| io("create", d, e))?;
+        }
+        let mut mounts = vec![
+            json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+            json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                   "options": ["nosuid", "mode=755"]}),
+            json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                   "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+            json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                   "options": ["nosuid", "nodev", "mode=1777"]}),
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                   "options": ["nosuid", "noexec", "nodev", "ro"]}),
+            ro_bind(agent, Path::new(AGENT_PATH)),
+        ];
+        let root_path = match &plan.rootfs {
+            v1::Rootfs::Host => {
+                host_tree(&rootfs, &stage, host, &mut mounts)?;
+                rootfs
+            }
+            v1::Rootfs::Dir(d) => {
+                // The template itself is the root; runsc's memory overlay takes the writes.
+                let d = PathBuf::from(d);
+                if !d.is_dir() {
+                    return Err(EngineError::Invalid(format!(
+                        "template rootfs {} is not a directory",
+                        d.display()
+                    )));
+                }
+                d
+            }
+        };
+        let env: Vec<Value> = agent_env
+            .iter()
+            .map(|e| Value::from(e.as_str()))
+            .chain(std::iter::once(Value::from(
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )))
+            .collect();
+        let caps: Vec<Value> = AGENT_CAPS.iter().map(|c| Value::from(*c)).collect();
+        let config = json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": [AGENT_PATH, "agent"],
+                "env": env,
+                "cwd": "/",
+                "capabilities": {
+                    "bounding": caps, "effective": caps, "permitted": caps,
+                    "inheritable": [], "ambient": [],
+                },
+                "rlimits": [{
+                    "type": "RLIMIT_NOFILE",
+                    "hard": moat_engine::host_limits::sandbox_nofile(),
+                    "soft": moat_engine::host_limits::sandbox_nofile(),
+                }],
+                "noNewPrivileges": false,
+            },
+            "root": {"path": root_path, "readonly": false},
+            "hostname": "moat",
+            "mounts": mounts,
+            "linux": {
+                "namespaces": [
+                    {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                    {"type": "uts"}, {"type": "mount"},
+                ],
+            },
+        });
+        let path = dir.join("config.json");
+        std::fs::write(&path, config.to_string()).map_err(|e| io("write", &path, e))?;
+        Ok(bundle)
+    }
+
+    /// Removes the bundle directory and everything in it.
+    pub(crate) fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn ro_bind(src: &Path, dst: &Path) -> Value {
+    json!({"destination": dst, "type": "bind", "source": src,
+           "options": ["rbind", "ro", "nosuid", "nodev"]})
+}
+
+/// The `host` template's tree: the skeleton in `rootfs`, the host's system directories bound
+/// read-only over it, its secrets masked, and generated files from `stage` over the host's.
+fn host_tree(rootfs: &Path, stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        EngineError::io(format!("{what} {}", p.display()), e)
+    };
+    for name in HOST_DIRS {
+        let src = host.join(name);
+        let Ok(md) = std::fs::symlink_metadata(&src) else {
+            continue;
+        };
+        let dst = rootfs.join(name);
+        if md.file_type().is_symlink() {
+            let target = std::fs::read_link(&src).map_err(|e| io("readlink", &src, e))?;
+            std::os::unix::fs::symlink(&target, &dst).map_err(|e| io("symlink", &dst, e))?;
+        } else if md.is_dir() {
+            std::fs::create_dir(&dst).map_err(|e| io("create", &dst, e))?;
+            mounts.push(ro_bind(&src, &Path::new("/").join(name)));
+        }
+    }
+    let mask_file = stage.join("mask");
+    let mask_dir = stage.join("maskdir");
+    std::fs::write(&mask_file, b"").map_err(|e| io("write", &mask_file, e))?;
+    std::fs::create_dir(&mask_dir).map_err(|e| io("create", &mask_dir, e))?;
+    for secret in SECRET_FILES {
+        if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_file()) {
+            mounts.push(ro_bind(&mask_file, &Path::new("/").join(secret)));
+        }
+    }
+    for secret in SECRET_DIRS {
+        if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_dir()) {
+            mounts.push(ro_bind(&mask_dir, &Path::new("/").join(secret)));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(host.join("etc/ssh")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("ssh_host_") && !name.ends_with(".pub") {
+                mounts.push(ro_bind(&mask_file, &Path::new("/etc/ssh").join(&name)));
+            }
+        }
+    }
+    for (name, contents) in identity_files("moat") {
+        let staged = stage.join(name);
+        std::fs::write(&staged, &contents).map_err(|e| io("write", &staged, e))?;
+        if host.join("etc").join(name).exists() {
+            mounts.push(ro_bind(&staged, &Path::new("/etc").join(name)));
+        }
+    }
+    e2b_commands(stage, host, mounts)?;
+    for (d, mode) in [
+        ("tmp", 0o1777),
+        ("home", 0o755),
+        ("home/user", 0o750),
+        ("root", 0o700),
+        ("var", 0o755),
+        ("var/tmp", 0o1777),
+        ("run", 0o755),
+        ("proc", 0o555),
+        ("dev", 0o755),
+        ("sys", 0o555),
+        (".moat", 0o755),
+    ] {
+        let p = rootfs.join(d);
+        std::fs::create_dir(&p).map_err(|e| io("create", &p, e))?;
+        set_mode(&p, mode)?;
+    }
+    std::os::unix::fs::lchown(rootfs.join("home/user"), Some(USER_ID), Some(USER_ID))
+        .map_err(|e| io("chown", &rootfs.join("home/user"), e))?;
+    let agent = rootfs.join(AGENT_PATH.trim_start_matches('/'));
+    std::fs::write(&agent, b"").map_err(|e| io("write", &agent, e))?;
+    Ok(())
+}
+
+/// `python` and `sudo` in `/usr/local/bin`, as the native backend's `host` template has them:
+/// a staged directory mounted there, with the host's own entries bound into it (they take
+/// precedence).
+fn e2b_commands(stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        EngineError::io(format!("{what} {}", p.display()), e)
+    };
+    let local = host.join("usr/local/bin");
+    if !local.is_dir() {
+        return Ok(());
+    }
+    let bin = stage.join("bin");
+    std::fs::create_dir(&bin).map_err(|e| io("create", &bin, e))?;
+    let mut own = Vec::new();
+    for e in std::fs::read_dir(&local)
+        .map_err(|e| io("read", &local, e))?
+        .flatten()
+    {
+        let name = e.file_name();
+        let placeholder = bin.join(&name);
+        let md = std::fs::symlink_metadata(e.path()).map_err(|err| io("stat", &e.path(), err))?;
+        if md.file_type().is_symlink() {
+            let target =
+                std::fs::read_link(e.path()).map_err(|err| io("readlink", &e.path(), err))?;
+            std::os::unix::fs::symlink(&target, &placeholder)
+                .map_err(|err| io("symlink", &placeholder, err))?;
+        } else {
+            if md.is_dir() {
+                std::fs::create_dir(&placeholder).map_err(|err| io("create", &placeholder, err))?;
+            } else {
+                std::fs::write(&placeholder, b"").map_err(|err| io("write", &placeholder, err))?;
+            }
+            own.push(ro_bind(&e.path(), &Path::new("/usr/local/bin").join(&name)));
+        }
+    }
+    let has = |name: &str| {
+        ["usr/local/bin", "usr/bin"]
+            .iter()
+            .any(|d| host.join(d).join(name).exists())
+    };
+    if !has("python") && host.join("usr/bin/python3").exists() {
+        std::os::unix::fs::symlink("/usr/bin/python3", bin.join("python"))
+            .map_err(|e| io("symlink", &bin.join("python"), e))?;
+    }
+    if !local.join("sudo").exists() {
+        std::fs::write(bin.join("sudo"), SUDO).map_err(|e| io("write", &bin.join("sudo"), e))?;
+        set_mode(&bin.join("sudo"), 0o755)?;
+    }
+    mounts.push(ro_bind(&bin, Path::new("/usr/local/bin")));
+    mounts.extend(own);
+    Ok(())
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| EngineError::io(format!("chmod {}", p.display()), e))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A made-up host: a merged /usr, an /etc with secrets, ssh host keys and a passwd.
+    fn fake_host(root: &Path) {
+        for d in ["usr/bin", "usr/local/bin", "etc/ssh", "etc/ssl/private"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        for f in [
+            "etc/shadow",
+            "etc/passwd",
+            "etc/hostname",
+            "etc/ssh/ssh_host_ed25519_key",
+            "etc/ssh/ssh_host_ed25519_key.pub",
+            "usr/bin/python3",
+            "usr/local/bin/tool",
+        ] {
+            std::fs::write(root.join(f), b"x").unwrap();
+        }
+    }
+
+    fn destinations(config: &Value) -> Vec<(String, String)> {
+        config["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["destination"].as_str().unwrap().to_owned(),
+                    m["source"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_host_template_shows_system_dirs_read_only_and_hides_secrets() {
+        let tmp = std::env::temp_dir().join(format!("moat-bundle-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let host = tmp.join("host");
+        fake_host(&host);
+        let dir = tmp.join("bundle");
+        let plan = SandboxPlan::host("gvisor");
+        let b = Bundle::write(
+            &dir,
+            &plan,
+            Path::new("/usr/bin/moat"),
+            &["MOAT_AGENT_CONFIG={}".into()],
+            &host,
+        )
+        .unwrap();
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(b.dir().join("config.json")).unwrap()).unwrap();
+        let mounts = destinations(&config);
+        let find = |d: &str| {
+            mounts
+                .iter()
+                .find(|(dst, _)| dst == d)
+                .map(|(_, s)| s.clone())
+        };
+        // System directories from the host, read-only; symlinks as symlinks.
+        assert_eq!(find("/usr"), Some(host.join("usr").display().to_string()));
+        assert_eq!(find("/etc"), Some(host.join("etc").display().to_string()));
+        assert_eq!(
+            std::fs::read_link(dir.join("rootfs/bin")).unwrap(),
+            Path::new("usr/bin")
+        );
+        for m in config["mounts"].as_array().unwrap() {
+            if m["type"] == "bind" {
+                let opts = m["options"].as_array().unwrap();
+                assert!(opts.contains(&Value::from("ro")), "{m}");
+            }
+        }
+        // Secrets the host has are masked; ones it lacks are not mounted at all.
+        let mask = dir.join("stage/mask").display().to_string();
+        assert_eq!(find("/etc/shadow"), Some(mask.clone()));
+        assert_eq!(find("/etc/ssh/ssh_host_ed25519_key"), Some(mask));
+        assert_eq!(find("/etc/ssh/ssh_host_ed25519_key.pub"), None);
+        assert_eq!(find("/etc/gshadow"), None);
+        assert!(find("/etc/ssl/private").is_some());
+        // Generated accounts over the host's, where the host has the file.
+        assert_eq!(
+            find("/etc/passwd"),
+            Some(dir.join("stage/passwd").display().to_string())
+        );
+        assert!(
+            std::fs::read_to_string(dir.join("stage/passwd"))
+                .unwrap()
+                .contains("user:x:1000:1000")
+        );
+        assert_eq!(find("/etc/group"), None);
+        // python and sudo beside the host's own tool.
+        assert!(dir.join("stage/bin/sudo").is_file());
+        assert_eq!(
+            std::fs::read_link(dir.join("stage/bin/python")).unwrap(),
+            Path::new("/usr/bin/python3")
+        );
+        assert_eq!(
+            find("/usr/local/bin/tool"),
+            Some(host.join("usr/local/bin/tool").display().to_string())
+        );
+        // Nothing of the host's /proc, /sys, /dev, /run, /var, /root or /home.
+        for (dst, src) in &mounts {
+            for hidden in ["proc", "sys", "dev", "run", "var", "root", "home"] {
+                assert!(
+                    !src.starts_with(&host.join(hidden).display().to_string()),
+                    "{dst} from {src}"
+                );
+            }
+        }
+        // The agent runs as root, inside the sentry, from the bound moat binary.
+        assert_eq!(config["process"]["args"][0], AGENT_PATH);
+        assert_eq!(config["process"]["user"]["uid"], 0);
+        b.remove();
+        assert!(!dir.exists());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}

@@ -1,0 +1,211 @@
+//! One gVisor sandbox: the `runsc run` process that holds it, its cgroups, bundle and state.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use moat_engine::backend::{AgentChannel, Instance, InstanceStats};
+use moat_engine::error::{EngineError, Result};
+use moat_jail::cgroup::SandboxCgroup;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UnixStream;
+
+use crate::bundle::Bundle;
+use crate::runsc::Runsc;
+
+/// How long a destroy waits for the processes of a killed sandbox to leave its cgroups.
+const EMPTY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a live gVisor sandbox holds on the host.
+pub(crate) struct Live {
+    /// `runsc run`, which lives as long as the container.
+    pub(crate) runsc_run: Child,
+    pub(crate) cgroup: SandboxCgroup,
+    pub(crate) bundle: Bundle,
+    /// The sandbox's directory: its bundle, runsc's state (`--root`) and runsc's log.
+    pub(crate) dir: PathBuf,
+}
+
+/// A gVisor sandbox.
+pub struct GvisorInstance {
+    id: String,
+    runsc: Runsc,
+    channel: Option<UnixStream>,
+    inner: Arc<Mutex<Option<Live>>>,
+    /// A pidfd of `runsc run`, readable once it has exited (the container's init is gone).
+    exit: Option<AsyncFd<OwnedFd>>,
+}
+
+impl std::fmt::Debug for GvisorInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GvisorInstance")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl GvisorInstance {
+    pub(crate) fn new(
+        id: String,
+        runsc: Runsc,
+        channel: UnixStream,
+        live: Live,
+    ) -> Result<GvisorInstance> {
+        let pid = live.runsc_run.id() as libc::pid_t;
+        // SAFETY: pidfd_open with a pid of our own unreaped child and no flags.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let exit = if fd >= 0 {
+            // SAFETY: pidfd_open returned a fresh fd nothing else owns.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            // SAFETY: the OwnedFd stays open for as long as the AsyncFd owns it.
+            let watched = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+                .map_err(|e| EngineError::io("watch runsc", e.into()))?;
+            Some(watched)
+        } else {
+            None
+        };
+        Ok(GvisorInstance {
+            id,
+            runsc,
+            channel: Some(channel),
+            inner: Arc::new(Mutex::new(Some(live))),
+            exit,
+        })
+    }
+
+    fn with_live<T>(&self, f: impl FnOnce(&Live) -> Result<T>) -> Result<T> {
+        let guard = self
+            .inner
+            .lock()
+            .map_err(|_| EngineError::Agent("lock poisoned".into()))?;
+        let live = guard
+            .as_ref()
+            .ok_or_else(|| EngineError::NotFound(self.id.clone()))?;
+        f(live)
+    }
+
+    /// Runs `runsc ARGS… ID` against this sandbox's state, off the async threads.
+    async fn runsc_call(&self, args: &'static [&'static str]) -> Result<()> {
+        let state = self.with_live(|l| Ok(l.dir.join("state")))?;
+        let mut cmd = self.runsc.command(&state);
+        cmd.args(args).arg(&self.id);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .map_err(|e| EngineError::Backend(format!("runsc task: {e}")))?
+            .map_err(|e| EngineError::io("run runsc", e))?;
+        if !out.status.success() {
+            return Err(EngineError::Backend(format!(
+                "runsc {} {}: {}",
+                args.join(" "),
+                self.id,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Kills every process of the sandbox (runsc's own included) and removes what it held.
+pub(crate) fn teardown(mut live: Live) -> Result<()> {
+    live.cgroup.kill_all();
+    let _ = live.runsc_run.kill();
+    let _ = live.runsc_run.wait();
+    if !live.cgroup.wait_empty(EMPTY_TIMEOUT) {
+        return Err(EngineError::Backend(format!(
+            "processes of gVisor sandbox in {} survived SIGKILL",
+            live.cgroup
+                .dirs()
+                .first()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        )));
+    }
+    let removed = live.cgroup.remove();
+    live.bundle.remove();
+    if let Err(e) = std::fs::remove_dir_all(&live.dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", live.dir.display());
+    }
+    removed.map_err(crate::jail)
+}
+
+#[async_trait]
+impl Instance for GvisorInstance {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn take_channel(&mut self) -> Option<AgentChannel> {
+        self.channel.take().map(AgentChannel::Unix)
+    }
+
+    fn stats(&self) -> InstanceStats {
+        self.with_live(|l| {
+            Ok(InstanceStats {
+                memory_bytes: l.cgroup.memory_current(),
+                oom_kills: l.cgroup.oom_kills(),
+                memory_cache_bytes: l.cgroup.memory_cache(),
+                cpu_usage_usec: l.cgroup.cpu_usage_usec(),
+                // The writable layer is in the sandbox's memory (runsc's memory overlay).
+                disk_used_bytes: 0,
+                disk_total_bytes: 0,
+            })
+        })
+        .unwrap_or_default()
+    }
+
+    fn oom_kills(&self) -> u64 {
+        self.with_live(|l| Ok(l.cgroup.oom_kills())).unwrap_or(0)
+    }
+
+    fn host_pid(&self) -> Option<i32> {
+        self.with_live(|l| Ok(l.runsc_run.id() as i32)).ok()
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.runsc_call(&["pause"]).await
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.runsc_call(&["resume"]).await
+    }
+
+    async fn exited(&self) {
+        match &self.exit {
+            Some(fd) => {
+                let _ = fd.readable().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn destroy(&mut self) -> Result<()> {
+        let live = self
+            .inner
+            .lock()
+            .map_err(|_| EngineError::Agent("lock poisoned".into()))?
+            .take();
+        self.channel.take();
+        match live {
+            Some(live) => tokio::task::spawn_blocking(move || teardown(live))
+                .await
+                .map_err(|e| EngineError::Backend(format!("teardown task: {e}")))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for GvisorInstance {
+    fn drop(&mut self) {
+        if let Ok(mut guard) = self.inner.lock()
+            && let Some(live) = guard.take()
+            && let Err(e) = teardown(live)
+        {
+            tracing::warn!(sandbox = %self.id, "tearing down: {e}");
+        }
+    }
+}
