@@ -9,7 +9,7 @@ use moat_proto::agent_config::{
     AgentConfig,
 };
 
-use crate::server::{ServeOptions, serve, serve_with_listener};
+use crate::server::{ServeOptions, serve, serve_resumable, serve_with_listener};
 use crate::state::AgentState;
 
 /// Most threads of the blocking pool (filesystem work); they exit when idle.
@@ -108,17 +108,26 @@ fn run() -> Result<(), String> {
         // SAFETY: fd 3 is the channel the backend handed over (checked open above); the agent
         // owns it from here on and nothing else uses that number.
         let fd = unsafe { OwnedFd::from_raw_fd(AGENT_CHANNEL_FD) };
+        let opts = if pid1 {
+            ServeOptions::pid1()
+        } else {
+            ServeOptions::default()
+        };
+        if config.channel_on_stdin && !config.listener {
+            // A channel the host can hand over anew after a memory checkpoint.
+            let mut state = AgentState::new(config);
+            if let Some(layer) = layer {
+                state = state.with_layer(layer);
+            }
+            let _ = serve_resumable(fd, Arc::new(state), opts).await;
+            return Ok(());
+        }
         let std_stream = std::os::unix::net::UnixStream::from(fd);
         std_stream
             .set_nonblocking(true)
             .map_err(|e| format!("channel: {e}"))?;
         let stream =
             tokio::net::UnixStream::from_std(std_stream).map_err(|e| format!("channel: {e}"))?;
-        let opts = if pid1 {
-            ServeOptions::pid1()
-        } else {
-            ServeOptions::default()
-        };
         if config.listener {
             // SAFETY: AGENT_LISTENER_FD is the listener the backend handed over (made close-on-exec above);
             // the agent owns it from here on.

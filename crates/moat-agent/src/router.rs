@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use moat_proto::agent_config::LAYER_PATH;
+use moat_proto::agent_config::{LAYER_PATH, RECONNECT_PATH};
 use moat_proto::{filesystem as fs, process as pr};
 
 use crate::auth;
@@ -87,6 +87,21 @@ impl Router {
         }
         if path == LAYER_PATH {
             return crate::layer::handle(self.state.layer.clone(), req).await;
+        }
+        if path == RECONNECT_PATH {
+            if req.method() != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if !self.state.config.channel_on_stdin {
+                return transport::plain(
+                    StatusCode::CONFLICT,
+                    "this agent's channel cannot be reconnected",
+                );
+            }
+            self.state
+                .expect_reconnect
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return transport::empty(StatusCode::NO_CONTENT);
         }
         if path == "/interpreter" || path.starts_with("/interpreter/") {
             return self.interpreter.handle(req).await;

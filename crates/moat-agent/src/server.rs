@@ -101,6 +101,68 @@ where
     }
 }
 
+/// How often an agent waiting for its host to reconnect looks at its channel (see
+/// [`serve_resumable`]).
+const RECONNECT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Serves connections on the channel socket `channel`, one after another, all on one router:
+/// after each, the agent exits unless the host asked it to expect a new connection
+/// (`RECONNECT_PATH`, before a memory checkpoint). It then waits until the descriptor has
+/// something to read: the old socket only ever reads as closed, the new one a restored sandbox's
+/// runtime hands it (gVisor re-associates the container's standard input) carries the new
+/// connection's first bytes.
+pub async fn serve_resumable(
+    channel: std::os::fd::OwnedFd,
+    state: Arc<AgentState>,
+    opts: ServeOptions,
+) -> std::io::Result<()> {
+    let reaper = Reaper::start(opts.reap)?;
+    let router = Arc::new(Router::new(state.clone(), reaper, opts.landlock_root));
+    loop {
+        let std_stream = std::os::unix::net::UnixStream::from(channel.try_clone()?);
+        std_stream.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(std_stream)?;
+        // However it ended, what follows depends only on whether the host said it comes back.
+        let _ = serve_connection(stream, router.clone()).await;
+        if !state
+            .expect_reconnect
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        while !has_data(&channel)? {
+            tokio::time::sleep(RECONNECT_POLL).await;
+        }
+    }
+}
+
+/// Whether `fd` has bytes to read now (a peek, which consumes nothing).
+fn has_data(fd: &std::os::fd::OwnedFd) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: recv into one byte of our own, with MSG_PEEK (nothing is consumed) and
+    // MSG_DONTWAIT (never blocks).
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        return Ok(true);
+    }
+    if n == 0 {
+        return Ok(false);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
+        _ => Err(e),
+    }
+}
+
 async fn serve_connection<IO>(io: IO, router: Arc<Router>) -> std::io::Result<()>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -15,6 +15,8 @@ pub struct AgentState {
     pub config: AgentConfig,
     /// The sandbox's writable layer, when the backend handed one over.
     pub layer: Option<Arc<Layer>>,
+    /// The host asked to reconnect after this connection (see `RECONNECT_PATH`).
+    pub expect_reconnect: std::sync::atomic::AtomicBool,
 }
 
 impl AgentState {
@@ -23,6 +25,7 @@ impl AgentState {
         AgentState {
             config,
             layer: None,
+            expect_reconnect: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -174,6 +174,32 @@ impl Instance for GvisorInstance {
         self.runsc_call(&["resume"]).await
     }
 
+    /// `runsc checkpoint`: the sandbox's memory and processes into `dir`, after which its
+    /// processes are gone (its container ends); only [`Backend::restore`] runs it again, and
+    /// [`Instance::destroy`] releases what is left. The engine first asks the agent to expect
+    /// a new channel and closes its own (`AgentClient::expect_reconnect`).
+    ///
+    /// [`Backend::restore`]: moat_engine::backend::Backend::restore
+    async fn checkpoint(&self, dir: &std::path::Path) -> Result<()> {
+        let state = self.with_live(|l| Ok(l.dir.join("state")))?;
+        let mut cmd = self.runsc.command(&state);
+        cmd.arg("checkpoint")
+            .arg(format!("--image-path={}", dir.display()))
+            .arg(&self.id);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .map_err(|e| EngineError::Backend(format!("runsc task: {e}")))?
+            .map_err(|e| EngineError::io("run runsc checkpoint", e))?;
+        if !out.status.success() {
+            return Err(EngineError::Backend(format!(
+                "runsc checkpoint {}: {}",
+                self.id,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
     async fn exited(&self) {
         match &self.exit {
             Some(fd) => {

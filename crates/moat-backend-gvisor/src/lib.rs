@@ -108,7 +108,14 @@ impl GvisorBackend {
         &self.runsc
     }
 
-    fn create_blocking(&self, id: &str, plan: &SandboxPlan) -> Result<GvisorInstance> {
+    /// Makes sandbox `id` of `plan`: a fresh container, or (`image`) one restored from the
+    /// memory checkpoint in that directory.
+    fn create_blocking(
+        &self,
+        id: &str,
+        plan: &SandboxPlan,
+        image: Option<&Path>,
+    ) -> Result<GvisorInstance> {
         moat_jail::spawn::validate_id(id).map_err(jail)?;
         let r = &plan.resources;
         let limits = Limits {
@@ -118,7 +125,7 @@ impl GvisorBackend {
         };
         let cgroup = SandboxCgroup::create(&self.layout, id, &limits).map_err(jail)?;
         let sandbox_dir = self.dir.join(id);
-        let made = self.start(id, plan, &cgroup, &sandbox_dir);
+        let made = self.start(id, plan, &cgroup, &sandbox_dir, image);
         match made {
             Ok((child, channel, bundle)) => GvisorInstance::new(
                 id.to_owned(),
@@ -141,14 +148,15 @@ impl GvisorBackend {
         }
     }
 
-    /// Writes the bundle and starts `runsc run` inside the sandbox's cgroups, its standard input
-    /// the agent's end of the channel.
+    /// Writes the bundle and starts `runsc run` (or `runsc restore` from the checkpoint in
+    /// `image`) inside the sandbox's cgroups, its standard input the agent's end of the channel.
     fn start(
         &self,
         id: &str,
         plan: &SandboxPlan,
         cgroup: &SandboxCgroup,
         sandbox_dir: &Path,
+        image: Option<&Path>,
     ) -> Result<(std::process::Child, tokio::net::UnixStream, bundle::Bundle)> {
         let _ = std::fs::remove_dir_all(sandbox_dir);
         std::fs::create_dir(sandbox_dir)
@@ -183,8 +191,13 @@ impl GvisorBackend {
         let log = std::fs::File::create(&log_path)
             .map_err(|e| EngineError::io(format!("create {}", log_path.display()), e))?;
         let mut cmd = self.runsc.command(&sandbox_dir.join("state"));
-        cmd.arg("run")
-            .arg("--bundle")
+        match image {
+            None => cmd.arg("run"),
+            Some(dir) => cmd
+                .arg("restore")
+                .arg(format!("--image-path={}", dir.display())),
+        };
+        cmd.arg("--bundle")
             .arg(bundle.dir())
             .arg(id)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
@@ -214,6 +227,19 @@ impl GvisorBackend {
     }
 }
 
+impl GvisorBackend {
+    /// [`GvisorBackend::create_blocking`], off the async worker where the runtime has others.
+    fn make(&self, id: &str, plan: &SandboxPlan, image: Option<&Path>) -> Result<GvisorInstance> {
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi {
+            tokio::task::block_in_place(|| self.create_blocking(id, plan, image))
+        } else {
+            self.create_blocking(id, plan, image)
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for GvisorBackend {
     fn name(&self) -> &'static str {
@@ -223,20 +249,23 @@ impl Backend for GvisorBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             pause: true,
-            memory_checkpoint: false,
+            memory_checkpoint: true,
             keep: false,
         }
     }
 
     async fn create(&self, id: &str, plan: &SandboxPlan) -> Result<Box<dyn Instance>> {
-        let multi = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let inst = if multi {
-            tokio::task::block_in_place(|| self.create_blocking(id, plan))?
-        } else {
-            self.create_blocking(id, plan)?
-        };
-        Ok(Box::new(inst))
+        Ok(Box::new(self.make(id, plan, None)?))
+    }
+
+    async fn restore(&self, id: &str, plan: &SandboxPlan, dir: &Path) -> Result<Box<dyn Instance>> {
+        if !dir.join("checkpoint.img").is_file() {
+            return Err(EngineError::Invalid(format!(
+                "{} holds no gVisor checkpoint",
+                dir.display()
+            )));
+        }
+        Ok(Box::new(self.make(id, plan, Some(dir))?))
     }
 
     async fn reap_orphan(&self, id: &str) -> Result<bool> {

@@ -164,6 +164,25 @@ impl AgentClient {
         }
     }
 
+    /// `POST /moat/reconnect`: the agent (one whose channel is its standard input) waits for a
+    /// new connection once this one closes instead of exiting: what a backend's memory
+    /// checkpoint needs before it saves the sandbox, whose restored agent gets a new channel.
+    pub async fn expect_reconnect(&self) -> Result<(), AgentError> {
+        let req = self.request(
+            Method::POST,
+            moat_proto::agent_config::RECONNECT_PATH,
+            None,
+            None,
+            Bytes::new(),
+        )?;
+        let resp = within(HEALTH_TIMEOUT, self.send(req)).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(http_error(resp).await)
+        }
+    }
+
     /// `Process.Start`. Waits (at most [`DEFAULT_UNARY_TIMEOUT`]) for the `start` event, so the
     /// returned stream knows the pid.
     pub async fn start(

@@ -214,8 +214,12 @@ pub trait Instance: Send + Sync {
     /// Thaws every process.
     async fn resume(&self) -> Result<()>;
     /// Writes the sandbox's memory and process state into the directory `dir` (which exists and
-    /// is empty), for [`Backend::restore`]; the sandbox is paused meanwhile and left paused.
-    /// Backends without [`Capabilities::memory_checkpoint`] refuse.
+    /// is empty), for [`Backend::restore`]. Afterwards the sandbox is left paused, or, where
+    /// saving ends its processes (gvisor), stopped: only a restore runs it again, and
+    /// [`Instance::destroy`] releases what is left. Before it, the caller asks the agent to
+    /// expect a new channel (`AgentClient::expect_reconnect`) and closes its own: the restored
+    /// agent is reached through the restored instance's channel. Backends without
+    /// [`Capabilities::memory_checkpoint`] refuse.
     async fn checkpoint(&self, dir: &Path) -> Result<()> {
         let _ = dir;
         Err(EngineError::Unsupported(format!(

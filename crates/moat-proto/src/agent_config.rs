@@ -26,6 +26,12 @@ pub const HOST_ONLY_PREFIX: &str = "/moat/";
 /// unpacks such an archive over the sandbox's root (see the agent's `layer` module).
 pub const LAYER_PATH: &str = "/moat/layer";
 
+/// The host-only route that readies a memory checkpoint: `POST` tells an agent whose channel is
+/// its standard input ([`AgentConfig::channel_on_stdin`]) to wait, once this connection ends,
+/// for a new one on the same descriptor instead of exiting. A runtime that restores the
+/// sandbox from a checkpoint (gVisor's `runsc restore`) hands that descriptor a new socket.
+pub const RECONNECT_PATH: &str = "/moat/reconnect";
+
 /// What the directory on [`AGENT_LAYER_FD`] holds: exactly what the sandbox wrote.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

@@ -167,3 +167,132 @@ fn a_template_on_gvisor_runs_commands_and_files_and_leaves_nothing() {
     }
     assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
 }
+
+mod memory {
+    //! Memory checkpoints at the backend: a counter checkpointed at N goes on from N in the
+    //! sandboxes restored from it, which are independent of each other.
+
+    use std::time::Duration;
+
+    use moat_backend_gvisor::{GvisorBackend, GvisorOptions};
+    use moat_engine::agent_client::{AgentClient, CallOptions};
+    use moat_engine::backend::{Backend, Instance};
+    use moat_engine::plan::SandboxPlan;
+    use moat_proto::process::{ProcessConfig, StartRequest};
+
+    use super::{leftovers, need_runsc};
+
+    async fn connect(inst: &mut Box<dyn Instance>) -> AgentClient {
+        let channel = inst.take_channel().expect("channel");
+        let client = AgentClient::handshake(channel).await.expect("handshake");
+        client.health().await.expect("health");
+        client
+    }
+
+    /// Runs `script` with `sh -c` and waits for it to end.
+    async fn sh(client: &AgentClient, script: &str) {
+        let req = StartRequest {
+            process: Some(ProcessConfig {
+                cmd: "/bin/sh".into(),
+                args: vec!["-c".into(), script.into()],
+                ..Default::default()
+            }),
+            stdin: Some(false),
+            ..Default::default()
+        };
+        let opts = CallOptions {
+            user: Some("user".into()),
+            timeout: Some(Duration::from_secs(30)),
+        };
+        let mut stream = client.start(req, opts).await.expect("start");
+        while let Some(ev) = stream.next().await {
+            ev.expect("event");
+        }
+    }
+
+    async fn counter(client: &AgentClient) -> u64 {
+        let b = client
+            .read_file("/tmp/n", Some("user"), 64)
+            .await
+            .expect("read /tmp/n");
+        String::from_utf8_lossy(&b)
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_counter_goes_on_from_its_checkpoint_in_independent_restores() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: the gvisor backend needs root");
+            return;
+        }
+        need_runsc();
+        let backend = GvisorBackend::new(&GvisorOptions {
+            agent_binary: Some(env!("CARGO_BIN_EXE_moat").into()),
+            ..GvisorOptions::default()
+        })
+        .expect("gvisor backend");
+        let plan = SandboxPlan::host("gvisor");
+        let pid = std::process::id();
+        let (source, fork_a, fork_b) = (
+            format!("gvsrc{pid:010}"),
+            format!("gvforka{pid:010}"),
+            format!("gvforkb{pid:010}"),
+        );
+        let mut inst = backend.create(&source, &plan).await.expect("create");
+        let client = connect(&mut inst).await;
+        // A counter in memory, written out every 20 ms; it never starts over by itself.
+        sh(
+            &client,
+            "python3 -c 'import time\ni=0\nwhile True:\n    i+=1\n    open(\"/tmp/n.new\",\"w\").write(str(i))\n    __import__(\"os\").rename(\"/tmp/n.new\",\"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &",
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = counter(&client).await;
+        assert!(before > 5, "the counter did not run: {before}");
+
+        let image = tempfile::Builder::new()
+            .prefix("moat-gvisor-image-")
+            .tempdir_in("/tmp")
+            .expect("image dir");
+        client.expect_reconnect().await.expect("expect reconnect");
+        drop(client);
+        inst.checkpoint(image.path()).await.expect("checkpoint");
+        inst.destroy().await.expect("destroy the source");
+
+        let mut a = backend
+            .restore(&fork_a, &plan, image.path())
+            .await
+            .expect("restore a");
+        let mut b = backend
+            .restore(&fork_b, &plan, image.path())
+            .await
+            .expect("restore b");
+        let (ca, cb) = (connect(&mut a).await, connect(&mut b).await);
+        let (a1, b1) = (counter(&ca).await, counter(&cb).await);
+        // Both go on from where the source was, not from 1.
+        assert!(
+            a1 >= before && b1 >= before,
+            "before {before}, restored {a1} and {b1}"
+        );
+        // Independent: files written in one are not in the other, and both keep counting.
+        sh(&ca, "echo only-a > /tmp/mark").await;
+        let mark_b = cb.read_file("/tmp/mark", Some("user"), 64).await;
+        assert!(mark_b.is_err(), "a's file showed in b: {mark_b:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (a2, b2) = (counter(&ca).await, counter(&cb).await);
+        assert!(
+            a2 > a1 && b2 > b1,
+            "stopped counting: a {a1}->{a2}, b {b1}->{b2}"
+        );
+
+        drop((ca, cb));
+        a.destroy().await.expect("destroy a");
+        b.destroy().await.expect("destroy b");
+        for id in [&source, &fork_a, &fork_b] {
+            assert!(leftovers(id).is_empty(), "{id}: {:?}", leftovers(id));
+        }
+    }
+}
