@@ -101,6 +101,7 @@ impl Router {
             self.state
                 .expect_reconnect
                 .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.state.reconnect.notify_one();
             return transport::empty(StatusCode::NO_CONTENT);
         }
         if path == "/interpreter" || path.starts_with("/interpreter/") {

@@ -101,6 +101,10 @@ where
     }
 }
 
+/// How long the connection on which the host asked to reconnect may go on (its answer on its
+/// way out, the host closing its side) before the agent drops it.
+const RECONNECT_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How often an agent waiting for its host to reconnect looks at its channel (see
 /// [`serve_resumable`]).
 const RECONNECT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
@@ -123,13 +127,27 @@ pub async fn serve_resumable(
         std_stream.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(std_stream)?;
         // However it ended, what follows depends only on whether the host said it comes back.
-        let _ = serve_connection(stream, router.clone()).await;
+        // When it did, the agent ends the connection itself (after the answer went out, and
+        // with streams still open cut), so the host knows, once its side closes, that the
+        // agent no longer reads the old connection: a checkpoint may follow.
+        let conn = serve_connection(stream, router.clone());
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = &mut conn => {}
+            () = state.reconnect.notified() => {
+                let _ = tokio::time::timeout(RECONNECT_DRAIN, &mut conn).await;
+            }
+        }
         if !state
             .expect_reconnect
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
             return Ok(());
         }
+        // The host waits for this end-of-stream before it checkpoints: from here on the agent
+        // reads nothing of the old connection.
+        // SAFETY: shutdown with integer arguments on our own socket.
+        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&channel), libc::SHUT_WR) };
         while !has_data(&channel)? {
             tokio::time::sleep(RECONNECT_POLL).await;
         }

@@ -17,6 +17,8 @@ pub struct AgentState {
     pub layer: Option<Arc<Layer>>,
     /// The host asked to reconnect after this connection (see `RECONNECT_PATH`).
     pub expect_reconnect: std::sync::atomic::AtomicBool,
+    /// Woken when the host asks to reconnect: the agent then ends the connection itself.
+    pub reconnect: tokio::sync::Notify,
 }
 
 impl AgentState {
@@ -26,6 +28,7 @@ impl AgentState {
             config,
             layer: None,
             expect_reconnect: std::sync::atomic::AtomicBool::new(false),
+            reconnect: tokio::sync::Notify::new(),
         }
     }
 

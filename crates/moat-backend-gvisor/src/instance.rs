@@ -19,6 +19,49 @@ use crate::runsc::Runsc;
 /// How long a destroy waits for the processes of a killed sandbox to leave its cgroups.
 const EMPTY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a checkpoint waits for the agent to let go of its channel.
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether the agent shut its side of the channel (end-of-stream on `watch`) within
+/// [`RELEASE_TIMEOUT`]; whatever else arrives meanwhile is the old connection's and dropped.
+fn agent_released(watch: std::os::unix::net::UnixStream) -> bool {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + RELEASE_TIMEOUT;
+    let mut watch = watch;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // The socket is non-blocking (shared with the async side): wait for it to be readable.
+        let mut pfd = libc::pollfd {
+            fd: watch.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        match watch.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 /// What a live gVisor sandbox holds on the host.
 pub(crate) struct Live {
     /// `runsc run`, which lives as long as the container.
@@ -34,6 +77,9 @@ pub struct GvisorInstance {
     id: String,
     runsc: Runsc,
     channel: Option<UnixStream>,
+    /// A second handle on the host end of the channel, kept when the channel is handed out:
+    /// before a checkpoint it shows when the agent has let go of its connection.
+    watch: Option<std::os::unix::net::UnixStream>,
     inner: Arc<Mutex<Option<Live>>>,
     /// A pidfd of `runsc run`, readable once it has exited (the container's init is gone).
     exit: Option<AsyncFd<OwnedFd>>,
@@ -71,6 +117,7 @@ impl GvisorInstance {
             id,
             runsc,
             channel: Some(channel),
+            watch: None,
             inner: Arc::new(Mutex::new(Some(live))),
             exit,
         })
@@ -140,7 +187,11 @@ impl Instance for GvisorInstance {
     }
 
     fn take_channel(&mut self) -> Option<AgentChannel> {
-        self.channel.take().map(AgentChannel::Unix)
+        let channel = self.channel.take()?;
+        let std_stream = channel.into_std().ok()?;
+        self.watch = std_stream.try_clone().ok();
+        let channel = UnixStream::from_std(std_stream).ok()?;
+        Some(AgentChannel::Unix(channel))
     }
 
     fn stats(&self) -> InstanceStats {
@@ -182,6 +233,22 @@ impl Instance for GvisorInstance {
     /// [`Backend::restore`]: moat_engine::backend::Backend::restore
     async fn checkpoint(&self, dir: &std::path::Path) -> Result<()> {
         let state = self.with_live(|l| Ok(l.dir.join("state")))?;
+        // The agent, told to expect a new channel, ends its connection once the host has
+        // closed its own, and shuts its side: only then is nothing of the old connection in
+        // what is saved.
+        if let Some(watch) = self.watch.as_ref().and_then(|w| w.try_clone().ok()) {
+            let released = tokio::task::spawn_blocking(move || agent_released(watch))
+                .await
+                .map_err(|e| EngineError::Backend(format!("channel task: {e}")))?;
+            if !released {
+                return Err(EngineError::Agent(format!(
+                    "sandbox {}'s agent did not let go of its channel within {} s (was it told \
+                     to expect a new one, and the host's connection closed?)",
+                    self.id,
+                    RELEASE_TIMEOUT.as_secs()
+                )));
+            }
+        }
         let mut cmd = self.runsc.command(&state);
         cmd.arg("checkpoint")
             .arg(format!("--image-path={}", dir.display()))
