@@ -90,6 +90,10 @@ pub struct SandboxPlan {
     pub metadata: BTreeMap<String, String>,
     /// A snapshot archive to restore before it counts as running.
     pub layer: Option<PathBuf>,
+    /// A memory checkpoint (a snapshot with memory's directory) the backend restores the
+    /// sandbox from, instead of starting it afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<PathBuf>,
     /// Whether a warm-pool member of the template is exactly what the plan asks for.
     pub poolable: bool,
     /// The sandbox's id when the caller chose it (`moat run --id`); a fresh one when `None`.
@@ -124,6 +128,7 @@ impl SandboxPlan {
             public_traffic: None,
             metadata: BTreeMap::new(),
             layer: None,
+            memory: None,
             poolable: true,
             id: None,
         }
@@ -174,6 +179,7 @@ impl SandboxPlan {
             public_traffic: None,
             metadata: BTreeMap::new(),
             layer: None,
+            memory: None,
             poolable: false,
             id: None,
         }

@@ -471,6 +471,11 @@ pub struct CreateSnapshot {
     /// unique, and listings filter on them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Save the sandbox's memory and running processes too (backends that can: gvisor); a
+    /// sandbox made from it goes on from where they were. The sandbox is stopped for the time
+    /// it takes (streams open on it end).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory: bool,
 }
 
 /// A snapshot: a frozen copy of a sandbox's writable layer (its files; never its memory or
@@ -489,8 +494,8 @@ pub struct Snapshot {
     pub resources: ResourceLimits,
     /// Size of the stored copy, bytes.
     pub size_bytes: u64,
-    /// Whether memory (running processes) was saved too; always `false` on the native
-    /// backend, whose snapshots hold files only.
+    /// Whether memory (running processes) was saved too; never on the native backend, whose
+    /// snapshots hold files only.
     pub memory: bool,
     /// When it was taken, Unix milliseconds.
     pub created_at: i64,

@@ -296,3 +296,123 @@ mod memory {
         }
     }
 }
+
+/// The counter demo over `/v1`: a running counter snapshotted with its memory at N goes on
+/// from N, in the sandbox it was taken of and in a sandbox made from the snapshot; a tampered
+/// snapshot is refused; a native sandbox cannot be snapshotted with memory.
+#[test]
+fn a_snapshot_with_memory_goes_on_counting_over_the_api() {
+    need_root!();
+    need_runsc();
+    let server = Server::start();
+    let key = server.admin_key();
+    server.create_template(
+        &key,
+        "sentry",
+        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
+    );
+    let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
+    server.shell(
+        &key,
+        &id,
+        "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &",
+    );
+    let count = |sandbox: &str| -> u64 {
+        let r = server.request(
+            "GET",
+            &format!("/v1/sandboxes/{sandbox}/files?path=/tmp/n"),
+            Some(&key),
+            None,
+        );
+        assert_eq!(r.status, 200, "{sandbox}: {}", r.text());
+        r.text().trim().parse().expect("a number")
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = count(&id);
+    assert!(before > 5, "the counter did not run: {before}");
+
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(&key),
+        Some(&body(json!({"memory": true}))),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let snapshot = r.json();
+    assert_eq!(snapshot["memory"], true, "{snapshot}");
+    assert!(
+        snapshot["size_bytes"].as_u64().unwrap_or(0) > 0,
+        "{snapshot}"
+    );
+    let snap = snapshot["id"].as_str().expect("id").to_owned();
+
+    // The source runs on from where it was.
+    let source = count(&id);
+    assert!(
+        source >= before,
+        "the source restarted: {before} then {source}"
+    );
+
+    // A sandbox made from it goes on from the checkpoint, not from 1.
+    let copy = server.create_sandbox_with(&key, json!({"snapshot": snap}));
+    let first = count(&copy);
+    assert!(first >= before, "the copy restarted: {before} then {first}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let later = count(&copy);
+    assert!(
+        later > first,
+        "the copy stopped counting: {first} then {later}"
+    );
+
+    // A changed checkpoint is refused before anything runs from it.
+    let dir = server.data.join("snapshots").join(format!("{snap}.mem"));
+    let image = std::fs::read_dir(&dir)
+        .expect("snapshot dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n != "manifest.json"))
+        .expect("a checkpoint file");
+    let mut bytes = std::fs::read(&image).expect("read image");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&image, bytes).expect("tamper");
+    let r = server.request(
+        "POST",
+        "/v1/sandboxes",
+        Some(&key),
+        Some(&body(json!({"snapshot": snap}))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("damaged"), "{}", r.text());
+
+    // The native backend cannot save memory, and says so.
+    let native = server.create_sandbox(&key);
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{native}/snapshots"),
+        Some(&key),
+        Some(&body(json!({"memory": true}))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("native backend cannot save"),
+        "{}",
+        r.text()
+    );
+
+    for sandbox in [&id, &copy, &native] {
+        let r = server.request(
+            "DELETE",
+            &format!("/v1/sandboxes/{sandbox}"),
+            Some(&key),
+            None,
+        );
+        assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    }
+    let r = server.request("DELETE", &format!("/v1/snapshots/{snap}"), Some(&key), None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    assert!(!dir.exists(), "the snapshot's directory stayed");
+    for sandbox in [&id, &copy] {
+        assert!(leftovers(sandbox).is_empty(), "{:?}", leftovers(sandbox));
+    }
+}

@@ -18,6 +18,7 @@ mod health;
 mod housekeeping;
 mod idempotency;
 mod keys;
+mod memory;
 mod pause;
 mod pool;
 mod readiness;
@@ -952,7 +953,12 @@ impl Inner {
         id: &str,
         plan: &SandboxPlan,
     ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
-        let mut instance = backend.create(id, plan).await.map_err(|e| {
+        let made = match &plan.memory {
+            // Its processes come back running: nothing of the template's starts again.
+            Some(dir) => backend.restore(id, plan, dir).await,
+            None => backend.create(id, plan).await,
+        };
+        let mut instance = made.map_err(|e| {
             ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
         })?;
         let connected = async {
@@ -969,7 +975,9 @@ impl Inner {
             if let Some(layer) = &plan.layer {
                 restore_layer(&client, layer).await?;
             }
-            readiness::start_and_wait(&client, &plan.readiness).await?;
+            if plan.memory.is_none() {
+                readiness::start_and_wait(&client, &plan.readiness).await?;
+            }
             Ok::<_, ManagerError>(client)
         }
         .await;

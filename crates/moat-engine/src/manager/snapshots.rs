@@ -40,6 +40,7 @@ use moat_proto::units::describe_size;
 use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::memory::{MEMORY_SUFFIX, RemoveDirOnDrop, verify_manifest};
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::auth::Caller;
@@ -61,7 +62,7 @@ pub const FORK_PARALLELISM: usize = 4;
 /// Pieces an archive is read from disk in.
 const FILE_CHUNK: usize = 64 << 10;
 /// Prefix of files being written: not yet snapshots, swept at start-up.
-const TEMP_PREFIX: &str = ".tmp-";
+pub(super) const TEMP_PREFIX: &str = ".tmp-";
 /// Suffix of snapshot archives.
 const SUFFIX: &str = ".tar";
 
@@ -163,12 +164,23 @@ pub(super) fn prepare_dir(store: &Store, dir: &Path) -> ManagerResult<()> {
     let mut swept = 0;
     for entry in std::fs::read_dir(dir).map_err(|e| io("read", e))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let orphan = match name.strip_suffix(SUFFIX) {
+        let orphan = match name
+            .strip_suffix(SUFFIX)
+            .or_else(|| name.strip_suffix(MEMORY_SUFFIX))
+        {
             _ if name.starts_with(TEMP_PREFIX) => true,
             Some(id) => !known.contains(id),
             None => false,
         };
-        if orphan && std::fs::remove_file(entry.path()).is_ok() {
+        if !orphan {
+            continue;
+        }
+        let removed = if name.ends_with(MEMORY_SUFFIX) {
+            std::fs::remove_dir_all(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
+        if removed.is_ok() {
             swept += 1;
         }
     }
@@ -224,6 +236,7 @@ struct Captured {
     template: String,
     resources: Resources,
     env: BTreeMap<String, String>,
+    backend: String,
 }
 
 /// Removes the file it names when dropped, unless disarmed.
@@ -252,7 +265,7 @@ fn snapshot_v1(rec: &SnapshotRecord) -> v1::Snapshot {
         // Written by this manager; an unreadable value shows as zeros rather than failing.
         resources: serde_json::from_value(rec.resources.clone()).unwrap_or_default(),
         size_bytes: rec.size_bytes,
-        memory: false,
+        memory: rec.memory,
         created_at: rec.created_at,
     }
 }
@@ -274,9 +287,15 @@ impl SandboxManager {
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let key_id = caller.key_id.clone();
         tokio::spawn(async move {
-            inner
-                .snapshot(&tenant, key_id.as_deref(), &id, req.name)
-                .await
+            if req.memory {
+                inner
+                    .snapshot_memory(&tenant, key_id.as_deref(), &id, req.name)
+                    .await
+            } else {
+                inner
+                    .snapshot(&tenant, key_id.as_deref(), &id, req.name)
+                    .await
+            }
         })
         .await
         .map_err(|e| ManagerError::Internal(format!("snapshot task: {e}")))?
@@ -323,6 +342,17 @@ impl SandboxManager {
         let (t, i) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.delete_snapshot(&t, &i)).await?;
         if let Some(dir) = &self.inner.opts.snapshot_dir {
+            if rec.memory {
+                let path = dir.join(format!("{}{MEMORY_SUFFIX}", rec.id));
+                match tokio::fs::remove_dir_all(&path).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(snapshot = %rec.id, "removing {}: {e}", path.display())
+                    }
+                }
+                return Ok(snapshot_v1(&rec));
+            }
             let path = dir.join(format!("{}{SUFFIX}", rec.id));
             match tokio::fs::remove_file(&path).await {
                 Ok(()) => {}
@@ -364,7 +394,7 @@ impl SandboxManager {
 }
 
 impl Inner {
-    fn snapshot_dir(&self) -> ManagerResult<&Path> {
+    pub(super) fn snapshot_dir(&self) -> ManagerResult<&Path> {
         self.opts.snapshot_dir.as_deref().ok_or_else(|| {
             ManagerError::Unavailable(
                 "this server keeps no snapshots (no snapshot directory)".into(),
@@ -449,6 +479,7 @@ impl Inner {
             template: rec.template,
             resources,
             env: live.env.clone(),
+            backend: rec.backend,
         })
     }
 
@@ -494,6 +525,8 @@ impl Inner {
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             env: captured.env,
             size_bytes: captured.size,
+            memory: false,
+            backend: captured.backend,
         };
         let rec = self
             .db(move |s| s.insert_snapshot_within(&new, MAX_SNAPSHOTS_PER_TENANT, quota))
@@ -501,6 +534,58 @@ impl Inner {
         cleanup.disarm();
         // Recorded: counted from the store now.
         drop(held);
+        Ok(snapshot_v1(&rec))
+    }
+
+    /// A snapshot with memory of `tenant`'s running sandbox `id` (see the `memory` module),
+    /// within the tenant's snapshot quota, which the checkpoint's size counts against.
+    async fn snapshot_memory(
+        self: Arc<Self>,
+        tenant: &str,
+        key_id: Option<&str>,
+        id: &str,
+        name: Option<String>,
+    ) -> ManagerResult<v1::Snapshot> {
+        check_sandbox_id(id).map_err(ManagerError::from)?;
+        let t = tenant.to_owned();
+        let held = self.db(move |s| s.count_snapshots(&t)).await?;
+        if held >= MAX_SNAPSHOTS_PER_TENANT {
+            return Err(ManagerError::QuotaExceeded(format!(
+                "tenant {tenant} has {held} snapshots, the most it may keep; delete some first"
+            )));
+        }
+        let quota = self.snapshot_quota(tenant, key_id).await?;
+        let captured = self.capture_memory(tenant, id).await?;
+        let mut cleanup = RemoveDirOnDrop(Some(captured.dir.clone()));
+        let snapshot_id = generate_snapshot_id()?;
+        let dir = self.snapshot_dir()?.to_owned();
+        let path = dir.join(format!("{snapshot_id}{MEMORY_SUFFIX}"));
+        let (from, to) = (captured.dir.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::rename(&from, &to)?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("snapshot file task: {e}")))?
+        .map_err(|e| ManagerError::Internal(format!("storing snapshot {}: {e}", path.display())))?;
+        cleanup.0 = Some(path);
+        let new = NewSnapshot {
+            id: snapshot_id,
+            tenant: tenant.to_owned(),
+            name,
+            sandbox_id: id.to_owned(),
+            template: captured.template,
+            resources: serde_json::to_value(limits_v1(&captured.resources))
+                .map_err(|e| ManagerError::Internal(e.to_string()))?,
+            env: captured.env,
+            size_bytes: captured.size,
+            memory: true,
+            backend: captured.backend,
+        };
+        let rec = self
+            .db(move |s| s.insert_snapshot_within(&new, MAX_SNAPSHOTS_PER_TENANT, quota))
+            .await?;
+        cleanup.disarm();
         Ok(snapshot_v1(&rec))
     }
 
@@ -520,6 +605,9 @@ impl Inner {
         }
         let (t, i) = (tenant.to_owned(), snapshot.to_owned());
         let rec = self.db(move |s| s.get_snapshot(&t, &i)).await?;
+        if rec.memory {
+            return self.plan_from_memory_snapshot(tenant, &rec, req).await;
+        }
         let file = self.snapshot_dir()?.join(format!("{}{SUFFIX}", rec.id));
         let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
             .map_err(|e| ManagerError::Internal(format!("snapshot {snapshot} resources: {e}")))?;
@@ -538,6 +626,66 @@ impl Inner {
             file,
         )
         .await
+    }
+
+    /// What a create from the snapshot with memory `rec` makes: a sandbox restored from its
+    /// checkpoint (verified against its manifest first) by the backend that saved it, with its
+    /// processes running where they were. Its template starts nothing.
+    async fn plan_from_memory_snapshot(
+        &self,
+        tenant: &str,
+        rec: &crate::store::SnapshotRecord,
+        req: v1::CreateSandbox,
+    ) -> ManagerResult<SandboxPlan> {
+        if !req.env.is_empty() {
+            return Err(ManagerError::Invalid(
+                "a sandbox restored with memory keeps the environment its processes have; give \
+                 no `env`"
+                    .into(),
+            ));
+        }
+        let dir = self
+            .snapshot_dir()?
+            .join(format!("{}{MEMORY_SUFFIX}", rec.id));
+        let checked = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || verify_manifest(&dir))
+                .await
+                .map_err(|e| ManagerError::Internal(format!("manifest task: {e}")))?
+        };
+        if let Err(why) = checked {
+            return Err(ManagerError::Conflict(format!(
+                "snapshot {} is damaged and was not restored: {why}",
+                rec.id
+            )));
+        }
+        let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
+            .map_err(|e| ManagerError::Internal(format!("snapshot {} resources: {e}", rec.id)))?;
+        let mut plan = self
+            .plan_restored(
+                tenant,
+                &rec.template,
+                resources_of(&resources),
+                rec.env.clone(),
+                false,
+                req.metadata,
+                req.timeout_secs,
+                PathBuf::new(),
+            )
+            .await?;
+        // The backend that saved it, whatever the template names now.
+        let backend = self.backends.get(&rec.backend)?;
+        if !backend.capabilities().memory_checkpoint {
+            return Err(ManagerError::Conflict(format!(
+                "the {} backend cannot restore memory",
+                rec.backend
+            )));
+        }
+        plan.backend = rec.backend.clone();
+        plan.layer = None;
+        plan.memory = Some(dir);
+        plan.poolable = false;
+        Ok(plan)
     }
 
     /// A plan for a sandbox of `template` with exactly `resources` and `env`, its files from

@@ -185,6 +185,12 @@ const V8: &str = r#"
 ALTER TABLE sandboxes ADD COLUMN plan TEXT CHECK (plan IS NULL OR json_valid(plan));
 ALTER TABLE templates ADD COLUMN limits TEXT CHECK (limits IS NULL OR json_valid(limits));
 "#;
+/// Snapshots with memory (a backend's checkpoint beside the files), and the backend that made
+/// them, which alone can restore them.
+const V9: &str = r#"
+ALTER TABLE snapshots ADD COLUMN memory INTEGER NOT NULL DEFAULT 0 CHECK (memory IN (0, 1));
+ALTER TABLE snapshots ADD COLUMN backend TEXT NOT NULL DEFAULT 'native';
+"#;
 /// The whole schema at [`SCHEMA_VERSION`], what [`MIGRATIONS`] make one after another, in one
 /// script for a fresh database: a fresh store (every `moat run` opens one in memory) takes about
 /// 1 ms instead of the 4–6 ms that the `ALTER TABLE`s of the migrations cost (each re-reads the
@@ -295,7 +301,9 @@ CREATE TABLE snapshots (
     resources   TEXT NOT NULL CHECK (json_valid(resources)),
     env         TEXT NOT NULL CHECK (json_valid(env)),
     size_bytes  INTEGER NOT NULL CHECK (size_bytes >= 0),
-    created_at  INTEGER NOT NULL
+    created_at  INTEGER NOT NULL,
+    memory INTEGER NOT NULL DEFAULT 0 CHECK (memory IN (0, 1)),
+    backend TEXT NOT NULL DEFAULT 'native'
 ) STRICT;
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
 "#
@@ -316,7 +324,7 @@ pub(crate) fn open_empty_in_memory() -> StoreResult<Connection> {
     Ok(conn)
 }
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

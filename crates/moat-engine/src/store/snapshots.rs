@@ -65,8 +65,12 @@ pub struct NewSnapshot {
     pub resources: serde_json::Value,
     /// That sandbox's environment variables (its own, over the template's).
     pub env: BTreeMap<String, String>,
-    /// Size of the archive, bytes.
+    /// Size of the archive (and memory checkpoint), bytes.
     pub size_bytes: u64,
+    /// Whether it holds the sandbox's memory (a backend's checkpoint) besides its files.
+    pub memory: bool,
+    /// The backend the sandbox ran on; a snapshot with memory restores only on it.
+    pub backend: String,
 }
 
 /// A recorded snapshot.
@@ -86,10 +90,14 @@ pub struct SnapshotRecord {
     pub resources: serde_json::Value,
     /// That sandbox's environment variables.
     pub env: BTreeMap<String, String>,
-    /// Size of the archive, bytes.
+    /// Size of the archive (and memory checkpoint), bytes.
     pub size_bytes: u64,
     /// When it was recorded, Unix milliseconds.
     pub created_at: i64,
+    /// Whether it holds the sandbox's memory besides its files.
+    pub memory: bool,
+    /// The backend the sandbox ran on.
+    pub backend: String,
 }
 
 impl SnapshotRecord {
@@ -110,6 +118,8 @@ impl SnapshotRecord {
             size_bytes: u64::try_from(size)
                 .map_err(|_| StoreError::Corrupt(format!("negative snapshot size {size}")))?,
             created_at: row.get("created_at")?,
+            memory: row.get::<_, i64>("memory")? != 0,
+            backend: row.get("backend")?,
         })
     }
 }
@@ -238,8 +248,8 @@ impl Store {
             }
             let inserted = tx.execute(
                 "INSERT INTO snapshots (id, tenant_id, name, sandbox_id, template, resources,
-                     env, size_bytes, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     env, size_bytes, created_at, memory, backend)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (id) DO NOTHING",
                 params![
                     new.id,
@@ -251,6 +261,8 @@ impl Store {
                     env,
                     size,
                     created_at,
+                    i64::from(new.memory),
+                    new.backend,
                 ],
             )?;
             if inserted == 0 {
@@ -268,6 +280,8 @@ impl Store {
             env: new.env.clone(),
             size_bytes: new.size_bytes,
             created_at,
+            memory: new.memory,
+            backend: new.backend.clone(),
         })
     }
 
@@ -382,6 +396,8 @@ mod tests {
             resources: serde_json::json!({"memory_bytes": 1}),
             env: BTreeMap::from([("K".into(), "v".into())]),
             size_bytes: 10,
+            memory: false,
+            backend: "native".into(),
         }
     }
 

@@ -124,7 +124,14 @@ pub(crate) async fn create_snapshot(
     }
     let snapshot = state
         .manager
-        .snapshot(&caller, &id, v1::CreateSnapshot { name: req.name })
+        .snapshot(
+            &caller,
+            &id,
+            v1::CreateSnapshot {
+                name: req.name,
+                memory: false,
+            },
+        )
         .await
         .map_err(|e| match e {
             ManagerError::NotFound(_) => E2bError::no_sandbox(&id),

@@ -31,6 +31,10 @@ enum SnapshotCommand {
         /// A name for people (need not be unique).
         #[arg(long)]
         name: Option<String>,
+        /// Save its memory and running processes too (gvisor sandboxes): sandboxes made from
+        /// it go on from where they were.
+        #[arg(long)]
+        memory: bool,
     },
     /// List snapshots, oldest first.
     #[command(visible_alias = "list")]
@@ -67,9 +71,13 @@ pub fn main(args: SnapshotArgs) -> ExitCode {
         let client = remote.client()?;
         let format = remote.output;
         match command {
-            SnapshotCommand::Create { sandbox, name } => {
+            SnapshotCommand::Create {
+                sandbox,
+                name,
+                memory,
+            } => {
                 let snapshot = client
-                    .create_snapshot(&sandbox, &CreateSnapshot { name })
+                    .create_snapshot(&sandbox, &CreateSnapshot { name, memory })
                     .await?;
                 match format {
                     Format::Json => remote::print_json(&snapshot)?,

@@ -1,0 +1,310 @@
+//! Snapshots with memory: a backend's checkpoint of a running sandbox (its processes, their
+//! memory and the files it wrote), kept in the snapshot directory as `<id>.mem/` beside the
+//! file-only `<id>.tar` snapshots, with a manifest of every file's SHA-256 that is checked before
+//! anything is restored from it (a changed or added file is refused).
+//!
+//! Taking one briefly stops the sandbox: its agent is told to expect a new channel, the backend
+//! saves it (which ends its processes on gvisor), and the sandbox is restored from what was
+//! saved under the same id, with a new channel; streams open on it end. Meanwhile it counts as
+//! paused (calls are refused with 409). Only backends with `Capabilities::memory_checkpoint`
+//! can; the native backend cannot.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use sha2::{Digest, Sha256};
+
+use super::{Inner, Live, ManagerError, ManagerResult, lock, stored_plan};
+use crate::agent_client::AgentClient;
+use crate::backend::{Backend, Capabilities, Instance};
+use crate::plan::SandboxPlan;
+use crate::resources::Resources;
+use crate::store::{EndReason, SandboxState};
+
+/// The suffix of a snapshot-with-memory directory in the snapshot directory.
+pub(super) const MEMORY_SUFFIX: &str = ".mem";
+/// The manifest in such a directory: every other file's size and SHA-256.
+const MANIFEST: &str = "manifest.json";
+
+/// A sandbox saved with its memory into a directory that is not yet a snapshot.
+pub(super) struct CapturedMemory {
+    pub(super) dir: PathBuf,
+    pub(super) size: u64,
+    pub(super) template: String,
+    pub(super) resources: Resources,
+    pub(super) env: BTreeMap<String, String>,
+    pub(super) backend: String,
+}
+
+/// Removes the directory it names when dropped, unless disarmed.
+pub(super) struct RemoveDirOnDrop(pub(super) Option<PathBuf>);
+
+impl RemoveDirOnDrop {
+    pub(super) fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// Writes the manifest of `dir` (every regular file in it, none in subdirectories) and syncs
+/// the directory. Returns the files' total size.
+fn write_manifest(dir: &Path) -> std::io::Result<u64> {
+    let mut files = BTreeMap::new();
+    let mut total: u64 = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let md = entry.metadata()?;
+        if !md.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} in a checkpoint is not a regular file",
+                entry.path().display()
+            )));
+        }
+        let digest = sha256_of(&entry.path())?;
+        total = total.saturating_add(md.len());
+        files.insert(
+            name,
+            serde_json::json!({"size": md.len(), "sha256": digest}),
+        );
+    }
+    let manifest = serde_json::json!({ "files": files });
+    let path = dir.join(MANIFEST);
+    std::fs::write(&path, manifest.to_string())?;
+    std::fs::File::open(&path)?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(total)
+}
+
+/// Checks `dir` against its manifest: the same files, each of the recorded size and digest.
+pub(super) fn verify_manifest(dir: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST))
+        .map_err(|e| format!("its manifest cannot be read: {e}"))?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("its manifest is not JSON: {e}"))?;
+    let files = manifest["files"]
+        .as_object()
+        .ok_or("its manifest lists no files")?;
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("reading it: {e}"))? {
+        let entry = entry.map_err(|e| format!("reading it: {e}"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == MANIFEST {
+            continue;
+        }
+        let want = files
+            .get(&name)
+            .ok_or_else(|| format!("{name} is not in its manifest"))?;
+        let md = entry.metadata().map_err(|e| format!("{name}: {e}"))?;
+        if !md.is_file() || Some(md.len()) != want["size"].as_u64() {
+            return Err(format!("{name} is not the size its manifest says"));
+        }
+        let digest = sha256_of(&entry.path()).map_err(|e| format!("{name}: {e}"))?;
+        if Some(digest.as_str()) != want["sha256"].as_str() {
+            return Err(format!("{name} does not match its manifest's digest"));
+        }
+        seen += 1;
+    }
+    if seen != files.len() {
+        return Err("files of its manifest are missing".into());
+    }
+    Ok(())
+}
+
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Connects to the agent of a restored instance.
+async fn connect(instance: &mut Box<dyn Instance>, id: &str) -> ManagerResult<AgentClient> {
+    let channel = instance
+        .take_channel()
+        .ok_or_else(|| ManagerError::Internal("backend gave no agent channel".into()))?;
+    let client = AgentClient::handshake(channel)
+        .await
+        .map_err(|e| ManagerError::Unavailable(format!("sandbox {id}: agent handshake: {e}")))?;
+    client
+        .health()
+        .await
+        .map_err(|e| ManagerError::Unavailable(format!("sandbox {id}: agent health: {e}")))?;
+    Ok(client)
+}
+
+impl Inner {
+    /// Saves `tenant`'s running sandbox `id` with its memory into a new directory in the
+    /// snapshot directory (see the module's notes), and has it running again from what was
+    /// saved.
+    pub(super) async fn capture_memory(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &str,
+    ) -> ManagerResult<CapturedMemory> {
+        let snapshots = self.snapshot_dir()?.to_owned();
+        let live = self.live_any(tenant, id).await?;
+        Capabilities::require(
+            live.backend.capabilities().memory_checkpoint,
+            live.backend.name(),
+            "save a sandbox's memory (a snapshot without memory keeps its files)",
+        )
+        .map_err(|e| ManagerError::Conflict(e.to_string()))?;
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        let plan = stored_plan(&rec)?.ok_or_else(|| {
+            ManagerError::Conflict(format!(
+                "sandbox {id} was made by an older server that kept no plan of it"
+            ))
+        })?;
+        let _op = live.ops.lock().await;
+        if live.paused.swap(true, Ordering::SeqCst) {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id} is paused; resume it before a snapshot with memory"
+            )));
+        }
+        let dir = snapshots.join(format!(
+            "{}{}{MEMORY_SUFFIX}",
+            super::snapshots::TEMP_PREFIX,
+            crate::store::generate_snapshot_id()?
+        ));
+        let mut cleanup = RemoveDirOnDrop(Some(dir.clone()));
+        let made = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir(&dir)?;
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("snapshot directory task: {e}")))?
+        };
+        if let Err(e) = made {
+            live.paused.store(false, Ordering::SeqCst);
+            return Err(ManagerError::Internal(format!(
+                "creating {}: {e}",
+                dir.display()
+            )));
+        }
+        if let Err(e) = live.client.expect_reconnect().await {
+            live.paused.store(false, Ordering::SeqCst);
+            return Err(ManagerError::Unavailable(format!(
+                "sandbox {id}'s agent could not be readied for a checkpoint: {e}"
+            )));
+        }
+        // From here on the sandbox's old channel is gone: it runs again only as restored.
+        let saved = {
+            let mut instance = live.instance.lock().await;
+            let saved = instance.checkpoint(&dir).await;
+            if let Err(e) = instance.destroy().await {
+                tracing::warn!(sandbox = %id, "releasing a checkpointed sandbox: {e}");
+            }
+            saved
+        };
+        let restored = match saved {
+            Ok(()) => self.restart_from(&live.backend, id, &plan, &dir).await,
+            Err(e) => Err(ManagerError::Unavailable(format!(
+                "the checkpoint of sandbox {id} failed: {e}"
+            ))),
+        };
+        let (instance, client) = match restored {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(tenant, id, &e).await;
+                return Err(e);
+            }
+        };
+        // Swapped in, unless the sandbox was deleted meanwhile.
+        let still = {
+            let mut map = lock(&self.live);
+            let ours = map.get(id).is_some_and(|l| Arc::ptr_eq(l, &live));
+            if ours {
+                map.insert(
+                    id.to_owned(),
+                    Arc::new(Live::new(
+                        tenant,
+                        client,
+                        live.backend.clone(),
+                        instance,
+                        live.env.clone(),
+                        live.public_traffic,
+                    )),
+                );
+                None
+            } else {
+                Some(instance)
+            }
+        };
+        if let Some(mut orphan) = still {
+            let _ = orphan.destroy().await;
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id} was ended while its memory was saved"
+            )));
+        }
+        let size = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || write_manifest(&dir))
+                .await
+                .map_err(|e| ManagerError::Internal(format!("manifest task: {e}")))?
+                .map_err(|e| ManagerError::Internal(format!("writing the manifest: {e}")))?
+        };
+        cleanup.disarm();
+        Ok(CapturedMemory {
+            dir,
+            size,
+            template: rec.template,
+            resources: plan.resources,
+            env: live.env.clone(),
+            backend: live.backend.name().to_owned(),
+        })
+    }
+
+    /// Makes sandbox `id` of `plan` run again from the checkpoint in `dir`, connected.
+    async fn restart_from(
+        &self,
+        backend: &Arc<dyn Backend>,
+        id: &str,
+        plan: &SandboxPlan,
+        dir: &Path,
+    ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
+        let mut instance = backend.restore(id, plan, dir).await.map_err(|e| {
+            ManagerError::Unavailable(format!("sandbox {id} could not be restored: {e}"))
+        })?;
+        match connect(&mut instance, id).await {
+            Ok(client) => Ok((instance, client)),
+            Err(e) => {
+                let _ = instance.destroy().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends sandbox `id`, lost in a checkpoint or restore, recorded failed with `why`.
+    async fn fail(&self, tenant: &str, id: &str, why: &ManagerError) {
+        lock(&self.live).remove(id);
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let reason = EndReason::Failed(why.to_string());
+        if let Err(e) = self
+            .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Failed, Some(reason)))
+            .await
+        {
+            tracing::warn!(sandbox = %id, "recording a sandbox lost to a checkpoint: {e}");
+        }
+    }
+}
