@@ -1,6 +1,8 @@
 """Sandbox lifecycle through the unmodified `e2b` SDK: running checks, connect, pause and
 resume, snapshots, and the errors for sandboxes that do not exist."""
 
+import time
+
 import pytest
 from e2b import (
     Sandbox,
@@ -65,6 +67,40 @@ def test_filesystem_snapshots():
             child.kill()
         assert Sandbox.delete_snapshot(snap.snapshot_id) is True
         assert Sandbox.delete_snapshot(snap.snapshot_id) is False
+    finally:
+        sbx.kill()
+
+
+COUNTER = (
+    "python3 -c 'import os, time\n"
+    "i = 0\n"
+    "while True:\n"
+    "    i += 1\n"
+    "    open(\"/tmp/n.new\", \"w\").write(str(i))\n"
+    "    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n"
+    "    time.sleep(0.02)' >/dev/null 2>&1"
+)
+
+
+def test_memory_snapshots_of_gvisor_sandboxes_go_on_counting():
+    # The suite's server has a template `gvisor` (see crates/moat/tests/e2b_sdk.rs).
+    sbx = Sandbox.create("gvisor")
+    try:
+        sbx.commands.run(COUNTER, background=True)
+        time.sleep(0.5)
+        before = int(sbx.files.read("/tmp/n"))
+        assert before > 5
+        snap = sbx.create_snapshot()
+        child = Sandbox.create(snap.snapshot_id)
+        try:
+            first = int(child.files.read("/tmp/n"))
+            assert first >= before
+            time.sleep(0.3)
+            assert int(child.files.read("/tmp/n")) > first
+            assert int(sbx.files.read("/tmp/n")) >= before
+        finally:
+            child.kill()
+        assert Sandbox.delete_snapshot(snap.snapshot_id) is True
     finally:
         sbx.kill()
 

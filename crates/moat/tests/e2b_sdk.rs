@@ -67,6 +67,12 @@ fn run_client(mut cmd: Command, what: &str) {
     let server = Server::start();
     let admin = server.admin_key();
     let key = server.create_key(&admin, json!({"name": "e2b sdk suite", "tenant": "e2bsdk"}));
+    // The suite's gvisor sandboxes (snapshots with memory) come from this template.
+    server.create_template(
+        &key,
+        "gvisor",
+        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
+    );
     let url = format!("http://127.0.0.1:{}", server.port);
     let out = cmd
         .current_dir(repo_root())

@@ -16,8 +16,9 @@ use std::sync::atomic::Ordering;
 
 use sha2::{Digest, Sha256};
 
-use super::{Inner, Live, ManagerError, ManagerResult, lock, stored_plan};
+use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock, stored_plan};
 use crate::agent_client::AgentClient;
+use crate::auth::Caller;
 use crate::backend::{Backend, Capabilities, Instance};
 use crate::plan::SandboxPlan;
 use crate::resources::Resources;
@@ -133,6 +134,15 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl SandboxManager {
+    /// Whether the caller's running sandbox `id` can be snapshotted with its memory (its
+    /// backend saves memory).
+    pub async fn saves_memory(&self, caller: &Caller, id: &str) -> ManagerResult<bool> {
+        let live = self.inner.live_any(&caller.tenant, id).await?;
+        Ok(live.backend.capabilities().memory_checkpoint)
+    }
 }
 
 /// Connects to the agent of a restored instance.

@@ -40,7 +40,7 @@ pub(crate) struct PauseRequest {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub(crate) struct SnapshotRequest {
     pub(crate) name: Option<String>,
-    /// `false`: files only, the one kind moat's backend takes.
+    /// `false`: files only; otherwise memory too, which gvisor sandboxes can save.
     pub(crate) memory: Option<bool>,
 }
 
@@ -85,8 +85,8 @@ pub(crate) struct ForkError {
 }
 
 /// The message of a refused memory snapshot.
-const FILES_ONLY: &str = "this server's sandboxes snapshot their filesystem only (no memory \
-     checkpoints on this backend): pass mode=\"filesystem\" (memory: false)";
+const FILES_ONLY: &str = "this sandbox's backend snapshots its filesystem only (no memory \
+     checkpoints; gvisor templates have them): pass mode=\"filesystem\" (memory: false)";
 
 /// `POST /sandboxes/{id}/pause`: 204, or 409 when it is paused already (the SDK's `False`).
 pub(crate) async fn pause(
@@ -109,7 +109,8 @@ pub(crate) async fn pause(
     }
 }
 
-/// `POST /sandboxes/{id}/snapshots`: 201 `SnapshotInfo` for a files-only snapshot.
+/// `POST /sandboxes/{id}/snapshots`: 201 `SnapshotInfo`; with memory (E2B's default) where the
+/// sandbox's backend saves it, files only when asked (`memory: false`).
 pub(crate) async fn create_snapshot(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -119,7 +120,18 @@ pub(crate) async fn create_snapshot(
     let Path(id) = id?;
     let req: SnapshotRequest = json_body(body, Some(SnapshotRequest::default()))?;
     visible(&state, &caller, &id).await?;
-    if req.memory != Some(false) {
+    // E2B's default mode keeps memory: done where the sandbox's backend can (gvisor).
+    let memory = req.memory != Some(false);
+    if memory
+        && !state
+            .manager
+            .saves_memory(&caller, &id)
+            .await
+            .map_err(|e| match e {
+                ManagerError::NotFound(_) => E2bError::no_sandbox(&id),
+                other => other.into(),
+            })?
+    {
         return Err(E2bError::invalid(FILES_ONLY));
     }
     let snapshot = state
@@ -129,7 +141,7 @@ pub(crate) async fn create_snapshot(
             &id,
             v1::CreateSnapshot {
                 name: req.name,
-                memory: false,
+                memory,
             },
         )
         .await
