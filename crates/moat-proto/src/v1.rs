@@ -546,6 +546,10 @@ pub struct ForkSandbox {
     /// Labels of each copy.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// Copy the sandbox's memory and running processes too (backends that can: gvisor), so
+    /// each copy goes on from where it was; files only otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory: bool,
 }
 
 /// What a fork made: one result per copy asked for, in order.

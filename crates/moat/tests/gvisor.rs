@@ -416,3 +416,83 @@ fn a_snapshot_with_memory_goes_on_counting_over_the_api() {
         assert!(leftovers(sandbox).is_empty(), "{:?}", leftovers(sandbox));
     }
 }
+
+/// `POST /v1/sandboxes/{id}/fork {"memory": true}`: two copies of a running counter both go on
+/// from where it was, independently; the source runs on.
+#[test]
+fn a_fork_with_memory_makes_independent_running_copies() {
+    need_root!();
+    need_runsc();
+    let server = Server::start();
+    let key = server.admin_key();
+    server.create_template(
+        &key,
+        "sentry",
+        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
+    );
+    let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
+    server.shell(
+        &key,
+        &id,
+        "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &",
+    );
+    let count = |sandbox: &str| -> u64 {
+        let out = server.shell(&key, sandbox, "cat /tmp/n");
+        out["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{sandbox}: {out}"))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = count(&id);
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(&key),
+        Some(&body(json!({"count": 2, "memory": true}))),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let copies: Vec<String> = r.json()["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|item| {
+            item["sandbox"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a copy failed: {item}"))
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(copies.len(), 2);
+    for copy in &copies {
+        let n = count(copy);
+        assert!(n >= before, "{copy} restarted: {before} then {n}");
+    }
+    server.shell(&key, &copies[0], "echo a > /tmp/only-a");
+    let out = server.shell(
+        &key,
+        &copies[1],
+        "test -e /tmp/only-a && echo shared || echo apart",
+    );
+    assert_eq!(out["stdout"], "apart\n", "{out}");
+    assert!(count(&id) >= before, "the source restarted");
+    for sandbox in copies.iter().chain(std::iter::once(&id)) {
+        let r = server.request(
+            "DELETE",
+            &format!("/v1/sandboxes/{sandbox}"),
+            Some(&key),
+            None,
+        );
+        assert!(r.status == 200 || r.status == 204, "{}", r.text());
+        assert!(leftovers(sandbox).is_empty(), "{:?}", leftovers(sandbox));
+    }
+    // The fork's checkpoint is gone with it.
+    let left: Vec<_> = std::fs::read_dir(server.data.join("snapshots"))
+        .expect("snapshot dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

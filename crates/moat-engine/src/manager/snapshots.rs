@@ -366,8 +366,8 @@ impl SandboxManager {
 
     /// Copies of the caller's running or paused sandbox `id`: its files snapshotted once, then
     /// `count` sandboxes (1 to [`v1::MAX_FORK_COUNT`]) made from that, charged to its key.
-    /// One result per copy, in order: a sandbox or why it failed. Running processes are not
-    /// carried over.
+    /// One result per copy, in order: a sandbox or why it failed. Running processes are
+    /// carried over only with `memory` (a backend that saves memory; see the `memory` module).
     pub async fn fork(
         &self,
         caller: &Caller,
@@ -737,6 +737,9 @@ impl Inner {
         req: v1::ForkSandbox,
     ) -> ManagerResult<Vec<ManagerResult<v1::Sandbox>>> {
         check_sandbox_id(id).map_err(ManagerError::from)?;
+        if req.memory {
+            return self.fork_memory(tenant, key_id, id, count, req).await;
+        }
         let quota = self.snapshot_quota(&tenant, key_id.as_deref()).await?;
         // The copy counts against the tenant's snapshot bytes until the fork is done with it.
         let mut held = self.snapshot_bytes.hold(&tenant);
@@ -757,6 +760,53 @@ impl Inner {
                 captured.file.clone(),
             )
             .await?;
+        plan.public_traffic = public_traffic;
+        let creates = (0..count).map(|_| {
+            let (inner, tenant, key_id, plan) =
+                (self.clone(), tenant.clone(), key_id.clone(), plan.clone());
+            async move {
+                inner
+                    .create_planned(tenant, key_id, plan, Instant::now())
+                    .await
+            }
+        });
+        Ok(futures_util::stream::iter(creates)
+            .buffered(FORK_PARALLELISM)
+            .collect()
+            .await)
+    }
+}
+
+impl Inner {
+    /// A fork with memory: the sandbox saved once with its memory (see the `memory` module),
+    /// `count` sandboxes restored from that, and the checkpoint deleted.
+    async fn fork_memory(
+        self: Arc<Self>,
+        tenant: String,
+        key_id: Option<String>,
+        id: &str,
+        count: u32,
+        req: v1::ForkSandbox,
+    ) -> ManagerResult<Vec<ManagerResult<v1::Sandbox>>> {
+        let captured = self.capture_memory(&tenant, id).await?;
+        let _cleanup = RemoveDirOnDrop(Some(captured.dir.clone()));
+        let public_traffic = lock(&self.live).get(id).map(|live| live.public_traffic);
+        let mut plan = self
+            .plan_restored(
+                &tenant,
+                &captured.template,
+                captured.resources,
+                captured.env.clone(),
+                false,
+                req.metadata,
+                req.timeout_secs,
+                PathBuf::new(),
+            )
+            .await?;
+        plan.backend = captured.backend.clone();
+        plan.layer = None;
+        plan.memory = Some(captured.dir.clone());
+        plan.poolable = false;
         plan.public_traffic = public_traffic;
         let creates = (0..count).map(|_| {
             let (inner, tenant, key_id, plan) =

@@ -238,6 +238,15 @@ pub(crate) async fn fork(
         ),
     };
     visible(&state, &caller, &id).await?;
+    // As E2B's sandboxes are, copies are whole (memory and processes) where the backend can.
+    let memory = state
+        .manager
+        .saves_memory(&caller, &id)
+        .await
+        .map_err(|e| match e {
+            ManagerError::NotFound(_) => E2bError::no_sandbox(&id),
+            other => other.into(),
+        })?;
     let forked = state
         .manager
         .fork(
@@ -247,6 +256,7 @@ pub(crate) async fn fork(
                 count,
                 timeout_secs,
                 metadata: Default::default(),
+                memory,
             },
         )
         .await

@@ -93,6 +93,9 @@ struct ForkArgs {
     /// A label of each copy (repeatable).
     #[arg(long = "metadata", short = 'm', value_name = "K=V")]
     metadata: Vec<String>,
+    /// Copy its memory and running processes too (gvisor sandboxes).
+    #[arg(long)]
+    memory: bool,
 }
 
 /// Resource flags shared by `sandbox create` and `moat run` through a server.
@@ -308,6 +311,7 @@ async fn fork(client: &Client, format: Format, a: ForkArgs) -> Result<ExitCode> 
         count: Some(a.count),
         timeout_secs,
         metadata: key_values("--metadata", &a.metadata)?.into_iter().collect(),
+        memory: a.memory,
     };
     let result = client.fork_sandbox(&a.id, &req).await?;
     let failed = result.results.iter().any(|r| r.error.is_some());
