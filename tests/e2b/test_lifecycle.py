@@ -105,6 +105,23 @@ def test_memory_snapshots_of_gvisor_sandboxes_go_on_counting():
         sbx.kill()
 
 
+def test_pause_of_a_gvisor_sandbox_saves_it_and_connect_goes_on():
+    sbx = Sandbox.create("gvisor")
+    try:
+        sbx.commands.run(COUNTER, background=True)
+        time.sleep(0.5)
+        before = int(sbx.files.read("/tmp/n"))
+        assert sbx.pause() is True
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        after = int(resumed.files.read("/tmp/n"))
+        assert after >= before
+        time.sleep(0.3)
+        assert int(resumed.files.read("/tmp/n")) > after
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 def test_memory_snapshots_are_refused_clearly():
     sbx = Sandbox.create()
     try:

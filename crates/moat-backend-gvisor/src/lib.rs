@@ -251,6 +251,9 @@ impl Backend for GvisorBackend {
             pause: true,
             memory_checkpoint: true,
             keep: false,
+            // Its writes live in the sentry's memory overlay, which the agent cannot hand out
+            // apart from the rest: snapshots of it keep its memory.
+            files_snapshot: false,
         }
     }
 

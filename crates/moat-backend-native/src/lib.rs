@@ -382,6 +382,7 @@ impl Backend for NativeBackend {
             pause: true,
             memory_checkpoint: false,
             keep: true,
+            files_snapshot: true,
         }
     }
 

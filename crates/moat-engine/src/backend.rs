@@ -117,6 +117,9 @@ pub struct Capabilities {
     /// Leave sandboxes running past this process for a later one to adopt
     /// ([`Instance::keep`], [`Backend::adopt`]).
     pub keep: bool,
+    /// Hand the agent the sandbox's writable layer, so its files alone can be snapshotted and
+    /// restored (`/moat/layer`).
+    pub files_snapshot: bool,
 }
 
 impl Capabilities {

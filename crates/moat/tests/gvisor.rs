@@ -496,3 +496,140 @@ fn a_fork_with_memory_makes_independent_running_copies() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A pause on gvisor saves the sandbox to disk and releases it: nothing of it stays in the
+/// host's cgroups while it is paused; a resume goes on from where it was.
+#[test]
+fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
+    need_root!();
+    need_runsc();
+    let server = Server::start();
+    let key = server.admin_key();
+    server.create_template(
+        &key,
+        "sentry",
+        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
+    );
+    let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
+    server.shell(
+        &key,
+        &id,
+        "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let count = || -> u64 {
+        let out = server.shell(&key, &id, "cat /tmp/n");
+        out["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{out}"))
+    };
+    let layout = moat_jail::cgroup::Layout::detect().expect("cgroup layout");
+    let cgroups = || -> Vec<std::path::PathBuf> {
+        layout
+            .bases()
+            .into_iter()
+            .map(|b| b.join(&id))
+            .filter(|d| d.exists())
+            .collect()
+    };
+    assert!(!cgroups().is_empty(), "no cgroup while it runs");
+    let before = count();
+
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/pause"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "paused", "{}", r.text());
+    // Released: no cgroup (so no memory charged), no runsc process.
+    assert!(
+        cgroups().is_empty(),
+        "still charged while paused: {:?}",
+        cgroups()
+    );
+    assert!(
+        leftovers(&id).iter().all(|l| !l.starts_with("process")),
+        "{:?}",
+        leftovers(&id)
+    );
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(&key),
+        Some(&body(json!({"shell": "true"}))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/resume"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "running", "{}", r.text());
+    let after = count();
+    assert!(
+        after >= before,
+        "restarted by the pause: {before} then {after}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(count() > after, "stopped counting after the resume");
+
+    // Paused again, then deleted: nothing stays, on the host or in the data dir.
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/pause"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+    assert!(!server.data.join("snapshots/paused").join(&id).exists());
+}
+
+/// A gvisor sandbox's files cannot be snapshotted apart from its memory: `409`, saying what
+/// to ask for instead.
+#[test]
+fn a_files_snapshot_of_a_gvisor_sandbox_is_refused_clearly() {
+    need_root!();
+    need_runsc();
+    let server = Server::start();
+    let key = server.admin_key();
+    server.create_template(
+        &key,
+        "sentry",
+        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
+    );
+    let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(&key),
+        Some(&body(json!({}))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("gvisor backend cannot snapshot a sandbox's files alone")
+            && r.text().contains("\\\"memory\\\": true"),
+        "{}",
+        r.text()
+    );
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(&key),
+        Some(&body(json!({"count": 1}))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+}

@@ -160,7 +160,111 @@ async fn connect(instance: &mut Box<dyn Instance>, id: &str) -> ManagerResult<Ag
     Ok(client)
 }
 
+/// Where a sandbox paused to disk keeps its checkpoint, in the snapshot directory.
+const PAUSED_DIR: &str = "paused";
+
 impl Inner {
+    /// Where sandbox `id` of `live` is saved when paused: a directory of the snapshot
+    /// directory, for backends that save memory; `None` (pause in memory) otherwise.
+    pub(super) fn disk_pause_dir(&self, live: &Live, id: &str) -> Option<PathBuf> {
+        let snapshots = self.opts.snapshot_dir.as_ref()?;
+        live.backend
+            .capabilities()
+            .memory_checkpoint
+            .then(|| snapshots.join(PAUSED_DIR).join(id))
+    }
+
+    /// Saves the paused-marked sandbox `id` of `live` into `dir` and releases everything it held
+    /// on the host (its memory included): a pause that frees resources. A sandbox lost on the
+    /// way is ended, recorded failed.
+    pub(super) async fn pause_to_disk(
+        &self,
+        live: &Arc<Live>,
+        tenant: &str,
+        id: &str,
+        dir: &Path,
+    ) -> ManagerResult<()> {
+        let made = {
+            let dir = dir.to_owned();
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)?;
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("pause directory task: {e}")))?
+        };
+        made.map_err(|e| ManagerError::Internal(format!("creating {}: {e}", dir.display())))?;
+        live.client.expect_reconnect().await.map_err(|e| {
+            ManagerError::Unavailable(format!(
+                "sandbox {id}'s agent could not be readied for a pause: {e}"
+            ))
+        })?;
+        let mut instance = live.instance.lock().await;
+        let saved = instance.checkpoint(dir).await;
+        if let Err(e) = instance.destroy().await {
+            tracing::warn!(sandbox = %id, "releasing a sandbox paused to disk: {e}");
+        }
+        if let Err(e) = saved {
+            let e = ManagerError::Unavailable(format!("the pause of sandbox {id} failed: {e}"));
+            let _ = std::fs::remove_dir_all(dir);
+            self.fail(tenant, id, &e).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Restores sandbox `id`, paused to disk in `dir`, and puts it in place of `live`; the
+    /// saved directory goes. A sandbox that cannot be restored is ended, recorded failed.
+    pub(super) async fn resume_from_disk(
+        &self,
+        live: &Arc<Live>,
+        tenant: &str,
+        id: &str,
+        dir: &Path,
+    ) -> ManagerResult<()> {
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        let plan = stored_plan(&rec)?.ok_or_else(|| {
+            ManagerError::Internal(format!("sandbox {id} paused to disk has no plan"))
+        })?;
+        let (instance, client) = match self.restart_from(&live.backend, id, &plan, dir).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                self.fail(tenant, id, &e).await;
+                return Err(e);
+            }
+        };
+        let _ = std::fs::remove_dir_all(dir);
+        let swapped = {
+            let mut map = lock(&self.live);
+            if map.get(id).is_some_and(|l| Arc::ptr_eq(l, live)) {
+                // Paused until it is recorded running.
+                let fresh = Live::new(
+                    tenant,
+                    client,
+                    live.backend.clone(),
+                    instance,
+                    live.env.clone(),
+                    live.public_traffic,
+                );
+                fresh.paused.store(true, Ordering::SeqCst);
+                map.insert(id.to_owned(), Arc::new(fresh));
+                None
+            } else {
+                Some(instance)
+            }
+        };
+        if let Some(mut orphan) = swapped {
+            let _ = orphan.destroy().await;
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id} was ended while it was resumed"
+            )));
+        }
+        Ok(())
+    }
+
     /// Saves `tenant`'s running sandbox `id` with its memory into a new directory in the
     /// snapshot directory (see the module's notes), and has it running again from what was
     /// saved.

@@ -994,10 +994,17 @@ impl Inner {
 
     async fn remove_and_destroy(&self, id: &str) {
         let live = lock(&self.live).remove(id);
-        if let Some(live) = live
-            && let Err(e) = live.instance.lock().await.destroy().await
-        {
-            tracing::warn!(sandbox = %id, "destroy: {e}");
+        if let Some(live) = live {
+            if let Err(e) = live.instance.lock().await.destroy().await {
+                tracing::warn!(sandbox = %id, "destroy: {e}");
+            }
+            // A sandbox paused to disk leaves nothing there either.
+            if let Some(dir) = self.disk_pause_dir(&live, id)
+                && let Err(e) = tokio::fs::remove_dir_all(&dir).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(sandbox = %id, "removing {}: {e}", dir.display());
+            }
         }
     }
 

@@ -13,8 +13,10 @@
 //! - a server restart reaps it like a running one (recorded `killed`, reason
 //!   `server_restart`).
 //!
-//! Pausing keeps memory, so a resumed sandbox carries on where it stopped; it is not a
-//! checkpoint and does not survive a restart.
+//! Pausing keeps memory, so a resumed sandbox carries on where it stopped. On a backend that
+//! saves memory (gvisor) it is kept on disk instead: the sandbox is checkpointed into the
+//! snapshot directory's `paused/<id>` and released, holding no memory, cgroup or process while
+//! paused, and a resume restores it (see the `memory` module). Neither survives a restart.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -82,6 +84,28 @@ impl Inner {
         }
         // Refuse new calls first: from here on they would only wait on a frozen agent.
         live.paused.store(true, Ordering::SeqCst);
+        if let Some(dir) = self.disk_pause_dir(&live, id) {
+            // Saved to disk and released: the sandbox holds no memory while paused.
+            if let Err(e) = self.pause_to_disk(&live, tenant, id, &dir).await {
+                live.paused.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+            let (t, i) = (tenant.to_owned(), id.to_owned());
+            return match self
+                .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Paused, None))
+                .await
+            {
+                Ok(rec) => Ok(to_v1(&rec)),
+                Err(e) => {
+                    // Not recorded: run it again, as the record has it.
+                    self.resume_from_disk(&live, tenant, id, &dir).await?;
+                    if let Some(fresh) = lock(&self.live).get(id) {
+                        fresh.paused.store(false, Ordering::SeqCst);
+                    }
+                    Err(e)
+                }
+            };
+        }
         let frozen = live.instance.lock().await.pause().await;
         if let Err(e) = frozen {
             live.paused.store(false, Ordering::SeqCst);
@@ -117,9 +141,19 @@ impl Inner {
                 "sandbox {id} is not paused"
             )));
         }
-        live.instance.lock().await.resume().await.map_err(|e| {
-            ManagerError::Unavailable(format!("could not resume sandbox {id}: {e}"))
-        })?;
+        let on_disk = self.disk_pause_dir(&live, id).filter(|d| d.exists());
+        let live = match &on_disk {
+            Some(dir) => {
+                self.resume_from_disk(&live, tenant, id, dir).await?;
+                self.live_any(tenant, id).await?
+            }
+            None => {
+                live.instance.lock().await.resume().await.map_err(|e| {
+                    ManagerError::Unavailable(format!("could not resume sandbox {id}: {e}"))
+                })?;
+                live.clone()
+            }
+        };
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = match self
             .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Running, None))
@@ -127,8 +161,11 @@ impl Inner {
         {
             Ok(rec) => rec,
             Err(e) => {
-                // Not recorded: keep it as the record has it.
-                let _ = live.instance.lock().await.pause().await;
+                // Not recorded: keep it as the record has it (a restored one stays running
+                // but refuses calls, as a paused one does).
+                if on_disk.is_none() {
+                    let _ = live.instance.lock().await.pause().await;
+                }
                 return Err(e);
             }
         };

@@ -160,6 +160,13 @@ pub(super) fn prepare_dir(store: &Store, dir: &Path) -> ManagerResult<()> {
     std::fs::create_dir_all(dir).map_err(|e| io("create", e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("chmod", e))?;
+    // Sandboxes paused to disk do not outlive the server that paused them (a restart reaps
+    // them), so whatever an earlier one left of them goes.
+    match std::fs::remove_dir_all(dir.join("paused")) {
+        Ok(()) => tracing::info!(dir = %dir.display(), "removed what paused sandboxes left"),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove paused sandboxes", e)),
+    }
     let known: std::collections::HashSet<String> = store.all_snapshot_ids()?.into_iter().collect();
     let mut swept = 0;
     for entry in std::fs::read_dir(dir).map_err(|e| io("read", e))?.flatten() {
@@ -425,6 +432,12 @@ impl Inner {
     ) -> ManagerResult<Captured> {
         let dir = self.snapshot_dir()?.to_owned();
         let live = self.live_any(tenant, id).await?;
+        crate::backend::Capabilities::require(
+            live.backend.capabilities().files_snapshot,
+            live.backend.name(),
+            "snapshot a sandbox's files alone (snapshot or fork it with its memory: \"memory\": true)",
+        )
+        .map_err(|e| ManagerError::Conflict(e.to_string()))?;
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
         let resources = super::recorded_resources(&rec)?;
