@@ -5,6 +5,7 @@
 //! installs the peers). Peers that are not installed are reported as skipped.
 
 mod agent;
+mod gvisor;
 mod server;
 mod stats;
 
@@ -24,12 +25,14 @@ struct Args {
     server_only: bool,
     /// Only the one-shot (`moat run`) benchmarks.
     run_only: bool,
+    /// Only the gvisor backend's benchmarks.
+    gvisor_only: bool,
     /// Another moat binary, timed in turn with `moat` run by run (so a machine whose speed
     /// drifts affects both alike): a before/after comparison.
     baseline: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: moat-bench --moat PATH [--baseline PATH] [--runs N] [--idle N] [--server-only | --run-only]";
+const USAGE: &str = "usage: moat-bench --moat PATH [--baseline PATH] [--runs N] [--idle N] [--server-only | --run-only | --gvisor-only]";
 
 fn parse_args() -> Result<Args> {
     let mut moat = None;
@@ -37,6 +40,7 @@ fn parse_args() -> Result<Args> {
     let mut idle = 1000;
     let mut server_only = false;
     let mut run_only = false;
+    let mut gvisor_only = false;
     let mut baseline = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -48,14 +52,20 @@ fn parse_args() -> Result<Args> {
             "--moat" => moat = it.next().map(PathBuf::from),
             "--baseline" => baseline = Some(PathBuf::from(it.next().context("--baseline PATH")?)),
             "--run-only" => run_only = true,
+            "--gvisor-only" => gvisor_only = true,
             "--runs" => runs = it.next().context("--runs N")?.parse().context("--runs N")?,
             "--idle" => idle = it.next().context("--idle N")?.parse().context("--idle N")?,
             "--server-only" => server_only = true,
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
-    if server_only && run_only {
-        bail!("--server-only and --run-only exclude each other; {USAGE}");
+    if [server_only, run_only, gvisor_only]
+        .iter()
+        .filter(|&&b| b)
+        .count()
+        > 1
+    {
+        bail!("--server-only, --run-only and --gvisor-only exclude each other; {USAGE}");
     }
     Ok(Args {
         moat: moat.with_context(|| format!("--moat PATH is required; {USAGE}"))?,
@@ -63,6 +73,7 @@ fn parse_args() -> Result<Args> {
         idle,
         server_only,
         run_only,
+        gvisor_only,
         baseline,
     })
 }
@@ -175,6 +186,9 @@ fn main() -> Result<()> {
     if args.server_only {
         return server::run(&args.moat, n, args.idle);
     }
+    if args.gvisor_only {
+        return gvisor::run(&args.moat, n);
+    }
     println!(
         "# moat benchmarks ({} runs each, after 3 warm-up runs)\n",
         n
@@ -241,6 +255,11 @@ fn main() -> Result<()> {
     }
     if args.run_only {
         return Ok(());
+    }
+    if which("runsc").is_some() {
+        gvisor::run(&args.moat, n)?;
+    } else {
+        println!("\n(the gvisor backend: skipped, runsc is not installed)");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use crate::stats::{Samples, ms};
 
 /// A running `moat serve` with a throwaway data dir; SIGTERMed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     port: u16,
     key: String,
@@ -24,7 +24,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(moat: &Path) -> Result<Server> {
+    pub(crate) fn start(moat: &Path) -> Result<Server> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = std::env::temp_dir().join(format!("moat-bench-serve-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -63,7 +63,7 @@ impl Server {
         }
     }
 
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         Client::connect(self.port, &self.key)
     }
 }
@@ -79,7 +79,7 @@ impl Drop for Server {
 }
 
 /// One kept-alive HTTP/1.1 connection.
-struct Client {
+pub(crate) struct Client {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     key: String,
@@ -140,7 +140,7 @@ impl Client {
         Ok((status, String::from_utf8_lossy(&buf).into_owned()))
     }
 
-    fn ok(&mut self, method: &str, path: &str, body: &str, want: u16) -> Result<String> {
+    pub(crate) fn ok(&mut self, method: &str, path: &str, body: &str, want: u16) -> Result<String> {
         let (status, text) = self.call(method, path, body)?;
         if status != want {
             bail!("{method} {path}: {status} {text}");
@@ -148,24 +148,24 @@ impl Client {
         Ok(text)
     }
 
-    fn create(&mut self, body: &str) -> Result<String> {
+    pub(crate) fn create(&mut self, body: &str) -> Result<String> {
         let text = self.ok("POST", "/v1/sandboxes", body, 201)?;
         id_of(&text)
     }
 
-    fn delete(&mut self, id: &str) -> Result<()> {
+    pub(crate) fn delete(&mut self, id: &str) -> Result<()> {
         self.ok("DELETE", &format!("/v1/sandboxes/{id}"), "", 204)
             .map(|_| ())
     }
 
-    fn pool_ready(&mut self, template: &str) -> Result<u64> {
+    pub(crate) fn pool_ready(&mut self, template: &str) -> Result<u64> {
         let text = self.ok("GET", &format!("/v1/templates/{template}"), "", 200)?;
         let v: serde_json::Value = serde_json::from_str(&text)?;
         Ok(v["pool"]["ready"].as_u64().unwrap_or(0))
     }
 }
 
-fn id_of(text: &str) -> Result<String> {
+pub(crate) fn id_of(text: &str) -> Result<String> {
     let v: serde_json::Value = serde_json::from_str(text)?;
     v["id"]
         .as_str()
@@ -173,7 +173,7 @@ fn id_of(text: &str) -> Result<String> {
         .with_context(|| format!("no id in {text}"))
 }
 
-fn row(label: &str, s: &Samples, goal: &str) {
+pub(crate) fn row(label: &str, s: &Samples, goal: &str) {
     println!(
         "| {label} | {} | {} | {goal} |",
         ms(s.median()),

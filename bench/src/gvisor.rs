@@ -1,0 +1,200 @@
+//! The gvisor backend: `moat run --backend gvisor` against `runsc run` alone, and a `moat serve`
+//! template on gvisor: cold create, warm claim, exec, pause and resume (to disk), a snapshot
+//! with memory, and a template whose start does seconds of work, started cold or restored from
+//! its snapshot.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::server::{Server, id_of, row};
+use crate::stats::Samples;
+
+/// Times `f` `runs` times after 2 warm-up runs.
+fn timed(runs: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Samples> {
+    let mut s = Samples::default();
+    for i in 0..runs + 2 {
+        let d = f()?;
+        if i >= 2 {
+            s.push(d);
+        }
+    }
+    Ok(s)
+}
+
+/// What the heavy template's start does: about two seconds of computation, then a file that
+/// says it is done.
+const HEAVY_START: &str = "python3 -c 'import hashlib\nh = b\"\"\nfor i in range(300000):\n    h = hashlib.sha256(h).digest()\nopen(\"/tmp/ready\", \"w\").write(h.hex())'";
+
+pub fn run(moat: &Path, runs: usize) -> Result<()> {
+    let runs = (runs / 10).max(10);
+    println!("\n## The gvisor backend ({runs} runs each, after 2 warm-up runs)\n");
+    println!("| what | median | p99 | goal |");
+    println!("| --- | --- | --- | --- |");
+
+    let one_shot = timed(runs, || {
+        let t = Instant::now();
+        let st = std::process::Command::new(moat)
+            .args(["run", "--backend", "gvisor", "--", "/bin/true"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("moat run --backend gvisor")?;
+        if !st.success() {
+            bail!("moat run --backend gvisor failed: {st}");
+        }
+        Ok(t.elapsed())
+    })?;
+    row(
+        "`moat run --backend gvisor -- /bin/true`",
+        &one_shot,
+        "≤ 1.1× `runsc run` (see the table above)",
+    );
+
+    let server = Server::start(moat)?;
+    let mut c = server.client()?;
+    c.ok(
+        "POST",
+        "/v1/templates",
+        r#"{"name":"gv","spec":{"rootfs":"host","backend":"gvisor"}}"#,
+        201,
+    )?;
+    let cold = timed(runs, || {
+        let t = Instant::now();
+        let id = c.create(r#"{"template":"gv"}"#)?;
+        let d = t.elapsed();
+        c.delete(&id)?;
+        Ok(d)
+    })?;
+    row("cold create (gvisor template)", &cold, "");
+
+    const POOL: u32 = 4;
+    c.ok(
+        "POST",
+        "/v1/templates",
+        &format!(
+            r#"{{"name":"gvwarm","spec":{{"rootfs":"host","backend":"gvisor","pool_size":{POOL}}}}}"#
+        ),
+        201,
+    )?;
+    let claims = timed(runs, || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.pool_ready("gvwarm")? == 0 {
+            if Instant::now() > deadline {
+                bail!("the gvisor warm pool does not refill");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t = Instant::now();
+        let id = c.create(r#"{"template":"gvwarm"}"#)?;
+        let d = t.elapsed();
+        c.delete(&id)?;
+        Ok(d)
+    })?;
+    row("warm-pool claim (gvisor template)", &claims, "≤ 5 ms p50");
+
+    let id = c.create(r#"{"template":"gv"}"#)?;
+    let exec = timed(runs, || {
+        let t = Instant::now();
+        c.ok(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            r#"{"cmd":["/bin/true"]}"#,
+            200,
+        )?;
+        Ok(t.elapsed())
+    })?;
+    row("exec `/bin/true` on a gvisor sandbox", &exec, "");
+    let mut pauses = Samples::default();
+    let mut resumes = Samples::default();
+    for i in 0..runs + 2 {
+        let t = Instant::now();
+        c.ok("POST", &format!("/v1/sandboxes/{id}/pause"), "", 200)?;
+        let p = t.elapsed();
+        let t = Instant::now();
+        c.ok("POST", &format!("/v1/sandboxes/{id}/resume"), "", 200)?;
+        if i >= 2 {
+            pauses.push(p);
+            resumes.push(t.elapsed());
+        }
+    }
+    row("pause (saved to disk, memory released)", &pauses, "");
+    row("resume (restored)", &resumes, "");
+    let mut sizes = Vec::new();
+    let snaps = timed(runs, || {
+        let t = Instant::now();
+        let text = c.ok(
+            "POST",
+            &format!("/v1/sandboxes/{id}/snapshots"),
+            r#"{"memory":true}"#,
+            201,
+        )?;
+        let d = t.elapsed();
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        sizes.push(v["size_bytes"].as_u64().unwrap_or(0));
+        let snap = id_of(&text)?;
+        c.ok("DELETE", &format!("/v1/snapshots/{snap}"), "", 204)?;
+        Ok(d)
+    })?;
+    row("snapshot with memory (idle sandbox)", &snaps, "");
+    sizes.sort_unstable();
+    let size = sizes.get(sizes.len() / 2).copied().unwrap_or(0);
+    println!(
+        "| snapshot with memory: size (idle sandbox) | {:.2} MiB | | |",
+        size as f64 / f64::from(1 << 20)
+    );
+    c.delete(&id)?;
+
+    // A template whose start works for seconds: cold, or restored from a snapshot taken once
+    // it was ready.
+    c.ok(
+        "POST",
+        "/v1/templates",
+        &format!(
+            r#"{{"name":"gvheavy","spec":{{"rootfs":"host","backend":"gvisor","start":{},"ready":"test -s /tmp/ready","ready_timeout_secs":120}}}}"#,
+            serde_json::Value::from(HEAVY_START)
+        ),
+        201,
+    )?;
+    let heavy_runs = (runs / 2).max(5);
+    let heavy_cold = timed(heavy_runs, || {
+        let t = Instant::now();
+        let id = c.create(r#"{"template":"gvheavy"}"#)?;
+        let d = t.elapsed();
+        c.delete(&id)?;
+        Ok(d)
+    })?;
+    let source = c.create(r#"{"template":"gvheavy"}"#)?;
+    let text = c.ok(
+        "POST",
+        &format!("/v1/sandboxes/{source}/snapshots"),
+        r#"{"memory":true}"#,
+        201,
+    )?;
+    let snap = id_of(&text)?;
+    c.delete(&source)?;
+    let restored = timed(heavy_runs, || {
+        let t = Instant::now();
+        let id = c.create(&format!(r#"{{"snapshot":"{snap}"}}"#))?;
+        let d = t.elapsed();
+        c.delete(&id)?;
+        Ok(d)
+    })?;
+    row(
+        "create, template whose start computes ~2 s, cold",
+        &heavy_cold,
+        "",
+    );
+    row(
+        "create, the same restored from its snapshot with memory",
+        &restored,
+        "≤ 0.3× cold",
+    );
+    println!(
+        "| restored / cold | {:.2}× | | ≤ 0.3× |",
+        restored.median().as_secs_f64() / heavy_cold.median().as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
