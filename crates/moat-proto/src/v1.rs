@@ -221,6 +221,11 @@ pub struct TemplateSpec {
     /// the server's default (`moat serve --backend`) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// A snapshot with memory (the tenant's) its sandboxes start from: restored where the
+    /// snapshot's sandbox was (a start script's work already done), on the snapshot's backend.
+    /// No `start` or `ready` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 impl TemplateSpec {
@@ -239,6 +244,7 @@ impl TemplateSpec {
             timeout_secs: None,
             pool_size: 0,
             backend: None,
+            snapshot: None,
         }
     }
 }

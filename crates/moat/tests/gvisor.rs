@@ -633,3 +633,91 @@ fn a_files_snapshot_of_a_gvisor_sandbox_is_refused_clearly() {
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert!(r.status == 200 || r.status == 204, "{}", r.text());
 }
+
+/// A template defined from a snapshot with memory: its warm pool and its cold creates start
+/// with the work of a slow start already done; the snapshot cannot be deleted while the
+/// template uses it; a files-only snapshot or a start script of its own is refused.
+#[test]
+fn a_template_from_a_snapshot_starts_initialised() {
+    need_root!();
+    need_runsc();
+    let server = Server::start();
+    let key = server.admin_key();
+    // The slow start writes its result once; the snapshot is taken after it.
+    server.create_template(
+        &key,
+        "slow",
+        json!({
+            "rootfs": "host", "user": "user", "backend": "gvisor",
+            "start": "python3 -c 'import time; time.sleep(1); open(\"/tmp/init\", \"w\").write(\"done\")'",
+            "ready": "test -s /tmp/init",
+        }),
+    );
+    let source = server.create_sandbox_with(&key, json!({"template": "slow"}));
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{source}/snapshots"),
+        Some(&key),
+        Some(&body(json!({"memory": true}))),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let snap = r.json()["id"].as_str().expect("id").to_owned();
+    let r = server.request(
+        "DELETE",
+        &format!("/v1/sandboxes/{source}"),
+        Some(&key),
+        None,
+    );
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+
+    // A start script of its own is refused.
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(&key),
+        Some(&body(json!({"name": "bad", "spec": {
+            "rootfs": "host", "snapshot": snap, "start": "true"}}))),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    server.create_template(
+        &key,
+        "ready",
+        json!({"rootfs": "host", "user": "user", "snapshot": snap, "pool_size": 1}),
+    );
+    let r = server.request("GET", "/v1/templates/ready", Some(&key), None);
+    assert_eq!(r.json()["spec"]["backend"], "gvisor", "{}", r.text());
+    // Cold and claimed alike, the work is done already.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = server.request("GET", "/v1/templates/ready", Some(&key), None);
+        if r.json()["pool"]["ready"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled: {}",
+            r.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut made = Vec::new();
+    for _ in 0..2 {
+        let id = server.create_sandbox_with(&key, json!({"template": "ready"}));
+        let out = server.shell(&key, &id, "cat /tmp/init");
+        assert_eq!(out["stdout"], "done", "{out}");
+        made.push(id);
+    }
+
+    let r = server.request("DELETE", &format!("/v1/snapshots/{snap}"), Some(&key), None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("template ready"), "{}", r.text());
+    for id in &made {
+        let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+        assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    }
+    let r = server.request("DELETE", "/v1/templates/ready?force=true", Some(&key), None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    let r = server.request("DELETE", &format!("/v1/snapshots/{snap}"), Some(&key), None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+}

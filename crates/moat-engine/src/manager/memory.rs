@@ -87,7 +87,7 @@ fn write_manifest(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// Checks `dir` against its manifest: the same files, each of the recorded size and digest.
-pub(super) fn verify_manifest(dir: &Path) -> Result<(), String> {
+fn verify_manifest(dir: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(dir.join(MANIFEST))
         .map_err(|e| format!("its manifest cannot be read: {e}"))?;
     let manifest: serde_json::Value =
@@ -164,6 +164,67 @@ async fn connect(instance: &mut Box<dyn Instance>, id: &str) -> ManagerResult<Ag
 const PAUSED_DIR: &str = "paused";
 
 impl Inner {
+    /// Checks that a template may start from `tenant`'s snapshot `snapshot` (one with memory,
+    /// whole, and no start or ready of the template's own) and has it run on the snapshot's
+    /// backend.
+    pub(super) async fn check_template_snapshot(
+        &self,
+        tenant: &str,
+        snapshot: &str,
+        spec: &mut moat_proto::v1::TemplateSpec,
+    ) -> ManagerResult<()> {
+        crate::store::check_snapshot_id(snapshot).map_err(ManagerError::from)?;
+        if spec.start.is_some() || spec.ready.is_some() {
+            return Err(ManagerError::Invalid(
+                "a template that starts from a snapshot runs no start or ready script: its \
+                 sandboxes are restored with that work done"
+                    .into(),
+            ));
+        }
+        let (t, i) = (tenant.to_owned(), snapshot.to_owned());
+        let rec = self
+            .db(move |s| s.get_snapshot(&t, &i))
+            .await
+            .map_err(|e| match e {
+                ManagerError::NotFound(_) => {
+                    ManagerError::Invalid(format!("unknown snapshot {snapshot:?}"))
+                }
+                e => e,
+            })?;
+        if !rec.memory {
+            return Err(ManagerError::Invalid(format!(
+                "snapshot {snapshot} holds files only: a template starts from a snapshot with \
+                 memory"
+            )));
+        }
+        match &spec.backend {
+            Some(kind) if kind != &rec.backend => {
+                return Err(ManagerError::Invalid(format!(
+                    "snapshot {snapshot} was taken on the {} backend, which alone can restore it; \
+                     the template names {kind}",
+                    rec.backend
+                )));
+            }
+            _ => spec.backend = Some(rec.backend.clone()),
+        }
+        self.verify_snapshot(snapshot).await
+    }
+
+    /// Checks the snapshot with memory `snapshot`'s directory against its manifest.
+    pub(super) async fn verify_snapshot(&self, snapshot: &str) -> ManagerResult<()> {
+        let dir = self
+            .snapshot_dir()?
+            .join(format!("{snapshot}{MEMORY_SUFFIX}"));
+        let checked = tokio::task::spawn_blocking(move || verify_manifest(&dir))
+            .await
+            .map_err(|e| ManagerError::Internal(format!("manifest task: {e}")))?;
+        checked.map_err(|why| {
+            ManagerError::Conflict(format!(
+                "snapshot {snapshot} is damaged and was not restored: {why}"
+            ))
+        })
+    }
+
     /// Where sandbox `id` of `live` is saved when paused: a directory of the snapshot
     /// directory, for backends that save memory; `None` (pause in memory) otherwise.
     pub(super) fn disk_pause_dir(&self, live: &Live, id: &str) -> Option<PathBuf> {

@@ -700,6 +700,9 @@ impl Inner {
                 })?;
         // The template is read once: everything of it the sandbox needs is in the plan.
         let mut plan = self.plan_of_template(&req.template, owner, &spec, &limits)?;
+        if let Some(snapshot) = &spec.snapshot {
+            self.verify_snapshot(snapshot).await?;
+        }
         if let Some(secs) = req.timeout_secs {
             self.ttl(Some(secs))?;
             plan.timeout_secs = Some(secs);
@@ -724,13 +727,15 @@ impl Inner {
         limits: &TemplateLimits,
     ) -> ManagerResult<SandboxPlan> {
         let backend = self.backends.resolve(template.backend.as_deref())?;
-        Ok(SandboxPlan::of_template(
-            name,
-            owner,
-            template,
-            limits,
-            backend.name(),
-        ))
+        let mut plan = SandboxPlan::of_template(name, owner, template, limits, backend.name());
+        // Started from a snapshot with memory: restored, nothing of the template runs again.
+        if let Some(snapshot) = &template.snapshot {
+            let dir = self
+                .snapshot_dir()?
+                .join(format!("{snapshot}{}", memory::MEMORY_SUFFIX));
+            plan.memory = Some(dir);
+        }
+        Ok(plan)
     }
 
     /// The quotas of `tenant`'s key `key` as the store checks them.

@@ -40,7 +40,7 @@ use moat_proto::units::describe_size;
 use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::memory::{MEMORY_SUFFIX, RemoveDirOnDrop, verify_manifest};
+use super::memory::{MEMORY_SUFFIX, RemoveDirOnDrop};
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::auth::Caller;
@@ -344,8 +344,19 @@ impl SandboxManager {
     }
 
     /// Deletes the caller's snapshot `id`: its record, then its file. Sandboxes made from it
-    /// are not affected.
+    /// are not affected; one a template starts from is refused (409).
     pub async fn delete_snapshot(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Snapshot> {
+        let (t, i) = (caller.tenant.clone(), id.to_owned());
+        let users = self
+            .inner
+            .db(move |s| s.templates_using_snapshot(&t, &i))
+            .await?;
+        if !users.is_empty() {
+            return Err(ManagerError::Conflict(format!(
+                "snapshot {id} is what template {} starts from; delete the template first",
+                users.join(", ")
+            )));
+        }
         let (t, i) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.delete_snapshot(&t, &i)).await?;
         if let Some(dir) = &self.inner.opts.snapshot_dir {
@@ -660,18 +671,7 @@ impl Inner {
         let dir = self
             .snapshot_dir()?
             .join(format!("{}{MEMORY_SUFFIX}", rec.id));
-        let checked = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || verify_manifest(&dir))
-                .await
-                .map_err(|e| ManagerError::Internal(format!("manifest task: {e}")))?
-        };
-        if let Err(why) = checked {
-            return Err(ManagerError::Conflict(format!(
-                "snapshot {} is damaged and was not restored: {why}",
-                rec.id
-            )));
-        }
+        self.verify_snapshot(&rec.id).await?;
         let resources: v1::ResourceLimits = serde_json::from_value(rec.resources.clone())
             .map_err(|e| ManagerError::Internal(format!("snapshot {} resources: {e}", rec.id)))?;
         let mut plan = self

@@ -48,7 +48,13 @@ impl SandboxManager {
         caller: &Caller,
         req: v1::CreateTemplate,
     ) -> ManagerResult<v1::Template> {
+        let mut req = req;
         self.check_template_spec(&req.spec, caller.is_admin())?;
+        if let Some(snapshot) = req.spec.snapshot.clone() {
+            self.inner
+                .check_template_snapshot(&caller.tenant, &snapshot, &mut req.spec)
+                .await?;
+        }
         if let Some(key) = caller.key_id()
             && req.spec.pool_size > 0
         {

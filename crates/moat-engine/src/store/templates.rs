@@ -216,6 +216,22 @@ impl Store {
         })
     }
 
+    /// Names of `tenant`'s templates that start from snapshot `snapshot`.
+    pub fn templates_using_snapshot(
+        &self,
+        tenant: &str,
+        snapshot: &str,
+    ) -> StoreResult<Vec<String>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT name FROM templates
+                 WHERE tenant_id = ?1 AND json_extract(spec, '$.snapshot') = ?2 ORDER BY name",
+            )?;
+            let rows = stmt.query_map([tenant, snapshot], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
+        })
+    }
+
     /// Every template of every tenant and the built-ins: what the warm pools follow.
     pub fn all_templates(&self) -> StoreResult<Vec<TemplateRecord>> {
         self.read(|tx| {

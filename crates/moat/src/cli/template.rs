@@ -90,6 +90,9 @@ struct CreateArgs {
     /// The isolation backend of its sandboxes (native, gvisor); the server's default otherwise.
     #[arg(long, value_name = "KIND")]
     backend: Option<String>,
+    /// A snapshot with memory its sandboxes start from, already initialised (gvisor).
+    #[arg(long, value_name = "ID")]
+    snapshot: Option<String>,
 }
 
 /// Runs `moat template …`.
@@ -189,6 +192,9 @@ fn spec(a: &CreateArgs) -> Result<TemplateSpec> {
     }
     if let Some(b) = &a.backend {
         spec.backend = Some(b.clone());
+    }
+    if let Some(s) = &a.snapshot {
+        spec.snapshot = Some(s.clone());
     }
     Ok(spec)
 }
