@@ -187,10 +187,12 @@ impl GvisorBackend {
             })
             .collect::<Result<_>>()?;
         let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
-        let log_path = sandbox_dir.join("runsc.log");
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| EngineError::io(format!("create {}", log_path.display()), e))?;
         let mut cmd = self.runsc.command(&sandbox_dir.join("state"));
+        // runsc's own messages go to a file only runsc holds. The container's standard output
+        // and error are runsc's, which the sandbox can reach through `/proc/1/fd` (the sentry
+        // does not hide them as a kernel hides a non-dumpable process's): /dev/null, so no host
+        // file is writable from inside.
+        cmd.arg(format!("--log={}", sandbox_dir.join("runsc.log").display()));
         match image {
             None => cmd.arg("run"),
             Some(dir) => cmd
@@ -202,7 +204,7 @@ impl GvisorBackend {
             .arg(id)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
+            .stderr(Stdio::null());
         // SAFETY: the hook makes raw write calls on fds opened before fork, which is
         // async-signal-safe.
         unsafe {

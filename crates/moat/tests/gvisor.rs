@@ -721,3 +721,71 @@ fn a_template_from_a_snapshot_starts_initialised() {
     let r = server.request("DELETE", &format!("/v1/snapshots/{snap}"), Some(&key), None);
     assert!(r.status == 200 || r.status == 204, "{}", r.text());
 }
+
+/// User code under gVisor can open the agent's descriptors through `/proc/1/fd` (the sentry
+/// does not hide a non-dumpable process's as a kernel does): none of them may be a host file
+/// the sandbox could write. 20 MiB written to each that opens must land nowhere on the host.
+#[test]
+fn the_agents_descriptors_reach_no_host_file() {
+    need_root!();
+    need_runsc();
+    use std::io::BufRead;
+    let id = format!("gvfdsx{:010}", std::process::id());
+    let writer = "import os\nfor fd in os.listdir('/proc/1/fd'):\n    try:\n        f = os.open('/proc/1/fd/' + fd, os.O_WRONLY | os.O_APPEND)\n    except OSError:\n        continue\n    try:\n        for _ in range(20):\n            os.write(f, b'x' * (1 << 20))\n        print('wrote', fd, flush=True)\n    except OSError as e:\n        print('refused', fd, e.errno, flush=True)\n    os.close(f)\nprint('written', flush=True)\n";
+    let local = std::env::temp_dir().join(format!("{id}.py"));
+    std::fs::write(&local, writer).expect("write the program");
+    let copy = format!("{}:/tmp/w.py", local.display());
+    let mut child = moat()
+        .args([
+            "run",
+            "--backend",
+            "gvisor",
+            "--id",
+            &id,
+            "--copy",
+            &copy,
+            "--",
+            "sh",
+            "-c",
+            "python3 /tmp/w.py && sleep 3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("moat run");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        let done = line == "written";
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("written"),
+        "{lines:?}"
+    );
+    // While the sandbox still runs: nothing of its directory on the host grew.
+    fn size(p: &std::path::Path) -> u64 {
+        match std::fs::symlink_metadata(p) {
+            Ok(md) if md.is_dir() => std::fs::read_dir(p)
+                .map(|d| d.flatten().map(|e| size(&e.path())).sum())
+                .unwrap_or(0),
+            Ok(md) => md.len(),
+            Err(_) => 0,
+        }
+    }
+    let grown = size(&std::path::Path::new("/run/moat/gvisor").join(&id));
+    assert!(
+        grown < 4 << 20,
+        "{grown} bytes under its host directory: {lines:?}"
+    );
+    let status = child.wait().expect("wait");
+    let _ = std::fs::remove_file(&local);
+    assert!(status.success(), "{status}");
+    assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+}
