@@ -122,6 +122,32 @@ def test_pause_of_a_gvisor_sandbox_saves_it_and_connect_goes_on():
         Sandbox.kill(sbx.sandbox_id)
 
 
+def test_fork_of_a_gvisor_sandbox_copies_its_running_processes():
+    sbx = Sandbox.create("gvisor")
+    try:
+        sbx.commands.run(COUNTER, background=True)
+        time.sleep(0.5)
+        before = int(sbx.files.read("/tmp/n"))
+        forks = sbx.fork(count=2)
+        assert len(forks) == 2
+        try:
+            for f in forks:
+                assert isinstance(f, Sandbox), f
+                first = int(f.files.read("/tmp/n"))
+                assert first >= before
+            time.sleep(0.3)
+            for f in forks:
+                assert int(f.files.read("/tmp/n")) > before
+            forks[0].files.write("/tmp/mark", "a")
+            assert not forks[1].files.exists("/tmp/mark")
+        finally:
+            for f in forks:
+                if isinstance(f, Sandbox):
+                    f.kill()
+    finally:
+        sbx.kill()
+
+
 def test_memory_snapshots_are_refused_clearly():
     sbx = Sandbox.create()
     try:
