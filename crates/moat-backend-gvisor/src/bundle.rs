@@ -217,6 +217,7 @@ fn host_tree(rootfs: &Path, stage: &Path, host: &Path, mounts: &mut Vec<Value>) 
         ("dev", 0o755),
         ("sys", 0o555),
         (".moat", 0o755),
+        (".moat/local-bin", 0o755),
     ] {
         let p = rootfs.join(d);
         std::fs::create_dir(&p).map_err(|e| io("create", &p, e))?;
@@ -229,9 +230,13 @@ fn host_tree(rootfs: &Path, stage: &Path, host: &Path, mounts: &mut Vec<Value>) 
     Ok(())
 }
 
+/// Where the host's own `/usr/local/bin` appears inside, for the entries of the staged one.
+const HOST_LOCAL_BIN: &str = "/.moat/local-bin";
+
 /// `python` and `sudo` in `/usr/local/bin`, as the native backend's `host` template has them:
-/// a staged directory mounted there, with the host's own entries bound into it (they take
-/// precedence).
+/// a staged directory mounted there, holding a symlink to each of the host's own entries (which
+/// take precedence) in the host's directory, mounted once beside it. Two mounts whatever the
+/// host has there (each mount costs the sandbox's start a few milliseconds).
 fn e2b_commands(stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         EngineError::io(format!("{what} {}", p.display()), e)
@@ -242,27 +247,14 @@ fn e2b_commands(stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()
     }
     let bin = stage.join("bin");
     std::fs::create_dir(&bin).map_err(|e| io("create", &bin, e))?;
-    let mut own = Vec::new();
     for e in std::fs::read_dir(&local)
         .map_err(|e| io("read", &local, e))?
         .flatten()
     {
         let name = e.file_name();
-        let placeholder = bin.join(&name);
-        let md = std::fs::symlink_metadata(e.path()).map_err(|err| io("stat", &e.path(), err))?;
-        if md.file_type().is_symlink() {
-            let target =
-                std::fs::read_link(e.path()).map_err(|err| io("readlink", &e.path(), err))?;
-            std::os::unix::fs::symlink(&target, &placeholder)
-                .map_err(|err| io("symlink", &placeholder, err))?;
-        } else {
-            if md.is_dir() {
-                std::fs::create_dir(&placeholder).map_err(|err| io("create", &placeholder, err))?;
-            } else {
-                std::fs::write(&placeholder, b"").map_err(|err| io("write", &placeholder, err))?;
-            }
-            own.push(ro_bind(&e.path(), &Path::new("/usr/local/bin").join(&name)));
-        }
+        let link = bin.join(&name);
+        std::os::unix::fs::symlink(Path::new(HOST_LOCAL_BIN).join(&name), &link)
+            .map_err(|err| io("symlink", &link, err))?;
     }
     let has = |name: &str| {
         ["usr/local/bin", "usr/bin"]
@@ -277,8 +269,8 @@ fn e2b_commands(stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()
         std::fs::write(bin.join("sudo"), SUDO).map_err(|e| io("write", &bin.join("sudo"), e))?;
         set_mode(&bin.join("sudo"), 0o755)?;
     }
+    mounts.push(ro_bind(&local, Path::new(HOST_LOCAL_BIN)));
     mounts.push(ro_bind(&bin, Path::new("/usr/local/bin")));
-    mounts.extend(own);
     Ok(())
 }
 
@@ -388,9 +380,14 @@ mod tests {
             std::fs::read_link(dir.join("stage/bin/python")).unwrap(),
             Path::new("/usr/bin/python3")
         );
+        // The host's own entries through one mount of its directory.
         assert_eq!(
-            find("/usr/local/bin/tool"),
-            Some(host.join("usr/local/bin/tool").display().to_string())
+            find(HOST_LOCAL_BIN),
+            Some(host.join("usr/local/bin").display().to_string())
+        );
+        assert_eq!(
+            std::fs::read_link(dir.join("stage/bin/tool")).unwrap(),
+            Path::new(HOST_LOCAL_BIN).join("tool")
         );
         // Nothing of the host's /proc, /sys, /dev, /run, /var, /root or /home.
         for (dst, src) in &mounts {

@@ -40,7 +40,6 @@ impl Runsc {
                     ))
                 })?,
         };
-        let version = version(&path)?;
         if let Some(p) = platform {
             if !PLATFORMS.contains(&p) {
                 return Err(EngineError::Invalid(format!(
@@ -48,14 +47,32 @@ impl Runsc {
                     PLATFORMS.join(", ")
                 )));
             }
+            version(&path)?;
             return Ok(Runsc {
                 path,
                 platform: p.to_owned(),
             });
         }
         // The probe runs a container per platform (seconds where kvm hangs): its answer is kept
-        // for this binary, version and kernel until the next boot empties the runtime directory.
-        let key = format!("{} {} {}", path.display(), version, kernel_release());
+        // for this binary (its size and time of change stand for its version, which costs a run
+        // of it to ask) and kernel until the next boot empties the runtime directory.
+        let md = std::fs::metadata(&path).map_err(|e| {
+            EngineError::Unsupported(format!(
+                "the gvisor backend cannot use {}: {e}; {INSTALL_HINT}",
+                path.display()
+            ))
+        })?;
+        let changed = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let key = format!(
+            "{} {} {changed} {}",
+            path.display(),
+            md.len(),
+            kernel_release()
+        );
         let cache = cache_dir.join("platform");
         if let Ok(text) = std::fs::read_to_string(&cache)
             && let Some((k, p)) = text.trim_end().rsplit_once('\t')
@@ -67,6 +84,7 @@ impl Runsc {
                 platform: p.to_owned(),
             });
         }
+        let version = version(&path)?;
         let working = moat_jail::probe::runsc_platforms(&path.display().to_string());
         let Some(best) = working.first() else {
             return Err(EngineError::Unsupported(format!(
