@@ -789,3 +789,26 @@ fn the_agents_descriptors_reach_no_host_file() {
     assert!(status.success(), "{status}");
     assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
 }
+
+/// On gvisor the sentry and the sandbox's processes share the memory limit: a command that
+/// goes over it ends the sandbox, and `moat run` says it ran out of memory (137), as for a
+/// native OOM kill.
+#[test]
+fn running_out_of_memory_on_gvisor_is_reported() {
+    need_root!();
+    need_runsc();
+    let o = run(&[
+        "--backend",
+        "gvisor",
+        "--memory",
+        "64M",
+        "--",
+        "python3",
+        "-c",
+        "x = bytearray(400 * 2**20); x[::4096] = b'1' * len(x[::4096]); print('survived')",
+    ]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(137), "{err}");
+    assert!(err.contains("ran out of memory"), "{err}");
+    assert!(!text(&o.stdout).contains("survived"));
+}

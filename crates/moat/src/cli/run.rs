@@ -497,7 +497,7 @@ async fn attach(
                 Some(Ok(_)) => {}
                 Some(Err(e)) if e.code() == Code::DeadlineExceeded => break Outcome::TimedOut,
                 // The agent's connection closes when it exits: the sandbox is gone.
-                Some(Err(_)) | None if client.is_closed() => break Outcome::Failed(anyhow!("the sandbox's agent exited unexpectedly")),
+                Some(Err(_)) | None if client.is_closed() => break Outcome::SandboxDied,
                 Some(Err(e)) => break Outcome::Failed(anyhow!("process stream: {e}")),
                 None => break Outcome::Failed(anyhow!("the agent ended the stream without an end event")),
             },
@@ -532,11 +532,23 @@ async fn attach(
         }
         Outcome::Signalled(sig) => interrupted(sig),
         Outcome::OutputClosed => super::output::EXIT_OUTPUT_CLOSED,
+        // On gvisor the sentry and the sandbox's processes share one memory limit: running
+        // out of it ends the whole sandbox, which the cgroup's OOM count tells.
+        Outcome::SandboxDied if manager.oom_kills(caller, id).await.unwrap_or(0) > 0 => {
+            eprintln!(
+                "moat: killed: the sandbox ran out of memory and ended (its limit is {})",
+                fmt_bytes(plan.resources.memory_bytes)
+            );
+            137
+        }
+        Outcome::SandboxDied => return Err(anyhow!("the sandbox's agent exited unexpectedly")),
         Outcome::Failed(e) => return Err(e),
     })
 }
 
 enum Outcome {
+    /// The agent's connection closed under the command: the whole sandbox ended.
+    SandboxDied,
     Ended(process_event::EndEvent),
     OutputClosed,
     TimedOut,
