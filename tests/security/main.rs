@@ -785,3 +785,117 @@ fn i3_shared_files_isolated() {
     );
     probe.assert_clean_after();
 }
+
+/// The same corpus on the gvisor backend: where gVisor's sentry stands between the sandbox and
+/// the host kernel, the expectations are the same, and where the sentry answers differently
+/// (a fork bomb, a disk or socket buffers filling the sentry's memory end the whole sandbox
+/// rather than one process) the host is still untouched and the end is reported. Needs runsc.
+mod on_gvisor {
+    use super::*;
+
+    /// `opts` on the gvisor backend.
+    fn gvisor<'a>(opts: &[&'a str]) -> Vec<&'a str> {
+        assert!(
+            moat_jail::probe::runsc_path().is_some(),
+            "runsc is not installed: scripts/test-deps.sh installs it"
+        );
+        let mut v = vec!["--backend", "gvisor"];
+        v.extend_from_slice(opts);
+        v
+    }
+
+    #[test]
+    fn a3_agent_binary_not_writable() {
+        need_root!();
+        for user in [&[][..], &["--root"][..]] {
+            let (code, out, err) = run_corpus(&gvisor(user), "a3_overwrite_agent.py", "python3");
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.contains("summary: contained"), "{out}");
+            assert!(out.contains("/proc/1/exe: EACCES"), "{out}");
+        }
+    }
+
+    #[test]
+    fn a5_b1_privileged_syscalls_denied() {
+        need_root!();
+        for user in [&[][..], &["--root"][..]] {
+            let (code, out, err) =
+                run_corpus(&gvisor(user), "a5_b1_privileged_syscalls.py", "python3");
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.contains("summary: contained"), "{out}");
+        }
+    }
+
+    #[test]
+    fn b2_host_knobs_not_writable() {
+        need_root!();
+        let (code, out, err) = run_corpus(&gvisor(&["--root"]), "b2_host_knobs.sh", "sh");
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            !out.contains("WRITTEN") && !out.contains("MOUNTED"),
+            "{out}"
+        );
+        assert!(out.contains("drop_caches: denied"), "{out}");
+    }
+
+    /// As the sandbox's user the agent survives; as the sandbox's root, unlike under Linux,
+    /// killing PID 1 ends the sandbox (gVisor's sentry of 2022 does not shield an init from
+    /// its own namespace's signals): the sandbox's owner can end their own sandbox, nothing
+    /// beyond it.
+    #[test]
+    fn b3_agent_survives_user_code() {
+        need_root!();
+        let (code, out, err) = run_corpus(&gvisor(&[]), "b3_kill_agent.py", "python3");
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("still here") && out.contains("agent memory: denied"),
+            "{out}"
+        );
+        let (code, out, err) = run_corpus(&gvisor(&["--root"]), "b3_kill_agent.py", "python3");
+        assert!(
+            code == 0 || err.contains("exited unexpectedly"),
+            "{code}: {out}{err}"
+        );
+    }
+
+    #[test]
+    fn e1_network_blocked() {
+        need_root!();
+        let (code, out, err) = run_corpus(&gvisor(&[]), "e1_network.py", "python3");
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("summary: contained"), "{out}");
+        assert!(out.contains("interfaces: ['lo']"), "{out}");
+    }
+
+    /// A fork bomb exhausts the tasks the sentry may have: the sandbox ends, the host is
+    /// untouched (`run_clean` checks nothing of it is left).
+    #[test]
+    fn d1_fork_bomb_ends_the_sandbox_only() {
+        need_root!();
+        let (code, out, err) = run_corpus(&gvisor(&["--timeout", "60s"]), "d1_fork_bomb.sh", "sh");
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(
+            err.contains("exited unexpectedly") || err.contains("ran out of memory") || code == 124,
+            "{out}{err}"
+        );
+        // The host still makes processes.
+        let st = Command::new("/bin/true")
+            .status()
+            .expect("spawn on the host");
+        assert!(st.success());
+    }
+
+    /// Filling the writable layer fills the sentry's memory: the sandbox ends, reported as out
+    /// of memory.
+    #[test]
+    fn d3_full_disk_is_out_of_memory() {
+        need_root!();
+        let (code, out, err) = run_corpus(
+            &gvisor(&["--memory", "128M", "--timeout", "60s"]),
+            "d3_fill_disk.sh",
+            "sh",
+        );
+        assert_eq!(code, 137, "{out}{err}");
+        assert!(err.contains("ran out of memory"), "{out}{err}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Host-side observations, for the security corpus and the server tests: a sandbox's processes
 //! and cgroups as the host sees them, and the invariants that must hold after it is gone.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -117,6 +117,13 @@ impl HostProbe {
             runtime_litter().is_empty(),
             "files left in the runtime mount points: {:?}",
             runtime_litter()
+        );
+        let gvisor = Path::new("/run/moat/gvisor").join(&self.id);
+        assert!(
+            !gvisor.exists(),
+            "sandbox {} left its gvisor directory {}",
+            self.id,
+            gvisor.display()
         );
     }
 }
