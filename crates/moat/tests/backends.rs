@@ -288,3 +288,34 @@ fn the_template_backend_is_additive_on_the_wire() {
         "TemplateSpec.backend in the document: {spec}"
     );
 }
+
+#[test]
+fn serve_refuses_gvisor_as_default_without_runsc_before_anything_is_made() {
+    moat_test_support::need_root!();
+    let dir = tempfile::Builder::new()
+        .prefix("moat-backend-flag-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--default-backend",
+            "gvisor",
+            "--data-dir",
+        ])
+        .arg(&data)
+        // A PATH without runsc.
+        .env("PATH", "/nonexistent")
+        .output()
+        .expect("run moat serve");
+    assert!(!out.status.success(), "started without runsc");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("apt-get install runsc") && stderr.contains("nothing was created"),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "the data dir was created");
+}

@@ -213,6 +213,21 @@ fn run(args: ServeArgs) -> Result<()> {
         Err(EngineError::Unsupported(why)) => bail!("{why}; nothing was created"),
         Err(e) => return Err(e).context("checking the host; nothing was created"),
     }
+    // The gvisor backend, where the host can run it; a server whose default it is refuses to
+    // start without it, before anything is made.
+    let gvisor = GvisorBackend::new(&GvisorOptions {
+        platform: args.gvisor_platform.clone(),
+        ..GvisorOptions::default()
+    })
+    .map_err(|e| match e {
+        EngineError::Unsupported(why) => why,
+        e => e.to_string(),
+    });
+    if args.backend == "gvisor"
+        && let Err(why) = &gvisor
+    {
+        bail!("--default-backend gvisor: {why}; nothing was created");
+    }
     // Likewise: with too low a hard open-file limit no sandbox could run a command, and the
     // soft one bounds how many sandboxes and connections the server can hold.
     let nofile = moat_engine::host_limits::raise_nofile()
@@ -246,10 +261,7 @@ fn run(args: ServeArgs) -> Result<()> {
     // Every backend this build has, keyed by kind; templates name one or get
     // `--default-backend`. One the host cannot run is recorded with why, for its refusals.
     let mut backends = Backends::new(Arc::new(backend));
-    match GvisorBackend::new(&GvisorOptions {
-        platform: args.gvisor_platform.clone(),
-        ..GvisorOptions::default()
-    }) {
+    match gvisor {
         Ok(gvisor) => {
             tracing::info!(
                 runsc = %gvisor.runsc().path.display(),
@@ -258,11 +270,7 @@ fn run(args: ServeArgs) -> Result<()> {
             );
             backends = backends.with(Arc::new(gvisor));
         }
-        Err(e) => {
-            let why = match e {
-                EngineError::Unsupported(why) => why,
-                e => e.to_string(),
-            };
+        Err(why) => {
             tracing::info!("gvisor backend unavailable: {why}");
             backends = backends.unavailable("gvisor", why);
         }
