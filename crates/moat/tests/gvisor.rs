@@ -65,6 +65,41 @@ fn leftovers(id: &str) -> Vec<String> {
     left
 }
 
+/// A counter in memory that writes its count to `/tmp/n` every 20 ms; only a restore of its
+/// memory keeps it counting from where it was.
+const COUNTER: &str = "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &";
+
+/// A server with a template `sentry` on gvisor, and its admin key.
+fn gvisor_server() -> (Server, String) {
+    let server = Server::start();
+    let key = server.admin_key();
+    server.create_template(
+        &key,
+        "sentry",
+        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
+    );
+    (server, key)
+}
+
+/// A sandbox of `sentry` running [`COUNTER`], which has counted for half a second.
+fn counting_sandbox(server: &Server, key: &str) -> String {
+    let id = server.create_sandbox_with(key, json!({"template": "sentry"}));
+    server.shell(key, &id, COUNTER);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    id
+}
+
+/// The count of sandbox `id`'s [`COUNTER`].
+fn count(server: &Server, key: &str, id: &str) -> u64 {
+    let out = server.shell(key, id, "cat /tmp/n");
+    out["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{id}: {out}"))
+}
+
 #[test]
 fn moat_run_on_gvisor_prints_exits_and_leaves_nothing() {
     need_root!();
@@ -126,13 +161,7 @@ fn moat_run_on_gvisor_without_runsc_says_how_to_install_it() {
 fn a_template_on_gvisor_runs_commands_and_files_and_leaves_nothing() {
     need_root!();
     need_runsc();
-    let server = Server::start();
-    let key = server.admin_key();
-    server.create_template(
-        &key,
-        "sentry",
-        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
-    );
+    let (server, key) = gvisor_server();
     let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
     let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -304,30 +333,9 @@ mod memory {
 fn a_snapshot_with_memory_goes_on_counting_over_the_api() {
     need_root!();
     need_runsc();
-    let server = Server::start();
-    let key = server.admin_key();
-    server.create_template(
-        &key,
-        "sentry",
-        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
-    );
-    let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
-    server.shell(
-        &key,
-        &id,
-        "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &",
-    );
-    let count = |sandbox: &str| -> u64 {
-        let r = server.request(
-            "GET",
-            &format!("/v1/sandboxes/{sandbox}/files?path=/tmp/n"),
-            Some(&key),
-            None,
-        );
-        assert_eq!(r.status, 200, "{sandbox}: {}", r.text());
-        r.text().trim().parse().expect("a number")
-    };
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (server, key) = gvisor_server();
+    let id = counting_sandbox(&server, &key);
+    let count = |sandbox: &str| count(&server, &key, sandbox);
     let before = count(&id);
     assert!(before > 5, "the counter did not run: {before}");
 
@@ -423,29 +431,9 @@ fn a_snapshot_with_memory_goes_on_counting_over_the_api() {
 fn a_fork_with_memory_makes_independent_running_copies() {
     need_root!();
     need_runsc();
-    let server = Server::start();
-    let key = server.admin_key();
-    server.create_template(
-        &key,
-        "sentry",
-        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
-    );
-    let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
-    server.shell(
-        &key,
-        &id,
-        "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &",
-    );
-    let count = |sandbox: &str| -> u64 {
-        let out = server.shell(&key, sandbox, "cat /tmp/n");
-        out["stdout"]
-            .as_str()
-            .unwrap_or_default()
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{sandbox}: {out}"))
-    };
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (server, key) = gvisor_server();
+    let id = counting_sandbox(&server, &key);
+    let count = |sandbox: &str| count(&server, &key, sandbox);
     let before = count(&id);
     let r = server.request(
         "POST",
@@ -503,29 +491,9 @@ fn a_fork_with_memory_makes_independent_running_copies() {
 fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
     need_root!();
     need_runsc();
-    let server = Server::start();
-    let key = server.admin_key();
-    server.create_template(
-        &key,
-        "sentry",
-        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
-    );
-    let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
-    server.shell(
-        &key,
-        &id,
-        "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &",
-    );
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let count = || -> u64 {
-        let out = server.shell(&key, &id, "cat /tmp/n");
-        out["stdout"]
-            .as_str()
-            .unwrap_or_default()
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{out}"))
-    };
+    let (server, key) = gvisor_server();
+    let id = counting_sandbox(&server, &key);
+    let count = || count(&server, &key, &id);
     let layout = moat_jail::cgroup::Layout::detect().expect("cgroup layout");
     let cgroups = || -> Vec<std::path::PathBuf> {
         layout
@@ -601,13 +569,7 @@ fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
 fn a_files_snapshot_of_a_gvisor_sandbox_is_refused_clearly() {
     need_root!();
     need_runsc();
-    let server = Server::start();
-    let key = server.admin_key();
-    server.create_template(
-        &key,
-        "sentry",
-        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
-    );
+    let (server, key) = gvisor_server();
     let id = server.create_sandbox_with(&key, json!({"template": "sentry"}));
     let r = server.request(
         "POST",

@@ -298,26 +298,8 @@ impl Inner {
             }
         };
         let _ = std::fs::remove_dir_all(dir);
-        let swapped = {
-            let mut map = lock(&self.live);
-            if map.get(id).is_some_and(|l| Arc::ptr_eq(l, live)) {
-                // Paused until it is recorded running.
-                let fresh = Live::new(
-                    tenant,
-                    client,
-                    live.backend.clone(),
-                    instance,
-                    live.env.clone(),
-                    live.public_traffic,
-                );
-                fresh.paused.store(true, Ordering::SeqCst);
-                map.insert(id.to_owned(), Arc::new(fresh));
-                None
-            } else {
-                Some(instance)
-            }
-        };
-        if let Some(mut orphan) = swapped {
+        // Paused until it is recorded running.
+        if let Err(mut orphan) = self.swap_in(live, tenant, id, instance, client, true) {
             let _ = orphan.destroy().await;
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} was ended while it was resumed"
@@ -405,28 +387,7 @@ impl Inner {
                 return Err(e);
             }
         };
-        // Swapped in, unless the sandbox was deleted meanwhile.
-        let still = {
-            let mut map = lock(&self.live);
-            let ours = map.get(id).is_some_and(|l| Arc::ptr_eq(l, &live));
-            if ours {
-                map.insert(
-                    id.to_owned(),
-                    Arc::new(Live::new(
-                        tenant,
-                        client,
-                        live.backend.clone(),
-                        instance,
-                        live.env.clone(),
-                        live.public_traffic,
-                    )),
-                );
-                None
-            } else {
-                Some(instance)
-            }
-        };
-        if let Some(mut orphan) = still {
+        if let Err(mut orphan) = self.swap_in(&live, tenant, id, instance, client, false) {
             let _ = orphan.destroy().await;
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} was ended while its memory was saved"
@@ -448,6 +409,35 @@ impl Inner {
             env: live.env.clone(),
             backend: live.backend.name().to_owned(),
         })
+    }
+
+    /// Puts the restored `instance` of sandbox `id` (reached through `client`) in place of
+    /// `old`, marked `paused` or not; hands the instance back when `old` is no longer the live
+    /// entry (the sandbox was ended meanwhile), for the caller to destroy.
+    fn swap_in(
+        &self,
+        old: &Arc<Live>,
+        tenant: &str,
+        id: &str,
+        instance: Box<dyn Instance>,
+        client: AgentClient,
+        paused: bool,
+    ) -> Result<(), Box<dyn Instance>> {
+        let mut map = lock(&self.live);
+        if !map.get(id).is_some_and(|l| Arc::ptr_eq(l, old)) {
+            return Err(instance);
+        }
+        let fresh = Live::new(
+            tenant,
+            client,
+            old.backend.clone(),
+            instance,
+            old.env.clone(),
+            old.public_traffic,
+        );
+        fresh.paused.store(paused, Ordering::SeqCst);
+        map.insert(id.to_owned(), Arc::new(fresh));
+        Ok(())
     }
 
     /// Makes sandbox `id` of `plan` run again from the checkpoint in `dir`, connected.

@@ -127,10 +127,7 @@ pub(crate) async fn create_snapshot(
             .manager
             .saves_memory(&caller, &id)
             .await
-            .map_err(|e| match e {
-                ManagerError::NotFound(_) => E2bError::no_sandbox(&id),
-                other => other.into(),
-            })?
+            .map_err(|e| sandbox_error(e, &id))?
     {
         return Err(E2bError::invalid(FILES_ONLY));
     }
@@ -145,10 +142,7 @@ pub(crate) async fn create_snapshot(
             },
         )
         .await
-        .map_err(|e| match e {
-            ManagerError::NotFound(_) => E2bError::no_sandbox(&id),
-            other => other.into(),
-        })?;
+        .map_err(|e| sandbox_error(e, &id))?;
     Ok((StatusCode::CREATED, Json(SnapshotInfo::from(&snapshot))))
 }
 
@@ -243,10 +237,7 @@ pub(crate) async fn fork(
         .manager
         .saves_memory(&caller, &id)
         .await
-        .map_err(|e| match e {
-            ManagerError::NotFound(_) => E2bError::no_sandbox(&id),
-            other => other.into(),
-        })?;
+        .map_err(|e| sandbox_error(e, &id))?;
     let forked = state
         .manager
         .fork(
@@ -260,10 +251,7 @@ pub(crate) async fn fork(
             },
         )
         .await
-        .map_err(|e| match e {
-            ManagerError::NotFound(_) => E2bError::no_sandbox(&id),
-            other => other.into(),
-        })?;
+        .map_err(|e| sandbox_error(e, &id))?;
     let results = forked
         .iter()
         .map(|item| match item {
@@ -286,4 +274,12 @@ pub(crate) async fn fork(
 /// 409 with this message.
 fn conflict(message: impl Into<String>) -> E2bError {
     crate::ApiError::new(StatusCode::CONFLICT, "conflict", message).into()
+}
+
+/// The E2B form of a manager error about sandbox `id`: E2B's 404 for one that is not there.
+fn sandbox_error(e: ManagerError, id: &str) -> E2bError {
+    match e {
+        ManagerError::NotFound(_) => E2bError::no_sandbox(id),
+        other => other.into(),
+    }
 }
