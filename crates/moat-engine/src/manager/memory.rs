@@ -16,45 +16,18 @@ use std::sync::atomic::Ordering;
 
 use sha2::{Digest, Sha256};
 
+use super::snapshots::{Captured, RemoveOnDrop};
 use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock, stored_plan};
 use crate::agent_client::AgentClient;
 use crate::auth::Caller;
 use crate::backend::{Backend, Capabilities, Instance};
 use crate::plan::SandboxPlan;
-use crate::resources::Resources;
 use crate::store::{EndReason, SandboxState};
 
 /// The suffix of a snapshot-with-memory directory in the snapshot directory.
 pub(super) const MEMORY_SUFFIX: &str = ".mem";
 /// The manifest in such a directory: every other file's size and SHA-256.
 const MANIFEST: &str = "manifest.json";
-
-/// A sandbox saved with its memory into a directory that is not yet a snapshot.
-pub(super) struct CapturedMemory {
-    pub(super) dir: PathBuf,
-    pub(super) size: u64,
-    pub(super) template: String,
-    pub(super) resources: Resources,
-    pub(super) env: BTreeMap<String, String>,
-    pub(super) backend: String,
-}
-
-/// Removes the directory it names when dropped, unless disarmed.
-pub(super) struct RemoveDirOnDrop(pub(super) Option<PathBuf>);
-
-impl RemoveDirOnDrop {
-    pub(super) fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RemoveDirOnDrop {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_dir_all(path);
-        }
-    }
-}
 
 /// Writes the manifest of `dir` (every regular file in it, none in subdirectories) and syncs
 /// the directory. Returns the files' total size.
@@ -315,7 +288,7 @@ impl Inner {
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
-    ) -> ManagerResult<CapturedMemory> {
+    ) -> ManagerResult<Captured> {
         let snapshots = self.snapshot_dir()?.to_owned();
         let live = self.live_any(tenant, id).await?;
         Capabilities::require(
@@ -342,7 +315,7 @@ impl Inner {
             super::snapshots::TEMP_PREFIX,
             crate::store::generate_snapshot_id()?
         ));
-        let mut cleanup = RemoveDirOnDrop(Some(dir.clone()));
+        let mut cleanup = RemoveOnDrop(Some(dir.clone()));
         let made = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || {
@@ -401,9 +374,10 @@ impl Inner {
                 .map_err(|e| ManagerError::Internal(format!("writing the manifest: {e}")))?
         };
         cleanup.disarm();
-        Ok(CapturedMemory {
-            dir,
+        Ok(Captured {
+            file: dir,
             size,
+            sandbox_id: id.to_owned(),
             template: rec.template,
             resources: plan.resources,
             env: live.env.clone(),

@@ -40,7 +40,7 @@ use moat_proto::units::describe_size;
 use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::memory::{MEMORY_SUFFIX, RemoveDirOnDrop};
+use super::memory::MEMORY_SUFFIX;
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::auth::Caller;
@@ -234,23 +234,23 @@ fn restore_error(e: AgentError) -> ManagerError {
     }
 }
 
-/// A sandbox's layer captured to a file not yet a snapshot, with what a sandbox made from it
-/// needs.
-struct Captured {
-    file: PathBuf,
-    size: u64,
-    sandbox_id: String,
-    template: String,
-    resources: Resources,
-    env: BTreeMap<String, String>,
-    backend: String,
+/// A sandbox captured, not yet a snapshot: its layer in an archive file, or (with memory) a
+/// checkpoint directory; with what a sandbox made from it needs.
+pub(super) struct Captured {
+    pub(super) file: PathBuf,
+    pub(super) size: u64,
+    pub(super) sandbox_id: String,
+    pub(super) template: String,
+    pub(super) resources: Resources,
+    pub(super) env: BTreeMap<String, String>,
+    pub(super) backend: String,
 }
 
-/// Removes the file it names when dropped, unless disarmed.
-struct RemoveOnDrop(Option<PathBuf>);
+/// Removes the file or directory it names when dropped, unless disarmed.
+pub(super) struct RemoveOnDrop(pub(super) Option<PathBuf>);
 
 impl RemoveOnDrop {
-    fn disarm(&mut self) {
+    pub(super) fn disarm(&mut self) {
         self.0 = None;
     }
 }
@@ -258,7 +258,11 @@ impl RemoveOnDrop {
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
+            if path.is_dir() {
+                let _ = std::fs::remove_dir_all(path);
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -294,15 +298,9 @@ impl SandboxManager {
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let key_id = caller.key_id.clone();
         tokio::spawn(async move {
-            if req.memory {
-                inner
-                    .snapshot_memory(&tenant, key_id.as_deref(), &id, req.name)
-                    .await
-            } else {
-                inner
-                    .snapshot(&tenant, key_id.as_deref(), &id, req.name)
-                    .await
-            }
+            inner
+                .snapshot(&tenant, key_id.as_deref(), &id, req.name, req.memory)
+                .await
         })
         .await
         .map_err(|e| ManagerError::Internal(format!("snapshot task: {e}")))?
@@ -507,28 +505,37 @@ impl Inner {
         })
     }
 
+    /// A snapshot of `tenant`'s sandbox `id`: its files, or (`memory`) its memory and processes
+    /// too (see the `memory` module), within the tenant's snapshot count and bytes. What it
+    /// holds is on disk before it is recorded.
     async fn snapshot(
         self: Arc<Self>,
         tenant: &str,
         key_id: Option<&str>,
         id: &str,
         name: Option<String>,
+        memory: bool,
     ) -> ManagerResult<v1::Snapshot> {
         check_sandbox_id(id).map_err(ManagerError::from)?;
         let t = tenant.to_owned();
-        let held = self.db(move |s| s.count_snapshots(&t)).await?;
-        if held >= MAX_SNAPSHOTS_PER_TENANT {
+        let count = self.db(move |s| s.count_snapshots(&t)).await?;
+        if count >= MAX_SNAPSHOTS_PER_TENANT {
             return Err(ManagerError::QuotaExceeded(format!(
-                "tenant {tenant} has {held} snapshots, the most it may keep; delete some first"
+                "tenant {tenant} has {count} snapshots, the most it may keep; delete some first"
             )));
         }
         let quota = self.snapshot_quota(tenant, key_id).await?;
         let mut held = self.snapshot_bytes.hold(tenant);
-        let captured = self.capture(tenant, id, quota, &mut held).await?;
+        let captured = if memory {
+            self.capture_memory(tenant, id).await?
+        } else {
+            self.capture(tenant, id, quota, &mut held).await?
+        };
         let mut cleanup = RemoveOnDrop(Some(captured.file.clone()));
         let snapshot_id = generate_snapshot_id()?;
         let dir = self.snapshot_dir()?.to_owned();
-        let path = dir.join(format!("{snapshot_id}{SUFFIX}"));
+        let suffix = if memory { MEMORY_SUFFIX } else { SUFFIX };
+        let path = dir.join(format!("{snapshot_id}{suffix}"));
         let (from, to) = (captured.file.clone(), path.clone());
         tokio::task::spawn_blocking(move || {
             std::fs::rename(&from, &to)?;
@@ -549,7 +556,7 @@ impl Inner {
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             env: captured.env,
             size_bytes: captured.size,
-            memory: false,
+            memory,
             backend: captured.backend,
         };
         let rec = self
@@ -558,58 +565,6 @@ impl Inner {
         cleanup.disarm();
         // Recorded: counted from the store now.
         drop(held);
-        Ok(snapshot_v1(&rec))
-    }
-
-    /// A snapshot with memory of `tenant`'s running sandbox `id` (see the `memory` module),
-    /// within the tenant's snapshot quota, which the checkpoint's size counts against.
-    async fn snapshot_memory(
-        self: Arc<Self>,
-        tenant: &str,
-        key_id: Option<&str>,
-        id: &str,
-        name: Option<String>,
-    ) -> ManagerResult<v1::Snapshot> {
-        check_sandbox_id(id).map_err(ManagerError::from)?;
-        let t = tenant.to_owned();
-        let held = self.db(move |s| s.count_snapshots(&t)).await?;
-        if held >= MAX_SNAPSHOTS_PER_TENANT {
-            return Err(ManagerError::QuotaExceeded(format!(
-                "tenant {tenant} has {held} snapshots, the most it may keep; delete some first"
-            )));
-        }
-        let quota = self.snapshot_quota(tenant, key_id).await?;
-        let captured = self.capture_memory(tenant, id).await?;
-        let mut cleanup = RemoveDirOnDrop(Some(captured.dir.clone()));
-        let snapshot_id = generate_snapshot_id()?;
-        let dir = self.snapshot_dir()?.to_owned();
-        let path = dir.join(format!("{snapshot_id}{MEMORY_SUFFIX}"));
-        let (from, to) = (captured.dir.clone(), path.clone());
-        tokio::task::spawn_blocking(move || {
-            std::fs::rename(&from, &to)?;
-            std::fs::File::open(&dir)?.sync_all()
-        })
-        .await
-        .map_err(|e| ManagerError::Internal(format!("snapshot file task: {e}")))?
-        .map_err(|e| ManagerError::Internal(format!("storing snapshot {}: {e}", path.display())))?;
-        cleanup.0 = Some(path);
-        let new = NewSnapshot {
-            id: snapshot_id,
-            tenant: tenant.to_owned(),
-            name,
-            sandbox_id: id.to_owned(),
-            template: captured.template,
-            resources: serde_json::to_value(limits_v1(&captured.resources))
-                .map_err(|e| ManagerError::Internal(e.to_string()))?,
-            env: captured.env,
-            size_bytes: captured.size,
-            memory: true,
-            backend: captured.backend,
-        };
-        let rec = self
-            .db(move |s| s.insert_snapshot_within(&new, MAX_SNAPSHOTS_PER_TENANT, quota))
-            .await?;
-        cleanup.disarm();
         Ok(snapshot_v1(&rec))
     }
 
@@ -694,10 +649,7 @@ impl Inner {
                 rec.backend
             )));
         }
-        plan.backend = rec.backend.clone();
-        plan.layer = None;
-        plan.memory = Some(dir);
-        plan.poolable = false;
+        restore_memory(&mut plan, &rec.backend, dir);
         Ok(plan)
     }
 
@@ -750,15 +702,17 @@ impl Inner {
         req: v1::ForkSandbox,
     ) -> ManagerResult<Vec<ManagerResult<v1::Sandbox>>> {
         check_sandbox_id(id).map_err(ManagerError::from)?;
-        if req.memory {
-            return self.fork_memory(tenant, key_id, id, count, req).await;
-        }
         let quota = self.snapshot_quota(&tenant, key_id.as_deref()).await?;
-        // The copy counts against the tenant's snapshot bytes until the fork is done with it.
+        // A files copy counts against the tenant's snapshot bytes until the fork is done with
+        // it; a checkpoint (with memory) is not charged.
         let mut held = self.snapshot_bytes.hold(&tenant);
-        let captured = self.capture(&tenant, id, quota, &mut held).await?;
+        let captured = if req.memory {
+            self.capture_memory(&tenant, id).await?
+        } else {
+            self.capture(&tenant, id, quota, &mut held).await?
+        };
         let _cleanup = RemoveOnDrop(Some(captured.file.clone()));
-        let plain = captured.env.is_empty();
+        let plain = !req.memory && captured.env.is_empty();
         // The copies' services are as public as the source's.
         let public_traffic = lock(&self.live).get(id).map(|live| live.public_traffic);
         let mut plan = self
@@ -773,6 +727,9 @@ impl Inner {
                 captured.file.clone(),
             )
             .await?;
+        if req.memory {
+            restore_memory(&mut plan, &captured.backend, captured.file.clone());
+        }
         plan.public_traffic = public_traffic;
         let creates = (0..count).map(|_| {
             let (inner, tenant, key_id, plan) =
@@ -790,51 +747,13 @@ impl Inner {
     }
 }
 
-impl Inner {
-    /// A fork with memory: the sandbox saved once with its memory (see the `memory` module),
-    /// `count` sandboxes restored from that, and the checkpoint deleted.
-    async fn fork_memory(
-        self: Arc<Self>,
-        tenant: String,
-        key_id: Option<String>,
-        id: &str,
-        count: u32,
-        req: v1::ForkSandbox,
-    ) -> ManagerResult<Vec<ManagerResult<v1::Sandbox>>> {
-        let captured = self.capture_memory(&tenant, id).await?;
-        let _cleanup = RemoveDirOnDrop(Some(captured.dir.clone()));
-        let public_traffic = lock(&self.live).get(id).map(|live| live.public_traffic);
-        let mut plan = self
-            .plan_restored(
-                &tenant,
-                &captured.template,
-                captured.resources,
-                captured.env.clone(),
-                false,
-                req.metadata,
-                req.timeout_secs,
-                PathBuf::new(),
-            )
-            .await?;
-        plan.backend = captured.backend.clone();
-        plan.layer = None;
-        plan.memory = Some(captured.dir.clone());
-        plan.poolable = false;
-        plan.public_traffic = public_traffic;
-        let creates = (0..count).map(|_| {
-            let (inner, tenant, key_id, plan) =
-                (self.clone(), tenant.clone(), key_id.clone(), plan.clone());
-            async move {
-                inner
-                    .create_planned(tenant, key_id, plan, Instant::now())
-                    .await
-            }
-        });
-        Ok(futures_util::stream::iter(creates)
-            .buffered(FORK_PARALLELISM)
-            .collect()
-            .await)
-    }
+/// Makes `plan` one of a sandbox restored from the memory checkpoint in `dir` by the
+/// `backend` that saved it: no layer to unpack, and no warm-pool member serves.
+fn restore_memory(plan: &mut SandboxPlan, backend: &str, dir: PathBuf) {
+    backend.clone_into(&mut plan.backend);
+    plan.layer = None;
+    plan.memory = Some(dir);
+    plan.poolable = false;
 }
 
 /// Streams `client`'s writable layer into the new file `path` (mode 0600) within `bounds`,
