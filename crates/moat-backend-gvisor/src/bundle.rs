@@ -39,6 +39,12 @@ const AGENT_CAPS: &[&str] = &[
 #[derive(Debug)]
 pub(crate) struct Bundle {
     dir: PathBuf,
+    /// The host paths outside the bundle that its mounts show.
+    host_paths: Vec<PathBuf>,
+    /// The host's secrets the bundle hides.
+    secrets: Vec<PathBuf>,
+    /// The container's root directory.
+    root: PathBuf,
 }
 
 impl Bundle {
@@ -47,22 +53,44 @@ impl Bundle {
         &self.dir
     }
 
+    /// The host paths outside the bundle that the sandbox is shown (its root excepted).
+    pub(crate) fn host_paths(&self) -> &[PathBuf] {
+        &self.host_paths
+    }
+
+    /// The container's root directory (for a template directory, where the backend mounts
+    /// its overlay).
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The host's secret files and directories that the sandbox is not shown.
+    pub(crate) fn secrets(&self) -> &[PathBuf] {
+        &self.secrets
+    }
+
     /// Writes the bundle of a sandbox of `plan` into `dir` (which must not exist), with the
     /// agent binary `agent` and the agent's environment `agent_env`. `host` is where the
-    /// host's files are read (`/`; tests give a made-up one).
+    /// host's files are read (`/`; tests give a made-up one). `owner` is the host id that is
+    /// root where runsc runs: the root's skeleton and the generated files are its, the home
+    /// directory its `USER_ID`'s.
     pub(crate) fn write(
         dir: &Path,
         plan: &SandboxPlan,
         agent: &Path,
         agent_env: &[String],
         host: &Path,
+        owner: u32,
     ) -> Result<Bundle> {
         let io = |what: &str, p: &Path, e: std::io::Error| {
             EngineError::io(format!("{what} {}", p.display()), e)
         };
         std::fs::create_dir(dir).map_err(|e| io("create", dir, e))?;
-        let bundle = Bundle {
+        let mut bundle = Bundle {
             dir: dir.to_owned(),
+            host_paths: Vec::new(),
+            secrets: Vec::new(),
+            root: PathBuf::new(),
         };
         let rootfs = dir.join("rootfs");
         let stage = dir.join("stage");
@@ -83,11 +111,16 @@ impl Bundle {
         ];
         let root_path = match &plan.rootfs {
             v1::Rootfs::Host => {
-                host_tree(&rootfs, &stage, host, &mut mounts)?;
+                bundle.secrets = host_tree(&rootfs, &stage, host, &mut mounts)?;
+                chown_tree(dir, owner)?;
+                let home = rootfs.join("home/user");
+                std::os::unix::fs::lchown(&home, Some(owner + USER_ID), Some(owner + USER_ID))
+                    .map_err(|e| io("chown", &home, e))?;
                 rootfs
             }
             v1::Rootfs::Dir(d) => {
-                // The template itself is the root; runsc's memory overlay takes the writes.
+                // The template, under an overlay the backend mounts on `rootfs` (runsc's gofer
+                // adds mount points to the root); runsc's memory overlay takes the writes.
                 let d = PathBuf::from(d);
                 if !d.is_dir() {
                     return Err(EngineError::Invalid(format!(
@@ -95,9 +128,11 @@ impl Bundle {
                         d.display()
                     )));
                 }
-                d
+                chown_tree(&rootfs, owner)?;
+                rootfs
             }
         };
+        bundle.root = root_path.clone();
         let env: Vec<Value> = agent_env
             .iter()
             .map(|e| Value::from(e.as_str()))
@@ -137,6 +172,12 @@ impl Bundle {
         });
         let path = dir.join("config.json");
         std::fs::write(&path, config.to_string()).map_err(|e| io("write", &path, e))?;
+        bundle.host_paths = mounts
+            .iter()
+            .filter(|m| m["type"] == "bind")
+            .filter_map(|m| m["source"].as_str().map(PathBuf::from))
+            .filter(|p| !p.starts_with(dir))
+            .collect();
         Ok(bundle)
     }
 
@@ -155,9 +196,33 @@ fn ro_bind(src: &Path, dst: &Path) -> Value {
            "options": ["rbind", "ro", "nosuid", "nodev"]})
 }
 
+/// Gives `dir` and everything in it to host id `owner` (symlinks themselves, not their targets).
+fn chown_tree(dir: &Path, owner: u32) -> Result<()> {
+    std::os::unix::fs::lchown(dir, Some(owner), Some(owner))
+        .map_err(|e| EngineError::io(format!("chown {}", dir.display()), e))?;
+    let md = std::fs::symlink_metadata(dir)
+        .map_err(|e| EngineError::io(format!("stat {}", dir.display()), e))?;
+    if md.is_dir() {
+        for e in std::fs::read_dir(dir)
+            .map_err(|e| EngineError::io(format!("read {}", dir.display()), e))?
+        {
+            let e = e.map_err(|e| EngineError::io(format!("read {}", dir.display()), e))?;
+            chown_tree(&e.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
 /// The `host` template's tree: the skeleton in `rootfs`, the host's system directories bound
 /// read-only over it, its secrets masked, and generated files from `stage` over the host's.
-fn host_tree(rootfs: &Path, stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()> {
+/// Returns the host paths of the secrets it masks.
+fn host_tree(
+    rootfs: &Path,
+    stage: &Path,
+    host: &Path,
+    mounts: &mut Vec<Value>,
+) -> Result<Vec<PathBuf>> {
+    let mut secrets = Vec::new();
     let io = |what: &str, p: &Path, e: std::io::Error| {
         EngineError::io(format!("{what} {}", p.display()), e)
     };
@@ -182,11 +247,13 @@ fn host_tree(rootfs: &Path, stage: &Path, host: &Path, mounts: &mut Vec<Value>) 
     for secret in SECRET_FILES {
         if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_file()) {
             mounts.push(ro_bind(&mask_file, &Path::new("/").join(secret)));
+            secrets.push(host.join(secret));
         }
     }
     for secret in SECRET_DIRS {
         if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_dir()) {
             mounts.push(ro_bind(&mask_dir, &Path::new("/").join(secret)));
+            secrets.push(host.join(secret));
         }
     }
     if let Ok(entries) = std::fs::read_dir(host.join("etc/ssh")) {
@@ -194,6 +261,7 @@ fn host_tree(rootfs: &Path, stage: &Path, host: &Path, mounts: &mut Vec<Value>) 
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("ssh_host_") && !name.ends_with(".pub") {
                 mounts.push(ro_bind(&mask_file, &Path::new("/etc/ssh").join(&name)));
+                secrets.push(e.path());
             }
         }
     }
@@ -223,11 +291,9 @@ fn host_tree(rootfs: &Path, stage: &Path, host: &Path, mounts: &mut Vec<Value>) 
         std::fs::create_dir(&p).map_err(|e| io("create", &p, e))?;
         set_mode(&p, mode)?;
     }
-    std::os::unix::fs::lchown(rootfs.join("home/user"), Some(USER_ID), Some(USER_ID))
-        .map_err(|e| io("chown", &rootfs.join("home/user"), e))?;
     let agent = rootfs.join(AGENT_PATH.trim_start_matches('/'));
     std::fs::write(&agent, b"").map_err(|e| io("write", &agent, e))?;
-    Ok(())
+    Ok(secrets)
 }
 
 /// Where the host's own `/usr/local/bin` appears inside, for the entries of the staged one.
@@ -332,6 +398,7 @@ mod tests {
             Path::new("/usr/bin/moat"),
             &["MOAT_AGENT_CONFIG={}".into()],
             &host,
+            4242,
         )
         .unwrap();
         let config: Value =
@@ -398,6 +465,31 @@ mod tests {
                 );
             }
         }
+        // What runsc's jail must show and hide of the host.
+        assert!(b.host_paths().contains(&host.join("usr")));
+        assert!(b.host_paths().contains(&PathBuf::from("/usr/bin/moat")));
+        assert!(b.host_paths().iter().all(|p| !p.starts_with(&dir)));
+        assert!(b.secrets().contains(&host.join("etc/shadow")));
+        assert!(
+            b.secrets()
+                .contains(&host.join("etc/ssh/ssh_host_ed25519_key"))
+        );
+        // Owned by the jail's root, the home by its user.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(dir.join("rootfs/tmp")).unwrap().uid(),
+            4242
+        );
+        assert_eq!(
+            std::fs::metadata(dir.join("stage/passwd")).unwrap().uid(),
+            4242
+        );
+        assert_eq!(
+            std::fs::metadata(dir.join("rootfs/home/user"))
+                .unwrap()
+                .uid(),
+            4242 + USER_ID
+        );
         // The agent runs as root, inside the sentry, from the bound moat binary.
         assert_eq!(config["process"]["args"][0], AGENT_PATH);
         assert_eq!(config["process"]["user"]["uid"], 0);

@@ -2,17 +2,19 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use moat_engine::backend::{AgentChannel, Instance, InstanceStats};
 use moat_engine::error::{EngineError, Result};
 use moat_jail::cgroup::SandboxCgroup;
+use moat_jail::idmap::IdRange;
+use moat_jail::outer::OuterJail;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
 
+use crate::SandboxDir;
 use crate::bundle::Bundle;
 use crate::runsc::Runsc;
 
@@ -64,11 +66,13 @@ fn agent_released(watch: std::os::unix::net::UnixStream) -> bool {
 
 /// What a live gVisor sandbox holds on the host.
 pub(crate) struct Live {
-    /// `runsc run`, which lives as long as the container.
-    pub(crate) runsc_run: Child,
+    /// The outer jail, whose first process is `runsc run`, which lives as long as the container.
+    pub(crate) jail: OuterJail,
+    /// The host ids of the outer jail, held as long as any of its processes may live.
+    pub(crate) _ids: IdRange,
     pub(crate) cgroup: SandboxCgroup,
     pub(crate) bundle: Bundle,
-    /// The sandbox's directory: its bundle, runsc's state (`--root`) and runsc's log.
+    /// The sandbox's directory (see [`SandboxDir`]).
     pub(crate) dir: PathBuf,
 }
 
@@ -100,7 +104,7 @@ impl GvisorInstance {
         channel: UnixStream,
         live: Live,
     ) -> Result<GvisorInstance> {
-        let pid = live.runsc_run.id() as libc::pid_t;
+        let pid = live.jail.pid();
         // SAFETY: pidfd_open with a pid of our own unreaped child and no flags.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         let exit = if fd >= 0 {
@@ -134,10 +138,22 @@ impl GvisorInstance {
         f(live)
     }
 
-    /// Runs `runsc ARGS… ID` against this sandbox's state, off the async threads.
-    async fn runsc_call(&self, args: &'static [&'static str]) -> Result<()> {
-        let state = self.with_live(|l| Ok(l.dir.join("state")))?;
-        let mut cmd = self.runsc.command(&state);
+    /// Runs `runsc ARGS… ID` against this sandbox's state, inside its outer jail, off the
+    /// async threads; with `image`, that directory attached where runsc writes its checkpoint.
+    async fn runsc_call(&self, args: &[String], image: Option<&std::path::Path>) -> Result<()> {
+        let mut cmd = self.with_live(|l| {
+            let dir = SandboxDir::new(&l.dir);
+            let mount = image.map(|i| (i.to_owned(), dir.image()));
+            let mut cmd = l
+                .jail
+                .command(
+                    &self.runsc.path,
+                    mount.as_ref().map(|(i, at)| (i.as_path(), at.as_path())),
+                )
+                .map_err(crate::jail)?;
+            cmd.args(self.runsc.global_args(&dir.state()));
+            Ok(cmd)
+        })?;
         cmd.args(args).arg(&self.id);
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
@@ -158,8 +174,8 @@ impl GvisorInstance {
 /// Kills every process of the sandbox (runsc's own included) and removes what it held.
 pub(crate) fn teardown(mut live: Live) -> Result<()> {
     live.cgroup.kill_all();
-    let _ = live.runsc_run.kill();
-    let _ = live.runsc_run.wait();
+    live.jail.kill();
+    let _ = live.jail.wait();
     if !live.cgroup.wait_empty(EMPTY_TIMEOUT) {
         return Err(EngineError::Backend(format!(
             "processes of gVisor sandbox in {} survived SIGKILL",
@@ -214,15 +230,15 @@ impl Instance for GvisorInstance {
     }
 
     fn host_pid(&self) -> Option<i32> {
-        self.with_live(|l| Ok(l.runsc_run.id() as i32)).ok()
+        self.with_live(|l| Ok(l.jail.pid())).ok()
     }
 
     async fn pause(&self) -> Result<()> {
-        self.runsc_call(&["pause"]).await
+        self.runsc_call(&["pause".into()], None).await
     }
 
     async fn resume(&self) -> Result<()> {
-        self.runsc_call(&["resume"]).await
+        self.runsc_call(&["resume".into()], None).await
     }
 
     /// `runsc checkpoint`: the sandbox's memory and processes into `dir`, after which its
@@ -232,7 +248,6 @@ impl Instance for GvisorInstance {
     ///
     /// [`Backend::restore`]: moat_engine::backend::Backend::restore
     async fn checkpoint(&self, dir: &std::path::Path) -> Result<()> {
-        let state = self.with_live(|l| Ok(l.dir.join("state")))?;
         // The agent, told to expect a new channel, ends its connection once the host has
         // closed its own, and shuts its side: only then is nothing of the old connection in
         // what is saved.
@@ -249,22 +264,21 @@ impl Instance for GvisorInstance {
                 )));
             }
         }
-        let mut cmd = self.runsc.command(&state);
-        cmd.arg("checkpoint")
-            .arg(format!("--image-path={}", dir.display()))
-            .arg(&self.id);
-        let out = tokio::task::spawn_blocking(move || cmd.output())
-            .await
-            .map_err(|e| EngineError::Backend(format!("runsc task: {e}")))?
-            .map_err(|e| EngineError::io("run runsc checkpoint", e))?;
-        if !out.status.success() {
-            return Err(EngineError::Backend(format!(
-                "runsc checkpoint {}: {}",
-                self.id,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        // runsc, inside the jail, writes into `dir` attached at the sandbox's image directory.
+        let at = self.with_live(|l| {
+            let at = SandboxDir::new(&l.dir).image();
+            std::fs::create_dir_all(&at)
+                .map_err(|e| EngineError::io(format!("create {}", at.display()), e))?;
+            Ok(at)
+        })?;
+        self.runsc_call(
+            &[
+                "checkpoint".into(),
+                format!("--image-path={}", at.display()),
+            ],
+            Some(dir),
+        )
+        .await
     }
 
     async fn exited(&self) {

@@ -5,17 +5,18 @@
 //! cgroups as the native backend, around all of runsc's processes (`--ignore-cgroups`).
 
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use async_trait::async_trait;
 use moat_engine::backend::{Backend, Capabilities, Instance};
 use moat_engine::error::{EngineError, Result};
 use moat_engine::plan::SandboxPlan;
 use moat_jail::cgroup::{Layout, Limits, SandboxCgroup};
+use moat_jail::idmap::IdRange;
+use moat_jail::outer::{Access, Bind, OuterConfig, OuterJail, Overlay};
 use moat_jail::runtime::RuntimeDir;
 use moat_proto::agent_config::AGENT_CONFIG_ENV;
+use moat_proto::v1;
 
 mod bundle;
 mod instance;
@@ -66,6 +67,7 @@ impl Default for GvisorOptions {
 #[derive(Debug)]
 pub struct GvisorBackend {
     runsc: Runsc,
+    runtime: RuntimeDir,
     layout: Layout,
     agent: PathBuf,
     /// `<runtime>/gvisor`: bundles and runsc state, one directory each per sandbox.
@@ -97,6 +99,7 @@ impl GvisorBackend {
         };
         Ok(GvisorBackend {
             runsc,
+            runtime,
             layout,
             agent,
             dir,
@@ -123,16 +126,18 @@ impl GvisorBackend {
             cpu_millis: r.cpu_millis,
             pids: r.pids.saturating_add(SENTRY_TASKS),
         };
+        let ids = IdRange::claim(&self.runtime.slots()).map_err(jail)?;
         let cgroup = SandboxCgroup::create(&self.layout, id, &limits).map_err(jail)?;
         let sandbox_dir = self.dir.join(id);
-        let made = self.start(id, plan, &cgroup, &sandbox_dir, image);
+        let made = self.start(id, plan, &cgroup, &ids, &sandbox_dir, image);
         match made {
-            Ok((child, channel, bundle)) => GvisorInstance::new(
+            Ok((jail, channel, bundle)) => GvisorInstance::new(
                 id.to_owned(),
                 self.runsc.clone(),
                 channel,
                 Live {
-                    runsc_run: child,
+                    jail,
+                    _ids: ids,
                     cgroup,
                     bundle,
                     dir: sandbox_dir,
@@ -149,83 +154,171 @@ impl GvisorBackend {
     }
 
     /// Writes the bundle and starts `runsc run` (or `runsc restore` from the checkpoint in
-    /// `image`) inside the sandbox's cgroups, its standard input the agent's end of the channel.
+    /// `image`) as the first process of the sandbox's outer jail, in its cgroups, its standard
+    /// input the agent's end of the channel.
     fn start(
         &self,
         id: &str,
         plan: &SandboxPlan,
         cgroup: &SandboxCgroup,
+        ids: &IdRange,
         sandbox_dir: &Path,
         image: Option<&Path>,
-    ) -> Result<(std::process::Child, tokio::net::UnixStream, bundle::Bundle)> {
+    ) -> Result<(OuterJail, tokio::net::UnixStream, bundle::Bundle)> {
+        let io = |what: &str, p: &Path, e: std::io::Error| {
+            EngineError::io(format!("{what} {}", p.display()), e)
+        };
         let _ = std::fs::remove_dir_all(sandbox_dir);
-        std::fs::create_dir(sandbox_dir)
-            .map_err(|e| EngineError::io(format!("create {}", sandbox_dir.display()), e))?;
+        let layout = SandboxDir::new(sandbox_dir);
+        for d in [sandbox_dir, &layout.run, &layout.root] {
+            std::fs::create_dir(d).map_err(|e| io("create", d, e))?;
+        }
+        // runsc writes its state and log as the jail's root.
+        let owner = ids.host_base();
+        std::os::unix::fs::lchown(&layout.run, Some(owner), Some(owner))
+            .map_err(|e| io("chown", &layout.run, e))?;
         let mut agent = plan.agent_config();
         agent.channel_on_stdin = true;
         let config = serde_json::to_string(&agent)
             .map_err(|e| EngineError::Invalid(format!("agent config: {e}")))?;
         let bundle = bundle::Bundle::write(
-            &sandbox_dir.join("bundle"),
+            &layout.bundle(),
             plan,
             &self.agent,
             &[format!("{AGENT_CONFIG_ENV}={config}")],
             Path::new("/"),
+            owner,
         )?;
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| EngineError::io("socketpair", e))?;
-        // Opened here, written by the child between fork and exec: runsc and everything it
-        // starts are in the sandbox's cgroups from their first instruction.
-        let procs: Vec<std::fs::File> = cgroup
-            .procs_files()
-            .iter()
-            .map(|p| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p)
-                    .map_err(|e| EngineError::io(format!("open {}", p.display()), e))
-            })
-            .collect::<Result<_>>()?;
-        let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
-        let mut cmd = self.runsc.command(&sandbox_dir.join("state"));
+        let mut binds = vec![
+            Bind {
+                path: self.runsc.path.clone(),
+                access: Access::ReadOnly,
+            },
+            Bind {
+                path: layout.run.clone(),
+                access: Access::Writable,
+            },
+        ];
+        binds.extend(bundle.host_paths().iter().map(|p| Bind {
+            path: p.clone(),
+            access: Access::ReadOnly,
+        }));
+        // A template directory is shown read-only and id-mapped; runsc's gofer adds mount
+        // points to the root it is given, so that root is an overlay on it with a layer of the
+        // sandbox's own.
+        let overlay = match &plan.rootfs {
+            v1::Rootfs::Dir(d) => {
+                binds.push(Bind {
+                    path: d.into(),
+                    access: Access::IdMapped,
+                });
+                let o = Overlay {
+                    lower: d.into(),
+                    upper: layout.run.join("upper"),
+                    work: layout.run.join("work"),
+                    target: bundle.root().to_owned(),
+                };
+                for dir in [&o.upper, &o.work] {
+                    std::fs::create_dir(dir).map_err(|e| io("create", dir, e))?;
+                    std::os::unix::fs::lchown(dir, Some(owner), Some(owner))
+                        .map_err(|e| io("chown", dir, e))?;
+                }
+                Some(o)
+            }
+            v1::Rootfs::Host => None,
+        };
+        if let Some(dir) = image {
+            binds.push(Bind {
+                path: dir.to_owned(),
+                access: Access::IdMapped,
+            });
+        }
+        if let Some(dir) = runsc::debug_log_dir() {
+            binds.push(Bind {
+                path: dir,
+                access: Access::Writable,
+            });
+        }
+        let mut args = vec!["runsc".to_owned()];
+        args.extend(self.runsc.global_args(&layout.state()));
         // runsc's own messages go to a file only runsc holds. The container's standard output
         // and error are runsc's, which the sandbox can reach through `/proc/1/fd` (the sentry
         // does not hide them as a kernel hides a non-dumpable process's): /dev/null, so no host
         // file is writable from inside.
-        cmd.arg(format!("--log={}", sandbox_dir.join("runsc.log").display()));
+        args.push(format!("--log={}", layout.log().display()));
         match image {
-            None => cmd.arg("run"),
-            Some(dir) => cmd
-                .arg("restore")
-                .arg(format!("--image-path={}", dir.display())),
-        };
-        cmd.arg("--bundle")
-            .arg(bundle.dir())
-            .arg(id)
-            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: the hook makes raw write calls on fds opened before fork, which is
-        // async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                for &fd in &fds {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            None => args.push("run".into()),
+            Some(dir) => {
+                args.push("restore".into());
+                args.push(format!("--image-path={}", dir.display()));
+            }
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| EngineError::io(format!("start {}", self.runsc.path.display()), e))?;
-        drop(procs);
+        args.push("--bundle".into());
+        args.push(bundle.dir().display().to_string());
+        args.push(id.to_owned());
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| EngineError::io("socketpair", e))?;
+        let jail = OuterJail::spawn(&OuterConfig {
+            id,
+            cgroup,
+            ids,
+            root: &layout.root,
+            binds: &binds,
+            masks: bundle.secrets(),
+            overlay: overlay.as_ref(),
+            program: &self.runsc.path,
+            args: &args,
+            env: &[format!("PATH={RUNSC_PATH}")],
+            stdin: theirs.as_raw_fd(),
+            hostname: "moat",
+        })
+        .map_err(jail)?;
+        drop(theirs);
         ours.set_nonblocking(true)
             .map_err(|e| EngineError::io("channel", e))?;
         let channel =
             tokio::net::UnixStream::from_std(ours).map_err(|e| EngineError::io("channel", e))?;
-        Ok((child, channel, bundle))
+        Ok((jail, channel, bundle))
+    }
+}
+
+/// `PATH` of runsc's processes.
+const RUNSC_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The directory of one gVisor sandbox on the host.
+#[derive(Debug, Clone)]
+pub(crate) struct SandboxDir {
+    /// What the outer jail may write (owned by its root): the bundle, runsc's state and log,
+    /// where checkpoints are attached.
+    pub(crate) run: PathBuf,
+    /// Where the outer jail's root is mounted, in its own mount namespace.
+    pub(crate) root: PathBuf,
+}
+
+impl SandboxDir {
+    pub(crate) fn new(dir: &Path) -> SandboxDir {
+        SandboxDir {
+            run: dir.join("run"),
+            root: dir.join("root"),
+        }
+    }
+
+    pub(crate) fn bundle(&self) -> PathBuf {
+        self.run.join("bundle")
+    }
+
+    /// runsc's `--root`.
+    pub(crate) fn state(&self) -> PathBuf {
+        self.run.join("state")
+    }
+
+    pub(crate) fn log(&self) -> PathBuf {
+        self.run.join("runsc.log")
+    }
+
+    /// Where a checkpoint's directory is attached in the jail while runsc writes it.
+    pub(crate) fn image(&self) -> PathBuf {
+        self.run.join("image")
     }
 }
 

@@ -40,6 +40,8 @@ impl Runsc {
                     ))
                 })?,
         };
+        // Its real path: the outer jail shows it there.
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
         if let Some(p) = platform {
             if !PLATFORMS.contains(&p) {
                 return Err(EngineError::Invalid(format!(
@@ -107,26 +109,32 @@ impl Runsc {
         })
     }
 
-    /// A `runsc` command with the global flags every call shares: its state under `root`, no
-    /// network, moat's cgroups rather than its own.
-    pub fn command(&self, root: &Path) -> Command {
-        let mut c = Command::new(&self.path);
-        c.arg(format!("--root={}", root.display()))
-            .arg(format!("--platform={}", self.platform))
-            .args([
-                "--network=none",
-                "--ignore-cgroups",
-                "--overlay2=root:memory",
+    /// The global flags every call of runsc shares: its state under `root`, rootless (it runs
+    /// as root of the sandbox's outer jail only), no network, moat's cgroups rather than its
+    /// own, writes kept in the sandbox's memory; runsc's debug logs in [`DEBUG_LOG_ENV`]'s
+    /// directory where that is set.
+    pub fn global_args(&self, root: &Path) -> Vec<String> {
+        let mut args = vec![
+            format!("--root={}", root.display()),
+            format!("--platform={}", self.platform),
+            "--network=none".to_owned(),
+            "--ignore-cgroups".to_owned(),
+            "--overlay2=root:memory".to_owned(),
+        ];
+        if let Some(dir) = debug_log_dir() {
+            args.extend([
+                "--debug".to_owned(),
+                "--strace".to_owned(),
+                format!("--debug-log={}/", dir.display()),
             ]);
-        // runsc's debug logs, with every system call of the sandbox, for whoever diagnoses it.
-        if let Some(dir) = std::env::var_os(DEBUG_LOG_ENV) {
-            let mut flag = std::ffi::OsString::from("--debug-log=");
-            flag.push(&dir);
-            flag.push("/");
-            c.args(["--debug", "--strace"]).arg(flag);
         }
-        c
+        args
     }
+}
+
+/// The directory of runsc's debug logs, where [`DEBUG_LOG_ENV`] names one.
+pub(crate) fn debug_log_dir() -> Option<PathBuf> {
+    std::env::var_os(DEBUG_LOG_ENV).map(PathBuf::from)
 }
 
 /// `runsc --version`'s first line.

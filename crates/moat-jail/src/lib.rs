@@ -2,6 +2,7 @@
 //! cgroups. Everything here is small and audited; every `unsafe` block says why it is sound.
 //!
 //! - [`spawn`]: starting a sandbox's first process in fresh namespaces, on its own root.
+//! - [`outer`]: the outer jail of a runtime with isolation of its own (gVisor's runsc).
 //! - [`rootfs`]: what that root looks like (host template, directory templates, `/proc`, `/dev`).
 //! - [`cgroup`]: memory, pids and cpu limits, freeze, kill-all, on cgroup v1 and v2.
 //! - [`id`]: sandbox ids, checked before they name a path.
@@ -23,6 +24,7 @@ pub mod idmap;
 pub mod kept;
 pub mod landlock;
 pub mod memfd;
+pub mod outer;
 pub mod probe;
 pub mod rootfs;
 pub mod runtime;

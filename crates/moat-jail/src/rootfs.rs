@@ -121,7 +121,7 @@ impl Plan {
     }
 }
 
-fn c(p: &Path) -> Result<CString> {
+pub(crate) fn c(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_encoded_bytes())
         .map_err(|_| JailError::Invalid(format!("path contains NUL: {}", p.display())))
 }
@@ -136,7 +136,7 @@ impl Plan {
         self.steps.push(step);
     }
 
-    fn mount(
+    pub(crate) fn mount(
         &mut self,
         src: Option<&Path>,
         dst: &Path,
@@ -164,7 +164,13 @@ impl Plan {
         Ok(())
     }
 
-    fn bind(&mut self, src: &Path, dst: &Path, attrs: u64, optional: bool) -> Result<()> {
+    pub(crate) fn bind(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        attrs: u64,
+        optional: bool,
+    ) -> Result<()> {
         self.mount(
             Some(src),
             dst,
@@ -179,7 +185,7 @@ impl Plan {
         Ok(())
     }
 
-    fn attr(&mut self, path: &Path, set: u64, recursive: bool) -> Result<()> {
+    pub(crate) fn attr(&mut self, path: &Path, set: u64, recursive: bool) -> Result<()> {
         self.push(
             format!("set mount attributes {set:#x} on {}", path.display()),
             Step::Attr {
@@ -191,7 +197,7 @@ impl Plan {
         Ok(())
     }
 
-    fn mkdir(&mut self, path: &Path, mode: u32) -> Result<()> {
+    pub(crate) fn mkdir(&mut self, path: &Path, mode: u32) -> Result<()> {
         self.push(
             format!("mkdir {}", path.display()),
             Step::Mkdir {
@@ -213,7 +219,7 @@ impl Plan {
         Ok(())
     }
 
-    fn file(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    pub(crate) fn file(&mut self, path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         self.push(
             format!("write {}", path.display()),
             Step::File {

@@ -83,13 +83,109 @@ struct ChildPlan {
     memfd: RawFd,
     hostname: CString,
     lo: libc::ifreq,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
+    exec: ExecVectors,
+}
+
+/// A program's argument and environment vectors as `execve` takes them, made before `clone`
+/// (the child must not allocate).
+pub(crate) struct ExecVectors {
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     envp_ptrs: Vec<*const libc::c_char>,
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+impl ExecVectors {
+    /// The vectors of `args` (`argv[0]` first) and `env` (`KEY=VALUE`).
+    pub(crate) fn new(args: &[String], env: &[String]) -> Result<ExecVectors> {
+        let argv = args.iter().map(|s| cstr(s)).collect::<Result<Vec<_>>>()?;
+        let envp = env.iter().map(|s| cstr(s)).collect::<Result<Vec<_>>>()?;
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|a| a.as_ptr())
+                .chain([std::ptr::null()])
+                .collect()
+        };
+        // The pointers are into the strings' own buffers, which stay put when the vectors move.
+        Ok(ExecVectors {
+            argv_ptrs: ptrs(&argv),
+            envp_ptrs: ptrs(&envp),
+            _argv: argv,
+            _envp: envp,
+        })
+    }
+
+    /// `argv`, null-terminated.
+    pub(crate) fn argv(&self) -> *const *const libc::c_char {
+        self.argv_ptrs.as_ptr()
+    }
+
+    /// `envp`, null-terminated.
+    pub(crate) fn envp(&self) -> *const *const libc::c_char {
+        self.envp_ptrs.as_ptr()
+    }
+}
+
+/// Starts a child running `entry(plan)` in new user, pid, mount, network, ipc and uts
+/// namespaces, in our memory (`CLONE_VM`) on a stack of its own, which is returned with its
+/// pid: the caller keeps it until the child has executed its program or been reaped.
+///
+/// # Safety
+///
+/// `entry` must make raw system calls only and never return, and `plan` must outlive the
+/// child's `exec` or its reaping.
+pub(crate) unsafe fn clone_jailed<T>(
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    plan: &T,
+    what: &str,
+) -> Result<(i32, ChildStack)> {
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS;
+    let stack = ChildStack::new(CHILD_STACK, &format!("the start stack of {what}"))?;
+    // SAFETY: the child runs `entry` on `stack`, in our memory; the caller vouches for `entry`
+    // and `plan`, and keeps `stack` as long as the child needs it.
+    let pid = unsafe {
+        libc::clone(
+            entry,
+            stack.top(),
+            flags | libc::CLONE_VM | libc::SIGCHLD,
+            std::ptr::from_ref(plan).cast_mut().cast(),
+        )
+    };
+    if pid < 0 {
+        return Err(JailError::last_os(format!("clone {what}")));
+    }
+    Ok((pid, stack))
+}
+
+/// Puts our new child `pid` into `cgroup` (first: it never runs as one of the range's ids
+/// outside it) and maps its user namespace's ids 0..65535 onto `ids`.
+pub(crate) fn place_child(pid: i32, cgroup: &SandboxCgroup, ids: &IdRange) -> Result<()> {
+    cgroup.attach(pid)?;
+    let base = ids.host_base();
+    for map in ["uid_map", "gid_map"] {
+        write_file(
+            &format!("/proc/{pid}/{map}"),
+            &format!("0 {base} {RANGE}\n"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Kills and reaps our child `pid` (one that failed before it could be handed out).
+pub(crate) fn kill_child(pid: i32) {
+    // SAFETY: kill and waitpid on our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     cvt_int(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })
@@ -98,7 +194,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     cvt_int(unsafe {
@@ -114,7 +210,7 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn write_file(path: &str, data: &str) -> Result<()> {
+pub(crate) fn write_file(path: &str, data: &str) -> Result<()> {
     std::fs::write(path, data).map_err(|e| JailError::os(format!("write {path}"), e))
 }
 
@@ -155,17 +251,7 @@ impl SandboxProcess {
         for (i, b) in b"lo".iter().enumerate() {
             lo.ifr_name[i] = *b as libc::c_char;
         }
-        let argv = cfg
-            .agent_args
-            .iter()
-            .map(|s| cstr(s))
-            .collect::<Result<Vec<_>>>()?;
-        let envp = cfg
-            .agent_env
-            .iter()
-            .map(|s| cstr(s))
-            .collect::<Result<Vec<_>>>()?;
-        let mut child = ChildPlan {
+        let child = ChildPlan {
             plan,
             go_read: go_read.as_raw_fd(),
             go_write: go_write.as_raw_fd(),
@@ -176,63 +262,21 @@ impl SandboxProcess {
             memfd: cfg.agent.raw_fd(),
             hostname: cstr(cfg.hostname)?,
             lo,
-            argv_ptrs: Vec::new(),
-            envp_ptrs: Vec::new(),
-            argv,
-            envp,
+            exec: ExecVectors::new(&cfg.agent_args, &cfg.agent_env)?,
         };
-        child.argv_ptrs = child
-            .argv
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain([std::ptr::null()])
-            .collect();
-        child.envp_ptrs = child
-            .envp
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain([std::ptr::null()])
-            .collect();
 
-        let flags = libc::CLONE_NEWUSER
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWNET
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS;
-        let stack = ChildStack::new(CHILD_STACK, "the sandbox's start stack")?;
-        // SAFETY: the child runs `child_entry` on `stack`, in our memory (CLONE_VM): it reads
-        // `child`, which outlives it here (this frame waits until it has executed the agent or
-        // been reaped), makes raw system calls only and never returns. `stack` is dropped only
-        // after that, on every path below.
-        let pid = unsafe {
-            libc::clone(
-                child_entry,
-                stack.top(),
-                flags | libc::CLONE_VM | libc::SIGCHLD,
-                (&raw const child).cast_mut().cast(),
-            )
-        };
-        if pid < 0 {
-            return Err(JailError::last_os("clone sandbox namespaces"));
-        }
+        // SAFETY: `child_entry` makes raw system calls only and never returns; `child`
+        // outlives the child here (this frame waits until it has executed the agent or been
+        // reaped), and so does the stack.
+        let (pid, _stack) =
+            unsafe { clone_jailed(child_entry, &child, "the sandbox's namespaces")? };
         drop(agent_end);
         drop(go_read);
         drop(err_write);
 
         // From here on, a failure must not leave the child behind.
         let setup = (|| -> Result<()> {
-            // Into its cgroups first: the child never runs as a sandbox uid outside them.
-            cfg.cgroup.attach(pid)?;
-            let base = cfg.ids.host_base();
-            write_file(
-                &format!("/proc/{pid}/uid_map"),
-                &format!("0 {base} {RANGE}\n"),
-            )?;
-            write_file(
-                &format!("/proc/{pid}/gid_map"),
-                &format!("0 {base} {RANGE}\n"),
-            )?;
+            place_child(pid, cfg.cgroup, cfg.ids)?;
             if child.plan.wants_lower() {
                 send_lower(pid, cfg.rootfs, &host_end)?;
             }
@@ -256,30 +300,29 @@ impl SandboxProcess {
             Ok(()) => read_child_error(&err_read, &child.plan),
         };
         if let Some(err) = failure {
-            // SAFETY: kill and waitpid on our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            kill_child(pid);
             return Err(err);
         }
+        let mut process = SandboxProcess::own_child(pid)?;
+        process.channel = Some(host_end);
+        Ok(process)
+    }
+
+    /// Takes charge of our running child `pid`, which executed its program; kills it if it
+    /// cannot.
+    pub(crate) fn own_child(pid: i32) -> Result<SandboxProcess> {
         // SAFETY: pidfd_open on our own, not yet reaped child.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if pidfd < 0 {
             let e = JailError::last_os("pidfd_open");
-            // SAFETY: kill and waitpid on our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            kill_child(pid);
             return Err(e);
         }
-        // SAFETY: pidfd_open returned a fresh fd (close-on-exec by default).
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
         Ok(SandboxProcess {
             pid,
-            pidfd,
-            channel: Some(host_end),
+            // SAFETY: pidfd_open returned a fresh fd (close-on-exec by default).
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
+            channel: None,
             reaped: false,
             child: true,
         })
@@ -439,23 +482,23 @@ impl Drop for SandboxProcess {
     }
 }
 
-fn cstr(s: &str) -> Result<CString> {
+pub(crate) fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| JailError::Invalid(format!("string contains NUL: {s:?}")))
 }
 
 /// Step numbers the child reports for its own actions (plan steps are 0..n).
-const STEP_GO: u32 = 10_000;
-const STEP_IDS: u32 = 10_001;
-const STEP_CGROUPNS: u32 = 10_002;
-const STEP_PRIVATE: u32 = 10_003;
-const STEP_PIVOT: u32 = 10_004;
-const STEP_HOSTNAME: u32 = 10_005;
+pub(crate) const STEP_GO: u32 = 10_000;
+pub(crate) const STEP_IDS: u32 = 10_001;
+pub(crate) const STEP_CGROUPNS: u32 = 10_002;
+pub(crate) const STEP_PRIVATE: u32 = 10_003;
+pub(crate) const STEP_PIVOT: u32 = 10_004;
+pub(crate) const STEP_HOSTNAME: u32 = 10_005;
 const STEP_LOOPBACK: u32 = 10_006;
-const STEP_FDS: u32 = 10_007;
-const STEP_EXEC: u32 = 10_008;
+pub(crate) const STEP_FDS: u32 = 10_007;
+pub(crate) const STEP_EXEC: u32 = 10_008;
 const STEP_LAYER: u32 = 10_009;
 
-fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailError> {
+pub(crate) fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailError> {
     let mut buf = [0u8; 8];
     let mut got = 0;
     while got < 8 {
@@ -513,6 +556,11 @@ fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailError> {
 
 /// Reports `(step, errno)` to the parent and exits. Async-signal-safe.
 fn fail(plan: &ChildPlan, step: u32) -> ! {
+    report_failure(plan.err_write, step)
+}
+
+/// Reports `(step, errno)` on `err_write` and exits. Async-signal-safe.
+pub(crate) fn report_failure(err_write: RawFd, step: u32) -> ! {
     // SAFETY: __errno_location always returns a valid pointer for the calling thread.
     let errno = unsafe { *libc::__errno_location() };
     let mut buf = [0u8; 8];
@@ -520,7 +568,7 @@ fn fail(plan: &ChildPlan, step: u32) -> ! {
     buf[4..].copy_from_slice(&errno.to_ne_bytes());
     // SAFETY: writing a valid stack buffer, then exiting without running any destructor.
     unsafe {
-        libc::write(plan.err_write, buf.as_ptr().cast(), 8);
+        libc::write(err_write, buf.as_ptr().cast(), 8);
         libc::_exit(127);
     }
 }
@@ -530,7 +578,7 @@ fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
 }
 
 /// Runs one plan step. Returns the raw result (-1 with errno on failure).
-fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
+pub(crate) fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
     // SAFETY: for every call below, all pointers come from CStrings and buffers prepared before
     // clone, which stay alive in the parent's memory (which the child shares) until exec or exit.
     unsafe {
@@ -636,7 +684,7 @@ fn run_step(step: &Step, channel: RawFd) -> libc::c_long {
     }
 }
 
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+pub(crate) const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// Makes an id-mapped, read-only clone of the template directory with the sandbox's user
 /// namespace (template ids 0..65535 become the sandbox's) and sends it to the child over the
@@ -645,7 +693,19 @@ fn send_lower(pid: i32, rootfs: &Rootfs, host_end: &OwnedFd) -> Result<()> {
     let Rootfs::Dir(dir) = rootfs else {
         return Ok(());
     };
-    let tree = idmapped_tree(pid, dir).ok();
+    send_idmapped(pid, dir, true, host_end)
+}
+
+/// Sends the child `pid` an id-mapped clone of `dir` (read-only if `read_only`), for an
+/// [`Step::AttachLower`] of its plan; a bare byte where the kernel or filesystem cannot id-map
+/// it, so that the child binds it as it is.
+pub(crate) fn send_idmapped(
+    pid: i32,
+    dir: &std::path::Path,
+    read_only: bool,
+    host_end: &OwnedFd,
+) -> Result<()> {
+    let tree = idmapped_tree(pid, dir, read_only).ok();
     let byte = [if tree.is_some() { b'L' } else { b'N' }];
     let mut iov = libc::iovec {
         iov_base: byte.as_ptr() as *mut libc::c_void,
@@ -678,24 +738,36 @@ fn send_lower(pid: i32, rootfs: &Rootfs, host_end: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
-fn idmapped_tree(pid: i32, dir: &std::path::Path) -> Result<OwnedFd> {
+/// An id-mapped clone of `dir` with `pid`'s user namespace (host ids 0..65535 become its own).
+fn idmapped_tree(pid: i32, dir: &std::path::Path, read_only: bool) -> Result<OwnedFd> {
     let userns = std::fs::File::open(format!("/proc/{pid}/ns/user"))
         .map_err(|e| JailError::os("open the sandbox's user namespace", e))?;
+    idmapped_clone(userns.as_raw_fd(), dir, read_only)
+}
+
+/// An id-mapped clone of `dir` with the user namespace `userns` (an open `ns/user` file): the
+/// files of host ids 0..65535 appear owned by that namespace's ids 0..65535, and what it
+/// writes there is stored under them.
+pub(crate) fn idmapped_clone(
+    userns: RawFd,
+    dir: &std::path::Path,
+    read_only: bool,
+) -> Result<OwnedFd> {
     let path = CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| JailError::Invalid("template path with NUL".into()))?;
+        .map_err(|_| JailError::Invalid(format!("path with NUL: {}", dir.display())))?;
     let tree = sys::open_tree_clone(&path, libc::AT_RECURSIVE as libc::c_uint)
-        .map_err(|e| JailError::os("open_tree of the template", e))?;
+        .map_err(|e| JailError::os(format!("open_tree of {}", dir.display()), e))?;
     sys::mount_setattr(
         tree.as_raw_fd(),
         c"",
         libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
         sys::MOUNT_ATTR_IDMAP
-            | sys::MOUNT_ATTR_RDONLY
+            | if read_only { sys::MOUNT_ATTR_RDONLY } else { 0 }
             | sys::MOUNT_ATTR_NOSUID
             | sys::MOUNT_ATTR_NODEV,
-        Some(userns.as_raw_fd()),
+        Some(userns),
     )
-    .map_err(|e| JailError::os("id-map the template mount", e))?;
+    .map_err(|e| JailError::os(format!("id-map {}", dir.display()), e))?;
     Ok(tree)
 }
 
@@ -748,7 +820,7 @@ fn attach_lower(channel: RawFd, target: &CString, fallback_src: &CString) -> lib
 
 /// Binds `src` (recursively) at `dst`, read-only, nosuid and nodev; 0 or -1. Raw system calls
 /// only, for the child between `clone` and `exec`.
-fn bind_read_only(src: &CString, dst: &CString) -> libc::c_long {
+pub(crate) fn bind_read_only(src: &CString, dst: &CString) -> libc::c_long {
     // SAFETY: valid C strings; raw mount and mount_setattr calls.
     unsafe {
         if libc::mount(
@@ -921,8 +993,8 @@ fn child_main(c: &ChildPlan) -> ! {
             libc::SYS_execveat,
             memfd,
             c"".as_ptr(),
-            c.argv_ptrs.as_ptr(),
-            c.envp_ptrs.as_ptr(),
+            c.exec.argv(),
+            c.exec.envp(),
             libc::AT_EMPTY_PATH,
         );
         fail(c, STEP_EXEC);

@@ -78,6 +78,19 @@ pub fn install_programs(root: &Path, programs: &[(&str, &str)]) {
     }
 }
 
+/// A minimal root filesystem in `root`: the host `programs` (see [`install_programs`]) and
+/// the `root` and `user` (1000) accounts in `etc/passwd` and `etc/group`.
+pub fn tiny_rootfs(root: &Path, programs: &[(&str, &str)]) {
+    std::fs::create_dir_all(root.join("etc")).expect("mkdir etc");
+    install_programs(root, programs);
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
+}
+
 /// The native backend with the `moat` binary under test as the agent.
 pub fn backend() -> NativeBackend {
     NativeBackend::new(&NativeOptions {

@@ -89,6 +89,18 @@ fn counting_sandbox(server: &Server, key: &str) -> String {
     id
 }
 
+/// Takes a snapshot with memory of sandbox `id`; its id.
+fn snapshot_with_memory(server: &Server, key: &str, id: &str) -> String {
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(key),
+        Some(&body(json!({"memory": true}))),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
 /// The count of sandbox `id`'s [`COUNTER`].
 fn count(server: &Server, key: &str, id: &str) -> u64 {
     let out = server.shell(key, id, "cat /tmp/n");
@@ -616,14 +628,7 @@ fn a_template_from_a_snapshot_starts_initialised() {
         }),
     );
     let source = server.create_sandbox_with(&key, json!({"template": "slow"}));
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{source}/snapshots"),
-        Some(&key),
-        Some(&body(json!({"memory": true}))),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let snap = r.json()["id"].as_str().expect("id").to_owned();
+    let snap = snapshot_with_memory(&server, &key, &source);
     let r = server.request(
         "DELETE",
         &format!("/v1/sandboxes/{source}"),
@@ -773,4 +778,211 @@ fn running_out_of_memory_on_gvisor_is_reported() {
     assert_eq!(o.status.code(), Some(137), "{err}");
     assert!(err.contains("ran out of memory"), "{err}");
     assert!(!text(&o.stdout).contains("survived"));
+}
+
+/// The processes of gVisor sandbox `id` on the host (runsc's: those whose command line names it).
+fn runsc_processes(id: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = text(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+            (cmdline.contains("runsc") && cmdline.contains(id)).then_some(pid)
+        })
+        .collect()
+}
+
+/// A field of `/proc/PID/status`, split into words.
+fn status_field(pid: u32, field: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Two layers: runsc's own processes (the sentry, the gofer, runsc itself) run in an outer
+/// jail: as unprivileged host ids of the sandbox's own range, with no host group, in namespaces
+/// of their own, on a root that shows the host's system directories and the sandbox's own
+/// files but not the rest of the host (not the data directory), with the host's secrets
+/// hidden. What runsc writes into a snapshot is stored under host root's ids.
+#[test]
+fn runsc_runs_in_an_unprivileged_outer_jail() {
+    need_root!();
+    need_runsc();
+    let (server, key) = gvisor_server();
+    let id = counting_sandbox(&server, &key);
+    let procs = runsc_processes(&id);
+    assert!(procs.len() >= 3, "runsc, its gofer and sentry: {procs:?}");
+    let host_ns = |name: &str| std::fs::read_link(format!("/proc/self/ns/{name}")).expect("ns");
+    for &pid in &procs {
+        for field in ["Uid", "Gid"] {
+            let ids = status_field(pid, field);
+            assert_eq!(ids.len(), 4, "{pid}: {field} {ids:?}");
+            for i in &ids {
+                let n: u32 = i.parse().expect("id");
+                assert!(
+                    n >= moat_jail::idmap::BASE,
+                    "process {pid} runs with host {field} {n}"
+                );
+            }
+        }
+        assert!(
+            status_field(pid, "Groups")
+                .iter()
+                .all(|g| g.parse::<u32>().is_ok_and(|g| g >= moat_jail::idmap::BASE)),
+            "process {pid} has host groups {:?}",
+            status_field(pid, "Groups")
+        );
+        for ns in ["user", "mnt", "net", "pid", "ipc", "uts"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("ns");
+            assert_ne!(
+                theirs,
+                host_ns(ns),
+                "process {pid} shares the host's {ns} namespace"
+            );
+        }
+    }
+    // runsc itself (the jail's first process) sees the jail's root.
+    let first = *procs.iter().min().expect("a process");
+    let root = std::path::PathBuf::from(format!("/proc/{first}/root"));
+    let agent = std::fs::canonicalize(env!("CARGO_BIN_EXE_moat")).expect("moat binary");
+    let agent_top = agent
+        .components()
+        .nth(1)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let allowed = [
+        "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "run", "proc", "dev",
+        "tmp", ".mask", ".maskdir",
+    ];
+    let shown: Vec<String> = std::fs::read_dir(&root)
+        .expect("the jail's root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for name in &shown {
+        assert!(
+            allowed.contains(&name.as_str()) || *name == agent_top,
+            "the jail shows the host's /{name}: {shown:?}"
+        );
+    }
+    assert!(
+        root.join(agent.strip_prefix("/").expect("absolute"))
+            .is_file()
+    );
+    let data = server.data.strip_prefix("/").expect("absolute data dir");
+    assert!(
+        !root.join(data).exists(),
+        "the jail shows the data directory {}",
+        server.data.display()
+    );
+    let shadow = std::fs::metadata("/etc/shadow")
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(shadow > 0, "the host has no /etc/shadow to hide");
+    assert_eq!(
+        std::fs::metadata(root.join("etc/shadow"))
+            .map(|m| m.len())
+            .ok(),
+        Some(0),
+        "the jail shows the host's /etc/shadow"
+    );
+    assert!(
+        std::fs::read_dir(root.join("proc"))
+            .expect("the jail's /proc")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .count()
+            < 20,
+        "the jail's /proc shows the host's processes"
+    );
+
+    // A snapshot with memory, written by runsc in the jail, is stored under host root's ids.
+    let snap = snapshot_with_memory(&server, &key, &id);
+    let dir = server.data.join("snapshots").join(format!("{snap}.mem"));
+    use std::os::unix::fs::MetadataExt;
+    for e in std::fs::read_dir(&dir).expect("snapshot dir").flatten() {
+        let md = e.metadata().expect("metadata");
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (0, 0),
+            "{} is stored under the jail's ids",
+            e.path().display()
+        );
+    }
+    let after = count(&server, &key, &id);
+    assert!(after > 5, "the sandbox stopped counting: {after}");
+
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+}
+
+/// A template directory on gvisor: the sandbox writes over it in its own layer, the user may
+/// not change the template's files but root inside may (it owns them: the outer jail shows the
+/// template id-mapped), and nothing reaches the directory itself, not even runsc's mount points.
+#[test]
+fn a_template_directory_on_gvisor_stays_untouched() {
+    need_root!();
+    need_runsc();
+    let lower = std::env::temp_dir().join(format!("moat-gvisor-rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&lower);
+    support::tiny_rootfs(&lower, &[("/usr/bin/dash", "sh")]);
+    let before: Vec<_> = std::fs::read_dir(&lower)
+        .expect("template")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let rootfs = lower.display().to_string();
+    let script =
+        "echo layer > /tmp/new && read l < /tmp/new && echo $l && echo x > /bin/sh2; echo $?";
+    let o = run(&[
+        "--backend",
+        "gvisor",
+        "--rootfs",
+        &rootfs,
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.starts_with("layer\n"), "{out}");
+    assert!(
+        out.ends_with("2\n"),
+        "the user may not write the template's /bin: {out}"
+    );
+    let o = run(&[
+        "--backend",
+        "gvisor",
+        "--root",
+        "--rootfs",
+        &rootfs,
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(text(&o.stdout), "layer\n0\n", "{}", text(&o.stderr));
+    let after: Vec<_> = std::fs::read_dir(&lower)
+        .expect("template")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(before, after, "the template directory changed");
+    assert!(
+        !lower.join("tmp/new").exists(),
+        "a write reached the template"
+    );
+    assert!(
+        !lower.join("bin/sh2").exists(),
+        "a write reached the template"
+    );
+    std::fs::remove_dir_all(&lower).expect("cleanup");
 }

@@ -237,14 +237,7 @@ fn timeout_kills_the_whole_tree() {
 fn tiny_rootfs() -> std::path::PathBuf {
     let root = std::env::temp_dir().join(format!("moat-cli-rootfs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("etc")).expect("mkdir");
-    support::install_programs(&root, &[("/usr/bin/dash", "sh")]);
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
-    )
-    .expect("passwd");
-    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
+    support::tiny_rootfs(&root, &[("/usr/bin/dash", "sh")]);
     root
 }
 

@@ -509,8 +509,7 @@ fn snapshots_survive_a_restart_and_paused_sandboxes_do_not() {
 /// A minimal root filesystem: `dash` as `/bin/sh`, `cat` and `rm`, the libraries they link,
 /// and the identity files.
 fn tiny_rootfs(root: &Path) {
-    std::fs::create_dir_all(root.join("etc/sub")).expect("mkdir");
-    support::install_programs(
+    support::tiny_rootfs(
         root,
         &[
             ("/usr/bin/dash", "sh"),
@@ -518,12 +517,7 @@ fn tiny_rootfs(root: &Path) {
             ("/usr/bin/rm", "rm"),
         ],
     );
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
-    )
-    .expect("passwd");
-    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
+    std::fs::create_dir_all(root.join("etc/sub")).expect("mkdir");
     std::fs::write(root.join("etc/sub/gone"), "from the template\n").expect("file");
     std::fs::write(root.join("etc/sub/kept"), "from the template\n").expect("file");
 }
