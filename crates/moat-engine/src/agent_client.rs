@@ -120,7 +120,8 @@ pub struct CallOptions {
 /// A client of one agent. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    sender: SendRequest<RequestBody>,
+    /// `None` for [`AgentClient::closed`].
+    sender: Option<SendRequest<RequestBody>>,
 }
 
 impl AgentClient {
@@ -145,12 +146,20 @@ impl AgentClient {
             // The connection ends when the sandbox goes away; callers see it as transport errors.
             let _ = conn.await;
         });
-        Ok(AgentClient { sender })
+        Ok(AgentClient {
+            sender: Some(sender),
+        })
+    }
+
+    /// A client with no connection (of a sandbox whose agent is not running, such as one
+    /// saved to disk): every call fails as on a closed connection.
+    pub fn closed() -> AgentClient {
+        AgentClient { sender: None }
     }
 
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
-        self.sender.is_closed()
+        self.sender.as_ref().is_none_or(SendRequest::is_closed)
     }
 
     /// `GET /health`: succeeds when the agent answers 2xx within [`HEALTH_TIMEOUT`].
@@ -387,7 +396,10 @@ impl AgentClient {
     }
 
     async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, AgentError> {
-        let mut sender = self.sender.clone();
+        let mut sender = self
+            .sender
+            .clone()
+            .ok_or_else(|| AgentError::Transport("the agent is not running".into()))?;
         sender.ready().await.map_err(AgentError::transport)?;
         sender
             .send_request(req)

@@ -986,3 +986,72 @@ fn a_template_directory_on_gvisor_stays_untouched() {
     );
     std::fs::remove_dir_all(&lower).expect("cleanup");
 }
+
+/// A sandbox paused to disk outlives its server, whether it stops gracefully or is killed:
+/// the next server on the same data directory shows it paused and resumes it where it was,
+/// while a sandbox that was running is ended by the restart as before.
+#[test]
+fn a_sandbox_paused_on_gvisor_outlives_a_server_restart() {
+    need_root!();
+    need_runsc();
+    let (server, key) = gvisor_server();
+    let paused = counting_sandbox(&server, &key);
+    let running = server.create_sandbox_with(&key, json!({"template": "sentry"}));
+    let before = count(&server, &key, &paused);
+    let pause = |server: &Server| {
+        let r = server.request(
+            "POST",
+            &format!("/v1/sandboxes/{paused}/pause"),
+            Some(&key),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    let state = |server: &Server, id: &str| {
+        let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["state"].as_str().unwrap_or_default().to_owned()
+    };
+    pause(&server);
+
+    // A graceful stop, then a crash: the paused sandbox comes through both.
+    let (dir, data) = server.stop();
+    let server = Server::start_in(dir, data);
+    assert_eq!(state(&server, &paused), "paused");
+    assert_eq!(state(&server, &running), "killed");
+    assert!(leftovers(&running).is_empty(), "{:?}", leftovers(&running));
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{paused}/exec"),
+        Some(&key),
+        Some(&body(json!({"shell": "true"}))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    let (dir, data) = server.kill9();
+    let server = Server::start_in(dir, data);
+    assert_eq!(state(&server, &paused), "paused");
+
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{paused}/resume"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = count(&server, &key, &paused);
+    assert!(after >= before, "restarted: {before} then {after}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        count(&server, &key, &paused) > after,
+        "stopped counting after the resume"
+    );
+    let r = server.request(
+        "DELETE",
+        &format!("/v1/sandboxes/{paused}"),
+        Some(&key),
+        None,
+    );
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    assert!(leftovers(&paused).is_empty(), "{:?}", leftovers(&paused));
+    assert!(!server.data.join("snapshots/paused").join(&paused).exists());
+}

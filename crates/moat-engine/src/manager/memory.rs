@@ -8,6 +8,9 @@
 //! saved under the same id, with a new channel; streams open on it end. Meanwhile it counts as
 //! paused (calls are refused with 409). Only backends with `Capabilities::memory_checkpoint`
 //! can; the native backend cannot.
+//!
+//! A sandbox paused to disk outlives its server: the next one on the same data directory
+//! takes it over, still paused, from its record and its `paused/<id>` directory.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +25,7 @@ use crate::agent_client::AgentClient;
 use crate::auth::Caller;
 use crate::backend::{Backend, Capabilities, Instance};
 use crate::plan::SandboxPlan;
-use crate::store::{EndReason, SandboxState};
+use crate::store::{EndReason, SandboxRecord, SandboxState};
 
 /// The suffix of a snapshot-with-memory directory in the snapshot directory.
 pub(super) const MEMORY_SUFFIX: &str = ".mem";
@@ -134,7 +137,52 @@ async fn connect(instance: &mut Box<dyn Instance>, id: &str) -> ManagerResult<Ag
 }
 
 /// Where a sandbox paused to disk keeps its checkpoint, in the snapshot directory.
-const PAUSED_DIR: &str = "paused";
+pub(super) const PAUSED_DIR: &str = "paused";
+
+/// The instance of a sandbox paused to disk by an earlier server: nothing of it runs on the
+/// host until a resume restores it, so there is nothing to read, pause or destroy.
+#[derive(Debug)]
+struct SavedToDisk {
+    id: String,
+}
+
+#[async_trait::async_trait]
+impl Instance for SavedToDisk {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn take_channel(&mut self) -> Option<crate::backend::AgentChannel> {
+        None
+    }
+
+    fn stats(&self) -> crate::backend::InstanceStats {
+        crate::backend::InstanceStats::default()
+    }
+
+    fn host_pid(&self) -> Option<i32> {
+        None
+    }
+
+    async fn pause(&self) -> crate::error::Result<()> {
+        Ok(())
+    }
+
+    async fn resume(&self) -> crate::error::Result<()> {
+        Err(crate::error::EngineError::Backend(format!(
+            "sandbox {} is saved to disk: only a restore runs it again",
+            self.id
+        )))
+    }
+
+    async fn exited(&self) {
+        std::future::pending().await
+    }
+
+    async fn destroy(&mut self) -> crate::error::Result<()> {
+        Ok(())
+    }
+}
 
 impl Inner {
     /// Checks that a template may start from `tenant`'s snapshot `snapshot` (one with memory,
@@ -196,6 +244,48 @@ impl Inner {
                 "snapshot {snapshot} is damaged and was not restored: {why}"
             ))
         })
+    }
+
+    /// Takes over `rec`, a sandbox an earlier server paused to disk, if its checkpoint is
+    /// there and its backend is registered: it stays paused, holding nothing on the host, and a
+    /// resume restores it. `false` when it cannot be (the caller reaps and records it lost).
+    pub(super) async fn adopt_paused_to_disk(&self, rec: &SandboxRecord) -> ManagerResult<bool> {
+        if rec.state != SandboxState::Paused {
+            return Ok(false);
+        }
+        let Ok(backend) = self.backends.get(&rec.backend) else {
+            return Ok(false);
+        };
+        let Some(snapshots) = self.opts.snapshot_dir.as_ref() else {
+            return Ok(false);
+        };
+        let dir = snapshots.join(PAUSED_DIR).join(&rec.id);
+        if !backend.capabilities().memory_checkpoint || !dir.is_dir() {
+            return Ok(false);
+        }
+        let backend = backend.clone();
+        // Whatever a server that stopped half-way through a resume left of it goes first.
+        if let Err(e) = backend.reap_orphan(&rec.id).await {
+            tracing::warn!(sandbox = %rec.id, "reaping what a resume left: {e}");
+        }
+        let env = super::stored_plan(rec)?.map(|p| p.env).unwrap_or_default();
+        let live = Live::new(
+            &rec.tenant,
+            AgentClient::closed(),
+            backend,
+            Box::new(SavedToDisk { id: rec.id.clone() }),
+            env,
+            rec.public_traffic,
+        );
+        live.paused.store(true, Ordering::SeqCst);
+        lock(&self.live).insert(rec.id.clone(), Arc::new(live));
+        Ok(true)
+    }
+
+    /// Whether `live` is saved to disk (paused on a backend that saves memory): it holds
+    /// nothing on the host, and outlives its server.
+    pub(super) fn is_saved_to_disk(&self, live: &Live, id: &str) -> bool {
+        live.is_paused() && self.disk_pause_dir(live, id).is_some_and(|d| d.is_dir())
     }
 
     /// Where sandbox `id` of `live` is saved when paused: a directory of the snapshot

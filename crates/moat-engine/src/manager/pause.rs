@@ -11,12 +11,13 @@
 //! - the watcher of dead agents leaves it alone (warm-pool members, whose health is probed,
 //!   are never paused);
 //! - a server restart reaps it like a running one (recorded `killed`, reason
-//!   `server_restart`).
+//!   `server_restart`), unless it is saved to disk (below).
 //!
 //! Pausing keeps memory, so a resumed sandbox carries on where it stopped. On a backend that
 //! saves memory (gvisor) it is kept on disk instead: the sandbox is checkpointed into the
 //! snapshot directory's `paused/<id>` and released, holding no memory, cgroup or process while
-//! paused, and a resume restores it (see the `memory` module). Neither survives a restart.
+//! paused, and a resume restores it (see the `memory` module). That one outlives its server:
+//! the next one on the same data directory takes it over, still paused.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -20,6 +20,8 @@ pub enum ShutdownMode {
     /// adopt (the backend must have made them keepable). Warm-pool members are destroyed.
     Keep,
 }
+// Either way, sandboxes paused to disk (on a backend that saves memory) stay as they are:
+// they hold nothing on the host, and the next server takes them over.
 
 /// What [`SandboxManager::recover`] found of the previous server's sandboxes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,6 +48,16 @@ impl SandboxManager {
         let mut known = HashSet::new();
         for rec in active {
             known.insert(rec.id.clone());
+            match inner.adopt_paused_to_disk(&rec).await {
+                Ok(true) => {
+                    out.adopted.push(rec.id);
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox = %rec.id, "could not take over a sandbox paused to disk: {e}")
+                }
+            }
             match inner.adopt_kept(&rec).await {
                 Ok(true) => out.adopted.push(rec.id),
                 Ok(false) => {
@@ -84,6 +96,11 @@ impl SandboxManager {
         let all: Vec<(String, Arc<Live>)> = lock(&self.inner.live).drain().collect();
         let (mut destroyed, mut kept) = (0, 0);
         for (id, live) in all {
+            // Saved to disk, it holds nothing here and waits for the next server.
+            if self.inner.is_saved_to_disk(&live, &id) {
+                kept += 1;
+                continue;
+            }
             let mut instance = live.instance.lock().await;
             if mode == ShutdownMode::Keep {
                 match instance.keep() {

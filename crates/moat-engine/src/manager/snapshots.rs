@@ -160,12 +160,28 @@ pub(super) fn prepare_dir(store: &Store, dir: &Path) -> ManagerResult<()> {
     std::fs::create_dir_all(dir).map_err(|e| io("create", e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("chmod", e))?;
-    // Sandboxes paused to disk do not outlive the server that paused them (a restart reaps
-    // them), so whatever an earlier one left of them goes.
-    match std::fs::remove_dir_all(dir.join("paused")) {
-        Ok(()) => tracing::info!(dir = %dir.display(), "removed what paused sandboxes left"),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(io("remove paused sandboxes", e)),
+    // Sandboxes paused to disk outlive their server, as long as their record says paused:
+    // what is left of any other (a pause or resume cut short) goes.
+    let paused: std::collections::HashSet<String> = store
+        .active_sandboxes()?
+        .into_iter()
+        .filter(|r| r.state == crate::store::SandboxState::Paused)
+        .map(|r| r.id)
+        .collect();
+    if let Ok(entries) = std::fs::read_dir(dir.join(super::memory::PAUSED_DIR)) {
+        for entry in entries.flatten() {
+            if paused.contains(&*entry.file_name().to_string_lossy()) {
+                continue;
+            }
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(
+                    dir = %entry.path().display(),
+                    "removed what a cut-short pause left"
+                ),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove a cut-short pause", e)),
+            }
+        }
     }
     let known: std::collections::HashSet<String> = store.all_snapshot_ids()?.into_iter().collect();
     let mut swept = 0;
