@@ -43,6 +43,8 @@ pub(crate) struct Bundle {
     host_paths: Vec<PathBuf>,
     /// The host's secrets the bundle hides.
     secrets: Vec<PathBuf>,
+    /// Files and directories bound over host paths (or into the root) where runsc runs.
+    covers: Vec<(PathBuf, PathBuf)>,
     /// The container's root directory.
     root: PathBuf,
 }
@@ -64,9 +66,18 @@ impl Bundle {
         &self.root
     }
 
-    /// The host's secret files and directories that the sandbox is not shown.
+    /// The host's secret files and directories that the sandbox is not shown: runsc's outer
+    /// jail hides them, and so runsc's gofer serves the sandbox none of them.
     pub(crate) fn secrets(&self) -> &[PathBuf] {
         &self.secrets
+    }
+
+    /// `(source, target)`: files and directories to bind read-only over host paths the jail
+    /// shows (the generated `/etc/passwd` over the host's) or into the root, where runsc's
+    /// outer jail makes them. The gofer serves what the jail shows, so each is in the sandbox
+    /// without a mount of the sentry's (a few milliseconds of start each).
+    pub(crate) fn covers(&self) -> &[(PathBuf, PathBuf)] {
+        &self.covers
     }
 
     /// Writes the bundle of a sandbox of `plan` into `dir` (which must not exist), with the
@@ -90,6 +101,7 @@ impl Bundle {
             dir: dir.to_owned(),
             host_paths: Vec::new(),
             secrets: Vec::new(),
+            covers: Vec::new(),
             root: PathBuf::new(),
         };
         let rootfs = dir.join("rootfs");
@@ -107,11 +119,14 @@ impl Bundle {
                    "options": ["nosuid", "nodev", "mode=1777"]}),
             json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                    "options": ["nosuid", "noexec", "nodev", "ro"]}),
-            ro_bind(agent, Path::new(AGENT_PATH)),
         ];
         let root_path = match &plan.rootfs {
             v1::Rootfs::Host => {
-                bundle.secrets = host_tree(&rootfs, &stage, host, &mut mounts)?;
+                host_tree(&rootfs, &stage, host, &mut mounts, &mut bundle)?;
+                bundle.covers.push((
+                    agent.to_owned(),
+                    rootfs.join(AGENT_PATH.trim_start_matches('/')),
+                ));
                 chown_tree(dir, owner)?;
                 let home = rootfs.join("home/user");
                 std::os::unix::fs::lchown(&home, Some(owner + USER_ID), Some(owner + USER_ID))
@@ -129,6 +144,7 @@ impl Bundle {
                     )));
                 }
                 chown_tree(&rootfs, owner)?;
+                mounts.push(ro_bind(agent, Path::new(AGENT_PATH)));
                 rootfs
             }
         };
@@ -214,15 +230,16 @@ fn chown_tree(dir: &Path, owner: u32) -> Result<()> {
 }
 
 /// The `host` template's tree: the skeleton in `rootfs`, the host's system directories bound
-/// read-only over it, its secrets masked, and generated files from `stage` over the host's.
-/// Returns the host paths of the secrets it masks.
+/// read-only over it; its secrets (to mask) and generated files from `stage` over the host's
+/// (to cover) in `bundle`, for runsc's outer jail.
 fn host_tree(
     rootfs: &Path,
     stage: &Path,
     host: &Path,
     mounts: &mut Vec<Value>,
-) -> Result<Vec<PathBuf>> {
-    let mut secrets = Vec::new();
+    bundle: &mut Bundle,
+) -> Result<()> {
+    let secrets = &mut bundle.secrets;
     let io = |what: &str, p: &Path, e: std::io::Error| {
         EngineError::io(format!("{what} {}", p.display()), e)
     };
@@ -240,19 +257,13 @@ fn host_tree(
             mounts.push(ro_bind(&src, &Path::new("/").join(name)));
         }
     }
-    let mask_file = stage.join("mask");
-    let mask_dir = stage.join("maskdir");
-    std::fs::write(&mask_file, b"").map_err(|e| io("write", &mask_file, e))?;
-    std::fs::create_dir(&mask_dir).map_err(|e| io("create", &mask_dir, e))?;
     for secret in SECRET_FILES {
         if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_file()) {
-            mounts.push(ro_bind(&mask_file, &Path::new("/").join(secret)));
             secrets.push(host.join(secret));
         }
     }
     for secret in SECRET_DIRS {
         if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_dir()) {
-            mounts.push(ro_bind(&mask_dir, &Path::new("/").join(secret)));
             secrets.push(host.join(secret));
         }
     }
@@ -260,7 +271,6 @@ fn host_tree(
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("ssh_host_") && !name.ends_with(".pub") {
-                mounts.push(ro_bind(&mask_file, &Path::new("/etc/ssh").join(&name)));
                 secrets.push(e.path());
             }
         }
@@ -268,11 +278,12 @@ fn host_tree(
     for (name, contents) in identity_files("moat") {
         let staged = stage.join(name);
         std::fs::write(&staged, &contents).map_err(|e| io("write", &staged, e))?;
-        if host.join("etc").join(name).exists() {
-            mounts.push(ro_bind(&staged, &Path::new("/etc").join(name)));
+        let target = host.join("etc").join(name);
+        if target.exists() {
+            bundle.covers.push((staged, target));
         }
     }
-    e2b_commands(stage, host, mounts)?;
+    e2b_commands(stage, host, rootfs, &mut bundle.covers)?;
     for (d, mode) in [
         ("tmp", 0o1777),
         ("home", 0o755),
@@ -293,17 +304,22 @@ fn host_tree(
     }
     let agent = rootfs.join(AGENT_PATH.trim_start_matches('/'));
     std::fs::write(&agent, b"").map_err(|e| io("write", &agent, e))?;
-    Ok(secrets)
+    Ok(())
 }
 
 /// Where the host's own `/usr/local/bin` appears inside, for the entries of the staged one.
 const HOST_LOCAL_BIN: &str = "/.moat/local-bin";
 
 /// `python` and `sudo` in `/usr/local/bin`, as the native backend's `host` template has them:
-/// a staged directory mounted there, holding a symlink to each of the host's own entries (which
-/// take precedence) in the host's directory, mounted once beside it. Two mounts whatever the
-/// host has there (each mount costs the sandbox's start a few milliseconds).
-fn e2b_commands(stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()> {
+/// a staged directory over it, holding a symlink to each of the host's own entries (which take
+/// precedence) in the host's directory, shown once beside it in the root. Two covers (see
+/// [`Bundle::covers`]) whatever the host has there.
+fn e2b_commands(
+    stage: &Path,
+    host: &Path,
+    rootfs: &Path,
+    covers: &mut Vec<(PathBuf, PathBuf)>,
+) -> Result<()> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         EngineError::io(format!("{what} {}", p.display()), e)
     };
@@ -335,8 +351,11 @@ fn e2b_commands(stage: &Path, host: &Path, mounts: &mut Vec<Value>) -> Result<()
         std::fs::write(bin.join("sudo"), SUDO).map_err(|e| io("write", &bin.join("sudo"), e))?;
         set_mode(&bin.join("sudo"), 0o755)?;
     }
-    mounts.push(ro_bind(&local, Path::new(HOST_LOCAL_BIN)));
-    mounts.push(ro_bind(&bin, Path::new("/usr/local/bin")));
+    covers.push((
+        local.clone(),
+        rootfs.join(HOST_LOCAL_BIN.trim_start_matches('/')),
+    ));
+    covers.push((bin, local));
     Ok(())
 }
 
@@ -423,39 +442,66 @@ mod tests {
                 assert!(opts.contains(&Value::from("ro")), "{m}");
             }
         }
-        // Secrets the host has are masked; ones it lacks are not mounted at all.
-        let mask = dir.join("stage/mask").display().to_string();
-        assert_eq!(find("/etc/shadow"), Some(mask.clone()));
-        assert_eq!(find("/etc/ssh/ssh_host_ed25519_key"), Some(mask));
-        assert_eq!(find("/etc/ssh/ssh_host_ed25519_key.pub"), None);
-        assert_eq!(find("/etc/gshadow"), None);
-        assert!(find("/etc/ssl/private").is_some());
-        // Generated accounts over the host's, where the host has the file.
+        // Secrets the host has are for the jail to mask; ones it lacks are not named.
+        let secrets = b.secrets();
+        assert!(secrets.contains(&host.join("etc/shadow")));
+        assert!(secrets.contains(&host.join("etc/ssh/ssh_host_ed25519_key")));
+        assert!(secrets.contains(&host.join("etc/ssl/private")));
+        assert!(!secrets.contains(&host.join("etc/ssh/ssh_host_ed25519_key.pub")));
+        assert!(!secrets.contains(&host.join("etc/gshadow")));
+        // Small files go over the host's in the jail, not as mounts of the sentry's.
+        let cover = |target: &Path| {
+            b.covers()
+                .iter()
+                .find(|(_, t)| t == target)
+                .map(|(src, _)| src.clone())
+        };
         assert_eq!(
-            find("/etc/passwd"),
-            Some(dir.join("stage/passwd").display().to_string())
+            cover(&host.join("etc/passwd")),
+            Some(dir.join("stage/passwd"))
         );
         assert!(
             std::fs::read_to_string(dir.join("stage/passwd"))
                 .unwrap()
                 .contains("user:x:1000:1000")
         );
-        assert_eq!(find("/etc/group"), None);
+        assert_eq!(cover(&host.join("etc/group")), None);
+        assert_eq!(
+            cover(&dir.join("rootfs/.moat/moat")),
+            Some(PathBuf::from("/usr/bin/moat"))
+        );
+        assert!(dir.join("rootfs/.moat/moat").is_file());
         // python and sudo beside the host's own tool.
         assert!(dir.join("stage/bin/sudo").is_file());
         assert_eq!(
             std::fs::read_link(dir.join("stage/bin/python")).unwrap(),
             Path::new("/usr/bin/python3")
         );
-        // The host's own entries through one mount of its directory.
         assert_eq!(
-            find(HOST_LOCAL_BIN),
-            Some(host.join("usr/local/bin").display().to_string())
+            cover(&host.join("usr/local/bin")),
+            Some(dir.join("stage/bin"))
+        );
+        // The host's own entries through its directory, shown once in the root.
+        assert_eq!(
+            cover(
+                &dir.join("rootfs")
+                    .join(HOST_LOCAL_BIN.trim_start_matches('/'))
+            ),
+            Some(host.join("usr/local/bin"))
         );
         assert_eq!(
             std::fs::read_link(dir.join("stage/bin/tool")).unwrap(),
             Path::new(HOST_LOCAL_BIN).join("tool")
         );
+        // The sentry mounts only the system directories and its own file systems.
+        let binds: Vec<&str> = config["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["type"] == "bind")
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect();
+        assert_eq!(binds, ["/usr", "/etc"], "{binds:?}");
         // Nothing of the host's /proc, /sys, /dev, /run, /var, /root or /home.
         for (dst, src) in &mounts {
             for hidden in ["proc", "sys", "dev", "run", "var", "root", "home"] {
@@ -465,15 +511,9 @@ mod tests {
                 );
             }
         }
-        // What runsc's jail must show and hide of the host.
+        // What runsc's jail must show of the host.
         assert!(b.host_paths().contains(&host.join("usr")));
-        assert!(b.host_paths().contains(&PathBuf::from("/usr/bin/moat")));
         assert!(b.host_paths().iter().all(|p| !p.starts_with(&dir)));
-        assert!(b.secrets().contains(&host.join("etc/shadow")));
-        assert!(
-            b.secrets()
-                .contains(&host.join("etc/ssh/ssh_host_ed25519_key"))
-        );
         // Owned by the jail's root, the home by its user.
         use std::os::unix::fs::MetadataExt;
         assert_eq!(

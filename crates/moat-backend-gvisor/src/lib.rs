@@ -264,6 +264,7 @@ impl GvisorBackend {
             ids,
             root: &layout.root,
             binds: &binds,
+            covers: bundle.covers(),
             masks: bundle.secrets(),
             overlay: overlay.as_ref(),
             program: &self.runsc.path,

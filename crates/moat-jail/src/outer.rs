@@ -81,6 +81,9 @@ pub struct OuterConfig<'a> {
     /// The host paths the jail sees; a path below another of the same or lesser access is
     /// left out (its parent shows it).
     pub binds: &'a [Bind],
+    /// `(source, target)`: host files and directories bound read-only over paths the binds
+    /// show (the target must exist there), such as a generated `/etc/passwd` over the host's.
+    pub covers: &'a [(PathBuf, PathBuf)],
     /// Host files and directories hidden inside the bound ones (an empty file or directory
     /// takes their place).
     pub masks: &'a [PathBuf],
@@ -220,6 +223,15 @@ fn root_plan(cfg: &OuterConfig<'_>, binds: &[Bind]) -> Result<Plan> {
             ),
         }
     }
+    for (src, target) in cfg.covers {
+        if !binds.iter().any(|b| target.starts_with(&b.path)) {
+            return Err(JailError::Invalid(format!(
+                "{} is not shown in the outer jail, so nothing can go over it",
+                target.display()
+            )));
+        }
+        p.bind(src, &inside(target), ro, false)?;
+    }
     // The masks go over what the binds show, from an empty file and directory of the root.
     let empty_file = root.join(".mask");
     let empty_dir = root.join(".maskdir");
@@ -229,7 +241,8 @@ fn root_plan(cfg: &OuterConfig<'_>, binds: &[Bind]) -> Result<Plan> {
         let Ok(md) = std::fs::symlink_metadata(m) else {
             continue;
         };
-        if md.file_type().is_symlink() {
+        // A symlink's target is masked by its own name; what no bind shows needs no mask.
+        if md.file_type().is_symlink() || !binds.iter().any(|b| m.starts_with(&b.path)) {
             continue;
         }
         let src = if md.is_dir() { &empty_dir } else { &empty_file };
