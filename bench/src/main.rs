@@ -86,7 +86,7 @@ fn time_command(argv: &[String], runs: usize) -> Result<Samples> {
 
 /// Times each of `argvs` `runs` times (after 3 warm-up runs), one run of each in turn; fails if
 /// any run fails.
-fn time_in_turn(argvs: &[Vec<String>], runs: usize) -> Result<Vec<Samples>> {
+pub(crate) fn time_in_turn(argvs: &[Vec<String>], runs: usize) -> Result<Vec<Samples>> {
     let mut all: Vec<Samples> = argvs.iter().map(|_| Samples::default()).collect();
     for i in 0..runs + 3 {
         for (argv, s) in argvs.iter().zip(&mut all) {
@@ -110,7 +110,7 @@ fn time_in_turn(argvs: &[Vec<String>], runs: usize) -> Result<Vec<Samples>> {
     Ok(all)
 }
 
-fn which(bin: &str) -> Option<String> {
+pub(crate) fn which(bin: &str) -> Option<String> {
     std::env::var("PATH")
         .unwrap_or_default()
         .split(':')
@@ -150,7 +150,7 @@ fn bwrap_argv(bwrap: &str, cmd: &[&str]) -> Vec<String> {
 }
 
 /// An OCI bundle whose root is the host's `/`, read-only, running `cmd`.
-fn runsc_bundle(cmd: &[&str]) -> Result<PathBuf> {
+pub(crate) fn runsc_bundle(cmd: &[&str]) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "moat-bench-runsc-{}-{}",
         std::process::id(),
@@ -166,7 +166,7 @@ fn runsc_bundle(cmd: &[&str]) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn runsc_argv(runsc: &str, bundle: &Path, root: &Path) -> Vec<String> {
+pub(crate) fn runsc_argv(runsc: &str, bundle: &Path, root: &Path) -> Vec<String> {
     vec![
         runsc.to_string(),
         format!("--root={}", root.display()),
