@@ -183,8 +183,8 @@ def test_bad_key_and_refused_options(moat, tag):
         Sandbox.list(api_key=WRONG_KEY).next_items()
     with pytest.raises(SandboxException, match="allow_internet_access"):
         Sandbox.create(allow_internet_access=True)
-    with pytest.raises(SandboxException, match="autoPause"):
-        Sandbox.create(lifecycle={"on_timeout": "pause"})
+    with pytest.raises(SandboxException, match="autoPauseMemory"):
+        Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
     with pytest.raises(SandboxException, match="Timeout cannot be greater"):
         Sandbox.create(timeout=10**9)
     with pytest.raises(SandboxException, match="not found"):

@@ -7,7 +7,9 @@ import pytest
 from e2b import (
     Sandbox,
     SandboxException,
+    NotFoundException,
     SandboxNotFoundException,
+    SandboxNotRunningException,
     SandboxQuery,
     SandboxState,
 )
@@ -82,14 +84,27 @@ COUNTER = (
 )
 
 
+def counting(sbx, above=5):
+    """The count of `sbx`'s COUNTER once it is past `above` (Python starts slowly under a
+    loaded sentry: wait for it, within a bound)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            n = int(sbx.files.read("/tmp/n"))
+            if n > above:
+                return n
+        except NotFoundException:
+            pass
+        assert time.monotonic() < deadline, "the counter never got going"
+        time.sleep(0.1)
+
+
 def test_memory_snapshots_of_gvisor_sandboxes_go_on_counting():
     # The suite's server has a template `gvisor` (see crates/moat/tests/e2b_sdk.rs).
     sbx = Sandbox.create("gvisor")
     try:
         sbx.commands.run(COUNTER, background=True)
-        time.sleep(0.5)
-        before = int(sbx.files.read("/tmp/n"))
-        assert before > 5
+        before = counting(sbx)
         snap = sbx.create_snapshot()
         child = Sandbox.create(snap.snapshot_id)
         try:
@@ -109,8 +124,7 @@ def test_pause_of_a_gvisor_sandbox_saves_it_and_connect_goes_on():
     sbx = Sandbox.create("gvisor")
     try:
         sbx.commands.run(COUNTER, background=True)
-        time.sleep(0.5)
-        before = int(sbx.files.read("/tmp/n"))
+        before = counting(sbx)
         assert sbx.pause() is True
         assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
         resumed = Sandbox.connect(sbx.sandbox_id)
@@ -122,12 +136,56 @@ def test_pause_of_a_gvisor_sandbox_saves_it_and_connect_goes_on():
         Sandbox.kill(sbx.sandbox_id)
 
 
+def test_a_timeout_pauses_and_a_command_resumes_with_the_lifecycle():
+    # On gvisor: paused to disk at its timeout, resumed by the next call, still counting.
+    sbx = Sandbox.create(
+        "gvisor",
+        timeout=3,
+        lifecycle={"on_timeout": "pause", "auto_resume": True},
+    )
+    try:
+        info = Sandbox.get_info(sbx.sandbox_id)
+        assert info.lifecycle == {"on_timeout": "pause", "auto_resume": True}
+        sbx.commands.run(COUNTER, background=True)
+        before = counting(sbx)
+        deadline = time.monotonic() + 30
+        while Sandbox.get_info(sbx.sandbox_id).state.value != "paused":
+            assert time.monotonic() < deadline, "never paused at its timeout"
+            time.sleep(0.2)
+        # Any call resumes it: here a command, through envd.
+        after = int(sbx.commands.run("cat /tmp/n").stdout)
+        assert after >= before
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "running"
+        time.sleep(0.3)
+        assert int(sbx.files.read("/tmp/n")) > after
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_a_timeout_pause_without_auto_resume_waits_for_connect():
+    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": False})
+    try:
+        sbx.files.write("/tmp/kept", "still here")
+        deadline = time.monotonic() + 30
+        while Sandbox.get_info(sbx.sandbox_id).state.value != "paused":
+            assert time.monotonic() < deadline, "never paused at its timeout"
+            time.sleep(0.2)
+        # Paused with no time to live: it does not end.
+        time.sleep(3)
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+        with pytest.raises(SandboxNotRunningException):
+            sbx.commands.run("true", request_timeout=10)
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.files.read("/tmp/kept") == "still here"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 def test_fork_of_a_gvisor_sandbox_copies_its_running_processes():
     sbx = Sandbox.create("gvisor")
     try:
         sbx.commands.run(COUNTER, background=True)
-        time.sleep(0.5)
-        before = int(sbx.files.read("/tmp/n"))
+        before = counting(sbx)
         forks = sbx.fork(count=2)
         assert len(forks) == 2
         try:

@@ -86,6 +86,9 @@ pub struct SandboxPlan {
     pub network: NetworkPolicy,
     /// Whether its own services are public; the server's default when `None`.
     pub public_traffic: Option<bool>,
+    /// What its time running out does, and whether calls resume it when paused.
+    #[serde(default)]
+    pub lifecycle: v1::Lifecycle,
     /// The client's labels.
     pub metadata: BTreeMap<String, String>,
     /// A snapshot archive to restore before it counts as running.
@@ -126,6 +129,7 @@ impl SandboxPlan {
             readiness: Readiness::of(template),
             network: NetworkPolicy::None,
             public_traffic: None,
+            lifecycle: v1::Lifecycle::default(),
             metadata: BTreeMap::new(),
             layer: None,
             memory: None,
@@ -177,6 +181,7 @@ impl SandboxPlan {
             },
             network: NetworkPolicy::None,
             public_traffic: None,
+            lifecycle: v1::Lifecycle::default(),
             metadata: BTreeMap::new(),
             layer: None,
             memory: None,

@@ -54,6 +54,35 @@ pub struct CreateSandbox {
     /// --private-traffic`) when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_traffic: Option<bool>,
+    /// What its time running out does, and whether traffic resumes it when paused; kill, and
+    /// no, when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// What a sandbox's time to live running out does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// End it (`killed`, reason `ttl`).
+    #[default]
+    Kill,
+    /// Pause it (on gvisor: saved to disk, its memory released); it then stays paused, with no
+    /// time to live, until it is resumed or deleted.
+    Pause,
+}
+
+/// A sandbox's lifecycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// What its time to live running out does.
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    /// Whether a call that needs the paused sandbox (a command, a file, traffic to its
+    /// ports) resumes it first, with its time to live started again, instead of being refused.
+    #[serde(default)]
+    pub auto_resume: bool,
 }
 
 // The JSON form of `CreateSandbox`, where an absent `template` can be told from the default.
@@ -89,6 +118,10 @@ struct CreateSandboxBody {
     /// without its traffic access token; the server's default when absent.
     #[serde(default)]
     public_traffic: Option<bool>,
+    /// What its time running out does, and whether traffic resumes it when paused; kill, and
+    /// no, when absent.
+    #[serde(default)]
+    lifecycle: Option<Lifecycle>,
 }
 
 impl TryFrom<CreateSandboxBody> for CreateSandbox {
@@ -106,6 +139,7 @@ impl TryFrom<CreateSandboxBody> for CreateSandbox {
             metadata: b.metadata,
             timeout_secs: b.timeout_secs,
             public_traffic: b.public_traffic,
+            lifecycle: b.lifecycle,
         })
     }
 }
@@ -121,6 +155,7 @@ impl Default for CreateSandbox {
             metadata: BTreeMap::new(),
             timeout_secs: None,
             public_traffic: None,
+            lifecycle: None,
         }
     }
 }
@@ -422,6 +457,9 @@ pub struct Sandbox {
     /// The isolation backend that made it (`native`, `gvisor`).
     #[serde(default)]
     pub backend: String,
+    /// What its time running out does, and whether calls resume it when paused.
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
 }
 
 /// `GET /v1/sandboxes`: which sandboxes to list.

@@ -365,14 +365,9 @@ fn e2b_control_plane() {
             "network",
         ),
         (
-            json!({"templateID": "base", "autoPause": true}),
+            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
             400,
-            "autoPause",
-        ),
-        (
-            json!({"templateID": "base", "autoResume": {"enabled": true}}),
-            400,
-            "autoResume",
+            "autoPauseMemory",
         ),
         (json!({"templateID": "base", "mcp": {"x": {}}}), 400, "mcp"),
         (

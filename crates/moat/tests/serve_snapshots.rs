@@ -705,3 +705,110 @@ fn the_cli_pauses_snapshots_and_forks() {
         1
     );
 }
+
+/// The state and expiry of sandbox `id`.
+fn state_of(server: &Server, key: &str, id: &str) -> (String, Value) {
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(key), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = r.json();
+    (
+        s["state"].as_str().unwrap_or_default().to_owned(),
+        s["expires_at"].clone(),
+    )
+}
+
+/// Waits (bounded) until sandbox `id` is `state`.
+fn wait_state(server: &Server, key: &str, id: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state_of(server, key, id).0 != state {
+        assert!(Instant::now() < deadline, "{id} never became {state}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `lifecycle`: a sandbox whose time runs out is paused instead of ended, and stays paused
+/// with no time to live; with `auto_resume` a command resumes it (and its time to live starts
+/// again), without it a command is refused until a resume; a bad lifecycle is refused.
+#[test]
+fn a_lifecycle_pauses_at_the_timeout_and_calls_resume() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let resuming = create(
+        &server,
+        &key,
+        json!({"timeout_secs": 1, "lifecycle": {"on_timeout": "pause", "auto_resume": true}}),
+    );
+    let waiting = create(
+        &server,
+        &key,
+        json!({"timeout_secs": 1, "lifecycle": {"on_timeout": "pause"}}),
+    );
+    let ending = create(&server, &key, json!({"timeout_secs": 1}));
+    let r = server.request(
+        "GET",
+        &format!("/v1/sandboxes/{resuming}"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(
+        r.json()["lifecycle"],
+        json!({"on_timeout": "pause", "auto_resume": true})
+    );
+    let r = server.request("GET", &format!("/v1/sandboxes/{ending}"), Some(&key), None);
+    assert_eq!(
+        r.json()["lifecycle"],
+        json!({"on_timeout": "kill", "auto_resume": false})
+    );
+    for id in [&resuming, &waiting] {
+        sh(&server, &key, id, "user", "echo kept > /tmp/kept");
+    }
+    wait_state(&server, &key, &resuming, "paused");
+    wait_state(&server, &key, &waiting, "paused");
+    wait_state(&server, &key, &ending, "killed");
+    // Paused, with no time to live: still paused well after.
+    std::thread::sleep(Duration::from_millis(1500));
+    for id in [&resuming, &waiting] {
+        assert_eq!(state_of(&server, &key, id), ("paused".into(), Value::Null));
+    }
+
+    // A command resumes the one that asks for it, and it runs on with a new time to live.
+    assert_eq!(
+        sh(&server, &key, &resuming, "user", "cat /tmp/kept"),
+        "kept\n"
+    );
+    let (state, expires) = state_of(&server, &key, &resuming);
+    assert_eq!(state, "running");
+    assert!(expires.is_number(), "{expires}");
+    // The other answers 409 until it is resumed.
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{waiting}/exec"),
+        json!({"shell": "true"}),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    let r = post(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{waiting}/resume"),
+        json!({"timeout_secs": 60}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        sh(&server, &key, &waiting, "user", "cat /tmp/kept"),
+        "kept\n"
+    );
+
+    let r = post(
+        &server,
+        &key,
+        "/v1/sandboxes",
+        json!({"lifecycle": {"on_timeout": "sleep"}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    for id in [&resuming, &waiting] {
+        let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+        assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    }
+}

@@ -65,6 +65,23 @@ impl SandboxManager {
         derive_labelled(&self.inner.access_key, TRAFFIC_LABEL, id)
     }
 
+    /// [`SandboxManager::route`], resuming a paused sandbox first when its lifecycle says
+    /// calls resume it (`auto_resume`).
+    pub async fn route_resuming(&self, id: &str) -> ManagerResult<SandboxRoute> {
+        let refused = match self.route(id) {
+            Ok(route) => return Ok(route),
+            Err(e) => e,
+        };
+        let paused = lock(&self.inner.live)
+            .get(id)
+            .filter(|live| live.is_paused())
+            .map(|live| live.tenant.clone());
+        match paused {
+            Some(tenant) if self.inner.live_for(&tenant, id).await.is_ok() => self.route(id),
+            _ => Err(refused),
+        }
+    }
+
     /// The running sandbox `id`, whatever its tenant. [`ManagerError::NotFound`] when this
     /// server runs no sandbox of that id (never made, ended, or paused);
     /// [`ManagerError::Unavailable`] when its agent does not answer its health checks. Callers

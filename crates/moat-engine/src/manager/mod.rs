@@ -604,14 +604,22 @@ impl SandboxManager {
         Ok(to_v1(&rec))
     }
 
-    /// Destroys every sandbox whose TTL has passed at `now` (Unix ms) and records it `killed`
-    /// with reason `ttl`. Returns their ids.
+    /// Ends every sandbox whose TTL has passed at `now` (Unix ms): destroyed and recorded
+    /// `killed` with reason `ttl`, or, when its lifecycle says so, paused (one already paused
+    /// stays so) with no time to live left. Returns their ids.
     pub async fn reap_expired(&self, now: i64) -> ManagerResult<Vec<String>> {
         let expired = self.inner.db(move |s| s.expired(now)).await?;
         let mut reaped = Vec::with_capacity(expired.len());
         for rec in expired {
             let inner = self.inner.clone();
             let done = tokio::spawn(async move {
+                let pauses = stored_plan(&rec)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| p.lifecycle.on_timeout == v1::OnTimeout::Pause);
+                if pauses && inner.pause_at_timeout(&rec).await {
+                    return Ok(rec.id);
+                }
                 inner.end(&rec.tenant, &rec.id, EndReason::Ttl).await?;
                 Ok::<_, ManagerError>(rec.id)
             })
@@ -669,11 +677,22 @@ impl Inner {
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
         let public_traffic = req.public_traffic;
+        let lifecycle = req.lifecycle.unwrap_or_default();
         let mut plan = match req.snapshot.clone() {
             Some(snapshot) => self.plan_from_snapshot(&tenant, &snapshot, req).await?,
             None => self.plan_from_template(&tenant, req).await?,
         };
         plan.public_traffic = public_traffic;
+        if lifecycle.on_timeout == v1::OnTimeout::Pause {
+            let backend = self.backends.get(&plan.backend)?;
+            crate::backend::Capabilities::require(
+                backend.capabilities().pause,
+                backend.name(),
+                "pause sandboxes (lifecycle.on_timeout \"pause\")",
+            )
+            .map_err(|e| ManagerError::Invalid(e.to_string()))?;
+        }
+        plan.lifecycle = lifecycle;
         if id.is_some() {
             plan.id = id;
             plan.poolable = false;
@@ -1057,10 +1076,20 @@ impl Inner {
     }
 
     /// The live, running sandbox `id` of `tenant`, or why there is none: 404 when there is no
-    /// such sandbox, 409 when it is paused or not running, 503 when its agent does not answer
-    /// its health checks.
-    async fn live_for(&self, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
-        let live = self.live_any(tenant, id).await?;
+    /// such sandbox, 409 when it is paused (and its lifecycle does not resume it) or not
+    /// running, 503 when its agent does not answer its health checks.
+    async fn live_for(self: &Arc<Self>, tenant: &str, id: &str) -> ManagerResult<Arc<Live>> {
+        let mut live = self.live_any(tenant, id).await?;
+        if live.is_paused()
+            && let Some(ttl) = self.resumes_on_call(tenant, id).await
+        {
+            match self.clone().resume(tenant, id, Some(ttl)).await {
+                // Resumed here, or by a call that got there first.
+                Ok(_) | Err(ManagerError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+            live = self.live_any(tenant, id).await?;
+        }
         if live.is_paused() {
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} is paused; resume it first"
@@ -1204,6 +1233,13 @@ fn to_v1(rec: &SandboxRecord) -> v1::Sandbox {
         public_traffic: rec.public_traffic,
         traffic_access_token: None,
         backend: rec.backend.clone(),
+        // Only this part of the plan, which the listing of many records needs.
+        lifecycle: rec
+            .plan
+            .as_ref()
+            .and_then(|p| p.get("lifecycle"))
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .unwrap_or_default(),
     }
 }
 

@@ -29,7 +29,7 @@ use crate::backend::Capabilities;
 use crate::auth::Caller;
 
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms, to_v1};
-use crate::store::{SandboxState, now_ms};
+use crate::store::{SandboxRecord, SandboxState, now_ms};
 
 impl SandboxManager {
     /// Freezes every process of the caller's sandbox `id` and records it `paused`. A sandbox
@@ -63,6 +63,50 @@ impl SandboxManager {
 }
 
 impl Inner {
+    /// Pauses `rec`, whose time to live has run out and whose lifecycle pauses it then, and
+    /// takes its time to live away (it stays paused until resumed or deleted). `false` when
+    /// it could not be paused, for the caller to end it.
+    pub(super) async fn pause_at_timeout(self: &Arc<Self>, rec: &SandboxRecord) -> bool {
+        let (tenant, id) = (rec.tenant.as_str(), rec.id.as_str());
+        if rec.state == SandboxState::Running
+            && let Err(e) = self.clone().pause(tenant, id).await
+        {
+            tracing::warn!(sandbox = %id, "pausing at its timeout failed, ending it: {e}");
+            return false;
+        }
+        if rec.state != SandboxState::Running && rec.state != SandboxState::Paused {
+            return false;
+        }
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        match self.db(move |s| s.set_sandbox_expiry(&t, &i, None)).await {
+            Ok(_) => {
+                tracing::info!(sandbox = %id, "paused at its timeout");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "clearing the time to live of a paused sandbox: {e}");
+                false
+            }
+        }
+    }
+
+    /// Whether `tenant`'s paused sandbox `id` is resumed by a call that needs it (its
+    /// lifecycle's `auto_resume`), and if so the time to live it then gets: the one it was
+    /// created with.
+    pub(super) async fn resumes_on_call(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Option<std::time::Duration> {
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await.ok()?;
+        let plan = super::stored_plan(&rec).ok().flatten()?;
+        if !plan.lifecycle.auto_resume {
+            return None;
+        }
+        self.ttl(plan.timeout_secs).ok()
+    }
+
     async fn pause(self: Arc<Self>, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
         let live = self.live_any(tenant, id).await?;
         // Refused before anything changes, by what the sandbox's own backend can do.
@@ -129,7 +173,7 @@ impl Inner {
         }
     }
 
-    async fn resume(
+    pub(super) async fn resume(
         self: Arc<Self>,
         tenant: &str,
         id: &str,

@@ -122,12 +122,21 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
         );
     }
     let public_traffic = public_traffic(req.network.as_ref())?;
-    if req.auto_pause == Some(true) || req.auto_pause_memory.is_some() {
-        return unsupported("autoPause (a sandbox is killed when its timeout ends)");
+    // A paused sandbox keeps its memory on every backend (frozen, or saved to disk), so a
+    // filesystem-only auto-pause is not offered.
+    if req.auto_pause_memory == Some(false) {
+        return unsupported("autoPauseMemory: false (a paused sandbox keeps its memory)");
     }
-    if req.auto_resume.is_some_and(|r| r.enabled) {
-        return unsupported("autoResume");
-    }
+    let auto_resume = req.auto_resume.is_some_and(|r| r.enabled);
+    let lifecycle =
+        (req.auto_pause.is_some() || req.auto_resume.is_some()).then_some(v1::Lifecycle {
+            on_timeout: if req.auto_pause == Some(true) {
+                v1::OnTimeout::Pause
+            } else {
+                v1::OnTimeout::Kill
+            },
+            auto_resume,
+        });
     if given(&req.mcp) {
         return unsupported("mcp");
     }
@@ -146,6 +155,7 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
         metadata: req.metadata.unwrap_or_default(),
         timeout_secs,
         public_traffic,
+        lifecycle,
     })
 }
 
@@ -466,14 +476,23 @@ mod tests {
         assert_eq!(ok("{}").unwrap().public_traffic, None);
         let private = ok(r#"{"network":{"allowPublicTraffic":false,"allowOut":[]}}"#).unwrap();
         assert_eq!(private.public_traffic, Some(false));
+        assert_eq!(ok("{}").unwrap().lifecycle, None);
+        let paused =
+            ok(r#"{"autoPause":true,"autoPauseMemory":true,"autoResume":{"enabled":true}}"#)
+                .unwrap()
+                .lifecycle
+                .unwrap();
+        assert_eq!(paused.on_timeout, v1::OnTimeout::Pause);
+        assert!(paused.auto_resume);
+        let killed = ok(r#"{"autoPause":false}"#).unwrap().lifecycle.unwrap();
+        assert_eq!(killed.on_timeout, v1::OnTimeout::Kill);
+        assert!(!killed.auto_resume);
         for bad in [
             r#"{"allow_internet_access":true}"#,
             r#"{"network":{"denyOut":["0.0.0.0/0"]}}"#,
             r#"{"network":{"allowPublicTraffic":"no"}}"#,
             r#"{"network":true}"#,
-            r#"{"autoPause":true}"#,
-            r#"{"autoPause":false,"autoPauseMemory":false}"#,
-            r#"{"autoResume":{"enabled":true}}"#,
+            r#"{"autoPause":true,"autoPauseMemory":false}"#,
             r#"{"mcp":{"x":{}}}"#,
             r#"{"volumeMounts":[{"name":"v","path":"/v"}]}"#,
             r#"{"iam":{"tokens":{}}}"#,

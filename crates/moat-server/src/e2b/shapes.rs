@@ -188,8 +188,11 @@ impl SandboxDetail {
             domain: domain.to_owned(),
             allow_internet_access: false,
             lifecycle: Lifecycle {
-                auto_resume: false,
-                on_timeout: "kill",
+                auto_resume: sandbox.lifecycle.auto_resume,
+                on_timeout: match sandbox.lifecycle.on_timeout {
+                    v1::OnTimeout::Kill => "kill",
+                    v1::OnTimeout::Pause => "pause",
+                },
             },
         }
     }
@@ -301,6 +304,7 @@ mod tests {
             public_traffic: true,
             traffic_access_token: None,
             backend: "native".into(),
+            lifecycle: Default::default(),
         };
         let l = serde_json::to_value(ListedSandbox::new(&sandbox)).unwrap();
         assert_eq!(l["cpuCount"], 2);

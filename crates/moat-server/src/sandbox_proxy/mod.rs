@@ -74,7 +74,7 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
             "protocol upgrades (WebSocket) to sandboxes are not supported yet",
         );
     }
-    let Ok(route) = state.manager.route(&id) else {
+    let Ok(route) = state.manager.route_resuming(&id).await else {
         return answers::sandbox_not_found(&id);
     };
     match port {

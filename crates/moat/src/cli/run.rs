@@ -306,6 +306,7 @@ fn create_request(r: &Resources) -> v1::CreateSandbox {
         metadata: Default::default(),
         timeout_secs: None,
         public_traffic: None,
+        lifecycle: None,
     }
 }
 

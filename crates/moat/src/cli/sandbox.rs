@@ -9,8 +9,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use moat_client::Client;
 use moat_client::types::{
-    CreateSandbox, ExecRequest, ForkSandbox, ListSandboxes, OutputEncoding, ResourceRequest,
-    Sandbox, SandboxState,
+    CreateSandbox, ExecRequest, ForkSandbox, Lifecycle, ListSandboxes, OnTimeout, OutputEncoding,
+    ResourceRequest, Sandbox, SandboxState,
 };
 use moat_proto::units::{format_size as fmt_bytes, parse_cpus, parse_duration};
 use tokio::io::AsyncReadExt;
@@ -154,6 +154,13 @@ struct CreateArgs {
     /// A label, filterable with `ls --metadata` (repeatable).
     #[arg(long = "metadata", short = 'm', value_name = "K=V")]
     metadata: Vec<String>,
+    /// What the time to live running out does: kill, or pause (it then stays paused until
+    /// resumed or deleted).
+    #[arg(long, value_name = "ACTION", value_parser = ["kill", "pause"])]
+    on_timeout: Option<String>,
+    /// Resume the sandbox when a command, a file call or traffic needs it while it is paused.
+    #[arg(long)]
+    auto_resume: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -275,6 +282,14 @@ async fn create(client: &Client, format: Format, a: CreateArgs) -> Result<ExitCo
         metadata: key_values("--metadata", &a.metadata)?.into_iter().collect(),
         timeout_secs,
         snapshot: a.snapshot,
+        lifecycle: (a.on_timeout.is_some() || a.auto_resume).then(|| Lifecycle {
+            on_timeout: if a.on_timeout.as_deref() == Some("pause") {
+                OnTimeout::Pause
+            } else {
+                OnTimeout::Kill
+            },
+            auto_resume: a.auto_resume,
+        }),
         ..CreateSandbox::default()
     };
     if let Some(t) = a.template {
@@ -555,6 +570,7 @@ mod tests {
             public_traffic: true,
             traffic_access_token: None,
             backend: "native".into(),
+            lifecycle: Default::default(),
         }
     }
 
