@@ -135,6 +135,26 @@ impl Server {
         r.json()
     }
 
+    /// Runs the `moat` command line against this server with `key`, which must succeed, and
+    /// returns its standard output.
+    pub fn cli(&self, key: &str, args: &[&str]) -> String {
+        let out = Command::new(crate::moat_binary())
+            .args(args)
+            .env("MOAT_URL", format!("http://127.0.0.1:{}", self.port))
+            .env("MOAT_API_KEY", key)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run moat");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "moat {args:?}: {:?}\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// The admin API key the server wrote to its data dir on first start.
     pub fn admin_key(&self) -> String {
         let path = self.data.join("admin.key");

@@ -1045,3 +1045,73 @@ fn a_sandbox_paused_on_gvisor_outlives_a_server_restart() {
     assert!(leftovers(&paused).is_empty(), "{:?}", leftovers(&paused));
     assert!(!server.data.join("snapshots/paused").join(&paused).exists());
 }
+
+/// The counter demo from the command line: a gvisor sandbox counting, a snapshot of it with
+/// memory, a sandbox made from that snapshot and two forks with memory all go on from where
+/// it was; a pause and a resume too.
+#[test]
+fn the_counter_demo_works_from_the_cli() {
+    need_root!();
+    need_runsc();
+    let (server, key) = gvisor_server();
+    let cli = |args: &[&str]| server.cli(&key, args).trim().to_owned();
+    let count = |id: &str| -> u64 {
+        cli(&["sandbox", "exec", id, "--", "cat", "/tmp/n"])
+            .parse()
+            .unwrap_or_else(|_| panic!("{id} has no count"))
+    };
+    let id = cli(&["sandbox", "create", "-t", "sentry"]);
+    cli(&["sandbox", "exec", &id, "--", "sh", "-c", COUNTER]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cli(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/n 2>/dev/null || echo 0",
+    ])
+    .parse::<u64>()
+    .unwrap_or(0)
+        <= 5
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter never got going"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let before = count(&id);
+
+    let snap = cli(&["snapshot", "create", &id, "--memory"]);
+    let copy = cli(&["sandbox", "create", "--snapshot", &snap]);
+    let forks: Vec<String> = cli(&["sandbox", "fork", &id, "--memory", "-n", "2"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(forks.len(), 2, "{forks:?}");
+    let mut started = Vec::new();
+    for sandbox in std::iter::once(&copy).chain(&forks) {
+        let n = count(sandbox);
+        assert!(n >= before, "{sandbox} started over: {before} then {n}");
+        started.push(n);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for (sandbox, n) in std::iter::once(&copy).chain(&forks).zip(&started) {
+        assert!(count(sandbox) > *n, "{sandbox} stopped counting");
+    }
+
+    assert_eq!(cli(&["sandbox", "pause", &id]), format!("{id} paused"));
+    assert_eq!(cli(&["sandbox", "resume", &id]), format!("{id} running"));
+    assert!(count(&id) >= before, "the pause started it over");
+
+    for sandbox in std::iter::once(&id)
+        .chain(std::iter::once(&copy))
+        .chain(&forks)
+    {
+        cli(&["sandbox", "rm", sandbox]);
+        assert!(leftovers(sandbox).is_empty(), "{:?}", leftovers(sandbox));
+    }
+    cli(&["snapshot", "rm", &snap]);
+}

@@ -615,95 +615,61 @@ fn a_create_from_a_snapshot_may_claim_a_warm_member() {
 }
 
 /// `moat ARGS` against `server` with `key`; asserts it exited 0 and returns its stdout.
-fn moat_ok(server: &Server, key: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
-        .args(args)
-        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
-        .env("MOAT_API_KEY", key)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run moat");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "moat {args:?}: {:?}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 #[test]
 fn the_cli_pauses_snapshots_and_forks() {
     need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let id = moat_ok(&server, &key, &["sandbox", "create"])
-        .trim()
-        .to_owned();
-    moat_ok(
-        &server,
+    let id = server.cli(&key, &["sandbox", "create"]).trim().to_owned();
+    server.cli(
         &key,
         &["sandbox", "exec", &id, "--", "sh", "-c", "echo cli > ~/c"],
     );
     assert_eq!(
-        moat_ok(&server, &key, &["sandbox", "pause", &id]),
+        server.cli(&key, &["sandbox", "pause", &id]),
         format!("{id} paused\n")
     );
     assert_eq!(
-        moat_ok(
-            &server,
-            &key,
-            &["sandbox", "resume", &id, "--timeout", "10m"]
-        ),
+        server.cli(&key, &["sandbox", "resume", &id, "--timeout", "10m"]),
         format!("{id} running\n")
     );
-    let sid = moat_ok(&server, &key, &["snapshot", "create", &id, "--name", "cli"])
+    let sid = server
+        .cli(&key, &["snapshot", "create", &id, "--name", "cli"])
         .trim()
         .to_owned();
-    let listed = moat_ok(&server, &key, &["snapshot", "ls", "--name", "cli"]);
+    let listed = server.cli(&key, &["snapshot", "ls", "--name", "cli"]);
     assert!(
         listed.lines().nth(1).is_some_and(|l| l.starts_with(&sid)),
         "{listed}"
     );
-    let shown: Value = serde_json::from_str(&moat_ok(
-        &server,
-        &key,
-        &["snapshot", "get", "-o", "json", &sid],
-    ))
-    .expect("json");
+    let shown: Value =
+        serde_json::from_str(&server.cli(&key, &["snapshot", "get", "-o", "json", &sid]))
+            .expect("json");
     assert_eq!(shown["sandbox_id"], id.as_str());
-    let copy = moat_ok(&server, &key, &["sandbox", "create", "--snapshot", &sid])
+    let copy = server
+        .cli(&key, &["sandbox", "create", "--snapshot", &sid])
         .trim()
         .to_owned();
     assert_eq!(
-        moat_ok(
-            &server,
+        server.cli(
             &key,
             &["sandbox", "exec", &copy, "--", "cat", "/home/user/c"]
         ),
         "cli\n"
     );
-    let forks = moat_ok(&server, &key, &["sandbox", "fork", &id, "-n", "2"]);
+    let forks = server.cli(&key, &["sandbox", "fork", &id, "-n", "2"]);
     assert_eq!(forks.lines().count(), 2, "{forks}");
     for f in forks.lines() {
         assert_eq!(
-            moat_ok(
-                &server,
-                &key,
-                &["sandbox", "exec", f, "--", "cat", "/home/user/c"]
-            ),
+            server.cli(&key, &["sandbox", "exec", f, "--", "cat", "/home/user/c"]),
             "cli\n"
         );
     }
     assert_eq!(
-        moat_ok(&server, &key, &["snapshot", "rm", &sid]),
+        server.cli(&key, &["snapshot", "rm", &sid]),
         format!("{sid}\n")
     );
-    assert_eq!(
-        moat_ok(&server, &key, &["snapshot", "ls"]).lines().count(),
-        1
-    );
+    assert_eq!(server.cli(&key, &["snapshot", "ls"]).lines().count(), 1);
 }
 
 /// The state and expiry of sandbox `id`.
