@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use moat_engine::backend::{AgentChannel, Instance, InstanceStats};
 use moat_engine::error::{EngineError, Result};
 use moat_jail::cgroup::SandboxCgroup;
+use moat_jail::guardian::Guardian;
 use moat_jail::idmap::IdRange;
 use moat_jail::outer::OuterJail;
 use tokio::io::Interest;
@@ -71,6 +72,8 @@ pub(crate) struct Live {
     /// The host ids of the outer jail, held as long as any of its processes may live.
     pub(crate) _ids: IdRange,
     pub(crate) cgroup: SandboxCgroup,
+    /// `moat run`'s guardian of the sandbox, if it has one.
+    pub(crate) guardian: Option<Guardian>,
     pub(crate) bundle: Bundle,
     /// The sandbox's directory (see [`SandboxDir`]).
     pub(crate) dir: PathBuf,
@@ -187,6 +190,9 @@ pub(crate) fn teardown(mut live: Live) -> Result<()> {
         )));
     }
     let removed = live.cgroup.remove();
+    if let Some(g) = live.guardian.take() {
+        g.finish();
+    }
     live.bundle.remove();
     if let Err(e) = std::fs::remove_dir_all(&live.dir)
         && e.kind() != std::io::ErrorKind::NotFound

@@ -12,6 +12,7 @@ use moat_engine::backend::{Backend, Capabilities, Instance};
 use moat_engine::error::{EngineError, Result};
 use moat_engine::plan::SandboxPlan;
 use moat_jail::cgroup::{Layout, Limits, SandboxCgroup};
+use moat_jail::guardian::Guardian;
 use moat_jail::idmap::IdRange;
 use moat_jail::outer::{Access, Bind, OuterConfig, OuterJail, Overlay};
 use moat_jail::runtime::RuntimeDir;
@@ -50,6 +51,10 @@ pub struct GvisorOptions {
     pub platform: Option<String>,
     /// The `moat` binary the sandbox runs as its agent; `None` means the running executable.
     pub agent_binary: Option<PathBuf>,
+    /// Start a guardian process per sandbox that kills it and removes its cgroups if this
+    /// process dies, even by SIGKILL (`moat run`); what it leaves in the runtime directory is
+    /// swept by the next start of the backend.
+    pub guardian: bool,
 }
 
 impl Default for GvisorOptions {
@@ -59,6 +64,7 @@ impl Default for GvisorOptions {
             runsc: None,
             platform: None,
             agent_binary: None,
+            guardian: false,
         }
     }
 }
@@ -68,6 +74,7 @@ impl Default for GvisorOptions {
 pub struct GvisorBackend {
     runsc: Runsc,
     runtime: RuntimeDir,
+    guardian: bool,
     layout: Layout,
     agent: PathBuf,
     /// `<runtime>/gvisor`: bundles and runsc state, one directory each per sandbox.
@@ -97,9 +104,11 @@ impl GvisorBackend {
             None => std::fs::read_link("/proc/self/exe")
                 .map_err(|e| EngineError::io("readlink /proc/self/exe", e))?,
         };
+        sweep(&dir, &layout);
         Ok(GvisorBackend {
             runsc,
             runtime,
+            guardian: opts.guardian,
             layout,
             agent,
             dir,
@@ -128,6 +137,17 @@ impl GvisorBackend {
         };
         let ids = IdRange::claim(&self.runtime.slots()).map_err(jail)?;
         let cgroup = SandboxCgroup::create(&self.layout, id, &limits).map_err(jail)?;
+        let guardian = if self.guardian {
+            match Guardian::spawn(cgroup.dirs(), &[ids.lock_fd()]) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    let _ = cgroup.remove();
+                    return Err(jail(e));
+                }
+            }
+        } else {
+            None
+        };
         let sandbox_dir = self.dir.join(id);
         let made = self.start(id, plan, &cgroup, &ids, &sandbox_dir, image);
         match made {
@@ -139,6 +159,7 @@ impl GvisorBackend {
                     jail,
                     _ids: ids,
                     cgroup,
+                    guardian,
                     bundle,
                     dir: sandbox_dir,
                 },
@@ -280,6 +301,29 @@ impl GvisorBackend {
         let channel =
             tokio::net::UnixStream::from_std(ours).map_err(|e| EngineError::io("channel", e))?;
         Ok((jail, channel, bundle))
+    }
+}
+
+/// Removes what sandboxes of processes that died without cleaning up (a `moat run` killed by
+/// SIGKILL, whose guardian removed its cgroups) left in `dir`: the directory of every sandbox
+/// that has no cgroup. A sandbox being made has its cgroups before its directory.
+fn sweep(dir: &Path, layout: &Layout) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if moat_jail::spawn::validate_id(&name).is_err()
+            || !e.file_type().is_ok_and(|t| t.is_dir())
+            || SandboxCgroup::existing(layout, &name).is_some()
+        {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => tracing::info!(sandbox = %name, "removed what a dead sandbox left"),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!("removing {}: {err}", e.path().display()),
+        }
     }
 }
 

@@ -1115,3 +1115,53 @@ fn the_counter_demo_works_from_the_cli() {
     }
     cli(&["snapshot", "rm", &snap]);
 }
+
+/// `moat run --backend gvisor` killed by SIGKILL: its guardian kills the sandbox (runsc's
+/// processes) and removes its cgroups, and the next start of the backend sweeps its directory.
+#[test]
+fn a_killed_moat_run_on_gvisor_leaves_nothing() {
+    need_root!();
+    need_runsc();
+    let id = format!("gvkilled{:010}", std::process::id());
+    let mut child = moat()
+        .args([
+            "run",
+            "--backend",
+            "gvisor",
+            "--id",
+            &id,
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moat run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while runsc_processes(&id).len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let layout = moat_jail::cgroup::Layout::detect().expect("cgroup layout");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !runsc_processes(&id).is_empty()
+        || moat_jail::cgroup::SandboxCgroup::existing(&layout, &id).is_some()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still there after its moat run died: {:?}",
+            leftovers(&id)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = run(&["--backend", "gvisor", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+}

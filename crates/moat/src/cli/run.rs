@@ -251,7 +251,10 @@ async fn local_engine(plan: &Plan, caller: &Caller, timing: &Timing) -> Result<S
         Ok(store)
     });
     let backend: Arc<dyn Backend> = match plan.backend.as_str() {
-        "gvisor" => Arc::new(GvisorBackend::new(&GvisorOptions::default())?),
+        "gvisor" => Arc::new(GvisorBackend::new(&GvisorOptions {
+            guardian: true,
+            ..GvisorOptions::default()
+        })?),
         _ => Arc::new(NativeBackend::new(&NativeOptions {
             guardian: true,
             ..NativeOptions::default()
