@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use moat_engine::error::{EngineError, Result};
 use moat_engine::plan::SandboxPlan;
-use moat_jail::rootfs::{HOST_DIRS, SECRET_DIRS, SECRET_FILES, SUDO, USER_ID, identity_files};
+use moat_jail::rootfs::{HostTree, SKELETON, SUDO, USER_ID, identity_files};
 use moat_proto::v1;
 use serde_json::{Value, json};
 
@@ -239,68 +239,40 @@ fn host_tree(
     mounts: &mut Vec<Value>,
     bundle: &mut Bundle,
 ) -> Result<()> {
-    let secrets = &mut bundle.secrets;
     let io = |what: &str, p: &Path, e: std::io::Error| {
         EngineError::io(format!("{what} {}", p.display()), e)
     };
-    for name in HOST_DIRS {
-        let src = host.join(name);
-        let Ok(md) = std::fs::symlink_metadata(&src) else {
-            continue;
-        };
+    let tree = HostTree::read(host).map_err(|e| EngineError::Backend(e.to_string()))?;
+    for (name, target) in &tree.symlinks {
         let dst = rootfs.join(name);
-        if md.file_type().is_symlink() {
-            let target = std::fs::read_link(&src).map_err(|e| io("readlink", &src, e))?;
-            std::os::unix::fs::symlink(&target, &dst).map_err(|e| io("symlink", &dst, e))?;
-        } else if md.is_dir() {
-            std::fs::create_dir(&dst).map_err(|e| io("create", &dst, e))?;
-            mounts.push(ro_bind(&src, &Path::new("/").join(name)));
-        }
+        std::os::unix::fs::symlink(target, &dst).map_err(|e| io("symlink", &dst, e))?;
     }
-    for secret in SECRET_FILES {
-        if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_file()) {
-            secrets.push(host.join(secret));
-        }
+    for name in &tree.dirs {
+        let dst = rootfs.join(name);
+        std::fs::create_dir(&dst).map_err(|e| io("create", &dst, e))?;
+        mounts.push(ro_bind(&host.join(name), &Path::new("/").join(name)));
     }
-    for secret in SECRET_DIRS {
-        if std::fs::symlink_metadata(host.join(secret)).is_ok_and(|md| md.is_dir()) {
-            secrets.push(host.join(secret));
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(host.join("etc/ssh")) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("ssh_host_") && !name.ends_with(".pub") {
-                secrets.push(e.path());
-            }
-        }
-    }
+    bundle.secrets = tree
+        .secret_files
+        .iter()
+        .chain(&tree.secret_dirs)
+        .map(|s| host.join(s))
+        .collect();
     for (name, contents) in identity_files("moat") {
         let staged = stage.join(name);
         std::fs::write(&staged, &contents).map_err(|e| io("write", &staged, e))?;
-        let target = host.join("etc").join(name);
-        if target.exists() {
-            bundle.covers.push((staged, target));
+        if tree.identity.contains(&name) {
+            bundle.covers.push((staged, host.join("etc").join(name)));
         }
     }
-    e2b_commands(stage, host, rootfs, &mut bundle.covers)?;
-    for (d, mode) in [
-        ("tmp", 0o1777),
-        ("home", 0o755),
-        ("home/user", 0o750),
-        ("root", 0o700),
-        ("var", 0o755),
-        ("var/tmp", 0o1777),
-        ("run", 0o755),
-        ("proc", 0o555),
-        ("dev", 0o755),
-        ("sys", 0o555),
-        (".moat", 0o755),
-        (".moat/local-bin", 0o755),
-    ] {
+    e2b_commands(&tree, stage, host, rootfs, &mut bundle.covers)?;
+    for (d, mode) in SKELETON
+        .iter()
+        .chain(&[("sys", 0o555), (".moat", 0o755), (".moat/local-bin", 0o755)])
+    {
         let p = rootfs.join(d);
         std::fs::create_dir(&p).map_err(|e| io("create", &p, e))?;
-        set_mode(&p, mode)?;
+        set_mode(&p, *mode)?;
     }
     let agent = rootfs.join(AGENT_PATH.trim_start_matches('/'));
     std::fs::write(&agent, b"").map_err(|e| io("write", &agent, e))?;
@@ -315,6 +287,7 @@ const HOST_LOCAL_BIN: &str = "/.moat/local-bin";
 /// precedence) in the host's directory, shown once beside it in the root. Two covers (see
 /// [`Bundle::covers`]) whatever the host has there.
 fn e2b_commands(
+    tree: &HostTree,
     stage: &Path,
     host: &Path,
     rootfs: &Path,
@@ -324,7 +297,7 @@ fn e2b_commands(
         EngineError::io(format!("{what} {}", p.display()), e)
     };
     let local = host.join("usr/local/bin");
-    if !local.is_dir() {
+    if !tree.local_bin {
         return Ok(());
     }
     let bin = stage.join("bin");
@@ -338,16 +311,11 @@ fn e2b_commands(
         std::os::unix::fs::symlink(Path::new(HOST_LOCAL_BIN).join(&name), &link)
             .map_err(|err| io("symlink", &link, err))?;
     }
-    let has = |name: &str| {
-        ["usr/local/bin", "usr/bin"]
-            .iter()
-            .any(|d| host.join(d).join(name).exists())
-    };
-    if !has("python") && host.join("usr/bin/python3").exists() {
+    if tree.add_python {
         std::os::unix::fs::symlink("/usr/bin/python3", bin.join("python"))
             .map_err(|e| io("symlink", &bin.join("python"), e))?;
     }
-    if !local.join("sudo").exists() {
+    if tree.add_sudo {
         std::fs::write(bin.join("sudo"), SUDO).map_err(|e| io("write", &bin.join("sudo"), e))?;
         set_mode(&bin.join("sudo"), 0o755)?;
     }

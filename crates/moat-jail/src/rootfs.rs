@@ -426,6 +426,106 @@ fn plan_on(
     Ok(p)
 }
 
+/// What of the `host` template's tree a host has: the same for every backend that builds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTree {
+    /// The entries of [`HOST_DIRS`] that are directories there, shown read-only.
+    pub dirs: Vec<&'static str>,
+    /// The entries of [`HOST_DIRS`] that are symlinks there (merged `/usr`), with their
+    /// targets, made again as symlinks.
+    pub symlinks: Vec<(&'static str, PathBuf)>,
+    /// Its secret files to hide ([`SECRET_FILES`] and the ssh host keys it has), relative.
+    pub secret_files: Vec<PathBuf>,
+    /// Its secret directories to hide ([`SECRET_DIRS`] it has), relative.
+    pub secret_dirs: Vec<PathBuf>,
+    /// The generated `/etc` files that replace ones it has (see [`identity_files`]).
+    pub identity: Vec<&'static str>,
+    /// Whether it has a `/usr/local/bin`, where `python` and `sudo` are added.
+    pub local_bin: bool,
+    /// Whether `python` must be added there (it has `python3` but no `python`).
+    pub add_python: bool,
+    /// Whether `sudo` must be added there (its `/usr/local/bin` has none).
+    pub add_sudo: bool,
+}
+
+impl HostTree {
+    /// Reads what the host below `host_root` has (`/`; tests give a made-up one).
+    pub fn read(host_root: &Path) -> Result<HostTree> {
+        let mut tree = HostTree {
+            dirs: Vec::new(),
+            symlinks: Vec::new(),
+            secret_files: Vec::new(),
+            secret_dirs: Vec::new(),
+            identity: Vec::new(),
+            local_bin: host_root.join("usr/local/bin").is_dir(),
+            add_python: false,
+            add_sudo: false,
+        };
+        for name in HOST_DIRS {
+            let host = host_root.join(name);
+            let Ok(md) = std::fs::symlink_metadata(&host) else {
+                continue;
+            };
+            if md.file_type().is_symlink() {
+                let target = std::fs::read_link(&host)
+                    .map_err(|e| JailError::os(format!("readlink {}", host.display()), e))?;
+                tree.symlinks.push((name, target));
+            } else if md.is_dir() {
+                tree.dirs.push(name);
+            }
+        }
+        for secret in SECRET_FILES {
+            if std::fs::symlink_metadata(host_root.join(secret)).is_ok_and(|md| md.is_file()) {
+                tree.secret_files.push(PathBuf::from(secret));
+            }
+        }
+        for secret in SECRET_DIRS {
+            if std::fs::symlink_metadata(host_root.join(secret)).is_ok_and(|md| md.is_dir()) {
+                tree.secret_dirs.push(PathBuf::from(secret));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(host_root.join("etc/ssh")) {
+            let mut keys: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ssh_host_") && !n.ends_with(".pub"))
+                .map(|n| Path::new("etc/ssh").join(n))
+                .collect();
+            keys.sort();
+            tree.secret_files.extend(keys);
+        }
+        for (name, _) in identity_files("") {
+            if host_root.join("etc").join(name).exists() {
+                tree.identity.push(name);
+            }
+        }
+        if tree.local_bin {
+            let has = |name: &str| {
+                ["usr/local/bin", "usr/bin"]
+                    .iter()
+                    .any(|d| host_root.join(d).join(name).exists())
+            };
+            tree.add_python = !has("python") && host_root.join("usr/bin/python3").exists();
+            tree.add_sudo = !host_root.join("usr/local/bin/sudo").exists();
+        }
+        Ok(tree)
+    }
+}
+
+/// The directories of the `host` template's root besides the host's, with their modes
+/// (`home/user` is the user's).
+pub const SKELETON: &[(&str, u32)] = &[
+    ("tmp", 0o1777),
+    ("home", 0o755),
+    ("home/user", 0o750),
+    ("root", 0o700),
+    ("var", 0o755),
+    ("var/tmp", 0o1777),
+    ("run", 0o755),
+    ("proc", 0o555),
+    ("dev", 0o755),
+];
+
 fn build_host_tree(
     p: &mut Plan,
     rt: &RuntimeDir,
@@ -441,54 +541,35 @@ fn build_host_tree(
             rt.root().display()
         )));
     }
-    for name in HOST_DIRS {
+    let tree = HostTree::read(host_root)?;
+    for (name, target) in &tree.symlinks {
+        p.symlink(target, &m.join(name))?;
+    }
+    for name in &tree.dirs {
         let host = host_root.join(name);
-        let Ok(md) = std::fs::symlink_metadata(&host) else {
-            continue;
-        };
         let dst = m.join(name);
-        if md.file_type().is_symlink() {
-            let target = std::fs::read_link(&host)
-                .map_err(|e| JailError::os(format!("readlink {}", host.display()), e))?;
-            p.symlink(&target, &dst)?;
-        } else if md.is_dir() {
-            // A read-only overlay rather than a bind: its inodes are the sandbox's own, so a
-            // lock on a shared file (`flock /usr/bin/env`) blocks no one outside it, and inotify
-            // watches see only what happens through it, not the host's or other sandboxes'
-            // activity. Pages stay shared with the host's page cache.
-            // Where overlayfs is missing, a read-only bind does instead (`moat check` says
-            // whether it is there).
-            p.mkdir(&dst, 0o755)?;
-            let data = format!("lowerdir={}:{}", host.display(), empty.display());
-            p.push(
-                format!("mount {} read-only on {}", host.display(), dst.display()),
-                Step::SharedReadOnly {
-                    src: c(&host)?,
-                    dst: c(&dst)?,
-                    data: cs(&data)?,
-                },
-            );
-        }
+        // A read-only overlay rather than a bind: its inodes are the sandbox's own, so a
+        // lock on a shared file (`flock /usr/bin/env`) blocks no one outside it, and inotify
+        // watches see only what happens through it, not the host's or other sandboxes'
+        // activity. Pages stay shared with the host's page cache.
+        // Where overlayfs is missing, a read-only bind does instead (`moat check` says
+        // whether it is there).
+        p.mkdir(&dst, 0o755)?;
+        let data = format!("lowerdir={}:{}", host.display(), empty.display());
+        p.push(
+            format!("mount {} read-only on {}", host.display(), dst.display()),
+            Step::SharedReadOnly {
+                src: c(&host)?,
+                dst: c(&dst)?,
+                data: cs(&data)?,
+            },
+        );
     }
-    for secret in SECRET_FILES {
-        let host = host_root.join(secret);
-        if std::fs::symlink_metadata(&host).is_ok_and(|md| md.is_file()) {
-            p.bind(&rt.mask_file(), &m.join(secret), ro, false)?;
-        }
+    for secret in &tree.secret_files {
+        p.bind(&rt.mask_file(), &m.join(secret), ro, false)?;
     }
-    for secret in SECRET_DIRS {
-        let host = host_root.join(secret);
-        if std::fs::symlink_metadata(&host).is_ok_and(|md| md.is_dir()) {
-            p.bind(&rt.mask_dir(), &m.join(secret), ro, false)?;
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(host_root.join("etc/ssh")) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("ssh_host_") && !name.ends_with(".pub") {
-                p.bind(&rt.mask_file(), &m.join("etc/ssh").join(&name), ro, false)?;
-            }
-        }
+    for secret in &tree.secret_dirs {
+        p.bind(&rt.mask_dir(), &m.join(secret), ro, false)?;
     }
     // Generated identity files, staged on a small tmpfs that disappears from view with the old
     // root; the bind mounts keep it alive.
@@ -504,24 +585,14 @@ fn build_host_tree(
     for (name, contents) in identity_files(hostname) {
         let staged = stage.join(name);
         p.file(&staged, &contents, 0o644)?;
-        if host_root.join("etc").join(name).exists() {
+        if tree.identity.contains(&name) {
             p.bind(&staged, &m.join("etc").join(name), ro, false)?;
         }
     }
-    add_e2b_commands(p, host_root, m, &stage)?;
-    for (d, mode) in [
-        ("tmp", 0o1777),
-        ("home", 0o755),
-        ("root", 0o700),
-        ("var", 0o755),
-        ("var/tmp", 0o1777),
-        ("run", 0o755),
-        ("proc", 0o555),
-        ("dev", 0o755),
-    ] {
-        p.mkdir(&m.join(d), mode)?;
+    add_e2b_commands(p, &tree, m, &stage)?;
+    for (d, mode) in SKELETON {
+        p.mkdir(&m.join(d), *mode)?;
     }
-    p.mkdir(&m.join("home/user"), 0o750)?;
     p.chown(&m.join("home/user"), USER_ID, USER_ID)?;
     Ok(())
 }
@@ -546,18 +617,13 @@ pub const SUDO: &[u8] = include_bytes!("sudo.sh");
 /// host's `/usr/local/bin` (first on a login shell's `PATH` too): a read-only overlay of that
 /// directory over two staged entries, the host's own files taking precedence. Skipped where the
 /// host has no `/usr/local/bin`.
-fn add_e2b_commands(p: &mut Plan, host_root: &Path, m: &Path, stage: &Path) -> Result<()> {
-    if !host_root.join("usr/local/bin").is_dir() {
+fn add_e2b_commands(p: &mut Plan, tree: &HostTree, m: &Path, stage: &Path) -> Result<()> {
+    if !tree.local_bin {
         return Ok(());
     }
     let extra = stage.join("bin");
     p.mkdir(&extra, 0o755)?;
-    let has = |name: &str| {
-        ["usr/local/bin", "usr/bin"]
-            .iter()
-            .any(|d| host_root.join(d).join(name).exists())
-    };
-    if !has("python") && host_root.join("usr/bin/python3").exists() {
+    if tree.add_python {
         p.symlink(Path::new("/usr/bin/python3"), &extra.join("python"))?;
     }
     p.file(&extra.join("sudo"), SUDO, 0o755)?;
