@@ -266,9 +266,10 @@ fn host_tree(
         }
     }
     e2b_commands(&tree, stage, host, rootfs, &mut bundle.covers)?;
-    for (d, mode) in SKELETON
-        .iter()
-        .chain(&[("sys", 0o555), (".moat", 0o755), (".moat/local-bin", 0o755)])
+    for (d, mode) in
+        SKELETON
+            .iter()
+            .chain(&[("sys", 0o555), (".moat", 0o755), (".moat/local-bin", 0o755)])
     {
         let p = rootfs.join(d);
         std::fs::create_dir(&p).map_err(|e| io("create", &p, e))?;

@@ -22,6 +22,11 @@ use crate::runsc::Runsc;
 /// How long a destroy waits for the processes of a killed sandbox to leave its cgroups.
 const EMPTY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long `runsc pause` and `runsc resume` may take.
+const CONTROL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long `runsc checkpoint` may take (it writes the sandbox's whole memory).
+const CHECKPOINT_LIMIT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// How long a checkpoint waits for the agent to let go of its channel.
 const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -114,9 +119,16 @@ impl GvisorInstance {
             // SAFETY: pidfd_open returned a fresh fd nothing else owns.
             let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
             // SAFETY: the OwnedFd stays open for as long as the AsyncFd owns it.
-            let watched = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
-                .map_err(|e| EngineError::io("watch runsc", e.into()))?;
-            Some(watched)
+            match unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) } {
+                Ok(watched) => Some(watched),
+                Err(e) => {
+                    // Nothing will own the sandbox: release it here.
+                    if let Err(t) = teardown(live) {
+                        tracing::warn!(sandbox = %id, "tearing down: {t}");
+                    }
+                    return Err(EngineError::io("watch runsc", e.into()));
+                }
+            }
         } else {
             None
         };
@@ -142,35 +154,89 @@ impl GvisorInstance {
     }
 
     /// Runs `runsc ARGS… ID` against this sandbox's state, inside its outer jail, off the
-    /// async threads; with `image`, that directory attached where runsc writes its checkpoint.
-    async fn runsc_call(&self, args: &[String], image: Option<&std::path::Path>) -> Result<()> {
-        let mut cmd = self.with_live(|l| {
+    /// async threads, for at most `limit`; with `image`, that directory attached where runsc
+    /// writes its checkpoint.
+    async fn runsc_call(
+        &self,
+        args: &[String],
+        image: Option<&std::path::Path>,
+        limit: std::time::Duration,
+    ) -> Result<()> {
+        let cmd = self.with_live(|l| {
             let dir = SandboxDir::new(&l.dir);
             let mount = image.map(|i| (i.to_owned(), dir.image()));
-            let mut cmd = l
-                .jail
+            let mut argv = vec!["runsc".to_owned()];
+            argv.extend(self.runsc.global_args(&dir.state()));
+            argv.extend(args.iter().cloned());
+            argv.push(self.id.clone());
+            l.jail
                 .command(
-                    &self.runsc.path,
+                    &argv,
                     mount.as_ref().map(|(i, at)| (i.as_path(), at.as_path())),
                 )
-                .map_err(crate::jail)?;
-            cmd.args(self.runsc.global_args(&dir.state()));
-            Ok(cmd)
+                .map_err(crate::jail)
         })?;
-        cmd.args(args).arg(&self.id);
-        let out = tokio::task::spawn_blocking(move || cmd.output())
+        let what = format!("runsc {} {}", args.join(" "), self.id);
+        let what2 = what.clone();
+        tokio::task::spawn_blocking(move || run_bounded(cmd, limit, &what2))
             .await
             .map_err(|e| EngineError::Backend(format!("runsc task: {e}")))?
-            .map_err(|e| EngineError::io("run runsc", e))?;
-        if !out.status.success() {
-            return Err(EngineError::Backend(format!(
-                "runsc {} {}: {}",
-                args.join(" "),
-                self.id,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            .map_err(|e| EngineError::Backend(format!("{what}: {e}")))
+    }
+}
+
+/// How much of a runsc command's error output is kept for its error message.
+const STDERR_LIMIT: usize = 16 << 10;
+
+/// Runs `cmd` (whose standard output is `/dev/null`) for at most `limit`, killing it past that;
+/// `Err` with the first [`STDERR_LIMIT`] bytes of its error output when it fails.
+fn run_bounded(
+    mut cmd: std::process::Command,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start: {e}"))?;
+    // Read on a thread of its own, to the end (so the command never blocks on a full pipe),
+    // keeping only the start.
+    let stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        if let Some(mut err) = stderr {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let room = STDERR_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
         }
+        kept
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!("did not finish within {} s", limit.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(e) => break Err(format!("wait: {e}")),
+        }
+    };
+    let err = reader.join().unwrap_or_default();
+    let status = status?;
+    if status.success() {
         Ok(())
+    } else {
+        tracing::debug!("{what} failed: {status}");
+        Err(String::from_utf8_lossy(&err).trim().to_owned())
     }
 }
 
@@ -180,6 +246,9 @@ pub(crate) fn teardown(mut live: Live) -> Result<()> {
     live.jail.kill();
     let _ = live.jail.wait();
     if !live.cgroup.wait_empty(EMPTY_TIMEOUT) {
+        // Its cgroups stay (they cannot go while a process is in them); its files go.
+        live.bundle.remove();
+        let _ = std::fs::remove_dir_all(&live.dir);
         return Err(EngineError::Backend(format!(
             "processes of gVisor sandbox in {} survived SIGKILL",
             live.cgroup
@@ -240,11 +309,13 @@ impl Instance for GvisorInstance {
     }
 
     async fn pause(&self) -> Result<()> {
-        self.runsc_call(&["pause".into()], None).await
+        self.runsc_call(&["pause".into()], None, CONTROL_LIMIT)
+            .await
     }
 
     async fn resume(&self) -> Result<()> {
-        self.runsc_call(&["resume".into()], None).await
+        self.runsc_call(&["resume".into()], None, CONTROL_LIMIT)
+            .await
     }
 
     /// `runsc checkpoint`: the sandbox's memory and processes into `dir`, after which its
@@ -283,6 +354,7 @@ impl Instance for GvisorInstance {
                 format!("--image-path={}", at.display()),
             ],
             Some(dir),
+            CHECKPOINT_LIMIT,
         )
         .await
     }

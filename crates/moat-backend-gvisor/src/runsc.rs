@@ -109,10 +109,10 @@ impl Runsc {
         })
     }
 
-    /// The global flags every call of runsc shares: its state under `root`, rootless (it runs
-    /// as root of the sandbox's outer jail only), no network, moat's cgroups rather than its
-    /// own, writes kept in the sandbox's memory; runsc's debug logs in [`DEBUG_LOG_ENV`]'s
-    /// directory where that is set.
+    /// The global flags every call of runsc shares: its state under `root`, no network, moat's
+    /// cgroups rather than its own, writes kept in the sandbox's memory; runsc's debug logs in
+    /// [`DEBUG_LOG_ENV`]'s directory where that is set. Not `--rootless`: runsc is root of the
+    /// sandbox's outer jail (and `restore` refuses rootless mode).
     pub fn global_args(&self, root: &Path) -> Vec<String> {
         let mut args = vec![
             format!("--root={}", root.display()),

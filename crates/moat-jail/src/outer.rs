@@ -20,12 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cgroup::SandboxCgroup;
-use crate::idmap::IdRange;
+use crate::idmap::{IdRange, RANGE};
 use crate::rootfs::{Plan, Step, c};
 use crate::spawn::{
     self, ExecVectors, MOVE_MOUNT_F_EMPTY_PATH, STEP_CGROUPNS, STEP_EXEC, STEP_FDS, STEP_HOSTNAME,
-    STEP_IDS, STEP_PIVOT, STEP_PRIVATE, SandboxProcess, clone_jailed, cstr, kill_child, pipe,
-    place_child, read_child_error, report_failure, run_step, socketpair, validate_id,
+    STEP_IDS, STEP_NEST, STEP_PIVOT, STEP_PRIVATE, SandboxProcess, clone_jailed, cstr, kill_child,
+    pipe, place_child, read_child_error, report_failure, run_step, socketpair, validate_id,
 };
 use crate::{JailError, Result, sys};
 
@@ -101,15 +101,20 @@ pub struct OuterConfig<'a> {
     pub hostname: &'a str,
 }
 
-/// The namespaces a jail's commands enter, in the order they enter them.
-const NAMESPACES: [(&str, libc::c_int); 6] = [
+/// The namespaces a jail's commands enter, in the order they enter them: all but the user
+/// namespace with host root's rights (the nested user namespace has none over the jail's other
+/// namespaces), the mount namespace first (a checkpoint's directory is attached there).
+const NAMESPACES: [(&str, libc::c_int); 7] = [
     ("mnt", libc::CLONE_NEWNS),
-    ("user", libc::CLONE_NEWUSER),
+    ("cgroup", libc::CLONE_NEWCGROUP),
     ("ipc", libc::CLONE_NEWIPC),
     ("uts", libc::CLONE_NEWUTS),
     ("net", libc::CLONE_NEWNET),
     ("pid", libc::CLONE_NEWPID),
+    ("user", libc::CLONE_NEWUSER),
 ];
+/// The index of the user namespace in [`NAMESPACES`].
+const USER_NS: usize = 6;
 
 /// A running outer jail: its first process (the runtime) and handles on its namespaces.
 #[derive(Debug)]
@@ -118,6 +123,11 @@ pub struct OuterJail {
     process: SandboxProcess,
     /// `ns/*` of the first process, in [`NAMESPACES`]' order: they outlive it.
     namespaces: Vec<OwnedFd>,
+    /// The program, opened on the host: what [`OuterJail::command`] executes again, whatever
+    /// the jail has mounted over its path.
+    program: OwnedFd,
+    /// The sandbox's `cgroup.procs` files, which a command joins first.
+    cgroup_procs: Vec<PathBuf>,
 }
 
 /// What the child needs, all prepared before `clone`.
@@ -128,6 +138,11 @@ struct ChildPlan {
     err_write: RawFd,
     /// The child's end of the socket the host sends id-mapped mounts over.
     setup: RawFd,
+    /// Where the child says it has made its nested user namespace, and where it then waits
+    /// for the host to have mapped its ids (see [`OuterJail::spawn`]).
+    nest_write: RawFd,
+    nest_go_read: RawFd,
+    nest_go_write: RawFd,
     stdin: RawFd,
     hostname: CString,
     program: CString,
@@ -210,10 +225,10 @@ fn root_plan(cfg: &OuterConfig<'_>, binds: &[Bind]) -> Result<Plan> {
         }
         match b.access {
             Access::ReadOnly => p.bind(&b.path, &dst, ro, false)?,
-            Access::Writable => {
-                p.mount(Some(&b.path), &dst, None, libc::MS_BIND, None, false)?;
-                p.attr(&dst, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV, false)?;
-            }
+            // No nosuid or nodev: once locked they could not be left out of a remount, which
+            // runsc's gofer makes of the root it serves from there; the jail's ids gain nothing
+            // from a set-id file of their own, and its root cannot make device nodes.
+            Access::Writable => p.mount(Some(&b.path), &dst, None, libc::MS_BIND, None, false)?,
             Access::IdMapped => p.push(
                 format!("attach {} id-mapped", b.path.display()),
                 Step::AttachLower {
@@ -255,11 +270,13 @@ fn root_plan(cfg: &OuterConfig<'_>, binds: &[Bind]) -> Result<Plan> {
             inside(&o.upper).display(),
             inside(&o.work).display()
         );
+        // Without nosuid and nodev, for the same reason as a writable bind; its device
+        // nodes are inert anyway (a file system mounted in a user namespace has no devices).
         p.mount(
             Some(Path::new("overlay")),
             &inside(&o.target),
             Some("overlay"),
-            libc::MS_NOSUID | libc::MS_NODEV,
+            0,
             Some(&data),
             false,
         )?;
@@ -304,6 +321,119 @@ fn root_plan(cfg: &OuterConfig<'_>, binds: &[Bind]) -> Result<Plan> {
     Ok(p)
 }
 
+/// What [`map_nested`]'s helper needs, prepared before `clone`.
+struct MapPlan {
+    userns: RawFd,
+    paths: [CString; 2],
+    map: CString,
+}
+
+/// Maps the ids of `pid`'s nested user namespace one to one onto those of its parent, the
+/// user namespace `outer_userns`: from a helper process that enters that namespace first (the
+/// kernel lets only a process in a namespace or its parent write its maps).
+fn map_nested(pid: i32, outer_userns: RawFd) -> Result<()> {
+    let plan = MapPlan {
+        userns: outer_userns,
+        paths: [
+            cstr(&format!("/proc/{pid}/uid_map"))?,
+            cstr(&format!("/proc/{pid}/gid_map"))?,
+        ],
+        map: cstr(&format!("0 0 {RANGE}\n"))?,
+    };
+    let stack = crate::stack::ChildStack::new(16 << 10, "the id mapper's stack")?;
+    // SAFETY: the helper runs `map_entry` on `stack`, in our memory: it reads `plan`, which
+    // outlives it (reaped below before either goes), and makes raw system calls only. No
+    // CLONE_FS, so it may enter another user namespace.
+    let helper = unsafe {
+        libc::clone(
+            map_entry,
+            stack.top(),
+            libc::CLONE_VM | libc::SIGCHLD,
+            (&raw const plan).cast_mut().cast(),
+        )
+    };
+    if helper < 0 {
+        return Err(JailError::last_os("start the id mapper"));
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child with a valid status pointer.
+    while unsafe { libc::waitpid(helper, &mut status, 0) } < 0 {
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return Err(JailError::last_os("wait for the id mapper"));
+        }
+    }
+    drop(stack);
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        Ok(())
+    } else {
+        let errno = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            libc::EINTR
+        };
+        Err(JailError::os(
+            "map the ids of the jail's nested user namespace",
+            io::Error::from_raw_os_error(errno),
+        ))
+    }
+}
+
+/// The id mapper: enters the outer user namespace and writes both maps; exits 0, or with the
+/// errno of what failed.
+extern "C" fn map_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `MapPlan`, alive until this helper is reaped; raw system
+    // calls only, on its strings and fds.
+    unsafe {
+        let p = &*arg.cast::<MapPlan>();
+        let fail = || -> ! {
+            libc::syscall(libc::SYS_exit, (*libc::__errno_location()).max(1));
+            libc::_exit(1)
+        };
+        if libc::setns(p.userns, libc::CLONE_NEWUSER) != 0 {
+            fail();
+        }
+        for path in &p.paths {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                fail();
+            }
+            let len = p.map.as_bytes().len();
+            if libc::write(fd, p.map.as_ptr().cast(), len) != len as isize {
+                fail();
+            }
+            libc::close(fd);
+        }
+        libc::syscall(libc::SYS_exit, 0);
+        libc::_exit(0)
+    }
+}
+
+/// Writes one byte to `fd`.
+fn signal(fd: &OwnedFd, what: &str) -> Result<()> {
+    // SAFETY: writing one byte from a valid buffer to an fd we own.
+    if unsafe { libc::write(fd.as_raw_fd(), b"g".as_ptr().cast(), 1) } == 1 {
+        Ok(())
+    } else {
+        Err(JailError::last_os(what))
+    }
+}
+
+/// Whether a byte arrives on `fd` (rather than its end, or an error).
+fn wait_byte(fd: &OwnedFd) -> bool {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: reading one byte into a valid buffer from an fd we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut b).cast(), 1) };
+        if n == 1 {
+            return true;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return false;
+    }
+}
+
 fn open_namespaces(pid: i32) -> Result<Vec<OwnedFd>> {
     NAMESPACES
         .iter()
@@ -326,12 +456,17 @@ impl OuterJail {
         let (host_end, child_end) = socketpair()?;
         let (go_read, go_write) = pipe()?;
         let (err_read, err_write) = pipe()?;
+        let (nest_read, nest_write) = pipe()?;
+        let (nest_go_read, nest_go_write) = pipe()?;
         let child = ChildPlan {
             plan,
             go_read: go_read.as_raw_fd(),
             go_write: go_write.as_raw_fd(),
             err_write: err_write.as_raw_fd(),
             setup: child_end.as_raw_fd(),
+            nest_write: nest_write.as_raw_fd(),
+            nest_go_read: nest_go_read.as_raw_fd(),
+            nest_go_write: nest_go_write.as_raw_fd(),
             stdin: cfg.stdin,
             hostname: cstr(cfg.hostname)?,
             program: c(cfg.program)?,
@@ -345,33 +480,48 @@ impl OuterJail {
         drop(child_end);
         drop(go_read);
         drop(err_write);
+        drop(nest_write);
+        drop(nest_go_read);
 
         // From here on, a failure must not leave the child behind.
-        let setup = (|| -> Result<Vec<OwnedFd>> {
+        let setup = (|| -> Result<()> {
             place_child(pid, cfg.cgroup, cfg.ids)?;
             for b in binds.iter().filter(|b| b.access == Access::IdMapped) {
                 spawn::send_idmapped(pid, &b.path, true, &host_end)?;
             }
-            open_namespaces(pid)
-        })();
-        let go = setup.and_then(|ns| {
-            // SAFETY: writing one byte from a valid buffer to an fd we own.
-            let n = unsafe { libc::write(go_write.as_raw_fd(), b"g".as_ptr().cast(), 1) };
-            if n == 1 {
-                Ok(ns)
-            } else {
-                Err(JailError::last_os("signal the outer jail to start"))
+            let outer_userns = std::fs::File::open(format!("/proc/{pid}/ns/user"))
+                .map_err(|e| JailError::os("open the outer jail's user namespace", e))?;
+            signal(&go_write, "signal the outer jail to start")?;
+            // Its root built, the child makes a nested user namespace with a copy of its
+            // mount namespace, which the kernel then locks: no mount of the jail's can be
+            // undone, uncovered or made writable from inside. Its ids are the jail's, one to
+            // one, mapped from the jail's own user namespace (only a process there may).
+            if wait_byte(&nest_read) {
+                map_nested(pid, outer_userns.as_raw_fd())?;
+                signal(&nest_go_write, "let the outer jail go on")?;
             }
-        });
+            Ok(())
+        })();
         drop(go_write);
-        let namespaces = go.and_then(|ns| match read_child_error(&err_read, &child.plan) {
-            Some(e) => Err(e),
-            None => Ok(ns),
+        drop(nest_go_write);
+        // After the exec: the namespaces of the program, the nested ones included.
+        let namespaces = setup
+            .and_then(|()| match read_child_error(&err_read, &child.plan) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            })
+            .and_then(|()| open_namespaces(pid));
+        let program = namespaces.and_then(|ns| {
+            std::fs::File::open(cfg.program)
+                .map(|f| (ns, OwnedFd::from(f)))
+                .map_err(|e| JailError::os(format!("open {}", cfg.program.display()), e))
         });
-        match namespaces {
-            Ok(namespaces) => Ok(OuterJail {
+        match program {
+            Ok((namespaces, program)) => Ok(OuterJail {
                 process: SandboxProcess::own_child(pid)?,
                 namespaces,
+                program,
+                cgroup_procs: cfg.cgroup.procs_files(),
             }),
             Err(e) => {
                 kill_child(pid);
@@ -390,44 +540,72 @@ impl OuterJail {
         self.process.pidfd()
     }
 
-    /// A command that runs `program` (a path inside the jail) in the jail's namespaces as its
-    /// root, with no supplementary groups, an empty environment and no way to gain privileges.
-    /// With `mount`, the host directory `mount.0` is first attached, id-mapped and writable,
-    /// on the directory `mount.1` of the jail (which must exist there): where the command
-    /// writes, say, a checkpoint image; what it writes is stored under host ids 0..65535.
+    /// A command that runs the jail's program again, with `args` (`argv[0]` first), in the
+    /// jail's namespaces and cgroups as its root, with no supplementary groups, an empty
+    /// environment but `PATH`, no way to gain privileges and standard input and output on
+    /// `/dev/null`. The program is the one the host opened at the jail's start, not whatever
+    /// the jail shows at its path. With `mount`, the host directory `mount.0` is first attached,
+    /// id-mapped and writable, on the directory `mount.1` of the jail (which must exist there):
+    /// where the command writes, say, a checkpoint image; what it writes is stored under host
+    /// ids 0..65535.
     ///
     /// The command's process is a child of an intermediate one that has entered the jail's pid
-    /// namespace and passes its exit status on (128 + the signal's number if it was killed).
-    pub fn command(&self, program: &Path, mount: Option<(&Path, &Path)>) -> Result<Command> {
+    /// namespace and passes its exit status on (128 + the signal's number if it was killed);
+    /// killing the intermediate one kills it.
+    pub fn command(&self, args: &[String], mount: Option<(&Path, &Path)>) -> Result<Command> {
         let tree = match mount {
             Some((dir, _)) => Some(spawn::idmapped_clone(
-                self.namespaces[1].as_raw_fd(),
+                self.namespaces[USER_NS].as_raw_fd(),
                 dir,
                 false,
             )?),
             None => None,
         };
         let target = mount.map(|(_, at)| c(at)).transpose()?;
-        let ns: Vec<(RawFd, libc::c_int)> = self
+        // Copies the hook owns: the jail may be torn down while the command is being started.
+        let dup = |fd: &OwnedFd, what: &str| {
+            fd.try_clone()
+                .map_err(|e| JailError::os(format!("duplicate {what}"), e))
+        };
+        let ns: Vec<(OwnedFd, libc::c_int)> = self
             .namespaces
             .iter()
             .zip(NAMESPACES)
-            .map(|(fd, (_, kind))| (fd.as_raw_fd(), kind))
-            .collect();
-        let mut cmd = Command::new(program);
-        cmd.env_clear().env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        );
+            .map(|(fd, (name, kind))| Ok((dup(fd, name)?, kind)))
+            .collect::<Result<_>>()?;
+        let program = dup(&self.program, "the jail's program")?;
+        let procs: Vec<OwnedFd> = self
+            .cgroup_procs
+            .iter()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .map(OwnedFd::from)
+                    .map_err(|e| JailError::os(format!("open {}", p.display()), e))
+            })
+            .collect::<Result<_>>()?;
+        let env = [format!(
+            "PATH={}",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        )];
+        let exec = ExecVectors::new(args, &env)?;
+        let mut cmd = Command::new(args.first().map_or("program", String::as_str));
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
         // SAFETY: the hook makes raw system calls only, on fds and strings prepared before the
-        // fork, which stay alive for it in the child's copy of our memory.
+        // fork, which it owns (moved into it) in the child's copy of our memory.
         unsafe {
             cmd.pre_exec(move || {
-                enter(
-                    &ns,
-                    tree.as_ref().map(AsRawFd::as_raw_fd),
-                    target.as_deref(),
-                )
+                let entry = Entry {
+                    ns: &ns,
+                    procs: &procs,
+                    tree: tree.as_ref().map(AsRawFd::as_raw_fd),
+                    target: target.as_deref(),
+                    program: program.as_raw_fd(),
+                    exec: &exec,
+                };
+                enter(&entry)
             });
         }
         Ok(cmd)
@@ -445,13 +623,20 @@ impl OuterJail {
     }
 }
 
-/// The `pre_exec` hook of [`OuterJail::command`]: enters the jail and forks the process that
-/// executes the command, itself only passing that one's status on. Async-signal-safe.
-fn enter(
-    ns: &[(RawFd, libc::c_int)],
+/// What [`enter`] needs, all prepared before the fork.
+struct Entry<'a> {
+    ns: &'a [(OwnedFd, libc::c_int)],
+    procs: &'a [OwnedFd],
     tree: Option<RawFd>,
-    target: Option<&std::ffi::CStr>,
-) -> io::Result<()> {
+    target: Option<&'a std::ffi::CStr>,
+    program: RawFd,
+    exec: &'a ExecVectors,
+}
+
+/// The `pre_exec` hook of [`OuterJail::command`]: joins the sandbox's cgroups, enters the jail
+/// and forks the process that executes the program, itself only passing that one's status on.
+/// Async-signal-safe.
+fn enter(e: &Entry<'_>) -> io::Result<()> {
     let check = |r: libc::c_long| {
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -459,21 +644,27 @@ fn enter(
             Ok(())
         }
     };
-    // SAFETY: raw system calls on fds and C strings owned by the caller.
+    // SAFETY: raw system calls on fds, buffers and C strings owned by the caller.
     unsafe {
         // Keep a jail process (the same uid) from reading this copy of the server's memory.
         check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) as libc::c_long)?;
+        // Into the sandbox's cgroups, where its limits bound what runs there.
+        for fd in e.procs {
+            if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         // Host root's groups would go into the jail unmapped but effective.
         check(libc::syscall(
             libc::SYS_setgroups,
             0,
             std::ptr::null::<libc::gid_t>(),
         ))?;
-        for (i, &(fd, kind)) in ns.iter().enumerate() {
-            check(libc::setns(fd, kind) as libc::c_long)?;
+        for (i, (fd, kind)) in e.ns.iter().enumerate() {
+            check(libc::setns(fd.as_raw_fd(), *kind) as libc::c_long)?;
             // Attached with host root's rights, right after entering the mount namespace.
             if i == 0
-                && let (Some(tree), Some(target)) = (tree, target)
+                && let (Some(tree), Some(target)) = (e.tree, e.target)
             {
                 check(libc::syscall(
                     libc::SYS_move_mount,
@@ -487,16 +678,29 @@ fn enter(
         }
         check(libc::syscall(libc::SYS_setresgid, 0, 0, 0))?;
         check(libc::syscall(libc::SYS_setresuid, 0, 0, 0))?;
+        // A change of uid makes a process dumpable again where `fs.suid_dumpable` says so.
+        check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) as libc::c_long)?;
         check(libc::chdir(c"/".as_ptr()) as libc::c_long)?;
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
-        // Entering a pid namespace takes effect for children only.
-        let child = libc::fork();
+        // Entering a pid namespace takes effect for children only. A raw clone, not `fork`:
+        // no handler registered with `pthread_atfork` may run in a fork of a threaded process.
+        let child = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
         if child < 0 {
             return Err(io::Error::last_os_error());
         }
         if child == 0 {
-            return Ok(());
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
+            libc::syscall(
+                libc::SYS_execveat,
+                e.program,
+                c"".as_ptr(),
+                e.exec.argv(),
+                e.exec.envp(),
+                libc::AT_EMPTY_PATH,
+            );
+            return Err(io::Error::last_os_error());
         }
+        let child = child as libc::pid_t;
         // Only standard input, output and error stay open here: the caller sees its error pipe
         // closed by the command's exec (or reported by its failure) alone.
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
@@ -576,6 +780,23 @@ fn child_main(c: &ChildPlan) -> ! {
         libc::umask(0o022);
         if libc::sethostname(c.hostname.as_ptr(), c.hostname.as_bytes().len()) != 0 {
             fail(STEP_HOSTNAME);
+        }
+        // Lock the mounts: a nested user namespace with a copy of the mount namespace (see
+        // `OuterJail::spawn`). The host maps its ids once it has said so.
+        libc::close(c.nest_go_write);
+        if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) != 0
+            || libc::write(c.nest_write, b"n".as_ptr().cast(), 1) != 1
+        {
+            fail(STEP_NEST);
+        }
+        let mut b = 0u8;
+        if libc::read(c.nest_go_read, (&mut b as *mut u8).cast(), 1) != 1 {
+            libc::_exit(1);
+        }
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+        {
+            fail(STEP_NEST);
         }
         let stdin = libc::fcntl(c.stdin, libc::F_DUPFD_CLOEXEC, 10);
         if null < 0

@@ -95,6 +95,12 @@ pub(crate) struct ExecVectors {
     envp_ptrs: Vec<*const libc::c_char>,
 }
 
+// SAFETY: the pointers point into the strings the value owns, which nothing mutates; sending
+// or sharing the value moves or shares them together.
+unsafe impl Send for ExecVectors {}
+// SAFETY: as above; nothing is written through a shared reference.
+unsafe impl Sync for ExecVectors {}
+
 impl ExecVectors {
     /// The vectors of `args` (`argv[0]` first) and `env` (`KEY=VALUE`).
     pub(crate) fn new(args: &[String], env: &[String]) -> Result<ExecVectors> {
@@ -497,6 +503,7 @@ const STEP_LOOPBACK: u32 = 10_006;
 pub(crate) const STEP_FDS: u32 = 10_007;
 pub(crate) const STEP_EXEC: u32 = 10_008;
 const STEP_LAYER: u32 = 10_009;
+pub(crate) const STEP_NEST: u32 = 10_010;
 
 pub(crate) fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailError> {
     let mut buf = [0u8; 8];
@@ -542,6 +549,7 @@ pub(crate) fn read_child_error(err_read: &OwnedFd, plan: &Plan) -> Option<JailEr
         STEP_FDS => "set up the agent's file descriptors".to_string(),
         STEP_EXEC => "execute the agent".to_string(),
         STEP_LAYER => "open the writable layer".to_string(),
+        STEP_NEST => "lock the mounts in a nested user namespace".to_string(),
         n => plan
             .what
             .get(n as usize)

@@ -1165,3 +1165,147 @@ fn a_killed_moat_run_on_gvisor_leaves_nothing() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
 }
+
+/// Runs `op` as the root of the user and mount namespaces of process `pid` (runsc, in its outer
+/// jail): `op` returns 0 or an errno, which this returns.
+fn as_jail_root(pid: u32, op: fn() -> i32) -> i32 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let user = std::fs::File::open(format!("/proc/{pid}/ns/user")).expect("user ns");
+    let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).expect("mnt ns");
+    let (user, mnt) = (user.as_raw_fd(), mnt.as_raw_fd());
+    let mut cmd = Command::new("/nonexistent");
+    // SAFETY: the hook makes raw system calls and `op`'s, and exits without returning.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(user, libc::CLONE_NEWUSER) != 0
+                || libc::setns(mnt, libc::CLONE_NEWNS) != 0
+            {
+                libc::_exit(200);
+            }
+            libc::_exit(op());
+        });
+    }
+    let status = cmd.status().expect("run the probe");
+    status.code().expect("an exit code")
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(255)
+}
+
+/// A gvisor `moat run` of `args` that waits for its standard input to close, and its runsc
+/// process once the sandbox runs.
+fn waiting_run(id: &str, args: &[&str]) -> (std::process::Child, u32) {
+    let child = moat()
+        .args(["run", "--backend", "gvisor", "--id", id])
+        .args(args)
+        .args(["--", "/bin/sh", "-c", "read x || true"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moat run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while runsc_processes(id).len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let runsc = *runsc_processes(id).iter().min().expect("runsc");
+    (child, runsc)
+}
+
+/// The outer jail's mounts are locked: its root (runsc's user) cannot uncover a masked
+/// secret, nor make a read-only host directory or an id-mapped template writable.
+#[test]
+fn the_outer_jails_mounts_cannot_be_undone_from_inside() {
+    need_root!();
+    need_runsc();
+    let id = format!("gvlocked{:010}", std::process::id());
+    let (mut child, runsc) = waiting_run(&id, &[]);
+    // The probe itself works: the jail's root may make a mount of its own.
+    assert_eq!(
+        as_jail_root(runsc, || {
+            // SAFETY: a mount call with valid C strings.
+            let r = unsafe {
+                libc::mount(
+                    c"none".as_ptr(),
+                    c"/tmp".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if r == 0 { 0 } else { errno() }
+        }),
+        0
+    );
+    let umount = as_jail_root(runsc, || {
+        // SAFETY: umount2 of a valid C string.
+        if unsafe { libc::umount2(c"/etc/shadow".as_ptr(), libc::MNT_DETACH) } == 0 {
+            0
+        } else {
+            errno()
+        }
+    });
+    assert_ne!(umount, 0, "the jail's root uncovered /etc/shadow");
+    let remount = as_jail_root(runsc, || {
+        let flags = libc::MS_REMOUNT | libc::MS_BIND;
+        // SAFETY: a mount call with valid C strings.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/usr".as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r == 0 { 0 } else { errno() }
+    });
+    assert_ne!(remount, 0, "the jail's root made /usr writable");
+    drop(child.stdin.take());
+    assert!(child.wait().expect("wait").success());
+
+    // An id-mapped template: writes as the jail's root would land as host root's.
+    let lower = std::path::PathBuf::from(format!("/tmp/moat-gvisor-locked-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&lower);
+    support::tiny_rootfs(&lower, &[("/usr/bin/dash", "sh")]);
+    let id2 = format!("gvlockedtpl{:010}", std::process::id());
+    let (mut child, runsc) = waiting_run(&id2, &["--rootfs", &lower.display().to_string()]);
+    std::fs::write("/tmp/moat-gvisor-locked-path", lower.display().to_string()).expect("path");
+    let remount = as_jail_root(runsc, || {
+        let Ok(path) = std::fs::read_to_string("/tmp/moat-gvisor-locked-path") else {
+            return 254;
+        };
+        let Ok(path) = std::ffi::CString::new(path) else {
+            return 254;
+        };
+        let flags = libc::MS_REMOUNT | libc::MS_BIND;
+        // SAFETY: a mount call with valid C strings.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                path.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r == 0 { 0 } else { errno() }
+    });
+    let _ = std::fs::remove_file("/tmp/moat-gvisor-locked-path");
+    assert_ne!(remount, 0, "the jail's root made the template writable");
+    drop(child.stdin.take());
+    assert!(child.wait().expect("wait").success());
+    assert!(!lower.join("etc/planted").exists());
+    for id in [&id, &id2] {
+        assert!(leftovers(id).is_empty(), "{:?}", leftovers(id));
+    }
+    std::fs::remove_dir_all(&lower).expect("cleanup");
+}
