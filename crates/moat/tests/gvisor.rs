@@ -89,6 +89,13 @@ fn counting_sandbox(server: &Server, key: &str) -> String {
     id
 }
 
+/// Deletes sandbox `id`, which must leave nothing on the host.
+fn delete(server: &Server, key: &str, id: &str) {
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(key), None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    assert!(leftovers(id).is_empty(), "{:?}", leftovers(id));
+}
+
 /// Takes a snapshot with memory of sandbox `id`; its id.
 fn snapshot_with_memory(server: &Server, key: &str, id: &str) -> String {
     let r = server.request(
@@ -569,9 +576,7 @@ fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
         None,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
-    assert!(r.status == 200 || r.status == 204, "{}", r.text());
-    assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+    delete(&server, &key, &id);
     assert!(!server.data.join("snapshots/paused").join(&id).exists());
 }
 
@@ -908,9 +913,7 @@ fn runsc_runs_in_an_unprivileged_outer_jail() {
     let after = count(&server, &key, &id);
     assert!(after > 5, "the sandbox stopped counting: {after}");
 
-    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
-    assert!(r.status == 200 || r.status == 204, "{}", r.text());
-    assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+    delete(&server, &key, &id);
 }
 
 /// A template directory on gvisor: the sandbox writes over it in its own layer, the user may
@@ -1035,14 +1038,7 @@ fn a_sandbox_paused_on_gvisor_outlives_a_server_restart() {
         count(&server, &key, &paused) > after,
         "stopped counting after the resume"
     );
-    let r = server.request(
-        "DELETE",
-        &format!("/v1/sandboxes/{paused}"),
-        Some(&key),
-        None,
-    );
-    assert!(r.status == 200 || r.status == 204, "{}", r.text());
-    assert!(leftovers(&paused).is_empty(), "{:?}", leftovers(&paused));
+    delete(&server, &key, &paused);
     assert!(!server.data.join("snapshots/paused").join(&paused).exists());
 }
 
