@@ -1305,3 +1305,72 @@ fn the_outer_jails_mounts_cannot_be_undone_from_inside() {
     }
     std::fs::remove_dir_all(&lower).expect("cleanup");
 }
+
+/// The bytes of the files in `dir`.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A sandbox paused to disk counts as its tenant's snapshot bytes: while one holding 24 MiB
+/// of random data is paused, a snapshot with memory of an idle one under a 16 MiB quota is
+/// refused (429); once it is resumed, the snapshot is taken.
+#[test]
+fn a_pause_to_disk_counts_against_the_snapshot_quota() {
+    need_root!();
+    need_runsc();
+    let (server, key) = gvisor_server();
+    let post = |key: &str, path: String| server.request("POST", &path, Some(key), None);
+    let limited = server.create_key(
+        &key,
+        json!({"name": "limited", "quotas": {"max_snapshot_size": "16M"}}),
+    );
+    let big = server.create_sandbox_with(&limited, json!({"template": "sentry"}));
+    let idle = server.create_sandbox_with(&limited, json!({"template": "sentry"}));
+    server.shell(
+        &limited,
+        &big,
+        "nohup python3 -c 'import os, time\nb = os.urandom(24 << 20)\nopen(\"/tmp/held\", \"w\").write(\"1\")\ntime.sleep(600)' >/dev/null 2>&1 &",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.shell(&limited, &big, "cat /tmp/held 2>/dev/null")["stdout"] != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the data was never held"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        post(&limited, format!("/v1/sandboxes/{big}/pause")).status,
+        200
+    );
+    let paused = dir_size(&server.data.join("snapshots/paused").join(&big));
+    assert!(paused > 16 << 20, "{paused} bytes paused");
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{idle}/snapshots"),
+        Some(&limited),
+        Some(&body(json!({"memory": true}))),
+    );
+    assert_eq!(r.status, 429, "{}", r.text());
+    let made: Vec<_> = std::fs::read_dir(server.data.join("snapshots"))
+        .expect("snapshot dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".mem"))
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+    assert_eq!(
+        post(&limited, format!("/v1/sandboxes/{big}/resume")).status,
+        200
+    );
+    snapshot_with_memory(&server, &limited, &idle);
+    for id in [&big, &idle] {
+        delete(&server, &key, id);
+    }
+}

@@ -142,6 +142,45 @@ async fn connect(instance: &mut Box<dyn Instance>, id: &str) -> ManagerResult<Ag
 /// Where a sandbox paused to disk keeps its checkpoint, in the snapshot directory.
 pub(super) const PAUSED_DIR: &str = "paused";
 
+/// The bytes each sandbox paused to disk holds there, with its tenant: they count as the
+/// tenant's snapshot bytes while it is paused.
+#[derive(Debug, Default)]
+pub(super) struct PausedBytes(std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>);
+
+impl PausedBytes {
+    /// Records sandbox `id` of `tenant` paused to disk in `bytes`.
+    fn set(&self, id: &str, tenant: &str, bytes: u64) {
+        super::lock(&self.0).insert(id.to_owned(), (tenant.to_owned(), bytes));
+    }
+
+    /// Forgets sandbox `id` (resumed, or ended).
+    pub(super) fn remove(&self, id: &str) {
+        super::lock(&self.0).remove(id);
+    }
+
+    /// What `tenant`'s sandboxes paused to disk hold.
+    pub(super) fn of(&self, tenant: &str) -> u64 {
+        super::lock(&self.0)
+            .values()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, b)| *b)
+            .sum()
+    }
+}
+
+/// The bytes of the files in `dir` (a checkpoint's directory: no subdirectories).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// The instance of a sandbox paused to disk by an earlier server: nothing of it runs on the
 /// host until a resume restores it, so there is nothing to read, pause or destroy.
 #[derive(Debug)]
@@ -282,7 +321,34 @@ impl Inner {
         );
         live.paused.store(true, Ordering::SeqCst);
         lock(&self.live).insert(rec.id.clone(), Arc::new(live));
+        self.paused_bytes.set(&rec.id, &rec.tenant, dir_bytes(&dir));
         Ok(true)
+    }
+
+    /// Refuses a checkpoint of `tenant`'s sandbox `id` of `live` when the tenant's snapshot
+    /// `quota` is used up (429), or when the memory its processes hold now (an upper bound of
+    /// what a checkpoint writes) would not fit above the server's reserve of free space in
+    /// `dir` (507). What a snapshot really takes is checked against the quota when it is
+    /// recorded; a pause to disk counts as the tenant's snapshot bytes while it lasts.
+    async fn check_room(
+        &self,
+        live: &Live,
+        tenant: &str,
+        id: &str,
+        dir: &Path,
+        quota: u64,
+    ) -> ManagerResult<()> {
+        let estimate = live.instance.lock().await.stats().memory_bytes;
+        let bounds = self.bounds(tenant, dir, quota, u64::MAX).await?;
+        bounds.check(1, id)?;
+        bounds.check_free(estimate, id)
+    }
+
+    /// The snapshot quota of `tenant`'s sandbox `id`: its creating key's, else the server's.
+    async fn quota_of(&self, tenant: &str, id: &str) -> ManagerResult<u64> {
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        self.snapshot_quota(tenant, rec.key_id.as_deref()).await
     }
 
     /// Whether `live` is saved to disk (paused on a backend that saves memory): it holds
@@ -322,6 +388,11 @@ impl Inner {
             .map_err(|e| ManagerError::Internal(format!("pause directory task: {e}")))?
         };
         made.map_err(|e| ManagerError::Internal(format!("creating {}: {e}", dir.display())))?;
+        let quota = self.quota_of(tenant, id).await?;
+        if let Err(e) = self.check_room(live, tenant, id, dir, quota).await {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e);
+        }
         live.client.expect_reconnect().await.map_err(|e| {
             ManagerError::Unavailable(format!(
                 "sandbox {id}'s agent could not be readied for a pause: {e}"
@@ -338,6 +409,7 @@ impl Inner {
             self.fail(tenant, id, &e).await;
             return Err(e);
         }
+        self.paused_bytes.set(id, tenant, dir_bytes(dir));
         Ok(())
     }
 
@@ -364,6 +436,7 @@ impl Inner {
             }
         };
         let _ = std::fs::remove_dir_all(dir);
+        self.paused_bytes.remove(id);
         // Paused until it is recorded running.
         if let Err(mut orphan) = self.swap_in(live, tenant, id, instance, client, true) {
             let _ = orphan.destroy().await;
@@ -381,6 +454,7 @@ impl Inner {
         self: &Arc<Self>,
         tenant: &str,
         id: &str,
+        quota: u64,
     ) -> ManagerResult<Captured> {
         let snapshots = self.snapshot_dir()?.to_owned();
         let live = self.live_any(tenant, id).await?;
@@ -398,6 +472,8 @@ impl Inner {
             ))
         })?;
         let _op = live.ops.lock().await;
+        self.check_room(&live, tenant, id, &snapshots, quota)
+            .await?;
         if live.paused.swap(true, Ordering::SeqCst) {
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} is paused; resume it before a snapshot with memory"

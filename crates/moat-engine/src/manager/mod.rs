@@ -291,6 +291,8 @@ struct Inner {
     runs: run::RunSlots,
     /// Bytes of snapshot archives being written or kept for a fork, per tenant.
     snapshot_bytes: snapshots::InFlight,
+    /// Bytes of sandboxes paused to disk, which count as their tenants' snapshot bytes.
+    paused_bytes: memory::PausedBytes,
     /// The rounds of health checks of the running sandboxes.
     health_probes: health::Probes,
 }
@@ -432,6 +434,7 @@ impl SandboxManager {
                 idempotent_creates: idempotency::InFlight::default(),
                 runs: run::RunSlots::default(),
                 snapshot_bytes: snapshots::InFlight::default(),
+                paused_bytes: memory::PausedBytes::default(),
                 health_probes: health::Probes::default(),
             }),
         })
@@ -1029,6 +1032,7 @@ impl Inner {
             {
                 tracing::warn!(sandbox = %id, "removing {}: {e}", dir.display());
             }
+            self.paused_bytes.remove(id);
         }
     }
 

@@ -114,7 +114,7 @@ impl Drop for Held<'_> {
 }
 
 /// How far an archive may grow, each bound with the answer going over it gives.
-struct Bounds {
+pub(super) struct Bounds {
     /// The sandbox's disk size (413).
     disk: u64,
     /// What the tenant's snapshot bytes leave (429), and the quota itself.
@@ -127,13 +127,8 @@ struct Bounds {
 
 impl Bounds {
     /// Why an archive of `size` bytes is too large, if it is.
-    fn check(&self, size: u64, id: &str) -> ManagerResult<()> {
-        if size > self.free_left {
-            return Err(ManagerError::InsufficientStorage(format!(
-                "the snapshot of sandbox {id} would leave less than the server's reserve of {} free on its data disk",
-                describe_size(self.reserve)
-            )));
-        }
+    pub(super) fn check(&self, size: u64, id: &str) -> ManagerResult<()> {
+        self.check_free(size, id)?;
         if size > self.quota_left {
             return Err(ManagerError::QuotaExceeded(format!(
                 "the snapshot of sandbox {id} would take the tenant's snapshots over their quota of {} ({} left)",
@@ -145,6 +140,17 @@ impl Bounds {
             return Err(ManagerError::TooLarge(format!(
                 "the snapshot of sandbox {id} is larger than its disk size of {}",
                 describe_size(self.disk)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Why `size` bytes would not fit above the reserve, if they would not.
+    pub(super) fn check_free(&self, size: u64, id: &str) -> ManagerResult<()> {
+        if size > self.free_left {
+            return Err(ManagerError::InsufficientStorage(format!(
+                "the snapshot of sandbox {id} would leave less than the server's reserve of {} free on its data disk",
+                describe_size(self.reserve)
             )));
         }
         Ok(())
@@ -435,7 +441,11 @@ impl Inner {
     }
 
     /// The tenant's snapshot bytes: `key`'s quota, else the server's default.
-    async fn snapshot_quota(&self, tenant: &str, key: Option<&str>) -> ManagerResult<u64> {
+    pub(super) async fn snapshot_quota(
+        &self,
+        tenant: &str,
+        key: Option<&str>,
+    ) -> ManagerResult<u64> {
         let Some(key) = key else {
             return Ok(self.opts.snapshot_bytes_per_tenant);
         };
@@ -444,6 +454,32 @@ impl Inner {
         Ok(quotas
             .max_snapshot_bytes
             .unwrap_or(self.opts.snapshot_bytes_per_tenant))
+    }
+
+    /// How far a new snapshot (or pause to disk) of `tenant`'s may grow in `dir` within its
+    /// snapshot `quota` (what its stored snapshots, the archives under way and its sandboxes
+    /// paused to disk leave) and the server's reserve of free space, and up to `disk`.
+    pub(super) async fn bounds(
+        &self,
+        tenant: &str,
+        dir: &Path,
+        quota: u64,
+        disk: u64,
+    ) -> ManagerResult<Bounds> {
+        let t = tenant.to_owned();
+        let stored = self.db(move |s| s.snapshot_bytes(&t)).await?;
+        let used = stored
+            .saturating_add(self.snapshot_bytes.of(tenant))
+            .saturating_add(self.paused_bytes.of(tenant));
+        let free = super::storage::free_disk(dir)
+            .map_err(|e| ManagerError::Internal(format!("free space of {}: {e}", dir.display())))?;
+        Ok(Bounds {
+            disk,
+            quota_left: quota.saturating_sub(used),
+            quota,
+            free_left: free.saturating_sub(self.opts.min_free_disk),
+            reserve: self.opts.min_free_disk,
+        })
     }
 
     /// Captures the writable layer of `tenant`'s sandbox `id` into a new temporary file,
@@ -466,18 +502,9 @@ impl Inner {
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
         let resources = super::recorded_resources(&rec)?;
-        let t = tenant.to_owned();
-        let stored = self.db(move |s| s.snapshot_bytes(&t)).await?;
-        let used = stored.saturating_add(self.snapshot_bytes.of(tenant));
-        let free = super::storage::free_disk(&dir)
-            .map_err(|e| ManagerError::Internal(format!("free space of {}: {e}", dir.display())))?;
-        let bounds = Bounds {
-            disk: resources.disk_bytes,
-            quota_left: quota.saturating_sub(used),
-            quota,
-            free_left: free.saturating_sub(self.opts.min_free_disk),
-            reserve: self.opts.min_free_disk,
-        };
+        let bounds = self
+            .bounds(tenant, &dir, quota, resources.disk_bytes)
+            .await?;
         // Refused before anything is written when nothing at all would fit (an archive has
         // at least its end-of-archive blocks).
         bounds.check(1, id)?;
@@ -543,7 +570,7 @@ impl Inner {
         let quota = self.snapshot_quota(tenant, key_id).await?;
         let mut held = self.snapshot_bytes.hold(tenant);
         let captured = if memory {
-            self.capture_memory(tenant, id).await?
+            self.capture_memory(tenant, id, quota).await?
         } else {
             self.capture(tenant, id, quota, &mut held).await?
         };
@@ -575,8 +602,10 @@ impl Inner {
             memory,
             backend: captured.backend,
         };
+        // Sandboxes paused to disk take their share of the quota too.
+        let quota_left = quota.saturating_sub(self.paused_bytes.of(tenant));
         let rec = self
-            .db(move |s| s.insert_snapshot_within(&new, MAX_SNAPSHOTS_PER_TENANT, quota))
+            .db(move |s| s.insert_snapshot_within(&new, MAX_SNAPSHOTS_PER_TENANT, quota_left))
             .await?;
         cleanup.disarm();
         // Recorded: counted from the store now.
@@ -723,7 +752,7 @@ impl Inner {
         // it; a checkpoint (with memory) is not charged.
         let mut held = self.snapshot_bytes.hold(&tenant);
         let captured = if req.memory {
-            self.capture_memory(&tenant, id).await?
+            self.capture_memory(&tenant, id, quota).await?
         } else {
             self.capture(&tenant, id, quota, &mut held).await?
         };
