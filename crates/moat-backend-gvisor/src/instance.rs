@@ -188,55 +188,81 @@ impl GvisorInstance {
 /// How much of a runsc command's error output is kept for its error message.
 const STDERR_LIMIT: usize = 16 << 10;
 
+/// How long a command's error output is read after it has ended (whatever still holds the
+/// pipe open is not waited for).
+const STDERR_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Runs `cmd` (whose standard output is `/dev/null`) for at most `limit`, killing it past that;
-/// `Err` with the first [`STDERR_LIMIT`] bytes of its error output when it fails.
+/// `Err` with the first [`STDERR_LIMIT`] bytes of its error output when it fails. Nothing here
+/// waits beyond `limit` and [`STDERR_GRACE`] on what the command (in the jail) does.
 fn run_bounded(
     mut cmd: std::process::Command,
     limit: std::time::Duration,
     what: &str,
 ) -> std::result::Result<(), String> {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
     let mut child = cmd
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("start: {e}"))?;
-    // Read on a thread of its own, to the end (so the command never blocks on a full pipe),
-    // keeping only the start.
-    let stderr = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        if let Some(mut err) = stderr {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
+    let mut err = child.stderr.take();
+    if let Some(e) = &err {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(e.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(e.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+    let mut kept = Vec::new();
+    let mut drain = |err: &mut Option<std::process::ChildStderr>| {
+        let Some(e) = err else { return };
+        let mut buf = [0u8; 4096];
+        loop {
+            match e.read(&mut buf) {
+                Ok(0) => {
+                    *err = None;
+                    return;
                 }
-                let room = STDERR_LIMIT.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
+                Ok(n) => {
+                    let room = STDERR_LIMIT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+                Err(_) => return,
             }
         }
-        kept
-    });
+    };
     let deadline = std::time::Instant::now() + limit;
     let status = loop {
+        drain(&mut err);
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
-            Ok(None) if std::time::Instant::now() >= deadline => {
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 break Err(format!("did not finish within {} s", limit.as_secs()));
             }
-            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
-            Err(e) => break Err(format!("wait: {e}")),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!("wait: {e}"));
+            }
         }
     };
-    let err = reader.join().unwrap_or_default();
+    let grace = std::time::Instant::now() + STDERR_GRACE;
+    while err.is_some() && std::time::Instant::now() < grace {
+        drain(&mut err);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let status = status?;
     if status.success() {
         Ok(())
     } else {
         tracing::debug!("{what} failed: {status}");
-        Err(String::from_utf8_lossy(&err).trim().to_owned())
+        Err(String::from_utf8_lossy(&kept).trim().to_owned())
     }
 }
 

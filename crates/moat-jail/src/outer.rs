@@ -23,9 +23,10 @@ use crate::cgroup::SandboxCgroup;
 use crate::idmap::{IdRange, RANGE};
 use crate::rootfs::{Plan, Step, c};
 use crate::spawn::{
-    self, ExecVectors, MOVE_MOUNT_F_EMPTY_PATH, STEP_CGROUPNS, STEP_EXEC, STEP_FDS, STEP_HOSTNAME,
-    STEP_IDS, STEP_NEST, STEP_PIVOT, STEP_PRIVATE, SandboxProcess, clone_jailed, cstr, kill_child,
-    pipe, place_child, read_child_error, report_failure, run_step, socketpair, validate_id,
+    self, ExecVectors, MOVE_MOUNT_F_EMPTY_PATH, STEP_CGROUPNS, STEP_EXEC, STEP_FDS, STEP_GO,
+    STEP_HOSTNAME, STEP_IDS, STEP_NEST, STEP_PIVOT, STEP_PRIVATE, SandboxProcess, clone_jailed,
+    cstr, kill_child, pipe, place_child, read_child_error, report_failure, run_step, socketpair,
+    validate_id,
 };
 use crate::{JailError, Result, sys};
 
@@ -356,12 +357,10 @@ fn map_nested(pid: i32, outer_userns: RawFd) -> Result<()> {
         return Err(JailError::last_os("start the id mapper"));
     }
     let mut status = 0;
+    // Until it is reaped, whatever errno says (the helper shares this thread's): it runs on
+    // `stack` and reads `plan` until then, and waiting for one's own child cannot fail else.
     // SAFETY: waiting for our own child with a valid status pointer.
-    while unsafe { libc::waitpid(helper, &mut status, 0) } < 0 {
-        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return Err(JailError::last_os("wait for the id mapper"));
-        }
-    }
+    while unsafe { libc::waitpid(helper, &mut status, libc::__WALL) } != helper {}
     drop(stack);
     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
         Ok(())
@@ -484,7 +483,7 @@ impl OuterJail {
         drop(nest_go_read);
 
         // From here on, a failure must not leave the child behind.
-        let setup = (|| -> Result<()> {
+        let setup = (|| -> Result<Option<Vec<OwnedFd>>> {
             place_child(pid, cfg.cgroup, cfg.ids)?;
             for b in binds.iter().filter(|b| b.access == Access::IdMapped) {
                 spawn::send_idmapped(pid, &b.path, true, &host_end)?;
@@ -496,21 +495,24 @@ impl OuterJail {
             // mount namespace, which the kernel then locks: no mount of the jail's can be
             // undone, uncovered or made writable from inside. Its ids are the jail's, one to
             // one, mapped from the jail's own user namespace (only a process there may).
-            if wait_byte(&nest_read) {
-                map_nested(pid, outer_userns.as_raw_fd())?;
-                signal(&nest_go_write, "let the outer jail go on")?;
+            if !wait_byte(&nest_read) {
+                // It failed (its report follows) or died.
+                return Ok(None);
             }
-            Ok(())
+            map_nested(pid, outer_userns.as_raw_fd())?;
+            // Taken while it waits, every namespace its program will have made already.
+            let namespaces = open_namespaces(pid)?;
+            signal(&nest_go_write, "let the outer jail go on")?;
+            Ok(Some(namespaces))
         })();
         drop(go_write);
         drop(nest_go_write);
-        // After the exec: the namespaces of the program, the nested ones included.
-        let namespaces = setup
-            .and_then(|()| match read_child_error(&err_read, &child.plan) {
-                Some(e) => Err(e),
-                None => Ok(()),
-            })
-            .and_then(|()| open_namespaces(pid));
+        let namespaces = setup.and_then(|ns| match read_child_error(&err_read, &child.plan) {
+            Some(e) => Err(e),
+            None => ns.ok_or_else(|| {
+                JailError::Invalid("the outer jail ended before its program started".into())
+            }),
+        });
         let program = namespaces.and_then(|ns| {
             std::fs::File::open(cfg.program)
                 .map(|f| (ns, OwnedFd::from(f)))
@@ -633,6 +635,9 @@ struct Entry<'a> {
     exec: &'a ExecVectors,
 }
 
+/// Where the program is in the processes [`enter`] makes.
+const PROGRAM_FD: RawFd = 3;
+
 /// The `pre_exec` hook of [`OuterJail::command`]: joins the sandbox's cgroups, enters the jail
 /// and forks the process that executes the program, itself only passing that one's status on.
 /// Async-signal-safe.
@@ -682,28 +687,47 @@ fn enter(e: &Entry<'_>) -> io::Result<()> {
         check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) as libc::c_long)?;
         check(libc::chdir(c"/".as_ptr()) as libc::c_long)?;
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+        // Only standard streams and the program (as fd 3, close-on-exec) go on from here: the
+        // caller's error pipe closes now, so starting the command cannot be held up by what
+        // happens in the jail (a process there may stop the one below before it executes).
+        if libc::dup2(e.program, PROGRAM_FD) < 0
+            || libc::fcntl(PROGRAM_FD, libc::F_SETFD, libc::FD_CLOEXEC) < 0
+            || libc::syscall(
+                libc::SYS_close_range,
+                (PROGRAM_FD + 1) as u32,
+                u32::MAX,
+                0u32,
+            ) != 0
+        {
+            libc::_exit(127);
+        }
         // Entering a pid namespace takes effect for children only. A raw clone, not `fork`:
         // no handler registered with `pthread_atfork` may run in a fork of a threaded process.
         let child = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
         if child < 0 {
-            return Err(io::Error::last_os_error());
+            libc::_exit(127);
         }
         if child == 0 {
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
+            // Dies with the process above; one that died already (its parent is then one the
+            // jail's pid namespace shows) means going no further.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+                || libc::getppid() != 0
+            {
+                libc::_exit(127);
+            }
             libc::syscall(
                 libc::SYS_execveat,
-                e.program,
+                PROGRAM_FD,
                 c"".as_ptr(),
                 e.exec.argv(),
                 e.exec.envp(),
                 libc::AT_EMPTY_PATH,
             );
-            return Err(io::Error::last_os_error());
+            let msg = b"the jail's program could not be executed\n";
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
         }
         let child = child as libc::pid_t;
-        // Only standard input, output and error stay open here: the caller sees its error pipe
-        // closed by the command's exec (or reported by its failure) alone.
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         let mut status = 0;
         loop {
             if libc::waitpid(child, &mut status, 0) == child {
@@ -737,7 +761,7 @@ fn child_main(c: &ChildPlan) -> ! {
         libc::close(c.go_write);
         let mut b = 0u8;
         if libc::read(c.go_read, (&mut b as *mut u8).cast(), 1) != 1 {
-            libc::_exit(1);
+            fail(STEP_GO);
         }
         libc::setsid();
         if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
@@ -791,7 +815,7 @@ fn child_main(c: &ChildPlan) -> ! {
         }
         let mut b = 0u8;
         if libc::read(c.nest_go_read, (&mut b as *mut u8).cast(), 1) != 1 {
-            libc::_exit(1);
+            fail(STEP_NEST);
         }
         if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
             || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0

@@ -388,8 +388,11 @@ impl Inner {
             .map_err(|e| ManagerError::Internal(format!("pause directory task: {e}")))?
         };
         made.map_err(|e| ManagerError::Internal(format!("creating {}: {e}", dir.display())))?;
-        let quota = self.quota_of(tenant, id).await?;
-        if let Err(e) = self.check_room(live, tenant, id, dir, quota).await {
+        let room = match self.quota_of(tenant, id).await {
+            Ok(quota) => self.check_room(live, tenant, id, dir, quota).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = room {
             let _ = std::fs::remove_dir_all(dir);
             return Err(e);
         }
@@ -606,6 +609,7 @@ impl Inner {
     /// Ends sandbox `id`, lost in a checkpoint or restore, recorded failed with `why`.
     async fn fail(&self, tenant: &str, id: &str, why: &ManagerError) {
         lock(&self.live).remove(id);
+        self.paused_bytes.remove(id);
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let reason = EndReason::Failed(why.to_string());
         if let Err(e) = self
