@@ -146,13 +146,36 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Starts catching the signals.
+    /// Starts catching the signals. They are blocked in the calling thread meanwhile: the
+    /// registry behind tokio's signals installs its handler before it records who listens, and
+    /// a signal in between would be swallowed (neither acted on nor left to its default). The
+    /// one that arrives then stays pending until the listeners are there. Callers make this
+    /// before they start other threads, so no other thread takes it first.
     pub fn catch() -> Result<Signals> {
-        Ok(Signals {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
-        })
+        // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise; the mask
+        // calls change this thread's mask only and restore it below on every path.
+        let (blocked, old) = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            let blocked = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) == 0;
+            (blocked, old)
+        };
+        let made = (|| {
+            Ok(Signals {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        })();
+        if blocked {
+            // SAFETY: restores the mask saved above.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        }
+        made
     }
 
     /// The number of the next signal caught.
