@@ -6,8 +6,11 @@
 //! the runtime lands here, not in host root.
 //!
 //! The jail's first process executes the runtime as its PID 1, so when the runtime's main
-//! process ends, the kernel ends everything else in the jail. Later commands of the runtime
-//! (`runsc checkpoint`, `pause`) run in the same namespaces through [`OuterJail::command`].
+//! process ends, the kernel ends everything else in the jail. Before that it moves into a
+//! nested user namespace with a copy of its mount namespace, so the kernel locks every mount of
+//! the jail: the runtime's root cannot unmount a mask or make a read-only mount writable. Later
+//! commands of the runtime (`runsc checkpoint`, `pause`) run in the same namespaces and cgroups
+//! through [`OuterJail::command`].
 //!
 //! The start follows [`crate::spawn`]: a `clone(CLONE_VM)` child that makes raw system calls
 //! only, the same handshake and the same `(step, errno)` error reports.
