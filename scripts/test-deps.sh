@@ -15,6 +15,10 @@ command -v ps >/dev/null || need+=(procps)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 # The sandboxes' Python is the host's: the interpreter tests draw figures with its matplotlib.
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
+# The network tests build a fake internet: `ip` for its namespace and links, openssl for its
+# HTTPS host's certificate.
+command -v ip >/dev/null || need+=(iproute2)
+command -v openssl >/dev/null || need+=(openssl)
 # gVisor's runsc, for the gvisor backend's tests.
 command -v runsc >/dev/null || need+=(runsc)
 if [ ${#need[@]} -gt 0 ]; then

@@ -573,6 +573,39 @@ fn e1_network_blocked() {
     assert!(out.contains("interfaces: ['lo']"), "{out}");
 }
 
+/// E1-E2 with the internet open: the metadata service (in several encodings), private,
+/// shared and link-local ranges, and the host's own addresses stay closed; nothing else is
+/// tried, so no test traffic leaves the machine.
+#[test]
+fn e2_internet_policy_keeps_special_ranges_closed() {
+    need_root!();
+    let host_addrs: Vec<String> = Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|a| a.split('/').next())
+        // Link-local IPv6 needs a scope: covered by the fe80::/10 rule in the engine's tests.
+        .filter(|a| !a.starts_with("fe80"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!host_addrs.is_empty());
+    let env = format!("HOST_ADDRS={}", host_addrs.join(","));
+    let (code, out, err) = run_corpus(
+        &["--net", "internet", "-e", &env],
+        "e2_network_internet.py",
+        "python3",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("summary: contained"), "{out}");
+    assert!(
+        out.contains("169.254.169.254: refused (ConnectionResetError)"),
+        "{out}"
+    );
+}
+
 /// Ctrl-C and SIGKILL of `moat run` leave no process, cgroup or mount behind.
 #[test]
 fn killing_moat_run_leaves_nothing() {

@@ -394,6 +394,8 @@ impl Backend for GvisorBackend {
             // Its writes live in the sentry's memory overlay, which the agent cannot hand out
             // apart from the rest: snapshots of it keep its memory.
             files_snapshot: false,
+            // Not yet: its sentry's network would have to be steered the same way.
+            egress: false,
         }
     }
 

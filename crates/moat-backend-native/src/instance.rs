@@ -199,6 +199,20 @@ impl Instance for NativeInstance {
         self.set_frozen(false)
     }
 
+    fn open_egress(&self) -> Result<moat_engine::network::EgressSockets> {
+        // The pidfd names the agent's process, whose network namespace is the sandbox's.
+        self.with_live(|live| {
+            // SAFETY: the pidfd stays open while `live` is borrowed, which outlasts the call.
+            let pidfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(live.process.pidfd()) };
+            let s = moat_jail::egress::open(pidfd).map_err(jail)?;
+            Ok(moat_engine::network::EgressSockets {
+                connections: s.connections,
+                dns_v4: s.dns_v4,
+                dns_v6: s.dns_v6,
+            })
+        })
+    }
+
     async fn exited(&self) {
         match &self.pidfd {
             Some(fd) => {

@@ -383,6 +383,7 @@ impl Backend for NativeBackend {
             memory_checkpoint: false,
             keep: true,
             files_snapshot: true,
+            egress: true,
         }
     }
 

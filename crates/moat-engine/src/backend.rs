@@ -120,6 +120,8 @@ pub struct Capabilities {
     /// Hand the agent the sandbox's writable layer, so its files alone can be snapshotted and
     /// restored (`/moat/layer`).
     pub files_snapshot: bool,
+    /// Give the sandbox network access through the engine ([`Instance::open_egress`]).
+    pub egress: bool,
 }
 
 impl Capabilities {
@@ -227,6 +229,16 @@ pub trait Instance: Send + Sync {
         let _ = dir;
         Err(EngineError::Unsupported(format!(
             "sandbox {} cannot be checkpointed: its backend cannot save memory",
+            self.id()
+        )))
+    }
+    /// Makes the sandbox's network one where every connection and DNS query ends at the
+    /// sockets returned (see `moat_jail::egress`), which the engine serves the sandbox's
+    /// policy on. Called again (a server adopting a kept sandbox), it replaces what the first
+    /// call made. Backends without [`Capabilities::egress`] refuse.
+    fn open_egress(&self) -> Result<crate::network::EgressSockets> {
+        Err(EngineError::Unsupported(format!(
+            "sandbox {} cannot have network access: its backend cannot give it",
             self.id()
         )))
     }

@@ -26,6 +26,7 @@ pub mod ids;
 pub mod listing;
 pub mod manager;
 pub mod metrics;
+pub mod network;
 pub mod plan;
 pub mod resources;
 pub mod rootfs_users;

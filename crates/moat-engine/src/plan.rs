@@ -18,15 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 use crate::resources::{Resources, bounds, parse_size};
 
-/// How a sandbox reaches the network. Only "none" exists today: loopback alone, the agent
-/// reached over its channel; egress policies come here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NetworkPolicy {
-    /// No interface but loopback.
-    #[default]
-    None,
-}
+pub use crate::network::NetworkPolicy;
 
 /// What runs when a sandbox boots, before it counts as started.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

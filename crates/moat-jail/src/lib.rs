@@ -12,12 +12,15 @@
 //! - [`confine`]: what a user process goes through between `fork` and `exec` inside a sandbox.
 //! - [`seccomp`], [`landlock`], [`caps`]: the pieces of that confinement; [`bpf`] generates the
 //!   seccomp filters.
+//! - [`egress`]: a sandbox's network namespace made into one where every connection ends at
+//!   moat.
 //! - [`probe`]: what this host supports, for `moat check`.
 
 pub mod bpf;
 pub mod caps;
 pub mod cgroup;
 pub mod confine;
+pub mod egress;
 pub mod guardian;
 pub mod id;
 pub mod idmap;

@@ -58,6 +58,97 @@ pub struct CreateSandbox {
     /// no, when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<Lifecycle>,
+    /// Its network; the template's when absent (none, loopback only, unless the template
+    /// says otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+}
+
+/// A sandbox's network. With `internet` false and no `allow` rule, it has none: loopback only.
+/// Otherwise it reaches, through moat, what the rules and `internet` allow.
+///
+/// A rule is a CIDR network (`10.1.0.0/16`, `2001:db8::/32`), an IP address, a domain
+/// (`pypi.org`) or every name below one (`*.example.com`), each optionally limited to a port
+/// or port range (`api.example.com:443`, `203.0.113.7:8000-8010`; an IPv6 network with a port
+/// in brackets, `[2001:db8::/32]:443`). The most specific rule that matches an address wins,
+/// a deny over an allow of the same prefix; a domain rule beats any network rule for the
+/// addresses moat resolved for that name. The host itself, loopback and multicast are never
+/// reachable; private, shared and link-local ranges (with the cloud metadata addresses) only
+/// through an allow rule inside them, given by an admin key. At most 256 rules per list and 4
+/// DNS servers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Whether addresses no rule names (the public internet) are reachable.
+    #[serde(default)]
+    pub internet: bool,
+    /// Rules that allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Rules that deny.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// IP addresses of the resolvers moat asks for the sandbox's names; the host's own
+    /// (`/etc/resolv.conf`) when empty. The sandbox never reaches a resolver itself: moat
+    /// answers its DNS, refusing names the rules do not allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<String>,
+}
+
+impl Network {
+    /// The `internet: true` network with no rules.
+    pub fn internet() -> Network {
+        Network {
+            internet: true,
+            ..Network::default()
+        }
+    }
+
+    /// Whether it is no network at all (loopback only).
+    pub fn is_none(&self) -> bool {
+        !self.internet && self.allow.is_empty()
+    }
+}
+
+/// `GET` and `PUT /v1/sandboxes/{id}/network`: a sandbox's network and what it did with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SandboxNetwork {
+    /// Its policy.
+    pub network: Network,
+    /// Its counters since it started (or since this server adopted it); absent while it has
+    /// no network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<NetworkStats>,
+}
+
+/// What a sandbox did with its network.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NetworkStats {
+    /// Connections allowed and opened.
+    pub connections: u64,
+    /// Connections refused.
+    pub denied: u64,
+    /// Bytes sent out through its connections (counted as each ends).
+    pub bytes_out: u64,
+    /// Bytes received through them (counted as each ends).
+    pub bytes_in: u64,
+    /// DNS queries answered.
+    pub dns_answered: u64,
+    /// DNS queries refused (names not allowed, answers pointing at closed addresses).
+    pub dns_refused: u64,
+    /// The latest refusals (at most 32), oldest first: what the sandbox tried.
+    pub recent_denials: Vec<Denial>,
+}
+
+/// One refused connection or DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Denial {
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Where to: `ip:port`, or the name asked.
+    pub target: String,
+    /// Why, naming the rule or range.
+    pub reason: String,
 }
 
 /// What a sandbox's time to live running out does.
@@ -122,6 +213,9 @@ struct CreateSandboxBody {
     /// no, when absent.
     #[serde(default)]
     lifecycle: Option<Lifecycle>,
+    /// Its network; the template's when absent.
+    #[serde(default)]
+    network: Option<Network>,
 }
 
 impl TryFrom<CreateSandboxBody> for CreateSandbox {
@@ -140,6 +234,7 @@ impl TryFrom<CreateSandboxBody> for CreateSandbox {
             timeout_secs: b.timeout_secs,
             public_traffic: b.public_traffic,
             lifecycle: b.lifecycle,
+            network: b.network,
         })
     }
 }
@@ -156,6 +251,7 @@ impl Default for CreateSandbox {
             timeout_secs: None,
             public_traffic: None,
             lifecycle: None,
+            network: None,
         }
     }
 }
@@ -261,6 +357,10 @@ pub struct TemplateSpec {
     /// No `start` or `ready` then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The network of its sandboxes (none, loopback only, when absent); a create may give its
+    /// own instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
 }
 
 impl TemplateSpec {
@@ -280,6 +380,7 @@ impl TemplateSpec {
             pool_size: 0,
             backend: None,
             snapshot: None,
+            network: None,
         }
     }
 }

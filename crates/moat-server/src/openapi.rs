@@ -227,6 +227,28 @@ fn operations() -> Vec<Op> {
             )
         },
         Op {
+            answer: Json(of::<v1::SandboxNetwork>),
+            ..op(
+                "get",
+                "/v1/sandboxes/{id}/network",
+                "getSandboxNetwork",
+                "sandboxes",
+                "A sandbox's network policy, with its counters and latest refusals.",
+            )
+        },
+        Op {
+            body: Json(of::<v1::Network>),
+            answer: Json(of::<v1::SandboxNetwork>),
+            ..op(
+                "put",
+                "/v1/sandboxes/{id}/network",
+                "setSandboxNetwork",
+                "sandboxes",
+                "Replace a running sandbox's network policy: new connections and DNS queries \
+                 meet it at once; open connections stay open.",
+            )
+        },
+        Op {
             answer: Json(of::<v1::Sandbox>),
             ..op(
                 "post",

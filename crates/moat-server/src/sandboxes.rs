@@ -28,6 +28,10 @@ pub(crate) fn routes() -> Router<Shared> {
             get(get_sandbox).delete(delete_sandbox),
         )
         .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
+        .route(
+            "/v1/sandboxes/{id}/network",
+            get(get_network).put(set_network),
+        )
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route(
             "/v1/run",
@@ -93,6 +97,26 @@ async fn set_timeout(
     let Path(id) = id?;
     let req: v1::SetTimeout = json_body(body, None)?;
     Ok(Json(state.manager.set_timeout(&caller, &id, req).await?))
+}
+
+async fn get_network(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<v1::SandboxNetwork>> {
+    let Path(id) = id?;
+    Ok(Json(state.manager.network(&caller, &id).await?))
+}
+
+async fn set_network(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<v1::SandboxNetwork>> {
+    let Path(id) = id?;
+    let req: v1::Network = json_body(body, None)?;
+    Ok(Json(state.manager.set_network(&caller, &id, req).await?))
 }
 
 /// `POST /v1/sandboxes/{id}/exec`: the buffered result, or with `Accept: application/x-ndjson`

@@ -6,6 +6,7 @@
 //! - [`host`]: what the host sees of a sandbox, and that it left nothing behind;
 //! - [`tmpfs`]: a small filesystem to fill up.
 
+pub mod fakenet;
 pub mod host;
 pub mod server;
 pub mod tmpfs;

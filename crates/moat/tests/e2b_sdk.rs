@@ -96,6 +96,22 @@ fn run_client(mut cmd: Command, what: &str) {
     );
 }
 
+/// E2B's network options against a fake internet built for the run
+/// (`moat_test_support::fakenet`), whose addresses the file reads from `MOAT_FAKE_*`.
+#[test]
+fn network() {
+    need_root!("the fake internet and moat serve's native backend need root");
+    let net = support::fakenet::FakeNet::start(json!({}));
+    let mut cmd = Command::new(test_python());
+    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg("tests/e2b/test_network.py")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("MOAT_FAKE_WEB", net.web.to_string())
+        .env("MOAT_FAKE_OTHER", net.other.to_string())
+        .env("MOAT_FAKE_DNS", net.dns.to_string());
+    run_client(cmd, "pytest tests/e2b/test_network.py");
+}
+
 #[test]
 fn control_plane() {
     run_pytest("test_control.py");

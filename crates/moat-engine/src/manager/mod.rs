@@ -19,6 +19,7 @@ mod housekeeping;
 mod idempotency;
 mod keys;
 mod memory;
+mod network;
 mod pause;
 mod pool;
 mod readiness;
@@ -61,6 +62,7 @@ use crate::agent_client::AgentClient;
 use crate::auth::Caller;
 use crate::backend::{Backend, Backends, Instance};
 use crate::metrics::Metrics;
+use crate::network::NetworkPolicy;
 use crate::plan::{self, SandboxPlan, TemplateLimits, limits_v1};
 use crate::resources::Resources;
 use crate::store::{
@@ -244,6 +246,8 @@ struct Live {
     usage: Mutex<usage::History>,
     /// What the health checks found (see [`health`]).
     health: health::Health,
+    /// Its network being served; `None` while it has none.
+    egress: Mutex<Option<crate::network::Egress>>,
 }
 
 impl Live {
@@ -267,7 +271,14 @@ impl Live {
             env,
             public_traffic,
             health: health::Health::default(),
+            egress: Mutex::new(None),
         }
+    }
+
+    /// The same, with its network being served.
+    fn with_egress(self, egress: Option<crate::network::Egress>) -> Live {
+        *lock(&self.egress) = egress;
+        self
     }
 
     fn is_paused(&self) -> bool {
@@ -511,7 +522,8 @@ impl SandboxManager {
         let tenant = caller.tenant.clone();
         let key_id = caller.key_id.clone();
         let began = Instant::now();
-        tokio::spawn(async move { inner.create(tenant, key_id, req, id, began).await })
+        let admin = caller.is_admin();
+        tokio::spawn(async move { inner.create(tenant, key_id, admin, req, id, began).await })
             .await
             .map_err(|e| ManagerError::Internal(format!("create task: {e}")))?
     }
@@ -675,17 +687,29 @@ impl Inner {
         self: Arc<Self>,
         tenant: String,
         key_id: Option<String>,
+        admin: bool,
         req: v1::CreateSandbox,
         id: Option<String>,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
         let public_traffic = req.public_traffic;
+        // Checked before anything else: a malformed policy is the client's to fix first.
+        let asked_network = req
+            .network
+            .as_ref()
+            .map(|n| network::policy_of(n, admin))
+            .transpose()?;
         let lifecycle = req.lifecycle.unwrap_or_default();
         let mut plan = match req.snapshot.clone() {
             Some(snapshot) => self.plan_from_snapshot(&tenant, &snapshot, req).await?,
             None => self.plan_from_template(&tenant, req).await?,
         };
         plan.public_traffic = public_traffic;
+        if let Some(policy) = asked_network {
+            plan.network = policy;
+            plan.poolable = false;
+        }
+        network::check_backend(self.backends.get(&plan.backend)?.as_ref(), &plan.network)?;
         if lifecycle.on_timeout == v1::OnTimeout::Pause {
             let backend = self.backends.get(&plan.backend)?;
             crate::backend::Capabilities::require(
@@ -750,6 +774,11 @@ impl Inner {
     ) -> ManagerResult<SandboxPlan> {
         let backend = self.backends.resolve(template.backend.as_deref())?;
         let mut plan = SandboxPlan::of_template(name, owner, template, limits, backend.name());
+        // Checked when the template was written, by whoever wrote it.
+        if let Some(n) = &template.network {
+            plan.network = NetworkPolicy::from_v1(n)
+                .map_err(|e| ManagerError::Internal(format!("template {name}'s network: {e}")))?;
+        }
         // Started from a snapshot with memory: restored, nothing of the template runs again.
         if let Some(snapshot) = &template.snapshot {
             let dir = self
@@ -954,18 +983,21 @@ impl Inner {
         plan: &SandboxPlan,
         public_traffic: bool,
     ) -> ManagerResult<()> {
-        let (instance, client) = self.boot(backend, id, plan).await?;
+        let (instance, client, egress) = self.boot(backend, id, plan).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             id.to_owned(),
-            Arc::new(Live::new(
-                tenant,
-                client,
-                backend.clone(),
-                instance,
-                plan.env.clone(),
-                public_traffic,
-            )),
+            Arc::new(
+                Live::new(
+                    tenant,
+                    client,
+                    backend.clone(),
+                    instance,
+                    plan.env.clone(),
+                    public_traffic,
+                )
+                .with_egress(egress),
+            ),
         );
         Ok(())
     }
@@ -979,7 +1011,11 @@ impl Inner {
         backend: &Arc<dyn Backend>,
         id: &str,
         plan: &SandboxPlan,
-    ) -> ManagerResult<(Box<dyn Instance>, AgentClient)> {
+    ) -> ManagerResult<(
+        Box<dyn Instance>,
+        AgentClient,
+        Option<crate::network::Egress>,
+    )> {
         let made = match &plan.memory {
             // Its processes come back running: nothing of the template's starts again.
             Some(dir) => backend.restore(id, plan, dir).await,
@@ -989,6 +1025,8 @@ impl Inner {
             ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
         })?;
         let connected = async {
+            // Served before anything of the template runs: a start script may need it.
+            let egress = network::serve(id, &plan.network, instance.as_ref())?;
             let channel = instance
                 .take_channel()
                 .ok_or_else(|| ManagerError::Internal("backend gave no agent channel".into()))?;
@@ -1005,11 +1043,11 @@ impl Inner {
             if plan.memory.is_none() {
                 readiness::start_and_wait(&client, &plan.readiness).await?;
             }
-            Ok::<_, ManagerError>(client)
+            Ok::<_, ManagerError>((client, egress))
         }
         .await;
         match connected {
-            Ok(client) => Ok((instance, client)),
+            Ok((client, egress)) => Ok((instance, client, egress)),
             Err(e) => {
                 if let Err(d) = instance.destroy().await {
                     tracing::warn!(sandbox = %id, "destroying a failed sandbox: {d}");
@@ -1022,6 +1060,7 @@ impl Inner {
     async fn remove_and_destroy(&self, id: &str) {
         let live = lock(&self.live).remove(id);
         if let Some(live) = live {
+            lock(&live.egress).take();
             if let Err(e) = live.instance.lock().await.destroy().await {
                 tracing::warn!(sandbox = %id, "destroy: {e}");
             }

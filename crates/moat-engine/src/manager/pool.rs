@@ -69,6 +69,8 @@ pub(crate) struct Member {
     pub(crate) instance: Box<dyn Instance>,
     /// What its cgroup held once it was ready.
     memory: u64,
+    /// Its template's network, being served.
+    egress: Option<crate::network::Egress>,
 }
 
 struct Pool {
@@ -531,7 +533,7 @@ impl Inner {
         self.db(move |s| s.add_pool_member_within(&new, limits))
             .await?;
         match self.boot(&backend, &id, &plan).await {
-            Ok((instance, client)) => {
+            Ok((instance, client, egress)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {
                     id,
@@ -539,6 +541,7 @@ impl Inner {
                     backend,
                     instance,
                     memory,
+                    egress,
                 })
             }
             Err(e) => {
@@ -618,14 +621,17 @@ impl Inner {
     pub(super) fn adopt(&self, tenant: &str, member: Member, public_traffic: bool) {
         lock(&self.live).insert(
             member.id.clone(),
-            Arc::new(Live::new(
-                tenant,
-                member.client,
-                member.backend,
-                member.instance,
-                Default::default(),
-                public_traffic,
-            )),
+            Arc::new(
+                Live::new(
+                    tenant,
+                    member.client,
+                    member.backend,
+                    member.instance,
+                    Default::default(),
+                    public_traffic,
+                )
+                .with_egress(member.egress),
+            ),
         );
     }
 }

@@ -148,12 +148,20 @@ impl Inner {
         let backend = self.backends.get(&rec.backend)?.clone();
         // The create's own environment comes from its recorded plan, so a snapshot of an
         // adopted sandbox keeps it; records older than plans had none kept.
-        let env = super::stored_plan(rec)?.map(|p| p.env).unwrap_or_default();
+        let plan = super::stored_plan(rec)?;
+        let network = plan.as_ref().map(|p| p.network.clone()).unwrap_or_default();
+        let env = plan.map(|p| p.env).unwrap_or_default();
         let Some(mut instance) = backend.adopt(&rec.id).await? else {
             return Ok(false);
         };
-        match connect(instance.as_mut(), rec.state == SandboxState::Paused).await {
-            Ok(client) => {
+        let connected = async {
+            // Its network is served again from its recorded policy before anything reaches it.
+            let egress = super::network::serve(&rec.id, &network, instance.as_ref())?;
+            let client = connect(instance.as_mut(), rec.state == SandboxState::Paused).await?;
+            Ok::<_, ManagerError>((client, egress))
+        };
+        match connected.await {
+            Ok((client, egress)) => {
                 let live = Live::new(
                     &rec.tenant,
                     client,
@@ -161,7 +169,8 @@ impl Inner {
                     instance,
                     env,
                     rec.public_traffic,
-                );
+                )
+                .with_egress(egress);
                 if rec.state == SandboxState::Paused {
                     live.paused.store(true, std::sync::atomic::Ordering::SeqCst);
                 }

@@ -142,8 +142,10 @@ impl SandboxManager {
                 return invalid(format!("rootfs dir {dir:?} is not a directory on the host"));
             }
         }
-        if let Some(kind) = &spec.backend {
-            self.inner.backends.get(kind)?;
+        let backend = self.inner.backends.resolve(spec.backend.as_deref())?;
+        if let Some(n) = &spec.network {
+            let policy = super::network::policy_of(n, host_paths)?;
+            super::network::check_backend(backend.as_ref(), &policy)?;
         }
         resolve_resources(spec, None)?;
         check_env("env", &spec.env)?;

@@ -344,6 +344,18 @@ fn check_metadata(metadata: &BTreeMap<String, String>) -> StoreResult<()> {
     Ok(())
 }
 
+/// Sandbox `id` of `tenant`, which must not have ended ([`StoreError::Ended`] otherwise).
+fn get_active_sandbox(tx: &Connection, tenant: &str, id: &str) -> StoreResult<SandboxRecord> {
+    let current = get_sandbox(tx, tenant, id)?;
+    if current.state.is_ended() {
+        return Err(StoreError::Ended {
+            id: id.to_owned(),
+            state: current.state,
+        });
+    }
+    Ok(current)
+}
+
 fn get_sandbox(conn: &Connection, tenant: &str, id: &str) -> StoreResult<SandboxRecord> {
     first_row(
         &mut *conn.prepare_cached("SELECT * FROM sandboxes WHERE id = ?1 AND tenant_id = ?2")?,
@@ -737,13 +749,7 @@ impl Store {
         check_tenant_id(tenant)?;
         check_sandbox_id(id)?;
         self.write(|tx| {
-            let current = get_sandbox(tx, tenant, id)?;
-            if current.state.is_ended() {
-                return Err(StoreError::Ended {
-                    id: id.to_owned(),
-                    state: current.state,
-                });
-            }
+            let current = get_active_sandbox(tx, tenant, id)?;
             tx.execute(
                 "UPDATE sandboxes SET expires_at = ?1 WHERE id = ?2",
                 params![expires_at, id],
@@ -752,6 +758,26 @@ impl Store {
                 expires_at,
                 ..current
             })
+        })
+    }
+
+    /// Replaces the recorded plan of a running or paused sandbox of `tenant` (a network policy
+    /// changed while it runs). An ended sandbox is [`StoreError::Ended`].
+    pub fn set_sandbox_plan(
+        &self,
+        tenant: &str,
+        id: &str,
+        plan: &serde_json::Value,
+    ) -> StoreResult<()> {
+        check_tenant_id(tenant)?;
+        check_sandbox_id(id)?;
+        self.write(|tx| {
+            get_active_sandbox(tx, tenant, id)?;
+            tx.execute(
+                "UPDATE sandboxes SET plan = ?1 WHERE id = ?2",
+                params![plan.to_string(), id],
+            )?;
+            Ok(())
         })
     }
 
@@ -766,13 +792,7 @@ impl Store {
         check_tenant_id(tenant)?;
         check_sandbox_id(id)?;
         self.write(|tx| {
-            let current = get_sandbox(tx, tenant, id)?;
-            if current.state.is_ended() {
-                return Err(StoreError::Ended {
-                    id: id.to_owned(),
-                    state: current.state,
-                });
-            }
+            let current = get_active_sandbox(tx, tenant, id)?;
             // Never expiring, or expiring later already: nothing to extend.
             if current.expires_at.is_none_or(|old| old >= at) {
                 return Ok(current);

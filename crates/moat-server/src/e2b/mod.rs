@@ -25,6 +25,7 @@ mod auth;
 mod error;
 mod lifecycle;
 mod list_query;
+mod network;
 mod sandboxes;
 mod shapes;
 mod templates;
@@ -32,7 +33,7 @@ mod templates;
 use axum::Router;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 
 use crate::ApiError;
 use crate::extract::Shared;
@@ -78,6 +79,7 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
             get(sandboxes::get).delete(sandboxes::kill),
         )
         .route("/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
+        .route("/sandboxes/{id}/network", put(network::update))
         .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
         .route("/sandboxes/{id}/pause", post(lifecycle::pause))
         .route(

@@ -115,13 +115,7 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
             "{what} is not supported by this server"
         )))
     };
-    if req.allow_internet_access == Some(true) {
-        return unsupported(
-            "allow_internet_access: true (sandboxes have no network access; \
-             leave it out or send false)",
-        );
-    }
-    let public_traffic = public_traffic(req.network.as_ref())?;
+    let asked = super::network::translate(req.allow_internet_access, req.network.as_ref(), false)?;
     // A paused sandbox keeps its memory on every backend (frozen, or saved to disk), so a
     // filesystem-only auto-pause is not offered.
     if req.auto_pause_memory == Some(false) {
@@ -154,40 +148,10 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
         env: req.env_vars.unwrap_or_default(),
         metadata: req.metadata.unwrap_or_default(),
         timeout_secs,
-        public_traffic,
+        public_traffic: asked.public_traffic,
         lifecycle,
+        network: asked.network,
     })
-}
-
-/// `allowPublicTraffic` of a create's `network`, the one part of it moat enforces; the rest
-/// (egress rules) is refused, as sandboxes have no network access to configure.
-fn public_traffic(network: Option<&serde_json::Value>) -> E2bResult<Option<bool>> {
-    let Some(serde_json::Value::Object(fields)) = network else {
-        return match network {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(_) => Err(E2bError::invalid("network must be an object")),
-        };
-    };
-    let mut public = None;
-    for (name, value) in fields {
-        match (name.as_str(), value) {
-            ("allowPublicTraffic", serde_json::Value::Bool(b)) => public = Some(*b),
-            (_, serde_json::Value::Null) => {}
-            ("allowPublicTraffic", _) => {
-                return Err(E2bError::invalid(
-                    "network.allowPublicTraffic must be a boolean",
-                ));
-            }
-            (_, v) if !given(&Some(v.clone())) => {}
-            (other, _) => {
-                return Err(E2bError::invalid(format!(
-                    "network.{other} is not supported by this server (sandboxes have no \
-                     network access to configure)"
-                )));
-            }
-        }
-    }
-    Ok(public)
 }
 
 /// Whether an optional object field asks for something: present, and neither `null` nor
@@ -243,7 +207,7 @@ pub(super) async fn visible(state: &Shared, caller: &Caller, id: &str) -> E2bRes
 }
 
 /// A manager answer about a sandbox that was visible a moment ago: ended meanwhile is 404.
-fn gone_is_404(id: &str, e: ManagerError) -> E2bError {
+pub(crate) fn gone_is_404(id: &str, e: ManagerError) -> E2bError {
     match e {
         ManagerError::NotFound(_) | ManagerError::Conflict(_) => E2bError::no_sandbox(id),
         other => other.into(),
@@ -341,11 +305,15 @@ pub(crate) async fn get(
 ) -> E2bResult<Json<SandboxDetail>> {
     let Path(id) = id?;
     let sandbox = visible(&state, &caller, &id).await?;
-    Ok(Json(SandboxDetail::new(
-        &sandbox,
-        state.manager.access_token(&id),
-        &state.domain,
-    )))
+    // A sandbox this server does not run (paused to disk, say) shows no network.
+    let internet = state
+        .manager
+        .network(&caller, &id)
+        .await
+        .is_ok_and(|n| n.network.internet);
+    let mut detail = SandboxDetail::new(&sandbox, state.manager.access_token(&id), &state.domain);
+    detail.allow_internet_access = internet;
+    Ok(Json(detail))
 }
 
 /// `GET /v2/sandboxes`: one page, newest first unless `order=asc`; `x-next-token` names the
@@ -476,6 +444,12 @@ mod tests {
         assert_eq!(ok("{}").unwrap().public_traffic, None);
         let private = ok(r#"{"network":{"allowPublicTraffic":false,"allowOut":[]}}"#).unwrap();
         assert_eq!(private.public_traffic, Some(false));
+        // Empty lists ask for nothing: still no network.
+        assert_eq!(private.network, None);
+        assert_eq!(
+            ok(r#"{"allow_internet_access":true}"#).unwrap().network,
+            Some(v1::Network::internet())
+        );
         assert_eq!(ok("{}").unwrap().lifecycle, None);
         let paused =
             ok(r#"{"autoPause":true,"autoPauseMemory":true,"autoResume":{"enabled":true}}"#)
@@ -488,8 +462,8 @@ mod tests {
         assert_eq!(killed.on_timeout, v1::OnTimeout::Kill);
         assert!(!killed.auto_resume);
         for bad in [
-            r#"{"allow_internet_access":true}"#,
-            r#"{"network":{"denyOut":["0.0.0.0/0"]}}"#,
+            r#"{"network":{"egressProxy":{"address":"proxy:1080"}}}"#,
+            r#"{"network":{"denyOut":["evil.com"]}}"#,
             r#"{"network":{"allowPublicTraffic":"no"}}"#,
             r#"{"network":true}"#,
             r#"{"autoPause":true,"autoPauseMemory":false}"#,

@@ -117,7 +117,7 @@ pub(crate) struct SandboxDetail {
     pub(crate) listed: ListedSandbox,
     pub(crate) envd_access_token: String,
     pub(crate) domain: String,
-    /// Always `false`: sandboxes have no network but their own loopback.
+    /// Whether the public internet is open to it (`internet` of its policy).
     pub(crate) allow_internet_access: bool,
     pub(crate) lifecycle: Lifecycle,
 }

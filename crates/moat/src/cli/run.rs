@@ -83,6 +83,8 @@ pub struct RunArgs {
     /// sentry between the command and the host kernel).
     #[arg(long, default_value = "native", value_parser = ["native", "gvisor"])]
     pub(crate) backend: String,
+    #[command(flatten)]
+    pub(crate) network: super::network_args::NetworkArgs,
     /// Sandbox id (default: random); for tests that must find the sandbox's host resources.
     #[arg(long, hide = true)]
     pub(crate) id: Option<String>,
@@ -110,6 +112,7 @@ struct Plan {
     rootfs: v1::Rootfs,
     tty: bool,
     backend: String,
+    network: Option<v1::Network>,
 }
 
 fn plan(a: RunArgs) -> Result<Plan> {
@@ -175,6 +178,7 @@ fn plan(a: RunArgs) -> Result<Plan> {
         check_sandbox_id(id)?;
     }
     let id = a.id;
+    let network = a.network.to_v1()?;
     Ok(Plan {
         id,
         resources,
@@ -188,6 +192,7 @@ fn plan(a: RunArgs) -> Result<Plan> {
         rootfs,
         tty,
         backend: a.backend,
+        network,
     })
 }
 
@@ -295,7 +300,7 @@ async fn local_engine(plan: &Plan, caller: &Caller, timing: &Timing) -> Result<S
 }
 
 /// The create request of the run's sandbox: its template and the limits the options ask for.
-fn create_request(r: &Resources) -> v1::CreateSandbox {
+fn create_request(r: &Resources, network: Option<v1::Network>) -> v1::CreateSandbox {
     v1::CreateSandbox {
         template: RUN_TEMPLATE.to_owned(),
         snapshot: None,
@@ -310,6 +315,7 @@ fn create_request(r: &Resources) -> v1::CreateSandbox {
         timeout_secs: None,
         public_traffic: None,
         lifecycle: None,
+        network,
     }
 }
 
@@ -326,7 +332,11 @@ async fn run(plan: Plan) -> Result<u8> {
     timing.mark("engine ready");
     // A signal during the create is kept for when it is done: a create cut off halfway could
     // not be undone.
-    let create = manager.create_with_id(&caller, create_request(&plan.resources), plan.id.clone());
+    let create = manager.create_with_id(
+        &caller,
+        create_request(&plan.resources, plan.network.clone()),
+        plan.id.clone(),
+    );
     tokio::pin!(create);
     let mut caught = None;
     let created = loop {

@@ -89,6 +89,7 @@ fn plan(a: &RunArgs) -> Result<Plan> {
             }),
             metadata: [("created_by".to_owned(), "moat run".to_owned())].into(),
             timeout_secs: Some(timeout + TTL_MARGIN_SECS),
+            network: a.network.to_v1()?,
             ..CreateSandbox::default()
         },
         exec: ExecRequest {

@@ -34,7 +34,7 @@ pub struct SandboxArgs {
 #[derive(Debug, clap::Subcommand)]
 enum SandboxCommand {
     /// Make a sandbox and print its id.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List sandboxes (active ones unless --all or --state).
     #[command(visible_alias = "list")]
     Ls(LsArgs),
@@ -161,6 +161,8 @@ struct CreateArgs {
     /// Resume the sandbox when a command, a file call or traffic needs it while it is paused.
     #[arg(long)]
     auto_resume: bool,
+    #[command(flatten)]
+    network: super::network_args::NetworkArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -221,7 +223,7 @@ pub fn main(args: SandboxArgs) -> ExitCode {
         let client = remote.client()?;
         let format = remote.output;
         match command {
-            SandboxCommand::Create(a) => create(&client, format, a).await,
+            SandboxCommand::Create(a) => create(&client, format, *a).await,
             SandboxCommand::Ls(a) => ls(&client, format, a).await,
             SandboxCommand::Get { id } => {
                 let sandbox = client.get_sandbox(&id).await?;
@@ -290,6 +292,7 @@ async fn create(client: &Client, format: Format, a: CreateArgs) -> Result<ExitCo
             },
             auto_resume: a.auto_resume,
         }),
+        network: a.network.to_v1()?,
         ..CreateSandbox::default()
     };
     if let Some(t) = a.template {

@@ -93,6 +93,8 @@ struct CreateArgs {
     /// A snapshot with memory its sandboxes start from, already initialised (gvisor).
     #[arg(long, value_name = "ID")]
     snapshot: Option<String>,
+    #[command(flatten)]
+    network: super::network_args::NetworkArgs,
 }
 
 /// Runs `moat template …`.
@@ -195,6 +197,9 @@ fn spec(a: &CreateArgs) -> Result<TemplateSpec> {
     }
     if let Some(s) = &a.snapshot {
         spec.snapshot = Some(s.clone());
+    }
+    if let Some(n) = a.network.to_v1()? {
+        spec.network = Some(n);
     }
     Ok(spec)
 }

@@ -1,0 +1,135 @@
+//! Sandboxes' networks: a policy checked for its caller and backend, served from the moment a
+//! sandbox is made (before its template's start script runs), looked at and changed while it
+//! runs, and served again when a server adopts a kept sandbox.
+
+use std::sync::Arc;
+
+use moat_proto::v1;
+
+use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
+use crate::auth::Caller;
+use crate::backend::{Backend, Instance};
+use crate::network::policy::PolicyError;
+use crate::network::{Egress, NetworkPolicy};
+
+/// The policy `n` asks for: every entry parsed, its size bounded, and what it opens allowed
+/// to the caller (`admin` alone may open private, shared or link-local ranges).
+pub(super) fn policy_of(n: &v1::Network, admin: bool) -> ManagerResult<NetworkPolicy> {
+    let policy = NetworkPolicy::from_v1(n).map_err(ManagerError::Invalid)?;
+    if let NetworkPolicy::Egress(p) = &policy {
+        p.validate(admin).map_err(|e| match e {
+            PolicyError::Invalid(m) => ManagerError::Invalid(m),
+            PolicyError::NeedsAdmin(m) => ManagerError::Forbidden(m),
+        })?;
+    }
+    Ok(policy)
+}
+
+/// Refuses a policy with network access on a backend that cannot give it.
+pub(super) fn check_backend(backend: &dyn Backend, policy: &NetworkPolicy) -> ManagerResult<()> {
+    if matches!(policy, NetworkPolicy::Egress(_)) && !backend.capabilities().egress {
+        return Err(ManagerError::Invalid(format!(
+            "the {} backend cannot give sandboxes network access yet; use the native backend \
+             or no network",
+            backend.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Serves `policy` for sandbox `id` made as `instance`: `None` for no network.
+pub(super) fn serve(
+    id: &str,
+    policy: &NetworkPolicy,
+    instance: &dyn Instance,
+) -> ManagerResult<Option<Egress>> {
+    let NetworkPolicy::Egress(p) = policy else {
+        return Ok(None);
+    };
+    let sockets = instance
+        .open_egress()
+        .map_err(|e| ManagerError::Unavailable(format!("the sandbox's network: {e}")))?;
+    let egress = Egress::start(id, p.clone(), sockets)
+        .map_err(|e| ManagerError::Internal(format!("serving the sandbox's network: {e}")))?;
+    Ok(Some(egress))
+}
+
+/// What `GET` answers for `live`.
+fn shown(live: &Live) -> v1::SandboxNetwork {
+    match &*lock(&live.egress) {
+        Some(e) => v1::SandboxNetwork {
+            network: NetworkPolicy::Egress(e.policy()).to_v1(),
+            stats: Some(e.stats()),
+        },
+        None => v1::SandboxNetwork::default(),
+    }
+}
+
+impl SandboxManager {
+    /// The caller's sandbox `id`'s network policy and counters.
+    pub async fn network(&self, caller: &Caller, id: &str) -> ManagerResult<v1::SandboxNetwork> {
+        let live = self.inner.live_any(&caller.tenant, id).await?;
+        Ok(shown(&live))
+    }
+
+    /// Replaces the network policy of the caller's running sandbox `id` with `n`: connections
+    /// and DNS queries from then on meet the new policy at once; connections already open stay
+    /// open. Recorded, so a server that adopts the sandbox serves the new one.
+    pub async fn set_network(
+        &self,
+        caller: &Caller,
+        id: &str,
+        n: v1::Network,
+    ) -> ManagerResult<v1::SandboxNetwork> {
+        let policy = policy_of(&n, caller.is_admin())?;
+        let inner = self.inner.clone();
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
+        tokio::spawn(async move { inner.set_network(&tenant, &id, policy).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("network update task: {e}")))?
+    }
+}
+
+impl Inner {
+    async fn set_network(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &str,
+        policy: NetworkPolicy,
+    ) -> ManagerResult<v1::SandboxNetwork> {
+        let live = self.live_any(tenant, id).await?;
+        check_backend(live.backend.as_ref(), &policy)?;
+        // One update at a time per sandbox, and none during a pause or snapshot.
+        let _ops = live.ops.lock().await;
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        if let Some(mut plan) = super::stored_plan(&rec)? {
+            plan.network = policy.clone();
+            let json = plan
+                .to_json()
+                .map_err(|e| ManagerError::Internal(format!("sandbox plan: {e}")))?;
+            let (t, i) = (tenant.to_owned(), id.to_owned());
+            self.db(move |s| s.set_sandbox_plan(&t, &i, &json)).await?;
+        }
+        let has_egress = lock(&live.egress).is_some();
+        match policy {
+            NetworkPolicy::None => {
+                // Its sockets close: every new connection and query then ends at nothing.
+                lock(&live.egress).take();
+            }
+            NetworkPolicy::Egress(p) if has_egress => {
+                if let Some(e) = &*lock(&live.egress) {
+                    e.set_policy(p);
+                }
+            }
+            egress @ NetworkPolicy::Egress(_) => {
+                let made = {
+                    let instance = live.instance.lock().await;
+                    serve(id, &egress, instance.as_ref())?
+                };
+                *lock(&live.egress) = made;
+            }
+        }
+        Ok(shown(&live))
+    }
+}

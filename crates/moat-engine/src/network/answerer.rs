@@ -1,0 +1,381 @@
+//! The DNS answerer of a sandbox: every query it sends, to any address, arrives here (UDP on
+//! the backend's DNS sockets, TCP through the connection proxy). A name the policy does not
+//! allow is refused without being asked of anyone; an allowed one is asked of the policy's
+//! resolvers (else the host's), over UDP and over TCP when the answer was truncated. An
+//! answer that points the name at an address the sandbox may not reach becomes NXDOMAIN
+//! (rebinding), and every address in an answer is pinned to the name asked.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::dns::{
+    Question, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL, answer_addresses, set_id,
+};
+use super::policy::{SpecialRange, Target, special_range};
+use super::{MAX_DNS_IN_FLIGHT, SandboxNet, host_addresses, host_resolvers};
+
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
+/// How long one resolver has to answer.
+pub const RESOLVER_TIMEOUT: Duration = Duration::from_secs(3);
+/// The largest DNS message read or relayed.
+const MAX_MESSAGE: usize = 65535;
+/// The most queries one TCP connection may carry, and how long it may stay idle.
+const TCP_QUERIES: usize = 64;
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// A UDP socket of the backend's, with the address each query was sent to.
+pub(super) struct DnsSocket {
+    fd: AsyncFd<OwnedFd>,
+    v6: bool,
+}
+
+impl DnsSocket {
+    pub(super) fn new(fd: OwnedFd) -> io::Result<DnsSocket> {
+        // SAFETY: an all-zero sockaddr_storage is valid to fill.
+        let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: getsockname into a buffer of the size given.
+        if unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut addr).cast(), &mut len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let v6 = i32::from(addr.ss_family) == libc::AF_INET6;
+        // SAFETY: the OwnedFd stays open for as long as the AsyncFd owns it.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(DnsSocket { fd, v6 })
+    }
+
+    /// Receives a query: its length, who sent it, and the address it was sent to.
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, IpAddr)> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| recv_with_dest(fd.get_ref().as_raw_fd(), buf)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Sends `msg` to `to` from the address `from` (the one the query was sent to).
+    async fn send(&self, msg: &[u8], to: SocketAddr, from: IpAddr) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| send_from(fd.get_ref().as_raw_fd(), self.v6, msg, to, from)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+fn sockaddr_of(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says it is a sockaddr_in.
+            let a = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says it is a sockaddr_in6.
+            let a = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Room for one `in_pktinfo` or `in6_pktinfo` control message.
+const CONTROL: usize = 64;
+
+fn recv_with_dest(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, IpAddr)> {
+    // SAFETY: zeroed storage for the peer's address and the control messages.
+    let mut peer: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut control = [0u64; CONTROL / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr, filled below.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&raw mut peer).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = CONTROL;
+    // SAFETY: every pointer in `msg` is valid for the lengths it gives.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let peer = sockaddr_of(&peer)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no sender address"))?;
+    let mut dest = None;
+    // SAFETY: the CMSG macros walk the control buffer recvmsg filled, within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
+                dest = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
+            } else if h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                dest = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let dest =
+        dest.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no destination address"))?;
+    Ok((n as usize, peer, dest))
+}
+
+/// Writes one control message of `level` and `kind` carrying `info` at the start of
+/// `control`; returns the length to give as `msg_controllen`.
+fn put_control<T: Copy>(control: &mut [u64; CONTROL / 8], level: i32, kind: i32, info: T) -> usize {
+    let len = size_of::<T>() as u32;
+    // SAFETY: the buffer is aligned for cmsghdr (a u64 array) and CONTROL bytes long, more
+    // than CMSG_SPACE of a pktinfo; the header and the data are written within it.
+    unsafe {
+        let h = &mut *control.as_mut_ptr().cast::<libc::cmsghdr>();
+        h.cmsg_level = level;
+        h.cmsg_type = kind;
+        h.cmsg_len = libc::CMSG_LEN(len) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(h).cast::<T>(), info);
+        libc::CMSG_SPACE(len) as usize
+    }
+}
+
+fn send_from(fd: i32, v6: bool, data: &[u8], to: SocketAddr, from: IpAddr) -> io::Result<()> {
+    // SAFETY: zeroed storage for the destination.
+    let mut dest: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut control = [0u64; CONTROL / 8];
+    let (dest_len, control_len) = match (v6, to, from) {
+        (false, SocketAddr::V4(to), IpAddr::V4(from)) => {
+            // SAFETY: sockaddr_storage has room for a sockaddr_in.
+            let a = unsafe { &mut *(&raw mut dest).cast::<libc::sockaddr_in>() };
+            a.sin_family = libc::AF_INET as libc::sa_family_t;
+            a.sin_port = to.port().to_be();
+            a.sin_addr.s_addr = u32::from(*to.ip()).to_be();
+            // SAFETY: an all-zero in_pktinfo is valid; its source address is set below.
+            let mut info: libc::in_pktinfo = unsafe { zeroed() };
+            info.ipi_spec_dst.s_addr = u32::from(from).to_be();
+            let len = put_control(&mut control, libc::IPPROTO_IP, libc::IP_PKTINFO, info);
+            (size_of::<libc::sockaddr_in>(), len)
+        }
+        (true, SocketAddr::V6(to), IpAddr::V6(from)) => {
+            // SAFETY: sockaddr_storage has room for a sockaddr_in6.
+            let a = unsafe { &mut *(&raw mut dest).cast::<libc::sockaddr_in6>() };
+            a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            a.sin6_port = to.port().to_be();
+            a.sin6_addr.s6_addr = to.ip().octets();
+            a.sin6_scope_id = to.scope_id();
+            // SAFETY: an all-zero in6_pktinfo is valid; its source address is set below.
+            let mut info: libc::in6_pktinfo = unsafe { zeroed() };
+            info.ipi6_addr.s6_addr = from.octets();
+            let len = put_control(&mut control, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info);
+            (size_of::<libc::sockaddr_in6>(), len)
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a DNS answer across address families",
+            ));
+        }
+    };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr, filled below.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&raw mut dest).cast();
+    msg.msg_namelen = dest_len as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control_len;
+    // SAFETY: every pointer in `msg` is valid for the lengths it gives.
+    if unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Answers the queries arriving on `sock` until the task is aborted.
+pub(super) async fn serve(sock: DnsSocket, net: Arc<SandboxNet>) {
+    let sock = Arc::new(sock);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_DNS_IN_FLIGHT));
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let (n, peer, dest) = match sock.recv(&mut buf).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+            Err(e) => {
+                tracing::warn!(sandbox = %net.id, "reading a DNS query: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Past the limit, a query is dropped: the client retries, as it would on loss.
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let (sock, net) = (sock.clone(), net.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = answer(&query, &net, false).await {
+                let _ = sock.send(&reply, peer, dest).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Answers DNS over TCP (length-prefixed messages) on `conn`.
+pub(super) async fn serve_tcp(mut conn: TcpStream, net: &SandboxNet) {
+    for _ in 0..TCP_QUERIES {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, conn.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
+        if conn.read_exact(&mut query).await.is_err() {
+            return;
+        }
+        let Some(reply) = answer(&query, net, true).await else {
+            return;
+        };
+        let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&reply);
+        if conn.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The answer to `query`, or `None` for a message that is not one query.
+async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
+    let q = Question::parse(query)?;
+    let policy = net.policy();
+    if !policy.resolves_names() || !policy.name_allowed(&q.name) {
+        net.deny(q.name.clone(), "the name is not allowed".into(), true);
+        return Some(q.reply(query, RCODE_REFUSED));
+    }
+    let resolvers: Vec<SocketAddr> = if policy.dns_servers.is_empty() {
+        host_resolvers()
+    } else {
+        policy
+            .dns_servers
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, DNS_PORT))
+            .collect()
+    };
+    let mut reply = None;
+    for r in resolvers {
+        if let Some(a) = ask(r, query, tcp).await {
+            reply = Some(a);
+            break;
+        }
+    }
+    let Some(mut reply) = reply else {
+        return Some(q.reply(query, RCODE_SERVFAIL));
+    };
+    set_id(&mut reply, q.id);
+    let Some((_, addrs)) = answer_addresses(&reply) else {
+        return Some(q.reply(query, RCODE_SERVFAIL));
+    };
+    let host = host_addresses();
+    for (addr, _) in &addrs {
+        if let Some(special) = special_range(*addr, &host)
+            && !opened(&policy.allow, &special, *addr)
+        {
+            net.deny(
+                q.name.clone(),
+                format!("an answer pointed it at {addr}, which is {}", special.what),
+                true,
+            );
+            return Some(q.reply(query, RCODE_NXDOMAIN));
+        }
+    }
+    for (addr, ttl) in addrs {
+        net.pin(addr, &q.name, ttl);
+    }
+    net.counters.dns_answered.fetch_add(1, Ordering::Relaxed);
+    Some(reply)
+}
+
+/// Whether an allow rule inside `special` names `addr`.
+fn opened(allow: &[super::policy::Rule], special: &SpecialRange, addr: IpAddr) -> bool {
+    special.openable
+        && allow.iter().any(
+            |r| matches!(&r.target, Target::Net(n) if special.net.covers(n) && n.contains(addr)),
+        )
+}
+
+/// Asks `resolver` the query (under a fresh id, so an answer cannot be forged by guessing
+/// the sandbox's); over TCP when `tcp` or when the UDP answer came truncated.
+async fn ask(resolver: SocketAddr, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    let mut id = [0u8; 2];
+    getrandom::fill(&mut id).ok()?;
+    let id = u16::from_be_bytes(id);
+    let mut q = query.to_vec();
+    set_id(&mut q, id);
+    let asked = async {
+        if !tcp {
+            let local: SocketAddr = match resolver {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let sock = UdpSocket::bind(local).await.ok()?;
+            sock.connect(resolver).await.ok()?;
+            sock.send(&q).await.ok()?;
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            loop {
+                let n = sock.recv(&mut buf).await.ok()?;
+                let a = &buf[..n];
+                if a.len() >= 12 && u16::from_be_bytes([a[0], a[1]]) == id && a[2] & 0x80 != 0 {
+                    // TC: the whole answer needs TCP.
+                    if a[2] & 0x02 == 0 {
+                        return Some(a.to_vec());
+                    }
+                    break;
+                }
+            }
+        }
+        let mut conn = TcpStream::connect(resolver).await.ok()?;
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        conn.write_all(&framed).await.ok()?;
+        let mut len = [0u8; 2];
+        conn.read_exact(&mut len).await.ok()?;
+        let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+        conn.read_exact(&mut a).await.ok()?;
+        (a.len() >= 12 && u16::from_be_bytes([a[0], a[1]]) == id).then_some(a)
+    };
+    tokio::time::timeout(RESOLVER_TIMEOUT, asked)
+        .await
+        .ok()
+        .flatten()
+}

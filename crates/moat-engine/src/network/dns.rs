@@ -1,0 +1,238 @@
+//! The few pieces of the DNS message format the answerer needs: a query's question, a
+//! refusal built from a query, and the addresses in an answer. Nothing else of a message is
+//! interpreted; answers go back to the sandbox as the resolver sent them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Record types the answerer reads addresses from.
+pub const TYPE_A: u16 = 1;
+/// IPv6 address records.
+pub const TYPE_AAAA: u16 = 28;
+/// `REFUSED`: the policy does not let the sandbox resolve the name.
+pub const RCODE_REFUSED: u8 = 5;
+/// `NXDOMAIN`: an answer pointed the name at an address the sandbox may not reach.
+pub const RCODE_NXDOMAIN: u8 = 3;
+/// `SERVFAIL`: no resolver answered.
+pub const RCODE_SERVFAIL: u8 = 2;
+
+/// The question of a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Question {
+    /// The query's id.
+    pub id: u16,
+    /// The name asked for, lowercase, without a trailing dot.
+    pub name: String,
+    /// The record type asked for.
+    pub qtype: u16,
+    /// Where the question ends in the message.
+    end: usize,
+}
+
+/// Reads a (possibly compressed) name starting at `at`; returns it and where it ends in the
+/// message (after the first pointer, if any).
+fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+    let mut name = String::new();
+    let mut end = None;
+    // Each pointer must go backwards, which also bounds the loop.
+    let mut limit = at;
+    loop {
+        let len = *msg.get(at)? as usize;
+        match len & 0xC0 {
+            0x00 if len == 0 => {
+                return Some((name, end.unwrap_or(at + 1)));
+            }
+            0x00 => {
+                let label = msg.get(at + 1..at + 1 + len)?;
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                for &b in label {
+                    // Only what a host name may hold; anything else makes the name unusable.
+                    if !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                        return None;
+                    }
+                    name.push(b.to_ascii_lowercase() as char);
+                }
+                if name.len() > 253 {
+                    return None;
+                }
+                at += 1 + len;
+            }
+            0xC0 => {
+                let ptr = (len & 0x3F) << 8 | *msg.get(at + 1)? as usize;
+                if ptr >= limit {
+                    return None;
+                }
+                end.get_or_insert(at + 2);
+                limit = ptr;
+                at = ptr;
+            }
+            _ => return None,
+        }
+    }
+}
+
+impl Question {
+    /// The question of `msg`, a query (QR clear) with exactly one question; `None` for
+    /// anything else.
+    pub fn parse(msg: &[u8]) -> Option<Question> {
+        if msg.len() < 12 || msg[2] & 0x80 != 0 {
+            return None;
+        }
+        let qdcount = u16::from_be_bytes([msg[4], msg[5]]);
+        if qdcount != 1 {
+            return None;
+        }
+        let (name, at) = read_name(msg, 12)?;
+        let qtype = u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]);
+        msg.get(at + 3)?;
+        Some(Question {
+            id: u16::from_be_bytes([msg[0], msg[1]]),
+            name,
+            qtype,
+            end: at + 4,
+        })
+    }
+
+    /// An answer to `query` (whose question this is) with no records and `rcode`.
+    pub fn reply(&self, query: &[u8], rcode: u8) -> Vec<u8> {
+        let mut r = query[..self.end.min(query.len())].to_vec();
+        // QR set, opcode and RD kept; RA set; the rcode; one question, nothing else.
+        r[2] = 0x80 | (query[2] & 0x79);
+        r[3] = 0x80 | (rcode & 0x0F);
+        r[6..12].fill(0);
+        r
+    }
+}
+
+/// An answer's id and the addresses with their TTLs (seconds) in its answer section; `None`
+/// for a message that is not a well-formed answer.
+pub fn answer_addresses(msg: &[u8]) -> Option<(u16, Vec<(IpAddr, u32)>)> {
+    if msg.len() < 12 || msg[2] & 0x80 == 0 {
+        return None;
+    }
+    let id = u16::from_be_bytes([msg[0], msg[1]]);
+    let qdcount = u16::from_be_bytes([msg[4], msg[5]]);
+    let ancount = u16::from_be_bytes([msg[6], msg[7]]);
+    let mut at = 12;
+    for _ in 0..qdcount {
+        at = read_name(msg, at)?.1 + 4;
+    }
+    let mut out = Vec::new();
+    for _ in 0..ancount {
+        at = read_name(msg, at)?.1;
+        let head = msg.get(at..at + 10)?;
+        let rtype = u16::from_be_bytes([head[0], head[1]]);
+        let ttl = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        let len = u16::from_be_bytes([head[8], head[9]]) as usize;
+        let data = msg.get(at + 10..at + 10 + len)?;
+        match (rtype, len) {
+            (TYPE_A, 4) => {
+                let a: [u8; 4] = data.try_into().ok()?;
+                out.push((IpAddr::V4(Ipv4Addr::from(a)), ttl));
+            }
+            (TYPE_AAAA, 16) => {
+                let a: [u8; 16] = data.try_into().ok()?;
+                out.push((IpAddr::V6(Ipv6Addr::from(a)), ttl));
+            }
+            _ => {}
+        }
+        at += 10 + len;
+    }
+    Some((id, out))
+}
+
+/// Sets the id of the message `msg` (a query forwarded, or its answer sent back).
+pub fn set_id(msg: &mut [u8], id: u16) {
+    if msg.len() >= 2 {
+        msg[..2].copy_from_slice(&id.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A query for `name` of type `qtype` with id `id`.
+    pub(crate) fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+        let mut m = id.to_be_bytes().to_vec();
+        m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.').filter(|l| !l.is_empty()) {
+            m.push(label.len() as u8);
+            m.extend_from_slice(label.as_bytes());
+        }
+        m.push(0);
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m
+    }
+
+    /// An answer to `q` with one A record per address, each named by a pointer to the
+    /// question's name.
+    pub(crate) fn answer(q: &[u8], addrs: &[Ipv4Addr], ttl: u32) -> Vec<u8> {
+        let mut m = q.to_vec();
+        m[2] |= 0x80;
+        m[3] = 0x80;
+        m[6..8].copy_from_slice(&(addrs.len() as u16).to_be_bytes());
+        for a in addrs {
+            m.extend_from_slice(&[0xC0, 12]);
+            m.extend_from_slice(&TYPE_A.to_be_bytes());
+            m.extend_from_slice(&1u16.to_be_bytes());
+            m.extend_from_slice(&ttl.to_be_bytes());
+            m.extend_from_slice(&4u16.to_be_bytes());
+            m.extend_from_slice(&a.octets());
+        }
+        m
+    }
+
+    #[test]
+    fn a_question_is_read_lowercase_and_refused_in_kind() {
+        let q = query(7, "PyPI.Org", TYPE_AAAA);
+        let question = Question::parse(&q).unwrap();
+        assert_eq!(question.id, 7);
+        assert_eq!(question.name, "pypi.org");
+        assert_eq!(question.qtype, TYPE_AAAA);
+        let r = question.reply(&q, RCODE_REFUSED);
+        assert_eq!(&r[..2], &7u16.to_be_bytes());
+        assert_eq!(r[2] & 0x80, 0x80);
+        assert_eq!(r[3] & 0x0F, RCODE_REFUSED);
+        assert_eq!(Question::parse(&r), None, "an answer is not a query");
+        assert_eq!(answer_addresses(&r).unwrap().1, vec![]);
+    }
+
+    #[test]
+    fn addresses_are_read_through_name_pointers() {
+        let q = query(9, "example.com", TYPE_A);
+        let a = answer(
+            &q,
+            &[Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(10, 0, 0, 1)],
+            60,
+        );
+        let (id, addrs) = answer_addresses(&a).unwrap();
+        assert_eq!(id, 9);
+        assert_eq!(
+            addrs,
+            vec![
+                ("203.0.113.10".parse().unwrap(), 60),
+                ("10.0.0.1".parse().unwrap(), 60)
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_refused_not_read() {
+        assert_eq!(Question::parse(&[0; 5]), None);
+        let mut q = query(1, "a.com", TYPE_A);
+        q[12] = 60; // a label running past the end
+        assert_eq!(Question::parse(&q), None);
+        // A pointer loop.
+        let mut a = query(1, "a.com", TYPE_A);
+        a[2] |= 0x80;
+        a[7] = 1;
+        a.extend_from_slice(&[0xC0, (a.len()) as u8]);
+        assert_eq!(answer_addresses(&a), None);
+        // A name with a character no host name has.
+        assert_eq!(Question::parse(&query(1, "a\u{1}.com", TYPE_A)), None);
+    }
+}

@@ -1,0 +1,440 @@
+//! Sandbox networking: the policy ([`policy`]) and the host side that enforces it.
+//!
+//! A sandbox with an egress policy has no route anywhere: its backend makes every connection
+//! and DNS query it sends end at sockets the engine holds ([`EgressSockets`]). For each
+//! connection, the engine decides on the address it was meant for, reads the name its first
+//! bytes carry where a domain rule needs it ([`sniff`]), and only then opens a connection of
+//! its own and relays the bytes ([`proxy`]). DNS queries are answered by the engine
+//! ([`answerer`]): names the policy does not allow are refused, the rest are asked of the
+//! policy's resolvers (else the host's), answers that point a name at an address the sandbox
+//! may not reach become NXDOMAIN, and every address handed out for an allowed name is pinned
+//! to that name, so a domain rule allows exactly the addresses moat resolved for it.
+
+mod answerer;
+pub mod dns;
+pub mod policy;
+mod proxy;
+pub mod sniff;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use moat_proto::v1;
+pub use policy::EgressPolicy;
+use serde::{Deserialize, Serialize};
+
+/// The most connections a sandbox may have open through moat at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// The most DNS queries of a sandbox being answered at once.
+pub const MAX_DNS_IN_FLIGHT: usize = 32;
+/// The most (address, name) pins a sandbox holds; the oldest go first.
+pub const MAX_PINS: usize = 4096;
+/// How long a pin outlives the answer's TTL, at least: clients cache answers longer than they
+/// are told to.
+pub const MIN_PIN: Duration = Duration::from_secs(600);
+
+/// The sockets a backend made in a sandbox's network namespace, which the engine serves the
+/// sandbox's policy on.
+#[derive(Debug)]
+pub struct EgressSockets {
+    /// A listening, non-blocking TCP socket every connection of the sandbox arrives at; an
+    /// accepted connection's local address is where the sandbox meant to connect.
+    pub connections: OwnedFd,
+    /// Non-blocking UDP sockets every DNS query arrives at (IPv4 with `IP_PKTINFO`, IPv6 with
+    /// `IPV6_RECVPKTINFO` where the host has it).
+    pub dns_v4: OwnedFd,
+    /// The IPv6 one.
+    pub dns_v6: Option<OwnedFd>,
+}
+
+/// How a sandbox reaches the network.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkPolicy {
+    /// No interface but loopback.
+    #[default]
+    None,
+    /// Out through moat, as the policy allows.
+    Egress(EgressPolicy),
+}
+
+impl NetworkPolicy {
+    /// The policy a client's `network` asks for, every entry checked; a malformed one is
+    /// refused naming it (`network.allow[2]: ...`).
+    pub fn from_v1(n: &v1::Network) -> Result<NetworkPolicy, String> {
+        let rules = |list: &[String], name: &str| -> Result<Vec<policy::Rule>, String> {
+            if list.len() > policy::MAX_RULES {
+                return Err(format!(
+                    "network.{name} has {} rules; the most is {}",
+                    list.len(),
+                    policy::MAX_RULES
+                ));
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, r)| r.parse().map_err(|e| format!("network.{name}[{i}]: {e}")))
+                .collect()
+        };
+        let allow = rules(&n.allow, "allow")?;
+        let deny = rules(&n.deny, "deny")?;
+        if n.dns_servers.len() > policy::MAX_DNS_SERVERS {
+            return Err(format!(
+                "network.dns_servers names {}; the most is {}",
+                n.dns_servers.len(),
+                policy::MAX_DNS_SERVERS
+            ));
+        }
+        let dns_servers = n
+            .dns_servers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse::<IpAddr>()
+                    .map_err(|_| format!("network.dns_servers[{i}]: {a:?} is not an IP address"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if n.is_none() {
+            if !deny.is_empty() || !dns_servers.is_empty() {
+                return Err(
+                    "network: deny rules and dns_servers need internet: true or an \
+                            allow rule (without either, the sandbox has no network)"
+                        .into(),
+                );
+            }
+            return Ok(NetworkPolicy::None);
+        }
+        Ok(NetworkPolicy::Egress(EgressPolicy {
+            internet: n.internet,
+            allow,
+            deny,
+            dns_servers,
+        }))
+    }
+
+    /// The policy as the API shows it.
+    pub fn to_v1(&self) -> v1::Network {
+        match self {
+            NetworkPolicy::None => v1::Network::default(),
+            NetworkPolicy::Egress(p) => v1::Network {
+                internet: p.internet,
+                allow: p.allow.iter().map(ToString::to_string).collect(),
+                deny: p.deny.iter().map(ToString::to_string).collect(),
+                dns_servers: p.dns_servers.iter().map(ToString::to_string).collect(),
+            },
+        }
+    }
+}
+
+/// Counters of one sandbox's network use.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections allowed and opened.
+    pub connections: AtomicU64,
+    /// Connections refused.
+    pub denied: AtomicU64,
+    /// Bytes the sandbox sent through its connections.
+    pub bytes_out: AtomicU64,
+    /// Bytes it received through them.
+    pub bytes_in: AtomicU64,
+    /// DNS queries answered from a resolver.
+    pub dns_answered: AtomicU64,
+    /// DNS queries refused (a name not allowed, an answer pointing somewhere closed).
+    pub dns_refused: AtomicU64,
+}
+
+/// The most recent denials a sandbox keeps, for operators to see what it tried.
+pub const RECENT_DENIALS: usize = 32;
+
+/// Addresses handed out for allowed names, with when each pin ends.
+#[derive(Debug, Default)]
+struct Pins {
+    by_addr: HashMap<IpAddr, Vec<(String, Instant)>>,
+    count: usize,
+}
+
+impl Pins {
+    fn add(&mut self, addr: IpAddr, name: &str, until: Instant) {
+        let now = Instant::now();
+        if self.count >= MAX_PINS {
+            self.by_addr.retain(|_, names| {
+                names.retain(|(_, end)| *end > now);
+                !names.is_empty()
+            });
+            self.count = self.by_addr.values().map(Vec::len).sum();
+            if self.count >= MAX_PINS {
+                // Still full of live pins: the ones ending first go.
+                let mut ends: Vec<Instant> = self
+                    .by_addr
+                    .values()
+                    .flat_map(|v| v.iter().map(|(_, e)| *e))
+                    .collect();
+                ends.sort();
+                let cut = ends[ends.len() / 4];
+                self.by_addr.retain(|_, names| {
+                    names.retain(|(_, end)| *end > cut);
+                    !names.is_empty()
+                });
+                self.count = self.by_addr.values().map(Vec::len).sum();
+            }
+        }
+        let names = self.by_addr.entry(addr).or_default();
+        match names.iter_mut().find(|(n, _)| n == name) {
+            Some(pin) => pin.1 = pin.1.max(until),
+            None => {
+                names.push((name.to_owned(), until));
+                self.count += 1;
+            }
+        }
+    }
+
+    fn any(&self, addr: IpAddr) -> bool {
+        let now = Instant::now();
+        self.by_addr
+            .get(&addr)
+            .is_some_and(|v| v.iter().any(|(_, end)| *end > now))
+    }
+
+    fn has(&self, addr: IpAddr, name: &str) -> bool {
+        let now = Instant::now();
+        self.by_addr
+            .get(&addr)
+            .is_some_and(|v| v.iter().any(|(n, end)| n == name && *end > now))
+    }
+}
+
+/// One sandbox's network state, shared by its connection and DNS tasks.
+#[derive(Debug)]
+pub struct SandboxNet {
+    id: String,
+    policy: RwLock<Arc<EgressPolicy>>,
+    pins: Mutex<Pins>,
+    counters: Counters,
+    denials: Mutex<std::collections::VecDeque<v1::Denial>>,
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl SandboxNet {
+    fn policy(&self) -> Arc<EgressPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn deny(&self, target: String, reason: String, dns: bool) {
+        if dns {
+            self.counters.dns_refused.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(sandbox = %self.id, %target, %reason, "egress denied");
+        let mut d = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        if d.len() == RECENT_DENIALS {
+            d.pop_front();
+        }
+        d.push_back(v1::Denial {
+            at_ms: u64::try_from(crate::clock::now_ms()).unwrap_or_default(),
+            target,
+            reason,
+        });
+    }
+
+    fn pinned(&self, addr: IpAddr) -> bool {
+        self.pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .any(policy::canonical(addr))
+    }
+
+    fn pinned_to(&self, addr: IpAddr, name: &str) -> bool {
+        self.pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .has(policy::canonical(addr), name)
+    }
+
+    fn pin(&self, addr: IpAddr, name: &str, ttl: u32) {
+        let until = Instant::now() + MIN_PIN.max(Duration::from_secs(u64::from(ttl)));
+        self.pins.lock().unwrap_or_else(|e| e.into_inner()).add(
+            policy::canonical(addr),
+            name,
+            until,
+        );
+    }
+}
+
+/// A sandbox's egress being served: its tasks end when this is dropped.
+#[derive(Debug)]
+pub struct Egress {
+    net: Arc<SandboxNet>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Egress {
+    /// Serves `policy` for sandbox `id` on `sockets`. Must be called within a Tokio runtime.
+    pub fn start(
+        id: &str,
+        policy: EgressPolicy,
+        sockets: EgressSockets,
+    ) -> std::io::Result<Egress> {
+        let net = Arc::new(SandboxNet {
+            id: id.to_owned(),
+            policy: RwLock::new(Arc::new(policy)),
+            pins: Mutex::default(),
+            counters: Counters::default(),
+            denials: Mutex::default(),
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        });
+        let mut tasks = Vec::new();
+        let listener = std::net::TcpListener::from(sockets.connections);
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tasks.push(tokio::spawn(proxy::serve(listener, net.clone())));
+        for sock in std::iter::once(sockets.dns_v4).chain(sockets.dns_v6) {
+            let sock = answerer::DnsSocket::new(sock)?;
+            tasks.push(tokio::spawn(answerer::serve(sock, net.clone())));
+        }
+        Ok(Egress { net, tasks })
+    }
+
+    /// Replaces the policy: new connections and queries meet it at once; connections already
+    /// open stay open.
+    pub fn set_policy(&self, policy: EgressPolicy) {
+        *self.net.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// The policy being served.
+    pub fn policy(&self) -> EgressPolicy {
+        (*self.net.policy()).clone()
+    }
+
+    /// The counters and latest denials.
+    pub fn stats(&self) -> v1::NetworkStats {
+        let c = &self.net.counters;
+        v1::NetworkStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            denied: c.denied.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            dns_answered: c.dns_answered.load(Ordering::Relaxed),
+            dns_refused: c.dns_refused.load(Ordering::Relaxed),
+            recent_denials: self
+                .net
+                .denials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+impl Drop for Egress {
+    fn drop(&mut self) {
+        // Ends the listeners; relayed connections end with their tasks.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The host's own addresses, read at most once a second: a sandbox may never reach them.
+pub fn host_addresses() -> Arc<Vec<IpAddr>> {
+    static CACHE: Mutex<Option<(Instant, Arc<Vec<IpAddr>>)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, addrs)) = &*cache
+        && at.elapsed() < Duration::from_secs(1)
+    {
+        return addrs.clone();
+    }
+    let addrs = Arc::new(read_host_addresses());
+    *cache = Some((Instant::now(), addrs.clone()));
+    addrs
+}
+
+fn read_host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        tracing::warn!(
+            "reading the host's addresses: {}",
+            std::io::Error::last_os_error()
+        );
+        return out;
+    }
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*at };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family says its real type.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    // SAFETY: the family is AF_INET, so it is a sockaddr_in.
+                    let a = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                    out.push(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: the family is AF_INET6, so it is a sockaddr_in6.
+                    let a = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                    out.push(IpAddr::from(a.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        at = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    out
+}
+
+/// The resolvers of the host (`nameserver` lines of `/etc/resolv.conf`), on port 53.
+pub fn host_resolvers() -> Vec<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+                .and_then(|a| a.split('%').next())
+                .and_then(|a| a.parse::<IpAddr>().ok())
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+        .take(policy::MAX_DNS_SERVERS)
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_end_and_stay_bounded() {
+        let mut p = Pins::default();
+        let a: IpAddr = "203.0.113.1".parse().unwrap();
+        let later = Instant::now() + Duration::from_secs(60);
+        p.add(a, "x.com", later);
+        assert!(p.any(a) && p.has(a, "x.com") && !p.has(a, "y.com"));
+        p.add(a, "gone.com", Instant::now());
+        assert!(!p.has(a, "gone.com"));
+        for i in 0..(MAX_PINS as u32 * 2) {
+            p.add(IpAddr::from(i.to_be_bytes()), "n.com", later);
+        }
+        assert!(p.count <= MAX_PINS);
+    }
+
+    #[test]
+    fn the_host_has_addresses_and_loopback_is_one() {
+        let addrs = host_addresses();
+        assert!(addrs.contains(&"127.0.0.1".parse().unwrap()), "{addrs:?}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The connections of a sandbox: each one accepted at the sandbox's steering listener is
+//! decided on by the policy, and, if allowed, relayed through a connection moat opens itself
+//! to the address the sandbox meant. A refused one is reset at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::policy::{Verdict, canonical};
+use super::sniff::{MAX_SNIFF, Sniffed, sniff};
+use super::{MAX_CONNECTIONS, SandboxNet, answerer, host_addresses};
+
+/// How long moat waits for the remote end to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection that must name its host may take to send that name.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// The relay's buffer in each direction.
+const RELAY_BUFFER: usize = 256 * 1024;
+
+/// Accepts the sandbox's connections until the task is aborted.
+pub(super) async fn serve(listener: TcpListener, net: Arc<SandboxNet>) {
+    loop {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of descriptors or memory: wait instead of spinning.
+                tracing::warn!(sandbox = %net.id, "accepting a sandbox connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(dest) = conn.local_addr() else {
+            reset(conn);
+            continue;
+        };
+        let dest = SocketAddr::new(canonical(dest.ip()), dest.port());
+        let Ok(permit) = net.connections.clone().try_acquire_owned() else {
+            net.deny(
+                dest.to_string(),
+                format!("too many open connections (the most is {MAX_CONNECTIONS})"),
+                false,
+            );
+            reset(conn);
+            continue;
+        };
+        let net = net.clone();
+        tokio::spawn(async move {
+            handle(conn, dest, &net).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Ends `conn` with a reset rather than a clean close: the sandbox learns at once that the
+/// connection was refused.
+fn reset(conn: TcpStream) {
+    let _ = conn.set_zero_linger();
+    drop(conn);
+}
+
+async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
+    let policy = net.policy();
+    // DNS over TCP goes to the answerer, whichever resolver address it was sent to.
+    if dest.port() == crate::network::answerer::DNS_PORT {
+        answerer::serve_tcp(conn, net).await;
+        return;
+    }
+    let host = host_addresses();
+    let verdict = policy.decide(dest.ip(), dest.port(), net.pinned(dest.ip()), &host);
+    let mut first = Vec::new();
+    match verdict {
+        Verdict::Allow => {}
+        Verdict::Deny(reason) => {
+            net.deny(dest.to_string(), reason, false);
+            reset(conn);
+            return;
+        }
+        Verdict::IfNamed => {
+            let name = tokio::time::timeout(SNIFF_TIMEOUT, read_name(&mut conn, &mut first))
+                .await
+                .unwrap_or(None);
+            let refusal = match name {
+                Some(name)
+                    if policy.name_allowed_on(&name, dest.port())
+                        && net.pinned_to(dest.ip(), &name) =>
+                {
+                    None
+                }
+                Some(name) => Some(format!(
+                    "{name} is not an allowed name that moat resolved to {}",
+                    dest.ip()
+                )),
+                None => Some(
+                    "an address allowed by name needs the name in TLS (SNI) or HTTP (Host)".into(),
+                ),
+            };
+            if let Some(reason) = refusal {
+                net.deny(dest.to_string(), reason, false);
+                reset(conn);
+                return;
+            }
+        }
+    }
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
+        Ok(Ok(s)) => s,
+        // Unreachable or refused out there: the sandbox sees its connection end the same way.
+        Ok(Err(_)) | Err(_) => {
+            reset(conn);
+            return;
+        }
+    };
+    net.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let _ = upstream.set_nodelay(true);
+    let _ = conn.set_nodelay(true);
+    let mut upstream = upstream;
+    if !first.is_empty() {
+        if upstream.write_all(&first).await.is_err() {
+            reset(conn);
+            return;
+        }
+        net.counters
+            .bytes_out
+            .fetch_add(first.len() as u64, Ordering::Relaxed);
+    }
+    if let Ok((out, back)) = tokio::io::copy_bidirectional_with_sizes(
+        &mut conn,
+        &mut upstream,
+        RELAY_BUFFER,
+        RELAY_BUFFER,
+    )
+    .await
+    {
+        net.counters.bytes_out.fetch_add(out, Ordering::Relaxed);
+        net.counters.bytes_in.fetch_add(back, Ordering::Relaxed);
+    }
+}
+
+/// Reads from `conn` into `buf` until its first bytes show the name they carry.
+async fn read_name(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match sniff(buf) {
+            Sniffed::Name(n) => return Some(n),
+            Sniffed::None => return None,
+            Sniffed::More if buf.len() >= MAX_SNIFF => return None,
+            Sniffed::More => {}
+        }
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -1,0 +1,250 @@
+//! The name a connection's first bytes carry: the SNI of a TLS ClientHello, or the Host of a
+//! plain HTTP request. Read only to check it against the policy; the bytes are then relayed
+//! unchanged.
+
+/// The most bytes read before a name must have shown up.
+pub const MAX_SNIFF: usize = 16 * 1024;
+
+/// What the first bytes of a connection say about its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sniffed {
+    /// The name it carries, lowercase, without a port or trailing dot.
+    Name(String),
+    /// Not enough bytes yet.
+    More,
+    /// No name (not TLS with SNI, not HTTP with Host), or a malformed start.
+    None,
+}
+
+/// Looks for the name in `buf`, the connection's bytes so far.
+pub fn sniff(buf: &[u8]) -> Sniffed {
+    match buf.first() {
+        None => Sniffed::More,
+        Some(0x16) => tls_sni(buf),
+        Some(_) => http_host(buf),
+    }
+}
+
+fn normalise(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    ok.then(|| name.to_ascii_lowercase())
+}
+
+/// Reads the SNI of the ClientHello in the first TLS record.
+fn tls_sni(buf: &[u8]) -> Sniffed {
+    if buf.len() < 5 {
+        return Sniffed::More;
+    }
+    let record_len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    if buf.len() < 5 + record_len {
+        return if 5 + record_len > MAX_SNIFF {
+            Sniffed::None
+        } else {
+            Sniffed::More
+        };
+    }
+    let rec = &buf[5..5 + record_len];
+    client_hello_sni(rec).map_or(Sniffed::None, Sniffed::Name)
+}
+
+/// A cursor over bytes that fails, rather than panics, past their end.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.buf.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<usize> {
+        self.take(1).map(|b| b[0] as usize)
+    }
+    fn u16(&mut self) -> Option<usize> {
+        self.take(2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+    }
+}
+
+fn client_hello_sni(rec: &[u8]) -> Option<String> {
+    let mut c = Cursor { buf: rec, at: 0 };
+    // Handshake type 1 (ClientHello) and its 3-byte length, which must fit the record.
+    if c.u8()? != 1 {
+        return None;
+    }
+    let len = c.take(3)?;
+    let len = (len[0] as usize) << 16 | (len[1] as usize) << 8 | len[2] as usize;
+    let mut c = Cursor {
+        buf: rec.get(4..4 + len)?,
+        at: 0,
+    };
+    c.take(2 + 32)?; // version, random
+    let n = c.u8()?;
+    c.take(n)?; // session id
+    let n = c.u16()?;
+    c.take(n)?; // cipher suites
+    let n = c.u8()?;
+    c.take(n)?; // compression methods
+    let n = c.u16()?;
+    let mut ext = Cursor {
+        buf: c.take(n)?,
+        at: 0,
+    };
+    while ext.at < ext.buf.len() {
+        let kind = ext.u16()?;
+        let n = ext.u16()?;
+        let body = ext.take(n)?;
+        if kind != 0 {
+            continue;
+        }
+        let mut sni = Cursor { buf: body, at: 0 };
+        let list = sni.u16()?;
+        let mut list = Cursor {
+            buf: sni.take(list)?,
+            at: 0,
+        };
+        while list.at < list.buf.len() {
+            let name_type = list.u8()?;
+            let n = list.u16()?;
+            let name = list.take(n)?;
+            if name_type == 0 {
+                return normalise(std::str::from_utf8(name).ok()?);
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// Reads the Host header of a plain HTTP/1 request (its absolute-form target, if it has one,
+/// must name the same host).
+fn http_host(buf: &[u8]) -> Sniffed {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() >= MAX_SNIFF {
+            Sniffed::None
+        } else {
+            Sniffed::More
+        };
+    };
+    let Ok(head) = std::str::from_utf8(&buf[..end]) else {
+        return Sniffed::None;
+    };
+    let mut lines = head.split("\r\n");
+    let Some(request) = lines.next() else {
+        return Sniffed::None;
+    };
+    let mut parts = request.split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Sniffed::None;
+    };
+    if !version.starts_with("HTTP/1.") || method.eq_ignore_ascii_case("CONNECT") {
+        return Sniffed::None;
+    }
+    let mut hosts = lines.filter_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("host").then(|| v.trim())
+    });
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        // None, or two: which one a server reads is its own business.
+        return Sniffed::None;
+    };
+    let Some(name) = strip_port(host).and_then(normalise) else {
+        return Sniffed::None;
+    };
+    // An absolute-form target names the host a server uses over the header.
+    if let Some(rest) = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"))
+    {
+        let authority = rest.split('/').next().unwrap_or_default();
+        let authority = authority.rsplit('@').next().unwrap_or_default();
+        if strip_port(authority).and_then(normalise).as_deref() != Some(&name) {
+            return Sniffed::None;
+        }
+    }
+    Sniffed::Name(name)
+}
+
+/// `host[:port]` without the port; `None` for a bracketed IPv6 literal (never a domain).
+fn strip_port(host: &str) -> Option<&str> {
+    if host.starts_with('[') {
+        return None;
+    }
+    Some(host.split_once(':').map_or(host, |(h, _)| h))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal ClientHello carrying `sni`.
+    pub(crate) fn client_hello(sni: &str) -> Vec<u8> {
+        let mut sni_ext = Vec::new();
+        let name = sni.as_bytes();
+        sni_ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+        sni_ext.push(0);
+        sni_ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        sni_ext.extend_from_slice(name);
+        let mut exts = vec![0, 0];
+        exts.extend_from_slice(&(sni_ext.len() as u16).to_be_bytes());
+        exts.extend_from_slice(&sni_ext);
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[0; 32]);
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let mut hs = vec![1];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    #[test]
+    fn the_sni_of_a_client_hello_is_read() {
+        let hello = client_hello("PyPI.org.");
+        assert_eq!(sniff(&hello), Sniffed::Name("pypi.org".into()));
+        for cut in [1, 4, 20, hello.len() - 1] {
+            assert_eq!(sniff(&hello[..cut]), Sniffed::More, "{cut}");
+        }
+        let mut bad = hello.clone();
+        bad[5] = 2; // not a ClientHello
+        assert_eq!(sniff(&bad), Sniffed::None);
+    }
+
+    #[test]
+    fn the_host_of_an_http_request_is_read() {
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n"),
+            Sniffed::Name("example.com".into())
+        );
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a"), Sniffed::More);
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n\r\n"), Sniffed::None);
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nHost: a.com\r\nHost: b.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"GET http://evil.com/ HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"CONNECT evil.com:443 HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n\r\n"), Sniffed::None);
+    }
+}

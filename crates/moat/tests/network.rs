@@ -1,0 +1,378 @@
+//! Network egress against a fake internet the tests build (`moat_test_support::fakenet`): a
+//! real `moat serve`, real sandboxes, `curl` and `getent` inside them, a web host, an HTTPS
+//! host and a DNS server in a network namespace of the test's own. Each case names what it
+//! checks of the policy.
+
+#![allow(clippy::unwrap_used)]
+
+use moat_test_support::fakenet::FakeNet;
+use moat_test_support::need_root;
+use moat_test_support::server::{Server, body};
+use serde_json::{Value, json};
+
+/// Runs `script` in sandbox `id` and returns its exit code and stdout.
+fn sh(server: &Server, key: &str, id: &str, script: &str) -> (i64, String) {
+    let r = server.shell(key, id, script);
+    (
+        r["exit_code"].as_i64().unwrap_or(-1),
+        r["stdout"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// `curl` of `url` from sandbox `id` with `extra` options: its exit code and what it printed.
+fn curl(server: &Server, key: &str, id: &str, extra: &str, url: &str) -> (i64, String) {
+    sh(
+        server,
+        key,
+        id,
+        &format!("curl -sS -k --max-time 5 {extra} '{url}' 2>&1"),
+    )
+}
+
+fn with_network(server: &Server, key: &str, network: Value) -> String {
+    server.create_sandbox_with(key, json!({ "network": network }))
+}
+
+fn network_of(server: &Server, key: &str, id: &str) -> Value {
+    let r = server.request(
+        "GET",
+        &format!("/v1/sandboxes/{id}/network"),
+        Some(key),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn a_sandbox_has_no_network_by_default() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = server.create_sandbox(&key);
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_ne!(code, 0, "{out}");
+    // No resolver answers either.
+    let (code, _) = sh(&server, &key, &id, "getent hosts web.test");
+    assert_ne!(code, 0);
+    // The host reaches the web host, so the failure above is the sandbox's.
+    let direct = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("http://{}/", net.web)])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&direct.stdout).starts_with("http 80"));
+    let shown = network_of(&server, &key, &id);
+    assert_eq!(shown["network"]["internet"], false);
+    assert!(shown.get("stats").is_none(), "{shown}");
+}
+
+#[test]
+fn internet_reaches_public_hosts_and_names_but_never_the_host_or_private_ranges() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("http 80 host={} sni=-\n", net.web).as_str())
+    );
+    // Names resolve through moat's answerer, in any case, with or without the final dot.
+    let (code, out) = curl(&server, &key, &id, "", "http://WEB.test./");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("http 80 host=WEB.test."), "{out}");
+    let (code, out) = curl(&server, &key, &id, "", "https://web.test/");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, "https 443 host=web.test sni=web.test\n");
+    // The host itself, its loopback, the server's own port, private and metadata addresses:
+    // closed under the internet policy.
+    for url in [
+        format!("http://{}/", net.host_side),
+        format!("http://{}/", net.private),
+        "http://169.254.169.254/".to_owned(),
+        format!("http://127.0.0.1:{}/healthz", server.port),
+    ] {
+        let (code, out) = curl(&server, &key, &id, "", &url);
+        assert_ne!(code, 0, "{url}: {out}");
+    }
+    // A name pointing at a private address is not answered (rebinding).
+    let (code, out) = sh(&server, &key, &id, "getent hosts private.test");
+    assert_ne!(code, 0, "{out}");
+    let shown = network_of(&server, &key, &id);
+    let stats = &shown["stats"];
+    assert!(stats["connections"].as_u64().unwrap() >= 3, "{shown}");
+    let reasons: Vec<String> = stats["recent_denials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| format!("{} {}", d["target"], d["reason"]))
+        .collect();
+    let all = reasons.join("\n");
+    assert!(all.contains("the host itself"), "{all}");
+    assert!(all.contains("a private network"), "{all}");
+    assert!(all.contains("the cloud metadata address"), "{all}");
+    assert!(all.contains("private.test"), "{all}");
+}
+
+#[test]
+fn cidr_rules_allow_and_deny_the_most_specific_way() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let allow_web = format!("{}", net.web);
+    let id = with_network(&server, &key, net.network(false, &[&allow_web], &[]));
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_eq!(code, 0, "{out}");
+    let (code, _) = curl(&server, &key, &id, "", &format!("http://{}/", net.other));
+    assert_ne!(code, 0, "an address no rule allows");
+    // No domain rule: the answerer resolves nothing.
+    let (code, _) = sh(&server, &key, &id, "getent hosts web.test");
+    assert_ne!(code, 0);
+
+    // A port-limited rule, and a deny more specific than an allow.
+    let base = u32::from(net.web) - 1;
+    let subnet = format!("{}/28", std::net::Ipv4Addr::from(base));
+    let id = with_network(
+        &server,
+        &key,
+        net.network(
+            false,
+            &[&subnet, &format!("{}:8080", net.dns)],
+            &[&net.other.to_string()],
+        ),
+    );
+    let (code, _) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_eq!(code, 0);
+    let (code, _) = curl(&server, &key, &id, "", &format!("http://{}/", net.other));
+    assert_ne!(code, 0, "the deny is more specific");
+    // Explicitly opening a private network works for an admin.
+    let id = with_network(
+        &server,
+        &key,
+        net.network(false, &[&format!("{}/32", net.private)], &[]),
+    );
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{}/", net.private));
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn domain_rules_pin_addresses_and_check_sni_and_host() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    // E2B's shape: one name allowed, everything else denied.
+    let id = with_network(
+        &server,
+        &key,
+        net.network(false, &["web.test"], &["0.0.0.0/0"]),
+    );
+    let (code, out) = curl(&server, &key, &id, "", "http://web.test/");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = curl(&server, &key, &id, "", "https://web.test/");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "https 443 host=web.test sni=web.test\n")
+    );
+    let (code, out) = curl(&server, &key, &id, "", "http://Web.Test.:8080/");
+    assert_eq!(code, 0, "{out}");
+    // Names no rule allows are not resolved.
+    let (code, _) = sh(&server, &key, &id, "getent hosts other.test");
+    assert_ne!(code, 0);
+    // The address of an allowed name, by IP: no name, no connection.
+    let (code, _) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_ne!(code, 0, "HTTP by IP");
+    let (code, _) = curl(&server, &key, &id, "", &format!("https://{}/", net.web));
+    assert_ne!(code, 0, "HTTPS by IP (no SNI)");
+    // Another name sent to the allowed name's address: wrong Host, wrong SNI.
+    let (code, _) = curl(
+        &server,
+        &key,
+        &id,
+        "-H 'Host: other.test'",
+        "http://web.test/",
+    );
+    assert_ne!(code, 0, "domain fronting by Host");
+    let (code, _) = curl(
+        &server,
+        &key,
+        &id,
+        &format!("--resolve other.test:443:{}", net.web),
+        "https://other.test/",
+    );
+    assert_ne!(code, 0, "wrong SNI");
+    // The allowed name, sent to an address moat never resolved for it.
+    let (code, _) = curl(
+        &server,
+        &key,
+        &id,
+        &format!("--resolve web.test:80:{}", net.other),
+        "http://web.test/",
+    );
+    assert_ne!(code, 0, "a hard-coded address");
+
+    // A wildcard allows the names below, not the name itself.
+    let id = with_network(&server, &key, net.network(false, &["*.web.test"], &[]));
+    let (code, _) = sh(&server, &key, &id, "getent hosts web.test");
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn a_rebinding_answer_becomes_nxdomain() {
+    need_root!();
+    // The first answer is public, the second private: the classic rebinding.
+    let net = FakeNet::start(json!({ "rebind.test": [["{web}"], ["{private}"]] }));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(false, &["rebind.test"], &[]));
+    let (code, out) = curl(&server, &key, &id, "", "http://rebind.test/");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = sh(
+        &server,
+        &key,
+        &id,
+        "getent ahostsv4 rebind.test; getent ahostsv4 rebind.test",
+    );
+    assert!(!out.contains(&net.private.to_string()), "{code} {out}");
+    let (code, _) = curl(&server, &key, &id, "", &format!("http://{}/", net.private));
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn udp_goes_nowhere_but_dns() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    // The fake host echoes UDP on port 7 (the host gets an answer)...
+    let echo = format!(
+        "python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.settimeout(2); s.sendto(b'x', ('{}', 7)); print(s.recv(10))\"",
+        net.web
+    );
+    let host = std::process::Command::new("sh")
+        .args(["-c", &echo])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&host.stdout).trim(), "b'x'");
+    // ...but a sandbox's datagram never leaves it.
+    let (code, out) = sh(&server, &key, &id, &format!("{echo} 2>&1"));
+    assert_ne!(code, 0, "{out}");
+}
+
+#[test]
+fn a_running_sandboxs_policy_changes_at_once_and_survives_a_restart() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start_with(&["--on-shutdown", "keep"]);
+    let key = server.admin_key();
+    let id = server.create_sandbox(&key);
+    let url = format!("http://{}/", net.web);
+    assert_ne!(curl(&server, &key, &id, "", &url).0, 0);
+    let put = |n: Value| {
+        let r = server.request(
+            "PUT",
+            &format!("/v1/sandboxes/{id}/network"),
+            Some(&key),
+            Some(&body(n)),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let shown = put(net.network(true, &[], &[]));
+    assert_eq!(shown["network"]["internet"], true);
+    assert_eq!(curl(&server, &key, &id, "", &url).0, 0);
+    put(net.network(true, &[], &[&net.web.to_string()]));
+    assert_ne!(
+        curl(&server, &key, &id, "", &url).0,
+        0,
+        "a new deny applies at once"
+    );
+    put(json!({}));
+    assert_ne!(curl(&server, &key, &id, "", &url).0, 0, "back to none");
+    // Bad policies are refused naming the entry.
+    let r = server.request(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/network"),
+        Some(&key),
+        Some(&body(json!({ "allow": ["10.0.0.1/8"] }))),
+    );
+    r.assert_error(400, "invalid");
+    assert!(r.text().contains("network.allow[0]"), "{}", r.text());
+
+    // Kept across pause and resume, and a restart that keeps the sandbox.
+    put(net.network(false, &[&net.web.to_string()], &[]));
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/pause"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/resume"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(curl(&server, &key, &id, "", &url).0, 0);
+    let (dir, data) = server.stop();
+    let server = Server::start_in_with(dir, data, &["--on-shutdown", "keep"]);
+    assert_eq!(
+        curl(&server, &key, &id, "", &url).0,
+        0,
+        "served again after the restart"
+    );
+    assert_ne!(
+        curl(&server, &key, &id, "", &format!("http://{}/", net.other)).0,
+        0
+    );
+}
+
+#[test]
+fn malformed_or_oversized_policies_are_refused_with_the_entry_named() {
+    need_root!();
+    let server = Server::start();
+    let admin = server.admin_key();
+    let user = server.create_key(&admin, json!({ "name": "u", "role": "user" }));
+    for (network, status, says) in [
+        (json!({ "allow": ["not a host"] }), 400, "network.allow[0]"),
+        (
+            json!({ "internet": true, "deny": ["1.2.3.4/40"] }),
+            400,
+            "network.deny[0]",
+        ),
+        (
+            json!({ "internet": true, "dns_servers": ["resolver"] }),
+            400,
+            "network.dns_servers[0]",
+        ),
+        (json!({ "deny": ["1.2.3.4"] }), 400, "need internet"),
+        (json!({ "allow": ["127.0.0.1"] }), 400, "never reachable"),
+        (json!({ "allow": ["10.1.0.0/16"] }), 403, "admin"),
+        (json!({ "internet": true, "proxy": "x" }), 400, "proxy"),
+    ] {
+        let r = server.request(
+            "POST",
+            "/v1/sandboxes",
+            Some(&user),
+            Some(&body(json!({ "network": network }))),
+        );
+        assert_eq!(r.status, status, "{network}: {}", r.text());
+        assert!(r.text().contains(says), "{network}: {}", r.text());
+    }
+    let many: Vec<String> = (0..257).map(|i| format!("203.0.113.{}", i % 256)).collect();
+    let r = server.request(
+        "POST",
+        "/v1/sandboxes",
+        Some(&user),
+        Some(&body(json!({ "network": { "allow": many } }))),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("the most is 256"), "{}", r.text());
+}
