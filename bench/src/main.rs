@@ -6,6 +6,7 @@
 
 mod agent;
 mod gvisor;
+mod network;
 mod server;
 mod stats;
 
@@ -27,12 +28,14 @@ struct Args {
     run_only: bool,
     /// Only the gvisor backend's benchmarks.
     gvisor_only: bool,
+    /// Only the network egress benchmarks.
+    network_only: bool,
     /// Another moat binary, timed in turn with `moat` run by run (so a machine whose speed
     /// drifts affects both alike): a before/after comparison.
     baseline: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: moat-bench --moat PATH [--baseline PATH] [--runs N] [--idle N] [--server-only | --run-only | --gvisor-only]";
+const USAGE: &str = "usage: moat-bench --moat PATH [--baseline PATH] [--runs N] [--idle N] [--server-only | --run-only | --gvisor-only | --network-only]";
 
 fn parse_args() -> Result<Args> {
     let mut moat = None;
@@ -41,6 +44,7 @@ fn parse_args() -> Result<Args> {
     let mut server_only = false;
     let mut run_only = false;
     let mut gvisor_only = false;
+    let mut network_only = false;
     let mut baseline = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -53,19 +57,22 @@ fn parse_args() -> Result<Args> {
             "--baseline" => baseline = Some(PathBuf::from(it.next().context("--baseline PATH")?)),
             "--run-only" => run_only = true,
             "--gvisor-only" => gvisor_only = true,
+            "--network-only" => network_only = true,
             "--runs" => runs = it.next().context("--runs N")?.parse().context("--runs N")?,
             "--idle" => idle = it.next().context("--idle N")?.parse().context("--idle N")?,
             "--server-only" => server_only = true,
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
-    if [server_only, run_only, gvisor_only]
+    if [server_only, run_only, gvisor_only, network_only]
         .iter()
         .filter(|&&b| b)
         .count()
         > 1
     {
-        bail!("--server-only, --run-only and --gvisor-only exclude each other; {USAGE}");
+        bail!(
+            "--server-only, --run-only, --gvisor-only and --network-only exclude each other; {USAGE}"
+        );
     }
     Ok(Args {
         moat: moat.with_context(|| format!("--moat PATH is required; {USAGE}"))?,
@@ -74,6 +81,7 @@ fn parse_args() -> Result<Args> {
         server_only,
         run_only,
         gvisor_only,
+        network_only,
         baseline,
     })
 }
@@ -189,6 +197,9 @@ fn main() -> Result<()> {
     if args.gvisor_only {
         return gvisor::run(&args.moat, n);
     }
+    if args.network_only {
+        return network::run(&args.moat, n);
+    }
     println!(
         "# moat benchmarks ({} runs each, after 3 warm-up runs)\n",
         n
@@ -265,5 +276,6 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(agent::exec_and_idle(&args.moat, n))?;
-    server::run(&args.moat, n, args.idle)
+    server::run(&args.moat, n, args.idle)?;
+    network::run(&args.moat, n)
 }

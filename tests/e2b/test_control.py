@@ -181,15 +181,15 @@ def test_bad_key_and_refused_options(moat, tag):
         Sandbox.create(api_key=WRONG_KEY)
     with pytest.raises(AuthenticationException):
         Sandbox.list(api_key=WRONG_KEY).next_items()
-    with pytest.raises(SandboxException, match="allow_internet_access"):
-        Sandbox.create(allow_internet_access=True)
+    with pytest.raises(SandboxException, match="egressProxy"):
+        Sandbox.create(network={"egress_proxy": {"address": "proxy.example:1080"}})
     with pytest.raises(SandboxException, match="autoPauseMemory"):
         Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
     with pytest.raises(SandboxException, match="Timeout cannot be greater"):
         Sandbox.create(timeout=10**9)
     with pytest.raises(SandboxException, match="not found"):
         Sandbox.create(template="no-such-template")
-    # What moat does anyway is accepted: no internet, killed at the timeout.
+    # What moat does anyway is accepted: no network, killed at the timeout.
     sbx = Sandbox.create(
         allow_internet_access=False,
         lifecycle={"on_timeout": "kill"},

@@ -105,6 +105,8 @@ pub struct Metrics {
     /// JSON errors answered, by `error.code`. The codes are `&'static str`, a set fixed at
     /// compile time, so the label cannot grow without bound.
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Network egress over every sandbox.
+    egress: std::sync::Arc<crate::network::Counters>,
 }
 
 impl Default for Metrics {
@@ -115,6 +117,7 @@ impl Default for Metrics {
             exec: Histogram::default(),
             http: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             errors: Mutex::new(BTreeMap::new()),
+            egress: Default::default(),
         }
     }
 }
@@ -154,6 +157,11 @@ impl Metrics {
     pub fn count_error(&self, code: &'static str) {
         let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         *errors.entry(code).or_default() += 1;
+    }
+
+    /// The network egress totals every sandbox's counters add to.
+    pub fn egress(&self) -> std::sync::Arc<crate::network::Counters> {
+        self.egress.clone()
     }
 
     /// The create latency histogram.
@@ -249,6 +257,42 @@ impl Metrics {
                 let status = usize::from(FIRST_STATUS) + i;
                 let _ = writeln!(out, "moat_http_requests_total{{status=\"{status}\"}} {n}");
             }
+        }
+
+        for (name, help, value) in [
+            (
+                "moat_egress_connections_total",
+                "Sandbox connections allowed and opened by the egress proxy.",
+                &self.egress.connections,
+            ),
+            (
+                "moat_egress_denied_total",
+                "Sandbox connections the network policy refused.",
+                &self.egress.denied,
+            ),
+            (
+                "moat_egress_sent_bytes_total",
+                "Bytes sandboxes sent through their connections (counted as each ends).",
+                &self.egress.bytes_out,
+            ),
+            (
+                "moat_egress_received_bytes_total",
+                "Bytes sandboxes received through their connections (counted as each ends).",
+                &self.egress.bytes_in,
+            ),
+            (
+                "moat_dns_answered_total",
+                "Sandbox DNS queries answered from a resolver.",
+                &self.egress.dns_answered,
+            ),
+            (
+                "moat_dns_refused_total",
+                "Sandbox DNS queries refused by the network policy.",
+                &self.egress.dns_refused,
+            ),
+        ] {
+            header(&mut out, name, help, "counter");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
 
         header(

@@ -94,6 +94,21 @@ pub fn probe_all() -> Vec<Finding> {
              system directories, so locks and inotify watches on them cross sandboxes"
         },
     ));
+    out.push(match crate::egress::probe() {
+        Ok(()) => finding(
+            "network egress",
+            true,
+            "nftables tproxy and local routes in a sandbox's namespace (network policies)",
+        ),
+        Err(e) => finding(
+            "network egress",
+            false,
+            format!(
+                "{e}: sandboxes cannot have network policies (needs nf_tables with \
+                 NFT_TPROXY in the kernel)"
+            ),
+        ),
+    });
     out.push(oom_score());
     out.push(runsc());
     out.push(kvm());

@@ -245,7 +245,7 @@ fn operations() -> Vec<Op> {
                 "setSandboxNetwork",
                 "sandboxes",
                 "Replace a running sandbox's network policy: new connections and DNS queries \
-                 meet it at once; open connections stay open.",
+                 meet it at once; open connections stay open (no network ends them).",
             )
         },
         Op {

@@ -355,14 +355,19 @@ fn e2b_control_plane() {
         ),
         (json!({"templateID": "no-such-template"}), 404, "not found"),
         (
-            json!({"templateID": "base", "allow_internet_access": true}),
+            json!({"templateID": "base", "network": {"egressProxy": {"address": "p:1080"}}}),
             400,
-            "allow_internet_access",
+            "egressProxy",
         ),
         (
-            json!({"templateID": "base", "network": {"denyOut": ["0.0.0.0/0"]}}),
+            json!({"templateID": "base", "network": {"denyOut": ["evil.example.com"]}}),
             400,
-            "network",
+            "denyOut",
+        ),
+        (
+            json!({"templateID": "base", "network": {"allowOut": ["not a host"]}}),
+            400,
+            "network.allow[0]",
         ),
         (
             json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),

@@ -114,6 +114,19 @@ fn internet_reaches_public_hosts_and_names_but_never_the_host_or_private_ranges(
     assert!(all.contains("a private network"), "{all}");
     assert!(all.contains("the cloud metadata address"), "{all}");
     assert!(all.contains("private.test"), "{all}");
+    // The server's totals count them too.
+    let metrics = server.request("GET", "/metrics", Some(&key), None).text();
+    let total = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+    };
+    assert!(total("moat_egress_denied_total") >= 3, "{metrics}");
+    assert!(total("moat_egress_connections_total") >= 3, "{metrics}");
+    assert!(total("moat_dns_refused_total") >= 1, "{metrics}");
+    assert!(total("moat_dns_answered_total") >= 2, "{metrics}");
 }
 
 #[test]
@@ -375,4 +388,67 @@ fn malformed_or_oversized_policies_are_refused_with_the_entry_named() {
     );
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("the most is 256"), "{}", r.text());
+}
+
+#[test]
+fn a_fork_reaches_what_its_source_reaches() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(
+        &server,
+        &key,
+        net.network(false, &[&net.web.to_string()], &[]),
+    );
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(&key),
+        Some(&body(json!({ "count": 1 }))),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let copy = r.json()["results"][0]["sandbox"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        curl(&server, &key, &copy, "", &format!("http://{}/", net.web)).0,
+        0
+    );
+    assert_ne!(
+        curl(&server, &key, &copy, "", &format!("http://{}/", net.other)).0,
+        0
+    );
+    let shown = network_of(&server, &key, &copy);
+    assert_eq!(shown["network"]["allow"][0], format!("{}/32", net.web));
+}
+
+#[test]
+fn moat_run_has_no_network_unless_asked() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let run = |net_args: &[&str]| {
+        let out = std::process::Command::new(moat_test_support::moat_binary())
+            .arg("run")
+            .args(net_args)
+            .args(["--", "curl", "-sI", "--max-time", "5", "http://web.test/"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let dns = net.dns.to_string();
+    let (code, out) = run(&["--net", "internet", "--dns", &dns]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+    let (code, _) = run(&[]);
+    assert_ne!(code, Some(0));
+    let (code, out) = run(&["--allow", "web.test", "--dns", &dns]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, _) = run(&["--allow", "other.test", "--dns", &dns]);
+    assert_ne!(code, Some(0));
 }

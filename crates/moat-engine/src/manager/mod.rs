@@ -1026,7 +1026,8 @@ impl Inner {
         })?;
         let connected = async {
             // Served before anything of the template runs: a start script may need it.
-            let egress = network::serve(id, &plan.network, instance.as_ref())?;
+            let egress =
+                network::serve(id, &plan.network, instance.as_ref(), self.metrics.egress())?;
             let channel = instance
                 .take_channel()
                 .ok_or_else(|| ManagerError::Internal("backend gave no agent channel".into()))?;

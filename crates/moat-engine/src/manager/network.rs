@@ -10,7 +10,7 @@ use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::auth::Caller;
 use crate::backend::{Backend, Instance};
 use crate::network::policy::PolicyError;
-use crate::network::{Egress, NetworkPolicy};
+use crate::network::{Counters, Egress, NetworkPolicy};
 
 /// The policy `n` asks for: every entry parsed, its size bounded, and what it opens allowed
 /// to the caller (`admin` alone may open private, shared or link-local ranges).
@@ -37,11 +37,13 @@ pub(super) fn check_backend(backend: &dyn Backend, policy: &NetworkPolicy) -> Ma
     Ok(())
 }
 
-/// Serves `policy` for sandbox `id` made as `instance`: `None` for no network.
+/// Serves `policy` for sandbox `id` made as `instance`, counting into `totals`: `None` for
+/// no network.
 pub(super) fn serve(
     id: &str,
     policy: &NetworkPolicy,
     instance: &dyn Instance,
+    totals: Arc<Counters>,
 ) -> ManagerResult<Option<Egress>> {
     let NetworkPolicy::Egress(p) = policy else {
         return Ok(None);
@@ -49,7 +51,7 @@ pub(super) fn serve(
     let sockets = instance
         .open_egress()
         .map_err(|e| ManagerError::Unavailable(format!("the sandbox's network: {e}")))?;
-    let egress = Egress::start(id, p.clone(), sockets)
+    let egress = Egress::start(id, p.clone(), sockets, totals)
         .map_err(|e| ManagerError::Internal(format!("serving the sandbox's network: {e}")))?;
     Ok(Some(egress))
 }
@@ -74,7 +76,8 @@ impl SandboxManager {
 
     /// Replaces the network policy of the caller's running sandbox `id` with `n`: connections
     /// and DNS queries from then on meet the new policy at once; connections already open stay
-    /// open. Recorded, so a server that adopts the sandbox serves the new one.
+    /// open, unless the new policy is no network, which ends them. Recorded, so a server that
+    /// adopts the sandbox serves the new one.
     pub async fn set_network(
         &self,
         caller: &Caller,
@@ -125,7 +128,7 @@ impl Inner {
             egress @ NetworkPolicy::Egress(_) => {
                 let made = {
                     let instance = live.instance.lock().await;
-                    serve(id, &egress, instance.as_ref())?
+                    serve(id, &egress, instance.as_ref(), self.metrics.egress())?
                 };
                 *lock(&live.egress) = made;
             }

@@ -156,7 +156,8 @@ impl Inner {
         };
         let connected = async {
             // Its network is served again from its recorded policy before anything reaches it.
-            let egress = super::network::serve(&rec.id, &network, instance.as_ref())?;
+            let egress =
+                super::network::serve(&rec.id, &network, instance.as_ref(), self.metrics.egress())?;
             let client = connect(instance.as_mut(), rec.state == SandboxState::Paused).await?;
             Ok::<_, ManagerError>((client, egress))
         };

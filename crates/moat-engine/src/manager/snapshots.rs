@@ -758,8 +758,16 @@ impl Inner {
         };
         let _cleanup = RemoveOnDrop(Some(captured.file.clone()));
         let plain = !req.memory && captured.env.is_empty();
-        // The copies' services are as public as the source's.
-        let public_traffic = lock(&self.live).get(id).map(|live| live.public_traffic);
+        // The copies' services are as public as the source's, and they reach what it reaches.
+        let (public_traffic, network) = match lock(&self.live).get(id) {
+            Some(live) => (
+                Some(live.public_traffic),
+                lock(&live.egress)
+                    .as_ref()
+                    .map(|e| crate::network::NetworkPolicy::Egress(e.policy())),
+            ),
+            None => (None, None),
+        };
         let mut plan = self
             .plan_restored(
                 &tenant,
@@ -776,6 +784,12 @@ impl Inner {
             restore_memory(&mut plan, &captured.backend, captured.file.clone());
         }
         plan.public_traffic = public_traffic;
+        let network = network.unwrap_or_default();
+        if network != plan.network {
+            // The template's warm-pool members serve the template's network, not this one.
+            plan.network = network;
+            plan.poolable = false;
+        }
         let creates = (0..count).map(|_| {
             let (inner, tenant, key_id, plan) =
                 (self.clone(), tenant.clone(), key_id.clone(), plan.clone());

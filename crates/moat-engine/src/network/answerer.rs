@@ -10,7 +10,6 @@ use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -322,7 +321,7 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
     for (addr, ttl) in addrs {
         net.pin(addr, &q.name, ttl);
     }
-    net.counters.dns_answered.fetch_add(1, Ordering::Relaxed);
+    net.count(|c| &c.dns_answered, 1);
     Some(reply)
 }
 

@@ -213,11 +213,19 @@ pub struct SandboxNet {
     policy: RwLock<Arc<EgressPolicy>>,
     pins: Mutex<Pins>,
     counters: Counters,
+    /// The server's totals over every sandbox (its metrics).
+    totals: Arc<Counters>,
     denials: Mutex<std::collections::VecDeque<v1::Denial>>,
     connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl SandboxNet {
+    /// Adds `n` to a counter of this sandbox's and to the same one of the server's totals.
+    fn count(&self, counter: fn(&Counters) -> &AtomicU64, n: u64) {
+        counter(&self.counters).fetch_add(n, Ordering::Relaxed);
+        counter(&self.totals).fetch_add(n, Ordering::Relaxed);
+    }
+
     fn policy(&self) -> Arc<EgressPolicy> {
         self.policy
             .read()
@@ -227,9 +235,9 @@ impl SandboxNet {
 
     fn deny(&self, target: String, reason: String, dns: bool) {
         if dns {
-            self.counters.dns_refused.fetch_add(1, Ordering::Relaxed);
+            self.count(|c| &c.dns_refused, 1);
         } else {
-            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.count(|c| &c.denied, 1);
         }
         tracing::debug!(sandbox = %self.id, %target, %reason, "egress denied");
         let mut d = self.denials.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,20 +280,25 @@ impl SandboxNet {
 pub struct Egress {
     net: Arc<SandboxNet>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Dropped with this: every connection being relayed sees it and ends.
+    _ended: tokio::sync::watch::Sender<()>,
 }
 
 impl Egress {
-    /// Serves `policy` for sandbox `id` on `sockets`. Must be called within a Tokio runtime.
+    /// Serves `policy` for sandbox `id` on `sockets`, counting into its own counters and
+    /// `totals`. Must be called within a Tokio runtime.
     pub fn start(
         id: &str,
         policy: EgressPolicy,
         sockets: EgressSockets,
+        totals: Arc<Counters>,
     ) -> std::io::Result<Egress> {
         let net = Arc::new(SandboxNet {
             id: id.to_owned(),
             policy: RwLock::new(Arc::new(policy)),
             pins: Mutex::default(),
             counters: Counters::default(),
+            totals,
             denials: Mutex::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         });
@@ -293,12 +306,17 @@ impl Egress {
         let listener = std::net::TcpListener::from(sockets.connections);
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        tasks.push(tokio::spawn(proxy::serve(listener, net.clone())));
+        let (ended, watch) = tokio::sync::watch::channel(());
+        tasks.push(tokio::spawn(proxy::serve(listener, net.clone(), watch)));
         for sock in std::iter::once(sockets.dns_v4).chain(sockets.dns_v6) {
             let sock = answerer::DnsSocket::new(sock)?;
             tasks.push(tokio::spawn(answerer::serve(sock, net.clone())));
         }
-        Ok(Egress { net, tasks })
+        Ok(Egress {
+            net,
+            tasks,
+            _ended: ended,
+        })
     }
 
     /// Replaces the policy: new connections and queries meet it at once; connections already

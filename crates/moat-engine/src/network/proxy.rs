@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,7 +21,12 @@ pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 const RELAY_BUFFER: usize = 256 * 1024;
 
 /// Accepts the sandbox's connections until the task is aborted.
-pub(super) async fn serve(listener: TcpListener, net: Arc<SandboxNet>) {
+/// Connections being relayed end when `ended` changes (the sandbox's egress is dropped).
+pub(super) async fn serve(
+    listener: TcpListener,
+    net: Arc<SandboxNet>,
+    ended: tokio::sync::watch::Receiver<()>,
+) {
     loop {
         let conn = match listener.accept().await {
             Ok((conn, _)) => conn,
@@ -48,8 +52,12 @@ pub(super) async fn serve(listener: TcpListener, net: Arc<SandboxNet>) {
             continue;
         };
         let net = net.clone();
+        let mut ended = ended.clone();
         tokio::spawn(async move {
-            handle(conn, dest, &net).await;
+            tokio::select! {
+                () = handle(conn, dest, &net) => {}
+                _ = ended.changed() => {}
+            }
             drop(permit);
         });
     }
@@ -113,7 +121,7 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
             return;
         }
     };
-    net.counters.connections.fetch_add(1, Ordering::Relaxed);
+    net.count(|c| &c.connections, 1);
     let _ = upstream.set_nodelay(true);
     let _ = conn.set_nodelay(true);
     let mut upstream = upstream;
@@ -122,9 +130,7 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
             reset(conn);
             return;
         }
-        net.counters
-            .bytes_out
-            .fetch_add(first.len() as u64, Ordering::Relaxed);
+        net.count(|c| &c.bytes_out, first.len() as u64);
     }
     if let Ok((out, back)) = tokio::io::copy_bidirectional_with_sizes(
         &mut conn,
@@ -134,8 +140,8 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
     )
     .await
     {
-        net.counters.bytes_out.fetch_add(out, Ordering::Relaxed);
-        net.counters.bytes_in.fetch_add(back, Ordering::Relaxed);
+        net.count(|c| &c.bytes_out, out);
+        net.count(|c| &c.bytes_in, back);
     }
 }
 

@@ -71,6 +71,7 @@ fn set_up() -> Result<EgressSockets> {
     if lo == 0 {
         return Err(JailError::last_os("find the loopback interface"));
     }
+    rules::set_up_link(lo).map_err(|e| JailError::os("bring the loopback interface up", e))?;
     rules::route_everything_local(libc::AF_INET as u8, lo)
         .map_err(|e| JailError::os("route every IPv4 address to loopback", e))?;
     let ipv6 = match rules::route_everything_local(libc::AF_INET6 as u8, lo) {
@@ -99,6 +100,22 @@ fn set_up() -> Result<EgressSockets> {
         connections,
         dns_v4,
         dns_v6,
+    })
+}
+
+/// Whether this host can make a sandbox's network as [`open`] does (nftables with tproxy,
+/// local routes), tried in a scratch network namespace; the error says what failed.
+pub fn probe() -> Result<()> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare(2) of this thread's network namespace alone; the thread ends
+            // with the closure, and the namespace with it.
+            cvt_int(unsafe { libc::unshare(libc::CLONE_NEWNET) })
+                .map_err(|e| JailError::os("make a network namespace", e))?;
+            set_up().map(drop)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(JailError::Invalid("the network probe panicked".into())))
     })
 }
 
@@ -285,14 +302,9 @@ mod tests {
             eprintln!("skipped: needs root to make network namespaces");
             return;
         }
+        probe().unwrap();
+        // A namespace whose loopback is down: `open` brings it up.
         let ns = Netns::new().unwrap();
-        // Loopback up, as the sandbox's jail leaves it.
-        inside(&ns, || {
-            std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .unwrap()
-        });
         let sockets = open(ns.pidfd.as_fd()).unwrap();
         // Opening again (a server adopting a kept sandbox) replaces what the first made.
         drop(sockets);

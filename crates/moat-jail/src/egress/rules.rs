@@ -241,6 +241,7 @@ pub(crate) fn install_steering(port: u16) -> io::Result<()> {
     batch(port).send(libc::NETLINK_NETFILTER)
 }
 
+const RTM_NEWLINK: u16 = 16;
 const RTM_NEWROUTE: u16 = 24;
 const RTA_OIF: u16 = 4;
 const RT_TABLE_LOCAL: u8 = 255;
@@ -264,6 +265,20 @@ pub(crate) fn route_everything_local(family: u8, ifindex: u32) -> io::Result<()>
     let flags = (libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
     m.begin(RTM_NEWROUTE, flags, &rtmsg);
     m.attr(RTA_OIF, &ifindex.to_ne_bytes());
+    m.end();
+    m.send(libc::NETLINK_ROUTE)
+}
+
+/// Sets interface `ifindex` up (`ip link set dev lo up`); already up, it stays so.
+pub(crate) fn set_up_link(ifindex: u32) -> io::Result<()> {
+    let mut m = Messages::default();
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    let mut ifinfo = [0u8; 16];
+    ifinfo[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    let up = libc::IFF_UP as u32;
+    ifinfo[8..12].copy_from_slice(&up.to_ne_bytes());
+    ifinfo[12..16].copy_from_slice(&up.to_ne_bytes());
+    m.begin(RTM_NEWLINK, libc::NLM_F_ACK as u16, &ifinfo);
     m.end();
     m.send(libc::NETLINK_ROUTE)
 }
