@@ -212,6 +212,23 @@ for i in range({n}):
     )
 }
 
+/// CPU time (user and system) the process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks: u64 = f.iter().sum();
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
 fn median_rate(text: &str) -> f64 {
     let mut v: Vec<f64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     v.sort_by(f64::total_cmp);
@@ -283,9 +300,12 @@ pub fn run(moat: &Path, runs: usize) -> Result<()> {
     let downloads = 5;
     let mut sbx_rates = String::new();
     let mut host_rates = String::new();
+    let mut relay_cpu = Duration::ZERO;
     // In turn, so the machine's drift affects both alike.
     for _ in 0..downloads {
+        let before = cpu_time(server.pid());
         sbx_rates.push_str(&exec(&mut c, &throughput_script(1))?);
+        relay_cpu += cpu_time(server.pid()).saturating_sub(before);
         host_rates.push_str(&host_sh(&throughput_script(1))?);
     }
     let (s, h) = (median_rate(&sbx_rates), median_rate(&host_rates));
@@ -295,6 +315,11 @@ pub fn run(moat: &Path, runs: usize) -> Result<()> {
         s / 1048576.0,
         h / 1048576.0,
         100.0 * s / h.max(1.0)
+    );
+    let relayed_gib = (downloads as u64 * DOWNLOAD) as f64 / f64::from(1u32 << 30);
+    println!(
+        "| CPU time of `moat serve` per GiB relayed (the downloads above) | {} | | |",
+        ms(relay_cpu.div_f64(relayed_gib))
     );
     let queries = runs.max(20);
     let sbx = samples(&exec(&mut c, &dns_script(queries))?);

@@ -63,6 +63,11 @@ impl Server {
         }
     }
 
+    /// The server's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn client(&self) -> Result<Client> {
         Client::connect(self.port, &self.key)
     }

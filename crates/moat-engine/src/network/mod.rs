@@ -4,7 +4,7 @@
 //! and DNS query it sends end at sockets the engine holds ([`EgressSockets`]). For each
 //! connection, the engine decides on the address it was meant for, reads the name its first
 //! bytes carry where a domain rule needs it ([`sniff`]), and only then opens a connection of
-//! its own and relays the bytes ([`proxy`]). DNS queries are answered by the engine
+//! its own and relays the bytes ([`proxy`], through kernel pipes: `splice`). DNS queries are answered by the engine
 //! ([`answerer`]): names the policy does not allow are refused, the rest are asked of the
 //! policy's resolvers (else the host's), answers that point a name at an address the sandbox
 //! may not reach become NXDOMAIN, and every address handed out for an allowed name is pinned
@@ -15,6 +15,7 @@ pub mod dns;
 pub mod policy;
 mod proxy;
 pub mod sniff;
+mod splice;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

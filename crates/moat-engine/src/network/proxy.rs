@@ -17,8 +17,6 @@ use super::{MAX_CONNECTIONS, SandboxNet, answerer, host_addresses};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection that must name its host may take to send that name.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
-/// The relay's buffer in each direction.
-const RELAY_BUFFER: usize = 256 * 1024;
 
 /// Accepts the sandbox's connections until the task is aborted.
 /// Connections being relayed end when `ended` changes (the sandbox's egress is dropped).
@@ -113,7 +111,7 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
             }
         }
     }
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
+    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
         Ok(Ok(s)) => s,
         // Unreachable or refused out there: the sandbox sees its connection end the same way.
         Ok(Err(_)) | Err(_) => {
@@ -124,7 +122,6 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
     net.count(|c| &c.connections, 1);
     let _ = upstream.set_nodelay(true);
     let _ = conn.set_nodelay(true);
-    let mut upstream = upstream;
     if !first.is_empty() {
         if upstream.write_all(&first).await.is_err() {
             reset(conn);
@@ -132,14 +129,7 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
         }
         net.count(|c| &c.bytes_out, first.len() as u64);
     }
-    if let Ok((out, back)) = tokio::io::copy_bidirectional_with_sizes(
-        &mut conn,
-        &mut upstream,
-        RELAY_BUFFER,
-        RELAY_BUFFER,
-    )
-    .await
-    {
+    if let Ok((out, back)) = super::splice::relay(&conn, &upstream).await {
         net.count(|c| &c.bytes_out, out);
         net.count(|c| &c.bytes_in, back);
     }

@@ -163,21 +163,29 @@ fn rule(m: &mut Messages, build: impl FnOnce(&mut Rule<'_>)) {
     m.end();
 }
 
-/// The batch that (re)makes table `inet moat` with the chain of this module's notes, steering
-/// TCP to `port`. Applying it again replaces the table: it is deleted and made afresh in one
-/// transaction.
-fn batch(port: u16) -> Messages {
+/// The batch that makes table `inet moat` with the chain of this module's notes, steering TCP
+/// to `port`. With `replace`, a table already there is deleted and made afresh in the same
+/// transaction; without, the batch fails with `EEXIST` when there is one. Replacing costs the
+/// kernel a wait for readers of the old chain (milliseconds), so a fresh namespace is not
+/// asked to.
+fn batch(port: u16, replace: bool) -> Messages {
     let mut m = Messages::default();
     let nft = |kind: u16| NFNL_SUBSYS_NFTABLES << 8 | kind;
     let ack = libc::NLM_F_ACK as u16;
     m.begin(NFNL_MSG_BATCH_BEGIN, 0, &nfgen(0, NFNL_SUBSYS_NFTABLES));
     m.end();
-    // Add, delete, add: the delete never fails for want of a table, and the table ends empty.
-    for kind in [NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWTABLE] {
-        let flags = if kind == NFT_MSG_NEWTABLE {
-            ack | libc::NLM_F_CREATE as u16
-        } else {
-            ack
+    // Replacing: add, delete, add, so the delete never fails for want of a table and the
+    // table ends empty. Otherwise one exclusive add.
+    let kinds: &[u16] = if replace {
+        &[NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWTABLE]
+    } else {
+        &[NFT_MSG_NEWTABLE]
+    };
+    for &kind in kinds {
+        let flags = match kind {
+            NFT_MSG_NEWTABLE if replace => ack | libc::NLM_F_CREATE as u16,
+            NFT_MSG_NEWTABLE => ack | (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16,
+            _ => ack,
         };
         m.begin(nft(kind), flags, &nfgen(NFPROTO_INET, 0));
         m.attr_str(NFTA_TABLE_NAME, TABLE);
@@ -236,9 +244,15 @@ fn batch(port: u16) -> Messages {
     m
 }
 
-/// Installs the steering chain in the calling thread's network namespace.
+/// Installs the steering chain in the calling thread's network namespace, replacing one a
+/// previous call installed.
 pub(crate) fn install_steering(port: u16) -> io::Result<()> {
-    batch(port).send(libc::NETLINK_NETFILTER)
+    match batch(port, false).send(libc::NETLINK_NETFILTER) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            batch(port, true).send(libc::NETLINK_NETFILTER)
+        }
+        done => done,
+    }
 }
 
 const RTM_NEWLINK: u16 = 16;
