@@ -1,7 +1,7 @@
 """The hosts of the fake internet the network tests build: run inside a network namespace the
 test made, bound to addresses routed only into it.
 
-- HTTP on port 80 and 8080, HTTPS on 443 of every address of the namespace (a self-signed certificate for web.test,
+- HTTP on port 80 and 8080, HTTPS on 443 of every address of the namespace, IPv4 and IPv6 (a self-signed certificate for web.test,
   *.web.test and other.test): each answers `<scheme> <port> host=<Host> sni=<SNI>`.
 - A UDP echo on port 7 of every address, which answers what it is sent.
 - DNS over UDP and TCP on DNS:53, answering the names of --names (a JSON object of name to a
@@ -86,8 +86,18 @@ class TlsHandler(Handler):
     scheme = "https"
 
 
-def serve_http(addr, port, handler, context=None):
-    server = ThreadingHTTPServer((addr, port), handler)
+class DualStackServer(ThreadingHTTPServer):
+    """Listens on IPv6 and IPv4 alike."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def serve_http(port, handler, context=None):
+    server = DualStackServer(("::", port), handler)
     server.daemon_threads = True
     if context is not None:
         def on_sni(sock, name, _ctx):
@@ -204,9 +214,9 @@ def main():
     cert, key = make_certificate(args.dir)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    serve_http("0.0.0.0", 80, Handler)
-    serve_http("0.0.0.0", 8080, Handler)
-    serve_http("0.0.0.0", 443, TlsHandler, context)
+    serve_http(80, Handler)
+    serve_http(8080, Handler)
+    serve_http(443, TlsHandler, context)
     serve_udp_echo("0.0.0.0")
     serve_dns(args.dns, Names(json.loads(args.names), args.ttl))
     with open(args.ready, "w") as f:

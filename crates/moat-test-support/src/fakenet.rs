@@ -1,7 +1,7 @@
 //! A fake internet for the network tests, built by the test and torn down when it ends: a
 //! network namespace holding a web host (HTTP on 80 and 8080, HTTPS on 443 with a
-//! self-signed certificate, a UDP echo on 7), a DNS server answering the test's names, and an
-//! address in a private range, linked to the host by a veth pair. The host routes only the
+//! self-signed certificate, a UDP echo on 7; IPv4 and IPv6), a DNS server answering the test's
+//! names, and an address in a private range, linked to the host by a veth pair. The host routes only the
 //! namespace's own addresses (documentation and private test ranges, one slot of them per
 //! fake internet) into it: no test traffic can leave the machine.
 //!
@@ -9,7 +9,7 @@
 //! a lock file for as long as its [`FakeNet`] lives.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,6 +30,8 @@ pub struct FakeNet {
     pub other: Ipv4Addr,
     /// An address in a private range (`10.254.N.1`) the web host answers on too.
     pub private: Ipv4Addr,
+    /// The web host's IPv6 address (`2001:db8:N::1`, documentation space).
+    pub web6: Ipv6Addr,
     /// The host's end of the link: an address of the host itself.
     pub host_side: Ipv4Addr,
     slot: u8,
@@ -87,6 +89,9 @@ impl FakeNet {
         let dns = Ipv4Addr::from(base + 2);
         let other = Ipv4Addr::from(base + 3);
         let private = Ipv4Addr::new(10, 254, slot, 1);
+        let web6 = Ipv6Addr::new(0x2001, 0xdb8, u16::from(slot), 0, 0, 0, 0, 1);
+        let host_side6 = Ipv6Addr::new(0x2001, 0xdb8, 0xff, u16::from(slot), 0, 0, 0, 1);
+        let fake_side6 = Ipv6Addr::new(0x2001, 0xdb8, 0xff, u16::from(slot), 0, 0, 0, 2);
         // What a test that died without its drop left behind goes first.
         ip(&["netns", "del", &netns]);
         ip(&["link", "del", &veth]);
@@ -94,6 +99,15 @@ impl FakeNet {
         must(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
         must(&["link", "set", &peer, "netns", &netns]);
         must(&["addr", "add", &format!("{host_side}/30"), "dev", &veth]);
+        must(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{host_side6}/64"),
+            "dev",
+            &veth,
+            "nodad",
+        ]);
         must(&["link", "set", &veth, "up"]);
         let inside = |args: &[&str]| {
             let mut all = vec!["-n", netns.as_str()];
@@ -106,13 +120,47 @@ impl FakeNet {
         for a in [web, dns, other, private] {
             inside(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
+        inside(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{fake_side6}/64"),
+            "dev",
+            &peer,
+            "nodad",
+        ]);
+        inside(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{web6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
         inside(&["route", "add", "default", "via", &host_side.to_string()]);
+        inside(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_side6.to_string(),
+        ]);
         must(&[
             "route",
             "replace",
             &format!("{}/28", Ipv4Addr::from(base)),
             "via",
             &fake_side.to_string(),
+        ]);
+        must(&[
+            "-6",
+            "route",
+            "replace",
+            &format!("{web6}/128"),
+            "via",
+            &fake_side6.to_string(),
         ]);
         must(&[
             "route",
@@ -164,6 +212,7 @@ impl FakeNet {
             dns,
             other,
             private,
+            web6,
             host_side,
             slot,
             hosts,
@@ -204,6 +253,7 @@ impl Drop for FakeNet {
         let base = u32::from(Ipv4Addr::new(203, 0, 113, 0)) + 16 * n;
         ip(&["route", "del", &format!("{}/28", Ipv4Addr::from(base))]);
         ip(&["route", "del", &format!("10.254.{}.0/24", self.slot)]);
+        ip(&["-6", "route", "del", &format!("{}/128", self.web6)]);
         // Deleting the namespace deletes the veth pair with it.
         ip(&["netns", "del", &self.netns]);
         ip(&["link", "del", &format!("mfk{}", self.slot)]);

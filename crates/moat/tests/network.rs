@@ -452,3 +452,176 @@ fn moat_run_has_no_network_unless_asked() {
     let (code, _) = run(&["--allow", "other.test", "--dns", &dns]);
     assert_ne!(code, Some(0));
 }
+
+#[test]
+fn ipv6_meets_the_same_rules_and_an_ipv4_allow_list_closes_it() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let url6 = format!("http://[{}]/", net.web6);
+    // The host reaches it: the refusals below are the policy's.
+    let direct = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", &url6])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&direct.stdout).starts_with("http 80"));
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    let (code, out) = curl(&server, &key, &id, "", &url6);
+    assert_eq!(code, 0, "{out}");
+    let id = with_network(
+        &server,
+        &key,
+        net.network(false, &[&net.web.to_string()], &[]),
+    );
+    assert_eq!(
+        curl(&server, &key, &id, "", &format!("http://{}/", net.web)).0,
+        0
+    );
+    assert_ne!(
+        curl(&server, &key, &id, "", &url6).0,
+        0,
+        "an IPv4 allow-list closes IPv6"
+    );
+    let id = with_network(&server, &key, net.network(true, &[], &["::/0"]));
+    assert_ne!(curl(&server, &key, &id, "", &url6).0, 0);
+    assert_eq!(
+        curl(&server, &key, &id, "", &format!("http://{}/", net.web)).0,
+        0
+    );
+    let id = with_network(
+        &server,
+        &key,
+        net.network(false, &[&format!("[{}]:80", net.web6)], &[]),
+    );
+    assert_eq!(curl(&server, &key, &id, "", &url6).0, 0);
+    assert_ne!(
+        curl(
+            &server,
+            &key,
+            &id,
+            "",
+            &format!("http://[{}]:8080/", net.web6)
+        )
+        .0,
+        0
+    );
+}
+
+#[test]
+fn dns_over_tcp_to_any_address_is_answered_by_moat() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(
+        &server,
+        &key,
+        net.network(false, &["web.test"], &["0.0.0.0/0"]),
+    );
+    // A query over TCP to an address no rule allows (a public resolver, say) still reaches
+    // moat's answerer, which resolves allowed names and refuses the rest.
+    let query = |name: &str| {
+        format!(
+            "python3 -c \"
+import socket, struct
+q = struct.pack('!HHHHHH', 7, 0x0100, 1, 0, 0, 0)
+q += b''.join(bytes([len(l)]) + l.encode() for l in '{name}'.split('.')) + b'\\x00\\x00\\x01\\x00\\x01'
+s = socket.create_connection(('192.0.2.53', 53), timeout=5)
+s.sendall(struct.pack('!H', len(q)) + q)
+n = struct.unpack('!H', s.recv(2))[0]
+a = b''
+while len(a) < n: a += s.recv(n - len(a))
+print(a[3] & 15, socket.inet_ntoa(a[-4:]) if a[7] else '-')
+\""
+        )
+    };
+    let (code, out) = sh(&server, &key, &id, &query("web.test"));
+    assert_eq!((code, out.trim()), (0, format!("0 {}", net.web).as_str()));
+    let (code, out) = sh(&server, &key, &id, &query("other.test"));
+    assert_eq!((code, out.trim()), (0, "5 -"), "REFUSED");
+}
+
+#[test]
+fn a_templates_network_reaches_its_warm_pool_members() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    server.create_template(
+        &key,
+        "netpool",
+        json!({ "rootfs": "host", "pool_size": 1, "network": net.network(false, &[&net.web.to_string()], &[]) }),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let t = server
+            .request("GET", "/v1/templates/netpool", Some(&key), None)
+            .json();
+        if t["pool"]["ready"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled: {t}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let id = server.create_sandbox_with(&key, json!({ "template": "netpool" }));
+    assert_eq!(
+        curl(&server, &key, &id, "", &format!("http://{}/", net.web)).0,
+        0
+    );
+    assert_ne!(
+        curl(&server, &key, &id, "", &format!("http://{}/", net.other)).0,
+        0
+    );
+    // A create that gives its own network gets it, not the template's.
+    let id = server.create_sandbox_with(
+        &key,
+        json!({ "template": "netpool", "network": net.network(false, &[&net.other.to_string()], &[]) }),
+    );
+    assert_eq!(
+        curl(&server, &key, &id, "", &format!("http://{}/", net.other)).0,
+        0
+    );
+    assert_ne!(
+        curl(&server, &key, &id, "", &format!("http://{}/", net.web)).0,
+        0
+    );
+}
+
+#[test]
+fn deleting_sandboxes_with_a_network_leaves_the_server_no_sockets() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.child.id()))
+            .unwrap()
+            .count()
+    };
+    // One round first, so whatever the server makes once (pools, caches) is there before.
+    let round = || {
+        let ids: Vec<String> = (0..4)
+            .map(|_| with_network(&server, &key, net.network(true, &[], &[])))
+            .collect();
+        for id in &ids {
+            // A connection open at the delete, and one mid-relay.
+            let _ = curl(&server, &key, id, "", &format!("http://{}/", net.web));
+            let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+            assert_eq!(r.status, 204);
+        }
+    };
+    round();
+    let before = fds();
+    round();
+    round();
+    // Sockets close as the tasks end: give them a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fds() > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(fds() <= before, "{} descriptors, {before} before", fds());
+}
