@@ -126,6 +126,15 @@ fn client_hello_sni(rec: &[u8]) -> Option<String> {
 /// Reads the Host header of a plain HTTP/1 request (its absolute-form target, if it has one,
 /// must name the same host).
 fn http_host(buf: &[u8]) -> Sniffed {
+    // Not a request line's method (uppercase letters, then a space): no name will come, so
+    // say so now rather than wait for bytes that are not HTTP.
+    let method = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    match buf.get(method) {
+        _ if method > 16 => return Sniffed::None,
+        Some(b' ') if method > 0 => {}
+        Some(_) => return Sniffed::None,
+        None => return Sniffed::More,
+    }
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return if buf.len() >= MAX_SNIFF {
             Sniffed::None
@@ -245,6 +254,9 @@ pub(crate) mod tests {
             sniff(b"CONNECT evil.com:443 HTTP/1.1\r\nHost: a.com\r\n\r\n"),
             Sniffed::None
         );
-        assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n\r\n"), Sniffed::None);
+        // Not HTTP: known at once, without waiting for more.
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Sniffed::None);
+        assert_eq!(sniff(b"GE"), Sniffed::More);
+        assert_eq!(sniff(b"get / HTTP/1.1"), Sniffed::None);
     }
 }
