@@ -625,3 +625,32 @@ fn deleting_sandboxes_with_a_network_leaves_the_server_no_sockets() {
     }
     assert!(fds() <= before, "{} descriptors, {before} before", fds());
 }
+
+#[test]
+fn a_dns_flood_is_refused_past_the_rate() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    // 400 queries for an allowed name at once: the first ones are answered, those past the
+    // burst are refused at once (names are a channel out; the rate bounds it).
+    let script = "python3 -c \"
+import socket, struct, collections
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+for i in range(400):
+    s.sendto(struct.pack('!HHHHHH', i, 0x0100, 1, 0, 0, 0) + b'\\x03web\\x04test\\x00\\x00\\x01\\x00\\x01', ('192.0.2.53', 53))
+codes = collections.Counter()
+try:
+    while True: codes[s.recv(512)[3] & 15] += 1
+except socket.timeout: pass
+print(codes[0], codes[5])
+\"";
+    let (code, out) = sh(&server, &key, &id, script);
+    assert_eq!(code, 0, "{out}");
+    let counts: Vec<u64> = out.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    assert!(counts[0] > 0, "answered: {out}");
+    assert!(counts[1] >= 100, "refused: {out}");
+    let shown = network_of(&server, &key, &id);
+    assert!(shown.to_string().contains("over the DNS rate"), "{shown}");
+}

