@@ -198,6 +198,9 @@ pub struct ManagerOptions {
     /// Whether a sandbox's own services are reachable without its traffic access token when
     /// its create does not say (`public_traffic`).
     pub public_traffic: bool,
+    /// Bytes a second each sandbox may move each way through its network connections
+    /// together; no limit when `None`.
+    pub egress_bandwidth: Option<u64>,
 }
 
 /// Free-space reserve of the data directory unless configured: 1 GiB.
@@ -219,6 +222,7 @@ impl Default for ManagerOptions {
             snapshot_bytes_per_tenant: DEFAULT_SNAPSHOT_BYTES_PER_TENANT,
             retention: housekeeping::DEFAULT_RETENTION,
             public_traffic: true,
+            egress_bandwidth: None,
         }
     }
 }
@@ -1026,8 +1030,7 @@ impl Inner {
         })?;
         let connected = async {
             // Served before anything of the template runs: a start script may need it.
-            let egress =
-                network::serve(id, &plan.network, instance.as_ref(), self.metrics.egress())?;
+            let egress = self.serve_network(id, &plan.network, instance.as_ref())?;
             let channel = instance
                 .take_channel()
                 .ok_or_else(|| ManagerError::Internal("backend gave no agent channel".into()))?;

@@ -10,7 +10,7 @@ use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::auth::Caller;
 use crate::backend::{Backend, Instance};
 use crate::network::policy::PolicyError;
-use crate::network::{Counters, Egress, NetworkPolicy};
+use crate::network::{Egress, EgressSettings, NetworkPolicy};
 
 /// The policy `n` asks for: every entry parsed, its size bounded, and what it opens allowed
 /// to the caller (`admin` alone may open private, shared or link-local ranges).
@@ -35,25 +35,6 @@ pub(super) fn check_backend(backend: &dyn Backend, policy: &NetworkPolicy) -> Ma
         )));
     }
     Ok(())
-}
-
-/// Serves `policy` for sandbox `id` made as `instance`, counting into `totals`: `None` for
-/// no network.
-pub(super) fn serve(
-    id: &str,
-    policy: &NetworkPolicy,
-    instance: &dyn Instance,
-    totals: Arc<Counters>,
-) -> ManagerResult<Option<Egress>> {
-    let NetworkPolicy::Egress(p) = policy else {
-        return Ok(None);
-    };
-    let sockets = instance
-        .open_egress()
-        .map_err(|e| ManagerError::Unavailable(format!("the sandbox's network: {e}")))?;
-    let egress = Egress::start(id, p.clone(), sockets, totals)
-        .map_err(|e| ManagerError::Internal(format!("serving the sandbox's network: {e}")))?;
-    Ok(Some(egress))
 }
 
 /// What `GET` answers for `live`.
@@ -94,6 +75,28 @@ impl SandboxManager {
 }
 
 impl Inner {
+    /// Serves `policy` for sandbox `id` made as `instance`: `None` for no network.
+    pub(super) fn serve_network(
+        &self,
+        id: &str,
+        policy: &NetworkPolicy,
+        instance: &dyn Instance,
+    ) -> ManagerResult<Option<Egress>> {
+        let NetworkPolicy::Egress(p) = policy else {
+            return Ok(None);
+        };
+        let sockets = instance
+            .open_egress()
+            .map_err(|e| ManagerError::Unavailable(format!("the sandbox's network: {e}")))?;
+        let settings = EgressSettings {
+            totals: self.metrics.egress(),
+            bandwidth: self.opts.egress_bandwidth,
+        };
+        let egress = Egress::start(id, p.clone(), sockets, &settings)
+            .map_err(|e| ManagerError::Internal(format!("serving the sandbox's network: {e}")))?;
+        Ok(Some(egress))
+    }
+
     async fn set_network(
         self: &Arc<Self>,
         tenant: &str,
@@ -128,7 +131,7 @@ impl Inner {
             egress @ NetworkPolicy::Egress(_) => {
                 let made = {
                     let instance = live.instance.lock().await;
-                    serve(id, &egress, instance.as_ref(), self.metrics.egress())?
+                    self.serve_network(id, &egress, instance.as_ref())?
                 };
                 *lock(&live.egress) = made;
             }

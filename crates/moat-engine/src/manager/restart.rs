@@ -156,8 +156,7 @@ impl Inner {
         };
         let connected = async {
             // Its network is served again from its recorded policy before anything reaches it.
-            let egress =
-                super::network::serve(&rec.id, &network, instance.as_ref(), self.metrics.egress())?;
+            let egress = self.serve_network(&rec.id, &network, instance.as_ref())?;
             let client = connect(instance.as_mut(), rec.state == SandboxState::Paused).await?;
             Ok::<_, ManagerError>((client, egress))
         };

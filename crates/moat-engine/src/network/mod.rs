@@ -57,6 +57,16 @@ pub struct EgressSockets {
     pub dns_v6: Option<OwnedFd>,
 }
 
+/// What the server gives every sandbox's egress.
+#[derive(Debug, Clone, Default)]
+pub struct EgressSettings {
+    /// The server's totals every sandbox's counters add to (its metrics).
+    pub totals: Arc<Counters>,
+    /// Bytes a second a sandbox may move each way through its connections together; no limit
+    /// when `None`.
+    pub bandwidth: Option<u64>,
+}
+
 /// How a sandbox reaches the network.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -225,6 +235,8 @@ pub struct SandboxNet {
     connections: Arc<tokio::sync::Semaphore>,
     /// The DNS token bucket: tokens left, and when it was last filled.
     dns_tokens: Mutex<(f64, Instant)>,
+    /// The bandwidth out of and into the sandbox, when limited.
+    bandwidth: Option<(splice::Bucket, splice::Bucket)>,
 }
 
 impl SandboxNet {
@@ -239,6 +251,14 @@ impl SandboxNet {
             true
         } else {
             false
+        }
+    }
+
+    /// The buckets its bytes out and in are held to, when its bandwidth is limited.
+    fn buckets(&self) -> (Option<&splice::Bucket>, Option<&splice::Bucket>) {
+        match &self.bandwidth {
+            Some((out, back)) => (Some(out), Some(back)),
+            None => (None, None),
         }
     }
 
@@ -307,23 +327,26 @@ pub struct Egress {
 }
 
 impl Egress {
-    /// Serves `policy` for sandbox `id` on `sockets`, counting into its own counters and
-    /// `totals`. Must be called within a Tokio runtime.
+    /// Serves `policy` for sandbox `id` on `sockets`, counting into its own counters and the
+    /// server's totals, within the server's `settings`. Must be called within a Tokio runtime.
     pub fn start(
         id: &str,
         policy: EgressPolicy,
         sockets: EgressSockets,
-        totals: Arc<Counters>,
+        settings: &EgressSettings,
     ) -> std::io::Result<Egress> {
         let net = Arc::new(SandboxNet {
             id: id.to_owned(),
             policy: RwLock::new(Arc::new(policy)),
             pins: Mutex::default(),
             counters: Counters::default(),
-            totals,
+            totals: settings.totals.clone(),
             denials: Mutex::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             dns_tokens: Mutex::new((DNS_BURST, Instant::now())),
+            bandwidth: settings
+                .bandwidth
+                .map(|rate| (splice::Bucket::new(rate), splice::Bucket::new(rate))),
         });
         let mut tasks = Vec::new();
         let listener = std::net::TcpListener::from(sockets.connections);

@@ -129,7 +129,8 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
         }
         net.count(|c| &c.bytes_out, first.len() as u64);
     }
-    if let Ok((out, back)) = super::splice::relay(&conn, &upstream).await {
+    let (out_bucket, in_bucket) = net.buckets();
+    if let Ok((out, back)) = super::splice::relay(&conn, &upstream, out_bucket, in_bucket).await {
         net.count(|c| &c.bytes_out, out);
         net.count(|c| &c.bytes_in, back);
     }

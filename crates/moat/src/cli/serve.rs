@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// that works here.
     #[arg(long, value_name = "PLATFORM")]
     gvisor_platform: Option<String>,
+    /// Bytes a second each sandbox with a network may move each way through its connections
+    /// together (e.g. 10M); no limit by default.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    egress_bandwidth: Option<u64>,
 }
 
 /// The isolation backends this build of `moat serve` registers (what `moat check` reports too):
@@ -118,6 +122,9 @@ impl ServeArgs {
                 self.max_ttl
             );
         }
+        if self.egress_bandwidth == Some(0) {
+            bail!("--egress-bandwidth must be more than 0 (leave it out for no limit)");
+        }
         Ok(ManagerOptions {
             default_ttl: Duration::from_secs(self.default_ttl),
             max_ttl: Duration::from_secs(self.max_ttl),
@@ -127,6 +134,7 @@ impl ServeArgs {
             snapshot_bytes_per_tenant: self.snapshot_quota,
             retention: self.retention,
             public_traffic: !self.private_traffic,
+            egress_bandwidth: self.egress_bandwidth,
         })
     }
 }
