@@ -51,6 +51,9 @@ def make_certificate(directory):
 
 class Handler(BaseHTTPRequestHandler):
     scheme = "http"
+    # Keep-alive, as real servers: a second request on a connection is served unless the first
+    # said `Connection: close`.
+    protocol_version = "HTTP/1.1"
 
     def do_GET(self):
         sni = getattr(self.connection, "moat_sni", None) or "-"

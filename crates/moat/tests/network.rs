@@ -227,6 +227,23 @@ fn domain_rules_pin_addresses_and_check_sni_and_host() {
     );
     assert_ne!(code, 0, "a hard-coded address");
 
+    // A second request on the connection, naming another host, is not served: moat made the
+    // first one the connection's last.
+    let script = "python3 -c \"
+import socket
+ip = socket.gethostbyname('web.test')
+s = socket.create_connection((ip, 80), timeout=5)
+s.sendall(b'GET / HTTP/1.1\\r\\nHost: web.test\\r\\n\\r\\nGET / HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n')
+got = b''
+while True:
+    b = s.recv(4096)
+    if not b: break
+    got += b
+print(got.count(b'host=web.test'), got.count(b'host=other.test'))
+\"";
+    let (code, out) = sh(&server, &key, &id, script);
+    assert_eq!((code, out.trim()), (0, "1 0"));
+
     // A wildcard allows the names below, not the name itself.
     let id = with_network(&server, &key, net.network(false, &["*.web.test"], &[]));
     let (code, _) = sh(&server, &key, &id, "getent hosts web.test");
@@ -444,7 +461,7 @@ fn moat_run_has_no_network_unless_asked() {
     let dns = net.dns.to_string();
     let (code, out) = run(&["--net", "internet", "--dns", &dns]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     let (code, _) = run(&[]);
     assert_ne!(code, Some(0));
     let (code, out) = run(&["--allow", "web.test", "--dns", &dns]);
@@ -469,6 +486,19 @@ fn ipv6_meets_the_same_rules_and_an_ipv4_allow_list_closes_it() {
     let id = with_network(&server, &key, net.network(true, &[], &[]));
     let (code, out) = curl(&server, &key, &id, "", &url6);
     assert_eq!(code, 0, "{out}");
+    // A DNS query to an IPv6 resolver address is answered, from that address.
+    let script = "python3 -c \"
+import socket, struct
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(struct.pack('!HHHHHH', 3, 0x0100, 1, 0, 0, 0) + b'\\x03web\\x04test\\x00\\x00\\x01\\x00\\x01', ('2001:db8::53', 53))
+a, peer = s.recvfrom(512)
+print(peer[0], a[3] & 15, socket.inet_ntoa(a[-4:]))
+\"";
+    let (code, out) = sh(&server, &key, &id, script);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("2001:db8::53 0 {}", net.web).as_str())
+    );
     let id = with_network(
         &server,
         &key,

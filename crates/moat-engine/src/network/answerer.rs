@@ -16,9 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::dns::{
-    Question, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL, answer_addresses, set_id,
-};
+use super::dns::{Question, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL, read_answer, set_id};
 use super::policy::{SpecialRange, Target, special_range};
 use super::{MAX_DNS_IN_FLIGHT, SandboxNet, host_addresses, host_resolvers};
 
@@ -132,12 +130,19 @@ fn recv_with_dest(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, IpA
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             let h = &*c;
-            if h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_PKTINFO {
+            let fits = |n: usize| h.cmsg_len >= libc::CMSG_LEN(n as u32) as usize;
+            if h.cmsg_level == libc::IPPROTO_IP
+                && h.cmsg_type == libc::IP_PKTINFO
+                && fits(size_of::<libc::in_pktinfo>())
+            {
                 let info = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
                 dest = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
                     info.ipi_addr.s_addr,
                 ))));
-            } else if h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_PKTINFO {
+            } else if h.cmsg_level == libc::IPPROTO_IPV6
+                && h.cmsg_type == libc::IPV6_PKTINFO
+                && fits(size_of::<libc::in6_pktinfo>())
+            {
                 let info = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
                 dest = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
             }
@@ -153,14 +158,15 @@ fn recv_with_dest(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, IpA
 /// `control`; returns the length to give as `msg_controllen`.
 fn put_control<T: Copy>(control: &mut [u64; CONTROL / 8], level: i32, kind: i32, info: T) -> usize {
     let len = size_of::<T>() as u32;
-    // SAFETY: the buffer is aligned for cmsghdr (a u64 array) and CONTROL bytes long, more
-    // than CMSG_SPACE of a pktinfo; the header and the data are written within it.
+    let base = control.as_mut_ptr().cast::<libc::cmsghdr>();
+    // SAFETY: `base` points at the start of the buffer, aligned for cmsghdr (a u64 array) and
+    // CONTROL bytes long, more than CMSG_SPACE of a pktinfo: the header fields and the data
+    // CMSG_DATA points at are within it. Raw pointers throughout, no reference to the header.
     unsafe {
-        let h = &mut *control.as_mut_ptr().cast::<libc::cmsghdr>();
-        h.cmsg_level = level;
-        h.cmsg_type = kind;
-        h.cmsg_len = libc::CMSG_LEN(len) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(h).cast::<T>(), info);
+        (&raw mut (*base).cmsg_level).write(level);
+        (&raw mut (*base).cmsg_type).write(kind);
+        (&raw mut (*base).cmsg_len).write(libc::CMSG_LEN(len) as usize);
+        std::ptr::write_unaligned(libc::CMSG_DATA(base).cast::<T>(), info);
         libc::CMSG_SPACE(len) as usize
     }
 }
@@ -264,8 +270,9 @@ pub(super) async fn serve_tcp(mut conn: TcpStream, net: &SandboxNet) {
             _ => return,
         }
         let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
-        if conn.read_exact(&mut query).await.is_err() {
-            return;
+        match tokio::time::timeout(TCP_IDLE, conn.read_exact(&mut query)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
         }
         let reply = match over_rate(&query, net) {
             Some(refusal) => refusal,
@@ -276,8 +283,9 @@ pub(super) async fn serve_tcp(mut conn: TcpStream, net: &SandboxNet) {
         };
         let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&reply);
-        if conn.write_all(&framed).await.is_err() {
-            return;
+        match tokio::time::timeout(TCP_IDLE, conn.write_all(&framed)).await {
+            Ok(Ok(())) => {}
+            _ => return,
         }
     }
 }
@@ -304,18 +312,23 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
         net.deny(q.name.clone(), "the name is not allowed".into(), true);
         return Some(q.reply(query, RCODE_REFUSED));
     }
+    let host = host_addresses();
     let resolvers: Vec<SocketAddr> = if policy.dns_servers.is_empty() {
+        // The host's own configuration: its resolvers may well be on its loopback.
         host_resolvers()
     } else {
+        // A policy's resolvers were checked when it was set; an address the host has taken
+        // since is still never asked.
         policy
             .dns_servers
             .iter()
+            .filter(|ip| special_range(**ip, &host).is_none_or(|s| s.openable))
             .map(|ip| SocketAddr::new(*ip, DNS_PORT))
             .collect()
     };
     let mut reply = None;
     for r in resolvers {
-        if let Some(a) = ask(r, query, tcp).await {
+        if let Some(a) = ask(r, &q, tcp).await {
             reply = Some(a);
             break;
         }
@@ -324,11 +337,12 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
         return Some(q.reply(query, RCODE_SERVFAIL));
     };
     set_id(&mut reply, q.id);
-    let Some((_, addrs)) = answer_addresses(&reply) else {
+    let Some(read) = read_answer(&reply) else {
         return Some(q.reply(query, RCODE_SERVFAIL));
     };
-    let host = host_addresses();
-    for (addr, _) in &addrs {
+    // Every address anywhere in the answer, glue and hints included, must be one the
+    // sandbox may reach.
+    for addr in &read.all {
         if let Some(special) = special_range(*addr, &host)
             && !opened(&policy.allow, &special, *addr)
         {
@@ -340,7 +354,7 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
             return Some(q.reply(query, RCODE_NXDOMAIN));
         }
     }
-    for (addr, ttl) in addrs {
+    for (addr, ttl) in read.answers {
         net.pin(addr, &q.name, ttl);
     }
     net.count(|c| &c.dns_answered, 1);
@@ -355,14 +369,17 @@ fn opened(allow: &[super::policy::Rule], special: &SpecialRange, addr: IpAddr) -
         )
 }
 
-/// Asks `resolver` the query (under a fresh id, so an answer cannot be forged by guessing
-/// the sandbox's); over TCP when `tcp` or when the UDP answer came truncated.
-async fn ask(resolver: SocketAddr, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+/// Asks `resolver` the question `q` as a query of moat's own making (a fresh random id, so an
+/// answer cannot be forged by guessing the sandbox's; nothing of the sandbox's message but
+/// the question). Over UDP for a UDP client, whose truncated answer it gets as it is (it
+/// retries over TCP, which comes here too); over TCP for a TCP client.
+async fn ask(resolver: SocketAddr, q: &Question, tcp: bool) -> Option<Vec<u8>> {
     let mut id = [0u8; 2];
     getrandom::fill(&mut id).ok()?;
     let id = u16::from_be_bytes(id);
-    let mut q = query.to_vec();
-    set_id(&mut q, id);
+    let query = q.upstream_query(id);
+    let is_answer =
+        |a: &[u8]| a.len() >= 12 && u16::from_be_bytes([a[0], a[1]]) == id && a[2] & 0x80 != 0;
     let asked = async {
         if !tcp {
             let local: SocketAddr = match resolver {
@@ -371,29 +388,24 @@ async fn ask(resolver: SocketAddr, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
             };
             let sock = UdpSocket::bind(local).await.ok()?;
             sock.connect(resolver).await.ok()?;
-            sock.send(&q).await.ok()?;
+            sock.send(&query).await.ok()?;
             let mut buf = vec![0u8; MAX_MESSAGE];
             loop {
                 let n = sock.recv(&mut buf).await.ok()?;
-                let a = &buf[..n];
-                if a.len() >= 12 && u16::from_be_bytes([a[0], a[1]]) == id && a[2] & 0x80 != 0 {
-                    // TC: the whole answer needs TCP.
-                    if a[2] & 0x02 == 0 {
-                        return Some(a.to_vec());
-                    }
-                    break;
+                if is_answer(&buf[..n]) {
+                    return Some(buf[..n].to_vec());
                 }
             }
         }
         let mut conn = TcpStream::connect(resolver).await.ok()?;
-        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&q);
+        let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&query);
         conn.write_all(&framed).await.ok()?;
         let mut len = [0u8; 2];
         conn.read_exact(&mut len).await.ok()?;
         let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
         conn.read_exact(&mut a).await.ok()?;
-        (a.len() >= 12 && u16::from_be_bytes([a[0], a[1]]) == id).then_some(a)
+        is_answer(&a).then_some(a)
     };
     tokio::time::timeout(RESOLVER_TIMEOUT, asked)
         .await

@@ -28,13 +28,18 @@ pub struct Question {
     end: usize,
 }
 
-/// Reads a (possibly compressed) name starting at `at`; returns it and where it ends in the
-/// message (after the first pointer, if any).
-fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+/// The most compression pointers one name may follow: real names need a few; a chain of
+/// thousands would make parsing an answer cost quadratic time.
+const MAX_POINTERS: usize = 16;
+
+/// Reads a name starting at `at` (following compression pointers when `pointers`); returns it
+/// and where it ends in the message (after the first pointer, if any).
+fn read_name(msg: &[u8], mut at: usize, pointers: bool) -> Option<(String, usize)> {
     let mut name = String::new();
     let mut end = None;
-    // Each pointer must go backwards, which also bounds the loop.
+    // Each pointer must go backwards, and there are at most MAX_POINTERS of them.
     let mut limit = at;
+    let mut followed = 0;
     loop {
         let len = *msg.get(at)? as usize;
         match len & 0xC0 {
@@ -58,14 +63,16 @@ fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
                 }
                 at += 1 + len;
             }
-            0xC0 => {
+            0xC0 if pointers && followed < MAX_POINTERS => {
                 let ptr = (len & 0x3F) << 8 | *msg.get(at + 1)? as usize;
-                if ptr >= limit {
+                // Never into the header, and always backwards.
+                if ptr < 12 || ptr >= limit {
                     return None;
                 }
                 end.get_or_insert(at + 2);
                 limit = ptr;
                 at = ptr;
+                followed += 1;
             }
             _ => return None,
         }
@@ -76,14 +83,16 @@ impl Question {
     /// The question of `msg`, a query (QR clear) with exactly one question; `None` for
     /// anything else.
     pub fn parse(msg: &[u8]) -> Option<Question> {
-        if msg.len() < 12 || msg[2] & 0x80 != 0 {
+        // A query (QR clear) and a standard one (opcode 0): nothing else is forwarded.
+        if msg.len() < 12 || msg[2] & 0x80 != 0 || msg[2] & 0x78 != 0 {
             return None;
         }
         let qdcount = u16::from_be_bytes([msg[4], msg[5]]);
         if qdcount != 1 {
             return None;
         }
-        let (name, at) = read_name(msg, 12)?;
+        // A query's question is never compressed: what moat checks is what it forwards.
+        let (name, at) = read_name(msg, 12, false)?;
         let qtype = u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]);
         msg.get(at + 3)?;
         Some(Question {
@@ -92,6 +101,22 @@ impl Question {
             qtype,
             end: at + 4,
         })
+    }
+
+    /// The query moat asks a resolver for this question: id `id`, a standard query (opcode 0)
+    /// with recursion desired, the one question written out afresh, nothing else. Whatever
+    /// else the sandbox's message carried (other opcodes, records, trailing bytes) stays here.
+    pub fn upstream_query(&self, id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in self.name.split('.').filter(|l| !l.is_empty()) {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&self.qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes()); // class IN
+        q
     }
 
     /// An answer to `query` (whose question this is) with no records and `rcode`.
@@ -105,41 +130,74 @@ impl Question {
     }
 }
 
-/// An answer's id and the addresses with their TTLs (seconds) in its answer section; `None`
-/// for a message that is not a well-formed answer.
-pub fn answer_addresses(msg: &[u8]) -> Option<(u16, Vec<(IpAddr, u32)>)> {
+/// What moat reads of a resolver's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Its id.
+    pub id: u16,
+    /// Whether it came truncated (TC): the whole answer needs TCP.
+    pub truncated: bool,
+    /// The addresses of its answer section, with their TTLs (seconds, at most a day).
+    pub answers: Vec<(IpAddr, u32)>,
+    /// Every address anywhere in it (answer, authority and additional sections).
+    pub all: Vec<IpAddr>,
+}
+
+/// The most records of an answer moat reads.
+const MAX_RECORDS: usize = 512;
+
+/// What `msg` answers; `None` for a message that is not a well-formed answer.
+pub fn read_answer(msg: &[u8]) -> Option<Answer> {
     if msg.len() < 12 || msg[2] & 0x80 == 0 {
         return None;
     }
-    let id = u16::from_be_bytes([msg[0], msg[1]]);
-    let qdcount = u16::from_be_bytes([msg[4], msg[5]]);
-    let ancount = u16::from_be_bytes([msg[6], msg[7]]);
+    let count = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]) as usize;
+    let (qdcount, ancount) = (count(4), count(6));
+    let records = ancount + count(8) + count(10);
+    if qdcount > 1 || records > MAX_RECORDS {
+        return None;
+    }
     let mut at = 12;
     for _ in 0..qdcount {
-        at = read_name(msg, at)?.1 + 4;
+        at = read_name(msg, at, true)?.1 + 4;
     }
-    let mut out = Vec::new();
-    for _ in 0..ancount {
-        at = read_name(msg, at)?.1;
+    let mut answer = Answer {
+        id: u16::from_be_bytes([msg[0], msg[1]]),
+        truncated: msg[2] & 0x02 != 0,
+        answers: Vec::new(),
+        all: Vec::new(),
+    };
+    for i in 0..records {
+        at = read_name(msg, at, true)?.1;
         let head = msg.get(at..at + 10)?;
         let rtype = u16::from_be_bytes([head[0], head[1]]);
+        // A TTL with the top bit set counts as zero (RFC 2181); none is kept past a day.
         let ttl = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        let ttl = if ttl > i32::MAX as u32 {
+            0
+        } else {
+            ttl.min(86_400)
+        };
         let len = u16::from_be_bytes([head[8], head[9]]) as usize;
         let data = msg.get(at + 10..at + 10 + len)?;
-        match (rtype, len) {
-            (TYPE_A, 4) => {
-                let a: [u8; 4] = data.try_into().ok()?;
-                out.push((IpAddr::V4(Ipv4Addr::from(a)), ttl));
+        let addr = match (rtype, len) {
+            (TYPE_A, 4) => <[u8; 4]>::try_from(data)
+                .ok()
+                .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            (TYPE_AAAA, 16) => <[u8; 16]>::try_from(data)
+                .ok()
+                .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            _ => None,
+        };
+        if let Some(addr) = addr {
+            answer.all.push(addr);
+            if i < ancount {
+                answer.answers.push((addr, ttl));
             }
-            (TYPE_AAAA, 16) => {
-                let a: [u8; 16] = data.try_into().ok()?;
-                out.push((IpAddr::V6(Ipv6Addr::from(a)), ttl));
-            }
-            _ => {}
         }
         at += 10 + len;
     }
-    Some((id, out))
+    Some(answer)
 }
 
 /// Sets the id of the message `msg` (a query forwarded, or its answer sent back).
@@ -198,7 +256,7 @@ pub(crate) mod tests {
         assert_eq!(r[2] & 0x80, 0x80);
         assert_eq!(r[3] & 0x0F, RCODE_REFUSED);
         assert_eq!(Question::parse(&r), None, "an answer is not a query");
-        assert_eq!(answer_addresses(&r).unwrap().1, vec![]);
+        assert_eq!(read_answer(&r).unwrap().answers, vec![]);
     }
 
     #[test]
@@ -209,10 +267,11 @@ pub(crate) mod tests {
             &[Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(10, 0, 0, 1)],
             60,
         );
-        let (id, addrs) = answer_addresses(&a).unwrap();
-        assert_eq!(id, 9);
+        let read = read_answer(&a).unwrap();
+        assert_eq!(read.id, 9);
+        assert_eq!(read.all.len(), 2);
         assert_eq!(
-            addrs,
+            read.answers,
             vec![
                 ("203.0.113.10".parse().unwrap(), 60),
                 ("10.0.0.1".parse().unwrap(), 60)
@@ -231,8 +290,51 @@ pub(crate) mod tests {
         a[2] |= 0x80;
         a[7] = 1;
         a.extend_from_slice(&[0xC0, (a.len()) as u8]);
-        assert_eq!(answer_addresses(&a), None);
+        assert_eq!(read_answer(&a), None);
         // A name with a character no host name has.
         assert_eq!(Question::parse(&query(1, "a\u{1}.com", TYPE_A)), None);
+        // A compressed question, and an opcode other than a standard query.
+        let mut q = query(1, "a.com", TYPE_A);
+        q.truncate(12);
+        q.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+        assert_eq!(Question::parse(&q), None);
+        let mut q = query(1, "a.com", TYPE_A);
+        q[2] |= 5 << 3; // UPDATE
+        assert_eq!(Question::parse(&q), None);
+    }
+
+    #[test]
+    fn long_pointer_chains_are_refused_quickly() {
+        // An answer whose one record's name is a chain of pointers, each 2 bytes back.
+        let mut a = query(1, "a.com", TYPE_A);
+        a[2] |= 0x80;
+        let start = a.len();
+        a.extend_from_slice(&[1, b'x', 0]);
+        let mut prev = start;
+        for _ in 0..100 {
+            let here = a.len();
+            a.extend_from_slice(&[0xC0 | (prev >> 8) as u8, prev as u8]);
+            prev = here;
+        }
+        let record = a.len();
+        a.extend_from_slice(&[0xC0 | (prev >> 8) as u8, prev as u8]);
+        a.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 1]);
+        a[7] = 1;
+        let _ = record;
+        assert_eq!(read_answer(&a), None, "more than MAX_POINTERS pointers");
+    }
+
+    #[test]
+    fn the_upstream_query_is_the_question_alone() {
+        let mut q = query(9, "Web.Test", TYPE_AAAA);
+        q.extend_from_slice(b"trailing bytes");
+        q[11] = 1; // an additional record the sandbox added
+        let question = Question::parse(&q).unwrap();
+        let up = question.upstream_query(77);
+        assert_eq!(up, {
+            let mut expect = query(77, "web.test", TYPE_AAAA);
+            expect[2] = 0x01;
+            expect
+        });
     }
 }

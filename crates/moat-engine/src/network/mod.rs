@@ -348,14 +348,18 @@ impl Egress {
                 .bandwidth
                 .map(|rate| (splice::Bucket::new(rate), splice::Bucket::new(rate))),
         });
-        let mut tasks = Vec::new();
+        // Everything that can fail comes first: a task spawned before a failure would be left
+        // serving the sandbox with nothing to stop it.
         let listener = std::net::TcpListener::from(sockets.connections);
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        let dns = std::iter::once(sockets.dns_v4)
+            .chain(sockets.dns_v6)
+            .map(answerer::DnsSocket::new)
+            .collect::<std::io::Result<Vec<_>>>()?;
         let (ended, watch) = tokio::sync::watch::channel(());
-        tasks.push(tokio::spawn(proxy::serve(listener, net.clone(), watch)));
-        for sock in std::iter::once(sockets.dns_v4).chain(sockets.dns_v6) {
-            let sock = answerer::DnsSocket::new(sock)?;
+        let mut tasks = vec![tokio::spawn(proxy::serve(listener, net.clone(), watch))];
+        for sock in dns {
             tasks.push(tokio::spawn(answerer::serve(sock, net.clone())));
         }
         Ok(Egress {

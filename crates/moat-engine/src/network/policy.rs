@@ -138,6 +138,19 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The address a connection to `ip` really reaches, for every decision: [`canonical`], and an
+/// IPv4 address embedded in the well-known NAT64 prefix (`64:ff9b::/96`) as that IPv4 address,
+/// since a NAT64 gateway takes the connection there.
+pub fn destination(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(a) if a.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => {
+            let o = a.octets();
+            IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+        }
+        other => other,
+    }
+}
+
 /// A domain name pattern: an exact name, or `*.` and a name for every name below it (not the
 /// name itself). Lowercase, without a trailing dot: names match as DNS compares them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -355,6 +368,8 @@ pub struct SpecialRange {
 /// The special ranges, most specific first within each family.
 const SPECIAL: &[(&str, &str, bool)] = &[
     ("169.254.169.254/32", "the cloud metadata address", true),
+    ("100.100.100.200/32", "the cloud metadata address", true),
+    ("168.63.129.16/32", "the Azure platform address", true),
     ("0.0.0.0/8", "the unspecified network", false),
     ("127.0.0.0/8", "the host's loopback", false),
     ("10.0.0.0/8", "a private network", true),
@@ -380,7 +395,7 @@ const SPECIAL: &[(&str, &str, bool)] = &[
 
 /// The special range `ip` is in, if any; the host's own addresses (`host`) come first.
 pub fn special_range(ip: IpAddr, host: &[IpAddr]) -> Option<SpecialRange> {
-    let ip = canonical(ip);
+    let ip = destination(ip);
     if host.iter().any(|h| canonical(*h) == ip) {
         return Some(SpecialRange {
             net: IpNet::host(ip),
@@ -388,6 +403,14 @@ pub fn special_range(ip: IpAddr, host: &[IpAddr]) -> Option<SpecialRange> {
             openable: false,
         });
     }
+    special_ranges()
+        .iter()
+        .find(|r| r.net.contains(ip))
+        .copied()
+}
+
+/// Every special range, most specific first within each family.
+fn special_ranges() -> &'static [SpecialRange] {
     static RANGES: LazyLock<Vec<SpecialRange>> = LazyLock::new(|| {
         SPECIAL
             .iter()
@@ -400,7 +423,7 @@ pub fn special_range(ip: IpAddr, host: &[IpAddr]) -> Option<SpecialRange> {
             })
             .collect()
     });
-    RANGES.iter().find(|r| r.net.contains(ip)).copied()
+    &RANGES
 }
 
 /// Why a policy is refused.
@@ -412,6 +435,27 @@ pub enum PolicyError {
     /// It opens a range only an admin may.
     #[error("{0}")]
     NeedsAdmin(String),
+}
+
+/// Refuses naming `special` for `what` where nothing may, or where only an admin may.
+fn check_special(
+    what: &str,
+    special: &SpecialRange,
+    admin: bool,
+) -> std::result::Result<(), PolicyError> {
+    if !special.openable {
+        return Err(PolicyError::Invalid(format!(
+            "{what}: {} is never reachable from a sandbox",
+            special.what
+        )));
+    }
+    if !admin {
+        return Err(PolicyError::NeedsAdmin(format!(
+            "{what}: opening {} needs an admin key",
+            special.what
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a connection may go, and the reason a denial gives.
@@ -448,21 +492,15 @@ impl EgressPolicy {
             let Target::Net(net) = &rule.target else {
                 continue;
             };
-            if let Some(special) = special_range(net.addr, &[])
-                && special.net.covers(net)
-            {
-                if !special.openable {
-                    return Err(PolicyError::Invalid(format!(
-                        "allow {rule}: {} is never reachable from a sandbox",
-                        special.what
-                    )));
-                }
-                if !admin {
-                    return Err(PolicyError::NeedsAdmin(format!(
-                        "allow {rule}: opening {} needs an admin key",
-                        special.what
-                    )));
-                }
+            // Every special range the rule lies inside, not only the first: a rule inside a
+            // range (and so able to open it) must be allowed to open each of them.
+            for special in special_ranges().iter().filter(|s| s.net.covers(net)) {
+                check_special(&format!("allow {rule}"), special, admin)?;
+            }
+        }
+        for (i, server) in self.dns_servers.iter().enumerate() {
+            if let Some(special) = special_range(*server, &[]) {
+                check_special(&format!("dns_servers[{i}] {server}"), &special, admin)?;
             }
         }
         Ok(())
@@ -504,7 +542,7 @@ impl EgressPolicy {
     /// the sandbox's DNS queries for an allowed name with this address; `host` holds the
     /// host's own addresses.
     pub fn decide<'a>(&'a self, ip: IpAddr, port: u16, pinned: bool, host: &[IpAddr]) -> Verdict {
-        let ip = canonical(ip);
+        let ip = destination(ip);
         let special = special_range(ip, host);
         if let Some(s) = special
             && !s.openable
@@ -743,6 +781,62 @@ mod tests {
             p.decide(ip("169.254.169.254"), 80, false, &host),
             Verdict::Allow
         );
+    }
+
+    #[test]
+    fn nat64_and_nested_ranges_are_judged_by_what_they_reach() {
+        let open = policy(true, &[], &[]);
+        // A NAT64 address of the metadata service is the metadata service.
+        assert!(
+            matches!(open.decide(ip("64:ff9b::a9fe:a9fe"), 80, false, &[]), Verdict::Deny(r) if r.contains("metadata"))
+        );
+        assert_eq!(
+            open.decide(ip("64:ff9b::cb00:7101"), 80, false, &[]),
+            Verdict::Allow
+        );
+        for closed in ["168.63.129.16", "100.100.100.200"] {
+            assert!(
+                matches!(open.decide(ip(closed), 80, false, &[]), Verdict::Deny(_)),
+                "{closed}"
+            );
+        }
+        // A rule spanning the metadata address and its neighbour is a rule in both ranges.
+        let p = policy(false, &["169.254.169.254/31"], &[]);
+        assert!(matches!(p.validate(false), Err(PolicyError::NeedsAdmin(_))));
+        // Opening the shared space does not open Alibaba's metadata address inside it.
+        let p = policy(false, &["100.64.0.0/10"], &[]);
+        assert!(matches!(
+            p.decide(ip("100.100.100.200"), 80, false, &[]),
+            Verdict::Deny(_)
+        ));
+        assert_eq!(p.decide(ip("100.64.0.1"), 80, false, &[]), Verdict::Allow);
+    }
+
+    #[test]
+    fn dns_servers_in_closed_ranges_are_refused() {
+        let with = |dns: &str| EgressPolicy {
+            internet: true,
+            dns_servers: vec![ip(dns)],
+            ..EgressPolicy::default()
+        };
+        assert!(matches!(
+            with("127.0.0.53").validate(true),
+            Err(PolicyError::Invalid(_))
+        ));
+        assert!(matches!(
+            with("::ffff:127.0.0.1").validate(true),
+            Err(PolicyError::Invalid(_))
+        ));
+        assert!(matches!(
+            with("0.0.0.0").validate(true),
+            Err(PolicyError::Invalid(_))
+        ));
+        assert!(matches!(
+            with("10.0.0.2").validate(false),
+            Err(PolicyError::NeedsAdmin(_))
+        ));
+        with("10.0.0.2").validate(true).unwrap();
+        with("203.0.113.53").validate(false).unwrap();
     }
 
     #[test]

@@ -109,6 +109,11 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
                 reset(conn);
                 return;
             }
+            // Plain HTTP: moat read the first request's Host only, so that request is the
+            // connection's last.
+            if first.first() != Some(&0x16) {
+                first = super::sniff::one_request_only(&first);
+            }
         }
     }
     let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
@@ -119,6 +124,20 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
             return;
         }
     };
+    // An address the host holds that no check above knew of (a local route, a NAT that loops
+    // back): the kernel makes such a connection from the address itself.
+    if upstream
+        .local_addr()
+        .is_ok_and(|local| canonical(local.ip()) == dest.ip())
+    {
+        net.deny(
+            dest.to_string(),
+            format!("{} is the host itself", dest.ip()),
+            false,
+        );
+        reset(conn);
+        return;
+    }
     net.count(|c| &c.connections, 1);
     let _ = upstream.set_nodelay(true);
     let _ = conn.set_nodelay(true);

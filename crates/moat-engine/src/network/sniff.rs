@@ -145,41 +145,81 @@ fn http_host(buf: &[u8]) -> Sniffed {
     let Ok(head) = std::str::from_utf8(&buf[..end]) else {
         return Sniffed::None;
     };
+    // Read as strictly as the strictest server, so no server reads a host moat did not: no
+    // bare LF, no folded lines, no space before a header's colon, a three-part request line.
+    if head.replace("\r\n", "").contains(['\r', '\n']) {
+        return Sniffed::None;
+    }
     let mut lines = head.split("\r\n");
     let Some(request) = lines.next() else {
         return Sniffed::None;
     };
-    let mut parts = request.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let parts: Vec<&str> = request.split(' ').collect();
+    let [method, target, version] = parts[..] else {
         return Sniffed::None;
     };
     if !version.starts_with("HTTP/1.") || method.eq_ignore_ascii_case("CONNECT") {
         return Sniffed::None;
     }
-    let mut hosts = lines.filter_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case("host").then(|| v.trim())
-    });
-    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+    let mut hosts = Vec::new();
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else {
+            return Sniffed::None;
+        };
+        if k.is_empty() || k.contains(|c: char| c.is_ascii_whitespace()) {
+            return Sniffed::None;
+        }
+        if k.eq_ignore_ascii_case("host") {
+            hosts.push(v.trim());
+        }
+    }
+    let [host] = hosts[..] else {
         // None, or two: which one a server reads is its own business.
         return Sniffed::None;
     };
     let Some(name) = strip_port(host).and_then(normalise) else {
         return Sniffed::None;
     };
-    // An absolute-form target names the host a server uses over the header.
-    if let Some(rest) = target
-        .strip_prefix("http://")
-        .or_else(|| target.strip_prefix("https://"))
-    {
-        let authority = rest.split('/').next().unwrap_or_default();
+    // The target: a path, `*`, or an absolute URL (any scheme, any case), whose host a server
+    // uses over the header's, so it must be the same.
+    if !(target.starts_with('/') || target == "*") {
+        let Some((_, rest)) = target.split_once("://") else {
+            return Sniffed::None;
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
         let authority = authority.rsplit('@').next().unwrap_or_default();
         if strip_port(authority).and_then(normalise).as_deref() != Some(&name) {
             return Sniffed::None;
         }
     }
     Sniffed::Name(name)
+}
+
+/// The bytes of a plain HTTP/1 connection's start (`buf`, holding at least the first
+/// request's head) with that request made the connection's last: its `Connection`,
+/// `Proxy-Connection` and `Keep-Alive` headers replaced by `Connection: close`. A server then
+/// answers that one request and closes, so a second request on the connection, whose `Host`
+/// moat never read, is not served.
+pub fn one_request_only(buf: &[u8]) -> Vec<u8> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return buf.to_vec();
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut out = Vec::with_capacity(buf.len() + 19);
+    for (i, line) in head.split("\r\n").enumerate() {
+        let name = line.split(':').next().unwrap_or_default();
+        let drop = i > 0
+            && ["connection", "proxy-connection", "keep-alive"]
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h));
+        if !drop {
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out.extend_from_slice(&buf[end + 4..]);
+    out
 }
 
 /// `host[:port]` without the port; `None` for a bracketed IPv6 literal (never a domain).
@@ -235,6 +275,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_first_request_is_made_the_last() {
+        let out = one_request_only(
+            b"GET / HTTP/1.1\r\nHost: a.com\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\n\r\nGET / HTTP/1.1\r\nHost: evil.com\r\n\r\n",
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nHost: a.com\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\nHost: evil.com\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn the_host_of_an_http_request_is_read() {
         assert_eq!(
             sniff(b"GET / HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n"),
@@ -252,6 +303,36 @@ pub(crate) mod tests {
         );
         assert_eq!(
             sniff(b"CONNECT evil.com:443 HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        // A scheme in any case names the host a server uses.
+        assert_eq!(
+            sniff(b"GET HTTP://evil.com/ HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"GET HTTP://A.com/x HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::Name("a.com".into())
+        );
+        // What some servers read differently: a bare LF, a folded line, a space before ':'.
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\nHost: evil\r\nX: 1\r\n Host: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nX: 1\r\n Host: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nHost : a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"GET  / HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"GET a.com:80 HTTP/1.1\r\nHost: a.com\r\n\r\n"),
             Sniffed::None
         );
         // Not HTTP: known at once, without waiting for more.

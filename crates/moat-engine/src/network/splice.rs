@@ -122,8 +122,12 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, bucket: Option<&Bucket>) -> i
     let pipe = Pipe::new()?;
     let mut total = 0u64;
     loop {
+        // Tokens are taken once there is something to send, so an idle connection holds none.
         let may = match bucket {
-            Some(b) => b.take(PIPE_BYTES).await,
+            Some(b) => {
+                src.readable().await?;
+                b.take(PIPE_BYTES).await
+            }
             None => PIPE_BYTES,
         };
         let n = src

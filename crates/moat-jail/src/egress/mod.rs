@@ -203,6 +203,9 @@ fn dns_socket(v6: bool) -> io::Result<OwnedFd> {
         let fd = socket(libc::AF_INET6, libc::SOCK_DGRAM)?;
         set_flag(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, true)?;
         set_flag(&fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, true)?;
+        // IPv6 sends from an address the interface does not hold (the resolver address the
+        // sandbox asked) only from a transparent socket; IPv4 takes any local route's.
+        set_flag(&fd, libc::IPPROTO_IPV6, IPV6_TRANSPARENT, true)?;
         fd
     } else {
         let fd = socket(libc::AF_INET, libc::SOCK_DGRAM)?;
