@@ -100,6 +100,8 @@ fn internet_reaches_public_hosts_and_names_but_never_the_host_or_private_ranges(
     // A name pointing at a private address is not answered (rebinding).
     let (code, out) = sh(&server, &key, &id, "getent hosts private.test");
     assert_ne!(code, 0, "{out}");
+    // Nor is a reverse lookup of a private address.
+    sh(&server, &key, &id, &format!("getent hosts {}", net.private));
     let shown = network_of(&server, &key, &id);
     let stats = &shown["stats"];
     assert!(stats["connections"].as_u64().unwrap() >= 3, "{shown}");
@@ -114,6 +116,7 @@ fn internet_reaches_public_hosts_and_names_but_never_the_host_or_private_ranges(
     assert!(all.contains("a private network"), "{all}");
     assert!(all.contains("the cloud metadata address"), "{all}");
     assert!(all.contains("private.test"), "{all}");
+    assert!(all.contains("reverse lookups of closed addresses"), "{all}");
     // The server's totals count them too.
     let metrics = server.request("GET", "/metrics", Some(&key), None).text();
     let total = |name: &str| -> u64 {
@@ -663,12 +666,12 @@ fn a_dns_flood_is_refused_past_the_rate() {
     let server = Server::start();
     let key = server.admin_key();
     let id = with_network(&server, &key, net.network(true, &[], &[]));
-    // 400 queries for an allowed name at once: the first ones are answered, those past the
+    // 1,000 queries for an allowed name at once: the first ones are answered, those past the
     // burst are refused at once (names are a channel out; the rate bounds it).
     let script = "python3 -c \"
 import socket, struct, collections
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-for i in range(400):
+for i in range(1000):
     s.sendto(struct.pack('!HHHHHH', i, 0x0100, 1, 0, 0, 0) + b'\\x03web\\x04test\\x00\\x00\\x01\\x00\\x01', ('192.0.2.53', 53))
 codes = collections.Counter()
 try:
@@ -680,8 +683,9 @@ print(codes[0], codes[5])
     assert_eq!(code, 0, "{out}");
     let counts: Vec<u64> = out.split_whitespace().map(|n| n.parse().unwrap()).collect();
     assert!(counts[0] > 0, "answered: {out}");
-    // Without the rate none is refused (the ones past the in-flight limit go unanswered).
-    assert!(counts[1] >= 50, "refused: {out}");
+    // Without the rate none is refused (the ones past the in-flight limit go unanswered); with
+    // it, all but a burst and what the rate refills while they are sent.
+    assert!(counts[1] >= 100, "refused: {out}");
     let shown = network_of(&server, &key, &id);
     assert!(shown.to_string().contains("over the DNS rate"), "{shown}");
 }
@@ -709,4 +713,34 @@ fn egress_bandwidth_holds_a_sandbox_to_its_rate() {
     let secs: f64 = parts.next().unwrap().parse().unwrap();
     assert_eq!(size, 3 << 20);
     assert!(secs >= 1.8, "3 MiB in {secs} s under a 1 MiB/s limit");
+}
+
+#[test]
+fn a_connection_flood_is_refused_past_the_rate() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    // 1,000 connections opened and closed as fast as they go: those past the burst are reset
+    // before moat connects anywhere.
+    let script = format!(
+        "python3 -c \"
+import socket
+for i in range(1000):
+    try: socket.create_connection(('{}', 80), timeout=5).close()
+    except OSError: pass
+\"",
+        net.web
+    );
+    let (code, out) = sh(&server, &key, &id, &script);
+    assert_eq!(code, 0, "{out}");
+    let shown = network_of(&server, &key, &id);
+    assert!(
+        shown
+            .to_string()
+            .contains("over the rate of 100 new connections"),
+        "{shown}"
+    );
+    assert!(shown["stats"]["denied"].as_u64().unwrap() >= 50, "{shown}");
 }

@@ -228,7 +228,12 @@ fn send_from(fd: i32, v6: bool, data: &[u8], to: SocketAddr, from: IpAddr) -> io
 }
 
 /// Answers the queries arriving on `sock` until the task is aborted.
-pub(super) async fn serve(sock: DnsSocket, net: Arc<SandboxNet>) {
+/// Queries being answered end when `ended` changes (the sandbox's egress is dropped).
+pub(super) async fn serve(
+    sock: DnsSocket,
+    net: Arc<SandboxNet>,
+    ended: tokio::sync::watch::Receiver<()>,
+) {
     let sock = Arc::new(sock);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_DNS_IN_FLIGHT));
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -251,10 +256,15 @@ pub(super) async fn serve(sock: DnsSocket, net: Arc<SandboxNet>) {
             continue;
         };
         let query = buf[..n].to_vec();
-        let (sock, net) = (sock.clone(), net.clone());
+        let (sock, net, mut ended) = (sock.clone(), net.clone(), ended.clone());
         tokio::spawn(async move {
-            if let Some(reply) = answer(&query, &net, false).await {
-                let _ = sock.send(&reply, peer, dest).await;
+            tokio::select! {
+                reply = answer(&query, &net, false) => {
+                    if let Some(reply) = reply {
+                        let _ = sock.send(&reply, peer, dest).await;
+                    }
+                }
+                _ = ended.changed() => {}
             }
             drop(permit);
         });
@@ -313,9 +323,21 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
         return Some(q.reply(query, RCODE_REFUSED));
     }
     let host = host_addresses();
+    // Reverse lookups of closed addresses (or of whole zones) would tell the sandbox the names
+    // of the host's private networks.
+    if is_reverse(&q.name)
+        && reverse_address(&q.name).is_none_or(|a| special_range(a, &host).is_some())
+    {
+        net.deny(
+            q.name.clone(),
+            "reverse lookups of closed addresses are not answered".into(),
+            true,
+        );
+        return Some(q.reply(query, RCODE_REFUSED));
+    }
     let resolvers: Vec<SocketAddr> = if policy.dns_servers.is_empty() {
         // The host's own configuration: its resolvers may well be on its loopback.
-        host_resolvers()
+        host_resolvers().to_vec()
     } else {
         // A policy's resolvers were checked when it was set; an address the host has taken
         // since is still never asked.
@@ -359,6 +381,46 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
     }
     net.count(|c| &c.dns_answered, 1);
     Some(reply)
+}
+
+/// Whether `name` is in a reverse-lookup zone.
+fn is_reverse(name: &str) -> bool {
+    name == "in-addr.arpa"
+        || name == "ip6.arpa"
+        || name.ends_with(".in-addr.arpa")
+        || name.ends_with(".ip6.arpa")
+}
+
+/// The whole address a reverse-lookup name stands for (`4.3.2.1.in-addr.arpa`, 32 nibbles of
+/// `ip6.arpa`); `None` for anything else, zones included.
+fn reverse_address(name: &str) -> Option<IpAddr> {
+    if let Some(rest) = name.strip_suffix(".in-addr.arpa") {
+        let octets: Vec<u8> = rest
+            .split('.')
+            .map(|l| l.parse().ok())
+            .collect::<Option<_>>()?;
+        let [d, c, b, a] = octets[..] else {
+            return None;
+        };
+        return Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)));
+    }
+    let rest = name.strip_suffix(".ip6.arpa")?;
+    let nibbles: Vec<u8> = rest
+        .split('.')
+        .map(|l| {
+            (l.len() == 1)
+                .then(|| u8::from_str_radix(l, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    if nibbles.len() != 32 {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (i, pair) in nibbles.rchunks(2).enumerate() {
+        bytes[i] = pair[1] << 4 | pair[0];
+    }
+    Some(IpAddr::V6(Ipv6Addr::from(bytes)))
 }
 
 /// Whether an allow rule inside `special` names `addr`.
@@ -411,4 +473,27 @@ async fn ask(resolver: SocketAddr, q: &Question, tcp: bool) -> Option<Vec<u8>> {
         .await
         .ok()
         .flatten()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reverse_names_are_read_as_their_addresses() {
+        assert_eq!(
+            reverse_address("10.113.0.203.in-addr.arpa"),
+            Some("203.0.113.10".parse().unwrap())
+        );
+        assert_eq!(
+            reverse_address(
+                "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
+            ),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(reverse_address("10.in-addr.arpa"), None);
+        assert_eq!(reverse_address("300.1.1.1.in-addr.arpa"), None);
+        assert!(is_reverse("10.in-addr.arpa") && !is_reverse("example.com"));
+    }
 }

@@ -32,6 +32,14 @@ use serde::{Deserialize, Serialize};
 pub const MAX_CONNECTIONS: usize = 256;
 /// The most DNS queries of a sandbox being answered at once.
 pub const MAX_DNS_IN_FLIGHT: usize = 32;
+/// The most connections all sandboxes of this server may have open through it at once.
+pub const MAX_CONNECTIONS_TOTAL: usize = 16_384;
+/// Connections a sandbox may open a second, on average; bursts up to [`CONNECT_BURST`]. Each
+/// one the server makes takes a local port and, once closed, a while in TIME_WAIT: this keeps
+/// one sandbox from using up the ports every tenant shares.
+pub const CONNECT_RATE: f64 = 100.0;
+/// The most connections a sandbox may open at once after a quiet while.
+pub const CONNECT_BURST: f64 = 200.0;
 /// DNS queries a sandbox may send a second, on average; bursts up to [`DNS_BURST`]. Names are a
 /// channel out (`dig $(secret).allowed.example`): this bounds it.
 pub const DNS_RATE: f64 = 100.0;
@@ -222,6 +230,43 @@ impl Pins {
     }
 }
 
+/// A rate of events: `per_sec` on average, bursts up to `burst`.
+#[derive(Debug)]
+struct Rate {
+    per_sec: f64,
+    burst: f64,
+    /// Events that may happen now, and when that was last worked out.
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Rate {
+    fn new(per_sec: f64, burst: f64) -> Rate {
+        Rate {
+            per_sec,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Whether one more event may happen now (and counts it if so).
+    fn take(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(self.burst);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Connections open through this server, all sandboxes together.
+static OPEN_CONNECTIONS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_CONNECTIONS_TOTAL);
+
 /// One sandbox's network state, shared by its connection and DNS tasks.
 #[derive(Debug)]
 pub struct SandboxNet {
@@ -233,8 +278,10 @@ pub struct SandboxNet {
     totals: Arc<Counters>,
     denials: Mutex<std::collections::VecDeque<v1::Denial>>,
     connections: Arc<tokio::sync::Semaphore>,
-    /// The DNS token bucket: tokens left, and when it was last filled.
-    dns_tokens: Mutex<(f64, Instant)>,
+    /// Its DNS queries' rate.
+    dns_rate: Rate,
+    /// Its new connections' rate.
+    connect_rate: Rate,
     /// The bandwidth out of and into the sandbox, when limited.
     bandwidth: Option<(splice::Bucket, splice::Bucket)>,
 }
@@ -242,16 +289,7 @@ pub struct SandboxNet {
 impl SandboxNet {
     /// Takes one DNS query's token; false when the sandbox is over [`DNS_RATE`].
     fn dns_token(&self) -> bool {
-        let mut b = self.dns_tokens.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * DNS_RATE).min(DNS_BURST);
-        b.1 = now;
-        if b.0 >= 1.0 {
-            b.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.dns_rate.take()
     }
 
     /// The buckets its bytes out and in are held to, when its bandwidth is limited.
@@ -343,7 +381,8 @@ impl Egress {
             totals: settings.totals.clone(),
             denials: Mutex::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
-            dns_tokens: Mutex::new((DNS_BURST, Instant::now())),
+            dns_rate: Rate::new(DNS_RATE, DNS_BURST),
+            connect_rate: Rate::new(CONNECT_RATE, CONNECT_BURST),
             bandwidth: settings
                 .bandwidth
                 .map(|rate| (splice::Bucket::new(rate), splice::Bucket::new(rate))),
@@ -360,7 +399,11 @@ impl Egress {
         let (ended, watch) = tokio::sync::watch::channel(());
         let mut tasks = vec![tokio::spawn(proxy::serve(listener, net.clone(), watch))];
         for sock in dns {
-            tasks.push(tokio::spawn(answerer::serve(sock, net.clone())));
+            tasks.push(tokio::spawn(answerer::serve(
+                sock,
+                net.clone(),
+                ended.subscribe(),
+            )));
         }
         Ok(Egress {
             net,
@@ -463,8 +506,22 @@ fn read_host_addresses() -> Vec<IpAddr> {
     out
 }
 
-/// The resolvers of the host (`nameserver` lines of `/etc/resolv.conf`), on port 53.
-pub fn host_resolvers() -> Vec<SocketAddr> {
+/// The resolvers of the host (`nameserver` lines of `/etc/resolv.conf`), on port 53, read at
+/// most once a second.
+pub fn host_resolvers() -> Arc<Vec<SocketAddr>> {
+    static CACHE: Mutex<Option<(Instant, Arc<Vec<SocketAddr>>)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, resolvers)) = &*cache
+        && at.elapsed() < Duration::from_secs(1)
+    {
+        return resolvers.clone();
+    }
+    let resolvers = Arc::new(read_host_resolvers());
+    *cache = Some((Instant::now(), resolvers.clone()));
+    resolvers
+}
+
+fn read_host_resolvers() -> Vec<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     text.lines()
         .filter_map(|l| {

@@ -11,7 +11,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::policy::{Verdict, canonical};
 use super::sniff::{MAX_SNIFF, Sniffed, sniff};
-use super::{MAX_CONNECTIONS, SandboxNet, answerer, host_addresses};
+use super::{
+    CONNECT_RATE, MAX_CONNECTIONS, MAX_CONNECTIONS_TOTAL, OPEN_CONNECTIONS, SandboxNet, answerer,
+    host_addresses,
+};
 
 /// How long moat waits for the remote end to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +52,26 @@ pub(super) async fn serve(
             reset(conn);
             continue;
         };
+        let Ok(server_permit) = OPEN_CONNECTIONS.try_acquire() else {
+            net.deny(
+                dest.to_string(),
+                format!(
+                    "the server has {MAX_CONNECTIONS_TOTAL} sandbox connections open, its most"
+                ),
+                false,
+            );
+            reset(conn);
+            continue;
+        };
+        if !net.connect_rate.take() {
+            net.deny(
+                dest.to_string(),
+                format!("over the rate of {CONNECT_RATE} new connections a second"),
+                false,
+            );
+            reset(conn);
+            continue;
+        }
         let net = net.clone();
         let mut ended = ended.clone();
         tokio::spawn(async move {
@@ -56,7 +79,7 @@ pub(super) async fn serve(
                 () = handle(conn, dest, &net) => {}
                 _ = ended.changed() => {}
             }
-            drop(permit);
+            drop((permit, server_permit));
         });
     }
 }
