@@ -199,17 +199,33 @@ impl Instance for NativeInstance {
         self.set_frozen(false)
     }
 
-    fn open_egress(&self) -> Result<moat_engine::network::EgressSockets> {
-        // The pidfd names the agent's process, whose network namespace is the sandbox's.
-        self.with_live(|live| {
-            // SAFETY: the pidfd stays open while `live` is borrowed, which outlasts the call.
-            let pidfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(live.process.pidfd()) };
-            let s = moat_jail::egress::open(pidfd).map_err(jail)?;
-            Ok(moat_engine::network::EgressSockets {
-                connections: s.connections,
-                dns_v4: s.dns_v4,
-                dns_v6: s.dns_v6,
-            })
+    async fn open_egress(&self) -> Result<moat_engine::network::EgressSockets> {
+        // The pidfd names the agent's process, whose network namespace is the sandbox's. A
+        // copy of it goes to a blocking thread: entering the namespace and the netlink calls
+        // take from under a millisecond to tens of them (replacing a kept sandbox's rules).
+        let pidfd = self.with_live(|live| {
+            // SAFETY: fcntl duplicates an open pidfd; the copy is ours to own.
+            let dup = unsafe { libc::fcntl(live.process.pidfd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if dup < 0 {
+                return Err(EngineError::io(
+                    "dup sandbox pidfd",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: fcntl returned a fresh descriptor nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+        })?;
+        let opened = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsFd;
+            moat_jail::egress::open(pidfd.as_fd())
+        })
+        .await
+        .map_err(|e| EngineError::Backend(format!("the network set-up task: {e}")))?;
+        let s = opened.map_err(jail)?;
+        Ok(moat_engine::network::EgressSockets {
+            connections: s.connections,
+            dns_v4: s.dns_v4,
+            dns_v6: s.dns_v6,
         })
     }
 

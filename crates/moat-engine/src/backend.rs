@@ -235,8 +235,9 @@ pub trait Instance: Send + Sync {
     /// Makes the sandbox's network one where every connection and DNS query ends at the
     /// sockets returned (see `moat_jail::egress`), which the engine serves the sandbox's
     /// policy on. Called again (a server adopting a kept sandbox), it replaces what the first
-    /// call made. Backends without [`Capabilities::egress`] refuse.
-    fn open_egress(&self) -> Result<crate::network::EgressSockets> {
+    /// call made. Backends without [`Capabilities::egress`] refuse. Its blocking work runs off
+    /// the async runtime's threads.
+    async fn open_egress(&self) -> Result<crate::network::EgressSockets> {
         Err(EngineError::Unsupported(format!(
             "sandbox {} cannot have network access: its backend cannot give it",
             self.id()

@@ -76,7 +76,7 @@ impl SandboxManager {
 
 impl Inner {
     /// Serves `policy` for sandbox `id` made as `instance`: `None` for no network.
-    pub(super) fn serve_network(
+    pub(super) async fn serve_network(
         &self,
         id: &str,
         policy: &NetworkPolicy,
@@ -87,6 +87,7 @@ impl Inner {
         };
         let sockets = instance
             .open_egress()
+            .await
             .map_err(|e| ManagerError::Unavailable(format!("the sandbox's network: {e}")))?;
         let settings = EgressSettings {
             totals: self.metrics.egress(),
@@ -131,7 +132,7 @@ impl Inner {
             egress @ NetworkPolicy::Egress(_) => {
                 let made = {
                     let instance = live.instance.lock().await;
-                    self.serve_network(id, &egress, instance.as_ref())?
+                    self.serve_network(id, &egress, instance.as_ref()).await?
                 };
                 *lock(&live.egress) = made;
             }
