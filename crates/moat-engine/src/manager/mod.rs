@@ -1030,7 +1030,9 @@ impl Inner {
         })?;
         let connected = async {
             // Served before anything of the template runs: a start script may need it.
-            let egress = self.serve_network(id, &plan.network, instance.as_ref()).await?;
+            let egress = self
+                .serve_network(id, &plan.network, instance.as_ref())
+                .await?;
             let channel = instance
                 .take_channel()
                 .ok_or_else(|| ManagerError::Internal("backend gave no agent channel".into()))?;
