@@ -744,3 +744,32 @@ for i in range(1000):
     );
     assert!(shown["stats"]["denied"].as_u64().unwrap() >= 50, "{shown}");
 }
+
+#[test]
+fn the_operator_decides_who_may_give_sandboxes_a_network() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    for (mode, admin_ok, user_ok) in [("admin", true, false), ("none", false, false)] {
+        let server = Server::start_with(&["--egress", mode]);
+        let admin = server.admin_key();
+        let user = server.create_key(&admin, json!({ "name": "u", "role": "user" }));
+        let req = json!({ "network": net.network(true, &[], &[]) });
+        for (key, ok) in [(&admin, admin_ok), (&user, user_ok)] {
+            let r = server.request("POST", "/v1/sandboxes", Some(key), Some(&body(req.clone())));
+            if ok {
+                assert_eq!(r.status, 201, "--egress {mode}: {}", r.text());
+            } else {
+                r.assert_error(403, "forbidden");
+                assert!(r.text().contains("--egress"), "{}", r.text());
+            }
+        }
+        // No network is always fine.
+        let r = server.request(
+            "POST",
+            "/v1/sandboxes",
+            Some(&user),
+            Some(&body(json!({ "network": {} }))),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+}

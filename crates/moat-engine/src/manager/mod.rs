@@ -20,6 +20,7 @@ mod idempotency;
 mod keys;
 mod memory;
 mod network;
+pub use network::EgressAccess;
 mod pause;
 mod pool;
 mod readiness;
@@ -201,6 +202,8 @@ pub struct ManagerOptions {
     /// Bytes a second each sandbox may move each way through its network connections
     /// together; no limit when `None`.
     pub egress_bandwidth: Option<u64>,
+    /// Who may give sandboxes network access.
+    pub egress_access: EgressAccess,
 }
 
 /// Free-space reserve of the data directory unless configured: 1 GiB.
@@ -223,6 +226,7 @@ impl Default for ManagerOptions {
             retention: housekeeping::DEFAULT_RETENTION,
             public_traffic: true,
             egress_bandwidth: None,
+            egress_access: EgressAccess::All,
         }
     }
 }
@@ -701,7 +705,7 @@ impl Inner {
         let asked_network = req
             .network
             .as_ref()
-            .map(|n| network::policy_of(n, admin))
+            .map(|n| self.policy_of(n, admin))
             .transpose()?;
         let lifecycle = req.lifecycle.unwrap_or_default();
         let mut plan = match req.snapshot.clone() {

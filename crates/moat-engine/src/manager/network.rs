@@ -12,17 +12,48 @@ use crate::backend::{Backend, Instance};
 use crate::network::policy::PolicyError;
 use crate::network::{Egress, EgressSettings, NetworkPolicy};
 
-/// The policy `n` asks for: every entry parsed, its size bounded, and what it opens allowed
-/// to the caller (`admin` alone may open private, shared or link-local ranges).
-pub(super) fn policy_of(n: &v1::Network, admin: bool) -> ManagerResult<NetworkPolicy> {
-    let policy = NetworkPolicy::from_v1(n).map_err(ManagerError::Invalid)?;
-    if let NetworkPolicy::Egress(p) = &policy {
-        p.validate(admin).map_err(|e| match e {
-            PolicyError::Invalid(m) => ManagerError::Invalid(m),
-            PolicyError::NeedsAdmin(m) => ManagerError::Forbidden(m),
-        })?;
+/// Who may give sandboxes network access on a server (`moat serve --egress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EgressAccess {
+    /// Any key (the default).
+    #[default]
+    All,
+    /// Admin keys only.
+    Admin,
+    /// Nobody: every sandbox has no network.
+    None,
+}
+
+impl Inner {
+    /// The policy `n` asks for: every entry parsed, its size bounded, and what it opens allowed
+    /// to the caller (`admin` alone may open private, shared or link-local ranges), on a server
+    /// whose `--egress` lets the caller give network access at all.
+    pub(super) fn policy_of(&self, n: &v1::Network, admin: bool) -> ManagerResult<NetworkPolicy> {
+        let policy = NetworkPolicy::from_v1(n).map_err(ManagerError::Invalid)?;
+        if let NetworkPolicy::Egress(p) = &policy {
+            match self.opts.egress_access {
+                EgressAccess::All => {}
+                EgressAccess::Admin if admin => {}
+                EgressAccess::Admin => {
+                    return Err(ManagerError::Forbidden(
+                        "network access needs an admin key on this server (moat serve --egress \
+                         admin)"
+                            .into(),
+                    ));
+                }
+                EgressAccess::None => {
+                    return Err(ManagerError::Forbidden(
+                        "this server gives sandboxes no network (moat serve --egress none)".into(),
+                    ));
+                }
+            }
+            p.validate(admin).map_err(|e| match e {
+                PolicyError::Invalid(m) => ManagerError::Invalid(m),
+                PolicyError::NeedsAdmin(m) => ManagerError::Forbidden(m),
+            })?;
+        }
+        Ok(policy)
     }
-    Ok(policy)
 }
 
 /// Refuses a policy with network access on a backend that cannot give it.
@@ -65,7 +96,7 @@ impl SandboxManager {
         id: &str,
         n: v1::Network,
     ) -> ManagerResult<v1::SandboxNetwork> {
-        let policy = policy_of(&n, caller.is_admin())?;
+        let policy = self.inner.policy_of(&n, caller.is_admin())?;
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         tokio::spawn(async move { inner.set_network(&tenant, &id, policy).await })

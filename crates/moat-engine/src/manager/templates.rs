@@ -144,7 +144,7 @@ impl SandboxManager {
         }
         let backend = self.inner.backends.resolve(spec.backend.as_deref())?;
         if let Some(n) = &spec.network {
-            let policy = super::network::policy_of(n, host_paths)?;
+            let policy = self.inner.policy_of(n, host_paths)?;
             super::network::check_backend(backend.as_ref(), &policy)?;
         }
         resolve_resources(spec, None)?;

@@ -16,7 +16,7 @@ use moat_backend_gvisor::{GvisorBackend, GvisorOptions};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::backend::Backends;
 use moat_engine::error::EngineError;
-use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
+use moat_engine::manager::{EgressAccess, ManagerOptions, SandboxManager, ShutdownMode};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
 use moat_server::ServerOptions;
 
@@ -91,6 +91,21 @@ pub struct ServeArgs {
     /// together (e.g. 10M); no limit by default.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     egress_bandwidth: Option<u64>,
+    /// Who may give sandboxes network access: all keys, admin keys only, or none (every
+    /// sandbox has no network).
+    #[arg(long, value_enum, default_value_t = Egress::All)]
+    egress: Egress,
+}
+
+/// Values of `--egress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Egress {
+    /// Any key may.
+    All,
+    /// Admin keys only.
+    Admin,
+    /// Nobody: no sandbox has a network.
+    None,
 }
 
 /// The isolation backends this build of `moat serve` registers (what `moat check` reports too):
@@ -135,6 +150,11 @@ impl ServeArgs {
             retention: self.retention,
             public_traffic: !self.private_traffic,
             egress_bandwidth: self.egress_bandwidth,
+            egress_access: match self.egress {
+                Egress::All => EgressAccess::All,
+                Egress::Admin => EgressAccess::Admin,
+                Egress::None => EgressAccess::None,
+            },
         })
     }
 }
