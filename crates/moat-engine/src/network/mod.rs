@@ -16,6 +16,7 @@ pub mod policy;
 mod proxy;
 pub mod sniff;
 mod splice;
+mod tokens;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use moat_proto::v1;
 pub use policy::EgressPolicy;
 use serde::{Deserialize, Serialize};
+use tokens::Tokens;
 
 /// The most connections a sandbox may have open through moat at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -230,39 +232,6 @@ impl Pins {
     }
 }
 
-/// A rate of events: `per_sec` on average, bursts up to `burst`.
-#[derive(Debug)]
-struct Rate {
-    per_sec: f64,
-    burst: f64,
-    /// Events that may happen now, and when that was last worked out.
-    state: Mutex<(f64, Instant)>,
-}
-
-impl Rate {
-    fn new(per_sec: f64, burst: f64) -> Rate {
-        Rate {
-            per_sec,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
-    }
-
-    /// Whether one more event may happen now (and counts it if so).
-    fn take(&self) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(self.burst);
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Connections open through this server, all sandboxes together.
 static OPEN_CONNECTIONS: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(MAX_CONNECTIONS_TOTAL);
@@ -279,21 +248,21 @@ pub struct SandboxNet {
     denials: Mutex<std::collections::VecDeque<v1::Denial>>,
     connections: Arc<tokio::sync::Semaphore>,
     /// Its DNS queries' rate.
-    dns_rate: Rate,
+    dns_rate: Tokens,
     /// Its new connections' rate.
-    connect_rate: Rate,
+    connect_rate: Tokens,
     /// The bandwidth out of and into the sandbox, when limited.
-    bandwidth: Option<(splice::Bucket, splice::Bucket)>,
+    bandwidth: Option<(Tokens, Tokens)>,
 }
 
 impl SandboxNet {
     /// Takes one DNS query's token; false when the sandbox is over [`DNS_RATE`].
     fn dns_token(&self) -> bool {
-        self.dns_rate.take()
+        self.dns_rate.try_take()
     }
 
     /// The buckets its bytes out and in are held to, when its bandwidth is limited.
-    fn buckets(&self) -> (Option<&splice::Bucket>, Option<&splice::Bucket>) {
+    fn buckets(&self) -> (Option<&Tokens>, Option<&Tokens>) {
         match &self.bandwidth {
             Some((out, back)) => (Some(out), Some(back)),
             None => (None, None),
@@ -381,11 +350,13 @@ impl Egress {
             totals: settings.totals.clone(),
             denials: Mutex::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
-            dns_rate: Rate::new(DNS_RATE, DNS_BURST),
-            connect_rate: Rate::new(CONNECT_RATE, CONNECT_BURST),
-            bandwidth: settings
-                .bandwidth
-                .map(|rate| (splice::Bucket::new(rate), splice::Bucket::new(rate))),
+            dns_rate: Tokens::new(DNS_RATE, DNS_BURST),
+            connect_rate: Tokens::new(CONNECT_RATE, CONNECT_BURST),
+            bandwidth: settings.bandwidth.map(|rate| {
+                // A second's worth may go at once.
+                let rate = rate.max(1) as f64;
+                (Tokens::new(rate, rate), Tokens::new(rate, rate))
+            }),
         });
         // Everything that can fail comes first: a task spawned before a failure would be left
         // serving the sandbox with nothing to stop it.
@@ -456,16 +427,24 @@ impl Drop for Egress {
 
 /// The host's own addresses, read at most once a second: a sandbox may never reach them.
 pub fn host_addresses() -> Arc<Vec<IpAddr>> {
-    static CACHE: Mutex<Option<(Instant, Arc<Vec<IpAddr>>)>> = Mutex::new(None);
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((at, addrs)) = &*cache
+    static CACHE: HostFacts<IpAddr> = Mutex::new(None);
+    fresh(&CACHE, read_host_addresses)
+}
+
+/// Something read from the host, and when.
+type HostFacts<T> = Mutex<Option<(Instant, Arc<Vec<T>>)>>;
+
+/// What `cache` holds if it was read less than a second ago, else `read` afresh.
+fn fresh<T>(cache: &HostFacts<T>, read: fn() -> Vec<T>) -> Arc<Vec<T>> {
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, facts)) = &*cache
         && at.elapsed() < Duration::from_secs(1)
     {
-        return addrs.clone();
+        return facts.clone();
     }
-    let addrs = Arc::new(read_host_addresses());
-    *cache = Some((Instant::now(), addrs.clone()));
-    addrs
+    let facts = Arc::new(read());
+    *cache = Some((Instant::now(), facts.clone()));
+    facts
 }
 
 fn read_host_addresses() -> Vec<IpAddr> {
@@ -509,16 +488,8 @@ fn read_host_addresses() -> Vec<IpAddr> {
 /// The resolvers of the host (`nameserver` lines of `/etc/resolv.conf`), on port 53, read at
 /// most once a second.
 pub fn host_resolvers() -> Arc<Vec<SocketAddr>> {
-    static CACHE: Mutex<Option<(Instant, Arc<Vec<SocketAddr>>)>> = Mutex::new(None);
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((at, resolvers)) = &*cache
-        && at.elapsed() < Duration::from_secs(1)
-    {
-        return resolvers.clone();
-    }
-    let resolvers = Arc::new(read_host_resolvers());
-    *cache = Some((Instant::now(), resolvers.clone()));
-    resolvers
+    static CACHE: HostFacts<SocketAddr> = Mutex::new(None);
+    fresh(&CACHE, read_host_resolvers)
 }
 
 fn read_host_resolvers() -> Vec<SocketAddr> {

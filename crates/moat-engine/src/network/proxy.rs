@@ -63,7 +63,7 @@ pub(super) async fn serve(
             reset(conn);
             continue;
         };
-        if !net.connect_rate.take() {
+        if !net.connect_rate.try_take() {
             net.deny(
                 dest.to_string(),
                 format!("over the rate of {CONNECT_RATE} new connections a second"),

@@ -5,63 +5,15 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
-use std::time::Duration;
-
-use tokio::time::Instant;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::tokens::Tokens;
+
 /// The capacity of each direction's pipe: the most bytes in flight through moat per direction
 /// of a connection.
 pub const PIPE_BYTES: usize = 256 * 1024;
-
-/// A token bucket of bytes: `rate` a second, holding at most a second's worth.
-#[derive(Debug)]
-pub struct Bucket {
-    rate: f64,
-    /// Bytes that may go now, and when that was last worked out.
-    state: Mutex<(f64, Instant)>,
-}
-
-impl Bucket {
-    /// A full bucket of `rate` bytes a second.
-    pub fn new(rate: u64) -> Bucket {
-        let rate = rate.max(1) as f64;
-        Bucket {
-            rate,
-            state: Mutex::new((rate, Instant::now())),
-        }
-    }
-
-    /// Waits until some bytes may go, and takes up to `want` of them (at least one). Waits for
-    /// a batch (a tenth of a second's worth, or `want`) rather than byte by byte.
-    async fn take(&self, want: usize) -> usize {
-        let batch = (want as f64).min(self.rate / 10.0).max(1.0);
-        loop {
-            let wait = {
-                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.rate);
-                s.1 = now;
-                if s.0 >= batch {
-                    let k = s.0.min(want as f64).floor();
-                    s.0 -= k;
-                    return k as usize;
-                }
-                Duration::from_secs_f64((batch - s.0) / self.rate)
-            };
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// Gives back bytes taken and not sent.
-    fn give_back(&self, n: usize) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = (s.0 + n as f64).min(self.rate);
-    }
-}
 
 /// A pipe's two ends.
 struct Pipe {
@@ -118,7 +70,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// Moves bytes from `src` to `dst` until `src` ends, then ends `dst`'s sending side, held to
 /// `bucket` when there is one; returns how many bytes went.
-async fn one_way(src: &TcpStream, dst: &TcpStream, bucket: Option<&Bucket>) -> io::Result<u64> {
+async fn one_way(src: &TcpStream, dst: &TcpStream, bucket: Option<&Tokens>) -> io::Result<u64> {
     let pipe = Pipe::new()?;
     let mut total = 0u64;
     loop {
@@ -126,7 +78,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, bucket: Option<&Bucket>) -> i
         let may = match bucket {
             Some(b) => {
                 src.readable().await?;
-                b.take(PIPE_BYTES).await
+                b.take_up_to(PIPE_BYTES).await
             }
             None => PIPE_BYTES,
         };
@@ -162,8 +114,8 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, bucket: Option<&Bucket>) -> i
 pub async fn relay(
     a: &TcpStream,
     b: &TcpStream,
-    a_to_b: Option<&Bucket>,
-    b_to_a: Option<&Bucket>,
+    a_to_b: Option<&Tokens>,
+    b_to_a: Option<&Tokens>,
 ) -> io::Result<(u64, u64)> {
     tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a))
 }
@@ -205,24 +157,5 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"answer");
         assert_eq!(relay.await.unwrap(), (big.len() as u64, 6));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_bucket_lets_its_rate_through_and_no_more() {
-        let b = Bucket::new(1000);
-        // A full second's worth at once, then a tenth of a second's per batch.
-        assert_eq!(b.take(5000).await, 1000);
-        let began = tokio::time::Instant::now();
-        let mut got = 0;
-        while got < 3000 {
-            got += b.take(5000).await;
-        }
-        assert!(
-            began.elapsed() >= Duration::from_millis(2900),
-            "{:?}",
-            began.elapsed()
-        );
-        b.give_back(500);
-        assert_eq!(b.take(500).await, 500);
     }
 }
