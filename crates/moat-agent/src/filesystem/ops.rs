@@ -398,10 +398,31 @@ pub(crate) fn remove(path: &str) -> Result<(), RpcError> {
     }
 }
 
+/// How many times an open is tried when the file at the path is replaced between the look and
+/// the open: a file replaced by a rename (how editors and careful writers save) is read or
+/// written whole on the next try; only a path replaced on every try is refused.
+const REPLACED_TRIES: usize = 16;
+
+/// Runs `open` until it finds the same file it looked at (`Code::Aborted` means it did not),
+/// at most [`REPLACED_TRIES`] times.
+fn open_unreplaced<T>(mut open: impl FnMut() -> Result<T, RpcError>) -> Result<T, RpcError> {
+    let mut tries = 1;
+    loop {
+        match open() {
+            Err(e) if e.code == Code::Aborted && tries < REPLACED_TRIES => tries += 1,
+            done => return done,
+        }
+    }
+}
+
 /// Opens the regular file at `path` for reading. The type is checked before the real open (on
 /// an `O_PATH` descriptor) and again after it on the same inode, and the open itself is
 /// non-blocking, so a FIFO, socket or device can neither hang nor be read.
 pub(crate) fn open_read(path: &str) -> Result<(std::fs::File, u64), RpcError> {
+    open_unreplaced(|| open_read_once(path))
+}
+
+fn open_read_once(path: &str) -> Result<(std::fs::File, u64), RpcError> {
     let probe = open_path(path)?;
     let st = sys::fstat(probe.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
     check_regular(&st, path)?;
@@ -445,8 +466,18 @@ pub(crate) fn open_write(path: &str, uid: u32, gid: u32) -> Result<std::fs::File
     }
     let dir = ensure_dirs(parent, uid, gid)?;
     let c = sys::cstring(name).map_err(|e| RpcError::from_io(&e, path))?;
+    open_unreplaced(|| open_write_once(&dir, &c, path, uid, gid))
+}
+
+fn open_write_once(
+    dir: &OwnedFd,
+    c: &CString,
+    path: &str,
+    uid: u32,
+    gid: u32,
+) -> Result<std::fs::File, RpcError> {
     // Look before opening: the open must not even start on something that is not a file.
-    let before = match sys::openat2(Some(dir.as_fd()), &c, libc::O_PATH, 0, sys::RESOLVE) {
+    let before = match sys::openat2(Some(dir.as_fd()), c, libc::O_PATH, 0, sys::RESOLVE) {
         Ok(fd) => {
             let st = sys::fstat(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
             check_regular(&st, path)?;
@@ -456,19 +487,18 @@ pub(crate) fn open_write(path: &str, uid: u32, gid: u32) -> Result<std::fs::File
         Err(e) => return Err(lookup_error(&e, path)),
     };
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK | libc::O_NOCTTY;
-    let fd =
-        sys::openat2(Some(dir.as_fd()), &c, flags, 0o644, sys::RESOLVE).map_err(|e| {
-            match e.raw_os_error() {
-                Some(libc::EISDIR) => {
-                    RpcError::new(Code::InvalidArgument, format!("{path} is a directory"))
-                }
-                Some(libc::ENXIO) => RpcError::new(
-                    Code::InvalidArgument,
-                    format!("{path} is not a regular file"),
-                ),
-                _ => lookup_error(&e, path),
-            }
-        })?;
+    let fd = sys::openat2(Some(dir.as_fd()), c, flags, 0o644, sys::RESOLVE).map_err(|e| match e
+        .raw_os_error()
+    {
+        Some(libc::EISDIR) => {
+            RpcError::new(Code::InvalidArgument, format!("{path} is a directory"))
+        }
+        Some(libc::ENXIO) => RpcError::new(
+            Code::InvalidArgument,
+            format!("{path} is not a regular file"),
+        ),
+        _ => lookup_error(&e, path),
+    })?;
     let st = sys::fstat(fd.as_fd()).map_err(|e| RpcError::from_io(&e, path))?;
     check_regular(&st, path)?;
     if before.is_some_and(|b| !entry::same_file(&b, &st)) {
@@ -538,5 +568,53 @@ fn xattr_error(err: &io::Error, path: &str) -> RpcError {
         )
     } else {
         RpcError::from_io(err, &format!("{path}: metadata"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A file replaced by renames as fast as one core can, while `open` runs 2,000 times:
+    /// every open must succeed (each finds the file as one of its versions).
+    fn opens_beside_renames(open: impl Fn(&str) -> Result<(), RpcError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n");
+        std::fs::write(&path, "0").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let renamer = {
+            let (dir, stop) = (dir.path().to_owned(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let new = dir.join("n.new");
+                    std::fs::write(&new, i.to_string()).unwrap();
+                    std::fs::rename(&new, dir.join("n")).unwrap();
+                }
+                i
+            })
+        };
+        let path = path.to_str().unwrap();
+        let failures = (0..2000).filter_map(|_| open(path).err()).count();
+        stop.store(true, Ordering::Relaxed);
+        let renames = renamer.join().unwrap();
+        assert!(renames > 0);
+        assert_eq!(failures, 0, "opens refused beside {renames} renames");
+    }
+
+    #[test]
+    fn a_file_replaced_by_renames_is_read_whole() {
+        opens_beside_renames(|path| open_read(path).map(drop));
+    }
+
+    #[test]
+    fn a_file_replaced_by_renames_is_written() {
+        // SAFETY: getuid and getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        opens_beside_renames(|path| open_write(path, uid, gid).map(drop));
     }
 }
