@@ -20,6 +20,9 @@ pub struct Server {
     pub port: u16,
     /// Its data directory.
     pub data: PathBuf,
+    /// Where its log goes (appended to across restarts in the same directory); its tail is
+    /// printed when a test fails, after the failure's own message.
+    pub log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -56,6 +59,12 @@ impl Server {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        let log = dir.path().join("serve.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("server log");
         let child = Command::new(crate::moat_binary())
             .args([
                 "serve",
@@ -67,20 +76,24 @@ impl Server {
             .args(["--log-format", "json"])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log_file)
             .spawn()
             .expect("spawn moat serve");
         let mut server = Server {
             child,
             port,
             data,
+            log,
             _dir: dir,
         };
         // A generous deadline for start-up on a loaded machine; not a speed check.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("moat serve exited during start-up: {status}");
+                panic!(
+                    "moat serve exited during start-up: {status}\n{}",
+                    log_tail(&server.log, 40)
+                );
             }
             if let Ok(r) = server.try_request("GET", "/healthz", None, None)
                 && r.status == 200
@@ -277,6 +290,25 @@ impl Drop for Server {
             sigterm(&self.child);
             let _ = self.child.wait();
         }
+        // Only a failing test needs the server's side of the story, and only its end.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- the end of moat serve's log ({}) ---\n{}",
+                self.log.display(),
+                log_tail(&self.log, 80)
+            );
+        }
+    }
+}
+
+/// The last `lines` lines of the log at `path` (or why it cannot be read).
+fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(no log: {e})"),
     }
 }
 
