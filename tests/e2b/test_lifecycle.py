@@ -1,6 +1,7 @@
 """Sandbox lifecycle through the unmodified `e2b` SDK: running checks, connect, pause and
 resume, snapshots, and the errors for sandboxes that do not exist."""
 
+import threading
 import time
 
 import pytest
@@ -99,6 +100,15 @@ def counting(sbx, above=5):
         time.sleep(0.1)
 
 
+def advances(sbx, past):
+    """Waits until `sbx`'s COUNTER is above `past`: it runs on (a restored or forked copy
+    counts on), however slowly a loaded machine lets it."""
+    deadline = time.monotonic() + 30
+    while int(sbx.files.read("/tmp/n")) <= past:
+        assert time.monotonic() < deadline, f"the counter stopped at {past}"
+        time.sleep(0.1)
+
+
 def test_memory_snapshots_of_gvisor_sandboxes_go_on_counting():
     # The suite's server has a template `gvisor` (see crates/moat/tests/e2b_sdk.rs).
     sbx = Sandbox.create("gvisor")
@@ -110,8 +120,7 @@ def test_memory_snapshots_of_gvisor_sandboxes_go_on_counting():
         try:
             first = int(child.files.read("/tmp/n"))
             assert first >= before
-            time.sleep(0.3)
-            assert int(child.files.read("/tmp/n")) > first
+            advances(child, first)
             assert int(sbx.files.read("/tmp/n")) >= before
         finally:
             child.kill()
@@ -130,8 +139,7 @@ def test_pause_of_a_gvisor_sandbox_saves_it_and_connect_goes_on():
         resumed = Sandbox.connect(sbx.sandbox_id)
         after = int(resumed.files.read("/tmp/n"))
         assert after >= before
-        time.sleep(0.3)
-        assert int(resumed.files.read("/tmp/n")) > after
+        advances(resumed, after)
     finally:
         Sandbox.kill(sbx.sandbox_id)
 
@@ -156,8 +164,47 @@ def test_a_timeout_pauses_and_a_command_resumes_with_the_lifecycle():
         after = int(sbx.commands.run("cat /tmp/n").stdout)
         assert after >= before
         assert Sandbox.get_info(sbx.sandbox_id).state.value == "running"
-        time.sleep(0.3)
-        assert int(sbx.files.read("/tmp/n")) > after
+        advances(sbx, after)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_a_pause_lets_calls_under_way_finish_and_auto_resume_takes_the_next():
+    # Saved to disk, a gvisor sandbox's agent connection ends: a read under way must finish
+    # before that, and reads that come during the pause wait for it and resume the sandbox.
+    sbx = Sandbox.create("gvisor", lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        size = 8 * 1024 * 1024
+        sbx.commands.run(f"head -c {size} /dev/zero > /tmp/big")
+        failures, reads, stop = [], [], threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    data = sbx.files.read("/tmp/big", format="bytes")
+                    reads.append((started, len(data)))
+                except Exception as e:  # every failure is one the test reports
+                    failures.append(repr(e))
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            paused_at = time.monotonic()
+            for _ in range(3):
+                # Two whole reads begun after the last pause (the first one resumed it).
+                deadline = time.monotonic() + 60
+                while len([r for r in reads if r[0] > paused_at]) < 2 and not failures:
+                    assert time.monotonic() < deadline, "reads stopped"
+                    time.sleep(0.05)
+                assert failures == []
+                assert sbx.pause() is True
+                paused_at = time.monotonic()
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert failures == []
+        assert {n for _, n in reads} == {size}
     finally:
         Sandbox.kill(sbx.sandbox_id)
 
@@ -193,9 +240,8 @@ def test_fork_of_a_gvisor_sandbox_copies_its_running_processes():
                 assert isinstance(f, Sandbox), f
                 first = int(f.files.read("/tmp/n"))
                 assert first >= before
-            time.sleep(0.3)
             for f in forks:
-                assert int(f.files.read("/tmp/n")) > before
+                advances(f, before)
             forks[0].files.write("/tmp/mark", "a")
             assert not forks[1].files.exists("/tmp/mark")
         finally:

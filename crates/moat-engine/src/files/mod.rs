@@ -24,7 +24,7 @@ use moat_proto::v1;
 
 use crate::agent_client::{AgentClient, AgentError};
 use crate::auth::Caller;
-use crate::manager::SandboxManager;
+use crate::manager::{CallGuard, SandboxAgent, SandboxManager};
 
 pub use error::{FileError, FileResult};
 pub use tar::TAR_TIMEOUT;
@@ -105,7 +105,7 @@ impl SandboxManager {
 
 impl FileService {
     /// The agent of the caller's sandbox `id` (not found for none, conflict when not running).
-    async fn agent(&self, caller: &Caller, id: &str) -> FileResult<AgentClient> {
+    async fn agent(&self, caller: &Caller, id: &str) -> FileResult<SandboxAgent> {
         Ok(self.manager.agent(caller, id).await?)
     }
 
@@ -138,7 +138,8 @@ impl FileService {
             if !is_dir(&entry) {
                 return Err(not_a_directory(&entry.path));
             }
-            let body = tar::download(client, &entry.path, user).await?;
+            let SandboxAgent { client, call } = client;
+            let body = held(tar::download(client, &entry.path, user).await?, call);
             return Ok(Download::Archive { body });
         }
         if is_dir(&entry) {
@@ -155,7 +156,10 @@ impl FileService {
         let body = Box::pin(futures_util::StreamExt::map(file.into_stream(), |r| {
             r.map_err(std::io::Error::other)
         }));
-        Ok(Download::File { size, body })
+        Ok(Download::File {
+            size,
+            body: held(body, client.call),
+        })
     }
 
     /// Writes `body` to the file at `path` (`Format::Raw`) or unpacks the archive in `body`
@@ -176,7 +180,7 @@ impl FileService {
         let UploadBody { data, failure } = body;
         let client = self.agent(caller, id).await?;
         if format == Format::Tar {
-            return tar::upload(client, path, user, data, failure).await;
+            return tar::upload(client.client.clone(), path, user, data, failure).await;
         }
         if let Some(existing) = stat_opt(&client, path, user).await?
             && is_dir(&existing)
@@ -293,6 +297,14 @@ impl FileService {
             .map_err(agent_error)?;
         Ok(file_entry(entry))
     }
+}
+
+/// `body`, counted as a call under way (which a pause waits for) until it ends or is dropped.
+fn held(body: ByteStream, call: CallGuard) -> ByteStream {
+    Box::pin(futures_util::StreamExt::map(body, move |chunk| {
+        let _ = &call;
+        chunk
+    }))
 }
 
 /// The domain error for an agent's failure on a file operation.

@@ -15,6 +15,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::calls::CallGuard;
 use super::{Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::agent_client::AgentClient;
 
@@ -41,8 +42,9 @@ fn derive_labelled(key: &[u8], label: &[u8], id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
 }
 
-/// A running sandbox found by id: who owns it and a client of its agent.
-#[derive(Debug, Clone)]
+/// A running sandbox found by id: who owns it and a client of its agent, counted as a call
+/// under way while `call` is held.
+#[derive(Debug)]
 pub struct SandboxRoute {
     /// The owning tenant.
     pub tenant: String,
@@ -50,6 +52,26 @@ pub struct SandboxRoute {
     pub client: AgentClient,
     /// Whether its own services are reachable without its traffic access token.
     pub public_traffic: bool,
+    /// Held for as long as the call should be waited for by a pause.
+    pub call: CallGuard,
+}
+
+/// A client of a running sandbox's agent, counted as a call under way while it is held (a
+/// pause waits for it, up to [`super::PAUSE_DRAIN_LIMIT`]).
+#[derive(Debug)]
+pub struct SandboxAgent {
+    /// The client.
+    pub client: AgentClient,
+    /// The call's place in the count.
+    pub call: CallGuard,
+}
+
+impl std::ops::Deref for SandboxAgent {
+    type Target = AgentClient;
+
+    fn deref(&self) -> &AgentClient {
+        &self.client
+    }
 }
 
 impl SandboxManager {
@@ -91,15 +113,21 @@ impl SandboxManager {
         let live: Option<Arc<Live>> = lock(&self.inner.live).get(id).cloned();
         match live {
             // Its agent is frozen: to a proxy, as gone as an ended one.
+            // Its agent is frozen or being saved: to a proxy, as gone as an ended one.
             Some(live) if live.is_paused() => {
                 Err(ManagerError::NotFound(format!("sandbox {id} is paused")))
             }
             Some(live) if let Some(refused) = live.health.refusal(id) => Err(refused),
-            Some(live) => Ok(SandboxRoute {
-                tenant: live.tenant.clone(),
-                client: live.client.clone(),
-                public_traffic: live.public_traffic,
-            }),
+            Some(live) => match live.enter_call() {
+                Some(call) => Ok(SandboxRoute {
+                    tenant: live.tenant.clone(),
+                    client: live.client.clone(),
+                    public_traffic: live.public_traffic,
+                    call,
+                }),
+                // A pause began meanwhile.
+                None => Err(ManagerError::NotFound(format!("sandbox {id} is paused"))),
+            },
             None => Err(ManagerError::NotFound(format!(
                 "sandbox {id} is not running"
             ))),

@@ -10,6 +10,7 @@
 //! The store is blocking; its calls run on tokio's blocking pool.
 
 mod access;
+mod calls;
 mod exec;
 mod exec_encoding;
 mod exec_stream;
@@ -31,7 +32,8 @@ mod storage;
 mod templates;
 mod usage;
 
-pub use access::SandboxRoute;
+pub use access::{SandboxAgent, SandboxRoute};
+pub use calls::{CallGuard, PAUSE_DRAIN_LIMIT};
 pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
 pub use exec_stream::ExecStream;
 pub use health::{HEALTH_PROBE_INTERVAL, UNHEALTHY_PROBES};
@@ -49,6 +51,9 @@ pub use snapshots::{
 pub use storage::DATA_DIR_RESERVE;
 pub use templates::StartFrom;
 pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
+
+/// How many expired sandboxes the reaper ends or pauses at once.
+const REAP_CONCURRENCY: usize = 16;
 
 use crate::store::now_ms;
 use std::collections::{BTreeMap, HashMap};
@@ -242,6 +247,8 @@ struct Live {
     /// Frozen (or being frozen): commands and file calls are refused rather than left
     /// waiting on an agent that cannot answer.
     paused: AtomicBool,
+    /// Its agent calls under way, which a pause lets finish first (see [`calls`]).
+    calls: Arc<calls::CallGate>,
     /// Held by pause, resume and snapshot, which must not interleave; never by `destroy`, so
     /// a delete is never held up by a snapshot.
     ops: tokio::sync::Mutex<()>,
@@ -275,6 +282,7 @@ impl Live {
             instance: tokio::sync::Mutex::new(instance),
             usage,
             paused: AtomicBool::new(false),
+            calls: Arc::default(),
             ops: tokio::sync::Mutex::new(()),
             env,
             public_traffic,
@@ -291,6 +299,12 @@ impl Live {
 
     fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
+    }
+
+    /// A call to its agent counted in, or `None` when it is paused or pausing.
+    fn enter_call(&self) -> Option<calls::CallGuard> {
+        let call = self.calls.enter();
+        (!self.is_paused()).then_some(call)
     }
 }
 
@@ -479,15 +493,24 @@ impl SandboxManager {
         &self.inner.metrics
     }
 
-    /// A client of the agent of the caller's running sandbox `id`: 404 when there is no such
-    /// sandbox, 409 when it is not running.
-    pub async fn agent(&self, caller: &Caller, id: &str) -> ManagerResult<AgentClient> {
-        Ok(self
-            .inner
-            .live_for(&caller.tenant, id)
-            .await?
-            .client
-            .clone())
+    /// A client of the agent of the caller's running sandbox `id`, counted as a call under way
+    /// until it is dropped (a pause waits for it): 404 when there is no such sandbox, 409 when
+    /// it is not running.
+    pub async fn agent(&self, caller: &Caller, id: &str) -> ManagerResult<SandboxAgent> {
+        // A pause that starts between the two steps is waited for once: the second look
+        // resumes the sandbox (auto_resume) or says it is paused.
+        for _ in 0..2 {
+            let live = self.inner.live_for(&caller.tenant, id).await?;
+            if let Some(call) = live.enter_call() {
+                return Ok(SandboxAgent {
+                    client: live.client.clone(),
+                    call,
+                });
+            }
+        }
+        Err(ManagerError::Conflict(format!(
+            "sandbox {id} is paused; resume it first"
+        )))
     }
 
     /// How many processes of the caller's sandbox `id` the kernel's OOM killer has killed so
@@ -633,9 +656,11 @@ impl SandboxManager {
     pub async fn reap_expired(&self, now: i64) -> ManagerResult<Vec<String>> {
         let expired = self.inner.db(move |s| s.expired(now)).await?;
         let mut reaped = Vec::with_capacity(expired.len());
-        for rec in expired {
+        // Side by side: a pause may wait for calls under way (PAUSE_DRAIN_LIMIT) or save a
+        // sandbox to disk, and one sandbox doing so must not hold up the others' ends.
+        let ends = futures_util::stream::iter(expired.into_iter().map(|rec| {
             let inner = self.inner.clone();
-            let done = tokio::spawn(async move {
+            tokio::spawn(async move {
                 let pauses = stored_plan(&rec)
                     .ok()
                     .flatten()
@@ -646,8 +671,10 @@ impl SandboxManager {
                 inner.end(&rec.tenant, &rec.id, EndReason::Ttl).await?;
                 Ok::<_, ManagerError>(rec.id)
             })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("reap task: {e}")))?;
+        }));
+        let mut ends = futures_util::StreamExt::buffer_unordered(ends, REAP_CONCURRENCY);
+        while let Some(done) = futures_util::StreamExt::next(&mut ends).await {
+            let done = done.map_err(|e| ManagerError::Internal(format!("reap task: {e}")))?;
             match done {
                 Ok(id) => reaped.push(id),
                 // Deleted meanwhile: nothing left to reap.

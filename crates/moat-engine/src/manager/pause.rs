@@ -1,10 +1,14 @@
 //! Pause and resume: every process of a sandbox frozen (the backend's `Instance::pause`, the
 //! cgroup freezer on the native backend) and thawed, recorded as `paused` and `running`.
 //!
+//! A pause first lets the short calls under way finish (file calls, process listing and
+//! signals, up to [`super::PAUSE_DRAIN_LIMIT`]; see the `calls` module), refusing new ones.
+//!
 //! While a sandbox is paused:
 //! - commands, file calls and runs are refused with 409 (its agent is frozen too and could
-//!   not answer); calls already under way stall until it resumes, and a command stream open
-//!   across a pause longer than the stream's idle limit fails;
+//!   not answer), or resume it first when its lifecycle says so (`auto_resume`); streams
+//!   under way (commands, watches) stall until it resumes, and one open across a pause
+//!   longer than its idle limit fails (saved to disk, they end);
 //! - its time to live keeps counting, and expiry ends it as it would a running one; a resume
 //!   may set a new one;
 //! - its memory and its disk stay allocated (it counts against quotas as a running one does);
@@ -127,8 +131,12 @@ impl Inner {
                 "sandbox {id} ended while it was being paused"
             )));
         }
-        // Refuse new calls first: from here on they would only wait on a frozen agent.
+        // Refuse new calls first: from here on they would only wait on a frozen agent. Those
+        // under way may finish (a save to disk would cut them off).
         live.paused.store(true, Ordering::SeqCst);
+        if !live.calls.drain(super::PAUSE_DRAIN_LIMIT).await {
+            tracing::info!(sandbox = %id, "pausing with calls still under way after {:?}", super::PAUSE_DRAIN_LIMIT);
+        }
         if let Some(dir) = self.disk_pause_dir(&live, id) {
             // Saved to disk and released: the sandbox holds no memory while paused.
             if let Err(e) = self.pause_to_disk(&live, tenant, id, &dir).await {

@@ -8,10 +8,13 @@ use axum::http::{HeaderMap, HeaderName, Version, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
 use moat_engine::agent_client::{AgentClient, BoxError, RequestBody};
+use moat_engine::manager::CallGuard;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use super::access::{ACCESS_TOKEN_HEADER, TRAFFIC_TOKEN_HEADER};
-use super::answers;
 use super::target::{SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
+use super::{INTERPRETER_PORT, answers};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Expect`,
 /// which this hop has already answered: never passed on in either direction.
@@ -85,20 +88,61 @@ where
     Response::from_parts(parts, Body::new(body))
 }
 
+/// A body that holds its call's place in the count of calls under way until it is dropped.
+struct Held<B> {
+    body: B,
+    _call: CallGuard,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The client's body as a body of a request to the agent.
 pub(crate) fn request_body(body: Body) -> RequestBody {
     body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()
 }
 
+/// Whether `req` for the agent on `port` is a stream that lasts as long as what it watches (a
+/// Connect streaming RPC: a command's output, a directory watch; a code execution), rather
+/// than a call whose answer soon ends.
+fn is_stream(port: u16, req: &Request) -> bool {
+    let connect_stream = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/connect+"));
+    connect_stream || (port == INTERPRETER_PORT && req.uri().path() == "/execute")
+}
+
 /// Sends `req` to the agent of sandbox `id` (reached on `port`), its path under `prefix`, and
-/// streams the answer back.
+/// streams the answer back. `call` counts it as under way for a pause: until its answer ends,
+/// or for a stream until its answer starts.
 pub(crate) async fn to_agent(
     client: &AgentClient,
+    call: CallGuard,
     id: &str,
     port: u16,
     prefix: &str,
     req: Request,
 ) -> Response {
+    let stream = is_stream(port, &req);
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = axum::http::Request::new(request_body(body));
@@ -112,7 +156,8 @@ pub(crate) async fn to_agent(
     };
     *out.headers_mut() = request_headers(parts.headers, true);
     match client.forward(out).await {
-        Ok(response) => response_back(response),
+        Ok(response) if stream => response_back(response),
+        Ok(response) => response_back(response.map(|body| Held { body, _call: call })),
         Err(_) if client.is_closed() => answers::sandbox_not_found(id),
         Err(e) => answers::upstream_failed(id, port, e),
     }

@@ -78,10 +78,13 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
         return answers::sandbox_not_found(&id);
     };
     match port {
-        ENVD_PORT => forward::to_agent(&route.client, &id, port, "", req).await,
+        ENVD_PORT => forward::to_agent(&route.client, route.call, &id, port, "", req).await,
         INTERPRETER_PORT => {
-            forward::to_agent(&route.client, &id, port, INTERPRETER_PREFIX, req).await
+            let prefix = INTERPRETER_PREFIX;
+            forward::to_agent(&route.client, route.call, &id, port, prefix, req).await
         }
+        // A user's service may stream for as long as it likes: a pause waits for the
+        // answer to start only.
         _ => relay::to_service(&route.client, &id, port, req).await,
     }
 }
