@@ -21,6 +21,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl)
 # gVisor's runsc, for the gvisor backend's tests.
 command -v runsc >/dev/null || need+=(runsc)
+# An OCI registry the image tests start on loopback (the package's own service stays off).
+[ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -23,6 +23,7 @@ pub mod error;
 pub mod files;
 pub mod host_limits;
 pub mod ids;
+pub mod images;
 pub mod listing;
 pub mod manager;
 pub mod metrics;

@@ -8,6 +8,7 @@
 
 pub mod fakenet;
 pub mod host;
+pub mod registry;
 pub mod server;
 pub mod tmpfs;
 

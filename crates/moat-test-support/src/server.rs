@@ -211,28 +211,43 @@ impl Server {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> std::io::Result<Reply> {
-        let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
-        let mut head =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-        if let Some(key) = key {
-            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
-        }
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        if let Some(body) = body {
-            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        head.push_str("\r\n");
-        conn.write_all(head.as_bytes())?;
-        if let Some(body) = body {
-            // A server refusing an oversized body may stop reading it; its answer still counts.
-            if let Err(e) = conn.write_all(body) {
-                eprintln!("writing the body of {method} {path}: {e}");
-            }
-        }
-        read_reply(&mut conn)
+        let bearer = key.map(|key| format!("Bearer {key}"));
+        let mut all: Vec<(&str, &str)> = bearer
+            .as_deref()
+            .map(|b| ("Authorization", b))
+            .into_iter()
+            .collect();
+        all.extend_from_slice(headers);
+        http_send(self.port, method, path, &all, body)
     }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` with `headers` (a body gets its Content-Length),
+/// read to the end; a chunked answer is decoded.
+pub fn http_send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Reply> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes())?;
+    if let Some(body) = body {
+        // A server refusing an oversized body may stop reading it; its answer still counts.
+        if let Err(e) = conn.write_all(body) {
+            eprintln!("writing the body of {method} {path}: {e}");
+        }
+    }
+    read_reply(&mut conn)
 }
 
 /// Reads an answer to the end of the connection. A reset after some bytes still counts: a server
@@ -323,8 +338,10 @@ pub fn sigterm(child: &Child) {
 pub struct Reply {
     /// The status code.
     pub status: u16,
-    /// The status line and headers, lower-cased.
+    /// The status line and headers, lower-cased (for matching).
     pub headers: String,
+    /// The status line and headers as sent (header values are case-sensitive).
+    pub head: String,
     /// The body, de-chunked.
     pub body: Vec<u8>,
 }
@@ -337,7 +354,8 @@ impl Reply {
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
             .ok_or_else(|| bad("no end of headers"))?;
-        let headers = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let headers = head.to_ascii_lowercase();
         let status = headers
             .split(' ')
             .nth(1)
@@ -350,15 +368,16 @@ impl Reply {
         Ok(Reply {
             status,
             headers,
+            head,
             body,
         })
     }
 
-    /// The value of header `name` (lower case), if present.
+    /// The value of header `name` (any case), as sent, if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.lines().find_map(|line| {
+        self.head.lines().skip(1).find_map(|line| {
             let (n, v) = line.split_once(':')?;
-            (n.trim() == name).then(|| v.trim())
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
         })
     }
 

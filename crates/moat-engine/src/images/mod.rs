@@ -1,0 +1,19 @@
+//! Container images on the host: references, registries, their layers unpacked into a
+//! content-addressed cache, and an image's layers merged into the read-only tree a sandbox
+//! uses as its root.
+//!
+//! - [`reference`]: image references as users write them.
+//! - [`registry`]: manifests resolved for linux/amd64 and blobs fetched, every byte checked
+//!   against its digest.
+//! - [`unpack`]: one (untrusted) OCI tar layer unpacked safely into a directory.
+//! - [`tree`]: unpacked layers merged, as an overlay would show them, into one tree.
+
+mod error;
+pub mod reference;
+pub mod registry;
+mod sys;
+pub mod tree;
+pub mod unpack;
+
+pub use error::ImageError;
+pub use reference::ImageRef;
