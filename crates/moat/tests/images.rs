@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use moat_engine::images::registry::OciDescriptor;
 use moat_engine::images::registry::{Credentials, Registry, RegistryAccess};
-use moat_engine::images::{ImageError, ImageRef};
+use moat_engine::images::{ImageCache, ImageError, ImageRef, PullEvent, PulledImage};
 use moat_test_support::registry::{self as reg, LayerBuilder, TestImage};
 
 fn base_layer() -> Vec<u8> {
@@ -198,4 +198,143 @@ fn missing_tags_unreachable_registries_and_credentials_get_clear_errors() {
         )]),
     };
     resolve(&reference, &right).unwrap();
+}
+
+/// Pulls `reference` into `cache`, collecting the progress events.
+fn pull(cache: &ImageCache, reference: &str) -> (Result<PulledImage, ImageError>, Vec<PullEvent>) {
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let progress = {
+        let events = events.clone();
+        Arc::new(move |e: PullEvent| events.lock().unwrap().push(e))
+    };
+    let r = ImageRef::parse(reference).unwrap();
+    let result = block_on(cache.pull(&r, progress));
+    let events = events.lock().unwrap().clone();
+    (result, events)
+}
+
+/// The paths under `dir`, relative, sorted.
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            out.push(path.strip_prefix(dir).unwrap().display().to_string());
+            if path.is_dir() && !path.is_symlink() {
+                todo.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_pull_merges_the_layers_honours_whiteouts_and_shares_layers_between_images() {
+    use std::os::unix::fs::MetadataExt as _;
+    let registry = reg::Registry::start();
+    let base = LayerBuilder::new()
+        .dir("etc/", 0o755)
+        .file("etc/os-release", 0o644, b"ID=moat-test\n")
+        .file("etc/old", 0o644, b"goes away\n")
+        .dir("data/", 0o755)
+        .file("data/a", 0o644, b"a")
+        .file("data/b", 0o644, b"b")
+        .file("usr-suid", 0o4755, b"#!/bin/sh\n")
+        .build();
+    let top = LayerBuilder::new()
+        .file("etc/.wh.old", 0o644, b"")
+        .file("data/.wh..wh..opq", 0o644, b"")
+        .file("data/c", 0o644, b"c")
+        .file("etc/motd", 0o644, b"top\n")
+        .build();
+    let other_top = LayerBuilder::new()
+        .file("etc/other", 0o644, b"other\n")
+        .build();
+    let mut first = TestImage::new(vec![base.clone(), top]);
+    first.run = serde_json::json!({"Env": ["A=1"], "WorkingDir": "/data"});
+    let first_digest = registry.push("app", "first", &first);
+    registry.push("app", "second", &TestImage::new(vec![base, other_top]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::open(&dir.path().join("images"), RegistryAccess::default()).unwrap();
+    let (one, events) = pull(&cache, &format!("{}/app:first", registry.host()));
+    let one = one.unwrap();
+    assert_eq!(one.digest, first_digest);
+    assert_eq!(
+        one.reference,
+        format!("{}/app:first@{first_digest}", registry.host())
+    );
+    assert_eq!(one.config.working_dir.as_deref(), Some("/data"));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, PullEvent::Fetching { index: 1, .. }))
+    );
+    assert_eq!(
+        listing(&one.rootfs),
+        [
+            "data",
+            "data/c",
+            "etc",
+            "etc/motd",
+            "etc/os-release",
+            "usr-suid"
+        ]
+    );
+    let suid = std::fs::metadata(one.rootfs.join("usr-suid")).unwrap();
+    assert_eq!(suid.mode() & 0o7777, 0o755, "setuid dropped");
+
+    // The second image shares the base layer: the same files on disk, not copies.
+    let (two, events) = pull(&cache, &format!("{}/app:second", registry.host()));
+    let two = two.unwrap();
+    assert_eq!(two.layers[0], one.layers[0]);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, PullEvent::Fetching { index: 0, .. })),
+        "the shared layer is not fetched again: {events:?}"
+    );
+    let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(&one.rootfs.join("etc/os-release")),
+        ino(&two.rootfs.join("etc/os-release"))
+    );
+    assert_eq!(listing(&two.rootfs).len(), 8, "{:?}", listing(&two.rootfs));
+
+    // Pulled already: nothing is fetched or unpacked.
+    let (again, events) = pull(&cache, &format!("{}/app:first", registry.host()));
+    assert_eq!(again.unwrap(), one);
+    assert!(events.is_empty(), "{events:?}");
+}
+
+#[test]
+fn hostile_or_mislabelled_layers_fail_the_pull_and_leave_nothing() {
+    let registry = reg::Registry::start();
+    let hostile = LayerBuilder::new()
+        .symlink("evil", "/")
+        .file("evil/moat-image-test-pwned", 0o644, b"x")
+        .build();
+    registry.push("bad", "escape", &TestImage::new(vec![hostile]));
+    let mut mislabelled = TestImage::new(vec![base_layer()]);
+    mislabelled.diff_ids = vec![reg::sha256_digest(b"something else")];
+    registry.push("bad", "label", &mislabelled);
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    let cache = ImageCache::open(&root, RegistryAccess::default()).unwrap();
+    let (r, _) = pull(&cache, &format!("{}/bad:escape", registry.host()));
+    let e = r.unwrap_err();
+    assert!(matches!(e, ImageError::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("evil"), "{e}");
+    assert!(!std::path::Path::new("/moat-image-test-pwned").exists());
+
+    let (r, _) = pull(&cache, &format!("{}/bad:label", registry.host()));
+    let e = r.unwrap_err();
+    assert!(matches!(e, ImageError::Tampered(_)), "{e}");
+
+    for sub in ["layers", "trees", "tmp"] {
+        assert_eq!(listing(&root.join(sub)), Vec::<String>::new(), "{sub}");
+    }
 }

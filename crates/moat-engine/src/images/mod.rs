@@ -2,12 +2,14 @@
 //! content-addressed cache, and an image's layers merged into the read-only tree a sandbox
 //! uses as its root.
 //!
+//! - [`cache`]: images pulled into a cache of shared layers and one merged tree each.
 //! - [`reference`]: image references as users write them.
 //! - [`registry`]: manifests resolved for linux/amd64 and blobs fetched, every byte checked
 //!   against its digest.
 //! - [`unpack`]: one (untrusted) OCI tar layer unpacked safely into a directory.
 //! - [`tree`]: unpacked layers merged, as an overlay would show them, into one tree.
 
+pub mod cache;
 mod error;
 pub mod reference;
 pub mod registry;
@@ -15,5 +17,6 @@ mod sys;
 pub mod tree;
 pub mod unpack;
 
+pub use cache::{ImageCache, PullEvent, PulledImage};
 pub use error::ImageError;
 pub use reference::ImageRef;

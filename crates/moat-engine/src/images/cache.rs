@@ -1,0 +1,349 @@
+//! The image cache on disk: layers unpacked once and shared, and one merged tree per image.
+//!
+//! Layout under its root (0700, root's own):
+//! - `layers/<hex>/`: the layer whose (compressed) blob has digest `sha256:<hex>`, unpacked in
+//!   `root/`, with what it deletes from the layers below in `index.json`;
+//! - `trees/<hex>/`: the image whose manifest has digest `sha256:<hex>`: its layers merged in
+//!   `rootfs/` (files hard-linked from the layers, so images that share a layer share its
+//!   data), and what moat keeps of it in `image.json`;
+//! - `tmp/`: work in progress, each pull in a directory of its own. Everything reaches its
+//!   place by a rename, so a layer or tree that is there is complete, and two pulls of one
+//!   image do the work twice at worst, never half.
+//!
+//! Blobs are checked against their digests as they arrive, layers against the image's
+//! `diff_ids` as they are unpacked, and the compressed blob is removed once unpacked.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::registry::{Compression, Registry, RegistryAccess, RunConfig};
+use super::tree::{Layer, merge_layers};
+use super::unpack::{LayerIndex, UnpackLimits, unpack_layer};
+use super::{ImageError, ImageRef};
+
+/// How much may follow a layer's end-of-archive marker (padding) before it counts as abuse.
+const MAX_TRAILING_BYTES: u64 = 1 << 20;
+
+/// What the cache keeps of a pulled image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PulledImage {
+    /// The reference as pulled, pinned to the manifest's digest (`repo:tag@sha256:…`).
+    pub reference: String,
+    /// The manifest's digest.
+    pub digest: String,
+    /// How its containers run (env, user, working directory, entrypoint, cmd).
+    pub config: RunConfig,
+    /// Its layers' blob digests, base first.
+    pub layers: Vec<String>,
+    /// The merged tree (not serialised: it follows from where the cache is).
+    #[serde(skip)]
+    pub rootfs: PathBuf,
+}
+
+/// A step of a pull, for progress displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullEvent {
+    /// The manifest is known: this many layers, of these compressed sizes.
+    Resolved {
+        /// Each layer's compressed size, base first.
+        sizes: Vec<u64>,
+    },
+    /// Bytes of layer `index` received so far (layers already cached are not fetched).
+    Fetching {
+        /// Which layer.
+        index: usize,
+        /// Bytes so far.
+        received: u64,
+    },
+    /// Layer `index` is unpacked (or was already).
+    Unpacked {
+        /// Which layer.
+        index: usize,
+    },
+}
+
+/// The image cache rooted at a directory.
+pub struct ImageCache {
+    root: PathBuf,
+    access: RegistryAccess,
+    limits: UnpackLimits,
+}
+
+impl ImageCache {
+    /// The cache at `root` (made, 0700, if missing), reaching registries as `access` says.
+    pub fn open(root: &Path, access: RegistryAccess) -> Result<ImageCache, ImageError> {
+        for dir in ["", "layers", "trees", "tmp"] {
+            make_private_dir(&root.join(dir))?;
+        }
+        Ok(ImageCache {
+            root: root.to_owned(),
+            access,
+            limits: UnpackLimits::default(),
+        })
+    }
+
+    /// The same cache with other unpack limits.
+    pub fn with_limits(mut self, limits: UnpackLimits) -> ImageCache {
+        self.limits = limits;
+        self
+    }
+
+    /// The directory of the layer whose blob has `digest`.
+    pub fn layer_dir(&self, digest: &str) -> PathBuf {
+        self.root.join("layers").join(hex_of(digest))
+    }
+
+    /// The directory of the image whose manifest has `digest`.
+    pub fn tree_dir(&self, digest: &str) -> PathBuf {
+        self.root.join("trees").join(hex_of(digest))
+    }
+
+    /// Pulls `reference` (or finds it pulled already) and answers with its merged tree.
+    pub async fn pull(
+        &self,
+        reference: &ImageRef,
+        progress: Arc<dyn Fn(PullEvent) + Send + Sync>,
+    ) -> Result<PulledImage, ImageError> {
+        let registry = Registry::new(reference, &self.access);
+        let resolved = registry.resolve().await?;
+        if let Some(pulled) = self.find(&resolved.digest)? {
+            return Ok(pulled);
+        }
+        let layers = &resolved.manifest.layers;
+        progress(PullEvent::Resolved {
+            sizes: layers
+                .iter()
+                .map(|l| u64::try_from(l.size).unwrap_or(0))
+                .collect(),
+        });
+        let work = tempfile::Builder::new()
+            .prefix("pull-")
+            .tempdir_in(self.root.join("tmp"))
+            .map_err(|e| ImageError::io("making a work directory", e))?;
+        for (index, (desc, diff_id)) in layers
+            .iter()
+            .zip(&resolved.config.rootfs.diff_ids)
+            .enumerate()
+        {
+            let compression = Compression::of(&desc.media_type)?;
+            if !self.layer_dir(&desc.digest).join("index.json").exists() {
+                let blob = work.path().join(format!("{index}.blob"));
+                let report = {
+                    let progress = progress.clone();
+                    Arc::new(move |received| progress(PullEvent::Fetching { index, received }))
+                };
+                registry.fetch_blob(desc, &blob, report).await?;
+                self.unpack(&blob, compression, diff_id, &desc.digest, work.path())
+                    .await?;
+            }
+            progress(PullEvent::Unpacked { index });
+        }
+        let pulled = PulledImage {
+            reference: pinned(reference, &resolved.digest),
+            digest: resolved.digest.clone(),
+            config: resolved.config.config.clone(),
+            layers: layers.iter().map(|l| l.digest.clone()).collect(),
+            rootfs: PathBuf::new(),
+        };
+        self.merge(&pulled, work.path()).await?;
+        self.find(&resolved.digest)?.ok_or_else(|| {
+            ImageError::Io(format!("image {} vanished after its pull", pulled.digest))
+        })
+    }
+
+    /// The image of manifest `digest`, if its tree is complete.
+    pub fn find(&self, digest: &str) -> Result<Option<PulledImage>, ImageError> {
+        let dir = self.tree_dir(digest);
+        let bytes = match std::fs::read(dir.join("image.json")) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ImageError::io(format!("reading {}", dir.display()), e)),
+        };
+        let mut pulled: PulledImage = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::io(format!("reading {}/image.json", dir.display()), e))?;
+        pulled.rootfs = dir.join("rootfs");
+        Ok(Some(pulled))
+    }
+
+    /// Unpacks the blob at `blob` into the cache as layer `digest`, checking that its
+    /// uncompressed bytes have `diff_id`; removes the blob.
+    async fn unpack(
+        &self,
+        blob: &Path,
+        compression: Compression,
+        diff_id: &str,
+        digest: &str,
+        work: &Path,
+    ) -> Result<(), ImageError> {
+        let (blob, diff_id, digest) = (blob.to_owned(), diff_id.to_owned(), digest.to_owned());
+        let staging = work.join(format!("layer-{}", hex_of(&digest)));
+        let target = self.layer_dir(&digest);
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || {
+            let r = unpack_blob(&blob, compression, &diff_id, &digest, &staging, &limits)
+                .and_then(|()| publish(&staging, &target));
+            let _ = std::fs::remove_file(&blob);
+            r
+        })
+        .await
+        .map_err(|e| ImageError::Io(format!("unpack task: {e}")))?
+    }
+
+    /// Merges `pulled`'s layers into its tree.
+    async fn merge(&self, pulled: &PulledImage, work: &Path) -> Result<(), ImageError> {
+        let staging = work.join("tree");
+        let target = self.tree_dir(&pulled.digest);
+        let layer_dirs: Vec<PathBuf> = pulled.layers.iter().map(|d| self.layer_dir(d)).collect();
+        let record = serde_json::to_vec_pretty(pulled)
+            .map_err(|e| ImageError::Io(format!("recording the image: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let rootfs = staging.join("rootfs");
+            make_private_dir(&staging)?;
+            std::fs::create_dir(&rootfs)
+                .map_err(|e| ImageError::io(format!("making {}", rootfs.display()), e))?;
+            let mut indexes = Vec::with_capacity(layer_dirs.len());
+            for dir in &layer_dirs {
+                indexes.push(read_index(dir)?);
+            }
+            let roots: Vec<PathBuf> = layer_dirs.iter().map(|d| d.join("root")).collect();
+            let layers: Vec<Layer<'_>> = roots
+                .iter()
+                .zip(&indexes)
+                .map(|(root, index)| Layer { root, index })
+                .collect();
+            merge_layers(&layers, &rootfs).map_err(|e| ImageError::Invalid(e.to_string()))?;
+            write_synced(&staging.join("image.json"), &record)?;
+            publish(&staging, &target)
+        })
+        .await
+        .map_err(|e| ImageError::Io(format!("merge task: {e}")))?
+    }
+}
+
+/// Unpacks `blob` into `staging/root` (and its index into `staging/index.json`).
+fn unpack_blob(
+    blob: &Path,
+    compression: Compression,
+    diff_id: &str,
+    digest: &str,
+    staging: &Path,
+    limits: &UnpackLimits,
+) -> Result<(), ImageError> {
+    let file = std::fs::File::open(blob)
+        .map_err(|e| ImageError::io(format!("opening {}", blob.display()), e))?;
+    let reader: Box<dyn Read> = match compression {
+        Compression::None => Box::new(io::BufReader::new(file)),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(io::BufReader::new(file))),
+    };
+    let mut hashed = Hashing {
+        inner: reader,
+        hash: Sha256::new(),
+    };
+    make_private_dir(staging)?;
+    let root = staging.join("root");
+    std::fs::create_dir(&root)
+        .map_err(|e| ImageError::io(format!("making {}", root.display()), e))?;
+    let index = unpack_layer(&mut hashed, &root, limits)
+        .map_err(|e| ImageError::Invalid(format!("layer {digest}: {e}")))?;
+    // The diff id covers the whole stream, the archive's zero blocks and padding too.
+    let trailing = io::copy(
+        &mut (&mut hashed).take(MAX_TRAILING_BYTES + 1),
+        &mut io::sink(),
+    )
+    .map_err(|e| ImageError::Invalid(format!("layer {digest}: {e}")))?;
+    if trailing > MAX_TRAILING_BYTES {
+        return Err(ImageError::Invalid(format!(
+            "layer {digest}: more than {MAX_TRAILING_BYTES} bytes after the end of its archive"
+        )));
+    }
+    let actual = format!("sha256:{}", hex(&hashed.hash.finalize()));
+    if actual != diff_id {
+        return Err(ImageError::Tampered(format!(
+            "layer {digest} unpacks to {actual}, but the image says {diff_id}"
+        )));
+    }
+    let json = serde_json::to_vec(&index)
+        .map_err(|e| ImageError::Io(format!("recording layer {digest}: {e}")))?;
+    write_synced(&staging.join("index.json"), &json)
+}
+
+/// The index of the unpacked layer at `dir`.
+fn read_index(dir: &Path) -> Result<LayerIndex, ImageError> {
+    let path = dir.join("index.json");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| ImageError::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ImageError::io(format!("reading {}", path.display()), e))
+}
+
+/// Moves the finished `staging` to `target`; if another pull got there first, keeps theirs.
+fn publish(staging: &Path, target: &Path) -> Result<(), ImageError> {
+    match std::fs::rename(staging, target) {
+        Ok(()) => Ok(()),
+        // Renaming onto a non-empty directory: already there, complete.
+        Err(e)
+            if target.exists()
+                && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(ImageError::io(
+            format!("moving {} into place", target.display()),
+            e,
+        )),
+    }
+}
+
+/// Writes `bytes` to the new file `path` and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create_new(path)
+        .map_err(|e| ImageError::io(format!("creating {}", path.display()), e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| ImageError::io(format!("writing {}", path.display()), e))
+}
+
+/// Makes `dir` (and its parents) readable by root only.
+fn make_private_dir(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ImageError::io(format!("making {}", dir.display()), e))
+}
+
+/// `reference` pinned to `digest`, its tag kept for people to read.
+fn pinned(reference: &ImageRef, digest: &str) -> String {
+    let whole = reference.whole();
+    let name = whole.split('@').next().unwrap_or(&whole);
+    format!("{name}@{digest}")
+}
+
+/// The hex part of a `sha256:` digest (checked by the registry client before it gets here).
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
