@@ -23,6 +23,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v runsc >/dev/null || need+=(runsc)
 # An OCI registry the image tests start on loopback (the package's own service stays off).
 [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
+# A static busybox, the one program of the images the image tests build.
+[ -x /bin/busybox ] || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

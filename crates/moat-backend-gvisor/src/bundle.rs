@@ -147,6 +147,12 @@ impl Bundle {
                 mounts.push(ro_bind(agent, Path::new(AGENT_PATH)));
                 rootfs
             }
+            // The engine hands backends an image's unpacked tree as a directory.
+            v1::Rootfs::Image(r) => {
+                return Err(EngineError::Invalid(format!(
+                    "image {r} reached the backend without its tree"
+                )));
+            }
         };
         bundle.root = root_path.clone();
         let env: Vec<Value> = agent_env

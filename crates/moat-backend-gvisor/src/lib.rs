@@ -247,6 +247,12 @@ impl GvisorBackend {
                 Some(o)
             }
             v1::Rootfs::Host => None,
+            // The engine hands backends an image's unpacked tree as a directory.
+            v1::Rootfs::Image(r) => {
+                return Err(EngineError::Invalid(format!(
+                    "image {r} reached the backend without its tree"
+                )));
+            }
         };
         if let Some(dir) = image {
             binds.push(Bind {

@@ -32,7 +32,7 @@ fn jail(e: moat_jail::JailError) -> EngineError {
 /// What the jail makes for `plan`: the cgroup's limits, the writable filesystems' sizes, the
 /// root filesystem, and where the agent finds its writable layer. The one place a plan turns
 /// into the jail's types; the plan's limits were checked when it was made.
-fn jail_plan(plan: &SandboxPlan) -> (Limits, FsLimits, Rootfs, WritableLayer) {
+fn jail_plan(plan: &SandboxPlan) -> Result<(Limits, FsLimits, Rootfs, WritableLayer)> {
     let r = &plan.resources;
     let limits = Limits {
         memory_bytes: r.memory_bytes,
@@ -47,8 +47,14 @@ fn jail_plan(plan: &SandboxPlan) -> (Limits, FsLimits, Rootfs, WritableLayer) {
     let (rootfs, layer) = match &plan.rootfs {
         v1::Rootfs::Host => (Rootfs::Host, WritableLayer::Root),
         v1::Rootfs::Dir(d) => (Rootfs::Dir(d.into()), WritableLayer::OverlayUpper),
+        // The engine hands backends an image's unpacked tree as a directory.
+        v1::Rootfs::Image(r) => {
+            return Err(EngineError::Invalid(format!(
+                "image {r} reached the backend without its tree"
+            )));
+        }
     };
-    (limits, fs_limits, rootfs, layer)
+    Ok((limits, fs_limits, rootfs, layer))
 }
 
 /// Checks a sandbox or owner id (`[a-z0-9]{1,64}`) as the jail does.
@@ -170,7 +176,7 @@ impl NativeBackend {
 
     fn create_blocking(&self, id: &str, plan: &SandboxPlan) -> Result<NativeInstance> {
         validate_id(id)?;
-        let (limits, fs_limits, rootfs, writable_layer) = jail_plan(plan);
+        let (limits, fs_limits, rootfs, writable_layer) = jail_plan(plan)?;
         let cgroup = SandboxCgroup::create(&self.layout, id, &limits).map_err(jail)?;
         let ids = match IdRange::claim(&self.runtime.slots()) {
             Ok(ids) => ids,
@@ -473,7 +479,7 @@ mod tests {
             },
             ..SandboxPlan::host("native")
         };
-        let (limits, fs, rootfs, layer) = jail_plan(&plan);
+        let (limits, fs, rootfs, layer) = jail_plan(&plan).expect("plan");
         assert_eq!(
             (limits.memory_bytes, limits.cpu_millis, limits.pids),
             (256 << 20, 500, 64)
@@ -484,7 +490,7 @@ mod tests {
         assert_eq!(fs.shm_bytes, 64 << 20);
         assert_eq!(rootfs, Rootfs::Dir("/images/py".into()));
         assert_eq!(layer, WritableLayer::OverlayUpper);
-        let (_, _, rootfs, layer) = jail_plan(&SandboxPlan::host("native"));
+        let (_, _, rootfs, layer) = jail_plan(&SandboxPlan::host("native")).expect("plan");
         assert_eq!(rootfs, Rootfs::Host);
         assert_eq!(layer, WritableLayer::Root);
     }

@@ -296,7 +296,8 @@ pub struct ResourceLimits {
     pub disk_bytes: u64,
 }
 
-/// Where a template's root filesystem comes from: `"host"` or `{"dir": "/path"}`.
+/// Where a template's root filesystem comes from: `"host"`, `{"dir": "/path"}` or
+/// `{"image": "registry/name:tag"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Rootfs {
@@ -304,6 +305,9 @@ pub enum Rootfs {
     Host,
     /// A directory on the host holding a root filesystem, read-only below a writable layer.
     Dir(String),
+    /// An OCI image, pulled when the template is made: read-only below a writable layer. A
+    /// stored template names it pinned to the digest pulled (`name:tag@sha256:…`).
+    Image(String),
 }
 
 /// A template's definition, as stored and as clients give it.

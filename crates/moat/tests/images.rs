@@ -189,6 +189,7 @@ fn missing_tags_unreachable_registries_and_credentials_get_clear_errors() {
     assert!(matches!(e, ImageError::Unauthorized(_)), "{e}");
     let right = RegistryAccess {
         insecure: Vec::new(),
+        open_to_tenants: Vec::new(),
         credentials: BTreeMap::from([(
             private.host(),
             Credentials {
@@ -278,11 +279,16 @@ fn a_pull_merges_the_layers_honours_whiteouts_and_shares_layers_between_images()
             "data",
             "data/c",
             "etc",
+            "etc/group",
             "etc/motd",
             "etc/os-release",
+            "etc/passwd",
             "usr-suid"
         ]
     );
+    // The image had no accounts: moat's user was added.
+    let passwd = std::fs::read_to_string(one.rootfs.join("etc/passwd")).unwrap();
+    assert!(passwd.contains("\nuser:x:1000:1000:"), "{passwd}");
     let suid = std::fs::metadata(one.rootfs.join("usr-suid")).unwrap();
     assert_eq!(suid.mode() & 0o7777, 0o755, "setuid dropped");
 
@@ -301,7 +307,7 @@ fn a_pull_merges_the_layers_honours_whiteouts_and_shares_layers_between_images()
         ino(&one.rootfs.join("etc/os-release")),
         ino(&two.rootfs.join("etc/os-release"))
     );
-    assert_eq!(listing(&two.rootfs).len(), 8, "{:?}", listing(&two.rootfs));
+    assert_eq!(listing(&two.rootfs).len(), 10, "{:?}", listing(&two.rootfs));
 
     // Pulled already: nothing is fetched or unpacked.
     let (again, events) = pull(&cache, &format!("{}/app:first", registry.host()));
@@ -333,6 +339,21 @@ fn hostile_or_mislabelled_layers_fail_the_pull_and_leave_nothing() {
     let (r, _) = pull(&cache, &format!("{}/bad:label", registry.host()));
     let e = r.unwrap_err();
     assert!(matches!(e, ImageError::Tampered(_)), "{e}");
+
+    // A reserve the disk cannot keep: refused before anything is fetched.
+    registry.push("good", "1", &two_layer_image());
+    let greedy = ImageCache::open(&root, RegistryAccess::default())
+        .unwrap()
+        .with_reserve(u64::MAX / 2);
+    let (r, events) = pull(&greedy, &format!("{}/good:1", registry.host()));
+    let e = r.unwrap_err();
+    assert!(matches!(e, ImageError::InsufficientStorage(_)), "{e}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, PullEvent::Fetching { .. })),
+        "{events:?}"
+    );
 
     for sub in ["layers", "trees", "tmp"] {
         assert_eq!(listing(&root.join(sub)), Vec::<String>::new(), "{sub}");

@@ -28,6 +28,10 @@ use super::{ImageError, ImageRef};
 /// How much may follow a layer's end-of-archive marker (padding) before it counts as abuse.
 const MAX_TRAILING_BYTES: u64 = 1 << 20;
 
+/// Room a layer is asked to find before it is fetched, as a multiple of its compressed size:
+/// the blob itself and its unpacked files (gzip usually shrinks a layer to a third).
+const ROOM_PER_LAYER_BYTE: u64 = 4;
+
 /// What the cache keeps of a pulled image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PulledImage {
@@ -71,6 +75,8 @@ pub struct ImageCache {
     root: PathBuf,
     access: RegistryAccess,
     limits: UnpackLimits,
+    /// Free space the cache's filesystem keeps: a layer that would leave less is refused.
+    reserve: u64,
 }
 
 impl ImageCache {
@@ -83,7 +89,38 @@ impl ImageCache {
             root: root.to_owned(),
             access,
             limits: UnpackLimits::default(),
+            reserve: 0,
         })
+    }
+
+    /// The same cache keeping `bytes` free on its filesystem.
+    pub fn with_reserve(mut self, bytes: u64) -> ImageCache {
+        self.reserve = bytes;
+        self
+    }
+
+    /// Refuses a layer of `size` compressed bytes when its blob and files might not fit above
+    /// the reserve (checked before each layer: a pull cannot fill the disk, though an estimate
+    /// lets a layer that unpacks unusually large past it by what it is over).
+    fn check_room(&self, size: u64) -> Result<(), ImageError> {
+        let free = crate::manager::storage::free_disk(&self.root).map_err(|e| {
+            ImageError::io(
+                format!("reading the free space of {}", self.root.display()),
+                e,
+            )
+        })?;
+        let need = size.saturating_mul(ROOM_PER_LAYER_BYTE);
+        if free.saturating_sub(self.reserve) < need {
+            return Err(ImageError::InsufficientStorage(format!(
+                "the server's data dir has {} free, not enough for a layer of {} (about {} \
+                 unpacked) above the {} it keeps free; nothing was kept",
+                moat_proto::units::describe_size(free),
+                moat_proto::units::describe_size(size),
+                moat_proto::units::describe_size(need),
+                moat_proto::units::describe_size(self.reserve)
+            )));
+        }
+        Ok(())
     }
 
     /// The same cache with other unpack limits.
@@ -131,6 +168,7 @@ impl ImageCache {
         {
             let compression = Compression::of(&desc.media_type)?;
             if !self.layer_dir(&desc.digest).join("index.json").exists() {
+                self.check_room(u64::try_from(desc.size).unwrap_or(u64::MAX))?;
                 let blob = work.path().join(format!("{index}.blob"));
                 let report = {
                     let progress = progress.clone();
@@ -216,6 +254,7 @@ impl ImageCache {
                 .map(|(root, index)| Layer { root, index })
                 .collect();
             merge_layers(&layers, &rootfs).map_err(|e| ImageError::Invalid(e.to_string()))?;
+            super::accounts::ensure_user(&rootfs)?;
             write_synced(&staging.join("image.json"), &record)?;
             publish(&staging, &target)
         })

@@ -27,6 +27,9 @@ pub enum ImageError {
     /// The registry answered something else that is wrong.
     #[error("{0}")]
     Registry(String),
+    /// The data dir has no room for the image above its free-space reserve (507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// A local failure (disk).
     #[error("{0}")]
     Io(String),

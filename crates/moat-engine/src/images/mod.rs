@@ -2,6 +2,7 @@
 //! content-addressed cache, and an image's layers merged into the read-only tree a sandbox
 //! uses as its root.
 //!
+//! - [`accounts`]: the `user` account added to trees that lack it.
 //! - [`cache`]: images pulled into a cache of shared layers and one merged tree each.
 //! - [`reference`]: image references as users write them.
 //! - [`registry`]: manifests resolved for linux/amd64 and blobs fetched, every byte checked
@@ -9,6 +10,7 @@
 //! - [`unpack`]: one (untrusted) OCI tar layer unpacked safely into a directory.
 //! - [`tree`]: unpacked layers merged, as an overlay would show them, into one tree.
 
+pub mod accounts;
 pub mod cache;
 mod error;
 pub mod reference;

@@ -49,14 +49,47 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// How the server reaches registries: which ones speak plain HTTP, and the credentials of
-/// each (keyed by registry host, as written in references).
-#[derive(Debug, Clone, Default)]
+/// The public registries any key may pull from unless the operator says otherwise.
+pub const PUBLIC_REGISTRIES: &[&str] = &[
+    "docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "gcr.io",
+    "mcr.microsoft.com",
+    "public.ecr.aws",
+];
+
+/// How the server reaches registries: which ones speak plain HTTP, the credentials of each
+/// (keyed by registry host, as written in references), and which ones keys that are not
+/// admins may name.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryAccess {
     /// Registries (`host:port`) reached over plain HTTP besides loopback ones.
     pub insecure: Vec<String>,
     /// Credentials by registry.
     pub credentials: BTreeMap<String, Credentials>,
+    /// Registries any key may pull from; admin keys may pull from every registry. The server
+    /// connects wherever a reference points, so an open list would let a tenant make it reach
+    /// hosts on its own network.
+    pub open_to_tenants: Vec<String>,
+}
+
+impl Default for RegistryAccess {
+    fn default() -> RegistryAccess {
+        RegistryAccess {
+            insecure: Vec::new(),
+            credentials: BTreeMap::new(),
+            open_to_tenants: PUBLIC_REGISTRIES.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+}
+
+impl RegistryAccess {
+    /// Whether a key that is not an admin may pull from `registry`.
+    pub fn open_to_tenants(&self, registry: &str) -> bool {
+        self.open_to_tenants.iter().any(|r| r == registry)
+    }
 }
 
 /// The parts of an image configuration moat reads (OCI image spec, `config.json`).

@@ -257,3 +257,10 @@ impl Drop for DirStream {
         unsafe { libc::closedir(self.0) };
     }
 }
+
+/// `renameat(dir, from, dir, to)`: replaces `to` (not through a link: the entry itself).
+pub(in crate::images) fn renameat(dir: BorrowedFd<'_>, from: &CStr, to: &CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated and `dir` an open descriptor, valid for the call.
+    cvt(unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })
+        .map(drop)
+}

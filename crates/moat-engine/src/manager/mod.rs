@@ -18,6 +18,7 @@ mod execution;
 mod health;
 mod housekeeping;
 mod idempotency;
+mod images;
 mod keys;
 mod memory;
 mod network;
@@ -28,7 +29,7 @@ mod readiness;
 mod restart;
 mod run;
 mod snapshots;
-mod storage;
+pub(crate) mod storage;
 mod templates;
 mod usage;
 
@@ -67,6 +68,7 @@ use moat_proto::v1;
 use crate::agent_client::AgentClient;
 use crate::auth::Caller;
 use crate::backend::{Backend, Backends, Instance};
+use crate::images::ImageCache;
 use crate::metrics::Metrics;
 use crate::network::NetworkPolicy;
 use crate::plan::{self, SandboxPlan, TemplateLimits, limits_v1};
@@ -209,6 +211,11 @@ pub struct ManagerOptions {
     pub egress_bandwidth: Option<u64>,
     /// Who may give sandboxes network access.
     pub egress_access: EgressAccess,
+    /// Where pulled images are kept (`moat serve`: `<data-dir>/images`); `None` keeps none,
+    /// and templates from images are refused.
+    pub image_dir: Option<PathBuf>,
+    /// How registries are reached (plain HTTP ones, credentials).
+    pub registries: crate::images::registry::RegistryAccess,
 }
 
 /// Free-space reserve of the data directory unless configured: 1 GiB.
@@ -232,6 +239,8 @@ impl Default for ManagerOptions {
             public_traffic: true,
             egress_bandwidth: None,
             egress_access: EgressAccess::All,
+            image_dir: None,
+            registries: Default::default(),
         }
     }
 }
@@ -309,6 +318,8 @@ impl Live {
 }
 
 struct Inner {
+    /// Pulled images, when the server keeps them.
+    images: Option<Arc<ImageCache>>,
     store: Arc<Store>,
     /// The backends sandboxes are made with, by kind; a template names one or gets the default.
     backends: Backends,
@@ -454,6 +465,14 @@ impl SandboxManager {
         if let Some(dir) = &opts.snapshot_dir {
             snapshots::prepare_dir(&store, dir)?;
         }
+        let images = match &opts.image_dir {
+            Some(dir) => Some(Arc::new(
+                ImageCache::open(dir, opts.registries.clone())
+                    .map_err(|e| ManagerError::Internal(e.to_string()))?
+                    .with_reserve(opts.min_free_disk),
+            )),
+            None => None,
+        };
         let pools = pool::Pools::new(opts.pool_memory_budget);
         Ok(SandboxManager {
             inner: Arc::new(Inner {
@@ -469,6 +488,7 @@ impl SandboxManager {
                 snapshot_bytes: snapshots::InFlight::default(),
                 paused_bytes: memory::PausedBytes::default(),
                 health_probes: health::Probes::default(),
+                images,
             }),
         })
     }
@@ -809,6 +829,9 @@ impl Inner {
     ) -> ManagerResult<SandboxPlan> {
         let backend = self.backends.resolve(template.backend.as_deref())?;
         let mut plan = SandboxPlan::of_template(name, owner, template, limits, backend.name());
+        if let v1::Rootfs::Image(reference) = &template.rootfs {
+            plan.rootfs = v1::Rootfs::Dir(self.image_tree(name, reference)?);
+        }
         // Checked when the template was written, by whoever wrote it.
         if let Some(n) = &template.network {
             plan.network = NetworkPolicy::from_v1(n)

@@ -41,7 +41,7 @@ impl SandboxManager {
 }
 
 /// Bytes an unprivileged writer may still use in the filesystem of `dir`.
-pub(super) fn free_disk(dir: &Path) -> std::io::Result<u64> {
+pub(crate) fn free_disk(dir: &Path) -> std::io::Result<u64> {
     let path = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::other("path contains NUL"))?;
     // SAFETY: all-zero is a valid `statvfs`; the kernel fills it.

@@ -50,6 +50,8 @@ impl SandboxManager {
     ) -> ManagerResult<v1::Template> {
         let mut req = req;
         self.check_template_spec(&req.spec, caller.is_admin())?;
+        // Pulled now, so a sandbox of it never waits on a registry.
+        self.inner.pull_template_image(&mut req.spec).await?;
         if let Some(snapshot) = req.spec.snapshot.clone() {
             self.inner
                 .check_template_snapshot(&caller.tenant, &snapshot, &mut req.spec)
@@ -140,6 +142,17 @@ impl SandboxManager {
             }
             if !path.is_dir() {
                 return invalid(format!("rootfs dir {dir:?} is not a directory on the host"));
+            }
+        }
+        if let v1::Rootfs::Image(reference) = &spec.rootfs {
+            let image = crate::images::ImageRef::parse(reference)
+                .map_err(|e| ManagerError::Invalid(e.to_string()))?;
+            let registry = image.registry();
+            if !host_paths && !self.inner.opts.registries.open_to_tenants(registry) {
+                return Err(ManagerError::Forbidden(format!(
+                    "registry {registry} is not one this server lets every key pull from: an \
+                     admin key may, or the operator can add it (moat serve --allow-registry)"
+                )));
             }
         }
         let backend = self.inner.backends.resolve(spec.backend.as_deref())?;

@@ -16,6 +16,7 @@ use moat_backend_gvisor::{GvisorBackend, GvisorOptions};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::backend::Backends;
 use moat_engine::error::EngineError;
+use moat_engine::images::registry::RegistryAccess;
 use moat_engine::manager::{EgressAccess, ManagerOptions, SandboxManager, ShutdownMode};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
 use moat_server::ServerOptions;
@@ -95,6 +96,15 @@ pub struct ServeArgs {
     /// sandbox has no network).
     #[arg(long, value_enum, default_value_t = Egress::All)]
     egress: Egress,
+    /// A registry (`HOST:PORT`) reached over plain HTTP, for templates from images
+    /// (repeatable); loopback registries always are.
+    #[arg(long, value_name = "HOST:PORT")]
+    insecure_registry: Vec<String>,
+    /// A registry every key may make templates from (repeatable; besides docker.io, ghcr.io,
+    /// quay.io, registry.k8s.io, gcr.io, mcr.microsoft.com and public.ecr.aws). Admin keys
+    /// may use any registry.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    allow_registry: Vec<String>,
 }
 
 /// Values of `--egress`.
@@ -155,6 +165,17 @@ impl ServeArgs {
                 Egress::Admin => EgressAccess::Admin,
                 Egress::None => EgressAccess::None,
             },
+            image_dir: Some(self.data_dir.join(IMAGE_DIR)),
+            registries: {
+                let mut access = RegistryAccess {
+                    insecure: self.insecure_registry.clone(),
+                    ..RegistryAccess::default()
+                };
+                access
+                    .open_to_tenants
+                    .extend(self.allow_registry.iter().cloned());
+                access
+            },
         })
     }
 }
@@ -180,6 +201,8 @@ const DEFAULT_TENANT: &str = "default";
 const ADMIN_KEY_FILE: &str = "admin.key";
 /// The directory snapshot archives are kept in, in the data dir.
 const SNAPSHOT_DIR: &str = "snapshots";
+/// Where pulled images are kept, in the data dir.
+const IMAGE_DIR: &str = "images";
 
 /// Runs the server until SIGINT or SIGTERM. Exits 0 after a clean shutdown.
 pub fn main(args: ServeArgs) -> ExitCode {

@@ -58,8 +58,12 @@ struct CreateArgs {
     #[arg(long, short = 'f', value_name = "FILE")]
     from_file: Option<String>,
     /// Root filesystem: `host`, or a directory on the server's host (admin keys only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     rootfs: Option<String>,
+    /// Root filesystem from an OCI image (`registry/name:tag` or `@sha256:…`), pulled by the
+    /// server now; its environment and working directory become the template's defaults.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
     /// Default limits of its sandboxes.
     #[command(flatten)]
     resources: ResourceFlags,
@@ -144,6 +148,9 @@ fn spec(a: &CreateArgs) -> Result<TemplateSpec> {
         }
         None => TemplateSpec::new(Rootfs::Host),
     };
+    if let Some(image) = &a.image {
+        spec.rootfs = Rootfs::Image(image.clone());
+    }
     if let Some(r) = &a.rootfs {
         spec.rootfs = match r.as_str() {
             "host" => Rootfs::Host,
@@ -225,6 +232,7 @@ fn rootfs(r: &Rootfs) -> String {
     match r {
         Rootfs::Host => "host".into(),
         Rootfs::Dir(d) => d.clone(),
+        Rootfs::Image(r) => format!("image {r}"),
     }
 }
 

@@ -1,0 +1,111 @@
+//! Templates from images: the image pulled when the template is written, the template pinned
+//! to the digest pulled, and its sandboxes given the image's tree as their root.
+//!
+//! A template `{"rootfs": {"image": "registry/name:tag"}}` is stored as
+//! `{"image": "registry/name:tag@sha256:…"}`, so a tag that moves later does not change the
+//! template. The image's `Env` entries become the template's environment below the spec's own,
+//! its `WorkingDir` the default working directory unless the spec names one, and its `User`
+//! `root` when the image runs as root (`root`, `0`, `0:0`) and the spec names no user; any
+//! other image user runs as moat's `user` (uid 1000), which every image tree has (see
+//! `images::accounts`).
+
+use moat_proto::v1;
+
+use super::{Inner, ManagerError, ManagerResult, check_env};
+use crate::images::{ImageError, ImageRef, PulledImage};
+
+impl Inner {
+    /// Pulls the image `spec` names, pins the spec to it and takes over its defaults.
+    pub(super) async fn pull_template_image(
+        &self,
+        spec: &mut v1::TemplateSpec,
+    ) -> ManagerResult<()> {
+        let v1::Rootfs::Image(text) = &spec.rootfs else {
+            return Ok(());
+        };
+        let reference = ImageRef::parse(text).map_err(image_error)?;
+        let cache = self.images.as_ref().ok_or_else(|| {
+            ManagerError::Invalid(
+                "this server keeps no images: templates from images need `moat serve`".into(),
+            )
+        })?;
+        let pulled = cache
+            .pull(&reference, std::sync::Arc::new(|_| {}))
+            .await
+            .map_err(image_error)?;
+        apply(spec, &pulled);
+        check_env("the image's environment", &spec.env)
+    }
+
+    /// The tree of template `template`'s pinned image `reference` (a host path, as a
+    /// directory template's).
+    pub(super) fn image_tree(&self, template: &str, reference: &str) -> ManagerResult<String> {
+        let digest = ImageRef::parse(reference)
+            .ok()
+            .and_then(|r| r.whole().split_once('@').map(|(_, d)| d.to_owned()))
+            .ok_or_else(|| {
+                ManagerError::Internal(format!(
+                    "template {template}'s image {reference} is not pinned to a digest"
+                ))
+            })?;
+        let cache = self.images.as_ref().ok_or_else(|| {
+            ManagerError::Invalid(format!(
+                "template {template} is made from an image, and this server keeps no images"
+            ))
+        })?;
+        let tree = cache.tree_dir(&digest).join("rootfs");
+        if !tree.is_dir() {
+            return Err(ManagerError::Conflict(format!(
+                "template {template}'s image {reference} is no longer on this server: make the \
+                 template again to pull it"
+            )));
+        }
+        tree.into_os_string().into_string().map_err(|p| {
+            ManagerError::Internal(format!("image tree {} is not UTF-8", p.to_string_lossy()))
+        })
+    }
+}
+
+/// `spec` pinned to `pulled` and given its defaults where the spec has none.
+fn apply(spec: &mut v1::TemplateSpec, pulled: &PulledImage) {
+    spec.rootfs = v1::Rootfs::Image(pulled.reference.clone());
+    let image_env = pulled.config.env.iter().flatten().filter_map(|entry| {
+        let (k, v) = entry.split_once('=')?;
+        (!k.is_empty() && !k.contains('\0') && !v.contains('\0'))
+            .then(|| (k.to_owned(), v.to_owned()))
+    });
+    for (k, v) in image_env {
+        spec.env.entry(k).or_insert(v);
+    }
+    if spec.workdir.is_none() {
+        spec.workdir = pulled
+            .config
+            .working_dir
+            .clone()
+            .filter(|d| d.starts_with('/') && !d.contains('\0'));
+    }
+    if spec.user.is_none()
+        && matches!(
+            pulled.config.user.as_deref(),
+            Some("root" | "0" | "0:0" | "root:root")
+        )
+    {
+        spec.user = Some("root".into());
+    }
+}
+
+/// `e` as the manager's error: the registry's and the image's faults told apart from the
+/// caller's.
+fn image_error(e: ImageError) -> ManagerError {
+    match e {
+        ImageError::Invalid(m) | ImageError::Unsupported(m) => ManagerError::Invalid(m),
+        ImageError::NotFound(m) => ManagerError::NotFound(m),
+        ImageError::Unauthorized(m) => ManagerError::Forbidden(m),
+        ImageError::Unreachable(m) | ImageError::Tampered(m) | ImageError::Registry(m) => {
+            ManagerError::Unavailable(m)
+        }
+        ImageError::TooLarge(m) => ManagerError::TooLarge(m),
+        ImageError::InsufficientStorage(m) => ManagerError::InsufficientStorage(m),
+        ImageError::Io(m) => ManagerError::Internal(m),
+    }
+}

@@ -1,0 +1,142 @@
+//! Templates from images, end to end: a real registry with a busybox image the test builds,
+//! a real `moat serve` pulling it when the template is made, and sandboxes running in it.
+
+#![allow(clippy::unwrap_used)]
+
+use moat_test_support::need_root;
+use moat_test_support::registry::{LayerBuilder, Registry, TestImage};
+use moat_test_support::server::{Server, body};
+use serde_json::json;
+
+/// An image whose one program is the host's static busybox, with a few applets linked to it.
+fn busybox_image() -> TestImage {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox: run scripts/test-deps.sh");
+    let mut layer = LayerBuilder::new()
+        .dir("bin/", 0o755)
+        .file("bin/busybox", 0o755, &busybox);
+    for applet in [
+        "sh", "echo", "cat", "id", "pwd", "ls", "whoami", "sleep", "env",
+    ] {
+        layer = layer.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let top = LayerBuilder::new()
+        .dir("work/", 0o777)
+        .file("etc/os-release", 0o644, b"ID=moat-busybox\n")
+        .build();
+    let mut image = TestImage::new(vec![layer.build(), top]);
+    image.run = json!({
+        "Env": ["PATH=/bin", "GREETING=hello from the image"],
+        "WorkingDir": "/work",
+        "Cmd": ["/bin/sh"],
+    });
+    image
+}
+
+#[test]
+fn a_template_from_an_image_runs_its_programs_with_its_environment() {
+    need_root!("moat serve's native backend needs root");
+    let registry = Registry::start();
+    let digest = registry.push("tools/bb", "1", &busybox_image());
+    let reference = format!("{}/tools/bb:1", registry.host());
+    // A key that is not an admin's pulls only from registries the operator opens to all.
+    let closed = Server::start();
+    let admin = closed.admin_key();
+    let key = closed.create_key(&admin, json!({"name": "images", "tenant": "imgs"}));
+    let r = closed.request(
+        "POST",
+        "/v1/templates",
+        Some(&key),
+        Some(&body(
+            json!({"name": "bb", "spec": {"rootfs": {"image": reference}}}),
+        )),
+    );
+    r.assert_error(403, "forbidden");
+    assert!(r.text().contains("--allow-registry"), "{}", r.text());
+    drop(closed);
+
+    let server = Server::start_with(&["--allow-registry", &registry.host()]);
+    let admin = server.admin_key();
+    let key = server.create_key(&admin, json!({"name": "images", "tenant": "imgs"}));
+    server.cli(&key, &["template", "create", "bb", "--image", &reference]);
+
+    let r = server.request("GET", "/v1/templates/bb", Some(&key), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let spec = &r.json()["spec"];
+    assert_eq!(spec["rootfs"]["image"], format!("{reference}@{digest}"));
+    assert_eq!(spec["env"]["GREETING"], "hello from the image");
+    assert_eq!(spec["workdir"], "/work");
+
+    let id = server.create_sandbox_with(&key, json!({"template": "bb"}));
+    let out = server.shell(
+        &key,
+        &id,
+        "echo \"$GREETING\"; pwd; whoami; cat /etc/os-release; ls /bin/busybox; touch /work/mine && echo wrote",
+    );
+    assert_eq!(out["exit_code"], 0, "{out}");
+    assert_eq!(
+        out["stdout"], "hello from the image\n/work\nuser\nID=moat-busybox\n/bin/busybox\nwrote\n",
+        "{out}"
+    );
+    // Nothing of the host's /usr is there: the image is the whole root.
+    let out = server.shell(&key, &id, "ls /usr/bin/python3 2>&1; echo $?");
+    assert!(out["stdout"].as_str().unwrap().ends_with("1\n"), "{out}");
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+
+    // A second template from the same image pulls nothing new and shares its tree.
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(&key),
+        Some(&body(json!({"name": "bb2", "spec": {"rootfs": {"image": format!("{}/tools/bb@{digest}", registry.host())}}}))),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[test]
+fn images_that_cannot_be_pulled_are_refused_with_what_is_wrong() {
+    need_root!("moat serve's native backend needs root");
+    let registry = Registry::start();
+    let mut arm = busybox_image();
+    arm.platform = ("linux".into(), "arm64".into());
+    registry.push("tools/arm", "1", &arm);
+    let server = Server::start();
+    let admin = server.admin_key();
+    let create = |name: &str, image: String| {
+        server.request(
+            "POST",
+            "/v1/templates",
+            Some(&admin),
+            Some(&body(
+                json!({"name": name, "spec": {"rootfs": {"image": image}}}),
+            )),
+        )
+    };
+    let r = create("missing", format!("{}/tools/none:1", registry.host()));
+    r.assert_error(404, "not_found");
+    assert!(r.text().contains("was not found"), "{}", r.text());
+    let r = create("arm", format!("{}/tools/arm:1", registry.host()));
+    r.assert_error(400, "invalid");
+    assert!(r.text().contains("linux/arm64"), "{}", r.text());
+    let r = create("bad", "Not A Reference".into());
+    r.assert_error(400, "invalid");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = create("down", format!("127.0.0.1:{closed}/a:b"));
+    r.assert_error(503, "unavailable");
+    assert!(r.text().contains("cannot be reached"), "{}", r.text());
+    // None of them was made.
+    let r = server.request("GET", "/v1/templates", Some(&admin), None);
+    let names: Vec<String> = r.json()["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    for name in ["missing", "arm", "bad", "down"] {
+        assert!(!names.contains(&name.to_owned()), "{names:?}");
+    }
+}
