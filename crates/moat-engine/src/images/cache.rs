@@ -28,6 +28,12 @@ use super::{ImageError, ImageRef};
 /// How much may follow a layer's end-of-archive marker (padding) before it counts as abuse.
 const MAX_TRAILING_BYTES: u64 = 1 << 20;
 
+/// Entries (files, directories, links) all of an image's layers may hold together.
+pub const MAX_IMAGE_ENTRIES: u64 = 2_000_000;
+
+/// Pulls a cache runs at once; more wait their turn.
+pub const MAX_CONCURRENT_PULLS: usize = 2;
+
 /// Room a layer is asked to find before it is fetched, as a multiple of its compressed size:
 /// the blob itself and its unpacked files (gzip usually shrinks a layer to a third).
 const ROOM_PER_LAYER_BYTE: u64 = 4;
@@ -72,6 +78,8 @@ pub enum PullEvent {
 
 /// The image cache rooted at a directory.
 pub struct ImageCache {
+    /// Pulls under way at once (each a download, an unpack and a merge: disk and CPU).
+    pulls: tokio::sync::Semaphore,
     root: PathBuf,
     access: RegistryAccess,
     limits: UnpackLimits,
@@ -82,10 +90,17 @@ pub struct ImageCache {
 impl ImageCache {
     /// The cache at `root` (made, 0700, if missing), reaching registries as `access` says.
     pub fn open(root: &Path, access: RegistryAccess) -> Result<ImageCache, ImageError> {
+        // What a pull cut short by a crash left: never published, never used.
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .map_err(|e| ImageError::io(format!("clearing {}", tmp.display()), e))?;
+        }
         for dir in ["", "layers", "trees", "tmp"] {
             make_private_dir(&root.join(dir))?;
         }
         Ok(ImageCache {
+            pulls: tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS),
             root: root.to_owned(),
             access,
             limits: UnpackLimits::default(),
@@ -147,8 +162,22 @@ impl ImageCache {
     ) -> Result<PulledImage, ImageError> {
         let registry = Registry::new(reference, &self.access);
         let resolved = registry.resolve().await?;
+        // Each caller gets the reference it asked for, pinned, whoever pulled the image first.
+        let pinned_here = |mut pulled: PulledImage| {
+            pulled.reference = pinned(reference, &resolved.digest);
+            pulled
+        };
         if let Some(pulled) = self.find(&resolved.digest)? {
-            return Ok(pulled);
+            return Ok(pinned_here(pulled));
+        }
+        let _turn = self
+            .pulls
+            .acquire()
+            .await
+            .map_err(|e| ImageError::Io(format!("pull queue: {e}")))?;
+        // Pulled by another caller while this one waited.
+        if let Some(pulled) = self.find(&resolved.digest)? {
+            return Ok(pinned_here(pulled));
         }
         let layers = &resolved.manifest.layers;
         progress(PullEvent::Resolved {
@@ -188,9 +217,11 @@ impl ImageCache {
             rootfs: PathBuf::new(),
         };
         self.merge(&pulled, work.path()).await?;
-        self.find(&resolved.digest)?.ok_or_else(|| {
-            ImageError::Io(format!("image {} vanished after its pull", pulled.digest))
-        })
+        self.find(&resolved.digest)?
+            .map(pinned_here)
+            .ok_or_else(|| {
+                ImageError::Io(format!("image {} vanished after its pull", pulled.digest))
+            })
     }
 
     /// The image of manifest `digest`, if its tree is complete.
@@ -247,6 +278,15 @@ impl ImageCache {
             for dir in &layer_dirs {
                 indexes.push(read_index(dir)?);
             }
+            // Each entry of each layer is one in the tree (a directory, a link): bounded, as a
+            // layer repeated many times would multiply them.
+            let entries: u64 = indexes.iter().map(|i| i.entries).sum();
+            if entries > MAX_IMAGE_ENTRIES {
+                return Err(ImageError::TooLarge(format!(
+                    "the image's layers hold {entries} entries together, more than the \
+                     {MAX_IMAGE_ENTRIES} moat takes"
+                )));
+            }
             let roots: Vec<PathBuf> = layer_dirs.iter().map(|d| d.join("root")).collect();
             let layers: Vec<Layer<'_>> = roots
                 .iter()
@@ -276,7 +316,7 @@ fn unpack_blob(
         .map_err(|e| ImageError::io(format!("opening {}", blob.display()), e))?;
     let reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(io::BufReader::new(file)),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(io::BufReader::new(file))),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file))),
     };
     let mut hashed = Hashing {
         inner: reader,

@@ -27,6 +27,9 @@ use super::{ImageError, ImageRef};
 /// The largest manifest or image configuration read, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
+/// The most layers an image may have (Docker's own limit is 127 above the base).
+pub const MAX_LAYERS: usize = 128;
+
 /// How long connecting to a registry may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a registry may send nothing in the middle of an answer.
@@ -161,12 +164,11 @@ impl Compression {
     /// The compression of a layer of media type `media_type`, or why it cannot be read.
     pub fn of(media_type: &str) -> Result<Compression, ImageError> {
         match media_type {
-            manifest::IMAGE_LAYER_MEDIA_TYPE
-            | manifest::IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE
-            | manifest::IMAGE_LAYER_NONDISTRIBUTABLE_MEDIA_TYPE => Ok(Compression::None),
+            manifest::IMAGE_LAYER_MEDIA_TYPE | manifest::IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE => {
+                Ok(Compression::None)
+            }
             manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE
-            | manifest::IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE
-            | manifest::IMAGE_LAYER_NONDISTRIBUTABLE_GZIP_MEDIA_TYPE => Ok(Compression::Gzip),
+            | manifest::IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE => Ok(Compression::Gzip),
             other => Err(ImageError::Unsupported(format!(
                 "layers of media type {other} are not supported (plain and gzipped tar are)"
             ))),
@@ -245,7 +247,26 @@ impl Registry {
             }
         };
         let (manifest, digest) = image;
+        // Digests name directories of the cache: every one is checked before anything uses it.
+        check_descriptor(&manifest.config, &self.reference)?;
+        for layer in &manifest.layers {
+            check_descriptor(layer, &self.reference)?;
+            Compression::of(&layer.media_type)?;
+        }
+        if manifest.layers.len() > MAX_LAYERS {
+            return Err(ImageError::TooLarge(format!(
+                "image {}: {} layers, more than the {MAX_LAYERS} moat takes",
+                self.reference,
+                manifest.layers.len()
+            )));
+        }
         let config = self.config(&manifest).await?;
+        if let Some(bad) = config.rootfs.diff_ids.iter().find(|d| !is_sha256_digest(d)) {
+            return Err(ImageError::Invalid(format!(
+                "image {}: layer digest {bad:?} in its configuration is not a sha256 digest",
+                self.reference
+            )));
+        }
         if manifest.layers.len() != config.rootfs.diff_ids.len() {
             return Err(ImageError::Invalid(format!(
                 "image {}: {} layers but {} layer digests in its configuration",
@@ -332,11 +353,17 @@ impl Registry {
                 self.reference
             )));
         }
-        let mut bytes = Vec::new();
+        let mut out = Capped {
+            inner: Vec::new(),
+            written: 0,
+            limit: u64::try_from(desc.size).unwrap_or(0),
+            progress: Arc::new(|_| {}),
+        };
         self.client
-            .pull_blob(self.reference.as_oci(), desc, &mut bytes)
+            .pull_blob(self.reference.as_oci(), desc, &mut out)
             .await
             .map_err(|e| self.error(e, "configuration"))?;
+        let bytes = out.inner;
         let config: ImageConfigFile = serde_json::from_slice(&bytes).map_err(|e| {
             ImageError::Invalid(format!(
                 "image {}: its configuration is not valid: {e}",
@@ -380,7 +407,8 @@ impl Registry {
                     unauthorized(r)
                 } else {
                     ImageError::Registry(format!(
-                        "image {r}: {registry} refused the {what}: {text}"
+                        "image {r}: {registry} refused the {what}{}",
+                        short_message(&text)
                     ))
                 }
             }
@@ -390,7 +418,8 @@ impl Registry {
                 404 => ImageError::NotFound(format!("image {r} was not found in {registry}")),
                 401 | 403 => unauthorized(r),
                 _ => ImageError::Registry(format!(
-                    "image {r}: {registry} answered {code} for the {what}: {message}"
+                    "image {r}: {registry} answered {code} for the {what}{}",
+                    short_message(&message)
                 )),
             },
             OciDistributionError::DigestError(d) => ImageError::Tampered(format!(
@@ -407,6 +436,22 @@ impl Registry {
             }
             other => ImageError::Registry(format!("image {r}: {what} from {registry}: {other}")),
         }
+    }
+}
+
+/// A registry's error text as shown to a caller: its first line, at most 200 characters.
+fn short_message(message: &str) -> String {
+    let line: String = message
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    if line.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {}", line.trim())
     }
 }
 
@@ -447,6 +492,11 @@ fn choose_linux_amd64(
         let Some(p) = &entry.platform else { continue };
         let (os, arch) = (p.os.to_string(), p.architecture.to_string());
         if os == "linux" && arch == "amd64" {
+            if !is_sha256_digest(&entry.digest) {
+                return Err(ImageError::Invalid(format!(
+                    "image {reference}: its linux/amd64 entry has no sha256 digest"
+                )));
+            }
             return Ok(entry.digest.clone());
         }
         platforms.push(format!("{os}/{arch}"));
@@ -463,12 +513,20 @@ fn choose_linux_amd64(
     )))
 }
 
-/// Refuses a descriptor whose digest is not sha256 or whose size is negative.
+/// Refuses a descriptor whose digest is not sha256, whose size is negative, or that names
+/// other places to fetch it from (`urls`: the client would go there, wherever they point).
 fn check_descriptor(desc: &OciDescriptor, reference: &ImageRef) -> Result<(), ImageError> {
     if !is_sha256_digest(&desc.digest) || desc.size < 0 {
         return Err(ImageError::Invalid(format!(
-            "image {reference}: descriptor {} (size {}) is not a sha256 digest and a size",
-            desc.digest, desc.size
+            "image {reference}: descriptor {:?} (size {}) is not a sha256 digest and a size",
+            desc.digest.chars().take(80).collect::<String>(),
+            desc.size
+        )));
+    }
+    if desc.urls.as_ref().is_some_and(|u| !u.is_empty()) {
+        return Err(ImageError::Unsupported(format!(
+            "image {reference}: blob {} is to be fetched from other URLs, which moat does not do",
+            desc.digest
         )));
     }
     Ok(())
@@ -553,6 +611,41 @@ mod tests {
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         assert!(is_sha256_digest(&sha256_digest(b"x")));
+    }
+
+    #[test]
+    fn descriptors_that_could_leave_the_cache_or_the_registry_are_refused() {
+        let r = ImageRef::parse("example.com/a:b").unwrap();
+        let hex = "a".repeat(64);
+        let desc = |digest: String, urls: Option<Vec<String>>| OciDescriptor {
+            media_type: manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE.into(),
+            digest,
+            size: 10,
+            urls,
+            annotations: None,
+            artifact_type: None,
+        };
+        check_descriptor(&desc(format!("sha256:{hex}"), None), &r).unwrap();
+        for bad in [
+            format!("sha256:{hex}/root/x"),
+            format!("sha256:../{hex}"),
+            "sha512:abc".to_owned(),
+            String::new(),
+        ] {
+            let e = check_descriptor(&desc(bad.clone(), None), &r).unwrap_err();
+            assert!(matches!(e, ImageError::Invalid(_)), "{bad}: {e}");
+        }
+        let e = check_descriptor(
+            &desc(
+                format!("sha256:{hex}"),
+                Some(vec!["http://10.0.0.1/x".into()]),
+            ),
+            &r,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ImageError::Unsupported(_)), "{e}");
+        // Nondistributable layers are the ones that come from elsewhere: not read.
+        assert!(Compression::of(manifest::IMAGE_LAYER_NONDISTRIBUTABLE_GZIP_MEDIA_TYPE).is_err());
     }
 
     #[test]

@@ -306,9 +306,8 @@ impl Unpacker<'_> {
         };
         match kind {
             _ if is_dir => self.directory(at, attrs),
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.file(at, attrs, entry)
-            }
+            // Not GNU sparse files: they unpack to their full size from a few bytes.
+            EntryType::Regular | EntryType::Continuous => self.file(at, attrs, entry),
             EntryType::Symlink => symlink(at, attrs, entry.link_name_bytes()),
             EntryType::Link => self.hard_link(at, entry.link_name_bytes()),
             EntryType::Fifo => fifo(at, attrs),
@@ -1330,5 +1329,27 @@ pub(super) mod tests {
 
         let err = unpack(&b"not a tar archive"[..], &Dest::new().path()).unwrap_err();
         assert!(matches!(err, UnpackError::Archive { .. }), "{err}");
+    }
+
+    #[test]
+    fn gnu_sparse_files_are_refused() {
+        // A few header bytes that would unpack to a file of its full size.
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::GNUSparse);
+        h.as_gnu_mut().unwrap().name[..6].copy_from_slice(b"sparse");
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.as_gnu_mut().unwrap().realsize = *b"00000000000\0";
+        h.set_cksum();
+        let tar = [h.as_bytes().as_slice(), &[0u8; 1024]].concat();
+        let dest = Dest::new();
+        let err = unpack(&tar, &dest.path()).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::UnsupportedType { path, .. } if path == "sparse"),
+            "{err}"
+        );
     }
 }

@@ -29,10 +29,14 @@ impl Inner {
                 "this server keeps no images: templates from images need `moat serve`".into(),
             )
         })?;
-        let pulled = cache
-            .pull(&reference, std::sync::Arc::new(|_| {}))
-            .await
-            .map_err(image_error)?;
+        // A task of its own: a caller that goes away must not cut a pull short halfway
+        // through writing into the shared cache.
+        let cache = cache.clone();
+        let pulled =
+            tokio::spawn(async move { cache.pull(&reference, std::sync::Arc::new(|_| {})).await })
+                .await
+                .map_err(|e| ManagerError::Internal(format!("pull task: {e}")))?
+                .map_err(image_error)?;
         apply(spec, &pulled);
         check_env("the image's environment", &spec.env)
     }
