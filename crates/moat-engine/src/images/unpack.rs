@@ -110,6 +110,15 @@ pub enum UnpackError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A GNU long name or pax header is too large, malformed or asks for what moat does not
+    /// take.
+    #[error("layer: the extension header after entry {after:?}: {reason}")]
+    BadExtension {
+        /// The entry before it.
+        after: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A hard link's target is not a safe relative path, or not something to link to.
     #[error("layer entry {path:?}: hard link target {target:?}: {reason}")]
     BadLinkTarget {
@@ -223,20 +232,140 @@ pub fn unpack_layer<R: Read>(
         devices: HashSet::new(),
     };
     let mut archive = tar::Archive::new(layer);
-    let entries = archive.entries().map_err(|error| UnpackError::Archive {
-        after: String::new(),
-        error,
-    })?;
+    // Raw: GNU long names and pax headers come as entries of their own, read here within a
+    // bound (the tar crate would hold them whole, whatever their size).
+    let entries = archive
+        .entries()
+        .map_err(|error| UnpackError::Archive {
+            after: String::new(),
+            error,
+        })?
+        .raw(true);
     let mut after = String::new();
+    let mut names = Names::default();
     for entry in entries {
         let mut entry = entry.map_err(|error| UnpackError::Archive {
             after: after.clone(),
             error,
         })?;
-        after = unpacker.entry(&mut entry)?;
+        if names.take_extension(&mut entry, &after)? {
+            unpacker.count(&after)?;
+            continue;
+        }
+        after = unpacker.entry(&mut entry, std::mem::take(&mut names))?;
+    }
+    if names != Names::default() {
+        return Err(UnpackError::BadExtension {
+            after,
+            reason: "it ends the archive with no entry after it".into(),
+        });
     }
     unpacker.finish()?;
     Ok(unpacker.index)
+}
+
+/// The most bytes of a GNU long name, long link or pax header entry.
+const MAX_EXTENSION_BYTES: u64 = 64 << 10;
+
+/// The names extension entries give the entry after them.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Names {
+    path: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+}
+
+impl Names {
+    /// Reads `entry` if it is a GNU long name or link, or a pax header, and says so.
+    fn take_extension<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        after: &str,
+    ) -> Result<bool, UnpackError> {
+        let kind = entry.header().entry_type();
+        if !(kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions()) {
+            return Ok(false);
+        }
+        let bad = |reason: String| UnpackError::BadExtension {
+            after: after.to_owned(),
+            reason,
+        };
+        let size = entry
+            .header()
+            .entry_size()
+            .map_err(|e| bad(format!("an extension header's size: {e}")))?;
+        if size > MAX_EXTENSION_BYTES {
+            return Err(bad(format!(
+                "{size} bytes, more than the {MAX_EXTENSION_BYTES} a long name or pax header may have"
+            )));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        entry
+            .take(MAX_EXTENSION_BYTES)
+            .read_to_end(&mut data)
+            .map_err(|error| UnpackError::Archive {
+                after: after.to_owned(),
+                error,
+            })?;
+        if kind.is_pax_local_extensions() {
+            self.pax(&data).map_err(|r| bad(r.to_owned()))?;
+        } else {
+            while data.last() == Some(&0) {
+                data.pop();
+            }
+            let slot = if kind.is_gnu_longname() {
+                &mut self.path
+            } else {
+                &mut self.link
+            };
+            *slot = Some(data);
+        }
+        Ok(true)
+    }
+
+    /// Takes `path` and `linkpath` from pax records (`LEN KEY=VALUE\n`); refuses `size`
+    /// (files too large for a tar header, which moat does not take).
+    fn pax(&mut self, mut data: &[u8]) -> Result<(), &'static str> {
+        while !data.is_empty() {
+            let space = data
+                .iter()
+                .position(|&b| b == b' ')
+                .ok_or("a pax record without a length")?;
+            let len: usize = std::str::from_utf8(&data[..space])
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .filter(|&n| n > space + 1 && n <= data.len())
+                .ok_or("a pax record with a bad length")?;
+            let record = &data[space + 1..len];
+            let record = record
+                .strip_suffix(b"\n")
+                .ok_or("a pax record not ended by a newline")?;
+            let eq = record
+                .iter()
+                .position(|&b| b == b'=')
+                .ok_or("a pax record without '='")?;
+            let (key, value) = (&record[..eq], &record[eq + 1..]);
+            match key {
+                b"path" => self.path = Some(value.to_vec()),
+                b"linkpath" => self.link = Some(value.to_vec()),
+                b"size" => return Err("a file too large for a tar header (pax size)"),
+                _ => {}
+            }
+            data = &data[len..];
+        }
+        Ok(())
+    }
+}
+
+/// An entry's link target: a long link's or pax `linkpath` if one came before it, else its
+/// header's.
+fn link_of<'e, R: Read>(
+    link: Option<Vec<u8>>,
+    entry: &'e tar::Entry<'_, R>,
+) -> Option<Cow<'e, [u8]>> {
+    match link {
+        Some(l) => Some(Cow::Owned(l)),
+        None => entry.link_name_bytes(),
+    }
 }
 
 /// An entry's place: the directory holding it and its name there.
@@ -262,17 +391,31 @@ struct Unpacker<'a> {
 }
 
 impl Unpacker<'_> {
-    /// Applies one entry, and returns its name as the archive has it.
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<String, UnpackError> {
-        let raw = entry.path_bytes().into_owned();
-        let path = String::from_utf8_lossy(&raw).into_owned();
+    /// Counts an entry against the limit (`path`: the last entry's name, for the error).
+    fn count(&mut self, path: &str) -> Result<(), UnpackError> {
         self.index.entries += 1;
         if self.index.entries > self.limits.max_entries {
             return Err(UnpackError::TooManyEntries {
-                path,
+                path: path.to_owned(),
                 limit: self.limits.max_entries,
             });
         }
+        Ok(())
+    }
+
+    /// Applies one entry, its names as `names` (long names, pax) give them or else its
+    /// header's, and returns its name.
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        names: Names,
+    ) -> Result<String, UnpackError> {
+        let raw = names
+            .path
+            .unwrap_or_else(|| entry.path_bytes().into_owned());
+        let link = names.link;
+        let path = String::from_utf8_lossy(&raw).into_owned();
+        self.count(&path)?;
         let kind = entry.header().entry_type();
         if kind == EntryType::XGlobalHeader {
             // Pax metadata for the whole archive: nothing to make.
@@ -308,8 +451,8 @@ impl Unpacker<'_> {
             _ if is_dir => self.directory(at, attrs),
             // Not GNU sparse files: they unpack to their full size from a few bytes.
             EntryType::Regular | EntryType::Continuous => self.file(at, attrs, entry),
-            EntryType::Symlink => symlink(at, attrs, entry.link_name_bytes()),
-            EntryType::Link => self.hard_link(at, entry.link_name_bytes()),
+            EntryType::Symlink => symlink(at, attrs, link_of(link, entry)),
+            EntryType::Link => self.hard_link(at, link_of(link, entry)),
             EntryType::Fifo => fifo(at, attrs),
             EntryType::Char | EntryType::Block => self.device(at),
             other => Err(UnpackError::UnsupportedType {
@@ -1329,6 +1472,70 @@ pub(super) mod tests {
 
         let err = unpack(&b"not a tar archive"[..], &Dest::new().path()).unwrap_err();
         assert!(matches!(err, UnpackError::Archive { .. }), "{err}");
+    }
+
+    /// A pax header entry holding `records` (each `KEY=VALUE`), then a file `placeholder`.
+    fn pax_records(records: &[&str]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for r in records {
+            let text = format!("{r}\n");
+            // The length counts its own digits and the space.
+            let mut len = text.len() + 2;
+            if len.to_string().len() + 1 + text.len() != len {
+                len += 1;
+            }
+            body.extend_from_slice(format!("{len} {text}").as_bytes());
+        }
+        let mut tar = Tar::new();
+        tar.add(Tar::header(EntryType::XHeader, "pax", 0o644), &body);
+        tar.file("placeholder", 0o644, b"x");
+        tar.finish()
+    }
+
+    #[test]
+    fn long_names_and_pax_headers_are_read_within_a_bound() {
+        // pax path and linkpath name the entry after them.
+        let dest = Dest::new();
+        unpack(
+            &pax_records(&["path=from/pax.txt", "mtime=1"]),
+            &dest.path(),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read(dest.path().join("from/pax.txt")).unwrap(),
+            b"x"
+        );
+        assert!(!dest.path().join("placeholder").exists());
+
+        // A pax size (a file over 8 GiB) is refused, by name of what it is.
+        let err = unpack(&pax_records(&["size=99999999999"]), &Dest::new().path()).unwrap_err();
+        assert!(matches!(err, UnpackError::BadExtension { .. }), "{err}");
+
+        // A long name of 1 MiB is refused before it is read whole.
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::GNULongName);
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(1 << 20);
+        h.set_cksum();
+        let tar = [h.as_bytes().as_slice(), &vec![b'a'; 1 << 20], &[0u8; 1024]].concat();
+        let err = unpack(&tar, &Dest::new().path()).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::BadExtension { reason, .. } if reason.contains("1048576 bytes")),
+            "{err}"
+        );
+
+        // A pax header with nothing after it.
+        let mut tar = Tar::new();
+        tar.add(
+            Tar::header(EntryType::XHeader, "pax", 0o644),
+            b"13 path=abc\n",
+        );
+        let err = unpack(&tar.finish(), &Dest::new().path()).unwrap_err();
+        assert!(matches!(err, UnpackError::BadExtension { .. }), "{err}");
     }
 
     #[test]
