@@ -1474,6 +1474,20 @@ pub(super) mod tests {
         assert!(matches!(err, UnpackError::Archive { .. }), "{err}");
     }
 
+    /// A GNU header of `kind` named `name` (written as is) declaring `size` bytes.
+    fn gnu_header(kind: EntryType, name: &[u8], size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(size);
+        h.set_cksum();
+        h
+    }
+
     /// A pax header entry holding `records` (each `KEY=VALUE`), then a file `placeholder`.
     fn pax_records(records: &[&str]) -> Vec<u8> {
         let mut body = Vec::new();
@@ -1512,15 +1526,7 @@ pub(super) mod tests {
         assert!(matches!(err, UnpackError::BadExtension { .. }), "{err}");
 
         // A long name of 1 MiB is refused before it is read whole.
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(EntryType::GNULongName);
-        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(1 << 20);
-        h.set_cksum();
+        let h = gnu_header(EntryType::GNULongName, b"././@LongLink", 1 << 20);
         let tar = [h.as_bytes().as_slice(), &vec![b'a'; 1 << 20], &[0u8; 1024]].concat();
         let err = unpack(&tar, &Dest::new().path()).unwrap_err();
         assert!(
@@ -1541,14 +1547,7 @@ pub(super) mod tests {
     #[test]
     fn gnu_sparse_files_are_refused() {
         // A few header bytes that would unpack to a file of its full size.
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(EntryType::GNUSparse);
-        h.as_gnu_mut().unwrap().name[..6].copy_from_slice(b"sparse");
-        h.set_mode(0o644);
-        h.set_size(0);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
+        let mut h = gnu_header(EntryType::GNUSparse, b"sparse", 0);
         h.as_gnu_mut().unwrap().realsize = *b"00000000000\0";
         h.set_cksum();
         let tar = [h.as_bytes().as_slice(), &[0u8; 1024]].concat();
