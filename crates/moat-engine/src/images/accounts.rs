@@ -85,7 +85,19 @@ fn add_line(
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(line);
+    // Before an account of the image with the same id (uid 1000 is `ubuntu` or `node` in
+    // some images), so that a lookup by id finds moat's name first; else at the end.
+    let id = line.split(':').nth(2).unwrap_or_default();
+    let mut at = text.len();
+    let mut offset = 0;
+    for l in text.split_inclusive('\n') {
+        if l.split(':').nth(2) == Some(id) {
+            at = offset;
+            break;
+        }
+        offset += l.len();
+    }
+    text.insert_str(at, line);
     let staging = CString::new(format!("{}.moat-new", name.to_string_lossy()))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let _ = sys::unlinkat(etc.as_fd(), &staging, 0);
@@ -138,6 +150,22 @@ mod tests {
             std::fs::read_to_string(tree.join("etc/passwd")).unwrap(),
             new,
             "once"
+        );
+
+        // An image whose uid 1000 has another name: moat's comes first, theirs stays.
+        let ubuntu = dir.path().join("ubuntu");
+        std::fs::create_dir_all(ubuntu.join("etc")).unwrap();
+        std::fs::write(
+            ubuntu.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/sh\n",
+        )
+        .unwrap();
+        ensure_user(&ubuntu).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ubuntu.join("etc/passwd")).unwrap(),
+            format!(
+                "root:x:0:0::/root:/bin/sh\n{USER_LINE}ubuntu:x:1000:1000::/home/ubuntu:/bin/sh\n"
+            )
         );
     }
 

@@ -31,6 +31,9 @@ const MAX_TRAILING_BYTES: u64 = 1 << 20;
 /// Entries (files, directories, links) all of an image's layers may hold together.
 pub const MAX_IMAGE_ENTRIES: u64 = 2_000_000;
 
+/// The longest a pull may take, waiting for its turn not counted.
+pub const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// Pulls a cache runs at once; more wait their turn.
 pub const MAX_CONCURRENT_PULLS: usize = 2;
 
@@ -160,8 +163,17 @@ impl ImageCache {
         reference: &ImageRef,
         progress: Arc<dyn Fn(PullEvent) + Send + Sync>,
     ) -> Result<PulledImage, ImageError> {
+        let late = || {
+            ImageError::Unreachable(format!(
+                "pulling {reference} took longer than {} minutes; nothing was kept of what was \
+                 not finished",
+                PULL_TIMEOUT.as_secs() / 60
+            ))
+        };
         let registry = Registry::new(reference, &self.access);
-        let resolved = registry.resolve().await?;
+        let resolved = tokio::time::timeout(PULL_TIMEOUT, registry.resolve())
+            .await
+            .map_err(|_| late())??;
         // Each caller gets the reference it asked for, pinned, whoever pulled the image first.
         let pinned_here = |mut pulled: PulledImage| {
             pulled.reference = pinned(reference, &resolved.digest);
@@ -179,6 +191,7 @@ impl ImageCache {
         if let Some(pulled) = self.find(&resolved.digest)? {
             return Ok(pinned_here(pulled));
         }
+        let deadline = tokio::time::Instant::now() + PULL_TIMEOUT;
         let layers = &resolved.manifest.layers;
         progress(PullEvent::Resolved {
             sizes: layers
@@ -203,7 +216,14 @@ impl ImageCache {
                     let progress = progress.clone();
                     Arc::new(move |received| progress(PullEvent::Fetching { index, received }))
                 };
-                registry.fetch_blob(desc, &blob, report).await?;
+                // Only the download is cut off at the deadline: an unpack runs on a thread
+                // that cannot be stopped halfway, so the deadline is checked between steps.
+                tokio::time::timeout_at(deadline, registry.fetch_blob(desc, &blob, report))
+                    .await
+                    .map_err(|_| late())??;
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(late());
+                }
                 self.unpack(&blob, compression, diff_id, &desc.digest, work.path())
                     .await?;
             }
@@ -216,6 +236,9 @@ impl ImageCache {
             layers: layers.iter().map(|l| l.digest.clone()).collect(),
             rootfs: PathBuf::new(),
         };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(late());
+        }
         self.merge(&pulled, work.path()).await?;
         self.find(&resolved.digest)?
             .map(pinned_here)
