@@ -80,6 +80,11 @@ fn a_template_from_an_image_runs_its_programs_with_its_environment() {
     // Nothing of the host's /usr is there: the image is the whole root.
     let out = server.shell(&key, &id, "ls /usr/bin/python3 2>&1; echo $?");
     assert!(out["stdout"].as_str().unwrap().ends_with("1\n"), "{out}");
+    // Root in the sandbox changes image files: in its own layer, never in the shared tree.
+    let trees = server.data.join("images/trees");
+    let before = tree_listing(&trees);
+    changes_image_files_as_root(&server, &key, &id);
+    assert_eq!(tree_listing(&trees), before);
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&key), None);
     assert_eq!(r.status, 204, "{}", r.text());
 
@@ -91,6 +96,70 @@ fn a_template_from_an_image_runs_its_programs_with_its_environment() {
         Some(&body(json!({"name": "bb2", "spec": {"rootfs": {"image": format!("{}/tools/bb@{digest}", registry.host())}}}))),
     );
     assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[test]
+fn an_image_template_runs_on_gvisor_and_leaves_the_shared_tree_untouched() {
+    need_root!("moat serve's backends need root");
+    let registry = Registry::start();
+    registry.push("tools/bb", "1", &busybox_image());
+    let server = Server::start();
+    let admin = server.admin_key();
+    let image = format!("{}/tools/bb:1", registry.host());
+    server.create_template(
+        &admin,
+        "bbg",
+        json!({"rootfs": {"image": image}, "backend": "gvisor"}),
+    );
+    let trees = server.data.join("images/trees");
+    let before = tree_listing(&trees);
+    let id = server.create_sandbox_with(&admin, json!({"template": "bbg"}));
+    let out = server.shell(&admin, &id, "echo \"$GREETING\"; whoami");
+    assert_eq!(out["exit_code"], 0, "{out}");
+    assert_eq!(out["stdout"], "hello from the image\nuser\n", "{out}");
+    // Root in the sandbox changes an image file and a directory: in its own layer only.
+    changes_image_files_as_root(&server, &admin, &id);
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&admin), None);
+    assert_eq!(r.json()["backend"], "gvisor");
+    let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(&admin), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    // The sandbox wrote in its own layer: the image's tree (shared with every template of the
+    // image, its files hard links into the layer cache) is as it was.
+    assert_eq!(tree_listing(&trees), before);
+}
+
+/// Has root in sandbox `id` change an image file and directory, which must succeed.
+fn changes_image_files_as_root(server: &Server, key: &str, id: &str) {
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(key),
+        Some(&body(json!({
+            "shell": "echo changed > /etc/os-release && chmod 700 /bin && rm /bin/ls && cat /etc/os-release",
+            "user": "root",
+        }))),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["stdout"], "changed\n", "{}", r.text());
+}
+
+/// Every path under `dir` with its size and mode, sorted.
+fn tree_listing(dir: &std::path::Path) -> Vec<(String, u64, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            out.push((path.display().to_string(), meta.len(), meta.mode()));
+            if meta.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 #[test]
