@@ -48,3 +48,12 @@ echo "## E2B SDKs against moat serve ($runs runs each)"
 echo
 E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_API_KEY="$key" \
   BENCH_POOLED_TEMPLATE=pooled target/test-venv/bin/python bench/e2b_sdk.py "$runs"
+
+# Templates from images, against docker-registry on loopback (scripts/test-deps.sh installs it).
+echo
+echo "## Templates from images"
+echo
+echo "| what | runs | p50 | p99 | |"
+echo "| --- | --- | --- | --- | --- |"
+MOAT_BENCH_URL="http://127.0.0.1:$port" MOAT_BENCH_KEY="$key" \
+  target/test-venv/bin/python bench/images.py "$runs"

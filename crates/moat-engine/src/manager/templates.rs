@@ -50,6 +50,17 @@ impl SandboxManager {
     ) -> ManagerResult<v1::Template> {
         let mut req = req;
         self.check_template_spec(&req.spec, caller.is_admin())?;
+        if matches!(req.spec.rootfs, v1::Rootfs::Image(_)) {
+            // A name already taken is refused before a pull that would be for nothing (the
+            // create below still decides a race).
+            let (t, n) = (caller.tenant.clone(), req.name.clone());
+            if self.inner.db(move |s| s.get_template(&t, &n)).await.is_ok() {
+                return Err(ManagerError::Conflict(format!(
+                    "template {} already exists",
+                    req.name
+                )));
+            }
+        }
         // Pulled now, so a sandbox of it never waits on a registry.
         self.inner.pull_template_image(&mut req.spec).await?;
         if let Some(snapshot) = req.spec.snapshot.clone() {
