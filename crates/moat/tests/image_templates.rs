@@ -209,3 +209,56 @@ fn images_that_cannot_be_pulled_are_refused_with_what_is_wrong() {
         assert!(!names.contains(&name.to_owned()), "{names:?}");
     }
 }
+
+#[test]
+fn a_private_registry_is_pulled_with_the_servers_credentials() {
+    use std::os::unix::fs::PermissionsExt as _;
+    need_root!("moat serve's native backend needs root");
+    let registry = Registry::start_with_auth("puller", "s3cret-pass");
+    registry.push("private/bb", "1", &busybox_image());
+    let image = format!("{}/private/bb:1", registry.host());
+    let spec = json!({"name": "private", "spec": {"rootfs": {"image": image}}});
+
+    // Without credentials the registry refuses, and the caller hears it.
+    let server = Server::start();
+    let admin = server.admin_key();
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(&admin),
+        Some(&body(spec.clone())),
+    );
+    r.assert_error(403, "forbidden");
+    drop(server);
+
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("registries.json");
+    let text = json!({registry.host(): {"username": "puller", "password": "s3cret-pass"}});
+    std::fs::write(&creds, text.to_string()).unwrap();
+    // A file others may read is refused before anything starts.
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(moat_test_support::moat_binary())
+        .args(["serve", "--listen", "127.0.0.1:1", "--data-dir"])
+        .arg(&data)
+        .arg("--registry-credentials")
+        .arg(&creds)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = Server::start_with(&["--registry-credentials", creds.to_str().unwrap()]);
+    let admin = server.admin_key();
+    let r = server.request("POST", "/v1/templates", Some(&admin), Some(&body(spec)));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(!r.text().contains("s3cret"), "{}", r.text());
+    let id = server.create_sandbox_with(&admin, json!({"template": "private"}));
+    let out = server.shell(&admin, &id, "echo \"$GREETING\"");
+    assert_eq!(out["stdout"], "hello from the image\n", "{out}");
+    // The sandbox has no trace of the credentials.
+    let out = server.shell(&admin, &id, "env; cat /etc/* 2>/dev/null");
+    assert!(!out.to_string().contains("s3cret"), "{out}");
+}

@@ -16,7 +16,7 @@ use moat_backend_gvisor::{GvisorBackend, GvisorOptions};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::backend::Backends;
 use moat_engine::error::EngineError;
-use moat_engine::images::registry::RegistryAccess;
+use moat_engine::images::registry::{Credentials, RegistryAccess};
 use moat_engine::manager::{EgressAccess, ManagerOptions, SandboxManager, ShutdownMode};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
 use moat_server::ServerOptions;
@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// may use any registry.
     #[arg(long, value_name = "HOST[:PORT]")]
     allow_registry: Vec<String>,
+    /// A JSON file of registry credentials, `{"HOST[:PORT]": {"username": U, "password": P}}`,
+    /// readable by its owner only; used for every pull from those registries.
+    #[arg(long, value_name = "FILE")]
+    registry_credentials: Option<PathBuf>,
 }
 
 /// Values of `--egress`.
@@ -169,6 +173,10 @@ impl ServeArgs {
             registries: {
                 let mut access = RegistryAccess {
                     insecure: self.insecure_registry.clone(),
+                    credentials: match &self.registry_credentials {
+                        Some(path) => read_registry_credentials(path)?,
+                        None => Default::default(),
+                    },
                     ..RegistryAccess::default()
                 };
                 access
@@ -178,6 +186,48 @@ impl ServeArgs {
             },
         })
     }
+}
+
+/// The registry credentials in the JSON file at `path`, which only its owner may read.
+fn read_registry_credentials(
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, Credentials>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        username: String,
+        password: String,
+    }
+    let what = || format!("--registry-credentials {}", path.display());
+    let meta = std::fs::metadata(path).with_context(what)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{}: other users may read it (mode {:o}); chmod 600 it",
+            what(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    if meta.len() > 1 << 20 {
+        bail!("{}: larger than 1 MiB", what());
+    }
+    let text = std::fs::read_to_string(path).with_context(what)?;
+    let entries: std::collections::BTreeMap<String, Entry> = serde_json::from_str(&text)
+        .with_context(|| {
+            format!(
+                "{}: not {{\"HOST\": {{\"username\": …, \"password\": …}}}}",
+                what()
+            )
+        })?;
+    Ok(entries
+        .into_iter()
+        .map(|(host, e)| {
+            let credentials = Credentials {
+                username: e.username,
+                password: e.password,
+            };
+            (host, credentials)
+        })
+        .collect())
 }
 
 /// A `--domain` value, checked by [`moat_server::validate_domain`].
