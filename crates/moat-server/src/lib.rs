@@ -189,10 +189,11 @@ async fn housekeeping_loop(manager: SandboxManager, mut stop: watch::Receiver<bo
             _ = stop.wait_for(|s| *s) => return,
         }
         match manager.housekeep(now_ms()).await {
-            Ok(done) if done.purged > 0 || done.swept > 0 => tracing::info!(
+            Ok(done) if done.purged > 0 || done.swept > 0 || done.images > 0 => tracing::info!(
                 purged = done.purged,
                 swept = done.swept,
-                "deleted old records of ended sandboxes and stale cgroups"
+                images = done.images,
+                "deleted old records of ended sandboxes, stale cgroups and unused images"
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!("housekeeping: {e}"),

@@ -359,3 +359,61 @@ fn hostile_or_mislabelled_layers_fail_the_pull_and_leave_nothing() {
         assert_eq!(listing(&root.join(sub)), Vec::<String>::new(), "{sub}");
     }
 }
+
+#[test]
+fn a_collection_removes_unused_trees_and_the_layers_only_they_used() {
+    use std::collections::HashSet;
+    use std::time::Duration;
+    let registry = reg::Registry::start();
+    let top = |name: &str| {
+        LayerBuilder::new()
+            .file(&format!("etc/{name}"), 0o644, name.as_bytes())
+            .build()
+    };
+    registry.push("app", "a", &TestImage::new(vec![base_layer(), top("a")]));
+    registry.push("app", "b", &TestImage::new(vec![base_layer(), top("b")]));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    let cache = ImageCache::open(&root, RegistryAccess::default()).unwrap();
+    let a = pull(&cache, &format!("{}/app:a", registry.host()))
+        .0
+        .unwrap();
+    let b = pull(&cache, &format!("{}/app:b", registry.host()))
+        .0
+        .unwrap();
+    assert_eq!(std::fs::read_dir(root.join("layers")).unwrap().count(), 3);
+
+    // Within the grace period nothing goes, used or not.
+    assert_eq!(
+        cache
+            .collect(&HashSet::new(), Duration::from_secs(3600))
+            .unwrap(),
+        (0, 0)
+    );
+
+    // B unused: its tree and its own layer go; the base layer A shares stays.
+    let in_use = HashSet::from([a.digest.clone()]);
+    assert_eq!(cache.collect(&in_use, Duration::ZERO).unwrap(), (1, 1));
+    assert!(!cache.tree_dir(&b.digest).exists());
+    assert!(!cache.layer_dir(&b.layers[1]).exists());
+    assert!(cache.layer_dir(&b.layers[0]).exists());
+    assert_eq!(
+        std::fs::read(a.rootfs.join("etc/os-release")).unwrap(),
+        b"ID=moat-test\n"
+    );
+    assert!(cache.find(&a.digest).unwrap().is_some());
+
+    // Nothing in use: everything goes, and a pull makes it again.
+    assert_eq!(
+        cache.collect(&HashSet::new(), Duration::ZERO).unwrap(),
+        (1, 2)
+    );
+    for sub in ["layers", "trees", "tmp"] {
+        assert_eq!(listing(&root.join(sub)), Vec::<String>::new(), "{sub}");
+    }
+    let again = pull(&cache, &format!("{}/app:a", registry.host()))
+        .0
+        .unwrap();
+    assert_eq!(again.digest, a.digest);
+    assert!(again.rootfs.join("etc/a").exists());
+}

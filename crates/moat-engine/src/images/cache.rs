@@ -152,6 +152,11 @@ impl ImageCache {
         self.root.join("layers").join(hex_of(digest))
     }
 
+    /// The directory holding the images' trees (`trees/<hex>/rootfs`).
+    pub fn trees_dir(&self) -> PathBuf {
+        self.root.join("trees")
+    }
+
     /// The directory of the image whose manifest has `digest`.
     pub fn tree_dir(&self, digest: &str) -> PathBuf {
         self.root.join("trees").join(hex_of(digest))
@@ -209,7 +214,11 @@ impl ImageCache {
             .enumerate()
         {
             let compression = Compression::of(&desc.media_type)?;
-            if !self.layer_dir(&desc.digest).join("index.json").exists() {
+            let cached = self.layer_dir(&desc.digest).join("index.json");
+            if cached.exists() {
+                // Used now: a collection leaves it alone for its grace period.
+                touch(&cached);
+            } else {
                 self.check_room(u64::try_from(desc.size).unwrap_or(u64::MAX))?;
                 let blob = work.path().join(format!("{index}.blob"));
                 let report = {
@@ -258,7 +267,70 @@ impl ImageCache {
         let mut pulled: PulledImage = serde_json::from_slice(&bytes)
             .map_err(|e| ImageError::io(format!("reading {}/image.json", dir.display()), e))?;
         pulled.rootfs = dir.join("rootfs");
+        // Used now: a collection leaves it alone for its grace period.
+        touch(&dir.join("image.json"));
         Ok(Some(pulled))
+    }
+
+    /// Removes the trees of images not in `in_use` (manifest digests) and the layers no
+    /// remaining tree uses, sparing anything used or made within `grace` (a pull or a
+    /// template create under way). Returns how many trees and layers went.
+    pub fn collect(
+        &self,
+        in_use: &std::collections::HashSet<String>,
+        grace: std::time::Duration,
+    ) -> Result<(usize, usize), ImageError> {
+        let recent = |path: &Path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < grace)
+        };
+        let mut kept_layers = std::collections::HashSet::new();
+        let mut trees = 0;
+        for hex in hex_entries(&self.root.join("trees"))? {
+            let digest = format!("sha256:{hex}");
+            let record = self.tree_dir(&digest).join("image.json");
+            if in_use.contains(&digest) || recent(&record) {
+                if let Some(image) = self.read_record(&digest) {
+                    kept_layers.extend(image.layers.iter().map(|l| hex_of(l).to_owned()));
+                }
+                continue;
+            }
+            self.discard(&self.tree_dir(&digest))?;
+            trees += 1;
+        }
+        let mut layers = 0;
+        for hex in hex_entries(&self.root.join("layers"))? {
+            let dir = self.root.join("layers").join(&hex);
+            if kept_layers.contains(&hex) || recent(&dir.join("index.json")) {
+                continue;
+            }
+            self.discard(&dir)?;
+            layers += 1;
+        }
+        Ok((trees, layers))
+    }
+
+    /// The record of tree `digest`, if readable (without marking it used).
+    fn read_record(&self, digest: &str) -> Option<PulledImage> {
+        let bytes = std::fs::read(self.tree_dir(digest).join("image.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Moves `dir` out of its place at once (so nothing finds it half removed), then removes it.
+    fn discard(&self, dir: &Path) -> Result<(), ImageError> {
+        let gone = tempfile::Builder::new()
+            .prefix("gc-")
+            .tempdir_in(self.root.join("tmp"))
+            .map_err(|e| ImageError::io("making a work directory", e))?;
+        let target = gone.path().join("x");
+        std::fs::rename(dir, &target)
+            .map_err(|e| ImageError::io(format!("moving {} out", dir.display()), e))?;
+        // `gone` removes it (and with it what the rename moved).
+        drop(gone);
+        Ok(())
     }
 
     /// Unpacks the blob at `blob` into the cache as layer `digest`, checking that its
@@ -324,6 +396,29 @@ impl ImageCache {
         .await
         .map_err(|e| ImageError::Io(format!("merge task: {e}")))?
     }
+}
+
+/// Sets `path`'s modification time to now (best effort: a failure only shortens its grace).
+fn touch(path: &Path) {
+    if let Ok(f) = std::fs::File::options().write(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// The names in `dir` that are 64 hex digits (a cache's entries; anything else is left alone).
+fn hex_entries(dir: &Path) -> Result<Vec<String>, ImageError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+        if let Some(name) = entry.file_name().to_str()
+            && super::reference::is_sha256_digest(&format!("sha256:{name}"))
+        {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 /// Unpacks `blob` into `staging/root` (and its index into `staging/index.json`).

@@ -22,6 +22,8 @@ pub struct Housekeeping {
     pub purged: usize,
     /// Stale host resources (empty sandbox cgroups) removed.
     pub swept: usize,
+    /// Image trees and layers no template or sandbox uses, removed.
+    pub images: usize,
 }
 
 impl SandboxManager {
@@ -44,6 +46,17 @@ impl SandboxManager {
             tokio::task::spawn_blocking(move || backends.iter().map(|b| b.sweep_stale()).sum())
                 .await
                 .map_err(|e| ManagerError::Internal(format!("sweep task: {e}")))?;
-        Ok(Housekeeping { purged, swept })
+        let images = match self.collect_images().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("removing unused images: {e}");
+                0
+            }
+        };
+        Ok(Housekeeping {
+            purged,
+            swept,
+            images,
+        })
     }
 }

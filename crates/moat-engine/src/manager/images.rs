@@ -44,14 +44,11 @@ impl Inner {
     /// The tree of template `template`'s pinned image `reference` (a host path, as a
     /// directory template's).
     pub(super) fn image_tree(&self, template: &str, reference: &str) -> ManagerResult<String> {
-        let digest = ImageRef::parse(reference)
-            .ok()
-            .and_then(|r| r.whole().split_once('@').map(|(_, d)| d.to_owned()))
-            .ok_or_else(|| {
-                ManagerError::Internal(format!(
-                    "template {template}'s image {reference} is not pinned to a digest"
-                ))
-            })?;
+        let digest = pinned_digest(reference).ok_or_else(|| {
+            ManagerError::Internal(format!(
+                "template {template}'s image {reference} is not pinned to a digest"
+            ))
+        })?;
         let cache = self.images.as_ref().ok_or_else(|| {
             ManagerError::Invalid(format!(
                 "template {template} is made from an image, and this server keeps no images"
@@ -68,6 +65,57 @@ impl Inner {
             ManagerError::Internal(format!("image tree {} is not UTF-8", p.to_string_lossy()))
         })
     }
+}
+
+/// How long an image tree or layer stays after its last use although nothing refers to it:
+/// longer than a pull and a template create take, so neither loses what it just found.
+pub const IMAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl super::SandboxManager {
+    /// Removes the image trees no template and no active sandbox uses, and the layers no
+    /// remaining tree uses (each after [`IMAGE_GRACE`]); how many went.
+    pub async fn collect_images(&self) -> ManagerResult<usize> {
+        let Some(cache) = self.inner.images.clone() else {
+            return Ok(0);
+        };
+        let templates = self.inner.db(|s| s.all_templates()).await?;
+        let sandboxes = self.inner.db(|s| s.active_sandboxes()).await?;
+        let mut in_use = std::collections::HashSet::new();
+        for t in &templates {
+            if let Ok(spec) = serde_json::from_value::<v1::TemplateSpec>(t.spec.clone())
+                && let v1::Rootfs::Image(reference) = &spec.rootfs
+                && let Some(digest) = pinned_digest(reference)
+            {
+                in_use.insert(digest);
+            }
+        }
+        let trees = cache.trees_dir();
+        for rec in &sandboxes {
+            if let Ok(Some(plan)) = super::stored_plan(rec)
+                && let v1::Rootfs::Dir(dir) = &plan.rootfs
+                && let Ok(rest) = std::path::Path::new(dir).strip_prefix(&trees)
+                && let Some(hex) = rest.components().next()
+            {
+                in_use.insert(format!("sha256:{}", hex.as_os_str().to_string_lossy()));
+            }
+        }
+        let (trees, layers) =
+            tokio::task::spawn_blocking(move || cache.collect(&in_use, IMAGE_GRACE))
+                .await
+                .map_err(|e| ManagerError::Internal(format!("image collection task: {e}")))?
+                .map_err(image_error)?;
+        if trees + layers > 0 {
+            tracing::info!(trees, layers, "removed images no template or sandbox uses");
+        }
+        Ok(trees + layers)
+    }
+}
+
+/// The digest a pinned reference (`name:tag@sha256:…`) names.
+fn pinned_digest(reference: &str) -> Option<String> {
+    ImageRef::parse(reference)
+        .ok()
+        .and_then(|r| r.whole().split_once('@').map(|(_, d)| d.to_owned()))
 }
 
 /// `spec` pinned to `pulled` and given its defaults where the spec has none.
