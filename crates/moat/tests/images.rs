@@ -417,3 +417,83 @@ fn a_collection_removes_unused_trees_and_the_layers_only_they_used() {
     assert_eq!(again.digest, a.digest);
     assert!(again.rootfs.join("etc/a").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_keeps_images_that_templates_and_sandboxes_use_and_removes_the_rest() {
+    use moat_backend_native::{NativeBackend, NativeOptions};
+    use moat_engine::auth::Caller;
+    use moat_engine::manager::{ManagerOptions, SandboxManager, ShutdownMode};
+    use moat_engine::store::{Role, Store};
+    use moat_proto::v1;
+    moat_test_support::need_root!("the native backend needs root");
+    let registry = reg::Registry::start();
+    let top = |name: &str| {
+        LayerBuilder::new()
+            .file(&format!("etc/{name}"), 0o644, name.as_bytes())
+            .build()
+    };
+    registry.push(
+        "app",
+        "kept",
+        &TestImage::new(vec![base_layer(), top("kept")]),
+    );
+    registry.push(
+        "app",
+        "used",
+        &TestImage::new(vec![base_layer(), top("used")]),
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("moat-images-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let store = Arc::new(Store::open(dir.path().join("moat.db")).unwrap());
+    store.create_tenant("a", "A").unwrap();
+    let backend = NativeBackend::new(&NativeOptions {
+        agent_binary: Some(std::path::PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
+        ..NativeOptions::default()
+    })
+    .unwrap();
+    let images = dir.path().join("images");
+    let opts = ManagerOptions {
+        image_dir: Some(images.clone()),
+        image_grace: std::time::Duration::ZERO,
+        ..ManagerOptions::default()
+    };
+    let mgr = SandboxManager::new(store.clone(), Arc::new(backend), opts).unwrap();
+    let admin = Caller {
+        tenant: "a".into(),
+        key_id: None,
+        role: Role::Admin,
+        requests_per_minute: None,
+    };
+    for name in ["kept", "used"] {
+        let spec =
+            v1::TemplateSpec::new(v1::Rootfs::Image(format!("{}/app:{name}", registry.host())));
+        let req = v1::CreateTemplate {
+            name: name.into(),
+            spec,
+        };
+        mgr.create_template(&admin, req).await.unwrap();
+    }
+    let trees = || std::fs::read_dir(images.join("trees")).unwrap().count();
+    let layers = || std::fs::read_dir(images.join("layers")).unwrap().count();
+    let of = |template: &str| v1::CreateSandbox {
+        template: template.into(),
+        ..Default::default()
+    };
+    let sandbox = mgr.create(&admin, of("used")).await.unwrap();
+    // Both images have a template: nothing goes.
+    assert_eq!(mgr.collect_images().await.unwrap(), 0);
+    // "used" loses its template but its sandbox runs on: its tree stays.
+    mgr.delete_template(&admin, "used", true).await.unwrap();
+    assert_eq!(mgr.collect_images().await.unwrap(), 0);
+    assert_eq!((trees(), layers()), (2, 3));
+    // Its sandbox ends: its tree and its own layer go; the base "kept" shares stays.
+    mgr.delete(&admin, &sandbox.id).await.unwrap();
+    assert_eq!(mgr.collect_images().await.unwrap(), 2);
+    assert_eq!((trees(), layers()), (1, 2));
+    // "kept" still makes sandboxes.
+    let sb = mgr.create(&admin, of("kept")).await.unwrap();
+    mgr.delete(&admin, &sb.id).await.unwrap();
+    mgr.shutdown(ShutdownMode::Destroy).await;
+}

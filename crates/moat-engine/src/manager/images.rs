@@ -73,7 +73,8 @@ pub const IMAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600
 
 impl super::SandboxManager {
     /// Removes the image trees no template and no active sandbox uses, and the layers no
-    /// remaining tree uses (each after [`IMAGE_GRACE`]); how many went.
+    /// remaining tree uses (each after `ManagerOptions::image_grace`, [`IMAGE_GRACE`] unless
+    /// set); how many went.
     pub async fn collect_images(&self) -> ManagerResult<usize> {
         let Some(cache) = self.inner.images.clone() else {
             return Ok(0);
@@ -99,11 +100,11 @@ impl super::SandboxManager {
                 in_use.insert(format!("sha256:{}", hex.as_os_str().to_string_lossy()));
             }
         }
-        let (trees, layers) =
-            tokio::task::spawn_blocking(move || cache.collect(&in_use, IMAGE_GRACE))
-                .await
-                .map_err(|e| ManagerError::Internal(format!("image collection task: {e}")))?
-                .map_err(image_error)?;
+        let grace = self.inner.opts.image_grace;
+        let (trees, layers) = tokio::task::spawn_blocking(move || cache.collect(&in_use, grace))
+            .await
+            .map_err(|e| ManagerError::Internal(format!("image collection task: {e}")))?
+            .map_err(image_error)?;
         if trees + layers > 0 {
             tracing::info!(trees, layers, "removed images no template or sandbox uses");
         }

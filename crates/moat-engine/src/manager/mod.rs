@@ -19,6 +19,7 @@ mod health;
 mod housekeeping;
 mod idempotency;
 mod images;
+pub use images::IMAGE_GRACE;
 mod keys;
 mod memory;
 mod network;
@@ -216,6 +217,8 @@ pub struct ManagerOptions {
     pub image_dir: Option<PathBuf>,
     /// How registries are reached (plain HTTP ones, credentials).
     pub registries: crate::images::registry::RegistryAccess,
+    /// How long an image nothing uses stays before housekeeping removes it.
+    pub image_grace: Duration,
 }
 
 /// Free-space reserve of the data directory unless configured: 1 GiB.
@@ -241,6 +244,7 @@ impl Default for ManagerOptions {
             egress_access: EgressAccess::All,
             image_dir: None,
             registries: Default::default(),
+            image_grace: images::IMAGE_GRACE,
         }
     }
 }

@@ -170,6 +170,7 @@ impl ServeArgs {
                 Egress::None => EgressAccess::None,
             },
             image_dir: Some(self.data_dir.join(IMAGE_DIR)),
+            image_grace: moat_engine::manager::IMAGE_GRACE,
             registries: {
                 let mut access = RegistryAccess {
                     insecure: self.insecure_registry.clone(),
