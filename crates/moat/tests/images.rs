@@ -323,6 +323,8 @@ fn hostile_or_mislabelled_layers_fail_the_pull_and_leave_nothing() {
         .file("evil/moat-image-test-pwned", 0o644, b"x")
         .build();
     registry.push("bad", "escape", &TestImage::new(vec![hostile]));
+    let linked = LayerBuilder::new().symlink("home", "/etc").build();
+    registry.push("bad", "home", &TestImage::new(vec![linked]));
     let mut mislabelled = TestImage::new(vec![base_layer()]);
     mislabelled.diff_ids = vec![reg::sha256_digest(b"something else")];
     registry.push("bad", "label", &mislabelled);
@@ -358,6 +360,14 @@ fn hostile_or_mislabelled_layers_fail_the_pull_and_leave_nothing() {
     for sub in ["layers", "trees", "tmp"] {
         assert_eq!(listing(&root.join(sub)), Vec::<String>::new(), "{sub}");
     }
+
+    // A sound layer making /home a link: the layer is kept (another image may use it), the
+    // image is refused, and no tree is made.
+    let (r, _) = pull(&cache, &format!("{}/bad:home", registry.host()));
+    let e = r.unwrap_err();
+    assert!(matches!(e, ImageError::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("/home"), "{e}");
+    assert_eq!(listing(&root.join("trees")), Vec::<String>::new());
 }
 
 #[test]

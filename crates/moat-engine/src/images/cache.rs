@@ -389,6 +389,7 @@ impl ImageCache {
                 .map(|(root, index)| Layer { root, index })
                 .collect();
             merge_layers(&layers, &rootfs).map_err(|e| ImageError::Invalid(e.to_string()))?;
+            check_mount_points(&rootfs)?;
             super::accounts::ensure_user(&rootfs)?;
             write_synced(&staging.join("image.json"), &record)?;
             publish(&staging, &target)
@@ -396,6 +397,29 @@ impl ImageCache {
         .await
         .map_err(|e| ImageError::Io(format!("merge task: {e}")))?
     }
+}
+
+/// Where a sandbox mounts its own file systems over the image: each must be a directory or
+/// missing (made then), never a symbolic link, which the mount would follow.
+const MOUNT_POINTS: &[&str] = &["dev", "proc", "tmp", "home", "home/user"];
+
+/// Refuses a tree where one of [`MOUNT_POINTS`] is something else than a directory.
+fn check_mount_points(rootfs: &Path) -> Result<(), ImageError> {
+    for name in MOUNT_POINTS {
+        // `home` is checked before `home/user`, so no symbolic link is followed here.
+        match std::fs::symlink_metadata(rootfs.join(name)) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(ImageError::Unsupported(format!(
+                    "the image's /{name} is not a directory (a symbolic link, say): a sandbox \
+                     mounts its own there"
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ImageError::io(format!("checking /{name}"), e)),
+        }
+    }
+    Ok(())
 }
 
 /// Sets `path`'s modification time to now (best effort: a failure only shortens its grace).
