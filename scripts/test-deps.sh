@@ -27,7 +27,19 @@ command -v runsc >/dev/null || need+=(runsc)
 [ -x /bin/busybox ] || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  # Packages with services (docker-registry) must not start them: the tests start their own
+  # on loopback. A policy that forbids starts, only while installing, where none is set.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    made_policy=1
+  fi
+  status=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" || status=$?
+  [ -z "$made_policy" ] || rm -f "$policy"
+  [ "$status" -eq 0 ] || exit "$status"
 fi
 
 # rustfmt and clippy run in scripts/test.sh.
