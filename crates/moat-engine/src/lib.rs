@@ -19,6 +19,7 @@ pub mod agent_client;
 pub mod auth;
 pub mod backend;
 pub mod clock;
+pub mod disk;
 pub mod error;
 pub mod files;
 pub mod host_limits;

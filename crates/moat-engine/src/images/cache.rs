@@ -121,7 +121,7 @@ impl ImageCache {
     /// the reserve (checked before each layer: a pull cannot fill the disk, though an estimate
     /// lets a layer that unpacks unusually large past it by what it is over).
     fn check_room(&self, size: u64) -> Result<(), ImageError> {
-        let free = crate::manager::storage::free_disk(&self.root).map_err(|e| {
+        let free = crate::disk::free_disk(&self.root).map_err(|e| {
             ImageError::io(
                 format!("reading the free space of {}", self.root.display()),
                 e,

@@ -30,7 +30,7 @@ mod readiness;
 mod restart;
 mod run;
 mod snapshots;
-pub(crate) mod storage;
+mod storage;
 mod templates;
 mod usage;
 

@@ -471,7 +471,7 @@ impl Inner {
         let used = stored
             .saturating_add(self.snapshot_bytes.of(tenant))
             .saturating_add(self.paused_bytes.of(tenant));
-        let free = super::storage::free_disk(dir)
+        let free = crate::disk::free_disk(dir)
             .map_err(|e| ManagerError::Internal(format!("free space of {}: {e}", dir.display())))?;
         Ok(Bounds {
             disk,

@@ -4,9 +4,9 @@
 //! [`DATA_DIR_RESERVE`] (`507 insufficient_storage`, and `/readyz` says so), and a write that
 //! fails for lack of space all the same answers the same way.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use crate::disk::free_disk;
 
 use moat_proto::units::describe_size;
 
@@ -38,19 +38,6 @@ impl SandboxManager {
             describe_size(DATA_DIR_RESERVE)
         )))
     }
-}
-
-/// Bytes an unprivileged writer may still use in the filesystem of `dir`.
-pub(crate) fn free_disk(dir: &Path) -> std::io::Result<u64> {
-    let path = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("path contains NUL"))?;
-    // SAFETY: all-zero is a valid `statvfs`; the kernel fills it.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a NUL-terminated string and `st` a valid, writable statvfs.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Whether `e` failed for lack of space (SQLite's "database or disk is full").
