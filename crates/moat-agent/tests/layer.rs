@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 
-use moat_agent::layer::capture::capture;
+use moat_agent::layer::capture::{Holes, capture};
 use moat_agent::layer::restore::restore;
 use moat_proto::agent_config::WritableLayer;
 
@@ -97,6 +97,7 @@ fn an_upper_layer_round_trips() {
     let done = capture(
         dir_fd(&src).as_fd(),
         WritableLayer::OverlayUpper,
+        Holes::Sparse,
         &mut archive,
     )
     .expect("capture");
@@ -222,7 +223,13 @@ fn sparse_files_stay_sparse() {
         .expect("empty");
 
     let mut archive = Vec::new();
-    capture(dir_fd(&src).as_fd(), WritableLayer::Root, &mut archive).expect("capture");
+    capture(
+        dir_fd(&src).as_fd(),
+        WritableLayer::Root,
+        Holes::Sparse,
+        &mut archive,
+    )
+    .expect("capture");
     assert!(
         archive.len() < 1 << 20,
         "a 3 GiB sparse file made a {}-byte archive",
@@ -246,4 +253,45 @@ fn sparse_files_stay_sparse() {
     assert_eq!(&buf[..4], b"tail");
     f.read_exact_at(&mut buf, 12345).expect("read");
     assert_eq!(buf, [0; 6]);
+}
+
+#[test]
+fn a_dense_capture_writes_holes_as_zeros_in_plain_entries() {
+    if !is_root() {
+        eprintln!("SKIP: needs root");
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::Builder::new()
+        .prefix("moat-layer-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let f = fs::File::create(tmp.path().join("holey")).expect("holey");
+    f.set_len(1 << 20).expect("truncate");
+    f.write_all_at(b"end", (1 << 20) - 3).expect("write");
+    drop(f);
+    let mut archive = Vec::new();
+    capture(
+        dir_fd(tmp.path()).as_fd(),
+        WritableLayer::Root,
+        Holes::Dense,
+        &mut archive,
+    )
+    .expect("capture");
+    let mut entries = tar::Archive::new(&archive[..]);
+    let mut seen = 0;
+    for entry in entries.entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        if entry.path().expect("path").as_os_str() != "holey" {
+            continue;
+        }
+        seen += 1;
+        assert_eq!(entry.header().entry_type(), tar::EntryType::Regular);
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).expect("data");
+        assert_eq!(data.len(), 1 << 20);
+        assert!(data[..(1 << 20) - 3].iter().all(|&b| b == 0));
+        assert_eq!(&data[(1 << 20) - 3..], b"end");
+    }
+    assert_eq!(seen, 1, "the file is in the archive once");
 }

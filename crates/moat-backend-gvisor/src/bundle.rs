@@ -148,7 +148,7 @@ impl Bundle {
                 rootfs
             }
             // The engine hands backends an image's unpacked tree as a directory.
-            v1::Rootfs::Image(r) => {
+            v1::Rootfs::Image(r) | v1::Rootfs::Build(r) => {
                 return Err(EngineError::Invalid(format!(
                     "image {r} reached the backend without its tree"
                 )));

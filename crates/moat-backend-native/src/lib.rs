@@ -48,7 +48,7 @@ fn jail_plan(plan: &SandboxPlan) -> Result<(Limits, FsLimits, Rootfs, WritableLa
         v1::Rootfs::Host => (Rootfs::Host, WritableLayer::Root),
         v1::Rootfs::Dir(d) => (Rootfs::Dir(d.into()), WritableLayer::OverlayUpper),
         // The engine hands backends an image's unpacked tree as a directory.
-        v1::Rootfs::Image(r) => {
+        v1::Rootfs::Image(r) | v1::Rootfs::Build(r) => {
             return Err(EngineError::Invalid(format!(
                 "image {r} reached the backend without its tree"
             )));

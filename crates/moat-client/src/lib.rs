@@ -51,6 +51,7 @@
 //! ```
 
 mod body;
+mod builds;
 mod client;
 mod error;
 mod exec;

@@ -308,6 +308,9 @@ pub enum Rootfs {
     /// An OCI image, pulled when the template is made: read-only below a writable layer. A
     /// stored template names it pinned to the digest pulled (`name:tag@sha256:…`).
     Image(String),
+    /// An image a build made (`POST /v1/builds`), by the digest of its layers and
+    /// configuration. Only builds write it.
+    Build(String),
 }
 
 /// A template's definition, as stored and as clients give it.
@@ -445,6 +448,114 @@ pub struct PoolStatus {
 pub struct TemplateList {
     /// The templates.
     pub templates: Vec<Template>,
+}
+
+/// `POST /v1/builds`: build a template from a Dockerfile.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBuild {
+    /// The template to make. A template of that name that a build made is replaced when the
+    /// build succeeds; any other is a conflict.
+    pub template: String,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// The build context, for `COPY` and `ADD`: the digest (`sha256:…`) of a tar archive
+    /// uploaded with `PUT /v1/build-contexts/{digest}`. None: an empty context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Values of the Dockerfile's `ARG`s.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub args: BTreeMap<String, String>,
+    /// The backend the steps run on and the template uses; the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Limits of each `RUN` step's sandbox (its `disk` bounds what a step may write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequest>,
+    /// The network of `RUN` steps (none when absent: loopback only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    /// Longest the whole build may take, seconds (default 1800, at most 7200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Run every step again instead of reusing what an earlier build made.
+    #[serde(default)]
+    pub no_cache: bool,
+}
+
+/// Where a build is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    /// Waiting for its turn.
+    Queued,
+    /// Its steps are running.
+    Running,
+    /// Done: the template is made.
+    Succeeded,
+    /// A step failed, a limit was reached or the server stopped; see `error`.
+    Failed,
+    /// Cancelled by its owner.
+    Cancelled,
+}
+
+impl BuildStatus {
+    /// Whether the build is over.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Succeeded | BuildStatus::Failed | BuildStatus::Cancelled
+        )
+    }
+}
+
+/// A build as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Build {
+    /// Its id (`b-…`).
+    pub id: String,
+    /// The template it makes.
+    pub template: String,
+    /// Where it is.
+    pub status: BuildStatus,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Steps of the Dockerfile after `FROM`.
+    pub steps: u32,
+    /// Steps finished so far.
+    pub steps_done: u32,
+    /// Steps whose result an earlier build made and this one reused.
+    pub steps_cached: u32,
+    /// The image made (`sha256:…`), once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// When it was asked for, Unix milliseconds.
+    pub created_at: i64,
+    /// When it ended, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+    /// Warnings about the Dockerfile (instructions with no effect in moat, unused args).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// `GET /v1/builds`: the caller's builds, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildList {
+    /// The builds.
+    pub builds: Vec<Build>,
+}
+
+/// `GET /v1/builds/{id}/logs?offset=N`: the build's log from byte `offset` on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildLogs {
+    /// The log from the offset asked for (UTF-8; invalid bytes replaced).
+    pub text: String,
+    /// The offset to ask for next.
+    pub next_offset: u64,
+    /// The build is over and the log complete.
+    pub done: bool,
 }
 
 /// Where a sandbox is in its life.

@@ -11,6 +11,7 @@
 //! an admin key. Every authenticated request is rate-limited per key.
 
 mod auth;
+mod builds;
 mod conn_limits;
 mod e2b;
 mod error;

@@ -519,6 +519,94 @@ fn operations() -> Vec<Op> {
             )
         },
         Op {
+            body: Bytes("application/x-tar"),
+            status: 201,
+            answer: Json(of::<serde_json::Value>),
+            ..op(
+                "put",
+                "/v1/build-contexts/{digest}",
+                "putBuildContext",
+                "builds",
+                "Upload a build context (a tar archive whose bytes have this sha256 digest).",
+            )
+        },
+        Op {
+            status: 200,
+            answer: Empty,
+            alternatives: &[(404, Empty, "The tenant has no such context.")],
+            ..op(
+                "head",
+                "/v1/build-contexts/{digest}",
+                "hasBuildContext",
+                "builds",
+                "Whether the tenant has uploaded this build context.",
+            )
+        },
+        Op {
+            body: Json(of::<v1::CreateBuild>),
+            status: 202,
+            answer: Json(of::<v1::Build>),
+            ..op(
+                "post",
+                "/v1/builds",
+                "createBuild",
+                "builds",
+                "Build a template from a Dockerfile; the build runs in the background.",
+            )
+        },
+        Op {
+            answer: Json(of::<v1::BuildList>),
+            ..op(
+                "get",
+                "/v1/builds",
+                "listBuilds",
+                "builds",
+                "List builds, newest first.",
+            )
+        },
+        Op {
+            answer: Json(of::<v1::Build>),
+            ..op(
+                "get",
+                "/v1/builds/{id}",
+                "getBuild",
+                "builds",
+                "Get a build.",
+            )
+        },
+        Op {
+            query: vec![q("offset", "integer", "The byte of the log to start at.")],
+            answer: Json(of::<v1::BuildLogs>),
+            ..op(
+                "get",
+                "/v1/builds/{id}/logs",
+                "getBuildLogs",
+                "builds",
+                "A build's log from an offset.",
+            )
+        },
+        Op {
+            answer: Json(of::<v1::Build>),
+            ..op(
+                "post",
+                "/v1/builds/{id}/cancel",
+                "cancelBuild",
+                "builds",
+                "Cancel a queued or running build.",
+            )
+        },
+        Op {
+            status: 204,
+            answer: Empty,
+            ..op(
+                "delete",
+                "/v1/builds/{id}",
+                "deleteBuild",
+                "builds",
+                "Delete a finished build's record and log.",
+            )
+        },
+        Op {
             body: Json(of::<v1::CreateKey>),
             status: 201,
             answer: Json(of::<v1::CreatedKey>),

@@ -35,6 +35,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .merge(crate::sandboxes::routes())
         .route("/v1/openapi.json", get(crate::openapi::serve))
         .merge(crate::templates::routes())
+        .merge(crate::builds::routes())
         .merge(crate::files::routes())
         .merge(crate::keys::routes())
         .merge(crate::snapshots::routes())

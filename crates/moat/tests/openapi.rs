@@ -77,7 +77,7 @@ fn routes_in_sources() -> BTreeSet<(String, String)> {
                 }
             }
             let call = &rest[..end];
-            for method in ["get", "post", "put", "delete", "patch"] {
+            for method in ["get", "post", "put", "delete", "patch", "head"] {
                 for prefix in [
                     format!(" {method}("),
                     format!("({method}("),

@@ -45,11 +45,22 @@ pub struct Captured {
     pub skipped: u64,
 }
 
+/// How files with holes are written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Holes {
+    /// As GNU sparse entries: only their data (snapshots, which the agent unpacks again).
+    #[default]
+    Sparse,
+    /// As plain files, holes as zeros: image layers, whose readers refuse sparse entries.
+    Dense,
+}
+
 /// Writes the layer behind `layer` (a directory descriptor) of kind `kind` to `out` as a tar
-/// archive, and finishes the archive.
+/// archive, files with holes written as `holes` says, and finishes the archive.
 pub fn capture(
     layer: BorrowedFd<'_>,
     kind: WritableLayer,
+    holes: Holes,
     out: impl Write,
 ) -> io::Result<Captured> {
     let root = sys::openat2(
@@ -64,6 +75,7 @@ pub fn capture(
         tar: tar::Builder::new(out),
         mount,
         kind,
+        holes,
         links: HashMap::new(),
         done: Captured::default(),
     };
@@ -92,6 +104,7 @@ struct Walker<W: Write> {
     /// The layer's mount: entries on another are filesystems mounted on it.
     mount: u64,
     kind: WritableLayer,
+    holes: Holes,
     /// The first path of each multiply-linked file, by (device, inode).
     links: HashMap<(u64, u64), PathBuf>,
     done: Captured,
@@ -240,7 +253,7 @@ impl<W: Write> Walker<W> {
         let size = u64::try_from(st.st_size).unwrap_or(0);
         let file = std::fs::File::from(fd);
         let allocated = u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512);
-        if allocated < size {
+        if allocated < size && self.holes == Holes::Sparse {
             let extents = data_extents(&file, size).map_err(|e| context(e, path))?;
             return self.append_sparse(&st, path, file, size, extents);
         }

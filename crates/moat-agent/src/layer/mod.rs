@@ -79,7 +79,10 @@ pub async fn handle(layer: Option<Arc<Layer>>, req: Request<Incoming>) -> Respon
         );
     };
     match *req.method() {
-        Method::GET => capture_response(layer),
+        Method::GET => match holes_of(req.uri().query()) {
+            Ok(holes) => capture_response(layer, holes),
+            Err(message) => transport::plain(StatusCode::BAD_REQUEST, &message),
+        },
         Method::PUT => restore_response(req.into_body()).await,
         _ => {
             let mut resp = transport::plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -90,16 +93,26 @@ pub async fn handle(layer: Option<Arc<Layer>>, req: Request<Incoming>) -> Respon
     }
 }
 
+/// How a capture asked for by `query` writes files with holes: `dense=1` as plain files (for
+/// image layers), else as sparse entries.
+fn holes_of(query: Option<&str>) -> Result<capture::Holes, String> {
+    match query.unwrap_or("") {
+        "" | "dense=0" => Ok(capture::Holes::Sparse),
+        "dense=1" => Ok(capture::Holes::Dense),
+        other => Err(format!("unknown query {other:?} (known: dense=0, dense=1)")),
+    }
+}
+
 /// Streams the layer as it is walked. A failure after the first byte ends the body with an
 /// error, so the host sees an incomplete transfer, never a short archive that looks whole.
-fn capture_response(layer: Arc<Layer>) -> Response<ResponseBody> {
+fn capture_response(layer: Arc<Layer>, holes: capture::Holes) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
     tokio::task::spawn_blocking(move || {
         let mut out = ChunkWriter {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK),
         };
-        let result = capture::capture(layer.fd.as_fd(), layer.kind, &mut out)
+        let result = capture::capture(layer.fd.as_fd(), layer.kind, holes, &mut out)
             .and_then(|done| out.flush().map(|()| done));
         match result {
             Ok(done) => tracing::debug!(?done, "captured the writable layer"),

@@ -20,9 +20,15 @@ use super::{http_error, within};
 impl AgentClient {
     /// `GET /moat/layer`: starts the transfer of the sandbox's writable layer as a tar archive
     /// (see the agent's `layer` module for what it holds); its pieces come from
-    /// [`LayerStream::next`].
-    pub async fn capture_layer(&self) -> Result<LayerStream, AgentError> {
-        let req = self.request(Method::GET, LAYER_PATH, None, None, Bytes::new())?;
+    /// [`LayerStream::next`]. Files with holes come as GNU sparse entries, unless `dense`:
+    /// then as plain files with their holes as zeros (an image layer's form).
+    pub async fn capture_layer(&self, dense: bool) -> Result<LayerStream, AgentError> {
+        let path = if dense {
+            format!("{LAYER_PATH}?dense=1")
+        } else {
+            LAYER_PATH.to_owned()
+        };
+        let req = self.request(Method::GET, &path, None, None, Bytes::new())?;
         let resp = within(DEFAULT_UNARY_TIMEOUT, self.send(req)).await?;
         if resp.status() != StatusCode::OK {
             return Err(http_error(resp).await);

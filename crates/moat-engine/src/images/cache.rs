@@ -6,6 +6,8 @@
 //! - `trees/<hex>/`: the image whose manifest has digest `sha256:<hex>`: its layers merged in
 //!   `rootfs/` (files hard-linked from the layers, so images that share a layer share its
 //!   data), and what moat keeps of it in `image.json`;
+//! - `steps/<hex>`: the digest of the layer a build step whose inputs have digest
+//!   `sha256:<hex>` made (see [`super::build`]), so a build run again reuses it;
 //! - `tmp/`: work in progress, each pull in a directory of its own. Everything reaches its
 //!   place by a rename, so a layer or tree that is there is complete, and two pulls of one
 //!   image do the work twice at worst, never half.
@@ -99,7 +101,7 @@ impl ImageCache {
             std::fs::remove_dir_all(&tmp)
                 .map_err(|e| ImageError::io(format!("clearing {}", tmp.display()), e))?;
         }
-        for dir in ["", "layers", "trees", "tmp"] {
+        for dir in ["", "layers", "trees", "steps", "tmp"] {
             make_private_dir(&root.join(dir))?;
         }
         Ok(ImageCache {
@@ -160,6 +162,86 @@ impl ImageCache {
     /// The directory of the image whose manifest has `digest`.
     pub fn tree_dir(&self, digest: &str) -> PathBuf {
         self.root.join("trees").join(hex_of(digest))
+    }
+
+    /// A new work directory under the cache's `tmp/`, removed when dropped (and at the next
+    /// start, if the server stops first).
+    pub fn work_dir(&self, prefix: &str) -> Result<tempfile::TempDir, ImageError> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.root.join("tmp"))
+            .map_err(|e| ImageError::io("making a work directory", e))
+    }
+
+    /// Refuses `bytes` more of the cache's filesystem when that would leave less than the
+    /// reserve free.
+    pub fn check_free(&self, bytes: u64) -> Result<(), ImageError> {
+        self.check_room(bytes.div_ceil(ROOM_PER_LAYER_BYTE))
+    }
+
+    /// Whether layer `digest` is in the cache, marking it used if so.
+    pub fn has_layer(&self, digest: &str) -> bool {
+        let index = self.layer_dir(digest).join("index.json");
+        let there = index.exists();
+        if there {
+            touch(&index);
+        }
+        there
+    }
+
+    /// Adds the plain tar archive at `archive`, whose bytes have sha256 `digest` (the caller
+    /// hashed them as it wrote the file), as a layer, unless the cache has it; removes the
+    /// file either way. The archive is read as untrusted, as a pulled layer is.
+    pub async fn add_layer(&self, archive: &Path, digest: &str) -> Result<(), ImageError> {
+        if self.has_layer(digest) {
+            let _ = std::fs::remove_file(archive);
+            return Ok(());
+        }
+        let work = self.work_dir("layer-")?;
+        self.unpack(archive, Compression::None, digest, digest, work.path())
+            .await
+    }
+
+    /// The tree of `image`, whose layers are in the cache and whose digest names this set of
+    /// layers and configuration: merged unless it is there already.
+    pub async fn assemble(&self, image: PulledImage) -> Result<PulledImage, ImageError> {
+        if let Some(found) = self.find(&image.digest)? {
+            return Ok(found);
+        }
+        for layer in &image.layers {
+            if !self.has_layer(layer) {
+                return Err(ImageError::NotFound(format!(
+                    "layer {layer} is no longer in the image cache"
+                )));
+            }
+        }
+        let work = self.work_dir("assemble-")?;
+        self.merge(&image, work.path()).await?;
+        self.find(&image.digest)?.ok_or_else(|| {
+            ImageError::Io(format!("image {} vanished after its merge", image.digest))
+        })
+    }
+
+    /// The layer the build step whose inputs have digest `key` made, if recorded and still in
+    /// the cache.
+    pub fn step_layer(&self, key: &str) -> Option<String> {
+        let record = self.root.join("steps").join(hex_of(key));
+        let layer = std::fs::read_to_string(&record).ok()?;
+        let layer = layer.trim();
+        (super::reference::is_sha256_digest(layer) && self.has_layer(layer)).then(|| {
+            touch(&record);
+            layer.to_owned()
+        })
+    }
+
+    /// Records that the build step whose inputs have digest `key` made layer `layer`.
+    pub fn record_step(&self, key: &str, layer: &str) -> Result<(), ImageError> {
+        let record = self.root.join("steps").join(hex_of(key));
+        let work = self.work_dir("step-")?;
+        let staged = work.path().join("record");
+        write_synced(&staged, layer.as_bytes())?;
+        std::fs::rename(&staged, &record)
+            .map_err(|e| ImageError::io(format!("recording step {}", record.display()), e))
     }
 
     /// Pulls `reference` (or finds it pulled already) and answers with its merged tree.
@@ -309,6 +391,17 @@ impl ImageCache {
             }
             self.discard(&dir)?;
             layers += 1;
+        }
+        // Records of build steps whose layer went are of no use any more.
+        for hex in hex_entries(&self.root.join("steps"))? {
+            let record = self.root.join("steps").join(&hex);
+            let layer = std::fs::read_to_string(&record).unwrap_or_default();
+            let layer = layer.trim();
+            let gone = !super::reference::is_sha256_digest(layer)
+                || !self.layer_dir(layer).join("index.json").exists();
+            if gone {
+                let _ = std::fs::remove_file(&record);
+            }
         }
         Ok((trees, layers))
     }

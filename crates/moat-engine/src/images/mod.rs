@@ -3,6 +3,7 @@
 //! uses as its root.
 //!
 //! - [`accounts`]: the `user` account added to trees that lack it.
+//! - [`build`]: images built from a Dockerfile: parsing, `COPY` layers, build states.
 //! - [`cache`]: images pulled into a cache of shared layers and one merged tree each.
 //! - [`reference`]: image references as users write them.
 //! - [`registry`]: manifests resolved for linux/amd64 and blobs fetched, every byte checked
@@ -11,6 +12,7 @@
 //! - [`tree`]: unpacked layers merged, as an overlay would show them, into one tree.
 
 pub mod accounts;
+pub mod build;
 pub mod cache;
 mod error;
 pub mod reference;

@@ -264,3 +264,48 @@ pub(in crate::images) fn renameat(dir: BorrowedFd<'_>, from: &CStr, to: &CStr) -
     cvt(unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })
         .map(drop)
 }
+
+/// Opens `path` (relative) in `root` as if `root` were `/`: symbolic links, absolute or with
+/// `..`, resolve inside it and never outside (`openat2(RESOLVE_IN_ROOT)`), no magic link, no
+/// other mount. `flags` without `O_CREAT`: this only opens what is there.
+pub(in crate::images) fn open_in_root(
+    root: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
+    // SAFETY: open_how is a plain C struct; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = u64::try_from((flags & !libc::O_CREAT) | libc::O_CLOEXEC).unwrap_or(0);
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
+    // A rename anywhere on the system can make a RESOLVE_* lookup fail with EAGAIN; the man
+    // page asks callers to retry.
+    let mut last = io::Error::from_raw_os_error(libc::EAGAIN);
+    for _ in 0..16 {
+        // SAFETY: `path` is NUL-terminated and `how` a valid open_how whose size is passed; the
+        // kernel only reads both.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if ret >= 0 {
+            let fd = libc::c_int::try_from(ret).map_err(|_| io::Error::other("fd out of range"))?;
+            // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        last = io::Error::last_os_error();
+        if last.raw_os_error() != Some(libc::EAGAIN) {
+            break;
+        }
+    }
+    Err(last)
+}
+
+/// The host path the open descriptor `fd` refers to (its `/proc/self/fd` link).
+pub(in crate::images) fn fd_path(fd: BorrowedFd<'_>) -> io::Result<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}

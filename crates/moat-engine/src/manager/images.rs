@@ -12,6 +12,7 @@
 use moat_proto::v1;
 
 use super::{Inner, ManagerError, ManagerResult, check_env};
+use crate::images::registry::RunConfig;
 use crate::images::{ImageError, ImageRef, PulledImage};
 
 impl Inner {
@@ -49,16 +50,42 @@ impl Inner {
                 "template {template}'s image {reference} is not pinned to a digest"
             ))
         })?;
+        self.tree_of_digest(
+            template,
+            reference,
+            &digest,
+            "make the template again to pull it",
+        )
+    }
+
+    /// The tree of the image `digest` a build made for template `template`.
+    pub(super) fn built_tree(&self, template: &str, digest: &str) -> ManagerResult<String> {
+        if !crate::images::reference::is_sha256_digest(digest) {
+            return Err(ManagerError::Internal(format!(
+                "template {template}'s built image {digest:?} is not a digest"
+            )));
+        }
+        self.tree_of_digest(template, digest, digest, "build the template again")
+    }
+
+    /// The tree of image `digest` (shown as `shown`), or what to do when it is gone.
+    fn tree_of_digest(
+        &self,
+        template: &str,
+        shown: &str,
+        digest: &str,
+        remedy: &str,
+    ) -> ManagerResult<String> {
+        let reference = shown;
         let cache = self.images.as_ref().ok_or_else(|| {
             ManagerError::Invalid(format!(
                 "template {template} is made from an image, and this server keeps no images"
             ))
         })?;
-        let tree = cache.tree_dir(&digest).join("rootfs");
+        let tree = cache.tree_dir(digest).join("rootfs");
         if !tree.is_dir() {
             return Err(ManagerError::Conflict(format!(
-                "template {template}'s image {reference} is no longer on this server: make the \
-                 template again to pull it"
+                "template {template}'s image {reference} is no longer on this server: {remedy}"
             )));
         }
         tree.into_os_string().into_string().map_err(|p| {
@@ -83,11 +110,12 @@ impl super::SandboxManager {
         let sandboxes = self.inner.db(|s| s.active_sandboxes()).await?;
         let mut in_use = std::collections::HashSet::new();
         for t in &templates {
-            if let Ok(spec) = serde_json::from_value::<v1::TemplateSpec>(t.spec.clone())
-                && let v1::Rootfs::Image(reference) = &spec.rootfs
-                && let Some(digest) = pinned_digest(reference)
-            {
-                in_use.insert(digest);
+            match serde_json::from_value::<v1::TemplateSpec>(t.spec.clone()).map(|s| s.rootfs) {
+                Ok(v1::Rootfs::Image(reference)) => in_use.extend(pinned_digest(&reference)),
+                Ok(v1::Rootfs::Build(digest)) => {
+                    in_use.insert(digest);
+                }
+                _ => {}
             }
         }
         let trees = cache.trees_dir();
@@ -122,7 +150,12 @@ fn pinned_digest(reference: &str) -> Option<String> {
 /// `spec` pinned to `pulled` and given its defaults where the spec has none.
 fn apply(spec: &mut v1::TemplateSpec, pulled: &PulledImage) {
     spec.rootfs = v1::Rootfs::Image(pulled.reference.clone());
-    let image_env = pulled.config.env.iter().flatten().filter_map(|entry| {
+    apply_config(spec, &pulled.config);
+}
+
+/// `spec` given the defaults of an image's run configuration `config` where it has none.
+pub(super) fn apply_config(spec: &mut v1::TemplateSpec, config: &RunConfig) {
+    let image_env = config.env.iter().flatten().filter_map(|entry| {
         let (k, v) = entry.split_once('=')?;
         (!k.is_empty() && !k.contains('\0') && !v.contains('\0'))
             .then(|| (k.to_owned(), v.to_owned()))
@@ -131,15 +164,14 @@ fn apply(spec: &mut v1::TemplateSpec, pulled: &PulledImage) {
         spec.env.entry(k).or_insert(v);
     }
     if spec.workdir.is_none() {
-        spec.workdir = pulled
-            .config
+        spec.workdir = config
             .working_dir
             .clone()
             .filter(|d| d.starts_with('/') && !d.contains('\0'));
     }
     if spec.user.is_none()
         && matches!(
-            pulled.config.user.as_deref(),
+            config.user.as_deref(),
             Some("root" | "0" | "0:0" | "root:root")
         )
     {
@@ -149,7 +181,7 @@ fn apply(spec: &mut v1::TemplateSpec, pulled: &PulledImage) {
 
 /// `e` as the manager's error: the registry's and the image's faults told apart from the
 /// caller's.
-fn image_error(e: ImageError) -> ManagerError {
+pub(super) fn image_error(e: ImageError) -> ManagerError {
     match e {
         ImageError::Invalid(m) | ImageError::Unsupported(m) => ManagerError::Invalid(m),
         ImageError::NotFound(m) => ManagerError::NotFound(m),

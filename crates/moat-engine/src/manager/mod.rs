@@ -10,6 +10,8 @@
 //! The store is blocking; its calls run on tokio's blocking pool.
 
 mod access;
+mod build_steps;
+mod builds;
 mod calls;
 mod exec;
 mod exec_encoding;
@@ -219,6 +221,9 @@ pub struct ManagerOptions {
     pub registries: crate::images::registry::RegistryAccess,
     /// How long an image nothing uses stays before housekeeping removes it.
     pub image_grace: Duration,
+    /// Where builds keep their records, logs and contexts (`moat serve`:
+    /// `<data-dir>/builds`); `None` (or no `image_dir`) refuses builds.
+    pub build_dir: Option<PathBuf>,
 }
 
 /// Free-space reserve of the data directory unless configured: 1 GiB.
@@ -245,6 +250,7 @@ impl Default for ManagerOptions {
             image_dir: None,
             registries: Default::default(),
             image_grace: images::IMAGE_GRACE,
+            build_dir: None,
         }
     }
 }
@@ -324,6 +330,8 @@ impl Live {
 struct Inner {
     /// Pulled images, when the server keeps them.
     images: Option<Arc<ImageCache>>,
+    /// Builds, when the server runs them.
+    builds: Option<builds::Builds>,
     store: Arc<Store>,
     /// The backends sandboxes are made with, by kind; a template names one or gets the default.
     backends: Backends,
@@ -477,6 +485,10 @@ impl SandboxManager {
             )),
             None => None,
         };
+        let builds = match &opts.build_dir {
+            Some(dir) => Some(builds::Builds::open(dir)?),
+            None => None,
+        };
         let pools = pool::Pools::new(opts.pool_memory_budget);
         Ok(SandboxManager {
             inner: Arc::new(Inner {
@@ -493,6 +505,7 @@ impl SandboxManager {
                 paused_bytes: memory::PausedBytes::default(),
                 health_probes: health::Probes::default(),
                 images,
+                builds,
             }),
         })
     }
@@ -833,8 +846,14 @@ impl Inner {
     ) -> ManagerResult<SandboxPlan> {
         let backend = self.backends.resolve(template.backend.as_deref())?;
         let mut plan = SandboxPlan::of_template(name, owner, template, limits, backend.name());
-        if let v1::Rootfs::Image(reference) = &template.rootfs {
-            plan.rootfs = v1::Rootfs::Dir(self.image_tree(name, reference)?);
+        match &template.rootfs {
+            v1::Rootfs::Image(reference) => {
+                plan.rootfs = v1::Rootfs::Dir(self.image_tree(name, reference)?);
+            }
+            v1::Rootfs::Build(digest) => {
+                plan.rootfs = v1::Rootfs::Dir(self.built_tree(name, digest)?);
+            }
+            v1::Rootfs::Host | v1::Rootfs::Dir(_) => {}
         }
         // Checked when the template was written, by whoever wrote it.
         if let Some(n) = &template.network {

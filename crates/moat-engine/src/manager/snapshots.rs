@@ -835,7 +835,7 @@ async fn write_layer(
         .await
         .map_err(io)?;
     let mut stream = client
-        .capture_layer()
+        .capture_layer(false)
         .await
         .map_err(|e| ManagerError::Unavailable(format!("snapshot of sandbox {id}: {e}")))?;
     let mut size: u64 = 0;

@@ -140,6 +140,13 @@ impl SandboxManager {
     /// Checks everything about a spec that can be checked before a sandbox is made from it.
     fn check_template_spec(&self, spec: &v1::TemplateSpec, host_paths: bool) -> ManagerResult<()> {
         let invalid = |m: String| Err(ManagerError::Invalid(m));
+        if let v1::Rootfs::Build(_) = &spec.rootfs {
+            return invalid(
+                "a {\"build\": …} root is made by builds only: build the template with POST \
+                 /v1/builds (moat template build)"
+                    .into(),
+            );
+        }
         if let v1::Rootfs::Dir(dir) = &spec.rootfs {
             if !host_paths {
                 return Err(ManagerError::Forbidden(

@@ -191,6 +191,47 @@ impl Store {
         })
     }
 
+    /// Replaces the spec and typed limits of `tenant`'s own template `name` when `replace`
+    /// says yes to its current spec (in the same transaction, so no other write comes
+    /// between); what it is now. Missing: not found; refused by `replace`: a conflict.
+    pub fn replace_template(
+        &self,
+        tenant: &str,
+        name: &str,
+        spec: &serde_json::Value,
+        limits: &serde_json::Value,
+        replace: impl Fn(&serde_json::Value) -> bool,
+    ) -> StoreResult<TemplateRecord> {
+        check_template_name(name)?;
+        if !spec.is_object() || !limits.is_object() {
+            return Err(StoreError::BadJson {
+                what: "template spec",
+                reason: "spec and limits must be JSON objects".into(),
+            });
+        }
+        self.write(|tx| {
+            require_tenant(tx, tenant)?;
+            let current = tx
+                .prepare_cached("SELECT * FROM templates WHERE tenant_id = ?1 AND name = ?2")?
+                .query_and_then(params![tenant, name], TemplateRecord::from_row)?
+                .next()
+                .transpose()?
+                .ok_or_else(|| StoreError::not_found("template", name))?;
+            if !replace(&current.spec) {
+                return Err(StoreError::conflict("template", name));
+            }
+            tx.execute(
+                "UPDATE templates SET spec = ?1, limits = ?2 WHERE tenant_id = ?3 AND name = ?4",
+                params![spec.to_string(), limits.to_string(), tenant, name],
+            )?;
+            Ok(TemplateRecord {
+                spec: spec.clone(),
+                limits: Some(limits.clone()),
+                ..current
+            })
+        })
+    }
+
     /// The template `name` as `tenant` sees it: its own or a built-in.
     pub fn get_template(&self, tenant: &str, name: &str) -> StoreResult<TemplateRecord> {
         check_template_name(name)?;

@@ -16,6 +16,7 @@ pub mod signal;
 pub mod snapshot;
 pub mod table;
 pub mod template;
+pub mod template_build;
 pub mod terminal;
 
 /// A single-threaded runtime for one command, or, when it cannot be made, the message printed

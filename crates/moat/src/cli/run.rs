@@ -294,7 +294,7 @@ async fn local_engine(plan: &Plan, caller: &Caller, timing: &Timing) -> Result<S
         .await
         .map_err(|e| match plan.rootfs {
             v1::Rootfs::Dir(_) => anyhow!("--rootfs: {e}"),
-            v1::Rootfs::Host | v1::Rootfs::Image(_) => anyhow!("{e}"),
+            v1::Rootfs::Host | v1::Rootfs::Image(_) | v1::Rootfs::Build(_) => anyhow!("{e}"),
         })?;
     Ok(manager)
 }

@@ -170,6 +170,7 @@ impl ServeArgs {
                 Egress::None => EgressAccess::None,
             },
             image_dir: Some(self.data_dir.join(IMAGE_DIR)),
+            build_dir: Some(self.data_dir.join(BUILD_DIR)),
             image_grace: moat_engine::manager::IMAGE_GRACE,
             registries: {
                 let mut access = RegistryAccess {
@@ -254,6 +255,8 @@ const ADMIN_KEY_FILE: &str = "admin.key";
 const SNAPSHOT_DIR: &str = "snapshots";
 /// Where pulled images are kept, in the data dir.
 const IMAGE_DIR: &str = "images";
+/// Where builds keep their records, logs and contexts, in the data dir.
+const BUILD_DIR: &str = "builds";
 
 /// Runs the server until SIGINT or SIGTERM. Exits 0 after a clean shutdown.
 pub fn main(args: ServeArgs) -> ExitCode {

@@ -29,6 +29,8 @@ pub struct TemplateArgs {
 enum TemplateCommand {
     /// Define a template from a JSON spec file and/or flags (flags win).
     Create(Box<CreateArgs>),
+    /// Build a template from a Dockerfile and a context directory, following its log.
+    Build(Box<super::template_build::BuildArgs>),
     /// List the templates this key's tenant sees.
     #[command(visible_alias = "list")]
     Ls,
@@ -134,6 +136,9 @@ pub fn main(args: TemplateArgs) -> ExitCode {
                 }
             }
             TemplateCommand::Rm { names, force } => return rm(&client, &names, force).await,
+            TemplateCommand::Build(a) => {
+                return super::template_build::run(&client, &a, format).await;
+            }
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -233,6 +238,7 @@ fn rootfs(r: &Rootfs) -> String {
         Rootfs::Host => "host".into(),
         Rootfs::Dir(d) => d.clone(),
         Rootfs::Image(r) => format!("image {r}"),
+        Rootfs::Build(d) => format!("built {d}"),
     }
 }
 

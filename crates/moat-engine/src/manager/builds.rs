@@ -1,0 +1,721 @@
+//! Builds (`/v1/builds`): templates made from a Dockerfile, in the background, with their
+//! logs; the build contexts they copy from.
+//!
+//! A build is asked for with the Dockerfile's text and, for `COPY`, the digest of a context
+//! archive uploaded before (content-addressed, per tenant, so an unchanged context is sent
+//! once). The request is checked whole before it is accepted (the Dockerfile parsed, the
+//! template name, backend, network and limits); it then waits for one of
+//! [`MAX_CONCURRENT_BUILDS`] turns and runs its steps (`build_steps`), each `RUN` in a
+//! sandbox of the tenant's. It ends by making the template, or replacing the one an earlier
+//! build made.
+//!
+//! Each build is a directory `<build-dir>/builds/<id>/`: `build.json` (its record, replaced
+//! by rename at each change) and `log` (at most [`MAX_BUILD_LOG_BYTES`]). A server that stops
+//! during a build finds it at its next start and records it failed. Contexts are
+//! `<build-dir>/contexts/<tenant>/<hex>.tar`; a tenant keeps at most
+//! [`MAX_CONTEXT_BYTES_PER_TENANT`] of them, and those unused for [`CONTEXT_TTL`] go at its
+//! next upload.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use moat_proto::units::describe_size;
+use moat_proto::v1;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::{ManagerError, ManagerResult, SandboxManager, lock};
+use crate::auth::Caller;
+use crate::clock::now_ms;
+use crate::images::build::dockerfile;
+use crate::images::reference::is_sha256_digest;
+
+/// Builds running at once on the server; more wait their turn.
+pub const MAX_CONCURRENT_BUILDS: usize = 2;
+/// Builds one tenant may have queued or running; one more is refused (429).
+pub const MAX_ACTIVE_BUILDS_PER_TENANT: usize = 4;
+/// Finished builds kept per tenant (records and logs); the oldest go first.
+pub const MAX_KEPT_BUILDS_PER_TENANT: usize = 50;
+/// A build's time limit when its request names none.
+pub const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// The longest time limit a build may ask for.
+pub const MAX_BUILD_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+/// Bytes of a build's log kept; what comes after is dropped, with a line saying so.
+pub const MAX_BUILD_LOG_BYTES: u64 = 8 << 20;
+/// Largest build context archive.
+pub const MAX_CONTEXT_BYTES: u64 = 1 << 30;
+/// Bytes of context archives one tenant may keep.
+pub const MAX_CONTEXT_BYTES_PER_TENANT: u64 = 4 << 30;
+/// How long a context stays after its last use.
+pub const CONTEXT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Most bytes of a log one call returns.
+const MAX_LOG_READ: u64 = 1 << 20;
+
+/// What the store of builds keeps of one, in `build.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct BuildRecord {
+    pub tenant: String,
+    pub build: v1::Build,
+}
+
+/// The builds of a server: where they live and which are under way.
+pub(super) struct Builds {
+    dir: PathBuf,
+    pub(super) turns: Arc<tokio::sync::Semaphore>,
+    /// Builds queued or running, by id: their tenant and the way to cancel them.
+    active: Mutex<HashMap<String, Active>>,
+}
+
+struct Active {
+    tenant: String,
+    cancel: tokio::sync::watch::Sender<bool>,
+}
+
+impl Builds {
+    /// The builds under `dir` (made, 0700, if missing); records of builds a stopped server
+    /// left under way are marked failed.
+    pub(super) fn open(dir: &Path) -> ManagerResult<Builds> {
+        let io = |what: &str, e: std::io::Error| {
+            ManagerError::Internal(format!("{what} {}: {e}", dir.display()))
+        };
+        for sub in ["", "builds", "contexts"] {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| io("making", e))?;
+            std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(|e| io("securing", e))?;
+        }
+        let builds = Builds {
+            dir: dir.to_owned(),
+            turns: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_BUILDS)),
+            active: Mutex::new(HashMap::new()),
+        };
+        // Half made (a crash before the first record): nothing to keep.
+        for entry in std::fs::read_dir(dir.join("builds"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !entry.path().join("build.json").is_file() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        for mut rec in builds.all()? {
+            if !rec.build.status.is_final() {
+                rec.build.status = v1::BuildStatus::Failed;
+                rec.build.error = Some("the server stopped during the build".into());
+                rec.build.finished_at = Some(now_ms());
+                builds.write(&rec)?;
+                // Its context directory, if it was unpacked.
+                let _ = std::fs::remove_dir_all(builds.build_dir(&rec.build.id).join("context"));
+            }
+        }
+        Ok(builds)
+    }
+
+    pub(super) fn build_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("builds").join(id)
+    }
+
+    fn contexts_dir(&self, tenant: &str) -> PathBuf {
+        self.dir.join("contexts").join(tenant_dir(tenant))
+    }
+
+    /// The context archive `digest` of `tenant`, if uploaded. Only a well-formed digest
+    /// names a file: anything else is no context.
+    pub(super) fn context(&self, tenant: &str, digest: &str) -> Option<PathBuf> {
+        if !is_sha256_digest(digest) {
+            return None;
+        }
+        let path = self
+            .contexts_dir(tenant)
+            .join(format!("{}.tar", digest.strip_prefix("sha256:")?));
+        path.is_file().then(|| {
+            touch(&path);
+            path
+        })
+    }
+
+    /// Every build's record.
+    fn all(&self) -> ManagerResult<Vec<BuildRecord>> {
+        let dir = self.dir.join("builds");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| ManagerError::Internal(format!("listing {}: {e}", dir.display())))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path().join("build.json");
+            // A directory without a record yet is a build being made: not listed.
+            if let Some(rec) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<BuildRecord>(&b).ok())
+            {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The record of build `id` of `tenant`.
+    pub(super) fn read(&self, tenant: &str, id: &str) -> ManagerResult<BuildRecord> {
+        let missing = || ManagerError::NotFound(format!("build {id} not found"));
+        if !is_build_id(id) {
+            return Err(missing());
+        }
+        let bytes = std::fs::read(self.build_dir(id).join("build.json")).map_err(|_| missing())?;
+        let rec: BuildRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| ManagerError::Internal(format!("build {id}'s record: {e}")))?;
+        if rec.tenant != tenant {
+            return Err(missing());
+        }
+        Ok(rec)
+    }
+
+    /// Writes `rec` in place of its earlier record.
+    pub(super) fn write(&self, rec: &BuildRecord) -> ManagerResult<()> {
+        let dir = self.build_dir(&rec.build.id);
+        let io = |e: std::io::Error| {
+            ManagerError::Internal(format!("recording build {}: {e}", rec.build.id))
+        };
+        let bytes = serde_json::to_vec_pretty(rec)
+            .map_err(|e| ManagerError::Internal(format!("build record: {e}")))?;
+        let staged = dir.join("build.json.tmp");
+        let mut f = std::fs::File::create(&staged).map_err(io)?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&staged, dir.join("build.json")).map_err(io)
+    }
+
+    /// Records of `tenant`'s builds, newest first.
+    fn of_tenant(&self, tenant: &str) -> ManagerResult<Vec<BuildRecord>> {
+        let mut recs: Vec<BuildRecord> = self
+            .all()?
+            .into_iter()
+            .filter(|r| r.tenant == tenant)
+            .collect();
+        recs.sort_by_key(|r| std::cmp::Reverse(r.build.created_at));
+        Ok(recs)
+    }
+
+    /// Removes `tenant`'s finished builds beyond the newest [`MAX_KEPT_BUILDS_PER_TENANT`].
+    fn trim(&self, tenant: &str) -> ManagerResult<()> {
+        let finished = self
+            .of_tenant(tenant)?
+            .into_iter()
+            .filter(|r| r.build.status.is_final());
+        for rec in finished.skip(MAX_KEPT_BUILDS_PER_TENANT) {
+            let _ = std::fs::remove_dir_all(self.build_dir(&rec.build.id));
+        }
+        Ok(())
+    }
+}
+
+/// A build id: `b-` and 16 base32 characters.
+fn is_build_id(id: &str) -> bool {
+    id.strip_prefix("b-").is_some_and(|rest| {
+        rest.len() == 16
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    })
+}
+
+/// A tenant's directory name: a digest of its name, which may hold any character.
+fn tenant_dir(tenant: &str) -> String {
+    let hash = Sha256::digest(tenant.as_bytes());
+    hash.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Marks `path` used now.
+fn touch(path: &Path) {
+    if let Ok(f) = std::fs::File::options().append(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// The log of a build, appended to as it runs, bounded.
+pub(super) struct BuildLog {
+    file: tokio::fs::File,
+    written: u64,
+    full: bool,
+}
+
+impl BuildLog {
+    pub(super) async fn create(path: &Path) -> ManagerResult<BuildLog> {
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(|e| ManagerError::Internal(format!("opening {}: {e}", path.display())))?;
+        Ok(BuildLog {
+            file,
+            written: 0,
+            full: false,
+        })
+    }
+
+    /// Appends `text`; past [`MAX_BUILD_LOG_BYTES`], drops it (saying so once).
+    pub(super) async fn write(&mut self, text: &str) {
+        if self.full {
+            return;
+        }
+        let room = MAX_BUILD_LOG_BYTES.saturating_sub(self.written);
+        let bytes = text.as_bytes();
+        let cut = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let mut out = bytes[..cut].to_vec();
+        if cut < bytes.len() {
+            self.full = true;
+            out.extend_from_slice(
+                format!(
+                    "\n[the log reached {} and the rest is not kept]\n",
+                    describe_size(MAX_BUILD_LOG_BYTES)
+                )
+                .as_bytes(),
+            );
+        }
+        self.written = self.written.saturating_add(out.len() as u64);
+        // A log that cannot be written must not fail the build.
+        let _ = self.file.write_all(&out).await;
+    }
+
+    /// Appends `line` and a newline.
+    pub(super) async fn line(&mut self, line: &str) {
+        self.write(&format!("{line}\n")).await;
+    }
+}
+
+impl SandboxManager {
+    fn builds(&self) -> ManagerResult<&Builds> {
+        match (&self.inner.builds, &self.inner.images) {
+            (Some(b), Some(_)) => Ok(b),
+            _ => Err(ManagerError::Invalid(
+                "this server keeps no images: builds need `moat serve`".into(),
+            )),
+        }
+    }
+
+    /// Stores the build context archive `body` for the caller's tenant as `digest` (which its
+    /// bytes must have); its size. Already there: the body is not read.
+    pub async fn put_build_context<S, E>(
+        &self,
+        caller: &Caller,
+        digest: &str,
+        body: S,
+    ) -> ManagerResult<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let builds = self.builds()?;
+        if !is_sha256_digest(digest) {
+            return Err(ManagerError::Invalid(format!(
+                "{digest:?} is not a sha256 digest (sha256:<64 hex digits>)"
+            )));
+        }
+        if let Some(path) = builds.context(&caller.tenant, digest) {
+            return std::fs::metadata(&path)
+                .map(|m| m.len())
+                .map_err(|e| ManagerError::Internal(format!("{}: {e}", path.display())));
+        }
+        let dir = builds.contexts_dir(&caller.tenant);
+        let used = prune_contexts(&dir)?;
+        let room = MAX_CONTEXT_BYTES_PER_TENANT.saturating_sub(used);
+        let limit = MAX_CONTEXT_BYTES.min(room);
+        let staged = tempfile::Builder::new()
+            .prefix(".upload-")
+            .tempfile_in(&dir)
+            .map_err(|e| ManagerError::Internal(format!("staging a context: {e}")))?;
+        let io = |e: std::io::Error| ManagerError::Internal(format!("writing a context: {e}"));
+        let mut file = tokio::fs::File::from_std(staged.reopen().map_err(io)?);
+        let mut hash = Sha256::new();
+        let mut size: u64 = 0;
+        let mut body = std::pin::pin!(body);
+        while let Some(piece) = body.next().await {
+            let piece =
+                piece.map_err(|e| ManagerError::Invalid(format!("reading the upload: {e}")))?;
+            size = size.saturating_add(piece.len() as u64);
+            if size > limit {
+                return Err(if limit < MAX_CONTEXT_BYTES {
+                    ManagerError::QuotaExceeded(format!(
+                        "the tenant's build contexts would take more than {}; contexts unused \
+                         for a day are removed",
+                        describe_size(MAX_CONTEXT_BYTES_PER_TENANT)
+                    ))
+                } else {
+                    ManagerError::TooLarge(format!(
+                        "a build context is at most {}",
+                        describe_size(MAX_CONTEXT_BYTES)
+                    ))
+                });
+            }
+            if size % (64 << 20) < piece.len() as u64 {
+                self.inner
+                    .check_build_disk(piece.len() as u64 + (64 << 20))?;
+            }
+            hash.update(&piece);
+            file.write_all(&piece).await.map_err(io)?;
+        }
+        file.sync_all().await.map_err(io)?;
+        let actual: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if format!("sha256:{actual}") != digest {
+            return Err(ManagerError::Invalid(format!(
+                "the upload's digest is sha256:{actual}, not {digest}"
+            )));
+        }
+        let target = dir.join(format!("{actual}.tar"));
+        staged
+            .persist(&target)
+            .map_err(|e| ManagerError::Internal(format!("keeping a context: {e}")))?;
+        Ok(size)
+    }
+
+    /// Whether the caller's tenant has the context `digest`.
+    pub fn has_build_context(&self, caller: &Caller, digest: &str) -> ManagerResult<bool> {
+        Ok(self.builds()?.context(&caller.tenant, digest).is_some())
+    }
+
+    /// Checks `req` whole and starts its build; the build as it stands (queued).
+    pub async fn create_build(
+        &self,
+        caller: &Caller,
+        req: v1::CreateBuild,
+    ) -> ManagerResult<v1::Build> {
+        let builds = self.builds()?;
+        let parsed = dockerfile::parse(&req.dockerfile)
+            .map_err(|e| ManagerError::Invalid(format!("Dockerfile {e}")))?;
+        if parsed.steps.len() > crate::images::build::MAX_BUILD_STEPS {
+            return Err(ManagerError::Invalid(format!(
+                "the Dockerfile has {} steps; a build takes at most {}",
+                parsed.steps.len(),
+                crate::images::build::MAX_BUILD_STEPS
+            )));
+        }
+        crate::store::check_template_name(&req.template).map_err(ManagerError::from)?;
+        let (t, n) = (caller.tenant.clone(), req.template.clone());
+        let taken = match self.inner.db(move |s| s.get_template(&t, &n)).await {
+            Ok(existing) => !made_by_build(&existing.spec) || existing.tenant.is_none(),
+            Err(_) => false,
+        };
+        if taken {
+            return Err(ManagerError::Conflict(format!(
+                "template {} exists and no build made it: delete it or build another name",
+                req.template
+            )));
+        }
+        let plan = self.inner.build_plan(caller, &req, parsed)?;
+        if let Some(digest) = &req.context
+            && builds.context(&caller.tenant, digest).is_none()
+        {
+            return Err(ManagerError::Invalid(format!(
+                "no build context {digest}: upload it first (PUT /v1/build-contexts/{digest})"
+            )));
+        }
+        let id = format!(
+            "b-{}",
+            crate::store::generate_sandbox_id()
+                .map_err(ManagerError::from)?
+                .chars()
+                .take(16)
+                .collect::<String>()
+        );
+        let (cancel, cancelled) = tokio::sync::watch::channel(false);
+        {
+            let mut active = lock(&builds.active);
+            let mine = active
+                .values()
+                .filter(|a| a.tenant == caller.tenant)
+                .count();
+            if mine >= MAX_ACTIVE_BUILDS_PER_TENANT {
+                return Err(ManagerError::QuotaExceeded(format!(
+                    "{mine} builds of this tenant are queued or running, the most it may have; \
+                     wait for one to end"
+                )));
+            }
+            active.insert(
+                id.clone(),
+                Active {
+                    tenant: caller.tenant.clone(),
+                    cancel,
+                },
+            );
+        }
+        let rec = BuildRecord {
+            tenant: caller.tenant.clone(),
+            build: v1::Build {
+                id: id.clone(),
+                template: req.template.clone(),
+                status: v1::BuildStatus::Queued,
+                error: None,
+                steps: u32::try_from(plan.dockerfile.steps.len()).unwrap_or(u32::MAX),
+                steps_done: 0,
+                steps_cached: 0,
+                image: None,
+                created_at: now_ms(),
+                finished_at: None,
+                warnings: plan.dockerfile.warnings.clone(),
+            },
+        };
+        let made = std::fs::create_dir(builds.build_dir(&id))
+            .map_err(|e| ManagerError::Internal(format!("making build {id}'s directory: {e}")))
+            .and_then(|()| builds.write(&rec));
+        if let Err(e) = made {
+            lock(&builds.active).remove(&id);
+            return Err(e);
+        }
+        let _ = builds.trim(&caller.tenant);
+        let manager = self.clone();
+        let caller = caller.clone();
+        let build = rec.build.clone();
+        tokio::spawn(async move { manager.run_build(caller, rec, plan, cancelled).await });
+        Ok(build)
+    }
+
+    /// Runs a build to its end and records how it ended.
+    async fn run_build(
+        &self,
+        caller: Caller,
+        mut rec: BuildRecord,
+        plan: super::build_steps::BuildPlan,
+        mut cancelled: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Ok(builds) = self.builds() else {
+            return;
+        };
+        let id = rec.build.id.clone();
+        let dir = builds.build_dir(&id);
+        let outcome = async {
+            let mut log = BuildLog::create(&dir.join("log")).await?;
+            let turns = builds.turns.clone();
+            let _turn = tokio::select! {
+                turn = turns.acquire_owned() => turn
+                    .map_err(|e| ManagerError::Internal(format!("build queue: {e}")))?,
+                _ = cancelled.wait_for(|c| *c) => return Err(cancelled_error()),
+            };
+            rec.build.status = v1::BuildStatus::Running;
+            builds.write(&rec)?;
+            let timeout = plan.timeout;
+            let run = self.run_steps(&caller, &mut rec, builds, &plan, &mut log);
+            let result = tokio::select! {
+                r = tokio::time::timeout(timeout, run) => r.unwrap_or_else(|_| {
+                    Err(ManagerError::Timeout(format!(
+                        "the build took longer than its {} s limit",
+                        timeout.as_secs()
+                    )))
+                }),
+                _ = cancelled.wait_for(|c| *c) => Err(cancelled_error()),
+            };
+            match &result {
+                Ok(image) => log.line(&format!("built {image}")).await,
+                Err(e) => log.line(&format!("error: {e}")).await,
+            }
+            result
+        }
+        .await;
+        let was_cancelled = *cancelled.borrow();
+        // Whatever a step left running (the select above dropped it mid-way) is ended here.
+        self.end_build_sandboxes(&caller, &id).await;
+        let _ = std::fs::remove_dir_all(dir.join("context"));
+        match outcome {
+            Ok(image) => {
+                rec.build.status = v1::BuildStatus::Succeeded;
+                rec.build.image = Some(image);
+            }
+            Err(e) if was_cancelled => {
+                rec.build.status = v1::BuildStatus::Cancelled;
+                rec.build.error = Some(e.to_string());
+            }
+            Err(e) => {
+                rec.build.status = v1::BuildStatus::Failed;
+                rec.build.error = Some(e.to_string());
+            }
+        }
+        rec.build.finished_at = Some(now_ms());
+        if let Err(e) = builds.write(&rec) {
+            tracing::warn!(build = %id, "recording the end of a build: {e}");
+        }
+        lock(&builds.active).remove(&id);
+    }
+
+    /// Ends the sandboxes build `id` of `caller` made that are still there.
+    async fn end_build_sandboxes(&self, caller: &Caller, id: &str) {
+        let tenant = caller.tenant.clone();
+        let Ok(sandboxes) = self.inner.db(move |s| s.active_sandboxes()).await else {
+            return;
+        };
+        for rec in sandboxes {
+            if rec.tenant == tenant
+                && rec
+                    .metadata
+                    .get(super::build_steps::BUILD_METADATA)
+                    .map(String::as_str)
+                    == Some(id)
+            {
+                let _ = self.delete(caller, &rec.id).await;
+            }
+        }
+    }
+
+    /// The caller's build `id`.
+    pub async fn get_build(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Build> {
+        Ok(self.builds()?.read(&caller.tenant, id)?.build)
+    }
+
+    /// The caller's builds, newest first.
+    pub async fn list_builds(&self, caller: &Caller) -> ManagerResult<v1::BuildList> {
+        let builds = self
+            .builds()?
+            .of_tenant(&caller.tenant)?
+            .into_iter()
+            .map(|r| r.build)
+            .collect();
+        Ok(v1::BuildList { builds })
+    }
+
+    /// Build `id`'s log from byte `offset` (at most 1 MiB of it).
+    pub async fn build_logs(
+        &self,
+        caller: &Caller,
+        id: &str,
+        offset: u64,
+    ) -> ManagerResult<v1::BuildLogs> {
+        let builds = self.builds()?;
+        // Read before the log, so a build that ended in between is not reported done early.
+        let done = builds.read(&caller.tenant, id)?.build.status.is_final();
+        let path = builds.build_dir(id).join("log");
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(v1::BuildLogs {
+                    text: String::new(),
+                    next_offset: 0,
+                    done,
+                });
+            }
+            Err(e) => return Err(ManagerError::Internal(format!("{}: {e}", path.display()))),
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let offset = offset.min(len);
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset))
+            .map_err(|e| ManagerError::Internal(format!("{}: {e}", path.display())))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut file, MAX_LOG_READ),
+            &mut bytes,
+        )
+        .map_err(|e| ManagerError::Internal(format!("{}: {e}", path.display())))?;
+        // Whole characters only: a character cut at the end comes with the next read.
+        let whole = match std::str::from_utf8(&bytes) {
+            Ok(_) => bytes.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => bytes.len(),
+        };
+        let next_offset = offset + whole as u64;
+        Ok(v1::BuildLogs {
+            text: String::from_utf8_lossy(&bytes[..whole]).into_owned(),
+            next_offset,
+            done: done && next_offset >= len,
+        })
+    }
+
+    /// Cancels the caller's build `id` if it is under way; the build as it stands.
+    pub async fn cancel_build(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Build> {
+        let builds = self.builds()?;
+        let rec = builds.read(&caller.tenant, id)?;
+        if let Some(active) = lock(&builds.active).get(id) {
+            let _ = active.cancel.send(true);
+        }
+        Ok(rec.build)
+    }
+
+    /// Deletes the caller's finished build `id` (its record and log).
+    pub async fn delete_build(&self, caller: &Caller, id: &str) -> ManagerResult<()> {
+        let builds = self.builds()?;
+        let rec = builds.read(&caller.tenant, id)?;
+        if !rec.build.status.is_final() {
+            return Err(ManagerError::Conflict(format!(
+                "build {id} is {}: cancel it first",
+                serde_json::to_value(rec.build.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )));
+        }
+        std::fs::remove_dir_all(builds.build_dir(id))
+            .map_err(|e| ManagerError::Internal(format!("removing build {id}: {e}")))
+    }
+}
+
+impl super::Inner {
+    /// Refuses `bytes` more of the data directory when that would leave less than the
+    /// reserve free (507).
+    pub(super) fn check_build_disk(&self, bytes: u64) -> ManagerResult<()> {
+        match &self.images {
+            Some(cache) => cache.check_free(bytes).map_err(super::images::image_error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether a template's stored spec is one a build made.
+pub(super) fn made_by_build(spec: &serde_json::Value) -> bool {
+    spec.get("rootfs").and_then(|r| r.get("build")).is_some()
+}
+
+fn cancelled_error() -> ManagerError {
+    ManagerError::Conflict("the build was cancelled".into())
+}
+
+/// Removes the contexts in `dir` unused for [`CONTEXT_TTL`] and the uploads a crash left;
+/// the bytes of those that stay.
+fn prune_contexts(dir: &Path) -> ManagerResult<u64> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ManagerError::Internal(format!("making {}: {e}", dir.display())))?;
+    let mut used = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        let upload = entry.file_name().to_string_lossy().starts_with(".upload-");
+        if age > CONTEXT_TTL || (upload && age > Duration::from_secs(3600)) {
+            let _ = std::fs::remove_file(entry.path());
+        } else {
+            used += meta.len();
+        }
+    }
+    Ok(used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_ids_have_one_shape() {
+        assert!(is_build_id("b-abcdefgh23456789"));
+        assert!(!is_build_id("b-abcdefgh2345678"));
+        assert!(!is_build_id("b-../../etc/passwd"));
+        assert!(!is_build_id("abcdefgh23456789"));
+    }
+
+    #[test]
+    fn templates_made_by_builds_are_told_apart() {
+        assert!(made_by_build(
+            &serde_json::json!({"rootfs": {"build": "sha256:00"}})
+        ));
+        assert!(!made_by_build(&serde_json::json!({"rootfs": "host"})));
+        assert!(!made_by_build(
+            &serde_json::json!({"rootfs": {"image": "x"}})
+        ));
+    }
+}

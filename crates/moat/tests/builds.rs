@@ -1,0 +1,387 @@
+//! Builds, end to end: a real registry with a busybox image the test makes, a real
+//! `moat serve`, `moat template build` with a Dockerfile and a context directory, and
+//! sandboxes started from what it built.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use moat_test_support::need_root;
+use moat_test_support::registry::{LayerBuilder, Registry, TestImage};
+use moat_test_support::server::{Server, body};
+use serde_json::{Value, json};
+
+/// An image whose one program is the host's static busybox, with the applets the builds use.
+fn busybox_image() -> TestImage {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox: run scripts/test-deps.sh");
+    let mut layer = LayerBuilder::new()
+        .dir("bin/", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .file("etc/os-release", 0o644, b"ID=moat-busybox\n");
+    for applet in [
+        "sh", "echo", "cat", "id", "pwd", "ls", "whoami", "sleep", "env", "rm", "mkdir", "stat",
+        "readlink", "test", "true", "false", "ln",
+    ] {
+        layer = layer.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let mut image = TestImage::new(vec![layer.build()]);
+    image.run = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]});
+    image
+}
+
+/// A registry holding the busybox image, and its reference.
+fn registry_with_busybox() -> (Registry, String) {
+    let registry = Registry::start();
+    registry.push("tools/bb", "1", &busybox_image());
+    let reference = format!("{}/tools/bb:1", registry.host());
+    (registry, reference)
+}
+
+const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
+ARG BASE
+FROM ${BASE}
+ARG GREETING=hi
+ENV APP_HOME=/opt/app \
+    LEVEL=1
+WORKDIR $APP_HOME
+COPY app/ ./
+COPY --chmod=600 app/data.txt /etc/data
+RUN echo "$GREETING from run, level $LEVEL" > made && rm /etc/os-release && id -u > uid
+USER user
+WORKDIR /srv/data
+RUN id -un > who
+CMD ["/bin/sh"]
+"#;
+
+/// A context directory: a script, a data file and a link that points out of the context.
+fn context(dir: &Path) {
+    let app = dir.join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(
+        app.join("hello.sh"),
+        "#!/bin/sh\necho hello from the script\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(app.join("hello.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(app.join("data.txt"), "data\n").unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", app.join("link")).unwrap();
+    std::fs::write(dir.join("Dockerfile"), DOCKERFILE).unwrap();
+}
+
+/// The build `id` once it is over.
+fn wait_for_build(server: &Server, key: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = server.request("GET", &format!("/v1/builds/{id}"), Some(key), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let build = r.json();
+        if !matches!(build["status"].as_str(), Some("queued" | "running")) {
+            return build;
+        }
+        assert!(Instant::now() < deadline, "build {id} did not end: {build}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Build `id`'s whole log.
+fn build_log(server: &Server, key: &str, id: &str) -> String {
+    let r = server.request("GET", &format!("/v1/builds/{id}/logs"), Some(key), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["text"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_dockerfile_builds_a_template_and_building_it_again_reuses_every_layer() {
+    need_root!("moat serve's native backend needs root");
+    let (registry, reference) = registry_with_busybox();
+    let server = Server::start_with(&["--allow-registry", &registry.host()]);
+    let admin = server.admin_key();
+    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let ctx = tempfile::tempdir().unwrap();
+    context(ctx.path());
+    let dir = ctx.path().to_str().unwrap();
+    let base = format!("BASE={reference}");
+    let out = server.cli(
+        &key,
+        &["template", "build", "app", dir, "--build-arg", &base],
+    );
+    assert_eq!(out, "app\n");
+
+    let builds = server.request("GET", "/v1/builds", Some(&key), None).json();
+    let first = builds["builds"][0].clone();
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(first["steps"], 10, "{first}");
+    assert_eq!(first["steps_done"], 10, "{first}");
+    let log = build_log(&server, &key, first["id"].as_str().unwrap());
+    assert!(log.contains("Step 6/10 : RUN echo"), "{log}");
+    assert!(log.contains("built sha256:"), "{log}");
+
+    let template = server.request("GET", "/v1/templates/app", Some(&key), None);
+    assert_eq!(template.status, 200, "{}", template.text());
+    let spec = &template.json()["spec"];
+    assert_eq!(spec["rootfs"]["build"], first["image"], "{spec}");
+    assert_eq!(spec["env"]["APP_HOME"], "/opt/app", "{spec}");
+    assert_eq!(spec["workdir"], "/srv/data", "{spec}");
+
+    let id = server.create_sandbox_with(&key, json!({"template": "app"}));
+    let out = server.shell(
+        &key,
+        &id,
+        "pwd; cat who; stat -c '%U' .; cd /opt/app; cat made uid; ./hello.sh; readlink link; \
+         stat -c '%a %u' /etc/data hello.sh; test -e /etc/os-release || echo os-release removed; \
+         echo \"$APP_HOME $LEVEL ${GREETING:-unset}\"",
+    );
+    assert_eq!(out["exit_code"], 0, "{out}");
+    assert_eq!(
+        out["stdout"],
+        "/srv/data\nuser\nuser\nhi from run, level 1\n0\nhello from the script\n/etc/shadow\n600 \
+         0\n755 0\nos-release removed\n/opt/app 1 unset\n",
+        "{out}"
+    );
+
+    // The same build again: every layer is reused, and the image is the same.
+    let out = server.cli(
+        &key,
+        &["template", "build", "app", dir, "--build-arg", &base],
+    );
+    assert_eq!(out, "app\n");
+    let second = server.request("GET", "/v1/builds", Some(&key), None).json()["builds"][0].clone();
+    assert_ne!(second["id"], first["id"]);
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert_eq!(second["image"], first["image"], "{second}");
+    // Two WORKDIRs, two COPYs and two RUNs make layers; all six were there already.
+    assert_eq!(second["steps_cached"], 6, "{second}");
+    let log = build_log(&server, &key, second["id"].as_str().unwrap());
+    assert!(
+        !log.contains("hi from run"),
+        "a cached RUN ran again: {log}"
+    );
+
+    // Another greeting changes the first RUN's inputs: it and what follows run again.
+    let out = server.cli(
+        &key,
+        &[
+            "template",
+            "build",
+            "app",
+            dir,
+            "--build-arg",
+            &base,
+            "--build-arg",
+            "GREETING=hey",
+        ],
+    );
+    assert_eq!(out, "app\n");
+    let third = server.request("GET", "/v1/builds", Some(&key), None).json()["builds"][0].clone();
+    // The second WORKDIR's base changed too, but its layer is the same archive as before.
+    assert_eq!(third["steps_cached"], 4, "{third}");
+    assert_ne!(third["image"], first["image"]);
+    let id = server.create_sandbox_with(&key, json!({"template": "app"}));
+    let out = server.shell(&key, &id, "cat /opt/app/made");
+    assert_eq!(out["stdout"], "hey from run, level 1\n", "{out}");
+}
+
+#[test]
+fn builds_refuse_bad_requests_report_failed_steps_and_can_be_cancelled() {
+    need_root!("moat serve's native backend needs root");
+    let (registry, reference) = registry_with_busybox();
+    let server = Server::start_with(&["--allow-registry", &registry.host()]);
+    let admin = server.admin_key();
+    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let build = |req: Value| server.request("POST", "/v1/builds", Some(&key), Some(&body(req)));
+
+    let r = build(json!({"template": "t", "dockerfile": "FROM x\nFROBNICATE y\n"}));
+    r.assert_error(400, "invalid");
+    assert!(r.text().contains("line 2"), "{}", r.text());
+    let r = build(json!({"template": "t", "dockerfile": "FROM a\nFROM b\n"}));
+    r.assert_error(400, "invalid");
+    let r = build(json!({"template": "host", "dockerfile": format!("FROM {reference}\n")}));
+    r.assert_error(409, "conflict");
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let r = build(json!({"template": "t", "dockerfile": "FROM x\n", "context": missing}));
+    r.assert_error(400, "invalid");
+    assert!(r.text().contains("upload it first"), "{}", r.text());
+    let r = build(json!({"template": "t", "dockerfile": "FROM x\n", "timeout_secs": 99999}));
+    r.assert_error(400, "invalid");
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(&key),
+        Some(&body(
+            json!({"name": "b", "spec": {"rootfs": {"build": missing}}}),
+        )),
+    );
+    r.assert_error(400, "invalid");
+
+    // A step that fails ends the build with its line and status; its output is in the log.
+    let r = build(json!({
+        "template": "fails",
+        "dockerfile": format!("FROM {reference}\nRUN echo about to fail; exit 3\n"),
+    }));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let failed = wait_for_build(&server, &key, &id);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("line 2") && error.contains("status 3"),
+        "{error}"
+    );
+    assert!(build_log(&server, &key, &id).contains("about to fail"));
+    let r = server.request("GET", "/v1/templates/fails", Some(&key), None);
+    r.assert_error(404, "not_found");
+
+    // A COPY without a context, and one of a file the context lacks.
+    let r = build(json!({
+        "template": "nocontext",
+        "dockerfile": format!("FROM {reference}\nCOPY a /a\n"),
+    }));
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let failed = wait_for_build(&server, &key, &id);
+    assert!(
+        failed["error"].as_str().unwrap().contains("build context"),
+        "{failed}"
+    );
+
+    // Cancelled while a step runs: the build ends cancelled and its sandbox goes.
+    let r = build(json!({
+        "template": "slow",
+        "dockerfile": format!("FROM {reference}\nRUN sleep 60\n"),
+    }));
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !build_log(&server, &key, &id).contains("Step 1/1") {
+        assert!(Instant::now() < deadline, "the step did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = server.request("POST", &format!("/v1/builds/{id}/cancel"), Some(&key), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cancelled = wait_for_build(&server, &key, &id);
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let sandboxes = server
+        .request("GET", "/v1/sandboxes", Some(&key), None)
+        .json();
+    let running = sandboxes["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] != "killed")
+        .count();
+    assert_eq!(running, 0, "a build's sandbox outlived it: {sandboxes}");
+    let r = server.request("DELETE", &format!("/v1/builds/{id}"), Some(&key), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = server.request("GET", &format!("/v1/builds/{id}"), Some(&key), None);
+    r.assert_error(404, "not_found");
+    // Another tenant never sees a build.
+    let other = server.create_key(&admin, json!({"name": "other", "tenant": "others"}));
+    let r = server.request(
+        "GET",
+        &format!("/v1/builds/{}", failed["id"].as_str().unwrap()),
+        Some(&other),
+        None,
+    );
+    r.assert_error(404, "not_found");
+}
+
+/// Uploads `archive` as a build context of `key`'s tenant; its digest.
+fn upload_context(server: &Server, key: &str, archive: &[u8]) -> String {
+    let digest = moat_test_support::registry::sha256_digest(archive);
+    let r = server.request(
+        "PUT",
+        &format!("/v1/build-contexts/{digest}"),
+        Some(key),
+        Some(archive),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = server.request(
+        "HEAD",
+        &format!("/v1/build-contexts/{digest}"),
+        Some(key),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    digest
+}
+
+#[test]
+fn hostile_contexts_and_links_never_reach_the_host() {
+    need_root!("moat serve's native backend needs root");
+    let (registry, reference) = registry_with_busybox();
+    let server = Server::start_with(&["--allow-registry", &registry.host()]);
+    let admin = server.admin_key();
+    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let run = |context: &str, dockerfile: String| {
+        let r = server.request(
+            "POST",
+            "/v1/builds",
+            Some(&key),
+            Some(&body(json!({
+                "template": "hostile",
+                "dockerfile": dockerfile,
+                "context": context,
+            }))),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+        wait_for_build(&server, &key, r.json()["id"].as_str().unwrap())
+    };
+
+    // A context whose archive climbs out of its directory fails before any step.
+    let escape = format!("../../../../tmp/moat-build-escape-{}", std::process::id());
+    let archive = LayerBuilder::new()
+        .entry(&escape, tar::EntryType::Regular, 0o644, b"x", None)
+        .build();
+    let digest = upload_context(&server, &key, &archive);
+    let failed = run(&digest, format!("FROM {reference}\nCOPY . /x/\n"));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("build context"),
+        "{failed}"
+    );
+    assert!(!Path::new(&format!("/tmp/moat-build-escape-{}", std::process::id())).exists());
+
+    // A wrong digest is refused and nothing is kept.
+    let r = server.request(
+        "PUT",
+        &format!("/v1/build-contexts/sha256:{}", "1".repeat(64)),
+        Some(&key),
+        Some(b"not what the digest says"),
+    );
+    r.assert_error(400, "invalid");
+
+    // Links in the context are copied as links, never followed, and a path through one is
+    // refused; a link the image holds leads inside the image, never to the host's files.
+    let archive = LayerBuilder::new()
+        .symlink("etc", "/etc")
+        .symlink("shadow", "/etc/shadow")
+        .file("real", 0o644, b"real\n")
+        .build();
+    let digest = upload_context(&server, &key, &archive);
+    let failed = run(&digest, format!("FROM {reference}\nCOPY etc/passwd /x\n"));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("never followed"),
+        "{failed}"
+    );
+    let built = run(
+        &digest,
+        format!(
+            "FROM {reference}\nUSER root\nRUN ln -s /etc /etc/hostetc\n\
+             COPY shadow real /etc/hostetc/\n"
+        ),
+    );
+    assert_eq!(built["status"], "succeeded", "{built}");
+    let id = server.create_sandbox_with(&key, json!({"template": "hostile"}));
+    let out = server.shell(&key, &id, "readlink /etc/shadow; cat /etc/real");
+    assert_eq!(out["stdout"], "/etc/shadow\nreal\n", "{out}");
+    let shadow = std::fs::symlink_metadata("/etc/shadow").unwrap();
+    assert!(
+        !shadow.file_type().is_symlink(),
+        "the host's /etc/shadow was replaced"
+    );
+    assert!(
+        !Path::new("/etc/real").exists(),
+        "a COPY wrote to the host's /etc"
+    );
+}
