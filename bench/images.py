@@ -220,7 +220,7 @@ def bench_builds(api, moat, key, host, rounds):
     http("PUT", f"{moat}/v1/build-contexts/{context}", archive,
          {"Authorization": f"Bearer {key}", "Content-Type": "application/x-tar"})
     dockerfile = (f"FROM {host}/bench/bb:1\nCOPY app /app\n"
-                  'RUN ["/bin/busybox", "sh", "-c", "echo built > /built"]\nENV A=1\n')
+                  'RUN ["/bin/busybox", "sh", "-c", "echo built > /etc/built"]\nENV A=1\n')
 
     def build(no_cache):
         t0 = time.perf_counter()

@@ -463,9 +463,20 @@ pub struct CreateBuild {
     /// uploaded with `PUT /v1/build-contexts/{digest}`. None: an empty context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// Named build contexts, for `COPY --from=NAME`: each a digest of an uploaded archive
+    /// (names `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub contexts: BTreeMap<String, String>,
     /// Values of the Dockerfile's `ARG`s.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub args: BTreeMap<String, String>,
+    /// The template's start script (its sandboxes run it in the background at boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    /// The template's readiness script (retried until it exits 0 before a sandbox counts as
+    /// started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
     /// The backend the steps run on and the template uses; the server's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,

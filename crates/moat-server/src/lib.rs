@@ -103,6 +103,8 @@ pub(crate) struct AppState {
     pub(crate) rate_limiter: rate_limit::RateLimiter,
     /// The domain sandbox addresses are built on (see [`ServerOptions::domain`]).
     pub(crate) domain: String,
+    /// E2B builds asked for and not yet started.
+    pub(crate) e2b_builds: e2b::builds::PendingBuilds,
 }
 
 impl AppState {
@@ -112,6 +114,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             rate_limiter: rate_limit::RateLimiter::new(opts.requests_per_minute),
             domain: opts.domain.clone().unwrap_or_else(|| default_domain(port)),
+            e2b_builds: Default::default(),
         }
     }
 }

@@ -48,6 +48,11 @@ pub(crate) fn router_with(state: Shared) -> Router {
     let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        // E2B's SDK uploads a build's files without its key: the path's token is the authority.
+        .route(
+            crate::e2b::builds::UPLOAD_PATH,
+            axum::routing::put(crate::e2b::builds::upload),
+        )
         .merge(v1)
         .merge(crate::e2b::routes(state.clone()))
         .route_layer(middleware::from_fn_with_state(

@@ -421,3 +421,17 @@ impl LayerBuilder {
         self.tar.into_inner().expect("tar")
     }
 }
+
+/// A layer whose one program is the host's static busybox (`/bin/busybox`, which
+/// scripts/test-deps.sh installs), with `applets` linked to it in `bin/`.
+pub fn busybox_layer(applets: &[&str]) -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox: run scripts/test-deps.sh");
+    let mut layer = LayerBuilder::new()
+        .dir("bin/", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .file("etc/os-release", 0o644, b"ID=moat-busybox\n");
+    for applet in applets {
+        layer = layer.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    layer.build()
+}

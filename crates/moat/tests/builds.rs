@@ -9,26 +9,23 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use moat_test_support::need_root;
-use moat_test_support::registry::{LayerBuilder, Registry, TestImage};
+use moat_test_support::registry::{self, LayerBuilder, Registry, TestImage};
 use moat_test_support::server::{Server, body};
 use serde_json::{Value, json};
 
 /// An image whose one program is the host's static busybox, with the applets the builds use.
 fn busybox_image() -> TestImage {
-    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox: run scripts/test-deps.sh");
-    let mut layer = LayerBuilder::new()
-        .dir("bin/", 0o755)
-        .file("bin/busybox", 0o755, &busybox)
-        .file("etc/os-release", 0o644, b"ID=moat-busybox\n");
-    for applet in [
-        "sh", "echo", "cat", "id", "pwd", "ls", "whoami", "sleep", "env", "rm", "mkdir", "stat",
-        "readlink", "test", "true", "false", "ln",
-    ] {
-        layer = layer.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    let mut image = TestImage::new(vec![layer.build()]);
+    let mut image = TestImage::new(vec![busybox_layer()]);
     image.run = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]});
     image
+}
+
+/// The layer of [`busybox_image`].
+fn busybox_layer() -> Vec<u8> {
+    registry::busybox_layer(&[
+        "sh", "echo", "cat", "id", "pwd", "ls", "whoami", "sleep", "env", "rm", "mkdir", "stat",
+        "readlink", "test", "true", "false", "ln",
+    ])
 }
 
 /// A registry holding the busybox image, and its reference.

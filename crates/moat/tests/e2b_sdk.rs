@@ -62,9 +62,14 @@ fn run_pytest_with(python: &Path, file: &str) {
 
 /// Runs `cmd` (an SDK client) in the repository's root against a fresh `moat serve`, with the
 /// E2B environment pointing at it; fails with its output unless it exits 0.
-fn run_client(mut cmd: Command, what: &str) {
+fn run_client(cmd: Command, what: &str) {
+    run_client_on(&[], cmd, what);
+}
+
+/// [`run_client`] against a `moat serve` started with `server_args`.
+fn run_client_on(server_args: &[&str], mut cmd: Command, what: &str) {
     need_root!("moat serve's native backend needs root");
-    let server = Server::start();
+    let server = Server::start_with(server_args);
     let admin = server.admin_key();
     let key = server.create_key(&admin, json!({"name": "e2b sdk suite", "tenant": "e2bsdk"}));
     // The suite's gvisor sandboxes (snapshots with memory) come from this template.
@@ -110,6 +115,35 @@ fn network() {
         .env("MOAT_FAKE_OTHER", net.other.to_string())
         .env("MOAT_FAKE_DNS", net.dns.to_string());
     run_client(cmd, "pytest tests/e2b/test_network.py");
+}
+
+/// `Template.build` from a busybox image (with a `/bin/bash`, which the SDK runs commands
+/// with) in a registry on loopback, which the server lets every key pull from.
+#[test]
+fn template_builds() {
+    need_root!("moat serve's native backend needs root");
+    let registry = support::registry::Registry::start();
+    let bash = support::registry::LayerBuilder::new()
+        .file("bin/bash", 0o755, b"#!/bin/sh\nexec /bin/sh \"$@\"\n")
+        .build();
+    let applets = ["sh", "echo", "cat", "id", "pwd", "ls", "true", "false"];
+    let mut image =
+        support::registry::TestImage::new(vec![support::registry::busybox_layer(&applets), bash]);
+    image.run = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]});
+    registry.push("tools/bbash", "1", &image);
+    let mut cmd = Command::new(test_python());
+    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg("tests/e2b/test_template_build.py")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env(
+            "MOAT_TEST_IMAGE",
+            format!("{}/tools/bbash:1", registry.host()),
+        );
+    run_client_on(
+        &["--allow-registry", &registry.host()],
+        cmd,
+        "pytest tests/e2b/test_template_build.py",
+    );
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub(super) fn derive(key: &[u8], id: &str) -> String {
 }
 
 /// The token of sandbox `id` under `key` for `label`: 43 URL-safe base64 characters.
-fn derive_labelled(key: &[u8], label: &[u8], id: &str) -> String {
+pub(super) fn derive_labelled(key: &[u8], label: &[u8], id: &str) -> String {
     // HMAC takes keys of any length; this cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));

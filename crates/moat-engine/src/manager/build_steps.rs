@@ -61,6 +61,10 @@ pub(super) struct BuildPlan {
     pub network_json: serde_json::Value,
     pub timeout: Duration,
     pub context: Option<String>,
+    /// Named contexts for `COPY --from`, by name: their digests.
+    pub contexts: BTreeMap<String, String>,
+    pub start: Option<String>,
+    pub ready: Option<String>,
     pub no_cache: bool,
     /// The caller may pull from any registry.
     pub admin: bool,
@@ -98,6 +102,15 @@ impl Inner {
             Some(s) => Duration::from_secs(s),
         };
         super::check_env("args", &req.args)?;
+        for (what, script) in [("start", &req.start), ("ready", &req.ready)] {
+            if let Some(s) = script
+                && (s.trim().is_empty() || s.contains('\0'))
+            {
+                return Err(ManagerError::Invalid(format!(
+                    "{what} must be a non-empty script without NUL"
+                )));
+            }
+        }
         Ok(BuildPlan {
             dockerfile,
             template: req.template.clone(),
@@ -108,6 +121,9 @@ impl Inner {
             network_json: serde_json::to_value(&req.network).unwrap_or_default(),
             timeout,
             context: req.context.clone(),
+            contexts: req.contexts.clone(),
+            start: req.start.clone(),
+            ready: req.ready.clone(),
             no_cache: req.no_cache,
             admin: caller.is_admin(),
         })
@@ -122,6 +138,8 @@ struct Progress<'a> {
     /// The shell of shell-form commands.
     shell: Vec<String>,
     context: Option<PathBuf>,
+    /// Named contexts, unpacked, by name.
+    named: BTreeMap<String, PathBuf>,
     deadline: Instant,
     plan: &'a BuildPlan,
 }
@@ -229,6 +247,20 @@ impl SandboxManager {
             }
             None => None,
         };
+        let mut named = BTreeMap::new();
+        for (name, digest) in &plan.contexts {
+            let archive = builds.context(&caller.tenant, digest).ok_or_else(|| {
+                ManagerError::NotFound(format!("build context {name} ({digest}) is gone"))
+            })?;
+            let root = builds.build_dir(&rec.build.id).join("named");
+            std::fs::create_dir_all(&root)
+                .map_err(|e| ManagerError::Internal(format!("making a context directory: {e}")))?;
+            log.line(&format!("unpacking the build context {name}"))
+                .await;
+            let dir = root.join(name);
+            unpack_context(&archive, &dir).await?;
+            named.insert(name.clone(), dir);
+        }
         let global: BTreeMap<String, String> = self.declared_args(plan, log).await?;
         let from = &plan.dockerfile.from;
         let image = from
@@ -240,6 +272,7 @@ impl SandboxManager {
             args: BTreeMap::new(),
             shell: vec!["/bin/sh".into(), "-c".into()],
             context,
+            named,
             deadline: Instant::now() + plan.timeout,
             plan,
         };
@@ -424,10 +457,19 @@ impl SandboxManager {
         copy: &crate::images::build::dockerfile::Copy,
         log: &mut BuildLog,
     ) -> ManagerResult<bool> {
-        let Some(context) = p.context.clone() else {
-            return Err(ManagerError::Invalid(
-                "COPY needs a build context, and the build has none".into(),
-            ));
+        let context = match &copy.from {
+            Some(word) => {
+                let name = p.expand(word)?;
+                p.named.get(&name).cloned().ok_or_else(|| {
+                    ManagerError::Invalid(format!(
+                        "COPY --from={name}: the build has no context of that name (moat \
+                         builds have no stages; --from names a context given with the build)"
+                    ))
+                })?
+            }
+            None => p.context.clone().ok_or_else(|| {
+                ManagerError::Invalid("COPY needs a build context, and the build has none".into())
+            })?,
         };
         if copy.add {
             log.line(" ---> ADD copies as COPY does: archives are not unpacked, URLs refused")
@@ -736,6 +778,8 @@ impl SandboxManager {
     ) -> ManagerResult<()> {
         let mut spec = v1::TemplateSpec::new(v1::Rootfs::Build(built.digest.clone()));
         spec.backend = Some(plan.backend.clone());
+        spec.start = plan.start.clone();
+        spec.ready = plan.ready.clone();
         apply_config(&mut spec, &built.config);
         super::check_env("the image's environment", &spec.env)?;
         let limits = super::limits_json(&spec)?;
@@ -845,13 +889,24 @@ async fn unpack_context(archive: &Path, dir: &Path) -> ManagerResult<()> {
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir(&dir)
             .map_err(|e| ManagerError::Internal(format!("making {}: {e}", dir.display())))?;
-        let file = std::fs::File::open(&archive)
-            .map_err(|e| ManagerError::Internal(format!("opening the context: {e}")))?;
+        let mut file = std::io::BufReader::new(
+            std::fs::File::open(&archive)
+                .map_err(|e| ManagerError::Internal(format!("opening the context: {e}")))?,
+        );
         let limits = UnpackLimits {
             max_bytes: super::builds::MAX_CONTEXT_BYTES,
             max_entries: MAX_CONTEXT_ENTRIES,
         };
-        unpack_layer(std::io::BufReader::new(file), &dir, &limits)
+        // A gzipped archive (E2B's SDK sends them) is told by its magic number.
+        let gzipped = std::io::BufRead::fill_buf(&mut file)
+            .map(|head| head.starts_with(&[0x1f, 0x8b]))
+            .map_err(|e| ManagerError::Internal(format!("reading the context: {e}")))?;
+        let reader: Box<dyn std::io::Read> = if gzipped {
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        unpack_layer(reader, &dir, &limits)
             .map_err(|e| ManagerError::Invalid(format!("the build context: {e}")))?;
         Ok(())
     })

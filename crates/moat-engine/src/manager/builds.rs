@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use moat_proto::units::describe_size;
@@ -56,6 +57,10 @@ pub const MAX_CONTEXT_BYTES_PER_TENANT: u64 = 4 << 30;
 pub const CONTEXT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Most bytes of a log one call returns.
 const MAX_LOG_READ: u64 = 1 << 20;
+/// How long an upload link stays valid.
+pub const UPLOAD_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Label of upload tokens in the HMAC input.
+const UPLOAD_LABEL: &[u8] = b"moat build context upload\0";
 
 /// What the store of builds keeps of one, in `build.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,6 +220,12 @@ impl Builds {
     }
 }
 
+/// A new build id.
+pub fn new_build_id() -> ManagerResult<String> {
+    let random = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
+    Ok(format!("b-{}", random.chars().take(16).collect::<String>()))
+}
+
 /// A build id: `b-` and 16 base32 characters.
 fn is_build_id(id: &str) -> bool {
     id.strip_prefix("b-").is_some_and(|rest| {
@@ -323,7 +334,94 @@ impl SandboxManager {
                 .map(|m| m.len())
                 .map_err(|e| ManagerError::Internal(format!("{}: {e}", path.display())));
         }
-        let dir = builds.contexts_dir(&caller.tenant);
+        let (_, size) = self
+            .store_context(&caller.tenant, Some(digest), body)
+            .await?;
+        Ok(size)
+    }
+
+    /// A URL path token that lets its bearer upload the context named `name` (a client's own
+    /// name for it, such as the hash E2B's SDK gives a `COPY`'s files) for the caller's
+    /// tenant, for [`UPLOAD_TOKEN_LIFETIME`]: E2B's SDK uploads without its API key.
+    pub fn build_upload_token(&self, caller: &Caller, name: &str) -> ManagerResult<String> {
+        check_context_name(name)?;
+        let expires = now_ms() / 1000 + UPLOAD_TOKEN_LIFETIME.as_secs() as i64;
+        let tenant = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&caller.tenant);
+        let claim = format!("{tenant}.{name}.{expires}");
+        let mac = super::access::derive_labelled(&self.inner.access_key, UPLOAD_LABEL, &claim);
+        Ok(format!("{claim}.{mac}"))
+    }
+
+    /// Stores the archive `body` as the context named in `token` (see
+    /// [`SandboxManager::build_upload_token`]); its size.
+    pub async fn put_build_context_by_token<S, E>(&self, token: &str, body: S) -> ManagerResult<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let refused = || ManagerError::Forbidden("the upload link is invalid or expired".into());
+        let (claim, mac) = token.rsplit_once('.').ok_or_else(refused)?;
+        let expected = super::access::derive_labelled(&self.inner.access_key, UPLOAD_LABEL, claim);
+        // Compared whole; the token is a bearer secret of fixed length.
+        if !constant_time_eq(expected.as_bytes(), mac.as_bytes()) {
+            return Err(refused());
+        }
+        let mut parts = claim.split('.');
+        let (Some(tenant), Some(name), Some(expires), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(refused());
+        };
+        let expires: i64 = expires.parse().map_err(|_| refused())?;
+        if expires < now_ms() / 1000 {
+            return Err(refused());
+        }
+        let tenant = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(tenant)
+            .ok()
+            .and_then(|t| String::from_utf8(t).ok())
+            .ok_or_else(refused)?;
+        check_context_name(name)?;
+        let (digest, size) = self.store_context(&tenant, None, body).await?;
+        let builds = self.builds()?;
+        let names = builds.contexts_dir(&tenant).join("names");
+        std::fs::create_dir_all(&names)
+            .and_then(|()| std::fs::write(names.join(name), &digest))
+            .map_err(|e| ManagerError::Internal(format!("naming a context: {e}")))?;
+        Ok(size)
+    }
+
+    /// The digest of the context the caller's tenant uploaded under `name`, if it is still
+    /// there.
+    pub fn named_build_context(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> ManagerResult<Option<String>> {
+        check_context_name(name)?;
+        let builds = self.builds()?;
+        let path = builds.contexts_dir(&caller.tenant).join("names").join(name);
+        let Ok(digest) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        let digest = digest.trim().to_owned();
+        Ok(builds.context(&caller.tenant, &digest).map(|_| digest))
+    }
+
+    /// Streams `body` into `tenant`'s contexts, checked against `expected` when given; its
+    /// digest and size.
+    async fn store_context<S, E>(
+        &self,
+        tenant: &str,
+        expected: Option<&str>,
+        body: S,
+    ) -> ManagerResult<(String, u64)>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let builds = self.builds()?;
+        let dir = builds.contexts_dir(tenant);
         let used = prune_contexts(&dir)?;
         let room = MAX_CONTEXT_BYTES_PER_TENANT.saturating_sub(used);
         let limit = MAX_CONTEXT_BYTES.min(room);
@@ -339,6 +437,7 @@ impl SandboxManager {
         while let Some(piece) = body.next().await {
             let piece =
                 piece.map_err(|e| ManagerError::Invalid(format!("reading the upload: {e}")))?;
+            let before = size;
             size = size.saturating_add(piece.len() as u64);
             if size > limit {
                 return Err(if limit < MAX_CONTEXT_BYTES {
@@ -354,25 +453,27 @@ impl SandboxManager {
                     ))
                 });
             }
-            if size % (64 << 20) < piece.len() as u64 {
-                self.inner
-                    .check_build_disk(piece.len() as u64 + (64 << 20))?;
+            if before >> 26 != size >> 26 {
+                self.inner.check_build_disk(64 << 20)?;
             }
             hash.update(&piece);
             file.write_all(&piece).await.map_err(io)?;
         }
         file.sync_all().await.map_err(io)?;
         let actual: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        if format!("sha256:{actual}") != digest {
+        let digest = format!("sha256:{actual}");
+        if let Some(expected) = expected
+            && digest != expected
+        {
             return Err(ManagerError::Invalid(format!(
-                "the upload's digest is sha256:{actual}, not {digest}"
+                "the upload's digest is {digest}, not {expected}"
             )));
         }
         let target = dir.join(format!("{actual}.tar"));
         staged
             .persist(&target)
             .map_err(|e| ManagerError::Internal(format!("keeping a context: {e}")))?;
-        Ok(size)
+        Ok((digest, size))
     }
 
     /// Whether the caller's tenant has the context `digest`.
@@ -386,7 +487,22 @@ impl SandboxManager {
         caller: &Caller,
         req: v1::CreateBuild,
     ) -> ManagerResult<v1::Build> {
+        let id = new_build_id()?;
+        self.create_build_as(caller, &id, req).await
+    }
+
+    /// [`SandboxManager::create_build`] under the id `id` (one [`new_build_id`] made, which a
+    /// front end handed out before the build was asked for); `409` if it is taken.
+    pub async fn create_build_as(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: v1::CreateBuild,
+    ) -> ManagerResult<v1::Build> {
         let builds = self.builds()?;
+        if !is_build_id(id) {
+            return Err(ManagerError::Invalid(format!("{id:?} is not a build id")));
+        }
         let parsed = dockerfile::parse(&req.dockerfile)
             .map_err(|e| ManagerError::Invalid(format!("Dockerfile {e}")))?;
         if parsed.steps.len() > crate::images::build::MAX_BUILD_STEPS {
@@ -409,21 +525,18 @@ impl SandboxManager {
             )));
         }
         let plan = self.inner.build_plan(caller, &req, parsed)?;
-        if let Some(digest) = &req.context
-            && builds.context(&caller.tenant, digest).is_none()
-        {
-            return Err(ManagerError::Invalid(format!(
-                "no build context {digest}: upload it first (PUT /v1/build-contexts/{digest})"
-            )));
+        let named = req.contexts.iter().map(|(n, d)| (Some(n), d));
+        for (name, digest) in req.context.iter().map(|d| (None, d)).chain(named) {
+            if let Some(name) = name {
+                check_context_name(name)?;
+            }
+            if builds.context(&caller.tenant, digest).is_none() {
+                return Err(ManagerError::Invalid(format!(
+                    "no build context {digest}: upload it first (PUT /v1/build-contexts/{digest})"
+                )));
+            }
         }
-        let id = format!(
-            "b-{}",
-            crate::store::generate_sandbox_id()
-                .map_err(ManagerError::from)?
-                .chars()
-                .take(16)
-                .collect::<String>()
-        );
+        let id = id.to_owned();
         let (cancel, cancelled) = tokio::sync::watch::channel(false);
         {
             let mut active = lock(&builds.active);
@@ -461,6 +574,7 @@ impl SandboxManager {
                 warnings: plan.dockerfile.warnings.clone(),
             },
         };
+        // `create_dir` fails on a taken id: no build is ever written over.
         let made = std::fs::create_dir(builds.build_dir(&id))
             .map_err(|e| ManagerError::Internal(format!("making build {id}'s directory: {e}")))
             .and_then(|()| builds.write(&rec));
@@ -623,6 +737,50 @@ impl SandboxManager {
         })
     }
 
+    /// Lines `skip..skip + limit` of build `id`'s log (a line still being written is left for
+    /// a later call), and whether the build is over and this the end of its log.
+    pub async fn build_log_lines(
+        &self,
+        caller: &Caller,
+        id: &str,
+        skip: usize,
+        limit: usize,
+    ) -> ManagerResult<(Vec<String>, bool)> {
+        let builds = self.builds()?;
+        let done = builds.read(&caller.tenant, id)?.build.status.is_final();
+        let path = builds.build_dir(id).join("log");
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), done)),
+            Err(e) => return Err(ManagerError::Internal(format!("{}: {e}", path.display()))),
+        };
+        let mut reader = std::io::BufReader::new(file);
+        let mut lines = Vec::new();
+        let mut index = 0;
+        let mut buf = Vec::new();
+        let mut at_end = false;
+        while lines.len() < limit {
+            buf.clear();
+            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut buf)
+                .map_err(|e| ManagerError::Internal(format!("{}: {e}", path.display())))?;
+            if n == 0 {
+                at_end = true;
+                break;
+            }
+            // Unfinished: left for later, unless the build is over.
+            if buf.last() != Some(&b'\n') && !done {
+                at_end = true;
+                break;
+            }
+            if index >= skip {
+                let text = String::from_utf8_lossy(&buf);
+                lines.push(text.trim_end_matches(['\n', '\r']).to_owned());
+            }
+            index += 1;
+        }
+        Ok((lines, done && at_end))
+    }
+
     /// Cancels the caller's build `id` if it is under way; the build as it stands.
     pub async fn cancel_build(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Build> {
         let builds = self.builds()?;
@@ -660,6 +818,30 @@ impl super::Inner {
             None => Ok(()),
         }
     }
+}
+
+/// Checks a context name (a named context of a build, or an uploaded context's own name).
+pub(super) fn check_context_name(name: &str) -> ManagerResult<()> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ManagerError::Invalid(format!(
+            "context name {name:?}: expected [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"
+        )))
+    }
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Whether a template's stored spec is one a build made.

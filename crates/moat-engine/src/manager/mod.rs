@@ -21,6 +21,11 @@ mod health;
 mod housekeeping;
 mod idempotency;
 mod images;
+pub use builds::{
+    CONTEXT_TTL, DEFAULT_BUILD_TIMEOUT, MAX_ACTIVE_BUILDS_PER_TENANT, MAX_BUILD_LOG_BYTES,
+    MAX_BUILD_TIMEOUT, MAX_CONCURRENT_BUILDS, MAX_CONTEXT_BYTES, MAX_CONTEXT_BYTES_PER_TENANT,
+    MAX_KEPT_BUILDS_PER_TENANT, UPLOAD_TOKEN_LIFETIME, new_build_id,
+};
 pub use images::IMAGE_GRACE;
 mod keys;
 mod memory;

@@ -6,8 +6,9 @@
 //! - Errors: E2B's JSON `{"code": <status>, "message": "..."}` on every failure, including
 //!   unknown routes under E2B's paths ([`owns_path`]); see [`error`].
 //! - Bodies: E2B's field names ([`shapes`]); the listing's query in [`list_query`].
-//! - Handlers: [`sandboxes`], [`lifecycle`] (pause, snapshots, fork) and [`templates`]
-//!   (template lookups), each over the same manager calls as `/v1`'s.
+//! - Handlers: [`sandboxes`], [`lifecycle`] (pause, snapshots, fork), [`templates`]
+//!   (template lookups) and [`builds`] (`Template.build`), each over the same manager calls
+//!   as `/v1`'s.
 //!
 //! Both generations of the SDKs are served: e2b 2.51 and later create with `POST /v2/sandboxes`
 //! and connect with `POST /v2/sandboxes/{id}/connect`; earlier 2.x releases (from 2.7, the
@@ -22,6 +23,7 @@
 //! (`/v1/openapi.json`) does not list them.
 
 mod auth;
+pub(crate) mod builds;
 mod error;
 mod lifecycle;
 mod list_query;
@@ -90,6 +92,13 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
         .route("/snapshots", get(lifecycle::list_snapshots))
         .route("/templates/{id}", delete(lifecycle::delete_snapshot))
         .route("/templates/aliases/{alias}", get(templates::alias))
+        .route("/v3/templates", post(builds::request_build))
+        .route("/templates/{id}/files/{hash}", get(builds::file_link))
+        .route(
+            "/v2/templates/{id}/builds/{build}",
+            post(builds::start_build),
+        )
+        .route("/templates/{id}/builds/{build}/status", get(builds::status))
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state, auth::authenticate))
         .layer(middleware::from_fn(error::no_retry_on_failed_create))

@@ -75,6 +75,9 @@ pub async fn run(client: &Client, a: &BuildArgs, format: Format) -> Result<ExitC
         template: a.name.clone(),
         dockerfile,
         context: Some(digest),
+        contexts: Default::default(),
+        start: None,
+        ready: None,
         args: key_values("--build-arg", &a.build_args)?
             .into_iter()
             .collect(),

@@ -153,6 +153,9 @@ pub struct Copy {
     pub chown: Option<Word>,
     /// The `--chmod=mode` value, if given.
     pub chmod: Option<Word>,
+    /// The `--from=name` value of a `COPY`: a named build context the build was given (moat
+    /// builds have no stages to copy from).
+    pub from: Option<Word>,
 }
 
 /// An `ARG NAME` or `ARG NAME=default` declaration.
@@ -1052,6 +1055,7 @@ fn parse_copy(cx: Cx, add: bool, args: &str) -> Result<Instruction, DockerfileEr
     let (flags, rest) = split_flags(args, cx.escape);
     let mut chown = None;
     let mut chmod = None;
+    let mut from = None;
     for flag in &flags {
         match flag.name {
             "chown" => {
@@ -1061,6 +1065,10 @@ fn parse_copy(cx: Cx, add: bool, args: &str) -> Result<Instruction, DockerfileEr
             "chmod" => {
                 let value = cx.word(flag_value(cx, flag, "--chmod=644 src /dest")?)?;
                 set_once(cx, &mut chmod, flag, value)?;
+            }
+            "from" if !add => {
+                let value = cx.word(flag_value(cx, flag, "--from=context src /dest")?)?;
+                set_once(cx, &mut from, flag, value)?;
             }
             _ => return Err(copy_flag_error(cx, add, flag)),
         }
@@ -1104,6 +1112,7 @@ fn parse_copy(cx: Cx, add: bool, args: &str) -> Result<Instruction, DockerfileEr
         dest: cx.word(dest)?,
         chown,
         chmod,
+        from,
     }))
 }
 
@@ -1111,10 +1120,6 @@ fn parse_copy(cx: Cx, add: bool, args: &str) -> Result<Instruction, DockerfileEr
 fn copy_flag_error(cx: Cx, add: bool, flag: &Flag<'_>) -> DockerfileError {
     let name = cx.keyword.name();
     match (flag.name, add) {
-        ("from", false) => cx.error(
-            "`COPY --from` (multi-stage builds) is not supported by moat builds; copy from \
-             the build context instead",
-        ),
         ("link", _) => cx.error(format!(
             "`{name} --link` is not supported by moat builds; remove the flag"
         )),
@@ -1736,6 +1741,7 @@ mod tests {
                     dest: w("/y"),
                     chown: None,
                     chmod: None,
+                    from: None,
                 }),
                 Instruction::Workdir(w("/w")),
             ]
@@ -1955,6 +1961,7 @@ mod tests {
             dest: w(dest),
             chown: None,
             chmod: None,
+            from: None,
         }
     }
 
@@ -1987,6 +1994,17 @@ mod tests {
     }
 
     #[test]
+    fn copy_from_names_a_build_context() {
+        assert_eq!(
+            step("COPY --from=files a /b"),
+            Instruction::Copy(Copy {
+                from: Some(w("files")),
+                ..copy(false, &["a"], "/b")
+            })
+        );
+    }
+
+    #[test]
     fn copy_chown_and_chmod() {
         assert_eq!(
             step("COPY --chown=app:app --chmod=0755 run.sh /usr/local/bin/"),
@@ -2011,11 +2029,6 @@ mod tests {
 
     #[test]
     fn copy_refusals() {
-        assert_step_refused(
-            "COPY --from=build /out /app",
-            "`COPY --from` (multi-stage builds) is not supported by moat builds; copy from \
-             the build context instead",
-        );
         assert_step_refused("COPY --link a /b", "`COPY --link` is not supported");
         assert_step_refused("ADD --link a /b", "`ADD --link` is not supported");
         assert_step_refused("COPY --parents a/b /c", "`COPY --parents` is not supported");
