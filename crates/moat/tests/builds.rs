@@ -280,6 +280,23 @@ fn builds_refuse_bad_requests_report_failed_steps_and_can_be_cancelled() {
         None,
     );
     r.assert_error(404, "not_found");
+
+    // Nor reuses its steps: a step's sandbox was its tenant's to change while it ran.
+    let shared = format!("FROM {reference}\nRUN echo shared > /etc/shared\n");
+    let mut cached = Vec::new();
+    for (who, k) in [("builders", &key), ("builders", &key), ("others", &other)] {
+        let r = server.request(
+            "POST",
+            "/v1/builds",
+            Some(k),
+            Some(&body(json!({"template": "shared", "dockerfile": shared}))),
+        );
+        assert_eq!(r.status, 202, "{who}: {}", r.text());
+        let done = wait_for_build(&server, k, r.json()["id"].as_str().unwrap());
+        assert_eq!(done["status"], "succeeded", "{who}: {done}");
+        cached.push(done["steps_cached"].as_u64().unwrap());
+    }
+    assert_eq!(cached, [0, 1, 0], "only the same tenant reuses a RUN");
 }
 
 /// Uploads `archive` as a build context of `key`'s tenant; its digest.

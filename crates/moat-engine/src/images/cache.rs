@@ -222,6 +222,15 @@ impl ImageCache {
         })
     }
 
+    /// Entries (files, directories, links) `layers` hold together: what merging them makes.
+    pub fn layer_entries(&self, layers: &[String]) -> Result<u64, ImageError> {
+        let mut entries: u64 = 0;
+        for layer in layers {
+            entries = entries.saturating_add(read_index(&self.layer_dir(layer))?.entries);
+        }
+        Ok(entries)
+    }
+
     /// The layer the build step whose inputs have digest `key` made, if recorded and still in
     /// the cache.
     pub fn step_layer(&self, key: &str) -> Option<String> {

@@ -48,6 +48,11 @@ const MAX_HOST_LAYER_BYTES: u64 = 16 << 30;
 const CAPTURE_SLACK: u64 = 256 << 20;
 /// How often a layer being written checks the data dir's free space.
 const FREE_CHECK_EVERY: u64 = 64 << 20;
+/// Entries the trees a build merges may hold together (each step on new layers merges one).
+pub const MAX_BUILD_MERGED_ENTRIES: u64 = 8_000_000;
+/// Disk a merged tree is counted to take per entry (its directories and links; files are
+/// hard links to the layers).
+const TREE_BYTES_PER_ENTRY: u64 = 512;
 
 /// A build request, checked.
 pub(super) struct BuildPlan {
@@ -138,6 +143,8 @@ struct Progress<'a> {
     /// The shell of shell-form commands.
     shell: Vec<String>,
     context: Option<PathBuf>,
+    /// Entries of the trees this build merged so far.
+    merged_entries: u64,
     /// Named contexts, unpacked, by name.
     named: BTreeMap<String, PathBuf>,
     deadline: Instant,
@@ -272,6 +279,7 @@ impl SandboxManager {
             args: BTreeMap::new(),
             shell: vec!["/bin/sh".into(), "-c".into()],
             context,
+            merged_entries: 0,
             named,
             deadline: Instant::now() + plan.timeout,
             plan,
@@ -327,7 +335,8 @@ impl SandboxManager {
             .assemble(progress.state.image(&plan.template))
             .await
             .map_err(image_error)?;
-        self.write_built_template(caller, plan, &built).await?;
+        self.write_built_template(caller, plan, &built.digest, &progress.state.config)
+            .await?;
         Ok(built.digest)
     }
 
@@ -568,13 +577,32 @@ impl SandboxManager {
         Ok(Some((digest, had)))
     }
 
-    /// The merged tree of the build's state (made if needed).
-    async fn tree_of(&self, p: &Progress<'_>) -> ManagerResult<PathBuf> {
+    /// The merged tree of the build's state (made if needed, within the build's
+    /// [`MAX_BUILD_MERGED_ENTRIES`] and the data dir's reserve).
+    async fn tree_of(&self, p: &mut Progress<'_>) -> ManagerResult<PathBuf> {
         let cache = self
             .inner
             .images
             .clone()
             .ok_or_else(|| ManagerError::Invalid("this server keeps no images".into()))?;
+        if cache
+            .find(&p.state.tree_digest())
+            .map_err(image_error)?
+            .is_none()
+        {
+            let entries = cache.layer_entries(&p.state.layers).map_err(image_error)?;
+            p.merged_entries = p.merged_entries.saturating_add(entries);
+            if p.merged_entries > MAX_BUILD_MERGED_ENTRIES {
+                return Err(ManagerError::TooLarge(format!(
+                    "the build's steps would merge images of more than {MAX_BUILD_MERGED_ENTRIES} \
+                     entries together; combine steps (each RUN, COPY and WORKDIR on a new image \
+                     merges one)"
+                )));
+            }
+            cache
+                .check_free(entries.saturating_mul(TREE_BYTES_PER_ENTRY))
+                .map_err(image_error)?;
+        }
         let image = cache
             .assemble(p.state.image(&p.plan.template))
             .await
@@ -769,18 +797,20 @@ impl SandboxManager {
         Ok(digest)
     }
 
-    /// Makes (or replaces, if a build made it) the template of `plan` on `built`.
+    /// Makes (or replaces, if a build made it) the template of `plan` on the tree `digest`,
+    /// with the defaults of `config`.
     async fn write_built_template(
         &self,
         caller: &Caller,
         plan: &BuildPlan,
-        built: &crate::images::PulledImage,
+        digest: &str,
+        config: &crate::images::registry::RunConfig,
     ) -> ManagerResult<()> {
-        let mut spec = v1::TemplateSpec::new(v1::Rootfs::Build(built.digest.clone()));
+        let mut spec = v1::TemplateSpec::new(v1::Rootfs::Build(digest.to_owned()));
         spec.backend = Some(plan.backend.clone());
         spec.start = plan.start.clone();
         spec.ready = plan.ready.clone();
-        apply_config(&mut spec, &built.config);
+        apply_config(&mut spec, config);
         super::check_env("the image's environment", &spec.env)?;
         let limits = super::limits_json(&spec)?;
         let json = serde_json::to_value(&spec)

@@ -37,7 +37,7 @@ use crate::clock::now_ms;
 use crate::images::build::dockerfile;
 use crate::images::reference::is_sha256_digest;
 
-/// Builds running at once on the server; more wait their turn.
+/// Builds running at once on the server (one per tenant); more wait their turn.
 pub const MAX_CONCURRENT_BUILDS: usize = 2;
 /// Builds one tenant may have queued or running; one more is refused (429).
 pub const MAX_ACTIVE_BUILDS_PER_TENANT: usize = 4;
@@ -73,6 +73,12 @@ pub(super) struct BuildRecord {
 pub(super) struct Builds {
     dir: PathBuf,
     pub(super) turns: Arc<tokio::sync::Semaphore>,
+    /// One turn per tenant: a tenant runs one build at a time, so it cannot hold every
+    /// server turn while another tenant's build waits.
+    tenant_turns: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// One context upload at a time per tenant, so that uploads side by side cannot each
+    /// find room under the tenant's quota.
+    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Builds queued or running, by id: their tenant and the way to cancel them.
     active: Mutex<HashMap<String, Active>>,
 }
@@ -98,6 +104,8 @@ impl Builds {
         let builds = Builds {
             dir: dir.to_owned(),
             turns: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_BUILDS)),
+            tenant_turns: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
         };
         // Half made (a crash before the first record): nothing to keep.
@@ -421,6 +429,37 @@ impl SandboxManager {
         E: std::fmt::Display,
     {
         let builds = self.builds()?;
+        let turn = lock(&builds.uploads)
+            .entry(tenant.to_owned())
+            .or_default()
+            .clone();
+        let result = {
+            let _turn = turn.lock().await;
+            self.store_context_now(builds, tenant, expected, body).await
+        };
+        drop(turn);
+        let mut uploads = lock(&builds.uploads);
+        if uploads
+            .get(tenant)
+            .is_some_and(|t| Arc::strong_count(t) == 1)
+        {
+            uploads.remove(tenant);
+        }
+        result
+    }
+
+    /// [`SandboxManager::store_context`], the tenant's upload turn held.
+    async fn store_context_now<S, E>(
+        &self,
+        builds: &Builds,
+        tenant: &str,
+        expected: Option<&str>,
+        body: S,
+    ) -> ManagerResult<(String, u64)>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
         let dir = builds.contexts_dir(tenant);
         let used = prune_contexts(&dir)?;
         let room = MAX_CONTEXT_BYTES_PER_TENANT.saturating_sub(used);
@@ -605,6 +644,15 @@ impl SandboxManager {
         let dir = builds.build_dir(&id);
         let outcome = async {
             let mut log = BuildLog::create(&dir.join("log")).await?;
+            let mine = lock(&builds.tenant_turns)
+                .entry(caller.tenant.clone())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+                .clone();
+            let _tenant_turn = tokio::select! {
+                turn = mine.acquire_owned() => turn
+                    .map_err(|e| ManagerError::Internal(format!("build queue: {e}")))?,
+                _ = cancelled.wait_for(|c| *c) => return Err(cancelled_error()),
+            };
             let turns = builds.turns.clone();
             let _turn = tokio::select! {
                 turn = turns.acquire_owned() => turn
@@ -654,6 +702,14 @@ impl SandboxManager {
             tracing::warn!(build = %id, "recording the end of a build: {e}");
         }
         lock(&builds.active).remove(&id);
+        // The tenant's turn goes when no build of its holds or waits for it.
+        let mut tenant_turns = lock(&builds.tenant_turns);
+        if tenant_turns
+            .get(&caller.tenant)
+            .is_some_and(|t| Arc::strong_count(t) == 1)
+        {
+            tenant_turns.remove(&caller.tenant);
+        }
     }
 
     /// Ends the sandboxes build `id` of `caller` made that are still there.

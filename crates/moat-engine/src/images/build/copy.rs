@@ -75,9 +75,10 @@ pub fn copy_layer(
     }
     let dest_parts = components(&spec.dest)
         .ok_or_else(|| format!("the destination {} leaves the image's root", spec.dest))?;
-    let into_dir =
-        spec.dest.ends_with('/') || sources.len() > 1 || sources.first().is_some_and(|s| s.is_dir);
-    if sources.len() > 1 && !spec.dest.ends_with('/') {
+    // `/app/`, `/app/.` and `.` name a directory, as in Docker.
+    let names_dir = spec.dest.ends_with('/') || spec.dest.ends_with("/.") || spec.dest == ".";
+    let into_dir = names_dir || sources.len() > 1 || sources.first().is_some_and(|s| s.is_dir);
+    if sources.len() > 1 && !names_dir {
         return Err(format!(
             "with more than one source the destination must be a directory ending in `/` (not \
              {})",

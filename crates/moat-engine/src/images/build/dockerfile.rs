@@ -1994,6 +1994,24 @@ mod tests {
     }
 
     #[test]
+    fn an_expansion_past_its_bound_is_an_error_not_a_huge_string() {
+        let big = "x".repeat(40 << 10);
+        let lookup = |name: &str| (name == "A").then(|| big.clone());
+        assert_eq!(
+            Word("$A".into()).expand(&lookup).map(|s| s.len()),
+            Ok(40 << 10)
+        );
+        let err = Word("$A$A".into())
+            .expand(&lookup)
+            .expect_err("twice 40 KiB is over the bound");
+        assert!(err.contains("more than"), "{err}");
+        let nested = Word("${B:-$A$A$A}".into())
+            .expand(&lookup)
+            .expect_err("a default is bounded too");
+        assert!(nested.contains("more than"), "{nested}");
+    }
+
+    #[test]
     fn copy_from_names_a_build_context() {
         assert_eq!(
             step("COPY --from=files a /b"),

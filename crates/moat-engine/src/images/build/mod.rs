@@ -3,8 +3,9 @@
 //! states a build goes through.
 //!
 //! A build's state after each step is its layers (base first, each a layer of the image cache)
-//! and its run configuration; [`BuildState::digest`] names it, and the merged tree of a state
-//! is kept in the cache under that name, as a pulled image's is under its manifest's. A `RUN`
+//! and its run configuration; [`BuildState::digest`] names it. The merged tree of its layers
+//! is kept in the cache under [`BuildState::tree_digest`], as a pulled image's is under its
+//! manifest's. A `RUN`
 //! step's layer is recorded in the cache under [`run_key`], the digest of everything that
 //! shapes what the step does, so running the same step on the same state again reuses it.
 //! A `COPY` layer needs no record: it is made again (cheaply, on the host) and is the same
@@ -46,11 +47,19 @@ impl BuildState {
         }))
     }
 
-    /// The state as the image cache keeps a tree's record, named for `template`.
+    /// The digest naming the state's tree: of its layers alone, so states that differ only
+    /// in their configuration (an `ENV`, a `USER`) share one tree.
+    pub fn tree_digest(&self) -> String {
+        digest_of(&serde_json::json!({ "layers": self.layers }))
+    }
+
+    /// The state's tree as the image cache keeps it, named for `template` (the record's
+    /// configuration is the first state's with these layers: a tree is shared by states with
+    /// other configurations, which their users keep themselves).
     pub fn image(&self, template: &str) -> PulledImage {
         PulledImage {
             reference: format!("build:{template}"),
-            digest: self.digest(),
+            digest: self.tree_digest(),
             config: self.config.clone(),
             layers: self.layers.clone(),
             rootfs: PathBuf::new(),
@@ -140,8 +149,10 @@ mod tests {
         a.layers.push("sha256:aa".into());
         assert_ne!(a.digest(), empty);
         let with_layer = a.digest();
+        let tree = a.tree_digest();
         a.set_env("A", "1");
         assert_ne!(a.digest(), with_layer);
+        assert_eq!(a.tree_digest(), tree, "the configuration is not the tree's");
         a.set_env("A", "2");
         assert_eq!(a.env("A").as_deref(), Some("2"));
         assert_eq!(a.config.env.as_ref().map(Vec::len), Some(1));
