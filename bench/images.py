@@ -31,6 +31,10 @@ import tempfile
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+import oci  # noqa: E402
+from oci import digest, http  # noqa: E402
+
 RANDOM_MB = 64
 
 
@@ -53,16 +57,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def http(method, url, body=None, headers=None):
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return r.status, dict(r.headers), r.read()
-
-
-def digest(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def layer(files):
     """A tar of `files` ({path: (mode, bytes)}), and the same gzipped."""
     raw = io.BytesIO()
@@ -81,33 +75,7 @@ def layer(files):
 
 def push(registry, repo, tag, layers, env):
     """Pushes an image of `layers` ([(tar, gz)]) and returns the gzipped layers' digests."""
-    def blob(data):
-        _, h, _ = http("POST", f"{registry}/v2/{repo}/blobs/uploads/", b"")
-        loc = h["Location"]
-        loc = loc if loc.startswith("http") else registry + loc
-        sep = "&" if "?" in loc else "?"
-        http("PUT", f"{loc}{sep}digest={digest(data)}", data,
-             {"Content-Type": "application/octet-stream"})
-        return digest(data)
-
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": env},
-        "rootfs": {"type": "layers", "diff_ids": [digest(t) for t, _ in layers]},
-    }).encode()
-    blob(config)
-    for _, gz in layers:
-        blob(gz)
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": digest(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": digest(gz), "size": len(gz)} for _, gz in layers],
-    }).encode()
-    http("PUT", f"{registry}/v2/{repo}/manifests/{tag}", manifest,
-         {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    oci.push(registry, repo, tag, layers, {"Env": env})
     return [digest(gz) for _, gz in layers]
 
 

@@ -25,6 +25,10 @@ command -v runsc >/dev/null || need+=(runsc)
 [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 # A static busybox, the one program of the images the image tests build.
 [ -x /bin/busybox ] || need+=(busybox-static)
+# Python's pip and venv, which the Python image scripts/python-image.py makes from this host
+# holds (and which the test venv below needs).
+dpkg-query -W -f='${Status}' python3-pip 2>/dev/null | grep -q "ok installed" || need+=(python3-pip)
+dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   # Packages with services (docker-registry) must not start them: the tests start their own
@@ -66,6 +70,13 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+# The data-science interpreter's wheels (templates/code-interpreter), for the test that builds
+# it with moat's own build: downloaded once, checked by pip against the pinned versions.
+wheels=target/wheels/code-interpreter
+mkdir -p "$wheels"
+"$venv/bin/python" -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
+  -r templates/code-interpreter/requirements.txt -d "$wheels"
 
 # Older generations of the e2b SDK, one venv each, for tests/e2b/test_sdk_generations.py.
 for version in 2.7 2.50; do

@@ -72,7 +72,8 @@ pub struct Ruleset {
 
 impl Ruleset {
     /// The user-code ruleset for the tree at `root` (the sandbox's `/`): full access beneath every
-    /// top-level entry except `proc` and `sys`, read-only beneath `proc`. Returns `None` when the
+    /// top-level entry except `proc` and `sys`, read-only beneath `proc`, and the listing of `/`
+    /// itself (no entry can be made or removed there). Returns `None` when the
     /// kernel has no landlock.
     pub fn for_user_code(root: &Path) -> Result<Option<Ruleset>> {
         let abi = abi_version();
@@ -119,6 +120,9 @@ impl Ruleset {
             };
             ruleset.allow_beneath(&entry.path(), access)?;
         }
+        // Listing `/` itself (`ls /`). Beneath it this adds nothing the rules above do not
+        // give, but for `/sys`, which a sandbox does not have.
+        ruleset.allow_beneath(root, ACCESS_READ_DIR)?;
         Ok(Some(ruleset))
     }
 

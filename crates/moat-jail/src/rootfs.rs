@@ -391,8 +391,11 @@ fn plan_on(
                     fallback_src: c(&dir)?,
                 },
             );
+            // `userxattr`: mounted in the sandbox's user namespace, overlayfs can only keep its
+            // markers (an opaque directory, a removed directory of the template) in `user.`
+            // attributes; without it, removing a template directory fails with EIO.
             let data = format!(
-                "lowerdir={},upperdir={},workdir={}",
+                "lowerdir={},upperdir={},workdir={},userxattr",
                 m.join("lower").display(),
                 m.join("upper").display(),
                 m.join("work").display()
@@ -1228,7 +1231,7 @@ mod tests {
             Some((
                 path(&root),
                 format!(
-                    "lowerdir={},upperdir={},workdir={}",
+                    "lowerdir={},upperdir={},workdir={},userxattr",
                     path(&m.join("lower")),
                     path(&m.join("upper")),
                     path(&m.join("work"))

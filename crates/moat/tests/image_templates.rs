@@ -21,6 +21,9 @@ fn busybox_image() -> TestImage {
     }
     let top = LayerBuilder::new()
         .dir("work/", 0o777)
+        .dir("usr/", 0o755)
+        .dir("usr/share/", 0o755)
+        .file("usr/share/note", 0o644, b"a file of the image\n")
         .file("etc/os-release", 0o644, b"ID=moat-busybox\n")
         .build();
     let mut image = TestImage::new(vec![layer.build(), top]);
@@ -135,12 +138,15 @@ fn changes_image_files_as_root(server: &Server, key: &str, id: &str) {
         &format!("/v1/sandboxes/{id}/exec"),
         Some(key),
         Some(&body(json!({
-            "shell": "echo changed > /etc/os-release && chmod 700 /bin && rm /bin/ls && cat /etc/os-release",
+            // A directory of the image removed with what it holds: the overlay records it (in
+            // `user.` attributes, the only ones a user namespace may write).
+            "shell": "echo changed > /etc/os-release && chmod 700 /bin && rm /bin/ls && \
+                      cat /etc/os-release && rm -rf /usr/share && test ! -e /usr/share && echo gone",
             "user": "root",
         }))),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["stdout"], "changed\n", "{}", r.text());
+    assert_eq!(r.json()["stdout"], "changed\ngone\n", "{}", r.text());
 }
 
 /// Every path under `dir` with its size and mode, sorted.

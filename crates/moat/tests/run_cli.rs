@@ -176,6 +176,26 @@ fn env_workdir_root_and_copy() {
     assert_eq!(stdout(&o), "hello /home/user user\n", "{}", stderr(&o));
     let o = run(&["--workdir", "/tmp", "--", "pwd"]);
     assert_eq!(stdout(&o), "/tmp\n", "{}", stderr(&o));
+    // `/` can be listed (Landlock grants reading it), not written.
+    let o = run(&[
+        "--root",
+        "--",
+        "sh",
+        "-c",
+        "ls / | grep -x tmp; touch /new 2>&1 || echo refused",
+    ]);
+    assert!(
+        stdout(&o).starts_with("tmp\n"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(
+        stdout(&o).ends_with("refused\n"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     let o = run(&["--root", "--", "id", "-u"]);
     assert_eq!(stdout(&o), "0\n");
     let dir = std::env::temp_dir().join(format!("moat-copy-{}", std::process::id()));

@@ -73,6 +73,8 @@ pub(super) struct BuildPlan {
     pub no_cache: bool,
     /// The caller may pull from any registry.
     pub admin: bool,
+    /// The template is a built-in one, which the build (an admin's) replaces for every tenant.
+    pub builtin: bool,
 }
 
 impl Inner {
@@ -131,6 +133,7 @@ impl Inner {
             ready: req.ready.clone(),
             no_cache: req.no_cache,
             admin: caller.is_admin(),
+            builtin: false,
         })
     }
 }
@@ -820,10 +823,16 @@ impl SandboxManager {
             caller.key_id.clone(),
             plan.template.clone(),
         );
+        let builtin = plan.builtin;
         self.inner
             .db(move |s| {
+                if builtin {
+                    return s
+                        .replace_template(None, &name, &json, &limits, |_| true)
+                        .map(|_| ());
+                }
                 match s.replace_template(
-                    &tenant,
+                    Some(&tenant),
                     &name,
                     &json,
                     &limits,

@@ -553,17 +553,20 @@ impl SandboxManager {
         }
         crate::store::check_template_name(&req.template).map_err(ManagerError::from)?;
         let (t, n) = (caller.tenant.clone(), req.template.clone());
-        let taken = match self.inner.db(move |s| s.get_template(&t, &n)).await {
-            Ok(existing) => !made_by_build(&existing.spec) || existing.tenant.is_none(),
-            Err(_) => false,
+        let builtin = match self.inner.db(move |s| s.get_template(&t, &n)).await {
+            // An admin's build may replace a built-in template (the interpreter's image, say).
+            Ok(existing) if existing.tenant.is_none() && caller.is_admin() => true,
+            Ok(existing) if existing.tenant.is_none() || !made_by_build(&existing.spec) => {
+                return Err(ManagerError::Conflict(format!(
+                    "template {} exists and no build made it: delete it or build another name \
+                     (an admin key's build may replace a built-in one)",
+                    req.template
+                )));
+            }
+            _ => false,
         };
-        if taken {
-            return Err(ManagerError::Conflict(format!(
-                "template {} exists and no build made it: delete it or build another name",
-                req.template
-            )));
-        }
-        let plan = self.inner.build_plan(caller, &req, parsed)?;
+        let mut plan = self.inner.build_plan(caller, &req, parsed)?;
+        plan.builtin = builtin;
         let named = req.contexts.iter().map(|(n, d)| (Some(n), d));
         for (name, digest) in req.context.iter().map(|d| (None, d)).chain(named) {
             if let Some(name) = name {

@@ -191,12 +191,13 @@ impl Store {
         })
     }
 
-    /// Replaces the spec and typed limits of `tenant`'s own template `name` when `replace`
+    /// Replaces the spec and typed limits of `tenant`'s own template `name` (a built-in for
+    /// `None`) when `replace`
     /// says yes to its current spec (in the same transaction, so no other write comes
     /// between); what it is now. Missing: not found; refused by `replace`: a conflict.
     pub fn replace_template(
         &self,
-        tenant: &str,
+        tenant: Option<&str>,
         name: &str,
         spec: &serde_json::Value,
         limits: &serde_json::Value,
@@ -210,9 +211,11 @@ impl Store {
             });
         }
         self.write(|tx| {
-            require_tenant(tx, tenant)?;
+            if let Some(tenant) = tenant {
+                require_tenant(tx, tenant)?;
+            }
             let current = tx
-                .prepare_cached("SELECT * FROM templates WHERE tenant_id = ?1 AND name = ?2")?
+                .prepare_cached("SELECT * FROM templates WHERE tenant_id IS ?1 AND name = ?2")?
                 .query_and_then(params![tenant, name], TemplateRecord::from_row)?
                 .next()
                 .transpose()?
@@ -221,7 +224,7 @@ impl Store {
                 return Err(StoreError::conflict("template", name));
             }
             tx.execute(
-                "UPDATE templates SET spec = ?1, limits = ?2 WHERE tenant_id = ?3 AND name = ?4",
+                "UPDATE templates SET spec = ?1, limits = ?2 WHERE tenant_id IS ?3 AND name = ?4",
                 params![spec.to_string(), limits.to_string(), tenant, name],
             )?;
             Ok(TemplateRecord {

@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// instead of the host's system directories.
     #[arg(long, value_name = "DIR")]
     pub(crate) rootfs: Option<PathBuf>,
+    /// Through a server (MOAT_URL): the template of the sandbox [default: host]. A local run
+    /// takes its root from --rootfs instead.
+    #[arg(long, short = 't', value_name = "NAME", conflicts_with = "rootfs")]
+    pub(crate) template: Option<String>,
     /// The isolation backend: native (namespaces on the host kernel) or gvisor (gVisor's
     /// sentry between the command and the host kernel).
     #[arg(long, default_value = "native", value_parser = ["native", "gvisor"])]
@@ -138,6 +142,12 @@ fn plan(a: RunArgs) -> Result<Plan> {
             bail!("--env {kv:?}: the name must be non-empty and neither part may contain NUL");
         }
         env.push((k.to_string(), v.to_string()));
+    }
+    if let Some(t) = &a.template {
+        bail!(
+            "--template {t}: templates are a server's; set MOAT_URL (and MOAT_API_KEY) to run \
+             through one, or use --rootfs to run here"
+        );
     }
     check_workdir(a.workdir.as_deref())?;
     let copies = parse_copies(&a.copy)?;

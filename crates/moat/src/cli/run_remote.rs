@@ -90,6 +90,7 @@ fn plan(a: &RunArgs) -> Result<Plan> {
             metadata: [("created_by".to_owned(), "moat run".to_owned())].into(),
             timeout_secs: Some(timeout + TTL_MARGIN_SECS),
             network: a.network.to_v1()?,
+            template: a.template.clone().unwrap_or_else(|| "host".to_owned()),
             ..CreateSandbox::default()
         },
         exec: ExecRequest {
