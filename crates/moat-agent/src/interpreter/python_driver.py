@@ -50,6 +50,99 @@ _KEYS = {
 }
 _BINARY = {"image/png", "image/jpeg", "application/pdf"}
 _STRUCTURED = {"application/json", "e2b/chart", "e2b/data"}
+
+
+def _plain(value):
+    """A number or text as JSON has it (numpy scalars and dates made plain)."""
+    try:
+        if hasattr(value, "item"):
+            value = value.item()
+    except Exception:
+        pass
+    if isinstance(value, (int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _axis(ax, which):
+    """The label, scale, ticks and tick labels of an axes' x or y axis, as E2B's charts."""
+    get = getattr(ax, "get_%slabel" % which)
+    axis = getattr(ax, "%saxis" % which)
+    ticks = [_plain(t) for t in getattr(ax, "get_%sticks" % which)()]
+    labels = [t.get_text() for t in getattr(ax, "get_%sticklabels" % which)()]
+    return {
+        "%s_label" % which: get() or None,
+        "%s_unit" % which: None,
+        "%s_scale" % which: axis.get_scale(),
+        "%s_ticks" % which: ticks,
+        "%s_tick_labels" % which: labels,
+    }
+
+
+def _axes_chart(ax):
+    """The data of one matplotlib axes as an E2B chart (line, scatter, bar or pie), or None."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.patches import Rectangle, Wedge
+
+    title = ax.get_title() or None
+    wedges = [p for p in ax.patches if isinstance(p, Wedge)]
+    if wedges:
+        texts = [t.get_text() for t in ax.texts]
+        return {
+            "type": "pie",
+            "title": title,
+            "elements": [
+                {"label": texts[i] if i < len(texts) else w.get_label(),
+                 "angle": _plain(w.theta2 - w.theta1), "radius": _plain(w.r)}
+                for i, w in enumerate(wedges)
+            ],
+        }
+    base = {"title": title}
+    base.update(_axis(ax, "x"))
+    base.update(_axis(ax, "y"))
+    if ax.containers:
+        elements = []
+        ticks = {round(float(t), 6): l for t, l in zip(base["x_ticks"], base["x_tick_labels"])
+                 if isinstance(t, (int, float))}
+        for container in ax.containers:
+            group = container.get_label()
+            for bar in getattr(container, "patches", []):
+                if not isinstance(bar, Rectangle):
+                    continue
+                center = round(float(bar.get_x() + bar.get_width() / 2), 6)
+                elements.append({"label": ticks.get(center, str(center)),
+                                 "value": _plain(bar.get_height()), "group": group})
+        if elements:
+            base.update({"type": "bar", "elements": elements})
+            return base
+    lines = [l for l in ax.get_lines() if len(l.get_xydata())]
+    scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+    if lines and not scatters:
+        base.update({"type": "line", "elements": [
+            {"label": l.get_label(), "points": [[_plain(x), _plain(y)] for x, y in l.get_xydata()]}
+            for l in lines]})
+        return base
+    if scatters:
+        base.update({"type": "scatter", "elements": [
+            {"label": c.get_label(), "points": [[_plain(x), _plain(y)] for x, y in c.get_offsets()]}
+            for c in scatters]})
+        return base
+    return None
+
+
+def figure_chart(fig):
+    """The data of a matplotlib figure as E2B extracts it: one chart, or a superchart of its
+    axes' charts; None when nothing in it is a chart moat reads (or reading it fails)."""
+    try:
+        charts = [c for c in (_axes_chart(ax) for ax in fig.get_axes()) if c is not None]
+        if not charts:
+            return None
+        if len(charts) == 1:
+            return charts[0]
+        title = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else None
+        return {"type": "superchart", "title": title, "elements": charts}
+    except Exception:
+        return None
 _REPR_METHODS = (
     ("_repr_html_", "text/html"),
     ("_repr_markdown_", "text/markdown"),
@@ -190,7 +283,11 @@ def _main():
                 fig = plt.figure(num)
                 buf = io.BytesIO()
                 fig.savefig(buf, format="png", bbox_inches="tight")
-                send(result_frame({"text/plain": repr(fig), "image/png": buf.getvalue()}, False))
+                data = {"text/plain": repr(fig), "image/png": buf.getvalue()}
+                chart = figure_chart(fig)
+                if chart is not None:
+                    data["e2b/chart"] = chart
+                send(result_frame(data, False))
             plt.close("all")
         except Exception as e:
             print("moat: rendering matplotlib figures failed: %r" % (e,), file=sys.stderr)
