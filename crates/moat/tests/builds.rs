@@ -399,3 +399,26 @@ fn hostile_contexts_and_links_never_reach_the_host() {
         "a COPY wrote to the host's /etc"
     );
 }
+
+#[test]
+fn a_build_on_a_backend_that_cannot_run_its_steps_is_refused() {
+    need_root!("moat serve's backends need root");
+    let server = Server::start();
+    let admin = server.admin_key();
+    let r = server.request(
+        "POST",
+        "/v1/builds",
+        Some(&admin),
+        Some(&body(json!({
+            "template": "on-gvisor",
+            "backend": "gvisor",
+            "dockerfile": "FROM busybox\nRUN true\n",
+        }))),
+    );
+    r.assert_error(400, "invalid");
+    assert!(
+        r.text().contains("gvisor backend cannot run"),
+        "{}",
+        r.text()
+    );
+}

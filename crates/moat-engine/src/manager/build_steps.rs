@@ -86,6 +86,18 @@ impl Inner {
         dockerfile: Dockerfile,
     ) -> ManagerResult<BuildPlan> {
         let backend = self.backends.resolve(req.backend.as_deref())?;
+        // A RUN step's result is its sandbox's writable layer, which the agent must be handed.
+        let runs = dockerfile
+            .steps
+            .iter()
+            .any(|s| matches!(s.instruction, Instruction::Run(_)));
+        if runs && !backend.capabilities().files_snapshot {
+            return Err(ManagerError::Invalid(format!(
+                "the {} backend cannot run a build's RUN steps yet (its sandboxes do not hand \
+                 their writable layer over); build on a backend that can, such as native",
+                backend.name()
+            )));
+        }
         let network = match &req.network {
             Some(n) => self.policy_of(n, caller.is_admin())?,
             None => NetworkPolicy::None,
