@@ -443,6 +443,41 @@ pub struct PoolStatus {
     pub evicted: u64,
 }
 
+/// One line of `POST /v1/templates` with `Accept: application/x-ndjson`: how the pull of the
+/// template's image goes, then the template made or the error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TemplateCreateEvent {
+    /// The image's manifest is known: its layers and their compressed size together.
+    Resolved {
+        /// Layers of the image.
+        layers: u32,
+        /// Their compressed bytes together.
+        bytes: u64,
+    },
+    /// Bytes of a layer received so far (layers the server has already are not fetched).
+    Progress {
+        /// Which layer, from 0.
+        layer: u32,
+        /// Bytes received.
+        received: u64,
+        /// The layer's compressed size.
+        size: u64,
+    },
+    /// A layer is unpacked (or was here already).
+    Unpacked {
+        /// Which layer, from 0.
+        layer: u32,
+    },
+    /// The template is made: the last line.
+    Template {
+        /// The template.
+        template: Box<Template>,
+    },
+    /// It failed: the last line.
+    Error(ErrorDetail),
+}
+
 /// `GET /v1/templates`: the templates the caller sees, by name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TemplateList {

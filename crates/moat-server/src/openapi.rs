@@ -474,6 +474,12 @@ fn operations() -> Vec<Op> {
             body: Json(of::<v1::CreateTemplate>),
             status: 201,
             answer: Json(of::<v1::Template>),
+            alternatives: &[(
+                200,
+                NdJson(of::<v1::TemplateCreateEvent>),
+                "With `Accept: application/x-ndjson`: the pull of its image as it goes, then \
+                 the template or the error.",
+            )],
             ..op(
                 "post",
                 "/v1/templates",

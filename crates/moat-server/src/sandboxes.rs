@@ -140,10 +140,10 @@ async fn exec(
 }
 
 /// The media type of event streams: one JSON document a line.
-const NDJSON: &str = "application/x-ndjson";
+pub(crate) const NDJSON: &str = "application/x-ndjson";
 
 /// Whether the `Accept` headers name `media_type` (parameters and quality ignored).
-fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+pub(crate) fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()
@@ -155,7 +155,9 @@ fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
 
 /// A `200` answer sending each item as one JSON line, as soon as it is there. The body is
 /// pulled by the connection as it writes, so a slow client holds the items back.
-fn ndjson<T: serde::Serialize>(items: impl Stream<Item = T> + Send + 'static) -> Response {
+pub(crate) fn ndjson<T: serde::Serialize>(
+    items: impl Stream<Item = T> + Send + 'static,
+) -> Response {
     let lines = items.map(|item| {
         let mut line = serde_json::to_vec(&item)?;
         line.push(b'\n');

@@ -2,11 +2,14 @@
 
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use moat_engine::auth::Caller;
+use moat_engine::images::PullEvent;
 use moat_proto::v1;
 
 use crate::ApiError;
@@ -19,14 +22,90 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/v1/templates/{name}", get(show).delete(delete))
 }
 
+/// `POST /v1/templates`: `201` with the template; with `Accept: application/x-ndjson`, `200`
+/// with the pull of its image as it goes, then the template (or the error) as the last line.
 async fn create(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<v1::Template>)> {
+) -> ApiResult<Response> {
     let req: v1::CreateTemplate = json_body(body, None)?;
-    let template = state.manager.create_template(&caller, req).await?;
-    Ok((StatusCode::CREATED, Json(template)))
+    if !crate::sandboxes::accepts(&headers, crate::sandboxes::NDJSON) {
+        let template = state.manager.create_template(&caller, req).await?;
+        return Ok((StatusCode::CREATED, Json(template)).into_response());
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let progress = pull_progress(tx.clone());
+    // A task of its own: the client going away does not cut the create short.
+    tokio::spawn(async move {
+        let last = match state
+            .manager
+            .create_template_with_progress(&caller, req, progress)
+            .await
+        {
+            Ok(template) => v1::TemplateCreateEvent::Template {
+                template: Box::new(template),
+            },
+            Err(e) => v1::TemplateCreateEvent::Error(v1::ErrorDetail {
+                code: e.code().to_owned(),
+                message: e.to_string(),
+            }),
+        };
+        let _ = tx.send(last);
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    });
+    Ok(crate::sandboxes::ndjson(events))
+}
+
+/// Least time between two progress lines of one layer.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The pull's events as stream lines, a layer's byte counts at most every [`PROGRESS_EVERY`].
+fn pull_progress(
+    tx: tokio::sync::mpsc::UnboundedSender<v1::TemplateCreateEvent>,
+) -> std::sync::Arc<dyn Fn(PullEvent) + Send + Sync> {
+    let sizes = std::sync::Mutex::new(Vec::<u64>::new());
+    let last = std::sync::Mutex::new(None::<(usize, std::time::Instant)>);
+    std::sync::Arc::new(move |event| {
+        let line = match event {
+            PullEvent::Resolved { sizes: s } => {
+                let bytes = s.iter().sum();
+                let layers = u32::try_from(s.len()).unwrap_or(u32::MAX);
+                *sizes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = s;
+                v1::TemplateCreateEvent::Resolved { layers, bytes }
+            }
+            PullEvent::Fetching { index, received } => {
+                let mut last = last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let now = std::time::Instant::now();
+                if last.is_some_and(|(i, at)| i == index && now - at < PROGRESS_EVERY) {
+                    return;
+                }
+                *last = Some((index, now));
+                let size = sizes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(index)
+                    .copied()
+                    .unwrap_or(0);
+                v1::TemplateCreateEvent::Progress {
+                    layer: u32::try_from(index).unwrap_or(u32::MAX),
+                    received,
+                    size,
+                }
+            }
+            PullEvent::Unpacked { index } => v1::TemplateCreateEvent::Unpacked {
+                layer: u32::try_from(index).unwrap_or(u32::MAX),
+            },
+        };
+        let _ = tx.send(line);
+    })
 }
 
 async fn list(

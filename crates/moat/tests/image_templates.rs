@@ -268,3 +268,62 @@ fn a_private_registry_is_pulled_with_the_servers_credentials() {
     let out = server.shell(&admin, &id, "env; cat /etc/* 2>/dev/null");
     assert!(!out.to_string().contains("s3cret"), "{out}");
 }
+
+/// Every line of an NDJSON answer, parsed.
+fn ndjson_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn a_template_create_can_follow_its_pull() {
+    need_root!("moat serve's native backend needs root");
+    let registry = Registry::start();
+    registry.push("tools/bb", "1", &busybox_image());
+    let server = Server::start();
+    let admin = server.admin_key();
+    let image = format!("{}/tools/bb:1", registry.host());
+    let create = |name: &str, image: &str| {
+        let req = body(json!({"name": name, "spec": {"rootfs": {"image": image}}}));
+        server
+            .send(
+                "POST",
+                "/v1/templates",
+                Some(&admin),
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", "application/x-ndjson"),
+                ],
+                Some(&req),
+            )
+            .unwrap()
+    };
+    let r = create("followed", &image);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lines = ndjson_lines(&r.text());
+    assert_eq!(lines[0]["type"], "resolved", "{lines:?}");
+    assert_eq!(lines[0]["layers"], 2, "{lines:?}");
+    let unpacked: Vec<_> = lines.iter().filter(|l| l["type"] == "unpacked").collect();
+    assert_eq!(unpacked.len(), 2, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "progress" && l["received"] == l["size"]),
+        "a layer's bytes were never all received: {lines:?}"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "template", "{lines:?}");
+    assert_eq!(last["template"]["name"], "followed");
+    // The same image again: nothing to fetch, the template at once.
+    let lines = ndjson_lines(&create("again", &image).text());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["type"], "template");
+    // A failure is the last line, with its code.
+    let missing = format!("{}/tools/bb:nope", registry.host());
+    let lines = ndjson_lines(&create("missing", &missing).text());
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "error", "{lines:?}");
+    assert_eq!(last["code"], "not_found", "{lines:?}");
+}

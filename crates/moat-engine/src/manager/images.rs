@@ -13,13 +13,14 @@ use moat_proto::v1;
 
 use super::{Inner, ManagerError, ManagerResult, check_env};
 use crate::images::registry::RunConfig;
-use crate::images::{ImageError, ImageRef, PulledImage};
+use crate::images::{ImageError, ImageRef, PullEvent, PulledImage};
 
 impl Inner {
     /// Pulls the image `spec` names, pins the spec to it and takes over its defaults.
     pub(super) async fn pull_template_image(
         &self,
         spec: &mut v1::TemplateSpec,
+        progress: std::sync::Arc<dyn Fn(PullEvent) + Send + Sync>,
     ) -> ManagerResult<()> {
         let v1::Rootfs::Image(text) = &spec.rootfs else {
             return Ok(());
@@ -33,11 +34,10 @@ impl Inner {
         // A task of its own: a caller that goes away must not cut a pull short halfway
         // through writing into the shared cache.
         let cache = cache.clone();
-        let pulled =
-            tokio::spawn(async move { cache.pull(&reference, std::sync::Arc::new(|_| {})).await })
-                .await
-                .map_err(|e| ManagerError::Internal(format!("pull task: {e}")))?
-                .map_err(image_error)?;
+        let pulled = tokio::spawn(async move { cache.pull(&reference, progress).await })
+            .await
+            .map_err(|e| ManagerError::Internal(format!("pull task: {e}")))?
+            .map_err(image_error)?;
         apply(spec, &pulled);
         check_env("the image's environment", &spec.env)
     }

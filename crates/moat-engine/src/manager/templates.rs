@@ -48,6 +48,18 @@ impl SandboxManager {
         caller: &Caller,
         req: v1::CreateTemplate,
     ) -> ManagerResult<v1::Template> {
+        self.create_template_with_progress(caller, req, std::sync::Arc::new(|_| {}))
+            .await
+    }
+
+    /// [`SandboxManager::create_template`], telling `progress` how the pull of its image goes
+    /// (nothing for a template without an image, or one whose image is here already).
+    pub async fn create_template_with_progress(
+        &self,
+        caller: &Caller,
+        req: v1::CreateTemplate,
+        progress: std::sync::Arc<dyn Fn(crate::images::PullEvent) + Send + Sync>,
+    ) -> ManagerResult<v1::Template> {
         let mut req = req;
         self.check_template_spec(&req.spec, caller.is_admin())?;
         if matches!(req.spec.rootfs, v1::Rootfs::Image(_)) {
@@ -62,7 +74,9 @@ impl SandboxManager {
             }
         }
         // Pulled now, so a sandbox of it never waits on a registry.
-        self.inner.pull_template_image(&mut req.spec).await?;
+        self.inner
+            .pull_template_image(&mut req.spec, progress)
+            .await?;
         if let Some(snapshot) = req.spec.snapshot.clone() {
             self.inner
                 .check_template_snapshot(&caller.tenant, &snapshot, &mut req.spec)

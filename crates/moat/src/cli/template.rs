@@ -1,5 +1,6 @@
 //! `moat template …`: templates on a moat server.
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use super::output;
@@ -12,6 +13,67 @@ use moat_proto::units::{format_size as fmt_bytes, parse_cpus, parse_duration, pa
 use super::remote::{self, Format, Remote, key_values, whole_secs};
 use super::sandbox::ResourceFlags;
 use super::table::{self, Table};
+
+/// A pull's progress on one line of standard error (a terminal): bytes of the layers
+/// fetched so far, of all, and the layers unpacked.
+#[derive(Default)]
+struct PullBar {
+    total: u64,
+    layers: u32,
+    received: std::collections::BTreeMap<u32, u64>,
+    sizes: std::collections::BTreeMap<u32, u64>,
+    unpacked: u32,
+    shown: bool,
+}
+
+impl PullBar {
+    fn show(&mut self, event: &moat_client::types::TemplateCreateEvent) {
+        use moat_client::types::TemplateCreateEvent as E;
+        match event {
+            E::Resolved { layers, bytes } => (self.layers, self.total) = (*layers, *bytes),
+            E::Progress {
+                layer,
+                received,
+                size,
+            } => {
+                self.received.insert(*layer, *received);
+                self.sizes.insert(*layer, *size);
+            }
+            E::Unpacked { layer } => {
+                self.unpacked += 1;
+                // Fetched whole (its last byte counts may not have been sent).
+                if let Some(size) = self.sizes.get(layer) {
+                    self.received.insert(*layer, *size);
+                }
+            }
+            E::Template { .. } | E::Error(_) => return,
+        }
+        let got: u64 = self.received.values().sum();
+        let percent = (got.saturating_mul(100))
+            .checked_div(self.total)
+            .unwrap_or(100)
+            .min(100);
+        let line = format!(
+            "pulling: {percent:>3}% {} of {}, {}/{} layers ready",
+            moat_proto::units::describe_size(got),
+            moat_proto::units::describe_size(self.total),
+            self.unpacked,
+            self.layers
+        );
+        let mut err = std::io::stderr();
+        let _ = write!(err, "\r\x1b[2K{line}");
+        let _ = err.flush();
+        self.shown = true;
+    }
+
+    fn clear(&self) {
+        if self.shown {
+            let mut err = std::io::stderr();
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+        }
+    }
+}
 
 /// Largest spec file read.
 const MAX_SPEC_BYTES: u64 = 1 << 20;
@@ -115,7 +177,16 @@ pub fn main(args: TemplateArgs) -> ExitCode {
                     name: a.name.clone(),
                     spec: spec(&a)?,
                 };
-                let template = client.create_template(&req).await?;
+                let template = if a.image.is_some() && std::io::stderr().is_terminal() {
+                    let mut bar = PullBar::default();
+                    let made = client
+                        .create_template_with_progress(&req, |e| bar.show(e))
+                        .await;
+                    bar.clear();
+                    made?
+                } else {
+                    client.create_template(&req).await?
+                };
                 match format {
                     Format::Json => remote::print_json(&template)?,
                     Format::Table => output::println(template.name)?,
