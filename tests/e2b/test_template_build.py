@@ -79,7 +79,22 @@ def test_a_failing_step_fails_the_build_with_its_reason(tmp_path):
     assert not Template.exists("sdk-fails")
 
 
+def test_a_template_builds_on_another_one(tmp_path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "hello.txt").write_text("hello from the context\n")
+    Template.build(_template(tmp_path), alias="sdk-lower")
+    upper = Template().from_template("sdk-lower").run_cmd("echo on top > /home/user/upper")
+    Template.build(upper, alias="sdk-upper")
+    sbx = Sandbox.create("sdk-upper")
+    try:
+        r = sbx.commands.run("cat /home/user/made /home/user/upper; echo $GREETING")
+        assert r.stdout == "built as user\non top\nhi there\n", r
+    finally:
+        sbx.kill()
+
+
 def test_what_moat_cannot_build_is_refused_before_it_runs():
+    # `base` is the host's own files, not an image.
     with pytest.raises(BuildException) as e:
         Template.build(Template().from_template("base").run_cmd("true"), alias="from-base")
-    assert "from_image" in str(e.value), e.value
+    assert "not an image" in str(e.value), e.value

@@ -502,6 +502,10 @@ pub struct CreateBuild {
     /// (names `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub contexts: BTreeMap<String, String>,
+    /// Names the Dockerfile's `FROM` may use for a template's image: `FROM NAME` starts from
+    /// the image of the template this maps `NAME` to (one made from an image or a build).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub from_templates: BTreeMap<String, String>,
     /// Values of the Dockerfile's `ARG`s.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub args: BTreeMap<String, String>,

@@ -422,3 +422,44 @@ fn a_build_on_a_backend_that_cannot_run_its_steps_is_refused() {
         r.text()
     );
 }
+
+#[test]
+fn a_build_starts_from_a_template_s_image() {
+    need_root!("moat serve's native backend needs root");
+    let (registry, reference) = registry_with_busybox();
+    let server = Server::start_with(&["--allow-registry", &registry.host()]);
+    let admin = server.admin_key();
+    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    server.create_template(
+        &key,
+        "bb",
+        json!({"rootfs": {"image": reference}, "env": {"FROM_TEMPLATE": "yes"}}),
+    );
+    let build = |template: &str, from: Value| {
+        server.request(
+            "POST",
+            "/v1/builds",
+            Some(&key),
+            Some(&body(json!({
+                "template": template,
+                "dockerfile": "FROM base\nRUN echo \"$FROM_TEMPLATE\" > /etc/from\n",
+                "from_templates": from,
+            }))),
+        )
+    };
+    let r = build("first", json!({"base": "bb"}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let done = wait_for_build(&server, &key, r.json()["id"].as_str().unwrap());
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // And from that built template in turn.
+    let r = build("second", json!({"base": "first"}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let done = wait_for_build(&server, &key, r.json()["id"].as_str().unwrap());
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let id = server.create_sandbox_with(&key, json!({"template": "second"}));
+    let out = server.shell(&key, &id, "cat /etc/from /etc/os-release");
+    assert_eq!(out["stdout"], "yes\nID=moat-busybox\n", "{out}");
+    // The host template is not an image; an unknown one is no template.
+    build("third", json!({"base": "host"})).assert_error(400, "invalid");
+    build("third", json!({"base": "nope"})).assert_error(400, "invalid");
+}

@@ -68,6 +68,8 @@ pub(super) struct BuildPlan {
     pub context: Option<String>,
     /// Named contexts for `COPY --from`, by name: their digests.
     pub contexts: BTreeMap<String, String>,
+    /// Templates `FROM` may name, by the name it uses.
+    pub from_templates: BTreeMap<String, String>,
     pub start: Option<String>,
     pub ready: Option<String>,
     pub no_cache: bool,
@@ -141,6 +143,7 @@ impl Inner {
             timeout,
             context: req.context.clone(),
             contexts: req.contexts.clone(),
+            from_templates: req.from_templates.clone(),
             start: req.start.clone(),
             ready: req.ready.clone(),
             no_cache: req.no_cache,
@@ -300,7 +303,10 @@ impl SandboxManager {
             plan,
         };
         log.line(&format!("FROM {image}")).await;
-        if image != "scratch" {
+        if let Some(template) = plan.from_templates.get(&image) {
+            progress.state = self.template_state(caller, template).await?;
+            log.line(&format!(" ---> template {template}")).await;
+        } else if image != "scratch" {
             let reference = ImageRef::parse(&image).map_err(image_error)?;
             let registry = reference.registry().to_owned();
             if !plan.admin && !self.inner.opts.registries.open_to_tenants(&registry) {
@@ -353,6 +359,54 @@ impl SandboxManager {
         self.write_built_template(caller, plan, &built.digest, &progress.state.config)
             .await?;
         Ok(built.digest)
+    }
+
+    /// The image of the caller's template `name` (one made from an image or a build) as a
+    /// build's first state: its layers, and its environment, working directory and user.
+    pub(super) async fn template_state(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> ManagerResult<BuildState> {
+        let cache = self
+            .inner
+            .images
+            .clone()
+            .ok_or_else(|| ManagerError::Invalid("this server keeps no images".into()))?;
+        let template = self.get_template(caller, name).await.map_err(|e| match e {
+            ManagerError::NotFound(_) => ManagerError::Invalid(format!("no template {name}")),
+            e => e,
+        })?;
+        let digest = match &template.spec.rootfs {
+            v1::Rootfs::Build(digest) => digest.clone(),
+            v1::Rootfs::Image(reference) => {
+                super::images::pinned_digest(reference).ok_or_else(|| {
+                    ManagerError::Internal(format!("template {name}'s image is not pinned"))
+                })?
+            }
+            v1::Rootfs::Host | v1::Rootfs::Dir(_) => {
+                return Err(ManagerError::Invalid(format!(
+                    "template {name}'s root is this host's own files, not an image: a build \
+                     starts from an image, or a template made from one or by a build"
+                )));
+            }
+        };
+        let image = cache.find(&digest).map_err(image_error)?.ok_or_else(|| {
+            ManagerError::Conflict(format!(
+                "template {name}'s image is no longer on this server: make the template again"
+            ))
+        })?;
+        let spec = &template.spec;
+        let config = crate::images::registry::RunConfig {
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            working_dir: spec.workdir.clone(),
+            user: spec.user.clone(),
+            ..Default::default()
+        };
+        Ok(BuildState {
+            layers: image.layers,
+            config,
+        })
     }
 
     /// The arguments declared before `FROM`, with the request's values over their defaults;

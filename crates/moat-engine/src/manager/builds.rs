@@ -565,6 +565,11 @@ impl SandboxManager {
             }
             _ => false,
         };
+        for (name, template) in &req.from_templates {
+            check_context_name(name)?;
+            // Checked now, so a build that cannot start is refused before it is queued.
+            self.template_state(caller, template).await?;
+        }
         let mut plan = self.inner.build_plan(caller, &req, parsed)?;
         plan.builtin = builtin;
         let named = req.contexts.iter().map(|(n, d)| (Some(n), d));

@@ -141,7 +141,7 @@ impl super::SandboxManager {
 }
 
 /// The digest a pinned reference (`name:tag@sha256:…`) names.
-fn pinned_digest(reference: &str) -> Option<String> {
+pub(super) fn pinned_digest(reference: &str) -> Option<String> {
     ImageRef::parse(reference)
         .ok()
         .and_then(|r| r.whole().split_once('@').map(|(_, d)| d.to_owned()))

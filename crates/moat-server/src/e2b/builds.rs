@@ -268,11 +268,12 @@ pub(crate) async fn start_build(
         }
     }
     .ok_or_else(|| E2bError::not_found(format!("build {build_id} not found")))?;
-    let (dockerfile, contexts) = translate(&state, &caller, &req)?;
+    let translated = translate(&state, &caller, &req)?;
     let create = v1::CreateBuild {
         template: pending.template,
-        dockerfile,
-        contexts,
+        dockerfile: translated.dockerfile,
+        contexts: translated.contexts,
+        from_templates: translated.from_templates,
         resources: pending.resources,
         start: req.start_cmd,
         ready: req.ready_cmd,
@@ -287,24 +288,20 @@ pub(crate) async fn start_build(
 }
 
 /// The Dockerfile of `req`, and the contexts its `COPY` steps read.
-fn translate(
-    state: &Shared,
-    caller: &Caller,
-    req: &BuildStart,
-) -> E2bResult<(String, BTreeMap<String, String>)> {
+fn translate(state: &Shared, caller: &Caller, req: &BuildStart) -> E2bResult<Translated> {
     if req.from_image_registry.is_some() {
         return Err(E2bError::invalid(
             "registry credentials in a build are not supported by moat: the server's operator \
              gives them (moat serve --registry-credentials)",
         ));
     }
+    let mut from_templates = BTreeMap::new();
     let image = match (&req.from_image, &req.from_template) {
         (Some(image), None) => image.clone(),
         (None, Some(t)) => {
-            return Err(E2bError::invalid(format!(
-                "building from a template ({t}) is not supported by moat yet: build from an \
-                 image (from_image)"
-            )));
+            // `FROM` a name the build maps to the template (its image).
+            from_templates.insert(BASE_TEMPLATE.to_owned(), template_name(t)?);
+            BASE_TEMPLATE.to_owned()
         }
         _ => {
             return Err(E2bError::invalid(
@@ -401,8 +398,22 @@ fn translate(
             }
         }
     }
-    Ok((out, contexts))
+    Ok(Translated {
+        dockerfile: out,
+        contexts,
+        from_templates,
+    })
 }
+
+/// A build's steps as moat builds them.
+struct Translated {
+    dockerfile: String,
+    contexts: BTreeMap<String, String>,
+    from_templates: BTreeMap<String, String>,
+}
+
+/// The name the Dockerfile's `FROM` uses for the template a build starts from.
+const BASE_TEMPLATE: &str = "moat-base-template";
 
 /// `text` as a JSON array line (the Dockerfile's exec form).
 fn json_array(items: &[&str]) -> String {

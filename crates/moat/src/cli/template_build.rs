@@ -76,6 +76,7 @@ pub async fn run(client: &Client, a: &BuildArgs, format: Format) -> Result<ExitC
         dockerfile,
         context: Some(digest),
         contexts: Default::default(),
+        from_templates: Default::default(),
         start: None,
         ready: None,
         args: key_values("--build-arg", &a.build_args)?
