@@ -63,6 +63,9 @@ fn context(dir: &Path) {
     .unwrap();
     std::fs::set_permissions(app.join("hello.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(app.join("data.txt"), "data\n").unwrap();
+    // Left out of the upload by the context's .dockerignore.
+    std::fs::write(app.join("secret.txt"), "not for the image\n").unwrap();
+    std::fs::write(dir.join(".dockerignore"), "# local only\napp/secret.txt\n").unwrap();
     std::os::unix::fs::symlink("/etc/shadow", app.join("link")).unwrap();
     std::fs::write(dir.join("Dockerfile"), DOCKERFILE).unwrap();
 }
@@ -128,13 +131,14 @@ fn a_dockerfile_builds_a_template_and_building_it_again_reuses_every_layer() {
         &id,
         "pwd; cat who; stat -c '%U' .; cd /opt/app; cat made uid; ./hello.sh; readlink link; \
          stat -c '%a %u' /etc/data hello.sh; test -e /etc/os-release || echo os-release removed; \
+         test -e secret.txt || echo secret left out; \
          echo \"$APP_HOME $LEVEL ${GREETING:-unset}\"",
     );
     assert_eq!(out["exit_code"], 0, "{out}");
     assert_eq!(
         out["stdout"],
         "/srv/data\nuser\nuser\nhi from run, level 1\n0\nhello from the script\n/etc/shadow\n600 \
-         0\n755 0\nos-release removed\n/opt/app 1 unset\n",
+         0\n755 0\nos-release removed\nsecret left out\n/opt/app 1 unset\n",
         "{out}"
     );
 

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod check;
 pub mod cp;
 pub mod data_dir_lock;
+pub mod dockerignore;
 pub mod keys;
 pub mod network_args;
 pub mod output;

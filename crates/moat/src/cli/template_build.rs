@@ -156,7 +156,8 @@ struct ContextArchive {
 }
 
 /// Archives the directory `dir`: its entries sorted by name (so an unchanged directory gives
-/// the same archive, uploaded once), links stored as links, other special files left out.
+/// the same archive, uploaded once), links stored as links, other special files and what its
+/// `.dockerignore` names left out.
 fn context_archive(dir: &Path) -> Result<ContextArchive> {
     let meta =
         std::fs::metadata(dir).with_context(|| format!("the build context {}", dir.display()))?;
@@ -175,6 +176,7 @@ fn context_archive(dir: &Path) -> Result<ContextArchive> {
     let mut tar = tar::Builder::new(out);
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
+    let ignore = super::dockerignore::Ignore::read(dir)?;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let mut names: Vec<_> = std::fs::read_dir(dir.join(&rel))
@@ -194,9 +196,13 @@ fn context_archive(dir: &Path) -> Result<ContextArchive> {
             if !(kind.is_dir() || kind.is_file() || kind.is_symlink()) {
                 continue;
             }
-            tar.append_path_with_name(&full, &path)
-                .with_context(|| format!("archiving {}", full.display()))?;
-            if kind.is_dir() {
+            let ignored = ignore.ignores(&path);
+            if !ignored {
+                tar.append_path_with_name(&full, &path)
+                    .with_context(|| format!("archiving {}", full.display()))?;
+            }
+            // An ignored directory is walked only if a pattern may take something in it back.
+            if kind.is_dir() && (!ignored || ignore.has_exceptions()) {
                 subdirs.push(path);
             }
         }

@@ -342,7 +342,7 @@ fn has_glob(part: &CStr) -> bool {
 
 /// Whether `name` matches the glob `pattern` (`*`, `?`, `[a-z]`, `[!a]`, `[^a]`, `\x`), which
 /// has no `/`.
-fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
+pub fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
     // Iterative, with one backtrack point for the last `*`: linear enough for any input.
     let (mut p, mut n) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
