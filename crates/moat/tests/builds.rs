@@ -467,3 +467,43 @@ fn a_build_starts_from_a_template_s_image() {
     build("third", json!({"base": "host"})).assert_error(400, "invalid");
     build("third", json!({"base": "nope"})).assert_error(400, "invalid");
 }
+
+#[test]
+fn add_unpacks_local_archives_and_copies_other_files() {
+    need_root!("moat serve's native backend needs root");
+    let (registry, reference) = registry_with_busybox();
+    let server = Server::start_with(&["--allow-registry", &registry.host()]);
+    let admin = server.admin_key();
+    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let ctx = tempfile::tempdir().unwrap();
+    let pkg = ctx.path().join("src/pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::write(pkg.join("a.txt"), "from the archive\n").unwrap();
+    std::os::unix::fs::symlink("a.txt", pkg.join("link")).unwrap();
+    let tar = std::process::Command::new("tar")
+        .args(["-czf", "pkg.tgz", "-C", "src", "pkg"])
+        .current_dir(ctx.path())
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    std::fs::write(ctx.path().join("plain.txt"), "a plain file\n").unwrap();
+    std::fs::remove_dir_all(ctx.path().join("src")).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {reference}\nADD pkg.tgz /opt/unpacked/\nADD plain.txt /etc/plain\n"),
+    )
+    .unwrap();
+    let dir = ctx.path().to_str().unwrap();
+    let out = server.cli(&key, &["template", "build", "added", dir]);
+    assert_eq!(out, "added\n");
+    let id = server.create_sandbox_with(&key, json!({"template": "added"}));
+    let out = server.shell(
+        &key,
+        &id,
+        "cat /opt/unpacked/pkg/a.txt /opt/unpacked/pkg/link /etc/plain; readlink /opt/unpacked/pkg/link",
+    );
+    assert_eq!(
+        out["stdout"], "from the archive\nfrom the archive\na plain file\na.txt\n",
+        "{out}"
+    );
+}

@@ -505,7 +505,7 @@ impl SandboxManager {
                     .await;
             }
             Instruction::Shell(shell) => p.shell = shell.clone(),
-            Instruction::Copy(copy) => return self.copy_step(p, copy, log).await,
+            Instruction::Copy(copy) => return self.copy_step(p, copy).await,
             Instruction::Run(cmd) => return self.run_command(caller, p, cmd, log, build_id).await,
         }
         Ok(false)
@@ -533,7 +533,6 @@ impl SandboxManager {
         &self,
         p: &mut Progress<'_>,
         copy: &crate::images::build::dockerfile::Copy,
-        log: &mut BuildLog,
     ) -> ManagerResult<bool> {
         let context = match &copy.from {
             Some(word) => {
@@ -549,10 +548,7 @@ impl SandboxManager {
                 ManagerError::Invalid("COPY needs a build context, and the build has none".into())
             })?,
         };
-        if copy.add {
-            log.line(" ---> ADD copies as COPY does: archives are not unpacked, URLs refused")
-                .await;
-        }
+
         let sources = copy
             .sources
             .iter()
@@ -596,6 +592,7 @@ impl SandboxManager {
             dest: dest_abs,
             owner,
             mode,
+            unpack_archives: copy.add,
         };
         let layer = self
             .host_layer(move |out| copy_layer(&context, &tree, &spec, out).map(|_| true))

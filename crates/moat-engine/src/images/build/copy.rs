@@ -19,7 +19,7 @@ use std::ffi::{CStr, CString};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
 use tar::{EntryType, Header};
@@ -44,6 +44,10 @@ pub struct CopySpec {
     pub owner: (u32, u32),
     /// Permission bits of what is copied, instead of the sources'.
     pub mode: Option<u32>,
+    /// `ADD`: a source that is a tar archive (plain or gzipped) is unpacked into the
+    /// destination (a directory then) instead of copied, keeping its entries' owners and
+    /// modes.
+    pub unpack_archives: bool,
 }
 
 /// What a copy wrote.
@@ -77,7 +81,14 @@ pub fn copy_layer(
         .ok_or_else(|| format!("the destination {} leaves the image's root", spec.dest))?;
     // `/app/`, `/app/.` and `.` name a directory, as in Docker.
     let names_dir = spec.dest.ends_with('/') || spec.dest.ends_with("/.") || spec.dest == ".";
-    let into_dir = names_dir || sources.len() > 1 || sources.first().is_some_and(|s| s.is_dir);
+    let archives: Vec<bool> = sources
+        .iter()
+        .map(|s| spec.unpack_archives && !s.is_dir && is_archive(s.parent.as_fd(), &s.name_c))
+        .collect();
+    let into_dir = names_dir
+        || sources.len() > 1
+        || sources.first().is_some_and(|s| s.is_dir)
+        || archives.first().copied().unwrap_or(false);
     if sources.len() > 1 && !names_dir {
         return Err(format!(
             "with more than one source the destination must be a directory ending in `/` (not \
@@ -100,7 +111,11 @@ pub fn copy_layer(
         _ => (dest_parts.clone(), None),
     };
     let dest_dir = w.directories(tree_fd.as_fd(), &dir_parts)?;
-    for source in &sources {
+    for (source, archive) in sources.iter().zip(archives) {
+        if archive {
+            w.unpack_archive(source.parent.as_fd(), &source.name_c, &dest_dir)?;
+            continue;
+        }
         let target = match (&file_name, source.is_dir) {
             (Some(name), _) => dest_dir.join(std::ffi::OsStr::from_bytes(name.to_bytes())),
             // A directory's contents go into the destination, not the directory itself.
@@ -424,6 +439,67 @@ fn class_match(pattern: &[u8], c: u8) -> Option<(bool, usize)> {
     }
 }
 
+/// The regular file `name` of `dir` as a reader of its tar bytes: gunzipped when it is
+/// gzipped.
+fn archive_reader(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Box<dyn io::Read>> {
+    let fd = openat(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+    let st = fstat(fd.as_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let mut file = io::BufReader::new(std::fs::File::from(fd));
+    let gzipped = io::BufRead::fill_buf(&mut file)?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gzipped {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
+}
+
+/// Whether the file `name` of `dir` is a tar archive (plain or gzipped): its first header
+/// says `ustar` and has a valid checksum.
+fn is_archive(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    let Ok(mut reader) = archive_reader(dir, name) else {
+        return false;
+    };
+    let mut block = [0u8; 512];
+    if io::Read::read_exact(&mut reader, &mut block).is_err() {
+        return false;
+    }
+    let header = Header::from_byte_slice(&block);
+    block[257..262] == *b"ustar"
+        && header
+            .cksum()
+            .is_ok_and(|sum| sum == header_checksum(&block))
+}
+
+/// The checksum a tar header's bytes give (its checksum field counted as spaces).
+fn header_checksum(block: &[u8; 512]) -> u32 {
+    block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| u32::from(if (148..156).contains(&i) { b' ' } else { b }))
+        .sum()
+}
+
+/// An archive entry's path as components below the destination, or `None` when it climbs
+/// out of it.
+fn archive_path(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    Some(out)
+}
+
 /// Whether `parts` (of the tree) is a directory, as the sandbox would resolve it.
 fn is_dir_in(tree: BorrowedFd<'_>, parts: &[CString]) -> bool {
     let Ok(path) = joined(parts) else {
@@ -596,6 +672,89 @@ impl<W: Write> Writer<W> {
         }
     }
 
+    /// Unpacks the tar archive `name` of `dir` (plain or gzipped) into `base` of the layer,
+    /// keeping its entries' owners, modes and times; device nodes are left out, and an entry
+    /// that climbs out of `base`, or a sparse one, fails the copy.
+    fn unpack_archive(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        base: &Path,
+    ) -> Result<(), String> {
+        let shown = name.to_string_lossy().into_owned();
+        let fail = |e: io::Error| format!("ADD {shown}: {e}");
+        let mut archive = tar::Archive::new(archive_reader(dir, name).map_err(fail)?);
+        for entry in archive.entries().map_err(fail)? {
+            let mut entry = entry.map_err(fail)?;
+            let raw = entry.path().map_err(fail)?.into_owned();
+            let rel = archive_path(&raw).ok_or_else(|| {
+                format!(
+                    "ADD {shown}: {} climbs out of the destination",
+                    raw.display()
+                )
+            })?;
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let path = base.join(&rel);
+            let from = entry.header();
+            let mut h = Header::new_gnu();
+            h.set_mode(from.mode().map_err(fail)? & 0o7777);
+            h.set_uid(from.uid().map_err(fail)?);
+            h.set_gid(from.gid().map_err(fail)?);
+            h.set_mtime(from.mtime().unwrap_or(0));
+            h.set_size(0);
+            let kind = from.entry_type();
+            self.done.entries += 1;
+            match kind {
+                EntryType::Directory => {
+                    h.set_entry_type(EntryType::Directory);
+                    self.append(h, &path, io::empty())?;
+                }
+                EntryType::Regular | EntryType::Continuous => {
+                    let size = entry.size();
+                    h.set_entry_type(EntryType::Regular);
+                    h.set_size(size);
+                    self.done.bytes += size;
+                    self.append(h, &path, &mut entry)?;
+                }
+                EntryType::Symlink | EntryType::Link => {
+                    let target = entry
+                        .link_name()
+                        .map_err(fail)?
+                        .ok_or_else(|| format!("ADD {shown}: a link without its target"))?
+                        .into_owned();
+                    // A hard link names another entry of the archive: below `base` too.
+                    let target =
+                        if kind == EntryType::Link {
+                            base.join(archive_path(&target).ok_or_else(|| {
+                                format!("ADD {shown}: a link out of the destination")
+                            })?)
+                        } else {
+                            target
+                        };
+                    h.set_entry_type(kind);
+                    self.tar
+                        .append_link(&mut h, &path, &target)
+                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                }
+                EntryType::Fifo => {
+                    h.set_entry_type(EntryType::Fifo);
+                    self.append(h, &path, io::empty())?;
+                }
+                EntryType::GNUSparse => {
+                    return Err(format!(
+                        "ADD {shown}: {} is a sparse file, which moat does not unpack",
+                        raw.display()
+                    ));
+                }
+                // Devices and the like: nothing a sandbox may have.
+                _ => self.done.entries -= 1,
+            }
+        }
+        Ok(())
+    }
+
     /// `h` with the copy's owner and mode.
     fn owned(&self, mut h: Header) -> Header {
         h.set_uid(u64::from(self.owner.0));
@@ -673,6 +832,18 @@ mod tests {
         assert_eq!(c("a/../b"), Some(vec!["b".into()]));
         assert_eq!(c("../x"), None);
         assert_eq!(c("/"), Some(vec![]));
+    }
+
+    #[test]
+    fn archive_entries_stay_below_the_destination() {
+        assert_eq!(archive_path(Path::new("./a/b")), Some(PathBuf::from("a/b")));
+        assert_eq!(
+            archive_path(Path::new("/etc/x")),
+            Some(PathBuf::from("etc/x"))
+        );
+        assert_eq!(archive_path(Path::new("a/../b")), Some(PathBuf::from("b")));
+        assert_eq!(archive_path(Path::new("../x")), None);
+        assert_eq!(archive_path(Path::new("a/../../x")), None);
     }
 
     #[test]
