@@ -28,6 +28,16 @@ fn busybox_layer() -> Vec<u8> {
     ])
 }
 
+/// A registry with the busybox image, its reference, a server that lets every key pull from
+/// it, the server's admin key and a key of tenant `builders`.
+fn builder_server() -> (Registry, String, Server, String, String) {
+    let (registry, reference) = registry_with_busybox();
+    let server = Server::start_with(&["--allow-registry", &registry.host()]);
+    let admin = server.admin_key();
+    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    (registry, reference, server, admin, key)
+}
+
 /// A registry holding the busybox image, and its reference.
 fn registry_with_busybox() -> (Registry, String) {
     let registry = Registry::start();
@@ -95,10 +105,7 @@ fn build_log(server: &Server, key: &str, id: &str) -> String {
 #[test]
 fn a_dockerfile_builds_a_template_and_building_it_again_reuses_every_layer() {
     need_root!("moat serve's native backend needs root");
-    let (registry, reference) = registry_with_busybox();
-    let server = Server::start_with(&["--allow-registry", &registry.host()]);
-    let admin = server.admin_key();
-    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let (_registry, reference, server, _admin, key) = builder_server();
     let ctx = tempfile::tempdir().unwrap();
     context(ctx.path());
     let dir = ctx.path().to_str().unwrap();
@@ -187,10 +194,7 @@ fn a_dockerfile_builds_a_template_and_building_it_again_reuses_every_layer() {
 #[test]
 fn builds_refuse_bad_requests_report_failed_steps_and_can_be_cancelled() {
     need_root!("moat serve's native backend needs root");
-    let (registry, reference) = registry_with_busybox();
-    let server = Server::start_with(&["--allow-registry", &registry.host()]);
-    let admin = server.admin_key();
-    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let (_registry, reference, server, admin, key) = builder_server();
     let build = |req: Value| server.request("POST", "/v1/builds", Some(&key), Some(&body(req)));
 
     let r = build(json!({"template": "t", "dockerfile": "FROM x\nFROBNICATE y\n"}));
@@ -326,10 +330,7 @@ fn upload_context(server: &Server, key: &str, archive: &[u8]) -> String {
 #[test]
 fn hostile_contexts_and_links_never_reach_the_host() {
     need_root!("moat serve's native backend needs root");
-    let (registry, reference) = registry_with_busybox();
-    let server = Server::start_with(&["--allow-registry", &registry.host()]);
-    let admin = server.admin_key();
-    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let (_registry, reference, server, _admin, key) = builder_server();
     let run = |context: &str, dockerfile: String| {
         let r = server.request(
             "POST",
@@ -430,10 +431,7 @@ fn a_build_on_a_backend_that_cannot_run_its_steps_is_refused() {
 #[test]
 fn a_build_starts_from_a_template_s_image() {
     need_root!("moat serve's native backend needs root");
-    let (registry, reference) = registry_with_busybox();
-    let server = Server::start_with(&["--allow-registry", &registry.host()]);
-    let admin = server.admin_key();
-    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let (_registry, reference, server, _admin, key) = builder_server();
     server.create_template(
         &key,
         "bb",
@@ -471,10 +469,7 @@ fn a_build_starts_from_a_template_s_image() {
 #[test]
 fn add_unpacks_local_archives_and_copies_other_files() {
     need_root!("moat serve's native backend needs root");
-    let (registry, reference) = registry_with_busybox();
-    let server = Server::start_with(&["--allow-registry", &registry.host()]);
-    let admin = server.admin_key();
-    let key = server.create_key(&admin, json!({"name": "builds", "tenant": "builders"}));
+    let (_registry, reference, server, _admin, key) = builder_server();
     let ctx = tempfile::tempdir().unwrap();
     let pkg = ctx.path().join("src/pkg");
     std::fs::create_dir_all(&pkg).unwrap();

@@ -75,10 +75,10 @@ pub(super) struct Builds {
     pub(super) turns: Arc<tokio::sync::Semaphore>,
     /// One turn per tenant: a tenant runs one build at a time, so it cannot hold every
     /// server turn while another tenant's build waits.
-    tenant_turns: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    tenant_turns: TenantTurns,
     /// One context upload at a time per tenant, so that uploads side by side cannot each
     /// find room under the tenant's quota.
-    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    uploads: TenantTurns,
     /// Builds queued or running, by id: their tenant and the way to cancel them.
     active: Mutex<HashMap<String, Active>>,
 }
@@ -104,8 +104,8 @@ impl Builds {
         let builds = Builds {
             dir: dir.to_owned(),
             turns: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_BUILDS)),
-            tenant_turns: Mutex::new(HashMap::new()),
-            uploads: Mutex::new(HashMap::new()),
+            tenant_turns: TenantTurns::default(),
+            uploads: TenantTurns::default(),
             active: Mutex::new(HashMap::new()),
         };
         // Half made (a crash before the first record): nothing to keep.
@@ -232,6 +232,29 @@ impl Builds {
 pub fn new_build_id() -> ManagerResult<String> {
     let random = crate::store::generate_sandbox_id().map_err(ManagerError::from)?;
     Ok(format!("b-{}", random.chars().take(16).collect::<String>()))
+}
+
+/// One turn per tenant: a semaphore of one permit each, made when first asked for and
+/// dropped once nobody holds or waits for it.
+#[derive(Default)]
+struct TenantTurns(Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>);
+
+impl TenantTurns {
+    /// `tenant`'s turn, to acquire.
+    fn of(&self, tenant: &str) -> Arc<tokio::sync::Semaphore> {
+        lock(&self.0)
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+            .clone()
+    }
+
+    /// Drops `tenant`'s turn if nobody holds or waits for it (call with none of it held).
+    fn forget_idle(&self, tenant: &str) {
+        let mut turns = lock(&self.0);
+        if turns.get(tenant).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(tenant);
+        }
+    }
 }
 
 /// A build id: `b-` and 16 base32 characters.
@@ -429,22 +452,16 @@ impl SandboxManager {
         E: std::fmt::Display,
     {
         let builds = self.builds()?;
-        let turn = lock(&builds.uploads)
-            .entry(tenant.to_owned())
-            .or_default()
-            .clone();
         let result = {
-            let _turn = turn.lock().await;
+            let _turn = builds
+                .uploads
+                .of(tenant)
+                .acquire_owned()
+                .await
+                .map_err(|e| ManagerError::Internal(format!("upload queue: {e}")))?;
             self.store_context_now(builds, tenant, expected, body).await
         };
-        drop(turn);
-        let mut uploads = lock(&builds.uploads);
-        if uploads
-            .get(tenant)
-            .is_some_and(|t| Arc::strong_count(t) == 1)
-        {
-            uploads.remove(tenant);
-        }
+        builds.uploads.forget_idle(tenant);
         result
     }
 
@@ -652,10 +669,7 @@ impl SandboxManager {
         let dir = builds.build_dir(&id);
         let outcome = async {
             let mut log = BuildLog::create(&dir.join("log")).await?;
-            let mine = lock(&builds.tenant_turns)
-                .entry(caller.tenant.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
-                .clone();
+            let mine = builds.tenant_turns.of(&caller.tenant);
             let _tenant_turn = tokio::select! {
                 turn = mine.acquire_owned() => turn
                     .map_err(|e| ManagerError::Internal(format!("build queue: {e}")))?,
@@ -710,14 +724,7 @@ impl SandboxManager {
             tracing::warn!(build = %id, "recording the end of a build: {e}");
         }
         lock(&builds.active).remove(&id);
-        // The tenant's turn goes when no build of its holds or waits for it.
-        let mut tenant_turns = lock(&builds.tenant_turns);
-        if tenant_turns
-            .get(&caller.tenant)
-            .is_some_and(|t| Arc::strong_count(t) == 1)
-        {
-            tenant_turns.remove(&caller.tenant);
-        }
+        builds.tenant_turns.forget_idle(&caller.tenant);
     }
 
     /// Ends the sandboxes build `id` of `caller` made that are still there.
