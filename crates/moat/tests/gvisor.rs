@@ -581,6 +581,51 @@ fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
     assert!(!server.data.join("snapshots/paused").join(&id).exists());
 }
 
+/// Calls that come together to a sandbox paused to disk with `auto_resume` all get through:
+/// the first restores it, the rest wait for that and find it running (none acts on the
+/// sandbox as it was before the restore).
+#[test]
+fn calls_that_come_together_to_a_paused_gvisor_sandbox_all_resume_it() {
+    need_root!();
+    need_runsc();
+    let (server, key) = gvisor_server();
+    let id = server.create_sandbox_with(
+        &key,
+        json!({"template": "sentry", "lifecycle": {"on_timeout": "pause", "auto_resume": true}}),
+    );
+    server.shell(&key, &id, "echo kept > /tmp/kept");
+    for round in 0..3 {
+        let r = server.request(
+            "POST",
+            &format!("/v1/sandboxes/{id}/pause"),
+            Some(&key),
+            None,
+        );
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        let r = server.request(
+                            "POST",
+                            &format!("/v1/sandboxes/{id}/exec"),
+                            Some(&key),
+                            Some(&body(json!({"shell": "cat /tmp/kept"}))),
+                        );
+                        (r.status, r.text())
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().expect("call")).collect()
+        });
+        for (status, text) in answers {
+            assert_eq!(status, 200, "round {round}: {text}");
+            assert!(text.contains("kept"), "round {round}: {text}");
+        }
+    }
+    delete(&server, &key, &id);
+}
+
 /// A gvisor sandbox's files cannot be snapshotted apart from its memory: `409`, saying what
 /// to ask for instead.
 #[test]

@@ -134,6 +134,14 @@ impl SandboxManager {
         }
     }
 
+    /// Whether sandbox `id`, running here (paused or not), lets its own services be reached
+    /// without its traffic access token.
+    pub fn public_traffic(&self, id: &str) -> bool {
+        lock(&self.inner.live)
+            .get(id)
+            .is_some_and(|live| live.public_traffic)
+    }
+
     /// The ids of the running sandboxes [`SandboxManager::route`] finds, whatever their tenants
     /// (unclaimed warm-pool members are not among them), in no particular order: what a signed
     /// file URL that names no sandbox is matched against.

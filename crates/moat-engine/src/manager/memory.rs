@@ -474,7 +474,7 @@ impl Inner {
                 "sandbox {id} was made by an older server that kept no plan of it"
             ))
         })?;
-        let _op = live.ops.lock().await;
+        let (live, _op) = self.live_locked(tenant, id).await?;
         self.check_room(&live, tenant, id, &snapshots, quota)
             .await?;
         if live.paused.swap(true, Ordering::SeqCst) {
@@ -573,7 +573,7 @@ impl Inner {
         if !map.get(id).is_some_and(|l| Arc::ptr_eq(l, old)) {
             return Err(instance);
         }
-        let fresh = Live::new(
+        let mut fresh = Live::new(
             tenant,
             client,
             old.backend.clone(),
@@ -581,6 +581,8 @@ impl Inner {
             old.env.clone(),
             old.public_traffic,
         );
+        // The same lock: an operation waiting on the old one must exclude this one's too.
+        fresh.ops = old.ops.clone();
         fresh.paused.store(paused, Ordering::SeqCst);
         map.insert(id.to_owned(), Arc::new(fresh));
         Ok(())

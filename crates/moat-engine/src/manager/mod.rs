@@ -274,8 +274,9 @@ struct Live {
     /// Its agent calls under way, which a pause lets finish first (see [`calls`]).
     calls: Arc<calls::CallGate>,
     /// Held by pause, resume and snapshot, which must not interleave; never by `destroy`, so
-    /// a delete is never held up by a snapshot.
-    ops: tokio::sync::Mutex<()>,
+    /// a delete is never held up by a snapshot. Shared with the `Live` that takes this one's
+    /// place when the sandbox is restored (see [`Inner::live_locked`]).
+    ops: Arc<tokio::sync::Mutex<()>>,
     /// The environment the sandbox was created with (over its template's), which a snapshot
     /// of it keeps.
     env: BTreeMap<String, String>,
@@ -307,7 +308,7 @@ impl Live {
             usage,
             paused: AtomicBool::new(false),
             calls: Arc::default(),
-            ops: tokio::sync::Mutex::new(()),
+            ops: Arc::default(),
             env,
             public_traffic,
             health: health::Health::default(),
@@ -1230,6 +1231,19 @@ impl Inner {
             return Err(refused);
         }
         Ok(live)
+    }
+
+    /// [`Inner::live_any`] with its operations lock held. Taken after the lock, so that an
+    /// operation that waited for a restore (which puts a new `Live` in place, sharing the
+    /// lock) acts on the sandbox as it now is, not on the one it replaced.
+    async fn live_locked(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> ManagerResult<(Arc<Live>, tokio::sync::OwnedMutexGuard<()>)> {
+        let ops = self.live_any(tenant, id).await?.ops.clone();
+        let guard = ops.lock_owned().await;
+        Ok((self.live_any(tenant, id).await?, guard))
     }
 
     /// The live sandbox `id` of `tenant`, paused or not, or why there is none.

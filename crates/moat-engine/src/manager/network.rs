@@ -138,7 +138,7 @@ impl Inner {
         let live = self.live_any(tenant, id).await?;
         check_backend(live.backend.as_ref(), &policy)?;
         // One update at a time per sandbox, and none during a pause or snapshot.
-        let _ops = live.ops.lock().await;
+        let (live, _op) = self.live_locked(tenant, id).await?;
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
         if let Some(mut plan) = super::stored_plan(&rec)? {

@@ -120,7 +120,7 @@ impl Inner {
             "pause sandboxes",
         )
         .map_err(|e| ManagerError::Conflict(e.to_string()))?;
-        let _op = live.ops.lock().await;
+        let (live, _op) = self.live_locked(tenant, id).await?;
         if live.is_paused() {
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} is already paused"
@@ -187,8 +187,7 @@ impl Inner {
         id: &str,
         ttl: Option<std::time::Duration>,
     ) -> ManagerResult<v1::Sandbox> {
-        let live = self.live_any(tenant, id).await?;
-        let _op = live.ops.lock().await;
+        let (live, _op) = self.live_locked(tenant, id).await?;
         if !live.is_paused() {
             return Err(ManagerError::Conflict(format!(
                 "sandbox {id} is not paused"

@@ -511,7 +511,7 @@ impl Inner {
         let file = dir.join(format!("{TEMP_PREFIX}{}{SUFFIX}", generate_snapshot_id()?));
         let mut cleanup = RemoveOnDrop(Some(file.clone()));
 
-        let _op = live.ops.lock().await;
+        let (live, _op) = self.live_locked(tenant, id).await?;
         let paused = live.is_paused();
         if paused {
             live.instance.lock().await.resume().await.map_err(|e| {

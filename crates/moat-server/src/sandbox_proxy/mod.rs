@@ -48,10 +48,7 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
                 traffic: state.manager.traffic_token(&id),
                 // A sandbox not running here is private: the request then gets a 401 rather
                 // than telling a caller without a token whether the sandbox exists.
-                public_traffic: state
-                    .manager
-                    .route(&id)
-                    .is_ok_and(|route| route.public_traffic),
+                public_traffic: state.manager.public_traffic(&id),
             };
             if let Err(refusal) = access::check(&tokens, port, &req) {
                 return refusal.into_response();
