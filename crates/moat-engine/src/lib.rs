@@ -18,6 +18,7 @@
 pub mod agent_client;
 pub mod auth;
 pub mod backend;
+pub mod blobs;
 pub mod clock;
 pub mod disk;
 pub mod error;

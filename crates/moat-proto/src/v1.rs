@@ -608,6 +608,216 @@ pub struct BuildLogs {
     pub done: bool,
 }
 
+/// `POST /v1/jobs`: run code or a command later, in a fresh sandbox, with inputs written
+/// before and outputs kept in blob storage after.
+///
+/// Exactly one of `code`, `cmd` and `shell` is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    /// Template name; [`DEFAULT_TEMPLATE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Source code, run by the interpreter of `language`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The language of `code`: `python` (the default), `bash`, `sh` or `javascript`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Program and arguments instead of code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// A script for `/bin/sh -c` instead of code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Files written into the sandbox before the run (relative paths are under the working
+    /// directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<JobInput>,
+    /// Paths or globs (`*`, `?`, `[a-z]` within a name; `**` for any number of directories)
+    /// of files to keep after the run, relative to the working directory unless absolute.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+    /// Environment variables of the run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the template's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Seconds one attempt may run (default 600, at most 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Limits of the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequest>,
+    /// Attempts after the first when one fails (a non-zero exit or a sandbox that failed);
+    /// 0 when absent, at most 10. A timeout or a cancel is not retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// A key of the caller's choosing: a second submit with the same key returns the first
+    /// job instead of making another (also taken from the `Idempotency-Key` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// One input file of a [`CreateJob`]: `path`, and exactly one of `content`, `content_b64`,
+/// `blob` and `job_output`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobInput {
+    /// Where the file is written in the sandbox.
+    pub path: String,
+    /// UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Bytes, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_b64: Option<String>,
+    /// A blob uploaded before with `POST /v1/blobs` (`sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
+    /// An output of an earlier job of the caller's that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_output: Option<JobOutputRef>,
+}
+
+/// An output file of an earlier job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobOutputRef {
+    /// The job's id.
+    pub job: String,
+    /// The output's path, as that job lists it.
+    pub path: String,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a worker (a first attempt, or a retry after its backoff).
+    Queued,
+    /// An attempt is running.
+    Running,
+    /// The last attempt exited 0; its outputs are kept.
+    Succeeded,
+    /// The last attempt exited non-zero or its sandbox failed, with no retry left; its
+    /// outputs are kept.
+    Failed,
+    /// Cancelled by its owner.
+    Cancelled,
+    /// The last attempt ran past its `timeout_secs` and was killed; its outputs are kept.
+    TimedOut,
+}
+
+impl JobState {
+    /// The name shown and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+        }
+    }
+
+    /// The state named `name` ([`JobState::as_str`]'s text), if any.
+    pub fn from_name(name: &str) -> Option<JobState> {
+        [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::TimedOut,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
+    /// Whether the job is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// A file a job kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobOutput {
+    /// Its absolute path in the sandbox.
+    pub path: String,
+    /// Its size, bytes.
+    pub size: u64,
+    /// Its blob (`sha256:…`).
+    pub digest: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Job {
+    /// Its id (`job-…`).
+    pub id: String,
+    /// Where it is.
+    pub state: JobState,
+    /// The template its sandboxes are made from.
+    pub template: String,
+    /// Its idempotency key, if it was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Attempts started so far (an attempt cut off by a server restart counts).
+    pub attempts: u32,
+    /// Most attempts it may have (`retries` + 1).
+    pub max_attempts: u32,
+    /// The last attempt's exit code, once it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Why the last attempt failed, when not by its exit code alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last 4 KiB of the last attempt's standard output (UTF-8, invalid bytes
+    /// replaced); the whole of it is at `/v1/jobs/{id}/logs/stdout`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdout_tail: String,
+    /// Likewise for standard error.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr_tail: String,
+    /// The files it kept, once it ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<JobOutput>,
+    /// Output paths or globs that matched nothing, or files that could not be kept, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_errors: Vec<String>,
+    /// When it was submitted, Unix milliseconds.
+    pub created_at: i64,
+    /// When its last attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+}
+
+/// `GET /v1/jobs`: the caller's jobs, newest first, a page at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobList {
+    /// The jobs.
+    pub jobs: Vec<Job>,
+    /// The cursor of the next page (pass it as `after`); absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A stored blob (`POST /v1/blobs` answers one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Blob {
+    /// Its content's digest (`sha256:…`): what inputs name it by.
+    pub digest: String,
+    /// Its size, bytes.
+    pub size: u64,
+}
+
 /// Where a sandbox is in its life.
 ///
 /// `starting → running ⇄ paused`; `starting`, `running` and `paused` may end in `killed` or

@@ -17,6 +17,7 @@ mod e2b;
 mod error;
 mod extract;
 mod files;
+mod jobs;
 mod keys;
 mod metrics;
 pub mod openapi;
@@ -59,6 +60,9 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// Largest body of `POST /v1/run`, whose input files travel inline (base64 or text).
 pub const MAX_RUN_BODY_BYTES: usize = 16 << 20;
+/// Largest `POST /v1/jobs` body: inline inputs larger than this go up first as blobs
+/// (`POST /v1/blobs`).
+pub const MAX_JOB_BODY_BYTES: usize = 16 << 20;
 
 /// How long a shutdown waits for requests in flight before it destroys the sandboxes anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,6 +149,10 @@ pub async fn serve(
         let (manager, stop) = (manager.clone(), stop_rx.clone());
         tokio::spawn(async move { manager.run_usage_sampler(stop).await })
     };
+    let jobs = {
+        let (manager, stop) = (manager.clone(), stop_rx.clone());
+        tokio::spawn(async move { manager.run_jobs(stop).await })
+    };
 
     let signal = {
         let state = state.clone();
@@ -177,6 +185,7 @@ pub async fn serve(
     let _ = housekeeper.await;
     let _ = pools.await;
     let _ = usage.await;
+    let _ = jobs.await;
     let (destroyed, kept) = manager.shutdown(opts.on_shutdown).await;
     tracing::info!(destroyed, kept, "ended or kept the sandboxes still running");
     result

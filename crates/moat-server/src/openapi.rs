@@ -613,6 +613,117 @@ fn operations() -> Vec<Op> {
             )
         },
         Op {
+            body: Json(of::<v1::CreateJob>),
+            status: 202,
+            answer: Json(of::<v1::Job>),
+            alternatives: &[(
+                200,
+                Json(of::<v1::Job>),
+                "A job with this idempotency key exists: that job.",
+            )],
+            ..op(
+                "post",
+                "/v1/jobs",
+                "submitJob",
+                "jobs",
+                "Queue a job (code or a command, inputs, outputs to keep); it is recorded before this answer.",
+            )
+        },
+        Op {
+            query: vec![
+                Param {
+                    repeated: true,
+                    ..q("state", "string", "Only jobs in this state (repeatable).")
+                },
+                q(
+                    "after",
+                    "string",
+                    "The cursor of the previous page (`next`).",
+                ),
+                q("limit", "integer", "Page size, 1 to 1000 (default 100)."),
+            ],
+            answer: Json(of::<v1::JobList>),
+            ..op(
+                "get",
+                "/v1/jobs",
+                "listJobs",
+                "jobs",
+                "List jobs, newest first, a page at a time.",
+            )
+        },
+        Op {
+            answer: Json(of::<v1::Job>),
+            ..op("get", "/v1/jobs/{id}", "getJob", "jobs", "Get a job.")
+        },
+        Op {
+            answer: Json(of::<v1::Job>),
+            ..op(
+                "post",
+                "/v1/jobs/{id}/cancel",
+                "cancelJob",
+                "jobs",
+                "Cancel a queued or running job (a running one's sandbox is destroyed).",
+            )
+        },
+        Op {
+            status: 204,
+            answer: Empty,
+            ..op(
+                "delete",
+                "/v1/jobs/{id}",
+                "deleteJob",
+                "jobs",
+                "Delete a job and the blobs it kept (a job not over is cancelled first).",
+            )
+        },
+        Op {
+            answer: Bytes("application/octet-stream"),
+            ..op(
+                "get",
+                "/v1/jobs/{id}/logs/{stream}",
+                "getJobLog",
+                "jobs",
+                "The whole standard output (`stdout`) or error (`stderr`) of the job's last attempt, streamed.",
+            )
+        },
+        Op {
+            query: vec![Param {
+                required: true,
+                ..q("path", "string", "The output's path, as the job lists it.")
+            }],
+            answer: Bytes("application/octet-stream"),
+            ..op(
+                "get",
+                "/v1/jobs/{id}/output",
+                "getJobOutput",
+                "jobs",
+                "Download a file the job kept, streamed.",
+            )
+        },
+        Op {
+            body: Bytes("application/octet-stream"),
+            status: 201,
+            answer: Json(of::<v1::Blob>),
+            ..op(
+                "post",
+                "/v1/blobs",
+                "uploadBlob",
+                "jobs",
+                "Store a blob (up to 1 GiB, streamed) for jobs' inputs; answers its digest.",
+            )
+        },
+        Op {
+            status: 204,
+            answer: Empty,
+            ..op(
+                "delete",
+                "/v1/blobs/{digest}",
+                "deleteBlob",
+                "jobs",
+                "Delete an uploaded blob (jobs that name it keep it until they go).",
+            )
+        },
+        Op {
             body: Json(of::<v1::CreateKey>),
             status: 201,
             answer: Json(of::<v1::CreatedKey>),

@@ -39,6 +39,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .merge(crate::files::routes())
         .merge(crate::keys::routes())
         .merge(crate::snapshots::routes())
+        .merge(crate::jobs::routes())
         .merge(crate::metrics::routes())
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(

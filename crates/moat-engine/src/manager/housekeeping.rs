@@ -24,6 +24,8 @@ pub struct Housekeeping {
     pub swept: usize,
     /// Image trees and layers no template or sandbox uses, removed.
     pub images: usize,
+    /// Finished jobs past their retention, deleted with their blobs.
+    pub jobs: usize,
 }
 
 impl SandboxManager {
@@ -53,10 +55,18 @@ impl SandboxManager {
                 0
             }
         };
+        let jobs = match self.housekeep_jobs(now).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("deleting old jobs: {e}");
+                0
+            }
+        };
         Ok(Housekeeping {
             purged,
             swept,
             images,
+            jobs,
         })
     }
 }

@@ -27,6 +27,13 @@ pub use builds::{
     MAX_KEPT_BUILDS_PER_TENANT, UPLOAD_TOKEN_LIFETIME, new_build_id,
 };
 pub use images::IMAGE_GRACE;
+mod jobs;
+pub use jobs::{
+    BlobRead, DEFAULT_JOB_BYTES_PER_TENANT, DEFAULT_JOB_RETENTION, DEFAULT_JOB_TIMEOUT_SECS,
+    DEFAULT_MAX_UNFINISHED_JOBS, JobOptions, LogStream, MAX_BLOB_BYTES, MAX_INTERRUPTED_ATTEMPTS,
+    MAX_JOB_INPUTS, MAX_JOB_LOG_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_JOB_OUTPUT_FILES,
+    MAX_JOB_OUTPUT_PATTERNS, MAX_JOB_RETRIES, MAX_JOB_TIMEOUT_SECS, default_workers,
+};
 mod keys;
 mod memory;
 mod network;
@@ -229,6 +236,8 @@ pub struct ManagerOptions {
     /// Where builds keep their records, logs and contexts (`moat serve`:
     /// `<data-dir>/builds`); `None` (or no `image_dir`) refuses builds.
     pub build_dir: Option<PathBuf>,
+    /// Asynchronous jobs: where their blobs are kept, workers, quotas, retention.
+    pub jobs: JobOptions,
 }
 
 /// Free-space reserve of the data directory unless configured: 1 GiB.
@@ -256,6 +265,7 @@ impl Default for ManagerOptions {
             registries: Default::default(),
             image_grace: images::IMAGE_GRACE,
             build_dir: None,
+            jobs: JobOptions::default(),
         }
     }
 }
@@ -338,6 +348,8 @@ struct Inner {
     images: Option<Arc<ImageCache>>,
     /// Builds, when the server runs them.
     builds: Option<builds::Builds>,
+    /// Jobs and their blob store, when the server keeps one.
+    jobs: Option<Arc<jobs::Jobs>>,
     store: Arc<Store>,
     /// The backends sandboxes are made with, by kind; a template names one or gets the default.
     backends: Backends,
@@ -495,6 +507,9 @@ impl SandboxManager {
             Some(dir) => Some(builds::Builds::open(dir)?),
             None => None,
         };
+        let jobs = jobs::Jobs::open(&opts.jobs)
+            .map_err(ManagerError::Internal)?
+            .map(Arc::new);
         let pools = pool::Pools::new(opts.pool_memory_budget);
         Ok(SandboxManager {
             inner: Arc::new(Inner {
@@ -512,6 +527,7 @@ impl SandboxManager {
                 health_probes: health::Probes::default(),
                 images,
                 builds,
+                jobs,
             }),
         })
     }

@@ -30,6 +30,10 @@ pub struct Recovered {
     pub adopted: Vec<String>,
     /// Gone or not adoptable: killed, reaped and recorded killed (reason `server_restart`).
     pub reaped: Vec<String>,
+    /// Jobs the previous server was running, queued again.
+    pub jobs_requeued: u64,
+    /// Jobs the previous server was running that had been cut off too often, failed.
+    pub jobs_failed: u64,
 }
 
 impl SandboxManager {
@@ -82,6 +86,7 @@ impl SandboxManager {
                 }
             }
         }
+        (out.jobs_requeued, out.jobs_failed) = self.recover_jobs().await?;
         Ok(out)
     }
 

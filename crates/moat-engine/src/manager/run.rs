@@ -38,7 +38,7 @@ const CODE_DIR: &str = "/tmp/moat-run";
 const RUN_TTL_MARGIN: Duration = Duration::from_secs(60);
 
 /// How `code` of a language is run: the file it is written to and the program for it.
-fn interpreter(language: &str) -> ManagerResult<(&'static str, &'static str)> {
+pub(super) fn interpreter(language: &str) -> ManagerResult<(&'static str, &'static str)> {
     Ok(match language {
         "python" | "python3" | "py" => ("main.py", "python3"),
         "bash" => ("main.sh", "bash"),

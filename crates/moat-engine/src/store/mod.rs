@@ -27,6 +27,7 @@
 mod error;
 mod idempotency;
 mod ids;
+mod jobs;
 mod keys;
 mod pool;
 mod sandboxes;
@@ -47,6 +48,7 @@ pub use crate::clock::now_ms;
 pub use error::{StoreError, StoreResult};
 pub use idempotency::{MAX_IDEMPOTENCY_KEY, check_idempotency_key};
 pub use ids::{check_sandbox_id, check_template_name, check_tenant_id, generate_sandbox_id};
+pub use jobs::{AttemptEnd, BlobKind, JobRecord, MAX_JOB_PAGE, NewJob, Running};
 pub use keys::{KeyRecord, Quotas, Role, Secret};
 pub use pool::NewPoolMember;
 pub use sandboxes::{

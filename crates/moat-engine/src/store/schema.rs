@@ -191,6 +191,52 @@ const V9: &str = r#"
 ALTER TABLE snapshots ADD COLUMN memory INTEGER NOT NULL DEFAULT 0 CHECK (memory IN (0, 1));
 ALTER TABLE snapshots ADD COLUMN backend TEXT NOT NULL DEFAULT 'native';
 "#;
+/// Asynchronous jobs, and the blobs they and their owners keep (see `jobs`). A blob's
+/// object in the blob store stays while any row names its digest.
+macro_rules! v10_sql {
+    () => {
+        r#"
+CREATE TABLE jobs (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              TEXT NOT NULL UNIQUE,
+    tenant_id       TEXT NOT NULL REFERENCES tenants (id),
+    key_id          TEXT,
+    idempotency_key TEXT,
+    request_sha256  BLOB NOT NULL CHECK (length(request_sha256) = 32),
+    template        TEXT NOT NULL,
+    spec            TEXT NOT NULL CHECK (json_valid(spec)),
+    state           TEXT NOT NULL CHECK (state IN
+                        ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out')),
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    max_attempts    INTEGER NOT NULL CHECK (max_attempts >= 1),
+    not_before      INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    started_at      INTEGER,
+    finished_at     INTEGER,
+    result          TEXT CHECK (result IS NULL OR json_valid(result))
+) STRICT;
+CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (tenant_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_queued ON jobs (tenant_id, seq) WHERE state = 'queued';
+CREATE INDEX jobs_by_tenant ON jobs (tenant_id, seq);
+CREATE INDEX jobs_running ON jobs (state) WHERE state = 'running';
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+
+CREATE TABLE blobs (
+    tenant_id  TEXT NOT NULL REFERENCES tenants (id),
+    kind       TEXT NOT NULL CHECK (kind IN ('upload', 'input', 'output')),
+    job_id     TEXT NOT NULL DEFAULT '',
+    digest     TEXT NOT NULL,
+    size       INTEGER NOT NULL CHECK (size >= 0),
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, kind, job_id, digest)
+) STRICT;
+CREATE INDEX blobs_by_digest ON blobs (digest);
+CREATE INDEX blobs_by_job ON blobs (job_id) WHERE job_id != '';
+"#
+    };
+}
+const V10: &str = v10_sql!();
 /// The whole schema at [`SCHEMA_VERSION`], what [`MIGRATIONS`] make one after another, in one
 /// script for a fresh database: a fresh store (every `moat run` opens one in memory) takes about
 /// 1 ms instead of the 4–6 ms that the `ALTER TABLE`s of the migrations cost (each re-reads the
@@ -306,7 +352,8 @@ CREATE TABLE snapshots (
     backend TEXT NOT NULL DEFAULT 'native'
 ) STRICT;
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
-"#
+"#,
+    v10_sql!()
 );
 
 /// An empty database at [`SCHEMA_VERSION`] (what [`migrate`] makes of a fresh one, with 1 KiB
@@ -324,7 +371,7 @@ pub(crate) fn open_empty_in_memory() -> StoreResult<Connection> {
     Ok(conn)
 }
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

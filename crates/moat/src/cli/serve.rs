@@ -15,9 +15,12 @@ use clap::{Args, ValueEnum};
 use moat_backend_gvisor::{GvisorBackend, GvisorOptions};
 use moat_backend_native::{NativeBackend, NativeOptions};
 use moat_engine::backend::Backends;
+use moat_engine::blobs::BlobLocation;
 use moat_engine::error::EngineError;
 use moat_engine::images::registry::{Credentials, RegistryAccess};
-use moat_engine::manager::{EgressAccess, ManagerOptions, SandboxManager, ShutdownMode};
+use moat_engine::manager::{
+    EgressAccess, JobOptions, ManagerOptions, SandboxManager, ShutdownMode,
+};
 use moat_engine::store::{Quotas, Role, Store, StoreError};
 use moat_server::ServerOptions;
 
@@ -71,6 +74,24 @@ pub struct ServeArgs {
     /// `GET` and listings) before it is deleted: `24h`, `30m`, `10s`.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_retention)]
     retention: Duration,
+    /// Where jobs keep their inputs, outputs and logs: `s3://BUCKET/PREFIX` (endpoint,
+    /// region and credentials from the `AWS_*` variables: `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`) or a directory; the data
+    /// dir's `blobs` when absent.
+    #[arg(long, value_name = "URL|DIR")]
+    blob_store: Option<String>,
+    /// Job attempts running at once; four per CPU when absent.
+    #[arg(long, value_name = "N")]
+    job_workers: Option<usize>,
+    /// How long a finished job, its outputs and logs are kept: `7d`, `36h`, `30m`, `90s`.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_long_duration)]
+    job_retention: Duration,
+    /// Bytes of blobs (uploads, job inputs, outputs and logs) each tenant may keep.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size_arg)]
+    job_quota: u64,
+    /// Queued and running jobs each tenant may have.
+    #[arg(long, value_name = "N", default_value_t = moat_engine::manager::DEFAULT_MAX_UNFINISHED_JOBS)]
+    max_jobs: u64,
     /// Make a sandbox's own services (ports other than 49983 and 49999) need its traffic
     /// access token unless its create asks for public traffic; by default they are reachable
     /// by anyone who knows the sandbox's address.
@@ -171,6 +192,21 @@ impl ServeArgs {
             },
             image_dir: Some(self.data_dir.join(IMAGE_DIR)),
             build_dir: Some(self.data_dir.join(BUILD_DIR)),
+            jobs: JobOptions {
+                blobs: Some(match &self.blob_store {
+                    Some(url) if url.contains("://") => BlobLocation::Url(url.clone()),
+                    Some(dir) => BlobLocation::Dir(dir.into()),
+                    None => BlobLocation::Dir(self.data_dir.join(BLOB_DIR)),
+                }),
+                workers: match self.job_workers {
+                    Some(0) => bail!("--job-workers must be at least 1"),
+                    Some(n) => n,
+                    None => moat_engine::manager::default_workers(),
+                },
+                max_unfinished_per_tenant: self.max_jobs,
+                bytes_per_tenant: self.job_quota,
+                retention: self.job_retention,
+            },
             image_grace: moat_engine::manager::IMAGE_GRACE,
             registries: {
                 let mut access = RegistryAccess {
@@ -257,6 +293,8 @@ const SNAPSHOT_DIR: &str = "snapshots";
 const IMAGE_DIR: &str = "images";
 /// Where builds keep their records, logs and contexts, in the data dir.
 const BUILD_DIR: &str = "builds";
+/// Where jobs keep their blobs unless `--blob-store` says otherwise, in the data dir.
+const BLOB_DIR: &str = "blobs";
 
 /// Runs the server until SIGINT or SIGTERM. Exits 0 after a clean shutdown.
 pub fn main(args: ServeArgs) -> ExitCode {
@@ -472,6 +510,26 @@ fn parse_retention(text: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".into());
     }
     Ok(d)
+}
+
+/// A duration of whole seconds, minutes, hours or days (`90s`, `30m`, `36h`, `7d`), at least
+/// one second, with no upper bound but what fits.
+fn parse_long_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {text:?}: use e.g. 90s, 30m, 36h, 7d");
+    let unit = text.chars().last().ok_or_else(bad)?;
+    let scale: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    let n: u64 = text[..text.len() - 1].parse().map_err(|_| bad())?;
+    let secs = n.checked_mul(scale).ok_or_else(bad)?;
+    if secs == 0 {
+        return Err("must be at least 1s".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {

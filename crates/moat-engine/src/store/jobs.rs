@@ -1,0 +1,615 @@
+//! Jobs and the blobs they keep.
+//!
+//! A job is recorded (with its inputs' blob rows) in one transaction before its submit is
+//! answered. Its `spec` and `result` are the engine's JSON, opaque here. Its state moves
+//! `queued → running → queued` (a retry) `… → succeeded | failed | timed_out`, or to
+//! `cancelled` from `queued` or `running`; an attempt ends with [`Store::finish_job_attempt`],
+//! which does nothing when the job is no longer that attempt's (cancelled or deleted meanwhile),
+//! so a result is never recorded twice or over a cancel.
+//!
+//! Blob rows say who keeps a blob: an `upload` of its tenant, or a job's `input` or `output`.
+//! The object in the blob store may go once no row names its digest ([`Store::blob_unused`]).
+
+use std::collections::HashMap;
+
+use moat_proto::v1::JobState;
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+
+use super::error::{StoreError, StoreResult};
+use super::ids::check_tenant_id;
+use super::tenants::require_tenant;
+use super::{Store, first_row, now_ms};
+
+/// A job to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// Its id.
+    pub id: String,
+    /// Its owner.
+    pub tenant: String,
+    /// The key that submitted it, whose quotas its sandboxes count against.
+    pub key_id: Option<String>,
+    /// The caller's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// SHA-256 of the request, to tell a repeated submit from another one with the same key.
+    pub request_sha256: [u8; 32],
+    /// The template its sandboxes are made from.
+    pub template: String,
+    /// The engine's JSON of what to run.
+    pub spec: String,
+    /// Most attempts.
+    pub max_attempts: u32,
+}
+
+/// A recorded job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// Its order of submission, unique.
+    pub seq: i64,
+    /// Its id.
+    pub id: String,
+    /// Its owner.
+    pub tenant: String,
+    /// The key that submitted it.
+    pub key_id: Option<String>,
+    /// The caller's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// SHA-256 of the request.
+    pub request_sha256: Vec<u8>,
+    /// Its template.
+    pub template: String,
+    /// The engine's JSON of what to run.
+    pub spec: String,
+    /// Where it is.
+    pub state: JobState,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Most attempts.
+    pub max_attempts: u32,
+    /// A queued job waits until then (a retry's backoff), Unix milliseconds.
+    pub not_before: i64,
+    /// When it was submitted.
+    pub created_at: i64,
+    /// When its last attempt started.
+    pub started_at: Option<i64>,
+    /// When it ended.
+    pub finished_at: Option<i64>,
+    /// The engine's JSON of its last attempt's result.
+    pub result: Option<String>,
+}
+
+impl JobRecord {
+    fn from_row(row: &Row<'_>) -> StoreResult<Self> {
+        let state: String = row.get("state")?;
+        let count = |name: &str| -> StoreResult<u32> {
+            let n: i64 = row.get(name)?;
+            u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("job {name} {n}")))
+        };
+        Ok(JobRecord {
+            seq: row.get("seq")?,
+            id: row.get("id")?,
+            tenant: row.get("tenant_id")?,
+            key_id: row.get("key_id")?,
+            idempotency_key: row.get("idempotency_key")?,
+            request_sha256: row.get("request_sha256")?,
+            template: row.get("template")?,
+            spec: row.get("spec")?,
+            state: JobState::from_name(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("job state {state:?}")))?,
+            attempts: count("attempts")?,
+            max_attempts: count("max_attempts")?,
+            not_before: row.get("not_before")?,
+            created_at: row.get("created_at")?,
+            started_at: row.get("started_at")?,
+            finished_at: row.get("finished_at")?,
+            result: row.get("result")?,
+        })
+    }
+}
+
+/// Who keeps a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobKind {
+    /// Its tenant uploaded it.
+    Upload,
+    /// A job writes it into its sandboxes.
+    Input,
+    /// A job kept it (an output file or a log).
+    Output,
+}
+
+impl BlobKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            BlobKind::Upload => "upload",
+            BlobKind::Input => "input",
+            BlobKind::Output => "output",
+        }
+    }
+}
+
+/// How an attempt ended, for [`Store::finish_job_attempt`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptEnd {
+    /// The job's state from now on: final, or `Queued` for a retry.
+    pub state: JobState,
+    /// A retry waits until then.
+    pub not_before: i64,
+    /// The engine's JSON of the attempt's result.
+    pub result: String,
+}
+
+/// What [`Store::claim_job`] picks from.
+#[derive(Debug, Clone, Default)]
+pub struct Running {
+    /// Attempts running now, per tenant.
+    pub per_tenant: HashMap<String, usize>,
+    /// The tenant served last: among tenants with as few running, the next after it goes.
+    pub last_tenant: String,
+}
+
+/// Most rows of one page of jobs.
+pub const MAX_JOB_PAGE: u32 = 1000;
+
+const STATE_FINAL_SQL: &str = "('succeeded', 'failed', 'cancelled', 'timed_out')";
+
+fn get_job(tx: &Transaction<'_>, tenant: &str, id: &str) -> StoreResult<JobRecord> {
+    first_row(
+        &mut *tx.prepare_cached("SELECT * FROM jobs WHERE id = ?1 AND tenant_id = ?2")?,
+        params![id, tenant],
+        JobRecord::from_row,
+    )?
+    .ok_or_else(|| StoreError::not_found("job", id))
+}
+
+fn blob_bytes(tx: &Transaction<'_>, tenant: &str) -> StoreResult<u64> {
+    let n: i64 = tx
+        .prepare_cached("SELECT coalesce(sum(size), 0) FROM blobs WHERE tenant_id = ?1")?
+        .query_row([tenant], |row| row.get(0))?;
+    Ok(u64::try_from(n).unwrap_or_default())
+}
+
+fn insert_blob_row(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    kind: BlobKind,
+    job: &str,
+    digest: &str,
+    size: u64,
+) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO blobs (tenant_id, kind, job_id, digest, size, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        tenant,
+        kind.as_str(),
+        job,
+        digest,
+        i64::try_from(size).unwrap_or(i64::MAX),
+        now_ms()
+    ])?;
+    Ok(())
+}
+
+/// Deletes the rows `job` keeps of `kind` (all kinds when `None`); the digests they named.
+fn delete_job_rows(
+    tx: &Transaction<'_>,
+    job: &str,
+    kind: Option<BlobKind>,
+) -> StoreResult<Vec<String>> {
+    let kind = kind.map(BlobKind::as_str);
+    let digests = tx
+        .prepare_cached(
+            "DELETE FROM blobs WHERE job_id = ?1 AND (?2 IS NULL OR kind = ?2) RETURNING digest",
+        )?
+        .query_map(params![job, kind], |row| row.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(digests)
+}
+
+impl Store {
+    /// Records `new`, queued, with the blobs it writes into its sandboxes (`inputs`, digests
+    /// and sizes), unless its tenant would then have more than `max_unfinished` jobs queued or
+    /// running, or keep more than `max_bytes` of blobs ([`StoreError::QuotaExceeded`]). A job
+    /// of that tenant with the same idempotency key is [`StoreError::Conflict`].
+    pub fn insert_job(
+        &self,
+        new: &NewJob,
+        inputs: &[(String, u64)],
+        max_unfinished: u64,
+        max_bytes: u64,
+    ) -> StoreResult<JobRecord> {
+        check_tenant_id(&new.tenant)?;
+        self.write(|tx| {
+            require_tenant(tx, &new.tenant)?;
+            let unfinished: i64 = tx
+                .prepare_cached(
+                    "SELECT count(*) FROM jobs WHERE tenant_id = ?1 \
+                     AND state IN ('queued', 'running')",
+                )?
+                .query_row([&new.tenant], |row| row.get(0))?;
+            let unfinished = u64::try_from(unfinished).unwrap_or_default();
+            if unfinished >= max_unfinished {
+                return Err(StoreError::QuotaExceeded {
+                    what: "unfinished jobs",
+                    limit: max_unfinished,
+                    used: unfinished,
+                    requested: 1,
+                });
+            }
+            let used = blob_bytes(tx, &new.tenant)?;
+            let adding: u64 = inputs.iter().map(|(_, size)| size).sum();
+            if used.saturating_add(adding) > max_bytes {
+                return Err(StoreError::QuotaExceeded {
+                    what: "stored blob bytes",
+                    limit: max_bytes,
+                    used,
+                    requested: adding,
+                });
+            }
+            let now = now_ms();
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (id, tenant_id, key_id, idempotency_key, request_sha256, \
+                     template, spec, state, max_attempts, not_before, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9)",
+                )?
+                .execute(params![
+                    new.id,
+                    new.tenant,
+                    new.key_id,
+                    new.idempotency_key,
+                    new.request_sha256.as_slice(),
+                    new.template,
+                    new.spec,
+                    new.max_attempts,
+                    now
+                ]);
+            match inserted {
+                Ok(_) => {}
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    return Err(StoreError::Conflict {
+                        kind: "job with idempotency key",
+                        id: new.idempotency_key.clone().unwrap_or_default(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+            for (digest, size) in inputs {
+                insert_blob_row(tx, &new.tenant, BlobKind::Input, &new.id, digest, *size)?;
+            }
+            get_job(tx, &new.tenant, &new.id)
+        })
+    }
+
+    /// `tenant`'s job `id`.
+    pub fn get_job(&self, tenant: &str, id: &str) -> StoreResult<JobRecord> {
+        self.read(|tx| get_job(tx, tenant, id))
+    }
+
+    /// `tenant`'s job with idempotency key `key`, if there is one.
+    pub fn job_by_idempotency_key(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> StoreResult<Option<JobRecord>> {
+        self.read(|tx| {
+            first_row(
+                &mut *tx.prepare_cached(
+                    "SELECT * FROM jobs WHERE tenant_id = ?1 AND idempotency_key = ?2",
+                )?,
+                params![tenant, key],
+                JobRecord::from_row,
+            )
+        })
+    }
+
+    /// `tenant`'s jobs in `states` (all when empty), newest first, after the job of sequence
+    /// `after` (from the previous page), at most `limit`.
+    pub fn list_jobs(
+        &self,
+        tenant: &str,
+        states: &[JobState],
+        after: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<JobRecord>> {
+        let limit = limit.clamp(1, MAX_JOB_PAGE);
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let states = serde_json::to_string(&states).unwrap_or_else(|_| "[]".into());
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT * FROM jobs WHERE tenant_id = ?1 AND seq < ?2 \
+                 AND (json_array_length(?3) = 0 OR state IN (SELECT value FROM json_each(?3))) \
+                 ORDER BY seq DESC LIMIT ?4",
+            )?;
+            let mut rows = stmt.query(params![tenant, after.unwrap_or(i64::MAX), states, limit])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(JobRecord::from_row(row)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Takes the next queued job whose time has come, fairly between tenants (the one with
+    /// the fewest attempts `running`, then the next after the last served), and marks it
+    /// running with one more attempt.
+    pub fn claim_job(&self, now: i64, running: &Running) -> StoreResult<Option<JobRecord>> {
+        self.write(|tx| {
+            // Each tenant with a queued job, by index seeks: as many steps as tenants, however
+            // many jobs are queued.
+            let mut tenants = Vec::new();
+            let mut next = tx.prepare_cached(
+                "SELECT tenant_id FROM jobs WHERE state = 'queued' AND tenant_id > ?1 \
+                 ORDER BY tenant_id LIMIT 1",
+            )?;
+            let mut from = String::new();
+            while let Some(t) = next
+                .query_row([&from], |row| row.get::<_, String>(0))
+                .optional()?
+            {
+                from.clone_from(&t);
+                tenants.push(t);
+            }
+            drop(next);
+            let load = |t: &String| running.per_tenant.get(t).copied().unwrap_or(0);
+            // Fewest running first; among equals, those after the last served before the rest.
+            tenants.sort_by(|a, b| {
+                load(a).cmp(&load(b)).then_with(|| {
+                    (a.as_str() <= running.last_tenant.as_str())
+                        .cmp(&(b.as_str() <= running.last_tenant.as_str()))
+                        .then_with(|| a.cmp(b))
+                })
+            });
+            let mut first = tx.prepare_cached(
+                "SELECT seq FROM jobs WHERE state = 'queued' AND tenant_id = ?1 \
+                 AND not_before <= ?2 ORDER BY seq LIMIT 1",
+            )?;
+            for tenant in &tenants {
+                let Some(seq) = first
+                    .query_row(params![tenant, now], |row| row.get::<_, i64>(0))
+                    .optional()?
+                else {
+                    continue;
+                };
+                let claimed = tx
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
+                         started_at = ?2 WHERE seq = ?1 AND state = 'queued' RETURNING *",
+                    )?
+                    .query_row(params![seq, now], |row| Ok(JobRecord::from_row(row)))
+                    .optional()?
+                    .transpose()?;
+                return Ok(claimed);
+            }
+            Ok(None)
+        })
+    }
+
+    /// The earliest time after `now` a queued job waits for, if any does.
+    pub fn next_job_time(&self, now: i64) -> StoreResult<Option<i64>> {
+        self.read(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "SELECT min(not_before) FROM jobs WHERE state = 'queued' AND not_before > ?1",
+                )?
+                .query_row([now], |row| row.get::<_, Option<i64>>(0))?)
+        })
+    }
+
+    /// Records how attempt `attempt` of job `id` ended; `false` (nothing recorded) when the
+    /// job is no longer running that attempt (cancelled or deleted meanwhile).
+    pub fn finish_job_attempt(
+        &self,
+        id: &str,
+        attempt: u32,
+        end: &AttemptEnd,
+    ) -> StoreResult<bool> {
+        self.write(|tx| {
+            let current: Option<(String, i64)> = tx
+                .prepare_cached("SELECT state, attempts FROM jobs WHERE id = ?1")?
+                .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            if current != Some(("running".into(), i64::from(attempt))) {
+                return Ok(false);
+            }
+            let finished = end.state.is_final().then(now_ms);
+            tx.prepare_cached(
+                "UPDATE jobs SET state = ?2, not_before = ?3, finished_at = ?4, result = ?5 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                end.state.as_str(),
+                end.not_before,
+                finished,
+                end.result
+            ])?;
+            Ok(true)
+        })
+    }
+
+    /// Puts back job `id`'s attempt `attempt`, which could not start for want of room (a
+    /// quota, the server busy): queued again until `not_before`, the attempt not counted.
+    pub fn unclaim_job(&self, id: &str, attempt: u32, not_before: i64) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE jobs SET state = 'queued', attempts = attempts - 1, not_before = ?3 \
+                 WHERE id = ?1 AND state = 'running' AND attempts = ?2",
+            )?
+            .execute(params![id, attempt, not_before])?;
+            Ok(())
+        })
+    }
+
+    /// Cancels `tenant`'s job `id` if it is queued or running; the job as it now is (a job
+    /// already over is left as it is).
+    pub fn cancel_job(&self, tenant: &str, id: &str) -> StoreResult<JobRecord> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?3 \
+                 WHERE id = ?1 AND tenant_id = ?2 AND state IN ('queued', 'running')",
+            )?
+            .execute(params![id, tenant, now_ms()])?;
+            get_job(tx, tenant, id)
+        })
+    }
+
+    /// Deletes `tenant`'s job `id`, which must be over, and the rows of the blobs it kept;
+    /// their digests, for collection.
+    pub fn delete_job(&self, tenant: &str, id: &str) -> StoreResult<Vec<String>> {
+        self.write(|tx| {
+            let job = get_job(tx, tenant, id)?;
+            if !job.state.is_final() {
+                return Err(StoreError::Conflict {
+                    kind: "unfinished job",
+                    id: id.to_owned(),
+                });
+            }
+            tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                .execute([id])?;
+            delete_job_rows(tx, id, None)
+        })
+    }
+
+    /// Jobs that ended before `before`, as (tenant, id), at most `limit`: what retention
+    /// deletes.
+    pub fn jobs_ended_before(&self, before: i64, limit: u32) -> StoreResult<Vec<(String, String)>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT tenant_id, id FROM jobs WHERE finished_at < ?1 \
+                 AND state IN {STATE_FINAL_SQL} ORDER BY finished_at LIMIT ?2"
+            ))?;
+            let rows = stmt
+                .query_map(params![before, limit], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// At start-up: every job a previous server left running is queued again (its attempt
+    /// stays counted), or failed when it has had `max_attempts` already. How many of each.
+    pub fn requeue_interrupted_jobs(&self, max_attempts: u32) -> StoreResult<(u64, u64)> {
+        self.write(|tx| {
+            let now = now_ms();
+            let failed = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'failed', finished_at = ?1, \
+                     result = json_object('error', 'interrupted by server restarts ' || attempts || ' times') \
+                     WHERE state = 'running' AND attempts >= ?2",
+                )?
+                .execute(params![now, max_attempts])?;
+            let requeued = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'queued', not_before = ?1 WHERE state = 'running'",
+                )?
+                .execute([now])?;
+            Ok((requeued as u64, failed as u64))
+        })
+    }
+
+    /// Records that `tenant` keeps the blob `digest` of `size` bytes, as `kind` (for `job`, or
+    /// `""` for an upload), unless that takes its blobs over `max_bytes`.
+    pub fn add_blob(
+        &self,
+        tenant: &str,
+        kind: BlobKind,
+        job: &str,
+        digest: &str,
+        size: u64,
+        max_bytes: u64,
+    ) -> StoreResult<()> {
+        self.write(|tx| {
+            require_tenant(tx, tenant)?;
+            let used = blob_bytes(tx, tenant)?;
+            if used.saturating_add(size) > max_bytes {
+                return Err(StoreError::QuotaExceeded {
+                    what: "stored blob bytes",
+                    limit: max_bytes,
+                    used,
+                    requested: size,
+                });
+            }
+            insert_blob_row(tx, tenant, kind, job, digest, size)
+        })
+    }
+
+    /// Deletes the rows of the blobs job `id` kept as outputs (before another attempt); their
+    /// digests, for collection.
+    pub fn drop_job_outputs(&self, id: &str) -> StoreResult<Vec<String>> {
+        self.write(|tx| delete_job_rows(tx, id, Some(BlobKind::Output)))
+    }
+
+    /// Deletes `tenant`'s upload of `digest`; whether there was one.
+    pub fn delete_upload(&self, tenant: &str, digest: &str) -> StoreResult<bool> {
+        self.write(|tx| {
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM blobs WHERE tenant_id = ?1 AND kind = 'upload' AND digest = ?2",
+                )?
+                .execute(params![tenant, digest])?;
+            Ok(n > 0)
+        })
+    }
+
+    /// The size of `tenant`'s upload `digest`, if it has one.
+    pub fn upload_size(&self, tenant: &str, digest: &str) -> StoreResult<Option<u64>> {
+        self.read(|tx| {
+            let size: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT size FROM blobs WHERE tenant_id = ?1 AND kind = 'upload' AND digest = ?2",
+                )?
+                .query_row(params![tenant, digest], |row| row.get(0))
+                .optional()?;
+            Ok(size.map(|s| u64::try_from(s).unwrap_or_default()))
+        })
+    }
+
+    /// Bytes of the blobs `tenant` keeps (each row counted, shared or not).
+    pub fn blob_bytes(&self, tenant: &str) -> StoreResult<u64> {
+        self.read(|tx| blob_bytes(tx, tenant))
+    }
+
+    /// Whether no row names blob `digest` any more (its object may go).
+    pub fn blob_unused(&self, digest: &str) -> StoreResult<bool> {
+        self.read(|tx| {
+            let n: i64 = tx
+                .prepare_cached("SELECT count(*) FROM blobs WHERE digest = ?1")?
+                .query_row([digest], |row| row.get(0))?;
+            Ok(n == 0)
+        })
+    }
+
+    /// Deletes the blob rows of `job`, which was never recorded (its submit failed); their
+    /// digests.
+    pub fn drop_orphan_job_blobs_of(&self, job: &str) -> StoreResult<Vec<String>> {
+        self.write(|tx| {
+            let exists: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = ?1)")?
+                .query_row([job], |row| row.get(0))?;
+            if exists {
+                return Ok(Vec::new());
+            }
+            delete_job_rows(tx, job, None)
+        })
+    }
+
+    /// Deletes job blob rows older than `before` whose job was never recorded (a submit cut
+    /// off between the two); their digests.
+    pub fn drop_orphan_job_blobs(&self, before: i64) -> StoreResult<Vec<String>> {
+        self.write(|tx| {
+            let digests = tx
+                .prepare_cached(
+                    "DELETE FROM blobs WHERE job_id != '' AND created_at < ?1 \
+                     AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = blobs.job_id) \
+                     RETURNING digest",
+                )?
+                .query_map([before], |row| row.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(digests)
+        })
+    }
+}

@@ -1,0 +1,386 @@
+//! Asynchronous jobs (`/v1/jobs`, `/v1/blobs`) of a real `moat serve`: inputs in, outputs
+//! and logs kept, idempotency, cancel, timeout, retries, a `kill -9` of the server in the
+//! middle of a batch, fairness between tenants, and bad requests. Needs root (the native
+//! backend); skips with a printed reason otherwise.
+
+use moat_test_support as support;
+use support::need_root;
+
+use std::time::{Duration, Instant};
+
+use moat_engine::store::{Quotas, Role, Store};
+use serde_json::{Value, json};
+use support::server::*;
+
+fn post(server: &Server, key: &str, path: &str, body: Value) -> Reply {
+    server.request(
+        "POST",
+        path,
+        Some(key),
+        Some(&serde_json::to_vec(&body).expect("json")),
+    )
+}
+
+/// Submits `body`, which must be accepted (202); the job's id.
+fn submit(server: &Server, key: &str, body: Value) -> String {
+    let r = post(server, key, "/v1/jobs", body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+fn job(server: &Server, key: &str, id: &str) -> Value {
+    let r = server.request("GET", &format!("/v1/jobs/{id}"), Some(key), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Waits (at most `secs`) until job `id` is over; the job.
+fn wait(server: &Server, key: &str, id: &str, secs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let j = job(server, key, id);
+        if !matches!(j["state"].as_str(), Some("queued" | "running")) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} never ended: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A user key of `tenant`, made in the store beside the running server.
+fn user_key(server: &Server, tenant: &str) -> String {
+    let store = Store::open(server.data.join("moat.db")).expect("store");
+    let _ = store.create_tenant(tenant, tenant);
+    let (_, secret) = store
+        .create_key(tenant, "jobs", Role::User, Quotas::default())
+        .expect("key");
+    secret.expose().to_owned()
+}
+
+/// The documented example: code with an inline input and an uploaded one, outputs kept by
+/// name and by glob, logs whole and in tails; a later job takes an earlier one's output.
+#[test]
+fn a_job_runs_with_its_inputs_and_keeps_its_outputs_and_logs() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let r = server.request("POST", "/v1/blobs", Some(&key), Some(b"1\n2\n3\n"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let blob = r.json()["digest"].as_str().expect("digest").to_owned();
+    assert!(blob.starts_with("sha256:"), "{blob}");
+
+    let id = submit(
+        &server,
+        &key,
+        json!({
+            "code": "import os, sys\nn = sum(int(x) for x in open('numbers.txt'))\nos.makedirs('out/deep', exist_ok=True)\nopen('out/sum.txt', 'w').write(str(n * int(open('/tmp/factor').read())))\nopen('out/deep/a.csv', 'w').write('a')\nprint('x' * 10000)\nprint('the end')\nprint('warned', file=sys.stderr)",
+            "inputs": [
+                {"path": "numbers.txt", "blob": blob},
+                {"path": "/tmp/factor", "content": "7"},
+            ],
+            "outputs": ["out/sum.txt", "out/**/*.csv", "nothing-*.txt"],
+        }),
+    );
+    let j = wait(&server, &key, &id, 60);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["exit_code"], 0, "{j}");
+    assert_eq!(j["attempts"], 1, "{j}");
+    let paths: Vec<&str> = j["outputs"]
+        .as_array()
+        .expect("outputs")
+        .iter()
+        .map(|o| o["path"].as_str().expect("path"))
+        .collect();
+    assert_eq!(
+        paths,
+        ["/home/user/out/sum.txt", "/home/user/out/deep/a.csv"],
+        "{j}"
+    );
+    assert_eq!(
+        j["output_errors"],
+        json!(["nothing-*.txt: matched no file"]),
+        "{j}"
+    );
+    // A tail of 4 KiB, the whole log apart.
+    let tail = j["stdout_tail"].as_str().expect("tail");
+    assert!(
+        tail.ends_with("the end\n") && tail.len() == 4096,
+        "{}",
+        tail.len()
+    );
+    assert_eq!(j["stderr_tail"], "warned\n");
+    let r = server.request(
+        "GET",
+        &format!("/v1/jobs/{id}/logs/stdout"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 10001 + 8);
+    let r = server.request(
+        "GET",
+        &format!("/v1/jobs/{id}/output?path=/home/user/out/sum.txt"),
+        Some(&key),
+        None,
+    );
+    assert_eq!((r.status, r.text()), (200, "42".to_owned()));
+
+    // An output of that job is an input of the next.
+    let next = submit(
+        &server,
+        &key,
+        json!({
+            "shell": "cat sum.txt; echo; cat sum.txt > doubled; cat sum.txt >> doubled",
+            "inputs": [{"path": "sum.txt", "job_output": {"job": id, "path": "/home/user/out/sum.txt"}}],
+            "outputs": ["doubled"],
+        }),
+    );
+    let j = wait(&server, &key, &next, 60);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["stdout_tail"], "42\n");
+    let r = server.request(
+        "GET",
+        &format!("/v1/jobs/{next}/output?path=/home/user/doubled"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.text(), "4242");
+
+    // Another tenant sees none of it.
+    let other = user_key(&server, "other");
+    let r = server.request("GET", &format!("/v1/jobs/{id}"), Some(&other), None);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = post(
+        &server,
+        &other,
+        "/v1/jobs",
+        json!({"shell": "true", "inputs": [{"path": "x", "blob": blob}]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // Deleted with its blobs: the first job's output is still the second's input, so only
+    // the second's own go.
+    let r = server.request("DELETE", &format!("/v1/jobs/{next}"), Some(&key), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = server.request("GET", &format!("/v1/jobs/{next}"), Some(&key), None);
+    assert_eq!(r.status, 404);
+    let r = server.request(
+        "GET",
+        &format!("/v1/jobs/{id}/output?path=/home/user/out/sum.txt"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.text(), "42");
+}
+
+/// The same idempotency key returns the same job (200); another request with it is a
+/// conflict.
+#[test]
+fn an_idempotency_key_makes_one_job() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let body = json!({"shell": "echo once", "idempotency_key": "k-1"});
+    let first = submit(&server, &key, body.clone());
+    let r = post(&server, &key, "/v1/jobs", body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], first.as_str());
+    let r = server
+        .send(
+            "POST",
+            "/v1/jobs",
+            Some(&key),
+            &[
+                ("Content-Type", "application/json"),
+                ("Idempotency-Key", "k-1"),
+            ],
+            Some(br#"{"shell": "echo another"}"#),
+        )
+        .expect("send");
+    assert_eq!(r.status, 409, "{}", r.text());
+    wait(&server, &key, &first, 60);
+    let r = server.request("GET", "/v1/jobs", Some(&key), None);
+    assert_eq!(r.json()["jobs"].as_array().expect("jobs").len(), 1);
+}
+
+/// Cancel (queued or running: its sandbox goes), a timeout, and retries.
+#[test]
+fn cancel_timeout_and_retries() {
+    need_root!();
+    let server = Server::start_with(&["--job-workers", "1"]);
+    let key = server.admin_key();
+    let long = submit(&server, &key, json!({"shell": "sleep 60"}));
+    let queued = submit(&server, &key, json!({"shell": "echo never"}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job(&server, &key, &long)["state"] != "running" {
+        assert!(Instant::now() < deadline, "never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for id in [&queued, &long] {
+        let r = server.request("POST", &format!("/v1/jobs/{id}/cancel"), Some(&key), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["state"], "cancelled");
+    }
+    let r = server.request("POST", &format!("/v1/jobs/{long}/cancel"), Some(&key), None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    // Its sandbox is destroyed, and the one queued never ran.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = server.request("GET", "/v1/sandboxes?state=running", Some(&key), None);
+        if r.json()["sandboxes"].as_array().expect("list").is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled job's sandbox stayed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(job(&server, &key, &queued)["attempts"], 0);
+
+    let slow = submit(
+        &server,
+        &key,
+        json!({"shell": "sleep 30", "timeout_secs": 1, "retries": 2}),
+    );
+    let j = wait(&server, &key, &slow, 60);
+    assert_eq!(j["state"], "timed_out", "{j}");
+    assert_eq!(j["attempts"], 1, "a timeout is not retried: {j}");
+
+    let flaky = submit(
+        &server,
+        &key,
+        json!({"shell": "echo try; exit 3", "retries": 2}),
+    );
+    let j = wait(&server, &key, &flaky, 60);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["exit_code"], 3, "{j}");
+    assert_eq!(j["attempts"], 3, "{j}");
+    assert_eq!(j["stdout_tail"], "try\n", "{j}");
+}
+
+/// `kill -9` of the server in the middle of a batch: after a restart every job ends, each
+/// with its own output, none lost.
+#[test]
+fn a_batch_survives_a_kill_9_of_the_server() {
+    need_root!();
+    let server = Server::start_with(&["--job-workers", "2"]);
+    let key = server.admin_key();
+    let ids: Vec<String> = (0..12)
+        .map(|i| {
+            submit(
+                &server,
+                &key,
+                json!({"shell": format!("sleep 0.3; echo {i} > n"), "outputs": ["n"]}),
+            )
+        })
+        .collect();
+    // Some done, some running, some queued.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = ids
+            .iter()
+            .filter(|id| job(&server, &key, id)["state"] == "succeeded")
+            .count();
+        if done >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no job finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (dir, data) = server.kill9();
+    let server = Server::start_in_with(dir, data, &["--job-workers", "2"]);
+    for (i, id) in ids.iter().enumerate() {
+        let j = wait(&server, &key, id, 120);
+        assert_eq!(j["state"], "succeeded", "{j}");
+        let r = server.request(
+            "GET",
+            &format!("/v1/jobs/{id}/output?path=/home/user/n"),
+            Some(&key),
+            None,
+        );
+        assert_eq!(r.text(), format!("{i}\n"), "{j}");
+    }
+    let r = server.request("GET", "/v1/jobs?limit=100", Some(&key), None);
+    assert_eq!(r.json()["jobs"].as_array().expect("jobs").len(), ids.len());
+}
+
+/// One tenant's long queue does not hold another's job back: it runs on the next free
+/// worker.
+#[test]
+fn jobs_are_fair_between_tenants() {
+    need_root!();
+    let server = Server::start_with(&["--job-workers", "1"]);
+    let (a, b) = (user_key(&server, "alpha"), user_key(&server, "beta"));
+    let many: Vec<String> = (0..15)
+        .map(|_| submit(&server, &a, json!({"shell": "sleep 0.2"})))
+        .collect();
+    let one = submit(&server, &b, json!({"shell": "true"}));
+    let j = wait(&server, &b, &one, 120);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let done_first = many
+        .iter()
+        .filter(|id| job(&server, &a, id)["state"] == "succeeded")
+        .count();
+    assert!(
+        done_first <= 3,
+        "beta's one job waited for {done_first} of alpha's 15"
+    );
+}
+
+/// Bad requests get a clear 4xx naming what is wrong.
+#[test]
+fn bad_job_requests_are_refused_clearly() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"shell": "true", "template": "nope"}), 404, "nope"),
+        (json!({"code": "1", "language": "cobol"}), 400, "cobol"),
+        (json!({"shell": "true", "code": "1"}), 400, "exactly one"),
+        (json!({"shell": "true", "outputs": ["../x"]}), 400, "../x"),
+        (json!({"shell": "true", "outputs": ["a**b/c"]}), 400, "**"),
+        (
+            json!({"shell": "true", "inputs": [{"path": "x", "blob": "sha256:00"}]}),
+            400,
+            "not a digest",
+        ),
+        (
+            json!({"shell": "true", "inputs": [{"path": "x", "blob": format!("sha256:{}", "0".repeat(64))}]}),
+            400,
+            "no blob",
+        ),
+        (
+            json!({"shell": "true", "inputs": [{"path": "x", "content": "a", "content_b64": "YQ=="}]}),
+            400,
+            "exactly one",
+        ),
+        (
+            json!({"shell": "true", "timeout_secs": 0}),
+            400,
+            "timeout_secs",
+        ),
+        (json!({"shell": "true", "retries": 11}), 400, "retries"),
+        (
+            json!({"shell": "true", "inputs": [{"path": "x", "job_output": {"job": "job-nope", "path": "/a"}}]}),
+            400,
+            "job-nope",
+        ),
+        (json!({"shell": "true", "surprise": 1}), 400, "surprise"),
+    ];
+    for (body, status, says) in cases {
+        let r = post(&server, &key, "/v1/jobs", body.clone());
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        assert!(r.text().contains(says), "{body}: {}", r.text());
+    }
+    // A body over the limit (inline inputs go up as blobs first).
+    let big = json!({"shell": "true", "inputs": [{"path": "x", "content": "a".repeat(17 << 20)}]});
+    let r = post(&server, &key, "/v1/jobs", big);
+    assert_eq!(r.status, 413, "{}", r.text());
+    let r = server.request("GET", "/v1/jobs?state=sleeping", Some(&key), None);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = server.request("GET", "/v1/jobs/job-nope/logs/stdin", Some(&key), None);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = server.request("GET", "/v1/jobs", None, None);
+    assert_eq!(r.status, 401, "{}", r.text());
+}
