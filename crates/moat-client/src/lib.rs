@@ -56,6 +56,7 @@ mod client;
 mod error;
 mod exec;
 mod files;
+mod jobs;
 mod keys;
 mod path;
 mod sandboxes;

@@ -121,6 +121,7 @@ impl BlobStore {
                 if bucket.is_empty() {
                     return Err(format!("blob store {url:?} names no bucket"));
                 }
+                crate::tls::install_provider();
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .build()

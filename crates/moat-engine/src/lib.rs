@@ -35,5 +35,6 @@ pub mod resources;
 pub mod rootfs_users;
 pub mod status;
 pub mod store;
+mod tls;
 
 pub use error::{EngineError, Result};

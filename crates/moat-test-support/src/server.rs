@@ -54,6 +54,16 @@ impl Server {
 
     /// Starts a server on the data dir `data` (inside `dir`) with extra `moat serve` options.
     pub fn start_in_with(dir: tempfile::TempDir, data: PathBuf, extra: &[&str]) -> Server {
+        Server::start_in_with_env(dir, data, extra, &[])
+    }
+
+    /// [`Server::start_in_with`] with extra environment variables for the server.
+    pub fn start_in_with_env(
+        dir: tempfile::TempDir,
+        data: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         // A port the kernel just handed out is very likely still free a moment later.
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -75,6 +85,7 @@ impl Server {
             .arg(&data)
             .args(["--log-format", "json"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()

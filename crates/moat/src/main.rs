@@ -30,6 +30,8 @@ enum Command {
     Sandbox(cli::sandbox::SandboxArgs),
     /// Snapshots on a moat server: create, ls, get, rm.
     Snapshot(cli::snapshot::SnapshotArgs),
+    /// Asynchronous jobs on a moat server: submit, ls, get, logs, outputs, cancel, rm.
+    Job(cli::job::JobArgs),
     /// Templates on a moat server: create, ls, get, rm.
     Template(cli::template::TemplateArgs),
     /// API keys on a moat server (needs an admin key): create, ls, revoke.
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Check => cli::check::main(),
         Command::Sandbox(args) => cli::sandbox::main(args),
         Command::Snapshot(args) => cli::snapshot::main(args),
+        Command::Job(args) => cli::job::main(args),
         Command::Template(args) => cli::template::main(args),
         Command::Keys(args) => cli::keys::main(args),
         Command::Agent => cli::agent::main(),

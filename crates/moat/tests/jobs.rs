@@ -384,3 +384,78 @@ fn bad_job_requests_are_refused_clearly() {
     let r = server.request("GET", "/v1/jobs", None, None);
     assert_eq!(r.status, 401, "{}", r.text());
 }
+
+/// `moat job`: submit with a local input and --wait (its output on ours, its outputs
+/// downloaded, its exit code ours), then ls, get, logs, outputs, cancel and rm.
+#[test]
+fn the_job_command_line_submits_waits_and_downloads() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let work = tempfile::tempdir().expect("tempdir");
+    let input = work.path().join("words.txt");
+    std::fs::write(&input, "b\na\nc\n").expect("input");
+    let out_dir = work.path().join("out");
+    let input_arg = input.to_str().expect("path");
+    let out_arg = out_dir.to_str().expect("path");
+    let printed = server.cli(
+        &key,
+        &[
+            "job",
+            "submit",
+            "--input",
+            input_arg,
+            "--keep",
+            "sorted.txt",
+            "--wait",
+            "--out-dir",
+            out_arg,
+            "--shell",
+            "sort words.txt > sorted.txt; echo sorted",
+        ],
+    );
+    assert!(printed.starts_with("sorted\n"), "{printed}");
+    let kept = out_dir.join("home/user/sorted.txt");
+    assert_eq!(
+        std::fs::read_to_string(&kept).expect("downloaded"),
+        "a\nb\nc\n"
+    );
+
+    // A failing job's exit code is the command's.
+    let out = std::process::Command::new(support::moat_binary())
+        .args([
+            "job",
+            "submit",
+            "--wait",
+            "--shell",
+            "echo oops >&2; exit 7",
+        ])
+        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("MOAT_API_KEY", &key)
+        .output()
+        .expect("moat job submit");
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("oops"),
+        "{out:?}"
+    );
+
+    let id = server.cli(&key, &["job", "submit", "--code", "print(6 * 7)"]);
+    let id = id.trim();
+    assert!(id.starts_with("job-"), "{id}");
+    wait(&server, &key, id, 60);
+    assert_eq!(server.cli(&key, &["job", "logs", id]), "42\n");
+    let listed = server.cli(&key, &["job", "ls", "--state", "succeeded"]);
+    assert!(listed.contains(id), "{listed}");
+    let shown = server.cli(&key, &["job", "get", id]);
+    assert!(shown.contains("succeeded"), "{shown}");
+    let long = server.cli(&key, &["job", "submit", "--", "sleep", "60"]);
+    let long = long.trim();
+    assert_eq!(server.cli(&key, &["job", "cancel", long]).trim(), long);
+    assert_eq!(
+        server.cli(&key, &["job", "rm", id, long]),
+        format!("{id}\n{long}\n")
+    );
+    let r = server.request("GET", &format!("/v1/jobs/{id}"), Some(&key), None);
+    assert_eq!(r.status, 404);
+}

@@ -195,11 +195,7 @@ impl Registry {
     /// A client for `reference`'s registry: plain HTTP for loopback and `access.insecure`
     /// registries, HTTPS otherwise; its credentials when `access` has some.
     pub fn new(reference: &ImageRef, access: &RegistryAccess) -> Registry {
-        // The process's TLS provider; a second install is refused harmlessly. ring rather
-        // than aws-lc-rs: the latter's C build doubles the server's build time, and an image
-        // pull has no need of post-quantum key exchange (what the deprecation is about).
-        #[allow(deprecated)]
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_provider();
         let registry = reference.registry().to_owned();
         let plain = reference.is_loopback() || access.insecure.contains(&registry);
         let protocol = if plain {

@@ -5,6 +5,7 @@ pub mod check;
 pub mod cp;
 pub mod data_dir_lock;
 pub mod dockerignore;
+pub mod job;
 pub mod keys;
 pub mod network_args;
 pub mod output;
