@@ -57,3 +57,8 @@ echo "| what | runs | p50 | p99 | |"
 echo "| --- | --- | --- | --- | --- |"
 MOAT_BENCH_URL="http://127.0.0.1:$port" MOAT_BENCH_KEY="$key" \
   target/test-venv/bin/python bench/images.py "$runs"
+
+# Asynchronous jobs against the same server (its own template with a warm pool).
+echo
+MOAT_BENCH_URL="http://127.0.0.1:$port" MOAT_BENCH_KEY="$key" \
+  target/test-venv/bin/python bench/jobs.py 1000 8

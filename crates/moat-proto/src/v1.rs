@@ -658,6 +658,29 @@ pub struct CreateJob {
     /// job instead of making another (also taken from the `Idempotency-Key` header).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// An `http://` or `https://` URL the server POSTs the finished job to (the job's JSON,
+    /// signed in `Moat-Signature` with the job's `webhook.secret`), retried with backoff
+    /// until it answers 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+/// A job's completion webhook and how its delivery went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobWebhook {
+    /// Where it is sent.
+    pub url: String,
+    /// The key of its signature: `Moat-Signature: t=T,v1=HEX` where HEX is the hex
+    /// HMAC-SHA256 of `T.BODY` under this secret (T: Unix seconds of the attempt).
+    pub secret: String,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+    /// When a delivery was answered 2xx, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<i64>,
+    /// Why the last delivery failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One input file of a [`CreateJob`]: `path`, and exactly one of `content`, `content_b64`,
@@ -797,6 +820,9 @@ pub struct Job {
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
+    /// Its completion webhook, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<JobWebhook>,
 }
 
 /// `GET /v1/jobs`: the caller's jobs, newest first, a page at a time.

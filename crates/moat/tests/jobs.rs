@@ -459,3 +459,193 @@ fn the_job_command_line_submits_waits_and_downloads() {
     let r = server.request("GET", &format!("/v1/jobs/{id}"), Some(&key), None);
     assert_eq!(r.status, 404);
 }
+
+/// 1,000 jobs submitted at once by 8 clients all finish, each with its own output.
+#[test]
+fn a_thousand_jobs_from_eight_clients_all_finish_with_their_outputs() {
+    need_root!();
+    let server = Server::start_with(&["--rate-limit", "1000000"]);
+    let key = server.admin_key();
+    let ids: Vec<(usize, String)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..8)
+            .map(|c| {
+                let (server, key) = (&server, &key);
+                s.spawn(move || {
+                    (0..125)
+                        .map(|i| {
+                            let n = c * 125 + i;
+                            let body = json!({"shell": format!("echo {n} > n"), "outputs": ["n"]});
+                            (n, submit(server, key, body))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client"))
+            .collect()
+    });
+    assert_eq!(ids.len(), 1000);
+    for (n, id) in &ids {
+        let j = wait(&server, &key, id, 600);
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["attempts"], 1, "{j}");
+        let r = server.request(
+            "GET",
+            &format!("/v1/jobs/{id}/output?path=/home/user/n"),
+            Some(&key),
+            None,
+        );
+        assert_eq!(r.text(), format!("{n}\n"), "{j}");
+    }
+}
+
+/// The requests a [`Receiver`] got: each one's head and body.
+type Requests = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A receiver of webhooks on loopback: answers each request with the next status of
+/// `answers` (then 200), and keeps what it got.
+struct Receiver {
+    port: u16,
+    got: Requests,
+}
+
+impl Receiver {
+    fn start(answers: Vec<u16>) -> Receiver {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let got: Requests = Default::default();
+        let kept = got.clone();
+        std::thread::spawn(move || {
+            let mut answers = answers.into_iter();
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                kept.lock().expect("lock").push((head, body));
+                let status = answers.next().unwrap_or(200);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Receiver { port, got }
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A job's webhook is POSTed when it ends, signed with the job's secret, and retried until
+/// it is answered 2xx; a server that keeps webhooks to public addresses refuses a loopback
+/// URL, and a malformed one is refused.
+#[test]
+fn a_job_webhook_is_signed_and_retried_until_answered() {
+    use hmac::{Hmac, Mac};
+    need_root!();
+    let receiver = Receiver::start(vec![500]);
+    let server = Server::start_with(&["--job-webhooks-to-private"]);
+    let key = server.admin_key();
+    let url = format!("http://127.0.0.1:{}/hook", receiver.port);
+    let r = post(
+        &server,
+        &key,
+        "/v1/jobs",
+        json!({"shell": "echo hooked", "webhook_url": url}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let secret = r.json()["webhook"]["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    wait(&server, &key, &id, 60);
+    // A 500 first, then (after a backoff of 2 s) a 200.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let j = loop {
+        let j = job(&server, &key, &id);
+        if j["webhook"]["delivered_at"].is_number() {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(j["webhook"]["attempts"], 2, "{j}");
+    let got = receiver.got.lock().expect("lock").clone();
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (head, body) in &got {
+        assert!(head.starts_with("POST /hook "), "{head}");
+        assert_eq!(header(head, "moat-delivery"), Some(id.as_str()), "{head}");
+        let sig = header(head, "moat-signature").expect("signature");
+        let (t, v1) = sig
+            .strip_prefix("t=")
+            .and_then(|s| s.split_once(",v1="))
+            .expect("t=…,v1=…");
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        let want: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(v1, want, "bad signature");
+        let sent: Value = serde_json::from_slice(body).expect("json body");
+        assert_eq!(sent["id"], id.as_str());
+        assert_eq!(sent["state"], "succeeded");
+        assert_eq!(sent["stdout_tail"], "hooked\n");
+        assert!(sent.get("webhook").is_none(), "the secret went out: {sent}");
+    }
+
+    // By default, webhooks go to public addresses only.
+    let strict = Server::start();
+    let key = strict.admin_key();
+    for (url, says) in [
+        (
+            format!("http://127.0.0.1:{}/", receiver.port),
+            "public addresses only",
+        ),
+        (
+            "http://169.254.169.254/latest".to_owned(),
+            "public addresses only",
+        ),
+        ("http://localhost:1/".to_owned(), "public addresses only"),
+        ("ftp://example.com/".to_owned(), "only http"),
+        ("http://user:pw@example.com/".to_owned(), "credentials"),
+        ("not a url".to_owned(), "webhook_url"),
+    ] {
+        let r = post(
+            &strict,
+            &key,
+            "/v1/jobs",
+            json!({"shell": "true", "webhook_url": url}),
+        );
+        assert_eq!(r.status, 400, "{url}: {}", r.text());
+        assert!(r.text().contains(says), "{url}: {}", r.text());
+    }
+}

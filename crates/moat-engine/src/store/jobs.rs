@@ -39,6 +39,8 @@ pub struct NewJob {
     pub spec: String,
     /// Most attempts.
     pub max_attempts: u32,
+    /// Where its completion webhook goes, if it has one.
+    pub webhook_url: Option<String>,
 }
 
 /// A recorded job.
@@ -208,7 +210,111 @@ fn delete_job_rows(
     Ok(digests)
 }
 
+/// Makes job `id`'s webhook due now, if it has one not sent yet.
+fn arm_webhook(tx: &Transaction<'_>, id: &str) -> StoreResult<()> {
+    tx.prepare_cached(
+        "UPDATE job_webhooks SET next_at = ?2 WHERE job_id = ?1 AND next_at IS NULL \
+         AND delivered_at IS NULL AND attempts = 0",
+    )?
+    .execute(params![id, now_ms()])?;
+    Ok(())
+}
+
+/// A job's completion webhook as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    /// Its job.
+    pub job_id: String,
+    /// The job's tenant.
+    pub tenant: String,
+    /// Where it goes.
+    pub url: String,
+    /// Deliveries tried.
+    pub attempts: u32,
+    /// When the next delivery is due; `None` when none is (not over, delivered, given up).
+    pub next_at: Option<i64>,
+    /// When a delivery was answered 2xx.
+    pub delivered_at: Option<i64>,
+    /// Why the last delivery failed.
+    pub last_error: Option<String>,
+}
+
+impl WebhookRecord {
+    fn from_row(row: &Row<'_>) -> StoreResult<Self> {
+        let attempts: i64 = row.get("attempts")?;
+        Ok(WebhookRecord {
+            job_id: row.get("job_id")?,
+            tenant: row.get("tenant_id")?,
+            url: row.get("url")?,
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            next_at: row.get("next_at")?,
+            delivered_at: row.get("delivered_at")?,
+            last_error: row.get("last_error")?,
+        })
+    }
+}
+
 impl Store {
+    /// Job `id`'s webhook, if it has one.
+    pub fn job_webhook(&self, id: &str) -> StoreResult<Option<WebhookRecord>> {
+        self.read(|tx| {
+            first_row(
+                &mut *tx.prepare_cached("SELECT * FROM job_webhooks WHERE job_id = ?1")?,
+                [id],
+                WebhookRecord::from_row,
+            )
+        })
+    }
+
+    /// Webhooks due at `now`, earliest first, at most `limit`.
+    pub fn due_webhooks(&self, now: i64, limit: u32) -> StoreResult<Vec<WebhookRecord>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT * FROM job_webhooks WHERE next_at IS NOT NULL AND next_at <= ?1 \
+                 ORDER BY next_at LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(params![now, limit])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(WebhookRecord::from_row(row)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The earliest time a webhook is due, if any is.
+    pub fn next_webhook_time(&self) -> StoreResult<Option<i64>> {
+        self.read(|tx| {
+            Ok(tx
+                .prepare_cached("SELECT min(next_at) FROM job_webhooks WHERE next_at IS NOT NULL")?
+                .query_row([], |row| row.get::<_, Option<i64>>(0))?)
+        })
+    }
+
+    /// Records a delivery of job `id`'s webhook: delivered (`error` `None`), or failed and
+    /// tried again at `retry_at` (`None`: given up).
+    pub fn webhook_tried(
+        &self,
+        id: &str,
+        error: Option<&str>,
+        retry_at: Option<i64>,
+    ) -> StoreResult<()> {
+        self.write(|tx| {
+            let delivered = error.is_none().then(now_ms);
+            tx.prepare_cached(
+                "UPDATE job_webhooks SET attempts = attempts + 1, delivered_at = ?2, \
+                 last_error = ?3, next_at = ?4 WHERE job_id = ?1",
+            )?
+            .execute(params![
+                id,
+                delivered,
+                error,
+                if delivered.is_some() { None } else { retry_at }
+            ])?;
+            Ok(())
+        })
+    }
+
     /// Records `new`, queued, with the blobs it writes into its sandboxes (`inputs`, digests
     /// and sizes), unless its tenant would then have more than `max_unfinished` jobs queued or
     /// running, or keep more than `max_bytes` of blobs ([`StoreError::QuotaExceeded`]). A job
@@ -280,6 +386,12 @@ impl Store {
             }
             for (digest, size) in inputs {
                 insert_blob_row(tx, &new.tenant, BlobKind::Input, &new.id, digest, *size)?;
+            }
+            if let Some(url) = &new.webhook_url {
+                tx.prepare_cached(
+                    "INSERT INTO job_webhooks (job_id, tenant_id, url) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![new.id, new.tenant, url])?;
             }
             get_job(tx, &new.tenant, &new.id)
         })
@@ -428,6 +540,9 @@ impl Store {
                 finished,
                 end.result
             ])?;
+            if end.state.is_final() {
+                arm_webhook(tx, id)?;
+            }
             Ok(true)
         })
     }
@@ -449,11 +564,15 @@ impl Store {
     /// already over is left as it is).
     pub fn cancel_job(&self, tenant: &str, id: &str) -> StoreResult<JobRecord> {
         self.write(|tx| {
-            tx.prepare_cached(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?3 \
-                 WHERE id = ?1 AND tenant_id = ?2 AND state IN ('queued', 'running')",
-            )?
-            .execute(params![id, tenant, now_ms()])?;
+            let cancelled = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?3 \
+                     WHERE id = ?1 AND tenant_id = ?2 AND state IN ('queued', 'running')",
+                )?
+                .execute(params![id, tenant, now_ms()])?;
+            if cancelled > 0 {
+                arm_webhook(tx, id)?;
+            }
             get_job(tx, tenant, id)
         })
     }
@@ -470,6 +589,8 @@ impl Store {
                 });
             }
             tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                .execute([id])?;
+            tx.prepare_cached("DELETE FROM job_webhooks WHERE job_id = ?1")?
                 .execute([id])?;
             delete_job_rows(tx, id, None)
         })
@@ -502,6 +623,13 @@ impl Store {
                      WHERE state = 'running' AND attempts >= ?2",
                 )?
                 .execute(params![now, max_attempts])?;
+            // Those just failed get their webhooks (a webhook never sent is armed once).
+            tx.prepare_cached(&format!(
+                "UPDATE job_webhooks SET next_at = ?1 WHERE next_at IS NULL \
+                 AND delivered_at IS NULL AND attempts = 0 AND job_id IN \
+                 (SELECT id FROM jobs WHERE state IN {STATE_FINAL_SQL})"
+            ))?
+            .execute([now])?;
             let requeued = tx
                 .prepare_cached(
                     "UPDATE jobs SET state = 'queued', not_before = ?1 WHERE state = 'running'",

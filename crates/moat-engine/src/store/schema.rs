@@ -237,6 +237,25 @@ CREATE INDEX blobs_by_job ON blobs (job_id) WHERE job_id != '';
     };
 }
 const V10: &str = v10_sql!();
+/// Jobs' completion webhooks: armed (`next_at`) when the job ends, retried until delivered or
+/// given up.
+macro_rules! v11_sql {
+    () => {
+        r#"
+CREATE TABLE job_webhooks (
+    job_id       TEXT PRIMARY KEY NOT NULL,
+    tenant_id    TEXT NOT NULL REFERENCES tenants (id),
+    url          TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_at      INTEGER,
+    delivered_at INTEGER,
+    last_error   TEXT
+) STRICT;
+CREATE INDEX job_webhooks_due ON job_webhooks (next_at) WHERE next_at IS NOT NULL;
+"#
+    };
+}
+const V11: &str = v11_sql!();
 /// The whole schema at [`SCHEMA_VERSION`], what [`MIGRATIONS`] make one after another, in one
 /// script for a fresh database: a fresh store (every `moat run` opens one in memory) takes about
 /// 1 ms instead of the 4–6 ms that the `ALTER TABLE`s of the migrations cost (each re-reads the
@@ -353,7 +372,8 @@ CREATE TABLE snapshots (
 ) STRICT;
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
 "#,
-    v10_sql!()
+    v10_sql!(),
+    v11_sql!()
 );
 
 /// An empty database at [`SCHEMA_VERSION`] (what [`migrate`] makes of a fresh one, with 1 KiB
@@ -371,7 +391,7 @@ pub(crate) fn open_empty_in_memory() -> StoreResult<Connection> {
     Ok(conn)
 }
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -64,6 +64,9 @@ struct Submit {
     /// A key that makes a repeated submit return the first job.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// A URL the server POSTs the finished job to (signed; see `moat job get` for the secret).
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
     /// Wait until the job ends (a progress line on a terminal), print its output and error,
     /// and exit with its exit code.
     #[arg(long)]
@@ -267,6 +270,7 @@ async fn run_submit(client: &Client, s: Submit, format: Format) -> Result<ExitCo
         resources: None,
         retries: s.retries,
         idempotency_key: s.idempotency_key,
+        webhook_url: s.webhook,
     };
     let job = client.submit_job(&req).await?;
     if !s.wait {

@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// Bytes of blobs (uploads, job inputs, outputs and logs) each tenant may keep.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size_arg)]
     job_quota: u64,
+    /// Let jobs' webhooks go to private, loopback and link-local addresses (the host's own
+    /// network). Off by default: a webhook URL is the tenant's to choose.
+    #[arg(long)]
+    job_webhooks_to_private: bool,
     /// Queued and running jobs each tenant may have.
     #[arg(long, value_name = "N", default_value_t = moat_engine::manager::DEFAULT_MAX_UNFINISHED_JOBS)]
     max_jobs: u64,
@@ -206,6 +210,7 @@ impl ServeArgs {
                 max_unfinished_per_tenant: self.max_jobs,
                 bytes_per_tenant: self.job_quota,
                 retention: self.job_retention,
+                webhooks_to_private: self.job_webhooks_to_private,
             },
             image_grace: moat_engine::manager::IMAGE_GRACE,
             registries: {

@@ -16,6 +16,9 @@
 
 mod attempt;
 mod outputs;
+mod webhook;
+
+pub use webhook::{MAX_WEBHOOK_DELIVERIES, MAX_WEBHOOK_URL, WEBHOOK_TIMEOUT};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -82,6 +85,9 @@ pub struct JobOptions {
     pub bytes_per_tenant: u64,
     /// How long a finished job is kept.
     pub retention: Duration,
+    /// Whether webhooks may go to private, loopback and link-local addresses (the host's
+    /// own network); off unless the operator turns it on.
+    pub webhooks_to_private: bool,
 }
 
 impl Default for JobOptions {
@@ -92,6 +98,7 @@ impl Default for JobOptions {
             max_unfinished_per_tenant: DEFAULT_MAX_UNFINISHED_JOBS,
             bytes_per_tenant: DEFAULT_JOB_BYTES_PER_TENANT,
             retention: DEFAULT_JOB_RETENTION,
+            webhooks_to_private: false,
         }
     }
 }
@@ -162,6 +169,10 @@ pub(super) struct Jobs {
     /// Held (shared) from a blob's staging until its row is recorded, and (exclusive) by
     /// collection from its check that no row names a blob to the object's deletion.
     gc: RwLock<()>,
+    /// Wakes the webhook sender: a job ended.
+    webhooks: Notify,
+    /// Jobs whose webhook is being sent now.
+    delivering: Mutex<std::collections::HashSet<String>>,
 }
 
 struct RunningAttempt {
@@ -184,6 +195,8 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             last_tenant: Mutex::new(String::new()),
             gc: RwLock::new(()),
+            webhooks: Notify::new(),
+            delivering: Mutex::new(std::collections::HashSet::new()),
         }))
     }
 }
@@ -294,6 +307,7 @@ fn to_v1(rec: &JobRecord) -> v1::Job {
         created_at: rec.created_at,
         started_at: rec.started_at,
         finished_at: rec.finished_at,
+        webhook: None,
     }
 }
 
@@ -362,6 +376,9 @@ impl SandboxManager {
                 "idempotency key: 1 to {MAX_KEY_CHARS} characters, no control characters"
             )));
         }
+        if let Some(url) = &req.webhook_url {
+            webhook::check_url(url, jobs.opts.webhooks_to_private)?;
+        }
         let request_sha256: [u8; 32] = Sha256::digest(
             serde_json::to_vec(&req).map_err(|e| ManagerError::Internal(e.to_string()))?,
         )
@@ -408,6 +425,7 @@ impl SandboxManager {
             spec: serde_json::to_string(&spec)
                 .map_err(|e| ManagerError::Internal(e.to_string()))?,
             max_attempts: req.retries.unwrap_or(0) + 1,
+            webhook_url: req.webhook_url.clone(),
         };
         let (max_jobs, max_bytes) = (
             jobs.opts.max_unfinished_per_tenant,
@@ -419,7 +437,7 @@ impl SandboxManager {
         match recorded {
             Ok(rec) => {
                 jobs.wake.notify_one();
-                Ok((to_v1(&rec), true))
+                Ok((self.shown(&rec).await?, true))
             }
             Err(e) => {
                 // Nothing recorded: what the job would have kept goes.
@@ -464,7 +482,23 @@ impl SandboxManager {
                 found.id
             )));
         }
-        Ok(Some(to_v1(&found)))
+        Ok(Some(self.shown(&found).await?))
+    }
+
+    /// The job as the API shows one job: with its webhook.
+    async fn shown(&self, rec: &JobRecord) -> ManagerResult<v1::Job> {
+        let mut job = to_v1(rec);
+        let id = rec.id.clone();
+        if let Some(hook) = self.inner.db(move |s| s.job_webhook(&id)).await? {
+            job.webhook = Some(v1::JobWebhook {
+                secret: webhook::secret(&self.inner.access_key, &rec.id),
+                url: hook.url,
+                attempts: hook.attempts,
+                delivered_at: hook.delivered_at,
+                last_error: hook.last_error,
+            });
+        }
+        Ok(job)
     }
 
     /// Checks `req` and resolves what it names (its template, its blobs and earlier jobs'
@@ -617,7 +651,8 @@ impl SandboxManager {
     pub async fn get_job(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Job> {
         self.inner.jobs()?;
         let (t, i) = (caller.tenant.clone(), id.to_owned());
-        Ok(to_v1(&self.inner.db(move |s| s.get_job(&t, &i)).await?))
+        let rec = self.inner.db(move |s| s.get_job(&t, &i)).await?;
+        self.shown(&rec).await
     }
 
     /// The caller's jobs in `states` (all when empty), newest first, a page of at most
@@ -669,7 +704,8 @@ impl SandboxManager {
         if let Some(attempt) = lock(&jobs.running).get(id) {
             attempt.cancel.cancel();
         }
-        Ok(to_v1(&rec))
+        jobs.webhooks.notify_one();
+        self.shown(&rec).await
     }
 
     /// Deletes the caller's job `id` and the blobs it kept; a job not over is cancelled first.
@@ -770,6 +806,10 @@ impl SandboxManager {
             return;
         };
         let mut tasks = tokio::task::JoinSet::new();
+        let webhooks = {
+            let (manager, jobs, stop) = (self.clone(), jobs.clone(), stop.clone());
+            tokio::spawn(async move { manager.run_webhooks(jobs, stop).await })
+        };
         loop {
             while lock(&jobs.running).len() < jobs.opts.workers {
                 let running = Running {
@@ -808,6 +848,7 @@ impl SandboxManager {
                     attempt::run(&manager, &inner, rec, cancel).await;
                     lock(&jobs.running).remove(&id);
                     jobs.wake.notify_one();
+                    jobs.webhooks.notify_one();
                 });
             }
             while tasks.try_join_next().is_some() {}
@@ -831,6 +872,7 @@ impl SandboxManager {
             attempt.cancel.cancel();
         }
         while tasks.join_next().await.is_some() {}
+        let _ = webhooks.await;
     }
 
     /// Housekeeping of jobs: deletes those that ended longer ago than their retention, with
