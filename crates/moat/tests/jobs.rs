@@ -649,3 +649,49 @@ fn a_job_webhook_is_signed_and_retried_until_answered() {
         assert!(r.text().contains(says), "{url}: {}", r.text());
     }
 }
+
+/// An attempt whose sandbox fails under it (here: destroyed from outside) is retried, and
+/// the job goes on to succeed in a fresh sandbox.
+#[test]
+fn an_attempt_whose_sandbox_fails_is_retried() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = submit(
+        &server,
+        &key,
+        json!({"shell": "sleep 1; echo survived", "retries": 1}),
+    );
+    // The first attempt's sandbox, found by the label jobs put on theirs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sandbox = loop {
+        let r = server.request(
+            "GET",
+            &format!("/v1/sandboxes?metadata=moat.job%3D{id}"),
+            Some(&key),
+            None,
+        );
+        if let Some(s) = r.json()["sandboxes"]
+            .as_array()
+            .and_then(|a| a.first().cloned())
+        {
+            break s["id"].as_str().expect("id").to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job's sandbox never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let r = server.request(
+        "DELETE",
+        &format!("/v1/sandboxes/{sandbox}"),
+        Some(&key),
+        None,
+    );
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    let j = wait(&server, &key, &id, 60);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempts"], 2, "{j}");
+    assert_eq!(j["stdout_tail"], "survived\n", "{j}");
+}
