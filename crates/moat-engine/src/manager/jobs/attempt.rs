@@ -21,11 +21,11 @@ use crate::auth::{Caller, Role};
 use crate::manager::ManagerError;
 use crate::store::{AttemptEnd, BlobKind, JobRecord, now_ms};
 
-/// Where the program's files and logs go in the sandbox.
+/// Where the program's code goes in the sandbox.
 const JOB_DIR: &str = "/tmp/moat-job";
-/// Runs the program (`"$@"`) with its output in files.
-const WRAPPER: &str =
-    "mkdir -p /tmp/moat-job && exec \"$@\" >/tmp/moat-job/stdout 2>/tmp/moat-job/stderr";
+/// Runs the program (`"$@"`) with its output in files (in `/tmp` itself, which every
+/// sandbox has, so that no `mkdir` process is needed first).
+const WRAPPER: &str = "exec \"$@\" >/tmp/moat-job.stdout 2>/tmp/moat-job.stderr";
 /// Time the sandbox of an attempt lives beyond its timeout, for files in and out.
 const TTL_MARGIN: Duration = Duration::from_secs(300);
 /// A job whose sandbox cannot be made for want of room waits this long before trying again.
@@ -269,14 +269,28 @@ async fn in_sandbox(
         // The wrapper itself could not start (no /bin/sh in the image, say).
         result.error = Some(ran.stderr.clone());
     }
-    for (name, tail, blob) in [
-        ("stdout", &mut result.stdout_tail, &mut result.stdout),
-        ("stderr", &mut result.stderr_tail, &mut result.stderr),
+    for (name, tail, blob, whole) in [
+        (
+            "stdout",
+            &mut result.stdout_tail,
+            &mut result.stdout,
+            &mut result.stdout_whole,
+        ),
+        (
+            "stderr",
+            &mut result.stderr_tail,
+            &mut result.stderr,
+            &mut result.stderr_whole,
+        ),
     ] {
         match keep_log(inner, &client, &rec.tenant, &rec.id, name).await {
-            Ok((kept, text)) => {
-                *blob = kept;
+            Ok(Log::Kept(kept, text)) => {
+                *blob = Some(kept);
                 *tail = text;
+            }
+            Ok(Log::Whole(text)) => {
+                *tail = text;
+                *whole = true;
             }
             Err(e) => result.output_errors.push(format!("{name}: {e}")),
         }
@@ -288,23 +302,48 @@ async fn in_sandbox(
     }
 }
 
-/// Keeps the log file `name` (its first [`MAX_JOB_LOG_BYTES`]) and returns its blob and the
-/// text of its last [`TAIL_BYTES`].
+/// A log as an attempt keeps it.
+enum Log {
+    /// Small and text: held whole in the job's record (no blob to write).
+    Whole(String),
+    /// Kept as a blob (its first [`MAX_JOB_LOG_BYTES`]), with the text of its last
+    /// [`TAIL_BYTES`].
+    Kept(v1::Blob, String),
+}
+
+/// Keeps the log file `name`.
 async fn keep_log(
     inner: &Arc<Inner>,
     client: &AgentClient,
     tenant: &str,
     job: &str,
     name: &str,
-) -> Result<(Option<v1::Blob>, String), String> {
-    let path = format!("{JOB_DIR}/{name}");
+) -> Result<Log, String> {
+    let path = format!("/tmp/moat-job.{name}");
     let mut download = match client.read_file_stream(&path, None).await {
         Ok(d) => d,
         // Never made: the program did not start.
-        Err(_) => return Ok((None, String::new())),
+        Err(_) => return Ok(Log::Whole(String::new())),
     };
-    if download.size() == 0 {
-        return Ok((None, String::new()));
+    if download.size() <= TAIL_BYTES as u64 {
+        let mut data = Vec::with_capacity(TAIL_BYTES);
+        while let Some(chunk) = download.next().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            if data.len() + chunk.len() > TAIL_BYTES {
+                break;
+            }
+            data.extend_from_slice(&chunk);
+        }
+        if data.len() as u64 == download.size()
+            && let Ok(text) = String::from_utf8(data)
+        {
+            return Ok(Log::Whole(text));
+        }
+        // Not text (or it grew meanwhile): read again and kept as a blob.
+        download = client
+            .read_file_stream(&path, None)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     let tail = Arc::new(std::sync::Mutex::new(VecDeque::<u8>::with_capacity(
         TAIL_BYTES,
@@ -355,7 +394,7 @@ async fn keep_log(
         .iter()
         .copied()
         .collect();
-    Ok((Some(kept), String::from_utf8_lossy(&tail).into_owned()))
+    Ok(Log::Kept(kept, String::from_utf8_lossy(&tail).into_owned()))
 }
 
 fn tokio_stream_from(

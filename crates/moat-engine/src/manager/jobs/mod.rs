@@ -151,6 +151,12 @@ struct JobResult {
     stdout: Option<v1::Blob>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stderr: Option<v1::Blob>,
+    /// The tail is the whole of standard output (small text, kept in the record).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    stdout_whole: bool,
+    /// Likewise for standard error.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    stderr_whole: bool,
     #[serde(default)]
     outputs: Vec<v1::JobOutput>,
     #[serde(default)]
@@ -736,12 +742,19 @@ impl SandboxManager {
         let (t, i) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.get_job(&t, &i)).await?;
         let result = job_result(&rec);
-        let blob = match which {
-            LogStream::Stdout => result.stdout,
-            LogStream::Stderr => result.stderr,
+        let (blob, whole, tail) = match which {
+            LogStream::Stdout => (result.stdout, result.stdout_whole, result.stdout_tail),
+            LogStream::Stderr => (result.stderr, result.stderr_whole, result.stderr_tail),
         };
         match blob {
             Some(blob) => jobs.blobs.read(&blob.digest).await.map_err(blob_error),
+            None if whole => {
+                let data = Bytes::from(tail.into_bytes());
+                Ok((
+                    data.len() as u64,
+                    Box::pin(futures_util::stream::iter([Ok(data)])),
+                ))
+            }
             None => Ok((0, Box::pin(futures_util::stream::empty()))),
         }
     }
