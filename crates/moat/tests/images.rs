@@ -38,7 +38,7 @@ fn resolve(
     block_on(Registry::new(&r, access).resolve())
 }
 
-/// Fetches the blob of `desc` of image `reference` into `dest`, with `progress`.
+/// Fetches the blob of `desc` of image `reference` into the file `dest`, with `progress`.
 fn fetch(
     reference: &str,
     desc: &OciDescriptor,
@@ -46,7 +46,11 @@ fn fetch(
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<(), ImageError> {
     let r = ImageRef::parse(reference).unwrap();
-    block_on(Registry::new(&r, &RegistryAccess::default()).fetch_blob(desc, dest, progress))
+    let bytes = block_on(
+        Registry::new(&r, &RegistryAccess::default()).fetch_blob_into(desc, Vec::new(), progress),
+    )?;
+    std::fs::write(dest, bytes).unwrap();
+    Ok(())
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {

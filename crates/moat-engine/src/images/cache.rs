@@ -198,8 +198,29 @@ impl ImageCache {
             return Ok(());
         }
         let work = self.work_dir("layer-")?;
-        self.unpack(archive, Compression::None, digest, digest, work.path())
-            .await
+        let (archive, digest_owned) = (archive.to_owned(), digest.to_owned());
+        let staging = work.path().join("layer");
+        let limits = self.limits;
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let r = std::fs::File::open(&archive)
+                .map_err(|e| ImageError::io(format!("opening {}", archive.display()), e))
+                .and_then(|file| {
+                    unpack_stream(
+                        file,
+                        Compression::None,
+                        &digest_owned,
+                        &digest_owned,
+                        &staging,
+                        &limits,
+                    )
+                })
+                .map(|()| staging);
+            let _ = std::fs::remove_file(&archive);
+            r
+        })
+        .await
+        .map_err(|e| ImageError::Io(format!("unpack task: {e}")))??;
+        self.publish_layer(unpacked, digest).await
     }
 
     /// The tree of `image`, whose layers are in the cache and whose digest names this set of
@@ -311,21 +332,45 @@ impl ImageCache {
                 touch(&cached);
             } else {
                 self.check_room(u64::try_from(desc.size).unwrap_or(u64::MAX))?;
-                let blob = work.path().join(format!("{index}.blob"));
                 let report = {
                     let progress = progress.clone();
                     Arc::new(move |received| progress(PullEvent::Fetching { index, received }))
                 };
-                // Only the download is cut off at the deadline: an unpack runs on a thread
-                // that cannot be stopped halfway, so the deadline is checked between steps.
-                tokio::time::timeout_at(deadline, registry.fetch_blob(desc, &blob, report))
+                // Unpacked as it downloads; published only once the download is complete and
+                // its digest checked (the unpacker is built for hostile layers, and what it
+                // wrote of one that fails its check is thrown away with the work directory).
+                let (writer, reader) = super::stream::channel();
+                let unpacking =
+                    self.unpack(reader, compression, diff_id, &desc.digest, work.path());
+                let fetched = async {
+                    // Cut off at the deadline: the writer goes, which ends the unpacker's
+                    // stream too.
+                    match tokio::time::timeout_at(
+                        deadline,
+                        registry.fetch_blob_into(desc, writer, report),
+                    )
                     .await
-                    .map_err(|_| late())??;
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(late());
+                    {
+                        Ok(r) => r.map(drop),
+                        Err(_) => Err(late()),
+                    }
+                };
+                let (fetched, unpacked) = tokio::join!(fetched, unpacking);
+                match (fetched, unpacked) {
+                    (Ok(()), Ok(staging)) => self.publish_layer(staging, &desc.digest).await?,
+                    (Ok(()), Err(e)) => return Err(e),
+                    // The unpacker stopped first for a reason of its own (a hostile or
+                    // oversized layer), which cut the download short: its reason is the one.
+                    (
+                        Err(_),
+                        Err(
+                            e @ (ImageError::Invalid(_)
+                            | ImageError::TooLarge(_)
+                            | ImageError::Unsupported(_)),
+                        ),
+                    ) => return Err(e),
+                    (Err(e), _) => return Err(e),
                 }
-                self.unpack(&blob, compression, diff_id, &desc.digest, work.path())
-                    .await?;
             }
             progress(PullEvent::Unpacked { index });
         }
@@ -435,28 +480,33 @@ impl ImageCache {
         Ok(())
     }
 
-    /// Unpacks the blob at `blob` into the cache as layer `digest`, checking that its
-    /// uncompressed bytes have `diff_id`; removes the blob.
+    /// Unpacks the layer `reader` streams into a staging directory of `work`, checking that
+    /// its uncompressed bytes have `diff_id`; the staging directory.
     async fn unpack(
         &self,
-        blob: &Path,
+        reader: super::stream::ChannelReader,
         compression: Compression,
         diff_id: &str,
         digest: &str,
         work: &Path,
-    ) -> Result<(), ImageError> {
-        let (blob, diff_id, digest) = (blob.to_owned(), diff_id.to_owned(), digest.to_owned());
+    ) -> Result<PathBuf, ImageError> {
+        let (diff_id, digest) = (diff_id.to_owned(), digest.to_owned());
         let staging = work.join(format!("layer-{}", hex_of(&digest)));
-        let target = self.layer_dir(&digest);
         let limits = self.limits;
         tokio::task::spawn_blocking(move || {
-            let r = unpack_blob(&blob, compression, &diff_id, &digest, &staging, &limits)
-                .and_then(|()| publish(&staging, &target));
-            let _ = std::fs::remove_file(&blob);
-            r
+            unpack_stream(reader, compression, &diff_id, &digest, &staging, &limits)
+                .map(|()| staging)
         })
         .await
         .map_err(|e| ImageError::Io(format!("unpack task: {e}")))?
+    }
+
+    /// Puts the layer unpacked in `staging` in its place in the cache as layer `digest`.
+    async fn publish_layer(&self, staging: PathBuf, digest: &str) -> Result<(), ImageError> {
+        let target = self.layer_dir(digest);
+        tokio::task::spawn_blocking(move || publish(&staging, &target))
+            .await
+            .map_err(|e| ImageError::Io(format!("publish task: {e}")))?
     }
 
     /// Merges `pulled`'s layers into its tree.
@@ -547,20 +597,21 @@ fn hex_entries(dir: &Path) -> Result<Vec<String>, ImageError> {
     Ok(out)
 }
 
-/// Unpacks `blob` into `staging/root` (and its index into `staging/index.json`).
-fn unpack_blob(
-    blob: &Path,
+/// Unpacks the layer `reader` gives into `staging/root` (and its index into
+/// `staging/index.json`).
+fn unpack_stream(
+    reader: impl Read,
     compression: Compression,
     diff_id: &str,
     digest: &str,
     staging: &Path,
     limits: &UnpackLimits,
 ) -> Result<(), ImageError> {
-    let file = std::fs::File::open(blob)
-        .map_err(|e| ImageError::io(format!("opening {}", blob.display()), e))?;
     let reader: Box<dyn Read> = match compression {
-        Compression::None => Box::new(io::BufReader::new(file)),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file))),
+        Compression::None => Box::new(io::BufReader::new(reader)),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(
+            reader,
+        ))),
     };
     let mut hashed = Hashing {
         inner: reader,

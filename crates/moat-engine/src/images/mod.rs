@@ -17,6 +17,7 @@ pub mod cache;
 mod error;
 pub mod reference;
 pub mod registry;
+mod stream;
 mod sys;
 pub mod tree;
 pub mod unpack;

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -278,24 +277,19 @@ impl Registry {
         })
     }
 
-    /// Fetches the blob of `desc` into `dest` (a new file), checking its size as it comes and
-    /// its digest at the end; `progress` hears the bytes received so far.
-    pub async fn fetch_blob(
+    /// Streams the blob `desc` into `out`, checked against its size and (by the registry
+    /// client) its digest; `progress` gets the bytes received so far. `out` has seen every
+    /// byte when this returns `Ok`, and must be discarded when it returns an error.
+    pub async fn fetch_blob_into<W: AsyncWrite + Unpin + Send>(
         &self,
         desc: &OciDescriptor,
-        dest: &Path,
+        out: W,
         progress: Arc<dyn Fn(u64) + Send + Sync>,
-    ) -> Result<(), ImageError> {
+    ) -> Result<W, ImageError> {
         check_descriptor(desc, &self.reference)?;
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dest)
-            .await
-            .map_err(|e| ImageError::io(format!("creating {}", dest.display()), e))?;
         let limit = u64::try_from(desc.size).unwrap_or(0);
         let mut out = Capped {
-            inner: file,
+            inner: out,
             written: 0,
             limit,
             progress,
@@ -310,10 +304,7 @@ impl Registry {
                 self.reference, desc.digest, out.written
             )));
         }
-        out.inner
-            .sync_all()
-            .await
-            .map_err(|e| ImageError::io(format!("writing {}", dest.display()), e))
+        Ok(out.inner)
     }
 
     /// The raw manifest at `at` and its digest, checked.
