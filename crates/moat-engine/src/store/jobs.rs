@@ -385,6 +385,17 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
             for (digest, size) in inputs {
+                // Still kept by the tenant (an upload, an earlier job's output, or this job's
+                // own inline input): one deleted since the request was checked is refused
+                // here rather than found missing by the first attempt.
+                let kept: bool = tx
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM blobs WHERE tenant_id = ?1 AND digest = ?2)",
+                    )?
+                    .query_row(params![new.tenant, digest], |row| row.get(0))?;
+                if !kept {
+                    return Err(StoreError::not_found("blob", digest));
+                }
                 insert_blob_row(tx, &new.tenant, BlobKind::Input, &new.id, digest, *size)?;
             }
             if let Some(url) = &new.webhook_url {
@@ -739,5 +750,113 @@ impl Store {
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(digests)
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, tenant: &str) -> NewJob {
+        NewJob {
+            id: id.into(),
+            tenant: tenant.into(),
+            key_id: None,
+            idempotency_key: None,
+            request_sha256: [0; 32],
+            template: "host".into(),
+            spec: "{}".into(),
+            max_attempts: 2,
+            webhook_url: Some("http://example.com/".into()),
+        }
+    }
+
+    fn store() -> Store {
+        let store = Store::open_in_memory().unwrap();
+        for t in ["a", "b"] {
+            store.create_tenant(t, t).unwrap();
+        }
+        store
+    }
+
+    #[test]
+    fn an_input_must_be_a_blob_its_tenant_keeps() {
+        let store = store();
+        let digest = format!("sha256:{}", "1".repeat(64));
+        let inputs = [(digest.clone(), 3)];
+        let e = store
+            .insert_job(&job("j1", "a"), &inputs, 10, 1 << 30)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+        // Another tenant's upload of the same bytes does not count.
+        store
+            .add_blob("b", BlobKind::Upload, "", &digest, 3, 1 << 30)
+            .unwrap();
+        assert!(
+            store
+                .insert_job(&job("j1", "a"), &inputs, 10, 1 << 30)
+                .is_err()
+        );
+        store
+            .add_blob("a", BlobKind::Upload, "", &digest, 3, 1 << 30)
+            .unwrap();
+        store
+            .insert_job(&job("j1", "a"), &inputs, 10, 1 << 30)
+            .unwrap();
+        // Deleting the upload leaves the job's own row: the object stays.
+        assert!(store.delete_upload("a", &digest).unwrap());
+        assert!(!store.blob_unused(&digest).unwrap());
+    }
+
+    #[test]
+    fn claims_are_fair_and_results_land_once() {
+        let store = store();
+        for i in 0..3 {
+            store
+                .insert_job(&job(&format!("a{i}"), "a"), &[], 10, 1 << 30)
+                .unwrap();
+        }
+        store.insert_job(&job("b0", "b"), &[], 10, 1 << 30).unwrap();
+        let now = now_ms() + 1;
+        let mut running = Running::default();
+        let first = store.claim_job(now, &running).unwrap().unwrap();
+        assert_eq!(first.id, "a0");
+        running.per_tenant.insert("a".into(), 1);
+        running.last_tenant = "a".into();
+        // "b" has none running: its one job goes before "a"'s next.
+        let second = store.claim_job(now, &running).unwrap().unwrap();
+        assert_eq!((second.id.as_str(), second.attempts), ("b0", 1));
+
+        let end = AttemptEnd {
+            state: JobState::Succeeded,
+            not_before: now,
+            result: "{}".into(),
+        };
+        // Not the attempt it is on: nothing recorded.
+        assert!(!store.finish_job_attempt("b0", 2, &end).unwrap());
+        assert!(store.finish_job_attempt("b0", 1, &end).unwrap());
+        assert!(!store.finish_job_attempt("b0", 1, &end).unwrap(), "twice");
+        assert_eq!(store.get_job("b", "b0").unwrap().state, JobState::Succeeded);
+        // Its webhook is due; a cancelled job's too; a running one's not yet.
+        let due: Vec<String> = store
+            .due_webhooks(now_ms() + 1, 10)
+            .unwrap()
+            .into_iter()
+            .map(|w| w.job_id)
+            .collect();
+        assert_eq!(due, ["b0"]);
+        store.cancel_job("a", "a0").unwrap();
+        assert!(
+            !store.finish_job_attempt("a0", 1, &end).unwrap(),
+            "over a cancel"
+        );
+        assert_eq!(store.get_job("a", "a0").unwrap().state, JobState::Cancelled);
+        assert_eq!(store.due_webhooks(now_ms() + 1, 10).unwrap().len(), 2);
+        // Another tenant's job is not found.
+        assert!(matches!(
+            store.get_job("a", "b0"),
+            Err(StoreError::NotFound { .. })
+        ));
     }
 }
