@@ -124,6 +124,20 @@ impl Client {
         content_type: Option<&'static str>,
         accept: &'static str,
     ) -> Result<Response<Incoming>> {
+        self.send_with(method, path, body, content_type, accept, &[])
+            .await
+    }
+
+    /// [`Client::send`] with extra request headers.
+    pub(crate) async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        content_type: Option<&'static str>,
+        accept: &'static str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Response<Incoming>> {
         let uri: Uri = format!("{}{path}", self.inner.base)
             .parse()
             .map_err(|e| Error::Config(format!("bad request path {path:?}: {e}")))?;
@@ -138,6 +152,9 @@ impl Client {
             );
         if let Some(ct) = content_type {
             req = req.header(CONTENT_TYPE, ct);
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let req = req
             .body(body.0)
@@ -232,7 +249,7 @@ impl Client {
         ByteStream::new(resp.into_body(), self.inner.base.clone())
     }
 
-    fn transport(&self, reason: String) -> Error {
+    pub(crate) fn transport(&self, reason: String) -> Error {
         Error::Transport {
             url: self.inner.base.clone(),
             reason,
@@ -241,7 +258,7 @@ impl Client {
 }
 
 /// Reads a whole body of at most `max` bytes.
-async fn read_limited(body: Incoming, max: usize) -> std::result::Result<Bytes, String> {
+pub(crate) async fn read_limited(body: Incoming, max: usize) -> std::result::Result<Bytes, String> {
     Limited::new(body, max)
         .collect()
         .await

@@ -58,6 +58,7 @@ mod exec;
 mod files;
 mod jobs;
 mod keys;
+mod mcp;
 mod path;
 mod sandboxes;
 mod snapshots;
@@ -67,6 +68,7 @@ pub use body::{Body, ByteStream};
 pub use client::{API_KEY_ENV, CONNECT_TIMEOUT, Client, MAX_ERROR_BYTES, MAX_JSON_BYTES, URL_ENV};
 pub use error::{ApiError, Error, MAX_ERROR_TEXT, Result};
 pub use exec::{ExecOutput, ExecStream, MAX_LINE_BYTES, StreamEvent};
+pub use mcp::{MAX_MCP_ANSWER_BYTES, McpAnswer};
 
 /// The request and response bodies of the API: `moat_proto::v1`.
 pub mod types {

@@ -19,6 +19,7 @@ mod extract;
 mod files;
 mod jobs;
 mod keys;
+mod mcp;
 mod metrics;
 pub mod openapi;
 mod rate_limit;

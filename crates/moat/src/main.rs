@@ -32,6 +32,9 @@ enum Command {
     Snapshot(cli::snapshot::SnapshotArgs),
     /// Asynchronous jobs on a moat server: submit, ls, get, logs, outputs, cancel, rm.
     Job(cli::job::JobArgs),
+    /// An MCP server on standard input and output, whose tools run in sandboxes of a moat
+    /// server ($MOAT_URL, $MOAT_API_KEY).
+    Mcp(cli::mcp::McpArgs),
     /// Templates on a moat server: create, ls, get, rm.
     Template(cli::template::TemplateArgs),
     /// API keys on a moat server (needs an admin key): create, ls, revoke.
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Sandbox(args) => cli::sandbox::main(args),
         Command::Snapshot(args) => cli::snapshot::main(args),
         Command::Job(args) => cli::job::main(args),
+        Command::Mcp(args) => cli::mcp::main(args),
         Command::Template(args) => cli::template::main(args),
         Command::Keys(args) => cli::keys::main(args),
         Command::Agent => cli::agent::main(),

@@ -7,6 +7,7 @@ pub mod data_dir_lock;
 pub mod dockerignore;
 pub mod job;
 pub mod keys;
+pub mod mcp;
 pub mod network_args;
 pub mod output;
 pub mod remote;

@@ -1,0 +1,484 @@
+//! MCP (Model Context Protocol) at `/mcp`, over streamable HTTP: tools a model uses to run
+//! code and commands and move files in a sandbox of its own, and to manage sandboxes.
+//!
+//! Each MCP session (one `initialize`) gets a sandbox on first use, of the default template
+//! unless `create_sandbox` made another, and every tool acts on that one unless told an id.
+//! A session's sandboxes are destroyed when the session ends (the client closes it, or the
+//! server drops it), and each lives at most [`SESSION_SANDBOX_TTL_SECS`] seconds past its last tool call
+//! whatever happens to the session. Calls are authenticated like the rest of the API (the
+//! same key header on every request); a tool acts as the caller of its request.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+
+use axum::http::request::Parts;
+use moat_engine::auth::Caller;
+use moat_engine::manager::{ManagerError, SandboxManager};
+use moat_proto::v1;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    InitializeResult, JsonObject, ListToolsResult, PaginatedRequestParams, ServerCapabilities,
+    Tool,
+};
+use rmcp::service::{RequestContext, RoleServer};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ErrorData, ServerHandler};
+use serde_json::{Value, json};
+
+/// How long a session's sandbox lives past its last tool call, seconds.
+pub const SESSION_SANDBOX_TTL_SECS: u64 = 15 * 60;
+/// Largest file `read_file` returns (as text).
+const MAX_READ_BYTES: u64 = 1 << 20;
+/// Largest output of a command or code run returned, per stream.
+const MAX_OUTPUT_CHARS: usize = 64 << 10;
+
+/// The `/mcp` service.
+pub(crate) fn service(
+    manager: SandboxManager,
+) -> StreamableHttpService<Session, LocalSessionManager> {
+    let config = StreamableHttpServerConfig::default()
+        // Every request carries an API key: a `Host` check adds nothing, and would refuse
+        // every name the server is reached by but loopback.
+        .disable_allowed_hosts()
+        .with_json_response(true);
+    StreamableHttpService::new(
+        move || Ok(Session::new(manager.clone())),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    )
+}
+
+/// One MCP session: its sandboxes.
+pub(crate) struct Session {
+    manager: SandboxManager,
+    state: Arc<Mutex<SessionState>>,
+}
+
+#[derive(Default)]
+struct SessionState {
+    /// The sandbox tools act on, and who made it.
+    current: Option<(Caller, String)>,
+    /// Every sandbox this session made (destroyed with it).
+    made: Vec<(Caller, String)>,
+}
+
+impl Session {
+    fn new(manager: SandboxManager) -> Session {
+        Session {
+            manager,
+            state: Arc::default(),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let made = std::mem::take(&mut lock(&self.state).made);
+        if made.is_empty() {
+            return;
+        }
+        let manager = self.manager.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for (caller, id) in made {
+                    match manager.delete(&caller, &id).await {
+                        Ok(_) | Err(ManagerError::NotFound(_) | ManagerError::Conflict(_)) => {}
+                        Err(e) => {
+                            tracing::warn!(sandbox = %id, "ending an MCP session's sandbox: {e}")
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A tool's input schema from its JSON.
+fn schema(value: Value) -> Arc<JsonObject> {
+    match value {
+        Value::Object(map) => Arc::new(map),
+        _ => Arc::new(JsonObject::new()),
+    }
+}
+
+fn tool(name: &'static str, description: &'static str, input: Value) -> Tool {
+    Tool::new(name, description, schema(input))
+}
+
+/// The tools, described for a model to use well.
+fn tools() -> Vec<Tool> {
+    let sandbox = json!({"type": "string", "description": "A sandbox id from create_sandbox or list_sandboxes; this session's sandbox when absent."});
+    vec![
+        tool(
+            "run_code",
+            "Run code in an isolated sandbox and return its standard output, standard error and exit code. Each call is a new process: variables do not persist between calls, files written under /home/user or /tmp do. The sandbox has no network access unless its template gives it some. Print what you want to see.",
+            json!({"type": "object", "properties": {
+                "code": {"type": "string", "description": "The source code to run."},
+                "language": {"type": "string", "enum": ["python", "bash", "sh", "javascript"], "description": "The language of the code (default python)."},
+                "timeout_secs": {"type": "integer", "minimum": 1, "description": "Seconds it may run (default 60)."},
+                "sandbox_id": sandbox,
+            }, "required": ["code"]}),
+        ),
+        tool(
+            "run_command",
+            "Run a shell command (/bin/sh -c) in the sandbox, in the user's home, and return its standard output, standard error and exit code.",
+            json!({"type": "object", "properties": {
+                "command": {"type": "string", "description": "The shell command line."},
+                "timeout_secs": {"type": "integer", "minimum": 1, "description": "Seconds it may run (default 60)."},
+                "sandbox_id": sandbox,
+            }, "required": ["command"]}),
+        ),
+        tool(
+            "write_file",
+            "Write text to a file in the sandbox (created or replaced, with its parent directories). Relative paths are under /home/user.",
+            json!({"type": "object", "properties": {
+                "path": {"type": "string"},
+                "content": {"type": "string"},
+                "sandbox_id": sandbox,
+            }, "required": ["path", "content"]}),
+        ),
+        tool(
+            "read_file",
+            "Read a text file from the sandbox (at most 1 MiB). Relative paths are under /home/user.",
+            json!({"type": "object", "properties": {
+                "path": {"type": "string"},
+                "sandbox_id": sandbox,
+            }, "required": ["path"]}),
+        ),
+        tool(
+            "list_files",
+            "List the entries of a directory in the sandbox (name, type, size). Relative paths are under /home/user; the home itself when absent.",
+            json!({"type": "object", "properties": {
+                "path": {"type": "string"},
+                "sandbox_id": sandbox,
+            }}),
+        ),
+        tool(
+            "create_sandbox",
+            "Create a new sandbox (from a template, the default when absent) and make it this session's sandbox. Sandboxes this session creates are destroyed when it ends.",
+            json!({"type": "object", "properties": {
+                "template": {"type": "string", "description": "A template name."},
+            }}),
+        ),
+        tool(
+            "list_sandboxes",
+            "List your running sandboxes (id, template, state).",
+            json!({"type": "object", "properties": {}}),
+        ),
+        tool(
+            "kill_sandbox",
+            "Destroy a sandbox (this session's when no id is given).",
+            json!({"type": "object", "properties": {"sandbox_id": sandbox}}),
+        ),
+    ]
+}
+
+/// What a tool answers: text for the model, or an error it can read.
+type ToolResult = Result<String, String>;
+
+fn text(args: &JsonObject, name: &str) -> Result<Option<String>, String> {
+    match args.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{name} must be a string")),
+    }
+}
+
+fn required(args: &JsonObject, name: &str) -> Result<String, String> {
+    text(args, name)?.ok_or_else(|| format!("{name} is required"))
+}
+
+fn number(args: &JsonObject, name: &str) -> Result<Option<u64>, String> {
+    match args.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| format!("{name} must be a positive integer")),
+    }
+}
+
+/// At most [`MAX_OUTPUT_CHARS`] of `s`, saying so when cut.
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_OUTPUT_CHARS {
+        return s.to_owned();
+    }
+    let mut end = MAX_OUTPUT_CHARS;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n[… cut: {} bytes in all]", &s[..end], s.len())
+}
+
+fn exec_text(r: &v1::ExecResult) -> String {
+    let mut out = String::new();
+    if !r.stdout.is_empty() {
+        out.push_str(&format!("stdout:\n{}\n", bounded(&r.stdout)));
+    }
+    if !r.stderr.is_empty() {
+        out.push_str(&format!("stderr:\n{}\n", bounded(&r.stderr)));
+    }
+    match (&r.exit_code, &r.signal) {
+        _ if r.timed_out => out.push_str("timed out (killed)\n"),
+        _ if r.oom_killed => out.push_str("killed: out of memory\n"),
+        (Some(code), _) => out.push_str(&format!("exit code: {code}\n")),
+        (None, Some(signal)) => out.push_str(&format!("ended by {signal}\n")),
+        (None, None) => {}
+    }
+    out
+}
+
+impl Session {
+    /// The sandbox a tool acts on: the one named, or this session's (made now if none).
+    async fn sandbox(&self, caller: &Caller, named: Option<String>) -> Result<String, String> {
+        if let Some(id) = named {
+            return Ok(id);
+        }
+        if let Some((_, id)) = &lock(&self.state).current {
+            return Ok(id.clone());
+        }
+        self.create(caller, None).await
+    }
+
+    async fn create(&self, caller: &Caller, template: Option<String>) -> Result<String, String> {
+        let req = v1::CreateSandbox {
+            template: template.unwrap_or_else(|| v1::DEFAULT_TEMPLATE.to_owned()),
+            timeout_secs: Some(SESSION_SANDBOX_TTL_SECS),
+            metadata: [("moat.mcp".to_owned(), "true".to_owned())].into(),
+            ..Default::default()
+        };
+        let made = self
+            .manager
+            .create(caller, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut state = lock(&self.state);
+        state.current = Some((caller.clone(), made.id.clone()));
+        state.made.push((caller.clone(), made.id.clone()));
+        Ok(made.id)
+    }
+
+    /// Pushes the sandbox's end back: it lives while the session uses it.
+    async fn keep(&self, caller: &Caller, id: &str) {
+        let req = v1::SetTimeout {
+            timeout_secs: SESSION_SANDBOX_TTL_SECS,
+        };
+        let _ = self.manager.set_timeout(caller, id, req).await;
+    }
+
+    async fn call(&self, caller: &Caller, name: &str, args: &JsonObject) -> ToolResult {
+        let named = text(args, "sandbox_id")?;
+        match name {
+            "run_code" => {
+                let code = required(args, "code")?;
+                let language = text(args, "language")?;
+                let timeout = number(args, "timeout_secs")?;
+                let id = self.sandbox(caller, named).await?;
+                self.keep(caller, &id).await;
+                let r = self
+                    .manager
+                    .run_code_in(caller, &id, language.as_deref(), &code, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(exec_text(&r))
+            }
+            "run_command" => {
+                let command = required(args, "command")?;
+                let timeout = number(args, "timeout_secs")?;
+                let id = self.sandbox(caller, named).await?;
+                self.keep(caller, &id).await;
+                let req = v1::ExecRequest {
+                    shell: Some(command),
+                    timeout_secs: timeout,
+                    ..Default::default()
+                };
+                let r = self
+                    .manager
+                    .exec(caller, &id, req)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(exec_text(&r))
+            }
+            "write_file" => {
+                let path = required(args, "path")?;
+                let content = required(args, "content")?;
+                let id = self.sandbox(caller, named).await?;
+                self.keep(caller, &id).await;
+                let agent = self
+                    .manager
+                    .agent(caller, &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let size = content.len();
+                agent
+                    .write_file(&path, bytes::Bytes::from(content), None)
+                    .await
+                    .map_err(|e| format!("{path}: {e}"))?;
+                Ok(format!("wrote {size} bytes to {path}"))
+            }
+            "read_file" => {
+                let path = required(args, "path")?;
+                let id = self.sandbox(caller, named).await?;
+                self.keep(caller, &id).await;
+                let agent = self
+                    .manager
+                    .agent(caller, &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut download = agent
+                    .read_file_stream(&path, None)
+                    .await
+                    .map_err(|e| format!("{path}: {e}"))?;
+                if download.size() > MAX_READ_BYTES {
+                    return Err(format!(
+                        "{path} is {} bytes, more than the {MAX_READ_BYTES} read_file returns; read a part of it with run_command (head, tail, sed -n)",
+                        download.size()
+                    ));
+                }
+                let mut data = Vec::new();
+                while let Some(chunk) = download.next().await {
+                    data.extend_from_slice(&chunk.map_err(|e| format!("{path}: {e}"))?);
+                }
+                String::from_utf8(data).map_err(|_| {
+                    format!("{path} is not text; use run_command (base64, xxd) to see it")
+                })
+            }
+            "list_files" => {
+                let path = text(args, "path")?.unwrap_or_else(|| ".".into());
+                let id = self.sandbox(caller, named).await?;
+                self.keep(caller, &id).await;
+                let entries = self
+                    .manager
+                    .files()
+                    .list(caller, &id, &path, 1, None)
+                    .await
+                    .map_err(|e| format!("{path}: {e}"))?;
+                let mut out = String::new();
+                for e in entries {
+                    let kind = match e.kind {
+                        v1::FileType::Dir => "dir",
+                        v1::FileType::File => "file",
+                        v1::FileType::Symlink => "link",
+                        _ => "other",
+                    };
+                    out.push_str(&format!("{kind}\t{}\t{}\n", e.size, e.path));
+                }
+                Ok(if out.is_empty() {
+                    format!("{path} is empty")
+                } else {
+                    out
+                })
+            }
+            "create_sandbox" => {
+                let template = text(args, "template")?;
+                let id = self.create(caller, template).await?;
+                Ok(format!("created sandbox {id}; tools now act on it"))
+            }
+            "list_sandboxes" => {
+                let query = v1::ListSandboxes {
+                    states: vec![v1::SandboxState::Running, v1::SandboxState::Paused],
+                    ..Default::default()
+                };
+                let list = self
+                    .manager
+                    .list(caller, query)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let current = lock(&self.state).current.as_ref().map(|(_, id)| id.clone());
+                let mut out = String::new();
+                for s in list.sandboxes {
+                    let mark = if Some(&s.id) == current.as_ref() {
+                        " (this session's)"
+                    } else {
+                        ""
+                    };
+                    out.push_str(&format!(
+                        "{}\t{}\t{}{mark}\n",
+                        s.id,
+                        s.template,
+                        s.state.as_str()
+                    ));
+                }
+                Ok(if out.is_empty() {
+                    "no running sandboxes".into()
+                } else {
+                    out
+                })
+            }
+            "kill_sandbox" => {
+                let id = match named {
+                    Some(id) => id,
+                    None => lock(&self.state)
+                        .current
+                        .as_ref()
+                        .map(|(_, id)| id.clone())
+                        .ok_or("this session has no sandbox")?,
+                };
+                self.manager
+                    .delete(caller, &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut state = lock(&self.state);
+                if state.current.as_ref().is_some_and(|(_, c)| *c == id) {
+                    state.current = None;
+                }
+                state.made.retain(|(_, m)| *m != id);
+                Ok(format!("destroyed sandbox {id}"))
+            }
+            other => Err(format!("unknown tool {other:?}")),
+        }
+    }
+}
+
+impl ServerHandler for Session {
+    fn get_info(&self) -> InitializeResult {
+        let mut info = InitializeResult::new(ServerCapabilities::builder().enable_tools().build());
+        info.server_info = Implementation::new("moat", env!("CARGO_PKG_VERSION"));
+        info.instructions = Some(
+            "Tools to run code and shell commands and to read and write files in an isolated, \
+             disposable sandbox. A sandbox is made for this session on first use and destroyed \
+             when the session ends."
+                .into(),
+        );
+        info
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(ListToolsResult::with_all_items(tools()))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let caller = context
+            .extensions
+            .get::<Parts>()
+            .and_then(|parts| parts.extensions.get::<Caller>())
+            .cloned()
+            .ok_or_else(|| ErrorData::invalid_request("no authenticated caller", None))?;
+        if !tools().iter().any(|t| t.name == request.name) {
+            return Err(ErrorData::invalid_params(
+                Cow::Owned(format!("unknown tool {:?}", request.name)),
+                None,
+            ));
+        }
+        let args = request.arguments.unwrap_or_default();
+        let result = match self.call(&caller, &request.name, &args).await {
+            Ok(text) => CallToolResult::success(vec![ContentBlock::text(text)]),
+            Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+        };
+        Ok(result.into())
+    }
+}
