@@ -59,6 +59,25 @@ pub fn moat_binary() -> PathBuf {
     })
 }
 
+/// The repository's root (where `tests/` and `scripts/` are).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The Python with the test suite's packages: `MOAT_TEST_PYTHON` (set by scripts/test.sh),
+/// else the venv scripts/test-deps.sh makes; a test that needs it fails without it.
+pub fn test_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MOAT_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo_root().join("target/test-venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no test Python: run scripts/test-deps.sh (or set MOAT_TEST_PYTHON)"
+    );
+    venv
+}
+
 /// Copies each host program `(source, name)` to `root/bin/name`, with every library `ldd` names
 /// for it at the same path under `root`: enough of a root filesystem to run those programs.
 pub fn install_programs(root: &Path, programs: &[(&str, &str)]) {

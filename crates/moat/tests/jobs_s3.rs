@@ -7,26 +7,11 @@ use moat_test_support as support;
 use support::need_root;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::server::*;
-
-/// The Python with the test tools: `MOAT_TEST_PYTHON` (set by scripts/test.sh), else the
-/// venv scripts/test-deps.sh makes.
-fn test_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("MOAT_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-venv/bin/python");
-    assert!(
-        p.exists(),
-        "no test Python: run scripts/test-deps.sh (or set MOAT_TEST_PYTHON)"
-    );
-    p
-}
 
 /// moto's S3 server on a free loopback port, killed on drop.
 struct S3 {
@@ -40,7 +25,7 @@ impl S3 {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let child = Command::new(test_python())
+        let child = Command::new(support::test_python())
             .args([
                 "-m",
                 "moto.server",

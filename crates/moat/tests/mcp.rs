@@ -5,34 +5,17 @@
 
 use moat_test_support as support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::need_root;
 use support::server::*;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn test_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("MOAT_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = repo_root().join("target/test-venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no test Python: run scripts/test-deps.sh (or set MOAT_TEST_PYTHON)"
-    );
-    venv
-}
 
 #[test]
 fn the_mcp_client_uses_moat_over_http_and_stdio() {
     need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let out = Command::new(test_python())
+    let out = Command::new(support::test_python())
         .args([
             "-m",
             "pytest",
@@ -41,7 +24,7 @@ fn the_mcp_client_uses_moat_over_http_and_stdio() {
             "no:cacheprovider",
             "tests/mcp/test_mcp.py",
         ])
-        .current_dir(repo_root())
+        .current_dir(support::repo_root())
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
         .env("MOAT_API_KEY", &key)
