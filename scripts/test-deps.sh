@@ -70,6 +70,9 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements-adk.txt
+# moat's own Python SDK, which tests/sdk/ (crates/moat/tests/python_sdk.rs) drives.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check ./sdk/python
 
 # The data-science interpreter's wheels (templates/code-interpreter), for the test that builds
 # it with moat's own build: downloaded once, checked by pip against the pinned versions.
