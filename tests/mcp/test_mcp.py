@@ -4,6 +4,8 @@ crates/moat/tests/mcp.rs)."""
 
 import json
 import os
+import pathlib
+import re
 import time
 import urllib.request
 
@@ -96,12 +98,23 @@ async def test_over_http_and_the_session_s_sandbox_goes_with_it():
     assert gone_soon(mine), "the session's sandbox outlived it"
 
 
+def readme_mcp_config():
+    """The `mcpServers` entry the README shows for desktop clients."""
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r'```json\n(\{"mcpServers".*?)```', text, re.S)
+    assert block, "the README shows no mcpServers configuration"
+    return json.loads(block.group(1))["mcpServers"]["moat"]
+
+
 @pytest.mark.asyncio
 async def test_over_stdio_through_moat_mcp():
+    # The README's configuration, with this build's binary and this server's URL and key.
+    config = readme_mcp_config()
+    assert config["command"] == "moat" and set(config["env"]) == {"MOAT_URL", "MOAT_API_KEY"}
     before = set(running_mcp_sandboxes())
     params = StdioServerParameters(
         command=os.environ["MOAT_BIN"],
-        args=["mcp"],
+        args=config["args"],
         env={"MOAT_URL": URL, "MOAT_API_KEY": KEY},
     )
     async with stdio_client(params) as (r, w):
