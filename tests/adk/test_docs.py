@@ -37,3 +37,23 @@ def test_the_api_reference_agents_are_made_as_written() -> None:
     assert isinstance(toolset._environment, MoatEnvironment) or any(  # noqa: SLF001
         isinstance(v, MoatEnvironment) for v in vars(toolset).values()
     )
+
+
+def test_the_agent_example_runs_up_to_the_model_call() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI")}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples/adk_agent.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "executor: 45 | stderr: ''",
+        "no model key (GOOGLE_API_KEY): stopping before the model call",
+    ], out.stdout

@@ -150,3 +150,17 @@ async def test_a_request_without_a_key_is_refused():
         async with streamablehttp_client(f"{URL}/mcp") as (r, w, _):
             async with ClientSession(r, w) as session:
                 await session.initialize()
+
+
+def test_the_example_configurations_name_moat():
+    examples = pathlib.Path(__file__).resolve().parents[2] / "examples/mcp"
+    files = sorted(examples.glob("*.json"))
+    assert len(files) >= 4, files
+    for path in files:
+        config = json.loads(path.read_text())
+        (entry,) = (config.get("mcpServers") or config["servers"]).values()
+        if "url" in entry:
+            assert entry["url"].endswith("/mcp") and entry["headers"]["Authorization"].startswith("Bearer "), path
+        else:
+            assert (entry["command"], entry["args"]) == ("moat", ["mcp"]), path
+            assert set(entry["env"]) == {"MOAT_URL", "MOAT_API_KEY"}, path

@@ -41,3 +41,19 @@ def test_the_api_reference_example_runs_as_written(tmp_path: pathlib.Path, monke
     monkeypatch.chdir(tmp_path)
     printed = run(code)
     assert "42\n" in printed and printed.rstrip().endswith("42"), printed
+
+
+def test_the_quickstart_example_runs() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples/quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "exec: Linux | to-stderr | exit 3", out.stdout
+    assert lines[1:] == ["run_code: 42", "one-shot: 45", "job: succeeded from a job"], out.stdout
