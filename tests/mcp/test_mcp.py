@@ -61,10 +61,18 @@ async def exercise(session):
 
     r = await session.call_tool("run_code", {"code": "import sys\nprint(6 * 7)\nprint('warn', file=sys.stderr)"})
     assert not r.isError, text(r)
-    assert "42" in text(r) and "warn" in text(r) and "exit code: 0" in text(r)
+    assert "stdout:\n42\n" in text(r) and "stderr:\nwarn" in text(r), text(r)
+
+    # Like a notebook: state persists, the last expression is the result.
+    await session.call_tool("run_code", {"code": "x = 41"})
+    r = await session.call_tool("run_code", {"code": "x + 1"})
+    assert "result:\n42" in text(r), text(r)
 
     r = await session.call_tool("run_code", {"code": "raise ValueError('boom')"})
-    assert "ValueError: boom" in text(r) and "exit code: 1" in text(r)
+    assert r.isError and "error: ValueError: boom" in text(r) and "Traceback" in text(r), text(r)
+
+    r = await session.call_tool("run_code", {"code": "echo from-bash", "language": "bash"})
+    assert "from-bash" in text(r), text(r)
 
     r = await session.call_tool("write_file", {"path": "notes/a.txt", "content": "hello\n"})
     assert not r.isError, text(r)

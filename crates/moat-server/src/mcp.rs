@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use axum::http::request::Parts;
 use moat_engine::auth::Caller;
-use moat_engine::manager::{ManagerError, SandboxManager};
+use moat_engine::manager::{
+    CodeRun, CodeRunRequest, MAX_CODE_RUN_BYTES, ManagerError, SandboxManager,
+};
 use moat_proto::v1;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
@@ -28,6 +30,8 @@ use serde_json::{Value, json};
 
 /// How long a session's sandbox lives past its last tool call, seconds.
 pub const SESSION_SANDBOX_TTL_SECS: u64 = 15 * 60;
+/// Seconds a `run_code` may take unless it says.
+const DEFAULT_RUN_SECS: u64 = 60;
 /// Largest file `read_file` returns (as text).
 const MAX_READ_BYTES: u64 = 1 << 20;
 /// Largest output of a command or code run returned, per stream.
@@ -116,10 +120,10 @@ fn tools() -> Vec<Tool> {
     vec![
         tool(
             "run_code",
-            "Run code in an isolated sandbox and return its standard output, standard error and exit code. Each call is a new process: variables do not persist between calls, files written under /home/user or /tmp do. The sandbox has no network access unless its template gives it some. Print what you want to see.",
+            "Run code in an isolated sandbox's code interpreter, like a notebook cell: variables, imports and functions persist between calls in the same sandbox, and so do files. Returns what it printed, its results (the value of the last expression; charts and images as images) and any error with its traceback. The sandbox has no network access unless its template gives it some.",
             json!({"type": "object", "properties": {
                 "code": {"type": "string", "description": "The source code to run."},
-                "language": {"type": "string", "enum": ["python", "bash", "sh", "javascript"], "description": "The language of the code (default python)."},
+                "language": {"type": "string", "enum": ["python", "javascript", "bash"], "description": "The language of the code (default python); each language keeps its own state."},
                 "timeout_secs": {"type": "integer", "minimum": 1, "description": "Seconds it may run (default 60)."},
                 "sandbox_id": sandbox,
             }, "required": ["code"]}),
@@ -234,6 +238,58 @@ fn exec_text(r: &v1::ExecResult) -> String {
     out
 }
 
+/// A code run as a tool result: its output and results as text, its images as images; an
+/// error (raised, or a run past its time) marks the result as one.
+fn code_result(run: &CodeRun) -> CallToolResult {
+    let mut out = String::new();
+    if !run.stdout.is_empty() {
+        out.push_str(&format!("stdout:\n{}\n", bounded(&run.stdout)));
+    }
+    if !run.stderr.is_empty() {
+        out.push_str(&format!("stderr:\n{}\n", bounded(&run.stderr)));
+    }
+    let mut images = Vec::new();
+    for result in &run.results {
+        let field = |k: &str| result.get(k).and_then(Value::as_str);
+        for (key, mime) in [("png", "image/png"), ("jpeg", "image/jpeg")] {
+            if let Some(data) = field(key) {
+                images.push(ContentBlock::image(data.to_owned(), mime.to_owned()));
+            }
+        }
+        if let Some(text) = field("text").or_else(|| field("markdown")) {
+            out.push_str(&format!("result:\n{}\n", bounded(text)));
+        } else if let Some(html) = field("html") {
+            out.push_str(&format!("result (html):\n{}\n", bounded(html)));
+        }
+    }
+    if let Some(e) = &run.error {
+        out.push_str(&format!(
+            "error: {}: {}\n{}\n",
+            e.name,
+            e.value,
+            bounded(&e.traceback)
+        ));
+    }
+    if run.timed_out {
+        out.push_str("timed out: the run was interrupted\n");
+    }
+    if run.truncated {
+        out.push_str(&format!(
+            "[output past {MAX_CODE_RUN_BYTES} bytes was dropped]\n"
+        ));
+    }
+    if out.is_empty() && images.is_empty() {
+        out.push_str("(no output)\n");
+    }
+    let mut content = vec![ContentBlock::text(out)];
+    content.extend(images);
+    if run.error.is_some() || run.timed_out {
+        CallToolResult::error(content)
+    } else {
+        CallToolResult::success(content)
+    }
+}
+
 impl Session {
     /// The sandbox a tool acts on: the one named, or this session's (made now if none).
     async fn sandbox(&self, caller: &Caller, named: Option<String>) -> Result<String, String> {
@@ -272,22 +328,28 @@ impl Session {
         let _ = self.manager.set_timeout(caller, id, req).await;
     }
 
+    /// `run_code`: in the code interpreter of the session's (or the named) sandbox.
+    async fn run_code(&self, caller: &Caller, args: &JsonObject) -> Result<CodeRun, String> {
+        let named = text(args, "sandbox_id")?;
+        let code = required(args, "code")?;
+        let language = text(args, "language")?;
+        let timeout = number(args, "timeout_secs")?.unwrap_or(DEFAULT_RUN_SECS);
+        let id = self.sandbox(caller, named).await?;
+        self.keep(caller, &id).await;
+        let req = CodeRunRequest {
+            code,
+            language,
+            timeout: std::time::Duration::from_secs(timeout),
+        };
+        self.manager
+            .run_in_interpreter(caller, &id, req)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn call(&self, caller: &Caller, name: &str, args: &JsonObject) -> ToolResult {
         let named = text(args, "sandbox_id")?;
         match name {
-            "run_code" => {
-                let code = required(args, "code")?;
-                let language = text(args, "language")?;
-                let timeout = number(args, "timeout_secs")?;
-                let id = self.sandbox(caller, named).await?;
-                self.keep(caller, &id).await;
-                let r = self
-                    .manager
-                    .run_code_in(caller, &id, language.as_deref(), &code, timeout)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(exec_text(&r))
-            }
             "run_command" => {
                 let command = required(args, "command")?;
                 let timeout = number(args, "timeout_secs")?;
@@ -475,9 +537,16 @@ impl ServerHandler for Session {
             ));
         }
         let args = request.arguments.unwrap_or_default();
-        let result = match self.call(&caller, &request.name, &args).await {
-            Ok(text) => CallToolResult::success(vec![ContentBlock::text(text)]),
-            Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+        let result = if request.name == "run_code" {
+            match self.run_code(&caller, &args).await {
+                Ok(run) => code_result(&run),
+                Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+            }
+        } else {
+            match self.call(&caller, &request.name, &args).await {
+                Ok(text) => CallToolResult::success(vec![ContentBlock::text(text)]),
+                Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+            }
         };
         Ok(result.into())
     }

@@ -13,6 +13,8 @@ mod access;
 mod build_steps;
 mod builds;
 mod calls;
+mod code_run;
+pub use code_run::{CodeRun, CodeRunError, CodeRunRequest, MAX_CODE_RUN_BYTES};
 mod exec;
 mod exec_encoding;
 mod exec_stream;

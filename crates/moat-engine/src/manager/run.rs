@@ -126,33 +126,6 @@ impl SandboxManager {
         })
     }
 
-    /// Runs `code` of `language` (python when absent) in the caller's running sandbox `id` as
-    /// a new process: written to a file under `/tmp/moat-run` and run by its interpreter,
-    /// buffered as an exec is.
-    pub async fn run_code_in(
-        &self,
-        caller: &Caller,
-        id: &str,
-        language: Option<&str>,
-        code: &str,
-        timeout_secs: Option<u64>,
-    ) -> ManagerResult<v1::ExecResult> {
-        let (file, program) = interpreter(language.unwrap_or("python"))?;
-        let path = format!("{CODE_DIR}/{file}");
-        let client = self.agent(caller, id).await?;
-        client
-            .write_file(&path, Bytes::from(code.to_owned()), None)
-            .await
-            .map_err(|e| file_error("writing", &path, e))?;
-        drop(client);
-        let exec = v1::ExecRequest {
-            cmd: Some(vec![program.to_owned(), path]),
-            timeout_secs,
-            ..Default::default()
-        };
-        self.exec(caller, id, exec).await
-    }
-
     async fn run_in(
         &self,
         caller: &Caller,
