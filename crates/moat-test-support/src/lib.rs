@@ -78,6 +78,38 @@ pub fn test_python() -> PathBuf {
     venv
 }
 
+/// Runs pytest on `path` (relative to the repository's root) against `server`, with its URL
+/// and admin key in `MOAT_URL` and `MOAT_API_KEY`, the working tree's Python SDK first on the
+/// path, `env` added and `remove` taken out; fails with pytest's output.
+pub fn pytest(path: &str, server: &server::Server, env: &[(&str, &str)], remove: &[&str]) {
+    let mut cmd = std::process::Command::new(test_python());
+    // No cache directory in the source tree.
+    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", path])
+        .current_dir(repo_root())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // The working tree's SDK before the copy scripts/test-deps.sh installed, so the tests
+        // see the code as it is now.
+        .env("PYTHONPATH", repo_root().join("sdk/python"))
+        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("MOAT_API_KEY", server.admin_key())
+        .envs(env.iter().copied());
+    for name in remove {
+        cmd.env_remove(name);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running pytest {path}: {e}"));
+    // Shown with --no-capture: what ran.
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "pytest {path} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Copies each host program `(source, name)` to `root/bin/name`, with every library `ldd` names
 /// for it at the same path under `root`: enough of a root filesystem to run those programs.
 pub fn install_programs(root: &Path, programs: &[(&str, &str)]) {

@@ -11,8 +11,6 @@
 
 use moat_test_support as support;
 
-use std::process::Command;
-
 use support::need_root;
 use support::server::*;
 
@@ -20,34 +18,9 @@ use support::server::*;
 fn run_pytest(file: &str) {
     need_root!("moat serve's native backend needs root");
     let server = Server::start();
-    let url = format!("http://127.0.0.1:{}", server.port);
-    let mut cmd = Command::new(support::test_python());
-    // No cache directory in the source tree.
-    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(format!("tests/adk/{file}"))
-        .current_dir(support::repo_root())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        // The working tree's SDK before the copy scripts/test-deps.sh installed, so the tests
-        // see the code as it is now.
-        .env("PYTHONPATH", support::repo_root().join("sdk/python"))
-        .env("MOAT_URL", &url)
-        .env("MOAT_API_KEY", server.admin_key())
-        // Settings that would make ADK reach for a model service.
-        .env_remove("GOOGLE_API_KEY")
-        .env_remove("GOOGLE_GENAI_USE_VERTEXAI");
-    let what = format!("pytest tests/adk/{file}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    // Shown with --no-capture: what ran.
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Settings that would make ADK reach for a model service.
+    let remove = ["GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"];
+    support::pytest(&format!("tests/adk/{file}"), &server, &[], &remove);
 }
 
 /// `MoatCodeExecutor` without state: a fresh sandbox per call, its output, tracebacks, input

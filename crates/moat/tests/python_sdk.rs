@@ -26,32 +26,7 @@ fn run_pytest(file: &str) {
 fn run_pytest_with(file: &str, env: &[(&str, &str)]) {
     need_root!("moat serve's native backend needs root");
     let server = Server::start();
-    let url = format!("http://127.0.0.1:{}", server.port);
-    let mut cmd = Command::new(support::test_python());
-    // No cache directory in the source tree.
-    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(format!("tests/sdk/{file}"))
-        .current_dir(support::repo_root())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        // The working tree's SDK before the copy scripts/test-deps.sh installed, so the tests
-        // see the code as it is now.
-        .env("PYTHONPATH", support::repo_root().join("sdk/python"))
-        .env("MOAT_URL", &url)
-        .env("MOAT_API_KEY", server.admin_key())
-        .envs(env.iter().copied());
-    let what = format!("pytest tests/sdk/{file}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    // Shown with --no-capture: what ran.
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::pytest(&format!("tests/sdk/{file}"), &server, env, &[]);
 }
 
 #[test]
