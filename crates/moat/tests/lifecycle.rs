@@ -20,8 +20,10 @@ async fn sh(client: &AgentClient, script: &str) -> String {
 }
 
 /// Where a frozen task waits: the cgroup v2 freezer's trap (`do_freezer_trap`, which the
-/// kernel inlines into `get_signal`) and the v1 freezer.
-const FROZEN_WCHANS: [&str; 2] = ["get_signal", "__refrigerator"];
+/// kernel inlines into `get_signal`), the v1 freezer, and a `vfork` parent (`posix_spawn`)
+/// whose child the freeze caught before its `exec`: it waits in `kernel_clone` for the frozen
+/// child, a freezable wait that runs nothing (the counter check below holds either way).
+const FROZEN_WCHANS: [&str; 3] = ["get_signal", "__refrigerator", "kernel_clone"];
 
 /// Polls `cond` until it holds. Generous: only a condition that never holds should reach the end.
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
