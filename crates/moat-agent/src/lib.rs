@@ -13,6 +13,7 @@ pub mod files;
 pub mod filesystem;
 pub mod interpreter;
 pub mod layer;
+pub mod pollfd;
 pub mod process;
 pub mod reaper;
 pub mod relay;

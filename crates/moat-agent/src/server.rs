@@ -123,21 +123,25 @@ pub async fn serve_resumable(
     let reaper = Reaper::start(opts.reap)?;
     let router = Arc::new(Router::new(state.clone(), reaper, opts.landlock_root));
     loop {
-        let std_stream = std::os::unix::net::UnixStream::from(channel.try_clone()?);
-        std_stream.set_nonblocking(true)?;
-        let stream = tokio::net::UnixStream::from_std(std_stream)?;
+        // Not tokio's own stream: its readiness after a restore cannot be trusted (see
+        // `pollfd`).
+        let stream = crate::pollfd::PollStream::new(channel.try_clone()?)?;
         // However it ended, what follows depends only on whether the host said it comes back.
         // When it did, the agent ends the connection itself (after the answer went out, and
         // with streams still open cut), so the host knows, once its side closes, that the
         // agent no longer reads the old connection: a checkpoint may follow.
-        let conn = serve_connection(stream, router.clone());
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = &mut conn => {}
-            () = state.reconnect.notified() => {
-                let _ = tokio::time::timeout(RECONNECT_DRAIN, &mut conn).await;
+        {
+            let conn = serve_connection(stream, router.clone());
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = &mut conn => {}
+                () = state.reconnect.notified() => {
+                    let _ = tokio::time::timeout(RECONNECT_DRAIN, &mut conn).await;
+                }
             }
         }
+        // The connection is dropped here, with its descriptor and its registration, before the
+        // host hears that the agent let go: none of it is in what a checkpoint saves.
         if !state
             .expect_reconnect
             .swap(false, std::sync::atomic::Ordering::SeqCst)

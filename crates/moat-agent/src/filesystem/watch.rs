@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use moat_proto::filesystem::{EntryInfo, EventType, FilesystemEvent};
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 
 use super::creds::blocking_as;
 use super::entry::Names;
 use super::{entry, ops, paths, sys};
+use crate::pollfd::{Direction, PollFd};
 use crate::rpc::{Code, RpcError};
 use crate::users::User;
 
@@ -85,7 +85,7 @@ impl Drop for Slot {
 
 /// An open watcher.
 pub(crate) struct Watcher {
-    fd: AsyncFd<OwnedFd>,
+    fd: PollFd,
     root: String,
     recursive: bool,
     include_entry: bool,
@@ -212,10 +212,8 @@ impl Watcher {
         })
         .await?;
         let root_wd = dirs.first().map_or(-1, |(wd, _)| *wd);
-        // SAFETY: the OwnedFd is open, owned by the AsyncFd from here on and never swapped, so
-        // its descriptor stays valid and the same for the AsyncFd's whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| RpcError::from_io(&e.into(), "registering the inotify descriptor"))?;
+        let fd = PollFd::new(fd, Interest::READABLE)
+            .map_err(|e| RpcError::from_io(&e, "registering the inotify descriptor"))?;
         Ok(Watcher {
             fd,
             root: spec.path,
@@ -235,29 +233,24 @@ impl Watcher {
             if !self.dirs.contains_key(&self.root_wd) {
                 return Ok(None);
             }
-            let n = {
-                let mut guard = self
-                    .fd
-                    .readable()
-                    .await
-                    .map_err(|e| RpcError::from_io(&e, "waiting for inotify"))?;
-                let buf = &mut self.buf;
-                match guard.try_io(|fd| {
+            let buf = &mut self.buf;
+            let read = self
+                .fd
+                .io(Direction::Read, |fd| {
                     // SAFETY: `buf` is writable for its length; `fd` is the inotify descriptor.
-                    let n = unsafe {
-                        libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                    };
+                    let n =
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                     if n < 0 {
                         Err(io::Error::last_os_error())
                     } else {
                         Ok(n as usize)
                     }
-                }) {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Ok(Err(e)) => return Err(RpcError::from_io(&e, "reading inotify events")),
-                    Err(_would_block) => continue,
-                }
+                })
+                .await;
+            let n = match read {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(RpcError::from_io(&e, "reading inotify events")),
             };
             let events = self.parse(n);
             let events = self.post_process(events).await?;
@@ -340,7 +333,8 @@ impl Watcher {
             self.dirs.remove(&wd);
             // SAFETY: the inotify descriptor is open; removing an already-gone watch fails
             // harmlessly with EINVAL.
-            unsafe { libc::inotify_rm_watch(self.fd.get_ref().as_raw_fd(), wd) };
+            self.fd
+                .with_fd(|fd| unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) });
         }
     }
 
@@ -374,7 +368,8 @@ impl Watcher {
         if new_dirs.is_empty() && want_entries.is_empty() {
             return Ok(raw.into_iter().map(Raw::into_event).collect());
         }
-        let fd = self.fd.get_ref().as_raw_fd();
+        // Its number stays the same until the next read: `self` is borrowed until then.
+        let fd = self.fd.with_fd(|fd| fd.as_raw_fd());
         let root = self.root.clone();
         let room = MAX_WATCHED_DIRS.saturating_sub(self.dirs.len());
         // The inotify descriptor stays open across the await: `self` owns it and is borrowed.

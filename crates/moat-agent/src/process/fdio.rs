@@ -4,59 +4,52 @@
 //! readiness, so that the final drain after a process exits sees every byte already in the pipe.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+
+use crate::pollfd::{Direction, PollFd};
 
 /// A non-blocking descriptor registered with the reactor.
 #[derive(Debug)]
 pub struct FdIo {
-    fd: AsyncFd<OwnedFd>,
+    fd: PollFd,
 }
 
 impl FdIo {
     /// Makes `fd` non-blocking and registers it for `interest`.
     pub fn new(fd: OwnedFd, interest: Interest) -> io::Result<FdIo> {
-        set_nonblocking(fd.as_fd())?;
-        // SAFETY: an OwnedFd is a valid open descriptor, and the AsyncFd owns it: nothing can
-        // close or replace it while registered.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, interest) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(FdIo { fd })
+        Ok(FdIo {
+            fd: PollFd::new(fd, interest)?,
+        })
     }
 
-    /// The descriptor (for ioctls).
-    pub fn borrow(&self) -> BorrowedFd<'_> {
-        self.fd.get_ref().as_fd()
+    /// Runs `f` on the descriptor (for ioctls).
+    pub fn with_fd<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> R {
+        self.fd.with_fd(f)
     }
 
     /// Reads once, waiting until data (or end of file) is available. `EIO`, which a PTY master
     /// answers once every slave descriptor is closed, counts as end of file.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| read_now(fd.get_ref().as_fd(), buf)) {
-                Ok(result) => return result,
-                Err(_would_block) => continue,
-            }
-        }
+        self.fd.io(Direction::Read, |fd| read_now(fd, buf)).await
     }
 
     /// Reads what is available now: `Err(WouldBlock)` when nothing is.
     pub fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
-        read_now(self.borrow(), buf)
+        self.fd.with_fd(|fd| read_now(fd, buf))
     }
 
     /// Writes all of `data`, waiting while the descriptor is full.
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let mut guard = self.fd.writable().await?;
-            match guard.try_io(|fd| write_now(fd.get_ref().as_fd(), data)) {
-                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+            match self
+                .fd
+                .io(Direction::Write, |fd| write_now(fd, data))
+                .await?
+            {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => data = &data[n..],
             }
         }
         Ok(())
@@ -64,6 +57,7 @@ impl FdIo {
 }
 
 fn read_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
     loop {
         // SAFETY: buf is a valid writable region of buf.len() bytes; fd is open for the borrow.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -80,6 +74,7 @@ fn read_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 fn write_now(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
     loop {
         // SAFETY: data is a valid readable region of data.len() bytes; fd is open for the borrow.
         let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
@@ -91,18 +86,4 @@ fn write_now(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
             return Err(err);
         }
     }
-}
-
-/// Sets `O_NONBLOCK` on `fd`.
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fcntl with integer arguments on an open descriptor.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -390,7 +390,8 @@ impl ProcessService {
                 )
             })?;
             let size = p.size.unwrap_or_default();
-            pty::set_size(master.borrow(), size.cols, size.rows)
+            master
+                .with_fd(|fd| pty::set_size(fd, size.cols, size.rows))
                 .map_err(|e| RpcError::new(Code::Internal, format!("resizing the PTY: {e}")))?;
         }
         Ok(UpdateResponse {})

@@ -1,0 +1,342 @@
+//! Descriptors driven by the runtime's reactor that survive a readiness wrongly reported
+//! closed.
+//!
+//! The reactor keeps a descriptor's "closed" readiness (a hang-up) for good: a real hang-up is
+//! final, and every read after it answers at once. A sandbox restored from a memory checkpoint
+//! breaks that rule: gVisor replays, on the first poll after a restore, hang-ups of descriptors
+//! the agent had already closed before the checkpoint, tagged with the reactor's keys of the
+//! time. When the reactor has since given such a key to a live descriptor (the new connection
+//! to the host, a process's pipe), that descriptor reads as hung up while a read would block,
+//! and a reader that trusts the readiness retries forever without yielding: the agent stops
+//! answering. So every read and write here treats "closed, yet the call would block" as what
+//! it is, a readiness that cannot be trusted, and registers a duplicate of the descriptor
+//! afresh (a new key, nothing pending) before it waits again.
+
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// Which way an operation goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Reading: waits for the descriptor to be readable.
+    Read,
+    /// Writing: waits for the descriptor to be writable.
+    Write,
+}
+
+/// A non-blocking descriptor registered with the runtime's reactor (see the module's notes).
+#[derive(Debug)]
+pub struct PollFd {
+    /// The current registration; replaced when its readiness cannot be trusted.
+    current: Mutex<Arc<AsyncFd<OwnedFd>>>,
+    interest: Interest,
+}
+
+impl PollFd {
+    /// Makes `fd` non-blocking and registers it for `interest`.
+    pub fn new(fd: OwnedFd, interest: Interest) -> io::Result<PollFd> {
+        set_nonblocking(fd.as_fd())?;
+        Ok(PollFd {
+            current: Mutex::new(Arc::new(register(fd, interest)?)),
+            interest,
+        })
+    }
+
+    /// Runs `f` on the descriptor as it is now (for ioctls and the like: a renewal changes
+    /// its number, never the open file it refers to).
+    pub fn with_fd<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> R {
+        let fd = self.registration();
+        f(fd.get_ref().as_fd())
+    }
+
+    /// Runs `op` once the descriptor is ready for `dir`, again each time it answers
+    /// `WouldBlock`, until it answers anything else.
+    pub async fn io<R>(
+        &self,
+        dir: Direction,
+        mut op: impl FnMut(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        poll_fn(|cx| self.poll_io(cx, dir, &mut op)).await
+    }
+
+    /// The polling form of [`PollFd::io`].
+    pub fn poll_io<R>(
+        &self,
+        cx: &mut Context<'_>,
+        dir: Direction,
+        mut op: impl FnMut(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> Poll<io::Result<R>> {
+        loop {
+            let fd = self.registration();
+            let mut guard = match dir {
+                Direction::Read => ready!(fd.poll_read_ready(cx))?,
+                Direction::Write => ready!(fd.poll_write_ready(cx))?,
+            };
+            let closed = match dir {
+                Direction::Read => guard.ready().is_read_closed(),
+                Direction::Write => guard.ready().is_write_closed(),
+            };
+            match guard.try_io(|inner| op(inner.get_ref().as_fd())) {
+                Ok(result) => return Poll::Ready(result),
+                // A fresh registration has no readiness until the reactor reports some, so
+                // the next turn of this loop waits: it cannot spin.
+                Err(_would_block) if closed => self.renew(&fd)?,
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn registration(&self) -> Arc<AsyncFd<OwnedFd>> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the registration `seen` (unless another caller already did) with one of a
+    /// duplicate descriptor: a new key in the poller, with nothing pending. The old one is
+    /// deregistered and closed when its last user lets go, which wakes whoever waits on it.
+    fn renew(&self, seen: &Arc<AsyncFd<OwnedFd>>) -> io::Result<()> {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Arc::ptr_eq(&current, seen) {
+            let dup = seen.get_ref().try_clone()?;
+            *current = Arc::new(register(dup, self.interest)?);
+        }
+        Ok(())
+    }
+}
+
+/// A connected stream socket over a [`PollFd`]: what the agent serves its host on when its
+/// channel may be checkpointed and restored.
+#[derive(Debug)]
+pub struct PollStream(PollFd);
+
+impl PollStream {
+    /// Makes the connected socket `fd` non-blocking and registers it for reading and writing.
+    pub fn new(fd: OwnedFd) -> io::Result<PollStream> {
+        Ok(PollStream(PollFd::new(
+            fd,
+            Interest::READABLE | Interest::WRITABLE,
+        )?))
+    }
+}
+
+impl tokio::io::AsyncRead for PollStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // SAFETY: the bytes are only written (by read(2)), never read, and only the `n` it
+        // wrote are then marked initialised.
+        let unfilled = unsafe { buf.unfilled_mut() };
+        let n = ready!(self.0.poll_io(cx, Direction::Read, |fd| {
+            retrying(|| {
+                // SAFETY: `unfilled` is writable for its length; `fd` is open for the borrow.
+                unsafe {
+                    libc::read(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        unfilled.as_mut_ptr().cast(),
+                        unfilled.len(),
+                    )
+                }
+            })
+        }))?;
+        // SAFETY: read(2) initialised the first `n` bytes of the unfilled part.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for PollStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let count = bufs.len().min(libc::UIO_MAXIOV as usize);
+        self.0.poll_io(cx, Direction::Write, |fd| {
+            retrying(|| {
+                // SAFETY: IoSlice is ABI-compatible with iovec; `count` slices are valid for reads;
+                // `fd` is open for the borrow. MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
+                unsafe {
+                    let msg = libc::msghdr {
+                        msg_name: std::ptr::null_mut(),
+                        msg_namelen: 0,
+                        msg_iov: bufs.as_ptr() as *mut libc::iovec,
+                        msg_iovlen: count as _,
+                        msg_control: std::ptr::null_mut(),
+                        msg_controllen: 0,
+                        msg_flags: 0,
+                    };
+                    libc::sendmsg(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        &msg,
+                        libc::MSG_NOSIGNAL,
+                    )
+                }
+            })
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.0.with_fd(|fd| {
+            // SAFETY: shutdown with integer arguments on an open socket.
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SHUT_WR) }
+        });
+        Poll::Ready(if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        })
+    }
+}
+
+/// The byte count of a read or write system call `call`, which is made again when a signal
+/// interrupted it.
+fn retrying(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        if let Ok(n) = usize::try_from(call()) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open descriptor, and the AsyncFd owns it: nothing can
+    // close or replace it while registered.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Sets `O_NONBLOCK` on `fd` (on its open file, which its duplicates share).
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl with integer arguments on an open descriptor.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh descriptors that nothing else owns.
+        unsafe {
+            use std::os::fd::FromRawFd;
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        }
+    }
+
+    fn read_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is writable for its length; fd is open for the borrow.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// A hang-up the reactor reports for a pipe whose writer is alive (what a restore replays)
+    /// is survived: the read waits without retrying over and over, and data written later is
+    /// read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_hang_up_reported_for_a_live_pipe_neither_spins_nor_loses_data() {
+        let (r, w) = pipe();
+        let reader = Arc::new(PollFd::new(r, Interest::READABLE).expect("register"));
+        forge_hang_up(&reader).await;
+        let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = {
+            let (reader, tries) = (reader.clone(), tries.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8];
+                let n = reader
+                    .io(Direction::Read, |fd| {
+                        tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        read_now(fd, &mut buf)
+                    })
+                    .await
+                    .expect("read");
+                buf[..n].to_vec()
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !task.is_finished(),
+            "the read returned before any data was written"
+        );
+        // One try on the forged readiness; a reader that trusts it retries thousands of times.
+        let idle = tries.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(idle <= 2, "{idle} reads of an empty pipe while waiting");
+        // SAFETY: writes from a valid buffer to the pipe's open write end.
+        let n = unsafe { libc::write(w.as_raw_fd(), b"hi".as_ptr().cast(), 2) };
+        assert_eq!(n, 2);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the read finishes once data is there")
+            .expect("join");
+        assert_eq!(got, b"hi");
+    }
+
+    /// Puts a read-closed readiness on `fd`'s current registration while its writer is alive:
+    /// the registration is swapped for one on a pipe whose writer closed (a real hang-up),
+    /// re-pointed at the live descriptor's key by duplicating the live descriptor over it.
+    async fn forge_hang_up(fd: &PollFd) {
+        let (dead_r, dead_w) = pipe();
+        drop(dead_w);
+        let dead = Arc::new(register(dead_r, Interest::READABLE).expect("register"));
+        // Wait until the reactor has reported the hang-up on it.
+        let guard = dead.readable().await.expect("readable");
+        assert!(guard.ready().is_read_closed());
+        drop(guard);
+        // Point the hung-up registration's descriptor at the live pipe's read end: the
+        // readiness stays closed, the reads now go to the live pipe and would block.
+        let live = fd.registration();
+        // SAFETY: dup2 onto a descriptor `dead` owns, replacing its open file atomically.
+        let r = unsafe { libc::dup2(live.get_ref().as_raw_fd(), dead.get_ref().as_raw_fd()) };
+        assert!(r >= 0);
+        *fd.current.lock().expect("lock") = dead;
+    }
+}
