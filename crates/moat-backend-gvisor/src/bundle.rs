@@ -163,6 +163,17 @@ impl Bundle {
             )))
             .collect();
         let caps: Vec<Value> = AGENT_CAPS.iter().map(|c| Value::from(*c)).collect();
+        // A sandbox with a network has the host kernel's sockets in the namespace runsc runs
+        // in (`--network=host`): no namespace of its own, which would have no way out.
+        let mut namespaces = vec![
+            json!({"type": "pid"}),
+            json!({"type": "ipc"}),
+            json!({"type": "uts"}),
+            json!({"type": "mount"}),
+        ];
+        if !crate::host_network(plan) {
+            namespaces.push(json!({"type": "network"}));
+        }
         let config = json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -185,12 +196,7 @@ impl Bundle {
             "root": {"path": root_path, "readonly": false},
             "hostname": "moat",
             "mounts": mounts,
-            "linux": {
-                "namespaces": [
-                    {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                    {"type": "uts"}, {"type": "mount"},
-                ],
-            },
+            "linux": {"namespaces": namespaces},
         });
         let path = dir.join("config.json");
         std::fs::write(&path, config.to_string()).map_err(|e| io("write", &path, e))?;

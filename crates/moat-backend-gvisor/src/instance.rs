@@ -82,6 +82,9 @@ pub(crate) struct Live {
     pub(crate) bundle: Bundle,
     /// The sandbox's directory (see [`SandboxDir`]).
     pub(crate) dir: PathBuf,
+    /// Whether its sockets are the host kernel's, in the outer jail's network namespace
+    /// (`--network=host`): a sandbox made with a network policy.
+    pub(crate) host_network: bool,
 }
 
 /// A gVisor sandbox.
@@ -166,7 +169,7 @@ impl GvisorInstance {
             let dir = SandboxDir::new(&l.dir);
             let mount = image.map(|i| (i.to_owned(), dir.image()));
             let mut argv = vec!["runsc".to_owned()];
-            argv.extend(self.runsc.global_args(&dir.state()));
+            argv.extend(self.runsc.global_args(&dir.state(), l.host_network));
             argv.extend(args.iter().cloned());
             argv.push(self.id.clone());
             l.jail
@@ -332,6 +335,46 @@ impl Instance for GvisorInstance {
 
     fn host_pid(&self) -> Option<i32> {
         self.with_live(|l| Ok(l.jail.pid())).ok()
+    }
+
+    fn memory_refusal(&self) -> Option<String> {
+        self.with_live(|l| Ok(l.host_network))
+            .unwrap_or(false)
+            .then(|| {
+                "it has a network, which the host kernel's sockets carry, and runsc cannot \
+                 checkpoint those (pause freezes it in memory instead)"
+                    .to_owned()
+            })
+    }
+
+    async fn open_egress(&self) -> Result<moat_engine::network::EgressSockets> {
+        // The jail's first process (runsc) is in the namespace the sandbox's sockets are made
+        // in; a copy of its pidfd goes to the blocking thread that enters it.
+        let pidfd = self.with_live(|l| {
+            if !l.host_network {
+                return Err(EngineError::Unsupported(format!(
+                    "sandbox {} was made without a network, and a gvisor sandbox's network is \
+                     set when it starts; make a new sandbox with the policy",
+                    self.id
+                )));
+            }
+            // SAFETY: the jail's pidfd stays open while `l` is borrowed, which outlasts this.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(l.jail.pidfd()) };
+            fd.try_clone_to_owned()
+                .map_err(|e| EngineError::io("dup sandbox pidfd", e))
+        })?;
+        let opened = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsFd;
+            moat_jail::egress::open(pidfd.as_fd())
+        })
+        .await
+        .map_err(|e| EngineError::Backend(format!("the network set-up task: {e}")))?;
+        let s = opened.map_err(crate::jail)?;
+        Ok(moat_engine::network::EgressSockets {
+            connections: s.connections,
+            dns_v4: s.dns_v4,
+            dns_v6: s.dns_v6,
+        })
     }
 
     async fn pause(&self) -> Result<()> {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use moat_engine::backend::{Backend, Capabilities, Instance};
 use moat_engine::error::{EngineError, Result};
+use moat_engine::network::NetworkPolicy;
 use moat_engine::plan::SandboxPlan;
 use moat_jail::cgroup::{Layout, Limits, SandboxCgroup};
 use moat_jail::guardian::Guardian;
@@ -162,6 +163,7 @@ impl GvisorBackend {
                     guardian,
                     bundle,
                     dir: sandbox_dir,
+                    host_network: host_network(plan),
                 },
             ),
             Err(e) => {
@@ -267,7 +269,7 @@ impl GvisorBackend {
             });
         }
         let mut args = vec!["runsc".to_owned()];
-        args.extend(self.runsc.global_args(&layout.state()));
+        args.extend(self.runsc.global_args(&layout.state(), host_network(plan)));
         // runsc's own messages go to a file only runsc holds. The container's standard output
         // and error are runsc's, which the sandbox can reach through `/proc/1/fd` (the sentry
         // does not hide them as a kernel hides a non-dumpable process's): /dev/null, so no host
@@ -331,6 +333,13 @@ fn sweep(dir: &Path, layout: &Layout) {
             Err(err) => tracing::warn!("removing {}: {err}", e.path().display()),
         }
     }
+}
+
+/// Whether a sandbox of `plan` gets a network: the host kernel's sockets in its outer jail's
+/// namespace (`--network=host`), which the engine steers as it does a native sandbox's. Fixed
+/// when it starts: runsc cannot change a running sandbox's network mode.
+pub(crate) fn host_network(plan: &SandboxPlan) -> bool {
+    matches!(plan.network, NetworkPolicy::Egress(_))
 }
 
 /// `PATH` of runsc's processes.
@@ -400,8 +409,9 @@ impl Backend for GvisorBackend {
             // Its writes live in the sentry's memory overlay, which the agent cannot hand out
             // apart from the rest: snapshots of it keep its memory.
             files_snapshot: false,
-            // Not yet: its sentry's network would have to be steered the same way.
-            egress: false,
+            // Only for sandboxes made with a network (`--network=host` in the outer jail's
+            // namespace, steered as a native sandbox's is), whose memory cannot be saved.
+            egress: true,
         }
     }
 
@@ -410,6 +420,13 @@ impl Backend for GvisorBackend {
     }
 
     async fn restore(&self, id: &str, plan: &SandboxPlan, dir: &Path) -> Result<Box<dyn Instance>> {
+        if host_network(plan) {
+            return Err(EngineError::Invalid(
+                "a gvisor sandbox restored from memory has no network: one with a network \
+                 cannot be saved"
+                    .into(),
+            ));
+        }
         if !dir.join("checkpoint.img").is_file() {
             return Err(EngineError::Invalid(format!(
                 "{} holds no gVisor checkpoint",

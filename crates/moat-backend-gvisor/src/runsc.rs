@@ -109,15 +109,18 @@ impl Runsc {
         })
     }
 
-    /// The global flags every call of runsc shares: its state under `root`, no network, moat's
-    /// cgroups rather than its own, writes kept in the sandbox's memory; runsc's debug logs in
+    /// The global flags every call of runsc shares: its state under `root`; no network, or
+    /// with `host_network` the sandbox's sockets made by the host kernel in the outer jail's
+    /// network namespace (`--network=host`), which moat steers as it does a native sandbox's;
+    /// moat's cgroups rather than its own, writes kept in the sandbox's memory; runsc's debug logs in
     /// [`DEBUG_LOG_ENV`]'s directory where that is set. Not `--rootless`: runsc is root of the
     /// sandbox's outer jail (and `restore` refuses rootless mode).
-    pub fn global_args(&self, root: &Path) -> Vec<String> {
+    pub fn global_args(&self, root: &Path, host_network: bool) -> Vec<String> {
+        let network = if host_network { "host" } else { "none" };
         let mut args = vec![
             format!("--root={}", root.display()),
             format!("--platform={}", self.platform),
-            "--network=none".to_owned(),
+            format!("--network={network}"),
             "--ignore-cgroups".to_owned(),
             "--overlay2=root:memory".to_owned(),
         ];

@@ -232,6 +232,13 @@ pub trait Instance: Send + Sync {
             self.id()
         )))
     }
+    /// Why this sandbox's memory cannot be saved although its backend has
+    /// [`Capabilities::memory_checkpoint`] (a gvisor sandbox with a network), if it cannot:
+    /// its pause then freezes it in memory, and snapshots with memory and forks of it are
+    /// refused with this reason.
+    fn memory_refusal(&self) -> Option<String> {
+        None
+    }
     /// Makes the sandbox's network one where every connection and DNS query ends at the
     /// sockets returned (see `moat_jail::egress`), which the engine serves the sandbox's
     /// policy on. Called again (a server adopting a kept sandbox), it replaces what the first

@@ -245,6 +245,40 @@ impl FakeNet {
     }
 }
 
+impl FakeNet {
+    /// URLs every policy keeps closed unless a rule names them: the host's side of the test
+    /// network, a private address, the metadata address and the server's own port
+    /// `server_port` on loopback.
+    pub fn closed_urls(&self, server_port: u16) -> Vec<String> {
+        vec![
+            format!("http://{}/", self.host_side),
+            format!("http://{}/", self.private),
+            "http://169.254.169.254/".to_owned(),
+            format!("http://127.0.0.1:{server_port}/healthz"),
+        ]
+    }
+}
+
+/// `curl` of `url` from sandbox `id` of `server` with `extra` options: its exit code and what
+/// it printed (errors included).
+pub fn curl(
+    server: &crate::server::Server,
+    key: &str,
+    id: &str,
+    extra: &str,
+    url: &str,
+) -> (i64, String) {
+    let r = server.shell(
+        key,
+        id,
+        &format!("curl -sS -k --max-time 5 {extra} '{url}' 2>&1"),
+    );
+    (
+        r["exit_code"].as_i64().unwrap_or(-1),
+        r["stdout"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
 impl Drop for FakeNet {
     fn drop(&mut self) {
         let _ = self.hosts.kill();

@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 
 use moat_test_support as support;
 use serde_json::json;
+use support::fakenet::{FakeNet, curl};
 use support::need_root;
 use support::server::*;
 
@@ -1419,4 +1420,97 @@ fn a_pause_to_disk_counts_against_the_snapshot_quota() {
     for id in [&big, &idle] {
         delete(&server, &key, id);
     }
+}
+
+/// A gvisor sandbox made with a network meets its policy as a native one does (its sockets
+/// are the host kernel's, in its outer jail's namespace, steered to moat): public hosts by
+/// name and by address, never the host, private ranges, the metadata address or the server;
+/// a policy update applies at once. Its pause freezes it in memory, its memory cannot be
+/// saved, and a gvisor sandbox made without a network cannot be given one.
+#[test]
+fn a_gvisor_sandbox_made_with_a_network_meets_its_policy() {
+    need_root!();
+    need_runsc();
+    let net = FakeNet::start(json!({}));
+    let (server, key) = gvisor_server();
+    let id = server.create_sandbox_with(
+        &key,
+        json!({"template": "sentry", "network": net.network(true, &[], &[])}),
+    );
+    // Its kernel is gVisor's, not the host's.
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("release");
+    let kernel = server.shell(&key, &id, "uname -r");
+    assert_ne!(kernel["stdout"], host_release.as_str(), "{kernel}");
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("http 80 host={} sni=-\n", net.web).as_str())
+    );
+    let (code, out) = curl(&server, &key, &id, "", "https://web.test/");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "https 443 host=web.test sni=web.test\n")
+    );
+    for url in net.closed_urls(server.port) {
+        let (code, out) = curl(&server, &key, &id, "", &url);
+        assert_ne!(code, 0, "{url}: {out}");
+    }
+
+    // A new policy applies to the next connection: one name, nothing by address.
+    let r = server.request(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/network"),
+        Some(&key),
+        Some(&body(net.network(false, &["web.test"], &["0.0.0.0/0"]))),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (code, out) = curl(&server, &key, &id, "", "http://web.test/");
+    assert_eq!(code, 0, "{out}");
+    let (code, _) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_ne!(code, 0, "by address under a domain rule");
+
+    // Its memory cannot be saved: a snapshot with memory is refused saying why, and a pause
+    // freezes it where it is.
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(&key),
+        Some(&body(json!({"memory": true}))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("cannot be saved"), "{}", r.text());
+    for action in ["pause", "resume"] {
+        let r = server.request(
+            "POST",
+            &format!("/v1/sandboxes/{id}/{action}"),
+            Some(&key),
+            None,
+        );
+        assert_eq!(r.status, 200, "{action}: {}", r.text());
+    }
+    let (code, out) = curl(&server, &key, &id, "", "http://web.test/");
+    assert_eq!(code, 0, "after resume: {out}");
+
+    // One made without a network keeps none: a policy for it is refused, and not recorded.
+    let plain = server.create_sandbox_with(&key, json!({"template": "sentry"}));
+    let (code, _) = curl(&server, &key, &plain, "", &format!("http://{}/", net.web));
+    assert_ne!(code, 0);
+    let r = server.request(
+        "PUT",
+        &format!("/v1/sandboxes/{plain}/network"),
+        Some(&key),
+        Some(&body(net.network(true, &[], &[]))),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("made without a network"), "{}", r.text());
+    let r = server.request(
+        "GET",
+        &format!("/v1/sandboxes/{plain}/network"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.json()["network"]["internet"], false, "{}", r.text());
+
+    delete(&server, &key, &id);
+    delete(&server, &key, &plain);
 }

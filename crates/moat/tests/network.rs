@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use moat_test_support::fakenet::FakeNet;
+use moat_test_support::fakenet::{FakeNet, curl};
 use moat_test_support::need_root;
 use moat_test_support::server::{Server, body};
 use serde_json::{Value, json};
@@ -16,16 +16,6 @@ fn sh(server: &Server, key: &str, id: &str, script: &str) -> (i64, String) {
     (
         r["exit_code"].as_i64().unwrap_or(-1),
         r["stdout"].as_str().unwrap_or_default().to_owned(),
-    )
-}
-
-/// `curl` of `url` from sandbox `id` with `extra` options: its exit code and what it printed.
-fn curl(server: &Server, key: &str, id: &str, extra: &str, url: &str) -> (i64, String) {
-    sh(
-        server,
-        key,
-        id,
-        &format!("curl -sS -k --max-time 5 {extra} '{url}' 2>&1"),
     )
 }
 
@@ -88,12 +78,7 @@ fn internet_reaches_public_hosts_and_names_but_never_the_host_or_private_ranges(
     assert_eq!(out, "https 443 host=web.test sni=web.test\n");
     // The host itself, its loopback, the server's own port, private and metadata addresses:
     // closed under the internet policy.
-    for url in [
-        format!("http://{}/", net.host_side),
-        format!("http://{}/", net.private),
-        "http://169.254.169.254/".to_owned(),
-        format!("http://127.0.0.1:{}/healthz", server.port),
-    ] {
+    for url in net.closed_urls(server.port) {
         let (code, out) = curl(&server, &key, &id, "", &url);
         assert_ne!(code, 0, "{url}: {out}");
     }

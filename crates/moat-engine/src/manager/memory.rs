@@ -120,7 +120,7 @@ impl SandboxManager {
     /// backend saves memory).
     pub async fn saves_memory(&self, caller: &Caller, id: &str) -> ManagerResult<bool> {
         let live = self.inner.live_any(&caller.tenant, id).await?;
-        Ok(live.backend.capabilities().memory_checkpoint)
+        Ok(live.saves_memory())
     }
 }
 
@@ -361,9 +361,7 @@ impl Inner {
     /// directory, for backends that save memory; `None` (pause in memory) otherwise.
     pub(super) fn disk_pause_dir(&self, live: &Live, id: &str) -> Option<PathBuf> {
         let snapshots = self.opts.snapshot_dir.as_ref()?;
-        live.backend
-            .capabilities()
-            .memory_checkpoint
+        live.saves_memory()
             .then(|| snapshots.join(PAUSED_DIR).join(id))
     }
 
@@ -467,6 +465,11 @@ impl Inner {
             "save a sandbox's memory (a snapshot without memory keeps its files)",
         )
         .map_err(|e| ManagerError::Conflict(e.to_string()))?;
+        if let Some(why) = &live.memory_refusal {
+            return Err(ManagerError::Conflict(format!(
+                "sandbox {id}'s memory cannot be saved: {why}"
+            )));
+        }
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
         let plan = stored_plan(&rec)?.ok_or_else(|| {

@@ -301,6 +301,9 @@ struct Live {
     health: health::Health,
     /// Its network being served; `None` while it has none.
     egress: Mutex<Option<crate::network::Egress>>,
+    /// Why its memory cannot be saved though its backend saves memory
+    /// ([`Instance::memory_refusal`]).
+    memory_refusal: Option<String>,
 }
 
 impl Live {
@@ -313,6 +316,7 @@ impl Live {
         public_traffic: bool,
     ) -> Live {
         let usage = Mutex::new(usage::History::new(&*instance));
+        let memory_refusal = instance.memory_refusal();
         Live {
             tenant: tenant.to_owned(),
             client,
@@ -326,7 +330,14 @@ impl Live {
             public_traffic,
             health: health::Health::default(),
             egress: Mutex::new(None),
+            memory_refusal,
         }
+    }
+
+    /// Whether its memory can be saved: its backend saves memory and nothing of this sandbox
+    /// stands in the way.
+    fn saves_memory(&self) -> bool {
+        self.backend.capabilities().memory_checkpoint && self.memory_refusal.is_none()
     }
 
     /// The same, with its network being served.
@@ -807,6 +818,14 @@ impl Inner {
             plan.poolable = false;
         }
         network::check_backend(self.backends.get(&plan.backend)?.as_ref(), &plan.network)?;
+        if plan.memory.is_some() && matches!(plan.network, NetworkPolicy::Egress(_)) {
+            return Err(ManagerError::Invalid(
+                "a sandbox restored from a snapshot with memory has no network: its processes \
+                 were saved without one (a sandbox with a network cannot save its memory); ask \
+                 for no network"
+                    .into(),
+            ));
+        }
         if lifecycle.on_timeout == v1::OnTimeout::Pause {
             let backend = self.backends.get(&plan.backend)?;
             crate::backend::Capabilities::require(

@@ -9,6 +9,7 @@ use moat_proto::v1;
 use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
 use crate::auth::Caller;
 use crate::backend::{Backend, Instance};
+use crate::error::EngineError;
 use crate::network::policy::PolicyError;
 use crate::network::{Egress, EgressSettings, NetworkPolicy};
 
@@ -60,7 +61,7 @@ impl Inner {
 pub(super) fn check_backend(backend: &dyn Backend, policy: &NetworkPolicy) -> ManagerResult<()> {
     if matches!(policy, NetworkPolicy::Egress(_)) && !backend.capabilities().egress {
         return Err(ManagerError::Invalid(format!(
-            "the {} backend cannot give sandboxes network access yet; use the native backend \
+            "the {} backend cannot give sandboxes network access; use another backend \
              or no network",
             backend.name()
         )));
@@ -116,10 +117,12 @@ impl Inner {
         let NetworkPolicy::Egress(p) = policy else {
             return Ok(None);
         };
-        let sockets = instance
-            .open_egress()
-            .await
-            .map_err(|e| ManagerError::Unavailable(format!("the sandbox's network: {e}")))?;
+        let sockets = instance.open_egress().await.map_err(|e| match e {
+            // What this sandbox was made without (a gvisor sandbox's network is fixed when
+            // it starts): the caller's to change, not a failure of the host.
+            EngineError::Unsupported(m) => ManagerError::Conflict(m),
+            e => ManagerError::Unavailable(format!("the sandbox's network: {e}")),
+        })?;
         let settings = EgressSettings {
             totals: self.metrics.egress(),
             bandwidth: self.opts.egress_bandwidth,
@@ -139,6 +142,16 @@ impl Inner {
         check_backend(live.backend.as_ref(), &policy)?;
         // One update at a time per sandbox, and none during a pause or snapshot.
         let (live, _op) = self.live_locked(tenant, id).await?;
+        let has_egress = lock(&live.egress).is_some();
+        // A network it has none of yet is made first: a sandbox that cannot have one keeps
+        // its recorded policy.
+        let opened = match &policy {
+            NetworkPolicy::Egress(_) if !has_egress => {
+                let instance = live.instance.lock().await;
+                Some(self.serve_network(id, &policy, instance.as_ref()).await?)
+            }
+            _ => None,
+        };
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
         if let Some(mut plan) = super::stored_plan(&rec)? {
@@ -149,23 +162,16 @@ impl Inner {
             let (t, i) = (tenant.to_owned(), id.to_owned());
             self.db(move |s| s.set_sandbox_plan(&t, &i, &json)).await?;
         }
-        let has_egress = lock(&live.egress).is_some();
-        match policy {
-            NetworkPolicy::None => {
+        match (policy, opened) {
+            (NetworkPolicy::None, _) => {
                 // Its sockets close: every new connection and query then ends at nothing.
                 lock(&live.egress).take();
             }
-            NetworkPolicy::Egress(p) if has_egress => {
+            (NetworkPolicy::Egress(_), Some(made)) => *lock(&live.egress) = made,
+            (NetworkPolicy::Egress(p), None) => {
                 if let Some(e) = &*lock(&live.egress) {
                     e.set_policy(p);
                 }
-            }
-            egress @ NetworkPolicy::Egress(_) => {
-                let made = {
-                    let instance = live.instance.lock().await;
-                    self.serve_network(id, &egress, instance.as_ref()).await?
-                };
-                *lock(&live.egress) = made;
             }
         }
         Ok(shown(&live))
