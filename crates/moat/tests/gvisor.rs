@@ -1514,3 +1514,27 @@ fn a_gvisor_sandbox_made_with_a_network_meets_its_policy() {
     delete(&server, &key, &id);
     delete(&server, &key, &plain);
 }
+
+/// `moat run --backend gvisor` has no network unless asked, and meets the policy it is given.
+#[test]
+fn moat_run_on_gvisor_has_the_network_it_asks_for() {
+    need_root!();
+    need_runsc();
+    let net = FakeNet::start(json!({}));
+    let dns = net.dns.to_string();
+    let curl = |net_args: &[&str]| {
+        let o = run(&[
+            &["--backend", "gvisor"][..],
+            net_args,
+            &["--", "curl", "-sI", "--max-time", "5", "http://web.test/"],
+        ]
+        .concat());
+        (o.status.code(), text(&o.stdout))
+    };
+    let (code, out) = curl(&["--net", "internet", "--dns", &dns]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_ne!(curl(&[]).0, Some(0));
+    assert_eq!(curl(&["--allow", "web.test", "--dns", &dns]).0, Some(0));
+    assert_ne!(curl(&["--allow", "other.test", "--dns", &dns]).0, Some(0));
+}
