@@ -97,3 +97,24 @@ def test_what_moat_cannot_enforce_is_refused(moat, tag):
             metadata={"suite": tag},
         )
     assert "egressProxy" in str(e.value)
+
+
+def test_a_gvisor_sandbox_has_the_network_it_is_created_with(moat, tag):
+    # The suite's server has a template `gvisor` (see crates/moat/tests/e2b_sdk.rs). A gvisor
+    # sandbox with a network keeps it across a pause, which freezes it in memory.
+    sbx = Sandbox.create(
+        "gvisor",
+        network={"allow_out": ["web.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": [DNS]},
+        metadata={"suite": tag},
+    )
+    try:
+        ok, out = reach(sbx, "https://web.test/")
+        assert ok, out
+        ok, out = reach(sbx, f"http://{OTHER}/")
+        assert not ok, out
+        assert sbx.pause() is True
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        ok, out = reach(resumed, "http://web.test/")
+        assert ok, out
+    finally:
+        Sandbox.kill(sbx.sandbox_id)

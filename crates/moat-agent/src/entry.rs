@@ -48,6 +48,10 @@ fn run() -> Result<(), String> {
 
     if config.channel_on_stdin {
         move_channel_from_stdin()?;
+        // Its sandbox may be checkpointed and restored (gVisor), whose restore replays events
+        // of closed descriptors (see `pollfd`).
+        crate::pollfd::keep_recent_registrations()
+            .map_err(|e| format!("opening /dev/null: {e}"))?;
     }
 
     // The channel must never leak into user processes.

@@ -11,6 +11,12 @@
 //! answering. So every read and write here treats "closed, yet the call would block" as what
 //! it is, a readiness that cannot be trusted, and registers a duplicate of the descriptor
 //! afresh (a new key, nothing pending) before it waits again.
+//!
+//! A replayed event whose key no registration holds any more would reach memory the reactor
+//! has released. So an agent that may be checkpointed ([`keep_recent_registrations`]) keeps
+//! the registrations of its last [`KEPT_REGISTRATIONS`] closed descriptors alive, their keys
+//! taken: each descriptor itself is closed at once (`/dev/null` is put in its place, so its
+//! peer sees the end at once), and only the reactor's record of it lingers.
 
 use std::future::poll_fn;
 use std::io;
@@ -30,21 +36,80 @@ pub enum Direction {
     Write,
 }
 
+/// How many registrations of closed descriptors an agent that may be checkpointed keeps.
+pub const KEPT_REGISTRATIONS: usize = 64;
+
+/// `/dev/null`, open, once registrations are kept (see [`keep_recent_registrations`]).
+static NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// The registrations kept, oldest first.
+static KEPT: Mutex<std::collections::VecDeque<Arc<AsyncFd<OwnedFd>>>> =
+    Mutex::new(std::collections::VecDeque::new());
+
+/// From now on, keeps the reactor's registrations of the last [`KEPT_REGISTRATIONS`] closed
+/// descriptors alive (see the module's notes): for an agent whose sandbox may be checkpointed
+/// and restored.
+pub fn keep_recent_registrations() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let _ = NULL.set(null.into());
+    Ok(())
+}
+
+/// Lets go of the registration `fd` only once [`KEPT_REGISTRATIONS`] newer ones are kept, when
+/// registrations are kept; with `release`, of its descriptor at once (`/dev/null` takes its
+/// place). Only a descriptor whose open file nothing else of the agent holds may be released
+/// so: the poller forgets a registration by itself only when its file is closed, and one left
+/// behind under a number that then refers to `/dev/null` could not be removed.
+fn retire(fd: Arc<AsyncFd<OwnedFd>>, release: bool) {
+    let Some(null) = NULL.get() else {
+        return;
+    };
+    // Shared (a renewal's predecessor still in use): the open file lives on in its successor,
+    // so only the registration is kept.
+    if release && Arc::strong_count(&fd) == 1 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto a descriptor the AsyncFd owns: it now refers to /dev/null, and the
+        // file it referred to is released by this reference.
+        unsafe { libc::dup2(null.as_raw_fd(), fd.get_ref().as_raw_fd()) };
+    }
+    let mut kept = KEPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    kept.push_back(fd);
+    while kept.len() > KEPT_REGISTRATIONS {
+        kept.pop_front();
+    }
+}
+
 /// A non-blocking descriptor registered with the runtime's reactor (see the module's notes).
 #[derive(Debug)]
 pub struct PollFd {
-    /// The current registration; replaced when its readiness cannot be trusted.
-    current: Mutex<Arc<AsyncFd<OwnedFd>>>,
+    /// The current registration; replaced when its readiness cannot be trusted. `None` only
+    /// while the `PollFd` is dropped.
+    current: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
     interest: Interest,
+    /// Whether its open file is its alone, so that its registration may outlive it (see
+    /// [`retire`]).
+    sole: bool,
 }
 
 impl PollFd {
     /// Makes `fd` non-blocking and registers it for `interest`.
     pub fn new(fd: OwnedFd, interest: Interest) -> io::Result<PollFd> {
+        Self::with_file(fd, interest, true)
+    }
+
+    /// [`PollFd::new`]; `sole` says whether the open file is this descriptor's alone (not, say,
+    /// a duplicate of one the agent keeps).
+    fn with_file(fd: OwnedFd, interest: Interest, sole: bool) -> io::Result<PollFd> {
         set_nonblocking(fd.as_fd())?;
         Ok(PollFd {
-            current: Mutex::new(Arc::new(register(fd, interest)?)),
+            current: Mutex::new(Some(Arc::new(register(fd, interest)?))),
             interest,
+            sole,
         })
     }
 
@@ -97,6 +162,7 @@ impl PollFd {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+            .expect("a PollFd in use has a registration")
     }
 
     /// Replaces the registration `seen` (unless another caller already did) with one of a
@@ -107,11 +173,28 @@ impl PollFd {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if Arc::ptr_eq(&current, seen) {
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, seen)) {
             let dup = seen.get_ref().try_clone()?;
-            *current = Arc::new(register(dup, self.interest)?);
+            if let Some(old) = current.replace(Arc::new(register(dup, self.interest)?)) {
+                retire(old, false);
+            }
         }
         Ok(())
+    }
+}
+
+impl Drop for PollFd {
+    fn drop(&mut self) {
+        if !self.sole {
+            return;
+        }
+        let current = self
+            .current
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(fd) = current.take() {
+            retire(fd, true);
+        }
     }
 }
 
@@ -121,11 +204,13 @@ impl PollFd {
 pub struct PollStream(PollFd);
 
 impl PollStream {
-    /// Makes the connected socket `fd` non-blocking and registers it for reading and writing.
+    /// Makes the connected socket `fd` (a duplicate of the agent's channel, which the agent
+    /// keeps) non-blocking and registers it for reading and writing.
     pub fn new(fd: OwnedFd) -> io::Result<PollStream> {
-        Ok(PollStream(PollFd::new(
+        Ok(PollStream(PollFd::with_file(
             fd,
             Interest::READABLE | Interest::WRITABLE,
+            false,
         )?))
     }
 }
@@ -320,6 +405,43 @@ mod tests {
         assert_eq!(got, b"hi");
     }
 
+    /// With registrations kept (a checkpointable agent), dropping a descriptor still closes
+    /// it at once: the reader of a pipe whose write end is dropped sees the end of file.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_kept_registration_does_not_keep_its_descriptor_open() {
+        keep_recent_registrations().expect("keep");
+        let (r, w) = pipe();
+        let writer = PollFd::new(w, Interest::WRITABLE).expect("register");
+        writer
+            .io(Direction::Write, |fd| {
+                // SAFETY: writes from a valid buffer to the pipe's open write end.
+                let n = unsafe { libc::write(fd.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            })
+            .await
+            .expect("write");
+        drop(writer);
+        assert_eq!(
+            KEPT.lock().expect("lock").len(),
+            1,
+            "the registration is kept"
+        );
+        let reader = PollFd::new(r, Interest::READABLE).expect("register");
+        let mut buf = [0u8; 4];
+        let mut got = Vec::new();
+        for what in ["data", "the end of file, at once"] {
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                reader.io(Direction::Read, |fd| read_now(fd, &mut buf)),
+            )
+            .await
+            .expect(what)
+            .expect("read");
+            got.push(n);
+        }
+        assert_eq!(got, [1, 0]);
+    }
+
     /// Puts a read-closed readiness on `fd`'s current registration while its writer is alive:
     /// the registration is swapped for one on a pipe whose writer closed (a real hang-up),
     /// re-pointed at the live descriptor's key by duplicating the live descriptor over it.
@@ -337,6 +459,6 @@ mod tests {
         // SAFETY: dup2 onto a descriptor `dead` owns, replacing its open file atomically.
         let r = unsafe { libc::dup2(live.get_ref().as_raw_fd(), dead.get_ref().as_raw_fd()) };
         assert!(r >= 0);
-        *fd.current.lock().expect("lock") = dead;
+        *fd.current.lock().expect("lock") = Some(dead);
     }
 }

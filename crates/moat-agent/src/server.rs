@@ -130,18 +130,14 @@ pub async fn serve_resumable(
         // When it did, the agent ends the connection itself (after the answer went out, and
         // with streams still open cut), so the host knows, once its side closes, that the
         // agent no longer reads the old connection: a checkpoint may follow.
-        {
-            let conn = serve_connection(stream, router.clone());
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = &mut conn => {}
-                () = state.reconnect.notified() => {
-                    let _ = tokio::time::timeout(RECONNECT_DRAIN, &mut conn).await;
-                }
+        let conn = serve_connection(stream, router.clone());
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = &mut conn => {}
+            () = state.reconnect.notified() => {
+                let _ = tokio::time::timeout(RECONNECT_DRAIN, &mut conn).await;
             }
         }
-        // The connection is dropped here, with its descriptor and its registration, before the
-        // host hears that the agent let go: none of it is in what a checkpoint saves.
         if !state
             .expect_reconnect
             .swap(false, std::sync::atomic::Ordering::SeqCst)
@@ -152,6 +148,9 @@ pub async fn serve_resumable(
         // reads nothing of the old connection.
         // SAFETY: shutdown with integer arguments on our own socket.
         unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&channel), libc::SHUT_WR) };
+        // The old connection, kept to the end of this turn, goes only after a restore: a
+        // restore replays events of the time before it (see `pollfd`), and those of the old
+        // connection's registration must find it still there.
         while !has_data(&channel)? {
             tokio::time::sleep(RECONNECT_POLL).await;
         }
