@@ -273,15 +273,7 @@ pub fn run(moat: &Path, runs: usize) -> Result<()> {
     );
 
     let id = c.create(&policy)?;
-    let exec = |c: &mut crate::server::Client, script: &str| -> Result<String> {
-        let body = serde_json::json!({ "shell": script, "timeout_secs": 600 }).to_string();
-        let text = c.ok("POST", &format!("/v1/sandboxes/{id}/exec"), &body, 200)?;
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        if v["exit_code"] != 0 {
-            bail!("{script}: {text}");
-        }
-        Ok(v["stdout"].as_str().unwrap_or_default().to_owned())
-    };
+    let exec = |c: &mut crate::server::Client, script: &str| exec_in(c, &id, script);
     // Warm both paths once.
     exec(&mut c, &first_byte_script(3))?;
     host_sh(&first_byte_script(3))?;
@@ -308,14 +300,7 @@ pub fn run(moat: &Path, runs: usize) -> Result<()> {
         relay_cpu += cpu_time(server.pid()).saturating_sub(before);
         host_rates.push_str(&host_sh(&throughput_script(1))?);
     }
-    let (s, h) = (median_rate(&sbx_rates), median_rate(&host_rates));
-    println!(
-        "| HTTP download of {} MiB, median of {downloads} | {:.0} MiB/s | {:.0} MiB/s | {:.0} % |",
-        DOWNLOAD >> 20,
-        s / 1048576.0,
-        h / 1048576.0,
-        100.0 * s / h.max(1.0)
-    );
+    download_row(downloads, &sbx_rates, &host_rates);
     let relayed_gib = (downloads as u64 * DOWNLOAD) as f64 / f64::from(1u32 << 30);
     println!(
         "| CPU time of `moat serve` per GiB relayed (the downloads above) | {} | | |",
@@ -330,6 +315,76 @@ pub fn run(moat: &Path, runs: usize) -> Result<()> {
         ms(host.median()),
         ratio(&sbx, &host)
     );
+    c.delete(&id)?;
+    gvisor(&mut c, runs)?;
+    Ok(())
+}
+
+/// Prints the row of `downloads` downloads' rates, from a sandbox and from the host.
+fn download_row(downloads: usize, sbx_rates: &str, host_rates: &str) {
+    let (s, h) = (median_rate(sbx_rates), median_rate(host_rates));
+    println!(
+        "| HTTP download of {} MiB, median of {downloads} | {:.0} MiB/s | {:.0} MiB/s | {:.0} % |",
+        DOWNLOAD >> 20,
+        s / 1048576.0,
+        h / 1048576.0,
+        100.0 * s / h.max(1.0)
+    );
+}
+
+/// Runs `script` in sandbox `id`, which must succeed; its standard output.
+fn exec_in(c: &mut crate::server::Client, id: &str, script: &str) -> Result<String> {
+    let body = serde_json::json!({ "shell": script, "timeout_secs": 600 }).to_string();
+    let text = c.ok("POST", &format!("/v1/sandboxes/{id}/exec"), &body, 200)?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    if v["exit_code"] != 0 {
+        bail!("{script}: {text}");
+    }
+    Ok(v["stdout"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The same fetches from a gvisor sandbox with a network (runsc's host network in its outer
+/// jail's namespace), where runsc is installed.
+fn gvisor(c: &mut crate::server::Client, runs: usize) -> Result<()> {
+    if crate::which("runsc").is_none() {
+        println!(
+            "
+(runsc is not installed: no gvisor rows)"
+        );
+        return Ok(());
+    }
+    c.ok(
+        "POST",
+        "/v1/templates",
+        r#"{"name":"bench-gvisor-net","spec":{"rootfs":"host","user":"user","backend":"gvisor"}}"#,
+        201,
+    )?;
+    let body = format!(
+        r#"{{"template":"bench-gvisor-net","network":{{"internet":true,"dns_servers":["{DNS}"]}}}}"#
+    );
+    let id = c.create(&body)?;
+    exec_in(c, &id, &first_byte_script(3))?;
+    println!(
+        "
+| what, from a gvisor sandbox | sandbox (through moat) | host | sandbox / host |"
+    );
+    println!("| --- | --- | --- | --- |");
+    let fetches = runs.max(20);
+    let sbx = samples(&exec_in(c, &id, &first_byte_script(fetches))?);
+    let host = samples(&host_sh(&first_byte_script(fetches))?);
+    println!(
+        "| new connection + request, time to first byte, median ({fetches} fetches) | {} | {} | {:.2}× |",
+        ms(sbx.median()),
+        ms(host.median()),
+        sbx.median().as_secs_f64() / host.median().as_secs_f64().max(f64::MIN_POSITIVE)
+    );
+    let downloads = 3;
+    let (mut sbx_rates, mut host_rates) = (String::new(), String::new());
+    for _ in 0..downloads {
+        sbx_rates.push_str(&exec_in(c, &id, &throughput_script(1))?);
+        host_rates.push_str(&host_sh(&throughput_script(1))?);
+    }
+    download_row(downloads, &sbx_rates, &host_rates);
     c.delete(&id)?;
     Ok(())
 }
