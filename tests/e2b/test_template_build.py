@@ -9,7 +9,7 @@ The base image is `MOAT_TEST_IMAGE`, a busybox image in a registry on loopback t
 import os
 
 import pytest
-from e2b import BuildException, Sandbox, Template
+from e2b import BuildException, Sandbox, SandboxException, Template, TemplateException
 
 IMAGE = os.environ.get("MOAT_TEST_IMAGE", "")
 
@@ -91,6 +91,62 @@ def test_a_template_builds_on_another_one(tmp_path):
         assert r.stdout == "built as user\non top\nhi there\n", r
     finally:
         sbx.kill()
+
+
+def _version(name):
+    sbx = Sandbox.create(name)
+    try:
+        return sbx.commands.run("cat /home/user/version").stdout.strip()
+    finally:
+        sbx.kill()
+
+
+def test_tags_name_builds_and_move_between_them():
+    def version(text):
+        return Template().from_image(IMAGE).run_cmd(f"echo {text} > /home/user/version")
+
+    one = Template.build(version("one"), "sdk-tagged:v1")
+    # A build with a tag writes that tag only: the name alone (`default`) is not there.
+    assert Template.exists("sdk-tagged")
+    with pytest.raises(SandboxException, match="not found"):
+        Sandbox.create("sdk-tagged")
+    two = Template.build(version("two"), "sdk-tagged", tags=["v2", "latest"])
+    assert one.build_id != two.build_id
+    assert _version("sdk-tagged:v1") == "one"
+    assert _version("SDK-Tagged:Latest") == "two"
+    # A build's id names what it made.
+    assert _version(f"sdk-tagged:{one.build_id}") == "one"
+
+    # Tags move without a build; `default` is the name alone.
+    assigned = Template.assign_tags("sdk-tagged:v1", ["prod", "default"])
+    assert str(assigned.build_id) == one.build_id
+    assert _version("sdk-tagged") == "one"
+    assert _version("sdk-tagged:prod") == "one"
+    tags = {t.tag: str(t.build_id) for t in Template.get_tags("sdk-tagged")}
+    assert tags == {
+        "default": one.build_id,
+        "v1": one.build_id,
+        "prod": one.build_id,
+        "v2": two.build_id,
+        "latest": two.build_id,
+    }, tags
+    Template.assign_tags("sdk-tagged:v2", "prod")
+    assert _version("sdk-tagged:prod") == "two"
+
+    Template.remove_tags("sdk-tagged", ["prod", "latest"])
+    assert {t.tag for t in Template.get_tags("sdk-tagged")} == {"default", "v1", "v2"}
+    with pytest.raises(SandboxException, match="not found"):
+        Sandbox.create("sdk-tagged:prod")
+    # What cannot be done is refused and changes nothing.
+    with pytest.raises(TemplateException, match="not found"):
+        Template.remove_tags("sdk-tagged", ["v2", "never"])
+    with pytest.raises(TemplateException, match="itself"):
+        Template.remove_tags("sdk-tagged", "default")
+    with pytest.raises(TemplateException, match="built-in"):
+        Template.assign_tags("base", "mine")
+    with pytest.raises(BuildException, match="template name"):
+        Template.build(version("bad"), "sdk-tagged", tags=["not valid"])
+    assert {t.tag for t in Template.get_tags("sdk-tagged")} == {"default", "v1", "v2"}
 
 
 def test_what_moat_cannot_build_is_refused_before_it_runs():

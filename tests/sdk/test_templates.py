@@ -178,6 +178,25 @@ def test_builds(client: moat.Client, image: str, tmp_path: Path, tag: str) -> No
         timeout=50,
     )
     assert cached.status == "succeeded" and cached.steps_cached > 0 and cached.image == done.image
+
+    # A build may write tags of the name; a tag is copied without a build.
+    tagged = client.builds.wait(
+        client.builds.create(
+            f"{name}:v1",
+            ctx,
+            args={"BASE": image, "WHO": "sdk"},
+            contexts={"extra": extra},
+            tags="stable",
+        ).id,
+        timeout=50,
+    )
+    assert tagged.status == "succeeded" and tagged.tags == ["stable"], tagged
+    assert client.templates.get(f"{name}:stable").build_id == tagged.id
+    assert client.templates.get(name).build_id == cached.id
+    written = client.templates.tag(f"{name}:v1", ["prod"])
+    assert [(t.name, t.build_id) for t in written] == [(f"{name}:prod", tagged.id)]
+    for t in ("v1", "stable", "prod"):
+        client.templates.delete(f"{name}:{t}")
     client.builds.delete(build.id)
     with pytest.raises(moat.NotFoundError):
         client.builds.get(build.id)

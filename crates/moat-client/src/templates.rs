@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::error::{ApiError, Error};
 use crate::exec::MAX_LINE_BYTES;
 use crate::path::{Query, seg};
-use crate::types::{CreateTemplate, Template, TemplateCreateEvent, TemplateList};
+use crate::types::{CreateTemplate, TagTemplate, Template, TemplateCreateEvent, TemplateList};
 
 impl Client {
     /// Defines a template for the key's tenant.
@@ -86,6 +86,22 @@ impl Client {
     /// Every template the tenant sees, by name.
     pub async fn list_templates(&self) -> Result<Vec<Template>> {
         let list: TemplateList = self.json(Method::GET, "/v1/templates", None::<&()>).await?;
+        Ok(list.templates)
+    }
+
+    /// Copies the template `name` (`name` or `name:tag`) to each of `tags` of its name,
+    /// moving tags that exist; the templates written.
+    pub async fn tag_template(&self, name: &str, tags: &[String]) -> Result<Vec<Template>> {
+        let body = TagTemplate {
+            tags: tags.to_vec(),
+        };
+        let list: TemplateList = self
+            .json(
+                Method::POST,
+                &format!("/v1/templates/{}/tags", seg(name)),
+                Some(&body),
+            )
+            .await?;
         Ok(list.templates)
     }
 

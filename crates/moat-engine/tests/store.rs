@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use moat_engine::store::{
-    Cursor, EndReason, KeyRecord, NewSandbox, Quotas, Role, SCHEMA_VERSION, SandboxFilter,
-    SandboxQuotas, SandboxRecord, SandboxState, Store, StoreError, generate_sandbox_id,
+    Cursor, EndReason, KeyRecord, MAX_TEMPLATES_PER_TENANT, NewSandbox, Quotas, Role,
+    SCHEMA_VERSION, SandboxFilter, SandboxQuotas, SandboxRecord, SandboxState, Store, StoreError,
+    generate_sandbox_id,
 };
 use serde_json::json;
 
@@ -416,6 +417,115 @@ fn tenants_never_see_each_other() {
         store.get_key("acme", &acme_key.id).unwrap().revoked_at,
         None
     );
+}
+
+#[test]
+fn tagged_templates_belong_to_their_name_and_builds_write_them_together() {
+    let (_dir, path) = temp_db();
+    let (store, _, _) = fixture(&path);
+    fn conflict<T>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::Conflict { .. }))
+    }
+    let (spec, limits) = (json!({"rootfs": {"build": "sha256:1"}}), json!({}));
+    let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // A tag of a built-in's name is the built-in's: no tenant may write one.
+    assert!(conflict(store.create_template(
+        Some("acme"),
+        "host:v1",
+        &json!({})
+    )));
+    assert!(conflict(store.put_templates(
+        Some("acme"),
+        None,
+        &names(&["host:v1"]),
+        &spec,
+        &limits,
+        Some("b-1"),
+        |_| true,
+    )));
+    // `default` is the name alone.
+    assert!(matches!(
+        store.create_template(Some("acme"), "py:default", &json!({})),
+        Err(StoreError::Invalid { .. })
+    ));
+
+    // A build writes all its names at once, each remembering the build.
+    let written = store
+        .put_templates(
+            Some("acme"),
+            None,
+            &names(&["py:v1", "py:latest"]),
+            &spec,
+            &limits,
+            Some("b-1"),
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!(written.len(), 2);
+    let v1 = store.get_template("acme", "py:v1").unwrap();
+    assert_eq!(v1.build_id.as_deref(), Some("b-1"));
+    assert!(matches!(
+        store.get_template("acme", "py"),
+        Err(StoreError::NotFound { .. })
+    ));
+    // Another tenant sees none of them.
+    assert!(store.get_template("umbrella", "py:v1").is_err());
+
+    // A later build moves `latest` and leaves `v1`.
+    let spec2 = json!({"rootfs": {"build": "sha256:2"}});
+    store
+        .put_templates(
+            Some("acme"),
+            None,
+            &names(&["py:v2", "py:latest"]),
+            &spec2,
+            &limits,
+            Some("b-2"),
+            |_| true,
+        )
+        .unwrap();
+    let latest = store.get_template("acme", "py:latest").unwrap();
+    assert_eq!(
+        (latest.spec, latest.build_id.as_deref()),
+        (spec2, Some("b-2"))
+    );
+    assert_eq!(store.get_template("acme", "py:v1").unwrap().spec, spec);
+
+    // One name refused writes none of them.
+    store
+        .create_template(Some("acme"), "hand", &json!({"rootfs": "host"}))
+        .unwrap();
+    assert!(conflict(store.put_templates(
+        Some("acme"),
+        None,
+        &names(&["hand:v1", "hand"]),
+        &spec,
+        &limits,
+        Some("b-3"),
+        |current| current.build_id.is_some(),
+    )));
+    assert!(store.get_template("acme", "hand:v1").is_err());
+    assert_eq!(store.get_template("acme", "hand").unwrap().build_id, None);
+
+    // Tags count as templates, within the tenant's bound.
+    let have = store.list_templates(Some("acme")).unwrap().len() - 1;
+    let room = usize::try_from(MAX_TEMPLATES_PER_TENANT).unwrap() - have;
+    let many: Vec<String> = (0..room).map(|i| format!("many:t{i}")).collect();
+    store
+        .put_templates(Some("acme"), None, &many, &spec, &limits, None, |_| true)
+        .unwrap();
+    assert!(matches!(
+        store.create_template(Some("acme"), "one-more", &json!({})),
+        Err(StoreError::QuotaExceeded {
+            what: "templates",
+            ..
+        })
+    ));
+    // Another tenant is not charged for them.
+    store
+        .create_template(Some("umbrella"), "one-more", &json!({}))
+        .unwrap();
 }
 
 #[test]

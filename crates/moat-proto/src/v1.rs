@@ -417,10 +417,13 @@ pub struct CreateTemplate {
 /// A template as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Template {
-    /// Its name.
+    /// Its name (`name`, or `name:tag` for a tag).
     pub name: String,
     /// Built in (visible to every tenant, not deletable by them).
     pub builtin: bool,
+    /// The build that made it (for a tag, the build of the template it was copied from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
     /// Its definition.
     pub spec: TemplateSpec,
     /// When it was created, Unix milliseconds.
@@ -485,13 +488,30 @@ pub struct TemplateList {
     pub templates: Vec<Template>,
 }
 
+/// Most tags one build or one `POST /v1/templates/{name}/tags` writes.
+pub const MAX_TEMPLATE_TAGS: usize = 16;
+
+/// `POST /v1/templates/{name}/tags`: copy the template `name` (itself `name` or `name:tag`)
+/// to each of `tags` of its name, replacing tags that exist.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TagTemplate {
+    /// The tags (`default`: the name alone, when a build made it); at most
+    /// [`MAX_TEMPLATE_TAGS`].
+    pub tags: Vec<String>,
+}
+
 /// `POST /v1/builds`: build a template from a Dockerfile.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBuild {
-    /// The template to make. A template of that name that a build made is replaced when the
-    /// build succeeds; any other is a conflict.
+    /// The template to make (`name` or `name:tag`). A template of that name that a build
+    /// made, or a tag, is replaced when the build succeeds; any other is a conflict.
     pub template: String,
+    /// More tags the build writes, each as `name:tag` of the template's name (`default`:
+    /// the name alone); at most [`MAX_TEMPLATE_TAGS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// The Dockerfile's text.
     pub dockerfile: String,
     /// The build context, for `COPY` and `ADD`: the digest (`sha256:…`) of a tar archive
@@ -566,6 +586,9 @@ pub struct Build {
     pub id: String,
     /// The template it makes.
     pub template: String,
+    /// The more tags it writes (see [`CreateBuild::tags`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// Where it is.
     pub status: BuildStatus,
     /// Why it failed, when it did.

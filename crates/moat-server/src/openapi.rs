@@ -509,6 +509,17 @@ fn operations() -> Vec<Op> {
             )
         },
         Op {
+            body: Json(of::<v1::TagTemplate>),
+            answer: Json(of::<v1::TemplateList>),
+            ..op(
+                "post",
+                "/v1/templates/{name}/tags",
+                "tagTemplate",
+                "templates",
+                "Copy a template to tags of its name (`name:tag`), moving tags that exist.",
+            )
+        },
+        Op {
             query: vec![q(
                 "force",
                 "boolean",

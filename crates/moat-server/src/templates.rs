@@ -1,4 +1,4 @@
-//! `/v1/templates`: define, show, list and delete templates.
+//! `/v1/templates`: define, show, list, tag and delete templates.
 
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
@@ -20,6 +20,23 @@ pub(crate) fn routes() -> Router<Shared> {
     Router::new()
         .route("/v1/templates", post(create).get(list))
         .route("/v1/templates/{name}", get(show).delete(delete))
+        .route("/v1/templates/{name}/tags", post(tag))
+}
+
+/// `POST /v1/templates/{name}/tags`: `200` with the tags written.
+async fn tag(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    name: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<v1::TemplateList>> {
+    let Path(name) = name?;
+    let req: v1::TagTemplate = json_body(body, None)?;
+    let templates = state
+        .manager
+        .tag_template(&caller, &name, &req.tags)
+        .await?;
+    Ok(Json(v1::TemplateList { templates }))
 }
 
 /// `POST /v1/templates`: `201` with the template; with `Accept: application/x-ndjson`, `200`

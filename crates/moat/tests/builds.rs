@@ -467,6 +467,138 @@ fn a_build_starts_from_a_template_s_image() {
 }
 
 #[test]
+fn tags_are_templates_of_their_name_that_builds_and_tagging_move() {
+    need_root!("moat serve's native backend needs root");
+    let (_registry, reference, server, admin, key) = builder_server();
+    let build = |template: &str, tags: Value, text: &str| {
+        let r = server.request(
+            "POST",
+            "/v1/builds",
+            Some(&key),
+            Some(&body(json!({
+                "template": template,
+                "tags": tags,
+                "dockerfile": format!("FROM {reference}\nRUN echo {text} > /etc/version\n"),
+            }))),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+        let done = wait_for_build(&server, &key, r.json()["id"].as_str().unwrap());
+        assert_eq!(done["status"], "succeeded", "{done}");
+        done["id"].as_str().unwrap().to_owned()
+    };
+    let version = |template: &str| {
+        let id = server.create_sandbox_with(&key, json!({"template": template}));
+        server.shell(&key, &id, "cat /etc/version")["stdout"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let one = build("app:v1", json!(["stable"]), "one");
+    // Tags only: the name alone is not written.
+    server
+        .request("GET", "/v1/templates/app", Some(&key), None)
+        .assert_error(404, "not_found");
+    let two = build("app", json!(["v2", "stable"]), "two");
+    assert_eq!(version("app:v1"), "one");
+    assert_eq!(version("app:stable"), "two");
+    assert_eq!(version("app"), "two");
+    let shown = server
+        .request("GET", "/v1/templates/app:v1", Some(&key), None)
+        .json();
+    assert_eq!(shown["build_id"], one.as_str(), "{shown}");
+
+    // Tagging copies a template to tags of its name, moving those that exist.
+    let out = server.cli(&key, &["template", "tag", "app:v1", "stable", "old"]);
+    assert_eq!(out, "app:stable\napp:old\n");
+    assert_eq!(version("app:stable"), "one");
+    let listed = server
+        .request("GET", "/v1/templates", Some(&key), None)
+        .json();
+    let builds: Vec<(String, String)> = listed["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().starts_with("app"))
+        .map(|t| {
+            let name = t["name"].as_str().unwrap().to_owned();
+            (name, t["build_id"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let expect = |n: &str, b: &str| (n.to_owned(), b.to_owned());
+    assert_eq!(
+        builds,
+        vec![
+            expect("app", &two),
+            expect("app:old", &one),
+            expect("app:stable", &one),
+            expect("app:v1", &one),
+            expect("app:v2", &two),
+        ]
+    );
+
+    // What a tag may not do.
+    let tag = |name: &str, tags: Value, key: &str| {
+        server.request(
+            "POST",
+            &format!("/v1/templates/{name}/tags"),
+            Some(key),
+            Some(&body(json!({ "tags": tags }))),
+        )
+    };
+    let refused = |r: moat_test_support::server::Reply, status: u16, code: &str, says: &str| {
+        r.assert_error(status, code);
+        assert!(r.text().contains(says), "{says:?}: {}", r.text());
+    };
+    server.create_template(&key, "hand", json!({"rootfs": {"image": reference}}));
+    refused(
+        tag("app:v1", json!(["x", "Bad"]), &key),
+        400,
+        "invalid",
+        "template name",
+    );
+    refused(tag("app:v1", json!([]), &key), 400, "invalid", "no tag");
+    refused(
+        tag("hand:v1", json!(["x"]), &key),
+        404,
+        "not_found",
+        "hand:v1",
+    );
+    // A tag may be taken from any template; the name alone only over what a build made.
+    let r = tag("hand", json!(["x"]), &key);
+    assert_eq!(r.status, 200, "{}", r.text());
+    refused(
+        tag("hand:x", json!(["default"]), &key),
+        409,
+        "conflict",
+        "no build made",
+    );
+    refused(
+        tag("host", json!(["mine"]), &key),
+        409,
+        "conflict",
+        "built-in",
+    );
+    // The tags of a name are its owner's: no tenant writes `host:…`.
+    let r = server.request(
+        "POST",
+        "/v1/templates",
+        Some(&key),
+        Some(&body(
+            json!({"name": "host:mine", "spec": {"rootfs": "host"}}),
+        )),
+    );
+    refused(r, 409, "conflict", "host:mine");
+    // An admin may tag a built-in; the copy is built in too.
+    let r = tag("host", json!(["pinned"]), &admin);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["templates"][0]["builtin"], true, "{}", r.text());
+    // A tag is deleted like any template, and the name's other tags stay.
+    server.cli(&key, &["template", "rm", "app:old"]);
+    assert_eq!(version("app:v1"), "one");
+}
+
+#[test]
 fn add_unpacks_local_archives_and_copies_other_files() {
     need_root!("moat serve's native backend needs root");
     let (_registry, reference, server, _admin, key) = builder_server();

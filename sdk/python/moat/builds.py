@@ -14,7 +14,7 @@ import hashlib
 import inspect
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,15 @@ def _dockerfile(
     return Path(dockerfile_path).read_text(encoding="utf-8")
 
 
+def _tags(tags: Any) -> list[str]:
+    """``tags`` as the list the server takes: a string is one tag."""
+    if isinstance(tags, str):
+        return [tags]
+    if not all(isinstance(t, str) for t in tags):
+        raise TypeError("tags must be strings")
+    return list(tags)
+
+
 def _body(
     template: str,
     dockerfile: str,
@@ -94,6 +103,8 @@ def _body(
     for name in ("args", "from_templates"):
         if fields[name]:
             body[name] = _args.mapping(name, fields[name])
+    if fields["tags"]:
+        body["tags"] = _tags(fields["tags"])
     for name in ("backend", "start", "ready"):
         if _args.optional_str(name, fields[name]) is not None:
             body[name] = fields[name]
@@ -203,6 +214,7 @@ class Builds:
         no_cache: bool = False,
         start: str | None = None,
         ready: str | None = None,
+        tags: str | Sequence[str] | None = None,
     ) -> Build:
         """Starts building the template ``template``; the build, ``queued``.
 
@@ -211,7 +223,9 @@ class Builds:
         or else ``context/Dockerfile``. ``contexts`` are named contexts (``COPY --from=NAME``),
         ``from_templates`` lets ``FROM NAME`` start from a template's image, ``args`` are the
         ``ARG`` values, ``resources`` and ``network`` those of the ``RUN`` steps; ``start``
-        and ``ready`` become the template's scripts. Follow it with :meth:`wait`.
+        and ``ready`` become the template's scripts. ``template`` may carry a tag
+        (``"app:v1"``) and ``tags`` names more tags of its name the build writes too.
+        Follow it with :meth:`wait`.
         """
         text = _dockerfile(dockerfile, dockerfile_path, context)
         digest = self.upload_context(context) if context is not None else None
@@ -226,6 +240,7 @@ class Builds:
             no_cache=no_cache,
             start=start,
             ready=ready,
+            tags=tags,
         )
         return self._t.call(_create_op(_body(template, text, digest, named, fields)))
 
@@ -318,6 +333,7 @@ class AsyncBuilds:
         no_cache: bool = False,
         start: str | None = None,
         ready: str | None = None,
+        tags: str | Sequence[str] | None = None,
     ) -> Build:
         """Starts building the template ``template`` (see :meth:`Builds.create`)."""
         text = _dockerfile(dockerfile, dockerfile_path, context)
@@ -333,6 +349,7 @@ class AsyncBuilds:
             no_cache=no_cache,
             start=start,
             ready=ready,
+            tags=tags,
         )
         return await self._t.call(_create_op(_body(template, text, digest, named, fields)))
 

@@ -815,6 +815,8 @@ class Template:
     spec: TemplateSpec
     created_at: datetime
     pool: PoolStatus
+    #: The build that made it (for a tag, the build of the template it was copied from).
+    build_id: str | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Template:
@@ -830,6 +832,7 @@ class Template:
                 ready=int(pool.get("ready", 0)),
                 evicted=int(pool.get("evicted", 0)),
             ),
+            build_id=data.get("build_id"),
         )
 
 
@@ -885,6 +888,8 @@ class Build:
     created_at: datetime
     finished_at: datetime | None
     warnings: list[str]
+    #: The more tags of its template's name it writes.
+    tags: list[str] = field(default_factory=list)
 
     @property
     def is_final(self) -> bool:
@@ -906,6 +911,7 @@ class Build:
             created_at=_req_time(data.get("created_at")),
             finished_at=_time(data.get("finished_at")),
             warnings=_strlist(data.get("warnings")),
+            tags=_strlist(data.get("tags")),
         )
 
 

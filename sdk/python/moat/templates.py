@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _args
@@ -103,6 +103,19 @@ def _list_op() -> Op[list[Template]]:
 
 def _get_op(name: str) -> Op[Template]:
     return Op("GET", f"/v1/templates/{seg(name)}", parse_json(Template.from_json))
+
+
+def _tag_op(name: str, tags: str | Sequence[str]) -> Op[list[Template]]:
+    if isinstance(tags, str):
+        tags = [tags]
+    if not all(isinstance(t, str) for t in tags):
+        raise TypeError("tags must be strings")
+    return Op(
+        "POST",
+        f"/v1/templates/{seg(name)}/tags",
+        parse_json(lambda j: [Template.from_json(t) for t in j["templates"]]),
+        json={"tags": list(tags)},
+    )
 
 
 def _delete_op(name: str, force: bool) -> Op[None]:
@@ -206,6 +219,12 @@ class Templates:
         """The template ``name``, with its warm pool's state."""
         return self._t.call(_get_op(name))
 
+    def tag(self, name: str, tags: str | Sequence[str]) -> builtins.list[Template]:
+        """Copies the template ``name`` (``name`` or ``name:tag``) to each of ``tags`` of its
+        name (``name:tag``; ``default`` is the name alone), moving tags that exist; the
+        templates written."""
+        return self._t.call(_tag_op(name, tags))
+
     def delete(self, name: str, *, force: bool = False) -> None:
         """Deletes the template and its warm pool; refused (``ConflictError``) while
         sandboxes of it run, unless ``force`` (they then keep running)."""
@@ -302,6 +321,10 @@ class AsyncTemplates:
     async def get(self, name: str) -> Template:
         """The template ``name``, with its warm pool's state."""
         return await self._t.call(_get_op(name))
+
+    async def tag(self, name: str, tags: str | Sequence[str]) -> builtins.list[Template]:
+        """Copies the template to tags of its name (see :meth:`Templates.tag`)."""
+        return await self._t.call(_tag_op(name, tags))
 
     async def delete(self, name: str, *, force: bool = False) -> None:
         """Deletes the template and its warm pool (see :meth:`Templates.delete`)."""

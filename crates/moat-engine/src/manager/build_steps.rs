@@ -58,6 +58,8 @@ const TREE_BYTES_PER_ENTRY: u64 = 512;
 pub(super) struct BuildPlan {
     pub dockerfile: Dockerfile,
     pub template: String,
+    /// Every name the build writes: the template and its tags.
+    pub names: Vec<String>,
     pub args: BTreeMap<String, String>,
     pub backend: String,
     pub resources: Resources,
@@ -135,6 +137,7 @@ impl Inner {
         Ok(BuildPlan {
             dockerfile,
             template: req.template.clone(),
+            names: vec![req.template.clone()],
             args: req.args.clone(),
             backend: backend.name().to_owned(),
             resources,
@@ -356,8 +359,14 @@ impl SandboxManager {
             .assemble(progress.state.image(&plan.template))
             .await
             .map_err(image_error)?;
-        self.write_built_template(caller, plan, &built.digest, &progress.state.config)
-            .await?;
+        self.write_built_template(
+            caller,
+            plan,
+            &built.digest,
+            &progress.state.config,
+            &rec.build.id,
+        )
+        .await?;
         Ok(built.digest)
     }
 
@@ -863,14 +872,15 @@ impl SandboxManager {
         Ok(digest)
     }
 
-    /// Makes (or replaces, if a build made it) the template of `plan` on the tree `digest`,
-    /// with the defaults of `config`.
+    /// Makes (or replaces, if a build made it or it is a tag) each name of `plan` on the tree
+    /// `digest`, with the defaults of `config`, recorded as made by the build `build_id`.
     async fn write_built_template(
         &self,
         caller: &Caller,
         plan: &BuildPlan,
         digest: &str,
         config: &crate::images::registry::RunConfig,
+        build_id: &str,
     ) -> ManagerResult<()> {
         let mut spec = v1::TemplateSpec::new(v1::Rootfs::Build(digest.to_owned()));
         spec.backend = Some(plan.backend.clone());
@@ -878,43 +888,16 @@ impl SandboxManager {
         spec.ready = plan.ready.clone();
         apply_config(&mut spec, config);
         super::check_env("the image's environment", &spec.env)?;
-        let limits = super::limits_json(&spec)?;
-        let json = serde_json::to_value(&spec)
-            .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
-        let (tenant, key, name) = (
-            caller.tenant.clone(),
+        // An admin's build over a built-in writes built-ins, for every tenant.
+        let tenant = (!plan.builtin).then(|| caller.tenant.clone());
+        self.put_templates(
+            tenant,
             caller.key_id.clone(),
-            plan.template.clone(),
-        );
-        let builtin = plan.builtin;
-        self.inner
-            .db(move |s| {
-                if builtin {
-                    return s
-                        .replace_template(None, &name, &json, &limits, |_| true)
-                        .map(|_| ());
-                }
-                match s.replace_template(
-                    Some(&tenant),
-                    &name,
-                    &json,
-                    &limits,
-                    super::builds::made_by_build,
-                ) {
-                    Err(crate::store::StoreError::NotFound { .. }) => s
-                        .create_template_with(
-                            Some(&tenant),
-                            key.as_deref(),
-                            &name,
-                            &json,
-                            Some(&limits),
-                        )
-                        .map(|_| ()),
-                    other => other.map(|_| ()),
-                }
-            })
-            .await?;
-        self.templates_changed();
+            plan.names.clone(),
+            &spec,
+            Some(build_id.to_owned()),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -234,6 +234,23 @@ pub fn new_build_id() -> ManagerResult<String> {
     Ok(format!("b-{}", random.chars().take(16).collect::<String>()))
 }
 
+/// A new build id in the form E2B's API gives builds: a random (version 4) UUID, lower case.
+pub fn new_build_uuid() -> ManagerResult<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| ManagerError::Internal(format!("random build id: {e}")))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
 /// One turn per tenant: a semaphore of one permit each, made when first asked for and
 /// dropped once nobody holds or waits for it.
 #[derive(Default)]
@@ -257,9 +274,10 @@ impl TenantTurns {
     }
 }
 
-/// A build id: `b-` and 16 base32 characters.
+/// A build id: `b-` and 16 base32 characters, or a lower-case UUID (E2B's API's builds).
 fn is_build_id(id: &str) -> bool {
-    id.strip_prefix("b-").is_some_and(|rest| {
+    let uuid = crate::store::looks_like_uuid(id) && !id.bytes().any(|b| b.is_ascii_uppercase());
+    uuid || id.strip_prefix("b-").is_some_and(|rest| {
         rest.len() == 16
             && rest
                 .bytes()
@@ -568,20 +586,22 @@ impl SandboxManager {
                 crate::images::build::MAX_BUILD_STEPS
             )));
         }
-        crate::store::check_template_name(&req.template).map_err(ManagerError::from)?;
-        let (t, n) = (caller.tenant.clone(), req.template.clone());
-        let builtin = match self.inner.db(move |s| s.get_template(&t, &n)).await {
-            // An admin's build may replace a built-in template (the interpreter's image, say).
-            Ok(existing) if existing.tenant.is_none() && caller.is_admin() => true,
-            Ok(existing) if existing.tenant.is_none() || !made_by_build(&existing.spec) => {
-                return Err(ManagerError::Conflict(format!(
-                    "template {} exists and no build made it: delete it or build another name \
-                     (an admin key's build may replace a built-in one)",
-                    req.template
-                )));
+        let names = build_names(&req)?;
+        let mut builtin = false;
+        for name in &names {
+            let (t, n) = (caller.tenant.clone(), name.clone());
+            match self.inner.db(move |s| s.get_template(&t, &n)).await {
+                // An admin's build may replace a built-in template (the interpreter's image, say).
+                Ok(existing) if existing.tenant.is_none() && caller.is_admin() => builtin = true,
+                Ok(existing) if existing.tenant.is_none() || !replaceable(&existing) => {
+                    return Err(ManagerError::Conflict(format!(
+                        "template {name} exists and no build made it: delete it or build another \
+                         name (an admin key's build may replace a built-in one)"
+                    )));
+                }
+                _ => {}
             }
-            _ => false,
-        };
+        }
         for (name, template) in &req.from_templates {
             check_context_name(name)?;
             // Checked now, so a build that cannot start is refused before it is queued.
@@ -589,6 +609,7 @@ impl SandboxManager {
         }
         let mut plan = self.inner.build_plan(caller, &req, parsed)?;
         plan.builtin = builtin;
+        plan.names = names;
         let named = req.contexts.iter().map(|(n, d)| (Some(n), d));
         for (name, digest) in req.context.iter().map(|d| (None, d)).chain(named) {
             if let Some(name) = name {
@@ -627,6 +648,7 @@ impl SandboxManager {
             build: v1::Build {
                 id: id.clone(),
                 template: req.template.clone(),
+                tags: req.tags.clone(),
                 status: v1::BuildStatus::Queued,
                 error: None,
                 steps: u32::try_from(plan.dockerfile.steps.len()).unwrap_or(u32::MAX),
@@ -920,6 +942,47 @@ pub(super) fn made_by_build(spec: &serde_json::Value) -> bool {
     spec.get("rootfs").and_then(|r| r.get("build")).is_some()
 }
 
+/// Whether a build or a tag may write over `existing`: a build made it, or it is a tag (a
+/// name that points at whatever was last written to it).
+pub(super) fn replaceable(existing: &crate::store::TemplateRecord) -> bool {
+    made_by_build(&existing.spec)
+        || crate::store::split_template_name(&existing.name)
+            .1
+            .is_some()
+}
+
+/// The names a build writes: its template, and the same name with each of its tags.
+fn build_names(req: &v1::CreateBuild) -> ManagerResult<Vec<String>> {
+    crate::store::check_template_name(&req.template).map_err(ManagerError::from)?;
+    let (base, _) = crate::store::split_template_name(&req.template);
+    tagged_names(base, &req.template, &req.tags)
+}
+
+/// `first` and `base:tag` for each of `tags` (the tag `default` standing for `base`), without
+/// repeats, each checked; at most [`v1::MAX_TEMPLATE_TAGS`] tags.
+pub fn tagged_names(base: &str, first: &str, tags: &[String]) -> ManagerResult<Vec<String>> {
+    if tags.len() > v1::MAX_TEMPLATE_TAGS {
+        return Err(ManagerError::Invalid(format!(
+            "{} tags; at most {} at once",
+            tags.len(),
+            v1::MAX_TEMPLATE_TAGS
+        )));
+    }
+    let mut names = vec![first.to_owned()];
+    for tag in tags {
+        let name = if tag == crate::store::DEFAULT_TAG {
+            base.to_owned()
+        } else {
+            format!("{base}{}{tag}", crate::store::TAG_SEPARATOR)
+        };
+        crate::store::check_template_name(&name).map_err(ManagerError::from)?;
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
 fn cancelled_error() -> ManagerError {
     ManagerError::Conflict("the build was cancelled".into())
 }
@@ -959,6 +1022,11 @@ mod tests {
         assert!(!is_build_id("b-abcdefgh2345678"));
         assert!(!is_build_id("b-../../etc/passwd"));
         assert!(!is_build_id("abcdefgh23456789"));
+        let uuid = new_build_uuid().expect("a uuid");
+        assert!(is_build_id(&uuid), "{uuid}");
+        assert_eq!(&uuid[14..15], "4");
+        assert!(!is_build_id(&uuid.to_uppercase()));
+        assert_ne!(uuid, new_build_uuid().expect("a uuid"));
     }
 
     #[test]

@@ -151,6 +151,114 @@ impl SandboxManager {
         Ok(())
     }
 
+    /// Copies the template `name` (`name` or `name:tag`, the caller's own or, for an admin, a
+    /// built-in) to each of `tags` of its name, in one write: a tag that exists is moved, the
+    /// name alone (`default`) only over what a build made. The copies keep the build that made
+    /// the original and have no warm pool of their own. What each is now.
+    pub async fn tag_template(
+        &self,
+        caller: &Caller,
+        name: &str,
+        tags: &[String],
+    ) -> ManagerResult<Vec<v1::Template>> {
+        crate::store::check_template_name(name).map_err(ManagerError::from)?;
+        let (base, _) = crate::store::split_template_name(name);
+        let names: Vec<String> = super::builds::tagged_names(base, name, tags)?
+            .into_iter()
+            .skip(1)
+            .collect();
+        if names.is_empty() {
+            return Err(ManagerError::Invalid(format!(
+                "no tag to give {name} but its own"
+            )));
+        }
+        let (t, n) = (caller.tenant.clone(), name.to_owned());
+        let source = self.inner.db(move |s| s.get_template(&t, &n)).await?;
+        if source.tenant.is_none() && !caller.is_admin() {
+            return Err(ManagerError::Conflict(format!(
+                "{name} is a built-in template: its tags are the server's (an admin key may \
+                 write them)"
+            )));
+        }
+        for n in &names {
+            let (t, n) = (caller.tenant.clone(), n.clone());
+            if let Ok(existing) = self.inner.db(move |s| s.get_template(&t, &n)).await
+                && !super::builds::replaceable(&existing)
+            {
+                return Err(ManagerError::Conflict(format!(
+                    "template {} exists and no build made it: a tag may not replace it",
+                    existing.name
+                )));
+            }
+        }
+        let mut spec: v1::TemplateSpec = serde_json::from_value(source.spec.clone())
+            .map_err(|e| ManagerError::Internal(format!("template {name} has a bad spec: {e}")))?;
+        spec.pool_size = 0;
+        let written = self
+            .put_templates(
+                source.tenant,
+                caller.key_id.clone(),
+                names,
+                &spec,
+                source.build_id,
+            )
+            .await?;
+        written.iter().map(|r| self.to_template(r)).collect()
+    }
+
+    /// Writes `spec` as each of `names` of `tenant` (built-ins for `None`) in one store
+    /// write, recorded as made by `build_id` and (for a name that is new) by the key `key`;
+    /// a name that exists is replaced only if [`super::builds::replaceable`].
+    pub(super) async fn put_templates(
+        &self,
+        tenant: Option<String>,
+        key: Option<String>,
+        names: Vec<String>,
+        spec: &v1::TemplateSpec,
+        build_id: Option<String>,
+    ) -> ManagerResult<Vec<TemplateRecord>> {
+        let limits = super::limits_json(spec)?;
+        let json = serde_json::to_value(spec)
+            .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
+        let written = self
+            .inner
+            .db(move |s| {
+                s.put_templates(
+                    tenant.as_deref(),
+                    key.as_deref(),
+                    &names,
+                    &json,
+                    &limits,
+                    build_id.as_deref(),
+                    super::builds::replaceable,
+                )
+            })
+            .await?;
+        self.templates_changed();
+        Ok(written)
+    }
+
+    /// The templates of the name `base` the caller sees: the name alone and each of its tags.
+    /// Not found when there are none.
+    pub async fn template_tags(
+        &self,
+        caller: &Caller,
+        base: &str,
+    ) -> ManagerResult<Vec<v1::Template>> {
+        crate::store::check_template_name(base).map_err(ManagerError::from)?;
+        let tagged = self
+            .list_templates(caller)
+            .await?
+            .templates
+            .into_iter()
+            .filter(|t| crate::store::split_template_name(&t.name).0 == base)
+            .collect::<Vec<_>>();
+        if tagged.is_empty() {
+            return Err(ManagerError::NotFound(format!("template {base}")));
+        }
+        Ok(tagged)
+    }
+
     /// Checks everything about a spec that can be checked before a sandbox is made from it.
     fn check_template_spec(&self, spec: &v1::TemplateSpec, host_paths: bool) -> ManagerResult<()> {
         let invalid = |m: String| Err(ManagerError::Invalid(m));
@@ -246,6 +354,7 @@ impl SandboxManager {
             pool: self.pool_status(rec.tenant.as_deref(), &rec.name),
             name: rec.name.clone(),
             builtin: rec.tenant.is_none(),
+            build_id: rec.build_id.clone(),
             spec,
             created_at: rec.created_at,
         })
@@ -265,13 +374,35 @@ pub enum StartFrom {
 impl SandboxManager {
     /// Resolves `name` for the caller in one look-up: a snapshot when it has a snapshot id's
     /// shape and the caller's tenant has one by that id, else a template, which must exist
-    /// ([`ManagerError::NotFound`] when it does not).
+    /// ([`ManagerError::NotFound`] when it does not). `base:<build id>` (a UUID, which no tag
+    /// may be) is the template of that name, or one of its tags, the build made.
     pub async fn resolve_start(&self, caller: &Caller, name: &str) -> ManagerResult<StartFrom> {
         let (tenant, name) = (caller.tenant.clone(), name.to_owned());
         self.inner
             .db(move |s| {
                 if crate::ids::is_snapshot_id(&name) && s.get_snapshot(&tenant, &name).is_ok() {
                     return Ok(Ok(StartFrom::Snapshot(name)));
+                }
+                if let (base, Some(build)) = crate::store::split_template_name(&name)
+                    && crate::store::looks_like_uuid(build)
+                {
+                    let mut made = s
+                        .list_templates(Some(&tenant))?
+                        .into_iter()
+                        .filter(|t| {
+                            crate::store::split_template_name(&t.name).0 == base
+                                && t.build_id.as_deref() == Some(build)
+                        })
+                        .map(|t| t.name)
+                        .collect::<Vec<_>>();
+                    // The name alone before its tags.
+                    made.sort_by_key(|n| n.contains(crate::store::TAG_SEPARATOR));
+                    return Ok(match made.into_iter().next() {
+                        Some(found) => Ok(StartFrom::Template(found)),
+                        None => Err(ManagerError::NotFound(format!(
+                            "no template {base:?} made by build {build}"
+                        ))),
+                    });
                 }
                 match s.get_template(&tenant, &name) {
                     Ok(_) => Ok(Ok(StartFrom::Template(name))),

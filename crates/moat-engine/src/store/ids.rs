@@ -87,22 +87,63 @@ pub fn check_sandbox_id(id: &str) -> StoreResult<()> {
     }
 }
 
-/// Checks a template name: `[a-z0-9][a-z0-9._-]{0,62}`.
-pub fn check_template_name(name: &str) -> StoreResult<()> {
-    let bytes = name.as_bytes();
-    let ok = (1..=63).contains(&bytes.len())
+/// Separates a template's name from its tag (`name:tag`).
+pub const TAG_SEPARATOR: char = ':';
+
+/// The tag a template's name alone stands for; never written as a tag.
+pub const DEFAULT_TAG: &str = "default";
+
+/// Whether `part` is `[a-z0-9][a-z0-9._-]{0,62}`: what a template's name and a tag are.
+fn is_name_part(part: &str) -> bool {
+    let bytes = part.as_bytes();
+    (1..=63).contains(&bytes.len())
         && is_lower_alnum(bytes[0])
         && bytes[1..]
             .iter()
-            .all(|&b| is_lower_alnum(b) || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::invalid(
+            .all(|&b| is_lower_alnum(b) || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `text` has the shape of a UUID (`8-4-4-4-12` hex digits), which is how a build is
+/// named where tags are (`name:<build id>` in E2B's API), so no tag may have it.
+pub fn looks_like_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A template name split into its base and its tag (`None` for a name without one).
+pub fn split_template_name(name: &str) -> (&str, Option<&str>) {
+    match name.split_once(TAG_SEPARATOR) {
+        Some((base, tag)) => (base, Some(tag)),
+        None => (name, None),
+    }
+}
+
+/// Checks a template name: a base `[a-z0-9][a-z0-9._-]{0,62}`, optionally followed by
+/// `:tag` with a tag of the same shape. The tag `default` is the base alone and is written
+/// so; a tag may not look like a UUID (a build's id where tags are named).
+pub fn check_template_name(name: &str) -> StoreResult<()> {
+    let (base, tag) = split_template_name(name);
+    let shape = "1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or \
+                 digit, optionally followed by ':' and a tag of the same characters";
+    if !is_name_part(base) || tag.is_some_and(|t| !is_name_part(t)) {
+        return Err(StoreError::invalid("template name", name, shape));
+    }
+    match tag {
+        Some(DEFAULT_TAG) => Err(StoreError::invalid(
             "template name",
             name,
-            "1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
-        ))
+            format!("the tag {DEFAULT_TAG:?} is the name alone: write {base:?}"),
+        )),
+        Some(t) if looks_like_uuid(t) => Err(StoreError::invalid(
+            "template name",
+            name,
+            "a tag may not look like a UUID, which names a build",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -170,6 +211,16 @@ mod tests {
         for good in ["host", "code-interpreter-v1", "a.b_c-d", &"a".repeat(63)] {
             check_template_name(good).unwrap();
         }
+        let long_tag = format!("a:{}", "b".repeat(64));
+        let uuid_tag = "a:0190f1e2-3c4d-8e5f-8a6b-7c8d9e0f1a2b";
+        for bad in ["a:", ":a", "a:B", "a:b:c", "a:default", &long_tag, uuid_tag] {
+            assert!(check_template_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["a:v1.2.0", "code-interpreter-v1:latest", "a:0"] {
+            check_template_name(good).unwrap();
+        }
+        assert_eq!(split_template_name("py:v1"), ("py", Some("v1")));
+        assert_eq!(split_template_name("py"), ("py", None));
         for bad in ["", "a\nb", &"x".repeat(201)] {
             assert!(check_label("name", bad).is_err(), "{bad:?}");
         }

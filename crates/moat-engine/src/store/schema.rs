@@ -256,6 +256,12 @@ CREATE INDEX job_webhooks_due ON job_webhooks (next_at) WHERE next_at IS NOT NUL
     };
 }
 const V11: &str = v11_sql!();
+/// Version 12: the build that made each template (a tag copied from another template keeps
+/// that template's build), so a template's tags can say which build each names and a build's
+/// id can name the template it made.
+const V12: &str = r#"
+ALTER TABLE templates ADD COLUMN build_id TEXT;
+"#;
 /// The whole schema at [`SCHEMA_VERSION`], what [`MIGRATIONS`] make one after another, in one
 /// script for a fresh database: a fresh store (every `moat run` opens one in memory) takes about
 /// 1 ms instead of the 4–6 ms that the `ALTER TABLE`s of the migrations cost (each re-reads the
@@ -291,7 +297,8 @@ CREATE TABLE templates (
     spec       TEXT NOT NULL CHECK (json_valid(spec)),
     created_at INTEGER NOT NULL,
     key_id TEXT,
-    limits TEXT CHECK (limits IS NULL OR json_valid(limits))
+    limits TEXT CHECK (limits IS NULL OR json_valid(limits)),
+    build_id TEXT
 ) STRICT;
 CREATE UNIQUE INDEX templates_by_tenant_name ON templates (ifnull(tenant_id, ''), name);
 CREATE INDEX templates_by_name ON templates (name);
@@ -391,7 +398,7 @@ pub(crate) fn open_empty_in_memory() -> StoreResult<Connection> {
     Ok(conn)
 }
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

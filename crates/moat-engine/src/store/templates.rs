@@ -8,7 +8,7 @@ use rusqlite::{Connection, Row, params};
 use serde::{Deserialize, Serialize};
 
 use super::error::{StoreError, StoreResult};
-use super::ids::check_template_name;
+use super::ids::{check_template_name, split_template_name};
 use super::schema::active_states_sql;
 use super::tenants::require_tenant;
 use super::{Store, first_row, now_ms};
@@ -44,6 +44,9 @@ pub struct TemplateRecord {
     /// The server's typed form of the spec's limits, a JSON object, written with the spec;
     /// `None` for a template stored before schema version 8 (until the server fills it in).
     pub limits: Option<serde_json::Value>,
+    /// The build that made it (for a tag copied from another template, that template's);
+    /// `None` for one no build made.
+    pub build_id: Option<String>,
 }
 
 impl TemplateRecord {
@@ -61,8 +64,41 @@ impl TemplateRecord {
                 .map(|l| serde_json::from_str(&l))
                 .transpose()
                 .map_err(|e| StoreError::Corrupt(format!("template limits: {e}")))?,
+            build_id: row.get("build_id")?,
         })
     }
+}
+
+/// Whether `name` is taken where a new template of `tenant` (a built-in for `None`) would be
+/// seen: by the tenant's own template or a built-in, or, for a new built-in, by any
+/// tenant's. A tenant's tag of a built-in's name (`base:v1`) is taken too: the tags of a name
+/// belong to whoever owns it.
+fn name_taken(conn: &Connection, tenant: Option<&str>, name: &str) -> StoreResult<bool> {
+    let (base, tag) = split_template_name(name);
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM templates
+             WHERE (name = ?1 AND (?2 IS NULL OR tenant_id IS NULL OR tenant_id = ?2))
+                OR (?3 IS NOT NULL AND ?2 IS NOT NULL AND tenant_id IS NULL AND name = ?3)",
+        )?
+        .exists(params![name, tenant, tag.map(|_| base)])?)
+}
+
+/// Checks that `spec` and `limits` are JSON objects.
+fn check_objects(spec: &serde_json::Value, limits: Option<&serde_json::Value>) -> StoreResult<()> {
+    if !spec.is_object() {
+        return Err(StoreError::BadJson {
+            what: "template spec",
+            reason: "must be a JSON object".into(),
+        });
+    }
+    if limits.is_some_and(|l| !l.is_object()) {
+        return Err(StoreError::BadJson {
+            what: "template limits",
+            reason: "must be a JSON object".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The template `name` as `tenant` sees it: its own, or else a built-in.
@@ -76,6 +112,41 @@ pub(crate) fn visible_template(
         params![name, tenant],
         TemplateRecord::from_row,
     )
+}
+
+/// Most templates (tags included) one tenant may have.
+pub const MAX_TEMPLATES_PER_TENANT: u64 = 1000;
+
+/// Inserts `record` as it is, within its tenant's [`MAX_TEMPLATES_PER_TENANT`].
+fn insert_template(conn: &Connection, record: &TemplateRecord) -> StoreResult<()> {
+    if let Some(tenant) = &record.tenant {
+        let used: i64 = conn
+            .prepare_cached("SELECT count(*) FROM templates WHERE ifnull(tenant_id, '') = ?1")?
+            .query_row([tenant], |row| row.get(0))?;
+        let used = u64::try_from(used).unwrap_or(u64::MAX);
+        if used >= MAX_TEMPLATES_PER_TENANT {
+            return Err(StoreError::QuotaExceeded {
+                what: "templates",
+                limit: MAX_TEMPLATES_PER_TENANT,
+                used,
+                requested: 1,
+            });
+        }
+    }
+    conn.execute(
+        "INSERT INTO templates (tenant_id, name, spec, created_at, key_id, limits, build_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            record.tenant,
+            record.name,
+            record.spec.to_string(),
+            record.created_at,
+            record.key_id,
+            record.limits.as_ref().map(ToString::to_string),
+            record.build_id
+        ],
+    )?;
+    Ok(())
 }
 
 impl Store {
@@ -115,18 +186,7 @@ impl Store {
         limits: Option<&serde_json::Value>,
     ) -> StoreResult<TemplateRecord> {
         check_template_name(name)?;
-        if !spec.is_object() {
-            return Err(StoreError::BadJson {
-                what: "template spec",
-                reason: "must be a JSON object".into(),
-            });
-        }
-        if limits.is_some_and(|l| !l.is_object()) {
-            return Err(StoreError::BadJson {
-                what: "template limits",
-                reason: "must be a JSON object".into(),
-            });
-        }
+        check_objects(spec, limits)?;
         let record = TemplateRecord {
             name: name.to_owned(),
             tenant: tenant.map(str::to_owned),
@@ -134,34 +194,16 @@ impl Store {
             created_at: now_ms(),
             key_id: key_id.map(str::to_owned),
             limits: limits.cloned(),
+            build_id: None,
         };
         self.write(|tx| {
             if let Some(tenant) = tenant {
                 require_tenant(tx, tenant)?;
             }
-            // Own or built-in for a tenant's template; any for a built-in.
-            let taken = tx
-                .prepare_cached(
-                    "SELECT 1 FROM templates WHERE name = ?1
-                     AND (?2 IS NULL OR tenant_id IS NULL OR tenant_id = ?2)",
-                )?
-                .exists(params![name, tenant])?;
-            if taken {
+            if name_taken(tx, tenant, name)? {
                 return Err(StoreError::conflict("template", name));
             }
-            tx.execute(
-                "INSERT INTO templates (tenant_id, name, spec, created_at, key_id, limits)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    tenant,
-                    name,
-                    spec.to_string(),
-                    record.created_at,
-                    key_id,
-                    limits.map(ToString::to_string)
-                ],
-            )?;
-            Ok(())
+            insert_template(tx, &record)
         })?;
         Ok(record)
     }
@@ -191,47 +233,73 @@ impl Store {
         })
     }
 
-    /// Replaces the spec and typed limits of `tenant`'s own template `name` (a built-in for
-    /// `None`) when `replace`
-    /// says yes to its current spec (in the same transaction, so no other write comes
-    /// between); what it is now. Missing: not found; refused by `replace`: a conflict.
-    pub fn replace_template(
+    /// Writes `spec` and its typed `limits` as each of `names`, templates of `tenant` (built-ins
+    /// for `None`) made by the build `build_id`, in one transaction: a name that is free is
+    /// made (by the key `key_id`), one of `tenant`'s own is replaced when `replace` says yes to
+    /// it (a conflict otherwise, and nothing is written). What each is now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_templates(
         &self,
         tenant: Option<&str>,
-        name: &str,
+        key_id: Option<&str>,
+        names: &[String],
         spec: &serde_json::Value,
         limits: &serde_json::Value,
-        replace: impl Fn(&serde_json::Value) -> bool,
-    ) -> StoreResult<TemplateRecord> {
-        check_template_name(name)?;
-        if !spec.is_object() || !limits.is_object() {
-            return Err(StoreError::BadJson {
-                what: "template spec",
-                reason: "spec and limits must be JSON objects".into(),
-            });
+        build_id: Option<&str>,
+        replace: impl Fn(&TemplateRecord) -> bool,
+    ) -> StoreResult<Vec<TemplateRecord>> {
+        for name in names {
+            check_template_name(name)?;
         }
+        check_objects(spec, Some(limits))?;
         self.write(|tx| {
             if let Some(tenant) = tenant {
                 require_tenant(tx, tenant)?;
             }
-            let current = tx
-                .prepare_cached("SELECT * FROM templates WHERE tenant_id IS ?1 AND name = ?2")?
-                .query_and_then(params![tenant, name], TemplateRecord::from_row)?
-                .next()
-                .transpose()?
-                .ok_or_else(|| StoreError::not_found("template", name))?;
-            if !replace(&current.spec) {
-                return Err(StoreError::conflict("template", name));
+            let mut written = Vec::with_capacity(names.len());
+            for name in names {
+                let current = tx
+                    .prepare_cached("SELECT * FROM templates WHERE tenant_id IS ?1 AND name = ?2")?
+                    .query_and_then(params![tenant, name], TemplateRecord::from_row)?
+                    .next()
+                    .transpose()?;
+                let record = match current {
+                    Some(current) => {
+                        if !replace(&current) {
+                            return Err(StoreError::conflict("template", name));
+                        }
+                        tx.execute(
+                            "UPDATE templates SET spec = ?1, limits = ?2, build_id = ?3
+                             WHERE tenant_id IS ?4 AND name = ?5",
+                            params![spec.to_string(), limits.to_string(), build_id, tenant, name],
+                        )?;
+                        TemplateRecord {
+                            spec: spec.clone(),
+                            limits: Some(limits.clone()),
+                            build_id: build_id.map(str::to_owned),
+                            ..current
+                        }
+                    }
+                    None => {
+                        if name_taken(tx, tenant, name)? {
+                            return Err(StoreError::conflict("template", name));
+                        }
+                        let record = TemplateRecord {
+                            name: name.clone(),
+                            tenant: tenant.map(str::to_owned),
+                            spec: spec.clone(),
+                            created_at: now_ms(),
+                            key_id: key_id.map(str::to_owned),
+                            limits: Some(limits.clone()),
+                            build_id: build_id.map(str::to_owned),
+                        };
+                        insert_template(tx, &record)?;
+                        record
+                    }
+                };
+                written.push(record);
             }
-            tx.execute(
-                "UPDATE templates SET spec = ?1, limits = ?2 WHERE tenant_id IS ?3 AND name = ?4",
-                params![spec.to_string(), limits.to_string(), tenant, name],
-            )?;
-            Ok(TemplateRecord {
-                spec: spec.clone(),
-                limits: Some(limits.clone()),
-                ..current
-            })
+            Ok(written)
         })
     }
 

@@ -14,7 +14,9 @@
 //! As in E2B's builder, steps run as `user` in `/home/user` unless a step says otherwise (a
 //! root step whose directory is in `/home/user` runs in `/`: moat's root holds no
 //! capabilities and cannot enter the user's home); the template's id is its name (what
-//! `Sandbox.create` names). A build asked for but not started
+//! `Sandbox.create` names). A name's tag and the request's `tags` are the build's tags: each
+//! becomes the moat template `name:tag` (`default`, or none at all, is the name alone), and
+//! the build's id is a UUID, which `name:<build id>` names. A build asked for but not started
 //! is held here for [`PENDING_TTL`], at most [`MAX_PENDING`] of them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -50,7 +52,11 @@ pub(crate) struct PendingBuilds(std::sync::Mutex<HashMap<String, Pending>>);
 
 struct Pending {
     tenant: String,
+    /// The template's name without a tag: its E2B id.
+    base: String,
+    /// The name the build makes (`base` or `base:tag`) and its more tags.
     template: String,
+    tags: Vec<String>,
     resources: Option<v1::ResourceRequest>,
     asked: Instant,
 }
@@ -112,16 +118,30 @@ pub(crate) async fn request_build(
         .name
         .or(req.alias)
         .ok_or_else(|| E2bError::invalid("name the template (name)"))?;
-    let name = template_name(&asked)?;
-    if let Some(tag) = req
-        .tags
-        .iter()
-        .find(|t| !matches!(t.as_str(), "default" | "latest"))
+    let asked = moat_name(&asked);
+    let (base, tag) = moat_engine::store::split_template_name(&asked);
+    let base = base.to_owned();
+    // The name's tag first, then the others; none at all is `default`, the name alone.
+    let mut tags: Vec<String> = Vec::new();
+    for t in tag
+        .map(str::to_owned)
+        .into_iter()
+        .chain(req.tags.iter().map(|t| t.trim().to_ascii_lowercase()))
     {
-        return Err(E2bError::invalid(format!(
-            "template tags ({tag}) are not supported by moat: build another name"
-        )));
+        if !tags.contains(&t) {
+            tags.push(t);
+        }
     }
+    if tags.is_empty() {
+        tags.push(moat_engine::store::DEFAULT_TAG.to_owned());
+    }
+    let names = moat_engine::manager::tagged_names(&base, &base, &tags)?;
+    // `tagged_names` put `base` first: what is written is the rest, or `base` for `default`.
+    let template = if tags[0] == moat_engine::store::DEFAULT_TAG {
+        base.clone()
+    } else {
+        names[1].clone()
+    };
     let resources = match (req.cpu_count, req.memory_mb) {
         (None, None) => None,
         (cpus, memory) => Some(v1::ResourceRequest {
@@ -130,7 +150,7 @@ pub(crate) async fn request_build(
             ..Default::default()
         }),
     };
-    let build_id = moat_engine::manager::new_build_id()?;
+    let build_id = moat_engine::manager::new_build_uuid()?;
     {
         let mut pending = state.e2b_builds.lock();
         pending.retain(|_, p| p.asked.elapsed() < PENDING_TTL);
@@ -141,7 +161,9 @@ pub(crate) async fn request_build(
             build_id.clone(),
             Pending {
                 tenant: caller.tenant.clone(),
-                template: name.clone(),
+                base: base.clone(),
+                template,
+                tags: tags[1..].to_vec(),
                 resources,
                 asked: Instant::now(),
             },
@@ -150,26 +172,24 @@ pub(crate) async fn request_build(
     Ok((
         StatusCode::ACCEPTED,
         Json(BuildRequested {
-            template_id: name.clone(),
+            template_id: base.clone(),
             build_id,
             public: false,
-            names: vec![name.clone()],
-            tags: vec!["default".into()],
-            aliases: vec![name],
+            names: vec![base.clone()],
+            tags,
+            aliases: vec![base],
         }),
     ))
 }
 
-/// The moat template a name (`name` or `name:tag`) asks for: tags `default` and `latest`
-/// are the template itself; others are refused.
-fn template_name(asked: &str) -> E2bResult<String> {
-    let (name, tag) = asked.split_once(':').unwrap_or((asked, "default"));
-    if !matches!(tag, "default" | "latest") {
-        return Err(E2bError::invalid(format!(
-            "template tags ({tag}) are not supported by moat: build another name"
-        )));
+/// The moat template a name as E2B writes it (`name` or `name:tag`, any case) stands for:
+/// trimmed, in lower case, and the tag `default` being the name alone.
+pub(crate) fn moat_name(asked: &str) -> String {
+    let asked = asked.trim().to_ascii_lowercase();
+    match asked.split_once(moat_engine::store::TAG_SEPARATOR) {
+        Some((base, moat_engine::store::DEFAULT_TAG)) => base.to_owned(),
+        _ => asked,
     }
-    Ok(name.to_owned())
 }
 
 /// `TemplateBuildFileUpload`.
@@ -261,7 +281,7 @@ pub(crate) async fn start_build(
     let pending = {
         let mut pending = state.e2b_builds.lock();
         match pending.get(&build_id) {
-            Some(p) if p.tenant == caller.tenant && p.template == template_name(&template)? => {
+            Some(p) if p.tenant == caller.tenant && p.base == moat_name(&template) => {
                 pending.remove(&build_id)
             }
             _ => None,
@@ -271,6 +291,7 @@ pub(crate) async fn start_build(
     let translated = translate(&state, &caller, &req)?;
     let create = v1::CreateBuild {
         template: pending.template,
+        tags: pending.tags,
         dockerfile: translated.dockerfile,
         contexts: translated.contexts,
         from_templates: translated.from_templates,
@@ -300,7 +321,7 @@ fn translate(state: &Shared, caller: &Caller, req: &BuildStart) -> E2bResult<Tra
         (Some(image), None) => image.clone(),
         (None, Some(t)) => {
             // `FROM` a name the build maps to the template (its image).
-            from_templates.insert(BASE_TEMPLATE.to_owned(), template_name(t)?);
+            from_templates.insert(BASE_TEMPLATE.to_owned(), moat_name(t));
             BASE_TEMPLATE.to_owned()
         }
         _ => {
@@ -599,7 +620,7 @@ mod tests {
             json_array(&["/bin/sh", "-c", "echo \"hi\"\n"]),
             r#"["/bin/sh","-c","echo \"hi\"\n"]"#
         );
-        assert_eq!(template_name("t:default").unwrap(), "t");
-        assert!(template_name("t:v1").is_err());
+        assert_eq!(moat_name(" T:Default "), "t");
+        assert_eq!(moat_name("t:V1"), "t:v1");
     }
 }

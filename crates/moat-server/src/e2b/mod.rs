@@ -7,8 +7,8 @@
 //!   unknown routes under E2B's paths ([`owns_path`]); see [`error`].
 //! - Bodies: E2B's field names ([`shapes`]); the listing's query in [`list_query`].
 //! - Handlers: [`sandboxes`], [`lifecycle`] (pause, snapshots, fork), [`templates`]
-//!   (template lookups) and [`builds`] (`Template.build`), each over the same manager calls
-//!   as `/v1`'s.
+//!   (template lookups), [`builds`] (`Template.build`) and [`tags`] (`Template.assign_tags`
+//!   and its kin), each over the same manager calls as `/v1`'s.
 //!
 //! Both generations of the SDKs are served: e2b 2.51 and later create with `POST /v2/sandboxes`
 //! and connect with `POST /v2/sandboxes/{id}/connect`; earlier 2.x releases (from 2.7, the
@@ -30,6 +30,7 @@ mod list_query;
 mod network;
 mod sandboxes;
 mod shapes;
+mod tags;
 mod templates;
 
 use axum::Router;
@@ -92,6 +93,8 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
         .route("/snapshots", get(lifecycle::list_snapshots))
         .route("/templates/{id}", delete(lifecycle::delete_snapshot))
         .route("/templates/aliases/{alias}", get(templates::alias))
+        .route("/templates/tags", post(tags::assign).delete(tags::remove))
+        .route("/templates/{id}/tags", get(tags::list))
         .route("/v3/templates", post(builds::request_build))
         .route("/templates/{id}/files/{hash}", get(builds::file_link))
         .route(

@@ -86,13 +86,17 @@ async fn create_from(
     let mut create = to_create(req, state.manager.options().max_ttl)?;
     // `templateID` names a snapshot (what `create_snapshot` answered) or a template; an
     // unknown template is "not found", as E2B answers it.
-    if let StartFrom::Snapshot(id) = state
+    match state
         .manager
         .resolve_start(caller, &create.template)
         .await?
     {
-        create.template.clear();
-        create.snapshot = Some(id);
+        StartFrom::Snapshot(id) => {
+            create.template.clear();
+            create.snapshot = Some(id);
+        }
+        // A build's id resolves to the name of what it made.
+        StartFrom::Template(name) => create.template = name,
     }
     let sandbox = match idempotency_key {
         Some(key) => {
@@ -142,7 +146,9 @@ fn to_create(req: NewSandboxV2, max_ttl: Duration) -> E2bResult<v1::CreateSandbo
     }
     let timeout_secs = req.timeout.map(|t| check_timeout(t, max_ttl)).transpose()?;
     Ok(v1::CreateSandbox {
-        template: req.template_id.unwrap_or_else(|| "base".to_owned()),
+        template: req
+            .template_id
+            .map_or_else(|| "base".to_owned(), |t| super::builds::moat_name(&t)),
         snapshot: None,
         resources: None,
         env: req.env_vars.unwrap_or_default(),

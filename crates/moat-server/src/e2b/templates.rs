@@ -26,17 +26,30 @@ pub(crate) struct TemplateAlias {
     pub(crate) public: bool,
 }
 
-/// `GET /templates/aliases/{alias}`: `200` for a template the caller sees, `404` otherwise
-/// (a malformed name included: it names no template either).
+/// `GET /templates/aliases/{alias}`: `200` for a template the caller sees, or a name of
+/// which it sees only tags (`name:tag`), `404` otherwise (a malformed name included: it names
+/// no template either).
 pub(crate) async fn alias(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
     alias: Result<Path<String>, PathRejection>,
 ) -> E2bResult<Json<TemplateAlias>> {
     let Path(alias) = alias?;
-    match state.manager.get_template(&caller, &alias).await {
+    let name = super::builds::moat_name(&alias);
+    let found = match state.manager.get_template(&caller, &name).await {
+        Ok(template) => Ok(template),
+        Err(ManagerError::NotFound(_) | ManagerError::Invalid(_)) => state
+            .manager
+            .template_tags(&caller, &name)
+            .await
+            .map(|mut tags| tags.swap_remove(0)),
+        Err(e) => Err(e),
+    };
+    match found {
         Ok(template) => Ok(Json(TemplateAlias {
-            template_id: template.name,
+            template_id: moat_engine::store::split_template_name(&template.name)
+                .0
+                .to_owned(),
             public: template.builtin,
         })),
         Err(ManagerError::NotFound(_) | ManagerError::Invalid(_)) => Err(E2bError::not_found(

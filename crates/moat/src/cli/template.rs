@@ -102,6 +102,14 @@ enum TemplateCommand {
         /// Its name.
         name: String,
     },
+    /// Copy a template to tags of its name (NAME:TAG), moving tags that exist.
+    Tag {
+        /// The template to copy (`name` or `name:tag`).
+        name: String,
+        /// The tags (`default`: the name alone, over what a build made).
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
     /// Delete templates.
     #[command(visible_alias = "delete")]
     Rm {
@@ -204,6 +212,17 @@ pub fn main(args: TemplateArgs) -> ExitCode {
                 match format {
                     Format::Json => remote::print_json(&template)?,
                     Format::Table => output::print(describe(&template)?)?,
+                }
+            }
+            TemplateCommand::Tag { name, tags } => {
+                let written = client.tag_template(&name, &tags).await?;
+                match format {
+                    Format::Json => remote::print_json(&written)?,
+                    Format::Table => {
+                        for t in &written {
+                            output::println(&t.name)?;
+                        }
+                    }
                 }
             }
             TemplateCommand::Rm { names, force } => return rm(&client, &names, force).await,
@@ -403,6 +422,7 @@ mod tests {
         let host = Template {
             name: "host".into(),
             builtin: true,
+            build_id: None,
             spec: spec.clone(),
             created_at: 0,
             pool: PoolStatus::default(),
@@ -416,6 +436,7 @@ mod tests {
         let py = Template {
             name: "py".into(),
             builtin: false,
+            build_id: None,
             spec,
             created_at: 86_400_000,
             pool: PoolStatus {

@@ -23,8 +23,11 @@ const POLL: Duration = Duration::from_millis(200);
 /// Arguments of `moat template build`.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// The template to make (replaced if an earlier build made it).
+    /// The template to make, `name` or `name:tag` (replaced if an earlier build made it).
     name: String,
+    /// Another tag of the name the build writes too (repeatable; `default`: the name alone).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
     /// The build context: the directory `COPY` and `ADD` read from.
     #[arg(default_value = ".")]
     context: PathBuf,
@@ -73,6 +76,7 @@ pub async fn run(client: &Client, a: &BuildArgs, format: Format) -> Result<ExitC
     }
     let req = CreateBuild {
         template: a.name.clone(),
+        tags: a.tags.clone(),
         dockerfile,
         context: Some(digest),
         contexts: Default::default(),
