@@ -888,14 +888,20 @@ impl SandboxManager {
         spec.ready = plan.ready.clone();
         apply_config(&mut spec, config);
         super::check_env("the image's environment", &spec.env)?;
-        // An admin's build over a built-in writes built-ins, for every tenant.
-        let tenant = (!plan.builtin).then(|| caller.tenant.clone());
+        // An admin's build over a built-in writes built-ins, for every tenant, replacing
+        // whatever they were (checked when the build was asked for).
+        let (tenant, replace): (_, fn(&crate::store::TemplateRecord) -> bool) = if plan.builtin {
+            (None, |_| true)
+        } else {
+            (Some(caller.tenant.clone()), super::builds::replaceable)
+        };
         self.put_templates(
             tenant,
             caller.key_id.clone(),
             plan.names.clone(),
             &spec,
             Some(build_id.to_owned()),
+            replace,
         )
         .await?;
         Ok(())

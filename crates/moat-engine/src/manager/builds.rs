@@ -276,7 +276,7 @@ impl TenantTurns {
 
 /// A build id: `b-` and 16 base32 characters, or a lower-case UUID (E2B's API's builds).
 fn is_build_id(id: &str) -> bool {
-    let uuid = crate::store::looks_like_uuid(id) && !id.bytes().any(|b| b.is_ascii_uppercase());
+    let uuid = crate::ids::looks_like_uuid(id) && !id.bytes().any(|b| b.is_ascii_uppercase());
     uuid || id.strip_prefix("b-").is_some_and(|rest| {
         rest.len() == 16
             && rest
@@ -945,16 +945,13 @@ pub(super) fn made_by_build(spec: &serde_json::Value) -> bool {
 /// Whether a build or a tag may write over `existing`: a build made it, or it is a tag (a
 /// name that points at whatever was last written to it).
 pub(super) fn replaceable(existing: &crate::store::TemplateRecord) -> bool {
-    made_by_build(&existing.spec)
-        || crate::store::split_template_name(&existing.name)
-            .1
-            .is_some()
+    made_by_build(&existing.spec) || crate::ids::split_template_name(&existing.name).1.is_some()
 }
 
 /// The names a build writes: its template, and the same name with each of its tags.
 fn build_names(req: &v1::CreateBuild) -> ManagerResult<Vec<String>> {
     crate::store::check_template_name(&req.template).map_err(ManagerError::from)?;
-    let (base, _) = crate::store::split_template_name(&req.template);
+    let (base, _) = crate::ids::split_template_name(&req.template);
     tagged_names(base, &req.template, &req.tags)
 }
 
@@ -970,10 +967,10 @@ pub fn tagged_names(base: &str, first: &str, tags: &[String]) -> ManagerResult<V
     }
     let mut names = vec![first.to_owned()];
     for tag in tags {
-        let name = if tag == crate::store::DEFAULT_TAG {
+        let name = if tag == crate::ids::DEFAULT_TAG {
             base.to_owned()
         } else {
-            format!("{base}{}{tag}", crate::store::TAG_SEPARATOR)
+            format!("{base}{}{tag}", crate::ids::TAG_SEPARATOR)
         };
         crate::store::check_template_name(&name).map_err(ManagerError::from)?;
         if !names.contains(&name) {

@@ -162,7 +162,7 @@ impl SandboxManager {
         tags: &[String],
     ) -> ManagerResult<Vec<v1::Template>> {
         crate::store::check_template_name(name).map_err(ManagerError::from)?;
-        let (base, _) = crate::store::split_template_name(name);
+        let (base, _) = crate::ids::split_template_name(name);
         let names: Vec<String> = super::builds::tagged_names(base, name, tags)?
             .into_iter()
             .skip(1)
@@ -201,6 +201,7 @@ impl SandboxManager {
                 names,
                 &spec,
                 source.build_id,
+                super::builds::replaceable,
             )
             .await?;
         written.iter().map(|r| self.to_template(r)).collect()
@@ -208,7 +209,7 @@ impl SandboxManager {
 
     /// Writes `spec` as each of `names` of `tenant` (built-ins for `None`) in one store
     /// write, recorded as made by `build_id` and (for a name that is new) by the key `key`;
-    /// a name that exists is replaced only if [`super::builds::replaceable`].
+    /// a name that exists is replaced only if `replace` says yes to it.
     pub(super) async fn put_templates(
         &self,
         tenant: Option<String>,
@@ -216,6 +217,7 @@ impl SandboxManager {
         names: Vec<String>,
         spec: &v1::TemplateSpec,
         build_id: Option<String>,
+        replace: fn(&TemplateRecord) -> bool,
     ) -> ManagerResult<Vec<TemplateRecord>> {
         let limits = super::limits_json(spec)?;
         let json = serde_json::to_value(spec)
@@ -230,7 +232,7 @@ impl SandboxManager {
                     &json,
                     &limits,
                     build_id.as_deref(),
-                    super::builds::replaceable,
+                    replace,
                 )
             })
             .await?;
@@ -251,7 +253,7 @@ impl SandboxManager {
             .await?
             .templates
             .into_iter()
-            .filter(|t| crate::store::split_template_name(&t.name).0 == base)
+            .filter(|t| crate::ids::split_template_name(&t.name).0 == base)
             .collect::<Vec<_>>();
         if tagged.is_empty() {
             return Err(ManagerError::NotFound(format!("template {base}")));
@@ -383,20 +385,20 @@ impl SandboxManager {
                 if crate::ids::is_snapshot_id(&name) && s.get_snapshot(&tenant, &name).is_ok() {
                     return Ok(Ok(StartFrom::Snapshot(name)));
                 }
-                if let (base, Some(build)) = crate::store::split_template_name(&name)
-                    && crate::store::looks_like_uuid(build)
+                if let (base, Some(build)) = crate::ids::split_template_name(&name)
+                    && crate::ids::looks_like_uuid(build)
                 {
                     let mut made = s
                         .list_templates(Some(&tenant))?
                         .into_iter()
                         .filter(|t| {
-                            crate::store::split_template_name(&t.name).0 == base
+                            crate::ids::split_template_name(&t.name).0 == base
                                 && t.build_id.as_deref() == Some(build)
                         })
                         .map(|t| t.name)
                         .collect::<Vec<_>>();
                     // The name alone before its tags.
-                    made.sort_by_key(|n| n.contains(crate::store::TAG_SEPARATOR));
+                    made.sort_by_key(|n| n.contains(crate::ids::TAG_SEPARATOR));
                     return Ok(match made.into_iter().next() {
                         Some(found) => Ok(StartFrom::Template(found)),
                         None => Err(ManagerError::NotFound(format!(

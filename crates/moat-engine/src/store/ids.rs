@@ -1,6 +1,7 @@
 //! Validation of ids and names, and the random ids and secrets the store makes.
 
 use super::error::{StoreError, StoreResult};
+use crate::ids::{DEFAULT_TAG, looks_like_uuid, split_template_name};
 
 /// Lower-case RFC 4648 base32 letters: they fit `[a-z0-9]`, so generated ids pass our own checks.
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -87,12 +88,6 @@ pub fn check_sandbox_id(id: &str) -> StoreResult<()> {
     }
 }
 
-/// Separates a template's name from its tag (`name:tag`).
-pub const TAG_SEPARATOR: char = ':';
-
-/// The tag a template's name alone stands for; never written as a tag.
-pub const DEFAULT_TAG: &str = "default";
-
 /// Whether `part` is `[a-z0-9][a-z0-9._-]{0,62}`: what a template's name and a tag are.
 fn is_name_part(part: &str) -> bool {
     let bytes = part.as_bytes();
@@ -101,25 +96,6 @@ fn is_name_part(part: &str) -> bool {
         && bytes[1..]
             .iter()
             .all(|&b| is_lower_alnum(b) || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// Whether `text` has the shape of a UUID (`8-4-4-4-12` hex digits), which is how a build is
-/// named where tags are (`name:<build id>` in E2B's API), so no tag may have it.
-pub fn looks_like_uuid(text: &str) -> bool {
-    let groups: Vec<&str> = text.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// A template name split into its base and its tag (`None` for a name without one).
-pub fn split_template_name(name: &str) -> (&str, Option<&str>) {
-    match name.split_once(TAG_SEPARATOR) {
-        Some((base, tag)) => (base, Some(tag)),
-        None => (name, None),
-    }
 }
 
 /// Checks a template name: a base `[a-z0-9][a-z0-9._-]{0,62}`, optionally followed by

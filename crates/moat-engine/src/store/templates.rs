@@ -8,10 +8,11 @@ use rusqlite::{Connection, Row, params};
 use serde::{Deserialize, Serialize};
 
 use super::error::{StoreError, StoreResult};
-use super::ids::{check_template_name, split_template_name};
+use super::ids::check_template_name;
 use super::schema::active_states_sql;
 use super::tenants::require_tenant;
 use super::{Store, first_row, now_ms};
+use crate::ids::split_template_name;
 
 /// The query of [`visible_template`]: the tenant's own template of a name first, else the
 /// global one (the store's tests check its plan).

@@ -119,7 +119,7 @@ pub(crate) async fn request_build(
         .or(req.alias)
         .ok_or_else(|| E2bError::invalid("name the template (name)"))?;
     let asked = moat_name(&asked);
-    let (base, tag) = moat_engine::store::split_template_name(&asked);
+    let (base, tag) = moat_engine::ids::split_template_name(&asked);
     let base = base.to_owned();
     // The name's tag first, then the others; none at all is `default`, the name alone.
     let mut tags: Vec<String> = Vec::new();
@@ -133,11 +133,11 @@ pub(crate) async fn request_build(
         }
     }
     if tags.is_empty() {
-        tags.push(moat_engine::store::DEFAULT_TAG.to_owned());
+        tags.push(moat_engine::ids::DEFAULT_TAG.to_owned());
     }
     let names = moat_engine::manager::tagged_names(&base, &base, &tags)?;
     // `tagged_names` put `base` first: what is written is the rest, or `base` for `default`.
-    let template = if tags[0] == moat_engine::store::DEFAULT_TAG {
+    let template = if tags[0] == moat_engine::ids::DEFAULT_TAG {
         base.clone()
     } else {
         names[1].clone()
@@ -186,8 +186,8 @@ pub(crate) async fn request_build(
 /// trimmed, in lower case, and the tag `default` being the name alone.
 pub(crate) fn moat_name(asked: &str) -> String {
     let asked = asked.trim().to_ascii_lowercase();
-    match asked.split_once(moat_engine::store::TAG_SEPARATOR) {
-        Some((base, moat_engine::store::DEFAULT_TAG)) => base.to_owned(),
+    match asked.split_once(moat_engine::ids::TAG_SEPARATOR) {
+        Some((base, moat_engine::ids::DEFAULT_TAG)) => base.to_owned(),
         _ => asked,
     }
 }

@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use bytes::Bytes;
 use moat_engine::auth::Caller;
+use moat_engine::ids::{DEFAULT_TAG, TAG_SEPARATOR, split_template_name};
 use moat_engine::manager::ManagerError;
-use moat_engine::store::{DEFAULT_TAG, TAG_SEPARATOR, split_template_name};
 use moat_proto::v1;
 use serde::{Deserialize, Serialize};
 

@@ -47,7 +47,7 @@ pub(crate) async fn alias(
     };
     match found {
         Ok(template) => Ok(Json(TemplateAlias {
-            template_id: moat_engine::store::split_template_name(&template.name)
+            template_id: moat_engine::ids::split_template_name(&template.name)
                 .0
                 .to_owned(),
             public: template.builtin,
