@@ -1,14 +1,12 @@
 """Fixtures of the suite of moat's own Python SDK (`sdk/python`, the `moat` package) against a
 running `moat serve`.
 
-The server comes from the environment, as the SDK reads it: `MOAT_URL` (`http://127.0.0.1:PORT`)
-and `MOAT_API_KEY` (an admin key). `crates/moat/tests/python_sdk.rs` starts the server and runs
-pytest with them; these fixtures never start one.
+`crates/moat/tests/python_sdk.rs` starts the server and runs pytest with the shared fixtures
+of `tests/pylib/moat_suite.py` (`server`, `client`, `tag`); these build on them.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,33 +14,6 @@ import pytest
 import pytest_asyncio
 
 import moat
-
-ENV_VARS = ("MOAT_URL", "MOAT_API_KEY")
-
-
-@pytest.fixture(scope="session")
-def server() -> tuple[str, str]:
-    """The server's URL and the admin key."""
-    missing = [name for name in ENV_VARS if not os.environ.get(name)]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} unset: run this suite through "
-            "`cargo nextest run -p moat --test python_sdk`, which starts moat serve"
-        )
-    return os.environ["MOAT_URL"], os.environ["MOAT_API_KEY"]
-
-
-@pytest.fixture(scope="session")
-def client(server: tuple[str, str]) -> Iterator[moat.Client]:
-    """A client with the admin key, shared by the session."""
-    with moat.Client() as c:
-        yield c
-
-
-@pytest.fixture
-def tag() -> str:
-    """A label unique to one test, for its sandboxes' metadata, so listings see only them."""
-    return uuid.uuid4().hex[:12]
 
 
 @pytest.fixture

@@ -80,19 +80,37 @@ pub fn test_python() -> PathBuf {
 
 /// Runs pytest on `path` (relative to the repository's root) against `server`, with its URL
 /// and admin key in `MOAT_URL` and `MOAT_API_KEY`, the working tree's Python SDK first on the
-/// path, `env` added and `remove` taken out; fails with pytest's output.
+/// path, the shared fixtures of `tests/pylib/moat_suite.py` loaded, `env` added and `remove`
+/// taken out; fails with pytest's output.
 pub fn pytest(path: &str, server: &server::Server, env: &[(&str, &str)], remove: &[&str]) {
     let mut cmd = std::process::Command::new(test_python());
     // No cache directory in the source tree.
-    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", path])
-        .current_dir(repo_root())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        // The working tree's SDK before the copy scripts/test-deps.sh installed, so the tests
-        // see the code as it is now.
-        .env("PYTHONPATH", repo_root().join("sdk/python"))
-        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
-        .env("MOAT_API_KEY", server.admin_key())
-        .envs(env.iter().copied());
+    // `moat_suite`: the fixtures the suites share (tests/pylib).
+    cmd.args([
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "moat_suite",
+        path,
+    ])
+    .current_dir(repo_root())
+    .env("PYTHONDONTWRITEBYTECODE", "1")
+    // The working tree's SDK before the copy scripts/test-deps.sh installed, so the tests
+    // see the code as it is now.
+    .env(
+        "PYTHONPATH",
+        format!(
+            "{}:{}",
+            repo_root().join("sdk/python").display(),
+            repo_root().join("tests/pylib").display()
+        ),
+    )
+    .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
+    .env("MOAT_API_KEY", server.admin_key())
+    .envs(env.iter().copied());
     for name in remove {
         cmd.env_remove(name);
     }
