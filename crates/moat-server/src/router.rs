@@ -63,6 +63,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(read_small_bodies))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state.clone());
     // Sandbox traffic is recognised before any routing, so no API route can shadow it.
@@ -74,6 +75,47 @@ pub(crate) fn router_with(state: Shared) -> Router {
         ))
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
+}
+
+/// Bodies up to this size are read whole before the route's handler runs.
+const READ_FIRST_BYTES: usize = 64 << 10;
+
+/// Reads a small request body (a `content-length` up to [`READ_FIRST_BYTES`]) whole before
+/// the handler runs. A handler that needs no body (a cancel, a pause, a health check) would
+/// otherwise answer before a body sent after the head has arrived, and hyper, unable to skip
+/// bytes it has not received, then closes the connection: a keep-alive client that sends its
+/// next request on it gets no answer ("server disconnected"). Larger bodies stream to their
+/// handlers as they come. A small body must arrive within the header-read timeout, as its head
+/// had to.
+async fn read_small_bodies(req: Request, next: Next) -> Response {
+    let small = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > 0 && n <= READ_FIRST_BYTES);
+    if !small {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(
+        crate::conn_limits::HEADER_READ_TIMEOUT,
+        axum::body::to_bytes(body, READ_FIRST_BYTES),
+    );
+    let error = match read.await {
+        Ok(Ok(bytes)) => return next.run(Request::from_parts(parts, bytes.into())).await,
+        Ok(Err(e)) => ApiError::invalid(format!("reading the request's body: {e}")),
+        // A small body still coming after this long is held back on purpose (slowloris).
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!(
+                "the request's body of at most {} KiB did not arrive within {} s",
+                READ_FIRST_BYTES >> 10,
+                crate::conn_limits::HEADER_READ_TIMEOUT.as_secs()
+            ),
+        ),
+    };
+    surface_error(&parts.uri, error)
 }
 
 /// Logs and counts every answer: its status, and its error code when it is a JSON error.

@@ -277,3 +277,80 @@ fn a_hard_open_file_limit_too_low_for_sandboxes_is_refused_with_what_to_set() {
         "{stdout}"
     );
 }
+
+/// One answer read from a keep-alive connection: its status line and body, by its
+/// `content-length`; `None` when the server closed the connection first.
+fn read_answer(conn: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => raw.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).ok()?;
+    Some((head.lines().next().unwrap_or("").to_owned(), body))
+}
+
+#[test]
+fn a_body_the_handler_does_not_read_does_not_close_the_connection() {
+    need_root!("moat serve's native backend needs root");
+    let server = support::server::Server::start();
+    let key = server.admin_key();
+    let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // A cancel reads no body; clients send `{}` anyway, and its bytes may come after the
+    // head (a second TCP segment, late under load).
+    for round in 0..2 {
+        let head = format!(
+            "POST /v1/builds/b-aaaaaaaaaaaaaaaa/cancel HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: 2\r\n\r\n"
+        );
+        let closed = |e: std::io::Error| panic!("round {round}: the connection was closed: {e}");
+        conn.write_all(head.as_bytes()).unwrap_or_else(closed);
+        std::thread::sleep(Duration::from_millis(200));
+        conn.write_all(b"{}").unwrap_or_else(closed);
+        let (status, body) = read_answer(&mut conn)
+            .unwrap_or_else(|| panic!("round {round}: the server closed the connection"));
+        assert!(
+            status.contains(" 404 "),
+            "{status}: {:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    // The connection still serves what comes next.
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("healthz");
+    let (status, _) = read_answer(&mut conn).expect("the connection was closed");
+    assert!(status.contains(" 200 "), "{status}");
+    // A small body held back is given up on after the header-read timeout, as a head is.
+    conn.write_all(b"POST /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n{}")
+        .expect("a body cut short");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let began = Instant::now();
+    let (status, body) = read_answer(&mut conn).expect("no answer");
+    assert!(status.contains(" 408 "), "{status}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("did not arrive"),
+        "{body:?}"
+    );
+    assert!(
+        began.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        began.elapsed()
+    );
+}
