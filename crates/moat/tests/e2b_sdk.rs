@@ -16,23 +16,7 @@ use serde_json::json;
 use support::need_root;
 use support::server::*;
 
-/// The repository's root, where `tests/e2b/` is.
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The Python with the SDKs and pytest.
-fn test_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("MOAT_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = repo_root().join("target/test-venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no test Python: run scripts/test-deps.sh (or set MOAT_TEST_PYTHON)"
-    );
-    venv
-}
+use support::{repo_root, test_python};
 
 /// Runs `tests/e2b/<file>` with pytest against a fresh `moat serve`.
 fn run_pytest(file: &str) {

@@ -6,7 +6,7 @@
 //! scripts/test-deps.sh downloaded); and E2B's DataFrame and chart examples run unmodified on
 //! it (`tests/e2b/test_data_science.py`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use moat_test_support::need_root;
@@ -14,9 +14,7 @@ use moat_test_support::registry::Registry;
 use moat_test_support::server::Server;
 use serde_json::json;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use moat_test_support::repo_root;
 
 /// Runs `cmd` in the repository's root; its standard output, or a failure with all its output.
 fn run(mut cmd: Command, what: &str) -> String {

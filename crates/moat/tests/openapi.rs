@@ -6,22 +6,12 @@
 use moat_test_support as support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 use support::need_root;
 use support::server::*;
-
-/// The Python with the test tools: `MOAT_TEST_PYTHON` (set by scripts/test.sh), else the
-/// venv scripts/test-deps.sh makes.
-fn test_python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MOAT_TEST_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-venv/bin/python");
-    p.exists().then_some(p)
-}
 
 /// The server's module of E2B-compatible routes. moat's document does not describe them: their
 /// contract is E2B's API (its SDKs are the clients), which they follow field for field, and
@@ -158,9 +148,7 @@ fn the_document_validates_and_matches_the_routes() {
     }
 
     // A valid OpenAPI 3.1 document.
-    let Some(python) = test_python() else {
-        panic!("no test Python: run scripts/test-deps.sh (or set MOAT_TEST_PYTHON)");
-    };
+    let python = support::test_python();
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), serde_json::to_vec(&doc).expect("json")).expect("write");
     let out = Command::new(&python)
