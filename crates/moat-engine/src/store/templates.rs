@@ -72,15 +72,17 @@ impl TemplateRecord {
 
 /// Whether `name` is taken where a new template of `tenant` (a built-in for `None`) would be
 /// seen: by the tenant's own template or a built-in, or, for a new built-in, by any
-/// tenant's. A tenant's tag of a built-in's name (`base:v1`) is taken too: the tags of a name
-/// belong to whoever owns it.
+/// tenant's. The tags of a name belong to whoever owns it, so a tenant's tag of a built-in's
+/// name (`host:v1`) is taken, and so is a new built-in's name that a tenant has tags of.
 fn name_taken(conn: &Connection, tenant: Option<&str>, name: &str) -> StoreResult<bool> {
     let (base, tag) = split_template_name(name);
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM templates
              WHERE (name = ?1 AND (?2 IS NULL OR tenant_id IS NULL OR tenant_id = ?2))
-                OR (?3 IS NOT NULL AND ?2 IS NOT NULL AND tenant_id IS NULL AND name = ?3)",
+                OR (?3 IS NOT NULL AND ?2 IS NOT NULL AND tenant_id IS NULL AND name = ?3)
+                OR (?3 IS NULL AND ?2 IS NULL AND tenant_id IS NOT NULL
+                    AND substr(name, 1, length(?1) + 1) = ?1 || ':')",
         )?
         .exists(params![name, tenant, tag.map(|_| base)])?)
 }
