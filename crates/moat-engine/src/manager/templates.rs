@@ -222,6 +222,8 @@ impl SandboxManager {
         let limits = super::limits_json(spec)?;
         let json = serde_json::to_value(spec)
             .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
+        // A built-in is charged to no key (its pool is bounded by the pool budget alone).
+        let key = key.filter(|_| tenant.is_some());
         let written = self
             .inner
             .db(move |s| {
