@@ -98,9 +98,16 @@ impl SandboxManager {
             .get(id)
             .filter(|live| live.is_paused())
             .map(|live| live.tenant.clone());
-        match paused {
-            Some(tenant) if self.inner.live_for(&tenant, id).await.is_ok() => self.route(id),
-            _ => Err(refused),
+        let Some(tenant) = paused else {
+            return Err(refused);
+        };
+        match self.inner.live_for(&tenant, id).await {
+            Ok(_) => self.route(id),
+            Err(e) => {
+                // The caller answers "not found"; why the resume failed is only here.
+                tracing::warn!(sandbox = %id, "resuming a paused sandbox for a call failed: {e}");
+                Err(refused)
+            }
         }
     }
 
