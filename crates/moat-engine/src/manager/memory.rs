@@ -613,6 +613,7 @@ impl Inner {
 
     /// Ends sandbox `id`, lost in a checkpoint or restore, recorded failed with `why`.
     async fn fail(&self, tenant: &str, id: &str, why: &ManagerError) {
+        tracing::warn!(sandbox = %id, "a sandbox lost to a save or restore of its memory: {why}");
         lock(&self.live).remove(id);
         self.paused_bytes.remove(id);
         let (t, i) = (tenant.to_owned(), id.to_owned());
