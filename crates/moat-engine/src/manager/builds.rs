@@ -588,18 +588,16 @@ impl SandboxManager {
         }
         let names = build_names(&req)?;
         let mut builtin = false;
-        for name in &names {
-            let (t, n) = (caller.tenant.clone(), name.clone());
-            match self.inner.db(move |s| s.get_template(&t, &n)).await {
-                // An admin's build may replace a built-in template (the interpreter's image, say).
-                Ok(existing) if existing.tenant.is_none() && caller.is_admin() => builtin = true,
-                Ok(existing) if existing.tenant.is_none() || !replaceable(&existing) => {
-                    return Err(ManagerError::Conflict(format!(
-                        "template {name} exists and no build made it: delete it or build another \
-                         name (an admin key's build may replace a built-in one)"
-                    )));
-                }
-                _ => {}
+        for existing in self.existing_templates(caller, &names).await? {
+            // An admin's build may replace a built-in template (the interpreter's image, say).
+            if existing.tenant.is_none() && caller.is_admin() {
+                builtin = true;
+            } else if existing.tenant.is_none() || !replaceable(&existing) {
+                return Err(ManagerError::Conflict(format!(
+                    "template {} exists and no build made it: delete it or build another name \
+                     (an admin key's build may replace a built-in one)",
+                    existing.name
+                )));
             }
         }
         for (name, template) in &req.from_templates {

@@ -180,16 +180,16 @@ impl SandboxManager {
                  write them)"
             )));
         }
-        for n in &names {
-            let (t, n) = (caller.tenant.clone(), n.clone());
-            if let Ok(existing) = self.inner.db(move |s| s.get_template(&t, &n)).await
-                && !super::builds::replaceable(&existing)
-            {
-                return Err(ManagerError::Conflict(format!(
-                    "template {} exists and no build made it: a tag may not replace it",
-                    existing.name
-                )));
-            }
+        if let Some(existing) = self
+            .existing_templates(caller, &names)
+            .await?
+            .into_iter()
+            .find(|t| !super::builds::replaceable(t))
+        {
+            return Err(ManagerError::Conflict(format!(
+                "template {} exists and no build made it: a tag may not replace it",
+                existing.name
+            )));
         }
         let mut spec: v1::TemplateSpec = serde_json::from_value(source.spec.clone())
             .map_err(|e| ManagerError::Internal(format!("template {name} has a bad spec: {e}")))?;
@@ -205,6 +205,29 @@ impl SandboxManager {
             )
             .await?;
         written.iter().map(|r| self.to_template(r)).collect()
+    }
+
+    /// Those of `names` the caller sees now (its own or built-ins): what a write of them
+    /// would replace.
+    pub(super) async fn existing_templates(
+        &self,
+        caller: &Caller,
+        names: &[String],
+    ) -> ManagerResult<Vec<TemplateRecord>> {
+        let (tenant, names) = (caller.tenant.clone(), names.to_vec());
+        self.inner
+            .db(move |s| {
+                let mut found = Vec::new();
+                for name in &names {
+                    match s.get_template(&tenant, name) {
+                        Ok(t) => found.push(t),
+                        Err(StoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(found)
+            })
+            .await
     }
 
     /// Writes `spec` as each of `names` of `tenant` (built-ins for `None`) in one store

@@ -126,7 +126,7 @@ pub(crate) async fn request_build(
     for t in tag
         .map(str::to_owned)
         .into_iter()
-        .chain(req.tags.iter().map(|t| t.trim().to_ascii_lowercase()))
+        .chain(req.tags.iter().map(|t| e2b_word(t)))
     {
         if !tags.contains(&t) {
             tags.push(t);
@@ -182,10 +182,15 @@ pub(crate) async fn request_build(
     ))
 }
 
+/// A name or tag as E2B reads it: trimmed, in lower case.
+pub(crate) fn e2b_word(text: &str) -> String {
+    text.trim().to_ascii_lowercase()
+}
+
 /// The moat template a name as E2B writes it (`name` or `name:tag`, any case) stands for:
 /// trimmed, in lower case, and the tag `default` being the name alone.
 pub(crate) fn moat_name(asked: &str) -> String {
-    let asked = asked.trim().to_ascii_lowercase();
+    let asked = e2b_word(asked);
     match asked.split_once(moat_engine::ids::TAG_SEPARATOR) {
         Some((base, moat_engine::ids::DEFAULT_TAG)) => base.to_owned(),
         _ => asked,

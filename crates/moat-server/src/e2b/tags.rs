@@ -17,7 +17,7 @@ use moat_engine::manager::ManagerError;
 use moat_proto::v1;
 use serde::{Deserialize, Serialize};
 
-use super::builds::moat_name;
+use super::builds::{e2b_word, moat_name};
 use super::error::{E2bError, E2bResult};
 use super::shapes::rfc3339;
 use crate::extract::{Shared, json_body};
@@ -59,11 +59,6 @@ pub(crate) struct TemplateTag {
     created_at: String,
 }
 
-/// A tag as E2B writes it: trimmed, in lower case.
-fn tag_of(text: &str) -> String {
-    text.trim().to_ascii_lowercase()
-}
-
 fn build_of(template: &v1::Template) -> String {
     template
         .build_id
@@ -78,7 +73,7 @@ pub(crate) async fn assign(
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult<(StatusCode, Json<AssignedTags>)> {
     let req: AssignTags = json_body(body, None)?;
-    let tags: Vec<String> = req.tags.iter().map(|t| tag_of(t)).collect();
+    let tags: Vec<String> = req.tags.iter().map(|t| e2b_word(t)).collect();
     let target = moat_name(&req.target);
     let written = match state.manager.tag_template(&caller, &target, &tags).await {
         Err(ManagerError::NotFound(_)) => {
@@ -109,7 +104,7 @@ pub(crate) async fn remove(
         )));
     }
     let mut names = Vec::with_capacity(req.tags.len());
-    for tag in req.tags.iter().map(|t| tag_of(t)) {
+    for tag in req.tags.iter().map(|t| e2b_word(t)) {
         if tag == DEFAULT_TAG {
             return Err(E2bError::invalid(format!(
                 "the {DEFAULT_TAG} tag is the template {base} itself: it is not removed as a tag"
