@@ -63,7 +63,6 @@ pub(crate) fn router_with(state: Shared) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(read_small_bodies))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state.clone());
     // Sandbox traffic is recognised before any routing, so no API route can shadow it.
@@ -73,6 +72,8 @@ pub(crate) fn router_with(state: Shared) -> Router {
             state.clone(),
             crate::sandbox_proxy::dispatch,
         ))
+        // Outside the proxy too: its refusals (a sandbox not running) read no body either.
+        .layer(middleware::from_fn(read_small_bodies))
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
@@ -82,7 +83,8 @@ const READ_FIRST_BYTES: usize = 64 << 10;
 
 /// Reads a small request body (a `content-length` up to [`READ_FIRST_BYTES`]) whole before
 /// the handler runs. A handler that needs no body (a cancel, a pause, a health check) would
-/// otherwise answer before a body sent after the head has arrived, and hyper, unable to skip
+/// (nor the sandbox proxy's refusals) would otherwise answer before a body sent after the head
+/// has arrived, and hyper, unable to skip
 /// bytes it has not received, then closes the connection: a keep-alive client that sends its
 /// next request on it gets no answer ("server disconnected"). Larger bodies stream to their
 /// handlers as they come. A small body must arrive within the header-read timeout, as its head

@@ -331,6 +331,21 @@ fn a_body_the_handler_does_not_read_does_not_close_the_connection() {
             String::from_utf8_lossy(&body)
         );
     }
+    // Nor does the sandbox proxy's refusal of a call to a sandbox that does not run.
+    let head = "POST /process.Process/Start HTTP/1.1\r\nHost: localhost\r\n\
+                E2b-Sandbox-Id: aaaaaaaaaaaaaaaaaaaa\r\nContent-Type: application/json\r\n\
+                Content-Length: 2\r\n\r\n";
+    let closed = |e: std::io::Error| panic!("the proxy's refusal closed the connection: {e}");
+    conn.write_all(head.as_bytes()).unwrap_or_else(closed);
+    std::thread::sleep(Duration::from_millis(200));
+    conn.write_all(b"{}").unwrap_or_else(closed);
+    let (status, _) = read_answer(&mut conn).expect("the proxy closed the connection");
+    let code: u16 = status
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    assert!((400..600).contains(&code), "a refusal, not {status}");
     // The connection still serves what comes next.
     conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .expect("healthz");
