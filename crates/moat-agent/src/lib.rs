@@ -8,6 +8,7 @@
 //! `/interpreter` (§9 there).
 
 pub mod auth;
+pub mod channel;
 pub mod entry;
 pub mod files;
 pub mod filesystem;

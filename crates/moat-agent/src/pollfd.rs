@@ -91,25 +91,16 @@ pub struct PollFd {
     /// while the `PollFd` is dropped.
     current: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
     interest: Interest,
-    /// Whether its open file is its alone, so that its registration may outlive it (see
-    /// [`retire`]).
-    sole: bool,
 }
 
 impl PollFd {
-    /// Makes `fd` non-blocking and registers it for `interest`.
+    /// Makes `fd`, whose open file no other descriptor of the agent refers to, non-blocking
+    /// and registers it for `interest`.
     pub fn new(fd: OwnedFd, interest: Interest) -> io::Result<PollFd> {
-        Self::with_file(fd, interest, true)
-    }
-
-    /// [`PollFd::new`]; `sole` says whether the open file is this descriptor's alone (not, say,
-    /// a duplicate of one the agent keeps).
-    fn with_file(fd: OwnedFd, interest: Interest, sole: bool) -> io::Result<PollFd> {
         set_nonblocking(fd.as_fd())?;
         Ok(PollFd {
             current: Mutex::new(Some(Arc::new(register(fd, interest)?))),
             interest,
-            sole,
         })
     }
 
@@ -185,134 +176,12 @@ impl PollFd {
 
 impl Drop for PollFd {
     fn drop(&mut self) {
-        if !self.sole {
-            return;
-        }
         let current = self
             .current
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(fd) = current.take() {
             retire(fd, true);
-        }
-    }
-}
-
-/// A connected stream socket over a [`PollFd`]: what the agent serves its host on when its
-/// channel may be checkpointed and restored.
-#[derive(Debug)]
-pub struct PollStream(PollFd);
-
-impl PollStream {
-    /// Makes the connected socket `fd` (a duplicate of the agent's channel, which the agent
-    /// keeps) non-blocking and registers it for reading and writing.
-    pub fn new(fd: OwnedFd) -> io::Result<PollStream> {
-        Ok(PollStream(PollFd::with_file(
-            fd,
-            Interest::READABLE | Interest::WRITABLE,
-            false,
-        )?))
-    }
-}
-
-impl tokio::io::AsyncRead for PollStream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        // SAFETY: the bytes are only written (by read(2)), never read, and only the `n` it
-        // wrote are then marked initialised.
-        let unfilled = unsafe { buf.unfilled_mut() };
-        let n = ready!(self.0.poll_io(cx, Direction::Read, |fd| {
-            retrying(|| {
-                // SAFETY: `unfilled` is writable for its length; `fd` is open for the borrow.
-                unsafe {
-                    libc::read(
-                        std::os::fd::AsRawFd::as_raw_fd(&fd),
-                        unfilled.as_mut_ptr().cast(),
-                        unfilled.len(),
-                    )
-                }
-            })
-        }))?;
-        // SAFETY: read(2) initialised the first `n` bytes of the unfilled part.
-        unsafe { buf.assume_init(n) };
-        buf.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl tokio::io::AsyncWrite for PollStream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let count = bufs.len().min(libc::UIO_MAXIOV as usize);
-        self.0.poll_io(cx, Direction::Write, |fd| {
-            retrying(|| {
-                // SAFETY: IoSlice is ABI-compatible with iovec; `count` slices are valid for reads;
-                // `fd` is open for the borrow. MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
-                unsafe {
-                    let msg = libc::msghdr {
-                        msg_name: std::ptr::null_mut(),
-                        msg_namelen: 0,
-                        msg_iov: bufs.as_ptr() as *mut libc::iovec,
-                        msg_iovlen: count as _,
-                        msg_control: std::ptr::null_mut(),
-                        msg_controllen: 0,
-                        msg_flags: 0,
-                    };
-                    libc::sendmsg(
-                        std::os::fd::AsRawFd::as_raw_fd(&fd),
-                        &msg,
-                        libc::MSG_NOSIGNAL,
-                    )
-                }
-            })
-        })
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = self.0.with_fd(|fd| {
-            // SAFETY: shutdown with integer arguments on an open socket.
-            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SHUT_WR) }
-        });
-        Poll::Ready(if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        })
-    }
-}
-
-/// The byte count of a read or write system call `call`, which is made again when a signal
-/// interrupted it.
-fn retrying(mut call: impl FnMut() -> isize) -> io::Result<usize> {
-    loop {
-        if let Ok(n) = usize::try_from(call()) {
-            return Ok(n);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
         }
     }
 }

@@ -122,10 +122,12 @@ pub async fn serve_resumable(
 ) -> std::io::Result<()> {
     let reaper = Reaper::start(opts.reap)?;
     let router = Arc::new(Router::new(state.clone(), reaper, opts.landlock_root));
+    // Not registered with the runtime's reactor: a restore may hand the reactor keys of
+    // registrations long gone (see `channel`).
+    let watched = crate::channel::Channel::new(channel.try_clone()?)?;
     loop {
-        // Not tokio's own stream: its readiness after a restore cannot be trusted (see
-        // `pollfd`).
-        let stream = crate::pollfd::PollStream::new(channel.try_clone()?)?;
+        watched.rewatch()?;
+        let stream = watched.stream();
         // However it ended, what follows depends only on whether the host said it comes back.
         // When it did, the agent ends the connection itself (after the answer went out, and
         // with streams still open cut), so the host knows, once its side closes, that the
@@ -148,9 +150,6 @@ pub async fn serve_resumable(
         // reads nothing of the old connection.
         // SAFETY: shutdown with integer arguments on our own socket.
         unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&channel), libc::SHUT_WR) };
-        // The old connection, kept to the end of this turn, goes only after a restore: a
-        // restore replays events of the time before it (see `pollfd`), and those of the old
-        // connection's registration must find it still there.
         while !has_data(&channel)? {
             tokio::time::sleep(RECONNECT_POLL).await;
         }
