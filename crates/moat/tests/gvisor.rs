@@ -90,6 +90,16 @@ fn counting_sandbox(server: &Server, key: &str) -> String {
     id
 }
 
+/// `POST /v1/sandboxes/{id}/{action}` (`pause`, `resume`) with no body.
+fn act(server: &Server, key: &str, id: &str, action: &str) -> Reply {
+    server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/{action}"),
+        Some(key),
+        None,
+    )
+}
+
 /// Deletes sandbox `id`, which must leave nothing on the host.
 fn delete(server: &Server, key: &str, id: &str) {
     let r = server.request("DELETE", &format!("/v1/sandboxes/{id}"), Some(key), None);
@@ -527,12 +537,7 @@ fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
     assert!(!cgroups().is_empty(), "no cgroup while it runs");
     let before = count();
 
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{id}/pause"),
-        Some(&key),
-        None,
-    );
+    let r = act(&server, &key, &id, "pause");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["state"], "paused", "{}", r.text());
     // Released: no cgroup (so no memory charged), no runsc process.
@@ -554,12 +559,7 @@ fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
     );
     assert_eq!(r.status, 409, "{}", r.text());
 
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{id}/resume"),
-        Some(&key),
-        None,
-    );
+    let r = act(&server, &key, &id, "resume");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["state"], "running", "{}", r.text());
     let after = count();
@@ -571,15 +571,46 @@ fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
     assert!(count() > after, "stopped counting after the resume");
 
     // Paused again, then deleted: nothing stays, on the host or in the data dir.
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{id}/pause"),
-        Some(&key),
-        None,
-    );
+    let r = act(&server, &key, &id, "pause");
     assert_eq!(r.status, 200, "{}", r.text());
     delete(&server, &key, &id);
     assert!(!server.data.join("snapshots/paused").join(&id).exists());
+}
+
+/// A resume that fails (here: the saved image is damaged) neither ends the sandbox nor loses
+/// what its pause saved: it answers `503` and stays paused, and once the image is whole again
+/// a resume goes on counting from where it was.
+#[test]
+fn a_resume_that_fails_leaves_the_sandbox_paused_with_what_it_saved() {
+    need_root!();
+    need_runsc();
+    let (server, key) = gvisor_server();
+    let id = counting_sandbox(&server, &key);
+    let before = count(&server, &key, &id);
+    let pause = act(&server, &key, &id, "pause");
+    assert_eq!(pause.status, 200, "{}", pause.text());
+    let image = server
+        .data
+        .join("snapshots/paused")
+        .join(&id)
+        .join("checkpoint.img");
+    let whole = std::fs::read(&image).expect("the saved image");
+    std::fs::write(&image, b"not a checkpoint").expect("damage the image");
+
+    let r = act(&server, &key, &id, "resume");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("stays paused"), "{}", r.text());
+    let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+    assert_eq!(r.status, 200, "ended by a failed resume: {}", r.text());
+    assert_eq!(r.json()["state"], "paused", "{}", r.text());
+    assert!(image.exists(), "the saved state was removed");
+
+    std::fs::write(&image, whole).expect("mend the image");
+    let r = act(&server, &key, &id, "resume");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = count(&server, &key, &id);
+    assert!(after >= before, "restarted: {before} then {after}");
+    delete(&server, &key, &id);
 }
 
 /// Calls that come together to a sandbox paused to disk with `auto_resume` all get through:
@@ -596,12 +627,7 @@ fn calls_that_come_together_to_a_paused_gvisor_sandbox_all_resume_it() {
     );
     server.shell(&key, &id, "echo kept > /tmp/kept");
     for round in 0..3 {
-        let r = server.request(
-            "POST",
-            &format!("/v1/sandboxes/{id}/pause"),
-            Some(&key),
-            None,
-        );
+        let r = act(&server, &key, &id, "pause");
         assert_eq!(r.status, 200, "round {round}: {}", r.text());
         let answers: Vec<(u16, String)> = std::thread::scope(|s| {
             let calls: Vec<_> = (0..6)
@@ -1039,12 +1065,7 @@ fn a_sandbox_paused_on_gvisor_outlives_a_server_restart() {
     let running = server.create_sandbox_with(&key, json!({"template": "sentry"}));
     let before = count(&server, &key, &paused);
     let pause = |server: &Server| {
-        let r = server.request(
-            "POST",
-            &format!("/v1/sandboxes/{paused}/pause"),
-            Some(&key),
-            None,
-        );
+        let r = act(server, &key, &paused, "pause");
         assert_eq!(r.status, 200, "{}", r.text());
     };
     let state = |server: &Server, id: &str| {
@@ -1071,12 +1092,7 @@ fn a_sandbox_paused_on_gvisor_outlives_a_server_restart() {
     let server = Server::start_in(dir, data);
     assert_eq!(state(&server, &paused), "paused");
 
-    let r = server.request(
-        "POST",
-        &format!("/v1/sandboxes/{paused}/resume"),
-        Some(&key),
-        None,
-    );
+    let r = act(&server, &key, &paused, "resume");
     assert_eq!(r.status, 200, "{}", r.text());
     let after = count(&server, &key, &paused);
     assert!(after >= before, "restarted: {before} then {after}");

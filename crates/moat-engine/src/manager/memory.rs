@@ -415,7 +415,9 @@ impl Inner {
     }
 
     /// Restores sandbox `id`, paused to disk in `dir`, and puts it in place of `live`; the
-    /// saved directory goes. A sandbox that cannot be restored is ended, recorded failed.
+    /// saved directory goes. A sandbox that cannot be restored stays paused with its saved
+    /// directory, so a later resume can try again: a restore that failed (an agent slow to
+    /// answer on a loaded host) must not lose what the pause saved.
     pub(super) async fn resume_from_disk(
         &self,
         live: &Arc<Live>,
@@ -431,9 +433,11 @@ impl Inner {
         let (instance, client) = match self.restart_from(&live.backend, id, &plan, dir).await {
             Ok(r) => r,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(dir);
-                self.fail(tenant, id, &e).await;
-                return Err(e);
+                tracing::warn!(sandbox = %id, "resuming a sandbox paused to disk failed; it stays paused: {e}");
+                return Err(ManagerError::Unavailable(format!(
+                    "{e}; the sandbox stays paused with its saved state, and a resume may be \
+                     tried again"
+                )));
             }
         };
         let _ = std::fs::remove_dir_all(dir);
