@@ -15,9 +15,21 @@ pub fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-/// Empties the bounding set, so no later `exec` can regain a capability. Needs `CAP_SETPCAP`.
-pub fn drop_bounding(last_cap: u32) -> io::Result<()> {
-    for cap in 0..=last_cap {
+/// The capabilities up to `last_cap` in the calling thread's bounding set, as a mask (bit N:
+/// capability N). The set can only shrink, so what is not in it now never comes back.
+pub fn bounding_set(last_cap: u32) -> u64 {
+    (0..=last_cap.min(63))
+        // SAFETY: prctl with integer arguments only; an unknown capability answers EINVAL.
+        .filter(|&cap| unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) } == 1)
+        .fold(0, |mask, cap| mask | 1 << cap)
+}
+
+/// Drops the capabilities of `mask` (see [`bounding_set`]) from the bounding set, which leaves
+/// it empty when `mask` is all it held: no later `exec` can regain a capability. One system
+/// call per capability, so only those present are named (under gVisor each call is a round
+/// trip through the sentry). Needs `CAP_SETPCAP`.
+pub fn drop_bounding(mask: u64) -> io::Result<()> {
+    for cap in (0..64u32).filter(|c| mask & (1 << c) != 0) {
         // SAFETY: prctl with integer arguments only; no memory is passed.
         let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         if r == -1 {

@@ -41,7 +41,8 @@ pub struct ConfinePlan {
     rlimits: Rlimits,
     filter: seccomp::Program,
     landlock: Option<Ruleset>,
-    last_cap: u32,
+    /// The capabilities in the bounding set when the plan was made: all a process could hold.
+    bounding: u64,
 }
 
 impl ConfinePlan {
@@ -62,7 +63,7 @@ impl ConfinePlan {
             rlimits,
             filter: seccomp::user_filter()?,
             landlock,
-            last_cap: caps::last_cap(),
+            bounding: caps::bounding_set(caps::last_cap()),
         })
     }
 
@@ -86,7 +87,7 @@ impl ConfinePlan {
         })?;
         // SAFETY: integer arguments only.
         check(unsafe { libc::syscall(libc::SYS_setresgid, id.gid, id.gid, id.gid) })?;
-        caps::drop_bounding(self.last_cap)?;
+        caps::drop_bounding(self.bounding)?;
         caps::clear_ambient()?;
         for (resource, value) in [
             (libc::RLIMIT_NOFILE, self.rlimits.nofile),
