@@ -39,6 +39,11 @@ pub fn split_template_name(name: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Whether template `name` is `base` itself or one of its tags.
+pub fn is_of_name(name: &str, base: &str) -> bool {
+    split_template_name(name).0 == base
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

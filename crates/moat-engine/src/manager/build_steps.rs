@@ -82,12 +82,16 @@ pub(super) struct BuildPlan {
 }
 
 impl Inner {
-    /// Checks what of `req` the Dockerfile does not say: backend, network, limits, time.
+    /// Checks what of `req` the Dockerfile does not say: backend, network, limits, time. The
+    /// build writes `names` (its template and tags, which the caller checked against the
+    /// templates that exist), replacing a built-in template when `builtin`.
     pub(super) fn build_plan(
         &self,
         caller: &Caller,
         req: &v1::CreateBuild,
         dockerfile: Dockerfile,
+        names: Vec<String>,
+        builtin: bool,
     ) -> ManagerResult<BuildPlan> {
         let backend = self.backends.resolve(req.backend.as_deref())?;
         // A RUN step's result is its sandbox's writable layer, which the agent must be handed.
@@ -137,7 +141,7 @@ impl Inner {
         Ok(BuildPlan {
             dockerfile,
             template: req.template.clone(),
-            names: vec![req.template.clone()],
+            names,
             args: req.args.clone(),
             backend: backend.name().to_owned(),
             resources,
@@ -151,7 +155,7 @@ impl Inner {
             ready: req.ready.clone(),
             no_cache: req.no_cache,
             admin: caller.is_admin(),
-            builtin: false,
+            builtin,
         })
     }
 }

@@ -605,9 +605,9 @@ impl SandboxManager {
             // Checked now, so a build that cannot start is refused before it is queued.
             self.template_state(caller, template).await?;
         }
-        let mut plan = self.inner.build_plan(caller, &req, parsed)?;
-        plan.builtin = builtin;
-        plan.names = names;
+        let plan = self
+            .inner
+            .build_plan(caller, &req, parsed, names, builtin)?;
         let named = req.contexts.iter().map(|(n, d)| (Some(n), d));
         for (name, digest) in req.context.iter().map(|d| (None, d)).chain(named) {
             if let Some(name) = name {

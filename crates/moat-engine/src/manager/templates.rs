@@ -278,7 +278,7 @@ impl SandboxManager {
             .await?
             .templates
             .into_iter()
-            .filter(|t| crate::ids::split_template_name(&t.name).0 == base)
+            .filter(|t| crate::ids::is_of_name(&t.name, base))
             .collect::<Vec<_>>();
         if tagged.is_empty() {
             return Err(ManagerError::NotFound(format!("template {base}")));
@@ -417,7 +417,7 @@ impl SandboxManager {
                         .list_templates(Some(&tenant))?
                         .into_iter()
                         .filter(|t| {
-                            crate::ids::split_template_name(&t.name).0 == base
+                            crate::ids::is_of_name(&t.name, base)
                                 && t.build_id.as_deref() == Some(build)
                         })
                         .map(|t| t.name)
