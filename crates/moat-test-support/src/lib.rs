@@ -4,10 +4,12 @@
 //! - this module: sandboxes made straight through the native backend, and their agent;
 //! - [`server`]: a real `moat serve` on a free port and a small HTTP/1.1 client for it;
 //! - [`host`]: what the host sees of a sandbox, and that it left nothing behind;
+//! - [`in_process`]: a server in the test's process, over a manager with backends of its own;
 //! - [`tmpfs`]: a small filesystem to fill up.
 
 pub mod fakenet;
 pub mod host;
+pub mod in_process;
 pub mod registry;
 pub mod server;
 pub mod tmpfs;

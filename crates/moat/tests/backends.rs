@@ -14,8 +14,9 @@ use moat_engine::backend::{Backend, Backends, Capabilities, Instance};
 use moat_engine::error::{EngineError, Result};
 use moat_engine::manager::{ManagerOptions, SandboxManager};
 use moat_engine::plan::SandboxPlan;
-use moat_engine::store::{Quotas, Role, SandboxState, Store};
+use moat_engine::store::SandboxState;
 use moat_proto::v1;
+use moat_test_support::in_process::{self, InProcess};
 
 /// What the refusing backend says to every create.
 const REFUSAL: &str = "the refusing backend makes no sandboxes";
@@ -97,15 +98,7 @@ async fn templates_choose_their_backend() {
         eprintln!("SKIP: the native backend needs root");
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("moat-backends-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let store = Arc::new(Store::open(dir.path().join("moat.db")).expect("store"));
-    store.create_tenant("a", "A").expect("tenant");
-    let (_key, secret) = store
-        .create_key("a", "admin", Role::Admin, Quotas::default())
-        .expect("key");
+    let (_dir, store, secret) = in_process::store_with_admin("moat-backends-");
     let native = NativeBackend::new(&NativeOptions {
         agent_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
         ..NativeOptions::default()
@@ -118,20 +111,8 @@ async fn templates_choose_their_backend() {
     assert_eq!(backends.default_kind(), "native");
     let manager = SandboxManager::with_backends(store.clone(), backends, ManagerOptions::default())
         .expect("manager");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("listen");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(moat_server::serve(
-        listener,
-        manager,
-        moat_server::ServerOptions::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let client = moat_client::Client::new(&url, secret.expose()).expect("client");
+    let server = InProcess::start(manager, &secret).await;
+    let client = &server.client;
 
     // A backend the server does not run is refused when the template is defined.
     let err = client
@@ -233,8 +214,7 @@ async fn templates_choose_their_backend() {
     for id in [&unpausable.id, &pausable.id] {
         client.delete_sandbox(id).await.expect("delete");
     }
-    let _ = stop.send(());
-    server.await.expect("server task").expect("server");
+    server.stop().await;
 }
 
 #[test]

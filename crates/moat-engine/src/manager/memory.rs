@@ -526,18 +526,15 @@ impl Inner {
             }
             saved
         };
-        let restored = match saved {
-            Ok(()) => self.restart_from(&live.backend, id, &plan, &dir).await,
-            Err(e) => Err(ManagerError::Unavailable(format!(
-                "the checkpoint of sandbox {id} failed: {e}"
-            ))),
-        };
-        let (instance, client) = match restored {
+        if let Err(e) = saved {
+            let e =
+                ManagerError::Unavailable(format!("the checkpoint of sandbox {id} failed: {e}"));
+            self.fail(tenant, id, &e).await;
+            return Err(e);
+        }
+        let (instance, client) = match self.restart_from(&live.backend, id, &plan, &dir).await {
             Ok(r) => r,
-            Err(e) => {
-                self.fail(tenant, id, &e).await;
-                return Err(e);
-            }
+            Err(e) => return Err(self.pause_on_checkpoint(&live, tenant, id, &dir, e).await),
         };
         if let Err(mut orphan) = self.swap_in(&live, tenant, id, instance, client, false) {
             let _ = orphan.destroy().await;
@@ -562,6 +559,50 @@ impl Inner {
             env: live.env.clone(),
             backend: live.backend.name().to_owned(),
         })
+    }
+
+    /// Leaves sandbox `id`, whose restart from the checkpoint it was just saved in (`dir`)
+    /// failed with `why`, paused on that checkpoint, moved to where a pause to disk keeps it: a
+    /// resume can then try again, and nothing the sandbox held is lost. Ends it only when that
+    /// cannot be done. The error for the caller.
+    async fn pause_on_checkpoint(
+        &self,
+        live: &Arc<Live>,
+        tenant: &str,
+        id: &str,
+        dir: &Path,
+        why: ManagerError,
+    ) -> ManagerError {
+        tracing::warn!(sandbox = %id, "restarting a sandbox from its checkpoint failed; it stays paused on it: {why}");
+        let Some(paused) = self.disk_pause_dir(live, id) else {
+            self.fail(tenant, id, &why).await;
+            return why;
+        };
+        let moved = {
+            let (from, to) = (dir.to_owned(), paused.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(&from, &to)
+            })
+            .await
+        };
+        if !matches!(moved, Ok(Ok(()))) {
+            self.fail(tenant, id, &why).await;
+            return why;
+        }
+        self.paused_bytes.set(id, tenant, dir_bytes(&paused));
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        if let Err(e) = self
+            .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Paused, None))
+            .await
+        {
+            tracing::warn!(sandbox = %id, "recording a sandbox paused on its checkpoint: {e}");
+        }
+        ManagerError::Unavailable(format!(
+            "{why}; the sandbox is paused on what was saved, and a resume may try again"
+        ))
     }
 
     /// Puts the restored `instance` of sandbox `id` (reached through `client`) in place of
