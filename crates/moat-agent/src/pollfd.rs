@@ -16,7 +16,10 @@
 //! has released. So an agent that may be checkpointed ([`keep_recent_registrations`]) keeps
 //! the registrations of its last [`KEPT_REGISTRATIONS`] closed descriptors alive, their keys
 //! taken: each descriptor itself is closed at once (`/dev/null` is put in its place, so its
-//! peer sees the end at once), and only the reactor's record of it lingers.
+//! peer sees the end at once), and only the reactor's record of it lingers. A registration
+//! that lived through a checkpoint ([`checkpoint_coming`]) is kept for the agent's life: the
+//! keys of those were seen replayed restore after restore (a background command's pipes, closed
+//! after the restore, came back in the next two), however many descriptors closed meanwhile.
 
 use std::future::poll_fn;
 use std::io;
@@ -46,6 +49,22 @@ static NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
 static KEPT: Mutex<std::collections::VecDeque<Arc<AsyncFd<OwnedFd>>>> =
     Mutex::new(std::collections::VecDeque::new());
 
+/// The registrations of closed descriptors that lived through a checkpoint: kept for good.
+static PINNED: Mutex<Vec<Arc<AsyncFd<OwnedFd>>>> = Mutex::new(Vec::new());
+
+/// How many checkpoints the agent has been readied for.
+static CHECKPOINTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Says a checkpoint may follow: every registration made before now is kept for good once its
+/// descriptor closes (see the module's notes).
+pub fn checkpoint_coming() {
+    CHECKPOINTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn checkpoints() -> u64 {
+    CHECKPOINTS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// From now on, keeps the reactor's registrations of the last [`KEPT_REGISTRATIONS`] closed
 /// descriptors alive (see the module's notes): for an agent whose sandbox may be checkpointed
 /// and restored.
@@ -58,12 +77,13 @@ pub fn keep_recent_registrations() -> io::Result<()> {
     Ok(())
 }
 
-/// Lets go of the registration `fd` only once [`KEPT_REGISTRATIONS`] newer ones are kept, when
-/// registrations are kept; with `release`, of its descriptor at once (`/dev/null` takes its
-/// place). Only a descriptor whose open file nothing else of the agent holds may be released
-/// so: the poller forgets a registration by itself only when its file is closed, and one left
-/// behind under a number that then refers to `/dev/null` could not be removed.
-fn retire(fd: Arc<AsyncFd<OwnedFd>>, release: bool) {
+/// Lets go of the registration `fd`, made when [`CHECKPOINTS`] was `born`, only once
+/// [`KEPT_REGISTRATIONS`] newer ones are kept, when registrations are kept, or never when a
+/// checkpoint came since it was made; with `release`, of its descriptor at once (`/dev/null`
+/// takes its place). Only a descriptor whose open file nothing else of the agent holds may be
+/// released so: the poller forgets a registration by itself only when its file is closed, and
+/// one left behind under a number that then refers to `/dev/null` could not be removed.
+fn retire(fd: Arc<AsyncFd<OwnedFd>>, born: u64, release: bool) {
     let Some(null) = NULL.get() else {
         return;
     };
@@ -74,6 +94,13 @@ fn retire(fd: Arc<AsyncFd<OwnedFd>>, release: bool) {
         // SAFETY: dup2 onto a descriptor the AsyncFd owns: it now refers to /dev/null, and the
         // file it referred to is released by this reference.
         unsafe { libc::dup2(null.as_raw_fd(), fd.get_ref().as_raw_fd()) };
+    }
+    if born < checkpoints() {
+        PINNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(fd);
+        return;
     }
     let mut kept = KEPT
         .lock()
@@ -87,9 +114,9 @@ fn retire(fd: Arc<AsyncFd<OwnedFd>>, release: bool) {
 /// A non-blocking descriptor registered with the runtime's reactor (see the module's notes).
 #[derive(Debug)]
 pub struct PollFd {
-    /// The current registration; replaced when its readiness cannot be trusted. `None` only
-    /// while the `PollFd` is dropped.
-    current: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
+    /// The current registration and the count of checkpoints when it was made; replaced
+    /// when its readiness cannot be trusted. `None` only while the `PollFd` is dropped.
+    current: Mutex<Option<(Arc<AsyncFd<OwnedFd>>, u64)>>,
     interest: Interest,
 }
 
@@ -99,7 +126,7 @@ impl PollFd {
     pub fn new(fd: OwnedFd, interest: Interest) -> io::Result<PollFd> {
         set_nonblocking(fd.as_fd())?;
         Ok(PollFd {
-            current: Mutex::new(Some(Arc::new(register(fd, interest)?))),
+            current: Mutex::new(Some((Arc::new(register(fd, interest)?), checkpoints()))),
             interest,
         })
     }
@@ -152,7 +179,8 @@ impl PollFd {
         self.current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|(fd, _)| fd.clone())
             .expect("a PollFd in use has a registration")
     }
 
@@ -164,10 +192,11 @@ impl PollFd {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, seen)) {
+        if current.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, seen)) {
             let dup = seen.get_ref().try_clone()?;
-            if let Some(old) = current.replace(Arc::new(register(dup, self.interest)?)) {
-                retire(old, false);
+            let fresh = (Arc::new(register(dup, self.interest)?), checkpoints());
+            if let Some((old, born)) = current.replace(fresh) {
+                retire(old, born, false);
             }
         }
         Ok(())
@@ -180,8 +209,8 @@ impl Drop for PollFd {
             .current
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(fd) = current.take() {
-            retire(fd, true);
+        if let Some((fd, born)) = current.take() {
+            retire(fd, born, true);
         }
     }
 }
@@ -311,6 +340,30 @@ mod tests {
         assert_eq!(got, [1, 0]);
     }
 
+    /// A registration made before a checkpoint outlives any number of descriptors closed
+    /// after it (a restore may hand its key back); one made after it goes once
+    /// [`KEPT_REGISTRATIONS`] newer ones are kept.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_registration_that_lived_through_a_checkpoint_is_kept_for_good() {
+        keep_recent_registrations().expect("keep");
+        let weak_of = |fd: &PollFd| Arc::downgrade(&fd.registration());
+        let (r, _w1) = pipe();
+        let before = PollFd::new(r, Interest::READABLE).expect("register");
+        let lived = weak_of(&before);
+        checkpoint_coming();
+        let (r, _w2) = pipe();
+        let after = PollFd::new(r, Interest::READABLE).expect("register");
+        let fresh = weak_of(&after);
+        drop(before);
+        drop(after);
+        for _ in 0..=KEPT_REGISTRATIONS {
+            let (r, _w) = pipe();
+            drop(PollFd::new(r, Interest::READABLE).expect("register"));
+        }
+        assert!(lived.upgrade().is_some(), "released after the checkpoint");
+        assert!(fresh.upgrade().is_none(), "kept beyond the recent ones");
+    }
+
     /// Puts a read-closed readiness on `fd`'s current registration while its writer is alive:
     /// the registration is swapped for one on a pipe whose writer closed (a real hang-up),
     /// re-pointed at the live descriptor's key by duplicating the live descriptor over it.
@@ -328,6 +381,6 @@ mod tests {
         // SAFETY: dup2 onto a descriptor `dead` owns, replacing its open file atomically.
         let r = unsafe { libc::dup2(live.get_ref().as_raw_fd(), dead.get_ref().as_raw_fd()) };
         assert!(r >= 0);
-        *fd.current.lock().expect("lock") = Some(dead);
+        *fd.current.lock().expect("lock") = Some((dead, checkpoints()));
     }
 }

@@ -98,6 +98,7 @@ impl Router {
                     "this agent's channel cannot be reconnected",
                 );
             }
+            crate::pollfd::checkpoint_coming();
             self.state
                 .expect_reconnect
                 .store(true, std::sync::atomic::Ordering::SeqCst);
