@@ -14,6 +14,18 @@ pub mod registry;
 pub mod server;
 pub mod tmpfs;
 
+/// A counter in memory that writes its count to `/tmp/n` every 20 ms, as a shell command that
+/// leaves it running: only a restore of its memory keeps it counting from where it was.
+pub const MEMORY_COUNTER: &str = "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &";
+
+/// Fails the test unless runsc is installed (`scripts/test-deps.sh` installs it).
+pub fn need_runsc() {
+    assert!(
+        moat_jail::probe::runsc_path().is_some(),
+        "runsc is not installed: scripts/test-deps.sh installs it (apt-get install runsc)"
+    );
+}
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -9,8 +9,8 @@ use std::process::{Command, Output, Stdio};
 use moat_test_support as support;
 use serde_json::json;
 use support::fakenet::{FakeNet, curl};
-use support::need_root;
 use support::server::*;
+use support::{MEMORY_COUNTER, need_root, need_runsc};
 
 fn moat() -> Command {
     Command::new(env!("CARGO_BIN_EXE_moat"))
@@ -27,13 +27,6 @@ fn run(args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn need_runsc() {
-    assert!(
-        moat_jail::probe::runsc_path().is_some(),
-        "runsc is not installed: scripts/test-deps.sh installs it (apt-get install runsc)"
-    );
 }
 
 /// What sandbox `id` could leave on the host: its cgroups, its runsc directory, and processes
@@ -66,10 +59,6 @@ fn leftovers(id: &str) -> Vec<String> {
     left
 }
 
-/// A counter in memory that writes its count to `/tmp/n` every 20 ms; only a restore of its
-/// memory keeps it counting from where it was.
-const COUNTER: &str = "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &";
-
 /// A server with a template `sentry` on gvisor, and its admin key.
 fn gvisor_server() -> (Server, String) {
     let server = Server::start();
@@ -82,10 +71,10 @@ fn gvisor_server() -> (Server, String) {
     (server, key)
 }
 
-/// A sandbox of `sentry` running [`COUNTER`], which has counted for half a second.
+/// A sandbox of `sentry` running [`MEMORY_COUNTER`], which has counted for half a second.
 fn counting_sandbox(server: &Server, key: &str) -> String {
     let id = server.create_sandbox_with(key, json!({"template": "sentry"}));
-    server.shell(key, &id, COUNTER);
+    server.shell(key, &id, MEMORY_COUNTER);
     std::thread::sleep(std::time::Duration::from_millis(500));
     id
 }
@@ -119,7 +108,7 @@ fn snapshot_with_memory(server: &Server, key: &str, id: &str) -> String {
     r.json()["id"].as_str().expect("id").to_owned()
 }
 
-/// The count of sandbox `id`'s [`COUNTER`].
+/// The count of sandbox `id`'s [`MEMORY_COUNTER`].
 fn count(server: &Server, key: &str, id: &str) -> u64 {
     let out = server.shell(key, id, "cat /tmp/n");
     out["stdout"]
@@ -1120,7 +1109,7 @@ fn the_counter_demo_works_from_the_cli() {
             .unwrap_or_else(|_| panic!("{id} has no count"))
     };
     let id = cli(&["sandbox", "create", "-t", "sentry"]);
-    cli(&["sandbox", "exec", &id, "--", "sh", "-c", COUNTER]);
+    cli(&["sandbox", "exec", &id, "--", "sh", "-c", MEMORY_COUNTER]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while cli(&[
         "sandbox",

@@ -53,7 +53,7 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The count a sandbox's counter (started by [`COUNTER`]) has reached.
+/// The count a sandbox's counter (started by `MEMORY_COUNTER`) has reached.
 async fn count(client: &moat_client::Client, id: &str) -> u64 {
     let out = client
         .exec(
@@ -71,9 +71,6 @@ async fn count(client: &moat_client::Client, id: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{out:?}"))
 }
 
-/// A counter in memory that writes its count to `/tmp/n` every 20 ms.
-const COUNTER: &str = "nohup python3 -c 'import os, time\ni = 0\nwhile True:\n    i += 1\n    open(\"/tmp/n.new\", \"w\").write(str(i))\n    os.rename(\"/tmp/n.new\", \"/tmp/n\")\n    time.sleep(0.02)' >/dev/null 2>&1 &";
-
 /// A snapshot with memory whose sandbox cannot be restarted from the checkpoint answers `503`
 /// and leaves the sandbox paused on that checkpoint, not ended: a resume goes on counting from
 /// where it was saved.
@@ -83,10 +80,7 @@ async fn a_snapshot_whose_sandbox_cannot_restart_leaves_it_paused_on_what_it_sav
         eprintln!("SKIP: the gvisor backend needs root");
         return;
     }
-    assert!(
-        moat_jail::probe::runsc_path().is_some(),
-        "runsc is not installed: scripts/test-deps.sh installs it (apt-get install runsc)"
-    );
+    moat_test_support::need_runsc();
     let (dir, store, secret) = in_process::store_with_admin("moat-gvisor-failures-");
     let backend = Arc::new(FailingRestores {
         inner: GvisorBackend::new(&GvisorOptions {
@@ -126,7 +120,7 @@ async fn a_snapshot_whose_sandbox_cannot_restart_leaves_it_paused_on_what_it_sav
         .exec(
             &id,
             &v1::ExecRequest {
-                shell: Some(COUNTER.into()),
+                shell: Some(moat_test_support::MEMORY_COUNTER.into()),
                 ..Default::default()
             },
         )
