@@ -95,6 +95,20 @@ fn wait_for_build(server: &Server, key: &str, id: &str) -> Value {
     }
 }
 
+/// How many of the key's sandboxes are not recorded killed.
+fn sandboxes_not_killed(server: &Server, key: &str) -> (usize, Value) {
+    let sandboxes = server
+        .request("GET", "/v1/sandboxes", Some(key), None)
+        .json();
+    let alive = sandboxes["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] != "killed")
+        .count();
+    (alive, sandboxes)
+}
+
 /// Build `id`'s whole log.
 fn build_log(server: &Server, key: &str, id: &str) -> String {
     let r = server.request("GET", &format!("/v1/builds/{id}/logs"), Some(key), None);
@@ -265,16 +279,8 @@ fn builds_refuse_bad_requests_report_failed_steps_and_can_be_cancelled() {
     assert_eq!(r.status, 200, "{}", r.text());
     let cancelled = wait_for_build(&server, &key, &id);
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
-    let sandboxes = server
-        .request("GET", "/v1/sandboxes", Some(&key), None)
-        .json();
-    let running = sandboxes["sandboxes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["state"] != "killed")
-        .count();
-    assert_eq!(running, 0, "a build's sandbox outlived it: {sandboxes}");
+    let (alive, sandboxes) = sandboxes_not_killed(&server, &key);
+    assert_eq!(alive, 0, "a build's sandbox outlived it: {sandboxes}");
     let r = server.request("DELETE", &format!("/v1/builds/{id}"), Some(&key), None);
     assert_eq!(r.status, 204, "{}", r.text());
     let r = server.request("GET", &format!("/v1/builds/{id}"), Some(&key), None);
@@ -632,5 +638,46 @@ fn add_unpacks_local_archives_and_copies_other_files() {
     assert_eq!(
         out["stdout"], "from the archive\nfrom the archive\na plain file\na.txt\n",
         "{out}"
+    );
+}
+
+#[test]
+fn a_build_cancelled_while_its_step_sandbox_starts_leaves_none_behind() {
+    need_root!("moat serve's native backend needs root");
+    let (_registry, reference, server, _admin, key) = builder_server();
+    // The step's sandbox is made right after its line reaches the log: a cancel sent the
+    // moment the line is seen lands, in most rounds, while that sandbox is being made.
+    for round in 0..10 {
+        let r = server.request(
+            "POST",
+            "/v1/builds",
+            Some(&key),
+            Some(&body(json!({
+                "template": format!("starting{round}"),
+                "dockerfile": format!("FROM {reference}\nRUN sleep 60 # {round}\n"),
+            }))),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+        let id = r.json()["id"].as_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !build_log(&server, &key, &id).contains("Step 1/1") {
+            assert!(Instant::now() < deadline, "the step did not start");
+        }
+        let r = server.request("POST", &format!("/v1/builds/{id}/cancel"), Some(&key), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let cancelled = wait_for_build(&server, &key, &id);
+        assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+        let (alive, sandboxes) = sandboxes_not_killed(&server, &key);
+        assert_eq!(
+            alive, 0,
+            "round {round}: a build's sandbox outlived it: {sandboxes}"
+        );
+    }
+    // Nor does one appear after the builds ended.
+    std::thread::sleep(Duration::from_millis(500));
+    let (alive, sandboxes) = sandboxes_not_killed(&server, &key);
+    assert_eq!(
+        alive, 0,
+        "a build's sandbox appeared after it ended: {sandboxes}"
     );
 }

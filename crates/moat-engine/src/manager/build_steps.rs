@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use moat_proto::v1;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio_util::task::TaskTracker;
 
 use super::builds::{BuildLog, BuildRecord, Builds, DEFAULT_BUILD_TIMEOUT, MAX_BUILD_TIMEOUT};
 use super::images::{apply_config, image_error};
@@ -174,6 +175,9 @@ struct Progress<'a> {
     named: BTreeMap<String, PathBuf>,
     deadline: Instant,
     plan: &'a BuildPlan,
+    /// Where step sandboxes are made: a create runs to its end even when the build is
+    /// cancelled mid-way, so that what it made is recorded and can be ended.
+    creates: &'a TaskTracker,
 }
 
 impl Progress<'_> {
@@ -259,6 +263,7 @@ impl SandboxManager {
         rec: &mut BuildRecord,
         builds: &Builds,
         plan: &BuildPlan,
+        creates: &TaskTracker,
         log: &mut BuildLog,
     ) -> ManagerResult<String> {
         let cache = self
@@ -308,6 +313,7 @@ impl SandboxManager {
             named,
             deadline: Instant::now() + plan.timeout,
             plan,
+            creates,
         };
         log.line(&format!("FROM {image}")).await;
         if let Some(template) = plan.from_templates.get(&image) {
@@ -744,16 +750,17 @@ impl SandboxManager {
         plan.poolable = false;
         plan.metadata = [(BUILD_METADATA.to_owned(), build_id.to_owned())].into();
         plan.timeout_secs = Some(p.left().saturating_add(STEP_TTL_MARGIN).as_secs().max(1));
-        let sandbox = self
-            .inner
-            .clone()
-            .create_planned(
-                caller.tenant.clone(),
-                caller.key_id.clone(),
-                plan,
-                Instant::now(),
-            )
-            .await?;
+        let create = self.inner.clone().create_planned(
+            caller.tenant.clone(),
+            caller.key_id.clone(),
+            plan,
+            Instant::now(),
+        );
+        let sandbox = p
+            .creates
+            .spawn(create)
+            .await
+            .map_err(|e| ManagerError::Internal(format!("step sandbox task: {e}")))??;
         let outcome = self
             .run_in_step_sandbox(caller, &sandbox.id, p, argv, env, user, workdir, log)
             .await;

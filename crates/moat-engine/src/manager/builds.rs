@@ -30,6 +30,7 @@ use moat_proto::v1;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio_util::task::TaskTracker;
 
 use super::{ManagerError, ManagerResult, SandboxManager, lock};
 use crate::auth::Caller;
@@ -687,6 +688,7 @@ impl SandboxManager {
         };
         let id = rec.build.id.clone();
         let dir = builds.build_dir(&id);
+        let creates = TaskTracker::new();
         let outcome = async {
             let mut log = BuildLog::create(&dir.join("log")).await?;
             let mine = builds.tenant_turns.of(&caller.tenant);
@@ -704,7 +706,7 @@ impl SandboxManager {
             rec.build.status = v1::BuildStatus::Running;
             builds.write(&rec)?;
             let timeout = plan.timeout;
-            let run = self.run_steps(&caller, &mut rec, builds, &plan, &mut log);
+            let run = self.run_steps(&caller, &mut rec, builds, &plan, &creates, &mut log);
             let result = tokio::select! {
                 r = tokio::time::timeout(timeout, run) => r.unwrap_or_else(|_| {
                     Err(ManagerError::Timeout(format!(
@@ -722,7 +724,10 @@ impl SandboxManager {
         }
         .await;
         let was_cancelled = *cancelled.borrow();
-        // Whatever a step left running (the select above dropped it mid-way) is ended here.
+        // Whatever a step left running (the select above dropped it mid-way) is ended here,
+        // once a sandbox it was making is recorded.
+        creates.close();
+        creates.wait().await;
         self.end_build_sandboxes(&caller, &id).await;
         let _ = std::fs::remove_dir_all(dir.join("context"));
         match outcome {
