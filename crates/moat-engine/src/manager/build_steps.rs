@@ -29,6 +29,7 @@ use crate::images::ImageRef;
 use crate::images::build::copy::{CopySpec, copy_layer, dir_layer, resolve_owner};
 use crate::images::build::dockerfile::{Command, Dockerfile, Instruction, Word};
 use crate::images::build::{BuildState, RunInputs, run_key};
+use crate::images::registry::RunConfig;
 use crate::images::unpack::{UnpackLimits, unpack_layer};
 use crate::network::NetworkPolicy;
 use crate::plan::TemplateLimits;
@@ -265,7 +266,7 @@ impl SandboxManager {
         plan: &BuildPlan,
         creates: &TaskTracker,
         log: &mut BuildLog,
-    ) -> ManagerResult<String> {
+    ) -> ManagerResult<(String, RunConfig)> {
         let cache = self
             .inner
             .images
@@ -369,15 +370,7 @@ impl SandboxManager {
             .assemble(progress.state.image(&plan.template))
             .await
             .map_err(image_error)?;
-        self.write_built_template(
-            caller,
-            plan,
-            &built.digest,
-            &progress.state.config,
-            &rec.build.id,
-        )
-        .await?;
-        Ok(built.digest)
+        Ok((built.digest, progress.state.config))
     }
 
     /// The image of the caller's template `name` (one made from an image or a build) as a
@@ -885,12 +878,12 @@ impl SandboxManager {
 
     /// Makes (or replaces, if a build made it or it is a tag) each name of `plan` on the tree
     /// `digest`, with the defaults of `config`, recorded as made by the build `build_id`.
-    async fn write_built_template(
+    pub(super) async fn write_built_template(
         &self,
         caller: &Caller,
         plan: &BuildPlan,
         digest: &str,
-        config: &crate::images::registry::RunConfig,
+        config: &RunConfig,
         build_id: &str,
     ) -> ManagerResult<()> {
         let mut spec = v1::TemplateSpec::new(v1::Rootfs::Build(digest.to_owned()));

@@ -716,6 +716,15 @@ impl SandboxManager {
                 }),
                 _ = cancelled.wait_for(|c| *c) => Err(cancelled_error()),
             };
+            // Written outside the select: a build recorded cancelled or timed out never has
+            // written its templates, and a cancel that comes during the write is too late.
+            let result = match result {
+                Ok((digest, config)) => self
+                    .write_built_template(&caller, &plan, &digest, &config, &id)
+                    .await
+                    .map(|()| digest),
+                Err(e) => Err(e),
+            };
             match &result {
                 Ok(image) => log.line(&format!("built {image}")).await,
                 Err(e) => log.line(&format!("error: {e}")).await,

@@ -464,6 +464,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs `work` to its end even when its caller stops waiting for it. A request's future is
+/// dropped where it stands when its client hangs up; an operation that changes the store and
+/// live sandboxes (or files) together runs this way so that it never stops between the two.
+async fn to_the_end<T: Send + 'static>(
+    what: &str,
+    work: impl Future<Output = ManagerResult<T>> + Send + 'static,
+) -> ManagerResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ManagerError::Internal(format!("{what} task: {e}")))?
+}
+
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -627,9 +639,10 @@ impl SandboxManager {
         let key_id = caller.key_id.clone();
         let began = Instant::now();
         let admin = caller.is_admin();
-        tokio::spawn(async move { inner.create(tenant, key_id, admin, req, id, began).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("create task: {e}")))?
+        to_the_end("create", async move {
+            inner.create(tenant, key_id, admin, req, id, began).await
+        })
+        .await
     }
 
     /// The caller's sandbox `id`.
@@ -682,9 +695,10 @@ impl SandboxManager {
     pub async fn delete(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Sandbox> {
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
-        tokio::spawn(async move { inner.end(&tenant, &id, EndReason::Deleted).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("delete task: {e}")))?
+        to_the_end("delete", async move {
+            inner.end(&tenant, &id, EndReason::Deleted).await
+        })
+        .await
     }
 
     /// Sets the sandbox to expire `timeout_secs` from now (at most the configured maximum).
@@ -1253,7 +1267,12 @@ impl Inner {
         if live.is_paused()
             && let Some(ttl) = self.resumes_on_call(tenant, id).await
         {
-            match self.clone().resume(tenant, id, Some(ttl)).await {
+            let (inner, t, i) = (self.clone(), tenant.to_owned(), id.to_owned());
+            let resumed = to_the_end(
+                "resume",
+                async move { inner.resume(&t, &i, Some(ttl)).await },
+            );
+            match resumed.await {
                 // Resumed here, or by a call that got there first.
                 Ok(_) | Err(ManagerError::Conflict(_)) => {}
                 Err(e) => return Err(e),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use moat_proto::v1;
 
-use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
+use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock, to_the_end};
 use crate::auth::Caller;
 use crate::backend::{Backend, Instance};
 use crate::error::EngineError;
@@ -100,9 +100,10 @@ impl SandboxManager {
         let policy = self.inner.policy_of(&n, caller.is_admin())?;
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
-        tokio::spawn(async move { inner.set_network(&tenant, &id, policy).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("network update task: {e}")))?
+        to_the_end("network update", async move {
+            inner.set_network(&tenant, &id, policy).await
+        })
+        .await
     }
 }
 

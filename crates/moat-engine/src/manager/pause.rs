@@ -32,7 +32,7 @@ use crate::backend::Capabilities;
 
 use crate::auth::Caller;
 
-use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms, to_v1};
+use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms, to_the_end, to_v1};
 use crate::store::{SandboxRecord, SandboxState, now_ms};
 
 impl SandboxManager {
@@ -41,9 +41,7 @@ impl SandboxManager {
     pub async fn pause(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Sandbox> {
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
-        tokio::spawn(async move { inner.pause(&tenant, &id).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("pause task: {e}")))?
+        to_the_end("pause", async move { inner.pause(&tenant, &id).await }).await
     }
 
     /// Thaws the caller's paused sandbox `id` and records it `running`; with `timeout_secs`,
@@ -60,9 +58,11 @@ impl SandboxManager {
             .transpose()?;
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
-        tokio::spawn(async move { inner.resume(&tenant, &id, ttl).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("resume task: {e}")))?
+        to_the_end(
+            "resume",
+            async move { inner.resume(&tenant, &id, ttl).await },
+        )
+        .await
     }
 }
 

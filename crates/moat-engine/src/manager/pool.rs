@@ -32,11 +32,13 @@ use std::time::{Duration, Instant};
 use moat_proto::v1;
 use tokio::sync::{Notify, watch};
 
-use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
+use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock, to_the_end};
 use crate::agent_client::AgentClient;
 use crate::backend::{Backend, Instance};
 use crate::plan::TemplateLimits;
-use crate::store::{EndReason, NewPoolMember, SandboxQuotas, SandboxState, TemplateRecord};
+use crate::store::{
+    EndReason, NewPoolMember, SandboxQuotas, SandboxState, Store, StoreError, TemplateRecord,
+};
 
 /// How often the pools are checked and refilled when nothing wakes them sooner.
 pub const POOL_TICK: Duration = Duration::from_secs(1);
@@ -252,9 +254,20 @@ impl SandboxManager {
             .collect()
     }
 
-    /// Called after a template was created or deleted, so warm pools follow.
-    pub(super) fn templates_changed(&self) {
-        self.inner.pools.templates_changed();
+    /// Changes templates with `write`, then has the warm pools follow, both to the end even
+    /// when the caller stops waiting: a write the pools never heard of would leave a deleted
+    /// template's pool running, or a new one's empty, until the next change.
+    pub(super) async fn write_templates<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> ManagerResult<T> {
+        let inner = self.inner.clone();
+        to_the_end("template write", async move {
+            let written = inner.db(write).await?;
+            inner.pools.templates_changed();
+            Ok(written)
+        })
+        .await
     }
 
     /// Destroys every pool member (at shutdown). Returns how many.

@@ -17,7 +17,9 @@ use bytes::Bytes;
 use moat_proto::units::describe_size;
 use moat_proto::v1;
 
-use super::{DEFAULT_EXEC_TIMEOUT, ManagerError, ManagerResult, SandboxManager};
+use tokio_util::sync::CancellationToken;
+
+use super::{DEFAULT_EXEC_TIMEOUT, ManagerError, ManagerResult, SandboxManager, to_the_end};
 use crate::agent_client::AgentError;
 use crate::auth::Caller;
 
@@ -110,20 +112,33 @@ impl SandboxManager {
             timeout_secs: Some(run_for.saturating_add(RUN_TTL_MARGIN).as_secs()),
             ..v1::CreateSandbox::default()
         };
-        let _slot = self.inner.runs.enter(&caller.tenant)?;
-        let sandbox = self.create(caller, create).await?;
-        let outcome = self
-            .run_in(caller, &sandbox.id, files, code, exec, &req.output_files)
-            .await;
-        if let Err(e) = self.delete(caller, &sandbox.id).await {
-            tracing::warn!(sandbox = %sandbox.id, "destroying the sandbox of a run: {e}");
-        }
-        let (exec, files) = outcome?;
-        Ok(v1::RunResult {
-            exec,
-            files,
-            sandbox_id: sandbox.id,
+        // The run goes on in a task of its own, so that its sandbox is destroyed whatever
+        // point it had reached; a client that hangs up stops it there (the token), and its
+        // slot is held until the sandbox is gone.
+        let hung_up = CancellationToken::new();
+        let _hang_up_on_drop = hung_up.clone().drop_guard();
+        let (manager, caller) = (self.clone(), caller.clone());
+        let outputs = req.output_files;
+        to_the_end("run", async move {
+            let _slot = manager.inner.runs.enter(&caller.tenant)?;
+            let sandbox = manager.create(&caller, create).await?;
+            let outcome = tokio::select! {
+                o = manager.run_in(&caller, &sandbox.id, files, code, exec, &outputs) => o,
+                () = hung_up.cancelled() => Err(ManagerError::Unavailable(
+                    "the client went away before the run ended".into(),
+                )),
+            };
+            if let Err(e) = manager.delete(&caller, &sandbox.id).await {
+                tracing::warn!(sandbox = %sandbox.id, "destroying the sandbox of a run: {e}");
+            }
+            let (exec, files) = outcome?;
+            Ok(v1::RunResult {
+                exec,
+                files,
+                sandbox_id: sandbox.id,
+            })
         })
+        .await
     }
 
     async fn run_in(

@@ -41,7 +41,7 @@ use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::memory::MEMORY_SUFFIX;
-use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock};
+use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock, to_the_end};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::auth::Caller;
 use crate::plan::{SandboxPlan, limits_v1, resources_of};
@@ -319,13 +319,12 @@ impl SandboxManager {
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let key_id = caller.key_id.clone();
-        tokio::spawn(async move {
+        to_the_end("snapshot", async move {
             inner
                 .snapshot(&tenant, key_id.as_deref(), &id, req.name, req.memory)
                 .await
         })
         .await
-        .map_err(|e| ManagerError::Internal(format!("snapshot task: {e}")))?
     }
 
     /// The caller's snapshot `id`.
@@ -366,40 +365,12 @@ impl SandboxManager {
     /// Deletes the caller's snapshot `id`: its record, then its file. Sandboxes made from it
     /// are not affected; one a template starts from is refused (409).
     pub async fn delete_snapshot(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Snapshot> {
-        let (t, i) = (caller.tenant.clone(), id.to_owned());
-        let users = self
-            .inner
-            .db(move |s| s.templates_using_snapshot(&t, &i))
-            .await?;
-        if !users.is_empty() {
-            return Err(ManagerError::Conflict(format!(
-                "snapshot {id} is what template {} starts from; delete the template first",
-                users.join(", ")
-            )));
-        }
-        let (t, i) = (caller.tenant.clone(), id.to_owned());
-        let rec = self.inner.db(move |s| s.delete_snapshot(&t, &i)).await?;
-        if let Some(dir) = &self.inner.opts.snapshot_dir {
-            if rec.memory {
-                let path = dir.join(format!("{}{MEMORY_SUFFIX}", rec.id));
-                match tokio::fs::remove_dir_all(&path).await {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(snapshot = %rec.id, "removing {}: {e}", path.display())
-                    }
-                }
-                return Ok(snapshot_v1(&rec));
-            }
-            let path = dir.join(format!("{}{SUFFIX}", rec.id));
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                // The record is gone, so the file is an orphan the next start-up sweeps.
-                Err(e) => tracing::warn!(snapshot = %rec.id, "removing {}: {e}", path.display()),
-            }
-        }
-        Ok(snapshot_v1(&rec))
+        let inner = self.inner.clone();
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
+        to_the_end("snapshot delete", async move {
+            inner.delete_snapshot(&tenant, &id).await
+        })
+        .await
     }
 
     /// Copies of the caller's running or paused sandbox `id`: its files snapshotted once, then
@@ -425,13 +396,49 @@ impl SandboxManager {
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
         let key_id = caller.key_id.clone();
-        tokio::spawn(async move { inner.fork(tenant, key_id, &id, count, req).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("fork task: {e}")))?
+        to_the_end("fork", async move {
+            inner.fork(tenant, key_id, &id, count, req).await
+        })
+        .await
     }
 }
 
 impl Inner {
+    /// [`SandboxManager::delete_snapshot`], run to its end: a record deleted keeps no file.
+    async fn delete_snapshot(&self, tenant: &str, id: &str) -> ManagerResult<v1::Snapshot> {
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let users = self.db(move |s| s.templates_using_snapshot(&t, &i)).await?;
+        if !users.is_empty() {
+            return Err(ManagerError::Conflict(format!(
+                "snapshot {id} is what template {} starts from; delete the template first",
+                users.join(", ")
+            )));
+        }
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let rec = self.db(move |s| s.delete_snapshot(&t, &i)).await?;
+        if let Some(dir) = &self.opts.snapshot_dir {
+            if rec.memory {
+                let path = dir.join(format!("{}{MEMORY_SUFFIX}", rec.id));
+                match tokio::fs::remove_dir_all(&path).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(snapshot = %rec.id, "removing {}: {e}", path.display())
+                    }
+                }
+                return Ok(snapshot_v1(&rec));
+            }
+            let path = dir.join(format!("{}{SUFFIX}", rec.id));
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                // The record is gone, so the file is an orphan the next start-up sweeps.
+                Err(e) => tracing::warn!(snapshot = %rec.id, "removing {}: {e}", path.display()),
+            }
+        }
+        Ok(snapshot_v1(&rec))
+    }
+
     pub(super) fn snapshot_dir(&self) -> ManagerResult<&Path> {
         self.opts.snapshot_dir.as_deref().ok_or_else(|| {
             ManagerError::Unavailable(

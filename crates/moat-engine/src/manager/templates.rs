@@ -95,8 +95,7 @@ impl SandboxManager {
         let tenant = caller.tenant.clone();
         let key = caller.key_id.clone();
         let rec = self
-            .inner
-            .db(move |s| {
+            .write_templates(move |s| {
                 s.create_template_with(
                     Some(&tenant),
                     key.as_deref(),
@@ -106,9 +105,7 @@ impl SandboxManager {
                 )
             })
             .await?;
-        let template = self.to_template(&rec)?;
-        self.templates_changed();
-        Ok(template)
+        self.to_template(&rec)
     }
 
     /// The template `name` as the caller sees it (its tenant's own or a built-in).
@@ -144,11 +141,8 @@ impl SandboxManager {
         force: bool,
     ) -> ManagerResult<()> {
         let (t, n) = (caller.tenant.clone(), name.to_owned());
-        self.inner
-            .db(move |s| s.delete_template(Some(&t), &n, force))
-            .await?;
-        self.templates_changed();
-        Ok(())
+        self.write_templates(move |s| s.delete_template(Some(&t), &n, force))
+            .await
     }
 
     /// Copies the template `name` (`name` or `name:tag`, the caller's own or, for an admin, a
@@ -247,22 +241,18 @@ impl SandboxManager {
             .map_err(|e| ManagerError::Internal(format!("template spec: {e}")))?;
         // A built-in is charged to no key (its pool is bounded by the pool budget alone).
         let key = key.filter(|_| tenant.is_some());
-        let written = self
-            .inner
-            .db(move |s| {
-                s.put_templates(
-                    tenant.as_deref(),
-                    key.as_deref(),
-                    &names,
-                    &json,
-                    &limits,
-                    build_id.as_deref(),
-                    replace,
-                )
-            })
-            .await?;
-        self.templates_changed();
-        Ok(written)
+        self.write_templates(move |s| {
+            s.put_templates(
+                tenant.as_deref(),
+                key.as_deref(),
+                &names,
+                &json,
+                &limits,
+                build_id.as_deref(),
+                replace,
+            )
+        })
+        .await
     }
 
     /// The templates of the name `base` the caller sees: the name alone and each of its tags.

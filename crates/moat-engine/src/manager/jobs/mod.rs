@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, RwLock, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, ManagerError, ManagerResult, SandboxManager};
+use super::{Inner, ManagerError, ManagerResult, SandboxManager, to_the_end};
 use crate::auth::Caller;
 use crate::blobs::{BlobError, BlobLocation, BlobStore, is_digest};
 use crate::store::{BlobKind, JobRecord, NewJob, Running, now_ms};
@@ -174,7 +174,7 @@ pub(super) struct Jobs {
     last_tenant: Mutex<String>,
     /// Held (shared) from a blob's staging until its row is recorded, and (exclusive) by
     /// collection from its check that no row names a blob to the object's deletion.
-    gc: RwLock<()>,
+    gc: Arc<RwLock<()>>,
     /// Wakes the webhook sender: a job ended.
     webhooks: Notify,
     /// Jobs whose webhook is being sent now.
@@ -200,7 +200,7 @@ impl Jobs {
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             last_tenant: Mutex::new(String::new()),
-            gc: RwLock::new(()),
+            gc: Arc::new(RwLock::new(())),
             webhooks: Notify::new(),
             delivering: Mutex::new(std::collections::HashSet::new()),
         }))
@@ -233,7 +233,7 @@ impl Inner {
     /// Stores `body` as a blob `tenant` keeps as `kind` (of `job`): staged, recorded, then
     /// committed, under the collection lock.
     async fn keep_blob<S, E>(
-        &self,
+        self: &Arc<Self>,
         tenant: &str,
         kind: BlobKind,
         job: &str,
@@ -245,7 +245,7 @@ impl Inner {
         E: std::fmt::Display,
     {
         let jobs = self.jobs()?.clone();
-        let _gc = jobs.gc.read().await;
+        let gc = jobs.gc.clone().read_owned().await;
         let staged = jobs.blobs.stage(body, limit).await.map_err(blob_error)?;
         let (t, j, d, size, max) = (
             tenant.to_owned(),
@@ -254,21 +254,28 @@ impl Inner {
             staged.size,
             jobs.opts.bytes_per_tenant,
         );
-        if let Err(e) = self
-            .db(move |s| s.add_blob(&t, kind, &j, &d, size, max))
-            .await
-        {
-            jobs.blobs.discard(staged).await;
-            return Err(e);
-        }
-        if let Err(e) = jobs.blobs.commit(&staged).await {
-            jobs.blobs.discard(staged).await;
-            return Err(blob_error(e));
-        }
-        Ok(v1::Blob {
-            digest: staged.digest,
-            size: staged.size,
+        // Recorded and committed together: a row without its object would charge the
+        // tenant for a blob that jobs naming it cannot read.
+        let inner = self.clone();
+        to_the_end("blob write", async move {
+            let _gc = gc;
+            if let Err(e) = inner
+                .db(move |s| s.add_blob(&t, kind, &j, &d, size, max))
+                .await
+            {
+                jobs.blobs.discard(staged).await;
+                return Err(e);
+            }
+            if let Err(e) = jobs.blobs.commit(&staged).await {
+                jobs.blobs.discard(staged).await;
+                return Err(blob_error(e));
+            }
+            Ok(v1::Blob {
+                digest: staged.digest,
+                size: staged.size,
+            })
         })
+        .await
     }
 
     /// Deletes the objects of `digests` that no row names any more.
@@ -705,12 +712,18 @@ impl SandboxManager {
                 before.state.as_str()
             )));
         }
-        let (t, i) = (caller.tenant.clone(), id.to_owned());
-        let rec = self.inner.db(move |s| s.cancel_job(&t, &i)).await?;
-        if let Some(attempt) = lock(&jobs.running).get(id) {
-            attempt.cancel.cancel();
-        }
-        jobs.webhooks.notify_one();
+        let (inner, t, i) = (self.inner.clone(), caller.tenant.clone(), id.to_owned());
+        // The attempt is told in the same task as the record is written: a cancel recorded
+        // but not told would hold a sandbox and a worker until the job's own timeout.
+        let rec = to_the_end("job cancel", async move {
+            let rec = inner.db(move |s| s.cancel_job(&t, &i)).await?;
+            if let Some(attempt) = lock(&jobs.running).get(&rec.id) {
+                attempt.cancel.cancel();
+            }
+            jobs.webhooks.notify_one();
+            Ok(rec)
+        })
+        .await?;
         self.shown(&rec).await
     }
 
@@ -724,10 +737,13 @@ impl SandboxManager {
                 Err(e) => return Err(e),
             }
         }
-        let (t, i) = (caller.tenant.clone(), id.to_owned());
-        let digests = self.inner.db(move |s| s.delete_job(&t, &i)).await?;
-        self.inner.collect_blobs(digests).await;
-        Ok(())
+        let (inner, t, i) = (self.inner.clone(), caller.tenant.clone(), id.to_owned());
+        to_the_end("job delete", async move {
+            let digests = inner.db(move |s| s.delete_job(&t, &i)).await?;
+            inner.collect_blobs(digests).await;
+            Ok(())
+        })
+        .await
     }
 
     /// The whole of the caller's job `id`'s standard output or error, as its last attempt
@@ -792,12 +808,16 @@ impl SandboxManager {
     /// Deletes the caller's upload `digest` (jobs that name it keep it until they go).
     pub async fn delete_blob(&self, caller: &Caller, digest: &str) -> ManagerResult<()> {
         self.inner.jobs()?;
-        let (t, d) = (caller.tenant.clone(), digest.to_owned());
-        if !self.inner.db(move |s| s.delete_upload(&t, &d)).await? {
-            return Err(ManagerError::NotFound(format!("blob {digest} not found")));
-        }
-        self.inner.collect_blobs(vec![digest.to_owned()]).await;
-        Ok(())
+        let (inner, t, d) = (self.inner.clone(), caller.tenant.clone(), digest.to_owned());
+        to_the_end("blob delete", async move {
+            let digest = d.clone();
+            if !inner.db(move |s| s.delete_upload(&t, &d)).await? {
+                return Err(ManagerError::NotFound(format!("blob {digest} not found")));
+            }
+            inner.collect_blobs(vec![digest]).await;
+            Ok(())
+        })
+        .await
     }
 
     /// At start-up: queues again the jobs a previous server was running. How many were
