@@ -202,6 +202,33 @@ impl AgentClient {
         self.open_stream("/process.Process/Start", &req, opts).await
     }
 
+    /// [`AgentClient::start`], with a guard that kills the command when it is dropped before
+    /// being disarmed (once the command's end was seen). The start goes on in a task of its
+    /// own, the guard made there as soon as the pid is known: a caller that stops waiting
+    /// meanwhile drops the guard with the answer, so that no command runs on unfollowed
+    /// until its timeout.
+    pub async fn start_guarded(
+        &self,
+        req: StartRequest,
+        opts: CallOptions,
+    ) -> Result<(ProcessStream, KillOnDrop), AgentError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let client = self.clone();
+        tokio::spawn(async move {
+            let started = client.start(req, opts).await.map(|process| {
+                let guard = KillOnDrop {
+                    pid: process.pid(),
+                    client,
+                    armed: true,
+                };
+                (process, guard)
+            });
+            let _ = tx.send(started);
+        });
+        rx.await
+            .map_err(|_| AgentError::Transport("the start of the command was abandoned".into()))?
+    }
+
     /// `Process.Connect` to a running (or recently exited) process.
     pub async fn connect(&self, selector: Selector) -> Result<ProcessStream, AgentError> {
         let req = ConnectRequest {
@@ -762,6 +789,40 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// Kills a command (`SIGKILL`, through the agent) when dropped while armed: held by whatever
+/// follows a command, so that one nobody follows any more stops at once.
+pub struct KillOnDrop {
+    client: AgentClient,
+    pid: u32,
+    armed: bool,
+}
+
+impl KillOnDrop {
+    /// The command ended (or is someone else's to end now): dropping kills nothing.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(pid = self.pid, "no runtime to kill an abandoned command");
+            return;
+        };
+        let (client, pid) = (self.client.clone(), self.pid);
+        runtime.spawn(async move {
+            // It may have ended meanwhile; the agent then no longer knows it.
+            if let Err(e) = client.send_signal(Selector::Pid(pid), libc::SIGKILL).await {
+                tracing::debug!(pid, "killing an abandoned command: {e}");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

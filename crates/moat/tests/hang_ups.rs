@@ -241,3 +241,41 @@ async fn a_run_whose_caller_hangs_up_leaves_no_sandbox() {
         assert_eq!(done.expect("a run").exec.stdout, "ok\n");
     }
 }
+
+/// A command whose exec is dropped at any point of its start is killed, not left running until
+/// its timeout: the drops here land before, during and after the agent starts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_dropped_while_its_command_starts_leaves_no_process() {
+    if !is_root() {
+        eprintln!("SKIP: the native backend needs root");
+        return;
+    }
+    let (_dir, manager, _slow, caller) = manager();
+    let id = manager
+        .create(&caller, v1::CreateSandbox::default())
+        .await
+        .expect("create")
+        .id;
+    for round in 0..60u64 {
+        let exec = manager.exec(&caller, &id, shell("exec sleep 1234"));
+        let dropped_after = Duration::from_micros(200 + round * 50);
+        let _ = tokio::time::timeout(dropped_after, exec).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = manager
+            .exec(&caller, &id, shell("pgrep -c -x sleep || true"))
+            .await
+            .expect("pgrep");
+        if out.stdout.trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commands whose exec was dropped still run: {}",
+            out.stdout.trim()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    manager.delete(&caller, &id).await.expect("delete");
+}

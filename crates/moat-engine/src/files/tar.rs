@@ -23,7 +23,7 @@ use super::{
     BodyFailed, ByteStream, FileError, FileResult, UploadFailure, agent_error, agent_message,
     file_entry, is_dir, make_dir, not_a_directory, stat_opt,
 };
-use crate::agent_client::{AgentClient, AgentError, CallOptions, ProcessStream};
+use crate::agent_client::{AgentClient, AgentError, CallOptions, KillOnDrop, ProcessStream};
 
 /// Longest a tar run may take (either direction); it is killed then, and the transfer fails.
 pub const TAR_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -33,32 +33,6 @@ const MAX_TAR_STDERR: usize = 16 << 10;
 
 /// The pieces an upload is handed to tar's standard input in (each one `SendInput` call).
 const STDIN_CHUNK: usize = 256 << 10;
-
-/// SIGKILL, for a tar whose transfer was abandoned.
-const SIGKILL: i32 = 9;
-
-/// Kills the tar process unless disarmed (once it has exited): a client that goes away mid
-/// transfer must not leave tar running, or blocked on a standard input nobody closes.
-struct KillOnDrop {
-    client: AgentClient,
-    pid: u32,
-    armed: bool,
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (client, pid) = (self.client.clone(), self.pid);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                // It may have exited meanwhile; the agent then answers not_found.
-                let _ = client.send_signal(Selector::Pid(pid), SIGKILL).await;
-            });
-        }
-    }
-}
 
 /// Standard error, kept up to [`MAX_TAR_STDERR`].
 #[derive(Default)]
@@ -92,15 +66,10 @@ async fn start(
         user: user.map(str::to_owned),
         timeout: Some(TAR_TIMEOUT),
     };
-    match client.start(req, opts).await {
-        Ok(stream) => {
-            let guard = KillOnDrop {
-                client: client.clone(),
-                pid: stream.pid(),
-                armed: true,
-            };
-            Ok((stream, guard))
-        }
+    // The guard kills tar if the transfer is abandoned: it must not run on, or block on a
+    // standard input nobody closes.
+    match client.start_guarded(req, opts).await {
+        Ok(started) => Ok(started),
         Err(e) if matches!(e.code(), Code::NotFound | Code::PermissionDenied) => {
             Err(FileError::Unsupported(format!(
                 "directories travel as tar archives, and tar cannot run in this sandbox: {}",
@@ -199,7 +168,7 @@ impl Archive {
                     _ => {}
                 },
                 Some(Event::End(end)) => {
-                    self.guard.armed = false;
+                    self.guard.disarm();
                     if succeeded(&end) {
                         return None;
                     }
@@ -370,7 +339,7 @@ where
             end = &mut ended => end,
         }
     }?;
-    guard.armed = false;
+    guard.disarm();
     if !succeeded(&end) {
         return Err(tar_failed(&end, &stderr.0));
     }

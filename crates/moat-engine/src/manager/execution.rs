@@ -18,7 +18,7 @@ use moat_proto::process::{StartRequest, process_event, process_selector};
 use moat_proto::v1;
 
 use super::{Live, ManagerError, ManagerResult};
-use crate::agent_client::{AgentClient, AgentError, CallOptions, ProcessStream};
+use crate::agent_client::{AgentClient, AgentError, CallOptions, KillOnDrop, ProcessStream};
 
 /// Chunk size for writing an exec's stdin to the agent (below its message limit).
 const STDIN_CHUNK: usize = 256 << 10;
@@ -68,7 +68,7 @@ enum Phase {
     /// It runs; the guard kills it if the execution is dropped before its end.
     Running {
         process: ProcessStream,
-        guard: KillGuard,
+        guard: KillOnDrop,
     },
     /// `Ended` was handed out.
     Done,
@@ -91,20 +91,13 @@ impl Execution {
             user: plan.user,
             timeout: Some(plan.timeout),
         };
-        let phase = match live.client.start(plan.start, opts).await {
-            Ok(process) => {
-                let pid = process.pid();
+        let started = live.client.start_guarded(plan.start, opts).await;
+        let phase = match started {
+            Ok((process, guard)) => {
                 if let Some(data) = plan.stdin {
-                    feed_stdin(live.client.clone(), pid, data);
+                    feed_stdin(live.client.clone(), process.pid(), data);
                 }
-                Phase::Running {
-                    process,
-                    guard: KillGuard {
-                        client: live.client.clone(),
-                        pid,
-                        armed: true,
-                    },
-                }
+                Phase::Running { process, guard }
             }
             Err(e) => not_started(e)?,
         };
@@ -173,7 +166,7 @@ impl Execution {
 /// Reads the process stream up to the next output or its end, recording how it exited.
 async fn read_step(
     process: &mut ProcessStream,
-    guard: &mut KillGuard,
+    guard: &mut KillOnDrop,
     exit_code: &mut Option<i32>,
     signal: &mut Option<String>,
 ) -> Step {
@@ -189,7 +182,7 @@ async fn read_step(
                     None => {}
                 },
                 Some(process_event::Event::End(end)) => {
-                    guard.armed = false;
+                    guard.disarm();
                     if end.exited {
                         *exit_code = Some(end.exit_code);
                     } else {
@@ -241,34 +234,5 @@ fn not_started(e: AgentError) -> ManagerResult<Phase> {
         _ => Err(ManagerError::Unavailable(format!(
             "cannot start the command: {e}"
         ))),
-    }
-}
-
-/// Kills a command's process group (SIGKILL, through the agent) when dropped armed: its
-/// execution went away before the command's end was seen.
-struct KillGuard {
-    client: AgentClient,
-    pid: u32,
-    armed: bool,
-}
-
-impl Drop for KillGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(pid = self.pid, "no runtime to kill an abandoned command");
-            return;
-        };
-        let (client, pid) = (self.client.clone(), self.pid);
-        runtime.spawn(async move {
-            let selector = process_selector::Selector::Pid(pid);
-            match client.send_signal(selector, libc::SIGKILL).await {
-                Ok(()) => tracing::debug!(pid, "killed an abandoned command"),
-                // It may have ended meanwhile; the agent then no longer knows it.
-                Err(e) => tracing::debug!(pid, "killing an abandoned command: {e}"),
-            }
-        });
     }
 }
