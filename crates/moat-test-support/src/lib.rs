@@ -92,54 +92,69 @@ pub fn test_python() -> PathBuf {
     venv
 }
 
+/// `python -m pytest -q` in the repository's root, with no cache directory or bytecode
+/// written into the source tree.
+pub fn pytest_command(python: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(python);
+    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .current_dir(repo_root())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
+}
+
+/// Points the E2B SDK that `cmd` runs at `url` (API and sandboxes on the same listener) with
+/// the API key `key`, taking out the settings that would point it elsewhere.
+pub fn e2b_env(cmd: &mut std::process::Command, url: &str, key: &str) {
+    cmd.env("E2B_API_URL", url)
+        .env("E2B_SANDBOX_URL", url)
+        .env("E2B_API_KEY", key)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_ACCESS_TOKEN");
+}
+
+/// Runs `cmd` (`what` names it in a failure); its standard output, or a failure with all of
+/// its output unless it exits 0. The output is shown with `--no-capture`.
+pub fn run_checked(mut cmd: std::process::Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Runs pytest on `path` (relative to the repository's root) against `server`, with its URL
 /// and admin key in `MOAT_URL` and `MOAT_API_KEY`, the working tree's Python SDK first on the
 /// path, the shared fixtures of `tests/pylib/moat_suite.py` loaded, `env` added and `remove`
 /// taken out; fails with pytest's output.
 pub fn pytest(path: &str, server: &server::Server, env: &[(&str, &str)], remove: &[&str]) {
-    let mut cmd = std::process::Command::new(test_python());
-    // No cache directory in the source tree.
+    let mut cmd = pytest_command(&test_python());
     // `moat_suite`: the fixtures the suites share (tests/pylib).
-    cmd.args([
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "moat_suite",
-        path,
-    ])
-    .current_dir(repo_root())
-    .env("PYTHONDONTWRITEBYTECODE", "1")
-    // The working tree's SDK before the copy scripts/test-deps.sh installed, so the tests
-    // see the code as it is now.
-    .env(
-        "PYTHONPATH",
-        format!(
-            "{}:{}",
-            repo_root().join("sdk/python").display(),
-            repo_root().join("tests/pylib").display()
-        ),
-    )
-    .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
-    .env("MOAT_API_KEY", server.admin_key())
-    .envs(env.iter().copied());
+    cmd.args(["-p", "moat_suite", path])
+        // The working tree's SDK before the copy scripts/test-deps.sh installed, so the tests
+        // see the code as it is now.
+        .env(
+            "PYTHONPATH",
+            format!(
+                "{}:{}",
+                repo_root().join("sdk/python").display(),
+                repo_root().join("tests/pylib").display()
+            ),
+        )
+        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("MOAT_API_KEY", server.admin_key())
+        .envs(env.iter().copied());
     for name in remove {
         cmd.env_remove(name);
     }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running pytest {path}: {e}"));
-    // Shown with --no-capture: what ran.
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "pytest {path} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_checked(cmd, &format!("pytest {path}"));
 }
 
 /// Copies each host program `(source, name)` to `root/bin/name`, with every library `ldd` names

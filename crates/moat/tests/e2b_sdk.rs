@@ -36,11 +36,8 @@ fn older_sdk_python(version: &str) -> PathBuf {
 
 /// Runs `tests/e2b/<file>` with pytest under `python` against a fresh `moat serve`.
 fn run_pytest_with(python: &Path, file: &str) {
-    let mut cmd = Command::new(python);
-    // No cache directory in the source tree.
-    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(format!("tests/e2b/{file}"))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let mut cmd = support::pytest_command(python);
+    cmd.arg(format!("tests/e2b/{file}"));
     run_client(cmd, &format!("pytest tests/e2b/{file}"));
 }
 
@@ -62,27 +59,9 @@ fn run_client_on(server_args: &[&str], mut cmd: Command, what: &str) {
         "gvisor",
         json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
     );
-    let url = format!("http://127.0.0.1:{}", server.port);
-    let out = cmd
-        .current_dir(repo_root())
-        .env("E2B_API_URL", &url)
-        .env("E2B_SANDBOX_URL", &url)
-        .env("E2B_API_KEY", &key)
-        // Settings that would point the SDKs elsewhere.
-        .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .env_remove("E2B_ACCESS_TOKEN")
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    // Shown with --no-capture: what ran.
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::e2b_env(&mut cmd, &format!("http://127.0.0.1:{}", server.port), &key);
+    cmd.current_dir(repo_root());
+    support::run_checked(cmd, what);
 }
 
 /// E2B's network options against a fake internet built for the run
@@ -91,10 +70,8 @@ fn run_client_on(server_args: &[&str], mut cmd: Command, what: &str) {
 fn network() {
     need_root!("the fake internet and moat serve's native backend need root");
     let net = support::fakenet::FakeNet::start(json!({}));
-    let mut cmd = Command::new(test_python());
-    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg("tests/e2b/test_network.py")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
+    let mut cmd = support::pytest_command(&test_python());
+    cmd.arg("tests/e2b/test_network.py")
         .env("MOAT_FAKE_WEB", net.web.to_string())
         .env("MOAT_FAKE_OTHER", net.other.to_string())
         .env("MOAT_FAKE_DNS", net.dns.to_string());
@@ -115,14 +92,11 @@ fn template_builds() {
         support::registry::TestImage::new(vec![support::registry::busybox_layer(&applets), bash]);
     image.run = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]});
     registry.push("tools/bbash", "1", &image);
-    let mut cmd = Command::new(test_python());
-    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg("tests/e2b/test_template_build.py")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env(
-            "MOAT_TEST_IMAGE",
-            format!("{}/tools/bbash:1", registry.host()),
-        );
+    let mut cmd = support::pytest_command(&test_python());
+    cmd.arg("tests/e2b/test_template_build.py").env(
+        "MOAT_TEST_IMAGE",
+        format!("{}/tools/bbash:1", registry.host()),
+    );
     run_client_on(
         &["--allow-registry", &registry.host()],
         cmd,

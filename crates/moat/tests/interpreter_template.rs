@@ -6,7 +6,6 @@
 //! scripts/test-deps.sh downloaded); and E2B's DataFrame and chart examples run unmodified on
 //! it (`tests/e2b/test_data_science.py`).
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use moat_test_support::need_root;
@@ -18,18 +17,8 @@ use moat_test_support::repo_root;
 
 /// Runs `cmd` in the repository's root; its standard output, or a failure with all its output.
 fn run(mut cmd: Command, what: &str) -> String {
-    let out = cmd
-        .current_dir(repo_root())
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cmd.current_dir(repo_root());
+    moat_test_support::run_checked(cmd, what)
 }
 
 #[test]
@@ -73,19 +62,8 @@ fn the_projects_python_image_and_data_science_interpreter() {
     // Another tenant's E2B code interpreter SDK gets it by default.
     let key = server.create_key(&admin, json!({"name": "data", "tenant": "science"}));
     let url = format!("http://127.0.0.1:{}", server.port);
-    let python = std::env::var_os("MOAT_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/test-venv/bin/python"));
-    let mut pytest = Command::new(python);
-    pytest
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg("tests/e2b/test_data_science.py")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("E2B_API_URL", &url)
-        .env("E2B_SANDBOX_URL", &url)
-        .env("E2B_API_KEY", &key)
-        .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .env_remove("E2B_ACCESS_TOKEN");
+    let mut pytest = moat_test_support::pytest_command(&moat_test_support::test_python());
+    pytest.arg("tests/e2b/test_data_science.py");
+    moat_test_support::e2b_env(&mut pytest, &url, &key);
     run(pytest, "pytest tests/e2b/test_data_science.py");
 }
