@@ -340,3 +340,38 @@ fn a_server_without_root_creates_nothing_and_says_why() {
         .collect();
     assert!(left.is_empty(), "nothing is created: {left:?}");
 }
+
+/// The first admin key's secret is kept before the key exists: when `admin.key` cannot be
+/// written, the start fails and records no key, so the next start makes one whose secret is
+/// in the file (no admin key that nobody can use).
+#[test]
+fn an_admin_key_whose_secret_cannot_be_kept_is_not_made() {
+    need_root!();
+    let dir = tempfile::Builder::new()
+        .prefix("moat-serve-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let data = dir.path().join("data");
+    // A directory where the file goes: neither writing nor renaming over it works.
+    std::fs::create_dir_all(data.join("admin.key/in-the-way")).expect("mkdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run moat serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("admin.key"), "stderr: {stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "a secret was printed: {:?}",
+        out.stdout
+    );
+
+    std::fs::remove_dir_all(data.join("admin.key")).expect("rm");
+    let server = Server::start_in(dir, data);
+    let key = server.admin_key();
+    let r = server.request("GET", "/v1/sandboxes", Some(&key), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -104,6 +104,12 @@ impl KeyRecord {
 pub struct Secret(String);
 
 impl Secret {
+    /// A new secret (`moat_` and 40 base32 characters, from the OS RNG), for
+    /// [`Store::create_key_with`].
+    pub fn generate() -> StoreResult<Secret> {
+        Ok(Secret(generate_secret()?))
+    }
+
     /// The secret itself, to hand to the key's owner exactly once.
     pub fn expose(&self) -> &str {
         &self.0
@@ -135,6 +141,19 @@ impl Store {
         role: Role,
         quotas: Quotas,
     ) -> StoreResult<(KeyRecord, Secret)> {
+        self.create_key_with(tenant, name, role, quotas, Secret::generate()?)
+    }
+
+    /// [`Store::create_key`] with a secret made beforehand ([`Secret::generate`]), for a caller
+    /// that must keep the secret safe before the key that it opens exists.
+    pub fn create_key_with(
+        &self,
+        tenant: &str,
+        name: &str,
+        role: Role,
+        quotas: Quotas,
+        secret: Secret,
+    ) -> StoreResult<(KeyRecord, Secret)> {
         check_label("key name", name)?;
         let fits = |what: &'static str, n: Option<u64>| {
             n.map(|m| {
@@ -146,7 +165,6 @@ impl Store {
         let max_memory = fits("memory quota", quotas.max_memory_bytes)?;
         let max_pids = fits("pids quota", quotas.max_pids)?;
         let max_snapshot = fits("snapshot quota", quotas.max_snapshot_bytes)?;
-        let secret = generate_secret()?;
         let record = KeyRecord {
             id: generate_key_id()?,
             tenant: tenant.to_owned(),
@@ -167,7 +185,7 @@ impl Store {
                     record.id,
                     record.tenant,
                     record.name,
-                    hash_secret(&secret).as_slice(),
+                    hash_secret(secret.expose()).as_slice(),
                     role.as_str(),
                     record.created_at,
                     quotas.max_sandboxes,
@@ -179,7 +197,7 @@ impl Store {
             )?;
             Ok(())
         })?;
-        Ok((record, Secret(secret)))
+        Ok((record, secret))
     }
 
     /// The key whose secret this is, unless there is none or it is revoked. Anything that is not

@@ -21,7 +21,7 @@ use moat_engine::images::registry::{Credentials, RegistryAccess};
 use moat_engine::manager::{
     EgressAccess, JobOptions, ManagerOptions, SandboxManager, ShutdownMode,
 };
-use moat_engine::store::{Quotas, Role, Store, StoreError};
+use moat_engine::store::{Quotas, Role, Secret, Store, StoreError};
 use moat_server::ServerOptions;
 
 use super::data_dir_lock;
@@ -469,8 +469,29 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 's
     })
 }
 
+/// Writes `secret` as the file `path` (0600) whole or not at all: a new file beside it,
+/// synced, renamed over it, and the directory synced.
+fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let staged = path.with_extension("key.new");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&staged)?;
+    // `mode` only applies to a new file; one left by an earlier try may have been looser.
+    file.set_permissions(Permissions::from_mode(0o600))?;
+    writeln!(file, "{secret}")?;
+    file.sync_all()?;
+    std::fs::rename(&staged, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// On a store without an admin key: makes tenant `default` and an admin key for it, writes the
-/// secret to `<data>/admin.key` (0600) and prints it once to stdout.
+/// secret to `<data>/admin.key` (0600) and prints it once to stdout. The file is written (and
+/// synced, by a rename) before the key is recorded: a crash in between leaves a secret that
+/// opens nothing, which the next start replaces, never a key whose secret is nowhere.
 fn first_admin_key(store: &Store, data_dir: &Path) -> Result<()> {
     if store.has_admin_key().context("looking for an admin key")? {
         return Ok(());
@@ -479,23 +500,19 @@ fn first_admin_key(store: &Store, data_dir: &Path) -> Result<()> {
         Ok(_) | Err(StoreError::Conflict { .. }) => {}
         Err(e) => return Err(e).context("creating the default tenant"),
     }
-    let (key, secret) = store
-        .create_key(DEFAULT_TENANT, "admin", Role::Admin, Quotas::default())
-        .context("creating the admin key")?;
+    let secret = Secret::generate().context("making the admin key's secret")?;
     let path = data_dir.join(ADMIN_KEY_FILE);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
+    write_secret_file(&path, secret.expose())
         .with_context(|| format!("writing {}", path.display()))?;
-    // `mode` only applies to a new file; an old one may have been looser.
-    file.set_permissions(Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod {}", path.display()))?;
-    writeln!(file, "{}", secret.expose()).with_context(|| format!("writing {}", path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("syncing {}", path.display()))?;
+    let (key, secret) = store
+        .create_key_with(
+            DEFAULT_TENANT,
+            "admin",
+            Role::Admin,
+            Quotas::default(),
+            secret,
+        )
+        .context("creating the admin key")?;
     eprintln!(
         "moat: created tenant {DEFAULT_TENANT:?} and admin key {} (secret below, shown once, also in {})",
         key.id,
