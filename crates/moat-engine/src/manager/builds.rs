@@ -735,27 +735,36 @@ impl SandboxManager {
         let was_cancelled = *cancelled.borrow();
         // Whatever a step left running (the select above dropped it mid-way) is ended here,
         // once a sandbox it was making is recorded.
-        creates.close();
-        creates.wait().await;
-        self.end_build_sandboxes(&caller, &id).await;
-        let _ = std::fs::remove_dir_all(dir.join("context"));
-        match outcome {
+        // A build that succeeded is recorded so before the cleanup: its templates are written,
+        // and a server stopped during the cleanup must not find it unfinished and fail it.
+        // One that did not is recorded after it, so that its end means nothing of it runs.
+        let ended = match outcome {
             Ok(image) => {
                 rec.build.status = v1::BuildStatus::Succeeded;
                 rec.build.image = Some(image);
-            }
-            Err(e) if was_cancelled => {
-                rec.build.status = v1::BuildStatus::Cancelled;
-                rec.build.error = Some(e.to_string());
+                true
             }
             Err(e) => {
-                rec.build.status = v1::BuildStatus::Failed;
+                rec.build.status = if was_cancelled {
+                    v1::BuildStatus::Cancelled
+                } else {
+                    v1::BuildStatus::Failed
+                };
                 rec.build.error = Some(e.to_string());
+                false
             }
+        };
+        if ended {
+            record_end(builds, &mut rec);
         }
-        rec.build.finished_at = Some(now_ms());
-        if let Err(e) = builds.write(&rec) {
-            tracing::warn!(build = %id, "recording the end of a build: {e}");
+        creates.close();
+        creates.wait().await;
+        self.end_build_sandboxes(&caller, &id).await;
+        for unpacked in ["context", "named"] {
+            let _ = std::fs::remove_dir_all(dir.join(unpacked));
+        }
+        if !ended {
+            record_end(builds, &mut rec);
         }
         lock(&builds.active).remove(&id);
         builds.tenant_turns.forget_idle(&caller.tenant);
@@ -1019,6 +1028,14 @@ fn prune_contexts(dir: &Path) -> ManagerResult<u64> {
         }
     }
     Ok(used)
+}
+
+/// Writes the end of the build `rec` (its status set) with the time it ended.
+fn record_end(builds: &Builds, rec: &mut BuildRecord) {
+    rec.build.finished_at = Some(now_ms());
+    if let Err(e) = builds.write(rec) {
+        tracing::warn!(build = %rec.build.id, "recording the end of a build: {e}");
+    }
 }
 
 #[cfg(test)]
