@@ -28,6 +28,10 @@ impl Operation {
     }
 }
 
+/// The longest path a signed URL may name (Linux's `PATH_MAX`): checking a signature hashes
+/// the path once, but a URL that names no sandbox is checked under every running one's token.
+pub const MAX_SIGNED_PATH: usize = 4096;
+
 /// The `v1_` signature of a file URL: `v1_` and the unpadded standard base64 of the SHA-256 of
 /// `path:operation:user:token`, with `:expiration` appended when the URL expires. `user` is the
 /// `username` query value, or empty when the URL names none.
@@ -38,16 +42,44 @@ pub fn sign(
     token: &str,
     expiration: Option<&str>,
 ) -> String {
-    let mut input = format!("{path}:{}:{user}:{token}", operation.as_str());
-    if let Some(exp) = expiration {
-        input.push(':');
-        input.push_str(exp);
+    Signer::new(path, operation, user, expiration).sign(token)
+}
+
+/// The signatures of one URL under any number of tokens, its path and user hashed once.
+#[derive(Clone)]
+pub struct Signer {
+    /// The hash of `path:operation:user:`, which every signature of the URL starts from.
+    prefix: Sha256,
+    expiration: Option<String>,
+}
+
+impl Signer {
+    /// The signer of the URL of `path`, `operation`, `user` and `expiration` (see [`sign`]).
+    pub fn new(path: &str, operation: Operation, user: &str, expiration: Option<&str>) -> Signer {
+        let mut prefix = Sha256::new();
+        for part in [path, operation.as_str(), user] {
+            prefix.update(part.as_bytes());
+            prefix.update(b":");
+        }
+        Signer {
+            prefix,
+            expiration: expiration.map(str::to_owned),
+        }
     }
-    let digest = Sha256::digest(input.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
+
+    /// The URL's signature under `token`.
+    pub fn sign(&self, token: &str) -> String {
+        let mut hash = self.prefix.clone();
+        hash.update(token.as_bytes());
+        if let Some(exp) = &self.expiration {
+            hash.update(b":");
+            hash.update(exp.as_bytes());
+        }
+        format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(hash.finalize())
+        )
+    }
 }
 
 /// The query parameters of a `/files` request that the agent reads and a signature covers,
@@ -134,23 +166,34 @@ impl FilesQuery {
     /// the signature must cover exactly what is acted on, so no reader may take another
     /// occurrence than the signer meant.
     pub fn check_signable(&self) -> Result<(), QueryError> {
-        match self.repeated {
-            Some(name) => Err(QueryError(format!(
+        if let Some(name) = self.repeated {
+            return Err(QueryError(format!(
                 "the query parameter '{name}' is given twice"
-            ))),
-            None => Ok(()),
+            )));
         }
+        let path = self.path.as_deref().unwrap_or("");
+        if path.len() > MAX_SIGNED_PATH {
+            return Err(QueryError(format!(
+                "the path is {} bytes long; a signed URL's path may have at most {MAX_SIGNED_PATH}",
+                path.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The signer of this query's path and user for `operation` (see [`Signer`]).
+    pub fn signer(&self, operation: Operation) -> Signer {
+        Signer::new(
+            self.path.as_deref().unwrap_or(""),
+            operation,
+            self.username.as_deref().unwrap_or(""),
+            self.signature_expiration.as_deref(),
+        )
     }
 
     /// The `v1_` signature of this query's path and user for `operation` under `token`.
     pub fn sign(&self, operation: Operation, token: &str) -> String {
-        sign(
-            self.path.as_deref().unwrap_or(""),
-            operation,
-            self.username.as_deref().unwrap_or(""),
-            token,
-            self.signature_expiration.as_deref(),
-        )
+        self.signer(operation).sign(token)
     }
 
     /// Whether a given `signature_expiration` still lies after `now` (Unix seconds); none
@@ -214,6 +257,23 @@ mod tests {
             at("10").sign(Operation::Read, "t"),
             sign("", Operation::Read, "", "t", Some("10"))
         );
+    }
+
+    #[test]
+    fn a_signed_path_has_a_bounded_length() {
+        let at_most = format!("path=/{}&signature=v1_s", "a".repeat(MAX_SIGNED_PATH - 1));
+        assert!(
+            FilesQuery::parse(&at_most)
+                .unwrap()
+                .check_signable()
+                .is_ok()
+        );
+        let over = format!("path=/{}&signature=v1_s", "a".repeat(MAX_SIGNED_PATH));
+        let e = FilesQuery::parse(&over)
+            .unwrap()
+            .check_signable()
+            .unwrap_err();
+        assert!(e.0.contains("at most 4096"), "{e}");
     }
 
     #[test]

@@ -485,6 +485,23 @@ fn envd_traffic() {
         &server.send("GET", &url, None, &[], None).expect("guess"),
         401,
     );
+    // A path longer than any file's is refused before it is hashed under every token.
+    let long = format!("/{}", "a".repeat(4096));
+    let url = format!(
+        "/files?path={long}&signature={}",
+        sign(&long, "read", "", &sbx.token, None)
+    );
+    let r = server
+        .send("GET", &url, None, &[], None)
+        .expect("long path");
+    assert_plain_error(&r, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 4096")),
+        "{}",
+        text(&r)
+    );
     // With routing headers, a signature works in place of the token too.
     let url = format!(
         "/files?path={quoted}&signature={}",

@@ -149,11 +149,18 @@ impl SandboxManager {
             .is_some_and(|live| live.public_traffic)
     }
 
-    /// The ids of the running sandboxes [`SandboxManager::route`] finds, whatever their tenants
-    /// (unclaimed warm-pool members are not among them), in no particular order: what a signed
-    /// file URL that names no sandbox is matched against.
-    pub fn running_ids(&self) -> Vec<String> {
-        lock(&self.inner.live).keys().cloned().collect()
+    /// The running sandboxes [`SandboxManager::route`] finds, whatever their tenants (unclaimed
+    /// warm-pool members are not among them), with their access tokens, in no particular order:
+    /// what a request that names no sandbox is matched against. Each token is derived once.
+    pub fn running_access_tokens(&self) -> Vec<(String, String)> {
+        let key = &self.inner.access_key;
+        lock(&self.inner.live)
+            .iter()
+            .map(|(id, live)| {
+                let token = live.access_token.get_or_init(|| derive(key, id));
+                (id.clone(), token.clone())
+            })
+            .collect()
     }
 }
 

@@ -304,6 +304,9 @@ struct Live {
     /// Why its memory cannot be saved though its backend saves memory
     /// ([`Instance::memory_refusal`]).
     memory_refusal: Option<String>,
+    /// Its access token, derived on first need: requests that name no sandbox are matched
+    /// against every running one's, which must not cost a derivation each.
+    access_token: std::sync::OnceLock<String>,
 }
 
 impl Live {
@@ -331,6 +334,7 @@ impl Live {
             health: health::Health::default(),
             egress: Mutex::new(None),
             memory_refusal,
+            access_token: std::sync::OnceLock::new(),
         }
     }
 

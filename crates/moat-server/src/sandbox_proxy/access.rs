@@ -157,19 +157,19 @@ fn check_files(token: &str, req: &Request) -> Result<(), Refusal> {
 }
 
 /// The sandbox a signed `/files` URL without routing headers is for: the running sandbox whose
-/// token the signature was made with (one hash per running sandbox). The signature is checked
-/// on the way, expiration included.
+/// token the signature was made with (one short hash per running sandbox: the URL's path, at
+/// most `MAX_SIGNED_PATH` bytes, is hashed once). The signature is checked on the way,
+/// expiration included.
 pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<String, Refusal> {
     let query = files_query(req)?;
     let operation = operation_of(req.method())?;
     let signature = query.signature.as_deref().unwrap_or("");
+    let signer = query.signer(operation);
     let id = manager
-        .running_ids()
+        .running_access_tokens()
         .into_iter()
-        .find(|id| {
-            let expected = query.sign(operation, &manager.access_token(id));
-            same(signature.as_bytes(), expected.as_bytes())
-        })
+        .find(|(_, token)| same(signature.as_bytes(), signer.sign(token).as_bytes()))
+        .map(|(id, _)| id)
         .ok_or_else(|| {
             Refusal::unauthorized(
                 "invalid signature: it was made for no running sandbox (send E2b-Sandbox-Id to name one)",
@@ -179,8 +179,8 @@ pub(crate) fn find_signed(manager: &SandboxManager, req: &Request) -> Result<Str
     Ok(id)
 }
 
-/// The running sandbox whose access token `req` carries (one HMAC per running sandbox), for an
-/// envd request that names no sandbox.
+/// The running sandbox whose access token `req` carries (one comparison per running sandbox,
+/// each token derived once), for an envd request that names no sandbox.
 pub(crate) fn find_by_token(manager: &SandboxManager, req: &Request) -> Result<String, Refusal> {
     let given = req
         .headers()
@@ -188,9 +188,10 @@ pub(crate) fn find_by_token(manager: &SandboxManager, req: &Request) -> Result<S
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     manager
-        .running_ids()
+        .running_access_tokens()
         .into_iter()
-        .find(|id| same(given, manager.access_token(id).as_bytes()))
+        .find(|(_, token)| same(given, token.as_bytes()))
+        .map(|(id, _)| id)
         .ok_or_else(|| {
             Refusal::unauthorized(
                 "invalid access token: it is no running sandbox's (send E2b-Sandbox-Id to name one)",
