@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::policy::{Verdict, canonical};
-use super::sniff::{MAX_SNIFF, Sniffed, sniff};
+use super::sniff::{MAX_SNIFF, Sniffed, Sniffer};
 use super::{
     CONNECT_RATE, MAX_CONNECTIONS, MAX_CONNECTIONS_TOTAL, OPEN_CONNECTIONS, SandboxNet, answerer,
     host_addresses,
@@ -181,8 +181,9 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
 /// Reads from `conn` into `buf` until its first bytes show the name they carry.
 async fn read_name(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     let mut chunk = [0u8; 4096];
+    let mut sniffer = Sniffer::default();
     loop {
-        match sniff(buf) {
+        match sniffer.sniff(buf) {
             Sniffed::Name(n) => return Some(n),
             Sniffed::None => return None,
             Sniffed::More if buf.len() >= MAX_SNIFF => return None,

@@ -18,10 +18,31 @@ pub enum Sniffed {
 
 /// Looks for the name in `buf`, the connection's bytes so far.
 pub fn sniff(buf: &[u8]) -> Sniffed {
-    match buf.first() {
-        None => Sniffed::More,
-        Some(0x16) => tls_sni(buf),
-        Some(_) => http_host(buf),
+    Sniffer::default().sniff(buf)
+}
+
+/// [`sniff`] over a buffer that only grows between calls: the end of an HTTP request's head is
+/// looked for only in the bytes added since the last call, so a client that sends its head a
+/// byte at a time costs the relay time in proportion to the head, not to its square.
+#[derive(Debug, Default)]
+pub struct Sniffer {
+    /// How much of the buffer has been searched for the end of the head.
+    searched: usize,
+}
+
+impl Sniffer {
+    /// Looks for the name in `buf`, which holds the bytes of the last call and maybe more.
+    pub fn sniff(&mut self, buf: &[u8]) -> Sniffed {
+        match buf.first() {
+            None => Sniffed::More,
+            Some(0x16) => tls_sni(buf),
+            Some(_) => {
+                // The last three bytes searched may start the end with the new ones.
+                let from = self.searched.saturating_sub(3).min(buf.len());
+                self.searched = buf.len();
+                http_host(buf, from)
+            }
+        }
     }
 }
 
@@ -124,8 +145,8 @@ fn client_hello_sni(rec: &[u8]) -> Option<String> {
 }
 
 /// Reads the Host header of a plain HTTP/1 request (its absolute-form target, if it has one,
-/// must name the same host).
-fn http_host(buf: &[u8]) -> Sniffed {
+/// must name the same host); the end of its head is looked for from `from` on.
+fn http_host(buf: &[u8], from: usize) -> Sniffed {
     // Not a request line's method (uppercase letters, then a space): no name will come, so
     // say so now rather than wait for bytes that are not HTTP.
     let method = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
@@ -135,7 +156,11 @@ fn http_host(buf: &[u8]) -> Sniffed {
         Some(_) => return Sniffed::None,
         None => return Sniffed::More,
     }
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+    let Some(end) = buf[from..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| from + at)
+    else {
         return if buf.len() >= MAX_SNIFF {
             Sniffed::None
         } else {
@@ -339,5 +364,26 @@ pub(crate) mod tests {
         assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Sniffed::None);
         assert_eq!(sniff(b"GE"), Sniffed::More);
         assert_eq!(sniff(b"get / HTTP/1.1"), Sniffed::None);
+    }
+
+    #[test]
+    fn a_head_fed_a_byte_at_a_time_reads_as_one_sent_whole() {
+        let heads: [&[u8]; 3] = [
+            b"GET / HTTP/1.1\r\nHost: Example.COM:8080\r\nX: y\r\n\r\nbody",
+            b"GET / HTTP/1.1\r\nHost: a.com\r\nHost: b.com\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: \r\n\r",
+        ];
+        for head in heads {
+            let mut sniffer = Sniffer::default();
+            let mut last = Sniffed::More;
+            for end in 1..=head.len() {
+                last = sniffer.sniff(&head[..end]);
+                if last != Sniffed::More {
+                    assert_eq!(last, sniff(&head[..end]), "{end}");
+                    break;
+                }
+            }
+            assert_eq!(last, sniff(head), "{}", String::from_utf8_lossy(head));
+        }
     }
 }
