@@ -558,6 +558,11 @@ fn a_pause_on_gvisor_frees_the_sandbox_and_a_resume_goes_on() {
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(count() > after, "stopped counting after the resume");
+    // What the pause saved goes once the resume is recorded.
+    assert!(
+        !server.data.join("snapshots/paused").join(&id).exists(),
+        "a resumed sandbox's saved state stayed"
+    );
 
     // Paused again, then deleted: nothing stays, on the host or in the data dir.
     let r = act(&server, &key, &id, "pause");

@@ -414,10 +414,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Restores sandbox `id`, paused to disk in `dir`, and puts it in place of `live`; the
-    /// saved directory goes. A sandbox that cannot be restored stays paused with its saved
-    /// directory, so a later resume can try again: a restore that failed (an agent slow to
-    /// answer on a loaded host) must not lose what the pause saved.
+    /// Restores sandbox `id`, paused to disk in `dir`, and puts it in place of `live`, still
+    /// marked paused; the saved directory stays until the caller has recorded it running
+    /// ([`Inner::forget_paused_to_disk`]), so that no crash in between loses what the pause
+    /// saved. A sandbox that cannot be restored stays paused with its saved directory, so a
+    /// later resume can try again: a restore that failed (an agent slow to answer on a loaded
+    /// host) must not lose it either.
     pub(super) async fn resume_from_disk(
         &self,
         live: &Arc<Live>,
@@ -440,8 +442,6 @@ impl Inner {
                 )));
             }
         };
-        let _ = std::fs::remove_dir_all(dir);
-        self.paused_bytes.remove(id);
         // Paused until it is recorded running.
         if let Err(mut orphan) = self.swap_in(live, tenant, id, instance, client, true) {
             let _ = orphan.destroy().await;
@@ -450,6 +450,17 @@ impl Inner {
             )));
         }
         Ok(())
+    }
+
+    /// Removes what sandbox `id`'s pause to disk saved in `dir`, once its resume is recorded.
+    pub(super) fn forget_paused_to_disk(&self, id: &str, dir: &Path) {
+        if let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            // Not recorded paused any more: the next start-up sweeps it.
+            tracing::warn!(sandbox = %id, "removing {}: {e}", dir.display());
+        }
+        self.paused_bytes.remove(id);
     }
 
     /// Saves `tenant`'s running sandbox `id` with its memory into a new directory in the

@@ -152,6 +152,7 @@ impl Inner {
                 Err(e) => {
                     // Not recorded: run it again, as the record has it.
                     self.resume_from_disk(&live, tenant, id, &dir).await?;
+                    self.forget_paused_to_disk(id, &dir);
                     if let Some(fresh) = lock(&self.live).get(id) {
                         fresh.paused.store(false, Ordering::SeqCst);
                     }
@@ -213,14 +214,22 @@ impl Inner {
         {
             Ok(rec) => rec,
             Err(e) => {
-                // Not recorded: keep it as the record has it (a restored one stays running
-                // but refuses calls, as a paused one does).
-                if on_disk.is_none() {
-                    let _ = live.instance.lock().await.pause().await;
+                // Not recorded: keep it as the record has it. A thawed one is frozen again; a
+                // restored one is released again, paused on what its pause saved, which stays.
+                match &on_disk {
+                    None => {
+                        let _ = live.instance.lock().await.pause().await;
+                    }
+                    Some(_) => {
+                        let _ = live.instance.lock().await.destroy().await;
+                    }
                 }
                 return Err(e);
             }
         };
+        if let Some(dir) = &on_disk {
+            self.forget_paused_to_disk(id, dir);
+        }
         live.paused.store(false, Ordering::SeqCst);
         let Some(ttl) = ttl else {
             return Ok(to_v1(&rec));

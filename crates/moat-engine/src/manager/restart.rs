@@ -208,14 +208,23 @@ impl Inner {
     /// Records `rec` killed by the restart.
     async fn record_lost(&self, rec: &SandboxRecord) {
         let (t, i) = (rec.tenant.clone(), rec.id.clone());
-        if let Err(e) = self
+        match self
             .db(move |s| {
                 s.update_sandbox_state(&t, &i, SandboxState::Killed, Some(EndReason::ServerRestart))
             })
             .await
-            && !matches!(e, ManagerError::Conflict(_))
         {
-            tracing::warn!(sandbox = %rec.id, "recording a sandbox lost at restart: {e}");
+            Ok(_) | Err(ManagerError::Conflict(_)) => {
+                // What a pause to disk saved of one that could not be taken over goes with it
+                // (the start-up sweep, which ran before, kept it for a sandbox recorded paused).
+                if let Some(snapshots) = &self.opts.snapshot_dir {
+                    let dir = snapshots.join(super::memory::PAUSED_DIR).join(&rec.id);
+                    self.forget_paused_to_disk(&rec.id, &dir);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %rec.id, "recording a sandbox lost at restart: {e}")
+            }
         }
     }
 }
