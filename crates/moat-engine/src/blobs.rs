@@ -97,12 +97,20 @@ fn object_path(digest: &str) -> Result<StorePath, BlobError> {
 }
 
 impl BlobStore {
-    /// Opens the store at `location` (a local directory is made if missing).
+    /// Opens the store at `location` (a local directory is made if missing). Its opener is its
+    /// only user: what a local store staged before (a server stopped mid-upload) is removed,
+    /// including the pieces of unfinished writes, which listings do not show.
     pub fn open(location: &BlobLocation) -> Result<BlobStore, String> {
         match location {
             BlobLocation::Dir(dir) => {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                let staged = dir.join("tmp");
+                match std::fs::remove_dir_all(&staged) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("removing {}: {e}", staged.display())),
+                }
                 let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| format!("blob directory {}: {e}", dir.display()))?;
                 Ok(BlobStore {
@@ -231,6 +239,20 @@ impl BlobStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_error(e)),
         }
+    }
+
+    /// The digests of the blobs in the store.
+    pub async fn digests(&self) -> Result<Vec<String>, BlobError> {
+        self.store
+            .list(Some(&StorePath::from("sha256")))
+            .map_ok(|meta| {
+                let name = meta.location.filename().unwrap_or_default();
+                format!("sha256:{name}")
+            })
+            .try_filter(|digest| std::future::ready(is_digest(digest)))
+            .try_collect()
+            .await
+            .map_err(store_error)
     }
 
     /// Removes what was staged more than `age` ago and never committed (a server stopped in

@@ -163,6 +163,25 @@ fn get_job(tx: &Transaction<'_>, tenant: &str, id: &str) -> StoreResult<JobRecor
     )?
     .ok_or_else(|| StoreError::not_found("job", id))
 }
+/// Refuses `size` more bytes of `tenant`'s blobs over `max_bytes`.
+fn check_blob_room(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    size: u64,
+    max_bytes: u64,
+) -> StoreResult<()> {
+    require_tenant(tx, tenant)?;
+    let used = blob_bytes(tx, tenant)?;
+    if used.saturating_add(size) > max_bytes {
+        return Err(StoreError::QuotaExceeded {
+            what: "stored blob bytes",
+            limit: max_bytes,
+            used,
+            requested: size,
+        });
+    }
+    Ok(())
+}
 
 fn blob_bytes(tx: &Transaction<'_>, tenant: &str) -> StoreResult<u64> {
     let n: i64 = tx
@@ -662,17 +681,25 @@ impl Store {
         max_bytes: u64,
     ) -> StoreResult<()> {
         self.write(|tx| {
-            require_tenant(tx, tenant)?;
-            let used = blob_bytes(tx, tenant)?;
-            if used.saturating_add(size) > max_bytes {
-                return Err(StoreError::QuotaExceeded {
-                    what: "stored blob bytes",
-                    limit: max_bytes,
-                    used,
-                    requested: size,
-                });
-            }
+            check_blob_room(tx, tenant, size, max_bytes)?;
             insert_blob_row(tx, tenant, kind, job, digest, size)
+        })
+    }
+
+    /// Whether `tenant` may keep `size` more bytes of blobs within `max_bytes` now (what
+    /// [`Store::add_blob`] checks again when it records them).
+    pub fn blob_fits(&self, tenant: &str, size: u64, max_bytes: u64) -> StoreResult<()> {
+        self.read(|tx| check_blob_room(tx, tenant, size, max_bytes))
+    }
+
+    /// Every digest a blob row names.
+    pub fn blob_digests(&self) -> StoreResult<std::collections::HashSet<String>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached("SELECT DISTINCT digest FROM blobs")?;
+            let digests = stmt
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(digests)
         })
     }
 

@@ -21,6 +21,7 @@ mod webhook;
 pub use webhook::{MAX_WEBHOOK_DELIVERIES, MAX_WEBHOOK_URL, WEBHOOK_TIMEOUT};
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub const DEFAULT_JOB_BYTES_PER_TENANT: u64 = 10 << 30;
 pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Bytes of each log tail shown with a job.
 const TAIL_BYTES: usize = 4096;
+/// How often housekeeping looks for objects of the blob store that no row names (and once
+/// soon after start, when a crash may have left some).
+const ORPHAN_SWEEP_EVERY_MS: i64 = 3_600_000;
 /// Longest idempotency key.
 const MAX_KEY_CHARS: usize = 256;
 
@@ -175,6 +179,8 @@ pub(super) struct Jobs {
     /// Held (shared) from a blob's staging until its row is recorded, and (exclusive) by
     /// collection from its check that no row names a blob to the object's deletion.
     gc: Arc<RwLock<()>>,
+    /// When housekeeping last removed the objects no row names (Unix ms; 0: not yet).
+    orphans_swept_at: AtomicI64,
     /// Wakes the webhook sender: a job ended.
     webhooks: Notify,
     /// Jobs whose webhook is being sent now.
@@ -201,6 +207,7 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             last_tenant: Mutex::new(String::new()),
             gc: Arc::new(RwLock::new(())),
+            orphans_swept_at: AtomicI64::new(0),
             webhooks: Notify::new(),
             delivering: Mutex::new(std::collections::HashSet::new()),
         }))
@@ -254,15 +261,15 @@ impl Inner {
             staged.size,
             jobs.opts.bytes_per_tenant,
         );
-        // Recorded and committed together: a row without its object would charge the
-        // tenant for a blob that jobs naming it cannot read.
+        // Committed, then recorded, together: a row never names a missing object (a crash in
+        // between leaves an object no row names, which housekeeping removes). The quota is
+        // checked first, so a tenant over it leaves nothing behind.
         let inner = self.clone();
         to_the_end("blob write", async move {
             let _gc = gc;
-            if let Err(e) = inner
-                .db(move |s| s.add_blob(&t, kind, &j, &d, size, max))
-                .await
-            {
+            let (tq, dq) = (t.clone(), d.clone());
+            let fits = inner.db(move |s| s.blob_fits(&tq, size, max)).await;
+            if let Err(e) = fits {
                 jobs.blobs.discard(staged).await;
                 return Err(e);
             }
@@ -270,12 +277,36 @@ impl Inner {
                 jobs.blobs.discard(staged).await;
                 return Err(blob_error(e));
             }
+            // Refused now only if the tenant's other blobs took the room meanwhile: the
+            // object stays for housekeeping, which removes objects no row names.
+            inner
+                .db(move |s| s.add_blob(&t, kind, &j, &dq, size, max))
+                .await?;
             Ok(v1::Blob {
                 digest: staged.digest,
                 size: staged.size,
             })
         })
         .await
+    }
+
+    /// Deletes every object of the blob store that no row names (what a crash between a row's
+    /// deletion and its object's, or between an object's commit and its row, left); how many.
+    async fn sweep_orphan_blobs(&self) -> ManagerResult<usize> {
+        let jobs = self.jobs()?.clone();
+        let _gc = jobs.gc.write().await;
+        let named = self.db(|s| s.blob_digests()).await?;
+        let mut removed = 0;
+        for digest in jobs.blobs.digests().await.map_err(blob_error)? {
+            if named.contains(&digest) {
+                continue;
+            }
+            match jobs.blobs.delete(&digest).await {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(%digest, "deleting a blob no record names: {e}"),
+            }
+        }
+        Ok(removed)
     }
 
     /// Deletes the objects of `digests` that no row names any more.
@@ -933,6 +964,15 @@ impl SandboxManager {
         }
         if let Err(e) = jobs.blobs.sweep_staged(Duration::from_secs(3600)).await {
             tracing::warn!("sweeping staged blobs: {e}");
+        }
+        let last = jobs.orphans_swept_at.load(Ordering::SeqCst);
+        if last == 0 || now.saturating_sub(last) >= ORPHAN_SWEEP_EVERY_MS {
+            jobs.orphans_swept_at.store(now.max(1), Ordering::SeqCst);
+            match self.inner.sweep_orphan_blobs().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(blobs = n, "removed blobs no record names"),
+                Err(e) => tracing::warn!("sweeping blobs no record names: {e}"),
+            }
         }
         Ok(count)
     }
