@@ -377,6 +377,15 @@ fn bad_job_requests_are_refused_clearly() {
     let big = json!({"shell": "true", "inputs": [{"path": "x", "content": "a".repeat(17 << 20)}]});
     let r = post(&server, &key, "/v1/jobs", big);
     assert_eq!(r.status, 413, "{}", r.text());
+    // Code that would take its record over 1 MiB: inputs are for large code.
+    let r = post(
+        &server,
+        &key,
+        "/v1/jobs",
+        json!({"code": format!("# {}\nprint(1)", "a".repeat(1 << 20))}),
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("as an input file"), "{}", r.text());
     let r = server.request("GET", "/v1/jobs?state=sleeping", Some(&key), None);
     assert_eq!(r.status, 400, "{}", r.text());
     let r = server.request("GET", "/v1/jobs/job-nope/logs/stdin", Some(&key), None);

@@ -450,7 +450,8 @@ impl Store {
     }
 
     /// `tenant`'s jobs in `states` (all when empty), newest first, after the job of sequence
-    /// `after` (from the previous page), at most `limit`.
+    /// `after` (from the previous page), at most `limit`; without their specs (`{}`), which a
+    /// listing does not show and which may be large.
     pub fn list_jobs(
         &self,
         tenant: &str,
@@ -463,7 +464,10 @@ impl Store {
         let states = serde_json::to_string(&states).unwrap_or_else(|_| "[]".into());
         self.read(|tx| {
             let mut stmt = tx.prepare_cached(
-                "SELECT * FROM jobs WHERE tenant_id = ?1 AND seq < ?2 \
+                "SELECT seq, id, tenant_id, key_id, idempotency_key, request_sha256, template, \
+                 '{}' AS spec, state, attempts, max_attempts, not_before, created_at, \
+                 started_at, finished_at, result \
+                 FROM jobs WHERE tenant_id = ?1 AND seq < ?2 \
                  AND (json_array_length(?3) = 0 OR state IN (SELECT value FROM json_each(?3))) \
                  ORDER BY seq DESC LIMIT ?4",
             )?;

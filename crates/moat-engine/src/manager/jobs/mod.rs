@@ -41,6 +41,9 @@ use crate::auth::Caller;
 use crate::blobs::{BlobError, BlobLocation, BlobStore, is_digest};
 use crate::store::{BlobKind, JobRecord, NewJob, Running, now_ms};
 
+/// Most bytes of a job's record of what to run (its code, command, environment and settings,
+/// as JSON): a job's record is in the database, which all tenants share.
+pub const MAX_JOB_SPEC_BYTES: usize = 1 << 20;
 /// Input files of one job, at most.
 pub const MAX_JOB_INPUTS: usize = 256;
 /// Output paths or globs of one job, at most.
@@ -459,15 +462,25 @@ impl SandboxManager {
             resolved.size = blob.size;
             inputs.push((blob.digest, blob.size));
         }
+        let template = spec.template.clone();
+        let spec =
+            serde_json::to_string(&spec).map_err(|e| ManagerError::Internal(e.to_string()))?;
+        if spec.len() > MAX_JOB_SPEC_BYTES {
+            return Err(ManagerError::TooLarge(format!(
+                "the job's code, command, environment and settings take {} in its record, more \
+                 than the {} a job may have; send large code as an input file",
+                moat_proto::units::describe_size(spec.len() as u64),
+                moat_proto::units::describe_size(MAX_JOB_SPEC_BYTES as u64)
+            )));
+        }
         let new = NewJob {
             id: id.clone(),
             tenant: caller.tenant.clone(),
             key_id: caller.key_id.clone(),
             idempotency_key: req.idempotency_key.clone(),
             request_sha256,
-            template: spec.template.clone(),
-            spec: serde_json::to_string(&spec)
-                .map_err(|e| ManagerError::Internal(e.to_string()))?,
+            template,
+            spec,
             max_attempts: req.retries.unwrap_or(0) + 1,
             webhook_url: req.webhook_url.clone(),
         };
