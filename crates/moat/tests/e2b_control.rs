@@ -785,3 +785,31 @@ fn e2b_control_plane() {
         204
     );
 }
+
+/// Builds asked for and not yet started are bounded per tenant (`429` past 16), so one tenant
+/// cannot take the server's room for them from another.
+#[test]
+fn builds_waiting_to_start_are_bounded_per_tenant() {
+    need_root!("moat serve's native backend needs root");
+    let server = Server::start();
+    let greedy = tenant_key(&server, "greedy", Quotas::default());
+    let other = tenant_key(&server, "other", Quotas::default());
+    let ask = |key: &str, name: &str| {
+        e2b(
+            &server,
+            "POST",
+            "/v3/templates",
+            Some(key),
+            &[],
+            Some(json!({"name": name})),
+        )
+    };
+    for n in 0..16 {
+        let r = ask(&greedy, &format!("t{n}"));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let message = assert_e2b_error(&ask(&greedy, "t16"), 429);
+    assert!(message.contains("16 builds of yours"), "{message}");
+    let r = ask(&other, "mine");
+    assert_eq!(r.status, 202, "{}", r.text());
+}

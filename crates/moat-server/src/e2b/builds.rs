@@ -39,6 +39,9 @@ use crate::extract::{Shared, decode, json_body};
 
 /// Builds asked for (`POST /v3/templates`) and not yet started, server-wide.
 const MAX_PENDING: usize = 1024;
+/// Builds asked for and not yet started, per tenant: one tenant cannot take the server's
+/// room for them.
+const MAX_PENDING_PER_TENANT: usize = 16;
 /// How long a build asked for may wait for its start.
 const PENDING_TTL: Duration = Duration::from_secs(3600);
 /// Most log entries one status answer holds.
@@ -156,6 +159,16 @@ pub(crate) async fn request_build(
         pending.retain(|_, p| p.asked.elapsed() < PENDING_TTL);
         if pending.len() >= MAX_PENDING {
             return Err(busy());
+        }
+        let mine = pending
+            .values()
+            .filter(|p| p.tenant == caller.tenant)
+            .count();
+        if mine >= MAX_PENDING_PER_TENANT {
+            return Err(E2bError::from(ManagerError::QuotaExceeded(format!(
+                "{MAX_PENDING_PER_TENANT} builds of yours are waiting for their start; start \
+                 them or let them lapse (after an hour) first"
+            ))));
         }
         pending.insert(
             build_id.clone(),
