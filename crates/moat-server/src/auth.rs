@@ -12,6 +12,7 @@ use moat_engine::auth::Caller;
 
 use crate::ApiError;
 use crate::extract::{ApiResult, Shared};
+use crate::tenant_requests::RequestSlot;
 
 /// Puts the caller of a valid Bearer key in the request's extensions; refuses anything else.
 pub(crate) async fn authenticate(
@@ -21,9 +22,9 @@ pub(crate) async fn authenticate(
 ) -> ApiResult<Response> {
     let secret = bearer(&req)?;
     match check_key(&state, secret).await {
-        Ok(caller) => {
+        Ok((caller, slot)) => {
             req.extensions_mut().insert(caller);
-            Ok(next.run(req).await)
+            Ok(crate::held_body::hold(next.run(req).await, slot))
         }
         Err(refusal) => Ok(refusal.into_response()),
     }
@@ -57,14 +58,40 @@ impl IntoResponse for KeyRefusal {
     }
 }
 
-/// The caller an API key secret stands for, once the engine knows the key (not revoked) and
-/// it is within its rate limit: what every authenticated surface (`/v1`'s Bearer keys, the E2B
-/// API's `X-API-KEY`) checks.
-pub(crate) async fn check_key(state: &Shared, secret: String) -> Result<Caller, KeyRefusal> {
+/// The caller an API key secret stands for, once the engine knows the key (not revoked), it is
+/// within its rate limit and its tenant has room for one more request in flight: what every
+/// authenticated surface (`/v1`'s Bearer keys, the E2B API's `X-API-KEY`) checks. The slot is
+/// to be held until the answer has been sent ([`crate::held_body::hold`]).
+pub(crate) async fn check_key(
+    state: &Shared,
+    secret: String,
+) -> Result<(Caller, RequestSlot), KeyRefusal> {
     let caller = state.manager.authenticate(secret).await?;
+    within_rate(state, &caller)?;
+    let slot = state
+        .tenant_requests
+        .enter(&caller.tenant)
+        .ok_or_else(|| KeyRefusal {
+            error: ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "tenant {} has {} requests in flight, the most one tenant may have at once; \
+                 retry once some have been answered",
+                    caller.tenant,
+                    state.tenant_requests.cap()
+                ),
+            ),
+            retry_after_secs: Some(1),
+        })?;
+    Ok((caller, slot))
+}
+
+/// Refuses a caller whose key is over its rate limit.
+fn within_rate(state: &Shared, caller: &Caller) -> Result<(), KeyRefusal> {
     // A caller made from a key always names it; one without a key has no key's rate to keep.
     let Some(key_id) = caller.key_id() else {
-        return Ok(caller);
+        return Ok(());
     };
     let limited = state
         .rate_limiter
@@ -82,7 +109,7 @@ pub(crate) async fn check_key(state: &Shared, secret: String) -> Result<Caller, 
             retry_after_secs: Some(limit.retry_after_secs),
         });
     }
-    Ok(caller)
+    Ok(())
 }
 
 impl From<moat_engine::manager::ManagerError> for KeyRefusal {

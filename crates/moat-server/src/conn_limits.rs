@@ -14,16 +14,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use bytes::Bytes;
-use http_body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -185,14 +181,7 @@ async fn serve_connection(
             let answer = hyper::service::Service::call(&router, req);
             async move {
                 let response = answer.await;
-                response.map(|r| {
-                    r.map(|body| {
-                        Body::new(Guarded {
-                            body,
-                            _guard: guard,
-                        })
-                    })
-                })
+                response.map(|r| crate::held_body::hold(r.map(Body::new), guard))
             }
         })
     };
@@ -238,31 +227,5 @@ impl Drop for InFlight {
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             *lock(&self.0.idle_since) = Instant::now();
         }
-    }
-}
-
-/// An answer's body that holds its request's [`InFlight`] until it is sent or dropped.
-struct Guarded {
-    body: Body,
-    _guard: InFlight,
-}
-
-impl http_body::Body for Guarded {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }

@@ -17,6 +17,7 @@ mod e2b;
 mod error;
 mod extract;
 mod files;
+mod held_body;
 mod jobs;
 mod keys;
 mod mcp;
@@ -29,6 +30,7 @@ mod sandboxes;
 mod snapshots;
 mod storage_guard;
 mod templates;
+mod tenant_requests;
 
 use moat_engine::clock::now_ms;
 use std::future::Future;
@@ -98,6 +100,10 @@ pub fn default_domain(port: u16) -> String {
     format!("localhost:{port}")
 }
 
+/// One tenant may have in flight at most this fraction of the connections the listener allows
+/// (1/8): several tenants together must stall requests to fill them.
+const TENANT_SHARE_OF_CONNECTIONS: usize = 8;
+
 /// What the handlers share.
 #[derive(Debug)]
 pub(crate) struct AppState {
@@ -110,6 +116,8 @@ pub(crate) struct AppState {
     pub(crate) domain: String,
     /// E2B builds asked for and not yet started.
     pub(crate) e2b_builds: e2b::builds::PendingBuilds,
+    /// Each tenant's requests in flight.
+    pub(crate) tenant_requests: Arc<tenant_requests::TenantRequests>,
 }
 
 impl AppState {
@@ -120,6 +128,9 @@ impl AppState {
             rate_limiter: rate_limit::RateLimiter::new(opts.requests_per_minute),
             domain: opts.domain.clone().unwrap_or_else(|| default_domain(port)),
             e2b_builds: Default::default(),
+            tenant_requests: Arc::new(tenant_requests::TenantRequests::new(
+                conn_limits::connection_cap() / TENANT_SHARE_OF_CONNECTIONS,
+            )),
         }
     }
 }

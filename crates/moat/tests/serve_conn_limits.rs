@@ -369,3 +369,84 @@ fn a_body_the_handler_does_not_read_does_not_close_the_connection() {
         began.elapsed()
     );
 }
+
+/// One request on a new connection with `key`, its answer read to the end.
+fn keyed(port: u16, method: &str, path: &str, key: &str, body: &str) -> Reply {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).expect("read");
+    Reply::parse(&raw).expect("an HTTP answer")
+}
+
+/// A tenant's requests in flight are capped at an eighth of the connections the listener
+/// allows: one that stalls as many as it may (bodies announced and never sent) gets `429`
+/// for one more, while another tenant is served, and gets its room back as they end.
+#[test]
+fn one_tenant_s_stalled_requests_leave_room_for_others() {
+    need_root!();
+    // 4,096 open files: 1,024 connections, 128 requests in flight per tenant.
+    let server = serve_with_nofile(4096, 4096);
+    let admin = std::fs::read_to_string(server._dir.path().join("data/admin.key"))
+        .expect("admin key")
+        .trim()
+        .to_owned();
+    let key_of = |tenant: &str| {
+        let body = format!(r#"{{"name": "k", "tenant": "{tenant}"}}"#);
+        let r = keyed(server.port, "POST", "/v1/keys", &admin, &body);
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["secret"].as_str().expect("secret").to_owned()
+    };
+    let (greedy, other) = (key_of("greedy"), key_of("other"));
+    let stalled: Vec<TcpStream> = (0..128)
+        .map(|_| {
+            let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+            let head = format!(
+                "POST /v1/sandboxes/nope/exec HTTP/1.1\r\nHost: localhost\r\n\
+                 Authorization: Bearer {greedy}\r\nContent-Type: application/json\r\n\
+                 Content-Length: 200000\r\n\r\n"
+            );
+            conn.write_all(head.as_bytes()).expect("send");
+            conn
+        })
+        .collect();
+    // Each stalled request is in flight once its key has been checked.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = keyed(server.port, "GET", "/v1/sandboxes", &greedy, "");
+        if r.status == 429 {
+            assert!(r.text().contains("requests in flight"), "{}", r.text());
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            Instant::now() < deadline,
+            "the stalled requests were never capped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
+    assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = keyed(server.port, "GET", "/v1/sandboxes", &greedy, "");
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tenant's room never came back: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -34,9 +34,9 @@ pub(crate) async fn authenticate(
         }
     };
     match check_key(&state, secret).await {
-        Ok(caller) => {
+        Ok((caller, slot)) => {
             req.extensions_mut().insert(caller);
-            next.run(req).await
+            crate::held_body::hold(next.run(req).await, slot)
         }
         Err(refusal) => E2bError::from(refusal).into_response(),
     }
