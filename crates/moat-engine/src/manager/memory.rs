@@ -58,11 +58,25 @@ fn write_manifest(dir: &Path) -> std::io::Result<u64> {
         );
     }
     let manifest = serde_json::json!({ "files": files });
-    let path = dir.join(MANIFEST);
-    std::fs::write(&path, manifest.to_string())?;
-    std::fs::File::open(&path)?.sync_all()?;
-    std::fs::File::open(dir)?.sync_all()?;
+    std::fs::write(dir.join(MANIFEST), manifest.to_string())?;
+    sync_saved(dir)?;
     Ok(total)
+}
+
+/// Syncs every file of the checkpoint directory `dir` (which the backend's runtime wrote and
+/// did not sync), `dir` and its parent: what is recorded as saved survives a power loss.
+fn sync_saved(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    match dir.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// Checks `dir` against its manifest: the same files, each of the recorded size and digest.
@@ -404,6 +418,17 @@ impl Inner {
         if let Err(e) = instance.destroy().await {
             tracing::warn!(sandbox = %id, "releasing a sandbox paused to disk: {e}");
         }
+        let saved = match saved {
+            Ok(()) => {
+                let dir = dir.to_owned();
+                tokio::task::spawn_blocking(move || sync_saved(&dir))
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("sync task: {e}")))
+                    .and_then(|synced| synced)
+                    .map_err(|e| format!("syncing what it saved: {e}"))
+            }
+            Err(e) => Err(e.to_string()),
+        };
         if let Err(e) = saved {
             let e = ManagerError::Unavailable(format!("the pause of sandbox {id} failed: {e}"));
             let _ = std::fs::remove_dir_all(dir);
