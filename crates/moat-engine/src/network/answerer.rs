@@ -18,7 +18,7 @@ use tokio::net::{TcpStream, UdpSocket};
 
 use super::dns::{Question, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL, read_answer, set_id};
 use super::policy::{SpecialRange, Target, special_range};
-use super::{MAX_DNS_IN_FLIGHT, SandboxNet, host_addresses, host_resolvers};
+use super::{SandboxNet, host_addresses, host_resolvers};
 
 /// The DNS port.
 pub const DNS_PORT: u16 = 53;
@@ -235,7 +235,6 @@ pub(super) async fn serve(
     ended: tokio::sync::watch::Receiver<()>,
 ) {
     let sock = Arc::new(sock);
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_DNS_IN_FLIGHT));
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let (n, peer, dest) = match sock.recv(&mut buf).await {
@@ -252,7 +251,7 @@ pub(super) async fn serve(
             continue;
         }
         // Past the limit, a query is dropped: the client retries, as it would on loss.
-        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+        let Ok(permit) = net.dns_in_flight.clone().try_acquire_owned() else {
             continue;
         };
         let query = buf[..n].to_vec();
@@ -286,10 +285,17 @@ pub(super) async fn serve_tcp(mut conn: TcpStream, net: &SandboxNet) {
         }
         let reply = match over_rate(&query, net) {
             Some(refusal) => refusal,
-            None => match answer(&query, net, true).await {
-                Some(reply) => reply,
-                None => return,
-            },
+            None => {
+                // Held to the same count of queries being answered as over UDP: a sandbox's
+                // connections must not each have a query upstream.
+                let Ok(_permit) = net.dns_in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                match answer(&query, net, true).await {
+                    Some(reply) => reply,
+                    None => return,
+                }
+            }
         };
         let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&reply);

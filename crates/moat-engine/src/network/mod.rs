@@ -249,6 +249,8 @@ pub struct SandboxNet {
     connections: Arc<tokio::sync::Semaphore>,
     /// Its DNS queries' rate.
     dns_rate: Tokens,
+    /// Its DNS queries being answered (over UDP and TCP together).
+    dns_in_flight: Arc<tokio::sync::Semaphore>,
     /// Its new connections' rate.
     connect_rate: Tokens,
     /// The bandwidth out of and into the sandbox, when limited.
@@ -351,6 +353,7 @@ impl Egress {
             denials: Mutex::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             dns_rate: Tokens::new(DNS_RATE, DNS_BURST),
+            dns_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_DNS_IN_FLIGHT)),
             connect_rate: Tokens::new(CONNECT_RATE, CONNECT_BURST),
             bandwidth: settings.bandwidth.map(|rate| {
                 // A second's worth may go at once.
