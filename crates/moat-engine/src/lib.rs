@@ -35,6 +35,7 @@ pub mod resources;
 pub mod rootfs_users;
 pub mod status;
 pub mod store;
+pub mod tenant_slots;
 mod tls;
 
 pub use error::{EngineError, Result};

@@ -9,10 +9,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use moat_engine::auth::Caller;
+use moat_engine::tenant_slots::TenantSlot;
 
 use crate::ApiError;
 use crate::extract::{ApiResult, Shared};
-use crate::tenant_requests::RequestSlot;
 
 /// Puts the caller of a valid Bearer key in the request's extensions; refuses anything else.
 pub(crate) async fn authenticate(
@@ -65,13 +65,13 @@ impl IntoResponse for KeyRefusal {
 pub(crate) async fn check_key(
     state: &Shared,
     secret: String,
-) -> Result<(Caller, RequestSlot), KeyRefusal> {
+) -> Result<(Caller, TenantSlot), KeyRefusal> {
     let caller = state.manager.authenticate(secret).await?;
     within_rate(state, &caller)?;
     let slot = state
         .tenant_requests
         .enter(&caller.tenant)
-        .ok_or_else(|| KeyRefusal {
+        .map_err(|_| KeyRefusal {
             error: ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -79,7 +79,7 @@ pub(crate) async fn check_key(
                     "tenant {} has {} requests in flight, the most one tenant may have at once; \
                  retry once some have been answered",
                     caller.tenant,
-                    state.tenant_requests.cap()
+                    state.tenant_requests.per_tenant()
                 ),
             ),
             retry_after_secs: Some(1),

@@ -30,7 +30,6 @@ mod sandboxes;
 mod snapshots;
 mod storage_guard;
 mod templates;
-mod tenant_requests;
 
 use moat_engine::clock::now_ms;
 use std::future::Future;
@@ -116,8 +115,8 @@ pub(crate) struct AppState {
     pub(crate) domain: String,
     /// E2B builds asked for and not yet started.
     pub(crate) e2b_builds: e2b::builds::PendingBuilds,
-    /// Each tenant's requests in flight.
-    pub(crate) tenant_requests: Arc<tenant_requests::TenantRequests>,
+    /// Each tenant's requests in flight (from its key's check to the end of the answer).
+    pub(crate) tenant_requests: Arc<moat_engine::tenant_slots::TenantSlots>,
 }
 
 impl AppState {
@@ -128,9 +127,10 @@ impl AppState {
             rate_limiter: rate_limit::RateLimiter::new(opts.requests_per_minute),
             domain: opts.domain.clone().unwrap_or_else(|| default_domain(port)),
             e2b_builds: Default::default(),
-            tenant_requests: Arc::new(tenant_requests::TenantRequests::new(
+            tenant_requests: moat_engine::tenant_slots::TenantSlots::new(
                 conn_limits::connection_cap() / TENANT_SHARE_OF_CONNECTIONS,
-            )),
+                None,
+            ),
         }
     }
 }

@@ -327,3 +327,72 @@ fn a_template_create_can_follow_its_pull() {
     assert_eq!(last["type"], "error", "{lines:?}");
     assert_eq!(last["code"], "not_found", "{lines:?}");
 }
+
+/// `POST /v1/templates` of `image` with `key` on a new connection, given up on after `wait`:
+/// the answer, or `None` when none came in time.
+fn create_within(
+    server: &Server,
+    key: &str,
+    name: &str,
+    image: &str,
+    wait: std::time::Duration,
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    conn.set_read_timeout(Some(wait)).expect("timeout");
+    let body = json!({"name": name, "spec": {"rootfs": {"image": image}}}).to_string();
+    let head = format!(
+        "POST /v1/templates HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    match conn.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return None;
+        }
+        Err(e) => panic!("reading the answer: {e}"),
+    }
+    let reply = moat_test_support::server::Reply::parse(&raw).expect("an HTTP answer");
+    Some((reply.status, reply.text()))
+}
+
+/// A tenant has at most two pulls under way (waiting for the server's turn included): a third
+/// is `429` at once, while another tenant's pull is taken. The registry here accepts
+/// connections and never answers, so the pulls stay under way.
+#[test]
+fn a_tenant_s_pulls_under_way_are_bounded() {
+    need_root!("moat serve's native backend needs root");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let host = silent.local_addr().expect("address").to_string();
+    let server = Server::start_with(&["--allow-registry", &host]);
+    let admin = server.admin_key();
+    let key = |tenant: &str| server.create_key(&admin, json!({"name": "k", "tenant": tenant}));
+    let (greedy, other) = (key("greedy"), key("other"));
+    let short = std::time::Duration::from_millis(1500);
+    let image = |n: u32| format!("{host}/app{n}:1");
+    for n in 0..2 {
+        assert_eq!(
+            create_within(&server, &greedy, &format!("t{n}"), &image(n), short),
+            None,
+            "a pull from a registry that never answers ended"
+        );
+    }
+    let (status, text) = create_within(&server, &greedy, "t2", &image(2), short)
+        .expect("the third pull is refused at once");
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("image pulls of yours"), "{text}");
+    assert_eq!(
+        create_within(&server, &other, "t0", &image(0), short),
+        None,
+        "another tenant's pull was refused"
+    );
+}

@@ -328,15 +328,10 @@ impl SandboxManager {
                     "registry {registry} is not one this server lets every key pull from"
                 )));
             }
-            let pull_cache = cache.clone();
-            let pulled = tokio::spawn(async move {
-                pull_cache
-                    .pull(&reference, std::sync::Arc::new(|_| {}))
-                    .await
-            })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("pull task: {e}")))?
-            .map_err(image_error)?;
+            let pulled = self
+                .inner
+                .pull_image(None, &cache, reference, std::sync::Arc::new(|_| {}))
+                .await?;
             log.line(&format!(" ---> {}", pulled.reference)).await;
             progress.state = BuildState {
                 layers: pulled.layers.clone(),

@@ -14,12 +14,55 @@ use moat_proto::v1;
 use super::{Inner, ManagerError, ManagerResult, check_env};
 use crate::images::registry::RunConfig;
 use crate::images::{ImageError, ImageRef, PullEvent, PulledImage};
+use crate::tenant_slots::TenantSlots;
+
+/// Image pulls one tenant may have under way at once (waiting for the server's turn
+/// included): the server pulls a few at a time for everyone, so one tenant's many pulls must
+/// not queue ahead of every other tenant's.
+pub const MAX_PULLS_PER_TENANT: usize = 2;
+
+/// The pulls under way, per tenant, within [`MAX_PULLS_PER_TENANT`].
+pub(super) fn pull_slots() -> std::sync::Arc<TenantSlots> {
+    TenantSlots::new(MAX_PULLS_PER_TENANT, None)
+}
 
 impl Inner {
+    /// Pulls `reference` into `cache`, in a task of its own: a caller that goes away must not
+    /// cut a pull short halfway through writing into the shared cache. With a `tenant`, the
+    /// pull takes one of its [`MAX_PULLS_PER_TENANT`] places (429 when none is left), which
+    /// the task holds to its end; a build step passes none, as a tenant's builds already run
+    /// one at a time (and a build, accepted, must not fail for want of a place).
+    pub(super) async fn pull_image(
+        &self,
+        tenant: Option<&str>,
+        cache: &std::sync::Arc<crate::images::ImageCache>,
+        reference: ImageRef,
+        progress: std::sync::Arc<dyn Fn(PullEvent) + Send + Sync>,
+    ) -> ManagerResult<PulledImage> {
+        let place = match tenant {
+            Some(tenant) => Some(self.pulls.enter(tenant).map_err(|_| {
+                ManagerError::QuotaExceeded(format!(
+                    "{MAX_PULLS_PER_TENANT} image pulls of yours are under way, the most one \
+                     tenant may have at once; retry when one has finished"
+                ))
+            })?),
+            None => None,
+        };
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            cache.pull(&reference, progress).await
+        })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("pull task: {e}")))?
+        .map_err(image_error)
+    }
+
     /// Pulls the image `spec` names, pins the spec to it and takes over its defaults.
     pub(super) async fn pull_template_image(
         &self,
         spec: &mut v1::TemplateSpec,
+        tenant: &str,
         progress: std::sync::Arc<dyn Fn(PullEvent) + Send + Sync>,
     ) -> ManagerResult<()> {
         let v1::Rootfs::Image(text) = &spec.rootfs else {
@@ -31,13 +74,9 @@ impl Inner {
                 "this server keeps no images: templates from images need `moat serve`".into(),
             )
         })?;
-        // A task of its own: a caller that goes away must not cut a pull short halfway
-        // through writing into the shared cache.
-        let cache = cache.clone();
-        let pulled = tokio::spawn(async move { cache.pull(&reference, progress).await })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("pull task: {e}")))?
-            .map_err(image_error)?;
+        let pulled = self
+            .pull_image(Some(tenant), cache, reference, progress)
+            .await?;
         apply(spec, &pulled);
         check_env("the image's environment", &spec.env)
     }

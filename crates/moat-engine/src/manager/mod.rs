@@ -380,7 +380,9 @@ struct Inner {
     /// Creates in flight per (tenant, idempotency key), so that two at once make one sandbox.
     idempotent_creates: idempotency::InFlight,
     /// One-shot runs under way.
-    runs: run::RunSlots,
+    runs: Arc<crate::tenant_slots::TenantSlots>,
+    /// Image pulls under way (waiting for their turn included), per tenant.
+    pulls: Arc<crate::tenant_slots::TenantSlots>,
     /// Bytes of snapshot archives being written or kept for a fork, per tenant.
     snapshot_bytes: snapshots::InFlight,
     /// Bytes of sandboxes paused to disk, which count as their tenants' snapshot bytes.
@@ -551,7 +553,8 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
-                runs: run::RunSlots::default(),
+                runs: run::run_slots(),
+                pulls: images::pull_slots(),
                 snapshot_bytes: snapshots::InFlight::default(),
                 paused_bytes: memory::PausedBytes::default(),
                 health_probes: health::Probes::default(),

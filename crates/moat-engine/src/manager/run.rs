@@ -8,7 +8,8 @@
 //! once ([`MAX_CONCURRENT_RUNS`] on the server, [`MAX_CONCURRENT_RUNS_PER_TENANT`] per
 //! tenant). The memory runs can hold at once is therefore bounded too.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -18,6 +19,8 @@ use moat_proto::units::describe_size;
 use moat_proto::v1;
 
 use tokio_util::sync::CancellationToken;
+
+use crate::tenant_slots::{SlotsFull, TenantSlot, TenantSlots};
 
 use super::{DEFAULT_EXEC_TIMEOUT, ManagerError, ManagerResult, SandboxManager, to_the_end};
 use crate::agent_client::AgentError;
@@ -120,7 +123,7 @@ impl SandboxManager {
         let (manager, caller) = (self.clone(), caller.clone());
         let outputs = req.output_files;
         to_the_end("run", async move {
-            let _slot = manager.inner.runs.enter(&caller.tenant)?;
+            let _slot = enter_run(&manager.inner.runs, &caller.tenant)?;
             let sandbox = manager.create(&caller, create).await?;
             let outcome = tokio::select! {
                 o = manager.run_in(&caller, &sandbox.id, files, code, exec, &outputs) => o,
@@ -232,50 +235,20 @@ fn check_unique<'a>(what: &str, paths: impl Iterator<Item = &'a str>) -> Manager
 
 /// The runs under way, on the server and per tenant, within [`MAX_CONCURRENT_RUNS`] and
 /// [`MAX_CONCURRENT_RUNS_PER_TENANT`].
-#[derive(Debug, Default)]
-pub(super) struct RunSlots {
-    per_tenant: std::sync::Mutex<HashMap<String, usize>>,
+pub(super) fn run_slots() -> Arc<TenantSlots> {
+    TenantSlots::new(MAX_CONCURRENT_RUNS_PER_TENANT, Some(MAX_CONCURRENT_RUNS))
 }
 
-/// One run under way; its slot is given back on drop.
-pub(super) struct RunSlot<'a> {
-    slots: &'a RunSlots,
-    tenant: String,
-}
-
-impl RunSlots {
-    /// A slot for a run of `tenant`, or why there is none now (the caller may retry).
-    pub(super) fn enter(&self, tenant: &str) -> ManagerResult<RunSlot<'_>> {
-        let mut runs = super::lock(&self.per_tenant);
-        let total: usize = runs.values().sum();
-        if runs.get(tenant).copied().unwrap_or(0) >= MAX_CONCURRENT_RUNS_PER_TENANT {
-            return Err(ManagerError::QuotaExceeded(format!(
-                "at most {MAX_CONCURRENT_RUNS_PER_TENANT} one-shot runs of a tenant at once; retry later"
-            )));
-        }
-        if total >= MAX_CONCURRENT_RUNS {
-            return Err(ManagerError::Unavailable(format!(
-                "the server already runs {MAX_CONCURRENT_RUNS} one-shot runs at once; retry later"
-            )));
-        }
-        *runs.entry(tenant.to_owned()).or_default() += 1;
-        Ok(RunSlot {
-            slots: self,
-            tenant: tenant.to_owned(),
-        })
-    }
-}
-
-impl Drop for RunSlot<'_> {
-    fn drop(&mut self) {
-        let mut runs = super::lock(&self.slots.per_tenant);
-        if let Some(n) = runs.get_mut(&self.tenant) {
-            *n -= 1;
-            if *n == 0 {
-                runs.remove(&self.tenant);
-            }
-        }
-    }
+/// A place for a run of `tenant` in `slots`, or why there is none now (the caller may retry).
+fn enter_run(slots: &Arc<TenantSlots>, tenant: &str) -> ManagerResult<TenantSlot> {
+    slots.enter(tenant).map_err(|full| match full {
+        SlotsFull::Tenant => ManagerError::QuotaExceeded(format!(
+            "at most {MAX_CONCURRENT_RUNS_PER_TENANT} one-shot runs of a tenant at once; retry later"
+        )),
+        SlotsFull::Server => ManagerError::Unavailable(format!(
+            "the server already runs {MAX_CONCURRENT_RUNS} one-shot runs at once; retry later"
+        )),
+    })
 }
 
 /// The input files, decoded, or why one is invalid.

@@ -75,7 +75,7 @@ impl SandboxManager {
         }
         // Pulled now, so a sandbox of it never waits on a registry.
         self.inner
-            .pull_template_image(&mut req.spec, progress)
+            .pull_template_image(&mut req.spec, &caller.tenant, progress)
             .await?;
         if let Some(snapshot) = req.spec.snapshot.clone() {
             self.inner
