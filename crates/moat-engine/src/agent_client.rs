@@ -204,29 +204,29 @@ impl AgentClient {
 
     /// [`AgentClient::start`], with a guard that kills the command when it is dropped before
     /// being disarmed (once the command's end was seen). The start goes on in a task of its
-    /// own, the guard made there as soon as the pid is known: a caller that stops waiting
-    /// meanwhile drops the guard with the answer, so that no command runs on unfollowed
+    /// own, the guard made there as soon as the pid is known: when the caller stopped waiting
+    /// meanwhile, the guard is dropped with the answer, so that no command runs on unfollowed
     /// until its timeout.
     pub async fn start_guarded(
         &self,
         req: StartRequest,
         opts: CallOptions,
     ) -> Result<(ProcessStream, KillOnDrop), AgentError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let client = self.clone();
+        // Awaited through its handle: dropped, the task runs on and its answer, guard
+        // included, is dropped when it ends.
         tokio::spawn(async move {
-            let started = client.start(req, opts).await.map(|process| {
+            client.start(req, opts).await.map(|process| {
                 let guard = KillOnDrop {
                     pid: process.pid(),
                     client,
                     armed: true,
                 };
                 (process, guard)
-            });
-            let _ = tx.send(started);
-        });
-        rx.await
-            .map_err(|_| AgentError::Transport("the start of the command was abandoned".into()))?
+            })
+        })
+        .await
+        .map_err(|e| AgentError::Transport(format!("the start of the command failed: {e}")))?
     }
 
     /// `Process.Connect` to a running (or recently exited) process.

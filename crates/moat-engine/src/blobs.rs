@@ -4,10 +4,12 @@
 //! directory (`<data-dir>/blobs` by default) or S3-compatible storage named by URL
 //! (`s3://bucket/prefix`, configured from the usual `AWS_*` variables), both through the
 //! `object_store` crate. A blob is first written under `tmp/` while its digest is computed
-//! ([`BlobStore::stage`]), then moved to its name ([`BlobStore::commit`]) once the store of
-//! record names it, so that collection (which deletes an object no row names) never removes
-//! one a row is about to name. On a local directory the object and its directory are synced
-//! before the commit returns: a blob acknowledged survives a power loss.
+//! ([`BlobStore::stage`]), then moved to its name ([`BlobStore::commit`]) before the store of
+//! record names it, so that a row never names a missing object; collection (which deletes an
+//! object no row names) is kept out meanwhile by the jobs' collection lock. On a local
+//! directory the object and its directory are synced before the commit returns: a blob
+//! acknowledged survives a power loss. The store is one server's: objects its records do not
+//! name are deleted, so two servers must not share a bucket prefix.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -227,7 +227,25 @@ async fn a_run_whose_caller_hangs_up_leaves_no_sandbox() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Its slot went with it: as many runs as a tenant may have at once still run.
+    // Its slot went with it (once its sandbox is destroyed, a moment after it is recorded
+    // killed): as many runs as a tenant may have at once run again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let one = || {
+        manager.run(
+            &caller,
+            v1::RunRequest {
+                shell: Some("true".into()),
+                ..Default::default()
+            },
+        )
+    };
+    while let Err(e) = one().await {
+        assert!(
+            Instant::now() < deadline,
+            "the run's slot never came back: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let runs = (0..4).map(|_| {
         manager.run(
             &caller,

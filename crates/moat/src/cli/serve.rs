@@ -474,17 +474,23 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 's
 fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let staged = path.with_extension("key.new");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&staged)?;
-    // `mode` only applies to a new file; one left by an earlier try may have been looser.
-    file.set_permissions(Permissions::from_mode(0o600))?;
-    writeln!(file, "{secret}")?;
-    file.sync_all()?;
-    std::fs::rename(&staged, path)?;
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&staged)?;
+        // `mode` only applies to a new file; one left by an earlier try may have been looser.
+        file.set_permissions(Permissions::from_mode(0o600))?;
+        writeln!(file, "{secret}")?;
+        file.sync_all()?;
+        std::fs::rename(&staged, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    written?;
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -240,8 +240,8 @@ impl Inner {
         })
     }
 
-    /// Stores `body` as a blob `tenant` keeps as `kind` (of `job`): staged, recorded, then
-    /// committed, under the collection lock.
+    /// Stores `body` as a blob `tenant` keeps as `kind` (of `job`): staged, its quota checked,
+    /// committed, then recorded, under the collection lock.
     async fn keep_blob<S, E>(
         self: &Arc<Self>,
         tenant: &str,
@@ -291,6 +291,15 @@ impl Inner {
             })
         })
         .await
+    }
+
+    /// What job `id`, refused before it was recorded, would have kept (its inline inputs,
+    /// stored first) goes.
+    async fn discard_unrecorded_job(&self, id: &str) {
+        let job = id.to_owned();
+        if let Ok(digests) = self.db(move |s| s.drop_orphan_job_blobs_of(&job)).await {
+            self.collect_blobs(digests).await;
+        }
     }
 
     /// Deletes every object of the blob store that no row names (what a crash between a row's
@@ -466,6 +475,7 @@ impl SandboxManager {
         let spec =
             serde_json::to_string(&spec).map_err(|e| ManagerError::Internal(e.to_string()))?;
         if spec.len() > MAX_JOB_SPEC_BYTES {
+            inner.discard_unrecorded_job(&id).await;
             return Err(ManagerError::TooLarge(format!(
                 "the job's code, command, environment and settings take {} in its record, more \
                  than the {} a job may have; send large code as an input file",
@@ -497,11 +507,7 @@ impl SandboxManager {
                 Ok((self.shown(&rec).await?, true))
             }
             Err(e) => {
-                // Nothing recorded: what the job would have kept goes.
-                let job = id.clone();
-                if let Ok(digests) = inner.db(move |s| s.drop_orphan_job_blobs_of(&job)).await {
-                    inner.collect_blobs(digests).await;
-                }
+                inner.discard_unrecorded_job(&id).await;
                 // Two submits with one key at once: the other one made it.
                 if matches!(e, ManagerError::Conflict(_))
                     && let Some(found) = self.earlier_job(caller, &req, &request_sha256).await?
