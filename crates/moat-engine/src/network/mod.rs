@@ -232,9 +232,21 @@ impl Pins {
     }
 }
 
-/// Connections open through this server, all sandboxes together.
-static OPEN_CONNECTIONS: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(MAX_CONNECTIONS_TOTAL);
+/// Connections open through this server, all sandboxes together: at most
+/// [`MAX_CONNECTIONS_TOTAL`], and at most a sixteenth of the server's open-file limit (each
+/// takes six descriptors: its two sockets and two pipes), so that sandboxes' connections
+/// cannot take the descriptors the API, the store and new sandboxes need. Sized on first use,
+/// after the server has raised its limit.
+static OPEN_CONNECTIONS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(connections_total()));
+
+/// How many connections all sandboxes together may have open through this server.
+pub fn connections_total() -> usize {
+    let soft = crate::host_limits::nofile().map_or(1024, |l| l.soft);
+    usize::try_from(soft / 16)
+        .unwrap_or(usize::MAX)
+        .clamp(16, MAX_CONNECTIONS_TOTAL)
+}
 
 /// One sandbox's network state, shared by its connection and DNS tasks.
 #[derive(Debug)]

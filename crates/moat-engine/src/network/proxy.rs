@@ -12,8 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::policy::{Verdict, canonical};
 use super::sniff::{MAX_SNIFF, Sniffed, Sniffer};
 use super::{
-    CONNECT_RATE, MAX_CONNECTIONS, MAX_CONNECTIONS_TOTAL, OPEN_CONNECTIONS, SandboxNet, answerer,
-    host_addresses,
+    CONNECT_RATE, MAX_CONNECTIONS, OPEN_CONNECTIONS, SandboxNet, answerer, host_addresses,
 };
 
 /// How long moat waits for the remote end to accept a connection.
@@ -56,7 +55,8 @@ pub(super) async fn serve(
             net.deny(
                 dest.to_string(),
                 format!(
-                    "the server has {MAX_CONNECTIONS_TOTAL} sandbox connections open, its most"
+                    "the server has {} sandbox connections open, its most",
+                    super::connections_total()
                 ),
                 false,
             );
