@@ -436,9 +436,59 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
     let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
     assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
     drop(stalled);
+    wait_for_room(server.port, &greedy);
+
+    // Its sandbox's own service that never answers counts the same, without a key.
+    let r = keyed(server.port, "POST", "/v1/sandboxes", &greedy, "{}");
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let silent = "nohup python3 -c 'import socket, time\ns = socket.socket()\n\
+                  s.bind((\"0.0.0.0\", 8080))\ns.listen(512)\ntime.sleep(600)' \
+                  >/dev/null 2>&1 & sleep 0.5";
+    let exec = format!(r#"{{"shell": {}}}"#, serde_json::Value::from(silent));
+    let r = keyed(
+        server.port,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        &greedy,
+        &exec,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let waiting: Vec<TcpStream> = (0..128)
+        .map(|_| {
+            let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+            let head = format!(
+                "GET / HTTP/1.1\r\nHost: 8080-{id}.localhost:{}\r\n\r\n",
+                server.port
+            );
+            conn.write_all(head.as_bytes()).expect("send");
+            conn
+        })
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = keyed(server.port, "GET", "/v1/sandboxes", &greedy, "");
+        if r.status == 429 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests to a sandbox's service were not counted: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
+    assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
+    drop(waiting);
+    wait_for_room(server.port, &greedy);
+}
+
+/// Waits until `key`'s tenant has room for a request again.
+fn wait_for_room(port: u16, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = keyed(port, "GET", "/v1/sandboxes", key, "");
         if r.status == 200 {
             break;
         }

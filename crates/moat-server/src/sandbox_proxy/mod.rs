@@ -11,7 +11,8 @@
 //! - [`answers`]: the proxy's own answers (`401`, and the `502`s E2B clients classify).
 //!
 //! Sandbox traffic carries no API key and is not rate-limited: the per-sandbox access token is
-//! what lets it in. Answers are never redirects.
+//! what lets it in. It counts among its sandbox's owner's requests in flight, as that tenant's
+//! API requests do. Answers are never redirects.
 
 mod access;
 mod answers;
@@ -74,7 +75,15 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
     let Ok(route) = state.manager.route_resuming(&id).await else {
         return answers::sandbox_not_found(&id);
     };
-    match port {
+    // Counted among the owner's requests in flight, as its API requests are: a sandbox's
+    // service that never answers must not hold every connection of the listener.
+    let Ok(slot) = state.tenant_requests.enter(&route.tenant) else {
+        return answers::plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the sandbox's owner has as many requests in flight as one tenant may; retry later",
+        );
+    };
+    let answer = match port {
         ENVD_PORT => forward::to_agent(&route.client, route.call, &id, port, "", req).await,
         INTERPRETER_PORT => {
             let prefix = INTERPRETER_PREFIX;
@@ -83,5 +92,6 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
         // A user's service may stream for as long as it likes: a pause waits for the
         // answer to start only.
         _ => relay::to_service(&route.client, &id, port, req).await,
-    }
+    };
+    crate::held_body::hold(answer, slot)
 }
