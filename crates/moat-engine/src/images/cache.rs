@@ -9,8 +9,9 @@
 //! - `steps/<hex>`: the digest of the layer a build step whose inputs have digest
 //!   `sha256:<hex>` made (see [`super::build`]), so a build run again reuses it;
 //! - `tmp/`: work in progress, each pull in a directory of its own. Everything reaches its
-//!   place by a rename, so a layer or tree that is there is complete, and two pulls of one
-//!   image do the work twice at worst, never half.
+//!   place by a rename, after the cache's filesystem is synced, so a layer or tree that is
+//!   there is complete (a power loss included), and two pulls of one image do the work twice
+//!   at worst, never half.
 //!
 //! Blobs are checked against their digests as they arrive, layers against the image's
 //! `diff_ids` as they are unpacked, and the compressed blob is removed once unpacked.
@@ -200,8 +201,13 @@ impl ImageCache {
         let work = self.work_dir("layer-")?;
         let (archive, digest_owned) = (archive.to_owned(), digest.to_owned());
         let staging = work.path().join("layer");
+        let target = self.layer_dir(digest);
         let limits = self.limits;
-        let unpacked = tokio::task::spawn_blocking(move || {
+        // Unpacked and published by one task that owns the work directory: a caller that
+        // stops waiting (a build cancelled) must not remove the layer being made while the
+        // task goes on and then publishes it.
+        tokio::task::spawn_blocking(move || {
+            let _work = work;
             let r = std::fs::File::open(&archive)
                 .map_err(|e| ImageError::io(format!("opening {}", archive.display()), e))
                 .and_then(|file| {
@@ -213,14 +219,12 @@ impl ImageCache {
                         &staging,
                         &limits,
                     )
-                })
-                .map(|()| staging);
+                });
             let _ = std::fs::remove_file(&archive);
-            r
+            r.and_then(|()| publish(&staging, &target))
         })
         .await
-        .map_err(|e| ImageError::Io(format!("unpack task: {e}")))??;
-        self.publish_layer(unpacked, digest).await
+        .map_err(|e| ImageError::Io(format!("unpack task: {e}")))?
     }
 
     /// The tree of `image`, whose layers are in the cache and whose digest names this set of
@@ -236,8 +240,7 @@ impl ImageCache {
                 )));
             }
         }
-        let work = self.work_dir("assemble-")?;
-        self.merge(&image, work.path()).await?;
+        self.merge(&image).await?;
         self.find(&image.digest)?.ok_or_else(|| {
             ImageError::Io(format!("image {} vanished after its merge", image.digest))
         })
@@ -384,7 +387,7 @@ impl ImageCache {
         if tokio::time::Instant::now() >= deadline {
             return Err(late());
         }
-        self.merge(&pulled, work.path()).await?;
+        self.merge(&pulled).await?;
         self.find(&resolved.digest)?
             .map(pinned_here)
             .ok_or_else(|| {
@@ -509,14 +512,18 @@ impl ImageCache {
             .map_err(|e| ImageError::Io(format!("publish task: {e}")))?
     }
 
-    /// Merges `pulled`'s layers into its tree.
-    async fn merge(&self, pulled: &PulledImage, work: &Path) -> Result<(), ImageError> {
-        let staging = work.join("tree");
+    /// Merges `pulled`'s layers into its tree, in a work directory the merge itself owns: a
+    /// caller that stops waiting (a build cancelled) must not remove the tree being made
+    /// while the merge goes on and then publishes it.
+    async fn merge(&self, pulled: &PulledImage) -> Result<(), ImageError> {
+        let work = self.work_dir("merge-")?;
+        let staging = work.path().join("tree");
         let target = self.tree_dir(&pulled.digest);
         let layer_dirs: Vec<PathBuf> = pulled.layers.iter().map(|d| self.layer_dir(d)).collect();
         let record = serde_json::to_vec_pretty(pulled)
             .map_err(|e| ImageError::Io(format!("recording the image: {e}")))?;
         tokio::task::spawn_blocking(move || {
+            let _work = work;
             let rootfs = staging.join("rootfs");
             make_private_dir(&staging)?;
             std::fs::create_dir(&rootfs)
@@ -655,8 +662,19 @@ fn read_index(dir: &Path) -> Result<LayerIndex, ImageError> {
 }
 
 /// Moves the finished `staging` to `target`; if another pull got there first, keeps theirs.
+/// What it holds is on disk first (the cache's whole filesystem is synced: a tree may hold
+/// too many files to sync one by one), and the move after it, so that what is there is
+/// complete even after a power loss.
 fn publish(staging: &Path, target: &Path) -> Result<(), ImageError> {
-    match std::fs::rename(staging, target) {
+    let synced = std::fs::File::open(staging).and_then(|dir| {
+        // SAFETY: syncfs on a descriptor this function holds open.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    });
+    synced.map_err(|e| ImageError::io(format!("syncing {}", staging.display()), e))?;
+    let moved = match std::fs::rename(staging, target) {
         Ok(()) => Ok(()),
         // Renaming onto a non-empty directory: already there, complete.
         Err(e)
@@ -669,7 +687,14 @@ fn publish(staging: &Path, target: &Path) -> Result<(), ImageError> {
             format!("moving {} into place", target.display()),
             e,
         )),
+    };
+    moved?;
+    if let Some(parent) = target.parent() {
+        std::fs::File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| ImageError::io(format!("syncing {}", parent.display()), e))?;
     }
+    Ok(())
 }
 
 /// Writes `bytes` to the new file `path` and syncs it.
