@@ -189,7 +189,8 @@ impl Builds {
         Ok(rec)
     }
 
-    /// Writes `rec` in place of its earlier record.
+    /// Writes `rec` in place of its earlier record, synced with its directory and the
+    /// directory's entry (a new build's), so that an acknowledged build survives a power loss.
     pub(super) fn write(&self, rec: &BuildRecord) -> ManagerResult<()> {
         let dir = self.build_dir(&rec.build.id);
         let io = |e: std::io::Error| {
@@ -202,7 +203,13 @@ impl Builds {
         f.write_all(&bytes)
             .and_then(|()| f.sync_all())
             .map_err(io)?;
-        std::fs::rename(&staged, dir.join("build.json")).map_err(io)
+        std::fs::rename(&staged, dir.join("build.json")).map_err(io)?;
+        for synced in [Some(dir.as_path()), dir.parent()].into_iter().flatten() {
+            std::fs::File::open(synced)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Records of `tenant`'s builds, newest first.
