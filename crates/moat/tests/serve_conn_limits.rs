@@ -406,7 +406,9 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
         r.json()["secret"].as_str().expect("secret").to_owned()
     };
     let (greedy, other) = (key_of("greedy"), key_of("other"));
-    let stalled: Vec<TcpStream> = (0..128)
+    // More than the cap: the polls below take places too while these arrive, so a few of
+    // these may be the ones refused.
+    let stalled: Vec<TcpStream> = (0..140)
         .map(|_| {
             let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
             let head = format!(
@@ -435,16 +437,28 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
     }
     let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
     assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
-    drop(stalled);
+    // Ended, each seen closed (its place is given back once its answer is sent), so that all
+    // of the tenant's room is back before the next part.
+    for mut conn in stalled {
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        assert!(
+            closed_within(&mut conn, Duration::from_secs(10)),
+            "an ended request stayed open"
+        );
+    }
     wait_for_room(server.port, &greedy);
 
     // Its sandbox's own service that never answers counts the same, without a key.
     let r = keyed(server.port, "POST", "/v1/sandboxes", &greedy, "{}");
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
+    // Started in the background; the exec ends once it listens (at most 20 s).
     let silent = "nohup python3 -c 'import socket, time\ns = socket.socket()\n\
-                  s.bind((\"0.0.0.0\", 8080))\ns.listen(512)\ntime.sleep(600)' \
-                  >/dev/null 2>&1 & sleep 0.5";
+                  s.bind((\"0.0.0.0\", 8080))\ns.listen(512)\n\
+                  open(\"/tmp/listening\", \"w\").close()\ntime.sleep(600)' \
+                  >/dev/null 2>&1 &\n\
+                  i=0; while [ ! -e /tmp/listening ] && [ $i -lt 400 ]; do \
+                  sleep 0.05; i=$((i+1)); done; test -e /tmp/listening";
     let exec = format!(r#"{{"shell": {}}}"#, serde_json::Value::from(silent));
     let r = keyed(
         server.port,
@@ -454,7 +468,13 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
         &exec,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let waiting: Vec<TcpStream> = (0..128)
+    assert_eq!(
+        r.json()["exit_code"],
+        0,
+        "the service never listened: {}",
+        r.text()
+    );
+    let waiting: Vec<TcpStream> = (0..140)
         .map(|_| {
             let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
             let head = format!(
