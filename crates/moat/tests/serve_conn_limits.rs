@@ -408,33 +408,24 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
     let (greedy, other) = (key_of("greedy"), key_of("other"));
     // More than the cap: the polls below take places too while these arrive, so a few of
     // these may be the ones refused.
-    let stalled: Vec<TcpStream> = (0..140)
-        .map(|_| {
-            let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
-            let head = format!(
-                "POST /v1/sandboxes/nope/exec HTTP/1.1\r\nHost: localhost\r\n\
-                 Authorization: Bearer {greedy}\r\nContent-Type: application/json\r\n\
-                 Content-Length: 200000\r\n\r\n"
-            );
-            conn.write_all(head.as_bytes()).expect("send");
-            conn
-        })
-        .collect();
+    let stalled = send_heads(
+        server.port,
+        140,
+        &format!(
+            "POST /v1/sandboxes/nope/exec HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {greedy}\r\nContent-Type: application/json\r\n\
+             Content-Length: 200000\r\n\r\n"
+        ),
+    );
     // Each stalled request is in flight once its key has been checked.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = keyed(server.port, "GET", "/v1/sandboxes", &greedy, "");
-        if r.status == 429 {
-            assert!(r.text().contains("requests in flight"), "{}", r.text());
-            break;
-        }
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert!(
-            Instant::now() < deadline,
-            "the stalled requests were never capped"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let r = until_status(
+        server.port,
+        &greedy,
+        429,
+        200,
+        "the stalled requests were never capped",
+    );
+    assert!(r.text().contains("requests in flight"), "{}", r.text());
     let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
     assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
     // Ended, each seen closed (its place is given back once its answer is sent), so that all
@@ -474,30 +465,21 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
         "the service never listened: {}",
         r.text()
     );
-    let waiting: Vec<TcpStream> = (0..140)
-        .map(|_| {
-            let mut conn = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
-            let head = format!(
-                "GET / HTTP/1.1\r\nHost: 8080-{id}.localhost:{}\r\n\r\n",
-                server.port
-            );
-            conn.write_all(head.as_bytes()).expect("send");
-            conn
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = keyed(server.port, "GET", "/v1/sandboxes", &greedy, "");
-        if r.status == 429 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "requests to a sandbox's service were not counted: {}",
-            r.text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let waiting = send_heads(
+        server.port,
+        140,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: 8080-{id}.localhost:{}\r\n\r\n",
+            server.port
+        ),
+    );
+    until_status(
+        server.port,
+        &greedy,
+        429,
+        200,
+        "requests to a sandbox's service were not counted",
+    );
     let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
     assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
     drop(waiting);
@@ -506,17 +488,31 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
 
 /// Waits until `key`'s tenant has room for a request again.
 fn wait_for_room(port: u16, key: &str) {
+    until_status(port, key, 200, 429, "the tenant's room never came back");
+}
+
+/// Opens `count` connections to `port` and sends `head` on each, no more.
+fn send_heads(port: u16, count: usize, head: &str) -> Vec<TcpStream> {
+    (0..count)
+        .map(|_| {
+            let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            conn.write_all(head.as_bytes()).expect("send");
+            conn
+        })
+        .collect()
+}
+
+/// Lists `key`'s sandboxes every 50 ms until the answer is `want` (each one before it
+/// `meanwhile`), for at most 30 s (then fails with `what`); that answer.
+fn until_status(port: u16, key: &str, want: u16, meanwhile: u16, what: &str) -> Reply {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = keyed(port, "GET", "/v1/sandboxes", key, "");
-        if r.status == 200 {
-            break;
+        if r.status == want {
+            return r;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the tenant's room never came back: {}",
-            r.text()
-        );
+        assert_eq!(r.status, meanwhile, "{}", r.text());
+        assert!(Instant::now() < deadline, "{what}: {}", r.text());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

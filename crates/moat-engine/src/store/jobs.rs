@@ -363,16 +363,8 @@ impl Store {
                     requested: 1,
                 });
             }
-            let used = blob_bytes(tx, &new.tenant)?;
             let adding: u64 = inputs.iter().map(|(_, size)| size).sum();
-            if used.saturating_add(adding) > max_bytes {
-                return Err(StoreError::QuotaExceeded {
-                    what: "stored blob bytes",
-                    limit: max_bytes,
-                    used,
-                    requested: adding,
-                });
-            }
+            check_blob_room(tx, &new.tenant, adding, max_bytes)?;
             let now = now_ms();
             let inserted = tx
                 .prepare_cached(
