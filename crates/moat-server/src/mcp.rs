@@ -7,15 +7,24 @@
 //! server drops it), and each lives at most [`SESSION_SANDBOX_TTL_SECS`] seconds past its last tool call
 //! whatever happens to the session. Calls are authenticated like the rest of the API (the
 //! same key header on every request); a tool acts as the caller of its request.
+//!
+//! A tenant has at most [`MAX_SESSIONS_PER_TENANT`] sessions open, the server
+//! [`MAX_SESSIONS`]; a session with no request for [`SESSION_IDLE`] ends.
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use axum::extract::{Request, State};
 use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use moat_engine::auth::Caller;
 use moat_engine::manager::{
     CodeRun, CodeRunRequest, MAX_CODE_RUN_BYTES, ManagerError, SandboxManager,
 };
+use moat_engine::tenant_slots::{SlotsFull, TenantSlot, TenantSlots};
 use moat_proto::v1;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
@@ -28,6 +37,8 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{ErrorData, ServerHandler};
 use serde_json::{Value, json};
 
+use crate::ApiError;
+
 /// How long a session's sandbox lives past its last tool call, seconds.
 pub const SESSION_SANDBOX_TTL_SECS: u64 = 15 * 60;
 /// Seconds a `run_code` may take unless it says.
@@ -37,20 +48,81 @@ const MAX_READ_BYTES: u64 = 1 << 20;
 /// Largest output of a command or code run returned, per stream.
 const MAX_OUTPUT_CHARS: usize = 64 << 10;
 
-/// The `/mcp` service.
-pub(crate) fn service(
+/// Most MCP sessions one tenant may have open at once (each holds a task and, once used, a
+/// sandbox).
+pub const MAX_SESSIONS_PER_TENANT: usize = 32;
+/// Most MCP sessions open on the server at once.
+pub const MAX_SESSIONS: usize = 1024;
+/// A session that gets no request for this long ends, and its sandboxes with it.
+pub const SESSION_IDLE: Duration = Duration::from_secs(5 * 60);
+
+/// The `/mcp` service: [`admit`] in front of the MCP transport.
+pub(crate) fn service<S: Clone + Send + Sync + 'static>(
     manager: SandboxManager,
-) -> StreamableHttpService<Session, LocalSessionManager> {
+) -> axum::routing::MethodRouter<S> {
     let config = StreamableHttpServerConfig::default()
         // Every request carries an API key: a `Host` check adds nothing, and would refuse
         // every name the server is reached by but loopback.
         .disable_allowed_hosts()
         .with_json_response(true);
-    StreamableHttpService::new(
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive = Some(SESSION_IDLE);
+    let transport = StreamableHttpService::new(
         move || Ok(Session::new(manager.clone())),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(sessions),
         config,
-    )
+    );
+    axum::routing::any_service(transport).layer(axum::middleware::from_fn_with_state(
+        TenantSlots::new(MAX_SESSIONS_PER_TENANT, Some(MAX_SESSIONS)),
+        admit,
+    ))
+}
+
+/// A session's place among [`MAX_SESSIONS_PER_TENANT`], taken by [`admit`] for a request
+/// that may open a session and kept by the session its `initialize` opens (see
+/// [`Session::initialize`]); a request that opens none gives it back as it ends.
+#[derive(Clone)]
+struct SessionPlace(Arc<Mutex<Option<TenantSlot>>>);
+
+/// Takes a place for a request that may open a session (a `POST` naming none), refusing it
+/// with 429 when the caller's tenant or the server has every session it may.
+async fn admit(State(places): State<Arc<TenantSlots>>, mut req: Request, next: Next) -> Response {
+    let opens = req.method() == Method::POST && !req.headers().contains_key("mcp-session-id");
+    if !opens {
+        return next.run(req).await;
+    }
+    let Some(tenant) = req.extensions().get::<Caller>().map(|c| c.tenant.clone()) else {
+        return ApiError::unauthenticated("no authenticated caller").into_response();
+    };
+    match places.enter(&tenant) {
+        Ok(place) => {
+            req.extensions_mut()
+                .insert(SessionPlace(Arc::new(Mutex::new(Some(place)))));
+            next.run(req).await
+        }
+        Err(full) => {
+            let message = match full {
+                SlotsFull::Tenant => format!(
+                    "tenant {tenant} has {MAX_SESSIONS_PER_TENANT} MCP sessions open, the most \
+                     one tenant may have; close one (DELETE /mcp with its Mcp-Session-Id) or \
+                     let one idle for {} s",
+                    SESSION_IDLE.as_secs()
+                ),
+                SlotsFull::Server => format!(
+                    "the server has {MAX_SESSIONS} MCP sessions open, the most it keeps; retry \
+                     later"
+                ),
+            };
+            let mut response =
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+                    .into_response();
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(SESSION_IDLE.as_secs()),
+            );
+            response
+        }
+    }
 }
 
 /// One MCP session: its sandboxes.
@@ -65,6 +137,8 @@ struct SessionState {
     current: Option<(Caller, String)>,
     /// Every sandbox this session made (destroyed with it).
     made: Vec<(Caller, String)>,
+    /// The session's place among its tenant's, given back when it ends.
+    place: Option<TenantSlot>,
 }
 
 impl Session {
@@ -499,6 +573,22 @@ impl Session {
 }
 
 impl ServerHandler for Session {
+    async fn initialize(
+        &self,
+        request: rmcp::model::InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        // The session keeps the place its opening request was given.
+        let place = context
+            .extensions
+            .get::<Parts>()
+            .and_then(|parts| parts.extensions.get::<SessionPlace>())
+            .and_then(|place| lock(&place.0).take());
+        lock(&self.state).place = place;
+        context.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
+    }
+
     fn get_info(&self) -> InitializeResult {
         let mut info = InitializeResult::new(ServerCapabilities::builder().enable_tools().build());
         info.server_info = Implementation::new("moat", env!("CARGO_PKG_VERSION"));

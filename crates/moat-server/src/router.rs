@@ -41,7 +41,7 @@ pub(crate) fn router_with(state: Shared) -> Router {
         .merge(crate::snapshots::routes())
         .merge(crate::jobs::routes())
         .merge(crate::metrics::routes())
-        .route_service("/mcp", crate::mcp::service(state.manager.clone()))
+        .route("/mcp", crate::mcp::service(state.manager.clone()))
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

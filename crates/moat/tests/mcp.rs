@@ -16,3 +16,101 @@ fn the_mcp_client_uses_moat_over_http_and_stdio() {
     let moat = moat.to_str().expect("a UTF-8 path");
     support::pytest("tests/mcp/test_mcp.py", &server, &[("MOAT_BIN", moat)], &[]);
 }
+
+/// An MCP `initialize` for `/mcp` with `key`.
+fn initialize(server: &Server, key: &str) -> Reply {
+    let request = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-03-26", "capabilities": {},
+                   "clientInfo": {"name": "limits", "version": "1"}},
+    });
+    server
+        .send(
+            "POST",
+            "/mcp",
+            Some(key),
+            &[
+                ("Content-Type", "application/json"),
+                ("Accept", "application/json, text/event-stream"),
+            ],
+            Some(&body(request)),
+        )
+        .expect("POST /mcp")
+}
+
+/// The session an `initialize` answer opened.
+fn session_of(reply: &Reply) -> String {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply
+        .header("mcp-session-id")
+        .expect("an Mcp-Session-Id")
+        .to_owned()
+}
+
+#[test]
+fn a_tenant_s_mcp_sessions_are_capped_and_closing_one_makes_room() {
+    need_root!();
+    let server = Server::start_with(&["--rate-limit", "100000"]);
+    let admin = server.admin_key();
+    let a = server.create_key(&admin, serde_json::json!({"name": "a", "tenant": "mcpa"}));
+    let b = server.create_key(&admin, serde_json::json!({"name": "b", "tenant": "mcpb"}));
+
+    // Requests that open no session give their place back.
+    let list = body(serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    for _ in 0..40 {
+        let reply = server
+            .send(
+                "POST",
+                "/mcp",
+                Some(&a),
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", "application/json, text/event-stream"),
+                ],
+                Some(&list),
+            )
+            .expect("POST /mcp");
+        assert_eq!(reply.status / 100, 4, "{}", reply.text());
+        assert_ne!(reply.status, 429, "{}", reply.text());
+    }
+
+    let mut open: Vec<String> = (0..32)
+        .map(|_| session_of(&initialize(&server, &a)))
+        .collect();
+    let refused = initialize(&server, &a);
+    refused.assert_error(429, "rate_limited");
+    assert!(
+        refused.text().contains("MCP sessions"),
+        "{}",
+        refused.text()
+    );
+    assert!(refused.header("retry-after").is_some(), "{}", refused.head);
+    // Another tenant is not held back by the first one's sessions.
+    session_of(&initialize(&server, &b));
+
+    let closed = open.pop().expect("a session");
+    let reply = server
+        .send(
+            "DELETE",
+            "/mcp",
+            Some(&a),
+            &[("Mcp-Session-Id", &closed)],
+            None,
+        )
+        .expect("DELETE /mcp");
+    assert_eq!(reply.status / 100, 2, "{}", reply.text());
+    // The closed session's end gives its place back (its task ends just after the answer).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let reply = initialize(&server, &a);
+        if reply.status == 200 {
+            break;
+        }
+        reply.assert_error(429, "rate_limited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed session's place did not come back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
