@@ -743,3 +743,25 @@ fn blobs_a_crash_left_go_and_recorded_ones_stay() {
     }
     assert!(object(&kept).exists(), "a recorded blob was removed");
 }
+
+/// Finished jobs count against `--max-kept-jobs` until they are deleted: a tenant cannot
+/// pile up records by letting its jobs end. Another tenant has its own count.
+#[test]
+fn finished_jobs_count_until_deleted() {
+    need_root!();
+    let server = Server::start_with(&["--max-kept-jobs", "2"]);
+    let key = server.admin_key();
+    let first = submit(&server, &key, json!({"shell": "echo one"}));
+    let second = submit(&server, &key, json!({"shell": "echo two"}));
+    for id in [&first, &second] {
+        assert_eq!(wait(&server, &key, id, 60)["state"], "succeeded");
+    }
+    let r = post(&server, &key, "/v1/jobs", json!({"shell": "echo three"}));
+    r.assert_error(429, "quota_exceeded");
+    assert!(r.text().contains("jobs kept"), "{}", r.text());
+    let other = user_key(&server, "keeper");
+    submit(&server, &other, json!({"shell": "true"}));
+    let r = server.request("DELETE", &format!("/v1/jobs/{first}"), Some(&key), None);
+    assert_eq!(r.status / 100, 2, "{}", r.text());
+    submit(&server, &key, json!({"shell": "echo three"}));
+}

@@ -20,6 +20,17 @@ use super::ids::check_tenant_id;
 use super::tenants::require_tenant;
 use super::{Store, first_row, now_ms};
 
+/// What one tenant's jobs may take, checked as a job is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Jobs queued or running.
+    pub max_unfinished: u64,
+    /// Jobs kept in any state (finished ones stay until deleted or past retention).
+    pub max_kept: u64,
+    /// Bytes of blobs and job records (spec and result) kept.
+    pub max_bytes: u64,
+}
+
 /// A job to record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewJob {
@@ -171,16 +182,37 @@ fn check_blob_room(
     max_bytes: u64,
 ) -> StoreResult<()> {
     require_tenant(tx, tenant)?;
-    let used = blob_bytes(tx, tenant)?;
+    let used = blob_bytes(tx, tenant)?.saturating_add(job_usage(tx, tenant)?.bytes);
     if used.saturating_add(size) > max_bytes {
         return Err(StoreError::QuotaExceeded {
-            what: "stored blob bytes",
+            what: "stored bytes (blobs and job records)",
             limit: max_bytes,
             used,
             requested: size,
         });
     }
     Ok(())
+}
+
+/// What a tenant's jobs keep in the database (the `job_usage` row the triggers keep).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobUsage {
+    /// Jobs kept, in any state.
+    pub jobs: u64,
+    /// Bytes of their recorded specs and results.
+    pub bytes: u64,
+}
+
+fn job_usage(tx: &Transaction<'_>, tenant: &str) -> StoreResult<JobUsage> {
+    let row: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT jobs, bytes FROM job_usage WHERE tenant_id = ?1")?
+        .query_row([tenant], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let (jobs, bytes) = row.unwrap_or_default();
+    Ok(JobUsage {
+        jobs: u64::try_from(jobs).unwrap_or_default(),
+        bytes: u64::try_from(bytes).unwrap_or_default(),
+    })
 }
 
 fn blob_bytes(tx: &Transaction<'_>, tenant: &str) -> StoreResult<u64> {
@@ -335,19 +367,27 @@ impl Store {
     }
 
     /// Records `new`, queued, with the blobs it writes into its sandboxes (`inputs`, digests
-    /// and sizes), unless its tenant would then have more than `max_unfinished` jobs queued or
-    /// running, or keep more than `max_bytes` of blobs ([`StoreError::QuotaExceeded`]). A job
-    /// of that tenant with the same idempotency key is [`StoreError::Conflict`].
+    /// and sizes), unless its tenant would then be over one of `limits`
+    /// ([`StoreError::QuotaExceeded`]). A job of that tenant with the same idempotency key is
+    /// [`StoreError::Conflict`].
     pub fn insert_job(
         &self,
         new: &NewJob,
         inputs: &[(String, u64)],
-        max_unfinished: u64,
-        max_bytes: u64,
+        limits: &JobLimits,
     ) -> StoreResult<JobRecord> {
         check_tenant_id(&new.tenant)?;
         self.write(|tx| {
             require_tenant(tx, &new.tenant)?;
+            let kept = job_usage(tx, &new.tenant)?.jobs;
+            if kept >= limits.max_kept {
+                return Err(StoreError::QuotaExceeded {
+                    what: "jobs kept (finished ones until deleted or past retention)",
+                    limit: limits.max_kept,
+                    used: kept,
+                    requested: 1,
+                });
+            }
             let unfinished: i64 = tx
                 .prepare_cached(
                     "SELECT count(*) FROM jobs WHERE tenant_id = ?1 \
@@ -355,16 +395,18 @@ impl Store {
                 )?
                 .query_row([&new.tenant], |row| row.get(0))?;
             let unfinished = u64::try_from(unfinished).unwrap_or_default();
-            if unfinished >= max_unfinished {
+            if unfinished >= limits.max_unfinished {
                 return Err(StoreError::QuotaExceeded {
                     what: "unfinished jobs",
-                    limit: max_unfinished,
+                    limit: limits.max_unfinished,
                     used: unfinished,
                     requested: 1,
                 });
             }
-            let adding: u64 = inputs.iter().map(|(_, size)| size).sum();
-            check_blob_room(tx, &new.tenant, adding, max_bytes)?;
+            // The job's record counts with the blobs it names.
+            let adding: u64 =
+                inputs.iter().map(|(_, size)| size).sum::<u64>() + new.spec.len() as u64;
+            check_blob_room(tx, &new.tenant, adding, limits.max_bytes)?;
             let now = now_ms();
             let inserted = tx
                 .prepare_cached(
@@ -735,6 +777,11 @@ impl Store {
         self.read(|tx| blob_bytes(tx, tenant))
     }
 
+    /// What `tenant`'s jobs keep in the database.
+    pub fn job_usage(&self, tenant: &str) -> StoreResult<JobUsage> {
+        self.read(|tx| job_usage(tx, tenant))
+    }
+
     /// Whether no row names blob `digest` any more (its object may go).
     pub fn blob_unused(&self, digest: &str) -> StoreResult<bool> {
         self.read(|tx| {
@@ -795,6 +842,14 @@ mod tests {
         }
     }
 
+    fn limits(max_unfinished: u64) -> JobLimits {
+        JobLimits {
+            max_unfinished,
+            max_kept: 1_000,
+            max_bytes: 1 << 30,
+        }
+    }
+
     fn store() -> Store {
         let store = Store::open_in_memory().unwrap();
         for t in ["a", "b"] {
@@ -809,7 +864,7 @@ mod tests {
         let digest = format!("sha256:{}", "1".repeat(64));
         let inputs = [(digest.clone(), 3)];
         let e = store
-            .insert_job(&job("j1", "a"), &inputs, 10, 1 << 30)
+            .insert_job(&job("j1", "a"), &inputs, &limits(10))
             .unwrap_err();
         assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
         // Another tenant's upload of the same bytes does not count.
@@ -818,14 +873,14 @@ mod tests {
             .unwrap();
         assert!(
             store
-                .insert_job(&job("j1", "a"), &inputs, 10, 1 << 30)
+                .insert_job(&job("j1", "a"), &inputs, &limits(10))
                 .is_err()
         );
         store
             .add_blob("a", BlobKind::Upload, "", &digest, 3, 1 << 30)
             .unwrap();
         store
-            .insert_job(&job("j1", "a"), &inputs, 10, 1 << 30)
+            .insert_job(&job("j1", "a"), &inputs, &limits(10))
             .unwrap();
         // Deleting the upload leaves the job's own row: the object stays.
         assert!(store.delete_upload("a", &digest).unwrap());
@@ -833,14 +888,70 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_s_kept_jobs_and_their_records_count_until_they_are_deleted() {
+        let store = store();
+        let caps = JobLimits {
+            max_unfinished: 10,
+            max_kept: 2,
+            max_bytes: 1 << 20,
+        };
+        store.insert_job(&job("j0", "a"), &[], &caps).unwrap();
+        store.insert_job(&job("j1", "a"), &[], &caps).unwrap();
+        assert_eq!(
+            store.job_usage("a").unwrap(),
+            JobUsage { jobs: 2, bytes: 4 }
+        );
+        // Finished jobs count: a tenant cannot keep more than its share by letting them end.
+        let now = now_ms() + 1;
+        let running = Running::default();
+        let claimed = store.claim_job(now, &running).unwrap().unwrap();
+        let result = "x".repeat(1000);
+        let end = AttemptEnd {
+            state: JobState::Succeeded,
+            not_before: now,
+            result: format!("{{\"out\":\"{result}\"}}"),
+        };
+        assert!(store.finish_job_attempt(&claimed.id, 1, &end).unwrap());
+        assert_eq!(store.job_usage("a").unwrap().bytes, 4 + 1010);
+        match store.insert_job(&job("j2", "a"), &[], &caps) {
+            Err(StoreError::QuotaExceeded {
+                limit: 2, used: 2, ..
+            }) => {}
+            other => panic!("expected the kept-jobs quota, got {other:?}"),
+        }
+        // Another tenant has its own count.
+        store.insert_job(&job("b0", "b"), &[], &caps).unwrap();
+        // The records' bytes count with the blobs.
+        let tight = JobLimits {
+            max_kept: 10,
+            max_bytes: 1014 + 1,
+            ..caps
+        };
+        match store.insert_job(&job("j2", "a"), &[], &tight) {
+            Err(StoreError::QuotaExceeded {
+                used: 1014,
+                requested: 2,
+                ..
+            }) => {}
+            other => panic!("expected the bytes quota, got {other:?}"),
+        }
+        store.delete_job("a", &claimed.id).unwrap();
+        assert_eq!(
+            store.job_usage("a").unwrap(),
+            JobUsage { jobs: 1, bytes: 2 }
+        );
+        store.insert_job(&job("j2", "a"), &[], &caps).unwrap();
+    }
+
+    #[test]
     fn claims_are_fair_and_results_land_once() {
         let store = store();
         for i in 0..3 {
             store
-                .insert_job(&job(&format!("a{i}"), "a"), &[], 10, 1 << 30)
+                .insert_job(&job(&format!("a{i}"), "a"), &[], &limits(10))
                 .unwrap();
         }
-        store.insert_job(&job("b0", "b"), &[], 10, 1 << 30).unwrap();
+        store.insert_job(&job("b0", "b"), &[], &limits(10)).unwrap();
         let now = now_ms() + 1;
         let mut running = Running::default();
         let first = store.claim_job(now, &running).unwrap().unwrap();

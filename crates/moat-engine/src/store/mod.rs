@@ -48,7 +48,10 @@ pub use crate::clock::now_ms;
 pub use error::{StoreError, StoreResult};
 pub use idempotency::{MAX_IDEMPOTENCY_KEY, check_idempotency_key};
 pub use ids::{check_sandbox_id, check_template_name, check_tenant_id, generate_sandbox_id};
-pub use jobs::{AttemptEnd, BlobKind, JobRecord, MAX_JOB_PAGE, NewJob, Running, WebhookRecord};
+pub use jobs::{
+    AttemptEnd, BlobKind, JobLimits, JobRecord, JobUsage, MAX_JOB_PAGE, NewJob, Running,
+    WebhookRecord,
+};
 pub use keys::{KeyRecord, Quotas, Role, Secret};
 pub use pool::NewPoolMember;
 pub use sandboxes::{

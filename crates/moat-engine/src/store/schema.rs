@@ -262,6 +262,41 @@ const V11: &str = v11_sql!();
 const V12: &str = r#"
 ALTER TABLE templates ADD COLUMN build_id TEXT;
 "#;
+/// Version 13: what each tenant's jobs keep in the database (their count, and the bytes of
+/// their recorded spec and result), kept by triggers so that a submit checks its tenant's
+/// room in one row's read; counted from the jobs already there.
+macro_rules! v13_sql {
+    () => {
+        r#"
+CREATE TABLE job_usage (
+    tenant_id TEXT PRIMARY KEY NOT NULL REFERENCES tenants (id),
+    jobs      INTEGER NOT NULL DEFAULT 0,
+    bytes     INTEGER NOT NULL DEFAULT 0
+) STRICT;
+INSERT INTO job_usage (tenant_id, jobs, bytes)
+    SELECT tenant_id, count(*),
+           sum(length(CAST(spec AS BLOB)) + coalesce(length(CAST(result AS BLOB)), 0))
+    FROM jobs GROUP BY tenant_id;
+CREATE TRIGGER job_usage_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO job_usage (tenant_id, jobs, bytes)
+        VALUES (new.tenant_id, 1,
+                length(CAST(new.spec AS BLOB)) + coalesce(length(CAST(new.result AS BLOB)), 0))
+        ON CONFLICT (tenant_id) DO UPDATE SET jobs = jobs + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER job_usage_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_usage SET jobs = jobs - 1,
+        bytes = bytes - length(CAST(old.spec AS BLOB)) - coalesce(length(CAST(old.result AS BLOB)), 0)
+        WHERE tenant_id = old.tenant_id;
+END;
+CREATE TRIGGER job_usage_result AFTER UPDATE OF result ON jobs BEGIN
+    UPDATE job_usage SET bytes = bytes + coalesce(length(CAST(new.result AS BLOB)), 0)
+        - coalesce(length(CAST(old.result AS BLOB)), 0)
+        WHERE tenant_id = new.tenant_id;
+END;
+"#
+    };
+}
+const V13: &str = v13_sql!();
 /// The whole schema at [`SCHEMA_VERSION`], what [`MIGRATIONS`] make one after another, in one
 /// script for a fresh database: a fresh store (every `moat run` opens one in memory) takes about
 /// 1 ms instead of the 4–6 ms that the `ALTER TABLE`s of the migrations cost (each re-reads the
@@ -380,7 +415,8 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at, id);
 "#,
     v10_sql!(),
-    v11_sql!()
+    v11_sql!(),
+    v13_sql!()
 );
 
 /// An empty database at [`SCHEMA_VERSION`] (what [`migrate`] makes of a fresh one, with 1 KiB
@@ -398,7 +434,7 @@ pub(crate) fn open_empty_in_memory() -> StoreResult<Connection> {
     Ok(conn)
 }
 
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -506,6 +542,36 @@ mod tests {
             })
             .unwrap();
         assert_eq!(plan, None);
+    }
+
+    #[test]
+    fn jobs_recorded_before_version_13_are_counted_by_the_migration() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        for m in &MIGRATIONS[..12] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 12).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tenants VALUES ('a', 'A', 0);
+             INSERT INTO jobs (id, tenant_id, request_sha256, template, spec, state,
+                 max_attempts, not_before, created_at, result)
+                 VALUES ('j1', 'a', zeroblob(32), 'host', '{\"é\":1}', 'succeeded', 1, 0, 0,
+                         '{}'),
+                        ('j2', 'a', zeroblob(32), 'host', '{}', 'queued', 1, 0, 0, NULL);",
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let usage: (i64, i64) = conn
+            .query_row(
+                "SELECT jobs, bytes FROM job_usage WHERE tenant_id = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        // Bytes, not characters: `é` is two.
+        assert_eq!(usage, (2, 8 + 2 + 2));
     }
 
     /// The schema of a database: every table's and index's SQL with its white space collapsed

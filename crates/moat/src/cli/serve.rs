@@ -86,7 +86,8 @@ pub struct ServeArgs {
     /// How long a finished job, its outputs and logs are kept: `7d`, `36h`, `30m`, `90s`.
     #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_long_duration)]
     job_retention: Duration,
-    /// Bytes of blobs (uploads, job inputs, outputs and logs) each tenant may keep.
+    /// Bytes each tenant's jobs may keep: blobs (uploads, job inputs, outputs and logs) and
+    /// the jobs' records.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size_arg)]
     job_quota: u64,
     /// Let jobs' webhooks go to private, loopback and link-local addresses (the host's own
@@ -96,6 +97,10 @@ pub struct ServeArgs {
     /// Queued and running jobs each tenant may have.
     #[arg(long, value_name = "N", default_value_t = moat_engine::manager::DEFAULT_MAX_UNFINISHED_JOBS)]
     max_jobs: u64,
+    /// Jobs each tenant may keep in any state: finished ones count until deleted or past
+    /// `--job-retention`.
+    #[arg(long, value_name = "N", default_value_t = moat_engine::manager::DEFAULT_MAX_KEPT_JOBS)]
+    max_kept_jobs: u64,
     /// Make a sandbox's own services (ports other than 49983 and 49999) need its traffic
     /// access token unless its create asks for public traffic; by default they are reachable
     /// by anyone who knows the sandbox's address.
@@ -208,6 +213,7 @@ impl ServeArgs {
                     None => moat_engine::manager::default_workers(),
                 },
                 max_unfinished_per_tenant: self.max_jobs,
+                max_kept_per_tenant: self.max_kept_jobs,
                 bytes_per_tenant: self.job_quota,
                 retention: self.job_retention,
                 webhooks_to_private: self.job_webhooks_to_private,

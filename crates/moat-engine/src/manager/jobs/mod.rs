@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Inner, ManagerError, ManagerResult, SandboxManager, to_the_end};
 use crate::auth::Caller;
 use crate::blobs::{BlobError, BlobLocation, BlobStore, is_digest};
-use crate::store::{BlobKind, JobRecord, NewJob, Running, now_ms};
+use crate::store::{BlobKind, JobLimits, JobRecord, NewJob, Running, now_ms};
 
 /// Most bytes of a job's record of what to run (its code, command, environment and settings,
 /// as JSON): a job's record is in the database, which all tenants share.
@@ -66,8 +66,11 @@ pub const MAX_JOB_RETRIES: u32 = 10;
 pub const MAX_INTERRUPTED_ATTEMPTS: u32 = MAX_JOB_RETRIES + 5;
 /// Unfinished (queued or running) jobs one tenant may have, unless configured.
 pub const DEFAULT_MAX_UNFINISHED_JOBS: u64 = 20_000;
-/// Bytes of blobs one tenant may keep (uploads, job inputs, outputs and logs), unless
-/// configured.
+/// Jobs one tenant may keep in any state (finished ones until deleted or past retention),
+/// unless configured.
+pub const DEFAULT_MAX_KEPT_JOBS: u64 = 1_000_000;
+/// Bytes one tenant's jobs may keep (uploads, job inputs, outputs and logs, and the jobs'
+/// records), unless configured.
 pub const DEFAULT_JOB_BYTES_PER_TENANT: u64 = 10 << 30;
 /// How long a finished job and its blobs are kept, unless configured.
 pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -88,7 +91,9 @@ pub struct JobOptions {
     pub workers: usize,
     /// Unfinished jobs one tenant may have.
     pub max_unfinished_per_tenant: u64,
-    /// Bytes of blobs one tenant may keep.
+    /// Jobs one tenant may keep, in any state.
+    pub max_kept_per_tenant: u64,
+    /// Bytes of blobs and job records one tenant may keep.
     pub bytes_per_tenant: u64,
     /// How long a finished job is kept.
     pub retention: Duration,
@@ -103,6 +108,7 @@ impl Default for JobOptions {
             blobs: None,
             workers: default_workers(),
             max_unfinished_per_tenant: DEFAULT_MAX_UNFINISHED_JOBS,
+            max_kept_per_tenant: DEFAULT_MAX_KEPT_JOBS,
             bytes_per_tenant: DEFAULT_JOB_BYTES_PER_TENANT,
             retention: DEFAULT_JOB_RETENTION,
             webhooks_to_private: false,
@@ -494,12 +500,13 @@ impl SandboxManager {
             max_attempts: req.retries.unwrap_or(0) + 1,
             webhook_url: req.webhook_url.clone(),
         };
-        let (max_jobs, max_bytes) = (
-            jobs.opts.max_unfinished_per_tenant,
-            jobs.opts.bytes_per_tenant,
-        );
+        let limits = JobLimits {
+            max_unfinished: jobs.opts.max_unfinished_per_tenant,
+            max_kept: jobs.opts.max_kept_per_tenant,
+            max_bytes: jobs.opts.bytes_per_tenant,
+        };
         let recorded = inner
-            .db(move |s| s.insert_job(&new, &inputs, max_jobs, max_bytes))
+            .db(move |s| s.insert_job(&new, &inputs, &limits))
             .await;
         match recorded {
             Ok(rec) => {
