@@ -767,3 +767,89 @@ fn the_operator_decides_who_may_give_sandboxes_a_network() {
         assert_eq!(r.status, 201, "{}", r.text());
     }
 }
+
+/// Sets this test process's open-file limit (`moat serve` started after inherits it).
+fn set_nofile(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: `lim` is a valid rlimit; setrlimit touches nothing else.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+}
+
+#[test]
+fn one_tenant_s_sandboxes_hold_at_most_a_quarter_of_the_server_s_connections() {
+    need_root!();
+    // At this open-file limit the server relays 256 connections, 64 per tenant.
+    set_nofile(4096);
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let admin = server.admin_key();
+    let other = server.create_key(&admin, json!({"name": "other", "tenant": "neighbour"}));
+    let policy = net.network(true, &[], &[]);
+    let (first, second) = (
+        with_network(&server, &admin, policy.clone()),
+        with_network(&server, &admin, policy.clone()),
+    );
+    // Each of the tenant's two sandboxes opens 40 connections and holds them: moat accepts
+    // every one in the sandbox, then resets those past the tenant's 64.
+    let hold = format!(
+        "nohup python3 -c \"
+import socket, time
+held = []
+for _ in range(40):
+    try:
+        held.append(socket.create_connection(('{}', 80), timeout=5))
+    except OSError:
+        pass
+time.sleep(2)
+alive = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        s.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print('alive', alive, flush=True)
+time.sleep(120)
+\" > /tmp/held 2>&1 &",
+        net.web
+    );
+    for id in [&first, &second] {
+        let (code, out) = sh(&server, &admin, id, &hold);
+        assert_eq!(code, 0, "{out}");
+    }
+    let alive = |id: &str| -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (_, out) = sh(&server, &admin, id, "cat /tmp/held");
+            if let Some(n) = out.lines().find_map(|l| l.strip_prefix("alive ")) {
+                return n.parse().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "no count: {out}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let held = alive(&first) + alive(&second);
+    assert_eq!(held, 64, "the tenant's sandboxes hold {held} connections");
+    let denials = network_of(&server, &admin, &second).to_string()
+        + &network_of(&server, &admin, &first).to_string();
+    assert!(
+        denials.contains("the most one tenant may have"),
+        "{denials}"
+    );
+    // Another tenant's sandbox still connects.
+    let theirs = with_network(&server, &other, policy);
+    let (code, out) = curl(
+        &server,
+        &other,
+        &theirs,
+        "",
+        &format!("http://{}/", net.web),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("http 80"), "{out}");
+}

@@ -1129,7 +1129,7 @@ impl Inner {
         plan: &SandboxPlan,
         public_traffic: bool,
     ) -> ManagerResult<()> {
-        let (instance, client, egress) = self.boot(backend, id, plan).await?;
+        let (instance, client, egress) = self.boot(tenant, backend, id, plan).await?;
         // Registered before it is recorded running, so a delete that sees it running finds it.
         lock(&self.live).insert(
             id.to_owned(),
@@ -1150,10 +1150,11 @@ impl Inner {
 
     /// Makes sandbox `id` of `plan` with `backend`, connects to its agent, restores the plan's
     /// layer into it (a snapshot's files, before anything of the template runs), starts the
-    /// template's `start` script and waits for its `ready` script to pass. On failure,
-    /// destroys whatever was made.
+    /// template's `start` script and waits for its `ready` script to pass. Its network's
+    /// connections count for tenant `owner`. On failure, destroys whatever was made.
     async fn boot(
         &self,
+        owner: &str,
         backend: &Arc<dyn Backend>,
         id: &str,
         plan: &SandboxPlan,
@@ -1173,7 +1174,7 @@ impl Inner {
         let connected = async {
             // Served before anything of the template runs: a start script may need it.
             let egress = self
-                .serve_network(id, &plan.network, instance.as_ref())
+                .serve_network(id, owner, &plan.network, instance.as_ref())
                 .await?;
             let channel = instance
                 .take_channel()

@@ -108,10 +108,12 @@ impl SandboxManager {
 }
 
 impl Inner {
-    /// Serves `policy` for sandbox `id` made as `instance`: `None` for no network.
+    /// Serves `policy` for sandbox `id` of tenant `owner` made as `instance`: `None` for no
+    /// network.
     pub(super) async fn serve_network(
         &self,
         id: &str,
+        owner: &str,
         policy: &NetworkPolicy,
         instance: &dyn Instance,
     ) -> ManagerResult<Option<Egress>> {
@@ -128,7 +130,7 @@ impl Inner {
             totals: self.metrics.egress(),
             bandwidth: self.opts.egress_bandwidth,
         };
-        let egress = Egress::start(id, p.clone(), sockets, &settings)
+        let egress = Egress::start(id, owner, p.clone(), sockets, &settings)
             .map_err(|e| ManagerError::Internal(format!("serving the sandbox's network: {e}")))?;
         Ok(Some(egress))
     }
@@ -149,7 +151,10 @@ impl Inner {
         let opened = match &policy {
             NetworkPolicy::Egress(_) if !has_egress => {
                 let instance = live.instance.lock().await;
-                Some(self.serve_network(id, &policy, instance.as_ref()).await?)
+                Some(
+                    self.serve_network(id, tenant, &policy, instance.as_ref())
+                        .await?,
+                )
             }
             _ => None,
         };

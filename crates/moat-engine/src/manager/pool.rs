@@ -545,7 +545,9 @@ impl Inner {
         };
         self.db(move |s| s.add_pool_member_within(&new, limits))
             .await?;
-        match self.boot(&backend, &id, &plan).await {
+        // Until it is claimed, its connections count for its template's owner.
+        let owner = key.tenant.clone().unwrap_or_default();
+        match self.boot(&owner, &backend, &id, &plan).await {
             Ok((instance, client, egress)) => {
                 let memory = instance.stats().memory_bytes;
                 Ok(Member {
@@ -632,6 +634,9 @@ impl Inner {
 
     /// A member turned into `tenant`'s live sandbox.
     pub(super) fn adopt(&self, tenant: &str, member: Member, public_traffic: bool) {
+        if let Some(egress) = &member.egress {
+            egress.set_owner(tenant);
+        }
         lock(&self.live).insert(
             member.id.clone(),
             Arc::new(

@@ -162,7 +162,7 @@ impl Inner {
         let connected = async {
             // Its network is served again from its recorded policy before anything reaches it.
             let egress = self
-                .serve_network(&rec.id, &network, instance.as_ref())
+                .serve_network(&rec.id, &rec.tenant, &network, instance.as_ref())
                 .await?;
             let client = connect(instance.as_mut(), rec.state == SandboxState::Paused).await?;
             Ok::<_, ManagerError>((client, egress))

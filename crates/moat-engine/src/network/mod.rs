@@ -233,14 +233,25 @@ impl Pins {
 }
 
 /// Connections open through this server, all sandboxes together: at most
-/// [`MAX_CONNECTIONS_TOTAL`], and at most a sixteenth of the server's open-file limit (each
-/// takes six descriptors: its two sockets and two pipes), so that sandboxes' connections
-/// cannot take the descriptors the API, the store and new sandboxes need. Sized on first use,
-/// after the server has raised its limit.
-static OPEN_CONNECTIONS: std::sync::LazyLock<tokio::sync::Semaphore> =
-    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(connections_total()));
+/// [`connections_total`], so that sandboxes' connections cannot take the descriptors the API,
+/// the store and new sandboxes need; and one tenant's sandboxes at most a
+/// [`TENANT_SHARE_OF_CONNECTIONS`]th of that, so that one tenant's cannot take every other
+/// tenant's. Sized on first use, after the server has raised its limit.
+static OPEN_CONNECTIONS: std::sync::LazyLock<Arc<crate::tenant_slots::TenantSlots>> =
+    std::sync::LazyLock::new(|| {
+        let total = connections_total();
+        crate::tenant_slots::TenantSlots::new(
+            (total / TENANT_SHARE_OF_CONNECTIONS).max(1),
+            Some(total),
+        )
+    });
 
-/// How many connections all sandboxes together may have open through this server.
+/// One tenant's sandboxes may have at most this fraction of [`connections_total`] open (1/4).
+pub const TENANT_SHARE_OF_CONNECTIONS: usize = 4;
+
+/// How many connections all sandboxes together may have open through this server: at most
+/// [`MAX_CONNECTIONS_TOTAL`], and at most a sixteenth of the server's open-file limit (each
+/// takes six descriptors: its two sockets and two pipes).
 pub fn connections_total() -> usize {
     let soft = crate::host_limits::nofile().map_or(1024, |l| l.soft);
     usize::try_from(soft / 16)
@@ -252,6 +263,9 @@ pub fn connections_total() -> usize {
 #[derive(Debug)]
 pub struct SandboxNet {
     id: String,
+    /// The tenant its connections count for (a warm-pool member's changes when it is
+    /// claimed).
+    owner: RwLock<Arc<str>>,
     policy: RwLock<Arc<EgressPolicy>>,
     pins: Mutex<Pins>,
     counters: Counters,
@@ -287,6 +301,10 @@ impl SandboxNet {
     fn count(&self, counter: fn(&Counters) -> &AtomicU64, n: u64) {
         counter(&self.counters).fetch_add(n, Ordering::Relaxed);
         counter(&self.totals).fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn owner(&self) -> Arc<str> {
+        self.owner.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn policy(&self) -> Arc<EgressPolicy> {
@@ -348,16 +366,19 @@ pub struct Egress {
 }
 
 impl Egress {
-    /// Serves `policy` for sandbox `id` on `sockets`, counting into its own counters and the
-    /// server's totals, within the server's `settings`. Must be called within a Tokio runtime.
+    /// Serves `policy` for sandbox `id` of tenant `owner` on `sockets`, counting into its own
+    /// counters and the server's totals, within the server's `settings`. Must be called within
+    /// a Tokio runtime.
     pub fn start(
         id: &str,
+        owner: &str,
         policy: EgressPolicy,
         sockets: EgressSockets,
         settings: &EgressSettings,
     ) -> std::io::Result<Egress> {
         let net = Arc::new(SandboxNet {
             id: id.to_owned(),
+            owner: RwLock::new(owner.into()),
             policy: RwLock::new(Arc::new(policy)),
             pins: Mutex::default(),
             counters: Counters::default(),
@@ -402,6 +423,12 @@ impl Egress {
     /// open stay open.
     pub fn set_policy(&self, policy: EgressPolicy) {
         *self.net.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Makes `tenant` the one its new connections count for (a warm-pool member claimed);
+    /// connections already open stay counted where they were.
+    pub fn set_owner(&self, tenant: &str) {
+        *self.net.owner.write().unwrap_or_else(|e| e.into_inner()) = tenant.into();
     }
 
     /// The policy being served.

@@ -14,6 +14,7 @@ use super::sniff::{MAX_SNIFF, Sniffed, Sniffer};
 use super::{
     CONNECT_RATE, MAX_CONNECTIONS, OPEN_CONNECTIONS, SandboxNet, answerer, host_addresses,
 };
+use crate::tenant_slots::SlotsFull;
 
 /// How long moat waits for the remote end to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,17 +52,25 @@ pub(super) async fn serve(
             reset(conn);
             continue;
         };
-        let Ok(server_permit) = OPEN_CONNECTIONS.try_acquire() else {
-            net.deny(
-                dest.to_string(),
-                format!(
-                    "the server has {} sandbox connections open, its most",
-                    super::connections_total()
-                ),
-                false,
-            );
-            reset(conn);
-            continue;
+        let owner = net.owner();
+        let server_permit = match OPEN_CONNECTIONS.enter(&owner) {
+            Ok(permit) => permit,
+            Err(full) => {
+                let reason = match full {
+                    SlotsFull::Tenant => format!(
+                        "tenant {owner}'s sandboxes have {} connections open, the most one \
+                         tenant may have",
+                        OPEN_CONNECTIONS.per_tenant()
+                    ),
+                    SlotsFull::Server => format!(
+                        "the server has {} sandbox connections open, its most",
+                        super::connections_total()
+                    ),
+                };
+                net.deny(dest.to_string(), reason, false);
+                reset(conn);
+                continue;
+            }
         };
         if !net.connect_rate.try_take() {
             net.deny(
