@@ -267,16 +267,34 @@ pub fn unpack_layer<R: Read>(
 /// The most bytes of a GNU long name, long link or pax header entry.
 const MAX_EXTENSION_BYTES: u64 = 64 << 10;
 
-/// The names extension entries give the entry after them.
+/// The names extension entries give the entry after them, read from an archive's raw
+/// entries (`tar::Entries::raw`) within [`MAX_EXTENSION_BYTES`]: the tar crate would read
+/// them whole, whatever their size.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Names {
+pub(crate) struct Names {
     path: Option<Vec<u8>>,
     link: Option<Vec<u8>>,
 }
 
 impl Names {
+    /// The path of `entry`, which came after these names: a long name's or pax `path` if
+    /// one came before it, else its header's.
+    pub(crate) fn path_of<R: Read>(&mut self, entry: &tar::Entry<'_, R>) -> Vec<u8> {
+        self.path
+            .take()
+            .unwrap_or_else(|| entry.path_bytes().into_owned())
+    }
+
+    /// The link target of `entry`, which came after these names (see [`link_of`]).
+    pub(crate) fn link_of<'e, R: Read>(
+        &mut self,
+        entry: &'e tar::Entry<'_, R>,
+    ) -> Option<Cow<'e, [u8]>> {
+        link_of(self.link.take(), entry)
+    }
+
     /// Reads `entry` if it is a GNU long name or link, or a pax header, and says so.
-    fn take_extension<R: Read>(
+    pub(crate) fn take_extension<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         after: &str,

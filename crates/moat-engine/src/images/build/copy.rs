@@ -18,7 +18,7 @@
 use std::ffi::{CStr, CString};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
@@ -26,6 +26,7 @@ use tar::{EntryType, Header};
 
 use crate::images::sys::{fd_path, fstat, fstatat, list_dir, open_dir, open_in_root, openat};
 use crate::images::sys::{openat_dir, readlinkat};
+use crate::images::unpack::Names;
 
 /// Longest user or group file read from the image when `--chown` names a user.
 const MAX_ACCOUNT_FILE: u64 = 4 << 20;
@@ -684,9 +685,21 @@ impl<W: Write> Writer<W> {
         let shown = name.to_string_lossy().into_owned();
         let fail = |e: io::Error| format!("ADD {shown}: {e}");
         let mut archive = tar::Archive::new(archive_reader(dir, name).map_err(fail)?);
-        for entry in archive.entries().map_err(fail)? {
+        let mut names = Names::default();
+        let mut after = String::new();
+        // Raw: long names and pax headers are read within a bound, not whole.
+        for entry in archive.entries().map_err(fail)?.raw(true) {
             let mut entry = entry.map_err(fail)?;
-            let raw = entry.path().map_err(fail)?.into_owned();
+            if names
+                .take_extension(&mut entry, &after)
+                .map_err(|e| format!("ADD {shown}: {e}"))?
+            {
+                continue;
+            }
+            let raw = PathBuf::from(std::ffi::OsString::from_vec(names.path_of(&entry)));
+            after = raw.display().to_string();
+            let link = names.link_of(&entry).map(|l| l.into_owned());
+            names = Names::default();
             let rel = archive_path(&raw).ok_or_else(|| {
                 format!(
                     "ADD {shown}: {} climbs out of the destination",
@@ -719,11 +732,9 @@ impl<W: Write> Writer<W> {
                     self.append(h, &path, &mut entry)?;
                 }
                 EntryType::Symlink | EntryType::Link => {
-                    let target = entry
-                        .link_name()
-                        .map_err(fail)?
-                        .ok_or_else(|| format!("ADD {shown}: a link without its target"))?
-                        .into_owned();
+                    let target = link
+                        .map(|l| PathBuf::from(std::ffi::OsString::from_vec(l)))
+                        .ok_or_else(|| format!("ADD {shown}: a link without its target"))?;
                     // A hard link names another entry of the archive: below `base` too.
                     let target =
                         if kind == EntryType::Link {
@@ -791,6 +802,7 @@ fn header(kind: EntryType, st: &libc::stat) -> Header {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -844,6 +856,90 @@ mod tests {
         assert_eq!(archive_path(Path::new("a/../b")), Some(PathBuf::from("b")));
         assert_eq!(archive_path(Path::new("../x")), None);
         assert_eq!(archive_path(Path::new("a/../../x")), None);
+    }
+
+    /// A tar whose first entry is a GNU long name of `name_len` bytes naming the file
+    /// after it, and a long link for the symlink after that.
+    fn long_named_archive(name_len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut put = |kind: EntryType, name: &[u8], link: &[u8], data: &[u8]| {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(kind);
+            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+            h.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        };
+        let long = "d/".repeat(name_len / 2) + "f";
+        put(
+            EntryType::GNULongName,
+            b"././@LongLink",
+            b"",
+            long.as_bytes(),
+        );
+        put(EntryType::Regular, b"short", b"", b"hi");
+        put(
+            EntryType::GNULongLink,
+            b"././@LongLink",
+            b"",
+            b"target-of-the-link",
+        );
+        put(EntryType::Symlink, b"ln", b"t", b"");
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    /// The paths and link targets of the layer `ADD a.tar /x/` writes.
+    fn add_archive(archive: &[u8]) -> Result<Vec<(String, Option<String>)>, String> {
+        let context = tempfile::tempdir().unwrap();
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::write(context.path().join("a.tar"), archive).unwrap();
+        let spec = CopySpec {
+            sources: vec!["a.tar".into()],
+            dest: "/x/".into(),
+            owner: (0, 0),
+            mode: None,
+            unpack_archives: true,
+        };
+        let mut layer = Vec::new();
+        copy_layer(context.path(), tree.path(), &spec, &mut layer)?;
+        let mut read = tar::Archive::new(&layer[..]);
+        Ok(read
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let link = e
+                    .link_name()
+                    .unwrap()
+                    .map(|l| l.to_string_lossy().into_owned());
+                (e.path().unwrap().to_string_lossy().into_owned(), link)
+            })
+            .filter(|(p, _)| p != "x" && p != "x/")
+            .collect())
+    }
+
+    #[test]
+    fn an_added_archive_s_long_names_are_read_within_a_bound() {
+        let entries = add_archive(&long_named_archive(300)).unwrap();
+        let long = "d/".repeat(150) + "f";
+        assert_eq!(
+            entries,
+            [
+                (format!("x/{long}"), None),
+                ("x/ln".into(), Some("target-of-the-link".into()))
+            ]
+        );
+        // A long name of a mebibyte (a gzipped one could be gigabytes) is refused, unread.
+        let e = add_archive(&long_named_archive(1 << 20)).unwrap_err();
+        assert!(e.contains("a long name or pax header may have"), "{e}");
     }
 
     #[test]
