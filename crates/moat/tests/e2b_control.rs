@@ -813,3 +813,58 @@ fn builds_waiting_to_start_are_bounded_per_tenant() {
     let r = ask(&other, "mine");
     assert_eq!(r.status, 202, "{}", r.text());
 }
+
+/// A build's steps and tags are counted before they are worked on: a request of a few
+/// hundred kilobytes cannot make the server write gigabytes of Dockerfile or compare a
+/// hundred thousand tags with each other.
+#[test]
+fn oversized_builds_are_refused_before_they_are_translated() {
+    need_root!("moat serve's native backend needs root");
+    let server = Server::start();
+    let key = tenant_key(&server, "builder", Quotas::default());
+    let tags: Vec<String> = (0..20_000).map(|n| format!("t{n}")).collect();
+    let r = e2b(
+        &server,
+        "POST",
+        "/v3/templates",
+        Some(&key),
+        &[],
+        Some(json!({"name": "many", "tags": tags})),
+    );
+    let message = assert_e2b_error(&r, 400);
+    assert!(message.contains("20000 tags"), "{message}");
+
+    // Each start is of a build of its own: a refused start ends its build.
+    let start = |steps: Vec<Value>| {
+        let r = e2b(
+            &server,
+            "POST",
+            "/v3/templates",
+            Some(&key),
+            &[],
+            Some(json!({"name": "deep"})),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+        let (template, build) = (
+            r.json()["templateID"].as_str().expect("templateID").to_owned(),
+            r.json()["buildID"].as_str().expect("buildID").to_owned(),
+        );
+        e2b(
+            &server,
+            "POST",
+            &format!("/v2/templates/{template}/builds/{build}"),
+            Some(&key),
+            &[],
+            Some(json!({"fromImage": "debian:12", "steps": steps})),
+        )
+    };
+    // Too many steps.
+    let short = json!({"type": "WORKDIR", "args": ["a"]});
+    let message = assert_e2b_error(&start(vec![short; 5000]), 400);
+    assert!(message.contains("5000 steps"), "{message}");
+    // Few enough steps, whose paths (each relative to the one before) still grow past a
+    // Dockerfile's size.
+    let step = json!({"type": "WORKDIR", "args": ["a".repeat(3000)]});
+    let message = assert_e2b_error(&start(vec![step; 250]), 400);
+    assert!(message.contains("more than the"), "{message}");
+}

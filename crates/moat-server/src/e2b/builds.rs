@@ -29,6 +29,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use moat_engine::auth::Caller;
+use moat_engine::images::build::dockerfile::{MAX_DOCKERFILE_BYTES, MAX_INSTRUCTIONS};
 use moat_engine::manager::ManagerError;
 use moat_proto::v1;
 use serde::{Deserialize, Serialize};
@@ -124,7 +125,15 @@ pub(crate) async fn request_build(
     let asked = moat_name(&asked);
     let (base, tag) = moat_engine::ids::split_template_name(&asked);
     let base = base.to_owned();
-    // The name's tag first, then the others; none at all is `default`, the name alone.
+    // The name's tag first, then the others; none at all is `default`, the name alone. Too
+    // many are refused before they are compared with each other.
+    if req.tags.len() > moat_proto::v1::MAX_TEMPLATE_TAGS {
+        return Err(E2bError::invalid(format!(
+            "{} tags; at most {} at once",
+            req.tags.len(),
+            moat_proto::v1::MAX_TEMPLATE_TAGS
+        )));
+    }
     let mut tags: Vec<String> = Vec::new();
     for t in tag
         .map(str::to_owned)
@@ -352,11 +361,27 @@ fn translate(state: &Shared, caller: &Caller, req: &BuildStart) -> E2bResult<Tra
         "FROM {}\nUSER user\nWORKDIR /home/user\n",
         one_line(&image)?
     );
+    // Each step is an instruction or more: more steps than a Dockerfile may have are refused
+    // before any is translated, and the text is checked as it grows (relative `WORKDIR`s
+    // repeat the whole path each time).
+    if req.steps.len() > MAX_INSTRUCTIONS {
+        return Err(E2bError::invalid(format!(
+            "{} steps, more than the {MAX_INSTRUCTIONS} instructions a build may have",
+            req.steps.len()
+        )));
+    }
     let mut contexts = BTreeMap::new();
     let mut user = "user".to_owned();
     let mut workdir = "/home/user".to_owned();
     for (i, step) in req.steps.iter().enumerate() {
         let n = i + 1;
+        if out.len() > MAX_DOCKERFILE_BYTES {
+            return Err(E2bError::invalid(format!(
+                "the build's steps before step {n} make a Dockerfile of more than the {} a \
+                 build may have",
+                moat_proto::units::describe_size(MAX_DOCKERFILE_BYTES as u64)
+            )));
+        }
         let arg = |k: usize| step.args.get(k).map(String::as_str).unwrap_or("");
         match step.kind.as_str() {
             "RUN" => {
