@@ -846,7 +846,10 @@ fn oversized_builds_are_refused_before_they_are_translated() {
         );
         assert_eq!(r.status, 202, "{}", r.text());
         let (template, build) = (
-            r.json()["templateID"].as_str().expect("templateID").to_owned(),
+            r.json()["templateID"]
+                .as_str()
+                .expect("templateID")
+                .to_owned(),
             r.json()["buildID"].as_str().expect("buildID").to_owned(),
         );
         e2b(

@@ -12,6 +12,10 @@ use super::super::{ManagerError, ManagerResult};
 
 /// Deepest a `**` pattern is walked, in directories.
 const MAX_WALK_DEPTH: u32 = 32;
+/// Most names a pattern may have.
+pub const MAX_PATTERN_NAMES: usize = 64;
+/// Most `**` names a pattern may have.
+pub const MAX_PATTERN_ANY_DIRS: usize = 4;
 
 /// One output pattern, split into names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +47,14 @@ impl Pattern {
                 "output {text:?}: '**' must be a whole name (a/**/b)"
             )));
         }
+        if parts.len() > MAX_PATTERN_NAMES
+            || parts.iter().filter(|p| *p == "**").count() > MAX_PATTERN_ANY_DIRS
+        {
+            return Err(ManagerError::Invalid(format!(
+                "output {text:?}: at most {MAX_PATTERN_NAMES} names, of which at most \
+                 {MAX_PATTERN_ANY_DIRS} '**'"
+            )));
+        }
         Ok(Pattern { absolute, parts })
     }
 
@@ -59,20 +71,32 @@ impl Pattern {
     }
 }
 
-/// Whether the names `path` match the pattern names `pattern`.
+/// Whether the names `path` match the pattern names `pattern`: one pass per pattern name
+/// over the path's prefixes, so `**`s cost time in proportion to the names, never in the
+/// number of ways to split the path among them.
 fn matches(pattern: &[String], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((first, rest)) if first == "**" => {
-            (0..=path.len()).any(|skip| matches(rest, &path[skip..]))
-        }
-        Some((first, rest)) => match path.split_first() {
-            Some((name, tail)) => {
-                glob_match(first.as_bytes(), name.as_bytes()) && matches(rest, tail)
+    // `reach[j]`: the pattern names so far match the first `j` names of the path.
+    let mut reach = vec![false; path.len() + 1];
+    reach[0] = true;
+    for part in pattern {
+        if part == "**" {
+            // Any number of names: every prefix at or past one reached.
+            let mut any = false;
+            for r in reach.iter_mut() {
+                any |= *r;
+                *r = any;
             }
-            None => false,
-        },
+        } else {
+            for j in (1..=path.len()).rev() {
+                reach[j] = reach[j - 1] && glob_match(part.as_bytes(), path[j - 1].as_bytes());
+            }
+            reach[0] = false;
+        }
+        if !reach.contains(&true) {
+            return false;
+        }
     }
+    reach[path.len()]
 }
 
 fn is_regular(e: &EntryInfo) -> bool {
@@ -107,14 +131,23 @@ pub(super) async fn find(
         .list_dir(&dir, depth, None)
         .await
         .map_err(|e| e.to_string())?;
-    let mut found = Vec::new();
-    for e in entries.iter().filter(|e| is_regular(e)) {
-        let names: Vec<&str> = e.path.split('/').filter(|p| !p.is_empty()).collect();
-        if matches(&parts, &names) {
-            found.push((e.path.clone(), u64::try_from(e.size).unwrap_or(0)));
-        }
-    }
-    Ok(found)
+    // Up to a walk's whole listing against the pattern: off the async workers.
+    tokio::task::spawn_blocking(move || {
+        entries
+            .into_iter()
+            .filter(is_regular)
+            .filter(|e| {
+                let names: Vec<&str> = e.path.split('/').filter(|p| !p.is_empty()).collect();
+                matches(&parts, &names)
+            })
+            .map(|e| {
+                let size = u64::try_from(e.size).unwrap_or(0);
+                (e.path, size)
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| format!("matching the outputs: {e}"))
 }
 
 #[cfg(test)]
@@ -138,8 +171,30 @@ mod tests {
         assert!(m("/tmp/r[0-9].png", "/tmp/r7.png"));
         assert!(!m("/tmp/r[0-9].png", "/tmp/rx.png"));
         assert!(m("results/**", "/home/user/results/a/b"));
-        for bad in ["", "/", "../x", "a/./b", "a**/b"] {
+        assert!(m("**/**/x", "/home/user/x"));
+        assert!(m("a/**/b/**/c", "/home/user/a/b/c"));
+        assert!(m("a/**/b/**/c", "/home/user/a/x/b/y/z/c"));
+        assert!(!m("a/**/b/**/c", "/home/user/a/c"));
+        for bad in ["", "/", "../x", "a/./b", "a**/b", "**/**/**/**/**/x"] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Pattern::parse(&"a/".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn many_ways_to_split_a_path_take_no_time() {
+        // Exponential for a matcher that tries every split: four `**`s and every name a
+        // `*` before a last name that never matches.
+        let pattern: Vec<String> = ["**", "*", "**", "*", "**", "*", "**"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(std::iter::once("nothing".to_owned()))
+            .collect();
+        let path: Vec<&str> = std::iter::repeat_n("d", 60).collect();
+        // A matcher that tries every split takes hours over these (the test is then ended
+        // as hung); this one a few milliseconds.
+        for _ in 0..10_000 {
+            assert!(!matches(&pattern, &path));
         }
     }
 }
