@@ -16,6 +16,7 @@
 //! Blobs are checked against their digests as they arrive, layers against the image's
 //! `diff_ids` as they are unpacked, and the compressed blob is removed once unpacked.
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -248,9 +249,19 @@ impl ImageCache {
 
     /// Entries (files, directories, links) `layers` hold together: what merging them makes.
     pub fn layer_entries(&self, layers: &[String]) -> Result<u64, ImageError> {
+        // A layer repeated is read once and counted each time.
+        let mut read: HashMap<&str, u64> = HashMap::new();
         let mut entries: u64 = 0;
         for layer in layers {
-            entries = entries.saturating_add(read_index(&self.layer_dir(layer))?.entries);
+            let n = match read.get(layer.as_str()) {
+                Some(n) => *n,
+                None => {
+                    let n = read_index(&self.layer_dir(layer))?.entries;
+                    read.insert(layer, n);
+                    n
+                }
+            };
+            entries = entries.saturating_add(n);
         }
         Ok(entries)
     }
@@ -528,24 +539,39 @@ impl ImageCache {
             make_private_dir(&staging)?;
             std::fs::create_dir(&rootfs)
                 .map_err(|e| ImageError::io(format!("making {}", rootfs.display()), e))?;
-            let mut indexes = Vec::with_capacity(layer_dirs.len());
-            for dir in &layer_dirs {
-                indexes.push(read_index(dir)?);
-            }
             // Each entry of each layer is one in the tree (a directory, a link): bounded, as a
-            // layer repeated many times would multiply them.
-            let entries: u64 = indexes.iter().map(|i| i.entries).sum();
-            if entries > MAX_IMAGE_ENTRIES {
-                return Err(ImageError::TooLarge(format!(
-                    "the image's layers hold {entries} entries together, more than the \
-                     {MAX_IMAGE_ENTRIES} moat takes"
-                )));
+            // layer repeated many times would multiply them. Counted as the indexes are read,
+            // and a repeated layer's read once, so that what is held stays within the bound.
+            let mut indexes: Vec<LayerIndex> = Vec::new();
+            let mut index_of: HashMap<&Path, usize> = HashMap::new();
+            let mut order = Vec::with_capacity(layer_dirs.len());
+            let mut entries: u64 = 0;
+            for dir in &layer_dirs {
+                let at = match index_of.get(dir.as_path()) {
+                    Some(at) => *at,
+                    None => {
+                        indexes.push(read_index(dir)?);
+                        index_of.insert(dir, indexes.len() - 1);
+                        indexes.len() - 1
+                    }
+                };
+                entries = entries.saturating_add(indexes[at].entries);
+                if entries > MAX_IMAGE_ENTRIES {
+                    return Err(ImageError::TooLarge(format!(
+                        "the image's layers hold more than the {MAX_IMAGE_ENTRIES} entries \
+                         together that moat takes"
+                    )));
+                }
+                order.push(at);
             }
             let roots: Vec<PathBuf> = layer_dirs.iter().map(|d| d.join("root")).collect();
             let layers: Vec<Layer<'_>> = roots
                 .iter()
-                .zip(&indexes)
-                .map(|(root, index)| Layer { root, index })
+                .zip(&order)
+                .map(|(root, at)| Layer {
+                    root,
+                    index: &indexes[*at],
+                })
                 .collect();
             merge_layers(&layers, &rootfs).map_err(|e| ImageError::Invalid(e.to_string()))?;
             check_mount_points(&rootfs)?;

@@ -29,7 +29,7 @@
 //! with `EMFILE`.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read};
@@ -66,14 +66,19 @@ pub struct UnpackLimits {
     pub max_bytes: u64,
     /// Most archive entries (directories, links, whiteouts and the rest included).
     pub max_entries: u64,
+    /// Most bytes of the paths the layer's index lists (whiteouts, opaque directories,
+    /// skipped device nodes): what merging an image holds in memory for the layer.
+    pub max_index_bytes: u64,
 }
 
 impl Default for UnpackLimits {
-    /// 16 GiB of contents in at most a million entries: far above real images.
+    /// 16 GiB of contents in at most a million entries, 64 MiB of whiteout and device
+    /// paths: far above real images.
     fn default() -> Self {
         UnpackLimits {
             max_bytes: 16 << 30,
             max_entries: 1_000_000,
+            max_index_bytes: 64 << 20,
         }
     }
 }
@@ -152,6 +157,18 @@ pub enum UnpackError {
         /// Its type.
         kind: String,
     },
+    /// The paths the layer's index lists (whiteouts, opaque directories, skipped devices)
+    /// come to more than `max_index_bytes`.
+    #[error(
+        "layer entry {path:?}: the layer's whiteouts and device nodes name more than \
+         max_index_bytes ({limit}) bytes of paths"
+    )]
+    IndexTooLarge {
+        /// The first entry over the limit.
+        path: String,
+        /// The limit.
+        limit: u64,
+    },
     /// The layer has more entries than `max_entries`.
     #[error("layer entry {path:?}: the layer has more than max_entries ({limit}) entries")]
     TooManyEntries {
@@ -229,7 +246,9 @@ pub fn unpack_layer<R: Read>(
         limits,
         index: LayerIndex::default(),
         dirs: HashMap::new(),
-        devices: HashSet::new(),
+        devices: HashMap::new(),
+        device_list: Vec::new(),
+        index_bytes: 0,
     };
     let mut archive = tar::Archive::new(layer);
     // Raw: GNU long names and pax headers come as entries of their own, read here within a
@@ -261,7 +280,9 @@ pub fn unpack_layer<R: Read>(
         });
     }
     unpacker.finish()?;
-    Ok(unpacker.index)
+    let mut index = unpacker.index;
+    index.skipped_devices = unpacker.device_list.into_iter().flatten().collect();
+    Ok(index)
 }
 
 /// The most bytes of a GNU long name, long link or pax header entry.
@@ -404,11 +425,30 @@ struct Unpacker<'a> {
     index: LayerIndex,
     /// Directories made by entries, with the attributes they get at the end.
     dirs: HashMap<Vec<CString>, Attrs>,
-    /// Devices skipped, so that hard links to them are skipped too.
-    devices: HashSet<Vec<CString>>,
+    /// Devices skipped, so that hard links to them are skipped too, with their place in
+    /// `device_list`.
+    devices: HashMap<Vec<CString>, usize>,
+    /// The skipped devices' paths in the order they came; `None` where a later entry replaced
+    /// one. What the index lists.
+    device_list: Vec<Option<String>>,
+    /// Bytes of the paths the index lists (whiteouts, opaque directories, skipped devices).
+    index_bytes: u64,
 }
 
 impl Unpacker<'_> {
+    /// Counts `listed`, a path the index will list, against the limit (`path`: the entry's
+    /// name, for the error).
+    fn listed(&mut self, listed: &str, path: &str) -> Result<(), UnpackError> {
+        self.index_bytes += listed.len() as u64;
+        if self.index_bytes > self.limits.max_index_bytes {
+            return Err(UnpackError::IndexTooLarge {
+                path: path.to_owned(),
+                limit: self.limits.max_index_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Counts an entry against the limit (`path`: the last entry's name, for the error).
     fn count(&mut self, path: &str) -> Result<(), UnpackError> {
         self.index.entries += 1;
@@ -488,10 +528,8 @@ impl Unpacker<'_> {
         if !is_dir {
             self.dirs.remove(parts);
         }
-        if self.devices.remove(parts)
-            && let Some(path) = index_path(parts)
-        {
-            self.index.skipped_devices.retain(|p| *p != path);
+        if let Some(at) = self.devices.remove(parts) {
+            self.device_list[at] = None;
         }
     }
 
@@ -507,15 +545,15 @@ impl Unpacker<'_> {
         }
         walk(self.root.as_fd(), dirs, true).map_err(|e| UnpackError::walk(path, e))?;
         if hidden == &OPAQUE[WHITEOUT_PREFIX.len()..] {
-            self.index
-                .opaque_dirs
-                .push(index_path(dirs).ok_or_else(|| bad(NOT_UTF8))?);
+            let dir = index_path(dirs).ok_or_else(|| bad(NOT_UTF8))?;
+            self.listed(&dir, path)?;
+            self.index.opaque_dirs.push(dir);
         } else {
             let mut parts = dirs.to_vec();
             parts.push(CString::new(hidden).map_err(|_| bad("name contains a NUL byte"))?);
-            self.index
-                .whiteouts
-                .push(index_path(&parts).ok_or_else(|| bad(NOT_UTF8))?);
+            let hidden = index_path(&parts).ok_or_else(|| bad(NOT_UTF8))?;
+            self.listed(&hidden, path)?;
+            self.index.whiteouts.push(hidden);
         }
         Ok(())
     }
@@ -576,7 +614,7 @@ impl Unpacker<'_> {
         let Some((name, dirs)) = parts.split_last() else {
             return Err(bad("names the layer's root"));
         };
-        if self.devices.contains(&parts) {
+        if self.devices.contains_key(&parts) {
             // Another name for a device that was not made: not made either.
             return self.device(at);
         }
@@ -614,8 +652,10 @@ impl Unpacker<'_> {
         })?;
         remove_tree(at.parent, at.name)
             .map_err(|e| UnpackError::io(at.path, "removing what was there", e))?;
-        self.devices.insert(at.parts.to_vec());
-        self.index.skipped_devices.push(path);
+        self.listed(&path, at.path)?;
+        self.devices
+            .insert(at.parts.to_vec(), self.device_list.len());
+        self.device_list.push(Some(path));
         Ok(())
     }
 
@@ -1435,6 +1475,22 @@ pub(super) mod tests {
         let err = unpack_layer(&tar[..], &Dest::new().path(), &limits).unwrap_err();
         assert!(matches!(&err, UnpackError::TooManyBytes { path, limit: 15 } if path == "b"));
         assert!(err.to_string().contains("max_bytes"), "{err}");
+
+        // Whiteouts are held in memory until the merge: their paths are bounded too.
+        let whiteouts = Tar::new()
+            .file(".wh.aaaa", 0o644, b"")
+            .file(".wh.bbbb", 0o644, b"")
+            .file(".wh.cccc", 0o644, b"")
+            .finish();
+        let limits = UnpackLimits {
+            max_index_bytes: 10,
+            ..UnpackLimits::default()
+        };
+        let err = unpack_layer(&whiteouts[..], &Dest::new().path(), &limits).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::IndexTooLarge { path, limit: 10 } if path == ".wh.cccc"),
+            "{err}"
+        );
 
         // A huge size fails before anything is read.
         let mut h = Tar::header(EntryType::Regular, "huge", 0o644);

@@ -986,6 +986,7 @@ async fn unpack_context(archive: &Path, dir: &Path) -> ManagerResult<()> {
         let limits = UnpackLimits {
             max_bytes: super::builds::MAX_CONTEXT_BYTES,
             max_entries: MAX_CONTEXT_ENTRIES,
+            ..UnpackLimits::default()
         };
         // A gzipped archive (E2B's SDK sends them) is told by its magic number.
         let gzipped = std::io::BufRead::fill_buf(&mut file)
