@@ -89,7 +89,7 @@ fn pull_progress(
     std::sync::Arc::new(move |event| {
         let line = match event {
             PullEvent::Resolved { sizes: s } => {
-                let bytes = s.iter().sum();
+                let bytes = s.iter().fold(0u64, |a, b| a.saturating_add(*b));
                 let layers = u32::try_from(s.len()).unwrap_or(u32::MAX);
                 *sizes
                     .lock()

@@ -151,6 +151,9 @@ impl SandboxManager {
                 });
             }
             let mut pending: Vec<u8> = Vec::new();
+            // Bytes of `pending` already searched for a newline: each byte is searched once,
+            // however the answer is cut into frames.
+            let mut searched = 0;
             let mut used = 0;
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
@@ -160,15 +163,21 @@ impl SandboxManager {
                     continue;
                 };
                 pending.extend_from_slice(&data);
-                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    if !run.take(line.trim_ascii(), &mut used) {
+                let mut start = 0;
+                while let Some(at) = pending[searched..].iter().position(|b| *b == b'\n') {
+                    let end = searched + at;
+                    if !run.take(pending[start..end].trim_ascii(), &mut used) {
                         return Ok(());
                     }
+                    start = end + 1;
+                    searched = start;
                 }
+                pending.drain(..start);
+                searched = pending.len();
                 // A line longer than the whole bound is dropped rather than held.
                 if pending.len() > MAX_CODE_RUN_BYTES {
                     pending.clear();
+                    searched = 0;
                     run.truncated = true;
                 }
             }
