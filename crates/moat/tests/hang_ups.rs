@@ -1,11 +1,12 @@
 //! Engine calls whose caller stops waiting half-way, as a request's does when its client hangs
 //! up: what they started runs to its end (or is undone), never stopping between the store and
-//! the sandboxes. Calls the manager directly over the native backend, whose resumes a wrapper
-//! can make slow; needs root, skips with a printed reason without it.
+//! the sandboxes; and a slow end or pause holds up no other. Calls the manager directly over
+//! the native backend, whose resumes and pauses a wrapper can make slow; needs root, skips
+//! with a printed reason without it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,10 +25,22 @@ use moat_test_support::in_process;
 /// How long a slowed resume takes before it thaws anything.
 const SLOW_RESUME: Duration = Duration::from_millis(400);
 
-/// The native backend, whose sandboxes' resumes wait [`SLOW_RESUME`] first while `slow` is set.
+/// How long a slowed pause takes before it freezes anything.
+const SLOW_PAUSE: Duration = Duration::from_secs(8);
+
+/// Switches of the wrapped backend's slow calls, and how many pauses were asked for.
+#[derive(Default)]
+struct Slow {
+    resumes: AtomicBool,
+    pauses: AtomicBool,
+    paused: AtomicUsize,
+}
+
+/// The native backend, whose sandboxes' resumes wait [`SLOW_RESUME`] first, and pauses
+/// [`SLOW_PAUSE`], while `slow` says so.
 struct SlowResumes {
     inner: NativeBackend,
-    slow: Arc<AtomicBool>,
+    slow: Arc<Slow>,
 }
 
 #[async_trait]
@@ -53,10 +66,10 @@ impl Backend for SlowResumes {
     }
 }
 
-/// A native sandbox whose resume waits first while `slow` is set.
+/// A native sandbox whose resume and pause wait first while `slow` says so.
 struct SlowInstance {
     inner: Box<dyn Instance>,
-    slow: Arc<AtomicBool>,
+    slow: Arc<Slow>,
 }
 
 #[async_trait]
@@ -78,11 +91,15 @@ impl Instance for SlowInstance {
     }
 
     async fn pause(&self) -> Result<()> {
+        self.slow.paused.fetch_add(1, Ordering::SeqCst);
+        if self.slow.pauses.load(Ordering::SeqCst) {
+            tokio::time::sleep(SLOW_PAUSE).await;
+        }
         self.inner.pause().await
     }
 
     async fn resume(&self) -> Result<()> {
-        if self.slow.load(Ordering::SeqCst) {
+        if self.slow.resumes.load(Ordering::SeqCst) {
             tokio::time::sleep(SLOW_RESUME).await;
         }
         self.inner.resume().await
@@ -102,11 +119,11 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A manager over [`SlowResumes`], its data directory, the switch of its slow resumes and a
+/// A manager over [`SlowResumes`], its data directory, the switches of its slow calls and a
 /// caller of tenant `a`.
-fn manager() -> (tempfile::TempDir, SandboxManager, Arc<AtomicBool>, Caller) {
+fn manager() -> (tempfile::TempDir, SandboxManager, Arc<Slow>, Caller) {
     let (dir, store, _secret) = in_process::store_with_admin("moat-hang-ups-");
-    let slow = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(Slow::default());
     let backend = SlowResumes {
         inner: NativeBackend::new(&NativeOptions {
             agent_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_moat"))),
@@ -168,14 +185,14 @@ async fn an_auto_resume_whose_caller_hangs_up_still_resumes() {
     let id = sandbox.id;
     manager.pause(&caller, &id).await.expect("pause");
 
-    slow.store(true, Ordering::SeqCst);
+    slow.resumes.store(true, Ordering::SeqCst);
     let hung_up = tokio::time::timeout(
         SLOW_RESUME / 4,
         manager.exec(&caller, &id, shell("echo hi")),
     )
     .await;
     assert!(hung_up.is_err(), "the call ended before it was dropped");
-    slow.store(false, Ordering::SeqCst);
+    slow.resumes.store(false, Ordering::SeqCst);
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -296,4 +313,47 @@ async fn an_exec_dropped_while_its_command_starts_leaves_no_process() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     manager.delete(&caller, &id).await.expect("delete");
+}
+
+/// A pause at the end of a sandbox's time to live that takes long (one saved to disk) holds up
+/// neither the end of another sandbox that expired with it nor the reaper's next passes, and
+/// those passes do not pause it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_pause_at_timeout_holds_up_no_other_end() {
+    if !is_root() {
+        eprintln!("SKIP: the native backend needs root");
+        return;
+    }
+    let (_dir, manager, slow, caller) = manager();
+    let make = |on_timeout| v1::CreateSandbox {
+        timeout_secs: Some(1),
+        lifecycle: Some(v1::Lifecycle {
+            on_timeout,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pausing = manager
+        .create(&caller, make(v1::OnTimeout::Pause))
+        .await
+        .expect("create")
+        .id;
+    let ending = manager
+        .create(&caller, make(v1::OnTimeout::Kill))
+        .await
+        .expect("create")
+        .id;
+    slow.pauses.store(true, Ordering::SeqCst);
+    let after = moat_engine::store::now_ms() + 1_500;
+    let reaped = manager.reap_expired(after).await.expect("reap");
+    assert_eq!(reaped, std::slice::from_ref(&ending), "the slow pause held up the pass");
+    assert_eq!(
+        manager.get(&caller, &ending).await.expect("get").state,
+        SandboxState::Killed
+    );
+    // The next pass leaves the pause under way alone.
+    let again = manager.reap_expired(after).await.expect("reap");
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(slow.paused.load(Ordering::SeqCst), 1, "paused twice");
+    manager.delete(&caller, &pausing).await.ok();
 }

@@ -38,8 +38,9 @@ pub const MAX_IMAGE_ENTRIES: u64 = 2_000_000;
 /// The longest a pull may take, waiting for its turn not counted.
 pub const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
-/// Pulls a cache runs at once; more wait their turn.
-pub const MAX_CONCURRENT_PULLS: usize = 2;
+/// Pulls a cache runs at once; more wait their turn. Twice a tenant's share
+/// (`manager::MAX_PULLS_PER_TENANT`), so one tenant's pulls leave room for another's.
+pub const MAX_CONCURRENT_PULLS: usize = 4;
 
 /// Room a layer is asked to find before it is fetched, as a multiple of its compressed size:
 /// the blob itself and its unpacked files (gzip usually shrinks a layer to a third).
@@ -330,64 +331,68 @@ impl ImageCache {
                 .map(|l| u64::try_from(l.size).unwrap_or(0))
                 .collect(),
         });
-        let work = tempfile::Builder::new()
-            .prefix("pull-")
-            .tempdir_in(self.root.join("tmp"))
-            .map_err(|e| ImageError::io("making a work directory", e))?;
-        for (index, (desc, diff_id)) in layers
-            .iter()
-            .zip(&resolved.config.rootfs.diff_ids)
-            .enumerate()
-        {
-            let compression = Compression::of(&desc.media_type)?;
-            let cached = self.layer_dir(&desc.digest).join("index.json");
-            if cached.exists() {
-                // Used now: a collection leaves it alone for its grace period.
-                touch(&cached);
-            } else {
-                self.check_room(u64::try_from(desc.size).unwrap_or(u64::MAX))?;
-                let report = {
-                    let progress = progress.clone();
-                    Arc::new(move |received| progress(PullEvent::Fetching { index, received }))
-                };
-                // Unpacked as it downloads; published only once the download is complete and
-                // its digest checked (the unpacker is built for hostile layers, and what it
-                // wrote of one that fails its check is thrown away with the work directory).
-                let (writer, reader) = super::stream::channel();
-                let unpacking =
-                    self.unpack(reader, compression, diff_id, &desc.digest, work.path());
-                let fetched = async {
-                    // Cut off at the deadline: the writer goes, which ends the unpacker's
-                    // stream too.
-                    match tokio::time::timeout_at(
-                        deadline,
-                        registry.fetch_blob_into(desc, writer, report),
-                    )
-                    .await
-                    {
-                        Ok(r) => r.map(drop),
-                        Err(_) => Err(late()),
+        let work = self.work_dir("pull-")?;
+        let fetched = async {
+            for (index, (desc, diff_id)) in layers
+                .iter()
+                .zip(&resolved.config.rootfs.diff_ids)
+                .enumerate()
+            {
+                let compression = Compression::of(&desc.media_type)?;
+                let cached = self.layer_dir(&desc.digest).join("index.json");
+                if cached.exists() {
+                    // Used now: a collection leaves it alone for its grace period.
+                    touch(&cached);
+                } else {
+                    self.check_room(u64::try_from(desc.size).unwrap_or(u64::MAX))?;
+                    let report = {
+                        let progress = progress.clone();
+                        Arc::new(move |received| progress(PullEvent::Fetching { index, received }))
+                    };
+                    // Unpacked as it downloads; published only once the download is complete and
+                    // its digest checked (the unpacker is built for hostile layers, and what it
+                    // wrote of one that fails its check is thrown away with the work directory).
+                    let (writer, reader) = super::stream::channel();
+                    let unpacking =
+                        self.unpack(reader, compression, diff_id, &desc.digest, work.path());
+                    let fetched = async {
+                        // Cut off at the deadline: the writer goes, which ends the unpacker's
+                        // stream too.
+                        match tokio::time::timeout_at(
+                            deadline,
+                            registry.fetch_blob_into(desc, writer, report),
+                        )
+                        .await
+                        {
+                            Ok(r) => r.map(drop),
+                            Err(_) => Err(late()),
+                        }
+                    };
+                    let (fetched, unpacked) = tokio::join!(fetched, unpacking);
+                    match (fetched, unpacked) {
+                        (Ok(()), Ok(staging)) => self.publish_layer(staging, &desc.digest).await?,
+                        (Ok(()), Err(e)) => return Err(e),
+                        // The unpacker stopped first for a reason of its own (a hostile or
+                        // oversized layer), which cut the download short: its reason is the one.
+                        (
+                            Err(_),
+                            Err(
+                                e @ (ImageError::Invalid(_)
+                                | ImageError::TooLarge(_)
+                                | ImageError::Unsupported(_)),
+                            ),
+                        ) => return Err(e),
+                        (Err(e), _) => return Err(e),
                     }
-                };
-                let (fetched, unpacked) = tokio::join!(fetched, unpacking);
-                match (fetched, unpacked) {
-                    (Ok(()), Ok(staging)) => self.publish_layer(staging, &desc.digest).await?,
-                    (Ok(()), Err(e)) => return Err(e),
-                    // The unpacker stopped first for a reason of its own (a hostile or
-                    // oversized layer), which cut the download short: its reason is the one.
-                    (
-                        Err(_),
-                        Err(
-                            e @ (ImageError::Invalid(_)
-                            | ImageError::TooLarge(_)
-                            | ImageError::Unsupported(_)),
-                        ),
-                    ) => return Err(e),
-                    (Err(e), _) => return Err(e),
                 }
+                progress(PullEvent::Unpacked { index });
             }
-            progress(PullEvent::Unpacked { index });
+            Ok(())
         }
+        .await;
+        // A failed layer's half-unpacked files (up to a million) go on the blocking pool.
+        let _ = tokio::task::spawn_blocking(move || drop(work)).await;
+        fetched?;
         let pulled = PulledImage {
             reference: pinned(reference, &resolved.digest),
             digest: resolved.digest.clone(),

@@ -352,7 +352,8 @@ impl SandboxManager {
                 rec.build.steps_cached += 1;
                 log.line(" ---> cached").await;
             }
-            builds.write(rec)?;
+            let written = rec.clone();
+            self.on_builds(move |b| b.write(&written)).await?;
         }
         let limit = crate::images::registry::MAX_LAYERS;
         if progress.state.layers.len() > limit {
@@ -663,7 +664,12 @@ impl SandboxManager {
             .map_err(image_error)?
             .is_none()
         {
-            let entries = cache.layer_entries(&p.state.layers).map_err(image_error)?;
+            // Each layer's index read whole (up to 64 MiB of paths): off the async workers.
+            let (reader, layers) = (cache.clone(), p.state.layers.clone());
+            let entries = tokio::task::spawn_blocking(move || reader.layer_entries(&layers))
+                .await
+                .map_err(|e| ManagerError::Internal(format!("counting layer entries: {e}")))?
+                .map_err(image_error)?;
             p.merged_entries = p.merged_entries.saturating_add(entries);
             if p.merged_entries > MAX_BUILD_MERGED_ENTRIES {
                 return Err(ManagerError::TooLarge(format!(

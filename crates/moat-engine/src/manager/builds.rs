@@ -368,6 +368,31 @@ impl SandboxManager {
         }
     }
 
+    /// Runs `f` on the builds' records on the blocking pool: records are synced to disk,
+    /// and listings read every build's record.
+    pub(super) async fn on_builds<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Builds) -> ManagerResult<T> + Send + 'static,
+    ) -> ManagerResult<T> {
+        self.builds()?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || match &inner.builds {
+            Some(builds) => f(builds),
+            None => Err(ManagerError::Internal("builds went away".into())),
+        })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("builds task: {e}")))?
+    }
+
+    /// Writes the end of the build `rec` (its status set) with the time it ended.
+    async fn record_end(&self, rec: &mut BuildRecord) {
+        rec.build.finished_at = Some(now_ms());
+        let written = rec.clone();
+        if let Err(e) = self.on_builds(move |b| b.write(&written)).await {
+            tracing::warn!(build = %rec.build.id, "recording the end of a build: {e}");
+        }
+    }
+
     /// Stores the build context archive `body` for the caller's tenant as `digest` (which its
     /// bytes must have); its size. Already there: the body is not read.
     pub async fn put_build_context<S, E>(
@@ -616,6 +641,14 @@ impl SandboxManager {
         let plan = self
             .inner
             .build_plan(caller, &req, parsed, names, builtin)?;
+        // Each is unpacked for the build: no more than its instructions could copy from.
+        if req.contexts.len() > dockerfile::MAX_INSTRUCTIONS {
+            return Err(ManagerError::Invalid(format!(
+                "{} named build contexts, more than the {} a build may have",
+                req.contexts.len(),
+                dockerfile::MAX_INSTRUCTIONS
+            )));
+        }
         let named = req.contexts.iter().map(|(n, d)| (Some(n), d));
         for (name, digest) in req.context.iter().map(|d| (None, d)).chain(named) {
             if let Some(name) = name {
@@ -667,14 +700,22 @@ impl SandboxManager {
             },
         };
         // `create_dir` fails on a taken id: no build is ever written over.
-        let made = std::fs::create_dir(builds.build_dir(&id))
-            .map_err(|e| ManagerError::Internal(format!("making build {id}'s directory: {e}")))
-            .and_then(|()| builds.write(&rec));
+        let (written, made_id) = (rec.clone(), id.clone());
+        let made = self
+            .on_builds(move |b| {
+                std::fs::create_dir(b.build_dir(&made_id))
+                    .map_err(|e| {
+                        ManagerError::Internal(format!("making build {made_id}'s directory: {e}"))
+                    })
+                    .and_then(|()| b.write(&written))
+            })
+            .await;
         if let Err(e) = made {
             lock(&builds.active).remove(&id);
             return Err(e);
         }
-        let _ = builds.trim(&caller.tenant);
+        let tenant = caller.tenant.clone();
+        let _ = self.on_builds(move |b| b.trim(&tenant)).await;
         let manager = self.clone();
         let caller = caller.clone();
         let build = rec.build.clone();
@@ -711,7 +752,8 @@ impl SandboxManager {
                 _ = cancelled.wait_for(|c| *c) => return Err(cancelled_error()),
             };
             rec.build.status = v1::BuildStatus::Running;
-            builds.write(&rec)?;
+            let written = rec.clone();
+            self.on_builds(move |b| b.write(&written)).await?;
             let timeout = plan.timeout;
             let run = self.run_steps(&caller, &mut rec, builds, &plan, &creates, &mut log);
             let result = tokio::select! {
@@ -762,16 +804,21 @@ impl SandboxManager {
             }
         };
         if ended {
-            record_end(builds, &mut rec);
+            self.record_end(&mut rec).await;
         }
         creates.close();
         creates.wait().await;
         self.end_build_sandboxes(&caller, &id).await;
-        for unpacked in ["context", "named"] {
-            let _ = std::fs::remove_dir_all(dir.join(unpacked));
-        }
+        // Up to hundreds of thousands of files: off the async workers.
+        let unpacked = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in ["context", "named"] {
+                let _ = std::fs::remove_dir_all(unpacked.join(name));
+            }
+        })
+        .await;
         if !ended {
-            record_end(builds, &mut rec);
+            self.record_end(&mut rec).await;
         }
         lock(&builds.active).remove(&id);
         builds.tenant_turns.forget_idle(&caller.tenant);
@@ -803,9 +850,10 @@ impl SandboxManager {
 
     /// The caller's builds, newest first.
     pub async fn list_builds(&self, caller: &Caller) -> ManagerResult<v1::BuildList> {
+        let tenant = caller.tenant.clone();
         let builds = self
-            .builds()?
-            .of_tenant(&caller.tenant)?
+            .on_builds(move |b| b.of_tenant(&tenant))
+            .await?
             .into_iter()
             .map(|r| r.build)
             .collect();
@@ -1035,14 +1083,6 @@ fn prune_contexts(dir: &Path) -> ManagerResult<u64> {
         }
     }
     Ok(used)
-}
-
-/// Writes the end of the build `rec` (its status set) with the time it ended.
-fn record_end(builds: &Builds, rec: &mut BuildRecord) {
-    rec.build.finished_at = Some(now_ms());
-    if let Err(e) = builds.write(rec) {
-        tracing::warn!(build = %rec.build.id, "recording the end of a build: {e}");
-    }
 }
 
 #[cfg(test)]

@@ -73,6 +73,9 @@ pub use usage::{MAX_USAGE_SAMPLES, USAGE_INTERVAL, UsageSample};
 
 /// How many expired sandboxes the reaper ends or pauses at once.
 const REAP_CONCURRENCY: usize = 16;
+/// How long one reaper pass waits for the ends and pauses it started; those still under way
+/// (a pause saving a large sandbox to disk) go on, and the next passes leave them alone.
+const REAP_WAIT: Duration = Duration::from_secs(5);
 
 use crate::store::now_ms;
 use std::collections::{BTreeMap, HashMap};
@@ -379,6 +382,8 @@ struct Inner {
     access_key: [u8; crate::store::SECRET_BYTES],
     /// Creates in flight per (tenant, idempotency key), so that two at once make one sandbox.
     idempotent_creates: idempotency::InFlight,
+    /// Expired sandboxes being ended or paused by the reaper, and the places for doing so.
+    reaping: Arc<Reaping>,
     /// One-shot runs under way.
     runs: Arc<crate::tenant_slots::TenantSlots>,
     /// Image pulls under way (waiting for their turn included), per tenant.
@@ -553,6 +558,10 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
+                reaping: Arc::new(Reaping {
+                    ids: Mutex::default(),
+                    places: tokio::sync::Semaphore::new(REAP_CONCURRENCY),
+                }),
                 runs: run::run_slots(),
                 pulls: images::pull_slots(),
                 snapshot_bytes: snapshots::InFlight::default(),
@@ -746,15 +755,22 @@ impl SandboxManager {
 
     /// Ends every sandbox whose TTL has passed at `now` (Unix ms): destroyed and recorded
     /// `killed` with reason `ttl`, or, when its lifecycle says so, paused (one already paused
-    /// stays so) with no time to live left. Returns their ids.
+    /// stays so) with no time to live left. Returns the ids of those done within
+    /// [`REAP_WAIT`]; the others go on in their tasks, and later passes leave them be.
     pub async fn reap_expired(&self, now: i64) -> ManagerResult<Vec<String>> {
         let expired = self.inner.db(move |s| s.expired(now)).await?;
-        let mut reaped = Vec::with_capacity(expired.len());
-        // Side by side: a pause may wait for calls under way (PAUSE_DRAIN_LIMIT) or save a
-        // sandbox to disk, and one sandbox doing so must not hold up the others' ends.
-        let ends = futures_util::stream::iter(expired.into_iter().map(|rec| {
+        // Side by side, each in a task of its own: a pause may wait for calls under way
+        // (PAUSE_DRAIN_LIMIT) or save a sandbox to disk, and one sandbox doing so must not
+        // hold up the others' ends, in this pass or the next.
+        let mut ends = futures_util::stream::FuturesUnordered::new();
+        for rec in expired {
+            let Some(mark) = Reaping::mark(&self.inner.reaping, &rec.id) else {
+                continue;
+            };
             let inner = self.inner.clone();
-            tokio::spawn(async move {
+            ends.push(tokio::spawn(async move {
+                let _mark = mark;
+                let _place = inner.reaping.places.acquire().await;
                 let pauses = stored_plan(&rec)
                     .ok()
                     .flatten()
@@ -764,10 +780,13 @@ impl SandboxManager {
                 }
                 inner.end(&rec.tenant, &rec.id, EndReason::Ttl).await?;
                 Ok::<_, ManagerError>(rec.id)
-            })
-        }));
-        let mut ends = futures_util::StreamExt::buffer_unordered(ends, REAP_CONCURRENCY);
-        while let Some(done) = futures_util::StreamExt::next(&mut ends).await {
+            }));
+        }
+        let mut reaped = Vec::with_capacity(ends.len());
+        let deadline = tokio::time::Instant::now() + REAP_WAIT;
+        while let Ok(Some(done)) =
+            tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut ends)).await
+        {
             let done = done.map_err(|e| ManagerError::Internal(format!("reap task: {e}")))?;
             match done {
                 Ok(id) => reaped.push(id),
@@ -777,6 +796,36 @@ impl SandboxManager {
             }
         }
         Ok(reaped)
+    }
+}
+
+/// The expired sandboxes being ended or paused, so that a reaper pass does not start a second
+/// end of one a pass before it is still ending.
+#[derive(Debug)]
+struct Reaping {
+    ids: Mutex<std::collections::HashSet<String>>,
+    places: tokio::sync::Semaphore,
+}
+
+/// A sandbox marked as being reaped; unmarked when dropped (its end done or failed).
+struct ReapMark {
+    reaping: Arc<Reaping>,
+    id: String,
+}
+
+impl Reaping {
+    /// Marks `id`, unless it is being reaped already.
+    fn mark(reaping: &Arc<Reaping>, id: &str) -> Option<ReapMark> {
+        lock(&reaping.ids).insert(id.to_owned()).then(|| ReapMark {
+            reaping: reaping.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for ReapMark {
+    fn drop(&mut self) {
+        lock(&self.reaping.ids).remove(&self.id);
     }
 }
 

@@ -45,6 +45,10 @@ pub const POOL_TICK: Duration = Duration::from_secs(1);
 /// Members being started at once, over all pools: starts compete for the same CPUs as the
 /// sandboxes in use.
 pub const MAX_CONCURRENT_STARTS: u32 = 4;
+/// Members of one tenant's templates being started at once (the built-in templates' count as
+/// one more tenant's): a tenant whose members start slowly leaves the other starts to the
+/// other tenants' pools.
+pub const MAX_STARTS_PER_TENANT: u32 = MAX_CONCURRENT_STARTS / 2;
 /// What a member of a template is assumed to use before one has been measured.
 pub const FIRST_MEMBER_ESTIMATE: u64 = 8 << 20;
 /// Longest wait before retrying a template whose members keep failing to start.
@@ -442,6 +446,10 @@ impl Inner {
         let mut pools = lock(&self.pools.pools);
         let mut used: u64 = pools.values().map(Pool::charge).sum();
         let mut starting: u32 = pools.values().map(|p| p.starting).sum();
+        let mut starting_of: HashMap<Option<String>, u32> = HashMap::new();
+        for (key, pool) in pools.iter() {
+            *starting_of.entry(key.tenant.clone()).or_default() += pool.starting;
+        }
         let now = Instant::now();
         let mut keys: Vec<PoolKey> = pools.keys().cloned().collect();
         keys.sort();
@@ -458,11 +466,14 @@ impl Inner {
             if pool.retry_at.is_some_and(|t| t > now) {
                 continue;
             }
+            let mine = starting_of.entry(key.tenant.clone()).or_default();
             while pool.ready.len() + (pool.starting as usize) < pool.target as usize
                 && starting < MAX_CONCURRENT_STARTS
+                && *mine < MAX_STARTS_PER_TENANT
             {
                 pool.starting += 1;
                 starting += 1;
+                *mine += 1;
                 used = used.saturating_add(pool.estimate);
                 let inner = self.clone();
                 let (key, spec, owner) = (key.clone(), pool.spec.clone(), pool.owner_key.clone());

@@ -116,11 +116,17 @@ fn sample(prev: &Raw, next: &Raw, limits: &v1::ResourceLimits) -> UsageSample {
 }
 
 impl SandboxManager {
-    /// Takes one sample of every running sandbox.
+    /// Takes one sample of every running sandbox whose instance is free now: one held by a
+    /// long operation (a checkpoint, a pause, a teardown) is sampled next time, so that it
+    /// holds up no other sandbox's sample.
     pub async fn sample_usage(&self) {
         let all: Vec<Arc<Live>> = lock(&self.inner.live).values().cloned().collect();
         for live in all {
-            let raw = Raw::now(&**live.instance.lock().await);
+            let Ok(instance) = live.instance.try_lock() else {
+                continue;
+            };
+            let raw = Raw::now(&**instance);
+            drop(instance);
             lock(&live.usage).push(raw);
         }
     }
