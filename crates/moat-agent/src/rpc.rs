@@ -27,7 +27,13 @@ impl RpcError {
         use std::io::ErrorKind as K;
         let code = match err.kind() {
             K::NotFound => Code::NotFound,
-            K::PermissionDenied => Code::PermissionDenied,
+            // The template's read-only system directories (/usr, /etc, …).
+            K::PermissionDenied | K::ReadOnlyFilesystem => Code::PermissionDenied,
+            // The path is in a state that forbids the call (a running program, a mount
+            // point, a directory with entries): the caller's to change.
+            K::ResourceBusy | K::ExecutableFileBusy | K::DirectoryNotEmpty | K::TooManyLinks => {
+                Code::Aborted
+            }
             K::AlreadyExists => Code::AlreadyExists,
             K::InvalidInput | K::InvalidFilename | K::NotADirectory | K::IsADirectory => {
                 Code::InvalidArgument

@@ -623,6 +623,13 @@ fn e2b_control_plane() {
             format!("/v2/sandboxes/{id}/connect"),
             Some(json!({"timeout": 60})),
         ),
+        ("PUT", format!("/sandboxes/{id}/network"), Some(json!({}))),
+        // A malformed id names no sandbox either.
+        (
+            "PUT",
+            "/sandboxes/not-an-id/network".to_owned(),
+            Some(json!({})),
+        ),
     ] {
         let r = e2b(&server, method, &path, Some(other), &[], body);
         assert_e2b_error(&r, 404);

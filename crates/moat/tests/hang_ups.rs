@@ -346,7 +346,11 @@ async fn a_slow_pause_at_timeout_holds_up_no_other_end() {
     slow.pauses.store(true, Ordering::SeqCst);
     let after = moat_engine::store::now_ms() + 1_500;
     let reaped = manager.reap_expired(after).await.expect("reap");
-    assert_eq!(reaped, std::slice::from_ref(&ending), "the slow pause held up the pass");
+    assert_eq!(
+        reaped,
+        std::slice::from_ref(&ending),
+        "the slow pause held up the pass"
+    );
     assert_eq!(
         manager.get(&caller, &ending).await.expect("get").state,
         SandboxState::Killed

@@ -547,6 +547,19 @@ fn files_errors() {
     f.get("", &format!("path={}", enc("/tmp/a\0b")))
         .assert_error(400, "invalid");
 
+    // The template's read-only system directories refuse even root: the request's doing,
+    // not the server's.
+    f.put("path=/etc/moat-test&user=root", b"x")
+        .assert_error(403, "forbidden");
+    f.post(
+        "/mkdir",
+        "user=root",
+        json!({"path": "/usr/local/moat-test"}),
+    )
+    .assert_error(403, "forbidden");
+    f.delete("path=/dev/shm&user=root")
+        .assert_error(403, "forbidden");
+
     // A directory where a file is expected, and the reverse.
     f.get("", "path=/tmp/dir")
         .assert_error(409, "is_a_directory");

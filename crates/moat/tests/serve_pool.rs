@@ -198,7 +198,8 @@ fn start_and_ready_scripts_gate_a_sandbox() {
             json!({"template": "never", "metadata": {"t": "never"}}),
         )),
     );
-    r.assert_error(503, "unavailable");
+    // The template's own doing: a retry would fail the same way.
+    r.assert_error(409, "conflict");
     assert!(
         r.json()["error"]["message"]
             .as_str()

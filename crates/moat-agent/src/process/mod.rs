@@ -476,6 +476,8 @@ fn spawn_error(cmd: &str, e: &std::io::Error) -> RpcError {
         // argv and environment past ARG_MAX (or one string past MAX_ARG_STRLEN): the caller's
         // request is too big, not an agent failure.
         Some(libc::E2BIG) => Code::InvalidArgument,
+        // A program name too long, or a chain of links that never ends.
+        Some(libc::ENAMETOOLONG) | Some(libc::ELOOP) => Code::InvalidArgument,
         Some(libc::EAGAIN) | Some(libc::ENOMEM) | Some(libc::EMFILE) | Some(libc::ENFILE) => {
             Code::ResourceExhausted
         }

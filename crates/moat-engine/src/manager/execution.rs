@@ -231,6 +231,12 @@ fn not_started(e: AgentError) -> ManagerResult<Phase> {
         Code::InvalidArgument | Code::Unauthenticated => Err(ManagerError::Invalid(format!(
             "cannot start the command: {e}"
         ))),
+        // The sandbox's own processes fill its pids limit (or its memory): the sandbox's to
+        // free, not the server's fault.
+        Code::ResourceExhausted => Err(ManagerError::QuotaExceeded(format!(
+            "cannot start the command: the sandbox has no room for another process (its \
+             processes fill its pids or memory limit): {e}"
+        ))),
         _ => Err(ManagerError::Unavailable(format!(
             "cannot start the command: {e}"
         ))),

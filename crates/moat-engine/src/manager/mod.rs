@@ -1217,8 +1217,13 @@ impl Inner {
             Some(dir) => backend.restore(id, plan, dir).await,
             None => backend.create(id, plan).await,
         };
-        let mut instance = made.map_err(|e| {
-            ManagerError::Unavailable(format!("the sandbox could not be made: {e}"))
+        // What the plan asks for that cannot be (a template directory gone) is the caller's
+        // to see as such; anything else is the host's.
+        let mut instance = made.map_err(|e| match e {
+            crate::EngineError::Invalid(_) | crate::EngineError::NotFound(_) => {
+                ManagerError::from(e)
+            }
+            e => ManagerError::Unavailable(format!("the sandbox could not be made: {e}")),
         })?;
         let connected = async {
             // Served before anything of the template runs: a start script may need it.

@@ -28,6 +28,20 @@ fn shell(script: &str, tag: Option<&str>) -> StartRequest {
     }
 }
 
+/// A template script the agent could not start: the template's fault when the agent says the
+/// shell or its directory is missing or refused (an image without `/bin/sh`), else the
+/// sandbox's.
+fn script_error(which: &str, e: crate::agent_client::AgentError) -> ManagerError {
+    use moat_proto::connect::Code;
+    let text = format!("the template's {which} script could not start: {e}");
+    match e.code() {
+        Code::NotFound | Code::PermissionDenied | Code::InvalidArgument => {
+            ManagerError::Conflict(text)
+        }
+        _ => ManagerError::Unavailable(text),
+    }
+}
+
 /// Starts the plan's `start` script in the background and runs its `ready` script until it
 /// exits 0, within its readiness timeout. A sandbox whose `ready` never passes fails with the
 /// script's last output.
@@ -40,7 +54,7 @@ pub(super) async fn start_and_wait(
         client
             .start(shell(script, Some(START_TAG)), CallOptions::default())
             .await
-            .map_err(|e| ManagerError::Unavailable(format!("template start script: {e}")))?;
+            .map_err(|e| script_error("start", e))?;
     }
     let Some(script) = &readiness.ready else {
         return Ok(());
@@ -74,8 +88,10 @@ pub(super) async fn start_and_wait(
                 ),
                 None => "no run finished".to_owned(),
             };
-            return Err(ManagerError::Unavailable(format!(
-                "the template's ready script did not pass within {}s ({said})",
+            // The template's own doing: a retry of the create would fail the same way.
+            return Err(ManagerError::Conflict(format!(
+                "the template's ready script did not pass within {}s ({said}); fix the \
+                 script or raise the template's ready_timeout_secs",
                 limit.as_secs()
             )));
         }
@@ -96,7 +112,7 @@ async fn run_once(
     let mut stream = client
         .start(shell(script, None), opts)
         .await
-        .map_err(|e| ManagerError::Unavailable(format!("template ready script: {e}")))?;
+        .map_err(|e| script_error("ready", e))?;
     let mut output = Vec::new();
     let mut code = None;
     while let Some(event) = stream.next().await {

@@ -295,6 +295,8 @@ fn file_error(what: &str, path: &str, e: AgentError) -> ManagerError {
         | Code::NotFound
         | Code::PermissionDenied
         | Code::AlreadyExists
+        | Code::Aborted
+        | Code::FailedPrecondition
         | Code::ResourceExhausted => ManagerError::Invalid(text),
         _ => ManagerError::Unavailable(text),
     }

@@ -154,6 +154,8 @@ pub(crate) async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult<StatusCode> {
     let Path(id) = id?;
+    // An unknown or malformed id is a 404, as on every other route of a sandbox.
+    super::sandboxes::visible(&state, &caller, &id).await?;
     let body: Value = crate::extract::json_body(body, Some(Value::Object(Default::default())))?;
     let Value::Object(mut fields) = body else {
         return Err(E2bError::invalid("the body must be a JSON object"));
