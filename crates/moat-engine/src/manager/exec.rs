@@ -16,6 +16,12 @@ use crate::auth::Caller;
 /// Output kept per stream (stdout, stderr) of a buffered exec; the rest is dropped and the
 /// result marked `truncated`. Exec streams have no cap.
 pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
+/// Output all buffered execs of one tenant may hold at once, bytes as the commands wrote them:
+/// past it an exec keeps no more (`truncated`), so that many commands printing at once cannot
+/// fill the server's memory (an answer's JSON may take several times its bytes).
+pub const BUFFERED_OUTPUT_PER_TENANT: u64 = 64 << 20;
+/// Output all buffered execs on the server may hold at once (as above).
+pub const BUFFERED_OUTPUT_TOTAL: u64 = 512 << 20;
 /// Timeout of an exec that names none.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest timeout an exec may ask for: a buffered call holds its HTTP request open.
@@ -32,12 +38,13 @@ impl SandboxManager {
         let requested = Instant::now();
         let encoding = req.encoding;
         let mut execution = self.start_execution(&caller.tenant, id, req).await?;
+        let mut held = OutputBudget::reserve(&self.inner.exec_output, &caller.tenant);
         let mut out = Capped::default();
         let mut err = Capped::default();
         let end = loop {
             match execution.next_output().await {
-                Some(Output::Stdout(b)) => out.push(&b),
-                Some(Output::Stderr(b)) => err.push(&b),
+                Some(Output::Stdout(b)) => out.push(&b, &mut held),
+                Some(Output::Stderr(b)) => err.push(&b, &mut held),
                 Some(Output::Ended(end)) => break end?,
                 None => {
                     return Err(ManagerError::Internal(format!(
@@ -160,12 +167,14 @@ struct Capped {
 }
 
 impl Capped {
-    fn push(&mut self, b: &[u8]) {
+    /// Keeps what of `b` fits the stream's cap and the room `held` can grow by.
+    fn push(&mut self, b: &[u8], held: &mut Held) {
         let room = EXEC_OUTPUT_LIMIT - self.data.len();
-        if b.len() > room {
+        let take = held.grow(b.len().min(room) as u64) as usize;
+        if take < b.len() {
             self.truncated = true;
         }
-        self.data.extend_from_slice(&b[..b.len().min(room)]);
+        self.data.extend_from_slice(&b[..take]);
     }
 
     /// The kept output as the result carries it.
@@ -177,10 +186,104 @@ impl Capped {
     }
 }
 
+/// The output buffered execs hold, per tenant and in all, within [`BUFFERED_OUTPUT_PER_TENANT`]
+/// and [`BUFFERED_OUTPUT_TOTAL`].
+#[derive(Debug, Default)]
+pub(super) struct OutputBudget {
+    held: std::sync::Mutex<(std::collections::HashMap<String, u64>, u64)>,
+}
+
+/// One exec's part of the [`OutputBudget`]; given back when dropped.
+pub(super) struct Held {
+    budget: std::sync::Arc<OutputBudget>,
+    tenant: String,
+    bytes: u64,
+}
+
+impl OutputBudget {
+    /// An empty part for an exec of `tenant`.
+    fn reserve(budget: &std::sync::Arc<OutputBudget>, tenant: &str) -> Held {
+        Held {
+            budget: budget.clone(),
+            tenant: tenant.to_owned(),
+            bytes: 0,
+        }
+    }
+}
+
+impl Held {
+    /// Grows by up to `want` bytes, as the tenant's and the server's room allow; how many.
+    fn grow(&mut self, want: u64) -> u64 {
+        if want == 0 {
+            return 0;
+        }
+        let mut held = super::lock(&self.budget.held);
+        let (per_tenant, total) = &mut *held;
+        let mine = per_tenant.entry(self.tenant.clone()).or_default();
+        let room = BUFFERED_OUTPUT_PER_TENANT
+            .saturating_sub(*mine)
+            .min(BUFFERED_OUTPUT_TOTAL.saturating_sub(*total));
+        let got = want.min(room);
+        *mine += got;
+        *total += got;
+        self.bytes += got;
+        got
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut held = super::lock(&self.budget.held);
+        let (per_tenant, total) = &mut *held;
+        *total = total.saturating_sub(self.bytes);
+        if let Some(mine) = per_tenant.get_mut(&self.tenant) {
+            *mine = mine.saturating_sub(self.bytes);
+            if *mine == 0 {
+                per_tenant.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffered_output_is_held_within_the_tenant_s_and_the_server_s_room() {
+        let budget = std::sync::Arc::new(OutputBudget::default());
+        let mut a = OutputBudget::reserve(&budget, "a");
+        assert_eq!(
+            a.grow(BUFFERED_OUTPUT_PER_TENANT - 1),
+            BUFFERED_OUTPUT_PER_TENANT - 1
+        );
+        let mut a2 = OutputBudget::reserve(&budget, "a");
+        assert_eq!(a2.grow(10), 1, "the tenant's room is shared by its execs");
+        let mut kept = Capped::default();
+        kept.push(b"more", &mut a2);
+        assert!(kept.truncated && kept.data.is_empty());
+        // Other tenants have room of their own, until the server's is used up.
+        let per = BUFFERED_OUTPUT_PER_TENANT;
+        let others: Vec<Held> = (1..BUFFERED_OUTPUT_TOTAL / per)
+            .map(|i| {
+                let mut h = OutputBudget::reserve(&budget, &format!("t{i}"));
+                assert_eq!(h.grow(per), per);
+                h
+            })
+            .collect();
+        let mut late = OutputBudget::reserve(&budget, "late");
+        assert_eq!(late.grow(1), 0, "the server's room is used up");
+        drop(others);
+        assert_eq!(late.grow(1), 1);
+        // Given back when the exec ends.
+        drop((a, a2));
+        let mut again = OutputBudget::reserve(&budget, "a");
+        assert_eq!(again.grow(per), per);
+    }
 
     #[test]
     fn exec_requests_are_checked() {
@@ -237,10 +340,12 @@ mod tests {
 
     #[test]
     fn output_is_capped() {
+        let budget = std::sync::Arc::new(OutputBudget::default());
+        let mut held = OutputBudget::reserve(&budget, "t");
         let mut c = Capped::default();
-        c.push(&vec![b'a'; EXEC_OUTPUT_LIMIT - 1]);
+        c.push(&vec![b'a'; EXEC_OUTPUT_LIMIT - 1], &mut held);
         assert!(!c.truncated);
-        c.push(b"bc");
+        c.push(b"bc", &mut held);
         assert!(c.truncated);
         assert_eq!(c.data.len(), EXEC_OUTPUT_LIMIT);
     }

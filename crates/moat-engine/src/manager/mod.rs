@@ -53,7 +53,10 @@ mod usage;
 
 pub use access::{SandboxAgent, SandboxRoute};
 pub use calls::{CallGuard, PAUSE_DRAIN_LIMIT};
-pub use exec::{DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT, MAX_EXEC_TIMEOUT};
+pub use exec::{
+    BUFFERED_OUTPUT_PER_TENANT, BUFFERED_OUTPUT_TOTAL, DEFAULT_EXEC_TIMEOUT, EXEC_OUTPUT_LIMIT,
+    MAX_EXEC_TIMEOUT,
+};
 pub use exec_stream::ExecStream;
 pub use health::{HEALTH_PROBE_INTERVAL, UNHEALTHY_PROBES};
 pub use housekeeping::{DEFAULT_RETENTION, Housekeeping, MAX_HOUSEKEEPING_INTERVAL};
@@ -386,6 +389,8 @@ struct Inner {
     reaping: Arc<Reaping>,
     /// One-shot runs under way.
     runs: Arc<crate::tenant_slots::TenantSlots>,
+    /// The output buffered execs hold.
+    exec_output: Arc<exec::OutputBudget>,
     /// Image pulls under way (waiting for their turn included), per tenant.
     pulls: Arc<crate::tenant_slots::TenantSlots>,
     /// Bytes of snapshot archives being written or kept for a fork, per tenant.
@@ -558,6 +563,7 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
+                exec_output: Arc::default(),
                 reaping: Arc::new(Reaping {
                     ids: Mutex::default(),
                     places: tokio::sync::Semaphore::new(REAP_CONCURRENCY),
