@@ -260,6 +260,38 @@ def test_status_to_exception(status: int, code: str, cls: type[moat.MoatError]) 
     )
 
 
+def test_the_proxy_s_answer_for_a_sandbox_that_does_not_run_is_a_conflict() -> None:
+    body = {"sandboxId": "x", "message": "The sandbox was not found", "code": 502}
+    script = _Script([httpx.Response(502, json=body), httpx.Response(405, text="no")])
+    with _fake(script, retries=0) as c:
+        with pytest.raises(moat.ConflictError) as err:
+            c.templates.list()
+        assert err.value.code == "not_running"
+        with pytest.raises(moat.InvalidRequestError):
+            c.templates.list()
+
+
+def test_slow_calls_wait_as_long_as_the_server_may_take() -> None:
+    from moat import sandbox as ops
+
+    create = ops.create_op(
+        None,
+        snapshot=None,
+        timeout=None,
+        env=None,
+        metadata=None,
+        resources=None,
+        network=None,
+        public_traffic=None,
+        lifecycle=None,
+    )
+    for op in [create, ops.snapshot_op("s", None, False), ops.pause_op("s")]:
+        assert op.timeout.read is not None and op.timeout.read > 900
+    assert ops.fork_op("s", 1, None, None, False).timeout.read > 1500
+    with pytest.raises(ValueError, match="'='"):
+        ops.list_op(None, {"a=b": "c"}, None, 10)
+
+
 def test_errors_without_the_api_s_body() -> None:
     script = _Script([httpx.Response(502, text="bad gateway")])
     with _fake(script, retries=0) as c, pytest.raises(moat.UnavailableError) as err:

@@ -82,6 +82,16 @@ def test_stream_wait_and_timeout(sandbox: moat.Sandbox) -> None:
     assert timed.timed_out and timed.exit_code is None
 
 
+def test_a_loop_left_early_is_taken_up_by_wait(sandbox: moat.Sandbox) -> None:
+    with sandbox.exec_stream("echo first; sleep 0.5; echo second; exit 3") as stream:
+        for ev in stream:
+            if isinstance(ev, moat.ExecOutput):
+                break
+        # The command runs on; the rest of its output is the result's.
+        result = stream.wait()
+    assert (result.stdout, result.exit_code) == ("second\n", 3)
+
+
 def test_closing_a_stream_kills_the_command(sandbox: moat.Sandbox) -> None:
     with sandbox.exec_stream("echo ready; exec sleep 300") as stream:
         for ev in stream:

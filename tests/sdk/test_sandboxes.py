@@ -157,6 +157,8 @@ def test_fork_copies_files_into_new_sandboxes(client: moat.Client, tag: str) -> 
                 assert copy.id != sbx.id
                 assert copy.files.read_text("f.txt") == "forked"
                 assert copy.info().metadata["fork"] == "yes"
+                # A copy's answer carries its tokens: its code interpreter is reachable.
+                assert copy.run_code("6 * 7").text == "42"
         finally:
             for copy in result:
                 copy.kill()

@@ -72,7 +72,7 @@ async fn get_sandbox(
 }
 
 /// `sandbox` with its access and traffic tokens, for its owner to use the sandbox-traffic routes.
-fn with_access_token(state: &AppState, mut sandbox: v1::Sandbox) -> v1::Sandbox {
+pub(crate) fn with_access_token(state: &AppState, mut sandbox: v1::Sandbox) -> v1::Sandbox {
     sandbox.access_token = Some(state.manager.access_token(&sandbox.id));
     sandbox.traffic_access_token = Some(state.manager.traffic_token(&sandbox.id));
     sandbox

@@ -76,8 +76,9 @@ async fn fork(
     let results = forked
         .into_iter()
         .map(|r| match r {
+            // A copy is a new sandbox: its owner gets its tokens, as from a create.
             Ok(sandbox) => v1::ForkItem {
-                sandbox: Some(sandbox),
+                sandbox: Some(crate::sandboxes::with_access_token(&state, sandbox)),
                 error: None,
             },
             Err(e) => v1::ForkItem {

@@ -34,6 +34,13 @@ T = TypeVar("T")
 
 #: Seconds to connect, and to wait for each read or write, unless a call says otherwise.
 DEFAULT_TIMEOUT: httpx.Timeout = httpx.Timeout(300.0, connect=10.0, pool=60.0)
+#: How long calls that may take the server minutes wait for their answer: a create (a
+#: template's ready script, up to 600 s), a snapshot (up to 600 s), a pause (a gVisor sandbox
+#: saved to disk, up to 900 s) or a resume. Past the client's own timeout the server would
+#: still finish the call, and a caller that gave up would not learn of it.
+LONG_CALL_TIMEOUT: httpx.Timeout = httpx.Timeout(960.0, connect=10.0, pool=60.0)
+#: A fork: a snapshot of the source, then its copies made.
+FORK_TIMEOUT: httpx.Timeout = httpx.Timeout(1560.0, connect=10.0, pool=60.0)
 #: Attempts after the first for a safe request that could not connect or met a 503.
 DEFAULT_RETRIES = 2
 # Waits before each retry; a server's Retry-After counts, up to the last.

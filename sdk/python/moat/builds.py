@@ -338,7 +338,9 @@ class AsyncBuilds:
         """Starts building the template ``template`` (see :meth:`Builds.create`)."""
         text = _dockerfile(dockerfile, dockerfile_path, context)
         digest = await self.upload_context(context) if context is not None else None
-        named = {name: await self._upload(ctx) for name, ctx in _named_contexts(contexts).items()}
+        # Archiving and hashing directories: off the event loop.
+        named_contexts = await asyncio.to_thread(_named_contexts, contexts)
+        named = {name: await self._upload(ctx) for name, ctx in named_contexts.items()}
         fields = dict(
             args=args,
             from_templates=from_templates,

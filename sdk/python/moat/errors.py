@@ -155,6 +155,7 @@ _BY_CODE: dict[str, type[MoatError]] = {
     "unauthenticated": AuthenticationError,
     "forbidden": PermissionDeniedError,
     "not_found": NotFoundError,
+    "method_not_allowed": InvalidRequestError,
     "conflict": ConflictError,
     "is_a_directory": ConflictError,
     "not_a_directory": ConflictError,
@@ -174,6 +175,7 @@ _BY_STATUS: dict[int, type[MoatError]] = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    405: InvalidRequestError,
     409: ConflictError,
     413: PayloadTooLargeError,
     429: QuotaExceededError,
@@ -204,6 +206,11 @@ def error_for(
                 cls = None
     if cls is None and status is not None:
         cls = _BY_STATUS.get(status)
+    # The sandbox proxy's answer for a sandbox that does not run (ended, paused, unknown): what
+    # the API answers 409 for, and no retry mends.
+    if status == 502 and "was not found" in message:
+        cls = ConflictError
+        code = code or "not_running"
     if cls is None:
         cls = MoatError
     return cls(message, status=status, code=code, retry_after=retry_after)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from . import _args
-from .errors import MoatConnectionError, MoatError
+from .errors import MoatConnectionError, MoatError, SandboxTimeoutError
 from .models import ExecEnd, ExecEvent, ExecEventDecoder, ExecOutput, ExecResult
 
 __all__ = ["AsyncExecStream", "ExecStream", "OutputCallback"]
@@ -130,6 +130,9 @@ class ExecStream:
         self._response = response
         self._decoder = ExecEventDecoder()
         self._done = False
+        # One reader of the answer's lines for every loop over the stream, so that a loop
+        # left early (`break`) is taken up where it stopped by the next one, or by `wait`.
+        self._lines: Iterator[str] | None = None
 
     @property
     def end(self) -> ExecEnd | None:
@@ -137,10 +140,15 @@ class ExecStream:
         return self._decoder.end
 
     def __iter__(self) -> Iterator[ExecEvent]:
+        """The command's events from where the last loop over the stream left off. Leaving a
+        loop early keeps the command running: :meth:`close` (or the ``with`` block's end)
+        stops it."""
         if self._done:
             return
+        if self._lines is None:
+            self._lines = self._response.iter_lines()
         try:
-            for line in self._response.iter_lines():
+            for line in self._lines:
                 parsed = _parse_line(line)
                 if parsed is None:
                     continue
@@ -148,14 +156,17 @@ class ExecStream:
                 if ev is not None:
                     yield ev
                 if self._decoder.end is not None:
+                    self.close()
                     return
             raise _unfinished()
+        except GeneratorExit:
+            raise
         except httpx.HTTPError as e:
-            raise MoatConnectionError(
-                f"following the command failed: {e}", code="stream_failed"
-            ) from e
-        finally:
             self.close()
+            raise _stream_error(e) from e
+        except BaseException:
+            self.close()
+            raise
 
     def wait(self) -> ExecResult:
         """Reads the rest of the stream; the command's result with the output not yet read."""
@@ -184,6 +195,17 @@ class ExecStream:
         self.close()
 
 
+def _stream_error(e: httpx.HTTPError) -> MoatError:
+    """The SDK's error for a stream that broke: a timeout as every call's, else a lost
+    connection."""
+    if isinstance(e, httpx.TimeoutException):
+        return SandboxTimeoutError(
+            f"following the command: no answer in time ({type(e).__name__})",
+            code="client_timeout",
+        )
+    return MoatConnectionError(f"following the command failed: {e}", code="stream_failed")
+
+
 def run_with_callbacks(
     stream: ExecStream, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
 ) -> ExecResult:
@@ -209,6 +231,8 @@ class AsyncExecStream:
         self._response = response
         self._decoder = ExecEventDecoder()
         self._done = False
+        # As in ExecStream: one reader of the lines for every loop over the stream.
+        self._lines: AsyncIterator[str] | None = None
 
     @property
     def end(self) -> ExecEnd | None:
@@ -216,10 +240,13 @@ class AsyncExecStream:
         return self._decoder.end
 
     async def __aiter__(self) -> AsyncIterator[ExecEvent]:
+        """As :meth:`ExecStream.__iter__`."""
         if self._done:
             return
+        if self._lines is None:
+            self._lines = self._response.aiter_lines()
         try:
-            async for line in self._response.aiter_lines():
+            async for line in self._lines:
                 parsed = _parse_line(line)
                 if parsed is None:
                     continue
@@ -227,14 +254,17 @@ class AsyncExecStream:
                 if ev is not None:
                     yield ev
                 if self._decoder.end is not None:
+                    await self.close()
                     return
             raise _unfinished()
+        except GeneratorExit:
+            raise
         except httpx.HTTPError as e:
-            raise MoatConnectionError(
-                f"following the command failed: {e}", code="stream_failed"
-            ) from e
-        finally:
             await self.close()
+            raise _stream_error(e) from e
+        except BaseException:
+            await self.close()
+            raise
 
     async def wait(self) -> ExecResult:
         """Reads the rest of the stream; the command's result with the output not yet read."""

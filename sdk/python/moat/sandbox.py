@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import _args
 from . import code as _code
 from . import exec as _exec
-from ._http import Op, answer_json, parse_json, parse_none, seg
+from ._http import (
+    FORK_TIMEOUT,
+    LONG_CALL_TIMEOUT,
+    Op,
+    answer_json,
+    parse_json,
+    parse_none,
+    seg,
+)
 from .errors import MoatError, NotFoundError, SandboxTimeoutError, error_for
 from .files import AsyncFiles, Files
 from .models import (
@@ -92,7 +100,14 @@ def create_op(
     net = Network.coerce(network)
     if net is not None:
         body["network"] = net.to_json()
-    return Op("POST", "/v1/sandboxes", parse_json(SandboxInfo.from_json), json=body, ok=(201,))
+    return Op(
+        "POST",
+        "/v1/sandboxes",
+        parse_json(SandboxInfo.from_json),
+        json=body,
+        ok=(201,),
+        timeout=LONG_CALL_TIMEOUT,
+    )
 
 
 def get_op(sandbox_id: str) -> Op[SandboxInfo]:
@@ -111,6 +126,10 @@ def list_op(
         ("state", s) for s in _args.states("state", state, SANDBOX_STATES)
     ]
     for k, v in _args.mapping("metadata", metadata).items():
+        # The server splits a pair at its first '=': a key holding one would filter on
+        # another key, silently.
+        if "=" in k:
+            raise ValueError(f"a metadata key to filter on cannot hold '=': {k!r}")
         params.append(("metadata", f"{k}={v}"))
     if after is not None:
         params.append(("after", after))
@@ -161,14 +180,26 @@ def _with_tokens(new: SandboxInfo, old: SandboxInfo) -> SandboxInfo:
 
 def pause_op(sandbox_id: str) -> Op[SandboxInfo]:
     """``POST /v1/sandboxes/{id}/pause``."""
-    return Op("POST", _path(sandbox_id, "/pause"), parse_json(SandboxInfo.from_json), json={})
+    return Op(
+        "POST",
+        _path(sandbox_id, "/pause"),
+        parse_json(SandboxInfo.from_json),
+        json={},
+        timeout=LONG_CALL_TIMEOUT,
+    )
 
 
 def resume_op(sandbox_id: str, timeout: float | None) -> Op[SandboxInfo]:
     """``POST /v1/sandboxes/{id}/resume``."""
     secs = _args.seconds("timeout", timeout)
     body = {} if secs is None else {"timeout_secs": secs}
-    return Op("POST", _path(sandbox_id, "/resume"), parse_json(SandboxInfo.from_json), json=body)
+    return Op(
+        "POST",
+        _path(sandbox_id, "/resume"),
+        parse_json(SandboxInfo.from_json),
+        json=body,
+        timeout=LONG_CALL_TIMEOUT,
+    )
 
 
 def snapshot_op(sandbox_id: str, name: str | None, memory: bool) -> Op[Snapshot]:
@@ -184,6 +215,7 @@ def snapshot_op(sandbox_id: str, name: str | None, memory: bool) -> Op[Snapshot]
         parse_json(Snapshot.from_json),
         json=body,
         ok=(201,),
+        timeout=LONG_CALL_TIMEOUT,
     )
 
 
@@ -216,7 +248,9 @@ def fork_op(
                 )
         return out
 
-    return Op("POST", _path(sandbox_id, "/fork"), parse_json(parse), json=body, ok=(201,))
+    return Op(
+        "POST", _path(sandbox_id, "/fork"), parse_json(parse), json=body, ok=(201,), timeout=FORK_TIMEOUT
+    )
 
 
 def network_op(
