@@ -310,7 +310,9 @@ class AsyncBuilds:
         except NotFoundError:
 
             async def chunks() -> Any:
-                for chunk in ctx.source.chunks():
+                # Read (and archived) on a thread, off the event loop.
+                source = ctx.source.chunks()
+                while (chunk := await asyncio.to_thread(next, source, None)) is not None:
                     yield chunk
 
             await self._t.call(ctx.put_op(chunks()))

@@ -113,7 +113,9 @@ async def _awith_progress(
 ) -> AsyncIterator[bytes]:
     done = 0
     await _acall(cb, 0, total)
-    for chunk in chunks:
+    # Each chunk is read from a local file (or a directory archived as it goes) on a
+    # thread: the event loop's other tasks go on meanwhile.
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
         yield chunk
         done += len(chunk)
         await _acall(cb, done, total)
@@ -479,7 +481,7 @@ class AsyncFiles:
     ) -> FileEntry:
         """Copies the contents of the local directory ``local_dir`` into the directory
         ``path`` (made if missing, added to if present); the directory's entry."""
-        source = _tar.TarSource(local_dir)
+        source = await asyncio.to_thread(_tar.TarSource, local_dir)
         return await self._t.call(
             Op(
                 "PUT",
@@ -508,7 +510,7 @@ class AsyncFiles:
                     total, done = _total(r), 0
                     await _acall(on_progress, 0, total)
                     async for chunk in r.aiter_bytes(_CHUNK):
-                        out.write(chunk)
+                        await asyncio.to_thread(out.write, chunk)
                         done += len(chunk)
                         await _acall(on_progress, done, total)
                     if total is not None and done != total:

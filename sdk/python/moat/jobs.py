@@ -434,7 +434,7 @@ class AsyncJobs:
                     total, done = _total(r), 0
                     await _acall(on_progress, 0, total)
                     async for chunk in r.aiter_bytes(_CHUNK):
-                        out.write(chunk)
+                        await asyncio.to_thread(out.write, chunk)
                         done += len(chunk)
                         await _acall(on_progress, done, total)
             os.replace(tmp, local)
