@@ -70,7 +70,7 @@ fn a_failed_sandbox_says_so_once() {
             json!({"template": "never", "metadata": {"t": "never"}}),
         )),
     );
-    let created = message(&r, 503, "unavailable");
+    let created = message(&r, 409, "conflict");
     assert!(created.contains("not yet"), "{created}");
     let list = server
         .request("GET", "/v1/sandboxes?metadata=t=never", Some(&admin), None)
