@@ -286,8 +286,9 @@ def test_slow_calls_wait_as_long_as_the_server_may_take() -> None:
         lifecycle=None,
     )
     for op in [create, ops.snapshot_op("s", None, False), ops.pause_op("s")]:
-        assert op.timeout.read is not None and op.timeout.read > 900
-    assert ops.fork_op("s", 1, None, None, False).timeout.read > 1500
+        assert op.slow is not None and op.slow.read is not None and op.slow.read > 900
+    fork = ops.fork_op("s", 1, None, None, False).slow
+    assert fork is not None and fork.read is not None and fork.read > 1500
     with pytest.raises(ValueError, match="'='"):
         ops.list_op(None, {"a=b": "c"}, None, 10)
 

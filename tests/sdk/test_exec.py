@@ -90,6 +90,12 @@ def test_a_loop_left_early_is_taken_up_by_wait(sandbox: moat.Sandbox) -> None:
         # The command runs on; the rest of its output is the result's.
         result = stream.wait()
     assert (result.stdout, result.exit_code) == ("second\n", 3)
+    # Left at its end: the end is known, and wait() answers with nothing more to read.
+    stream = sandbox.exec_stream("exit 5")
+    for ev in stream:
+        if isinstance(ev, moat.ExecEnd):
+            break
+    assert stream.wait().exit_code == 5
 
 
 def test_closing_a_stream_kills_the_command(sandbox: moat.Sandbox) -> None:

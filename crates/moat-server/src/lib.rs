@@ -232,7 +232,7 @@ async fn reap_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
         }
         // Outside the select: a reap is never cut off halfway by the shutdown.
         match manager.reap_expired(now_ms()).await {
@@ -241,4 +241,7 @@ async fn reap_loop(manager: SandboxManager, mut stop: watch::Receiver<bool>) {
             Err(e) => tracing::warn!("reaping expired sandboxes: {e}"),
         }
     }
+    // A slow reap a pass left under way (a pause saving to disk) is finished before the
+    // shutdown goes on.
+    manager.finish_reaps().await;
 }

@@ -578,13 +578,16 @@ impl ServerHandler for Session {
         request: rmcp::model::InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
-        // The session keeps the place its opening request was given.
+        // The session keeps the place its opening request was given; an initialize sent
+        // again on an open session (which takes none) leaves the session's own place.
         let place = context
             .extensions
             .get::<Parts>()
             .and_then(|parts| parts.extensions.get::<SessionPlace>())
             .and_then(|place| lock(&place.0).take());
-        lock(&self.state).place = place;
+        if let Some(place) = place {
+            lock(&self.state).place.get_or_insert(place);
+        }
         context.peer.set_peer_info(request.clone());
         self.negotiate_initialize(&request)
     }

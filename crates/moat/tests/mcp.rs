@@ -85,6 +85,24 @@ fn a_tenant_s_mcp_sessions_are_capped_and_closing_one_makes_room() {
         refused.text()
     );
     assert!(refused.header("retry-after").is_some(), "{}", refused.head);
+    // An initialize sent again on an open session keeps that session's place taken.
+    let again = serde_json::json!({
+        "jsonrpc": "2.0", "id": 3, "method": "initialize",
+        "params": {"protocolVersion": "2025-03-26", "capabilities": {},
+                   "clientInfo": {"name": "limits", "version": "1"}},
+    });
+    let _ = server.send(
+        "POST",
+        "/mcp",
+        Some(&a),
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("Mcp-Session-Id", &open[0]),
+        ],
+        Some(&body(again)),
+    );
+    initialize(&server, &a).assert_error(429, "rate_limited");
     // Another tenant is not held back by the first one's sessions.
     session_of(&initialize(&server, &b));
 

@@ -473,17 +473,50 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
             server.port
         ),
     );
-    until_status(
-        server.port,
-        &greedy,
-        429,
-        200,
-        "requests to a sandbox's service were not counted",
-    );
+    let counted = std::panic::catch_unwind(|| {
+        until_status(
+            server.port,
+            &greedy,
+            429,
+            200,
+            "requests to a sandbox's service were not counted",
+        )
+    });
+    if let Err(e) = counted {
+        // What the requests that should be waiting got instead, to tell a refusal (the
+        // sandbox judged unhealthy on a loaded host, a relay refused) from a miscount.
+        let mut waiting = waiting;
+        eprintln!(
+            "answers to the service's requests: {:?}",
+            early_answers(&mut waiting)
+        );
+        std::panic::resume_unwind(e);
+    }
     let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
     assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
     drop(waiting);
     wait_for_room(server.port, &greedy);
+}
+
+/// The status lines of the answers that have come on `conns` (each read for at most 100 ms),
+/// counted.
+fn early_answers(conns: &mut [TcpStream]) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for conn in conns {
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut buf = [0u8; 256];
+        let line = match conn.read(&mut buf) {
+            Ok(0) => "closed".to_owned(),
+            Ok(n) => String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            Err(_) => "no answer (waiting)".to_owned(),
+        };
+        *seen.entry(line).or_default() += 1;
+    }
+    seen
 }
 
 /// Waits until `key`'s tenant has room for a request again.

@@ -79,6 +79,9 @@ class Op(Generic[T]):
     headers: Mapping[str, str] = field(default_factory=dict)
     ok: tuple[int, ...] = (200,)
     timeout: TimeoutArg = USE_DEFAULT
+    #: The wait for a call the server may take minutes over, in place of the client's own
+    #: timeout while that is the default one (a timeout the caller chose stands).
+    slow: httpx.Timeout | None = None
     #: Send the API key (not to a sandbox's own services, which need none and must not see it).
     auth: bool = True
 
@@ -193,6 +196,15 @@ class _Base:
         self.retries = retries
         self._auth = {"Authorization": f"Bearer {api_key}"}
 
+    _default_timeout = False
+
+    def _timeout_of(self, op: Op[Any]) -> TimeoutArg:
+        """The timeout of ``op``'s request: its own, else its ``slow`` one while the client
+        keeps the default timeout, else the client's."""
+        if isinstance(op.timeout, _UseDefault) and op.slow is not None and self._default_timeout:
+            return op.slow
+        return op.timeout
+
     def _request(
         self,
         client: httpx.Client | httpx.AsyncClient,
@@ -244,6 +256,7 @@ class SyncTransport(_Base):
     ) -> None:
         super().__init__(url, api_key, retries)
         self._owns = http_client is None
+        self._default_timeout = http_client is None and timeout is DEFAULT_TIMEOUT
         self.http = http_client or httpx.Client(
             timeout=timeout, headers={"User-Agent": f"moat-sdk-python/{__version__}"}
         )
@@ -293,7 +306,7 @@ class SyncTransport(_Base):
             json_body=op.json,
             content=op.content,
             headers=op.headers,
-            timeout=op.timeout,
+            timeout=self._timeout_of(op),
             auth=op.auth,
         )
         r = self.send(req)
@@ -353,6 +366,7 @@ class AsyncTransport(_Base):
     ) -> None:
         super().__init__(url, api_key, retries)
         self._owns = http_client is None
+        self._default_timeout = http_client is None and timeout is DEFAULT_TIMEOUT
         self.http = http_client or httpx.AsyncClient(
             timeout=timeout, headers={"User-Agent": f"moat-sdk-python/{__version__}"}
         )
@@ -402,7 +416,7 @@ class AsyncTransport(_Base):
             json_body=op.json,
             content=op.content,
             headers=op.headers,
-            timeout=op.timeout,
+            timeout=self._timeout_of(op),
             auth=op.auth,
         )
         r = await self.send(req)

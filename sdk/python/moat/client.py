@@ -110,7 +110,9 @@ class Client:
     """A connection to a moat server.
 
     ``url`` and ``api_key`` default to ``MOAT_URL`` and ``MOAT_API_KEY``. ``timeout`` bounds
-    each wait of a request (calls that wait for commands allow them their own time);
+    each wait of a request (calls that wait for commands allow them their own time, and
+    while it is the default, calls the server may take minutes over, such as a create waiting
+    for a template's ready script or a snapshot, wait as long as the server may take);
     ``retries`` is how often a ``GET`` that could not connect, or met a 503, is tried again.
     ``http_client`` lets the caller supply its own :class:`httpx.Client` (proxies, TLS).
     Close it with :meth:`close` or a ``with`` block.

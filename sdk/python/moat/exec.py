@@ -143,7 +143,8 @@ class ExecStream:
         """The command's events from where the last loop over the stream left off. Leaving a
         loop early keeps the command running: :meth:`close` (or the ``with`` block's end)
         stops it."""
-        if self._done:
+        if self._done or self._decoder.end is not None:
+            self.close()
             return
         if self._lines is None:
             self._lines = self._response.iter_lines()
@@ -160,6 +161,9 @@ class ExecStream:
                     return
             raise _unfinished()
         except GeneratorExit:
+            # Left at its last event: nothing more to follow.
+            if self._decoder.end is not None:
+                self.close()
             raise
         except httpx.HTTPError as e:
             self.close()
@@ -241,7 +245,8 @@ class AsyncExecStream:
 
     async def __aiter__(self) -> AsyncIterator[ExecEvent]:
         """As :meth:`ExecStream.__iter__`."""
-        if self._done:
+        if self._done or self._decoder.end is not None:
+            await self.close()
             return
         if self._lines is None:
             self._lines = self._response.aiter_lines()

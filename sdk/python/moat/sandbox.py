@@ -106,7 +106,7 @@ def create_op(
         parse_json(SandboxInfo.from_json),
         json=body,
         ok=(201,),
-        timeout=LONG_CALL_TIMEOUT,
+        slow=LONG_CALL_TIMEOUT,
     )
 
 
@@ -185,7 +185,7 @@ def pause_op(sandbox_id: str) -> Op[SandboxInfo]:
         _path(sandbox_id, "/pause"),
         parse_json(SandboxInfo.from_json),
         json={},
-        timeout=LONG_CALL_TIMEOUT,
+        slow=LONG_CALL_TIMEOUT,
     )
 
 
@@ -198,7 +198,7 @@ def resume_op(sandbox_id: str, timeout: float | None) -> Op[SandboxInfo]:
         _path(sandbox_id, "/resume"),
         parse_json(SandboxInfo.from_json),
         json=body,
-        timeout=LONG_CALL_TIMEOUT,
+        slow=LONG_CALL_TIMEOUT,
     )
 
 
@@ -215,7 +215,7 @@ def snapshot_op(sandbox_id: str, name: str | None, memory: bool) -> Op[Snapshot]
         parse_json(Snapshot.from_json),
         json=body,
         ok=(201,),
-        timeout=LONG_CALL_TIMEOUT,
+        slow=LONG_CALL_TIMEOUT,
     )
 
 
@@ -249,7 +249,7 @@ def fork_op(
         return out
 
     return Op(
-        "POST", _path(sandbox_id, "/fork"), parse_json(parse), json=body, ok=(201,), timeout=FORK_TIMEOUT
+        "POST", _path(sandbox_id, "/fork"), parse_json(parse), json=body, ok=(201,), slow=FORK_TIMEOUT
     )
 
 

@@ -82,6 +82,9 @@ pub(super) struct Builds {
     uploads: TenantTurns,
     /// Builds queued or running, by id: their tenant and the way to cancel them.
     active: Mutex<HashMap<String, Active>>,
+    /// Held while a record is written: a write a cancelled step left going must not
+    /// interleave with the build's last one (both stage `build.json.tmp`).
+    writing: Mutex<()>,
 }
 
 struct Active {
@@ -108,6 +111,7 @@ impl Builds {
             tenant_turns: TenantTurns::default(),
             uploads: TenantTurns::default(),
             active: Mutex::new(HashMap::new()),
+            writing: Mutex::new(()),
         };
         // Half made (a crash before the first record): nothing to keep.
         for entry in std::fs::read_dir(dir.join("builds"))
@@ -192,6 +196,7 @@ impl Builds {
     /// Writes `rec` in place of its earlier record, synced with its directory and the
     /// directory's entry (a new build's), so that an acknowledged build survives a power loss.
     pub(super) fn write(&self, rec: &BuildRecord) -> ManagerResult<()> {
+        let _writing = lock(&self.writing);
         let dir = self.build_dir(&rec.build.id);
         let io = |e: std::io::Error| {
             ManagerError::Internal(format!("recording build {}: {e}", rec.build.id))

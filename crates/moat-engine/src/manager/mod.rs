@@ -567,6 +567,7 @@ impl SandboxManager {
                 reaping: Arc::new(Reaping {
                     ids: Mutex::default(),
                     places: tokio::sync::Semaphore::new(REAP_CONCURRENCY),
+                    tasks: tokio_util::task::TaskTracker::new(),
                 }),
                 runs: run::run_slots(),
                 pulls: images::pull_slots(),
@@ -774,9 +775,19 @@ impl SandboxManager {
                 continue;
             };
             let inner = self.inner.clone();
-            ends.push(tokio::spawn(async move {
+            ends.push(self.inner.reaping.tasks.spawn(async move {
                 let _mark = mark;
                 let _place = inner.reaping.places.acquire().await;
+                // As it is now: a reap of an earlier pass may have paused it (its time to
+                // live cleared) between this pass's listing and its mark.
+                let (t, i) = (rec.tenant.clone(), rec.id.clone());
+                let rec = inner.db(move |s| s.get_sandbox(&t, &i)).await?;
+                if rec.state.is_ended() || rec.expires_at.is_none_or(|at| at > now) {
+                    return Err(ManagerError::NotFound(format!(
+                        "sandbox {} is no longer expired",
+                        rec.id
+                    )));
+                }
                 let pauses = stored_plan(&rec)
                     .ok()
                     .flatten()
@@ -803,6 +814,13 @@ impl SandboxManager {
         }
         Ok(reaped)
     }
+
+    /// Waits for the ends and pauses reaper passes started and left under way (at shutdown,
+    /// so that none is cut off halfway).
+    pub async fn finish_reaps(&self) {
+        self.inner.reaping.tasks.close();
+        self.inner.reaping.tasks.wait().await;
+    }
 }
 
 /// The expired sandboxes being ended or paused, so that a reaper pass does not start a second
@@ -811,6 +829,8 @@ impl SandboxManager {
 struct Reaping {
     ids: Mutex<std::collections::HashSet<String>>,
     places: tokio::sync::Semaphore,
+    /// The reaps under way, for the shutdown to wait for.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// A sandbox marked as being reaped; unmarked when dropped (its end done or failed).
