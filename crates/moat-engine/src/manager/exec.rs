@@ -12,6 +12,7 @@ use super::exec_stream::ExecStream;
 use super::execution::{ExecPlan, Execution, Output};
 use super::{ManagerError, ManagerResult, SandboxManager, check_env};
 use crate::auth::Caller;
+use crate::tenant_slots::{TenantShare, TenantSlots};
 
 /// Output kept per stream (stdout, stderr) of a buffered exec; the rest is dropped and the
 /// result marked `truncated`. Exec streams have no cap.
@@ -19,9 +20,14 @@ pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 /// Output all buffered execs of one tenant may hold at once, bytes as the commands wrote them:
 /// past it an exec keeps no more (`truncated`), so that many commands printing at once cannot
 /// fill the server's memory (an answer's JSON may take several times its bytes).
-pub const BUFFERED_OUTPUT_PER_TENANT: u64 = 64 << 20;
+pub const BUFFERED_OUTPUT_PER_TENANT: usize = 64 << 20;
 /// Output all buffered execs on the server may hold at once (as above).
-pub const BUFFERED_OUTPUT_TOTAL: u64 = 512 << 20;
+pub const BUFFERED_OUTPUT_TOTAL: usize = 512 << 20;
+/// The places of the output buffered execs hold (bytes), per tenant and in all.
+pub(super) fn output_budget() -> std::sync::Arc<TenantSlots> {
+    TenantSlots::new(BUFFERED_OUTPUT_PER_TENANT, Some(BUFFERED_OUTPUT_TOTAL))
+}
+
 /// Timeout of an exec that names none.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest timeout an exec may ask for: a buffered call holds its HTTP request open.
@@ -38,7 +44,7 @@ impl SandboxManager {
         let requested = Instant::now();
         let encoding = req.encoding;
         let mut execution = self.start_execution(&caller.tenant, id, req).await?;
-        let mut held = OutputBudget::reserve(&self.inner.exec_output, &caller.tenant);
+        let mut held = self.inner.exec_output.share(&caller.tenant);
         let mut out = Capped::default();
         let mut err = Capped::default();
         let end = loop {
@@ -168,9 +174,9 @@ struct Capped {
 
 impl Capped {
     /// Keeps what of `b` fits the stream's cap and the room `held` can grow by.
-    fn push(&mut self, b: &[u8], held: &mut Held) {
+    fn push(&mut self, b: &[u8], held: &mut TenantShare) {
         let room = EXEC_OUTPUT_LIMIT - self.data.len();
-        let take = held.grow(b.len().min(room) as u64) as usize;
+        let take = held.grow(b.len().min(room));
         if take < b.len() {
             self.truncated = true;
         }
@@ -186,68 +192,6 @@ impl Capped {
     }
 }
 
-/// The output buffered execs hold, per tenant and in all, within [`BUFFERED_OUTPUT_PER_TENANT`]
-/// and [`BUFFERED_OUTPUT_TOTAL`].
-#[derive(Debug, Default)]
-pub(super) struct OutputBudget {
-    held: std::sync::Mutex<(std::collections::HashMap<String, u64>, u64)>,
-}
-
-/// One exec's part of the [`OutputBudget`]; given back when dropped.
-pub(super) struct Held {
-    budget: std::sync::Arc<OutputBudget>,
-    tenant: String,
-    bytes: u64,
-}
-
-impl OutputBudget {
-    /// An empty part for an exec of `tenant`.
-    fn reserve(budget: &std::sync::Arc<OutputBudget>, tenant: &str) -> Held {
-        Held {
-            budget: budget.clone(),
-            tenant: tenant.to_owned(),
-            bytes: 0,
-        }
-    }
-}
-
-impl Held {
-    /// Grows by up to `want` bytes, as the tenant's and the server's room allow; how many.
-    fn grow(&mut self, want: u64) -> u64 {
-        if want == 0 {
-            return 0;
-        }
-        let mut held = super::lock(&self.budget.held);
-        let (per_tenant, total) = &mut *held;
-        let mine = per_tenant.entry(self.tenant.clone()).or_default();
-        let room = BUFFERED_OUTPUT_PER_TENANT
-            .saturating_sub(*mine)
-            .min(BUFFERED_OUTPUT_TOTAL.saturating_sub(*total));
-        let got = want.min(room);
-        *mine += got;
-        *total += got;
-        self.bytes += got;
-        got
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if self.bytes == 0 {
-            return;
-        }
-        let mut held = super::lock(&self.budget.held);
-        let (per_tenant, total) = &mut *held;
-        *total = total.saturating_sub(self.bytes);
-        if let Some(mine) = per_tenant.get_mut(&self.tenant) {
-            *mine = mine.saturating_sub(self.bytes);
-            if *mine == 0 {
-                per_tenant.remove(&self.tenant);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -255,33 +199,33 @@ mod tests {
 
     #[test]
     fn buffered_output_is_held_within_the_tenant_s_and_the_server_s_room() {
-        let budget = std::sync::Arc::new(OutputBudget::default());
-        let mut a = OutputBudget::reserve(&budget, "a");
+        let budget = output_budget();
+        let mut a = budget.share("a");
         assert_eq!(
             a.grow(BUFFERED_OUTPUT_PER_TENANT - 1),
             BUFFERED_OUTPUT_PER_TENANT - 1
         );
-        let mut a2 = OutputBudget::reserve(&budget, "a");
+        let mut a2 = budget.share("a");
         assert_eq!(a2.grow(10), 1, "the tenant's room is shared by its execs");
         let mut kept = Capped::default();
         kept.push(b"more", &mut a2);
         assert!(kept.truncated && kept.data.is_empty());
         // Other tenants have room of their own, until the server's is used up.
         let per = BUFFERED_OUTPUT_PER_TENANT;
-        let others: Vec<Held> = (1..BUFFERED_OUTPUT_TOTAL / per)
+        let others: Vec<TenantShare> = (1..BUFFERED_OUTPUT_TOTAL / per)
             .map(|i| {
-                let mut h = OutputBudget::reserve(&budget, &format!("t{i}"));
+                let mut h = budget.share(&format!("t{i}"));
                 assert_eq!(h.grow(per), per);
                 h
             })
             .collect();
-        let mut late = OutputBudget::reserve(&budget, "late");
+        let mut late = budget.share("late");
         assert_eq!(late.grow(1), 0, "the server's room is used up");
         drop(others);
         assert_eq!(late.grow(1), 1);
         // Given back when the exec ends.
         drop((a, a2));
-        let mut again = OutputBudget::reserve(&budget, "a");
+        let mut again = budget.share("a");
         assert_eq!(again.grow(per), per);
     }
 
@@ -340,8 +284,7 @@ mod tests {
 
     #[test]
     fn output_is_capped() {
-        let budget = std::sync::Arc::new(OutputBudget::default());
-        let mut held = OutputBudget::reserve(&budget, "t");
+        let mut held = output_budget().share("t");
         let mut c = Capped::default();
         c.push(&vec![b'a'; EXEC_OUTPUT_LIMIT - 1], &mut held);
         assert!(!c.truncated);

@@ -390,7 +390,7 @@ struct Inner {
     /// One-shot runs under way.
     runs: Arc<crate::tenant_slots::TenantSlots>,
     /// The output buffered execs hold.
-    exec_output: Arc<exec::OutputBudget>,
+    exec_output: Arc<crate::tenant_slots::TenantSlots>,
     /// Image pulls under way (waiting for their turn included), per tenant.
     pulls: Arc<crate::tenant_slots::TenantSlots>,
     /// Bytes of snapshot archives being written or kept for a fork, per tenant.
@@ -563,7 +563,7 @@ impl SandboxManager {
                 metrics: Arc::new(Metrics::new()),
                 access_key,
                 idempotent_creates: idempotency::InFlight::default(),
-                exec_output: Arc::default(),
+                exec_output: exec::output_budget(),
                 reaping: Arc::new(Reaping {
                     ids: Mutex::default(),
                     places: tokio::sync::Semaphore::new(REAP_CONCURRENCY),
