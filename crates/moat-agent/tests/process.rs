@@ -444,6 +444,17 @@ async fn numeric_signals_are_an_extension() {
         .stream(START, run_request("sleep 30", false), &[])
         .await;
     let pid = pid_of(&stream.next_json().await.unwrap());
+    // Signalled once bash has become the sleep: a SIGINT caught by bash's own handler while it
+    // starts up is swallowed, and the sleep would then run its 30 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let comm = || std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    while comm().trim() != "sleep" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bash never became the sleep"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let (status, body) = agent
         .unary(
             "/process.Process/SendSignal",
