@@ -93,6 +93,10 @@ pub struct SandboxPlan {
     pub poolable: bool,
     /// The sandbox's id when the caller chose it (`moat run --id`); a fresh one when `None`.
     pub id: Option<String>,
+    /// The idempotency key of the create, recorded with the sandbox; not part of the kept
+    /// plan.
+    #[serde(skip)]
+    pub idempotency_key: Option<String>,
 }
 
 impl SandboxPlan {
@@ -127,6 +131,7 @@ impl SandboxPlan {
             memory: None,
             poolable: true,
             id: None,
+            idempotency_key: None,
         }
     }
 
@@ -179,6 +184,7 @@ impl SandboxPlan {
             memory: None,
             poolable: false,
             id: None,
+            idempotency_key: None,
         }
     }
 }

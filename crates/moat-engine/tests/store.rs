@@ -54,6 +54,7 @@ fn new_sandbox(tenant: &str, key: Option<&KeyRecord>, template: &str) -> NewSand
         public_traffic: true,
         backend: "native".into(),
         plan: None,
+        idempotency_key: None,
     }
 }
 

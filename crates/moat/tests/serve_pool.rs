@@ -211,6 +211,35 @@ fn start_and_ready_scripts_gate_a_sandbox() {
         .request("GET", "/v1/sandboxes?metadata=t=never", Some(&admin), None)
         .json();
     assert_eq!(list["sandboxes"][0]["state"], "failed", "{list}");
+
+    // A create with an idempotency key that failed so keeps no claim on the key: its retry
+    // tries again (and fails again) instead of answering with the failed sandbox.
+    for attempt in 0..2 {
+        let r = server
+            .send(
+                "POST",
+                "/v2/sandboxes",
+                None,
+                &[
+                    ("X-API-KEY", admin.as_str()),
+                    ("Idempotency-Key", "never-1"),
+                    ("Content-Type", "application/json"),
+                ],
+                Some(&body(
+                    json!({"templateID": "never", "metadata": {"t": "keyed"}}),
+                )),
+            )
+            .expect("send");
+        assert_eq!(r.status, 409, "attempt {attempt}: {}", r.text());
+    }
+    let list = server
+        .request("GET", "/v1/sandboxes?metadata=t=keyed", Some(&admin), None)
+        .json();
+    assert_eq!(
+        list["sandboxes"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! Creates with an idempotency key: a client that retries a create (its answer was lost, the
 //! connection broke) gets the sandbox its first attempt made instead of a second one.
 //!
-//! The key is recorded in the store, per tenant, once the sandbox runs, and counts for
+//! The key is recorded in the store, per tenant, with the sandbox (in one transaction, so a
+//! crash cannot keep one without the other), and counts for
 //! [`IDEMPOTENCY_KEY_RETENTION`]; records older than that are pruned (at most once a
 //! [`PRUNE_INTERVAL`], by the creates that use keys). Creates with the same key at the same
-//! time wait for one another, so only the first makes a sandbox. A create that failed records
-//! nothing: retrying it tries again.
+//! time wait for one another, so only the first makes a sandbox. A create whose sandbox never
+//! ran (its start failed, or its server went away meanwhile) forgets its key: retrying it
+//! tries again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -79,8 +81,8 @@ impl SandboxManager {
         check_idempotency_key(key).map_err(ManagerError::from)?;
         let this = self.clone();
         let (caller, key) = (caller.clone(), key.to_owned());
-        // In a task of its own: a caller that goes away must not cut it off between making
-        // the sandbox and recording the key, which would let its retry make a second one.
+        // In a task of its own: a caller that goes away must not cut it off while it holds
+        // the key's gate.
         tokio::spawn(async move {
             let tenant = &caller.tenant;
             let gate = this.inner.idempotent_creates.gate(tenant, &key);
@@ -116,17 +118,9 @@ impl SandboxManager {
                 Err(e) => return Err(e),
             }
         }
-        let sandbox = self.create(caller, req).await?;
-        let (t, k, id) = (caller.tenant.clone(), key.to_owned(), sandbox.id.clone());
-        if let Err(e) = self
-            .inner
-            .db(move |s| s.remember_idempotency_key(&t, &k, &id))
-            .await
-        {
-            // The sandbox runs and is the caller's: failing now would make the client retry
-            // and start another. Only a retry of this create can tell the difference.
-            tracing::warn!(sandbox = %sandbox.id, "recording an idempotency key: {e}");
-        }
+        let sandbox = self
+            .create_keyed(caller, req, None, Some(key.to_owned()))
+            .await?;
         Ok((sandbox, false))
     }
 }

@@ -417,6 +417,14 @@ impl std::fmt::Debug for SandboxManager {
     }
 }
 
+/// What a create's caller asked for beyond its request body.
+struct Asked {
+    /// The sandbox's id (`moat run --id`).
+    id: Option<String>,
+    /// The create's idempotency key, recorded with the sandbox.
+    idempotency_key: Option<String>,
+}
+
 /// `plan` as the store keeps it with sandbox `id`'s record: the id it was made with filled in.
 fn recorded_plan(plan: &SandboxPlan, id: &str) -> ManagerResult<serde_json::Value> {
     let mut json = plan
@@ -657,13 +665,29 @@ impl SandboxManager {
         if let Some(id) = &id {
             check_sandbox_id(id)?;
         }
+        self.create_keyed(caller, req, id, None).await
+    }
+
+    /// [`SandboxManager::create_with_id`], recording `idempotency_key` (already checked) with
+    /// the sandbox in the same transaction.
+    async fn create_keyed(
+        &self,
+        caller: &Caller,
+        req: v1::CreateSandbox,
+        id: Option<String>,
+        idempotency_key: Option<String>,
+    ) -> ManagerResult<v1::Sandbox> {
         let inner = self.inner.clone();
         let tenant = caller.tenant.clone();
         let key_id = caller.key_id.clone();
         let began = Instant::now();
         let admin = caller.is_admin();
         to_the_end("create", async move {
-            inner.create(tenant, key_id, admin, req, id, began).await
+            let asked = Asked {
+                id,
+                idempotency_key,
+            };
+            inner.create(tenant, key_id, admin, req, asked, began).await
         })
         .await
     }
@@ -893,7 +917,7 @@ impl Inner {
         key_id: Option<String>,
         admin: bool,
         req: v1::CreateSandbox,
-        id: Option<String>,
+        asked: Asked,
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
         let public_traffic = req.public_traffic;
@@ -932,10 +956,11 @@ impl Inner {
             .map_err(|e| ManagerError::Invalid(e.to_string()))?;
         }
         plan.lifecycle = lifecycle;
-        if id.is_some() {
-            plan.id = id;
+        if asked.id.is_some() {
+            plan.id = asked.id;
             plan.poolable = false;
         }
+        plan.idempotency_key = asked.idempotency_key;
         self.create_planned(tenant, key_id, plan, began).await
     }
 
@@ -1077,6 +1102,7 @@ impl Inner {
                     public_traffic,
                     backend: member.backend.name().to_owned(),
                     plan: Some(recorded),
+                    idempotency_key: plan.idempotency_key.clone(),
                 };
                 if let Some(layer) = &plan.layer
                     && let Err(e) = restore_layer(&member.client, layer).await
@@ -1111,6 +1137,7 @@ impl Inner {
             public_traffic,
             backend: backend.name().to_owned(),
             plan: Some(recorded),
+            idempotency_key: plan.idempotency_key.clone(),
         };
         self.db(move |s| s.insert_sandbox_within(&new, limits))
             .await?;

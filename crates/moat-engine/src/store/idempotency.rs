@@ -5,11 +5,11 @@
 //! time a record may have to count, so a record past its retention is ignored even before
 //! [`Store::prune_idempotency_keys`] deletes it.
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
+use super::Store;
 use super::error::{StoreError, StoreResult};
-use super::ids::{check_sandbox_id, check_tenant_id};
-use super::{Store, now_ms};
+use super::ids::check_tenant_id;
 
 /// Longest idempotency key, characters.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -53,29 +53,6 @@ impl Store {
         })
     }
 
-    /// Records that `tenant`'s create with `key` made `sandbox_id`, now. A record of the same
-    /// key (one past its retention, not yet pruned) is replaced.
-    pub fn remember_idempotency_key(
-        &self,
-        tenant: &str,
-        key: &str,
-        sandbox_id: &str,
-    ) -> StoreResult<()> {
-        check_tenant_id(tenant)?;
-        check_idempotency_key(key)?;
-        check_sandbox_id(sandbox_id)?;
-        self.write(|tx| {
-            tx.prepare_cached(
-                "INSERT INTO idempotency_keys (tenant_id, key, sandbox_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (tenant_id, key)
-                 DO UPDATE SET sandbox_id = excluded.sandbox_id, created_at = excluded.created_at",
-            )?
-            .execute(params![tenant, key, sandbox_id, now_ms()])?;
-            Ok(())
-        })
-    }
-
     /// Deletes the idempotency keys recorded before `before` (Unix milliseconds), returning how
     /// many.
     pub fn prune_idempotency_keys(&self, before: i64) -> StoreResult<usize> {
@@ -87,10 +64,37 @@ impl Store {
     }
 }
 
+/// Records in `tx` that `tenant`'s create with `key` made `sandbox_id` at `at` (Unix
+/// milliseconds), replacing an older record of the key.
+pub(super) fn remember_in(
+    tx: &Connection,
+    tenant: &str,
+    key: &str,
+    sandbox_id: &str,
+    at: i64,
+) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT INTO idempotency_keys (tenant_id, key, sandbox_id, created_at)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (tenant_id, key)
+         DO UPDATE SET sandbox_id = excluded.sandbox_id, created_at = excluded.created_at",
+    )?
+    .execute(params![tenant, key, sandbox_id, at])?;
+    Ok(())
+}
+
+/// Forgets in `tx` the keys of `tenant`'s creates that made `sandbox_id`.
+pub(super) fn forget_in(tx: &Connection, tenant: &str, sandbox_id: &str) -> StoreResult<()> {
+    tx.prepare_cached("DELETE FROM idempotency_keys WHERE tenant_id = ?1 AND sandbox_id = ?2")?
+        .execute(params![tenant, sandbox_id])?;
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::store::{EndReason, NewSandbox, SandboxState, now_ms};
 
     #[test]
     fn keys_are_checked() {
@@ -108,14 +112,42 @@ mod tests {
         }
     }
 
-    #[test]
-    fn remembered_per_tenant_until_pruned() {
+    fn new(id: &str, tenant: &str, key: &str, state: SandboxState) -> NewSandbox {
+        NewSandbox {
+            id: id.into(),
+            tenant: tenant.into(),
+            key_id: None,
+            template: "host".into(),
+            state,
+            metadata: Default::default(),
+            resources: serde_json::json!({}),
+            memory_bytes: 1 << 20,
+            expires_at: None,
+            public_traffic: false,
+            backend: "native".into(),
+            plan: None,
+            idempotency_key: Some(key.into()),
+        }
+    }
+
+    fn store() -> Store {
         let store = Store::open_in_memory().unwrap();
         store.create_tenant("a", "A").unwrap();
         store.create_tenant("b", "B").unwrap();
+        store
+            .create_template(None, "host", &serde_json::json!({"rootfs": "host"}))
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn remembered_with_the_sandbox_per_tenant_until_pruned() {
+        let store = store();
         let id = "abcdefghijklmnopqrst";
         assert_eq!(store.idempotent_sandbox("a", "k", 0).unwrap(), None);
-        store.remember_idempotency_key("a", "k", id).unwrap();
+        store
+            .insert_sandbox(&new(id, "a", "k", SandboxState::Running))
+            .unwrap();
         assert_eq!(
             store.idempotent_sandbox("a", "k", 0).unwrap().as_deref(),
             Some(id)
@@ -126,14 +158,75 @@ mod tests {
         assert_eq!(store.idempotent_sandbox("a", "k", i64::MAX).unwrap(), None);
         assert_eq!(store.prune_idempotency_keys(i64::MAX).unwrap(), 1);
         assert_eq!(store.idempotent_sandbox("a", "k", 0).unwrap(), None);
-        // Remembering again replaces.
-        store.remember_idempotency_key("a", "k", id).unwrap();
+        // A later create with the key replaces what is left of an old one.
+        let other = "bbbbbbbbbbbbbbbbbbbb";
         store
-            .remember_idempotency_key("a", "k", "bbbbbbbbbbbbbbbbbbbb")
+            .insert_sandbox(&new(other, "a", "k", SandboxState::Running))
             .unwrap();
         assert_eq!(
             store.idempotent_sandbox("a", "k", 0).unwrap().as_deref(),
-            Some("bbbbbbbbbbbbbbbbbbbb")
+            Some(other)
         );
+        // A refused insert records no key.
+        assert!(
+            store
+                .insert_sandbox(&new(other, "b", "k", SandboxState::Running))
+                .is_err()
+        );
+        assert_eq!(store.idempotent_sandbox("b", "k", 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_create_that_never_ran_leaves_its_key_free() {
+        let store = store();
+        let (failed, ran, starting, orphan) = (
+            "aaaaaaaaaaaaaaaaaaaa",
+            "bbbbbbbbbbbbbbbbbbbb",
+            "cccccccccccccccccccc",
+            "dddddddddddddddddddd",
+        );
+        store
+            .insert_sandbox(&new(failed, "a", "failed", SandboxState::Starting))
+            .unwrap();
+        store
+            .update_sandbox_state(
+                "a",
+                failed,
+                SandboxState::Failed,
+                Some(EndReason::Failed("boom".into())),
+            )
+            .unwrap();
+        assert_eq!(store.idempotent_sandbox("a", "failed", 0).unwrap(), None);
+
+        // One that ran keeps its key when it ends, or when its server goes away.
+        store
+            .insert_sandbox(&new(ran, "a", "ran", SandboxState::Starting))
+            .unwrap();
+        store
+            .update_sandbox_state("a", ran, SandboxState::Running, None)
+            .unwrap();
+        store
+            .insert_sandbox(&new(orphan, "a", "orphan", SandboxState::Running))
+            .unwrap();
+        store
+            .insert_sandbox(&new(starting, "a", "starting", SandboxState::Starting))
+            .unwrap();
+        store
+            .update_sandbox_state("a", ran, SandboxState::Killed, Some(EndReason::Deleted))
+            .unwrap();
+        assert_eq!(store.mark_orphaned(now_ms()).unwrap().len(), 2);
+        assert_eq!(
+            store.idempotent_sandbox("a", "ran", 0).unwrap().as_deref(),
+            Some(ran)
+        );
+        assert_eq!(
+            store
+                .idempotent_sandbox("a", "orphan", 0)
+                .unwrap()
+                .as_deref(),
+            Some(orphan)
+        );
+        // Its server went away while it started: it never ran.
+        assert_eq!(store.idempotent_sandbox("a", "starting", 0).unwrap(), None);
     }
 }

@@ -160,6 +160,7 @@ mod tests {
             public_traffic: true,
             backend: "native".into(),
             plan: None,
+            idempotency_key: None,
         }
     }
 

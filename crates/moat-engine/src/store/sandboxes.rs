@@ -112,6 +112,9 @@ pub struct NewSandbox {
     pub backend: String,
     /// The engine's resolved plan of it, a JSON object (`None` where the caller has none).
     pub plan: Option<serde_json::Value>,
+    /// The idempotency key of the create that makes it, recorded with it in one transaction
+    /// (see [`Store::idempotent_sandbox`]).
+    pub idempotency_key: Option<String>,
 }
 
 /// A recorded sandbox.
@@ -540,6 +543,9 @@ pub(super) fn check_new(new: &NewSandbox) -> StoreResult<(String, i64)> {
     if let Some(key) = &new.key_id {
         check_key_id(key)?;
     }
+    if let Some(key) = &new.idempotency_key {
+        super::check_idempotency_key(key)?;
+    }
     if !matches!(new.state, SandboxState::Starting | SandboxState::Running) {
         return Err(StoreError::invalid(
             "initial sandbox state",
@@ -622,6 +628,9 @@ pub(super) fn insert_in(
     )?;
     if inserted == 0 {
         return Err(StoreError::conflict("sandbox", &new.id));
+    }
+    if let Some(key) = &new.idempotency_key {
+        super::idempotency::remember_in(tx, &new.tenant, key, &new.id, created_at)?;
     }
     Ok(())
 }
@@ -729,6 +738,10 @@ impl Store {
                 "UPDATE sandboxes SET state = ?1, ended_at = ?2, end_reason = ?3 WHERE id = ?4",
                 params![to.as_str(), ended_at, reason_text, id],
             )?;
+            // A create that never ran failed: a retry with its key tries again.
+            if current.state == SandboxState::Starting && to.is_ended() {
+                super::idempotency::forget_in(tx, tenant, id)?;
+            }
             Ok(SandboxRecord {
                 state: to,
                 ended_at,
@@ -837,6 +850,12 @@ impl Store {
     /// previous process left, since none of those sandboxes survived it.
     pub fn mark_orphaned(&self, now: i64) -> StoreResult<Vec<String>> {
         self.write(|tx| {
+            // Creates that never ran failed: retries with their keys try again.
+            tx.prepare_cached(
+                "DELETE FROM idempotency_keys WHERE sandbox_id IN
+                     (SELECT id FROM sandboxes WHERE state = 'starting')",
+            )?
+            .execute([])?;
             let mut stmt = tx.prepare_cached(concat!(
                 "UPDATE sandboxes SET state = 'killed', ended_at = ?1, end_reason = ?2
                  WHERE state IN ",
