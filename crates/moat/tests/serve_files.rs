@@ -570,6 +570,19 @@ fn files_errors() {
     f.post("/mkdir", "", json!({"path": "/tmp/file"}))
         .assert_error(409, "not_a_directory");
 
+    // A path in a state that forbids the call (a program running from it): the caller's to
+    // change, not the server's fault.
+    let out = server.shell(
+        &key,
+        &id,
+        "cp /bin/sleep /tmp/busy && (setsid /tmp/busy 60 >/dev/null 2>&1 &); \
+         for i in $(seq 100); do pgrep -x busy >/dev/null && break; sleep 0.05; done; pgrep -c -x busy",
+    );
+    assert_eq!(out["stdout"], "1\n", "{out}");
+    let r = f.put("path=/tmp/busy", b"x");
+    r.assert_error(409, "conflict");
+    assert!(r.text().contains("busy"), "{}", r.text());
+
     // Too large: refused from the declared length, before any of the body is read.
     let r = declare_only(
         &server,
