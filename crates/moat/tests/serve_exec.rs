@@ -1,6 +1,7 @@
 //! `POST /v1/sandboxes/{id}/exec` over a real `moat serve`: the NDJSON event stream (order,
 //! output before the end, UTF-8 split between writes, timeouts), base64 stdin and output, a
-//! client hanging up killing its command, and JSON errors for what fails before the start.
+//! client hanging up killing its command, the output many buffered commands hold at once within
+//! their tenant's budget, and JSON errors for what fails before the start.
 //! Needs root (the native backend); skips with a printed reason otherwise.
 
 use moat_test_support as support;
@@ -206,6 +207,116 @@ fn exec_carries_binary_as_base64() {
     // Text stdin still works, and output defaults to UTF-8.
     let result = f.exec(json!({"shell": "tr a-z A-Z", "stdin": "hello"}));
     assert_eq!(result["stdout"], "HELLO");
+}
+
+#[test]
+fn buffered_execs_at_once_share_their_tenant_s_output_budget() {
+    let Some(f) = Fixture::start() else { return };
+    // 40 commands each print their full 1 MiB on stdout and on stderr, then wait: 80 MiB held
+    // at once against the tenant's 64 MiB. Four sandboxes, ten commands each.
+    const SANDBOXES: usize = 4;
+    const EACH: usize = 10;
+    const MIB: usize = 1 << 20;
+    let ids: Vec<String> = (0..SANDBOXES)
+        .map(|i| {
+            if i == 0 {
+                f.id.clone()
+            } else {
+                f.server.create_sandbox(&f.key)
+            }
+        })
+        .collect();
+    // Each waits, once it has printed, for the test to see all of them print: only then do
+    // they all hold their output at once.
+    let script = "head -c 1048576 /dev/zero | tr '\\0' a; \
+                  head -c 1048576 /dev/zero | tr '\\0' b >&2; \
+                  mkdir -p /tmp/m && touch /tmp/m/$$; \
+                  for i in $(seq 1200); do [ -e /tmp/go ] && exit 0; sleep 0.05; done; exit 9";
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..SANDBOXES * EACH)
+            .map(|n| {
+                let (f, id) = (&f, &ids[n % SANDBOXES]);
+                s.spawn(move || {
+                    let r = f.server.request(
+                        "POST",
+                        &format!("/v1/sandboxes/{id}/exec"),
+                        Some(&f.key),
+                        Some(&body(json!({"shell": script}))),
+                    );
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    r.json()
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for id in &ids {
+            loop {
+                let r = f.server.request(
+                    "GET",
+                    &format!("/v1/sandboxes/{id}/files/list?path=/tmp/m"),
+                    Some(&f.key),
+                    None,
+                );
+                let printed = if r.status == 200 {
+                    r.json()["entries"].as_array().map_or(0, Vec::len)
+                } else {
+                    0
+                };
+                if printed == EACH {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{id}: {printed} of {EACH} printed"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for id in &ids {
+            let r = f
+                .server
+                .send(
+                    "PUT",
+                    &format!("/v1/sandboxes/{id}/files?path=/tmp/go"),
+                    Some(&f.key),
+                    &[("Content-Type", "application/octet-stream")],
+                    Some(b"go"),
+                )
+                .expect("PUT");
+            assert!(r.status < 300, "{}", r.text());
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("exec thread"))
+            .collect()
+    });
+    let kept: usize = results
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                r["exit_code"],
+                0,
+                "{}",
+                r["stderr"].as_str().map_or(0, str::len)
+            );
+            r["stdout"].as_str().map_or(0, str::len) + r["stderr"].as_str().map_or(0, str::len)
+        })
+        .sum();
+    let truncated = results.iter().filter(|r| r["truncated"] == true).count();
+    let budget = moat_engine::manager::BUFFERED_OUTPUT_PER_TENANT;
+    assert!(
+        kept <= budget,
+        "the tenant's commands held {kept} bytes at once, over its {budget}"
+    );
+    assert!(
+        truncated >= (SANDBOXES * EACH * 2 * MIB - budget) / (2 * MIB),
+        "{truncated} truncated"
+    );
+    // Their answers gave the budget back: one more command keeps all it prints.
+    let r = f.exec(json!({"shell": script}));
+    assert_eq!(r["truncated"], false);
+    assert_eq!(r["stdout"].as_str().map(str::len), Some(MIB));
+    assert_eq!(r["stderr"].as_str().map(str::len), Some(MIB));
 }
 
 #[test]
