@@ -71,6 +71,8 @@ pub struct SandboxProcess {
 /// What the child needs, all prepared before `clone`.
 struct ChildPlan {
     plan: Plan,
+    /// The securebits the child sets back first (see [`clone_jailed`]).
+    securebits: libc::c_ulong,
     go_read: RawFd,
     go_write: RawFd,
     err_write: RawFd,
@@ -140,10 +142,18 @@ impl ExecVectors {
 ///
 /// `entry` must make raw system calls only and never return, and `plan` must outlive the
 /// child's `exec` or its reaping.
+///
+/// The user namespace is owned by host uid `owner` (the first id of the sandbox's range), not
+/// by root: the kernel charges the per-user counts of everything in a user namespace
+/// (inotify instances and watches above all) to its owner as well, all the way up to the
+/// host's. Owned by root, every sandbox shared root's 128 inotify instances with every other
+/// sandbox and with the host's own services. The child starts with the calling thread's
+/// securebits, which it must set back to [`JailedThread::securebits`] before anything else.
 pub(crate) unsafe fn clone_jailed<T>(
     entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
     plan: &T,
     what: &str,
+    owner: u32,
 ) -> Result<(i32, ChildStack)> {
     let flags = libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
@@ -152,6 +162,7 @@ pub(crate) unsafe fn clone_jailed<T>(
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS;
     let stack = ChildStack::new(CHILD_STACK, &format!("the start stack of {what}"))?;
+    let as_owner = JailedThread::become_owner(owner)?;
     // SAFETY: the child runs `entry` on `stack`, in our memory; the caller vouches for `entry`
     // and `plan`, and keeps `stack` as long as the child needs it.
     let pid = unsafe {
@@ -162,10 +173,92 @@ pub(crate) unsafe fn clone_jailed<T>(
             std::ptr::from_ref(plan).cast_mut().cast(),
         )
     };
-    if pid < 0 {
-        return Err(JailError::last_os(format!("clone {what}")));
+    let err = (pid < 0).then(|| JailError::last_os(format!("clone {what}")));
+    drop(as_owner);
+    match err {
+        Some(e) => Err(e),
+        None => Ok((pid, stack)),
     }
-    Ok((pid, stack))
+}
+
+/// This thread's credentials while it makes a jail's namespaces: its effective uid the
+/// namespace's owner, its capabilities kept (`SECBIT_NO_SETUID_FIXUP`, so the namespaces are
+/// made with root's privileges, which no host policy on unprivileged user namespaces
+/// restricts). Dropping it puts back the uid and securebits it found.
+///
+/// Credentials are per thread in Linux, and the changes are raw system calls (glibc's
+/// wrappers would change every thread of the process): no other thread of the server sees
+/// them.
+pub(crate) struct JailedThread {
+    euid: libc::uid_t,
+    securebits: libc::c_int,
+}
+
+impl JailedThread {
+    fn become_owner(owner: u32) -> Result<JailedThread> {
+        // SAFETY: prctl and geteuid with integer arguments only.
+        let (securebits, euid) = unsafe { (libc::prctl(libc::PR_GET_SECUREBITS), libc::geteuid()) };
+        if securebits < 0 {
+            return Err(JailError::last_os("read this thread's securebits"));
+        }
+        let keep = libc::c_ulong::try_from(securebits | libc::SECBIT_NO_SETUID_FIXUP)
+            .map_err(|_| JailError::Invalid(format!("securebits {securebits:#x}")))?;
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, keep) } != 0 {
+            return Err(JailError::last_os(
+                "keep capabilities across a uid change (PR_SET_SECUREBITS needs CAP_SETPCAP)",
+            ));
+        }
+        let guard = JailedThread { euid, securebits };
+        // SAFETY: a raw setresuid of this thread alone; -1 leaves the real and saved ids.
+        if unsafe {
+            libc::syscall(
+                libc::SYS_setresuid,
+                libc::uid_t::MAX,
+                owner,
+                libc::uid_t::MAX,
+            )
+        } != 0
+        {
+            return Err(JailError::last_os(format!(
+                "act as uid {owner} to own the sandbox's user namespace"
+            )));
+        }
+        Ok(guard)
+    }
+
+    /// What the child sets its securebits back to first: the value the thread that cloned it
+    /// had before [`clone_jailed`].
+    pub(crate) fn securebits() -> libc::c_ulong {
+        // SAFETY: prctl with no pointer arguments.
+        let bits = unsafe { libc::prctl(libc::PR_GET_SECUREBITS) };
+        libc::c_ulong::try_from(bits).unwrap_or(0)
+    }
+}
+
+impl Drop for JailedThread {
+    fn drop(&mut self) {
+        // SAFETY: raw setresuid and prctl of this thread alone, with integer arguments.
+        let restored = unsafe {
+            libc::syscall(
+                libc::SYS_setresuid,
+                libc::uid_t::MAX,
+                self.euid,
+                libc::uid_t::MAX,
+            ) == 0
+                && libc::c_ulong::try_from(self.securebits)
+                    .is_ok_and(|bits| libc::prctl(libc::PR_SET_SECUREBITS, bits) == 0)
+        };
+        if !restored {
+            // A server thread left acting as a sandbox's uid would do the host's work with the
+            // wrong identity: stop rather than go on.
+            eprintln!(
+                "moat: could not restore this thread's credentials after making a sandbox: {}",
+                std::io::Error::last_os_error()
+            );
+            std::process::abort();
+        }
+    }
 }
 
 /// Puts our new child `pid` into `cgroup` (first: it never runs as one of the range's ids
@@ -259,6 +352,7 @@ impl SandboxProcess {
         }
         let child = ChildPlan {
             plan,
+            securebits: JailedThread::securebits(),
             go_read: go_read.as_raw_fd(),
             go_write: go_write.as_raw_fd(),
             err_write: err_write.as_raw_fd(),
@@ -274,8 +368,14 @@ impl SandboxProcess {
         // SAFETY: `child_entry` makes raw system calls only and never returns; `child`
         // outlives the child here (this frame waits until it has executed the agent or been
         // reaped), and so does the stack.
-        let (pid, _stack) =
-            unsafe { clone_jailed(child_entry, &child, "the sandbox's namespaces")? };
+        let (pid, _stack) = unsafe {
+            clone_jailed(
+                child_entry,
+                &child,
+                "the sandbox's namespaces",
+                cfg.ids.host_base(),
+            )?
+        };
         drop(agent_end);
         drop(go_read);
         drop(err_write);
@@ -873,7 +973,8 @@ fn child_main(c: &ChildPlan) -> ! {
         }
         // Leave the caller's session, so terminal signals do not reach the sandbox.
         libc::setsid();
-        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+        if libc::prctl(libc::PR_SET_SECUREBITS, c.securebits) != 0
+            || libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
             || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
             || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
         {

@@ -1,7 +1,9 @@
-//! D8 of the threat checklist: exhausting the agent from inside and through its API, in a real
-//! sandbox. File descriptors, argv and the environment at `ARG_MAX`, and a storm of concurrent
-//! starts each end in a clean error; the agent keeps answering, and every process it started is
-//! reaped. Needs root; skips with a printed reason otherwise.
+//! D8 and I3 of the threat checklist in a real sandbox: exhausting the agent from inside and
+//! through its API, and a kernel count that sandboxes could share. File descriptors, argv and
+//! the environment at `ARG_MAX`, and a storm of concurrent starts each end in a clean error; the
+//! agent keeps answering, and every process it started is reaped. One sandbox holding every
+//! inotify instance it may have leaves another sandbox and the host theirs. Needs root; skips
+//! with a printed reason otherwise.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -170,6 +172,86 @@ time.sleep(600)
     }
     assert_all_reaped(&sb).await;
     sb.inst.destroy().await.expect("destroy");
+}
+
+/// I3: a sandbox that opens every inotify instance it may have takes none of another
+/// sandbox's or the host's. The kernel counts a user namespace's instances against its owner
+/// too, up to the host: owned by root, all sandboxes and the host's own root services shared
+/// 128.
+#[tokio::test(flavor = "current_thread")]
+async fn i3_inotify_instances_are_counted_per_sandbox() {
+    let Some(mut hog) = sandbox("i3hog").await else {
+        return;
+    };
+    let Some(mut other) = sandbox("i3other").await else {
+        return;
+    };
+    const HOG: &str = r#"
+import ctypes, errno, time
+libc = ctypes.CDLL(None, use_errno=True)
+n = 0
+while n < 100000:
+    if libc.inotify_init1(0) < 0:
+        break
+    n += 1
+print(errno.errorcode.get(ctypes.get_errno(), "?"), n, flush=True)
+time.sleep(600)
+"#;
+    let c = hog.client.clone();
+    c.write_file("/tmp/hog.py", Bytes::from_static(HOG.as_bytes()), None)
+        .await
+        .expect("hog");
+    let mut stream = c
+        .start(
+            request("/usr/bin/python3", vec!["/tmp/hog.py".into()]),
+            as_user("user"),
+        )
+        .await
+        .expect("hog start");
+    let line = tokio::time::timeout(HANG, async {
+        let mut out = Vec::new();
+        while !out.ends_with(b"\n") {
+            match stream.next().await {
+                Some(Ok(ev)) => match ev.event {
+                    Some(Event::Data(d)) => {
+                        if let Some(data_event::Output::Stdout(b)) = d.output {
+                            out.extend(b);
+                        }
+                    }
+                    Some(Event::End(e)) => panic!("the hog ended early: {e:?}"),
+                    _ => {}
+                },
+                other => panic!("hog stream: {other:?}"),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("the hog never reported");
+    // It reached a limit of its own (`EMFILE`: the per-user count of instances).
+    assert!(line.starts_with("EMFILE "), "{line}");
+
+    // While it holds them: another sandbox, and the host's root, can still make one.
+    let probe = "import ctypes; print(ctypes.CDLL(None).inotify_init1(0) >= 0)";
+    assert_eq!(
+        sh(&other.client, "user", &format!("python3 -c '{probe}'")).await,
+        ("True\n".to_string(), 0),
+        "another sandbox got no inotify instance while one sandbox held {line}"
+    );
+    // SAFETY: inotify_init1 with a flag; the descriptor is closed at once.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    let err = std::io::Error::last_os_error();
+    if fd >= 0 {
+        // SAFETY: closing the descriptor just made.
+        unsafe { libc::close(fd) };
+    }
+    assert!(fd >= 0, "the host's root got no inotify instance: {err}");
+
+    c.send_signal(Selector::Pid(stream.pid()), 9)
+        .await
+        .expect("kill hog");
+    hog.inst.destroy().await.expect("destroy");
+    other.inst.destroy().await.expect("destroy");
 }
 
 /// argv and the environment at and beyond `ARG_MAX`, and a request beyond the agent's message
