@@ -140,6 +140,16 @@ impl NativeBackend {
         }
         let runtime = RuntimeDir::open(&opts.runtime_dir).map_err(jail)?;
         let mut layout = Layout::detect().map_err(jail)?;
+        // Sandboxes no one owns any more: paused (frozen) when their owner was killed, they
+        // could not end themselves.
+        let orphans = moat_jail::orphans::reap(&layout, &runtime.slots());
+        if !orphans.is_empty() {
+            tracing::warn!(
+                "killed {} sandboxes left with no owner: {}",
+                orphans.len(),
+                orphans.join(", ")
+            );
+        }
         // Whatever a killed predecessor could not clean up (its processes died with their pid
         // namespace; empty cgroups may remain).
         let swept = layout.sweep(STALE_CGROUP_AGE, |_| true);

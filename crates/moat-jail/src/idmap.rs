@@ -71,6 +71,15 @@ impl IdRange {
         )))
     }
 
+    /// Locks `slot` if no process holds it (its sandbox, if any, has no live owner); `None`
+    /// if one does.
+    pub fn try_hold(slots_dir: &Path, slot: u32) -> Result<Option<IdRange>> {
+        if slot >= SLOTS {
+            return Err(JailError::Invalid(format!("slot {slot} is out of range")));
+        }
+        Self::try_lock(slots_dir, slot)
+    }
+
     fn try_lock(slots_dir: &Path, slot: u32) -> Result<Option<IdRange>> {
         let path = slots_dir.join(slot.to_string());
         let file = OpenOptions::new()

@@ -27,6 +27,7 @@ pub mod idmap;
 pub mod kept;
 pub mod landlock;
 pub mod memfd;
+pub mod orphans;
 pub mod outer;
 pub mod probe;
 pub mod rootfs;

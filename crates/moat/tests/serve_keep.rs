@@ -1,6 +1,8 @@
 //! `moat serve --on-shutdown keep`: sandboxes outlive a stop (or a crash) of the server and the
 //! next server on the same data dir takes them over, with their files and processes; their uid
-//! ranges stay out of use meanwhile. Needs root (the native backend); skips otherwise.
+//! ranges stay out of use meanwhile. A sandbox whose server died while it was paused, with no
+//! one left to end it, is killed by the next start. Needs root (the native backend); skips
+//! otherwise.
 
 use moat_test_support as support;
 use support::need_root;
@@ -194,4 +196,48 @@ fn servers_on_other_data_dirs_leave_each_others_sandboxes_alone() {
         wait_gone(id);
         assert!(markers_of(id).is_empty(), "the slot marker outlived {id}");
     }
+}
+
+#[test]
+fn a_paused_sandbox_its_server_died_ending_is_killed_at_the_next_start() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = server.create_sandbox(&key);
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{id}/pause"),
+        Some(&key),
+        Some(b"{}"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The server dies just after recording the sandbox ended, before destroying it: frozen,
+    // its agent cannot see its channel close.
+    let (dir, data) = server.kill9();
+    let store = moat_engine::store::Store::open(data.join("moat.db")).expect("store");
+    store
+        .update_sandbox_state(
+            "default",
+            &id,
+            moat_engine::store::SandboxState::Killed,
+            Some(moat_engine::store::EndReason::Deleted),
+        )
+        .expect("record it ended");
+    drop(store);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !pids_in_sandbox(&id).is_empty(),
+        "the frozen sandbox should have outlived its server"
+    );
+
+    let server = Server::start_in(dir, data);
+    wait_gone(&id);
+    assert!(
+        pids_in_sandbox(&id).is_empty(),
+        "a sandbox with no owner left outlived the next start"
+    );
+    assert!(cgroup_dirs(&id).is_empty(), "{:?}", cgroup_dirs(&id));
+    // Its server goes on as it was.
+    let other = server.create_sandbox(&key);
+    assert_eq!(server.shell(&key, &other, "echo ok")["stdout"], "ok\n");
 }
