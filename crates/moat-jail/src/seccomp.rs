@@ -150,6 +150,9 @@ const AGENT_DENIED: &[i64] = &[
     libc::SYS_request_key, libc::SYS_userfaultfd, libc::SYS_setns, libc::SYS_unshare,
     libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_swapon,
     libc::SYS_swapoff, libc::SYS_reboot, libc::SYS_syslog, libc::SYS_acct,
+    // The new mount API: everything `mount` could do, by other numbers.
+    libc::SYS_open_tree, libc::SYS_move_mount, libc::SYS_fsopen, libc::SYS_fsconfig,
+    libc::SYS_fsmount, libc::SYS_fspick, libc::SYS_mount_setattr,
 ];
 
 fn errno(code: i32) -> Block {
@@ -504,6 +507,52 @@ mod tests {
     #[test]
     fn agent_filter_is_the_policy() {
         check_against(&agent_filter().expect("agent filter"), agent_policy);
+    }
+
+    /// The calls the agent's filter must refuse, named here rather than read from
+    /// `AGENT_DENIED`, so that a call dropped from that list fails this test.
+    #[test]
+    fn the_agent_filter_refuses_what_no_agent_needs() {
+        let prog = agent_filter().expect("agent filter");
+        for nr in [
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_open_tree,
+            libc::SYS_move_mount,
+            libc::SYS_fsopen,
+            libc::SYS_fsconfig,
+            libc::SYS_fsmount,
+            libc::SYS_fspick,
+            libc::SYS_mount_setattr,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_keyctl,
+            libc::SYS_add_key,
+            libc::SYS_request_key,
+            libc::SYS_bpf,
+            libc::SYS_perf_event_open,
+            libc::SYS_userfaultfd,
+            libc::SYS_io_uring_setup,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_delete_module,
+            libc::SYS_kexec_load,
+            libc::SYS_kexec_file_load,
+            libc::SYS_swapon,
+            libc::SYS_reboot,
+        ] {
+            let d = Data {
+                nr: nr as u32,
+                arch: AUDIT_ARCH_X86_64,
+                args: [0; 6],
+            };
+            assert_eq!(run(prog.instructions(), &d).0, EPERM, "syscall {nr}");
+        }
     }
 
     #[test]
