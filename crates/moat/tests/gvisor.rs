@@ -1513,6 +1513,21 @@ fn a_gvisor_sandbox_made_with_a_network_meets_its_policy() {
     );
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("made without a network"), "{}", r.text());
+    // E2B's `update_network` gets the same answer, not "sandbox not found".
+    let r = server
+        .send(
+            "PUT",
+            &format!("/sandboxes/{plain}/network"),
+            None,
+            &[
+                ("X-API-KEY", key.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            Some(br#"{"allowOut": ["0.0.0.0/0"]}"#),
+        )
+        .expect("PUT");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("made without a network"), "{}", r.text());
     let r = server.request(
         "GET",
         &format!("/v1/sandboxes/{plain}/network"),

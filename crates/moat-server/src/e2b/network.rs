@@ -172,11 +172,9 @@ pub(crate) async fn update(
         ));
     }
     let network = asked.network.unwrap_or_default();
-    state
-        .manager
-        .set_network(&caller, &id, network)
-        .await
-        .map_err(|e| super::sandboxes::gone_is_404(&id, e))?;
+    if let Err(e) = state.manager.set_network(&caller, &id, network).await {
+        return Err(super::sandboxes::gone_is_404(&state, &caller, &id, e).await);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -212,10 +212,21 @@ pub(super) async fn visible(state: &Shared, caller: &Caller, id: &str) -> E2bRes
     }
 }
 
-/// A manager answer about a sandbox that was visible a moment ago: ended meanwhile is 404.
-pub(crate) fn gone_is_404(id: &str, e: ManagerError) -> E2bError {
+/// A manager answer about a sandbox that was visible a moment ago: ended meanwhile is 404
+/// (SDKs raise "not found"); a conflict of a sandbox that is still there (a network policy a
+/// gvisor sandbox made without one cannot take) is that conflict, as `/v1` answers it.
+pub(crate) async fn gone_is_404(
+    state: &Shared,
+    caller: &Caller,
+    id: &str,
+    e: ManagerError,
+) -> E2bError {
     match e {
-        ManagerError::NotFound(_) | ManagerError::Conflict(_) => E2bError::no_sandbox(id),
+        ManagerError::NotFound(_) => E2bError::no_sandbox(id),
+        ManagerError::Conflict(_) => match visible(state, caller, id).await {
+            Ok(_) => e.into(),
+            Err(gone) => gone,
+        },
         other => other.into(),
     }
 }
@@ -239,11 +250,10 @@ pub(crate) async fn connect(
     match sandbox.state {
         v1::SandboxState::Paused => resume(&state, &caller, &id, timeout).await,
         _ => {
-            let sandbox = state
-                .manager
-                .extend_timeout(&caller, &id, timeout)
-                .await
-                .map_err(|e| gone_is_404(&id, e))?;
+            let sandbox = match state.manager.extend_timeout(&caller, &id, timeout).await {
+                Ok(v) => v,
+                Err(e) => return Err(gone_is_404(&state, &caller, &id, e).await),
+            };
             Ok((StatusCode::OK, Json(answer(&state, &sandbox))).into_response())
         }
     }
@@ -275,11 +285,9 @@ pub(crate) async fn kill(
 ) -> E2bResult<StatusCode> {
     let Path(id) = id?;
     visible(&state, &caller, &id).await?;
-    state
-        .manager
-        .delete(&caller, &id)
-        .await
-        .map_err(|e| gone_is_404(&id, e))?;
+    if let Err(e) = state.manager.delete(&caller, &id).await {
+        return Err(gone_is_404(&state, &caller, &id, e).await);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -295,11 +303,13 @@ pub(crate) async fn set_timeout(
     let req: SandboxTimeoutRequest = json_body(body, None)?;
     let timeout_secs = check_timeout(req.timeout, state.manager.options().max_ttl)?;
     visible(&state, &caller, &id).await?;
-    state
+    if let Err(e) = state
         .manager
         .set_timeout(&caller, &id, v1::SetTimeout { timeout_secs })
         .await
-        .map_err(|e| gone_is_404(&id, e))?;
+    {
+        return Err(gone_is_404(&state, &caller, &id, e).await);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -405,11 +415,10 @@ pub(crate) async fn metrics(
     // Whole seconds: `end` takes in the whole of its second.
     let from_ms = start.map(|s| s.saturating_mul(1000));
     let to_ms = end.map(|s| s.saturating_mul(1000).saturating_add(999));
-    let samples = state
-        .manager
-        .usage(&caller, &id, from_ms, to_ms)
-        .await
-        .map_err(|e| gone_is_404(&id, e))?;
+    let samples = match state.manager.usage(&caller, &id, from_ms, to_ms).await {
+        Ok(v) => v,
+        Err(e) => return Err(gone_is_404(&state, &caller, &id, e).await),
+    };
     Ok(Json(samples.iter().map(SandboxMetric::from).collect()))
 }
 
