@@ -49,9 +49,32 @@ fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
     need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let id = server.create_sandbox(&key);
+    let r = server.request("POST", "/v1/sandboxes", Some(&key), Some(b"{}"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let token = r.json()["access_token"]
+        .as_str()
+        .expect("access token")
+        .to_owned();
     let healthy = exec_within(&server, &key, &id, Duration::from_secs(60)).expect("an answer");
     assert_eq!(healthy.status, 200, "{}", healthy.text());
+    // The agent's own port through the sandbox proxy, as E2B SDKs call it.
+    let envd = || {
+        server
+            .send(
+                "GET",
+                "/health",
+                None,
+                &[
+                    ("E2b-Sandbox-Id", id.as_str()),
+                    ("E2b-Sandbox-Port", "49983"),
+                    ("X-Access-Token", token.as_str()),
+                ],
+                None,
+            )
+            .expect("proxied call")
+    };
+    assert!(envd().status < 300);
 
     let pid = agent_pid(&id);
     // SAFETY: kill has no memory preconditions; the pid is the sandbox's agent.
@@ -62,6 +85,7 @@ fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
     // here; the loop keeps asking until the sandbox is ended.
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut refused = None;
+    let mut proxied = None;
     let sandbox = loop {
         assert!(
             Instant::now() < deadline,
@@ -72,6 +96,7 @@ fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
             && refused.is_none()
         {
             refused = Some(r);
+            proxied = Some(envd());
         }
         let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
         if r.json()["state"] != "running" {
@@ -85,6 +110,19 @@ fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
         .unwrap_or_default()
         .to_owned();
     assert!(message.contains("does not answer"), "{message}");
+    // Through the proxy: a 503 to retry, not the "was not found" that SDKs read as ended.
+    let proxied = proxied.expect("a proxied call while refused");
+    assert_eq!(proxied.status, 503, "{}", proxied.text());
+    assert!(
+        proxied.header("retry-after").is_some(),
+        "{}",
+        proxied.headers
+    );
+    assert!(
+        proxied.text().contains("does not answer") && !proxied.text().contains("not found"),
+        "{}",
+        proxied.text()
+    );
 
     assert_eq!(sandbox["state"], "failed", "{sandbox}");
     let reason = sandbox["end_reason"].as_str().unwrap_or_default();

@@ -66,6 +66,20 @@ pub(crate) fn sandbox_not_found(id: &str) -> Response {
     )
 }
 
+/// 503: sandbox `id` runs, but its agent missed its last health check (`why`); the message has
+/// neither of the phrases E2B SDKs read as "ended" or "port closed", so an SDK retries, then
+/// asks the sandbox's health itself.
+pub(crate) fn not_answering(id: &str, why: &str) -> Response {
+    let mut answer = json_answer(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"sandboxId": id, "message": why, "code": 503}),
+    );
+    answer
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    answer
+}
+
 /// 502: sandbox `id` runs, but nothing accepts connections on `port` inside it.
 pub(crate) fn port_not_open(id: &str, port: u16) -> Response {
     json_answer(

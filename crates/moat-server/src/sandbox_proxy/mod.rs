@@ -26,6 +26,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::extract::Shared;
+use moat_engine::manager::ManagerError;
 use target::Traffic;
 
 pub use target::validate_domain;
@@ -72,8 +73,12 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
             "protocol upgrades (WebSocket) to sandboxes are not supported yet",
         );
     }
-    let Ok(route) = state.manager.route_resuming(&id).await else {
-        return answers::sandbox_not_found(&id);
+    let route = match state.manager.route_resuming(&id).await {
+        Ok(route) => route,
+        // Running, but its agent missed a health check: not "not found", which SDKs take for
+        // a sandbox that has ended.
+        Err(ManagerError::Unavailable(why)) => return answers::not_answering(&id, &why),
+        Err(_) => return answers::sandbox_not_found(&id),
     };
     // Counted among the owner's requests in flight, as its API requests are: a sandbox's
     // service that never answers must not hold every connection of the listener.
