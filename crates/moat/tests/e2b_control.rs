@@ -342,6 +342,23 @@ fn e2b_control_plane() {
         404,
     );
     assert_e2b_error(&connect(&id, json!({"timeout": 0})), 400);
+    // A reboot (`memory: false`) is a no-op on a running sandbox, and refused on a paused one
+    // (moat resumes processes; it does not start them afresh), which stays paused.
+    let r = connect(&id, json!({"timeout": 600, "memory": false}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = e2b(
+        &server,
+        "POST",
+        &format!("/sandboxes/{id}/pause"),
+        Some(key),
+        &[],
+        Some(json!({})),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let refusal = assert_e2b_error(&connect(&id, json!({"timeout": 600, "memory": false})), 400);
+    assert!(refusal.contains("memory: false"), "{refusal}");
+    let r = connect(&id, json!({"timeout": 600}));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
 
     // Create refusals: E2B errors marked not to be retried, and nothing made.
     let count = |key: &str| list_all(&server, key, "", 100).len();

@@ -248,6 +248,12 @@ pub(crate) async fn connect(
     };
     let sandbox = visible(&state, &caller, &id).await?;
     match sandbox.state {
+        // Refused rather than resumed with its processes, which is not what was asked.
+        v1::SandboxState::Paused if req.memory == Some(false) => Err(E2bError::invalid(
+            "connect with memory: false (a reboot: the sandbox started afresh from its files) \
+             is not supported by this server; connect without it resumes its processes where \
+             they were",
+        )),
         v1::SandboxState::Paused => resume(&state, &caller, &id, timeout).await,
         _ => {
             let sandbox = match state.manager.extend_timeout(&caller, &id, timeout).await {

@@ -48,8 +48,8 @@ pub(crate) struct AutoResume {
 pub(crate) struct ConnectSandboxV2 {
     /// Seconds from now the sandbox should live at least.
     pub(crate) timeout: Option<i64>,
-    /// `false`: resume a paused sandbox from its disk only (a no-op for a running one).
-    #[allow(dead_code)]
+    /// `false`: resume a paused sandbox from its disk only, its processes started afresh (the
+    /// SDK's `on_resume="reboot"`; a no-op for a running one). Refused: moat resumes processes.
     pub(crate) memory: Option<bool>,
 }
 
