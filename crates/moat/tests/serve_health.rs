@@ -86,6 +86,7 @@ fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut refused = None;
     let mut proxied = None;
+    let mut strict_pause = None;
     let sandbox = loop {
         assert!(
             Instant::now() < deadline,
@@ -97,6 +98,20 @@ fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
         {
             refused = Some(r);
             proxied = Some(envd());
+            strict_pause = Some(
+                server
+                    .send(
+                        "POST",
+                        &format!("/sandboxes/{id}/pause"),
+                        None,
+                        &[
+                            ("X-API-KEY", key.as_str()),
+                            ("Content-Type", "application/json"),
+                        ],
+                        Some(br#"{"requireHealthyGuest": true}"#),
+                    )
+                    .expect("pause"),
+            );
         }
         let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
         if r.json()["state"] != "running" {
@@ -110,6 +125,9 @@ fn a_sandbox_whose_agent_stops_answering_fails_with_a_reason() {
         .unwrap_or_default()
         .to_owned();
     assert!(message.contains("does not answer"), "{message}");
+    // E2B's strict pause is refused rather than freezing an agent that does not answer.
+    let strict_pause = strict_pause.expect("a strict pause while refused");
+    assert_eq!(strict_pause.status, 503, "{}", strict_pause.text());
     // Through the proxy: a 503 to retry, not the "was not found" that SDKs read as ended.
     let proxied = proxied.expect("a proxied call while refused");
     assert_eq!(proxied.status, 503, "{}", proxied.text());

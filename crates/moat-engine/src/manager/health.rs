@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use crate::store::{EndReason, SandboxState};
 
-use super::{Inner, Live, ManagerError, lock};
+use super::{Inner, Live, ManagerError, ManagerResult, SandboxManager, lock};
+use crate::auth::Caller;
 
 /// How often every running sandbox's agent is asked for its health (each probe waits up to
 /// [`crate::agent_client::HEALTH_TIMEOUT`]).
@@ -57,6 +58,19 @@ impl Default for Probes {
             probed: std::sync::Mutex::new(Instant::now()),
             probing: AtomicBool::new(false),
         }
+    }
+}
+
+impl SandboxManager {
+    /// Whether the agent of the caller's running sandbox `id` answers a health call now:
+    /// `Unavailable` (503) when its last probe went unanswered or this call is not answered
+    /// within [`crate::agent_client::HEALTH_TIMEOUT`]. For callers that must not act on a
+    /// sandbox whose agent is stuck (E2B's strict pause).
+    pub async fn check_agent(&self, caller: &Caller, id: &str) -> ManagerResult<()> {
+        let live = self.inner.live_for(&caller.tenant, id).await?;
+        live.client.health().await.map_err(|e| {
+            ManagerError::Unavailable(format!("sandbox {id}'s agent does not answer: {e}"))
+        })
     }
 }
 

@@ -31,8 +31,8 @@ pub(crate) struct PauseRequest {
     /// `false`: a filesystem-only pause. moat keeps memory either way.
     #[allow(dead_code)]
     pub(crate) memory: Option<bool>,
-    /// Refuse when the agent does not answer (moat's pause never proceeds without it).
-    #[allow(dead_code)]
+    /// `true` (the SDK's `pause(strict=True)`): refuse with 503 when the agent does not
+    /// answer, instead of pausing it as it is.
     pub(crate) require_healthy_guest: Option<bool>,
 }
 
@@ -96,10 +96,17 @@ pub(crate) async fn pause(
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult<StatusCode> {
     let Path(id) = id?;
-    let _req: PauseRequest = json_body(body, Some(PauseRequest::default()))?;
+    let req: PauseRequest = json_body(body, Some(PauseRequest::default()))?;
     let sandbox = visible(&state, &caller, &id).await?;
     if sandbox.state == v1::SandboxState::Paused {
         return Err(conflict(format!("sandbox {id} is already paused")));
+    }
+    if req.require_healthy_guest == Some(true) {
+        match state.manager.check_agent(&caller, &id).await {
+            Ok(()) => {}
+            Err(ManagerError::NotFound(_)) => return Err(E2bError::no_sandbox(&id)),
+            Err(e) => return Err(e.into()),
+        }
     }
     match state.manager.pause(&caller, &id).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
