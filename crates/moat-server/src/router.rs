@@ -140,7 +140,7 @@ async fn log_request(State(state): State<Shared>, req: Request, next: Next) -> R
     response
 }
 
-async fn healthz() -> Json<serde_json::Value> {
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 

@@ -342,6 +342,25 @@ fn e2b_control_plane() {
         404,
     );
     assert_e2b_error(&connect(&id, json!({"timeout": 0})), 400);
+    // Routes of E2B's generated client that moat does not serve are refused by name, not
+    // answered "not found" (which the SDK reads as "no such sandbox").
+    for (method, path, needle) in [
+        ("POST", format!("/sandboxes/{id}/resume"), "resume"),
+        ("POST", format!("/sandboxes/{id}/refreshes"), "refreshes"),
+        ("GET", format!("/sandboxes/{id}/logs"), "logs"),
+        ("GET", format!("/v2/sandboxes/{id}/logs"), "logs"),
+        ("GET", "/sandboxes/metrics".to_owned(), "several sandboxes"),
+    ] {
+        let r = e2b(&server, method, &path, Some(key), &[], None);
+        let message = assert_e2b_error(&r, 501);
+        assert!(
+            message.contains(needle) && message.contains("not supported"),
+            "{message}"
+        );
+    }
+    // The control plane's own health, as upstream's.
+    let r = e2b(&server, "GET", "/health", None, &[], None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     // A reboot (`memory: false`) is a no-op on a running sandbox, and refused on a paused one
     // (moat resumes processes; it does not start them afresh), which stays paused.
     let r = connect(&id, json!({"timeout": 600, "memory": false}));

@@ -90,6 +90,28 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
             post(lifecycle::create_snapshot),
         )
         .route("/sandboxes/{id}/fork", post(lifecycle::fork))
+        // Known to E2B's generated client but not called by its sandbox methods: refused by
+        // name (a bare 404 reads as "sandbox not found" to the SDK).
+        .route(
+            "/sandboxes/{id}/resume",
+            post(|| unsupported("POST /sandboxes/{id}/resume (use POST /v2/sandboxes/{id}/connect)")),
+        )
+        .route(
+            "/sandboxes/{id}/refreshes",
+            post(|| unsupported("POST /sandboxes/{id}/refreshes (use POST /sandboxes/{id}/timeout)")),
+        )
+        .route(
+            "/sandboxes/{id}/logs",
+            get(|| unsupported("sandbox logs (GET /sandboxes/{id}/logs)")),
+        )
+        .route(
+            "/v2/sandboxes/{id}/logs",
+            get(|| unsupported("sandbox logs (GET /v2/sandboxes/{id}/logs)")),
+        )
+        .route(
+            "/sandboxes/metrics",
+            get(|| unsupported("metrics of several sandboxes at once (GET /sandboxes/metrics; GET /sandboxes/{id}/metrics is)")),
+        )
         .route("/snapshots", get(lifecycle::list_snapshots))
         .route("/templates/{id}", delete(lifecycle::delete_snapshot))
         .route("/templates/aliases/{alias}", get(templates::alias))
@@ -104,7 +126,20 @@ pub(crate) fn routes(state: Shared) -> Router<Shared> {
         .route("/templates/{id}/builds/{build}/status", get(builds::status))
         // `route_layer`: only matched routes ask for a key, so an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(state, auth::authenticate))
+        // The control plane's health, without a key as upstream's (the sandbox proxy takes a
+        // sandbox's own `/health`, by its routing headers, before this router).
+        .route("/health", get(crate::router::healthz))
         .layer(middleware::from_fn(error::no_retry_on_failed_create))
+}
+
+/// `501` for an E2B route moat does not serve, naming it.
+async fn unsupported(what: &'static str) -> error::E2bError {
+    crate::ApiError::new(
+        axum::http::StatusCode::NOT_IMPLEMENTED,
+        "unsupported",
+        format!("{what} is not supported by this server"),
+    )
+    .into()
 }
 
 /// Whether `path` is under E2B's control-plane paths.
