@@ -92,10 +92,22 @@ struct Active {
     cancel: tokio::sync::watch::Sender<bool>,
 }
 
+/// The image a template made by a build runs (its `rootfs` of kind `build`), if it says.
+fn built_image(spec: &serde_json::Value) -> Option<String> {
+    match serde_json::from_value::<v1::TemplateSpec>(spec.clone())
+        .ok()?
+        .rootfs
+    {
+        v1::Rootfs::Build(digest) => Some(digest),
+        _ => None,
+    }
+}
+
 impl Builds {
     /// The builds under `dir` (made, 0700, if missing); records of builds a stopped server
-    /// left under way are marked failed.
-    pub(super) fn open(dir: &Path) -> ManagerResult<Builds> {
+    /// left under way are marked failed, or succeeded where `store` holds the templates they
+    /// wrote; what builds unpacked and did not remove is removed.
+    pub(super) fn open(dir: &Path, store: &crate::store::Store) -> ManagerResult<Builds> {
         let io = |what: &str, e: std::io::Error| {
             ManagerError::Internal(format!("{what} {}: {e}", dir.display()))
         };
@@ -123,14 +135,45 @@ impl Builds {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+        // Uploads a stopped server cut off (none is under way yet).
+        for tenant in std::fs::read_dir(dir.join("contexts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for entry in std::fs::read_dir(tenant.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if entry.file_name().to_string_lossy().starts_with(".upload-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         for mut rec in builds.all()? {
             if !rec.build.status.is_final() {
-                rec.build.status = v1::BuildStatus::Failed;
-                rec.build.error = Some("the server stopped during the build".into());
+                // Its templates written, it succeeded: the server stopped before it recorded
+                // that.
+                let written = store.template_of_build(&rec.build.id).map_err(|e| {
+                    ManagerError::Internal(format!("build {}'s templates: {e}", rec.build.id))
+                })?;
+                match written {
+                    Some(template) => {
+                        rec.build.status = v1::BuildStatus::Succeeded;
+                        rec.build.image = built_image(&template.spec);
+                    }
+                    None => {
+                        rec.build.status = v1::BuildStatus::Failed;
+                        rec.build.error = Some("the server stopped during the build".into());
+                    }
+                }
                 rec.build.finished_at = Some(now_ms());
                 builds.write(&rec)?;
-                // Its context directory, if it was unpacked.
-                let _ = std::fs::remove_dir_all(builds.build_dir(&rec.build.id).join("context"));
+            }
+            // What it unpacked, if a stop came before its cleanup (finished or not).
+            for unpacked in ["context", "named"] {
+                let _ = std::fs::remove_dir_all(builds.build_dir(&rec.build.id).join(unpacked));
             }
         }
         Ok(builds)
@@ -585,6 +628,12 @@ impl SandboxManager {
         staged
             .persist(&target)
             .map_err(|e| ManagerError::Internal(format!("keeping a context: {e}")))?;
+        // The rename is on disk before the upload is acknowledged.
+        let synced = match tokio::fs::File::open(&dir).await {
+            Ok(d) => d.sync_all().await,
+            Err(e) => Err(e),
+        };
+        synced.map_err(|e| ManagerError::Internal(format!("keeping a context: {e}")))?;
         Ok((digest, size))
     }
 
@@ -1105,6 +1154,103 @@ mod tests {
         assert_eq!(&uuid[14..15], "4");
         assert!(!is_build_id(&uuid.to_uppercase()));
         assert_ne!(uuid, new_build_uuid().expect("a uuid"));
+    }
+
+    fn build(id: &str, status: v1::BuildStatus) -> BuildRecord {
+        BuildRecord {
+            tenant: "acme".into(),
+            build: v1::Build {
+                id: id.into(),
+                template: "py".into(),
+                tags: Vec::new(),
+                status,
+                error: None,
+                steps: 1,
+                steps_done: 1,
+                steps_cached: 0,
+                image: None,
+                created_at: 1,
+                finished_at: None,
+                warnings: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_restart_settles_unfinished_builds_and_removes_what_builds_and_uploads_left() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = crate::store::Store::open_in_memory().expect("store");
+        store.create_tenant("acme", "Acme").expect("tenant");
+        let (wrote, cut, done) = (
+            "b-aaaaaaaaaaaaaaaa",
+            "b-bbbbbbbbbbbbbbbb",
+            "b-cccccccccccccccc",
+        );
+        {
+            let builds = Builds::open(dir.path(), &store).expect("open");
+            for (id, status) in [
+                (wrote, v1::BuildStatus::Running),
+                (cut, v1::BuildStatus::Running),
+                (done, v1::BuildStatus::Succeeded),
+            ] {
+                let unpacked = builds.build_dir(id);
+                for sub in ["context/etc", "named/x"] {
+                    std::fs::create_dir_all(unpacked.join(sub)).expect("unpacked");
+                }
+                builds.write(&build(id, status)).expect("record");
+            }
+        }
+        // The first wrote its template before the server stopped; the second did not.
+        let spec = serde_json::json!({"rootfs": {"build": "sha256:0123"}});
+        store
+            .put_templates(
+                Some("acme"),
+                None,
+                &["py".to_owned()],
+                &spec,
+                &serde_json::json!({}),
+                Some(wrote),
+                |_| true,
+            )
+            .expect("template");
+
+        // An upload cut off by the stop, beside one that was kept.
+        let contexts = dir.path().join("contexts").join(tenant_dir("acme"));
+        std::fs::create_dir_all(&contexts).expect("contexts");
+        std::fs::write(contexts.join(".upload-x1"), b"half").expect("upload");
+        std::fs::write(contexts.join("00.tar"), b"kept").expect("context");
+
+        let builds = Builds::open(dir.path(), &store).expect("reopen");
+        assert!(
+            !contexts.join(".upload-x1").exists(),
+            "a cut-off upload stayed"
+        );
+        assert!(contexts.join("00.tar").exists(), "a kept context went");
+        let status = |id: &str| {
+            builds
+                .all()
+                .expect("records")
+                .into_iter()
+                .find(|r| r.build.id == id)
+                .expect("record")
+                .build
+        };
+        let b = status(wrote);
+        assert_eq!(b.status, v1::BuildStatus::Succeeded, "{b:?}");
+        assert_eq!(b.image.as_deref(), Some("sha256:0123"));
+        assert!(b.error.is_none() && b.finished_at.is_some(), "{b:?}");
+        let b = status(cut);
+        assert_eq!(b.status, v1::BuildStatus::Failed, "{b:?}");
+        assert!(b.error.is_some_and(|e| e.contains("stopped")));
+        assert_eq!(status(done).status, v1::BuildStatus::Succeeded);
+        for id in [wrote, cut, done] {
+            for sub in ["context", "named"] {
+                assert!(
+                    !builds.build_dir(id).join(sub).exists(),
+                    "{id}/{sub} outlived the restart"
+                );
+            }
+        }
     }
 
     #[test]

@@ -554,7 +554,7 @@ impl SandboxManager {
             None => None,
         };
         let builds = match &opts.build_dir {
-            Some(dir) => Some(builds::Builds::open(dir)?),
+            Some(dir) => Some(builds::Builds::open(dir, &store)?),
             None => None,
         };
         let jobs = jobs::Jobs::open(&opts.jobs)

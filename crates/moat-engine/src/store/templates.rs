@@ -316,6 +316,17 @@ impl Store {
         })
     }
 
+    /// A template the build `build_id` wrote (the first by name), if any is left.
+    pub fn template_of_build(&self, build_id: &str) -> StoreResult<Option<TemplateRecord>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT * FROM templates WHERE build_id = ?1 ORDER BY name LIMIT 1",
+            )?;
+            let mut rows = stmt.query_and_then([build_id], TemplateRecord::from_row)?;
+            rows.next().transpose()
+        })
+    }
+
     /// The templates `tenant` sees (its own and the built-ins), by name; `None` lists only the
     /// built-ins.
     pub fn list_templates(&self, tenant: Option<&str>) -> StoreResult<Vec<TemplateRecord>> {
