@@ -313,12 +313,14 @@ impl GvisorBackend {
 }
 
 /// Removes what sandboxes of processes that died without cleaning up (a `moat run` killed by
-/// SIGKILL, whose guardian removed its cgroups) left in `dir`: the directory of every sandbox
-/// that has no cgroup. A sandbox being made has its cgroups before its directory.
-fn sweep(dir: &Path, layout: &Layout) {
+/// SIGKILL, whose guardian removed its cgroups; a sandbox the native backend's start found
+/// with no owner) left in `dir`: the directory of every sandbox that has no cgroup. A sandbox
+/// being made has its cgroups before its directory. Returns how many it removed.
+fn sweep(dir: &Path, layout: &Layout) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return 0;
     };
+    let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if moat_jail::spawn::validate_id(&name).is_err()
@@ -328,11 +330,15 @@ fn sweep(dir: &Path, layout: &Layout) {
             continue;
         }
         match std::fs::remove_dir_all(e.path()) {
-            Ok(()) => tracing::info!(sandbox = %name, "removed what a dead sandbox left"),
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(sandbox = %name, "removed what a dead sandbox left");
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => tracing::warn!("removing {}: {err}", e.path().display()),
         }
     }
+    removed
 }
 
 /// Whether a sandbox of `plan` gets a network: the host kernel's sockets in its outer jail's
@@ -399,6 +405,11 @@ impl GvisorBackend {
 impl Backend for GvisorBackend {
     fn name(&self) -> &'static str {
         "gvisor"
+    }
+
+    fn sweep_stale(&self) -> usize {
+        // Also after start: a sandbox whose cgroups another backend's sweep removed since.
+        sweep(&self.dir, &self.layout)
     }
 
     fn capabilities(&self) -> Capabilities {
