@@ -1,7 +1,10 @@
 # Attack: reach host-kernel attack surface from inside the sandbox (CVE-2022-0185 fsconfig via a
 # user namespace, CVE-2024-1086 nf_tables, io_uring, bpf, keyctl, perf, userfaultfd, kexec,
 # module loading, open_by_handle_at "shocker", ptrace of the agent, TIOCSTI injection). Every
-# call must fail; the script prints one line per call and a summary.
+# call must fail; the script prints one line per call and a summary. A call can fail in the
+# kernel for its arguments alone (key id 0, a program of type 0, fd 0 as a namespace), so the
+# last line says which failed with something other than EPERM, the filter's answer: those
+# reached the kernel's code.
 import ctypes
 import errno
 import os
@@ -43,6 +46,7 @@ calls = {
     "syslog": (3, buf, 16),
 }
 escaped = []
+not_eperm = []
 for name, args in calls.items():
     r = libc.syscall(NR[name], *args)
     e = ctypes.get_errno()
@@ -50,6 +54,8 @@ for name, args in calls.items():
     print(f"{name}: {'denied ' + errno.errorcode.get(e, str(e)) if ok else 'ALLOWED ' + str(r)}")
     if not ok:
         escaped.append(name)
+    elif e != errno.EPERM:
+        not_eperm.append(f"{name}={errno.errorcode.get(e, e)}")
 
 # nf_tables lives behind NETLINK_NETFILTER (12).
 try:
@@ -58,6 +64,8 @@ try:
     escaped.append("netlink_netfilter")
 except OSError as e:
     print(f"netlink_netfilter: denied {errno.errorcode.get(e.errno, e.errno)}")
+    if e.errno != errno.EPERM:
+        not_eperm.append(f"netlink_netfilter={errno.errorcode.get(e.errno, e.errno)}")
 for fam, name in [(socket.AF_PACKET, "af_packet"), (40, "af_vsock")]:
     try:
         socket.socket(fam, socket.SOCK_RAW if fam == socket.AF_PACKET else socket.SOCK_STREAM, 0)
@@ -65,6 +73,8 @@ for fam, name in [(socket.AF_PACKET, "af_packet"), (40, "af_vsock")]:
         escaped.append(name)
     except OSError as e:
         print(f"{name}: denied {errno.errorcode.get(e.errno, e.errno)}")
+        if e.errno != errno.EPERM:
+            not_eperm.append(f"{name}={errno.errorcode.get(e.errno, e.errno)}")
 
 # Terminal injection: TIOCSTI on our own terminal or stdin.
 import fcntl
@@ -75,5 +85,8 @@ try:
     escaped.append("tiocsti")
 except OSError as e:
     print(f"tiocsti: denied {errno.errorcode.get(e.errno, e.errno)}")
+    if e.errno != errno.EPERM:
+        not_eperm.append(f"tiocsti={errno.errorcode.get(e.errno, e.errno)}")
 
 print("summary:", "ESCAPED " + ",".join(escaped) if escaped else "contained")
+print("errnos:", "OTHER " + ",".join(not_eperm) if not_eperm else "all EPERM")
