@@ -1,6 +1,7 @@
 //! `moat serve` watches every running sandbox's agent: one that stops answering (here stopped
-//! with SIGSTOP from the host) gets its calls refused at once, then is destroyed and recorded
-//! `failed` with the reason. Needs root (the native backend); skips otherwise.
+//! with SIGSTOP from the host) gets its calls refused at once (a 503 through `/v1`, through
+//! the sandbox proxy, and for E2B's strict pause), then is destroyed and recorded `failed` with
+//! the reason. Needs root (the native backend); skips otherwise.
 
 use moat_test_support as support;
 use support::need_root;
