@@ -90,6 +90,12 @@ async def exercise(session):
     assert r.isError and "cobol" in text(r)
     r = await session.call_tool("write_file", {"path": "x"})
     assert r.isError and "content is required" in text(r)
+    # A call runs 240 s at most: within the session's idle time and the client's wait.
+    r = await session.call_tool("run_command", {"command": "true", "timeout_secs": 241})
+    assert r.isError and "1 to 240" in text(r)
+    # A command past its time is an error, as code past its time is.
+    r = await session.call_tool("run_command", {"command": "sleep 30", "timeout_secs": 1})
+    assert r.isError and "timed out" in text(r)
 
     r = await session.call_tool("list_sandboxes", {})
     assert "this session's" in text(r)
@@ -150,6 +156,33 @@ async def test_two_sessions_have_their_own_sandboxes():
                     assert "created sandbox" in text(r)
                     r = await two.call_tool("kill_sandbox", {})
                     assert "destroyed" in text(r)
+
+
+def api(method, path, body=None):
+    req = urllib.request.Request(
+        f"{URL}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        raw = r.read()
+        return json.loads(raw) if raw else None
+
+
+@pytest.mark.asyncio
+async def test_naming_a_sandbox_never_shortens_its_life():
+    made = api("POST", "/v1/sandboxes", {"timeout_secs": 3600})
+    try:
+        async with streamablehttp_client(f"{URL}/mcp", headers={"Authorization": f"Bearer {KEY}"}) as (r, w, _):
+            async with ClientSession(r, w) as session:
+                await session.initialize()
+                done = await session.call_tool("run_command", {"command": "echo named", "sandbox_id": made["id"]})
+                assert not done.isError and "named" in text(done)
+        after = api("GET", f"/v1/sandboxes/{made['id']}")
+        assert after["expires_at"] == made["expires_at"], (made, after)
+    finally:
+        api("DELETE", f"/v1/sandboxes/{made['id']}")
 
 
 @pytest.mark.asyncio

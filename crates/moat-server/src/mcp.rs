@@ -43,6 +43,10 @@ use crate::ApiError;
 pub const SESSION_SANDBOX_TTL_SECS: u64 = 15 * 60;
 /// Seconds a `run_code` may take unless it says.
 const DEFAULT_RUN_SECS: u64 = 60;
+/// Most seconds a tool call may ask to run: within [`SESSION_IDLE`] (the session's idle clock
+/// does not count a call under way) and the 5 minutes MCP clients wait for an answer by
+/// default. Longer work belongs in a job (`POST /v1/jobs`).
+pub const MAX_TOOL_SECS: u64 = 240;
 /// Largest file `read_file` returns (as text).
 const MAX_READ_BYTES: u64 = 1 << 20;
 /// Largest output of a command or code run returned, per stream.
@@ -64,7 +68,9 @@ pub(crate) fn service<S: Clone + Send + Sync + 'static>(
         // Every request carries an API key: a `Host` check adds nothing, and would refuse
         // every name the server is reached by but loopback.
         .disable_allowed_hosts()
-        .with_json_response(true);
+        .with_json_response(true)
+        // The transport reads its own bodies: the router's limit binds only extractors.
+        .with_max_request_body_bytes(crate::MAX_BODY_BYTES);
     let mut sessions = LocalSessionManager::default();
     sessions.session_config.keep_alive = Some(SESSION_IDLE);
     let transport = StreamableHttpService::new(
@@ -198,7 +204,7 @@ fn tools() -> Vec<Tool> {
             json!({"type": "object", "properties": {
                 "code": {"type": "string", "description": "The source code to run."},
                 "language": {"type": "string", "enum": ["python", "javascript", "bash"], "description": "The language of the code (default python); each language keeps its own state."},
-                "timeout_secs": {"type": "integer", "minimum": 1, "description": "Seconds it may run (default 60)."},
+                "timeout_secs": {"type": "integer", "minimum": 1, "maximum": MAX_TOOL_SECS, "description": "Seconds it may run (default 60, at most 240)."},
                 "sandbox_id": sandbox,
             }, "required": ["code"]}),
         ),
@@ -207,7 +213,7 @@ fn tools() -> Vec<Tool> {
             "Run a shell command (/bin/sh -c) in the sandbox, in the user's home, and return its standard output, standard error and exit code.",
             json!({"type": "object", "properties": {
                 "command": {"type": "string", "description": "The shell command line."},
-                "timeout_secs": {"type": "integer", "minimum": 1, "description": "Seconds it may run (default 60)."},
+                "timeout_secs": {"type": "integer", "minimum": 1, "maximum": MAX_TOOL_SECS, "description": "Seconds it may run (default 60, at most 240)."},
                 "sandbox_id": sandbox,
             }, "required": ["command"]}),
         ),
@@ -271,14 +277,20 @@ fn required(args: &JsonObject, name: &str) -> Result<String, String> {
     text(args, name)?.ok_or_else(|| format!("{name} is required"))
 }
 
-fn number(args: &JsonObject, name: &str) -> Result<Option<u64>, String> {
-    match args.get(name) {
+/// The `timeout_secs` of a call, if it gives one: 1 to [`MAX_TOOL_SECS`].
+fn timeout_secs(args: &JsonObject) -> Result<Option<u64>, String> {
+    match args.get("timeout_secs") {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
             .as_u64()
-            .filter(|n| *n > 0)
+            .filter(|n| (1..=MAX_TOOL_SECS).contains(n))
             .map(Some)
-            .ok_or_else(|| format!("{name} must be a positive integer")),
+            .ok_or_else(|| {
+                format!(
+                    "timeout_secs must be an integer from 1 to {MAX_TOOL_SECS}; run longer work \
+                     as a job (POST /v1/jobs)"
+                )
+            }),
     }
 }
 
@@ -379,7 +391,7 @@ impl Session {
     async fn create(&self, caller: &Caller, template: Option<String>) -> Result<String, String> {
         let req = v1::CreateSandbox {
             template: template.unwrap_or_else(|| v1::DEFAULT_TEMPLATE.to_owned()),
-            timeout_secs: Some(SESSION_SANDBOX_TTL_SECS),
+            timeout_secs: Some(self.sandbox_ttl()),
             metadata: [("moat.mcp".to_owned(), "true".to_owned())].into(),
             ..Default::default()
         };
@@ -394,12 +406,19 @@ impl Session {
         Ok(made.id)
     }
 
-    /// Pushes the sandbox's end back: it lives while the session uses it.
+    /// How long a sandbox lives past a tool call: [`SESSION_SANDBOX_TTL_SECS`], or the
+    /// server's `--max-ttl` where that is shorter (a longer one would be refused).
+    fn sandbox_ttl(&self) -> u64 {
+        SESSION_SANDBOX_TTL_SECS.min(self.manager.options().max_ttl.as_secs().max(1))
+    }
+
+    /// Pushes the sandbox's end back: it lives while the session uses it. Only ever later: a
+    /// sandbox named by a call may have been given a longer life than a session's.
     async fn keep(&self, caller: &Caller, id: &str) {
-        let req = v1::SetTimeout {
-            timeout_secs: SESSION_SANDBOX_TTL_SECS,
-        };
-        let _ = self.manager.set_timeout(caller, id, req).await;
+        let _ = self
+            .manager
+            .extend_timeout(caller, id, self.sandbox_ttl())
+            .await;
     }
 
     /// `run_code`: in the code interpreter of the session's (or the named) sandbox.
@@ -407,7 +426,7 @@ impl Session {
         let named = text(args, "sandbox_id")?;
         let code = required(args, "code")?;
         let language = text(args, "language")?;
-        let timeout = number(args, "timeout_secs")?.unwrap_or(DEFAULT_RUN_SECS);
+        let timeout = timeout_secs(args)?.unwrap_or(DEFAULT_RUN_SECS);
         let id = self.sandbox(caller, named).await?;
         self.keep(caller, &id).await;
         let req = CodeRunRequest {
@@ -426,7 +445,7 @@ impl Session {
         match name {
             "run_command" => {
                 let command = required(args, "command")?;
-                let timeout = number(args, "timeout_secs")?;
+                let timeout = timeout_secs(args)?;
                 let id = self.sandbox(caller, named).await?;
                 self.keep(caller, &id).await;
                 let req = v1::ExecRequest {
@@ -439,7 +458,12 @@ impl Session {
                     .exec(caller, &id, req)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(exec_text(&r))
+                // A run past its time is an error, as `run_code`'s is.
+                if r.timed_out {
+                    Err(exec_text(&r))
+                } else {
+                    Ok(exec_text(&r))
+                }
             }
             "write_file" => {
                 let path = required(args, "path")?;

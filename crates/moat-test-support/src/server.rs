@@ -69,6 +69,22 @@ impl Server {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        Server::start_at(dir, data, extra, env, port)
+    }
+
+    /// Starts a server on the data dir `data` (inside `dir`) listening on `port`: a restart
+    /// where its clients expect it.
+    pub fn start_in_on_port(dir: tempfile::TempDir, data: PathBuf, port: u16) -> Server {
+        Server::start_at(dir, data, &[], &[], port)
+    }
+
+    fn start_at(
+        dir: tempfile::TempDir,
+        data: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        port: u16,
+    ) -> Server {
         let log = dir.path().join("serve.log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)

@@ -132,3 +132,62 @@ fn a_tenant_s_mcp_sessions_are_capped_and_closing_one_makes_room() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// `moat mcp` keeps working when the server no longer knows its session (here the server
+/// restarted; an idle session ends the same way): it opens a new one as the client did.
+#[test]
+fn moat_mcp_opens_a_new_session_when_the_server_lost_its_own() {
+    use std::io::{BufRead, BufReader, Write};
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let port = server.port;
+    let mut bridge = std::process::Command::new(support::moat_binary())
+        .arg("mcp")
+        .env("MOAT_URL", format!("http://127.0.0.1:{port}"))
+        .env("MOAT_API_KEY", &key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("moat mcp");
+    let mut input = bridge.stdin.take().expect("stdin");
+    let mut output = BufReader::new(bridge.stdout.take().expect("stdout"));
+    let mut ask = |message: serde_json::Value, answered: bool| -> serde_json::Value {
+        writeln!(input, "{message}").expect("write");
+        input.flush().expect("flush");
+        if !answered {
+            return serde_json::Value::Null;
+        }
+        let mut line = String::new();
+        output.read_line(&mut line).expect("read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let call = |id: u64, word: &str| {
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "run_command", "arguments": {"command": format!("echo {word}")}}})
+    };
+    let init = ask(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-03-26", "capabilities": {},
+                       "clientInfo": {"name": "bridge-test", "version": "1"}}}),
+        true,
+    );
+    assert!(init["result"]["serverInfo"].is_object(), "{init}");
+    ask(
+        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        false,
+    );
+    let first = ask(call(2, "before"), true);
+    assert!(first.to_string().contains("before"), "{first}");
+
+    let (dir, data) = server.kill9();
+    let _server = Server::start_in_on_port(dir, data, port);
+    let second = ask(call(3, "after"), true);
+    assert_eq!(second["id"], 3, "{second}");
+    assert_eq!(second["result"]["isError"], false, "{second}");
+    assert!(second.to_string().contains("after"), "{second}");
+
+    drop(input);
+    let status = bridge.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}
