@@ -164,6 +164,11 @@ async def test_an_idle_environment_is_killed(server: tuple[str, str], client: mo
         while state_of(client, sandbox_id) != "killed":
             assert time.monotonic() < deadline, "the idle sandbox was never killed"
             time.sleep(0.2)
+        # A use after that gets a fresh sandbox: ADK initializes an environment only once.
+        assert (await environment.execute("echo again")).stdout == "again\n"
+        assert environment.sandbox is not None and environment.sandbox.id != sandbox_id
+        await environment.write_file("note.txt", "kept")
+        assert await environment.read_file("note.txt") == b"kept"
     finally:
         await environment.close()
 

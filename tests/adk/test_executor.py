@@ -133,6 +133,14 @@ def test_output_files_are_bounded(make_executor: Make, mock_context: InvocationC
     assert [f.name for f in result.output_files] == [f"many/{i:03}.txt" for i in range(100)]
 
 
+def test_printed_output_is_bounded(make_executor: Make, mock_context: InvocationContext) -> None:
+    result = run(make_executor(), mock_context, 'print("x" * 3_000_000)')
+    assert result.stderr == ""
+    assert result.stdout.startswith("x" * 1000)
+    assert len(result.stdout) < 1_100_000, len(result.stdout)
+    assert "more characters of output were dropped" in result.stdout
+
+
 def test_files_written_before_a_failure_are_returned(make_executor: Make, mock_context: InvocationContext) -> None:
     result = run(make_executor(), mock_context, 'open("partial.txt", "w").write("half")\n1 / 0')
     assert "ZeroDivisionError" in result.stderr

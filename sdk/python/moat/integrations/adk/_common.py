@@ -26,6 +26,9 @@ LIST_DEPTH = 8
 MAX_OUTPUT_FILE_BYTES = 16 * 1024 * 1024
 MAX_OUTPUT_TOTAL_BYTES = 64 * 1024 * 1024
 MAX_OUTPUT_FILES = 100
+#: What a code run's printed output may hold, per stream, before the rest is dropped (and
+#: said): it is kept in the agent's memory and handed to the model whole.
+MAX_PRINTED_CHARS = 1024 * 1024
 
 
 def check_working_dir(value: object) -> str:

@@ -37,7 +37,8 @@ class MoatEnvironment(BaseEnvironment):
     made when missing; commands start in it and relative paths are resolved against it.
     Absolute paths reach anywhere the sandbox's user may: the sandbox is the boundary.
     ``idle_timeout`` (seconds, default 600) is how long the sandbox lives after its last use
-    before the server kills it, should :meth:`close` never come. ``network`` is ``False`` (no
+    before the server kills it, should :meth:`close` never come; a use after that gets a fresh
+    sandbox (without the old one's files), as ADK initializes an environment only once. ``network`` is ``False`` (no
     network) unless given: ``True`` for the internet, ``None`` for the template's policy, or a
     :class:`moat.Network`. ``template``, ``resources`` and ``env`` are the sandbox's;
     ``url`` and ``api_key`` default to ``MOAT_URL`` and ``MOAT_API_KEY``, or ``client`` gives
@@ -148,7 +149,7 @@ class MoatEnvironment(BaseEnvironment):
         result says ``timed_out``; the exit code of a command a signal killed is minus the
         signal's number, as Python's subprocess (and ADK's local environment) reports it.
         """
-        sandbox, working_dir = self._live()
+        self._live()
         if not isinstance(command, str):
             raise TypeError(f"command must be a str, not {type(command).__name__}")
         limit = _common.MAX_RUN_SECONDS if timeout is None else timeout
@@ -156,11 +157,11 @@ class MoatEnvironment(BaseEnvironment):
             raise ValueError(
                 f"timeout must be None or more than 0 and at most {_common.MAX_RUN_SECONDS} seconds, not {timeout!r}"
             )
-        # The sandbox must outlive the command, and then stay for idle_timeout.
-        if limit + _common.TTL_MARGIN > self._idle_timeout:
-            await sandbox.set_timeout(limit + _common.TTL_MARGIN)
+        # The sandbox must outlive the command (whenever it starts in the idle countdown), and
+        # then stay for idle_timeout.
+        sandbox, working_dir = await self._ready(max(self._idle_timeout, limit + _common.TTL_MARGIN))
         result = await sandbox.exec(command, cwd=working_dir, timeout=limit)
-        await self._touch(sandbox)
+        await sandbox.set_timeout(self._idle_timeout)
         return ExecutionResult(
             exit_code=_exit_code(result),
             stdout=result.stdout,
@@ -172,7 +173,7 @@ class MoatEnvironment(BaseEnvironment):
     async def read_file(self, path: str | Path) -> bytes:
         """The bytes of the file at ``path`` (absolute, or relative to the working
         directory); :class:`FileNotFoundError` when there is none."""
-        sandbox, working_dir = self._live()
+        sandbox, working_dir = await self._ready(self._idle_timeout)
         where = _common.resolve(working_dir, _path_str(path))
         try:
             data = await sandbox.files.read(where)
@@ -184,16 +185,16 @@ class MoatEnvironment(BaseEnvironment):
             raise
         except PermissionDeniedError as e:
             raise PermissionError(errno.EACCES, "the sandbox's user may not read it", str(path)) from e
-        await self._touch(sandbox)
         return data
 
     @override
     async def write_file(self, path: str | Path, content: str | bytes) -> None:
         """Writes ``content`` (text as UTF-8, or bytes) to the file at ``path`` (absolute, or
         relative to the working directory), replacing it and making missing parents."""
-        sandbox, working_dir = self._live()
+        self._live()
         if not isinstance(content, (str, bytes)):
             raise TypeError(f"content must be str or bytes, not {type(content).__name__}")
+        sandbox, working_dir = await self._ready(self._idle_timeout)
         where = _common.resolve(working_dir, _path_str(path))
         try:
             await sandbox.files.write(where, content)
@@ -205,7 +206,6 @@ class MoatEnvironment(BaseEnvironment):
             raise
         except PermissionDeniedError as e:
             raise PermissionError(errno.EACCES, "the sandbox's user may not write it", str(path)) from e
-        await self._touch(sandbox)
 
     # --- inside ---
 
@@ -214,9 +214,35 @@ class MoatEnvironment(BaseEnvironment):
             raise RuntimeError("the environment is not initialized: call initialize() first")
         return self._sandbox, self._working_dir
 
-    async def _touch(self, sandbox: AsyncSandbox) -> None:
-        """Restarts the idle countdown after a use."""
-        await sandbox.set_timeout(self._idle_timeout)
+    async def _ready(self, seconds: float) -> tuple[AsyncSandbox, str]:
+        """The sandbox and its working directory, given ``seconds`` to live from now (the idle
+        countdown starts again at each use). A sandbox that ended meanwhile (left idle past
+        ``idle_timeout``) is replaced by a fresh one, without its files: ADK initializes an
+        environment once, so without this every later call would fail."""
+        sandbox, working_dir = self._live()
+        try:
+            await sandbox.set_timeout(seconds)
+            return sandbox, working_dir
+        except (NotFoundError, ConflictError):
+            pass
+        logger.warning(
+            "sandbox %s of this environment has ended (idle for more than %s s): starting a fresh one, without its files",
+            sandbox.id,
+            self._idle_timeout,
+        )
+        async with self._lock:
+            # Another call may have replaced it already: only the ended one is let go.
+            client = None
+            if self._sandbox is sandbox:
+                client = self._client
+                self._sandbox = self._client = None
+                self._working_dir = None
+        if client is not None and client is not self._given_client:
+            await client.close()
+        await self.initialize()
+        sandbox, working_dir = self._live()
+        await sandbox.set_timeout(seconds)
+        return sandbox, working_dir
 
 
 def _path_str(path: str | Path) -> str:

@@ -363,23 +363,23 @@ class MoatCodeExecutor(BaseCodeExecutor):
         # A fresh working directory holds only the inputs: nothing to compare with.
         before = self._listing(sandbox, working_dir) if look_before else {}
         # Gathered as they come, so a run interrupted by its timeout still has its output.
-        out: list[str] = []
-        err: list[str] = []
+        out = _Printed()
+        err = _Printed()
         execution: Execution | None = None
         try:
             execution = sandbox.run_code(
                 code,
                 context=context,
                 timeout=self.timeout_seconds,
-                on_stdout=out.append,
-                on_stderr=err.append,
+                on_stdout=out.add,
+                on_stderr=err.add,
             )
         except SandboxTimeoutError as e:
             # Only the executor's own deadline is a result; the server's 504 is a failure.
             if e.code != "timed_out" or self.timeout_seconds is None:
                 raise
         # What a successful run printed on stderr goes to stdout: ADK takes any stderr for a failure.
-        stdout = "".join(out) + "".join(err)
+        stdout = out.text() + err.text()
         if execution is None:
             stderr = f"Code execution timed out after {self.timeout_seconds} seconds and was interrupted.\n"
             exit_code: int | None = None
@@ -475,14 +475,41 @@ def _failure(execution: Execution) -> str:
 
 
 def _extend(sandbox: Sandbox, seconds: float) -> bool:
-    """Gives ``sandbox`` ``seconds`` more to live; ``False`` when it has ended already."""
+    """Gives ``sandbox`` ``seconds`` more to live; ``False`` when it has ended already, or
+    could not be reached (a run's result is worth more than its sandbox)."""
     # Through a copy: Sandbox.set_timeout keeps the server's answer as the object's info, and
     # that answer has no access token, which run_code needs.
     try:
         Sandbox(sandbox.last_info, sandbox.client).set_timeout(seconds)
     except (NotFoundError, ConflictError):
         return False
+    except MoatError as e:
+        logger.warning("could not extend sandbox %s (a fresh one serves the next run): %s", sandbox.id, e)
+        return False
     return True
+
+
+class _Printed:
+    """What a run printed on one stream, kept up to ``MAX_PRINTED_CHARS`` and said when cut."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._kept = 0
+        self._dropped = 0
+
+    def add(self, text: str) -> None:
+        room = _common.MAX_PRINTED_CHARS - self._kept
+        if room > 0:
+            part = text[:room]
+            self._parts.append(part)
+            self._kept += len(part)
+        self._dropped += max(0, len(text) - max(room, 0))
+
+    def text(self) -> str:
+        joined = "".join(self._parts)
+        if self._dropped:
+            joined += f"\n[{self._dropped} more characters of output were dropped]\n"
+        return joined
 
 
 def _kill(sandbox: Sandbox) -> None:
