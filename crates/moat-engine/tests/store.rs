@@ -737,6 +737,37 @@ fn sandbox_state_machine_is_enforced() {
         store.set_sandbox_expiry("acme", &killed.id, Some(42)),
         Err(StoreError::Ended { state: Killed, .. })
     ));
+    // A pause at its timeout takes away only a time to live that ran out, of a paused sandbox:
+    // not a running one's, nor a new one a resume gave.
+    assert!(!store.clear_expired_pause("acme", &running.id, 100).unwrap());
+    let paused_one = sandbox_in(&store, Paused);
+    store
+        .set_sandbox_expiry("acme", &paused_one.id, Some(500))
+        .unwrap();
+    assert!(
+        !store
+            .clear_expired_pause("acme", &paused_one.id, 100)
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .get_sandbox("acme", &paused_one.id)
+            .unwrap()
+            .expires_at,
+        Some(500)
+    );
+    assert!(
+        store
+            .clear_expired_pause("acme", &paused_one.id, 500)
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .get_sandbox("acme", &paused_one.id)
+            .unwrap()
+            .expires_at,
+        None
+    );
     // Only starting or running at insert.
     let mut paused = new_sandbox("acme", None, "host");
     paused.state = Paused;

@@ -94,7 +94,12 @@ impl SandboxManager {
     ) -> ManagerResult<Execution> {
         let plan = exec_plan(req)?;
         let live = self.inner.live_for(tenant, id).await?;
-        Execution::start(id, live, plan).await
+        // Counted until the agent has the command, so a pause waits for the start rather than
+        // saving the sandbox (and cutting its connection) in the middle of it.
+        let _starting = live.enter_call().ok_or_else(|| {
+            ManagerError::Conflict(format!("sandbox {id} is being paused; resume it first"))
+        })?;
+        Execution::start(id, live.clone(), plan).await
     }
 }
 

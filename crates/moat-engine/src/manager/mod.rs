@@ -816,7 +816,7 @@ impl SandboxManager {
                     .ok()
                     .flatten()
                     .is_some_and(|p| p.lifecycle.on_timeout == v1::OnTimeout::Pause);
-                if pauses && inner.pause_at_timeout(&rec).await {
+                if pauses && inner.pause_at_timeout(&rec, now).await {
                     return Ok(rec.id);
                 }
                 inner.end(&rec.tenant, &rec.id, EndReason::Ttl).await?;
@@ -1203,8 +1203,18 @@ impl Inner {
         let public_traffic = new.public_traffic;
         match self.db(move |s| s.claim_pool_member(&new, limits)).await {
             Ok(rec) => {
+                let id = rec.id.clone();
                 self.adopt(&tenant, member, public_traffic);
                 self.pools.claimed();
+                // A delete that read the record between the claim's commit and the adoption
+                // found nothing live to destroy: do it for it.
+                let (t, i) = (tenant.clone(), id.clone());
+                if let Ok(now) = self.db(move |s| s.get_sandbox(&t, &i)).await
+                    && now.state.is_ended()
+                {
+                    self.remove_and_destroy(&id).await;
+                    return Ok(to_v1(&now));
+                }
                 Ok(to_v1(&rec))
             }
             Err(e @ ManagerError::QuotaExceeded(_)) if !restored => {

@@ -67,24 +67,36 @@ impl SandboxManager {
 }
 
 impl Inner {
-    /// Pauses `rec`, whose time to live has run out and whose lifecycle pauses it then, and
-    /// takes its time to live away (it stays paused until resumed or deleted). `false` when
-    /// it could not be paused, for the caller to end it.
-    pub(super) async fn pause_at_timeout(self: &Arc<Self>, rec: &SandboxRecord) -> bool {
+    /// Pauses `rec`, whose time to live ran out by `now` and whose lifecycle pauses it then,
+    /// and takes its time to live away (it stays paused until resumed or deleted). `false`
+    /// when it could not be paused, for the caller to end it.
+    pub(super) async fn pause_at_timeout(self: &Arc<Self>, rec: &SandboxRecord, now: i64) -> bool {
         let (tenant, id) = (rec.tenant.as_str(), rec.id.as_str());
-        if rec.state == SandboxState::Running
-            && let Err(e) = self.clone().pause(tenant, id).await
-        {
-            tracing::warn!(sandbox = %id, "pausing at its timeout failed, ending it: {e}");
-            return false;
+        match rec.state {
+            SandboxState::Running => {
+                if let Err(e) = self.clone().pause(tenant, id).await {
+                    // Paused meanwhile by another call (the owner's pause): as good as done.
+                    let (t, i) = (tenant.to_owned(), id.to_owned());
+                    let paused = self
+                        .db(move |s| s.get_sandbox(&t, &i))
+                        .await
+                        .is_ok_and(|r| r.state == SandboxState::Paused);
+                    if !paused {
+                        tracing::warn!(sandbox = %id, "pausing at its timeout failed, ending it: {e}");
+                        return false;
+                    }
+                }
+            }
+            SandboxState::Paused => {}
+            _ => return false,
         }
-        if rec.state != SandboxState::Running && rec.state != SandboxState::Paused {
-            return false;
-        }
+        // Only the time to live that ran out: a resume meanwhile gave it a new one to keep.
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        match self.db(move |s| s.set_sandbox_expiry(&t, &i, None)).await {
-            Ok(_) => {
-                tracing::info!(sandbox = %id, "paused at its timeout");
+        match self.db(move |s| s.clear_expired_pause(&t, &i, now)).await {
+            Ok(cleared) => {
+                if cleared {
+                    tracing::info!(sandbox = %id, "paused at its timeout");
+                }
                 true
             }
             Err(e) => {

@@ -41,7 +41,7 @@ use moat_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::memory::MEMORY_SUFFIX;
-use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, lock, to_the_end};
+use super::{Inner, ManagerError, ManagerResult, SandboxManager, check_env, to_the_end};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::auth::Caller;
 use crate::plan::{SandboxPlan, limits_v1, resources_of};
@@ -765,16 +765,13 @@ impl Inner {
         };
         let _cleanup = RemoveOnDrop(Some(captured.file.clone()));
         let plain = !req.memory && captured.env.is_empty();
-        // The copies' services are as public as the source's, and they reach what it reaches.
-        let (public_traffic, network) = match lock(&self.live).get(id) {
-            Some(live) => (
-                Some(live.public_traffic),
-                lock(&live.egress)
-                    .as_ref()
-                    .map(|e| crate::network::NetworkPolicy::Egress(e.policy())),
-            ),
-            None => (None, None),
-        };
+        // The copies' services are as public as the source's, and they reach what it reaches:
+        // from its record, which an end during the capture leaves in place (its live entry
+        // would be gone, and the copies would get the server's defaults).
+        let (t, i) = (tenant.clone(), id.to_owned());
+        let source = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        let public_traffic = Some(source.public_traffic);
+        let network = super::stored_plan(&source)?.map(|p| p.network);
         let mut plan = self
             .plan_restored(
                 &tenant,

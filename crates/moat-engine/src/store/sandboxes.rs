@@ -774,6 +774,22 @@ impl Store {
         })
     }
 
+    /// Takes the time to live away from a paused sandbox of `tenant` whose time ran out by
+    /// `now` (a pause at its timeout): whether it did. A sandbox resumed meanwhile (with a
+    /// new time to live) or not paused is left as it is.
+    pub fn clear_expired_pause(&self, tenant: &str, id: &str, now: i64) -> StoreResult<bool> {
+        check_tenant_id(tenant)?;
+        check_sandbox_id(id)?;
+        self.write(|tx| {
+            let cleared = tx.execute(
+                "UPDATE sandboxes SET expires_at = NULL
+                 WHERE tenant_id = ?1 AND id = ?2 AND state = 'paused' AND expires_at <= ?3",
+                params![tenant, id, now],
+            )?;
+            Ok(cleared == 1)
+        })
+    }
+
     /// Replaces the recorded plan of a running or paused sandbox of `tenant` (a network policy
     /// changed while it runs). An ended sandbox is [`StoreError::Ended`].
     pub fn set_sandbox_plan(
