@@ -272,6 +272,8 @@ impl SandboxManager {
             .images
             .clone()
             .ok_or_else(|| ManagerError::Invalid("this server keeps no images".into()))?;
+        // What all of the build's contexts may unpack to together, whatever they compress to.
+        let mut budget = super::builds::MAX_CONTEXT_BYTES;
         let context = match &plan.context {
             Some(digest) => {
                 let archive = builds.context(&caller.tenant, digest).ok_or_else(|| {
@@ -280,13 +282,20 @@ impl SandboxManager {
                 let dir = builds.build_dir(&rec.build.id).join("context");
                 log.line(&format!("unpacking the build context {digest}"))
                     .await;
-                unpack_context(&archive, &dir).await?;
+                self.inner.check_build_disk(budget)?;
+                budget -= unpack_context(&archive, &dir, budget).await?;
                 Some(dir)
             }
             None => None,
         };
         let mut named = BTreeMap::new();
+        // A digest named twice is unpacked once: its names share the directory.
+        let mut unpacked: BTreeMap<&str, PathBuf> = BTreeMap::new();
         for (name, digest) in &plan.contexts {
+            if let Some(dir) = unpacked.get(digest.as_str()) {
+                named.insert(name.clone(), dir.clone());
+                continue;
+            }
             let archive = builds.context(&caller.tenant, digest).ok_or_else(|| {
                 ManagerError::NotFound(format!("build context {name} ({digest}) is gone"))
             })?;
@@ -296,7 +305,9 @@ impl SandboxManager {
             log.line(&format!("unpacking the build context {name}"))
                 .await;
             let dir = root.join(name);
-            unpack_context(&archive, &dir).await?;
+            self.inner.check_build_disk(budget)?;
+            budget -= unpack_context(&archive, &dir, budget).await?;
+            unpacked.insert(digest, dir.clone());
             named.insert(name.clone(), dir);
         }
         let global: BTreeMap<String, String> = self.declared_args(plan, log).await?;
@@ -979,8 +990,9 @@ fn hex_digest(hash: Sha256) -> String {
 }
 
 /// Unpacks the context archive at `archive` into `dir` with the image unpacker's
-/// containment (no path leaves `dir`, no link is followed, no device is made).
-async fn unpack_context(archive: &Path, dir: &Path) -> ManagerResult<()> {
+/// containment (no path leaves `dir`, no link is followed, no device is made), writing at
+/// most `budget` bytes of file contents; returns how many it wrote.
+async fn unpack_context(archive: &Path, dir: &Path, budget: u64) -> ManagerResult<u64> {
     let (archive, dir) = (archive.to_owned(), dir.to_owned());
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir(&dir)
@@ -990,7 +1002,7 @@ async fn unpack_context(archive: &Path, dir: &Path) -> ManagerResult<()> {
                 .map_err(|e| ManagerError::Internal(format!("opening the context: {e}")))?,
         );
         let limits = UnpackLimits {
-            max_bytes: super::builds::MAX_CONTEXT_BYTES,
+            max_bytes: budget,
             max_entries: MAX_CONTEXT_ENTRIES,
             ..UnpackLimits::default()
         };
@@ -1003,9 +1015,13 @@ async fn unpack_context(archive: &Path, dir: &Path) -> ManagerResult<()> {
         } else {
             Box::new(file)
         };
-        unpack_layer(reader, &dir, &limits)
-            .map_err(|e| ManagerError::Invalid(format!("the build context: {e}")))?;
-        Ok(())
+        let index = unpack_layer(reader, &dir, &limits).map_err(|e| {
+            ManagerError::Invalid(format!(
+                "the build context (a build's contexts unpack to at most {} in all): {e}",
+                moat_proto::units::describe_size(super::builds::MAX_CONTEXT_BYTES)
+            ))
+        })?;
+        Ok(index.bytes.min(budget))
     })
     .await
     .map_err(|e| ManagerError::Internal(format!("context task: {e}")))?

@@ -730,6 +730,15 @@ impl Store {
         self.read(|tx| check_blob_room(tx, tenant, size, max_bytes))
     }
 
+    /// Bytes `tenant` may still store (blobs and job records) under `max_bytes`.
+    pub fn blob_room(&self, tenant: &str, max_bytes: u64) -> StoreResult<u64> {
+        self.read(|tx| {
+            require_tenant(tx, tenant)?;
+            let used = blob_bytes(tx, tenant)?.saturating_add(job_usage(tx, tenant)?.bytes);
+            Ok(max_bytes.saturating_sub(used))
+        })
+    }
+
     /// Every digest a blob row names.
     pub fn blob_digests(&self) -> StoreResult<std::collections::HashSet<String>> {
         self.read(|tx| {

@@ -40,6 +40,7 @@ use super::{Inner, ManagerError, ManagerResult, SandboxManager, to_the_end};
 use crate::auth::Caller;
 use crate::blobs::{BlobError, BlobLocation, BlobStore, is_digest};
 use crate::store::{BlobKind, JobLimits, JobRecord, NewJob, Running, now_ms};
+use crate::tenant_slots::TenantSlots;
 
 /// Most bytes of a job's record of what to run (its code, command, environment and settings,
 /// as JSON): a job's record is in the database, which all tenants share.
@@ -194,7 +195,13 @@ pub(super) struct Jobs {
     webhooks: Notify,
     /// Jobs whose webhook is being sent now.
     delivering: Mutex<std::collections::HashSet<String>>,
+    /// Uploads (`POST /v1/blobs`) under way, per tenant: each may write up to the tenant's
+    /// room before its quota is checked again at the end.
+    uploads: Arc<TenantSlots>,
 }
+
+/// Uploads of one tenant under way at once.
+pub const MAX_UPLOADS_PER_TENANT: usize = 2;
 
 struct RunningAttempt {
     tenant: String,
@@ -219,6 +226,7 @@ impl Jobs {
             orphans_swept_at: AtomicI64::new(0),
             webhooks: Notify::new(),
             delivering: Mutex::new(std::collections::HashSet::new()),
+            uploads: TenantSlots::new(MAX_UPLOADS_PER_TENANT, None),
         }))
     }
 }
@@ -857,9 +865,35 @@ impl SandboxManager {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
-        self.inner
-            .keep_blob(&caller.tenant, BlobKind::Upload, "", body, MAX_BLOB_BYTES)
+        let jobs = self.inner.jobs()?.clone();
+        let _upload = jobs.uploads.enter(&caller.tenant).map_err(|_| {
+            ManagerError::QuotaExceeded(format!(
+                "the tenant has {MAX_UPLOADS_PER_TENANT} uploads under way already; retry when \
+                 one is done"
+            ))
+        })?;
+        // No more than the tenant has room for is written at all: the quota is checked again
+        // when the blob is recorded, but the bytes would be on disk by then.
+        let (t, max) = (caller.tenant.clone(), jobs.opts.bytes_per_tenant);
+        let room = self.inner.db(move |s| s.blob_room(&t, max)).await?;
+        let over_quota = || {
+            ManagerError::QuotaExceeded(format!(
+                "the tenant's stored bytes (blobs and job records) would pass its quota of {}",
+                moat_proto::units::describe_size(max)
+            ))
+        };
+        if room == 0 {
+            return Err(over_quota());
+        }
+        let limit = MAX_BLOB_BYTES.min(room);
+        match self
+            .inner
+            .keep_blob(&caller.tenant, BlobKind::Upload, "", body, limit)
             .await
+        {
+            Err(ManagerError::TooLarge(_)) if limit < MAX_BLOB_BYTES => Err(over_quota()),
+            other => other,
+        }
     }
 
     /// Deletes the caller's upload `digest` (jobs that name it keep it until they go).
