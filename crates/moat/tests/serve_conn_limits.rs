@@ -418,13 +418,28 @@ fn one_tenant_s_stalled_requests_leave_room_for_others() {
         ),
     );
     // Each stalled request is in flight once its key has been checked.
-    let r = until_status(
-        server.port,
-        &greedy,
-        429,
-        200,
-        "the stalled requests were never capped",
-    );
+    let capped = std::panic::catch_unwind(|| {
+        until_status(
+            server.port,
+            &greedy,
+            429,
+            200,
+            "the stalled requests were never capped",
+        )
+    });
+    let mut stalled = stalled;
+    let r = match capped {
+        Ok(r) => r,
+        Err(e) => {
+            // What the requests that should be stalled got instead (a refusal, a close),
+            // to tell that from a miscount.
+            eprintln!(
+                "answers to the stalled requests: {:?}",
+                early_answers(&mut stalled)
+            );
+            std::panic::resume_unwind(e);
+        }
+    };
     assert!(r.text().contains("requests in flight"), "{}", r.text());
     let r = keyed(server.port, "GET", "/v1/sandboxes", &other, "");
     assert_eq!(r.status, 200, "another tenant was kept out: {}", r.text());
