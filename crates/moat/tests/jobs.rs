@@ -765,3 +765,55 @@ fn finished_jobs_count_until_deleted() {
     assert_eq!(r.status / 100, 2, "{}", r.text());
     submit(&server, &key, json!({"shell": "echo three"}));
 }
+
+/// An upload is refused once it passes what the tenant's `--job-quota` has left, while it
+/// arrives: the server does not take the whole body onto its disk before it says no.
+#[test]
+fn an_upload_past_the_quota_is_refused_before_it_is_all_written() {
+    use std::io::{Read, Write};
+    need_root!();
+    let server = Server::start_with(&["--job-quota", "1M"]);
+    let key = server.admin_key();
+    const BODY: usize = 256 << 20;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    write!(
+        conn,
+        "POST /v1/blobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {BODY}\r\n\r\n"
+    )
+    .expect("head");
+    conn.set_read_timeout(Some(Duration::from_millis(1)))
+        .expect("timeout");
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0;
+    let mut answer = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sent < BODY && Instant::now() < deadline {
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = conn.read(&mut buf)
+            && n > 0
+        {
+            answer.extend_from_slice(&buf[..n]);
+            break;
+        }
+        if conn.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = [0u8; 4096];
+    if let Ok(n) = conn.read(&mut rest) {
+        answer.extend_from_slice(&rest[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("quota"), "{answer}");
+    // A few MiB of socket buffers at most past the 1 MiB quota, not the whole body.
+    assert!(
+        sent < 64 << 20,
+        "the server read {} MiB before it refused a 1 MiB quota's upload",
+        sent >> 20
+    );
+}
