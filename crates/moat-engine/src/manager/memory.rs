@@ -630,11 +630,23 @@ impl Inner {
         }
         self.paused_bytes.set(id, tenant, dir_bytes(&paused));
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        if let Err(e) = self
+        let recorded = self
             .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Paused, None))
-            .await
-        {
+            .await;
+        // Ended meanwhile (a delete that cleared its paused state before this moved the
+        // checkpoint there): nothing will resume it, so its saved memory goes now rather than
+        // at the next start.
+        let ended = !lock(&self.live)
+            .get(id)
+            .is_some_and(|l| Arc::ptr_eq(l, live));
+        if let Err(e) = &recorded {
             tracing::warn!(sandbox = %id, "recording a sandbox paused on its checkpoint: {e}");
+        }
+        if ended || matches!(recorded, Err(ManagerError::Conflict(_))) {
+            self.paused_bytes.remove(id);
+            let gone = paused.clone();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(gone)).await;
+            return why;
         }
         ManagerError::Unavailable(format!(
             "{why}; the sandbox is paused on what was saved, and a resume may try again"
