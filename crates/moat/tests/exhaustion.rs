@@ -87,6 +87,30 @@ async fn assert_all_reaped(sb: &Sandbox) {
     );
 }
 
+/// The first line a running hog prints on its standard output (it must not end first).
+async fn first_line(stream: &mut moat_engine::agent_client::ProcessStream) -> String {
+    tokio::time::timeout(HANG, async {
+        let mut out = Vec::new();
+        while !out.ends_with(b"\n") {
+            match stream.next().await {
+                Some(Ok(ev)) => match ev.event {
+                    Some(Event::Data(d)) => {
+                        if let Some(data_event::Output::Stdout(b)) = d.output {
+                            out.extend(b);
+                        }
+                    }
+                    Some(Event::End(e)) => panic!("the hog ended early: {e:?}"),
+                    _ => {}
+                },
+                other => panic!("hog stream: {other:?}"),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("the hog never reported")
+}
+
 /// Opening files until `EMFILE` fails cleanly in the process; the agent, whose descriptors are
 /// its own, goes on serving processes and files while the hog holds every descriptor it got.
 #[tokio::test(flavor = "current_thread")]
@@ -122,26 +146,7 @@ time.sleep(600)
             )
             .await
             .expect("hog start");
-        let line = tokio::time::timeout(HANG, async {
-            let mut out = Vec::new();
-            while !out.ends_with(b"\n") {
-                match stream.next().await {
-                    Some(Ok(ev)) => match ev.event {
-                        Some(Event::Data(d)) => {
-                            if let Some(data_event::Output::Stdout(b)) = d.output {
-                                out.extend(b);
-                            }
-                        }
-                        Some(Event::End(e)) => panic!("the hog ended early: {e:?}"),
-                        _ => {}
-                    },
-                    other => panic!("hog stream: {other:?}"),
-                }
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        })
-        .await
-        .expect("the hog never reported");
+        let line = first_line(&mut stream).await;
         let mut words = line.split_whitespace();
         assert_eq!(words.next(), Some("EMFILE"), "{user}: {line}");
         let n: usize = words.next().and_then(|n| n.parse().ok()).expect("count");
@@ -208,26 +213,7 @@ time.sleep(600)
         )
         .await
         .expect("hog start");
-    let line = tokio::time::timeout(HANG, async {
-        let mut out = Vec::new();
-        while !out.ends_with(b"\n") {
-            match stream.next().await {
-                Some(Ok(ev)) => match ev.event {
-                    Some(Event::Data(d)) => {
-                        if let Some(data_event::Output::Stdout(b)) = d.output {
-                            out.extend(b);
-                        }
-                    }
-                    Some(Event::End(e)) => panic!("the hog ended early: {e:?}"),
-                    _ => {}
-                },
-                other => panic!("hog stream: {other:?}"),
-            }
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    })
-    .await
-    .expect("the hog never reported");
+    let line = first_line(&mut stream).await;
     // It reached a limit of its own (`EMFILE`: the per-user count of instances).
     assert!(line.starts_with("EMFILE "), "{line}");
 
