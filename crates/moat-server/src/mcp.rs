@@ -47,8 +47,8 @@ const DEFAULT_RUN_SECS: u64 = 60;
 /// does not count a call under way) and the 5 minutes MCP clients wait for an answer by
 /// default. Longer work belongs in a job (`POST /v1/jobs`).
 pub const MAX_TOOL_SECS: u64 = 240;
-/// Largest file `read_file` returns (as text).
-const MAX_READ_BYTES: u64 = 1 << 20;
+/// Largest file `read_file` returns (as text): what a model can use in one answer.
+const MAX_READ_BYTES: u64 = 256 << 10;
 /// Largest output of a command or code run returned, per stream.
 const MAX_OUTPUT_CHARS: usize = 64 << 10;
 
@@ -228,7 +228,7 @@ fn tools() -> Vec<Tool> {
         ),
         tool(
             "read_file",
-            "Read a text file from the sandbox (at most 1 MiB). Relative paths are under /home/user.",
+            "Read a text file from the sandbox (at most 256 KiB). Relative paths are under /home/user.",
             json!({"type": "object", "properties": {
                 "path": {"type": "string"},
                 "sandbox_id": sandbox,
@@ -532,7 +532,7 @@ impl Session {
                 Ok(if out.is_empty() {
                     format!("{path} is empty")
                 } else {
-                    out
+                    bounded(&out)
                 })
             }
             "create_sandbox" => {
@@ -654,15 +654,25 @@ impl ServerHandler for Session {
             ));
         }
         let args = request.arguments.unwrap_or_default();
-        let result = if request.name == "run_code" {
-            match self.run_code(&caller, &args).await {
-                Ok(run) => code_result(&run),
-                Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+        let work = async {
+            if request.name == "run_code" {
+                match self.run_code(&caller, &args).await {
+                    Ok(run) => code_result(&run),
+                    Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+                }
+            } else {
+                match self.call(&caller, &request.name, &args).await {
+                    Ok(text) => CallToolResult::success(vec![ContentBlock::text(text)]),
+                    Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+                }
             }
-        } else {
-            match self.call(&caller, &request.name, &args).await {
-                Ok(text) => CallToolResult::success(vec![ContentBlock::text(text)]),
-                Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]),
+        };
+        // A cancelled call (`notifications/cancelled`) stops its work: dropping a command's
+        // execution kills it, as a client hanging up on `/v1` exec does.
+        let result = tokio::select! {
+            result = work => result,
+            () = context.ct.cancelled() => {
+                CallToolResult::error(vec![ContentBlock::text("cancelled by the client")])
             }
         };
         Ok(result.into())

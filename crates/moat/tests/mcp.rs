@@ -191,3 +191,80 @@ fn moat_mcp_opens_a_new_session_when_the_server_lost_its_own() {
     let status = bridge.wait().expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// A message on an open `/mcp` session.
+fn on_session(server: &Server, key: &str, session: &str, message: serde_json::Value) -> Reply {
+    server
+        .send(
+            "POST",
+            "/mcp",
+            Some(key),
+            &[
+                ("Content-Type", "application/json"),
+                ("Accept", "application/json, text/event-stream"),
+                ("Mcp-Session-Id", session),
+            ],
+            Some(&body(message)),
+        )
+        .expect("POST /mcp")
+}
+
+/// A tool call the client cancels stops: its command is killed in the sandbox.
+#[test]
+fn a_cancelled_tool_call_kills_its_command() {
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let session = session_of(&initialize(&server, &key));
+    on_session(
+        &server,
+        &key,
+        &session,
+        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    );
+    let id = server.create_sandbox(&key);
+    let sleeping = |server: &Server| {
+        server.shell(&key, &id, "pgrep -c -x sleep || true")["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            on_session(
+                &server,
+                &key,
+                &session,
+                serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                    "params": {"name": "run_command",
+                               "arguments": {"command": "sleep 171", "sandbox_id": id}}}),
+            )
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while sleeping(&server) != "1" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the command never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        on_session(
+            &server,
+            &key,
+            &session,
+            serde_json::json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": 7, "reason": "the user stopped it"}}),
+        );
+        // The call's own request ends (whatever the transport answers for a cancelled call).
+        let _ = call.join().expect("call thread");
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sleeping(&server) != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled call's command still runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
