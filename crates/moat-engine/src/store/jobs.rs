@@ -159,6 +159,9 @@ pub struct Running {
     pub per_tenant: HashMap<String, usize>,
     /// The tenant served last: among tenants with as few running, the next after it goes.
     pub last_tenant: String,
+    /// Most attempts one tenant may run at once (`None`: no bound): the workers less one, so
+    /// another tenant's job always finds a worker however long the first tenant's jobs run.
+    pub per_tenant_cap: Option<usize>,
 }
 
 /// Most rows of one page of jobs.
@@ -515,8 +518,8 @@ impl Store {
     }
 
     /// Takes the next queued job whose time has come, fairly between tenants (the one with
-    /// the fewest attempts `running`, then the next after the last served), and marks it
-    /// running with one more attempt.
+    /// the fewest attempts `running`, then the next after the last served; none of a tenant
+    /// at its cap), and marks it running with one more attempt.
     pub fn claim_job(&self, now: i64, running: &Running) -> StoreResult<Option<JobRecord>> {
         self.write(|tx| {
             // Each tenant with a queued job, by index seeks: as many steps as tenants, however
@@ -549,6 +552,12 @@ impl Store {
                  AND not_before <= ?2 ORDER BY seq LIMIT 1",
             )?;
             for tenant in &tenants {
+                if running
+                    .per_tenant_cap
+                    .is_some_and(|cap| load(tenant) >= cap)
+                {
+                    continue;
+                }
                 let Some(seq) = first
                     .query_row(params![tenant, now], |row| row.get::<_, i64>(0))
                     .optional()?
@@ -970,6 +979,13 @@ mod tests {
         // "b" has none running: its one job goes before "a"'s next.
         let second = store.claim_job(now, &running).unwrap().unwrap();
         assert_eq!((second.id.as_str(), second.attempts), ("b0", 1));
+        // A tenant at its cap gets no more, whatever it has queued.
+        let capped = Running {
+            per_tenant: [("a".to_owned(), 1)].into(),
+            last_tenant: "b".into(),
+            per_tenant_cap: Some(1),
+        };
+        assert!(store.claim_job(now, &capped).unwrap().is_none());
 
         let end = AttemptEnd {
             state: JobState::Succeeded,

@@ -944,6 +944,7 @@ impl SandboxManager {
                             m
                         }),
                     last_tenant: lock(&jobs.last_tenant).clone(),
+                    per_tenant_cap: (jobs.opts.workers > 1).then(|| jobs.opts.workers - 1),
                 };
                 let now = now_ms();
                 let claimed = self.inner.db(move |s| s.claim_job(now, &running)).await;
