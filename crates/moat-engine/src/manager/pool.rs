@@ -77,6 +77,8 @@ pub(crate) struct Member {
     memory: u64,
     /// Its template's network, being served.
     egress: Option<crate::network::Egress>,
+    /// The template as it was made from: a member of an older version never rejoins a pool.
+    spec: v1::TemplateSpec,
 }
 
 struct Pool {
@@ -169,14 +171,16 @@ impl Pools {
         self.wake.notify_one();
     }
 
-    /// Returns a member a claim could not use (a quota refused it) to the front of its pool.
+    /// Returns a member a claim could not use (a quota refused it) to the front of its pool;
+    /// hands it back, for the caller to destroy, when its pool is gone or its template has
+    /// changed since it was made.
     pub(crate) fn put_back(&self, key: &PoolKey, member: Member) -> Option<Member> {
         match lock(&self.pools).get_mut(key) {
-            Some(pool) => {
+            Some(pool) if pool.spec == member.spec => {
                 pool.ready.push_front(member);
                 None
             }
-            None => Some(member),
+            _ => Some(member),
         }
     }
 
@@ -568,6 +572,7 @@ impl Inner {
                     instance,
                     memory,
                     egress,
+                    spec: spec.clone(),
                 })
             }
             Err(e) => {
