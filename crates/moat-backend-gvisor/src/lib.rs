@@ -105,7 +105,7 @@ impl GvisorBackend {
             None => std::fs::read_link("/proc/self/exe")
                 .map_err(|e| EngineError::io("readlink /proc/self/exe", e))?,
         };
-        sweep(&dir, &layout);
+        sweep(&dir, &runtime.slots());
         Ok(GvisorBackend {
             runsc,
             runtime,
@@ -196,6 +196,10 @@ impl GvisorBackend {
         for d in [sandbox_dir, &layout.run, &layout.root] {
             std::fs::create_dir(d).map_err(|e| io("create", d, e))?;
         }
+        // Whose it is, for the sweeps of every moat process of the host (see [`sweep`]).
+        let slot_file = sandbox_dir.join(SLOT_FILE);
+        std::fs::write(&slot_file, ids.slot().to_string())
+            .map_err(|e| io("write", &slot_file, e))?;
         // runsc writes its state and log as the jail's root.
         let owner = ids.host_base();
         std::os::unix::fs::lchown(&layout.run, Some(owner), Some(owner))
@@ -312,21 +316,37 @@ impl GvisorBackend {
     }
 }
 
+/// The file of a sandbox's directory naming its uid-range slot.
+const SLOT_FILE: &str = "slot";
+
 /// Removes what sandboxes of processes that died without cleaning up (a `moat run` killed by
-/// SIGKILL, whose guardian removed its cgroups; a sandbox the native backend's start found
-/// with no owner) left in `dir`: the directory of every sandbox that has no cgroup. A sandbox
-/// being made has its cgroups before its directory. Returns how many it removed.
-fn sweep(dir: &Path, layout: &Layout) -> usize {
+/// SIGKILL; a sandbox the native backend's start found with no owner) left in `dir`, which
+/// every moat process of the host shares: the directory of every sandbox whose uid-range
+/// slot no process holds and no kept marker names (its owner, a server or a `moat run` and
+/// its guardian, holds the slot's lock as long as the sandbox lives). The slot is held while
+/// the directory goes, so no new sandbox takes it meanwhile. Returns how many it removed.
+fn sweep(dir: &Path, slots: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if moat_jail::spawn::validate_id(&name).is_err()
-            || !e.file_type().is_ok_and(|t| t.is_dir())
-            || SandboxCgroup::existing(layout, &name).is_some()
+        if moat_jail::spawn::validate_id(&name).is_err() || !e.file_type().is_ok_and(|t| t.is_dir())
         {
+            continue;
+        }
+        // A directory being made has no slot file for a moment: its maker holds the slot.
+        let Some(slot) = std::fs::read_to_string(e.path().join(SLOT_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(Some(_held)) = IdRange::try_hold(slots, slot) else {
+            continue;
+        };
+        if moat_jail::kept::is_marked(slots, slot) {
             continue;
         }
         match std::fs::remove_dir_all(e.path()) {
@@ -409,7 +429,7 @@ impl Backend for GvisorBackend {
 
     fn sweep_stale(&self) -> usize {
         // Also after start: a sandbox whose cgroups another backend's sweep removed since.
-        sweep(&self.dir, &self.layout)
+        sweep(&self.dir, &self.runtime.slots())
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -470,5 +490,40 @@ impl Backend for GvisorBackend {
         .await
         .map_err(|e| EngineError::Backend(format!("reap task: {e}")))??;
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The sweep goes by who holds a sandbox's slot, not by cgroups: other moat processes of
+    /// the host keep their cgroups elsewhere, and their sandboxes are alive.
+    #[test]
+    fn the_sweep_removes_only_sandboxes_no_process_owns() {
+        let (dir, slots) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let held = IdRange::claim(slots.path()).unwrap();
+        let free = {
+            let other = IdRange::claim(slots.path()).unwrap();
+            other.slot()
+        };
+        let sandbox = |name: &str, slot: Option<u32>| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(d.join("run")).unwrap();
+            if let Some(slot) = slot {
+                std::fs::write(d.join(SLOT_FILE), slot.to_string()).unwrap();
+            }
+            d
+        };
+        let alive = sandbox("alive", Some(held.slot()));
+        let dead = sandbox("dead", Some(free));
+        let making = sandbox("making", None);
+        assert_eq!(sweep(dir.path(), slots.path()), 1);
+        assert!(alive.exists() && making.exists() && !dead.exists());
+        // Once its owner lets go, it goes too.
+        drop(held);
+        assert_eq!(sweep(dir.path(), slots.path()), 1);
+        assert!(!alive.exists());
     }
 }
