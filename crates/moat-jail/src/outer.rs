@@ -26,10 +26,10 @@ use crate::cgroup::SandboxCgroup;
 use crate::idmap::{IdRange, RANGE};
 use crate::rootfs::{Plan, Step, c};
 use crate::spawn::{
-    self, ExecVectors, JailedThread, MOVE_MOUNT_F_EMPTY_PATH, STEP_CGROUPNS, STEP_EXEC, STEP_FDS,
-    STEP_GO, STEP_HOSTNAME, STEP_IDS, STEP_NEST, STEP_PIVOT, STEP_PRIVATE, SandboxProcess,
-    clone_jailed, cstr, kill_child, pipe, place_child, read_child_error, report_failure, run_step,
-    socketpair, validate_id,
+    self, ExecVectors, MOVE_MOUNT_F_EMPTY_PATH, STEP_CGROUPNS, STEP_EXEC, STEP_FDS, STEP_GO,
+    STEP_HOSTNAME, STEP_IDS, STEP_NEST, STEP_PIVOT, STEP_PRIVATE, SandboxProcess, clone_jailed,
+    cstr, kill_child, pipe, place_child, read_child_error, report_failure, run_step, socketpair,
+    validate_id,
 };
 use crate::{JailError, Result, sys};
 
@@ -137,8 +137,6 @@ pub struct OuterJail {
 /// What the child needs, all prepared before `clone`.
 struct ChildPlan {
     plan: Plan,
-    /// The securebits the child sets back first (see [`clone_jailed`]).
-    securebits: libc::c_ulong,
     go_read: RawFd,
     go_write: RawFd,
     err_write: RawFd,
@@ -464,7 +462,6 @@ impl OuterJail {
         let (nest_go_read, nest_go_write) = pipe()?;
         let child = ChildPlan {
             plan,
-            securebits: JailedThread::securebits(),
             go_read: go_read.as_raw_fd(),
             go_write: go_write.as_raw_fd(),
             err_write: err_write.as_raw_fd(),
@@ -776,8 +773,7 @@ fn child_main(c: &ChildPlan) -> ! {
             fail(STEP_GO);
         }
         libc::setsid();
-        if libc::prctl(libc::PR_SET_SECUREBITS, c.securebits) != 0
-            || libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
             || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
             || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
         {

@@ -71,8 +71,6 @@ pub struct SandboxProcess {
 /// What the child needs, all prepared before `clone`.
 struct ChildPlan {
     plan: Plan,
-    /// The securebits the child sets back first (see [`clone_jailed`]).
-    securebits: libc::c_ulong,
     go_read: RawFd,
     go_write: RawFd,
     err_write: RawFd,
@@ -147,8 +145,8 @@ impl ExecVectors {
 /// by root: the kernel charges the per-user counts of everything in a user namespace
 /// (inotify instances and watches above all) to its owner as well, all the way up to the
 /// host's. Owned by root, every sandbox shared root's 128 inotify instances with every other
-/// sandbox and with the host's own services. The child starts with the calling thread's
-/// securebits, which it must set back to [`JailedThread::securebits`] before anything else.
+/// sandbox and with the host's own services. The child keeps none of the thread's securebits:
+/// the kernel resets them in a new user namespace.
 pub(crate) unsafe fn clone_jailed<T>(
     entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
     plan: &T,
@@ -225,14 +223,6 @@ impl JailedThread {
             )));
         }
         Ok(guard)
-    }
-
-    /// What the child sets its securebits back to first: the value the thread that cloned it
-    /// had before [`clone_jailed`].
-    pub(crate) fn securebits() -> libc::c_ulong {
-        // SAFETY: prctl with no pointer arguments.
-        let bits = unsafe { libc::prctl(libc::PR_GET_SECUREBITS) };
-        libc::c_ulong::try_from(bits).unwrap_or(0)
     }
 }
 
@@ -352,7 +342,6 @@ impl SandboxProcess {
         }
         let child = ChildPlan {
             plan,
-            securebits: JailedThread::securebits(),
             go_read: go_read.as_raw_fd(),
             go_write: go_write.as_raw_fd(),
             err_write: err_write.as_raw_fd(),
@@ -973,8 +962,7 @@ fn child_main(c: &ChildPlan) -> ! {
         }
         // Leave the caller's session, so terminal signals do not reach the sandbox.
         libc::setsid();
-        if libc::prctl(libc::PR_SET_SECUREBITS, c.securebits) != 0
-            || libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
             || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
             || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
         {
