@@ -395,15 +395,21 @@ impl Session {
             metadata: [("moat.mcp".to_owned(), "true".to_owned())].into(),
             ..Default::default()
         };
-        let made = self
-            .manager
-            .create(caller, req)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut state = lock(&self.state);
-        state.current = Some((caller.clone(), made.id.clone()));
-        state.made.push((caller.clone(), made.id.clone()));
-        Ok(made.id)
+        // Made and recorded in a task of its own: a call cancelled meanwhile must not leave a
+        // sandbox the session does not know (and so never destroys).
+        let (manager, state, caller) = (self.manager.clone(), self.state.clone(), caller.clone());
+        tokio::spawn(async move {
+            let made = manager
+                .create(&caller, req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut state = lock(&state);
+            state.current = Some((caller.clone(), made.id.clone()));
+            state.made.push((caller, made.id.clone()));
+            Ok(made.id)
+        })
+        .await
+        .map_err(|e| format!("creating a sandbox: {e}"))?
     }
 
     /// How long a sandbox lives past a tool call: [`SESSION_SANDBOX_TTL_SECS`], or the
