@@ -76,6 +76,8 @@ class MoatEnvironment(BaseEnvironment):
         self._client: AsyncClient | None = None
         self._sandbox: AsyncSandbox | None = None
         self._working_dir: str | None = None
+        # Set by close(): a call still under way then makes no fresh sandbox.
+        self._closed = False
         # initialize and close may be called from several tasks at once.
         self._lock = asyncio.Lock()
 
@@ -102,6 +104,7 @@ class MoatEnvironment(BaseEnvironment):
         async with self._lock:
             if self._sandbox is not None:
                 return
+            self._closed = False
             client = self._given_client or AsyncClient(url=self._url, api_key=self._api_key)
             try:
                 sandbox = await AsyncSandbox.create(
@@ -131,6 +134,7 @@ class MoatEnvironment(BaseEnvironment):
             sandbox, client = self._sandbox, self._client
             self._sandbox = self._client = None
             self._working_dir = None
+            self._closed = True
             try:
                 if sandbox is not None:
                     await sandbox.kill()
@@ -231,6 +235,8 @@ class MoatEnvironment(BaseEnvironment):
             self._idle_timeout,
         )
         async with self._lock:
+            if self._closed:
+                raise RuntimeError("the environment was closed while this call ran")
             # Another call may have replaced it already: only the ended one is let go.
             client = None
             if self._sandbox is sandbox:

@@ -484,7 +484,9 @@ def _extend(sandbox: Sandbox, seconds: float) -> bool:
     except (NotFoundError, ConflictError):
         return False
     except MoatError as e:
+        # It may still run: let it go rather than leave it to its time to live.
         logger.warning("could not extend sandbox %s (a fresh one serves the next run): %s", sandbox.id, e)
+        _kill(sandbox)
         return False
     return True
 
