@@ -17,6 +17,25 @@ fn the_mcp_client_uses_moat_over_http_and_stdio() {
     support::pytest("tests/mcp/test_mcp.py", &server, &[("MOAT_BIN", moat)], &[]);
 }
 
+/// `message` posted to `/mcp` with `key`, on `session` when given.
+fn post_mcp(
+    server: &Server,
+    key: &str,
+    session: Option<&str>,
+    message: serde_json::Value,
+) -> Reply {
+    let mut headers = vec![
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+    ];
+    if let Some(session) = session {
+        headers.push(("Mcp-Session-Id", session));
+    }
+    server
+        .send("POST", "/mcp", Some(key), &headers, Some(&body(message)))
+        .expect("POST /mcp")
+}
+
 /// An MCP `initialize` for `/mcp` with `key`.
 fn initialize(server: &Server, key: &str) -> Reply {
     let request = serde_json::json!({
@@ -24,18 +43,7 @@ fn initialize(server: &Server, key: &str) -> Reply {
         "params": {"protocolVersion": "2025-03-26", "capabilities": {},
                    "clientInfo": {"name": "limits", "version": "1"}},
     });
-    server
-        .send(
-            "POST",
-            "/mcp",
-            Some(key),
-            &[
-                ("Content-Type", "application/json"),
-                ("Accept", "application/json, text/event-stream"),
-            ],
-            Some(&body(request)),
-        )
-        .expect("POST /mcp")
+    post_mcp(server, key, None, request)
 }
 
 /// The session an `initialize` answer opened.
@@ -91,17 +99,7 @@ fn a_tenant_s_mcp_sessions_are_capped_and_closing_one_makes_room() {
         "params": {"protocolVersion": "2025-03-26", "capabilities": {},
                    "clientInfo": {"name": "limits", "version": "1"}},
     });
-    let _ = server.send(
-        "POST",
-        "/mcp",
-        Some(&a),
-        &[
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json, text/event-stream"),
-            ("Mcp-Session-Id", &open[0]),
-        ],
-        Some(&body(again)),
-    );
+    let _ = post_mcp(&server, &a, Some(&open[0]), again);
     initialize(&server, &a).assert_error(429, "rate_limited");
     // Another tenant is not held back by the first one's sessions.
     session_of(&initialize(&server, &b));
@@ -194,19 +192,7 @@ fn moat_mcp_opens_a_new_session_when_the_server_lost_its_own() {
 
 /// A message on an open `/mcp` session.
 fn on_session(server: &Server, key: &str, session: &str, message: serde_json::Value) -> Reply {
-    server
-        .send(
-            "POST",
-            "/mcp",
-            Some(key),
-            &[
-                ("Content-Type", "application/json"),
-                ("Accept", "application/json, text/event-stream"),
-                ("Mcp-Session-Id", session),
-            ],
-            Some(&body(message)),
-        )
-        .expect("POST /mcp")
+    post_mcp(server, key, Some(session), message)
 }
 
 /// A tool call the client cancels stops: its command is killed in the sandbox.
