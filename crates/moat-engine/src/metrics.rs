@@ -107,6 +107,8 @@ pub struct Metrics {
     errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Network egress over every sandbox.
     egress: std::sync::Arc<crate::network::Counters>,
+    /// Output bytes buffered execs dropped (past a stream's cap or the tenant's budget).
+    exec_output_dropped: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -118,6 +120,7 @@ impl Default for Metrics {
             http: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             errors: Mutex::new(BTreeMap::new()),
             egress: Default::default(),
+            exec_output_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -141,6 +144,14 @@ impl Metrics {
     /// Counts a buffered exec that ran its command in `d`.
     pub fn observe_exec(&self, d: Duration) {
         self.exec.observe(d);
+    }
+
+    /// Counts output bytes a buffered exec dropped.
+    pub fn count_exec_output_dropped(&self, bytes: usize) {
+        if bytes > 0 {
+            self.exec_output_dropped
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
     }
 
     /// Counts one HTTP answer with this status (outside 100–599: ignored).
@@ -180,12 +191,13 @@ impl Metrics {
     }
 
     /// Every series in the Prometheus text format 0.0.4, with the sandbox counts by state
-    /// (every state is shown, zeros included) and the warm pools as (owner tenant, template
-    /// name, status) given by the caller.
+    /// (every state is shown, zeros included), the warm pools as (owner tenant, template
+    /// name, status) and the output bytes buffered execs hold now, given by the caller.
     pub fn render(
         &self,
         states: &BTreeMap<SandboxState, u64>,
         pools: &[(Option<String>, String, PoolStatus)],
+        exec_output_held: usize,
     ) -> String {
         let mut out = String::with_capacity(4096);
 
@@ -243,6 +255,24 @@ impl Metrics {
             &mut out,
             "moat_exec_seconds",
             "Time of a buffered exec, from the request to the command's end, seconds.",
+        );
+        header(
+            &mut out,
+            "moat_exec_output_held_bytes",
+            "Output bytes buffered execs hold now, waiting for their commands' end.",
+            "gauge",
+        );
+        let _ = writeln!(out, "moat_exec_output_held_bytes {exec_output_held}");
+        header(
+            &mut out,
+            "moat_exec_output_dropped_bytes_total",
+            "Output bytes buffered execs dropped, past a stream's cap or the tenant's budget.",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "moat_exec_output_dropped_bytes_total {}",
+            self.exec_output_dropped.load(Ordering::Relaxed)
         );
 
         header(
@@ -361,7 +391,7 @@ mod tests {
         m.observe_exec(Duration::from_millis(1));
         m.observe_exec(Duration::from_millis(3));
         m.observe_exec(Duration::from_secs(120));
-        let text = m.render(&BTreeMap::new(), &[]);
+        let text = m.render(&BTreeMap::new(), &[], 0);
         for line in [
             "moat_exec_seconds_bucket{le=\"0.0005\"} 1",
             "moat_exec_seconds_bucket{le=\"0.001\"} 2",
@@ -408,7 +438,7 @@ mod tests {
                 },
             ),
         ];
-        let text = m.render(&states, &pools);
+        let text = m.render(&states, &pools, 0);
         for line in [
             "moat_sandboxes{state=\"running\"} 3",
             "moat_sandboxes{state=\"failed\"} 0",

@@ -19,12 +19,14 @@ impl SandboxManager {
     }
 
     /// The metrics in the Prometheus text format: the counters and histograms, the sandboxes
-    /// on record by state and the warm pools.
+    /// on record by state, the warm pools and the output buffered execs hold.
     pub async fn render_metrics(&self) -> ManagerResult<String> {
         let states = self
             .sandbox_counts()
             .await
             .map_err(|e| ManagerError::Internal(format!("counting sandboxes: {e}")))?;
-        Ok(self.metrics().render(&states, &self.pools()))
+        Ok(self
+            .metrics()
+            .render(&states, &self.pools(), self.exec_output_held()))
     }
 }

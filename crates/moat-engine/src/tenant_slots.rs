@@ -61,6 +61,11 @@ impl TenantSlots {
         self.per_tenant
     }
 
+    /// What all tenants hold now, in all.
+    pub fn taken_in_all(&self) -> usize {
+        self.lock().all
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Taken> {
         self.taken.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -36,6 +36,17 @@ impl Fixture {
         Some(Fixture { server, key, id })
     }
 
+    /// The value of an unlabelled series of `/metrics`.
+    fn metric(&self, name: &str) -> usize {
+        let text = self
+            .server
+            .request("GET", "/metrics", Some(&self.key), None)
+            .text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
     fn exec_path(&self) -> String {
         format!("/v1/sandboxes/{}/exec", self.id)
     }
@@ -271,6 +282,20 @@ fn buffered_execs_at_once_share_their_tenant_s_output_budget() {
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
+        }
+        // What the commands printed may still be on its way to the server: wait until every
+        // byte is held or dropped, before any command ends and gives its room back.
+        loop {
+            let held = f.metric("moat_exec_output_held_bytes");
+            let dropped = f.metric("moat_exec_output_dropped_bytes_total");
+            if held + dropped == SANDBOXES * EACH * 2 * MIB {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server has {held} bytes held and {dropped} dropped"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
         for id in &ids {
             let r = f

@@ -34,6 +34,11 @@ pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(moat_proto::v1::MAX_EXEC_TIMEOUT_SECS);
 
 impl SandboxManager {
+    /// The output bytes all buffered execs hold now.
+    pub(crate) fn exec_output_held(&self) -> usize {
+        self.inner.exec_output.taken_in_all()
+    }
+
     /// Runs one command in the caller's sandbox `id` and returns its buffered result.
     pub async fn exec(
         &self,
@@ -49,8 +54,8 @@ impl SandboxManager {
         let mut err = Capped::default();
         let end = loop {
             match execution.next_output().await {
-                Some(Output::Stdout(b)) => out.push(&b, &mut held),
-                Some(Output::Stderr(b)) => err.push(&b, &mut held),
+                Some(Output::Stdout(b)) => out.push(&b, &mut held, self.metrics()),
+                Some(Output::Stderr(b)) => err.push(&b, &mut held, self.metrics()),
                 Some(Output::Ended(end)) => break end?,
                 None => {
                     return Err(ManagerError::Internal(format!(
@@ -178,12 +183,14 @@ struct Capped {
 }
 
 impl Capped {
-    /// Keeps what of `b` fits the stream's cap and the room `held` can grow by.
-    fn push(&mut self, b: &[u8], held: &mut TenantShare) {
+    /// Keeps what of `b` fits the stream's cap and the room `held` can grow by; the rest is
+    /// counted as dropped.
+    fn push(&mut self, b: &[u8], held: &mut TenantShare, metrics: &crate::metrics::Metrics) {
         let room = EXEC_OUTPUT_LIMIT - self.data.len();
         let take = held.grow(b.len().min(room));
         if take < b.len() {
             self.truncated = true;
+            metrics.count_exec_output_dropped(b.len() - take);
         }
         self.data.extend_from_slice(&b[..take]);
     }
@@ -213,8 +220,20 @@ mod tests {
         let mut a2 = budget.share("a");
         assert_eq!(a2.grow(10), 1, "the tenant's room is shared by its execs");
         let mut kept = Capped::default();
-        kept.push(b"more", &mut a2);
+        let metrics = crate::metrics::Metrics::new();
+        kept.push(b"more", &mut a2, &metrics);
         assert!(kept.truncated && kept.data.is_empty());
+        assert!(
+            metrics
+                .render(&Default::default(), &[], budget.taken_in_all())
+                .contains(&format!(
+                    "moat_exec_output_held_bytes {BUFFERED_OUTPUT_PER_TENANT}\n\
+                     # HELP moat_exec_output_dropped_bytes_total Output bytes buffered execs \
+                     dropped, past a stream's cap or the tenant's budget.\n\
+                     # TYPE moat_exec_output_dropped_bytes_total counter\n\
+                     moat_exec_output_dropped_bytes_total 4\n"
+                ))
+        );
         // Other tenants have room of their own, until the server's is used up.
         let per = BUFFERED_OUTPUT_PER_TENANT;
         let others: Vec<TenantShare> = (1..BUFFERED_OUTPUT_TOTAL / per)
@@ -291,9 +310,10 @@ mod tests {
     fn output_is_capped() {
         let mut held = output_budget().share("t");
         let mut c = Capped::default();
-        c.push(&vec![b'a'; EXEC_OUTPUT_LIMIT - 1], &mut held);
+        let metrics = crate::metrics::Metrics::new();
+        c.push(&vec![b'a'; EXEC_OUTPUT_LIMIT - 1], &mut held, &metrics);
         assert!(!c.truncated);
-        c.push(b"bc", &mut held);
+        c.push(b"bc", &mut held, &metrics);
         assert!(c.truncated);
         assert_eq!(c.data.len(), EXEC_OUTPUT_LIMIT);
     }
