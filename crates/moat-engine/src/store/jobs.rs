@@ -184,8 +184,7 @@ fn check_blob_room(
     size: u64,
     max_bytes: u64,
 ) -> StoreResult<()> {
-    require_tenant(tx, tenant)?;
-    let used = blob_bytes(tx, tenant)?.saturating_add(job_usage(tx, tenant)?.bytes);
+    let used = stored_bytes(tx, tenant)?;
     if used.saturating_add(size) > max_bytes {
         return Err(StoreError::QuotaExceeded {
             what: "stored bytes (blobs and job records)",
@@ -195,6 +194,12 @@ fn check_blob_room(
         });
     }
     Ok(())
+}
+
+/// The bytes `tenant` stores: its blobs and its job records.
+fn stored_bytes(tx: &Transaction<'_>, tenant: &str) -> StoreResult<u64> {
+    require_tenant(tx, tenant)?;
+    Ok(blob_bytes(tx, tenant)?.saturating_add(job_usage(tx, tenant)?.bytes))
 }
 
 /// What a tenant's jobs keep in the database (the `job_usage` row the triggers keep).
@@ -741,11 +746,7 @@ impl Store {
 
     /// Bytes `tenant` may still store (blobs and job records) under `max_bytes`.
     pub fn blob_room(&self, tenant: &str, max_bytes: u64) -> StoreResult<u64> {
-        self.read(|tx| {
-            require_tenant(tx, tenant)?;
-            let used = blob_bytes(tx, tenant)?.saturating_add(job_usage(tx, tenant)?.bytes);
-            Ok(max_bytes.saturating_sub(used))
-        })
+        self.read(|tx| Ok(max_bytes.saturating_sub(stored_bytes(tx, tenant)?)))
     }
 
     /// Every digest a blob row names.
