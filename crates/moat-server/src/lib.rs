@@ -113,8 +113,6 @@ pub(crate) struct AppState {
     pub(crate) rate_limiter: rate_limit::RateLimiter,
     /// The domain sandbox addresses are built on (see [`ServerOptions::domain`]).
     pub(crate) domain: String,
-    /// E2B builds asked for and not yet started.
-    pub(crate) e2b_builds: e2b::builds::PendingBuilds,
     /// Each tenant's requests in flight (from its key's check to the end of the answer).
     pub(crate) tenant_requests: Arc<moat_engine::tenant_slots::TenantSlots>,
 }
@@ -126,7 +124,6 @@ impl AppState {
             draining: AtomicBool::new(false),
             rate_limiter: rate_limit::RateLimiter::new(opts.requests_per_minute),
             domain: opts.domain.clone().unwrap_or_else(|| default_domain(port)),
-            e2b_builds: Default::default(),
             tenant_requests: moat_engine::tenant_slots::TenantSlots::new(
                 conn_limits::connection_cap() / TENANT_SHARE_OF_CONNECTIONS,
                 None,

@@ -914,3 +914,78 @@ fn oversized_builds_are_refused_before_they_are_translated() {
     let message = assert_e2b_error(&start(vec![step; 250]), 400);
     assert!(message.contains("more than the"), "{message}");
 }
+
+/// A build asked for (`POST /v3/templates`) survives a crash of the server before its steps
+/// come: the SDK's next call starts it, and it builds.
+#[test]
+fn a_build_asked_for_before_a_crash_starts_after_it() {
+    need_root!("moat serve's native backend needs root");
+    let registry = support::registry::Registry::start();
+    let mut image = support::registry::TestImage::new(vec![support::registry::busybox_layer(&[
+        "sh", "echo", "true",
+    ])]);
+    image.run = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]});
+    registry.push("tools/bb", "1", &image);
+    let allow = ["--allow-registry", &registry.host()];
+    let server = Server::start_with(&allow);
+    let key = tenant_key(&server, "builder", Quotas::default());
+    let r = e2b(
+        &server,
+        "POST",
+        "/v3/templates",
+        Some(&key),
+        &[],
+        Some(json!({"name": "survivor"})),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let build = r.json()["buildID"].as_str().expect("buildID").to_owned();
+
+    let (dir, data) = server.kill9();
+    let server = Server::start_in_with(dir, data, &allow);
+    let status = |server: &Server| {
+        let r = e2b(
+            server,
+            "GET",
+            &format!("/templates/survivor/builds/{build}/status"),
+            Some(&key),
+            &[],
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    assert_eq!(status(&server)["status"], "waiting");
+    let r = e2b(
+        &server,
+        "POST",
+        &format!("/v2/templates/survivor/builds/{build}"),
+        Some(&key),
+        &[],
+        Some(json!({
+            "fromImage": format!("{}/tools/bb:1", registry.host()),
+            "steps": [{"type": "RUN", "args": ["echo made > /tmp/made"]}],
+        })),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&server);
+        match s["status"].as_str() {
+            Some("ready") => break,
+            Some("waiting" | "building") => {}
+            _ => panic!("the build did not succeed: {s}"),
+        }
+        assert!(Instant::now() < deadline, "the build did not end: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Taken once: a second start of the same build is not found.
+    let r = e2b(
+        &server,
+        "POST",
+        &format!("/v2/templates/survivor/builds/{build}"),
+        Some(&key),
+        &[],
+        Some(json!({"fromImage": "x", "steps": []})),
+    );
+    assert_e2b_error(&r, 404);
+}

@@ -85,6 +85,8 @@ pub(super) struct Builds {
     /// Held while a record is written: a write a cancelled step left going must not
     /// interleave with the build's last one (both stage `build.json.tmp`).
     writing: Mutex<()>,
+    /// Builds asked for whose steps have not come yet.
+    pub(super) asked: super::asked_builds::AskedBuilds,
 }
 
 struct Active {
@@ -124,6 +126,7 @@ impl Builds {
             uploads: TenantTurns::default(),
             active: Mutex::new(HashMap::new()),
             writing: Mutex::new(()),
+            asked: super::asked_builds::AskedBuilds::open(&dir.join("asked"))?,
         };
         // Half made (a crash before the first record): nothing to keep.
         for entry in std::fs::read_dir(dir.join("builds"))
@@ -331,7 +334,7 @@ impl TenantTurns {
 }
 
 /// A build id: `b-` and 16 base32 characters, or a lower-case UUID (E2B's API's builds).
-fn is_build_id(id: &str) -> bool {
+pub(super) fn is_build_id(id: &str) -> bool {
     let uuid = crate::ids::looks_like_uuid(id) && !id.bytes().any(|b| b.is_ascii_uppercase());
     uuid || id.strip_prefix("b-").is_some_and(|rest| {
         rest.len() == 16
@@ -407,7 +410,7 @@ impl BuildLog {
 }
 
 impl SandboxManager {
-    fn builds(&self) -> ManagerResult<&Builds> {
+    pub(super) fn builds(&self) -> ManagerResult<&Builds> {
         match (&self.inner.builds, &self.inner.images) {
             (Some(b), Some(_)) => Ok(b),
             _ => Err(ManagerError::Invalid(

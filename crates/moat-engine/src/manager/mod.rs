@@ -10,7 +10,9 @@
 //! The store is blocking; its calls run on tokio's blocking pool.
 
 mod access;
+mod asked_builds;
 mod build_steps;
+pub use asked_builds::{ASKED_BUILD_TTL, MAX_ASKED_BUILDS, MAX_ASKED_BUILDS_PER_TENANT};
 mod builds;
 mod calls;
 mod code_run;

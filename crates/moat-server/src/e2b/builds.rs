@@ -17,10 +17,9 @@
 //! `Sandbox.create` names). A name's tag and the request's `tags` are the build's tags: each
 //! becomes the moat template `name:tag` (`default`, or none at all, is the name alone), and
 //! the build's id is a UUID, which `name:<build id>` names. A build asked for but not started
-//! is held here for [`PENDING_TTL`], at most [`MAX_PENDING`] of them.
+//! waits in the engine (`SandboxManager::ask_build`), which keeps it across restarts.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
 
 use axum::body::Body;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -38,48 +37,10 @@ use super::error::{E2bError, E2bResult};
 use super::shapes::rfc3339;
 use crate::extract::{Shared, decode, json_body};
 
-/// Builds asked for (`POST /v3/templates`) and not yet started, server-wide.
-const MAX_PENDING: usize = 1024;
-/// Builds asked for and not yet started, per tenant: one tenant cannot take the server's
-/// room for them.
-const MAX_PENDING_PER_TENANT: usize = 16;
-/// How long a build asked for may wait for its start.
-const PENDING_TTL: Duration = Duration::from_secs(3600);
 /// Most log entries one status answer holds.
 const MAX_LOG_ENTRIES: usize = 100;
 /// Where upload links point (outside E2B's authenticated paths).
 pub(crate) const UPLOAD_PATH: &str = "/e2b-uploads/{token}";
-
-/// Builds asked for and not yet started, by build id.
-#[derive(Default)]
-pub(crate) struct PendingBuilds(std::sync::Mutex<HashMap<String, Pending>>);
-
-struct Pending {
-    tenant: String,
-    /// The template's name without a tag: its E2B id.
-    base: String,
-    /// The name the build makes (`base` or `base:tag`) and its more tags.
-    template: String,
-    tags: Vec<String>,
-    resources: Option<v1::ResourceRequest>,
-    asked: Instant,
-}
-
-impl std::fmt::Debug for PendingBuilds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingBuilds")
-            .field("count", &self.lock().len())
-            .finish()
-    }
-}
-
-impl PendingBuilds {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
 
 /// `TemplateBuildRequestV3`.
 #[derive(Debug, Deserialize)]
@@ -162,35 +123,13 @@ pub(crate) async fn request_build(
             ..Default::default()
         }),
     };
-    let build_id = moat_engine::manager::new_build_uuid()?;
-    {
-        let mut pending = state.e2b_builds.lock();
-        pending.retain(|_, p| p.asked.elapsed() < PENDING_TTL);
-        if pending.len() >= MAX_PENDING {
-            return Err(busy());
-        }
-        let mine = pending
-            .values()
-            .filter(|p| p.tenant == caller.tenant)
-            .count();
-        if mine >= MAX_PENDING_PER_TENANT {
-            return Err(E2bError::from(ManagerError::QuotaExceeded(format!(
-                "{MAX_PENDING_PER_TENANT} builds of yours are waiting for their start; start \
-                 them or let them lapse (after an hour) first"
-            ))));
-        }
-        pending.insert(
-            build_id.clone(),
-            Pending {
-                tenant: caller.tenant.clone(),
-                base: base.clone(),
-                template,
-                tags: tags[1..].to_vec(),
-                resources,
-                asked: Instant::now(),
-            },
-        );
-    }
+    let plan = v1::CreateBuild {
+        template,
+        tags: tags[1..].to_vec(),
+        resources,
+        ..Default::default()
+    };
+    let build_id = state.manager.ask_build(&caller, plan).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(BuildRequested {
@@ -305,28 +244,19 @@ pub(crate) async fn start_build(
 ) -> E2bResult<StatusCode> {
     let Path((template, build_id)) = path?;
     let req: BuildStart = json_body(body, None)?;
-    let pending = {
-        let mut pending = state.e2b_builds.lock();
-        match pending.get(&build_id) {
-            Some(p) if p.tenant == caller.tenant && p.base == moat_name(&template) => {
-                pending.remove(&build_id)
-            }
-            _ => None,
-        }
-    }
-    .ok_or_else(|| E2bError::not_found(format!("build {build_id} not found")))?;
+    let asked = state
+        .manager
+        .take_asked_build(&caller, &build_id, &moat_name(&template))
+        .await?;
     let translated = translate(&state, &caller, &req)?;
     let create = v1::CreateBuild {
-        template: pending.template,
-        tags: pending.tags,
         dockerfile: translated.dockerfile,
         contexts: translated.contexts,
         from_templates: translated.from_templates,
-        resources: pending.resources,
         start: req.start_cmd,
         ready: req.ready_cmd,
         no_cache: req.force || req.steps.iter().any(|s| s.force),
-        ..Default::default()
+        ..asked
     };
     state
         .manager
@@ -584,11 +514,7 @@ pub(crate) async fn status(
             _ => {}
         }
     }
-    let waiting = state
-        .e2b_builds
-        .lock()
-        .get(&build_id)
-        .is_some_and(|p| p.tenant == caller.tenant);
+    let waiting = state.manager.build_waits_for_steps(&caller, &build_id);
     let answer = |status, log_entries, reason| {
         Json(BuildStatus {
             template_id: template.clone(),
@@ -638,13 +564,6 @@ pub(crate) async fn status(
         ),
     };
     Ok(answer(status, entries, reason))
-}
-
-/// The 503 of a server holding as many unstarted builds as it takes.
-fn busy() -> E2bError {
-    E2bError::from(ManagerError::Unavailable(format!(
-        "{MAX_PENDING} builds are waiting for their start on this server; try again later"
-    )))
 }
 
 #[cfg(test)]
