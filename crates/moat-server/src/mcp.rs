@@ -135,6 +135,9 @@ async fn admit(State(places): State<Arc<TenantSlots>>, mut req: Request, next: N
 pub(crate) struct Session {
     manager: SandboxManager,
     state: Arc<Mutex<SessionState>>,
+    /// Held while the sandbox tools act on by default is looked for and made: calls at once
+    /// share the one the first of them makes.
+    making_current: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -152,6 +155,7 @@ impl Session {
         Session {
             manager,
             state: Arc::default(),
+            making_current: Arc::default(),
         }
     }
 }
@@ -385,10 +389,17 @@ impl Session {
         if let Some((_, id)) = &lock(&self.state).current {
             return Ok(id.clone());
         }
-        self.create(caller, None).await
+        self.create(caller, None, true).await
     }
 
-    async fn create(&self, caller: &Caller, template: Option<String>) -> Result<String, String> {
+    /// Makes a sandbox of `template` (the default one when `None`), which tools then act on
+    /// by default; with `reuse`, the one they act on already if there is one.
+    async fn create(
+        &self,
+        caller: &Caller,
+        template: Option<String>,
+        reuse: bool,
+    ) -> Result<String, String> {
         let req = v1::CreateSandbox {
             template: template.unwrap_or_else(|| v1::DEFAULT_TEMPLATE.to_owned()),
             timeout_secs: Some(self.sandbox_ttl()),
@@ -398,7 +409,12 @@ impl Session {
         // Made and recorded in a task of its own: a call cancelled meanwhile must not leave a
         // sandbox the session does not know (and so never destroys).
         let (manager, state, caller) = (self.manager.clone(), self.state.clone(), caller.clone());
+        let making = self.making_current.clone();
         tokio::spawn(async move {
+            let _making = making.lock_owned().await;
+            if let Some((_, id)) = lock(&state).current.as_ref().filter(|_| reuse) {
+                return Ok(id.clone());
+            }
             let made = manager
                 .create(&caller, req)
                 .await
@@ -543,7 +559,7 @@ impl Session {
             }
             "create_sandbox" => {
                 let template = text(args, "template")?;
-                let id = self.create(caller, template).await?;
+                let id = self.create(caller, template, false).await?;
                 Ok(format!("created sandbox {id}; tools now act on it"))
             }
             "list_sandboxes" => {

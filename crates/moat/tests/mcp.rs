@@ -254,3 +254,91 @@ fn a_cancelled_tool_call_kills_its_command() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// `moat mcp` relays requests side by side: a long tool call holds up neither a quick call
+/// nor its own cancellation, and calls at once share the session's one sandbox.
+#[test]
+fn moat_mcp_answers_a_quick_call_while_a_long_one_runs_and_cancels_it() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::Duration;
+    need_root!();
+    let server = Server::start();
+    let key = server.admin_key();
+    let mut bridge = std::process::Command::new(support::moat_binary())
+        .arg("mcp")
+        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("MOAT_API_KEY", &key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("moat mcp");
+    let mut input = bridge.stdin.take().expect("stdin");
+    let output = BufReader::new(bridge.stdout.take().expect("stdout"));
+    let (answers, answered) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in output.lines().map_while(Result::ok) {
+            let message = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+            if answers.send(message).is_err() {
+                break;
+            }
+        }
+    });
+    let mut send = |message: serde_json::Value| {
+        writeln!(input, "{message}").expect("write");
+        input.flush().expect("flush");
+    };
+    let next = || {
+        answered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("an answer within a minute")
+    };
+    let call = |id: u64, command: &str| {
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "run_command", "arguments": {"command": command}}})
+    };
+    send(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-03-26", "capabilities": {},
+                       "clientInfo": {"name": "bridge-test", "version": "1"}}}),
+    );
+    assert!(next()["result"]["serverInfo"].is_object());
+    send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    send(call(2, "sleep 171"));
+    send(call(3, "echo quick"));
+    let quick = next();
+    assert_eq!(quick["id"], 3, "{quick}");
+    assert!(quick.to_string().contains("quick"), "{quick}");
+    // The same sandbox: the long call's command is seen there.
+    let sleeping = |n: u64, send: &mut dyn FnMut(serde_json::Value)| {
+        send(call(n, "echo sleeping=$(pgrep -c -x sleep)"));
+        let r = next();
+        assert_eq!(r["id"], n, "{r}");
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let seen = sleeping(4, &mut send);
+    assert!(seen.contains("sleeping=1\n"), "{seen:?}");
+    send(
+        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+            "params": {"requestId": 2, "reason": "the user stopped it"}}),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 5;
+    loop {
+        let seen = sleeping(n, &mut send);
+        if seen.contains("sleeping=0\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled call's command still runs: {seen:?}"
+        );
+        n += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(input);
+    let status = bridge.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}
