@@ -817,3 +817,62 @@ fn an_upload_past_the_quota_is_refused_before_it_is_all_written() {
         sent >> 20
     );
 }
+
+/// An upload sent slowly holds up nobody: while one tenant's body trickles in, its job's
+/// delete (which collects blobs) and another tenant's job with an inline input both finish.
+#[test]
+fn a_slow_upload_holds_up_no_other_blob_work() {
+    use std::io::Write;
+    need_root!();
+    let server = Server::start();
+    let slow = server.admin_key();
+    let other = user_key(&server, "other");
+    let done = submit(
+        &server,
+        &slow,
+        json!({"shell": "echo kept > o", "outputs": ["o"]}),
+    );
+    assert_eq!(wait(&server, &slow, &done, 60)["state"], "succeeded");
+
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    write!(
+        conn,
+        "POST /v1/blobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {slow}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: 1048576\r\n\r\nx"
+    )
+    .expect("head");
+    conn.flush().expect("flush");
+    // Let the upload begin its body before the others come.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (finished, finishes) = std::sync::mpsc::channel::<String>();
+    std::thread::scope(|s| {
+        let tell = finished.clone();
+        let (server, slow, other) = (&server, &slow, &other);
+        let done = &done;
+        s.spawn(move || {
+            let r = server.request("DELETE", &format!("/v1/jobs/{done}"), Some(slow), None);
+            let _ = tell.send(format!("delete: {}", r.status));
+        });
+        s.spawn(move || {
+            let id = submit(
+                server,
+                other,
+                json!({"shell": "cat in", "inputs": [{"path": "in", "content": "inline"}]}),
+            );
+            let j = wait(server, other, &id, 120);
+            let _ = finished.send(format!("job: {} {}", j["state"], j["stdout_tail"]));
+        });
+        let mut got: Vec<String> = (0..2)
+            .map_while(|_| finishes.recv_timeout(Duration::from_secs(60)).ok())
+            .collect();
+        // The upload ends here either way, so that what waits for it can end too.
+        drop(conn);
+        got.sort();
+        assert_eq!(
+            got,
+            ["delete: 204", "job: \"succeeded\" \"inline\""],
+            "what ended within a minute while the upload waited"
+        );
+    });
+}

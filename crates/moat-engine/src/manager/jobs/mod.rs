@@ -254,8 +254,11 @@ impl Inner {
         })
     }
 
-    /// Stores `body` as a blob `tenant` keeps as `kind` (of `job`): staged, its quota checked,
-    /// committed, then recorded, under the collection lock.
+    /// Stores `body` as a blob `tenant` keeps as `kind` (of `job`): staged, then its quota
+    /// checked, committed and recorded under the collection lock. Staging is outside the lock:
+    /// a body sent slowly must not hold up every collection, and through the lock's waiting
+    /// writer every other tenant's blob (staged objects are not collected: they have no
+    /// digest's name yet).
     async fn keep_blob<S, E>(
         self: &Arc<Self>,
         tenant: &str,
@@ -269,8 +272,8 @@ impl Inner {
         E: std::fmt::Display,
     {
         let jobs = self.jobs()?.clone();
-        let gc = jobs.gc.clone().read_owned().await;
         let staged = jobs.blobs.stage(body, limit).await.map_err(blob_error)?;
+        let gc = jobs.gc.clone().read_owned().await;
         let (t, j, d, size, max) = (
             tenant.to_owned(),
             job.to_owned(),
