@@ -667,7 +667,8 @@ pub struct CreateJob {
     /// Working directory; the template's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    /// Seconds one attempt may run (default 600, at most 86400).
+    /// Seconds one attempt may run (default 600; at most the server's `--max-ttl` less 300,
+    /// and 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
     /// Limits of the sandbox.

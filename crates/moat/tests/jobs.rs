@@ -360,6 +360,18 @@ fn bad_job_requests_are_refused_clearly() {
             400,
             "timeout_secs",
         ),
+        (
+            json!({"shell": "true", "timeout_secs": 86_400}),
+            400,
+            "--max-ttl of 86400 s",
+        ),
+        (json!({"shell": "true", "env": {"A=B": "x"}}), 400, "A=B"),
+        (
+            json!({"shell": "true", "resources": {"memory": "lots"}}),
+            400,
+            "lots",
+        ),
+        (json!({"shell": "true", "cwd": "a\u{0}b"}), 400, "cwd"),
         (json!({"shell": "true", "retries": 11}), 400, "retries"),
         (
             json!({"shell": "true", "inputs": [{"path": "x", "job_output": {"job": "job-nope", "path": "/a"}}]}),
@@ -373,6 +385,14 @@ fn bad_job_requests_are_refused_clearly() {
         assert_eq!(r.status, status, "{body}: {}", r.text());
         assert!(r.text().contains(says), "{body}: {}", r.text());
     }
+    // A timeout longer than an HTTP call's (an hour) is a job's to have.
+    let id = submit(
+        &server,
+        &key,
+        json!({"shell": "echo long", "timeout_secs": 7_200}),
+    );
+    let j = wait(&server, &key, &id, 60);
+    assert_eq!(j["state"], "succeeded", "{j}");
     // A body over the limit (inline inputs go up as blobs first).
     let big = json!({"shell": "true", "inputs": [{"path": "x", "content": "a".repeat(17 << 20)}]});
     let r = post(&server, &key, "/v1/jobs", big);

@@ -46,9 +46,23 @@ impl SandboxManager {
         id: &str,
         req: v1::ExecRequest,
     ) -> ManagerResult<v1::ExecResult> {
+        self.exec_up_to(caller, id, req, MAX_EXEC_TIMEOUT).await
+    }
+
+    /// [`SandboxManager::exec`] whose timeout may be up to `longest`: a job's own limit, which
+    /// no HTTP call waits for.
+    pub(crate) async fn exec_up_to(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: v1::ExecRequest,
+        longest: Duration,
+    ) -> ManagerResult<v1::ExecResult> {
         let requested = Instant::now();
         let encoding = req.encoding;
-        let mut execution = self.start_execution(&caller.tenant, id, req).await?;
+        let mut execution = self
+            .start_execution(&caller.tenant, id, req, longest)
+            .await?;
         let mut held = self.inner.exec_output.share(&caller.tenant);
         let mut out = Capped::default();
         let mut err = Capped::default();
@@ -87,7 +101,9 @@ impl SandboxManager {
         req: v1::ExecRequest,
     ) -> ManagerResult<ExecStream> {
         let encoding = req.encoding;
-        let execution = self.start_execution(&caller.tenant, id, req).await?;
+        let execution = self
+            .start_execution(&caller.tenant, id, req, MAX_EXEC_TIMEOUT)
+            .await?;
         Ok(ExecStream::new(execution, encoding))
     }
 
@@ -96,8 +112,9 @@ impl SandboxManager {
         tenant: &str,
         id: &str,
         req: v1::ExecRequest,
+        longest: Duration,
     ) -> ManagerResult<Execution> {
-        let plan = exec_plan(req)?;
+        let plan = exec_plan(req, longest)?;
         let live = self.inner.live_for(tenant, id).await?;
         // Counted until the agent has the command, so a pause waits for the start rather than
         // saving the sandbox (and cutting its connection) in the middle of it.
@@ -108,8 +125,8 @@ impl SandboxManager {
     }
 }
 
-/// The plan of an exec, or why it is invalid.
-fn exec_plan(req: v1::ExecRequest) -> ManagerResult<ExecPlan> {
+/// The plan of an exec whose timeout may be up to `longest`, or why it is invalid.
+fn exec_plan(req: v1::ExecRequest, longest: Duration) -> ManagerResult<ExecPlan> {
     let (cmd, args) = match (req.cmd, req.shell) {
         (Some(argv), None) => {
             let mut it = argv.into_iter();
@@ -134,11 +151,11 @@ fn exec_plan(req: v1::ExecRequest) -> ManagerResult<ExecPlan> {
     check_env("env", &req.env)?;
     let timeout = match req.timeout_secs {
         None => DEFAULT_EXEC_TIMEOUT,
-        Some(s) if s >= 1 && s <= MAX_EXEC_TIMEOUT.as_secs() => Duration::from_secs(s),
+        Some(s) if s >= 1 && s <= longest.as_secs() => Duration::from_secs(s),
         Some(s) => {
             return Err(ManagerError::Invalid(format!(
                 "timeout_secs {s} must be 1 to {}",
-                MAX_EXEC_TIMEOUT.as_secs()
+                longest.as_secs()
             )));
         }
     };
@@ -259,7 +276,7 @@ mod tests {
             shell: Some("echo hi".into()),
             ..Default::default()
         };
-        let plan = exec_plan(ok).unwrap();
+        let plan = exec_plan(ok, MAX_EXEC_TIMEOUT).unwrap();
         assert_eq!(plan.start.process.unwrap().args, ["-c", "echo hi"]);
         assert!(plan.stdin.is_none());
         assert_eq!(plan.timeout, DEFAULT_EXEC_TIMEOUT);
@@ -268,7 +285,10 @@ mod tests {
             stdin_b64: Some("AP8=".into()),
             ..Default::default()
         };
-        assert_eq!(exec_plan(binary).unwrap().stdin.unwrap(), [0, 255]);
+        assert_eq!(
+            exec_plan(binary, MAX_EXEC_TIMEOUT).unwrap().stdin.unwrap(),
+            [0, 255]
+        );
         for bad in [
             v1::ExecRequest::default(),
             v1::ExecRequest {
@@ -302,7 +322,10 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            assert!(matches!(exec_plan(bad), Err(ManagerError::Invalid(_))));
+            assert!(matches!(
+                exec_plan(bad, MAX_EXEC_TIMEOUT),
+                Err(ManagerError::Invalid(_))
+            ));
         }
     }
 

@@ -27,7 +27,7 @@ const JOB_DIR: &str = "/tmp/moat-job";
 /// sandbox has, so that no `mkdir` process is needed first).
 const WRAPPER: &str = "exec \"$@\" >/tmp/moat-job.stdout 2>/tmp/moat-job.stderr";
 /// Time the sandbox of an attempt lives beyond its timeout, for files in and out.
-const TTL_MARGIN: Duration = Duration::from_secs(300);
+pub(super) const TTL_MARGIN: Duration = Duration::from_secs(300);
 /// A job whose sandbox cannot be made for want of room waits this long before trying again.
 const ROOM_WAIT_MS: i64 = 2000;
 
@@ -251,7 +251,8 @@ async fn in_sandbox(
         timeout_secs: Some(spec.timeout_secs),
         ..Default::default()
     };
-    let ran = match manager.exec(caller, sandbox, exec).await {
+    let longest = Duration::from_secs(super::MAX_JOB_TIMEOUT_SECS);
+    let ran = match manager.exec_up_to(caller, sandbox, exec, longest).await {
         Ok(r) => r,
         Err(e) => return failed(format!("running the job: {e}")),
     };

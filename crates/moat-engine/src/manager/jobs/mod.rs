@@ -627,9 +627,20 @@ impl SandboxManager {
             outputs::Pattern::parse(pattern)?;
         }
         let timeout_secs = req.timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
-        if timeout_secs == 0 || timeout_secs > MAX_JOB_TIMEOUT_SECS {
+        // The attempt's sandbox outlives the program by a margin, to collect its outputs, and
+        // lives no longer than the server's `--max-ttl`.
+        let longest = MAX_JOB_TIMEOUT_SECS.min(
+            self.options()
+                .max_ttl
+                .saturating_sub(attempt::TTL_MARGIN)
+                .as_secs(),
+        );
+        if timeout_secs == 0 || timeout_secs > longest {
             return Err(ManagerError::Invalid(format!(
-                "timeout_secs must be 1 to {MAX_JOB_TIMEOUT_SECS}"
+                "timeout_secs must be 1 to {longest}: a job's sandbox lives {} s past its \
+                 program's timeout, within the server's --max-ttl of {} s",
+                attempt::TTL_MARGIN.as_secs(),
+                self.options().max_ttl.as_secs()
             )));
         }
         if req.retries.unwrap_or(0) > MAX_JOB_RETRIES {
@@ -641,8 +652,15 @@ impl SandboxManager {
             .template
             .clone()
             .unwrap_or_else(|| v1::DEFAULT_TEMPLATE.to_owned());
-        // An unknown template is refused now, not at the first attempt.
-        self.get_template(caller, &template).await?;
+        // What every attempt would refuse is refused now: an unknown template, limits past
+        // the template's, a malformed environment or working directory.
+        crate::store::check_template_name(&template).map_err(ManagerError::from)?;
+        let (_, _, limits) = self.inner.template(&caller.tenant, &template).await?;
+        limits.resolve(req.resources.as_ref())?;
+        super::check_env("env", &req.env)?;
+        if let Some(cwd) = &req.cwd {
+            check_path("cwd", cwd)?;
+        }
         let mut seen = std::collections::HashSet::new();
         let mut inputs = Vec::with_capacity(req.inputs.len());
         for input in &req.inputs {
