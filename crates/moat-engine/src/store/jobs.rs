@@ -411,9 +411,20 @@ impl Store {
                     requested: 1,
                 });
             }
-            // The job's record counts with the blobs it names.
-            let adding: u64 =
-                inputs.iter().map(|(_, size)| size).sum::<u64>() + new.spec.len() as u64;
+            // The job's record counts with the blobs it names, but for the rows its inline
+            // inputs already have (kept, and counted, as they were stored).
+            let mut adding = new.spec.len() as u64;
+            for (digest, size) in inputs {
+                let counted: bool = tx
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM blobs WHERE tenant_id = ?1 \
+                         AND kind = 'input' AND job_id = ?2 AND digest = ?3)",
+                    )?
+                    .query_row(params![new.tenant, new.id, digest], |row| row.get(0))?;
+                if !counted {
+                    adding = adding.saturating_add(*size);
+                }
+            }
             check_blob_room(tx, &new.tenant, adding, limits.max_bytes)?;
             let now = now_ms();
             let inserted = tx
@@ -904,6 +915,24 @@ mod tests {
         // Deleting the upload leaves the job's own row: the object stays.
         assert!(store.delete_upload("a", &digest).unwrap());
         assert!(!store.blob_unused(&digest).unwrap());
+    }
+
+    #[test]
+    fn an_inline_input_counts_once_against_the_quota() {
+        let store = store();
+        let digest = format!("sha256:{}", "2".repeat(64));
+        // Stored first, as an inline input of the job (counted then): 600 of 1,000 bytes.
+        store
+            .add_blob("a", BlobKind::Input, "j1", &digest, 600, 1_000)
+            .unwrap();
+        let caps = JobLimits {
+            max_bytes: 1_000,
+            ..limits(10)
+        };
+        store
+            .insert_job(&job("j1", "a"), &[(digest, 600)], &caps)
+            .unwrap();
+        assert_eq!(store.blob_bytes("a").unwrap(), 600);
     }
 
     #[test]
