@@ -206,6 +206,9 @@ pub const MAX_UPLOADS_PER_TENANT: usize = 2;
 struct RunningAttempt {
     tenant: String,
     cancel: CancellationToken,
+    /// Which claim made it: the entry goes with its own attempt only, never with a later
+    /// one of the same job claimed before the earlier one's task ended.
+    claim: u64,
 }
 
 impl Jobs {
@@ -951,6 +954,7 @@ impl SandboxManager {
             return;
         };
         let mut tasks = tokio::task::JoinSet::new();
+        let mut claims: u64 = 0;
         let webhooks = {
             let (manager, jobs, stop) = (self.clone(), jobs.clone(), stop.clone());
             tokio::spawn(async move { manager.run_webhooks(jobs, stop).await })
@@ -979,11 +983,14 @@ impl SandboxManager {
                 };
                 lock(&jobs.last_tenant).clone_from(&rec.tenant);
                 let cancel = CancellationToken::new();
+                claims += 1;
+                let claim = claims;
                 lock(&jobs.running).insert(
                     rec.id.clone(),
                     RunningAttempt {
                         tenant: rec.tenant.clone(),
                         cancel: cancel.clone(),
+                        claim,
                     },
                 );
                 let inner = self.inner.clone();
@@ -991,8 +998,25 @@ impl SandboxManager {
                 let jobs = jobs.clone();
                 tasks.spawn(async move {
                     let id = rec.id.clone();
-                    attempt::run(&manager, &inner, rec, cancel).await;
-                    lock(&jobs.running).remove(&id);
+                    // A cancel (or delete) recorded after the claim but before the attempt
+                    // was in `running` found nothing to tell: read the record again now that
+                    // it is there (a cancel from now on finds it).
+                    let (t, i) = (rec.tenant.clone(), id.clone());
+                    let gone = match inner.db(move |s| s.get_job(&t, &i)).await {
+                        Ok(now) => now.state != v1::JobState::Running,
+                        Err(ManagerError::NotFound(_)) => true,
+                        // Not known: the attempt runs, and a cancel found it in `running`.
+                        Err(_) => false,
+                    };
+                    if !gone {
+                        attempt::run(&manager, &inner, rec, cancel).await;
+                    }
+                    {
+                        let mut running = lock(&jobs.running);
+                        if running.get(&id).is_some_and(|a| a.claim == claim) {
+                            running.remove(&id);
+                        }
+                    }
                     jobs.wake.notify_one();
                     jobs.webhooks.notify_one();
                 });
