@@ -166,6 +166,9 @@ pub struct Running {
 
 /// Most rows of one page of jobs.
 pub const MAX_JOB_PAGE: u32 = 1000;
+/// Bytes of results one page of jobs holds: a page ends early (at least one job) once its
+/// results pass this, so a listing's memory stays bounded whatever the jobs recorded.
+pub const MAX_JOB_PAGE_BYTES: usize = 8 << 20;
 
 const STATE_FINAL_SQL: &str = "('succeeded', 'failed', 'cancelled', 'timed_out')";
 
@@ -511,7 +514,7 @@ impl Store {
         states: &[JobState],
         after: Option<i64>,
         limit: u32,
-    ) -> StoreResult<Vec<JobRecord>> {
+    ) -> StoreResult<(Vec<JobRecord>, bool)> {
         let limit = limit.clamp(1, MAX_JOB_PAGE);
         let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
         let states = serde_json::to_string(&states).unwrap_or_else(|_| "[]".into());
@@ -526,10 +529,17 @@ impl Store {
             )?;
             let mut rows = stmt.query(params![tenant, after.unwrap_or(i64::MAX), states, limit])?;
             let mut out = Vec::new();
+            let mut bytes = 0usize;
             while let Some(row) = rows.next()? {
-                out.push(JobRecord::from_row(row)?);
+                if bytes > MAX_JOB_PAGE_BYTES {
+                    return Ok((out, true));
+                }
+                let rec = JobRecord::from_row(row)?;
+                bytes += rec.result.as_ref().map_or(0, String::len);
+                out.push(rec);
             }
-            Ok(out)
+            let full = out.len() == limit as usize;
+            Ok((out, full))
         })
     }
 
@@ -915,6 +925,35 @@ mod tests {
         // Deleting the upload leaves the job's own row: the object stays.
         assert!(store.delete_upload("a", &digest).unwrap());
         assert!(!store.blob_unused(&digest).unwrap());
+    }
+
+    #[test]
+    fn a_page_of_jobs_ends_once_its_results_are_large() {
+        let store = store();
+        let caps = limits(100);
+        for n in 0..4 {
+            store
+                .insert_job(&job(&format!("j{n}"), "a"), &[], &caps)
+                .unwrap();
+            let claimed = store
+                .claim_job(now_ms() + 1, &Running::default())
+                .unwrap()
+                .unwrap();
+            let end = AttemptEnd {
+                state: JobState::Succeeded,
+                not_before: 0,
+                result: format!("{{\"out\":\"{}\"}}", "x".repeat(MAX_JOB_PAGE_BYTES / 2)),
+            };
+            assert!(store.finish_job_attempt(&claimed.id, 1, &end).unwrap());
+        }
+        let (page, more) = store.list_jobs("a", &[], None, 100).unwrap();
+        // Two results of half the page's bytes each pass it.
+        assert_eq!(page.len(), 2);
+        assert!(more);
+        let after = page.last().unwrap().seq;
+        let (rest, more) = store.list_jobs("a", &[], Some(after), 100).unwrap();
+        assert_eq!(rest.len(), 2);
+        assert!(!more);
     }
 
     #[test]

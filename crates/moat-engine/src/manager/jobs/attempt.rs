@@ -270,6 +270,7 @@ async fn in_sandbox(
         // The wrapper itself could not start (no /bin/sh in the image, say).
         result.error = Some(ran.stderr.clone());
     }
+    let mut log_errors = Vec::new();
     for (name, tail, blob, whole) in [
         (
             "stdout",
@@ -293,10 +294,18 @@ async fn in_sandbox(
                 *tail = text;
                 *whole = true;
             }
-            Err(e) => result.output_errors.push(format!("{name}: {e}")),
+            Ok(Log::Unkept(text, e)) => {
+                *tail = text;
+                log_errors.push(format!("{name}: {e}"));
+            }
+            Err(e) => log_errors.push(format!("{name}: {e}")),
         }
     }
+    for e in log_errors {
+        result.note(e);
+    }
     keep_outputs(inner, &client, rec, spec, &base, &mut result).await;
+    result.close_list();
     Outcome::Ran {
         result,
         timed_out: ran.timed_out,
@@ -310,6 +319,9 @@ enum Log {
     /// Kept as a blob (its first [`MAX_JOB_LOG_BYTES`]), with the text of its last
     /// [`TAIL_BYTES`].
     Kept(v1::Blob, String),
+    /// Too large for the record and not kept as a blob (over the quota, say): its tail, and
+    /// why.
+    Unkept(String, String),
 }
 
 /// Keeps the log file `name`.
@@ -388,14 +400,17 @@ async fn keep_log(
         inner.keep_blob(tenant, BlobKind::Output, job, body, MAX_JOB_LOG_BYTES),
         feeder
     );
-    let kept = kept.map_err(|e| e.to_string())?;
     let tail: Vec<u8> = tail
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
         .copied()
         .collect();
-    Ok(Log::Kept(kept, String::from_utf8_lossy(&tail).into_owned()))
+    let tail = String::from_utf8_lossy(&tail).into_owned();
+    Ok(match kept {
+        Ok(kept) => Log::Kept(kept, tail),
+        Err(e) => Log::Unkept(tail, e.to_string()),
+    })
 }
 
 fn tokio_stream_from(
@@ -423,27 +438,32 @@ async fn keep_outputs(
         let found = match outputs::find(client, &pattern, base).await {
             Ok(found) => found,
             Err(e) => {
-                result.output_errors.push(format!("{text}: {e}"));
+                result.note(format!("{text}: {e}"));
                 continue;
             }
         };
         if found.is_empty() {
-            result
-                .output_errors
-                .push(format!("{text}: matched no file"));
+            result.note(format!("{text}: matched no file"));
         }
         for (path, size) in found {
             if !seen.insert(path.clone()) {
                 continue;
             }
             if result.outputs.len() >= MAX_JOB_OUTPUT_FILES {
-                result.output_errors.push(format!(
+                result.note(format!(
                     "{path}: not kept, a job keeps at most {MAX_JOB_OUTPUT_FILES} files"
                 ));
                 continue;
             }
+            if !result.has_room_for(&path) {
+                result.note(format!(
+                    "{path}: not kept, a job's result lists at most {} KiB of outputs",
+                    super::MAX_JOB_RESULT_LIST_BYTES >> 10
+                ));
+                continue;
+            }
             if size > left {
-                result.output_errors.push(format!(
+                result.note(format!(
                     "{path}: not kept, it would take the job's outputs over {} bytes",
                     MAX_JOB_OUTPUT_BYTES
                 ));
@@ -452,7 +472,7 @@ async fn keep_outputs(
             let download = match client.read_file_stream(&path, None).await {
                 Ok(d) => d,
                 Err(e) => {
-                    result.output_errors.push(format!("{path}: {e}"));
+                    result.note(format!("{path}: {e}"));
                     continue;
                 }
             };
@@ -467,13 +487,13 @@ async fn keep_outputs(
             {
                 Ok(blob) => {
                     left -= blob.size;
-                    result.outputs.push(v1::JobOutput {
+                    result.add_output(v1::JobOutput {
                         path,
                         size: blob.size,
                         digest: blob.digest,
                     });
                 }
-                Err(e) => result.output_errors.push(format!("{path}: {e}")),
+                Err(e) => result.note(format!("{path}: {e}")),
             }
         }
     }

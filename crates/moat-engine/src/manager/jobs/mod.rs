@@ -175,6 +175,54 @@ struct JobResult {
     outputs: Vec<v1::JobOutput>,
     #[serde(default)]
     output_errors: Vec<String>,
+    /// Bytes `outputs` and `output_errors` list (while the attempt fills them).
+    #[serde(skip)]
+    listed: usize,
+    /// Errors left out of `output_errors`, the list being full.
+    #[serde(skip)]
+    unlisted: usize,
+}
+
+/// Bytes of output paths and errors one job's result lists: past them a file is not kept,
+/// and errors are counted rather than listed, so that a result (read whole by every listing
+/// of jobs) stays small whatever the program left behind.
+pub const MAX_JOB_RESULT_LIST_BYTES: usize = 256 << 10;
+/// What an output's entry in a result takes besides its path (its digest, size and JSON).
+const OUTPUT_ENTRY_BYTES: usize = 128;
+
+impl JobResult {
+    /// Lists `error`, or counts it when the list is full.
+    fn note(&mut self, error: String) {
+        if self.listed + error.len() > MAX_JOB_RESULT_LIST_BYTES {
+            self.unlisted += 1;
+        } else {
+            self.listed += error.len();
+            self.output_errors.push(error);
+        }
+    }
+
+    /// Whether an output of `path` has room in the list.
+    fn has_room_for(&self, path: &str) -> bool {
+        self.listed + path.len() + OUTPUT_ENTRY_BYTES <= MAX_JOB_RESULT_LIST_BYTES
+    }
+
+    /// Lists an output kept.
+    fn add_output(&mut self, output: v1::JobOutput) {
+        self.listed += output.path.len() + OUTPUT_ENTRY_BYTES;
+        self.outputs.push(output);
+    }
+
+    /// Ends the list of errors with how many were left out, if any.
+    fn close_list(&mut self) {
+        if self.unlisted > 0 {
+            self.output_errors.push(format!(
+                "{} more not listed: a job's result lists at most {} KiB of outputs and errors",
+                self.unlisted,
+                MAX_JOB_RESULT_LIST_BYTES >> 10
+            ));
+            self.unlisted = 0;
+        }
+    }
 }
 
 /// The jobs of a manager: its blob store, and the attempts running.
@@ -776,11 +824,11 @@ impl SandboxManager {
             .transpose()?;
         let t = caller.tenant.clone();
         let limit = limit.clamp(1, crate::store::MAX_JOB_PAGE);
-        let page = self
+        let (page, more) = self
             .inner
             .db(move |s| s.list_jobs(&t, &states, after, limit))
             .await?;
-        let next = (page.len() == limit as usize)
+        let next = more
             .then(|| page.last().map(|j| j.seq.to_string()))
             .flatten();
         Ok(v1::JobList {
@@ -1087,5 +1135,39 @@ impl SandboxManager {
 impl From<BlobError> for ManagerError {
     fn from(e: BlobError) -> Self {
         blob_error(e)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_lists_outputs_and_errors_within_its_bound() {
+        let mut result = JobResult::default();
+        let path = format!("/home/user/{}", "d/".repeat(1000));
+        let mut kept = 0;
+        while result.has_room_for(&path) {
+            result.add_output(v1::JobOutput {
+                path: path.clone(),
+                size: 0,
+                digest: String::new(),
+            });
+            kept += 1;
+        }
+        assert!(kept > 10 && kept < 200, "{kept}");
+        for _ in 0..1000 {
+            result.note(format!("{path}: not kept"));
+        }
+        result.close_list();
+        let text = serde_json::to_string(&result).unwrap();
+        assert!(
+            text.len() < MAX_JOB_RESULT_LIST_BYTES + 16 * 1024,
+            "{} bytes",
+            text.len()
+        );
+        let last = result.output_errors.last().unwrap();
+        assert!(last.starts_with("1000 more not listed") || last.contains("more not listed"));
     }
 }
