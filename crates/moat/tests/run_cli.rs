@@ -225,6 +225,39 @@ fn stdin_is_forwarded_and_closed() {
 }
 
 /// The host processes whose command line is exactly `argv`.
+/// `moat run` ends with its command even when its own input is still open and silent (a
+/// terminal nobody types in, a pipe nobody closed): it does not wait for that input.
+#[test]
+fn an_open_input_does_not_hold_up_the_end() {
+    need_root!();
+    let mut child = moat()
+        .args(["run", "--", "echo", "done"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run moat");
+    let input = child.stdin.take();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(input);
+    let o = child.wait_with_output().expect("output");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "moat run did not end within 30 s of its command while its input stayed open: {}",
+        stderr(&o)
+    );
+    assert_eq!(stdout(&o), "done\n");
+}
+
 fn host_processes(argv: &[&str]) -> Vec<u32> {
     let want: Vec<u8> = argv
         .iter()

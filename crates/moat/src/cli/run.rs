@@ -219,13 +219,18 @@ pub fn main(args: RunArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(run(plan)) {
+    let code = match rt.block_on(run(plan)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("moat: {e:#}");
             ExitCode::from(EXIT_MOAT_FAILED)
         }
-    }
+    };
+    // The reader of our standard input may still wait in a blocking read (a terminal, or a
+    // pipe nobody closed) that nothing can interrupt: dropping the runtime would wait for it,
+    // so `moat run` would not end with its command.
+    rt.shutdown_background();
+    code
 }
 
 /// Prints the time since start of each stage to stderr when `MOAT_TIMING` is set.
