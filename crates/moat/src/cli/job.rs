@@ -173,7 +173,7 @@ pub fn main(args: JobArgs) -> ExitCode {
             JobCommand::Outputs { id, out_dir } => {
                 let job = client.get_job(&id).await?;
                 match out_dir {
-                    Some(dir) => download_outputs(&client, &job, &dir).await?,
+                    Some(dir) => download_outputs(&client, &job, &dir, Names::OnStdout).await?,
                     None => match format {
                         Format::Json => remote::print_json(&job.outputs)?,
                         Format::Table => {
@@ -293,7 +293,8 @@ async fn run_submit(client: &Client, s: Submit, format: Format) -> Result<ExitCo
         .write_to(&mut tokio::io::stderr())
         .await?;
     if let Some(dir) = &s.out_dir {
-        download_outputs(client, &job, dir).await?;
+        // Our standard output is the job's: the files written are named on standard error.
+        download_outputs(client, &job, dir, Names::OnStderr).await?;
     }
     for e in &job.output_errors {
         eprintln!("moat: output {e}");
@@ -346,8 +347,15 @@ async fn wait(client: &Client, id: &str) -> Result<Job> {
     }
 }
 
-/// Downloads each output of `job` to `dir` + its sandbox path.
-async fn download_outputs(client: &Client, job: &Job, dir: &Path) -> Result<()> {
+/// Where [`download_outputs`] names the files it wrote.
+#[derive(Clone, Copy)]
+enum Names {
+    OnStdout,
+    OnStderr,
+}
+
+/// Downloads each output of `job` to `dir` + its sandbox path, naming each file written.
+async fn download_outputs(client: &Client, job: &Job, dir: &Path, names: Names) -> Result<()> {
     for o in &job.outputs {
         let rel = o.path.trim_start_matches('/');
         if rel.split('/').any(|p| p == ".." || p.is_empty()) {
@@ -368,7 +376,10 @@ async fn download_outputs(client: &Client, job: &Job, dir: &Path) -> Result<()> 
             .write_to(&mut file)
             .await?;
         file.flush().await?;
-        output::println(to.display().to_string())?;
+        match names {
+            Names::OnStdout => output::println(to.display().to_string())?,
+            Names::OnStderr => eprintln!("moat: kept {}", to.display()),
+        }
     }
     Ok(())
 }
