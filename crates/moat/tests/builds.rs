@@ -594,11 +594,25 @@ fn tags_are_templates_of_their_name_that_builds_and_tagging_move() {
             json!({"name": "host:mine", "spec": {"rootfs": "host"}}),
         )),
     );
-    refused(r, 409, "conflict", "host:mine");
-    // An admin may tag a built-in; the copy is built in too.
+    refused(
+        r,
+        409,
+        "conflict",
+        "would be a tag of the built-in template",
+    );
+    // An admin may tag a built-in; the copy is built in too, and only an admin deletes it.
     let r = tag("host", json!(["pinned"]), &admin);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["templates"][0]["builtin"], true, "{}", r.text());
+    let r = server.request("DELETE", "/v1/templates/host:pinned", Some(&key), None);
+    refused(r, 409, "conflict", "built in");
+    let r = server.request("DELETE", "/v1/templates/host:pinned", Some(&admin), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = server.request("GET", "/v1/templates/host:pinned", Some(&admin), None);
+    assert_eq!(r.status, 404, "{}", r.text());
+    // The built-ins themselves stay.
+    let r = server.request("DELETE", "/v1/templates/host", Some(&admin), None);
+    refused(r, 409, "conflict", "built in");
     // A tag is deleted like any template, and the name's other tags stay.
     server.cli(&key, &["template", "rm", "app:old"]);
     assert_eq!(version("app:v1"), "one");

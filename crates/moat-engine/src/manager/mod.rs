@@ -186,6 +186,7 @@ impl From<StoreError> for ManagerError {
             StoreError::Conflict { .. }
             | StoreError::TemplateInUse { .. }
             | StoreError::BuiltIn { .. }
+            | StoreError::TagOfBuiltIn { .. }
             | StoreError::InvalidTransition { .. }
             | StoreError::Ended { .. } => ManagerError::Conflict(text),
             StoreError::QuotaExceeded { .. } => ManagerError::QuotaExceeded(text),

@@ -132,8 +132,9 @@ impl SandboxManager {
         Ok(v1::TemplateList { templates })
     }
 
-    /// Deletes the caller's template `name`. Refused (409) while its sandboxes run unless
-    /// `force`; they keep running either way. Its warm pool is emptied.
+    /// Deletes the caller's template `name`, or for an admin key a tag of a built-in one
+    /// (which admin keys write; the built-ins themselves stay). Refused (409) while its
+    /// sandboxes run unless `force`; they keep running either way. Its warm pool is emptied.
     pub async fn delete_template(
         &self,
         caller: &Caller,
@@ -141,8 +142,12 @@ impl SandboxManager {
         force: bool,
     ) -> ManagerResult<()> {
         let (t, n) = (caller.tenant.clone(), name.to_owned());
-        self.write_templates(move |s| s.delete_template(Some(&t), &n, force))
-            .await
+        let builtin_tag = caller.is_admin() && crate::ids::split_template_name(name).1.is_some();
+        self.write_templates(move |s| match s.delete_template(Some(&t), &n, force) {
+            Err(StoreError::BuiltIn { .. }) if builtin_tag => s.delete_template(None, &n, force),
+            other => other,
+        })
+        .await
     }
 
     /// Copies the template `name` (`name` or `name:tag`, the caller's own or, for an admin, a

@@ -52,6 +52,17 @@ pub enum StoreError {
         /// How many starting, running or paused sandboxes use it.
         sandboxes: u64,
     },
+    /// A tenant's template would be a tag of a built-in one, whose tags are the server's.
+    #[error(
+        "template {name:?} would be a tag of the built-in template {base:?}, whose tags only \
+         an admin key writes (POST /v1/templates/{base}/tags); choose another name"
+    )]
+    TagOfBuiltIn {
+        /// The name asked for.
+        name: String,
+        /// The built-in template it is a tag of.
+        base: String,
+    },
     /// A tenant tried to delete a built-in template.
     #[error("template {name:?} is built in and cannot be deleted by a tenant")]
     BuiltIn {

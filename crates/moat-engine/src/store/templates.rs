@@ -87,6 +87,27 @@ fn name_taken(conn: &Connection, tenant: Option<&str>, name: &str) -> StoreResul
         .exists(params![name, tenant, tag.map(|_| base)])?)
 }
 
+/// The built-in template `name` of a tenant's would be a tag of, if that is what takes it.
+fn builtin_base(
+    conn: &Connection,
+    tenant: Option<&str>,
+    name: &str,
+) -> StoreResult<Option<String>> {
+    let (base, tag) = split_template_name(name);
+    if tenant.is_none() || tag.is_none() {
+        return Ok(None);
+    }
+    let exists = conn
+        .prepare_cached(
+            "SELECT 1 FROM templates WHERE name = ?1 AND (tenant_id IS NULL OR tenant_id = ?2)",
+        )?
+        .exists(params![name, tenant])?;
+    let builtin = conn
+        .prepare_cached("SELECT 1 FROM templates WHERE name = ?1 AND tenant_id IS NULL")?
+        .exists([base])?;
+    Ok((builtin && !exists).then(|| base.to_owned()))
+}
+
 /// Checks that `spec` and `limits` are JSON objects.
 fn check_objects(spec: &serde_json::Value, limits: Option<&serde_json::Value>) -> StoreResult<()> {
     if !spec.is_object() {
@@ -204,7 +225,13 @@ impl Store {
                 require_tenant(tx, tenant)?;
             }
             if name_taken(tx, tenant, name)? {
-                return Err(StoreError::conflict("template", name));
+                return Err(builtin_base(tx, tenant, name)?.map_or_else(
+                    || StoreError::conflict("template", name),
+                    |base| StoreError::TagOfBuiltIn {
+                        name: name.to_owned(),
+                        base,
+                    },
+                ));
             }
             insert_template(tx, &record)
         })?;
