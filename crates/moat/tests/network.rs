@@ -769,6 +769,45 @@ fn the_operator_decides_who_may_give_sandboxes_a_network() {
     }
 }
 
+/// A network written while the server gave one (a template's, a kept sandbox's) is refused
+/// once the server restarts with `--egress none`: to its template's creates, and to forks.
+#[test]
+fn a_network_written_before_egress_none_is_refused_after_it() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start_with(&["--on-shutdown", "keep"]);
+    let admin = server.admin_key();
+    server.create_template(
+        &admin,
+        "withnet",
+        json!({"rootfs": "host", "network": net.network(true, &[], &[])}),
+    );
+    let kept = with_network(&server, &admin, net.network(true, &[], &[]));
+    let (dir, data) = server.stop();
+    let server = Server::start_in_with(dir, data, &["--egress", "none", "--on-shutdown", "keep"]);
+    let r = server.request(
+        "POST",
+        "/v1/sandboxes",
+        Some(&admin),
+        Some(&body(json!({"template": "withnet"}))),
+    );
+    r.assert_error(403, "forbidden");
+    assert!(r.text().contains("--egress none"), "{}", r.text());
+    let r = server.request(
+        "POST",
+        &format!("/v1/sandboxes/{kept}/fork"),
+        Some(&admin),
+        Some(&body(json!({}))),
+    );
+    // Refused whole, or each copy refused with the reason.
+    assert!(
+        r.status >= 400 || r.text().contains("\"error\""),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("--egress none"), "{}", r.text());
+}
+
 /// Sets this test process's open-file limit (`moat serve` started after inherits it).
 fn set_nofile(n: u64) {
     let lim = libc::rlimit {

@@ -1023,10 +1023,12 @@ impl Inner {
             }
             v1::Rootfs::Host | v1::Rootfs::Dir(_) => {}
         }
-        // Checked when the template was written, by whoever wrote it.
+        // Checked when the template was written, by whoever wrote it; the server's
+        // `--egress` as it is now.
         if let Some(n) = &template.network {
             plan.network = NetworkPolicy::from_v1(n)
                 .map_err(|e| ManagerError::Internal(format!("template {name}'s network: {e}")))?;
+            self.check_egress_on(&plan.network)?;
         }
         // Started from a snapshot with memory: restored, nothing of the template runs again.
         if let Some(snapshot) = &template.snapshot {
@@ -1072,8 +1074,10 @@ impl Inner {
         began: Instant,
     ) -> ManagerResult<v1::Sandbox> {
         // Resolved when the plan was made; a backend unregistered since is refused here,
-        // before anything is recorded.
+        // before anything is recorded. So is a network a server started with `--egress none`
+        // since gives nobody (a fork's or a snapshot's recorded one).
         let backend = self.backends.get(&plan.backend)?.clone();
+        self.check_egress_on(&plan.network)?;
         let limits = match &key_id {
             Some(key) => self.key_limits(&tenant, key).await?,
             None => SandboxQuotas::default(),

@@ -26,6 +26,21 @@ pub enum EgressAccess {
 }
 
 impl Inner {
+    /// Refuses a recorded `policy` (a template's, a fork's source's) with network access on a
+    /// server whose `--egress` now gives nobody any: it was allowed when it was written.
+    pub(super) fn check_egress_on(&self, policy: &NetworkPolicy) -> ManagerResult<()> {
+        if matches!(policy, NetworkPolicy::Egress(_))
+            && self.opts.egress_access == EgressAccess::None
+        {
+            return Err(ManagerError::Forbidden(
+                "this server gives sandboxes no network (moat serve --egress none), and this \
+                 sandbox's template or source has one: give it none"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The policy `n` asks for: every entry parsed, its size bounded, and what it opens allowed
     /// to the caller (`admin` alone may open private, shared or link-local ranges), on a server
     /// whose `--egress` lets the caller give network access at all.
