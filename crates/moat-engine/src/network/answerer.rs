@@ -368,6 +368,18 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
     let Some(read) = read_answer(&reply) else {
         return Some(q.reply(query, RCODE_SERVFAIL));
     };
+    // A record of a closed address's reverse name (reached through an alias of an open
+    // name) would tell what the question alone may not.
+    if let Some(owner) = read.owners.iter().find(|o| {
+        is_reverse(o) && reverse_address(o).is_none_or(|a| special_range(a, &host).is_some())
+    }) {
+        net.deny(
+            q.name.clone(),
+            format!("the answer holds {owner}, a reverse lookup of a closed address"),
+            true,
+        );
+        return Some(q.reply(query, RCODE_REFUSED));
+    }
     // Every address anywhere in the answer, glue and hints included, must be one the
     // sandbox may reach.
     for addr in &read.all {

@@ -139,8 +139,48 @@ pub struct Answer {
     pub truncated: bool,
     /// The addresses of its answer section, with their TTLs (seconds, at most a day).
     pub answers: Vec<(IpAddr, u32)>,
-    /// Every address anywhere in it (answer, authority and additional sections).
+    /// Every address anywhere in it (answer, authority and additional sections, and the
+    /// address hints of SVCB and HTTPS records).
     pub all: Vec<IpAddr>,
+    /// The name each record of its answer section is of (a reverse-lookup name among them
+    /// says whose name it tells).
+    pub owners: Vec<String>,
+}
+
+/// Record types whose data may hint at addresses (RFC 9460): SVCB, HTTPS.
+const TYPE_SVCB: u16 = 64;
+const TYPE_HTTPS: u16 = 65;
+/// The SvcParamKeys of the address hints.
+const KEY_IPV4HINT: u16 = 4;
+const KEY_IPV6HINT: u16 = 6;
+
+/// The addresses the hints of an SVCB or HTTPS record's data hold; `None` if it is malformed.
+fn svcb_hints(msg: &[u8], data_at: usize, data: &[u8]) -> Option<Vec<IpAddr>> {
+    // SvcPriority, then TargetName (uncompressed), then the parameters.
+    let (_, mut at) = read_name(msg, data_at + 2, false)?;
+    let end = data_at + data.len();
+    let mut hints = Vec::new();
+    while at < end {
+        let head = msg.get(at..at + 4)?;
+        let key = u16::from_be_bytes([head[0], head[1]]);
+        let len = u16::from_be_bytes([head[2], head[3]]) as usize;
+        let value = msg.get(at + 4..at + 4 + len)?;
+        match key {
+            KEY_IPV4HINT => {
+                for a in value.chunks(4) {
+                    hints.push(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(a).ok()?)));
+                }
+            }
+            KEY_IPV6HINT => {
+                for a in value.chunks(16) {
+                    hints.push(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(a).ok()?)));
+                }
+            }
+            _ => {}
+        }
+        at += 4 + len;
+    }
+    (at == end).then_some(hints)
 }
 
 /// The most records of an answer moat reads.
@@ -166,9 +206,14 @@ pub fn read_answer(msg: &[u8]) -> Option<Answer> {
         truncated: msg[2] & 0x02 != 0,
         answers: Vec::new(),
         all: Vec::new(),
+        owners: Vec::new(),
     };
     for i in 0..records {
-        at = read_name(msg, at, true)?.1;
+        let (owner, next) = read_name(msg, at, true)?;
+        if i < ancount {
+            answer.owners.push(owner);
+        }
+        at = next;
         let head = msg.get(at..at + 10)?;
         let rtype = u16::from_be_bytes([head[0], head[1]]);
         // A TTL with the top bit set counts as zero (RFC 2181); none is kept past a day.
@@ -194,6 +239,11 @@ pub fn read_answer(msg: &[u8]) -> Option<Answer> {
             if i < ancount {
                 answer.answers.push((addr, ttl));
             }
+        }
+        if rtype == TYPE_SVCB || rtype == TYPE_HTTPS {
+            // Hints are addresses a client may connect to: checked like the others (a
+            // malformed record's, which nothing can check, makes the answer unusable).
+            answer.all.extend(svcb_hints(msg, at + 10, data)?);
         }
         at += 10 + len;
     }
@@ -242,6 +292,46 @@ pub(crate) mod tests {
             m.extend_from_slice(&a.octets());
         }
         m
+    }
+
+    #[test]
+    fn hints_of_https_records_and_owners_of_answers_are_read() {
+        let q = query(9, "hint.test", TYPE_HTTPS);
+        let mut m = q.clone();
+        m[2] |= 0x80;
+        m[6..8].copy_from_slice(&1u16.to_be_bytes());
+        // hint.test HTTPS 1 . ipv4hint=169.254.169.254 ipv6hint=fd00:ec2::254
+        let v6: Ipv6Addr = "fd00:ec2::254".parse().unwrap();
+        let mut data = vec![0, 1, 0];
+        data.extend_from_slice(&KEY_IPV4HINT.to_be_bytes());
+        data.extend_from_slice(&4u16.to_be_bytes());
+        data.extend_from_slice(&[169, 254, 169, 254]);
+        data.extend_from_slice(&KEY_IPV6HINT.to_be_bytes());
+        data.extend_from_slice(&16u16.to_be_bytes());
+        data.extend_from_slice(&v6.octets());
+        m.extend_from_slice(&[0xC0, 12]);
+        m.extend_from_slice(&TYPE_HTTPS.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.extend_from_slice(&60u32.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        m.extend_from_slice(&data);
+        let read = read_answer(&m).unwrap();
+        assert_eq!(
+            read.all,
+            [
+                IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+                IpAddr::V6(v6)
+            ]
+        );
+        assert!(read.answers.is_empty(), "hints are not pinned");
+        assert_eq!(read.owners, ["hint.test"]);
+        // A hint cut short makes the answer unusable.
+        let mut cut = m.clone();
+        let n = cut.len();
+        cut[n - data.len() - 2..n - data.len()]
+            .copy_from_slice(&((data.len() - 1) as u16).to_be_bytes());
+        cut.pop();
+        assert_eq!(read_answer(&cut), None);
     }
 
     #[test]

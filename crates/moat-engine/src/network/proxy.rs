@@ -121,6 +121,15 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
             let name = tokio::time::timeout(SNIFF_TIMEOUT, read_name(&mut conn, &mut first))
                 .await
                 .unwrap_or(None);
+            // The policy as it is now: one updated while the name was awaited decides.
+            let policy = net.policy();
+            if let Verdict::Deny(reason) =
+                policy.decide(dest.ip(), dest.port(), net.pinned(dest.ip()), &host)
+            {
+                net.deny(dest.to_string(), reason, false);
+                reset(conn);
+                return;
+            }
             let refusal = match name {
                 Some(name)
                     if policy.name_allowed_on(&name, dest.port())

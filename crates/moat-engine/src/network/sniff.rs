@@ -118,6 +118,9 @@ fn client_hello_sni(rec: &[u8]) -> Option<String> {
         buf: c.take(n)?,
         at: 0,
     };
+    // Exactly one `server_name` extension with exactly one host name: with two, which one a
+    // server reads is its own business.
+    let mut found = None;
     while ext.at < ext.buf.len() {
         let kind = ext.u16()?;
         let n = ext.u16()?;
@@ -125,23 +128,30 @@ fn client_hello_sni(rec: &[u8]) -> Option<String> {
         if kind != 0 {
             continue;
         }
+        if found.is_some() {
+            return None;
+        }
         let mut sni = Cursor { buf: body, at: 0 };
         let list = sni.u16()?;
         let mut list = Cursor {
             buf: sni.take(list)?,
             at: 0,
         };
+        let mut names = Vec::new();
         while list.at < list.buf.len() {
             let name_type = list.u8()?;
             let n = list.u16()?;
             let name = list.take(n)?;
             if name_type == 0 {
-                return normalise(std::str::from_utf8(name).ok()?);
+                names.push(name);
             }
         }
-        return None;
+        let [name] = names[..] else {
+            return None;
+        };
+        found = Some(normalise(std::str::from_utf8(name).ok()?)?);
     }
-    None
+    found
 }
 
 /// Reads the Host header of a plain HTTP/1 request (its absolute-form target, if it has one,
@@ -212,7 +222,11 @@ fn http_host(buf: &[u8], from: usize) -> Sniffed {
             return Sniffed::None;
         };
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        let authority = authority.rsplit('@').next().unwrap_or_default();
+        // User information has no place in a request's target (RFC 9112), and parsers split
+        // `a\@b` differently: a target with any is not read.
+        if authority.contains(['@', '\\']) {
+            return Sniffed::None;
+        }
         if strip_port(authority).and_then(normalise).as_deref() != Some(&name) {
             return Sniffed::None;
         }
@@ -222,9 +236,10 @@ fn http_host(buf: &[u8], from: usize) -> Sniffed {
 
 /// The bytes of a plain HTTP/1 connection's start (`buf`, holding at least the first
 /// request's head) with that request made the connection's last: its `Connection`,
-/// `Proxy-Connection` and `Keep-Alive` headers replaced by `Connection: close`. A server then
-/// answers that one request and closes, so a second request on the connection, whose `Host`
-/// moat never read, is not served.
+/// `Proxy-Connection` and `Keep-Alive` headers replaced by `Connection: close`, and its
+/// `Upgrade`, `HTTP2-Settings` and `TE` headers dropped. A server then answers that one
+/// request and closes, never switching the connection to another protocol, so nothing
+/// moat never read is served on it.
 pub fn one_request_only(buf: &[u8]) -> Vec<u8> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return buf.to_vec();
@@ -234,9 +249,16 @@ pub fn one_request_only(buf: &[u8]) -> Vec<u8> {
     for (i, line) in head.split("\r\n").enumerate() {
         let name = line.split(':').next().unwrap_or_default();
         let drop = i > 0
-            && ["connection", "proxy-connection", "keep-alive"]
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h));
+            && [
+                "connection",
+                "proxy-connection",
+                "keep-alive",
+                "upgrade",
+                "http2-settings",
+                "te",
+            ]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h));
         if !drop {
             out.extend_from_slice(line.as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -262,22 +284,34 @@ pub(crate) mod tests {
 
     /// A minimal ClientHello carrying `sni`.
     pub(crate) fn client_hello(sni: &str) -> Vec<u8> {
-        let mut sni_ext = Vec::new();
-        let name = sni.as_bytes();
-        sni_ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-        sni_ext.push(0);
-        sni_ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        sni_ext.extend_from_slice(name);
-        let mut exts = vec![0, 0];
-        exts.extend_from_slice(&(sni_ext.len() as u16).to_be_bytes());
-        exts.extend_from_slice(&sni_ext);
+        hello_with(&sni_extension(&[sni]))
+    }
+
+    /// A `server_name` extension listing `names`.
+    fn sni_extension(names: &[&str]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for name in names {
+            list.push(0);
+            list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            list.extend_from_slice(name.as_bytes());
+        }
+        let mut sni_ext = (list.len() as u16).to_be_bytes().to_vec();
+        sni_ext.extend_from_slice(&list);
+        let mut ext = vec![0, 0];
+        ext.extend_from_slice(&(sni_ext.len() as u16).to_be_bytes());
+        ext.extend_from_slice(&sni_ext);
+        ext
+    }
+
+    /// A minimal ClientHello with the extensions `exts`.
+    fn hello_with(exts: &[u8]) -> Vec<u8> {
         let mut body = vec![3, 3];
         body.extend_from_slice(&[0; 32]);
         body.push(0); // session id
         body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
         body.extend_from_slice(&[1, 0]); // null compression
         body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
-        body.extend_from_slice(&exts);
+        body.extend_from_slice(exts);
         let mut hs = vec![1];
         hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
         hs.extend_from_slice(&body);
@@ -297,6 +331,14 @@ pub(crate) mod tests {
         let mut bad = hello.clone();
         bad[5] = 2; // not a ClientHello
         assert_eq!(sniff(&bad), Sniffed::None);
+        // Two names, in one extension or in two: which one a server reads is its own.
+        assert_eq!(
+            sniff(&hello_with(&sni_extension(&["a.com", "evil.com"]))),
+            Sniffed::None
+        );
+        let mut two = sni_extension(&["a.com"]);
+        two.extend_from_slice(&sni_extension(&["evil.com"]));
+        assert_eq!(sniff(&hello_with(&two)), Sniffed::None);
     }
 
     #[test]
@@ -307,6 +349,14 @@ pub(crate) mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nHost: a.com\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\nHost: evil.com\r\n\r\n"
+        );
+        // Nor does it become another protocol.
+        let out = one_request_only(
+            b"GET / HTTP/1.1\r\nHost: a.com\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: websocket\r\nHTTP2-Settings: AA\r\nTE: trailers\r\n\r\n",
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nHost: a.com\r\nConnection: close\r\n\r\n"
         );
     }
 
@@ -328,6 +378,15 @@ pub(crate) mod tests {
         );
         assert_eq!(
             sniff(b"CONNECT evil.com:443 HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        // User information in the target, which parsers split differently.
+        assert_eq!(
+            sniff(b"GET http://evil.com\\@a.com/ HTTP/1.1\r\nHost: a.com\r\n\r\n"),
+            Sniffed::None
+        );
+        assert_eq!(
+            sniff(b"GET http://user@a.com/ HTTP/1.1\r\nHost: a.com\r\n\r\n"),
             Sniffed::None
         );
         // A scheme in any case names the host a server uses.
