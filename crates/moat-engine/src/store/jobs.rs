@@ -344,6 +344,19 @@ impl Store {
         })
     }
 
+    /// Whether job `id`'s webhook is still due at `now` after `attempts` deliveries: not
+    /// delivered, given up or tried again since it was read.
+    pub fn webhook_still_due(&self, id: &str, attempts: u32, now: i64) -> StoreResult<bool> {
+        self.read(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "SELECT 1 FROM job_webhooks WHERE job_id = ?1 AND attempts = ?2 \
+                     AND next_at IS NOT NULL AND next_at <= ?3",
+                )?
+                .exists(params![id, attempts, now])?)
+        })
+    }
+
     /// The earliest time a webhook is due, if any is.
     pub fn next_webhook_time(&self) -> StoreResult<Option<i64>> {
         self.read(|tx| {
@@ -954,6 +967,35 @@ mod tests {
         let (rest, more) = store.list_jobs("a", &[], Some(after), 100).unwrap();
         assert_eq!(rest.len(), 2);
         assert!(!more);
+    }
+
+    #[test]
+    fn a_webhook_read_due_is_no_longer_due_once_tried() {
+        let store = store();
+        store.insert_job(&job("j1", "a"), &[], &limits(10)).unwrap();
+        let now = now_ms() + 1;
+        let claimed = store.claim_job(now, &Running::default()).unwrap().unwrap();
+        let end = AttemptEnd {
+            state: JobState::Succeeded,
+            not_before: now,
+            result: "{}".into(),
+        };
+        assert!(store.finish_job_attempt(&claimed.id, 1, &end).unwrap());
+        let later = now_ms() + 10;
+        let due = store.due_webhooks(later, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert!(
+            store
+                .webhook_still_due("j1", due[0].attempts, later)
+                .unwrap()
+        );
+        // Delivered by another task meanwhile: the listing read before is stale.
+        store.webhook_tried("j1", None, None).unwrap();
+        assert!(
+            !store
+                .webhook_still_due("j1", due[0].attempts, later)
+                .unwrap()
+        );
     }
 
     #[test]

@@ -28,8 +28,16 @@ const JOB_DIR: &str = "/tmp/moat-job";
 const WRAPPER: &str = "exec \"$@\" >/tmp/moat-job.stdout 2>/tmp/moat-job.stderr";
 /// Time the sandbox of an attempt lives beyond its timeout, for files in and out.
 pub(super) const TTL_MARGIN: Duration = Duration::from_secs(300);
-/// A job whose sandbox cannot be made for want of room waits this long before trying again.
-const ROOM_WAIT_MS: i64 = 2000;
+/// A job whose sandbox cannot be made for want of room waits before trying again: an eighth
+/// of the time it has waited so far, within these bounds, so that a tenant at its quota with
+/// many jobs queued does not have each claimed and put back every two seconds.
+const ROOM_WAIT_MS: (i64, i64) = (2_000, 60_000);
+/// How long a job may wait for room for its sandbox: then it fails with the reason (a request
+/// that no room will ever fit, such as more memory than its key may have, fails then too).
+const ROOM_PATIENCE_MS: i64 = 3_600_000;
+/// Longest wait between two tries of recording an attempt's end (the store failing, a full
+/// disk say): it is tried until it is recorded.
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How an attempt ended.
 enum Outcome {
@@ -71,14 +79,43 @@ pub(super) async fn run(
         Err(e) => failed(format!("the job's recorded spec cannot be read: {e}")),
     };
     let now = now_ms();
+    // How long the job has waited for room (since this server first found none for it).
+    let waited = inner.jobs().map_or(0, |jobs| {
+        let mut waiting = crate::manager::lock(&jobs.waiting_for_room);
+        if matches!(outcome, Outcome::NoRoom(_)) {
+            now - *waiting.entry(id.clone()).or_insert(now)
+        } else {
+            waiting.remove(&id);
+            0
+        }
+    });
+    // Whether a failure may be retried: not a wait for room that ran out.
+    let mut retryable = true;
     let (state, result, not_before) = match outcome {
+        Outcome::NoRoom(why) if waited > ROOM_PATIENCE_MS => {
+            if let Ok(jobs) = inner.jobs() {
+                crate::manager::lock(&jobs.waiting_for_room).remove(&id);
+            }
+            retryable = false;
+            let error = format!(
+                "no room for the job's sandbox for {} minutes: {why}",
+                ROOM_PATIENCE_MS / 60_000
+            );
+            let result = JobResult {
+                error: Some(error),
+                ..JobResult::default()
+            };
+            (v1::JobState::Failed, result, now)
+        }
         Outcome::NoRoom(why) => {
             tracing::debug!(job = %id, "no room for the job's sandbox yet: {why}");
+            let at = now + (waited / 8).clamp(ROOM_WAIT_MS.0, ROOM_WAIT_MS.1);
             let job = id.clone();
-            let at = now + ROOM_WAIT_MS;
-            if let Err(e) = inner.db(move |s| s.unclaim_job(&job, attempt, at)).await {
-                tracing::warn!(job = %id, "putting a job back in the queue: {e}");
-            }
+            record(&id, "putting a job back in the queue", || {
+                let job = job.clone();
+                inner.db(move |s| s.unclaim_job(&job, attempt, at))
+            })
+            .await;
             return;
         }
         Outcome::Cancelled => {
@@ -98,26 +135,47 @@ pub(super) async fn run(
         Outcome::Failed(result) => (v1::JobState::Failed, result, now),
     };
     // A failure (not a timeout) with attempts left is retried after a backoff.
-    let (state, not_before) = if state == v1::JobState::Failed && attempt < rec.max_attempts {
-        let backoff = 1000i64 << (attempt.min(6) - 1);
-        (v1::JobState::Queued, not_before + backoff)
-    } else {
-        (state, not_before)
-    };
+    let (state, not_before) =
+        if state == v1::JobState::Failed && attempt < rec.max_attempts && retryable {
+            let backoff = 1000i64 << (attempt.min(6) - 1);
+            (v1::JobState::Queued, not_before + backoff)
+        } else {
+            (state, not_before)
+        };
     let end = AttemptEnd {
         state,
         not_before,
         result: serde_json::to_string(&result).unwrap_or_else(|_| "{}".into()),
     };
-    let job = id.clone();
-    match inner
-        .db(move |s| s.finish_job_attempt(&job, attempt, &end))
-        .await
-    {
-        Ok(true) => {}
+    let recorded = record(&id, "recording a job's attempt", || {
+        let (job, end) = (id.clone(), end.clone());
+        inner.db(move |s| s.finish_job_attempt(&job, attempt, &end))
+    })
+    .await;
+    if !recorded {
         // Cancelled or deleted meanwhile: what it kept goes.
-        Ok(false) => discard_outputs(inner, &id).await,
-        Err(e) => tracing::warn!(job = %id, "recording a job's attempt: {e}"),
+        discard_outputs(inner, &id).await;
+    }
+}
+
+/// Runs the store write `write` until it succeeds, waiting longer each time (up to
+/// [`RECORD_RETRY_MAX`]): an attempt's end left unrecorded would leave its job running until
+/// the next restart, its worker's place taken meanwhile.
+async fn record<T, F, W>(id: &str, what: &str, mut write: W) -> T
+where
+    W: FnMut() -> F,
+    F: std::future::Future<Output = crate::manager::ManagerResult<T>>,
+{
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Ok(done) => return done,
+            Err(e) => {
+                tracing::warn!(job = %id, "{what} (trying again in {wait:?}): {e}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RECORD_RETRY_MAX);
+            }
+        }
     }
 }
 

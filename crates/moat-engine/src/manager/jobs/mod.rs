@@ -243,6 +243,8 @@ pub(super) struct Jobs {
     webhooks: Notify,
     /// Jobs whose webhook is being sent now.
     delivering: Mutex<std::collections::HashSet<String>>,
+    /// Jobs whose sandbox found no room, by id: when the first such attempt ended (ms).
+    waiting_for_room: Mutex<HashMap<String, i64>>,
     /// Uploads (`POST /v1/blobs`) under way, per tenant: each may write up to the tenant's
     /// room before its quota is checked again at the end.
     uploads: Arc<TenantSlots>,
@@ -277,6 +279,7 @@ impl Jobs {
             orphans_swept_at: AtomicI64::new(0),
             webhooks: Notify::new(),
             delivering: Mutex::new(std::collections::HashSet::new()),
+            waiting_for_room: Mutex::default(),
             uploads: TenantSlots::new(MAX_UPLOADS_PER_TENANT, None),
         }))
     }
@@ -857,6 +860,7 @@ impl SandboxManager {
             if let Some(attempt) = lock(&jobs.running).get(&rec.id) {
                 attempt.cancel.cancel();
             }
+            lock(&jobs.waiting_for_room).remove(&rec.id);
             jobs.webhooks.notify_one();
             Ok(rec)
         })

@@ -202,6 +202,16 @@ impl SandboxManager {
     }
 
     async fn deliver_one(&self, jobs: &Jobs, rec: WebhookRecord) {
+        // The listing that found it due may predate a delivery that ended since (and left
+        // `delivering` just before this one entered): read again, now that it is entered.
+        let (i, tries, now) = (rec.job_id.clone(), rec.attempts, now_ms());
+        let due = self
+            .inner
+            .db(move |s| s.webhook_still_due(&i, tries, now))
+            .await;
+        if !due.unwrap_or(false) {
+            return;
+        }
         let (t, i) = (rec.tenant.clone(), rec.job_id.clone());
         let job = match self.inner.db(move |s| s.get_job(&t, &i)).await {
             Ok(job) => job,
