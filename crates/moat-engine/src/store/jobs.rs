@@ -794,10 +794,18 @@ impl Store {
         })
     }
 
-    /// Deletes the rows of the blobs job `id` kept as outputs (before another attempt); their
-    /// digests, for collection.
+    /// Deletes the rows of the blobs job `id` kept as outputs (before another attempt), and
+    /// with them what its recorded result says of them (its outputs, its logs' blobs), so the
+    /// record never lists a file that is gone; their digests, for collection.
     pub fn drop_job_outputs(&self, id: &str) -> StoreResult<Vec<String>> {
-        self.write(|tx| delete_job_rows(tx, id, Some(BlobKind::Output)))
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE jobs SET result = json_set(json_remove(result, '$.stdout', '$.stderr'), \
+                 '$.outputs', json('[]')) WHERE id = ?1 AND result IS NOT NULL",
+            )?
+            .execute([id])?;
+            delete_job_rows(tx, id, Some(BlobKind::Output))
+        })
     }
 
     /// Deletes `tenant`'s upload of `digest`; whether there was one.
@@ -995,6 +1003,36 @@ mod tests {
             !store
                 .webhook_still_due("j1", due[0].attempts, later)
                 .unwrap()
+        );
+    }
+
+    #[test]
+    fn outputs_dropped_before_another_attempt_leave_the_record_too() {
+        let store = store();
+        store.insert_job(&job("j1", "a"), &[], &limits(10)).unwrap();
+        let claimed = store
+            .claim_job(now_ms() + 1, &Running::default())
+            .unwrap()
+            .unwrap();
+        let digest = format!("sha256:{}", "3".repeat(64));
+        store
+            .add_blob("a", BlobKind::Output, "j1", &digest, 5, 1 << 30)
+            .unwrap();
+        let end = AttemptEnd {
+            state: JobState::Queued,
+            not_before: 0,
+            result: format!(
+                "{{\"error\":\"x\",\"stdout_tail\":\"t\",\"stdout\":{{\"digest\":\"{digest}\",\"size\":5}},\
+                 \"outputs\":[{{\"path\":\"/o\",\"size\":5,\"digest\":\"{digest}\"}}]}}"
+            ),
+        };
+        assert!(store.finish_job_attempt(&claimed.id, 1, &end).unwrap());
+        assert_eq!(store.drop_job_outputs("j1").unwrap(), [digest]);
+        let result: serde_json::Value =
+            serde_json::from_str(&store.get_job("a", "j1").unwrap().result.unwrap()).unwrap();
+        assert_eq!(
+            result,
+            serde_json::json!({"error": "x", "stdout_tail": "t", "outputs": []})
         );
     }
 
