@@ -808,6 +808,91 @@ fn a_network_written_before_egress_none_is_refused_after_it() {
     assert!(r.text().contains("--egress none"), "{}", r.text());
 }
 
+/// Routes of the host's this test added, removed when it ends however it ends.
+struct AddedRoutes(Vec<Vec<String>>);
+
+impl AddedRoutes {
+    fn add(&mut self, family: &str, route: &[&str]) {
+        let mut args = vec![family.to_owned(), "route".to_owned(), "add".to_owned()];
+        args.extend(route.iter().map(|a| a.to_string()));
+        let ok = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {}", args.join(" "));
+        args[2] = "del".to_owned();
+        self.0.push(args);
+    }
+}
+
+impl Drop for AddedRoutes {
+    fn drop(&mut self) {
+        for args in &self.0 {
+            let _ = std::process::Command::new("ip").args(args).status();
+        }
+    }
+}
+
+/// An address the host holds through a local route, not on any interface, whose connections
+/// leave from another address (an IPv6 local prefix; an IPv4 local route with a `src`), is the
+/// host itself: a sandbox with the internet open does not reach a service of the host's
+/// listening on all addresses through it.
+#[test]
+fn an_address_of_a_local_route_is_the_host_itself() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    // This fake internet's own: no other test's routes meet them (nothing leaves the host).
+    let n = (net.host_side.octets()[3] - 1) / 4;
+    let v4 = format!("198.51.100.{}", 200 + n);
+    let v6 = format!("2001:db8:ee:{n}::5");
+    let mut routes = AddedRoutes(Vec::new());
+    let src = net.host_side.to_string();
+    routes.add(
+        "-4",
+        &["local", &format!("{v4}/32"), "dev", "lo", "src", &src],
+    );
+    routes.add(
+        "-6",
+        &["local", &format!("2001:db8:ee:{n}::/64"), "dev", "lo"],
+    );
+    let service = std::net::TcpListener::bind("[::]:0").expect("listen");
+    let port = service.local_addr().expect("port").port();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut conn in service.incoming().take(16).flatten() {
+            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nthe host's service\n");
+        }
+    });
+    let urls = [
+        format!("http://{v4}:{port}/"),
+        format!("http://[{v6}]:{port}/"),
+    ];
+    // The host reaches its service there: the refusals below are moat's.
+    for url in &urls {
+        let direct = std::process::Command::new("curl")
+            .args(["-s", "--max-time", "5", url])
+            .output()
+            .expect("curl");
+        assert!(
+            String::from_utf8_lossy(&direct.stdout).contains("the host's service"),
+            "{url}"
+        );
+    }
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    for url in &urls {
+        let (code, out) = curl(&server, &key, &id, "", url);
+        assert!(
+            code != 0 && !out.contains("the host's service"),
+            "{url}: {out}"
+        );
+    }
+    let shown = network_of(&server, &key, &id);
+    let denials = shown["stats"]["recent_denials"].to_string();
+    assert!(denials.contains("the host itself"), "{denials}");
+}
+
 /// Sets this test process's open-file limit (`moat serve` started after inherits it).
 fn set_nofile(n: u64) {
     let lim = libc::rlimit {

@@ -14,6 +14,7 @@ mod answerer;
 pub mod dns;
 pub mod policy;
 mod proxy;
+mod route;
 pub mod sniff;
 mod splice;
 mod tokens;

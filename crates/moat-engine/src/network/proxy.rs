@@ -157,6 +157,17 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
             }
         }
     }
+    // An address of a local route (a prefix routed to `lo`, say) is the host's, though no
+    // interface lists it; asked of the kernel on each connection, as routes change.
+    if super::route::ends_at_host(dest.ip()).unwrap_or(false) {
+        net.deny(
+            dest.to_string(),
+            format!("{} is the host itself (a local route)", dest.ip()),
+            false,
+        );
+        reset(conn);
+        return;
+    }
     let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
         Ok(Ok(s)) => s,
         // Unreachable or refused out there: the sandbox sees its connection end the same way.
