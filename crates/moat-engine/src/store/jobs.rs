@@ -732,6 +732,13 @@ impl Store {
     pub fn requeue_interrupted_jobs(&self, max_attempts: u32) -> StoreResult<(u64, u64)> {
         self.write(|tx| {
             let now = now_ms();
+            // What the cut-off attempts of those about to fail kept: their result no longer
+            // names it (their objects go with housekeeping's sweep of unnamed ones).
+            tx.prepare_cached(
+                "DELETE FROM blobs WHERE kind = 'output' AND job_id IN \
+                 (SELECT id FROM jobs WHERE state = 'running' AND attempts >= ?1)",
+            )?
+            .execute([max_attempts])?;
             let failed = tx
                 .prepare_cached(
                     "UPDATE jobs SET state = 'failed', finished_at = ?1, \
@@ -767,6 +774,21 @@ impl Store {
         max_bytes: u64,
     ) -> StoreResult<()> {
         self.write(|tx| {
+            // An attempt's output is kept only while the attempt runs: one a cancel cleaned
+            // up after, or a restart cut off, keeps nothing more.
+            if kind == BlobKind::Output {
+                let running: bool = tx
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running')",
+                    )?
+                    .query_row([job], |row| row.get(0))?;
+                if !running {
+                    return Err(StoreError::conflict(
+                        "output of a job no longer running",
+                        job,
+                    ));
+                }
+            }
             check_blob_room(tx, tenant, size, max_bytes)?;
             insert_blob_row(tx, tenant, kind, job, digest, size)
         })
@@ -1034,6 +1056,28 @@ mod tests {
             result,
             serde_json::json!({"error": "x", "stdout_tail": "t", "outputs": []})
         );
+    }
+
+    #[test]
+    fn a_job_failed_for_its_restarts_keeps_nothing_its_attempt_left() {
+        let store = store();
+        store.insert_job(&job("j1", "a"), &[], &limits(10)).unwrap();
+        store
+            .claim_job(now_ms() + 1, &Running::default())
+            .unwrap()
+            .unwrap();
+        let digest = format!("sha256:{}", "4".repeat(64));
+        store
+            .add_blob("a", BlobKind::Output, "j1", &digest, 7, 1 << 30)
+            .unwrap();
+        assert_eq!(store.requeue_interrupted_jobs(1).unwrap(), (0, 1));
+        assert_eq!(store.blob_bytes("a").unwrap(), 0);
+        assert!(store.blob_unused(&digest).unwrap());
+        // Nor does a write of that attempt's still under way when it ended.
+        assert!(matches!(
+            store.add_blob("a", BlobKind::Output, "j1", &digest, 7, 1 << 30),
+            Err(StoreError::Conflict { .. })
+        ));
     }
 
     #[test]
