@@ -150,6 +150,10 @@ def read_name(msg, at):
         at += 1 + n
 
 
+def encode_name(name):
+    return b"".join(bytes([len(l)]) + l.encode() for l in name.split(".") if l) + b"\x00"
+
+
 def respond(query, names):
     if len(query) < 12:
         return None
@@ -165,6 +169,16 @@ def respond(query, names):
         rcode = 3
     else:
         for a in addrs:
+            if a.startswith("alias-ptr "):
+                # An alias to a reverse-lookup name, and that name's PTR record: what a
+                # resolver that follows the alias answers.
+                _, reverse, target = a.split()
+                rdata = encode_name(reverse)
+                records += b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, names.ttl, len(rdata)) + rdata
+                rdata = encode_name(target)
+                records += encode_name(reverse) + struct.pack("!HHIH", 12, 1, names.ttl, len(rdata)) + rdata
+                count += 2
+                continue
             ip = ipaddress.ip_address(a)
             rtype = 1 if ip.version == 4 else 28
             if rtype != qtype:

@@ -74,8 +74,10 @@ impl FakeNet {
     /// Builds a fake internet whose DNS server answers `names` (a JSON object of name to a
     /// list of answers, each a list of addresses; successive queries of a type get successive
     /// answers). An address may be `{web}`, `{other}`, `{private}` or `{dns}`, for this fake
-    /// internet's. The names `web.test`, `other.test` and `private.test` are added where
-    /// `names` does not give them.
+    /// internet's; `alias-ptr REVERSE NAME` answers an alias to the reverse-lookup name
+    /// `REVERSE` (`{private-reverse}`: the private address's) and its PTR record `NAME`. The
+    /// names `web.test`, `other.test` and `private.test` are added where `names` does not give
+    /// them.
     pub fn start(names: serde_json::Value) -> FakeNet {
         let (slot, lock) = take_slot();
         let n = u32::from(slot);
@@ -175,6 +177,10 @@ impl FakeNet {
             .replace("{web}", &web.to_string())
             .replace("{other}", &other.to_string())
             .replace("{private}", &private.to_string())
+            .replace("{private-reverse}", &{
+                let o = private.octets();
+                format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0])
+            })
             .replace("{dns}", &dns.to_string());
         let mut table = match serde_json::from_str(&names) {
             Ok(serde_json::Value::Object(m)) => m,

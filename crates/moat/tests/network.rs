@@ -808,6 +808,40 @@ fn a_network_written_before_egress_none_is_refused_after_it() {
     assert!(r.text().contains("--egress none"), "{}", r.text());
 }
 
+/// An allowed name whose answer leads, through an alias, to the reverse-lookup name of a
+/// private address is refused: the sandbox does not learn the private network's names.
+#[test]
+fn a_reverse_lookup_of_a_private_address_through_an_alias_is_refused() {
+    need_root!();
+    let net = FakeNet::start(json!({
+        "alias.test": [["alias-ptr {private-reverse} secret-db.corp"]],
+    }));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    // A PTR query of an allowed name, over UDP to the resolver moat answers for.
+    let script = "python3 -c \"
+import socket, struct
+q = struct.pack('!HHHHHH', 9, 0x0100, 1, 0, 0, 0)
+q += b''.join(bytes([len(l)]) + l.encode() for l in 'alias.test'.split('.')) + b'\\x00\\x00\\x0c\\x00\\x01'
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(q, ('192.0.2.53', 53))
+a = s.recv(4096)
+print(a[3] & 15, b'secret-db' in a)
+\"";
+    let (code, out) = sh(&server, &key, &id, script);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "5 False"),
+        "REFUSED, and no name of the private network"
+    );
+    let denials = network_of(&server, &key, &id)["stats"]["recent_denials"].to_string();
+    assert!(
+        denials.contains("reverse lookup of a closed address"),
+        "{denials}"
+    );
+}
+
 /// Routes of the host's this test added, removed when it ends however it ends.
 struct AddedRoutes(Vec<Vec<String>>);
 
