@@ -352,6 +352,57 @@ fn a_running_sandboxs_policy_changes_at_once_and_survives_a_restart() {
     );
 }
 
+/// A connection still sending its name when the policy changes is decided by the policy in
+/// force once the name arrives: a name the update took away is refused.
+#[test]
+fn an_update_decides_a_connection_still_sending_its_name() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let server = Server::start();
+    let key = server.admin_key();
+    let id = with_network(
+        &server,
+        &key,
+        net.network(false, &["web.test", "other.test"], &["0.0.0.0/0"]),
+    );
+    // Connects to other.test, says it is connected, and sends its request once told to.
+    let start = "nohup python3 -c \"
+import os, socket, time
+s = socket.create_connection((socket.gethostbyname('other.test'), 80), timeout=20)
+open('/tmp/connected', 'w').close()
+while not os.path.exists('/tmp/go'): time.sleep(0.02)
+s.sendall(b'GET / HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n')
+try:
+    got = s.recv(4096) or b'closed'
+except OSError as e:
+    got = repr(e).encode()
+open('/tmp/answer', 'wb').write(got)
+\" >/dev/null 2>&1 &
+i=0; while [ ! -e /tmp/connected ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+test -e /tmp/connected";
+    let (code, _) = sh(&server, &key, &id, start);
+    assert_eq!(code, 0, "the connection was never made");
+    let r = server.request(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/network"),
+        Some(&key),
+        Some(&body(net.network(false, &["web.test"], &["0.0.0.0/0"]))),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (code, answer) = sh(
+        &server,
+        &key,
+        &id,
+        "touch /tmp/go; i=0; while [ ! -e /tmp/answer ] && [ $i -lt 300 ]; do sleep 0.05; \
+         i=$((i+1)); done; cat /tmp/answer",
+    );
+    assert_eq!(code, 0, "no answer was written");
+    assert!(
+        !answer.contains("HTTP/1."),
+        "served under the old policy: {answer}"
+    );
+}
+
 #[test]
 fn malformed_or_oversized_policies_are_refused_with_the_entry_named() {
     need_root!();
