@@ -306,17 +306,14 @@ pub(super) async fn serve_tcp(mut conn: TcpStream, net: &SandboxNet) {
     }
 }
 
-/// A refusal of `query` when the sandbox is over its DNS rate, taking a token otherwise.
+/// A refusal of `query` when the sandbox (or its tenant) is over its DNS rate, taking a token
+/// otherwise.
 fn over_rate(query: &[u8], net: &SandboxNet) -> Option<Vec<u8>> {
-    if net.dns_token() {
+    let Err(reason) = net.dns_token() else {
         return None;
-    }
+    };
     let q = Question::parse(query)?;
-    net.deny(
-        q.name.clone(),
-        format!("over the DNS rate of {} queries a second", super::DNS_RATE),
-        true,
-    );
+    net.deny(q.name.clone(), reason, true);
     Some(q.reply(query, RCODE_REFUSED))
 }
 

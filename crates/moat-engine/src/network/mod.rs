@@ -48,6 +48,43 @@ pub const CONNECT_BURST: f64 = 200.0;
 pub const DNS_RATE: f64 = 100.0;
 /// The most DNS queries a sandbox may send at once after a quiet while.
 pub const DNS_BURST: f64 = 200.0;
+/// DNS queries all sandboxes of one tenant may send a second together, and their burst: a
+/// tenant's many sandboxes ask the host's resolvers, which every tenant and the server share,
+/// no more than ten sandboxes at their own rate may.
+pub const TENANT_DNS_RATE: f64 = 1000.0;
+/// The burst of [`TENANT_DNS_RATE`].
+pub const TENANT_DNS_BURST: f64 = 2000.0;
+/// New connections all sandboxes of one tenant may open a second together (the host's local
+/// ports are shared), and their burst.
+pub const TENANT_CONNECT_RATE: f64 = 1000.0;
+/// The burst of [`TENANT_CONNECT_RATE`].
+pub const TENANT_CONNECT_BURST: f64 = 2000.0;
+
+/// The rates one tenant's sandboxes share.
+#[derive(Debug)]
+struct TenantRates {
+    dns: Tokens,
+    connect: Tokens,
+}
+
+/// The rates of `tenant`'s sandboxes, made on first use (one entry per tenant that has had a
+/// sandbox with a network: as many as the store holds tenants).
+fn tenant_rates(tenant: &str) -> Arc<TenantRates> {
+    static RATES: std::sync::LazyLock<Mutex<std::collections::HashMap<String, Arc<TenantRates>>>> =
+        std::sync::LazyLock::new(Mutex::default);
+    RATES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(tenant.to_owned())
+        .or_insert_with(|| {
+            Arc::new(TenantRates {
+                dns: Tokens::new(TENANT_DNS_RATE, TENANT_DNS_BURST),
+                connect: Tokens::new(TENANT_CONNECT_RATE, TENANT_CONNECT_BURST),
+            })
+        })
+        .clone()
+}
+
 /// The most (address, name) pins a sandbox holds; the oldest go first.
 pub const MAX_PINS: usize = 4096;
 /// How long a pin outlives the answer's TTL, at least: clients cache answers longer than they
@@ -285,9 +322,36 @@ pub struct SandboxNet {
 }
 
 impl SandboxNet {
-    /// Takes one DNS query's token; false when the sandbox is over [`DNS_RATE`].
-    fn dns_token(&self) -> bool {
-        self.dns_rate.try_take()
+    /// Takes one DNS query's token; why not when the sandbox is over [`DNS_RATE`] or its
+    /// tenant over [`TENANT_DNS_RATE`].
+    fn dns_token(&self) -> Result<(), String> {
+        if !self.dns_rate.try_take() {
+            return Err(format!("over the DNS rate of {DNS_RATE} queries a second"));
+        }
+        if !tenant_rates(&self.owner()).dns.try_take() {
+            return Err(format!(
+                "over the DNS rate of {TENANT_DNS_RATE} queries a second of the tenant's \
+                 sandboxes together"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes one new connection's token; why not when the sandbox is over [`CONNECT_RATE`]
+    /// or its tenant over [`TENANT_CONNECT_RATE`].
+    fn connect_token(&self) -> Result<(), String> {
+        if !self.connect_rate.try_take() {
+            return Err(format!(
+                "over the rate of {CONNECT_RATE} new connections a second"
+            ));
+        }
+        if !tenant_rates(&self.owner()).connect.try_take() {
+            return Err(format!(
+                "over the rate of {TENANT_CONNECT_RATE} new connections a second of the \
+                 tenant's sandboxes together"
+            ));
+        }
+        Ok(())
     }
 
     /// The buckets its bytes out and in are held to, when its bandwidth is limited.
@@ -555,6 +619,22 @@ fn read_host_resolvers() -> Vec<SocketAddr> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenant_s_sandboxes_share_its_rates() {
+        let (a, b) = (tenant_rates("rates-a"), tenant_rates("rates-a"));
+        assert!(Arc::ptr_eq(&a, &b));
+        let mut taken = 0;
+        while a.dns.try_take() {
+            taken += 1;
+            assert!(taken <= 2 * TENANT_DNS_BURST as usize, "no end to the burst");
+        }
+        // What one sandbox used is gone for the other; another tenant has its own.
+        assert!(taken >= TENANT_DNS_BURST as usize - 1);
+        assert!(!b.dns.try_take());
+        assert!(tenant_rates("rates-b").dns.try_take());
+        assert!(b.connect.try_take());
+    }
 
     #[test]
     fn pins_end_and_stay_bounded() {

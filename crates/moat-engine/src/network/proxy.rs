@@ -11,9 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::policy::{Verdict, canonical};
 use super::sniff::{MAX_SNIFF, Sniffed, Sniffer};
-use super::{
-    CONNECT_RATE, MAX_CONNECTIONS, OPEN_CONNECTIONS, SandboxNet, answerer, host_addresses,
-};
+use super::{MAX_CONNECTIONS, OPEN_CONNECTIONS, SandboxNet, answerer, host_addresses};
 use crate::tenant_slots::SlotsFull;
 
 /// How long moat waits for the remote end to accept a connection.
@@ -72,12 +70,8 @@ pub(super) async fn serve(
                 continue;
             }
         };
-        if !net.connect_rate.try_take() {
-            net.deny(
-                dest.to_string(),
-                format!("over the rate of {CONNECT_RATE} new connections a second"),
-                false,
-            );
+        if let Err(reason) = net.connect_token() {
+            net.deny(dest.to_string(), reason, false);
             reset(conn);
             continue;
         }
