@@ -627,7 +627,10 @@ mod tests {
         let mut taken = 0;
         while a.dns.try_take() {
             taken += 1;
-            assert!(taken <= 2 * TENANT_DNS_BURST as usize, "no end to the burst");
+            assert!(
+                taken <= 2 * TENANT_DNS_BURST as usize,
+                "no end to the burst"
+            );
         }
         // What one sandbox used is gone for the other; another tenant has its own.
         assert!(taken >= TENANT_DNS_BURST as usize - 1);
