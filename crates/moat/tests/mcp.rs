@@ -318,14 +318,26 @@ fn moat_mcp_answers_a_quick_call_while_a_long_one_runs_and_cancels_it() {
             .unwrap_or_default()
             .to_owned()
     };
-    let seen = sleeping(4, &mut send);
-    assert!(seen.contains("sleeping=1\n"), "{seen:?}");
+    // It may not have started yet on a busy machine: asked until it has.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 4;
+    loop {
+        let seen = sleeping(n, &mut send);
+        n += 1;
+        if seen.contains("sleeping=1\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long call's command is not in the session's sandbox: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     send(
         serde_json::json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
             "params": {"requestId": 2, "reason": "the user stopped it"}}),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut n = 5;
     loop {
         let seen = sleeping(n, &mut send);
         if seen.contains("sleeping=0\n") {

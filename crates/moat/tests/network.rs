@@ -401,6 +401,12 @@ test -e /tmp/connected";
         !answer.contains("HTTP/1."),
         "served under the old policy: {answer}"
     );
+    // Refused for its name, not for sending it too late.
+    let denials = network_of(&server, &key, &id)["stats"]["recent_denials"].to_string();
+    assert!(
+        denials.contains("other.test is not an allowed name"),
+        "{denials}"
+    );
 }
 
 #[test]

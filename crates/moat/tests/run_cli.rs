@@ -224,7 +224,6 @@ fn stdin_is_forwarded_and_closed() {
     assert_eq!(stdout(&o).trim(), "100000");
 }
 
-/// The host processes whose command line is exactly `argv`.
 /// `moat run` ends with its command even when its own input is still open and silent (a
 /// terminal nobody types in, a pipe nobody closed): it does not wait for that input.
 #[test]
@@ -258,6 +257,7 @@ fn an_open_input_does_not_hold_up_the_end() {
     assert_eq!(stdout(&o), "done\n");
 }
 
+/// The host processes whose command line is exactly `argv`.
 fn host_processes(argv: &[&str]) -> Vec<u32> {
     let want: Vec<u8> = argv
         .iter()

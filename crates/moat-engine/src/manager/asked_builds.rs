@@ -125,8 +125,13 @@ impl AskedBuilds {
             plan,
             asked_at_ms: now,
         };
-        self.write(&id, &asked)?;
-        waiting.insert(id.clone(), asked);
+        // Its place taken now; written (and synced) without holding up the others.
+        waiting.insert(id.clone(), asked.clone());
+        drop(waiting);
+        if let Err(e) = self.write(&id, &asked) {
+            lock(&self.waiting).remove(&id);
+            return Err(e);
+        }
         Ok(id)
     }
 

@@ -328,9 +328,7 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
     let host = host_addresses();
     // Reverse lookups of closed addresses (or of whole zones) would tell the sandbox the names
     // of the host's private networks.
-    if is_reverse(&q.name)
-        && reverse_address(&q.name).is_none_or(|a| special_range(a, &host).is_some())
-    {
+    if is_reverse(&q.name) && reverse_closed(&q.name, &host) {
         net.deny(
             q.name.clone(),
             "reverse lookups of closed addresses are not answered".into(),
@@ -367,9 +365,11 @@ async fn answer(query: &[u8], net: &SandboxNet, tcp: bool) -> Option<Vec<u8>> {
     };
     // A record of a closed address's reverse name (reached through an alias of an open
     // name) would tell what the question alone may not.
-    if let Some(owner) = read.owners.iter().find(|o| {
-        is_reverse(o) && reverse_address(o).is_none_or(|a| special_range(a, &host).is_some())
-    }) {
+    if let Some(owner) = read
+        .owners
+        .iter()
+        .find(|o| is_reverse(o) && reverse_closed(o, &host))
+    {
         net.deny(
             q.name.clone(),
             format!("the answer holds {owner}, a reverse lookup of a closed address"),
@@ -408,6 +408,50 @@ fn is_reverse(name: &str) -> bool {
 
 /// The whole address a reverse-lookup name stands for (`4.3.2.1.in-addr.arpa`, 32 nibbles of
 /// `ip6.arpa`); `None` for anything else, zones included.
+/// Whether the reverse-lookup name `name` tells of a closed address: the whole address it
+/// stands for is closed, or (a zone's name, or a classless delegation's such as
+/// `9.0-25.113.0.203.in-addr.arpa`) the network its whole-number labels next to the zone
+/// name stand for overlaps a closed range. The zones themselves are closed.
+fn reverse_closed(name: &str, host: &[IpAddr]) -> bool {
+    if let Some(a) = reverse_address(name) {
+        return special_range(a, host).is_some();
+    }
+    reverse_prefix(name).is_none_or(|net| super::policy::overlaps_special(&net, host))
+}
+
+/// The network the labels of `name` next to its reverse zone's name stand for (`113.0.203`
+/// of `x.113.0.203.in-addr.arpa`: 203.0.113.0/24); `None` with none.
+fn reverse_prefix(name: &str) -> Option<super::policy::IpNet> {
+    if let Some(rest) = name.strip_suffix(".in-addr.arpa") {
+        let mut octets = [0u8; 4];
+        let mut n = 0;
+        for label in rest.rsplit('.').take(4) {
+            let Ok(o) = label.parse::<u8>() else { break };
+            octets[n] = o;
+            n += 1;
+        }
+        return (n > 0)
+            .then(|| super::policy::IpNet::new(IpAddr::V4(Ipv4Addr::from(octets)), 8 * n as u8))
+            .flatten();
+    }
+    let rest = name.strip_suffix(".ip6.arpa")?;
+    let mut bytes = [0u8; 16];
+    let mut n = 0;
+    for label in rest.rsplit('.').take(32) {
+        let Some(nibble) = (label.len() == 1)
+            .then(|| u8::from_str_radix(label, 16).ok())
+            .flatten()
+        else {
+            break;
+        };
+        bytes[n / 2] |= if n % 2 == 0 { nibble << 4 } else { nibble };
+        n += 1;
+    }
+    (n > 0)
+        .then(|| super::policy::IpNet::new(IpAddr::V6(Ipv6Addr::from(bytes)), 4 * n as u8))
+        .flatten()
+}
+
 fn reverse_address(name: &str) -> Option<IpAddr> {
     if let Some(rest) = name.strip_suffix(".in-addr.arpa") {
         let octets: Vec<u8> = rest
@@ -508,6 +552,16 @@ mod tests {
             Some("2001:db8::1".parse().unwrap())
         );
         assert_eq!(reverse_address("10.in-addr.arpa"), None);
+        // Zones and classless delegations: by the network their labels stand for.
+        let host = [];
+        assert!(reverse_closed("10.in-addr.arpa", &host));
+        assert!(reverse_closed("254.169.in-addr.arpa", &host));
+        assert!(reverse_closed("in-addr.arpa", &host));
+        assert!(!reverse_closed("113.0.203.in-addr.arpa", &host));
+        assert!(!reverse_closed("9.0-25.113.0.203.in-addr.arpa", &host));
+        assert!(reverse_closed("9.0-25.1.168.192.in-addr.arpa", &host));
+        assert!(reverse_closed("c.f.ip6.arpa", &host), "fc00::/7");
+        assert!(!reverse_closed("8.b.d.0.1.0.0.2.ip6.arpa", &host));
         assert_eq!(reverse_address("300.1.1.1.in-addr.arpa"), None);
         assert!(is_reverse("10.in-addr.arpa") && !is_reverse("example.com"));
     }

@@ -409,6 +409,15 @@ pub fn special_range(ip: IpAddr, host: &[IpAddr]) -> Option<SpecialRange> {
         .copied()
 }
 
+/// Whether `net` holds any address a sandbox may never reach without a rule naming it: a
+/// special range overlaps it, or an address of the host's (`host`) is in it.
+pub fn overlaps_special(net: &IpNet, host: &[IpAddr]) -> bool {
+    host.iter().any(|h| net.contains(*h))
+        || special_ranges()
+            .iter()
+            .any(|r| r.net.covers(net) || net.covers(&r.net))
+}
+
 /// Every special range, most specific first within each family.
 fn special_ranges() -> &'static [SpecialRange] {
     static RANGES: LazyLock<Vec<SpecialRange>> = LazyLock::new(|| {

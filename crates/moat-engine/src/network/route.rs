@@ -112,7 +112,20 @@ pub fn ends_at_host(dest: IpAddr) -> io::Result<bool> {
             answer.get(TYPE_AT),
             Some(&(RTN_LOCAL | RTN_BROADCAST | RTN_ANYCAST))
         )),
-        Some(NLMSG_ERROR) => Ok(false),
+        // No route at all: nothing of the host's either. Any other refusal is not known.
+        Some(NLMSG_ERROR) => {
+            let errno = answer
+                .get(16..20)
+                .map(|b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+            match errno {
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => Ok(false),
+                Some(e) => Err(io::Error::from_raw_os_error(e)),
+                None => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a short netlink error",
+                )),
+            }
+        }
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "an unexpected netlink answer",

@@ -344,6 +344,16 @@ impl Store {
         })
     }
 
+    /// Forgets `tenant`'s job `id`'s webhook (the job is being deleted: no delivery of it is
+    /// wanted any more, not even of a cancel the delete makes).
+    pub fn forget_webhook(&self, tenant: &str, id: &str) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM job_webhooks WHERE job_id = ?1 AND tenant_id = ?2")?
+                .execute(params![id, tenant])?;
+            Ok(())
+        })
+    }
+
     /// Whether job `id`'s webhook is still due at `now` after `attempts` deliveries: not
     /// delivered, given up or tried again since it was read.
     pub fn webhook_still_due(&self, id: &str, attempts: u32, now: i64) -> StoreResult<bool> {
@@ -664,15 +674,17 @@ impl Store {
     }
 
     /// Puts back job `id`'s attempt `attempt`, which could not start for want of room (a
-    /// quota, the server busy): queued again until `not_before`, the attempt not counted.
-    pub fn unclaim_job(&self, id: &str, attempt: u32, not_before: i64) -> StoreResult<()> {
+    /// quota, the server busy): queued again until `not_before`, the attempt not counted;
+    /// whether it was (not: cancelled or deleted meanwhile).
+    pub fn unclaim_job(&self, id: &str, attempt: u32, not_before: i64) -> StoreResult<bool> {
         self.write(|tx| {
-            tx.prepare_cached(
-                "UPDATE jobs SET state = 'queued', attempts = attempts - 1, not_before = ?3 \
-                 WHERE id = ?1 AND state = 'running' AND attempts = ?2",
-            )?
-            .execute(params![id, attempt, not_before])?;
-            Ok(())
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'queued', attempts = attempts - 1, not_before = ?3 \
+                     WHERE id = ?1 AND state = 'running' AND attempts = ?2",
+                )?
+                .execute(params![id, attempt, not_before])?;
+            Ok(changed == 1)
         })
     }
 

@@ -40,9 +40,12 @@ pub fn main(args: McpArgs) -> ExitCode {
 /// The id of the `initialize` the bridge sends itself to open a new session.
 const REOPEN_ID: &str = "moat-mcp-reopen";
 
-/// Messages relayed at once; the next waits for one of them to be answered. The server holds
-/// a session's calls to its own limits too.
+/// Requests relayed at once; more wait for one of them to be answered. The server holds a
+/// session's calls to its own limits too.
 const MAX_IN_FLIGHT: usize = 32;
+/// Requests relayed or waiting at once; one more is answered with an error at once. Input
+/// is read on meanwhile, so that a cancel is never stuck behind the requests it cancels.
+const MAX_WAITING: usize = 1024;
 
 /// The server's session of this bridge, and how to open another like it.
 #[derive(Default)]
@@ -170,11 +173,13 @@ async fn bridge(client: &Client) -> Result<()> {
             bridge.write(&error_for(&line, &why)).await?;
         } else if in_turn(&line) {
             bridge.relay(&line).await?;
+        } else if relaying.len() >= MAX_WAITING {
+            let why = format!("more than {MAX_WAITING} requests at once");
+            bridge.write(&error_for(&line, &why)).await?;
         } else {
-            let place = places.clone().acquire_owned().await?;
-            let bridge = bridge.clone();
+            let (bridge, places) = (bridge.clone(), places.clone());
             relaying.spawn(async move {
-                let _place = place;
+                let _place = places.acquire_owned().await?;
                 bridge.relay(&line).await
             });
         }

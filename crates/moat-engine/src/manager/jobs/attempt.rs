@@ -79,14 +79,24 @@ pub(super) async fn run(
         Err(e) => failed(format!("the job's recorded spec cannot be read: {e}")),
     };
     let now = now_ms();
-    // How long the job has waited for room (since this server first found none for it).
+    // How long the job has waited for room: since this server first found none for it, or
+    // since it last saw another attempt of the tenant's running (whose end may make room:
+    // a tenant at its own quota waits for its own jobs, however long they take).
     let waited = inner.jobs().map_or(0, |jobs| {
+        let own_running = crate::manager::lock(&jobs.running)
+            .iter()
+            .any(|(job, a)| a.tenant == rec.tenant && *job != id);
         let mut waiting = crate::manager::lock(&jobs.waiting_for_room);
-        if matches!(outcome, Outcome::NoRoom(_)) {
-            now - *waiting.entry(id.clone()).or_insert(now)
-        } else {
-            waiting.remove(&id);
-            0
+        match &outcome {
+            Outcome::NoRoom(_) if own_running => {
+                waiting.insert(id.clone(), now);
+                0
+            }
+            Outcome::NoRoom(_) => now - *waiting.entry(id.clone()).or_insert(now),
+            _ => {
+                waiting.remove(&id);
+                0
+            }
         }
     });
     // Whether a failure may be retried: not a wait for room that ran out.
@@ -111,11 +121,17 @@ pub(super) async fn run(
             tracing::debug!(job = %id, "no room for the job's sandbox yet: {why}");
             let at = now + (waited / 8).clamp(ROOM_WAIT_MS.0, ROOM_WAIT_MS.1);
             let job = id.clone();
-            record(&id, "putting a job back in the queue", || {
+            let put_back = record(&id, "putting a job back in the queue", &cancel, || {
                 let job = job.clone();
                 inner.db(move |s| s.unclaim_job(&job, attempt, at))
             })
             .await;
+            // Cancelled or deleted meanwhile: it will not wait again.
+            if put_back != Some(true)
+                && let Ok(jobs) = inner.jobs()
+            {
+                crate::manager::lock(&jobs.waiting_for_room).remove(&id);
+            }
             return;
         }
         Outcome::Cancelled => {
@@ -147,12 +163,12 @@ pub(super) async fn run(
         not_before,
         result: serde_json::to_string(&result).unwrap_or_else(|_| "{}".into()),
     };
-    let recorded = record(&id, "recording a job's attempt", || {
+    let recorded = record(&id, "recording a job's attempt", &cancel, || {
         let (job, end) = (id.clone(), end.clone());
         inner.db(move |s| s.finish_job_attempt(&job, attempt, &end))
     })
     .await;
-    if !recorded {
+    if recorded == Some(false) {
         // Cancelled or deleted meanwhile: what it kept goes.
         discard_outputs(inner, &id).await;
     }
@@ -160,8 +176,14 @@ pub(super) async fn run(
 
 /// Runs the store write `write` until it succeeds, waiting longer each time (up to
 /// [`RECORD_RETRY_MAX`]): an attempt's end left unrecorded would leave its job running until
-/// the next restart, its worker's place taken meanwhile.
-async fn record<T, F, W>(id: &str, what: &str, mut write: W) -> T
+/// the next restart, its worker's place taken meanwhile. `None` when `cancel` came first (a
+/// cancel, or the server stopping: the next start queues the job again).
+async fn record<T, F, W>(
+    id: &str,
+    what: &str,
+    cancel: &CancellationToken,
+    mut write: W,
+) -> Option<T>
 where
     W: FnMut() -> F,
     F: std::future::Future<Output = crate::manager::ManagerResult<T>>,
@@ -169,10 +191,13 @@ where
     let mut wait = Duration::from_millis(100);
     loop {
         match write().await {
-            Ok(done) => return done,
+            Ok(done) => return Some(done),
             Err(e) => {
                 tracing::warn!(job = %id, "{what} (trying again in {wait:?}): {e}");
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = cancel.cancelled() => return None,
+                }
                 wait = (wait * 2).min(RECORD_RETRY_MAX);
             }
         }

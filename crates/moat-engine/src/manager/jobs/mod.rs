@@ -190,25 +190,31 @@ pub const MAX_JOB_RESULT_LIST_BYTES: usize = 256 << 10;
 /// What an output's entry in a result takes besides its path (its digest, size and JSON).
 const OUTPUT_ENTRY_BYTES: usize = 128;
 
+/// The bytes `text` takes in a result's JSON (escapes included).
+fn json_len(text: &str) -> usize {
+    serde_json::to_string(text).map_or(text.len() * 6, |j| j.len())
+}
+
 impl JobResult {
     /// Lists `error`, or counts it when the list is full.
     fn note(&mut self, error: String) {
-        if self.listed + error.len() > MAX_JOB_RESULT_LIST_BYTES {
+        let len = json_len(&error);
+        if self.listed + len > MAX_JOB_RESULT_LIST_BYTES {
             self.unlisted += 1;
         } else {
-            self.listed += error.len();
+            self.listed += len;
             self.output_errors.push(error);
         }
     }
 
     /// Whether an output of `path` has room in the list.
     fn has_room_for(&self, path: &str) -> bool {
-        self.listed + path.len() + OUTPUT_ENTRY_BYTES <= MAX_JOB_RESULT_LIST_BYTES
+        self.listed + json_len(path) + OUTPUT_ENTRY_BYTES <= MAX_JOB_RESULT_LIST_BYTES
     }
 
     /// Lists an output kept.
     fn add_output(&mut self, output: v1::JobOutput) {
-        self.listed += output.path.len() + OUTPUT_ENTRY_BYTES;
+        self.listed += json_len(&output.path) + OUTPUT_ENTRY_BYTES;
         self.outputs.push(output);
     }
 
@@ -327,7 +333,6 @@ impl Inner {
     {
         let jobs = self.jobs()?.clone();
         let staged = jobs.blobs.stage(body, limit).await.map_err(blob_error)?;
-        let gc = jobs.gc.clone().read_owned().await;
         let (t, j, d, size, max) = (
             tenant.to_owned(),
             job.to_owned(),
@@ -339,8 +344,10 @@ impl Inner {
         // between leaves an object no row names, which housekeeping removes). The quota is
         // checked first, so a tenant over it leaves nothing behind.
         let inner = self.clone();
+        // From here on whatever happens to the caller: a staged object is committed or
+        // discarded, never left for the staging sweep.
         to_the_end("blob write", async move {
-            let _gc = gc;
+            let _gc = jobs.gc.clone().read_owned().await;
             let (tq, dq) = (t.clone(), d.clone());
             let fits = inner.db(move |s| s.blob_fits(&tq, size, max)).await;
             if let Err(e) = fits {
@@ -680,7 +687,6 @@ impl SandboxManager {
             check_path("output", pattern)?;
             outputs::Pattern::parse(pattern)?;
         }
-        let timeout_secs = req.timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
         // The attempt's sandbox outlives the program by a margin, to collect its outputs, and
         // lives no longer than the server's `--max-ttl`.
         let longest = MAX_JOB_TIMEOUT_SECS.min(
@@ -689,6 +695,18 @@ impl SandboxManager {
                 .saturating_sub(attempt::TTL_MARGIN)
                 .as_secs(),
         );
+        if longest == 0 {
+            return Err(ManagerError::Unavailable(format!(
+                "this server's --max-ttl of {} s leaves jobs no time: a job's sandbox lives {} \
+                 s past its program's timeout",
+                self.options().max_ttl.as_secs(),
+                attempt::TTL_MARGIN.as_secs()
+            )));
+        }
+        // No timeout asked for: the default, or as long as the server lets a job run.
+        let timeout_secs = req
+            .timeout_secs
+            .unwrap_or(DEFAULT_JOB_TIMEOUT_SECS.min(longest));
         if timeout_secs == 0 || timeout_secs > longest {
             return Err(ManagerError::Invalid(format!(
                 "timeout_secs must be 1 to {longest}: a job's sandbox lives {} s past its \
@@ -872,6 +890,9 @@ impl SandboxManager {
     pub async fn delete_job(&self, caller: &Caller, id: &str) -> ManagerResult<()> {
         let (t, i) = (caller.tenant.clone(), id.to_owned());
         let rec = self.inner.db(move |s| s.get_job(&t, &i)).await?;
+        // No webhook of a deleted job, not even of the cancel below.
+        let (t, i) = (caller.tenant.clone(), id.to_owned());
+        self.inner.db(move |s| s.forget_webhook(&t, &i)).await?;
         if !rec.state.is_final() {
             match self.cancel_job(caller, id).await {
                 Ok(_) | Err(ManagerError::Conflict(_)) => {}
