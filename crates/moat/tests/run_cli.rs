@@ -257,6 +257,65 @@ fn an_open_input_does_not_hold_up_the_end() {
     assert_eq!(stdout(&o), "done\n");
 }
 
+/// Runs `moat run ARGS` on a terminal (a pty of Python's making), typing `typed` a moment
+/// after it starts: its exit code (`None`: still running after 30 s, then killed) and what it
+/// showed.
+fn on_a_terminal(args: &[&str], typed: &str) -> (Option<i32>, String) {
+    let script = r#"
+import json, os, pty, select, sys, time
+argv, typed = json.loads(sys.argv[1]), sys.argv[2].encode()
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+out, start, sent, code = b"", time.time(), not typed, None
+while time.time() - start < 30:
+    if not sent and time.time() - start > 1:
+        os.write(fd, typed)
+        sent = True
+    r, _, _ = select.select([fd], [], [], 0.05)
+    if r:
+        try:
+            out += os.read(fd, 65536)
+        except OSError:
+            pass
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+        break
+if code is None:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(json.dumps({"code": code, "out": out.decode("utf-8", "replace")}))
+"#;
+    let mut argv = vec![env!("CARGO_BIN_EXE_moat").to_owned(), "run".to_owned()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let o = Command::new("python3")
+        .args(["-c", script])
+        .arg(serde_json::to_string(&argv).expect("json"))
+        .arg(typed)
+        .output()
+        .expect("python3");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    (
+        v["code"].as_i64().map(|c| c as i32),
+        v["out"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// On a terminal, as the README's quick start types it: `moat run` ends with its command,
+/// and an interactive shell with the status it exits with.
+#[test]
+fn on_a_terminal_it_ends_with_its_command() {
+    need_root!();
+    let (code, out) = on_a_terminal(&["--", "python3", "-c", "print(1)"], "");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains('1'), "{out}");
+    let (code, out) = on_a_terminal(&["--shell"], "echo in-the-shell; exit 5\n");
+    assert_eq!(code, Some(5), "{out}");
+    assert!(out.contains("in-the-shell"), "{out}");
+}
+
 /// The host processes whose command line is exactly `argv`.
 fn host_processes(argv: &[&str]) -> Vec<u32> {
     let want: Vec<u8> = argv
