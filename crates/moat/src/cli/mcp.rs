@@ -163,6 +163,9 @@ async fn bridge(client: &Client) -> Result<()> {
     });
     let places = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut relaying = JoinSet::new();
+    // Requests waiting for a place, by id (as JSON): a cancel of one of them takes it out,
+    // so it is never sent after its own cancel.
+    let waiting: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     while let Some(line) = lines.next_line().await.context("reading standard input")? {
         let line = line.trim().to_owned();
         if line.is_empty() {
@@ -172,14 +175,27 @@ async fn bridge(client: &Client) -> Result<()> {
             let why = format!("message larger than {MAX_MESSAGE_BYTES} bytes");
             bridge.write(&error_for(&line, &why)).await?;
         } else if in_turn(&line) {
+            if let Some(id) = cancelled_request(&line) {
+                lock(&waiting).remove(&id);
+            }
             bridge.relay(&line).await?;
         } else if relaying.len() >= MAX_WAITING {
             let why = format!("more than {MAX_WAITING} requests at once");
             bridge.write(&error_for(&line, &why)).await?;
         } else {
-            let (bridge, places) = (bridge.clone(), places.clone());
+            let id = request_id(&line);
+            if let Some(id) = &id {
+                lock(&waiting).insert(id.clone());
+            }
+            let (bridge, places, waiting) = (bridge.clone(), places.clone(), waiting.clone());
             relaying.spawn(async move {
                 let _place = places.acquire_owned().await?;
+                // Cancelled while it waited: the client expects no answer.
+                if let Some(id) = &id
+                    && !lock(&waiting).remove(id)
+                {
+                    return Ok(());
+                }
                 bridge.relay(&line).await
             });
         }
@@ -194,6 +210,25 @@ async fn bridge(client: &Client) -> Result<()> {
         let _ = client.mcp_close(&id).await;
     }
     Ok(())
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The id of the request `line`, as JSON text.
+fn request_id(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    v.get("id").filter(|id| !id.is_null()).map(Value::to_string)
+}
+
+/// The id (as JSON text) of the request `line` cancels, when it is a
+/// `notifications/cancelled`.
+fn cancelled_request(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    (v.get("method")?.as_str()? == "notifications/cancelled")
+        .then(|| v.get("params")?.get("requestId").map(Value::to_string))
+        .flatten()
 }
 
 /// Whether `line` is relayed before the next message is read: an `initialize`, a
@@ -227,6 +262,18 @@ fn error_for(line: &str, why: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancels_name_their_requests_as_requests_do() {
+        let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call"}"#;
+        let cancel =
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7}}"#;
+        assert_eq!(request_id(call), cancelled_request(cancel));
+        assert_eq!(request_id(call).as_deref(), Some("7"));
+        let named = r#"{"jsonrpc":"2.0","id":"a","method":"tools/call"}"#;
+        assert_eq!(request_id(named).as_deref(), Some("\"a\""));
+        assert_eq!(cancelled_request(call), None);
+    }
 
     #[test]
     fn requests_but_initialize_go_side_by_side() {
