@@ -36,14 +36,30 @@ fn post_mcp(
         .expect("POST /mcp")
 }
 
+/// An MCP `initialize` request with the id `id`.
+fn initialize_message(id: u64) -> serde_json::Value {
+    serde_json::json!({
+        "jsonrpc": "2.0", "id": id, "method": "initialize",
+        "params": {"protocolVersion": "2025-03-26", "capabilities": {},
+                   "clientInfo": {"name": "moat-tests", "version": "1"}},
+    })
+}
+
 /// An MCP `initialize` for `/mcp` with `key`.
 fn initialize(server: &Server, key: &str) -> Reply {
-    let request = serde_json::json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-03-26", "capabilities": {},
-                   "clientInfo": {"name": "limits", "version": "1"}},
-    });
-    post_mcp(server, key, None, request)
+    post_mcp(server, key, None, initialize_message(1))
+}
+
+/// `moat mcp` started against `server` with `key`, its input and output piped.
+fn start_bridge(server: &Server, key: &str) -> std::process::Child {
+    std::process::Command::new(support::moat_binary())
+        .arg("mcp")
+        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("MOAT_API_KEY", key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("moat mcp")
 }
 
 /// The session an `initialize` answer opened.
@@ -94,12 +110,7 @@ fn a_tenant_s_mcp_sessions_are_capped_and_closing_one_makes_room() {
     );
     assert!(refused.header("retry-after").is_some(), "{}", refused.head);
     // An initialize sent again on an open session keeps that session's place taken.
-    let again = serde_json::json!({
-        "jsonrpc": "2.0", "id": 3, "method": "initialize",
-        "params": {"protocolVersion": "2025-03-26", "capabilities": {},
-                   "clientInfo": {"name": "limits", "version": "1"}},
-    });
-    let _ = post_mcp(&server, &a, Some(&open[0]), again);
+    let _ = post_mcp(&server, &a, Some(&open[0]), initialize_message(3));
     initialize(&server, &a).assert_error(429, "rate_limited");
     // Another tenant is not held back by the first one's sessions.
     session_of(&initialize(&server, &b));
@@ -140,14 +151,7 @@ fn moat_mcp_opens_a_new_session_when_the_server_lost_its_own() {
     let server = Server::start();
     let key = server.admin_key();
     let port = server.port;
-    let mut bridge = std::process::Command::new(support::moat_binary())
-        .arg("mcp")
-        .env("MOAT_URL", format!("http://127.0.0.1:{port}"))
-        .env("MOAT_API_KEY", &key)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("moat mcp");
+    let mut bridge = start_bridge(&server, &key);
     let mut input = bridge.stdin.take().expect("stdin");
     let mut output = BufReader::new(bridge.stdout.take().expect("stdout"));
     let mut ask = |message: serde_json::Value, answered: bool| -> serde_json::Value {
@@ -164,12 +168,7 @@ fn moat_mcp_opens_a_new_session_when_the_server_lost_its_own() {
         serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
             "params": {"name": "run_command", "arguments": {"command": format!("echo {word}")}}})
     };
-    let init = ask(
-        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-03-26", "capabilities": {},
-                       "clientInfo": {"name": "bridge-test", "version": "1"}}}),
-        true,
-    );
+    let init = ask(initialize_message(1), true);
     assert!(init["result"]["serverInfo"].is_object(), "{init}");
     ask(
         serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
@@ -264,14 +263,7 @@ fn moat_mcp_answers_a_quick_call_while_a_long_one_runs_and_cancels_it() {
     need_root!();
     let server = Server::start();
     let key = server.admin_key();
-    let mut bridge = std::process::Command::new(support::moat_binary())
-        .arg("mcp")
-        .env("MOAT_URL", format!("http://127.0.0.1:{}", server.port))
-        .env("MOAT_API_KEY", &key)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("moat mcp");
+    let mut bridge = start_bridge(&server, &key);
     let mut input = bridge.stdin.take().expect("stdin");
     let output = BufReader::new(bridge.stdout.take().expect("stdout"));
     let (answers, answered) = std::sync::mpsc::channel::<serde_json::Value>();
@@ -296,11 +288,7 @@ fn moat_mcp_answers_a_quick_call_while_a_long_one_runs_and_cancels_it() {
         serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
             "params": {"name": "run_command", "arguments": {"command": command}}})
     };
-    send(
-        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-03-26", "capabilities": {},
-                       "clientInfo": {"name": "bridge-test", "version": "1"}}}),
-    );
+    send(initialize_message(1));
     assert!(next()["result"]["serverInfo"].is_object());
     send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     send(call(2, "sleep 171"));

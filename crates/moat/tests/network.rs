@@ -7,7 +7,7 @@
 
 use moat_test_support::fakenet::{FakeNet, curl};
 use moat_test_support::need_root;
-use moat_test_support::server::{Server, body};
+use moat_test_support::server::{Reply, Server, body};
 use serde_json::{Value, json};
 
 /// Runs `script` in sandbox `id` and returns its exit code and stdout.
@@ -21,6 +21,21 @@ fn sh(server: &Server, key: &str, id: &str, script: &str) -> (i64, String) {
 
 fn with_network(server: &Server, key: &str, network: Value) -> String {
     server.create_sandbox_with(key, json!({ "network": network }))
+}
+
+/// `PUT /v1/sandboxes/{id}/network` of `network`.
+fn put_network(server: &Server, key: &str, id: &str, network: Value) -> Reply {
+    server.request(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/network"),
+        Some(key),
+        Some(&body(network)),
+    )
+}
+
+/// The latest refusals of sandbox `id`'s connections and queries, as JSON text.
+fn denials_of(server: &Server, key: &str, id: &str) -> String {
+    network_of(server, key, id)["stats"]["recent_denials"].to_string()
 }
 
 fn network_of(server: &Server, key: &str, id: &str) -> Value {
@@ -292,12 +307,7 @@ fn a_running_sandboxs_policy_changes_at_once_and_survives_a_restart() {
     let url = format!("http://{}/", net.web);
     assert_ne!(curl(&server, &key, &id, "", &url).0, 0);
     let put = |n: Value| {
-        let r = server.request(
-            "PUT",
-            &format!("/v1/sandboxes/{id}/network"),
-            Some(&key),
-            Some(&body(n)),
-        );
+        let r = put_network(&server, &key, &id, n);
         assert_eq!(r.status, 200, "{}", r.text());
         r.json()
     };
@@ -313,12 +323,7 @@ fn a_running_sandboxs_policy_changes_at_once_and_survives_a_restart() {
     put(json!({}));
     assert_ne!(curl(&server, &key, &id, "", &url).0, 0, "back to none");
     // Bad policies are refused naming the entry.
-    let r = server.request(
-        "PUT",
-        &format!("/v1/sandboxes/{id}/network"),
-        Some(&key),
-        Some(&body(json!({ "allow": ["10.0.0.1/8"] }))),
-    );
+    let r = put_network(&server, &key, &id, json!({ "allow": ["10.0.0.1/8"] }));
     r.assert_error(400, "invalid");
     assert!(r.text().contains("network.allow[0]"), "{}", r.text());
 
@@ -382,11 +387,11 @@ i=0; while [ ! -e /tmp/connected ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1));
 test -e /tmp/connected";
     let (code, _) = sh(&server, &key, &id, start);
     assert_eq!(code, 0, "the connection was never made");
-    let r = server.request(
-        "PUT",
-        &format!("/v1/sandboxes/{id}/network"),
-        Some(&key),
-        Some(&body(net.network(false, &["web.test"], &["0.0.0.0/0"]))),
+    let r = put_network(
+        &server,
+        &key,
+        &id,
+        net.network(false, &["web.test"], &["0.0.0.0/0"]),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let (code, answer) = sh(
@@ -402,7 +407,7 @@ test -e /tmp/connected";
         "served under the old policy: {answer}"
     );
     // Refused for its name, not for sending it too late.
-    let denials = network_of(&server, &key, &id)["stats"]["recent_denials"].to_string();
+    let denials = denials_of(&server, &key, &id);
     assert!(
         denials.contains("other.test is not an allowed name"),
         "{denials}"
@@ -892,7 +897,7 @@ print(a[3] & 15, b'secret-db' in a)
         (0, "5 False"),
         "REFUSED, and no name of the private network"
     );
-    let denials = network_of(&server, &key, &id)["stats"]["recent_denials"].to_string();
+    let denials = denials_of(&server, &key, &id);
     assert!(
         denials.contains("reverse lookup of a closed address"),
         "{denials}"
@@ -979,8 +984,7 @@ fn an_address_of_a_local_route_is_the_host_itself() {
             "{url}: {out}"
         );
     }
-    let shown = network_of(&server, &key, &id);
-    let denials = shown["stats"]["recent_denials"].to_string();
+    let denials = denials_of(&server, &key, &id);
     assert!(denials.contains("the host itself"), "{denials}");
 }
 
