@@ -152,14 +152,10 @@ async fn handle(mut conn: TcpStream, dest: SocketAddr, net: &SandboxNet) {
         }
     }
     // An address of a local route (a prefix routed to `lo`, say) is the host's, though no
-    // interface lists it; asked of the kernel on each connection, as routes change (on the
-    // blocking pool: a netlink answer may take its time). Not known is refused.
+    // interface lists it; asked of the kernel (which answers at once), at most once a second
+    // per address, as routes change. Not known is refused.
     let ip = dest.ip();
-    let at_host = tokio::task::spawn_blocking(move || super::route::ends_at_host(ip))
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|r| r);
-    let refusal = match at_host {
+    let refusal = match super::route::ends_at_host_cached(ip) {
         Ok(false) => None,
         Ok(true) => Some(format!("{ip} is the host itself (a local route)")),
         Err(e) => Some(format!("the route to {ip} could not be checked: {e}")),

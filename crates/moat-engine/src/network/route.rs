@@ -3,9 +3,12 @@
 //! leave from another source address, such as an IPv6 local prefix) reaches the host itself,
 //! whatever its interfaces list.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 /// `RTM_GETROUTE`, and the `RTM_NEWROUTE` it is answered with.
 const RTM_GETROUTE: u16 = 26;
@@ -43,6 +46,31 @@ fn request(dest: IpAddr) -> Vec<u8> {
     m
 }
 
+/// How long an answer of [`ends_at_host`] is kept: a sandbox's connections to one address
+/// ask the kernel once a second at most, and a route changed is seen within that.
+const CACHED_FOR: Duration = Duration::from_secs(1);
+/// Destinations whose answers are kept at once; past it the cache starts again.
+const CACHED_MAX: usize = 4096;
+
+/// [`ends_at_host`], its answers kept for [`CACHED_FOR`] (errors are not kept).
+pub fn ends_at_host_cached(dest: IpAddr) -> io::Result<bool> {
+    type Cache = Mutex<HashMap<IpAddr, (Instant, bool)>>;
+    static CACHE: LazyLock<Cache> = LazyLock::new(Mutex::default);
+    let now = Instant::now();
+    if let Some((at, answer)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get(&dest)
+        && now.duration_since(*at) < CACHED_FOR
+    {
+        return Ok(*answer);
+    }
+    let answer = ends_at_host(dest)?;
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= CACHED_MAX {
+        cache.clear();
+    }
+    cache.insert(dest, (now, answer));
+    Ok(answer)
+}
+
 /// Whether the host's kernel (in the calling thread's network namespace) delivers a
 /// connection to `dest` to the host itself. An address with no route is not the host's.
 pub fn ends_at_host(dest: IpAddr) -> io::Result<bool> {
@@ -59,23 +87,6 @@ pub fn ends_at_host(dest: IpAddr) -> io::Result<bool> {
     }
     // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt with a timeval of the size given.
-    let set = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if set < 0 {
-        return Err(io::Error::last_os_error());
-    }
     let msg = request(dest);
     // SAFETY: an all-zero sockaddr_nl addresses the kernel.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -94,10 +105,19 @@ pub fn ends_at_host(dest: IpAddr) -> io::Result<bool> {
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
+    // The kernel answers a route request while sending it: the answer is there already, and
+    // reading it never waits (no answer is an error, so the caller never blocks).
     let mut buf = [0u8; 1024];
     let n = loop {
         // SAFETY: `buf` is valid for its length.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n >= 0 {
             break n as usize;
         }
