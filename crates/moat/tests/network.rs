@@ -263,13 +263,16 @@ fn a_rebinding_answer_becomes_nxdomain() {
     let id = with_network(&server, &key, net.network(false, &["rebind.test"], &[]));
     let (code, out) = curl(&server, &key, &id, "", "http://rebind.test/");
     assert_eq!(code, 0, "{out}");
-    let (code, out) = sh(
-        &server,
-        &key,
-        &id,
-        "getent ahostsv4 rebind.test; getent ahostsv4 rebind.test",
-    );
+    // Every later answer is the private one: refused. (`getent hosts` asks; `getent ahosts`
+    // would not, with only loopback configured.)
+    let (code, out) = sh(&server, &key, &id, "getent hosts rebind.test");
+    assert_ne!(code, 0, "{out}");
     assert!(!out.contains(&net.private.to_string()), "{code} {out}");
+    let denials = denials_of(&server, &key, &id);
+    assert!(
+        denials.contains(&format!("an answer pointed it at {}", net.private)),
+        "{denials}"
+    );
     let (code, _) = curl(&server, &key, &id, "", &format!("http://{}/", net.private));
     assert_ne!(code, 0);
 }
@@ -1072,4 +1075,77 @@ time.sleep(120)
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("http 80"), "{out}");
+}
+
+/// `--egress-deny` closes a network to every sandbox whatever its policy (here one of the fake
+/// internet's public addresses, standing for the host's public address under 1:1 NAT): no
+/// connection, no DNS answer pointing there, no allow rule naming it, no webhook.
+#[test]
+fn a_network_the_operator_closes_is_closed_to_every_policy() {
+    need_root!();
+    let net = FakeNet::start(json!({}));
+    let closed = net.other.to_string();
+    let server = Server::start_with(&[
+        "--egress-deny",
+        &closed,
+        "--egress-deny",
+        "2001:db8:64::/96",
+        "--job-webhooks-to-private",
+    ]);
+    let key = server.admin_key();
+    let id = with_network(&server, &key, net.network(true, &[], &[]));
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{}/", net.web));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{closed}/"));
+    assert_ne!(code, 0, "{out}");
+    // Its name's answer is refused: the sandbox is not told the address.
+    let (code, out) = sh(&server, &key, &id, "getent hosts web.test");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = sh(&server, &key, &id, "getent hosts other.test");
+    assert_ne!(code, 0, "{out}");
+    let denials = denials_of(&server, &key, &id);
+    assert!(
+        denials.contains(&format!(
+            "{closed} is a network closed by the server's operator"
+        )),
+        "{denials}"
+    );
+    assert!(denials.contains("other.test"), "{denials}");
+    // No rule opens it, not even an admin's naming it alone; a broader rule is fine.
+    for network in [
+        net.network(false, &[&closed], &[]),
+        net.network(false, &["2001:db8:64::1"], &[]),
+    ] {
+        let r = put_network(&server, &key, &id, network);
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(
+            r.text().contains("closed by the server's operator"),
+            "{}",
+            r.text()
+        );
+    }
+    let r = put_network(
+        &server,
+        &key,
+        &id,
+        net.network(false, &["203.0.113.0/24"], &[]),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (code, out) = curl(&server, &key, &id, "", &format!("http://{closed}/"));
+    assert_ne!(code, 0, "{out}");
+    // Webhooks are not sent there either, even where private receivers are allowed.
+    let r = server.request(
+        "POST",
+        "/v1/jobs",
+        Some(&key),
+        Some(&body(
+            json!({"shell": "true", "webhook_url": format!("http://{closed}/")}),
+        )),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("closed by the server's operator"),
+        "{}",
+        r.text()
+    );
 }

@@ -19,7 +19,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -393,7 +393,8 @@ const SPECIAL: &[(&str, &str, bool)] = &[
     ("ff00::/8", "multicast", false),
 ];
 
-/// The special range `ip` is in, if any; the host's own addresses (`host`) come first.
+/// The special range `ip` is in, if any; the host's own addresses (`host`) come first, then
+/// the networks the operator closed.
 pub fn special_range(ip: IpAddr, host: &[IpAddr]) -> Option<SpecialRange> {
     let ip = destination(ip);
     if host.iter().any(|h| canonical(*h) == ip) {
@@ -403,19 +404,57 @@ pub fn special_range(ip: IpAddr, host: &[IpAddr]) -> Option<SpecialRange> {
             openable: false,
         });
     }
-    special_ranges()
-        .iter()
-        .find(|r| r.net.contains(ip))
-        .copied()
+    closed_ranges().find(|r| r.net.contains(ip)).copied()
 }
 
 /// Whether `net` holds any address a sandbox may never reach without a rule naming it: a
 /// special range overlaps it, or an address of the host's (`host`) is in it.
 pub fn overlaps_special(net: &IpNet, host: &[IpAddr]) -> bool {
     host.iter().any(|h| net.contains(*h))
-        || special_ranges()
-            .iter()
-            .any(|r| r.net.covers(net) || net.covers(&r.net))
+        || closed_ranges().any(|r| r.net.covers(net) || net.covers(&r.net))
+}
+
+/// What a denial says of a network the operator closed.
+pub const OPERATOR_CLOSED: &str = "a network closed by the server's operator";
+
+/// The networks the operator closed to every sandbox (`moat serve --egress-deny`).
+static OPERATOR_RANGES: OnceLock<Vec<SpecialRange>> = OnceLock::new();
+
+/// Closes `nets` to every sandbox of this process, whatever its policy says: no rule opens
+/// them, DNS answers pointing into them are refused, and webhooks are not sent there. For
+/// what the host cannot tell is its own (a public address the cloud maps to it by 1:1 NAT, a
+/// NAT64 gateway's network-specific prefix) and networks a site keeps apart. Set once, before
+/// any sandbox has a network; a second call is refused.
+pub fn close_networks(nets: &[IpNet]) -> std::result::Result<(), String> {
+    let ranges = nets
+        .iter()
+        .map(|net| SpecialRange {
+            net: *net,
+            what: OPERATOR_CLOSED,
+            openable: false,
+        })
+        .collect();
+    OPERATOR_RANGES
+        .set(ranges)
+        .map_err(|_| "the closed networks were already set".to_owned())
+}
+
+/// Whether `ip` is in a network the operator closed ([`close_networks`]).
+pub fn operator_closed(ip: IpAddr) -> bool {
+    let ip = destination(ip);
+    OPERATOR_RANGES
+        .get()
+        .is_some_and(|r| r.iter().any(|r| r.net.contains(ip)))
+}
+
+/// Every range a rule cannot simply reach: the operator's first (never openable, so they win
+/// where they overlap a special range), then the special ranges.
+fn closed_ranges() -> impl Iterator<Item = &'static SpecialRange> {
+    OPERATOR_RANGES
+        .get()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .chain(special_ranges())
 }
 
 /// Every special range, most specific first within each family.
@@ -503,7 +542,7 @@ impl EgressPolicy {
             };
             // Every special range the rule lies inside, not only the first: a rule inside a
             // range (and so able to open it) must be allowed to open each of them.
-            for special in special_ranges().iter().filter(|s| s.net.covers(net)) {
+            for special in closed_ranges().filter(|s| s.net.covers(net)) {
                 check_special(&format!("allow {rule}"), special, admin)?;
             }
         }

@@ -21,6 +21,7 @@ use moat_engine::images::registry::{Credentials, RegistryAccess};
 use moat_engine::manager::{
     EgressAccess, JobOptions, ManagerOptions, SandboxManager, ShutdownMode,
 };
+use moat_engine::network::policy::{self, IpNet};
 use moat_engine::store::{Quotas, Role, Secret, Store, StoreError};
 use moat_server::ServerOptions;
 
@@ -126,6 +127,12 @@ pub struct ServeArgs {
     /// sandbox has no network).
     #[arg(long, value_enum, default_value_t = Egress::All)]
     egress: Egress,
+    /// A network no sandbox may reach, whatever its policy (repeatable; `ADDR` or
+    /// `ADDR/PREFIX`): the host's public address where the cloud maps one to it by 1:1 NAT,
+    /// a NAT64 gateway's network-specific prefix, a network of the site's. Webhooks are not
+    /// sent there either.
+    #[arg(long, value_name = "NET")]
+    egress_deny: Vec<IpNet>,
     /// A registry (`HOST:PORT`) reached over plain HTTP, for templates from images
     /// (repeatable); loopback registries always are.
     #[arg(long, value_name = "HOST:PORT")]
@@ -351,6 +358,9 @@ fn run(args: ServeArgs) -> Result<()> {
             "--gvisor-platform {p:?} is not one of {}; nothing was created",
             moat_backend_gvisor::runsc::PLATFORMS.join(", ")
         );
+    }
+    if let Err(e) = policy::close_networks(&args.egress_deny) {
+        bail!("--egress-deny: {e}");
     }
     let server_opts = ServerOptions {
         requests_per_minute: args.rate_limit,

@@ -67,6 +67,12 @@ pub(super) fn check_url(url: &str, private_ok: bool) -> ManagerResult<()> {
 
 /// Whether a webhook may go to `ip`.
 fn allowed(ip: IpAddr, private_ok: bool) -> Result<(), String> {
+    if crate::network::policy::operator_closed(ip) {
+        return Err(format!(
+            "{ip} is {}",
+            crate::network::policy::OPERATOR_CLOSED
+        ));
+    }
     if private_ok {
         return Ok(());
     }
