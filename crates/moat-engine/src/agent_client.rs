@@ -422,6 +422,33 @@ impl AgentClient {
         self.send(req).await
     }
 
+    /// Starts a run of the code interpreter (`POST /interpreter/execute` with the JSON
+    /// `request`, authorised by the sandbox's `access_token`): its answer streams back, one
+    /// JSON object a line, for the caller to bound. A refusal is an error whose body was read
+    /// within [`MAX_ERROR_BODY`] and [`HEALTH_TIMEOUT`], however much the agent sends.
+    pub async fn interpreter_execute(
+        &self,
+        access_token: &str,
+        request: Bytes,
+    ) -> Result<Incoming, AgentError> {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("http://agent/interpreter/execute")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-access-token", access_token)
+            .body(
+                Full::new(request)
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| AgentError::Protocol(format!("interpreter request: {e}")))?;
+        let resp = self.send(req).await?;
+        if !resp.status().is_success() {
+            return Err(http_error(resp).await);
+        }
+        Ok(resp.into_body())
+    }
+
     async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, AgentError> {
         let mut sender = self
             .sender

@@ -792,7 +792,7 @@ async fn responses_bigger_than_the_caps() {
                 };
                 pour(&mut out, HUGE, &chunk).await;
             }
-            "/process.Process/SendSignal" => {
+            "/process.Process/SendSignal" | "/interpreter/execute" => {
                 let Ok(mut out) = respond.send_response(response(500, "text/plain"), false) else {
                     return;
                 };
@@ -856,6 +856,19 @@ async fn responses_bigger_than_the_caps() {
             message.len()
         ),
         other => panic!("send_signal: {other:?}"),
+    }
+    // A code interpreter's refusal is read as far as an error's bound.
+    let r = bounded(
+        "interpreter_execute",
+        c.interpreter_execute("token", Bytes::from_static(b"{}")),
+    )
+    .await;
+    match r {
+        Err(AgentError::Rpc { code, message }) => {
+            assert_eq!(code, Code::Internal);
+            assert!(message.len() < MAX_ERROR_BODY, "{} bytes", message.len());
+        }
+        other => panic!("interpreter_execute: {other:?}"),
     }
     let e = failure(
         bounded("start", c.start(start_request(), no_deadline()))

@@ -10,11 +10,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
+use moat_proto::connect::Code;
 use serde_json::{Map, Value, json};
 
 use super::{ManagerError, ManagerResult, SandboxManager};
+use crate::agent_client::AgentError;
 use crate::auth::Caller;
 
 /// Most bytes of output, results and error a run returns, all together.
@@ -104,6 +105,24 @@ impl CodeRun {
     }
 }
 
+/// What a refused or failed start of a run stands for: the caller's fault where the
+/// interpreter says so (a 4xx), else the sandbox's.
+fn interpreter_error(id: &str, e: &AgentError) -> ManagerError {
+    match e {
+        AgentError::Rpc {
+            code:
+                Code::InvalidArgument
+                | Code::NotFound
+                | Code::FailedPrecondition
+                | Code::OutOfRange
+                | Code::AlreadyExists
+                | Code::PermissionDenied,
+            message,
+        } => ManagerError::Invalid(format!("the code interpreter refused the run: {message}")),
+        e => ManagerError::Unavailable(format!("sandbox {id}'s code interpreter: {e}")),
+    }
+}
+
 impl SandboxManager {
     /// Runs `req` in the code interpreter of the caller's running sandbox `id`.
     pub async fn run_in_interpreter(
@@ -119,37 +138,14 @@ impl SandboxManager {
             "language": req.language,
             "env_vars": null,
         });
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri("/interpreter/execute")
-            .header("content-type", "application/json")
-            .header("x-access-token", self.access_token(id))
-            .body(
-                Full::new(Bytes::from(body.to_string()))
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            )
-            .map_err(|e| ManagerError::Internal(format!("interpreter request: {e}")))?;
+        let request = Bytes::from(body.to_string());
+        let token = self.access_token(id);
         let mut run = CodeRun::default();
         let work = async {
-            let resp = agent.forward(request).await.map_err(|e| {
-                ManagerError::Unavailable(format!("sandbox {id}'s code interpreter: {e}"))
-            })?;
-            let status = resp.status();
-            let mut body = resp.into_body();
-            if !status.is_success() {
-                let text = body
-                    .collect()
-                    .await
-                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                    .unwrap_or_default();
-                let text: String = text.chars().take(1000).collect();
-                return Err(if status.is_client_error() {
-                    ManagerError::Invalid(format!("the code interpreter refused the run: {text}"))
-                } else {
-                    ManagerError::Unavailable(format!("the code interpreter failed: {text}"))
-                });
-            }
+            let mut body = agent
+                .interpreter_execute(&token, request)
+                .await
+                .map_err(|e| interpreter_error(id, &e))?;
             let mut pending: Vec<u8> = Vec::new();
             // Bytes of `pending` already searched for a newline: each byte is searched once,
             // however the answer is cut into frames.
