@@ -1086,6 +1086,21 @@ fn a_sandbox_paused_on_gvisor_outlives_a_server_restart() {
     let server = Server::start_in(dir, data);
     assert_eq!(state(&server, &paused), "paused");
 
+    // A server that cannot run gvisor (no runsc) keeps it, with what it saved, for one that
+    // can: a resume is 503 meanwhile.
+    let without_runsc =
+        |dir, data| Server::start_in_with_env(dir, data, &[], &[("PATH", "/nonexistent")]);
+    let (dir, data) = server.stop();
+    let server = without_runsc(dir, data);
+    assert_eq!(state(&server, &paused), "paused");
+    let r = act(&server, &key, &paused, "resume");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("cannot run"), "{}", r.text());
+    assert!(server.data.join("snapshots/paused").join(&paused).is_dir());
+    let (dir, data) = server.stop();
+    let server = Server::start_in(dir, data);
+    assert_eq!(state(&server, &paused), "paused");
+
     let r = act(&server, &key, &paused, "resume");
     assert_eq!(r.status, 200, "{}", r.text());
     let after = count(&server, &key, &paused);
@@ -1095,7 +1110,12 @@ fn a_sandbox_paused_on_gvisor_outlives_a_server_restart() {
         count(&server, &key, &paused) > after,
         "stopped counting after the resume"
     );
+    // Deleted where no server can resume it, what it saved goes with it.
+    pause(&server);
+    let (dir, data) = server.stop();
+    let server = without_runsc(dir, data);
     delete(&server, &key, &paused);
+    assert_eq!(state(&server, &paused), "killed");
     assert!(!server.data.join("snapshots/paused").join(&paused).exists());
 }
 

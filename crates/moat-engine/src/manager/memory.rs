@@ -339,6 +339,25 @@ impl Inner {
         Ok(true)
     }
 
+    /// Keeps `rec`'s sandbox, paused to disk by a backend this server cannot run now (no
+    /// runsc, no working platform), for a server that can: its saved state stays, and counts
+    /// against its tenant's snapshot bytes. Calls to it are refused ([`Self::live_any`]) until
+    /// then; a delete removes it. False when it is not such a sandbox.
+    pub(super) fn keep_paused_for_later(&self, rec: &SandboxRecord) -> bool {
+        if rec.state != SandboxState::Paused || self.backends.get(&rec.backend).is_ok() {
+            return false;
+        }
+        let Some(snapshots) = self.opts.snapshot_dir.as_ref() else {
+            return false;
+        };
+        let dir = snapshots.join(PAUSED_DIR).join(&rec.id);
+        if !dir.is_dir() {
+            return false;
+        }
+        self.paused_bytes.set(&rec.id, &rec.tenant, dir_bytes(&dir));
+        true
+    }
+
     /// Refuses a checkpoint of `tenant`'s sandbox `id` of `live` when the tenant's snapshot
     /// `quota` is used up (429), or when the memory its processes hold now (an upper bound of
     /// what a checkpoint writes) would not fit above the server's reserve of free space in

@@ -1377,9 +1377,17 @@ impl Inner {
             .db(move |s| s.update_sandbox_state(&t, &i, state, Some(reason)))
             .await;
         match recorded {
-            Ok(rec) => {
+            Ok(ended) => {
                 self.remove_and_destroy(id).await;
-                Ok(to_v1(&rec))
+                // Paused to disk and kept for a server that can run its backend: what it saved
+                // goes with it.
+                if rec.state == SandboxState::Paused
+                    && let Some(snapshots) = &self.opts.snapshot_dir
+                    && !lock(&self.live).contains_key(id)
+                {
+                    self.forget_paused_to_disk(id, &snapshots.join(memory::PAUSED_DIR).join(id));
+                }
+                Ok(to_v1(&ended))
             }
             // Ended meanwhile by another path (a failed create, a concurrent delete).
             Err(ManagerError::Conflict(_)) => {
@@ -1445,6 +1453,15 @@ impl Inner {
         }
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.get_sandbox(&t, &i)).await?;
+        if rec.state == SandboxState::Paused
+            && let Err(why) = self.backends.get(&rec.backend)
+        {
+            return Err(ManagerError::Unavailable(format!(
+                "sandbox {id} is paused to disk by the {} backend, which this server cannot \
+                 run ({why}); it is kept for a server that can, or until it is deleted",
+                rec.backend
+            )));
+        }
         Err(not_running(&rec))
     }
 }

@@ -30,6 +30,9 @@ pub struct Recovered {
     pub adopted: Vec<String>,
     /// Gone or not adoptable: killed, reaped and recorded killed (reason `server_restart`).
     pub reaped: Vec<String>,
+    /// Paused to disk by a backend this server cannot run: kept as they are, for a server
+    /// that can.
+    pub waiting: Vec<String>,
     /// Jobs the previous server was running, queued again.
     pub jobs_requeued: u64,
     /// Jobs the previous server was running that had been cut off too often, failed.
@@ -61,6 +64,15 @@ impl SandboxManager {
                 Err(e) => {
                     tracing::warn!(sandbox = %rec.id, "could not take over a sandbox paused to disk: {e}")
                 }
+            }
+            if inner.keep_paused_for_later(&rec) {
+                tracing::warn!(
+                    sandbox = %rec.id,
+                    backend = %rec.backend,
+                    "a sandbox paused to disk by a backend this server cannot run is kept for one that can"
+                );
+                out.waiting.push(rec.id);
+                continue;
             }
             match inner.adopt_kept(&rec).await {
                 Ok(true) => out.adopted.push(rec.id),

@@ -449,10 +449,14 @@ fn run(args: ServeArgs) -> Result<()> {
     let recovered = runtime
         .block_on(manager.recover())
         .context("taking over from the previous server")?;
-    if !recovered.adopted.is_empty() || !recovered.reaped.is_empty() {
+    if !recovered.adopted.is_empty()
+        || !recovered.reaped.is_empty()
+        || !recovered.waiting.is_empty()
+    {
         tracing::info!(
             adopted = recovered.adopted.len(),
             reaped = recovered.reaped.len(),
+            waiting = recovered.waiting.len(),
             "sandboxes of the previous server"
         );
     }
