@@ -647,6 +647,52 @@ fn calls_that_come_together_to_a_paused_gvisor_sandbox_all_resume_it() {
     delete(&server, &key, &id);
 }
 
+/// A gvisor sandbox whose lifecycle pauses it at its timeout is frozen in place, not ended,
+/// when its tenant's snapshot bytes leave no room to save it to disk; it resumes where it was.
+/// An asked-for pause is refused (`429`) instead.
+#[test]
+fn a_timeout_pause_without_room_on_disk_freezes_the_sandbox_in_place() {
+    need_root!();
+    need_runsc();
+    let server = Server::start_with(&["--snapshot-quota", "1"]);
+    let key = server.admin_key();
+    server.create_template(
+        &key,
+        "sentry",
+        json!({"rootfs": "host", "user": "user", "backend": "gvisor"}),
+    );
+    // A first pause to disk takes what the quota has (one may, while a byte is left).
+    let first = server.create_sandbox_with(&key, json!({"template": "sentry"}));
+    let r = act(&server, &key, &first, "pause");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = server.create_sandbox_with(
+        &key,
+        json!({"template": "sentry", "timeout_secs": 3, "lifecycle": {"on_timeout": "pause"}}),
+    );
+    server.shell(&key, &id, MEMORY_COUNTER);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let r = act(&server, &key, &id, "pause");
+    assert_eq!(r.status, 429, "{}", r.text());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let state = loop {
+        let r = server.request("GET", &format!("/v1/sandboxes/{id}"), Some(&key), None);
+        let state = r.json()["state"].as_str().unwrap_or_default().to_owned();
+        if state != "running" || std::time::Instant::now() > deadline {
+            break state;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(state, "paused");
+    assert!(!server.data.join("snapshots/paused").join(&id).exists());
+    let r = act(&server, &key, &id, "resume");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let before = count(&server, &key, &id);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(count(&server, &key, &id) > before, "stopped counting");
+    delete(&server, &key, &id);
+    delete(&server, &key, &first);
+}
+
 /// A gvisor sandbox's files cannot be snapshotted apart from its memory: `409`, saying what
 /// to ask for instead.
 #[test]

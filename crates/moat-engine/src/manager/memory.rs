@@ -427,11 +427,12 @@ impl Inner {
             let _ = std::fs::remove_dir_all(dir);
             return Err(e);
         }
-        live.client.expect_reconnect().await.map_err(|e| {
-            ManagerError::Unavailable(format!(
+        if let Err(e) = live.client.expect_reconnect().await {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(ManagerError::Unavailable(format!(
                 "sandbox {id}'s agent could not be readied for a pause: {e}"
-            ))
-        })?;
+            )));
+        }
         let mut instance = live.instance.lock().await;
         let saved = instance.checkpoint(dir).await;
         if let Err(e) = instance.destroy().await {

@@ -32,7 +32,9 @@ use crate::backend::Capabilities;
 
 use crate::auth::Caller;
 
-use super::{Inner, ManagerError, ManagerResult, SandboxManager, lock, ms, to_the_end, to_v1};
+use super::{
+    Inner, Live, ManagerError, ManagerResult, SandboxManager, lock, ms, to_the_end, to_v1,
+};
 use crate::store::{SandboxRecord, SandboxState, now_ms};
 
 impl SandboxManager {
@@ -41,7 +43,11 @@ impl SandboxManager {
     pub async fn pause(&self, caller: &Caller, id: &str) -> ManagerResult<v1::Sandbox> {
         let inner = self.inner.clone();
         let (tenant, id) = (caller.tenant.clone(), id.to_owned());
-        to_the_end("pause", async move { inner.pause(&tenant, &id).await }).await
+        to_the_end(
+            "pause",
+            async move { inner.pause(&tenant, &id, false).await },
+        )
+        .await
     }
 
     /// Thaws the caller's paused sandbox `id` and records it `running`; with `timeout_secs`,
@@ -74,7 +80,9 @@ impl Inner {
         let (tenant, id) = (rec.tenant.as_str(), rec.id.as_str());
         match rec.state {
             SandboxState::Running => {
-                if let Err(e) = self.clone().pause(tenant, id).await {
+                // Kept in memory where a save to disk finds no room: a sandbox whose lifecycle
+                // keeps it at its timeout must not be ended for its tenant's full quota.
+                if let Err(e) = self.clone().pause(tenant, id, true).await {
                     // Paused meanwhile by another call (the owner's pause): as good as done.
                     let (t, i) = (tenant.to_owned(), id.to_owned());
                     let paused = self
@@ -123,7 +131,16 @@ impl Inner {
         self.ttl(plan.timeout_secs).ok()
     }
 
-    async fn pause(self: Arc<Self>, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
+    /// Pauses `tenant`'s sandbox `id`: saved to disk where its backend saves memory, else
+    /// frozen in place. With `in_memory_if_no_room`, one that would be saved to disk but finds
+    /// no room (its tenant's snapshot quota, the data dir's free space) is frozen in place
+    /// instead of refused.
+    async fn pause(
+        self: Arc<Self>,
+        tenant: &str,
+        id: &str,
+        in_memory_if_no_room: bool,
+    ) -> ManagerResult<v1::Sandbox> {
         let live = self.live_any(tenant, id).await?;
         // Refused before anything changes, by what the sandbox's own backend can do.
         Capabilities::require(
@@ -151,9 +168,18 @@ impl Inner {
         }
         if let Some(dir) = self.disk_pause_dir(&live, id) {
             // Saved to disk and released: the sandbox holds no memory while paused.
-            if let Err(e) = self.pause_to_disk(&live, tenant, id, &dir).await {
-                live.paused.store(false, Ordering::SeqCst);
-                return Err(e);
+            match self.pause_to_disk(&live, tenant, id, &dir).await {
+                Ok(()) => {}
+                Err(ManagerError::QuotaExceeded(why) | ManagerError::InsufficientStorage(why))
+                    if in_memory_if_no_room =>
+                {
+                    tracing::info!(sandbox = %id, "no room to pause it to disk, frozen in place instead: {why}");
+                    return self.freeze(&live, tenant, id).await;
+                }
+                Err(e) => {
+                    live.paused.store(false, Ordering::SeqCst);
+                    return Err(e);
+                }
             }
             let (t, i) = (tenant.to_owned(), id.to_owned());
             return match self
@@ -172,6 +198,11 @@ impl Inner {
                 }
             };
         }
+        self.freeze(&live, tenant, id).await
+    }
+
+    /// Freezes the paused-marked sandbox `id` of `live` in place and records it paused.
+    async fn freeze(&self, live: &Arc<Live>, tenant: &str, id: &str) -> ManagerResult<v1::Sandbox> {
         let frozen = live.instance.lock().await.pause().await;
         if let Err(e) = frozen {
             live.paused.store(false, Ordering::SeqCst);
