@@ -44,6 +44,10 @@ pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest response message accepted from the agent (its data chunks are at most 32 KiB).
 pub const MAX_RESPONSE_MESSAGE: usize = 4 << 20;
+/// Most top-level fields (list entries, above all) of a response message accepted from the
+/// agent: past the agent's own 100,000-entry listings, and far below what 4 MiB of empty
+/// entries (two bytes each) would decode to, some 250 times their size in memory.
+pub const MAX_RESPONSE_FIELDS: usize = 131_072;
 /// Largest error body read from the agent.
 pub const MAX_ERROR_BODY: usize = 64 << 10;
 /// Largest response header list accepted from the agent.
@@ -498,6 +502,15 @@ impl AgentClient {
                 )));
             }
             let body = read_limited(resp.into_body(), MAX_RESPONSE_MESSAGE).await?;
+            match top_level_fields(&body) {
+                Some(n) if n <= MAX_RESPONSE_FIELDS => {}
+                Some(n) => {
+                    return Err(AgentError::Protocol(format!(
+                        "{path} answered {n} fields; the most accepted is {MAX_RESPONSE_FIELDS}"
+                    )));
+                }
+                None => return Err(AgentError::Protocol(format!("{path}: a malformed answer"))),
+            }
             Resp::decode(body).map_err(|e| AgentError::Protocol(format!("{path}: {e}")))
         })
         .await
@@ -728,6 +741,29 @@ async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, AgentError>
     }
 }
 
+/// How many top-level fields the protobuf message `buf` holds, counted from the wire format
+/// alone before anything is decoded; `None` if it is malformed (groups included, which no
+/// message of the agent's has).
+fn top_level_fields(mut buf: &[u8]) -> Option<usize> {
+    let mut n = 0;
+    while !buf.is_empty() {
+        let key = prost::encoding::decode_varint(&mut buf).ok()?;
+        let skip = match key & 7 {
+            0 => {
+                prost::encoding::decode_varint(&mut buf).ok()?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(prost::encoding::decode_varint(&mut buf).ok()?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        buf = buf.get(skip..)?;
+        n += 1;
+    }
+    Some(n)
+}
+
 fn content_type(resp: &Response<Incoming>) -> String {
     resp.headers()
         .get(header::CONTENT_TYPE)
@@ -862,6 +898,28 @@ mod tests {
             files_uri("/home/user/a b&c.txt", Some("user")),
             "/files?path=/home/user/a%20b%26c.txt&username=user"
         );
+    }
+
+    #[test]
+    fn counts_top_level_fields_without_decoding() {
+        use moat_proto::filesystem::{EntryInfo, ListDirResponse};
+        let msg = ListDirResponse {
+            entries: vec![
+                EntryInfo {
+                    name: "a".into(),
+                    size: 7,
+                    ..EntryInfo::default()
+                };
+                3
+            ],
+        };
+        assert_eq!(top_level_fields(&msg.encode_to_vec()), Some(3));
+        assert_eq!(top_level_fields(&[]), Some(0));
+        assert_eq!(top_level_fields(&[0x0a, 0x00].repeat(5)), Some(5));
+        // A length past the end, a cut varint, a group: malformed.
+        assert_eq!(top_level_fields(&[0x0a, 0x05, 0x01]), None);
+        assert_eq!(top_level_fields(&[0x08, 0x80]), None);
+        assert_eq!(top_level_fields(&[0x0b]), None);
     }
 
     #[test]

@@ -792,6 +792,17 @@ async fn responses_bigger_than_the_caps() {
                 };
                 pour(&mut out, HUGE, &chunk).await;
             }
+            // 4 MiB of empty entries: 2 bytes each on the wire, far more decoded.
+            "/filesystem.Filesystem/ListDir" => {
+                let Ok(mut out) =
+                    respond.send_response(response(200, connect::CONTENT_TYPE_PROTO), false)
+                else {
+                    return;
+                };
+                let empties = Bytes::from([0x0a, 0x00].repeat((4 << 20) / 2 - 8));
+                send_all(&mut out, empties).await;
+                let _ = out.send_data(Bytes::new(), true);
+            }
             "/process.Process/SendSignal" | "/interpreter/execute" => {
                 let Ok(mut out) = respond.send_response(response(500, "text/plain"), false) else {
                     return;
@@ -856,6 +867,11 @@ async fn responses_bigger_than_the_caps() {
             message.len()
         ),
         other => panic!("send_signal: {other:?}"),
+    }
+    let r = bounded("list_dir", c.list_dir("/", 1, None)).await;
+    match r {
+        Err(AgentError::Protocol(m)) => assert!(m.contains("fields"), "{m}"),
+        other => panic!("list_dir: {:?}", other.map(|e| e.len())),
     }
     // A code interpreter's refusal is read as far as an error's bound.
     let r = bounded(
