@@ -59,6 +59,9 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// An OCI opaque marker: its directory hides everything the layers below have in it.
 const OPAQUE: &[u8] = b".wh..wh..opq";
 
+/// What one path held in memory costs beyond its bytes, as the limit on them counts it.
+pub const PATH_OVERHEAD: u64 = 64;
+
 /// Bounds on what one layer may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnpackLimits {
@@ -66,14 +69,16 @@ pub struct UnpackLimits {
     pub max_bytes: u64,
     /// Most archive entries (directories, links, whiteouts and the rest included).
     pub max_entries: u64,
-    /// Most bytes of the paths the layer's index lists (whiteouts, opaque directories,
-    /// skipped device nodes): what merging an image holds in memory for the layer.
+    /// Most bytes of paths held in memory for the layer: those its index lists (whiteouts,
+    /// opaque directories, skipped device nodes: what merging an image holds for it), and
+    /// the directories awaiting their attributes until the end of the unpack, each of these
+    /// counted with [`PATH_OVERHEAD`] bytes more.
     pub max_index_bytes: u64,
 }
 
 impl Default for UnpackLimits {
-    /// 16 GiB of contents in at most a million entries, 64 MiB of whiteout and device
-    /// paths: far above real images.
+    /// 16 GiB of contents in at most a million entries, 64 MiB of paths held: far above
+    /// real images.
     fn default() -> Self {
         UnpackLimits {
             max_bytes: 16 << 30,
@@ -157,11 +162,11 @@ pub enum UnpackError {
         /// Its type.
         kind: String,
     },
-    /// The paths the layer's index lists (whiteouts, opaque directories, skipped devices)
-    /// come to more than `max_index_bytes`.
+    /// The paths held in memory for the layer (its index's, its directories') come to more
+    /// than `max_index_bytes`.
     #[error(
-        "layer entry {path:?}: the layer's whiteouts and device nodes name more than \
-         max_index_bytes ({limit}) bytes of paths"
+        "layer entry {path:?}: the layer's whiteouts, device nodes and directories name more \
+         than max_index_bytes ({limit}) bytes of paths"
     )]
     IndexTooLarge {
         /// The first entry over the limit.
@@ -423,15 +428,15 @@ struct Unpacker<'a> {
     root: OwnedFd,
     limits: &'a UnpackLimits,
     index: LayerIndex,
-    /// Directories made by entries, with the attributes they get at the end.
-    dirs: HashMap<Vec<CString>, Attrs>,
-    /// Devices skipped, so that hard links to them are skipped too, with their place in
-    /// `device_list`.
-    devices: HashMap<Vec<CString>, usize>,
+    /// Directories made by entries ([`key`]s), with the attributes they get at the end.
+    dirs: HashMap<Vec<u8>, Attrs>,
+    /// Devices skipped ([`key`]s), so that hard links to them are skipped too, with their
+    /// place in `device_list`.
+    devices: HashMap<Vec<u8>, usize>,
     /// The skipped devices' paths in the order they came; `None` where a later entry replaced
     /// one. What the index lists.
     device_list: Vec<Option<String>>,
-    /// Bytes of the paths the index lists (whiteouts, opaque directories, skipped devices).
+    /// Bytes of the paths held (see [`UnpackLimits::max_index_bytes`]).
     index_bytes: u64,
 }
 
@@ -439,7 +444,13 @@ impl Unpacker<'_> {
     /// Counts `listed`, a path the index will list, against the limit (`path`: the entry's
     /// name, for the error).
     fn listed(&mut self, listed: &str, path: &str) -> Result<(), UnpackError> {
-        self.index_bytes += listed.len() as u64;
+        self.held(listed.len(), path)
+    }
+
+    /// Counts a path of `len` bytes held in memory against the limit (`path`: the entry's
+    /// name, for the error).
+    fn held(&mut self, len: usize, path: &str) -> Result<(), UnpackError> {
+        self.index_bytes += len as u64 + PATH_OVERHEAD;
         if self.index_bytes > self.limits.max_index_bytes {
             return Err(UnpackError::IndexTooLarge {
                 path: path.to_owned(),
@@ -525,10 +536,11 @@ impl Unpacker<'_> {
     /// directory's attributes for the end (unless the new entry is a directory too, which
     /// keeps it), a skipped device (listed again if the new entry is one).
     fn replaced(&mut self, parts: &[CString], is_dir: bool) {
+        let key = key(parts);
         if !is_dir {
-            self.dirs.remove(parts);
+            self.dirs.remove(&key);
         }
-        if let Some(at) = self.devices.remove(parts) {
+        if let Some(at) = self.devices.remove(&key) {
             self.device_list[at] = None;
         }
     }
@@ -562,7 +574,11 @@ impl Unpacker<'_> {
     fn directory(&mut self, at: At<'_>, attrs: Attrs) -> Result<(), UnpackError> {
         ensure_dir(at.parent, at.name)
             .map_err(|e| UnpackError::io(at.path, "making the directory", e))?;
-        self.dirs.insert(at.parts.to_vec(), attrs);
+        let key = key(at.parts);
+        if !self.dirs.contains_key(&key) {
+            self.held(key.len(), at.path)?;
+        }
+        self.dirs.insert(key, attrs);
         Ok(())
     }
 
@@ -614,7 +630,7 @@ impl Unpacker<'_> {
         let Some((name, dirs)) = parts.split_last() else {
             return Err(bad("names the layer's root"));
         };
-        if self.devices.contains_key(&parts) {
+        if self.devices.contains_key(&key(&parts)) {
             // Another name for a device that was not made: not made either.
             return self.device(at);
         }
@@ -653,15 +669,15 @@ impl Unpacker<'_> {
         remove_tree(at.parent, at.name)
             .map_err(|e| UnpackError::io(at.path, "removing what was there", e))?;
         self.listed(&path, at.path)?;
-        self.devices
-            .insert(at.parts.to_vec(), self.device_list.len());
+        self.devices.insert(key(at.parts), self.device_list.len());
         self.device_list.push(Some(path));
         Ok(())
     }
 
     /// Gives the directories their modes and times, now that their children are in.
     fn finish(&self) -> Result<(), UnpackError> {
-        for (parts, attrs) in &self.dirs {
+        for (key, attrs) in &self.dirs {
+            let parts = parts_of(key);
             let Some((name, dirs)) = parts.split_last() else {
                 continue;
             };
@@ -671,11 +687,11 @@ impl Unpacker<'_> {
                 Ok(dir) => dir,
                 // Replaced by a later entry, whose attributes stand.
                 Err(e) if is_absent(&e) => continue,
-                Err(e) => return Err(UnpackError::io(shown(parts), "opening the directory", e)),
+                Err(e) => return Err(UnpackError::io(shown(&parts), "opening the directory", e)),
             };
             attrs
                 .apply(dir.as_fd())
-                .map_err(|e| UnpackError::io(shown(parts), "setting owner, mode and time", e))?;
+                .map_err(|e| UnpackError::io(shown(&parts), "setting owner, mode and time", e))?;
         }
         Ok(())
     }
@@ -740,6 +756,29 @@ pub(super) fn entry_parts(raw: &[u8]) -> Result<Vec<CString>, &'static str> {
 fn index_path(parts: &[CString]) -> Option<String> {
     let parts: Option<Vec<&str>> = parts.iter().map(|p| p.to_str().ok()).collect();
     Some(parts?.join("/"))
+}
+
+/// `parts` as one allocation (joined with `/`, which no part holds): the key of a path held
+/// until the end, some 50 bytes of overhead a path rather than a part.
+fn key(parts: &[CString]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(parts.iter().map(|p| p.as_bytes().len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(b'/');
+        }
+        key.extend_from_slice(p.as_bytes());
+    }
+    key
+}
+
+/// The parts of a [`key`] again.
+fn parts_of(key: &[u8]) -> Vec<CString> {
+    if key.is_empty() {
+        return Vec::new();
+    }
+    key.split(|b| *b == b'/')
+        .filter_map(|p| CString::new(p).ok())
+        .collect()
 }
 
 /// `parts` joined, for errors.
@@ -1483,12 +1522,29 @@ pub(super) mod tests {
             .file(".wh.cccc", 0o644, b"")
             .finish();
         let limits = UnpackLimits {
-            max_index_bytes: 10,
+            max_index_bytes: 2 * (4 + PATH_OVERHEAD) + 10,
             ..UnpackLimits::default()
         };
         let err = unpack_layer(&whiteouts[..], &Dest::new().path(), &limits).unwrap_err();
         assert!(
-            matches!(&err, UnpackError::IndexTooLarge { path, limit: 10 } if path == ".wh.cccc"),
+            matches!(&err, UnpackError::IndexTooLarge { path, .. } if path == ".wh.cccc"),
+            "{err}"
+        );
+        // So are directories, which wait for their attributes until the end: each path
+        // once, whatever its depth.
+        let dirs = Tar::new()
+            .dir("d", 0o755)
+            .dir("d/d", 0o755)
+            .dir("d/d", 0o700)
+            .dir("d/d/d", 0o755)
+            .finish();
+        let limits = UnpackLimits {
+            max_index_bytes: (1 + PATH_OVERHEAD) + (3 + PATH_OVERHEAD) + 2,
+            ..UnpackLimits::default()
+        };
+        let err = unpack_layer(&dirs[..], &Dest::new().path(), &limits).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::IndexTooLarge { path, .. } if path == "d/d/d"),
             "{err}"
         );
 
