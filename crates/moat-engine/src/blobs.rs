@@ -194,6 +194,12 @@ impl BlobStore {
         })
     }
 
+    /// Free bytes of the file system under a local store; `None` for a remote one (or where
+    /// it cannot be read).
+    pub fn local_free_bytes(&self) -> Option<u64> {
+        crate::disk::free_disk(self.local_root.as_ref()?).ok()
+    }
+
     /// Moves `staged` to its name (a blob of that digest already there is the same bytes).
     pub async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
         let to = object_path(&staged.digest)?;

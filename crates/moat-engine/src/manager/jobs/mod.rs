@@ -332,7 +332,45 @@ impl Inner {
         E: std::fmt::Display,
     {
         let jobs = self.jobs()?.clone();
-        let staged = jobs.blobs.stage(body, limit).await.map_err(blob_error)?;
+        // No more than the tenant has room for, nor than a local store's disk has free above
+        // the server's reserve, is written at all: the quota is checked again when the blob
+        // is recorded, but the bytes would be on disk by then.
+        let (t, max) = (tenant.to_owned(), jobs.opts.bytes_per_tenant);
+        let room = self.db(move |s| s.blob_room(&t, max)).await?;
+        let over_quota = || {
+            ManagerError::QuotaExceeded(format!(
+                "the tenant's stored bytes (blobs and job records) would pass its quota of {}",
+                moat_proto::units::describe_size(max)
+            ))
+        };
+        if room == 0 {
+            return Err(over_quota());
+        }
+        let free = jobs
+            .blobs
+            .local_free_bytes()
+            .map(|free| free.saturating_sub(self.opts.min_free_disk));
+        let short_of_space = || {
+            ManagerError::InsufficientStorage(format!(
+                "the blob store's disk has no room above the {} the server keeps free",
+                moat_proto::units::describe_size(self.opts.min_free_disk)
+            ))
+        };
+        if free == Some(0) {
+            return Err(short_of_space());
+        }
+        let bound = room.min(free.unwrap_or(u64::MAX));
+        let staged = match jobs.blobs.stage(body, limit.min(bound)).await {
+            Ok(staged) => staged,
+            Err(BlobError::TooLarge { .. }) if bound < limit => {
+                return Err(if free.is_some_and(|f| f < room) {
+                    short_of_space()
+                } else {
+                    over_quota()
+                });
+            }
+            Err(e) => return Err(blob_error(e)),
+        };
         let (t, j, d, size, max) = (
             tenant.to_owned(),
             job.to_owned(),
@@ -969,28 +1007,9 @@ impl SandboxManager {
                  one is done"
             ))
         })?;
-        // No more than the tenant has room for is written at all: the quota is checked again
-        // when the blob is recorded, but the bytes would be on disk by then.
-        let (t, max) = (caller.tenant.clone(), jobs.opts.bytes_per_tenant);
-        let room = self.inner.db(move |s| s.blob_room(&t, max)).await?;
-        let over_quota = || {
-            ManagerError::QuotaExceeded(format!(
-                "the tenant's stored bytes (blobs and job records) would pass its quota of {}",
-                moat_proto::units::describe_size(max)
-            ))
-        };
-        if room == 0 {
-            return Err(over_quota());
-        }
-        let limit = MAX_BLOB_BYTES.min(room);
-        match self
-            .inner
-            .keep_blob(&caller.tenant, BlobKind::Upload, "", body, limit)
+        self.inner
+            .keep_blob(&caller.tenant, BlobKind::Upload, "", body, MAX_BLOB_BYTES)
             .await
-        {
-            Err(ManagerError::TooLarge(_)) if limit < MAX_BLOB_BYTES => Err(over_quota()),
-            other => other,
-        }
     }
 
     /// Deletes the caller's upload `digest` (jobs that name it keep it until they go).
