@@ -93,6 +93,11 @@ pub(super) struct Held<'a> {
 }
 
 impl Held<'_> {
+    /// Bytes the tenant's other archives under way hold now.
+    fn others(&self) -> u64 {
+        self.flight.of(&self.tenant).saturating_sub(self.bytes)
+    }
+
     fn add(&mut self, n: u64) {
         self.bytes = self.bytes.saturating_add(n);
         *super::lock(&self.flight.0)
@@ -117,9 +122,12 @@ impl Drop for Held<'_> {
 pub(super) struct Bounds {
     /// The sandbox's disk size (413).
     disk: u64,
-    /// What the tenant's snapshot bytes leave (429), and the quota itself.
+    /// What the tenant's recorded snapshots and sandboxes paused to disk leave of its
+    /// snapshot bytes (429), and the quota itself.
     quota_left: u64,
     quota: u64,
+    /// The tenant's archives under way when the bounds were taken (their bytes count too).
+    in_flight: u64,
     /// Free space above the reserve (507), and the reserve itself.
     free_left: u64,
     reserve: u64,
@@ -128,12 +136,19 @@ pub(super) struct Bounds {
 impl Bounds {
     /// Why an archive of `size` bytes is too large, if it is.
     pub(super) fn check(&self, size: u64, id: &str) -> ManagerResult<()> {
+        self.check_beside(size, self.in_flight, id)
+    }
+
+    /// [`Bounds::check`] beside `others` bytes of the tenant's other archives under way (as
+    /// they are now: archives written at once must not each take what the quota left).
+    fn check_beside(&self, size: u64, others: u64, id: &str) -> ManagerResult<()> {
         self.check_free(size, id)?;
-        if size > self.quota_left {
+        let left = self.quota_left.saturating_sub(others);
+        if size > left {
             return Err(ManagerError::QuotaExceeded(format!(
                 "the snapshot of sandbox {id} would take the tenant's snapshots over their quota of {} ({} left)",
                 describe_size(self.quota),
-                describe_size(self.quota_left)
+                describe_size(left)
             )));
         }
         if size > self.disk {
@@ -475,15 +490,14 @@ impl Inner {
     ) -> ManagerResult<Bounds> {
         let t = tenant.to_owned();
         let stored = self.db(move |s| s.snapshot_bytes(&t)).await?;
-        let used = stored
-            .saturating_add(self.snapshot_bytes.of(tenant))
-            .saturating_add(self.paused_bytes.of(tenant));
+        let used = stored.saturating_add(self.paused_bytes.of(tenant));
         let free = crate::disk::free_disk(dir)
             .map_err(|e| ManagerError::Internal(format!("free space of {}: {e}", dir.display())))?;
         Ok(Bounds {
             disk,
             quota_left: quota.saturating_sub(used),
             quota,
+            in_flight: self.snapshot_bytes.of(tenant),
             free_left: free.saturating_sub(self.opts.min_free_disk),
             reserve: self.opts.min_free_disk,
         })
@@ -847,7 +861,7 @@ async fn write_layer(
         let piece = piece
             .map_err(|e| ManagerError::Unavailable(format!("snapshot of sandbox {id}: {e}")))?;
         size = size.saturating_add(piece.len() as u64);
-        bounds.check(size, id)?;
+        bounds.check_beside(size, held.others(), id)?;
         held.add(piece.len() as u64);
         file.write_all(&piece).await.map_err(io)?;
     }
