@@ -640,7 +640,14 @@ impl Inner {
                 if let Some(parent) = to.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
-                std::fs::rename(&from, &to)
+                std::fs::rename(&from, &to)?;
+                // Durable before it is recorded paused: its files, its name in `paused/`, and
+                // `paused/` itself in the snapshot directory.
+                sync_saved(&to)?;
+                match to.parent().and_then(Path::parent) {
+                    Some(snapshots) => std::fs::File::open(snapshots)?.sync_all(),
+                    None => Ok(()),
+                }
             })
             .await
         };

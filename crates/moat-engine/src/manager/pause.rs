@@ -251,10 +251,22 @@ impl Inner {
             }
         };
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        let rec = match self
+        let recorded = match self
             .db(move |s| s.update_sandbox_state(&t, &i, SandboxState::Running, None))
             .await
         {
+            // Recorded running already: a pause (or a snapshot's restart) whose own record
+            // could not be written left it so. Running is what it now is.
+            Err(ManagerError::Conflict(why)) => {
+                let (t, i) = (tenant.to_owned(), id.to_owned());
+                match self.db(move |s| s.get_sandbox(&t, &i)).await {
+                    Ok(rec) if rec.state == SandboxState::Running => Ok(rec),
+                    _ => Err(ManagerError::Conflict(why)),
+                }
+            }
+            other => other,
+        };
+        let rec = match recorded {
             Ok(rec) => rec,
             Err(e) => {
                 // Not recorded: keep it as the record has it. A thawed one is frozen again; a
