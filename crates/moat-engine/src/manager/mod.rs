@@ -185,6 +185,7 @@ impl From<StoreError> for ManagerError {
             StoreError::NotFound { .. } => ManagerError::NotFound(text),
             StoreError::Conflict { .. }
             | StoreError::TemplateInUse { .. }
+            | StoreError::SnapshotInUse { .. }
             | StoreError::BuiltIn { .. }
             | StoreError::TagOfBuiltIn { .. }
             | StoreError::InvalidTransition { .. }

@@ -421,14 +421,7 @@ impl SandboxManager {
 impl Inner {
     /// [`SandboxManager::delete_snapshot`], run to its end: a record deleted keeps no file.
     async fn delete_snapshot(&self, tenant: &str, id: &str) -> ManagerResult<v1::Snapshot> {
-        let (t, i) = (tenant.to_owned(), id.to_owned());
-        let users = self.db(move |s| s.templates_using_snapshot(&t, &i)).await?;
-        if !users.is_empty() {
-            return Err(ManagerError::Conflict(format!(
-                "snapshot {id} is what template {} starts from; delete the template first",
-                users.join(", ")
-            )));
-        }
+        // Refused, in the delete's own transaction, while a template starts from it.
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let rec = self.db(move |s| s.delete_snapshot(&t, &i)).await?;
         if let Some(dir) = &self.opts.snapshot_dir {

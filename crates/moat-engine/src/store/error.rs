@@ -52,6 +52,17 @@ pub enum StoreError {
         /// How many starting, running or paused sandboxes use it.
         sandboxes: u64,
     },
+    /// The snapshot is what templates start from, so it cannot be deleted.
+    #[error(
+        "snapshot {id} is what template {} starts from; delete the template first",
+        .templates.join(", ")
+    )]
+    SnapshotInUse {
+        /// The snapshot.
+        id: String,
+        /// The templates that start from it.
+        templates: Vec<String>,
+    },
     /// A tenant's template would be a tag of a built-in one, whose tags are the server's.
     #[error(
         "template {name:?} would be a tag of the built-in template {base:?}, whose tags only \

@@ -157,7 +157,11 @@ pub struct SnapshotPage {
     pub next: Option<Cursor>,
 }
 
-fn get_snapshot(conn: &Connection, tenant: &str, id: &str) -> StoreResult<SnapshotRecord> {
+pub(super) fn get_snapshot(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+) -> StoreResult<SnapshotRecord> {
     first_row(
         &mut *conn.prepare_cached("SELECT * FROM snapshots WHERE id = ?1 AND tenant_id = ?2")?,
         params![id, tenant],
@@ -355,6 +359,13 @@ impl Store {
         check_snapshot_id(id)?;
         self.write(|tx| {
             let rec = get_snapshot(tx, tenant, id)?;
+            let templates = super::templates::templates_using_snapshot(tx, tenant, id)?;
+            if !templates.is_empty() {
+                return Err(StoreError::SnapshotInUse {
+                    id: id.to_owned(),
+                    templates,
+                });
+            }
             tx.execute(
                 "DELETE FROM snapshots WHERE id = ?1 AND tenant_id = ?2",
                 params![id, tenant],
@@ -399,6 +410,28 @@ mod tests {
             memory: false,
             backend: "native".into(),
         }
+    }
+
+    /// A snapshot a template starts from is not deleted, and a template never names a
+    /// deleted snapshot: each is checked in the other's transaction.
+    #[test]
+    fn a_template_and_its_snapshot_hold_each_other() {
+        let s = store();
+        let snap = s
+            .insert_snapshot(&new("a", None, "sandboxaaaaaaaaaaaaa"), 10)
+            .unwrap();
+        let spec = serde_json::json!({"rootfs": "host", "snapshot": snap.id});
+        s.create_template(Some("a"), "warm", &spec).unwrap();
+        match s.delete_snapshot("a", &snap.id) {
+            Err(StoreError::SnapshotInUse { templates, .. }) => assert_eq!(templates, ["warm"]),
+            other => panic!("{other:?}"),
+        }
+        s.delete_template(Some("a"), "warm", true).unwrap();
+        s.delete_snapshot("a", &snap.id).unwrap();
+        assert!(matches!(
+            s.create_template(Some("a"), "late", &spec),
+            Err(StoreError::NotFound { kind: "snapshot", .. })
+        ));
     }
 
     #[test]

@@ -224,6 +224,13 @@ impl Store {
             if let Some(tenant) = tenant {
                 require_tenant(tx, tenant)?;
             }
+            // The snapshot it starts from, read in this transaction: one deleted since the
+            // caller checked it is not named.
+            if let (Some(tenant), Some(snapshot)) =
+                (tenant, spec.get("snapshot").and_then(|s| s.as_str()))
+            {
+                super::snapshots::get_snapshot(tx, tenant, snapshot)?;
+            }
             if name_taken(tx, tenant, name)? {
                 return Err(builtin_base(tx, tenant, name)?.map_or_else(
                     || StoreError::conflict("template", name),
@@ -369,22 +376,6 @@ impl Store {
         })
     }
 
-    /// Names of `tenant`'s templates that start from snapshot `snapshot`.
-    pub fn templates_using_snapshot(
-        &self,
-        tenant: &str,
-        snapshot: &str,
-    ) -> StoreResult<Vec<String>> {
-        self.read(|tx| {
-            let mut stmt = tx.prepare_cached(
-                "SELECT name FROM templates
-                 WHERE tenant_id = ?1 AND json_extract(spec, '$.snapshot') = ?2 ORDER BY name",
-            )?;
-            let rows = stmt.query_map([tenant, snapshot], |r| r.get::<_, String>(0))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
-        })
-    }
-
     /// Every template of every tenant and the built-ins: what the warm pools follow.
     pub fn all_templates(&self) -> StoreResult<Vec<TemplateRecord>> {
         self.read(|tx| {
@@ -446,4 +437,18 @@ impl Store {
             Ok(())
         })
     }
+}
+
+/// Names of `tenant`'s templates that start from snapshot `snapshot`.
+pub(super) fn templates_using_snapshot(
+    tx: &Connection,
+    tenant: &str,
+    snapshot: &str,
+) -> StoreResult<Vec<String>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT name FROM templates
+         WHERE tenant_id = ?1 AND json_extract(spec, '$.snapshot') = ?2 ORDER BY name",
+    )?;
+    let rows = stmt.query_map([tenant, snapshot], |r| r.get::<_, String>(0))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
 }
