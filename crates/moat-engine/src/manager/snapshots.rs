@@ -239,7 +239,13 @@ pub(super) fn prepare_dir(store: &Store, dir: &Path) -> ManagerResult<()> {
 pub(super) async fn restore_layer(client: &AgentClient, file: &Path) -> ManagerResult<()> {
     let f = tokio::fs::File::open(file)
         .await
-        .map_err(|e| ManagerError::Internal(format!("opening snapshot {}: {e}", file.display())))?;
+        .map_err(|e| match e.kind() {
+            // Deleted since its record was read.
+            ErrorKind::NotFound => {
+                ManagerError::NotFound("the snapshot was deleted meanwhile".into())
+            }
+            _ => ManagerError::Internal(format!("opening snapshot {}: {e}", file.display())),
+        })?;
     let chunks = futures_util::stream::unfold(f, |mut f| async move {
         let mut buf = vec![0u8; FILE_CHUNK];
         match f.read(&mut buf).await {
@@ -266,7 +272,10 @@ fn restore_error(e: AgentError) -> ManagerError {
     let text = format!("restoring the snapshot: {e}");
     match e.code() {
         Code::ResourceExhausted => ManagerError::TooLarge(text),
-        Code::InvalidArgument => ManagerError::Internal(format!("{text} (a damaged archive)")),
+        // Made by the source sandbox's own agent: the snapshot is unusable, not the server.
+        Code::InvalidArgument => ManagerError::Conflict(format!(
+            "{text}: the snapshot is damaged (its archive could not be unpacked)"
+        )),
         _ => ManagerError::Unavailable(text),
     }
 }

@@ -430,7 +430,10 @@ mod tests {
         s.delete_snapshot("a", &snap.id).unwrap();
         assert!(matches!(
             s.create_template(Some("a"), "late", &spec),
-            Err(StoreError::NotFound { kind: "snapshot", .. })
+            Err(StoreError::NotFound {
+                kind: "snapshot",
+                ..
+            })
         ));
     }
 
