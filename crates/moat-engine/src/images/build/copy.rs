@@ -443,7 +443,13 @@ fn class_match(pattern: &[u8], c: u8) -> Option<(bool, usize)> {
 /// The regular file `name` of `dir` as a reader of its tar bytes: gunzipped when it is
 /// gzipped.
 fn archive_reader(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Box<dyn io::Read>> {
-    let fd = openat(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+    // Not blocking: a FIFO of that name would otherwise hold the thread until a writer came.
+    let fd = openat(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        0,
+    )?;
     let st = fstat(fd.as_fd())?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(io::Error::other("not a regular file"));
@@ -633,10 +639,15 @@ impl<W: Write> Writer<W> {
                 Ok(true)
             }
             libc::S_IFREG => {
-                let file = openat(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-                    .map_err(|e| format!("{}: {e}", shown()))?;
+                // Not blocking, and checked again once open: what was looked at may have
+                // been replaced by a FIFO, which would hold the thread until a writer came.
+                let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+                let file = openat(dir, name, flags, 0).map_err(|e| format!("{}: {e}", shown()))?;
                 // The size of what was opened, not of an earlier look.
                 let st = fstat(file.as_fd()).map_err(|e| format!("{}: {e}", shown()))?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(format!("{}: changed while it was copied", shown()));
+                }
                 let size = u64::try_from(st.st_size).unwrap_or(0);
                 let mut h = self.owned(header(EntryType::Regular, &st));
                 h.set_size(size);
@@ -805,6 +816,23 @@ fn header(kind: EntryType, st: &libc::stat) -> Header {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A FIFO in a build context is not an archive, and looking costs no wait for a writer.
+    #[test]
+    fn a_fifo_is_no_archive_and_no_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = CString::new(dir.path().join("fifo").into_os_string().into_vec()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let d = open_dir(&path).unwrap();
+            let _ = tx.send(is_archive(d.as_fd(), c"fifo"));
+        });
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(answer, Ok(false), "still waiting for a writer");
+    }
 
     #[test]
     fn globs_match_as_docker_s_do() {
