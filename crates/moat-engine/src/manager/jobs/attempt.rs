@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::outputs::{self, Pattern};
 use super::{
-    Inner, JobResult, JobSpec, MAX_JOB_LOG_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_JOB_OUTPUT_FILES,
-    Program, SandboxManager, TAIL_BYTES, blob_error,
+    Inner, JobResult, JobSpec, MAX_JOB_LOG_BYTES, MAX_JOB_LOG_READ, MAX_JOB_OUTPUT_BYTES,
+    MAX_JOB_OUTPUT_FILES, Program, SandboxManager, TAIL_BYTES, blob_error,
 };
 use crate::agent_client::AgentClient;
 use crate::auth::{Caller, Role};
@@ -448,8 +448,10 @@ async fn keep_log(
     let feeder = {
         let tail = tail.clone();
         async move {
-            let mut sent = 0u64;
-            while let Some(chunk) = download.next().await {
+            let (mut sent, mut read) = (0u64, 0u64);
+            while read < MAX_JOB_LOG_READ
+                && let Some(chunk) = download.next().await
+            {
                 let chunk = match chunk {
                     Ok(c) => c,
                     Err(e) => {
@@ -457,6 +459,7 @@ async fn keep_log(
                         return;
                     }
                 };
+                read += chunk.len() as u64;
                 {
                     let mut t = tail
                         .lock()

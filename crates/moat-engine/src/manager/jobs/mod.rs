@@ -55,6 +55,9 @@ pub const MAX_JOB_OUTPUT_FILES: usize = 1000;
 pub const MAX_JOB_OUTPUT_BYTES: u64 = 1 << 30;
 /// Bytes of each of an attempt's standard output and error kept; the rest is dropped.
 pub const MAX_JOB_LOG_BYTES: u64 = 64 << 20;
+/// Bytes of each log read at most, for its tail past [`MAX_JOB_LOG_BYTES`]: past this the
+/// tail is that of what was read (a log bigger than any sandbox's disk is its agent's lie).
+pub const MAX_JOB_LOG_READ: u64 = 16 << 30;
 /// Largest blob `POST /v1/blobs` takes.
 pub const MAX_BLOB_BYTES: u64 = 1 << 30;
 /// Default seconds one attempt may run.
