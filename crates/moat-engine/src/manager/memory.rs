@@ -32,9 +32,34 @@ pub(super) const MEMORY_SUFFIX: &str = ".mem";
 /// The manifest in such a directory: every other file's size and SHA-256.
 const MANIFEST: &str = "manifest.json";
 
+/// Most files a checkpoint directory may hold (gVisor writes a handful).
+const MAX_CHECKPOINT_FILES: usize = 256;
+
+/// The most bytes a checkpoint of a sandbox limited to `memory_bytes` may hold: its memory
+/// twice over and a margin for the runtime's own state. Anything more was not written by an
+/// honest runtime, and is refused before a byte of it is hashed.
+fn checkpoint_bound(memory_bytes: u64) -> u64 {
+    memory_bytes.saturating_mul(2).saturating_add(256 << 20)
+}
+
 /// Writes the manifest of `dir` (every regular file in it, none in subdirectories) and syncs
-/// the directory. Returns the files' total size.
-fn write_manifest(dir: &Path) -> std::io::Result<u64> {
+/// the directory, refusing first a directory of more than [`MAX_CHECKPOINT_FILES`] files or
+/// `max_bytes` bytes (apparent or allocated). Returns the files' total size.
+fn write_manifest(dir: &Path, max_bytes: u64) -> std::io::Result<u64> {
+    let (mut count, mut apparent, mut allocated) = (0usize, 0u64, 0u64);
+    for entry in std::fs::read_dir(dir)? {
+        let md = entry?.metadata()?;
+        count += 1;
+        apparent = apparent.saturating_add(md.len());
+        allocated = allocated
+            .saturating_add(std::os::unix::fs::MetadataExt::blocks(&md).saturating_mul(512));
+        if count > MAX_CHECKPOINT_FILES || apparent.max(allocated) > max_bytes {
+            return Err(std::io::Error::other(format!(
+                "the checkpoint holds more than {MAX_CHECKPOINT_FILES} files or {max_bytes} \
+                 bytes, more than its sandbox's memory could make"
+            )));
+        }
+    }
     let mut files = BTreeMap::new();
     let mut total: u64 = 0;
     for entry in std::fs::read_dir(dir)? {
@@ -600,7 +625,8 @@ impl Inner {
         }
         let size = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || write_manifest(&dir))
+            let bound = checkpoint_bound(plan.resources.memory_bytes);
+            tokio::task::spawn_blocking(move || write_manifest(&dir, bound))
                 .await
                 .map_err(|e| ManagerError::Internal(format!("manifest task: {e}")))?
                 .map_err(|e| ManagerError::Internal(format!("writing the manifest: {e}")))?
@@ -744,5 +770,32 @@ impl Inner {
         {
             tracing::warn!(sandbox = %id, "recording a sandbox lost to a checkpoint: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint bigger than its sandbox could make (here a sparse file of 1 TiB, or too
+    /// many files) is refused before any of it is hashed; an honest one gets its manifest.
+    #[test]
+    fn a_checkpoint_past_its_bound_is_refused_before_hashing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pages.img"), b"0123456789").unwrap();
+        assert_eq!(write_manifest(dir.path(), 1 << 20).unwrap(), 10);
+        std::fs::remove_file(dir.path().join(MANIFEST)).unwrap();
+
+        let huge = std::fs::File::create(dir.path().join("huge.img")).unwrap();
+        huge.set_len(1 << 40).unwrap();
+        let e = write_manifest(dir.path(), checkpoint_bound(512 << 20)).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        std::fs::remove_file(dir.path().join("huge.img")).unwrap();
+
+        for i in 0..=MAX_CHECKPOINT_FILES {
+            std::fs::write(dir.path().join(format!("f{i}")), b"").unwrap();
+        }
+        assert!(write_manifest(dir.path(), 1 << 20).is_err());
     }
 }
