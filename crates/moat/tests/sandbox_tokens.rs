@@ -186,6 +186,18 @@ fn interpreter_needs_a_token_on_every_route() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
+    // Nor does it run code: `/execute` takes the access token alone.
+    let r = to_port(
+        &server,
+        &sbx.id,
+        49999,
+        "POST",
+        "/execute",
+        &traffic,
+        Some(br#"{"code":"print(1)"}"#),
+    );
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+
     // envd takes its own token only: the traffic token does not run commands.
     let r = to_port(
         &server,

@@ -8,12 +8,13 @@
 //! | port | what a request needs |
 //! | --- | --- |
 //! | 49983 (envd) | the access token, but `GET /health` needs none and `/files` takes a signature instead; internal paths are refused |
-//! | 49999 (code interpreter) | the access token or the traffic access token, on every route |
+//! | 49999 (code interpreter) | the access token; on `/health` and `/contexts…`, the traffic access token will do |
 //! | any other, public sandbox | nothing (a preview URL opens in a browser) |
 //! | any other, private sandbox | the traffic access token (or the access token) |
 //!
 //! The code interpreter SDK sends `X-Access-Token` only on `/execute`, and only
-//! `E2B-Traffic-Access-Token` on its context routes, which is why port 49999 takes either.
+//! `E2B-Traffic-Access-Token` on its context routes, which is why those take either; none of
+//! them runs code.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -114,7 +115,15 @@ pub(crate) fn check(tokens: &Tokens, port: u16, req: &Request) -> Result<(), Ref
             }
             need_token(has_access())
         }
-        INTERPRETER_PORT => need_either(has_access() || has_traffic()),
+        // Running code is the access token's alone: a traffic token handed out for a preview
+        // must not run anything. The contexts and health routes, where the code interpreter
+        // SDK sends only the traffic token, take either.
+        INTERPRETER_PORT
+            if path == "/health" || path == "/contexts" || path.starts_with("/contexts/") =>
+        {
+            need_either(has_access() || has_traffic())
+        }
+        INTERPRETER_PORT => need_token(has_access()),
         _ if tokens.public_traffic => Ok(()),
         _ => need_either(has_traffic() || has_access()),
     }
