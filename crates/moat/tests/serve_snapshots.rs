@@ -738,6 +738,23 @@ fn a_lifecycle_pauses_at_the_timeout_and_calls_resume() {
         assert_eq!(state_of(&server, &key, id), ("paused".into(), Value::Null));
     }
 
+    // envd's health check needs no token, so it resumes nothing: anyone knowing the id could
+    // otherwise keep it running.
+    let r = server
+        .send(
+            "GET",
+            "/health",
+            None,
+            &[
+                ("E2b-Sandbox-Id", resuming.as_str()),
+                ("E2b-Sandbox-Port", "49983"),
+            ],
+            None,
+        )
+        .expect("health");
+    assert!(!(200..300).contains(&r.status), "{} {}", r.status, r.text());
+    assert_eq!(state_of(&server, &key, &resuming).0, "paused");
+
     // A command resumes the one that asks for it, and it runs on with a new time to live.
     assert_eq!(
         sh(&server, &key, &resuming, "user", "cat /tmp/kept"),

@@ -73,7 +73,15 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
             "protocol upgrades (WebSocket) to sandboxes are not supported yet",
         );
     }
-    let route = match state.manager.route_resuming(&id).await {
+    // envd's `/health` needs no token, so it must not resume a paused sandbox: anyone who
+    // knows the id could keep it running past its pause.
+    let resumes = !(port == ENVD_PORT && req.uri().path() == "/health");
+    let route = if resumes {
+        state.manager.route_resuming(&id).await
+    } else {
+        state.manager.route(&id)
+    };
+    let route = match route {
         Ok(route) => route,
         // Running, but its agent missed a health check: not "not found", which SDKs take for
         // a sandbox that has ended.
