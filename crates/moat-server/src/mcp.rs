@@ -12,7 +12,8 @@
 //! [`MAX_SESSIONS`]; a session with no request for [`SESSION_IDLE`] ends.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -79,32 +80,77 @@ pub(crate) fn service<S: Clone + Send + Sync + 'static>(
         config,
     );
     axum::routing::any_service(transport).layer(axum::middleware::from_fn_with_state(
-        TenantSlots::new(MAX_SESSIONS_PER_TENANT, Some(MAX_SESSIONS)),
+        Arc::new(Admission {
+            places: TenantSlots::new(MAX_SESSIONS_PER_TENANT, Some(MAX_SESSIONS)),
+            owners: Mutex::default(),
+        }),
         admit,
     ))
+}
+
+/// What [`admit`] keeps: the sessions' places, and which tenant opened each session.
+struct Admission {
+    places: Arc<TenantSlots>,
+    /// Session id → the tenant that opened it, while the session lives (its [`SessionPlace`]'s
+    /// `alive`, which the session keeps).
+    owners: Mutex<HashMap<String, (String, Weak<()>)>>,
 }
 
 /// A session's place among [`MAX_SESSIONS_PER_TENANT`], taken by [`admit`] for a request
 /// that may open a session and kept by the session its `initialize` opens (see
 /// [`Session::initialize`]); a request that opens none gives it back as it ends.
 #[derive(Clone)]
-struct SessionPlace(Arc<Mutex<Option<TenantSlot>>>);
+struct SessionPlace {
+    place: Arc<Mutex<Option<TenantSlot>>>,
+    /// Kept by the session the request opens, for as long as it lives.
+    alive: Arc<()>,
+}
 
 /// Takes a place for a request that may open a session (a `POST` naming none), refusing it
-/// with 429 when the caller's tenant or the server has every session it may.
-async fn admit(State(places): State<Arc<TenantSlots>>, mut req: Request, next: Next) -> Response {
-    let opens = req.method() == Method::POST && !req.headers().contains_key("mcp-session-id");
-    if !opens {
-        return next.run(req).await;
-    }
+/// with 429 when the caller's tenant or the server has every session it may, and records the
+/// tenant of the session it opens. A request naming a live session another tenant opened is
+/// refused (404): a session id learned by another tenant reaches nothing of the first
+/// tenant's (its sandboxes, its current sandbox, its end).
+async fn admit(State(admission): State<Arc<Admission>>, mut req: Request, next: Next) -> Response {
     let Some(tenant) = req.extensions().get::<Caller>().map(|c| c.tenant.clone()) else {
         return ApiError::unauthenticated("no authenticated caller").into_response();
     };
-    match places.enter(&tenant) {
+    if let Some(session) = req.headers().get("mcp-session-id") {
+        let owner = session.to_str().ok().and_then(|id| {
+            let owners = lock(&admission.owners);
+            let (owner, alive) = owners.get(id)?;
+            alive.upgrade().map(|_| owner.clone())
+        });
+        if owner.is_some_and(|owner| owner != tenant) {
+            return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such MCP session")
+                .into_response();
+        }
+        return next.run(req).await;
+    }
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    match admission.places.enter(&tenant) {
         Ok(place) => {
-            req.extensions_mut()
-                .insert(SessionPlace(Arc::new(Mutex::new(Some(place)))));
-            next.run(req).await
+            let alive = Arc::new(());
+            req.extensions_mut().insert(SessionPlace {
+                place: Arc::new(Mutex::new(Some(place))),
+                alive: alive.clone(),
+            });
+            let response = next.run(req).await;
+            if let Some(id) = response
+                .headers()
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+            {
+                let mut owners = lock(&admission.owners);
+                // Sessions that ended are forgotten once they could be as many as live ones.
+                if owners.len() >= MAX_SESSIONS {
+                    owners.retain(|_, (_, alive)| alive.strong_count() > 0);
+                }
+                owners.insert(id.to_owned(), (tenant, Arc::downgrade(&alive)));
+            }
+            response
         }
         Err(full) => {
             let message = match full {
@@ -148,6 +194,8 @@ struct SessionState {
     made: Vec<(Caller, String)>,
     /// The session's place among its tenant's, given back when it ends.
     place: Option<TenantSlot>,
+    /// Held while the session lives: its owner's record in [`Admission`] lasts as long.
+    alive: Option<Arc<()>>,
 }
 
 impl Session {
@@ -626,13 +674,16 @@ impl ServerHandler for Session {
     ) -> Result<InitializeResult, ErrorData> {
         // The session keeps the place its opening request was given; an initialize sent
         // again on an open session (which takes none) leaves the session's own place.
-        let place = context
+        let opening = context
             .extensions
             .get::<Parts>()
-            .and_then(|parts| parts.extensions.get::<SessionPlace>())
-            .and_then(|place| lock(&place.0).take());
-        if let Some(place) = place {
-            lock(&self.state).place.get_or_insert(place);
+            .and_then(|parts| parts.extensions.get::<SessionPlace>());
+        if let Some(opening) = opening
+            && let Some(place) = lock(&opening.place).take()
+        {
+            let mut state = lock(&self.state);
+            state.place.get_or_insert(place);
+            state.alive.get_or_insert_with(|| opening.alive.clone());
         }
         context.peer.set_peer_info(request.clone());
         self.negotiate_initialize(&request)

@@ -342,3 +342,46 @@ fn moat_mcp_answers_a_quick_call_while_a_long_one_runs_and_cancels_it() {
     let status = bridge.wait().expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// A session answers only the tenant that opened it: another tenant that learned its id can
+/// neither call its tools nor close it, and the session goes on with its own sandbox.
+#[test]
+fn another_tenant_cannot_use_or_close_a_session() {
+    need_root!();
+    let server = Server::start();
+    let admin = server.admin_key();
+    let a = server.create_key(&admin, serde_json::json!({"name": "a", "tenant": "mcpa"}));
+    let b = server.create_key(&admin, serde_json::json!({"name": "b", "tenant": "mcpb"}));
+    let session = session_of(&initialize(&server, &a));
+    let initialized = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    on_session(&server, &a, &session, initialized);
+    let run = |key: &str, id: u64, command: &str| {
+        on_session(
+            &server,
+            key,
+            &session,
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": "run_command", "arguments": {"command": command}}}),
+        )
+    };
+    let r = run(&a, 2, "echo mine > /tmp/mark && echo written");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("written"), "{}", r.text());
+
+    let r = run(&b, 3, "echo theirs");
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = server
+        .send(
+            "DELETE",
+            "/mcp",
+            Some(&b),
+            &[("Mcp-Session-Id", &session)],
+            None,
+        )
+        .expect("DELETE /mcp");
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    let r = run(&a, 4, "cat /tmp/mark");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("mine"), "{}", r.text());
+}
