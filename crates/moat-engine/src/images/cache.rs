@@ -200,6 +200,14 @@ impl ImageCache {
             let _ = std::fs::remove_file(archive);
             return Ok(());
         }
+        // Unpacked, it takes about what the archive does: that much must fit above the reserve.
+        let size = std::fs::metadata(archive)
+            .map_err(|e| ImageError::io(format!("reading {}", archive.display()), e))?
+            .len();
+        if let Err(e) = self.check_free(size) {
+            let _ = std::fs::remove_file(archive);
+            return Err(e);
+        }
         let work = self.work_dir("layer-")?;
         let (archive, digest_owned) = (archive.to_owned(), digest.to_owned());
         let staging = work.path().join("layer");
