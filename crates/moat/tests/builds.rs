@@ -366,6 +366,38 @@ fn hostile_contexts_and_links_never_reach_the_host() {
     );
     assert!(!Path::new(&format!("/tmp/moat-build-escape-{}", std::process::id())).exists());
 
+    // A build's contexts hold 200,000 entries in all, not each: two of 100,001 empty files
+    // are refused, whatever little they take in bytes.
+    let many = |prefix: &str| {
+        let mut b = LayerBuilder::new();
+        for i in 0..100_001 {
+            b = b.file(&format!("{prefix}{i}"), 0o644, b"");
+        }
+        b.build()
+    };
+    let (first, second) = (
+        upload_context(&server, &key, &many("a")),
+        upload_context(&server, &key, &many("b")),
+    );
+    let r = server.request(
+        "POST",
+        "/v1/builds",
+        Some(&key),
+        Some(&body(json!({
+            "template": "hostile",
+            "dockerfile": format!("FROM {reference}\nCOPY --from=more b0 /x\n"),
+            "context": first,
+            "contexts": {"more": second},
+        }))),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let failed = wait_for_build(&server, &key, r.json()["id"].as_str().unwrap());
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("max_entries"),
+        "{failed}"
+    );
+
     // A wrong digest is refused and nothing is kept.
     let r = server.request(
         "PUT",

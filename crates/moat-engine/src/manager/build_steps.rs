@@ -39,7 +39,7 @@ use crate::resources::Resources;
 pub const BUILD_METADATA: &str = "moat.build";
 /// Time a step's sandbox lives beyond what is left of its build.
 const STEP_TTL_MARGIN: Duration = Duration::from_secs(60);
-/// Entries a build context may hold.
+/// Entries a build's contexts may hold, all together.
 const MAX_CONTEXT_ENTRIES: u64 = 200_000;
 /// Bytes of a build's environment and arguments together.
 const MAX_ENV_BYTES: usize = 1 << 20;
@@ -179,6 +179,9 @@ struct Progress<'a> {
     /// Where step sandboxes are made: a create runs to its end even when the build is
     /// cancelled mid-way, so that what it made is recorded and can be ended.
     creates: &'a TaskTracker,
+    /// Where the build's work on the host runs (pulls, context unpacks, layers, merges): to
+    /// its end even when the build is cancelled, the tenant's turn held until it is done.
+    host_work: &'a TaskTracker,
 }
 
 impl Progress<'_> {
@@ -264,7 +267,7 @@ impl SandboxManager {
         rec: &mut BuildRecord,
         builds: &Builds,
         plan: &BuildPlan,
-        creates: &TaskTracker,
+        (creates, host_work): (&TaskTracker, &TaskTracker),
         log: &mut BuildLog,
     ) -> ManagerResult<(String, RunConfig)> {
         let cache = self
@@ -272,8 +275,10 @@ impl SandboxManager {
             .images
             .clone()
             .ok_or_else(|| ManagerError::Invalid("this server keeps no images".into()))?;
-        // What all of the build's contexts may unpack to together, whatever they compress to.
+        // What all of the build's contexts may unpack to together, whatever they compress to:
+        // bytes, and entries (each an inode, whatever its size).
         let mut budget = super::builds::MAX_CONTEXT_BYTES;
+        let mut entries_left = MAX_CONTEXT_ENTRIES;
         let context = match &plan.context {
             Some(digest) => {
                 let archive = builds.context(&caller.tenant, digest).ok_or_else(|| {
@@ -283,7 +288,10 @@ impl SandboxManager {
                 log.line(&format!("unpacking the build context {digest}"))
                     .await;
                 self.inner.check_build_disk(budget)?;
-                budget -= unpack_context(&archive, &dir, budget).await?;
+                let (bytes, entries) =
+                    unpack_context(host_work, &archive, &dir, budget, entries_left).await?;
+                budget -= bytes;
+                entries_left -= entries;
                 Some(dir)
             }
             None => None,
@@ -306,7 +314,10 @@ impl SandboxManager {
                 .await;
             let dir = root.join(name);
             self.inner.check_build_disk(budget)?;
-            budget -= unpack_context(&archive, &dir, budget).await?;
+            let (bytes, entries) =
+                unpack_context(host_work, &archive, &dir, budget, entries_left).await?;
+            budget -= bytes;
+            entries_left -= entries;
             unpacked.insert(digest, dir.clone());
             named.insert(name.clone(), dir);
         }
@@ -326,6 +337,7 @@ impl SandboxManager {
             deadline: Instant::now() + plan.timeout,
             plan,
             creates,
+            host_work,
         };
         log.line(&format!("FROM {image}")).await;
         if let Some(template) = plan.from_templates.get(&image) {
@@ -341,7 +353,13 @@ impl SandboxManager {
             }
             let pulled = self
                 .inner
-                .pull_image(None, &cache, reference, std::sync::Arc::new(|_| {}))
+                .pull_image(
+                    None,
+                    Some(host_work),
+                    &cache,
+                    reference,
+                    std::sync::Arc::new(|_| {}),
+                )
                 .await?;
             log.line(&format!(" ---> {}", pulled.reference)).await;
             progress.state = BuildState {
@@ -373,10 +391,7 @@ impl SandboxManager {
                 progress.state.layers.len()
             )));
         }
-        let built = cache
-            .assemble(progress.state.image(&plan.template))
-            .await
-            .map_err(image_error)?;
+        let built = assemble(host_work, &cache, progress.state.image(&plan.template)).await?;
         Ok((built.digest, progress.state.config))
     }
 
@@ -536,7 +551,7 @@ impl SandboxManager {
         let user = p.state.config.user.clone();
         let dir = dir.to_owned();
         let layer = self
-            .host_layer(move |out| {
+            .host_layer(p.host_work, move |out| {
                 let owner = match &user {
                     Some(u) => resolve_owner(&tree, u).unwrap_or((0, 0)),
                     None => (0, 0),
@@ -614,7 +629,9 @@ impl SandboxManager {
             unpack_archives: copy.add,
         };
         let layer = self
-            .host_layer(move |out| copy_layer(&context, &tree, &spec, out).map(|_| true))
+            .host_layer(p.host_work, move |out| {
+                copy_layer(&context, &tree, &spec, out).map(|_| true)
+            })
             .await?;
         Ok(p.add_host_layer(layer))
     }
@@ -623,6 +640,7 @@ impl SandboxManager {
     /// image cache; its digest, and whether the cache had it already.
     async fn host_layer(
         &self,
+        tasks: &TaskTracker,
         write: impl FnOnce(&mut HashingFile) -> Result<bool, String> + Send + 'static,
     ) -> ManagerResult<Option<(String, bool)>> {
         let cache = self
@@ -635,30 +653,31 @@ impl SandboxManager {
         let room = cache.clone();
         let written = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || -> ManagerResult<Option<String>> {
-                let file = std::fs::File::create_new(&path)
-                    .map_err(|e| ManagerError::Internal(format!("staging a layer: {e}")))?;
-                let mut out = HashingFile {
-                    file,
-                    hash: Sha256::new(),
-                    written: 0,
-                    cache: room,
-                };
-                if !write(&mut out).map_err(ManagerError::Invalid)? {
-                    return Ok(None);
-                }
-                std::io::Write::flush(&mut out.file)
-                    .map_err(|e| ManagerError::Internal(format!("staging a layer: {e}")))?;
-                Ok(Some(hex_digest(out.hash)))
-            })
-            .await
-            .map_err(|e| ManagerError::Internal(format!("layer task: {e}")))??
+            tasks
+                .spawn_blocking(move || -> ManagerResult<Option<String>> {
+                    let file = std::fs::File::create_new(&path)
+                        .map_err(|e| ManagerError::Internal(format!("staging a layer: {e}")))?;
+                    let mut out = HashingFile {
+                        file,
+                        hash: Sha256::new(),
+                        written: 0,
+                        cache: room,
+                    };
+                    if !write(&mut out).map_err(ManagerError::Invalid)? {
+                        return Ok(None);
+                    }
+                    std::io::Write::flush(&mut out.file)
+                        .map_err(|e| ManagerError::Internal(format!("staging a layer: {e}")))?;
+                    Ok(Some(hex_digest(out.hash)))
+                })
+                .await
+                .map_err(|e| ManagerError::Internal(format!("layer task: {e}")))??
         };
         let Some(digest) = written else {
             return Ok(None);
         };
         let had = cache.has_layer(&digest);
-        cache.add_layer(&path, &digest).await.map_err(image_error)?;
+        add_layer(tasks, &cache, work, path, &digest).await?;
         Ok(Some((digest, had)))
     }
 
@@ -693,10 +712,7 @@ impl SandboxManager {
                 .check_free(entries.saturating_mul(TREE_BYTES_PER_ENTRY))
                 .map_err(image_error)?;
         }
-        let image = cache
-            .assemble(p.state.image(&p.plan.template))
-            .await
-            .map_err(image_error)?;
+        let image = assemble(p.host_work, &cache, p.state.image(&p.plan.template)).await?;
         Ok(image.rootfs)
     }
 
@@ -834,7 +850,7 @@ impl SandboxManager {
             };
             return Err(ManagerError::Invalid(format!("the command {how}")));
         }
-        self.capture_step_layer(caller, id, p.plan.resources.disk_bytes)
+        self.capture_step_layer(caller, id, p.plan.resources.disk_bytes, p.host_work)
             .await
     }
 
@@ -845,6 +861,7 @@ impl SandboxManager {
         caller: &Caller,
         id: &str,
         disk: u64,
+        tasks: &TaskTracker,
     ) -> ManagerResult<String> {
         let limit = disk.saturating_add(CAPTURE_SLACK);
         let cache = self
@@ -884,7 +901,7 @@ impl SandboxManager {
         file.flush().await.map_err(io)?;
         drop(file);
         let digest = hex_digest(hash);
-        cache.add_layer(&path, &digest).await.map_err(image_error)?;
+        add_layer(tasks, &cache, work, path, &digest).await?;
         Ok(digest)
     }
 
@@ -992,39 +1009,84 @@ fn hex_digest(hash: Sha256) -> String {
 /// Unpacks the context archive at `archive` into `dir` with the image unpacker's
 /// containment (no path leaves `dir`, no link is followed, no device is made), writing at
 /// most `budget` bytes of file contents; returns how many it wrote.
-async fn unpack_context(archive: &Path, dir: &Path, budget: u64) -> ManagerResult<u64> {
+/// Adds the layer archive `path` (in `work`, kept until it is done) of `digest` to `cache`, in
+/// a task of the build's `tasks`.
+async fn add_layer(
+    tasks: &TaskTracker,
+    cache: &std::sync::Arc<crate::images::ImageCache>,
+    work: tempfile::TempDir,
+    path: PathBuf,
+    digest: &str,
+) -> ManagerResult<()> {
+    let (cache, digest) = (cache.clone(), digest.to_owned());
+    tasks
+        .spawn(async move {
+            let _work = work;
+            cache.add_layer(&path, &digest).await
+        })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("layer task: {e}")))?
+        .map_err(image_error)
+}
+
+/// Merges `image`'s tree in a task of the build's `tasks`: a cancel leaves it to finish, and
+/// the build's end waits for it.
+async fn assemble(
+    tasks: &TaskTracker,
+    cache: &std::sync::Arc<crate::images::ImageCache>,
+    image: crate::images::PulledImage,
+) -> ManagerResult<crate::images::PulledImage> {
+    let cache = cache.clone();
+    tasks
+        .spawn(async move { cache.assemble(image).await })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("merge task: {e}")))?
+        .map_err(image_error)
+}
+
+/// Unpacks the context `archive` into `dir` within `budget` bytes and `entries` entries, in a
+/// task of the build's `tasks` (which the build's end waits for); returns the bytes and
+/// entries it took.
+async fn unpack_context(
+    tasks: &TaskTracker,
+    archive: &Path,
+    dir: &Path,
+    budget: u64,
+    entries: u64,
+) -> ManagerResult<(u64, u64)> {
     let (archive, dir) = (archive.to_owned(), dir.to_owned());
-    tokio::task::spawn_blocking(move || {
-        std::fs::create_dir(&dir)
-            .map_err(|e| ManagerError::Internal(format!("making {}: {e}", dir.display())))?;
-        let mut file = std::io::BufReader::new(
-            std::fs::File::open(&archive)
-                .map_err(|e| ManagerError::Internal(format!("opening the context: {e}")))?,
-        );
-        let limits = UnpackLimits {
-            max_bytes: budget,
-            max_entries: MAX_CONTEXT_ENTRIES,
-            ..UnpackLimits::default()
-        };
-        // A gzipped archive (E2B's SDK sends them) is told by its magic number.
-        let gzipped = std::io::BufRead::fill_buf(&mut file)
-            .map(|head| head.starts_with(&[0x1f, 0x8b]))
-            .map_err(|e| ManagerError::Internal(format!("reading the context: {e}")))?;
-        let reader: Box<dyn std::io::Read> = if gzipped {
-            Box::new(flate2::read::MultiGzDecoder::new(file))
-        } else {
-            Box::new(file)
-        };
-        let index = unpack_layer(reader, &dir, &limits).map_err(|e| {
-            ManagerError::Invalid(format!(
-                "the build context (a build's contexts unpack to at most {} in all): {e}",
-                moat_proto::units::describe_size(super::builds::MAX_CONTEXT_BYTES)
-            ))
-        })?;
-        Ok(index.bytes.min(budget))
-    })
-    .await
-    .map_err(|e| ManagerError::Internal(format!("context task: {e}")))?
+    tasks
+        .spawn_blocking(move || {
+            std::fs::create_dir(&dir)
+                .map_err(|e| ManagerError::Internal(format!("making {}: {e}", dir.display())))?;
+            let mut file = std::io::BufReader::new(
+                std::fs::File::open(&archive)
+                    .map_err(|e| ManagerError::Internal(format!("opening the context: {e}")))?,
+            );
+            let limits = UnpackLimits {
+                max_bytes: budget,
+                max_entries: entries,
+                ..UnpackLimits::default()
+            };
+            // A gzipped archive (E2B's SDK sends them) is told by its magic number.
+            let gzipped = std::io::BufRead::fill_buf(&mut file)
+                .map(|head| head.starts_with(&[0x1f, 0x8b]))
+                .map_err(|e| ManagerError::Internal(format!("reading the context: {e}")))?;
+            let reader: Box<dyn std::io::Read> = if gzipped {
+                Box::new(flate2::read::MultiGzDecoder::new(file))
+            } else {
+                Box::new(file)
+            };
+            let index = unpack_layer(reader, &dir, &limits).map_err(|e| {
+                ManagerError::Invalid(format!(
+                    "the build context (a build's contexts unpack to at most {} in all): {e}",
+                    moat_proto::units::describe_size(super::builds::MAX_CONTEXT_BYTES)
+                ))
+            })?;
+            Ok((index.bytes.min(budget), index.entries.min(entries)))
+        })
+        .await
+        .map_err(|e| ManagerError::Internal(format!("context task: {e}")))?
 }
 
 #[cfg(test)]

@@ -794,25 +794,37 @@ impl SandboxManager {
         let id = rec.build.id.clone();
         let dir = builds.build_dir(&id);
         let creates = TaskTracker::new();
+        let host_work = TaskTracker::new();
+        // The build's turns are held until its work on the host ends, not its steps: what a
+        // cancelled or timed-out step left running (a pull, a layer being unpacked, a tree
+        // being merged, in `host_work`) still counts as the tenant's one build at a time.
+        let (mut tenant_turn, mut server_turn) = (None, None);
         let outcome = async {
             let mut log = BuildLog::create(&dir.join("log")).await?;
             let mine = builds.tenant_turns.of(&caller.tenant);
-            let _tenant_turn = tokio::select! {
+            tenant_turn = Some(tokio::select! {
                 turn = mine.acquire_owned() => turn
                     .map_err(|e| ManagerError::Internal(format!("build queue: {e}")))?,
                 _ = cancelled.wait_for(|c| *c) => return Err(cancelled_error()),
-            };
+            });
             let turns = builds.turns.clone();
-            let _turn = tokio::select! {
+            server_turn = Some(tokio::select! {
                 turn = turns.acquire_owned() => turn
                     .map_err(|e| ManagerError::Internal(format!("build queue: {e}")))?,
                 _ = cancelled.wait_for(|c| *c) => return Err(cancelled_error()),
-            };
+            });
             rec.build.status = v1::BuildStatus::Running;
             let written = rec.clone();
             self.on_builds(move |b| b.write(&written)).await?;
             let timeout = plan.timeout;
-            let run = self.run_steps(&caller, &mut rec, builds, &plan, &creates, &mut log);
+            let run = self.run_steps(
+                &caller,
+                &mut rec,
+                builds,
+                &plan,
+                (&creates, &host_work),
+                &mut log,
+            );
             let result = tokio::select! {
                 r = tokio::time::timeout(timeout, run) => r.unwrap_or_else(|_| {
                     Err(ManagerError::Timeout(format!(
@@ -866,19 +878,28 @@ impl SandboxManager {
         creates.close();
         creates.wait().await;
         self.end_build_sandboxes(&caller, &id).await;
-        // Up to hundreds of thousands of files: off the async workers.
-        let unpacked = dir.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for name in ["context", "named"] {
-                let _ = std::fs::remove_dir_all(unpacked.join(name));
-            }
-        })
-        .await;
         if !ended {
             self.record_end(&mut rec).await;
         }
         lock(&builds.active).remove(&id);
-        builds.tenant_turns.forget_idle(&caller.tenant);
+        // What the steps left running on the host finishes in the background; the contexts
+        // are removed once nothing unpacks into them, and the turns given back after that.
+        host_work.close();
+        let manager = self.clone();
+        tokio::spawn(async move {
+            host_work.wait().await;
+            // Up to hundreds of thousands of files: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || {
+                for name in ["context", "named"] {
+                    let _ = std::fs::remove_dir_all(dir.join(name));
+                }
+            })
+            .await;
+            drop((server_turn, tenant_turn));
+            if let Ok(builds) = manager.builds() {
+                builds.tenant_turns.forget_idle(&caller.tenant);
+            }
+        });
     }
 
     /// Ends the sandboxes build `id` of `caller` made that are still there.

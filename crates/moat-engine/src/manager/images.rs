@@ -31,10 +31,13 @@ impl Inner {
     /// cut a pull short halfway through writing into the shared cache. With a `tenant`, the
     /// pull takes one of its [`MAX_PULLS_PER_TENANT`] places (429 when none is left), which
     /// the task holds to its end; a build step passes none, as a tenant's builds already run
-    /// one at a time (and a build, accepted, must not fail for want of a place).
+    /// one at a time (and a build, accepted, must not fail for want of a place), and instead
+    /// the build's `tasks`, which its end waits for (with its tenant's turn held) even when
+    /// the build was cancelled meanwhile.
     pub(super) async fn pull_image(
         &self,
         tenant: Option<&str>,
+        tasks: Option<&tokio_util::task::TaskTracker>,
         cache: &std::sync::Arc<crate::images::ImageCache>,
         reference: ImageRef,
         progress: std::sync::Arc<dyn Fn(PullEvent) + Send + Sync>,
@@ -49,10 +52,14 @@ impl Inner {
             None => None,
         };
         let cache = cache.clone();
-        tokio::spawn(async move {
+        let pull = async move {
             let _place = place;
             cache.pull(&reference, progress).await
-        })
+        };
+        match tasks {
+            Some(tasks) => tasks.spawn(pull),
+            None => tokio::spawn(pull),
+        }
         .await
         .map_err(|e| ManagerError::Internal(format!("pull task: {e}")))?
         .map_err(image_error)
@@ -75,7 +82,7 @@ impl Inner {
             )
         })?;
         let pulled = self
-            .pull_image(Some(tenant), cache, reference, progress)
+            .pull_image(Some(tenant), None, cache, reference, progress)
             .await?;
         apply(spec, &pulled);
         check_env("the image's environment", &spec.env)
