@@ -231,7 +231,7 @@ impl ImageCache {
                     )
                 });
             let _ = std::fs::remove_file(&archive);
-            r.and_then(|()| publish(&staging, &target))
+            r.and_then(|_| publish(&staging, &target))
         })
         .await
         .map_err(|e| ImageError::Io(format!("unpack task: {e}")))?
@@ -341,6 +341,15 @@ impl ImageCache {
         });
         let work = self.work_dir("pull-")?;
         let fetched = async {
+            // The image's entries so far: each layer unpacks within what the image has left,
+            // so an image over the bound stops before its layers fill the cache with inodes.
+            let mut entries: u64 = 0;
+            let over = || {
+                ImageError::TooLarge(format!(
+                    "the image's layers hold more than the {MAX_IMAGE_ENTRIES} entries together \
+                     that moat takes"
+                ))
+            };
             for (index, (desc, diff_id)) in layers
                 .iter()
                 .zip(&resolved.config.rootfs.diff_ids)
@@ -351,6 +360,11 @@ impl ImageCache {
                 if cached.exists() {
                     // Used now: a collection leaves it alone for its grace period.
                     touch(&cached);
+                    entries =
+                        entries.saturating_add(read_index(&self.layer_dir(&desc.digest))?.entries);
+                    if entries > MAX_IMAGE_ENTRIES {
+                        return Err(over());
+                    }
                 } else {
                     self.check_room(u64::try_from(desc.size).unwrap_or(u64::MAX))?;
                     let report = {
@@ -361,8 +375,15 @@ impl ImageCache {
                     // its digest checked (the unpacker is built for hostile layers, and what it
                     // wrote of one that fails its check is thrown away with the work directory).
                     let (writer, reader) = super::stream::channel();
-                    let unpacking =
-                        self.unpack(reader, compression, diff_id, &desc.digest, work.path());
+                    let left = MAX_IMAGE_ENTRIES - entries;
+                    let unpacking = self.unpack(
+                        reader,
+                        compression,
+                        diff_id,
+                        &desc.digest,
+                        work.path(),
+                        left,
+                    );
                     let fetched = async {
                         // Cut off at the deadline: the writer goes, which ends the unpacker's
                         // stream too.
@@ -378,7 +399,10 @@ impl ImageCache {
                     };
                     let (fetched, unpacked) = tokio::join!(fetched, unpacking);
                     match (fetched, unpacked) {
-                        (Ok(()), Ok(staging)) => self.publish_layer(staging, &desc.digest).await?,
+                        (Ok(()), Ok((staging, n))) => {
+                            self.publish_layer(staging, &desc.digest).await?;
+                            entries = entries.saturating_add(n);
+                        }
                         (Ok(()), Err(e)) => return Err(e),
                         // The unpacker stopped first for a reason of its own (a hostile or
                         // oversized layer), which cut the download short: its reason is the one.
@@ -516,13 +540,17 @@ impl ImageCache {
         diff_id: &str,
         digest: &str,
         work: &Path,
-    ) -> Result<PathBuf, ImageError> {
+        max_entries: u64,
+    ) -> Result<(PathBuf, u64), ImageError> {
         let (diff_id, digest) = (diff_id.to_owned(), digest.to_owned());
         let staging = work.join(format!("layer-{}", hex_of(&digest)));
-        let limits = self.limits;
+        let limits = UnpackLimits {
+            max_entries: self.limits.max_entries.min(max_entries),
+            ..self.limits
+        };
         tokio::task::spawn_blocking(move || {
-            unpack_stream(reader, compression, &diff_id, &digest, &staging, &limits)
-                .map(|()| staging)
+            let entries = unpack_stream(reader, compression, &diff_id, &digest, &staging, &limits)?;
+            Ok((staging, entries))
         })
         .await
         .map_err(|e| ImageError::Io(format!("unpack task: {e}")))?
@@ -652,7 +680,7 @@ fn unpack_stream(
     digest: &str,
     staging: &Path,
     limits: &UnpackLimits,
-) -> Result<(), ImageError> {
+) -> Result<u64, ImageError> {
     let reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(io::BufReader::new(reader)),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(
@@ -688,7 +716,8 @@ fn unpack_stream(
     }
     let json = serde_json::to_vec(&index)
         .map_err(|e| ImageError::Io(format!("recording layer {digest}: {e}")))?;
-    write_synced(&staging.join("index.json"), &json)
+    write_synced(&staging.join("index.json"), &json)?;
+    Ok(index.entries)
 }
 
 /// The index of the unpacked layer at `dir`.
