@@ -989,3 +989,43 @@ fn a_build_asked_for_before_a_crash_starts_after_it() {
     );
     assert_e2b_error(&r, 404);
 }
+
+/// An E2B upload link serves a name with dots, as the SDK's hashes may be, and dies with the
+/// key it was made for.
+#[test]
+fn an_upload_link_dies_with_its_key() {
+    need_root!();
+    let server = Server::start();
+    let admin = server.admin_key();
+    let r = server.request(
+        "POST",
+        "/v1/keys",
+        Some(&admin),
+        Some(&support::server::body(json!({"name": "u", "role": "user"}))),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (id, key) = (
+        r.json()["id"].as_str().expect("id").to_owned(),
+        r.json()["secret"].as_str().expect("secret").to_owned(),
+    );
+    let link = e2b(
+        &server,
+        "GET",
+        "/templates/t/files/a.b.c",
+        Some(&key),
+        &[],
+        None,
+    );
+    assert_eq!(link.status, 201, "{}", link.text());
+    let url = link.json()["url"].as_str().expect("url").to_owned();
+    let path = &url[url.find("/e2b-uploads/").expect("upload path")..];
+    let archive = support::registry::LayerBuilder::new()
+        .file("x", 0o644, b"x")
+        .build();
+    let put = server.request("PUT", path, None, Some(&archive));
+    assert_eq!(put.status, 200, "{}", put.text());
+    let r = server.request("DELETE", &format!("/v1/keys/{id}"), Some(&admin), None);
+    assert!(r.status / 100 == 2, "{}", r.text());
+    let put = server.request("PUT", path, None, Some(&archive));
+    assert_eq!(put.status, 403, "{}", put.text());
+}

@@ -475,12 +475,17 @@ impl SandboxManager {
 
     /// A URL path token that lets its bearer upload the context named `name` (a client's own
     /// name for it, such as the hash E2B's SDK gives a `COPY`'s files) for the caller's
-    /// tenant, for [`UPLOAD_TOKEN_LIFETIME`]: E2B's SDK uploads without its API key.
+    /// tenant, for [`UPLOAD_TOKEN_LIFETIME`] and while the caller's key is not revoked: E2B's
+    /// SDK uploads without its API key.
     pub fn build_upload_token(&self, caller: &Caller, name: &str) -> ManagerResult<String> {
         check_context_name(name)?;
         let expires = now_ms() / 1000 + UPLOAD_TOKEN_LIFETIME.as_secs() as i64;
-        let tenant = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&caller.tenant);
-        let claim = format!("{tenant}.{name}.{expires}");
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let tenant = b64(&caller.tenant);
+        // `-` for a caller of no key (the server's own).
+        let key = caller.key_id().map_or_else(|| "-".to_owned(), b64);
+        // Tenant and key first, expiry last: the name between them may hold dots.
+        let claim = format!("{tenant}.{key}.{name}.{expires}");
         let mac = super::access::derive_labelled(&self.inner.access_key, UPLOAD_LABEL, &claim);
         Ok(format!("{claim}.{mac}"))
     }
@@ -499,22 +504,34 @@ impl SandboxManager {
         if !constant_time_eq(expected.as_bytes(), mac.as_bytes()) {
             return Err(refused());
         }
-        let mut parts = claim.split('.');
-        let (Some(tenant), Some(name), Some(expires), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(refused());
-        };
+        let (tenant, rest) = claim.split_once('.').ok_or_else(refused)?;
+        let (key, rest) = rest.split_once('.').ok_or_else(refused)?;
+        let (name, expires) = rest.rsplit_once('.').ok_or_else(refused)?;
         let expires: i64 = expires.parse().map_err(|_| refused())?;
         if expires < now_ms() / 1000 {
             return Err(refused());
         }
-        let tenant = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(tenant)
-            .ok()
-            .and_then(|t| String::from_utf8(t).ok())
-            .ok_or_else(refused)?;
+        let unb64 = |s: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .ok()
+                .and_then(|t| String::from_utf8(t).ok())
+        };
+        let tenant = unb64(tenant).ok_or_else(refused)?;
         check_context_name(name)?;
+        // A link outlives no revocation of the key it was made for.
+        if key != "-" {
+            let key = unb64(key).ok_or_else(refused)?;
+            let (t, k) = (tenant.clone(), key);
+            let live = self
+                .inner
+                .db(move |s| s.get_key(&t, &k))
+                .await
+                .is_ok_and(|k| k.revoked_at.is_none());
+            if !live {
+                return Err(refused());
+            }
+        }
         let (digest, size) = self.store_context(&tenant, None, body).await?;
         let builds = self.builds()?;
         let names = builds.contexts_dir(&tenant).join("names");
