@@ -614,7 +614,7 @@ impl ImageCache {
                     index: &indexes[*at],
                 })
                 .collect();
-            merge_layers(&layers, &rootfs).map_err(|e| ImageError::Invalid(e.to_string()))?;
+            merge_layers(&layers, &rootfs).map_err(|e| unpack_error("", e))?;
             check_mount_points(&rootfs)?;
             super::accounts::ensure_user(&rootfs)?;
             write_synced(&staging.join("image.json"), &record)?;
@@ -696,7 +696,7 @@ fn unpack_stream(
     std::fs::create_dir(&root)
         .map_err(|e| ImageError::io(format!("making {}", root.display()), e))?;
     let index = unpack_layer(&mut hashed, &root, limits)
-        .map_err(|e| ImageError::Invalid(format!("layer {digest}: {e}")))?;
+        .map_err(|e| unpack_error(&format!("layer {digest}: "), e))?;
     // The diff id covers the whole stream, the archive's zero blocks and padding too.
     let trailing = io::copy(
         &mut (&mut hashed).take(MAX_TRAILING_BYTES + 1),
@@ -721,6 +721,17 @@ fn unpack_stream(
 }
 
 /// The index of the unpacked layer at `dir`.
+/// What an unpack or merge that failed with `e` answers (`context` before its message): a
+/// full disk (507) is the host's trouble, not the image's; anything else, an entry the host
+/// would not take among them, is the image's (400).
+fn unpack_error(context: &str, e: crate::images::unpack::UnpackError) -> ImageError {
+    if e.is_disk_full() {
+        ImageError::InsufficientStorage(format!("{context}{e}"))
+    } else {
+        ImageError::Invalid(format!("{context}{e}"))
+    }
+}
+
 fn read_index(dir: &Path) -> Result<LayerIndex, ImageError> {
     let path = dir.join("index.json");
     let bytes = std::fs::read(&path)

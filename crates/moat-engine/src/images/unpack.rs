@@ -212,6 +212,13 @@ pub enum UnpackError {
 
 impl UnpackError {
     /// An I/O error while doing `what` for `path`.
+    /// Whether the host's file system was full (or over a quota): the host's trouble, not
+    /// the archive's.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, UnpackError::Io { error, .. }
+            if matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+
     pub(super) fn io(path: impl Into<String>, what: &'static str, error: io::Error) -> Self {
         UnpackError::Io {
             path: path.into(),
@@ -1148,6 +1155,15 @@ pub(super) mod tests {
 
     fn set(paths: &[&str]) -> BTreeSet<String> {
         paths.iter().map(|p| p.to_string()).collect()
+    }
+
+    /// A full disk is the host's trouble, told apart from what an archive did wrong.
+    #[test]
+    fn a_full_disk_is_told_apart() {
+        let full = UnpackError::io("a", "writing", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(full.is_disk_full());
+        let bad = UnpackError::io("a", "making", io::Error::from_raw_os_error(libc::ENOTDIR));
+        assert!(!bad.is_disk_full());
     }
 
     #[test]

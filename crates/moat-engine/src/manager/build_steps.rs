@@ -1077,11 +1077,15 @@ async fn unpack_context(
             } else {
                 Box::new(file)
             };
-            let index = unpack_layer(reader, &dir, &limits).map_err(|e| {
-                ManagerError::Invalid(format!(
+            let index = unpack_layer(reader, &dir, &limits).map_err(|e| match &e {
+                // The host's disk, not the context, is at fault.
+                e if e.is_disk_full() => {
+                    ManagerError::InsufficientStorage(format!("unpacking the build context: {e}"))
+                }
+                _ => ManagerError::Invalid(format!(
                     "the build context (a build's contexts unpack to at most {} in all): {e}",
                     moat_proto::units::describe_size(super::builds::MAX_CONTEXT_BYTES)
-                ))
+                )),
             })?;
             Ok((index.bytes.min(budget), index.entries.min(entries)))
         })
