@@ -391,7 +391,7 @@ impl SandboxManager {
                 progress.state.layers.len()
             )));
         }
-        let built = assemble(host_work, &cache, progress.state.image(&plan.template)).await?;
+        let built = self.merged(&mut progress).await?;
         Ok((built.digest, progress.state.config))
     }
 
@@ -681,9 +681,14 @@ impl SandboxManager {
         Ok(Some((digest, had)))
     }
 
-    /// The merged tree of the build's state (made if needed, within the build's
-    /// [`MAX_BUILD_MERGED_ENTRIES`] and the data dir's reserve).
+    /// The merged tree of the build's state ([`Self::merged`]).
     async fn tree_of(&self, p: &mut Progress<'_>) -> ManagerResult<PathBuf> {
+        Ok(self.merged(p).await?.rootfs)
+    }
+
+    /// The build's state merged (made if needed, within the build's
+    /// [`MAX_BUILD_MERGED_ENTRIES`] and the data dir's reserve): its image.
+    async fn merged(&self, p: &mut Progress<'_>) -> ManagerResult<crate::images::PulledImage> {
         let cache = self
             .inner
             .images
@@ -712,8 +717,7 @@ impl SandboxManager {
                 .check_free(entries.saturating_mul(TREE_BYTES_PER_ENTRY))
                 .map_err(image_error)?;
         }
-        let image = assemble(p.host_work, &cache, p.state.image(&p.plan.template)).await?;
-        Ok(image.rootfs)
+        assemble(p.host_work, &cache, p.state.image(&p.plan.template)).await
     }
 
     /// `RUN`: the command in a sandbox on the image so far; what it wrote becomes a layer.
