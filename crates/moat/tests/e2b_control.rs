@@ -955,6 +955,18 @@ fn a_build_asked_for_before_a_crash_starts_after_it() {
         r.json()
     };
     assert_eq!(status(&server)["status"], "waiting");
+    // A start refused (here: a template to start from that is not there) leaves the build
+    // waiting for a start that works.
+    let r = e2b(
+        &server,
+        "POST",
+        &format!("/v2/templates/survivor/builds/{build}"),
+        Some(&key),
+        &[],
+        Some(json!({"fromTemplate": "not-there", "steps": []})),
+    );
+    assert_eq!(r.status / 100, 4, "{}", r.text());
+    assert_eq!(status(&server)["status"], "waiting");
     let r = e2b(
         &server,
         "POST",

@@ -155,6 +155,22 @@ impl AskedBuilds {
         Ok(asked.plan)
     }
 
+    /// Puts back build `id` of `tenant` taken with `plan` (its start was refused), as if it
+    /// had never been taken: within the bounds it was counted in when asked for.
+    fn put_back(&self, tenant: &str, id: &str, plan: v1::CreateBuild) -> ManagerResult<()> {
+        let asked = Asked {
+            tenant: tenant.to_owned(),
+            plan,
+            asked_at_ms: now_ms(),
+        };
+        lock(&self.waiting).insert(id.to_owned(), asked.clone());
+        if let Err(e) = self.write(id, &asked) {
+            lock(&self.waiting).remove(id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Whether `tenant`'s build `id` waits for its steps.
     fn waits(&self, tenant: &str, id: &str) -> bool {
         lock(&self.waiting)
@@ -200,6 +216,20 @@ impl SandboxManager {
     ) -> ManagerResult<v1::CreateBuild> {
         let (tenant, id, base) = (caller.tenant.clone(), id.to_owned(), base.to_owned());
         self.on_builds(move |b| b.asked.take(&tenant, &id, &base))
+            .await
+    }
+
+    /// Puts back the caller's build `id`, taken with `plan` by
+    /// [`SandboxManager::take_asked_build`] but refused its start (a bound, a bad step): the
+    /// client may start it again.
+    pub async fn put_back_asked_build(
+        &self,
+        caller: &Caller,
+        id: &str,
+        plan: v1::CreateBuild,
+    ) -> ManagerResult<()> {
+        let (tenant, id) = (caller.tenant.clone(), id.to_owned());
+        self.on_builds(move |b| b.asked.put_back(&tenant, &id, plan))
             .await
     }
 

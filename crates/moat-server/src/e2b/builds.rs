@@ -244,11 +244,13 @@ pub(crate) async fn start_build(
 ) -> E2bResult<StatusCode> {
     let Path((template, build_id)) = path?;
     let req: BuildStart = json_body(body, None)?;
+    // The steps are read before the build is taken: a start refused for them leaves it
+    // waiting, for the client to start again.
+    let translated = translate(&state, &caller, &req)?;
     let asked = state
         .manager
         .take_asked_build(&caller, &build_id, &moat_name(&template))
         .await?;
-    let translated = translate(&state, &caller, &req)?;
     let create = v1::CreateBuild {
         dockerfile: translated.dockerfile,
         contexts: translated.contexts,
@@ -256,12 +258,22 @@ pub(crate) async fn start_build(
         start: req.start_cmd,
         ready: req.ready_cmd,
         no_cache: req.force || req.steps.iter().any(|s| s.force),
-        ..asked
+        ..asked.clone()
     };
-    state
+    if let Err(e) = state
         .manager
         .create_build_as(&caller, &build_id, create)
-        .await?;
+        .await
+    {
+        if let Err(put) = state
+            .manager
+            .put_back_asked_build(&caller, &build_id, asked)
+            .await
+        {
+            tracing::warn!(build = %build_id, "putting back a build whose start was refused: {put}");
+        }
+        return Err(e.into());
+    }
     Ok(StatusCode::ACCEPTED)
 }
 
