@@ -118,15 +118,19 @@ pub(crate) fn check(tokens: &Tokens, port: u16, req: &Request) -> Result<(), Ref
         // Running code is the access token's alone: a traffic token handed out for a preview
         // must not run anything. The contexts and health routes, where the code interpreter
         // SDK sends only the traffic token, take either.
-        INTERPRETER_PORT
-            if path == "/health" || path == "/contexts" || path.starts_with("/contexts/") =>
-        {
-            need_either(has_access() || has_traffic())
-        }
+        INTERPRETER_PORT if runs_no_code(path) => need_either(has_access() || has_traffic()),
         INTERPRETER_PORT => need_token(has_access()),
         _ if tokens.public_traffic => Ok(()),
         _ => need_either(has_traffic() || has_access()),
     }
+}
+
+/// Whether the code interpreter's `path` is one of the routes that run no code (health and
+/// contexts), written plainly: no dot segments or escapes that a later reader might resolve
+/// to another route.
+fn runs_no_code(path: &str) -> bool {
+    let plain = !path.contains('%') && !path.split('/').any(|s| s == "." || s == "..");
+    plain && (path == "/health" || path == "/contexts" || path.starts_with("/contexts/"))
 }
 
 /// Whether `path` is, or lies below, one of [`INTERNAL_PATHS`].
@@ -336,11 +340,14 @@ mod tests {
             ("POST", "/execute"),
             ("POST", "/contexts/../execute"),
         ] {
+            // Code runs with the access token only; the routes that run none take either.
+            let runs_code = path.ends_with("/execute");
             for t in [public, &tokens(false)] {
                 assert_eq!(status(check(t, 49999, &req(method, path, &[]))), 401);
                 assert_eq!(status(check(t, 49999, &req(method, path, &swapped))), 401);
                 assert_eq!(status(check(t, 49999, &req(method, path, &ok))), 200);
-                assert_eq!(status(check(t, 49999, &req(method, path, &traffic))), 200);
+                let with_traffic = status(check(t, 49999, &req(method, path, &traffic)));
+                assert_eq!(with_traffic, if runs_code { 401 } else { 200 }, "{path}");
             }
         }
         // User services: open when public; else the traffic token (or the access token).
