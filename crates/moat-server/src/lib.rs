@@ -115,6 +115,9 @@ pub(crate) struct AppState {
     pub(crate) domain: String,
     /// Each tenant's requests in flight (from its key's check to the end of the answer).
     pub(crate) tenant_requests: Arc<moat_engine::tenant_slots::TenantSlots>,
+    /// Requests in flight to each tenant's public sandbox services, which anyone may send: a
+    /// room of their own, so that outsiders cannot take the owner's for its API calls.
+    pub(crate) public_requests: Arc<moat_engine::tenant_slots::TenantSlots>,
 }
 
 impl AppState {
@@ -125,6 +128,10 @@ impl AppState {
             rate_limiter: rate_limit::RateLimiter::new(opts.requests_per_minute),
             domain: opts.domain.clone().unwrap_or_else(|| default_domain(port)),
             tenant_requests: moat_engine::tenant_slots::TenantSlots::new(
+                conn_limits::connection_cap() / TENANT_SHARE_OF_CONNECTIONS,
+                None,
+            ),
+            public_requests: moat_engine::tenant_slots::TenantSlots::new(
                 conn_limits::connection_cap() / TENANT_SHARE_OF_CONNECTIONS,
                 None,
             ),

@@ -41,6 +41,8 @@ pub const INTERPRETER_PREFIX: &str = "/interpreter";
 
 /// The middleware in front of the router: sandbox traffic is answered here, the rest passes.
 pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    // Traffic to a public sandbox's own services needs no token: anyone may send it.
+    let mut public = false;
     let (id, port) = match target::classify(&req, &state.domain) {
         Err(refusal) => return refusal.into_response(),
         Ok(Traffic::Control) => return next.run(req).await,
@@ -55,6 +57,7 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
             if let Err(refusal) = access::check(&tokens, port, &req) {
                 return refusal.into_response();
             }
+            public = tokens.public_traffic && port != ENVD_PORT && port != INTERPRETER_PORT;
             (id, port)
         }
         Ok(Traffic::SignedFiles) => match access::find_signed(&state.manager, &req) {
@@ -88,12 +91,21 @@ pub(crate) async fn dispatch(State(state): State<Shared>, req: Request, next: Ne
         Err(ManagerError::Unavailable(why)) => return answers::not_answering(&id, &why),
         Err(_) => return answers::sandbox_not_found(&id),
     };
-    // Counted among the owner's requests in flight, as its API requests are: a sandbox's
-    // service that never answers must not hold every connection of the listener.
-    let Ok(slot) = state.tenant_requests.enter(&route.tenant) else {
+    // Counted for the owner, as its API requests are: a sandbox's service that never answers
+    // must not hold every connection of the listener. Public traffic, which anyone may send,
+    // has a room of its own the same size, so that it cannot take the owner's.
+    let (slots, whose) = if public {
+        (
+            &state.public_requests,
+            "the sandbox owner's public services have",
+        )
+    } else {
+        (&state.tenant_requests, "the sandbox's owner has")
+    };
+    let Ok(slot) = slots.enter(&route.tenant) else {
         return answers::plain(
             StatusCode::TOO_MANY_REQUESTS,
-            "the sandbox's owner has as many requests in flight as one tenant may; retry later",
+            format!("{whose} as many requests in flight as one tenant may; retry later"),
         );
     };
     let answer = match port {
