@@ -720,7 +720,6 @@ fn unpack_stream(
     Ok(index.entries)
 }
 
-/// The index of the unpacked layer at `dir`.
 /// What an unpack or merge that failed with `e` answers (`context` before its message): a
 /// full disk (507) is the host's trouble, not the image's; anything else, an entry the host
 /// would not take among them, is the image's (400).
@@ -732,6 +731,7 @@ fn unpack_error(context: &str, e: crate::images::unpack::UnpackError) -> ImageEr
     }
 }
 
+/// The index of the unpacked layer at `dir`.
 fn read_index(dir: &Path) -> Result<LayerIndex, ImageError> {
     let path = dir.join("index.json");
     let bytes = std::fs::read(&path)

@@ -211,7 +211,6 @@ pub enum UnpackError {
 }
 
 impl UnpackError {
-    /// An I/O error while doing `what` for `path`.
     /// Whether the host's file system was full (or over a quota): the host's trouble, not
     /// the archive's.
     pub fn is_disk_full(&self) -> bool {
@@ -219,6 +218,7 @@ impl UnpackError {
             if matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
     }
 
+    /// An I/O error while doing `what` for `path`.
     pub(super) fn io(path: impl Into<String>, what: &'static str, error: io::Error) -> Self {
         UnpackError::Io {
             path: path.into(),

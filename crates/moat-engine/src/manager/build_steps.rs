@@ -1010,9 +1010,6 @@ fn hex_digest(hash: Sha256) -> String {
     format!("sha256:{hex}")
 }
 
-/// Unpacks the context archive at `archive` into `dir` with the image unpacker's
-/// containment (no path leaves `dir`, no link is followed, no device is made), writing at
-/// most `budget` bytes of file contents; returns how many it wrote.
 /// Adds the layer archive `path` (in `work`, kept until it is done) of `digest` to `cache`, in
 /// a task of the build's `tasks`.
 async fn add_layer(
@@ -1048,9 +1045,10 @@ async fn assemble(
         .map_err(image_error)
 }
 
-/// Unpacks the context `archive` into `dir` within `budget` bytes and `entries` entries, in a
-/// task of the build's `tasks` (which the build's end waits for); returns the bytes and
-/// entries it took.
+/// Unpacks the context archive at `archive` into `dir` with the image unpacker's containment
+/// (no path leaves `dir`, no link is followed, no device is made), within `budget` bytes of
+/// file contents and `entries` entries, in a task of the build's `tasks` (which the build's
+/// end waits for); returns the bytes and entries it took.
 async fn unpack_context(
     tasks: &TaskTracker,
     archive: &Path,

@@ -474,8 +474,9 @@ async fn keep_log(
                     let part =
                         chunk.slice(..usize::try_from(room).unwrap_or(usize::MAX).min(chunk.len()));
                     sent += part.len() as u64;
+                    // Refused part-way (the quota, the disk): read on for the true tail.
                     if tx.send(Ok(part)).await.is_err() {
-                        return;
+                        sent = MAX_JOB_LOG_BYTES;
                     }
                 }
             }
